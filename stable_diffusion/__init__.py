@@ -1,0 +1,1 @@
+"""Stable Diffusion image-to-image on MLX, with every stage of the trajectory on disk."""

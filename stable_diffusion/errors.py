@@ -1,0 +1,13 @@
+"""Errors the command line turns into one-line messages.
+
+`InputError` and its subclasses are the user's to fix (exit status 2); anything else that escapes
+is a failure of the tool or the machine (exit status 1).
+"""
+
+
+class InputError(ValueError):
+    """Bad input: an argument, an image file, a model folder. The message says what to do."""
+
+
+class ModelError(InputError):
+    """A model cannot be found or loaded: missing files, wrong tensors, unsupported formats."""
