@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny models in the diffusers layout, golden outputs, and a parity report."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stable_diffusion.testing import write_tiny_model
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+_parity_errors: dict = {}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model(family, variant=None) -> folder of a tiny random model, written once per session."""
+    made = {}
+
+    def make(family: str, variant: str | None = None) -> Path:
+        key = (family, variant)
+        if key not in made:
+            folder = tmp_path_factory.mktemp(f"{family}-{variant or 'fp32'}")
+            made[key] = write_tiny_model(folder, family, variant=variant)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def golden():
+    """golden(component, family) -> dict of arrays written by tools/make_golden.py."""
+
+    def load(component: str, family: str) -> dict:
+        path = FIXTURES / f"{component}_{family}.npz"
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def parity():
+    """parity(name, ours, reference, atol): assert closeness and record the largest error."""
+
+    def check(name: str, ours, reference, atol: float = 1e-4) -> float:
+        ours = np.asarray(ours, dtype=np.float64)
+        reference = np.asarray(reference, dtype=np.float64)
+        assert ours.shape == reference.shape, f"{name}: shape {ours.shape} != {reference.shape}"
+        error = float(np.max(np.abs(ours - reference))) if ours.size else 0.0
+        _parity_errors[name] = max(error, _parity_errors.get(name, 0.0))
+        assert error <= atol, f"{name}: max abs error {error:.3g} > {atol:g}"
+        return error
+
+    return check
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _parity_errors:
+        terminalreporter.section("parity: largest absolute error against the reference")
+        for name in sorted(_parity_errors):
+            terminalreporter.write_line(f"{name:55s} {_parity_errors[name]:.3e}")
