@@ -11,3 +11,11 @@ class InputError(ValueError):
 
 class ModelError(InputError):
     """A model cannot be found or loaded: missing files, wrong tensors, unsupported formats."""
+
+
+class OutputError(Exception):
+    """A file could not be written: a full disk, a removed folder, an I/O error (exit status 1).
+
+    Not an `InputError`: the run's input was fine, the machine failed it. The message names the
+    file; the `OSError` behind it is chained as `__cause__`.
+    """
