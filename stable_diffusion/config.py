@@ -156,6 +156,9 @@ class SchedulerConfig:
     beta_end: float = 0.02
     beta_schedule: str = "linear"
     prediction_type: str = "epsilon"
+    # Only read to recognise distilled few-step models ("trailing", e.g. SDXL-turbo); our own
+    # timesteps are always evenly spaced from the start time (see sampler.py).
+    timestep_spacing: str = "linspace"
 
     @classmethod
     def from_diffusers(cls, d: dict) -> "SchedulerConfig":
@@ -269,7 +272,7 @@ def read_pipeline_config(folder: Path, notices: list | None = None) -> PipelineC
 _QUIET_FIELDS = {
     "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "bos_token_id",
     "pad_token_id", "initializer_factor", "initializer_range", "attention_dropout", "dropout",
-    "timestep_spacing", "steps_offset", "set_alpha_to_one", "skip_prk_steps", "clip_sample",
+    "steps_offset", "set_alpha_to_one", "skip_prk_steps", "clip_sample",
     "trained_betas", "interpolation_type", "use_karras_sigmas", "sample_max_value", "rescale_betas_zero_snr",
     "force_upcast", "down_block_types", "up_block_types", "resnet_time_scale_shift", "num_class_embeds",
     "dual_cross_attention", "only_cross_attention", "class_embed_type", "time_cond_proj_dim",

@@ -235,5 +235,17 @@ def map_unet_weights(key: str, value: mx.array) -> list:
     return [(key, _mlx_layout(value))]
 
 
+# Names the VAE's mid-block attention had before diffusers 0.14; hub checkpoints still use them
+# (e.g. stable-diffusion-2-1-base), and some store these projections as 1x1 convolutions.
+_OLD_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
 def map_vae_weights(key: str, value: mx.array) -> list:
+    if ".attentions." in key:
+        *path, name, kind = key.split(".")
+        name = _OLD_VAE_ATTENTION.get(name, name)
+        key = ".".join([*path, name, kind])
+        if name != "group_norm" and value.ndim == 4:  # (C, C, 1, 1) convolution -> (C, C) linear
+            value = value.reshape(value.shape[0], -1)
+        return [(key, value)]
     return [(key, _mlx_layout(value))]

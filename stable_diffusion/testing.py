@@ -164,12 +164,147 @@ def clip_shapes(config: dict) -> dict:
 
 def unet_shapes(config: dict) -> dict:
     """Tensor names and shapes of a diffusers UNet2DConditionModel state dict."""
-    raise NotImplementedError
+    from .config import UNetConfig  # pure Python: resolves heads and depth as the model does
+
+    c = UNetConfig.from_diffusers(config)
+    channels = list(c.block_out_channels)
+    n = len(channels)
+    time_dim = 4 * channels[0]
+    shapes = {}
+
+    def linear(name, n_in, n_out, bias=True):
+        shapes[f"{name}.weight"] = (n_out, n_in)
+        if bias:
+            shapes[f"{name}.bias"] = (n_out,)
+
+    def conv(name, n_in, n_out, k=3):
+        shapes[f"{name}.weight"] = (n_out, n_in, k, k)
+        shapes[f"{name}.bias"] = (n_out,)
+
+    def norm(name, ch):
+        shapes[f"{name}.weight"] = (ch,)
+        shapes[f"{name}.bias"] = (ch,)
+
+    def resnet(name, n_in, n_out):
+        norm(f"{name}.norm1", n_in)
+        conv(f"{name}.conv1", n_in, n_out)
+        linear(f"{name}.time_emb_proj", time_dim, n_out)
+        norm(f"{name}.norm2", n_out)
+        conv(f"{name}.conv2", n_out, n_out)
+        if n_in != n_out:
+            conv(f"{name}.conv_shortcut", n_in, n_out, k=1)
+
+    def transformer(name, ch, heads, depth):
+        inner = heads * (ch // heads)
+        norm(f"{name}.norm", ch)
+        project = linear if c.use_linear_projection else (lambda nm, a, b: conv(nm, a, b, k=1))
+        project(f"{name}.proj_in", ch, inner)
+        project(f"{name}.proj_out", inner, ch)
+        for k in range(depth):
+            block = f"{name}.transformer_blocks.{k}"
+            for attn, kv_dim in (("attn1", inner), ("attn2", c.cross_attention_dim)):
+                linear(f"{block}.{attn}.to_q", inner, inner, bias=False)
+                linear(f"{block}.{attn}.to_k", kv_dim, inner, bias=False)
+                linear(f"{block}.{attn}.to_v", kv_dim, inner, bias=False)
+                linear(f"{block}.{attn}.to_out.0", inner, inner)
+            for i in (1, 2, 3):
+                norm(f"{block}.norm{i}", inner)
+            linear(f"{block}.ff.net.0.proj", inner, 8 * inner)
+            linear(f"{block}.ff.net.2", 4 * inner, inner)
+
+    conv("conv_in", c.in_channels, channels[0])
+    linear("time_embedding.linear_1", channels[0], time_dim)
+    linear("time_embedding.linear_2", time_dim, time_dim)
+    if c.addition_embed_type == "text_time":
+        linear("add_embedding.linear_1", c.projection_class_embeddings_input_dim, time_dim)
+        linear("add_embedding.linear_2", time_dim, time_dim)
+    for i, kind in enumerate(c.down_block_types):
+        for j in range(c.layers_per_block):
+            resnet(f"down_blocks.{i}.resnets.{j}", channels[max(i - 1, 0)] if j == 0 else channels[i],
+                   channels[i])
+            if kind.startswith("CrossAttn"):
+                transformer(f"down_blocks.{i}.attentions.{j}", channels[i], c.heads[i],
+                            c.transformer_layers[i])
+        if i < n - 1:
+            conv(f"down_blocks.{i}.downsamplers.0.conv", channels[i], channels[i])
+    resnet("mid_block.resnets.0", channels[-1], channels[-1])
+    resnet("mid_block.resnets.1", channels[-1], channels[-1])
+    transformer("mid_block.attentions.0", channels[-1], c.heads[-1], c.transformer_layers[-1])
+    up, up_heads, up_depth = channels[::-1], c.heads[::-1], c.transformer_layers[::-1]
+    for i, kind in enumerate(c.up_block_types):
+        layers = c.layers_per_block + 1
+        for j in range(layers):
+            skip = up[min(i + 1, n - 1)] if j == layers - 1 else up[i]
+            previous = up[max(i - 1, 0)] if j == 0 else up[i]
+            resnet(f"up_blocks.{i}.resnets.{j}", previous + skip, up[i])
+            if kind.startswith("CrossAttn"):
+                transformer(f"up_blocks.{i}.attentions.{j}", up[i], up_heads[i], up_depth[i])
+        if i < n - 1:
+            conv(f"up_blocks.{i}.upsamplers.0.conv", up[i], up[i])
+    norm("conv_norm_out", channels[0])
+    conv("conv_out", channels[0], c.out_channels)
+    return shapes
 
 
 def vae_shapes(config: dict) -> dict:
     """Tensor names and shapes of a diffusers AutoencoderKL state dict."""
-    raise NotImplementedError
+    channels = list(config["block_out_channels"])
+    layers = config.get("layers_per_block", 1)
+    latent = config.get("latent_channels", 4)
+    attention = config.get("mid_block_add_attention", True)
+    shapes = {}
+
+    def conv(name, c_in, c_out, k):
+        shapes[f"{name}.weight"] = (c_out, c_in, k, k)
+        shapes[f"{name}.bias"] = (c_out,)
+
+    def vector(name, c):  # group norms and linear biases
+        shapes[f"{name}.weight"] = (c,)
+        shapes[f"{name}.bias"] = (c,)
+
+    def resnet(name, c_in, c_out):
+        vector(f"{name}.norm1", c_in)
+        conv(f"{name}.conv1", c_in, c_out, 3)
+        vector(f"{name}.norm2", c_out)
+        conv(f"{name}.conv2", c_out, c_out, 3)
+        if c_in != c_out:
+            conv(f"{name}.conv_shortcut", c_in, c_out, 1)
+
+    def mid_block(name, c):
+        resnet(f"{name}.resnets.0", c, c)
+        resnet(f"{name}.resnets.1", c, c)
+        if attention:
+            a = f"{name}.attentions.0"
+            vector(f"{a}.group_norm", c)
+            for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+                shapes[f"{a}.{proj}.weight"] = (c, c)
+                shapes[f"{a}.{proj}.bias"] = (c,)
+
+    conv("encoder.conv_in", config.get("in_channels", 3), channels[0], 3)
+    for i, c in enumerate(channels):
+        c_in = channels[max(i - 1, 0)]
+        for j in range(layers):
+            resnet(f"encoder.down_blocks.{i}.resnets.{j}", c_in if j == 0 else c, c)
+        if i < len(channels) - 1:
+            conv(f"encoder.down_blocks.{i}.downsamplers.0.conv", c, c, 3)
+    mid_block("encoder.mid_block", channels[-1])
+    vector("encoder.conv_norm_out", channels[-1])
+    conv("encoder.conv_out", channels[-1], 2 * latent, 3)
+    conv("quant_conv", 2 * latent, 2 * latent, 1)
+
+    conv("post_quant_conv", latent, latent, 1)
+    up = channels[::-1]
+    conv("decoder.conv_in", latent, up[0], 3)
+    mid_block("decoder.mid_block", up[0])
+    for i, c in enumerate(up):
+        c_in = up[max(i - 1, 0)]
+        for j in range(layers + 1):
+            resnet(f"decoder.up_blocks.{i}.resnets.{j}", c_in if j == 0 else c, c)
+        if i < len(up) - 1:
+            conv(f"decoder.up_blocks.{i}.upsamplers.0.conv", c, c, 3)
+    vector("decoder.conv_norm_out", up[-1])
+    conv("decoder.conv_out", up[-1], config.get("out_channels", 3), 3)
+    return shapes
 
 
 # --- tokenizer files ------------------------------------------------------------------------------

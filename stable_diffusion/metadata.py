@@ -1,0 +1,384 @@
+"""Files the tool writes, and what they say about how they were made.
+
+Every file is written whole or not at all: the bytes go to a hidden temporary name in the target's
+folder, are flushed to disk, and the temporary file is renamed over the target (a rename within one
+folder is atomic on POSIX and Windows). An interrupted run (Ctrl-C, a full disk) leaves the old file,
+or none, never half of one, and no temporary file.
+
+What a PNG carries:
+- `parameters`: the plain-text form that AUTOMATIC1111's web UI writes and many viewers and tools
+  read: the prompt, an optional `Negative prompt: ...` line, and one `Key: value, ...` line.
+- `sd_trajectory`: JSON with everything the caller needs to reproduce the picture.
+The JSON sidecar (`write_sidecar`) is the machine-readable record of a whole run.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Mapping
+
+import numpy as np
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+from .errors import InputError, OutputError
+
+PARAMETERS_KEY = "parameters"
+TRAJECTORY_KEY = "sd_trajectory"
+
+# The sampler names AUTOMATIC1111 writes, so that tools reading `parameters` recognise ours.
+SAMPLER_NAMES = {"euler": "Euler", "euler_ancestral": "Euler a"}
+
+_NEGATIVE = "Negative prompt:"
+# A1111 keys: a word character, then word characters, spaces, hyphens or slashes.
+_KEY = re.compile(r"\w[\w \-/]*")
+_FIELD_KEY = re.compile(r"\s*(\w[\w \-/]*):\s*")
+_FIELD_END = re.compile(r"\s*(,|$)")
+_JSON_DECODER = json.JSONDecoder()
+# Folders we cannot write into because of who or where the user pointed us: the user can fix these.
+_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR}
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+def _temp_name(path: Path) -> Path:
+    # Hidden, in the same folder (so that the rename stays on one file system), unique per process.
+    return path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable. Not every file system or platform allows this; the file is
+    already complete under its final name, so failing here loses nothing the user would see."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write_fn: Callable[[BinaryIO], Any]) -> Path:
+    """Write a file whole or not at all: `write_fn(f)` writes into a temporary binary file, which
+    is flushed, fsynced and renamed over `path`. Missing parent folders are created.
+
+    On any exception the temporary file is removed. An `OSError` (full disk, I/O error, a folder
+    that vanished) is re-raised as `OutputError` naming `path`; anything else (Ctrl-C included)
+    propagates unchanged.
+    """
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temp_name(path)
+        # os.open with an explicit mode: the file gets the usual permissions (0666 less umask),
+        # where tempfile.mkstemp would leave it readable by its owner only.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as err:
+        reason = err.strerror if err.strerror else str(err)
+        raise OutputError(f"could not write {path}: {reason}") from err
+    finally:
+        if tmp is not None:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+    _fsync_dir(path.parent)
+    return path
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def check_output_dir(folder: str | os.PathLike) -> Path:
+    """Make sure files can be written into `folder` before any work starts: create it, then create
+    and remove a temporary file in it.
+
+    A folder the user cannot write to (permissions, read-only file system, a file in the way) is an
+    `InputError`: choosing another folder fixes it. Other failures (a full disk) are `OutputError`.
+    """
+    folder = Path(folder)
+    probe = None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = _temp_name(folder / "write-test")
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+    except OSError as err:
+        reason = err.strerror if err.strerror else str(err)
+        if err.errno in _USER_ERRNOS:
+            raise InputError(f"cannot write into the output folder {folder}: {reason}; "
+                             "choose another output folder") from err
+        raise OutputError(f"cannot write into the output folder {folder}: {reason}") from err
+    finally:
+        if probe is not None:
+            try:
+                probe.unlink(missing_ok=True)
+            except OSError:
+                pass
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON
+
+
+def _json_default(value: Any) -> Any:
+    # Records are built from numpy scalars and arrays (timesteps, sigmas) and paths; say them plainly.
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"cannot write a {type(value).__name__} into JSON metadata: {value!r}")
+
+
+def to_json(record: Mapping[str, Any], indent: int | None = None) -> str:
+    """Stable JSON: sorted keys, UTF-8 text kept as is, NaN refused (it is not JSON)."""
+    separators = (",", ": ") if indent is not None else (",", ":")
+    return json.dumps(record, sort_keys=True, indent=indent, ensure_ascii=False, allow_nan=False,
+                      separators=separators, default=_json_default)
+
+
+def write_sidecar(path: str | os.PathLike, record: Mapping[str, Any]) -> Path:
+    """The run's machine-readable record: JSON, sorted keys, indent 2, a trailing newline."""
+    return write_text_atomic(path, to_json(record, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# The A1111 `parameters` text
+
+
+def _field_value(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, (float, np.floating)):
+        return repr(float(value))  # the shortest text that reads back as the same float
+    return str(value)
+
+
+def _quote(text: str) -> str:
+    """Quote a value as A1111 does (a JSON string) where it could not be read back otherwise:
+    separators, quotes, line breaks, other control characters, edge whitespace, emptiness."""
+    plain = (text != "" and text == text.strip() and not any(c in text for c in ',:"')
+             and all(ord(c) >= 32 for c in text))
+    return text if plain else json.dumps(text, ensure_ascii=False)
+
+
+def parameters_text(prompt: str, negative_prompt: str = "", *, steps: int, sampler: str,
+                    cfg_scale: float, seed: int, width: int, height: int, model: str,
+                    strength: float | None = None,
+                    extra: Mapping[str, Any] | None = None) -> str:
+    """The `parameters` text in the form AUTOMATIC1111 writes:
+
+        <prompt, possibly several lines>
+        Negative prompt: <negative prompt>          (only when there is one)
+        Steps: 20, Sampler: Euler, CFG scale: 7.5, Seed: 1, Size: 512x512, Model: ..., ...
+
+    `strength` is written as `Denoising strength`; `extra` fields follow in their order. Values
+    that contain separators are JSON-quoted. The format has no escape for a prompt line that itself
+    starts with `Negative prompt:`; such a prompt reads back split (the JSON chunk is exact).
+    """
+    fields: dict[str, Any] = {"Steps": steps, "Sampler": sampler, "CFG scale": cfg_scale,
+                              "Seed": seed, "Size": f"{width}x{height}", "Model": model}
+    if strength is not None:
+        fields["Denoising strength"] = strength
+    for key, value in (extra or {}).items():
+        if not _KEY.fullmatch(key) or key.endswith(" "):
+            raise ValueError(f"parameters key {key!r}: use letters, digits, spaces, '-' or '/'")
+        if key in fields or key == _NEGATIVE[:-1]:
+            raise ValueError(f"parameters key {key!r} is written already")
+        fields[key] = value
+    lines = [prompt]
+    if negative_prompt != "":
+        lines.append(f"{_NEGATIVE} {negative_prompt}")
+    lines.append(", ".join(f"{k}: {_quote(_field_value(v))}" for k, v in fields.items()))
+    return "\n".join(lines)
+
+
+def _parse_fields(line: str) -> dict[str, str] | None:
+    """`Key: value, Key: "quoted, value", ...` -> dict, or None when the line is not of that form."""
+    fields: dict[str, str] = {}
+    i = 0
+    while True:
+        m = _FIELD_KEY.match(line, i)
+        if m is None:
+            return None
+        key, i = m.group(1), m.end()
+        if line.startswith('"', i):
+            try:
+                value, i = _JSON_DECODER.raw_decode(line, i)
+            except ValueError:
+                return None
+        else:
+            j = line.find(",", i)
+            j = len(line) if j < 0 else j
+            value, i = line[i:j].rstrip(), j
+        fields[key] = value
+        end = _FIELD_END.match(line, i)
+        if end is None:
+            return None
+        i = end.end()
+        if end.group(1) == "" or line[i:].strip() == "":  # a trailing comma ends the line too
+            return fields
+
+
+def _typed(fields: dict[str, str], key: str, kind: type) -> Any:
+    if key not in fields:
+        return None
+    text = fields.pop(key)
+    try:
+        return kind(text)
+    except ValueError:
+        raise InputError(f"parameters text: {key} should be a number, found {text!r}") from None
+
+
+def parse_parameters_text(text: str) -> dict[str, Any]:
+    """Read a `parameters` text back (ours or another tool's).
+
+    Returns prompt, negative_prompt (str), steps, seed, width, height (int), cfg_scale, strength
+    (float), sampler, model (str), each None where the text lacks it, and `extra`: every other field
+    as text. The last line counts as the field line when it has at least three `Key: value` fields,
+    as A1111 decides.
+    """
+    lines = text.split("\n")
+    fields = _parse_fields(lines[-1])
+    if fields is not None and len(fields) >= 3:
+        lines = lines[:-1]
+    else:
+        fields = {}
+    prompt_lines: list[str] = []
+    negative_lines: list[str] | None = None
+    for line in lines:
+        if negative_lines is None and line.startswith(_NEGATIVE):
+            rest = line[len(_NEGATIVE):]
+            negative_lines = [rest[1:] if rest.startswith(" ") else rest]
+        elif negative_lines is None:
+            prompt_lines.append(line)
+        else:
+            negative_lines.append(line)
+
+    width = height = None
+    if "Size" in fields:
+        size = fields.pop("Size")
+        m = re.fullmatch(r"(\d+)x(\d+)", size)
+        if m is None:
+            raise InputError(f"parameters text: Size should read WIDTHxHEIGHT, found {size!r}")
+        width, height = int(m.group(1)), int(m.group(2))
+    return {
+        "prompt": "\n".join(prompt_lines),
+        "negative_prompt": "" if negative_lines is None else "\n".join(negative_lines),
+        "steps": _typed(fields, "Steps", int),
+        "sampler": fields.pop("Sampler", None),
+        "cfg_scale": _typed(fields, "CFG scale", float),
+        "seed": _typed(fields, "Seed", int),
+        "width": width,
+        "height": height,
+        "model": fields.pop("Model", None),
+        "strength": _typed(fields, "Denoising strength", float),
+        "extra": fields,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# PNG
+
+
+def png_text_chunks(parameters: str | None = None,
+                    record: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The text chunks of one picture: the A1111 `parameters` text and the JSON record."""
+    chunks = {}
+    if parameters is not None:
+        chunks[PARAMETERS_KEY] = parameters
+    if record is not None:
+        chunks[TRAJECTORY_KEY] = to_json(record)
+    return chunks
+
+
+def _png_info(text_chunks: Mapping[str, str]) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    for key, value in text_chunks.items():
+        try:
+            key_bytes = key.encode("latin-1")
+        except UnicodeEncodeError:
+            raise ValueError(f"PNG text key {key!r} must be latin-1") from None
+        if not 1 <= len(key_bytes) <= 79 or b"\0" in key_bytes:
+            raise ValueError(f"PNG text key {key!r} must be 1 to 79 characters, without NUL")
+        try:
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            info.add_itxt(key, value)  # iTXt holds UTF-8; tEXt only latin-1
+        else:
+            info.add_text(key, value)
+    return info
+
+
+def save_png(path: str | os.PathLike, image: np.ndarray,
+             text_chunks: Mapping[str, str] | None = None) -> Path:
+    """Write a uint8 picture, (H, W, 3), (H, W, 4) or (H, W), as PNG with text chunks, atomically.
+
+    The bytes depend only on the input: Pillow writes no time stamp, and the compression is fixed.
+    """
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"save_png needs uint8 pixels, got {image.dtype}")
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
+        raise ValueError(f"save_png needs (H, W), (H, W, 3) or (H, W, 4), got {image.shape}")
+    picture = Image.fromarray(image)
+    info = _png_info(text_chunks or {})
+    return atomic_write(path, lambda f: picture.save(f, format="PNG", pnginfo=info,
+                                                     compress_level=6))
+
+
+def read_png_text(path: str | os.PathLike) -> dict[str, str]:
+    """All tEXt/iTXt/zTXt chunks of a PNG file."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            if im.format != "PNG":
+                raise InputError(f"{path} is a {im.format} file, not a PNG")
+            return dict(im.text)
+    except FileNotFoundError:
+        raise InputError(f"{path} does not exist") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{path} is not a picture Pillow can read") from None
+
+
+def read_png_metadata(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(parsed `parameters`, the `sd_trajectory` JSON); an absent chunk reads as {}."""
+    text = read_png_text(path)
+    parameters = (parse_parameters_text(text[PARAMETERS_KEY])
+                  if PARAMETERS_KEY in text else {})
+    record = {}
+    if TRAJECTORY_KEY in text:
+        try:
+            record = json.loads(text[TRAJECTORY_KEY])
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path}: the {TRAJECTORY_KEY} chunk is not valid JSON ({err})") from None
+    return parameters, record

@@ -1,0 +1,272 @@
+"""CLIP's byte-level BPE tokenizer, read from a diffusers `tokenizer/` folder (vocab.json + merges.txt).
+
+It reproduces transformers' `CLIPTokenizer` (5.x, backed by the `tokenizers` library), which is what
+diffusers pipelines run:
+
+1. clean-up: Unicode NFC, every run of whitespace becomes one space, then lower case, character by
+   character. There is no ftfy repair and no HTML unescaping ("&amp;" stays three tokens), unlike
+   OpenAI's original CLIP code.
+2. pre-tokenisation: the special tokens, the contractions 's 't 're 've 'm 'll 'd, runs of
+   letters, single digits, and runs of anything else but whitespace, as in CLIP's pattern
+   `'s|'t|'re|'ve|'m|'ll|'d|\\p{L}+|\\p{N}|[^\\s\\p{L}\\p{N}]+`. The standard `re` module has no
+   `\\p{L}`, so the pieces are found by a small scanner over Unicode categories instead.
+3. every piece becomes its UTF-8 bytes, each shown as one printable character (GPT-2's byte table),
+   `</w>` marks the piece's last symbol, and the merges apply in rank order.
+4. the start token, at most `model_max_length - 2` tokens, the end token, then padding.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .config import TokenizerConfig
+from .errors import ModelError
+
+END_OF_WORD = "</w>"
+VERSION_LINE = "#version: 0.2"
+
+# Unicode's White_Space characters: what the `tokenizers` library's `\s` matches. Python's
+# str.isspace() also counts the separators U+001C..U+001F, which CLIP treats as symbols.
+WHITESPACE = frozenset("\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
+                       "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
+CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
+
+
+@lru_cache(maxsize=1)
+def byte_symbols() -> tuple:
+    """The printable character standing for each byte value 0..255 (GPT-2's table).
+
+    Printable Latin-1 bytes stand for themselves; the others (controls, space, soft hyphen...)
+    are shifted to 256 and up, in byte order, so that no symbol is whitespace or invisible.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    symbols, shifted = {}, 0
+    for b in range(256):
+        if b in printable:
+            symbols[b] = chr(b)
+        else:
+            symbols[b] = chr(256 + shifted)
+            shifted += 1
+    return tuple(symbols[b] for b in range(256))
+
+
+def byte_vocabulary() -> list:
+    """The first 512 entries of a CLIP vocabulary: the byte symbols in table order, then with `</w>`.
+
+    Table order lists the printable bytes first (as CLIP's vocab.json does: "!" has id 0).
+    """
+    table = byte_symbols()
+    order = sorted(range(256), key=lambda b: ord(table[b]))
+    return [table[b] for b in order] + [table[b] + END_OF_WORD for b in order]
+
+
+def clean_text(text: str) -> str:
+    """NFC, whitespace runs to one space, lower case per character (no final-sigma rule)."""
+    text = unicodedata.normalize("NFC", text)
+    out, in_space = [], False
+    for c in text:
+        if c in WHITESPACE:
+            if not in_space:
+                out.append(" ")
+            in_space = True
+        else:
+            out.append(c.lower())
+            in_space = False
+    return "".join(out)
+
+
+def _kind(c: str) -> str:
+    """'L' letter, 'N' number, ' ' whitespace, or 'S' anything else."""
+    if c in WHITESPACE:
+        return " "
+    category = unicodedata.category(c)[0]
+    return category if category in ("L", "N") else "S"
+
+
+def split_words(text: str, specials: tuple = ()) -> list:
+    """CLIP's pre-tokenisation of cleaned text: the pieces the BPE sees, in order.
+
+    At each position the alternatives are tried in the pattern's order (special tokens,
+    contractions, letters, a digit, other symbols); runs are greedy, and whitespace is dropped.
+    """
+    pieces, i, n = [], 0, len(text)
+    while i < n:
+        kind = _kind(text[i])
+        if kind == " ":
+            i += 1
+            continue
+        match = next((s for s in (*specials, *CONTRACTIONS) if text.startswith(s, i)), None)
+        if match is not None:
+            j = i + len(match)
+        elif kind == "N":
+            j = i + 1
+        else:  # a run of letters, or a run of symbols (which may swallow apostrophes and '<')
+            j = i + 1
+            while j < n and _kind(text[j]) == kind:
+                j += 1
+        pieces.append(text[i:j])
+        i = j
+    return pieces
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Token ids of a batch of texts, and how many tokens each text lost to truncation."""
+
+    ids: np.ndarray  # (B, model_max_length) int32
+    dropped: list
+
+
+class Tokenizer:
+    """CLIP BPE tokenizer. `tokenize(texts)` gives fixed-length id rows as the text encoder reads them."""
+
+    def __init__(self, vocab_path, merges_path, config: TokenizerConfig | None = None):
+        self.config = TokenizerConfig() if config is None else config
+        vocab_path, merges_path = Path(vocab_path), Path(merges_path)
+        self.vocab = _read_vocab(vocab_path)
+        self.ranks = _read_merges(merges_path)
+        ids = {}
+        for role in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            token = getattr(self.config, role)
+            if token not in self.vocab:
+                raise ModelError(f"{vocab_path} has no entry for the {role.replace('_', ' ')} "
+                                 f"{token!r}; the tokenizer files do not belong together")
+            ids[role] = self.vocab[token]
+        self.bos_id, self.eos_id = ids["bos_token"], ids["eos_token"]
+        self.pad_id, self.unk_id = ids["pad_token"], ids["unk_token"]
+        # Special tokens written in a prompt are kept whole (as transformers does), longest first.
+        self.specials = tuple(sorted({self.config.bos_token, self.config.eos_token}, key=len, reverse=True))
+        self._symbols = byte_symbols()
+        self._cache: dict = {}
+
+    @classmethod
+    def from_folder(cls, folder) -> "Tokenizer":
+        """Read a diffusers tokenizer folder: vocab.json, merges.txt and the special-token settings."""
+        folder = Path(folder)
+        return cls(folder / "vocab.json", folder / "merges.txt", read_tokenizer_config(folder))
+
+    @property
+    def max_length(self) -> int:
+        return self.config.model_max_length
+
+    def encode(self, text: str) -> list:
+        """Token ids of one text, without start, end or padding tokens, and without truncation."""
+        ids = []
+        for piece in split_words(clean_text(text), self.specials):
+            if piece in self.specials:
+                ids.append(self.vocab[piece])
+            else:
+                ids.extend(self._bpe(piece))
+        return ids
+
+    def tokenize(self, texts: list) -> Tokens:
+        """Start token, the text's tokens (truncated), end token, padding: (B, model_max_length) int32.
+
+        A text longer than the model reads loses its last tokens; a warning says how many, and
+        `Tokens.dropped` holds the count per text (0 when nothing was dropped).
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        room = self.max_length - 2
+        rows, dropped = [], []
+        for index, text in enumerate(texts):
+            ids = self.encode(text)
+            lost = max(0, len(ids) - room)
+            if lost:
+                warnings.warn(f"prompt {index} is {len(ids)} tokens long; the text encoder reads "
+                              f"{room}, so the last {lost} were dropped", stacklevel=2)
+            row = [self.bos_id, *ids[:room], self.eos_id]
+            rows.append(row + [self.pad_id] * (self.max_length - len(row)))
+            dropped.append(lost)
+        ids = np.array(rows, dtype=np.int32).reshape(len(rows), self.max_length)  # (B, L)
+        return Tokens(ids=ids, dropped=dropped)
+
+    def _bpe(self, piece: str) -> list:
+        if piece in self._cache:
+            return self._cache[piece]
+        symbols = [self._symbols[b] for b in piece.encode("utf-8")]
+        symbols[-1] += END_OF_WORD
+        while len(symbols) > 1:
+            # The lowest-ranked adjacent pair merges first, at every place it occurs, left to right.
+            pairs = {(a, b) for a, b in zip(symbols, symbols[1:])}
+            best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
+            if best not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        ids = [self.vocab.get(s, self.unk_id) for s in symbols]
+        if len(self._cache) < 100_000:
+            self._cache[piece] = ids
+        return ids
+
+
+def read_tokenizer_config(folder) -> TokenizerConfig:
+    """The special tokens and length of a tokenizer folder, as transformers resolves them.
+
+    Newer folders list their special tokens in tokenizer_config.json's `added_tokens_decoder`;
+    older ones keep them in special_tokens_map.json, whose entries then win over
+    tokenizer_config.json's (SD 2.x repositories pad with "!" this way).
+    """
+    folder = Path(folder)
+    config_path = folder / "tokenizer_config.json"
+    settings = _read_json(config_path) if config_path.is_file() else {}
+    map_path = folder / "special_tokens_map.json"
+    if "added_tokens_decoder" not in settings and map_path.is_file():
+        settings.update(_read_json(map_path))
+    return TokenizerConfig.from_diffusers(settings)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ModelError(f"missing tokenizer file {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"tokenizer file {path} is not valid JSON ({e}); download it again") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"tokenizer file {path} does not hold a JSON object; download it again")
+    return data
+
+
+def _read_vocab(path: Path) -> dict:
+    vocab = _read_json(path)
+    if not all(isinstance(v, int) for v in vocab.values()):
+        raise ModelError(f"{path} is not a token -> id map; download it again")
+    return vocab
+
+
+def _read_merges(path: Path) -> dict:
+    """merges.txt: an optional '#version' line, then one 'left right' pair per line, best first."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ModelError(f"missing tokenizer file {path}") from None
+    except UnicodeDecodeError:
+        raise ModelError(f"{path} is not UTF-8 text; download it again") from None
+    if lines and lines[0].startswith("#version"):
+        lines = lines[1:]
+    ranks = {}
+    for number, line in enumerate(lines):
+        if not line.strip():
+            continue
+        pair = tuple(line.split(" "))
+        if len(pair) != 2:
+            raise ModelError(f"{path} line {number + 2}: expected two symbols, got {line!r}")
+        ranks.setdefault(pair, len(ranks))
+    return ranks

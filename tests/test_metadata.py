@@ -1,0 +1,327 @@
+"""Atomic writes, PNG text chunks, the A1111 `parameters` text and the JSON sidecar, on real files."""
+
+import errno
+import json
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stable_diffusion.errors import InputError, OutputError
+from stable_diffusion.metadata import (
+    PARAMETERS_KEY,
+    TRAJECTORY_KEY,
+    atomic_write,
+    check_output_dir,
+    parameters_text,
+    parse_parameters_text,
+    png_text_chunks,
+    read_png_metadata,
+    read_png_text,
+    save_png,
+    write_sidecar,
+    write_text_atomic,
+)
+
+ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def png_chunks(path):
+    """(type, data) of every chunk, read straight from the bytes."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, i = [], 8
+    while i < len(data):
+        (length,) = struct.unpack(">I", data[i:i + 4])
+        kind = data[i + 4:i + 8].decode("ascii")
+        body = data[i + 8:i + 8 + length]
+        (crc,) = struct.unpack(">I", data[i + 8 + length:i + 12 + length])
+        assert crc == zlib.crc32(data[i + 4:i + 8 + length])
+        chunks.append((kind, body))
+        i += 12 + length
+    return chunks
+
+
+def image(h=6, w=5, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+# --- atomic writes ---------------------------------------------------------------------------
+
+
+def test_atomic_write_creates_parents_and_leaves_only_the_file(tmp_path):
+    target = tmp_path / "a" / "b" / "out.bin"
+    atomic_write(target, lambda f: f.write(b"hello"))
+    assert target.read_bytes() == b"hello"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["out.bin"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's owner-only 0600
+
+
+def test_keyboard_interrupt_midway_keeps_old_file_and_no_temp(tmp_path):
+    target = tmp_path / "out.png"
+    target.write_bytes(b"old")
+
+    def half_then_interrupt(f):
+        f.write(b"new but only half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, half_then_interrupt)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
+
+
+def test_interrupt_before_first_write_leaves_nothing(tmp_path):
+    target = tmp_path / "sub" / "out.png"
+
+    def interrupt(f):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, interrupt)
+    assert not target.exists()
+    assert list(target.parent.iterdir()) == []
+
+
+def test_full_disk_is_an_output_error_naming_the_file(tmp_path):
+    target = tmp_path / "run" / "frame_0001.png"
+
+    def disk_full(f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(OutputError) as info:
+        atomic_write(target, disk_full)
+    assert str(target) in str(info.value)
+    assert "No space left" in str(info.value)
+    assert info.value.__cause__.errno == errno.ENOSPC
+    assert not isinstance(info.value, InputError)  # exit status 1, not 2
+    assert list(target.parent.iterdir()) == []
+
+
+def test_folder_blocked_by_a_file_is_an_output_error(tmp_path):
+    (tmp_path / "blocker").write_text("x")
+    with pytest.raises(OutputError, match="blocker"):
+        write_text_atomic(tmp_path / "blocker" / "out.json", "{}")
+
+
+@pytest.mark.skipif(ROOT, reason="root writes into read-only folders")
+def test_read_only_folder_is_an_output_error_and_leaves_nothing(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(OutputError, match="out.png"):
+            atomic_write(folder / "out.png", lambda f: f.write(b"x"))
+        assert list(folder.iterdir()) == []
+    finally:
+        folder.chmod(0o755)
+
+
+def test_check_output_dir_creates_the_folder_and_leaves_it_empty(tmp_path):
+    folder = tmp_path / "x" / "y"
+    assert check_output_dir(folder) == folder
+    assert folder.is_dir() and list(folder.iterdir()) == []
+
+
+def test_check_output_dir_refuses_a_file_in_the_way_as_input_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="choose another output folder"):
+        check_output_dir(tmp_path / "file")
+    with pytest.raises(InputError):
+        check_output_dir(tmp_path / "file" / "below")
+
+
+@pytest.mark.skipif(ROOT, reason="root writes into read-only folders")
+def test_check_output_dir_refuses_a_read_only_folder(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(InputError, match="ro"):
+            check_output_dir(folder)
+    finally:
+        folder.chmod(0o755)
+
+
+# --- the parameters text ---------------------------------------------------------------------
+
+FIELDS = dict(steps=20, sampler="Euler", cfg_scale=7.5, seed=1, width=512, height=768,
+              model="stabilityai/stable-diffusion-2-1-base")
+
+
+def test_parameters_text_has_the_a1111_form():
+    text = parameters_text("a lit fireplace", "blurry", strength=0.6, **FIELDS)
+    assert text == (
+        "a lit fireplace\n"
+        "Negative prompt: blurry\n"
+        "Steps: 20, Sampler: Euler, CFG scale: 7.5, Seed: 1, Size: 512x768, "
+        "Model: stabilityai/stable-diffusion-2-1-base, Denoising strength: 0.6")
+
+
+def test_parameters_text_quotes_awkward_values_as_json():
+    text = parameters_text("p", model='C:\\models\\my, "best" one', steps=2, sampler="Euler a",
+                           cfg_scale=0.0, seed=0, width=64, height=64,
+                           extra={"Note": "plain", "Path": "a:b"})
+    last = text.split("\n")[-1]
+    assert 'Model: "C:\\\\models\\\\my, \\"best\\" one"' in last
+    assert "CFG scale: 0.0, Seed: 0" in last
+    assert last.endswith('Note: plain, Path: "a:b"')
+
+
+AWKWARD = [
+    ("a lit fireplace", ""),
+    ("", ""),
+    ("", "only a negative"),
+    ("line one\nline two\n\nline four", "neg one\nneg two"),
+    ("commas, colons: and \"quotes\"", "Steps: 3, Sampler: fake, Seed: 9"),
+    ("ends with a line that looks like fields\nSteps: 1, Seed: 2, Size: 3x4", ""),
+    ("  leading and trailing spaces  ", " neg with a leading space"),
+    ("unicode: 暖炉, café, emoji 🔥, RTL שלום", "ласка, не розмито"),
+    ("trailing newline\n", "\n"),
+    ("windows\r\nline ends", "tab\tinside"),
+]
+
+
+@pytest.mark.parametrize("prompt,negative", AWKWARD)
+def test_parameters_round_trip(prompt, negative):
+    text = parameters_text(prompt, negative, strength=0.25,
+                           extra={"Forward path": "shared", "Comment": 'x, y: "z"\nw'}, **FIELDS)
+    back = parse_parameters_text(text)
+    assert back == {"prompt": prompt, "negative_prompt": negative, "strength": 0.25,
+                    "extra": {"Forward path": "shared", "Comment": 'x, y: "z"\nw'}, **FIELDS}
+    assert isinstance(back["steps"], int) and isinstance(back["cfg_scale"], float)
+
+
+def test_parameters_text_cannot_escape_a_prompt_line_that_looks_like_the_negative_marker():
+    # The format has no escape for this; the docstring says so and the JSON chunk carries the truth.
+    back = parse_parameters_text(parameters_text("a\nNegative prompt: b", **FIELDS))
+    assert (back["prompt"], back["negative_prompt"]) == ("a", "b")
+
+
+def test_parse_reads_another_tools_text():
+    text = ("masterpiece, a cat\nNegative prompt: lowres\n"
+            "Steps: 30, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 123, Size: 768x512, "
+            'Model hash: abc123, Lora hashes: "x: 1, y: 2", Version: v1.9.0')
+    back = parse_parameters_text(text)
+    assert back["prompt"] == "masterpiece, a cat"
+    assert back["negative_prompt"] == "lowres"
+    assert (back["steps"], back["cfg_scale"], back["seed"]) == (30, 7.0, 123)
+    assert (back["width"], back["height"]) == (768, 512)
+    assert back["model"] is None and back["strength"] is None
+    assert back["extra"] == {"Model hash": "abc123", "Lora hashes": "x: 1, y: 2",
+                             "Version": "v1.9.0"}
+
+
+def test_parse_without_a_field_line_is_all_prompt():
+    back = parse_parameters_text("just a prompt, nothing else")
+    assert back["prompt"] == "just a prompt, nothing else" and back["steps"] is None
+
+
+def test_parse_rejects_a_broken_number():
+    with pytest.raises(InputError, match="Steps"):
+        parse_parameters_text("p\nSteps: many, Sampler: Euler, Seed: 1")
+
+
+def test_extra_keys_are_checked():
+    with pytest.raises(ValueError):
+        parameters_text("p", extra={"Bad, key": 1}, **FIELDS)
+    with pytest.raises(ValueError):
+        parameters_text("p", extra={"Seed": 1}, **FIELDS)
+
+
+# --- PNG -------------------------------------------------------------------------------------
+
+
+def test_save_png_pixels_and_text_chunks(tmp_path):
+    pixels = image()
+    path = save_png(tmp_path / "p.png", pixels, {"latin": "café, plain", "wide": "暖炉 🔥"})
+    with Image.open(path) as im:
+        np.testing.assert_array_equal(np.asarray(im), pixels)
+        assert im.text == {"latin": "café, plain", "wide": "暖炉 🔥"}
+    kinds = {body.split(b"\0", 1)[0].decode("latin-1"): kind
+             for kind, body in png_chunks(path) if kind in ("tEXt", "iTXt", "zTXt")}
+    assert kinds == {"latin": "tEXt", "wide": "iTXt"}
+    assert "tIME" not in [kind for kind, _ in png_chunks(path)]
+
+
+def test_save_png_is_deterministic(tmp_path):
+    chunks = png_text_chunks("prompt\nSteps: 1, Seed: 2, Size: 8x8", {"seed": 2, "t": [999, 500]})
+    a = save_png(tmp_path / "a.png", image(), chunks)
+    b = save_png(tmp_path / "b.png", image(), chunks)
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_save_png_grey_and_rgba(tmp_path):
+    grey = image()[..., 0]
+    rgba = np.concatenate([image(), image(seed=1)[..., :1]], axis=-1)
+    for name, pixels in (("g.png", grey), ("rgba.png", rgba)):
+        with Image.open(save_png(tmp_path / name, pixels)) as im:
+            np.testing.assert_array_equal(np.asarray(im), pixels)
+
+
+def test_save_png_refuses_floats_and_bad_keys(tmp_path):
+    with pytest.raises(ValueError, match="uint8"):
+        save_png(tmp_path / "f.png", np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(ValueError, match="key"):
+        save_png(tmp_path / "k.png", image(), {"": "x"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_png_metadata_round_trip(tmp_path):
+    prompt = 'a "quoted", multi-line\nprompt: 暖炉'
+    record = {"prompt": prompt, "seed": np.int64(7), "sigma": np.float32(0.5),
+              "timesteps": np.array([999, 499]), "model": "sd", "strength": 0.6}
+    chunks = png_text_chunks(parameters_text(prompt, "ugly", strength=0.6, **FIELDS), record)
+    path = save_png(tmp_path / "out" / "final.png", image(), chunks)
+    parameters, back = read_png_metadata(path)
+    assert parameters["prompt"] == prompt and parameters["negative_prompt"] == "ugly"
+    assert parameters["seed"] == 1 and parameters["strength"] == 0.6
+    assert back == {"prompt": prompt, "seed": 7, "sigma": 0.5, "timesteps": [999, 499],
+                    "model": "sd", "strength": 0.6}
+    assert set(read_png_text(path)) == {PARAMETERS_KEY, TRAJECTORY_KEY}
+
+
+def test_read_png_metadata_without_chunks_and_of_non_pngs(tmp_path):
+    plain = save_png(tmp_path / "plain.png", image())
+    assert read_png_metadata(plain) == ({}, {})
+    Image.fromarray(image()).save(tmp_path / "x.jpg")
+    with pytest.raises(InputError, match="not a PNG"):
+        read_png_metadata(tmp_path / "x.jpg")
+    (tmp_path / "junk.png").write_bytes(b"not a picture")
+    with pytest.raises(InputError, match="junk.png"):
+        read_png_metadata(tmp_path / "junk.png")
+    with pytest.raises(InputError, match="does not exist"):
+        read_png_metadata(tmp_path / "missing.png")
+
+
+def test_json_refuses_nan(tmp_path):
+    with pytest.raises(ValueError):
+        png_text_chunks(record={"x": float("nan")})
+
+
+# --- sidecar ---------------------------------------------------------------------------------
+
+
+def test_sidecar_format(tmp_path):
+    path = write_sidecar(tmp_path / "run.json",
+                         {"zeta": 1, "alpha": {"b": [1, 2], "a": "暖炉"}, "seed": np.int32(3)})
+    assert path.read_text(encoding="utf-8") == (
+        '{\n'
+        '  "alpha": {\n'
+        '    "a": "暖炉",\n'
+        '    "b": [\n'
+        '      1,\n'
+        '      2\n'
+        '    ]\n'
+        '  },\n'
+        '  "seed": 3,\n'
+        '  "zeta": 1\n'
+        '}\n')
+    assert json.loads(path.read_text(encoding="utf-8"))["seed"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
