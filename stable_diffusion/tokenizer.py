@@ -259,14 +259,13 @@ def _read_merges(path: Path) -> dict:
         raise ModelError(f"missing tokenizer file {path}") from None
     except UnicodeDecodeError:
         raise ModelError(f"{path} is not UTF-8 text; download it again") from None
-    if lines and lines[0].startswith("#version"):
-        lines = lines[1:]
     ranks = {}
-    for number, line in enumerate(lines):
-        if not line.strip():
+    for number, line in enumerate(lines, start=1):
+        if not line.strip() or (number == 1 and line.startswith("#version")):
             continue
         pair = tuple(line.split(" "))
         if len(pair) != 2:
-            raise ModelError(f"{path} line {number + 2}: expected two symbols, got {line!r}")
+            raise ModelError(f"{path} line {number}: expected two symbols, got {line!r}; "
+                             "download the tokenizer again")
         ranks.setdefault(pair, len(ranks))
     return ranks
