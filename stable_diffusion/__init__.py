@@ -1,5 +1,13 @@
 """Stable Diffusion image-to-image on MLX, with every stage of the trajectory on disk."""
 
-from .pipeline import StableDiffusion, Step  # noqa: E402
-
 __all__ = ["StableDiffusion", "Step"]
+
+
+def __getattr__(name):
+    # Imported on first use, so that `stable_diffusion.testing` and the command line's argument
+    # checks do not pay for loading the networks.
+    if name in __all__:
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'stable_diffusion' has no attribute {name!r}")

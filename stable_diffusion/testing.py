@@ -309,12 +309,106 @@ def vae_shapes(config: dict) -> dict:
 
 # --- tokenizer files ------------------------------------------------------------------------------
 
-TOKENIZER_VOCAB_SIZE = 0  # set by the tokenizer section below
+# A real BPE vocabulary in CLIP's layout, only smaller: the 256 byte symbols, the same with "</w>",
+# one entry per learned merge, then the start and end tokens (the end token has the largest id, as
+# in CLIP, which is what the text encoder's pooling relies on).
+TOKENIZER_MERGES = 300
+TOKENIZER_VOCAB_SIZE = 512 + TOKENIZER_MERGES + 2
+
+# The merges are learned from this text (prompt-like English, written for these tests).
+_TOKENIZER_CORPUS = """
+A photograph of a lit fireplace in a quiet stone cottage, warm orange light on the wooden floor,
+a sleeping cat on a woollen blanket, snow falling past the window at night. An oil painting of a
+lighthouse on a rocky coast during a storm, dramatic clouds, crashing waves, seagulls circling the
+tower. A watercolour sketch of a busy market street in the morning: fruit stalls, bicycles, people
+carrying baskets of bread and flowers. A highly detailed portrait of an old fisherman with a grey
+beard and a knitted hat, soft natural lighting, sharp focus, studio quality. A futuristic city
+skyline at sunset with flying cars, glass towers reflecting purple and golden clouds, cinematic
+composition, wide angle lens. A bowl of ripe strawberries and blueberries on a marble kitchen
+table beside a cup of coffee, morning sunlight through the curtains. The forest was dark and
+still; a narrow path wound between the tall pine trees toward a small wooden cabin with smoke
+rising from its chimney. Children were playing in the garden while their grandmother painted the
+mountains and the river beyond the village bridge.
+"""
+
+
+def _learn_merges(count: int) -> list:
+    """Byte-level BPE training on the corpus: repeatedly merge the most frequent adjacent pair.
+
+    Words are the corpus's letter runs, the last symbol marked with "</w>"; ties go to the pair
+    that sorts first, so the result never changes.
+    """
+    import re
+    from collections import Counter
+
+    from .tokenizer import END_OF_WORD
+
+    words = Counter(re.findall(r"[a-z]+", _TOKENIZER_CORPUS.lower()))
+    segmented = {w: [*w[:-1], w[-1] + END_OF_WORD] for w in words}
+    merges = []
+    while len(merges) < count:
+        pairs = Counter()
+        for w, symbols in segmented.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += words[w]
+        if not pairs:
+            raise RuntimeError(f"the tokenizer corpus yields only {len(merges)} merges")
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        for w, symbols in segmented.items():
+            merged, i = [], 0
+            while i < len(symbols):
+                if tuple(symbols[i:i + 2]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            segmented[w] = merged
+    return merges
+
+
+def tokenizer_vocabulary() -> tuple[dict, list]:
+    """(vocab: token -> id, merges: [(left, right)]) of the tiny tokenizer, TOKENIZER_VOCAB_SIZE ids."""
+    from .tokenizer import byte_vocabulary
+
+    merges = _learn_merges(TOKENIZER_MERGES)
+    tokens = [*byte_vocabulary(), *(a + b for a, b in merges), "<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    if len(vocab) != TOKENIZER_VOCAB_SIZE:  # two merges made the same token
+        raise RuntimeError(f"tiny tokenizer has {len(vocab)} distinct tokens, expected {TOKENIZER_VOCAB_SIZE}")
+    return vocab, merges
 
 
 def tokenizer_config(pad_token: str) -> dict:
-    raise NotImplementedError
+    """tokenizer_config.json in the layout of current hub repositories (special tokens listed in
+    `added_tokens_decoder`); SD 1.x pads with the end token, SD 2.x and SDXL's second tokenizer with "!"."""
+    special = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+    return {
+        "add_prefix_space": False,
+        "added_tokens_decoder": {
+            str(TOKENIZER_VOCAB_SIZE - 2): {"content": "<|startoftext|>", **special},
+            str(TOKENIZER_VOCAB_SIZE - 1): {"content": "<|endoftext|>", **special},
+        },
+        "bos_token": "<|startoftext|>",
+        "clean_up_tokenization_spaces": True,
+        "do_lower_case": True,
+        "eos_token": "<|endoftext|>",
+        "errors": "replace",
+        "model_max_length": 77,
+        "pad_token": pad_token,
+        "tokenizer_class": "CLIPTokenizer",
+        "unk_token": "<|endoftext|>",
+    }
 
 
 def write_tokenizer(folder: Path, config: dict) -> None:
-    raise NotImplementedError
+    """vocab.json, merges.txt (with CLIP's version line), tokenizer_config.json, special_tokens_map.json."""
+    folder = Path(folder)
+    vocab, merges = tokenizer_vocabulary()
+    _write_json(folder / "vocab.json", vocab)
+    lines = ["#version: 0.2", *(f"{a} {b}" for a, b in merges)]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _write_json(folder / "tokenizer_config.json", config)
+    roles = ("bos_token", "eos_token", "pad_token", "unk_token")
+    _write_json(folder / "special_tokens_map.json", {r: config[r] for r in roles if r in config})

@@ -1,0 +1,260 @@
+"""Pixels, composites, latent previews and animations, checked pixel by pixel and on real files."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stable_diffusion.render import (
+    LATENT_RGB,
+    WHITE,
+    approx_decode,
+    grid,
+    label,
+    label_margins,
+    save_animation,
+    strip,
+    to_uint8,
+    triangle,
+    triangle_size,
+)
+
+H, W = 6, 5
+
+
+def frames(n, h=H, w=W, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def cell(picture, r, c, pad, h=H, w=W, label_width=0, caption_height=0):
+    y = pad + r * (h + caption_height + pad)
+    x = label_width + pad + c * (w + pad)
+    return picture[y:y + h, x:x + w]
+
+
+def is_background(region, colour=WHITE):
+    return bool((region == np.array(colour, np.uint8)).all())
+
+
+# --- pixels ----------------------------------------------------------------------------------
+
+
+def test_to_uint8_rounds_and_clips():
+    x = np.array([[0.0, 0.49 / 255, 0.51 / 255, 254.6 / 255, 1.0, -0.3, 1.7]], np.float32)
+    out = to_uint8(x)
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, [[0, 0, 1, 255, 255, 0, 255]])
+
+
+def test_to_uint8_keeps_nhwc_shape():
+    x = np.random.default_rng(0).random((2, 4, 3, 3), dtype=np.float32)
+    out = to_uint8(x)
+    assert out.shape == (2, 4, 3, 3)
+    assert np.abs(out.astype(np.float32) - x * 255).max() <= 0.5 + 1e-4
+
+
+# --- composites ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pad", [0, 3])
+def test_grid_is_row_major_with_background_left_over(pad):
+    images = frames(5)
+    picture = grid(images, n_rows=2, pad=pad)
+    assert picture.shape[:2] == triangle_size(2, 3, H, W, pad)
+    for i in range(5):
+        np.testing.assert_array_equal(cell(picture, i // 3, i % 3, pad), images[i])
+    assert is_background(cell(picture, 1, 2, pad))
+    if pad:
+        assert is_background(picture[:pad]) and is_background(picture[:, :pad])
+
+
+def test_grid_refuses_impossible_rows():
+    with pytest.raises(ValueError):
+        grid(frames(3), n_rows=4)
+    with pytest.raises(ValueError):
+        grid(frames(3).astype(np.float32), n_rows=1)
+
+
+def test_strip_places_frames_left_to_right():
+    images = frames(4)
+    picture = strip(images, pad=1)
+    assert picture.shape == (*triangle_size(1, 4, H, W, 1), 3)
+    for i in range(4):
+        np.testing.assert_array_equal(cell(picture, 0, i, 1), images[i])
+
+
+def test_strip_with_labels_adds_a_caption_band_and_keeps_frames():
+    images = frames(3, h=20, w=40)
+    _, caption_height = label_margins()
+    picture = strip(images, labels=["0/3", "1/3", "3/3"])
+    assert picture.shape[:2] == triangle_size(1, 3, 20, 40, 0, 0, caption_height)
+    for i in range(3):
+        np.testing.assert_array_equal(cell(picture, 0, i, 0, 20, 40, 0, caption_height), images[i])
+        band = picture[20:, i * 40:(i + 1) * 40]
+        assert not is_background(band)  # text was drawn
+    assert not np.array_equal(picture[20:, :40], picture[20:, 40:80])
+
+
+def test_label_appends_a_band():
+    image = frames(1, 16, 30)[0]
+    out = label(image, "t=300", caption_height=12)
+    assert out.shape == (28, 30, 3)
+    np.testing.assert_array_equal(out[:16], image)
+    assert not is_background(out[16:])
+
+
+def make_rows(lengths):
+    data = frames(sum(lengths), seed=1)
+    rows, i = [], 0
+    for n in lengths:
+        rows.append(list(data[i:i + n]))
+        i += n
+    return rows
+
+
+@pytest.mark.parametrize("pad", [0, 2])
+def test_triangle_low_bottom_left_aligned_exact_cells(pad):
+    lengths = [2, 3, 5, 1]  # increasing strength; any lengths are allowed
+    rows = make_rows(lengths)
+    picture = triangle(rows, H, W, pad=pad)
+    assert picture.shape[:2] == triangle_size(4, 5, H, W, pad)
+    for s, row in enumerate(rows):
+        r = len(rows) - 1 - s  # the lowest strength is the bottom row
+        for c in range(5):
+            got = cell(picture, r, c, pad)
+            if c < len(row):
+                np.testing.assert_array_equal(got, row[c])
+            else:
+                assert is_background(got)
+
+
+def test_triangle_low_top_flips_the_rows():
+    rows = make_rows([1, 2, 3])
+    top = triangle(rows, H, W, order="low_top", pad=1, background=(10, 20, 30))
+    bottom = triangle(rows, H, W, order="low_bottom", pad=1, background=(10, 20, 30))
+    np.testing.assert_array_equal(cell(top, 0, 0, 1), rows[0][0])
+    np.testing.assert_array_equal(cell(bottom, 2, 0, 1), rows[0][0])
+    assert is_background(cell(top, 0, 2, 1), (10, 20, 30))
+    np.testing.assert_array_equal(cell(top, 2, 2, 1), rows[2][2])
+
+
+def test_triangle_with_labels_has_the_predicted_size_and_exact_cells():
+    h, w, pad = 24, 48, 2
+    rows = [list(frames(n, h, w, seed=n)) for n in (2, 3, 4)]
+    strengths = ["s=0.30", "s=0.60", "s=1.00"]
+    captions = [[f"{k}/{len(row) - 1} t={300 * (k + 1)}" for k in range(len(row))] for row in rows]
+    picture = triangle(rows, h, w, row_labels=strengths, cell_labels=captions, pad=pad)
+    label_width, caption_height = label_margins()
+    assert picture.shape[:2] == triangle_size(3, 4, h, w, pad, label_width, caption_height)
+    for s, row in enumerate(rows):
+        r = 2 - s
+        y = pad + r * (h + caption_height + pad)
+        assert not is_background(picture[y:y + h, :label_width])  # the strength label
+        for c, frame in enumerate(row):
+            np.testing.assert_array_equal(
+                cell(picture, r, c, pad, h, w, label_width, caption_height), frame)
+            x = label_width + pad + c * (w + pad)
+            assert not is_background(picture[y + h:y + h + caption_height, x:x + w])
+
+
+def test_triangle_explicit_margins_and_only_one_kind_of_label():
+    rows = make_rows([1, 2])
+    picture = triangle(rows, H, W, row_labels=["a", "b"], pad=0, label_width=9)
+    assert picture.shape[:2] == triangle_size(2, 2, H, W, 0, 9, 0)
+    np.testing.assert_array_equal(cell(picture, 0, 1, 0, label_width=9), rows[1][1])
+    picture = triangle(rows, H, W, cell_labels=[["x"], ["y", "z"]], pad=0, caption_height=7)
+    assert picture.shape[:2] == triangle_size(2, 2, H, W, 0, 0, 7)
+
+
+def test_triangle_checks_its_input():
+    rows = make_rows([1, 2])
+    with pytest.raises(ValueError, match="order"):
+        triangle(rows, H, W, order="sideways")
+    with pytest.raises(ValueError, match="row labels"):
+        triangle(rows, H, W, row_labels=["only one"])
+    with pytest.raises(ValueError, match="shape"):
+        triangle(rows, H, W, cell_labels=[["a"], ["b"]])
+    with pytest.raises(ValueError, match="cells"):
+        triangle(rows, H + 1, W)
+    with pytest.raises(ValueError, match="empty"):
+        triangle([[], []], H, W)
+
+
+# --- latent preview --------------------------------------------------------------------------
+
+
+def test_approx_decode_pins_the_published_factors():
+    z = np.zeros((1, 1, 2, 4), np.float32)
+    z[0, 0, 1] = [1.0, 0.0, 0.0, -1.0]
+    sd = approx_decode(z, "sd", factor=1)
+    np.testing.assert_allclose(sd[0, 0, 0], [0.5, 0.5, 0.5])
+    # ((0.3512, 0.2297, 0.3227) - (-0.2120, -0.2616, -0.7177) + 1) / 2
+    np.testing.assert_allclose(sd[0, 0, 1], [0.7816, 0.74565, 1.0], atol=1e-6)
+    xl = approx_decode(z, "sdxl", factor=1)
+    np.testing.assert_allclose(xl[0, 0, 0], [0.5542, 0.49125, 0.49945], atol=1e-6)
+    assert set(LATENT_RGB) == {"sd", "sdxl"}
+
+
+def test_approx_decode_upsamples_by_nearest_and_stays_in_range():
+    z = np.random.default_rng(0).normal(0, 4, (2, 3, 5, 4)).astype(np.float32)
+    out = approx_decode(z, "sdxl")
+    assert out.shape == (2, 24, 40, 3) and out.dtype == np.float32
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    small = approx_decode(z, "sdxl", factor=1)
+    for dy in range(8):
+        for dx in range(8):
+            np.testing.assert_array_equal(out[:, dy::8, dx::8], small)
+
+
+def test_approx_decode_refuses_unknown_families_and_shapes():
+    with pytest.raises(ValueError, match="family"):
+        approx_decode(np.zeros((1, 2, 2, 4)), "flux")
+    with pytest.raises(ValueError, match="latents"):
+        approx_decode(np.zeros((1, 2, 2, 16)), "sd")
+
+
+# --- animation -------------------------------------------------------------------------------
+
+
+def flat_frames(n, h=16, w=12):
+    # Few colours, so that GIF's palette holds every pixel exactly.
+    colours = np.array([[255, 0, 0], [0, 128, 255], [20, 200, 20], [0, 0, 0]], np.uint8)
+    out = np.empty((n, h, w, 3), np.uint8)
+    for i in range(n):
+        out[i] = colours[i % 4]
+        out[i, : i + 1, :] = colours[(i + 1) % 4]
+    return out
+
+
+@pytest.mark.parametrize("fmt,options", [("gif", {}), ("webp", {"lossless": True})])
+def test_save_animation_frames_loop_and_pixels(tmp_path, fmt, options):
+    sequence = flat_frames(6)
+    path = save_animation(tmp_path / "sub" / f"anim.{fmt}", sequence, 120, fmt=fmt, **options)
+    with Image.open(path) as im:
+        assert im.format == fmt.upper()
+        assert im.n_frames == 6 and im.size == (12, 16)
+        assert im.info["loop"] == 0
+        for i in range(6):
+            im.seek(i)
+            assert im.info["duration"] == 120
+            np.testing.assert_array_equal(np.asarray(im.convert("RGB")), sequence[i])
+    assert [p.name for p in path.parent.iterdir()] == [f"anim.{fmt}"]
+
+
+def test_save_animation_lossy_webp_and_per_frame_durations(tmp_path):
+    sequence = frames(3, 32, 32)
+    path = save_animation(tmp_path / "a.webp", sequence, [100, 200, 300], fmt="webp")
+    with Image.open(path) as im:
+        assert im.n_frames == 3
+        durations = []
+        for i in range(3):
+            im.seek(i)
+            durations.append(im.info["duration"])
+    assert durations == [100, 200, 300]
+
+
+def test_save_animation_refuses_mixed_sizes_and_writes_nothing(tmp_path):
+    with pytest.raises(ValueError, match="same size"):
+        save_animation(tmp_path / "a.gif", [frames(1)[0], frames(1, H + 1)[0]], 100)
+    with pytest.raises(ValueError, match="format"):
+        save_animation(tmp_path / "a.mp4", frames(2), 100, fmt="mp4")
+    assert list(tmp_path.iterdir()) == []
