@@ -19,3 +19,7 @@ class OutputError(Exception):
     Not an `InputError`: the run's input was fine, the machine failed it. The message names the
     file; the `OSError` behind it is chained as `__cause__`.
     """
+
+
+class NumericalError(Exception):
+    """NaN or Inf appeared in the latents (e.g. float16 overflow); exit status 1."""

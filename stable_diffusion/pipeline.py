@@ -175,10 +175,10 @@ class StableDiffusion:
         """Text to image: start from pure noise at t = T."""
         num_steps = self.defaults.num_steps if num_steps is None else num_steps
         run = self.sampler.plan(1.0, num_steps)
-        shape = (n_images, *latent_size, self.latent_channels)
-        eps, keys = self._noise(shape, seed, noise, run.steps)
+        seed = random_seed() if seed is None else seed
+        eps = self.initial_noise((n_images, *latent_size, self.latent_channels), seed, noise)
         image_size = (latent_size[0] * self.downscale, latent_size[1] * self.downscale)
-        return self._loop(eps, run, text, negative_text, cfg_weight, n_images, image_size, keys)
+        return self._loop(eps, run, text, negative_text, cfg_weight, n_images, image_size, seed)
 
     def generate_latents_from_image(self, image, text: str, strength: float = 0.8,
                                     num_steps: int | None = None, cfg_weight: float | None = None,
@@ -188,32 +188,40 @@ class StableDiffusion:
 
         `image` is (H, W, 3) or (1, H, W, 3) in [-1, 1]; `noise`, if given, replaces the seed's eps.
         """
+        image = np.asarray(image, dtype=np.float32)
+        x0 = self.encode(image[None] if image.ndim == 3 else image)
+        return self.generate_latents_from_latent(x0, text, strength, num_steps, cfg_weight,
+                                                 negative_text, seed, noise, n_images)
+
+    def generate_latents_from_latent(self, x0: mx.array, text: str, strength: float = 0.8,
+                                     num_steps: int | None = None, cfg_weight: float | None = None,
+                                     negative_text: str = "", seed: int | None = None, noise=None,
+                                     n_images: int = 1) -> Iterator[Step]:
+        """Image to image from an encoded picture x0 (1 or n_images, h, w, C), e.g. `encode`'s."""
         num_steps = self.defaults.num_steps if num_steps is None else num_steps
         run = self.sampler.plan(strength, num_steps)
-        image = np.asarray(image, dtype=np.float32)
-        image = image[None] if image.ndim == 3 else image
-        x0 = self.encode(image)
         x0 = mx.repeat(x0, n_images, axis=0) if x0.shape[0] == 1 else x0
-        eps, keys = self._noise(x0.shape, seed, noise, run.steps)
-        x_start = self.sampler.add_noise(x0, run.start_time, eps)
-        return self._loop(x_start, run, text, negative_text, cfg_weight, n_images,
-                          image.shape[1:3], keys)
-
-    def _noise(self, shape, seed, noise, steps: int):
-        """Initial eps and the per-step keys (Euler ancestral's fresh noise), from one seed."""
         seed = random_seed() if seed is None else seed
-        key_init, key_steps = mx.random.split(mx.random.key(seed))
-        keys = mx.random.split(key_steps, max(steps, 2))
+        eps = self.initial_noise(x0.shape, seed, noise)
+        x_start = self.sampler.add_noise(x0, run.start_time, eps)
+        image_size = (x0.shape[1] * self.downscale, x0.shape[2] * self.downscale)
+        return self._loop(x_start, run, text, negative_text, cfg_weight, n_images, image_size, seed)
+
+    def initial_noise(self, shape, seed: int, noise=None) -> mx.array:
+        """The eps a seed gives (or the explicit `noise`, checked): the same for every strength."""
         if noise is None:
-            eps = mx.random.normal(shape, key=key_init)
-        else:
-            eps = mx.array(noise, dtype=mx.float32)
-            if tuple(eps.shape) != tuple(shape):
-                raise InputError(f"initial noise has shape {tuple(eps.shape)}, expected {tuple(shape)}")
-        return eps.astype(self.dtype), keys
+            key_init, _ = mx.random.split(mx.random.key(seed))
+            return mx.random.normal(tuple(shape), key=key_init).astype(self.dtype)
+        eps = mx.array(np.asarray(noise, dtype=np.float32))
+        if tuple(eps.shape) != tuple(shape):
+            raise InputError(f"initial noise has shape {tuple(eps.shape)}, expected {tuple(shape)}")
+        return eps.astype(self.dtype)
 
     def _loop(self, x: mx.array, run: Plan, text, negative_text, cfg_weight, n_images,
-              image_size, keys) -> Iterator[Step]:
+              image_size, seed: int) -> Iterator[Step]:
+        # Euler ancestral's fresh noise per step, from the second half of the seed's key
+        _, key_steps = mx.random.split(mx.random.key(seed))
+        keys = mx.random.split(key_steps, max(run.steps, 2))
         cfg_weight = self.defaults.cfg_weight if cfg_weight is None else cfg_weight
         guided = cfg_weight > 1.0
         cond = self.condition(text, negative_text, guided, n_images, image_size)

@@ -158,8 +158,34 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def clip_shapes(config: dict) -> dict:
-    """Tensor names and shapes of a transformers CLIPTextModel(WithProjection) state dict."""
-    raise NotImplementedError
+    """Tensor names and shapes of a transformers CLIPTextModel(WithProjection) checkpoint.
+
+    Names as hub checkpoints store them, under `text_model.` (transformers 5 drops that prefix
+    from a CLIPTextModel's own state dict and adds it back when loading). The `position_ids`
+    buffer is not written: current transformers versions do not save it.
+    """
+    d, inner = config["hidden_size"], config["intermediate_size"]
+    shapes = {
+        "text_model.embeddings.token_embedding.weight": (config["vocab_size"], d),
+        "text_model.embeddings.position_embedding.weight": (config.get("max_position_embeddings", 77), d),
+        "text_model.final_layer_norm.weight": (d,),
+        "text_model.final_layer_norm.bias": (d,),
+    }
+    for i in range(config["num_hidden_layers"]):
+        layer = f"text_model.encoder.layers.{i}"
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            shapes[f"{layer}.self_attn.{proj}.weight"] = (d, d)
+            shapes[f"{layer}.self_attn.{proj}.bias"] = (d,)
+        for norm in ("layer_norm1", "layer_norm2"):
+            shapes[f"{layer}.{norm}.weight"] = (d,)
+            shapes[f"{layer}.{norm}.bias"] = (d,)
+        shapes[f"{layer}.mlp.fc1.weight"] = (inner, d)
+        shapes[f"{layer}.mlp.fc1.bias"] = (inner,)
+        shapes[f"{layer}.mlp.fc2.weight"] = (d, inner)
+        shapes[f"{layer}.mlp.fc2.bias"] = (d,)
+    if "CLIPTextModelWithProjection" in config.get("architectures", []):
+        shapes["text_projection.weight"] = (config["projection_dim"], d)
+    return shapes
 
 
 def unet_shapes(config: dict) -> dict:
@@ -332,7 +358,11 @@ mountains and the river beyond the village bridge.
 """
 
 
-def _learn_merges(count: int) -> list:
+from functools import lru_cache  # noqa: E402  (the merges are learned once per process)
+
+
+@lru_cache(maxsize=None)
+def _learn_merges(count: int) -> tuple:
     """Byte-level BPE training on the corpus: repeatedly merge the most frequent adjacent pair.
 
     Words are the corpus's letter runs, the last symbol marked with "</w>"; ties go to the pair
@@ -365,7 +395,7 @@ def _learn_merges(count: int) -> list:
                     merged.append(symbols[i])
                     i += 1
             segmented[w] = merged
-    return merges
+    return tuple(merges)
 
 
 def tokenizer_vocabulary() -> tuple[dict, list]:

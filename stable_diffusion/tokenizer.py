@@ -3,16 +3,19 @@
 It reproduces transformers' `CLIPTokenizer` (5.x, backed by the `tokenizers` library), which is what
 diffusers pipelines run:
 
-1. clean-up: Unicode NFC, every run of whitespace becomes one space, then lower case, character by
-   character. There is no ftfy repair and no HTML unescaping ("&amp;" stays three tokens), unlike
-   OpenAI's original CLIP code.
-2. pre-tokenisation: the special tokens, the contractions 's 't 're 've 'm 'll 'd, runs of
-   letters, single digits, and runs of anything else but whitespace, as in CLIP's pattern
+1. the special tokens (start, end, padding, unknown) are cut out of the raw text first, exactly
+   as written, and become their ids. When the padding token is "!" (SD 2.x, SDXL's second
+   tokenizer) every "!" in a prompt is therefore one token of its own, as in transformers.
+2. clean-up of the text between them: Unicode NFC, every run of whitespace becomes one space,
+   then lower case, character by character. There is no ftfy repair and no HTML unescaping
+   ("&amp;" stays three tokens), unlike OpenAI's original CLIP code.
+3. pre-tokenisation: the contractions 's 't 're 've 'm 'll 'd, runs of letters, single digits,
+   and runs of anything else but whitespace, as in CLIP's pattern
    `'s|'t|'re|'ve|'m|'ll|'d|\\p{L}+|\\p{N}|[^\\s\\p{L}\\p{N}]+`. The standard `re` module has no
    `\\p{L}`, so the pieces are found by a small scanner over Unicode categories instead.
-3. every piece becomes its UTF-8 bytes, each shown as one printable character (GPT-2's byte table),
+4. every piece becomes its UTF-8 bytes, each shown as one printable character (GPT-2's byte table),
    `</w>` marks the piece's last symbol, and the merges apply in rank order.
-4. the start token, at most `model_max_length - 2` tokens, the end token, then padding.
+5. the start token, at most `model_max_length - 2` tokens, the end token, then padding.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from __future__ import annotations
 import json
 import unicodedata
 import warnings
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -91,11 +93,31 @@ def _kind(c: str) -> str:
     return category if category in ("L", "N") else "S"
 
 
-def split_words(text: str, specials: tuple = ()) -> list:
+def split_specials(text: str, specials: tuple) -> list:
+    """[(segment, is_special)]: `text` cut at every occurrence of a special token, leftmost first,
+    the longest token where several start at one place."""
+    segments, start, i = [], 0, 0
+    while i < len(text):
+        match = next((s for s in specials if text.startswith(s, i)), None)
+        if match is None:
+            i += 1
+            continue
+        if i > start:
+            segments.append((text[start:i], False))
+        segments.append((match, True))
+        i = start = i + len(match)
+    if start < len(text):
+        segments.append((text[start:], False))
+    return segments
+
+
+def split_words(text: str) -> list:
     """CLIP's pre-tokenisation of cleaned text: the pieces the BPE sees, in order.
 
-    At each position the alternatives are tried in the pattern's order (special tokens,
-    contractions, letters, a digit, other symbols); runs are greedy, and whitespace is dropped.
+    At each position the alternatives are tried in the pattern's order (contractions, letters,
+    a digit, other symbols); runs are greedy, and whitespace is dropped. (CLIP's pattern also
+    lists its two special tokens, but text that still holds one here is split further at letters
+    by the byte-level step, which is what scanning it as symbols, letters, symbols gives.)
     """
     pieces, i, n = [], 0, len(text)
     while i < n:
@@ -103,7 +125,7 @@ def split_words(text: str, specials: tuple = ()) -> list:
         if kind == " ":
             i += 1
             continue
-        match = next((s for s in (*specials, *CONTRACTIONS) if text.startswith(s, i)), None)
+        match = next((s for s in CONTRACTIONS if text.startswith(s, i)), None)
         if match is not None:
             j = i + len(match)
         elif kind == "N":
@@ -115,14 +137,6 @@ def split_words(text: str, specials: tuple = ()) -> list:
         pieces.append(text[i:j])
         i = j
     return pieces
-
-
-@dataclass(frozen=True)
-class Tokens:
-    """Token ids of a batch of texts, and how many tokens each text lost to truncation."""
-
-    ids: np.ndarray  # (B, model_max_length) int32
-    dropped: list
 
 
 class Tokenizer:
@@ -143,15 +157,19 @@ class Tokenizer:
         self.bos_id, self.eos_id = ids["bos_token"], ids["eos_token"]
         self.pad_id, self.unk_id = ids["pad_token"], ids["unk_token"]
         # Special tokens written in a prompt are kept whole (as transformers does), longest first.
-        self.specials = tuple(sorted({self.config.bos_token, self.config.eos_token}, key=len, reverse=True))
+        roles = {self.config.bos_token, self.config.eos_token, self.config.pad_token, self.config.unk_token}
+        self.specials = tuple(sorted(roles, key=len, reverse=True))
         self._symbols = byte_symbols()
         self._cache: dict = {}
 
     @classmethod
-    def from_folder(cls, folder) -> "Tokenizer":
-        """Read a diffusers tokenizer folder: vocab.json, merges.txt and the special-token settings."""
+    def from_folder(cls, folder, config: TokenizerConfig | None = None) -> "Tokenizer":
+        """Read a diffusers tokenizer folder: vocab.json, merges.txt and, unless `config` is given,
+        the special-token settings (see `read_tokenizer_config`)."""
         folder = Path(folder)
-        return cls(folder / "vocab.json", folder / "merges.txt", read_tokenizer_config(folder))
+        if config is None:
+            config = read_tokenizer_config(folder)
+        return cls(folder / "vocab.json", folder / "merges.txt", config)
 
     @property
     def max_length(self) -> int:
@@ -160,18 +178,19 @@ class Tokenizer:
     def encode(self, text: str) -> list:
         """Token ids of one text, without start, end or padding tokens, and without truncation."""
         ids = []
-        for piece in split_words(clean_text(text), self.specials):
-            if piece in self.specials:
-                ids.append(self.vocab[piece])
-            else:
+        for segment, special in split_specials(text, self.specials):
+            if special:
+                ids.append(self.vocab[segment])
+                continue
+            for piece in split_words(clean_text(segment)):
                 ids.extend(self._bpe(piece))
         return ids
 
-    def tokenize(self, texts: list) -> Tokens:
-        """Start token, the text's tokens (truncated), end token, padding: (B, model_max_length) int32.
+    def tokenize(self, texts: list) -> tuple[np.ndarray, list]:
+        """(ids, dropped): per text the start token, its tokens (truncated), the end token and
+        padding, as a (B, model_max_length) int32 array; and how many tokens each text lost.
 
-        A text longer than the model reads loses its last tokens; a warning says how many, and
-        `Tokens.dropped` holds the count per text (0 when nothing was dropped).
+        A text longer than the model reads loses its last tokens, and a warning says how many.
         """
         if isinstance(texts, str):
             texts = [texts]
@@ -187,7 +206,7 @@ class Tokenizer:
             rows.append(row + [self.pad_id] * (self.max_length - len(row)))
             dropped.append(lost)
         ids = np.array(rows, dtype=np.int32).reshape(len(rows), self.max_length)  # (B, L)
-        return Tokens(ids=ids, dropped=dropped)
+        return ids, dropped
 
     def _bpe(self, piece: str) -> list:
         if piece in self._cache:

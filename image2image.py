@@ -1,0 +1,8 @@
+"""Stable Diffusion image to image on MLX, saving every stage of the trajectory. See README.md."""
+
+import sys
+
+from stable_diffusion.cli import image2image_main
+
+if __name__ == "__main__":
+    sys.exit(image2image_main())
