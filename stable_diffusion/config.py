@@ -197,8 +197,7 @@ class PipelineConfig:
     unet: UNetConfig
     vae: VAEConfig
     scheduler: SchedulerConfig
-    text_encoders: tuple  # (TextEncoderConfig,) for SD 1.x/2.x; two for SDXL
-    tokenizers: tuple  # TokenizerConfig per text encoder
+    text_encoders: tuple  # (TextEncoderConfig,) for SD 1.x/2.x; two for SDXL; tokenizers read their own files
     scheduler_class: str = "EulerDiscreteScheduler"
     # SDXL pipelines use zeros, not the encoded empty prompt, as the negative conditioning.
     force_zeros_for_empty_prompt: bool = False
@@ -252,17 +251,12 @@ def read_pipeline_config(folder: Path, notices: list | None = None) -> PipelineC
                 notices.append(f"{name}/{filename}: ignoring fields {', '.join(unknown)}")
         return cls.from_diffusers(d)
 
-    encoders, tokenizers = [], []
-    for enc, tok in TEXT_COMPONENTS:
-        if enc in present:
-            encoders.append(read(enc, TextEncoderConfig))
-            tokenizers.append(read(tok, TokenizerConfig, "tokenizer_config.json"))
+    encoders = [read(enc, TextEncoderConfig) for enc, _ in TEXT_COMPONENTS if enc in present]
     return PipelineConfig(
         unet=read("unet", UNetConfig),
         vae=read("vae", VAEConfig),
         scheduler=read("scheduler", SchedulerConfig, "scheduler_config.json"),
         text_encoders=tuple(encoders),
-        tokenizers=tuple(tokenizers),
         scheduler_class=index["scheduler"][1],
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
     )

@@ -17,16 +17,18 @@ picture is reported as a one-line notice. Policies, in the order they apply:
   gives the model nothing to work with, and a script should learn that instead of getting noise.
   Rounding to a multiple (below) may still upscale a side by less than one multiple.
 - Several frames (animated GIF/WebP/PNG, multi-page TIFF, MPO): the first frame, with a notice.
+  Warnings from the decoders (e.g. damaged EXIF tags) also become notices.
 - EXIF orientation is applied, so the picture is upright as viewers show it.
 - Modes: every 8-bit mode goes to RGB through Pillow. Transparency (alpha channels, and `tRNS`
-  colour keys of P, L, RGB and 16-bit grey images) is composited on white, never dropped: a
+  colour keys of 1, P, L, RGB and 16-bit grey images) is composited on white, never dropped: a
   cut-out on black would teach the model a black background. High-depth grey is scaled by the
   range of its sample type, never by the data's min/max (which would turn a dark frame into a
-  bright one and make results depend on content): 16-bit by 65535 (or 2**bits - 1 as a TIFF
-  declares it), mode I by the same 16-bit rule since Pillow uses I for 16-bit sources, and F
-  (32-bit float) as 0..1 like float images in TIFF/OpenCV/scikit-image, clipped, with NaN as 0.
-  High-depth pixels keep their precision to the float output (no 8-bit detour).
-  48-bit PNGs are reduced to 8 bits per channel by Pillow's decoder; a notice says so.
+  bright one and make results depend on content): integer samples (I;16*, I) by 2**bits - 1 as a
+  TIFF header declares them (signed: 2**(bits - 1) - 1, negatives black; so 32-bit signed by
+  2**31 - 1), and by 65535 where no header says (16-bit PNG/PPM). F (32-bit float) is taken as
+  0..1, like float images in TIFF/OpenCV/scikit-image, and clipped, with NaN as 0. High-depth
+  samples keep their precision to the float output (no 8-bit detour). 48-bit and 64-bit PNGs are
+  reduced to 8 bits per channel by Pillow's decoder itself; a notice says so.
 - Size: both sides become multiples of `multiple`, and the area at most `max_pixels`; see
   `target_size` for the rounding rule. Resampling is LANCZOS (Pillow reduces by whole factors
   first for very large downscales), alpha premultiplied.
@@ -37,7 +39,9 @@ Not done: colour management (embedded ICC profiles are ignored; CMYK uses Pillow
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import importlib
 import io
 import math
 import os
@@ -72,6 +76,7 @@ _ORIENTATION = {
 }
 _HIGH_DEPTH_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_COUNTED_IN_HEADER = ("PNG", "WEBP", "MPO", "AVIF")
 
 
 @dataclass(frozen=True)
@@ -144,7 +149,7 @@ def load_image(
     except OSError as e:
         raise _read_error(p, e) from e
     if not data or len(data) > MAX_FILE_BYTES:
-        raise InputError(f"input image {p} changed while being read; run again once it is written")
+        raise InputError(f"input image {_shown(p)} changed while being read; run again once it is written")
     notices: list[str] = []
 
     with _translated(p, "decode") as caught:
@@ -152,7 +157,7 @@ def load_image(
         im = _open(io.BytesIO(data))
         _check_header(im, p, min_side)
         stored_size, fmt, mode = im.size, im.format or "?", im.mode
-        _first_frame(im, notices)
+        _note_frames(data, notices)
         _draft_jpeg(im, p, multiple, max_pixels, notices)
         rawmode = _tile_rawmode(im)
         if ";16" in rawmode and mode not in _HIGH_DEPTH_MODES:
@@ -167,8 +172,9 @@ def load_image(
     try:
         size = target_size(*upright_size, multiple=multiple, max_pixels=max_pixels)
     except ValueError as e:
+        width, height = upright_size
         raise InputError(
-            f"input image {p} is {upright_size[0]}x{upright_size[1]} pixels: {e}; crop it to a less extreme shape"
+            f"input image {_shown(p)} is {width}x{height} pixels: {e}; crop it to a less extreme shape"
         ) from e
     if size != work.size:
         # Pillow premultiplies alpha while resampling, so edges of cut-outs do not darken.
@@ -228,41 +234,45 @@ def target_size(width: int, height: int, *, multiple: int, max_pixels: int) -> t
 def _check_file(p: Path) -> int:
     """Path-level checks, from one stat: exists, regular file (a pipe would block a read forever),
     not empty, not huge. Returns the size in bytes."""
+    name = _shown(p)
     try:
         st = p.stat()
     except FileNotFoundError as e:
-        raise InputError(f"input image {p} does not exist; check the path and the current directory") from e
+        raise InputError(f"input image {name} does not exist; check the path and working directory") from e
     except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
         raise _read_error(p, e) from e
     if stat.S_ISDIR(st.st_mode):
-        raise InputError(f"input image {p} is a directory; give the path of an image file inside it")
+        raise InputError(f"input image {name} is a directory; give the path of an image file inside it")
     if not stat.S_ISREG(st.st_mode):
-        raise InputError(f"input image {p} is not a regular file (a pipe or a device); save the image to a file first")
+        raise InputError(
+            f"input image {name} is not a regular file (a pipe or a device); save the image to a file first"
+        )
     if st.st_size == 0:
-        raise InputError(f"input image {p} is empty (0 bytes); re-export or re-download it")
+        raise InputError(f"input image {name} is empty (0 bytes); re-export or re-download it")
     if st.st_size > MAX_FILE_BYTES:
         raise InputError(
-            f"input image {p} is {st.st_size} bytes, over the {MAX_FILE_BYTES} byte limit; "
+            f"input image {name} is {st.st_size} bytes, over the {MAX_FILE_BYTES} byte limit; "
             "save it at a smaller size or with compression"
         )
     return st.st_size
 
 
 def _read_error(p: Path, e: Exception) -> InputError:
+    name = _shown(p)
     if isinstance(e, PermissionError):
-        return InputError(f"cannot read input image {p}: permission denied; make it readable (chmod u+r {p})")
+        return InputError(f"cannot read input image {name}: permission denied; make it readable (chmod u+r)")
     reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-    return InputError(f"cannot read input image {p}: {_one_line(reason)}; check the path and the file")
+    return InputError(f"cannot read input image {name}: {_one_line(reason)}; check the path and the file")
 
 
 def _check_header(im: Image.Image, p: Path, min_side: int) -> None:
     width, height = im.size
     if width < 1 or height < 1:
-        raise InputError(f"input image {p} has no pixels ({width}x{height}); {_FIX_DAMAGED}")
+        raise InputError(f"input image {_shown(p)} has no pixels ({width}x{height}); {_FIX_DAMAGED}")
     if min(width, height) < min_side:
         raise InputError(
-            f"input image {p} is {width}x{height} pixels; the model needs at least {min_side} pixels on each "
-            f"side: upscale it first"
+            f"input image {_shown(p)} is {width}x{height} pixels; the model needs at least {min_side} pixels "
+            "on each side: upscale it first"
         )
     if width * height > DECODE_LIMIT_PIXELS and _jpeg_limit_scale(im) is None:
         raise InputError(_too_large(p, width * height))
@@ -272,9 +282,16 @@ def _too_large(p: Path, pixels: int | None) -> str:
     what = "more pixels than" if pixels is None else f"{pixels / 1e6:.0f} megapixels, more than"
     side = math.isqrt(DECODE_LIMIT_PIXELS)
     return (
-        f"input image {p} declares {what} the {DECODE_LIMIT_PIXELS / 1e6:.0f} megapixels this tool will decode "
-        f"(a decompression bomb or a huge scan); downscale it to at most {side}x{side} first"
+        f"input image {_shown(p)} declares {what} the {DECODE_LIMIT_PIXELS / 1e6:.0f} megapixels this tool "
+        f"will decode (a decompression bomb or a huge scan); downscale it to at most {side}x{side} first"
     )
+
+
+def _shown(p: Path) -> str:
+    """The path as typed, or quoted when it holds a newline or another control character, so
+    that every message stays on one line."""
+    text = str(p)
+    return text if text.isprintable() else ascii(text)
 
 
 def _one_line(text: str, limit: int = 200) -> str:
@@ -304,19 +321,25 @@ def _translated(p: Path, verb: str):
         except Image.UnidentifiedImageError as e:
             names = ", ".join(_formats()).replace("WEBP", "WebP")
             raise InputError(
-                f"input image {p} is not an image in a supported format ({names}); convert it to PNG or JPEG"
+                f"input image {_shown(p)} is not an image in a supported format ({names}); "
+                "convert it to PNG or JPEG"
             ) from e
         except MemoryError as e:
-            raise InputError(f"ran out of memory decoding input image {p}; downscale it first") from e
+            raise InputError(f"ran out of memory decoding input image {_shown(p)}; downscale it first") from e
         except Exception as e:
+            detail = _one_line(str(e)) or "no detail"
             raise InputError(
-                f"cannot {verb} input image {p}: {_one_line(str(e)) or 'no detail'} ({type(e).__name__}); {_FIX_DAMAGED}"
+                f"cannot {verb} input image {_shown(p)}: {detail} ({type(e).__name__}); {_FIX_DAMAGED}"
             ) from e
 
 
+@functools.cache
 def _formats() -> tuple[str, ...]:
-    # Image.open raises KeyError for an id whose plugin this Pillow build lacks (AVIF before 11.2).
-    Image.init()
+    # Import just the plugins we accept: Image.init() imports all of Pillow's (~0.1 s), and
+    # Image.open raises KeyError for an id whose plugin this build lacks (AVIF before 11.2).
+    for plugin in ("Png", "Jpeg", "Gif", "WebP", "Bmp", "Tiff", "Ppm", "Avif"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(f"PIL.{plugin}ImagePlugin")
     return tuple(f for f in SUPPORTED_FORMATS if f in Image.OPEN)
 
 
@@ -327,16 +350,25 @@ def _open(fp) -> Image.Image:
 # --- decoding -----------------------------------------------------------------------------------
 
 
-def _first_frame(im: Image.Image, notices: list[str]) -> None:
+def _note_frames(data: bytes, notices: list[str]) -> None:
+    """Say when the file holds more than the first frame, which is the one decoded.
+
+    Asked of a second opening of the same bytes, so that a damaged later frame, which may leave a
+    plugin half-seeked, cannot touch the first frame's decoding. Frames are counted only where the
+    header holds the count: GIF and TIFF must be walked frame by frame, which a file of a million
+    tiny frames turns into minutes; for them a second frame's presence is enough.
+    """
+    probe = _open(io.BytesIO(data))
+    kind = "page" if probe.format == "TIFF" else "image" if probe.format == "MPO" else "frame"
     try:
-        count = int(getattr(im, "n_frames", 1))
-    except Exception as e:  # a damaged later frame does not spoil the first one
-        im.seek(0)
-        notices.append(f"first frame used; later frames are unreadable ({_one_line(str(e), 80)})")
-        return
-    if count > 1:
-        kind = "page" if im.format == "TIFF" else "image" if im.format == "MPO" else "frame"
-        notices.append(f"first {kind} of {count} used ({im.format})")
+        if probe.format in _COUNTED_IN_HEADER:
+            count = int(getattr(probe, "n_frames", 1))
+            if count > 1:
+                notices.append(f"first {kind} of {count} used ({probe.format})")
+        elif getattr(probe, "is_animated", False):
+            notices.append(f"first {kind} used (a multi-{kind} {probe.format})")
+    except Exception as e:
+        notices.append(f"first {kind} used; later ones are unreadable ({_one_line(str(e), 80)})")
 
 
 def _jpeg_limit_scale(im: Image.Image) -> int | None:
@@ -369,7 +401,8 @@ def _draft_jpeg(im: Image.Image, p: Path, multiple: int, max_pixels: int, notice
     if im.size[0] * im.size[1] > DECODE_LIMIT_PIXELS:
         raise InputError(_too_large(p, width * height))
     if im.size != (width, height):
-        notices.append(f"JPEG decoded at reduced scale, {width}x{height} -> {im.size[0]}x{im.size[1]} (DCT scaling)")
+        reduced = f"{im.size[0]}x{im.size[1]}"
+        notices.append(f"JPEG decoded at reduced scale, {width}x{height} -> {reduced} (DCT scaling)")
 
 
 def _tile_rawmode(im: Image.Image) -> str:

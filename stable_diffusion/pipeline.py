@@ -91,11 +91,10 @@ class StableDiffusion:
         vae = model_io.load_weights(Autoencoder(config.vae), folder / "vae",
                                     model_io.map_vae_weights, dtype, variant)
         encoders, tokenizers = [], []
-        for (enc_name, tok_name), enc_config, tok_config in zip(
-                TEXT_COMPONENTS, config.text_encoders, config.tokenizers):
+        for (enc_name, tok_name), enc_config in zip(TEXT_COMPONENTS, config.text_encoders):
             encoders.append(model_io.load_weights(CLIPTextModel(enc_config), folder / enc_name,
                                                   model_io.map_clip_weights, dtype, variant))
-            tokenizers.append(Tokenizer.from_folder(folder / tok_name, tok_config))
+            tokenizers.append(Tokenizer.from_folder(folder / tok_name))
         source = dict(source or {"model": str(folder.resolve()), "source": "folder"})
         return cls(config, unet, vae, encoders, tokenizers, dtype, source)
 

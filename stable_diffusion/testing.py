@@ -398,8 +398,8 @@ def _learn_merges(count: int) -> tuple:
     return tuple(merges)
 
 
-def tokenizer_vocabulary() -> tuple[dict, list]:
-    """(vocab: token -> id, merges: [(left, right)]) of the tiny tokenizer, TOKENIZER_VOCAB_SIZE ids."""
+def tokenizer_vocabulary() -> tuple[dict, tuple]:
+    """(vocab: token -> id, merges: ((left, right), ...)) of the tiny tokenizer, TOKENIZER_VOCAB_SIZE ids."""
     from .tokenizer import byte_vocabulary
 
     merges = _learn_merges(TOKENIZER_MERGES)
@@ -434,10 +434,12 @@ def tokenizer_config(pad_token: str) -> dict:
 
 def write_tokenizer(folder: Path, config: dict) -> None:
     """vocab.json, merges.txt (with CLIP's version line), tokenizer_config.json, special_tokens_map.json."""
+    from .tokenizer import VERSION_LINE
+
     folder = Path(folder)
     vocab, merges = tokenizer_vocabulary()
     _write_json(folder / "vocab.json", vocab)
-    lines = ["#version: 0.2", *(f"{a} {b}" for a, b in merges)]
+    lines = [VERSION_LINE, *(f"{a} {b}" for a, b in merges)]
     (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     _write_json(folder / "tokenizer_config.json", config)
     roles = ("bos_token", "eos_token", "pad_token", "unk_token")

@@ -3,9 +3,11 @@
 It reproduces transformers' `CLIPTokenizer` (5.x, backed by the `tokenizers` library), which is what
 diffusers pipelines run:
 
-1. the special tokens (start, end, padding, unknown) are cut out of the raw text first, exactly
-   as written, and become their ids. When the padding token is "!" (SD 2.x, SDXL's second
-   tokenizer) every "!" in a prompt is therefore one token of its own, as in transformers.
+1. the special tokens (start, end, padding, unknown, and any other added token) are cut out of
+   the text and become their ids: tokens flagged `"normalized": false` (current hub files) as
+   written in the raw text, those flagged `true` (older files) after the clean-up below, so that
+   there "<|ENDOFTEXT|>" is the end token too. When the padding token is "!" (SD 2.x, SDXL's
+   second tokenizer) every "!" in a prompt is therefore one token of its own, as in transformers.
 2. clean-up of the text between them: Unicode NFC, every run of whitespace becomes one space,
    then lower case, character by character. There is no ftfy repair and no HTML unescaping
    ("&amp;" stays three tokens), unlike OpenAI's original CLIP code.
@@ -142,24 +144,29 @@ def split_words(text: str) -> list:
 class Tokenizer:
     """CLIP BPE tokenizer. `tokenize(texts)` gives fixed-length id rows as the text encoder reads them."""
 
-    def __init__(self, vocab_path, merges_path, config: TokenizerConfig | None = None):
+    def __init__(self, vocab_path, merges_path, config: TokenizerConfig | None = None,
+                 added_tokens: dict | None = None):
+        """`added_tokens`: token -> whether it is matched after the clean-up (transformers'
+        `normalized`) rather than in the raw text; by default the config's special tokens, raw."""
         self.config = TokenizerConfig() if config is None else config
         vocab_path, merges_path = Path(vocab_path), Path(merges_path)
         self.vocab = _read_vocab(vocab_path)
         self.ranks = _read_merges(merges_path)
-        ids = {}
-        for role in ("bos_token", "eos_token", "pad_token", "unk_token"):
-            token = getattr(self.config, role)
-            if token not in self.vocab:
-                raise ModelError(f"{vocab_path} has no entry for the {role.replace('_', ' ')} "
-                                 f"{token!r}; the tokenizer files do not belong together")
-            ids[role] = self.vocab[token]
-        self.bos_id, self.eos_id = ids["bos_token"], ids["eos_token"]
-        self.pad_id, self.unk_id = ids["pad_token"], ids["unk_token"]
-        # Special tokens written in a prompt are kept whole (as transformers does), longest first.
-        roles = {self.config.bos_token, self.config.eos_token, self.config.pad_token, self.config.unk_token}
-        self.specials = tuple(sorted(roles, key=len, reverse=True))
+        roles = (self.config.bos_token, self.config.eos_token, self.config.pad_token, self.config.unk_token)
+        added = dict.fromkeys(roles, False)
+        added.update(added_tokens or {})
+        missing = sorted(t for t in added if t not in self.vocab)
+        if missing:
+            raise ModelError(f"{vocab_path} has no entry for the special token {missing[0]!r}; "
+                             "the tokenizer files do not belong together, download them again")
+        self.bos_id, self.eos_id, self.pad_id, self.unk_id = (self.vocab[t] for t in roles)
+        self._tokens = {i: t for t, i in self.vocab.items()}
+        # Where several added tokens start at one place, the longest wins.
+        by_length = sorted(added, key=len, reverse=True)
+        self.raw_specials = tuple(t for t in by_length if not added[t])
+        self.clean_specials = tuple(t for t in by_length if added[t])
         self._symbols = byte_symbols()
+        self._bytes = {symbol: b for b, symbol in enumerate(self._symbols)}
         self._cache: dict = {}
 
     @classmethod
@@ -169,7 +176,7 @@ class Tokenizer:
         folder = Path(folder)
         if config is None:
             config = read_tokenizer_config(folder)
-        return cls(folder / "vocab.json", folder / "merges.txt", config)
+        return cls(folder / "vocab.json", folder / "merges.txt", config, read_added_tokens(folder))
 
     @property
     def max_length(self) -> int:
@@ -178,12 +185,16 @@ class Tokenizer:
     def encode(self, text: str) -> list:
         """Token ids of one text, without start, end or padding tokens, and without truncation."""
         ids = []
-        for segment, special in split_specials(text, self.specials):
+        for segment, special in split_specials(text, self.raw_specials):
             if special:
                 ids.append(self.vocab[segment])
                 continue
-            for piece in split_words(clean_text(segment)):
-                ids.extend(self._bpe(piece))
+            for part, special in split_specials(clean_text(segment), self.clean_specials):
+                if special:
+                    ids.append(self.vocab[part])
+                    continue
+                for piece in split_words(part):
+                    ids.extend(self._bpe(piece))
         return ids
 
     def tokenize(self, texts: list) -> tuple[np.ndarray, list]:
@@ -200,13 +211,37 @@ class Tokenizer:
             ids = self.encode(text)
             lost = max(0, len(ids) - room)
             if lost:
-                warnings.warn(f"prompt {index} is {len(ids)} tokens long; the text encoder reads "
-                              f"{room}, so the last {lost} were dropped", stacklevel=2)
+                warnings.warn(f"a prompt is {len(ids)} tokens long and the text encoder reads {room}: "
+                              f"the last {lost} tokens were dropped ({self.decode(ids[room:])!r})",
+                              stacklevel=2)
             row = [self.bos_id, *ids[:room], self.eos_id]
             rows.append(row + [self.pad_id] * (self.max_length - len(row)))
             dropped.append(lost)
         ids = np.array(rows, dtype=np.int32).reshape(len(rows), self.max_length)  # (B, L)
         return ids, dropped
+
+    def decode(self, ids) -> str:
+        """Text of token ids: words separated by spaces, in lower case as the tokens hold them."""
+        specials = {*self.raw_specials, *self.clean_specials}
+        words, pending = [], bytearray()
+
+        def flush():
+            if pending:
+                words.append(pending.decode("utf-8", errors="replace"))
+                pending.clear()
+
+        for i in ids:
+            token = self._tokens.get(int(i), "")
+            if token in specials:
+                flush()
+                words.append(token)
+                continue
+            end = token.endswith(END_OF_WORD)
+            pending.extend(self._bytes[c] for c in token.removesuffix(END_OF_WORD) if c in self._bytes)
+            if end:
+                flush()
+        flush()
+        return " ".join(words)
 
     def _bpe(self, piece: str) -> list:
         if piece in self._cache:
@@ -234,20 +269,44 @@ class Tokenizer:
         return ids
 
 
-def read_tokenizer_config(folder) -> TokenizerConfig:
-    """The special tokens and length of a tokenizer folder, as transformers resolves them.
-
-    Newer folders list their special tokens in tokenizer_config.json's `added_tokens_decoder`;
-    older ones keep them in special_tokens_map.json, whose entries then win over
-    tokenizer_config.json's (SD 2.x repositories pad with "!" this way).
-    """
-    folder = Path(folder)
+def _special_settings(folder: Path) -> dict:
+    """tokenizer_config.json's entries, overridden by special_tokens_map.json's where transformers
+    reads that file: only when tokenizer_config.json has no `added_tokens_decoder` (older folders;
+    SD 2.x repositories set their "!" padding this way)."""
     config_path = folder / "tokenizer_config.json"
     settings = _read_json(config_path) if config_path.is_file() else {}
     map_path = folder / "special_tokens_map.json"
     if "added_tokens_decoder" not in settings and map_path.is_file():
         settings.update(_read_json(map_path))
-    return TokenizerConfig.from_diffusers(settings)
+    return settings
+
+
+def read_tokenizer_config(folder) -> TokenizerConfig:
+    """The special tokens and length of a tokenizer folder, as transformers resolves them."""
+    return TokenizerConfig.from_diffusers(_special_settings(Path(folder)))
+
+
+def read_added_tokens(folder) -> dict:
+    """token -> normalized flag of every token transformers adds to a folder's vocabulary.
+
+    Current files list them in `added_tokens_decoder`; older ones write the special tokens as
+    records with their own flag ({"__type": "AddedToken", "normalized": true, ...}), and a plain
+    string is not normalized.
+    """
+    settings = _special_settings(Path(folder))
+    decoder = settings.get("added_tokens_decoder")
+    added = {}
+    if isinstance(decoder, dict):
+        for record in decoder.values():
+            if isinstance(record, dict) and "content" in record:
+                added[record["content"]] = bool(record.get("normalized", not record.get("special", False)))
+    for role in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        value = settings.get(role)
+        if isinstance(value, dict) and "content" in value:
+            added.setdefault(value["content"], bool(value.get("normalized", False)))
+        elif isinstance(value, str):
+            added.setdefault(value, False)
+    return added
 
 
 def _read_json(path: Path) -> dict:

@@ -19,7 +19,8 @@ import mlx.nn as nn
 from .config import ConfigError, UNetConfig
 from .ops import attention
 
-_DOWN_BLOCKS = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}  # type: has attention
+# block type -> whether its resnets are followed by transformers
+_DOWN_BLOCKS = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
 _UP_BLOCKS = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
 _MID_BLOCKS = ("UNetMidBlock2DCrossAttn",)
 
@@ -251,8 +252,9 @@ class DownBlock(nn.Module):
 class UpBlock(nn.Module):
     """diffusers' UpBlock2D, or CrossAttnUpBlock2D when `heads` is given.
 
-    Resnet i takes the previous output concatenated with skip channels: the block's own width,
-    except the last, which meets the narrower output of the down block one level deeper.
+    Resnet i takes the previous output concatenated with a skip connection of the block's own
+    width, except the last, whose skip is the downsampled output of the shallower (narrower) down
+    block, or conv_in's output in the top block.
     """
 
     def __init__(self, in_channels: int, prev_channels: int, out_channels: int, temb_channels: int,

@@ -67,7 +67,8 @@ def reference_module():
 def test_parameters_match_checkpoint_names_and_shapes(family):
     """Every parameter is named as in the checkpoint; convolutions differ only by layout."""
     config = tiny_configs(family)["unet"]
-    ours = {k: tuple(v.shape) for k, v in tree_flatten(UNetModel(UNetConfig.from_diffusers(config)).parameters())}
+    model = UNetModel(UNetConfig.from_diffusers(config))
+    ours = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     expected = {k: (s[0], s[2], s[3], s[1]) if len(s) == 4 else tuple(s)
                 for k, s in unet_shapes(config).items()}
     assert sorted(set(ours) ^ set(expected)) == []
@@ -81,7 +82,8 @@ def test_parity_float32(family, tiny_model, golden, parity):
     for name, ours in run_golden_inputs(unet, ref).items():
         parity(f"unet/{family}/{name}", ours, ref[f"out.{name}"])
     kwargs = conditioning(ref)
-    emb = unet.embed_time(kwargs["timestep"], 2, mx.float32, kwargs.get("text_embeds"), kwargs.get("time_ids"))
+    emb = unet.embed_time(kwargs["timestep"], 2, mx.float32, kwargs.get("text_embeds"),
+                          kwargs.get("time_ids"))
     parity(f"unet/{family}/emb", np.array(emb), ref["out.emb"])
 
 
@@ -172,4 +174,5 @@ def test_rarely_used_options_live(tiny_model, parity, tmp_path):
         expected = reference(torch.from_numpy(sample), torch.tensor([321.25]),
                              encoder_hidden_states=torch.from_numpy(context)).sample.numpy()
     unet = load_unet(unet_folder)
-    parity("unet/sd1/padding0-sin-first-shift1", nchw(unet(nhwc(sample), 321.25, mx.array(context))), expected)
+    ours = nchw(unet(nhwc(sample), 321.25, mx.array(context)))
+    parity("unet/sd1/padding0-sin-first-shift1", ours, expected)

@@ -1,0 +1,122 @@
+"""End-to-end: the real commands on a tiny model, and the files they leave on disk."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stable_diffusion.metadata import parse_parameters_text, read_png_metadata
+from stable_diffusion.render import triangle_size
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(script: str, *args, cwd=None, check=True):
+    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
+                            capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("input") / "input.png"
+    yy, xx = np.mgrid[0:64, 0:64]
+    rgb = np.stack([xx * 4, yy * 4, (xx + yy) * 2], axis=-1).astype(np.uint8)
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sd2(tiny_model):
+    return tiny_model("sd2")
+
+
+def files_in(folder: Path) -> set:
+    return {p.name for p in folder.iterdir()}
+
+
+def test_snapshot_and_last_n_counts(tmp_path, picture, sd2):
+    out = tmp_path / "run.png"
+    result = run("image2image.py", picture, "a red barn", "--model", sd2, "--steps", 10,
+                 "--strength", 0.5, "-sd", 2, "--save_last_N", 3, "--seed", 1, "--output", out)
+    assert "strength 0.50 x 10 steps -> start t=500, 5 steps" in result.stdout
+    # every 2nd step of 5 plus the start and the final: 0 2 4 5; the last 3: 3 4 5
+    expected = {f"run.step-{k:03d}.png" for k in (0, 2, 3, 4, 5)} | {"run.png", "run.json"}
+    assert files_in(tmp_path) == expected
+    sidecar = json.loads((tmp_path / "run.json").read_text())
+    assert sidecar["status"] == "finished" and sidecar["unet_calls"] == 5
+    steps = {f["file"]: f for f in sidecar["files"] if f["kind"] == "step"}
+    assert steps["run.step-003.png"]["reasons"] == ["last"]
+    assert steps["run.step-004.png"]["reasons"] == ["every", "last"]
+    assert steps["run.step-002.png"]["t"] == pytest.approx(300.0)
+    assert {f["file"] for f in sidecar["files"]} == expected - {"run.json"}
+
+
+def test_same_seed_gives_identical_bytes_and_metadata_reproduces(tmp_path, picture, sd2):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    common = [picture, "a lit fireplace, 4k", "--model", sd2, "--steps", 4, "--strength", 0.75,
+              "--cfg", 0, "--seed", 0]
+    run("image2image.py", *common, "--output", a)
+    run("image2image.py", *common, "--output", b)
+    assert a.read_bytes() == b.read_bytes()
+    parameters, record = read_png_metadata(a)
+    assert parameters["seed"] == 0 and parameters["cfg_scale"] == 0 and parameters["strength"] == 0.75
+    assert parameters["prompt"] == "a lit fireplace, 4k" and parameters["steps"] == 3
+    assert record["seed"] == 0 and record["cfg"] == 0 and record["plan"]["start_time"] == 750
+    # The JSON chunk alone is enough to make the same picture again.
+    c = tmp_path / "c.png"
+    run("image2image.py", *record["argv"], "--output", c)
+    assert c.read_bytes() == a.read_bytes()
+
+
+def test_different_seeds_differ(tmp_path, picture, sd2):
+    for seed in (1, 2):
+        run("image2image.py", picture, "x", "--model", sd2, "--steps", 2, "--seed", seed,
+            "--output", tmp_path / f"s{seed}.png")
+    assert (tmp_path / "s1.png").read_bytes() != (tmp_path / "s2.png").read_bytes()
+
+
+def test_triangle_layout_first_column_and_cost(tmp_path, picture, sd2):
+    out = tmp_path / "tri.png"
+    run("image2image.py", picture, "a red barn", "--model", sd2, "--steps", 10, "-gt", "-sd", 2,
+        "--show_noising", 100, "--seed", 5, "--output", out)
+    sidecar = json.loads((tmp_path / "tri.json").read_text())
+    assert sidecar["unet_calls"] == sum(int(10 * s / 10) for s in range(1, 11)) == 55
+    rows = [f for f in sidecar["files"] if f["kind"] == "triangle"][0]["rows"]
+    longest = max(len(r["cells"]) for r in rows)
+    assert longest == 6  # steps 0 2 4 6 8 10 of the strength-1 row
+    tri = np.array(Image.open(out).convert("RGB"))
+    pad = 2
+    assert tri.shape[:2] == triangle_size(10, longest, 64, 64, pad)
+    for i, row in enumerate(rows):  # lowest strength at the bottom
+        r = len(rows) - 1 - i
+        top, left = pad + r * (64 + pad), pad
+        cell = tri[top:top + 64, left:left + 64]
+        t = int(round(row["start_time"]))
+        noise = np.array(Image.open(tmp_path / f"tri.noise-t{t:04d}.png").convert("RGB"))
+        assert np.array_equal(cell, noise), f"first column at strength {row['strength']}"
+        assert len(row["cells"]) == len(range(0, row["steps"] + 1, 2)) + (row["steps"] % 2)
+
+
+def test_bad_strength_is_one_line_exit_2(tmp_path, picture, sd2):
+    result = run("image2image.py", picture, "x", "--model", sd2, "--strength", 1.5,
+                 "--output", tmp_path / "o.png", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "strength" in result.stderr
+    assert "Traceback" not in result.stderr and files_in(tmp_path) == set()
+
+
+def test_txt2image_runs_with_snapshots(tmp_path, sd2):
+    out = tmp_path / "t.png"
+    run("txt2image.py", "a cat", "--model", sd2, "--steps", 3, "-sd", 1, "--seed", 2,
+        "--n_images", 2, "--n_rows", 1, "--output", out, "-sp")
+    assert files_in(tmp_path) == {"t.png", "t.json"} | {f"t.step-{k:03d}.png" for k in range(4)}
+    assert Image.open(out).size == (128, 64)  # two 64x64 pictures in one row
+    parameters = parse_parameters_text(Image.open(out).text["parameters"])
+    assert parameters["steps"] == 3 and parameters["seed"] == 2
