@@ -1,5 +1,11 @@
 """Stable Diffusion image-to-image on MLX, with every stage of the trajectory on disk."""
 
+from .blas import preload_blas
+
+# First, before any module imports mlx.core: on Linux this loads an optimised BLAS for MLX's CPU
+# matrix products, which binds to it only if it is in the process before mlx.core (see blas.py).
+preload_blas()
+
 __all__ = ["StableDiffusion", "Step"]
 
 

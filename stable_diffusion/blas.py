@@ -27,7 +27,8 @@ sets the count explicitly.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import glob
+import importlib.util
 import os
 import platform
 import struct
@@ -75,7 +76,7 @@ def preload_blas(threads: int | None = None) -> BlasInfo:
     global _loaded
     if _loaded is None:
         _loaded = _choose()
-        if _loaded.path is None and _loaded.in_time and sys.platform == "linux":
+        if _loaded.path is None and sys.platform == "linux":
             warnings.warn(_loaded.note, RuntimeWarning, stacklevel=2)
     if threads is not None and _thread_functions is not None:
         _thread_functions[1](ctypes.c_int(threads))
@@ -91,17 +92,20 @@ def _choose() -> BlasInfo:
 
     existing = _global_provider("cblas_sgemm")
     if existing is not None:
-        lib = ctypes.CDLL(existing, mode=ctypes.RTLD_GLOBAL)
+        note = "already loaded" if in_time else "already loaded; mlx.core was imported first"
+        try:
+            lib = ctypes.CDLL(existing, mode=ctypes.RTLD_GLOBAL)
+        except OSError:  # e.g. the executable itself: it can be named but not opened
+            return BlasInfo(os.path.basename(existing), existing, None, in_time, note)
         _handles.append(lib)
         _thread_functions = _openblas_threads(lib, "")
-        note = "already loaded" if in_time else "already loaded; mlx.core was imported first"
         return BlasInfo(_openblas_name(lib, "", existing), existing, _threads(), in_time, note)
 
     if not in_time:
         return BlasInfo(
             "reference", None, 1, False,
-            "mlx.core was imported before stable_diffusion, so MLX keeps its reference BLAS: "
-            "import stable_diffusion first",
+            "mlx.core was imported before stable_diffusion, so MLX keeps its reference BLAS "
+            "(about 30x slower): import stable_diffusion first",
         )  # fmt: skip
 
     failures = []
@@ -125,21 +129,25 @@ def _load_scipy_openblas():
     """scipy-openblas32, with a forwarding library that exports the unprefixed names."""
     if platform.machine() != "x86_64":
         raise ImportError(f"no forwarding library for {platform.machine()}")
-    import scipy_openblas32  # loads its library with RTLD_GLOBAL on import
-
-    path = os.path.join(scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library(fullname=True))
+    # Found without importing the package, whose import costs more than the rest of this module.
+    spec = importlib.util.find_spec("scipy_openblas32")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("scipy-openblas32 is not installed")
+    found = glob.glob(os.path.join(spec.submodule_search_locations[0], "lib", "libscipy_openblas*.so"))
+    if not found:
+        raise ImportError("scipy-openblas32 has no libscipy_openblas*.so")
+    path = found[0]
     lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     _handles.append(lib)
-    soname = os.path.basename(path)
-    image = forwarding_library(soname, "scipy_", MLX_BLAS_SYMBOLS)
-    _handles.append(_load_image(image))
-    provider = _global_provider("cblas_sgemm")
-    if provider is None:
+    _handles.append(_load_image(forwarding_library(os.path.basename(path), "scipy_", MLX_BLAS_SYMBOLS)))
+    if _global_provider("cblas_sgemm") is None:
         raise OSError("the forwarding library loaded, but cblas_sgemm is still not visible")
-    return lib, "scipy_", path, f"scipy-openblas32 {scipy_openblas32.__version__}"
+    return lib, "scipy_", path, "scipy-openblas32"
 
 
 def _load_system_openblas():
+    import ctypes.util  # only here: it costs as much to import as the rest of this module
+
     names = ["libopenblas.so.0", ctypes.util.find_library("openblas")]
     errors = []
     for name in filter(None, names):

@@ -287,7 +287,7 @@ _QUIET_FIELDS = {
 
 
 def _known_fields(cls) -> set:
-    return {f.name for f in dataclasses.fields(cls)} | _QUIET_FIELDS
+    return {f.name for f in dataclasses.fields(cls)} | set(getattr(cls, "_UNSUPPORTED", ())) | _QUIET_FIELDS
 
 
 def _refuse_unsupported(d: dict, unsupported: dict, what: str) -> None:

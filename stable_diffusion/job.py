@@ -113,9 +113,11 @@ class Job:
             self.picture = picture
         t_checked = time.perf_counter()
 
-        from .blas import blas_info
+        from .blas import preload_blas
 
-        console.detail(f"BLAS: {blas_info()}; device {mx.default_device()}; dtype {variant_dtype}")
+        blas = preload_blas()
+        console.detail(f"BLAS: {blas.name}, {blas.threads} thread(s){'' if blas.in_time else ' (not in time)'}; "
+                       f"device {mx.default_device()}; dtype {variant_dtype}")
         sd = StableDiffusion.from_folder(folder, config, DTYPES[variant_dtype], variant, source)
         if args.quantize:
             for module in [sd.unet, *sd.text_encoders]:

@@ -444,3 +444,22 @@ def write_tokenizer(folder: Path, config: dict) -> None:
     _write_json(folder / "tokenizer_config.json", config)
     roles = ("bos_token", "eos_token", "pad_token", "unk_token")
     _write_json(folder / "special_tokens_map.json", {r: config[r] for r in roles if r in config})
+
+
+def main(argv=None) -> int:
+    """`python -m stable_diffusion.testing FOLDER [--family sd2]`: write a tiny model to try the tools."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a tiny random-weight model in the diffusers "
+                                     "layout (its pictures are noise: it exercises the code, not art).")
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--family", choices=FAMILIES, default="sd2")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    write_tiny_model(args.folder, args.family, args.seed)
+    print(f"wrote a tiny {args.family} model to {args.folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
