@@ -20,7 +20,7 @@ and the result is cast back.
 import mlx.core as mx
 
 # Decided once: the fused kernel where there is one, the chunked path on the CPU.
-_FUSED = mx.default_device() == mx.gpu
+FUSED_ATTENTION = mx.default_device() == mx.gpu
 
 # Scores per block. 2**20 float32 scores (4 MiB) was fastest on the 2-core AMD EPYC we measured
 # (1 to 4 MiB within 10%); the UNet's 4096-token self-attention then runs 256 query rows at a time.
@@ -41,7 +41,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
 
     `mask` is additive, broadcastable to (B, heads, Lq, Lk).
     """
-    if _FUSED:
+    if FUSED_ATTENTION:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     return chunked_attention(q, k, v, scale, mask)
 
