@@ -1,5 +1,7 @@
 """Shared fixtures: tiny models in the diffusers layout, golden outputs, and a parity report."""
 
+import importlib
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 from stable_diffusion.testing import write_tiny_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 _parity_errors: dict = {}
 
@@ -35,6 +38,21 @@ def golden():
         path = FIXTURES / f"{component}_{family}.npz"
         with np.load(path) as data:
             return {k: data[k] for k in data.files}
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """reference(component) -> the module tools/reference_<component>.py; skips the test when the
+    reference extra (torch, diffusers, transformers) is not installed."""
+
+    def load(component: str):
+        for package in ("torch", "diffusers", "transformers"):
+            pytest.importorskip(package)
+        if str(TOOLS) not in sys.path:
+            sys.path.insert(0, str(TOOLS))
+        return importlib.import_module(f"reference_{component}")
 
     return load
 

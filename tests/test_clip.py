@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,7 +15,6 @@ from stable_diffusion.config import ConfigError, TextEncoderConfig, load_json
 from stable_diffusion.errors import InputError
 from stable_diffusion.testing import FAMILIES, clip_shapes, tiny_configs
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 # Measured largest errors against the float32 reference (outputs reach |x| ~ 5): float16
 # 9.1e-3, bfloat16 7.6e-2 (its 8-bit mantissa). The bounds leave about twice that.
@@ -120,12 +118,9 @@ def test_old_checkpoint_with_position_ids_loads(tiny_model, tmp_path):
 
 
 @pytest.mark.reference
-def test_shapes_match_transformers_state_dict(tiny_model):
+def test_shapes_match_transformers_state_dict(tiny_model, reference):
     """clip_shapes (what the tiny-model writer writes) against the reference classes' own tensors."""
-    pytest.importorskip("torch")
-    sys.path.insert(0, str(TOOLS))
-    from reference_clip import load_encoder as reference_encoder
-
+    reference_encoder = reference("clip").load_encoder
     for encoder in encoders_of("sdxl"):
         model = reference_encoder(tiny_model("sdxl") / encoder)
         prefix = "" if hasattr(model, "text_projection") else "text_model."  # transformers 5 drops it
@@ -135,31 +130,23 @@ def test_shapes_match_transformers_state_dict(tiny_model):
 
 @pytest.mark.reference
 @pytest.mark.parametrize("family", FAMILIES)
-def test_golden_file_is_current(family, tiny_model, golden):
-    pytest.importorskip("torch")
-    sys.path.insert(0, str(TOOLS))
-    from reference_clip import reference_clip
-
-    live, stored = reference_clip(tiny_model(family), family), golden("clip", family)
+def test_golden_file_is_current(family, tiny_model, golden, reference):
+    live, stored = reference("clip").reference_clip(tiny_model(family), family), golden("clip", family)
     assert sorted(live) == sorted(stored)
     for key in live:
         np.testing.assert_allclose(live[key], stored[key], atol=1e-6, err_msg=key)
 
 
 @pytest.mark.reference
-def test_pooling_with_current_eos_token_id(tiny_model, tmp_path, parity):
+def test_pooling_with_current_eos_token_id(tiny_model, tmp_path, parity, reference):
     """Configs with the real eos_token_id pool at that token's first occurrence, not at the largest id."""
-    pytest.importorskip("torch")
-    sys.path.insert(0, str(TOOLS))
-    from reference_clip import encoder_outputs
-    from reference_clip import load_encoder as reference_encoder
-
+    tools = reference("clip")
     folder = tmp_path / "text_encoder"
     shutil.copytree(tiny_model("sd2") / "text_encoder", folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(dict(config, eos_token_id=500)))
     ids = np.array([[812, 10, 500, 700, 500, 3], [812, 600, 20, 30, 500, 813]], dtype=np.int32)
-    reference = encoder_outputs(reference_encoder(folder), ids, "out")
+    expected = tools.encoder_outputs(tools.load_encoder(folder), ids, "out")
     out = load_encoder(folder)(mx.array(ids))
-    parity("clip/sd2/eos_token_id_500/pooled_output", out.pooled_output, reference["out.pooled_output"])
-    check_outputs(parity, "clip/sd2/eos_token_id_500", out, reference, "out", 1e-4)
+    parity("clip/sd2/eos_token_id_500/pooled_output", out.pooled_output, expected["out.pooled_output"])
+    check_outputs(parity, "clip/sd2/eos_token_id_500", out, expected, "out", 1e-4)

@@ -2,7 +2,7 @@
 
 import json
 import shutil
-import sys
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -13,7 +13,6 @@ from stable_diffusion.errors import ModelError
 from stable_diffusion.testing import FAMILIES, TOKENIZER_VOCAB_SIZE, tokenizer_config
 from stable_diffusion.tokenizer import Tokenizer, clean_text, read_tokenizer_config, split_words
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
 BOS, EOS = TOKENIZER_VOCAB_SIZE - 2, TOKENIZER_VOCAB_SIZE - 1
 BANG, BANG_END = 0, 256  # "!" is the first byte symbol, "!</w>" the first word-end symbol
 
@@ -165,12 +164,8 @@ def test_broken_files_raise_model_error(tiny_model, tmp_path):
 
 @pytest.mark.reference
 @pytest.mark.parametrize("family", FAMILIES)
-def test_golden_file_is_current(family, tiny_model, golden):
-    pytest.importorskip("transformers")
-    sys.path.insert(0, str(TOOLS))
-    from reference_tokenizer import reference_tokenizer
-
-    live = reference_tokenizer(tiny_model(family), family)
+def test_golden_file_is_current(family, tiny_model, golden, reference):
+    live = reference("tokenizer").reference_tokenizer(tiny_model(family), family)
     stored = golden("tokenizer", family)
     assert sorted(live) == sorted(stored)
     for key in live:
@@ -191,27 +186,20 @@ def compare_with_transformers(folder: Path, prompts) -> None:
 
 
 @pytest.mark.reference
-def test_older_file_layout_matches_transformers(tiny_model, tmp_path):
-    pytest.importorskip("transformers")
-    sys.path.insert(0, str(TOOLS))
-    from reference_tokenizer import PROMPTS
-
+def test_older_file_layout_matches_transformers(tiny_model, tmp_path, reference):
+    PROMPTS = reference("tokenizer").PROMPTS
     folder = legacy_folder(tiny_model("sd1") / "tokenizer", tmp_path / "legacy")
     compare_with_transformers(folder, [*PROMPTS, "<|ENDOFTEXT|> <|Startoftext|>x", "<|START\u3000OFTEXT|>"])
 
 
 @pytest.mark.reference
 @pytest.mark.parametrize("pad", ["<|endoftext|>", "!"])
-def test_full_clip_vocabulary_matches_transformers(pad, tmp_path):
+def test_full_clip_vocabulary_matches_transformers(pad, tmp_path, reference):
     """CLIP's real 49408-token vocabulary (from open_clip_torch's merges file), awkward prompts and
     a sample of every assigned Unicode character in letter, digit and contraction contexts."""
-    pytest.importorskip("transformers")
-    sys.path.insert(0, str(TOOLS))
-    import unicodedata
-
-    from reference_tokenizer import PROMPTS, open_clip_merges_file, write_full_clip_tokenizer
-
-    if open_clip_merges_file() is None:
+    tools = reference("tokenizer")
+    PROMPTS, write_full_clip_tokenizer = tools.PROMPTS, tools.write_full_clip_tokenizer
+    if tools.open_clip_merges_file() is None:
         pytest.skip("needs open_clip_torch for CLIP's merges file (pip install --no-deps open_clip_torch)")
     folder = write_full_clip_tokenizer(tmp_path / "clip", tokenizer_config(pad))
     characters = [chr(c) for c in range(0, 0x30000, 29)

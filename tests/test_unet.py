@@ -5,7 +5,6 @@ The tiny families cover the architecture's variations: sd1 has 1x1-convolution p
 transformer depth [1, 1, 2] and the text/time embedding.
 """
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -54,13 +53,6 @@ def run_golden_inputs(unet: UNetModel, ref: dict, dtype=mx.float32) -> dict:
     return {name: nchw(unet(nhwc(ref[f"inputs.{name}"]).astype(dtype), **kwargs))
             for name in ("sample", "sample_odd")}
 
-
-def reference_module():
-    path = Path(__file__).parents[1] / "tools" / "reference_unet.py"
-    spec = importlib.util.spec_from_file_location("reference_unet", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -133,10 +125,8 @@ def test_unsupported_block_types_are_refused(field, value, refused):
 
 @pytest.mark.reference
 @pytest.mark.parametrize("family", FAMILIES)
-def test_golden_file_is_current(family, tiny_model, golden, parity):
-    pytest.importorskip("torch")
-    pytest.importorskip("diffusers")
-    live = reference_module().reference_unet(tiny_model(family), family)
+def test_golden_file_is_current(family, tiny_model, golden, parity, reference):
+    live = reference("unet").reference_unet(tiny_model(family), family)
     stored = golden("unet", family)
     assert sorted(live) == sorted(stored)
     for key in live:

@@ -1,6 +1,5 @@
 """The VAE against diffusers' AutoencoderKL on tiny random models (golden files and live runs)."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -45,13 +44,6 @@ def run_golden_inputs(vae: Autoencoder, ref: dict, dtype=mx.float32) -> dict:
         outputs[f"sample{suffix}"] = nchw(vae.decode(nhwc(ref[f"inputs.latent{suffix}"]).astype(dtype)))
     return outputs
 
-
-def reference_module():
-    path = Path(__file__).parents[1] / "tools" / "reference_vae.py"
-    spec = importlib.util.spec_from_file_location("reference_vae", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -129,10 +121,8 @@ def test_encode_refuses_sides_not_multiple_of_downscale(tiny_model):
 
 @pytest.mark.reference
 @pytest.mark.parametrize("family", FAMILIES)
-def test_golden_file_is_current(family, tiny_model, golden, parity):
-    pytest.importorskip("torch")
-    pytest.importorskip("diffusers")
-    live = reference_module().reference_vae(tiny_model(family), family)
+def test_golden_file_is_current(family, tiny_model, golden, parity, reference):
+    live = reference("vae").reference_vae(tiny_model(family), family)
     stored = golden("vae", family)
     assert sorted(live) == sorted(stored)
     for key in live:

@@ -27,7 +27,7 @@ def reference_pipeline(folder: Path, family: str) -> dict:
 
     prompt, negative, cfg, strength, steps = CASES[family]
     pipeline_class = StableDiffusionXLImg2ImgPipeline if family == "sdxl" else StableDiffusionImg2ImgPipeline
-    pipe = pipeline_class.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe = pipeline_class.from_pretrained(folder)  # float32
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
 
