@@ -3,7 +3,12 @@
 Not a test. Run from the repository root (PyTorch comes with the `reference` extra):
 
     python bench/micro.py --json micro.json
-    python bench/micro.py --ops attention --dtypes float32 --reps 3
+    python bench/micro.py --ops attention --dtypes float32 --reps 3 --mlx-cache-mb 0
+
+MLX with its own reference BLAS (the "before"): import mlx.core first, so that none is preloaded:
+
+    python -c "import mlx.core, runpy, sys; sys.argv = ['micro.py', '--json', 'ref.json']; \
+               runpy.run_path('bench/micro.py', run_name='__main__')"
 
 Each operation runs at a Stable Diffusion 2.1-base shape (batch 2, 64x64 latent), in every
 dtype asked for, in MLX (NHWC, as the project's networks use it) and in PyTorch (its own NCHW
@@ -16,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -31,7 +37,7 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 
-from stable_diffusion.ops import FUSED_ATTENTION, attention  # noqa: E402
+from stable_diffusion.ops import FUSED_ATTENTION, attention, use_cpu_buffer_cache  # noqa: E402
 
 try:
     import torch
@@ -40,6 +46,7 @@ except ImportError:  # MLX alone still gets measured
     torch = None
 
 DTYPES = ("float32", "bfloat16", "float16")
+BUDGET_SECONDS = 5.0  # a row whose first run takes longer is timed once
 OPS = ("matmul", "conv", "groupnorm", "attention")
 
 
@@ -55,9 +62,17 @@ class Row:
     error: str | None = None  # why the row has no time (e.g. a dtype the framework lacks)
 
 
-def timed(run, reps: int) -> tuple[float, float]:
-    """(min, median) seconds of `run()` over `reps` repetitions, after one warm-up."""
+def timed(run, reps: int, budget: float) -> tuple[float, float]:
+    """(min, median) seconds of `run()` over `reps` repetitions, after one warm-up.
+
+    A warm-up slower than `budget` seconds is the only measurement (some CPU paths take a
+    minute, e.g. PyTorch's bfloat16 products without AVX-512 BF16).
+    """
+    start = time.perf_counter()
     run()
+    first = time.perf_counter() - start
+    if first > budget:
+        return first, first
     times = []
     for _ in range(reps):
         start = time.perf_counter()
@@ -68,7 +83,7 @@ def timed(run, reps: int) -> tuple[float, float]:
 
 def measure(rows, op, shape, dtype, framework, run, flops, reps):
     try:
-        best, median = timed(run, reps)
+        best, median = timed(run, reps, BUDGET_SECONDS)
     except (RuntimeError, ValueError, TypeError) as error:  # an unsupported dtype, typically
         rows.append(Row(op, shape, dtype, framework, None, None, None, str(error).splitlines()[0]))
         return
@@ -162,13 +177,16 @@ def environment(blas, cache_mb) -> dict:
         "mlx": mx.__version__,
         "mlx_device": str(mx.default_device()),
         "mlx_blas": asdict(blas),
-        "mlx_cache_limit_mb": cache_mb,
+        "mlx_cache_limit": {None: "MLX default (32 MiB)", 0: "quarter of RAM"}.get(cache_mb, f"{cache_mb} MiB"),
         "attention_path": "mx.fast (fused)" if FUSED_ATTENTION else "chunked",
     }
     if torch is not None:
-        config = torch.__config__.show()
-        blas_line = next((line.strip() for line in config.splitlines() if "BLAS_INFO" in line), "")
-        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(), torch_blas=blas_line)
+        found = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
+        info.update(
+            torch=torch.__version__,
+            torch_threads=torch.get_num_threads(),
+            torch_blas=found.group(1) if found else "unknown",
+        )
     return info
 
 
@@ -190,7 +208,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated dtypes")
     parser.add_argument("--threads", type=int, help="BLAS and PyTorch threads (default: their own)")
-    parser.add_argument("--mlx-cache-mb", type=int, help="mx.set_cache_limit, in MiB (MLX CPU default: 32)")
+    parser.add_argument("--mlx-cache-mb", type=int,
+                        help="MLX's CPU buffer cache in MiB (MLX's default: 32; 0: ops.use_cpu_buffer_cache's)")
     args = parser.parse_args(argv)
 
     ops = args.ops.split(",")
@@ -202,12 +221,12 @@ def main(argv=None) -> int:
     if torch is not None and args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.mlx_cache_mb is not None:
-        mx.set_cache_limit(args.mlx_cache_mb << 20)
+        use_cpu_buffer_cache((args.mlx_cache_mb << 20) or None)
     env = environment(blas, args.mlx_cache_mb)
     print(f"MLX {env['mlx']} on {env['mlx_device']}, BLAS: {blas.name} [{blas.path}], "
           f"{blas.threads} threads, loaded before mlx.core: {blas.in_time}")
     if torch is not None:
-        print(f"PyTorch {env['torch']}, {env['torch_threads']} threads, {env['torch_blas']}")
+        print(f"PyTorch {env['torch']}, {env['torch_threads']} threads, BLAS: {env['torch_blas']}")
     else:
         print("PyTorch not installed: MLX rows only (pip install -e .[reference])")
     print(f"CPU: {env['cpu']}, {env['cores']} cores")

@@ -1,22 +1,27 @@
 """The command line of both scripts: one argument builder, one job runner.
 
 Exit status: 0 done, 2 bad input (one line on stderr saying what to do), 1 a failure that is not
-the input's fault, 130 interrupted (every frame already written is kept, the sidecar says so).
+the input's fault (a full disk, NaN in the latents, a bug), 130 interrupted by Ctrl-C and 143 by
+SIGTERM (every file already written is kept, whole, and the sidecar says so). Tracebacks only with
+--verbose.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import math
+import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError, OutputError
+from .errors import InputError, NumericalError, OutputError
 
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
               "0": False, "false": False, "no": False, "off": False}
@@ -139,8 +144,12 @@ def check_arguments(args, command: str) -> None:
         raise InputError(f"--strength {args.strength:g} is outside (0, 1]; use e.g. --strength 0.6")
     if args.steps is not None and args.steps < 1:
         raise InputError(f"--steps {args.steps} is less than 1; use --steps 1 or more")
-    if args.cfg is not None and (args.cfg < 0 or not math.isfinite(args.cfg)):
+    if args.cfg is not None and not math.isfinite(args.cfg):
+        raise InputError(f"--cfg {args.cfg:g} is not a number; use 0 (no guidance) or more, e.g. 7.5")
+    if args.cfg is not None and args.cfg < 0:
         raise InputError(f"--cfg {args.cfg:g} is negative; use 0 (no guidance) or more")
+    if args.seed is not None and not 0 <= args.seed < 2**64:
+        raise InputError(f"--seed {args.seed} is outside 0 .. 2**64 - 1; use a whole number in that range")
     if args.n_images % args.n_rows:
         raise InputError(f"--n_images {args.n_images} is not divisible by --n_rows {args.n_rows}; "
                          "make the image count a multiple of the row count")
@@ -174,6 +183,10 @@ class Console:
         if not self.quiet:
             print(f"note: {line}", file=sys.stderr, flush=True)
 
+    def error(self, line: str) -> None:
+        """Always shown, even with --quiet: how the run ended."""
+        print(line, file=sys.stderr, flush=True)
+
     def detail(self, line: str) -> None:
         if self.verbose:
             print(line, file=sys.stderr, flush=True)
@@ -185,9 +198,22 @@ class Console:
                     dynamic_ncols=True)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, a job scheduler): stops the run like Ctrl-C, exit 128 + 15."""
+
+    signum = signal.SIGTERM
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(command: str, argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     verbose = "-v" in argv or "--verbose" in argv
+    # Without a handler SIGTERM kills at once, leaving a temporary file and a "running" sidecar.
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
         args = build_parser(command).parse_args(argv)
         console = Console(args.quiet, args.verbose)
@@ -203,21 +229,35 @@ def main(command: str, argv=None) -> int:
     except InputError as e:
         _report(e, verbose)
         return 2
-    except OutputError as e:
-        _report(e, verbose)
+    except (OutputError, NumericalError) as e:
+        _report(e, verbose, suffix=_output_advice(e))
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # before the run was under way: nothing was written
+        print("interrupted before the first step; nothing was written", file=sys.stderr, flush=True)
+        return 128 + getattr(e, "signum", signal.SIGINT)
     except Exception as e:  # a failure of the tool or the machine, not of the input
-        _report(e, verbose, prefix=f"failed ({type(e).__name__}): ")
+        _report(e, verbose, prefix=f"failed ({type(e).__name__}): ",
+                suffix="" if verbose else " (run again with --verbose for the traceback)")
         return 1
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
-def _report(error: Exception, verbose: bool, prefix: str = "error: ") -> None:
+def _output_advice(error: Exception) -> str:
+    cause = error.__cause__
+    if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return "; free some space or write elsewhere with --output"
+    if isinstance(cause, OSError):
+        return "; check the disk, or write elsewhere with --output"
+    return ""
+
+
+def _report(error: Exception, verbose: bool, prefix: str = "error: ", suffix: str = "") -> None:
     if verbose:
         traceback.print_exception(error)
-    print(f"{prefix}{error}", file=sys.stderr, flush=True)
+    message = " ".join(line.strip() for line in str(error).splitlines())  # one line, always
+    print(f"{prefix}{message}{suffix}", file=sys.stderr, flush=True)
 
 
 def image2image_main(argv=None) -> int:

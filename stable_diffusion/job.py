@@ -6,7 +6,13 @@ never reaches into the loop.
 
 from __future__ import annotations
 
+import errno
+import os
+import re
+import signal
+import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,10 +22,11 @@ import numpy as np
 
 from . import images, metadata, model_io, render
 from .cli import elapsed, reproduce_argv
-from .config import read_pipeline_config
-from .errors import InputError, NumericalError
-from .pipeline import StableDiffusion, random_seed
-from .sampler import plan as make_plan
+from .config import TEXT_COMPONENTS, read_pipeline_config
+from .errors import InputError, ModelError, NumericalError, OutputError
+from .pipeline import StableDiffusion, model_defaults, random_seed
+from .sampler import Sampler, plan as make_plan
+from .tokenizer import Tokenizer
 from .trajectory import (FileNames, default_triangle_every, noising_times, snapshot_indices,
                          triangle_rows)
 
@@ -59,7 +66,13 @@ class Decoder:
             decoded = self.sd.decode(latents[i:i + self.batch_size])
             mx.eval(decoded)
             out.append(np.array(decoded))
-        return np.concatenate(out)
+        pictures = np.concatenate(out)
+        # decode() clips to [0, 1], and clipping keeps NaN: a NaN picture would be saved black.
+        if not np.isfinite(pictures).all():
+            dtype_name = str(self.sd.dtype).rsplit(".", 1)[-1]
+            raise NumericalError(f"the VAE decoder gave NaN or Inf pixels (dtype {dtype_name}); "
+                                 + numerical_advice(dtype_name, False))
+        return pictures
 
     def add(self, frame: Frame, write) -> None:
         self.pending.append((frame, write))
@@ -82,43 +95,219 @@ class Decoder:
 
 
 class Job:
+    """One run. Everything that can be checked is checked before any weight is read: the input
+    picture, the output folder, the model's files and configs, the plan and the prompts. A run
+    that stops before its first step leaves no file (and removes the folders it made). From the
+    first step on a sidecar exists: written with status "running" and rewritten however the run
+    ends ("finished", "interrupted", "failed"); a run killed outright (SIGKILL, power loss) leaves
+    "running", and every file it wrote is whole."""
+
     def __init__(self, command: str, args, argv, console):
         self.command, self.args, self.argv, self.console = command, args, argv, console
         self.img2img = command == "image2image"
         self.files: list = []
         self.unet_calls = 0
-        self.record: dict = {}
-
-    # --- 1. checks, loading ------------------------------------------------------------------------
+        self.timings: dict = {}
+        self.dropped_tokens: dict = {}
+        self.created_folders: list[Path] = []
 
     def run(self) -> int:
         args, console = self.args, self.console
         t0 = time.perf_counter()
         self.output = Path(args.output)
+
+        # --- 1. checks: nothing heavy is read, and nothing but the output folder is made -----------
         if self.img2img:
-            images.check_image_path(args.image)
-        metadata.check_output_dir(self.output.parent)
-        variant_dtype = "float32" if args.no_float16 else (args.dtype or default_dtype())
-        variant = None if variant_dtype == "float32" else "fp16"
+            self.picture = images.load_image(args.image, multiple=64)
+            for line in self.picture.notices:
+                console.notice(line)
+        self._prepare_output()
+        try:
+            folder, config, variant = self._check_model()
+            self._plan(folder, config)
+            self.timings["checks_s"] = elapsed(t0)
+            # --- 2. load: strict keys, shapes and dtypes (model_io) -------------------------------
+            self._load(folder, config, variant)
+            self._write_sidecar("running")
+        except BaseException:
+            self._remove_created_folders()
+            raise
+
+        # --- 3. generate, capture, write; the sidecar says how the run ended ----------------------
+        status, error, interrupt = "failed", None, None
+        try:
+            with warnings.catch_warnings():
+                # The prompt's length was reported once, as a notice, by _plan.
+                warnings.filterwarnings("ignore", message=r"a prompt is \d+ tokens long",
+                                        category=UserWarning)
+                if self.img2img and args.generate_triangle:
+                    self._triangle()
+                else:
+                    self._single()
+            status = "finished"
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (see cli.Terminated)
+            status, interrupt = "interrupted", e
+        except BaseException as e:
+            error = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            self.timings["total_s"] = elapsed(t0)
+            self._finish_sidecar(status, error)
+        if interrupt is not None:
+            console.error(f"interrupted: kept {len(self.files)} file(s), see {self.names.sidecar()}")
+            return 128 + getattr(interrupt, "signum", signal.SIGINT)
+        console.say(f"wrote {self.output} and {len(self.files) - 1} more file(s); "
+                    f"sidecar {self.names.sidecar()}")
+        return 0
+
+    # --- 1. checks ---------------------------------------------------------------------------------
+
+    def _prepare_output(self) -> None:
+        """The output folder exists and takes files, before any work; stale temporaries go."""
+        if self.output.is_dir():
+            raise InputError(f"--output {self.output} is a folder; name a .png file in it, e.g. "
+                             f"{self.output / 'out.png'}")
+        folder = self.output.parent
+        missing, p = [], folder.absolute()
+        while not p.exists() and p != p.parent:
+            missing.append(p)
+            p = p.parent
+        if not p.is_dir():
+            raise InputError(f"--output {self.output}: {p} is a file, not a folder; choose another "
+                             "output folder")
+        metadata.check_output_dir(folder)
+        self.created_folders = missing  # deepest first
+        removed = remove_stale_temporaries(folder)
+        if removed:
+            self.console.notice(f"removed {len(removed)} temporary file(s) left by a killed run in "
+                                f"{folder}: {', '.join(removed[:3])}" + (" ..." if len(removed) > 3 else ""))
+
+    def _remove_created_folders(self) -> None:
+        """A run refused before its first file leaves the disk as it found it."""
+        for folder in self.created_folders:
+            try:
+                folder.rmdir()  # only if still empty
+            except OSError:
+                break
+
+    def _check_model(self):
+        args, console = self.args, self.console
+        self.dtype_name = "float32" if args.no_float16 else (args.dtype or default_dtype())
+        variant = None if self.dtype_name == "float32" else "fp16"
         folder, source = model_io.resolve_model(args.model, variant)
-        model_io.check_model_folder(folder)
+        model_io.check_model_folder(folder, variant)
         notices = []
         config = read_pipeline_config(folder, notices)
         for line in notices:
             console.detail(f"note: {line}")
-        if self.img2img:
-            picture = images.load_image(args.image, multiple=64)
-            for line in picture.notices:
-                console.notice(line)
-            self.picture = picture
-        t_checked = time.perf_counter()
+        self.source = dict(source, model_arg=self._model_arg(source))
+        return folder, config, variant
 
+    def _plan(self, folder: Path, config) -> None:
+        """Steps, cfg, seed, which steps to keep, the picture size and the prompts' length: all
+        from the configs and the tokenizers, so that a bad combination fails before loading."""
+        args, console = self.args, self.console
+        # The defaults and the sampler depend on the configs only, known before any weight is read.
+        defaults = model_defaults(config)
+        self.config, self.sampler = config, Sampler(config.scheduler, config.sampler_name)
+        self.num_steps = defaults.num_steps if args.steps is None else args.steps
+        self.cfg = defaults.cfg_weight if args.cfg is None else args.cfg
+        self.seed = random_seed() if args.seed is None else args.seed
+        if self.img2img:
+            h, w = self.picture.pixels.shape[:2]
+        else:
+            h, w = self._txt2img_size()
+        self.image_size = (h, w)
+        if self.img2img and args.generate_triangle:
+            self._plan_triangle()
+        else:
+            self._plan_single()
+            if self.img2img:
+                for flag in ("triangle_strengths", "triangle_low_top", "labels"):
+                    if getattr(args, flag):
+                        console.notice(f"--{flag} is only used with -gt (the triangle); ignored")
+        if args.negative_prompt and self.cfg <= 1.0:
+            console.notice(f"--negative_prompt is not used with --cfg {self.cfg:g}: guidance, which "
+                           "reads it, needs a cfg above 1")
+        tokenizers = [self._tokenizer(folder / tok)
+                      for (_, tok), _ in zip(TEXT_COMPONENTS, config.text_encoders)]
+        texts = [("prompt", args.prompt)]
+        if self.cfg > 1.0:
+            texts.append(("negative prompt", args.negative_prompt))
+        for what, text in texts:
+            self.dropped_tokens[what.replace(" ", "_")] = self._check_length(what, text, tokenizers)
+        console.say(f"seed {self.seed}")
+
+    @staticmethod
+    def _tokenizer(folder: Path) -> Tokenizer:
+        try:
+            return Tokenizer.from_folder(folder)
+        except InputError:
+            raise
+        except (OSError, ValueError, KeyError) as e:  # damaged vocab.json, merges.txt or config
+            raise ModelError(f"cannot read the tokenizer in {folder} ({type(e).__name__}: "
+                             f"{str(e)[:120]}); download the model again") from None
+
+    def _check_length(self, what: str, text: str, tokenizers) -> int:
+        """Tokens the text encoders cannot read; a notice says which were dropped."""
+        worst, lost = None, 0
+        for tokenizer in tokenizers:
+            ids = tokenizer.encode(text)
+            room = tokenizer.max_length - 2  # the start and end tokens take two places
+            if len(ids) - room > lost:
+                worst, lost = (tokenizer, ids, room), len(ids) - room
+        if worst is not None:
+            tokenizer, ids, room = worst
+            dropped = tokenizer.decode(ids[room:])
+            dropped = dropped if len(dropped) <= 60 else dropped[:57] + "..."
+            self.console.notice(f"the {what} is {len(ids)} tokens; the text encoder takes {room} "
+                                f"({tokenizer.max_length} with its start and end tokens), so the last "
+                                f"{lost} were dropped: {dropped!r}")
+        return lost
+
+    def _plan_single(self) -> None:
+        args, console = self.args, self.console
+        strength = args.strength if self.img2img else 1.0
+        self.plan = make_plan(strength, self.num_steps, self.sampler.num_train_timesteps)
+        console.say(self.plan.describe())
+        self._check_every(args.show_denoising, self.plan.steps)
+        last = args.save_last_N
+        if last is not None and last > self.plan.steps:
+            console.notice(f"--save_last_N {last} is more than the {self.plan.steps} steps run; "
+                           f"saving all {self.plan.steps}")
+            last = self.plan.steps
+        self.kept = snapshot_indices(self.plan.steps, args.show_denoising, last)
+        self.names = FileNames(self.output, self.plan.steps)
+
+    def _plan_triangle(self) -> None:
+        args, console = self.args, self.console
+        every = args.show_denoising
+        if every is None:
+            every = default_triangle_every(self.num_steps)
+        self.rows = triangle_rows(args.triangle_strengths, self.num_steps, every,
+                                  self.sampler.num_train_timesteps)
+        longest = max(r.plan.steps for r in self.rows)
+        self._check_every(every, longest)
+        if args.save_last_N is not None:
+            console.notice("--save_last_N is not used with -gt (the triangle shows every -sd step)")
+        total = sum(r.plan.steps for r in self.rows)
+        console.say(f"triangle: {len(self.rows)} rows, strengths "
+                    f"{', '.join(f'{r.strength:g}' for r in self.rows)}, {total} steps in all")
+        for r in self.rows:
+            console.say("  " + r.plan.describe())
+        self.names = FileNames(self.output, longest)
+
+    # --- 2. loading -------------------------------------------------------------------------------
+
+    def _load(self, folder: Path, config, variant) -> None:
+        args, console = self.args, self.console
+        t_load = time.perf_counter()
         from .blas import preload_blas
 
         blas = preload_blas()
         console.detail(f"BLAS: {blas.name}, {blas.threads} thread(s){'' if blas.in_time else ' (not in time)'}; "
-                       f"device {mx.default_device()}; dtype {variant_dtype}")
-        sd = StableDiffusion.from_folder(folder, config, DTYPES[variant_dtype], variant, source)
+                       f"device {mx.default_device()}; dtype {self.dtype_name}")
+        sd = StableDiffusion.from_folder(folder, config, DTYPES[self.dtype_name], variant, self.source)
         if args.quantize:
             for module in [sd.unet, *sd.text_encoders]:
                 nn.quantize(module, class_predicate=lambda _, m: isinstance(m, nn.Linear)
@@ -126,36 +315,7 @@ class Job:
         if args.preload_models:
             mx.eval(sd.unet.parameters(), sd.vae.parameters(), [e.parameters() for e in sd.text_encoders])
         self.sd = sd
-        self.seed = random_seed() if args.seed is None else args.seed
-        self.num_steps = sd.defaults.num_steps if args.steps is None else args.steps
-        self.cfg = sd.defaults.cfg_weight if args.cfg is None else args.cfg
-        self.dtype_name = variant_dtype
-        self.source = dict(source, model_arg=self._model_arg(source))
-        self.timings = {"checks_s": round(t_checked - t0, 3), "load_s": elapsed(t_checked)}
-        console.say(f"seed {self.seed}")
-
-        # --- 2. generate, capture, write; the sidecar is written however the run ends ---------------
-        status, error = "failed", None
-        try:
-            if self.img2img and args.generate_triangle:
-                self._triangle()
-            else:
-                self._single()
-            status = "finished"
-        except KeyboardInterrupt:
-            status = "interrupted"
-        except Exception as e:
-            error = f"{type(e).__name__}: {e}"
-            raise
-        finally:
-            self.timings["total_s"] = elapsed(t0)
-            self._write_sidecar(status, error)
-        if status == "interrupted":
-            console.say(f"interrupted: kept {len(self.files)} file(s), see {self.names.sidecar()}")
-            return 130
-        console.say(f"wrote {self.output} and {len(self.files) - 1} more file(s); "
-                    f"sidecar {self.names.sidecar()}")
-        return 0
+        self.timings["load_s"] = elapsed(t_load)
 
     def _model_arg(self, source: dict) -> str:
         if source.get("source") == "hub":
@@ -165,16 +325,18 @@ class Job:
     # --- the record every PNG and the sidecar carry -----------------------------------------------
 
     def run_record(self) -> dict:
-        args, sd = self.args, self.sd
+        args = self.args
         record = {
             "format": FORMAT_VERSION, "command": self.command, "prompt": args.prompt,
             "negative_prompt": args.negative_prompt, "seed": self.seed, "cfg": self.cfg,
-            "num_steps": self.num_steps, "sampler": sd.sampler.kind, "dtype": self.dtype_name,
+            "num_steps": self.num_steps, "sampler": self.sampler.kind, "dtype": self.dtype_name,
             "quantize": bool(args.quantize), "n_images": args.n_images, "n_rows": args.n_rows,
             "model": {k: v for k, v in self.source.items() if k != "model_arg"},
             "argv": reproduce_argv(self.command, args, self.seed, self.source),
             "versions": versions(),
         }
+        if any(self.dropped_tokens.values()):
+            record["dropped_tokens"] = dict(self.dropped_tokens)
         if self.img2img:
             record["input"] = {"path": str(args.image), "sha256": self.picture.sha256,
                                "size": list(self.picture.size)}
@@ -186,7 +348,7 @@ class Job:
         args = self.args
         h, w = self.image_size
         parameters = metadata.parameters_text(
-            args.prompt, args.negative_prompt, steps=plan.steps, sampler=SAMPLER_NAMES[self.sd.sampler.kind],
+            args.prompt, args.negative_prompt, steps=plan.steps, sampler=SAMPLER_NAMES[self.sampler.kind],
             cfg_scale=self.cfg, seed=self.seed, width=w, height=h, model=self.source["model_arg"],
             strength=plan.strength if self.img2img else None,
             extra={"Start time": plan.start_time, "Total steps": plan.num_steps})
@@ -215,26 +377,13 @@ class Job:
     def _single(self) -> None:
         args, sd, console = self.args, self.sd, self.console
         strength = args.strength if self.img2img else 1.0
-        plan = make_plan(strength, self.num_steps, sd.sampler.num_train_timesteps)
-        console.say(plan.describe())
-        self._check_every(args.show_denoising, plan.steps)
-        last = args.save_last_N
-        if last is not None and last > plan.steps:
-            console.notice(f"--save_last_N {last} is more than the {plan.steps} steps run; saving all {plan.steps}")
-            last = plan.steps
-        kept = snapshot_indices(plan.steps, args.show_denoising, last)
-        self.names = FileNames(self.output, plan.steps)
+        plan, kept = self.plan, self.kept
         decoder = Decoder(sd, args.preview, args.decoding_batch_size, console)
         animation = []
 
         x0 = self._start_latent()
-        if self.img2img:
-            h, w = self.picture.pixels.shape[:2]
-            latent_shape = (args.n_images, h // sd.downscale, w // sd.downscale, sd.latent_channels)
-        else:
-            h, w = self._txt2img_size()
-            latent_shape = (args.n_images, h // sd.downscale, w // sd.downscale, sd.latent_channels)
-        self.image_size = (h, w)
+        h, w = self.image_size
+        latent_shape = (args.n_images, h // sd.downscale, w // sd.downscale, sd.latent_channels)
         eps = sd.initial_noise(latent_shape, self.seed)
 
         t_start = time.perf_counter()
@@ -267,7 +416,7 @@ class Job:
             self._animate(animation, plan)
 
     def _txt2img_size(self) -> tuple:
-        native = self.sd.config.unet.sample_size * self.sd.downscale
+        native = self.config.unet.sample_size * self.config.vae.downscale
         if self.args.size is None:
             return native, native
         try:
@@ -289,10 +438,10 @@ class Job:
         if step.index > 0:
             self.unet_calls += 1
         if not mx.all(mx.isfinite(step.x_t)).item():
-            raise NumericalError(
-                f"the latents became NaN or Inf at step {step.index} of {step.count} "
-                f"(dtype {self.dtype_name}); run again with --dtype float32"
-                + (" or without --quantize" if self.args.quantize else ""))
+            where = ("in the noised start (step 0)" if step.index == 0
+                     else f"at step {step.index} of {step.count}")
+            raise NumericalError(f"the latents became NaN or Inf {where} (dtype {self.dtype_name}); "
+                                 + numerical_advice(self.dtype_name, self.args.quantize))
 
     def _snapshot_frame(self, step, plan, reasons) -> Frame:
         kind = self.args.snapshot
@@ -343,20 +492,7 @@ class Job:
 
     def _triangle(self) -> None:
         args, sd, console = self.args, self.sd, self.console
-        every = args.show_denoising if args.show_denoising is not None else default_triangle_every(self.num_steps)
-        rows = triangle_rows(args.triangle_strengths, self.num_steps, every, sd.sampler.num_train_timesteps)
-        longest = max(r.plan.steps for r in rows)
-        self._check_every(every, longest)
-        if args.save_last_N is not None:
-            console.notice("--save_last_N is not used with -gt (the triangle shows every -sd step)")
-        total = sum(r.plan.steps for r in rows)
-        console.say(f"triangle: {len(rows)} rows, strengths {', '.join(f'{r.strength:g}' for r in rows)}, "
-                    f"{total} steps in all")
-        for r in rows:
-            console.say("  " + r.plan.describe())
-        self.names = FileNames(self.output, longest)
-        h, w = self.picture.pixels.shape[:2]
-        self.image_size = (h, w)
+        rows = self.rows
         x0 = self._start_latent()
         eps = sd.initial_noise(x0.shape, self.seed)
         decoder = Decoder(sd, args.preview, args.decoding_batch_size, console)
@@ -410,13 +546,83 @@ class Job:
 
     # --- the sidecar ------------------------------------------------------------------------------------
 
-    def _write_sidecar(self, status: str, error: str | None) -> None:
+    def _write_sidecar(self, status: str, error: str | None = None) -> None:
         record = dict(self.run_record(), status=status, files=self.files, unet_calls=self.unet_calls,
-                      timings=self.timings)
+                      timings=self.timings, pid=os.getpid())
         if error is not None:
             record["error"] = error
-        metadata.write_sidecar(self.names.sidecar() if hasattr(self, "names")
-                               else FileNames(self.output, 1).sidecar(), record)
+        metadata.write_sidecar(self.names.sidecar(), record)
+
+    def _finish_sidecar(self, status: str, error: str | None) -> None:
+        """The last word on the run. A second Ctrl-C or SIGTERM cannot cut it short; if the disk
+        refuses it, the error that ended the run still gets reported (the sidecar then says
+        "running")."""
+        shield = threading.current_thread() is threading.main_thread()
+        previous = {}
+        if shield:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                previous[signum] = signal.signal(signum, signal.SIG_IGN)
+        try:
+            try:
+                self._write_sidecar(status, error)
+            except OutputError as e:
+                if not (isinstance(e.__cause__, OSError) and e.__cause__.errno == errno.ENOSPC):
+                    raise
+                # A full disk has no room for the new record beside the old one: drop the old
+                # "running" record first (no record reads the same: the run did not finish).
+                self.names.sidecar().unlink(missing_ok=True)
+                self._write_sidecar(status, error)
+        except OutputError as e:
+            if status == "finished":
+                raise
+            self.console.error(f"error: the sidecar could not be updated: {e}")
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def numerical_advice(dtype_name: str, quantized: bool) -> str:
+    if dtype_name != "float32":
+        advice = "half precision overflowed: run again with --dtype float32"
+    else:
+        advice = ("float32 does not overflow here, so the model's weights may hold NaN or Inf: "
+                  "check the model files")
+    return advice + (", or without --quantize" if quantized else "")
+
+
+_TEMPORARY = re.compile(r"^\.(?P<target>.+\.(png|json|gif|webp))\.tmp-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def remove_stale_temporaries(folder: Path) -> list[str]:
+    """Remove the temporary files (metadata.atomic_write's names) that runs killed outright left in
+    `folder`: those whose process is gone. A file of a process still running is left alone."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMPORARY.match(entry.name)
+        if m is None or not entry.is_file(follow_symlinks=False) or _process_exists(int(m["pid"])):
+            continue
+        try:
+            os.unlink(entry.path)
+        except OSError:
+            continue
+        removed.append(entry.name)
+    return sorted(removed)
+
+
+def _process_exists(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process, or not a pid at all
+        return True
+    return True
 
 
 def versions() -> dict:

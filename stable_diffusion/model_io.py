@@ -7,9 +7,12 @@ files with the right shape, and every tensor in the files must belong to the net
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
 import re
 import struct
+import threading
 from pathlib import Path
 
 import mlx.core as mx
@@ -27,6 +30,7 @@ WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_mod
                 "text_encoder": "model", "text_encoder_2": "model"}
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+HUB_TIMEOUT_S = 5.0  # the first hub request; see hub_timeout
 
 
 # --- where is the model --------------------------------------------------------------------------
@@ -51,19 +55,44 @@ def resolve_model(spec: str, variant: str | None = None) -> tuple[Path, dict]:
     path = Path(name).expanduser()
     if path.is_dir():
         return path, {"model": str(path.resolve()), "revision": None, "source": "folder"}
-    if path.exists() or not _HUB_ID.match(name):
-        raise ModelError(f"model {spec!r} is neither a folder in the diffusers layout nor a hub id "
-                         f"(aliases: {', '.join(ALIASES)}); pass --model with a local folder")
+    if path.exists():
+        raise ModelError(f"--model {spec}: {path} is a file; pass the folder that holds "
+                         "model_index.json (the diffusers layout)")
+    if not _HUB_ID.match(name):
+        raise ModelError(_not_a_model(spec, name))
     folder = _download(name, revision, variant)
     commit = folder.name  # snapshots/<commit hash>
     return folder, {"model": name, "revision": revision or "main", "commit": commit, "source": "hub"}
 
 
+def _not_a_model(spec: str, name: str) -> str:
+    if "/" not in name and "\\" not in name and not name.startswith("."):
+        close = difflib.get_close_matches(name, ALIASES, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return (f"unknown model alias {spec!r} ({hint}aliases: {', '.join(ALIASES)}); pass an alias, "
+                "a hub id owner/name[@revision] or a local folder in the diffusers layout")
+    return (f"model {spec!r} is neither a folder nor a hub id owner/name[@revision] "
+            f"(aliases: {', '.join(ALIASES)}); check the path, or pass --model with a local folder")
+
+
+def hub_timeout() -> float:
+    """Seconds to wait for the hub before falling back to the local cache.
+
+    huggingface_hub waits without limit for a server that accepts the connection and never
+    answers (a firewall, a captive portal); our own first request is bounded by this.
+    HF_HUB_ETAG_TIMEOUT, the hub library's own setting for metadata requests, overrides it.
+    """
+    try:
+        return max(0.1, float(os.environ["HF_HUB_ETAG_TIMEOUT"]))
+    except (KeyError, ValueError):
+        return HUB_TIMEOUT_S
+
+
 def _download(repo_id: str, revision: str | None, variant: str | None) -> Path:
     try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import (LocalEntryNotFoundError, RepositoryNotFoundError,
-                                            RevisionNotFoundError)
+        from huggingface_hub import HfApi, constants, snapshot_download
+        from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError,
+                                            RepositoryNotFoundError, RevisionNotFoundError)
     except ImportError as e:  # pragma: no cover - dependency of the package
         raise ModelError(f"huggingface_hub is needed to fetch {repo_id} ({e})") from None
     patterns = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json",
@@ -73,42 +102,125 @@ def _download(repo_id: str, revision: str | None, variant: str | None) -> Path:
         for s in ([f"{stem}.{variant}", stem] if variant else [stem]):
             patterns += [f"{component}/{s}.safetensors", f"{component}/{s}.safetensors.index.json",
                          f"{component}/{s}-*-of-*.safetensors"]
-    local_help = (f"download it on a connected machine (huggingface-cli download {repo_id}) or "
-                  "pass --model with a local folder in the diffusers layout")
+    shown = f"{repo_id}@{revision}" if revision else repo_id
+    local_help = (f"download it on a connected machine (hf download {repo_id}"
+                  + (f" --revision {revision}" if revision else "")
+                  + ") or pass --model with a local folder in the diffusers layout")
+
+    # 1. Ask the hub about the revision, within a bounded time. Without an answer (offline,
+    #    unreachable, down) the local cache decides.
+    unreachable = None
+    if constants.HF_HUB_OFFLINE:
+        unreachable = "HF_HUB_OFFLINE is set"
+    else:
+        timeout = hub_timeout()
+        try:
+            _ask_hub(lambda: HfApi().model_info(repo_id, revision=revision, timeout=timeout), timeout)
+        except RevisionNotFoundError:
+            raise ModelError(f"revision {revision!r} does not exist in {repo_id}; check the name "
+                             "after '@' (a branch, tag or commit)") from None
+        except GatedRepoError:
+            raise ModelError(f"{repo_id} is gated: accept its licence on the hub, log in "
+                             f"(hf auth login), or {local_help}") from None
+        except RepositoryNotFoundError:
+            raise ModelError(f"hub repository {repo_id} not found (or private); check the name, "
+                             "or log in (hf auth login) for a private one") from None
+        except Exception as e:  # noqa: BLE001 - the transport's error classes (requests, httpx,
+            # httpx2) depend on the huggingface_hub version; any of them means "no answer"
+            unreachable = (f"the hub did not answer within {timeout:g} s" if isinstance(e, TimeoutError)
+                           else f"the hub cannot be reached ({type(e).__name__})")
+
+    # 2. Fetch (or find in the cache) the files the tool reads.
     try:
+        # The revision as given (not the commit just learnt), so that the cache records its ref
+        # and a later offline run finds it by name.
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
-                                   etag_timeout=5)
+                                   local_files_only=unreachable is not None,
+                                   etag_timeout=hub_timeout())
+    except LocalEntryNotFoundError as e:
+        if type(e).__name__ == "IncompleteSnapshotError":  # huggingface_hub >= 1.x only
+            raise ModelError(f"the cached copy of {shown} is incomplete and {unreachable}; "
+                             f"{local_help}") from None
+        cached = _cached_revisions(repo_id, constants.HF_HUB_CACHE)
+        if revision is not None and cached:
+            raise ModelError(f"revision {revision!r} of {repo_id} is not in the local hub cache "
+                             f"(cached: {', '.join(cached)}) and {unreachable}; use a cached "
+                             "revision or fetch this one on a connected machine") from None
+        raise ModelError(f"{shown} is not in the local hub cache ({constants.HF_HUB_CACHE}) and "
+                         f"{unreachable or 'the hub cannot be reached'}; {local_help}") from None
     except RevisionNotFoundError:
         raise ModelError(f"revision {revision!r} does not exist in {repo_id}; "
                          "check the name after '@'") from None
-    except RepositoryNotFoundError:
-        raise ModelError(f"hub repository {repo_id} not found (or private); check the name") from None
-    except LocalEntryNotFoundError:
-        raise ModelError(f"{repo_id} is not in the local hub cache and the hub cannot be reached "
-                         f"(offline); {local_help}") from None
-    except (OSError, ValueError) as e:  # connection errors, timeouts, bad cache
-        raise ModelError(f"cannot fetch {repo_id} from the hub ({type(e).__name__}); {local_help}") from None
+    except (OSError, ValueError) as e:  # connection lost mid-download, a damaged cache
+        raise ModelError(f"cannot fetch {shown} from the hub ({type(e).__name__}: "
+                         f"{_first_line(e)}); {local_help}") from None
     return Path(folder)
+
+
+def _ask_hub(request, timeout: float) -> None:
+    """Run `request` with a hard deadline. The hub library retries a timed-out request on its own
+    (how often depends on its version), so its timeout alone does not bound the wait; a request
+    still pending at the deadline is abandoned to its daemon thread."""
+    outcome = []
+
+    def ask():
+        try:
+            request()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread as it is
+            outcome.append(e)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=ask, name="hub-request", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        raise TimeoutError(f"no answer within {timeout:g} s")
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
+def _cached_revisions(repo_id: str, cache: str) -> list[str]:
+    """Branch or tag names, then bare commits, held in the hub cache for `repo_id`."""
+    storage = Path(cache) / f"models--{repo_id.replace('/', '--')}"
+    refs = sorted(p.relative_to(storage / "refs").as_posix()
+                  for p in (storage / "refs").rglob("*") if p.is_file())
+    commits = sorted(p.name[:12] for p in (storage / "snapshots").glob("*") if p.is_dir())
+    return refs + commits
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__
 
 
 # --- which files hold the weights ----------------------------------------------------------------
 
 
-def check_model_folder(folder: Path) -> dict:
-    """Check a diffusers folder before anything heavy: components present, weights in safetensors.
+def check_model_folder(folder: Path, variant: str | None = None) -> dict:
+    """Check a diffusers folder before anything heavy is read: the components are present, the
+    tokenizers have their files, and every weight file the model will load is safetensors with a
+    sound header (a truncated or corrupt file is caught here, in milliseconds).
 
     Returns model_index.json's content.
     """
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
-        raise ModelError(f"{folder} has no model_index.json: not a model folder in the diffusers layout")
+        raise ModelError(f"{folder} has no model_index.json: not a model folder in the diffusers "
+                         "layout; pass the folder that holds it")
     index = load_json(folder / "model_index.json")
     present = components(index)
     for component in WEIGHT_STEMS:
         if component in present or component in ("unet", "vae", "text_encoder"):
             if component not in present:
                 raise ModelError(f"{folder} has no {component} (model_index.json does not list it)")
-            weight_files(folder / component)
+            for path in weight_files(folder / component, variant):
+                read_safetensors_header(path)
+    for tokenizer in sorted(c for c in present if c.startswith("tokenizer")):
+        for name in ("vocab.json", "merges.txt"):
+            if not (folder / tokenizer / name).is_file():
+                raise ModelError(f"{folder / tokenizer} has no {name}; the model folder is "
+                                 "incomplete: download it again")
     return index
 
 
@@ -116,7 +228,8 @@ def weight_files(component_folder: Path, variant: str | None = None) -> list[Pat
     """The safetensors files of one component (the variant's if present), refusing pickle files."""
     component_folder = Path(component_folder)
     if not component_folder.is_dir():
-        raise ModelError(f"missing component folder {component_folder}")
+        raise ModelError(f"missing component folder {component_folder}; the model folder is "
+                         "incomplete: download it again")
     stem = WEIGHT_STEMS.get(component_folder.name, "diffusion_pytorch_model")
     candidates = [f"{stem}.{variant}", stem] if variant else [stem, f"{stem}.fp16"]
     for s in candidates:
@@ -135,7 +248,8 @@ def weight_files(component_folder: Path, variant: str | None = None) -> list[Pat
         raise ModelError(f"{component_folder} holds only pickle weights ({', '.join(pickles)}); pickle "
                          "files can run code when loaded, so only safetensors are read: convert them "
                          "to safetensors or use a model revision that has them")
-    raise ModelError(f"{component_folder} has no {stem}.safetensors weights")
+    raise ModelError(f"{component_folder} has no {stem}.safetensors weights; the model folder is "
+                     "incomplete: download it again")
 
 
 # --- reading and checking tensors ----------------------------------------------------------------
@@ -147,31 +261,40 @@ _ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16"
 def read_safetensors_header(path: Path) -> dict:
     """Parse and check a safetensors header without reading tensor data: every tensor's byte range
     must lie inside the file, so a truncated or corrupt file is caught before loading."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ModelError(f"{path} is not a safetensors file (too short); download it again")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, 100 * 2**20):
-            raise ModelError(f"{path} is truncated or not a safetensors file; download it again")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ModelError(f"{path} has a corrupt safetensors header; download it again") from None
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ModelError(f"{path} is not a safetensors file (too short); download it again")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100 * 2**20):
+                raise ModelError(f"{path} is truncated or not a safetensors file; download it again")
+            raw = f.read(n)
+    except OSError as e:
+        raise ModelError(f"cannot read {path}: {e.strerror or e}; check the file's permissions") from None
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise ModelError(f"{path} has a corrupt safetensors header; download it again")
     data_size = size - 8 - n
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
-            begin, end = info["data_offsets"]
+            begin, end = (int(v) for v in info["data_offsets"])
             count = 1
             for d in info["shape"]:
-                count *= d
-            width = _ST_DTYPES[info["dtype"]]
+                count *= int(d)
+            dtype = info["dtype"]
         except (KeyError, TypeError, ValueError):
             raise ModelError(f"{path}: tensor {name} has a corrupt header entry; download it again") from None
-        if end > data_size or end - begin != count * width:
+        if dtype not in _ST_DTYPES:
+            raise ModelError(f"{path}: tensor {name} has dtype {dtype}, which this tool does not read; "
+                             "use a float32, float16 or bfloat16 copy of the model")
+        if not 0 <= begin <= end <= data_size or end - begin != count * _ST_DTYPES[dtype]:
             raise ModelError(f"{path} is truncated or corrupt (tensor {name} lies outside the data); "
                              "download it again")
     return header
@@ -195,23 +318,27 @@ def load_weights(model, component_folder, mapper, dtype=mx.float32, variant: str
                 weights[new_key] = new_value
                 origin[new_key] = path
     expected = dict(tree_flatten(model.parameters()))
+    mismatch = ("; the weights do not match this model's config: use the config.json that came "
+                "with them, or download the model again")
     where = files[0] if len(files) == 1 else Path(component_folder)
     missing = sorted(set(expected) - set(weights))
     if missing:
         raise ModelError(f"{where} is missing tensor {missing[0]}"
-                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                         + "; the weights do not match this model's config")
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") + mismatch)
     unexpected = sorted(set(weights) - set(expected))
     if unexpected:
         raise ModelError(f"{origin[unexpected[0]]} has unexpected tensor {unexpected[0]}"
                          + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
-                         + "; the weights do not match this model's config")
+                         + mismatch)
     for key, value in weights.items():
         if not mx.issubdtype(value.dtype, mx.floating):
-            raise ModelError(f"{origin[key]}: tensor {key} has dtype {value.dtype}, expected floating point")
+            dtype = str(value.dtype).rsplit(".", 1)[-1]  # mlx.core.int32 -> int32
+            raise ModelError(f"{origin[key]}: tensor {key} has dtype {dtype}, expected floating "
+                             "point; the file is not a checkpoint of this model: download it again")
         if value.shape != expected[key].shape:
-            raise ModelError(f"{origin[key]}: tensor {key} has shape {tuple(value.shape)}, the config "
-                             f"implies {tuple(expected[key].shape)}")
+            layout = " (channels last)" if value.ndim == 4 else ""
+            raise ModelError(f"{origin[key]}: tensor {key} has shape {tuple(value.shape)}{layout}, the "
+                             f"config implies {tuple(expected[key].shape)}" + mismatch)
     model.update(tree_unflatten([(k, v.astype(dtype)) for k, v in weights.items()]))
     return model
 

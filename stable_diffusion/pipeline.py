@@ -53,6 +53,13 @@ class Defaults:
     cfg_weight: float
 
 
+def model_defaults(config: PipelineConfig) -> Defaults:
+    """A turbo model (trailing timesteps, distilled for few steps) runs 2 steps without guidance."""
+    if config.is_xl and config.scheduler.timestep_spacing == "trailing":
+        return Defaults(2, 0.0)
+    return Defaults(50, 7.5)
+
+
 def random_seed() -> int:
     return secrets.randbits(32)
 
@@ -100,10 +107,7 @@ class StableDiffusion:
 
     @property
     def defaults(self) -> Defaults:
-        """A turbo model (trailing timesteps, distilled for few steps) runs 2 steps without guidance."""
-        if self.config.is_xl and self.config.scheduler.timestep_spacing == "trailing":
-            return Defaults(2, 0.0)
-        return Defaults(50, 7.5)
+        return model_defaults(self.config)
 
     @property
     def family(self) -> str:

@@ -1,8 +1,13 @@
 """Shared fixtures: tiny models in the diffusers layout, golden outputs, and a parity report."""
 
 import importlib
+import os
 import sys
 from pathlib import Path
+
+# The tiny test networks are too small for a second BLAS thread to help; on a busy machine it only
+# waits. Set before `stable_diffusion` loads the BLAS, and inherited by the commands the tests run.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np
 import pytest

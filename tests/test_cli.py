@@ -1,8 +1,6 @@
 """End-to-end: the real commands on a tiny model, and the files they leave on disk."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,15 +10,12 @@ from PIL import Image
 from stable_diffusion.metadata import parse_parameters_text, read_png_metadata
 from stable_diffusion.render import triangle_size
 
-ROOT = Path(__file__).resolve().parent.parent
+import commands
 
 
-def run(script: str, *args, cwd=None, check=True):
-    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
-                            capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
-    return result
+
+def run(script: str, *args, check=True):
+    return commands.run(script, *args, check=check)
 
 
 @pytest.fixture(scope="module")

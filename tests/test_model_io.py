@@ -1,0 +1,241 @@
+"""Finding and loading models: hub ids through a real (fake) hub cache, offline and unreachable
+hubs, and every way a model folder can be broken. Each failure is a ModelError whose one-line
+message names the file and the fix; the cheap ones are caught before any weight is read."""
+
+import json
+import pickle
+import shutil
+import socket
+import struct
+import threading
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from stable_diffusion import model_io
+from stable_diffusion.config import read_pipeline_config
+from stable_diffusion.errors import ModelError
+from stable_diffusion.pipeline import StableDiffusion
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture
+def model(tmp_path, tiny_model):
+    """A private copy of the tiny sd2 model, free to break."""
+    return shutil.copytree(tiny_model("sd2"), tmp_path / "model")
+
+
+def rewrite_tensors(path, change) -> None:
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path))
+
+
+def edit_json(path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def expect_model_error(fn, *words):
+    with pytest.raises(ModelError) as info:
+        fn()
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, f"{word!r} not in {message!r}"
+    return message
+
+
+# --- hub ids ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hub_cache(tmp_path, tiny_model, monkeypatch):
+    """A hub cache laid out as huggingface_hub writes it, holding owner/name at COMMIT (main)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    storage = cache / "models--owner--name"
+    shutil.copytree(tiny_model("sd2"), storage / "snapshots" / COMMIT)
+    (storage / "refs").mkdir()
+    (storage / "refs" / "main").write_text(COMMIT)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_hub_id_offline_from_the_cache(hub_cache, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    folder, source = model_io.resolve_model("owner/name")
+    assert folder.name == COMMIT and (folder / "model_index.json").is_file()
+    assert source == {"model": "owner/name", "revision": "main", "commit": COMMIT, "source": "hub"}
+    assert model_io.resolve_model(f"owner/name@{COMMIT}")[0] == folder
+    sd = StableDiffusion.from_pretrained("owner/name")  # the whole loader, through the cache
+    assert sd.source["commit"] == COMMIT
+
+    expect_model_error(lambda: model_io.resolve_model("owner/name@nope"),
+                       "revision 'nope' of owner/name is not in the local hub cache",
+                       "cached: main, 0123456789ab", "HF_HUB_OFFLINE is set")
+    expect_model_error(lambda: model_io.resolve_model("owner/missing"),
+                       "owner/missing is not in the local hub cache", "HF_HUB_OFFLINE is set",
+                       "pass --model with a local folder")
+
+
+@pytest.fixture
+def silent_hub(monkeypatch):
+    """A 'hub' that accepts connections and never answers: a firewall or captive portal."""
+    from huggingface_hub import constants
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted = []
+
+    def serve():
+        while True:
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:  # closed at teardown
+                return
+
+    threading.Thread(target=serve, daemon=True).start()
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "0.5")
+    yield
+    server.close()
+    for connection in accepted:  # the abandoned request now fails and its thread ends
+        connection.close()
+
+
+def test_silent_hub_fails_within_the_deadline(silent_hub, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    start = time.perf_counter()
+    expect_model_error(lambda: model_io.resolve_model("owner/name"),
+                       "not in the local hub cache", "the hub did not answer within 0.5 s",
+                       "pass --model with a local folder")
+    assert time.perf_counter() - start < 3.0
+
+
+def test_silent_hub_still_serves_the_cached_model(silent_hub, hub_cache):
+    start = time.perf_counter()
+    folder, source = model_io.resolve_model("owner/name")
+    assert folder.name == COMMIT and source["commit"] == COMMIT
+    assert time.perf_counter() - start < 3.0
+
+
+def test_names_that_are_no_model(tmp_path):
+    expect_model_error(lambda: model_io.resolve_model("sdx"), "unknown model alias 'sdx'",
+                       "did you mean 'sdxl'?", "aliases: sd, sdxl")
+    expect_model_error(lambda: model_io.resolve_model(str(tmp_path / "no" / "such")),
+                       "is neither a folder nor a hub id")
+    a_file = tmp_path / "model.safetensors"
+    a_file.write_bytes(b"x")
+    expect_model_error(lambda: model_io.resolve_model(str(a_file)), "is a file",
+                       "pass the folder that holds model_index.json")
+
+
+# --- broken folders -----------------------------------------------------------------------------
+
+
+def test_missing_component_folder(model):
+    shutil.rmtree(model / "vae")
+    expect_model_error(lambda: model_io.check_model_folder(model), "missing component folder",
+                       "vae", "download it again")
+
+
+def test_component_not_listed(model):
+    edit_json(model / "model_index.json", lambda d: d.pop("vae"))
+    expect_model_error(lambda: StableDiffusion.from_pretrained(str(model)), "has no vae",
+                       "model_index.json does not list it")
+
+
+def test_missing_tokenizer_file(model):
+    (model / "tokenizer" / "merges.txt").unlink()
+    expect_model_error(lambda: model_io.check_model_folder(model), "has no merges.txt",
+                       "download it again")
+
+
+def test_missing_config_file(model):
+    (model / "unet" / "config.json").unlink()
+    expect_model_error(lambda: StableDiffusion.from_pretrained(str(model)), "missing config file",
+                       "unet/config.json")
+
+
+def test_not_a_model_folder(tmp_path):
+    expect_model_error(lambda: StableDiffusion.from_pretrained(str(tmp_path)),
+                       "has no model_index.json", "pass the folder that holds it")
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda data: data[: len(data) // 2], ("is truncated or corrupt", "lies outside the data")),
+    (lambda data: data[:5], ("too short",)),
+    (lambda data: struct.pack("<Q", 1 << 40) + data[8:], ("truncated or not a safetensors file",)),
+    (lambda data: data[:8] + b"#" * 16 + data[24:], ("corrupt safetensors header",)),
+])
+def test_damaged_safetensors_caught_before_loading(model, damage, words):
+    path = model / UNET_WEIGHTS
+    path.write_bytes(damage(path.read_bytes()))
+    # check_model_folder reads headers only: the damage is found before any weight is loaded.
+    message = expect_model_error(lambda: model_io.check_model_folder(model), *words, "download it again")
+    assert str(path) in message
+
+
+def test_unreadable_tensor_dtype_in_the_header(model):
+    path = model / UNET_WEIGHTS
+    header = json.dumps({"odd": {"dtype": "F8_E4M3", "shape": [4], "data_offsets": [0, 4]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    expect_model_error(lambda: model_io.check_model_folder(model), "tensor odd has dtype F8_E4M3",
+                       "use a float32, float16 or bfloat16 copy")
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda t: t.__setitem__("conv_out.weight", np.zeros((4, 32, 1, 1), np.float32)),
+     ("tensor conv_out.weight has shape (4, 1, 1, 32) (channels last)", "config implies (4, 3, 3, 32)")),
+    (lambda t: t.__setitem__("conv_out.weight", t["conv_out.weight"].astype(np.int32)),
+     ("tensor conv_out.weight has dtype int32, expected floating point",)),
+    (lambda t: t.pop("conv_out.bias"), ("is missing tensor conv_out.bias",)),
+    (lambda t: t.__setitem__("mystery.weight", np.zeros(3, np.float32)),
+     ("has unexpected tensor mystery.weight",)),
+])
+def test_tensors_that_do_not_fit_the_config(model, change, words):
+    rewrite_tensors(model / UNET_WEIGHTS, change)
+    message = expect_model_error(lambda: StableDiffusion.from_pretrained(str(model)), *words)
+    assert str(model / UNET_WEIGHTS) in message
+
+
+def test_pickle_weights_are_refused_unopened(model, tmp_path):
+    marker = tmp_path / "unpickled"
+
+    class Payload:  # unpickling this creates `marker`: the proof that a file was loaded
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    (model / UNET_WEIGHTS).unlink()
+    (model / "unet" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    expect_model_error(lambda: StableDiffusion.from_pretrained(str(model)),
+                       "holds only pickle weights (diffusion_pytorch_model.bin)",
+                       "convert them to safetensors")
+    assert not marker.exists()
+
+
+def test_unknown_config_fields_are_ignored_with_a_notice(model):
+    edit_json(model / "unet" / "config.json", lambda d: d.update(brand_new_field=1))
+    notices = []
+    read_pipeline_config(model, notices)
+    assert notices == ["unet/config.json: ignoring fields brand_new_field"]
+    StableDiffusion.from_pretrained(str(model))
+
+
+def test_missing_required_config_field(model):
+    edit_json(model / "unet" / "config.json", lambda d: d.pop("block_out_channels"))
+    expect_model_error(lambda: StableDiffusion.from_pretrained(str(model)),
+                       "missing the required field 'block_out_channels'")

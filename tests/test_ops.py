@@ -1,0 +1,276 @@
+"""Attention against a float64 reference, and the BLAS that `import stable_diffusion` puts under MLX."""
+
+import ctypes
+import importlib.util
+import mmap
+import os
+import re
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from stable_diffusion import blas
+from stable_diffusion.ops import FUSED_ATTENTION, _exp2, attention, chunked_attention, use_cpu_buffer_cache
+
+BLAS_PY = Path(blas.__file__)
+
+
+def reference_attention(q, k, v, scale, mask=None):
+    q, k, v = (np.asarray(t, dtype=np.float64) for t in (q, k, v))
+    s = q @ k.swapaxes(-1, -2) * scale  # (B, H, Lq, Lk)
+    if mask is not None:
+        s = s + np.asarray(mask, dtype=np.float64)
+    s = s - s.max(axis=-1, keepdims=True)
+    w = np.exp(s)
+    return (w / w.sum(axis=-1, keepdims=True)) @ v
+
+
+def random(shape, seed, scale=1.0):
+    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+
+
+def qkv(batch, heads, q_len, k_len, d, seed=0, scale=1.0):
+    return (
+        random((batch, heads, q_len, d), seed, scale),
+        random((batch, heads, k_len, d), seed + 1, scale),
+        random((batch, heads, k_len, d), seed + 2, scale),
+    )
+
+
+# (batch, heads, Lq, Lk, d, block_scores): one block per head; query rows split unevenly
+# (130 scores a row, 7 rows a block, 100 rows); several heads a block with a short last block
+# (600 scores a head, 6 heads a block, 7 heads); cross-attention with 77 keys; and the default.
+SHAPES = [
+    (1, 2, 64, 64, 32, 64 * 64),
+    (2, 3, 100, 130, 16, 1000),
+    (2, 7, 20, 30, 8, 4000),
+    (2, 5, 300, 77, 64, 10_000),
+    (2, 2, 77, 77, 64, None),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])) + f"-block{s[5]}")
+def test_chunked_attention_matches_float64(shape, parity):
+    batch, heads, q_len, k_len, d, block = shape
+    q, k, v = qkv(batch, heads, q_len, k_len, d)
+    out = chunked_attention(mx.array(q), mx.array(k), mx.array(v), d**-0.5, block_scores=block)
+    assert out.shape == (batch, heads, q_len, d) and out.dtype == mx.float32
+    parity(f"attention {shape}", out, reference_attention(q, k, v, d**-0.5), atol=2e-6)
+
+
+def test_chunked_attention_masks(parity):
+    batch, heads, q_len, k_len, d = 2, 3, 50, 70, 16
+    q, k, v = qkv(batch, heads, q_len, k_len, d, seed=3)
+    rng = np.random.default_rng(4)
+    blocked = rng.random((batch, 1, q_len, k_len)) < 0.4
+    blocked[..., 0] = False  # every row keeps at least one key
+    masks = {
+        "finite additive": random((q_len, k_len), 5),
+        "-inf additive": np.where(blocked, -np.inf, 0.0).astype(np.float32),
+        "causal (CLIP)": np.where(np.triu(np.ones((q_len, k_len)), 1) > 0, -np.inf, 0.0).astype(np.float32),
+    }
+    for name, mask in masks.items():
+        out = chunked_attention(mx.array(q), mx.array(k), mx.array(v), 0.25, mx.array(mask), block_scores=500)
+        parity(f"attention mask {name}", out, reference_attention(q, k, v, 0.25, mask), atol=2e-6)
+    boolean = chunked_attention(mx.array(q), mx.array(k), mx.array(v), 0.25, mx.array(~blocked), block_scores=500)
+    additive = np.where(blocked, -np.inf, 0.0)
+    parity("attention mask boolean", boolean, reference_attention(q, k, v, 0.25, additive), atol=2e-6)
+
+
+def test_chunked_attention_large_scores_and_transposed_inputs(parity):
+    # Scores of magnitude ~50: weights span far more than float32's exponent range before the
+    # maximum is subtracted. Inputs laid out as the networks pass them, (B, L, H, d) transposed.
+    batch, heads, length, d = 2, 4, 90, 32
+    x = [random((batch, length, heads, d), seed, scale=3.0) for seed in (6, 7, 8)]
+    q, k, v = (mx.array(t).transpose(0, 2, 1, 3) for t in x)  # (B, H, L, d), not contiguous
+    out = chunked_attention(q, k, v, d**-0.5, block_scores=700)
+    reference = reference_attention(*(t.transpose(0, 2, 1, 3) for t in x), d**-0.5)
+    # The inputs' own float32 rounding moves scores of this size by ~1e-5 (relative 2e-7).
+    parity("attention large scores", out, reference, atol=1e-4 * np.abs(reference).max())
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_chunked_attention_half_precision_inputs(dtype, parity):
+    q, k, v = qkv(2, 3, 40, 50, 16, seed=9)
+    half = [mx.array(t).astype(getattr(mx, dtype)) for t in (q, k, v)]
+    out = chunked_attention(*half, 0.25, block_scores=300)
+    assert out.dtype == getattr(mx, dtype)
+    exact_inputs = [np.array(t.astype(mx.float32)) for t in half]
+    # Computed in float32 from the rounded inputs: only the final cast to `dtype` is lost.
+    ulp = {"bfloat16": 2.0**-8, "float16": 2.0**-11}[dtype]
+    parity(f"attention {dtype}", out.astype(mx.float32), reference_attention(*exact_inputs, 0.25), atol=4 * ulp)
+
+
+def test_attention_dispatch_and_fused_agree():
+    q, k, v = (mx.array(t) for t in qkv(1, 2, 33, 47, 16, seed=10))
+    ours = attention(q, k, v, 0.25)
+    fused = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25)
+    chunked = chunked_attention(q, k, v, 0.25)
+    assert FUSED_ATTENTION == (mx.default_device() == mx.gpu)
+    np.testing.assert_allclose(np.array(ours), np.array(fused if FUSED_ATTENTION else chunked), rtol=0, atol=0)
+    np.testing.assert_allclose(np.array(chunked), np.array(fused), rtol=0, atol=3e-6)
+
+
+def test_exp2_relative_error():
+    y = np.linspace(-124.0, 0.0, 1_000_001, dtype=np.float32)
+    got = np.array(_exp2(mx.array(y), mx.array(np.float32(0.0))), dtype=np.float64)
+    relative = np.abs(got - np.exp2(y.astype(np.float64))) / np.exp2(y.astype(np.float64))
+    assert relative.max() < 3e-7  # about 1.5 units in the last place
+    floor = np.array(_exp2(mx.array(np.array([-np.inf, -300.0], np.float32)), mx.array(np.float32(0.0))))
+    assert np.all(floor < 1e-37) and np.all(floor >= 0)
+
+
+def test_cpu_buffer_cache_limit_is_raised_and_restorable():
+    previous = use_cpu_buffer_cache(3 << 30)
+    if mx.default_device() != mx.cpu:
+        assert previous is None
+        return
+    try:
+        assert mx.set_cache_limit(previous) == 3 << 30
+        assert use_cpu_buffer_cache() == previous
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        assert mx.set_cache_limit(previous) == ram // 4
+    finally:
+        mx.set_cache_limit(previous)
+
+
+# --- BLAS ---------------------------------------------------------------------------------------
+
+
+def test_preload_reports_the_blas_mlx_uses():
+    info = blas.preload_blas()
+    assert isinstance(info.name, str) and info.name
+    if sys.platform != "linux":
+        assert info.path is None
+        return
+    # conftest imports stable_diffusion before anything imports mlx.core.
+    assert info.in_time
+    if info.path is None:
+        assert info.name == "reference" and "pip install scipy-openblas32" in info.note
+        return
+    assert Path(info.path).exists()
+    assert info.threads is None or info.threads >= 1
+    assert blas._global_provider("cblas_sgemm") is not None
+    # MLX's products and LAPACK calls now run in that library: they must still be right.
+    a, b = random((257, 129), 11), random((129, 65), 12)
+    product = np.array(mx.array(a) @ mx.array(b), dtype=np.float64)
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    assert np.abs(product - exact).max() < 1e-5 * np.abs(exact).max()
+    m = random((40, 40), 13) + 40 * np.eye(40, dtype=np.float32)
+    inverse = np.array(mx.linalg.inv(mx.array(m), stream=mx.cpu), dtype=np.float64)
+    assert np.abs(inverse @ m.astype(np.float64) - np.eye(40)).max() < 1e-5
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the BLAS is chosen on Linux only")
+def test_cblas_sgemm_through_the_global_scope():
+    # Whatever serves cblas_sgemm process-wide (for scipy-openblas32, the forwarding library
+    # this module writes) computes a product with the CBLAS calling convention.
+    if blas.preload_blas().path is None:
+        pytest.skip("no optimised BLAS on this machine")
+    sgemm = ctypes.CDLL(None).cblas_sgemm
+    a, b = random((3, 4), 14), random((4, 2), 15)
+    c = np.zeros((3, 2), np.float32)
+    pointer = ctypes.POINTER(ctypes.c_float)
+    row_major, no_trans = 101, 111
+    sgemm(row_major, no_trans, no_trans, 3, 2, 4, ctypes.c_float(1.0),
+          a.ctypes.data_as(pointer), 4, b.ctypes.data_as(pointer), 2, ctypes.c_float(0.0),
+          c.ctypes.data_as(pointer), 2)  # fmt: skip
+    np.testing.assert_allclose(c, a @ b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the BLAS is chosen on Linux only")
+def test_thread_count_can_be_set():
+    before = blas.preload_blas()
+    if before.threads is None:
+        pytest.skip(f"{before.name} does not report its threads")
+    try:
+        assert blas.preload_blas(threads=1).threads == 1
+    finally:
+        blas.preload_blas(threads=before.threads)
+    assert blas.preload_blas().threads == before.threads
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the BLAS is chosen on Linux only")
+def test_no_optimised_blas_falls_back_with_a_hint():
+    # blas.py loaded on its own (not through the package, whose import would preload), with
+    # both sources failing, as on a machine that has neither.
+    result = run_python(f"""
+        import importlib.util, sys, warnings
+        spec = importlib.util.spec_from_file_location("blas_alone", {str(BLAS_PY)!r})
+        blas = sys.modules["blas_alone"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(blas)
+        def missing():
+            raise OSError("not on this machine")
+        blas._load_scipy_openblas = blas._load_system_openblas = missing
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            info = blas.preload_blas()
+        assert info.name == "reference" and info.path is None and info.in_time, info
+        assert len(caught) == 1 and "pip install scipy-openblas32" in str(caught[0].message)
+        import mlx.core as mx
+        assert (mx.ones((3, 4)) @ mx.ones((4, 2))).tolist() == [[4.0, 4.0]] * 3
+        print("ok")
+    """)
+    assert result.stdout.strip() == "ok"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the BLAS is chosen on Linux only")
+def test_importing_mlx_first_is_reported():
+    result = run_python("""
+        import warnings
+        import mlx.core
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import stable_diffusion
+        from stable_diffusion.blas import preload_blas
+        info = preload_blas()
+        assert not info.in_time, info
+        assert "import stable_diffusion first" in info.note
+        assert any("import stable_diffusion first" in str(w.message) for w in caught)
+        print("ok")
+    """)
+    assert result.stdout.strip() == "ok"
+
+
+def undefined_dynamic_symbols(path: Path) -> set[str]:
+    """Names an ELF64 little-endian shared object imports (undefined entries of .dynsym)."""
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as elf:
+        assert elf[:4] == b"\x7fELF" and elf[4] == 2 and elf[5] == 1
+        shoff, = struct.unpack_from("<Q", elf, 0x28)
+        shentsize, shnum = struct.unpack_from("<HH", elf, 0x3A)
+        sections = [struct.unpack_from("<IIQQQQIIQQ", elf, shoff + i * shentsize) for i in range(shnum)]
+        names = set()
+        for _, kind, _, _, offset, size, link, _, _, entsize in sections:
+            if kind != 11:  # SHT_DYNSYM
+                continue
+            strtab = sections[link][4]
+            for at in range(offset, offset + size, entsize):
+                name, _, _, shndx = struct.unpack_from("<IBBH", elf, at)
+                if name and shndx == 0:
+                    end = elf.find(b"\0", strtab + name)
+                    names.add(elf[strtab + name : end].decode())
+        return names
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="libmlx.so is the Linux library")
+def test_forwarded_symbols_cover_what_libmlx_imports():
+    library = Path(importlib.util.find_spec("mlx").submodule_search_locations[0]) / "lib" / "libmlx.so"
+    imported = undefined_dynamic_symbols(library)
+    blas_like = {n for n in imported if n.startswith("cblas_") or re.fullmatch(r"[sdcz][a-z0-9]{2,6}_", n)}
+    assert "cblas_sgemm" in blas_like
+    missing = blas_like - set(blas.MLX_BLAS_SYMBOLS)
+    assert not missing, f"libmlx.so imports {sorted(missing)}: add them to MLX_BLAS_SYMBOLS"

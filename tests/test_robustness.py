@@ -1,0 +1,476 @@
+"""Robustness of the commands: every way a run can go wrong ends in one line on stderr, the exit
+status scripts rely on (2 bad input, 1 failure, 130/143 interrupted), no traceback, and only whole
+files on disk, each accounted for by the run's sidecar.
+
+Runs use the tiny sd2 model. Checks that fail before any work run in this process (`cli.main`);
+anything about exit statuses, signals, stderr and real disks runs the scripts as subprocesses.
+"""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.numpy import load_file, save_file
+
+from stable_diffusion import cli
+from stable_diffusion.metadata import TRAJECTORY_KEY
+from stable_diffusion.pipeline import StableDiffusion
+from stable_diffusion.tokenizer import Tokenizer
+
+from commands import ROOT, command, run
+
+UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+
+
+def stderr_lines(text: str) -> list:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def only_error(status: int, expected: int, stderr: str, *words) -> str:
+    """The run failed with `expected`, and stderr is one line: the error, naming `words`."""
+    lines = stderr_lines(stderr)
+    assert status == expected, f"exit {status}, stderr:\n{stderr}"
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    for word in words:
+        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def main(capsys, script: str, *args) -> tuple:
+    """In-process run: (exit status, stdout, stderr)."""
+    status = cli.main(script, [str(a) for a in args])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def temporaries(folder: Path) -> list:
+    return [p.name for p in folder.rglob("*") if ".tmp-" in p.name]
+
+
+def assert_whole_pictures(folder: Path) -> list:
+    """Every PNG in `folder` decodes completely and carries its metadata."""
+    names = sorted(p.name for p in folder.glob("*.png"))
+    for name in names:
+        with Image.open(folder / name) as im:
+            im.load()
+            assert TRAJECTORY_KEY in im.text, name
+    return names
+
+
+def sidecar(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def listed(record: dict) -> set:
+    return {f["file"] for f in record["files"]}
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("input") / "input.png"
+    yy, xx = np.mgrid[0:64, 0:64]
+    Image.fromarray(np.stack([xx * 4, yy * 4, (xx + yy) * 2], axis=-1).astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sd2(tiny_model) -> Path:
+    return tiny_model("sd2")
+
+
+def model_copy(sd2: Path, folder: Path, change_unet=None) -> Path:
+    folder = shutil.copytree(sd2, folder)
+    if change_unet is not None:
+        tensors = load_file(str(folder / UNET_WEIGHTS))
+        change_unet(tensors)
+        save_file(tensors, str(folder / UNET_WEIGHTS))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def unloadable(sd2, tmp_path_factory) -> Path:
+    """Sound files and configs, but a UNet tensor of the wrong shape: loading it fails, so an
+    error reported with this model was found before the weights were loaded."""
+    return model_copy(sd2, tmp_path_factory.mktemp("unloadable") / "model", lambda t: t.__setitem__(
+        "conv_out.weight", np.zeros((4, 32, 1, 1), np.float32)))
+
+
+# --- the input picture ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("missing", ("does not exist",)),
+    ("not an image", ("is not an image in a supported format",)),
+    ("truncated", ("damaged or truncated",)),
+])
+def test_bad_input_picture_is_one_line_exit_2_nothing_written(tmp_path, picture, sd2, kind, words):
+    image = tmp_path / "in.png"
+    if kind == "not an image":
+        image.write_text("a shopping list, not a picture\n")
+    elif kind == "truncated":
+        data = picture.read_bytes()
+        image.write_bytes(data[: len(data) // 2])
+    result = run("image2image.py", image, "x", "--model", sd2, "--output", tmp_path / "out" / "o.png")
+    only_error(result.returncode, 2, result.stderr, "in.png", *words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_picture_notices_reach_stderr(tmp_path, sd2):
+    frames = [Image.new("RGB", (100, 70), colour) for colour in ("red", "blue")]
+    gif = tmp_path / "anim.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100)
+    result = run("image2image.py", gif, "x", "--model", sd2, "--steps", 2, "--seed", 0,
+                 "--output", tmp_path / "o.png")
+    assert result.returncode == 0, result.stderr
+    notes = stderr_lines(result.stderr)
+    assert "note: first frame used (a multi-frame GIF)" in notes
+    assert any(n.startswith("note: resized from 100x70 to ") for n in notes), notes
+    assert sidecar(tmp_path / "o.json")["input"]["size"] == [128, 64]
+
+
+# --- arguments --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--strength", 0], ["--strength 0 is outside (0, 1]"]),
+    (["--strength", 1.5], ["--strength 1.5 is outside (0, 1]"]),
+    (["--steps", 0], ["--steps 0 is less than 1"]),
+    (["--cfg", -1], ["--cfg -1 is negative"]),
+    (["--cfg", "nan"], ["--cfg nan is not a number"]),
+    (["--n_images", 3, "--n_rows", 2], ["--n_images 3 is not divisible by --n_rows 2"]),
+    (["--seed=-5"], ["--seed -5 is outside 0 .. 2**64 - 1"]),
+    (["-gt", "--triangle_strengths", "0.5,0.2"], ["must be in increasing order"]),
+    (["-gt", "--triangle_strengths", "0.2,0.2"], ["has duplicates"]),
+    (["-gt", "--triangle_strengths", "0.2,1.2"], ["triangle strength 1.2 is outside (0, 1]"]),
+    (["--model", "sdx"], ["unknown model alias 'sdx'", "did you mean 'sdxl'?"]),
+    (["--steps", 4, "-sd", 9], ["-sd 9 is more than the 3 steps this run makes", "use -sd 3 or less"]),
+    # No --steps: the model's default (50, from its configs), x 0.9 strength.
+    (["-sd", 60], ["-sd 60 is more than the 45 steps"]),
+    (["-gt", "--steps", 10, "-sd", 11], ["-sd 11 is more than the 10 steps"]),
+    (["--output", "o.jpg"], ["must end in .png"]),
+])
+def test_bad_arguments_fail_before_the_weights_load(capsys, tmp_path, picture, unloadable, extra, words):
+    out = tmp_path / "out" / "o.png"
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", unloadable, "--output", out,
+                          *extra)
+    only_error(status, 2, err, *words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_last_n_clamped_and_long_prompt_noted_in_one_line(tmp_path, picture, sd2):
+    prompt = "a red barn in the snow at dusk, " * 12
+    tokenizer = Tokenizer.from_folder(sd2 / "tokenizer")
+    tokens = len(tokenizer.encode(prompt))
+    assert tokens > 75
+    result = run("image2image.py", picture, prompt, "--model", sd2, "--steps", 4, "--save_last_N", 9,
+                 "--seed", 3, "--output", tmp_path / "o.png")
+    assert result.returncode == 0, result.stderr
+    notes = stderr_lines(result.stderr)
+    assert len(notes) == 2 and "Warning" not in result.stderr, notes
+    assert notes[0] == "note: --save_last_N 9 is more than the 3 steps run; saving all 3"
+    assert notes[1].startswith(f"note: the prompt is {tokens} tokens; the text encoder takes 75 "
+                               f"(77 with its start and end tokens), so the last {tokens - 75} were "
+                               "dropped: '")
+    record = sidecar(tmp_path / "o.json")
+    assert record["dropped_tokens"]["prompt"] == tokens - 75
+    assert listed(record) == {"o.png", "o.step-001.png", "o.step-002.png", "o.step-003.png"}
+
+
+def test_config_notices_only_with_verbose(capsys, tmp_path, picture, sd2):
+    model = model_copy(sd2, tmp_path / "model")
+    config = json.loads((model / "unet" / "config.json").read_text())
+    (model / "unet" / "config.json").write_text(json.dumps(dict(config, brand_new_field=1)))
+    note = "note: unet/config.json: ignoring fields brand_new_field"
+    for verbose in (False, True):
+        status, _, err = main(capsys, "txt2image", "x", "--model", model, "--steps", 1, "--seed", 0,
+                              "--output", tmp_path / "o.png", *(["-v"] if verbose else []))
+        assert status == 0, err
+        assert (note in stderr_lines(err)) == verbose, err
+
+
+def test_model_that_cannot_load_is_one_line_exit_2_nothing_written(capsys, tmp_path, picture, unloadable):
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", unloadable, "--steps", 2,
+                          "--output", tmp_path / "out" / "o.png")
+    only_error(status, 2, err, str(unloadable / UNET_WEIGHTS), "tensor conv_out.weight has shape")
+    assert not (tmp_path / "out").exists()
+
+
+def test_offline_without_a_cache_fails_fast_and_says_what_to_do(tmp_path, picture):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "empty-cache"))
+    start = time.perf_counter()
+    result = run("image2image.py", picture, "x", "--output", tmp_path / "out" / "o.png", env=env)
+    seconds = time.perf_counter() - start
+    only_error(result.returncode, 2, result.stderr,
+               "stabilityai/stable-diffusion-2-1-base is not in the local hub cache",
+               "HF_HUB_OFFLINE is set", "pass --model with a local folder")
+    assert seconds < 15, f"took {seconds:.1f} s"
+    assert not (tmp_path / "out").exists()
+
+
+# --- output -------------------------------------------------------------------------------------------
+
+
+def test_output_folder_made_and_old_files_replaced(tmp_path, sd2):
+    folder = tmp_path / "a" / "b"
+    args = ["", "--model", sd2, "--steps", 2, "-sd", 1, "--seed", 4, "--output", folder / "o.png"]
+    first = run("txt2image.py", *args)  # an empty prompt is allowed: unconditional
+    assert first.returncode == 0, first.stderr
+    final = (folder / "o.png").read_bytes()
+    (folder / "o.png").write_bytes(b"an older, broken picture")
+    (folder / "o.json").write_text("{")
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    dead = ended.pid  # a process that has ended: its temporaries are stale
+    stale = folder / f".o.step-001.png.tmp-{dead}-0badf00d"
+    live = folder / f".o.png.tmp-{os.getpid()}-12345678"  # this process lives: left alone
+    stale.write_bytes(b"half a picture")
+    live.write_bytes(b"half a picture")
+
+    second = run("txt2image.py", *args)
+    assert second.returncode == 0, second.stderr
+    assert "note: removed 1 temporary file(s) left by a killed run" in second.stderr
+    assert (folder / "o.png").read_bytes() == final
+    assert sidecar(folder / "o.json")["status"] == "finished"
+    assert not stale.exists() and live.exists()
+    live.unlink()
+    assert assert_whole_pictures(folder) == ["o.png", "o.step-000.png", "o.step-001.png", "o.step-002.png"]
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path):
+    """mount_tmpfs(name, options) -> a fresh tmpfs folder (root only; skips where mount fails)."""
+    mounted = []
+
+    def mount(name: str, options: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_unwritable_output_fails_before_any_work(capsys, tmp_path, picture):
+    # The model does not exist: the output is checked first, before anything is read.
+    no_model = tmp_path / "no-model"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    status, out, err = main(capsys, "image2image", picture, "x", "--model", no_model,
+                            "--output", blocker / "o.png")
+    only_error(status, 2, err, f"{blocker} is a file, not a folder", "choose another output folder")
+    assert out == ""
+    (tmp_path / "taken.png").mkdir()
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", no_model,
+                          "--output", tmp_path / "taken.png")
+    only_error(status, 2, err, "is a folder; name a .png file in it")
+
+
+def test_read_only_output_folder(capsys, tmp_path, picture, mount_tmpfs):
+    folder = mount_tmpfs("ro", "ro,size=64k")
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", tmp_path / "no-model",
+                          "--output", folder / "o.png")
+    only_error(status, 2, err, "Read-only file system", "choose another output folder")
+
+
+def test_full_disk_leaves_whole_files_and_names_the_file(tmp_path, picture, sd2, mount_tmpfs):
+    disk = mount_tmpfs("disk", "size=200k")  # room for about 15 of these pictures
+    result = run("image2image.py", picture, "x", "--model", sd2, "--steps", 40, "--strength", 1,
+                 "-sd", 1, "--decoding_batch_size", 1, "--seed", 0, "--output", disk / "o.png")
+    line = stderr_lines(result.stderr)[-1]
+    assert result.returncode == 1, result.stderr
+    assert line.startswith(f"error: could not write {disk}/o.step-")
+    assert line.endswith(".png: No space left on device; free some space or write elsewhere with --output")
+    failed = Path(line.split("could not write ")[1].split(":")[0])
+    assert not failed.exists() and temporaries(disk) == []
+    record = sidecar(disk / "o.json")
+    assert record["status"] == "failed" and str(failed) in record["error"]
+    assert listed(record) == set(assert_whole_pictures(disk)) and len(record["files"]) > 3
+
+
+def test_io_error_while_writing(capsys, tmp_path, picture, sd2, monkeypatch):
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to see which file is being written")
+    real_fsync = os.fsync
+
+    def failing_fsync(fd):
+        if "o.step-002.png.tmp-" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 5,
+                          "--strength", 1, "-sd", 1, "--decoding_batch_size", 1, "--seed", 0,
+                          "--output", tmp_path / "o.png")
+    only_error(status, 1, err, f"could not write {tmp_path / 'o.step-002.png'}: Input/output error",
+               "check the disk")
+    assert temporaries(tmp_path) == []
+    record = sidecar(tmp_path / "o.json")
+    assert record["status"] == "failed"
+    assert listed(record) == set(assert_whole_pictures(tmp_path)) == {"o.step-000.png", "o.step-001.png"}
+
+
+# --- interrupts -----------------------------------------------------------------------------------
+
+
+def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert process.poll() is None, f"exited {process.returncode} before writing {path.name}"
+        assert time.monotonic() < deadline, f"no {path.name} after {seconds} s"
+        time.sleep(0.02)
+
+
+def test_ctrl_c_during_the_steps(tmp_path, picture, sd2):
+    process = subprocess.Popen(
+        command("image2image.py", picture, "x", "--model", sd2, "--steps", 200, "--strength", 1,
+                "-sd", 1, "--decoding_batch_size", 1, "--seed", 0, "--output", tmp_path / "o.png"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(tmp_path / "o.step-002.png", process)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    record = sidecar(tmp_path / "o.json")
+    kept = assert_whole_pictures(tmp_path)
+    assert stderr_lines(err)[-1] == f"interrupted: kept {len(kept)} file(s), see {tmp_path / 'o.json'}"
+    assert "Traceback" not in err and temporaries(tmp_path) == []
+    assert record["status"] == "interrupted" and listed(record) == set(kept)
+    assert "o.png" not in kept and 3 <= len(kept) < 200
+
+
+def test_ctrl_c_during_decoding_keeps_what_was_written(capsys, tmp_path, picture, sd2, monkeypatch):
+    decode, calls = StableDiffusion.decode, []
+
+    def interrupted_decode(self, x):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return decode(self, x)
+
+    monkeypatch.setattr(StableDiffusion, "decode", interrupted_decode)
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 6,
+                          "--strength", 1, "-sd", 1, "--decoding_batch_size", 1, "--seed", 0,
+                          "--output", tmp_path / "o.png")
+    assert status == 130 and stderr_lines(err)[-1].startswith("interrupted: kept 2 file(s)"), err
+    record = sidecar(tmp_path / "o.json")
+    assert record["status"] == "interrupted"
+    assert listed(record) == set(assert_whole_pictures(tmp_path)) == {"o.step-000.png", "o.step-001.png"}
+
+
+def test_ctrl_c_in_the_middle_of_a_file_leaves_no_part_of_it(capsys, tmp_path, picture, sd2, monkeypatch):
+    save, calls = Image.Image.save, []
+
+    def interrupted_save(self, fp, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            fp.write(b"\x89PNG\r\n\x1a\n half a picture")
+            raise KeyboardInterrupt
+        return save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", interrupted_save)
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 4,
+                          "--strength", 1, "-sd", 1, "--seed", 0, "--output", tmp_path / "o.png")
+    assert status == 130, err
+    assert temporaries(tmp_path) == []
+    record = sidecar(tmp_path / "o.json")
+    assert record["status"] == "interrupted"
+    assert listed(record) == set(assert_whole_pictures(tmp_path)) == {"o.step-000.png"}
+
+
+# --- numerical faults -------------------------------------------------------------------------------
+
+
+def test_float16_overflow_reported_at_its_step(tmp_path, picture, sd2):
+    hot = model_copy(sd2, tmp_path / "hot", lambda t: t.__setitem__(
+        "conv_out.weight", t["conv_out.weight"] * np.float32(1e5)))
+    args = [picture, "x", "--model", hot, "--steps", 4, "-sd", 1, "--decoding_batch_size", 1,
+            "--seed", 0]
+    result = run("image2image.py", *args, "--dtype", "float16", "--output", tmp_path / "h.png")
+    only_error(result.returncode, 1, result.stderr,
+               "the latents became NaN or Inf at step 1 of 3 (dtype float16)",
+               "run again with --dtype float32")
+    record = sidecar(tmp_path / "h.json")
+    assert record["status"] == "failed" and "at step 1 of 3" in record["error"]
+    assert not (tmp_path / "h.png").exists()  # no black final picture
+    # The advice holds: the same run in float32 finishes.
+    result = run("image2image.py", *args, "--dtype", "float32", "--output", tmp_path / "f.png")
+    assert result.returncode == 0, result.stderr
+
+
+def test_inf_in_the_weights_is_not_blamed_on_the_dtype(capsys, tmp_path, picture, sd2):
+    broken = model_copy(sd2, tmp_path / "broken", lambda t: t["conv_out.bias"].__setitem__(0, np.inf))
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", broken, "--steps", 4,
+                          "--seed", 0, "--dtype", "float32", "--output", tmp_path / "o.png")
+    only_error(status, 1, err, "at step 1 of 3 (dtype float32)",
+               "the model's weights may hold NaN or Inf: check the model files")
+    assert not (tmp_path / "o.png").exists()
+
+
+# --- a sweep from a shell script ----------------------------------------------------------------------
+
+SWEEP = r"""#!/usr/bin/env bash
+# A strength and seed sweep as users write them, into one folder. Run 7 is killed outright
+# (SIGKILL) and run 15 stopped (SIGTERM), each after its first frame.
+set -u
+python=$1; script=$2; picture=$3; model=$4; out=$5; statuses=$6
+strengths=(0.3 0.5 0.7 0.9 1.0)
+for i in $(seq 0 21); do
+    args=("$script" "$picture" "a red barn" --model "$model" --steps 3 -sd 1 --seed "$i"
+          --strength "${strengths[$((i % 5))]}" --output "$out/run-$i.png")
+    if [ "$i" = 7 ] || [ "$i" = 15 ]; then
+        "$python" "${args[@]}" --steps 200 --strength 1 --decoding_batch_size 1 >/dev/null 2>&1 &
+        pid=$!
+        for _ in $(seq 1 2400); do
+            [ -e "$out/run-$i.step-000.png" ] || ! kill -0 "$pid" 2>/dev/null && break
+            sleep 0.05
+        done
+        if [ "$i" = 7 ]; then kill -KILL "$pid"; else kill -TERM "$pid"; fi
+        wait "$pid"
+    else
+        "$python" "${args[@]}" >/dev/null 2>&1
+    fi
+    echo "$i $?" >> "$statuses"
+done
+"""
+
+
+def test_sweep_from_a_shell_script_leaves_only_whole_files(tmp_path, picture, sd2):
+    script, out, statuses = tmp_path / "sweep.sh", tmp_path / "out", tmp_path / "statuses"
+    script.write_text(SWEEP)
+    subprocess.run(["bash", str(script), sys.executable, str(ROOT / "image2image.py"), str(picture),
+                    str(sd2), str(out), str(statuses)], check=True, timeout=600)
+
+    exits = dict(line.split() for line in statuses.read_text().splitlines())
+    assert exits == {str(i): {"7": "137", "15": "143"}.get(str(i), "0") for i in range(22)}
+    assert temporaries(out) == []
+    pictures = assert_whole_pictures(out)
+    by_run: dict = {}
+    for name in pictures:
+        by_run.setdefault(name.split(".")[0], set()).add(name)
+    assert sorted(p.name for p in out.glob("*.json")) == sorted(f"run-{i}.json" for i in range(22))
+    for i in range(22):
+        record = sidecar(out / f"run-{i}.json")
+        files = by_run[f"run-{i}"]
+        if i == 7:  # killed outright: its sidecar still says "running", its files are whole
+            assert record["status"] == "running" and f"run-{i}.png" not in files
+            with pytest.raises(ProcessLookupError):
+                os.kill(record["pid"], 0)
+        elif i == 15:
+            assert record["status"] == "interrupted" and listed(record) == files
+        else:
+            assert record["status"] == "finished" and listed(record) == files
+            assert record["seed"] == i and f"run-{i}.png" in files
