@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import stable_diffusion  # noqa: E402  (first: it puts an optimised BLAS under MLX)
+# First: importing the package puts an optimised BLAS under MLX, which must precede mlx.core.
 from stable_diffusion.blas import preload_blas  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
@@ -129,7 +129,8 @@ def bench_conv(rows, dtype, reps):
     if torch is not None:
         tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(getattr(torch, dtype))  # (B, C, H, W)
         tw = torch.from_numpy(w.transpose(0, 3, 1, 2).copy()).to(getattr(torch, dtype))  # (O, I, kH, kW)
-        measure(rows, "conv", shape, dtype, "torch", torch_run(lambda: F.conv2d(tx, tw, padding=1)), flops, reps)
+        run = torch_run(lambda: F.conv2d(tx, tw, padding=1))
+        measure(rows, "conv", shape, dtype, "torch", run, flops, reps)
 
 
 def bench_groupnorm(rows, dtype, reps):
@@ -158,7 +159,8 @@ def bench_attention(rows, dtype, reps, slow_reps):
         flops = 4.0 * batch * heads * q_len * k_len * d
         scale = d**-0.5
         mq, mk, mv = (mx.array(t, dtype=getattr(mx, dtype)) for t in (q, k, v))
-        measure(rows, "attention", name, dtype, "mlx", mlx_run(lambda: attention(mq, mk, mv, scale)), flops, reps)
+        run = mlx_run(lambda: attention(mq, mk, mv, scale))
+        measure(rows, "attention", name, dtype, "mlx", run, flops, reps)
         fused = lambda: mx.fast.scaled_dot_product_attention(mq, mk, mv, scale=scale)  # noqa: E731
         # MLX's own call, the "before": on the CPU it is unfused and slow, so fewer repetitions.
         measure(rows, "attention", name, dtype, "mlx mx.fast", mlx_run(fused), flops, slow_reps)
@@ -177,7 +179,9 @@ def environment(blas, cache_mb) -> dict:
         "mlx": mx.__version__,
         "mlx_device": str(mx.default_device()),
         "mlx_blas": asdict(blas),
-        "mlx_cache_limit": {None: "MLX default (32 MiB)", 0: "quarter of RAM"}.get(cache_mb, f"{cache_mb} MiB"),
+        "mlx_cache_limit": {None: "MLX default (32 MiB)", 0: "quarter of RAM"}.get(
+            cache_mb, f"{cache_mb} MiB"
+        ),
         "attention_path": "mx.fast (fused)" if FUSED_ATTENTION else "chunked",
     }
     if torch is not None:
@@ -209,7 +213,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated dtypes")
     parser.add_argument("--threads", type=int, help="BLAS and PyTorch threads (default: their own)")
     parser.add_argument("--mlx-cache-mb", type=int,
-                        help="MLX's CPU buffer cache in MiB (MLX's default: 32; 0: ops.use_cpu_buffer_cache's)")
+                        help="MLX's CPU buffer cache in MiB (MLX default: 32; 0: a quarter of RAM)")
     args = parser.parse_args(argv)
 
     ops = args.ops.split(",")
@@ -237,11 +241,13 @@ def main(argv=None) -> int:
             if op == "attention":
                 bench_attention(rows, dtype, args.reps, args.slow_reps)
             else:
-                {"matmul": bench_matmul, "conv": bench_conv, "groupnorm": bench_groupnorm}[op](rows, dtype, args.reps)
+                bench = {"matmul": bench_matmul, "conv": bench_conv, "groupnorm": bench_groupnorm}[op]
+                bench(rows, dtype, args.reps)
             _print_rows([r for r in rows if r.op == op and r.dtype == dtype])
 
     if args.json is not None:
-        args.json.write_text(json.dumps({"environment": env, "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
+        report = {"environment": env, "rows": [asdict(r) for r in rows]}
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
 

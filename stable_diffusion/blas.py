@@ -53,7 +53,7 @@ INSTALL_HINT = "pip install scipy-openblas32 (or apt-get install libopenblas0-pt
 class BlasInfo:
     """Which BLAS serves MLX's CPU matrix products in this process."""
 
-    name: str  # e.g. "OpenBLAS 0.3.34 (scipy-openblas32, Zen)", or "reference" when none was found
+    name: str  # e.g. "OpenBLAS 0.3.34.481.3 (scipy-openblas32, Haswell)"; "reference": MLX's own
     path: str | None  # the library file; None when it is MLX's bundled reference BLAS
     threads: int | None  # BLAS worker threads; None when the library cannot say
     # True when the library was in the global scope before mlx.core was imported, so MLX uses it.
@@ -198,7 +198,7 @@ def _threads() -> int | None:
 
 
 def _openblas_name(lib: ctypes.CDLL, prefix: str, source: str) -> str:
-    """'OpenBLAS 0.3.34 (scipy-openblas32 0.3.34.481.3, Zen)' from the library's own config."""
+    """e.g. 'OpenBLAS 0.3.21 (system, Zen)', from the library's own config and core name."""
     try:
         config = getattr(lib, f"{prefix}openblas_get_config")
         core = getattr(lib, f"{prefix}openblas_get_corename")
@@ -268,10 +268,19 @@ def forwarding_library(needed: str, prefix: str, names: tuple[str, ...]) -> byte
     page = 0x10000
     rw_offset = align(text_end, 16)
     rw_address = rw_offset + page
-    dyn_entries = [
-        (1, needed_at), (14, soname_at), (4, hashtab), (5, strtab), (10, len(strings)),
-        (6, symtab), (11, 24), (7, rela), (8, 24 * n), (9, 24), (0, 0),
-    ]  # fmt: skip  DT_NEEDED SONAME HASH STRTAB STRSZ SYMTAB SYMENT RELA RELASZ RELAENT NULL
+    dyn_entries = [  # (tag, value)
+        (1, needed_at),  # DT_NEEDED
+        (14, soname_at),  # DT_SONAME
+        (4, hashtab),  # DT_HASH
+        (5, strtab),  # DT_STRTAB
+        (10, len(strings)),  # DT_STRSZ
+        (6, symtab),  # DT_SYMTAB
+        (11, 24),  # DT_SYMENT
+        (7, rela),  # DT_RELA
+        (8, 24 * n),  # DT_RELASZ
+        (9, 24),  # DT_RELAENT
+        (0, 0),  # DT_NULL
+    ]
     dynamic = rw_address
     slots = dynamic + 16 * len(dyn_entries)
     rw_size = 16 * len(dyn_entries) + 8 * n

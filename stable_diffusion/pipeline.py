@@ -14,7 +14,7 @@ from typing import Iterator, NamedTuple
 import mlx.core as mx
 import numpy as np
 
-from . import model_io
+from . import model_io, ops
 from .clip import CLIPTextModel
 from .config import TEXT_COMPONENTS, PipelineConfig, read_pipeline_config
 from .errors import InputError
@@ -93,6 +93,7 @@ class StableDiffusion:
     def from_folder(cls, folder: Path, config: PipelineConfig, dtype=mx.float32,
                     variant: str | None = None, source: dict | None = None) -> "StableDiffusion":
         folder = Path(folder)
+        ops.use_cpu_buffer_cache()
         unet = model_io.load_weights(UNetModel(config.unet), folder / "unet",
                                      model_io.map_unet_weights, dtype, variant)
         vae = model_io.load_weights(Autoencoder(config.vae), folder / "vae",

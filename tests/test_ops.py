@@ -78,7 +78,8 @@ def test_chunked_attention_masks(parity):
     for name, mask in masks.items():
         out = chunked_attention(mx.array(q), mx.array(k), mx.array(v), 0.25, mx.array(mask), block_scores=500)
         parity(f"attention mask {name}", out, reference_attention(q, k, v, 0.25, mask), atol=2e-6)
-    boolean = chunked_attention(mx.array(q), mx.array(k), mx.array(v), 0.25, mx.array(~blocked), block_scores=500)
+    allowed = mx.array(~blocked)
+    boolean = chunked_attention(mx.array(q), mx.array(k), mx.array(v), 0.25, allowed, block_scores=500)
     additive = np.where(blocked, -np.inf, 0.0)
     parity("attention mask boolean", boolean, reference_attention(q, k, v, 0.25, additive), atol=2e-6)
 
@@ -104,7 +105,8 @@ def test_chunked_attention_half_precision_inputs(dtype, parity):
     exact_inputs = [np.array(t.astype(mx.float32)) for t in half]
     # Computed in float32 from the rounded inputs: only the final cast to `dtype` is lost.
     ulp = {"bfloat16": 2.0**-8, "float16": 2.0**-11}[dtype]
-    parity(f"attention {dtype}", out.astype(mx.float32), reference_attention(*exact_inputs, 0.25), atol=4 * ulp)
+    reference = reference_attention(*exact_inputs, 0.25)
+    parity(f"attention {dtype}", out.astype(mx.float32), reference, atol=4 * ulp)
 
 
 def test_attention_dispatch_and_fused_agree():
@@ -113,7 +115,8 @@ def test_attention_dispatch_and_fused_agree():
     fused = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25)
     chunked = chunked_attention(q, k, v, 0.25)
     assert FUSED_ATTENTION == (mx.default_device() == mx.gpu)
-    np.testing.assert_allclose(np.array(ours), np.array(fused if FUSED_ATTENTION else chunked), rtol=0, atol=0)
+    expected = fused if FUSED_ATTENTION else chunked
+    np.testing.assert_array_equal(np.array(ours), np.array(expected))
     np.testing.assert_allclose(np.array(chunked), np.array(fused), rtol=0, atol=3e-6)
 
 
