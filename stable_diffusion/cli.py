@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import hashlib
-import json
 import math
 import signal
 import sys
@@ -268,14 +266,6 @@ def txt2image_main(argv=None) -> int:
     return main("txt2image", argv)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def reproduce_argv(command: str, args, seed: int, source: dict) -> list:
     """The arguments that make the same final picture again (output path left out)."""
     argv = [args.image] if command == "image2image" else []
@@ -291,10 +281,6 @@ def reproduce_argv(command: str, args, seed: int, source: dict) -> list:
     if args.quantize:
         argv.append("--quantize")
     return argv
-
-
-def dumps(record) -> str:
-    return json.dumps(record, sort_keys=True, ensure_ascii=False)
 
 
 def elapsed(start: float) -> float:

@@ -115,3 +115,31 @@ def test_txt2image_runs_with_snapshots(tmp_path, sd2):
     assert Image.open(out).size == (128, 64)  # two 64x64 pictures in one row
     parameters = parse_parameters_text(Image.open(out).text["parameters"])
     assert parameters["steps"] == 3 and parameters["seed"] == 2
+
+
+def test_noising_path_snapshots_both_preview_and_animation(tmp_path, picture, sd2):
+    common = [picture, "a red barn", "--model", sd2, "--steps", 4, "--strength", 1, "--seed", 4]
+    out = tmp_path / "a.png"
+    result = run("image2image.py", *common, "-sd", 2, "--snapshot", "both", "--preview", "approx",
+                 "--show_noising", 250, "--noising_path", "markov", "--animate", "--output", out)
+    assert "strength 1.00 x 4 steps -> start t=1000, 4 steps" in result.stdout
+    noise = {f"a.noise-t{t:04d}.png" for t in (0, 250, 500, 750, 1000)}
+    steps = {f"a.step-{k:03d}.png" for k in (0, 2, 4)}
+    assert files_in(tmp_path) == noise | steps | {"a.noise-strip.png", "a.anim.gif", "a.png", "a.json"}
+    assert Image.open(tmp_path / "a.step-002.png").size == (128, 64)  # x_t and x0 side by side
+    with Image.open(tmp_path / "a.anim.gif") as gif:
+        assert gif.n_frames == 8 and gif.size == (128, 64)  # 5 noising frames, then 3 snapshots
+    sidecar = json.loads((tmp_path / "a.json").read_text())
+    assert {f["path"] for f in sidecar["files"] if f["kind"] == "noise"} == {"markov"}
+    # The final picture is always decoded by the VAE, whatever the frames' preview.
+    b = tmp_path / "b" / "b.png"
+    run("image2image.py", *common, "--output", b)
+    assert np.array_equal(np.array(Image.open(out)), np.array(Image.open(b)))
+
+
+def test_print_parser_shows_arguments_before_work(tmp_path, picture, sd2):
+    result = run("image2image.py", picture, "x", "--model", sd2, "--steps", 2, "-pp", "1",
+                 "-gt", "0", "-sp", "0", "--output", tmp_path / "p.png")
+    assert "strength: 0.9" in result.stdout and "generate_triangle: False" in result.stdout
+    assert result.stdout.index("strength: 0.9") < result.stdout.index("strength 0.90 x 2 steps")
+    assert "parameters" not in Image.open(tmp_path / "p.png").text  # -sp 0: no metadata
