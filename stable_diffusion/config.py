@@ -249,7 +249,11 @@ def read_pipeline_config(folder: Path, notices: list | None = None) -> PipelineC
             unknown = sorted(k for k in d if not k.startswith("_") and k not in _known_fields(cls))
             if unknown:
                 notices.append(f"{name}/{filename}: ignoring fields {', '.join(unknown)}")
-        return cls.from_diffusers(d)
+        try:
+            return cls.from_diffusers(d)
+        except ConfigError as e:
+            raise ConfigError(f"{folder / name / filename}: {e}; fix the file or download the "
+                              "model again") from None
 
     encoders = [read(enc, TextEncoderConfig) for enc, _ in TEXT_COMPONENTS if enc in present]
     return PipelineConfig(

@@ -238,4 +238,4 @@ def test_unknown_config_fields_are_ignored_with_a_notice(model):
 def test_missing_required_config_field(model):
     edit_json(model / "unet" / "config.json", lambda d: d.pop("block_out_channels"))
     expect_model_error(lambda: StableDiffusion.from_pretrained(str(model)),
-                       "missing the required field 'block_out_channels'")
+                       "missing the required field 'block_out_channels'", "unet/config.json")
