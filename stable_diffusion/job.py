@@ -532,7 +532,7 @@ class Job:
         row_labels = [f"s={r.strength:g}" for r in rows] if args.labels else None
         cell_labels = None
         if args.labels:
-            cell_labels = [[f"{k}/{r.plan.steps} t={r.plan.times[k]:g} s={sd.sampler.sigma(r.plan.times[k]):.2f}"
+            cell_labels = [[f"{k}/{r.plan.steps} t={r.plan.times[k]:g} sigma={sd.sampler.sigma(r.plan.times[k]):.2f}"
                             for k in r.cells] for r in rows]
         cell_h, cell_w = cells[0][0].shape[:2]
         picture = render.triangle(cells, cell_h, cell_w, order="low_top" if args.triangle_low_top else "low_bottom",
