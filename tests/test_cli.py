@@ -143,3 +143,31 @@ def test_print_parser_shows_arguments_before_work(tmp_path, picture, sd2):
     assert "strength: 0.9" in result.stdout and "generate_triangle: False" in result.stdout
     assert result.stdout.index("strength: 0.9") < result.stdout.index("strength 0.90 x 2 steps")
     assert "parameters" not in Image.open(tmp_path / "p.png").text  # -sp 0: no metadata
+
+
+def test_triangle_runs_each_step_once_and_cfg_0_runs_unguided(tmp_path, picture, sd2, monkeypatch):
+    """Count the UNet's calls (and their batch) in-process: the triangle costs the sum over its rows
+    of int(N * s) calls, nothing run twice; --cfg 0 means one unguided picture per call."""
+    from stable_diffusion import cli
+    from stable_diffusion.unet import UNetModel
+
+    batches = []
+    original = UNetModel.__call__
+
+    def counting(self, sample, *args, **kwargs):
+        batches.append(sample.shape[0])
+        return original(self, sample, *args, **kwargs)
+
+    monkeypatch.setattr(UNetModel, "__call__", counting)
+    strengths = (0.25, 0.5, 0.75, 1.0)
+    status = cli.main("image2image", [str(picture), "x", "--model", str(sd2), "--steps", "8", "-gt",
+                                      "--triangle_strengths", ",".join(map(str, strengths)),
+                                      "--seed", "0", "--cfg", "0", "--quiet",
+                                      "--output", str(tmp_path / "t.png")])
+    assert status == 0
+    assert len(batches) == sum(int(8 * s) for s in strengths) == 20
+    assert set(batches) == {1}
+    batches.clear()
+    assert cli.main("image2image", [str(picture), "x", "--model", str(sd2), "--steps", "4",
+                                    "--cfg", "2", "--quiet", "--output", str(tmp_path / "g.png")]) == 0
+    assert batches == [2] * 3  # guided: negative and prompt together, int(4 * 0.9) steps
