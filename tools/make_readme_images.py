@@ -45,6 +45,7 @@ def run(*args) -> None:
 def main() -> int:
     IMAGES.mkdir(exist_ok=True)
     sample_input(512).save(IMAGES / "input.png")
+    sample_input(128).save(IMAGES / "input-128.png")  # for trying the tools on the tiny model
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         small = tmp / "input-64.png"
