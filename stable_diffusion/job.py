@@ -7,8 +7,8 @@ never reaches into the loop.
 from __future__ import annotations
 
 import errno
+import functools
 import os
-import re
 import signal
 import threading
 import time
@@ -177,7 +177,7 @@ class Job:
                              "output folder")
         metadata.check_output_dir(folder)
         self.created_folders = missing  # deepest first
-        removed = remove_stale_temporaries(folder)
+        removed = metadata.remove_stale_temporaries(folder)
         if removed:
             self.console.notice(f"removed {len(removed)} temporary file(s) left by a killed run in "
                                 f"{folder}: {', '.join(removed[:3])}" + (" ..." if len(removed) > 3 else ""))
@@ -396,18 +396,27 @@ class Job:
         else:
             steps = sd.generate_latents(args.prompt, args.n_images, self.num_steps, self.cfg,
                                         args.negative_prompt, self.seed, eps, latent_shape[1:3])
+        decoded_final = []  # the last snapshot, when it is the final latent decoded by the VAE
+
+        def write(frame, pictures):
+            if frame.info["step"] == plan.steps and args.snapshot == "xt" and args.preview == "vae":
+                decoded_final.append(pictures)
+            animation.append(self._write_frame(frame, pictures, plan))
+
         final = None
         for step in console.progress(steps, total=plan.steps + 1, desc="steps"):
             self._evaluate(step)
             final = step
             if step.index in kept:
-                frame = self._snapshot_frame(step, plan, kept[step.index])
-                decoder.add(frame, lambda f, p: animation.append(self._write_frame(f, p, plan)))
+                decoder.add(self._snapshot_frame(step, plan, kept[step.index]), write)
         decoder.flush()
         self.timings["steps_and_frames_s"] = elapsed(t_start)
 
         t_final = time.perf_counter()
-        picture = Decoder(sd, "vae", args.decoding_batch_size, console).pictures(final.x_t)
+        if decoded_final:
+            picture = decoded_final[0]
+        else:
+            picture = Decoder(sd, "vae", args.decoding_batch_size, console).pictures(final.x_t)
         self._save(self.output, self._grid(picture),
                    {"kind": "final", "step": final.index, "count": plan.steps, "t": final.t,
                     "sigma": final.sigma, "strength": plan.strength}, plan)
@@ -590,41 +599,7 @@ def numerical_advice(dtype_name: str, quantized: bool) -> str:
     return advice + (", or without --quantize" if quantized else "")
 
 
-_TEMPORARY = re.compile(r"^\.(?P<target>.+\.(png|json|gif|webp))\.tmp-(?P<pid>\d+)-[0-9a-f]{8}$")
-
-
-def remove_stale_temporaries(folder: Path) -> list[str]:
-    """Remove the temporary files (metadata.atomic_write's names) that runs killed outright left in
-    `folder`: those whose process is gone. A file of a process still running is left alone."""
-    removed = []
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return removed
-    for entry in entries:
-        m = _TEMPORARY.match(entry.name)
-        if m is None or not entry.is_file(follow_symlinks=False) or _process_exists(int(m["pid"])):
-            continue
-        try:
-            os.unlink(entry.path)
-        except OSError:
-            continue
-        removed.append(entry.name)
-    return sorted(removed)
-
-
-def _process_exists(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):  # another user's process, or not a pid at all
-        return True
-    return True
-
-
+@functools.cache
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -52,6 +52,41 @@ def _temp_name(path: Path) -> Path:
     return path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
 
 
+_TEMPORARY = re.compile(r"^\..+\.tmp-(?P<pid>\d+)-[0-9a-f]{8}$")  # the names _temp_name makes
+
+
+def remove_stale_temporaries(folder: Path) -> list[str]:
+    """Remove the temporary files of `atomic_write` that runs killed outright left in `folder`:
+    those whose process is gone. A file of a process still running is left alone."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMPORARY.match(entry.name)
+        if m is None or not entry.is_file(follow_symlinks=False) or _process_exists(int(m["pid"])):
+            continue
+        try:
+            os.unlink(entry.path)
+        except OSError:
+            continue
+        removed.append(entry.name)
+    return sorted(removed)
+
+
+def _process_exists(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process, or not a pid at all
+        return True
+    return True
+
+
 def _fsync_dir(folder: Path) -> None:
     """Make the rename itself durable. Not every file system or platform allows this; the file is
     already complete under its final name, so failing here loses nothing the user would see."""
