@@ -6,6 +6,7 @@ never reaches into the loop.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
@@ -358,8 +359,10 @@ class Job:
         return metadata.png_text_chunks(parameters, record)
 
     def _save(self, path: Path, picture: np.ndarray, info: dict, plan) -> None:
-        metadata.save_png(path, picture, self._chunks(info, plan))
-        self.files.append(dict(info, file=path.name))
+        chunks = self._chunks(info, plan)
+        with interrupts_deferred():  # the file and its entry in the sidecar's list, or neither
+            metadata.save_png(path, picture, chunks)
+            self.files.append(dict(info, file=path.name))
 
     def _grid(self, pictures: np.ndarray) -> np.ndarray:
         return render.grid(render.to_uint8(pictures), self.args.n_rows)
@@ -494,8 +497,9 @@ class Job:
             c[:f.shape[0], :f.shape[1]] = f
             canvas.append(c)
         path = self.names.animation(self.args.animate)
-        render.save_animation(path, canvas, 150, fmt=self.args.animate)
-        self.files.append({"file": path.name, "kind": "animation", "frames": len(canvas)})
+        with interrupts_deferred():
+            render.save_animation(path, canvas, 150, fmt=self.args.animate)
+            self.files.append({"file": path.name, "kind": "animation", "frames": len(canvas)})
 
     # --- the triangle -------------------------------------------------------------------------------
 
@@ -588,6 +592,26 @@ class Job:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Ctrl-C and SIGTERM wait until the block is done, then stop the run as usual. A signal that
+    arrived between a file's rename and its entry in `Job.files` would leave a frame on disk that
+    the sidecar does not list."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    signums = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if pending:
+            signal.raise_signal(pending[0])  # now handled as it would have been
 
 
 def numerical_advice(dtype_name: str, quantized: bool) -> str:

@@ -391,6 +391,25 @@ def test_ctrl_c_in_the_middle_of_a_file_leaves_no_part_of_it(capsys, tmp_path, p
     assert listed(record) == set(assert_whole_pictures(tmp_path)) == {"o.step-000.png"}
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_just_after_a_rename_still_lists_the_file(capsys, tmp_path, picture, sd2, monkeypatch, signum):
+    # The signal arrives the moment the first frame has its final name: the sidecar must list it.
+    replace = os.replace
+
+    def signalled_replace(src, dst, *args, **kwargs):
+        replace(src, dst, *args, **kwargs)
+        if str(dst).endswith(".step-000.png"):
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(os, "replace", signalled_replace)
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 4,
+                          "--strength", 1, "-sd", 1, "--seed", 0, "--output", tmp_path / "o.png")
+    assert status == 128 + signum, err
+    record = sidecar(tmp_path / "o.json")
+    assert record["status"] == "interrupted"
+    assert listed(record) == set(assert_whole_pictures(tmp_path)) == {"o.step-000.png"}
+
+
 # --- numerical faults -------------------------------------------------------------------------------
 
 
