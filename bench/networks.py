@@ -4,10 +4,19 @@ Weights are random (timing does not depend on their values). Each framework runs
 its own subprocess of this script, so that their BLAS libraries, threads and memory do not mix;
 the parent prints a table (min and median seconds, GFLOP/s, peak memory, ratio ours/diffusers) and
 writes JSON. FLOPs are counted once on the PyTorch side (torch.utils.flop_counter) and used for both.
+Every row also says how busy the machine was: the CPU seconds other processes used while it ran.
 Needs the `reference` extra. Not part of the test run.
 
-    python bench/networks.py                                   # everything, float32
-    python bench/networks.py --workloads unet64,vae_decode --reps 2 --json bench.json
+    python bench/networks.py --json bench.json                  # every workload, float32
+    python bench/networks.py --workloads unet64,vae_decode --reps 2
+    python bench/networks.py --dtype bfloat16 --workloads img2img1 --frameworks ours
+
+Workloads: UNet calls (batch 2: classifier-free guidance), VAE encode and decode at 512x512, the
+text encoder, whole image-to-image runs (the pipeline's own loop, 512x512, cfg 7.5), and `load`:
+a full-size model written in the diffusers layout (safetensors) to a temporary folder, then
+loaded with `StableDiffusion.from_pretrained` (diffusers: `StableDiffusionImg2ImgPipeline.
+from_pretrained`) until every weight is in memory. After the table: what a 10-row, 50-step
+triangle with -sd 5 costs in UNet calls and VAE decodes, and the `--preview approx` alternative.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,14 +50,22 @@ TEXT = dict(architectures=["CLIPTextModel"], vocab_size=49408, hidden_size=1024,
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                  beta_schedule="scaled_linear", prediction_type="epsilon")
 
-WORKLOADS = {  # name: (description, shape)
+WORKLOADS = {
     "unet64": "UNet call, batch 2, 64x64 latent",
     "unet32": "UNet call, batch 2, 32x32 latent",
     "vae_encode": "VAE encode, 512x512",
     "vae_decode": "VAE decode, 512x512",
     "text": "text encoder, batch 2, 77 tokens",
     "img2img": "img2img 512x512, strength 0.5 x 10 steps, cfg 7.5",
+    "img2img1": "img2img 512x512, strength 0.1 x 10 steps, cfg 7.5",
+    "load": "load the model from a folder (safetensors)",
 }
+DEFAULT_WORKLOADS = ("unet64", "unet32", "vae_encode", "vae_decode", "text", "img2img", "load")
+IMG2IMG = {"img2img": (0.5, 10), "img2img1": (0.1, 10)}  # (strength, steps)
+# A whole run or a load is long, or has its own warm-up (the first steps): timed once, no warm-up.
+SINGLE_RUN = ("img2img", "img2img1", "load")
+# The triangle of the snapshot-cost estimate: default rows (strengths 0.1 .. 1.0), 50 steps, -sd 5.
+TRIANGLE_STEPS, TRIANGLE_EVERY = 50, 5
 
 
 # --- workers ---------------------------------------------------------------------------------------
@@ -56,12 +74,14 @@ WORKLOADS = {  # name: (description, shape)
 def mlx_worker(workload: str, dtype_name: str, reps: int) -> dict:
     import stable_diffusion  # noqa: F401  (loads the optimised BLAS before mlx.core)
     import mlx.core as mx
+    from mlx.utils import tree_flatten
 
     from stable_diffusion.blas import preload_blas
     from stable_diffusion.clip import CLIPTextModel
     from stable_diffusion.config import (PipelineConfig, SchedulerConfig, TextEncoderConfig,
                                          UNetConfig, VAEConfig)
     from stable_diffusion.ops import use_cpu_buffer_cache
+    from stable_diffusion.pipeline import StableDiffusion
     from stable_diffusion.unet import UNetModel
     from stable_diffusion.vae import Autoencoder
 
@@ -93,11 +113,19 @@ def mlx_worker(workload: str, dtype_name: str, reps: int) -> dict:
         text = ready(CLIPTextModel(TextEncoderConfig.from_diffusers(TEXT)))
         ids = mx.array([[49406] + [320] * 10 + [49407] * 66] * 2)
         run = lambda: text(ids).last_hidden_state  # noqa: E731
+    elif workload == "load":
+        folder = Path(os.environ["BENCH_MODEL"])
+
+        def run():
+            sd = StableDiffusion.from_pretrained(str(folder), dtype=dtype)
+            # Loading is lazy: the first step could run once every weight is in memory.
+            weights = [v for m in (sd.unet, sd.vae, *sd.text_encoders) for _, v in tree_flatten(m.parameters())]
+            mx.eval(weights)
+            return weights[0]
     else:
-        from stable_diffusion.pipeline import StableDiffusion
         from stable_diffusion.tokenizer import Tokenizer
 
-        folder = Path(os.environ["BENCH_TOKENIZER"])
+        folder = Path(os.environ["BENCH_MODEL"]) / "tokenizer"
         config = PipelineConfig(unet=UNetConfig.from_diffusers(UNET), vae=VAEConfig.from_diffusers(VAE),
                                 scheduler=SchedulerConfig.from_diffusers(SCHEDULER),
                                 text_encoders=(TextEncoderConfig.from_diffusers(TEXT),))
@@ -105,24 +133,23 @@ def mlx_worker(workload: str, dtype_name: str, reps: int) -> dict:
                              [ready(CLIPTextModel(config.text_encoders[0]))],
                              [Tokenizer.from_folder(folder)], dtype)
         picture = mx.random.uniform(-1, 1, (512, 512, 3), key=key)
+        strength, steps = IMG2IMG[workload]
 
         def run():
-            steps = sd.generate_latents_from_image(picture, "a lit fireplace", strength=0.5,
-                                                   num_steps=10, cfg_weight=7.5, seed=0)
-            for step in steps:
+            trajectory = sd.generate_latents_from_image(picture, "a lit fireplace", strength=strength,
+                                                        num_steps=steps, cfg_weight=7.5, seed=0)
+            for step in trajectory:
                 mx.eval(step.x_t)
             return sd.decode(step.x_t)
 
-    times = []
-    for _ in range(reps + 1):  # the first call warms up (compilation, page faults)
-        start = time.perf_counter()
-        mx.eval(run())
-        times.append(time.perf_counter() - start)
+    times, others, warmup = _timed(lambda: mx.eval(run()), reps, workload not in SINGLE_RUN)
     blas = preload_blas()
     peak = getattr(mx, "get_peak_memory", None)
-    return {"times": times[1:], "warmup": times[0], "maxrss_mb": _maxrss_mb(),
-            "mlx_peak_mb": peak() / 2**20 if peak else None,
-            "blas": f"{blas.name}, {blas.threads} thread(s)", "device": str(mx.default_device())}
+    return {"times": times, "others_cpu_s": others, "warmup": warmup, "maxrss_mb": _maxrss_mb(),
+            "mlx_peak_mb": peak() / 2**20 if peak else None, "blas": blas.name,
+            "blas_threads": blas.threads, "device": str(mx.default_device()), "mlx": mx.__version__,
+            # MLX's CPU element-wise operations and reductions run on one thread per stream.
+            "elementwise_threads": 1}
 
 
 def torch_worker(workload: str, dtype_name: str, reps: int) -> dict:
@@ -137,12 +164,13 @@ def torch_worker(workload: str, dtype_name: str, reps: int) -> dict:
     vae = lambda: AutoencoderKL(**VAE).to(dtype).eval()  # noqa: E731
     text_config = {k: v for k, v in TEXT.items() if k != "architectures"}
     text = lambda: CLIPTextModel(CLIPTextConfig(**text_config)).to(dtype).eval()  # noqa: E731
+    count_flops = workload != "load"
     if workload.startswith("unet"):
         model = unet()
         side = 64 if workload == "unet64" else 32
         x = torch.randn(2, 4, side, side, dtype=dtype)
         context = torch.randn(2, 77, 1024, dtype=dtype)
-        run = lambda: model(x, torch.tensor([499.0, 499.0]), context).sample  # noqa: E731
+        run = lambda: model(x, torch.tensor([500.0, 500.0]), context).sample  # noqa: E731
     elif workload.startswith("vae"):
         model = vae()
         if workload == "vae_encode":
@@ -157,92 +185,267 @@ def torch_worker(workload: str, dtype_name: str, reps: int) -> dict:
         run = lambda: model(ids).last_hidden_state  # noqa: E731
     else:
         from diffusers import StableDiffusionImg2ImgPipeline
-        from transformers import CLIPTokenizer
 
-        folder = Path(os.environ["BENCH_TOKENIZER"])
-        pipe = StableDiffusionImg2ImgPipeline(
-            vae=vae(), text_encoder=text(), tokenizer=CLIPTokenizer.from_pretrained(folder),
-            unet=unet(), scheduler=EulerDiscreteScheduler(**SCHEDULER), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
-        picture = torch.rand(1, 3, 512, 512, dtype=dtype) * 2 - 1
-        run = lambda: pipe("a lit fireplace", image=picture, strength=0.5,  # noqa: E731
-                           num_inference_steps=10, guidance_scale=7.5, output_type="pt").images
+        folder = Path(os.environ["BENCH_MODEL"])
+        if workload == "load":
+            def run():
+                pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
+                    folder, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+                # safetensors maps the files: touch every weight, as our load evaluates them.
+                for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+                    for weight in module.parameters():
+                        weight.sum()
+                return pipe
+        else:
+            from transformers import CLIPTokenizer
 
-    times = []
+            pipe = StableDiffusionImg2ImgPipeline(
+                vae=vae(), text_encoder=text(), tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+                unet=unet(), scheduler=EulerDiscreteScheduler(**SCHEDULER), safety_checker=None,
+                feature_extractor=None, requires_safety_checker=False)
+            pipe.set_progress_bar_config(disable=True)
+            picture = torch.rand(1, 3, 512, 512, dtype=dtype) * 2 - 1
+            strength, steps = IMG2IMG[workload]
+            run = lambda: pipe("a lit fireplace", image=picture, strength=strength,  # noqa: E731
+                               num_inference_steps=steps, guidance_scale=7.5, output_type="pt").images
+            # A whole run is counted from its parts (see main), not run a second time to count.
+            count_flops = False
+
+    flops = None
     with torch.inference_mode():
-        counter = FlopCounterMode(display=False)
-        with counter:
-            run()
-        for _ in range(reps + 1):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-    return {"times": times[1:], "warmup": times[0], "maxrss_mb": _maxrss_mb(),
-            "flops": counter.get_total_flops(), "threads": torch.get_num_threads(),
-            "blas": torch.__config__.show().split("BLAS_INFO=")[-1].split(",")[0]}
+        if count_flops:
+            counter = FlopCounterMode(display=False)
+            with counter:
+                run()
+            flops = counter.get_total_flops()
+        times, others, warmup = _timed(run, reps, workload not in SINGLE_RUN and not count_flops)
+    found = torch.__config__.show().split("BLAS_INFO=")
+    return {"times": times, "others_cpu_s": others, "warmup": warmup, "maxrss_mb": _maxrss_mb(),
+            "flops": flops, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "blas": found[-1].split(",")[0] if len(found) > 1 else "unknown"}
+
+
+def _timed(run, reps: int, warm_up: bool) -> tuple[list, list, float | None]:
+    """Wall seconds of `reps` runs (after one untimed run if `warm_up`), and for each the CPU seconds
+    the rest of the machine used meanwhile: other processes' share of the cores."""
+    warmup = None
+    if warm_up:
+        start = time.perf_counter()
+        run()
+        warmup = time.perf_counter() - start
+    times, others = [], []
+    for _ in range(reps):
+        busy, own = _machine_busy(), _own_cpu()
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+        others.append(max(0.0, _machine_busy() - busy - (_own_cpu() - own)))
+    return times, others, warmup
+
+
+def _machine_busy() -> float:
+    """CPU seconds all processes have used since boot (Linux /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def write_model(folder: Path) -> float:
+    """The full-size model in the diffusers layout, random float32 weights; returns the bytes written."""
+    from safetensors.numpy import save_file
+
+    from stable_diffusion.testing import (clip_shapes, random_tensors, tokenizer_config, unet_shapes,
+                                          vae_shapes, write_tokenizer)
+
+    def write_json(path: Path, data: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2) + "\n")
+
+    write_json(folder / "model_index.json", {
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "safety_checker": [None, None],
+        "feature_extractor": [None, None], "requires_safety_checker": False})
+    write_json(folder / "scheduler" / "scheduler_config.json",
+               dict(SCHEDULER, _class_name="EulerDiscreteScheduler", steps_offset=1))
+    components = {
+        "unet": (dict(UNET, _class_name="UNet2DConditionModel"), unet_shapes(UNET), "diffusion_pytorch_model"),
+        "vae": (dict(VAE, _class_name="AutoencoderKL"), vae_shapes(VAE), "diffusion_pytorch_model"),
+        "text_encoder": (dict(TEXT, model_type="clip_text_model"), clip_shapes(TEXT), "model"),
+    }
+    size = 0
+    for index, (name, (config, shapes, stem)) in enumerate(components.items()):
+        write_json(folder / name / "config.json", config)
+        tensors = random_tensors(shapes, seed=index)
+        size += sum(t.nbytes for t in tensors.values())
+        save_file(tensors, str(folder / name / f"{stem}.safetensors"))
+        del tensors
+    write_tokenizer(folder / "tokenizer", tokenizer_config("!"))
+    return float(size)
+
+
 # --- the parent -------------------------------------------------------------------------------------
 
 
-def measure(side: str, workload: str, dtype: str, reps: int) -> dict:
-    result = subprocess.run([sys.executable, __file__, "--worker", side, workload, dtype, str(reps)],
+def measure(framework: str, workload: str, dtype: str, reps: int) -> dict:
+    worker = "mlx" if framework == "ours" else "torch"
+    reps = 1 if workload in SINGLE_RUN else reps
+    before = os.getloadavg()[0]
+    result = subprocess.run([sys.executable, __file__, "--worker", worker, workload, dtype, str(reps)],
                             capture_output=True, text=True)
     if result.returncode != 0:
-        return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
-    return json.loads(result.stdout.strip().splitlines()[-1])
+        lines = result.stderr.strip().splitlines()
+        return {"error": lines[-1] if lines else f"exit status {result.returncode}"}
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out["load_average_before_after"] = [before, os.getloadavg()[0]]
+    return out
+
+
+def snapshot_costs(results: dict) -> dict | None:
+    """A triangle's UNet time against its VAE decode time, from the measured per-call times."""
+    from stable_diffusion.render import approx_decode
+    from stable_diffusion.trajectory import DEFAULT_TRIANGLE_STRENGTHS, triangle_rows
+
+    import numpy as np
+
+    unet = results.get("unet64", {}).get("ours", {})
+    decode = results.get("vae_decode", {}).get("ours", {})
+    if "times" not in unet or "times" not in decode:
+        return None
+    rows = triangle_rows(DEFAULT_TRIANGLE_STRENGTHS, TRIANGLE_STEPS, TRIANGLE_EVERY)
+    steps = sum(r.plan.steps for r in rows)
+    cells = sum(len(r.cells) for r in rows)
+    latent = np.random.default_rng(0).standard_normal((1, 64, 64, 4)).astype(np.float32)
+    approx_decode(latent, "sd")
+    preview = []
+    for _ in range(20):
+        start = time.perf_counter()
+        approx_decode(latent, "sd")
+        preview.append(time.perf_counter() - start)
+    u, d = min(unet["times"]), min(decode["times"])
+    return {"unet_steps": steps, "decodes": cells, "unet_s": steps * u, "decode_s": cells * d,
+            "decode_share": cells * d / (steps * u + cells * d), "vae_decode_s": d,
+            "approx_preview_s": min(preview)}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
+                        help=f"comma-separated, from {', '.join(WORKLOADS)}")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--reps", type=int, default=2, help="timed repetitions after a warm-up")
+    parser.add_argument("--frameworks", default="ours,diffusers", help="ours, diffusers or both")
+    parser.add_argument("--reps", type=int, default=2,
+                        help="timed repetitions after a warm-up (whole runs and loads: one, no warm-up)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        side, workload, dtype, reps = args.worker
-        worker = mlx_worker if side == "mlx" else torch_worker
-        print(json.dumps(worker(workload, dtype, int(reps))))
+        worker, workload, dtype, reps = args.worker
+        run = mlx_worker if worker == "mlx" else torch_worker
+        print(json.dumps(run(workload, dtype, int(reps))))
         return 0
 
-    # The tiny test tokenizer: its cost is negligible, and it needs no download.
-    from stable_diffusion.testing import tokenizer_config, write_tokenizer
+    workloads = args.workloads.split(",")
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown:
+        parser.error(f"unknown workload {unknown[0]!r}; choose from {', '.join(WORKLOADS)}")
+    frameworks = args.frameworks.split(",")
+    scratch = Path(tempfile.mkdtemp(prefix="sd-bench-"))
+    os.environ["BENCH_MODEL"] = str(scratch)
+    report = {"dtype": args.dtype, "reps": args.reps, "cpus": os.cpu_count(), "uname": os.uname().release,
+              "load_average_start": os.getloadavg(), "workloads": {}}
+    try:
+        if "load" in workloads:
+            start = time.perf_counter()
+            written = write_model(scratch)
+            report["model_bytes"] = written
+            print(f"wrote a random full-size model ({written / 2**30:.2f} GiB) in "
+                  f"{time.perf_counter() - start:.0f} s", flush=True)
+        else:
+            from stable_diffusion.testing import tokenizer_config, write_tokenizer
 
-    folder = Path(tempfile.mkdtemp()) / "tokenizer"
-    write_tokenizer(folder, tokenizer_config("!"))
-    os.environ["BENCH_TOKENIZER"] = str(folder)
-    report = {"dtype": args.dtype, "reps": args.reps, "cpus": os.cpu_count(),
-              "load_average": os.getloadavg(), "workloads": {}}
-    print(f"{'workload':44s} {'ours min/med s':>15s} {'diffusers min/med s':>20s} {'ratio':>6s} "
-          f"{'GFLOP/s ours/theirs':>20s} {'peak MB ours/theirs':>20s}")
-    for workload in args.workloads.split(","):
-        ours = measure("mlx", workload, args.dtype, args.reps)
-        theirs = measure("torch", workload, args.dtype, args.reps)
-        report["workloads"][workload] = {"ours": ours, "diffusers": theirs}
-        if "error" in ours or "error" in theirs:
-            print(f"{WORKLOADS[workload]:44s} error: {ours.get('error') or theirs.get('error')}")
-            continue
-        a, b = min(ours["times"]), min(theirs["times"])
-        gflop = theirs["flops"] / 1e9
-        print(f"{WORKLOADS[workload]:44s} {a:7.2f}/{statistics.median(ours['times']):<7.2f} "
-              f"{b:12.2f}/{statistics.median(theirs['times']):<7.2f} {a / b:6.2f} "
-              f"{gflop / a:10.1f}/{gflop / b:<9.1f} {ours['maxrss_mb']:10.0f}/{theirs['maxrss_mb']:<9.0f}")
-        report["workloads"][workload]["ratio"] = a / b
-        report["workloads"][workload]["gflop"] = gflop
-    first = next((v for v in report["workloads"].values() if "blas" in v["ours"]), None)
-    if first:
-        print(f"ours: {first['ours']['blas']} on {first['ours']['device']}; diffusers: torch "
-              f"{first['diffusers'].get('threads')} thread(s), BLAS {first['diffusers'].get('blas')}")
+            # The tiny test tokenizer: its cost is negligible, and it needs no download.
+            write_tokenizer(scratch / "tokenizer", tokenizer_config("!"))
+        print(f"{'workload':48s} {'ours min/med s':>15s} {'diffusers min/med s':>20s} {'ratio':>6s} "
+              f"{'GFLOP/s ours/theirs':>20s} {'peak MB ours/theirs':>20s} {'others CPU s':>13s}", flush=True)
+        for workload in workloads:
+            entry = report["workloads"][workload] = {}
+            for framework in ("ours", "diffusers"):
+                if framework in frameworks:
+                    entry[framework] = measure(framework, workload, args.dtype, args.reps)
+            _complete(entry, workload, report["workloads"])
+            print(_row(workload, entry), flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    report["snapshot_costs"] = snapshot_costs(report["workloads"])
+    _print_summary(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def _complete(entry: dict, workload: str, done: dict) -> None:
+    """Ratio and FLOPs; a whole run's FLOPs are the sum of its parts' counts when they were measured."""
+    ours, theirs = entry.get("ours", {}), entry.get("diffusers", {})
+    flops = theirs.get("flops")
+    if flops is None and workload in IMG2IMG:
+        strength, steps = IMG2IMG[workload]
+        parts = {w: done.get(w, {}).get("diffusers", {}).get("flops") for w in ("text", "vae_encode", "unet64", "vae_decode")}
+        if all(parts.values()):
+            flops = (parts["text"] + parts["vae_encode"] + int(steps * strength) * parts["unet64"]
+                     + parts["vae_decode"])
+    entry["gflop"] = flops / 1e9 if flops else None
+    if "times" in ours and "times" in theirs:
+        entry["ratio"] = min(ours["times"]) / min(theirs["times"])
+
+
+def _row(workload: str, entry: dict) -> str:
+    def cell(side):
+        if "times" not in side:
+            return side.get("error", "-")[:40]
+        return f"{min(side['times']):.2f}/{statistics.median(side['times']):.2f}"
+
+    ours, theirs = entry.get("ours", {}), entry.get("diffusers", {})
+    gflop = entry.get("gflop")
+    rate = lambda side: f"{gflop / min(side['times']):.1f}" if gflop and "times" in side else "-"  # noqa: E731
+    peak = lambda side: f"{side['maxrss_mb']:.0f}" if "maxrss_mb" in side else "-"  # noqa: E731
+    others = max([*ours.get("others_cpu_s", []), *theirs.get("others_cpu_s", [])], default=0.0)
+    ratio = f"{entry['ratio']:.2f}" if "ratio" in entry else "-"
+    return (f"{WORKLOADS[workload]:48s} {cell(ours):>15s} {cell(theirs):>20s} {ratio:>6s} "
+            f"{rate(ours) + '/' + rate(theirs):>20s} {peak(ours) + '/' + peak(theirs):>20s} {others:13.1f}")
+
+
+def _print_summary(report: dict) -> None:
+    entries = report["workloads"].values()
+    ours = next((e["ours"] for e in entries if "blas" in e.get("ours", {})), None)
+    theirs = next((e["diffusers"] for e in entries if "blas" in e.get("diffusers", {})), None)
+    if ours:
+        print(f"ours: MLX {ours['mlx']} on {ours['device']}, BLAS {ours['blas']} with "
+              f"{ours['blas_threads']} thread(s); element-wise operations on 1 thread")
+        mlx_peaks = {w: e["ours"]["mlx_peak_mb"] for w, e in report["workloads"].items()
+                     if e.get("ours", {}).get("mlx_peak_mb")}
+        print("ours, MLX peak memory MB: " + ", ".join(f"{w} {v:.0f}" for w, v in mlx_peaks.items()))
+    if theirs:
+        print(f"diffusers: torch {theirs['torch']}, {theirs['threads']} thread(s), BLAS {theirs['blas']}")
+    print(f"load average at the start: {', '.join(f'{v:.2f}' for v in report['load_average_start'])} "
+          f"on {report['cpus']} CPUs ('others CPU s': other processes' CPU time during the slowest row)")
+    costs = report.get("snapshot_costs")
+    if costs:
+        print(f"triangle, 10 rows x {TRIANGLE_STEPS} steps, -sd {TRIANGLE_EVERY}: {costs['unet_steps']} UNet "
+              f"calls = {costs['unet_s']:.0f} s, {costs['decodes']} VAE decodes = {costs['decode_s']:.0f} s "
+              f"({100 * costs['decode_share']:.0f}% of the total); --preview approx: "
+              f"{costs['approx_preview_s'] * 1e3:.1f} ms a frame against {costs['vae_decode_s']:.1f} s")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import mlx.nn as nn
 
 from .config import ConfigError, TextEncoderConfig
 from .errors import InputError
-from .ops import attention
+from .ops import attention, gelu
 
 # The legacy eos_token_id of SD-era CLIP configs; with it, transformers pools at the largest id.
 _LEGACY_EOS_TOKEN_ID = 2
@@ -24,7 +24,7 @@ def quick_gelu(x: mx.array) -> mx.array:
     return x * mx.sigmoid(1.702 * x)
 
 
-_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": nn.gelu}  # nn.gelu is the exact erf form
+_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu}  # the exact (erf) GELU
 
 
 @dataclass

@@ -1,28 +1,44 @@
-"""Numeric building blocks shared by the networks (attention), kept in one place to tune per device.
+"""Numeric building blocks shared by the networks, kept in one place to tune per device.
 
-On a GPU (Metal, CUDA) attention is MLX's fused kernel. MLX's CPU backend runs the same call
-unfused: it builds the whole (B, heads, Lq, Lk) score matrix (671 MB for the UNet's 4096-token
-self-attention), takes exp with scalar library calls (about 40 M/s), and allocates every
-intermediate anew from the OS, because its CPU buffer cache holds only 32 MB. `chunked_attention`
-is the CPU path:
-- It works on blocks of a quarter million scores (a run of query rows of one head, or several
-  heads at once when a head is small), so intermediates stay in the caches and in MLX's buffers.
-- It works in base 2: q is scaled by scale * log2(e), so the weights are 2**(s - max s), which
-  `_exp2` evaluates with a polynomial and an exponent shift, fused by mx.compile: about seven
-  times the speed of mx.exp, to the same accuracy.
-- The softmax denominators come out of the second product: v gets a column of ones, so the row
-  sums cost one extra output column instead of a pass over the scores, and the division acts on
-  (rows, d) instead of (rows, Lk).
-Inputs in float16 or bfloat16 are computed in float32 (MLX's CPU matmul for them is not BLAS)
-and the result is cast back.
+On a GPU (Metal, CUDA) these are MLX's own operations: the fused attention kernel, exact SiLU and
+GELU, and its convolution. MLX's CPU backend is slow in four places, measured on a 2-core AMD
+EPYC (AVX2) with the full SD 2.1-base networks, so the CPU gets its own paths:
+
+1. Attention is unfused: it builds the whole (B, heads, Lq, Lk) score matrix (671 MB for the
+   UNet's 4096-token self-attention), takes exp with scalar library calls (about 40 M/s), and
+   allocates every intermediate anew from the OS, because its CPU buffer cache holds only 32 MB.
+   `chunked_attention` is the CPU path:
+   - It works on blocks of a quarter million scores (a run of query rows of one head, or several
+     heads at once when a head is small), so intermediates stay in the caches and in MLX's buffers.
+   - It works in base 2: q is scaled by scale * log2(e), so the weights are 2**(s - max s), which
+     `_exp2` evaluates with a polynomial and an exponent shift, fused by mx.compile: about seven
+     times the speed of mx.exp, to the same accuracy.
+   - The softmax denominators come out of the second product: v gets a column of ones, so the row
+     sums cost one extra output column instead of a pass over the scores, and the division acts on
+     (rows, d) instead of (rows, Lk).
+   Inputs in float16 or bfloat16 are computed in float32 (MLX's CPU matmul for them is not BLAS)
+   and the result is cast back.
+2. Sigmoid, erf and exp run one element at a time through library calls (SiLU at about 50 M/s,
+   GELU at 30 M/s, on one core). `silu`, `gelu` and `geglu` are rational approximations that
+   mx.compile turns into one vectorised loop (about 15x faster), accurate to a few units in the
+   last place (see `_gate`).
+3. nn.GroupNorm reduces over a transposed copy (10 to 20x slower than PyTorch, and in float32 up to
+   1e-3 off at 512x512). `GroupNorm` sums over positions first, then over the channels of a group,
+   and applies the normalisation and an optional SiLU in two fused passes.
+4. A 3x3 convolution builds an im2col matrix of 9x the input (2.4 GB for the VAE decoder's
+   512x512x256 maps): at that size allocating and filling it costs more than the product.
+   `Conv2d` computes such convolutions as nine shifted matrix products instead (`conv3x3`).
 """
 
 import os
 
 import mlx.core as mx
+import mlx.nn as nn
 
 # Decided once: the fused kernel where there is one, the chunked path on the CPU.
 FUSED_ATTENTION = mx.default_device() == mx.gpu
+# The CPU paths of the element-wise activations, group norm and convolution.
+CPU_PATHS = mx.default_device() == mx.cpu
 
 # Scores per block: 2**18 float32 (1 MiB) was fastest on the 2-core AMD EPYC we measured, 2**19
 # as fast, 2**20 up to 1.5x slower. The UNet's 4096-token self-attention then takes 64 query rows
@@ -135,3 +151,207 @@ def use_cpu_buffer_cache(limit_bytes: int | None = None) -> int | None:
     if limit_bytes is None:
         limit_bytes = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
     return mx.set_cache_limit(limit_bytes)
+
+
+# --- element-wise activations ---------------------------------------------------------------------
+
+# SiLU and GELU are x (1/2 + h(x)) with h odd and h -> +-1/2: h(x) = tanh(x/2)/2 for SiLU,
+# erf(x/sqrt(2))/2 for GELU. On |x| <= limit, h(x) = x P(x^2)/Q(x^2), fitted to h in float64 by
+# linearised least squares with Lawson's weights (max error 8e-9 and 2e-8); one coefficient was
+# then moved by an ulp so that limit * R(limit^2) is exactly 1/2 in float32, which makes the result
+# exactly 0 below -limit and exactly x above it (h(limit) is 1/2 to within 2e-14 and 1e-9).
+# Coefficients are in x^2, lowest order first.
+_SILU_RATIONAL = (
+    32.0,
+    (0.2499999851, 8.625580929e-3, 6.309700257e-05, 1.291559926e-07, 6.450515816e-11,
+     3.508810055e-15),
+    (1.0, 0.1178355888, 1.738705905e-3, 6.696767741e-06, 7.052720186e-09, 1.415040285e-12),
+)  # fmt: skip
+_GELU_RATIONAL = (
+    6.0,
+    (0.3989421427, 3.687657416e-2, 4.862832371e-3, 1.991360623e-4, 6.513659173e-06, 2.015574374e-08),
+    (1.0, 0.2591003478, 3.037664853e-2, 2.057387261e-3, 8.307919052e-05, 1.13318481e-06),
+)  # fmt: skip
+# The limits are passed to the compiled functions as arguments, not baked in as constants: with the
+# values known, GCC specialises the loop for |x| beyond the limit (the polynomials become constants
+# there), and the branch stops it from vectorising the loop, which is then 3 to 4 times slower.
+_LIMITS = {name: tuple(mx.array(v, dtype=mx.float32) for v in (-limit, limit, limit * limit))
+           for name, limit in (("silu", _SILU_RATIONAL[0]), ("gelu", _GELU_RATIONAL[0]))}
+
+
+def _estrin(t: mx.array, t2: mx.array, t4: mx.array, c: tuple) -> mx.array:
+    """c[0] + c[1] t + ... + c[5] t^5 in few dependent steps: mx.compile fuses a chain of at most
+    11 operations into one loop, and splits longer chains with a pass over memory between the parts."""
+    return ((c[0] + c[1] * t) + t2 * (c[2] + c[3] * t)) + t4 * (c[4] + c[5] * t)
+
+
+def _gate(x: mx.array, limits: tuple, p: tuple, q: tuple) -> mx.array:
+    """1/2 + h(x) for float32 x, with no branch in the loop: h(x) = c R(t), c = clip(x, -limit,
+    limit), t = min(x^2, limit^2). x times it is within 2.5e-7 max(1, |x|) of the exact SiLU or
+    GELU (a few units in the last place where the result is O(1), absolute where it is tiny)."""
+    low, high, high2 = limits
+    t = mx.minimum(mx.square(x), high2)
+    t2 = t * t
+    t4 = t2 * t2
+    c = mx.minimum(mx.maximum(x, low), high)
+    return 0.5 + c * (_estrin(t, t2, t4, p) / _estrin(t, t2, t4, q))
+
+
+@mx.compile
+def _silu(x: mx.array, limits: tuple) -> mx.array:
+    y = x.astype(mx.float32)
+    return (y * _gate(y, limits, *_SILU_RATIONAL[1:])).astype(x.dtype)
+
+
+@mx.compile
+def _gelu(x: mx.array, limits: tuple) -> mx.array:
+    y = x.astype(mx.float32)
+    return (y * _gate(y, limits, *_GELU_RATIONAL[1:])).astype(x.dtype)
+
+
+@mx.compile
+def _geglu(h: mx.array, gate: mx.array, limits: tuple) -> mx.array:
+    g = gate.astype(mx.float32)
+    return ((h.astype(mx.float32) * g) * _gate(g, limits, *_GELU_RATIONAL[1:])).astype(h.dtype)
+
+
+def silu(x: mx.array) -> mx.array:
+    """x * sigmoid(x)."""
+    return _silu(x, _LIMITS["silu"]) if CPU_PATHS else nn.silu(x)
+
+
+def gelu(x: mx.array) -> mx.array:
+    """The exact (erf) GELU, x * Phi(x)."""
+    return _gelu(x, _LIMITS["gelu"]) if CPU_PATHS else nn.gelu(x)
+
+
+def geglu(h: mx.array, gate: mx.array) -> mx.array:
+    """h * gelu(gate), in one pass on the CPU."""
+    return _geglu(h, gate, _LIMITS["gelu"]) if CPU_PATHS else h * nn.gelu(gate)
+
+
+# --- group norm -----------------------------------------------------------------------------------
+
+
+@mx.compile
+def _squared_deviation(x: mx.array, mean: mx.array) -> mx.array:
+    return mx.square(x - mean)
+
+
+@mx.compile
+def _scale_shift(x: mx.array, scale: mx.array, shift: mx.array) -> mx.array:
+    return (x * scale + shift).astype(x.dtype)
+
+
+def _sum_positions(x: mx.array) -> mx.array:
+    """(B, N, C) float32 -> (B, C). Summed in runs of rows, then the runs: MLX's float32 running sum
+    over a quarter million rows (the VAE's 512x512 maps) is 2e-5 off, relative; in runs 6e-7."""
+    batch, n, channels = x.shape
+    runs = next((r for r in (64, 32, 16, 8) if n % r == 0 and n // r >= 64), 1)
+    return x.reshape(batch, runs, n // runs, channels).sum(axis=2).sum(axis=1)
+
+
+def group_norm(x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: float,
+               activation: bool = False) -> mx.array:
+    """PyTorch's GroupNorm on channels-last maps (B, ..., C): groups of adjacent channels are
+    normalised over all positions, then scaled and shifted per channel; SiLU after it if
+    `activation`. Statistics in float32 (two passes: the mean, then the squared deviations),
+    the output in the dtype of x."""
+    batch, channels = x.shape[0], x.shape[-1]
+    per_group = channels // groups
+    flat = x.reshape(batch, -1, channels)  # (B, N, C)
+    stats = flat.astype(mx.float32)
+    count = flat.shape[1] * per_group
+
+    def spread(sums):  # (B, C) per-channel sums -> (B, 1, C) group totals on each channel
+        total = sums.reshape(batch, groups, per_group).sum(axis=-1, keepdims=True)  # (B, G, 1)
+        return mx.broadcast_to(total, (batch, groups, per_group)).reshape(batch, 1, channels)
+
+    mean = spread(_sum_positions(stats)) / count  # (B, 1, C)
+    var = spread(_sum_positions(_squared_deviation(stats, mean))) / count  # (B, 1, C)
+    scale = weight.astype(mx.float32) * mx.rsqrt(var + eps)  # (B, 1, C)
+    shift = bias.astype(mx.float32) - mean * scale
+    # Two passes when SiLU follows: in one loop the per-channel broadcasts make it a strided loop,
+    # which GCC does not vectorise with the activation in it.
+    y = _scale_shift(flat, scale, shift).reshape(x.shape)
+    if not activation:
+        return y
+    return silu(y) if CPU_PATHS else nn.silu(y)
+
+
+class GroupNorm(nn.Module):
+    """`group_norm` as a module; the parameters are named as PyTorch's (weight, bias).
+
+    `norm(x, activation=True)` is silu(norm(x)), the pair every resnet block uses.
+    """
+
+    def __init__(self, groups: int, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.num_groups = groups
+        self.eps = eps
+        self.weight = mx.ones((channels,))
+        self.bias = mx.zeros((channels,))
+
+    def __call__(self, x: mx.array, activation: bool = False) -> mx.array:
+        return group_norm(x, self.weight, self.bias, self.num_groups, self.eps, activation)
+
+
+# --- convolution ----------------------------------------------------------------------------------
+
+# Above this size (bytes) of MLX's im2col matrix, a 3x3 convolution runs as shifted products: on
+# 2 cores 10-45% faster than mx.conv2d from 128x128x512 and 256x256x256 up, 2.3x at 512x512x256,
+# and slower below 64x64 (nine small products instead of one large one).
+SHIFTED_CONV_BYTES = 256 << 20
+
+
+def conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """A 3x3 convolution with stride 1 and padding 1 as nine matrix products, without im2col.
+
+    x (B, H, W, C), weight (O, 3, 3, C) -> (B, H, W, O). With the input padded and flattened to
+    rows of W + 2 pixels, the tap (dy, dx) of every output pixel lies a fixed number of rows,
+    dy * (W + 2) + dx, further on; so each tap is one product of a contiguous row range with a
+    (C, O) matrix, accumulated in place (addmm). The two extra output columns per row that this
+    computes are cropped. When O is small (the networks' last convolutions, O = 3 or 4) the
+    product is taken once with all nine taps as columns, (C, 9 O), and the shifted columns summed.
+    """
+    batch, height, width, channels = x.shape
+    out_channels = weight.shape[0]
+    row = width + 2
+    # One extra row at the bottom keeps the last taps of the last row inside the array.
+    padded = mx.pad(x, [(0, 0), (1, 2), (1, 1), (0, 0)]).reshape(batch, (height + 3) * row, channels)
+    n = height * row
+    offsets = [dy * row + dx for dy in range(3) for dx in range(3)]
+    if 4 * out_channels <= channels:
+        taps = weight.transpose(3, 1, 2, 0).reshape(channels, 9 * out_channels)  # (C, 9 O)
+        per_tap = (padded @ taps).reshape(batch, -1, 9, out_channels)  # (B, (H+3)(W+2), 9, O)
+        out = per_tap[:, offsets[0]:offsets[0] + n, 0]
+        for k in range(1, 9):
+            out = out + per_tap[:, offsets[k]:offsets[k] + n, k]  # (B, H (W+2), O)
+    else:
+        taps = weight.transpose(1, 2, 3, 0).reshape(9, channels, out_channels)  # (9, C, O)
+        out = padded[:, :n] @ taps[0]  # (B, H (W+2), O)
+        for k in range(1, 9):
+            out = mx.addmm(out, padded[:, offsets[k]:offsets[k] + n], taps[k])
+    out = out.reshape(batch, height, row, out_channels)[:, :, :width]  # (B, H, W, O)
+    return out if bias is None else out + bias
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters, same names) that takes `conv3x3` on the CPU where it is faster:
+    float32 3x3 convolutions with stride 1 and padding 1, with a large im2col matrix or few
+    output channels."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if CPU_PATHS and self._shifted(x):
+            return conv3x3(x, self.weight, self["bias"] if "bias" in self else None)
+        return super().__call__(x)
+
+    def _shifted(self, x: mx.array) -> bool:
+        out_channels, kh, kw, channels = self.weight.shape
+        dilation = self.dilation if isinstance(self.dilation, tuple) else (self.dilation,) * 2
+        if (kh, kw, self.stride, self.padding, dilation, self.groups) != (3, 3, (1, 1), (1, 1), (1, 1), 1):
+            return False
+        if x.dtype != mx.float32 or x.ndim != 4 or channels < 16:
+            return False
+        im2col = x.size * 9 * x.itemsize
+        return 4 * out_channels <= channels or im2col >= SHIFTED_CONV_BYTES

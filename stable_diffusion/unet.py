@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ConfigError, UNetConfig
-from .ops import attention
+from .ops import Conv2d, GroupNorm, attention, geglu, silu
 
 # block type -> whether its resnets are followed by transformers
 _DOWN_BLOCKS = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
@@ -43,9 +43,9 @@ def timestep_embedding(timesteps: mx.array, dim: int, flip_sin_to_cos: bool, fre
     return emb
 
 
-def _group_norm(groups: int, channels: int, eps: float) -> nn.GroupNorm:
-    # pytorch_compatible: PyTorch groups adjacent channels; MLX's default grouping differs.
-    return nn.GroupNorm(groups, channels, eps=eps, pytorch_compatible=True)
+def _group_norm(groups: int, channels: int, eps: float) -> GroupNorm:
+    # PyTorch's grouping (adjacent channels), with the fast CPU path of ops.py.
+    return GroupNorm(groups, channels, eps)
 
 
 class TimestepEmbedding(nn.Module):
@@ -57,7 +57,7 @@ class TimestepEmbedding(nn.Module):
         self.linear_2 = nn.Linear(dim, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.linear_2(nn.silu(self.linear_1(x)))
+        return self.linear_2(silu(self.linear_1(x)))
 
 
 class ResnetBlock2D(nn.Module):
@@ -66,17 +66,17 @@ class ResnetBlock2D(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, groups: int, eps: float):
         super().__init__()
         self.norm1 = _group_norm(groups, in_channels, eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels)
         self.norm2 = _group_norm(groups, out_channels, eps)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         # A 1x1 convolution matches the channel count of the skip path when it changes.
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def __call__(self, x: mx.array, temb: mx.array) -> mx.array:
-        h = self.conv1(nn.silu(self.norm1(x)))  # (B, H, W, C_out)
-        h = h + self.time_emb_proj(nn.silu(temb))[:, None, None, :]
-        h = self.conv2(nn.silu(self.norm2(h)))
+        h = self.conv1(self.norm1(x, activation=True))  # (B, H, W, C_out)
+        h = h + self.time_emb_proj(silu(temb))[:, None, None, :]
+        h = self.conv2(self.norm2(h, activation=True))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return skip + h
 
@@ -116,7 +116,7 @@ class GEGLU(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         h, gate = mx.split(self.proj(x), 2, axis=-1)
-        return h * nn.gelu(gate)
+        return geglu(h, gate)
 
 
 class FeedForward(nn.Module):
@@ -209,7 +209,7 @@ class Upsample2D(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def __call__(self, x: mx.array, size: tuple) -> mx.array:
         return self.conv(upsample_nearest(x, size))
@@ -327,7 +327,7 @@ class UNetModel(nn.Module):
         time_dim = 4 * channels[0]
         heads, depth = config.heads, config.transformer_layers
 
-        self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], time_dim)
         if config.addition_embed_type == "text_time":
             self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, time_dim)
@@ -354,7 +354,7 @@ class UNetModel(nn.Module):
                 heads=up_heads[i] if attends else None, transformer_layers=up_depth[i]))
 
         self.conv_norm_out = _group_norm(config.norm_num_groups, channels[0], config.norm_eps)
-        self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(channels[0], config.out_channels, 3, padding=1)
 
     def embed_time(self, timestep, batch: int, dtype=mx.float32, text_embeds: mx.array | None = None,
                    time_ids: mx.array | None = None) -> mx.array:
@@ -393,7 +393,7 @@ class UNetModel(nn.Module):
             # Upsample to the next skip's size: odd sizes halve to ceil(H/2), so 2x can overshoot.
             size = skips[-1].shape[1:3] if skips else None
             x = block(x, block_skips, emb, context, size)
-        x = nn.silu(self.conv_norm_out(x))
+        x = self.conv_norm_out(x, activation=True)
         return self.conv_out(x)  # (B, H, W, C_out)
 
 

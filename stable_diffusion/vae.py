@@ -14,14 +14,14 @@ import mlx.nn as nn
 
 from .config import VAEConfig
 from .errors import InputError
-from .ops import attention
+from .ops import Conv2d, GroupNorm, attention
 
 # diffusers builds every normalisation of the VAE with this epsilon, whatever the config says.
 _NORM_EPS = 1e-6
 
 
-def _group_norm(groups: int, channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(groups, channels, eps=_NORM_EPS, pytorch_compatible=True)
+def _group_norm(groups: int, channels: int) -> GroupNorm:
+    return GroupNorm(groups, channels, eps=_NORM_EPS)
 
 
 class ResnetBlock(nn.Module):
@@ -30,15 +30,15 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, groups: int):
         super().__init__()
         self.norm1 = _group_norm(groups, in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
         self.norm2 = _group_norm(groups, out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         if in_channels != out_channels:
             self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = self.conv1(nn.silu(self.norm1(x)))  # (B, H, W, out)
-        h = self.conv2(nn.silu(self.norm2(h)))  # (B, H, W, out)
+        h = self.conv1(self.norm1(x, activation=True))  # (B, H, W, out)
+        h = self.conv2(self.norm2(h, activation=True))  # (B, H, W, out)
         if "conv_shortcut" in self:
             x = self.conv_shortcut(x)
         return x + h
@@ -85,7 +85,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.conv = Conv2d(channels, channels, kernel_size=3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         B, H, W, C = x.shape
@@ -143,7 +143,7 @@ class Encoder(nn.Module):
         super().__init__()
         channels = config.block_out_channels
         groups = config.norm_num_groups
-        self.conv_in = nn.Conv2d(config.in_channels, channels[0], kernel_size=3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, channels[0], kernel_size=3, padding=1)
         self.down_blocks = [
             EncoderBlock(channels[max(i - 1, 0)], channels[i], config.layers_per_block, groups,
                          downsample=i < len(channels) - 1)
@@ -152,14 +152,14 @@ class Encoder(nn.Module):
         self.mid_block = MidBlock(channels[-1], groups, config.mid_block_add_attention)
         self.conv_norm_out = _group_norm(groups, channels[-1])
         # Mean and log-variance of the latent distribution, stacked along the channels.
-        self.conv_out = nn.Conv2d(channels[-1], 2 * config.latent_channels, kernel_size=3, padding=1)
+        self.conv_out = Conv2d(channels[-1], 2 * config.latent_channels, kernel_size=3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.conv_in(x)  # (B, H, W, C0)
         for block in self.down_blocks:
             x = block(x)  # (B, h, w, C_last) after the last block
         x = self.mid_block(x)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))  # (B, h, w, 2 * latent)
+        return self.conv_out(self.conv_norm_out(x, activation=True))  # (B, h, w, 2 * latent)
 
 
 class Decoder(nn.Module):
@@ -167,7 +167,7 @@ class Decoder(nn.Module):
         super().__init__()
         channels = tuple(reversed(config.block_out_channels))
         groups = config.norm_num_groups
-        self.conv_in = nn.Conv2d(config.latent_channels, channels[0], kernel_size=3, padding=1)
+        self.conv_in = Conv2d(config.latent_channels, channels[0], kernel_size=3, padding=1)
         self.mid_block = MidBlock(channels[0], groups, config.mid_block_add_attention)
         # One resnet more per block than the encoder has (diffusers: layers_per_block + 1).
         self.up_blocks = [
@@ -176,14 +176,14 @@ class Decoder(nn.Module):
             for i in range(len(channels))
         ]
         self.conv_norm_out = _group_norm(groups, channels[-1])
-        self.conv_out = nn.Conv2d(channels[-1], config.out_channels, kernel_size=3, padding=1)
+        self.conv_out = Conv2d(channels[-1], config.out_channels, kernel_size=3, padding=1)
 
     def __call__(self, z: mx.array) -> mx.array:
         x = self.conv_in(z)  # (B, h, w, C_last)
         x = self.mid_block(x)
         for block in self.up_blocks:
             x = block(x)  # (B, H, W, C0) after the last block
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))  # (B, H, W, out)
+        return self.conv_out(self.conv_norm_out(x, activation=True))  # (B, H, W, out)
 
 
 class Autoencoder(nn.Module):

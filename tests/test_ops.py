@@ -1,4 +1,5 @@
-"""Attention against a float64 reference, and the BLAS that `import stable_diffusion` puts under MLX."""
+"""ops.py against float64 references (attention, activations, group norm, convolution), and the BLAS
+that `import stable_diffusion` puts under MLX."""
 
 import ctypes
 import importlib.util
@@ -12,11 +13,14 @@ import textwrap
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
-from stable_diffusion import blas
-from stable_diffusion.ops import FUSED_ATTENTION, _exp2, attention, chunked_attention, use_cpu_buffer_cache
+from stable_diffusion import blas, ops
+from stable_diffusion.ops import (FUSED_ATTENTION, Conv2d, GroupNorm, _exp2, attention, chunked_attention,
+                                  conv3x3, gelu, geglu, group_norm, silu, use_cpu_buffer_cache)
 
 BLAS_PY = Path(blas.__file__)
 
@@ -277,3 +281,125 @@ def test_forwarded_symbols_cover_what_libmlx_imports():
     assert "cblas_sgemm" in blas_like
     missing = blas_like - set(blas.MLX_BLAS_SYMBOLS)
     assert not missing, f"libmlx.so imports {sorted(missing)}: add them to MLX_BLAS_SYMBOLS"
+
+
+# --- element-wise activations, group norm, convolution (the CPU paths of ops.py) -----------------
+
+
+def exact_silu(x):
+    x = np.asarray(x, dtype=np.float64)
+    return x / (1.0 + np.exp(-x))
+
+
+def exact_gelu(x):
+    torch = pytest.importorskip("torch")  # for erf in float64; numpy has none
+    x = np.asarray(x, dtype=np.float64)
+    return 0.5 * x * (1.0 + torch.special.erf(torch.from_numpy(x / np.sqrt(2.0))).numpy())
+
+
+ACTIVATION_INPUTS = np.concatenate([np.linspace(-60, 60, 400_001), np.linspace(-3, 3, 100_001),
+                                    [0.0, 1e-30, -1e-30, 1e4, -1e4, 3e38, -3e38]]).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", ["silu", "gelu"])
+def test_activations_match_float64(name):
+    fn = {"silu": silu, "gelu": gelu}[name]
+    x = ACTIVATION_INPUTS
+    with np.errstate(over="ignore"):
+        exact = {"silu": exact_silu, "gelu": exact_gelu}[name](x)
+    got = np.array(fn(mx.array(x)), dtype=np.float64)
+    # A few units in the last place where the result is O(1); absolute where it is tiny.
+    assert np.all(np.abs(got - exact) <= 2.5e-7 * np.maximum(1.0, np.abs(x)))
+    # Exactly x far right and exactly 0 far left (where the exact values round to them).
+    far = np.abs(x) >= 40
+    np.testing.assert_array_equal(got[far], np.where(x[far] > 0, x[far], 0.0))
+    assert got[-6] == pytest.approx(0.5e-30, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_activations_keep_half_dtypes(dtype):
+    x = mx.array(np.linspace(-6, 6, 1001, dtype=np.float32)).astype(getattr(mx, dtype))
+    for fn, exact in ((silu, exact_silu), (gelu, exact_gelu)):
+        out = fn(x)
+        assert out.dtype == x.dtype
+        reference = exact(np.array(x.astype(mx.float32)))
+        ulp = {"bfloat16": 2.0**-8, "float16": 2.0**-11}[dtype]
+        assert np.abs(np.array(out.astype(mx.float32)) - reference).max() <= 6 * ulp
+
+
+def test_geglu_on_split_projection():
+    projected = mx.array(random((2, 30, 2 * 24), 20, scale=3.0))
+    h, gate = mx.split(projected, 2, axis=-1)  # views with a row stride of 48, as in the UNet
+    expected = np.array(h, dtype=np.float64) * exact_gelu(np.array(gate))
+    np.testing.assert_allclose(np.array(geglu(h, gate)), expected, rtol=0, atol=2e-5)
+
+
+def reference_group_norm(x, weight, bias, groups, eps):
+    x = np.asarray(x, dtype=np.float64)
+    b, c = x.shape[0], x.shape[-1]
+    g = x.reshape(b, -1, groups, c // groups)
+    mean = g.mean(axis=(1, 3), keepdims=True)
+    var = g.var(axis=(1, 3), keepdims=True)
+    return ((g - mean) / np.sqrt(var + eps)).reshape(x.shape) * weight + bias
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 9, 32), (1, 64, 64, 16), (3, 5, 12)])
+def test_group_norm_matches_float64(shape, parity):
+    # An offset of 20 standard deviations: a one-pass variance (E[x^2] - E[x]^2) would be off by
+    # 1e-4. What remains is the rounding of x * scale (ulp(20) = 2e-6), as in PyTorch's kernel.
+    x = random(shape, 21) + 20.0
+    c = shape[-1]
+    weight, bias = random((c,), 22) * 0.5 + 1.0, random((c,), 23)
+    groups = 8 if c % 8 == 0 else 4
+    expected = reference_group_norm(x, weight, bias, groups, 1e-6)
+    out = group_norm(mx.array(x), mx.array(weight), mx.array(bias), groups, 1e-6)
+    parity(f"group norm {shape}", out, expected, atol=1e-5)
+    fused = group_norm(mx.array(x), mx.array(weight), mx.array(bias), groups, 1e-6, activation=True)
+    parity(f"group norm + silu {shape}", fused, exact_silu(expected), atol=1e-5)
+
+
+def test_group_norm_module_keeps_dtype_and_parameter_names():
+    norm = GroupNorm(4, 16, eps=1e-5)
+    assert sorted(k for k, _ in tree_flatten(norm.parameters())) == ["bias", "weight"]
+    norm.set_dtype(mx.bfloat16)
+    out = norm(mx.array(random((2, 3, 3, 16), 24)).astype(mx.bfloat16), activation=True)
+    assert out.dtype == mx.bfloat16 and out.shape == (2, 3, 3, 16)
+
+
+def reference_conv3x3(x, weight, bias):
+    x = np.pad(np.asarray(x, dtype=np.float64), [(0, 0), (1, 1), (1, 1), (0, 0)])
+    h, w = x.shape[1] - 2, x.shape[2] - 2
+    out = sum(np.einsum("bhwc,oc->bhwo", x[:, dy:dy + h, dx:dx + w], weight[:, dy, dx].astype(np.float64))
+              for dy in range(3) for dx in range(3))
+    return out + bias
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 24, 40), (1, 9, 4, 32, 3), (2, 6, 6, 16, 4)],
+                         ids=["wide output", "3 outputs", "4 outputs"])
+def test_conv3x3_matches_float64(shape, parity):
+    # (B, H, W, C, O): nine shifted products, and with few outputs all taps in one product.
+    b, h, w, c, o = shape
+    x, weight, bias = random((b, h, w, c), 25), random((o, 3, 3, c), 26, 0.2), random((o,), 27)
+    out = conv3x3(mx.array(x), mx.array(weight), mx.array(bias))
+    assert out.shape == (b, h, w, o)
+    parity(f"conv3x3 {shape}", out, reference_conv3x3(x, weight, bias), atol=5e-6)
+
+
+def test_conv2d_takes_the_shifted_path_only_where_it_applies(monkeypatch):
+    x = mx.array(random((2, 6, 8, 32), 28))
+    cases = {  # module, whether conv3x3 applies (with every im2col matrix counted as large)
+        "3x3 wide": (Conv2d(32, 64, 3, padding=1), True),
+        "3x3 few outputs": (Conv2d(32, 4, 3, padding=1), True),
+        "1x1": (Conv2d(32, 64, 1), False),
+        "stride 2": (Conv2d(32, 64, 3, stride=2, padding=1), False),
+        "no padding": (Conv2d(32, 64, 3), False),
+    }
+    monkeypatch.setattr(ops, "SHIFTED_CONV_BYTES", 0)
+    for name, (conv, applies) in cases.items():
+        assert conv._shifted(x) == (applies and ops.CPU_PATHS), name
+        np.testing.assert_allclose(np.array(conv(x)), np.array(nn.Conv2d.__call__(conv, x)),
+                                   rtol=0, atol=5e-6, err_msg=name)
+    # Half precision keeps MLX's convolution (MLX's CPU products in half precision are not BLAS).
+    assert not cases["3x3 wide"][0]._shifted(x.astype(mx.bfloat16))
+    monkeypatch.setattr(ops, "SHIFTED_CONV_BYTES", 1 << 40)
+    assert not cases["3x3 wide"][0]._shifted(x) and cases["3x3 few outputs"][0]._shifted(x) == ops.CPU_PATHS
