@@ -124,13 +124,15 @@ def test_attention_dispatch_and_fused_agree():
     np.testing.assert_allclose(np.array(chunked), np.array(fused), rtol=0, atol=3e-6)
 
 
-def test_exp2_relative_error():
-    y = np.linspace(-124.0, 0.0, 1_000_001, dtype=np.float32)
-    got = np.array(_exp2(mx.array(y), mx.array(np.float32(0.0))), dtype=np.float64)
+def test_exp2_relative_error_and_its_floor():
+    y = np.linspace(-126.0, 0.0, 1_000_001, dtype=np.float32)
+    got = np.array(_exp2(mx.array(y)), dtype=np.float64)
     relative = np.abs(got - np.exp2(y.astype(np.float64))) / np.exp2(y.astype(np.float64))
     assert relative.max() < 3e-7  # about 1.5 units in the last place
-    floor = np.array(_exp2(mx.array(np.array([-np.inf, -300.0], np.float32)), mx.array(np.float32(0.0))))
-    assert np.all(floor < 1e-37) and np.all(floor >= 0)
+    # Below the normal range, down to where masked scores sit: exactly 0, never garbage or NaN.
+    far = np.array([-126.6, -127.0, -200.0, -3e4, -(2.0**20) - 5e5, -(2.0**21) + 1], np.float32)
+    np.testing.assert_array_equal(np.array(_exp2(mx.array(far))), 0.0)
+    assert np.isnan(np.array(_exp2(mx.array(np.array([np.nan], np.float32))))).all()
 
 
 def test_cpu_buffer_cache_limit_is_raised_and_restorable():
