@@ -114,7 +114,7 @@ class Job:
 
     def run(self) -> int:
         args, console = self.args, self.console
-        t0 = time.perf_counter()
+        t0 = self.t0 = time.perf_counter()
         self.output = Path(args.output)
 
         # --- 1. checks: nothing heavy is read, and nothing but the output folder is made -----------
@@ -449,6 +449,8 @@ class Job:
         mx.eval(step.x_t) if step.x0_pred is None else mx.eval(step.x_t, step.x0_pred)
         if step.index > 0:
             self.unet_calls += 1
+            # Command start (after Python's imports) to the first denoising step done.
+            self.timings.setdefault("first_step_s", elapsed(self.t0))
         if not mx.all(mx.isfinite(step.x_t)).item():
             where = ("in the noised start (step 0)" if step.index == 0
                      else f"at step {step.index} of {step.count}")

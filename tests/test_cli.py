@@ -46,6 +46,9 @@ def test_snapshot_and_last_n_counts(tmp_path, picture, sd2):
     assert files_in(tmp_path) == expected
     sidecar = json.loads((tmp_path / "run.json").read_text())
     assert sidecar["status"] == "finished" and sidecar["unet_calls"] == 5
+    timings = sidecar["timings"]
+    assert 0 < timings["checks_s"] <= timings["first_step_s"] <= timings["total_s"]
+    assert timings["load_s"] < timings["first_step_s"]
     steps = {f["file"]: f for f in sidecar["files"] if f["kind"] == "step"}
     assert steps["run.step-003.png"]["reasons"] == ["last"]
     assert steps["run.step-004.png"]["reasons"] == ["every", "last"]
