@@ -50,8 +50,8 @@ _LOG2_E = 1.4426950408889634
 # sits in the low bits of the sum's mantissa: bits(y + _ROUND) - bits(_ROUND) = n.
 _ROUND = 12582912.0
 _ROUND_BITS = 0x4B400000
-# Scores are shifted by at least this much less than 0 only where a mask removes them: far enough
-# for a weight of exactly 0, near enough for `_exp2`'s rounding trick.
+# Masked-out scores (log2 units) are floored here instead of -inf: far enough below any real score
+# for a weight of exactly 0, near enough to 0 for `_exp2`'s rounding trick (|y| < 2**22).
 _MASK_FLOOR = -(2.0**20)
 # 2**f on [-1/2, 1/2]: Cephes' exp2 polynomial coefficients, lowest order first.
 _EXP2 = (
