@@ -25,6 +25,7 @@ from . import images, metadata, model_io, render
 from .cli import elapsed, reproduce_argv
 from .config import TEXT_COMPONENTS, read_pipeline_config
 from .errors import InputError, ModelError, NumericalError, OutputError
+from .ops import release_cpu_buffers
 from .pipeline import StableDiffusion, model_defaults, random_seed
 from .sampler import Sampler, plan as make_plan
 from .tokenizer import Tokenizer
@@ -375,6 +376,7 @@ class Job:
             return None
         x0 = self.sd.encode(self.picture.pixels[None])
         mx.eval(x0)
+        release_cpu_buffers()
         return x0
 
     def _single(self) -> None:
@@ -412,6 +414,7 @@ class Job:
             final = step
             if step.index in kept:
                 decoder.add(self._snapshot_frame(step, plan, kept[step.index]), write)
+        release_cpu_buffers()  # the UNet is done: what remains is VAE decoding
         decoder.flush()
         self.timings["steps_and_frames_s"] = elapsed(t_start)
 

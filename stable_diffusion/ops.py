@@ -176,6 +176,14 @@ def use_cpu_buffer_cache(limit_bytes: int | None = None) -> int | None:
     return mx.set_cache_limit(limit_bytes)
 
 
+def release_cpu_buffers() -> None:
+    """Give MLX's cached CPU buffers back to the OS. Called between the phases of a run that
+    allocate different sizes (VAE encode, the UNet's steps, the final decode): reuse pays within a
+    phase, while across phases one phase's cached buffers would only sit under the next's."""
+    if mx.default_device() == mx.cpu:
+        mx.clear_cache()
+
+
 # --- element-wise activations ---------------------------------------------------------------------
 
 # SiLU and GELU are x (1/2 + h(x)) with h odd and h -> +-1/2: h(x) = tanh(x/2)/2 for SiLU,
