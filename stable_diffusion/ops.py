@@ -307,7 +307,7 @@ def group_norm(x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: 
     y = _scale_shift(flat, scale, shift).reshape(x.shape)
     if not activation:
         return y
-    return silu(y) if CPU_PATHS else nn.silu(y)
+    return silu(y)
 
 
 class GroupNorm(nn.Module):
