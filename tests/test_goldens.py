@@ -18,4 +18,7 @@ def test_golden_file_is_current(component, family, tiny_model, golden, reference
         if live[key].dtype.kind in "USbiu":  # prompts, token ids: exactly
             assert np.array_equal(live[key], stored[key]), key
         else:
-            np.testing.assert_allclose(live[key], stored[key], atol=1e-6, err_msg=f"{component}/{key}")
+            # The reference's own float32 results move by up to 1.5e-5 between CPUs (its AVX2 and
+            # AVX-512 kernels sum in other orders): measured on the whole-run goldens. Half the
+            # parity bound (1e-4) still catches a reference that changed.
+            np.testing.assert_allclose(live[key], stored[key], atol=5e-5, err_msg=f"{component}/{key}")
