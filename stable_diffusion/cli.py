@@ -10,21 +10,23 @@ from __future__ import annotations
 
 import argparse
 import errno
-import math
+import functools
+import os
 import signal
 import sys
 import threading
-import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from .console import Console
 from .errors import InputError, NumericalError, OutputError
+from .spec import (ANIMATION_FORMATS, DEFAULT_TRIANGLE_STRENGTHS, DTYPES, NOISING_PATHS, PREVIEWS,
+                   SNAPSHOT_KINDS, Capture, ModelSpec, RunSpec, SpecError)
 
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
               "0": False, "false": False, "no": False, "off": False}
-DTYPES = ("float32", "float16", "bfloat16")
-SNAPSHOT_KINDS = ("xt", "x0", "both")
+SAMPLER_CHOICES = ("euler", "euler_a", "ddim", "heun", "dpmpp_2m", "dpmpp_2m_sde", "lms")
+SCHEDULE_CHOICES = ("linear", "diffusers", "karras", "exponential")
 
 
 def _flag(text: str) -> bool:
@@ -74,6 +76,12 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         g.add_argument("--strength", type=float, default=0.9,
                        help="how deep to noise the picture, 0 < s <= 1 (default 0.9)")
     g.add_argument("--steps", type=int, help="sampler steps for strength 1 (model default: sd 50, sdxl 2)")
+    g.add_argument("--sampler", choices=SAMPLER_CHOICES,
+                   help="the sampler (default: the one the model's scheduler config names)")
+    g.add_argument("--schedule", choices=SCHEDULE_CHOICES,
+                   help="the times visited: linear (default; from the exact start t = strength x 1000, "
+                        "evenly spaced), diffusers (as the model's scheduler config does in diffusers), "
+                        "karras, exponential")
     g.add_argument("--cfg", type=float, help="guidance weight; 0 is a value (model default: sd 7.5, sdxl 0)")
     g.add_argument("--negative_prompt", "--negative-prompt", default="")
     g.add_argument("--seed", type=int, help="random when absent; always reported and recorded")
@@ -105,7 +113,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         c.add_argument("--show_noising", "--show-noising", type=_positive_int, metavar="N",
                        help="save the forward path from the picture into noise, a frame every N "
                             "timesteps, and a strip of them")
-        c.add_argument("--noising_path", "--noising-path", choices=("shared", "independent", "markov"),
+        c.add_argument("--noising_path", "--noising-path", choices=NOISING_PATHS,
                        default="shared", help="shared: one noise for every t (default); independent: "
                        "fresh noise per t; markov: the chain built from the betas")
         c.add_argument("-gt", "--generate_triangle", nargs="?", const=True, default=False, type=_flag,
@@ -116,10 +124,10 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         c.add_argument("--triangle_low_top", "--triangle-low-top", action="store_true",
                        help="put the lowest strength at the top (default: at the bottom)")
         c.add_argument("--labels", action="store_true", help="label triangle rows and cells")
-    c.add_argument("--preview", choices=("vae", "approx"), default="vae",
+    c.add_argument("--preview", choices=PREVIEWS, default="vae",
                    help="decode frames with the VAE (default) or a cheap linear approximation; the "
                         "final picture is always decoded by the VAE")
-    c.add_argument("--animate", nargs="?", const="gif", choices=("gif", "webp"),
+    c.add_argument("--animate", nargs="?", const="gif", choices=ANIMATION_FORMATS,
                    help="an animation of the saved frames (noising, then denoising)")
     c.add_argument("--decoding_batch_size", "--decoding-batch-size", type=_positive_int, default=4,
                    help="latents decoded at once (default 4)")
@@ -137,93 +145,145 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
 
 def check_arguments(args, command: str) -> None:
-    """Everything that can be checked before a file is read or a model loaded."""
-    if getattr(args, "strength", 1.0) is not None and not 0.0 < getattr(args, "strength", 1.0) <= 1.0:
-        raise InputError(f"--strength {args.strength:g} is outside (0, 1]; use e.g. --strength 0.6")
-    if args.steps is not None and args.steps < 1:
-        raise InputError(f"--steps {args.steps} is less than 1; use --steps 1 or more")
-    if args.cfg is not None and not math.isfinite(args.cfg):
-        raise InputError(f"--cfg {args.cfg:g} is not a number; use 0 (no guidance) or more, e.g. 7.5")
-    if args.cfg is not None and args.cfg < 0:
-        raise InputError(f"--cfg {args.cfg:g} is negative; use 0 (no guidance) or more")
-    if args.seed is not None and not 0 <= args.seed < 2**64:
-        raise InputError(f"--seed {args.seed} is outside 0 .. 2**64 - 1; use a whole number in that range")
-    if args.n_images % args.n_rows:
-        raise InputError(f"--n_images {args.n_images} is not divisible by --n_rows {args.n_rows}; "
-                         "make the image count a multiple of the row count")
-    if command == "image2image" and args.generate_triangle:
-        from .trajectory import DEFAULT_TRIANGLE_STRENGTHS, check_triangle_strengths
-
-        args.triangle_strengths = check_triangle_strengths(
-            DEFAULT_TRIANGLE_STRENGTHS if args.triangle_strengths is None else args.triangle_strengths)
-        if args.n_images != 1:
-            raise InputError("the triangle shows one picture per cell: use --n_images 1 with -gt")
-    if Path(args.output).suffix.lower() != ".png":
-        raise InputError(f"--output {args.output} must end in .png")
+    """Checks of the raw arguments that the spec cannot see (it holds the parsed values)."""
+    if args.no_float16 and args.dtype not in (None, "float32"):
+        raise InputError(f"--no-float16 and --dtype {args.dtype} disagree; pass one of them")
 
 
-@dataclass
-class Console:
-    """Progress bars and messages: bars only on a terminal, messages on stderr, the plan on stdout."""
+# A spec field -> the flag that sets it, for messages.
+FLAGS = {"strength": "--strength", "triangle_strengths": "--triangle_strengths", "steps": "--steps",
+         "cfg": "--cfg", "seed": "--seed", "n_images": "--n_images", "n_rows": "--n_rows",
+         "every": "-sd", "last": "--save_last_N", "shows": "--snapshot",
+         "noising_every": "--show_noising", "noising_path": "--noising_path", "preview": "--preview",
+         "animate": "--animate", "decode_batch": "--decoding_batch_size", "labels": "--labels",
+         "low_top": "--triangle_low_top", "output": "--output", "size": "--size",
+         "sampler": "--sampler", "schedule": "--schedule"}
 
-    quiet: bool = False
-    verbose: bool = False
-    bars: bool = field(default=False)
 
-    def __post_init__(self):
-        self.bars = not self.quiet and sys.stderr.isatty()
+def _size(text: str | None):
+    if text is None:
+        return None
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SpecError("size", f"{{flag}} {text!r} is not HEIGHTxWIDTH, e.g. 512x768") from None
+    return h, w
 
-    def say(self, line: str) -> None:
-        if not self.quiet:
-            print(line, flush=True)
 
-    def notice(self, line: str) -> None:
-        if not self.quiet:
-            print(f"note: {line}", file=sys.stderr, flush=True)
+def build_specs(command: str, args) -> tuple:
+    """(RunSpec, ModelSpec) of the parsed arguments, validated."""
+    img2img = command == "image2image"
+    triangle = img2img and bool(args.generate_triangle)
+    if img2img and not triangle and args.triangle_strengths is not None:
+        raise SpecError("triangle_strengths", "{flag} only applies to the triangle (-gt); leave it out")
+    if triangle:
+        strengths = args.triangle_strengths or DEFAULT_TRIANGLE_STRENGTHS
+    else:
+        strengths = (args.strength,) if img2img else (1.0,)
+    capture = Capture(
+        every=args.show_denoising, last=args.save_last_N, shows=args.snapshot,
+        noising_every=getattr(args, "show_noising", None),
+        noising_path=getattr(args, "noising_path", "shared"), preview=args.preview,
+        animate=args.animate, decode_batch=args.decoding_batch_size, save_prompt=args.save_prompt,
+        labels=getattr(args, "labels", False), low_top=getattr(args, "triangle_low_top", False))
+    spec = RunSpec(
+        prompt=args.prompt, output=Path(args.output), image=Path(args.image) if img2img else None,
+        negative_prompt=args.negative_prompt, strengths=tuple(strengths), triangle=triangle,
+        steps=args.steps, cfg=args.cfg, seed=args.seed, sampler=args.sampler, schedule=args.schedule,
+        n_images=args.n_images, n_rows=args.n_rows,
+        size=None if img2img else _size(args.size), capture=capture).validate()
+    dtype = "float32" if args.no_float16 else args.dtype
+    return spec, ModelSpec(args.model, dtype, args.quantize, args.preload_models)
 
-    def error(self, line: str) -> None:
-        """Always shown, even with --quiet: how the run ended."""
-        print(line, file=sys.stderr, flush=True)
 
-    def detail(self, line: str) -> None:
-        if self.verbose:
-            print(line, file=sys.stderr, flush=True)
-
-    def progress(self, iterable=None, total=None, desc=None):
-        from tqdm import tqdm
-
-        return tqdm(iterable, total=total, desc=desc, disable=not self.bars, leave=False,
-                    dynamic_ncols=True)
+def replay_argv(spec: RunSpec, model_arg: str, model: ModelSpec) -> list:
+    """The arguments that make the same files again: every resolved value and capture flag (the
+    model pinned to the revision that ran)."""
+    c = spec.capture
+    argv = ["--model", model_arg, "--seed", str(spec.seed), "--steps", str(spec.steps),
+            "--cfg", repr(float(spec.cfg)), "--sampler", spec.sampler, "--schedule", spec.schedule,
+            "--output", os.fsdecode(spec.output)]
+    if spec.triangle:
+        argv += ["-gt", "--triangle_strengths", ",".join(repr(float(s)) for s in spec.strengths)]
+    elif spec.img2img:
+        argv += ["--strength", repr(float(spec.strength))]
+    for flag, value, default in (
+            ("--negative_prompt", spec.negative_prompt, ""), ("--n_images", spec.n_images, 1),
+            ("--n_rows", spec.n_rows, 1), ("--dtype", model.dtype, None),
+            ("-sd", c.every, None), ("--save_last_N", c.last, None), ("--snapshot", c.shows, "xt"),
+            ("--show_noising", c.noising_every, None), ("--noising_path", c.noising_path, "shared"),
+            ("--preview", c.preview, "vae"), ("--animate", c.animate, None),
+            ("--decoding_batch_size", c.decode_batch, 4)):
+        if value != default:
+            argv += [flag, str(value)]
+    if spec.size is not None:
+        argv += ["--size", f"{spec.size[0]}x{spec.size[1]}"]
+    for flag, on in (("--quantize", model.quantize), ("--labels", c.labels),
+                     ("--triangle_low_top", c.low_top)):
+        if on:
+            argv.append(flag)
+    if not c.save_prompt:
+        argv += ["-sp", "0"]
+    positional = [os.fsdecode(spec.image), spec.prompt] if spec.img2img else [spec.prompt]
+    return argv + ["--"] + positional
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, `timeout`, a job scheduler): stops the run like Ctrl-C, exit 128 + 15."""
+    """SIGTERM (`kill`, `timeout`, a job scheduler) or SIGHUP (the terminal closed): stops the run
+    like Ctrl-C, exit 128 + the signal's number."""
 
-    signum = signal.SIGTERM
+    def __init__(self, signum=signal.SIGTERM):
+        super().__init__()
+        self.signum = signum
 
 
 def _terminate(signum, frame):
-    raise Terminated()
+    raise Terminated(signum)
 
 
 def main(command: str, argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     verbose = "-v" in argv or "--verbose" in argv
-    # Without a handler SIGTERM kills at once, leaving a temporary file and a "running" sidecar.
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
+    # Without handlers SIGTERM and SIGHUP kill at once, leaving a temporary file and a "running"
+    # sidecar; as interrupts, the run records what it kept.
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            previous[signum] = signal.signal(signum, _terminate)
+    console = Console(quiet="--quiet" in argv, verbose=verbose)
     try:
         args = build_parser(command).parse_args(argv)
         console = Console(args.quiet, args.verbose)
         if args.print_parser:
             for key, value in sorted(vars(args).items()):
-                print(f"{key}: {value!r}")
+                console.say(f"{key}: {value!r}")
         check_arguments(args, command)
-        from .job import Job  # the heavy imports (mlx, networks) only once the arguments are sane
+        spec, model = build_specs(command, args)
+        # The heavy imports (mlx, networks) only once the arguments are sane.
+        from .images import load_image
+        from .session import Session
 
-        return Job(command, args, argv, console).run()
+        picture = None
+        if spec.img2img:  # the picture is checked before the model is looked up
+            picture = load_image(spec.image, multiple=64)
+            for line in picture.notices:
+                console.notice(line)
+        notices = []
+        session = Session(model, notices)
+        for line in notices:
+            console.detail(f"note: {line}")
+        result = session.run(spec, console, argv, functools.partial(replay_argv, model=model), picture)
+        if result.status == "interrupted":
+            console.error(f"interrupted: kept {len(result.files)} file(s), see {result.sidecar}")
+            return 128 + result.signum
+        console.say(f"wrote {spec.output} and {len(result.files) - 1} more file(s); "
+                    f"sidecar {result.sidecar}")
+        return 0
     except SystemExit as e:  # --help
         return int(e.code or 0)
+    except SpecError as e:
+        _report(InputError(e.template.replace("{flag}", FLAGS.get(e.field, e.field))), verbose)
+        return 2
     except InputError as e:
         _report(e, verbose)
         return 2
@@ -231,15 +291,15 @@ def main(command: str, argv=None) -> int:
         _report(e, verbose, suffix=_output_advice(e))
         return 1
     except KeyboardInterrupt as e:  # before the run was under way: nothing was written
-        print("interrupted before the first step; nothing was written", file=sys.stderr, flush=True)
+        console.error("interrupted before the first step; nothing was written")
         return 128 + getattr(e, "signum", signal.SIGINT)
     except Exception as e:  # a failure of the tool or the machine, not of the input
         _report(e, verbose, prefix=f"failed ({type(e).__name__}): ",
                 suffix="" if verbose else " (run again with --verbose for the traceback)")
         return 1
     finally:
-        if on_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _output_advice(error: Exception) -> str:
@@ -255,7 +315,7 @@ def _report(error: Exception, verbose: bool, prefix: str = "error: ", suffix: st
     if verbose:
         traceback.print_exception(error)
     message = " ".join(line.strip() for line in str(error).splitlines())  # one line, always
-    print(f"{prefix}{message}{suffix}", file=sys.stderr, flush=True)
+    Console().error(f"{prefix}{message}{suffix}")
 
 
 def image2image_main(argv=None) -> int:
@@ -264,24 +324,3 @@ def image2image_main(argv=None) -> int:
 
 def txt2image_main(argv=None) -> int:
     return main("txt2image", argv)
-
-
-def reproduce_argv(command: str, args, seed: int, source: dict) -> list:
-    """The arguments that make the same final picture again (output path left out)."""
-    argv = [args.image] if command == "image2image" else []
-    argv += [args.prompt, "--model", source.get("model_arg", args.model), "--seed", str(seed)]
-    for flag, value in (("--strength", getattr(args, "strength", None)), ("--steps", args.steps),
-                        ("--cfg", args.cfg), ("--n_images", args.n_images),
-                        ("--n_rows", args.n_rows), ("--dtype", args.dtype),
-                        ("--size", getattr(args, "size", None))):
-        if value is not None:
-            argv += [flag, str(value)]
-    if args.negative_prompt:
-        argv += ["--negative_prompt", args.negative_prompt]
-    if args.quantize:
-        argv.append("--quantize")
-    return argv
-
-
-def elapsed(start: float) -> float:
-    return round(time.perf_counter() - start, 3)

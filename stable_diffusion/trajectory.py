@@ -13,10 +13,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
-from .sampler import Plan, plan
-
-DEFAULT_TRIANGLE_STRENGTHS = tuple(round(0.1 * k, 1) for k in range(1, 11))
 
 
 def snapshot_indices(steps: int, every: int | None, last: int | None) -> dict[int, tuple]:
@@ -37,39 +33,9 @@ def noising_times(start_time: float, every: int) -> list[float]:
     return times + [float(start_time)]
 
 
-@dataclass(frozen=True)
-class TriangleRow:
-    strength: float
-    plan: Plan
-    cells: tuple  # step indices shown: the start, every N-th, the final
-
-
-def triangle_rows(strengths, num_steps: int, every: int, num_train_timesteps: int = 1000) -> list:
-    """One row per strength, in increasing strength; each row's cells are its kept step indices."""
-    rows = []
-    for s in strengths:
-        p = plan(s, num_steps, num_train_timesteps)
-        rows.append(TriangleRow(s, p, tuple(snapshot_indices(p.steps, every, None))))
-    return rows
-
-
 def default_triangle_every(num_steps: int) -> int:
     """Without -sd, about ten cells on the strength-1 row."""
     return max(1, math.ceil(num_steps / 10))
-
-
-def check_triangle_strengths(strengths) -> tuple:
-    strengths = tuple(float(s) for s in strengths)
-    if not strengths:
-        raise InputError("--triangle_strengths is empty; give values such as 0.2,0.4,0.6")
-    bad = [s for s in strengths if not 0.0 < s <= 1.0]
-    if bad:
-        raise InputError(f"triangle strength {bad[0]:g} is outside (0, 1]; use values between 0 and 1")
-    if len(set(strengths)) != len(strengths):
-        raise InputError("--triangle_strengths has duplicates; list each strength once")
-    if list(strengths) != sorted(strengths):
-        raise InputError("--triangle_strengths must be in increasing order, e.g. 0.2,0.5,0.9")
-    return strengths
 
 
 @dataclass(frozen=True)
@@ -94,7 +60,11 @@ class FileNames:
         return self._named(f"step-{index:0{self.width}d}")
 
     def noise(self, t: float) -> Path:
-        return self._named(f"noise-t{int(round(t)):04d}")
+        """`noise-t0100`; a fractional time keeps its thousandths (`noise-t0100_400`), which sorts
+        after t=100 and before t=101."""
+        millis = int(round(t * 1000))
+        whole, frac = divmod(millis, 1000)
+        return self._named(f"noise-t{whole:04d}" + (f"_{frac:03d}" if frac else ""))
 
     def noise_strip(self) -> Path:
         return self._named("noise-strip")

@@ -66,10 +66,10 @@ def test_same_seed_gives_identical_bytes_and_metadata_reproduces(tmp_path, pictu
     parameters, record = read_png_metadata(a)
     assert parameters["seed"] == 0 and parameters["cfg_scale"] == 0 and parameters["strength"] == 0.75
     assert parameters["prompt"] == "a lit fireplace, 4k" and parameters["steps"] == 3
-    assert record["seed"] == 0 and record["cfg"] == 0 and record["plan"]["start_time"] == 750
+    assert record["seed"] == 0 and record["cfg"] == 0 and record["plans"][0]["start_time"] == 750
     # The JSON chunk alone is enough to make the same picture again.
     c = tmp_path / "c.png"
-    run("image2image.py", *record["argv"], "--output", c)
+    run("image2image.py", *record["replay"], "--output", c)
     assert c.read_bytes() == a.read_bytes()
 
 

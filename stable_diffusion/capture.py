@@ -1,0 +1,215 @@
+"""Capture: sinks over Steps, one frame writer, and the ledger of files (the sidecar).
+
+The run feeds every `Step` of every row to its sinks; a sink picks the steps it keeps and hands
+latents to the `FrameWriter`, which decodes them in batches with the decoder chosen once for the
+run and saves each picture whole, with its metadata. The `Ledger` lists every file the moment it
+lands and rewrites the sidecar then, so that after `kill -9` the sidecar lists every whole file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+
+from . import metadata, render
+from .errors import NumericalError
+
+INTERRUPTS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s)
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Ctrl-C, SIGTERM and SIGHUP wait until the block is done, then stop the run as usual: a
+    signal between a file's rename and its entry in the ledger would leave an unlisted file."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in INTERRUPTS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if pending:
+            signal.raise_signal(pending[0])  # now handled as it would have been
+
+
+class Ledger:
+    """The run's record and its files; `write` puts both in the sidecar, atomically."""
+
+    def __init__(self, path: Path, record: dict):
+        self.path, self.record = path, record
+        self.files: list[dict] = []
+        self.status = "running"
+
+    def write(self, status: str | None = None, **extra) -> None:
+        if status is not None:
+            self.status = status
+        self.record.update(extra)
+        metadata.write_sidecar(self.path, dict(self.record, status=self.status, files=self.files))
+
+    def add(self, entry: dict) -> None:
+        self.files.append(entry)
+        self.write()
+
+
+@dataclass
+class Frame:
+    """A picture to write (or to hand to `keep`): the latents shown side by side, and its record."""
+
+    path: Path | None
+    info: dict
+    latents: list  # one or two (B, h, w, C) arrays
+    keep: Callable | None = None  # receives the saved picture (uint8, after the grid)
+
+
+def make_decoder(sd, preview: str, batch_size: int) -> Callable:
+    """latents (B, h, w, C) -> pictures (B, H, W, 3) float in [0, 1], decoded by `preview`."""
+
+    def vae(latents):
+        out = []
+        for i in range(0, latents.shape[0], batch_size):
+            decoded = sd.decode(latents[i:i + batch_size])
+            mx.eval(decoded)
+            out.append(np.array(decoded.astype(mx.float32)))
+        pictures = np.concatenate(out)
+        # decode() clips to [0, 1], and clipping keeps NaN: a NaN picture would be saved black.
+        if not np.isfinite(pictures).all():
+            raise NumericalError(f"the VAE decoder gave NaN or Inf pixels (dtype "
+                                 f"{str(sd.dtype).rsplit('.', 1)[-1]})")
+        return pictures
+
+    def approx(latents):
+        return render.approx_decode(np.array(latents.astype(mx.float32)), sd.family, sd.downscale)
+
+    return {"vae": vae, "approx": approx}[preview]
+
+
+@dataclass
+class FrameWriter:
+    """Decodes queued frames in batches and saves them; `chunks(info)` gives each PNG's text."""
+
+    decode: Callable
+    batch_size: int
+    ledger: Ledger
+    chunks: Callable
+    n_rows: int = 1
+    pending: list = field(default_factory=list)
+
+    def add(self, frame: Frame) -> None:
+        self.pending.append(frame)
+        if sum(f.latents[0].shape[0] * len(f.latents) for f in self.pending) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        pictures = self.decode(mx.concatenate([x for f in pending for x in f.latents]))
+        i = 0
+        for frame in pending:
+            parts = []
+            for x in frame.latents:
+                parts.append(pictures[i:i + x.shape[0]])
+                i += x.shape[0]
+            picture = self.grid(np.concatenate(parts, axis=2))  # side by side along the width
+            if frame.path is not None:
+                self.save(frame.path, picture, frame.info)
+            if frame.keep is not None:
+                frame.keep(picture)
+
+    def grid(self, pictures: np.ndarray) -> np.ndarray:
+        return render.grid(render.to_uint8(pictures), self.n_rows)
+
+    def save(self, path: Path, picture: np.ndarray, info: dict) -> None:
+        chunks = self.chunks(info)
+        with interrupts_deferred():  # the file and its entry in the ledger, or neither
+            metadata.save_png(path, picture, chunks)
+            self.ledger.add(dict(info, file=path.name))
+
+    def save_animation(self, path: Path, frames: list, fmt: str) -> None:
+        h = max(f.shape[0] for f in frames)
+        w = max(f.shape[1] for f in frames)
+        canvas = []
+        for f in frames:  # frames of different sizes on one canvas size
+            c = np.full((h, w, 3), 255, np.uint8)
+            c[:f.shape[0], :f.shape[1]] = f
+            canvas.append(c)
+        with interrupts_deferred():
+            render.save_animation(path, canvas, 150, fmt=fmt)
+            self.ledger.add({"file": path.name, "kind": "animation", "frames": len(canvas)})
+
+
+def shown_latents(step, shows: str) -> list:
+    """What a snapshot of `step` shows. The start has no denoised estimate: it shows itself."""
+    x0 = step.x_t if step.x0_pred is None else step.x0_pred
+    return {"xt": [step.x_t], "x0": [x0], "both": [step.x_t, x0]}[shows]
+
+
+def step_info(step, strength: float, shows: str, reasons=()) -> dict:
+    """A frame's record. A frame of the denoised estimate is at the time the estimate was made."""
+    info = {"kind": "step", "step": step.index, "count": step.count, "t": step.t,
+            "sigma": step.sigma, "strength": strength, "shows": shows, "reasons": list(reasons)}
+    if shows != "xt" and step.x0_pred is not None:
+        info["x0_t"], info["x0_sigma"] = step.t_pred, step.sigma_pred
+    return info
+
+
+class Snapshots:
+    """A single run's kept steps (`-sd`, `--save_last_N`), each written to its own file."""
+
+    def __init__(self, writer: FrameWriter, names, row, shows: str, animation: list | None,
+                 reuse_final: bool):
+        self.writer, self.names, self.row, self.shows = writer, names, row, shows
+        self.animation, self.reuse_final = animation, reuse_final
+        self.final_picture = None  # the final latent's picture, when a snapshot made it as the VAE would
+
+    def add(self, step) -> None:
+        reasons = self.row.kept.get(step.index)
+        if reasons is None:
+            return
+        final = step.index == step.count and self.reuse_final
+        self.writer.add(Frame(self.names.step(step.index),
+                              step_info(step, self.row.strength, self.shows, reasons),
+                              shown_latents(step, self.shows),
+                              keep=lambda picture, final=final: self._keep(picture, final)))
+
+    def _keep(self, picture, final: bool) -> None:
+        if self.animation is not None:
+            self.animation.append(picture)
+        if final:
+            self.final_picture = picture
+
+
+class TriangleCells:
+    """The triangle's cells: row i's kept steps, decoded in order, kept in memory for the canvas."""
+
+    def __init__(self, writer: FrameWriter, rows, shows: str):
+        self.writer, self.rows, self.shows = writer, rows, shows
+        self.cells = [[None] * len(r.kept) for r in rows]
+        self.infos = [[None] * len(r.kept) for r in rows]
+
+    def add(self, i: int, step) -> None:
+        kept = list(self.rows[i].kept)
+        if step.index not in kept:
+            return
+        col = kept.index(step.index)
+        self.infos[i][col] = step_info(step, self.rows[i].strength, self.shows)
+        self.writer.add(Frame(None, {}, shown_latents(step, self.shows),
+                              keep=lambda picture: self.cells[i].__setitem__(col, picture)))
+
+    def set(self, i: int, col: int, picture: np.ndarray, info: dict) -> None:
+        self.cells[i][col], self.infos[i][col] = picture, info
+
+    def l_path(self) -> list:
+        """The animation of the L-shaped path: up the first column (the descent into noise, lowest
+        strength first), then along the top strength's row (the way back out)."""
+        return [row[0] for row in self.cells] + self.cells[-1][1:]

@@ -1,0 +1,353 @@
+"""One spec through a session: check, plan, load, generate, capture, record.
+
+Everything that can be checked is checked before any weight is read: the input picture, the output
+folder, the model's files and configs, the plan and the prompts. A run that stops before its first
+step leaves no file (and removes the folders it made). From then on the sidecar exists: "running",
+rewritten as each file lands, and "finished", "interrupted" or "failed" at the end; a run killed
+outright leaves "running" with every whole file listed.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from . import images, metadata, render
+from .capture import (INTERRUPTS, Frame, FrameWriter, Ledger, Snapshots, TriangleCells,
+                      interrupts_deferred, make_decoder, step_info)
+from .errors import InputError, NumericalError, OutputError
+from .ops import release_cpu_buffers
+from .sampler import SAMPLERS, Step, seed_keys
+from .session import FORMAT_VERSION, RunPlan, RunResult, elapsed
+
+
+def _millis(t: float) -> int:
+    """A time's identity for naming and matching: thousandths of a step."""
+    return int(round(t * 1000))
+
+
+class Run:
+    def __init__(self, session, spec, console, argv: list, replay, picture):
+        self.session, self.spec, self.console = session, spec, console
+        self.argv, self.replay, self.picture = argv, replay, picture
+        self.timings = session.timings = {}
+        self.denoisers = []  # each counts its UNet calls
+        self.created_folders: list[Path] = []
+
+    def execute(self) -> RunResult:
+        console, spec = self.console, self.spec
+        self.t0 = time.perf_counter()
+        # --- 1. checks: nothing heavy is read, and nothing but the output folder is made ---------
+        if spec.img2img and self.picture is None:
+            self.picture = images.load_image(spec.image, multiple=64)
+            for line in self.picture.notices:
+                console.notice(line)
+        self._prepare_output()
+        try:
+            size = self.picture.pixels.shape[:2] if spec.img2img else None
+            plan = self.plan = self.session.plan(spec, size, console.notice)
+            for line in plan.describe():
+                console.say(line)
+            console.say(f"seed {plan.spec.seed}")
+            self.timings["checks_s"] = elapsed(self.t0)
+            # --- 2. load: strict keys, shapes and dtypes (model_io), once per session -------------
+            from .blas import preload_blas
+
+            blas = preload_blas()
+            self.blas = f"{blas.name}, {blas.threads} thread(s)" + ("" if blas.in_time else " (not in time)")
+            console.detail(f"BLAS: {self.blas}; device {mx.default_device()}; dtype {self.session.dtype_name}")
+            self.sd = self.session.load()
+            self.ledger = Ledger(plan.names.sidecar(), self.record())
+            self.ledger.write("running")
+        except BaseException:
+            self._remove_created_folders()
+            raise
+
+        # --- 3. generate, capture, write; the sidecar says how the run ended ----------------------
+        status, error, interrupt = "failed", None, None
+        try:
+            if plan.spec.triangle:
+                self._triangle()
+            else:
+                self._single()
+            status = "finished"
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP (see cli.Terminated)
+            status, interrupt = "interrupted", e
+        except BaseException as e:
+            error = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            self.timings["total_s"] = elapsed(self.t0)
+            self._finish(status, error)
+        return RunResult(status, self.ledger.files, plan.names.sidecar(),
+                         None if interrupt is None else getattr(interrupt, "signum", signal.SIGINT))
+
+    # --- 1. checks ---------------------------------------------------------------------------------
+
+    def _prepare_output(self) -> None:
+        """The output folder exists and takes files, before any work; stale temporaries go."""
+        output = Path(self.spec.output)
+        if output.is_dir():
+            raise InputError(f"--output {output} is a folder; name a .png file in it, e.g. "
+                             f"{output / 'out.png'}")
+        sidecar = output.with_suffix(".json")
+        if sidecar.is_dir():
+            raise InputError(f"the sidecar {sidecar} would replace a folder; choose another --output")
+        folder = output.parent
+        missing, p = [], folder.absolute()
+        while not p.exists() and p != p.parent:
+            missing.append(p)
+            p = p.parent
+        if not p.is_dir():
+            raise InputError(f"--output {output}: {p} is a file, not a folder; choose another "
+                             "output folder")
+        metadata.check_output_dir(folder)
+        self.created_folders = missing  # deepest first
+        removed = metadata.remove_stale_temporaries(folder)
+        if removed:
+            self.console.notice(f"removed {len(removed)} temporary file(s) left by a killed run in "
+                                f"{folder}: {', '.join(removed[:3])}" + (" ..." if len(removed) > 3 else ""))
+
+    def _remove_created_folders(self) -> None:
+        """A run refused before its first file leaves the disk as it found it."""
+        for folder in self.created_folders:
+            try:
+                folder.rmdir()  # only if still empty
+            except OSError:
+                break
+
+    # --- the record every PNG and the sidecar carry ---------------------------------------------------
+
+    def record(self) -> dict:
+        spec, session = self.plan.spec, self.session
+        record = {
+            "format": FORMAT_VERSION, "command": "image2image" if spec.img2img else "txt2image",
+            "prompt": spec.prompt, "negative_prompt": spec.negative_prompt, "seed": spec.seed,
+            "cfg": spec.cfg, "num_steps": spec.steps, "sampler": spec.sampler,
+            "schedule": spec.schedule, "sampler_name": self.plan.sampler_name,
+            "dtype": session.dtype_name, "quantize": session.model_spec.quantize,
+            "n_images": spec.n_images, "n_rows": spec.n_rows,
+            "model": {k: v for k, v in session.source.items() if k != "model_arg"},
+            "argv": self.argv, "versions": versions(), "device": str(mx.default_device()),
+            "blas": self.blas, "pid": os.getpid(),
+            "plans": [{"strength": r.strength, "start_time": r.plan.start_time, "steps": r.plan.steps,
+                       "num_steps": r.plan.num_steps} for r in self.plan.rows],
+        }
+        if self.replay is not None:
+            record["replay"] = self.replay(spec, session.source["model_arg"])
+        if spec.img2img:
+            record["input"] = {"path": os.fsdecode(spec.image), "sha256": self.picture.sha256,
+                               "size": list(self.picture.size)}
+        return record
+
+    def _chunks(self, info: dict) -> dict:
+        spec = self.plan.spec
+        if not spec.capture.save_prompt:
+            return {}
+        plan = self.plan.top.plan
+        h, w = self.plan.image_size
+        parameters = metadata.parameters_text(
+            spec.prompt, spec.negative_prompt, steps=plan.steps, sampler=self.plan.sampler_name,
+            cfg_scale=spec.cfg, seed=spec.seed, width=w, height=h,
+            model=self.session.source["model_arg"], strength=plan.strength if spec.img2img else None,
+            extra={"Start time": plan.start_time, "Total steps": plan.num_steps})
+        record = dict(self.ledger.record, frame=info)
+        return metadata.png_text_chunks(parameters, record)
+
+    # --- generation ---------------------------------------------------------------------------------
+
+    def _begin(self):
+        """The writer, x0, the seed's noise and the conditioning, shared by every row."""
+        spec, sd, session = self.plan.spec, self.sd, self.session
+        c = spec.capture
+        self.keys = seed_keys(spec.seed)
+        self.writer = FrameWriter(make_decoder(sd, c.preview, c.decode_batch), c.decode_batch,
+                                  self.ledger, self._chunks, spec.n_rows)
+        h, w = self.plan.image_size
+        shape = (spec.n_images, h // sd.downscale, w // sd.downscale, sd.latent_channels)
+        if spec.img2img:
+            x0 = mx.repeat(session.encode(self.picture), spec.n_images, axis=0)
+        else:
+            x0 = mx.zeros(shape, dtype=sd.dtype)
+        eps = sd.initial_noise(shape, spec.seed)
+        cond = session.condition(spec.prompt, spec.negative_prompt, self.plan.guided, spec.n_images,
+                                 self.plan.image_size)
+        self.t_start = time.perf_counter()
+        return x0, eps, cond
+
+    def _trajectory(self, row, x0, eps, cond):
+        """Step 0 (x0 noised to the row's start) and the sampler's steps, evaluated one by one."""
+        spec = self.plan.spec
+        x_start = self.sd.start_latent(x0, eps, row.plan, spec.sampler)
+        denoiser = self.sd.denoiser(cond, spec.cfg)
+        self.denoisers.append(denoiser)
+        steps = SAMPLERS[spec.sampler](denoiser, x_start, row.plan, key=self.keys["sampler"])
+        desc = f"s={row.strength:g}" if spec.img2img else "steps"
+        first = Step(0, row.plan.steps, row.plan.times[0], row.plan.sigmas[0], x_start, None)
+        for step in self.console.progress(_chain(first, steps), row.plan.steps + 1, desc):
+            self._evaluate(step)
+            yield step
+
+    def _evaluate(self, step) -> None:
+        """Run the step's graph once; stop at the first non-finite latent."""
+        mx.eval(step.x_t) if step.x0_pred is None else mx.eval(step.x_t, step.x0_pred)
+        if step.index > 0:
+            # Command start (after Python's imports) to the first denoising step done.
+            self.timings.setdefault("first_step_s", elapsed(self.t0))
+        if not mx.all(mx.isfinite(step.x_t)).item():
+            where = ("in the noised start (step 0)" if step.index == 0
+                     else f"at step {step.index} of {step.count}")
+            raise NumericalError(f"the latents became NaN or Inf {where} (dtype "
+                                 f"{self.session.dtype_name}); "
+                                 + numerical_advice(self.session.dtype_name, self.session.model_spec.quantize))
+
+    def _noising(self, x0, eps) -> dict:
+        """The forward path from the picture to the top row's start, as frames and one strip;
+        returns its pictures by time (thousandths), for the triangle's first column."""
+        spec, names = self.plan.spec, self.plan.names
+        c = spec.capture
+        pictures = {}
+        path = self.sd.sampler.noising_path(x0, self.plan.noising, c.noising_path,
+                                            key=self.keys["noising_path"], noise=eps)
+        for step in self.console.progress(path, len(self.plan.noising), "noising"):
+            mx.eval(step.x_t)
+            info = {"kind": "noise", "t": step.t, "sigma": step.sigma, "path": c.noising_path}
+            self.writer.add(Frame(names.noise(step.t), info, [step.x_t],
+                                  keep=lambda p, t=step.t: pictures.__setitem__(_millis(t), p)))
+        self.writer.flush()
+        times = sorted(pictures)
+        self.writer.save(names.noise_strip(),
+                         render.strip([pictures[t] for t in times], [f"t={t / 1000:g}" for t in times]),
+                         {"kind": "noise-strip", "times": [t / 1000 for t in times], "path": c.noising_path})
+        return pictures
+
+    def _single(self) -> None:
+        spec, sd = self.plan.spec, self.sd
+        c, names, row = spec.capture, self.plan.names, self.plan.rows[0]
+        x0, eps, cond = self._begin()
+        animation = [] if c.animate else None
+        if self.plan.noising:
+            noise_pictures = self._noising(x0, eps)
+            if animation is not None:
+                animation += [noise_pictures[t] for t in sorted(noise_pictures)]
+        snapshots = Snapshots(self.writer, names, row, c.shows, animation,
+                              reuse_final=c.shows == "xt" and c.preview == "vae")
+        final = None
+        for step in self._trajectory(row, x0, eps, cond):
+            final = step
+            snapshots.add(step)
+        release_cpu_buffers()  # the UNet is done: what remains is VAE decoding
+        self.writer.flush()
+        self.timings["steps_and_frames_s"] = elapsed(self.t_start)
+
+        t_final = time.perf_counter()
+        picture = snapshots.final_picture
+        if picture is None:
+            picture = self.writer.grid(make_decoder(sd, "vae", c.decode_batch)(final.x_t))
+        self.writer.save(spec.output, picture,
+                         {"kind": "final", "step": final.index, "count": row.plan.steps, "t": final.t,
+                          "sigma": final.sigma, "strength": row.strength})
+        self.timings["final_decode_s"] = elapsed(t_final)
+        if animation:
+            self.writer.save_animation(names.animation(c.animate), animation, c.animate)
+
+    def _triangle(self) -> None:
+        spec, sd, plan = self.plan.spec, self.sd, self.plan
+        c, rows = spec.capture, plan.rows
+        x0, eps, cond = self._begin()
+        cells = TriangleCells(self.writer, rows, c.shows)
+        noise_pictures = self._noising(x0, eps) if plan.noising else {}
+        for i, row in enumerate(self.console.progress(iter(rows), len(rows), "rows")):
+            for step in self._trajectory(row, x0, eps, cond):
+                reuse = noise_pictures.get(_millis(step.t)) if step.index == 0 else None
+                if reuse is not None and c.shows == "xt" and c.noising_path == "shared":
+                    # The row starts on the shared forward path: the noising frame is this cell.
+                    cells.set(i, 0, reuse, step_info(step, row.strength, c.shows))
+                else:
+                    cells.add(i, step)
+            self.writer.flush()
+        self.timings["steps_and_frames_s"] = elapsed(self.t_start)
+
+        labels = c.labels
+        row_labels = [f"s={r.strength:g}" for r in rows] if labels else None
+        cell_labels = None
+        if labels:
+            cell_labels = [[f"{info['step']}/{info['count']} t={info['t']:g} sigma={info['sigma']:.2f}"
+                            for info in row_infos] for row_infos in cells.infos]
+        cell_h, cell_w = cells.cells[0][0].shape[:2]
+        order = "low_top" if c.low_top else "low_bottom"
+        picture = render.triangle(cells.cells, cell_h, cell_w, order=order, row_labels=row_labels,
+                                  cell_labels=cell_labels)
+        info = {"kind": "triangle", "order": order, "cell_size": [cell_h, cell_w],
+                "rows": [{"strength": r.strength, "steps": r.plan.steps, "start_time": r.plan.start_time,
+                          "cells": [{"step": i["step"], "t": i["t"], "sigma": i["sigma"]} for i in infos]}
+                         for r, infos in zip(rows, cells.infos)]}
+        self.writer.save(spec.output, picture, info)
+        if c.animate:
+            self.writer.save_animation(plan.names.animation(c.animate), cells.l_path(), c.animate)
+
+    # --- the end ------------------------------------------------------------------------------------
+
+    def _finish(self, status: str, error: str | None) -> None:
+        """The last word on the run. Further signals cannot cut it short; if the disk refuses it,
+        the error that ended the run still gets reported (the sidecar then says "running")."""
+        shield = threading.current_thread() is threading.main_thread()
+        previous = {}
+        if shield:
+            for signum in INTERRUPTS:
+                previous[signum] = signal.signal(signum, signal.SIG_IGN)
+        extra = {"unet_calls": sum(d.calls for d in self.denoisers), "timings": self.timings}
+        if error is not None:
+            extra["error"] = error
+        try:
+            try:
+                self.ledger.write(status, **extra)
+            except OutputError as e:
+                if not (isinstance(e.__cause__, OSError) and e.__cause__.errno == errno.ENOSPC):
+                    raise
+                # A full disk has no room for the new record beside the old one: drop the old
+                # "running" record first (no record reads the same: the run did not finish).
+                self.ledger.path.unlink(missing_ok=True)
+                self.ledger.write(status, **extra)
+        except OutputError as e:
+            if status == "finished":
+                raise
+            self.console.error(f"error: the sidecar could not be updated: {e}")
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def numerical_advice(dtype_name: str, quantized: bool) -> str:
+    if dtype_name != "float32":
+        advice = "half precision overflowed: run again with --dtype float32"
+    else:
+        advice = ("float32 does not overflow here, so the model's weights may hold NaN or Inf: "
+                  "check the model files")
+    return advice + (", or without --quantize" if quantized else "")
+
+
+@functools.cache
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("mlx-sd-trajectory", "mlx", "numpy", "pillow"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = None
+    return out

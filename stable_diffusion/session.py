@@ -1,0 +1,231 @@
+"""A session: one model, planned from its configs before any weight is read, running many specs.
+
+`Session(ModelSpec)` resolves the model and reads its configs and tokenizers (no weights);
+`plan(spec)` resolves the spec's defaults and checks it against the model; `run(spec)` loads the
+weights on first use and makes the run, reusing the VAE encoding of each input picture and the
+text conditioning of each prompt across runs. The triangle and a sweep are many rows of one plan
+or many specs of one session: nothing is run twice.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import mlx.core as mx
+
+from . import model_io, sampler as samplers
+from .config import TEXT_COMPONENTS, read_pipeline_config
+from .errors import InputError, ModelError
+from .pipeline import model_defaults, random_seed
+from .spec import ModelSpec, RunSpec, SpecError
+from .tokenizer import Tokenizer
+from .trajectory import FileNames, default_triangle_every, noising_times, snapshot_indices
+
+FORMAT_VERSION = 2
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def default_dtype() -> str:
+    # Metal computes half precision fast; the CPU gains little from it (see DESIGN.md).
+    return "float16" if mx.default_device() == mx.gpu else "float32"
+
+
+def elapsed(start: float) -> float:
+    return round(time.perf_counter() - start, 3)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One trajectory of a run: its strength, the times it visits and the steps it keeps."""
+
+    strength: float
+    plan: samplers.Plan
+    kept: dict  # step index -> why it is kept ("every", "last")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    spec: RunSpec  # resolved: steps, cfg, seed, sampler and schedule are set
+    rows: tuple  # Rows in increasing strength; one unless the spec is a triangle
+    image_size: tuple  # (H, W) pixels
+    names: FileNames
+    sampler_name: str  # as readers of `parameters` know it, e.g. "DPM++ 2M Karras"
+    noising: tuple  # times of the noising frames, () when none
+
+    @property
+    def guided(self) -> bool:
+        return self.spec.cfg > 1.0
+
+    @property
+    def top(self) -> Row:
+        return self.rows[-1]
+
+    def describe(self) -> list[str]:
+        lines = [r.plan.describe() for r in self.rows]
+        if self.spec.triangle:
+            total = sum(r.plan.steps for r in self.rows)
+            lines = [f"triangle: {len(self.rows)} rows, strengths "
+                     f"{', '.join(f'{r.strength:g}' for r in self.rows)}, {total} steps in all"] + \
+                    ["  " + line for line in lines]
+        return lines
+
+
+@dataclass
+class RunResult:
+    status: str  # finished, interrupted
+    files: list
+    sidecar: Path
+    signum: int | None = None
+
+
+class Session:
+    def __init__(self, model: ModelSpec, notices: list | None = None):
+        self.model_spec = model
+        self.dtype_name = model.dtype or default_dtype()
+        self.variant = None if self.dtype_name == "float32" else "fp16"
+        self.folder, source = model_io.resolve_model(model.model, self.variant)
+        model_io.check_model_folder(self.folder, self.variant)
+        self.config = read_pipeline_config(self.folder, notices)
+        model_arg = f"{source['model']}@{source['commit']}" if source.get("source") == "hub" else source["model"]
+        self.source = dict(source, model_arg=model_arg)
+        self.tokenizers = [_tokenizer(self.folder / tok)
+                           for (_, tok), _ in zip(TEXT_COMPONENTS, self.config.text_encoders)]
+        self.noise = samplers.NoiseSchedule(self.config.scheduler)
+        self.sd = None
+        self._latents: dict = {}
+        self._conditions: dict = {}
+        self.timings: dict = {}
+
+    # --- planning: configs and tokenizers only --------------------------------------------------
+
+    def plan(self, spec: RunSpec, image_size: tuple | None = None, notice=lambda line: None) -> RunPlan:
+        """Resolve the spec's defaults and check it against this model, before any weight is read.
+        `image_size` is the input picture's (H, W), or None for text to image."""
+        sampler, schedule, sampler_notice = samplers.default_sampler(self.config)
+        if sampler_notice and spec.sampler is None:
+            notice(sampler_notice)
+        defaults = model_defaults(self.config)
+        spec = replace(spec, steps=defaults.num_steps if spec.steps is None else spec.steps,
+                       cfg=defaults.cfg_weight if spec.cfg is None else spec.cfg,
+                       seed=random_seed() if spec.seed is None else spec.seed,
+                       sampler=sampler if spec.sampler is None else spec.sampler,
+                       schedule=schedule if spec.schedule is None else spec.schedule)
+        if spec.sampler not in samplers.SAMPLERS:
+            raise SpecError("sampler", f"{{flag}} {spec.sampler!r} is not one of {', '.join(samplers.SAMPLERS)}")
+        if spec.schedule not in samplers.SCHEDULES:
+            raise SpecError("schedule", f"{{flag}} {spec.schedule!r} is not one of {', '.join(samplers.SCHEDULES)}")
+        c = spec.capture
+        if image_size is None:
+            native = self.config.unet.sample_size * self.config.vae.downscale
+            image_size = spec.size or (native, native)
+        plans = [self.noise.plan(s, spec.steps, schedule=spec.schedule, sampler=spec.sampler)
+                 for s in spec.strengths]
+        longest = max(p.steps for p in plans)
+        every = c.every
+        if spec.triangle and every is None:
+            every = default_triangle_every(spec.steps)
+        if every is not None and every > longest:
+            raise SpecError("every", f"{{flag}} {every} is more than the {longest} steps this run makes; "
+                                     f"use {{flag}} {longest} or less")
+        last = c.last
+        if last is not None and last > longest:
+            notice(f"--save_last_N {last} is more than the {longest} steps run; saving all {longest}")
+            last = longest
+        rows = tuple(Row(s, p, snapshot_indices(p.steps, every, last)) for s, p in zip(spec.strengths, plans))
+        noising = ()
+        if c.noising_every is not None:
+            noising = tuple(noising_times(rows[-1].plan.start_time, c.noising_every))
+            if spec.triangle and c.noising_path == "shared":  # the rows' starts are on this path
+                noising = tuple(sorted(set(noising) | {r.plan.start_time for r in rows}))
+        if spec.negative_prompt and spec.cfg <= 1.0:
+            notice(f"--negative_prompt is not used with --cfg {spec.cfg:g}: guidance, which reads it, "
+                   "needs a cfg above 1")
+        for what, text in (("prompt", spec.prompt), ("negative prompt", spec.negative_prompt)):
+            if what == "prompt" or spec.cfg > 1.0:
+                self._check_length(what, text, notice)
+        return RunPlan(spec, rows, tuple(image_size), FileNames(spec.output, longest),
+                       samplers.display_name(spec.sampler, spec.schedule), noising)
+
+    def _check_length(self, what: str, text: str, notice) -> None:
+        worst, lost = None, 0
+        for tokenizer in self.tokenizers:
+            ids = tokenizer.encode(text)
+            room = tokenizer.max_length - 2  # the start and end tokens take two places
+            if len(ids) - room > lost:
+                worst, lost = (tokenizer, ids, room), len(ids) - room
+        if worst is not None:
+            tokenizer, ids, room = worst
+            dropped = tokenizer.decode(ids[room:])
+            dropped = dropped if len(dropped) <= 60 else dropped[:57] + "..."
+            notice(f"the {what} is {len(ids)} tokens; the text encoder takes {room} "
+                   f"({tokenizer.max_length} with its start and end tokens), so the last {lost} were "
+                   f"dropped: {dropped!r}")
+
+    # --- the model and its caches ----------------------------------------------------------------
+
+    def load(self):
+        """The weights, read once per session."""
+        if self.sd is not None:
+            return self.sd
+        import mlx.nn as nn
+
+        from .pipeline import StableDiffusion
+
+        start = time.perf_counter()
+        sd = StableDiffusion.from_folder(self.folder, self.config, DTYPES[self.dtype_name],
+                                         self.variant, self.source)
+        if self.model_spec.quantize:
+            for module in [sd.unet, *sd.text_encoders]:
+                nn.quantize(module, class_predicate=lambda _, m: isinstance(m, nn.Linear)
+                            and m.weight.shape[1] % 64 == 0)
+        if self.model_spec.preload:
+            mx.eval(sd.unet.parameters(), sd.vae.parameters(), [e.parameters() for e in sd.text_encoders])
+        self.sd = sd
+        self.timings["load_s"] = elapsed(start)
+        return sd
+
+    def encode(self, picture) -> mx.array:
+        """x0 (1, h, w, C) of a loaded picture, cached by its content and size."""
+        key = (picture.sha256, picture.pixels.shape)
+        if key not in self._latents:
+            from .ops import release_cpu_buffers
+
+            x0 = self.sd.encode(picture.pixels[None])
+            mx.eval(x0)
+            release_cpu_buffers()
+            self._latents[key] = x0
+        return self._latents[key]
+
+    def condition(self, prompt: str, negative: str, guided: bool, n_images: int, size: tuple):
+        key = (prompt, negative, guided, n_images, tuple(size))
+        if key not in self._conditions:
+            with warnings.catch_warnings():
+                # The prompt's length was reported once, as a notice, by plan().
+                warnings.filterwarnings("ignore", message=r"a prompt is \d+ tokens long")
+                cond = self.sd.condition(prompt, negative, guided, n_images, size)
+            mx.eval([v for v in cond[:3] if v is not None])
+            self._conditions[key] = cond
+        return self._conditions[key]
+
+    # --- a run -------------------------------------------------------------------------------------
+
+    def run(self, spec: RunSpec, console, argv=(), replay=None, picture=None) -> RunResult:
+        """Plan, load, generate, capture and record one spec. `picture` is the loaded input (or
+        None to load spec.image here); `replay(resolved_spec, model_arg)` gives the arguments that
+        make the same files again, for the record."""
+        from .run import Run
+
+        return Run(self, spec, console, list(argv), replay, picture).execute()
+
+
+def _tokenizer(folder: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_folder(folder)
+    except InputError:
+        raise
+    except (OSError, ValueError, KeyError) as e:  # damaged vocab.json, merges.txt or config
+        raise ModelError(f"cannot read the tokenizer in {folder} ({type(e).__name__}: "
+                         f"{str(e)[:120]}); download the model again") from None

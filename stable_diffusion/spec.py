@@ -1,0 +1,169 @@
+"""A run described once: frozen values, validated before any weight is read.
+
+The command line builds a `RunSpec` (what to make and what to keep) and a `ModelSpec` (what to
+load); a `Session` plans, runs and records it. Nothing here knows argparse: a script or a sweep
+builds specs directly. Errors are `SpecError`s naming the spec field; the command line translates
+the field into its flag.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .errors import InputError
+
+SNAPSHOT_KINDS = ("xt", "x0", "both")
+NOISING_PATHS = ("shared", "independent", "markov")
+PREVIEWS = ("vae", "approx")
+ANIMATION_FORMATS = ("gif", "webp")
+DTYPES = ("float32", "float16", "bfloat16")
+DEFAULT_TRIANGLE_STRENGTHS = tuple(round(0.1 * k, 1) for k in range(1, 11))
+# Bounds that keep every number representable and every allocation checkable before work.
+MAX_STEPS = 10_000
+MAX_CFG = 100.0
+MAX_IMAGES = 64
+MAX_SEED = 2**64 - 1
+
+
+class SpecError(InputError):
+    """A value of a spec is wrong. `field` names it; `{flag}` in the message is where the caller's
+    name for it goes (a flag on the command line, a keyword in Python)."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(message.replace("{flag}", field_name))
+        self.field = field_name
+        self.template = message
+
+
+@dataclass(frozen=True)
+class Capture:
+    """What a run keeps besides its final picture."""
+
+    every: int | None = None  # a snapshot every N steps, plus the start and the final
+    last: int | None = None  # each of the last N steps
+    shows: str = "xt"  # a snapshot shows the noisy latent, the denoised estimate, or both
+    noising_every: int | None = None  # the forward path, a frame every N timesteps
+    noising_path: str = "shared"
+    preview: str = "vae"  # the decoder of frames; the final picture is always the VAE's
+    animate: str | None = None  # gif or webp
+    decode_batch: int = 4
+    save_prompt: bool = True
+    labels: bool = False  # triangle labels
+    low_top: bool = False  # triangle order: lowest strength at the top
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load: the session's concern, shared by every run it makes."""
+
+    model: str = "sd"
+    dtype: str | None = None  # None: the device's default
+    quantize: bool = False
+    preload: bool = False
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One command's worth of work. One strength is a single run; `triangle` runs one row per
+    strength. `None` means "the model's default" (steps, cfg, sampler, schedule) or "random"
+    (seed); `Session.plan` resolves them, and the resolved spec replays the run exactly."""
+
+    prompt: str
+    output: Path
+    image: Path | None = None  # None: text to image
+    negative_prompt: str = ""
+    strengths: tuple = (1.0,)
+    triangle: bool = False
+    steps: int | None = None
+    cfg: float | None = None
+    seed: int | None = None
+    sampler: str | None = None
+    schedule: str | None = None
+    n_images: int = 1
+    n_rows: int = 1
+    size: tuple | None = None  # (H, W) in pixels, text to image only
+    capture: Capture = field(default_factory=Capture)
+
+    @property
+    def img2img(self) -> bool:
+        return self.image is not None
+
+    @property
+    def strength(self) -> float:
+        return self.strengths[-1]
+
+    def validate(self) -> "RunSpec":
+        """Every check that needs no file and no model; returns the spec with output as a Path."""
+        spec = replace(self, output=Path(self.output),
+                       image=None if self.image is None else Path(self.image))
+        c = spec.capture
+        if not spec.img2img and (spec.triangle or spec.strengths != (1.0,)):
+            raise SpecError("strength", "{flag} and the triangle need an input picture")
+        _check_strengths(spec.strengths, spec.triangle)
+        _check_int("steps", spec.steps, 1, MAX_STEPS)
+        if spec.cfg is not None and not (math.isfinite(spec.cfg) and 0 <= spec.cfg <= MAX_CFG):
+            raise SpecError("cfg", f"{{flag}} {spec.cfg:g} is outside 0 .. {MAX_CFG:g}; use 0 (no "
+                                   "guidance) or more, e.g. 7.5")
+        _check_int("seed", spec.seed, 0, MAX_SEED)
+        _check_int("n_images", spec.n_images, 1, MAX_IMAGES)
+        _check_int("n_rows", spec.n_rows, 1, MAX_IMAGES)
+        if spec.n_images % spec.n_rows:
+            raise SpecError("n_rows", f"--n_images {spec.n_images} is not divisible by {{flag}} "
+                                      f"{spec.n_rows}; make the image count a multiple of the row count")
+        if spec.triangle and spec.n_images != 1:
+            raise SpecError("n_images", "the triangle shows one picture per cell: use {flag} 1 with it")
+        for name in ("every", "last", "noising_every", "decode_batch"):
+            _check_int(name, getattr(c, name), 1, MAX_STEPS * 1000)
+        _check_choice("shows", c.shows, SNAPSHOT_KINDS)
+        _check_choice("noising_path", c.noising_path, NOISING_PATHS)
+        _check_choice("preview", c.preview, PREVIEWS)
+        if c.animate is not None:
+            _check_choice("animate", c.animate, ANIMATION_FORMATS)
+        if spec.triangle and c.last is not None:
+            raise SpecError("last", "{flag} is not used with the triangle, which keeps every -sd step; "
+                                    "leave it out")
+        if not spec.triangle and (c.labels or c.low_top):
+            raise SpecError("labels" if c.labels else "low_top",
+                            "{flag} only applies to the triangle (-gt); leave it out")
+        if not spec.img2img and c.noising_every is not None:
+            raise SpecError("noising_every", "{flag} shows the noising of an input picture; "
+                                             "text to image has none")
+        if c.noising_path != "shared" and c.noising_every is None:
+            raise SpecError("noising_path", "{flag} chooses the path --show_noising draws; add "
+                                            "--show_noising N")
+        if spec.output.suffix.lower() != ".png":
+            raise SpecError("output", f"{{flag}} {spec.output} must end in .png")
+        if spec.size is not None:
+            h, w = spec.size
+            if h < 64 or w < 64 or h % 64 or w % 64 or h * w > 2048 * 2048:
+                raise SpecError("size", f"{{flag}} {h}x{w}: both sides must be multiples of 64, at "
+                                        "most 2048x2048 in all, e.g. 512x768")
+        return spec
+
+
+def _check_int(name: str, value, low: int, high: int) -> None:
+    if value is not None and not low <= value <= high:
+        raise SpecError(name, f"{{flag}} {value} is outside {low} .. {high}")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise SpecError(name, f"{{flag}} {value!r} is not one of {', '.join(choices)}")
+
+
+def _check_strengths(strengths, triangle: bool) -> None:
+    name = "triangle_strengths" if triangle else "strength"
+    if not strengths:
+        raise SpecError(name, "{flag} is empty; give values such as 0.2,0.4,0.6")
+    if not triangle and len(strengths) != 1:
+        raise SpecError(name, "several strengths make a triangle; pass one strength")
+    for s in strengths:
+        # Below 1e-3 the start time is under one training step: nothing would be noised.
+        if not (math.isfinite(s) and 0.001 <= s <= 1.0):
+            raise SpecError(name, f"{{flag}} {s:g} is outside 0.001 .. 1; use e.g. 0.6")
+    if len(set(strengths)) != len(strengths):
+        raise SpecError(name, "{flag} has duplicates; list each strength once")
+    if list(strengths) != sorted(strengths):
+        raise SpecError(name, "{flag} must be in increasing order, e.g. 0.2,0.5,0.9")

@@ -1,0 +1,174 @@
+"""The run engine through the real commands: specs, sinks, the sidecar, progress, replay.
+
+Each test here pins a behaviour the layer above the pipeline once got wrong (see the run engine
+issue): dtypes, triangle x snapshot and animation combinations, frame labels, noise streams, file
+names, the sidecar while the run goes on, the replay arguments, progress in scripts.
+"""
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from PIL import Image
+
+from stable_diffusion.metadata import read_png_metadata
+from stable_diffusion.render import triangle_size
+from stable_diffusion.sampler import seed_keys
+from stable_diffusion.session import Session
+from stable_diffusion.spec import Capture, ModelSpec, RunSpec
+
+import commands
+
+
+def run(*args, check=True, env=None):
+    return commands.run("image2image.py", *args, check=check, env=env)
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("input") / "input.png"
+    yy, xx = np.mgrid[0:64, 0:64]
+    Image.fromarray(np.stack([xx * 4, yy * 4, (xx + yy) * 2], axis=-1).astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sd2(tiny_model):
+    return tiny_model("sd2")
+
+
+def sidecar(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_bfloat16_runs(tmp_path, picture, sd2):
+    run(picture, "x", "--model", sd2, "--steps", 2, "--dtype", "bfloat16", "-sd", 1,
+        "--seed", 0, "--output", tmp_path / "b.png")
+    assert sidecar(tmp_path / "b.json")["dtype"] == "bfloat16"
+    assert Image.open(tmp_path / "b.png").size == (64, 64)
+
+
+def test_triangle_with_both_snapshots_and_animation(tmp_path, picture, sd2):
+    out = tmp_path / "tri.png"
+    run(picture, "x", "--model", sd2, "--steps", 4, "-gt", "--triangle_strengths", "0.5,1",
+        "-sd", 2, "--snapshot", "both", "--animate", "--seed", 1, "--output", out)
+    record = sidecar(tmp_path / "tri.json")
+    rows = [f for f in record["files"] if f["kind"] == "triangle"][0]["rows"]
+    assert [len(r["cells"]) for r in rows] == [2, 3]  # steps 0 2 | 0 2 4
+    assert Image.open(out).size[::-1] == triangle_size(2, 3, 64, 128, 2)  # x_t and x0 per cell
+    # The L-shaped path: up the first column (2 row starts), then along the top row (2 more cells).
+    with Image.open(tmp_path / "tri.anim.gif") as gif:
+        assert gif.n_frames == 4 and gif.size == (128, 64)
+    assert {f["file"] for f in record["files"]} == {"tri.png", "tri.anim.gif"}
+
+
+def test_x0_frames_carry_the_time_of_their_estimate(tmp_path, picture, sd2):
+    run(picture, "x", "--model", sd2, "--steps", 4, "--strength", 1, "-sd", 1, "--snapshot", "x0",
+        "--seed", 0, "--output", tmp_path / "o.png")
+    frames = {f["step"]: f for f in sidecar(tmp_path / "o.json")["files"] if f["kind"] == "step"}
+    # Step k's estimate was made at the time step k started from: that of step k - 1.
+    for k in range(1, 5):
+        assert frames[k]["x0_t"] == pytest.approx(frames[k - 1]["t"])
+        assert frames[k]["x0_sigma"] == pytest.approx(frames[k - 1]["sigma"])
+    assert frames[4]["t"] == 0 and frames[4]["x0_t"] == pytest.approx(250)
+
+
+def test_seed_keys_are_independent_per_purpose():
+    keys = seed_keys(7)
+    draws = {name: np.array(mx.random.normal((64,), key=k)) for name, k in keys.items()}
+    names = sorted(draws)
+    assert {"initial_noise", "sampler", "noising_path"} <= set(names)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert abs(np.corrcoef(draws[a], draws[b])[0, 1]) < 0.5, (a, b)
+
+
+def test_fractional_noising_times_get_their_own_files(tmp_path, picture, sd2):
+    run(picture, "x", "--model", sd2, "--steps", 10, "--strength", 0.1004, "--show_noising", 100,
+        "--seed", 0, "--output", tmp_path / "f.png")
+    files = [f["file"] for f in sidecar(tmp_path / "f.json")["files"]]
+    assert len(files) == len(set(files))
+    noise = sorted(f for f in files if ".noise-t" in f and "strip" not in f)
+    assert noise == ["f.noise-t0000.png", "f.noise-t0100.png", "f.noise-t0100_400.png"]
+
+
+def test_sidecar_lists_every_file_while_running_and_after_kill_9(tmp_path, picture, sd2):
+    out = tmp_path / "k.png"
+    process = subprocess.Popen(
+        commands.command("image2image.py", picture, "x", "--model", sd2, "--steps", 300,
+                         "--strength", 1, "-sd", 1, "--decoding_batch_size", 1, "--seed", 0,
+                         "--quiet", "--output", out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "k.step-004.png").exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=30)
+    record = sidecar(tmp_path / "k.json")
+    on_disk = {p.name for p in tmp_path.glob("*.png")}
+    assert record["status"] == "running" and len(on_disk) >= 5
+    assert {f["file"] for f in record["files"]} == on_disk
+
+
+def test_sidecar_keeps_argv_as_typed_and_a_replay_that_makes_the_same_triangle(tmp_path, picture, sd2):
+    args = [picture, "a barn", "--model", sd2, "--steps", 4, "-gt", "--triangle_strengths", "0.5,1",
+            "-sd", 2, "--labels", "--show_noising", 250, "--snapshot", "both", "--seed", 3]
+    run(*args, "--output", tmp_path / "a" / "t.png")
+    record = sidecar(tmp_path / "a" / "t.json")
+    assert record["argv"] == [str(a) for a in args] + ["--output", str(tmp_path / "a" / "t.png")]
+    replay = record["replay"]
+    for flag in ("-gt", "-sd", "--labels", "--show_noising", "--snapshot", "--sampler", "--schedule"):
+        assert flag in replay, flag
+    run(*replay, "--output", tmp_path / "b" / "t.png")
+    for name in ("t.png", "t.noise-strip.png", "t.noise-t0250.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    _, chunk = read_png_metadata(tmp_path / "a" / "t.png")
+    assert chunk["replay"] == replay
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, picture, sd2):
+    result = run(picture, "x", "--model", sd2, "--steps", 4, "--strength", 1, "--seed", 0,
+                 "--output", tmp_path / "p.png")
+    lines = [line for line in result.stderr.splitlines() if " step " in line]
+    assert len(lines) == 4 and lines[0].startswith("s=1 step 1/4 t=750 sigma=")
+    assert lines[-1].split()[-1] == "s/step"
+    quiet = run(picture, "x", "--model", sd2, "--steps", 4, "--strength", 1, "--seed", 0, "--quiet",
+                "--output", tmp_path / "q.png")
+    assert quiet.stderr == "" and quiet.stdout == ""
+
+
+def test_every_flag_combination_is_refused_before_work_or_works(tmp_path, picture, sd2):
+    for extra, words in ((["-gt", "--save_last_N", "2"], "--save_last_N"),
+                         (["--labels"], "--labels"),
+                         (["--noising_path", "markov"], "--show_noising"),
+                         (["--triangle_strengths", "0.5"], "--triangle_strengths")):
+        result = run(picture, "x", "--model", sd2, "--steps", 4, *extra,
+                     "--output", tmp_path / "r.png", check=False)
+        assert result.returncode == 2 and words in result.stderr, (extra, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_session_runs_many_specs_from_python_reusing_the_encodings(tmp_path, picture, sd2, monkeypatch):
+    """The engine without argparse: one session, two specs, the picture encoded once."""
+    from stable_diffusion.console import Console
+    from stable_diffusion.images import load_image
+    from stable_diffusion.pipeline import StableDiffusion
+
+    encodes = []
+    original = StableDiffusion.encode
+    monkeypatch.setattr(StableDiffusion, "encode", lambda self, x: encodes.append(1) or original(self, x))
+    session = Session(ModelSpec(str(sd2)))
+    loaded = load_image(picture, multiple=64)
+    for s in (0.5, 1.0):
+        spec = RunSpec("a barn", tmp_path / f"s{s}.png", image=picture, strengths=(s,), steps=4,
+                       seed=0, capture=Capture(every=2)).validate()
+        result = session.run(spec, Console(quiet=True), picture=loaded)
+        assert result.status == "finished"
+    assert len(encodes) == 1
+    assert (tmp_path / "s0.5.png").exists() and (tmp_path / "s1.0.step-004.png").exists()
