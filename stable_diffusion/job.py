@@ -27,13 +27,12 @@ from .config import TEXT_COMPONENTS, read_pipeline_config
 from .errors import InputError, ModelError, NumericalError, OutputError
 from .ops import release_cpu_buffers
 from .pipeline import StableDiffusion, model_defaults, random_seed
-from .sampler import Sampler, plan as make_plan
+from .sampler import NoiseSchedule, default_sampler, display_name, seed_keys
 from .tokenizer import Tokenizer
 from .trajectory import (FileNames, default_triangle_every, noising_times, snapshot_indices,
                          triangle_rows)
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-SAMPLER_NAMES = {"euler": "Euler", "euler_ancestral": "Euler a"}
 FORMAT_VERSION = 1
 
 
@@ -211,7 +210,10 @@ class Job:
         args, console = self.args, self.console
         # The defaults and the sampler depend on the configs only, known before any weight is read.
         defaults = model_defaults(config)
-        self.config, self.sampler = config, Sampler(config.scheduler, config.sampler_name)
+        self.config, self.sampler = config, NoiseSchedule(config.scheduler)
+        self.sampler_name, self.schedule_name, notice = default_sampler(config)
+        if notice:
+            console.notice(notice)
         self.num_steps = defaults.num_steps if args.steps is None else args.steps
         self.cfg = defaults.cfg_weight if args.cfg is None else args.cfg
         self.seed = random_seed() if args.seed is None else args.seed
@@ -270,7 +272,7 @@ class Job:
     def _plan_single(self) -> None:
         args, console = self.args, self.console
         strength = args.strength if self.img2img else 1.0
-        self.plan = make_plan(strength, self.num_steps, self.sampler.num_train_timesteps)
+        self.plan = self.sampler.plan(strength, self.num_steps, self.schedule_name, self.sampler_name)
         console.say(self.plan.describe())
         self._check_every(args.show_denoising, self.plan.steps)
         last = args.save_last_N
@@ -331,7 +333,7 @@ class Job:
         record = {
             "format": FORMAT_VERSION, "command": self.command, "prompt": args.prompt,
             "negative_prompt": args.negative_prompt, "seed": self.seed, "cfg": self.cfg,
-            "num_steps": self.num_steps, "sampler": self.sampler.kind, "dtype": self.dtype_name,
+            "num_steps": self.num_steps, "sampler": self.sampler_name, "schedule": self.schedule_name, "dtype": self.dtype_name,
             "quantize": bool(args.quantize), "n_images": args.n_images, "n_rows": args.n_rows,
             "model": {k: v for k, v in self.source.items() if k != "model_arg"},
             "argv": reproduce_argv(self.command, args, self.seed, self.source),
@@ -350,7 +352,7 @@ class Job:
         args = self.args
         h, w = self.image_size
         parameters = metadata.parameters_text(
-            args.prompt, args.negative_prompt, steps=plan.steps, sampler=SAMPLER_NAMES[self.sampler.kind],
+            args.prompt, args.negative_prompt, steps=plan.steps, sampler=display_name(self.sampler_name, self.schedule_name),
             cfg_scale=self.cfg, seed=self.seed, width=w, height=h, model=self.source["model_arg"],
             strength=plan.strength if self.img2img else None,
             extra={"Start time": plan.start_time, "Total steps": plan.num_steps})
@@ -397,10 +399,12 @@ class Job:
 
         if self.img2img:
             steps = sd.generate_latents_from_latent(x0, args.prompt, strength, self.num_steps, self.cfg,
-                                                    args.negative_prompt, self.seed, eps, args.n_images)
+                                                    args.negative_prompt, self.seed, eps, args.n_images,
+                                                    sampler=self.sampler_name, schedule=self.schedule_name)
         else:
             steps = sd.generate_latents(args.prompt, args.n_images, self.num_steps, self.cfg,
-                                        args.negative_prompt, self.seed, eps, latent_shape[1:3])
+                                        args.negative_prompt, self.seed, eps, latent_shape[1:3],
+                                        sampler=self.sampler_name, schedule=self.schedule_name)
         decoded_final = []  # the last snapshot, when it is the final latent decoded by the VAE
 
         def write(frame, pictures):
@@ -478,11 +482,12 @@ class Job:
         """The forward path from the picture to the run's start, as frames and one strip."""
         args = self.args
         times = noising_times(plan.start_time, args.show_noising)
-        key = mx.random.split(mx.random.key(self.seed))[1]
+        key = seed_keys(self.seed)["noising_path"]
         x0 = mx.repeat(x0, args.n_images, axis=0)
         pictures = []
         path = self.sd.sampler.noising_path(x0, times, args.noising_path, key=key, noise=eps)
-        for t, x_t in self.console.progress(path, total=len(times), desc="noising"):
+        for step in self.console.progress(path, total=len(times), desc="noising"):
+            t, x_t = step.t, step.x_t
             mx.eval(x_t)
             info = {"kind": "noise", "t": t, "sigma": self.sd.sampler.sigma(t), "path": args.noising_path}
             decoder.add(Frame(self.names.noise(t), info, [x_t]),
@@ -536,8 +541,10 @@ class Job:
         decoder.flush()
 
         for i, r in enumerate(console.progress(rows, desc="rows")):
+            # The rows start on the shared forward path at t = s * T: the linear schedule.
             steps = sd.generate_latents_from_latent(x0, args.prompt, r.strength, self.num_steps, self.cfg,
-                                                    args.negative_prompt, self.seed, eps)
+                                                    args.negative_prompt, self.seed, eps,
+                                                    sampler=self.sampler_name, schedule="linear")
             for step in console.progress(steps, total=r.plan.steps + 1, desc=f"s={r.strength:g}"):
                 self._evaluate(step)
                 if step.index in r.cells and step.index > 0:
