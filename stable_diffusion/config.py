@@ -156,9 +156,16 @@ class SchedulerConfig:
     beta_end: float = 0.02
     beta_schedule: str = "linear"
     prediction_type: str = "epsilon"
-    # Only read to recognise distilled few-step models ("trailing", e.g. SDXL-turbo); our own
-    # timesteps are always evenly spaced from the start time (see sampler.py).
+    # How diffusers spaces its timesteps (the `diffusers` schedule, sampler.py); "trailing" also
+    # marks distilled few-step models (e.g. SDXL-turbo).
     timestep_spacing: str = "linspace"
+    steps_offset: int = 0  # added to diffusers' "leading" timesteps
+    # DDIM's last step lands on abar = 1 (true) or on the first training step's abar (false).
+    set_alpha_to_one: bool = True
+    # Flags that pick the default sampler and schedule (sampler.default_sampler).
+    use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    algorithm_type: str = "dpmsolver++"  # DPMSolverMultistepScheduler only
 
     @classmethod
     def from_diffusers(cls, d: dict) -> "SchedulerConfig":
@@ -205,10 +212,6 @@ class PipelineConfig:
     @property
     def is_xl(self) -> bool:
         return self.unet.addition_embed_type == "text_time"
-
-    @property
-    def sampler_name(self) -> str:
-        return "euler_ancestral" if "Ancestral" in self.scheduler_class else "euler"
 
 
 # Components read from a diffusers folder, in the order of model_index.json.

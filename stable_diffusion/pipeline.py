@@ -6,6 +6,7 @@ per step, and decides what to keep.
 
 from __future__ import annotations
 
+import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,26 +19,10 @@ from . import model_io, ops
 from .clip import CLIPTextModel
 from .config import TEXT_COMPONENTS, PipelineConfig, read_pipeline_config
 from .errors import InputError
-from .sampler import Plan, Sampler
+from .sampler import SAMPLERS, SCHEDULES, NoiseSchedule, Plan, Step, default_sampler, seed_keys
 from .tokenizer import Tokenizer
 from .unet import UNetModel
 from .vae import Autoencoder
-
-
-class Step(NamedTuple):
-    """One point of a trajectory.
-
-    index 0 is the start (the noised input, or pure noise), with no denoised estimate yet; index k
-    (1..count) is the latent after the k-th sampler step, at time t with noise level sigma, and
-    x0_pred is the denoised estimate that step was taken from.
-    """
-
-    index: int
-    count: int
-    t: float
-    sigma: float
-    x_t: mx.array  # (B, h, w, C), variance-preserving form
-    x0_pred: mx.array | None  # (B, h, w, C)
 
 
 class Conditioning(NamedTuple):
@@ -76,7 +61,7 @@ class StableDiffusion:
         self.tokenizers = list(tokenizers)
         self.dtype = dtype
         self.source = source or {}
-        self.sampler = Sampler(config.scheduler, config.sampler_name)
+        self.sampler = NoiseSchedule(config.scheduler)  # the noise schedule: add_noise, plan, paths
 
     # --- loading ---------------------------------------------------------------------------------
 
@@ -84,7 +69,7 @@ class StableDiffusion:
     def from_pretrained(cls, model: str = "sd", dtype=mx.float32, variant: str | None = None,
                         notices: list | None = None) -> "StableDiffusion":
         """Load an alias (`sd`, `sdxl`), a hub id with optional `@revision`, or a local folder."""
-        folder, source = model_io.resolve_model(model, variant)
+        folder, source = model_io.resolve_model(os.fspath(model), variant)
         model_io.check_model_folder(folder)
         config = read_pipeline_config(folder, notices)
         return cls.from_folder(folder, config, dtype, variant, source)
@@ -172,73 +157,128 @@ class StableDiffusion:
 
     # --- generation ------------------------------------------------------------------------------
 
+    @property
+    def default_sampler(self) -> tuple[str, str, str | None]:
+        """(sampler, schedule, notice) the folder's scheduler asks for (sampler.default_sampler)."""
+        return default_sampler(self.config)
+
+    def resolve_sampler(self, sampler: str | None, schedule: str | None) -> tuple[str, str]:
+        """The sampler and schedule a run uses: the given ones, else the folder's defaults."""
+        default, default_schedule, _ = self.default_sampler
+        sampler = default if sampler is None else sampler
+        schedule = default_schedule if schedule is None else schedule
+        if sampler not in SAMPLERS:
+            raise InputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if schedule not in SCHEDULES:
+            raise InputError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        return sampler, schedule
+
+    def denoiser(self, cond: Conditioning, cfg_weight: float) -> "Denoiser":
+        return Denoiser(self, cond, cfg_weight)
+
+    def sample(self, x_start: mx.array, cond: Conditioning, cfg_weight: float, plan: Plan,
+               sampler: str = "euler", key=None, **options) -> Iterator[Step]:
+        """Step 0 (x_start, at the plan's first time), then the sampler's steps.
+
+        `options` go to the sampler function (e.g. `eta` for ddim).
+        """
+        if sampler not in SAMPLERS:
+            raise InputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        denoise = self.denoiser(cond, cfg_weight)
+        yield Step(0, plan.steps, plan.times[0], plan.sigmas[0], x_start, None)
+        yield from SAMPLERS[sampler](denoise, x_start, plan, key=key, **options)
+
     def generate_latents(self, text: str, n_images: int = 1, num_steps: int | None = None,
                          cfg_weight: float | None = None, negative_text: str = "",
                          seed: int | None = None, noise=None,
-                         latent_size: tuple[int, int] = (64, 64)) -> Iterator[Step]:
-        """Text to image: start from pure noise at t = T."""
+                         latent_size: tuple[int, int] = (64, 64), *, sampler: str | None = None,
+                         schedule: str | None = None) -> Iterator[Step]:
+        """Text to image: start from pure noise at the top of the plan, scaled as diffusers does
+        (add_noise(0, T, eps) for the linear schedule)."""
+        sampler, schedule = self.resolve_sampler(sampler, schedule)
         num_steps = self.defaults.num_steps if num_steps is None else num_steps
-        run = self.sampler.plan(1.0, num_steps)
+        run = self.sampler.plan(1.0, num_steps, schedule, sampler)
         seed = random_seed() if seed is None else seed
         eps = self.initial_noise((n_images, *latent_size, self.latent_channels), seed, noise)
+        x_start = (run.init_scale * eps).astype(eps.dtype)
         image_size = (latent_size[0] * self.downscale, latent_size[1] * self.downscale)
-        return self._loop(eps, run, text, negative_text, cfg_weight, n_images, image_size, seed)
+        return self._run(x_start, run, text, negative_text, cfg_weight, n_images, image_size, seed,
+                         sampler)
 
     def generate_latents_from_image(self, image, text: str, strength: float = 0.8,
                                     num_steps: int | None = None, cfg_weight: float | None = None,
                                     negative_text: str = "", seed: int | None = None, noise=None,
-                                    n_images: int = 1) -> Iterator[Step]:
-        """Image to image: noise the picture's latent to t = strength * T in one jump, then denoise.
+                                    n_images: int = 1, *, sampler: str | None = None,
+                                    schedule: str | None = None) -> Iterator[Step]:
+        """Image to image: noise the picture's latent to the plan's start in one jump, then denoise.
 
         `image` is (H, W, 3) or (1, H, W, 3) in [-1, 1]; `noise`, if given, replaces the seed's eps.
         """
         image = np.asarray(image, dtype=np.float32)
         x0 = self.encode(image[None] if image.ndim == 3 else image)
         return self.generate_latents_from_latent(x0, text, strength, num_steps, cfg_weight,
-                                                 negative_text, seed, noise, n_images)
+                                                 negative_text, seed, noise, n_images,
+                                                 sampler=sampler, schedule=schedule)
 
     def generate_latents_from_latent(self, x0: mx.array, text: str, strength: float = 0.8,
                                      num_steps: int | None = None, cfg_weight: float | None = None,
                                      negative_text: str = "", seed: int | None = None, noise=None,
-                                     n_images: int = 1) -> Iterator[Step]:
+                                     n_images: int = 1, *, sampler: str | None = None,
+                                     schedule: str | None = None) -> Iterator[Step]:
         """Image to image from an encoded picture x0 (1 or n_images, h, w, C), e.g. `encode`'s."""
+        sampler, schedule = self.resolve_sampler(sampler, schedule)
         num_steps = self.defaults.num_steps if num_steps is None else num_steps
-        run = self.sampler.plan(strength, num_steps)
+        run = self.sampler.plan(strength, num_steps, schedule, sampler)
         x0 = mx.repeat(x0, n_images, axis=0) if x0.shape[0] == 1 else x0
         seed = random_seed() if seed is None else seed
         eps = self.initial_noise(x0.shape, seed, noise)
-        x_start = self.sampler.add_noise(x0, run.start_time, eps)
+        x_start = self.sampler.add_noise(x0, run.start_time, eps, sigma=run.sigmas[0])
         image_size = (x0.shape[1] * self.downscale, x0.shape[2] * self.downscale)
-        return self._loop(x_start, run, text, negative_text, cfg_weight, n_images, image_size, seed)
+        return self._run(x_start, run, text, negative_text, cfg_weight, n_images, image_size, seed,
+                         sampler)
 
     def initial_noise(self, shape, seed: int, noise=None) -> mx.array:
         """The eps a seed gives (or the explicit `noise`, checked): the same for every strength."""
         if noise is None:
-            key_init, _ = mx.random.split(mx.random.key(seed))
-            return mx.random.normal(tuple(shape), key=key_init).astype(self.dtype)
+            key = seed_keys(seed)["initial_noise"]
+            return mx.random.normal(tuple(shape), key=key).astype(self.dtype)
         eps = mx.array(np.asarray(noise, dtype=np.float32))
         if tuple(eps.shape) != tuple(shape):
             raise InputError(f"initial noise has shape {tuple(eps.shape)}, expected {tuple(shape)}")
         return eps.astype(self.dtype)
 
-    def _loop(self, x: mx.array, run: Plan, text, negative_text, cfg_weight, n_images,
-              image_size, seed: int) -> Iterator[Step]:
-        # Euler ancestral's fresh noise per step, from the second half of the seed's key
-        _, key_steps = mx.random.split(mx.random.key(seed))
-        keys = mx.random.split(key_steps, max(run.steps, 2))
+    def _run(self, x_start: mx.array, run: Plan, text, negative_text, cfg_weight, n_images,
+             image_size, seed: int, sampler: str) -> Iterator[Step]:
         cfg_weight = self.defaults.cfg_weight if cfg_weight is None else cfg_weight
-        guided = cfg_weight > 1.0
-        cond = self.condition(text, negative_text, guided, n_images, image_size)
-        times = run.times
-        yield Step(0, run.steps, times[0], self.sampler.sigma(times[0]), x, None)
-        for i, (t, t_prev) in enumerate(zip(times[:-1], times[1:])):
-            x_in = mx.concatenate([x, x]) if guided else x  # (B or 2B, h, w, C)
-            t_net = mx.full((x_in.shape[0],), self.sampler.network_time(t), dtype=mx.float32)
-            out = self.unet(x_in, t_net, cond.hidden.astype(self.dtype),
-                            text_embeds=None if cond.pooled is None else cond.pooled.astype(self.dtype),
-                            time_ids=cond.time_ids)
-            if guided:
-                out_negative, out_text = mx.split(out, 2)
-                out = out_negative + cfg_weight * (out_text - out_negative)
-            x, x0_pred = self.sampler.step(x, out, t, t_prev, key=keys[i])
-            yield Step(i + 1, run.steps, t_prev, self.sampler.sigma(t_prev), x, x0_pred)
+        cond = self.condition(text, negative_text, cfg_weight > 1.0, n_images, image_size)
+        return self.sample(x_start, cond, cfg_weight, run, sampler, key=seed_keys(seed)["sampler"])
+
+
+class Denoiser:
+    """D(x_t, t, sigma) -> (x0_hat, eps_hat): the UNet under one conditioning and guidance weight.
+
+    Classifier-free guidance, eps = eps_neg + w (eps_text - eps_neg), is applied when w > 1 (the
+    conditioning then holds the negatives first). `calls` counts the UNet calls (batched pairs
+    count once).
+    """
+
+    def __init__(self, sd: StableDiffusion, cond: Conditioning, cfg_weight: float):
+        self.sd = sd
+        self.cond = cond
+        self.cfg_weight = cfg_weight
+        self.guided = cfg_weight > 1.0
+        dtype = sd.dtype
+        self._hidden = cond.hidden.astype(dtype)
+        self._pooled = None if cond.pooled is None else cond.pooled.astype(dtype)
+        self.calls = 0
+
+    def __call__(self, x: mx.array, t: float, sigma: float) -> tuple[mx.array, mx.array]:
+        x_in = mx.concatenate([x, x]) if self.guided else x  # (B or 2B, h, w, C)
+        t_net = mx.full((x_in.shape[0],), NoiseSchedule.network_time(t), dtype=mx.float32)
+        out = self.sd.unet(x_in, t_net, self._hidden, text_embeds=self._pooled,
+                           time_ids=self.cond.time_ids)
+        if self.guided:
+            out_negative, out_text = mx.split(out, 2)
+            out = out_negative + self.cfg_weight * (out_text - out_negative)
+        self.calls += 1
+        return self.sd.sampler.denoised(x, out, sigma)

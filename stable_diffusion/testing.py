@@ -71,6 +71,8 @@ def tiny_configs(family: str) -> dict:
         "_diffusers_version": _DIFFUSERS_VERSION,
         "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
         "beta_schedule": "scaled_linear", "steps_offset": 1,
+        # As the hub's SD configs say (diffusers' DDIM would otherwise clip x0 to [-1, 1]).
+        "clip_sample": False, "set_alpha_to_one": False,
         "timestep_spacing": "trailing" if xl else "leading",
         # The sd2 family exercises v-prediction (as SD 2.x 768 models use).
         "prediction_type": "v_prediction" if family == "sd2" else "epsilon",
