@@ -43,7 +43,12 @@ def interrupts_deferred():
 
 
 class Ledger:
-    """The run's record and its files; `write` puts both in the sidecar, atomically."""
+    """The run's record and its files; `write` puts both in the sidecar, atomically.
+
+    A file is listed before it takes its name, marked `"state": "writing"`, and the mark goes
+    once it is whole: whatever kills the process (even SIGKILL), every file on disk is listed,
+    and a listed file that may be missing says so.
+    """
 
     def __init__(self, path: Path, record: dict):
         self.path, self.record = path, record
@@ -56,8 +61,18 @@ class Ledger:
         self.record.update(extra)
         metadata.write_sidecar(self.path, dict(self.record, status=self.status, files=self.files))
 
-    def add(self, entry: dict) -> None:
-        self.files.append(entry)
+    @contextlib.contextmanager
+    def writing(self, entry: dict):
+        """List `entry` while the block writes its file; unlist it if the block fails."""
+        self.files.append(dict(entry, state="writing"))
+        index = len(self.files) - 1
+        try:
+            self.write()
+            yield
+        except BaseException:
+            del self.files[index]  # the sidecar is rewritten however the run ends
+            raise
+        self.files[index] = entry
         self.write()
 
 
@@ -131,9 +146,8 @@ class FrameWriter:
 
     def save(self, path: Path, picture: np.ndarray, info: dict) -> None:
         chunks = self.chunks(info)
-        with interrupts_deferred():  # the file and its entry in the ledger, or neither
+        with interrupts_deferred(), self.ledger.writing(dict(info, file=path.name)):
             metadata.save_png(path, picture, chunks)
-            self.ledger.add(dict(info, file=path.name))
 
     def save_animation(self, path: Path, frames: list, fmt: str) -> None:
         h = max(f.shape[0] for f in frames)
@@ -143,9 +157,9 @@ class FrameWriter:
             c = np.full((h, w, 3), 255, np.uint8)
             c[:f.shape[0], :f.shape[1]] = f
             canvas.append(c)
-        with interrupts_deferred():
+        entry = {"file": path.name, "kind": "animation", "frames": len(canvas)}
+        with interrupts_deferred(), self.ledger.writing(entry):
             render.save_animation(path, canvas, 150, fmt=fmt)
-            self.ledger.add({"file": path.name, "kind": "animation", "frames": len(canvas)})
 
 
 def shown_latents(step, shows: str) -> list:

@@ -198,11 +198,10 @@ def build_specs(command: str, args) -> tuple:
 
 def replay_argv(spec: RunSpec, model_arg: str, model: ModelSpec) -> list:
     """The arguments that make the same files again: every resolved value and capture flag (the
-    model pinned to the revision that ran)."""
+    model pinned to the revision that ran). The output name is the caller's: add --output."""
     c = spec.capture
     argv = ["--model", model_arg, "--seed", str(spec.seed), "--steps", str(spec.steps),
-            "--cfg", repr(float(spec.cfg)), "--sampler", spec.sampler, "--schedule", spec.schedule,
-            "--output", os.fsdecode(spec.output)]
+            "--cfg", repr(float(spec.cfg)), "--sampler", spec.sampler, "--schedule", spec.schedule]
     if spec.triangle:
         argv += ["-gt", "--triangle_strengths", ",".join(repr(float(s)) for s in spec.strengths)]
     elif spec.img2img:
@@ -225,7 +224,9 @@ def replay_argv(spec: RunSpec, model_arg: str, model: ModelSpec) -> list:
     if not c.save_prompt:
         argv += ["-sp", "0"]
     positional = [os.fsdecode(spec.image), spec.prompt] if spec.img2img else [spec.prompt]
-    return argv + ["--"] + positional
+    if any(p.startswith("-") for p in positional):  # argparse would read it as a flag
+        return argv + ["--"] + positional
+    return positional + argv
 
 
 class Terminated(KeyboardInterrupt):
@@ -268,11 +269,7 @@ def main(command: str, argv=None) -> int:
             picture = load_image(spec.image, multiple=64)
             for line in picture.notices:
                 console.notice(line)
-        notices = []
-        session = Session(model, notices)
-        for line in notices:
-            console.detail(f"note: {line}")
-        result = session.run(spec, console, argv, functools.partial(replay_argv, model=model), picture)
+        result = Session(model).run(spec, console, argv, functools.partial(replay_argv, model=model), picture)
         if result.status == "interrupted":
             console.error(f"interrupted: kept {len(result.files)} file(s), see {result.sidecar}")
             return 128 + result.signum

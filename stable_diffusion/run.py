@@ -15,18 +15,31 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 
 from . import images, metadata, render
-from .capture import (INTERRUPTS, Frame, FrameWriter, Ledger, Snapshots, TriangleCells,
-                      interrupts_deferred, make_decoder, step_info)
+from .capture import (INTERRUPTS, Frame, FrameWriter, Ledger, Snapshots, TriangleCells, make_decoder,
+                      step_info)
 from .errors import InputError, NumericalError, OutputError
 from .ops import release_cpu_buffers
 from .sampler import SAMPLERS, Step, seed_keys
-from .session import FORMAT_VERSION, RunPlan, RunResult, elapsed
+
+FORMAT_VERSION = 2
+
+
+def elapsed(start: float) -> float:
+    return round(time.perf_counter() - start, 3)
+
+
+@dataclass
+class RunResult:
+    status: str  # finished, interrupted
+    files: list
+    sidecar: Path
+    signum: int | None = None
 
 
 def _millis(t: float) -> int:
@@ -54,6 +67,8 @@ class Run:
         try:
             size = self.picture.pixels.shape[:2] if spec.img2img else None
             plan = self.plan = self.session.plan(spec, size, console.notice)
+            for line in self.session.notices:
+                console.detail(f"note: {line}")
             for line in plan.describe():
                 console.say(line)
             console.say(f"seed {plan.spec.seed}")
@@ -65,7 +80,10 @@ class Run:
             self.blas = f"{blas.name}, {blas.threads} thread(s)" + ("" if blas.in_time else " (not in time)")
             console.detail(f"BLAS: {self.blas}; device {mx.default_device()}; dtype {self.session.dtype_name}")
             self.sd = self.session.load()
-            self.ledger = Ledger(plan.names.sidecar(), self.record())
+            self.record = self._record()
+            # The run's own facts (the arguments as typed, the process) only in the sidecar: a
+            # PNG depends on what makes the picture, not on its name or the process writing it.
+            self.ledger = Ledger(plan.names.sidecar(), dict(self.record, argv=self.argv, pid=os.getpid()))
             self.ledger.write("running")
         except BaseException:
             self._remove_created_folders()
@@ -126,7 +144,7 @@ class Run:
 
     # --- the record every PNG and the sidecar carry ---------------------------------------------------
 
-    def record(self) -> dict:
+    def _record(self) -> dict:
         spec, session = self.plan.spec, self.session
         record = {
             "format": FORMAT_VERSION, "command": "image2image" if spec.img2img else "txt2image",
@@ -136,11 +154,12 @@ class Run:
             "dtype": session.dtype_name, "quantize": session.model_spec.quantize,
             "n_images": spec.n_images, "n_rows": spec.n_rows,
             "model": {k: v for k, v in session.source.items() if k != "model_arg"},
-            "argv": self.argv, "versions": versions(), "device": str(mx.default_device()),
-            "blas": self.blas, "pid": os.getpid(),
+            "versions": versions(), "device": str(mx.default_device()), "blas": self.blas,
             "plans": [{"strength": r.strength, "start_time": r.plan.start_time, "steps": r.plan.steps,
                        "num_steps": r.plan.num_steps} for r in self.plan.rows],
         }
+        if any(self.plan.dropped_tokens.values()):
+            record["dropped_tokens"] = dict(self.plan.dropped_tokens)
         if self.replay is not None:
             record["replay"] = self.replay(spec, session.source["model_arg"])
         if spec.img2img:
@@ -159,7 +178,7 @@ class Run:
             cfg_scale=spec.cfg, seed=spec.seed, width=w, height=h,
             model=self.session.source["model_arg"], strength=plan.strength if spec.img2img else None,
             extra={"Start time": plan.start_time, "Total steps": plan.num_steps})
-        record = dict(self.ledger.record, frame=info)
+        record = dict(self.record, frame=info)
         return metadata.png_text_chunks(parameters, record)
 
     # --- generation ---------------------------------------------------------------------------------
@@ -186,7 +205,10 @@ class Run:
     def _trajectory(self, row, x0, eps, cond):
         """Step 0 (x0 noised to the row's start) and the sampler's steps, evaluated one by one."""
         spec = self.plan.spec
-        x_start = self.sd.start_latent(x0, eps, row.plan, spec.sampler)
+        if spec.img2img:
+            x_start = self.sd.sampler.add_noise(x0, row.plan.start_time, eps, sigma=row.plan.sigmas[0])
+        else:  # the top of the schedule, scaled as diffusers starts text to image
+            x_start = (row.plan.init_scale * eps).astype(eps.dtype)
         denoiser = self.sd.denoiser(cond, spec.cfg)
         self.denoisers.append(denoiser)
         steps = SAMPLERS[spec.sampler](denoiser, x_start, row.plan, key=self.keys["sampler"])
@@ -260,7 +282,7 @@ class Run:
             self.writer.save_animation(names.animation(c.animate), animation, c.animate)
 
     def _triangle(self) -> None:
-        spec, sd, plan = self.plan.spec, self.sd, self.plan
+        spec, plan = self.plan.spec, self.plan
         c, rows = spec.capture, plan.rows
         x0, eps, cond = self._begin()
         cells = TriangleCells(self.writer, rows, c.shows)

@@ -20,21 +20,17 @@ from . import model_io, sampler as samplers
 from .config import TEXT_COMPONENTS, read_pipeline_config
 from .errors import InputError, ModelError
 from .pipeline import model_defaults, random_seed
+from .run import Run, RunResult, elapsed
 from .spec import ModelSpec, RunSpec, SpecError
 from .tokenizer import Tokenizer
 from .trajectory import FileNames, default_triangle_every, noising_times, snapshot_indices
 
-FORMAT_VERSION = 2
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
 def default_dtype() -> str:
     # Metal computes half precision fast; the CPU gains little from it (see DESIGN.md).
     return "float16" if mx.default_device() == mx.gpu else "float32"
-
-
-def elapsed(start: float) -> float:
-    return round(time.perf_counter() - start, 3)
 
 
 @dataclass(frozen=True)
@@ -54,6 +50,7 @@ class RunPlan:
     names: FileNames
     sampler_name: str  # as readers of `parameters` know it, e.g. "DPM++ 2M Karras"
     noising: tuple  # times of the noising frames, () when none
+    dropped_tokens: dict  # "prompt", "negative_prompt" -> tokens the text encoders cannot read
 
     @property
     def guided(self) -> bool:
@@ -73,37 +70,38 @@ class RunPlan:
         return lines
 
 
-@dataclass
-class RunResult:
-    status: str  # finished, interrupted
-    files: list
-    sidecar: Path
-    signum: int | None = None
-
-
 class Session:
-    def __init__(self, model: ModelSpec, notices: list | None = None):
+    def __init__(self, model: ModelSpec):
         self.model_spec = model
         self.dtype_name = model.dtype or default_dtype()
         self.variant = None if self.dtype_name == "float32" else "fp16"
-        self.folder, source = model_io.resolve_model(model.model, self.variant)
-        model_io.check_model_folder(self.folder, self.variant)
-        self.config = read_pipeline_config(self.folder, notices)
-        model_arg = f"{source['model']}@{source['commit']}" if source.get("source") == "hub" else source["model"]
-        self.source = dict(source, model_arg=model_arg)
-        self.tokenizers = [_tokenizer(self.folder / tok)
-                           for (_, tok), _ in zip(TEXT_COMPONENTS, self.config.text_encoders)]
-        self.noise = samplers.NoiseSchedule(self.config.scheduler)
+        self.config = None  # read on first use: a run checks its output folder before the model
+        self.notices: list[str] = []  # one line per ignored config field
         self.sd = None
         self._latents: dict = {}
         self._conditions: dict = {}
         self.timings: dict = {}
+
+    def open(self) -> None:
+        """Resolve the model and read its configs and tokenizers: no weights."""
+        if self.config is not None:
+            return
+        self.folder, source = model_io.resolve_model(self.model_spec.model, self.variant)
+        model_io.check_model_folder(self.folder, self.variant)
+        config = read_pipeline_config(self.folder, self.notices)
+        model_arg = f"{source['model']}@{source['commit']}" if source.get("source") == "hub" else source["model"]
+        self.source = dict(source, model_arg=model_arg)
+        self.tokenizers = [_tokenizer(self.folder / tok)
+                           for (_, tok), _ in zip(TEXT_COMPONENTS, config.text_encoders)]
+        self.noise = samplers.NoiseSchedule(config.scheduler)
+        self.config = config
 
     # --- planning: configs and tokenizers only --------------------------------------------------
 
     def plan(self, spec: RunSpec, image_size: tuple | None = None, notice=lambda line: None) -> RunPlan:
         """Resolve the spec's defaults and check it against this model, before any weight is read.
         `image_size` is the input picture's (H, W), or None for text to image."""
+        self.open()
         sampler, schedule, sampler_notice = samplers.default_sampler(self.config)
         if sampler_notice and spec.sampler is None:
             notice(sampler_notice)
@@ -143,13 +141,15 @@ class Session:
         if spec.negative_prompt and spec.cfg <= 1.0:
             notice(f"--negative_prompt is not used with --cfg {spec.cfg:g}: guidance, which reads it, "
                    "needs a cfg above 1")
+        dropped = {}
         for what, text in (("prompt", spec.prompt), ("negative prompt", spec.negative_prompt)):
             if what == "prompt" or spec.cfg > 1.0:
-                self._check_length(what, text, notice)
+                dropped[what.replace(" ", "_")] = self._check_length(what, text, notice)
         return RunPlan(spec, rows, tuple(image_size), FileNames(spec.output, longest),
-                       samplers.display_name(spec.sampler, spec.schedule), noising)
+                       samplers.display_name(spec.sampler, spec.schedule), noising, dropped)
 
-    def _check_length(self, what: str, text: str, notice) -> None:
+    def _check_length(self, what: str, text: str, notice) -> int:
+        """Tokens the text encoders cannot read; a notice says which were dropped."""
         worst, lost = None, 0
         for tokenizer in self.tokenizers:
             ids = tokenizer.encode(text)
@@ -163,6 +163,7 @@ class Session:
             notice(f"the {what} is {len(ids)} tokens; the text encoder takes {room} "
                    f"({tokenizer.max_length} with its start and end tokens), so the last {lost} were "
                    f"dropped: {dropped!r}")
+        return lost
 
     # --- the model and its caches ----------------------------------------------------------------
 
@@ -170,6 +171,7 @@ class Session:
         """The weights, read once per session."""
         if self.sd is not None:
             return self.sd
+        self.open()
         import mlx.nn as nn
 
         from .pipeline import StableDiffusion
@@ -216,8 +218,6 @@ class Session:
         """Plan, load, generate, capture and record one spec. `picture` is the loaded input (or
         None to load spec.image here); `replay(resolved_spec, model_arg)` gives the arguments that
         make the same files again, for the record."""
-        from .run import Run
-
         return Run(self, spec, console, list(argv), replay, picture).execute()
 
 

@@ -112,7 +112,10 @@ def test_sidecar_lists_every_file_while_running_and_after_kill_9(tmp_path, pictu
     record = sidecar(tmp_path / "k.json")
     on_disk = {p.name for p in tmp_path.glob("*.png")}
     assert record["status"] == "running" and len(on_disk) >= 5
-    assert {f["file"] for f in record["files"]} == on_disk
+    # Every file is listed; one being written when the kill came may be listed but missing.
+    whole = {f["file"] for f in record["files"] if "state" not in f}
+    writing = {f["file"] for f in record["files"] if f.get("state") == "writing"}
+    assert whole <= on_disk <= whole | writing and len(writing) <= 1
 
 
 def test_sidecar_keeps_argv_as_typed_and_a_replay_that_makes_the_same_triangle(tmp_path, picture, sd2):
