@@ -139,7 +139,8 @@ def _compose(table: list[list[np.ndarray]], cell_h: int, cell_w: int, pad: int, 
              row_labels: Sequence[str] | None = None,
              captions: Sequence[Sequence[str]] | None = None,
              label_width: int = 0, caption_height: int = 0) -> np.ndarray:
-    """Place rows of frames (left-aligned, rows may differ in length) on a background."""
+    """Place rows of frames (left-aligned, rows may differ in length) on a background; a None
+    frame leaves its cell (and caption) background."""
     n_cols = max((len(row) for row in table), default=0)
     if n_cols == 0:
         raise ValueError("nothing to draw: every row is empty")
@@ -153,6 +154,8 @@ def _compose(table: list[list[np.ndarray]], cell_h: int, cell_w: int, pad: int, 
             canvas[y:y + cell_h, :label_width] = _text_band(row_labels[r], cell_h, label_width,
                                                             bg=background)
         for c, frame in enumerate(row):
+            if frame is None:  # an empty cell (the time-aligned triangle)
+                continue
             frame = _frame(frame, "a composite")
             if frame.shape[:2] != (cell_h, cell_w):
                 raise ValueError(f"frame {r},{c} is {frame.shape[:2]}, the cells are {(cell_h, cell_w)}")
@@ -195,27 +198,76 @@ def strip(frames, labels: Sequence[str] | None = None, pad: int = 0, background=
                     caption_height=caption_height)
 
 
+def triangle_columns(times: Sequence[Sequence[float]], tolerance: float = 1e-3
+                     ) -> tuple[list[float], list[list[int]]]:
+    """The columns of the time-aligned triangle: (column times, highest first; each cell's column).
+
+    `times` has the shape of the triangle's rows: the t of every cell, decreasing along a row.
+    Each distinct noise level is a column; times closer than `tolerance` (in timesteps, far below
+    any step of a real schedule) are one level, so that float rounding (299.99999 and 300) cannot
+    split a column. A column's time is the highest of its cells'.
+    """
+    rows = [[float(t) for t in row] for row in times]
+    for r, row in enumerate(rows):
+        if any(b >= a for a, b in zip(row, row[1:])):
+            raise ValueError(f"triangle row {r} times must decrease along the row, got {row}")
+    columns: list[float] = []
+    for t in sorted((t for row in rows for t in row), reverse=True):
+        if not columns or t < columns[-1] - tolerance:
+            columns.append(t)
+    bounds = np.array(columns)  # decreasing
+    where = [[int(np.argmax(bounds - tolerance <= t)) for t in row] for row in rows]
+    for r, cols in enumerate(where):
+        if len(set(cols)) != len(cols):
+            raise ValueError(f"triangle row {r} has two cells within {tolerance:g} of one time; "
+                             f"its times are {rows[r]}")
+    return columns, where
+
+
 def triangle(rows: Sequence[Sequence[np.ndarray]], cell_h: int, cell_w: int,
              order: str = "low_bottom", row_labels: Sequence[str] | None = None,
              cell_labels: Sequence[Sequence[str]] | None = None, pad: int = 2,
              background=WHITE, label_width: int | None = None,
-             caption_height: int | None = None) -> np.ndarray:
+             caption_height: int | None = None, align: str = "steps",
+             times: Sequence[Sequence[float]] | None = None) -> np.ndarray:
     """The strength triangle: one row of frames per strength, rows given in increasing strength.
 
-    Rows are left-aligned and may differ in length; cells beyond a row's end are background.
+    `align="steps"` (default): rows are left-aligned and may differ in length; cells beyond a
+    row's end are background. `align="time"`: every cell goes to the column of its time t, given
+    in `times` (the shape of `rows`); the columns are the distinct noise levels, highest on the
+    left (`triangle_columns`), so a column holds one noise level for every strength, the start
+    points lie on the diagonal and the final pictures (t = 0) in the last column.
     `order="low_bottom"` (default) puts the lowest strength at the bottom, so the first column read
     upward is the descent into noise; `"low_top"` flips it. `row_labels` (one per row) go in a left
     margin, `cell_labels` (same shape as `rows`) in a band under each cell; the margins default to
-    `label_margins()`. The size is `triangle_size(len(rows), longest row, cell_h, cell_w, pad,
-    label_width, caption_height)`, with the margins 0 where the labels are off.
+    `label_margins()`. The size is `triangle_size(len(rows), number of columns, cell_h, cell_w,
+    pad, label_width, caption_height)`, with the margins 0 where the labels are off.
     """
     if order not in ("low_bottom", "low_top"):
         raise ValueError(f"triangle order must be 'low_bottom' or 'low_top', not {order!r}")
+    if align not in ("steps", "time"):
+        raise ValueError(f"triangle align must be 'steps' or 'time', not {align!r}")
     rows = [list(row) for row in rows]
     if row_labels is not None and len(row_labels) != len(rows):
         raise ValueError(f"triangle has {len(rows)} rows but {len(row_labels)} row labels")
     if cell_labels is not None and [len(r) for r in cell_labels] != [len(r) for r in rows]:
         raise ValueError("triangle cell_labels must have the shape of rows")
+    if times is not None and [len(r) for r in times] != [len(r) for r in rows]:
+        raise ValueError("triangle times must have the shape of rows")
+    if align == "time":
+        if times is None:
+            raise ValueError("the time-aligned triangle needs the time of every cell (times=)")
+        columns, where = triangle_columns(times)
+
+        def spread(seq):
+            placed = [[None] * len(columns) for _ in seq]
+            for r, (row, cols) in enumerate(zip(seq, where)):
+                for item, c in zip(row, cols):
+                    placed[r][c] = item
+            return placed
+
+        rows = spread(rows)
+        cell_labels = None if cell_labels is None else spread(cell_labels)
     default_width, default_caption = label_margins()
     if row_labels is None:
         label_width = 0

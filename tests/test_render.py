@@ -15,6 +15,7 @@ from stable_diffusion.render import (
     strip,
     to_uint8,
     triangle,
+    triangle_columns,
     triangle_size,
 )
 
@@ -260,3 +261,78 @@ def test_save_animation_refuses_mixed_sizes_and_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="format"):
         save_animation(tmp_path / "a.mp4", frames(2), 100, fmt="mp4")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- the time-aligned triangle ---------------------------------------------------------------
+
+
+def test_triangle_columns_are_the_distinct_times_highest_first():
+    times = [[200.0, 100.0, 0.0], [300.0, 150.00000001, 0.0], [400.0, 299.99999, 200.0, 0.0]]
+    columns, where = triangle_columns(times)
+    assert columns == [400.0, 300.0, 200.0, 150.00000001, 100.0, 0.0]
+    assert where == [[2, 4, 5], [1, 3, 5], [0, 1, 2, 5]]
+
+
+def test_triangle_time_aligned_puts_each_cell_in_its_time_column():
+    lengths = [3, 3, 4]  # s = 0.2, 0.3, 0.4
+    rows = make_rows(lengths)
+    times = [[200, 100, 0], [300, 150, 0], [400, 300, 200, 0]]
+    pad = 1
+    picture = triangle(rows, H, W, pad=pad, align="time", times=times)
+    assert picture.shape[:2] == triangle_size(3, 6, H, W, pad)  # columns 400 300 200 150 100 0
+    expected = {  # (visual row, column) -> (row, cell); lowest strength at the bottom
+        (2, 2): (0, 0), (2, 4): (0, 1), (2, 5): (0, 2),
+        (1, 1): (1, 0), (1, 3): (1, 1), (1, 5): (1, 2),
+        (0, 0): (2, 0), (0, 1): (2, 1), (0, 2): (2, 2), (0, 5): (2, 3),
+    }
+    for r in range(3):
+        for c in range(6):
+            got = cell(picture, r, c, pad)
+            if (r, c) in expected:
+                i, k = expected[(r, c)]
+                np.testing.assert_array_equal(got, rows[i][k])
+            else:
+                assert is_background(got)
+    # The start points lie on the diagonal (top-left to bottom-right), the finals in one column.
+    for s in range(3):
+        np.testing.assert_array_equal(cell(picture, 2 - s, 2 - s, pad), rows[s][0])
+        np.testing.assert_array_equal(cell(picture, 2 - s, 5, pad), rows[s][-1])
+
+
+def test_triangle_time_aligned_low_top_with_labels_skips_empty_cells():
+    h, w, pad = 20, 40, 2
+    rows = [list(frames(n, h, w, seed=n)) for n in (2, 3)]
+    times = [[100.0, 0.0], [200.0, 100.0, 0.0]]
+    captions = [[f"t={t:g}" for t in row] for row in times]
+    picture = triangle(rows, h, w, order="low_top", row_labels=["s=0.1", "s=0.2"],
+                       cell_labels=captions, pad=pad, align="time", times=times)
+    label_width, caption_height = label_margins()
+    assert picture.shape[:2] == triangle_size(2, 3, h, w, pad, label_width, caption_height)
+    np.testing.assert_array_equal(cell(picture, 0, 1, pad, h, w, label_width, caption_height), rows[0][0])
+    np.testing.assert_array_equal(cell(picture, 1, 0, pad, h, w, label_width, caption_height), rows[1][0])
+    x = label_width + pad  # column 0 of the top row (s=0.1 starts at t=100): frame and caption
+    assert is_background(picture[pad:pad + h + caption_height, x:x + w])
+    y = pad + h  # the caption band of the top row
+    x = label_width + pad + 1 * (w + pad)
+    assert not is_background(picture[y:y + caption_height, x:x + w])
+
+
+def test_triangle_default_is_steps_and_times_change_nothing_there():
+    rows = make_rows([1, 2])
+    times = [[100.0], [200.0, 0.0]]
+    np.testing.assert_array_equal(triangle(rows, H, W), triangle(rows, H, W, times=times))
+    np.testing.assert_array_equal(triangle(rows, H, W), triangle(rows, H, W, align="steps"))
+
+
+def test_triangle_time_aligned_checks_its_input():
+    rows = make_rows([2, 2])
+    with pytest.raises(ValueError, match="align"):
+        triangle(rows, H, W, align="noise")
+    with pytest.raises(ValueError, match="times="):
+        triangle(rows, H, W, align="time")
+    with pytest.raises(ValueError, match="shape of rows"):
+        triangle(rows, H, W, align="time", times=[[1.0, 0.0], [0.0]])
+    with pytest.raises(ValueError, match="decrease"):
+        triangle(rows, H, W, align="time", times=[[0.0, 100.0], [200.0, 0.0]])
+    with pytest.raises(ValueError, match="two cells"):
+        triangle(rows, H, W, align="time", times=[[100.0, 99.9999], [200.0, 0.0]])
