@@ -33,6 +33,18 @@ SSIM_K1, SSIM_K2 = 0.01, 0.03
 LUMA = np.array([0.299, 0.587, 0.114])
 
 
+# What each per-step measure of `Curve` is, in words a plot can show.
+MEASURE_TITLES = {
+    "x0_detail": "detail of the estimate x0_pred (latent Laplacian variance)",
+    "x_t_detail": "detail of x_t (latent Laplacian variance)",
+    "x0_change": "change of x0_pred from the previous step (latent RMS)",
+    "x_t_change": "change of x_t from the previous step (latent RMS)",
+    "pixel_detail": "detail of the decoded picture (pixel Laplacian variance)",
+    "pixel_change": "change of the decoded picture from the previous one (pixel RMS)",
+}
+CURVE_MEASURES = tuple(MEASURE_TITLES)
+
+
 def _array(x) -> np.ndarray:
     if isinstance(x, mx.array):
         x = x.astype(mx.float32)  # numpy cannot read bfloat16
