@@ -5,9 +5,11 @@ import pytest
 from PIL import Image
 
 from stable_diffusion.render import (
+    CURVE_COLOURS,
     LATENT_RGB,
     WHITE,
     approx_decode,
+    curve_plot,
     grid,
     label,
     label_margins,
@@ -336,3 +338,85 @@ def test_triangle_time_aligned_checks_its_input():
         triangle(rows, H, W, align="time", times=[[0.0, 100.0], [200.0, 0.0]])
     with pytest.raises(ValueError, match="two cells"):
         triangle(rows, H, W, align="time", times=[[100.0, 99.9999], [200.0, 0.0]])
+
+
+# --- the curve plot --------------------------------------------------------------------------
+
+
+def records(n, start_t=1000.0, peak=None, seed=0):
+    """A made-up curve: detail rising to a peak (the last step unless given), change falling."""
+    peak = n if peak is None else peak
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n + 1):
+        out.append({"step": k, "t": start_t * (1 - k / n), "sigma": 1.0,
+                    "x0_detail": None if k == 0 else 1.0 - abs(k - peak) / n,
+                    "x0_change": None if k < 2 else float(rng.random()) / k,
+                    "pixel_detail": 0.5 if k % 5 == 0 else None})
+    return out
+
+
+def near(picture, colour, tolerance=12):
+    """Mask of the pixels within `tolerance` of a colour in every channel."""
+    return (np.abs(picture.astype(int) - np.array(colour)) <= tolerance).all(axis=-1)
+
+
+def test_curve_plot_has_the_size_asked_and_one_colour_per_curve():
+    curves = {"s=0.3": records(15, 300.0), "s=1": records(50)}
+    picture = curve_plot(curves, ["x0_detail", "x0_change"], size=(420, 700))
+    assert picture.shape == (420, 700, 3) and picture.dtype == np.uint8
+    for colour in CURVE_COLOURS[:2]:
+        assert near(picture, colour).sum() > 100  # each curve drawn, in both panels
+    assert near(picture, CURVE_COLOURS[2]).sum() == 0  # and no third
+    assert near(picture, (0, 0, 0), 60).sum() > 500  # axes, ticks and text
+
+
+def test_curve_plot_marks_kept_frames_where_the_steps_are():
+    curves = {"run": records(50, peak=25)}
+    plain = curve_plot(curves, ["x0_detail"], size=(260, 600))
+    marked = curve_plot(curves, ["x0_detail"], marked={"run": [46, 47, 48, 49, 50]},
+                        size=(260, 600))
+    added = near(marked, CURVE_COLOURS[0]) & ~near(plain, CURVE_COLOURS[0])
+    assert added.sum() > 50
+    columns = np.nonzero(added.any(axis=0))[0]
+    assert columns.min() > 300  # the last steps: the right half of a 600-pixel plot
+
+
+def test_curve_plot_by_time_puts_high_t_on_the_left():
+    # One point per curve, with a dot: at t = 900 (left) or at t = 100 (right) of 0..1000.
+    high = [{"step": 0, "t": 1000.0, "d": None}, {"step": 1, "t": 900.0, "d": 1.0},
+            {"step": 2, "t": 0.0, "d": None}]
+    low = [{"step": 0, "t": 1000.0, "d": None}, {"step": 1, "t": 100.0, "d": 1.0},
+           {"step": 2, "t": 0.0, "d": None}]
+    for curve, side in ((high, "left"), (low, "right")):
+        picture = curve_plot({"a": curve}, ["d"], size=(240, 600), x="t")
+        columns = np.nonzero(near(picture, CURVE_COLOURS[0]).any(axis=0))[0]
+        plot_columns = columns[columns < 480]  # leave out the legend's swatch
+        assert len(plot_columns) > 0
+        if side == "left":
+            assert plot_columns.max() < 200
+        else:
+            assert plot_columns.min() > 300
+
+
+def test_curve_plot_best_ring_and_a_panel_without_data():
+    curves = {"run": records(10)}
+    for r in curves["run"]:
+        r["pixel_change"] = None
+    plain = curve_plot(curves, ["x0_detail", "pixel_change"], size=(420, 600))
+    ringed = curve_plot(curves, ["x0_detail", "pixel_change"], best={"run": 10}, size=(420, 600))
+    assert (near(ringed, (0, 0, 0), 60) & ~near(plain, (0, 0, 0), 60)).sum() > 30
+
+
+def test_curve_plot_checks_its_input():
+    curves = {"run": records(5)}
+    with pytest.raises(ValueError, match="no record has the measure 'sharpness'"):
+        curve_plot(curves, ["sharpness"])
+    with pytest.raises(ValueError, match="at least one curve"):
+        curve_plot({}, ["x0_detail"])
+    with pytest.raises(ValueError, match="at least one measure"):
+        curve_plot(curves, [])
+    with pytest.raises(ValueError, match="x must be"):
+        curve_plot(curves, ["x0_detail"], x="sigma")
+    with pytest.raises(ValueError, match="needs at least"):
+        curve_plot(curves, ["x0_detail", "x0_change"], size=(100, 300))
