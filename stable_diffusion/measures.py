@@ -185,7 +185,7 @@ def _single(x, what: str):
     """Accept (h, w, C) or a batch of one (1, h, w, C)."""
     if x is None:
         return None
-    x = _array(x)
+    x = np.array(_array(x))  # a copy: the curve keeps it for the next step's change
     if x.ndim == 4:
         if x.shape[0] != 1:
             raise ValueError(f"{what} is a batch of {x.shape[0]}: keep one Curve per image and "

@@ -1,4 +1,5 @@
-"""Pictures from the trajectory: pixels, grids, strips, the triangle, captions, animations.
+"""Pictures from the trajectory: pixels, grids, strips, the triangle, captions, curve plots,
+animations.
 
 Everything here works on numpy arrays (an `mx.array` converts with `np.asarray`) and Pillow; the
 networks are not needed. Frames are uint8 (H, W, 3); batches are NHWC.
