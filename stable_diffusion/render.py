@@ -1,4 +1,5 @@
-"""Pictures from the trajectory: pixels, grids, strips, the triangle, captions, animations.
+"""Pictures from the trajectory: pixels, grids, strips, the triangle, captions, curve plots,
+animations.
 
 Everything here works on numpy arrays (an `mx.array` converts with `np.asarray`) and Pillow; the
 networks are not needed. Frames are uint8 (H, W, 3); batches are NHWC.
@@ -19,6 +20,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .measures import MEASURE_TITLES
 from .metadata import atomic_write
 
 WHITE = (255, 255, 255)
@@ -139,7 +141,8 @@ def _compose(table: list[list[np.ndarray]], cell_h: int, cell_w: int, pad: int, 
              row_labels: Sequence[str] | None = None,
              captions: Sequence[Sequence[str]] | None = None,
              label_width: int = 0, caption_height: int = 0) -> np.ndarray:
-    """Place rows of frames (left-aligned, rows may differ in length) on a background."""
+    """Place rows of frames (left-aligned, rows may differ in length) on a background; a None
+    frame leaves its cell (and caption) background."""
     n_cols = max((len(row) for row in table), default=0)
     if n_cols == 0:
         raise ValueError("nothing to draw: every row is empty")
@@ -153,6 +156,8 @@ def _compose(table: list[list[np.ndarray]], cell_h: int, cell_w: int, pad: int, 
             canvas[y:y + cell_h, :label_width] = _text_band(row_labels[r], cell_h, label_width,
                                                             bg=background)
         for c, frame in enumerate(row):
+            if frame is None:  # an empty cell (the time-aligned triangle)
+                continue
             frame = _frame(frame, "a composite")
             if frame.shape[:2] != (cell_h, cell_w):
                 raise ValueError(f"frame {r},{c} is {frame.shape[:2]}, the cells are {(cell_h, cell_w)}")
@@ -195,27 +200,76 @@ def strip(frames, labels: Sequence[str] | None = None, pad: int = 0, background=
                     caption_height=caption_height)
 
 
+def triangle_columns(times: Sequence[Sequence[float]], tolerance: float = 1e-3
+                     ) -> tuple[list[float], list[list[int]]]:
+    """The columns of the time-aligned triangle: (column times, highest first; each cell's column).
+
+    `times` has the shape of the triangle's rows: the t of every cell, decreasing along a row.
+    Each distinct noise level is a column; times closer than `tolerance` (in timesteps, far below
+    any step of a real schedule) are one level, so that float rounding (299.99999 and 300) cannot
+    split a column. A column's time is the highest of its cells'.
+    """
+    rows = [[float(t) for t in row] for row in times]
+    for r, row in enumerate(rows):
+        if any(b >= a for a, b in zip(row, row[1:])):
+            raise ValueError(f"triangle row {r} times must decrease along the row, got {row}")
+    columns: list[float] = []
+    for t in sorted((t for row in rows for t in row), reverse=True):
+        if not columns or t < columns[-1] - tolerance:
+            columns.append(t)
+    bounds = np.array(columns)  # decreasing
+    where = [[int(np.argmax(bounds - tolerance <= t)) for t in row] for row in rows]
+    for r, cols in enumerate(where):
+        if len(set(cols)) != len(cols):
+            raise ValueError(f"triangle row {r} has two cells within {tolerance:g} of one time; "
+                             f"its times are {rows[r]}")
+    return columns, where
+
+
 def triangle(rows: Sequence[Sequence[np.ndarray]], cell_h: int, cell_w: int,
              order: str = "low_bottom", row_labels: Sequence[str] | None = None,
              cell_labels: Sequence[Sequence[str]] | None = None, pad: int = 2,
              background=WHITE, label_width: int | None = None,
-             caption_height: int | None = None) -> np.ndarray:
+             caption_height: int | None = None, align: str = "steps",
+             times: Sequence[Sequence[float]] | None = None) -> np.ndarray:
     """The strength triangle: one row of frames per strength, rows given in increasing strength.
 
-    Rows are left-aligned and may differ in length; cells beyond a row's end are background.
+    `align="steps"` (default): rows are left-aligned and may differ in length; cells beyond a
+    row's end are background. `align="time"`: every cell goes to the column of its time t, given
+    in `times` (the shape of `rows`); the columns are the distinct noise levels, highest on the
+    left (`triangle_columns`), so a column holds one noise level for every strength, the start
+    points lie on the diagonal and the final pictures (t = 0) in the last column.
     `order="low_bottom"` (default) puts the lowest strength at the bottom, so the first column read
     upward is the descent into noise; `"low_top"` flips it. `row_labels` (one per row) go in a left
     margin, `cell_labels` (same shape as `rows`) in a band under each cell; the margins default to
-    `label_margins()`. The size is `triangle_size(len(rows), longest row, cell_h, cell_w, pad,
-    label_width, caption_height)`, with the margins 0 where the labels are off.
+    `label_margins()`. The size is `triangle_size(len(rows), number of columns, cell_h, cell_w,
+    pad, label_width, caption_height)`, with the margins 0 where the labels are off.
     """
     if order not in ("low_bottom", "low_top"):
         raise ValueError(f"triangle order must be 'low_bottom' or 'low_top', not {order!r}")
+    if align not in ("steps", "time"):
+        raise ValueError(f"triangle align must be 'steps' or 'time', not {align!r}")
     rows = [list(row) for row in rows]
     if row_labels is not None and len(row_labels) != len(rows):
         raise ValueError(f"triangle has {len(rows)} rows but {len(row_labels)} row labels")
     if cell_labels is not None and [len(r) for r in cell_labels] != [len(r) for r in rows]:
         raise ValueError("triangle cell_labels must have the shape of rows")
+    if times is not None and [len(r) for r in times] != [len(r) for r in rows]:
+        raise ValueError("triangle times must have the shape of rows")
+    if align == "time":
+        if times is None:
+            raise ValueError("the time-aligned triangle needs the time of every cell (times=)")
+        columns, where = triangle_columns(times)
+
+        def spread(seq):
+            placed = [[None] * len(columns) for _ in seq]
+            for r, (row, cols) in enumerate(zip(seq, where)):
+                for item, c in zip(row, cols):
+                    placed[r][c] = item
+            return placed
+
+        rows = spread(rows)
+        cell_labels = None if cell_labels is None else spread(cell_labels)
     default_width, default_caption = label_margins()
     if row_labels is None:
         label_width = 0
@@ -232,6 +286,191 @@ def triangle(rows: Sequence[Sequence[np.ndarray]], cell_h: int, cell_w: int,
     return _compose(visual(rows), cell_h, cell_w, pad, background, row_labels=visual(row_labels),
                     captions=visual(cell_labels), label_width=label_width,
                     caption_height=caption_height)
+
+
+# ---------------------------------------------------------------------------------------------
+# Curves
+
+# Tableau's ten categorical colours (matplotlib's default cycle): told apart at a glance.
+CURVE_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+                 (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+GRID = (225, 225, 225)
+_SUPERSAMPLE = 2  # drawn at twice the size, then shrunk: smooth lines without antialiased drawing
+
+
+@functools.lru_cache(maxsize=4)
+def _plot_font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def _nice_ticks(lo: float, hi: float, count: int = 5) -> tuple[list[float], int]:
+    """Round tick values (1, 2, 2.5 or 5 times a power of ten apart) inside [lo, hi], and the
+    decimals that print them exactly."""
+    raw = (hi - lo) / max(count - 1, 1)
+    power = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw * (1 - 1e-9))
+    first = math.ceil(lo / step - 1e-9)
+    ticks = [k * step for k in range(first, int(math.floor(hi / step + 1e-9)) + 1)]
+    decimals = next(d for d in range(12) if abs(round(step, d) - step) <= 1e-9 * step)
+    return ticks, decimals
+
+
+def _tick_text(value: float, decimals: int, scale: float) -> str:
+    if scale >= 1e5 or scale < 1e-3:
+        text = f"{value:.3g}"
+    else:
+        text = f"{value:.{decimals}f}"
+    return "0" if float(text) == 0.0 else text
+
+
+def _padded_range(values: Sequence[float]) -> tuple[float, float]:
+    lo, hi = min(values), max(values)
+    if hi == lo:
+        half = abs(lo) * 0.1 if lo != 0 else 1.0
+        return lo - half, hi + half
+    margin = 0.05 * (hi - lo)
+    return lo - margin, hi + margin
+
+
+def curve_plot(curves, measures: Sequence[str], marked=None, best=None,
+               size: tuple[int, int] | None = None, x: str = "step",
+               title: str | None = None, titles=None) -> np.ndarray:
+    """Per-step measures drawn as curves: uint8 (H, W, 3), `size` = (H, W).
+
+    curves: {label: [record, ...]}, records as `measures.Curve` makes them (dicts with "step",
+      "t" and the measures; None where a step has no value). One curve per label (e.g. one per
+      triangle row), in the legend's order.
+    measures: record keys, one panel each, stacked, each with its own y axis in the measure's
+      units; `titles` ({key: words}, default `measures.MEASURE_TITLES`) names the panels.
+    marked: {label: step indices} drawn as dots (the kept frames); best: {label: step index}
+      drawn as a ring.
+    x: "step" (step index, increasing) or "t" (the noise level, high on the left, so that
+      curves of different strengths line up and every one ends at t = 0 on the right).
+    Points without a value are left out and the line joins the neighbours that have one.
+    """
+    if x not in ("step", "t"):
+        raise ValueError(f"curve_plot x must be 'step' or 't', not {x!r}")
+    curves = {str(k): sorted(v, key=lambda r: r["step"]) for k, v in curves.items()}
+    if not curves or not any(curves.values()):
+        raise ValueError("curve_plot needs at least one curve with records")
+    measures = list(measures)
+    if not measures:
+        raise ValueError("curve_plot needs at least one measure")
+    known = {key for records in curves.values() for r in records for key in r}
+    unknown = [m for m in measures if m not in known]
+    if unknown:
+        raise ValueError(f"curve_plot: no record has the measure {unknown[0]!r}; the records have "
+                         f"{sorted(known)}")
+    titles = MEASURE_TITLES if titles is None else titles
+    marked = {} if marked is None else {str(k): set(v) for k, v in marked.items()}
+    best = {} if best is None else {str(k): v for k, v in best.items()}
+    n = len(measures)
+    height, width = (60 + 190 * n, 900) if size is None else size
+
+    u = _SUPERSAMPLE
+    font = _plot_font(12 * u)
+    line_h = int(font.getbbox("Ag|y")[3])
+    canvas = Image.new("RGB", (width * u, height * u), WHITE)
+    draw = ImageDraw.Draw(canvas)
+
+    def text_width(text):
+        return int(math.ceil(font.getlength(text)))
+
+    # Every panel's y ticks first: the widest label sets the left margin.
+    panels = []
+    for m in measures:
+        values = [r[m] for records in curves.values() for r in records if r.get(m) is not None]
+        if values:
+            lo, hi = _padded_range(values)
+            ticks, decimals = _nice_ticks(lo, hi)
+            scale = max(abs(lo), abs(hi))
+            labels = [_tick_text(v, decimals, scale) for v in ticks]
+        else:
+            lo, hi, ticks, labels = 0.0, 1.0, [], []
+        panels.append((m, lo, hi, ticks, labels, bool(values)))
+    xs = [float(r[x]) for records in curves.values() for r in records]
+    x_lo, x_hi = min(xs), max(xs)
+    if x_hi == x_lo:
+        x_lo, x_hi = x_lo - 1, x_hi + 1
+    x_ticks, x_decimals = _nice_ticks(x_lo, x_hi, 8)
+    if x == "step":
+        x_ticks = [v for v in x_ticks if v == int(v)]
+
+    entries = [(label, CURVE_COLOURS[i % len(CURVE_COLOURS)]) for i, label in enumerate(curves)]
+    legend_w = max([text_width(label) for label in curves] + [text_width("kept frame")]) + 40 * u
+    left = max([text_width(t) for p in panels for t in p[4]] + [text_width("0")]) + 14 * u
+    top = 6 * u + (line_h + 10 * u if title else 0)
+    title_h, tick_h, gap, bottom = line_h + 8 * u, line_h + 8 * u, 8 * u, line_h + 10 * u
+    box_w = width * u - left - legend_w - 10 * u
+    box_h = (height * u - top - bottom - n * (title_h + tick_h + gap)) // n
+    if box_h < 40 * u or box_w < 120 * u:
+        need_h = (top + bottom + n * (title_h + tick_h + gap + 40 * u)) // u + 1
+        raise ValueError(f"a curve plot of {n} panels needs at least {need_h} x "
+                         f"{(left + legend_w + 130 * u) // u + 1} pixels (H x W), got {height} x {width}")
+
+    def to_px(value, lo, hi, start, length, reverse=False):
+        f = (value - lo) / (hi - lo)
+        return start + (1.0 - f if reverse else f) * length
+
+    if title:
+        draw.text((left, 6 * u), title, fill=BLACK, font=font)
+    for i, (m, lo, hi, ticks, labels, has_data) in enumerate(panels):
+        y0 = top + i * (title_h + box_h + tick_h + gap)
+        by = y0 + title_h  # top of the plot box
+        draw.text((left, y0 + 2 * u), titles.get(m, m), fill=BLACK, font=font)
+        for v, text in zip(ticks, labels):
+            py = to_px(v, lo, hi, by, box_h, reverse=True)
+            draw.line([(left, py), (left + box_w, py)], fill=GRID, width=u)
+            draw.text((left - 6 * u - text_width(text), py - line_h / 2), text, fill=BLACK, font=font)
+        for v in x_ticks:
+            px = to_px(v, x_lo, x_hi, left, box_w, reverse=(x == "t"))
+            draw.line([(px, by), (px, by + box_h)], fill=GRID, width=u)
+            draw.line([(px, by + box_h), (px, by + box_h + 4 * u)], fill=BLACK, width=u)
+            text = _tick_text(v, x_decimals, max(abs(x_lo), abs(x_hi)))
+            draw.text((px - text_width(text) / 2, by + box_h + 5 * u), text, fill=BLACK, font=font)
+        draw.rectangle([left, by, left + box_w, by + box_h], outline=BLACK, width=u)
+        if not has_data:
+            draw.text((left + box_w / 2 - text_width("no data") / 2, by + box_h / 2 - line_h / 2),
+                      "no data", fill=(120, 120, 120), font=font)
+            continue
+        for label, colour in entries:
+            points = [(to_px(float(r[x]), x_lo, x_hi, left, box_w, reverse=(x == "t")),
+                       to_px(r[m], lo, hi, by, box_h, reverse=True), r["step"])
+                      for r in curves[label] if r.get(m) is not None]
+            if len(points) > 1:
+                draw.line([(px, py) for px, py, _ in points], fill=colour, width=2 * u, joint="curve")
+            for px, py, step in points:
+                radius = 4 * u if step in marked.get(label, ()) else (2 * u if len(points) == 1 else 0)
+                if radius:
+                    draw.ellipse([px - radius, py - radius, px + radius, py + radius], fill=colour,
+                                 outline=BLACK, width=max(1, u // 2))
+                if step == best.get(label):
+                    draw.ellipse([px - 8 * u, py - 8 * u, px + 8 * u, py + 8 * u], outline=BLACK,
+                                 width=2 * u)
+
+    axis = "step" if x == "step" else "t (noise level; the run goes left to right)"
+    last_box_bottom = top + n * (title_h + box_h + tick_h + gap) - gap
+    draw.text((left + box_w / 2 - text_width(axis) / 2, last_box_bottom + 2 * u), axis, fill=BLACK,
+              font=font)
+
+    # The legend, right of the panels: one line per curve, then the marker kinds in use.
+    lx, ly = left + box_w + 14 * u, top + title_h
+    for label, colour in entries:
+        draw.line([(lx, ly + line_h / 2), (lx + 22 * u, ly + line_h / 2)], fill=colour, width=2 * u)
+        draw.text((lx + 28 * u, ly), label, fill=BLACK, font=font)
+        ly += line_h + 6 * u
+    ly += 6 * u
+    if any(marked.values()):
+        draw.ellipse([lx + 7 * u, ly + line_h / 2 - 4 * u, lx + 15 * u, ly + line_h / 2 + 4 * u],
+                     fill=(90, 90, 90), outline=BLACK, width=max(1, u // 2))
+        draw.text((lx + 28 * u, ly), "kept frame", fill=BLACK, font=font)
+        ly += line_h + 6 * u
+    if best:
+        draw.ellipse([lx + 3 * u, ly + line_h / 2 - 8 * u, lx + 19 * u, ly + line_h / 2 + 8 * u],
+                     outline=BLACK, width=2 * u)
+        draw.text((lx + 28 * u, ly), "best", fill=BLACK, font=font)
+
+    return np.asarray(canvas.resize((width, height), Image.LANCZOS))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,9 +5,11 @@ import pytest
 from PIL import Image
 
 from stable_diffusion.render import (
+    CURVE_COLOURS,
     LATENT_RGB,
     WHITE,
     approx_decode,
+    curve_plot,
     grid,
     label,
     label_margins,
@@ -15,6 +17,7 @@ from stable_diffusion.render import (
     strip,
     to_uint8,
     triangle,
+    triangle_columns,
     triangle_size,
 )
 
@@ -260,3 +263,160 @@ def test_save_animation_refuses_mixed_sizes_and_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="format"):
         save_animation(tmp_path / "a.mp4", frames(2), 100, fmt="mp4")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- the time-aligned triangle ---------------------------------------------------------------
+
+
+def test_triangle_columns_are_the_distinct_times_highest_first():
+    times = [[200.0, 100.0, 0.0], [300.0, 150.00000001, 0.0], [400.0, 299.99999, 200.0, 0.0]]
+    columns, where = triangle_columns(times)
+    assert columns == [400.0, 300.0, 200.0, 150.00000001, 100.0, 0.0]
+    assert where == [[2, 4, 5], [1, 3, 5], [0, 1, 2, 5]]
+
+
+def test_triangle_time_aligned_puts_each_cell_in_its_time_column():
+    lengths = [3, 3, 4]  # s = 0.2, 0.3, 0.4
+    rows = make_rows(lengths)
+    times = [[200, 100, 0], [300, 150, 0], [400, 300, 200, 0]]
+    pad = 1
+    picture = triangle(rows, H, W, pad=pad, align="time", times=times)
+    assert picture.shape[:2] == triangle_size(3, 6, H, W, pad)  # columns 400 300 200 150 100 0
+    expected = {  # (visual row, column) -> (row, cell); lowest strength at the bottom
+        (2, 2): (0, 0), (2, 4): (0, 1), (2, 5): (0, 2),
+        (1, 1): (1, 0), (1, 3): (1, 1), (1, 5): (1, 2),
+        (0, 0): (2, 0), (0, 1): (2, 1), (0, 2): (2, 2), (0, 5): (2, 3),
+    }
+    for r in range(3):
+        for c in range(6):
+            got = cell(picture, r, c, pad)
+            if (r, c) in expected:
+                i, k = expected[(r, c)]
+                np.testing.assert_array_equal(got, rows[i][k])
+            else:
+                assert is_background(got)
+    # The start points lie on the diagonal (top-left to bottom-right), the finals in one column.
+    for s in range(3):
+        np.testing.assert_array_equal(cell(picture, 2 - s, 2 - s, pad), rows[s][0])
+        np.testing.assert_array_equal(cell(picture, 2 - s, 5, pad), rows[s][-1])
+
+
+def test_triangle_time_aligned_low_top_with_labels_skips_empty_cells():
+    h, w, pad = 20, 40, 2
+    rows = [list(frames(n, h, w, seed=n)) for n in (2, 3)]
+    times = [[100.0, 0.0], [200.0, 100.0, 0.0]]
+    captions = [[f"t={t:g}" for t in row] for row in times]
+    picture = triangle(rows, h, w, order="low_top", row_labels=["s=0.1", "s=0.2"],
+                       cell_labels=captions, pad=pad, align="time", times=times)
+    label_width, caption_height = label_margins()
+    assert picture.shape[:2] == triangle_size(2, 3, h, w, pad, label_width, caption_height)
+    np.testing.assert_array_equal(cell(picture, 0, 1, pad, h, w, label_width, caption_height), rows[0][0])
+    np.testing.assert_array_equal(cell(picture, 1, 0, pad, h, w, label_width, caption_height), rows[1][0])
+    x = label_width + pad  # column 0 of the top row (s=0.1 starts at t=100): frame and caption
+    assert is_background(picture[pad:pad + h + caption_height, x:x + w])
+    y = pad + h  # the caption band of the top row
+    x = label_width + pad + 1 * (w + pad)
+    assert not is_background(picture[y:y + caption_height, x:x + w])
+
+
+def test_triangle_default_is_steps_and_times_change_nothing_there():
+    rows = make_rows([1, 2])
+    times = [[100.0], [200.0, 0.0]]
+    np.testing.assert_array_equal(triangle(rows, H, W), triangle(rows, H, W, times=times))
+    np.testing.assert_array_equal(triangle(rows, H, W), triangle(rows, H, W, align="steps"))
+
+
+def test_triangle_time_aligned_checks_its_input():
+    rows = make_rows([2, 2])
+    with pytest.raises(ValueError, match="align"):
+        triangle(rows, H, W, align="noise")
+    with pytest.raises(ValueError, match="times="):
+        triangle(rows, H, W, align="time")
+    with pytest.raises(ValueError, match="shape of rows"):
+        triangle(rows, H, W, align="time", times=[[1.0, 0.0], [0.0]])
+    with pytest.raises(ValueError, match="decrease"):
+        triangle(rows, H, W, align="time", times=[[0.0, 100.0], [200.0, 0.0]])
+    with pytest.raises(ValueError, match="two cells"):
+        triangle(rows, H, W, align="time", times=[[100.0, 99.9999], [200.0, 0.0]])
+
+
+# --- the curve plot --------------------------------------------------------------------------
+
+
+def records(n, start_t=1000.0, peak=None, seed=0):
+    """A made-up curve: detail rising to a peak (the last step unless given), change falling."""
+    peak = n if peak is None else peak
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n + 1):
+        out.append({"step": k, "t": start_t * (1 - k / n), "sigma": 1.0,
+                    "x0_detail": None if k == 0 else 1.0 - abs(k - peak) / n,
+                    "x0_change": None if k < 2 else float(rng.random()) / k,
+                    "pixel_detail": 0.5 if k % 5 == 0 else None})
+    return out
+
+
+def near(picture, colour, tolerance=12):
+    """Mask of the pixels within `tolerance` of a colour in every channel."""
+    return (np.abs(picture.astype(int) - np.array(colour)) <= tolerance).all(axis=-1)
+
+
+def test_curve_plot_has_the_size_asked_and_one_colour_per_curve():
+    curves = {"s=0.3": records(15, 300.0), "s=1": records(50)}
+    picture = curve_plot(curves, ["x0_detail", "x0_change"], size=(420, 700))
+    assert picture.shape == (420, 700, 3) and picture.dtype == np.uint8
+    for colour in CURVE_COLOURS[:2]:
+        assert near(picture, colour).sum() > 100  # each curve drawn, in both panels
+    assert near(picture, CURVE_COLOURS[2]).sum() == 0  # and no third
+    assert near(picture, (0, 0, 0), 60).sum() > 500  # axes, ticks and text
+
+
+def test_curve_plot_marks_kept_frames_where_the_steps_are():
+    curves = {"run": records(50, peak=25)}
+    plain = curve_plot(curves, ["x0_detail"], size=(260, 600))
+    marked = curve_plot(curves, ["x0_detail"], marked={"run": [46, 47, 48, 49, 50]},
+                        size=(260, 600))
+    added = near(marked, CURVE_COLOURS[0]) & ~near(plain, CURVE_COLOURS[0])
+    assert added.sum() > 50
+    columns = np.nonzero(added.any(axis=0))[0]
+    assert columns.min() > 300  # the last steps: the right half of a 600-pixel plot
+
+
+def test_curve_plot_by_time_puts_high_t_on_the_left():
+    # One point per curve, with a dot: at t = 900 (left) or at t = 100 (right) of 0..1000.
+    high = [{"step": 0, "t": 1000.0, "d": None}, {"step": 1, "t": 900.0, "d": 1.0},
+            {"step": 2, "t": 0.0, "d": None}]
+    low = [{"step": 0, "t": 1000.0, "d": None}, {"step": 1, "t": 100.0, "d": 1.0},
+           {"step": 2, "t": 0.0, "d": None}]
+    for curve, side in ((high, "left"), (low, "right")):
+        picture = curve_plot({"a": curve}, ["d"], size=(240, 600), x="t")
+        columns = np.nonzero(near(picture, CURVE_COLOURS[0]).any(axis=0))[0]
+        plot_columns = columns[columns < 480]  # leave out the legend's swatch
+        assert len(plot_columns) > 0
+        if side == "left":
+            assert plot_columns.max() < 200
+        else:
+            assert plot_columns.min() > 300
+
+
+def test_curve_plot_best_ring_and_a_panel_without_data():
+    curves = {"run": records(10)}
+    for r in curves["run"]:
+        r["pixel_change"] = None
+    plain = curve_plot(curves, ["x0_detail", "pixel_change"], size=(420, 600))
+    ringed = curve_plot(curves, ["x0_detail", "pixel_change"], best={"run": 10}, size=(420, 600))
+    assert (near(ringed, (0, 0, 0), 60) & ~near(plain, (0, 0, 0), 60)).sum() > 30
+
+
+def test_curve_plot_checks_its_input():
+    curves = {"run": records(5)}
+    with pytest.raises(ValueError, match="no record has the measure 'sharpness'"):
+        curve_plot(curves, ["sharpness"])
+    with pytest.raises(ValueError, match="at least one curve"):
+        curve_plot({}, ["x0_detail"])
+    with pytest.raises(ValueError, match="at least one measure"):
+        curve_plot(curves, [])
+    with pytest.raises(ValueError, match="x must be"):
+        curve_plot(curves, ["x0_detail"], x="sigma")
+    with pytest.raises(ValueError, match="needs at least"):
+        curve_plot(curves, ["x0_detail", "x0_change"], size=(100, 300))
