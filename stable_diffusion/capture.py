@@ -18,7 +18,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from . import metadata, render
+from . import measures, metadata, render
 from .errors import NumericalError
 
 INTERRUPTS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s)
@@ -227,3 +227,47 @@ class TriangleCells:
         """The animation of the L-shaped path: up the first column (the descent into noise, lowest
         strength first), then along the top strength's row (the way back out)."""
         return [row[0] for row in self.cells] + self.cells[-1][1:]
+
+
+class Curves:
+    """The over-smoothing curve of each row (its first picture), measured in latent space at every
+    step, and the latents of the last N estimates, from which the best step is decoded."""
+
+    def __init__(self, rows, last: int | None):
+        self.rows, self.last = rows, last
+        self.curves = [measures.Curve() for _ in rows]
+        self.estimates: dict = {}  # step -> x0_pred of the single run's last N steps
+
+    def add(self, i: int, step) -> None:
+        x0 = None if step.x0_pred is None else step.x0_pred[:1]
+        self.curves[i].add(step.index, step.t, step.sigma, step.x_t[:1], x0)
+        if self.last is not None and x0 is not None and step.index > step.count - self.last:
+            self.estimates[step.index] = step.x0_pred
+
+    def best(self, i: int = 0) -> dict | None:
+        """Among the last N steps of row i, the one whose estimate holds the most detail."""
+        return None if self.last is None else self.curves[i].best(self.last)
+
+    def record(self) -> dict:
+        """For the sidecar: one list of per-step records per row (keyed by strength)."""
+        return {f"{r.strength:g}": c.records for r, c in zip(self.rows, self.curves)}
+
+    def plot(self, kept) -> np.ndarray:
+        labels = [f"s={r.strength:g}" for r in self.rows]
+        best = {}
+        for i, label in enumerate(labels):
+            chosen = self.best(i)
+            if chosen is not None:
+                best[label] = chosen["step"]
+        return render.curve_plot(
+            {label: c.records for label, c in zip(labels, self.curves)},
+            ("x0_detail", "x_t_detail", "x0_change"),
+            marked={label: list(k) for label, k in zip(labels, kept)}, best=best,
+            x="t" if len(self.rows) > 1 else "step")
+
+
+def fidelity(picture: np.ndarray, reference: np.ndarray, latent, latent_reference) -> dict:
+    """How far a picture (uint8, its first cell) and its latent are from the input's."""
+    h, w = reference.shape[:2]
+    return measures.fidelity(picture[:h, :w].astype(np.float64) / 255.0, reference,
+                             latent[:1], latent_reference[:1])

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from .console import Console
 from .errors import InputError, NumericalError, OutputError
-from .spec import (ANIMATION_FORMATS, DEFAULT_TRIANGLE_STRENGTHS, DTYPES, NOISING_PATHS, PREVIEWS,
-                   SNAPSHOT_KINDS, Capture, ModelSpec, RunSpec, SpecError)
+from .spec import (ALIGNS, ANIMATION_FORMATS, DEFAULT_TRIANGLE_STRENGTHS, DTYPES, NOISING_PATHS,
+                   PREVIEWS, SNAPSHOT_KINDS, Capture, Inversion, ModelSpec, RunSpec, SpecError)
 
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
               "0": False, "false": False, "no": False, "off": False}
@@ -115,7 +115,14 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                             "timesteps, and a strip of them")
         c.add_argument("--noising_path", "--noising-path", choices=NOISING_PATHS,
                        default="shared", help="shared: one noise for every t (default); independent: "
-                       "fresh noise per t; markov: the chain built from the betas")
+                       "fresh noise per t; markov: the chain built from the betas; inversion: DDIM "
+                       "inversion under a prompt, from which the denoising then starts")
+        c.add_argument("--inversion_prompt", "--inversion-prompt", metavar="TEXT",
+                       help="the prompt the inversion's UNet sees (default: the prompt)")
+        c.add_argument("--inversion_cfg", "--inversion-cfg", type=float, metavar="W",
+                       help="guidance weight of the inversion (default 1: the prompt alone)")
+        c.add_argument("--inversion_refine", "--inversion-refine", type=int, metavar="K",
+                       help="fixed-point iterations per inversion step (default 0: plain DDIM inversion)")
         c.add_argument("-gt", "--generate_triangle", nargs="?", const=True, default=False, type=_flag,
                        metavar="1", help="save the triangle: one row per strength, each row that "
                        "run's snapshots (--output names the triangle picture)")
@@ -124,11 +131,19 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         c.add_argument("--triangle_low_top", "--triangle-low-top", action="store_true",
                        help="put the lowest strength at the top (default: at the bottom)")
         c.add_argument("--labels", action="store_true", help="label triangle rows and cells")
+        c.add_argument("--triangle_align", "--triangle-align", choices=ALIGNS, default="steps",
+                       help="steps: rows left-aligned step by step (default); time: each cell in the "
+                            "column of its t, so that columns are noise levels")
     c.add_argument("--preview", choices=PREVIEWS, default="vae",
                    help="decode frames with the VAE (default) or a cheap linear approximation; the "
                         "final picture is always decoded by the VAE")
     c.add_argument("--animate", nargs="?", const="gif", choices=ANIMATION_FORMATS,
                    help="an animation of the saved frames (noising, then denoising)")
+    c.add_argument("--curve", action="store_true",
+                   help="draw the over-smoothing curve (detail and change per step) as <output>.curve.png")
+    c.add_argument("--keep_best", "--keep-best", action="store_true",
+                   help="write the step with the most detail among the last N (--save_last_N) as "
+                        "<output>.best.png")
     c.add_argument("--decoding_batch_size", "--decoding-batch-size", type=_positive_int, default=4,
                    help="latents decoded at once (default 4)")
     c.add_argument("-sp", "--save_prompt", nargs="?", const=True, default=True, type=_flag,
@@ -157,7 +172,9 @@ FLAGS = {"strength": "--strength", "triangle_strengths": "--triangle_strengths",
          "noising_every": "--show_noising", "noising_path": "--noising_path", "preview": "--preview",
          "animate": "--animate", "decode_batch": "--decoding_batch_size", "labels": "--labels",
          "low_top": "--triangle_low_top", "output": "--output", "size": "--size",
-         "sampler": "--sampler", "schedule": "--schedule"}
+         "sampler": "--sampler", "schedule": "--schedule", "align": "--triangle_align",
+         "keep_best": "--keep_best", "inversion_cfg": "--inversion_cfg",
+         "inversion_refine": "--inversion_refine"}
 
 
 def _size(text: str | None):
@@ -185,44 +202,59 @@ def build_specs(command: str, args) -> tuple:
         noising_every=getattr(args, "show_noising", None),
         noising_path=getattr(args, "noising_path", "shared"), preview=args.preview,
         animate=args.animate, decode_batch=args.decoding_batch_size, save_prompt=args.save_prompt,
-        labels=getattr(args, "labels", False), low_top=getattr(args, "triangle_low_top", False))
+        labels=getattr(args, "labels", False), low_top=getattr(args, "triangle_low_top", False),
+        align=getattr(args, "triangle_align", "steps"), curve=args.curve, keep_best=args.keep_best)
+    inversion = None
+    given = {k: getattr(args, f"inversion_{k}", None) for k in ("prompt", "cfg", "refine")}
+    if capture.noising_path == "inversion":
+        inversion = Inversion(given["prompt"], 1.0 if given["cfg"] is None else given["cfg"],
+                              0 if given["refine"] is None else given["refine"])
+    elif any(v is not None for v in given.values()):
+        raise SpecError("noising_path", "--inversion_* settings go with {flag} inversion; add it")
     spec = RunSpec(
         prompt=args.prompt, output=Path(args.output), image=Path(args.image) if img2img else None,
         negative_prompt=args.negative_prompt, strengths=tuple(strengths), triangle=triangle,
         steps=args.steps, cfg=args.cfg, seed=args.seed, sampler=args.sampler, schedule=args.schedule,
         n_images=args.n_images, n_rows=args.n_rows,
-        size=None if img2img else _size(args.size), capture=capture).validate()
+        size=None if img2img else _size(args.size), capture=capture, inversion=inversion).validate()
     dtype = "float32" if args.no_float16 else args.dtype
     return spec, ModelSpec(args.model, dtype, args.quantize, args.preload_models)
 
 
 def replay_argv(spec: RunSpec, model_arg: str, model: ModelSpec) -> list:
     """The arguments that make the same files again: every resolved value and capture flag (the
-    model pinned to the revision that ran). The output name is the caller's: add --output."""
-    c = spec.capture
-    argv = ["--model", model_arg, "--seed", str(spec.seed), "--steps", str(spec.steps),
-            "--cfg", repr(float(spec.cfg)), "--sampler", spec.sampler, "--schedule", spec.schedule]
+    model pinned to the revision that ran). The output name is the caller's: add --output.
+    Values are joined to their flags (`--cfg=7.5`), so that one starting with "-" stays a value."""
+    c, inv = spec.capture, spec.inversion
+    values = [("--model", model_arg), ("--seed", spec.seed), ("--steps", spec.steps),
+              ("--cfg", repr(float(spec.cfg))), ("--sampler", spec.sampler),
+              ("--schedule", spec.schedule)]
     if spec.triangle:
-        argv += ["-gt", "--triangle_strengths", ",".join(repr(float(s)) for s in spec.strengths)]
+        values.append(("--triangle_strengths", ",".join(repr(float(s)) for s in spec.strengths)))
     elif spec.img2img:
-        argv += ["--strength", repr(float(spec.strength))]
+        values.append(("--strength", repr(float(spec.strength))))
+    if spec.size is not None:
+        values.append(("--size", f"{spec.size[0]}x{spec.size[1]}"))
+    if inv is not None:
+        values += [("--inversion_cfg", repr(float(inv.cfg))), ("--inversion_refine", inv.refine)]
+        if inv.prompt is not None:
+            values.append(("--inversion_prompt", inv.prompt))
     for flag, value, default in (
             ("--negative_prompt", spec.negative_prompt, ""), ("--n_images", spec.n_images, 1),
             ("--n_rows", spec.n_rows, 1), ("--dtype", model.dtype, None),
             ("-sd", c.every, None), ("--save_last_N", c.last, None), ("--snapshot", c.shows, "xt"),
             ("--show_noising", c.noising_every, None), ("--noising_path", c.noising_path, "shared"),
             ("--preview", c.preview, "vae"), ("--animate", c.animate, None),
-            ("--decoding_batch_size", c.decode_batch, 4)):
+            ("--decoding_batch_size", c.decode_batch, 4), ("--triangle_align", c.align, "steps"),
+            ("-sp", "0" if not c.save_prompt else None, None)):
         if value != default:
-            argv += [flag, str(value)]
-    if spec.size is not None:
-        argv += ["--size", f"{spec.size[0]}x{spec.size[1]}"]
-    for flag, on in (("--quantize", model.quantize), ("--labels", c.labels),
-                     ("--triangle_low_top", c.low_top)):
+            values.append((flag, value))
+    argv = [f"{flag}={value}" for flag, value in values]
+    for flag, on in (("-gt", spec.triangle), ("--quantize", model.quantize), ("--labels", c.labels),
+                     ("--triangle_low_top", c.low_top), ("--curve", c.curve),
+                     ("--keep_best", c.keep_best)):
         if on:
             argv.append(flag)
-    if not c.save_prompt:
-        argv += ["-sp", "0"]
     positional = [os.fsdecode(spec.image), spec.prompt] if spec.img2img else [spec.prompt]
     if any(p.startswith("-") for p in positional):  # argparse would read it as a flag
         return argv + ["--"] + positional

@@ -21,11 +21,13 @@ from pathlib import Path
 import mlx.core as mx
 
 from . import images, metadata, render
-from .capture import (INTERRUPTS, Frame, FrameWriter, Ledger, Snapshots, TriangleCells, make_decoder,
-                      step_info)
+from . import measures
+from .capture import (INTERRUPTS, Curves, Frame, FrameWriter, Ledger, Snapshots, TriangleCells,
+                      fidelity, make_decoder, step_info)
 from .errors import InputError, NumericalError, OutputError
 from .ops import release_cpu_buffers
-from .sampler import SAMPLERS, Step, seed_keys
+from .sampler import SAMPLERS, Step, invert, seed_keys
+from .trajectory import millis
 
 FORMAT_VERSION = 2
 
@@ -42,17 +44,15 @@ class RunResult:
     signum: int | None = None
 
 
-def _millis(t: float) -> int:
-    """A time's identity for naming and matching: thousandths of a step."""
-    return int(round(t * 1000))
-
-
 class Run:
     def __init__(self, session, spec, console, argv: list, replay, picture):
         self.session, self.spec, self.console = session, spec, console
         self.argv, self.replay, self.picture = argv, replay, picture
         self.timings = session.timings = {}
         self.denoisers = []  # each counts its UNet calls
+        self.inversion_denoiser = None
+        self.curves = None
+        self.extra: dict = {}  # measured along the way, for the sidecar: fidelity, best step, curves
         self.created_folders: list[Path] = []
 
     def execute(self) -> RunResult:
@@ -184,31 +184,82 @@ class Run:
     # --- generation ---------------------------------------------------------------------------------
 
     def _begin(self):
-        """The writer, x0, the seed's noise and the conditioning, shared by every row."""
-        spec, sd, session = self.plan.spec, self.sd, self.session
+        """The writer, x0, the seed's noise, the conditioning and the start of every row."""
+        spec, sd, session, plan = self.plan.spec, self.sd, self.session, self.plan
         c = spec.capture
         self.keys = seed_keys(spec.seed)
         self.writer = FrameWriter(make_decoder(sd, c.preview, c.decode_batch), c.decode_batch,
                                   self.ledger, self._chunks, spec.n_rows)
-        h, w = self.plan.image_size
+        self.curves = Curves(plan.rows, c.last)
+        h, w = plan.image_size
         shape = (spec.n_images, h // sd.downscale, w // sd.downscale, sd.latent_channels)
         if spec.img2img:
             x0 = mx.repeat(session.encode(self.picture), spec.n_images, axis=0)
         else:
             x0 = mx.zeros(shape, dtype=sd.dtype)
         eps = sd.initial_noise(shape, spec.seed)
-        cond = session.condition(spec.prompt, spec.negative_prompt, self.plan.guided, spec.n_images,
-                                 self.plan.image_size)
+        cond = session.condition(spec.prompt, spec.negative_prompt, plan.guided, spec.n_images,
+                                 plan.image_size)
         self.t_start = time.perf_counter()
-        return x0, eps, cond
+        self.x0 = x0
+        if plan.inversion is not None:
+            path = self._invert(x0)
+        elif plan.noising:
+            path = sd.sampler.noising_path(x0, plan.noising, c.noising_path,
+                                           key=self.keys["noising_path"], noise=eps)
+        else:
+            path = iter(())
+        self.noise_pictures, on_path = self._noising(path)
+        starts = []
+        for row in plan.rows:
+            if plan.inversion is not None:
+                starts.append(on_path[millis(row.plan.times[0])])
+            elif spec.img2img:
+                starts.append(sd.sampler.add_noise(x0, row.plan.start_time, eps, sigma=row.plan.sigmas[0]))
+            else:  # the top of the schedule, scaled as diffusers starts text to image
+                starts.append((row.plan.init_scale * eps).astype(eps.dtype))
+        return starts, cond
 
-    def _trajectory(self, row, x0, eps, cond):
-        """Step 0 (x0 noised to the row's start) and the sampler's steps, evaluated one by one."""
-        spec = self.plan.spec
-        if spec.img2img:
-            x_start = self.sd.sampler.add_noise(x0, row.plan.start_time, eps, sigma=row.plan.sigmas[0])
-        else:  # the top of the schedule, scaled as diffusers starts text to image
-            x_start = (row.plan.init_scale * eps).astype(eps.dtype)
+    def _invert(self, x0):
+        """The inversion's Steps from the clean latent (step 0) up to the top row's start."""
+        spec, plan = self.plan.spec, self.plan
+        inv = spec.inversion
+        prompt = spec.prompt if inv.prompt is None else inv.prompt
+        cond = self.session.condition(prompt, spec.negative_prompt, inv.cfg > 1.0, spec.n_images,
+                                      plan.image_size)
+        denoiser = self.sd.denoiser(cond, inv.cfg)
+        self.inversion_denoiser = denoiser
+        first = Step(0, plan.inversion.steps, 0.0, 0.0, x0, None)
+        return _chain(first, invert(denoiser, x0, plan.inversion, inv.refine))
+
+    def _noising(self, path):
+        """Walk the forward path (or the inversion), saving the frames the plan names and a strip
+        of them; returns (pictures by time, latents by time), for the triangle's first column and
+        the rows' starts."""
+        spec, names, plan = self.plan.spec, self.plan.names, self.plan
+        c = spec.capture
+        shown = {millis(t) for t in plan.noising}
+        pictures, latents = {}, {}
+        total = plan.inversion.steps + 1 if plan.inversion is not None else len(plan.noising)
+        for step in self.console.progress(path, total, "noising"):
+            self._evaluate(step)
+            latents[millis(step.t)] = step.x_t
+            if millis(step.t) in shown:
+                info = {"kind": "noise", "t": step.t, "sigma": step.sigma, "path": c.noising_path}
+                self.writer.add(Frame(names.noise(step.t), info, [step.x_t],
+                                      keep=lambda p, t=step.t: pictures.__setitem__(millis(t), p)))
+        self.writer.flush()
+        if pictures:
+            times = sorted(pictures)
+            self.writer.save(names.noise_strip(),
+                             render.strip([pictures[t] for t in times], [f"t={t / 1000:g}" for t in times]),
+                             {"kind": "noise-strip", "times": [t / 1000 for t in times],
+                              "path": c.noising_path})
+        return pictures, latents
+
+    def _trajectory(self, i: int, x_start, cond):
+        """Step 0 (the row's start) and the sampler's steps, evaluated one by one and measured."""
+        spec, row = self.plan.spec, self.plan.rows[i]
         denoiser = self.sd.denoiser(cond, spec.cfg)
         self.denoisers.append(denoiser)
         steps = SAMPLERS[spec.sampler](denoiser, x_start, row.plan, key=self.keys["sampler"])
@@ -216,6 +267,7 @@ class Run:
         first = Step(0, row.plan.steps, row.plan.times[0], row.plan.sigmas[0], x_start, None)
         for step in self.console.progress(_chain(first, steps), row.plan.steps + 1, desc):
             self._evaluate(step)
+            self.curves.add(i, step)
             yield step
 
     def _evaluate(self, step) -> None:
@@ -231,39 +283,17 @@ class Run:
                                  f"{self.session.dtype_name}); "
                                  + numerical_advice(self.session.dtype_name, self.session.model_spec.quantize))
 
-    def _noising(self, x0, eps) -> dict:
-        """The forward path from the picture to the top row's start, as frames and one strip;
-        returns its pictures by time (thousandths), for the triangle's first column."""
-        spec, names = self.plan.spec, self.plan.names
-        c = spec.capture
-        pictures = {}
-        path = self.sd.sampler.noising_path(x0, self.plan.noising, c.noising_path,
-                                            key=self.keys["noising_path"], noise=eps)
-        for step in self.console.progress(path, len(self.plan.noising), "noising"):
-            mx.eval(step.x_t)
-            info = {"kind": "noise", "t": step.t, "sigma": step.sigma, "path": c.noising_path}
-            self.writer.add(Frame(names.noise(step.t), info, [step.x_t],
-                                  keep=lambda p, t=step.t: pictures.__setitem__(_millis(t), p)))
-        self.writer.flush()
-        times = sorted(pictures)
-        self.writer.save(names.noise_strip(),
-                         render.strip([pictures[t] for t in times], [f"t={t / 1000:g}" for t in times]),
-                         {"kind": "noise-strip", "times": [t / 1000 for t in times], "path": c.noising_path})
-        return pictures
-
     def _single(self) -> None:
-        spec, sd = self.plan.spec, self.sd
-        c, names, row = spec.capture, self.plan.names, self.plan.rows[0]
-        x0, eps, cond = self._begin()
+        spec, sd, plan = self.plan.spec, self.sd, self.plan
+        c, names, row = spec.capture, plan.names, plan.rows[0]
+        starts, cond = self._begin()
         animation = [] if c.animate else None
-        if self.plan.noising:
-            noise_pictures = self._noising(x0, eps)
-            if animation is not None:
-                animation += [noise_pictures[t] for t in sorted(noise_pictures)]
+        if animation is not None:
+            animation += [self.noise_pictures[t] for t in sorted(self.noise_pictures)]
         snapshots = Snapshots(self.writer, names, row, c.shows, animation,
                               reuse_final=c.shows == "xt" and c.preview == "vae")
         final = None
-        for step in self._trajectory(row, x0, eps, cond):
+        for step in self._trajectory(0, starts[0], cond):
             final = step
             snapshots.add(step)
         release_cpu_buffers()  # the UNet is done: what remains is VAE decoding
@@ -271,48 +301,89 @@ class Run:
         self.timings["steps_and_frames_s"] = elapsed(self.t_start)
 
         t_final = time.perf_counter()
+        vae = make_decoder(sd, "vae", c.decode_batch)
         picture = snapshots.final_picture
         if picture is None:
-            picture = self.writer.grid(make_decoder(sd, "vae", c.decode_batch)(final.x_t))
+            picture = self.writer.grid(vae(final.x_t))
         self.writer.save(spec.output, picture,
                          {"kind": "final", "step": final.index, "count": row.plan.steps, "t": final.t,
                           "sigma": final.sigma, "strength": row.strength})
         self.timings["final_decode_s"] = elapsed(t_final)
+        if spec.img2img:
+            self._fidelity(picture, final.x_t, starts[0])
+        best = self.curves.best()
+        if best is not None:
+            self.console.say(f"most detail among the last {c.last} steps: step {best['step']} "
+                             f"(t={best['t']:g}, x0 detail {best['detail']:.4g})")
+            self.extra["best"] = best
+            if c.keep_best:
+                estimate = self.curves.estimates[best["step"]]
+                self.writer.save(names.best(), self.writer.grid(vae(estimate)),
+                                 dict(best, kind="best", shows="x0", strength=row.strength))
+        if c.curve:
+            self.writer.save(names.curve(), self.curves.plot([row.kept]), {"kind": "curve"})
         if animation:
             self.writer.save_animation(names.animation(c.animate), animation, c.animate)
+
+    def _fidelity(self, picture, latent, start, row: int | None = None) -> dict:
+        """Final picture and latent against the input, and the start's latent distance from it."""
+        reference = (self.picture.pixels + 1.0) / 2.0
+        record = {"final": fidelity(picture, reference, latent, self.x0),
+                  "start": measures.latent_distance(start[:1], self.x0[:1])}
+        f = record["final"]
+        psnr = "identical" if f["psnr"] is None else f"PSNR {f['psnr']:.2f} dB"
+        where = "" if row is None else f"s={self.plan.rows[row].strength:g} "
+        self.console.say(f"{where}fidelity to the input: {psnr}, SSIM {f['ssim']:.3f}, latent RMS "
+                         f"{f['latent_rms']:.4g}; the start was latent RMS {record['start']['rms']:.4g} "
+                         "from it")
+        if row is None:
+            self.extra["fidelity"] = record
+        else:
+            self.extra.setdefault("fidelity", {})[f"{self.plan.rows[row].strength:g}"] = record
+        return record
 
     def _triangle(self) -> None:
         spec, plan = self.plan.spec, self.plan
         c, rows = spec.capture, plan.rows
-        x0, eps, cond = self._begin()
+        starts, cond = self._begin()
         cells = TriangleCells(self.writer, rows, c.shows)
-        noise_pictures = self._noising(x0, eps) if plan.noising else {}
+        finals = []
         for i, row in enumerate(self.console.progress(iter(rows), len(rows), "rows")):
-            for step in self._trajectory(row, x0, eps, cond):
-                reuse = noise_pictures.get(_millis(step.t)) if step.index == 0 else None
-                if reuse is not None and c.shows == "xt" and c.noising_path == "shared":
-                    # The row starts on the shared forward path: the noising frame is this cell.
+            final = None
+            for step in self._trajectory(i, starts[i], cond):
+                final = step
+                reuse = self.noise_pictures.get(millis(step.t)) if step.index == 0 else None
+                if reuse is not None and c.shows == "xt" and c.noising_path in ("shared", "inversion"):
+                    # The row starts on the drawn path: the noising frame is this cell.
                     cells.set(i, 0, reuse, step_info(step, row.strength, c.shows))
                 else:
                     cells.add(i, step)
+            finals.append(final)
             self.writer.flush()
         self.timings["steps_and_frames_s"] = elapsed(self.t_start)
 
-        labels = c.labels
-        row_labels = [f"s={r.strength:g}" for r in rows] if labels else None
-        cell_labels = None
-        if labels:
+        psnrs = [self._fidelity(cells.cells[i][-1], f.x_t, starts[i], i)["final"]["psnr"]
+                 for i, f in enumerate(finals)]
+        row_labels = cell_labels = None
+        if c.labels:
+            row_labels = [f"s={r.strength:g}" for r in rows]
             cell_labels = [[f"{info['step']}/{info['count']} t={info['t']:g} sigma={info['sigma']:.2f}"
                             for info in row_infos] for row_infos in cells.infos]
+            for labels, infos, psnr in zip(cell_labels, cells.infos, psnrs):
+                final = infos[-1]
+                labels[-1] = f"{final['step']}/{final['count']} PSNR " + ("inf" if psnr is None else f"{psnr:.1f} dB")
         cell_h, cell_w = cells.cells[0][0].shape[:2]
         order = "low_top" if c.low_top else "low_bottom"
         picture = render.triangle(cells.cells, cell_h, cell_w, order=order, row_labels=row_labels,
-                                  cell_labels=cell_labels)
-        info = {"kind": "triangle", "order": order, "cell_size": [cell_h, cell_w],
+                                  cell_labels=cell_labels, align=c.align,
+                                  times=[[info["t"] for info in row_infos] for row_infos in cells.infos])
+        info = {"kind": "triangle", "order": order, "align": c.align, "cell_size": [cell_h, cell_w],
                 "rows": [{"strength": r.strength, "steps": r.plan.steps, "start_time": r.plan.start_time,
                           "cells": [{"step": i["step"], "t": i["t"], "sigma": i["sigma"]} for i in infos]}
                          for r, infos in zip(rows, cells.infos)]}
         self.writer.save(spec.output, picture, info)
+        if c.curve:
+            self.writer.save(plan.names.curve(), self.curves.plot([r.kept for r in rows]), {"kind": "curve"})
         if c.animate:
             self.writer.save_animation(plan.names.animation(c.animate), cells.l_path(), c.animate)
 
@@ -326,7 +397,16 @@ class Run:
         if shield:
             for signum in INTERRUPTS:
                 previous[signum] = signal.signal(signum, signal.SIG_IGN)
-        extra = {"unet_calls": sum(d.calls for d in self.denoisers), "timings": self.timings}
+        calls = sum(d.calls for d in self.denoisers)
+        if self.inversion_denoiser is not None:
+            calls += self.inversion_denoiser.calls
+        extra = dict(self.extra, unet_calls=calls, timings=self.timings)
+        if self.curves is not None:
+            extra["curves"] = self.curves.record()
+        if self.inversion_denoiser is not None:
+            inv = self.plan.spec.inversion
+            extra["inversion"] = {"steps": self.plan.inversion.steps, "refine": inv.refine, "cfg": inv.cfg,
+                                  "prompt": inv.prompt, "unet_calls": self.inversion_denoiser.calls}
         if error is not None:
             extra["error"] = error
         try:
@@ -336,9 +416,14 @@ class Run:
                 if not (isinstance(e.__cause__, OSError) and e.__cause__.errno == errno.ENOSPC):
                     raise
                 # A full disk has no room for the new record beside the old one: drop the old
-                # "running" record first (no record reads the same: the run did not finish).
+                # "running" record first (no record reads the same: the run did not finish), and
+                # if even that is not room enough, the per-step curves (the record says so).
                 self.ledger.path.unlink(missing_ok=True)
-                self.ledger.write(status, **extra)
+                try:
+                    self.ledger.write(status, **extra)
+                except OutputError:
+                    self.ledger.record.pop("curves", None)
+                    self.ledger.write(status, curves="dropped: the disk was full")
         except OutputError as e:
             if status == "finished":
                 raise

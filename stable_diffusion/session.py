@@ -23,7 +23,8 @@ from .pipeline import model_defaults, random_seed
 from .run import Run, RunResult, elapsed
 from .spec import ModelSpec, RunSpec, SpecError
 from .tokenizer import Tokenizer
-from .trajectory import FileNames, default_triangle_every, noising_times, snapshot_indices
+from .trajectory import (FileNames, crossings, default_triangle_every, millis, noising_times,
+                         snapshot_indices)
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -51,6 +52,7 @@ class RunPlan:
     sampler_name: str  # as readers of `parameters` know it, e.g. "DPM++ 2M Karras"
     noising: tuple  # times of the noising frames, () when none
     dropped_tokens: dict  # "prompt", "negative_prompt" -> tokens the text encoders cannot read
+    inversion: samplers.Plan | None = None  # the inversion's path, from t = 0 up to the top start
 
     @property
     def guided(self) -> bool:
@@ -67,6 +69,11 @@ class RunPlan:
             lines = [f"triangle: {len(self.rows)} rows, strengths "
                      f"{', '.join(f'{r.strength:g}' for r in self.rows)}, {total} steps in all"] + \
                     ["  " + line for line in lines]
+        if self.inversion is not None:
+            inv = self.spec.inversion
+            n = self.inversion.steps
+            lines.append(f"inversion: t=0 -> {self.inversion.times[0]:g} in {n} step{'s' if n != 1 else ''}, "
+                         f"{n * (1 + inv.refine)} UNet calls (refine {inv.refine}, cfg {inv.cfg:g})")
         return lines
 
 
@@ -133,8 +140,13 @@ class Session:
             notice(f"--save_last_N {last} is more than the {longest} steps run; saving all {longest}")
             last = longest
         rows = tuple(Row(s, p, snapshot_indices(p.steps, every, last)) for s, p in zip(spec.strengths, plans))
-        noising = ()
-        if c.noising_every is not None:
+        noising, inversion = (), None
+        if spec.inversion is not None:
+            inversion = _inversion_path(rows)
+            if c.noising_every is not None:
+                up = inversion.times[::-1]
+                noising = tuple(up[k] for k in crossings(up, c.noising_every))
+        elif c.noising_every is not None:
             noising = tuple(noising_times(rows[-1].plan.start_time, c.noising_every))
             if spec.triangle and c.noising_path == "shared":  # the rows' starts are on this path
                 noising = tuple(sorted(set(noising) | {r.plan.start_time for r in rows}))
@@ -146,7 +158,7 @@ class Session:
             if what == "prompt" or spec.cfg > 1.0:
                 dropped[what.replace(" ", "_")] = self._check_length(what, text, notice)
         return RunPlan(spec, rows, tuple(image_size), FileNames(spec.output, longest),
-                       samplers.display_name(spec.sampler, spec.schedule), noising, dropped)
+                       samplers.display_name(spec.sampler, spec.schedule), noising, dropped, inversion)
 
     def _check_length(self, what: str, text: str, notice) -> int:
         """Tokens the text encoders cannot read; a notice says which were dropped."""
@@ -219,6 +231,20 @@ class Session:
         None to load spec.image here); `replay(resolved_spec, model_arg)` gives the arguments that
         make the same files again, for the record."""
         return Run(self, spec, console, list(argv), replay, picture).execute()
+
+
+def _inversion_path(rows) -> samplers.Plan:
+    """The times the inversion visits, highest first as in a Plan: the top row's, every row's
+    start (so that each row starts on the path), and t = 0 (the clean latent; a DDIM plan may end
+    above it)."""
+    top = rows[-1].plan
+    points = {millis(t): (t, s) for t, s in zip(top.times[:-1], top.sigmas[:-1])}
+    for r in rows:
+        points.setdefault(millis(r.plan.times[0]), (r.plan.times[0], r.plan.sigmas[0]))
+    points[0] = (0.0, 0.0)
+    ordered = [points[k] for k in sorted(points, reverse=True)]
+    return replace(top, steps=len(ordered) - 1, times=tuple(t for t, _ in ordered),
+                   sigmas=tuple(s for _, s in ordered))
 
 
 def _tokenizer(folder: Path) -> Tokenizer:

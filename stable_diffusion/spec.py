@@ -15,7 +15,8 @@ from pathlib import Path
 from .errors import InputError
 
 SNAPSHOT_KINDS = ("xt", "x0", "both")
-NOISING_PATHS = ("shared", "independent", "markov")
+NOISING_PATHS = ("shared", "independent", "markov", "inversion")
+ALIGNS = ("steps", "time")
 PREVIEWS = ("vae", "approx")
 ANIMATION_FORMATS = ("gif", "webp")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -25,6 +26,7 @@ MAX_STEPS = 10_000
 MAX_CFG = 100.0
 MAX_IMAGES = 64
 MAX_SEED = 2**64 - 1
+MAX_REFINE = 50
 
 
 class SpecError(InputError):
@@ -52,6 +54,18 @@ class Capture:
     save_prompt: bool = True
     labels: bool = False  # triangle labels
     low_top: bool = False  # triangle order: lowest strength at the top
+    align: str = "steps"  # triangle columns: step by step, or by time (columns are noise levels)
+    curve: bool = False  # draw the over-smoothing curve (its numbers are always in the sidecar)
+    keep_best: bool = False  # write the step with the most detail among the last N
+
+
+@dataclass(frozen=True)
+class Inversion:
+    """Noising guided by a prompt: DDIM inversion from the clean latent up to the start time."""
+
+    prompt: str | None = None  # None: the run's prompt
+    cfg: float = 1.0  # 1: the prompt alone, no guidance
+    refine: int = 0  # fixed-point iterations per step
 
 
 @dataclass(frozen=True)
@@ -85,6 +99,7 @@ class RunSpec:
     n_rows: int = 1
     size: tuple | None = None  # (H, W) in pixels, text to image only
     capture: Capture = field(default_factory=Capture)
+    inversion: Inversion | None = None  # set when the noising path is "inversion"
 
     @property
     def img2img(self) -> bool:
@@ -130,9 +145,26 @@ class RunSpec:
         if not spec.img2img and c.noising_every is not None:
             raise SpecError("noising_every", "{flag} shows the noising of an input picture; "
                                              "text to image has none")
-        if c.noising_path != "shared" and c.noising_every is None:
+        inverted = c.noising_path == "inversion"
+        if c.noising_path not in ("shared", "inversion") and c.noising_every is None:
             raise SpecError("noising_path", "{flag} chooses the path --show_noising draws; add "
                                             "--show_noising N")
+        if inverted != (spec.inversion is not None):
+            raise SpecError("noising_path", "the inversion settings go with {flag} inversion")
+        if inverted and not spec.img2img:
+            raise SpecError("noising_path", "{flag} inversion inverts an input picture; text to "
+                                            "image has none")
+        if inverted:
+            i = spec.inversion
+            if not (math.isfinite(i.cfg) and 0 <= i.cfg <= MAX_CFG):
+                raise SpecError("inversion_cfg", f"{{flag}} {i.cfg:g} is outside 0 .. {MAX_CFG:g}")
+            _check_int("inversion_refine", i.refine, 0, MAX_REFINE)
+        _check_choice("align", c.align, ALIGNS)
+        if c.align != "steps" and not spec.triangle:
+            raise SpecError("align", "{flag} only applies to the triangle (-gt); leave it out")
+        if c.keep_best and (c.last is None or spec.triangle):
+            raise SpecError("keep_best", "{flag} picks the best of the last N steps of a single run: "
+                                         "add --save_last_N N (and leave out -gt)")
         if spec.output.suffix.lower() != ".png":
             raise SpecError("output", f"{{flag}} {spec.output} must end in .png")
         if spec.size is not None:

@@ -27,6 +27,22 @@ def snapshot_indices(steps: int, every: int | None, last: int | None) -> dict[in
     return {k: tuple(v) for k, v in sorted(kept.items())}
 
 
+def millis(t: float) -> int:
+    """A time's identity for naming and matching: whole thousandths of a step (times computed two
+    ways, e.g. 0.3 * 1000 and 300.0, are the same time)."""
+    return int(round(t * 1000))
+
+
+def crossings(times, every: int) -> list[int]:
+    """Indices of increasing `times` to show a frame at every `every` timesteps: the first, each
+    time that passes a multiple of `every`, and the last."""
+    kept = [0]
+    for k in range(1, len(times)):
+        if k == len(times) - 1 or int(times[k] // every) > int(times[k - 1] // every):
+            kept.append(k)
+    return kept
+
+
 def noising_times(start_time: float, every: int) -> list[float]:
     """Times 0, every, 2 every, ... below start_time, then start_time itself."""
     times = [float(t) for t in range(0, int(math.ceil(start_time)), every)]
@@ -62,12 +78,17 @@ class FileNames:
     def noise(self, t: float) -> Path:
         """`noise-t0100`; a fractional time keeps its thousandths (`noise-t0100_400`), which sorts
         after t=100 and before t=101."""
-        millis = int(round(t * 1000))
-        whole, frac = divmod(millis, 1000)
+        whole, frac = divmod(millis(t), 1000)
         return self._named(f"noise-t{whole:04d}" + (f"_{frac:03d}" if frac else ""))
 
     def noise_strip(self) -> Path:
         return self._named("noise-strip")
+
+    def curve(self) -> Path:
+        return self._named("curve")
+
+    def best(self) -> Path:
+        return self._named("best")
 
     def animation(self, fmt: str) -> Path:
         return self._named("anim", f".{fmt}")
