@@ -459,6 +459,88 @@ def parse_parameters_text(text: str) -> dict[str, Any]:
     }
 
 
+# The keys our own `generation_parameters` adds: they describe the picture, nothing to set.
+_OUR_KEYS = {"Steps run", "Start timestep", "Trajectory step", "Trajectory t", "Trajectory sigma",
+             "Trajectory shows", "Decoder", "Cell size", "Cells"}
+_OUR_SUFFIXES = (" per row", " per cell")
+
+
+def _our_sampler(name: str) -> tuple[str | None, str | None]:
+    """An A1111 sampler name ("DPM++ 2M Karras") or one of ours -> (sampler, schedule)."""
+    kinds = {display: kind for kind, display in SAMPLER_NAMES.items() if kind != "euler_ancestral"}
+    if name in SAMPLER_NAMES:
+        return ("euler_a" if name == "euler_ancestral" else name), None
+    if name in kinds:
+        return kinds[name], None
+    for schedule, suffix in SCHEDULE_NAMES.items():
+        base = name.removesuffix(f" {suffix}")
+        if base != name and base in kinds:
+            return kinds[base], schedule
+    return None, None
+
+
+def parse_parameters(text: str) -> tuple[dict[str, Any], list[str]]:
+    """Another tool's `parameters` text (A1111's convention) -> our run's fields, and one warning
+    for each field that cannot be honoured.
+
+    Fields, present only where the text gives them: prompt, negative_prompt, steps (the requested
+    count, as A1111 writes it and as our plans count), sampler and schedule (our names), cfg, seed,
+    width, height, strength, model (as written: a name, not a path). A composite of ours gives its
+    `Cell size` as width and height. Unknown samplers and schedule types, a hires fix (whose
+    `Denoising strength` belongs to its second pass) and every unknown key give a warning each.
+    The same seed does not give the other tool's noise: its generator is not ours.
+    """
+    parsed = parse_parameters_text(text)
+    extra = dict(parsed["extra"])
+    warnings: list[str] = []
+    fields: dict[str, Any] = {"prompt": parsed["prompt"], "negative_prompt": parsed["negative_prompt"]}
+    for ours, theirs in (("steps", "steps"), ("cfg", "cfg_scale"), ("seed", "seed"),
+                         ("width", "width"), ("height", "height"), ("model", "model")):
+        if parsed[theirs] is not None:
+            fields[ours] = parsed[theirs]
+
+    if parsed["sampler"] is not None:
+        sampler, schedule = _our_sampler(parsed["sampler"])
+        if sampler is None:
+            warnings.append(f"Sampler: {parsed['sampler']!r} is not available here (available: "
+                            f"{', '.join(sorted(set(SAMPLER_NAMES.values())))}); the model's default "
+                            "sampler is used")
+        else:
+            fields["sampler"] = sampler
+            if schedule is not None:
+                fields["schedule"] = schedule
+    if "Schedule type" in extra:
+        value = extra.pop("Schedule type")
+        schedules = {display: name for name, display in SCHEDULE_NAMES.items()}
+        if value in schedules:
+            fields["schedule"] = schedules[value]
+        elif value != "Automatic":  # the sampler's own default, which is ours too
+            warnings.append(f"Schedule type: {value!r} is not available here (available: "
+                            f"{', '.join(schedules)}); the sampler's default schedule is used")
+
+    hires = [key for key in extra if key.startswith("Hires")]
+    if parsed["strength"] is not None:
+        if hires:
+            warnings.append(f"Denoising strength: {parsed['strength']:g} belongs to the hires fix "
+                            "pass, which is not available here; not used")
+        else:
+            fields["strength"] = parsed["strength"]
+    if "Cell size" in extra:
+        m = re.fullmatch(r"(\d+)x(\d+)", extra["Cell size"])
+        if m is not None:
+            fields["width"], fields["height"] = int(m.group(1)), int(m.group(2))
+
+    for key, value in extra.items():
+        if key in _OUR_KEYS or key.endswith(_OUR_SUFFIXES):
+            continue
+        if key in hires:
+            warnings.append(f"{key}: {value!r}: the hires fix is not available here; the picture "
+                            "is made at its first-pass size")
+        else:
+            warnings.append(f"{key}: {value!r} is not a setting here; not used")
+    return fields, warnings
+
+
 # ---------------------------------------------------------------------------------------------
 # PNG
 
