@@ -357,9 +357,11 @@ def snapshot_costs(results: dict) -> dict | None:
         approx_decode(latent, "sd")
         preview.append(time.perf_counter() - start)
     u, d = min(unet["times"]), min(decode["times"])
+    taesd = results.get("taesd_decode", {}).get("ours", {})
     return {"unet_steps": steps, "decodes": cells, "unet_s": steps * u, "decode_s": cells * d,
             "decode_share": cells * d / (steps * u + cells * d), "vae_decode_s": d,
-            "approx_preview_s": min(preview)}
+            "approx_preview_s": min(preview),
+            "taesd_preview_s": min(taesd["times"]) if "times" in taesd else None}
 
 
 def main(argv=None) -> int:
@@ -477,6 +479,9 @@ def _print_summary(report: dict) -> None:
               f"calls = {costs['unet_s']:.0f} s, {costs['decodes']} VAE decodes = {costs['decode_s']:.0f} s "
               f"({100 * costs['decode_share']:.0f}% of the total); --preview approx: "
               f"{costs['approx_preview_s'] * 1e3:.1f} ms a frame against {costs['vae_decode_s']:.1f} s")
+        if costs["taesd_preview_s"] is not None:
+            print(f"  --preview taesd: {costs['decodes']} frames = "
+                  f"{costs['decodes'] * costs['taesd_preview_s']:.0f} s (the final pictures still by the VAE)")
 
 
 if __name__ == "__main__":
