@@ -2,6 +2,7 @@
 its strict loading, and how a preview decoder is found (folder, hub cache, offline)."""
 
 import json
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -14,7 +15,7 @@ from stable_diffusion.taesd import (PreviewDecoder, TinyAutoencoderConfig, load_
                                     load_tiny_autoencoder)
 from stable_diffusion.testing import taesd_config, write_tiny_taesd
 
-from conftest import FIXTURES
+FIXTURES = Path(__file__).parent / "fixtures"
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
@@ -106,6 +107,11 @@ def test_preview_reads_the_unets_latents_as_they_are(taesd_folder, golden_taesd)
 def test_encode_refuses_sides_not_multiple_of_eight(taesd_folder):
     with pytest.raises(InputError, match="multiples of 8"):
         load_tiny_autoencoder(taesd_folder).encode(mx.zeros((1, 60, 64, 3)))
+
+
+def test_preview_refuses_latents_of_another_family(taesd_folder):
+    with pytest.raises(InputError, match=r"latents \(B, h, w, 4\), got shape \(1, 8, 8, 16\)"):
+        load_preview(str(taesd_folder), "sd").decode(mx.zeros((1, 8, 8, 16)))
 
 
 # --- strict loading -------------------------------------------------------------------------------
