@@ -12,7 +12,8 @@ Needs the `reference` extra. Not part of the test run.
     python bench/networks.py --dtype bfloat16 --workloads img2img1 --frameworks ours
 
 Workloads: UNet calls (batch 2: classifier-free guidance), VAE encode and decode at 512x512, the
-text encoder, whole image-to-image runs (the pipeline's own loop, 512x512, cfg 7.5), and `load`:
+text encoder, the TAESD preview decoder at 512x512 (its cost per frame against the VAE decode's
+is printed after the table), whole image-to-image runs (the pipeline's own loop, 512x512, cfg 7.5), and `load`:
 a full-size model written in the diffusers layout (safetensors) to a temporary folder, then
 loaded with `StableDiffusion.from_pretrained` (diffusers: `StableDiffusionImg2ImgPipeline.
 from_pretrained`) until every weight is in memory. After the table: what a 10-row, 50-step
@@ -55,6 +56,7 @@ WORKLOADS = {
     "unet32": "UNet call, batch 2, 32x32 latent",
     "vae_encode": "VAE encode, 512x512",
     "vae_decode": "VAE decode, 512x512",
+    "taesd_decode": "TAESD decode, 512x512 (--preview taesd)",
     "text": "text encoder, batch 2, 77 tokens",
     "img2img": "img2img 512x512, strength 0.5 x 10 steps, cfg 7.5",
     "img2img1": "img2img 512x512, strength 0.1 x 10 steps, cfg 7.5",
@@ -109,6 +111,12 @@ def mlx_worker(workload: str, dtype_name: str, reps: int) -> dict:
         else:
             z = mx.random.normal((1, 64, 64, 4), key=key).astype(dtype)
             run = lambda: vae.decode(z)  # noqa: E731
+    elif workload == "taesd_decode":
+        from stable_diffusion.taesd import TinyAutoencoder, TinyAutoencoderConfig
+
+        taesd = ready(TinyAutoencoder(TinyAutoencoderConfig()))  # madebyollin/taesd's shapes
+        z = mx.random.normal((1, 64, 64, 4), key=key).astype(dtype)
+        run = lambda: taesd.decode(z)  # noqa: E731
     elif workload == "text":
         text = ready(CLIPTextModel(TextEncoderConfig.from_diffusers(TEXT)))
         ids = mx.array([[49406] + [320] * 10 + [49407] * 66] * 2)
@@ -179,6 +187,12 @@ def torch_worker(workload: str, dtype_name: str, reps: int) -> dict:
         else:
             z = torch.randn(1, 4, 64, 64, dtype=dtype)
             run = lambda: model.decode(z).sample  # noqa: E731
+    elif workload == "taesd_decode":
+        from diffusers import AutoencoderTiny
+
+        model = AutoencoderTiny().to(dtype).eval()  # its defaults are madebyollin/taesd's config
+        z = torch.randn(1, 4, 64, 64, dtype=dtype)
+        run = lambda: model.decode(z).sample  # noqa: E731
     elif workload == "text":
         model = text()
         ids = torch.tensor([[49406] + [320] * 10 + [49407] * 66] * 2)
@@ -343,9 +357,11 @@ def snapshot_costs(results: dict) -> dict | None:
         approx_decode(latent, "sd")
         preview.append(time.perf_counter() - start)
     u, d = min(unet["times"]), min(decode["times"])
+    taesd = results.get("taesd_decode", {}).get("ours", {})
     return {"unet_steps": steps, "decodes": cells, "unet_s": steps * u, "decode_s": cells * d,
             "decode_share": cells * d / (steps * u + cells * d), "vae_decode_s": d,
-            "approx_preview_s": min(preview)}
+            "approx_preview_s": min(preview),
+            "taesd_preview_s": min(taesd["times"]) if "times" in taesd else None}
 
 
 def main(argv=None) -> int:
@@ -450,12 +466,22 @@ def _print_summary(report: dict) -> None:
         print(f"diffusers: torch {theirs['torch']}, {theirs['threads']} thread(s), BLAS {theirs['blas']}")
     print(f"load average at the start: {', '.join(f'{v:.2f}' for v in report['load_average_start'])} "
           f"on {report['cpus']} CPUs ('others CPU s': other processes' CPU time during the slowest row)")
+    taesd = report["workloads"].get("taesd_decode", {})
+    vae = report["workloads"].get("vae_decode", {})
+    for side in ("ours", "diffusers"):
+        if "times" in taesd.get(side, {}) and "times" in vae.get(side, {}):
+            t, v = min(taesd[side]["times"]), min(vae[side]["times"])
+            print(f"{side}: TAESD decode {t * 1e3:.0f} ms a frame against the VAE decode's {v:.2f} s "
+                  f"({100 * t / v:.1f}%)")
     costs = report.get("snapshot_costs")
     if costs:
         print(f"triangle, 10 rows x {TRIANGLE_STEPS} steps, -sd {TRIANGLE_EVERY}: {costs['unet_steps']} UNet "
               f"calls = {costs['unet_s']:.0f} s, {costs['decodes']} VAE decodes = {costs['decode_s']:.0f} s "
               f"({100 * costs['decode_share']:.0f}% of the total); --preview approx: "
               f"{costs['approx_preview_s'] * 1e3:.1f} ms a frame against {costs['vae_decode_s']:.1f} s")
+        if costs["taesd_preview_s"] is not None:
+            print(f"  --preview taesd: {costs['decodes']} frames = "
+                  f"{costs['decodes'] * costs['taesd_preview_s']:.0f} s (the final pictures still by the VAE)")
 
 
 if __name__ == "__main__":

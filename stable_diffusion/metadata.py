@@ -5,10 +5,12 @@ folder, are flushed to disk, and the temporary file is renamed over the target (
 folder is atomic on POSIX and Windows). An interrupted run (Ctrl-C, a full disk) leaves the old file,
 or none, never half of one, and no temporary file.
 
-What a PNG carries:
-- `parameters`: the plain-text form that AUTOMATIC1111's web UI writes and many viewers and tools
-  read: the prompt, an optional `Negative prompt: ...` line, and one `Key: value, ...` line.
-- `sd_trajectory`: JSON with everything the caller needs to reproduce the picture.
+What a picture carries:
+- `parameters`: the plain-text form that AUTOMATIC1111's web UI writes ("infotext") and many viewers
+  and tools read: the prompt, an optional `Negative prompt: ...` line, and one `Key: value, ...`
+  line. In a PNG a text chunk; in a JPEG or WebP the EXIF UserComment, as A1111 writes it.
+- `sd_trajectory`: JSON with everything the caller needs to reproduce the picture. In a PNG a text
+  chunk; in a JPEG or WebP an XMP packet.
 The JSON sidecar (`write_sidecar`) is the machine-readable record of a whole run.
 """
 
@@ -20,7 +22,9 @@ import os
 import re
 import secrets
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Callable, Mapping, Sequence
+from xml.sax.saxutils import escape as _xml_escape
 
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
@@ -30,8 +34,12 @@ from .errors import InputError, OutputError
 PARAMETERS_KEY = "parameters"
 TRAJECTORY_KEY = "sd_trajectory"
 
-# The sampler names AUTOMATIC1111 writes, so that tools reading `parameters` recognise ours.
-SAMPLER_NAMES = {"euler": "Euler", "euler_ancestral": "Euler a"}
+# The sampler names AUTOMATIC1111 writes, so that tools reading `parameters` recognise ours
+# (euler_ancestral is the older name of euler_a).
+SAMPLER_NAMES = {"euler": "Euler", "euler_a": "Euler a", "euler_ancestral": "Euler a", "heun": "Heun",
+                 "lms": "LMS", "ddim": "DDIM", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE"}
+# Schedules A1111 names as a suffix of the sampler ("DPM++ 2M Karras"), or as `Schedule type`.
+SCHEDULE_NAMES = {"karras": "Karras", "exponential": "Exponential"}
 
 _NEGATIVE = "Negative prompt:"
 # A1111 keys: a word character, then word characters, spaces, hyphens or slashes.
@@ -219,10 +227,11 @@ def _field_value(value: Any) -> str:
 
 
 def _quote(text: str) -> str:
-    """Quote a value as A1111 does (a JSON string) where it could not be read back otherwise:
-    separators, quotes, line breaks, other control characters, edge whitespace, emptiness."""
-    plain = (text != "" and text == text.strip() and not any(c in text for c in ',:"')
-             and all(ord(c) >= 32 for c in text))
+    """Quote a value as A1111 does: as a JSON string when it holds a comma, a colon or a line break.
+    Also where A1111 would read it back changed (a leading quote, other control characters, edge
+    whitespace); everything else is written plain."""
+    plain = (not any(c in text for c in ",:\n") and not text.startswith('"')
+             and text == text.strip() and all(ord(c) >= 32 for c in text))
     return text if plain else json.dumps(text, ensure_ascii=False)
 
 
@@ -255,6 +264,115 @@ def parameters_text(prompt: str, negative_prompt: str = "", *, steps: int, sampl
         lines.append(f"{_NEGATIVE} {negative_prompt}")
     lines.append(", ".join(f"{k}: {_quote(_field_value(v))}" for k, v in fields.items()))
     return "\n".join(lines)
+
+
+def sampler_display_name(sampler: str, schedule: str | None = None) -> str:
+    """Our sampler and schedule -> the name A1111 writes ("Euler a", "DPM++ 2M Karras"). A schedule
+    A1111 has no name for is left out here (the JSON chunk records it)."""
+    if sampler not in SAMPLER_NAMES:
+        raise ValueError(f"no display name for sampler {sampler!r}; known: {', '.join(SAMPLER_NAMES)}")
+    name = SAMPLER_NAMES[sampler]
+    return f"{name} {SCHEDULE_NAMES[schedule]}" if schedule in SCHEDULE_NAMES else name
+
+
+def model_name(source: Mapping[str, Any]) -> str:
+    """The `Model` value for a model's source record (`StableDiffusion.source`): a hub id as it is
+    (with `@revision` unless main), a folder or file by its name without the path, as A1111 names
+    a checkpoint. The full path stays in the JSON chunk; a comma in a folder above is no concern."""
+    model = str(source["model"])
+    if source.get("source") == "hub":
+        revision = source.get("revision")
+        return model if revision in (None, "main") else f"{model}@{revision}"
+    name = Path(model).name
+    return Path(name).stem if Path(name).suffix == ".safetensors" else name
+
+
+@dataclass(frozen=True)
+class FrameInfo:
+    """What one frame of a trajectory shows, for its `parameters`."""
+
+    step: int  # steps done when the frame was taken: 0 is the noised start
+    count: int  # the steps this run makes (the steps run)
+    t: float  # the timestep of the latent shown
+    sigma: float
+    shows: str = "x_t"  # "x_t" (the noisy latent) or "x0_pred" (the denoised estimate)
+    decoder: str = "vae"  # "vae", "taesd" or "approx"
+
+
+@dataclass(frozen=True)
+class CompositeInfo:
+    """A grid or triangle: its real size, its layout, and the fields that differ between cells."""
+
+    kind: str  # "grid" or "triangle"
+    width: int  # pixels of the whole picture
+    height: int
+    rows: int
+    columns: int
+    # field name (as in `parameters`, e.g. "Denoising strength", "Seed") -> one value per row
+    # (a triangle) or per cell (a grid), in generation order.
+    varying: Mapping[str, Sequence[Any]] = field(default_factory=dict)
+
+    @property
+    def per(self) -> str:
+        return "row" if self.kind == "triangle" else "cell"
+
+
+def _float_text(value: float, digits: int) -> str:
+    return f"{float(value):.{digits}g}"
+
+
+def _value_list(values: Sequence[Any]) -> str:
+    """Numbers separated by spaces (no comma, so every reader keeps them whole); other values as
+    a JSON list."""
+    if all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+           for v in values):
+        return " ".join(_field_value(v) for v in values)
+    return json.dumps([str(v) for v in values], ensure_ascii=False)
+
+
+def generation_parameters(prompt: str, negative_prompt: str = "", *, steps: int, sampler: str,
+                          cfg_scale: float, seed: int, width: int, height: int, model: str,
+                          strength: float | None = None, steps_run: int | None = None,
+                          start_t: float | None = None, frame: FrameInfo | None = None,
+                          composite: CompositeInfo | None = None,
+                          extra: Mapping[str, Any] | None = None) -> str:
+    """The `parameters` text of one picture, in A1111's convention:
+
+    - `steps` is the requested count (an img2img run makes int(steps x strength) of them, as A1111
+      counts); `steps_run` and `start_t` say what this run made (`Steps run`, `Start timestep`).
+    - `sampler` is the display name (`sampler_display_name`); `model` the name (`model_name`).
+    - `width` x `height` is the generated size. For a composite, `Size` is the picture's real size,
+      `Cell size` the generated one, `Cells` the layout, and one `<field> per row` (or `per cell`)
+      key per varying field; the single-valued keys hold the first cell's values, as A1111's grids
+      carry their first picture's.
+    - A frame names itself: `Trajectory step: 5/15, Trajectory t: 200, Trajectory sigma: 0.5701`,
+      what it shows and which decoder drew it.
+    """
+    fields: dict[str, Any] = {}
+    if steps_run is not None:
+        fields["Steps run"] = steps_run
+    if start_t is not None:
+        fields["Start timestep"] = _float_text(start_t, 6)
+    if frame is not None:
+        fields["Trajectory step"] = f"{frame.step}/{frame.count}"
+        fields["Trajectory t"] = _float_text(frame.t, 6)
+        fields["Trajectory sigma"] = _float_text(frame.sigma, 4)
+        fields["Trajectory shows"] = frame.shows
+        fields["Decoder"] = frame.decoder
+    size = (width, height)
+    if composite is not None:
+        size = (composite.width, composite.height)
+        fields["Cell size"] = f"{width}x{height}"
+        fields["Cells"] = f"{composite.kind} {composite.rows} rows x {composite.columns} columns"
+        for name, values in (composite.varying or {}).items():
+            fields[f"{name} per {composite.per}"] = _value_list(list(values))
+    for key, value in (extra or {}).items():
+        if key in fields:
+            raise ValueError(f"parameters key {key!r} is written already")
+        fields[key] = value
+    return parameters_text(prompt, negative_prompt, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
+                           seed=seed, width=size[0], height=size[1], model=model, strength=strength,
+                           extra=fields)
 
 
 def _parse_fields(line: str) -> dict[str, str] | None:
@@ -341,6 +459,88 @@ def parse_parameters_text(text: str) -> dict[str, Any]:
     }
 
 
+# The keys our own `generation_parameters` adds: they describe the picture, nothing to set.
+_OUR_KEYS = {"Steps run", "Start timestep", "Trajectory step", "Trajectory t", "Trajectory sigma",
+             "Trajectory shows", "Decoder", "Cell size", "Cells"}
+_OUR_SUFFIXES = (" per row", " per cell")
+
+
+def _our_sampler(name: str) -> tuple[str | None, str | None]:
+    """An A1111 sampler name ("DPM++ 2M Karras") or one of ours -> (sampler, schedule)."""
+    kinds = {display: kind for kind, display in SAMPLER_NAMES.items() if kind != "euler_ancestral"}
+    if name in SAMPLER_NAMES:
+        return ("euler_a" if name == "euler_ancestral" else name), None
+    if name in kinds:
+        return kinds[name], None
+    for schedule, suffix in SCHEDULE_NAMES.items():
+        base = name.removesuffix(f" {suffix}")
+        if base != name and base in kinds:
+            return kinds[base], schedule
+    return None, None
+
+
+def parse_parameters(text: str) -> tuple[dict[str, Any], list[str]]:
+    """Another tool's `parameters` text (A1111's convention) -> our run's fields, and one warning
+    for each field that cannot be honoured.
+
+    Fields, present only where the text gives them: prompt, negative_prompt, steps (the requested
+    count, as A1111 writes it and as our plans count), sampler and schedule (our names), cfg, seed,
+    width, height, strength, model (as written: a name, not a path). A composite of ours gives its
+    `Cell size` as width and height. Unknown samplers and schedule types, a hires fix (whose
+    `Denoising strength` belongs to its second pass) and every unknown key give a warning each.
+    The same seed does not give the other tool's noise: its generator is not ours.
+    """
+    parsed = parse_parameters_text(text)
+    extra = dict(parsed["extra"])
+    warnings: list[str] = []
+    fields: dict[str, Any] = {"prompt": parsed["prompt"], "negative_prompt": parsed["negative_prompt"]}
+    for ours, theirs in (("steps", "steps"), ("cfg", "cfg_scale"), ("seed", "seed"),
+                         ("width", "width"), ("height", "height"), ("model", "model")):
+        if parsed[theirs] is not None:
+            fields[ours] = parsed[theirs]
+
+    if parsed["sampler"] is not None:
+        sampler, schedule = _our_sampler(parsed["sampler"])
+        if sampler is None:
+            warnings.append(f"Sampler: {parsed['sampler']!r} is not available here (available: "
+                            f"{', '.join(sorted(set(SAMPLER_NAMES.values())))}); the model's default "
+                            "sampler is used")
+        else:
+            fields["sampler"] = sampler
+            if schedule is not None:
+                fields["schedule"] = schedule
+    if "Schedule type" in extra:
+        value = extra.pop("Schedule type")
+        schedules = {display: name for name, display in SCHEDULE_NAMES.items()}
+        if value in schedules:
+            fields["schedule"] = schedules[value]
+        elif value != "Automatic":  # the sampler's own default, which is ours too
+            warnings.append(f"Schedule type: {value!r} is not available here (available: "
+                            f"{', '.join(schedules)}); the sampler's default schedule is used")
+
+    hires = [key for key in extra if key.startswith("Hires")]
+    if parsed["strength"] is not None:
+        if hires:
+            warnings.append(f"Denoising strength: {parsed['strength']:g} belongs to the hires fix "
+                            "pass, which is not available here; not used")
+        else:
+            fields["strength"] = parsed["strength"]
+    if "Cell size" in extra:
+        m = re.fullmatch(r"(\d+)x(\d+)", extra["Cell size"])
+        if m is not None:
+            fields["width"], fields["height"] = int(m.group(1)), int(m.group(2))
+
+    for key, value in extra.items():
+        if key in _OUR_KEYS or key.endswith(_OUR_SUFFIXES):
+            continue
+        if key in hires:
+            warnings.append(f"{key}: {value!r}: the hires fix is not available here; the picture "
+                            "is made at its first-pass size")
+        else:
+            warnings.append(f"{key}: {value!r} is not a setting here; not used")
+    return fields, warnings
+
+
 # ---------------------------------------------------------------------------------------------
 # PNG
 
@@ -405,15 +605,91 @@ def read_png_text(path: str | os.PathLike) -> dict[str, str]:
         raise InputError(f"{path} is not a picture Pillow can read") from None
 
 
+# ---------------------------------------------------------------------------------------------
+# JPEG and WebP: EXIF UserComment and XMP
+
+_EXIF_IFD = 0x8769  # the Exif sub-IFD, where UserComment lives
+_USER_COMMENT = 0x9286
+# UserComment starts with an 8-byte character code; A1111 (through piexif) writes "UNICODE" and
+# UTF-16 big-endian text, which is what the readers decode.
+_UNICODE_PREFIX = b"UNICODE\0"
+_XMP_NS = "urn:sd-trajectory:1"
+_XMP_RECORD = re.compile(r"<sdt:record>(.*?)</sdt:record>", re.S)
+
+
+def exif_bytes(parameters: str) -> bytes:
+    """An EXIF block whose UserComment holds `parameters`, in the form A1111 writes."""
+    exif = Image.Exif()
+    exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = _UNICODE_PREFIX + parameters.encode("utf-16-be")
+    return exif.tobytes()
+
+
+def xmp_bytes(record: Mapping[str, Any]) -> bytes:
+    """An XMP packet holding the JSON record as one property of our own namespace."""
+    body = _xml_escape(to_json(record))
+    return ('<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
+            '<x:xmpmeta xmlns:x="adobe:ns:meta/">'
+            '<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+            f'<rdf:Description rdf:about="" xmlns:sdt="{_XMP_NS}"><sdt:record>{body}</sdt:record>'
+            '</rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end="w"?>').encode("utf-8")
+
+
+def _user_comment(im: Image.Image) -> str | None:
+    raw = im.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+    if not isinstance(raw, bytes) or len(raw) < 8:
+        return None
+    code, text = raw[:8], raw[8:]
+    if code == _UNICODE_PREFIX:
+        return text.decode("utf-16-be", errors="replace")
+    return text.decode("utf-8" if code.startswith(b"\0") else "ascii", errors="replace")
+
+
+def _xmp_record(xmp: bytes | str | None) -> str | None:
+    if not xmp:
+        return None
+    text = xmp.decode("utf-8", errors="replace") if isinstance(xmp, bytes) else xmp
+    m = _XMP_RECORD.search(text)
+    if m is None:
+        return None
+    return m.group(1).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+
+
+def read_picture_metadata(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(parsed `parameters`, the JSON record) of a PNG, JPEG, WebP or GIF picture of ours; an
+    absent part reads as {}."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            if im.format == "PNG":
+                text = dict(im.text)
+                parameters, record = text.get(PARAMETERS_KEY), text.get(TRAJECTORY_KEY)
+            elif im.format in ("JPEG", "WEBP", "GIF"):
+                parameters = _user_comment(im) if im.format != "GIF" else None
+                record = _xmp_record(im.info.get("xmp"))
+                if im.format == "GIF" and im.info.get("comment"):  # our animations' parameters
+                    parameters = im.info["comment"].decode("utf-8", errors="replace")
+            else:
+                raise InputError(f"{path} is a {im.format} file; pictures of ours are PNG, JPEG, WebP "
+                                 "or GIF")
+    except FileNotFoundError:
+        raise InputError(f"{path} does not exist") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{path} is not a picture Pillow can read") from None
+    return _parsed(path, parameters, record)
+
+
+def _parsed(path: Path, parameters: str | None, record: str | None) -> tuple[dict, dict]:
+    fields = parse_parameters_text(parameters) if parameters is not None else {}
+    data = {}
+    if record is not None:
+        try:
+            data = json.loads(record)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path}: the {TRAJECTORY_KEY} record is not valid JSON ({err})") from None
+    return fields, data
+
+
 def read_png_metadata(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
     """(parsed `parameters`, the `sd_trajectory` JSON); an absent chunk reads as {}."""
     text = read_png_text(path)
-    parameters = (parse_parameters_text(text[PARAMETERS_KEY])
-                  if PARAMETERS_KEY in text else {})
-    record = {}
-    if TRAJECTORY_KEY in text:
-        try:
-            record = json.loads(text[TRAJECTORY_KEY])
-        except json.JSONDecodeError as err:
-            raise InputError(f"{path}: the {TRAJECTORY_KEY} chunk is not valid JSON ({err})") from None
-    return parameters, record
+    return _parsed(Path(path), text.get(PARAMETERS_KEY), text.get(TRAJECTORY_KEY))

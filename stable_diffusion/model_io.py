@@ -88,20 +88,16 @@ def hub_timeout() -> float:
         return HUB_TIMEOUT_S
 
 
-def _download(repo_id: str, revision: str | None, variant: str | None) -> Path:
+def _download(repo_id: str, revision: str | None, variant: str | None,
+              patterns: list[str] | None = None) -> Path:
     try:
         from huggingface_hub import HfApi, constants, snapshot_download
         from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError,
                                             RepositoryNotFoundError, RevisionNotFoundError)
     except ImportError as e:  # pragma: no cover - dependency of the package
         raise ModelError(f"huggingface_hub is needed to fetch {repo_id} ({e})") from None
-    patterns = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json",
-                "tokenizer*/vocab.json", "tokenizer*/merges.txt", "tokenizer*/tokenizer_config.json",
-                "tokenizer*/special_tokens_map.json"]
-    for component, stem in WEIGHT_STEMS.items():
-        for s in ([f"{stem}.{variant}", stem] if variant else [stem]):
-            patterns += [f"{component}/{s}.safetensors", f"{component}/{s}.safetensors.index.json",
-                         f"{component}/{s}-*-of-*.safetensors"]
+    if patterns is None:
+        patterns = _pipeline_patterns(variant)
     shown = f"{repo_id}@{revision}" if revision else repo_id
     local_help = (f"download it on a connected machine (hf download {repo_id}"
                   + (f" --revision {revision}" if revision else "")
@@ -157,6 +153,17 @@ def _download(repo_id: str, revision: str | None, variant: str | None) -> Path:
     return Path(folder)
 
 
+def _pipeline_patterns(variant: str | None) -> list[str]:
+    patterns = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json",
+                "tokenizer*/vocab.json", "tokenizer*/merges.txt", "tokenizer*/tokenizer_config.json",
+                "tokenizer*/special_tokens_map.json"]
+    for component, stem in WEIGHT_STEMS.items():
+        for s in ([f"{stem}.{variant}", stem] if variant else [stem]):
+            patterns += [f"{component}/{s}.safetensors", f"{component}/{s}.safetensors.index.json",
+                         f"{component}/{s}-*-of-*.safetensors"]
+    return patterns
+
+
 def _ask_hub(request, timeout: float) -> None:
     """Run `request` with a hard deadline. The hub library retries a timed-out request on its own
     (how often depends on its version), so its timeout alone does not bound the wait; a request
@@ -192,6 +199,40 @@ def _cached_revisions(repo_id: str, cache: str) -> list[str]:
 def _first_line(error: Exception) -> str:
     text = str(error).strip().splitlines()
     return text[0][:200] if text else type(error).__name__
+
+
+# --- the tiny autoencoder (TAESD) for previews -----------------------------------------------------
+
+# The TAESD trained for each family's latents (SD 2.x shares SD 1.x's VAE latent space).
+TAESD_DEFAULTS = {"sd": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl"}
+_TAESD_FILES = ["config.json", "diffusion_pytorch_model.safetensors"]
+
+
+def resolve_tiny_autoencoder(spec: str | None, family: str) -> tuple[Path, dict]:
+    """The folder of an AutoencoderTiny (config.json and safetensors at its top): `spec` is a local
+    folder, a hub id owner/name[@revision], or None for `family`'s default, fetched through the hub
+    cache like a model. Returns the folder and where it came from."""
+    if spec is None:
+        if family not in TAESD_DEFAULTS:
+            raise ModelError(f"no default TAESD for model family {family!r}; pass a TAESD folder")
+        spec = TAESD_DEFAULTS[family]
+    name, revision = parse_model_spec(spec) if spec not in ALIASES else (spec, None)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path, {"model": str(path.resolve()), "revision": None, "source": "folder"}
+    if path.exists() or not _HUB_ID.match(name):
+        raise ModelError(f"TAESD {spec!r} is neither a folder holding an AutoencoderTiny "
+                         "(config.json and diffusion_pytorch_model.safetensors) nor a hub id "
+                         "owner/name[@revision]")
+    try:
+        folder = _download(name, revision, None, patterns=_TAESD_FILES)
+    except ModelError as e:
+        reason = str(e).split("; ")[0]
+        raise ModelError(f"cannot get the TAESD preview decoder: {reason}; fetch it on a connected "
+                         f"machine (hf download {name}), pass a local AutoencoderTiny folder, "
+                         "or use the approximate preview (--preview approx)") from None
+    return folder, {"model": name, "revision": revision or "main", "commit": folder.name,
+                    "source": "hub"}
 
 
 # --- which files hold the weights ----------------------------------------------------------------
@@ -358,6 +399,10 @@ def map_clip_weights(key: str, value: mx.array) -> list:
 
 
 def map_unet_weights(key: str, value: mx.array) -> list:
+    return [(key, _mlx_layout(value))]
+
+
+def map_taesd_weights(key: str, value: mx.array) -> list:
     return [(key, _mlx_layout(value))]
 
 

@@ -15,11 +15,12 @@ import functools
 import math
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from . import metadata
 from .measures import MEASURE_TITLES
 from .metadata import atomic_write
 
@@ -474,15 +475,49 @@ def curve_plot(curves, measures: Sequence[str], marked=None, best=None,
 
 
 # ---------------------------------------------------------------------------------------------
+# Files
+
+OUTPUT_FORMATS = ("png", "webp", "jpeg")
+SUFFIXES = {"png": ".png", "webp": ".webp", "jpeg": ".jpg"}
+
+
+def save_picture(path: str | os.PathLike, image: np.ndarray, output_format: str = "png",
+                 parameters: str | None = None, record: Mapping[str, Any] | None = None,
+                 quality: int = 95) -> Path:
+    """Write a uint8 frame (H, W, 3) as PNG, WebP or JPEG with its metadata, atomically.
+
+    PNG: text chunks (`metadata.save_png`). WebP and JPEG: `parameters` in the EXIF UserComment, as
+    A1111 writes it and the readers look for it, and the JSON record in an XMP packet. WebP is
+    lossy at `quality` (100 = lossless); JPEG at `quality`. The bytes depend only on the input.
+    """
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, not {output_format!r}")
+    if output_format == "png":
+        return metadata.save_png(path, image, metadata.png_text_chunks(parameters, record))
+    picture = Image.fromarray(_frame(image, "save_picture"))
+    options: dict[str, Any] = {"quality": quality}
+    if output_format == "webp" and quality >= 100:
+        options = {"lossless": True}
+    if parameters is not None:
+        options["exif"] = metadata.exif_bytes(parameters)
+    if record is not None:
+        options["xmp"] = metadata.xmp_bytes(record)
+    return atomic_write(path, lambda f: picture.save(f, format=output_format.upper(), **options))
+
+
+# ---------------------------------------------------------------------------------------------
 # Animation
 
 
 def save_animation(path: str | os.PathLike, frames, duration_ms: int | Sequence[int],
-                   fmt: str = "gif", lossless: bool = False, quality: int = 90) -> Path:
+                   fmt: str = "gif", lossless: bool = False, quality: int = 90,
+                   parameters: str | None = None, record: Mapping[str, Any] | None = None) -> Path:
     """Write frames (N, H, W, 3) uint8 as an animated GIF or WebP that loops forever, atomically.
 
     `duration_ms` is per frame (one number or one per frame); GIF stores hundredths of a second.
     GIF encoders, Pillow's included, merge consecutive identical frames into one longer frame.
+    Metadata: WebP as `save_picture` (EXIF UserComment, XMP); a GIF carries `parameters` as its
+    comment and has no place readers know for the record.
     """
     fmt = fmt.lower()
     if fmt not in ("gif", "webp"):
@@ -497,4 +532,10 @@ def save_animation(path: str | os.PathLike, frames, duration_ms: int | Sequence[
     options = {"save_all": True, "append_images": pictures[1:], "duration": duration, "loop": 0}
     if fmt == "webp":
         options.update(lossless=lossless, quality=quality)
+        if parameters is not None:
+            options["exif"] = metadata.exif_bytes(parameters)
+        if record is not None:
+            options["xmp"] = metadata.xmp_bytes(record)
+    elif parameters is not None:
+        options["comment"] = parameters.encode("utf-8")
     return atomic_write(path, lambda f: pictures[0].save(f, format=fmt.upper(), **options))

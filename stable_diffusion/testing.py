@@ -335,6 +335,68 @@ def vae_shapes(config: dict) -> dict:
     return shapes
 
 
+def taesd_config(channels: int = 8, latent_channels: int = 4) -> dict:
+    """A tiny AutoencoderTiny config.json: the published layout (block counts, activation,
+    magnitudes), narrower."""
+    return {
+        "_class_name": "AutoencoderTiny", "_diffusers_version": _DIFFUSERS_VERSION,
+        "in_channels": 3, "out_channels": 3, "latent_channels": latent_channels,
+        "encoder_block_out_channels": [channels] * 4, "decoder_block_out_channels": [channels] * 4,
+        "num_encoder_blocks": [1, 3, 3, 3], "num_decoder_blocks": [3, 3, 3, 1],
+        "act_fn": "relu", "upsample_fn": "nearest", "upsampling_scaling_factor": 2,
+        "latent_magnitude": 3, "latent_shift": 0.5, "scaling_factor": 1.0, "shift_factor": 0.0,
+        "force_upcast": False,
+    }
+
+
+def write_tiny_taesd(folder, seed: int = 0, channels: int = 8, latent_channels: int = 4) -> Path:
+    """Write a tiny random AutoencoderTiny (TAESD) to `folder` as the hub holds one (config.json
+    and diffusion_pytorch_model.safetensors at the top); return the folder."""
+    folder = Path(folder)
+    config = taesd_config(channels, latent_channels)
+    _write_json(folder / "config.json", config)
+    tensors = random_tensors(taesd_shapes(config), seed=zlib.crc32(f"{seed}/taesd".encode()))
+    save_file(tensors, str(folder / "diffusion_pytorch_model.safetensors"))
+    return folder
+
+
+def taesd_shapes(config: dict) -> dict:
+    """Tensor names and shapes of a diffusers AutoencoderTiny state dict (constant widths)."""
+    shapes = {}
+
+    def conv(name, c_in, c_out, bias=True):
+        shapes[f"{name}.weight"] = (c_out, c_in, 3, 3)
+        if bias:
+            shapes[f"{name}.bias"] = (c_out,)
+
+    def blocks(prefix, start, count, c):
+        for k in range(count):
+            for j in (0, 2, 4):  # conv.1 and conv.3 are the activations
+                conv(f"{prefix}.{start + k}.conv.{j}", c, c)
+        return start + count
+
+    enc, dec = config["encoder_block_out_channels"], config["decoder_block_out_channels"]
+    i = 0
+    for stage, count in enumerate(config["num_encoder_blocks"]):
+        if stage == 0:
+            conv(f"encoder.layers.{i}", config["in_channels"], enc[0])
+        else:
+            conv(f"encoder.layers.{i}", enc[stage], enc[stage], bias=False)  # stride 2
+        i = blocks("encoder.layers", i + 1, count, enc[stage])
+    conv(f"encoder.layers.{i}", enc[-1], config["latent_channels"])
+
+    conv("decoder.layers.0", config["latent_channels"], dec[0])
+    i = 2  # decoder.layers.1 is the activation
+    last = len(config["num_decoder_blocks"]) - 1
+    for stage, count in enumerate(config["num_decoder_blocks"]):
+        i = blocks("decoder.layers", i, count, dec[stage])
+        i += stage < last  # the upsampling layer
+        conv(f"decoder.layers.{i}", dec[stage], config["out_channels"] if stage == last else dec[stage],
+             bias=stage == last)
+        i += 1
+    return shapes
+
+
 # --- tokenizer files ------------------------------------------------------------------------------
 
 # A real BPE vocabulary in CLIP's layout, only smaller: the 256 byte symbols, the same with "</w>",

@@ -328,3 +328,244 @@ def test_sidecar_format(tmp_path):
         '}\n')
     assert json.loads(path.read_text(encoding="utf-8"))["seed"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
+
+
+# --- what readers see: sd-parsers on our pictures, every format --------------------------------
+
+import sd_parsers  # noqa: E402
+from sd_parsers.data import Generators  # noqa: E402
+
+from stable_diffusion.metadata import (  # noqa: E402
+    CompositeInfo,
+    FrameInfo,
+    generation_parameters,
+    model_name,
+    parse_parameters,
+    read_picture_metadata,
+    sampler_display_name,
+)
+from stable_diffusion.render import save_animation, save_picture  # noqa: E402
+
+FORMATS = ["png", "webp", "jpeg"]
+# An img2img run: --steps 10 --strength 0.6 makes 6 steps from t = 600.
+RUN = dict(steps=10, sampler=sampler_display_name("euler_a"), cfg_scale=7.5, seed=42, width=64,
+           height=48, strength=0.6, steps_run=6, start_t=600.0)
+RECORD = {"seed": 42, "prompt": "a lit fireplace, <warm> & cosy", "t": [600.0, 500.0]}
+
+
+def sd_parsers_read(path):
+    info = sd_parsers.ParserManager().parse(path)
+    assert info is not None, f"sd-parsers found no parameters in {path}"
+    assert info.generator == Generators.AUTOMATIC1111
+    (sampler,) = info.samplers
+    return info, sampler
+
+
+def check_run_fields(info, sampler, model="tiny-sd2", size="64x48"):
+    """Every field of RUN as sd-parsers reports it (values as text, as it keeps them)."""
+    assert sampler.name == "Euler a"
+    assert sampler.parameters == {"cfg_scale": "7.5", "seed": "42", "steps": "10"}
+    assert sampler.model.name == model
+    assert info.full_prompt == "a lit fireplace, warm light: evening"
+    assert info.full_negative_prompt == "blurry, dark"
+    assert info.metadata["Size"] == size
+    assert info.metadata["Denoising strength"] == "0.6"
+    assert info.metadata["Steps run"] == "6"
+    assert info.metadata["Start timestep"] == "600"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_final_picture_every_field_read_by_sd_parsers(tmp_path, fmt):
+    """Steps is the requested count; the model folder's path has a comma, its name is written."""
+    source = {"model": str(tmp_path / "my, models" / "tiny-sd2"), "revision": None, "source": "folder"}
+    text = generation_parameters("a lit fireplace, warm light: evening", "blurry, dark",
+                                 model=model_name(source), **RUN)
+    path = save_picture(tmp_path / f"final.{fmt}", image(), fmt, text, RECORD)
+    info, sampler = sd_parsers_read(path)
+    check_run_fields(info, sampler)
+    assert set(info.metadata) == {"Size", "Denoising strength", "Steps run", "Start timestep"}
+    fields, record = read_picture_metadata(path)
+    assert record == RECORD
+    assert (fields["steps"], fields["model"], fields["strength"]) == (10, "tiny-sd2", 0.6)
+    assert fields["extra"] == {"Steps run": "6", "Start timestep": "600"}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_frame_names_itself(tmp_path, fmt):
+    frame = FrameInfo(step=5, count=6, t=200.0, sigma=0.5701234, shows="x0_pred", decoder="taesd")
+    text = generation_parameters("a lit fireplace, warm light: evening", "blurry, dark",
+                                 model="tiny-sd2", frame=frame, **RUN)
+    path = save_picture(tmp_path / f"frame.{fmt}", image(), fmt, text, dict(RECORD, frame=5))
+    info, sampler = sd_parsers_read(path)
+    check_run_fields(info, sampler)
+    assert {k: v for k, v in info.metadata.items() if k.startswith(("Trajectory", "Decoder"))} == {
+        "Trajectory step": "5/6", "Trajectory t": "200", "Trajectory sigma": "0.5701",
+        "Trajectory shows": "x0_pred", "Decoder": "taesd"}
+    assert read_picture_metadata(path)[1]["frame"] == 5
+
+
+def test_a_triangle_states_its_size_and_the_strength_of_each_row(tmp_path):
+    strengths = [0.1, 0.2, 0.3, 0.5, 1.0]
+    triangle = CompositeInfo("triangle", width=337, height=262, rows=5, columns=11,
+                             varying={"Denoising strength": strengths})
+    run = dict(RUN, strength=0.1, steps_run=1, start_t=100.0)
+    text = generation_parameters("a lit fireplace, warm light: evening", "blurry, dark",
+                                 model="tiny-sd2", composite=triangle, **run)
+    path = save_picture(tmp_path / "triangle.png", image(), "png", text, RECORD)
+    info, sampler = sd_parsers_read(path)
+    assert sampler.parameters == {"cfg_scale": "7.5", "seed": "42", "steps": "10"}
+    assert info.metadata["Size"] == "337x262"
+    assert info.metadata["Cell size"] == "64x48"
+    assert info.metadata["Cells"] == "triangle 5 rows x 11 columns"
+    assert info.metadata["Denoising strength per row"] == "0.1 0.2 0.3 0.5 1.0"
+    assert info.metadata["Denoising strength"] == "0.1"  # the first row's, as A1111's grids do
+    fields, warnings = parse_parameters(read_png_text(path)[PARAMETERS_KEY])
+    assert (fields["width"], fields["height"]) == (64, 48) and warnings == []
+
+
+def test_a_grid_states_its_size_and_the_seed_of_each_cell(tmp_path):
+    grid = CompositeInfo("grid", width=128, height=96, rows=2, columns=2,
+                         varying={"Seed": [42, 43, 44, 45]})
+    text = generation_parameters("a lit fireplace, warm light: evening", "blurry, dark",
+                                 model="tiny-sd2", composite=grid, **RUN)
+    info, sampler = sd_parsers_read(save_picture(tmp_path / "grid.jpg", image(), "jpeg", text))
+    assert sampler.parameters["seed"] == "42"
+    assert (info.metadata["Size"], info.metadata["Cell size"]) == ("128x96", "64x48")
+    assert info.metadata["Cells"] == "grid 2 rows x 2 columns"
+    assert info.metadata["Seed per cell"] == "42 43 44 45"
+
+
+def test_a_model_name_with_a_comma_is_quoted_as_a1111_quotes_it(tmp_path):
+    """A1111 JSON-quotes it; sd-parsers splits at every comma, so it keeps the name's first part,
+    but every other field still reads right. Our reader (and A1111's) gets the whole name."""
+    name = model_name({"model": str(tmp_path / "models" / "dream, v2.safetensors"), "source": "file"})
+    assert name == "dream, v2"
+    text = generation_parameters("a lit fireplace, warm light: evening", "blurry, dark", model=name,
+                                 **RUN)
+    assert 'Model: "dream, v2",' in text
+    info, sampler = sd_parsers_read(save_picture(tmp_path / "m.png", image(), "png", text))
+    check_run_fields(info, sampler, model='"dream')
+    assert parse_parameters(text)[0]["model"] == "dream, v2"
+
+
+def test_model_names():
+    assert model_name({"model": "stabilityai/sdxl-turbo", "revision": "main", "source": "hub"}) == \
+        "stabilityai/sdxl-turbo"
+    assert model_name({"model": "owner/name", "revision": "v2", "source": "hub"}) == "owner/name@v2"
+    assert model_name({"model": "/a/b,c/sd-2-1", "source": "folder"}) == "sd-2-1"
+    assert model_name({"model": "/ckpt/v1-5.safetensors", "source": "file"}) == "v1-5"
+
+
+def test_values_are_quoted_where_a1111_quotes_them():
+    text = generation_parameters("p", model="m", extra={
+        "Plain": 'say "hi"', "Comma": "a, b", "Colon": "a: b", "Line": "a\nb", "Empty": "",
+        "Lead": '"quoted"', "Space": " x"}, **RUN)
+    last = text.split("\n")[-1]
+    assert 'Plain: say "hi", Comma: "a, b", Colon: "a: b", Line: "a\\nb", Empty: , ' in last
+    assert last.endswith('Lead: "\\"quoted\\"", Space: " x"')
+    assert parse_parameters_text(text)["extra"] == {
+        "Steps run": "6", "Start timestep": "600", "Plain": 'say "hi"', "Comma": "a, b",
+        "Colon": "a: b", "Line": "a\nb", "Empty": "", "Lead": '"quoted"', "Space": " x"}
+
+
+def test_sampler_display_names():
+    assert sampler_display_name("dpmpp_2m", "karras") == "DPM++ 2M Karras"
+    assert sampler_display_name("euler_ancestral") == "Euler a"
+    assert sampler_display_name("ddim", "linear") == "DDIM"
+    with pytest.raises(ValueError, match="no display name for sampler 'unipc'"):
+        sampler_display_name("unipc")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_picture_files_are_deterministic_and_atomic(tmp_path, fmt):
+    text = generation_parameters("p", model="m", **RUN)
+    a = save_picture(tmp_path / f"a.{fmt}", image(), fmt, text, RECORD)
+    b = save_picture(tmp_path / f"b.{fmt}", image(), fmt, text, RECORD)
+    assert a.read_bytes() == b.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"a.{fmt}", f"b.{fmt}"]
+    with Image.open(a) as im:
+        assert im.format == {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}[fmt]
+        assert im.size == (5, 6)
+
+
+def test_lossless_webp_keeps_the_pixels(tmp_path):
+    path = save_picture(tmp_path / "l.webp", image(), "webp", quality=100)
+    with Image.open(path) as im:
+        assert np.array_equal(np.asarray(im.convert("RGB")), image())
+    with pytest.raises(ValueError, match="output format must be one of png, webp, jpeg"):
+        save_picture(tmp_path / "x.tif", image(), "tiff")
+
+
+@pytest.mark.parametrize("fmt", ["webp", "gif"])
+def test_animations_carry_the_parameters(tmp_path, fmt):
+    text = generation_parameters("a lit fireplace, warm light: evening", "blurry, dark",
+                                 model="tiny-sd2", **RUN)
+    frames = [image(), image()[::-1].copy()]
+    path = save_animation(tmp_path / f"a.{fmt}", frames, 100, fmt=fmt, parameters=text, record=RECORD)
+    fields, record = read_picture_metadata(path)
+    assert (fields["prompt"], fields["steps"], fields["seed"]) == (
+        "a lit fireplace, warm light: evening", 10, 42)
+    assert record == (RECORD if fmt == "webp" else {})
+    if fmt == "webp":
+        check_run_fields(*sd_parsers_read(path))
+
+
+# --- another tool's parameters -> our fields ------------------------------------------------------
+
+A1111_HIRES = (
+    "masterpiece, a cat (sitting:1.2)\nNegative prompt: lowres, bad hands\n"
+    "Steps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1234, "
+    "Size: 512x768, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Denoising strength: 0.45, "
+    'Clip skip: 2, Hires upscale: 2, Hires steps: 15, Hires upscaler: Latent, '
+    'Lora hashes: "add_detail: 7c6bad76eb54", Version: v1.10.1')
+
+
+def test_parse_maps_an_a1111_text_and_warns_once_per_field_it_cannot_honour():
+    fields, warnings = parse_parameters(A1111_HIRES)
+    assert fields == {"prompt": "masterpiece, a cat (sitting:1.2)",
+                      "negative_prompt": "lowres, bad hands", "steps": 30, "sampler": "dpmpp_2m",
+                      "schedule": "karras", "cfg": 7.0, "seed": 1234, "width": 512, "height": 768,
+                      "model": "v1-5-pruned-emaonly"}
+    assert len(warnings) == 8
+    for key in ("Denoising strength", "Model hash", "Clip skip", "Hires upscale", "Hires steps",
+                "Hires upscaler", "Lora hashes", "Version"):
+        assert sum(w.startswith(f"{key}:") for w in warnings) == 1, key
+    assert "hires fix" in next(w for w in warnings if w.startswith("Denoising strength"))
+
+
+def test_parse_an_img2img_text_with_old_style_sampler_names():
+    text = ("a cat\nSteps: 20, Sampler: DPM++ 2M SDE Exponential, CFG scale: 5.5, Seed: 7, "
+            "Size: 768x512, Denoising strength: 0.6")
+    fields, warnings = parse_parameters(text)
+    assert warnings == []
+    assert fields == {"prompt": "a cat", "negative_prompt": "", "steps": 20,
+                      "sampler": "dpmpp_2m_sde", "schedule": "exponential", "cfg": 5.5, "seed": 7,
+                      "width": 768, "height": 512, "strength": 0.6}
+
+
+@pytest.mark.parametrize("sampler,schedule,expected,warned", [
+    ("Euler a", None, {"sampler": "euler_a"}, []),
+    ("LMS Karras", None, {"sampler": "lms", "schedule": "karras"}, []),
+    ("Euler", "Automatic", {"sampler": "euler"}, []),
+    ("UniPC", None, {}, ["Sampler"]),
+    ("Euler", "Align Your Steps", {"sampler": "euler"}, ["Schedule type"]),
+])
+def test_parse_sampler_names(sampler, schedule, expected, warned):
+    text = f"p\nSteps: 20, Sampler: {sampler}, CFG scale: 7, Seed: 1"
+    if schedule:
+        text += f", Schedule type: {schedule}"
+    fields, warnings = parse_parameters(text)
+    assert {k: fields[k] for k in ("sampler", "schedule") if k in fields} == expected
+    assert [w.split(":")[0] for w in warnings] == warned
+
+
+def test_parse_our_own_frame_text_gives_no_warnings():
+    text = generation_parameters("a, b", "c", sampler=sampler_display_name("dpmpp_2m", "karras"),
+                                 model="tiny-sd2",
+                                 frame=FrameInfo(2, 6, 400.0, 1.2), **{k: v for k, v in RUN.items()
+                                                                        if k != "sampler"})
+    fields, warnings = parse_parameters(text)
+    assert warnings == []
+    assert fields == {"prompt": "a, b", "negative_prompt": "c", "steps": 10, "sampler": "dpmpp_2m",
+                      "schedule": "karras", "cfg": 7.5, "seed": 42, "width": 64, "height": 48,
+                      "model": "tiny-sd2", "strength": 0.6}
