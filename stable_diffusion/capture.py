@@ -86,13 +86,14 @@ class Frame:
     keep: Callable | None = None  # receives the saved picture (uint8, after the grid)
 
 
-def make_decoder(sd, preview: str, batch_size: int) -> Callable:
-    """latents (B, h, w, C) -> pictures (B, H, W, 3) float in [0, 1], decoded by `preview`."""
+def make_decoder(sd, preview: str, batch_size: int, taesd=None) -> Callable:
+    """latents (B, h, w, C) -> pictures (B, H, W, 3) float in [0, 1], decoded by `preview` (for
+    "taesd", by the loaded `taesd` decoder)."""
 
-    def vae(latents):
+    def vae(latents, decode=sd.decode):
         out = []
         for i in range(0, latents.shape[0], batch_size):
-            decoded = sd.decode(latents[i:i + batch_size])
+            decoded = decode(latents[i:i + batch_size])
             mx.eval(decoded)
             out.append(np.array(decoded.astype(mx.float32)))
         pictures = np.concatenate(out)
@@ -105,17 +106,21 @@ def make_decoder(sd, preview: str, batch_size: int) -> Callable:
     def approx(latents):
         return render.approx_decode(np.array(latents.astype(mx.float32)), sd.family, sd.downscale)
 
+    if preview == "taesd":
+        return lambda latents: vae(latents, taesd.decode)
     return {"vae": vae, "approx": approx}[preview]
 
 
 @dataclass
 class FrameWriter:
-    """Decodes queued frames in batches and saves them; `chunks(info)` gives each PNG's text."""
+    """Decodes queued frames in batches and saves them in `format`; `chunks(info, (H, W))` gives
+    each picture's metadata: (the `parameters` text, the JSON record), or (None, None)."""
 
     decode: Callable
     batch_size: int
     ledger: Ledger
     chunks: Callable
+    format: str = "png"
     n_rows: int = 1
     pending: list = field(default_factory=list)
 
@@ -145,9 +150,9 @@ class FrameWriter:
         return render.grid(render.to_uint8(pictures), self.n_rows)
 
     def save(self, path: Path, picture: np.ndarray, info: dict) -> None:
-        chunks = self.chunks(info)
+        parameters, record = self.chunks(info, picture.shape[:2])
         with interrupts_deferred(), self.ledger.writing(dict(info, file=path.name)):
-            metadata.save_png(path, picture, chunks)
+            render.save_picture(path, picture, self.format, parameters, record)
 
     def save_animation(self, path: Path, frames: list, fmt: str) -> None:
         h = max(f.shape[0] for f in frames)
@@ -158,8 +163,9 @@ class FrameWriter:
             c[:f.shape[0], :f.shape[1]] = f
             canvas.append(c)
         entry = {"file": path.name, "kind": "animation", "frames": len(canvas)}
+        parameters, record = self.chunks(entry, (h, w))
         with interrupts_deferred(), self.ledger.writing(entry):
-            render.save_animation(path, canvas, 150, fmt=fmt)
+            render.save_animation(path, canvas, 150, fmt=fmt, parameters=parameters, record=record)
 
 
 def shown_latents(step, shows: str) -> list:

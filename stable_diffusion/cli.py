@@ -21,7 +21,8 @@ from pathlib import Path
 from .console import Console
 from .errors import InputError, NumericalError, OutputError
 from .spec import (ALIGNS, ANIMATION_FORMATS, DEFAULT_TRIANGLE_STRENGTHS, DTYPES, NOISING_PATHS,
-                   PREVIEWS, SNAPSHOT_KINDS, Capture, Inversion, ModelSpec, RunSpec, SpecError)
+                   PICTURE_SUFFIXES, PREVIEWS, SNAPSHOT_KINDS, Capture, Inversion, ModelSpec, RunSpec,
+                   SpecError)
 
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
               "0": False, "false": False, "no": False, "off": False}
@@ -100,8 +101,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                    help="read all weights into memory before the first step")
 
     c = p.add_argument_group("what to save")
-    c.add_argument("--output", "-o", default="out.png", help="final picture; every other file is "
-                   "named after it (default out.png)")
+    c.add_argument("--output", "-o", help="final picture; every other file is "
+                   "named after it (default out.png, or the --output_format suffix)")
     c.add_argument("-sd", "--show_denoising", type=_positive_int, metavar="N",
                    help="save a snapshot every N steps (plus the start and the final)")
     c.add_argument("--snapshot", choices=SNAPSHOT_KINDS, default="xt",
@@ -135,8 +136,13 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                        help="steps: rows left-aligned step by step (default); time: each cell in the "
                             "column of its t, so that columns are noise levels")
     c.add_argument("--preview", choices=PREVIEWS, default="vae",
-                   help="decode frames with the VAE (default) or a cheap linear approximation; the "
-                        "final picture is always decoded by the VAE")
+                   help="decode frames with the VAE (default), a cheap linear approximation, or TAESD "
+                        "(a tiny learned decoder); the final picture is always decoded by the VAE")
+    c.add_argument("--taesd", metavar="MODEL", help="the TAESD of --preview taesd: a diffusers "
+                   "AutoencoderTiny folder or hub id (default madebyollin/taesd, or taesdxl for SDXL)")
+    c.add_argument("--output_format", "--output-format", choices=tuple(PICTURE_SUFFIXES),
+                   help="png (default), webp or jpeg for every picture; the metadata goes in EXIF and "
+                        "XMP for webp and jpeg (default: from the --output suffix)")
     c.add_argument("--animate", nargs="?", const="gif", choices=ANIMATION_FORMATS,
                    help="an animation of the saved frames (noising, then denoising)")
     c.add_argument("--curve", action="store_true",
@@ -149,6 +155,10 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     c.add_argument("-sp", "--save_prompt", nargs="?", const=True, default=True, type=_flag,
                    metavar="1", help="write the prompt and parameters into every PNG (default on; "
                    "-sp 0 leaves them out)")
+
+    p.add_argument("--replay", metavar="PICTURE", help="make a picture of ours again from its metadata "
+                   "(flags given as well override its values), or map another tool's `parameters` "
+                   "onto ours (image2image then takes the input picture first)")
 
     o = p.add_argument_group("output on the terminal")
     o.add_argument("-pp", "--print_parser", nargs="?", const=True, default=False, type=_flag,
@@ -174,7 +184,7 @@ FLAGS = {"strength": "--strength", "triangle_strengths": "--triangle_strengths",
          "low_top": "--triangle_low_top", "output": "--output", "size": "--size",
          "sampler": "--sampler", "schedule": "--schedule", "align": "--triangle_align",
          "keep_best": "--keep_best", "inversion_cfg": "--inversion_cfg",
-         "inversion_refine": "--inversion_refine"}
+         "inversion_refine": "--inversion_refine", "format": "--output_format", "taesd": "--taesd"}
 
 
 def _size(text: str | None):
@@ -197,10 +207,15 @@ def build_specs(command: str, args) -> tuple:
         strengths = args.triangle_strengths or DEFAULT_TRIANGLE_STRENGTHS
     else:
         strengths = (args.strength,) if img2img else (1.0,)
+    output = Path(args.output or f"out{PICTURE_SUFFIXES[args.output_format or 'png'][0]}")
+    fmt = args.output_format
+    if fmt is None:  # from the output name; a name of no picture format is refused as png
+        fmt = next((f for f, suffixes in PICTURE_SUFFIXES.items() if output.suffix.lower() in suffixes), "png")
     capture = Capture(
         every=args.show_denoising, last=args.save_last_N, shows=args.snapshot,
         noising_every=getattr(args, "show_noising", None),
-        noising_path=getattr(args, "noising_path", "shared"), preview=args.preview,
+        noising_path=getattr(args, "noising_path", "shared"), preview=args.preview, taesd=args.taesd,
+        format=fmt,
         animate=args.animate, decode_batch=args.decoding_batch_size, save_prompt=args.save_prompt,
         labels=getattr(args, "labels", False), low_top=getattr(args, "triangle_low_top", False),
         align=getattr(args, "triangle_align", "steps"), curve=args.curve, keep_best=args.keep_best)
@@ -212,7 +227,7 @@ def build_specs(command: str, args) -> tuple:
     elif any(v is not None for v in given.values()):
         raise SpecError("noising_path", "--inversion_* settings go with {flag} inversion; add it")
     spec = RunSpec(
-        prompt=args.prompt, output=Path(args.output), image=Path(args.image) if img2img else None,
+        prompt=args.prompt, output=output, image=Path(args.image) if img2img else None,
         negative_prompt=args.negative_prompt, strengths=tuple(strengths), triangle=triangle,
         steps=args.steps, cfg=args.cfg, seed=args.seed, sampler=args.sampler, schedule=args.schedule,
         n_images=args.n_images, n_rows=args.n_rows,
@@ -244,7 +259,8 @@ def replay_argv(spec: RunSpec, model_arg: str, model: ModelSpec) -> list:
             ("--n_rows", spec.n_rows, 1), ("--dtype", model.dtype, None),
             ("-sd", c.every, None), ("--save_last_N", c.last, None), ("--snapshot", c.shows, "xt"),
             ("--show_noising", c.noising_every, None), ("--noising_path", c.noising_path, "shared"),
-            ("--preview", c.preview, "vae"), ("--animate", c.animate, None),
+            ("--preview", c.preview, "vae"), ("--taesd", c.taesd, None),
+            ("--output_format", c.format, "png"), ("--animate", c.animate, None),
             ("--decoding_batch_size", c.decode_batch, 4), ("--triangle_align", c.align, "steps"),
             ("-sp", "0" if not c.save_prompt else None, None)):
         if value != default:
@@ -255,10 +271,78 @@ def replay_argv(spec: RunSpec, model_arg: str, model: ModelSpec) -> list:
                      ("--keep_best", c.keep_best)):
         if on:
             argv.append(flag)
-    positional = [os.fsdecode(spec.image), spec.prompt] if spec.img2img else [spec.prompt]
+    positional = [os.path.abspath(spec.image), spec.prompt] if spec.img2img else [spec.prompt]
     if any(p.startswith("-") for p in positional):  # argparse would read it as a flag
         return argv + ["--"] + positional
     return positional + argv
+
+
+def replay_arguments(command: str, argv: list) -> tuple[list, list]:
+    """argv with `--replay PICTURE` expanded into the arguments that picture records, followed by
+    the rest of argv (which therefore overrides them), and notes to show."""
+    for i, arg in enumerate(argv):
+        if arg == "--replay" or arg.startswith("--replay="):
+            break
+    else:
+        return argv, []
+    if arg == "--replay":
+        if i + 1 >= len(argv):
+            raise InputError("--replay needs a picture: --replay out.png")
+        path, rest = argv[i + 1], argv[:i] + argv[i + 2:]
+    else:
+        path, rest = arg.split("=", 1)[1], argv[:i] + argv[i + 1:]
+    from . import metadata
+
+    text, record_text = metadata.read_picture_texts(path)
+    record = metadata.read_picture_metadata(path)[1] if record_text is not None else {}
+    if "replay" in record:
+        if record.get("command") != command:
+            raise InputError(f"{path} was made by {record.get('command')}; replay it with "
+                             f"{record.get('command')}.py")
+        return list(record["replay"]) + rest, [_replay_sameness(path, record)]
+    if text is None:
+        raise InputError(f"{path} carries no parameters to replay (no `parameters` text, no record "
+                         "of ours)")
+    fields, warnings = metadata.parse_parameters(text)
+    notes = [f"replay of {path}: {w}" for w in warnings]
+    flags = []
+    for key, flag in (("negative_prompt", "--negative_prompt"), ("steps", "--steps"),
+                      ("sampler", "--sampler"), ("schedule", "--schedule"), ("cfg", "--cfg"),
+                      ("seed", "--seed")):
+        if key in fields and fields[key] not in (None, ""):
+            flags.append(f"{flag}={fields[key]}")
+    if "model" in fields:
+        notes.append(f"replay of {path}: Model {fields['model']!r} names another tool's checkpoint; "
+                     "pass --model to choose ours")
+    if command == "txt2image":
+        if "width" in fields and "height" in fields:
+            flags.append(f"--size={fields['height']}x{fields['width']}")
+        positional, rest_positional = [fields["prompt"]], rest
+    else:
+        if "strength" in fields:
+            flags.append(f"--strength={fields['strength']}")
+        if not rest or rest[0].startswith("-"):
+            raise InputError(f"{path} records no input picture: give it first, "
+                             f"image2image.py INPUT --replay {path}")
+        positional, rest_positional = [rest[0], fields["prompt"]], rest[1:]
+    if any(p.startswith("-") for p in positional):
+        return flags + rest_positional + ["--"] + positional, notes
+    return positional + flags + rest_positional, notes
+
+
+def _replay_sameness(path: str, record: dict) -> str:
+    """Whether a replay can give the same bytes: same package versions and device."""
+    import mlx.core as mx
+
+    from .run import versions
+
+    then = dict(record.get("versions") or {}, device=record.get("device"))
+    now = dict(versions(), device=str(mx.default_device()))
+    differ = [f"{k} {then.get(k)} -> {now[k]}" for k in now if then.get(k) != now[k]]
+    if not differ:
+        return (f"replay of {path}: same package versions and device as when it was made: the "
+                "pictures should be byte-identical")
+    return f"replay of {path}: made with other versions or device ({'; '.join(differ)}): pictures may differ"
 
 
 class Terminated(KeyboardInterrupt):
@@ -285,6 +369,10 @@ def main(command: str, argv=None) -> int:
             previous[signum] = signal.signal(signum, _terminate)
     console = Console(quiet="--quiet" in argv, verbose=verbose)
     try:
+        typed = argv
+        argv, notes = replay_arguments(command, argv)
+        for line in notes:
+            console.notice(line)
         args = build_parser(command).parse_args(argv)
         console = Console(args.quiet, args.verbose)
         if args.print_parser:
@@ -301,7 +389,7 @@ def main(command: str, argv=None) -> int:
             picture = load_image(spec.image, multiple=64)
             for line in picture.notices:
                 console.notice(line)
-        result = Session(model).run(spec, console, argv, functools.partial(replay_argv, model=model), picture)
+        result = Session(model).run(spec, console, typed, functools.partial(replay_argv, model=model), picture)
         if result.status == "interrupted":
             console.error(f"interrupted: kept {len(result.files)} file(s), see {result.sidecar}")
             return 128 + result.signum

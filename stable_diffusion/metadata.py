@@ -657,6 +657,11 @@ def _xmp_record(xmp: bytes | str | None) -> str | None:
 def read_picture_metadata(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
     """(parsed `parameters`, the JSON record) of a PNG, JPEG, WebP or GIF picture of ours; an
     absent part reads as {}."""
+    return _parsed(Path(path), *read_picture_texts(path))
+
+
+def read_picture_texts(path: str | os.PathLike) -> tuple[str | None, str | None]:
+    """The raw `parameters` text and JSON record text of a picture, None where absent."""
     path = Path(path)
     try:
         with Image.open(path) as im:
@@ -675,7 +680,9 @@ def read_picture_metadata(path: str | os.PathLike) -> tuple[dict[str, Any], dict
         raise InputError(f"{path} does not exist") from None
     except UnidentifiedImageError:
         raise InputError(f"{path} is not a picture Pillow can read") from None
-    return _parsed(path, parameters, record)
+    except OSError as err:
+        raise InputError(f"cannot read {path}: {err.strerror or err}") from None
+    return parameters, record
 
 
 def _parsed(path: Path, parameters: str | None, record: str | None) -> tuple[dict, dict]:

@@ -79,6 +79,12 @@ class Run:
             blas = preload_blas()
             self.blas = f"{blas.name}, {blas.threads} thread(s)" + ("" if blas.in_time else " (not in time)")
             console.detail(f"BLAS: {self.blas}; device {mx.default_device()}; dtype {self.session.dtype_name}")
+            self.taesd = None
+            if spec.capture.preview == "taesd":  # small, and may fail: before the model's weights
+                from .taesd import load_preview
+
+                family = "sdxl" if self.session.config.is_xl else "sd"
+                self.taesd = load_preview(spec.capture.taesd, family, self.session.dtype)
             self.sd = self.session.load()
             self.record = self._record()
             # The run's own facts (the arguments as typed, the process) only in the sidecar: a
@@ -167,19 +173,39 @@ class Run:
                                "size": list(self.picture.size)}
         return record
 
-    def _chunks(self, info: dict) -> dict:
-        spec = self.plan.spec
+    def _chunks(self, info: dict, size: tuple) -> tuple:
+        """(`parameters`, JSON record) of a picture of `size` (H, W) that `info` describes."""
+        spec, plan = self.plan.spec, self.plan
         if not spec.capture.save_prompt:
-            return {}
-        plan = self.plan.top.plan
-        h, w = self.plan.image_size
-        parameters = metadata.parameters_text(
-            spec.prompt, spec.negative_prompt, steps=plan.steps, sampler=self.plan.sampler_name,
+            return None, None
+        kind = info.get("kind")
+        row = next((r for r in plan.rows if r.strength == info.get("strength")), plan.top)
+        frame = composite = None
+        extra = {}
+        if kind in ("step", "best"):
+            shows = {"xt": "x_t", "x0": "x0_pred", "both": "x_t and x0_pred"}[info["shows"]]
+            decoder = "vae" if kind == "best" else spec.capture.preview
+            t, sigma = info["t"], info["sigma"]
+            if shows == "x0_pred" and "x0_t" in info:  # the estimate's own time
+                t, sigma = info["x0_t"], info["x0_sigma"]
+            frame = metadata.FrameInfo(info["step"], info["count"], t, sigma, shows, decoder)
+        elif kind == "noise":
+            extra = {"Noising path": info["path"], "Noising t": f"{info['t']:g}"}
+        if kind == "triangle":
+            composite = metadata.CompositeInfo(
+                "triangle", size[1], size[0], len(plan.rows), max(len(r.kept) for r in plan.rows),
+                {"Denoising strength": [r.strength for r in plan.rows]})
+        elif spec.n_images > 1 and kind in ("step", "final", "best"):
+            composite = metadata.CompositeInfo("grid", size[1], size[0], spec.n_rows,
+                                               spec.n_images // spec.n_rows)
+        h, w = plan.image_size
+        parameters = metadata.generation_parameters(
+            spec.prompt, spec.negative_prompt, steps=row.plan.num_steps, sampler=plan.sampler_name,
             cfg_scale=spec.cfg, seed=spec.seed, width=w, height=h,
-            model=self.session.source["model_arg"], strength=plan.strength if spec.img2img else None,
-            extra={"Start time": plan.start_time, "Total steps": plan.num_steps})
-        record = dict(self.record, frame=info)
-        return metadata.png_text_chunks(parameters, record)
+            model=metadata.model_name(self.session.source),
+            strength=row.strength if spec.img2img else None, steps_run=row.plan.steps,
+            start_t=row.plan.start_time, frame=frame, composite=composite, extra=extra)
+        return parameters, dict(self.record, frame=info)
 
     # --- generation ---------------------------------------------------------------------------------
 
@@ -188,8 +214,8 @@ class Run:
         spec, sd, session, plan = self.plan.spec, self.sd, self.session, self.plan
         c = spec.capture
         self.keys = seed_keys(spec.seed)
-        self.writer = FrameWriter(make_decoder(sd, c.preview, c.decode_batch), c.decode_batch,
-                                  self.ledger, self._chunks, spec.n_rows)
+        self.writer = FrameWriter(make_decoder(sd, c.preview, c.decode_batch, self.taesd), c.decode_batch,
+                                  self.ledger, self._chunks, c.format, spec.n_rows)
         self.curves = Curves(plan.rows, c.last)
         h, w = plan.image_size
         shape = (spec.n_images, h // sd.downscale, w // sd.downscale, sd.latent_channels)
@@ -319,7 +345,8 @@ class Run:
             if c.keep_best:
                 estimate = self.curves.estimates[best["step"]]
                 self.writer.save(names.best(), self.writer.grid(vae(estimate)),
-                                 dict(best, kind="best", shows="x0", strength=row.strength))
+                                 dict(best, kind="best", shows="x0", count=row.plan.steps,
+                                      strength=row.strength))
         if c.curve:
             self.writer.save(names.curve(), self.curves.plot([row.kept]), {"kind": "curve"})
         if animation:

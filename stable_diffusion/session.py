@@ -89,6 +89,10 @@ class Session:
         self._conditions: dict = {}
         self.timings: dict = {}
 
+    @property
+    def dtype(self):
+        return DTYPES[self.dtype_name]
+
     def open(self) -> None:
         """Resolve the model and read its configs and tokenizers: no weights."""
         if self.config is not None:
@@ -189,7 +193,7 @@ class Session:
         from .pipeline import StableDiffusion
 
         start = time.perf_counter()
-        sd = StableDiffusion.from_folder(self.folder, self.config, DTYPES[self.dtype_name],
+        sd = StableDiffusion.from_folder(self.folder, self.config, self.dtype,
                                          self.variant, self.source)
         if self.model_spec.quantize:
             for module in [sd.unet, *sd.text_encoders]:

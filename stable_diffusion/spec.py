@@ -17,7 +17,9 @@ from .errors import InputError
 SNAPSHOT_KINDS = ("xt", "x0", "both")
 NOISING_PATHS = ("shared", "independent", "markov", "inversion")
 ALIGNS = ("steps", "time")
-PREVIEWS = ("vae", "approx")
+PREVIEWS = ("vae", "approx", "taesd")
+# Picture formats, and the file suffixes each may have (the first is the one written).
+PICTURE_SUFFIXES = {"png": (".png",), "webp": (".webp",), "jpeg": (".jpg", ".jpeg")}
 ANIMATION_FORMATS = ("gif", "webp")
 DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_TRIANGLE_STRENGTHS = tuple(round(0.1 * k, 1) for k in range(1, 11))
@@ -49,6 +51,8 @@ class Capture:
     noising_every: int | None = None  # the forward path, a frame every N timesteps
     noising_path: str = "shared"
     preview: str = "vae"  # the decoder of frames; the final picture is always the VAE's
+    taesd: str | None = None  # the TAESD folder or hub id (None: the family's default)
+    format: str = "png"  # of every picture; the output name's suffix says it too
     animate: str | None = None  # gif or webp
     decode_batch: int = 4
     save_prompt: bool = True
@@ -165,8 +169,12 @@ class RunSpec:
         if c.keep_best and (c.last is None or spec.triangle):
             raise SpecError("keep_best", "{flag} picks the best of the last N steps of a single run: "
                                          "add --save_last_N N (and leave out -gt)")
-        if spec.output.suffix.lower() != ".png":
-            raise SpecError("output", f"{{flag}} {spec.output} must end in .png")
+        _check_choice("format", c.format, tuple(PICTURE_SUFFIXES))
+        if spec.output.suffix.lower() not in PICTURE_SUFFIXES[c.format]:
+            raise SpecError("output", f"{{flag}} {spec.output} must end in "
+                                      f"{' or '.join(PICTURE_SUFFIXES[c.format])} for {c.format} pictures")
+        if c.taesd is not None and c.preview != "taesd":
+            raise SpecError("taesd", "{flag} names the decoder of --preview taesd; add that")
         if spec.size is not None:
             h, w = spec.size
             if h < 64 or w < 64 or h % 64 or w % 64 or h * w > 2048 * 2048:

@@ -69,8 +69,9 @@ class FileNames:
     def width(self) -> int:
         return max(3, len(str(self.steps)))
 
-    def _named(self, what: str, suffix: str = ".png") -> Path:
-        return self.stem.parent / f"{self.stem.name}.{what}{suffix}"
+    def _named(self, what: str, suffix: str | None = None) -> Path:
+        """Pictures take the output's suffix (its format); other files name theirs."""
+        return self.stem.parent / f"{self.stem.name}.{what}{self.output.suffix if suffix is None else suffix}"
 
     def step(self, index: int) -> Path:
         return self._named(f"step-{index:0{self.width}d}")

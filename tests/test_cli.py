@@ -65,7 +65,9 @@ def test_same_seed_gives_identical_bytes_and_metadata_reproduces(tmp_path, pictu
     assert a.read_bytes() == b.read_bytes()
     parameters, record = read_png_metadata(a)
     assert parameters["seed"] == 0 and parameters["cfg_scale"] == 0 and parameters["strength"] == 0.75
-    assert parameters["prompt"] == "a lit fireplace, 4k" and parameters["steps"] == 3
+    # Steps is the requested count, as readers expect; the steps run are a key of their own.
+    assert parameters["prompt"] == "a lit fireplace, 4k" and parameters["steps"] == 4
+    assert parameters["extra"]["Steps run"] == "3" and parameters["extra"]["Start timestep"] == "750"
     assert record["seed"] == 0 and record["cfg"] == 0 and record["plans"][0]["start_time"] == 750
     # The JSON chunk alone is enough to make the same picture again.
     c = tmp_path / "c.png"

@@ -161,7 +161,8 @@ def test_picture_notices_reach_stderr(tmp_path, sd2):
     # No --steps: the model's default (50, from its configs), x 0.9 strength.
     (["-sd", 60], ["-sd 60 is more than the 45 steps"]),
     (["-gt", "--steps", 10, "-sd", 11], ["-sd 11 is more than the 10 steps"]),
-    (["--output", "o.jpg"], ["must end in .png"]),
+    (["--output", "o.txt"], ["must end in .png"]),
+    (["--output", "o.png", "--output_format", "jpeg"], ["must end in .jpg or .jpeg for jpeg pictures"]),
 ])
 def test_bad_arguments_fail_before_the_weights_load(capsys, tmp_path, picture, unloadable, extra, words):
     out = tmp_path / "out" / "o.png"

@@ -1,0 +1,141 @@
+"""Frames through the real command: the TAESD preview, what readers (sd-parsers) see in our final
+pictures, frames, grids and triangles, picture formats, and --replay."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sd_parsers
+from PIL import Image, PngImagePlugin
+
+from stable_diffusion.metadata import read_picture_metadata
+from stable_diffusion.testing import write_tiny_taesd
+
+import commands
+
+
+def run(*args, check=True, script="image2image.py"):
+    return commands.run(script, *args, check=check)
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("input") / "input.png"
+    yy, xx = np.mgrid[0:64, 0:64]
+    Image.fromarray(np.stack([xx * 4, yy * 4, (xx + yy) * 2], axis=-1).astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sd2(tiny_model):
+    return tiny_model("sd2")
+
+
+def sidecar(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def read(path):
+    info = sd_parsers.ParserManager().parse(path)
+    assert info is not None, path
+    (sampler,) = info.samplers
+    return info, sampler
+
+
+def test_taesd_preview_draws_frames_and_the_vae_the_final(tmp_path, picture, sd2):
+    taesd = write_tiny_taesd(tmp_path / "taesd")
+    common = [picture, "a barn", "--model", sd2, "--steps", 4, "--strength", 1, "-sd", 2, "--seed", 0]
+    run(*common, "--preview", "taesd", "--taesd", taesd, "--output", tmp_path / "t" / "o.png")
+    run(*common, "--output", tmp_path / "v" / "o.png")
+    run(*common[:-4], "--seed", 0, "--output", tmp_path / "plain" / "o.png")
+    # The final picture is always the VAE's, decoded alone (as a run without snapshots does).
+    final_t, final_plain = (np.array(Image.open(tmp_path / d / "o.png")) for d in ("t", "plain"))
+    assert np.array_equal(final_t, final_plain)
+    frame_t, frame_v = (np.array(Image.open(tmp_path / d / "o.step-002.png")) for d in "tv")
+    assert frame_t.shape == frame_v.shape and not np.array_equal(frame_t, frame_v)
+    info, _ = read(tmp_path / "t" / "o.step-002.png")
+    assert info.metadata["Decoder"] == "taesd" and info.metadata["Trajectory step"] == "2/4"
+    assert read(tmp_path / "t" / "o.png")[0].metadata.get("Decoder") is None
+
+
+def test_taesd_preview_offline_without_a_cache_fails_before_loading(tmp_path, picture, sd2):
+    env = dict(__import__("os").environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    result = commands.run("image2image.py", picture, "x", "--model", sd2, "--preview", "taesd",
+                          "--output", tmp_path / "o" / "o.png", env=env)
+    assert result.returncode == 2 and "--preview approx" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_readers_see_every_field_of_our_final_frames_and_triangle(tmp_path, picture, sd2):
+    run(picture, "a barn, at dusk", "--model", sd2, "--steps", 10, "--strength", 0.6, "--cfg", 2,
+        "--negative_prompt", "blurry", "-sd", 3, "--seed", 7, "--output", tmp_path / "r.png")
+    info, sampler = read(tmp_path / "r.png")
+    assert info.full_prompt == "a barn, at dusk" and info.full_negative_prompt == "blurry"
+    assert sampler.name == "Euler" and sampler.parameters == {"cfg_scale": "2.0", "seed": "7", "steps": "10"}
+    assert info.metadata["Denoising strength"] == "0.6" and info.metadata["Size"] == "64x64"
+    assert info.metadata["Steps run"] == "6" and info.metadata["Start timestep"] == "600"
+    frame, _ = read(tmp_path / "r.step-003.png")
+    assert frame.metadata["Trajectory step"] == "3/6" and frame.metadata["Trajectory t"] == "300"
+    assert read_picture_metadata(tmp_path / "r.step-003.png")[1]["frame"]["step"] == 3
+    run(picture, "a barn", "--model", sd2, "--steps", 4, "-gt", "--triangle_strengths", "0.5,1",
+        "--seed", 7, "--output", tmp_path / "t.png")
+    tri, _ = read(tmp_path / "t.png")
+    w, h = Image.open(tmp_path / "t.png").size
+    assert tri.metadata["Size"] == f"{w}x{h}" and tri.metadata["Cell size"] == "64x64"
+    assert tri.metadata["Denoising strength per row"] == "0.5 1.0"
+    run(picture, "x", "--model", sd2, "--steps", 2, "--n_images", 2, "--seed", 1,
+        "--output", tmp_path / "g.png")
+    grid, _ = read(tmp_path / "g.png")
+    assert grid.metadata["Size"] == "128x64" and grid.metadata["Cells"] == "grid 1 rows x 2 columns"
+
+
+@pytest.mark.parametrize("fmt, suffix", [("webp", ".webp"), ("jpeg", ".jpg")])
+def test_output_formats_carry_the_metadata(tmp_path, picture, sd2, fmt, suffix):
+    run(picture, "a barn", "--model", sd2, "--steps", 4, "-sd", 2, "--seed", 1, "--output_format", fmt,
+        "--output", tmp_path / f"o{suffix}")
+    names = {f["file"] for f in sidecar(tmp_path / "o.json")["files"]}
+    assert names == {f"o{suffix}", f"o.step-000{suffix}", f"o.step-002{suffix}", f"o.step-003{suffix}"}
+    info, sampler = read(tmp_path / f"o{suffix}")
+    assert sampler.parameters["seed"] == "1" and Image.open(tmp_path / f"o{suffix}").format == fmt.upper()
+    assert read_picture_metadata(tmp_path / f"o{suffix}")[1]["seed"] == 1
+
+
+def test_replay_of_our_picture_is_byte_identical_and_takes_overrides(tmp_path, picture, sd2):
+    run(picture, "a barn", "--model", sd2, "--steps", 4, "--strength", 0.75, "--cfg", 3,
+        "--sampler", "dpmpp_2m", "--schedule", "karras", "-sd", 2, "--seed", 11,
+        "--output", tmp_path / "a.png")
+    result = run("--replay", tmp_path / "a.png", "--output", tmp_path / "b.png")
+    assert "byte-identical" in result.stderr
+    for name in ("png", "step-002.png"):
+        assert (tmp_path / f"a.{name}").read_bytes() == (tmp_path / f"b.{name}").read_bytes()
+    run("--replay", tmp_path / "a.png", "--seed", 5, "--output", tmp_path / "c.png")
+    assert sidecar(tmp_path / "c.json")["seed"] == 5
+    assert (tmp_path / "c.png").read_bytes() != (tmp_path / "a.png").read_bytes()
+    wrong = run("--replay", tmp_path / "a.png", check=False, script="txt2image.py")
+    assert wrong.returncode == 2 and "image2image" in wrong.stderr
+
+
+def test_replay_of_another_tools_picture_maps_every_field(tmp_path, picture, sd2):
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a castle, at night\nNegative prompt: fog\nSteps: 8, Sampler: DPM++ 2M, "
+                  "Schedule type: Karras, CFG scale: 4.5, Seed: 1234, Size: 64x64, Model: v1-5, "
+                  "Denoising strength: 0.5, Clip skip: 2, Hires upscale: 2")
+    Image.new("RGB", (64, 64)).save(tmp_path / "other.png", pnginfo=info)
+    result = run(picture, "--replay", tmp_path / "other.png", "--model", sd2,
+                 "--output", tmp_path / "o.png")
+    record = sidecar(tmp_path / "o.json")
+    assert (record["prompt"], record["negative_prompt"], record["num_steps"], record["sampler"],
+            record["schedule"], record["cfg"], record["seed"]) == (
+        "a castle, at night", "fog", 8, "dpmpp_2m", "karras", 4.5, 1234)
+    # With a hires fix, the denoising strength is its second pass's: not ours, the default stays.
+    assert record["plans"][0]["strength"] == 0.9
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note: replay of")]
+    assert len(notes) == 4, notes  # Clip skip, Hires upscale, its strength, and the model's name
+    for words in ("Clip skip", "Hires upscale", "Denoising strength", "Model 'v1-5'"):
+        assert sum(words in n for n in notes) == 1, words
+    run(picture, "--replay", tmp_path / "other.png", "--model", sd2, "--strength", 0.5,
+        "--output", tmp_path / "s.png")
+    assert sidecar(tmp_path / "s.json")["plans"][0]["strength"] == 0.5
+    missing = run("--replay", tmp_path / "other.png", "--model", sd2, check=False)
+    assert missing.returncode == 2 and "input picture" in missing.stderr
