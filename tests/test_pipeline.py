@@ -135,3 +135,30 @@ def test_default_sampler_comes_from_the_folder(tiny_model):
     assert _load(tiny_model("sdxl")).default_sampler == ("euler_a", "linear", None)
     with pytest.raises(ValueError, match="unknown sampler"):
         _load(tiny_model("sd1")).generate_latents("a cat", sampler="plms")
+
+
+def test_inversion_round_trip_beats_add_noise_and_refinement_helps(tiny_model):
+    """Strength 0.6, 50 steps, cfg 1: DDIM-invert the picture's latent up to the start, denoise
+    back with DDIM, and compare with the input latent. Measured here (max abs, PSNR over the
+    latent's range): add_noise 9.4 (-13 dB), inversion 0.62 (14 dB), 1 refinement 0.078 (30 dB),
+    3 refinements 0.0090 (45 dB)."""
+    from stable_diffusion.sampler import SAMPLERS, invert
+
+    sd = _load(tiny_model("sd1"))
+    picture = np.clip(np.random.default_rng(7).uniform(-1, 1, (64, 64, 3)), -1, 1).astype(np.float32)
+    x0 = sd.encode(picture[None])
+    cond = sd.condition("a lit fireplace", "", False, 1, (64, 64))
+    p = sd.sampler.plan(0.6, 50, "linear", "ddim")
+
+    def round_trip(x_start) -> float:
+        *_, last = SAMPLERS["ddim"](sd.denoiser(cond, 1.0), x_start, p)
+        return float(np.abs(np.array(last.x_t) - np.array(x0)).max())
+
+    noised = round_trip(sd.sampler.add_noise(x0, p.start_time, sd.initial_noise(x0.shape, 0)))
+    errors = []
+    for refine in (0, 3):
+        denoise = sd.denoiser(cond, 1.0)
+        path = list(invert(denoise, x0, p, refine=refine))
+        assert [s.t for s in path] == list(p.times[::-1][1:]) and denoise.calls == 30 * (1 + refine)
+        errors.append(round_trip(path[-1].x_t))
+    assert errors[0] < noised / 10 and errors[1] < errors[0] / 10
