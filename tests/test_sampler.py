@@ -229,12 +229,13 @@ def _synthetic_model(shape, seed=0):
     return f
 
 
-def _run_ours(s: NoiseSchedule, p: Plan, sampler: str, x_start: np.ndarray, f, noises=None):
+def _run_ours(s: NoiseSchedule, p: Plan, sampler: str, x_start: np.ndarray, f, noises=None, **kw):
     def denoise(x, t, sigma):
         out = mx.array(f(np.array(x), s.network_time(t)))
         return s.denoised(x, out, sigma)
 
-    kw = {"noise": noises} if noises is not None else {}
+    if noises is not None:
+        kw["noise"] = noises
     return list(SAMPLERS[sampler](denoise, mx.array(x_start), p, **kw))
 
 
@@ -270,6 +271,27 @@ def test_sampler_steps_match_the_scheduler(sampler, schedule, prediction, refere
         for step, expected in zip(ours, ref):
             parity(f"sampler/{sampler}-{schedule}/{prediction}", to_ref(np.array(step.x_t), step.sigma),
                    expected, 2e-5)
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_ddim_with_eta_matches_the_scheduler(eta, reference, parity):
+    """DDIM's stochastic steps against DDIMScheduler.step(eta=...) with the same variance noise."""
+    module = reference("scheduler")
+    config = _config("trailing")
+    s = _ours(config)
+    shape = (1, 8, 8, 4)
+    f = _synthetic_model(shape)
+    rng = np.random.default_rng(6)
+    p = s.plan(0.8, 5, "diffusers", "ddim")
+    noises = [rng.standard_normal(shape).astype(np.float32) for _ in range(p.steps)]
+    x_start = rng.standard_normal(shape).astype(np.float32)
+    ours = _run_ours(s, p, "ddim", x_start, f, noises, eta=eta)
+    ref = module.reference_steps(config, "ddim", "diffusers", 5, 0.8, x_start, lambda i, x, t: f(x, t),
+                                 noises, eta=eta)
+    assert len(ours) == len(ref) == 4
+    for step, expected in zip(ours, ref):
+        parity(f"sampler/ddim-eta{eta:g}/epsilon", step.x_t, expected, 2e-5)
 
 
 @pytest.mark.reference

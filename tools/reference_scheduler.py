@@ -147,10 +147,11 @@ def reference_run(folder: Path, family: str, sampler: str, schedule: str, mode: 
 
 
 def reference_steps(config, sampler: str, schedule: str, num_steps: int, strength: float,
-                    x_start: np.ndarray, model_outputs, noises) -> list:
+                    x_start: np.ndarray, model_outputs, noises, **options) -> list:
     """Step a diffusers scheduler alone over its img2img timesteps. `model_outputs(i, model_in, t)`
     gives the network output for the scaled input; `noises[i]` is the noise step i injects (or
-    None). Returns the sample after each step, in the scheduler's own form."""
+    None); `options` go to `step` (DDIM's eta). Returns the sample after each step, in the
+    scheduler's own form."""
     from diffusers.schedulers import scheduling_euler_ancestral_discrete as ancestral
 
     s = make_scheduler(config, sampler, schedule)
@@ -167,8 +168,8 @@ def reference_steps(config, sampler: str, schedule: str, num_steps: int, strengt
             model_in = s.scale_model_input(sample, t)
             output = torch.from_numpy(model_outputs(i, model_in.numpy(), float(t)))
             noise = None if noises is None else torch.from_numpy(noises[i])
-            kwargs = {}
-            if sampler == "dpmpp_2m_sde":
+            kwargs = dict(options)
+            if sampler in ("dpmpp_2m_sde", "ddim") and noise is not None:
                 kwargs["variance_noise"] = noise
             elif sampler == "euler_a":
                 # EulerAncestral takes no noise argument: its module-level draw returns ours.
