@@ -43,10 +43,12 @@ def _segments(plan: Plan):
 
 
 def _noises(key, plan: Plan, noise):
-    """Per-step noise source: the given list, or one key per step split from `key`."""
+    """Per-step noise source: the given list, or one key per step split from `key` (MLX's global
+    generator without one)."""
     if noise is not None:
         return lambda i, x: mx.array(noise[i]).astype(x.dtype)
-    key = mx.random.key(0) if key is None else key
+    if key is None:
+        return lambda i, x: mx.random.normal(x.shape, dtype=x.dtype)
     keys = mx.random.split(key, max(plan.steps, 2))
     return lambda i, x: mx.random.normal(x.shape, dtype=x.dtype, key=keys[i])
 

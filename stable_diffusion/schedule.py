@@ -84,10 +84,10 @@ class Plan:
 def _steps_for(strength: float, num_steps: int) -> tuple[int, int]:
     """(steps run, N): int(N * s), with N raised to ceil(1 / s) when that would be 0."""
     if not 0.0 < strength <= 1.0:
-        raise InputError(f"strength {strength:g} is outside (0, 1]; pass --strength between 0 and 1, "
-                         "e.g. 0.6")
+        raise InputError(f"strength {strength:g} is outside (0, 1]; use a value above 0 and at most "
+                         "1, e.g. 0.6")
     if num_steps < 1:
-        raise InputError(f"steps {num_steps} is less than 1; pass --steps 1 or more")
+        raise InputError(f"steps {num_steps} is less than 1; use 1 or more")
     steps = int(num_steps * strength)
     if steps == 0:
         num_steps = math.ceil(1.0 / strength)
