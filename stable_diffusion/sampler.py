@@ -1,318 +1,28 @@
-"""Noise schedule, forward noising, time schedules and the sampler functions: pure math.
+"""The sampler functions, the default sampler of a model folder, and DDIM inversion: pure math.
 
-Time convention. Time t counts forward noising steps, as in DDPM (Ho et al. 2020): t = 0 is the
-clean latent and t = T (1000) the end of the forward chain; sigma(0) = 0 and sigma(k) is the noise
-level of training timestep k - 1, so the network is conditioned on t - 1 (the 0-based index that
-diffusers uses). Between integers, sigma is interpolated linearly, as diffusers does for its
-fractional timesteps.
-
-Latents are kept in the variance-preserving form x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
-= (x0 + sigma_t eps) / sqrt(1 + sigma_t^2), which is also what the network takes as input. The
-samplers are functions over a denoiser `denoise(x_t, t, sigma) -> (x0_hat, eps_hat)`, in the shape
-of k-diffusion's `sample_*`: each keeps its history as local state and yields a `Step` per step.
+Samplers are functions over a denoiser `denoise(x_t, t, sigma) -> (x0_hat, eps_hat)`, in the shape
+of k-diffusion's `sample_*`: each walks a `Plan` (schedule.py), keeps its history as local state
+and yields a `Step` per step. Latents are in the variance-preserving form of schedule.py; the
+samplers written for the variance-exploding form (Euler, Heun, LMS) convert at each step.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator
 
 import mlx.core as mx
 import numpy as np
 
-from .config import SchedulerConfig
-from .errors import InputError
+# The noise schedule and plans, re-exported: `from .sampler import Plan, Step, ...` keeps working.
+from .schedule import (NOISING_PATHS, SCHEDULES, NoiseSchedule, Plan, Step, _vp_scale, plan,
+                       seed_keys)
 
-NOISING_PATHS = ("shared", "independent", "markov")
-SCHEDULES = ("linear", "diffusers", "karras", "exponential")
-
-
-class Step(NamedTuple):
-    """One point of a trajectory.
-
-    index 0 is the start (the noised input, or pure noise), with no denoised estimate; index k
-    (1..count) is the latent after the k-th step, at time t with noise level sigma. x0_pred is the
-    denoised estimate that step was taken from, made at time t_pred and noise level sigma_pred
-    (the t and sigma of the previous step's latent).
-    """
-
-    index: int
-    count: int
-    t: float
-    sigma: float
-    x_t: mx.array  # (B, h, w, C), variance-preserving form
-    x0_pred: mx.array | None  # (B, h, w, C)
-    t_pred: float | None = None
-    sigma_pred: float | None = None
-
+__all__ = ["NOISING_PATHS", "SCHEDULES", "SAMPLERS", "NoiseSchedule", "Plan", "Step", "plan",
+           "seed_keys", "display_name", "default_sampler", "invert", "sample_euler", "sample_euler_a",
+           "sample_heun", "sample_ddim", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_lms"]
 
 Denoise = Callable[[mx.array, float, float], tuple]
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What a strength, a step count and a schedule mean: where the run starts, what it visits."""
-
-    strength: float
-    requested_steps: int
-    steps: int  # steps actually run, int(N * s) unless N had to be raised
-    num_steps: int  # N after raising it so that at least one step runs
-    start_time: float
-    times: tuple  # steps + 1 times from start_time down; the network sees t - 1
-    sigmas: tuple = ()  # steps + 1 noise levels; the last is where the run ends (0 but for DDIM)
-    schedule: str = "linear"
-    # A text-to-image run starts from init_scale * eps (variance-preserving form): diffusers'
-    # init_noise_sigma, which for some schedulers is not the noise level of the first time.
-    init_scale: float = 1.0
-    # The noise levels diffusers' img2img truncation dropped before the start; only its LMS reads
-    # them (its first coefficients are integrated over them, see sample_lms).
-    lead_sigmas: tuple = ()
-
-    def describe(self) -> str:
-        line = (f"strength {self.strength:.2f} x {self.num_steps} steps -> start "
-                f"t={self.start_time:g}, {self.steps} step{'s' if self.steps != 1 else ''}")
-        if self.num_steps != self.requested_steps:
-            line += (f" ({self.requested_steps} steps x strength {self.strength:g} would run none; "
-                     f"raised to {self.num_steps})")
-        return line
-
-
-def _steps_for(strength: float, num_steps: int) -> tuple[int, int]:
-    """(steps run, N): int(N * s), with N raised to ceil(1 / s) when that would be 0."""
-    if not 0.0 < strength <= 1.0:
-        raise InputError(f"strength {strength:g} is outside (0, 1]; pass --strength between 0 and 1, "
-                         "e.g. 0.6")
-    if num_steps < 1:
-        raise InputError(f"steps {num_steps} is less than 1; pass --steps 1 or more")
-    steps = int(num_steps * strength)
-    if steps == 0:
-        num_steps = math.ceil(1.0 / strength)
-        steps = max(1, int(num_steps * strength))
-    return steps, num_steps
-
-
-def plan(strength: float, num_steps: int, noise_schedule: "NoiseSchedule | int" = 1000,
-         schedule: str = "linear", sampler: str = "euler") -> Plan:
-    """The plan of a run; see `NoiseSchedule.plan`.
-
-    Given only the number of training steps T (an int), the linear times without their sigmas.
-    """
-    if isinstance(noise_schedule, NoiseSchedule):
-        return noise_schedule.plan(strength, num_steps, schedule, sampler)
-    if schedule != "linear":
-        raise ValueError("a schedule other than linear needs the noise schedule, not only T")
-    steps, n_total = _steps_for(strength, num_steps)
-    start = strength * noise_schedule
-    times = tuple(float(t) for t in np.linspace(start, 0.0, steps + 1))
-    return Plan(strength, num_steps, steps, n_total, start, times)
-
-
-def _vp_scale(sigma: float) -> float:
-    """sqrt(abar) of a noise level: 1 / sqrt(1 + sigma^2)."""
-    return 1.0 / math.sqrt(1.0 + sigma * sigma)
-
-
-class NoiseSchedule:
-    """Betas, cumulative alphas and sigmas of a scheduler config; add_noise, plans, forward paths.
-
-    Tables are float64 numpy arrays indexed by our time t (entry 0 is the clean latent).
-    """
-
-    def __init__(self, config: SchedulerConfig):
-        T = config.num_train_timesteps
-        if config.beta_schedule == "scaled_linear":
-            betas = np.linspace(config.beta_start ** 0.5, config.beta_end ** 0.5, T) ** 2
-        else:
-            betas = np.linspace(config.beta_start, config.beta_end, T)
-        self.config = config
-        self.T = T
-        self.betas = betas  # betas[k] takes training step k - 1 to k, i.e. our t = k to t = k + 1
-        self.alphas_cumprod = np.concatenate([[1.0], np.cumprod(1.0 - betas)])
-        self.sigmas = np.sqrt((1.0 - self.alphas_cumprod) / self.alphas_cumprod)
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return self.T
-
-    def sigma(self, t: float) -> float:
-        return float(np.interp(t, np.arange(self.T + 1), self.sigmas))
-
-    def time_of(self, sigma) -> np.ndarray:
-        """The time of a noise level, interpolating log sigma between integer times (diffusers'
-        `_sigma_to_t`, in our time), clipped to [1, T]."""
-        log_sigma = np.log(np.maximum(np.asarray(sigma, dtype=np.float64), 1e-10))
-        return np.interp(log_sigma, np.log(self.sigmas[1:]), np.arange(1, self.T + 1, dtype=np.float64))
-
-    @staticmethod
-    def network_time(t: float) -> float:
-        """The timestep the network is conditioned on at time t (diffusers' 0-based index)."""
-        return t - 1.0
-
-    def add_noise(self, x0: mx.array, t: float, noise: mx.array | None = None, key=None,
-                  sigma: float | None = None) -> mx.array:
-        """Jump from the clean latent to time t (or to the noise level `sigma`) in one step (DDPM
-        eq. 4)."""
-        if noise is None:
-            noise = mx.random.normal(x0.shape, dtype=x0.dtype, key=key)
-        sigma = self.sigma(t) if sigma is None else sigma
-        c = _vp_scale(sigma)
-        return (c * x0 + (c * sigma) * noise).astype(x0.dtype)
-
-    def denoised(self, x_t: mx.array, model_output: mx.array, sigma: float) -> tuple[mx.array, mx.array]:
-        """(x0_hat, eps_hat) from the network output at noise level sigma."""
-        c, s = _vp_scale(sigma), sigma * _vp_scale(sigma)  # sqrt(abar), sqrt(1 - abar)
-        if self.config.prediction_type == "v_prediction":
-            return c * x_t - s * model_output, s * x_t + c * model_output
-        return (x_t - s * model_output) / c, model_output
-
-    # --- plans ---------------------------------------------------------------------------------
-
-    def plan(self, strength: float, num_steps: int, schedule: str = "linear",
-             sampler: str = "euler") -> Plan:
-        """Where a run of `num_steps` steps for strength 1 starts at `strength`, and what it visits.
-
-        `linear`: start at t = s * T and run int(N * s) evenly spaced steps down to t = 0 (when
-        int(N * s) is 0, N is raised to ceil(1 / s) so that one step runs). `diffusers`: the times
-        and sigmas of the diffusers scheduler class the sampler follows, built from this config
-        (spacing, steps_offset, DDIM's final alpha), truncated for img2img as diffusers' pipelines
-        do. `karras` and `exponential`: the same with diffusers' use_karras_sigmas or
-        use_exponential_sigmas; the times are then the ones the network is conditioned on, and the
-        sigmas the exact levels.
-        """
-        if schedule not in SCHEDULES:
-            raise InputError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if sampler not in SAMPLERS:
-            raise InputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        steps, n_total = _steps_for(strength, num_steps)
-        if schedule == "linear":
-            start = strength * self.T
-            times = tuple(float(t) for t in np.linspace(start, 0.0, steps + 1))
-            sigmas = tuple(self.sigma(t) for t in times)
-            s_top = self.sigmas[self.T]
-            return Plan(strength, num_steps, steps, n_total, start, times, sigmas, schedule,
-                        init_scale=float(s_top * _vp_scale(s_top)))
-        full_times, full_sigmas, init_scale = self._diffusers_schedule(n_total, schedule, sampler)
-        skip = n_total - steps  # diffusers' get_timesteps: t_start = N - int(N * s)
-        times = tuple(float(t) for t in full_times[skip:])
-        sigmas = tuple(float(s) for s in full_sigmas[skip:])
-        lead = tuple(float(s) for s in full_sigmas[:skip])
-        return Plan(strength, num_steps, steps, n_total, times[0], times, sigmas, schedule,
-                    init_scale=init_scale, lead_sigmas=lead)
-
-    def _diffusers_schedule(self, n: int, schedule: str, sampler: str):
-        """(times, sigmas, init_scale) of the full n-step schedule of the sampler's diffusers class:
-        n + 1 entries, in our time (diffusers' timestep + 1)."""
-        family = _DIFFUSERS_FAMILY[sampler]
-        c, T = self.config, self.T
-        spacing = c.timestep_spacing
-        if spacing not in ("linspace", "leading", "trailing"):
-            raise InputError(f"timestep_spacing {spacing!r} is not one of linspace, leading, trailing")
-        # 1. diffusers' timesteps (0-based) for the spacing
-        if family == "dpm":  # spaced over n + 1 points, the last one dropped
-            if spacing == "linspace":
-                ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
-            elif spacing == "leading":
-                ts = (np.arange(n + 1) * (T // (n + 1)))[::-1][:-1] + c.steps_offset
-            else:
-                ts = np.arange(T, 0, -T / n).round() - 1
-        else:
-            if spacing == "linspace":
-                ts = np.linspace(0, T - 1, n, dtype=np.float32)[::-1]
-                ts = ts.round() if family == "ddim" else ts
-            elif spacing == "leading":
-                ts = (np.arange(n) * (T // n))[::-1] + c.steps_offset
-            else:
-                ts = np.arange(T, 0, -T / n).round() - 1
-        ts = np.asarray(ts, dtype=np.float32).astype(np.float64)
-        times = ts + 1.0
-        sigmas = np.array([self.sigma(t) for t in times])
-        # 2. Karras or exponential levels, mapped back to the times the network sees
-        if schedule in ("karras", "exponential"):
-            if family == "dpm":  # over the whole table
-                lo, hi = self.sigmas[1], self.sigmas[T]
-            else:  # over the spaced levels
-                lo, hi = sigmas[-1], sigmas[0]
-            if schedule == "karras":
-                rho = 7.0
-                ramp = np.linspace(0, 1, n)
-                sigmas = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
-            else:
-                sigmas = np.exp(np.linspace(math.log(hi), math.log(lo), n))
-            ts = self.time_of(sigmas) - 1.0
-            if family == "dpm":  # DPM-Solver keeps integer timesteps: karras rounds, others truncate
-                ts = ts.round() if schedule == "karras" else np.floor(ts)
-            else:
-                ts = ts.astype(np.float32).astype(np.float64)
-            times = ts + 1.0
-        # 3. where the last step lands
-        if family == "ddim":
-            end = ts[-1] - T // n
-            if end >= 0:
-                end_time, end_sigma = end + 1.0, self.sigma(end + 1.0)
-            else:
-                end_time, end_sigma = (0.0, 0.0) if c.set_alpha_to_one else (1.0, self.sigma(1.0))
-        else:
-            end_time, end_sigma = 0.0, 0.0
-        times = np.concatenate([times, [end_time]])
-        sigmas = np.concatenate([sigmas.astype(np.float32), [end_sigma]]).astype(np.float64)
-        # 4. the start of text to image: diffusers' init_noise_sigma, in our form
-        init_scale = 1.0
-        if family == "k" and spacing in ("linspace", "trailing"):
-            init_scale = float(sigmas[0] * _vp_scale(sigmas[0]))
-        return times, sigmas, init_scale
-
-    # --- forward paths -------------------------------------------------------------------------
-
-    def noising_path(self, x0: mx.array, times, kind: str = "shared", key=None,
-                     noise: mx.array | None = None) -> Iterator[Step]:
-        """Yield a Step (index k, count len(times), no estimate) along a forward path from x0.
-
-        `shared`: one eps for every t (the triangle's start points lie on it); `independent`: a
-        fresh eps per t; `markov`: the chain x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps_t, run
-        through every integer t (so integer times only, in increasing order). All three have the
-        marginals of add_noise at integer times.
-        """
-        if kind not in NOISING_PATHS:
-            raise InputError(f"unknown noising path {kind!r}; choose one of {', '.join(NOISING_PATHS)}")
-        times = [float(t) for t in times]
-        n = len(times)
-        if key is None:
-            key = mx.random.key(0)
-        if kind == "shared":
-            eps = noise if noise is not None else mx.random.normal(x0.shape, dtype=x0.dtype, key=key)
-            for k, t in enumerate(times):
-                yield Step(k, n, t, self.sigma(t), self.add_noise(x0, t, eps), None)
-        elif kind == "independent":
-            for k, (t, sub) in enumerate(zip(times, mx.random.split(key, max(n, 2)))):
-                yield Step(k, n, t, self.sigma(t), self.add_noise(x0, t, key=sub), None)
-        else:
-            if any(t != int(t) for t in times):
-                raise InputError("the markov noising path visits integer times only")
-            x, current = x0, 0
-            wanted = sorted(set(int(t) for t in times))
-            for k, target in enumerate(wanted):
-                while current < target:
-                    key, sub = mx.random.split(key)
-                    beta = float(self.betas[current])
-                    eps = mx.random.normal(x0.shape, dtype=x0.dtype, key=sub)
-                    x = (math.sqrt(1.0 - beta) * x + math.sqrt(beta) * eps).astype(x0.dtype)
-                    current += 1
-                yield Step(k, len(wanted), float(target), self.sigma(target), x, None)
-
-
-# --- keys ----------------------------------------------------------------------------------------
-
-def seed_keys(seed: int) -> dict:
-    """One independent key per purpose, derived from the seed.
-
-    The first two are the halves of the seed's key, as they have always been (so that a seed gives
-    the pictures it gave before); the others come from a third branch of the seed's key.
-    """
-    root = mx.random.key(seed)
-    initial, steps = mx.random.split(root)
-    path, inversion = mx.random.split(mx.random.split(root, 3)[2])
-    return {"initial_noise": initial, "sampler": steps, "noising_path": path, "inversion": inversion}
 
 
 # --- samplers ------------------------------------------------------------------------------------
@@ -333,10 +43,12 @@ def _segments(plan: Plan):
 
 
 def _noises(key, plan: Plan, noise):
-    """Per-step noise source: the given list, or one key per step split from `key`."""
+    """Per-step noise source: the given list, or one key per step split from `key` (MLX's global
+    generator without one)."""
     if noise is not None:
         return lambda i, x: mx.array(noise[i]).astype(x.dtype)
-    key = mx.random.key(0) if key is None else key
+    if key is None:
+        return lambda i, x: mx.random.normal(x.shape, dtype=x.dtype)
     keys = mx.random.split(key, max(plan.steps, 2))
     return lambda i, x: mx.random.normal(x.shape, dtype=x.dtype, key=keys[i])
 
@@ -474,11 +186,6 @@ SAMPLERS: dict = {
     "euler": sample_euler, "euler_a": sample_euler_a, "ddim": sample_ddim, "heun": sample_heun,
     "dpmpp_2m": sample_dpmpp_2m, "dpmpp_2m_sde": sample_dpmpp_2m_sde, "lms": sample_lms,
 }
-
-# Which diffusers scheduler family a sampler's `diffusers` schedule follows: "k" the discrete
-# Euler/Heun/LMS schedulers, "ddim", "dpm" DPMSolverMultistep.
-_DIFFUSERS_FAMILY = {"euler": "k", "euler_a": "k", "heun": "k", "lms": "k", "ddim": "ddim",
-                     "dpmpp_2m": "dpm", "dpmpp_2m_sde": "dpm"}
 
 _DISPLAY = {"euler": "Euler", "euler_a": "Euler a", "ddim": "DDIM", "heun": "Heun",
             "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE", "lms": "LMS"}

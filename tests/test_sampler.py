@@ -152,3 +152,278 @@ def test_markov_path_matches_the_closed_form_marginals():
         # mean 0 and variance 1 - abar, within 5 standard errors of the sample statistics
         assert abs(residual.mean()) < 5 * math.sqrt((1 - abar) / n)
         assert abs(residual.var() / (1 - abar) - 1) < 5 * math.sqrt(2 / n)
+
+
+# --- schedules, samplers and inversion against diffusers' schedulers --------------------------
+
+from stable_diffusion.config import PipelineConfig  # noqa: E402
+from stable_diffusion.sampler import (SAMPLERS, SCHEDULES, default_sampler, display_name,  # noqa: E402
+                                      invert, seed_keys)
+
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def _config(spacing="leading", prediction="epsilon", set_alpha_to_one=False) -> dict:
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                beta_schedule="scaled_linear", steps_offset=1, timestep_spacing=spacing,
+                set_alpha_to_one=set_alpha_to_one, prediction_type=prediction,
+                clip_sample=False)  # as the hub's SD configs say; DDIM's default clips x0
+
+
+def _ours(config: dict) -> NoiseSchedule:
+    return NoiseSchedule(SchedulerConfig(**{k: v for k, v in config.items() if k != "clip_sample"}))
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("sampler, schedule", [
+    ("euler", "diffusers"), ("euler_a", "diffusers"), ("ddim", "diffusers"), ("heun", "diffusers"),
+    ("lms", "diffusers"), ("dpmpp_2m", "diffusers"), ("euler", "karras"), ("heun", "karras"),
+    ("lms", "karras"), ("dpmpp_2m", "karras"), ("euler", "exponential"), ("lms", "exponential"),
+])
+def test_diffusers_schedules_match_the_schedulers(sampler, schedule, spacing, reference):
+    """Times (diffusers' timestep + 1), sigmas and the txt2img start of every spacing, step count
+    and img2img strength, against set_timesteps and the img2img pipelines' truncation."""
+    module = reference("scheduler")
+    for set_alpha_to_one in (False, True) if sampler == "ddim" else (False,):
+        config = _config(spacing, set_alpha_to_one=set_alpha_to_one)
+        s = _ours(config)
+        for n in (1, 3, 4, 5, 7, 10, 50):
+            for strength in (1.0, 0.6, 0.35):
+                if int(n * strength) == 0:  # diffusers runs no step; we raise N (test_plan)
+                    continue
+                ref = module.diffusers_schedule(config, sampler, schedule, n, strength)
+                p = s.plan(strength, n, schedule, sampler)
+                where = f"{sampler} {schedule} {spacing} N={n} s={strength}"
+                assert p.steps == len(p.times) - 1 == len(ref["timesteps"]), where
+                # diffusers maps Karras and exponential levels to fractional timesteps through its
+                # float32 table; ours is float64: they differ by up to ~1e-3 of a timestep.
+                fractional = schedule != "diffusers" and sampler != "dpmpp_2m"
+                np.testing.assert_allclose(np.array(p.times[:-1]) - 1, ref["timesteps"],
+                                           atol=2e-3 if fractional else 1e-4, err_msg=where)
+                np.testing.assert_allclose(p.sigmas, ref["sigmas"], rtol=2e-5, atol=1e-7, err_msg=where)
+                assert p.start_time == p.times[0] and p.schedule == schedule
+                if strength == 1.0:  # txt2img starts from init_noise_sigma x eps, in the scheduler's form
+                    ve = sampler in module.VE_FORM
+                    scale = p.init_scale * (math.sqrt(1 + p.sigmas[0] ** 2) if ve else 1.0)
+                    assert scale == pytest.approx(ref["init_noise_sigma"], rel=2e-5), where
+
+
+def test_linear_plan_is_todays_plan_with_its_sigmas():
+    s = NoiseSchedule(SD)
+    for strength, n in ((0.3, 50), (1.0, 4), (0.1, 5)):
+        p, times_only = s.plan(strength, n), plan(strength, n)
+        assert p.times == times_only.times and p.steps == times_only.steps
+        assert p.sigmas == tuple(s.sigma(t) for t in p.times) and p.schedule == "linear"
+    # text to image starts from add_noise(0, T, eps): sigma_T / sqrt(1 + sigma_T^2) eps
+    assert s.plan(1.0, 10).init_scale == pytest.approx(0.997667, abs=1e-6)
+
+
+def _synthetic_model(shape, seed=0):
+    """A deterministic stand-in for the network: output = f(scaled input, timestep)."""
+    pattern = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+    def f(model_in: np.ndarray, timestep: float) -> np.ndarray:
+        return (0.6 * model_in + 0.4 * math.cos(timestep / 300.0) * pattern).astype(np.float32)
+
+    return f
+
+
+def _run_ours(s: NoiseSchedule, p: Plan, sampler: str, x_start: np.ndarray, f, noises=None, **kw):
+    def denoise(x, t, sigma):
+        out = mx.array(f(np.array(x), s.network_time(t)))
+        return s.denoised(x, out, sigma)
+
+    if noises is not None:
+        kw["noise"] = noises
+    return list(SAMPLERS[sampler](denoise, mx.array(x_start), p, **kw))
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("sampler, schedule", [
+    ("euler", "diffusers"), ("euler_a", "diffusers"), ("ddim", "diffusers"), ("heun", "diffusers"),
+    ("heun", "karras"), ("dpmpp_2m", "diffusers"), ("dpmpp_2m", "karras"),
+    ("dpmpp_2m_sde", "diffusers"), ("dpmpp_2m_sde", "karras"), ("lms", "diffusers"), ("lms", "karras"),
+])
+def test_sampler_steps_match_the_scheduler(sampler, schedule, prediction, reference, parity):
+    """Every step of a sampler function against the diffusers scheduler's `step`, on the same
+    model outputs (a synthetic network) and, for the stochastic ones, the same injected noise."""
+    module = reference("scheduler")
+    config = _config("leading", prediction)
+    s = _ours(config)
+    shape = (1, 8, 8, 4)
+    f = _synthetic_model(shape)
+    rng = np.random.default_rng(3)
+    for n, strength in ((6, 1.0), (6, 0.5)):
+        p = s.plan(strength, n, schedule, sampler)
+        noises = [rng.standard_normal(shape).astype(np.float32) for _ in range(p.steps)]
+        x_start = rng.standard_normal(shape).astype(np.float32) * (0.5 if strength < 1 else 1.0)
+        stochastic = sampler in ("euler_a", "dpmpp_2m_sde")
+        ours = _run_ours(s, p, sampler, x_start, f, noises if stochastic else None)
+        ve = sampler in module.VE_FORM
+        to_ref = (lambda x, sigma: x * math.sqrt(1 + sigma ** 2)) if ve else (lambda x, sigma: x)
+        ref = module.reference_steps(config, sampler, schedule, n, strength,
+                                     to_ref(x_start, p.sigmas[0]), lambda i, x, t: f(x, t),
+                                     noises if stochastic else None)
+        ref = [ref[k] for k in module.step_positions(sampler, len(ref))]
+        assert len(ref) == len(ours) == p.steps
+        for step, expected in zip(ours, ref):
+            parity(f"sampler/{sampler}-{schedule}/{prediction}", to_ref(np.array(step.x_t), step.sigma),
+                   expected, 2e-5)
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_ddim_with_eta_matches_the_scheduler(eta, reference, parity):
+    """DDIM's stochastic steps against DDIMScheduler.step(eta=...) with the same variance noise."""
+    module = reference("scheduler")
+    config = _config("trailing")
+    s = _ours(config)
+    shape = (1, 8, 8, 4)
+    f = _synthetic_model(shape)
+    rng = np.random.default_rng(6)
+    p = s.plan(0.8, 5, "diffusers", "ddim")
+    noises = [rng.standard_normal(shape).astype(np.float32) for _ in range(p.steps)]
+    x_start = rng.standard_normal(shape).astype(np.float32)
+    ours = _run_ours(s, p, "ddim", x_start, f, noises, eta=eta)
+    ref = module.reference_steps(config, "ddim", "diffusers", 5, 0.8, x_start, lambda i, x, t: f(x, t),
+                                 noises, eta=eta)
+    assert len(ours) == len(ref) == 4
+    for step, expected in zip(ours, ref):
+        parity(f"sampler/ddim-eta{eta:g}/epsilon", step.x_t, expected, 2e-5)
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_inversion_step_matches_ddim_inverse_scheduler(prediction, reference, parity):
+    """One DDIM inversion step in our form equals DDIMInverseScheduler.step on the same output."""
+    reference("scheduler")
+    import torch
+    from diffusers import DDIMInverseScheduler
+
+    config = _config("leading", prediction)
+    s = _ours(config)
+    inverse = DDIMInverseScheduler.from_config(config)
+    inverse.set_timesteps(10)
+    rng = np.random.default_rng(5)
+    x, out = (rng.standard_normal((1, 4, 4, 4)).astype(np.float32) for _ in range(2))
+    for timestep in (201, 501, 901):  # the step from timestep - 100 up to timestep
+        expected = inverse.step(torch.from_numpy(out), timestep, torch.from_numpy(x)).prev_sample.numpy()
+        times = (float(timestep + 1), float(timestep + 1 - 100))  # a plan runs down: reversed
+        p = Plan(1.0, 1, 1, 1, times[0], times, tuple(s.sigma(t) for t in times))
+
+        def denoise(x_t, t, sigma):
+            return s.denoised(x_t, mx.array(out), sigma)
+
+        (step,) = list(invert(denoise, mx.array(x), p))
+        assert step.t == times[0] and step.t_pred == times[1]
+        parity(f"inversion/step/{prediction}", step.x_t, expected, 1e-5)
+
+
+def test_inversion_refinement_finds_the_fixed_point():
+    """With refinement the step is the exact inverse of a DDIM step at the new point: denoising
+    back with DDIM returns the start (a fixed point), and plain inversion does not."""
+    s = NoiseSchedule(SD)
+    f = _synthetic_model((1, 4, 4, 4), seed=1)
+
+    def denoise(x, t, sigma):
+        return s.denoised(x, mx.array(f(np.array(x), t - 1)), sigma)
+
+    p = s.plan(0.4, 10, "linear", "ddim")
+    x0 = mx.array(np.random.default_rng(2).standard_normal((1, 4, 4, 4)).astype(np.float32))
+    errors = []
+    for refine in (0, 8):
+        *_, top = invert(denoise, x0, p, refine=refine)
+        *_, back = SAMPLERS["ddim"](denoise, top.x_t, p)
+        errors.append(float(np.abs(np.array(back.x_t) - np.array(x0)).max()))
+    assert errors[1] < 1e-4 < errors[0]
+
+
+def test_seed_keys_are_independent_and_keep_todays_streams():
+    keys = seed_keys(42)
+    assert sorted(keys) == ["initial_noise", "inversion", "noising_path", "sampler"]
+    first, second = mx.random.split(mx.random.key(42))
+    assert np.array_equal(np.array(keys["initial_noise"]), np.array(first))
+    assert np.array_equal(np.array(keys["sampler"]), np.array(second))
+    draws = {k: np.array(mx.random.normal((64,), key=v)) for k, v in keys.items()}
+    # the noising path's stream is not the sampler's (nor the first of its per-step keys)
+    step_keys = mx.random.split(keys["sampler"], 2)
+    draws["sampler step 0"] = np.array(mx.random.normal((64,), key=step_keys[0]))
+    values = list(draws.values())
+    for i in range(len(values)):
+        for j in range(i):
+            assert abs(np.corrcoef(values[i], values[j])[0, 1]) < 0.5
+
+
+def _pipeline_config(cls: str, **scheduler) -> PipelineConfig:
+    from stable_diffusion.config import UNetConfig, VAEConfig
+
+    return PipelineConfig(unet=UNetConfig((32,), 32, ("DownBlock2D",), ("UpBlock2D",)),
+                          vae=VAEConfig((8,)), scheduler=SchedulerConfig(**scheduler),
+                          text_encoders=(), scheduler_class=cls)
+
+
+@pytest.mark.parametrize("cls, flags, expected", [
+    ("EulerDiscreteScheduler", {}, ("euler", "linear")),
+    ("EulerAncestralDiscreteScheduler", {}, ("euler_a", "linear")),
+    ("DDIMScheduler", {}, ("ddim", "linear")),
+    ("HeunDiscreteScheduler", {}, ("heun", "linear")),
+    ("LMSDiscreteScheduler", {"use_karras_sigmas": True}, ("lms", "karras")),
+    ("DPMSolverMultistepScheduler", {}, ("dpmpp_2m", "linear")),
+    ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, ("dpmpp_2m", "karras")),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+     ("dpmpp_2m_sde", "karras")),
+    ("EulerDiscreteScheduler", {"use_exponential_sigmas": True}, ("euler", "exponential")),
+])
+def test_default_sampler_follows_the_scheduler_class(cls, flags, expected):
+    sampler, schedule, notice = default_sampler(_pipeline_config(cls, **flags))
+    assert (sampler, schedule) == expected and notice is None
+
+
+@pytest.mark.parametrize("cls, expected", [
+    ("PNDMScheduler", "lms"), ("DPMSolverSinglestepScheduler", "dpmpp_2m"),
+    ("UniPCMultistepScheduler", "dpmpp_2m"), ("LCMScheduler", "euler"),
+])
+def test_unimplemented_scheduler_runs_the_closest_with_a_notice(cls, expected):
+    sampler, _, notice = default_sampler(_pipeline_config(cls))
+    assert sampler == expected
+    assert cls in notice and expected in notice and "\n" not in notice
+
+
+def test_display_names_are_the_ones_readers_know():
+    assert display_name("dpmpp_2m", "karras") == "DPM++ 2M Karras"
+    assert display_name("dpmpp_2m_sde", "karras") == "DPM++ 2M SDE Karras"
+    assert display_name("euler_a", "linear") == "Euler a"
+    assert display_name("euler", "diffusers") == "Euler"
+    assert display_name("lms", "karras") == "LMS Karras"
+    assert [display_name(k) for k in ("ddim", "heun", "lms")] == ["DDIM", "Heun", "LMS"]
+    assert set(SCHEDULES) == {"linear", "diffusers", "karras", "exponential"}
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_samplers_reach_the_clean_latent_of_a_perfect_denoiser(sampler):
+    """With a denoiser that knows x0, every sampler ends on x0 (DDIM at its final level)."""
+    s = NoiseSchedule(SD)
+    rng = np.random.default_rng(4)
+    x0 = mx.array(rng.standard_normal((1, 4, 4, 4)).astype(np.float32))
+    eps = mx.array(rng.standard_normal((1, 4, 4, 4)).astype(np.float32))
+    p = s.plan(1.0, 10, "karras", sampler)
+
+    def denoise(x, t, sigma):  # the exact eps of x given x0
+        c = 1 / math.sqrt(1 + sigma * sigma)
+        return x0, (x - c * x0) / (sigma * c)
+
+    steps = list(SAMPLERS[sampler](denoise, s.add_noise(x0, p.start_time, eps, sigma=p.sigmas[0]), p,
+                                   key=mx.random.key(0)))
+    assert [st.index for st in steps] == list(range(1, p.steps + 1))
+    assert all(st.t_pred == p.times[k] and st.sigma_pred == p.sigmas[k] for k, st in enumerate(steps))
+    assert np.allclose(np.array(steps[-1].x_t), np.array(x0), atol=1e-4)
+
+
+def test_noising_path_yields_steps():
+    s = NoiseSchedule(SD)
+    x0 = mx.zeros((1, 2, 2, 4))
+    steps = list(s.noising_path(x0, [0, 100.5, 300], "shared", key=mx.random.key(1)))
+    assert [(st.index, st.count, st.t) for st in steps] == [(0, 3, 0.0), (1, 3, 100.5), (2, 3, 300.0)]
+    assert steps[1].sigma == s.sigma(100.5) and steps[1].x0_pred is None
