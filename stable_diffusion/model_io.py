@@ -217,11 +217,24 @@ def check_model_folder(folder: Path, variant: str | None = None) -> dict:
             for path in weight_files(folder / component, variant):
                 read_safetensors_header(path)
     for tokenizer in sorted(c for c in present if c.startswith("tokenizer")):
-        for name in ("vocab.json", "merges.txt"):
-            if not (folder / tokenizer / name).is_file():
-                raise ModelError(f"{folder / tokenizer} has no {name}; the model folder is "
-                                 "incomplete: download it again")
+        where = folder / tokenizer
+        if (where / "tokenizer.json").is_file() and not (where / "vocab.json").is_file():
+            continue  # the layout transformers 5 saves: vocabulary and merges in one file
+        missing = [n for n in ("vocab.json", "merges.txt") if not (where / n).is_file()]
+        if missing:
+            raise ModelError(f"{where} has no {' and no '.join(missing)} (nor tokenizer.json); "
+                             f"the model folder is incomplete: {refetch_advice(folder)}")
     return index
+
+
+def refetch_advice(folder: Path) -> str:
+    """How to complete a folder: fetch it again when it is a hub cache snapshot, else say where
+    the files come from (the folder was written by someone, who can write it again)."""
+    folder = Path(folder)
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return "download it again"
+    return ("copy the missing files from the model's original folder, or save the model again "
+            "(diffusers' save_pretrained writes every file)")
 
 
 def weight_files(component_folder: Path, variant: str | None = None) -> list[Path]:
@@ -229,7 +242,7 @@ def weight_files(component_folder: Path, variant: str | None = None) -> list[Pat
     component_folder = Path(component_folder)
     if not component_folder.is_dir():
         raise ModelError(f"missing component folder {component_folder}; the model folder is "
-                         "incomplete: download it again")
+                         f"incomplete: {refetch_advice(component_folder.parent)}")
     stem = WEIGHT_STEMS.get(component_folder.name, "diffusion_pytorch_model")
     candidates = [f"{stem}.{variant}", stem] if variant else [stem, f"{stem}.fp16"]
     for s in candidates:
@@ -238,10 +251,16 @@ def weight_files(component_folder: Path, variant: str | None = None) -> list[Pat
             return [single]
         index = component_folder / f"{s}.safetensors.index.json"
         if index.is_file():
-            shards = sorted(set(load_json(index).get("weight_map", {}).values()))
+            weight_map = load_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ModelError(f"{index} has no weight_map (tensor name -> shard file); "
+                                 f"{refetch_advice(component_folder.parent)}")
+            shards = sorted(set(weight_map.values()))
             missing = [n for n in shards if not (component_folder / n).is_file()]
             if missing or not shards:
-                raise ModelError(f"{index} names shard(s) that are missing: {', '.join(missing) or 'none listed'}")
+                raise ModelError(f"{index} names shard(s) that are missing: "
+                                 f"{', '.join(missing) or 'none listed'}; "
+                                 f"{refetch_advice(component_folder.parent)}")
             return [component_folder / n for n in shards]
     pickles = sorted(p.name for p in component_folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
     if pickles:
@@ -249,7 +268,7 @@ def weight_files(component_folder: Path, variant: str | None = None) -> list[Pat
                          "files can run code when loaded, so only safetensors are read: convert them "
                          "to safetensors or use a model revision that has them")
     raise ModelError(f"{component_folder} has no {stem}.safetensors weights; the model folder is "
-                     "incomplete: download it again")
+                     f"incomplete: {refetch_advice(component_folder.parent)}")
 
 
 # --- reading and checking tensors ----------------------------------------------------------------
@@ -354,6 +373,10 @@ def _mlx_layout(value: mx.array) -> mx.array:
 def map_clip_weights(key: str, value: mx.array) -> list:
     if key.endswith("position_ids"):  # a buffer older transformers versions saved; not a weight
         return []
+    # A CLIPTextModel's own state dict has no `text_model.` prefix (some transformers versions
+    # save it so); hub checkpoints and CLIPTextModelWithProjection keep it.
+    if not key.startswith(("text_model.", "text_projection.")):
+        key = "text_model." + key
     return [(key, value)]
 
 

@@ -87,11 +87,21 @@ def tiny_configs(family: str) -> dict:
     return configs
 
 
-def write_tiny_model(folder, family: str, seed: int = 0, variant: str | None = None) -> Path:
+LAYOUTS = ("hub", "saved")
+
+
+def write_tiny_model(folder, family: str, seed: int = 0, variant: str | None = None,
+                     layout: str = "hub") -> Path:
     """Write a tiny random model of `family` to `folder` in the diffusers layout; return the folder.
 
-    `variant="fp16"` writes float16 weights under diffusers' variant file names.
+    `variant="fp16"` writes float16 weights under diffusers' variant file names. `layout="saved"`
+    writes what `save_pretrained` with transformers 5 writes instead of a hub repository's files:
+    the tokenizers as tokenizer.json + tokenizer_config.json (no vocab.json, merges.txt), the text
+    encoders' keys without the `text_model.` prefix, and the UNet in two shards with an index file.
+    The weights are the same in both layouts.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     folder = Path(folder)
     configs = tiny_configs(family)
     xl = family == "sdxl"
@@ -125,11 +135,33 @@ def write_tiny_model(folder, family: str, seed: int = 0, variant: str | None = N
         tensors = random_tensors(component_shapes, seed=zlib.crc32(f"{seed}/{name}".encode()))
         if variant == "fp16":
             tensors = {k: v.astype(np.float16) for k, v in tensors.items()}
-        save_file(tensors, str(folder / name / f"{stem}{suffix}.safetensors"))
+        if layout == "saved" and name.startswith("text_encoder"):
+            tensors = {k.removeprefix("text_model."): v for k, v in tensors.items()}
+        if layout == "saved" and name == "unet":
+            _save_sharded(tensors, folder / name, f"{stem}{suffix}")
+        else:
+            save_file(tensors, str(folder / name / f"{stem}{suffix}.safetensors"))
     for name in ("tokenizer", "tokenizer_2"):
         if name in configs:
-            write_tokenizer(folder / name, configs[name])
+            if layout == "saved":
+                write_tokenizer_json(folder / name, configs[name])
+            else:
+                write_tokenizer(folder / name, configs[name])
     return folder
+
+
+def _save_sharded(tensors: dict, folder: Path, stem: str, shards: int = 2) -> None:
+    """Split `tensors` over `shards` files named as diffusers names them, with their index file."""
+    names = sorted(tensors)
+    weight_map = {}
+    for i in range(shards):
+        shard = f"{stem}-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = names[i::shards]
+        save_file({k: tensors[k] for k in part}, str(folder / shard))
+        weight_map.update(dict.fromkeys(part, shard))
+    size = sum(v.nbytes for v in tensors.values())
+    _write_json(folder / f"{stem}.safetensors.index.json",
+                {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))})
 
 
 def random_tensors(shapes: dict, seed: int) -> dict:
@@ -444,6 +476,41 @@ def write_tokenizer(folder: Path, config: dict) -> None:
     _write_json(folder / "tokenizer_config.json", config)
     roles = ("bos_token", "eos_token", "pad_token", "unk_token")
     _write_json(folder / "special_tokens_map.json", {r: config[r] for r in roles if r in config})
+
+
+def write_tokenizer_json(folder: Path, config: dict) -> None:
+    """tokenizer.json + tokenizer_config.json as transformers 5's save_pretrained writes them: the
+    vocabulary, merges and added tokens in tokenizer.json, and no added_tokens_decoder."""
+    folder = Path(folder)
+    vocab, merges = tokenizer_vocabulary()
+    roles = ("bos_token", "eos_token", "pad_token", "unk_token")
+    specials = sorted({config[r] for r in roles if r in config}, key=lambda t: vocab[t])
+    record = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+    pattern = ("<\\|startoftext\\|>|<\\|endoftext\\|>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|"
+               "[^\\s\\p{L}\\p{N}]+")
+    data = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": vocab[t], "content": t, **record} for t in specials],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "NFC"}, {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "},
+            {"type": "Lowercase"}]},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Removed", "invert": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]},
+        "post_processor": {"type": "RobertaProcessing", "sep": [config["eos_token"], vocab[config["eos_token"]]],
+                           "cls": [config["bos_token"], vocab[config["bos_token"]]],
+                           "trim_offsets": False, "add_prefix_space": False},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": config["unk_token"],
+                  "continuing_subword_prefix": "", "end_of_word_suffix": "</w>", "fuse_unk": False,
+                  "byte_fallback": False, "ignore_merges": False, "vocab": vocab,
+                  "merges": [[a, b] for a, b in merges]},
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n",
+                                           encoding="utf-8")
+    saved = {k: v for k, v in config.items() if k != "added_tokens_decoder"}
+    _write_json(folder / "tokenizer_config.json", dict(saved, backend="tokenizers"))
 
 
 def main(argv=None) -> int:
