@@ -68,8 +68,14 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("model and sampling")
     g.add_argument("--model", default="sd",
-                   help="sd (stabilityai/stable-diffusion-2-1-base), sdxl (stabilityai/sdxl-turbo), a "
-                        "hub id[@revision] or a local diffusers folder (default: sd)")
+                   help="sd (stabilityai/stable-diffusion-2-1-base: SD 2.1 base, 512 px), sdxl "
+                        "(stabilityai/sdxl-turbo: 512 px, few steps), sd15 (stable-diffusion-v1-5/"
+                        "stable-diffusion-v1-5: SD 1.5, 512 px), sd21 (stabilityai/stable-diffusion-2-1: "
+                        "768 px, v-prediction), sdxl-base (stabilityai/stable-diffusion-xl-base-1.0: "
+                        "1024 px); a hub id[@revision], a local diffusers folder or a single-file "
+                        ".safetensors checkpoint (default: sd)")
+    g.add_argument("--vae", help="replace the model's VAE: a diffusers VAE folder or an LDM VAE .safetensors file")
+    g.add_argument("--prediction_type", choices=("epsilon", "v_prediction"), help="what the UNet predicts, for a single file that does not say (SD 2.x 768 models: v_prediction)")
     if img2img:
         g.add_argument("--strength", type=float, default=0.9,
                        help="how deep to noise the picture, 0 < s <= 1 (default 0.9)")

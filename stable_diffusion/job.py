@@ -196,7 +196,7 @@ class Job:
         args, console = self.args, self.console
         self.dtype_name = "float32" if args.no_float16 else (args.dtype or default_dtype())
         variant = None if self.dtype_name == "float32" else "fp16"
-        folder, source = model_io.resolve_model(args.model, variant)
+        folder, source = model_io.resolve_model(args.model, variant, args.vae, args.prediction_type)
         model_io.check_model_folder(folder, variant)
         notices = []
         config = read_pipeline_config(folder, notices)

@@ -24,8 +24,10 @@ from .errors import ModelError
 ALIASES = {
     "sd": "stabilityai/stable-diffusion-2-1-base",
     "sdxl": "stabilityai/sdxl-turbo",
+    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd21": "stabilityai/stable-diffusion-2-1",
+    "sdxl-base": "stabilityai/stable-diffusion-xl-base-1.0",
 }
-
 WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
                 "text_encoder": "model", "text_encoder_2": "model"}
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -45,19 +47,36 @@ def parse_model_spec(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
-def resolve_model(spec: str, variant: str | None = None) -> tuple[Path, dict]:
+def resolve_model(spec: str, variant: str | None = None, vae: str | Path | None = None,
+                  prediction_type: str | None = None) -> tuple[Path, dict]:
     """Return the local folder of a model and where it came from.
 
     A local folder is used as it is. A hub id is fetched through huggingface_hub's cache (only the
-    files the tool reads), which honours HF_HUB_OFFLINE and HF_HUB_CACHE.
+    files the tool reads), which honours HF_HUB_OFFLINE and HF_HUB_CACHE. A single-file LDM
+    checkpoint (.safetensors) becomes a folder in the diffusers layout whose weights point into
+    the file (see single_file.py); `vae` replaces its VAE (a diffusers VAE folder or an LDM VAE
+    file) and `prediction_type` ("epsilon" or "v_prediction") overrides what the file suggests.
     """
+    from . import single_file
+
     name, revision = parse_model_spec(spec)
     path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".safetensors":
+            single_file.refuse_pickle(path)
+            raise ModelError(f"--model {spec}: {path} is a file but not .safetensors; pass a "
+                             "single-file checkpoint (.safetensors) or a diffusers folder")
+        return single_file.view_folder(path, vae, prediction_type)
+    if vae is not None or prediction_type is not None:
+        if not path.is_dir():
+            folder, source = resolve_model(spec, variant)
+        else:
+            folder, source = path, {"model": str(path.resolve()), "revision": None, "source": "folder"}
+        return single_file.folder_view(folder, vae, prediction_type), dict(
+            source, **({"vae": str(Path(vae).resolve())} if vae is not None else {}),
+            **({"prediction_type": prediction_type} if prediction_type is not None else {}))
     if path.is_dir():
         return path, {"model": str(path.resolve()), "revision": None, "source": "folder"}
-    if path.exists():
-        raise ModelError(f"--model {spec}: {path} is a file; pass the folder that holds "
-                         "model_index.json (the diffusers layout)")
     if not _HUB_ID.match(name):
         raise ModelError(_not_a_model(spec, name))
     folder = _download(name, revision, variant)
@@ -97,7 +116,7 @@ def _download(repo_id: str, revision: str | None, variant: str | None) -> Path:
         raise ModelError(f"huggingface_hub is needed to fetch {repo_id} ({e})") from None
     patterns = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json",
                 "tokenizer*/vocab.json", "tokenizer*/merges.txt", "tokenizer*/tokenizer_config.json",
-                "tokenizer*/special_tokens_map.json"]
+                "tokenizer*/special_tokens_map.json", "tokenizer*/tokenizer.json"]
     for component, stem in WEIGHT_STEMS.items():
         for s in ([f"{stem}.{variant}", stem] if variant else [stem]):
             patterns += [f"{component}/{s}.safetensors", f"{component}/{s}.safetensors.index.json",
@@ -243,6 +262,11 @@ def weight_files(component_folder: Path, variant: str | None = None) -> list[Pat
     if not component_folder.is_dir():
         raise ModelError(f"missing component folder {component_folder}; the model folder is "
                          f"incomplete: {refetch_advice(component_folder.parent)}")
+    pointer = _pointer(component_folder)
+    if pointer is not None:  # a view folder (single_file.py): the weights live elsewhere
+        if "folder" in pointer:
+            return weight_files(Path(pointer["folder"]), variant)
+        return [Path(pointer["file"])]
     stem = WEIGHT_STEMS.get(component_folder.name, "diffusion_pytorch_model")
     candidates = [f"{stem}.{variant}", stem] if variant else [stem, f"{stem}.fp16"]
     for s in candidates:
@@ -327,8 +351,22 @@ def _load_file(path: Path) -> dict:
         raise ModelError(f"cannot read {path} ({e}); download it again") from None
 
 
+def _pointer(component_folder: Path) -> dict | None:
+    from .single_file import POINTER
+
+    path = component_folder / POINTER
+    return load_json(path) if path.is_file() else None
+
+
 def load_weights(model, component_folder, mapper, dtype=mx.float32, variant: str | None = None):
     """Load a component's safetensors weights into `model`, strictly, cast to `dtype`."""
+    pointer = _pointer(Path(component_folder))
+    if pointer is not None and "file" in pointer:
+        from .single_file import load_component
+
+        return load_component(model, pointer, mapper, dtype)
+    if pointer is not None:
+        return load_weights(model, pointer["folder"], mapper, dtype, variant)
     files = weight_files(Path(component_folder), variant)
     weights, origin = {}, {}
     for path in files:

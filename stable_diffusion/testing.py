@@ -513,6 +513,33 @@ def write_tokenizer_json(folder: Path, config: dict) -> None:
     _write_json(folder / "tokenizer_config.json", dict(saved, backend="tokenizers"))
 
 
+def write_single_file(folder, path, family: str, dtype=None) -> Path:
+    """Write the diffusers model in `folder` as one LDM single-file checkpoint at `path` (the
+    layout of community .safetensors files; see single_file.ldm_state_dict). The values its shapes
+    cannot show (heads, normalisation groups) go in its metadata, as single_file.py reads them."""
+    from .single_file import ARCHITECTURE_KEY, ldm_state_dict
+
+    folder, path = Path(folder), Path(path)
+    tensors = ldm_state_dict(folder, family)
+    if dtype is not None:
+        tensors = {k: v.astype(dtype) for k, v in tensors.items()}
+    configs = {name: json.loads((folder / name / "config.json").read_text())
+               for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+               if (folder / name / "config.json").is_file()}
+    unet = configs["unet"]
+    architecture = {
+        "unet": {"attention_head_dim": unet.get("num_attention_heads") or unet.get("attention_head_dim", 8),
+                 "norm_num_groups": unet.get("norm_num_groups", 32)},
+        "vae": {"norm_num_groups": configs["vae"].get("norm_num_groups", 32)},
+    }
+    for name in ("text_encoder", "text_encoder_2"):
+        if name in configs:
+            architecture[name] = {"num_attention_heads": configs[name]["num_attention_heads"]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={ARCHITECTURE_KEY: json.dumps(architecture)})
+    return path
+
+
 def main(argv=None) -> int:
     """`python -m stable_diffusion.testing FOLDER [--family sd2]`: write a tiny model to try the tools."""
     import argparse
