@@ -134,13 +134,16 @@ def test_silent_hub_still_serves_the_cached_model(silent_hub, hub_cache):
 
 def test_names_that_are_no_model(tmp_path):
     expect_model_error(lambda: model_io.resolve_model("sdx"), "unknown model alias 'sdx'",
-                       "did you mean 'sdxl'?", "aliases: sd, sdxl")
+                       "did you mean 'sdxl'?", "aliases: sd, sdxl, sd15, sd21, sdxl-base")
     expect_model_error(lambda: model_io.resolve_model(str(tmp_path / "no" / "such")),
                        "is neither a folder nor a hub id")
-    a_file = tmp_path / "model.safetensors"
+    a_file = tmp_path / "model.gguf"
     a_file.write_bytes(b"x")
-    expect_model_error(lambda: model_io.resolve_model(str(a_file)), "is a file",
-                       "pass the folder that holds model_index.json")
+    expect_model_error(lambda: model_io.resolve_model(str(a_file)), "is a file but not .safetensors",
+                       "a diffusers folder")
+    a_file = a_file.with_suffix(".safetensors")  # read as a single-file checkpoint
+    a_file.write_bytes(b"x")
+    expect_model_error(lambda: model_io.resolve_model(str(a_file)), "not a safetensors file (too short)")
 
 
 # --- broken folders -----------------------------------------------------------------------------
