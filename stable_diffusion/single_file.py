@@ -84,7 +84,7 @@ def refuse_pickle(path: Path) -> None:
 class Checkpoint:
     """The header of a single-file checkpoint: tensor shapes, metadata, family, text encoder keys."""
 
-    def __init__(self, path):
+    def __init__(self, path, vae_given: bool = False):
         from .model_io import read_safetensors_header
 
         self.path = Path(path).resolve()
@@ -92,7 +92,7 @@ class Checkpoint:
         header = read_safetensors_header(self.path)
         self.metadata = header.pop("__metadata__", None) or {}
         self.shapes = {k: tuple(int(d) for d in v["shape"]) for k, v in header.items()}
-        self.family = detect_family(self.shapes, self.path)
+        self.family = detect_family(self.shapes, self.path, vae_given)
         self.text = dict(TEXT_PREFIXES[self.family])
         prefixes = (UNET, VAE, *(prefix for prefix, _ in self.text.values()))
         stray = sorted(k for k in self.shapes if not k.startswith(prefixes) and not _IGNORED.match(k))
@@ -124,17 +124,20 @@ class Checkpoint:
         return max(found) + 1 if found else 0
 
 
-def detect_family(shapes: dict, path: Path) -> str:
+def detect_family(shapes: dict, path: Path, vae_given: bool = False) -> str:
     keys = shapes.keys()
 
     def has(prefix):
         return any(k.startswith(prefix) for k in keys)
 
-    if not has(UNET) or not has(VAE):
-        what = ("a VAE alone (pass it with --vae)" if has("encoder.down.") or has("decoder.up.")
+    if has(UNET) and not has(VAE) and not vae_given:
+        raise ModelError(f"{path} holds no VAE ({VAE}*): pass one with --vae (a diffusers VAE "
+                         "folder or an LDM VAE .safetensors)")
+    if not has(UNET):
+        what = ("a VAE alone (pass it with --vae)" if any("encoder.down." in k for k in keys)
                 else "a LoRA or other add-on" if any("lora" in k for k in keys)
                 else "not an LDM checkpoint")
-        raise ModelError(f"{path} has no {UNET}* and {VAE}* tensors: {what}; pass a Stable Diffusion "
+        raise ModelError(f"{path} has no {UNET}* tensors: {what}; pass a Stable Diffusion "
                          "1.x/2.x/XL single-file checkpoint or a diffusers folder")
     if has("conditioner.embedders.0.transformer.") and has("conditioner.embedders.1.model."):
         family = "sdxl"
@@ -510,7 +513,7 @@ def view_folder(path, vae=None, prediction_type: str | None = None) -> tuple[Pat
     """
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ModelError(f"prediction type {prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}")
-    ckpt = Checkpoint(path)
+    ckpt = Checkpoint(path, vae_given=vae is not None)
     stat = ckpt.path.stat()
     vae_path = None if vae is None else Path(vae).expanduser().resolve()
     key = json.dumps([str(ckpt.path), stat.st_size, stat.st_mtime_ns, str(vae_path),

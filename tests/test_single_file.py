@@ -227,9 +227,20 @@ def test_unknown_family_and_other_files(tmp_path, checkpoint):
                        "unknown checkpoint family", "supported: SD 1.x, SD 2.x, SDXL")
     save_file({"lora_unet_down.alpha": np.zeros(1, np.float32)}, str(tmp_path / "lora.safetensors"))
     expect_model_error(lambda: model_io.resolve_model(str(tmp_path / "lora.safetensors")), "a LoRA")
-    save_file({k: v for k, v in tensors.items() if k.startswith("model.")}, str(tmp_path / "unet.safetensors"))
-    expect_model_error(lambda: model_io.resolve_model(str(tmp_path / "unet.safetensors")),
-                       "has no model.diffusion_model.* and first_stage_model.* tensors")
+    save_file({k: v for k, v in tensors.items() if k.startswith("first_stage_model.")},
+              str(tmp_path / "vae.safetensors"))
+    expect_model_error(lambda: model_io.resolve_model(str(tmp_path / "vae.safetensors")),
+                       "has no model.diffusion_model.* tensors", "a VAE alone (pass it with --vae)")
+
+
+def test_checkpoint_without_vae_needs_one(checkpoint, tiny_model, tmp_path):
+    tensors = load_file(str(checkpoint("sd1")))
+    path = tmp_path / "no-vae.safetensors"
+    save_file({k: v for k, v in tensors.items() if not k.startswith("first_stage_model.")}, str(path),
+              metadata=single_file.Checkpoint(checkpoint("sd1")).metadata)
+    expect_model_error(lambda: model_io.resolve_model(str(path)), "holds no VAE", "--vae")
+    sd = load(path, vae=tiny_model("sd1") / "vae")
+    assert sd.source["vae"] == str((tiny_model("sd1") / "vae").resolve())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
