@@ -7,7 +7,7 @@ files) whose weight components point into the file (`weights.json`), so that the
 (`check_model_folder`, `read_pipeline_config`, `StableDiffusion.from_folder`) loads it unchanged.
 
 The key mapping is one pure function per network from a diffusers key to its LDM key
-(`ldm_key`); loading walks the network's own parameter names, so a missing or mis-shaped tensor
+(`unet_ldm_key`, `vae_ldm_key`, `clip_ldm_key`); loading walks the network's own parameter names, so a missing or mis-shaped tensor
 is named by its LDM key, and the file's other tensors under a network's prefix are unexpected.
 
 What is inferred, and from what:
@@ -499,8 +499,31 @@ def _write_tokenizer(folder: Path, vocab_size: int, pad: str, path: Path) -> Non
 
 
 def _cache_root() -> Path:
-    return Path(os.environ.get("SD_SINGLE_FILE_CACHE") or
-                Path(tempfile.gettempdir()) / f"mlx-sd-single-file-{os.getuid() if hasattr(os, 'getuid') else 0}")
+    """Where view folders live: SD_SINGLE_FILE_CACHE, else a per-user folder in the temp dir
+    (they hold only configs and tokenizer files, and are rebuilt in milliseconds when removed)."""
+    if os.environ.get("SD_SINGLE_FILE_CACHE"):
+        return Path(os.environ["SD_SINGLE_FILE_CACHE"])
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    return Path(tempfile.gettempdir()) / f"mlx-sd-single-file-{user}"
+
+
+def _cached_view(key: list, write) -> Path:
+    """The view folder for `key`, written by `write(folder)` whole or not at all when absent."""
+    target = _cache_root() / hashlib.sha256(json.dumps([*key, _VIEW_VERSION]).encode()).hexdigest()[:24]
+    if (target / "model_index.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".part-", dir=target.parent))
+    try:
+        write(work)
+        try:
+            os.replace(work, target)
+        except OSError:  # another run wrote it meanwhile
+            shutil.rmtree(work, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return target
 
 
 def view_folder(path, vae=None, prediction_type: str | None = None) -> tuple[Path, dict]:
@@ -514,30 +537,14 @@ def view_folder(path, vae=None, prediction_type: str | None = None) -> tuple[Pat
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ModelError(f"prediction type {prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}")
     ckpt = Checkpoint(path, vae_given=vae is not None)
-    stat = ckpt.path.stat()
     vae_path = None if vae is None else Path(vae).expanduser().resolve()
-    key = json.dumps([str(ckpt.path), stat.st_size, stat.st_mtime_ns, str(vae_path),
-                      _identity(vae_path), prediction_type, _VIEW_VERSION])
-    target = _cache_root() / hashlib.sha256(key.encode()).hexdigest()[:24]
     detected = prediction_type or ("v_prediction" if "v_pred" in ckpt.shapes else "epsilon")
     source = {"model": str(ckpt.path), "revision": None, "source": "file", "family": ckpt.family,
               "prediction_type": detected}
     if vae_path is not None:
         source["vae"] = str(vae_path)
-    if (target / "model_index.json").is_file():
-        return target, source
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".part-", dir=target.parent))
-    try:
-        _write_view(work, ckpt, vae_path, detected)
-        try:
-            os.replace(work, target)
-        except OSError:  # another run wrote it meanwhile
-            shutil.rmtree(work, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return target, source
+    key = ["file", str(ckpt.path), _identity(ckpt.path), str(vae_path), _identity(vae_path), detected]
+    return _cached_view(key, lambda work: _write_view(work, ckpt, vae_path, detected)), source
 
 
 _VIEW_VERSION = 1
@@ -702,14 +709,8 @@ def folder_view(folder, vae=None, prediction_type: str | None = None) -> Path:
         raise ModelError(f"{folder} has no model_index.json: not a model folder in the diffusers "
                          "layout; pass the folder that holds it")
     vae_path = None if vae is None else Path(vae).expanduser().resolve()
-    key = json.dumps([str(folder), _identity(folder / "model_index.json"), str(vae_path),
-                      _identity(vae_path), prediction_type, _VIEW_VERSION])
-    target = _cache_root() / hashlib.sha256(key.encode()).hexdigest()[:24]
-    if (target / "model_index.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".part-", dir=target.parent))
-    try:
+
+    def write(work: Path) -> None:
         shutil.copy(folder / "model_index.json", work / "model_index.json")
         for part in sorted(p for p in folder.iterdir() if p.is_dir()):
             if part.name == "vae" and vae_path is not None:
@@ -723,14 +724,11 @@ def folder_view(folder, vae=None, prediction_type: str | None = None) -> Path:
         if prediction_type is not None:
             path = work / "scheduler" / "scheduler_config.json"
             _write_json(path, dict(load_json(path), prediction_type=prediction_type))
-        try:
-            os.replace(work, target)
-        except OSError:
-            shutil.rmtree(work, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return target
+
+    key = ["folder", str(folder), _identity(folder / "model_index.json"),
+           *(_identity(p / "config.json") for p in sorted(folder.iterdir()) if p.is_dir()),
+           str(vae_path), _identity(vae_path), prediction_type]
+    return _cached_view(key, write)
 
 
 def _scaling(folder: Path) -> float:

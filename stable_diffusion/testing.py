@@ -549,9 +549,15 @@ def main(argv=None) -> int:
     parser.add_argument("folder", type=Path)
     parser.add_argument("--family", choices=FAMILIES, default="sd2")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layout", choices=LAYOUTS, default="hub",
+                        help="hub: a hub repository's files; saved: what save_pretrained writes")
+    parser.add_argument("--single_file", type=Path, help="also write the model as one LDM .safetensors here")
     args = parser.parse_args(argv)
-    write_tiny_model(args.folder, args.family, args.seed)
+    write_tiny_model(args.folder, args.family, args.seed, layout=args.layout)
     print(f"wrote a tiny {args.family} model to {args.folder}")
+    if args.single_file is not None:
+        write_single_file(args.folder, args.single_file, args.family)
+        print(f"wrote it as a single-file checkpoint to {args.single_file}")
     return 0
 
 
