@@ -14,10 +14,11 @@ from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 from stable_diffusion import model_io, single_file
-from stable_diffusion.config import read_pipeline_config
+from stable_diffusion.config import UNetConfig, read_pipeline_config
 from stable_diffusion.errors import ModelError
 from stable_diffusion.pipeline import StableDiffusion
 from stable_diffusion.testing import FAMILIES, write_single_file
+from stable_diffusion.tokenizer import Tokenizer
 
 import commands
 
@@ -239,11 +240,23 @@ def test_replacement_vae_from_a_folder_or_an_ldm_file(checkpoint, tiny_model, tm
 # --- refusals ----------------------------------------------------------------------------------------
 
 
-def test_pickle_checkpoint_is_refused_unopened(tmp_path):
-    path = tmp_path / "model.ckpt"
-    path.write_bytes(b"\x80\x04 not opened")
-    expect_model_error(lambda: model_io.resolve_model(str(path)), "is a pickle checkpoint",
-                       "can run any code", "safetensors", "save_file")
+def test_pickle_checkpoint_is_refused_unopened(tmp_path, checkpoint):
+    import pickle
+
+    marker = tmp_path / "unpickled"
+
+    class Payload:  # unpickling this creates `marker`: the proof that the file was loaded
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    for name in ("model.ckpt", "model.pt", "model.bin"):
+        path = tmp_path / name
+        path.write_bytes(pickle.dumps(Payload()))
+        expect_model_error(lambda: model_io.resolve_model(str(path)), "is a pickle checkpoint",
+                           "can run any code", "weights_only=True", "save_file")
+        expect_model_error(lambda: model_io.resolve_model(str(checkpoint("sd1")), vae=path),
+                           "is a pickle checkpoint")
+    assert not marker.exists()
 
 
 def test_unknown_family_and_other_files(tmp_path, checkpoint):
@@ -343,3 +356,113 @@ def test_aliases_are_listed_in_help():
     for alias, repo in model_io.ALIASES.items():
         assert f"{alias}({repo}:" in text
     assert "--vae" in text and "single-file" in text and "v-prediction" in text
+
+
+# --- real sizes: the family rules give the hub configs ---------------------------------------------
+
+# The architecture fields of the hub repositories' configs (unet/, vae/, text_encoder*/config.json).
+HUB = {
+    "sd15": ("sd1", dict(block_out_channels=[320, 640, 1280, 1280], attention_head_dim=8, cross_attention_dim=768,
+                         down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                         up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3),
+             [dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                   hidden_act="quick_gelu")]),
+    "sd21": ("sd2", dict(block_out_channels=[320, 640, 1280, 1280], attention_head_dim=[5, 10, 20, 20],
+                         cross_attention_dim=1024, use_linear_projection=True,
+                         down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                         up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3),
+             [dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                   hidden_act="gelu")]),
+    "sdxl-base": ("sdxl", dict(block_out_channels=[320, 640, 1280], attention_head_dim=[5, 10, 20],
+                               cross_attention_dim=2048, use_linear_projection=True,
+                               transformer_layers_per_block=[1, 2, 10], addition_embed_type="text_time",
+                               addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+                               down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 2,
+                               up_block_types=["CrossAttnUpBlock2D"] * 2 + ["UpBlock2D"]),
+                  [dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                        hidden_act="quick_gelu"),
+                   dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                        hidden_act="gelu", projection_dim=1280)]),
+}
+HUB_VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32)
+
+
+def ldm_shapes(family, unet, texts) -> dict:
+    """LDM tensor names and shapes of a full-size checkpoint, through the diffusers shapes."""
+    from stable_diffusion.testing import clip_shapes, unet_shapes, vae_shapes
+
+    shapes = {single_file.UNET + single_file.unet_ldm_key(k, unet): s for k, s in unet_shapes(unet).items()}
+    shapes.update({single_file.VAE + single_file.vae_ldm_key(k, HUB_VAE): s
+                   for k, s in vae_shapes(HUB_VAE).items()})
+    for (name, (prefix, kind)), config in zip(single_file.TEXT_PREFIXES[family].items(), texts):
+        architecture = "CLIPTextModelWithProjection" if "projection_dim" in config else "CLIPTextModel"
+        for key, shape in clip_shapes(dict(config, vocab_size=49408, architectures=[architecture])).items():
+            ldm, third = single_file.clip_ldm_key(key, kind)
+            shape = (3 * shape[0], *shape[1:]) if third is not None else shape
+            shapes[prefix + ldm] = shape[::-1] if ldm == "text_projection" else shape
+        if family == "sd2":  # the unread last block and the projection real SD 2.x files hold
+            last = config["num_hidden_layers"]
+            shapes.update({k.replace(".resblocks.0.", f".resblocks.{last}."): s for k, s in shapes.items()
+                           if k.startswith(prefix + "transformer.resblocks.0.")})
+            shapes[prefix + "text_projection"] = (1024, 1024)
+    return shapes
+
+
+def sparse_safetensors(path, shapes: dict) -> None:
+    """A valid safetensors file of float16 zeros with these shapes, sparse on disk (no data written)."""
+    header, offset = {}, 0
+    for name in sorted(shapes):
+        size = 2 * int(np.prod(shapes[name]))
+        header[name] = {"dtype": "F16", "shape": list(shapes[name]), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)
+
+
+@pytest.mark.parametrize("alias", HUB)
+def test_real_sizes_infer_the_hub_configs(alias, tmp_path):
+    family, unet, texts = HUB[alias]
+    unet = dict(unet, layers_per_block=2)
+    path = tmp_path / f"{alias}.safetensors"
+    sparse_safetensors(path, ldm_shapes(family, unet, texts))
+    folder, source = model_io.resolve_model(str(path))
+    config = read_pipeline_config(folder)
+    assert source["family"] == family
+    expected = UNetConfig.from_diffusers(unet)
+    for field in ("block_out_channels", "down_block_types", "up_block_types", "heads", "transformer_layers",
+                  "cross_attention_dim", "use_linear_projection", "norm_num_groups", "layers_per_block",
+                  "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+        assert getattr(config.unet, field) == getattr(expected, field), field
+    assert config.vae.block_out_channels == tuple(HUB_VAE["block_out_channels"])
+    assert config.vae.scaling_factor == (0.13025 if family == "sdxl" else 0.18215)
+    for got, want in zip(config.text_encoders, texts):
+        for field, value in want.items():
+            assert getattr(got, field) == value, field
+    tokenizers = [p.name for p in sorted(folder.iterdir()) if p.name.startswith("tokenizer")]
+    assert len(tokenizers) == len(texts)
+    for name in tokenizers:
+        tokenizer = Tokenizer.from_folder(folder / name)  # CLIP's real vocabulary, from the package
+        assert len(tokenizer.vocab) == 49408 and tokenizer.encode("a photograph") == [320, 8853]
+        assert tokenizer.pad_id == (0 if name == "tokenizer_2" or family == "sd2" else 49407)
+
+
+def test_half_precision_file_and_older_clip_key_layout(tiny_model, checkpoint, tmp_path):
+    """A float16 file (most community files), and SD 1.x keys without `text_model.` (older files)."""
+    import mlx.core as mx
+
+    tensors = load_file(str(checkpoint("sd1")))
+    prefix = "cond_stage_model.transformer."
+    old = {(prefix + k[len(prefix + "text_model."):] if k.startswith(prefix) else k): v.astype(np.float16)
+           for k, v in tensors.items()}
+    path = tmp_path / "old.safetensors"
+    save_file(old, str(path), metadata=single_file.Checkpoint(checkpoint("sd1")).metadata)
+    assert single_file.Checkpoint(path).text["text_encoder"] == (prefix, "clip-bare")
+    folder, source = model_io.resolve_model(str(path), variant="fp16")
+    model_io.check_model_folder(folder, "fp16")
+    ours = StableDiffusion.from_folder(folder, read_pipeline_config(folder), mx.float16, "fp16", source)
+    reference = StableDiffusion.from_pretrained(str(tiny_model("sd1")), dtype=mx.float16)
+    for a, b in zip(networks(ours), networks(reference)):
+        pa, pb = parameters(a), parameters(b)
+        assert all(pa[k].dtype == mx.float16 and np.array_equal(pa[k], pb[k]) for k in pb)
