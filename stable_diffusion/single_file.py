@@ -29,6 +29,9 @@ What is inferred, and from what:
   them such a file is refused with a line saying which value is missing.
 - prediction type: `prediction_type=` when given, else v-prediction when the file holds a
   `v_pred` tensor (the marker several tools write), else epsilon.
+
+View folders are small (configs, tokenizer files) and cached per file identity and options under
+SD_SINGLE_FILE_CACHE, by default a per-user folder in the system's temporary directory.
 """
 
 from __future__ import annotations
@@ -72,13 +75,15 @@ _PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 
 def refuse_pickle(path: Path) -> None:
+    """Pickle files are never opened; the message gives the one-line conversion (torch's
+    weights-only loader, which refuses code, then safetensors)."""
     if path.suffix.lower() in _PICKLE_SUFFIXES:
         raise ModelError(f"{path} is a pickle checkpoint: loading one can run any code it holds, so "
-                         "this tool reads safetensors only; convert it once on a machine you trust "
-                         "(python -c \"import torch, safetensors.torch as s; "
-                         "d = torch.load('in.ckpt', weights_only=True); "
-                         "s.save_file({k: v.contiguous() for k, v in d.get('state_dict', d).items() "
-                         "if hasattr(v, 'contiguous')}, 'out.safetensors')\") or use a .safetensors copy")
+                         "this tool reads safetensors only; convert it once (python -c \"import torch, "
+                         f"safetensors.torch as s; d = torch.load('{path}', weights_only=True); "
+                         "s.save_file({k: v.contiguous().clone() for k, v in d.get('state_dict', d).items() "
+                         f"if torch.is_tensor(v)}}, '{path.with_suffix('.safetensors')}')\") or use a "
+                         ".safetensors copy of the model")
 
 
 class Checkpoint:
@@ -428,8 +433,8 @@ def load_component(model, pointer: dict, mapper, dtype=mx.float32):
         for new_key, new_value in mapper(key, value):
             if new_value.shape != expected[new_key].shape:
                 layout = " (channels last)" if new_value.ndim == 4 else ""
-                raise ModelError(f"{path}: tensor {ldm} has shape {tuple(value.shape)}, the inferred "
-                                 f"config implies {tuple(expected[new_key].shape)}{layout}" + mismatch)
+                raise ModelError(f"{path}: tensor {ldm} has shape {tuple(new_value.shape)}{layout}, the "
+                                 f"inferred config implies {tuple(expected[new_key].shape)}" + mismatch)
             weights.append((new_key, new_value.astype(dtype)))
     allowed = _allowed_extras(prefix, kind, pointer)
     unexpected = sorted(k for k in header if k.startswith(prefix) and k not in used and not allowed(k)

@@ -466,3 +466,23 @@ def test_half_precision_file_and_older_clip_key_layout(tiny_model, checkpoint, t
     for a, b in zip(networks(ours), networks(reference)):
         pa, pb = parameters(a), parameters(b)
         assert all(pa[k].dtype == mx.float16 and np.array_equal(pa[k], pb[k]) for k in pb)
+
+
+@pytest.mark.reference
+def test_the_conversion_the_pickle_message_gives_works(checkpoint, tmp_path):
+    """The command in the .ckpt refusal, run as printed, makes a file that loads as the original."""
+    import re
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file as load_torch
+
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": load_torch(str(checkpoint("sd1"))), "global_step": 1}, path)
+    message = expect_model_error(lambda: model_io.resolve_model(str(path)), "is a pickle checkpoint")
+    code = re.search(r'python -c "(.+?)"\)', message).group(1)
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    converted = load_file(str(path.with_suffix(".safetensors")))
+    original = load_file(str(checkpoint("sd1")))
+    assert converted.keys() == original.keys() and all(np.array_equal(converted[k], original[k]) for k in original)
