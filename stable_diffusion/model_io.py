@@ -28,6 +28,7 @@ ALIASES = {
     "sd21": "stabilityai/stable-diffusion-2-1",
     "sdxl-base": "stabilityai/stable-diffusion-xl-base-1.0",
 }
+
 WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
                 "text_encoder": "model", "text_encoder_2": "model"}
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
