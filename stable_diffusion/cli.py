@@ -71,8 +71,14 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("model and sampling")
     g.add_argument("--model", default="sd",
-                   help="sd (stabilityai/stable-diffusion-2-1-base), sdxl (stabilityai/sdxl-turbo), a "
-                        "hub id[@revision] or a local diffusers folder (default: sd)")
+                   help="sd (stabilityai/stable-diffusion-2-1-base: SD 2.1 base, 512 px), sdxl "
+                        "(stabilityai/sdxl-turbo: 512 px, few steps), sd15 (stable-diffusion-v1-5/"
+                        "stable-diffusion-v1-5: SD 1.5, 512 px), sd21 (stabilityai/stable-diffusion-2-1: "
+                        "768 px, v-prediction), sdxl-base (stabilityai/stable-diffusion-xl-base-1.0: "
+                        "1024 px); a hub id[@revision], a local diffusers folder or a single-file "
+                        ".safetensors checkpoint (default: sd)")
+    g.add_argument("--vae", help="replace the model's VAE: a diffusers VAE folder or an LDM VAE .safetensors file")
+    g.add_argument("--prediction_type", choices=("epsilon", "v_prediction"), help="what the UNet predicts, for a single file that does not say (SD 2.x 768 models: v_prediction)")
     if img2img:
         g.add_argument("--strength", type=float, default=0.9,
                        help="how deep to noise the picture, 0 < s <= 1 (default 0.9)")
@@ -233,7 +239,8 @@ def build_specs(command: str, args) -> tuple:
         n_images=args.n_images, n_rows=args.n_rows,
         size=None if img2img else _size(args.size), capture=capture, inversion=inversion).validate()
     dtype = "float32" if args.no_float16 else args.dtype
-    return spec, ModelSpec(args.model, dtype, args.quantize, args.preload_models)
+    return spec, ModelSpec(args.model, dtype, args.quantize, args.preload_models, args.vae,
+                           args.prediction_type)
 
 
 def replay_argv(spec: RunSpec, model_arg: str, model: ModelSpec) -> list:
@@ -257,6 +264,8 @@ def replay_argv(spec: RunSpec, model_arg: str, model: ModelSpec) -> list:
     for flag, value, default in (
             ("--negative_prompt", spec.negative_prompt, ""), ("--n_images", spec.n_images, 1),
             ("--n_rows", spec.n_rows, 1), ("--dtype", model.dtype, None),
+            ("--vae", model.vae and os.path.abspath(model.vae), None),
+            ("--prediction_type", model.prediction_type, None),
             ("-sd", c.every, None), ("--save_last_N", c.last, None), ("--snapshot", c.shows, "xt"),
             ("--show_noising", c.noising_every, None), ("--noising_path", c.noising_path, "shared"),
             ("--preview", c.preview, "vae"), ("--taesd", c.taesd, None),

@@ -24,6 +24,9 @@ from .errors import ModelError
 ALIASES = {
     "sd": "stabilityai/stable-diffusion-2-1-base",
     "sdxl": "stabilityai/sdxl-turbo",
+    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd21": "stabilityai/stable-diffusion-2-1",
+    "sdxl-base": "stabilityai/stable-diffusion-xl-base-1.0",
 }
 
 WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
@@ -45,19 +48,36 @@ def parse_model_spec(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
-def resolve_model(spec: str, variant: str | None = None) -> tuple[Path, dict]:
+def resolve_model(spec: str, variant: str | None = None, vae: str | Path | None = None,
+                  prediction_type: str | None = None) -> tuple[Path, dict]:
     """Return the local folder of a model and where it came from.
 
     A local folder is used as it is. A hub id is fetched through huggingface_hub's cache (only the
-    files the tool reads), which honours HF_HUB_OFFLINE and HF_HUB_CACHE.
+    files the tool reads), which honours HF_HUB_OFFLINE and HF_HUB_CACHE. A single-file LDM
+    checkpoint (.safetensors) becomes a folder in the diffusers layout whose weights point into
+    the file (see single_file.py); `vae` replaces its VAE (a diffusers VAE folder or an LDM VAE
+    file) and `prediction_type` ("epsilon" or "v_prediction") overrides what the file suggests.
     """
+    from . import single_file
+
     name, revision = parse_model_spec(spec)
     path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".safetensors":
+            single_file.refuse_pickle(path)
+            raise ModelError(f"--model {spec}: {path} is a file but not .safetensors; pass a "
+                             "single-file checkpoint (.safetensors) or a diffusers folder")
+        return single_file.view_folder(path, vae, prediction_type)
+    if vae is not None or prediction_type is not None:
+        if not path.is_dir():
+            folder, source = resolve_model(spec, variant)
+        else:
+            folder, source = path, {"model": str(path.resolve()), "revision": None, "source": "folder"}
+        return single_file.folder_view(folder, vae, prediction_type), dict(
+            source, **({"vae": str(Path(vae).resolve())} if vae is not None else {}),
+            **({"prediction_type": prediction_type} if prediction_type is not None else {}))
     if path.is_dir():
         return path, {"model": str(path.resolve()), "revision": None, "source": "folder"}
-    if path.exists():
-        raise ModelError(f"--model {spec}: {path} is a file; pass the folder that holds "
-                         "model_index.json (the diffusers layout)")
     if not _HUB_ID.match(name):
         raise ModelError(_not_a_model(spec, name))
     folder = _download(name, revision, variant)
@@ -156,7 +176,7 @@ def _download(repo_id: str, revision: str | None, variant: str | None,
 def _pipeline_patterns(variant: str | None) -> list[str]:
     patterns = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json",
                 "tokenizer*/vocab.json", "tokenizer*/merges.txt", "tokenizer*/tokenizer_config.json",
-                "tokenizer*/special_tokens_map.json"]
+                "tokenizer*/special_tokens_map.json", "tokenizer*/tokenizer.json"]
     for component, stem in WEIGHT_STEMS.items():
         for s in ([f"{stem}.{variant}", stem] if variant else [stem]):
             patterns += [f"{component}/{s}.safetensors", f"{component}/{s}.safetensors.index.json",
@@ -258,11 +278,24 @@ def check_model_folder(folder: Path, variant: str | None = None) -> dict:
             for path in weight_files(folder / component, variant):
                 read_safetensors_header(path)
     for tokenizer in sorted(c for c in present if c.startswith("tokenizer")):
-        for name in ("vocab.json", "merges.txt"):
-            if not (folder / tokenizer / name).is_file():
-                raise ModelError(f"{folder / tokenizer} has no {name}; the model folder is "
-                                 "incomplete: download it again")
+        where = folder / tokenizer
+        if (where / "tokenizer.json").is_file() and not (where / "vocab.json").is_file():
+            continue  # the layout transformers 5 saves: vocabulary and merges in one file
+        missing = [n for n in ("vocab.json", "merges.txt") if not (where / n).is_file()]
+        if missing:
+            raise ModelError(f"{where} has no {' and no '.join(missing)} (nor tokenizer.json); "
+                             f"the model folder is incomplete: {refetch_advice(folder)}")
     return index
+
+
+def refetch_advice(folder: Path) -> str:
+    """How to complete a folder: fetch it again when it is a hub cache snapshot, else say where
+    the files come from (the folder was written by someone, who can write it again)."""
+    folder = Path(folder)
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return "download it again"
+    return ("copy the missing files from the model's original folder, or save the model again "
+            "(diffusers' save_pretrained writes every file)")
 
 
 def weight_files(component_folder: Path, variant: str | None = None) -> list[Path]:
@@ -270,7 +303,12 @@ def weight_files(component_folder: Path, variant: str | None = None) -> list[Pat
     component_folder = Path(component_folder)
     if not component_folder.is_dir():
         raise ModelError(f"missing component folder {component_folder}; the model folder is "
-                         "incomplete: download it again")
+                         f"incomplete: {refetch_advice(component_folder.parent)}")
+    pointer = _pointer(component_folder)
+    if pointer is not None:  # a view folder (single_file.py): the weights live elsewhere
+        if "folder" in pointer:
+            return weight_files(Path(pointer["folder"]), variant)
+        return [Path(pointer["file"])]
     stem = WEIGHT_STEMS.get(component_folder.name, "diffusion_pytorch_model")
     candidates = [f"{stem}.{variant}", stem] if variant else [stem, f"{stem}.fp16"]
     for s in candidates:
@@ -279,10 +317,16 @@ def weight_files(component_folder: Path, variant: str | None = None) -> list[Pat
             return [single]
         index = component_folder / f"{s}.safetensors.index.json"
         if index.is_file():
-            shards = sorted(set(load_json(index).get("weight_map", {}).values()))
+            weight_map = load_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ModelError(f"{index} has no weight_map (tensor name -> shard file); "
+                                 f"{refetch_advice(component_folder.parent)}")
+            shards = sorted(set(weight_map.values()))
             missing = [n for n in shards if not (component_folder / n).is_file()]
             if missing or not shards:
-                raise ModelError(f"{index} names shard(s) that are missing: {', '.join(missing) or 'none listed'}")
+                raise ModelError(f"{index} names shard(s) that are missing: "
+                                 f"{', '.join(missing) or 'none listed'}; "
+                                 f"{refetch_advice(component_folder.parent)}")
             return [component_folder / n for n in shards]
     pickles = sorted(p.name for p in component_folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
     if pickles:
@@ -290,7 +334,7 @@ def weight_files(component_folder: Path, variant: str | None = None) -> list[Pat
                          "files can run code when loaded, so only safetensors are read: convert them "
                          "to safetensors or use a model revision that has them")
     raise ModelError(f"{component_folder} has no {stem}.safetensors weights; the model folder is "
-                     "incomplete: download it again")
+                     f"incomplete: {refetch_advice(component_folder.parent)}")
 
 
 # --- reading and checking tensors ----------------------------------------------------------------
@@ -349,8 +393,22 @@ def _load_file(path: Path) -> dict:
         raise ModelError(f"cannot read {path} ({e}); download it again") from None
 
 
+def _pointer(component_folder: Path) -> dict | None:
+    from .single_file import POINTER
+
+    path = component_folder / POINTER
+    return load_json(path) if path.is_file() else None
+
+
 def load_weights(model, component_folder, mapper, dtype=mx.float32, variant: str | None = None):
     """Load a component's safetensors weights into `model`, strictly, cast to `dtype`."""
+    pointer = _pointer(Path(component_folder))
+    if pointer is not None and "file" in pointer:
+        from .single_file import load_component
+
+        return load_component(model, pointer, mapper, dtype)
+    if pointer is not None:
+        return load_weights(model, pointer["folder"], mapper, dtype, variant)
     files = weight_files(Path(component_folder), variant)
     weights, origin = {}, {}
     for path in files:
@@ -395,6 +453,10 @@ def _mlx_layout(value: mx.array) -> mx.array:
 def map_clip_weights(key: str, value: mx.array) -> list:
     if key.endswith("position_ids"):  # a buffer older transformers versions saved; not a weight
         return []
+    # A CLIPTextModel's own state dict has no `text_model.` prefix (some transformers versions
+    # save it so); hub checkpoints and CLIPTextModelWithProjection keep it.
+    if not key.startswith(("text_model.", "text_projection.")):
+        key = "text_model." + key
     return [(key, value)]
 
 

@@ -97,7 +97,8 @@ class Session:
         """Resolve the model and read its configs and tokenizers: no weights."""
         if self.config is not None:
             return
-        self.folder, source = model_io.resolve_model(self.model_spec.model, self.variant)
+        m = self.model_spec
+        self.folder, source = model_io.resolve_model(m.model, self.variant, m.vae, m.prediction_type)
         model_io.check_model_folder(self.folder, self.variant)
         config = read_pipeline_config(self.folder, self.notices)
         model_arg = f"{source['model']}@{source['commit']}" if source.get("source") == "hub" else source["model"]

@@ -89,11 +89,21 @@ def tiny_configs(family: str) -> dict:
     return configs
 
 
-def write_tiny_model(folder, family: str, seed: int = 0, variant: str | None = None) -> Path:
+LAYOUTS = ("hub", "saved")
+
+
+def write_tiny_model(folder, family: str, seed: int = 0, variant: str | None = None,
+                     layout: str = "hub") -> Path:
     """Write a tiny random model of `family` to `folder` in the diffusers layout; return the folder.
 
-    `variant="fp16"` writes float16 weights under diffusers' variant file names.
+    `variant="fp16"` writes float16 weights under diffusers' variant file names. `layout="saved"`
+    writes what `save_pretrained` with transformers 5 writes instead of a hub repository's files:
+    the tokenizers as tokenizer.json + tokenizer_config.json (no vocab.json, merges.txt), the text
+    encoders' keys without the `text_model.` prefix, and the UNet in two shards with an index file.
+    The weights are the same in both layouts.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     folder = Path(folder)
     configs = tiny_configs(family)
     xl = family == "sdxl"
@@ -127,11 +137,33 @@ def write_tiny_model(folder, family: str, seed: int = 0, variant: str | None = N
         tensors = random_tensors(component_shapes, seed=zlib.crc32(f"{seed}/{name}".encode()))
         if variant == "fp16":
             tensors = {k: v.astype(np.float16) for k, v in tensors.items()}
-        save_file(tensors, str(folder / name / f"{stem}{suffix}.safetensors"))
+        if layout == "saved" and name.startswith("text_encoder"):
+            tensors = {k.removeprefix("text_model."): v for k, v in tensors.items()}
+        if layout == "saved" and name == "unet":
+            _save_sharded(tensors, folder / name, f"{stem}{suffix}")
+        else:
+            save_file(tensors, str(folder / name / f"{stem}{suffix}.safetensors"))
     for name in ("tokenizer", "tokenizer_2"):
         if name in configs:
-            write_tokenizer(folder / name, configs[name])
+            if layout == "saved":
+                write_tokenizer_json(folder / name, configs[name])
+            else:
+                write_tokenizer(folder / name, configs[name])
     return folder
+
+
+def _save_sharded(tensors: dict, folder: Path, stem: str, shards: int = 2) -> None:
+    """Split `tensors` over `shards` files named as diffusers names them, with their index file."""
+    names = sorted(tensors)
+    weight_map = {}
+    for i in range(shards):
+        shard = f"{stem}-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = names[i::shards]
+        save_file({k: tensors[k] for k in part}, str(folder / shard))
+        weight_map.update(dict.fromkeys(part, shard))
+    size = sum(v.nbytes for v in tensors.values())
+    _write_json(folder / f"{stem}.safetensors.index.json",
+                {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))})
 
 
 def random_tensors(shapes: dict, seed: int) -> dict:
@@ -510,6 +542,68 @@ def write_tokenizer(folder: Path, config: dict) -> None:
     _write_json(folder / "special_tokens_map.json", {r: config[r] for r in roles if r in config})
 
 
+def write_tokenizer_json(folder: Path, config: dict) -> None:
+    """tokenizer.json + tokenizer_config.json as transformers 5's save_pretrained writes them: the
+    vocabulary, merges and added tokens in tokenizer.json, and no added_tokens_decoder."""
+    folder = Path(folder)
+    vocab, merges = tokenizer_vocabulary()
+    roles = ("bos_token", "eos_token", "pad_token", "unk_token")
+    specials = sorted({config[r] for r in roles if r in config}, key=lambda t: vocab[t])
+    record = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+    pattern = ("<\\|startoftext\\|>|<\\|endoftext\\|>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|"
+               "[^\\s\\p{L}\\p{N}]+")
+    data = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": vocab[t], "content": t, **record} for t in specials],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "NFC"}, {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "},
+            {"type": "Lowercase"}]},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Removed", "invert": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]},
+        "post_processor": {"type": "RobertaProcessing", "sep": [config["eos_token"], vocab[config["eos_token"]]],
+                           "cls": [config["bos_token"], vocab[config["bos_token"]]],
+                           "trim_offsets": False, "add_prefix_space": False},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": config["unk_token"],
+                  "continuing_subword_prefix": "", "end_of_word_suffix": "</w>", "fuse_unk": False,
+                  "byte_fallback": False, "ignore_merges": False, "vocab": vocab,
+                  "merges": [[a, b] for a, b in merges]},
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n",
+                                           encoding="utf-8")
+    saved = {k: v for k, v in config.items() if k != "added_tokens_decoder"}
+    _write_json(folder / "tokenizer_config.json", dict(saved, backend="tokenizers"))
+
+
+def write_single_file(folder, path, family: str, dtype=None) -> Path:
+    """Write the diffusers model in `folder` as one LDM single-file checkpoint at `path` (the
+    layout of community .safetensors files; see single_file.ldm_state_dict). The values its shapes
+    cannot show (heads, normalisation groups) go in its metadata, as single_file.py reads them."""
+    from .single_file import ARCHITECTURE_KEY, ldm_state_dict
+
+    folder, path = Path(folder), Path(path)
+    tensors = ldm_state_dict(folder, family)
+    if dtype is not None:
+        tensors = {k: v.astype(dtype) for k, v in tensors.items()}
+    configs = {name: json.loads((folder / name / "config.json").read_text())
+               for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+               if (folder / name / "config.json").is_file()}
+    unet = configs["unet"]
+    architecture = {
+        "unet": {"attention_head_dim": unet.get("num_attention_heads") or unet.get("attention_head_dim", 8),
+                 "norm_num_groups": unet.get("norm_num_groups", 32)},
+        "vae": {"norm_num_groups": configs["vae"].get("norm_num_groups", 32)},
+    }
+    for name in ("text_encoder", "text_encoder_2"):
+        if name in configs:
+            architecture[name] = {"num_attention_heads": configs[name]["num_attention_heads"]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={ARCHITECTURE_KEY: json.dumps(architecture)})
+    return path
+
+
 def main(argv=None) -> int:
     """`python -m stable_diffusion.testing FOLDER [--family sd2]`: write a tiny model to try the tools."""
     import argparse
@@ -519,9 +613,15 @@ def main(argv=None) -> int:
     parser.add_argument("folder", type=Path)
     parser.add_argument("--family", choices=FAMILIES, default="sd2")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layout", choices=LAYOUTS, default="hub",
+                        help="hub: a hub repository's files; saved: what save_pretrained writes")
+    parser.add_argument("--single_file", type=Path, help="also write the model as one LDM .safetensors here")
     args = parser.parse_args(argv)
-    write_tiny_model(args.folder, args.family, args.seed)
+    write_tiny_model(args.folder, args.family, args.seed, layout=args.layout)
     print(f"wrote a tiny {args.family} model to {args.folder}")
+    if args.single_file is not None:
+        write_single_file(args.folder, args.single_file, args.family)
+        print(f"wrote it as a single-file checkpoint to {args.single_file}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""CLIP's byte-level BPE tokenizer, read from a diffusers `tokenizer/` folder (vocab.json + merges.txt).
+"""CLIP's byte-level BPE tokenizer, read from a diffusers `tokenizer/` folder: vocab.json + merges.txt
+(hub repositories), or tokenizer.json alone (folders saved by transformers 5).
 
 It reproduces transformers' `CLIPTokenizer` (5.x, backed by the `tokenizers` library), which is what
 diffusers pipelines run:
@@ -144,20 +145,20 @@ def split_words(text: str) -> list:
 class Tokenizer:
     """CLIP BPE tokenizer. `tokenize(texts)` gives fixed-length id rows as the text encoder reads them."""
 
-    def __init__(self, vocab_path, merges_path, config: TokenizerConfig | None = None,
-                 added_tokens: dict | None = None):
-        """`added_tokens`: token -> whether it is matched after the clean-up (transformers'
-        `normalized`) rather than in the raw text; by default the config's special tokens, raw."""
+    def __init__(self, vocab: dict, ranks: dict, config: TokenizerConfig | None = None,
+                 added_tokens: dict | None = None, source: Path | str = "the vocabulary"):
+        """`vocab`: token -> id; `ranks`: (left, right) -> merge rank, best first. `added_tokens`:
+        token -> whether it is matched after the clean-up (transformers' `normalized`) rather than
+        in the raw text; by default the config's special tokens, raw. `source` names the files in
+        errors."""
         self.config = TokenizerConfig() if config is None else config
-        vocab_path, merges_path = Path(vocab_path), Path(merges_path)
-        self.vocab = _read_vocab(vocab_path)
-        self.ranks = _read_merges(merges_path)
+        self.vocab, self.ranks = vocab, ranks
         roles = (self.config.bos_token, self.config.eos_token, self.config.pad_token, self.config.unk_token)
         added = dict.fromkeys(roles, False)
         added.update(added_tokens or {})
         missing = sorted(t for t in added if t not in self.vocab)
         if missing:
-            raise ModelError(f"{vocab_path} has no entry for the special token {missing[0]!r}; "
+            raise ModelError(f"{source} has no entry for the special token {missing[0]!r}; "
                              "the tokenizer files do not belong together, download them again")
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = (self.vocab[t] for t in roles)
         self._tokens = {i: t for t, i in self.vocab.items()}
@@ -171,12 +172,18 @@ class Tokenizer:
 
     @classmethod
     def from_folder(cls, folder, config: TokenizerConfig | None = None) -> "Tokenizer":
-        """Read a diffusers tokenizer folder: vocab.json, merges.txt and, unless `config` is given,
-        the special-token settings (see `read_tokenizer_config`)."""
+        """Read a diffusers tokenizer folder: vocab.json + merges.txt where present, else
+        tokenizer.json; and, unless `config` is given, the special-token settings (see
+        `read_tokenizer_config`)."""
         folder = Path(folder)
         if config is None:
             config = read_tokenizer_config(folder)
-        return cls(folder / "vocab.json", folder / "merges.txt", config, read_added_tokens(folder))
+        added = read_added_tokens(folder)
+        if (folder / "vocab.json").is_file() or not (folder / "tokenizer.json").is_file():
+            vocab, ranks = _read_vocab(folder / "vocab.json"), _read_merges(folder / "merges.txt")
+            return cls(vocab, ranks, config, added, folder / "vocab.json")
+        vocab, ranks, from_json = read_tokenizer_json(folder / "tokenizer.json")
+        return cls(vocab, ranks, config, {**added, **from_json}, folder / "tokenizer.json")
 
     @property
     def max_length(self) -> int:
@@ -347,3 +354,50 @@ def _read_merges(path: Path) -> dict:
                              "download the tokenizer again")
         ranks.setdefault(pair, len(ranks))
     return ranks
+
+
+# The clean-up and pre-tokenisation steps of CLIP's tokenizer.json (as transformers writes it), by
+# type: the ones `Tokenizer` implements. Anything else would give other ids, so it is refused.
+_CLIP_NORMALIZERS = ["NFC", "Replace", "Lowercase"]
+_CLIP_PRE_TOKENIZERS = ["Split", "ByteLevel"]
+
+
+def read_tokenizer_json(path) -> tuple[dict, dict, dict]:
+    """(vocab, merge ranks, added tokens -> normalized flag) from a `tokenizers` tokenizer.json.
+
+    Only CLIP's pipeline is accepted: a BPE model marking word ends with "</w>", the NFC /
+    whitespace / lower-case normalizer and the Split + ByteLevel pre-tokenizer; merges are either
+    "left right" strings (older files) or [left, right] pairs (tokenizers >= 0.20).
+    """
+    path = Path(path)
+    data = _read_json(path)
+    model = data.get("model")
+    if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise ModelError(f"{path} holds no BPE model with a vocabulary; this is not a CLIP "
+                         "tokenizer: use the tokenizer folder that came with the model")
+    if model.get("end_of_word_suffix") != END_OF_WORD:
+        raise ModelError(f"{path}: the BPE model marks word ends with {model.get('end_of_word_suffix')!r}, "
+                         f"CLIP's tokenizer with {END_OF_WORD!r}; use the model's own tokenizer")
+    for field, expected, key in (("normalizer", _CLIP_NORMALIZERS, "normalizers"),
+                                 ("pre_tokenizer", _CLIP_PRE_TOKENIZERS, "pretokenizers")):
+        step = data.get(field) or {}
+        kinds = [s.get("type") for s in step.get(key, [])] if step.get("type") == "Sequence" else [step.get("type")]
+        if kinds != expected:
+            raise ModelError(f"{path}: {field} {' + '.join(map(str, kinds))} is not CLIP's "
+                             f"({' + '.join(expected)}); this tool reads CLIP tokenizers only")
+    vocab = model["vocab"]
+    if not all(isinstance(v, int) for v in vocab.values()):
+        raise ModelError(f"{path}: the vocabulary is not a token -> id map; download it again")
+    ranks = {}
+    for number, merge in enumerate(model.get("merges", [])):
+        pair = tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge)
+        if len(pair) != 2 or not all(isinstance(p, str) for p in pair):
+            raise ModelError(f"{path}: merge {number} is {merge!r}, expected two symbols; "
+                             "download the tokenizer again")
+        ranks.setdefault(pair, len(ranks))
+    added = {}
+    for record in data.get("added_tokens") or []:
+        if isinstance(record, dict) and isinstance(record.get("content"), str):
+            vocab.setdefault(record["content"], record.get("id"))
+            added[record["content"]] = bool(record.get("normalized", False))
+    return vocab, ranks, added

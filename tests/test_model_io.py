@@ -134,13 +134,16 @@ def test_silent_hub_still_serves_the_cached_model(silent_hub, hub_cache):
 
 def test_names_that_are_no_model(tmp_path):
     expect_model_error(lambda: model_io.resolve_model("sdx"), "unknown model alias 'sdx'",
-                       "did you mean 'sdxl'?", "aliases: sd, sdxl")
+                       "did you mean 'sdxl'?", "aliases: sd, sdxl, sd15, sd21, sdxl-base")
     expect_model_error(lambda: model_io.resolve_model(str(tmp_path / "no" / "such")),
                        "is neither a folder nor a hub id")
-    a_file = tmp_path / "model.safetensors"
+    a_file = tmp_path / "model.gguf"
     a_file.write_bytes(b"x")
-    expect_model_error(lambda: model_io.resolve_model(str(a_file)), "is a file",
-                       "pass the folder that holds model_index.json")
+    expect_model_error(lambda: model_io.resolve_model(str(a_file)), "is a file but not .safetensors",
+                       "a diffusers folder")
+    a_file = a_file.with_suffix(".safetensors")  # read as a single-file checkpoint
+    a_file.write_bytes(b"x")
+    expect_model_error(lambda: model_io.resolve_model(str(a_file)), "not a safetensors file (too short)")
 
 
 # --- broken folders -----------------------------------------------------------------------------
@@ -148,8 +151,16 @@ def test_names_that_are_no_model(tmp_path):
 
 def test_missing_component_folder(model):
     shutil.rmtree(model / "vae")
-    expect_model_error(lambda: model_io.check_model_folder(model), "missing component folder",
-                       "vae", "download it again")
+    message = expect_model_error(lambda: model_io.check_model_folder(model), "missing component folder",
+                                 "vae", "save the model again")
+    assert "download" not in message  # a folder someone wrote is not fetched again
+
+
+def test_incomplete_hub_snapshot_says_download_again(hub_cache):
+    snapshot = hub_cache / "models--owner--name" / "snapshots" / COMMIT
+    (snapshot / "tokenizer" / "merges.txt").unlink()
+    expect_model_error(lambda: model_io.check_model_folder(snapshot), "has no merges.txt (nor tokenizer.json)",
+                       "download it again")
 
 
 def test_component_not_listed(model):
@@ -160,8 +171,65 @@ def test_component_not_listed(model):
 
 def test_missing_tokenizer_file(model):
     (model / "tokenizer" / "merges.txt").unlink()
-    expect_model_error(lambda: model_io.check_model_folder(model), "has no merges.txt",
-                       "download it again")
+    expect_model_error(lambda: model_io.check_model_folder(model), "has no merges.txt (nor tokenizer.json)",
+                       "copy the missing files")
+    (model / "tokenizer" / "vocab.json").unlink()
+    expect_model_error(lambda: model_io.check_model_folder(model),
+                       "has no vocab.json and no merges.txt (nor tokenizer.json)")
+
+
+# --- the layout save_pretrained writes ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_saved_layout_loads_the_same_weights(family, tiny_model, tmp_path):
+    from mlx.utils import tree_flatten
+
+    from stable_diffusion.testing import write_tiny_model
+
+    saved = write_tiny_model(tmp_path / "saved", family, layout="saved")
+    assert not (saved / "tokenizer" / "vocab.json").exists()
+    assert (saved / "unet" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    assert not any(k.startswith("text_model.") for k in load_file(str(saved / "text_encoder" / "model.safetensors")))
+    model_io.check_model_folder(saved)
+    ours, hub = StableDiffusion.from_pretrained(str(saved)), StableDiffusion.from_pretrained(str(tiny_model(family)))
+    for a, b in zip([ours.unet, ours.vae, *ours.text_encoders], [hub.unet, hub.vae, *hub.text_encoders]):
+        pa, pb = dict(tree_flatten(a.parameters())), dict(tree_flatten(b.parameters()))
+        assert pa.keys() == pb.keys() and all(np.array_equal(pa[k], pb[k]) for k in pa)
+    for a, b in zip(ours.tokenizers, hub.tokenizers):
+        assert a.encode("wow!!! <|endoftext|> it's a lit fireplace") == b.encode("wow!!! <|endoftext|> it's a lit fireplace")
+        assert (a.bos_id, a.eos_id, a.pad_id) == (b.bos_id, b.eos_id, b.pad_id)
+
+
+def test_shard_index_must_map_tensors_to_files(tmp_path):
+    from stable_diffusion.testing import write_tiny_model
+
+    saved = write_tiny_model(tmp_path / "saved", "sd1", layout="saved")
+    index = saved / "unet" / "diffusion_pytorch_model.safetensors.index.json"
+    edit_json(index, lambda d: d.update(weight_map=["a", "b"]))
+    expect_model_error(lambda: model_io.check_model_folder(saved), "has no weight_map")
+    edit_json(index, lambda d: d.update(weight_map={"conv_in.weight": "gone.safetensors"}))
+    expect_model_error(lambda: model_io.check_model_folder(saved), "names shard(s) that are missing: gone.safetensors")
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_folders_written_by_diffusers_save_pretrained(family, tiny_model, tmp_path, reference, parity):
+    """diffusers + transformers write the folder (tokenizer.json only, their key layout); ours
+    loads it and matches the reference pipeline loaded from the same folder."""
+    import diffusers
+
+    compare_networks = reference("loading").compare_networks
+    cls = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
+    cls.from_pretrained(tiny_model(family)).save_pretrained(tmp_path / "saved")
+    saved = tmp_path / "saved"
+    assert (saved / "tokenizer" / "tokenizer.json").is_file()
+    ours = StableDiffusion.from_pretrained(str(saved))
+    compare_networks(ours, cls.from_pretrained(saved), parity, f"saved/{family}")
+    hub = StableDiffusion.from_pretrained(str(tiny_model(family)))
+    for a, b in zip(ours.tokenizers, hub.tokenizers):
+        text = "wow!!! <|endoftext|> it's a lit fireplace"
+        assert a.tokenize([text])[0].tolist() == b.tokenize([text])[0].tolist()
 
 
 def test_missing_config_file(model):

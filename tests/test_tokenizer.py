@@ -198,3 +198,55 @@ def test_full_clip_vocabulary_matches_transformers(pad, tmp_path, reference):
     samples = ["".join(f"a{c}b {c}{c.upper()} x{c}1 {c}'s " for c in characters[i:i + 50])
                for i in range(0, len(characters), 50)]
     compare_with_transformers(folder, [*PROMPTS, *samples])
+
+
+# --- tokenizer.json (the layout transformers 5 saves) ---------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tokenizer_json_alone_gives_the_same_ids(family, tiny_model, tmp_path, golden):
+    from stable_diffusion.testing import write_tiny_model
+
+    saved = write_tiny_model(tmp_path / "saved", family, layout="saved")
+    reference = golden("tokenizer", family)
+    prompts = [str(p) for p in reference["inputs.prompts"]]
+    for name in tokenizers_of(family):
+        assert not (saved / name / "vocab.json").exists() and not (saved / name / "merges.txt").exists()
+        ids, _ = quiet_tokenize(Tokenizer.from_folder(saved / name), prompts)
+        assert ids.tolist() == reference[f"out.{name}.ids"].tolist()
+
+
+def test_tokenizer_json_that_is_not_clip_is_refused(tiny_model, tmp_path):
+    from stable_diffusion.testing import write_tiny_model
+
+    folder = write_tiny_model(tmp_path / "saved", "sd1", layout="saved") / "tokenizer"
+    data = json.loads((folder / "tokenizer.json").read_text())
+    data["normalizer"]["normalizers"].pop()  # no lower case: other ids than CLIP's
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(ModelError, match="normalizer NFC \\+ Replace is not CLIP's"):
+        Tokenizer.from_folder(folder)
+    data["model"]["type"] = "WordPiece"
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(ModelError, match="no BPE model"):
+        Tokenizer.from_folder(folder)
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("pad", ["<|endoftext|>", "!"])
+def test_full_clip_tokenizer_json_matches_transformers(pad, tmp_path, reference):
+    """CLIP's real vocabulary saved by transformers itself (tokenizer.json, no vocab.json or
+    merges.txt), read by ours: the same ids as transformers on the awkward prompts."""
+    from transformers import CLIPTokenizer
+
+    tools = reference("tokenizer")
+    if tools.open_clip_merges_file() is None:
+        pytest.skip("needs open_clip_torch for CLIP's merges file (pip install --no-deps open_clip_torch)")
+    source = tools.write_full_clip_tokenizer(tmp_path / "clip", tokenizer_config(pad))
+    CLIPTokenizer.from_pretrained(source).save_pretrained(tmp_path / "saved")
+    saved = tmp_path / "saved"
+    for name in ("vocab.json", "merges.txt"):  # whatever this transformers version writes besides
+        (saved / name).unlink(missing_ok=True)
+    assert (saved / "tokenizer.json").is_file()
+    ours = Tokenizer.from_folder(saved)
+    assert len(ours.vocab) == 49408
+    compare_with_transformers(saved, tools.PROMPTS)

@@ -21,13 +21,19 @@ CASES = {
 NOISE_SEED = 1234
 
 
-def reference_pipeline(folder: Path, family: str) -> dict:
+def reference_pipeline(folder: Path, family: str, single_file: Path | None = None, **components) -> dict:
+    """`single_file`: load the weights from that LDM file with `from_single_file`, the configs
+    from `folder`; `components` replace pipeline parts (as from_pretrained's keywords do)."""
     from diffusers import (EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline,
                            StableDiffusionXLImg2ImgPipeline)
 
     prompt, negative, cfg, strength, steps = CASES[family]
     pipeline_class = StableDiffusionXLImg2ImgPipeline if family == "sdxl" else StableDiffusionImg2ImgPipeline
-    pipe = pipeline_class.from_pretrained(folder)  # float32
+    if single_file is None:
+        pipe = pipeline_class.from_pretrained(folder, **components)  # float32
+    else:
+        pipe = pipeline_class.from_single_file(str(single_file), config=str(folder), local_files_only=True,
+                                               **components)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
 

@@ -1,0 +1,488 @@
+"""Single-file LDM checkpoints: family and architecture from the tensors, the same weights as the
+diffusers folder they were written from, parity with diffusers' from_single_file, whole runs
+through the CLI, a replacement VAE, v-prediction, and every way such a file can be refused."""
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from PIL import Image
+from safetensors.numpy import load_file, save_file
+
+from stable_diffusion import model_io, single_file
+from stable_diffusion.config import UNetConfig, read_pipeline_config
+from stable_diffusion.errors import ModelError
+from stable_diffusion.pipeline import StableDiffusion
+from stable_diffusion.testing import FAMILIES, write_single_file
+from stable_diffusion.tokenizer import Tokenizer
+
+import commands
+
+
+@pytest.fixture(autouse=True)
+def view_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SD_SINGLE_FILE_CACHE", str(tmp_path / "views"))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_model, tmp_path_factory):
+    """checkpoint(family) -> an LDM single file written from the tiny diffusers folder."""
+    made = {}
+
+    def make(family):
+        if family not in made:
+            made[family] = write_single_file(tiny_model(family),
+                                             tmp_path_factory.mktemp("ckpt") / f"{family}.safetensors", family)
+        return made[family]
+
+    return make
+
+
+def parameters(model) -> dict:
+    return dict(tree_flatten(model.parameters()))
+
+
+def networks(sd):
+    return [sd.unet, sd.vae, *sd.text_encoders]
+
+
+def expect_model_error(fn, *words):
+    with pytest.raises(ModelError) as info:
+        fn()
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, f"{word!r} not in {message!r}"
+    return message
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_same_networks_as_the_folder(family, tiny_model, checkpoint):
+    ckpt = single_file.Checkpoint(checkpoint(family))
+    assert ckpt.family == family
+    ours = load(checkpoint(family))
+    folder_model = StableDiffusion.from_pretrained(str(tiny_model(family)))
+    for a, b in zip(networks(ours), networks(folder_model)):
+        pa, pb = parameters(a), parameters(b)
+        assert pa.keys() == pb.keys()
+        assert all(np.array_equal(pa[k], pb[k]) for k in pa)
+    # the architecture inferred from shapes (and the metadata's heads and groups) is the folder's
+    for field in ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block",
+                  "cross_attention_dim", "use_linear_projection", "heads", "transformer_layers",
+                  "norm_num_groups", "addition_embed_type", "addition_time_embed_dim"):
+        assert getattr(ours.config.unet, field) == getattr(folder_model.config.unet, field), field
+    assert ours.config.text_encoders == folder_model.config.text_encoders
+    assert ours.config.vae.block_out_channels == folder_model.config.vae.block_out_channels
+    assert ours.config.vae.scaling_factor == folder_model.config.vae.scaling_factor
+    text = "wow!!! it's a lit fireplace"
+    for a, b in zip(ours.tokenizers, folder_model.tokenizers):
+        assert a.tokenize([text])[0].tolist() == b.tokenize([text])[0].tolist()
+
+
+def load(path, **options) -> StableDiffusion:
+    """The whole loader, as the CLI drives it (`resolve_model`, then the folder path)."""
+    folder, source = model_io.resolve_model(str(path), **options)
+    model_io.check_model_folder(folder)
+    return StableDiffusion.from_folder(folder, read_pipeline_config(folder), source=source)
+
+
+def test_sd2_file_holds_the_unread_last_block(checkpoint):
+    keys = single_file.Checkpoint(checkpoint("sd2")).shapes
+    assert "cond_stage_model.model.transformer.resblocks.3.attn.in_proj_weight" in keys  # 3 used + 1
+    assert keys["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"] == (96, 32)
+
+
+# --- parity with diffusers' from_single_file --------------------------------------------------------
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("family", FAMILIES)
+def test_matches_diffusers_from_single_file(family, tiny_model, checkpoint, reference, parity, monkeypatch):
+    import diffusers
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    compare_networks = reference("loading").compare_networks
+    cls = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
+    pipe = cls.from_single_file(str(checkpoint(family)), config=str(tiny_model(family)), local_files_only=True)
+    if family == "sdxl":
+        # diffusers picks SDXL's second encoder by its width differing from the first's (768 and
+        # 1280 in real models); the tiny encoders are both 32 wide, so it takes embedders.0 twice.
+        # Its own OpenCLIP conversion, called directly, gives the reference for embedders.1.
+        pipe.text_encoder_2 = openclip_reference(checkpoint(family), tiny_model(family) / "text_encoder_2")
+    ours = load(checkpoint(family))
+    compare_networks(ours, pipe, parity, f"single_file/{family}")
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("family", FAMILIES)
+def test_whole_run_matches_diffusers_from_single_file(family, tiny_model, checkpoint, reference, parity,
+                                                      monkeypatch):
+    """An img2img run from the single file against diffusers' img2img pipeline built by
+    from_single_file from the same file (tools/reference_pipeline.py's case and noise)."""
+    import math
+
+    from stable_diffusion.sampler import Sampler
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    extra = {}
+    if family == "sdxl":  # see test_matches_diffusers_from_single_file
+        extra["text_encoder_2"] = openclip_reference(checkpoint(family), tiny_model(family) / "text_encoder_2")
+    case = reference("pipeline").reference_pipeline(tiny_model(family), family, checkpoint(family), **extra)
+    # the tiny sd2 folder, which gave the reference its scheduler config, is v-prediction
+    sd = load(checkpoint(family), prediction_type="v_prediction" if family == "sd2" else None)
+    sd.sampler = Sampler(sd.config.scheduler, "euler")  # the reference runs plain Euler
+    steps = list(sd.generate_latents_from_image(
+        case["inputs.picture"], str(case["case.prompt"]), strength=float(case["case.strength"]),
+        num_steps=int(case["case.steps"]), cfg_weight=float(case["case.cfg"]),
+        negative_text=str(case["case.negative"]), noise=case["inputs.noise"]))
+    assert [s.t for s in steps] == list(case["inputs.times"])
+    for step, expected in zip(steps[1:], case["out.steps_ve"]):
+        parity(f"single_file/{family}/run.step_latents", np.array(step.x_t) * math.sqrt(1 + step.sigma**2), expected)
+    parity(f"single_file/{family}/run.picture", sd.decode(steps[-1].x_t), case["out.picture"])
+
+
+def openclip_reference(path, config_folder):
+    import torch
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from safetensors.torch import load_file as load_torch
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    model = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(config_folder)).eval()
+    state = convert_open_clip_checkpoint(model, load_torch(str(path)), prefix="conditioner.embedders.1.model.")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith("position_ids") for k in missing), (missing, unexpected)
+    return model.to(torch.float32)
+
+
+# --- whole runs through the command line ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("input") / "input.png"
+    yy, xx = np.mgrid[0:64, 0:64]
+    Image.fromarray(np.stack([xx * 4, yy * 4, (xx + yy) * 2], axis=-1).astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cli_single_file_and_folder_give_the_same_pictures(family, tiny_model, checkpoint, picture,
+                                                           tmp_path):
+    folder = tmp_path / "folder"
+    shutil.copytree(tiny_model(family), folder)
+    # The file carries no scheduler: it gets its family's (from the package), so the folder is
+    # given the same one; everything else is the folder's own.
+    scheduler = json.loads(single_file._data("schedulers", f"{family}.json").read_text())
+    if family == "sd2":
+        scheduler["prediction_type"] = "v_prediction"
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", scheduler["_class_name"]]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    extra = ["--prediction_type", "v_prediction"] if family == "sd2" else []
+    common = [picture, "a red barn", "--steps", 4, "--strength", 0.75, "--cfg", 3, "--seed", 5, "-sd", 1]
+    a, b = tmp_path / "file" / "a.png", tmp_path / "dir" / "b.png"
+    env = dict(__import__("os").environ, SD_SINGLE_FILE_CACHE=str(tmp_path / "views"))
+    commands.run("image2image.py", *common, "--model", checkpoint(family), *extra, "--output", a,
+                 env=env, check=True)
+    commands.run("image2image.py", *common, "--model", folder, "--output", b, env=env, check=True)
+    for k in range(4):
+        step_a, step_b = a.with_name(f"a.step-{k:03d}.png"), b.with_name(f"b.step-{k:03d}.png")
+        assert Image.open(step_a).tobytes() == Image.open(step_b).tobytes(), k
+    assert Image.open(a).tobytes() == Image.open(b).tobytes()
+    sidecar = json.loads(a.with_suffix(".json").read_text())
+    assert str(checkpoint(family)) in json.dumps(sidecar)
+
+
+# --- options: v-prediction, a replacement VAE -------------------------------------------------------
+
+
+def test_prediction_type_from_the_v_pred_key_or_the_keyword(checkpoint, tmp_path):
+    path = tmp_path / "vpred.safetensors"
+    tensors = load_file(str(checkpoint("sd2")))
+    assert read_pipeline_config(model_io.resolve_model(str(checkpoint("sd2")))[0]).scheduler.prediction_type == "epsilon"
+    tensors["v_pred"] = np.zeros((), np.float32)
+    save_file(tensors, str(path), metadata=single_file.Checkpoint(checkpoint("sd2")).metadata)
+    folder, source = model_io.resolve_model(str(path))
+    config = read_pipeline_config(folder)
+    assert config.scheduler.prediction_type == "v_prediction" and source["prediction_type"] == "v_prediction"
+    assert config.unet.sample_size == 96  # SD 2.x 768-v
+    folder, _ = model_io.resolve_model(str(path), prediction_type="epsilon")
+    assert read_pipeline_config(folder).scheduler.prediction_type == "epsilon"
+    expect_model_error(lambda: model_io.resolve_model(str(path), prediction_type="sample"),
+                       "prediction type 'sample'", "epsilon, v_prediction")
+
+
+def test_replacement_vae_from_a_folder_or_an_ldm_file(checkpoint, tiny_model, tmp_path):
+    other = tiny_model("sdxl")  # same VAE architecture, other weights (another seed's files)
+    vae_file = tmp_path / "vae.safetensors"
+    ldm = load_file(str(write_single_file(other, tmp_path / "x.safetensors", "sdxl")))
+    save_file({k.removeprefix("first_stage_model."): v for k, v in ldm.items() if k.startswith("first_stage_model.")},
+              str(vae_file), metadata={single_file.ARCHITECTURE_KEY: json.dumps({"vae": {"norm_num_groups": 4}})})
+    reference = parameters(StableDiffusion.from_pretrained(str(other)).vae)
+    for vae in (other, other / "vae", vae_file):
+        sd = load(checkpoint("sd1"), vae=vae)
+        got = parameters(sd.vae)
+        assert all(np.array_equal(got[k], reference[k]) for k in reference)
+        assert sd.config.vae.scaling_factor == pytest.approx(0.18215 if vae == vae_file else 0.13025)
+        assert sd.source["vae"] == str(Path(vae).resolve())
+    # a folder model's VAE can be replaced too
+    got = parameters(load(tiny_model("sd1"), vae=other / "vae").vae)
+    assert all(np.array_equal(got[k], reference[k]) for k in reference)
+    expect_model_error(lambda: model_io.resolve_model(str(checkpoint("sd1")), vae=tmp_path / "none"),
+                       "no such file or folder")
+
+
+# --- refusals ----------------------------------------------------------------------------------------
+
+
+def test_pickle_checkpoint_is_refused_unopened(tmp_path, checkpoint):
+    import pickle
+
+    marker = tmp_path / "unpickled"
+
+    class Payload:  # unpickling this creates `marker`: the proof that the file was loaded
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    for name in ("model.ckpt", "model.pt", "model.bin"):
+        path = tmp_path / name
+        path.write_bytes(pickle.dumps(Payload()))
+        expect_model_error(lambda: model_io.resolve_model(str(path)), "is a pickle checkpoint",
+                           "can run any code", "weights_only=True", "save_file")
+        expect_model_error(lambda: model_io.resolve_model(str(checkpoint("sd1")), vae=path),
+                           "is a pickle checkpoint")
+    assert not marker.exists()
+
+
+def test_unknown_family_and_other_files(tmp_path, checkpoint):
+    tensors = load_file(str(checkpoint("sd1")))
+    keep = {k: v for k, v in tensors.items() if not k.startswith("cond_stage_model.")}
+    keep["cond_stage_model.encoder.weight"] = np.zeros(3, np.float32)
+    save_file(keep, str(tmp_path / "odd.safetensors"))
+    expect_model_error(lambda: model_io.resolve_model(str(tmp_path / "odd.safetensors")),
+                       "unknown checkpoint family", "supported: SD 1.x, SD 2.x, SDXL")
+    save_file({"lora_unet_down.alpha": np.zeros(1, np.float32)}, str(tmp_path / "lora.safetensors"))
+    expect_model_error(lambda: model_io.resolve_model(str(tmp_path / "lora.safetensors")), "a LoRA")
+    save_file({k: v for k, v in tensors.items() if k.startswith("first_stage_model.")},
+              str(tmp_path / "vae.safetensors"))
+    expect_model_error(lambda: model_io.resolve_model(str(tmp_path / "vae.safetensors")),
+                       "has no model.diffusion_model.* tensors", "a VAE alone (pass it with --vae)")
+
+
+def test_checkpoint_without_vae_needs_one(checkpoint, tiny_model, tmp_path):
+    tensors = load_file(str(checkpoint("sd1")))
+    path = tmp_path / "no-vae.safetensors"
+    save_file({k: v for k, v in tensors.items() if not k.startswith("first_stage_model.")}, str(path),
+              metadata=single_file.Checkpoint(checkpoint("sd1")).metadata)
+    expect_model_error(lambda: model_io.resolve_model(str(path)), "holds no VAE", "--vae")
+    sd = load(path, vae=tiny_model("sd1") / "vae")
+    assert sd.source["vae"] == str((tiny_model("sd1") / "vae").resolve())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("change, words", [
+    ("drop", ("is missing tensor",)),
+    ("reshape", ("has shape", "the inferred config implies")),
+    ("stray", ("has unexpected tensor",)),
+])
+def test_missing_misshaped_and_unexpected_tensors_named_by_ldm_key(family, change, words, checkpoint, tmp_path):
+    tensors = load_file(str(checkpoint(family)))
+    metadata = single_file.Checkpoint(checkpoint(family)).metadata
+    victims = {"sd1": "cond_stage_model.transformer.text_model.encoder.layers.1.mlp.fc2.bias",
+               "sd2": "cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight",
+               "sdxl": "model.diffusion_model.output_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"}
+    victim = victims[family]
+    if change == "drop":
+        tensors.pop(victim)
+    elif change == "reshape":
+        tensors[victim] = tensors[victim][:-3] if family == "sd2" else tensors[victim][..., :-1]
+    else:
+        victim = "first_stage_model.decoder.up.0.block.0.extra.weight"
+        tensors[victim] = np.zeros(2, np.float32)
+    path = tmp_path / "broken.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    message = expect_model_error(lambda: load(path), *words, victim)
+    assert str(path) in message
+
+
+def test_truncated_file_is_caught_by_the_folder_check(checkpoint, tmp_path):
+    path = tmp_path / "cut.safetensors"
+    data = checkpoint("sd1").read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    expect_model_error(lambda: model_io.resolve_model(str(path)), "is truncated or corrupt", str(path))
+    path.write_bytes(struct.pack("<Q", 10) + b"{not json}")
+    expect_model_error(lambda: model_io.resolve_model(str(path)), "corrupt safetensors header")
+
+
+def test_widths_that_fit_no_rule_need_the_metadata(checkpoint, tmp_path):
+    path = tmp_path / "bare.safetensors"
+    save_file(load_file(str(checkpoint("sd2"))), str(path))  # no metadata: tiny widths fit no rule
+    expect_model_error(lambda: model_io.resolve_model(str(path)), "widths [32] are not multiples of 64",
+                       single_file.ARCHITECTURE_KEY)
+
+
+# --- aliases -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alias, repo", [("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+                                         ("sd21", "stabilityai/stable-diffusion-2-1"),
+                                         ("sdxl-base", "stabilityai/stable-diffusion-xl-base-1.0")])
+def test_aliases_resolve_through_the_hub_cache(alias, repo, tiny_model, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    storage = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+    family = {"sd15": "sd1", "sd21": "sd2", "sdxl-base": "sdxl"}[alias]
+    shutil.copytree(tiny_model(family), storage / "snapshots" / commit)
+    (storage / "refs").mkdir()
+    (storage / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    folder, source = model_io.resolve_model(alias)
+    assert source == {"model": repo, "revision": "main", "commit": commit, "source": "hub"}
+    sd = StableDiffusion.from_pretrained(alias)
+    # defaults come from the model's configs: the tiny sdxl folder is a turbo-like one
+    assert (sd.defaults.num_steps, sd.defaults.cfg_weight) == ((2, 0.0) if family == "sdxl" else (50, 7.5))
+
+
+def test_aliases_are_listed_in_help():
+    result = commands.run("image2image.py", "--help", check=True)
+    text = "".join(result.stdout.split())  # argparse wraps lines, even inside a hub id
+    for alias, repo in model_io.ALIASES.items():
+        assert f"{alias}({repo}:" in text
+    assert "--vae" in text and "single-file" in text and "v-prediction" in text
+
+
+# --- real sizes: the family rules give the hub configs ---------------------------------------------
+
+# The architecture fields of the hub repositories' configs (unet/, vae/, text_encoder*/config.json).
+HUB = {
+    "sd15": ("sd1", dict(block_out_channels=[320, 640, 1280, 1280], attention_head_dim=8, cross_attention_dim=768,
+                         down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                         up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3),
+             [dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                   hidden_act="quick_gelu")]),
+    "sd21": ("sd2", dict(block_out_channels=[320, 640, 1280, 1280], attention_head_dim=[5, 10, 20, 20],
+                         cross_attention_dim=1024, use_linear_projection=True,
+                         down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                         up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3),
+             [dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                   hidden_act="gelu")]),
+    "sdxl-base": ("sdxl", dict(block_out_channels=[320, 640, 1280], attention_head_dim=[5, 10, 20],
+                               cross_attention_dim=2048, use_linear_projection=True,
+                               transformer_layers_per_block=[1, 2, 10], addition_embed_type="text_time",
+                               addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+                               down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 2,
+                               up_block_types=["CrossAttnUpBlock2D"] * 2 + ["UpBlock2D"]),
+                  [dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                        hidden_act="quick_gelu"),
+                   dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                        hidden_act="gelu", projection_dim=1280)]),
+}
+HUB_VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32)
+
+
+def ldm_shapes(family, unet, texts) -> dict:
+    """LDM tensor names and shapes of a full-size checkpoint, through the diffusers shapes."""
+    from stable_diffusion.testing import clip_shapes, unet_shapes, vae_shapes
+
+    shapes = {single_file.UNET + single_file.unet_ldm_key(k, unet): s for k, s in unet_shapes(unet).items()}
+    shapes.update({single_file.VAE + single_file.vae_ldm_key(k, HUB_VAE): s
+                   for k, s in vae_shapes(HUB_VAE).items()})
+    for (name, (prefix, kind)), config in zip(single_file.TEXT_PREFIXES[family].items(), texts):
+        architecture = "CLIPTextModelWithProjection" if "projection_dim" in config else "CLIPTextModel"
+        for key, shape in clip_shapes(dict(config, vocab_size=49408, architectures=[architecture])).items():
+            ldm, third = single_file.clip_ldm_key(key, kind)
+            shape = (3 * shape[0], *shape[1:]) if third is not None else shape
+            shapes[prefix + ldm] = shape[::-1] if ldm == "text_projection" else shape
+        if family == "sd2":  # the unread last block and the projection real SD 2.x files hold
+            last = config["num_hidden_layers"]
+            shapes.update({k.replace(".resblocks.0.", f".resblocks.{last}."): s for k, s in shapes.items()
+                           if k.startswith(prefix + "transformer.resblocks.0.")})
+            shapes[prefix + "text_projection"] = (1024, 1024)
+    return shapes
+
+
+def sparse_safetensors(path, shapes: dict) -> None:
+    """A valid safetensors file of float16 zeros with these shapes, sparse on disk (no data written)."""
+    header, offset = {}, 0
+    for name in sorted(shapes):
+        size = 2 * int(np.prod(shapes[name]))
+        header[name] = {"dtype": "F16", "shape": list(shapes[name]), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)
+
+
+@pytest.mark.parametrize("alias", HUB)
+def test_real_sizes_infer_the_hub_configs(alias, tmp_path):
+    family, unet, texts = HUB[alias]
+    unet = dict(unet, layers_per_block=2)
+    path = tmp_path / f"{alias}.safetensors"
+    sparse_safetensors(path, ldm_shapes(family, unet, texts))
+    folder, source = model_io.resolve_model(str(path))
+    config = read_pipeline_config(folder)
+    assert source["family"] == family
+    expected = UNetConfig.from_diffusers(unet)
+    for field in ("block_out_channels", "down_block_types", "up_block_types", "heads", "transformer_layers",
+                  "cross_attention_dim", "use_linear_projection", "norm_num_groups", "layers_per_block",
+                  "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+        assert getattr(config.unet, field) == getattr(expected, field), field
+    assert config.vae.block_out_channels == tuple(HUB_VAE["block_out_channels"])
+    assert config.vae.scaling_factor == (0.13025 if family == "sdxl" else 0.18215)
+    for got, want in zip(config.text_encoders, texts):
+        for field, value in want.items():
+            assert getattr(got, field) == value, field
+    tokenizers = [p.name for p in sorted(folder.iterdir()) if p.name.startswith("tokenizer")]
+    assert len(tokenizers) == len(texts)
+    for name in tokenizers:
+        tokenizer = Tokenizer.from_folder(folder / name)  # CLIP's real vocabulary, from the package
+        assert len(tokenizer.vocab) == 49408 and tokenizer.encode("a photograph") == [320, 8853]
+        assert tokenizer.pad_id == (0 if name == "tokenizer_2" or family == "sd2" else 49407)
+
+
+def test_half_precision_file_and_older_clip_key_layout(tiny_model, checkpoint, tmp_path):
+    """A float16 file (most community files), and SD 1.x keys without `text_model.` (older files)."""
+    import mlx.core as mx
+
+    tensors = load_file(str(checkpoint("sd1")))
+    prefix = "cond_stage_model.transformer."
+    old = {(prefix + k[len(prefix + "text_model."):] if k.startswith(prefix) else k): v.astype(np.float16)
+           for k, v in tensors.items()}
+    path = tmp_path / "old.safetensors"
+    save_file(old, str(path), metadata=single_file.Checkpoint(checkpoint("sd1")).metadata)
+    assert single_file.Checkpoint(path).text["text_encoder"] == (prefix, "clip-bare")
+    folder, source = model_io.resolve_model(str(path), variant="fp16")
+    model_io.check_model_folder(folder, "fp16")
+    ours = StableDiffusion.from_folder(folder, read_pipeline_config(folder), mx.float16, "fp16", source)
+    reference = StableDiffusion.from_pretrained(str(tiny_model("sd1")), dtype=mx.float16)
+    for a, b in zip(networks(ours), networks(reference)):
+        pa, pb = parameters(a), parameters(b)
+        assert all(pa[k].dtype == mx.float16 and np.array_equal(pa[k], pb[k]) for k in pb)
+
+
+@pytest.mark.reference
+def test_the_conversion_the_pickle_message_gives_works(checkpoint, tmp_path):
+    """The command in the .ckpt refusal, run as printed, makes a file that loads as the original."""
+    import re
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file as load_torch
+
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": load_torch(str(checkpoint("sd1"))), "global_step": 1}, path)
+    message = expect_model_error(lambda: model_io.resolve_model(str(path)), "is a pickle checkpoint")
+    code = re.search(r'python -c "(.+?)"\)', message).group(1)
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    converted = load_file(str(path.with_suffix(".safetensors")))
+    original = load_file(str(checkpoint("sd1")))
+    assert converted.keys() == original.keys() and all(np.array_equal(converted[k], original[k]) for k in original)
