@@ -125,8 +125,6 @@ def test_whole_run_matches_diffusers_from_single_file(family, tiny_model, checkp
     from_single_file from the same file (tools/reference_pipeline.py's case and noise)."""
     import math
 
-    from stable_diffusion.sampler import Sampler
-
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     extra = {}
     if family == "sdxl":  # see test_matches_diffusers_from_single_file
@@ -134,11 +132,11 @@ def test_whole_run_matches_diffusers_from_single_file(family, tiny_model, checkp
     case = reference("pipeline").reference_pipeline(tiny_model(family), family, checkpoint(family), **extra)
     # the tiny sd2 folder, which gave the reference its scheduler config, is v-prediction
     sd = load(checkpoint(family), prediction_type="v_prediction" if family == "sd2" else None)
-    sd.sampler = Sampler(sd.config.scheduler, "euler")  # the reference runs plain Euler
     steps = list(sd.generate_latents_from_image(
         case["inputs.picture"], str(case["case.prompt"]), strength=float(case["case.strength"]),
         num_steps=int(case["case.steps"]), cfg_weight=float(case["case.cfg"]),
-        negative_text=str(case["case.negative"]), noise=case["inputs.noise"]))
+        negative_text=str(case["case.negative"]), noise=case["inputs.noise"],
+        sampler="euler", schedule="linear"))  # the reference runs plain Euler at our times
     assert [s.t for s in steps] == list(case["inputs.times"])
     for step, expected in zip(steps[1:], case["out.steps_ve"]):
         parity(f"single_file/{family}/run.step_latents", np.array(step.x_t) * math.sqrt(1 + step.sigma**2), expected)
