@@ -28,7 +28,7 @@ from .errors import InputError, ModelError, NumericalError, OutputError
 from .ops import release_cpu_buffers
 from .pipeline import StableDiffusion, model_defaults, random_seed
 from .sampler import Sampler, plan as make_plan
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, check_fits_encoder
 from .trajectory import (FileNames, default_triangle_every, noising_times, snapshot_indices,
                          triangle_rows)
 
@@ -231,8 +231,10 @@ class Job:
         if args.negative_prompt and self.cfg <= 1.0:
             console.notice(f"--negative_prompt is not used with --cfg {self.cfg:g}: guidance, which "
                            "reads it, needs a cfg above 1")
-        tokenizers = [self._tokenizer(folder / tok)
-                      for (_, tok), _ in zip(TEXT_COMPONENTS, config.text_encoders)]
+        tokenizers = []
+        for (_, tok), encoder in zip(TEXT_COMPONENTS, config.text_encoders):
+            tokenizers.append(self._tokenizer(folder / tok))
+            check_fits_encoder(tokenizers[-1], encoder, folder / tok)
         texts = [("prompt", args.prompt)]
         if self.cfg > 1.0:
             texts.append(("negative prompt", args.negative_prompt))

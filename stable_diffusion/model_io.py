@@ -238,7 +238,12 @@ def weight_files(component_folder: Path, variant: str | None = None) -> list[Pat
             return [single]
         index = component_folder / f"{s}.safetensors.index.json"
         if index.is_file():
-            shards = sorted(set(load_json(index).get("weight_map", {}).values()))
+            weight_map = load_json(index).get("weight_map", {})
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(v, str) and v and Path(v).name == v for v in weight_map.values()):
+                raise ModelError(f"{index}: field weight_map must map tensor names to shard file "
+                                 "names in this folder; download the model again")
+            shards = sorted(set(weight_map.values()))
             missing = [n for n in shards if not (component_folder / n).is_file()]
             if missing or not shards:
                 raise ModelError(f"{index} names shard(s) that are missing: {', '.join(missing) or 'none listed'}")
