@@ -1,9 +1,9 @@
 """The command line of both scripts: one argument builder, one job runner.
 
 Exit status: 0 done, 2 bad input (one line on stderr saying what to do), 1 a failure that is not
-the input's fault (a full disk, NaN in the latents, a bug), 130 interrupted by Ctrl-C and 143 by
-SIGTERM (every file already written is kept, whole, and the sidecar says so). Tracebacks only with
---verbose.
+the input's fault (a full disk, NaN in the latents, an unreachable hub, a bug), 130 interrupted by
+Ctrl-C, 143 by SIGTERM and 129 by SIGHUP (every file already written is kept, whole, and the sidecar
+says so). Tracebacks only with --verbose.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import errno
 import math
+import os
 import signal
 import sys
 import threading
@@ -19,12 +20,20 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError, NumericalError, OutputError
+from .errors import HubUnreachable, InputError, NumericalError, OutputError
 
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
               "0": False, "false": False, "no": False, "off": False}
 DTYPES = ("float32", "float16", "bfloat16")
 SNAPSHOT_KINDS = ("xt", "x0", "both")
+# Bounds of the numeric arguments: what the code can represent and a machine can run. Steps bound
+# the plan (a strength s needs ceil(1/s) steps), so strengths below 1 / MAX_STEPS are refused too.
+MAX_STEPS = 10_000
+MAX_CFG = 100.0
+MAX_IMAGES = 64
+MAX_SIDE = 4096
+# Signals that stop a run, keeping what it wrote: Ctrl-C, `kill`/`timeout`, a closed terminal.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _flag(text: str) -> bool:
@@ -94,6 +103,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     c = p.add_argument_group("what to save")
     c.add_argument("--output", "-o", default="out.png", help="final picture; every other file is "
                    "named after it (default out.png)")
+    c.add_argument("--wait", action="store_true", help="when another run is writing the same "
+                   "--output, wait for it to end (default: refuse at once)")
     c.add_argument("-sd", "--show_denoising", type=_positive_int, metavar="N",
                    help="save a snapshot every N steps (plus the start and the final)")
     c.add_argument("--snapshot", choices=SNAPSHOT_KINDS, default="xt",
@@ -140,12 +151,26 @@ def check_arguments(args, command: str) -> None:
     """Everything that can be checked before a file is read or a model loaded."""
     if getattr(args, "strength", 1.0) is not None and not 0.0 < getattr(args, "strength", 1.0) <= 1.0:
         raise InputError(f"--strength {args.strength:g} is outside (0, 1]; use e.g. --strength 0.6")
+    if getattr(args, "strength", 1.0) < 1.0 / MAX_STEPS:
+        raise InputError(f"--strength {args.strength:g} is too small: one step at it needs more than "
+                         f"{MAX_STEPS} steps in all; use --strength {1.0 / MAX_STEPS:g} or more")
     if args.steps is not None and args.steps < 1:
         raise InputError(f"--steps {args.steps} is less than 1; use --steps 1 or more")
+    if args.steps is not None and args.steps > MAX_STEPS:
+        raise InputError(f"--steps {args.steps} is more than {MAX_STEPS}; use fewer steps")
     if args.cfg is not None and not math.isfinite(args.cfg):
         raise InputError(f"--cfg {args.cfg:g} is not a number; use 0 (no guidance) or more, e.g. 7.5")
     if args.cfg is not None and args.cfg < 0:
         raise InputError(f"--cfg {args.cfg:g} is negative; use 0 (no guidance) or more")
+    if args.cfg is not None and args.cfg > MAX_CFG:
+        raise InputError(f"--cfg {args.cfg:g} is more than {MAX_CFG:g}, where guidance only amplifies "
+                         "numerical noise; use e.g. --cfg 7.5")
+    for flag in ("n_images", "decoding_batch_size"):
+        if getattr(args, flag) > MAX_IMAGES:
+            raise InputError(f"--{flag} {getattr(args, flag)} is more than {MAX_IMAGES}; run several "
+                             "times with different --seed values instead")
+    if getattr(args, "size", None) is not None:
+        check_size(args.size)
     if args.seed is not None and not 0 <= args.seed < 2**64:
         raise InputError(f"--seed {args.seed} is outside 0 .. 2**64 - 1; use a whole number in that range")
     if args.n_images % args.n_rows:
@@ -158,8 +183,55 @@ def check_arguments(args, command: str) -> None:
             DEFAULT_TRIANGLE_STRENGTHS if args.triangle_strengths is None else args.triangle_strengths)
         if args.n_images != 1:
             raise InputError("the triangle shows one picture per cell: use --n_images 1 with -gt")
+        if args.triangle_strengths[0] < 1.0 / MAX_STEPS or len(args.triangle_strengths) > MAX_IMAGES:
+            raise InputError(f"--triangle_strengths: use at most {MAX_IMAGES} strengths of "
+                             f"{1.0 / MAX_STEPS:g} or more")
     if Path(args.output).suffix.lower() != ".png":
         raise InputError(f"--output {args.output} must end in .png")
+    check_output_name(args)
+
+
+def check_size(text: str) -> tuple:
+    """txt2image's --size HEIGHTxWIDTH: multiples of 64, at most MAX_SIDE pixels a side."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise InputError(f"--size {text!r} is not HEIGHTxWIDTH, e.g. 512x768") from None
+    if h < 64 or w < 64 or h % 64 or w % 64:
+        raise InputError(f"--size {h}x{w}: both sides must be multiples of 64, e.g. 512x768")
+    if max(h, w) > MAX_SIDE:
+        raise InputError(f"--size {h}x{w}: the sides must be at most {MAX_SIDE} pixels")
+    return h, w
+
+
+def check_output_name(args) -> None:
+    """The longest name the run writes beside --output must fit the file system's name limit:
+    found now, not after the model has loaded."""
+    output = Path(args.output)
+    suffixes = [".json"]  # the sidecar
+    if args.show_denoising or args.save_last_N or getattr(args, "generate_triangle", False):
+        suffixes.append(f".step-{MAX_STEPS:05d}.png")
+    if getattr(args, "show_noising", None):
+        suffixes += [".noise-strip.png", ".noise-t100000.png"]
+    if args.animate:
+        suffixes.append(f".anim.{args.animate}")
+    longest = max(suffixes, key=len)
+    size = len(os.fsencode(output.with_suffix("").name)) + len(longest)
+    folder = output.parent.absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for path in (output, output.with_suffix(".json")):
+        if path.is_dir():
+            raise InputError(f"--output {output}: {path} is a folder, where the run writes a file; "
+                             "choose another --output name")
+    if max(size, len(os.fsencode(output.name))) > limit:
+        raise InputError(f"--output {output.name[:40]}...: the run writes names up to {size} bytes "
+                         f"(the stem and {longest!r}), more than the {limit} this file system allows; "
+                         "use a shorter name")
 
 
 @dataclass
@@ -175,19 +247,19 @@ class Console:
 
     def say(self, line: str) -> None:
         if not self.quiet:
-            print(line, flush=True)
+            emit(line, sys.stdout)
 
     def notice(self, line: str) -> None:
         if not self.quiet:
-            print(f"note: {line}", file=sys.stderr, flush=True)
+            emit(f"note: {line}", sys.stderr)
 
     def error(self, line: str) -> None:
         """Always shown, even with --quiet: how the run ended."""
-        print(line, file=sys.stderr, flush=True)
+        emit(line, sys.stderr)
 
     def detail(self, line: str) -> None:
         if self.verbose:
-            print(line, file=sys.stderr, flush=True)
+            emit(line, sys.stderr)
 
     def progress(self, iterable=None, total=None, desc=None):
         from tqdm import tqdm
@@ -196,50 +268,148 @@ class Console:
                     dynamic_ncols=True)
 
 
+def emit(line: str, stream) -> None:
+    """Print a line; a reader that has gone (`| head -1`) ends the printing, not the run."""
+    try:
+        print(line, file=stream, flush=True)
+    except BrokenPipeError:
+        # Later writes, and the flush at exit, go to /dev/null instead of failing again.
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, stream.fileno())
+            os.close(null)
+        except (OSError, ValueError, AttributeError):  # not a file-backed stream: nothing to do
+            pass
+
+
+def _open_standard_streams() -> None:
+    """Reopen closed fds 0-2 on /dev/null: otherwise the first file the run opens takes the number
+    (a weight file read as "stdin", a picture that print() writes into). Output that cannot be
+    encoded (PYTHONIOENCODING=ascii, bytes that were not UTF-8) is escaped, never an error."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
+        if getattr(sys, name) is None:  # Python leaves it None when the fd was closed at start
+            setattr(sys, name, open(fd, mode, encoding="utf-8", errors="backslashreplace",
+                                    closefd=False))
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):
+            pass
+
+
+def _check_environment() -> None:
+    """Settings read from the environment that would fail deep inside a library."""
+    # huggingface_hub reads these as whole seconds at import, and fails on "2.5".
+    for name in ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT"):
+        text = os.environ.get(name)
+        if text is None or text.strip().isdigit():
+            continue
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = math.nan
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise InputError(f"{name}={text!r} is not a number of seconds; set e.g. {name}=10")
+        os.environ[name] = str(math.ceil(seconds))
+    tmp = os.environ.get("TMPDIR")
+    if tmp and not (os.path.isdir(tmp) and os.access(tmp, os.W_OK | os.X_OK)):
+        raise InputError(f"TMPDIR={tmp!r} is not a folder this user can write to; create it, or "
+                         "unset TMPDIR")
+
+
+def _text_argument(args, name: str, console) -> None:
+    """A prompt given as bytes that are not UTF-8 (kept by Python as surrogates) is read with each
+    bad byte replaced by U+FFFD; the bytes themselves are kept in `args.<name>_bytes` for the
+    metadata."""
+    text = getattr(args, name)
+    try:
+        text.encode("utf-8")
+        return
+    except UnicodeEncodeError:
+        pass
+    raw = os.fsencode(text)
+    setattr(args, name, raw.decode("utf-8", "replace"))
+    setattr(args, f"{name}_bytes", raw)
+    console.notice(f"the {name.replace('_', ' ')} is not UTF-8 text: its bad bytes read as U+FFFD "
+                   "(the bytes are kept in the sidecar)")
+
+
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, `timeout`, a job scheduler): stops the run like Ctrl-C, exit 128 + 15."""
+    """SIGTERM (`kill`, `timeout`, a job scheduler) or SIGHUP (a closed terminal): stops the run
+    like Ctrl-C, exit 128 + the signal's number."""
 
     signum = signal.SIGTERM
 
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__()
+        self.signum = signum
 
-def _terminate(signum, frame):
-    raise Terminated()
+
+def _stop(signum, frame):
+    # The first signal stops the run. Later ones (a second Ctrl-C, the SIGHUP of the terminal
+    # closing after it) are ignored: the shutdown that writes the sidecar runs to its end, and no
+    # traceback is printed.
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
 
 def main(command: str, argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     verbose = "-v" in argv or "--verbose" in argv
-    # Without a handler SIGTERM kills at once, leaving a temporary file and a "running" sidecar.
+    _open_standard_streams()
+    # Without handlers SIGTERM and SIGHUP kill at once, leaving temporaries and a "running" sidecar.
     on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
+    previous = {s: signal.signal(s, _stop) for s in STOP_SIGNALS} if on_main_thread else {}
     try:
         args = build_parser(command).parse_args(argv)
         console = Console(args.quiet, args.verbose)
         if args.print_parser:
             for key, value in sorted(vars(args).items()):
-                print(f"{key}: {value!r}")
+                emit(f"{key}: {value!r}", sys.stdout)
         check_arguments(args, command)
+        _check_environment()
+        for name in ("prompt", "negative_prompt"):
+            _text_argument(args, name, console)
+        from . import metadata
         from .job import Job  # the heavy imports (mlx, networks) only once the arguments are sane
 
-        return Job(command, args, argv, console).run()
+        def waiting(holder):
+            console.notice(f"{args.output} is being written by another run ({holder}); waiting")
+
+        try:
+            with metadata.output_lock(args.output, args.wait, waiting):
+                return Job(command, args, argv, console).run()
+        except metadata.OutputBusy as e:
+            raise InputError(f"{e}; wait for it to end (or run with --wait), or choose another "
+                             "--output") from None
     except SystemExit as e:  # --help
         return int(e.code or 0)
     except InputError as e:
         _report(e, verbose)
         return 2
-    except (OutputError, NumericalError) as e:
+    except (OutputError, NumericalError, HubUnreachable) as e:
         _report(e, verbose, suffix=_output_advice(e))
         return 1
     except KeyboardInterrupt as e:  # before the run was under way: nothing was written
-        print("interrupted before the first step; nothing was written", file=sys.stderr, flush=True)
+        emit("interrupted before the first step; nothing was written", sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)
     except Exception as e:  # a failure of the tool or the machine, not of the input
         _report(e, verbose, prefix=f"failed ({type(e).__name__}): ",
                 suffix="" if verbose else " (run again with --verbose for the traceback)")
         return 1
     finally:
-        if on_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            if signal.getsignal(signum) is _stop:  # after a stop signal, later ones stay ignored
+                signal.signal(signum, handler)
 
 
 def _output_advice(error: Exception) -> str:
@@ -255,7 +425,7 @@ def _report(error: Exception, verbose: bool, prefix: str = "error: ", suffix: st
     if verbose:
         traceback.print_exception(error)
     message = " ".join(line.strip() for line in str(error).splitlines())  # one line, always
-    print(f"{prefix}{message}{suffix}", file=sys.stderr, flush=True)
+    emit(f"{prefix}{message}{suffix}", sys.stderr)
 
 
 def image2image_main(argv=None) -> int:

@@ -22,7 +22,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import images, metadata, model_io, render
-from .cli import elapsed, reproduce_argv
+from .cli import STOP_SIGNALS, elapsed, reproduce_argv
 from .config import TEXT_COMPONENTS, read_pipeline_config
 from .errors import InputError, ModelError, NumericalError, OutputError
 from .ops import release_cpu_buffers
@@ -179,7 +179,7 @@ class Job:
                              "output folder")
         metadata.check_output_dir(folder)
         self.created_folders = missing  # deepest first
-        removed = metadata.remove_stale_temporaries(folder)
+        removed = metadata.remove_stale_temporaries(folder, self.output.with_suffix("").name)
         if removed:
             self.console.notice(f"removed {len(removed)} temporary file(s) left by a killed run in "
                                 f"{folder}: {', '.join(removed[:3])}" + (" ..." if len(removed) > 3 else ""))
@@ -339,6 +339,9 @@ class Job:
             "argv": reproduce_argv(self.command, args, self.seed, self.source),
             "versions": versions(),
         }
+        for name in ("prompt", "negative_prompt"):  # given as bytes that are not UTF-8
+            if getattr(args, f"{name}_bytes", None) is not None:
+                record[f"{name}_bytes_hex"] = getattr(args, f"{name}_bytes").hex()
         if any(self.dropped_tokens.values()):
             record["dropped_tokens"] = dict(self.dropped_tokens)
         if self.img2img:
@@ -580,7 +583,7 @@ class Job:
         shield = threading.current_thread() is threading.main_thread()
         previous = {}
         if shield:
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in STOP_SIGNALS:
                 previous[signum] = signal.signal(signum, signal.SIG_IGN)
         try:
             try:
@@ -610,8 +613,7 @@ def interrupts_deferred():
         yield
         return
     pending = []
-    signums = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in signums}
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in STOP_SIGNALS}
     try:
         yield
     finally:

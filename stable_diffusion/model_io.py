@@ -19,7 +19,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import components, load_json
-from .errors import ModelError
+from .errors import HubUnreachable, ModelError
 
 ALIASES = {
     "sd": "stabilityai/stable-diffusion-2-1-base",
@@ -146,8 +146,11 @@ def _download(repo_id: str, revision: str | None, variant: str | None) -> Path:
             raise ModelError(f"revision {revision!r} of {repo_id} is not in the local hub cache "
                              f"(cached: {', '.join(cached)}) and {unreachable}; use a cached "
                              "revision or fetch this one on a connected machine") from None
-        raise ModelError(f"{shown} is not in the local hub cache ({constants.HF_HUB_CACHE}) and "
-                         f"{unreachable or 'the hub cannot be reached'}; {local_help}") from None
+        message = (f"{shown} is not in the local hub cache ({constants.HF_HUB_CACHE}) and "
+                   f"{unreachable or 'the hub cannot be reached'}; {local_help}")
+        if unreachable is not None and not constants.HF_HUB_OFFLINE:
+            raise HubUnreachable(message) from None  # the network failed, not the user's choice
+        raise ModelError(message) from None
     except RevisionNotFoundError:
         raise ModelError(f"revision {revision!r} does not exist in {repo_id}; "
                          "check the name after '@'") from None

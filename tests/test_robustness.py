@@ -22,7 +22,7 @@ from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 from stable_diffusion import cli
-from stable_diffusion.metadata import TRAJECTORY_KEY
+from stable_diffusion.metadata import TRAJECTORY_KEY, host_id
 from stable_diffusion.pipeline import StableDiffusion
 from stable_diffusion.tokenizer import Tokenizer
 
@@ -230,18 +230,22 @@ def test_output_folder_made_and_old_files_replaced(tmp_path, sd2):
     ended = subprocess.Popen(["true"])
     ended.wait()
     dead = ended.pid  # a process that has ended: its temporaries are stale
-    stale = folder / f".o.step-001.png.tmp-{dead}-0badf00d"
-    live = folder / f".o.png.tmp-{os.getpid()}-12345678"  # this process lives: left alone
-    stale.write_bytes(b"half a picture")
-    live.write_bytes(b"half a picture")
+    host = host_id()
+    stale = folder / f".o.step-001.png.tmp-{host}-{dead}-0badf00d"
+    kept = [folder / f".o.png.tmp-{host}-{os.getpid()}-12345678",  # this process lives
+            folder / f".o.png.tmp-0000beef-{dead}-12345678",  # another host's (a shared folder)
+            folder / f".other.png.tmp-{host}-{dead}-12345678"]  # another run's name
+    for path in [stale, *kept]:
+        path.write_bytes(b"half a picture")
 
     second = run("txt2image.py", *args)
     assert second.returncode == 0, second.stderr
     assert "note: removed 1 temporary file(s) left by a killed run" in second.stderr
     assert (folder / "o.png").read_bytes() == final
     assert sidecar(folder / "o.json")["status"] == "finished"
-    assert not stale.exists() and live.exists()
-    live.unlink()
+    assert not stale.exists() and all(path.exists() for path in kept)
+    for path in kept:
+        path.unlink()
     assert assert_whole_pictures(folder) == ["o.png", "o.step-000.png", "o.step-001.png", "o.step-002.png"]
 
 
