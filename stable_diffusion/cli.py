@@ -224,10 +224,10 @@ def check_output_name(args) -> None:
         limit = os.pathconf(folder, "PC_NAME_MAX")
     except (OSError, ValueError):
         limit = 255
-    for path in (output, output.with_suffix(".json")):
-        if path.is_dir():
-            raise InputError(f"--output {output}: {path} is a folder, where the run writes a file; "
-                             "choose another --output name")
+    record = output.with_suffix(".json")
+    if record.is_dir():
+        raise InputError(f"--output {output}: {record} is a folder, where the run writes its record; "
+                         "choose another --output name")
     if max(size, len(os.fsencode(output.name))) > limit:
         raise InputError(f"--output {output.name[:40]}...: the run writes names up to {size} bytes "
                          f"(the stem and {longest!r}), more than the {limit} this file system allows; "
@@ -353,12 +353,18 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
+def ignore_signal(signum, frame) -> None:
+    """A handler that does nothing. Unlike SIG_IGN it also takes a signal that arrived just before
+    it was installed, which Python would otherwise report as an OSError ("ignored due to race
+    condition") from wherever the main thread happens to be."""
+
+
 def _stop(signum, frame):
     # The first signal stops the run. Later ones (a second Ctrl-C, the SIGHUP of the terminal
     # closing after it) are ignored: the shutdown that writes the sidecar runs to its end, and no
     # traceback is printed.
     for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+        signal.signal(s, ignore_signal)
     raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
 
@@ -380,13 +386,14 @@ def main(command: str, argv=None) -> int:
         for name in ("prompt", "negative_prompt"):
             _text_argument(args, name, console)
         from . import metadata
-        from .job import Job  # the heavy imports (mlx, networks) only once the arguments are sane
 
         def waiting(holder):
             console.notice(f"{args.output} is being written by another run ({holder}); waiting")
 
         try:
             with metadata.output_lock(args.output, args.wait, waiting):
+                from .job import Job  # the heavy imports (mlx, networks) once the arguments are sane
+
                 return Job(command, args, argv, console).run()
         except metadata.OutputBusy as e:
             raise InputError(f"{e}; wait for it to end (or run with --wait), or choose another "
@@ -407,9 +414,17 @@ def main(command: str, argv=None) -> int:
                 suffix="" if verbose else " (run again with --verbose for the traceback)")
         return 1
     finally:
+        stopped = any(signal.getsignal(s) is ignore_signal for s in previous)
         for signum, handler in previous.items():
-            if signal.getsignal(signum) is _stop:  # after a stop signal, later ones stay ignored
+            if not stopped:
                 signal.signal(signum, handler)
+                continue
+            # After a stop signal, later ones stay ignored through the interpreter's exit too
+            # (which resets Python handlers to the default: a late SIGHUP would kill it).
+            try:
+                signal.signal(signum, signal.SIG_IGN)
+            except OSError:  # one arrived just now: it is ignored as well
+                pass
 
 
 def _output_advice(error: Exception) -> str:

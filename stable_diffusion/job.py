@@ -22,7 +22,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import images, metadata, model_io, render
-from .cli import STOP_SIGNALS, elapsed, reproduce_argv
+from .cli import STOP_SIGNALS, elapsed, ignore_signal, reproduce_argv
 from .config import TEXT_COMPONENTS, read_pipeline_config
 from .errors import InputError, ModelError, NumericalError, OutputError
 from .ops import release_cpu_buffers
@@ -584,7 +584,7 @@ class Job:
         previous = {}
         if shield:
             for signum in STOP_SIGNALS:
-                previous[signum] = signal.signal(signum, signal.SIG_IGN)
+                previous[signum] = signal.signal(signum, ignore_signal)
         try:
             try:
                 self._write_sidecar(status, error)

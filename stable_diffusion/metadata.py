@@ -166,7 +166,7 @@ def output_lock(output: str | os.PathLike, wait: bool = False,
     if not p.is_dir():
         raise InputError(f"cannot write into the output folder {path.parent}: {p} is a file, not a "
                          "folder; choose another output folder")
-    fd = None
+    fd, held = None, False
     try:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,6 +189,7 @@ def output_lock(output: str | os.PathLike, wait: bool = False,
                 except FileNotFoundError:
                     same = False
                 if same:
+                    held = True
                     break
                 os.close(fd)
                 fd = None
@@ -200,11 +201,12 @@ def output_lock(output: str | os.PathLike, wait: bool = False,
             raise OutputError(f"cannot write into the output folder {path.parent}: {reason}") from err
         yield path
     finally:
-        if fd is not None:
+        if held:
             try:
                 os.unlink(path)  # before the unlock, so that a waiter finds a fresh file
             except OSError:
                 pass
+        if fd is not None:
             os.close(fd)
         for folder in made:  # deepest first; only if nothing was written there
             try:
