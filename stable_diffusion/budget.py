@@ -1,0 +1,175 @@
+"""How much memory a run will need, from the model's configs and the run's sizes, before any weight
+is read; and the refusal of a run that cannot fit.
+
+The estimate has parts, each the largest set of arrays alive at once in one phase of the run:
+- weights: every parameter of the UNet, the VAE and the text encoders, in the compute dtype;
+- unet: the feature maps of one denoiser call: the skip connections the up path takes (kept from
+  the first down block to the last up block) and the working set of the widest block (the
+  feed-forward of a transformer, 8 x its channels);
+- vae_encode / vae_decode: the feature maps of the full-resolution block, where the VAE is widest
+  (its input upsampled from the next block plus a residual block's three maps), per picture;
+- canvas: grids, strips and the triangle, held as float pictures and uint8 copies (numpy);
+- runtime: the interpreter, MLX and the BLAS themselves.
+
+The constants below were calibrated on the tiny test models against MLX's peak memory
+(tests/test_budget.py states the factor that holds); the structure, not the fit, carries the
+estimate to full-size models, where the weights and the VAE's full-resolution maps dominate.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .config import PipelineConfig
+from .errors import InputError
+
+RUNTIME_BYTES = 600 * 2**20  # python, mlx, numpy, Pillow and the BLAS, measured as RSS at start
+_FLOAT32 = 4
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+# Calibrated (float32, CPU): maps alive at the VAE's peak, in maps of its second level's width at
+# full resolution (full-size VAE at 256-512 px: decode 6.4-7.2, encode 4.4; the tiny VAE agrees);
+# copies of the attention scores; UNet feature maps per skip map.
+_DECODE_MAPS = 7.0
+_ENCODE_MAPS = 4.4
+_SCORE_COPIES = 4
+_UNET_MAPS = 8
+# MLX's CPU convolution builds an im2col matrix (9 x its input); ops.Conv2d avoids it above
+# ops.SHIFTED_CONV_BYTES, so the largest one held is the largest input below that bound.
+_SHIFTED_CONV_BYTES = 256 << 20
+# What lowers each part, in words a caller turns into its own flags.
+KNOBS = {
+    "weights": "a half-precision dtype, or quantized weights",
+    "unet": "fewer images per run, or a smaller picture",
+    "vae_encode": "a smaller picture",
+    "vae_decode": "a smaller decoding batch, or a smaller picture",
+    "canvas": "fewer saved frames or triangle rows, or a smaller picture",
+    "runtime": "nothing: it is the cost of the program itself",
+}
+
+
+def parameter_counts(config: PipelineConfig) -> dict:
+    """Parameters of each network, counted from the shapes its config gives (nothing is read)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from .clip import CLIPTextModel
+    from .unet import UNetModel
+    from .vae import Autoencoder
+
+    counts = {}
+    for name, module in (("unet", UNetModel(config.unet)), ("vae", Autoencoder(config.vae)),
+                         *((f"text_encoder_{i}", CLIPTextModel(e)) for i, e in enumerate(config.text_encoders))):
+        counts[name] = sum(v.size for _, v in tree_flatten(module.parameters()))
+    # Building drew lazy random parameters from MLX's global key; evaluate the key so that its
+    # graph does not keep growing.
+    mx.eval(mx.random.state)
+    return counts
+
+
+def estimate_peak_bytes(pipeline_config: PipelineConfig, dtype: str, image_size: tuple, batch: int,
+                        decode_batch: int, canvas_pixels: int = 0, cfg_guided: bool = True,
+                        encode: bool = True, counts: dict | None = None,
+                        fused_attention: bool = False) -> dict:
+    """Peak memory of a run, in bytes, by part (see the module docstring) and `total`.
+
+    image_size: (height, width) in pixels; batch: pictures generated at once (--n_images);
+    decode_batch: latents decoded at once; canvas_pixels: pixels of the largest composite picture
+    (grid, strip or triangle); cfg_guided: the UNet runs on the prompt and the negative prompt at
+    once; encode: an input picture is encoded (image to image). `counts` may pass
+    `parameter_counts(pipeline_config)` computed once; fused_attention: the device has a fused
+    attention kernel (ops.FUSED_ATTENTION, Metal and CUDA), which holds no score matrix.
+    """
+    if dtype not in _DTYPE_BYTES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(_DTYPE_BYTES)}")
+    size = _DTYPE_BYTES[dtype]
+    h, w = image_size
+    unet, vae = pipeline_config.unet, pipeline_config.vae
+    f = vae.downscale
+    counts = parameter_counts(pipeline_config) if counts is None else counts
+
+    # UNet, for the rows it runs at once: the skip maps of every level, the attention scores of
+    # the widest self-attention (held whole: the CPU path's blocks are scheduled together), and
+    # the largest convolution's im2col matrix.
+    rows = batch * (2 if cfg_guided else 1)
+    latent = (h // f) * (w // f)
+    n = len(unet.block_out_channels)
+    maps = scores = 0
+    convs = []
+    for level, (channels, kind, heads) in enumerate(zip(unet.block_out_channels, unet.down_block_types,
+                                                        unet.heads)):
+        cells = latent // 4**level
+        maps += (unet.layers_per_block + 1) * cells * channels
+        if kind.startswith("CrossAttn") and not fused_attention:
+            scores = max(scores, heads * cells * cells)
+        convs += [cells * channels, cells * unet.block_out_channels[min(level + 1, n - 1)]]
+    unet_bytes = rows * (_UNET_MAPS * maps * size + _SCORE_COPIES * scores * _FLOAT32)
+    unet_bytes += 2 * _im2col(convs, rows, size)
+
+    # VAE, per picture: the maps of the full-resolution level (counted in maps of the second
+    # level's width, which arrive there upsampled), and the largest convolution's im2col matrix.
+    vae_size = size  # the VAE runs in the compute dtype
+    channels = vae.block_out_channels
+    wide = channels[1] if len(channels) > 1 else channels[0]
+    pixels = h * w
+    convs = [pixels * 3]
+    for level, c in enumerate(channels):
+        cells = pixels // 4**level
+        convs += [cells * c, cells * channels[min(level + 1, len(channels) - 1)]]
+
+    def vae_phase(pictures: int, copies: float) -> int:
+        return int(pictures * copies * pixels * wide * vae_size) + 2 * _im2col(convs, pictures, vae_size)
+
+    decode_bytes = vae_phase(min(decode_batch, batch), _DECODE_MAPS)
+    encode_bytes = vae_phase(1, _ENCODE_MAPS) if encode else 0
+
+    parts = {
+        "weights": sum(counts.values()) * size,
+        "unet": unet_bytes,
+        "vae_encode": encode_bytes,
+        "vae_decode": decode_bytes,
+        "canvas": canvas_pixels * 3 * (_FLOAT32 + 1),
+        "runtime": RUNTIME_BYTES,
+    }
+    # The phases follow one another: the peak is the weights and the runtime, plus the largest
+    # phase; the canvas is built while the decoder's maps are still cached.
+    phases = max(parts["unet"], parts["vae_encode"], parts["vae_decode"] + parts["canvas"])
+    parts["total"] = parts["weights"] + parts["runtime"] + phases
+    return parts
+
+
+def _im2col(inputs: list, batch: int, size: int) -> int:
+    """The largest im2col matrix among convolutions with these input sizes (elements per picture)."""
+    held = [9 * batch * n * size for n in inputs]
+    return max([b for b in held if b < _SHIFTED_CONV_BYTES] or [0])
+
+
+def available_memory() -> int | None:
+    """Bytes this machine can give a new process now (Linux: MemAvailable), or None when unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GB"
+
+
+def check_fits(estimate: dict, available_bytes: int | None) -> None:
+    """Refuse a run whose estimate exceeds the memory available, naming what it needs and the knob
+    that lowers its largest part. Nothing is refused when the available memory is unknown."""
+    if available_bytes is None or estimate["total"] <= available_bytes:
+        return
+    parts = {k: v for k, v in estimate.items() if k not in ("total", "runtime")}
+    largest = max(parts, key=parts.get)
+    shown = ", ".join(f"{k} {gib(v)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v)
+    raise InputError(f"this run needs about {gib(estimate['total'])} of memory ({shown}), more "
+                     f"than the {gib(available_bytes)} available; the largest part is {largest}: "
+                     f"use {KNOBS[largest]}")
