@@ -144,18 +144,53 @@ def _im2col(inputs: list, batch: int, size: int) -> int:
 
 
 def available_memory() -> int | None:
-    """Bytes this machine can give a new process now (Linux: MemAvailable), or None when unknown."""
+    """Bytes this process can still allocate, or None when unknown: the machine's available memory
+    (Linux: MemAvailable), less where a limit is lower (`ulimit -v`/`-d`, a cgroup's memory.max), as
+    an allocation failure inside MLX aborts the process instead of raising."""
+    candidates = []
+    status = _proc_fields("/proc/meminfo")
+    if "MemAvailable" in status:
+        candidates.append(status["MemAvailable"])
+    else:
+        try:
+            candidates.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (OSError, ValueError, AttributeError):
+            pass
+    own = _proc_fields("/proc/self/status")
     try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
+        import resource
+
+        for limit, used in ((resource.RLIMIT_AS, "VmSize"), (resource.RLIMIT_DATA, "VmData")):
+            soft = resource.getrlimit(limit)[0]
+            if soft != resource.RLIM_INFINITY:
+                candidates.append(max(0, soft - own.get(used, 0)))
+    except (ImportError, OSError, ValueError):
         pass
     try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, AttributeError):
-        return None
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as f:
+            text = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current", encoding="ascii") as f:
+            current = int(f.read().strip())
+        if text != "max":
+            candidates.append(max(0, int(text) - current))
+    except (OSError, ValueError):
+        pass
+    return min(candidates) if candidates else None
+
+
+def _proc_fields(path: str) -> dict:
+    """`Name: value kB` lines of a /proc file, in bytes."""
+    fields = {}
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                parts = rest.split()
+                if len(parts) == 2 and parts[1] == "kB" and parts[0].isdigit():
+                    fields[name] = int(parts[0]) * 1024
+    except OSError:
+        pass
+    return fields
 
 
 def gib(n: int) -> str:

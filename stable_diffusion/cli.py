@@ -409,6 +409,11 @@ def main(command: str, argv=None) -> int:
     except KeyboardInterrupt as e:  # before the run was under way: nothing was written
         emit("interrupted before the first step; nothing was written", sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)
+    except MemoryError as e:  # its message is often empty
+        _report(e, verbose, prefix="failed: ", suffix=("; " if str(e) else "") + "out of memory: use a "
+                "smaller picture, fewer --n_images, a smaller --decoding_batch_size, or a "
+                "half-precision --dtype")
+        return 1
     except Exception as e:  # a failure of the tool or the machine, not of the input
         _report(e, verbose, prefix=f"failed ({type(e).__name__}): ",
                 suffix="" if verbose else " (run again with --verbose for the traceback)")

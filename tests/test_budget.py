@@ -89,3 +89,14 @@ def test_check_fits_names_the_need_and_the_knob(loaded):
 def test_available_memory_is_a_positive_number():
     available = budget.available_memory()
     assert available is None or available > 2**20
+
+
+def test_available_memory_honours_a_virtual_memory_limit():
+    import subprocess
+    import sys
+
+    code = ("import resource; from stable_diffusion import budget; "
+            "resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, resource.RLIM_INFINITY)); "
+            "print(budget.available_memory())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert 0 <= int(out) < 3 * 2**30

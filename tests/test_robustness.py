@@ -868,3 +868,14 @@ def test_stop_signals_keep_the_files_and_the_truth(tmp_path, picture, sd2, signa
     assert "Traceback" not in err and temporaries(tmp_path) == []
     record = sidecar(tmp_path / "o.json")
     assert record["status"] == "interrupted" and listed(record) == set(kept)
+
+
+def test_memory_error_says_out_of_memory(capsys, tmp_path, picture, sd2, monkeypatch):
+    def exhausted(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(StableDiffusion, "decode", exhausted)
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 2,
+                          "--output", tmp_path / "o.png")
+    lines = stderr_lines(err)
+    assert status == 1 and lines[-1].startswith("failed: out of memory: use a smaller picture"), err
