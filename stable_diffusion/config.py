@@ -66,7 +66,7 @@ class TextEncoderConfig:
             raise ConfigError(f"field hidden_size: {values.hidden_size} is not a multiple of "
                               f"num_attention_heads {values.num_attention_heads}")
         if values.hidden_act not in ("quick_gelu", "gelu"):
-            raise ConfigError(f"field hidden_act: {values.hidden_act!r} is not supported "
+            raise ConfigError(f"field hidden_act {values.hidden_act!r} is not supported "
                               "(supported: quick_gelu, gelu)")
         with_projection = "CLIPTextModelWithProjection" in architectures
         if not with_projection:
@@ -148,7 +148,7 @@ class UNetConfig:
             value = getattr(config, field)
             for kind in value if isinstance(value, tuple) else (value,):
                 if kind not in supported:
-                    raise ConfigError(f"field {field}: {kind!r} is not supported "
+                    raise ConfigError(f"field {field}: block type {kind!r} is not supported "
                                       f"(supported: {', '.join(supported)})")
         _check_groups(config.block_out_channels, config.norm_num_groups)
         for channels, heads in zip(config.block_out_channels, config.heads):  # heads: checked per block
