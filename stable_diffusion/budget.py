@@ -3,17 +3,21 @@ is read; and the refusal of a run that cannot fit.
 
 The estimate has parts, each the largest set of arrays alive at once in one phase of the run:
 - weights: every parameter of the UNet, the VAE and the text encoders, in the compute dtype;
-- unet: the feature maps of one denoiser call: the skip connections the up path takes (kept from
-  the first down block to the last up block) and the working set of the widest block (the
-  feed-forward of a transformer, 8 x its channels);
-- vae_encode / vae_decode: the feature maps of the full-resolution block, where the VAE is widest
-  (its input upsampled from the next block plus a residual block's three maps), per picture;
+- unet: one denoiser call on all its rows (2 per picture with guidance): the skip maps the up
+  path takes, the attention scores of the widest self-attention (the CPU path's blocks are
+  scheduled together, so the scores are held whole: measured quadratic in the latent's cells),
+  and the largest convolution's im2col matrix;
+- vae_encode / vae_decode: the maps of the full-resolution level, counted in maps of the second
+  level's width (which arrive there upsampled), and the largest im2col matrix, per picture;
 - canvas: grids, strips and the triangle, held as float pictures and uint8 copies (numpy);
 - runtime: the interpreter, MLX and the BLAS themselves.
+The phases follow one another, so the total is the weights, the runtime and the largest phase.
 
-The constants below were calibrated on the tiny test models against MLX's peak memory
-(tests/test_budget.py states the factor that holds); the structure, not the fit, carries the
-estimate to full-size models, where the weights and the VAE's full-resolution maps dominate.
+Calibration (float32, CPU): the tiny sd2 model at 64, 128 and 256 px, one and two pictures,
+MLX's peak within 1.15x of the estimate (tests/test_budget.py holds it to 1.5x); the full-size
+VAE (SD 2.x) decoding at 256-512 px within 0.8-1.3x (decode 612 MB at 256, 1011 MB at 384, 1796
+MB at 512 px, measured). Other devices (fused attention, no shifted convolution) are modelled
+by `fused_attention`; their im2col is assumed as on the CPU.
 """
 
 from __future__ import annotations
@@ -56,10 +60,10 @@ def parameter_counts(config: PipelineConfig) -> dict:
     from .unet import UNetModel
     from .vae import Autoencoder
 
-    counts = {}
-    for name, module in (("unet", UNetModel(config.unet)), ("vae", Autoencoder(config.vae)),
-                         *((f"text_encoder_{i}", CLIPTextModel(e)) for i, e in enumerate(config.text_encoders))):
-        counts[name] = sum(v.size for _, v in tree_flatten(module.parameters()))
+    modules = {"unet": UNetModel(config.unet), "vae": Autoencoder(config.vae)}
+    for i, encoder in enumerate(config.text_encoders):
+        modules[f"text_encoder_{i}"] = CLIPTextModel(encoder)
+    counts = {name: sum(v.size for _, v in tree_flatten(m.parameters())) for name, m in modules.items()}
     # Building drew lazy random parameters from MLX's global key; evaluate the key so that its
     # graph does not keep growing.
     mx.eval(mx.random.state)

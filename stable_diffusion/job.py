@@ -606,9 +606,9 @@ class Job:
 
 @contextlib.contextmanager
 def interrupts_deferred():
-    """Ctrl-C, SIGTERM and SIGHUP wait until the block is done, then stop the run as usual. A signal that
-    arrived between a file's rename and its entry in `Job.files` would leave a frame on disk that
-    the sidecar does not list."""
+    """Ctrl-C, SIGTERM and SIGHUP wait until the block is done, then stop the run as usual. A
+    signal that arrived between a file's rename and its entry in `Job.files` would leave a frame on
+    disk that the sidecar does not list."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
