@@ -19,10 +19,8 @@ import mlx.core as mx
 import numpy as np
 
 from . import measures, metadata, render
+from .console import STOP_SIGNALS
 from .errors import NumericalError
-
-INTERRUPTS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s)
-
 
 @contextlib.contextmanager
 def interrupts_deferred():
@@ -32,7 +30,7 @@ def interrupts_deferred():
         yield
         return
     pending = []
-    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in INTERRUPTS}
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in STOP_SIGNALS}
     try:
         yield
     finally:

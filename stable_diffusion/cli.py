@@ -1,9 +1,9 @@
 """The command line of both scripts: one argument builder, one job runner.
 
 Exit status: 0 done, 2 bad input (one line on stderr saying what to do), 1 a failure that is not
-the input's fault (a full disk, NaN in the latents, a bug), 130 interrupted by Ctrl-C and 143 by
-SIGTERM (every file already written is kept, whole, and the sidecar says so). Tracebacks only with
---verbose.
+the input's fault (a full disk, NaN in the latents, an unreachable hub, a bug), 130 interrupted by
+Ctrl-C, 143 by SIGTERM and 129 by SIGHUP (every file already written is kept, whole, and the sidecar
+says so). Tracebacks only with --verbose.
 """
 
 from __future__ import annotations
@@ -11,18 +11,20 @@ from __future__ import annotations
 import argparse
 import errno
 import functools
+import math
 import os
 import signal
 import sys
 import threading
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
-from .console import Console
-from .errors import InputError, NumericalError, OutputError
+from .console import STOP_SIGNALS, Console, ignore_signal, open_standard_streams
+from .errors import HubUnreachable, InputError, NumericalError, OutputError
 from .spec import (ALIGNS, ANIMATION_FORMATS, DEFAULT_TRIANGLE_STRENGTHS, DTYPES, NOISING_PATHS,
-                   PICTURE_SUFFIXES, PREVIEWS, SNAPSHOT_KINDS, Capture, Inversion, ModelSpec, RunSpec,
-                   SpecError)
+                   MAX_STEPS, PICTURE_SUFFIXES, PREVIEWS, SNAPSHOT_KINDS, Capture, Inversion, ModelSpec,
+                   RunSpec, SpecError)
 
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
               "0": False, "false": False, "no": False, "off": False}
@@ -109,6 +111,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     c = p.add_argument_group("what to save")
     c.add_argument("--output", "-o", help="final picture; every other file is "
                    "named after it (default out.png, or the --output_format suffix)")
+    c.add_argument("--wait", action="store_true", help="when another run is writing the same "
+                   "--output, wait for it to end (default: refuse at once)")
     c.add_argument("-sd", "--show_denoising", type=_positive_int, metavar="N",
                    help="save a snapshot every N steps (plus the start and the final)")
     c.add_argument("--snapshot", choices=SNAPSHOT_KINDS, default="xt",
@@ -354,6 +358,70 @@ def _replay_sameness(path: str, record: dict) -> str:
     return f"replay of {path}: made with other versions or device ({'; '.join(differ)}): pictures may differ"
 
 
+def _check_environment() -> None:
+    """Settings read from the environment that would fail deep inside a library."""
+    # huggingface_hub reads these as whole seconds at import, and fails on "2.5".
+    for name in ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT"):
+        text = os.environ.get(name)
+        if text is None or text.strip().isdigit():
+            continue
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = math.nan
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise InputError(f"{name}={text!r} is not a number of seconds; set e.g. {name}=10")
+        os.environ[name] = str(math.ceil(seconds))
+    tmp = os.environ.get("TMPDIR")
+    if tmp and not (os.path.isdir(tmp) and os.access(tmp, os.W_OK | os.X_OK)):
+        raise InputError(f"TMPDIR={tmp!r} is not a folder this user can write to; create it, or "
+                         "unset TMPDIR")
+
+
+def _text_argument(args, name: str, console) -> bytes | None:
+    """A prompt given as bytes that are not UTF-8 (kept by Python as surrogates) is read with each
+    bad byte replaced by U+FFFD; returns the bytes themselves (for the record), or None."""
+    text = getattr(args, name)
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        pass
+    raw = os.fsencode(text)
+    setattr(args, name, raw.decode("utf-8", "replace"))
+    console.notice(f"the {name.replace('_', ' ')} is not UTF-8 text: its bad bytes read as U+FFFD "
+                   "(the bytes are kept in the sidecar)")
+    return raw
+
+
+def check_output_name(spec: RunSpec) -> None:
+    """The longest name the run writes beside --output must fit the file system's name limit:
+    found now, not after the model has loaded."""
+    output, c = spec.output, spec.capture
+    suffixes = [".json", ".lock"]
+    if c.every or c.last or spec.triangle:
+        suffixes.append(f".step-{MAX_STEPS:05d}{output.suffix}")
+    if c.noising_every or spec.inversion:
+        suffixes += [f".noise-strip{output.suffix}", f".noise-t{MAX_STEPS * 10}_999{output.suffix}"]
+    if c.curve:
+        suffixes.append(f".curve{output.suffix}")
+    if c.animate:
+        suffixes.append(f".anim.{c.animate}")
+    longest = max(suffixes, key=len)
+    size = len(os.fsencode(output.with_suffix("").name)) + len(longest)
+    folder = output.parent.absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    if max(size, len(os.fsencode(output.name))) > limit:
+        raise InputError(f"--output {output.name[:40]}...: the run writes names up to {size} bytes "
+                         f"(the stem and {longest!r}), more than the {limit} this file system allows; "
+                         "use a shorter name")
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill`, `timeout`, a job scheduler) or SIGHUP (the terminal closed): stops the run
     like Ctrl-C, exit 128 + the signal's number."""
@@ -363,19 +431,22 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
-def _terminate(signum, frame):
-    raise Terminated(signum)
+def _stop(signum, frame):
+    # The first signal stops the run. Later ones (a second Ctrl-C, the SIGHUP of the terminal
+    # closing after it) are ignored: the shutdown that writes the sidecar runs to its end, and no
+    # traceback is printed.
+    for s in STOP_SIGNALS:
+        signal.signal(s, ignore_signal)
+    raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
 
 def main(command: str, argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     verbose = "-v" in argv or "--verbose" in argv
-    # Without handlers SIGTERM and SIGHUP kill at once, leaving a temporary file and a "running"
-    # sidecar; as interrupts, the run records what it kept.
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGTERM, signal.SIGHUP):
-            previous[signum] = signal.signal(signum, _terminate)
+    open_standard_streams()
+    # Without handlers SIGTERM and SIGHUP kill at once, leaving temporaries and a "running" sidecar.
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, _stop) for s in STOP_SIGNALS} if on_main_thread else {}
     console = Console(quiet="--quiet" in argv, verbose=verbose)
     try:
         typed = argv
@@ -388,23 +459,22 @@ def main(command: str, argv=None) -> int:
             for key, value in sorted(vars(args).items()):
                 console.say(f"{key}: {value!r}")
         check_arguments(args, command)
+        _check_environment()
+        raw = {name: _text_argument(args, name, console) for name in ("prompt", "negative_prompt")}
         spec, model = build_specs(command, args)
-        # The heavy imports (mlx, networks) only once the arguments are sane.
-        from .images import load_image
-        from .session import Session
+        spec = replace(spec, prompt_bytes=raw["prompt"], negative_prompt_bytes=raw["negative_prompt"])
+        check_output_name(spec)
+        from . import metadata
 
-        picture = None
-        if spec.img2img:  # the picture is checked before the model is looked up
-            picture = load_image(spec.image, multiple=64)
-            for line in picture.notices:
-                console.notice(line)
-        result = Session(model).run(spec, console, typed, functools.partial(replay_argv, model=model), picture)
-        if result.status == "interrupted":
-            console.error(f"interrupted: kept {len(result.files)} file(s), see {result.sidecar}")
-            return 128 + result.signum
-        console.say(f"wrote {spec.output} and {len(result.files) - 1} more file(s); "
-                    f"sidecar {result.sidecar}")
-        return 0
+        def waiting(holder):
+            console.notice(f"{spec.output} is being written by another run ({holder}); waiting")
+
+        try:
+            with metadata.output_lock(spec.output, args.wait, waiting):
+                return _run(spec, model, console, typed)
+        except metadata.OutputBusy as e:
+            raise InputError(f"{e}; wait for it to end (or run with --wait), or choose another "
+                             "--output") from None
     except SystemExit as e:  # --help
         return int(e.code or 0)
     except SpecError as e:
@@ -413,19 +483,51 @@ def main(command: str, argv=None) -> int:
     except InputError as e:
         _report(e, verbose)
         return 2
-    except (OutputError, NumericalError) as e:
+    except (OutputError, NumericalError, HubUnreachable) as e:
         _report(e, verbose, suffix=_output_advice(e))
         return 1
     except KeyboardInterrupt as e:  # before the run was under way: nothing was written
         console.error("interrupted before the first step; nothing was written")
         return 128 + getattr(e, "signum", signal.SIGINT)
+    except MemoryError as e:  # its message is often empty
+        _report(e, verbose, prefix="failed: ", suffix=("; " if str(e) else "") + "out of memory: use a "
+                "smaller picture, fewer --n_images, a smaller --decoding_batch_size, or a "
+                "half-precision --dtype")
+        return 1
     except Exception as e:  # a failure of the tool or the machine, not of the input
         _report(e, verbose, prefix=f"failed ({type(e).__name__}): ",
                 suffix="" if verbose else " (run again with --verbose for the traceback)")
         return 1
     finally:
+        stopped = any(signal.getsignal(s) is ignore_signal for s in previous)
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            if not stopped:
+                signal.signal(signum, handler)
+                continue
+            # After a stop signal, later ones stay ignored through the interpreter's exit too
+            # (which resets Python handlers to the default: a late SIGHUP would kill it).
+            try:
+                signal.signal(signum, signal.SIG_IGN)
+            except OSError:  # one arrived just now: it is ignored as well
+                pass
+
+
+def _run(spec: RunSpec, model: ModelSpec, console: Console, typed: list) -> int:
+    """One run, once its arguments are sane: the heavy imports (mlx, networks) start here."""
+    from .images import load_image
+    from .session import Session
+
+    picture = None
+    if spec.img2img:  # the picture is checked before the model is looked up
+        picture = load_image(spec.image, multiple=64)
+        for line in picture.notices:
+            console.notice(line)
+    result = Session(model).run(spec, console, typed, functools.partial(replay_argv, model=model), picture)
+    if result.status == "interrupted":
+        console.error(f"interrupted: kept {len(result.files)} file(s), see {result.sidecar}")
+        return 128 + result.signum
+    console.say(f"wrote {spec.output} and {len(result.files) - 1} more file(s); sidecar {result.sidecar}")
+    return 0
 
 
 def _output_advice(error: Exception) -> str:

@@ -7,22 +7,58 @@ still shows it is alive. `--quiet` silences both, and notices; errors are always
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
 
+# Signals that stop a run, keeping what it wrote: Ctrl-C, `kill`/`timeout`, a closed terminal.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def ignore_signal(signum, frame) -> None:
+    """A handler that does nothing. Unlike SIG_IGN it also takes a signal that arrived just before
+    it was installed, which Python would otherwise report as an OSError ("ignored due to race
+    condition") from wherever the main thread happens to be."""
+
 
 def _write(stream, line: str) -> None:
-    """Print, and let a closed or broken stream end the printing, never the run."""
+    """Print a line; a reader that has gone (`| head -1`) ends the printing, not the run."""
     if stream is None:
         return
     try:
         print(line, file=stream, flush=True)
-    except (BrokenPipeError, OSError, ValueError, UnicodeEncodeError):
+    except BrokenPipeError:
+        # Later writes, and the flush at exit, go to /dev/null instead of failing again.
         try:
-            encoding = getattr(stream, "encoding", None) or "ascii"
-            print(line.encode(encoding, "replace").decode(encoding), file=stream, flush=True)
-        except Exception:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, stream.fileno())
+            os.close(null)
+        except (OSError, ValueError, AttributeError):  # not a file-backed stream: nothing to do
+            pass
+
+
+def open_standard_streams() -> None:
+    """Reopen closed fds 0-2 on /dev/null: otherwise the first file the run opens takes the number
+    (a weight file read as "stdin", a picture that print() writes into). Output that cannot be
+    encoded (PYTHONIOENCODING=ascii, bytes that were not UTF-8) is escaped, never an error."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
+        if getattr(sys, name) is None:  # Python leaves it None when the fd was closed at start
+            setattr(sys, name, open(fd, mode, encoding="utf-8", errors="backslashreplace",
+                                    closefd=False))
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):
             pass
 
 

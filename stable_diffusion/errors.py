@@ -23,3 +23,8 @@ class OutputError(Exception):
 
 class NumericalError(Exception):
     """NaN or Inf appeared in the latents (e.g. float16 overflow); exit status 1."""
+
+
+class HubUnreachable(Exception):
+    """The model hub did not answer and no cached copy exists (exit status 1): the machine's
+    network failed the run, not its input."""

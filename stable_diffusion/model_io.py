@@ -19,7 +19,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import components, load_json
-from .errors import ModelError
+from .errors import HubUnreachable, ModelError
 
 ALIASES = {
     "sd": "stabilityai/stable-diffusion-2-1-base",
@@ -162,8 +162,11 @@ def _download(repo_id: str, revision: str | None, variant: str | None,
             raise ModelError(f"revision {revision!r} of {repo_id} is not in the local hub cache "
                              f"(cached: {', '.join(cached)}) and {unreachable}; use a cached "
                              "revision or fetch this one on a connected machine") from None
-        raise ModelError(f"{shown} is not in the local hub cache ({constants.HF_HUB_CACHE}) and "
-                         f"{unreachable or 'the hub cannot be reached'}; {local_help}") from None
+        message = (f"{shown} is not in the local hub cache ({constants.HF_HUB_CACHE}) and "
+                   f"{unreachable or 'the hub cannot be reached'}; {local_help}")
+        if unreachable is not None and not constants.HF_HUB_OFFLINE:
+            raise HubUnreachable(message) from None  # the network failed, not the user's choice
+        raise ModelError(message) from None
     except RevisionNotFoundError:
         raise ModelError(f"revision {revision!r} does not exist in {repo_id}; "
                          "check the name after '@'") from None
@@ -318,9 +321,10 @@ def weight_files(component_folder: Path, variant: str | None = None) -> list[Pat
         index = component_folder / f"{s}.safetensors.index.json"
         if index.is_file():
             weight_map = load_json(index).get("weight_map")
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise ModelError(f"{index} has no weight_map (tensor name -> shard file); "
-                                 f"{refetch_advice(component_folder.parent)}")
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(v, str) and v and Path(v).name == v for v in weight_map.values()):
+                raise ModelError(f"{index}: field weight_map must map tensor names to shard file "
+                                 f"names in this folder; {refetch_advice(component_folder.parent)}")
             shards = sorted(set(weight_map.values()))
             missing = [n for n in shards if not (component_folder / n).is_file()]
             if missing or not shards:

@@ -20,7 +20,7 @@ from .clip import CLIPTextModel
 from .config import TEXT_COMPONENTS, PipelineConfig, read_pipeline_config
 from .errors import InputError
 from .sampler import SAMPLERS, SCHEDULES, NoiseSchedule, Plan, Step, default_sampler, seed_keys
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, check_fits_encoder, check_ids
 from .unet import UNetModel
 from .vae import Autoencoder
 
@@ -78,16 +78,19 @@ class StableDiffusion:
     def from_folder(cls, folder: Path, config: PipelineConfig, dtype=mx.float32,
                     variant: str | None = None, source: dict | None = None) -> "StableDiffusion":
         folder = Path(folder)
+        tokenizers = []
+        for (_, tok_name), enc_config in zip(TEXT_COMPONENTS, config.text_encoders):
+            tokenizers.append(Tokenizer.from_folder(folder / tok_name))
+            check_fits_encoder(tokenizers[-1], enc_config, folder / tok_name)  # before any weight
         ops.use_cpu_buffer_cache()
         unet = model_io.load_weights(UNetModel(config.unet), folder / "unet",
                                      model_io.map_unet_weights, dtype, variant)
         vae = model_io.load_weights(Autoencoder(config.vae), folder / "vae",
                                     model_io.map_vae_weights, dtype, variant)
-        encoders, tokenizers = [], []
-        for (enc_name, tok_name), enc_config in zip(TEXT_COMPONENTS, config.text_encoders):
+        encoders = []
+        for (enc_name, _), enc_config in zip(TEXT_COMPONENTS, config.text_encoders):
             encoders.append(model_io.load_weights(CLIPTextModel(enc_config), folder / enc_name,
                                                   model_io.map_clip_weights, dtype, variant))
-            tokenizers.append(Tokenizer.from_folder(folder / tok_name))
         source = dict(source or {"model": str(folder.resolve()), "source": "folder"})
         return cls(config, unet, vae, encoders, tokenizers, dtype, source)
 
@@ -115,6 +118,7 @@ class StableDiffusion:
         for encoder, tokenizer in zip(self.text_encoders, self.tokenizers):
             ids, cut = tokenizer.tokenize(texts)
             dropped = max(dropped, max(cut))
+            check_ids(ids, encoder.config.vocab_size)
             out = encoder(mx.array(ids))
             if self.config.is_xl:  # SDXL conditions on the penultimate layer of both encoders
                 hidden.append(out.hidden_states[-2])

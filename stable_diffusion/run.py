@@ -22,8 +22,9 @@ import mlx.core as mx
 
 from . import images, metadata, render
 from . import measures
-from .capture import (INTERRUPTS, Curves, Frame, FrameWriter, Ledger, Snapshots, TriangleCells,
+from .capture import (Curves, Frame, FrameWriter, Ledger, Snapshots, TriangleCells,
                       fidelity, make_decoder, step_info)
+from .console import STOP_SIGNALS, ignore_signal
 from .errors import InputError, NumericalError, OutputError
 from .ops import release_cpu_buffers
 from .sampler import SAMPLERS, Step, invert, seed_keys
@@ -135,7 +136,7 @@ class Run:
                              "output folder")
         metadata.check_output_dir(folder)
         self.created_folders = missing  # deepest first
-        removed = metadata.remove_stale_temporaries(folder)
+        removed = metadata.remove_stale_temporaries(folder, output.with_suffix("").name)
         if removed:
             self.console.notice(f"removed {len(removed)} temporary file(s) left by a killed run in "
                                 f"{folder}: {', '.join(removed[:3])}" + (" ..." if len(removed) > 3 else ""))
@@ -166,6 +167,9 @@ class Run:
         }
         if any(self.plan.dropped_tokens.values()):
             record["dropped_tokens"] = dict(self.plan.dropped_tokens)
+        for name, raw in (("prompt", spec.prompt_bytes), ("negative_prompt", spec.negative_prompt_bytes)):
+            if raw is not None:  # given as bytes that are not UTF-8: kept as they were
+                record[f"{name}_bytes_hex"] = raw.hex()
         if self.replay is not None:
             record["replay"] = self.replay(spec, session.source["model_arg"])
         if spec.img2img:
@@ -422,8 +426,8 @@ class Run:
         shield = threading.current_thread() is threading.main_thread()
         previous = {}
         if shield:
-            for signum in INTERRUPTS:
-                previous[signum] = signal.signal(signum, signal.SIG_IGN)
+            for signum in STOP_SIGNALS:
+                previous[signum] = signal.signal(signum, ignore_signal)
         calls = sum(d.calls for d in self.denoisers)
         if self.inversion_denoiser is not None:
             calls += self.inversion_denoiser.calls

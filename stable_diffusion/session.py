@@ -22,7 +22,7 @@ from .errors import InputError, ModelError
 from .pipeline import model_defaults, random_seed
 from .run import Run, RunResult, elapsed
 from .spec import ModelSpec, RunSpec, SpecError
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, check_fits_encoder
 from .trajectory import (FileNames, crossings, default_triangle_every, millis, noising_times,
                          snapshot_indices)
 
@@ -103,8 +103,10 @@ class Session:
         config = read_pipeline_config(self.folder, self.notices)
         model_arg = f"{source['model']}@{source['commit']}" if source.get("source") == "hub" else source["model"]
         self.source = dict(source, model_arg=model_arg)
-        self.tokenizers = [_tokenizer(self.folder / tok)
-                           for (_, tok), _ in zip(TEXT_COMPONENTS, config.text_encoders)]
+        self.tokenizers = []
+        for (_, tok), encoder in zip(TEXT_COMPONENTS, config.text_encoders):
+            self.tokenizers.append(_tokenizer(self.folder / tok))
+            check_fits_encoder(self.tokenizers[-1], encoder, self.folder / tok)  # before any weight
         self.noise = samplers.NoiseSchedule(config.scheduler)
         self.config = config
 

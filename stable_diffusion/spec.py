@@ -106,6 +106,9 @@ class RunSpec:
     size: tuple | None = None  # (H, W) in pixels, text to image only
     capture: Capture = field(default_factory=Capture)
     inversion: Inversion | None = None  # set when the noising path is "inversion"
+    # A prompt given as bytes that are not UTF-8 is read with U+FFFD for them; its bytes, for the record
+    prompt_bytes: bytes | None = None
+    negative_prompt_bytes: bytes | None = None
 
     @property
     def img2img(self) -> bool:
@@ -135,8 +138,12 @@ class RunSpec:
                                       f"{spec.n_rows}; make the image count a multiple of the row count")
         if spec.triangle and spec.n_images != 1:
             raise SpecError("n_images", "the triangle shows one picture per cell: use {flag} 1 with it")
-        for name in ("every", "last", "noising_every", "decode_batch"):
+        for name in ("every", "last", "noising_every"):
             _check_int(name, getattr(c, name), 1, MAX_STEPS * 1000)
+        _check_int("decode_batch", c.decode_batch, 1, MAX_IMAGES)
+        if len(spec.strengths) > MAX_IMAGES:
+            raise SpecError("triangle_strengths", f"{{flag}} has {len(spec.strengths)} strengths; use "
+                                                  f"at most {MAX_IMAGES}")
         _check_choice("shows", c.shows, SNAPSHOT_KINDS)
         _check_choice("noising_path", c.noising_path, NOISING_PATHS)
         _check_choice("preview", c.preview, PREVIEWS)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import TokenizerConfig
+from .config import ConfigError, TextEncoderConfig, TokenizerConfig
 from .errors import ModelError
 
 END_OF_WORD = "</w>"
@@ -290,7 +290,11 @@ def _special_settings(folder: Path) -> dict:
 
 def read_tokenizer_config(folder) -> TokenizerConfig:
     """The special tokens and length of a tokenizer folder, as transformers resolves them."""
-    return TokenizerConfig.from_diffusers(_special_settings(Path(folder)))
+    try:
+        return TokenizerConfig.from_diffusers(_special_settings(Path(folder)))
+    except ConfigError as e:
+        raise ConfigError(f"{Path(folder) / 'tokenizer_config.json'}: {e}; fix the file or download "
+                          "the model again") from None
 
 
 def read_added_tokens(folder) -> dict:
@@ -305,7 +309,7 @@ def read_added_tokens(folder) -> dict:
     added = {}
     if isinstance(decoder, dict):
         for record in decoder.values():
-            if isinstance(record, dict) and "content" in record:
+            if isinstance(record, dict) and isinstance(record.get("content"), str):
                 added[record["content"]] = bool(record.get("normalized", not record.get("special", False)))
     for role in ("bos_token", "eos_token", "pad_token", "unk_token"):
         value = settings.get(role)
@@ -322,8 +326,11 @@ def _read_json(path: Path) -> dict:
             data = json.load(f)
     except FileNotFoundError:
         raise ModelError(f"missing tokenizer file {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"tokenizer file {path} is not valid JSON ({e}); download it again") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: deep nesting
+        raise ModelError(f"tokenizer file {path} is not valid JSON ({str(e)[:80]}); download it "
+                         "again") from None
+    except OSError as e:
+        raise ModelError(f"cannot read tokenizer file {path}: {e.strerror or e}") from None
     if not isinstance(data, dict):
         raise ModelError(f"tokenizer file {path} does not hold a JSON object; download it again")
     return data
@@ -331,8 +338,10 @@ def _read_json(path: Path) -> dict:
 
 def _read_vocab(path: Path) -> dict:
     vocab = _read_json(path)
-    if not all(isinstance(v, int) for v in vocab.values()):
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in vocab.values()):
         raise ModelError(f"{path} is not a token -> id map; download it again")
+    if vocab and min(vocab.values()) < 0:
+        raise ModelError(f"{path} has a negative token id ({min(vocab.values())}); download it again")
     return vocab
 
 
@@ -401,3 +410,28 @@ def read_tokenizer_json(path) -> tuple[dict, dict, dict]:
             vocab.setdefault(record["content"], record.get("id"))
             added[record["content"]] = bool(record.get("normalized", False))
     return vocab, ranks, added
+
+
+def check_fits_encoder(tokenizer: Tokenizer, encoder: TextEncoderConfig, where) -> None:
+    """Refuse a tokenizer whose ids or length the text encoder's tables cannot take.
+
+    An id past the embedding table is read from outside it: random conditioning, or a crash in
+    native code. Checked from the files alone, before any weight is read.
+    """
+    largest = max(tokenizer.vocab.values(), default=-1)
+    if largest >= encoder.vocab_size:
+        token = tokenizer._tokens[largest]
+        raise ModelError(f"{where}: token {token[:20]!r} has id {largest}, but the text encoder's "
+                         f"embedding table has {encoder.vocab_size} rows (vocab_size); the tokenizer "
+                         "and the text encoder do not belong together: download the model again")
+    if tokenizer.max_length > encoder.max_position_embeddings:
+        raise ModelError(f"{where}: model_max_length {tokenizer.max_length} is more than the text "
+                         f"encoder's {encoder.max_position_embeddings} positions "
+                         "(max_position_embeddings); download the model again")
+
+
+def check_ids(ids: np.ndarray, vocab_size: int) -> None:
+    """The last guard before an embedding lookup (which does not check its indices)."""
+    if ids.size and not (0 <= int(ids.min()) and int(ids.max()) < vocab_size):
+        raise ModelError(f"token ids {int(ids.min())} .. {int(ids.max())} fall outside the text "
+                         f"encoder's embedding table of {vocab_size} rows; download the model again")

@@ -14,8 +14,15 @@ from stable_diffusion.errors import InputError, OutputError
 from stable_diffusion.metadata import (
     PARAMETERS_KEY,
     TRAJECTORY_KEY,
+    OutputBusy,
+    _temp_name,
     atomic_write,
     check_output_dir,
+    host_id,
+    lock_path,
+    output_lock,
+    remove_stale_temporaries,
+    to_json,
     parameters_text,
     parse_parameters_text,
     png_text_chunks,
@@ -328,6 +335,98 @@ def test_sidecar_format(tmp_path):
         '}\n')
     assert json.loads(path.read_text(encoding="utf-8"))["seed"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
+
+
+# --- temporary names, stale temporaries, one writer per name ---------------------------------------
+
+
+def dead_pid() -> int:
+    import subprocess
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    return ended.pid
+
+
+@pytest.mark.parametrize("name", ["o.png", "n" * 251 + ".png", "\u00e9" * 125 + ".png", "x\udcff.png"])
+def test_temporary_names_fit_whatever_the_final_name(tmp_path, name):
+    path = tmp_path / name
+    temp = _temp_name(path)
+    assert len(os.fsencode(temp.name)) <= 255 and temp.parent == tmp_path
+    assert f".tmp-{host_id()}-{os.getpid()}-" in temp.name
+    atomic_write(path, lambda f: f.write(b"whole"))  # the longest legal final name works
+    assert path.read_bytes() == b"whole" and sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_stale_cleanup_takes_only_this_hosts_dead_writers_of_the_runs_names(tmp_path):
+    dead, host = dead_pid(), host_id()
+    stale = [f".o.png.tmp-{host}-{dead}-00000001", f".o.step-003.png.tmp-{host}-{dead}-00000002",
+             f".o.json.tmp-{host}-{dead}-00000003"]
+    kept = [f".o.png.tmp-{host}-{os.getpid()}-00000004",  # alive
+            f".o.png.tmp-12345678-{dead}-00000005",  # another host or PID namespace
+            f".other.png.tmp-{host}-{dead}-00000006",  # another run's name
+            f".out.png.tmp-{host}-{dead}-00000007",  # a name that only starts like the stem
+            ".o.png.tmp-12-00000008"]  # not our pattern
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"x")
+    assert remove_stale_temporaries(tmp_path, "o") == sorted(stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+    long_stem = "s" * 230  # the kept prefix is cut: it matches by its first 200 bytes
+    long_temp = _temp_name(tmp_path / (long_stem + ".step-001.png"), pid=dead)
+    long_temp.write_bytes(b"x")
+    assert remove_stale_temporaries(tmp_path, long_stem) == [long_temp.name]
+
+
+def test_output_lock_refuses_a_second_writer_naming_it(tmp_path):
+    out = tmp_path / "new" / "deeper" / "o.png"
+    with output_lock(out) as lock:
+        assert lock == lock_path(out) and lock.is_file() and lock.stat().st_size == 0
+        for other in (out, out.with_suffix(".PNG")):
+            with pytest.raises(OutputBusy) as e:
+                with output_lock(other):
+                    pass
+            assert e.value.holder == f"pid {os.getpid()}" and str(other) in str(e.value)
+        assert lock.is_file()  # a refused writer leaves the holder's lock alone
+        with output_lock(tmp_path / "new" / "other.png"):  # another name: no conflict
+            pass
+    assert not (tmp_path / "new").exists()  # the folders it made were empty: removed
+    with output_lock(out):
+        out.write_bytes(b"x")
+    assert out.is_file() and not lock_path(out).exists()
+
+
+def test_output_lock_waits_for_the_holder(tmp_path):
+    import subprocess
+    import sys
+
+    out, done = tmp_path / "o.png", tmp_path / "done"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from stable_diffusion.metadata import output_lock\n"
+        f"with output_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(0.5)\n"
+        f"    Path({str(done)!r}).touch()")], stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+    assert holder.stdout.readline() == "held\n"
+    seen = []
+    with output_lock(out, wait=True, on_wait=seen.append):
+        assert done.exists()  # the holder's block had ended
+    assert seen == [f"pid {holder.pid}"] and holder.wait(timeout=30) == 0
+
+
+def test_output_lock_in_a_place_the_user_cannot_write(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(InputError, match="is a file, not a folder"):
+        with output_lock(blocker / "o.png"):
+            pass
+    with pytest.raises(InputError, match="cannot write into the output folder /proc"):
+        with output_lock("/proc/x.png"):
+            pass
+
+
+def test_json_keeps_bytes_that_are_not_utf8():
+    record = {"path": "in\udcfe.png", "prompt": "caf\u00e9"}
+    text = to_json(record)
+    assert text.encode("utf-8") and json.loads(text) == record
+    assert "\\udcfe" in text and "caf\u00e9" in text
 
 
 # --- what readers see: sd-parsers on our pictures, every format --------------------------------

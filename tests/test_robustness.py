@@ -23,7 +23,7 @@ from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 from stable_diffusion import cli
-from stable_diffusion.metadata import TRAJECTORY_KEY
+from stable_diffusion.metadata import TRAJECTORY_KEY, host_id
 from stable_diffusion.pipeline import StableDiffusion
 from stable_diffusion.tokenizer import Tokenizer
 
@@ -163,6 +163,15 @@ def test_picture_notices_reach_stderr(tmp_path, sd2):
     (["-gt", "--steps", 10, "-sd", 11], ["-sd 11 is more than the 10 steps"]),
     (["--output", "o.txt"], ["must end in .png"]),
     (["--output", "o.png", "--output_format", "jpeg"], ["must end in .jpg or .jpeg for jpeg pictures"]),
+    # Values with no upper bound would exhaust memory (or overflow) before anything else is checked.
+    (["--strength", "5e-324"], ["--strength 4.94066e-324 is outside 0.001 .. 1"]),
+    (["--steps", 1_000_000_000], ["--steps 1000000000 is outside 1 .. 10000"]),
+    (["--steps", "1e9"], ["--steps: invalid int value: '1e9'"]),
+    (["--cfg", "1e308"], ["--cfg 1e+308 is outside 0 .. 100"]),
+    (["--n_images", 10000], ["--n_images 10000 is outside 1 .. 64"]),
+    (["--decoding_batch_size", 1000], ["--decoding_batch_size 1000 is outside 1 .. 64"]),
+    (["-gt", "--triangle_strengths", "1e-9,0.5"], ["--triangle_strengths 1e-09 is outside 0.001 .. 1"]),
+    (["--output", "a" * 246 + ".png", "-sd", 1], ["the run writes names up to 261 bytes", "use a shorter name"]),
 ])
 def test_bad_arguments_fail_before_the_weights_load(capsys, tmp_path, picture, unloadable, extra, words):
     out = tmp_path / "out" / "o.png"
@@ -236,18 +245,22 @@ def test_output_folder_made_and_old_files_replaced(tmp_path, sd2):
     ended = subprocess.Popen(["true"])
     ended.wait()
     dead = ended.pid  # a process that has ended: its temporaries are stale
-    stale = folder / f".o.step-001.png.tmp-{dead}-0badf00d"
-    live = folder / f".o.png.tmp-{os.getpid()}-12345678"  # this process lives: left alone
-    stale.write_bytes(b"half a picture")
-    live.write_bytes(b"half a picture")
+    host = host_id()
+    stale = folder / f".o.step-001.png.tmp-{host}-{dead}-0badf00d"
+    kept = [folder / f".o.png.tmp-{host}-{os.getpid()}-12345678",  # this process lives
+            folder / f".o.png.tmp-0000beef-{dead}-12345678",  # another host's (a shared folder)
+            folder / f".other.png.tmp-{host}-{dead}-12345678"]  # another run's name
+    for path in [stale, *kept]:
+        path.write_bytes(b"half a picture")
 
     second = run("txt2image.py", *args)
     assert second.returncode == 0, second.stderr
     assert "note: removed 1 temporary file(s) left by a killed run" in second.stderr
     assert (folder / "o.png").read_bytes() == final
     assert sidecar(folder / "o.json")["status"] == "finished"
-    assert not stale.exists() and live.exists()
-    live.unlink()
+    assert not stale.exists() and all(path.exists() for path in kept)
+    for path in kept:
+        path.unlink()
     assert assert_whole_pictures(folder) == ["o.png", "o.step-000.png", "o.step-001.png", "o.step-002.png"]
 
 
@@ -450,21 +463,32 @@ def test_inf_in_the_weights_is_not_blamed_on_the_dtype(capsys, tmp_path, picture
 
 SWEEP = r"""#!/usr/bin/env bash
 # A strength and seed sweep as users write them, into one folder. Run 7 is killed outright
-# (SIGKILL) and run 15 stopped (SIGTERM), each after its first frame.
+# (SIGKILL), run 15 stopped (SIGTERM) and run 11 hung up on (SIGHUP), each after its first frame;
+# while run 3 works, a second run ("3b") is started into the same output.
 set -u
 python=$1; script=$2; picture=$3; model=$4; out=$5; statuses=$6
 strengths=(0.3 0.5 0.7 0.9 1.0)
+first_frame() {
+    for _ in $(seq 1 2400); do
+        [ -e "$out/run-$1.step-000.png" ] || ! kill -0 "$2" 2>/dev/null && break
+        sleep 0.05
+    done
+}
 for i in $(seq 0 21); do
     args=("$script" "$picture" "a red barn" --model "$model" --steps 3 -sd 1 --seed "$i"
           --strength "${strengths[$((i % 5))]}" --output "$out/run-$i.png")
-    if [ "$i" = 7 ] || [ "$i" = 15 ]; then
+    if [ "$i" = 7 ] || [ "$i" = 11 ] || [ "$i" = 15 ]; then
         "$python" "${args[@]}" --steps 200 --strength 1 --decoding_batch_size 1 >/dev/null 2>&1 &
         pid=$!
-        for _ in $(seq 1 2400); do
-            [ -e "$out/run-$i.step-000.png" ] || ! kill -0 "$pid" 2>/dev/null && break
-            sleep 0.05
-        done
-        if [ "$i" = 7 ]; then kill -KILL "$pid"; else kill -TERM "$pid"; fi
+        first_frame "$i" "$pid"
+        case $i in 7) kill -KILL "$pid";; 11) kill -HUP "$pid";; *) kill -TERM "$pid";; esac
+        wait "$pid"
+    elif [ "$i" = 3 ]; then
+        "$python" "${args[@]}" --steps 200 --decoding_batch_size 1 >/dev/null 2>&1 &
+        pid=$!
+        first_frame "$i" "$pid"
+        "$python" "${args[@]}" --seed 99 >/dev/null 2>>"$out/3b.err"
+        echo "3b $?" >> "$statuses"
         wait "$pid"
     else
         "$python" "${args[@]}" >/dev/null 2>&1
@@ -481,8 +505,16 @@ def test_sweep_from_a_shell_script_leaves_only_whole_files(tmp_path, picture, sd
                     str(sd2), str(out), str(statuses)], check=True, timeout=600)
 
     exits = dict(line.split() for line in statuses.read_text().splitlines())
-    assert exits == {str(i): {"7": "137", "15": "143"}.get(str(i), "0") for i in range(22)}
-    assert temporaries(out) == []
+    expected = {"7": "137", "11": "129", "15": "143", "3b": "2"}
+    assert exits == {**{str(i): expected.get(str(i), "0") for i in range(22)}, "3b": "2"}
+    refusal = (out / "3b.err").read_text()
+    (out / "3b.err").unlink()
+    assert len(stderr_lines(refusal)) == 1 and "is being written by another run (pid " in refusal
+    # Only the run killed outright may leave a temporary and its (released) lock file; cleanup is
+    # left to the next run of its name.
+    left = temporaries(out)
+    assert all(name.startswith(".run-7.") for name in left)
+    assert [p.name for p in out.glob(".*.lock")] in ([], [".run-7.lock"])
     pictures = assert_whole_pictures(out)
     by_run: dict = {}
     for name in pictures:
@@ -495,8 +527,362 @@ def test_sweep_from_a_shell_script_leaves_only_whole_files(tmp_path, picture, sd
             assert record["status"] == "running" and f"run-{i}.png" not in files
             with pytest.raises(ProcessLookupError):
                 os.kill(record["pid"], 0)
-        elif i == 15:
+        elif i in (11, 15):
             assert record["status"] == "interrupted" and listed(record) == files
         else:
             assert record["status"] == "finished" and listed(record) == files
             assert record["seed"] == i and f"run-{i}.png" in files
+    if left:
+        again = run("image2image.py", picture, "x", "--model", sd2, "--steps", 2, "--seed", 7,
+                    "--output", out / "run-7.png")
+        assert again.returncode == 0 and f"removed {len(left)} temporary file(s)" in again.stderr
+        assert temporaries(out) == [] and not list(out.glob(".*.lock"))
+
+
+# --- bounds, names and places chosen by the user ------------------------------------------------------
+
+
+@pytest.mark.parametrize("size, words", [
+    ("99968x99968", ["--size 99968x99968: the sides must be at most 4096 pixels"]),
+    ("100x64", ["both sides must be multiples of 64"]),
+    ("axb", ["is not HEIGHTxWIDTH"]),
+])
+def test_txt2image_size_is_bounded_before_loading(capsys, tmp_path, unloadable, size, words):
+    status, _, err = main(capsys, "txt2image", "x", "--model", unloadable, "--size", size,
+                          "--output", tmp_path / "out" / "o.png")
+    only_error(status, 2, err, *words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_long_output_name_works_or_fails_before_loading(tmp_path, picture, sd2):
+    name = "n" * 236 + ".png"  # 240 bytes: its frames' names still fit in 255
+    result = run("image2image.py", picture, "x", "--model", sd2, "--steps", 2, "--strength", 1, "-sd", 1,
+                 "--seed", 1, "--output", tmp_path / name)
+    assert result.returncode == 0, result.stderr
+    assert sidecar(tmp_path / ("n" * 236 + ".json"))["status"] == "finished"
+    assert len(assert_whole_pictures(tmp_path)) == 4 and temporaries(tmp_path) == []
+
+
+def test_places_the_user_chose_that_cannot_take_files(capsys, tmp_path, picture, unloadable):
+    (tmp_path / "r.json").mkdir()  # the sidecar's name is a folder
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", unloadable,
+                          "--output", tmp_path / "r.png")
+    only_error(status, 2, err, f"{tmp_path / 'r.json'} is a folder")
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", unloadable,
+                          "--output", "/proc/x.png")
+    only_error(status, 2, err, "cannot write into the output folder /proc", "choose another output folder")
+
+
+def test_environment_settings_checked_before_work(tmp_path, picture, sd2):
+    out = tmp_path / "o.png"
+    result = run("image2image.py", picture, "x", "--model", sd2, "--steps", 2, "--output", out,
+                 env=dict(os.environ, TMPDIR=str(tmp_path / "nonexistent")))
+    only_error(result.returncode, 2, result.stderr, "TMPDIR=", "is not a folder this user can write to")
+    assert not out.exists()
+    # huggingface_hub reads whole seconds; a fraction is rounded up, not a ValueError.
+    env = dict(os.environ, HF_HUB_ETAG_TIMEOUT="2.5", HF_HUB_OFFLINE="1",
+               HF_HUB_CACHE=str(tmp_path / "empty-cache"))
+    result = run("image2image.py", picture, "x", "--output", out, env=env)
+    only_error(result.returncode, 2, result.stderr, "is not in the local hub cache", "HF_HUB_OFFLINE is set")
+    env["HF_HUB_ETAG_TIMEOUT"] = "soon"
+    result = run("image2image.py", picture, "x", "--output", out, env=env)
+    only_error(result.returncode, 2, result.stderr, "HF_HUB_ETAG_TIMEOUT='soon' is not a number of seconds")
+
+
+def test_unreachable_hub_is_the_machine_exit_1(tmp_path, picture):
+    # Nothing listens on port 9 of this host: the hub cannot be reached, and nothing is cached.
+    env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_ETAG_TIMEOUT="3",
+               HF_HUB_CACHE=str(tmp_path / "empty-cache"))
+    env.pop("HF_HUB_OFFLINE", None)
+    result = run("image2image.py", picture, "x", "--output", tmp_path / "out" / "o.png", env=env)
+    only_error(result.returncode, 1, result.stderr, "the hub cannot be reached", "is not in the local hub cache")
+    assert not (tmp_path / "out").exists()
+
+
+# --- configs and tokenizers through the real command --------------------------------------------------
+
+
+def rewrite_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(change(data)))
+
+
+@pytest.mark.parametrize("name, change, words", [
+    ("model_index.json", lambda d: [d], ["model_index.json holds a list, not a JSON object"]),
+    ("model_index.json", lambda d: 3, ["holds a number 3, not a JSON object"]),
+    ("unet/config.json", lambda d: None, ["unet/config.json holds null"]),
+    ("unet/config.json", lambda d: dict(d, layers_per_block=10**9),
+     ["unet/config.json", "field layers_per_block: 1000000000 is outside 1 .. 16"]),
+    ("unet/config.json", lambda d: dict(d, norm_num_groups=0), ["field norm_num_groups: 0 is outside"]),
+    ("unet/config.json", lambda d: dict(d, block_out_channels=[]), ["field block_out_channels: 0 entries"]),
+    ("unet/config.json", lambda d: dict(d, sample_size=0), ["field sample_size: 0 is outside"]),
+    ("vae/config.json", lambda d: dict(d, scaling_factor="0.18"), ["field scaling_factor: expected a number"]),
+    ("scheduler/scheduler_config.json", lambda d: dict(d, num_train_timesteps=0),
+     ["field num_train_timesteps: 0 is outside 1 .. 100000"]),
+    ("tokenizer/tokenizer_config.json", lambda d: dict(d, model_max_length=1),
+     ["tokenizer_config.json", "field model_max_length: 1 is outside"]),
+    ("tokenizer/tokenizer_config.json", lambda d: dict(d, model_max_length="abc"),
+     ["field model_max_length: expected a whole number, got a string \"abc\""]),
+])
+def test_malformed_configs_are_one_line_exit_2_before_loading(capsys, tmp_path, picture, unloadable,
+                                                             name, change, words):
+    model = shutil.copytree(unloadable, tmp_path / "model")
+    rewrite_json(model / name, change)
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", model, "--steps", 2,
+                          "--output", tmp_path / "out" / "o.png")
+    only_error(status, 2, err, *words)
+    assert "conv_out.weight" not in err and not (tmp_path / "out").exists()
+
+
+def test_sharded_weights_with_a_weight_map_that_is_not_a_map(capsys, tmp_path, picture, sd2):
+    model = shutil.copytree(sd2, tmp_path / "model")
+    (model / UNET_WEIGHTS).rename(model / "unet" / "part-1.safetensors")
+    (model / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": ["part-1.safetensors"]}))
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", model, "--output", tmp_path / "o.png")
+    only_error(status, 2, err, "field weight_map must map tensor names to shard file names")
+
+
+def no_signal(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode >= 0, f"killed by signal {-result.returncode}: {result.stderr}"
+    assert "Traceback" not in result.stderr and "Fatal Python error" not in result.stderr
+
+
+def crafted_vocab(vocab: dict, kind: str) -> dict:
+    top = max(vocab.values())
+    if kind == "past the table":  # one id beyond the encoder's embedding rows
+        return dict(vocab, **{"a</w>": top + 1})
+    if kind == "far past the table":
+        return {token: i + 10**6 for token, i in vocab.items()}
+    if kind == "huge":
+        return dict(vocab, **{"a</w>": 10**30})
+    if kind == "negative":
+        return dict(vocab, **{"a</w>": -3})
+    if kind == "boolean":
+        return dict(vocab, **{"a</w>": True})
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("past the table", ["has id 814, but the text encoder's embedding table has 814 rows"]),
+    ("far past the table", ["embedding table has 814 rows"]),
+    ("huge", [f"has id {10**30}"]),
+    ("negative", ["has a negative token id (-3)"]),
+    ("boolean", ["is not a token -> id map"]),
+])
+def test_token_ids_beyond_the_embedding_table_refused_before_any_weight(tmp_path, picture, unloadable,
+                                                                        kind, words):
+    # The model's UNet cannot load: an error about the vocabulary was found before any weight.
+    model = shutil.copytree(unloadable, tmp_path / "model")
+    rewrite_json(model / "tokenizer" / "vocab.json", lambda v: crafted_vocab(v, kind))
+    result = run("image2image.py", picture, "a photo", "--model", model, "--steps", 2,
+                 "--output", tmp_path / "out" / "o.png")
+    no_signal(result)
+    only_error(result.returncode, 2, result.stderr, str(model / "tokenizer"), *words)
+    assert not (tmp_path / "out").exists()
+
+
+MERGES = {
+    "garbage pairs": lambda lines: lines[:1] + ["\u00ff\u00fe \u0100", "a b c", ""] + lines[1:],
+    "pairs of unknown symbols": lambda lines: lines + [f"zz{i} qq{i}" for i in range(2000)],
+    "merges into a missing token": lambda lines: lines[:1] + ["a p", "ap h", "aph o"] + lines[1:],
+    "reversed ranks": lambda lines: lines[:1] + lines[:0:-1],
+    "empty": lambda lines: [],
+}
+
+
+@pytest.mark.parametrize("kind", MERGES)
+def test_crafted_merges_cannot_crash(tmp_path, picture, sd2, kind):
+    model = shutil.copytree(sd2, tmp_path / "model")
+    merges = model / "tokenizer" / "merges.txt"
+    merges.write_text("\n".join(MERGES[kind](merges.read_text().splitlines())) + "\n")
+    result = run("image2image.py", picture, "a photograph of aphorisms \u00ff", "--model", model,
+                 "--steps", 2, "--seed", 3, "--output", tmp_path / "o.png")
+    no_signal(result)
+    assert result.returncode in (0, 2), result.stderr
+    if result.returncode == 2:
+        only_error(result.returncode, 2, result.stderr, str(merges))
+    else:
+        assert sidecar(tmp_path / "o.json")["status"] == "finished"
+
+
+def crafted_header(path: Path, change) -> None:
+    """Rewrite a safetensors header in place (the data stays as it was)."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    change(header)
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+
+
+def first_tensor(header: dict) -> dict:
+    return header[next(k for k in header if k != "__metadata__")]
+
+
+WEIGHTS = {
+    "embedding table smaller than the vocabulary": None,  # a real file, built below
+    "offsets past the end": lambda h: first_tensor(h).__setitem__("data_offsets", [0, 2**62]),
+    "overlapping offsets": lambda h: [info.__setitem__("data_offsets", first_tensor(h)["data_offsets"])
+                                      for k, info in h.items() if k != "__metadata__"],
+    "shape of 2**62 rows": lambda h: first_tensor(h).__setitem__("shape", [2**62, 2]),
+    "negative shape": lambda h: first_tensor(h).__setitem__("shape", [-1, -4]),
+    "unknown dtype": lambda h: first_tensor(h).__setitem__("dtype", "F8_E4M3"),
+    "header of a list": lambda h: h.__setitem__("__metadata__", [1, 2]),
+}
+
+
+@pytest.mark.parametrize("kind", WEIGHTS)
+def test_crafted_text_encoder_weights_cannot_crash(tmp_path, picture, sd2, kind):
+    model = shutil.copytree(sd2, tmp_path / "model")
+    weights = model / "text_encoder" / "model.safetensors"
+    if WEIGHTS[kind] is None:
+        tensors = load_file(str(weights))
+        key = next(k for k in tensors if k.endswith("token_embedding.weight"))
+        tensors[key] = tensors[key][:100]  # 100 rows for a vocabulary of 814
+        save_file(tensors, str(weights))
+    else:
+        crafted_header(weights, WEIGHTS[kind])
+    result = run("image2image.py", picture, "a photo", "--model", model, "--steps", 2,
+                 "--output", tmp_path / "o.png")
+    no_signal(result)
+    if kind == "header of a list":  # safetensors allows any metadata it does not read
+        assert result.returncode in (0, 2), result.stderr
+    else:
+        only_error(result.returncode, 2, result.stderr, str(weights))
+
+
+# --- standard streams and bytes -----------------------------------------------------------------------
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+def shell(redirect: str, argv: list, env=None) -> subprocess.CompletedProcess:
+    """Run `argv` from bash with `redirect` applied (e.g. `<&-`, `2>&-`, `| head -1`)."""
+    return subprocess.run(["bash", "-c", f'set -o pipefail; "$@" {redirect}', "bash", *map(str, argv)],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def reference_run(sd2, picture, tmp_path_factory) -> np.ndarray:
+    out = tmp_path_factory.mktemp("reference") / "o.png"
+    run("image2image.py", picture, "a red barn", "--model", sd2, "--steps", 2, "--seed", 5,
+        "--output", out, check=True)
+    return pixels(out)
+
+
+@pytest.mark.parametrize("redirect", ["<&-", ">&-", "2>&-", "<&- >&- 2>&-", "| head -1",
+                                      "2>&1 | head -c 1 >/dev/null"])
+def test_closed_or_gone_streams_do_not_change_the_run(tmp_path, picture, sd2, reference_run, redirect):
+    out = tmp_path / "o.png"
+    result = shell(redirect, command("image2image.py", picture, "a red barn", "--model", sd2,
+                                     "--steps", 2, "--seed", 5, "--output", out))
+    assert result.returncode == 0, result.stderr
+    assert np.array_equal(pixels(out), reference_run)
+    assert sidecar(tmp_path / "o.json")["status"] == "finished" and temporaries(tmp_path) == []
+
+
+def test_unicode_output_under_an_ascii_terminal(tmp_path, picture, sd2):
+    out = tmp_path / "caf\u00e9 \u2603.png"
+    result = run("image2image.py", picture, "un caf\u00e9 \u2603", "--model", sd2, "--steps", 2,
+                 "--output", out, env=dict(os.environ, PYTHONIOENCODING="ascii"))
+    assert result.returncode == 0, result.stderr
+    assert "caf\\xe9" in result.stdout  # escaped on the terminal, exact on disk
+    record = sidecar(out.with_suffix(".json"))
+    assert record["status"] == "finished" and record["prompt"] == "un caf\u00e9 \u2603"
+
+
+def test_arguments_that_are_not_utf8(tmp_path, picture, sd2):
+    folder = os.fsencode(tmp_path)
+    image = folder + b"/in\xfe.png"
+    Path(os.fsdecode(image)).write_bytes(picture.read_bytes())
+    output = folder + b"/out\xff.png"
+    result = subprocess.run([os.fsencode(sys.executable), os.fsencode(ROOT / "image2image.py"), image,
+                             b"caf\xe9 au lait", "--model", os.fsencode(sd2), "--steps", b"2",
+                             "--negative_prompt", b"\xc3", "--cfg", b"3", "--output", output],
+                            capture_output=True, timeout=300)
+    stderr = result.stderr.decode("utf-8", "replace")
+    assert result.returncode == 0, stderr
+    assert "the prompt is not UTF-8 text" in stderr and "the negative prompt is not UTF-8" in stderr
+    record = json.loads(Path(os.fsdecode(folder + b"/out\xff.json")).read_text(encoding="utf-8"))
+    assert record["status"] == "finished"
+    assert record["prompt"] == "caf\ufffd au lait" and record["prompt_bytes_hex"] == b"caf\xe9 au lait".hex()
+    assert record["negative_prompt_bytes_hex"] == "c3"
+    assert os.fsencode(record["input"]["path"]) == image  # the path, byte for byte
+    assert Path(os.fsdecode(output)).is_file()
+
+
+# --- one writer per output name -----------------------------------------------------------------------
+
+
+def long_run(picture, sd2, out: Path, *extra) -> subprocess.Popen:
+    return subprocess.Popen(
+        command("image2image.py", picture, "x", "--model", sd2, "--steps", 200, "--strength", 1,
+                "-sd", 1, "--decoding_batch_size", 1, "--seed", 0, "--output", out, *extra),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_second_run_into_the_same_output_is_refused_or_waits(tmp_path, picture, sd2):
+    out = tmp_path / "o.png"
+    first = long_run(picture, sd2, out)
+    wait_for(tmp_path / "o.step-001.png", first)
+    second = run("image2image.py", picture, "x", "--model", sd2, "--steps", 2, "--seed", 9,
+                 "--output", tmp_path / "o.PNG")  # another spelling of the same names
+    only_error(second.returncode, 2, second.stderr, f"is being written by another run (pid {first.pid})",
+               "--wait", "choose another --output")
+
+    waiting = subprocess.Popen(
+        command("image2image.py", picture, "x", "--model", sd2, "--steps", 2, "--seed", 9, "--wait",
+                "--output", out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = waiting.stderr.readline()
+    assert waiting.poll() is None, waiting.communicate()
+    assert f"being written by another run (pid {first.pid}); waiting" in line
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 143, err
+    _, err = waiting.communicate(timeout=300)
+    assert waiting.returncode == 0, err
+    record = sidecar(tmp_path / "o.json")
+    assert record["status"] == "finished" and record["seed"] == 9 and record["pid"] == waiting.pid
+    # The first run's frames beyond the second's are still on disk but no longer listed: the
+    # sidecar tells which files the last run wrote.
+    assert {"o.png", "o.step-000.png", "o.step-001.png", "o.step-002.png"} >= listed(record)
+    assert not list(tmp_path.glob(".*.lock")) and temporaries(tmp_path) == []
+
+
+# --- signals ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signals, status", [
+    ((signal.SIGHUP,), {129}),
+    ((signal.SIGINT, signal.SIGTERM), {130}),  # the second, during the shutdown, changes nothing
+    # Signals pending together are handled in the order of their numbers: any may be the first.
+    ((signal.SIGTERM, signal.SIGINT, signal.SIGHUP), {129, 130, 143}),
+])
+def test_stop_signals_keep_the_files_and_the_truth(tmp_path, picture, sd2, signals, status):
+    process = long_run(picture, sd2, tmp_path / "o.png")
+    wait_for(tmp_path / "o.step-002.png", process)
+    for signum in signals:
+        process.send_signal(signum)
+        time.sleep(0.001)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode in status, err
+    kept = assert_whole_pictures(tmp_path)
+    assert stderr_lines(err)[-1] == f"interrupted: kept {len(kept)} file(s), see {tmp_path / 'o.json'}"
+    assert "Traceback" not in err and temporaries(tmp_path) == []
+    record = sidecar(tmp_path / "o.json")
+    assert record["status"] == "interrupted" and listed(record) == set(kept)
+
+
+def test_memory_error_says_out_of_memory(capsys, tmp_path, picture, sd2, monkeypatch):
+    def exhausted(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(StableDiffusion, "decode", exhausted)
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 2,
+                          "--output", tmp_path / "o.png")
+    lines = stderr_lines(err)
+    assert status == 1 and lines[-1].startswith("failed: out of memory: use a smaller picture"), err

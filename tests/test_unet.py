@@ -118,9 +118,8 @@ def test_sdxl_needs_text_embeds_and_time_ids(tiny_model, golden):
     ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn", "UNetMidBlock2DSimpleCrossAttn"),
 ])
 def test_unsupported_block_types_are_refused(field, value, refused):
-    config = UNetConfig.from_diffusers(dict(tiny_configs("sd1")["unet"], **{field: value}))
     with pytest.raises(ConfigError, match=f"block type '{refused}' is not supported"):
-        UNetModel(config)
+        UNetModel(UNetConfig.from_diffusers(dict(tiny_configs("sd1")["unet"], **{field: value})))
 
 
 

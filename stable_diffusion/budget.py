@@ -1,0 +1,214 @@
+"""How much memory a run will need, from the model's configs and the run's sizes, before any weight
+is read; and the refusal of a run that cannot fit.
+
+The estimate has parts, each the largest set of arrays alive at once in one phase of the run:
+- weights: every parameter of the UNet, the VAE and the text encoders, in the compute dtype;
+- unet: one denoiser call on all its rows (2 per picture with guidance): the skip maps the up
+  path takes, the attention scores of the widest self-attention (the CPU path's blocks are
+  scheduled together, so the scores are held whole: measured quadratic in the latent's cells),
+  and the largest convolution's im2col matrix;
+- vae_encode / vae_decode: the maps of the full-resolution level, counted in maps of the second
+  level's width (which arrive there upsampled), and the largest im2col matrix, per picture;
+- canvas: grids, strips and the triangle, held as float pictures and uint8 copies (numpy);
+- runtime: the interpreter, MLX and the BLAS themselves.
+The phases follow one another, so the total is the weights, the runtime and the largest phase.
+
+Calibration (float32, CPU): the tiny sd2 model at 64, 128 and 256 px, one and two pictures,
+MLX's peak within 1.15x of the estimate (tests/test_budget.py holds it to 1.5x); the full-size
+VAE (SD 2.x) decoding at 256-512 px within 0.8-1.3x (decode 612 MB at 256, 1011 MB at 384, 1796
+MB at 512 px, measured). Other devices (fused attention, no shifted convolution) are modelled
+by `fused_attention`; their im2col is assumed as on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .config import PipelineConfig
+from .errors import InputError
+
+RUNTIME_BYTES = 600 * 2**20  # python, mlx, numpy, Pillow and the BLAS, measured as RSS at start
+_FLOAT32 = 4
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+# Calibrated (float32, CPU): maps alive at the VAE's peak, in maps of its second level's width at
+# full resolution (full-size VAE at 256-512 px: decode 6.4-7.2, encode 4.4; the tiny VAE agrees);
+# copies of the attention scores; UNet feature maps per skip map.
+_DECODE_MAPS = 7.0
+_ENCODE_MAPS = 4.4
+_SCORE_COPIES = 4
+_UNET_MAPS = 8
+# MLX's CPU convolution builds an im2col matrix (9 x its input); ops.Conv2d avoids it above
+# ops.SHIFTED_CONV_BYTES, so the largest one held is the largest input below that bound.
+_SHIFTED_CONV_BYTES = 256 << 20
+# What lowers each part, in words a caller turns into its own flags.
+KNOBS = {
+    "weights": "a half-precision dtype, or quantized weights",
+    "unet": "fewer images per run, or a smaller picture",
+    "vae_encode": "a smaller picture",
+    "vae_decode": "a smaller decoding batch, or a smaller picture",
+    "canvas": "fewer saved frames or triangle rows, or a smaller picture",
+    "runtime": "nothing: it is the cost of the program itself",
+}
+
+
+def parameter_counts(config: PipelineConfig) -> dict:
+    """Parameters of each network, counted from the shapes its config gives (nothing is read)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from .clip import CLIPTextModel
+    from .unet import UNetModel
+    from .vae import Autoencoder
+
+    modules = {"unet": UNetModel(config.unet), "vae": Autoencoder(config.vae)}
+    for i, encoder in enumerate(config.text_encoders):
+        modules[f"text_encoder_{i}"] = CLIPTextModel(encoder)
+    counts = {name: sum(v.size for _, v in tree_flatten(m.parameters())) for name, m in modules.items()}
+    # Building drew lazy random parameters from MLX's global key; evaluate the key so that its
+    # graph does not keep growing.
+    mx.eval(mx.random.state)
+    return counts
+
+
+def estimate_peak_bytes(pipeline_config: PipelineConfig, dtype: str, image_size: tuple, batch: int,
+                        decode_batch: int, canvas_pixels: int = 0, cfg_guided: bool = True,
+                        encode: bool = True, counts: dict | None = None,
+                        fused_attention: bool = False) -> dict:
+    """Peak memory of a run, in bytes, by part (see the module docstring) and `total`.
+
+    image_size: (height, width) in pixels; batch: pictures generated at once (--n_images);
+    decode_batch: latents decoded at once; canvas_pixels: pixels of the largest composite picture
+    (grid, strip or triangle); cfg_guided: the UNet runs on the prompt and the negative prompt at
+    once; encode: an input picture is encoded (image to image). `counts` may pass
+    `parameter_counts(pipeline_config)` computed once; fused_attention: the device has a fused
+    attention kernel (ops.FUSED_ATTENTION, Metal and CUDA), which holds no score matrix.
+    """
+    if dtype not in _DTYPE_BYTES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(_DTYPE_BYTES)}")
+    size = _DTYPE_BYTES[dtype]
+    h, w = image_size
+    unet, vae = pipeline_config.unet, pipeline_config.vae
+    f = vae.downscale
+    counts = parameter_counts(pipeline_config) if counts is None else counts
+
+    # UNet, for the rows it runs at once: the skip maps of every level, the attention scores of
+    # the widest self-attention (held whole: the CPU path's blocks are scheduled together), and
+    # the largest convolution's im2col matrix.
+    rows = batch * (2 if cfg_guided else 1)
+    latent = (h // f) * (w // f)
+    n = len(unet.block_out_channels)
+    maps = scores = 0
+    convs = []
+    for level, (channels, kind, heads) in enumerate(zip(unet.block_out_channels, unet.down_block_types,
+                                                        unet.heads)):
+        cells = latent // 4**level
+        maps += (unet.layers_per_block + 1) * cells * channels
+        if kind.startswith("CrossAttn") and not fused_attention:
+            scores = max(scores, heads * cells * cells)
+        convs += [cells * channels, cells * unet.block_out_channels[min(level + 1, n - 1)]]
+    unet_bytes = rows * (_UNET_MAPS * maps * size + _SCORE_COPIES * scores * _FLOAT32)
+    unet_bytes += 2 * _im2col(convs, rows, size)
+
+    # VAE, per picture: the maps of the full-resolution level (counted in maps of the second
+    # level's width, which arrive there upsampled), and the largest convolution's im2col matrix.
+    vae_size = size  # the VAE runs in the compute dtype
+    channels = vae.block_out_channels
+    wide = channels[1] if len(channels) > 1 else channels[0]
+    pixels = h * w
+    convs = [pixels * 3]
+    for level, c in enumerate(channels):
+        cells = pixels // 4**level
+        convs += [cells * c, cells * channels[min(level + 1, len(channels) - 1)]]
+
+    def vae_phase(pictures: int, copies: float) -> int:
+        return int(pictures * copies * pixels * wide * vae_size) + 2 * _im2col(convs, pictures, vae_size)
+
+    decode_bytes = vae_phase(min(decode_batch, batch), _DECODE_MAPS)
+    encode_bytes = vae_phase(1, _ENCODE_MAPS) if encode else 0
+
+    parts = {
+        "weights": sum(counts.values()) * size,
+        "unet": unet_bytes,
+        "vae_encode": encode_bytes,
+        "vae_decode": decode_bytes,
+        "canvas": canvas_pixels * 3 * (_FLOAT32 + 1),
+        "runtime": RUNTIME_BYTES,
+    }
+    # The phases follow one another: the peak is the weights and the runtime, plus the largest
+    # phase; the canvas is built while the decoder's maps are still cached.
+    phases = max(parts["unet"], parts["vae_encode"], parts["vae_decode"] + parts["canvas"])
+    parts["total"] = parts["weights"] + parts["runtime"] + phases
+    return parts
+
+
+def _im2col(inputs: list, batch: int, size: int) -> int:
+    """The largest im2col matrix among convolutions with these input sizes (elements per picture)."""
+    held = [9 * batch * n * size for n in inputs]
+    return max([b for b in held if b < _SHIFTED_CONV_BYTES] or [0])
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate, or None when unknown: the machine's available memory
+    (Linux: MemAvailable), less where a limit is lower (`ulimit -v`/`-d`, a cgroup's memory.max), as
+    an allocation failure inside MLX aborts the process instead of raising."""
+    candidates = []
+    status = _proc_fields("/proc/meminfo")
+    if "MemAvailable" in status:
+        candidates.append(status["MemAvailable"])
+    else:
+        try:
+            candidates.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (OSError, ValueError, AttributeError):
+            pass
+    own = _proc_fields("/proc/self/status")
+    try:
+        import resource
+
+        for limit, used in ((resource.RLIMIT_AS, "VmSize"), (resource.RLIMIT_DATA, "VmData")):
+            soft = resource.getrlimit(limit)[0]
+            if soft != resource.RLIM_INFINITY:
+                candidates.append(max(0, soft - own.get(used, 0)))
+    except (ImportError, OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as f:
+            text = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current", encoding="ascii") as f:
+            current = int(f.read().strip())
+        if text != "max":
+            candidates.append(max(0, int(text) - current))
+    except (OSError, ValueError):
+        pass
+    return min(candidates) if candidates else None
+
+
+def _proc_fields(path: str) -> dict:
+    """`Name: value kB` lines of a /proc file, in bytes."""
+    fields = {}
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                parts = rest.split()
+                if len(parts) == 2 and parts[1] == "kB" and parts[0].isdigit():
+                    fields[name] = int(parts[0]) * 1024
+    except OSError:
+        pass
+    return fields
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GB"
+
+
+def check_fits(estimate: dict, available_bytes: int | None) -> None:
+    """Refuse a run whose estimate exceeds the memory available, naming what it needs and the knob
+    that lowers its largest part. Nothing is refused when the available memory is unknown."""
+    if available_bytes is None or estimate["total"] <= available_bytes:
+        return
+    parts = {k: v for k, v in estimate.items() if k not in ("total", "runtime")}
+    largest = max(parts, key=parts.get)
+    shown = ", ".join(f"{k} {gib(v)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v)
+    raise InputError(f"this run needs about {gib(estimate['total'])} of memory ({shown}), more "
+                     f"than the {gib(available_bytes)} available; the largest part is {largest}: "
+                     f"use {KNOBS[largest]}")
