@@ -238,7 +238,8 @@ class SchedulerConfig:
     _RULES = {
         "num_train_timesteps": (int, 1, 100_000), "beta_start": (float, 0.0, 1.0),
         "beta_end": (float, 0.0, 1.0), "beta_schedule": (str,), "prediction_type": (str,),
-        "timestep_spacing": (str,),
+        "timestep_spacing": (str,), "steps_offset": (int, 0, 1000), "set_alpha_to_one": (bool,),
+        "use_karras_sigmas": (bool,), "use_exponential_sigmas": (bool,), "algorithm_type": (str,),
     }
 
     @classmethod

@@ -125,7 +125,8 @@ class Run:
                              f"{output / 'out.png'}")
         sidecar = output.with_suffix(".json")
         if sidecar.is_dir():
-            raise InputError(f"the sidecar {sidecar} would replace a folder; choose another --output")
+            raise InputError(f"--output {output}: {sidecar} is a folder, where the run writes its "
+                             "record; choose another --output name")
         folder = output.parent
         missing, p = [], folder.absolute()
         while not p.exists() and p != p.parent:

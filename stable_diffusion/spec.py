@@ -28,6 +28,7 @@ MAX_STEPS = 10_000
 MAX_CFG = 100.0
 MAX_IMAGES = 64
 MAX_SEED = 2**64 - 1
+MAX_SIDE = 4096  # pixels; the memory budget refuses what the machine cannot hold
 MAX_REFINE = 50
 
 
@@ -186,9 +187,10 @@ class RunSpec:
             raise SpecError("taesd", "{flag} names the decoder of --preview taesd; add that")
         if spec.size is not None:
             h, w = spec.size
-            if h < 64 or w < 64 or h % 64 or w % 64 or h * w > 2048 * 2048:
-                raise SpecError("size", f"{{flag}} {h}x{w}: both sides must be multiples of 64, at "
-                                        "most 2048x2048 in all, e.g. 512x768")
+            if h < 64 or w < 64 or h % 64 or w % 64:
+                raise SpecError("size", f"{{flag}} {h}x{w}: both sides must be multiples of 64, e.g. 512x768")
+            if max(h, w) > MAX_SIDE:
+                raise SpecError("size", f"{{flag}} {h}x{w}: the sides must be at most {MAX_SIDE} pixels")
         return spec
 
 

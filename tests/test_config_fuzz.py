@@ -22,7 +22,7 @@ from stable_diffusion.config import TEXT_COMPONENTS, ConfigError, read_pipeline_
 from stable_diffusion.errors import ModelError
 from stable_diffusion.model_io import check_model_folder
 from stable_diffusion.pipeline import model_defaults
-from stable_diffusion.sampler import Sampler
+from stable_diffusion.sampler import NoiseSchedule, default_sampler
 from stable_diffusion.testing import FAMILIES, write_tiny_model
 from stable_diffusion.tokenizer import Tokenizer, check_fits_encoder
 from stable_diffusion.unet import UNetModel
@@ -51,9 +51,12 @@ def load(folder: Path) -> None:
         tokenizer = Tokenizer.from_folder(folder / tok)
         check_fits_encoder(tokenizer, encoder, folder / tok)
         tokenizer.tokenize(["a red fox", ""])
-    sampler = Sampler(config.scheduler, config.sampler_name)
-    for t in (0.0, 1.0, sampler.num_train_timesteps / 2, sampler.num_train_timesteps):
-        assert math.isfinite(sampler.sigma(t))
+    noise = NoiseSchedule(config.scheduler)
+    for t in (0.0, 1.0, noise.num_train_timesteps / 2, noise.num_train_timesteps):
+        assert math.isfinite(noise.sigma(t))
+    sampler, schedule, _ = default_sampler(config)
+    for strength in (0.3, 1.0):  # the plans a run makes with the folder's defaults
+        noise.plan(strength, 10, schedule, sampler)
     model_defaults(config)
     # Building a network draws its initial parameters lazily from MLX's global key, whose graph
     # grows with every draw until evaluated: thousands of builds would hold gigabytes.
