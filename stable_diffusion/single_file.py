@@ -548,8 +548,13 @@ def view_folder(path, vae=None, prediction_type: str | None = None) -> tuple[Pat
               "prediction_type": detected}
     if vae_path is not None:
         source["vae"] = str(vae_path)
-    key = ["file", str(ckpt.path), _identity(ckpt.path), str(vae_path), _identity(vae_path), detected]
-    return _cached_view(key, lambda work: _write_view(work, ckpt, vae_path, detected)), source
+    notices = []
+    if ckpt.family == "sd2" and prediction_type is None and detected == "epsilon":
+        notices.append("an SD 2.x single file without a v_pred tensor is read as epsilon-prediction; "
+                       "a 768 px v-model (SD 2.x 768) needs prediction type v_prediction")
+    key = ["file", str(ckpt.path), _identity(ckpt.path), str(vae_path), _identity(vae_path),
+           prediction_type, detected]
+    return _cached_view(key, lambda work: _write_view(work, ckpt, vae_path, detected, notices)), source
 
 
 _VIEW_VERSION = 1
@@ -567,7 +572,8 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _write_view(folder: Path, ckpt: Checkpoint, vae_path: Path | None, prediction_type: str) -> None:
+def _write_view(folder: Path, ckpt: Checkpoint, vae_path: Path | None, prediction_type: str,
+                notices: list) -> None:
     family, xl = ckpt.family, ckpt.family == "sdxl"
     texts = {name: text_config(ckpt, name) for name in ckpt.text}
     pooled = texts.get("text_encoder_2", {}).get("projection_dim")
@@ -583,6 +589,7 @@ def _write_view(folder: Path, ckpt: Checkpoint, vae_path: Path | None, predictio
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
         "force_zeros_for_empty_prompt": xl,
+        "_notices": notices,  # read_pipeline_config passes them on
     }
     if xl:
         index.update(text_encoder_2=["transformers", "CLIPTextModelWithProjection"],

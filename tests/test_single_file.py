@@ -204,7 +204,13 @@ def test_cli_single_file_and_folder_give_the_same_pictures(family, tiny_model, c
 def test_prediction_type_from_the_v_pred_key_or_the_keyword(checkpoint, tmp_path):
     path = tmp_path / "vpred.safetensors"
     tensors = load_file(str(checkpoint("sd2")))
-    assert read_pipeline_config(model_io.resolve_model(str(checkpoint("sd2")))[0]).scheduler.prediction_type == "epsilon"
+    notices = []
+    config = read_pipeline_config(model_io.resolve_model(str(checkpoint("sd2")))[0], notices)
+    assert config.scheduler.prediction_type == "epsilon"
+    assert notices and "needs prediction type v_prediction" in notices[0]
+    notices = []
+    read_pipeline_config(model_io.resolve_model(str(checkpoint("sd2")), prediction_type="epsilon")[0], notices)
+    assert notices == []  # chosen, not guessed
     tensors["v_pred"] = np.zeros((), np.float32)
     save_file(tensors, str(path), metadata=single_file.Checkpoint(checkpoint("sd2")).metadata)
     folder, source = model_io.resolve_model(str(path))
