@@ -113,7 +113,11 @@ class Checkpoint:
         try:
             self.architecture = json.loads(self.metadata.get(ARCHITECTURE_KEY, "{}"))
         except json.JSONDecodeError:
-            raise ModelError(f"{self.path}: metadata {ARCHITECTURE_KEY} is not JSON") from None
+            self.architecture = None
+        if not isinstance(self.architecture, dict) or not all(
+                isinstance(v, dict) for v in self.architecture.values()):
+            raise ModelError(f"{self.path}: metadata {ARCHITECTURE_KEY} is not a JSON object of "
+                             "per-network fields; remove it or fix it")
 
     def shape(self, key: str) -> tuple:
         if key not in self.shapes:
@@ -557,7 +561,7 @@ def view_folder(path, vae=None, prediction_type: str | None = None) -> tuple[Pat
     return _cached_view(key, lambda work: _write_view(work, ckpt, vae_path, detected, notices)), source
 
 
-_VIEW_VERSION = 1
+_VIEW_VERSION = 1  # part of every view's cache key: raise it when what a view holds changes
 
 
 def _identity(path: Path | None):
