@@ -110,14 +110,7 @@ class Checkpoint:
         for name, (prefix, kind) in self.text.items():
             if kind == "clip" and f"{prefix}text_model.embeddings.token_embedding.weight" not in self.shapes:
                 self.text[name] = (prefix, "clip-bare")
-        try:
-            self.architecture = json.loads(self.metadata.get(ARCHITECTURE_KEY, "{}"))
-        except json.JSONDecodeError:
-            self.architecture = None
-        if not isinstance(self.architecture, dict) or not all(
-                isinstance(v, dict) for v in self.architecture.values()):
-            raise ModelError(f"{self.path}: metadata {ARCHITECTURE_KEY} is not a JSON object of "
-                             "per-network fields; remove it or fix it")
+        self.architecture = _architecture(self.metadata, self.path)
 
     def shape(self, key: str) -> tuple:
         if key not in self.shapes:
@@ -131,6 +124,18 @@ class Checkpoint:
         rx = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail))
         found = {int(m.group(1)) for k in self.shapes if (m := rx.match(k))}
         return max(found) + 1 if found else 0
+
+
+def _architecture(metadata: dict, path: Path) -> dict:
+    """The ARCHITECTURE_KEY metadata: {network: {config field: value}} (see the module's doc)."""
+    try:
+        architecture = json.loads(metadata.get(ARCHITECTURE_KEY, "{}"))
+    except json.JSONDecodeError:
+        architecture = None
+    if not isinstance(architecture, dict) or not all(isinstance(v, dict) for v in architecture.values()):
+        raise ModelError(f"{path}: metadata {ARCHITECTURE_KEY} is not a JSON object of per-network "
+                         "fields; remove it or fix it")
+    return architecture
 
 
 def detect_family(shapes: dict, path: Path, vae_given: bool = False) -> str:
@@ -643,12 +648,12 @@ def _write_vae_replacement(folder: Path, vae: Path, scaling: float) -> None:
     from .model_io import read_safetensors_header
 
     header = read_safetensors_header(vae)
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None) or {}
     prefix = VAE if any(k.startswith(VAE) for k in header) else ""
     if not any(k.startswith(prefix + "encoder.down.") for k in header):
         raise ModelError(f"--vae {vae}: no LDM VAE tensors (encoder.down.*); pass an LDM VAE file "
                          "or a diffusers VAE folder")
-    ckpt = _VAEFile(vae, header)
+    ckpt = _VAEFile(vae, header, metadata)
     config = vae_config(ckpt, prefix, scaling)
     _write_json(folder / "config.json", config)
     _write_json(folder / POINTER, {"file": str(vae), "prefix": prefix, "kind": "vae", "config": config})
@@ -657,9 +662,10 @@ def _write_vae_replacement(folder: Path, vae: Path, scaling: float) -> None:
 class _VAEFile(Checkpoint):
     """A VAE alone: the shape queries of `Checkpoint` without a family."""
 
-    def __init__(self, path: Path, header: dict):
-        self.path, self.family, self.architecture, self.metadata = path, "sd1", {}, {}
+    def __init__(self, path: Path, header: dict, metadata: dict):
+        self.path, self.family, self.metadata = path, "sd1", metadata
         self.shapes = {k: tuple(v["shape"]) for k, v in header.items()}
+        self.architecture = _architecture(metadata, path)
 
 
 # --- writing an LDM file from a diffusers folder (tests, tools) ------------------------------------

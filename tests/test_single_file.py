@@ -235,6 +235,7 @@ def test_replacement_vae_from_a_folder_or_an_ldm_file(checkpoint, tiny_model, tm
         got = parameters(sd.vae)
         assert all(np.array_equal(got[k], reference[k]) for k in reference)
         assert sd.config.vae.scaling_factor == pytest.approx(0.18215 if vae == vae_file else 0.13025)
+        assert sd.config.vae.norm_num_groups == 4  # from the file's metadata, or the folder's config
         assert sd.source["vae"] == str(Path(vae).resolve())
     # a folder model's VAE can be replaced too
     got = parameters(load(tiny_model("sd1"), vae=other / "vae").vae)
