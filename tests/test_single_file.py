@@ -331,6 +331,8 @@ def test_widths_that_fit_no_rule_need_the_metadata(checkpoint, tmp_path):
     save_file(load_file(str(checkpoint("sd2"))), str(path))  # no metadata: tiny widths fit no rule
     expect_model_error(lambda: model_io.resolve_model(str(path)), "widths [32] are not multiples of 64",
                        single_file.ARCHITECTURE_KEY)
+    save_file(load_file(str(checkpoint("sd2"))), str(path), metadata={single_file.ARCHITECTURE_KEY: "[4]"})
+    expect_model_error(lambda: model_io.resolve_model(str(path)), "is not a JSON object of per-network fields")
 
 
 # --- aliases -----------------------------------------------------------------------------------------
