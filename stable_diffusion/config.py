@@ -348,6 +348,8 @@ def read_pipeline_config(folder: Path, notices: list | None = None) -> PipelineC
     """
     folder = Path(folder)
     index = load_json(folder / "model_index.json")
+    if notices is not None:  # what single_file.py could not tell from the file, said once
+        notices.extend(index.get("_notices", []))
     present = components(index)
     for needed in ("unet", "vae", "scheduler", "text_encoder", "tokenizer"):
         if needed not in present:

@@ -110,10 +110,7 @@ class Checkpoint:
         for name, (prefix, kind) in self.text.items():
             if kind == "clip" and f"{prefix}text_model.embeddings.token_embedding.weight" not in self.shapes:
                 self.text[name] = (prefix, "clip-bare")
-        try:
-            self.architecture = json.loads(self.metadata.get(ARCHITECTURE_KEY, "{}"))
-        except json.JSONDecodeError:
-            raise ModelError(f"{self.path}: metadata {ARCHITECTURE_KEY} is not JSON") from None
+        self.architecture = _architecture(self.metadata, self.path)
 
     def shape(self, key: str) -> tuple:
         if key not in self.shapes:
@@ -127,6 +124,18 @@ class Checkpoint:
         rx = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail))
         found = {int(m.group(1)) for k in self.shapes if (m := rx.match(k))}
         return max(found) + 1 if found else 0
+
+
+def _architecture(metadata: dict, path: Path) -> dict:
+    """The ARCHITECTURE_KEY metadata: {network: {config field: value}} (see the module's doc)."""
+    try:
+        architecture = json.loads(metadata.get(ARCHITECTURE_KEY, "{}"))
+    except json.JSONDecodeError:
+        architecture = None
+    if not isinstance(architecture, dict) or not all(isinstance(v, dict) for v in architecture.values()):
+        raise ModelError(f"{path}: metadata {ARCHITECTURE_KEY} is not a JSON object of per-network "
+                         "fields; remove it or fix it")
+    return architecture
 
 
 def detect_family(shapes: dict, path: Path, vae_given: bool = False) -> str:
@@ -548,11 +557,16 @@ def view_folder(path, vae=None, prediction_type: str | None = None) -> tuple[Pat
               "prediction_type": detected}
     if vae_path is not None:
         source["vae"] = str(vae_path)
-    key = ["file", str(ckpt.path), _identity(ckpt.path), str(vae_path), _identity(vae_path), detected]
-    return _cached_view(key, lambda work: _write_view(work, ckpt, vae_path, detected)), source
+    notices = []
+    if ckpt.family == "sd2" and prediction_type is None and detected == "epsilon":
+        notices.append("an SD 2.x single file without a v_pred tensor is read as epsilon-prediction; "
+                       "a 768 px v-model (SD 2.x 768) needs prediction type v_prediction")
+    key = ["file", str(ckpt.path), _identity(ckpt.path), str(vae_path), _identity(vae_path),
+           prediction_type, detected]
+    return _cached_view(key, lambda work: _write_view(work, ckpt, vae_path, detected, notices)), source
 
 
-_VIEW_VERSION = 1
+_VIEW_VERSION = 1  # part of every view's cache key: raise it when what a view holds changes
 
 
 def _identity(path: Path | None):
@@ -567,7 +581,8 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _write_view(folder: Path, ckpt: Checkpoint, vae_path: Path | None, prediction_type: str) -> None:
+def _write_view(folder: Path, ckpt: Checkpoint, vae_path: Path | None, prediction_type: str,
+                notices: list) -> None:
     family, xl = ckpt.family, ckpt.family == "sdxl"
     texts = {name: text_config(ckpt, name) for name in ckpt.text}
     pooled = texts.get("text_encoder_2", {}).get("projection_dim")
@@ -583,6 +598,7 @@ def _write_view(folder: Path, ckpt: Checkpoint, vae_path: Path | None, predictio
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
         "force_zeros_for_empty_prompt": xl,
+        "_notices": notices,  # read_pipeline_config passes them on
     }
     if xl:
         index.update(text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
@@ -632,12 +648,12 @@ def _write_vae_replacement(folder: Path, vae: Path, scaling: float) -> None:
     from .model_io import read_safetensors_header
 
     header = read_safetensors_header(vae)
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None) or {}
     prefix = VAE if any(k.startswith(VAE) for k in header) else ""
     if not any(k.startswith(prefix + "encoder.down.") for k in header):
         raise ModelError(f"--vae {vae}: no LDM VAE tensors (encoder.down.*); pass an LDM VAE file "
                          "or a diffusers VAE folder")
-    ckpt = _VAEFile(vae, header)
+    ckpt = _VAEFile(vae, header, metadata)
     config = vae_config(ckpt, prefix, scaling)
     _write_json(folder / "config.json", config)
     _write_json(folder / POINTER, {"file": str(vae), "prefix": prefix, "kind": "vae", "config": config})
@@ -646,9 +662,10 @@ def _write_vae_replacement(folder: Path, vae: Path, scaling: float) -> None:
 class _VAEFile(Checkpoint):
     """A VAE alone: the shape queries of `Checkpoint` without a family."""
 
-    def __init__(self, path: Path, header: dict):
-        self.path, self.family, self.architecture, self.metadata = path, "sd1", {}, {}
+    def __init__(self, path: Path, header: dict, metadata: dict):
+        self.path, self.family, self.metadata = path, "sd1", metadata
         self.shapes = {k: tuple(v["shape"]) for k, v in header.items()}
+        self.architecture = _architecture(metadata, path)
 
 
 # --- writing an LDM file from a diffusers folder (tests, tools) ------------------------------------

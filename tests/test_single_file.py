@@ -202,7 +202,13 @@ def test_cli_single_file_and_folder_give_the_same_pictures(family, tiny_model, c
 def test_prediction_type_from_the_v_pred_key_or_the_keyword(checkpoint, tmp_path):
     path = tmp_path / "vpred.safetensors"
     tensors = load_file(str(checkpoint("sd2")))
-    assert read_pipeline_config(model_io.resolve_model(str(checkpoint("sd2")))[0]).scheduler.prediction_type == "epsilon"
+    notices = []
+    config = read_pipeline_config(model_io.resolve_model(str(checkpoint("sd2")))[0], notices)
+    assert config.scheduler.prediction_type == "epsilon"
+    assert notices and "needs prediction type v_prediction" in notices[0]
+    notices = []
+    read_pipeline_config(model_io.resolve_model(str(checkpoint("sd2")), prediction_type="epsilon")[0], notices)
+    assert notices == []  # chosen, not guessed
     tensors["v_pred"] = np.zeros((), np.float32)
     save_file(tensors, str(path), metadata=single_file.Checkpoint(checkpoint("sd2")).metadata)
     folder, source = model_io.resolve_model(str(path))
@@ -227,6 +233,7 @@ def test_replacement_vae_from_a_folder_or_an_ldm_file(checkpoint, tiny_model, tm
         got = parameters(sd.vae)
         assert all(np.array_equal(got[k], reference[k]) for k in reference)
         assert sd.config.vae.scaling_factor == pytest.approx(0.18215 if vae == vae_file else 0.13025)
+        assert sd.config.vae.norm_num_groups == 4  # from the file's metadata, or the folder's config
         assert sd.source["vae"] == str(Path(vae).resolve())
     # a folder model's VAE can be replaced too
     got = parameters(load(tiny_model("sd1"), vae=other / "vae").vae)
@@ -322,6 +329,8 @@ def test_widths_that_fit_no_rule_need_the_metadata(checkpoint, tmp_path):
     save_file(load_file(str(checkpoint("sd2"))), str(path))  # no metadata: tiny widths fit no rule
     expect_model_error(lambda: model_io.resolve_model(str(path)), "widths [32] are not multiples of 64",
                        single_file.ARCHITECTURE_KEY)
+    save_file(load_file(str(checkpoint("sd2"))), str(path), metadata={single_file.ARCHITECTURE_KEY: "[4]"})
+    expect_model_error(lambda: model_io.resolve_model(str(path)), "is not a JSON object of per-network fields")
 
 
 # --- aliases -----------------------------------------------------------------------------------------
