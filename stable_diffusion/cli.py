@@ -58,15 +58,20 @@ class _Parser(argparse.ArgumentParser):
         raise InputError(f"{message} (see --help)")
 
 
-def build_parser(command: str) -> argparse.ArgumentParser:
-    """The arguments of `image2image` or `txt2image`; both share every option that makes sense."""
+def build_parser(command: str, sweep: bool = False) -> argparse.ArgumentParser:
+    """The arguments of `image2image` or `txt2image`; both share every option that makes sense.
+    `sweep`: the base of sd-sweep's parser (stable_diffusion/sweep_cli.py), where the prompt may
+    come from --prompts instead."""
     img2img = command == "image2image"
     p = _Parser(prog=f"{command}.py", description=(
         "Stable Diffusion image-to-image on MLX, saving every stage of the trajectory."
         if img2img else "Stable Diffusion text-to-image on MLX, saving every stage of the trajectory."))
     if img2img:
         p.add_argument("image", help="input picture (any format Pillow reads)")
-    p.add_argument("prompt", help="the text prompt (may be empty: unconditional)")
+    if sweep:
+        p.add_argument("prompt", nargs="?", help="the text prompt (or --prompts FILE)")
+    else:
+        p.add_argument("prompt", help="the text prompt (may be empty: unconditional)")
 
     g = p.add_argument_group("model and sampling")
     g.add_argument("--model", default="sd",
