@@ -593,7 +593,7 @@ class Sweep:
                 if outcome is None:
                     started[run.name] = time.perf_counter()
                     self.manifest.set(run.name, "running")
-                    console.say(f"[{skipped + ran + failed + 1}/{total}] {run.name}")
+                    console.say(f"[{skipped + len(started)}/{total}] {run.name}")
                     continue
                 outcomes[run.name] = outcome
                 if outcome.status == "finished":
