@@ -120,7 +120,7 @@ def test_one_session_loads_once_and_encodes_once_per_picture_and_prompt(tmp_path
 
 def test_a_killed_sweep_rerun_makes_only_the_rest(tmp_path, picture, sd2):
     out = tmp_path / "out"
-    args = ["image2image", picture, "x", "--model", sd2, "--steps", 200, "--strengths", "1",
+    args = ["image2image", picture, "x", "--model", sd2, "--steps", 100, "--strengths", "1",
             "--seeds", "1-6", "--sheet-every", 1, "--quiet", "-o", out]
     process = subprocess.Popen(commands.command("sweep.py", *args), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)
