@@ -334,6 +334,18 @@ def _check_name(name: str, pattern: str) -> None:
                                 "use; choose another name")
 
 
+def check_plans(runs: list, session, image_size: tuple | None) -> None:
+    """Plan every run against the model's configs (no weights): what only the model can refuse
+    (a snapshot interval longer than a run, a sampler it lacks) is refused before the first run."""
+    for run in runs:
+        try:
+            session.plan(run.spec, image_size)
+        except SpecError as e:
+            if e.field in run.values:
+                raise SpecError(GRID_KEYS[e.field], e.template) from None
+            raise
+
+
 # --- the manifest -----------------------------------------------------------------------------------
 
 
@@ -625,6 +637,9 @@ class Sweep:
                     self.write_sheet()
         except KeyboardInterrupt as e:
             status, signum = "interrupted", getattr(e, "signum", 2)
+            raise
+        except BaseException:
+            status = "failed"  # the run under way stays "running" in the manifest: it is redone
             raise
         finally:
             self._finish(pool, status, t0, outcomes, skipped, ran, failed)

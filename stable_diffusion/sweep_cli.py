@@ -160,6 +160,10 @@ def main(argv=None) -> int:
             picture = load_image(runs[0].spec.image, multiple=64)
             for line in picture.notices:
                 console.notice(line)
+        from .session import Session
+        from .sweep import check_plans
+
+        check_plans(runs, Session(model), None if picture is None else picture.pixels.shape[:2])
         replay = functools.partial(cli.replay_argv, model=model)
         pool = _make_pool(args, model, picture, [command, *argv], replay, console)
         sweep = Sweep(runs, grid, folder, model, args.sheet_every or None, args.sheet_cell)

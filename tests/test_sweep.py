@@ -195,6 +195,7 @@ def test_sigterm_leaves_the_run_under_way_interrupted(tmp_path, picture, sd2):
     (["--seeds", "1,2", "--name", "same"], "--name 'same' gives 'same' to runs 1 and 2"),
     (["--seeds", "1,2", "--name", "{colour}"], "--name '{colour}' uses {colour}"),
     (["--grid", "missing.toml"], "--grid missing.toml: no such file"),
+    (["--strengths", "0.2,1", "--steps", "10", "-sd", "5"], "-sd 5 is more than the 2 steps"),
 ])
 def test_bad_grids_are_refused_before_any_work_with_one_line(tmp_path, picture, sd2, extra, words):
     os.chdir(tmp_path)
@@ -286,3 +287,16 @@ def test_ray_sweep_survives_a_killed_worker_and_matches_one_process(tmp_path, pi
             assert comparable(path) == comparable(other), name
     workers = {r["worker"] for r in manifest(tmp_path / "ray")}
     assert len(workers) >= 2
+
+
+def test_text_to_image_sweep_over_prompts_and_steps(tmp_path, sd2):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a barn\na red barn\n")
+    out = tmp_path / "out"
+    sweep("txt2image", "--prompts", prompts, "--model", sd2, "--steps", "2,3", "--seeds", 5,
+          "--size", "64x64", "-o", out)
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "p1-steps2.png", "p1-steps3.png", "p2-steps2.png", "p2-steps3.png", "sweep.sheet.png"]
+    record = json.loads((out / "p2-steps3.json").read_text())
+    assert (record["prompt"], record["num_steps"], record["seed"]) == ("a red barn", 3, 5)
+    assert json.loads((out / "sweep.json").read_text())["prompts_encoded"] == 2
