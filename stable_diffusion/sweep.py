@@ -448,8 +448,8 @@ def sheet_layout(grid: Grid) -> tuple:
 
 
 def contact_sheet(folder: Path, runs: list, grid: Grid, cell: int = 256):
-    """The final pictures of the finished runs laid out on the two (or more) fields that vary,
-    labelled; a run not finished leaves its cell empty. Returns a uint8 (H, W, 3) or None when no
+    """The final pictures of `runs` laid out on the two (or more) fields that vary, labelled; a
+    cell of the grid without a picture stays empty. Returns a uint8 (H, W, 3) or None when no
     picture exists yet."""
     import numpy as np
     from PIL import Image
@@ -460,7 +460,7 @@ def contact_sheet(folder: Path, runs: list, grid: Grid, cell: int = 256):
     col_values = grid.values(column) if column else (None,)
     row_combos = list(itertools.product(*(grid.values(f) for f in row_fields)))
     table = {}
-    size = None
+    size = None  # (W, H) of every cell: the first picture's, shrunk to `cell`
     for run in runs:
         path = run.spec.output
         try:
@@ -478,12 +478,9 @@ def contact_sheet(folder: Path, runs: list, grid: Grid, cell: int = 256):
     if not table:
         return None
     cells = [[table.get((r, c)) for c in range(len(col_values))] for r in range(len(row_combos))]
-    captions = [[_label(column, v) if column else "" for v in col_values] for _ in row_combos]
+    captions = [[_label(column, v) for v in col_values] for _ in row_combos] if column else None
     row_labels = [", ".join(_label(f, v) for f, v in zip(row_fields, combo)) for combo in row_combos]
-    label_width = max((render._text_width(t) for t in row_labels), default=0) + 6 if row_fields else 0
-    caption_height = render.label_margins()[1] if column else 0
-    return render._compose(cells, size[1], size[0], 2, render.WHITE, row_labels=row_labels,
-                           captions=captions, label_width=label_width, caption_height=caption_height)
+    return render.contact_sheet(cells, row_labels if row_fields else None, captions)
 
 
 # --- running ----------------------------------------------------------------------------------------
@@ -580,7 +577,9 @@ class Sweep:
         return [r for r in self.runs if r.name not in done]
 
     def write_sheet(self) -> None:
-        picture = contact_sheet(self.folder, self.runs, self.grid, self.sheet_cell)
+        # Only finished runs: a file left by an earlier, different sweep is not this one's picture.
+        finished = [r for r in self.runs if self.manifest.records[r.name]["status"] == "finished"]
+        picture = contact_sheet(self.folder, finished, self.grid, self.sheet_cell)
         if picture is not None:
             metadata.save_png(self.folder / SHEET, picture)
 
