@@ -500,7 +500,7 @@ class Outcome:
     worker: str | None = None
 
 
-def read_outcome(run: SweepRun, result, timings: dict) -> Outcome:
+def read_outcome(result, timings: dict) -> Outcome:
     """The outcome of a run from its sidecar (which every run writes, whoever made it)."""
     try:
         record = json.loads(Path(result.sidecar).read_text())
@@ -532,7 +532,7 @@ class LocalPool:
             timings = dict(self.session.timings)
             for key in self.costs:
                 self.costs[key] += timings.get(key, 0.0)
-            yield run, read_outcome(run, result, timings)
+            yield run, read_outcome(result, timings)
             if result.status == "interrupted":
                 return
 
@@ -597,7 +597,6 @@ class Sweep:
         ran = failed = 0
         status, signum = "finished", None
         started: dict = {}
-        spent = []  # seconds per finished run, for the estimate
         outcomes = {}
         try:
             for run, outcome in pool.map(todo, console):
@@ -622,7 +621,6 @@ class Sweep:
                     failed += 1
                     console.error(f"run {run.name} failed: {outcome.error}")
                 wall = outcome.timings.get("total_s") or (time.perf_counter() - started.get(run.name, t0))
-                spent.append(wall)
                 done = skipped + ran + failed
                 left = total - done
                 rate = (time.perf_counter() - t0) / max(1, ran + failed)
