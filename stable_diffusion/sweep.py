@@ -26,7 +26,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from . import metadata
-from .errors import InputError, NumericalError
+from .errors import InputError, NumericalError, OutputError
 from .spec import ModelSpec, RunSpec, SpecError
 
 # The fields a grid varies, outermost first: the run order, the manifest order, the name order.
@@ -370,11 +370,14 @@ def verify(folder: Path, record: dict) -> bool:
 
 
 class Manifest:
-    """`sweep.jsonl`: one line per run, in grid order, rewritten whole (atomically) on every change.
+    """`sweep.jsonl`: one line per run, in grid order.
 
     A run is "pending", "running", then "finished" (its files listed, verified on a rerun),
-    "interrupted" or "failed". A kill leaves the line of the run under way at "running": it is
-    redone, like every run not "finished"."""
+    "interrupted" or "failed". Each change is appended as a new line for the run (the last line
+    of a name is its state), fsynced: a sweep of thousands of runs does not rewrite the file per
+    run. The file is rewritten whole (atomically) with one line per run when the sweep starts and
+    when it ends. A kill leaves the run under way at "running" (a line cut short by a power loss
+    is ignored): it is redone, like every run not "finished"."""
 
     def __init__(self, folder: Path, runs: list, model: ModelSpec):
         self.folder = Path(folder)
@@ -418,7 +421,16 @@ class Manifest:
     def set(self, name: str, status: str, **fields) -> None:
         record = {k: v for k, v in self.records[name].items() if k not in ("skipped", "error")}
         self.records[name] = dict(record, status=status, **fields)
-        self.write()
+        line = (metadata.to_json(self.records[name]) + "\n").encode("utf-8")
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            try:
+                os.write(fd, line)  # one write: appenders never interleave within a line
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise OutputError(f"could not write {self.path}: {e.strerror or e}") from e
 
     def write(self) -> None:
         lines = [metadata.to_json(r) for r in sorted(self.records.values(), key=lambda r: r["index"])]
@@ -677,4 +689,5 @@ class Sweep:
                 "manifest": MANIFEST, "sheet": SHEET,
             }
             record.update(pool.counts())
+            self.manifest.write()
             metadata.write_sidecar(self.folder / RECORD, record)

@@ -39,7 +39,19 @@ def sweep(*args, check=True):
 
 
 def manifest(folder: Path) -> list:
-    return [json.loads(line) for line in (folder / MANIFEST).read_text().splitlines()]
+    """The runs' states: the last line of each name (a sweep under way appends its changes)."""
+    records = {}
+    for line in (folder / MANIFEST).read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by the kill
+            continue
+        records[record["name"]] = record
+    return sorted(records.values(), key=lambda r: r["index"])
+
+
+def lines(folder: Path) -> int:
+    return len((folder / MANIFEST).read_text().splitlines())
 
 
 def comparable(sidecar: Path) -> dict:
@@ -77,7 +89,7 @@ def test_sweep_makes_the_files_of_the_shell_loop_byte_for_byte(tmp_path, picture
             assert comparable(a) == comparable(b), name
     assert "sweep: 4/4 done" in result.stdout and "left (ends ~" in result.stdout
     records = manifest(tmp_path / "sweep")
-    assert [r["status"] for r in records] == ["finished"] * 4
+    assert [r["status"] for r in records] == ["finished"] * 4 and lines(tmp_path / "sweep") == 4
     assert [r["values"] for r in records] == [{"strength": s, "seed": seed}
                                               for s in (0.5, 1.0) for seed in (3, 7)]
     costs = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
