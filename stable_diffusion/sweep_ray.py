@@ -42,13 +42,14 @@ class Worker:
         from .console import Console
 
         folder = Path(tempfile.mkdtemp(dir=self.scratch))
+        output = folder / f"{name}.png"  # a name may hold subfolders: files are relative to its own
         try:
-            result = self.session.run(replace(spec, output=folder / f"{name}.png"), Console(quiet=True),
+            result = self.session.run(replace(spec, output=output), Console(quiet=True),
                                       self.argv, self.replay, self.picture)
-            files = {p.relative_to(folder).as_posix(): p.read_bytes()
-                     for p in sorted(folder.rglob("*")) if p.is_file()}
+            files = {p.relative_to(output.parent).as_posix(): p.read_bytes()
+                     for p in sorted(output.parent.rglob("*")) if p.is_file()}
             return {"status": result.status, "timings": dict(self.session.timings), "files": files,
-                    "sidecar": Path(result.sidecar).relative_to(folder).as_posix(),
+                    "sidecar": Path(result.sidecar).relative_to(output.parent).as_posix(),
                     "signum": result.signum, "pid": os.getpid(),
                     "pictures_encoded": len(self.session._latents),
                     "prompts_encoded": len(self.session._conditions)}

@@ -267,7 +267,8 @@ def test_ray_sweep_survives_a_killed_worker_and_matches_one_process(tmp_path, pi
     outputs = {}
     for mode in ("local", "ray"):
         args = parser.parse_args([str(picture), "x", "--model", str(sd2), "--steps", "60", "-sd", "20",
-                                  "--strengths", "0.5,1", "--seeds", "1-3", "-o", str(tmp_path / mode)])
+                                  "--strengths", "0.5,1", "--seeds", "1-3", "-o", str(tmp_path / mode),
+                                  "--name", "s{strength:.1f}/seed{seed}"])
         runs, grid, model, folder = build_sweep("image2image", args)
         killed = []
         if mode == "local":
@@ -288,9 +289,10 @@ def test_ray_sweep_survives_a_killed_worker_and_matches_one_process(tmp_path, pi
                 replacements = pool.replacements
             pool.close()
         assert (report.ran, report.failed) == (6, 0)
-        outputs[mode] = {p.name: p for p in folder.iterdir() if not p.name.startswith("sweep.")}
+        outputs[mode] = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*")
+                         if p.is_file() and not p.name.startswith("sweep.")}
     assert killed and replacements == 1 and not ray.is_initialized()
-    assert sorted(outputs["local"]) == sorted(outputs["ray"])
+    assert sorted(outputs["local"]) == sorted(outputs["ray"]) and "s0.5/seed2.png" in outputs["ray"]
     for name, path in outputs["local"].items():
         other = outputs["ray"][name]
         if name.endswith(".png"):
