@@ -83,9 +83,10 @@ class RayPool:
             else:
                 try:
                     ray.init(address=address, log_to_driver=False, logging_level="ERROR")
-                except ConnectionError as e:
-                    raise InputError(f"--ray {address}: no Ray cluster there ({str(e)[:120]}); start "
-                                     "one with `ray start --head`, or use --ray local") from None
+                except ConnectionError:
+                    where = "running on this machine" if address == "auto" else f"at {address}"
+                    raise InputError(f"--ray {address}: no Ray cluster {where}; start one with `ray "
+                                     "start --head`, or use --ray local") from None
             self.started_ray = True
         self.count = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.args = (model, picture, list(argv), replay)
