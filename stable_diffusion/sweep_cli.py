@@ -114,7 +114,6 @@ def build_sweep(command: str, args) -> tuple:
     single.strength, single.seed, single.cfg, single.steps = 0.9, None, None, None
     single.sampler = single.schedule = None
     single.output = folder / "run.png"
-    single.triangle_strengths = getattr(args, "triangle_strengths", None)
     cli.check_arguments(single, command)
     base, model = cli.build_specs(command, single)
     grid = Grid.of(values)
