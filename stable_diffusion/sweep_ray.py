@@ -33,7 +33,6 @@ class Worker:
 
         self.session = Session(model)
         self.picture, self.argv, self.replay = picture, list(argv), replay
-        self.scratch = Path(tempfile.mkdtemp(prefix="sd-sweep-"))
 
     def pid(self) -> int:
         return os.getpid()
@@ -41,7 +40,8 @@ class Worker:
     def run(self, spec, name: str) -> dict:
         from .console import Console
 
-        folder = Path(tempfile.mkdtemp(dir=self.scratch))
+        # A folder per run, removed at once: only a worker killed mid-run leaves one behind.
+        folder = Path(tempfile.mkdtemp(prefix="sd-sweep-"))
         output = folder / f"{name}.png"  # a name may hold subfolders: files are relative to its own
         try:
             result = self.session.run(replace(spec, output=output), Console(quiet=True),
