@@ -61,15 +61,20 @@ class _Parser(argparse.ArgumentParser):
         raise InputError(f"{message} (see --help)")
 
 
-def build_parser(command: str) -> argparse.ArgumentParser:
-    """The arguments of `image2image` or `txt2image`; both share every option that makes sense."""
+def build_parser(command: str, sweep: bool = False) -> argparse.ArgumentParser:
+    """The arguments of `image2image` or `txt2image`; both share every option that makes sense.
+    `sweep`: the base of sd-sweep's parser (stable_diffusion/sweep_cli.py), where the prompt may
+    come from --prompts instead."""
     img2img = command == "image2image"
     p = _Parser(prog=f"{command}.py", description=(
         "Stable Diffusion image-to-image on MLX, saving every stage of the trajectory."
         if img2img else "Stable Diffusion text-to-image on MLX, saving every stage of the trajectory."))
     if img2img:
         p.add_argument("image", help="input picture (any format Pillow reads)")
-    p.add_argument("prompt", help="the text prompt (may be empty: unconditional)")
+    if sweep:
+        p.add_argument("prompt", nargs="?", help="the text prompt (or --prompts FILE)")
+    else:
+        p.add_argument("prompt", help="the text prompt (may be empty: unconditional)")
 
     g = p.add_argument_group("model and sampling")
     g.add_argument("--model", default="sd",
@@ -440,8 +445,11 @@ def _stop(signum, frame):
     raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
 
-def main(command: str, argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def run_command(body, argv: list, flags: dict = FLAGS,
+                interrupted: str = "interrupted before the first step; nothing was written") -> int:
+    """`body(console) -> exit status`, with the streams made safe, the stop signals handled, and
+    every error turned into one line and its exit status (`flags` names spec fields in messages;
+    `interrupted` is said of an interrupt the body did not handle itself)."""
     verbose = "-v" in argv or "--verbose" in argv
     open_standard_streams()
     # Without handlers SIGTERM and SIGHUP kill at once, leaving temporaries and a "running" sidecar.
@@ -449,36 +457,11 @@ def main(command: str, argv=None) -> int:
     previous = {s: signal.signal(s, _stop) for s in STOP_SIGNALS} if on_main_thread else {}
     console = Console(quiet="--quiet" in argv, verbose=verbose)
     try:
-        typed = argv
-        argv, notes = replay_arguments(command, argv)
-        for line in notes:
-            console.notice(line)
-        args = build_parser(command).parse_args(argv)
-        console = Console(args.quiet, args.verbose)
-        if args.print_parser:
-            for key, value in sorted(vars(args).items()):
-                console.say(f"{key}: {value!r}")
-        check_arguments(args, command)
-        _check_environment()
-        raw = {name: _text_argument(args, name, console) for name in ("prompt", "negative_prompt")}
-        spec, model = build_specs(command, args)
-        spec = replace(spec, prompt_bytes=raw["prompt"], negative_prompt_bytes=raw["negative_prompt"])
-        check_output_name(spec)
-        from . import metadata
-
-        def waiting(holder):
-            console.notice(f"{spec.output} is being written by another run ({holder}); waiting")
-
-        try:
-            with metadata.output_lock(spec.output, args.wait, waiting):
-                return _run(spec, model, console, typed)
-        except metadata.OutputBusy as e:
-            raise InputError(f"{e}; wait for it to end (or run with --wait), or choose another "
-                             "--output") from None
+        return body(console)
     except SystemExit as e:  # --help
         return int(e.code or 0)
     except SpecError as e:
-        _report(InputError(e.template.replace("{flag}", FLAGS.get(e.field, e.field))), verbose)
+        _report(InputError(e.template.replace("{flag}", flags.get(e.field, e.field))), verbose)
         return 2
     except InputError as e:
         _report(e, verbose)
@@ -486,8 +469,8 @@ def main(command: str, argv=None) -> int:
     except (OutputError, NumericalError, HubUnreachable) as e:
         _report(e, verbose, suffix=_output_advice(e))
         return 1
-    except KeyboardInterrupt as e:  # before the run was under way: nothing was written
-        console.error("interrupted before the first step; nothing was written")
+    except KeyboardInterrupt as e:
+        console.error(interrupted)
         return 128 + getattr(e, "signum", signal.SIGINT)
     except MemoryError as e:  # its message is often empty
         _report(e, verbose, prefix="failed: ", suffix=("; " if str(e) else "") + "out of memory: use a "
@@ -510,6 +493,39 @@ def main(command: str, argv=None) -> int:
                 signal.signal(signum, signal.SIG_IGN)
             except OSError:  # one arrived just now: it is ignored as well
                 pass
+
+
+def main(command: str, argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_command(functools.partial(_command, command, argv), argv)
+
+
+def _command(command: str, typed: list, console: Console) -> int:
+    argv, notes = replay_arguments(command, typed)
+    for line in notes:
+        console.notice(line)
+    args = build_parser(command).parse_args(argv)
+    console = Console(args.quiet, args.verbose)
+    if args.print_parser:
+        for key, value in sorted(vars(args).items()):
+            console.say(f"{key}: {value!r}")
+    check_arguments(args, command)
+    _check_environment()
+    raw = {name: _text_argument(args, name, console) for name in ("prompt", "negative_prompt")}
+    spec, model = build_specs(command, args)
+    spec = replace(spec, prompt_bytes=raw["prompt"], negative_prompt_bytes=raw["negative_prompt"])
+    check_output_name(spec)
+    from . import metadata
+
+    def waiting(holder):
+        console.notice(f"{spec.output} is being written by another run ({holder}); waiting")
+
+    try:
+        with metadata.output_lock(spec.output, args.wait, waiting):
+            return _run(spec, model, console, typed)
+    except metadata.OutputBusy as e:
+        raise InputError(f"{e}; wait for it to end (or run with --wait), or choose another "
+                         "--output") from None
 
 
 def _run(spec: RunSpec, model: ModelSpec, console: Console, typed: list) -> int:

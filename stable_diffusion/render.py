@@ -201,6 +201,21 @@ def strip(frames, labels: Sequence[str] | None = None, pad: int = 0, background=
                     caption_height=caption_height)
 
 
+def contact_sheet(table: Sequence[Sequence[np.ndarray | None]], row_labels: Sequence[str] | None = None,
+                  captions: Sequence[Sequence[str]] | None = None, pad: int = 2,
+                  background=WHITE) -> np.ndarray:
+    """A table of equal frames (None: an empty cell), rows labelled on the left and every cell
+    captioned underneath, margins sized to the text (a sweep's sheet of final pictures)."""
+    first = next((f for row in table for f in row if f is not None), None)
+    if first is None:
+        raise ValueError("a contact sheet needs at least one frame")
+    cell_h, cell_w = _frame(first, "a contact sheet").shape[:2]
+    label_width = max(map(_text_width, row_labels), default=0) + 6 if row_labels else 0
+    caption_height = label_margins()[1] if captions is not None else 0
+    return _compose([list(row) for row in table], cell_h, cell_w, pad, background, row_labels,
+                    captions, label_width, caption_height)
+
+
 def triangle_columns(times: Sequence[Sequence[float]], tolerance: float = 1e-3
                      ) -> tuple[list[float], list[list[int]]]:
     """The columns of the time-aligned triangle: (column times, highest first; each cell's column).

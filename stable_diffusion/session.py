@@ -214,21 +214,25 @@ class Session:
         if key not in self._latents:
             from .ops import release_cpu_buffers
 
+            start = time.perf_counter()
             x0 = self.sd.encode(picture.pixels[None])
             mx.eval(x0)
             release_cpu_buffers()
             self._latents[key] = x0
+            self.timings["encode_s"] = elapsed(start)  # in the run that paid for it (a sweep adds them up)
         return self._latents[key]
 
     def condition(self, prompt: str, negative: str, guided: bool, n_images: int, size: tuple):
         key = (prompt, negative, guided, n_images, tuple(size))
         if key not in self._conditions:
+            start = time.perf_counter()
             with warnings.catch_warnings():
                 # The prompt's length was reported once, as a notice, by plan().
                 warnings.filterwarnings("ignore", message=r"a prompt is \d+ tokens long")
                 cond = self.sd.condition(prompt, negative, guided, n_images, size)
             mx.eval([v for v in cond[:3] if v is not None])
             self._conditions[key] = cond
+            self.timings["condition_s"] = elapsed(start)
         return self._conditions[key]
 
     # --- a run -------------------------------------------------------------------------------------

@@ -1,0 +1,183 @@
+"""The command line of `sd-sweep` / `python sweep.py`: the flags of image2image or txt2image (the
+one argument builder, cli.build_parser), with the grid's fields taking lists and ranges.
+
+    sd-sweep image2image in.png "a barn" --strengths 0.1:1.0:0.1 --seeds 1-8 --cfg 5,7.5 -o out
+    sd-sweep txt2image --prompts prompts.txt --seeds 1-4 --steps 20,30 -o out
+    sd-sweep image2image in.png --grid grid.toml --ray auto
+
+Exit status as the single commands: 0 every run finished, 2 bad input (nothing was made), 1 a
+run failed or the machine did, 128 + the signal's number when interrupted (the manifest says
+which runs finished; run the same command again to make the rest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import signal
+import sys
+from pathlib import Path
+
+from . import cli
+from .console import Console
+from .errors import InputError
+from .spec import SpecError
+from .sweep import GRID_KEYS, KINDS, Grid, Sweep, expand, parse_values, read_grid_file, read_prompts
+
+COMMANDS = ("image2image", "txt2image")
+# Grid fields -> flags, for messages; the other spec fields keep the single commands' flags.
+SWEEP_FLAGS = dict(cli.FLAGS, strengths="--strengths", seeds="--seeds", cfg="--cfg", steps="--steps",
+                   samplers="--samplers", schedules="--schedules", prompts="--prompts", grid="--grid",
+                   name="--name", workers="--workers", sheet_every="--sheet-every")
+
+
+def build_sweep_parser(command: str) -> argparse.ArgumentParser:
+    """cli.build_parser(command), with the grid's fields as lists and the sweep's own flags."""
+    base = cli.build_parser(command, sweep=True)
+    # "resolve": the list-taking flags below replace the single-value ones of the base.
+    p = cli._Parser(prog=f"sweep.py {command}", parents=[base], add_help=False,
+                    conflict_handler="resolve",
+                    description="Many runs of one command in one process (or on a Ray cluster): "
+                                "the model loaded once, a manifest to resume from, a contact sheet.")
+    g = p.add_argument_group("the grid (lists: 5,7.5; ranges: 0.1:1.0:0.1 with the end included, "
+                             "or 1-8 for whole numbers)")
+    if command == "image2image":
+        g.add_argument("--strengths", "--strength", dest="strengths", metavar="VALUES",
+                       help="strengths (default 0.9)")
+    g.add_argument("--seeds", "--seed", dest="seeds", metavar="VALUES", help="seeds (default: random)")
+    g.add_argument("--cfg", dest="cfg", metavar="VALUES", help="guidance weights")
+    g.add_argument("--steps", dest="steps", metavar="VALUES", help="sampler step counts")
+    g.add_argument("--samplers", "--sampler", dest="samplers", metavar="NAMES", help="samplers")
+    g.add_argument("--schedules", "--schedule", dest="schedules", metavar="NAMES", help="schedules")
+    g.add_argument("--prompts", metavar="FILE", help="a text file, one prompt per line")
+    g.add_argument("--grid", metavar="FILE", help="the grid in a TOML or JSON file: keys strengths, "
+                   "seeds, cfg, steps, samplers, schedules (values as lists or in the syntax above), "
+                   "prompts (a list) or prompts_file, and name")
+    s = p.add_argument_group("the sweep")
+    s.add_argument("--output", "-o", default="sweep", metavar="FOLDER",
+                   help="the sweep's folder: every run's files, sweep.jsonl (the manifest), "
+                        "sweep.json (the costs) and sweep.sheet.png (default: sweep)")
+    s.add_argument("--name", metavar="PATTERN", help="each run's file name, from the fields "
+                   "{strength} {seed} {cfg} {steps} {sampler} {schedule} {prompt_index} {index}, "
+                   "e.g. 's{strength:.2f}-seed{seed:04d}' (default: the fields that vary)")
+    s.add_argument("--sheet-every", "--sheet_every", dest="sheet_every", type=int, default=10,
+                   metavar="N", help="redraw the contact sheet every N runs (default 10; 0: at the "
+                   "end only)")
+    s.add_argument("--sheet-cell", "--sheet_cell", dest="sheet_cell", type=cli._positive_int,
+                   default=256, metavar="PX", help="largest side of a picture on the sheet (default 256)")
+    s.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS", help="send the runs to a "
+                   "Ray cluster: auto (the cluster this machine belongs to), local (start one here) "
+                   "or the head's address; needs pip install 'mlx-sd-trajectory[ray]'")
+    s.add_argument("--workers", type=cli._positive_int, metavar="N",
+                   help="Ray worker processes, each holding one model (default: the cluster's CPUs)")
+    return p
+
+
+def _grid_values(args, command: str) -> tuple:
+    """({field: values}, name pattern) from --grid and the grid flags; a field given twice is refused."""
+    values, pattern = {}, args.name
+    if args.grid is not None:
+        values = read_grid_file(args.grid)
+        if "name" in values:
+            file_pattern = values.pop("name")
+            pattern = file_pattern if pattern is None else pattern
+    for field, key in GRID_KEYS.items():
+        text = getattr(args, key, None)
+        if text is None:
+            continue
+        if field in values:
+            raise SpecError(key, f"{{flag}} is given on the command line and in {args.grid}; give it once")
+        values[field] = read_prompts(text) if field == "prompt" else parse_values(key, text, KINDS[field])
+    if "prompt" in values and args.prompt is not None:
+        raise SpecError("prompts", "a prompt and {flag} were both given; give one of them")
+    if "strength" in values and command != "image2image":
+        raise SpecError("strengths", "{flag} needs an input picture: use image2image")
+    return values, pattern
+
+
+def build_sweep(command: str, args) -> tuple:
+    """(runs, grid, ModelSpec, folder) of the parsed arguments, every run validated."""
+    values, pattern = _grid_values(args, command)
+    if args.prompt is None and "prompt" not in values:
+        raise SpecError("prompts", "give a prompt, or {flag} FILE with one prompt per line")
+    if args.sheet_every < 0:
+        raise SpecError("sheet_every", f"{{flag}} {args.sheet_every} is negative; use 0 (at the end "
+                                       "only) or more")
+    folder = Path(args.output)
+    if folder.suffix.lower() == ".png":
+        raise InputError(f"--output {folder} names a picture; a sweep writes into a folder, e.g. "
+                         f"--output {folder.with_suffix('')}")
+    # The base spec: the single command's, with the grid's fields at their single-run defaults.
+    single = argparse.Namespace(**vars(args))
+    single.prompt = args.prompt or ""
+    single.strength, single.seed, single.cfg, single.steps = 0.9, None, None, None
+    single.sampler = single.schedule = None
+    single.output = folder / "run.png"
+    cli.check_arguments(single, command)
+    base, model = cli.build_specs(command, single)
+    grid = Grid.of(values)
+    runs = expand(base, grid, folder, pattern)
+    return runs, grid, model, folder
+
+
+def _make_pool(args, model, picture, argv, replay, console):
+    if args.ray is None:
+        if args.workers is not None:
+            raise InputError("--workers counts Ray workers; add --ray (auto, local or an address)")
+        from .sweep import LocalPool
+
+        return LocalPool(model, picture, argv, replay)
+    from .sweep_ray import RayPool
+
+    return RayPool(args.ray, model, picture, argv, replay, args.workers, console)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return cli.run_command(functools.partial(_sweep, argv), argv, SWEEP_FLAGS,
+                           interrupted="interrupted; the manifest lists the runs that finished: run "
+                                       "the same command again for the rest")
+
+
+def _sweep(argv: list, console: Console) -> int:
+    command = "image2image"
+    if argv and argv[0] in COMMANDS:
+        command, argv = argv[0], argv[1:]
+    args = build_sweep_parser(command).parse_args(argv)
+    console = Console(args.quiet, args.verbose)
+    if args.print_parser:
+        for key, value in sorted(vars(args).items()):
+            console.say(f"{key}: {value!r}")
+    runs, grid, model, folder = build_sweep(command, args)
+    from .images import load_image
+
+    picture = None
+    if runs[0].spec.img2img:  # one picture for the whole sweep, checked before the model
+        picture = load_image(runs[0].spec.image, multiple=64)
+        for line in picture.notices:
+            console.notice(line)
+    from .session import Session
+    from .sweep import check_plans
+
+    check_plans(runs, Session(model), None if picture is None else picture.pixels.shape[:2])
+    replay = functools.partial(cli.replay_argv, model=model)
+    pool = _make_pool(args, model, picture, [command, *argv], replay, console)
+    try:
+        sweep = Sweep(runs, grid, folder, model, args.sheet_every or None, args.sheet_cell)
+        report = sweep.execute(pool, console)
+    finally:
+        pool.close()
+    if report.status == "interrupted":
+        console.error(f"interrupted: {report.skipped + report.ran} of {report.total} runs finished; "
+                      f"see {folder / 'sweep.jsonl'}, and run the same command again for the rest")
+        return 128 + (report.signum or signal.SIGINT)
+    if report.failed:
+        console.error(f"{report.failed} of {report.total} runs failed; see {folder / 'sweep.jsonl'}")
+        return 1
+    console.say(f"sweep done: {report.ran} run(s) made, {report.skipped} already there; "
+                f"{folder / 'sweep.sheet.png'}, {folder / 'sweep.json'}")
+    return 0
+
+
+def sweep_main(argv=None) -> int:
+    return main(argv)

@@ -1,0 +1,316 @@
+"""sd-sweep: the same files as the single commands, one model load, a manifest to resume from, a
+contact sheet, bad grids refused before work, and (when Ray is installed) a local Ray cluster that
+loses a worker mid-sweep."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stable_diffusion import render
+from stable_diffusion.sweep import (MANIFEST, Grid, LocalPool, Sweep, contact_sheet, expand,
+                                    parse_values)
+from stable_diffusion.sweep_cli import build_sweep, build_sweep_parser
+
+import commands
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("input") / "input.png"
+    yy, xx = np.mgrid[0:64, 0:64]
+    Image.fromarray(np.stack([xx * 4, yy * 4, (xx + yy) * 2], axis=-1).astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sd2(tiny_model):
+    return tiny_model("sd2")
+
+
+def sweep(*args, check=True):
+    return commands.run("sweep.py", *args, check=check)
+
+
+def manifest(folder: Path) -> list:
+    """The runs' states: the last line of each name (a sweep under way appends its changes)."""
+    records = {}
+    for line in (folder / MANIFEST).read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by the kill
+            continue
+        records[record["name"]] = record
+    return sorted(records.values(), key=lambda r: r["index"])
+
+
+def lines(folder: Path) -> int:
+    return len((folder / MANIFEST).read_text().splitlines())
+
+
+def comparable(sidecar: Path) -> dict:
+    """A sidecar without what differs between two processes making the same files."""
+    record = json.loads(sidecar.read_text())
+    for key in ("argv", "pid", "timings"):
+        record.pop(key)
+    return record
+
+
+def test_ranges_are_counted_in_decimal_and_lists_mix_ranges():
+    assert parse_values("strengths", "0.1:0.5:0.1", float) == (0.1, 0.2, 0.3, 0.4, 0.5)
+    assert parse_values("strengths", "0.1:0.5:0.1", float)[2] == float("0.3")
+    assert parse_values("seeds", "1-3,9,20:26:3", int) == (1, 2, 3, 9, 20, 23, 26)
+    assert parse_values("cfg", "5,7.5", float) == (5.0, 7.5)
+    assert parse_values("samplers", "euler, ddim", str) == ("euler", "ddim")
+
+
+def test_sweep_makes_the_files_of_the_shell_loop_byte_for_byte(tmp_path, picture, sd2):
+    common = ["--model", sd2, "--steps", 4, "-sd", 2, "--cfg", 5]
+    for s in ("0.5", "1.0"):
+        for seed in (3, 7):
+            commands.run("image2image.py", picture, "a barn", *common, "--strength", s, "--seed", seed,
+                         "--output", tmp_path / "loop" / f"s{float(s):.2f}-seed{seed:04d}.png", check=True)
+    result = sweep("image2image", picture, "a barn", *common, "--strengths", "0.5:1.0:0.5",
+                   "--seeds", "3,7", "-o", tmp_path / "sweep")
+    loop = sorted(p.name for p in (tmp_path / "loop").iterdir())
+    made = sorted(p.name for p in (tmp_path / "sweep").iterdir() if not p.name.startswith("sweep."))
+    assert loop == made and len(loop) >= 4 * 3  # final, snapshots, sidecar per run
+    for name in loop:
+        a, b = tmp_path / "loop" / name, tmp_path / "sweep" / name
+        if name.endswith(".png"):
+            assert a.read_bytes() == b.read_bytes(), name
+        else:
+            assert comparable(a) == comparable(b), name
+    assert "sweep: 4/4 done" in result.stdout and "left (ends ~" in result.stdout
+    records = manifest(tmp_path / "sweep")
+    assert [r["status"] for r in records] == ["finished"] * 4 and lines(tmp_path / "sweep") == 4
+    assert [r["values"] for r in records] == [{"strength": s, "seed": seed}
+                                              for s in (0.5, 1.0) for seed in (3, 7)]
+    costs = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert costs["ran"] == 4 and costs["pictures_encoded"] == 1 and costs["prompts_encoded"] == 1
+    assert costs["costs"]["load_s"] > 0 and costs["costs"]["encode_s"] > 0
+    assert costs["costs"]["steps_and_frames_s"] > 0
+
+
+def test_one_session_loads_once_and_encodes_once_per_picture_and_prompt(tmp_path, picture, sd2,
+                                                                          monkeypatch):
+    from stable_diffusion.console import Console
+    from stable_diffusion.images import load_image
+    from stable_diffusion.pipeline import StableDiffusion
+
+    calls = {"load": 0, "encode": 0, "condition": 0}
+
+    def counting(name, original):
+        def counted(*a, **k):
+            calls[name] += 1
+            return original(*a, **k)
+        return counted
+
+    load = StableDiffusion.from_folder.__func__
+    monkeypatch.setattr(StableDiffusion, "from_folder",
+                        classmethod(counting("load", lambda cls, *a, **k: load(cls, *a, **k))))
+    for name in ("encode", "condition"):
+        monkeypatch.setattr(StableDiffusion, name, counting(name, getattr(StableDiffusion, name)))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a barn\n\na red barn\n")
+    args = build_sweep_parser("image2image").parse_args(
+        [str(picture), "--prompts", str(prompts), "--model", str(sd2), "--steps", "3",
+         "--seeds", "1-3", "--strengths", "0.6,1", "-o", str(tmp_path / "out")])
+    runs, grid, model, folder = build_sweep("image2image", args)
+    assert len(runs) == 12 and runs[0].name == "p1-s0.60-seed0001"
+    pool = LocalPool(model, load_image(picture, multiple=64), [], None)
+    report = Sweep(runs, grid, folder, model, sheet_every=None).execute(pool, Console(quiet=True))
+    assert (report.ran, report.failed) == (12, 0)
+    assert calls == {"load": 1, "encode": 1, "condition": 2}
+
+
+def test_a_killed_sweep_rerun_makes_only_the_rest(tmp_path, picture, sd2):
+    out = tmp_path / "out"
+    args = ["image2image", picture, "x", "--model", sd2, "--steps", 100, "--strengths", "1",
+            "--seeds", "1-6", "--sheet-every", 1, "--quiet", "-o", out]
+    process = subprocess.Popen(commands.command("sweep.py", *args), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while True:
+        assert process.poll() is None and time.monotonic() < deadline
+        try:
+            statuses = [r["status"] for r in manifest(out)]
+        except (FileNotFoundError, ValueError):
+            statuses = []
+        if statuses.count("finished") >= 2 and "running" in statuses:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=30)
+    records = manifest(out)
+    finished = [r["name"] for r in records if r["status"] == "finished"]
+    assert 2 <= len(finished) < 6
+    for r in records:  # a run not finished is not listed as such, and its files are not claimed
+        if r["status"] != "finished":
+            assert r["status"] in ("pending", "running") and "files" not in r
+    assert (out / "sweep.sheet.png").exists()  # the checkpoint
+    before = {name: (out / f"{name}.png").read_bytes() for name in finished}
+    pids = {name: json.loads((out / f"{name}.json").read_text())["pid"] for name in finished}
+
+    # A finished run whose file no longer verifies is made again too.
+    damaged = finished[0]
+    (out / f"{damaged}.png").write_bytes(before[damaged][:-1])
+    sweep(*args)
+    record = json.loads((out / "sweep.json").read_text())
+    assert record["skipped"] == len(finished) - 1 and record["ran"] == 6 - len(finished) + 1
+    assert [r["status"] for r in manifest(out)] == ["finished"] * 6
+    for name in finished[1:]:
+        assert json.loads((out / f"{name}.json").read_text())["pid"] == pids[name]
+        assert (out / f"{name}.png").read_bytes() == before[name]
+    assert (out / f"{damaged}.png").read_bytes() == before[damaged]  # remade, the same bytes
+
+    # Everything verifies: a third run makes nothing.
+    sweep(*args)
+    assert json.loads((out / "sweep.json").read_text())["ran"] == 0
+
+
+def test_sigterm_leaves_the_run_under_way_interrupted(tmp_path, picture, sd2):
+    """SIGTERM takes Ctrl-C's path (SIGINT itself is ignored by processes started in the
+    background, as the test runner may be)."""
+    out = tmp_path / "out"
+    process = subprocess.Popen(commands.command(
+        "sweep.py", picture, "x", "--model", sd2, "--steps", 400, "--strengths", "1", "--seeds", "1-3",
+        "-o", out, "--quiet"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "seed0001.json").exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    assert "run the same command again" in stderr
+    statuses = {r["name"]: r["status"] for r in manifest(out)}
+    assert statuses == {"seed0001": "interrupted", "seed0002": "pending", "seed0003": "pending"}
+    assert json.loads((out / "seed0001.json").read_text())["status"] == "interrupted"
+    assert json.loads((out / "sweep.json").read_text())["status"] == "interrupted"
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--strengths", "0.9:0.1:0.1"], "--strengths '0.9:0.1:0.1' is an empty range"),
+    (["--strengths", "0.1:1:0"], "has a step of 0"),
+    (["--strengths", "0.5,1.5"], "--strengths 1.5 is outside 0.001 .. 1"),
+    (["--prompts", "missing.txt"], "--prompts missing.txt: no such file"),
+    (["--seeds", "5-1"], "--seeds '5-1' is an empty range"),
+    (["--cfg", "5,500"], "--cfg 500 is outside"),
+    (["--samplers", "euler,bogus"], "--samplers 'bogus' is not one of"),
+    (["--seeds", "1,2", "--name", "same"], "--name 'same' gives 'same' to runs 1 and 2"),
+    (["--seeds", "1,2", "--name", "{colour}"], "--name '{colour}' uses {colour}"),
+    (["--grid", "missing.toml"], "--grid missing.toml: no such file"),
+    (["--strengths", "0.2,1", "--steps", "10", "-sd", "5"], "-sd 5 is more than the 2 steps"),
+])
+def test_bad_grids_are_refused_before_any_work_with_one_line(tmp_path, picture, sd2, extra, words):
+    os.chdir(tmp_path)
+    args = [picture] + ([] if "--prompts" in extra else ["x"])
+    result = sweep("image2image", *args, "--model", sd2, *extra, "-o", tmp_path / "out", check=False)
+    assert result.returncode == 2 and words in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_grid_file_gives_the_runs_of_the_flags(tmp_path, picture, sd2):
+    toml = tmp_path / "grid.toml"
+    toml.write_text('strengths = "0.5:1.0:0.5"\nseeds = [4, 5]\nname = "{strength:.1f}_{seed}"\n')
+    grid_json = tmp_path / "grid.json"
+    grid_json.write_text(json.dumps({"strengths": [0.5, 1.0], "seeds": "4-5"}))
+    parser = build_sweep_parser("image2image")
+    runs = {}
+    for key, extra in (("toml", ["--grid", str(toml)]), ("json", ["--grid", str(grid_json)]),
+                       ("flags", ["--strengths", "0.5,1", "--seeds", "4,5"])):
+        args = parser.parse_args([str(picture), "x", "--model", str(sd2), *extra, "-o", str(tmp_path)])
+        runs[key] = build_sweep("image2image", args)[0]
+    assert [r.name for r in runs["toml"]] == ["0.5_4", "0.5_5", "1.0_4", "1.0_5"]
+    assert [r.name for r in runs["json"]] == [r.name for r in runs["flags"]] == \
+           ["s0.50-seed0004", "s0.50-seed0005", "s1.00-seed0004", "s1.00-seed0005"]
+    strip = lambda rs: [(r.spec.strength, r.spec.seed) for r in rs]  # noqa: E731
+    assert strip(runs["toml"]) == strip(runs["json"]) == strip(runs["flags"])
+
+
+def test_contact_sheet_lays_out_the_two_fields_that_vary_most(tmp_path, picture):
+    from stable_diffusion.spec import RunSpec
+
+    grid = Grid.of({"strength": (0.5, 1.0), "seed": (1, 2, 3), "cfg": (5.0,)})
+    runs = expand(RunSpec("x", tmp_path / "run.png", image=picture), grid, tmp_path)
+    colours = {}
+    for i, run in enumerate(runs[:-1]):  # the last run has not finished: an empty cell
+        colours[run.name] = (40 * i, 255 - 40 * i, 7)
+        Image.new("RGB", (64, 64), colours[run.name]).save(run.spec.output)
+    sheet = contact_sheet(tmp_path, runs, grid, cell=32)
+    label_width = max(render._text_width(t) for t in ("s=0.5", "s=1")) + 6
+    caption = render.label_margins()[1]
+    assert sheet.shape[:2] == render.triangle_size(2, 3, 32, 32, 2, label_width, caption)
+    for run in runs:  # rows: strength; columns: seed (the field with the most values)
+        r, c = (0.5, 1.0).index(run.values["strength"]), (1, 2, 3).index(run.values["seed"])
+        y, x = 2 + r * (32 + caption + 2) + 16, label_width + 2 + c * (32 + 2) + 16
+        expected = colours.get(run.name, render.WHITE)
+        assert tuple(sheet[y, x]) == tuple(expected), run.name
+
+
+def test_ray_sweep_survives_a_killed_worker_and_matches_one_process(tmp_path, picture, sd2):
+    ray = pytest.importorskip("ray")
+    from stable_diffusion.console import Console
+    from stable_diffusion.images import load_image
+    from stable_diffusion.sweep_ray import RayPool
+
+    parser = build_sweep_parser("image2image")
+    loaded = load_image(picture, multiple=64)
+    outputs = {}
+    for mode in ("local", "ray"):
+        args = parser.parse_args([str(picture), "x", "--model", str(sd2), "--steps", "60", "-sd", "20",
+                                  "--strengths", "0.5,1", "--seeds", "1-3", "-o", str(tmp_path / mode),
+                                  "--name", "s{strength:.1f}/seed{seed}"])
+        runs, grid, model, folder = build_sweep("image2image", args)
+        killed = []
+        if mode == "local":
+            pool, after = LocalPool(model, loaded, [], None), None
+        else:
+            pool = RayPool("local", model, loaded, [], None, 2, Console(quiet=True))
+            pids = pool.pids()
+
+            def after(run, outcome):
+                if not killed:  # the other worker is making its run now
+                    victim = next(p for p in pids if f"pid {p}" != outcome.worker)
+                    os.kill(victim, signal.SIGKILL)
+                    killed.append(victim)
+        try:
+            report = Sweep(runs, grid, folder, model).execute(pool, Console(quiet=True), after)
+        finally:
+            if mode == "ray":
+                replacements = pool.replacements
+            pool.close()
+        assert (report.ran, report.failed) == (6, 0)
+        outputs[mode] = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*")
+                         if p.is_file() and not p.name.startswith("sweep.")}
+    assert killed and replacements == 1 and not ray.is_initialized()
+    assert sorted(outputs["local"]) == sorted(outputs["ray"]) and "s0.5/seed2.png" in outputs["ray"]
+    for name, path in outputs["local"].items():
+        other = outputs["ray"][name]
+        if name.endswith(".png"):
+            assert path.read_bytes() == other.read_bytes(), name
+        else:
+            assert comparable(path) == comparable(other), name
+    workers = {r["worker"] for r in manifest(tmp_path / "ray")}
+    assert len(workers) >= 2
+
+
+def test_text_to_image_sweep_over_prompts_and_steps(tmp_path, sd2):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a barn\na red barn\n")
+    out = tmp_path / "out"
+    sweep("txt2image", "--prompts", prompts, "--model", sd2, "--steps", "2,3", "--seeds", 5,
+          "--size", "64x64", "-o", out)
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "p1-steps2.png", "p1-steps3.png", "p2-steps2.png", "p2-steps3.png", "sweep.sheet.png"]
+    record = json.loads((out / "p2-steps3.json").read_text())
+    assert (record["prompt"], record["num_steps"], record["seed"]) == ("a red barn", 3, 5)
+    assert json.loads((out / "sweep.json").read_text())["prompts_encoded"] == 2
