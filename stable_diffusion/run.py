@@ -73,6 +73,7 @@ class Run:
             for line in plan.describe():
                 console.say(line)
             console.say(f"seed {plan.spec.seed}")
+            self.memory = self._check_memory()
             self.timings["checks_s"] = elapsed(self.t0)
             # --- 2. load: strict keys, shapes and dtypes (model_io), once per session -------------
             from .blas import preload_blas
@@ -149,6 +150,26 @@ class Run:
                 folder.rmdir()  # only if still empty
             except OSError:
                 break
+
+    def _check_memory(self) -> dict:
+        """The run's peak memory, estimated from the configs and sizes; refused if it cannot fit."""
+        from . import budget
+        from .ops import FUSED_ATTENTION
+
+        spec, plan = self.plan.spec, self.plan
+        h, w = plan.image_size
+        width = 2 if spec.capture.shows == "both" else 1
+        cells = sum(len(r.kept) for r in plan.rows) if spec.triangle else spec.n_images
+        canvas = max(cells * width, len(plan.noising)) * h * w
+        estimate = budget.estimate_peak_bytes(
+            self.session.config, self.session.dtype_name, (h, w), spec.n_images,
+            spec.capture.decode_batch, canvas, plan.guided, encode=spec.img2img,
+            fused_attention=FUSED_ATTENTION)
+        available = budget.available_memory()
+        self.console.detail(f"memory: about {budget.gib(estimate['total'])} needed at the peak, "
+                            + (f"{budget.gib(available)} available" if available else "available unknown"))
+        budget.check_fits(estimate, available)
+        return {"estimate_bytes": estimate, "available_bytes": available}
 
     # --- the record every PNG and the sidecar carry ---------------------------------------------------
 
@@ -432,7 +453,8 @@ class Run:
         calls = sum(d.calls for d in self.denoisers)
         if self.inversion_denoiser is not None:
             calls += self.inversion_denoiser.calls
-        extra = dict(self.extra, unet_calls=calls, timings=self.timings)
+        extra = dict(self.extra, unet_calls=calls, timings=self.timings,
+                     memory=dict(self.memory, peak_rss_bytes=_peak_rss(), mlx_peak_bytes=mx.get_peak_memory()))
         if self.curves is not None:
             extra["curves"] = self.curves.record()
         if self.inversion_denoiser is not None:
@@ -463,6 +485,18 @@ class Run:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+
+def _peak_rss() -> int | None:
+    """The process's peak resident memory (VmHWM), in bytes, where the system says."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _chain(first, rest):

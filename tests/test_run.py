@@ -175,3 +175,20 @@ def test_session_runs_many_specs_from_python_reusing_the_encodings(tmp_path, pic
         assert result.status == "finished"
     assert len(encodes) == 1
     assert (tmp_path / "s0.5.png").exists() and (tmp_path / "s1.0.step-004.png").exists()
+
+
+def test_memory_estimate_refuses_what_cannot_fit_and_is_recorded_beside_the_peak(tmp_path, picture, sd2):
+    import resource
+
+    def limited():  # 3 GB of address space: enough for the tool, not for a 4096 px picture
+        resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
+
+    big = subprocess.run(commands.command("txt2image.py", "x", "--model", sd2, "--size", "4096x4096",
+                                          "--output", tmp_path / "big" / "b.png"),
+                         capture_output=True, text=True, preexec_fn=limited, timeout=120)
+    assert big.returncode == 2 and "this run needs about" in big.stderr and "smaller picture" in big.stderr
+    assert not (tmp_path / "big").exists()
+    run(picture, "x", "--model", sd2, "--steps", 2, "--seed", 0, "--output", tmp_path / "m.png")
+    memory = sidecar(tmp_path / "m.json")["memory"]
+    assert memory["estimate_bytes"]["total"] >= memory["mlx_peak_bytes"] > 0
+    assert memory["peak_rss_bytes"] > 0
