@@ -338,7 +338,9 @@ def measure(framework: str, workload: str, dtype: str, reps: int) -> dict:
 def snapshot_costs(results: dict) -> dict | None:
     """A triangle's UNet time against its VAE decode time, from the measured per-call times."""
     from stable_diffusion.render import approx_decode
-    from stable_diffusion.trajectory import DEFAULT_TRIANGLE_STRENGTHS, triangle_rows
+    from stable_diffusion.sampler import plan
+    from stable_diffusion.spec import DEFAULT_TRIANGLE_STRENGTHS
+    from stable_diffusion.trajectory import snapshot_indices
 
     import numpy as np
 
@@ -346,9 +348,9 @@ def snapshot_costs(results: dict) -> dict | None:
     decode = results.get("vae_decode", {}).get("ours", {})
     if "times" not in unet or "times" not in decode:
         return None
-    rows = triangle_rows(DEFAULT_TRIANGLE_STRENGTHS, TRIANGLE_STEPS, TRIANGLE_EVERY)
-    steps = sum(r.plan.steps for r in rows)
-    cells = sum(len(r.cells) for r in rows)
+    steps = [plan(s, TRIANGLE_STEPS).steps for s in DEFAULT_TRIANGLE_STRENGTHS]
+    cells = sum(len(snapshot_indices(n, TRIANGLE_EVERY, None)) for n in steps)
+    steps = sum(steps)
     latent = np.random.default_rng(0).standard_normal((1, 64, 64, 4)).astype(np.float32)
     approx_decode(latent, "sd")
     preview = []
