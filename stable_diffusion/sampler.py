@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
+from .metadata import sampler_display_name
 # The noise schedule and plans, re-exported: `from .sampler import Plan, Step, ...` keeps working.
 from .schedule import (NOISING_PATHS, SCHEDULES, NoiseSchedule, Plan, Step, _vp_scale, plan,
                        seed_keys)
@@ -187,14 +188,10 @@ SAMPLERS: dict = {
     "dpmpp_2m": sample_dpmpp_2m, "dpmpp_2m_sde": sample_dpmpp_2m_sde, "lms": sample_lms,
 }
 
-_DISPLAY = {"euler": "Euler", "euler_a": "Euler a", "ddim": "DDIM", "heun": "Heun",
-            "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE", "lms": "LMS"}
-
-
 def display_name(sampler: str, schedule: str = "linear") -> str:
-    """The name readers know from the web UIs: "DPM++ 2M Karras", "Euler a", "DDIM"."""
-    suffix = {"karras": " Karras", "exponential": " Exponential"}.get(schedule, "")
-    return _DISPLAY[sampler] + suffix
+    """The name readers know from the web UIs: "DPM++ 2M Karras", "Euler a", "DDIM" (the readers'
+    vocabulary lives with the `parameters` text, in metadata.py)."""
+    return sampler_display_name(sampler, schedule)
 
 
 # diffusers scheduler class -> our sampler; classes we do not implement -> the closest one.
