@@ -1,5 +1,6 @@
 """Running the real command-line scripts from the tests."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -18,3 +19,8 @@ def run(script: str, *args, env=None, timeout=300, check=False) -> subprocess.Co
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
     return result
+
+
+def sidecar(path: Path) -> dict:
+    """A run's sidecar (run.json), read."""
+    return json.loads(Path(path).read_text())

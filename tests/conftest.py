@@ -94,3 +94,19 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section("parity: largest absolute error against the reference")
     for name in sorted(table):
         terminalreporter.write_line(f"{name:55s} {table[name]:.3e}")
+
+
+@pytest.fixture(scope="session")
+def picture(tmp_path_factory) -> Path:
+    """A 64x64 input picture: colour gradients, so that every pixel differs."""
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("input") / "input.png"
+    yy, xx = np.mgrid[0:64, 0:64]
+    Image.fromarray(np.stack([xx * 4, yy * 4, (xx + yy) * 2], axis=-1).astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sd2(tiny_model) -> Path:
+    return tiny_model("sd2")

@@ -13,23 +13,8 @@ from stable_diffusion.render import triangle_size
 import commands
 
 
-
 def run(script: str, *args, check=True):
     return commands.run(script, *args, check=check)
-
-
-@pytest.fixture(scope="module")
-def picture(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("input") / "input.png"
-    yy, xx = np.mgrid[0:64, 0:64]
-    rgb = np.stack([xx * 4, yy * 4, (xx + yy) * 2], axis=-1).astype(np.uint8)
-    Image.fromarray(rgb).save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def sd2(tiny_model):
-    return tiny_model("sd2")
 
 
 def files_in(folder: Path) -> set:

@@ -1,8 +1,6 @@
 """Frames through the real command: the TAESD preview, what readers (sd-parsers) see in our final
 pictures, frames, grids and triangles, picture formats, and --replay."""
 
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,27 +11,11 @@ from stable_diffusion.metadata import read_picture_metadata
 from stable_diffusion.testing import write_tiny_taesd
 
 import commands
+from commands import sidecar
 
 
 def run(*args, check=True, script="image2image.py"):
     return commands.run(script, *args, check=check)
-
-
-@pytest.fixture(scope="module")
-def picture(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("input") / "input.png"
-    yy, xx = np.mgrid[0:64, 0:64]
-    Image.fromarray(np.stack([xx * 4, yy * 4, (xx + yy) * 2], axis=-1).astype(np.uint8)).save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def sd2(tiny_model):
-    return tiny_model("sd2")
-
-
-def sidecar(path: Path) -> dict:
-    return json.loads(path.read_text())
 
 
 def read(path):

@@ -1,35 +1,17 @@
 """Noising guided by the prompt (DDIM inversion), how faithful a run is, and the over-smoothing
 curve, through the real command on the tiny sd2 model."""
 
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import commands
+from commands import sidecar
 
 
 def run(*args, check=True):
     return commands.run("image2image.py", *args, check=check)
-
-
-@pytest.fixture(scope="module")
-def picture(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("input") / "input.png"
-    yy, xx = np.mgrid[0:64, 0:64]
-    Image.fromarray(np.stack([xx * 4, yy * 4, (xx + yy) * 2], axis=-1).astype(np.uint8)).save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def sd2(tiny_model):
-    return tiny_model("sd2")
-
-
-def sidecar(path: Path) -> dict:
-    return json.loads(path.read_text())
 
 
 def round_trip(tmp_path, picture, sd2, name, *extra) -> dict:

@@ -210,7 +210,7 @@ def test_shard_index_must_map_tensors_to_files(tmp_path):
     saved = write_tiny_model(tmp_path / "saved", "sd1", layout="saved")
     index = saved / "unet" / "diffusion_pytorch_model.safetensors.index.json"
     edit_json(index, lambda d: d.update(weight_map=["a", "b"]))
-    expect_model_error(lambda: model_io.check_model_folder(saved), "has no weight_map")
+    expect_model_error(lambda: model_io.check_model_folder(saved), "field weight_map must map tensor names to shard file names")
     edit_json(index, lambda d: d.update(weight_map={"conv_in.weight": "gone.safetensors"}))
     expect_model_error(lambda: model_io.check_model_folder(saved), "names shard(s) that are missing: gone.safetensors")
 

@@ -27,7 +27,7 @@ from stable_diffusion.metadata import TRAJECTORY_KEY, host_id
 from stable_diffusion.pipeline import StableDiffusion
 from stable_diffusion.tokenizer import Tokenizer
 
-from commands import ROOT, command, run
+from commands import ROOT, command, run, sidecar
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
@@ -71,25 +71,8 @@ def assert_whole_pictures(folder: Path) -> list:
     return names
 
 
-def sidecar(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
 def listed(record: dict) -> set:
     return {f["file"] for f in record["files"]}
-
-
-@pytest.fixture(scope="module")
-def picture(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("input") / "input.png"
-    yy, xx = np.mgrid[0:64, 0:64]
-    Image.fromarray(np.stack([xx * 4, yy * 4, (xx + yy) * 2], axis=-1).astype(np.uint8)).save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def sd2(tiny_model) -> Path:
-    return tiny_model("sd2")
 
 
 def model_copy(sd2: Path, folder: Path, change_unet=None) -> Path:

@@ -5,11 +5,9 @@ issue): dtypes, triangle x snapshot and animation combinations, frame labels, no
 names, the sidecar while the run goes on, the replay arguments, progress in scripts.
 """
 
-import json
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -23,27 +21,11 @@ from stable_diffusion.session import Session
 from stable_diffusion.spec import Capture, ModelSpec, RunSpec
 
 import commands
+from commands import sidecar
 
 
 def run(*args, check=True, env=None):
     return commands.run("image2image.py", *args, check=check, env=env)
-
-
-@pytest.fixture(scope="module")
-def picture(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("input") / "input.png"
-    yy, xx = np.mgrid[0:64, 0:64]
-    Image.fromarray(np.stack([xx * 4, yy * 4, (xx + yy) * 2], axis=-1).astype(np.uint8)).save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def sd2(tiny_model):
-    return tiny_model("sd2")
-
-
-def sidecar(path: Path) -> dict:
-    return json.loads(path.read_text())
 
 
 def test_bfloat16_runs(tmp_path, picture, sd2):

@@ -159,14 +159,6 @@ def openclip_reference(path, config_folder):
 # --- whole runs through the command line ------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def picture(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("input") / "input.png"
-    yy, xx = np.mgrid[0:64, 0:64]
-    Image.fromarray(np.stack([xx * 4, yy * 4, (xx + yy) * 2], axis=-1).astype(np.uint8)).save(path)
-    return path
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cli_single_file_and_folder_give_the_same_pictures(family, tiny_model, checkpoint, picture,
                                                            tmp_path):

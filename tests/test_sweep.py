@@ -9,7 +9,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -19,19 +18,6 @@ from stable_diffusion.sweep import (MANIFEST, Grid, LocalPool, Sweep, contact_sh
 from stable_diffusion.sweep_cli import build_sweep, build_sweep_parser
 
 import commands
-
-
-@pytest.fixture(scope="module")
-def picture(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("input") / "input.png"
-    yy, xx = np.mgrid[0:64, 0:64]
-    Image.fromarray(np.stack([xx * 4, yy * 4, (xx + yy) * 2], axis=-1).astype(np.uint8)).save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def sd2(tiny_model):
-    return tiny_model("sd2")
 
 
 def sweep(*args, check=True):
@@ -57,7 +43,7 @@ def lines(folder: Path) -> int:
 def comparable(sidecar: Path) -> dict:
     """A sidecar without what differs between two processes making the same files."""
     record = json.loads(sidecar.read_text())
-    for key in ("argv", "pid", "timings"):
+    for key in ("argv", "pid", "timings", "memory"):  # of this process
         record.pop(key)
     return record
 
