@@ -177,8 +177,8 @@ class StableDiffusion:
             raise InputError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
         return sampler, schedule
 
-    def denoiser(self, cond: Conditioning, cfg_weight: float) -> "Denoiser":
-        return Denoiser(self, cond, cfg_weight)
+    def denoiser(self, cond: Conditioning, cfg_weight: float, after_layer=None) -> "Denoiser":
+        return Denoiser(self, cond, cfg_weight, after_layer)
 
     def sample(self, x_start: mx.array, cond: Conditioning, cfg_weight: float, plan: Plan,
                sampler: str = "euler", key=None, **options) -> Iterator[Step]:
@@ -263,11 +263,12 @@ class Denoiser:
 
     Classifier-free guidance, eps = eps_neg + w (eps_text - eps_neg), is applied when w > 1 (the
     conditioning then holds the negatives first). `calls` counts the UNet calls (batched pairs
-    count once).
+    count once). `after_layer` goes to the UNet (see UNetModel).
     """
 
-    def __init__(self, sd: StableDiffusion, cond: Conditioning, cfg_weight: float):
+    def __init__(self, sd: StableDiffusion, cond: Conditioning, cfg_weight: float, after_layer=None):
         self.sd = sd
+        self.after_layer = after_layer
         self.cond = cond
         self.cfg_weight = cfg_weight
         self.guided = cfg_weight > 1.0
@@ -279,8 +280,9 @@ class Denoiser:
     def __call__(self, x: mx.array, t: float, sigma: float) -> tuple[mx.array, mx.array]:
         x_in = mx.concatenate([x, x]) if self.guided else x  # (B or 2B, h, w, C)
         t_net = mx.full((x_in.shape[0],), NoiseSchedule.network_time(t), dtype=mx.float32)
+        options = {} if self.after_layer is None else {"after_layer": self.after_layer}
         out = self.sd.unet(x_in, t_net, self._hidden, text_embeds=self._pooled,
-                           time_ids=self.cond.time_ids)
+                           time_ids=self.cond.time_ids, **options)
         if self.guided:
             out_negative, out_text = mx.split(out, 2)
             out = out_negative + self.cfg_weight * (out_text - out_negative)

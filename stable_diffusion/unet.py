@@ -215,6 +215,10 @@ class Upsample2D(nn.Module):
         return self.conv(upsample_nearest(x, size))
 
 
+def _nothing(x: mx.array) -> None:
+    """The default `after_layer`: the graph is built whole and evaluated by the caller."""
+
+
 class DownBlock(nn.Module):
     """diffusers' DownBlock2D, or CrossAttnDownBlock2D when `heads` is given."""
 
@@ -235,13 +239,14 @@ class DownBlock(nn.Module):
             self.downsamplers = [Downsample2D(out_channels, config.downsample_padding)]
         self.has_downsample = add_downsample
 
-    def __call__(self, x: mx.array, temb: mx.array, context: mx.array) -> tuple:
+    def __call__(self, x: mx.array, temb: mx.array, context: mx.array, after_layer=_nothing) -> tuple:
         """Returns the output and every intermediate state the up path takes as a skip connection."""
         states = []
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
             if self.has_attention:
                 x = self.attentions[i](x, context)
+            after_layer(x)
             states.append(x)
         if self.has_downsample:
             x = self.downsamplers[0](x)
@@ -278,7 +283,7 @@ class UpBlock(nn.Module):
         self.has_upsample = add_upsample
 
     def __call__(self, x: mx.array, skips: list, temb: mx.array, context: mx.array,
-                 size: tuple | None) -> mx.array:
+                 size: tuple | None, after_layer=_nothing) -> mx.array:
         """`skips` in the order the down path produced them (consumed from the end); `size` is
         the spatial size to upsample to (that of the next skip connection)."""
         for i, resnet in enumerate(self.resnets):
@@ -286,6 +291,7 @@ class UpBlock(nn.Module):
             x = resnet(x, temb)
             if self.has_attention:
                 x = self.attentions[i](x, context)
+            after_layer(x)
         if self.has_upsample:
             x = self.upsamplers[0](x, size)
         return x
@@ -315,7 +321,9 @@ class UNetModel(nn.Module):
     Call with `sample` (B, H, W, C), `timestep` (B,) float (fractional values are fine; a single
     value is used for the whole batch), `encoder_hidden_states` (B, L, cross_attention_dim), and
     for SDXL `text_embeds` (B, P), the pooled text embedding, and `time_ids` (B, 6).
-    Everything runs in the dtype of `sample`.
+    Everything runs in the dtype of `sample`. `after_layer(x)` is called with each resnet or
+    attention layer's output: a caller that evaluates there (mx.eval) gets control back between
+    layers, so that Ctrl-C acts within one layer instead of one whole call.
     """
 
     def __init__(self, config: UNetConfig):
@@ -376,7 +384,8 @@ class UNetModel(nn.Module):
         return emb
 
     def __call__(self, sample: mx.array, timestep, encoder_hidden_states: mx.array,
-                 text_embeds: mx.array | None = None, time_ids: mx.array | None = None) -> mx.array:
+                 text_embeds: mx.array | None = None, time_ids: mx.array | None = None,
+                 after_layer=_nothing) -> mx.array:
         dtype = sample.dtype
         emb = self.embed_time(timestep, sample.shape[0], dtype, text_embeds, time_ids)  # (B, 4*C0)
         context = encoder_hidden_states.astype(dtype)  # (B, L, D)
@@ -384,15 +393,16 @@ class UNetModel(nn.Module):
         x = self.conv_in(sample)  # (B, H, W, C0)
         skips = [x]
         for block in self.down_blocks:
-            x, states = block(x, emb, context)
+            x, states = block(x, emb, context, after_layer)
             skips.extend(states)
         x = self.mid_block(x, emb, context)
+        after_layer(x)
         for block in self.up_blocks:
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]
             # Upsample to the next skip's size: odd sizes halve to ceil(H/2), so 2x can overshoot.
             size = skips[-1].shape[1:3] if skips else None
-            x = block(x, block_skips, emb, context, size)
+            x = block(x, block_skips, emb, context, size, after_layer)
         x = self.conv_norm_out(x, activation=True)
         return self.conv_out(x)  # (B, H, W, C_out)
 
