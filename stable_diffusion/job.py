@@ -25,7 +25,7 @@ from . import images, metadata, model_io, render
 from .cli import elapsed, reproduce_argv
 from .config import TEXT_COMPONENTS, read_pipeline_config
 from .errors import InputError, ModelError, NumericalError, OutputError
-from .ops import release_cpu_buffers
+from .ops import native_status, release_cpu_buffers
 from .pipeline import StableDiffusion, model_defaults, random_seed
 from .sampler import Sampler, plan as make_plan
 from .tokenizer import Tokenizer
@@ -309,6 +309,7 @@ class Job:
         blas = preload_blas()
         console.detail(f"BLAS: {blas.name}, {blas.threads} thread(s){'' if blas.in_time else ' (not in time)'}; "
                        f"device {mx.default_device()}; dtype {self.dtype_name}")
+        console.detail(native_status())
         sd = StableDiffusion.from_folder(folder, config, DTYPES[self.dtype_name], variant, self.source)
         if args.quantize:
             for module in [sd.unet, *sd.text_encoders]:
