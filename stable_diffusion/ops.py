@@ -105,7 +105,8 @@ def _native() -> tuple[object | None, str]:
         mx.eval(native.flash_attention(one, one, one, 1.0))
     except (TypeError, ValueError, RuntimeError) as error:
         return None, f"native CPU kernels unusable ({error}): pure-MLX CPU paths"
-    return native, f"native CPU kernels: flash attention ({native.kernels()[0]})"
+    products = ", bfloat16 products (avx512_bf16)" if native.has_bf16_dot() else ""
+    return native, f"native CPU kernels: flash attention ({native.kernels()[0]}){products}"
 
 
 def flash_attention(
@@ -438,12 +439,27 @@ def conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.a
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (same parameters, same names) that takes `conv3x3` on the CPU where it is faster:
     float32 3x3 convolutions with stride 1 and padding 1, with a large im2col matrix or few
-    output channels."""
+    output channels; and bfloat16 1x1 and 3x3 (stride 1, padding 1) convolutions through the
+    native bfloat16 products where the CPU has them (`bf16_products`)."""
 
     def __call__(self, x: mx.array) -> mx.array:
+        bias = self["bias"] if "bias" in self else None
         if self._shifted(x):
-            return conv3x3(x, self.weight, self["bias"] if "bias" in self else None)
+            return conv3x3(x, self.weight, bias)
+        if self._native_bf16(x):
+            if self.weight.shape[1] == 1:
+                return bf16_linear(x, self.weight.reshape(self.weight.shape[0], -1), bias)
+            return bf16_conv3x3(x, self.weight, bias)
         return super().__call__(x)
+
+    def _native_bf16(self, x: mx.array) -> bool:
+        if not _bf16_operands(x, self.weight) or x.ndim != 4 or self.groups != 1:
+            return False
+        _, kh, kw, _ = self.weight.shape
+        dilation = self.dilation if isinstance(self.dilation, tuple) else (self.dilation,) * 2
+        if (self.stride, dilation) != ((1, 1), (1, 1)):
+            return False
+        return ((kh, kw), self.padding) in (((1, 1), (0, 0)), ((3, 3), (1, 1)))
 
     def _shifted(self, x: mx.array) -> bool:
         if not CPU_PATHS:
@@ -456,3 +472,56 @@ class Conv2d(nn.Conv2d):
             return False
         im2col = x.size * 9 * x.itemsize
         return 4 * out_channels <= channels or im2col >= SHIFTED_CONV_BYTES
+
+
+# --- bfloat16 products ----------------------------------------------------------------------------
+
+# MLX's CPU backend multiplies bfloat16 matrices in a scalar loop (a UNet call about 10x slower than
+# in float32). Where the CPU has AVX512_BF16, the native module's `bf16_product` takes linear layers
+# and 1x1 and 3x3 convolutions in bfloat16 through its dot-product instruction, with float32 sums
+# and one rounding of each output to bfloat16.
+
+
+def bf16_products() -> bool:
+    """Whether bfloat16 linear layers and convolutions run on the native kernel here."""
+    native = _native()[0]
+    return native is not None and native.has_bf16_dot()
+
+
+def _bf16_operands(x: mx.array, weight: mx.array) -> bool:
+    # Channels come in pairs in the instruction; an odd count (the VAE's RGB input) stays on MLX.
+    return (CPU_PATHS and x.dtype == mx.bfloat16 and weight.dtype == mx.bfloat16
+            and weight.shape[-1] % 2 == 0 and bf16_products())
+
+
+def bf16_linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """x @ weight.T + bias for bfloat16 x (..., K) and weight (N, K), K even: float32 sums, one
+    rounding to bfloat16. Needs `bf16_products()`."""
+    *lead, k = x.shape
+    out_features = weight.shape[0]
+    rows = x.size // k
+    out = _native()[0].bf16_product(x.reshape(1, rows, k), weight.reshape(out_features, 1, k), bias, [0], rows)
+    return out.reshape(*lead, out_features)
+
+
+def bf16_conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """`conv3x3` for bfloat16 x (B, H, W, C) and weight (O, 3, 3, C), C even, as one native product
+    over the nine shifted row ranges (the taps), float32 sums. Needs `bf16_products()`."""
+    batch, height, width, channels = x.shape
+    out_channels = weight.shape[0]
+    row = width + 2
+    padded = mx.pad(x, [(0, 0), (1, 2), (1, 1), (0, 0)]).reshape(batch, (height + 3) * row, channels)
+    offsets = [dy * row + dx for dy in range(3) for dx in range(3)]  # tap order of weight's (3, 3)
+    out = _native()[0].bf16_product(padded, weight.reshape(out_channels, 9, channels), bias, offsets,
+                                    height * row)  # (B, H (W+2), O)
+    return out.reshape(batch, height, row, out_channels)[:, :, :width]
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same names) that takes `bf16_linear` for bfloat16 on a CPU with
+    AVX512_BF16."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if _bf16_operands(x, self.weight):
+            return bf16_linear(x, self.weight, self["bias"] if "bias" in self else None)
+        return super().__call__(x)

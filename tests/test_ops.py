@@ -155,7 +155,8 @@ def test_native_status_says_what_is_used():
         # CI builds the module from the clean clone and sets this, so a failed build fails there.
         assert os.environ.get("SD_REQUIRE_NATIVE") != "1", status
     else:
-        assert status == f"native CPU kernels: flash attention ({KERNELS[0]})"
+        products = ", bfloat16 products (avx512_bf16)" if NATIVE.has_bf16_dot() else ""
+        assert status == f"native CPU kernels: flash attention ({KERNELS[0]}){products}"
         assert KERNELS[-1] == "generic" and NATIVE.mlx_version == mx.__version__
 
 
@@ -249,6 +250,73 @@ def test_flash_attention_refuses_what_it_cannot_take():
         flash_attention(q, mx.ones((1, 2, 5, 8)), mx.ones((1, 2, 5, 8)), 1.0)
     with pytest.raises(ValueError, match="not available"):
         flash_attention(q, q, q, 1.0, kernel="avx1024")
+
+
+needs_bf16 = pytest.mark.skipif(not ops.bf16_products(), reason="no native bfloat16 products on this CPU")
+
+
+def bf16(shape, seed):
+    return mx.array(random(shape, seed)).astype(mx.bfloat16)
+
+
+def exact(x):
+    """The float64 values of a bfloat16 array."""
+    return np.array(x.astype(mx.float32), dtype=np.float64)
+
+
+def assert_bf16_rounding(name, out, reference, parity):
+    """float32 sums rounded once to bfloat16: within half a bfloat16 ulp (up to 2**-8 relative,
+    8 significant bits) of the exact product, plus the float32 sums' own error."""
+    assert out.dtype == mx.bfloat16
+    error = np.abs(exact(out) - reference)
+    bound = 2.0**-8 * np.abs(reference) + 1e-5 * np.abs(reference).max()
+    parity(name, out.astype(mx.float32), reference, atol=float(np.abs(reference).max()) * 2.0**-8)
+    assert np.all(error <= bound), f"{name}: {np.max(error - bound):.3g} over half an ulp"
+
+
+@needs_bf16
+def test_bf16_linear_matches_float64(parity):
+    for batch, k, n, bias in [((2, 77), 1024, 1024, True), ((3,), 6, 130, False), ((1, 5, 7), 320, 70, True)]:
+        layer = ops.Linear(k, n, bias=bias)
+        layer.set_dtype(mx.bfloat16)
+        x = bf16((*batch, k), 21)
+        out = layer(x)
+        reference = exact(x) @ exact(layer.weight).T + (exact(layer.bias) if bias else 0.0)
+        assert out.shape == (*batch, n)
+        assert_bf16_rounding(f"bf16 linear {batch} {k}->{n}", out, reference, parity)
+
+
+@needs_bf16
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_bf16_convolutions_match_float64(kernel, parity):
+    for batch, height, width, channels, out_channels in [(2, 9, 13, 32, 40), (1, 16, 16, 320, 320),
+                                                         (1, 5, 6, 4, 3)]:
+        conv = Conv2d(channels, out_channels, kernel, padding=kernel // 2)
+        conv.set_dtype(mx.bfloat16)
+        x = bf16((batch, height, width, channels), 22)
+        assert conv._native_bf16(x)
+        out = conv(x)
+        # float32 convolution of the same bfloat16 values: exact to float32 rounding.
+        reference = np.array(mx.conv2d(x.astype(mx.float32), conv.weight.astype(mx.float32),
+                                       padding=kernel // 2) + conv.bias.astype(mx.float32), dtype=np.float64)
+        assert out.shape == (batch, height, width, out_channels)
+        assert_bf16_rounding(f"bf16 conv{kernel}x{kernel} {(batch, height, width, channels, out_channels)}",
+                             out, reference, parity)
+
+
+@needs_bf16
+def test_bf16_products_leave_what_they_cannot_take_to_mlx():
+    odd = Conv2d(3, 8, 3, padding=1)  # the VAE's RGB input: channels come in pairs in the instruction
+    strided = Conv2d(8, 8, 3, stride=2, padding=1)
+    for conv, channels in [(odd, 3), (strided, 8)]:
+        conv.set_dtype(mx.bfloat16)
+        x = bf16((1, 8, 8, channels), 23)
+        assert not conv._native_bf16(x)
+        np.testing.assert_array_equal(exact(conv(x)), exact(nn.Conv2d.__call__(conv, x)))
+    layer = ops.Linear(8, 4)  # float32 stays on MLX's (BLAS) product
+    assert not ops._bf16_operands(mx.ones((2, 8)), layer.weight)
+    with pytest.raises(ValueError, match="run past"):
+        NATIVE.bf16_product(bf16((1, 10, 4), 1), bf16((3, 2, 4), 2), None, [0, 5], 6)
 
 
 @pytest.mark.reference
