@@ -439,27 +439,28 @@ def conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.a
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (same parameters, same names) that takes `conv3x3` on the CPU where it is faster:
     float32 3x3 convolutions with stride 1 and padding 1, with a large im2col matrix or few
-    output channels; and bfloat16 1x1 and 3x3 (stride 1, padding 1) convolutions through the
-    native bfloat16 products where the CPU has them (`bf16_products`)."""
+    output channels; and bfloat16 1x1 convolutions and 3x3 ones with stride 1 (padding 1) or 2
+    through the native bfloat16 products where the CPU has them (`bf16_conv`)."""
 
     def __call__(self, x: mx.array) -> mx.array:
         bias = self["bias"] if "bias" in self else None
         if self._shifted(x):
             return conv3x3(x, self.weight, bias)
         if self._native_bf16(x):
-            if self.weight.shape[1] == 1:
-                return bf16_linear(x, self.weight.reshape(self.weight.shape[0], -1), bias)
-            return bf16_conv3x3(x, self.weight, bias)
+            return bf16_conv(x, self.weight, bias, self.stride[0], self.padding[0])
         return super().__call__(x)
 
     def _native_bf16(self, x: mx.array) -> bool:
-        if not _bf16_operands(x, self.weight) or x.ndim != 4 or self.groups != 1:
+        if not (CPU_PATHS and x.dtype == mx.bfloat16 and self.weight.dtype == mx.bfloat16 and x.ndim == 4
+                and self.groups == 1 and bf16_products()):
             return False
         _, kh, kw, _ = self.weight.shape
         dilation = self.dilation if isinstance(self.dilation, tuple) else (self.dilation,) * 2
-        if (self.stride, dilation) != ((1, 1), (1, 1)):
+        if dilation != (1, 1) or self.padding[0] != self.padding[1]:
             return False
-        return ((kh, kw), self.padding) in (((1, 1), (0, 0)), ((3, 3), (1, 1)))
+        if (kh, kw) == (1, 1):
+            return self.stride == (1, 1) and self.padding == (0, 0)
+        return (kh, kw) == (3, 3) and (self.stride, self.padding) in (((1, 1), (1, 1)), ((2, 2), self.padding))
 
     def _shifted(self, x: mx.array) -> bool:
         if not CPU_PATHS:
@@ -502,6 +503,44 @@ def bf16_linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> 
     rows = x.size // k
     out = _native()[0].bf16_product(x.reshape(1, rows, k), weight.reshape(out_features, 1, k), bias, [0], rows)
     return out.reshape(*lead, out_features)
+
+
+def bf16_conv(x: mx.array, weight: mx.array, bias: mx.array | None, stride: int, padding: int) -> mx.array:
+    """A bfloat16 convolution of x (B, H, W, C) with weight (O, k, k, C) by the native products:
+    1x1 (stride 1, no padding), 3x3 with stride 1 and padding 1, or 3x3 with stride 2 and any
+    padding. Needs `bf16_products()`."""
+    if weight.shape[-1] % 2:  # channels come in pairs: one more, of zeros (the VAE's RGB input)
+        x = mx.pad(x, [(0, 0), (0, 0), (0, 0), (0, 1)])
+        weight = mx.pad(weight, [(0, 0), (0, 0), (0, 0), (0, 1)])
+    if weight.shape[1] == 1:
+        return bf16_linear(x, weight.reshape(weight.shape[0], -1), bias)
+    if stride == 1:
+        return bf16_conv3x3(x, weight, bias)
+    if padding:
+        x = mx.pad(x, [(0, 0), (padding, padding), (padding, padding), (0, 0)])
+    return bf16_conv3x3_stride2(x, weight, bias)
+
+
+def bf16_conv3x3_stride2(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """A 3x3 convolution with stride 2 of x (B, Hp, Wp, C), already padded, in bfloat16.
+
+    The input is split into its four phases (even or odd row, even or odd column), laid one after
+    the other; each phase is a map of Hp/2 x Wp/2 pixels in rows of Wp/2, where the tap (dy, dx)
+    of output pixel (i, j) is pixel (i + dy // 2, j + dx // 2) of phase (dy % 2, dx % 2): a fixed
+    row offset again, so one native product over nine offsets computes it, as for stride 1."""
+    batch, hp, wp, channels = x.shape
+    out_channels = weight.shape[0]
+    h_out, w_out = (hp - 3) // 2 + 1, (wp - 3) // 2 + 1
+    hh, wh = (hp + 1) // 2, (wp + 1) // 2
+    # Even sides, and one more row per phase so that the cropped columns' taps stay inside it.
+    x = mx.pad(x, [(0, 0), (0, 2 * (hh + 1) - hp), (0, 2 * wh - wp), (0, 0)])
+    phase = (hh + 1) * wh  # positions per phase
+    phases = x.reshape(batch, hh + 1, 2, wh, 2, channels).transpose(0, 2, 4, 1, 3, 5)
+    phases = phases.reshape(batch, 4 * phase, channels)  # (B, 4 (Hp/2 + 1) Wp/2, C)
+    offsets = [((dy % 2) * 2 + dx % 2) * phase + (dy // 2) * wh + dx // 2 for dy in range(3) for dx in range(3)]
+    out = _native()[0].bf16_product(phases, weight.reshape(out_channels, 9, channels), bias, offsets,
+                                    h_out * wh)  # (B, H_out Wp/2, O)
+    return out.reshape(batch, h_out, wh, out_channels)[:, :, :w_out]
 
 
 def bf16_conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:

@@ -183,7 +183,7 @@ class Downsample2D(nn.Module):
     def __init__(self, channels: int, padding: int):
         super().__init__()
         self.padding = padding
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def __call__(self, x: mx.array) -> mx.array:
         if self.padding == 0:

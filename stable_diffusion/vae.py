@@ -73,7 +73,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
+        self.conv = Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
 
     def __call__(self, x: mx.array) -> mx.array:
         x = mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)])  # (B, H+1, W+1, C)

@@ -286,33 +286,38 @@ def test_bf16_linear_matches_float64(parity):
         assert_bf16_rounding(f"bf16 linear {batch} {k}->{n}", out, reference, parity)
 
 
+# (kernel, stride, padding): 1x1; 3x3 as the networks' resnets; the UNet's and the VAE's downsampling.
+CONVOLUTIONS = [(1, 1, 0), (3, 1, 1), (3, 2, 1), (3, 2, 0)]
+
+
 @needs_bf16
-@pytest.mark.parametrize("kernel", [1, 3])
-def test_bf16_convolutions_match_float64(kernel, parity):
+@pytest.mark.parametrize("conv", CONVOLUTIONS, ids=lambda c: "k{}s{}p{}".format(*c))
+def test_bf16_convolutions_match_float64(conv, parity):
+    kernel, stride, padding = conv
+    # Odd and even sides; the VAE's three input channels (padded to a pair); few outputs.
     for batch, height, width, channels, out_channels in [(2, 9, 13, 32, 40), (1, 16, 16, 320, 320),
-                                                         (1, 5, 6, 4, 3)]:
-        conv = Conv2d(channels, out_channels, kernel, padding=kernel // 2)
-        conv.set_dtype(mx.bfloat16)
+                                                         (1, 5, 6, 4, 3), (1, 12, 10, 3, 16)]:
+        layer = Conv2d(channels, out_channels, kernel, stride=stride, padding=padding)
+        layer.set_dtype(mx.bfloat16)
         x = bf16((batch, height, width, channels), 22)
-        assert conv._native_bf16(x)
-        out = conv(x)
+        assert layer._native_bf16(x)
+        out = layer(x)
         # float32 convolution of the same bfloat16 values: exact to float32 rounding.
-        reference = np.array(mx.conv2d(x.astype(mx.float32), conv.weight.astype(mx.float32),
-                                       padding=kernel // 2) + conv.bias.astype(mx.float32), dtype=np.float64)
-        assert out.shape == (batch, height, width, out_channels)
-        assert_bf16_rounding(f"bf16 conv{kernel}x{kernel} {(batch, height, width, channels, out_channels)}",
+        reference = np.array(mx.conv2d(x.astype(mx.float32), layer.weight.astype(mx.float32), stride=stride,
+                                       padding=padding) + layer.bias.astype(mx.float32), dtype=np.float64)
+        assert out.shape == reference.shape
+        assert_bf16_rounding(f"bf16 conv {conv} {(batch, height, width, channels, out_channels)}",
                              out, reference, parity)
 
 
 @needs_bf16
 def test_bf16_products_leave_what_they_cannot_take_to_mlx():
-    odd = Conv2d(3, 8, 3, padding=1)  # the VAE's RGB input: channels come in pairs in the instruction
-    strided = Conv2d(8, 8, 3, stride=2, padding=1)
-    for conv, channels in [(odd, 3), (strided, 8)]:
-        conv.set_dtype(mx.bfloat16)
-        x = bf16((1, 8, 8, channels), 23)
-        assert not conv._native_bf16(x)
-        np.testing.assert_array_equal(exact(conv(x)), exact(nn.Conv2d.__call__(conv, x)))
+    for layer in [Conv2d(8, 8, 3, padding=0), Conv2d(8, 8, 3, stride=3, padding=1), Conv2d(8, 8, 5, padding=2),
+                  Conv2d(8, 8, 3, padding=1, dilation=2)]:
+        layer.set_dtype(mx.bfloat16)
+        x = bf16((1, 8, 8, 8), 23)
+        assert not layer._native_bf16(x)
+        np.testing.assert_array_equal(exact(layer(x)), exact(nn.Conv2d.__call__(layer, x)))
     layer = ops.Linear(8, 4)  # float32 stays on MLX's (BLAS) product
     assert not ops._bf16_operands(mx.ones((2, 8)), layer.weight)
     with pytest.raises(ValueError, match="run past"):
