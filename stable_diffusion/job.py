@@ -25,7 +25,7 @@ from . import images, metadata, model_io, render
 from .cli import elapsed, reproduce_argv
 from .config import TEXT_COMPONENTS, read_pipeline_config
 from .errors import InputError, ModelError, NumericalError, OutputError
-from .ops import native_status, release_cpu_buffers
+from .ops import default_cpu_dtype, native_status, release_cpu_buffers
 from .pipeline import StableDiffusion, model_defaults, random_seed
 from .sampler import Sampler, plan as make_plan
 from .tokenizer import Tokenizer
@@ -38,8 +38,9 @@ FORMAT_VERSION = 1
 
 
 def default_dtype() -> str:
-    # Metal computes half precision fast; the CPU gains little from it (see DESIGN.md).
-    return "float16" if mx.default_device() == mx.gpu else "float32"
+    # Metal computes half precision fast; on the CPU, bfloat16 only where the native products can
+    # use the CPU's bfloat16 instructions (ops.default_cpu_dtype says why).
+    return "float16" if mx.default_device() == mx.gpu else default_cpu_dtype()[0]
 
 
 @dataclass
@@ -310,6 +311,8 @@ class Job:
         console.detail(f"BLAS: {blas.name}, {blas.threads} thread(s){'' if blas.in_time else ' (not in time)'}; "
                        f"device {mx.default_device()}; dtype {self.dtype_name}")
         console.detail(native_status())
+        if mx.default_device() == mx.cpu and args.dtype is None and not args.no_float16:
+            console.detail(default_cpu_dtype()[1])
         sd = StableDiffusion.from_folder(folder, config, DTYPES[self.dtype_name], variant, self.source)
         if args.quantize:
             for module in [sd.unet, *sd.text_encoders]:

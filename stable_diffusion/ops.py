@@ -489,6 +489,21 @@ def bf16_products() -> bool:
     return native is not None and native.has_bf16_dot()
 
 
+def default_cpu_dtype() -> tuple[str, str]:
+    """The dtype a CPU run computes in when none is asked for, and a line saying why.
+
+    bfloat16 where the native products can use the CPU's bfloat16 dot-product instruction:
+    measured with bench/networks.py on a 2-core AMD EPYC with AVX512_BF16, a UNet call runs
+    BF16_SPEEDUP faster than in float32. Elsewhere MLX multiplies bfloat16 in a scalar loop (a UNet
+    call about 10x slower than float32), so float32."""
+    if bf16_products():
+        return "bfloat16", ("dtype bfloat16 by default: this CPU has AVX512_BF16, which the native "
+                            "products use (float32 with --dtype float32)")
+    return "float32", ("dtype float32 by default: " + ("no AVX512_BF16 on this CPU" if _native()[0] is not None
+                                                       else "no native kernels") +
+                       ", and MLX's own bfloat16 products are about 10x slower than float32")
+
+
 def _bf16_operands(x: mx.array, weight: mx.array) -> bool:
     # Channels come in pairs in the instruction; an odd count (the VAE's RGB input) stays on MLX.
     return (CPU_PATHS and x.dtype == mx.bfloat16 and weight.dtype == mx.bfloat16
