@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -243,41 +244,62 @@ bool has_bf16_dot() {
 #endif
 }
 
+// w (O, T, C) into the kernel's panels, (panels, T, C / 2, kGemmCols x 2), zero past O.
+void pack_weights(const uint16_t* w, int64_t out_channels, int64_t taps, int64_t channels, uint16_t* packed) {
+  const int64_t panels = (out_channels + kGemmCols - 1) / kGemmCols;
+  const int64_t pairs = channels / 2;
+  const int64_t panel_words = taps * pairs * kGemmCols;
+  parallel_for(panels, thread_count(), [&](int64_t panel, int) {
+    // A channel pair as one 32-bit word: read along each output's row, written 64 words apart.
+    auto* dst = reinterpret_cast<uint32_t*>(packed) + panel * panel_words;
+    const int64_t valid = std::min(kGemmCols, out_channels - panel * kGemmCols);
+    if (valid < kGemmCols) std::fill(dst, dst + panel_words, 0u);
+    for (int64_t j = 0; j < valid; ++j)
+      for (int64_t t = 0; t < taps; ++t) {
+        const uint16_t* src = w + ((panel * kGemmCols + j) * taps + t) * channels;
+        uint32_t* out = dst + t * pairs * kGemmCols + j;
+        for (int64_t q = 0; q < pairs; ++q) {
+          uint32_t pair;
+          std::memcpy(&pair, src + 2 * q, sizeof pair);
+          out[q * kGemmCols] = pair;
+        }
+      }
+  });
+}
+
+class Bf16Pack : public mx::UnaryPrimitive {
+ public:
+  explicit Bf16Pack(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(inputs[0]);
+    encoder.set_output_array(out);
+    const mx::array& w = inputs[0];
+    encoder.dispatch([w = w.data<uint16_t>(), o = w.shape(0), t = w.shape(1), c = w.shape(2),
+                      packed = out.data<uint16_t>()]() { pack_weights(w, o, t, c, packed); });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("Bf16Pack runs on the CPU only");
+  }
+
+  const char* name() const override { return "Bf16Pack"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+};
+
 struct GemmProblem {
   GemmArgs a;
-  const uint16_t* w;
   std::vector<int64_t> offsets;
 };
 
 void run_gemm(GemmProblem p) {
   GemmArgs& a = p.a;
-  const int workers = thread_count();
-  const int64_t panels = (a.out_channels + kGemmCols - 1) / kGemmCols;
-  const int64_t pairs = a.channels / 2;
-  const int64_t panel_bf16 = a.taps * pairs * kGemmCols * 2;
-  // Packed per call, in parallel: a tenth or less of the product's time at the networks' sizes.
-  Buffer packed_buffer((panels * panel_bf16 + 1) / 2);
-  auto* packed = reinterpret_cast<uint16_t*>(packed_buffer.data());
-  parallel_for(panels, workers, [&](int64_t panel, int) {
-    uint16_t* dst = packed + panel * panel_bf16;
-    for (int64_t t = 0; t < a.taps; ++t)
-      for (int64_t q = 0; q < pairs; ++q)
-        for (int64_t j = 0; j < kGemmCols; ++j) {
-          const int64_t o = panel * kGemmCols + j;
-          uint16_t* pair = dst + ((t * pairs + q) * kGemmCols + j) * 2;
-          if (o < a.out_channels) {
-            const uint16_t* src = p.w + (o * a.taps + t) * a.channels + 2 * q;
-            pair[0] = src[0];
-            pair[1] = src[1];
-          } else {
-            pair[0] = pair[1] = 0;
-          }
-        }
-  });
-  a.w_packed = packed;
   a.offsets = p.offsets.data();
+  const int64_t panels = (a.out_channels + kGemmCols - 1) / kGemmCols;
   const int64_t row_blocks = (a.rows + kGemmRows - 1) / kGemmRows;
-  parallel_for(a.batch * row_blocks * panels, workers, [&](int64_t i, int) {
+  parallel_for(a.batch * row_blocks * panels, thread_count(), [&](int64_t i, int) {
     const int64_t panel = i % panels, block = i / panels;
 #if defined(__x86_64__)
     gemm_bf16_task_avx512bf16(a, block / row_blocks, block % row_blocks, panel);
@@ -287,8 +309,12 @@ void run_gemm(GemmProblem p) {
 
 class Bf16Product : public mx::UnaryPrimitive {
  public:
-  Bf16Product(mx::Stream stream, std::vector<int64_t> offsets, int64_t rows, bool has_bias)
-      : mx::UnaryPrimitive(stream), offsets_(std::move(offsets)), rows_(rows), has_bias_(has_bias) {}
+  Bf16Product(mx::Stream stream, std::vector<int64_t> offsets, int64_t rows, int64_t out_channels, bool has_bias)
+      : mx::UnaryPrimitive(stream),
+        offsets_(std::move(offsets)),
+        rows_(rows),
+        out_channels_(out_channels),
+        has_bias_(has_bias) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     out.set_data(mx::allocator::malloc(out.nbytes()));
@@ -296,18 +322,18 @@ class Bf16Product : public mx::UnaryPrimitive {
     for (const auto& x : inputs) encoder.set_input_array(x);
     encoder.set_output_array(out);
     const mx::array& x = inputs[0];
-    const mx::array& w = inputs[1];
+    const mx::array& packed = inputs[1];
     GemmProblem p{};
     p.a.x = x.data<uint16_t>();
+    p.a.w_packed = packed.data<uint16_t>();
     p.a.bias = has_bias_ ? inputs[2].data<float>() : nullptr;
     p.a.out = out.data<uint16_t>();
     p.a.batch = x.shape(0);
     p.a.positions = x.shape(1);
     p.a.channels = x.shape(2);
     p.a.rows = rows_;
-    p.a.out_channels = w.shape(0);
-    p.a.taps = w.shape(1);
-    p.w = w.data<uint16_t>();
+    p.a.out_channels = out_channels_;
+    p.a.taps = packed.shape(1);
     p.offsets = offsets_;
     encoder.dispatch([problem = std::move(p)]() { run_gemm(problem); });
   }
@@ -320,36 +346,55 @@ class Bf16Product : public mx::UnaryPrimitive {
 
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto& o = static_cast<const Bf16Product&>(other);
-    return offsets_ == o.offsets_ && rows_ == o.rows_ && has_bias_ == o.has_bias_;
+    return offsets_ == o.offsets_ && rows_ == o.rows_ && out_channels_ == o.out_channels_ &&
+           has_bias_ == o.has_bias_;
   }
 
  private:
   std::vector<int64_t> offsets_;
   int64_t rows_;
+  int64_t out_channels_;
   bool has_bias_;
 };
 
-mx::array bf16_product(const mx::array& x, const mx::array& w, const std::optional<mx::array>& bias,
-                       const std::vector<int64_t>& offsets, int64_t rows) {
-  if (!has_bf16_dot()) throw std::invalid_argument("bf16_product: this CPU has no AVX512_BF16");
-  if (x.ndim() != 3 || w.ndim() != 3 || x.dtype() != mx::bfloat16 || w.dtype() != mx::bfloat16)
-    throw std::invalid_argument("bf16_product: x (batch, positions, channels) and w (out, taps, channels) in bfloat16");
-  if (x.shape(2) != w.shape(2) || x.shape(2) % 2 != 0)
-    throw std::invalid_argument("bf16_product: x and w must have the same, even, number of channels");
-  if (static_cast<int64_t>(offsets.size()) != w.shape(1) || offsets.empty())
-    throw std::invalid_argument("bf16_product: one row offset per tap of w");
+void require_bf16_dot() {
+  if (!has_bf16_dot()) throw std::invalid_argument("bf16 products: this CPU has no AVX512_BF16");
+}
+
+mx::array bf16_pack(const mx::array& w) {
+  require_bf16_dot();
+  if (w.ndim() != 3 || w.dtype() != mx::bfloat16 || w.shape(2) % 2 != 0)
+    throw std::invalid_argument("bf16_pack: w must be (out, taps, channels) bfloat16 with channels even");
+  const int panels = (w.shape(0) + kGemmCols - 1) / kGemmCols;
+  return mx::array({panels, w.shape(1), w.shape(2) / 2, static_cast<int>(2 * kGemmCols)}, mx::uint16,
+                   std::make_shared<Bf16Pack>(mx::default_stream(mx::Device::cpu)), {mx::contiguous(w)});
+}
+
+mx::array bf16_product(const mx::array& x, const mx::array& packed, int64_t out_channels,
+                       const std::optional<mx::array>& bias, const std::vector<int64_t>& offsets, int64_t rows) {
+  require_bf16_dot();
+  if (x.ndim() != 3 || x.dtype() != mx::bfloat16)
+    throw std::invalid_argument("bf16_product: x must be (batch, positions, channels) bfloat16");
+  if (packed.ndim() != 4 || packed.dtype() != mx::uint16 || packed.shape(3) != 2 * kGemmCols ||
+      packed.shape(0) != (out_channels + kGemmCols - 1) / kGemmCols)
+    throw std::invalid_argument("bf16_product: the weights must come from bf16_pack, for out_channels outputs");
+  if (x.shape(2) != 2 * packed.shape(2))
+    throw std::invalid_argument("bf16_product: x and the weights must have the same number of channels");
+  if (static_cast<int64_t>(offsets.size()) != packed.shape(1))
+    throw std::invalid_argument("bf16_product: one row offset per tap of the weights");
   for (int64_t off : offsets)
     if (off < 0 || off + rows > x.shape(1))
       throw std::invalid_argument("bf16_product: a tap's rows run past the input's positions");
-  std::vector<mx::array> inputs = {mx::contiguous(x), mx::contiguous(w)};
+  std::vector<mx::array> inputs = {mx::contiguous(x), packed};
   if (bias.has_value()) {
-    if (bias->ndim() != 1 || bias->shape(0) != w.shape(0))
-      throw std::invalid_argument("bf16_product: bias must be (out,)");
+    if (bias->ndim() != 1 || bias->shape(0) != out_channels)
+      throw std::invalid_argument("bf16_product: bias must be (out_channels,)");
     inputs.push_back(mx::astype(*bias, mx::float32));
   }
-  const auto stream = mx::default_stream(mx::Device::cpu);
-  return mx::array({x.shape(0), static_cast<int>(rows), w.shape(0)}, mx::bfloat16,
-                   std::make_shared<Bf16Product>(stream, offsets, rows, bias.has_value()), std::move(inputs));
+  return mx::array({x.shape(0), static_cast<int>(rows), static_cast<int>(out_channels)}, mx::bfloat16,
+                   std::make_shared<Bf16Product>(mx::default_stream(mx::Device::cpu), offsets, rows,
+                                                 out_channels, bias.has_value()),
+                   std::move(inputs));
 }
 
 std::vector<std::string> kernel_names() {
@@ -369,11 +414,14 @@ NB_MODULE(_native, m) {
         "The flash attention kernels this CPU can run, fastest first (avx512, avx2, generic).");
   m.def("has_bf16_dot", &sd_native::has_bf16_dot,
         "Whether this CPU has AVX512_BF16's dot-product instruction, which bf16_product needs.");
-  m.def("bf16_product", &sd_native::bf16_product, "x"_a, "w"_a, "bias"_a = nb::none(), "offsets"_a,
-        "rows"_a,
+  m.def("bf16_pack", &sd_native::bf16_pack, "w"_a,
+        "w (out, taps, channels) bfloat16, channels even, packed for bf16_product (uint16 panels). Pack a "
+        "layer's weights once and keep them: packing costs about as much as a small product.");
+  m.def("bf16_product", &sd_native::bf16_product, "x"_a, "packed"_a, "out_channels"_a, "bias"_a = nb::none(),
+        "offsets"_a, "rows"_a,
         "out[b, m, o] = bias[o] + sum over taps t and channels c of x[b, m + offsets[t], c] w[o, t, c], "
-        "bfloat16 in and out, float32 sums. x (batch, positions, channels), w (out, taps, channels), "
-        "channels even; needs has_bf16_dot().");
+        "bfloat16 in and out, float32 sums; x (batch, positions, channels), packed = bf16_pack(w). "
+        "Needs has_bf16_dot().");
   m.def("flash_attention", &sd_native::flash_attention, "q"_a, "k"_a, "v"_a, "scale"_a,
         "mask"_a = nb::none(), "kernel"_a = "",
         "softmax(q k^T scale + mask) v on the CPU without the score matrix. q (B, H, Lq, d), k and v "

@@ -447,7 +447,8 @@ class Conv2d(nn.Conv2d):
         if self._shifted(x):
             return conv3x3(x, self.weight, bias)
         if self._native_bf16(x):
-            return bf16_conv(x, self.weight, bias, self.stride[0], self.padding[0])
+            taps = self.weight.shape[1] * self.weight.shape[2]
+            return bf16_conv(x, self.weight, bias, self.stride[0], self.padding[0], _packed_weight(self, taps))
         return super().__call__(x)
 
     def _native_bf16(self, x: mx.array) -> bool:
@@ -510,33 +511,70 @@ def _bf16_operands(x: mx.array, weight: mx.array) -> bool:
             and weight.shape[-1] % 2 == 0 and bf16_products())
 
 
-def bf16_linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+def bf16_pack(weight: mx.array) -> mx.array:
+    """weight (O, taps, C) bfloat16, C even, packed for the native products (`bf16_linear`,
+    `bf16_conv`). Packing reads and writes the whole weight, as much time as a product with a
+    few hundred rows: the layers pack once and keep the result (`_packed_weight`)."""
+    return _native()[0].bf16_pack(weight)
+
+
+class _PackedWeight:
+    """A layer's weight packed for the native products, with the array it was packed from: a plain
+    object, so that nn.Module keeps it as an attribute, not as a parameter."""
+
+    def __init__(self, source: mx.array, packed: mx.array):
+        self.source, self.packed = source, packed
+
+
+def _packed_weight(layer: nn.Module, taps: int) -> mx.array:
+    """`layer.weight` as (O, taps, C) with C made even, packed; repacked when the weight is replaced
+    (loading, set_dtype)."""
+    cache = getattr(layer, "_bf16_packed", None)
+    if cache is None or cache.source is not layer.weight:
+        weight = layer.weight.reshape(layer.weight.shape[0], taps, -1)
+        if weight.shape[-1] % 2:  # channels come in pairs: one more, of zeros (the VAE's RGB input)
+            weight = mx.pad(weight, [(0, 0), (0, 0), (0, 1)])
+        cache = _PackedWeight(layer.weight, bf16_pack(weight))
+        layer._bf16_packed = cache
+    return cache.packed
+
+
+def bf16_linear(x: mx.array, weight: mx.array, bias: mx.array | None = None,
+                packed: mx.array | None = None) -> mx.array:
     """x @ weight.T + bias for bfloat16 x (..., K) and weight (N, K), K even: float32 sums, one
-    rounding to bfloat16. Needs `bf16_products()`."""
+    rounding to bfloat16. `packed`: bf16_pack(weight as (N, 1, K)) if the caller keeps it.
+    Needs `bf16_products()`."""
     *lead, k = x.shape
     out_features = weight.shape[0]
     rows = x.size // k
-    out = _native()[0].bf16_product(x.reshape(1, rows, k), weight.reshape(out_features, 1, k), bias, [0], rows)
+    if packed is None:
+        packed = bf16_pack(weight.reshape(out_features, 1, k))
+    out = _native()[0].bf16_product(x.reshape(1, rows, k), packed, out_features, bias, [0], rows)
     return out.reshape(*lead, out_features)
 
 
-def bf16_conv(x: mx.array, weight: mx.array, bias: mx.array | None, stride: int, padding: int) -> mx.array:
+def bf16_conv(x: mx.array, weight: mx.array, bias: mx.array | None, stride: int, padding: int,
+              packed: mx.array | None = None) -> mx.array:
     """A bfloat16 convolution of x (B, H, W, C) with weight (O, k, k, C) by the native products:
     1x1 (stride 1, no padding), 3x3 with stride 1 and padding 1, or 3x3 with stride 2 and any
-    padding. Needs `bf16_products()`."""
-    if weight.shape[-1] % 2:  # channels come in pairs: one more, of zeros (the VAE's RGB input)
+    padding. `packed`: the weight as (O, k k, C + C % 2), packed, if the caller keeps it.
+    Needs `bf16_products()`."""
+    out_channels, kernel = weight.shape[0], weight.shape[1]
+    if x.shape[-1] % 2:  # channels come in pairs: one more, of zeros (the VAE's RGB input)
         x = mx.pad(x, [(0, 0), (0, 0), (0, 0), (0, 1)])
-        weight = mx.pad(weight, [(0, 0), (0, 0), (0, 0), (0, 1)])
-    if weight.shape[1] == 1:
-        return bf16_linear(x, weight.reshape(weight.shape[0], -1), bias)
+    if packed is None:
+        taps = weight.reshape(out_channels, kernel * kernel, -1)
+        packed = bf16_pack(mx.pad(taps, [(0, 0), (0, 0), (0, x.shape[-1] - taps.shape[-1])]))
+    if kernel == 1:
+        return bf16_linear(x, weight.reshape(out_channels, -1), bias, packed)
     if stride == 1:
-        return bf16_conv3x3(x, weight, bias)
+        return _bf16_conv3x3(x, packed, out_channels, bias)
     if padding:
         x = mx.pad(x, [(0, 0), (padding, padding), (padding, padding), (0, 0)])
-    return bf16_conv3x3_stride2(x, weight, bias)
+    return _bf16_conv3x3_stride2(x, packed, out_channels, bias)
 
 
-def bf16_conv3x3_stride2(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+def _bf16_conv3x3_stride2(x: mx.array, packed: mx.array, out_channels: int, bias: mx.array | None) -> mx.array:
     """A 3x3 convolution with stride 2 of x (B, Hp, Wp, C), already padded, in bfloat16.
 
     The input is split into its four phases (even or odd row, even or odd column), laid one after
@@ -544,7 +582,6 @@ def bf16_conv3x3_stride2(x: mx.array, weight: mx.array, bias: mx.array | None = 
     of output pixel (i, j) is pixel (i + dy // 2, j + dx // 2) of phase (dy % 2, dx % 2): a fixed
     row offset again, so one native product over nine offsets computes it, as for stride 1."""
     batch, hp, wp, channels = x.shape
-    out_channels = weight.shape[0]
     h_out, w_out = (hp - 3) // 2 + 1, (wp - 3) // 2 + 1
     hh, wh = (hp + 1) // 2, (wp + 1) // 2
     # Even sides, and one more row per phase so that the cropped columns' taps stay inside it.
@@ -553,21 +590,18 @@ def bf16_conv3x3_stride2(x: mx.array, weight: mx.array, bias: mx.array | None = 
     phases = x.reshape(batch, hh + 1, 2, wh, 2, channels).transpose(0, 2, 4, 1, 3, 5)
     phases = phases.reshape(batch, 4 * phase, channels)  # (B, 4 (Hp/2 + 1) Wp/2, C)
     offsets = [((dy % 2) * 2 + dx % 2) * phase + (dy // 2) * wh + dx // 2 for dy in range(3) for dx in range(3)]
-    out = _native()[0].bf16_product(phases, weight.reshape(out_channels, 9, channels), bias, offsets,
-                                    h_out * wh)  # (B, H_out Wp/2, O)
+    out = _native()[0].bf16_product(phases, packed, out_channels, bias, offsets, h_out * wh)  # (B, H_out Wp/2, O)
     return out.reshape(batch, h_out, wh, out_channels)[:, :, :w_out]
 
 
-def bf16_conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
-    """`conv3x3` for bfloat16 x (B, H, W, C) and weight (O, 3, 3, C), C even, as one native product
-    over the nine shifted row ranges (the taps), float32 sums. Needs `bf16_products()`."""
+def _bf16_conv3x3(x: mx.array, packed: mx.array, out_channels: int, bias: mx.array | None) -> mx.array:
+    """`conv3x3` for bfloat16 x (B, H, W, C), C even, as one native product over the nine shifted
+    row ranges (the taps), float32 sums."""
     batch, height, width, channels = x.shape
-    out_channels = weight.shape[0]
     row = width + 2
     padded = mx.pad(x, [(0, 0), (1, 2), (1, 1), (0, 0)]).reshape(batch, (height + 3) * row, channels)
     offsets = [dy * row + dx for dy in range(3) for dx in range(3)]  # tap order of weight's (3, 3)
-    out = _native()[0].bf16_product(padded, weight.reshape(out_channels, 9, channels), bias, offsets,
-                                    height * row)  # (B, H (W+2), O)
+    out = _native()[0].bf16_product(padded, packed, out_channels, bias, offsets, height * row)  # (B, H (W+2), O)
     return out.reshape(batch, height, row, out_channels)[:, :, :width]
 
 
@@ -577,5 +611,5 @@ class Linear(nn.Linear):
 
     def __call__(self, x: mx.array) -> mx.array:
         if _bf16_operands(x, self.weight):
-            return bf16_linear(x, self.weight, self["bias"] if "bias" in self else None)
+            return bf16_linear(x, self.weight, self["bias"] if "bias" in self else None, _packed_weight(self, 1))
         return super().__call__(x)

@@ -321,7 +321,23 @@ def test_bf16_products_leave_what_they_cannot_take_to_mlx():
     layer = ops.Linear(8, 4)  # float32 stays on MLX's (BLAS) product
     assert not ops._bf16_operands(mx.ones((2, 8)), layer.weight)
     with pytest.raises(ValueError, match="run past"):
-        NATIVE.bf16_product(bf16((1, 10, 4), 1), bf16((3, 2, 4), 2), None, [0, 5], 6)
+        NATIVE.bf16_product(bf16((1, 10, 4), 1), NATIVE.bf16_pack(bf16((3, 2, 4), 2)), 3, None, [0, 5], 6)
+
+
+@needs_bf16
+def test_bf16_layers_pack_their_weights_once_and_again_when_replaced():
+    layer = ops.Linear(64, 32)
+    layer.set_dtype(mx.bfloat16)
+    x = bf16((5, 64), 24)
+    first = layer(x)
+    packed = layer._bf16_packed.packed
+    np.testing.assert_array_equal(exact(layer(x)), exact(first))
+    assert layer._bf16_packed.packed is packed
+    assert {name for name, _ in tree_flatten(layer.parameters())} == {"weight", "bias"}
+    layer.update({"weight": bf16((32, 64), 25)})
+    reference = exact(x) @ exact(layer.weight).T + exact(layer.bias)
+    np.testing.assert_allclose(exact(layer(x)), reference, rtol=2.0**-8, atol=1e-5 * np.abs(reference).max())
+    assert layer._bf16_packed.packed is not packed
 
 
 @pytest.mark.reference
