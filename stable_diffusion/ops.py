@@ -32,6 +32,10 @@ EPYC (AVX2) with the full SD 2.1-base networks, so the CPU gets its own paths:
 4. A 3x3 convolution builds an im2col matrix of 9x the input (2.4 GB for the VAE decoder's
    512x512x256 maps): at that size allocating and filling it costs more than the product.
    `Conv2d` computes such convolutions as nine shifted matrix products instead (`conv3x3`).
+5. bfloat16 matrix products and convolutions are a scalar loop (a UNet call about 10x slower than
+   in float32). Where the CPU has AVX512_BF16 and the native module is built, `Linear` and `Conv2d`
+   take bfloat16 through its dot-product instruction, float32 sums (`bf16_linear`, `bf16_conv`),
+   and bfloat16 becomes the CPU's default dtype (`default_cpu_dtype`).
 """
 
 import functools
