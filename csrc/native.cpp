@@ -8,6 +8,9 @@
 // of query rows of one head through all key tiles with an online softmax (running maximum and
 // sum, Milakov and Gimelshein 2018; Dao et al. 2022), in float32, on all cores.
 #include <algorithm>
+#if defined(__linux__)
+#include <sched.h>
+#endif
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -75,9 +78,17 @@ const Isa& pick_isa(const std::string& name) {
   throw std::invalid_argument("flash_attention: kernel '" + name + "' is not available on this CPU");
 }
 
+// The cores this process may run on (taskset, cgroup cpusets), not all the machine's.
 int thread_count() {
-  const unsigned n = std::thread::hardware_concurrency();
-  return n == 0 ? 1 : static_cast<int>(n);
+  static const int count = [] {
+#if defined(__linux__)
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+#endif
+    const unsigned n = std::thread::hardware_concurrency();
+    return n == 0 ? 1 : static_cast<int>(n);
+  }();
+  return count;
 }
 
 // Runs f(i, worker) for i in [0, n) on all cores; tasks are taken in order from a shared counter.
