@@ -9,7 +9,7 @@ EPYC (AVX2) with the full SD 2.1-base networks, so the CPU gets its own paths:
    allocates every intermediate anew from the OS, because its CPU buffer cache holds only 32 MB.
    `flash_attention` is the CPU path when the native module (csrc/, built by pip install with a
    C++ compiler) is present: tiles of query rows go through tiles of keys with an online softmax,
-   in float32, on all cores, in AVX-512, AVX2 or baseline code as the CPU allows; 7x faster than
+   in float32, on all cores, in AVX-512, AVX2 or baseline code as the CPU allows; 4x faster than
    the chunked path on the UNet's 4096-token self-attention (2-core AMD EPYC, AVX-512).
    `chunked_attention` is the pure-MLX fallback (`native_status()` says which is in use):
    - It works on blocks of half a million scores (a run of query rows of one head, or several
