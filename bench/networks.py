@@ -11,9 +11,12 @@ Needs the `reference` extra. Not part of the test run.
     python bench/networks.py --workloads unet64,vae_decode --reps 2
     python bench/networks.py --dtype bfloat16 --workloads img2img1 --frameworks ours
 
-Workloads: UNet calls (batch 2: classifier-free guidance), VAE encode and decode at 512x512, the
-text encoder, the TAESD preview decoder at 512x512 (its cost per frame against the VAE decode's
-is printed after the table), whole image-to-image runs (the pipeline's own loop, 512x512, cfg 7.5), and `load`:
+Workloads: one self-attention at the UNet's largest (64x64 latent) shape, alone, against PyTorch's
+`scaled_dot_product_attention` (`attention`: our CPU path as ops.attention picks it, the native
+flash kernel when built; `attention_chunked`: the pure-MLX chunked path); UNet calls (batch 2:
+classifier-free guidance), VAE encode and decode at 512x512, the text encoder, the TAESD preview
+decoder at 512x512 (its cost per frame against the VAE decode's is printed after the table), whole
+image-to-image runs (the pipeline's own loop, 512x512, cfg 7.5), and `load`:
 a full-size model written in the diffusers layout (safetensors) to a temporary folder, then
 loaded with `StableDiffusion.from_pretrained` (diffusers: `StableDiffusionImg2ImgPipeline.
 from_pretrained`) until every weight is in memory. After the table: what a 10-row, 50-step
@@ -51,7 +54,12 @@ TEXT = dict(architectures=["CLIPTextModel"], vocab_size=49408, hidden_size=1024,
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                  beta_schedule="scaled_linear", prediction_type="epsilon")
 
+# SD 2.1-base's first transformer level at a 64x64 latent: batch 2, 5 heads of 64, 4096 tokens.
+ATTENTION = (2, 5, 4096, 64)
+
 WORKLOADS = {
+    "attention": "self-attention alone, 2x5 heads x 64, 4096 tokens",
+    "attention_chunked": "the same, pure-MLX chunked path (before)",
     "unet64": "UNet call, batch 2, 64x64 latent",
     "unet32": "UNet call, batch 2, 32x32 latent",
     "vae_encode": "VAE encode, 512x512",
@@ -62,7 +70,8 @@ WORKLOADS = {
     "img2img1": "img2img 512x512, strength 0.1 x 10 steps, cfg 7.5",
     "load": "load the model from a folder (safetensors)",
 }
-DEFAULT_WORKLOADS = ("unet64", "unet32", "vae_encode", "vae_decode", "text", "img2img", "load")
+DEFAULT_WORKLOADS = ("attention", "attention_chunked", "unet64", "unet32", "vae_encode", "vae_decode", "text",
+                     "img2img", "load")
 IMG2IMG = {"img2img": (0.5, 10), "img2img1": (0.1, 10)}  # (strength, steps)
 # A whole run or a load is long, or has its own warm-up (the first steps): timed once, no warm-up.
 SINGLE_RUN = ("img2img", "img2img1", "load")
@@ -82,7 +91,7 @@ def mlx_worker(workload: str, dtype_name: str, reps: int) -> dict:
     from stable_diffusion.clip import CLIPTextModel
     from stable_diffusion.config import (PipelineConfig, SchedulerConfig, TextEncoderConfig,
                                          UNetConfig, VAEConfig)
-    from stable_diffusion.ops import use_cpu_buffer_cache
+    from stable_diffusion.ops import attention, chunked_attention, native_status, use_cpu_buffer_cache
     from stable_diffusion.pipeline import StableDiffusion
     from stable_diffusion.unet import UNetModel
     from stable_diffusion.vae import Autoencoder
@@ -96,7 +105,12 @@ def mlx_worker(workload: str, dtype_name: str, reps: int) -> dict:
         return model
 
     key = mx.random.key(0)
-    if workload.startswith("unet"):
+    if workload.startswith("attention"):
+        q, k, v = (mx.random.normal(ATTENTION, key=mx.random.key(i)).astype(dtype) for i in range(3))
+        scale = ATTENTION[-1] ** -0.5
+        path = attention if workload == "attention" else chunked_attention
+        run = lambda: path(q, k, v, scale)  # noqa: E731
+    elif workload.startswith("unet"):
         unet = ready(UNetModel(UNetConfig.from_diffusers(UNET)))
         side = 64 if workload == "unet64" else 32
         x = mx.random.normal((2, side, side, 4), key=key).astype(dtype)
@@ -156,6 +170,7 @@ def mlx_worker(workload: str, dtype_name: str, reps: int) -> dict:
     return {"times": times, "others_cpu_s": others, "warmup": warmup, "maxrss_mb": _maxrss_mb(),
             "mlx_peak_mb": peak() / 2**20 if peak else None, "blas": blas.name,
             "blas_threads": blas.threads, "device": str(mx.default_device()), "mlx": mx.__version__,
+            "native": native_status(),
             # MLX's CPU element-wise operations and reductions run on one thread per stream.
             "elementwise_threads": 1}
 
@@ -173,7 +188,11 @@ def torch_worker(workload: str, dtype_name: str, reps: int) -> dict:
     text_config = {k: v for k, v in TEXT.items() if k != "architectures"}
     text = lambda: CLIPTextModel(CLIPTextConfig(**text_config)).to(dtype).eval()  # noqa: E731
     count_flops = workload != "load"
-    if workload.startswith("unet"):
+    if workload.startswith("attention"):
+        q, k, v = (torch.randn(ATTENTION, dtype=dtype) for _ in range(3))
+        run = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
+        count_flops = False  # counted below: the counter does not see every CPU SDPA kernel
+    elif workload.startswith("unet"):
         model = unet()
         side = 64 if workload == "unet64" else 32
         x = torch.randn(2, 4, side, side, dtype=dtype)
@@ -232,6 +251,9 @@ def torch_worker(workload: str, dtype_name: str, reps: int) -> dict:
             with counter:
                 run()
             flops = counter.get_total_flops()
+        elif workload.startswith("attention"):
+            batch, heads, length, d = ATTENTION
+            flops = 4 * batch * heads * length * length * d  # two products of 2 L^2 d each per head
         times, others, warmup = _timed(run, reps, workload not in SINGLE_RUN and not count_flops)
     found = torch.__config__.show().split("BLAS_INFO=")
     return {"times": times, "others_cpu_s": others, "warmup": warmup, "maxrss_mb": _maxrss_mb(),
@@ -460,7 +482,7 @@ def _print_summary(report: dict) -> None:
     theirs = next((e["diffusers"] for e in entries if "blas" in e.get("diffusers", {})), None)
     if ours:
         print(f"ours: MLX {ours['mlx']} on {ours['device']}, BLAS {ours['blas']} with "
-              f"{ours['blas_threads']} thread(s); element-wise operations on 1 thread")
+              f"{ours['blas_threads']} thread(s); element-wise operations on 1 thread; {ours['native']}")
         mlx_peaks = {w: e["ours"]["mlx_peak_mb"] for w, e in report["workloads"].items()
                      if e.get("ours", {}).get("mlx_peak_mb")}
         print("ours, MLX peak memory MB: " + ", ".join(f"{w} {v:.0f}" for w, v in mlx_peaks.items()))

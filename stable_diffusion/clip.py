@@ -13,7 +13,7 @@ import mlx.nn as nn
 
 from .config import ConfigError, TextEncoderConfig
 from .errors import InputError
-from .ops import attention, gelu
+from .ops import Linear, attention, gelu
 
 # The legacy eos_token_id of SD-era CLIP configs; with it, transformers pools at the largest id.
 _LEGACY_EOS_TOKEN_ID = 2
@@ -55,10 +55,10 @@ class CLIPAttention(nn.Module):
         if d % self.num_heads:
             raise ConfigError(f"text encoder hidden_size {d} is not a multiple of "
                               f"num_attention_heads {self.num_heads}")
-        self.q_proj = nn.Linear(d, d)
-        self.k_proj = nn.Linear(d, d)
-        self.v_proj = nn.Linear(d, d)
-        self.out_proj = nn.Linear(d, d)
+        self.q_proj = Linear(d, d)
+        self.k_proj = Linear(d, d)
+        self.v_proj = Linear(d, d)
+        self.out_proj = Linear(d, d)
 
     def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
         b, length, d = x.shape
@@ -79,8 +79,8 @@ class CLIPMLP(nn.Module):
             raise ConfigError(f"text encoder hidden_act {config.hidden_act!r} is not supported "
                               f"(use one of {', '.join(_ACTIVATIONS)})")
         self.activation = _ACTIVATIONS[config.hidden_act]
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.fc2(self.activation(self.fc1(x)))
@@ -128,7 +128,7 @@ class CLIPTextModel(nn.Module):
         self.config = config
         self.text_model = CLIPTextTransformer(config)
         if config.projection_dim is not None:
-            self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+            self.text_projection = Linear(config.hidden_size, config.projection_dim, bias=False)
 
     def __call__(self, input_ids: mx.array) -> TextEncoderOutput:
         if input_ids.ndim != 2 or input_ids.shape[1] > self.config.max_position_embeddings:

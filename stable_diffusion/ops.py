@@ -7,7 +7,11 @@ EPYC (AVX2) with the full SD 2.1-base networks, so the CPU gets its own paths:
 1. Attention is unfused: it builds the whole (B, heads, Lq, Lk) score matrix (671 MB for the
    UNet's 4096-token self-attention), takes exp with scalar library calls (about 40 M/s), and
    allocates every intermediate anew from the OS, because its CPU buffer cache holds only 32 MB.
-   `chunked_attention` is the CPU path:
+   `flash_attention` is the CPU path when the native module (csrc/, built by pip install with a
+   C++ compiler) is present: tiles of query rows go through tiles of keys with an online softmax,
+   in float32, on all cores, in AVX-512, AVX2 or baseline code as the CPU allows; 4x faster than
+   the chunked path on the UNet's 4096-token self-attention (2-core AMD EPYC, AVX-512).
+   `chunked_attention` is the pure-MLX fallback (`native_status()` says which is in use):
    - It works on blocks of half a million scores (a run of query rows of one head, or several
      heads at once when a head is small), so intermediates stay in the caches and in MLX's buffers.
    - It works in base 2: q is scaled by scale * log2(e), so the weights are 2**(s - max s), which
@@ -28,14 +32,20 @@ EPYC (AVX2) with the full SD 2.1-base networks, so the CPU gets its own paths:
 4. A 3x3 convolution builds an im2col matrix of 9x the input (2.4 GB for the VAE decoder's
    512x512x256 maps): at that size allocating and filling it costs more than the product.
    `Conv2d` computes such convolutions as nine shifted matrix products instead (`conv3x3`).
+5. bfloat16 matrix products and convolutions are a scalar loop (a UNet call about 10x slower than
+   in float32). Where the CPU has AVX512_BF16 and the native module is built, `Linear` and `Conv2d`
+   take bfloat16 through its dot-product instruction, float32 sums (`bf16_linear`, `bf16_conv`),
+   and bfloat16 becomes the CPU's default dtype (`default_cpu_dtype`).
 """
 
+import functools
 import os
 
 import mlx.core as mx
 import mlx.nn as nn
 
-# Decided once: the fused kernel where there is one, the chunked path on the CPU.
+# Decided once: the fused kernel where there is one; on the CPU the native flash kernel if built,
+# else the chunked path.
 FUSED_ATTENTION = mx.default_device() == mx.gpu
 # The CPU paths of the element-wise activations, group norm and convolution.
 CPU_PATHS = mx.default_device() == mx.cpu
@@ -67,7 +77,72 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
     """
     if FUSED_ATTENTION:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    if _native()[0] is not None:
+        return flash_attention(q, k, v, scale, mask)
     return chunked_attention(q, k, v, scale, mask)
+
+
+def native_status() -> str:
+    """One line on the CPU kernels in use: the native module's (and which instruction set), or
+    why the pure-MLX paths are used instead."""
+    return _native()[1]
+
+
+@functools.cache
+def _native() -> tuple[object | None, str]:
+    """The native module (stable_diffusion._native) if it was built, for this mlx, and works here;
+    and a line saying so or why not. Loaded on first use, so that importing ops loads no library."""
+    if mx.default_device() != mx.cpu:
+        return None, "native CPU kernels not used: the GPU has MLX's own fused kernels"
+    if os.environ.get("SD_NATIVE") == "0":
+        return None, "native CPU kernels off (SD_NATIVE=0): pure-MLX CPU paths"
+    try:
+        from . import _native as native
+    except ImportError as error:
+        return None, (f"native CPU kernels not built ({error}): pure-MLX CPU paths; reinstall with a "
+                      "C++ compiler and CMake present to build them")
+    if native.mlx_version != mx.__version__:
+        return None, (f"native CPU kernels built for mlx {native.mlx_version}, not {mx.__version__}: "
+                      "pure-MLX CPU paths; reinstall the package to rebuild them")
+    try:  # a module built with another nanobind ABI cannot take mx.array arguments
+        one = mx.ones((1, 1, 1, 1))
+        mx.eval(native.flash_attention(one, one, one, 1.0))
+    except (TypeError, ValueError, RuntimeError) as error:
+        return None, f"native CPU kernels unusable ({error}): pure-MLX CPU paths"
+    products = ", bfloat16 products (avx512_bf16)" if native.has_bf16_dot() else ""
+    return native, f"native CPU kernels: flash attention ({native.kernels()[0]}){products}"
+
+
+def flash_attention(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    scale: float,
+    mask: mx.array | None = None,
+    kernel: str | None = None,
+) -> mx.array:
+    """`attention` by the native flash kernel on the CPU; same arguments, same result.
+
+    `kernel` picks the instruction set ("avx512", "avx2", "generic"; default: the fastest this
+    CPU has). Raises RuntimeError (with `native_status()`) when the native module is unavailable.
+    """
+    native = _native()[0]
+    if native is None:
+        raise RuntimeError(native_status())
+    dtype = q.dtype
+    compute = mx.float32
+    if mask is not None:
+        mask = _log2_mask(mask, compute)
+    out = native.flash_attention(q.astype(compute), k.astype(compute), v.astype(compute), scale, mask,
+                                 kernel or "")
+    return out.astype(dtype)  # (B, H, Lq, d)
+
+
+def _log2_mask(mask: mx.array, compute: mx.Dtype) -> mx.array:
+    """An additive (or boolean, True where allowed) mask in log2 units, floored at `_MASK_FLOOR`."""
+    if mask.dtype == mx.bool_:  # mx.fast's convention: True where attention is allowed
+        mask = mx.where(mask, 0.0, _MASK_FLOOR)
+    return mx.maximum(mask.astype(compute) * _LOG2_E, _MASK_FLOOR)
 
 
 def chunked_attention(
@@ -97,9 +172,7 @@ def chunked_attention(
     ones = mx.ones((*v.shape[:3], 1), dtype=compute)
     v = mx.concatenate([v.astype(compute), ones], axis=-1)  # (B, H, Lk, d + 1)
     if mask is not None:
-        if mask.dtype == mx.bool_:  # mx.fast's convention: True where attention is allowed
-            mask = mx.where(mask, 0.0, _MASK_FLOOR)
-        mask = mx.maximum(mask.astype(compute) * _LOG2_E, _MASK_FLOOR)
+        mask = _log2_mask(mask, compute)
         # A view: broadcasting copies nothing, and each block reads its own rows.
         mask = mx.broadcast_to(mask, (batch, heads, q_len, k_len))
 
@@ -370,12 +443,29 @@ def conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.a
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (same parameters, same names) that takes `conv3x3` on the CPU where it is faster:
     float32 3x3 convolutions with stride 1 and padding 1, with a large im2col matrix or few
-    output channels."""
+    output channels; and bfloat16 1x1 convolutions and 3x3 ones with stride 1 (padding 1) or 2
+    through the native bfloat16 products where the CPU has them (`bf16_conv`)."""
 
     def __call__(self, x: mx.array) -> mx.array:
+        bias = self["bias"] if "bias" in self else None
         if self._shifted(x):
-            return conv3x3(x, self.weight, self["bias"] if "bias" in self else None)
+            return conv3x3(x, self.weight, bias)
+        if self._native_bf16(x):
+            taps = self.weight.shape[1] * self.weight.shape[2]
+            return bf16_conv(x, self.weight, bias, self.stride[0], self.padding[0], _packed_weight(self, taps))
         return super().__call__(x)
+
+    def _native_bf16(self, x: mx.array) -> bool:
+        if not (CPU_PATHS and x.dtype == mx.bfloat16 and self.weight.dtype == mx.bfloat16 and x.ndim == 4
+                and self.groups == 1 and bf16_products()):
+            return False
+        _, kh, kw, _ = self.weight.shape
+        dilation = self.dilation if isinstance(self.dilation, tuple) else (self.dilation,) * 2
+        if dilation != (1, 1) or self.padding[0] != self.padding[1]:
+            return False
+        if (kh, kw) == (1, 1):
+            return self.stride == (1, 1) and self.padding == (0, 0)
+        return (kh, kw) == (3, 3) and (self.stride, self.padding) in (((1, 1), (1, 1)), ((2, 2), self.padding))
 
     def _shifted(self, x: mx.array) -> bool:
         if not CPU_PATHS:
@@ -388,3 +478,143 @@ class Conv2d(nn.Conv2d):
             return False
         im2col = x.size * 9 * x.itemsize
         return 4 * out_channels <= channels or im2col >= SHIFTED_CONV_BYTES
+
+
+# --- bfloat16 products ----------------------------------------------------------------------------
+
+# MLX's CPU backend multiplies bfloat16 matrices in a scalar loop (a UNet call about 10x slower than
+# in float32). Where the CPU has AVX512_BF16, the native module's `bf16_product` takes linear layers
+# and 1x1 and 3x3 convolutions in bfloat16 through its dot-product instruction, with float32 sums
+# and one rounding of each output to bfloat16.
+
+
+def bf16_products() -> bool:
+    """Whether bfloat16 linear layers and convolutions run on the native kernel here."""
+    native = _native()[0]
+    return native is not None and native.has_bf16_dot()
+
+
+def default_cpu_dtype() -> tuple[str, str]:
+    """The dtype a CPU run computes in when none is asked for, and a line saying why.
+
+    bfloat16 where the native products can use the CPU's bfloat16 dot-product instruction:
+    measured with bench/networks.py on a 2-core AMD EPYC (Zen 5) with AVX512_BF16, a 64x64 UNet
+    call with batch 2 takes 3.2 s in bfloat16 against 10.2 s in float32 (diffusers: 3.5 s in
+    bfloat16). Elsewhere MLX multiplies bfloat16 in a scalar loop (a UNet call about 10x slower than
+    float32), so float32."""
+    if bf16_products():
+        return "bfloat16", ("dtype bfloat16 by default: this CPU has AVX512_BF16, which the native "
+                            "products use (float32 with --dtype float32)")
+    return "float32", ("dtype float32 by default: " + ("no AVX512_BF16 on this CPU" if _native()[0] is not None
+                                                       else "no native kernels") +
+                       ", and MLX's own bfloat16 products are about 10x slower than float32")
+
+
+def _bf16_operands(x: mx.array, weight: mx.array) -> bool:
+    # Channels come in pairs in the instruction; an odd count (the VAE's RGB input) stays on MLX.
+    return (CPU_PATHS and x.dtype == mx.bfloat16 and weight.dtype == mx.bfloat16
+            and weight.shape[-1] % 2 == 0 and bf16_products())
+
+
+def bf16_pack(weight: mx.array) -> mx.array:
+    """weight (O, taps, C) bfloat16, C even, packed for the native products (`bf16_linear`,
+    `bf16_conv`). Packing reads and writes the whole weight, as much time as a product with a
+    few hundred rows: the layers pack once and keep the result (`_packed_weight`)."""
+    return _native()[0].bf16_pack(weight)
+
+
+class _PackedWeight:
+    """A layer's weight packed for the native products, with the array it was packed from: a plain
+    object, so that nn.Module keeps it as an attribute, not as a parameter."""
+
+    def __init__(self, source: mx.array, packed: mx.array):
+        self.source, self.packed = source, packed
+
+
+def _packed_weight(layer: nn.Module, taps: int) -> mx.array:
+    """`layer.weight` as (O, taps, C) with C made even, packed; repacked when the weight is replaced
+    (loading, set_dtype)."""
+    cache = getattr(layer, "_bf16_packed", None)
+    if cache is None or cache.source is not layer.weight:
+        weight = layer.weight.reshape(layer.weight.shape[0], taps, -1)
+        if weight.shape[-1] % 2:  # channels come in pairs: one more, of zeros (the VAE's RGB input)
+            weight = mx.pad(weight, [(0, 0), (0, 0), (0, 1)])
+        cache = _PackedWeight(layer.weight, bf16_pack(weight))
+        layer._bf16_packed = cache
+    return cache.packed
+
+
+def bf16_linear(x: mx.array, weight: mx.array, bias: mx.array | None = None,
+                packed: mx.array | None = None) -> mx.array:
+    """x @ weight.T + bias for bfloat16 x (..., K) and weight (N, K), K even: float32 sums, one
+    rounding to bfloat16. `packed`: bf16_pack(weight as (N, 1, K)) if the caller keeps it.
+    Needs `bf16_products()`."""
+    *lead, k = x.shape
+    out_features = weight.shape[0]
+    rows = x.size // k
+    if packed is None:
+        packed = bf16_pack(weight.reshape(out_features, 1, k))
+    out = _native()[0].bf16_product(x.reshape(1, rows, k), packed, out_features, bias, [0], rows)
+    return out.reshape(*lead, out_features)
+
+
+def bf16_conv(x: mx.array, weight: mx.array, bias: mx.array | None, stride: int, padding: int,
+              packed: mx.array | None = None) -> mx.array:
+    """A bfloat16 convolution of x (B, H, W, C) with weight (O, k, k, C) by the native products:
+    1x1 (stride 1, no padding), 3x3 with stride 1 and padding 1, or 3x3 with stride 2 and any
+    padding. `packed`: the weight as (O, k k, C + C % 2), packed, if the caller keeps it.
+    Needs `bf16_products()`."""
+    out_channels, kernel = weight.shape[0], weight.shape[1]
+    if x.shape[-1] % 2:  # channels come in pairs: one more, of zeros (the VAE's RGB input)
+        x = mx.pad(x, [(0, 0), (0, 0), (0, 0), (0, 1)])
+    if packed is None:
+        taps = weight.reshape(out_channels, kernel * kernel, -1)
+        packed = bf16_pack(mx.pad(taps, [(0, 0), (0, 0), (0, x.shape[-1] - taps.shape[-1])]))
+    if kernel == 1:
+        return bf16_linear(x, weight.reshape(out_channels, -1), bias, packed)
+    if stride == 1:
+        return _bf16_conv3x3(x, packed, out_channels, bias)
+    if padding:
+        x = mx.pad(x, [(0, 0), (padding, padding), (padding, padding), (0, 0)])
+    return _bf16_conv3x3_stride2(x, packed, out_channels, bias)
+
+
+def _bf16_conv3x3_stride2(x: mx.array, packed: mx.array, out_channels: int, bias: mx.array | None) -> mx.array:
+    """A 3x3 convolution with stride 2 of x (B, Hp, Wp, C), already padded, in bfloat16.
+
+    The input is split into its four phases (even or odd row, even or odd column), laid one after
+    the other; each phase is a map of Hp/2 x Wp/2 pixels in rows of Wp/2, where the tap (dy, dx)
+    of output pixel (i, j) is pixel (i + dy // 2, j + dx // 2) of phase (dy % 2, dx % 2): a fixed
+    row offset again, so one native product over nine offsets computes it, as for stride 1."""
+    batch, hp, wp, channels = x.shape
+    h_out, w_out = (hp - 3) // 2 + 1, (wp - 3) // 2 + 1
+    hh, wh = (hp + 1) // 2, (wp + 1) // 2
+    # Even sides, and one more row per phase so that the cropped columns' taps stay inside it.
+    x = mx.pad(x, [(0, 0), (0, 2 * (hh + 1) - hp), (0, 2 * wh - wp), (0, 0)])
+    phase = (hh + 1) * wh  # positions per phase
+    phases = x.reshape(batch, hh + 1, 2, wh, 2, channels).transpose(0, 2, 4, 1, 3, 5)
+    phases = phases.reshape(batch, 4 * phase, channels)  # (B, 4 (Hp/2 + 1) Wp/2, C)
+    offsets = [((dy % 2) * 2 + dx % 2) * phase + (dy // 2) * wh + dx // 2 for dy in range(3) for dx in range(3)]
+    out = _native()[0].bf16_product(phases, packed, out_channels, bias, offsets, h_out * wh)  # (B, H_out Wp/2, O)
+    return out.reshape(batch, h_out, wh, out_channels)[:, :, :w_out]
+
+
+def _bf16_conv3x3(x: mx.array, packed: mx.array, out_channels: int, bias: mx.array | None) -> mx.array:
+    """`conv3x3` for bfloat16 x (B, H, W, C), C even, as one native product over the nine shifted
+    row ranges (the taps), float32 sums."""
+    batch, height, width, channels = x.shape
+    row = width + 2
+    padded = mx.pad(x, [(0, 0), (1, 2), (1, 1), (0, 0)]).reshape(batch, (height + 3) * row, channels)
+    offsets = [dy * row + dx for dy in range(3) for dx in range(3)]  # tap order of weight's (3, 3)
+    out = _native()[0].bf16_product(padded, packed, out_channels, bias, offsets, height * row)  # (B, H (W+2), O)
+    return out.reshape(batch, height, row, out_channels)[:, :, :width]
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same names) that takes `bf16_linear` for bfloat16 on a CPU with
+    AVX512_BF16."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if _bf16_operands(x, self.weight):
+            return bf16_linear(x, self.weight, self["bias"] if "bias" in self else None, _packed_weight(self, 1))
+        return super().__call__(x)

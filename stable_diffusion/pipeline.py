@@ -246,7 +246,8 @@ class StableDiffusion:
         if noise is None:
             key = seed_keys(seed)["initial_noise"]
             return mx.random.normal(tuple(shape), key=key).astype(self.dtype)
-        eps = mx.array(np.asarray(noise, dtype=np.float32))
+        # An mx.array may be bfloat16, which numpy cannot take.
+        eps = noise.astype(mx.float32) if isinstance(noise, mx.array) else mx.array(np.asarray(noise, np.float32))
         if tuple(eps.shape) != tuple(shape):
             raise InputError(f"initial noise has shape {tuple(eps.shape)}, expected {tuple(shape)}")
         return eps.astype(self.dtype)

@@ -26,7 +26,7 @@ from .capture import (Curves, Frame, FrameWriter, Ledger, Snapshots, TriangleCel
                       fidelity, make_decoder, step_info)
 from .console import STOP_SIGNALS, ignore_signal
 from .errors import InputError, NumericalError, OutputError
-from .ops import release_cpu_buffers
+from .ops import default_cpu_dtype, native_status, release_cpu_buffers
 from .sampler import SAMPLERS, Step, invert, seed_keys
 from .trajectory import millis
 
@@ -81,6 +81,9 @@ class Run:
             blas = preload_blas()
             self.blas = f"{blas.name}, {blas.threads} thread(s)" + ("" if blas.in_time else " (not in time)")
             console.detail(f"BLAS: {self.blas}; device {mx.default_device()}; dtype {self.session.dtype_name}")
+            console.detail(native_status())
+            if mx.default_device() == mx.cpu and self.session.model_spec.dtype is None:
+                console.detail(default_cpu_dtype()[1])
             self.taesd = None
             if spec.capture.preview == "taesd":  # small, and may fail: before the model's weights
                 from .taesd import load_preview

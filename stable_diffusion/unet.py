@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ConfigError, UNetConfig
-from .ops import Conv2d, GroupNorm, attention, geglu, silu
+from .ops import Conv2d, GroupNorm, Linear, attention, geglu, silu
 
 # block type -> whether its resnets are followed by transformers
 _DOWN_BLOCKS = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
@@ -53,8 +53,8 @@ class TimestepEmbedding(nn.Module):
 
     def __init__(self, in_dim: int, dim: int):
         super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.linear_1 = Linear(in_dim, dim)
+        self.linear_2 = Linear(dim, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.linear_2(silu(self.linear_1(x)))
@@ -67,11 +67,11 @@ class ResnetBlock2D(nn.Module):
         super().__init__()
         self.norm1 = _group_norm(groups, in_channels, eps)
         self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_channels, out_channels)
+        self.time_emb_proj = Linear(temb_channels, out_channels)
         self.norm2 = _group_norm(groups, out_channels, eps)
         self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         # A 1x1 convolution matches the channel count of the skip path when it changes.
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def __call__(self, x: mx.array, temb: mx.array) -> mx.array:
         h = self.conv1(self.norm1(x, activation=True))  # (B, H, W, C_out)
@@ -90,10 +90,10 @@ class Attention(nn.Module):
         kv_dim = query_dim if context_dim is None else context_dim
         self.heads = heads
         self.scale = head_dim ** -0.5
-        self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(kv_dim, inner, bias=False)
-        self.to_v = nn.Linear(kv_dim, inner, bias=False)
-        self.to_out = [nn.Linear(inner, query_dim)]  # diffusers' to_out.1 is a dropout
+        self.to_q = Linear(query_dim, inner, bias=False)
+        self.to_k = Linear(kv_dim, inner, bias=False)
+        self.to_v = Linear(kv_dim, inner, bias=False)
+        self.to_out = [Linear(inner, query_dim)]  # diffusers' to_out.1 is a dropout
 
     def __call__(self, x: mx.array, context: mx.array | None = None) -> mx.array:
         context = x if context is None else context
@@ -112,7 +112,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim: int, inner: int):
         super().__init__()
-        self.proj = nn.Linear(dim, 2 * inner)
+        self.proj = Linear(dim, 2 * inner)
 
     def __call__(self, x: mx.array) -> mx.array:
         h, gate = mx.split(self.proj(x), 2, axis=-1)
@@ -123,7 +123,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
         # Index 1 is a dropout in diffusers: a parameter-free placeholder keeps `net.2` in place.
-        self.net = [GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)]
+        self.net = [GEGLU(dim, dim * mult), nn.Identity(), Linear(dim * mult, dim)]
 
     def __call__(self, x: mx.array) -> mx.array:
         for layer in self.net:
@@ -162,10 +162,10 @@ class Transformer2DModel(nn.Module):
         head_dim = channels // heads
         inner = heads * head_dim
         self.norm = _group_norm(groups, channels, 1e-6)
-        self.proj_in = nn.Linear(channels, inner) if linear_projection else nn.Conv2d(channels, inner, 1)
+        self.proj_in = Linear(channels, inner) if linear_projection else Conv2d(channels, inner, 1)
         self.transformer_blocks = [BasicTransformerBlock(inner, heads, head_dim, context_dim)
                                    for _ in range(layers)]
-        self.proj_out = nn.Linear(inner, channels) if linear_projection else nn.Conv2d(inner, channels, 1)
+        self.proj_out = Linear(inner, channels) if linear_projection else Conv2d(inner, channels, 1)
 
     def __call__(self, x: mx.array, context: mx.array) -> mx.array:
         B, H, W, _ = x.shape
@@ -183,7 +183,7 @@ class Downsample2D(nn.Module):
     def __init__(self, channels: int, padding: int):
         super().__init__()
         self.padding = padding
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def __call__(self, x: mx.array) -> mx.array:
         if self.padding == 0:

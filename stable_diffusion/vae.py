@@ -14,7 +14,7 @@ import mlx.nn as nn
 
 from .config import VAEConfig
 from .errors import InputError
-from .ops import Conv2d, GroupNorm, attention
+from .ops import Conv2d, GroupNorm, Linear, attention
 
 # diffusers builds every normalisation of the VAE with this epsilon, whatever the config says.
 _NORM_EPS = 1e-6
@@ -34,7 +34,7 @@ class ResnetBlock(nn.Module):
         self.norm2 = _group_norm(groups, out_channels)
         self.conv2 = Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         if in_channels != out_channels:
-            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+            self.conv_shortcut = Conv2d(in_channels, out_channels, kernel_size=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         h = self.conv1(self.norm1(x, activation=True))  # (B, H, W, out)
@@ -53,10 +53,10 @@ class Attention(nn.Module):
     def __init__(self, channels: int, groups: int):
         super().__init__()
         self.group_norm = _group_norm(groups, channels)
-        self.to_q = nn.Linear(channels, channels)
-        self.to_k = nn.Linear(channels, channels)
-        self.to_v = nn.Linear(channels, channels)
-        self.to_out = [nn.Linear(channels, channels)]  # to_out.1 is a parameter-free dropout
+        self.to_q = Linear(channels, channels)
+        self.to_k = Linear(channels, channels)
+        self.to_v = Linear(channels, channels)
+        self.to_out = [Linear(channels, channels)]  # to_out.1 is a parameter-free dropout
 
     def __call__(self, x: mx.array) -> mx.array:
         B, H, W, C = x.shape
@@ -73,7 +73,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
+        self.conv = Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
 
     def __call__(self, x: mx.array) -> mx.array:
         x = mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)])  # (B, H+1, W+1, C)

@@ -20,9 +20,14 @@ from mlx.utils import tree_flatten
 
 from stable_diffusion import blas, ops
 from stable_diffusion.ops import (FUSED_ATTENTION, Conv2d, GroupNorm, _exp2, attention, chunked_attention,
-                                  conv3x3, gelu, geglu, group_norm, silu, use_cpu_buffer_cache)
+                                  conv3x3, flash_attention, gelu, geglu, group_norm, native_status, silu,
+                                  use_cpu_buffer_cache)
 
 BLAS_PY = Path(blas.__file__)
+NATIVE = ops._native()[0]
+# Every flash kernel this CPU can run (on an AVX-512 machine: avx512, avx2 and generic).
+KERNELS = NATIVE.kernels() if NATIVE is not None else []
+needs_native = pytest.mark.skipif(NATIVE is None, reason=native_status())
 
 
 def reference_attention(q, k, v, scale, mask=None):
@@ -119,9 +124,240 @@ def test_attention_dispatch_and_fused_agree():
     fused = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25)
     chunked = chunked_attention(q, k, v, 0.25)
     assert FUSED_ATTENTION == (mx.default_device() == mx.gpu)
-    expected = fused if FUSED_ATTENTION else chunked
+    if FUSED_ATTENTION:
+        expected = fused
+    else:
+        expected = flash_attention(q, k, v, 0.25) if NATIVE is not None else chunked
     np.testing.assert_array_equal(np.array(ours), np.array(expected))
     np.testing.assert_allclose(np.array(chunked), np.array(fused), rtol=0, atol=3e-6)
+
+
+# --- the native flash kernel (csrc/) ------------------------------------------------------------
+
+# (batch, heads, Lq, Lk, d): tiles of 96 query rows and 128 keys, so: one partial tile of each;
+# several with ragged last tiles and d off the 16-float padding (SD 1.5's 40 and 80); cross
+# attention's 77 keys; a single key; SD 2.1's 64 per head; the VAE's one wide head.
+FLASH_SHAPES = [
+    (1, 2, 7, 5, 3),
+    (2, 3, 200, 300, 40),
+    (1, 2, 193, 257, 80),
+    (2, 5, 300, 77, 64),
+    (1, 1, 10, 1, 16),
+    (2, 2, 97, 129, 64),
+    (1, 1, 150, 140, 512),
+]
+
+
+def test_native_status_says_what_is_used():
+    status = native_status()
+    if NATIVE is None:
+        assert "pure-MLX" in status
+        # CI builds the module from the clean clone and sets this, so a failed build fails there.
+        assert os.environ.get("SD_REQUIRE_NATIVE") != "1", status
+    else:
+        products = ", bfloat16 products (avx512_bf16)" if NATIVE.has_bf16_dot() else ""
+        assert status == f"native CPU kernels: flash attention ({KERNELS[0]}){products}"
+        assert KERNELS[-1] == "generic" and NATIVE.mlx_version == mx.__version__
+
+
+@needs_native
+def test_native_off_by_environment_uses_the_chunked_path():
+    code = ("import stable_diffusion, mlx.core as mx; from stable_diffusion import ops; "
+            "q = mx.ones((1, 1, 4, 8)); print(ops.native_status()); "
+            "print(mx.array_equal(ops.attention(q, q, q, 0.5), ops.chunked_attention(q, q, q, 0.5)).item())")
+    env = {**os.environ, "SD_NATIVE": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == ["native CPU kernels off (SD_NATIVE=0): pure-MLX CPU paths", "True"]
+
+
+@needs_native
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("shape", FLASH_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_flash_attention_matches_float64(shape, kernel, parity):
+    batch, heads, q_len, k_len, d = shape
+    q, k, v = qkv(batch, heads, q_len, k_len, d, seed=11)
+    out = flash_attention(mx.array(q), mx.array(k), mx.array(v), d**-0.5, kernel=kernel)
+    assert out.shape == (batch, heads, q_len, d) and out.dtype == mx.float32
+    reference = reference_attention(q, k, v, d**-0.5)
+    parity(f"flash attention {kernel} {shape}", out, reference, atol=2e-6)
+    # Against today's (chunked) CPU path: both are float32 roundings of the same sums.
+    chunked = chunked_attention(mx.array(q), mx.array(k), mx.array(v), d**-0.5)
+    parity(f"flash vs chunked attention {kernel} {shape}", out, chunked, atol=2e-6)
+
+
+@needs_native
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_flash_attention_masks(kernel, parity):
+    batch, heads, q_len, k_len, d = 2, 3, 130, 150, 16
+    q, k, v = qkv(batch, heads, q_len, k_len, d, seed=3)
+    rng = np.random.default_rng(4)
+    blocked = rng.random((batch, 1, q_len, k_len)) < 0.4
+    blocked[..., 0] = False  # every row keeps at least one key
+    masks = {
+        "finite additive": random((q_len, k_len), 5),
+        "per key": random((k_len,), 12),
+        "-inf additive": np.where(blocked, -np.inf, 0.0).astype(np.float32),
+        "causal (CLIP)": np.where(np.triu(np.ones((q_len, k_len)), 1) > 0, -np.inf, 0.0).astype(np.float32),
+    }
+    for name, mask in masks.items():
+        out = flash_attention(mx.array(q), mx.array(k), mx.array(v), 0.25, mx.array(mask), kernel=kernel)
+        parity(f"flash attention {kernel} mask {name}", out, reference_attention(q, k, v, 0.25, mask), atol=2e-6)
+    allowed = mx.array(~blocked)
+    boolean = flash_attention(mx.array(q), mx.array(k), mx.array(v), 0.25, allowed, kernel=kernel)
+    additive = np.where(blocked, -np.inf, 0.0)
+    parity(f"flash attention {kernel} mask boolean", boolean, reference_attention(q, k, v, 0.25, additive),
+           atol=2e-6)
+    # A mask in float16, as CLIP builds it in a half-precision model.
+    causal = mx.array(masks["causal (CLIP)"]).astype(mx.float16)
+    np.testing.assert_allclose(
+        np.array(flash_attention(mx.array(q), mx.array(k), mx.array(v), 0.25, causal, kernel=kernel)),
+        reference_attention(q, k, v, 0.25, masks["causal (CLIP)"]), rtol=0, atol=2e-6)
+
+
+@needs_native
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_flash_attention_large_scores_and_transposed_inputs(kernel, parity):
+    batch, heads, length, d = 2, 4, 190, 32
+    x = [random((batch, length, heads, d), seed, scale=3.0) for seed in (6, 7, 8)]
+    q, k, v = (mx.array(t).transpose(0, 2, 1, 3) for t in x)  # (B, H, L, d), not contiguous
+    out = flash_attention(q, k, v, d**-0.5, kernel=kernel)
+    reference = reference_attention(*(t.transpose(0, 2, 1, 3) for t in x), d**-0.5)
+    parity(f"flash attention {kernel} large scores", out, reference, atol=1e-4 * np.abs(reference).max())
+    # Every axis strided: the kernel reads any layout.
+    wide = mx.array(random((batch, heads, length, 2 * d), 9))[..., ::2]
+    reference = reference_attention(np.array(wide), np.array(wide), np.array(wide), 0.2)
+    np.testing.assert_allclose(np.array(flash_attention(wide, wide, wide, 0.2, kernel=kernel)), reference,
+                               rtol=0, atol=1e-6 * np.abs(reference).max())
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_flash_attention_half_precision_inputs(dtype, parity):
+    q, k, v = qkv(2, 3, 40, 50, 16, seed=9)
+    half = [mx.array(t).astype(getattr(mx, dtype)) for t in (q, k, v)]
+    out = flash_attention(*half, 0.25)
+    assert out.dtype == getattr(mx, dtype)
+    exact_inputs = [np.array(t.astype(mx.float32)) for t in half]
+    ulp = {"bfloat16": 2.0**-8, "float16": 2.0**-11}[dtype]
+    parity(f"flash attention {dtype}", out.astype(mx.float32), reference_attention(*exact_inputs, 0.25),
+           atol=4 * ulp)
+
+
+@needs_native
+def test_flash_attention_refuses_what_it_cannot_take():
+    q = mx.ones((1, 2, 3, 4))
+    with pytest.raises(ValueError, match="k and v must be"):
+        flash_attention(q, mx.ones((1, 2, 5, 8)), mx.ones((1, 2, 5, 8)), 1.0)
+    with pytest.raises(ValueError, match="not available"):
+        flash_attention(q, q, q, 1.0, kernel="avx1024")
+
+
+needs_bf16 = pytest.mark.skipif(not ops.bf16_products(), reason="no native bfloat16 products on this CPU")
+
+
+def bf16(shape, seed):
+    return mx.array(random(shape, seed)).astype(mx.bfloat16)
+
+
+def exact(x):
+    """The float64 values of a bfloat16 array."""
+    return np.array(x.astype(mx.float32), dtype=np.float64)
+
+
+def assert_bf16_rounding(name, out, reference, parity):
+    """float32 sums rounded once to bfloat16: within half a bfloat16 ulp (up to 2**-8 relative,
+    8 significant bits) of the exact product, plus the float32 sums' own error."""
+    assert out.dtype == mx.bfloat16
+    error = np.abs(exact(out) - reference)
+    bound = 2.0**-8 * np.abs(reference) + 1e-5 * np.abs(reference).max()
+    parity(name, out.astype(mx.float32), reference, atol=float(np.abs(reference).max()) * 2.0**-8)
+    assert np.all(error <= bound), f"{name}: {np.max(error - bound):.3g} over half an ulp"
+
+
+@needs_bf16
+def test_bf16_linear_matches_float64(parity):
+    for batch, k, n, bias in [((2, 77), 1024, 1024, True), ((3,), 6, 130, False), ((1, 5, 7), 320, 70, True)]:
+        layer = ops.Linear(k, n, bias=bias)
+        layer.set_dtype(mx.bfloat16)
+        x = bf16((*batch, k), 21)
+        out = layer(x)
+        reference = exact(x) @ exact(layer.weight).T + (exact(layer.bias) if bias else 0.0)
+        assert out.shape == (*batch, n)
+        assert_bf16_rounding(f"bf16 linear {batch} {k}->{n}", out, reference, parity)
+
+
+# (kernel, stride, padding): 1x1; 3x3 as the networks' resnets; the UNet's and the VAE's downsampling.
+CONVOLUTIONS = [(1, 1, 0), (3, 1, 1), (3, 2, 1), (3, 2, 0)]
+
+
+@needs_bf16
+@pytest.mark.parametrize("conv", CONVOLUTIONS, ids=lambda c: "k{}s{}p{}".format(*c))
+def test_bf16_convolutions_match_float64(conv, parity):
+    kernel, stride, padding = conv
+    # Odd and even sides; the VAE's three input channels (padded to a pair); few outputs.
+    for batch, height, width, channels, out_channels in [(2, 9, 13, 32, 40), (1, 16, 16, 320, 320),
+                                                         (1, 5, 6, 4, 3), (1, 12, 10, 3, 16)]:
+        layer = Conv2d(channels, out_channels, kernel, stride=stride, padding=padding)
+        layer.set_dtype(mx.bfloat16)
+        x = bf16((batch, height, width, channels), 22)
+        assert layer._native_bf16(x)
+        out = layer(x)
+        # float32 convolution of the same bfloat16 values: exact to float32 rounding.
+        reference = np.array(mx.conv2d(x.astype(mx.float32), layer.weight.astype(mx.float32), stride=stride,
+                                       padding=padding) + layer.bias.astype(mx.float32), dtype=np.float64)
+        assert out.shape == reference.shape
+        assert_bf16_rounding(f"bf16 conv {conv} {(batch, height, width, channels, out_channels)}",
+                             out, reference, parity)
+
+
+@needs_bf16
+def test_bf16_products_leave_what_they_cannot_take_to_mlx():
+    for layer in [Conv2d(8, 8, 3, padding=0), Conv2d(8, 8, 3, stride=3, padding=1), Conv2d(8, 8, 5, padding=2),
+                  Conv2d(8, 8, 3, padding=1, dilation=2)]:
+        layer.set_dtype(mx.bfloat16)
+        x = bf16((1, 8, 8, 8), 23)
+        assert not layer._native_bf16(x)
+        np.testing.assert_array_equal(exact(layer(x)), exact(nn.Conv2d.__call__(layer, x)))
+    layer = ops.Linear(8, 4)  # float32 stays on MLX's (BLAS) product
+    assert not ops._bf16_operands(mx.ones((2, 8)), layer.weight)
+    with pytest.raises(ValueError, match="run past"):
+        NATIVE.bf16_product(bf16((1, 10, 4), 1), NATIVE.bf16_pack(bf16((3, 2, 4), 2)), 3, None, [0, 5], 6)
+
+
+@needs_bf16
+def test_bf16_layers_pack_their_weights_once_and_again_when_replaced():
+    layer = ops.Linear(64, 32)
+    layer.set_dtype(mx.bfloat16)
+    x = bf16((5, 64), 24)
+    first = layer(x)
+    packed = layer._bf16_packed.packed
+    np.testing.assert_array_equal(exact(layer(x)), exact(first))
+    assert layer._bf16_packed.packed is packed
+    assert {name for name, _ in tree_flatten(layer.parameters())} == {"weight", "bias"}
+    layer.update({"weight": bf16((32, 64), 25)})
+    reference = exact(x) @ exact(layer.weight).T + exact(layer.bias)
+    np.testing.assert_allclose(exact(layer(x)), reference, rtol=2.0**-8, atol=1e-5 * np.abs(reference).max())
+    assert layer._bf16_packed.packed is not packed
+
+
+@pytest.mark.reference
+@needs_native
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_flash_attention_matches_torch_sdpa(kernel, parity):
+    torch = pytest.importorskip("torch")
+    # SD 2.1's self-attention at a 32x32 latent (1024 tokens, 64 per head), then CLIP's causal one.
+    for name, (batch, heads, length, d), causal in [("self 1024", (2, 10, 1024, 64), False),
+                                                    ("causal 77", (2, 16, 77, 64), True)]:
+        q, k, v = qkv(batch, heads, length, length, d, seed=13)
+        mask = np.where(np.triu(np.ones((length, length)), 1) > 0, -np.inf, 0.0).astype(np.float32) if causal else None
+        with torch.no_grad():
+            expected = torch.nn.functional.scaled_dot_product_attention(
+                *(torch.from_numpy(t) for t in (q, k, v)),
+                attn_mask=None if mask is None else torch.from_numpy(mask), scale=d**-0.5).numpy()
+        out = flash_attention(mx.array(q), mx.array(k), mx.array(v), d**-0.5,
+                              None if mask is None else mx.array(mask), kernel=kernel)
+        # Two float32 roundings of the same sums; the float64 reference bounds each at 2e-6.
+        parity(f"flash attention {kernel} vs torch SDPA {name}", out, expected, atol=3e-6)
 
 
 def test_exp2_relative_error_and_its_floor():

@@ -1,0 +1,41 @@
+// Flash-style attention for the CPU: the interface shared by the primitive (native.cpp) and the
+// kernels, which are compiled once per instruction set (flash_<isa>.cpp) and chosen at run time.
+#pragma once
+
+#include <cstdint>
+
+namespace sd_native {
+
+// Query rows and keys per tile. Scores live in a (kQueryRows, kKeys) tile that stays in L2.
+constexpr int64_t kQueryRows = 96;  // a multiple of every kernel's register rows (6 and 4)
+constexpr int64_t kKeys = 128;      // a multiple of every kernel's column tile (64, 16, 8)
+
+struct FlashArgs {
+  const float* q;     // (B, H, Lq, d), element strides q_strides
+  const float* mask;  // additive, log2 units, broadcast view of (B, H, Lq, Lk); may be null
+  float* out;         // (B, H, Lq, d), row-contiguous
+  int64_t batch, heads, q_len, k_len, d;
+  int64_t d_padded;  // d rounded up to a multiple of 16 floats; packed rows use this stride
+  int64_t q_strides[4];
+  int64_t mask_strides[4];
+  float q_scale;  // softmax scale times log2(e): the weights are 2**(score - max)
+  // K and V packed per (batch * heads + head, key tile), zero-padded to full tiles:
+  // K transposed, (d, kKeys) per tile; V as rows, (kKeys, d_padded) per tile.
+  const float* k_packed;
+  const float* v_packed;
+  int64_t key_tiles;
+};
+
+// Scratch floats one task needs (query tile, score tile, output accumulator, row statistics).
+int64_t scratch_floats(int64_t d_padded);
+
+// One task: query tile `tile` of head `bh` (batch * heads + head). `scratch` is 64-byte aligned.
+using TaskFn = void (*)(const FlashArgs&, int64_t bh, int64_t tile, float* scratch);
+
+void flash_task_generic(const FlashArgs&, int64_t, int64_t, float*);
+#if defined(__x86_64__)
+void flash_task_avx2(const FlashArgs&, int64_t, int64_t, float*);
+void flash_task_avx512(const FlashArgs&, int64_t, int64_t, float*);
+#endif
+
+}  // namespace sd_native

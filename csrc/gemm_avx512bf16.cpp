@@ -1,0 +1,106 @@
+// The bfloat16 product kernel for CPUs with AVX512_BF16 (compiled with its -m flags; native.cpp
+// calls it only where the CPU has the instruction). Like flash_kernel.inc, it uses no inline
+// function of the standard library, so nothing compiled here is merged into baseline code.
+#include <immintrin.h>
+
+#include "gemm_bf16.h"
+
+namespace {
+
+using sd_native::GemmArgs;
+using sd_native::kGemmCols;
+using sd_native::kGemmRows;
+
+constexpr int kRegisterRows = 6;  // 6 rows x 4 vectors = 24 accumulators of the 32 registers
+constexpr int kVectors = kGemmCols / 16;
+static_assert(kGemmRows % kRegisterRows == 0, "row blocks hold whole register groups");
+
+// Channel pairs per pass: a 32 KB slice of the panel, read by every register group of the task
+// while it is in L1/L2 (a whole panel of a 5120-channel layer is 640 KB).
+constexpr int64_t kPairsPerPass = 128;
+
+// R output rows from row m0, all kGemmCols columns of one panel, channel pairs [p0, p1) of tap t.
+// The sums carry over between passes in `partial` (R x kGemmCols floats); the last pass adds the
+// bias and writes bfloat16.
+template <int R>
+void tile(const GemmArgs& a, int64_t b, int64_t m0, int64_t panel, int64_t t, int64_t p0, int64_t p1,
+          float* partial, bool first, bool last) {
+  const int64_t pairs = a.channels / 2;
+  __m512 acc[R][kVectors];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < kVectors; ++c)
+      acc[r][c] = first ? _mm512_setzero_ps() : _mm512_load_ps(partial + r * kGemmCols + c * 16);
+  const uint16_t* rows[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) rows[r] = a.x + (b * a.positions + m0 + r + a.offsets[t]) * a.channels;
+  const uint16_t* wt = a.w_packed + ((panel * a.taps + t) * pairs) * kGemmCols * 2;
+  for (int64_t p = p0; p < p1; ++p) {
+    __m512bh wv[kVectors];
+#pragma GCC unroll 4
+    for (int c = 0; c < kVectors; ++c) wv[c] = (__m512bh)_mm512_loadu_si512(wt + (p * kGemmCols + c * 16) * 2);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      int pair;
+      __builtin_memcpy(&pair, rows[r] + 2 * p, sizeof pair);
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+      for (int c = 0; c < kVectors; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, wv[c]);
+    }
+  }
+  if (!last) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int c = 0; c < kVectors; ++c) _mm512_store_ps(partial + r * kGemmCols + c * 16, acc[r][c]);
+    return;
+  }
+  const int64_t o0 = panel * kGemmCols;
+  const int64_t cols = a.out_channels - o0 < kGemmCols ? a.out_channels - o0 : kGemmCols;
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    alignas(64) uint16_t row[kGemmCols];
+#pragma GCC unroll 4
+    for (int c = 0; c < kVectors; ++c) {
+      __m512 y = acc[r][c];
+      if (a.bias != nullptr) {
+        alignas(64) float bias[16];
+        for (int j = 0; j < 16; ++j) bias[j] = o0 + c * 16 + j < a.out_channels ? a.bias[o0 + c * 16 + j] : 0.0f;
+        y = _mm512_add_ps(y, _mm512_load_ps(bias));
+      }
+      _mm256_store_si256(reinterpret_cast<__m256i*>(row + c * 16), (__m256i)_mm512_cvtneps_pbh(y));
+    }
+    __builtin_memcpy(a.out + (b * a.rows + m0 + r) * a.out_channels + o0, row, cols * sizeof(uint16_t));
+  }
+}
+
+}  // namespace
+
+namespace sd_native {
+
+void gemm_bf16_task_avx512bf16(const GemmArgs& a, int64_t b, int64_t row_block, int64_t panel) {
+  const int64_t m0 = row_block * kGemmRows;
+  const int64_t m1 = a.rows - m0 < kGemmRows ? a.rows : m0 + kGemmRows;
+  const int64_t pairs = a.channels / 2;
+  alignas(64) float partial[kGemmRows * kGemmCols];  // the sums between passes, per row
+  for (int64_t t = 0; t < a.taps; ++t)
+    for (int64_t p0 = 0; p0 < pairs; p0 += kPairsPerPass) {
+      const int64_t p1 = pairs - p0 < kPairsPerPass ? pairs : p0 + kPairsPerPass;
+      const bool first = t == 0 && p0 == 0, last = t == a.taps - 1 && p1 == pairs;
+      int64_t m = m0;
+      for (; m + kRegisterRows <= m1; m += kRegisterRows)
+        tile<kRegisterRows>(a, b, m, panel, t, p0, p1, partial + (m - m0) * kGemmCols, first, last);
+      float* rest = partial + (m - m0) * kGemmCols;
+      switch (m1 - m) {  // the last rows, fewer than a register group
+        case 5: tile<5>(a, b, m, panel, t, p0, p1, rest, first, last); break;
+        case 4: tile<4>(a, b, m, panel, t, p0, p1, rest, first, last); break;
+        case 3: tile<3>(a, b, m, panel, t, p0, p1, rest, first, last); break;
+        case 2: tile<2>(a, b, m, panel, t, p0, p1, rest, first, last); break;
+        case 1: tile<1>(a, b, m, panel, t, p0, p1, rest, first, last); break;
+        default: break;
+      }
+    }
+}
+
+}  // namespace sd_native

@@ -1,0 +1,441 @@
+// stable_diffusion._native: CPU kernels that MLX lacks, as MLX primitives with an eval_cpu.
+//
+// bf16_product: bfloat16 linear layers and convolutions with float32 accumulation through the
+// CPU's bfloat16 dot-product instruction (AVX512_BF16), where MLX's CPU backend has only a scalar
+// loop for bfloat16 products (see gemm_bf16.h).
+//
+// flash_attention: softmax(q k^T scale + mask) v without the score matrix. Each task takes a tile
+// of query rows of one head through all key tiles with an online softmax (running maximum and
+// sum, Milakov and Gimelshein 2018; Dao et al. 2022), in float32, on all cores.
+#include <algorithm>
+#if defined(__linux__)
+#include <sched.h>
+#endif
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+#include "mlx/version.h"
+
+#include "flash_attention.h"
+#include "gemm_bf16.h"
+
+namespace nb = nanobind;
+namespace mx = mlx::core;
+using namespace nb::literals;
+
+namespace sd_native {
+
+int64_t scratch_floats(int64_t d_padded) {
+  return kQueryRows * (2 * d_padded + kKeys) + 3 * kQueryRows;
+}
+
+namespace {
+
+struct Isa {
+  const char* name;
+  TaskFn task;
+};
+
+// The kernels this CPU can run, fastest first.
+std::vector<Isa> available_isas() {
+  std::vector<Isa> isas;
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+    isas.push_back({"avx512", flash_task_avx512});
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    isas.push_back({"avx2", flash_task_avx2});
+#endif
+  isas.push_back({"generic", flash_task_generic});
+  return isas;
+}
+
+const std::vector<Isa>& isas() {
+  static const std::vector<Isa> found = available_isas();
+  return found;
+}
+
+const Isa& pick_isa(const std::string& name) {
+  if (name.empty()) return isas().front();
+  for (const Isa& isa : isas())
+    if (name == isa.name) return isa;
+  throw std::invalid_argument("flash_attention: kernel '" + name + "' is not available on this CPU");
+}
+
+// The cores this process may run on (taskset, cgroup cpusets), not all the machine's.
+int thread_count() {
+  static const int count = [] {
+#if defined(__linux__)
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+#endif
+    const unsigned n = std::thread::hardware_concurrency();
+    return n == 0 ? 1 : static_cast<int>(n);
+  }();
+  return count;
+}
+
+// Runs f(i, worker) for i in [0, n) on all cores; tasks are taken in order from a shared counter.
+template <class F>
+void parallel_for(int64_t n, int workers, F&& f) {
+  std::atomic<int64_t> next{0};
+  auto work = [&](int worker) {
+    for (int64_t i = next++; i < n; i = next++) f(i, worker);
+  };
+  std::vector<std::thread> threads;
+  for (int t = 1; t < workers; ++t) threads.emplace_back(work, t);
+  work(0);
+  for (auto& t : threads) t.join();
+}
+
+struct Buffer {  // MLX's allocator, so that the buffers come from (and return to) its cache
+  explicit Buffer(int64_t floats) : data_(mx::allocator::malloc(floats * sizeof(float))) {}
+  float* data() { return static_cast<float*>(data_.buffer().raw_ptr()); }
+  mx::allocator::Data data_;
+};
+
+void strides4(const mx::array& x, int64_t* out) {
+  for (int i = 0; i < 4; ++i) out[i] = x.shape(i) == 1 ? 0 : x.strides()[i];
+}
+
+// Everything a run needs, taken from the evaluated arrays on the caller's thread.
+struct Problem {
+  FlashArgs a;
+  const float* k;
+  const float* v;
+  int64_t k_strides[4], v_strides[4];
+  TaskFn task;
+};
+
+Problem describe(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array* mask,
+                 mx::array& out, float scale, TaskFn task) {
+  Problem p{};
+  FlashArgs& a = p.a;
+  a.batch = q.shape(0);
+  a.heads = q.shape(1);
+  a.q_len = q.shape(2);
+  a.d = q.shape(3);
+  a.k_len = k.shape(2);
+  a.d_padded = (a.d + 15) / 16 * 16;
+  a.q_scale = scale * 1.4426950408889634f;
+  a.q = q.data<float>();
+  a.out = out.data<float>();
+  strides4(q, a.q_strides);
+  if (mask != nullptr) {
+    a.mask = mask->data<float>();
+    strides4(*mask, a.mask_strides);
+  }
+  a.key_tiles = (a.k_len + kKeys - 1) / kKeys;
+  p.k = k.data<float>();
+  p.v = v.data<float>();
+  strides4(k, p.k_strides);
+  strides4(v, p.v_strides);
+  p.task = task;
+  return p;
+}
+
+void run_flash(Problem p) {
+  FlashArgs& a = p.a;
+  const int64_t heads = a.batch * a.heads;
+  const int64_t tile_floats = kKeys * a.d_padded;
+  const int workers = thread_count();
+
+  // 1. K transposed and V as rows, per key tile, zero-padded: read once, not once per query tile.
+  Buffer k_packed(heads * a.key_tiles * tile_floats), v_packed(heads * a.key_tiles * tile_floats);
+  const int64_t* ks = p.k_strides;
+  const int64_t* vs = p.v_strides;
+  float* kp_all = k_packed.data();
+  float* vp_all = v_packed.data();
+  parallel_for(heads * a.key_tiles, workers, [&](int64_t i, int) {
+    const int64_t bh = i / a.key_tiles, kt = i % a.key_tiles;
+    const int64_t b = bh / a.heads, h = bh % a.heads, k0 = kt * kKeys;
+    const int64_t keys = std::min(kKeys, a.k_len - k0);
+    float* kp = kp_all + i * tile_floats;  // (dp, kKeys), rows >= d unused
+    float* vp = vp_all + i * tile_floats;  // (kKeys, dp)
+    std::fill(kp, kp + tile_floats, 0.0f);
+    std::fill(vp, vp + tile_floats, 0.0f);
+    for (int64_t j = 0; j < keys; ++j) {
+      const float* kr = p.k + b * ks[0] + h * ks[1] + (k0 + j) * ks[2];
+      const float* vr = p.v + b * vs[0] + h * vs[1] + (k0 + j) * vs[2];
+      for (int64_t c = 0; c < a.d; ++c) {
+        kp[c * kKeys + j] = kr[c * ks[3]];
+        vp[j * a.d_padded + c] = vr[c * vs[3]];
+      }
+    }
+  });
+  a.k_packed = kp_all;
+  a.v_packed = vp_all;
+
+  // 2. Query tiles, each through every key tile.
+  const int64_t query_tiles = (a.q_len + kQueryRows - 1) / kQueryRows;
+  const int64_t scratch = (scratch_floats(a.d_padded) + 15) / 16 * 16;
+  Buffer scratch_all(scratch * workers);
+  float* sp = scratch_all.data();
+  parallel_for(heads * query_tiles, workers, [&](int64_t i, int worker) {
+    p.task(a, i / query_tiles, i % query_tiles, sp + worker * scratch);
+  });
+}
+
+class FlashAttention : public mx::UnaryPrimitive {
+ public:
+  FlashAttention(mx::Stream stream, float scale, bool has_mask, const Isa& isa)
+      : mx::UnaryPrimitive(stream), scale_(scale), has_mask_(has_mask), isa_(isa) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& x : inputs) encoder.set_input_array(x);
+    encoder.set_output_array(out);
+    // MLX holds the input buffers until the dispatched task has run.
+    encoder.dispatch([problem = describe(inputs[0], inputs[1], inputs[2], has_mask_ ? &inputs[3] : nullptr,
+                                         out, scale_, isa_.task)]() { run_flash(problem); });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("FlashAttention runs on the CPU only; on a GPU use mx.fast.scaled_dot_product_attention");
+  }
+
+  const char* name() const override { return "FlashAttention"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const FlashAttention&>(other);
+    return scale_ == o.scale_ && has_mask_ == o.has_mask_ && isa_.task == o.isa_.task;
+  }
+
+ private:
+  float scale_;
+  bool has_mask_;
+  Isa isa_;
+};
+
+mx::array flash_attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
+                          const std::optional<mx::array>& mask, const std::string& isa) {
+  if (q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4)
+    throw std::invalid_argument("flash_attention: q, k and v must be (batch, heads, length, dims)");
+  if (q.dtype() != mx::float32 || k.dtype() != mx::float32 || v.dtype() != mx::float32)
+    throw std::invalid_argument("flash_attention: q, k and v must be float32");
+  if (k.shape() != v.shape() || q.shape(0) != k.shape(0) || q.shape(1) != k.shape(1) ||
+      q.shape(3) != k.shape(3))
+    throw std::invalid_argument("flash_attention: k and v must be (batch, heads, keys, dims) like q");
+  std::vector<mx::array> inputs = {q, k, v};
+  if (mask.has_value()) {
+    if (mask->dtype() != mx::float32)
+      throw std::invalid_argument("flash_attention: the mask must be additive float32");
+    inputs.push_back(mx::broadcast_to(*mask, {q.shape(0), q.shape(1), q.shape(2), k.shape(2)}));
+  }
+  const auto stream = mx::default_stream(mx::Device::cpu);
+  return mx::array(q.shape(), mx::float32,
+                   std::make_shared<FlashAttention>(stream, scale, mask.has_value(), pick_isa(isa)),
+                   std::move(inputs));
+}
+
+bool has_bf16_dot() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+
+// w (O, T, C) into the kernel's panels, (panels, T, C / 2, kGemmCols x 2), zero past O.
+void pack_weights(const uint16_t* w, int64_t out_channels, int64_t taps, int64_t channels, uint16_t* packed) {
+  const int64_t panels = (out_channels + kGemmCols - 1) / kGemmCols;
+  const int64_t pairs = channels / 2;
+  const int64_t panel_words = taps * pairs * kGemmCols;
+  parallel_for(panels, thread_count(), [&](int64_t panel, int) {
+    // A channel pair as one 32-bit word: read along each output's row, written 64 words apart.
+    auto* dst = reinterpret_cast<uint32_t*>(packed) + panel * panel_words;
+    const int64_t valid = std::min(kGemmCols, out_channels - panel * kGemmCols);
+    if (valid < kGemmCols) std::fill(dst, dst + panel_words, 0u);
+    for (int64_t j = 0; j < valid; ++j)
+      for (int64_t t = 0; t < taps; ++t) {
+        const uint16_t* src = w + ((panel * kGemmCols + j) * taps + t) * channels;
+        uint32_t* out = dst + t * pairs * kGemmCols + j;
+        for (int64_t q = 0; q < pairs; ++q) {
+          uint32_t pair;
+          std::memcpy(&pair, src + 2 * q, sizeof pair);
+          out[q * kGemmCols] = pair;
+        }
+      }
+  });
+}
+
+class Bf16Pack : public mx::UnaryPrimitive {
+ public:
+  explicit Bf16Pack(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(inputs[0]);
+    encoder.set_output_array(out);
+    const mx::array& w = inputs[0];
+    encoder.dispatch([w = w.data<uint16_t>(), o = w.shape(0), t = w.shape(1), c = w.shape(2),
+                      packed = out.data<uint16_t>()]() { pack_weights(w, o, t, c, packed); });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("Bf16Pack runs on the CPU only");
+  }
+
+  const char* name() const override { return "Bf16Pack"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+};
+
+struct GemmProblem {
+  GemmArgs a;
+  std::vector<int64_t> offsets;
+};
+
+void run_gemm(GemmProblem p) {
+  GemmArgs& a = p.a;
+  a.offsets = p.offsets.data();
+  const int64_t panels = (a.out_channels + kGemmCols - 1) / kGemmCols;
+  const int64_t row_blocks = (a.rows + kGemmRows - 1) / kGemmRows;
+  parallel_for(a.batch * row_blocks * panels, thread_count(), [&](int64_t i, int) {
+    const int64_t panel = i % panels, block = i / panels;
+#if defined(__x86_64__)
+    gemm_bf16_task_avx512bf16(a, block / row_blocks, block % row_blocks, panel);
+#endif
+  });
+}
+
+class Bf16Product : public mx::UnaryPrimitive {
+ public:
+  Bf16Product(mx::Stream stream, std::vector<int64_t> offsets, int64_t rows, int64_t out_channels, bool has_bias)
+      : mx::UnaryPrimitive(stream),
+        offsets_(std::move(offsets)),
+        rows_(rows),
+        out_channels_(out_channels),
+        has_bias_(has_bias) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& x : inputs) encoder.set_input_array(x);
+    encoder.set_output_array(out);
+    const mx::array& x = inputs[0];
+    const mx::array& packed = inputs[1];
+    GemmProblem p{};
+    p.a.x = x.data<uint16_t>();
+    p.a.w_packed = packed.data<uint16_t>();
+    p.a.bias = has_bias_ ? inputs[2].data<float>() : nullptr;
+    p.a.out = out.data<uint16_t>();
+    p.a.batch = x.shape(0);
+    p.a.positions = x.shape(1);
+    p.a.channels = x.shape(2);
+    p.a.rows = rows_;
+    p.a.out_channels = out_channels_;
+    p.a.taps = packed.shape(1);
+    p.offsets = offsets_;
+    encoder.dispatch([problem = std::move(p)]() { run_gemm(problem); });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("Bf16Product runs on the CPU only");
+  }
+
+  const char* name() const override { return "Bf16Product"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const Bf16Product&>(other);
+    return offsets_ == o.offsets_ && rows_ == o.rows_ && out_channels_ == o.out_channels_ &&
+           has_bias_ == o.has_bias_;
+  }
+
+ private:
+  std::vector<int64_t> offsets_;
+  int64_t rows_;
+  int64_t out_channels_;
+  bool has_bias_;
+};
+
+void require_bf16_dot() {
+  if (!has_bf16_dot()) throw std::invalid_argument("bf16 products: this CPU has no AVX512_BF16");
+}
+
+mx::array bf16_pack(const mx::array& w) {
+  require_bf16_dot();
+  if (w.ndim() != 3 || w.dtype() != mx::bfloat16 || w.shape(2) % 2 != 0)
+    throw std::invalid_argument("bf16_pack: w must be (out, taps, channels) bfloat16 with channels even");
+  const int panels = (w.shape(0) + kGemmCols - 1) / kGemmCols;
+  return mx::array({panels, w.shape(1), w.shape(2) / 2, static_cast<int>(2 * kGemmCols)}, mx::uint16,
+                   std::make_shared<Bf16Pack>(mx::default_stream(mx::Device::cpu)), {mx::contiguous(w)});
+}
+
+mx::array bf16_product(const mx::array& x, const mx::array& packed, int64_t out_channels,
+                       const std::optional<mx::array>& bias, const std::vector<int64_t>& offsets, int64_t rows) {
+  require_bf16_dot();
+  if (x.ndim() != 3 || x.dtype() != mx::bfloat16)
+    throw std::invalid_argument("bf16_product: x must be (batch, positions, channels) bfloat16");
+  if (packed.ndim() != 4 || packed.dtype() != mx::uint16 || packed.shape(3) != 2 * kGemmCols ||
+      packed.shape(0) != (out_channels + kGemmCols - 1) / kGemmCols)
+    throw std::invalid_argument("bf16_product: the weights must come from bf16_pack, for out_channels outputs");
+  if (x.shape(2) != 2 * packed.shape(2))
+    throw std::invalid_argument("bf16_product: x and the weights must have the same number of channels");
+  if (static_cast<int64_t>(offsets.size()) != packed.shape(1))
+    throw std::invalid_argument("bf16_product: one row offset per tap of the weights");
+  for (int64_t off : offsets)
+    if (off < 0 || off + rows > x.shape(1))
+      throw std::invalid_argument("bf16_product: a tap's rows run past the input's positions");
+  std::vector<mx::array> inputs = {mx::contiguous(x), packed};
+  if (bias.has_value()) {
+    if (bias->ndim() != 1 || bias->shape(0) != out_channels)
+      throw std::invalid_argument("bf16_product: bias must be (out_channels,)");
+    inputs.push_back(mx::astype(*bias, mx::float32));
+  }
+  return mx::array({x.shape(0), static_cast<int>(rows), static_cast<int>(out_channels)}, mx::bfloat16,
+                   std::make_shared<Bf16Product>(mx::default_stream(mx::Device::cpu), offsets, rows,
+                                                 out_channels, bias.has_value()),
+                   std::move(inputs));
+}
+
+std::vector<std::string> kernel_names() {
+  std::vector<std::string> names;
+  for (const Isa& isa : isas()) names.emplace_back(isa.name);
+  return names;
+}
+
+}  // namespace
+}  // namespace sd_native
+
+NB_MODULE(_native, m) {
+  m.doc() = "Native CPU kernels for stable_diffusion, as MLX primitives.";
+  m.attr("mlx_version") = std::to_string(MLX_VERSION_MAJOR) + "." + std::to_string(MLX_VERSION_MINOR) +
+                          "." + std::to_string(MLX_VERSION_PATCH);
+  m.def("kernels", &sd_native::kernel_names,
+        "The flash attention kernels this CPU can run, fastest first (avx512, avx2, generic).");
+  m.def("has_bf16_dot", &sd_native::has_bf16_dot,
+        "Whether this CPU has AVX512_BF16's dot-product instruction, which bf16_product needs.");
+  m.def("bf16_pack", &sd_native::bf16_pack, "w"_a,
+        "w (out, taps, channels) bfloat16, channels even, packed for bf16_product (uint16 panels). Pack a "
+        "layer's weights once and keep them: packing costs about as much as a small product.");
+  m.def("bf16_product", &sd_native::bf16_product, "x"_a, "packed"_a, "out_channels"_a, "bias"_a = nb::none(),
+        "offsets"_a, "rows"_a,
+        "out[b, m, o] = bias[o] + sum over taps t and channels c of x[b, m + offsets[t], c] w[o, t, c], "
+        "bfloat16 in and out, float32 sums; x (batch, positions, channels), packed = bf16_pack(w). "
+        "Needs has_bf16_dot().");
+  m.def("flash_attention", &sd_native::flash_attention, "q"_a, "k"_a, "v"_a, "scale"_a,
+        "mask"_a = nb::none(), "kernel"_a = "",
+        "softmax(q k^T scale + mask) v on the CPU without the score matrix. q (B, H, Lq, d), k and v "
+        "(B, H, Lk, d), float32; mask additive in log2 units (scores times log2(e)), float32, "
+        "broadcastable to (B, H, Lq, Lk). kernel: one of kernels(), default the first.");
+}
