@@ -24,3 +24,23 @@ def run(script: str, *args, env=None, timeout=300, check=False) -> subprocess.Co
 def sidecar(path: Path) -> dict:
     """A run's sidecar (run.json), read."""
     return json.loads(Path(path).read_text())
+
+
+# sd-parsers caches the last picture's EXIF by id() of the PIL image: a picture opened after
+# another was freed can get its id and read its comment. Pictures kept alive keep ids unique.
+_READ_BY_SD_PARSERS = []
+
+
+def read_with_sd_parsers(path):
+    """(PromptInfo, its one sampler) as sd-parsers reads `path`, written by AUTOMATIC1111's rules."""
+    import sd_parsers
+    from PIL import Image
+    from sd_parsers.data import Generators
+
+    picture = Image.open(path)
+    _READ_BY_SD_PARSERS.append(picture)
+    info = sd_parsers.ParserManager().parse(picture)
+    assert info is not None, f"sd-parsers found no parameters in {path}"
+    assert info.generator == Generators.AUTOMATIC1111
+    (sampler,) = info.samplers
+    return info, sampler

@@ -4,25 +4,17 @@ pictures, frames, grids and triangles, picture formats, and --replay."""
 
 import numpy as np
 import pytest
-import sd_parsers
 from PIL import Image, PngImagePlugin
 
 from stable_diffusion.metadata import read_picture_metadata
 from stable_diffusion.testing import write_tiny_taesd
 
 import commands
-from commands import sidecar
+from commands import read_with_sd_parsers, sidecar
 
 
 def run(*args, check=True, script="image2image.py"):
     return commands.run(script, *args, check=check)
-
-
-def read(path):
-    info = sd_parsers.ParserManager().parse(path)
-    assert info is not None, path
-    (sampler,) = info.samplers
-    return info, sampler
 
 
 def test_taesd_preview_draws_frames_and_the_vae_the_final(tmp_path, picture, sd2):
@@ -36,9 +28,9 @@ def test_taesd_preview_draws_frames_and_the_vae_the_final(tmp_path, picture, sd2
     assert np.array_equal(final_t, final_plain)
     frame_t, frame_v = (np.array(Image.open(tmp_path / d / "o.step-002.png")) for d in "tv")
     assert frame_t.shape == frame_v.shape and not np.array_equal(frame_t, frame_v)
-    info, _ = read(tmp_path / "t" / "o.step-002.png")
+    info, _ = read_with_sd_parsers(tmp_path / "t" / "o.step-002.png")
     assert info.metadata["Decoder"] == "taesd" and info.metadata["Trajectory step"] == "2/4"
-    assert read(tmp_path / "t" / "o.png")[0].metadata.get("Decoder") is None
+    assert read_with_sd_parsers(tmp_path / "t" / "o.png")[0].metadata.get("Decoder") is None
 
 
 def test_taesd_preview_offline_without_a_cache_fails_before_loading(tmp_path, picture, sd2):
@@ -52,23 +44,23 @@ def test_taesd_preview_offline_without_a_cache_fails_before_loading(tmp_path, pi
 def test_readers_see_every_field_of_our_final_frames_and_triangle(tmp_path, picture, sd2):
     run(picture, "a barn, at dusk", "--model", sd2, "--steps", 10, "--strength", 0.6, "--cfg", 2,
         "--negative_prompt", "blurry", "-sd", 3, "--seed", 7, "--output", tmp_path / "r.png")
-    info, sampler = read(tmp_path / "r.png")
+    info, sampler = read_with_sd_parsers(tmp_path / "r.png")
     assert info.full_prompt == "a barn, at dusk" and info.full_negative_prompt == "blurry"
     assert sampler.name == "Euler" and sampler.parameters == {"cfg_scale": "2.0", "seed": "7", "steps": "10"}
     assert info.metadata["Denoising strength"] == "0.6" and info.metadata["Size"] == "64x64"
     assert info.metadata["Steps run"] == "6" and info.metadata["Start timestep"] == "600"
-    frame, _ = read(tmp_path / "r.step-003.png")
+    frame, _ = read_with_sd_parsers(tmp_path / "r.step-003.png")
     assert frame.metadata["Trajectory step"] == "3/6" and frame.metadata["Trajectory t"] == "300"
     assert read_picture_metadata(tmp_path / "r.step-003.png")[1]["frame"]["step"] == 3
     run(picture, "a barn", "--model", sd2, "--steps", 4, "-gt", "--triangle_strengths", "0.5,1",
         "--seed", 7, "--output", tmp_path / "t.png")
-    tri, _ = read(tmp_path / "t.png")
+    tri, _ = read_with_sd_parsers(tmp_path / "t.png")
     w, h = Image.open(tmp_path / "t.png").size
     assert tri.metadata["Size"] == f"{w}x{h}" and tri.metadata["Cell size"] == "64x64"
     assert tri.metadata["Denoising strength per row"] == "0.5 1.0"
     run(picture, "x", "--model", sd2, "--steps", 2, "--n_images", 2, "--seed", 1,
         "--output", tmp_path / "g.png")
-    grid, _ = read(tmp_path / "g.png")
+    grid, _ = read_with_sd_parsers(tmp_path / "g.png")
     assert grid.metadata["Size"] == "128x64" and grid.metadata["Cells"] == "grid 1 rows x 2 columns"
 
 
@@ -78,7 +70,7 @@ def test_output_formats_carry_the_metadata(tmp_path, picture, sd2, fmt, suffix):
         "--output", tmp_path / f"o{suffix}")
     names = {f["file"] for f in sidecar(tmp_path / "o.json")["files"]}
     assert names == {f"o{suffix}", f"o.step-000{suffix}", f"o.step-002{suffix}", f"o.step-003{suffix}"}
-    info, sampler = read(tmp_path / f"o{suffix}")
+    info, sampler = read_with_sd_parsers(tmp_path / f"o{suffix}")
     assert sampler.parameters["seed"] == "1" and Image.open(tmp_path / f"o{suffix}").format == fmt.upper()
     assert read_picture_metadata(tmp_path / f"o{suffix}")[1]["seed"] == 1
 

@@ -431,8 +431,7 @@ def test_json_keeps_bytes_that_are_not_utf8():
 
 # --- what readers see: sd-parsers on our pictures, every format --------------------------------
 
-import sd_parsers  # noqa: E402
-from sd_parsers.data import Generators  # noqa: E402
+from commands import read_with_sd_parsers  # noqa: E402
 
 from stable_diffusion.metadata import (  # noqa: E402
     CompositeInfo,
@@ -450,14 +449,6 @@ FORMATS = ["png", "webp", "jpeg"]
 RUN = dict(steps=10, sampler=sampler_display_name("euler_a"), cfg_scale=7.5, seed=42, width=64,
            height=48, strength=0.6, steps_run=6, start_t=600.0)
 RECORD = {"seed": 42, "prompt": "a lit fireplace, <warm> & cosy", "t": [600.0, 500.0]}
-
-
-def sd_parsers_read(path):
-    info = sd_parsers.ParserManager().parse(path)
-    assert info is not None, f"sd-parsers found no parameters in {path}"
-    assert info.generator == Generators.AUTOMATIC1111
-    (sampler,) = info.samplers
-    return info, sampler
 
 
 def check_run_fields(info, sampler, model="tiny-sd2", size="64x48"):
@@ -480,7 +471,7 @@ def test_final_picture_every_field_read_by_sd_parsers(tmp_path, fmt):
     text = generation_parameters("a lit fireplace, warm light: evening", "blurry, dark",
                                  model=model_name(source), **RUN)
     path = save_picture(tmp_path / f"final.{fmt}", image(), fmt, text, RECORD)
-    info, sampler = sd_parsers_read(path)
+    info, sampler = read_with_sd_parsers(path)
     check_run_fields(info, sampler)
     assert set(info.metadata) == {"Size", "Denoising strength", "Steps run", "Start timestep"}
     fields, record = read_picture_metadata(path)
@@ -495,7 +486,7 @@ def test_a_frame_names_itself(tmp_path, fmt):
     text = generation_parameters("a lit fireplace, warm light: evening", "blurry, dark",
                                  model="tiny-sd2", frame=frame, **RUN)
     path = save_picture(tmp_path / f"frame.{fmt}", image(), fmt, text, dict(RECORD, frame=5))
-    info, sampler = sd_parsers_read(path)
+    info, sampler = read_with_sd_parsers(path)
     check_run_fields(info, sampler)
     assert {k: v for k, v in info.metadata.items() if k.startswith(("Trajectory", "Decoder"))} == {
         "Trajectory step": "5/6", "Trajectory t": "200", "Trajectory sigma": "0.5701",
@@ -511,7 +502,7 @@ def test_a_triangle_states_its_size_and_the_strength_of_each_row(tmp_path):
     text = generation_parameters("a lit fireplace, warm light: evening", "blurry, dark",
                                  model="tiny-sd2", composite=triangle, **run)
     path = save_picture(tmp_path / "triangle.png", image(), "png", text, RECORD)
-    info, sampler = sd_parsers_read(path)
+    info, sampler = read_with_sd_parsers(path)
     assert sampler.parameters == {"cfg_scale": "7.5", "seed": "42", "steps": "10"}
     assert info.metadata["Size"] == "337x262"
     assert info.metadata["Cell size"] == "64x48"
@@ -527,7 +518,7 @@ def test_a_grid_states_its_size_and_the_seed_of_each_cell(tmp_path):
                          varying={"Seed": [42, 43, 44, 45]})
     text = generation_parameters("a lit fireplace, warm light: evening", "blurry, dark",
                                  model="tiny-sd2", composite=grid, **RUN)
-    info, sampler = sd_parsers_read(save_picture(tmp_path / "grid.jpg", image(), "jpeg", text))
+    info, sampler = read_with_sd_parsers(save_picture(tmp_path / "grid.jpg", image(), "jpeg", text))
     assert sampler.parameters["seed"] == "42"
     assert (info.metadata["Size"], info.metadata["Cell size"]) == ("128x96", "64x48")
     assert info.metadata["Cells"] == "grid 2 rows x 2 columns"
@@ -542,7 +533,7 @@ def test_a_model_name_with_a_comma_is_quoted_as_a1111_quotes_it(tmp_path):
     text = generation_parameters("a lit fireplace, warm light: evening", "blurry, dark", model=name,
                                  **RUN)
     assert 'Model: "dream, v2",' in text
-    info, sampler = sd_parsers_read(save_picture(tmp_path / "m.png", image(), "png", text))
+    info, sampler = read_with_sd_parsers(save_picture(tmp_path / "m.png", image(), "png", text))
     check_run_fields(info, sampler, model='"dream')
     assert parse_parameters(text)[0]["model"] == "dream, v2"
 
@@ -606,7 +597,7 @@ def test_animations_carry_the_parameters(tmp_path, fmt):
         "a lit fireplace, warm light: evening", 10, 42)
     assert record == (RECORD if fmt == "webp" else {})
     if fmt == "webp":
-        check_run_fields(*sd_parsers_read(path))
+        check_run_fields(*read_with_sd_parsers(path))
 
 
 # --- another tool's parameters -> our fields ------------------------------------------------------
