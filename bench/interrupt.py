@@ -27,10 +27,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def unet_costs(folder: Path, size: int, repeats: int = 2) -> dict:
-    import mlx.core as mx
-
-    from stable_diffusion.session import Session
+    from stable_diffusion.session import Session  # first: it puts the optimised BLAS under MLX
     from stable_diffusion.spec import ModelSpec
+
+    import mlx.core as mx
 
     session = Session(ModelSpec(str(folder)))
     session.open()
