@@ -79,3 +79,24 @@ def test_a_single_run_into_a_running_sweeps_run_is_refused(tmp_path, sd2):
     finally:
         sweep.send_signal(signal.SIGTERM)
         sweep.wait()
+
+
+def test_output_that_is_the_input_picture_is_refused(tmp_path, sd2):
+    picture = tmp_path / "in.png"
+    picture.write_bytes(INPUT.read_bytes())
+    result = run("image2image.py", picture, "a", "--model", sd2, "--steps", 2, "--quiet",
+                 "--output", picture)
+    # exits 0 and replaces the input picture with the result
+    assert result.returncode == 2 and picture.read_bytes() == INPUT.read_bytes()
+
+
+def test_replay_notices_that_the_input_picture_changed(tmp_path, sd2):
+    picture = tmp_path / "in.png"
+    picture.write_bytes(INPUT.read_bytes())
+    run("image2image.py", picture, "a", "--model", sd2, "--steps", 2, "--seed", 1, "--quiet",
+        "--output", tmp_path / "a.png", check=True)
+    run("txt2image.py", "x", "--model", sd2, "--steps", 2, "--size", "128x128", "--quiet",
+        "--output", picture, check=True)  # another picture now under the recorded path
+    result = run("image2image.py", "--replay", tmp_path / "a.png", "--output", tmp_path / "b.png")
+    # says "the pictures should be byte-identical" and makes other pixels from the other input
+    assert "sha256" in result.stderr or "changed" in result.stderr or result.returncode == 2
