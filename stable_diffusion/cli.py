@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .console import STOP_SIGNALS, Console, ignore_signal, open_standard_streams
-from .errors import HubUnreachable, InputError, NumericalError, OutputError
+from .errors import HubUnreachable, InputError, NumericalError, OutputBusy, OutputError
 from .spec import (ALIGNS, ANIMATION_FORMATS, DEFAULT_TRIANGLE_STRENGTHS, DTYPES, NOISING_PATHS,
                    MAX_STEPS, PICTURE_SUFFIXES, PREVIEWS, SNAPSHOT_KINDS, Capture, Inversion, ModelSpec,
                    RunSpec, SpecError)
@@ -51,14 +51,31 @@ def _positive_int(text: str) -> int:
 
 def _strengths(text: str) -> tuple:
     try:
-        return tuple(float(v) for v in text.replace(" ", "").split(",") if v)
-    except ValueError:
+        return tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:  # an empty item too: "0.5,,0.6" or ""
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+# Flags that take an optional value, and the values they take: bare, they must not swallow the
+# next argument (`-gt in.png "a barn"`, as existing scripts pass them).
+_OPTIONAL_VALUES = {**{flag: tuple(BOOL_WORDS) for flag in ("-gt", "--generate_triangle", "-sp",
+                                                             "--save_prompt", "-pp", "--print_parser")},
+                    "--animate": ANIMATION_FORMATS}
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit status 2, like every other input error
         raise InputError(f"{message} (see --help)")
+
+    def parse_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        for i, arg in enumerate(args):
+            if arg == "--":
+                break
+            values = _OPTIONAL_VALUES.get(arg)
+            if values is not None and (i + 1 == len(args) or args[i + 1].lower() not in values):
+                args[i] = f"{arg}={values[0]}"  # bare: its default value, joined to it
+        return super().parse_args(args, namespace)
 
 
 def build_parser(command: str, sweep: bool = False) -> argparse.ArgumentParser:
@@ -219,13 +236,16 @@ def build_specs(command: str, args) -> tuple:
     if img2img and not triangle and args.triangle_strengths is not None:
         raise SpecError("triangle_strengths", "{flag} only applies to the triangle (-gt); leave it out")
     if triangle:
-        strengths = args.triangle_strengths or DEFAULT_TRIANGLE_STRENGTHS
+        strengths = DEFAULT_TRIANGLE_STRENGTHS if args.triangle_strengths is None else args.triangle_strengths
     else:
         strengths = (args.strength,) if img2img else (1.0,)
     output = Path(args.output or f"out{PICTURE_SUFFIXES[args.output_format or 'png'][0]}")
     fmt = args.output_format
-    if fmt is None:  # from the output name; a name of no picture format is refused as png
-        fmt = next((f for f, suffixes in PICTURE_SUFFIXES.items() if output.suffix.lower() in suffixes), "png")
+    if fmt is None:  # from the output name
+        fmt = next((f for f, suffixes in PICTURE_SUFFIXES.items() if output.suffix.lower() in suffixes), None)
+        if fmt is None:
+            raise SpecError("output", f"{{flag}} {output}: pictures are written as .png, .webp or .jpg; "
+                                      "end the name in one of them")
     capture = Capture(
         every=args.show_denoising, last=args.save_last_N, shows=args.snapshot,
         noising_every=getattr(args, "show_noising", None),
@@ -317,7 +337,7 @@ def replay_arguments(command: str, argv: list) -> tuple[list, list]:
         if record.get("command") != command:
             raise InputError(f"{path} was made by {record.get('command')}; replay it with "
                              f"{record.get('command')}.py")
-        return list(record["replay"]) + rest, [_replay_sameness(path, record)]
+        return list(record["replay"]) + rest, _input_changed(path, record) or [_replay_sameness(path, record)]
     if text is None:
         raise InputError(f"{path} carries no parameters to replay (no `parameters` text, no record "
                          "of ours)")
@@ -346,6 +366,23 @@ def replay_arguments(command: str, argv: list) -> tuple[list, list]:
     if any(p.startswith("-") for p in positional):
         return flags + rest_positional + ["--"] + positional, notes
     return positional + flags + rest_positional, notes
+
+
+def _input_changed(path: str, record: dict) -> list:
+    """A note when the recorded input picture is not the file at its path any more."""
+    source = record.get("input")
+    if not source:
+        return []
+    import hashlib
+
+    try:
+        digest = hashlib.sha256(Path(source["path"]).read_bytes()).hexdigest()
+    except OSError:
+        return [f"replay of {path}: its input picture {source['path']} cannot be read"]
+    if digest == source.get("sha256"):
+        return []
+    return [f"replay of {path}: its input picture {source['path']} has changed since (sha256 "
+            f"{source.get('sha256', '?')[:12]} then, {digest[:12]} now): the pictures will differ"]
 
 
 def _replay_sameness(path: str, record: dict) -> str:
@@ -463,6 +500,9 @@ def run_command(body, argv: list, flags: dict = FLAGS,
     except SpecError as e:
         _report(InputError(e.template.replace("{flag}", flags.get(e.field, e.field))), verbose)
         return 2
+    except OutputBusy as e:
+        _report(e, verbose, suffix="; wait for it to end (or run with --wait), or choose another --output")
+        return 2
     except InputError as e:
         _report(e, verbose)
         return 2
@@ -515,20 +555,10 @@ def _command(command: str, typed: list, console: Console) -> int:
     spec, model = build_specs(command, args)
     spec = replace(spec, prompt_bytes=raw["prompt"], negative_prompt_bytes=raw["negative_prompt"])
     check_output_name(spec)
-    from . import metadata
-
-    def waiting(holder):
-        console.notice(f"{spec.output} is being written by another run ({holder}); waiting")
-
-    try:
-        with metadata.output_lock(spec.output, args.wait, waiting):
-            return _run(spec, model, console, typed)
-    except metadata.OutputBusy as e:
-        raise InputError(f"{e}; wait for it to end (or run with --wait), or choose another "
-                         "--output") from None
+    return _run(spec, model, console, typed, args.wait)
 
 
-def _run(spec: RunSpec, model: ModelSpec, console: Console, typed: list) -> int:
+def _run(spec: RunSpec, model: ModelSpec, console: Console, typed: list, wait: bool) -> int:
     """One run, once its arguments are sane: the heavy imports (mlx, networks) start here."""
     from .images import load_image
     from .session import Session
@@ -538,7 +568,8 @@ def _run(spec: RunSpec, model: ModelSpec, console: Console, typed: list) -> int:
         picture = load_image(spec.image, multiple=64)
         for line in picture.notices:
             console.notice(line)
-    result = Session(model).run(spec, console, typed, functools.partial(replay_argv, model=model), picture)
+    result = Session(model).run(spec, console, typed, functools.partial(replay_argv, model=model), picture,
+                                wait)
     if result.status == "interrupted":
         console.error(f"interrupted: kept {len(result.files)} file(s), see {result.sidecar}")
         return 128 + result.signum

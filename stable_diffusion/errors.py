@@ -28,3 +28,11 @@ class NumericalError(Exception):
 class HubUnreachable(Exception):
     """The model hub did not answer and no cached copy exists (exit status 1): the machine's
     network failed the run, not its input."""
+
+
+class OutputBusy(InputError):
+    """Another run holds the lock of an output name; `holder` says which ("pid 12 on host")."""
+
+    def __init__(self, message: str, holder: str):
+        super().__init__(message)
+        self.holder = holder

@@ -34,7 +34,7 @@ from xml.sax.saxutils import escape as _xml_escape
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from .errors import InputError, OutputError
+from .errors import InputError, OutputBusy, OutputError
 
 PARAMETERS_KEY = "parameters"
 TRAJECTORY_KEY = "sd_trajectory"
@@ -138,14 +138,6 @@ def _process_exists(pid: int) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # One writer per output name
-
-
-class OutputBusy(InputError):
-    """Another run holds the lock of an output name; `holder` says which ("pid 12 on host")."""
-
-    def __init__(self, message: str, holder: str):
-        super().__init__(message)
-        self.holder = holder
 
 
 def lock_path(output: str | os.PathLike) -> Path:

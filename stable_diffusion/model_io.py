@@ -249,11 +249,12 @@ def resolve_tiny_autoencoder(spec: str | None, family: str) -> tuple[Path, dict]
                          "owner/name[@revision]")
     try:
         folder = _download(name, revision, None, patterns=_TAESD_FILES)
-    except ModelError as e:
+    except (ModelError, HubUnreachable) as e:
         reason = str(e).split("; ")[0]
-        raise ModelError(f"cannot get the TAESD preview decoder: {reason}; fetch it on a connected "
-                         f"machine (hf download {name}), pass a local AutoencoderTiny folder, "
-                         "or use the approximate preview (--preview approx)") from None
+        # The same kind (a missing cache is the user's to fix, an unreachable hub the machine's).
+        raise type(e)(f"cannot get the TAESD preview decoder: {reason}; fetch it on a connected "
+                      f"machine (hf download {name}), pass a local AutoencoderTiny folder with "
+                      "--taesd, or use the approximate preview (--preview approx)") from None
     return folder, {"model": name, "revision": revision or "main", "commit": folder.name,
                     "source": "hub"}
 

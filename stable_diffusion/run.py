@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import os
+import re
 import signal
 import threading
 import time
@@ -31,6 +33,9 @@ from .sampler import SAMPLERS, Step, invert, seed_keys
 from .trajectory import millis
 
 FORMAT_VERSION = 2
+# The names of a run's other files: <stem>.<kind>.<suffix> (trajectory.FileNames).
+_KINDS = r"(step-\d+|noise-t\d+(_\d+)?|noise-strip|anim|curve|best)"
+_DERIVED = re.compile(r"(.+)\." + _KINDS)
 
 
 def elapsed(start: float) -> float:
@@ -56,14 +61,23 @@ class Run:
         self.extra: dict = {}  # measured along the way, for the sidecar: fidelity, best step, curves
         self.created_folders: list[Path] = []
 
-    def execute(self) -> RunResult:
-        console, spec = self.console, self.spec
+    def execute(self, wait: bool = False) -> RunResult:
+        """The run, holding the lock of its output name: one run writes a set of names at a time."""
         self.t0 = time.perf_counter()
-        # --- 1. checks: nothing heavy is read, and nothing but the output folder is made ---------
-        if spec.img2img and self.picture is None:
-            self.picture = images.load_image(spec.image, multiple=64)
+        if self.spec.img2img and self.picture is None:
+            self.picture = images.load_image(self.spec.image, multiple=64)
             for line in self.picture.notices:
-                console.notice(line)
+                self.console.notice(line)
+
+        def waiting(holder):
+            self.console.notice(f"{self.spec.output} is being written by another run ({holder}); waiting")
+
+        with metadata.output_lock(self.spec.output, wait, waiting):
+            return self._locked()
+
+    def _locked(self) -> RunResult:
+        console, spec = self.console, self.spec
+        # --- 1. checks: nothing heavy is read, and nothing but the output folder is made ---------
         self._prepare_output()
         try:
             size = self.picture.pixels.shape[:2] if spec.img2img else None
@@ -95,6 +109,7 @@ class Run:
             # The run's own facts (the arguments as typed, the process) only in the sidecar: a
             # PNG depends on what makes the picture, not on its name or the process writing it.
             self.ledger = Ledger(plan.names.sidecar(), dict(self.record, argv=self.argv, pid=os.getpid()))
+            self._remove_previous_run()
             self.ledger.write("running")
         except BaseException:
             self._remove_created_folders()
@@ -128,6 +143,11 @@ class Run:
             raise InputError(f"--output {output} is a folder; name a .png file in it, e.g. "
                              f"{output / 'out.png'}")
         sidecar = output.with_suffix(".json")
+        derived = _DERIVED.fullmatch(output.with_suffix("").name)
+        if derived and output.with_name(derived[1] + ".json").is_file():
+            raise InputError(f"--output {output} is named as a file of the run "
+                             f"{output.with_name(derived[1])}.*, whose sidecar "
+                             f"{output.with_name(derived[1] + '.json')} lists its files; choose another name")
         if sidecar.is_dir():
             raise InputError(f"--output {output}: {sidecar} is a folder, where the run writes its "
                              "record; choose another --output name")
@@ -145,6 +165,31 @@ class Run:
         if removed:
             self.console.notice(f"removed {len(removed)} temporary file(s) left by a killed run in "
                                 f"{folder}: {', '.join(removed[:3])}" + (" ..." if len(removed) > 3 else ""))
+
+    def _remove_previous_run(self) -> None:
+        """The files an earlier run named after this output left (those its sidecar lists, and any
+        of our names beside it: a killed run's unlisted last frame) go before the first file of
+        this run lands, so that the sidecar lists every file named after the output."""
+        names = self.plan.names
+        stem = names.stem.name
+        previous = set()
+        try:
+            previous = {f["file"] for f in json.loads(names.sidecar().read_text())["files"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no record, or a damaged one: the names alone say what is ours
+        ours = re.compile(re.escape(stem) + f"(\\.{_KINDS})?" + r"\.(png|webp|jpe?g|gif)", re.IGNORECASE)
+        removed = 0
+        for path in names.stem.parent.iterdir():
+            if path.name in previous or ours.fullmatch(path.name):
+                try:
+                    if path.is_file():
+                        path.unlink()
+                        removed += 1
+                except OSError:
+                    pass
+        if removed:
+            self.console.notice(f"replaced the {removed} file(s) an earlier run wrote under the name "
+                                f"{names.output.name}")
 
     def _remove_created_folders(self) -> None:
         """A run refused before its first file leaves the disk as it found it."""
@@ -198,7 +243,8 @@ class Run:
         if self.replay is not None:
             record["replay"] = self.replay(spec, session.source["model_arg"])
         if spec.img2img:
-            record["input"] = {"path": os.fsdecode(spec.image), "sha256": self.picture.sha256,
+            # Absolute, as the replay arguments hold it: a replay from elsewhere makes the same record.
+            record["input"] = {"path": os.path.abspath(os.fsdecode(spec.image)), "sha256": self.picture.sha256,
                                "size": list(self.picture.size)}
         return record
 

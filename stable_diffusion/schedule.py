@@ -73,7 +73,8 @@ class Plan:
     lead_sigmas: tuple = ()
 
     def describe(self) -> str:
-        line = (f"strength {self.strength:.2f} x {self.num_steps} steps -> start "
+        shown = f"{self.strength:.2f}" if round(self.strength, 2) == self.strength else f"{self.strength:g}"
+        line = (f"strength {shown} x {self.num_steps} steps -> start "
                 f"t={self.start_time:g}, {self.steps} step{'s' if self.steps != 1 else ''}")
         if self.num_steps != self.requested_steps:
             line += (f" ({self.requested_steps} steps x strength {self.strength:g} would run none; "

@@ -240,11 +240,13 @@ class Session:
 
     # --- a run -------------------------------------------------------------------------------------
 
-    def run(self, spec: RunSpec, console, argv=(), replay=None, picture=None) -> RunResult:
+    def run(self, spec: RunSpec, console, argv=(), replay=None, picture=None,
+            wait: bool = False) -> RunResult:
         """Plan, load, generate, capture and record one spec. `picture` is the loaded input (or
         None to load spec.image here); `replay(resolved_spec, model_arg)` gives the arguments that
-        make the same files again, for the record."""
-        return Run(self, spec, console, list(argv), replay, picture).execute()
+        make the same files again, for the record. Another run writing the same output name is
+        refused (OutputBusy), or with `wait` waited for."""
+        return Run(self, spec, console, list(argv), replay, picture).execute(wait)
 
 
 def _inversion_path(rows) -> samplers.Plan:

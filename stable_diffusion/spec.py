@@ -173,6 +173,15 @@ class RunSpec:
             if not (math.isfinite(i.cfg) and 0 <= i.cfg <= MAX_CFG):
                 raise SpecError("inversion_cfg", f"{{flag}} {i.cfg:g} is outside 0 .. {MAX_CFG:g}")
             _check_int("inversion_refine", i.refine, 0, MAX_REFINE)
+        frames = spec.triangle or any(v is not None for v in (c.every, c.last, c.noising_every))
+        for name, idle in (("animate", c.animate is not None), ("shows", c.shows != "xt"),
+                           ("preview", c.preview != "vae")):
+            if idle and not frames:
+                raise SpecError(name, "{flag} acts on saved frames, and this run saves none: add "
+                                      "-sd N, --save_last_N N or --show_noising N")
+        if spec.img2img and _same_or_ours(spec.image, spec.output):
+            raise SpecError("output", f"{{flag}} {spec.output} would overwrite the input picture "
+                                      f"{spec.image}; choose another --output")
         _check_choice("align", c.align, ALIGNS)
         if c.align != "steps" and not spec.triangle:
             raise SpecError("align", "{flag} only applies to the triangle (-gt); leave it out")
@@ -192,6 +201,12 @@ class RunSpec:
             if max(h, w) > MAX_SIDE:
                 raise SpecError("size", f"{{flag}} {h}x{w}: the sides must be at most {MAX_SIDE} pixels")
         return spec
+
+
+def _same_or_ours(image: Path, output: Path) -> bool:
+    """Whether the run would write over `image`: it is the output, or a file named after it."""
+    a, o = image.resolve(), output.resolve()
+    return a == o or (a.parent == o.parent and a.name.lower().startswith(o.stem.lower() + "."))
 
 
 def _check_int(name: str, value, low: int, high: int) -> None:

@@ -145,6 +145,8 @@ def _sweep(argv: list, console: Console) -> int:
         command, argv = argv[0], argv[1:]
     args = build_sweep_parser(command).parse_args(argv)
     console = Console(args.quiet, args.verbose)
+    if args.replay is not None:
+        raise InputError("--replay makes one picture again: use image2image.py or txt2image.py")
     if args.print_parser:
         for key, value in sorted(vars(args).items()):
             console.say(f"{key}: {value!r}")
@@ -161,12 +163,19 @@ def _sweep(argv: list, console: Console) -> int:
 
     check_plans(runs, Session(model), None if picture is None else picture.pixels.shape[:2])
     replay = functools.partial(cli.replay_argv, model=model)
-    pool = _make_pool(args, model, picture, [command, *argv], replay, console)
-    try:
-        sweep = Sweep(runs, grid, folder, model, args.sheet_every or None, args.sheet_cell)
-        report = sweep.execute(pool, console)
-    finally:
-        pool.close()
+    from .metadata import output_lock
+
+    def waiting(holder):
+        console.notice(f"{folder} is being swept by another process ({holder}); waiting")
+
+    # One sweep per folder: its manifest has one writer (each run also locks its own name).
+    with output_lock(folder / "sweep.jsonl", args.wait, waiting):
+        pool = _make_pool(args, model, picture, [command, *argv], replay, console)
+        try:
+            sweep = Sweep(runs, grid, folder, model, args.sheet_every or None, args.sheet_cell)
+            report = sweep.execute(pool, console)
+        finally:
+            pool.close()
     if report.status == "interrupted":
         console.error(f"interrupted: {report.skipped + report.ran} of {report.total} runs finished; "
                       f"see {folder / 'sweep.jsonl'}, and run the same command again for the rest")

@@ -35,7 +35,7 @@ def test_taesd_preview_draws_frames_and_the_vae_the_final(tmp_path, picture, sd2
 
 def test_taesd_preview_offline_without_a_cache_fails_before_loading(tmp_path, picture, sd2):
     env = dict(__import__("os").environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
-    result = commands.run("image2image.py", picture, "x", "--model", sd2, "--preview", "taesd",
+    result = commands.run("image2image.py", picture, "x", "--model", sd2, "--preview", "taesd", "-sd", 1,
                           "--output", tmp_path / "o" / "o.png", env=env)
     assert result.returncode == 2 and "--preview approx" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

@@ -144,7 +144,7 @@ def test_picture_notices_reach_stderr(tmp_path, sd2):
     # No --steps: the model's default (50, from its configs), x 0.9 strength.
     (["-sd", 60], ["-sd 60 is more than the 45 steps"]),
     (["-gt", "--steps", 10, "-sd", 11], ["-sd 11 is more than the 10 steps"]),
-    (["--output", "o.txt"], ["must end in .png"]),
+    (["--output", "o.txt"], ["o.txt: pictures are written as .png, .webp or .jpg"]),
     (["--output", "o.png", "--output_format", "jpeg"], ["must end in .jpg or .jpeg for jpeg pictures"]),
     # Values with no upper bound would exhaust memory (or overflow) before anything else is checked.
     (["--strength", "5e-324"], ["--strength 4.94066e-324 is outside 0.001 .. 1"]),
