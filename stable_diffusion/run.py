@@ -59,7 +59,6 @@ class Run:
         self.inversion_denoiser = None
         self.curves = None
         self.extra: dict = {}  # measured along the way, for the sidecar: fidelity, best step, curves
-        self.created_folders: list[Path] = []
 
     def execute(self, wait: bool = False) -> RunResult:
         """The run, holding the lock of its output name: one run writes a set of names at a time."""
@@ -79,41 +78,37 @@ class Run:
         console, spec = self.console, self.spec
         # --- 1. checks: nothing heavy is read, and nothing but the output folder is made ---------
         self._prepare_output()
-        try:
-            size = self.picture.pixels.shape[:2] if spec.img2img else None
-            plan = self.plan = self.session.plan(spec, size, console.notice)
-            for line in self.session.notices:
-                console.detail(f"note: {line}")
-            for line in plan.describe():
-                console.say(line)
-            console.say(f"seed {plan.spec.seed}")
-            self.memory = self._check_memory()
-            self.timings["checks_s"] = elapsed(self.t0)
-            # --- 2. load: strict keys, shapes and dtypes (model_io), once per session -------------
-            from .blas import preload_blas
+        size = self.picture.pixels.shape[:2] if spec.img2img else None
+        plan = self.plan = self.session.plan(spec, size, console.notice)
+        for line in self.session.notices:
+            console.detail(f"note: {line}")
+        for line in plan.describe():
+            console.say(line)
+        console.say(f"seed {plan.spec.seed}")
+        self.memory = self._check_memory()
+        self.timings["checks_s"] = elapsed(self.t0)
+        # --- 2. load: strict keys, shapes and dtypes (model_io), once per session -------------
+        from .blas import preload_blas
 
-            blas = preload_blas()
-            self.blas = f"{blas.name}, {blas.threads} thread(s)" + ("" if blas.in_time else " (not in time)")
-            console.detail(f"BLAS: {self.blas}; device {mx.default_device()}; dtype {self.session.dtype_name}")
-            console.detail(native_status())
-            if mx.default_device() == mx.cpu and self.session.model_spec.dtype is None:
-                console.detail(default_cpu_dtype()[1])
-            self.taesd = None
-            if spec.capture.preview == "taesd":  # small, and may fail: before the model's weights
-                from .taesd import load_preview
+        blas = preload_blas()
+        self.blas = f"{blas.name}, {blas.threads} thread(s)" + ("" if blas.in_time else " (not in time)")
+        console.detail(f"BLAS: {self.blas}; device {mx.default_device()}; dtype {self.session.dtype_name}")
+        console.detail(native_status())
+        if mx.default_device() == mx.cpu and self.session.model_spec.dtype is None:
+            console.detail(default_cpu_dtype()[1])
+        self.taesd = None
+        if spec.capture.preview == "taesd":  # small, and may fail: before the model's weights
+            from .taesd import load_preview
 
-                family = "sdxl" if self.session.config.is_xl else "sd"
-                self.taesd = load_preview(spec.capture.taesd, family, self.session.dtype)
-            self.sd = self.session.load()
-            self.record = self._record()
-            # The run's own facts (the arguments as typed, the process) only in the sidecar: a
-            # PNG depends on what makes the picture, not on its name or the process writing it.
-            self.ledger = Ledger(plan.names.sidecar(), dict(self.record, argv=self.argv, pid=os.getpid()))
-            self._remove_previous_run()
-            self.ledger.write("running")
-        except BaseException:
-            self._remove_created_folders()
-            raise
+            family = "sdxl" if self.session.config.is_xl else "sd"
+            self.taesd = load_preview(spec.capture.taesd, family, self.session.dtype)
+        self.sd = self.session.load()
+        self.record = self._record()
+        # The run's own facts (the arguments as typed, the process) only in the sidecar: a
+        # PNG depends on what makes the picture, not on its name or the process writing it.
+        self.ledger = Ledger(plan.names.sidecar(), dict(self.record, argv=self.argv, pid=os.getpid()))
+        self._remove_previous_run()
+        self.ledger.write("running")
 
         # --- 3. generate, capture, write; the sidecar says how the run ended ----------------------
         status, error, interrupt = "failed", None, None
@@ -151,16 +146,8 @@ class Run:
         if sidecar.is_dir():
             raise InputError(f"--output {output}: {sidecar} is a folder, where the run writes its "
                              "record; choose another --output name")
-        folder = output.parent
-        missing, p = [], folder.absolute()
-        while not p.exists() and p != p.parent:
-            missing.append(p)
-            p = p.parent
-        if not p.is_dir():
-            raise InputError(f"--output {output}: {p} is a file, not a folder; choose another "
-                             "output folder")
+        folder = output.parent  # made by the output lock, which removes it again if the run leaves it empty
         metadata.check_output_dir(folder)
-        self.created_folders = missing  # deepest first
         removed = metadata.remove_stale_temporaries(folder, output.with_suffix("").name)
         if removed:
             self.console.notice(f"removed {len(removed)} temporary file(s) left by a killed run in "
@@ -190,14 +177,6 @@ class Run:
         if removed:
             self.console.notice(f"replaced the {removed} file(s) an earlier run wrote under the name "
                                 f"{names.output.name}")
-
-    def _remove_created_folders(self) -> None:
-        """A run refused before its first file leaves the disk as it found it."""
-        for folder in self.created_folders:
-            try:
-                folder.rmdir()  # only if still empty
-            except OSError:
-                break
 
     def _check_memory(self) -> dict:
         """The run's peak memory, estimated from the configs and sizes; refused if it cannot fit."""

@@ -15,12 +15,12 @@ from safetensors.numpy import load_file, save_file
 
 from stable_diffusion import model_io, single_file
 from stable_diffusion.config import UNetConfig, read_pipeline_config
-from stable_diffusion.errors import ModelError
 from stable_diffusion.pipeline import StableDiffusion
 from stable_diffusion.testing import FAMILIES, write_single_file
 from stable_diffusion.tokenizer import Tokenizer
 
 import commands
+from test_model_io import expect_model_error
 
 
 @pytest.fixture(autouse=True)
@@ -48,16 +48,6 @@ def parameters(model) -> dict:
 
 def networks(sd):
     return [sd.unet, sd.vae, *sd.text_encoders]
-
-
-def expect_model_error(fn, *words):
-    with pytest.raises(ModelError) as info:
-        fn()
-    message = str(info.value)
-    assert "\n" not in message
-    for word in words:
-        assert word in message, f"{word!r} not in {message!r}"
-    return message
 
 
 @pytest.mark.parametrize("family", FAMILIES)
