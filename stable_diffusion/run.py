@@ -1,8 +1,8 @@
 """One spec through a session: check, plan, load, generate, capture, record.
 
 Everything that can be checked is checked before any weight is read: the input picture, the output
-folder, the model's files and configs, the plan and the prompts. A run that stops before its first
-step leaves no file (and removes the folders it made). From then on the sidecar exists: "running",
+folder, the model's files and configs, the plan, the prompts and the memory it needs. A run that
+stops before its first step leaves no file (the output lock removes the folders it made). From then on the sidecar exists: "running",
 rewritten as each file lands, and "finished", "interrupted" or "failed" at the end; a run killed
 outright leaves "running" with every whole file listed.
 """
@@ -22,8 +22,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import images, metadata, render
-from . import measures
+from . import images, measures, metadata, render
 from .capture import (Curves, Frame, FrameWriter, Ledger, Snapshots, TriangleCells,
                       fidelity, make_decoder, step_info)
 from .console import STOP_SIGNALS, ignore_signal
