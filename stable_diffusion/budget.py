@@ -4,9 +4,8 @@ is read; and the refusal of a run that cannot fit.
 The estimate has parts, each the largest set of arrays alive at once in one phase of the run:
 - weights: every parameter of the UNet, the VAE and the text encoders, in the compute dtype;
 - unet: one denoiser call on all its rows (2 per picture with guidance): the skip maps the up
-  path takes, the attention scores of the widest self-attention (the CPU path's blocks are
-  scheduled together, so the scores are held whole: measured quadratic in the latent's cells),
-  and the largest convolution's im2col matrix;
+  path takes, the attention's working set (its scores where they are few, else the blocks of the
+  CPU path: about 64 MB, measured), and the largest convolution's im2col matrix;
 - vae_encode / vae_decode: the maps of the full-resolution level, counted in maps of the second
   level's width (which arrive there upsampled), and the largest im2col matrix, per picture;
 - canvas: grids, strips and the triangle, held as float pictures and uint8 copies (numpy);
@@ -36,6 +35,7 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _DECODE_MAPS = 7.0
 _ENCODE_MAPS = 4.4
 _SCORE_COPIES = 4
+_ATTENTION_BOUND = 96 << 20
 _UNET_MAPS = 8
 # MLX's CPU convolution builds an im2col matrix (9 x its input); ops.Conv2d avoids it above
 # ops.SHIFTED_CONV_BYTES, so the largest one held is the largest input below that bound.
@@ -91,13 +91,12 @@ def estimate_peak_bytes(pipeline_config: PipelineConfig, dtype: str, image_size:
     f = vae.downscale
     counts = parameter_counts(pipeline_config) if counts is None else counts
 
-    # UNet, for the rows it runs at once: the skip maps of every level, the attention scores of
-    # the widest self-attention (held whole: the CPU path's blocks are scheduled together), and
-    # the largest convolution's im2col matrix.
+    # UNet, for the rows it runs at once: the skip maps of every level, the widest self-attention's
+    # working set, and the largest convolution's im2col matrix.
     rows = batch * (2 if cfg_guided else 1)
     latent = (h // f) * (w // f)
     n = len(unet.block_out_channels)
-    maps = scores = 0
+    maps = scores = tokens = 0
     convs = []
     for level, (channels, kind, heads) in enumerate(zip(unet.block_out_channels, unet.down_block_types,
                                                         unet.heads)):
@@ -105,9 +104,13 @@ def estimate_peak_bytes(pipeline_config: PipelineConfig, dtype: str, image_size:
         maps += (unet.layers_per_block + 1) * cells * channels
         if kind.startswith("CrossAttn") and not fused_attention:
             scores = max(scores, heads * cells * cells)
+            tokens = max(tokens, cells * channels)
         convs += [cells * channels, cells * unet.block_out_channels[min(level + 1, n - 1)]]
-    unet_bytes = rows * (_UNET_MAPS * maps * size + _SCORE_COPIES * scores * _FLOAT32)
-    unet_bytes += 2 * _im2col(convs, rows, size)
+    # The CPU attention's blocks bound its scores (measured 55-131 MB from 1 to 1280 MB of scores),
+    # plus float32 copies of q, k and v.
+    attention = min(_SCORE_COPIES * rows * scores * _FLOAT32, _ATTENTION_BOUND)
+    attention += 3 * rows * tokens * _FLOAT32
+    unet_bytes = rows * _UNET_MAPS * maps * size + attention + 2 * _im2col(convs, rows, size)
 
     # VAE, per picture: the maps of the full-resolution level (counted in maps of the second
     # level's width, which arrive there upsampled), and the largest convolution's im2col matrix.

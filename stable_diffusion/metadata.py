@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import functools
 import hashlib
 import json
@@ -35,6 +34,11 @@ import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from .errors import InputError, OutputBusy, OutputError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; one writer per name is then not enforced
+    fcntl = None
 
 PARAMETERS_KEY = "parameters"
 TRAJECTORY_KEY = "sd_trajectory"
@@ -172,6 +176,9 @@ def output_lock(output: str | os.PathLike, wait: bool = False,
             path.parent.mkdir(parents=True, exist_ok=True)
             while True:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+                if fcntl is None:
+                    held = True
+                    break
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
