@@ -139,6 +139,9 @@ class FrameWriter:
                 parts.append(pictures[i:i + x.shape[0]])
                 i += x.shape[0]
             picture = self.grid(np.concatenate(parts, axis=2))  # side by side along the width
+            if frame.info.get("kind") == "step":  # detail in pixels, where the frame is decoded anyway
+                frame.info["pixel_detail"] = {name: measures.detail(part[0]) for name, part in
+                                              zip(SHOWN[frame.info["shows"]], parts)}
             if frame.path is not None:
                 self.save(frame.path, picture, frame.info)
             if frame.keep is not None:
@@ -164,6 +167,9 @@ class FrameWriter:
         parameters, record = self.chunks(entry, (h, w))
         with interrupts_deferred(), self.ledger.writing(entry):
             render.save_animation(path, canvas, 150, fmt=fmt, parameters=parameters, record=record)
+
+
+SHOWN = {"xt": ("x_t",), "x0": ("x0_pred",), "both": ("x_t", "x0_pred")}  # a snapshot's parts
 
 
 def shown_latents(step, shows: str) -> list:

@@ -72,6 +72,12 @@ def test_curve_best_step_and_keep_best(tmp_path, picture, sd2):
     with Image.open(tmp_path / "c.curve.png") as plot:
         assert plot.size[0] >= 600 and plot.size[1] >= 300
     assert Image.open(tmp_path / "c.best.png").size == (64, 64)
+    # Frames decoded anyway carry their detail in pixels (of the picture before its 8-bit rounding).
+    from stable_diffusion.measures import detail
+
+    frame = files["c.step-008.png"]
+    saved = np.asarray(Image.open(tmp_path / "c.step-008.png"), dtype=np.float64) / 255
+    assert frame["pixel_detail"]["x_t"] == pytest.approx(detail(saved), rel=0.05)
 
 
 def test_time_aligned_triangle_puts_cells_in_the_column_of_their_time(tmp_path, picture, sd2):
