@@ -76,12 +76,16 @@ class StableDiffusion:
 
     @classmethod
     def from_folder(cls, folder: Path, config: PipelineConfig, dtype=mx.float32,
-                    variant: str | None = None, source: dict | None = None) -> "StableDiffusion":
+                    variant: str | None = None, source: dict | None = None,
+                    tokenizers: list | None = None) -> "StableDiffusion":
+        """`tokenizers`: the folder's, already read and checked against the encoders (a session
+        reads them before any weight, to plan); else read here."""
         folder = Path(folder)
-        tokenizers = []
-        for (_, tok_name), enc_config in zip(TEXT_COMPONENTS, config.text_encoders):
-            tokenizers.append(Tokenizer.from_folder(folder / tok_name))
-            check_fits_encoder(tokenizers[-1], enc_config, folder / tok_name)  # before any weight
+        if tokenizers is None:
+            tokenizers = []
+            for (_, tok_name), enc_config in zip(TEXT_COMPONENTS, config.text_encoders):
+                tokenizers.append(Tokenizer.from_folder(folder / tok_name))
+                check_fits_encoder(tokenizers[-1], enc_config, folder / tok_name)  # before any weight
         ops.use_cpu_buffer_cache()
         unet = model_io.load_weights(UNetModel(config.unet), folder / "unet",
                                      model_io.map_unet_weights, dtype, variant)
@@ -204,7 +208,7 @@ class StableDiffusion:
         run = self.sampler.plan(1.0, num_steps, schedule, sampler)
         seed = random_seed() if seed is None else seed
         eps = self.initial_noise((n_images, *latent_size, self.latent_channels), seed, noise)
-        x_start = (run.init_scale * eps).astype(eps.dtype)
+        x_start = self.sampler.start(run, eps)
         image_size = (latent_size[0] * self.downscale, latent_size[1] * self.downscale)
         return self._run(x_start, run, text, negative_text, cfg_weight, n_images, image_size, seed,
                          sampler)
@@ -236,7 +240,7 @@ class StableDiffusion:
         x0 = mx.repeat(x0, n_images, axis=0) if x0.shape[0] == 1 else x0
         seed = random_seed() if seed is None else seed
         eps = self.initial_noise(x0.shape, seed, noise)
-        x_start = self.sampler.add_noise(x0, run.start_time, eps, sigma=run.sigmas[0])
+        x_start = self.sampler.start(run, eps, x0)
         image_size = (x0.shape[1] * self.downscale, x0.shape[2] * self.downscale)
         return self._run(x_start, run, text, negative_text, cfg_weight, n_images, image_size, seed,
                          sampler)

@@ -272,10 +272,8 @@ class Run:
         self.curves = Curves(plan.rows, c.last)
         h, w = plan.image_size
         shape = (spec.n_images, h // sd.downscale, w // sd.downscale, sd.latent_channels)
-        if spec.img2img:
-            x0 = mx.repeat(session.encode(self.picture), spec.n_images, axis=0)
-        else:
-            x0 = mx.zeros(shape, dtype=sd.dtype)
+        # The clean latent of the input picture; text to image has none.
+        x0 = mx.repeat(session.encode(self.picture), spec.n_images, axis=0) if spec.img2img else None
         eps = sd.initial_noise(shape, spec.seed)
         cond = session.condition(spec.prompt, spec.negative_prompt, plan.guided, spec.n_images,
                                  plan.image_size)
@@ -293,10 +291,8 @@ class Run:
         for row in plan.rows:
             if plan.inversion is not None:
                 starts.append(on_path[millis(row.plan.times[0])])
-            elif spec.img2img:
-                starts.append(sd.sampler.add_noise(x0, row.plan.start_time, eps, sigma=row.plan.sigmas[0]))
-            else:  # the top of the schedule, scaled as diffusers starts text to image
-                starts.append((row.plan.init_scale * eps).astype(eps.dtype))
+            else:
+                starts.append(sd.sampler.start(row.plan, eps, x0))
         return starts, cond
 
     def _invert(self, x0):
@@ -313,16 +309,18 @@ class Run:
 
     def _noising(self, path):
         """Walk the forward path (or the inversion), saving the frames the plan names and a strip
-        of them; returns (pictures by time, latents by time), for the triangle's first column and
-        the rows' starts."""
+        of them; returns (pictures by time, the latents at the rows' start times), for the
+        triangle's first column and the rows' starts."""
         spec, names, plan = self.plan.spec, self.plan.names, self.plan
         c = spec.capture
         shown = {millis(t) for t in plan.noising}
+        starts = {millis(r.plan.times[0]) for r in plan.rows}
         pictures, latents = {}, {}
         total = plan.inversion.steps + 1 if plan.inversion is not None else len(plan.noising)
         for step in self.console.progress(path, total, "noising"):
             self._evaluate(step)
-            latents[millis(step.t)] = step.x_t
+            if millis(step.t) in starts:
+                latents[millis(step.t)] = step.x_t
             if millis(step.t) in shown:
                 info = {"kind": "noise", "t": step.t, "sigma": step.sigma, "path": c.noising_path}
                 self.writer.add(Frame(names.noise(step.t), info, [step.x_t],

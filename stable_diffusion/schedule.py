@@ -163,6 +163,13 @@ class NoiseSchedule:
         c = _vp_scale(sigma)
         return (c * x0 + (c * sigma) * noise).astype(x0.dtype)
 
+    def start(self, plan: "Plan", eps: mx.array, x0: mx.array | None = None) -> mx.array:
+        """Where a run of `plan` starts: x0 noised to the plan's first level in one jump, or, for
+        text to image (no x0), the noise scaled as diffusers starts it (`init_scale`)."""
+        if x0 is None:
+            return (plan.init_scale * eps).astype(eps.dtype)
+        return self.add_noise(x0, plan.start_time, eps, sigma=plan.sigmas[0])
+
     def denoised(self, x_t: mx.array, model_output: mx.array, sigma: float) -> tuple[mx.array, mx.array]:
         """(x0_hat, eps_hat) from the network output at noise level sigma."""
         c, s = _vp_scale(sigma), sigma * _vp_scale(sigma)  # sqrt(abar), sqrt(1 - abar)

@@ -199,8 +199,8 @@ class Session:
         from .pipeline import StableDiffusion
 
         start = time.perf_counter()
-        sd = StableDiffusion.from_folder(self.folder, self.config, self.dtype,
-                                         self.variant, self.source)
+        sd = StableDiffusion.from_folder(self.folder, self.config, self.dtype, self.variant,
+                                         self.source, self.tokenizers)
         if self.model_spec.quantize:
             for module in [sd.unet, *sd.text_encoders]:
                 nn.quantize(module, class_predicate=lambda _, m: isinstance(m, nn.Linear)
