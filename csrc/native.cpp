@@ -4,10 +4,15 @@
 // CPU's bfloat16 dot-product instruction (AVX512_BF16), where MLX's CPU backend has only a scalar
 // loop for bfloat16 products (see gemm_bf16.h).
 //
+// group_norm: PyTorch's GroupNorm on channels-last maps, optionally followed by SiLU and written
+// inside a zero border (the padding of the 3x3 convolution that follows), on all cores, where
+// MLX's CPU backend would take several single-threaded passes (see group_norm.h).
+//
 // flash_attention: softmax(q k^T scale + mask) v without the score matrix. Each task takes a tile
 // of query rows of one head through all key tiles with an online softmax (running maximum and
 // sum, Milakov and Gimelshein 2018; Dao et al. 2022), in float32, on all cores.
 #include <algorithm>
+#include <cmath>
 #if defined(__linux__)
 #include <sched.h>
 #endif
@@ -33,6 +38,7 @@
 
 #include "flash_attention.h"
 #include "gemm_bf16.h"
+#include "group_norm.h"
 
 namespace nb = nanobind;
 namespace mx = mlx::core;
@@ -49,6 +55,7 @@ namespace {
 struct Isa {
   const char* name;
   TaskFn task;
+  const NormKernels* norm;
 };
 
 // The kernels this CPU can run, fastest first.
@@ -58,11 +65,11 @@ std::vector<Isa> available_isas() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
-    isas.push_back({"avx512", flash_task_avx512});
+    isas.push_back({"avx512", flash_task_avx512, &norm_kernels_avx512});
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    isas.push_back({"avx2", flash_task_avx2});
+    isas.push_back({"avx2", flash_task_avx2, &norm_kernels_avx2});
 #endif
-  isas.push_back({"generic", flash_task_generic});
+  isas.push_back({"generic", flash_task_generic, &norm_kernels_generic});
   return isas;
 }
 
@@ -75,7 +82,7 @@ const Isa& pick_isa(const std::string& name) {
   if (name.empty()) return isas().front();
   for (const Isa& isa : isas())
     if (name == isa.name) return isa;
-  throw std::invalid_argument("flash_attention: kernel '" + name + "' is not available on this CPU");
+  throw std::invalid_argument("kernel '" + name + "' is not available on this CPU");
 }
 
 // The cores this process may run on (taskset, cgroup cpusets), not all the machine's.
@@ -243,6 +250,141 @@ mx::array flash_attention(const mx::array& q, const mx::array& k, const mx::arra
   return mx::array(q.shape(), mx::float32,
                    std::make_shared<FlashAttention>(stream, scale, mask.has_value(), pick_isa(isa)),
                    std::move(inputs));
+}
+
+struct NormProblem {
+  NormArgs a;
+  int64_t batch, groups;
+  float eps;
+  const float* weight;
+  const float* bias;
+  int64_t pad_bottom;
+  const NormKernels* kernels;
+};
+
+void run_group_norm(NormProblem p) {
+  const NormArgs& a = p.a;
+  const int64_t rows = p.batch * a.height, channels = a.channels, per_group = channels / p.groups;
+  const int workers = thread_count();
+  const double count = static_cast<double>(a.height) * a.width * per_group;
+  Buffer partial(rows * channels), mean(p.batch * channels), scale(p.batch * channels), shift(p.batch * channels);
+  float* rows_sums = partial.data();
+  float* means = mean.data();
+  float* scales = scale.data();
+  float* shifts = shift.data();
+  // Per row sums, added up over the rows and the group's channels in double, in a fixed order.
+  auto group_totals = [&](int64_t b, std::vector<double>& totals) {
+    totals.assign(p.groups, 0.0);
+    for (int64_t h = 0; h < a.height; ++h) {
+      const float* s = rows_sums + (b * a.height + h) * channels;
+      for (int64_t c = 0; c < channels; ++c) totals[c / per_group] += s[c];
+    }
+  };
+  std::vector<double> totals;
+  parallel_for(rows, workers, [&](int64_t i, int) {
+    p.kernels->sums(a, i / a.height, i % a.height, rows_sums + i * channels);
+  });
+  for (int64_t b = 0; b < p.batch; ++b) {
+    group_totals(b, totals);
+    for (int64_t c = 0; c < channels; ++c) means[b * channels + c] = static_cast<float>(totals[c / per_group] / count);
+  }
+  parallel_for(rows, workers, [&](int64_t i, int) {
+    const int64_t b = i / a.height;
+    p.kernels->squares(a, b, i % a.height, means + b * channels, rows_sums + i * channels);
+  });
+  for (int64_t b = 0; b < p.batch; ++b) {
+    group_totals(b, totals);
+    for (int64_t c = 0; c < channels; ++c) {
+      const double inv = 1.0 / std::sqrt(totals[c / per_group] / count + p.eps);
+      const double s = p.weight[c] * inv;
+      scales[b * channels + c] = static_cast<float>(s);
+      shifts[b * channels + c] = static_cast<float>(p.bias[c] - means[b * channels + c] * s);
+    }
+  }
+  // The border rows above and below; each row's task writes its own left and right border.
+  const int64_t item = a.bf16 ? 2 : 4;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    char* image = static_cast<char*>(a.out) + b * a.out_image * item;
+    std::memset(image, 0, a.pad_top * a.out_row * item);
+    std::memset(image + (a.pad_top + a.height) * a.out_row * item, 0, p.pad_bottom * a.out_row * item);
+  }
+  parallel_for(rows, workers, [&](int64_t i, int) {
+    const int64_t b = i / a.height;
+    p.kernels->apply(a, b, i % a.height, scales + b * channels, shifts + b * channels);
+  });
+}
+
+class GroupNorm : public mx::UnaryPrimitive {
+ public:
+  GroupNorm(mx::Stream stream, int64_t groups, float eps, bool silu, std::vector<int64_t> pad, const Isa& isa)
+      : mx::UnaryPrimitive(stream), groups_(groups), eps_(eps), silu_(silu), pad_(std::move(pad)), isa_(isa) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& x : inputs) encoder.set_input_array(x);
+    encoder.set_output_array(out);
+    const mx::array& x = inputs[0];
+    NormProblem p{};
+    NormArgs& a = p.a;
+    a.bf16 = x.dtype() == mx::bfloat16;
+    a.x = a.bf16 ? static_cast<const void*>(x.data<uint16_t>()) : static_cast<const void*>(x.data<float>());
+    a.out = a.bf16 ? static_cast<void*>(out.data<uint16_t>()) : static_cast<void*>(out.data<float>());
+    a.silu = silu_;
+    a.height = x.shape(1);
+    a.width = x.shape(2);
+    a.channels = x.shape(3);
+    for (int i = 0; i < 4; ++i) a.x_strides[i] = x.strides()[i];
+    a.pad_top = pad_[0];
+    a.pad_left = pad_[2];
+    a.pad_right = pad_[3];
+    a.out_row = out.shape(2) * a.channels;
+    a.out_image = out.shape(1) * a.out_row;
+    p.batch = x.shape(0);
+    p.groups = groups_;
+    p.eps = eps_;
+    p.weight = inputs[1].data<float>();
+    p.bias = inputs[2].data<float>();
+    p.pad_bottom = pad_[1];
+    p.kernels = isa_.norm;
+    encoder.dispatch([problem = p]() { run_group_norm(problem); });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("GroupNorm runs on the CPU only");
+  }
+
+  const char* name() const override { return "GroupNorm"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const GroupNorm&>(other);
+    return groups_ == o.groups_ && eps_ == o.eps_ && silu_ == o.silu_ && pad_ == o.pad_ && isa_.norm == o.isa_.norm;
+  }
+
+ private:
+  int64_t groups_;
+  float eps_;
+  bool silu_;
+  std::vector<int64_t> pad_;
+  Isa isa_;
+};
+
+mx::array group_norm(const mx::array& x, const mx::array& weight, const mx::array& bias, int64_t groups, float eps,
+                     bool silu, const std::vector<int64_t>& pad, const std::string& isa) {
+  if (x.ndim() != 4 || (x.dtype() != mx::float32 && x.dtype() != mx::bfloat16))
+    throw std::invalid_argument("group_norm: x must be (batch, height, width, channels), float32 or bfloat16");
+  const int channels = x.shape(3);
+  if (groups <= 0 || channels % groups != 0)
+    throw std::invalid_argument("group_norm: the channels must split into the groups evenly");
+  if (weight.ndim() != 1 || weight.shape(0) != channels || bias.ndim() != 1 || bias.shape(0) != channels)
+    throw std::invalid_argument("group_norm: weight and bias must be (channels,)");
+  if (pad.size() != 4 || *std::min_element(pad.begin(), pad.end()) < 0)
+    throw std::invalid_argument("group_norm: pad is (top, bottom, left, right), each >= 0");
+  const mx::Shape shape = {x.shape(0), static_cast<int>(x.shape(1) + pad[0] + pad[1]),
+                           static_cast<int>(x.shape(2) + pad[2] + pad[3]), channels};
+  return mx::array(shape, x.dtype(),
+                   std::make_shared<GroupNorm>(mx::default_stream(mx::Device::cpu), groups, eps, silu, pad, pick_isa(isa)),
+                   {x, mx::astype(weight, mx::float32), mx::astype(bias, mx::float32)});
 }
 
 bool has_bf16_dot() {
@@ -433,6 +575,11 @@ NB_MODULE(_native, m) {
         "out[b, m, o] = bias[o] + sum over taps t and channels c of x[b, m + offsets[t], c] w[o, t, c], "
         "bfloat16 in and out, float32 sums; x (batch, positions, channels), packed = bf16_pack(w). "
         "Needs has_bf16_dot().");
+  m.def("group_norm", &sd_native::group_norm, "x"_a, "weight"_a, "bias"_a, "groups"_a, "eps"_a, "silu"_a = false,
+        "pad"_a = std::vector<int64_t>{0, 0, 0, 0}, "kernel"_a = "",
+        "PyTorch's GroupNorm of x (B, H, W, C), float32 or bfloat16, channels contiguous; statistics in "
+        "float32 sums added in double; then SiLU if silu; the result written inside a zero border of "
+        "pad = (top, bottom, left, right) pixels. kernel: one of kernels(), default the first.");
   m.def("flash_attention", &sd_native::flash_attention, "q"_a, "k"_a, "v"_a, "scale"_a,
         "mask"_a = nb::none(), "kernel"_a = "",
         "softmax(q k^T scale + mask) v on the CPU without the score matrix. q (B, H, Lq, d), k and v "

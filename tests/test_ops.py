@@ -156,7 +156,7 @@ def test_native_status_says_what_is_used():
         assert os.environ.get("SD_REQUIRE_NATIVE") != "1", status
     else:
         products = ", bfloat16 products (avx512_bf16)" if NATIVE.has_bf16_dot() else ""
-        assert status == f"native CPU kernels: flash attention ({KERNELS[0]}){products}"
+        assert status == f"native CPU kernels ({KERNELS[0]}): flash attention, group norm{products}"
         assert KERNELS[-1] == "generic" and NATIVE.mlx_version == mx.__version__
 
 
@@ -594,6 +594,60 @@ def test_group_norm_matches_float64(shape, parity):
     parity(f"group norm {shape}", out, expected, atol=1e-5)
     fused = group_norm(mx.array(x), mx.array(weight), mx.array(bias), groups, 1e-6, activation=True)
     parity(f"group norm + silu {shape}", fused, exact_silu(expected), atol=1e-5)
+
+
+def test_mlx_group_norm_matches_float64(parity):
+    # The pure-MLX path (no native module, float16) checked as well where the native one is built.
+    x = random((2, 7, 9, 32), 21) + 20.0
+    weight, bias = random((32,), 22) * 0.5 + 1.0, random((32,), 23)
+    expected = reference_group_norm(x, weight, bias, 8, 1e-6)
+    out = ops.mlx_group_norm(mx.array(x), mx.array(weight), mx.array(bias), 8, 1e-6, activation=True)
+    parity("mlx group norm + silu", out, exact_silu(expected), atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_native_group_norm_matches_float64(kernel, parity):
+    # (B, H, W, C, groups): channels that do not fill the last vector, and SD's widest maps' shape.
+    for b, h, w, c, groups in [(2, 7, 5, 12, 3), (1, 32, 32, 320, 32), (2, 9, 4, 40, 8)]:
+        x = random((b, h, w, c), 41) * 3.0 + 20.0
+        weight, bias = random((c,), 42) * 0.5 + 1.0, random((c,), 43)
+        expected = reference_group_norm(x, weight, bias, groups, 1e-6)
+        for silu_after in (False, True):
+            out = NATIVE.group_norm(mx.array(x), mx.array(weight), mx.array(bias), groups, 1e-6, silu_after,
+                                    kernel=kernel)
+            want = exact_silu(expected) if silu_after else expected
+            parity(f"native group norm {kernel} {(b, h, w, c)} silu={silu_after}", out, want, atol=1e-5)
+        # bfloat16 in and out: one rounding of the float32 result.
+        x16 = mx.array(x).astype(mx.bfloat16)
+        expected = reference_group_norm(np.array(x16.astype(mx.float32)), weight, bias, groups, 1e-6)
+        out = NATIVE.group_norm(x16, mx.array(weight), mx.array(bias), groups, 1e-6, kernel=kernel)
+        assert out.dtype == mx.bfloat16
+        np.testing.assert_allclose(np.array(out.astype(mx.float32)), expected, rtol=2**-8, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_native_group_norm_border_and_strided_inputs(kernel):
+    x = mx.array(random((2, 6, 10, 32), 44))
+    weight, bias = mx.array(random((32,), 45)), mx.array(random((32,), 46))
+    plain = NATIVE.group_norm(x, weight, bias, 8, 1e-5, True, kernel=kernel)
+    # Written inside a zero border of (top, bottom, left, right) pixels: what a 3x3 convolution reads.
+    framed = NATIVE.group_norm(x, weight, bias, 8, 1e-5, True, [1, 2, 3, 1], kernel=kernel)
+    assert framed.shape == (2, 9, 14, 32)
+    expected = np.zeros(framed.shape, np.float32)
+    expected[:, 1:7, 3:13] = np.array(plain)
+    np.testing.assert_array_equal(np.array(framed), expected)
+    # A cropped view (rows strided) and channels strided: same result as the contiguous copy.
+    wide = mx.array(random((2, 6, 12, 32), 47))
+    crop = wide[:, :, :10]
+    turned = mx.array(random((2, 6, 32, 10), 48)).transpose(0, 1, 3, 2)
+    for name, view in (("cropped", crop), ("channels strided", turned)):
+        np.testing.assert_array_equal(np.array(NATIVE.group_norm(view, weight, bias, 8, 1e-5, kernel=kernel)),
+                                      np.array(NATIVE.group_norm(mx.contiguous(view), weight, bias, 8, 1e-5,
+                                                                 kernel=kernel)), err_msg=name)
+    with pytest.raises(ValueError, match="split into the groups"):
+        NATIVE.group_norm(x, weight, bias, 5, 1e-5)
 
 
 def test_group_norm_module_keeps_dtype_and_parameter_names():
