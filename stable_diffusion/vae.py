@@ -14,10 +14,18 @@ import mlx.nn as nn
 
 from .config import VAEConfig
 from .errors import InputError
-from .ops import Conv2d, GroupNorm, Linear, attention
+from .ops import CPU_PATHS, Conv2d, GroupNorm, Linear, attention
 
 # diffusers builds every normalisation of the VAE with this epsilon, whatever the config says.
 _NORM_EPS = 1e-6
+
+
+def _step_done(x: mx.array) -> None:
+    """Evaluate x now on the CPU: the coder's graph evaluated whole keeps about twice the
+    intermediates alive (a 512x512 bfloat16 decode: 1.77 GB at the peak, 0.83 GB evaluated after
+    each resnet and resampler). A GPU gets the graph whole, as MLX prefers."""
+    if CPU_PATHS:
+        mx.eval(x)
 
 
 def _group_norm(groups: int, channels: int) -> GroupNorm:
@@ -101,10 +109,9 @@ class EncoderBlock(nn.Module):
         self.downsamplers = [Downsample(out_channels)] if downsample else []
 
     def __call__(self, x: mx.array) -> mx.array:
-        for resnet in self.resnets:
-            x = resnet(x)
-        for down in self.downsamplers:
-            x = down(x)
+        for layer in (*self.resnets, *self.downsamplers):
+            x = layer(x)
+            _step_done(x)
         return x
 
 
@@ -116,10 +123,9 @@ class DecoderBlock(nn.Module):
         self.upsamplers = [Upsample(out_channels)] if upsample else []
 
     def __call__(self, x: mx.array) -> mx.array:
-        for resnet in self.resnets:
-            x = resnet(x)
-        for up in self.upsamplers:
-            x = up(x)
+        for layer in (*self.resnets, *self.upsamplers):
+            x = layer(x)
+            _step_done(x)
         return x
 
 
