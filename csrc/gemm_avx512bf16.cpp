@@ -58,20 +58,26 @@ void tile(const GemmArgs& a, int64_t b, int64_t m0, int64_t panel, int64_t t, in
   }
   const int64_t o0 = panel * kGemmCols;
   const int64_t cols = a.out_channels - o0 < kGemmCols ? a.out_channels - o0 : kGemmCols;
+  alignas(64) float bias[kGemmCols] = {};
+  if (a.bias != nullptr)
+    for (int64_t j = 0; j < cols; ++j) bias[j] = a.bias[o0 + j];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    alignas(64) uint16_t row[kGemmCols];
+    const int64_t m = m0 + r, in_period = m % a.row_period;
+    if (in_period >= a.row_valid) continue;
+    const int64_t at = ((b * a.out_rows + m / a.row_period * a.row_valid + in_period) * a.out_channels + o0);
+    alignas(64) uint16_t row[kGemmCols] = {};
+    if (a.addend != nullptr) __builtin_memcpy(row, a.addend + at, cols * sizeof(uint16_t));
 #pragma GCC unroll 4
     for (int c = 0; c < kVectors; ++c) {
-      __m512 y = acc[r][c];
-      if (a.bias != nullptr) {
-        alignas(64) float bias[16];
-        for (int j = 0; j < 16; ++j) bias[j] = o0 + c * 16 + j < a.out_channels ? a.bias[o0 + c * 16 + j] : 0.0f;
-        y = _mm512_add_ps(y, _mm512_load_ps(bias));
+      __m512 y = _mm512_add_ps(acc[r][c], _mm512_load_ps(bias + c * 16));
+      if (a.addend != nullptr) {  // bfloat16 bits are the high half of a float32's
+        const __m512i wide = _mm512_cvtepu16_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(row + c * 16)));
+        y = _mm512_add_ps(y, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
       }
       _mm256_store_si256(reinterpret_cast<__m256i*>(row + c * 16), (__m256i)_mm512_cvtneps_pbh(y));
     }
-    __builtin_memcpy(a.out + (b * a.rows + m0 + r) * a.out_channels + o0, row, cols * sizeof(uint16_t));
+    __builtin_memcpy(a.out + at, row, cols * sizeof(uint16_t));
   }
 }
 

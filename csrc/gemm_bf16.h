@@ -21,9 +21,14 @@ struct GemmArgs {
   // (kGemmCols, 2) values, so one load holds 16 outputs' pairs, as the instruction takes them.
   const uint16_t* w_packed;
   const float* bias;  // (out_channels) or null
-  uint16_t* out;  // (batch, rows, out_channels), row-contiguous bfloat16 bits
+  // (batch, out_rows, out_channels), row-contiguous bfloat16 bits. Of the `rows` computed, row m is
+  // written only if m % row_period < row_valid, to row (m / row_period) row_valid + m % row_period:
+  // a convolution over a padded map drops the columns that fall on the padding.
+  uint16_t* out;
+  const uint16_t* addend;  // null, or bfloat16 like out: added to the sums before the rounding
   const int64_t* offsets;  // taps
   int64_t batch, positions, channels, rows, out_channels, taps;
+  int64_t row_period, row_valid, out_rows;
 };
 
 // Row block `row_block` (of kGemmRows) of batch item `b`, columns of `panel`.

@@ -462,12 +462,16 @@ void run_gemm(GemmProblem p) {
 
 class Bf16Product : public mx::UnaryPrimitive {
  public:
-  Bf16Product(mx::Stream stream, std::vector<int64_t> offsets, int64_t rows, int64_t out_channels, bool has_bias)
+  Bf16Product(mx::Stream stream, std::vector<int64_t> offsets, int64_t rows, int64_t out_channels, bool has_bias,
+              int64_t row_period, int64_t row_valid, bool has_addend)
       : mx::UnaryPrimitive(stream),
         offsets_(std::move(offsets)),
         rows_(rows),
         out_channels_(out_channels),
-        has_bias_(has_bias) {}
+        has_bias_(has_bias),
+        row_period_(row_period),
+        row_valid_(row_valid),
+        has_addend_(has_addend) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     out.set_data(mx::allocator::malloc(out.nbytes()));
@@ -480,7 +484,11 @@ class Bf16Product : public mx::UnaryPrimitive {
     p.a.x = x.data<uint16_t>();
     p.a.w_packed = packed.data<uint16_t>();
     p.a.bias = has_bias_ ? inputs[2].data<float>() : nullptr;
+    p.a.addend = has_addend_ ? inputs.back().data<uint16_t>() : nullptr;
     p.a.out = out.data<uint16_t>();
+    p.a.row_period = row_period_;
+    p.a.row_valid = row_valid_;
+    p.a.out_rows = out.shape(1);
     p.a.batch = x.shape(0);
     p.a.positions = x.shape(1);
     p.a.channels = x.shape(2);
@@ -500,7 +508,8 @@ class Bf16Product : public mx::UnaryPrimitive {
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto& o = static_cast<const Bf16Product&>(other);
     return offsets_ == o.offsets_ && rows_ == o.rows_ && out_channels_ == o.out_channels_ &&
-           has_bias_ == o.has_bias_;
+           has_bias_ == o.has_bias_ && row_period_ == o.row_period_ && row_valid_ == o.row_valid_ &&
+           has_addend_ == o.has_addend_;
   }
 
  private:
@@ -508,6 +517,8 @@ class Bf16Product : public mx::UnaryPrimitive {
   int64_t rows_;
   int64_t out_channels_;
   bool has_bias_;
+  int64_t row_period_, row_valid_;
+  bool has_addend_;
 };
 
 void require_bf16_dot() {
@@ -524,7 +535,8 @@ mx::array bf16_pack(const mx::array& w) {
 }
 
 mx::array bf16_product(const mx::array& x, const mx::array& packed, int64_t out_channels,
-                       const std::optional<mx::array>& bias, const std::vector<int64_t>& offsets, int64_t rows) {
+                       const std::optional<mx::array>& bias, const std::vector<int64_t>& offsets, int64_t rows,
+                       int64_t row_period, int64_t row_valid, const std::optional<mx::array>& addend) {
   require_bf16_dot();
   if (x.ndim() != 3 || x.dtype() != mx::bfloat16)
     throw std::invalid_argument("bf16_product: x must be (batch, positions, channels) bfloat16");
@@ -544,9 +556,19 @@ mx::array bf16_product(const mx::array& x, const mx::array& packed, int64_t out_
       throw std::invalid_argument("bf16_product: bias must be (out_channels,)");
     inputs.push_back(mx::astype(*bias, mx::float32));
   }
-  return mx::array({x.shape(0), static_cast<int>(rows), static_cast<int>(out_channels)}, mx::bfloat16,
-                   std::make_shared<Bf16Product>(mx::default_stream(mx::Device::cpu), offsets, rows,
-                                                 out_channels, bias.has_value()),
+  if (row_period == 0) row_period = row_valid = rows;
+  if (row_period < 1 || row_valid < 1 || row_valid > row_period || rows % row_period != 0)
+    throw std::invalid_argument("bf16_product: rows must be whole periods, 0 < row_valid <= row_period");
+  const int out_rows = static_cast<int>(rows / row_period * row_valid);
+  const mx::Shape shape = {x.shape(0), out_rows, static_cast<int>(out_channels)};
+  if (addend.has_value()) {
+    if (addend->shape() != shape || addend->dtype() != mx::bfloat16)
+      throw std::invalid_argument("bf16_product: addend must be bfloat16 of the output's shape");
+    inputs.push_back(mx::contiguous(*addend));
+  }
+  return mx::array(shape, mx::bfloat16,
+                   std::make_shared<Bf16Product>(mx::default_stream(mx::Device::cpu), offsets, rows, out_channels,
+                                                 bias.has_value(), row_period, row_valid, addend.has_value()),
                    std::move(inputs));
 }
 
@@ -571,10 +593,11 @@ NB_MODULE(_native, m) {
         "w (out, taps, channels) bfloat16, channels even, packed for bf16_product (uint16 panels). Pack a "
         "layer's weights once and keep them: packing costs about as much as a small product.");
   m.def("bf16_product", &sd_native::bf16_product, "x"_a, "packed"_a, "out_channels"_a, "bias"_a = nb::none(),
-        "offsets"_a, "rows"_a,
-        "out[b, m, o] = bias[o] + sum over taps t and channels c of x[b, m + offsets[t], c] w[o, t, c], "
-        "bfloat16 in and out, float32 sums; x (batch, positions, channels), packed = bf16_pack(w). "
-        "Needs has_bf16_dot().");
+        "offsets"_a, "rows"_a, "row_period"_a = 0, "row_valid"_a = 0, "addend"_a = nb::none(),
+        "out[b, m, o] = bias[o] + sum over taps t and channels c of x[b, m + offsets[t], c] w[o, t, c] "
+        "(+ addend[b, m, o]), bfloat16 in and out, float32 sums; x (batch, positions, channels), packed = "
+        "bf16_pack(w). With row_period, of each run of row_period rows m only the first row_valid are "
+        "kept (the output has rows / row_period * row_valid rows). Needs has_bf16_dot().");
   m.def("group_norm", &sd_native::group_norm, "x"_a, "weight"_a, "bias"_a, "groups"_a, "eps"_a, "silu"_a = false,
         "pad"_a = std::vector<int64_t>{0, 0, 0, 0}, "kernel"_a = "",
         "PyTorch's GroupNorm of x (B, H, W, C), float32 or bfloat16, channels contiguous; statistics in "

@@ -430,11 +430,28 @@ def conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.a
     computes are cropped. When O is small (the networks' last convolutions, O = 3 or 4) the
     product is taken once with all nine taps as columns, (C, 9 O), and the shifted columns summed.
     """
-    batch, height, width, channels = x.shape
+    return _conv3x3_framed(_frame(x), x.shape[1], x.shape[2], weight, bias)
+
+
+# The zero border a 3x3 convolution (stride 1, padding 1) reads its input in, as (top, bottom, left,
+# right) pixels: with rows of W + 2 pixels, each tap is a fixed row offset (see conv3x3), and one
+# extra row at the bottom keeps the last taps of the last row inside the array.
+FRAME = (1, 2, 1, 1)
+
+
+def _frame(x: mx.array) -> mx.array:
+    """x (B, H, W, C) inside `FRAME`'s zero border."""
+    top, bottom, left, right = FRAME
+    return mx.pad(x, [(0, 0), (top, bottom), (left, right), (0, 0)])
+
+
+def _conv3x3_framed(framed: mx.array, height: int, width: int, weight: mx.array,
+                    bias: mx.array | None) -> mx.array:
+    """`conv3x3` of the map framed as `_frame` does, (B, H + 3, W + 2, C)."""
+    batch, channels = framed.shape[0], framed.shape[-1]
     out_channels = weight.shape[0]
     row = width + 2
-    # One extra row at the bottom keeps the last taps of the last row inside the array.
-    padded = mx.pad(x, [(0, 0), (1, 2), (1, 1), (0, 0)]).reshape(batch, (height + 3) * row, channels)
+    padded = framed.reshape(batch, (height + 3) * row, channels)
     n = height * row
     offsets = [dy * row + dx for dy in range(3) for dx in range(3)]
     if 4 * out_channels <= channels:
@@ -456,16 +473,48 @@ class Conv2d(nn.Conv2d):
     """nn.Conv2d (same parameters, same names) that takes `conv3x3` on the CPU where it is faster:
     float32 3x3 convolutions with stride 1 and padding 1, with a large im2col matrix or few
     output channels; and bfloat16 1x1 convolutions and 3x3 ones with stride 1 (padding 1) or 2
-    through the native bfloat16 products where the CPU has them (`bf16_conv`)."""
+    through the native bfloat16 products where the CPU has them (`bf16_conv`).
 
-    def __call__(self, x: mx.array) -> mx.array:
+    `conv(x, norm=n, residual=r)` is conv(silu(n(x))) + r, the resnet blocks' sequence. On the CPU
+    with the native module, a 3x3 convolution then reads the norm's output straight from the zero
+    border the norm wrote it in (no padded copy), and in bfloat16 the residual is added to the
+    products' float32 sums before their one rounding (no pass of its own)."""
+
+    def __call__(self, x: mx.array, norm: "GroupNorm | None" = None, residual: mx.array | None = None) -> mx.array:
         bias = self["bias"] if "bias" in self else None
-        if self._shifted(x):
-            return conv3x3(x, self.weight, bias)
-        if self._native_bf16(x):
+        framed = self._framed_input(x, norm)
+        if framed is None and norm is not None:
+            x = norm(x, activation=True)
+        native_bf16 = self._native_bf16(x)
+        addend = None
+        if (native_bf16 and residual is not None and residual.dtype == mx.bfloat16 and self.stride == (1, 1)
+                and residual.shape == (*x.shape[:3], self.weight.shape[0])):
+            addend, residual = residual, None
+        if framed is not None and native_bf16:
+            out = _bf16_conv3x3_framed(framed, x.shape[1], x.shape[2], _packed_weight(self, 9), self.weight.shape[0],
+                                       bias, addend)
+        elif framed is not None:
+            out = _conv3x3_framed(framed, x.shape[1], x.shape[2], self.weight, bias)
+        elif self._shifted(x):
+            out = conv3x3(x, self.weight, bias)
+        elif native_bf16:
             taps = self.weight.shape[1] * self.weight.shape[2]
-            return bf16_conv(x, self.weight, bias, self.stride[0], self.padding[0], _packed_weight(self, taps))
-        return super().__call__(x)
+            out = bf16_conv(x, self.weight, bias, self.stride[0], self.padding[0], _packed_weight(self, taps), addend)
+        else:
+            out = super().__call__(x)
+        return out if residual is None else residual + out
+
+    def _framed_input(self, x: mx.array, norm: "GroupNorm | None") -> mx.array | None:
+        """silu(norm(x)) written by the native norm inside `FRAME`'s border, where this layer's
+        convolution reads that (a 3x3 one taking the shifted or the native bfloat16 path); else None."""
+        if norm is None or x.ndim != 4 or self.weight.shape[1:3] != (3, 3) or self.stride != (1, 1):
+            return None
+        if not ((self._native_bf16(x) and x.shape[-1] % 2 == 0) or self._shifted(x)):
+            return None
+        native = _native()[0] if x.dtype in (mx.float32, mx.bfloat16) else None
+        if native is None:
+            return None
+        return native.group_norm(x, norm.weight, norm.bias, norm.num_groups, norm.eps, True, list(FRAME))
 
     def _native_bf16(self, x: mx.array) -> bool:
         if not (CPU_PATHS and x.dtype == mx.bfloat16 and self.weight.dtype == mx.bfloat16 and x.ndim == 4
@@ -557,25 +606,26 @@ def _packed_weight(layer: nn.Module, taps: int) -> mx.array:
 
 
 def bf16_linear(x: mx.array, weight: mx.array, bias: mx.array | None = None,
-                packed: mx.array | None = None) -> mx.array:
-    """x @ weight.T + bias for bfloat16 x (..., K) and weight (N, K), K even: float32 sums, one
-    rounding to bfloat16. `packed`: bf16_pack(weight as (N, 1, K)) if the caller keeps it.
-    Needs `bf16_products()`."""
+                packed: mx.array | None = None, residual: mx.array | None = None) -> mx.array:
+    """x @ weight.T + bias (+ residual) for bfloat16 x (..., K) and weight (N, K), K even: float32
+    sums, one rounding to bfloat16. `packed`: bf16_pack(weight as (N, 1, K)) if the caller keeps
+    it. Needs `bf16_products()`."""
     *lead, k = x.shape
     out_features = weight.shape[0]
     rows = x.size // k
     if packed is None:
         packed = bf16_pack(weight.reshape(out_features, 1, k))
-    out = _native()[0].bf16_product(x.reshape(1, rows, k), packed, out_features, bias, [0], rows)
+    addend = None if residual is None else residual.reshape(1, rows, out_features)
+    out = _native()[0].bf16_product(x.reshape(1, rows, k), packed, out_features, bias, [0], rows, addend=addend)
     return out.reshape(*lead, out_features)
 
 
 def bf16_conv(x: mx.array, weight: mx.array, bias: mx.array | None, stride: int, padding: int,
-              packed: mx.array | None = None) -> mx.array:
+              packed: mx.array | None = None, residual: mx.array | None = None) -> mx.array:
     """A bfloat16 convolution of x (B, H, W, C) with weight (O, k, k, C) by the native products:
     1x1 (stride 1, no padding), 3x3 with stride 1 and padding 1, or 3x3 with stride 2 and any
-    padding. `packed`: the weight as (O, k k, C + C % 2), packed, if the caller keeps it.
-    Needs `bf16_products()`."""
+    padding; plus `residual` (bfloat16, the output's shape) if given. `packed`: the weight as
+    (O, k k, C + C % 2), packed, if the caller keeps it. Needs `bf16_products()`."""
     out_channels, kernel = weight.shape[0], weight.shape[1]
     if x.shape[-1] % 2:  # channels come in pairs: one more, of zeros (the VAE's RGB input)
         x = mx.pad(x, [(0, 0), (0, 0), (0, 0), (0, 1)])
@@ -583,12 +633,13 @@ def bf16_conv(x: mx.array, weight: mx.array, bias: mx.array | None, stride: int,
         taps = weight.reshape(out_channels, kernel * kernel, -1)
         packed = bf16_pack(mx.pad(taps, [(0, 0), (0, 0), (0, x.shape[-1] - taps.shape[-1])]))
     if kernel == 1:
-        return bf16_linear(x, weight.reshape(out_channels, -1), bias, packed)
+        return bf16_linear(x, weight.reshape(out_channels, -1), bias, packed, residual)
     if stride == 1:
-        return _bf16_conv3x3(x, packed, out_channels, bias)
+        return _bf16_conv3x3_framed(_frame(x), x.shape[1], x.shape[2], packed, out_channels, bias, residual)
     if padding:
         x = mx.pad(x, [(0, 0), (padding, padding), (padding, padding), (0, 0)])
-    return _bf16_conv3x3_stride2(x, packed, out_channels, bias)
+    out = _bf16_conv3x3_stride2(x, packed, out_channels, bias)
+    return out if residual is None else residual + out
 
 
 def _bf16_conv3x3_stride2(x: mx.array, packed: mx.array, out_channels: int, bias: mx.array | None) -> mx.array:
@@ -607,19 +658,25 @@ def _bf16_conv3x3_stride2(x: mx.array, packed: mx.array, out_channels: int, bias
     phases = x.reshape(batch, hh + 1, 2, wh, 2, channels).transpose(0, 2, 4, 1, 3, 5)
     phases = phases.reshape(batch, 4 * phase, channels)  # (B, 4 (Hp/2 + 1) Wp/2, C)
     offsets = [((dy % 2) * 2 + dx % 2) * phase + (dy // 2) * wh + dx // 2 for dy in range(3) for dx in range(3)]
-    out = _native()[0].bf16_product(phases, packed, out_channels, bias, offsets, h_out * wh)  # (B, H_out Wp/2, O)
-    return out.reshape(batch, h_out, wh, out_channels)[:, :, :w_out]
+    out = _native()[0].bf16_product(phases, packed, out_channels, bias, offsets, h_out * wh,
+                                    row_period=wh, row_valid=w_out)  # (B, H_out W_out, O)
+    return out.reshape(batch, h_out, w_out, out_channels)
 
 
-def _bf16_conv3x3(x: mx.array, packed: mx.array, out_channels: int, bias: mx.array | None) -> mx.array:
-    """`conv3x3` for bfloat16 x (B, H, W, C), C even, as one native product over the nine shifted
-    row ranges (the taps), float32 sums."""
-    batch, height, width, channels = x.shape
+def _bf16_conv3x3_framed(framed: mx.array, height: int, width: int, packed: mx.array, out_channels: int,
+                         bias: mx.array | None, residual: mx.array | None = None) -> mx.array:
+    """`conv3x3` for a bfloat16 map framed as `_frame` does, (B, H + 3, W + 2, C), C even, as one
+    native product over the nine shifted row ranges (the taps), float32 sums; the two columns
+    per row that fall on the border are not written, and `residual` (B, H, W, O) is added to the
+    sums."""
+    batch, channels = framed.shape[0], framed.shape[-1]
     row = width + 2
-    padded = mx.pad(x, [(0, 0), (1, 2), (1, 1), (0, 0)]).reshape(batch, (height + 3) * row, channels)
+    padded = framed.reshape(batch, (height + 3) * row, channels)
     offsets = [dy * row + dx for dy in range(3) for dx in range(3)]  # tap order of weight's (3, 3)
-    out = _native()[0].bf16_product(padded, packed, out_channels, bias, offsets, height * row)  # (B, H (W+2), O)
-    return out.reshape(batch, height, row, out_channels)[:, :, :width]
+    addend = None if residual is None else residual.reshape(batch, height * width, out_channels)
+    out = _native()[0].bf16_product(padded, packed, out_channels, bias, offsets, height * row,
+                                    row_period=row, row_valid=width, addend=addend)  # (B, H W, O)
+    return out.reshape(batch, height, width, out_channels)
 
 
 class Linear(nn.Linear):

@@ -74,11 +74,10 @@ class ResnetBlock2D(nn.Module):
         self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def __call__(self, x: mx.array, temb: mx.array) -> mx.array:
-        h = self.conv1(self.norm1(x, activation=True))  # (B, H, W, C_out)
-        h = h + self.time_emb_proj(silu(temb))[:, None, None, :]
-        h = self.conv2(self.norm2(h, activation=True))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return skip + h
+        h = self.conv1(x, norm=self.norm1)  # (B, H, W, C_out)
+        h = h + self.time_emb_proj(silu(temb))[:, None, None, :]
+        return self.conv2(h, norm=self.norm2, residual=skip)  # skip + conv2(silu(norm2(h)))
 
 
 class Attention(nn.Module):

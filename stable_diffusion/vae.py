@@ -45,11 +45,9 @@ class ResnetBlock(nn.Module):
             self.conv_shortcut = Conv2d(in_channels, out_channels, kernel_size=1)
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = self.conv1(self.norm1(x, activation=True))  # (B, H, W, out)
-        h = self.conv2(self.norm2(h, activation=True))  # (B, H, W, out)
-        if "conv_shortcut" in self:
-            x = self.conv_shortcut(x)
-        return x + h
+        skip = self.conv_shortcut(x) if "conv_shortcut" in self else x
+        h = self.conv1(x, norm=self.norm1)  # (B, H, W, out)
+        return self.conv2(h, norm=self.norm2, residual=skip)  # skip + conv2(silu(norm2(h)))
 
 
 class Attention(nn.Module):

@@ -310,6 +310,36 @@ def test_bf16_convolutions_match_float64(conv, parity):
                              out, reference, parity)
 
 
+@needs_native
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["float32", "bfloat16"])
+def test_conv_after_norm_with_residual_is_the_resnet_sequence(dtype, monkeypatch, parity):
+    # conv(x, norm=n, residual=r) = r + conv(silu(n(x))): the norm writes into the convolution's
+    # zero border, and in bfloat16 the residual joins the float32 sums. Shapes: a resnet's two
+    # convolutions (channels change, then not), odd and even sides.
+    if dtype == mx.bfloat16 and not ops.bf16_products():
+        pytest.skip("no native bfloat16 products on this CPU")
+    monkeypatch.setattr(ops, "SHIFTED_CONV_BYTES", 0)  # float32: the shifted products at any size
+    for batch, height, width, channels, out_channels in [(2, 9, 13, 32, 64), (1, 16, 16, 64, 64)]:
+        norm = GroupNorm(8, channels, eps=1e-6)
+        norm.update({"weight": mx.array(random((channels,), 51) * 0.3 + 1.0), "bias": mx.array(random((channels,), 52))})
+        layer = Conv2d(channels, out_channels, 3, padding=1)
+        for module in (norm, layer):
+            module.set_dtype(dtype)
+        x = mx.array(random((batch, height, width, channels), 53) + 2.0).astype(dtype)
+        residual = mx.array(random((batch, height, width, out_channels), 54)).astype(dtype)
+        assert layer._framed_input(x, norm) is not None
+        out = layer(x, norm=norm, residual=residual)
+        assert out.shape == residual.shape and out.dtype == dtype
+        normed = norm(x, activation=True)  # the unfused norm: the same values the fused one writes
+        conv = mx.conv2d(normed.astype(mx.float32), layer.weight.astype(mx.float32), padding=1)
+        reference = np.array(conv + layer.bias.astype(mx.float32), np.float64) + exact(residual)
+        name = f"conv after norm + residual {dtype} {(batch, height, width, channels, out_channels)}"
+        if dtype == mx.bfloat16:
+            assert_bf16_rounding(name, out, reference, parity)  # one rounding: the residual's too
+        else:
+            parity(name, out, reference, atol=2e-5)
+
+
 @needs_bf16
 def test_bf16_products_leave_what_they_cannot_take_to_mlx():
     for layer in [Conv2d(8, 8, 3, padding=0), Conv2d(8, 8, 3, stride=3, padding=1), Conv2d(8, 8, 5, padding=2),
