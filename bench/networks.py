@@ -16,7 +16,8 @@ Workloads: one self-attention at the UNet's largest (64x64 latent) shape, alone,
 flash kernel when built; `attention_chunked`: the pure-MLX chunked path); UNet calls (batch 2:
 classifier-free guidance), VAE encode and decode at 512x512, the text encoder, the TAESD preview
 decoder at 512x512 (its cost per frame against the VAE decode's is printed after the table), whole
-image-to-image runs (the pipeline's own loop, 512x512, cfg 7.5), and `load`:
+image-to-image runs (the pipeline's own loop, 512x512, cfg 7.5, the model loaded from the folder
+below first: its peak memory is the whole command's but for the imports), and `load`:
 a full-size model written in the diffusers layout (safetensors) to a temporary folder, then
 loaded with `StableDiffusion.from_pretrained` (diffusers: `StableDiffusionImg2ImgPipeline.
 from_pretrained`) until every weight is in memory. After the table: what a 10-row, 50-step
@@ -89,8 +90,7 @@ def mlx_worker(workload: str, dtype_name: str, reps: int) -> dict:
 
     from stable_diffusion.blas import preload_blas
     from stable_diffusion.clip import CLIPTextModel
-    from stable_diffusion.config import (PipelineConfig, SchedulerConfig, TextEncoderConfig,
-                                         UNetConfig, VAEConfig)
+    from stable_diffusion.config import TextEncoderConfig, UNetConfig, VAEConfig
     from stable_diffusion.ops import attention, chunked_attention, native_status, use_cpu_buffer_cache
     from stable_diffusion.pipeline import StableDiffusion
     from stable_diffusion.unet import UNetModel
@@ -145,15 +145,9 @@ def mlx_worker(workload: str, dtype_name: str, reps: int) -> dict:
             mx.eval(weights)
             return weights[0]
     else:
-        from stable_diffusion.tokenizer import Tokenizer
-
-        folder = Path(os.environ["BENCH_MODEL"]) / "tokenizer"
-        config = PipelineConfig(unet=UNetConfig.from_diffusers(UNET), vae=VAEConfig.from_diffusers(VAE),
-                                scheduler=SchedulerConfig.from_diffusers(SCHEDULER),
-                                text_encoders=(TextEncoderConfig.from_diffusers(TEXT),))
-        sd = StableDiffusion(config, ready(UNetModel(config.unet)), ready(Autoencoder(config.vae)),
-                             [ready(CLIPTextModel(config.text_encoders[0]))],
-                             [Tokenizer.from_folder(folder)], dtype)
+        # Loaded from the folder, as the command does, every weight in memory before the clock starts.
+        sd = StableDiffusion.from_pretrained(os.environ["BENCH_MODEL"], dtype=dtype)
+        mx.eval([v for m in (sd.unet, sd.vae, *sd.text_encoders) for _, v in tree_flatten(m.parameters())])
         picture = mx.random.uniform(-1, 1, (512, 512, 3), key=key)
         strength, steps = IMG2IMG[workload]
 
@@ -230,12 +224,9 @@ def torch_worker(workload: str, dtype_name: str, reps: int) -> dict:
                         weight.sum()
                 return pipe
         else:
-            from transformers import CLIPTokenizer
-
-            pipe = StableDiffusionImg2ImgPipeline(
-                vae=vae(), text_encoder=text(), tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-                unet=unet(), scheduler=EulerDiscreteScheduler(**SCHEDULER), safety_checker=None,
-                feature_extractor=None, requires_safety_checker=False)
+            pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
+                folder, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+            pipe.scheduler = EulerDiscreteScheduler(**SCHEDULER)
             pipe.set_progress_bar_config(disable=True)
             picture = torch.rand(1, 3, 512, 512, dtype=dtype) * 2 - 1
             strength, steps = IMG2IMG[workload]
@@ -415,7 +406,7 @@ def main(argv=None) -> int:
     report = {"dtype": args.dtype, "reps": args.reps, "cpus": os.cpu_count(), "uname": os.uname().release,
               "load_average_start": os.getloadavg(), "workloads": {}}
     try:
-        if "load" in workloads:
+        if any(w in ("load", *IMG2IMG) for w in workloads):
             start = time.perf_counter()
             written = write_model(scratch)
             report["model_bytes"] = written
