@@ -121,8 +121,8 @@ def build_parser(command: str, sweep: bool = False) -> argparse.ArgumentParser:
     if not img2img:
         g.add_argument("--size", default=None,
                        help="HEIGHTxWIDTH in pixels, multiples of 64 (default: the model's native size)")
-    g.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: float16 on Metal, "
-                   "float32 on the CPU)")
+    g.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: float16 on a GPU; on the CPU "
+                   "bfloat16 where it has AVX512_BF16 and the native kernels are built, else float32; -v says which)")
     g.add_argument("--no-float16", dest="no_float16", action="store_true",
                    help="same as --dtype float32")
     g.add_argument("-q", "--quantize", action="store_true",
