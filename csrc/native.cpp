@@ -8,14 +8,23 @@
 // inside a zero border (the padding of the 3x3 convolution that follows), on all cores, where
 // MLX's CPU backend would take several single-threaded passes (see group_norm.h).
 //
+// read_tensor: one tensor of a safetensors file, read with pread on all cores and converted on the
+// way to the dtype and layout the networks hold (channels last, or packed for bf16_product), so
+// that loading neither copies the file nor holds a float32 copy of a weight.
+//
 // flash_attention: softmax(q k^T scale + mask) v without the score matrix. Each task takes a tile
 // of query rows of one head through all key tiles with an online softmax (running maximum and
 // sum, Milakov and Gimelshein 2018; Dao et al. 2022), in float32, on all cores.
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #if defined(__linux__)
 #include <sched.h>
 #endif
+#include <cerrno>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -34,6 +43,7 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
+#include "mlx/types/half_types.h"
 #include "mlx/version.h"
 
 #include "flash_attention.h"
@@ -572,6 +582,243 @@ mx::array bf16_product(const mx::array& x, const mx::array& packed, int64_t out_
                    std::move(inputs));
 }
 
+// --- reading tensors from safetensors files ---
+
+enum class Layout { plain, channels_last, packed };
+
+// float32 bits -> bfloat16 bits, rounded to nearest even, every NaN to 0x7FC0: MLX's astype,
+// written without a branch so that the loop vectorises.
+inline uint16_t bf16_bits(uint32_t u) {
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : static_cast<uint16_t>(rounded);
+}
+
+// float16 bits -> float32 bits, exact: the exponent is rebiased by a multiplication by 2^112,
+// which also turns subnormal halves into normal floats; infinities and NaNs are set apart.
+inline uint32_t f32_bits_of_f16(uint16_t h) {
+  const uint32_t magnitude = static_cast<uint32_t>(h & 0x7FFFu) << 13;
+  float f;
+  std::memcpy(&f, &magnitude, sizeof f);
+  f *= 0x1p112f;
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  if (magnitude >= (0x7C00u << 13)) bits = magnitude | 0x7F800000u;
+  return (static_cast<uint32_t>(h & 0x8000u) << 16) | bits;
+}
+
+// n values of dtype `from` -> dtype `to` (float32, float16 or bfloat16), as MLX's astype does it.
+void convert(const char* src, mx::Dtype from, char* dst, mx::Dtype to, int64_t n) {
+  if (from == to) {
+    std::memcpy(dst, src, n * from.size());
+    return;
+  }
+  constexpr int64_t kBlock = 2048;
+  uint32_t block[kBlock];
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const int64_t m = std::min(kBlock, n - i0);
+    const uint32_t* bits = block;
+    if (from == mx::float32) {
+      bits = reinterpret_cast<const uint32_t*>(src) + i0;
+    } else if (from == mx::bfloat16) {
+      const uint16_t* in = reinterpret_cast<const uint16_t*>(src) + i0;
+      for (int64_t i = 0; i < m; ++i) block[i] = static_cast<uint32_t>(in[i]) << 16;
+    } else {
+      const uint16_t* in = reinterpret_cast<const uint16_t*>(src) + i0;
+      for (int64_t i = 0; i < m; ++i) block[i] = f32_bits_of_f16(in[i]);
+    }
+    if (to == mx::float32) {
+      std::memcpy(reinterpret_cast<uint32_t*>(dst) + i0, bits, m * sizeof(uint32_t));
+    } else if (to == mx::bfloat16) {
+      uint16_t* out = reinterpret_cast<uint16_t*>(dst) + i0;
+      for (int64_t i = 0; i < m; ++i) out[i] = bf16_bits(bits[i]);
+    } else {  // float16: MLX's own conversion, one value at a time (no CPU run computes in it)
+      uint16_t* out = reinterpret_cast<uint16_t*>(dst) + i0;
+      for (int64_t i = 0; i < m; ++i) {
+        float f;
+        std::memcpy(&f, bits + i, sizeof f);
+        const mx::float16_t h = static_cast<mx::float16_t>(f);
+        std::memcpy(out + i, &h, sizeof(uint16_t));
+      }
+    }
+  }
+}
+
+// A tensor as the file holds it, (rows, channels, taps) row-major: a convolution's (O, C, kh kw),
+// a linear layer's (O, C, 1); a plain tensor is (elements, 1, 1).
+struct ReadSpec {
+  std::string path;
+  int64_t offset;  // of the tensor's first byte in the file
+  mx::Dtype from, to;
+  int64_t rows, channels, taps;
+  Layout layout;
+};
+
+class File {
+ public:
+  explicit File(const std::string& path) : fd_(::open(path.c_str(), O_RDONLY | O_CLOEXEC)) {
+    if (fd_ < 0) throw std::runtime_error("read_tensor: cannot open " + path + ": " + std::strerror(errno));
+  }
+  ~File() { ::close(fd_); }
+  File(const File&) = delete;
+  File& operator=(const File&) = delete;
+
+  int64_t size() const {
+    struct stat st;
+    return ::fstat(fd_, &st) == 0 ? static_cast<int64_t>(st.st_size) : -1;
+  }
+
+  void read(char* dst, int64_t bytes, int64_t offset) const {
+    while (bytes > 0) {
+      const ssize_t got = ::pread(fd_, dst, static_cast<size_t>(std::min<int64_t>(bytes, 1 << 30)), offset);
+      if (got < 0 && errno == EINTR) continue;
+      if (got <= 0) throw std::runtime_error("read_tensor: the file ended or failed while reading");
+      dst += got;
+      bytes -= got;
+      offset += got;
+    }
+  }
+
+ private:
+  int fd_;
+};
+
+// Source rows [r0, r1) of a (rows, channels, taps) tensor, converted, written channels last:
+// out[o, t, c] = w[o, c, t].
+void channels_last_rows(const char* converted, int64_t r0, int64_t r1, const ReadSpec& s, char* out) {
+  const int64_t row = s.channels * s.taps, size = s.to.size();
+  for (int64_t o = r0; o < r1; ++o) {
+    const char* src = converted + (o - r0) * row * size;
+    char* dst = out + o * row * size;
+    for (int64_t c = 0; c < s.channels; ++c)
+      for (int64_t t = 0; t < s.taps; ++t)
+        std::memcpy(dst + (t * s.channels + c) * size, src + (c * s.taps + t) * size, size);
+  }
+}
+
+// Panel `panel` (kGemmCols outputs) of the bf16_pack layout, from its converted source rows in
+// (rows, channels, taps) order: (taps, pairs, kGemmCols) words of two channels, zero past the
+// outputs and in the extra channel that makes an odd count even.
+void packed_panel(const uint16_t* w, int64_t panel, const ReadSpec& s, uint16_t* packed) {
+  const int64_t pairs = (s.channels + 1) / 2, taps = s.taps, channels = s.channels;
+  const int64_t panel_words = taps * pairs * kGemmCols;
+  auto* dst = reinterpret_cast<uint32_t*>(packed) + panel * panel_words;
+  const int64_t valid = std::min(kGemmCols, s.rows - panel * kGemmCols);
+  if (valid < kGemmCols || channels % 2) std::fill(dst, dst + panel_words, 0u);
+  for (int64_t j = 0; j < valid; ++j) {
+    const uint16_t* row = w + j * channels * taps;
+    for (int64_t q = 0; q < pairs; ++q) {
+      const uint16_t* low = row + 2 * q * taps;
+      const uint16_t* high = 2 * q + 1 < channels ? low + taps : nullptr;
+      uint32_t* out = dst + q * kGemmCols + j;
+      for (int64_t t = 0; t < taps; ++t)
+        out[t * pairs * kGemmCols] = low[t] | (high == nullptr ? 0u : static_cast<uint32_t>(high[t]) << 16);
+    }
+  }
+}
+
+void run_read(const ReadSpec& s, char* out) {
+  const File file(s.path);
+  const int64_t row = s.channels * s.taps;
+  const int64_t in_size = s.from.size(), out_size = s.to.size();
+  // Rows per task: whole panels when packing, else about a million values (4 MB of float32).
+  const int64_t per_task = s.layout == Layout::packed ? kGemmCols : std::max<int64_t>(1, (1 << 20) / row);
+  const int64_t tasks = (s.rows + per_task - 1) / per_task;
+  const int workers = static_cast<int>(std::min<int64_t>(thread_count(), tasks));
+  std::vector<std::vector<char>> raw(workers), converted(workers);
+  parallel_for(tasks, workers, [&](int64_t i, int worker) {
+    const int64_t r0 = i * per_task, r1 = std::min(s.rows, r0 + per_task), n = (r1 - r0) * row;
+    const int64_t offset = s.offset + r0 * row * in_size;
+    if (s.layout == Layout::plain && s.from == s.to) {  // straight into place
+      file.read(out + r0 * row * out_size, n * in_size, offset);
+      return;
+    }
+    std::vector<char>& in = raw[worker];
+    in.resize(n * in_size);
+    file.read(in.data(), n * in_size, offset);
+    if (s.layout == Layout::plain) {
+      convert(in.data(), s.from, out + r0 * row * out_size, s.to, n);
+      return;
+    }
+    std::vector<char>& mid = converted[worker];
+    mid.resize(n * out_size);
+    convert(in.data(), s.from, mid.data(), s.to, n);
+    if (s.layout == Layout::channels_last)
+      channels_last_rows(mid.data(), r0, r1, s, out);
+    else
+      packed_panel(reinterpret_cast<const uint16_t*>(mid.data()), i, s, reinterpret_cast<uint16_t*>(out));
+  });
+}
+
+class ReadTensor : public mx::UnaryPrimitive {
+ public:
+  ReadTensor(mx::Stream stream, ReadSpec spec) : mx::UnaryPrimitive(stream), spec_(std::move(spec)) {}
+
+  void eval_cpu(const std::vector<mx::array>&, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_output_array(out);
+    encoder.dispatch([spec = spec_, out = out.data<char>()]() { run_read(spec, out); });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("ReadTensor runs on the CPU only");
+  }
+
+  const char* name() const override { return "ReadTensor"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const ReadSpec& o = static_cast<const ReadTensor&>(other).spec_;
+    return o.path == spec_.path && o.offset == spec_.offset && o.from == spec_.from && o.to == spec_.to &&
+           o.rows == spec_.rows && o.channels == spec_.channels && o.taps == spec_.taps &&
+           o.layout == spec_.layout;
+  }
+
+ private:
+  ReadSpec spec_;
+};
+
+bool is_float(mx::Dtype d) { return d == mx::float32 || d == mx::float16 || d == mx::bfloat16; }
+
+mx::array read_tensor(const std::string& path, int64_t offset, mx::Dtype source_dtype,
+                      const std::vector<int>& source_shape, mx::Dtype dtype, const std::string& layout) {
+  if (!is_float(source_dtype) || !is_float(dtype))
+    throw std::invalid_argument("read_tensor: reads and converts float32, float16 and bfloat16 only");
+  ReadSpec s{path, offset, source_dtype, dtype, 1, 1, 1, Layout::plain};
+  int64_t count = 1;
+  for (int d : source_shape) {
+    if (d < 0) throw std::invalid_argument("read_tensor: negative dimension");
+    count *= d;
+  }
+  mx::Shape shape(source_shape.begin(), source_shape.end());
+  if (layout == "plain") {
+    s.rows = count;
+  } else {
+    if (source_shape.size() < 2)
+      throw std::invalid_argument("read_tensor: " + layout + " needs a (out, channels, ...) tensor");
+    s.rows = source_shape[0];
+    s.channels = source_shape[1];
+    s.taps = s.rows * s.channels == 0 ? 0 : count / (s.rows * s.channels);
+    if (layout == "channels_last") {
+      if (source_shape.size() != 4) throw std::invalid_argument("read_tensor: channels_last needs (O, C, kh, kw)");
+      s.layout = Layout::channels_last;
+      shape = {source_shape[0], source_shape[2], source_shape[3], source_shape[1]};
+    } else if (layout == "packed") {
+      require_bf16_dot();
+      if (dtype != mx::bfloat16) throw std::invalid_argument("read_tensor: packed weights are bfloat16");
+      s.layout = Layout::packed;
+      const int panels = static_cast<int>((s.rows + kGemmCols - 1) / kGemmCols);
+      shape = {panels, static_cast<int>(s.taps), static_cast<int>((s.channels + 1) / 2), static_cast<int>(2 * kGemmCols)};
+    } else {
+      throw std::invalid_argument("read_tensor: layout must be plain, channels_last or packed");
+    }
+  }
+  const int64_t size = File(path).size();
+  if (offset < 0 || size < 0 || offset + count * source_dtype.size() > size)
+    throw std::invalid_argument("read_tensor: " + path + " ends before the tensor's bytes (truncated)");
+  return mx::array(shape, layout == "packed" ? mx::uint16 : dtype,
+                   std::make_shared<ReadTensor>(mx::default_stream(mx::Device::cpu), std::move(s)), {});
+}
+
 std::vector<std::string> kernel_names() {
   std::vector<std::string> names;
   for (const Isa& isa : isas()) names.emplace_back(isa.name);
@@ -603,6 +850,13 @@ NB_MODULE(_native, m) {
         "PyTorch's GroupNorm of x (B, H, W, C), float32 or bfloat16, channels contiguous; statistics in "
         "float32 sums added in double; then SiLU if silu; the result written inside a zero border of "
         "pad = (top, bottom, left, right) pixels. kernel: one of kernels(), default the first.");
+  m.def("read_tensor", &sd_native::read_tensor, "path"_a, "offset"_a, "source_dtype"_a, "source_shape"_a,
+        "dtype"_a, "layout"_a = "plain",
+        "A tensor of source_shape and source_dtype whose bytes start at offset in the file at path, read "
+        "lazily (on all cores when evaluated) and converted to dtype as astype does. layout: plain (the "
+        "source's shape), channels_last ((O, C, kh, kw) -> (O, kh, kw, C)) or packed (an (O, C, ...) weight "
+        "as bf16_pack lays out (O, taps, C + C % 2); dtype bfloat16). Raises ValueError when the file is "
+        "shorter than the tensor.");
   m.def("flash_attention", &sd_native::flash_attention, "q"_a, "k"_a, "v"_a, "scale"_a,
         "mask"_a = nb::none(), "kernel"_a = "",
         "softmax(q k^T scale + mask) v on the CPU without the score matrix. q (B, H, Lq, d), k and v "

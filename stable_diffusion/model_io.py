@@ -14,10 +14,12 @@ import re
 import struct
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import ops
 from .config import components, load_json
 from .errors import HubUnreachable, ModelError
 
@@ -351,6 +353,11 @@ _ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16"
 def read_safetensors_header(path: Path) -> dict:
     """Parse and check a safetensors header without reading tensor data: every tensor's byte range
     must lie inside the file, so a truncated or corrupt file is caught before loading."""
+    return _read_header(path)[0]
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """`read_safetensors_header` and the file offset where the tensor data begins."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -387,13 +394,36 @@ def read_safetensors_header(path: Path) -> dict:
         if not 0 <= begin <= end <= data_size or end - begin != count * _ST_DTYPES[dtype]:
             raise ModelError(f"{path} is truncated or corrupt (tensor {name} lies outside the data); "
                              "download it again")
-    return header
+    return header, 8 + n
 
 
-def _load_file(path: Path) -> dict:
-    read_safetensors_header(path)
+# The stored dtypes the native reader converts (others, such as F64, go through mx.load).
+_READER_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16}
+
+
+class Stored(NamedTuple):
+    """Where a tensor lies in a safetensors file, as the native reader takes it."""
+
+    path: Path
+    offset: int  # of its first byte in the file
+    dtype: mx.Dtype
+    shape: tuple
+
+
+def read_safetensors_places(path: Path) -> tuple[dict, dict]:
+    """The checked header (`read_safetensors_header`), and name -> `Stored` for the tensors the
+    native reader can read."""
+    header, data_start = _read_header(path)
+    return header, {name: Stored(path, data_start + int(info["data_offsets"][0]), _READER_DTYPES[info["dtype"]],
+                         tuple(int(d) for d in info["shape"]))
+            for name, info in header.items() if name != "__metadata__" and info["dtype"] in _READER_DTYPES}
+
+
+def _load_file(path: Path) -> tuple[dict, dict]:
+    """The file's tensors, lazily (mx.load reads nothing until evaluated), and where they lie."""
+    _, places = read_safetensors_places(path)
     try:
-        return mx.load(str(path))
+        return mx.load(str(path)), places
     except (RuntimeError, ValueError) as e:
         raise ModelError(f"cannot read {path} ({e}); download it again") from None
 
@@ -405,22 +435,27 @@ def _pointer(component_folder: Path) -> dict | None:
     return load_json(path) if path.is_file() else None
 
 
-def load_weights(model, component_folder, mapper, dtype=mx.float32, variant: str | None = None):
-    """Load a component's safetensors weights into `model`, strictly, cast to `dtype`."""
+def load_weights(model, component_folder, mapper, dtype=mx.float32, variant: str | None = None,
+                 pack: bool = True):
+    """Load a component's safetensors weights into `model`, strictly, cast to `dtype`, and
+    evaluate them (see `assign_weights`; `pack=False` leaves every layer unpacked)."""
     pointer = _pointer(Path(component_folder))
     if pointer is not None and "file" in pointer:
         from .single_file import load_component
 
-        return load_component(model, pointer, mapper, dtype)
+        return load_component(model, pointer, mapper, dtype, pack)
     if pointer is not None:
-        return load_weights(model, pointer["folder"], mapper, dtype, variant)
+        return load_weights(model, pointer["folder"], mapper, dtype, variant, pack)
     files = weight_files(Path(component_folder), variant)
-    weights, origin = {}, {}
+    weights, origin, stored = {}, {}, {}
     for path in files:
-        for key, value in _load_file(path).items():
+        tensors, places = _load_file(path)
+        for key, value in tensors.items():
             for new_key, new_value in mapper(key, value):
                 weights[new_key] = new_value
                 origin[new_key] = path
+                if key in places:
+                    stored[new_key] = places[key]
     expected = dict(tree_flatten(model.parameters()))
     mismatch = ("; the weights do not match this model's config: use the config.json that came "
                 "with them, or download the model again")
@@ -443,8 +478,59 @@ def load_weights(model, component_folder, mapper, dtype=mx.float32, variant: str
             layout = " (channels last)" if value.ndim == 4 else ""
             raise ModelError(f"{origin[key]}: tensor {key} has shape {tuple(value.shape)}{layout}, the "
                              f"config implies {tuple(expected[key].shape)}" + mismatch)
-    model.update(tree_unflatten([(k, v.astype(dtype)) for k, v in weights.items()]))
+    return assign_weights(model, weights, stored, dtype, pack)
+
+
+def assign_weights(model, weights: dict, stored: dict, dtype, pack: bool = True):
+    """Put checked weights (key -> array as the mapper made it, lazy) into `model` as `dtype`,
+    evaluated, and give the loading's buffers back to the OS.
+
+    Where the native reader is built, a weight whose file place is known (`stored`: key ->
+    `Stored`) and whose layout it can make is read by it: from the file straight into its final
+    dtype and layout, on all cores, without the float32 copy that mx.load and astype would hold.
+    With `pack`, the layers that take the native bfloat16 products hold their weight only packed
+    (ops.pack_weights): read packed when the reader takes it, else packed from the cast weight.
+    """
+    packed_layers = {f"{name}.weight" if name else "weight": layer for name, layer in model.named_modules()
+                     if pack and ops.packable(layer, dtype)}
+    reader = ops.native_reader()
+    plain, packed = [], {}
+    for key, value in weights.items():
+        place = stored.get(key) if reader else None
+        layout = None if place is None else _reader_layout(place.shape, value.shape)
+        if layout is None:
+            plain.append((key, value.astype(dtype)))
+        elif key in packed_layers:
+            packed[key] = _read(place, dtype, "packed")
+        else:
+            plain.append((key, _read(place, dtype, layout).reshape(value.shape)))
+    model.update(tree_unflatten(plain))
+    for key, array in packed.items():
+        ops.hold_packed(packed_layers[key], array)
+    if pack:
+        ops.pack_weights(model)  # the layers whose weight came through MLX
+    mx.eval(model.parameters())
+    ops.release_cpu_buffers()
     return model
+
+
+def _read(place: Stored, dtype, layout: str) -> mx.array:
+    try:
+        return ops.read_tensor(place.path, place.offset, place.dtype, place.shape, dtype, layout)
+    except ValueError as e:  # the file changed since its header was checked
+        raise ModelError(f"cannot read {place.path} ({e}); download it again") from None
+
+
+def _reader_layout(stored: tuple, shape: tuple) -> str | None:
+    """How the native reader turns a tensor stored with shape `stored` into the mapper's `shape`:
+    "plain" (the same values in order: the same shape, or a 1x1 convolution as a linear weight),
+    "channels_last" (every 4-D weight is a convolution the mappers put channels last, see
+    `_mlx_layout`), or None for anything else, which goes through MLX."""
+    if len(stored) == 4 and len(shape) == 4:
+        return "channels_last" if shape == (stored[0], stored[2], stored[3], stored[1]) else None
+    if stored == shape or (len(stored) == 4 and stored[2:] == (1, 1) and shape == stored[:2]):
+        return "plain"
+    return None
 
 
 # --- key and layout mapping, one small pure function per network ---------------------------------

@@ -36,7 +36,9 @@ EPYC (AVX2) with the full SD 2.1-base networks, so the CPU gets its own paths:
 5. bfloat16 matrix products and convolutions are a scalar loop (a UNet call about 10x slower than
    in float32). Where the CPU has AVX512_BF16 and the native module is built, `Linear` and `Conv2d`
    take bfloat16 through its dot-product instruction, float32 sums (`bf16_linear`, `bf16_conv`),
-   and bfloat16 becomes the CPU's default dtype (`default_cpu_dtype`).
+   and bfloat16 becomes the CPU's default dtype (`default_cpu_dtype`). Such layers hold their
+   weight only in the kernel's packed layout (`pack_weights`), which the loaders read straight
+   from the files (`read_tensor`).
 """
 
 import functools
@@ -473,7 +475,8 @@ class Conv2d(nn.Conv2d):
     """nn.Conv2d (same parameters, same names) that takes `conv3x3` on the CPU where it is faster:
     float32 3x3 convolutions with stride 1 and padding 1, with a large im2col matrix or few
     output channels; and bfloat16 1x1 convolutions and 3x3 ones with stride 1 (padding 1) or 2
-    through the native bfloat16 products where the CPU has them (`bf16_conv`).
+    through the native bfloat16 products where the CPU has them (`bf16_conv`). Packed (see
+    `pack_weights`), it holds `packed_weight` and `weight_shape` (O, kh, kw, C) instead of `weight`.
 
     `conv(x, norm=n, residual=r)` is conv(silu(n(x))) + r, the resnet blocks' sequence. On the CPU
     with the native module, a 3x3 convolution then reads the norm's output straight from the zero
@@ -482,32 +485,47 @@ class Conv2d(nn.Conv2d):
 
     def __call__(self, x: mx.array, norm: "GroupNorm | None" = None, residual: mx.array | None = None) -> mx.array:
         bias = self["bias"] if "bias" in self else None
+        if "packed_weight" in self:
+            x = x.astype(mx.bfloat16)  # a packed layer computes in bfloat16
+        out_channels, kh, kw, _ = self.weight_dims
         framed = self._framed_input(x, norm)
         if framed is None and norm is not None:
             x = norm(x, activation=True)
         native_bf16 = self._native_bf16(x)
         addend = None
         if (native_bf16 and residual is not None and residual.dtype == mx.bfloat16 and self.stride == (1, 1)
-                and residual.shape == (*x.shape[:3], self.weight.shape[0])):
+                and residual.shape == (*x.shape[:3], out_channels)):
             addend, residual = residual, None
         if framed is not None and native_bf16:
-            out = _bf16_conv3x3_framed(framed, x.shape[1], x.shape[2], _packed_weight(self, 9), self.weight.shape[0],
+            out = _bf16_conv3x3_framed(framed, x.shape[1], x.shape[2], self._packed(framed.shape[-1]), out_channels,
                                        bias, addend)
         elif framed is not None:
             out = _conv3x3_framed(framed, x.shape[1], x.shape[2], self.weight, bias)
         elif self._shifted(x):
             out = conv3x3(x, self.weight, bias)
         elif native_bf16:
-            taps = self.weight.shape[1] * self.weight.shape[2]
-            out = bf16_conv(x, self.weight, bias, self.stride[0], self.padding[0], _packed_weight(self, taps), addend)
+            out = _bf16_conv_packed(x, self._packed(x.shape[-1] + x.shape[-1] % 2), out_channels, kh, bias,
+                                    self.stride[0], self.padding[0], addend)
         else:
             out = super().__call__(x)
         return out if residual is None else residual + out
 
+    @property
+    def weight_dims(self) -> tuple:
+        """(O, kh, kw, C), packed or not."""
+        return self.weight_shape if "packed_weight" in self else tuple(self.weight.shape)
+
+    def _packed(self, channels: int) -> mx.array:
+        """The weight packed for the native products, with `channels` input channels (the input's,
+        made even): held if the layer is packed, else packed for this call."""
+        if "packed_weight" in self:
+            return self["packed_weight"]
+        return bf16_pack(_taps(self.weight, channels))
+
     def _framed_input(self, x: mx.array, norm: "GroupNorm | None") -> mx.array | None:
         """silu(norm(x)) written by the native norm inside `FRAME`'s border, where this layer's
         convolution reads that (a 3x3 one taking the shifted or the native bfloat16 path); else None."""
-        if norm is None or x.ndim != 4 or self.weight.shape[1:3] != (3, 3) or self.stride != (1, 1):
+        if norm is None or x.ndim != 4 or self.weight_dims[1:3] != (3, 3) or self.stride != (1, 1):
             return None
         if not ((self._native_bf16(x) and x.shape[-1] % 2 == 0) or self._shifted(x)):
             return None
@@ -517,19 +535,23 @@ class Conv2d(nn.Conv2d):
         return native.group_norm(x, norm.weight, norm.bias, norm.num_groups, norm.eps, True, list(FRAME))
 
     def _native_bf16(self, x: mx.array) -> bool:
-        if not (CPU_PATHS and x.dtype == mx.bfloat16 and self.weight.dtype == mx.bfloat16 and x.ndim == 4
-                and self.groups == 1 and bf16_products()):
-            return False
-        _, kh, kw, _ = self.weight.shape
+        if "packed_weight" in self:
+            return x.ndim == 4
+        return (CPU_PATHS and x.dtype == mx.bfloat16 and self.weight.dtype == mx.bfloat16 and x.ndim == 4
+                and bf16_products() and self._bf16_shape())
+
+    def _bf16_shape(self) -> bool:
+        """Whether `bf16_conv` takes this convolution's kernel, stride, padding and groups."""
+        _, kh, kw, _ = self.weight_dims
         dilation = self.dilation if isinstance(self.dilation, tuple) else (self.dilation,) * 2
-        if dilation != (1, 1) or self.padding[0] != self.padding[1]:
+        if self.groups != 1 or dilation != (1, 1) or self.padding[0] != self.padding[1]:
             return False
         if (kh, kw) == (1, 1):
             return self.stride == (1, 1) and self.padding == (0, 0)
         return (kh, kw) == (3, 3) and (self.stride, self.padding) in (((1, 1), (1, 1)), ((2, 2), self.padding))
 
     def _shifted(self, x: mx.array) -> bool:
-        if not CPU_PATHS:
+        if not CPU_PATHS or x.dtype != mx.float32 or "packed_weight" in self:
             return False
         out_channels, kh, kw, channels = self.weight.shape
         dilation = self.dilation if isinstance(self.dilation, tuple) else (self.dilation,) * 2
@@ -539,6 +561,11 @@ class Conv2d(nn.Conv2d):
             return False
         im2col = x.size * 9 * x.itemsize
         return 4 * out_channels <= channels or im2col >= SHIFTED_CONV_BYTES
+
+    def _extra_repr(self) -> str:
+        if "packed_weight" in self:
+            return f"weight_shape={self.weight_shape}, packed, stride={self.stride}, padding={self.padding}"
+        return super()._extra_repr()
 
 
 # --- bfloat16 products ----------------------------------------------------------------------------
@@ -580,29 +607,69 @@ def _bf16_operands(x: mx.array, weight: mx.array) -> bool:
 def bf16_pack(weight: mx.array) -> mx.array:
     """weight (O, taps, C) bfloat16, C even, packed for the native products (`bf16_linear`,
     `bf16_conv`). Packing reads and writes the whole weight, as much time as a product with a
-    few hundred rows: the layers pack once and keep the result (`_packed_weight`)."""
+    few hundred rows: layers hold their weight packed (`pack_weights`)."""
     return _native()[0].bf16_pack(weight)
 
 
-class _PackedWeight:
-    """A layer's weight packed for the native products, with the array it was packed from: a plain
-    object, so that nn.Module keeps it as an attribute, not as a parameter."""
+# A bfloat16 `Linear` or `Conv2d` that takes the native products holds its weight once, packed:
+# the parameter `packed_weight` (uint16, bf16_pack's layout of the weight as (O, taps, C), C made
+# even with a zero channel) replaces `weight`, whose shape stays as the attribute `weight_shape`
+# ((N, K) or (O, kh, kw, C)). A packed layer computes in bfloat16 (its input is cast). The loaders
+# pack as they read; a model built in memory and cast to bfloat16 is packed by `pack_weights`,
+# and until then its bfloat16 layers pack their weight at each call and keep nothing.
 
-    def __init__(self, source: mx.array, packed: mx.array):
-        self.source, self.packed = source, packed
+
+def packable(layer: nn.Module, dtype: mx.Dtype) -> bool:
+    """Whether `layer` (not yet packed) would hold its weight packed once that weight is `dtype`."""
+    if dtype != mx.bfloat16 or not CPU_PATHS or "weight" not in layer or not bf16_products():
+        return False
+    if isinstance(layer, Linear):
+        return layer.weight.shape[-1] % 2 == 0  # channels come in pairs; an odd count stays on MLX
+    return isinstance(layer, Conv2d) and layer._bf16_shape()
 
 
-def _packed_weight(layer: nn.Module, taps: int) -> mx.array:
-    """`layer.weight` as (O, taps, C) with C made even, packed; repacked when the weight is replaced
-    (loading, set_dtype)."""
-    cache = getattr(layer, "_bf16_packed", None)
-    if cache is None or cache.source is not layer.weight:
-        weight = layer.weight.reshape(layer.weight.shape[0], taps, -1)
-        if weight.shape[-1] % 2:  # channels come in pairs: one more, of zeros (the VAE's RGB input)
-            weight = mx.pad(weight, [(0, 0), (0, 0), (0, 1)])
-        cache = _PackedWeight(layer.weight, bf16_pack(weight))
-        layer._bf16_packed = cache
-    return cache.packed
+def hold_packed(layer: nn.Module, packed: mx.array) -> None:
+    """Make `packed` (the layer's weight in bf16_pack's layout) the layer's only copy of its weight."""
+    layer.weight_shape = tuple(layer.weight.shape)
+    layer.pop("weight")
+    layer.packed_weight = packed
+
+
+def pack_weights(model: nn.Module) -> nn.Module:
+    """Pack the weight of every bfloat16 layer of `model` that takes the native products (a no-op
+    elsewhere: float32 or float16 models, GPUs, CPUs without AVX512_BF16, quantized layers)."""
+    for _, layer in model.named_modules():
+        if "weight" in layer and packable(layer, layer.weight.dtype):
+            hold_packed(layer, bf16_pack(_taps(layer.weight)))
+    return model
+
+
+def weight_dtype(layer: nn.Module) -> mx.Dtype:
+    """The dtype of a layer's weight, packed (bfloat16) or not."""
+    return mx.bfloat16 if "packed_weight" in layer else layer.weight.dtype
+
+
+def _taps(weight: mx.array, channels: int | None = None) -> mx.array:
+    """weight (O, ..., C) as (O, taps, C'), C' = `channels` or C made even, padded with zeros."""
+    taps = weight.reshape(weight.shape[0], -1, weight.shape[-1])
+    wanted = weight.shape[-1] + weight.shape[-1] % 2 if channels is None else channels
+    return taps if wanted == taps.shape[-1] else mx.pad(taps, [(0, 0), (0, 0), (0, wanted - taps.shape[-1])])
+
+
+def native_reader() -> bool:
+    """Whether the loaders read tensors with the native reader (`read_tensor`)."""
+    return _native()[0] is not None
+
+
+def read_tensor(path: str, offset: int, source_dtype: mx.Dtype, source_shape: tuple, dtype: mx.Dtype,
+                layout: str = "plain") -> mx.array:
+    """A tensor stored at byte `offset` of the file at `path` (dtype `source_dtype`, shape
+    `source_shape`, row-major), read lazily by the native reader: with pread on all cores when
+    evaluated, converted to `dtype` as astype does (round to nearest even), with no copy of the
+    file or of the source values held. `layout`: "plain" (the stored shape), "channels_last"
+    ((O, C, kh, kw) -> (O, kh, kw, C)) or "packed" (bf16_pack's layout, bfloat16 only).
+    Needs `native_reader()`; raises ValueError when the file ends before the tensor."""
+    return _native()[0].read_tensor(str(path), offset, source_dtype, list(source_shape), dtype, layout)
 
 
 def bf16_linear(x: mx.array, weight: mx.array, bias: mx.array | None = None,
@@ -610,11 +677,15 @@ def bf16_linear(x: mx.array, weight: mx.array, bias: mx.array | None = None,
     """x @ weight.T + bias (+ residual) for bfloat16 x (..., K) and weight (N, K), K even: float32
     sums, one rounding to bfloat16. `packed`: bf16_pack(weight as (N, 1, K)) if the caller keeps
     it. Needs `bf16_products()`."""
-    *lead, k = x.shape
-    out_features = weight.shape[0]
-    rows = x.size // k
     if packed is None:
-        packed = bf16_pack(weight.reshape(out_features, 1, k))
+        packed = bf16_pack(_taps(weight))
+    return _bf16_linear_packed(x, packed, weight.shape[0], bias, residual)
+
+
+def _bf16_linear_packed(x: mx.array, packed: mx.array, out_features: int, bias: mx.array | None,
+                        residual: mx.array | None = None) -> mx.array:
+    *lead, k = x.shape
+    rows = x.size // k
     addend = None if residual is None else residual.reshape(1, rows, out_features)
     out = _native()[0].bf16_product(x.reshape(1, rows, k), packed, out_features, bias, [0], rows, addend=addend)
     return out.reshape(*lead, out_features)
@@ -626,14 +697,17 @@ def bf16_conv(x: mx.array, weight: mx.array, bias: mx.array | None, stride: int,
     1x1 (stride 1, no padding), 3x3 with stride 1 and padding 1, or 3x3 with stride 2 and any
     padding; plus `residual` (bfloat16, the output's shape) if given. `packed`: the weight as
     (O, k k, C + C % 2), packed, if the caller keeps it. Needs `bf16_products()`."""
-    out_channels, kernel = weight.shape[0], weight.shape[1]
+    if packed is None:
+        packed = bf16_pack(_taps(weight, x.shape[-1] + x.shape[-1] % 2))
+    return _bf16_conv_packed(x, packed, weight.shape[0], weight.shape[1], bias, stride, padding, residual)
+
+
+def _bf16_conv_packed(x: mx.array, packed: mx.array, out_channels: int, kernel: int, bias: mx.array | None,
+                      stride: int, padding: int, residual: mx.array | None = None) -> mx.array:
     if x.shape[-1] % 2:  # channels come in pairs: one more, of zeros (the VAE's RGB input)
         x = mx.pad(x, [(0, 0), (0, 0), (0, 0), (0, 1)])
-    if packed is None:
-        taps = weight.reshape(out_channels, kernel * kernel, -1)
-        packed = bf16_pack(mx.pad(taps, [(0, 0), (0, 0), (0, x.shape[-1] - taps.shape[-1])]))
     if kernel == 1:
-        return bf16_linear(x, weight.reshape(out_channels, -1), bias, packed, residual)
+        return _bf16_linear_packed(x, packed, out_channels, bias, residual)
     if stride == 1:
         return _bf16_conv3x3_framed(_frame(x), x.shape[1], x.shape[2], packed, out_channels, bias, residual)
     if padding:
@@ -681,9 +755,18 @@ def _bf16_conv3x3_framed(framed: mx.array, height: int, width: int, packed: mx.a
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same names) that takes `bf16_linear` for bfloat16 on a CPU with
-    AVX512_BF16."""
+    AVX512_BF16. Packed (see `pack_weights`), it holds `packed_weight` and `weight_shape` (N, K)
+    instead of `weight`."""
 
     def __call__(self, x: mx.array) -> mx.array:
+        bias = self["bias"] if "bias" in self else None
+        if "packed_weight" in self:
+            return _bf16_linear_packed(x.astype(mx.bfloat16), self["packed_weight"], self.weight_shape[0], bias)
         if _bf16_operands(x, self.weight):
-            return bf16_linear(x, self.weight, self["bias"] if "bias" in self else None, _packed_weight(self, 1))
+            return bf16_linear(x, self.weight, bias)
         return super().__call__(x)
+
+    def _extra_repr(self) -> str:
+        if "packed_weight" in self:
+            return f"weight_shape={self.weight_shape}, packed, bias={'bias' in self}"
+        return super()._extra_repr()

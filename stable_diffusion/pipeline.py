@@ -77,9 +77,11 @@ class StableDiffusion:
     @classmethod
     def from_folder(cls, folder: Path, config: PipelineConfig, dtype=mx.float32,
                     variant: str | None = None, source: dict | None = None,
-                    tokenizers: list | None = None) -> "StableDiffusion":
+                    tokenizers: list | None = None, pack: bool = True) -> "StableDiffusion":
         """`tokenizers`: the folder's, already read and checked against the encoders (a session
-        reads them before any weight, to plan); else read here."""
+        reads them before any weight, to plan); else read here. The weights are read into memory
+        here, and with `pack` (see ops.pack_weights) held packed where the native bfloat16
+        products take them."""
         folder = Path(folder)
         if tokenizers is None:
             tokenizers = []
@@ -88,13 +90,13 @@ class StableDiffusion:
                 check_fits_encoder(tokenizers[-1], enc_config, folder / tok_name)  # before any weight
         ops.use_cpu_buffer_cache()
         unet = model_io.load_weights(UNetModel(config.unet), folder / "unet",
-                                     model_io.map_unet_weights, dtype, variant)
+                                     model_io.map_unet_weights, dtype, variant, pack)
         vae = model_io.load_weights(Autoencoder(config.vae), folder / "vae",
-                                    model_io.map_vae_weights, dtype, variant)
+                                    model_io.map_vae_weights, dtype, variant, pack)
         encoders = []
         for (enc_name, _), enc_config in zip(TEXT_COMPONENTS, config.text_encoders):
             encoders.append(model_io.load_weights(CLIPTextModel(enc_config), folder / enc_name,
-                                                  model_io.map_clip_weights, dtype, variant))
+                                                  model_io.map_clip_weights, dtype, variant, pack))
         source = dict(source or {"model": str(folder.resolve()), "source": "folder"})
         return cls(config, unet, vae, encoders, tokenizers, dtype, source)
 

@@ -196,15 +196,20 @@ class Session:
         self.open()
         import mlx.nn as nn
 
+        from . import ops
         from .pipeline import StableDiffusion
 
         start = time.perf_counter()
+        quantize = self.model_spec.quantize
+        # Quantization replaces layers by their unpacked weights: pack what it leaves, after it.
         sd = StableDiffusion.from_folder(self.folder, self.config, self.dtype, self.variant,
-                                         self.source, self.tokenizers)
-        if self.model_spec.quantize:
+                                         self.source, self.tokenizers, pack=not quantize)
+        if quantize:
             for module in [sd.unet, *sd.text_encoders]:
                 nn.quantize(module, class_predicate=lambda _, m: isinstance(m, nn.Linear)
                             and m.weight.shape[1] % 64 == 0)
+            for module in [sd.unet, sd.vae, *sd.text_encoders]:
+                mx.eval(ops.pack_weights(module).parameters())
         if self.model_spec.preload:
             mx.eval(sd.unet.parameters(), sd.vae.parameters(), [e.parameters() for e in sd.text_encoders])
         self.sd = sd

@@ -48,7 +48,7 @@ from importlib import resources
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 from .config import ConfigError, VAEConfig, load_json
 from .errors import ModelError
@@ -398,14 +398,15 @@ def clip_ldm_key(key: str, kind: str) -> tuple[str, int | None]:
 # --- loading one network from the file -------------------------------------------------------------
 
 
-def load_component(model, pointer: dict, mapper, dtype=mx.float32):
+def load_component(model, pointer: dict, mapper, dtype=mx.float32, pack: bool = True):
     """Load one network's tensors from an LDM file into `model`, strictly: every parameter from
-    its LDM key with the right shape, and no other tensor under the network's prefix."""
-    from .model_io import read_safetensors_header
+    its LDM key with the right shape, and no other tensor under the network's prefix. Tensors
+    taken whole go through the native reader where it is built (model_io.assign_weights)."""
+    from .model_io import assign_weights, read_safetensors_places
 
     path, prefix, kind = Path(pointer["file"]), pointer["prefix"], pointer["kind"]
     config = pointer.get("config", {})
-    header = read_safetensors_header(path)
+    header, places = read_safetensors_places(path)
     expected = dict(tree_flatten(model.parameters()))
     try:
         tensors = mx.load(str(path))  # lazy: only the tensors taken below are read
@@ -413,7 +414,7 @@ def load_component(model, pointer: dict, mapper, dtype=mx.float32):
         raise ModelError(f"cannot read {path} ({e}); the file is damaged: fetch it again") from None
     mismatch = ("; the file does not match the architecture inferred from it: it is damaged "
                 "or not a standard checkpoint of this family")
-    weights, used = [], set()
+    weights, stored, used = {}, {}, set()
     for key in sorted(expected):
         if kind == "unet":
             ldm, third = unet_ldm_key(key, config), None
@@ -426,6 +427,7 @@ def load_component(model, pointer: dict, mapper, dtype=mx.float32):
             raise ModelError(f"{path} is missing tensor {ldm}" + mismatch)
         value = tensors[ldm]
         used.add(ldm)
+        whole = third is None and not ldm.endswith("text_projection")
         if not mx.issubdtype(value.dtype, mx.floating):
             raise ModelError(f"{path}: tensor {ldm} has dtype {str(value.dtype).rsplit('.', 1)[-1]}, "
                              "expected floating point" + mismatch)
@@ -444,15 +446,16 @@ def load_component(model, pointer: dict, mapper, dtype=mx.float32):
                 layout = " (channels last)" if new_value.ndim == 4 else ""
                 raise ModelError(f"{path}: tensor {ldm} has shape {tuple(new_value.shape)}{layout}, the "
                                  f"inferred config implies {tuple(expected[new_key].shape)}" + mismatch)
-            weights.append((new_key, new_value.astype(dtype)))
+            weights[new_key] = new_value
+            if whole and ldm in places:
+                stored[new_key] = places[ldm]
     allowed = _allowed_extras(prefix, kind, pointer)
     unexpected = sorted(k for k in header if k.startswith(prefix) and k not in used and not allowed(k)
                         and k != "__metadata__")
     if unexpected:
         raise ModelError(f"{path} has unexpected tensor {unexpected[0]}"
                          + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "") + mismatch)
-    model.update(tree_unflatten(weights))
-    return model
+    return assign_weights(model, weights, stored, dtype, pack)
 
 
 def _allowed_extras(prefix: str, kind: str, pointer: dict):

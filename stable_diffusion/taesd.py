@@ -25,7 +25,7 @@ import mlx.nn as nn
 from . import model_io
 from .config import load_json
 from .errors import InputError, ModelError
-from .ops import Conv2d
+from .ops import Conv2d, weight_dtype
 
 _ACTIVATIONS = {"relu": nn.relu, "silu": nn.silu, "swish": nn.silu, "gelu": nn.gelu, "mish": nn.mish}
 
@@ -210,7 +210,7 @@ class PreviewDecoder:
         if latents.ndim != 4 or latents.shape[-1] != c.latent_channels:
             raise InputError(f"the TAESD decoder takes latents (B, h, w, {c.latent_channels}), got "
                              f"shape {tuple(latents.shape)}: it was trained for another model family")
-        dtype = self.network.decoder.layers[0].weight.dtype
+        dtype = weight_dtype(self.network.decoder.layers[0])
         z = latents.astype(mx.float32) / c.scaling_factor + c.shift_factor
         y = self.network.decode(z.astype(dtype)).astype(mx.float32)
         return mx.clip((y + 1) / 2, 0, 1)

@@ -355,19 +355,37 @@ def test_bf16_products_leave_what_they_cannot_take_to_mlx():
 
 
 @needs_bf16
-def test_bf16_layers_pack_their_weights_once_and_again_when_replaced():
-    layer = ops.Linear(64, 32)
-    layer.set_dtype(mx.bfloat16)
+def test_bf16_layers_hold_their_weight_once_packed():
     x = bf16((5, 64), 24)
-    first = layer(x)
-    packed = layer._bf16_packed.packed
-    np.testing.assert_array_equal(exact(layer(x)), exact(first))
-    assert layer._bf16_packed.packed is packed
-    assert {name for name, _ in tree_flatten(layer.parameters())} == {"weight", "bias"}
-    layer.update({"weight": bf16((32, 64), 25)})
-    reference = exact(x) @ exact(layer.weight).T + exact(layer.bias)
-    np.testing.assert_allclose(exact(layer(x)), reference, rtol=2.0**-8, atol=1e-5 * np.abs(reference).max())
-    assert layer._bf16_packed.packed is not packed
+    layers = [(ops.Linear(64, 32), x), (Conv2d(64, 48, 3, padding=1), bf16((1, 6, 7, 64), 26)),
+              (Conv2d(3, 16, 3, padding=1), bf16((1, 6, 7, 3), 27)),  # odd channels: a zero one added
+              (Conv2d(32, 40, 3, stride=2, padding=0), bf16((2, 9, 8, 32), 28))]
+    for layer, x in layers:
+        layer.set_dtype(mx.bfloat16)
+        shape = tuple(layer.weight.shape)
+        unpacked = layer(x)  # packs at the call, keeps nothing
+        assert {name for name, _ in tree_flatten(layer.parameters())} == {"weight", "bias"}
+        assert not any(isinstance(v, mx.array) for v in vars(layer).values())
+        assert ops.pack_weights(layer) is layer
+        assert {name for name, _ in tree_flatten(layer.parameters())} == {"packed_weight", "bias"}
+        assert layer.weight_shape == shape and ops.weight_dtype(layer) == mx.bfloat16
+        assert layer.packed_weight.dtype == mx.uint16 and "packed" in repr(layer)
+        np.testing.assert_array_equal(exact(layer(x)), exact(unpacked))
+        # A packed layer computes in bfloat16: a float32 input is cast.
+        np.testing.assert_array_equal(exact(layer(x.astype(mx.float32))), exact(unpacked))
+        ops.pack_weights(layer)  # already packed: nothing changes
+        assert {name for name, _ in tree_flatten(layer.parameters())} == {"packed_weight", "bias"}
+
+
+def test_pack_weights_leaves_other_layers_unpacked():
+    odd = ops.Linear(7, 4)  # an odd channel count stays on MLX
+    odd.set_dtype(mx.bfloat16)
+    others = [ops.Linear(8, 4), Conv2d(8, 8, 3, padding=1), odd, Conv2d(8, 8, 5, padding=2),
+              nn.QuantizedLinear(64, 32)]
+    for layer in others:
+        names = {name for name, _ in tree_flatten(layer.parameters())}
+        ops.pack_weights(layer)
+        assert {name for name, _ in tree_flatten(layer.parameters())} == names
 
 
 @pytest.mark.reference

@@ -11,6 +11,7 @@ from safetensors.numpy import load_file, save_file
 
 from stable_diffusion import model_io
 from stable_diffusion.errors import InputError, ModelError
+from stable_diffusion.ops import weight_dtype
 from stable_diffusion.taesd import (PreviewDecoder, TinyAutoencoderConfig, load_preview,
                                     load_tiny_autoencoder)
 from stable_diffusion.testing import taesd_config, write_tiny_taesd
@@ -60,7 +61,7 @@ def test_parity_golden_float32(taesd_folder, golden_taesd, parity):
 @pytest.mark.parametrize("dtype,atol", [("float16", 3e-2), ("bfloat16", 3e-1)])
 def test_parity_half_precision(taesd_folder, golden_taesd, parity, dtype, atol):
     net = load_tiny_autoencoder(taesd_folder, dtype=getattr(mx, dtype))
-    assert net.decoder.layers[0].weight.dtype == getattr(mx, dtype)
+    assert weight_dtype(net.decoder.layers[0]) == getattr(mx, dtype)
     sample = nchw(net.decode(nhwc(golden_taesd["inputs.latent"]).astype(getattr(mx, dtype))))
     parity(f"taesd/golden/{dtype}/sample", sample, golden_taesd["out.sample"], atol=atol)
 

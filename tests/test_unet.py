@@ -16,6 +16,7 @@ from mlx.utils import tree_flatten
 
 from stable_diffusion.config import ConfigError, UNetConfig, load_json
 from stable_diffusion.model_io import load_weights, map_unet_weights
+from stable_diffusion.ops import weight_dtype
 from stable_diffusion.testing import FAMILIES, tiny_configs, unet_shapes
 from stable_diffusion.unet import UNetModel
 
@@ -84,7 +85,7 @@ def test_parity_float32(family, tiny_model, golden, parity):
 def test_parity_half_precision(family, dtype, tiny_model, golden, parity):
     ref = golden("unet", family)
     unet = load_unet(tiny_model(family) / "unet", dtype=getattr(mx, dtype))
-    assert unet.conv_out.weight.dtype == getattr(mx, dtype)
+    assert weight_dtype(unet.conv_out) == getattr(mx, dtype)
     out = unet(nhwc(ref["inputs.sample"]).astype(getattr(mx, dtype)), **conditioning(ref, getattr(mx, dtype)))
     assert out.dtype == getattr(mx, dtype)
     parity(f"unet/{family}/{dtype}/sample", nchw(out), ref["out.sample"], atol=HALF_ATOL[dtype])

@@ -12,6 +12,7 @@ from safetensors.numpy import load_file, save_file
 from stable_diffusion.config import VAEConfig, load_json
 from stable_diffusion.errors import InputError
 from stable_diffusion.model_io import load_weights, map_vae_weights
+from stable_diffusion.ops import weight_dtype
 from stable_diffusion.testing import FAMILIES
 from stable_diffusion.vae import Autoencoder
 
@@ -60,7 +61,7 @@ def test_parity_float32(family, tiny_model, golden, parity):
 def test_parity_half_precision(family, dtype, tiny_model, golden, parity):
     ref = golden("vae", family)
     vae = load_vae(tiny_model(family) / "vae", dtype=getattr(mx, dtype))
-    assert vae.decoder.conv_out.weight.dtype == getattr(mx, dtype)
+    assert weight_dtype(vae.decoder.conv_out) == getattr(mx, dtype)
     for name, ours in run_golden_inputs(vae, ref, getattr(mx, dtype)).items():
         parity(f"vae/{family}/{dtype}/{name}", ours, ref[f"out.{name}"], atol=HALF_ATOL[dtype])
 
