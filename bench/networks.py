@@ -91,7 +91,8 @@ def mlx_worker(workload: str, dtype_name: str, reps: int) -> dict:
     from stable_diffusion.blas import preload_blas
     from stable_diffusion.clip import CLIPTextModel
     from stable_diffusion.config import TextEncoderConfig, UNetConfig, VAEConfig
-    from stable_diffusion.ops import attention, chunked_attention, native_status, use_cpu_buffer_cache
+    from stable_diffusion.ops import (attention, chunked_attention, native_status, pack_weights,
+                                      use_cpu_buffer_cache)
     from stable_diffusion.pipeline import StableDiffusion
     from stable_diffusion.unet import UNetModel
     from stable_diffusion.vae import Autoencoder
@@ -99,9 +100,9 @@ def mlx_worker(workload: str, dtype_name: str, reps: int) -> dict:
     use_cpu_buffer_cache()
     dtype = getattr(mx, dtype_name)
 
-    def ready(model):
+    def ready(model):  # as the loaders leave a model: cast, packed where the native products take it
         model.set_dtype(dtype)
-        mx.eval(model.parameters())
+        mx.eval(pack_weights(model).parameters())
         return model
 
     key = mx.random.key(0)
