@@ -9,12 +9,16 @@ import socket
 import struct
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from stable_diffusion import model_io
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from stable_diffusion import model_io, ops
 from stable_diffusion.config import read_pipeline_config
 from stable_diffusion.errors import HubUnreachable, ModelError
 from stable_diffusion.pipeline import StableDiffusion
@@ -310,3 +314,82 @@ def test_missing_required_config_field(model):
     edit_json(model / "unet" / "config.json", lambda d: d.pop("block_out_channels"))
     expect_model_error(lambda: StableDiffusion.from_pretrained(str(model)),
                        "missing the required field 'block_out_channels'", "unet/config.json")
+
+
+# --- the native reader and packed loading ---------------------------------------------------------
+
+needs_reader = pytest.mark.skipif(not ops.native_reader(), reason=ops.native_status())
+
+
+@needs_reader
+def test_native_reader_matches_mx_load_and_astype(tmp_path):
+    # Every stored dtype into every dtype and layout the loaders ask for, against mx.load + the
+    # mappers' transpose + astype: bit for bit. Odd sizes: 70 outputs (a panel and a part), three
+    # input channels (the VAE's RGB, padded to a pair when packed), a linear weight, a 1x1 kernel.
+    rng = np.random.default_rng(5)
+    shapes = {"conv": (70, 3, 3, 3), "conv_wide": (64, 40, 3, 3), "one": (33, 16, 1, 1), "linear": (130, 66),
+              "vector": (77,)}
+    path = tmp_path / "w.safetensors"
+    tensors = {f"{name}.{kind}": mx.array(rng.standard_normal(shape).astype(np.float32) * 3).astype(dtype)
+               for name, shape in shapes.items()
+               for kind, dtype in (("f32", mx.float32), ("f16", mx.float16), ("bf16", mx.bfloat16))}
+    mx.save_safetensors(str(path), tensors)
+    _, places = model_io.read_safetensors_places(path)
+    stored = mx.load(str(path))
+    for key, place in places.items():
+        value = stored[key]
+        layout = "channels_last" if value.ndim == 4 else "plain"
+        expected = value.transpose(0, 2, 3, 1) if value.ndim == 4 else value
+        for dtype in (mx.float32, mx.float16, mx.bfloat16):
+            got = ops.read_tensor(place.path, place.offset, place.dtype, place.shape, dtype, layout)
+            assert got.dtype == dtype and got.shape == expected.shape, key
+            assert mx.array_equal(got, expected.astype(dtype)).item(), f"{key} -> {dtype}"
+        if value.ndim >= 2 and ops.bf16_products():
+            weight = expected.astype(mx.bfloat16)
+            taps = weight.reshape(weight.shape[0], -1, weight.shape[-1])
+            if taps.shape[-1] % 2:
+                taps = mx.pad(taps, [(0, 0), (0, 0), (0, 1)])
+            got = ops.read_tensor(place.path, place.offset, place.dtype, place.shape, mx.bfloat16, "packed")
+            assert mx.array_equal(got, ops.bf16_pack(taps)).item(), f"{key} packed"
+    with pytest.raises(ValueError):  # the file ends before the tensor: no signal, no garbage
+        ops.read_tensor(path, path.stat().st_size - 8, mx.float32, (16,), mx.float32)
+
+
+@needs_reader
+def test_weights_read_natively_are_those_mx_load_reads(sd2, monkeypatch):
+    for dtype in (mx.float32, mx.bfloat16):
+        native = StableDiffusion.from_pretrained(str(sd2), dtype=dtype)
+        monkeypatch.setattr(ops, "native_reader", lambda: False)
+        through_mlx = StableDiffusion.from_pretrained(str(sd2), dtype=dtype)
+        monkeypatch.undo()
+        for a, b in zip((native.unet, native.vae, *native.text_encoders),
+                        (through_mlx.unet, through_mlx.vae, *through_mlx.text_encoders)):
+            ours, theirs = dict(tree_flatten(a.parameters())), dict(tree_flatten(b.parameters()))
+            assert ours.keys() == theirs.keys()
+            for key in ours:
+                assert mx.array_equal(ours[key], theirs[key]).item(), f"{dtype} {key}"
+
+
+@pytest.mark.skipif(not ops.bf16_products(), reason="no native bfloat16 products on this CPU")
+def test_packed_at_load_computes_what_unpacked_layers_compute(sd2):
+    # Packed once at load (the weights held once) against layers that pack at each call.
+    folder = Path(sd2)
+    config = read_pipeline_config(folder)
+    packed = StableDiffusion.from_folder(folder, config, mx.bfloat16)
+    plain = StableDiffusion.from_folder(folder, config, mx.bfloat16, pack=False)
+    assert any("packed_weight" in m for _, m in packed.unet.named_modules())
+    assert not any("packed_weight" in m for _, m in plain.unet.named_modules())
+    rng = np.random.default_rng(6)
+    size = config.unet.sample_size
+    x = mx.array(rng.standard_normal((2, size, size, config.unet.in_channels))).astype(mx.bfloat16)
+    pixels = mx.array(rng.standard_normal((1, 64, 64, 3))).astype(mx.bfloat16)
+    ids = mx.array(packed.tokenizers[0].tokenize(["a cottage", ""])[0])
+
+    def outputs(sd):
+        context = sd.text_encoders[0](ids).last_hidden_state
+        return {"text": context, "unet": sd.unet(x, mx.array([500.0, 500.0]), context),
+                "decode": sd.vae.decode(x[..., :config.vae.latent_channels]), "encode": sd.vae.encode(pixels)[0]}
+
+    theirs = outputs(plain)
+    for name, value in outputs(packed).items():
+        assert mx.array_equal(value, theirs[name]).item(), name
