@@ -531,57 +531,93 @@ void channels_last_rows(const char* converted, int64_t r0, int64_t r1, const Rea
   }
 }
 
-// Panel `panel` (kGemmCols outputs) of the bf16_pack layout, from its converted source rows in
-// (rows, channels, taps) order: (taps, pairs, kGemmCols) words of two channels, zero past the
-// outputs and in the extra channel that makes an odd count even.
-void packed_panel(const uint16_t* w, int64_t panel, const ReadSpec& s, uint16_t* packed) {
-  const int64_t pairs = (s.channels + 1) / 2, taps = s.taps, channels = s.channels;
-  const int64_t panel_words = taps * pairs * kGemmCols;
-  auto* dst = reinterpret_cast<uint32_t*>(packed) + panel * panel_words;
-  const int64_t valid = std::min(kGemmCols, s.rows - panel * kGemmCols);
-  if (valid < kGemmCols || channels % 2) std::fill(dst, dst + panel_words, 0u);
-  for (int64_t j = 0; j < valid; ++j) {
-    const uint16_t* row = w + j * channels * taps;
-    for (int64_t q = 0; q < pairs; ++q) {
-      const uint16_t* low = row + 2 * q * taps;
-      const uint16_t* high = 2 * q + 1 < channels ? low + taps : nullptr;
-      uint32_t* out = dst + q * kGemmCols + j;
-      for (int64_t t = 0; t < taps; ++t)
-        out[t * pairs * kGemmCols] = low[t] | (high == nullptr ? 0u : static_cast<uint32_t>(high[t]) << 16);
-    }
+// Rows [j0, j0 + n) of panel `panel` (kGemmCols outputs) of the bf16_pack layout, from their
+// converted values w in (n, channels, taps) order: words of two channels at (tap, pair, row).
+// `scratch` holds n rows once. An odd channel count (the VAE's RGB input) gets a zero channel.
+void pack_rows(const uint16_t* w, int64_t n, int64_t j0, int64_t panel, const ReadSpec& s, uint16_t* scratch,
+               uint16_t* packed) {
+  const int64_t channels = s.channels, taps = s.taps, pairs = (channels + 1) / 2;
+  auto* dst = reinterpret_cast<uint32_t*>(packed) + panel * taps * pairs * kGemmCols;
+  if (channels % 2) {
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t q = 0; q < pairs; ++q)
+        for (int64_t t = 0; t < taps; ++t) {
+          const uint32_t low = w[(j * channels + 2 * q) * taps + t];
+          const uint32_t high = 2 * q + 1 < channels ? w[(j * channels + 2 * q + 1) * taps + t] : 0u;
+          dst[(t * pairs + q) * kGemmCols + j0 + j] = low | high << 16;
+        }
+    return;
   }
+  // 1. Taps first, (n, taps, channels): a tap's channel pairs are then adjacent words.
+  const uint16_t* rows = w;
+  if (taps > 1) {
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t c = 0; c < channels; ++c)
+        for (int64_t t = 0; t < taps; ++t)
+          scratch[(j * taps + t) * channels + c] = w[(j * channels + c) * taps + t];
+    rows = scratch;
+  }
+  // 2. Transposed in blocks of 16 pairs: 16 rows' words then fill whole cache lines of the panel.
+  constexpr int64_t kBlock = 16;
+  for (int64_t t = 0; t < taps; ++t)
+    for (int64_t q0 = 0; q0 < pairs; q0 += kBlock) {
+      const int64_t qn = std::min(kBlock, pairs - q0);
+      for (int64_t j = 0; j < n; ++j) {
+        uint32_t words[kBlock];
+        std::memcpy(words, rows + (j * taps + t) * channels + 2 * q0, qn * sizeof(uint32_t));
+        for (int64_t q = 0; q < qn; ++q) dst[(t * pairs + q0 + q) * kGemmCols + j0 + j] = words[q];
+      }
+    }
 }
 
 void run_read(const ReadSpec& s, char* out) {
   const File file(s.path);
   const int64_t row = s.channels * s.taps;
   const int64_t in_size = s.from.size(), out_size = s.to.size();
-  // Rows per task: whole panels when packing, else about a million values (4 MB of float32).
-  const int64_t per_task = s.layout == Layout::packed ? kGemmCols : std::max<int64_t>(1, (1 << 20) / row);
+  // Rows per task: a panel when packing (read 16 rows at a time), else about 64K values, so that
+  // what is read stays in the core's cache while it is converted.
+  constexpr int64_t kValues = 1 << 16, kPackRows = 16;
+  const bool packing = s.layout == Layout::packed;
+  const int64_t per_task = packing ? kGemmCols : std::max<int64_t>(1, kValues / std::max<int64_t>(row, 1));
   const int64_t tasks = (s.rows + per_task - 1) / per_task;
   const int workers = static_cast<int>(std::min<int64_t>(thread_count(), tasks));
-  std::vector<std::vector<char>> raw(workers), converted(workers);
+  struct Scratch {
+    std::vector<char> raw, converted, rows;
+  };
+  std::vector<Scratch> scratch(workers);
   parallel_for(tasks, workers, [&](int64_t i, int worker) {
-    const int64_t r0 = i * per_task, r1 = std::min(s.rows, r0 + per_task), n = (r1 - r0) * row;
-    const int64_t offset = s.offset + r0 * row * in_size;
+    const int64_t r0 = i * per_task, r1 = std::min(s.rows, r0 + per_task);
+    Scratch& b = scratch[worker];
+    if (packing) {
+      const int64_t panel_words = s.taps * ((s.channels + 1) / 2) * kGemmCols;
+      auto* dst = reinterpret_cast<uint32_t*>(out) + i * panel_words;
+      if (r1 - r0 < kGemmCols || s.channels % 2) std::fill(dst, dst + panel_words, 0u);
+      for (int64_t g0 = r0; g0 < r1; g0 += kPackRows) {
+        const int64_t n = std::min(kPackRows, r1 - g0) * row;
+        b.raw.resize(n * in_size);
+        b.converted.resize(n * sizeof(uint16_t));
+        b.rows.resize(n * sizeof(uint16_t));
+        file.read(b.raw.data(), n * in_size, s.offset + g0 * row * in_size);
+        convert(b.raw.data(), s.from, b.converted.data(), s.to, n);
+        pack_rows(reinterpret_cast<const uint16_t*>(b.converted.data()), n / row, g0 - r0, i, s,
+                  reinterpret_cast<uint16_t*>(b.rows.data()), reinterpret_cast<uint16_t*>(out));
+      }
+      return;
+    }
+    const int64_t n = (r1 - r0) * row, offset = s.offset + r0 * row * in_size;
     if (s.layout == Layout::plain && s.from == s.to) {  // straight into place
       file.read(out + r0 * row * out_size, n * in_size, offset);
       return;
     }
-    std::vector<char>& in = raw[worker];
-    in.resize(n * in_size);
-    file.read(in.data(), n * in_size, offset);
+    b.raw.resize(n * in_size);
+    file.read(b.raw.data(), n * in_size, offset);
     if (s.layout == Layout::plain) {
-      convert(in.data(), s.from, out + r0 * row * out_size, s.to, n);
+      convert(b.raw.data(), s.from, out + r0 * row * out_size, s.to, n);
       return;
     }
-    std::vector<char>& mid = converted[worker];
-    mid.resize(n * out_size);
-    convert(in.data(), s.from, mid.data(), s.to, n);
-    if (s.layout == Layout::channels_last)
-      channels_last_rows(mid.data(), r0, r1, s, out);
-    else
-      packed_panel(reinterpret_cast<const uint16_t*>(mid.data()), i, s, reinterpret_cast<uint16_t*>(out));
+    b.converted.resize(n * out_size);
+    convert(b.raw.data(), s.from, b.converted.data(), s.to, n);
+    channels_last_rows(b.converted.data(), r0, r1, s, out);
   });
 }
 
