@@ -67,6 +67,28 @@ _handles: list[ctypes.CDLL] = []
 _thread_functions: tuple | None = None  # (get, set) of the chosen library, when it has them
 
 
+# OpenBLAS's cores with AVX-512 kernels for the float32 product (its names for OPENBLAS_CORETYPE).
+_AVX512_CORES = ("skylakex", "cooperlake", "sapphirerapids")
+
+
+def coretype_note(blas: BlasInfo) -> str | None:
+    """A line when OPENBLAS_CORETYPE holds OpenBLAS to kernels without AVX-512 on a CPU that has it:
+    float32 products then run at about half the speed (measured on a 2-core Zen 5: 248 against 476
+    GFLOP/s for a 4096x2880x640 product, Haswell against the SkylakeX kernels OpenBLAS picks)."""
+    forced = os.environ.get("OPENBLAS_CORETYPE")
+    if not forced or not blas.name.startswith("OpenBLAS") or forced.lower() in _AVX512_CORES:
+        return None
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+    if "avx512f" not in flags:
+        return None
+    return (f"OPENBLAS_CORETYPE={forced} holds OpenBLAS to kernels without AVX-512 on this AVX-512 CPU: "
+            "float32 products about half as fast; unset it to let OpenBLAS choose")
+
+
 def preload_blas(threads: int | None = None) -> BlasInfo:
     """Load an optimised BLAS with global symbol scope, unless mlx.core is already imported.
 

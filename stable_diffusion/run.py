@@ -87,11 +87,14 @@ class Run:
         self.memory = self._check_memory()
         self.timings["checks_s"] = elapsed(self.t0)
         # --- 2. load: strict keys, shapes and dtypes (model_io), once per session -------------
-        from .blas import preload_blas
+        from .blas import coretype_note, preload_blas
 
         blas = preload_blas()
         self.blas = f"{blas.name}, {blas.threads} thread(s)" + ("" if blas.in_time else " (not in time)")
         console.detail(f"BLAS: {self.blas}; device {mx.default_device()}; dtype {self.session.dtype_name}")
+        slow_kernels = coretype_note(blas) if self.session.dtype_name == "float32" else None
+        if slow_kernels:
+            console.detail(slow_kernels)
         console.detail(native_status())
         if mx.default_device() == mx.cpu and self.session.model_spec.dtype is None:
             console.detail(default_cpu_dtype()[1])

@@ -478,6 +478,21 @@ def test_cblas_sgemm_through_the_global_scope():
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the BLAS is chosen on Linux only")
+def test_a_forced_openblas_core_without_avx512_is_named(monkeypatch):
+    with open("/proc/cpuinfo") as f:
+        avx512 = "avx512f" in next((line.split() for line in f if line.startswith("flags")), [])
+    info = blas.BlasInfo("OpenBLAS 0.3.34 (scipy-openblas32, Haswell)", "/x.so", 2, True)
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    note = blas.coretype_note(info)
+    assert (note is not None) == avx512
+    if avx512:
+        assert note.startswith("OPENBLAS_CORETYPE=Haswell holds OpenBLAS to kernels without AVX-512")
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "SkylakeX")
+    assert blas.coretype_note(info) is None
+    monkeypatch.delenv("OPENBLAS_CORETYPE")
+    assert blas.coretype_note(info) is None
+
+
 def test_thread_count_can_be_set():
     before = blas.preload_blas()
     if before.threads is None:
