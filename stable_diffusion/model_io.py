@@ -346,8 +346,8 @@ def weight_files(component_folder: Path, variant: str | None = None) -> list[Pat
 
 # --- reading and checking tensors ----------------------------------------------------------------
 
-_ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-              "U8": 1, "BOOL": 1}
+# The dtypes a header may name (MLX reads them); float64 is refused up front, as MLX does not read it.
+_ST_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def read_safetensors_header(path: Path) -> dict:
@@ -377,15 +377,22 @@ def _read_header(path: Path) -> tuple[dict, int]:
     if not isinstance(header, dict):
         raise ModelError(f"{path} has a corrupt safetensors header; download it again")
     data_size = size - 8 - n
+    metadata = header.get("__metadata__") or {}  # MLX writes null
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ModelError(f"{path} has a corrupt safetensors header (__metadata__ must map names to "
+                         "strings); download it again")
+    ranges = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
-            begin, end = (int(v) for v in info["data_offsets"])
+            begin, end = info["data_offsets"]
+            shape, dtype = info["shape"], info["dtype"]
+            if not all(type(v) is int for v in (begin, end, *shape)):  # not floats, strings or booleans
+                raise TypeError
             count = 1
-            for d in info["shape"]:
-                count *= int(d)
-            dtype = info["dtype"]
+            for d in shape:
+                count *= d
         except (KeyError, TypeError, ValueError):
             raise ModelError(f"{path}: tensor {name} has a corrupt header entry; download it again") from None
         if dtype not in _ST_DTYPES:
@@ -394,10 +401,16 @@ def _read_header(path: Path) -> tuple[dict, int]:
         if not 0 <= begin <= end <= data_size or end - begin != count * _ST_DTYPES[dtype]:
             raise ModelError(f"{path} is truncated or corrupt (tensor {name} lies outside the data); "
                              "download it again")
+        ranges.append((begin, end, name))
+    ranges.sort()
+    for (_, end, first), (begin, _, second) in zip(ranges, ranges[1:]):
+        if begin < end:
+            raise ModelError(f"{path} has a corrupt safetensors header (tensors {first} and {second} share "
+                             "bytes); download it again")
     return header, 8 + n
 
 
-# The stored dtypes the native reader converts (others, such as F64, go through mx.load).
+# The stored dtypes the native reader converts (the integer ones go through mx.load).
 _READER_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16}
 
 

@@ -109,12 +109,13 @@ class Run:
         # The run's own facts (the arguments as typed, the process) only in the sidecar: a
         # PNG depends on what makes the picture, not on its name or the process writing it.
         self.ledger = Ledger(plan.names.sidecar(), dict(self.record, argv=self.argv, pid=os.getpid()))
-        self._remove_previous_run()
-        self.ledger.write("running")
 
         # --- 3. generate, capture, write; the sidecar says how the run ended ----------------------
         status, error, interrupt = "failed", None, None
         try:
+            # Inside: a signal that lands just after the sidecar appears still ends it "interrupted".
+            self._remove_previous_run()
+            self.ledger.write("running")
             if plan.spec.triangle:
                 self._triangle()
             else:

@@ -646,6 +646,8 @@ class Sweep:
                     self.write_sheet()
         except KeyboardInterrupt as e:
             status, signum = "interrupted", getattr(e, "signum", 2)
+            for name in started.keys() - outcomes.keys():  # stopped before its run said how it ended
+                self.manifest.set(name, "interrupted")
             raise
         except BaseException:
             status = "failed"  # the run under way stays "running" in the manifest: it is redone

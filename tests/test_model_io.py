@@ -264,6 +264,46 @@ def test_damaged_safetensors_caught_before_loading(model, damage, words):
     assert str(path) in message
 
 
+def _rewrite_header(data: bytes, change) -> bytes:
+    """The safetensors bytes with their JSON header changed by `change(header)` (the data kept)."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    change(header)
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data[8 + n:]
+
+
+def _first_tensor(header: dict) -> dict:
+    return next(v for k, v in sorted(header.items()) if k != "__metadata__")
+
+
+def _shift(header: dict) -> None:
+    entry = _first_tensor(header)
+    entry["data_offsets"] = [entry["data_offsets"][0] + 4, entry["data_offsets"][1] + 4]
+
+
+@pytest.mark.parametrize("change, words", [
+    (_shift, ("share bytes",)),  # overlaps its neighbour: the reference library refuses it too
+    (lambda h: _first_tensor(h).update(data_offsets=[0.5, _first_tensor(h)["data_offsets"][1]]),
+     ("corrupt header entry",)),
+    (lambda h: _first_tensor(h).update(data_offsets=[str(v) for v in _first_tensor(h)["data_offsets"]]),
+     ("corrupt header entry",)),
+    (lambda h: h.update(__metadata__={"format": {"nested": "object"}}), ("__metadata__ must map",)),
+], ids=["overlapping", "fractional offset", "string offsets", "nested metadata"])
+def test_corrupt_header_fields_caught_before_loading(model, change, words):
+    path = model / UNET_WEIGHTS
+    path.write_bytes(_rewrite_header(path.read_bytes(), change))
+    message = expect_model_error(lambda: model_io.check_model_folder(model), *words, "download it again")
+    assert str(path) in message
+
+
+def test_float64_weights_are_refused_up_front_with_the_remedy(model):
+    path = model / UNET_WEIGHTS
+    path.write_bytes(_rewrite_header(path.read_bytes(), lambda h: _first_tensor(h).update(dtype="F64")))
+    expect_model_error(lambda: model_io.check_model_folder(model), "dtype F64, which this tool does not read",
+                       "use a float32, float16 or bfloat16 copy")
+
+
 def test_unreadable_tensor_dtype_in_the_header(model):
     path = model / UNET_WEIGHTS
     header = json.dumps({"odd": {"dtype": "F8_E4M3", "shape": [4], "data_offsets": [0, 4]}}).encode()
