@@ -121,6 +121,16 @@ void parallel_for(int64_t n, int workers, F&& f) {
   for (auto& t : threads) t.join();
 }
 
+// A primitive's eval_cpu starts here: `out` gets its buffer, and the stream's encoder holds the
+// inputs and the output until the work it dispatches has run.
+mx::cpu::CommandEncoder& prepare(mx::Stream stream, const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream);
+  for (const auto& x : inputs) encoder.set_input_array(x);
+  encoder.set_output_array(out);
+  return encoder;
+}
+
 struct Buffer {  // MLX's allocator, so that the buffers come from (and return to) its cache
   explicit Buffer(int64_t floats) : data_(mx::allocator::malloc(floats * sizeof(float))) {}
   float* data() { return static_cast<float*>(data_.buffer().raw_ptr()); }
@@ -215,10 +225,7 @@ class FlashAttention : public mx::UnaryPrimitive {
       : mx::UnaryPrimitive(stream), scale_(scale), has_mask_(has_mask), isa_(isa) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (const auto& x : inputs) encoder.set_input_array(x);
-    encoder.set_output_array(out);
+    auto& encoder = prepare(stream(), inputs, out);
     // MLX holds the input buffers until the dispatched task has run.
     encoder.dispatch([problem = describe(inputs[0], inputs[1], inputs[2], has_mask_ ? &inputs[3] : nullptr,
                                          out, scale_, isa_.task)]() { run_flash(problem); });
@@ -330,10 +337,7 @@ class GroupNorm : public mx::UnaryPrimitive {
       : mx::UnaryPrimitive(stream), groups_(groups), eps_(eps), silu_(silu), pad_(std::move(pad)), isa_(isa) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (const auto& x : inputs) encoder.set_input_array(x);
-    encoder.set_output_array(out);
+    auto& encoder = prepare(stream(), inputs, out);
     const mx::array& x = inputs[0];
     NormProblem p{};
     NormArgs& a = p.a;
@@ -435,10 +439,7 @@ class Bf16Pack : public mx::UnaryPrimitive {
   explicit Bf16Pack(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(inputs[0]);
-    encoder.set_output_array(out);
+    auto& encoder = prepare(stream(), inputs, out);
     const mx::array& w = inputs[0];
     encoder.dispatch([w = w.data<uint16_t>(), o = w.shape(0), t = w.shape(1), c = w.shape(2),
                       packed = out.data<uint16_t>()]() { pack_weights(w, o, t, c, packed); });
@@ -484,10 +485,7 @@ class Bf16Product : public mx::UnaryPrimitive {
         has_addend_(has_addend) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (const auto& x : inputs) encoder.set_input_array(x);
-    encoder.set_output_array(out);
+    auto& encoder = prepare(stream(), inputs, out);
     const mx::array& x = inputs[0];
     const mx::array& packed = inputs[1];
     GemmProblem p{};
@@ -789,10 +787,8 @@ class ReadTensor : public mx::UnaryPrimitive {
  public:
   ReadTensor(mx::Stream stream, ReadSpec spec) : mx::UnaryPrimitive(stream), spec_(std::move(spec)) {}
 
-  void eval_cpu(const std::vector<mx::array>&, mx::array& out) override {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_output_array(out);
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    auto& encoder = prepare(stream(), inputs, out);
     encoder.dispatch([spec = spec_, out = out.data<char>()]() { run_read(spec, out); });
   }
 
