@@ -128,7 +128,7 @@ def build_parser(command: str, sweep: bool = False) -> argparse.ArgumentParser:
     g.add_argument("-q", "--quantize", action="store_true",
                    help="4-bit quantize the text encoders' and UNet's linear layers")
     g.add_argument("--preload-models", dest="preload_models", action="store_true",
-                   help="read all weights into memory before the first step")
+                   help="accepted for compatibility: every weight is read into memory at load")
 
     c = p.add_argument_group("what to save")
     c.add_argument("--output", "-o", help="final picture; every other file is "
@@ -268,7 +268,7 @@ def build_specs(command: str, args) -> tuple:
         n_images=args.n_images, n_rows=args.n_rows,
         size=None if img2img else _size(args.size), capture=capture, inversion=inversion).validate()
     dtype = "float32" if args.no_float16 else args.dtype
-    return spec, ModelSpec(args.model, dtype, args.quantize, args.preload_models, args.vae,
+    return spec, ModelSpec(args.model, dtype, args.quantize, args.vae,
                            args.prediction_type)
 
 

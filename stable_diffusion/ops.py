@@ -370,15 +370,20 @@ def _sum_positions(x: mx.array) -> mx.array:
 
 
 def group_norm(x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: float,
-               activation: bool = False) -> mx.array:
+               activation: bool = False, framed: bool = False) -> mx.array:
     """PyTorch's GroupNorm on channels-last maps (B, ..., C): groups of adjacent channels are
     normalised over all positions, then scaled and shifted per channel; SiLU after it if
     `activation`. Statistics in float32 (two passes: the mean, then the squared deviations),
     the output in the dtype of x. On the CPU with the native module, float32 and bfloat16 maps
-    go through its kernel (all cores, one pass per statistic and one for the output)."""
+    go through its kernel (all cores, one pass per statistic and one for the output).
+    `framed`: a map (B, H, W, C) comes back inside `FRAME`'s zero border, as a 3x3 convolution
+    reads it; the native kernel writes it there, with no padded copy."""
     native = _native()[0] if x.dtype in (mx.float32, mx.bfloat16) else None
     if native is None:
-        return mlx_group_norm(x, weight, bias, groups, eps, activation)
+        y = mlx_group_norm(x, weight, bias, groups, eps, activation)
+        return _frame(y) if framed else y
+    if framed:
+        return native.group_norm(x, weight, bias, groups, eps, activation, list(FRAME))
     maps = x if x.ndim == 4 else x.reshape(x.shape[0], 1, -1, x.shape[-1])  # (B, H, W, C)
     return native.group_norm(maps, weight, bias, groups, eps, activation).reshape(x.shape)
 
@@ -421,8 +426,8 @@ class GroupNorm(nn.Module):
         self.weight = mx.ones((channels,))
         self.bias = mx.zeros((channels,))
 
-    def __call__(self, x: mx.array, activation: bool = False) -> mx.array:
-        return group_norm(x, self.weight, self.bias, self.num_groups, self.eps, activation)
+    def __call__(self, x: mx.array, activation: bool = False, framed: bool = False) -> mx.array:
+        return group_norm(x, self.weight, self.bias, self.num_groups, self.eps, activation, framed)
 
 
 # --- convolution ----------------------------------------------------------------------------------
@@ -534,16 +539,13 @@ class Conv2d(nn.Conv2d):
         return bf16_pack(_taps(self.weight, channels))
 
     def _framed_input(self, x: mx.array, norm: "GroupNorm | None") -> mx.array | None:
-        """silu(norm(x)) written by the native norm inside `FRAME`'s border, where this layer's
-        convolution reads that (a 3x3 one taking the shifted or the native bfloat16 path); else None."""
+        """silu(norm(x)) inside `FRAME`'s border, where this layer's convolution reads that (a 3x3
+        one taking the shifted or the native bfloat16 path); else None."""
         if norm is None or x.ndim != 4 or self.weight_dims[1:3] != (3, 3) or self.stride != (1, 1):
             return None
         if not ((self._native_bf16(x) and x.shape[-1] % 2 == 0) or self._shifted(x)):
             return None
-        native = _native()[0] if x.dtype in (mx.float32, mx.bfloat16) else None
-        if native is None:
-            return None
-        return native.group_norm(x, norm.weight, norm.bias, norm.num_groups, norm.eps, True, list(FRAME))
+        return norm(x, activation=True, framed=True)
 
     def _native_bf16(self, x: mx.array) -> bool:
         if "packed_weight" in self:

@@ -210,8 +210,6 @@ class Session:
                             and m.weight.shape[1] % 64 == 0)
             for module in [sd.unet, sd.vae, *sd.text_encoders]:
                 mx.eval(ops.pack_weights(module).parameters())
-        if self.model_spec.preload:
-            mx.eval(sd.unet.parameters(), sd.vae.parameters(), [e.parameters() for e in sd.text_encoders])
         self.sd = sd
         self.timings["load_s"] = elapsed(start)
         return sd

@@ -80,7 +80,6 @@ class ModelSpec:
     model: str = "sd"
     dtype: str | None = None  # None: the device's default
     quantize: bool = False
-    preload: bool = False
     vae: str | None = None  # a VAE folder or file replacing the model's
     prediction_type: str | None = None  # for a single file that does not say
 

@@ -668,6 +668,13 @@ def test_mlx_group_norm_matches_float64(parity):
     expected = reference_group_norm(x, weight, bias, 8, 1e-6)
     out = ops.mlx_group_norm(mx.array(x), mx.array(weight), mx.array(bias), 8, 1e-6, activation=True)
     parity("mlx group norm + silu", out, exact_silu(expected), atol=1e-5)
+    # framed=True: the same map inside the 3x3 convolution's zero border, on either path.
+    framed = group_norm(mx.array(x), mx.array(weight), mx.array(bias), 8, 1e-6, True, framed=True)
+    top, bottom, left, right = ops.FRAME
+    assert framed.shape == (2, 7 + top + bottom, 9 + left + right, 32)
+    inside = np.array(framed)[:, top:top + 7, left:left + 9]
+    np.testing.assert_allclose(inside, exact_silu(expected), rtol=0, atol=1e-5)
+    assert np.abs(np.array(framed)).sum() == pytest.approx(np.abs(inside).sum(), rel=1e-6)
 
 
 @needs_native
