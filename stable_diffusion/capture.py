@@ -30,14 +30,24 @@ def interrupts_deferred():
         yield
         return
     pending = []
-    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in STOP_SIGNALS}
+
+    def defer(signum, frame):
+        pending.append(signum)
+
+    previous = {s: signal.signal(s, defer) for s in STOP_SIGNALS}
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        if pending:
-            signal.raise_signal(pending[0])  # now handled as it would have been
+        try:
+            if pending:
+                # The first signal is handled as it would have been, before any other handler is
+                # back: a second signal landing while they are restored must not overtake it.
+                signal.signal(pending[0], previous[pending[0]])
+                signal.raise_signal(pending[0])
+        finally:
+            for signum, handler in previous.items():
+                if signal.getsignal(signum) is defer:  # the stop handler may have replaced it
+                    signal.signal(signum, handler)
 
 
 class Ledger:
