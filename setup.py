@@ -33,8 +33,9 @@ class OptionalCMakeBuild(build_ext):
         self.extensions[:] = built
 
     def _cmake(self, ext):
-        if os.environ.get("SD_NATIVE_BUILD") == "0":
-            raise RuntimeError("SD_NATIVE_BUILD=0")
+        switch = os.environ.get("SD_NATIVE_BUILD", "")
+        if switch.strip().lower() in ("0", "false", "off", "no"):  # as SD_NATIVE at run time
+            raise RuntimeError(f"SD_NATIVE_BUILD={switch}")
         cmake = shutil.which("cmake")
         if cmake is None:
             raise RuntimeError("no cmake on PATH")

@@ -10,10 +10,12 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .config import ConfigError, TextEncoderConfig
 from .errors import InputError
 from .ops import Linear, attention, gelu
+from .tokenizer import check_ids
 
 # The legacy eos_token_id of SD-era CLIP configs; with it, transformers pools at the largest id.
 _LEGACY_EOS_TOKEN_ID = 2
@@ -134,6 +136,7 @@ class CLIPTextModel(nn.Module):
         if input_ids.ndim != 2 or input_ids.shape[1] > self.config.max_position_embeddings:
             raise InputError(f"text encoder input has shape {tuple(input_ids.shape)}; expected "
                              f"(batch, length <= {self.config.max_position_embeddings}) token ids")
+        check_ids(np.array(input_ids), self.config.vocab_size)  # MLX's lookup would read past the table
         model = self.text_model
         x = model.embeddings(input_ids)  # (B, L, D)
         length = x.shape[1]

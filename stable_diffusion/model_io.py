@@ -319,6 +319,7 @@ def weight_files(component_folder: Path, variant: str | None = None) -> list[Pat
     candidates = [f"{stem}.{variant}", stem] if variant else [stem, f"{stem}.fp16"]
     for s in candidates:
         single = component_folder / f"{s}.safetensors"
+        _check_regular(single)
         if single.is_file():
             return [single]
         index = component_folder / f"{s}.safetensors.index.json"
@@ -329,6 +330,8 @@ def weight_files(component_folder: Path, variant: str | None = None) -> list[Pat
                 raise ModelError(f"{index}: field weight_map must map tensor names to shard file "
                                  f"names in this folder; {refetch_advice(component_folder.parent)}")
             shards = sorted(set(weight_map.values()))
+            for n in shards:
+                _check_regular(component_folder / n)
             missing = [n for n in shards if not (component_folder / n).is_file()]
             if missing or not shards:
                 raise ModelError(f"{index} names shard(s) that are missing: "
@@ -342,6 +345,21 @@ def weight_files(component_folder: Path, variant: str | None = None) -> list[Pat
                          "to safetensors or use a model revision that has them")
     raise ModelError(f"{component_folder} has no {stem}.safetensors weights; the model folder is "
                      f"incomplete: {refetch_advice(component_folder.parent)}")
+
+
+def _check_regular(path: Path) -> None:
+    """A weight file's name that is there but not a file (a folder, a pipe, a device, a link to
+    nothing, as a hub cache whose blob went missing leaves) is said to be so, not "missing"."""
+    if path.is_file() or not (path.is_symlink() or path.exists()):
+        return
+    if not path.exists():
+        kind = f"a link to {os.readlink(path)}, which does not exist"
+    elif path.is_dir():
+        kind = "a folder"
+    else:
+        kind = "not a regular file (a pipe, socket or device)"
+    raise ModelError(f"{path} is {kind}; the weights must be a safetensors file: "
+                     f"{refetch_advice(path.parent.parent)}")
 
 
 # --- reading and checking tensors ----------------------------------------------------------------

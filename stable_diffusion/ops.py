@@ -97,8 +97,9 @@ def _native() -> tuple[object | None, str]:
     and a line saying so or why not. Loaded on first use, so that importing ops loads no library."""
     if mx.default_device() != mx.cpu:
         return None, "native CPU kernels not used: the GPU has MLX's own fused kernels"
-    if os.environ.get("SD_NATIVE") == "0":
-        return None, "native CPU kernels off (SD_NATIVE=0): pure-MLX CPU paths"
+    switch = os.environ.get("SD_NATIVE", "")
+    if switch.strip().lower() in ("0", "false", "off", "no"):
+        return None, f"native CPU kernels off (SD_NATIVE={switch}): pure-MLX CPU paths"
     try:
         from . import _native as native
     except ImportError as error:

@@ -98,6 +98,7 @@ class Checkpoint:
         self.metadata = header.pop("__metadata__", None) or {}
         self.shapes = {k: tuple(int(d) for d in v["shape"]) for k, v in header.items()}
         self.family = detect_family(self.shapes, self.path, vae_given)
+        self.what = f"{FAMILY_NAMES[self.family]} checkpoint"
         self.text = dict(TEXT_PREFIXES[self.family])
         prefixes = (UNET, VAE, *(prefix for prefix, _ in self.text.values()))
         stray = sorted(k for k in self.shapes if not k.startswith(prefixes) and not _IGNORED.match(k))
@@ -114,8 +115,7 @@ class Checkpoint:
 
     def shape(self, key: str) -> tuple:
         if key not in self.shapes:
-            raise ModelError(f"{self.path} is missing tensor {key}; the file is not a complete "
-                             f"{FAMILY_NAMES[self.family]} checkpoint")
+            raise ModelError(f"{self.path} is missing tensor {key}; the file is not a complete {self.what}")
         return self.shapes[key]
 
     def count(self, pattern: str) -> int:
@@ -658,6 +658,11 @@ def _write_vae_replacement(folder: Path, vae: Path, scaling: float) -> None:
                          "or a diffusers VAE folder")
     ckpt = _VAEFile(vae, header, metadata)
     config = vae_config(ckpt, prefix, scaling)
+    try:
+        VAEConfig.from_diffusers(config)
+    except ConfigError as e:
+        raise ModelError(f"--vae {vae}: its tensors do not describe a standard LDM VAE ({e}); pass "
+                         "another VAE file, or a diffusers VAE folder with its config.json") from None
     _write_json(folder / "config.json", config)
     _write_json(folder / POINTER, {"file": str(vae), "prefix": prefix, "kind": "vae", "config": config})
 
@@ -666,7 +671,7 @@ class _VAEFile(Checkpoint):
     """A VAE alone: the shape queries of `Checkpoint` without a family."""
 
     def __init__(self, path: Path, header: dict, metadata: dict):
-        self.path, self.family, self.metadata = path, "sd1", metadata
+        self.path, self.family, self.metadata, self.what = path, "sd1", metadata, "LDM VAE"
         self.shapes = {k: tuple(v["shape"]) for k, v in header.items()}
         self.architecture = _architecture(metadata, path)
 

@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 from stable_diffusion import model_io
 from stable_diffusion.clip import CLIPTextModel
 from stable_diffusion.config import ConfigError, TextEncoderConfig, load_json
-from stable_diffusion.errors import InputError
+from stable_diffusion.errors import InputError, ModelError
 from stable_diffusion.testing import FAMILIES, clip_shapes, tiny_configs
 
 
@@ -93,6 +93,10 @@ def test_bad_inputs_and_configs(tiny_model):
     model = load_encoder(tiny_model("sd1") / "text_encoder")
     with pytest.raises(InputError, match="length <= 77"):
         model(mx.zeros((1, 78), dtype=mx.int32))
+    vocab = model.config.vocab_size
+    for bad in (vocab, 1 << 30, -1):  # the lookup would read outside the table (a segfault, once)
+        with pytest.raises(ModelError, match=f"outside the text encoder's embedding table of {vocab} rows"):
+            model(mx.array([[0, bad, 2]], dtype=mx.int32))
     config = dict(tiny_configs("sd1")["text_encoder"], hidden_act="relu")
     with pytest.raises(ConfigError, match="hidden_act 'relu'"):
         CLIPTextModel(TextEncoderConfig.from_diffusers(config))

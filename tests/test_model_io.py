@@ -3,6 +3,7 @@ hubs, and every way a model folder can be broken. Each failure is a ModelError w
 message names the file and the fix; the cheap ones are caught before any weight is read."""
 
 import json
+import os
 import pickle
 import shutil
 import socket
@@ -161,6 +162,21 @@ def test_missing_component_folder(model):
     message = expect_model_error(lambda: model_io.check_model_folder(model), "missing component folder",
                                  "vae", "save the model again")
     assert "download" not in message  # a folder someone wrote is not fetched again
+
+
+@pytest.mark.parametrize("kind", ["folder", "pipe", "dangling link"])
+def test_weights_that_are_not_a_file_are_named_so(model, kind):
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.unlink()
+    if kind == "folder":
+        weights.mkdir()
+    elif kind == "pipe":
+        os.mkfifo(weights)
+    else:
+        weights.symlink_to(model / "blobs" / "gone")
+    said = {"folder": "is a folder", "pipe": "is not a regular file", "dangling link": "blobs/gone, which does not exist"}
+    expect_model_error(lambda: StableDiffusion.from_pretrained(str(model)), str(weights), said[kind],
+                       "must be a safetensors file")
 
 
 def test_incomplete_hub_snapshot_says_download_again(hub_cache):

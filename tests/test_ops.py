@@ -161,13 +161,14 @@ def test_native_status_says_what_is_used():
 
 
 @needs_native
-def test_native_off_by_environment_uses_the_chunked_path():
+@pytest.mark.parametrize("switch", ["0", "off", "False"])
+def test_native_off_by_environment_uses_the_chunked_path(switch):
     code = ("import stable_diffusion, mlx.core as mx; from stable_diffusion import ops; "
             "q = mx.ones((1, 1, 4, 8)); print(ops.native_status()); "
             "print(mx.array_equal(ops.attention(q, q, q, 0.5), ops.chunked_attention(q, q, q, 0.5)).item())")
-    env = {**os.environ, "SD_NATIVE": "0"}
+    env = {**os.environ, "SD_NATIVE": switch}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.splitlines() == ["native CPU kernels off (SD_NATIVE=0): pure-MLX CPU paths", "True"]
+    assert out.stdout.splitlines() == [f"native CPU kernels off (SD_NATIVE={switch}): pure-MLX CPU paths", "True"]
 
 
 @needs_native

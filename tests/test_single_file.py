@@ -222,6 +222,18 @@ def test_replacement_vae_from_a_folder_or_an_ldm_file(checkpoint, tiny_model, tm
     assert all(np.array_equal(got[k], reference[k]) for k in reference)
     expect_model_error(lambda: model_io.resolve_model(str(checkpoint("sd1")), vae=tmp_path / "none"),
                        "no such file or folder")
+    # Without the metadata, the tiny VAE's 8 channels cannot take the 32 groups of real files; the
+    # error names the file given, not the view folder written for it.
+    tensors = load_file(str(vae_file))
+    save_file(tensors, str(vae_file))
+    message = expect_model_error(lambda: model_io.resolve_model(str(checkpoint("sd1")), vae=vae_file),
+                                 f"--vae {vae_file}: its tensors do not describe a standard LDM VAE",
+                                 "not divisible by norm_num_groups 32")
+    assert "config.json" not in message.split("(")[0]
+    tensors.pop("encoder.conv_in.weight")
+    save_file(tensors, str(vae_file))
+    expect_model_error(lambda: model_io.resolve_model(str(checkpoint("sd1")), vae=vae_file),
+                       "is missing tensor encoder.conv_in.weight; the file is not a complete LDM VAE")
 
 
 # --- refusals ----------------------------------------------------------------------------------------
