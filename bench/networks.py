@@ -7,9 +7,15 @@ writes JSON. FLOPs are counted once on the PyTorch side (torch.utils.flop_counte
 Every row also says how busy the machine was: the CPU seconds other processes used while it ran.
 Needs the `reference` extra. Not part of the test run.
 
-    python bench/networks.py --json bench.json                  # every workload, float32
-    python bench/networks.py --workloads unet64,vae_decode --reps 2
+    python bench/networks.py --json bench.json       # every workload, float32 and bfloat16
+    python bench/networks.py --workloads unet64,vae_decode --dtype float32
     python bench/networks.py --dtype bfloat16 --workloads img2img1 --frameworks ours
+
+With several dtypes (the default: float32 and bfloat16), a last table sets each side's fastest
+measured dtype against the other's, workload by workload. Where the environment forces OpenBLAS's
+kernels (OPENBLAS_CORETYPE, e.g. Haswell on an AVX-512 CPU), our float32 products run slower than the
+CPU allows and the script says so; run it with `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE` to
+measure what the CPU gives a user.
 
 Workloads: one self-attention at the UNet's largest (64x64 latent) shape, alone, against PyTorch's
 `scaled_dot_product_attention` (`attention`: our CPU path as ops.attention picks it, the native
@@ -384,7 +390,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
                         help=f"comma-separated, from {', '.join(WORKLOADS)}")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--dtype", default="float32,bfloat16",
+                        help="comma-separated, from float32, bfloat16, float16 (default: %(default)s)")
     parser.add_argument("--frameworks", default="ours,diffusers", help="ours, diffusers or both")
     parser.add_argument("--reps", type=int, default=2,
                         help="timed repetitions after a warm-up (whole runs and loads: one, no warm-up)")
@@ -401,11 +408,19 @@ def main(argv=None) -> int:
     unknown = [w for w in workloads if w not in WORKLOADS]
     if unknown:
         parser.error(f"unknown workload {unknown[0]!r}; choose from {', '.join(WORKLOADS)}")
+    dtypes = args.dtype.split(",")
+    if not set(dtypes) <= {"float32", "bfloat16", "float16"}:
+        parser.error(f"--dtype {args.dtype}: choose from float32, bfloat16, float16")
     frameworks = args.frameworks.split(",")
     scratch = Path(tempfile.mkdtemp(prefix="sd-bench-"))
     os.environ["BENCH_MODEL"] = str(scratch)
-    report = {"dtype": args.dtype, "reps": args.reps, "cpus": os.cpu_count(), "uname": os.uname().release,
-              "load_average_start": os.getloadavg(), "workloads": {}}
+    forced = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
+    report = {"dtypes": dtypes, "reps": args.reps, "cpus": os.cpu_count(), "uname": os.uname().release,
+              "load_average_start": os.getloadavg(), "openblas_environment": forced, "runs": {}}
+    if forced:
+        print(f"note: the environment sets {', '.join(f'{k}={v}' for k, v in forced.items())}: OpenBLAS runs "
+              "the kernels named, whatever the CPU; for what a user's machine runs, rerun under "
+              "`env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE`", flush=True)
     try:
         if any(w in ("load", *IMG2IMG) for w in workloads):
             start = time.perf_counter()
@@ -418,19 +433,25 @@ def main(argv=None) -> int:
 
             # The tiny test tokenizer: its cost is negligible, and it needs no download.
             write_tokenizer(scratch / "tokenizer", tokenizer_config("!"))
-        print(f"{'workload':48s} {'ours min/med s':>15s} {'diffusers min/med s':>20s} {'ratio':>6s} "
-              f"{'GFLOP/s ours/theirs':>20s} {'peak MB ours/theirs':>20s} {'others CPU s':>13s}", flush=True)
-        for workload in workloads:
-            entry = report["workloads"][workload] = {}
-            for framework in ("ours", "diffusers"):
-                if framework in frameworks:
-                    entry[framework] = measure(framework, workload, args.dtype, args.reps)
-            _complete(entry, workload, report["workloads"])
-            print(_row(workload, entry), flush=True)
+        for dtype in dtypes:
+            print(f"\n{dtype}\n{HEADER}", flush=True)
+            done = report["runs"][dtype] = {}
+            for workload in workloads:
+                entry = done[workload] = {}
+                for framework in ("ours", "diffusers"):
+                    if framework in frameworks:
+                        entry[framework] = measure(framework, workload, dtype, args.reps)
+                _complete(entry, workload, done)
+                print(_row(workload, entry), flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    report["snapshot_costs"] = snapshot_costs(report["workloads"])
+    report["fastest"] = fastest(report["runs"])
+    if len(dtypes) > 1:
+        print(f"\neach side in its fastest measured dtype\n{HEADER}")
+        for workload, entry in report["fastest"].items():
+            print(_row(workload, entry, dtypes=True))
+    report["snapshot_costs"] = snapshot_costs(report["fastest"])
     _print_summary(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
@@ -452,15 +473,39 @@ def _complete(entry: dict, workload: str, done: dict) -> None:
         entry["ratio"] = min(ours["times"]) / min(theirs["times"])
 
 
-def _row(workload: str, entry: dict) -> str:
+def fastest(runs: dict) -> dict:
+    """Per workload, each side's entry in the dtype where it was fastest (marked with `dtype`)."""
+    table = {}
+    for dtype, done in runs.items():
+        for workload, entry in done.items():
+            best = table.setdefault(workload, {})
+            for side in ("ours", "diffusers"):
+                got = entry.get(side, {})
+                if "times" in got and ("times" not in best.get(side, {})
+                                       or min(got["times"]) < min(best[side]["times"])):
+                    best[side] = dict(got, dtype=dtype, gflop=entry.get("gflop"))
+    for workload, entry in table.items():
+        ours, theirs = entry.get("ours", {}), entry.get("diffusers", {})
+        if "times" in ours and "times" in theirs:
+            entry["ratio"] = min(ours["times"]) / min(theirs["times"])
+    return table
+
+
+HEADER = (f"{'workload':48s} {'ours min/med s':>15s} {'diffusers min/med s':>20s} {'ratio':>6s} "
+          f"{'GFLOP/s ours/theirs':>20s} {'peak MB ours/theirs':>20s} {'others CPU s':>13s}")
+
+
+def _row(workload: str, entry: dict, dtypes: bool = False) -> str:
+    """One table row; with `dtypes`, each side's cell names the dtype it was measured in."""
     def cell(side):
         if "times" not in side:
             return side.get("error", "-")[:40]
-        return f"{min(side['times']):.2f}/{statistics.median(side['times']):.2f}"
+        named = " " + {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[side["dtype"]] if dtypes else ""
+        return f"{min(side['times']):.2f}/{statistics.median(side['times']):.2f}{named}"
 
     ours, theirs = entry.get("ours", {}), entry.get("diffusers", {})
-    gflop = entry.get("gflop")
-    rate = lambda side: f"{gflop / min(side['times']):.1f}" if gflop and "times" in side else "-"  # noqa: E731
+    gflop = lambda side: side.get("gflop", entry.get("gflop"))  # noqa: E731
+    rate = lambda side: f"{gflop(side) / min(side['times']):.1f}" if gflop(side) and "times" in side else "-"  # noqa: E731
     peak = lambda side: f"{side['maxrss_mb']:.0f}" if "maxrss_mb" in side else "-"  # noqa: E731
     others = max([*ours.get("others_cpu_s", []), *theirs.get("others_cpu_s", [])], default=0.0)
     ratio = f"{entry['ratio']:.2f}" if "ratio" in entry else "-"
@@ -469,26 +514,26 @@ def _row(workload: str, entry: dict) -> str:
 
 
 def _print_summary(report: dict) -> None:
-    entries = report["workloads"].values()
+    entries = [e for done in report["runs"].values() for e in done.values()]
     ours = next((e["ours"] for e in entries if "blas" in e.get("ours", {})), None)
     theirs = next((e["diffusers"] for e in entries if "blas" in e.get("diffusers", {})), None)
     if ours:
         print(f"ours: MLX {ours['mlx']} on {ours['device']}, BLAS {ours['blas']} with "
               f"{ours['blas_threads']} thread(s); element-wise operations on 1 thread; {ours['native']}")
-        mlx_peaks = {w: e["ours"]["mlx_peak_mb"] for w, e in report["workloads"].items()
-                     if e.get("ours", {}).get("mlx_peak_mb")}
-        print("ours, MLX peak memory MB: " + ", ".join(f"{w} {v:.0f}" for w, v in mlx_peaks.items()))
+        for dtype, done in report["runs"].items():
+            mlx_peaks = {w: e["ours"]["mlx_peak_mb"] for w, e in done.items() if e.get("ours", {}).get("mlx_peak_mb")}
+            print(f"ours, MLX peak memory MB in {dtype}: " + ", ".join(f"{w} {v:.0f}" for w, v in mlx_peaks.items()))
     if theirs:
         print(f"diffusers: torch {theirs['torch']}, {theirs['threads']} thread(s), BLAS {theirs['blas']}")
     print(f"load average at the start: {', '.join(f'{v:.2f}' for v in report['load_average_start'])} "
           f"on {report['cpus']} CPUs ('others CPU s': other processes' CPU time during the slowest row)")
-    taesd = report["workloads"].get("taesd_decode", {})
-    vae = report["workloads"].get("vae_decode", {})
+    taesd = report["fastest"].get("taesd_decode", {})
+    vae = report["fastest"].get("vae_decode", {})
     for side in ("ours", "diffusers"):
         if "times" in taesd.get(side, {}) and "times" in vae.get(side, {}):
             t, v = min(taesd[side]["times"]), min(vae[side]["times"])
-            print(f"{side}: TAESD decode {t * 1e3:.0f} ms a frame against the VAE decode's {v:.2f} s "
-                  f"({100 * t / v:.1f}%)")
+            print(f"{side}, fastest dtypes: TAESD decode {t * 1e3:.0f} ms a frame against the VAE "
+                  f"decode's {v:.2f} s ({100 * t / v:.1f}%)")
     costs = report.get("snapshot_costs")
     if costs:
         print(f"triangle, 10 rows x {TRIANGLE_STEPS} steps, -sd {TRIANGLE_EVERY}: {costs['unet_steps']} UNet "
