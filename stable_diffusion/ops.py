@@ -481,11 +481,20 @@ def _conv3x3_framed(framed: mx.array, height: int, width: int, weight: mx.array,
             out = out + per_tap[:, offsets[k]:offsets[k] + n, k]  # (B, H (W+2), O)
     else:
         taps = weight.transpose(1, 2, 3, 0).reshape(9, channels, out_channels)  # (9, C, O)
-        out = padded[:, :n] @ taps[0]  # (B, H (W+2), O)
+        out = padded[:, :n] @ taps[0] if bias is None else mx.addmm(bias, padded[:, :n], taps[0])  # (B, H (W+2), O)
         for k in range(1, 9):
             out = mx.addmm(out, padded[:, offsets[k]:offsets[k] + n], taps[k])
+        bias = None  # added by the first product
     out = out.reshape(batch, height, row, out_channels)[:, :, :width]  # (B, H, W, O)
     return out if bias is None else out + bias
+
+
+def _pointwise(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
+    """A 1x1 convolution, x (B, H, W, C) and weight (O, 1, 1, C), as one product."""
+    rows = x.reshape(-1, x.shape[-1])
+    taps = weight.reshape(weight.shape[0], -1).T  # (C, O)
+    out = rows @ taps if bias is None else mx.addmm(bias, rows, taps)
+    return out.reshape(*x.shape[:3], weight.shape[0])
 
 
 class Conv2d(nn.Conv2d):
@@ -523,6 +532,8 @@ class Conv2d(nn.Conv2d):
         elif native_bf16:
             out = _bf16_conv_packed(x, self._packed(x.shape[-1] + x.shape[-1] % 2), out_channels, kh, bias,
                                     self.stride[0], self.padding[0], addend)
+        elif self._pointwise(x):
+            out = _pointwise(x, self.weight, bias)
         else:
             out = super().__call__(x)
         return out if residual is None else residual + out
@@ -575,6 +586,16 @@ class Conv2d(nn.Conv2d):
             return False
         im2col = x.size * 9 * x.itemsize
         return 4 * out_channels <= channels or im2col >= SHIFTED_CONV_BYTES
+
+    def _pointwise(self, x: mx.array) -> bool:
+        """A 1x1 convolution that is one matrix product on the CPU. MLX's CPU convolution takes it
+        with copies around the product: a 512x512x256 -> 128 float32 one (the VAE decoder's last
+        residual projection) peaked at 640 MB for its 128 MB output."""
+        if not CPU_PATHS or x.ndim != 4 or "packed_weight" in self:
+            return False
+        dilation = self.dilation if isinstance(self.dilation, tuple) else (self.dilation,) * 2
+        return (self.weight.shape[1:3], self.stride, self.padding, dilation, self.groups) == ((1, 1), (1, 1), (0, 0),
+                                                                                            (1, 1), 1)
 
     def _extra_repr(self) -> str:
         if "packed_weight" in self:
@@ -779,6 +800,16 @@ class Linear(nn.Linear):
         if _bf16_operands(x, self.weight):
             return bf16_linear(x, self.weight, bias)
         return super().__call__(x)
+
+    def _pointwise(self, x: mx.array) -> bool:
+        """A 1x1 convolution that is one matrix product on the CPU. MLX's CPU convolution takes it
+        with copies around the product: a 512x512x256 -> 128 float32 one (the VAE decoder's last
+        residual projection) peaked at 640 MB for its 128 MB output."""
+        if not CPU_PATHS or x.ndim != 4 or "packed_weight" in self:
+            return False
+        dilation = self.dilation if isinstance(self.dilation, tuple) else (self.dilation,) * 2
+        return (self.weight.shape[1:3], self.stride, self.padding, dilation, self.groups) == ((1, 1), (1, 1), (0, 0),
+                                                                                            (1, 1), 1)
 
     def _extra_repr(self) -> str:
         if "packed_weight" in self:

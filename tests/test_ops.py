@@ -756,12 +756,14 @@ def test_conv2d_takes_the_shifted_path_only_where_it_applies(monkeypatch):
         "3x3 wide": (Conv2d(32, 64, 3, padding=1), True),
         "3x3 few outputs": (Conv2d(32, 4, 3, padding=1), True),
         "1x1": (Conv2d(32, 64, 1), False),
+        "1x1 stride 2": (Conv2d(32, 64, 1, stride=2), False),
         "stride 2": (Conv2d(32, 64, 3, stride=2, padding=1), False),
         "no padding": (Conv2d(32, 64, 3), False),
     }
     monkeypatch.setattr(ops, "SHIFTED_CONV_BYTES", 0)
     for name, (conv, applies) in cases.items():
         assert conv._shifted(x) == (applies and ops.CPU_PATHS), name
+        assert conv._pointwise(x) == (name == "1x1" and ops.CPU_PATHS), name  # one product, no copies
         np.testing.assert_allclose(np.array(conv(x)), np.array(nn.Conv2d.__call__(conv, x)),
                                    rtol=0, atol=5e-6, err_msg=name)
     # Half precision keeps MLX's convolution (MLX's CPU products in half precision are not BLAS).
