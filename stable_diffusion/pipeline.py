@@ -88,7 +88,7 @@ class StableDiffusion:
             for (_, tok_name), enc_config in zip(TEXT_COMPONENTS, config.text_encoders):
                 tokenizers.append(Tokenizer.from_folder(folder / tok_name))
                 check_fits_encoder(tokenizers[-1], enc_config, folder / tok_name)  # before any weight
-        ops.use_cpu_buffer_cache(dtype=dtype)
+        ops.use_cpu_buffer_cache()
         unet = model_io.load_weights(UNetModel(config.unet), folder / "unet",
                                      model_io.map_unet_weights, dtype, variant, pack)
         vae = model_io.load_weights(Autoencoder(config.vae), folder / "vae",
