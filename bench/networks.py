@@ -448,7 +448,7 @@ def main(argv=None) -> int:
 
     report["fastest"] = fastest(report["runs"])
     if len(dtypes) > 1:
-        print(f"\neach side in its fastest measured dtype\n{HEADER}")
+        print(f"\neach side in its fastest dtype (its whole run's, else its UNet call's)\n{HEADER}")
         for workload, entry in report["fastest"].items():
             print(_row(workload, entry, dtypes=True))
     report["snapshot_costs"] = snapshot_costs(report["fastest"])
@@ -474,15 +474,26 @@ def _complete(entry: dict, workload: str, done: dict) -> None:
 
 
 def fastest(runs: dict) -> dict:
-    """Per workload, each side's entry in the dtype where it was fastest (marked with `dtype`)."""
+    """Per workload, each side's entry in its fastest dtype (marked with `dtype`): the one its whole
+    run is quickest in (else its UNet call), so that loading and memory are compared in the dtype
+    each side runs in; with neither measured, each row's quickest."""
+    def run_dtype(side: str) -> str | None:
+        for probe in ("img2img", "img2img1", "unet64", "unet32"):
+            timed = {dtype: min(done[probe][side]["times"]) for dtype, done in runs.items()
+                     if "times" in done.get(probe, {}).get(side, {})}
+            if timed:
+                return min(timed, key=timed.get)
+        return None
+
     table = {}
-    for dtype, done in runs.items():
-        for workload, entry in done.items():
-            best = table.setdefault(workload, {})
-            for side in ("ours", "diffusers"):
-                got = entry.get(side, {})
-                if "times" in got and ("times" not in best.get(side, {})
-                                       or min(got["times"]) < min(best[side]["times"])):
+    for side in ("ours", "diffusers"):
+        chosen = run_dtype(side)
+        for dtype, done in runs.items():
+            for workload, entry in done.items():
+                got, best = entry.get(side, {}), table.setdefault(workload, {})
+                if "times" not in got or (chosen is not None and dtype != chosen):
+                    continue
+                if "times" not in best.get(side, {}) or min(got["times"]) < min(best[side]["times"]):
                     best[side] = dict(got, dtype=dtype, gflop=entry.get("gflop"))
     for workload, entry in table.items():
         ours, theirs = entry.get("ours", {}), entry.get("diffusers", {})
