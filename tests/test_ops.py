@@ -790,4 +790,8 @@ def test_conv2d_takes_the_shifted_path_only_where_it_applies(monkeypatch):
     # Half precision keeps MLX's convolution (MLX's CPU products in half precision are not BLAS).
     assert not cases["3x3 wide"][0]._shifted(x.astype(mx.bfloat16))
     monkeypatch.setattr(ops, "SHIFTED_CONV_BYTES", 1 << 40)
-    assert not cases["3x3 wide"][0]._shifted(x) and cases["3x3 few outputs"][0]._shifted(x) == ops.CPU_PATHS
+    # A small map: shifted only when narrow (at most 64 channels in) or with few outputs.
+    wide = mx.array(random((2, 6, 8, 96), 29))
+    assert not Conv2d(96, 128, 3, padding=1)._shifted(wide)
+    assert Conv2d(96, 16, 3, padding=1)._shifted(wide) == ops.CPU_PATHS
+    assert cases["3x3 wide"][0]._shifted(x) == ops.CPU_PATHS  # 32 channels
