@@ -16,6 +16,7 @@
 // of query rows of one head through all key tiles with an online softmax (running maximum and
 // sum, Milakov and Gimelshein 2018; Dao et al. 2022), in float32, on all cores.
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -783,12 +784,24 @@ void run_read(const ReadSpec& s, char* out) {
   });
 }
 
+// A weight's fresh buffer in 2 MB pages where the kernel offers them on request (transparent huge
+// pages in "madvise" mode): the read faults its pages in 512 times less often.
+void advise_huge_pages(char* data, size_t bytes) {
+#ifdef MADV_HUGEPAGE
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advice only
+#endif
+}
+
 class ReadTensor : public mx::UnaryPrimitive {
  public:
   ReadTensor(mx::Stream stream, ReadSpec spec) : mx::UnaryPrimitive(stream), spec_(std::move(spec)) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto& encoder = prepare(stream(), inputs, out);
+    advise_huge_pages(out.data<char>(), out.nbytes());
     encoder.dispatch([spec = spec_, out = out.data<char>()]() { run_read(spec, out); });
   }
 
