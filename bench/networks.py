@@ -412,6 +412,10 @@ def main(argv=None) -> int:
     if not set(dtypes) <= {"float32", "bfloat16", "float16"}:
         parser.error(f"--dtype {args.dtype}: choose from float32, bfloat16, float16")
     frameworks = args.frameworks.split(",")
+    if not frameworks or not set(frameworks) <= {"ours", "diffusers"}:
+        parser.error(f"--frameworks {args.frameworks}: choose ours, diffusers or both (comma-separated)")
+    if args.reps < 1:
+        parser.error(f"--reps {args.reps}: at least 1")
     scratch = Path(tempfile.mkdtemp(prefix="sd-bench-"))
     os.environ["BENCH_MODEL"] = str(scratch)
     forced = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
@@ -503,7 +507,7 @@ def fastest(runs: dict) -> dict:
 
 
 HEADER = (f"{'workload':48s} {'ours min/med s':>15s} {'diffusers min/med s':>20s} {'ratio':>6s} "
-          f"{'GFLOP/s ours/theirs':>20s} {'peak MB ours/theirs':>20s} {'others CPU s':>13s}")
+          f"{'GFLOP/s ours/theirs':>20s} {'peak RSS MB ours/th.':>20s} {'others CPU s':>13s}")
 
 
 def _row(workload: str, entry: dict, dtypes: bool = False) -> str:
@@ -533,7 +537,7 @@ def _print_summary(report: dict) -> None:
               f"{ours['blas_threads']} thread(s); element-wise operations on 1 thread; {ours['native']}")
         for dtype, done in report["runs"].items():
             mlx_peaks = {w: e["ours"]["mlx_peak_mb"] for w, e in done.items() if e.get("ours", {}).get("mlx_peak_mb")}
-            print(f"ours, MLX peak memory MB in {dtype}: " + ", ".join(f"{w} {v:.0f}" for w, v in mlx_peaks.items()))
+            print(f"ours, MLX's own peak memory MB (within the peak RSS above) in {dtype}: " + ", ".join(f"{w} {v:.0f}" for w, v in mlx_peaks.items()))
     if theirs:
         print(f"diffusers: torch {theirs['torch']}, {theirs['threads']} thread(s), BLAS {theirs['blas']}")
     print(f"load average at the start: {', '.join(f'{v:.2f}' for v in report['load_average_start'])} "

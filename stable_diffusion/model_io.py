@@ -11,6 +11,7 @@ import difflib
 import json
 import os
 import re
+import stat
 import struct
 import threading
 from pathlib import Path
@@ -64,6 +65,11 @@ def resolve_model(spec: str, variant: str | None = None, vae: str | Path | None 
 
     name, revision = parse_model_spec(spec)
     path = Path(name).expanduser()
+    for flag, given, wanted in (("--model", path, "a model folder, a .safetensors checkpoint or a hub id"),
+                                ("--vae", vae and Path(vae).expanduser(), "a VAE folder or an LDM VAE .safetensors file")):
+        kind = given and special_file(given)
+        if kind:
+            raise ModelError(f"{flag} {given} is {kind}; pass {wanted}")
     if path.is_file():
         if path.suffix.lower() != ".safetensors":
             single_file.refuse_pickle(path)
@@ -294,11 +300,15 @@ def check_model_folder(folder: Path, variant: str | None = None) -> dict:
     return index
 
 
+def _hub_snapshot(folder: Path) -> bool:
+    return folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--")
+
+
 def refetch_advice(folder: Path) -> str:
     """How to complete a folder: fetch it again when it is a hub cache snapshot, else say where
     the files come from (the folder was written by someone, who can write it again)."""
     folder = Path(folder)
-    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+    if _hub_snapshot(folder):
         return "download it again"
     return ("copy the missing files from the model's original folder, or save the model again "
             "(diffusers' save_pretrained writes every file)")
@@ -323,6 +333,7 @@ def weight_files(component_folder: Path, variant: str | None = None) -> list[Pat
         if single.is_file():
             return [single]
         index = component_folder / f"{s}.safetensors.index.json"
+        _check_regular(index)
         if index.is_file():
             weight_map = load_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not all(
@@ -330,12 +341,14 @@ def weight_files(component_folder: Path, variant: str | None = None) -> list[Pat
                 raise ModelError(f"{index}: field weight_map must map tensor names to shard file "
                                  f"names in this folder; {refetch_advice(component_folder.parent)}")
             shards = sorted(set(weight_map.values()))
+            if not shards:
+                raise ModelError(f"{index} lists no shard files (its weight_map is empty); "
+                                 f"{refetch_advice(component_folder.parent)}")
             for n in shards:
                 _check_regular(component_folder / n)
             missing = [n for n in shards if not (component_folder / n).is_file()]
-            if missing or not shards:
-                raise ModelError(f"{index} names shard(s) that are missing: "
-                                 f"{', '.join(missing) or 'none listed'}; "
+            if missing:
+                raise ModelError(f"{index} names shard(s) that are missing: {', '.join(missing)}; "
                                  f"{refetch_advice(component_folder.parent)}")
             return [component_folder / n for n in shards]
     pickles = sorted(p.name for p in component_folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
@@ -347,19 +360,32 @@ def weight_files(component_folder: Path, variant: str | None = None) -> list[Pat
                      f"incomplete: {refetch_advice(component_folder.parent)}")
 
 
+def special_file(path: Path) -> str | None:
+    """What a path is that is there but neither a regular file nor a folder, for messages ("a named
+    pipe", "a link to X, which does not exist", ...); None for a file, a folder or nothing."""
+    if path.is_symlink() and not path.exists():
+        return f"a link to {os.readlink(path)}, which does not exist"
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    kind = ("a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else None)
+    if kind is not None and path.is_symlink():
+        kind += f" (through the link to {os.readlink(path)})"
+    return kind
+
+
 def _check_regular(path: Path) -> None:
     """A weight file's name that is there but not a file (a folder, a pipe, a device, a link to
     nothing, as a hub cache whose blob went missing leaves) is said to be so, not "missing"."""
-    if path.is_file() or not (path.is_symlink() or path.exists()):
+    kind = "a folder" if path.is_dir() else special_file(path)
+    if kind is None:
         return
-    if not path.exists():
-        kind = f"a link to {os.readlink(path)}, which does not exist"
-    elif path.is_dir():
-        kind = "a folder"
-    else:
-        kind = "not a regular file (a pipe, socket or device)"
-    raise ModelError(f"{path} is {kind}; the weights must be a safetensors file: "
-                     f"{refetch_advice(path.parent.parent)}")
+    model = path.parent.parent
+    advice = ("download it again" if _hub_snapshot(model) else "put the model's file in its place, or save the "
+              "model again (diffusers' save_pretrained writes every file)")
+    raise ModelError(f"{path} is {kind}, where the weights should be a safetensors file; {advice}")
 
 
 # --- reading and checking tensors ----------------------------------------------------------------

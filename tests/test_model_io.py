@@ -174,9 +174,28 @@ def test_weights_that_are_not_a_file_are_named_so(model, kind):
         os.mkfifo(weights)
     else:
         weights.symlink_to(model / "blobs" / "gone")
-    said = {"folder": "is a folder", "pipe": "is not a regular file", "dangling link": "blobs/gone, which does not exist"}
-    expect_model_error(lambda: StableDiffusion.from_pretrained(str(model)), str(weights), said[kind],
-                       "must be a safetensors file")
+    said = {"folder": "is a folder", "pipe": "is a named pipe", "dangling link": "blobs/gone, which does not exist"}
+    message = expect_model_error(lambda: StableDiffusion.from_pretrained(str(model)), str(weights), said[kind],
+                                 "where the weights should be a safetensors file", "save the model again")
+    assert "missing" not in message
+
+
+def test_model_or_vae_that_is_a_pipe_or_device_is_named_so(model, tmp_path):
+    pipe = tmp_path / "model.safetensors"
+    os.mkfifo(pipe)
+    zero = tmp_path / "vae.safetensors"
+    zero.symlink_to("/dev/zero")
+    expect_model_error(lambda: model_io.resolve_model(str(pipe)), f"--model {pipe} is a named pipe",
+                       "pass a model folder")
+    expect_model_error(lambda: model_io.resolve_model(str(model), vae=zero),
+                       f"--vae {zero} is a device (through the link to /dev/zero)", "pass a VAE folder")
+
+
+def test_an_index_without_shards_says_so(model):
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.unlink()
+    (model / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text('{"weight_map": {}}')
+    expect_model_error(lambda: model_io.check_model_folder(model), "lists no shard files (its weight_map is empty)")
 
 
 def test_incomplete_hub_snapshot_says_download_again(hub_cache):
