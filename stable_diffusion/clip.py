@@ -15,7 +15,9 @@ import numpy as np
 from .config import ConfigError, TextEncoderConfig
 from .errors import InputError
 from .ops import Linear, attention, gelu
-from .tokenizer import check_ids
+
+# The integer dtypes token ids may come in (uint64 does not convert to MLX's indices).
+_ID_DTYPES = (mx.int8, mx.int16, mx.int32, mx.int64, mx.uint8, mx.uint16, mx.uint32)
 
 # The legacy eos_token_id of SD-era CLIP configs; with it, transformers pools at the largest id.
 _LEGACY_EOS_TOKEN_ID = 2
@@ -132,11 +134,27 @@ class CLIPTextModel(nn.Module):
         if config.projection_dim is not None:
             self.text_projection = Linear(config.hidden_size, config.projection_dim, bias=False)
 
-    def __call__(self, input_ids: mx.array) -> TextEncoderOutput:
-        if input_ids.ndim != 2 or input_ids.shape[1] > self.config.max_position_embeddings:
+    def _check_input(self, input_ids) -> None:
+        """(batch, length) integer ids within the vocabulary: MLX's lookup does not check them, and
+        reads past the table (a crash) where they are not."""
+        limit = self.config.max_position_embeddings
+        if not isinstance(input_ids, mx.array):
+            raise InputError(f"text encoder input is a {type(input_ids).__name__}; pass token ids as an "
+                             "mx.array of shape (batch, length), e.g. mx.array(ids, dtype=mx.int32)")
+        if input_ids.ndim != 2 or not 0 < input_ids.shape[1] <= limit or input_ids.shape[0] == 0:
             raise InputError(f"text encoder input has shape {tuple(input_ids.shape)}; expected "
-                             f"(batch, length <= {self.config.max_position_embeddings}) token ids")
-        check_ids(np.array(input_ids), self.config.vocab_size)  # MLX's lookup would read past the table
+                             f"(batch >= 1, 1 <= length <= {limit}) token ids")
+        if input_ids.dtype not in _ID_DTYPES:
+            raise InputError(f"text encoder input has dtype {str(input_ids.dtype).rsplit('.', 1)[-1]}; "
+                             "token ids are integers: pass int32")
+        ids = np.array(input_ids)
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            raise InputError(f"token ids {low} .. {high} fall outside the text encoder's vocabulary of "
+                             f"{self.config.vocab_size} ids (0 .. {self.config.vocab_size - 1})")
+
+    def __call__(self, input_ids: mx.array) -> TextEncoderOutput:
+        self._check_input(input_ids)
         model = self.text_model
         x = model.embeddings(input_ids)  # (B, L, D)
         length = x.shape[1]

@@ -20,7 +20,7 @@ from .clip import CLIPTextModel
 from .config import TEXT_COMPONENTS, PipelineConfig, read_pipeline_config
 from .errors import InputError
 from .sampler import SAMPLERS, SCHEDULES, NoiseSchedule, Plan, Step, default_sampler, seed_keys
-from .tokenizer import Tokenizer, check_fits_encoder
+from .tokenizer import Tokenizer, check_fits_encoder, check_ids
 from .unet import UNetModel
 from .vae import Autoencoder
 
@@ -124,6 +124,7 @@ class StableDiffusion:
         for encoder, tokenizer in zip(self.text_encoders, self.tokenizers):
             ids, cut = tokenizer.tokenize(texts)
             dropped = max(dropped, max(cut))
+            check_ids(ids, encoder.config.vocab_size)  # a tokenizer that does not fit its encoder
             out = encoder(mx.array(ids))
             if self.config.is_xl:  # SDXL conditions on the penultimate layer of both encoders
                 hidden.append(out.hidden_states[-2])

@@ -1,6 +1,7 @@
 """CLIP text encoder: every output against transformers on tiny random weights, in three dtypes."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from mlx.utils import tree_flatten
 from stable_diffusion import model_io
 from stable_diffusion.clip import CLIPTextModel
 from stable_diffusion.config import ConfigError, TextEncoderConfig, load_json
-from stable_diffusion.errors import InputError, ModelError
+from stable_diffusion.errors import InputError
 from stable_diffusion.testing import FAMILIES, clip_shapes, tiny_configs
 
 
@@ -95,8 +96,13 @@ def test_bad_inputs_and_configs(tiny_model):
         model(mx.zeros((1, 78), dtype=mx.int32))
     vocab = model.config.vocab_size
     for bad in (vocab, 1 << 30, -1):  # the lookup would read outside the table (a segfault, once)
-        with pytest.raises(ModelError, match=f"outside the text encoder's embedding table of {vocab} rows"):
+        with pytest.raises(InputError, match=f"outside the text encoder's vocabulary of {vocab} ids"):
             model(mx.array([[0, bad, 2]], dtype=mx.int32))
+    for ids, said in [(mx.zeros((0, 5), dtype=mx.int32), "batch >= 1"), (mx.zeros((1, 0), dtype=mx.int32), "1 <= length"),
+                      (mx.zeros((1, 3)), "dtype float32; token ids are integers"),
+                      (mx.array([[1, 2]], dtype=mx.uint64), "dtype uint64"), ([[1, 2]], "is a list")]:
+        with pytest.raises(InputError, match=re.escape(said)):
+            model(ids)
     config = dict(tiny_configs("sd1")["text_encoder"], hidden_act="relu")
     with pytest.raises(ConfigError, match="hidden_act 'relu'"):
         CLIPTextModel(TextEncoderConfig.from_diffusers(config))
