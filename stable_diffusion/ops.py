@@ -115,7 +115,9 @@ def _native() -> tuple[object | None, str]:
     except (TypeError, ValueError, RuntimeError) as error:
         return None, f"native CPU kernels unusable ({error}): pure-MLX CPU paths"
     products = ", bfloat16 products (avx512_bf16)" if native.has_bf16_dot() else ""
-    return native, f"native CPU kernels ({native.kernels()[0]}): flash attention, group norm{products}"
+    unread = (f" (SD_NATIVE={switch} is not read as off: 0, off, false or no turn them off)"
+              if switch.strip().lower() not in ("", "1", "on", "true", "yes") else "")
+    return native, f"native CPU kernels ({native.kernels()[0]}): flash attention, group norm{products}{unread}"
 
 
 def flash_attention(

@@ -161,6 +161,19 @@ def test_native_status_says_what_is_used():
 
 
 @needs_native
+def test_a_switch_value_read_as_on_is_named(monkeypatch):
+    for switch, named in (("banana", True), ("TRUE", False), ("", False)):
+        monkeypatch.setenv("SD_NATIVE", switch)
+        ops._native.cache_clear()
+        try:
+            status = ops.native_status()
+        finally:
+            ops._native.cache_clear()
+        assert status.startswith("native CPU kernels (")
+        assert (f"SD_NATIVE={switch} is not read as off" in status) == named, status
+
+
+@needs_native
 @pytest.mark.parametrize("switch", ["0", "off", "False"])
 def test_native_off_by_environment_uses_the_chunked_path(switch):
     code = ("import stable_diffusion, mlx.core as mx; from stable_diffusion import ops; "
