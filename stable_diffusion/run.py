@@ -62,6 +62,7 @@ class Run:
     def execute(self, wait: bool = False) -> RunResult:
         """The run, holding the lock of its output name: one run writes a set of names at a time."""
         self.t0 = time.perf_counter()
+        _reset_peaks()
         if self.spec.img2img and self.picture is None:
             self.picture = images.load_image(self.spec.image, multiple=64)
             for line in self.picture.notices:
@@ -521,6 +522,17 @@ def _interruptible(x: mx.array) -> None:
     SIGTERM and SIGHUP then act within one layer rather than one whole step (tens of seconds at
     512x512 on a CPU)."""
     mx.eval(x)
+
+
+def _reset_peaks() -> None:
+    """The peaks the sidecar reports are the run's own: in a sweep, the runs after the first
+    would otherwise report the process's highest so far."""
+    mx.reset_peak_memory()
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")  # Linux: VmHWM starts again from the current resident size
+    except OSError:
+        pass
 
 
 def _peak_rss() -> int | None:

@@ -155,7 +155,10 @@ def test_session_runs_many_specs_from_python_reusing_the_encodings(tmp_path, pic
                        seed=0, capture=Capture(every=2)).validate()
         result = session.run(spec, Console(quiet=True), picture=loaded)
         assert result.status == "finished"
+        mx.eval(mx.arange(64 << 20, dtype=mx.float32) + 1.0)  # 256 MB between the runs, not in either
     assert len(encodes) == 1
+    # Each run reports its own peak, not the process's highest so far.
+    assert sidecar(tmp_path / "s1.0.json")["memory"]["mlx_peak_bytes"] < 256 << 20
     assert (tmp_path / "s0.5.png").exists() and (tmp_path / "s1.0.step-004.png").exists()
 
 
