@@ -473,13 +473,49 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
+# The read end of a pipe that the interpreter's C-level handler writes each signal's number to as
+# it arrives (signal.set_wakeup_fd), while run_command runs. Python runs the handlers of signals
+# pending together in the order of their numbers (SIGHUP 1, SIGINT 2, SIGTERM 15): two that land
+# during one MLX call would otherwise be told in that order, not in the order they came.
+_arrivals: int | None = None
+
+
+def _first_arrived(signum: int) -> int:
+    """The stop signal that arrived first of those not yet handled; `signum` if none is recorded."""
+    try:
+        numbers = os.read(_arrivals, 4096) if _arrivals is not None else b""
+    except OSError:  # nothing to read
+        numbers = b""
+    return next((signal.Signals(n) for n in numbers if n in STOP_SIGNALS), signum)
+
+
 def _stop(signum, frame):
     # The first signal stops the run. Later ones (a second Ctrl-C, the SIGHUP of the terminal
     # closing after it) are ignored: the shutdown that writes the sidecar runs to its end, and no
     # traceback is printed.
     for s in STOP_SIGNALS:
         signal.signal(s, ignore_signal)
+    signum = _first_arrived(signum)
     raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
+
+
+def _record_arrivals() -> tuple[int, int, int]:
+    """Start recording the order signals arrive in (see `_arrivals`); returns what `_stop_recording` needs."""
+    global _arrivals
+    read, write = os.pipe()
+    for fd in (read, write):
+        os.set_blocking(fd, False)
+    previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    _arrivals = read
+    return read, write, previous
+
+
+def _stop_recording(read: int, write: int, previous: int) -> None:
+    global _arrivals
+    signal.set_wakeup_fd(previous)
+    _arrivals = None
+    os.close(read)
+    os.close(write)
 
 
 def run_command(body, argv: list, flags: dict = FLAGS,
@@ -492,6 +528,7 @@ def run_command(body, argv: list, flags: dict = FLAGS,
     # Without handlers SIGTERM and SIGHUP kill at once, leaving temporaries and a "running" sidecar.
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = {s: signal.signal(s, _stop) for s in STOP_SIGNALS} if on_main_thread else {}
+    recording = _record_arrivals() if on_main_thread else None
     console = Console(quiet="--quiet" in argv, verbose=verbose)
     try:
         return body(console)
@@ -533,6 +570,8 @@ def run_command(body, argv: list, flags: dict = FLAGS,
                 signal.signal(signum, signal.SIG_IGN)
             except OSError:  # one arrived just now: it is ignored as well
                 pass
+        if recording is not None:
+            _stop_recording(*recording)
 
 
 def main(command: str, argv=None) -> int:
