@@ -97,6 +97,18 @@ def test_bad_strength_is_one_line_exit_2(tmp_path, picture, sd2):
     assert "Traceback" not in result.stderr and files_in(tmp_path) == set()
 
 
+def test_quantize_is_refused_on_the_cpu_before_any_work(tmp_path, picture, sd2):
+    # MLX's 4-bit products on the CPU made a 512x512 run take hours (the text encoder alone minutes).
+    import mlx.core as mx
+
+    if mx.default_device() != mx.cpu:
+        pytest.skip("the GPU has fast 4-bit products")
+    result = run("image2image.py", picture, "x", "--model", sd2, "-q", "--output", tmp_path / "o.png", check=False)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "--quantize: MLX's 4-bit products on the CPU are 50 to 1000 times slower" in result.stderr
+    assert files_in(tmp_path) == set()
+
+
 def test_txt2image_runs_with_snapshots(tmp_path, sd2):
     out = tmp_path / "t.png"
     run("txt2image.py", "a cat", "--model", sd2, "--steps", 3, "-sd", 1, "--seed", 2,
