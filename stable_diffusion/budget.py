@@ -14,8 +14,8 @@ The phases follow one another, so the total is the weights, the runtime and the 
 
 Calibration (float32, CPU): the tiny sd2 model at 64, 128 and 256 px, one and two pictures,
 MLX's peak within 1.15x of the estimate (tests/test_budget.py holds it to 1.5x); the full-size
-VAE (SD 2.x) decoding at 256-512 px within 0.8-1.3x (decode 612 MB at 256, 1011 MB at 384, 1796
-MB at 512 px, measured). Other devices (fused attention, no shifted convolution) are modelled
+VAE (SD 2.x) at 256-512 px estimated 1.1-1.7x above its measured peak (decode 434 MB at 256, 725 MB
+at 384, 1287 MB at 512 px; encode 409, 469 and 833 MB). Other devices (fused attention, no shifted convolution) are modelled
 by `fused_attention`; their im2col is assumed as on the CPU.
 """
 
@@ -30,16 +30,17 @@ RUNTIME_BYTES = 600 * 2**20  # python, mlx, numpy, Pillow and the BLAS, measured
 _FLOAT32 = 4
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # Calibrated (float32, CPU): maps alive at the VAE's peak, in maps of its second level's width at
-# full resolution (full-size VAE at 256-512 px: decode 6.4-7.2, encode 4.4; the tiny VAE agrees);
-# copies of the attention scores; UNet feature maps per skip map.
-_DECODE_MAPS = 7.0
-_ENCODE_MAPS = 4.4
+# full resolution (full-size VAE at 512 px: decode 5.0, encode 3.2); copies of the attention
+# scores; UNet feature maps per skip map.
+_DECODE_MAPS = 5.0
+_ENCODE_MAPS = 3.2
 _SCORE_COPIES = 4
 _ATTENTION_BOUND = 96 << 20
 _UNET_MAPS = 8
 # MLX's CPU convolution builds an im2col matrix (9 x its input); ops.Conv2d avoids it above
 # ops.SHIFTED_CONV_BYTES, so the largest one held is the largest input below that bound.
 _SHIFTED_CONV_BYTES = 256 << 20
+_SHIFTED_CHANNELS = (16, 64)  # ops.Conv2d._shifted: at least 16, at most ops.SHIFTED_CONV_CHANNELS
 # What lowers each part, in words a caller turns into its own flags.
 KNOBS = {
     "weights": "a half-precision dtype, or quantized weights",
@@ -105,7 +106,7 @@ def estimate_peak_bytes(pipeline_config: PipelineConfig, dtype: str, image_size:
         if kind.startswith("CrossAttn") and not fused_attention:
             scores = max(scores, heads * cells * cells)
             tokens = max(tokens, cells * channels)
-        convs += [cells * channels, cells * unet.block_out_channels[min(level + 1, n - 1)]]
+        convs += [(cells, channels), (cells, unet.block_out_channels[min(level + 1, n - 1)])]
     # The CPU attention's blocks bound its scores (measured 55-131 MB from 1 to 1280 MB of scores),
     # plus float32 copies of q, k and v.
     attention = min(_SCORE_COPIES * rows * scores * _FLOAT32, _ATTENTION_BOUND)
@@ -118,10 +119,10 @@ def estimate_peak_bytes(pipeline_config: PipelineConfig, dtype: str, image_size:
     channels = vae.block_out_channels
     wide = channels[1] if len(channels) > 1 else channels[0]
     pixels = h * w
-    convs = [pixels * 3]
+    convs = [(pixels, 3)]
     for level, c in enumerate(channels):
         cells = pixels // 4**level
-        convs += [cells * c, cells * channels[min(level + 1, len(channels) - 1)]]
+        convs += [(cells, c), (cells, channels[min(level + 1, len(channels) - 1)])]
 
     def vae_phase(pictures: int, copies: float) -> int:
         return int(pictures * copies * pixels * wide * vae_size) + 2 * _im2col(convs, pictures, vae_size)
@@ -145,8 +146,10 @@ def estimate_peak_bytes(pipeline_config: PipelineConfig, dtype: str, image_size:
 
 
 def _im2col(inputs: list, batch: int, size: int) -> int:
-    """The largest im2col matrix among convolutions with these input sizes (elements per picture)."""
-    held = [9 * batch * n * size for n in inputs]
+    """The largest im2col matrix among convolutions with these inputs ((pixels, channels) per
+    picture); narrow ones (16 to 64 channels) take the shifted products and build none."""
+    held = [9 * batch * cells * channels * size for cells, channels in inputs
+            if not _SHIFTED_CHANNELS[0] <= channels <= _SHIFTED_CHANNELS[1]]
     return max([b for b in held if b < _SHIFTED_CONV_BYTES] or [0])
 
 

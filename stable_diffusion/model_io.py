@@ -65,11 +65,13 @@ def resolve_model(spec: str, variant: str | None = None, vae: str | Path | None 
 
     name, revision = parse_model_spec(spec)
     path = Path(name).expanduser()
-    for flag, given, wanted in (("--model", path, "a model folder, a .safetensors checkpoint or a hub id"),
-                                ("--vae", vae and Path(vae).expanduser(), "a VAE folder or an LDM VAE .safetensors file")):
-        kind = given and special_file(given)
-        if kind:
-            raise ModelError(f"{flag} {given} is {kind}; pass {wanted}")
+    given = [("--model", path, "a model folder, a .safetensors checkpoint or a hub id")]
+    if vae is not None:
+        given.append(("--vae", Path(vae).expanduser(), "a VAE folder or an LDM VAE .safetensors file"))
+    for flag, where, wanted in given:
+        kind = special_file(where)
+        if kind is not None:
+            raise ModelError(f"{flag} {where} is {kind}; pass {wanted}")
     if path.is_file():
         if path.suffix.lower() != ".safetensors":
             single_file.refuse_pickle(path)

@@ -824,16 +824,6 @@ class Linear(nn.Linear):
             return bf16_linear(x, self.weight, bias)
         return super().__call__(x)
 
-    def _pointwise(self, x: mx.array) -> bool:
-        """A 1x1 convolution that is one matrix product on the CPU. MLX's CPU convolution takes it
-        with copies around the product: a 512x512x256 -> 128 float32 one (the VAE decoder's last
-        residual projection) peaked at 640 MB for its 128 MB output."""
-        if not CPU_PATHS or x.ndim != 4 or "packed_weight" in self:
-            return False
-        dilation = self.dilation if isinstance(self.dilation, tuple) else (self.dilation,) * 2
-        return (self.weight.shape[1:3], self.stride, self.padding, dilation, self.groups) == ((1, 1), (1, 1), (0, 0),
-                                                                                            (1, 1), 1)
-
     def _extra_repr(self) -> str:
         if "packed_weight" in self:
             return f"weight_shape={self.weight_shape}, packed, bias={'bias' in self}"
