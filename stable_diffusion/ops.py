@@ -591,21 +591,23 @@ class Conv2d(nn.Conv2d):
     def _bf16_shape(self) -> bool:
         """Whether `bf16_conv` takes this convolution's kernel, stride, padding and groups."""
         _, kh, kw, _ = self.weight_dims
-        dilation = self.dilation if isinstance(self.dilation, tuple) else (self.dilation,) * 2
-        if self.groups != 1 or dilation != (1, 1) or self.padding[0] != self.padding[1]:
+        if self.groups != 1 or self._dilation != (1, 1) or self.padding[0] != self.padding[1]:
             return False
         if (kh, kw) == (1, 1):
             return self.stride == (1, 1) and self.padding == (0, 0)
         return (kh, kw) == (3, 3) and (self.stride, self.padding) in (((1, 1), (1, 1)), ((2, 2), self.padding))
 
+    @property
+    def _dilation(self) -> tuple:
+        return self.dilation if isinstance(self.dilation, tuple) else (self.dilation,) * 2
+
     def _shifted(self, x: mx.array) -> bool:
         if not CPU_PATHS or x.dtype != mx.float32 or "packed_weight" in self:
             return False
         out_channels, kh, kw, channels = self.weight.shape
-        dilation = self.dilation if isinstance(self.dilation, tuple) else (self.dilation,) * 2
-        if (kh, kw, self.stride, self.padding, dilation, self.groups) != (3, 3, (1, 1), (1, 1), (1, 1), 1):
+        if (kh, kw, self.stride, self.padding, self._dilation, self.groups) != (3, 3, (1, 1), (1, 1), (1, 1), 1):
             return False
-        if x.dtype != mx.float32 or x.ndim != 4 or channels < 16:
+        if x.ndim != 4 or channels < 16:
             return False
         im2col = x.size * 9 * x.itemsize
         return 4 * out_channels <= channels or channels <= SHIFTED_CONV_CHANNELS or im2col >= SHIFTED_CONV_BYTES
@@ -616,9 +618,8 @@ class Conv2d(nn.Conv2d):
         residual projection) peaked at 640 MB for its 128 MB output."""
         if not CPU_PATHS or x.ndim != 4 or "packed_weight" in self:
             return False
-        dilation = self.dilation if isinstance(self.dilation, tuple) else (self.dilation,) * 2
-        return (self.weight.shape[1:3], self.stride, self.padding, dilation, self.groups) == ((1, 1), (1, 1), (0, 0),
-                                                                                            (1, 1), 1)
+        return (self.weight.shape[1:3], self.stride, self.padding, self._dilation, self.groups) == (
+            (1, 1), (1, 1), (0, 0), (1, 1), 1)
 
     def _extra_repr(self) -> str:
         if "packed_weight" in self:
