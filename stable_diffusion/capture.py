@@ -34,7 +34,8 @@ def interrupts_deferred():
     def defer(signum, frame):
         pending.append(signum)
 
-    previous = {s: signal.signal(s, defer) for s in STOP_SIGNALS}
+    # One the process ignores stays ignored: held back, it would be the one handled afterwards.
+    previous = {s: signal.signal(s, defer) for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
     finally:

@@ -528,7 +528,11 @@ def run_command(body, argv: list, flags: dict = FLAGS,
     open_standard_streams()
     # Without handlers SIGTERM and SIGHUP kill at once, leaving temporaries and a "running" sidecar.
     on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.signal(s, _stop) for s in STOP_SIGNALS} if on_main_thread else {}
+    # A signal the process was started ignoring (nohup, a script's background job) stays ignored.
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS} if on_main_thread else {}
+    for signum, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(signum, _stop)
     recording = _record_arrivals() if on_main_thread else None
     console = Console(quiet="--quiet" in argv, verbose=verbose)
     try:

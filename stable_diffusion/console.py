@@ -24,12 +24,13 @@ def ignore_signal(signum, frame) -> None:
 
 
 def _write(stream, line: str) -> None:
-    """Print a line; a reader that has gone (`| head -1`) ends the printing, not the run."""
+    """Print a line; a reader that has gone (`| head -1`) or a device that takes no more
+    (`>/dev/full`, an I/O error) ends the printing, not the run."""
     if stream is None:
         return
     try:
         print(line, file=stream, flush=True)
-    except BrokenPipeError:
+    except OSError:
         # Later writes, and the flush at exit, go to /dev/null instead of failing again.
         try:
             null = os.open(os.devnull, os.O_WRONLY)

@@ -890,6 +890,34 @@ def test_two_stop_signals_within_one_mlx_call_end_as_the_first_said(capsys, firs
     assert "interrupted" in capsys.readouterr().err
 
 
+def test_a_signal_the_run_was_started_ignoring_stays_ignored(tmp_path, picture, sd2):
+    # nohup: the terminal's SIGHUP must not stop the run; a later SIGTERM still does.
+    process = subprocess.Popen(
+        command("image2image.py", picture, "x", "--model", sd2, "--steps", 200, "--strength", 1, "-sd", 1,
+                "--seed", 0, "--output", tmp_path / "o.png"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    wait_for(tmp_path / "o.step-002.png", process)
+    process.send_signal(signal.SIGHUP)
+    wait_for(tmp_path / "o.step-006.png", process)  # still running, through the frames' writes
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err
+    assert sidecar(tmp_path / "o.json")["status"] == "interrupted"
+
+
+def test_a_full_output_device_does_not_stop_the_run(tmp_path, picture, sd2):
+    # stdout and stderr on /dev/full: the lines are lost, the pictures and the sidecar are not.
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(command("image2image.py", picture, "x", "--model", sd2, "--steps", 4, "-sd", 2,
+                                        "--seed", 1, "--output", tmp_path / "f.png"),
+                                stdout=full, stderr=full, timeout=120)
+    assert result.returncode == 0
+    record = sidecar(tmp_path / "f.json")
+    assert record["status"] == "finished" and "f.png" in listed(record) and len(listed(record)) >= 3
+    assert listed(record) == set(assert_whole_pictures(tmp_path))
+
+
 def test_a_signal_held_back_by_a_write_stays_the_first(monkeypatch):
     """A stop signal that lands while a file takes its name is handled once the file is listed; a
     second one that lands while the handlers are being put back does not overtake it (it did once
