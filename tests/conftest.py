@@ -2,6 +2,7 @@
 
 import importlib
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -18,6 +19,17 @@ FIXTURES = Path(__file__).parent / "fixtures"
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 _parity_errors: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def stop_signal_handlers():
+    """Each test starts with the process's stop-signal handlers as they were: a run stopped in
+    process leaves them ignored (as a stopped CLI process does through its exit), and the commands
+    later tests start would inherit the ignoring, which a run now keeps (nohup)."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
 
 
 @pytest.fixture(scope="session")
