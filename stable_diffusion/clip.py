@@ -155,6 +155,11 @@ class CLIPTextModel(nn.Module):
 
     def __call__(self, input_ids: mx.array) -> TextEncoderOutput:
         self._check_input(input_ids)
+        return self.encode(input_ids)
+
+    def encode(self, input_ids: mx.array) -> TextEncoderOutput:
+        """`__call__` without the input check, which reads the ids back (no gradient, no
+        mx.compile): for training, on ids the caller made."""
         model = self.text_model
         x = model.embeddings(input_ids)  # (B, L, D)
         length = x.shape[1]

@@ -32,6 +32,9 @@ ALIASES = {
     "sdxl-base": "stabilityai/stable-diffusion-xl-base-1.0",
 }
 
+# Models that ship inside the package (stable_diffusion/data/<folder>), found offline with no cache.
+PACKAGED = {"shapes": "shapes"}
+
 WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
                 "text_encoder": "model", "text_encoder_2": "model"}
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -63,6 +66,12 @@ def resolve_model(spec: str, variant: str | None = None, vae: str | Path | None 
     """
     from . import single_file
 
+    if spec in PACKAGED:  # an alias, as the hub aliases: it wins over a file of that name here
+        folder = packaged_folder(spec)
+        source = {"model": spec, "folder": str(folder.resolve()), "revision": None, "source": "package"}
+        if vae is None and prediction_type is None:
+            return folder, source
+        return single_file.folder_view(folder, vae, prediction_type), _replaced(source, vae, prediction_type)
     name, revision = parse_model_spec(spec)
     path = Path(name).expanduser()
     given = [("--model", path, "a model folder, a .safetensors checkpoint or a hub id")]
@@ -79,13 +88,8 @@ def resolve_model(spec: str, variant: str | None = None, vae: str | Path | None 
                              "single-file checkpoint (.safetensors) or a diffusers folder")
         return single_file.view_folder(path, vae, prediction_type)
     if vae is not None or prediction_type is not None:
-        if not path.is_dir():
-            folder, source = resolve_model(spec, variant)
-        else:
-            folder, source = path, {"model": str(path.resolve()), "revision": None, "source": "folder"}
-        return single_file.folder_view(folder, vae, prediction_type), dict(
-            source, **({"vae": str(Path(vae).resolve())} if vae is not None else {}),
-            **({"prediction_type": prediction_type} if prediction_type is not None else {}))
+        folder, source = resolve_model(spec, variant)
+        return single_file.folder_view(folder, vae, prediction_type), _replaced(source, vae, prediction_type)
     if path.is_dir():
         return path, {"model": str(path.resolve()), "revision": None, "source": "folder"}
     if not _HUB_ID.match(name):
@@ -95,14 +99,31 @@ def resolve_model(spec: str, variant: str | None = None, vae: str | Path | None 
     return folder, {"model": name, "revision": revision or "main", "commit": commit, "source": "hub"}
 
 
+def _replaced(source: dict, vae, prediction_type) -> dict:
+    """A model's source record with what --vae and --prediction_type replaced in it."""
+    return dict(source, **({"vae": str(Path(vae).resolve())} if vae is not None else {}),
+                **({"prediction_type": prediction_type} if prediction_type is not None else {}))
+
+
+def packaged_folder(alias: str) -> Path:
+    """The folder of a model that ships inside the package (see PACKAGED)."""
+    from importlib import resources
+
+    folder = Path(str(resources.files("stable_diffusion").joinpath("data", PACKAGED[alias])))
+    if not (folder / "model_index.json").is_file():
+        raise ModelError(f"the packaged model {alias!r} is missing from {folder}; reinstall the package")
+    return folder
+
+
 def _not_a_model(spec: str, name: str) -> str:
     if "/" not in name and "\\" not in name and not name.startswith("."):
-        close = difflib.get_close_matches(name, ALIASES, n=1)
+        names = [*ALIASES, *PACKAGED]
+        close = difflib.get_close_matches(name, names, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        return (f"unknown model alias {spec!r} ({hint}aliases: {', '.join(ALIASES)}); pass an alias, "
+        return (f"unknown model alias {spec!r} ({hint}aliases: {', '.join(names)}); pass an alias, "
                 "a hub id owner/name[@revision] or a local folder in the diffusers layout")
     return (f"model {spec!r} is neither a folder nor a hub id owner/name[@revision] "
-            f"(aliases: {', '.join(ALIASES)}); check the path, or pass --model with a local folder")
+            f"(aliases: {', '.join([*ALIASES, *PACKAGED])}); check the path, or pass --model with a local folder")
 
 
 def hub_timeout() -> float:
@@ -131,7 +152,8 @@ def _download(repo_id: str, revision: str | None, variant: str | None,
     shown = f"{repo_id}@{revision}" if revision else repo_id
     local_help = (f"download it on a connected machine (hf download {repo_id}"
                   + (f" --revision {revision}" if revision else "")
-                  + ") or pass --model with a local folder in the diffusers layout")
+                  + ") or pass --model with a local folder in the diffusers layout; --model shapes "
+                  "runs the small model that ships with this package, offline")
 
     # 1. Ask the hub about the revision, within a bounded time. Without an answer (offline,
     #    unreachable, down) the local cache decides.
@@ -251,6 +273,9 @@ def resolve_tiny_autoencoder(spec: str | None, family: str) -> tuple[Path, dict]
         spec = TAESD_DEFAULTS[family]
     name, revision = parse_model_spec(spec) if spec not in ALIASES else (spec, None)
     path = Path(name).expanduser()
+    if spec in PACKAGED:
+        folder = packaged_folder(spec)
+        return folder, {"model": spec, "folder": str(folder.resolve()), "revision": None, "source": "package"}
     if path.is_dir():
         return path, {"model": str(path.resolve()), "revision": None, "source": "folder"}
     if path.exists() or not _HUB_ID.match(name):

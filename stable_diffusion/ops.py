@@ -36,11 +36,12 @@ EPYC (AVX2) with the full SD 2.1-base networks, so the CPU gets its own paths:
 5. bfloat16 matrix products and convolutions are a scalar loop (a UNet call about 10x slower than
    in float32). Where the CPU has AVX512_BF16 and the native module is built, `Linear` and `Conv2d`
    take bfloat16 through its dot-product instruction, float32 sums (`bf16_linear`, `bf16_conv`),
-   and bfloat16 becomes the CPU's default dtype (`default_cpu_dtype`). Such layers hold their
+   and bfloat16 may become the CPU's default dtype (calibrate.py measures whether it is faster). Such layers hold their
    weight only in the kernel's packed layout (`pack_weights`), which the loaders read straight
    from the files (`read_tensor`).
 """
 
+import contextlib
 import ctypes
 import functools
 import os
@@ -54,12 +55,37 @@ FUSED_ATTENTION = mx.default_device() == mx.gpu
 # The CPU paths of the element-wise activations, group norm and convolution.
 CPU_PATHS = mx.default_device() == mx.cpu
 
+# Set only inside `differentiable()`: the CPU paths without gradients step aside.
+_DIFFERENTIABLE = False
+
+
+@contextlib.contextmanager
+def differentiable():
+    """Within it, the networks compute through operations that have gradients, for training:
+    MLX's own attention (the chunked path's exp2 writes the exponent into a float's bits, which has
+    no derivative; the native kernels have none at all), MLX's group norm, and no evaluation in
+    the middle of a network. Float32 only: bfloat16 products go through the native kernel."""
+    global _DIFFERENTIABLE
+    before, _DIFFERENTIABLE = _DIFFERENTIABLE, True
+    try:
+        yield
+    finally:
+        _DIFFERENTIABLE = before
+
+
+def evaluating_midway() -> bool:
+    """Whether a network may evaluate its partial results (the VAE does on the CPU, to hold fewer
+    intermediates): not under `differentiable()`, whose graph must stay whole for the gradient."""
+    return CPU_PATHS and not _DIFFERENTIABLE
+
+
 # Scores per block: 2**19 float32 (2 MiB) was fastest on the 2-core AMD EPYC we measured; 2**18
 # and 2**20 were 5-15% slower. The UNet's 4096-token self-attention then takes 128 query rows of
 # one head at a time; its 1024-token one 512 rows.
 BLOCK_SCORES = 1 << 19
 
 _LOG2_E = 1.4426950408889634
+_LN_2 = 0.6931471805599453
 # Adding 1.5 * 2**23 to a float32 y (|y| < 2**22) rounds it to the nearest integer n, which then
 # sits in the low bits of the sum's mantissa: bits(y + _ROUND) - bits(_ROUND) = n.
 _ROUND = 12582912.0
@@ -81,6 +107,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
     """
     if FUSED_ATTENTION:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    if _DIFFERENTIABLE:
+        return differentiable_attention(q, k, v, scale, mask)
     if _native()[0] is not None:
         return flash_attention(q, k, v, scale, mask)
     return chunked_attention(q, k, v, scale, mask)
@@ -206,6 +234,32 @@ def chunked_attention(
             per_heads.append(mx.concatenate(rows, axis=1) if len(rows) > 1 else rows[0])
         per_batch.append(mx.concatenate(per_heads, axis=0) if len(per_heads) > 1 else per_heads[0])
     return mx.stack(per_batch).astype(dtype)  # (B, H, Lq, d)
+
+
+def differentiable_attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
+                             mask: mx.array | None = None) -> mx.array:
+    """`attention` in float32 with a gradient, for training on the CPU: the whole score matrix at
+    once, and `softmax_base2`, whose exponentials are `_exp2`'s (MLX's CPU softmax takes exp one
+    element at a time: a (32, 8, 256, 256) self-attention spent 0.37 s of its 0.40 s in it)."""
+    dtype = q.dtype
+    s = (q.astype(mx.float32) * (scale * _LOG2_E)) @ k.astype(mx.float32).swapaxes(-1, -2)  # (B, H, Lq, Lk)
+    if mask is not None:
+        s = s + _log2_mask(mask, mx.float32)
+    return (softmax_base2(s) @ v.astype(mx.float32)).astype(dtype)  # (B, H, Lq, d)
+
+
+@mx.custom_function
+def softmax_base2(s: mx.array) -> mx.array:
+    """2**s normalised along the last axis (the softmax of s ln 2); float32, rows with a finite
+    maximum. Its derivative needs only the output p: ds = ln 2 * p * (g - sum(g * p))."""
+    w = _exp2(mx.maximum(s - mx.max(s, axis=-1, keepdims=True), _MASK_FLOOR))
+    return w / w.sum(axis=-1, keepdims=True)
+
+
+@softmax_base2.vjp
+def _softmax_base2_vjp(primals, cotangent, output):
+    p, g = output, cotangent
+    return (p * (g - (g * p).sum(axis=-1, keepdims=True)) * _LN_2,)
 
 
 def _exp2(y: mx.array) -> mx.array:
@@ -398,7 +452,7 @@ def group_norm(x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: 
     go through its kernel (all cores, one pass per statistic and one for the output).
     `framed`: a map (B, H, W, C) comes back inside `FRAME`'s zero border, as a 3x3 convolution
     reads it; the native kernel writes it there, with no padded copy."""
-    native = _native()[0] if x.dtype in (mx.float32, mx.bfloat16) else None
+    native = _native()[0] if x.dtype in (mx.float32, mx.bfloat16) and not _DIFFERENTIABLE else None
     if native is None:
         y = mlx_group_norm(x, weight, bias, groups, eps, activation)
         return _frame(y) if framed else y
@@ -602,7 +656,8 @@ class Conv2d(nn.Conv2d):
         return self.dilation if isinstance(self.dilation, tuple) else (self.dilation,) * 2
 
     def _shifted(self, x: mx.array) -> bool:
-        if not CPU_PATHS or x.dtype != mx.float32 or "packed_weight" in self:
+        # Under `differentiable()` MLX's convolution: its gradient is 2-10x faster than the products'.
+        if not CPU_PATHS or _DIFFERENTIABLE or x.dtype != mx.float32 or "packed_weight" in self:
             return False
         out_channels, kh, kw, channels = self.weight.shape
         if (kh, kw, self.stride, self.padding, self._dilation, self.groups) != (3, 3, (1, 1), (1, 1), (1, 1), 1):
@@ -639,22 +694,6 @@ def bf16_products() -> bool:
     """Whether bfloat16 linear layers and convolutions run on the native kernel here."""
     native = _native()[0]
     return native is not None and native.has_bf16_dot()
-
-
-def default_cpu_dtype() -> tuple[str, str]:
-    """The dtype a CPU run computes in when none is asked for, and a line saying why.
-
-    bfloat16 where the native products can use the CPU's bfloat16 dot-product instruction:
-    measured with bench/networks.py on a 2-core AMD EPYC (Zen 5) with AVX512_BF16, a 64x64 UNet
-    call with batch 2 takes 3.2 s in bfloat16 against 10.2 s in float32 (diffusers: 3.5 s in
-    bfloat16). Elsewhere MLX multiplies bfloat16 in a scalar loop (a UNet call about 10x slower than
-    float32), so float32."""
-    if bf16_products():
-        return "bfloat16", ("dtype bfloat16 by default: this CPU has AVX512_BF16, which the native "
-                            "products use (float32 with --dtype float32)")
-    return "float32", ("dtype float32 by default: " + ("no AVX512_BF16 on this CPU" if _native()[0] is not None
-                                                       else "no native kernels") +
-                       ", and MLX's own bfloat16 products are about 10x slower than float32")
 
 
 def _bf16_operands(x: mx.array, weight: mx.array) -> bool:

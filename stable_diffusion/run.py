@@ -27,7 +27,8 @@ from .capture import (Curves, Frame, FrameWriter, Ledger, Snapshots, TriangleCel
                       fidelity, make_decoder, step_info)
 from .console import STOP_SIGNALS, ignore_signal
 from .errors import InputError, NumericalError, OutputError
-from .ops import default_cpu_dtype, native_status, release_cpu_buffers
+from .calibrate import default_cpu_dtype
+from .ops import native_status, release_cpu_buffers
 from .sampler import SAMPLERS, Step, invert, seed_keys
 from .trajectory import millis
 

@@ -14,7 +14,7 @@ import mlx.nn as nn
 
 from .config import VAEConfig
 from .errors import InputError
-from .ops import CPU_PATHS, Conv2d, GroupNorm, Linear, attention
+from .ops import Conv2d, GroupNorm, Linear, attention, evaluating_midway
 
 # diffusers builds every normalisation of the VAE with this epsilon, whatever the config says.
 _NORM_EPS = 1e-6
@@ -24,7 +24,7 @@ def _step_done(x: mx.array) -> None:
     """Evaluate x now on the CPU: the coder's graph evaluated whole keeps about twice the
     intermediates alive (a 512x512 bfloat16 decode: 1.77 GB at the peak, 0.83 GB evaluated after
     each resnet and resampler). A GPU gets the graph whole, as MLX prefers."""
-    if CPU_PATHS:
+    if evaluating_midway():
         mx.eval(x)
 
 

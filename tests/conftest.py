@@ -4,11 +4,15 @@ import importlib
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 # The tiny test networks are too small for a second BLAS thread to help; on a busy machine it only
 # waits. Set before `stable_diffusion` loads the BLAS, and inherited by the commands the tests run.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# The default dtype's measurement (calibrate.py) is kept for the session's runs, not in ~/.cache.
+os.environ.setdefault("SD_CALIBRATION_CACHE", os.path.join(tempfile.gettempdir(),
+                                                           f"sd-test-calibration-{os.getpid()}.json"))
 
 import numpy as np
 import pytest

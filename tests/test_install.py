@@ -20,7 +20,7 @@ def test_fresh_venv_without_a_compiler_installs_and_runs(tmp_path, tiny_model):
     # A copy of the source tree without anything built in it.
     source = tmp_path / "source"
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "*.so", "__pycache__", "*.egg-info", ".pytest_cache", "out*"))
+        ".git", ".venv", "build", "*.so", "__pycache__", "*.egg-info", ".pytest_cache", "out*", "train-shapes"))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     # Nothing on PATH but the environment's own scripts: no compiler, no cmake, no ninja.
@@ -28,10 +28,14 @@ def test_fresh_venv_without_a_compiler_installs_and_runs(tmp_path, tiny_model):
     assert not any(shutil.which(tool, path=path) for tool in ("c++", "g++", "cc", "gcc", "cmake", "ninja"))
     env = {key: value for key, value in os.environ.items() if key not in ("CC", "CXX", "PYTHONPATH")}
     env["PATH"] = path
-    install = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-e", str(source)],
+    # Not editable: what a wheel holds is what runs, the shipped model's files included.
+    install = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(source)],
                              env=env, capture_output=True, text=True, timeout=1200)
     assert install.returncode == 0, install.stdout + install.stderr
-    assert not list((source / "stable_diffusion").glob("_native*"))
+    site = subprocess.run([str(venv / "bin" / "python"), "-c", "import stable_diffusion, os; "
+                           "print(os.path.dirname(stable_diffusion.__file__))"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
+    assert not list(Path(site).glob("_native*")) and Path(site) != source / "stable_diffusion"
 
     picture = tmp_path / "input.png"
     yy, xx = np.mgrid[0:64, 0:64]
@@ -44,3 +48,13 @@ def test_fresh_venv_without_a_compiler_installs_and_runs(tmp_path, tiny_model):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "native CPU kernels not built" in result.stderr and "pure-MLX CPU paths" in result.stderr
     assert out.exists()
+
+    # The shipped model, offline, from the installed package (the source tree is gone).
+    shutil.rmtree(source)
+    shapes = tmp_path / "out" / "shapes.png"
+    result = subprocess.run(
+        [str(venv / "bin" / "sd-image2image"), str(picture), "a red circle on a blue background", "--model",
+         "shapes", "--steps", "4", "--seed", "1", "--output", str(shapes)],
+        env=dict(env, HF_HUB_OFFLINE="1"), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert shapes.exists()

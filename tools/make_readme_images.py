@@ -1,11 +1,16 @@
-"""Make the pictures in images/: the sample input, and what the commands make of it on a tiny model.
-
-The tiny model has random weights (it is what the tests use), so its pictures show the files and
-layouts the tool writes, not what a real model paints. Run from the repository root:
+"""Make the pictures in images/ from the shipped `shapes` model, with the real commands.
 
     python tools/make_readme_images.py
+
+- shapes-input.png: the input scene (drawn by stable_diffusion/scenes.py), 128x128;
+- shapes-triangle.png and shapes-triangle.noise-strip.png: the README's first command;
+- shapes-inversion.png: the input, then the round trip at strength 0.7 under its own caption after
+  add_noise and after DDIM inversion (with and without refinement), each with its PSNR;
+- shapes-curve.png: the over-smoothing curve of one run (--curve).
+- input.png (512x512): a synthetic landscape for the real-model command line.
 """
 
+import json
 import subprocess
 import sys
 import tempfile
@@ -18,7 +23,13 @@ ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "images"
 sys.path.insert(0, str(ROOT))
 
-from stable_diffusion.testing import write_tiny_model  # noqa: E402
+from stable_diffusion import render, scenes  # noqa: E402
+
+from measure_shapes import INPUT_CAPTION, INPUT_SCENE, OTHER_PROMPT  # noqa: E402
+
+# The README's first command, after the input picture and the prompt.
+FIRST_COMMAND = ("--model", "shapes", "-gt", "--labels", "--steps", "20", "-sd", "2", "--show_noising", "100",
+                 "--seed", "0")
 
 
 def sample_input(size: int) -> Image.Image:
@@ -42,19 +53,39 @@ def run(*args) -> None:
     subprocess.run([sys.executable, str(ROOT / "image2image.py"), *map(str, args)], check=True)
 
 
+def keep(source: Path, name: str) -> None:
+    Image.open(source).save(IMAGES / name, optimize=True)
+
+
+def inversion_strip(tmp: Path, picture: Path) -> np.ndarray:
+    common = ("--model", "shapes", "--strength", 0.7, "--steps", 50, "--cfg", 1, "--seed", 0, "--dtype",
+              "float32", "--quiet")
+    frames, labels = [np.array(Image.open(picture).convert("RGB"))], ["input"]
+    for name, extra in (("add_noise", ()), ("inversion", ("--noising_path", "inversion")),
+                        ("refine 3", ("--noising_path", "inversion", "--inversion_refine", 3))):
+        out = tmp / f"{name.replace(' ', '-')}.png"
+        run(picture, INPUT_CAPTION, *common, *extra, "--output", out)
+        psnr = json.loads(out.with_suffix(".json").read_text())["fidelity"]["final"]["psnr"]
+        frames.append(np.array(Image.open(out).convert("RGB")))
+        labels.append(f"{name} {psnr:.1f} dB")
+    return render.strip(frames, labels, pad=4)
+
+
 def main() -> int:
     IMAGES.mkdir(exist_ok=True)
     sample_input(512).save(IMAGES / "input.png")
-    sample_input(128).save(IMAGES / "input-128.png")  # for trying the tools on the tiny model
+    sample_input(128).save(IMAGES / "input-128.png")  # for the hostile-input tests
+    picture = IMAGES / "shapes-input.png"
+    Image.fromarray(scenes.draw(INPUT_SCENE)).save(picture)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        small = tmp / "input-64.png"
-        sample_input(64).save(small)
-        model = write_tiny_model(tmp / "tiny", "sd2")
-        run(small, "a lit fireplace", "--model", model, "--steps", 10, "-gt", "-sd", 2, "--labels",
-            "--show_noising", 100, "--seed", 3, "--quiet", "--output", tmp / "tiny-triangle.png")
-        for name in ("tiny-triangle.png", "tiny-triangle.noise-strip.png"):
-            Image.open(tmp / name).save(IMAGES / name, optimize=True)
+        run(picture, OTHER_PROMPT, *FIRST_COMMAND, "--quiet", "--output", tmp / "triangle.png")
+        keep(tmp / "triangle.png", "shapes-triangle.png")
+        keep(tmp / "triangle.noise-strip.png", "shapes-triangle.noise-strip.png")
+        Image.fromarray(inversion_strip(tmp, picture)).save(IMAGES / "shapes-inversion.png", optimize=True)
+        run(picture, OTHER_PROMPT, "--model", "shapes", "--strength", 1, "--steps", 25, "--seed", 0, "--curve",
+            "--save_last_N", 5, "--quiet", "--output", tmp / "curve.png")
+        keep(tmp / "curve.curve.png", "shapes-curve.png")
     print(f"wrote pictures to {IMAGES}")
     return 0
 

@@ -30,7 +30,9 @@ CASES = {
     "sd1": ("a lit fireplace, oil painting", "blurry, low quality", 4.0, 0.6, 5),
     "sd2": ("a red barn in snow", "", 3.0, 0.8, 4),
     "sdxl": ("a cat on a windowsill", "", 2.5, 0.5, 4),
+    "shapes": ("a red circle on a blue background", "", 4.0, 0.6, 10),  # the shipped model
 }
+SIZES = {"shapes": 128}  # pixels per side of the test picture, where not 64
 NOISE_SEED = 1234
 _PIPES: dict = {}
 
@@ -117,7 +119,7 @@ def reference_run(folder: Path, family: str, sampler: str, schedule: str, mode: 
         latents.append(kwargs["latents"].clone())
         return kwargs
 
-    picture = test_picture()
+    picture = test_picture(SIZES.get(family, 64))
     with torch.no_grad():
         generator = torch.Generator().manual_seed(NOISE_SEED)
         common = dict(prompt=prompt, negative_prompt=negative or None, guidance_scale=cfg,

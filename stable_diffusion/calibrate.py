@@ -1,0 +1,141 @@
+"""The CPU's default dtype, measured once per machine rather than assumed from its flags.
+
+Where the native bfloat16 products can run (AVX512_BF16), whether they beat float32 depends on the
+core: on AMD Zen 5 `vdpbf16ps` issues on two ports and a 64x64 UNet call takes 2.7 s in bfloat16
+against 4.7 s in float32; on Intel Sapphire Rapids it issues on one, and bfloat16 was 1.14-1.34x
+slower than float32 (the issue's bench/networks.py table). So the first CPU run on a machine times
+the products a UNet spends its time in, a 3x3 convolution and a linear layer of SD's sizes, in both
+dtypes (about a second), and keeps the faster one in a small JSON file beside the model cache,
+keyed by the CPU's model name, this package's version and MLX's.
+
+`SD_CALIBRATION_CACHE` names another file; `--dtype` skips all of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from . import ops
+
+# The workload: SD's first UNet level at a 32x32 latent, batch 2 (3x3 convolution 320 -> 320,
+# then a 320 -> 1280 feed-forward product over its 2048 positions).
+_SHAPE = (2, 32, 32, 320)
+_REPEATS = 3
+
+
+def cache_path() -> Path:
+    """SD_CALIBRATION_CACHE, else $XDG_CACHE_HOME (or ~/.cache)/mlx-sd-trajectory/dtype.json: beside
+    huggingface's own folder there."""
+    if os.environ.get("SD_CALIBRATION_CACHE"):
+        return Path(os.environ["SD_CALIBRATION_CACHE"]).expanduser()
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "mlx-sd-trajectory" / "dtype.json"
+
+
+def cpu_name() -> str:
+    """The CPU's model name, with its family and model numbers (a virtual machine's name can be as
+    plain as "Intel(R) Xeon(R) Processor")."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                fields.setdefault(name.strip(), value.strip())
+                if not line.strip():  # the first processor is enough
+                    break
+    except OSError:
+        pass
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    return f"{fields['model name']} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')})"
+
+
+def machine_key() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("mlx-sd-trajectory")
+    except PackageNotFoundError:
+        ours = "source"
+    return f"{cpu_name()} | mlx-sd-trajectory {ours} | mlx {mx.__version__}"
+
+
+def measure() -> dict:
+    """Seconds per dtype for the workload (the best of a few runs), the layers packed as loading
+    packs them."""
+    channels = _SHAPE[-1]
+    keys = mx.random.split(mx.random.key(0), 3)
+    x = mx.random.normal(_SHAPE, key=keys[0])  # (B, H, W, C)
+    conv_weight = 0.02 * mx.random.normal((channels, 3, 3, channels), key=keys[1])
+    linear_weight = 0.05 * mx.random.normal((4 * channels, channels), key=keys[2])
+    seconds = {}
+    for name, dtype in (("float32", mx.float32), ("bfloat16", mx.bfloat16)):
+        conv = ops.Conv2d(channels, channels, 3, padding=1)
+        linear = ops.Linear(channels, 4 * channels)
+        conv.weight, linear.weight = conv_weight.astype(dtype), linear_weight.astype(dtype)
+        conv.bias, linear.bias = conv.bias.astype(dtype), linear.bias.astype(dtype)
+        ops.pack_weights(conv)
+        ops.pack_weights(linear)
+        xs = x.astype(dtype)
+        mx.eval(xs, conv.parameters(), linear.parameters())
+        best = float("inf")
+        for _ in range(_REPEATS + 1):  # the first run warms up, and counts only if it is the best
+            start = time.perf_counter()
+            mx.eval(linear(conv(xs).reshape(-1, channels)))
+            best = min(best, time.perf_counter() - start)
+        seconds[name] = best
+    return seconds
+
+
+def calibrated() -> tuple[str, dict, bool]:
+    """(the faster dtype, its record, whether it was measured now) for this machine."""
+    path, key = cache_path(), machine_key()
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))[key]
+        if record.get("dtype") in ("float32", "bfloat16"):
+            return record["dtype"], record, False
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    seconds = measure()
+    dtype = min(seconds, key=seconds.get)
+    record = {"dtype": dtype, "seconds": {k: round(v, 5) for k, v in seconds.items()}}
+    _store(path, key, record)
+    return dtype, record, True
+
+
+def _store(path: Path, key: str, record: dict) -> None:
+    """Add the record to the file, whole or not at all; a cache that cannot be written is skipped
+    (the next run measures again)."""
+    try:
+        try:
+            table = json.loads(path.read_text(encoding="utf-8"))
+            table = table if isinstance(table, dict) else {}
+        except (OSError, ValueError):
+            table = {}
+        table[key] = record
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}")
+        temporary.write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError:
+        pass
+
+
+def default_cpu_dtype() -> tuple[str, str]:
+    """The dtype a CPU run computes in when none is asked for, and a line saying why."""
+    if not ops.bf16_products():
+        return "float32", ("dtype float32 by default: " + ("no AVX512_BF16 on this CPU" if ops.native_reader()
+                                                           else "no native kernels") +
+                           ", and MLX's own bfloat16 products are about 10x slower than float32")
+    dtype, record, now = calibrated()
+    s = record["seconds"]
+    when = "measured now" if now else f"measured once, kept in {cache_path()}"
+    return dtype, (f"dtype {dtype} by default: the faster here ({when}: a 3x3 convolution and a linear "
+                   f"layer take {s['float32'] * 1e3:.0f} ms in float32, {s['bfloat16'] * 1e3:.0f} ms in "
+                   "bfloat16 with the CPU's AVX512_BF16); --dtype chooses")

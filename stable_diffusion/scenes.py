@@ -1,0 +1,152 @@
+"""The scenes the shipped `shapes` model is trained on, and the analyser that judges its pictures.
+
+A scene is one flat shape (circle, square or triangle) of one colour on a background of another,
+with a caption of the form "a red circle on a blue background". Pictures are drawn with numpy
+alone, anti-aliased by supersampling, so that the training program, the tests and the README's
+pictures all draw the same scenes from a seed.
+
+The analyser reads a picture back into a caption: the background's colour from the border, the
+shape's colour from the pixels that differ from it, and the shape's kind from how much of its
+bounding box the shape fills (a square all of it, a circle pi/4, a triangle half).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+# RGB in 0..255: saturated and far apart, so that a colour is named from its nearest entry.
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 60, 220),
+    "yellow": (240, 215, 30),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZE = 128  # pixels per side: the model's native size
+_SUPERSAMPLE = 4  # sub-pixels per side for the anti-aliased edges
+_JITTER = 10  # each channel of a drawn colour varies by up to this much
+
+
+class Scene(NamedTuple):
+    shape: str
+    colour: str
+    background: str
+    centre: tuple  # (x, y) in pixels
+    radius: float  # half the side of the shape's bounding box, in pixels
+
+    @property
+    def caption(self) -> str:
+        return caption(self.shape, self.colour, self.background)
+
+
+def caption(shape: str, colour: str, background: str) -> str:
+    return f"a {colour} {shape} on a {background} background"
+
+
+def all_captions() -> list:
+    """Every caption the scenes can have: 6 colours x 3 shapes x 5 other background colours."""
+    return [caption(s, c, b) for s in SHAPES for c in COLOURS for b in COLOURS if b != c]
+
+
+def random_scene(rng: np.random.Generator, size: int = SIZE, shape: str | None = None,
+                 colour: str | None = None, background: str | None = None) -> Scene:
+    """A scene with the given parts (the others drawn at random): the shape fills 30-65% of the
+    picture's side and lies wholly inside it."""
+    names = list(COLOURS)
+    shape = shape if shape is not None else SHAPES[rng.integers(len(SHAPES))]
+    colour = colour if colour is not None else names[rng.integers(len(names))]
+    if background is None:
+        others = [n for n in names if n != colour]
+        background = others[rng.integers(len(others))]
+    if colour == background:
+        raise ValueError(f"a {colour} shape on a {background} background cannot be seen")
+    radius = float(rng.uniform(0.15, 0.325) * size)
+    margin = radius + 2
+    centre = (float(rng.uniform(margin, size - margin)), float(rng.uniform(margin, size - margin)))
+    return Scene(shape, colour, background, centre, radius)
+
+
+def coverage(scene: Scene, size: int = SIZE) -> np.ndarray:
+    """The fraction of each pixel the shape covers, (size, size) float32 in [0, 1]."""
+    n = size * _SUPERSAMPLE
+    grid = (np.arange(n, dtype=np.float32) + 0.5) / _SUPERSAMPLE
+    x, y = grid[None, :], grid[:, None]
+    cx, cy = scene.centre
+    r = scene.radius
+    if scene.shape == "circle":
+        inside = (x - cx) ** 2 + (y - cy) ** 2 <= r * r
+    elif scene.shape == "square":
+        inside = (np.abs(x - cx) <= r) & (np.abs(y - cy) <= r)
+    elif scene.shape == "triangle":  # upright, base at the bottom of the bounding box
+        top, bottom = cy - r, cy + r
+        half_width = r * (y - top) / (bottom - top)
+        inside = (y >= top) & (y <= bottom) & (np.abs(x - cx) <= half_width)
+    else:
+        raise ValueError(f"unknown shape {scene.shape!r}; choose one of {', '.join(SHAPES)}")
+    return inside.astype(np.float32).reshape(size, _SUPERSAMPLE, size, _SUPERSAMPLE).mean(axis=(1, 3))
+
+
+def draw(scene: Scene, rng: np.random.Generator | None = None, size: int = SIZE) -> np.ndarray:
+    """The scene as an RGB picture (size, size, 3) uint8; `rng` jitters its two colours."""
+    def tone(name):
+        rgb = np.array(COLOURS[name], dtype=np.float32)
+        if rng is not None:
+            rgb = rgb + rng.uniform(-_JITTER, _JITTER, size=3)
+        return np.clip(rgb, 0, 255)
+
+    a = coverage(scene, size)[..., None]  # (H, W, 1)
+    picture = a * tone(scene.colour) + (1 - a) * tone(scene.background)
+    return np.clip(np.rint(picture), 0, 255).astype(np.uint8)
+
+
+def batch(rng: np.random.Generator, count: int, size: int = SIZE) -> tuple[np.ndarray, list]:
+    """`count` random scenes: pictures (count, size, size, 3) uint8 and their captions."""
+    scenes = [random_scene(rng, size) for _ in range(count)]
+    return np.stack([draw(s, rng, size) for s in scenes]), [s.caption for s in scenes]
+
+
+# --- the analyser ---------------------------------------------------------------------------------
+
+
+class Reading(NamedTuple):
+    shape: str | None  # None when no shape stands out from the background
+    colour: str | None
+    background: str
+    fill: float  # the shape's area over its bounding box's
+
+
+def nearest_colour(rgb) -> str:
+    rgb = np.asarray(rgb, dtype=np.float32)
+    names = list(COLOURS)
+    table = np.array([COLOURS[n] for n in names], dtype=np.float32)
+    return names[int(np.argmin(((table - rgb) ** 2).sum(axis=1)))]
+
+
+def analyse(picture: np.ndarray) -> Reading:
+    """Read a picture (H, W, 3) uint8 back into its scene's parts.
+
+    The background is the median colour of a 3-pixel border; the shape is the pixels more than
+    a third of the way (in RGB distance) from it to the farthest pixel, and its colour is their
+    median. Its kind comes from the fraction of its bounding box it fills: at least 0.9 square,
+    0.64 or more circle (pi/4 = 0.785), else triangle (1/2).
+    """
+    pixels = np.asarray(picture, dtype=np.float32)[..., :3]
+    border = np.concatenate([pixels[:3].reshape(-1, 3), pixels[-3:].reshape(-1, 3),
+                             pixels[:, :3].reshape(-1, 3), pixels[:, -3:].reshape(-1, 3)])
+    back_rgb = np.median(border, axis=0)
+    background = nearest_colour(back_rgb)
+    distance = np.sqrt(((pixels - back_rgb) ** 2).sum(axis=-1))  # (H, W)
+    far = float(distance.max())
+    mask = distance > max(far / 3, 60.0)
+    if mask.sum() < 16:
+        return Reading(None, None, background, 0.0)
+    colour = nearest_colour(np.median(pixels[mask], axis=0))
+    rows, cols = np.nonzero(mask)
+    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    fill = float(mask.sum() / box)
+    shape = "square" if fill >= 0.9 else "circle" if fill >= 0.64 else "triangle"
+    return Reading(shape, colour, background, fill)

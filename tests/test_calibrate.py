@@ -1,0 +1,71 @@
+"""The CPU's default dtype: measured once per machine, kept, and the faster one chosen."""
+
+import json
+
+import pytest
+
+from stable_diffusion import calibrate, ops
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    path = tmp_path / "cache" / "dtype.json"
+    monkeypatch.setenv("SD_CALIBRATION_CACHE", str(path))
+    return path
+
+
+def fake_measure(monkeypatch, seconds):
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return dict(seconds)
+
+    monkeypatch.setattr(calibrate, "measure", measure)
+    monkeypatch.setattr(ops, "bf16_products", lambda: True)
+    return calls
+
+
+@pytest.mark.parametrize("seconds, expected", [({"float32": 0.05, "bfloat16": 0.07}, "float32"),
+                                               ({"float32": 0.09, "bfloat16": 0.03}, "bfloat16")])
+def test_the_faster_dtype_is_chosen_and_measured_once(cache, monkeypatch, seconds, expected):
+    calls = fake_measure(monkeypatch, seconds)
+    dtype, line = calibrate.default_cpu_dtype()
+    assert dtype == expected and "measured now" in line and len(calls) == 1
+    dtype, line = calibrate.default_cpu_dtype()
+    assert dtype == expected and f"kept in {cache}" in line and len(calls) == 1
+    record = json.loads(cache.read_text())[calibrate.machine_key()]
+    assert record == {"dtype": expected, "seconds": seconds}
+
+
+def test_a_damaged_or_foreign_cache_is_measured_again_and_kept_beside_other_machines(cache, monkeypatch):
+    calls = fake_measure(monkeypatch, {"float32": 0.05, "bfloat16": 0.07})
+    cache.parent.mkdir(parents=True)
+    for content in ("{not json", "[1, 2]", json.dumps({calibrate.machine_key(): {"dtype": "int8"}})):
+        cache.write_text(content)
+        assert calibrate.default_cpu_dtype()[0] == "float32"
+    assert len(calls) == 3
+    cache.write_text(json.dumps({"another CPU": {"dtype": "bfloat16", "seconds": {}}}))
+    calibrate.default_cpu_dtype()
+    assert set(json.loads(cache.read_text())) == {"another CPU", calibrate.machine_key()}
+
+
+def test_an_unwritable_cache_still_answers(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("SD_CALIBRATION_CACHE", str(blocker / "dtype.json"))  # under a file
+    calls = fake_measure(monkeypatch, {"float32": 0.05, "bfloat16": 0.07})
+    assert calibrate.default_cpu_dtype()[0] == "float32" and len(calls) == 1
+
+
+def test_without_bfloat16_products_nothing_is_measured(cache, monkeypatch):
+    monkeypatch.setattr(ops, "bf16_products", lambda: False)
+    monkeypatch.setattr(calibrate, "measure", lambda: pytest.fail("measured"))
+    dtype, line = calibrate.default_cpu_dtype()
+    assert dtype == "float32" and "bfloat16" in line and not cache.exists()
+
+
+@pytest.mark.skipif(not ops.bf16_products(), reason="no native bfloat16 products on this CPU")
+def test_the_measure_times_both_dtypes():
+    seconds = calibrate.measure()
+    assert set(seconds) == {"float32", "bfloat16"} and all(0 < s < 10 for s in seconds.values())

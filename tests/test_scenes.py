@@ -1,0 +1,56 @@
+"""The scenes of the shipped `shapes` model and the analyser that judges its pictures (no weights)."""
+
+import numpy as np
+import pytest
+
+from stable_diffusion import scenes
+
+
+def test_every_caption_is_one_of_the_prompt_form():
+    captions = scenes.all_captions()
+    assert len(captions) == 6 * 3 * 5 == len(set(captions))
+    assert "a red circle on a blue background" in captions
+    assert "a red circle on a red background" not in captions
+
+
+@pytest.mark.parametrize("caption", scenes.all_captions())
+def test_the_analyser_reads_every_drawn_scene_back(caption):
+    """Every caption, at the smallest and largest size and with the colours jittered."""
+    words = caption.split()
+    colour, shape, background = words[1], words[2], words[5]
+    rng = np.random.default_rng(len(caption))
+    for size in (0.15, 0.325):
+        scene = scenes.random_scene(rng, shape=shape, colour=colour, background=background)
+        scene = scene._replace(radius=size * scenes.SIZE)
+        reading = scenes.analyse(scenes.draw(scene, rng))
+        assert (reading.shape, reading.colour, reading.background) == (shape, colour, background), reading
+
+
+def test_the_analyser_tells_what_is_not_the_scene():
+    """A flat picture has no shape; a picture of another scene reads as that scene."""
+    flat = np.full((scenes.SIZE, scenes.SIZE, 3), scenes.COLOURS["blue"], dtype=np.uint8)
+    assert scenes.analyse(flat) == scenes.Reading(None, None, "blue", 0.0)
+    rng = np.random.default_rng(0)
+    scene = scenes.random_scene(rng, shape="square", colour="yellow", background="black")
+    assert scenes.analyse(scenes.draw(scene)).shape == "square"
+    assert scenes.analyse(scenes.draw(scene._replace(shape="triangle"))).shape == "triangle"
+    noise = rng.integers(0, 256, size=(scenes.SIZE, scenes.SIZE, 3), dtype=np.uint8)
+    assert scenes.analyse(noise).shape in (None, "square", "circle", "triangle")
+
+
+def test_scenes_are_drawn_the_same_from_the_same_seed():
+    a, captions_a = scenes.batch(np.random.default_rng(7), 4)
+    b, captions_b = scenes.batch(np.random.default_rng(7), 4)
+    assert np.array_equal(a, b) and captions_a == captions_b
+    assert a.shape == (4, scenes.SIZE, scenes.SIZE, 3) and a.dtype == np.uint8
+
+
+def test_a_shape_lies_inside_the_picture_and_a_hidden_one_is_refused():
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        scene = scenes.random_scene(rng)
+        cover = scenes.coverage(scene)
+        assert cover[0].max() == cover[-1].max() == cover[:, 0].max() == cover[:, -1].max() == 0
+        assert cover.sum() > 0.1 * (scene.radius * 2) ** 2
+    with pytest.raises(ValueError, match="cannot be seen"):
+        scenes.random_scene(rng, colour="red", background="red")

@@ -1,0 +1,135 @@
+"""What the shipped `shapes` model means, measured on scenes the project draws (tools/measure_shapes.py
+makes the same measures and prints them; the margins below come from its numbers, stated beside
+each bound).
+
+The model is the one pip installs (stable_diffusion/data/shapes), loaded offline through the alias."""
+
+import json
+import math
+import os
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from PIL import Image
+
+import commands
+from conftest import TOOLS
+from stable_diffusion import model_io, scenes
+from stable_diffusion.config import read_pipeline_config
+
+sys.path.insert(0, str(TOOLS))
+import measure_shapes as measure  # noqa: E402
+
+FOLDER = model_io.packaged_folder("shapes")
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return measure.load()
+
+
+def test_the_alias_finds_the_packaged_folder_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    folder, source = model_io.resolve_model("shapes")
+    assert folder == FOLDER and (folder / "model_index.json").is_file()
+    assert source == {"model": "shapes", "folder": str(FOLDER.resolve()), "revision": None, "source": "package"}
+    assert not (tmp_path / "empty-cache").exists()  # the hub client was never asked
+
+
+def test_the_folder_is_a_small_float16_sd_model_in_the_diffusers_layout():
+    files = [p for p in FOLDER.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 30 * 1024 * 1024
+    for path in FOLDER.rglob("*.safetensors"):
+        with open(path, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F16"}, path
+    config = read_pipeline_config(FOLDER)
+    assert (config.scheduler.beta_schedule, config.scheduler.beta_start, config.scheduler.beta_end,
+            config.scheduler.num_train_timesteps) == ("scaled_linear", 0.00085, 0.012, 1000)
+    assert config.vae.downscale == 8 and config.unet.sample_size * 8 >= 128
+    assert "CrossAttnDownBlock2D" in config.unet.down_block_types
+    vocab = json.loads((FOLDER / "tokenizer" / "vocab.json").read_text())
+    assert len(vocab) == config.text_encoders[0].vocab_size == 49408  # CLIP's own BPE
+    record = json.loads((FOLDER / "training.json").read_text())
+    assert record["unet"]["steps"] > 0 and record["vae"]["steps"] > 0 and (FOLDER / "training-loss.png").is_file()
+
+
+def test_text_to_image_paints_the_prompt(sd):
+    """72 pictures: 12 prompts (every colour as shape and as background, every shape) x 6 seeds."""
+    result = measure.scores(measure.text_to_image(sd, measure.prompts(12), seeds=6))
+    assert result["pictures"] == 72
+    assert result["colours"] >= 0.8 and result["shape"] >= 0.7, result
+
+
+def test_strength_keeps_the_input_low_and_gives_way_to_the_prompt_high(tmp_path, sd):
+    psnr = measure.strengths_psnr(tmp_path)
+    strengths = sorted(psnr)
+    assert strengths == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    assert psnr[0.1] >= 25, psnr
+    # Fidelity falls steadily: never up by more than 1 dB from one strength to the next, and the
+    # top is far below the bottom.
+    assert all(psnr[b] <= psnr[a] + 1.0 for a, b in zip(strengths, strengths[1:])), psnr
+    assert psnr[1.0] < psnr[0.1] - 10, psnr
+    assert measure.strength_one_follows_the_prompt(sd)["all"] >= 0.5
+
+
+def test_inversion_under_the_caption_gives_the_picture_back(tmp_path):
+    psnr = measure.inversion(tmp_path, refine=(0,))
+    assert psnr["inversion_refine_0"] >= 25, psnr
+    assert psnr["inversion_refine_0"] >= psnr["add_noise"] + 6, psnr
+
+
+def test_first_readme_command_draws_a_readable_triangle(tmp_path):
+    """The README's first command, offline: the bottom row ends near the input, the top row in
+    the prompt's scene."""
+    picture = commands.ROOT / "images" / "shapes-input.png"
+    out = tmp_path / "out" / "triangle.png"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "empty-cache"))
+    commands.run("image2image.py", picture, measure.OTHER_PROMPT, "--model", "shapes", "-gt", "--labels",
+                 "--output", out, "--seed", 0, "--quiet", env=env, check=True)
+    record = commands.sidecar(out.with_suffix(".json"))
+    assert record["model"]["model"] == "shapes" and record["model"]["folder"] == str(FOLDER.resolve())
+    rows = [f for f in record["files"] if f["kind"] == "triangle"][0]["rows"]
+    assert record["fidelity"]["0.1"]["final"]["psnr"] >= 25
+    assert record["fidelity"]["1"]["final"]["psnr"] < 15
+    assert [r["strength"] for r in rows][0] in (0.1, 1.0)
+    assert Image.open(out).size[0] > 128
+
+
+def test_the_detail_of_the_estimate_over_the_last_steps(sd):
+    """The over-smoothing question on this model (see the README): Euler at 25 steps."""
+    curve = measure.detail_curves(sd, samplers=("euler",), step_counts=(25,), seeds=2)["euler/25"]
+    detail = curve["detail"]
+    assert len(detail) == 25 and all(math.isfinite(v) and v > 0 for v in detail)
+    assert 0.5 <= curve["final_over_peak"] <= 1.0
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("mode", ["txt2img", "img2img"])
+def test_diffusers_loads_the_folder_and_gives_our_latents(mode, reference, parity):
+    """diffusers' own StableDiffusionPipeline / StableDiffusionImg2ImgPipeline on the shipped folder,
+    Euler from its config, the same noise: every latent within 1e-4 of the run's size."""
+    from stable_diffusion import StableDiffusion
+
+    case = reference("scheduler").reference_run(FOLDER, "shapes", "euler", "diffusers", mode)
+    ours = StableDiffusion.from_pretrained(FOLDER, dtype=mx.float32)
+    common = dict(num_steps=case["case.steps"], cfg_weight=case["case.cfg"], negative_text=case["case.negative"],
+                  noise=case["inputs.noise"], seed=0, sampler="euler", schedule="diffusers")
+    if mode == "txt2img":
+        run = ours.generate_latents(case["case.prompt"], latent_size=case["inputs.noise"].shape[1:3], **common)
+    else:
+        run = ours.generate_latents_from_image(case["inputs.picture"], case["case.prompt"],
+                                               strength=case["case.strength"], **common)
+    steps = []
+    for step in run:
+        mx.eval(step.x_t)
+        steps.append(step)
+    scale = max(1.0, float(np.abs(case["out.final_latent"]).max()))
+    for step, expected in zip(steps[1:], case["out.steps"]):
+        parity(f"shapes/{mode}/step_latents", np.array(step.x_t) / scale,
+               expected / math.sqrt(1 + step.sigma ** 2) / scale)
+    parity(f"shapes/{mode}/final_latent", np.array(steps[-1].x_t) / scale, case["out.final_latent"] / scale)
+    assert scenes.analyse(np.array(mx.round(ours.decode(steps[-1].x_t)[0] * 255)).astype(np.uint8)).background
