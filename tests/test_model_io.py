@@ -128,7 +128,7 @@ def test_silent_hub_fails_within_the_deadline(silent_hub, tmp_path, monkeypatch)
     with pytest.raises(HubUnreachable) as info:
         model_io.resolve_model("owner/name")
     for word in ("not in the local hub cache", "the hub did not answer within 0.5 s",
-                 "pass --model with a local folder"):
+                 "pass --model with a local folder", "--model shapes runs the small model that ships"):
         assert word in str(info.value)
     assert time.perf_counter() - start < 3.0
 
@@ -142,7 +142,8 @@ def test_silent_hub_still_serves_the_cached_model(silent_hub, hub_cache):
 
 def test_names_that_are_no_model(tmp_path):
     expect_model_error(lambda: model_io.resolve_model("sdx"), "unknown model alias 'sdx'",
-                       "did you mean 'sdxl'?", "aliases: sd, sdxl, sd15, sd21, sdxl-base")
+                       "did you mean 'sdxl'?", "aliases: sd, sdxl, sd15, sd21, sdxl-base, shapes")
+    expect_model_error(lambda: model_io.resolve_model("shape"), "did you mean 'shapes'?")
     expect_model_error(lambda: model_io.resolve_model(str(tmp_path / "no" / "such")),
                        "is neither a folder nor a hub id")
     a_file = tmp_path / "model.gguf"

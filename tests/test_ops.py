@@ -808,3 +808,54 @@ def test_conv2d_takes_the_shifted_path_only_where_it_applies(monkeypatch):
     assert not Conv2d(96, 128, 3, padding=1)._shifted(wide)
     assert Conv2d(96, 16, 3, padding=1)._shifted(wide) == ops.CPU_PATHS
     assert cases["3x3 wide"][0]._shifted(x) == ops.CPU_PATHS  # 32 channels
+
+
+# --- training: ops.differentiable() ----------------------------------------------------------------
+
+
+def test_differentiable_attention_and_its_gradient_match_mlx_sdpa():
+    """The training attention (softmax_base2 with its own derivative) against MLX's fused
+    attention, with a causal mask of -inf, forward and every input's gradient."""
+    keys = mx.random.split(mx.random.key(3), 3)
+    q = mx.random.normal((2, 3, 16, 8), key=keys[0])
+    k = mx.random.normal((2, 3, 12, 8), key=keys[1])
+    v = mx.random.normal((2, 3, 12, 8), key=keys[2])
+    mask = mx.where(mx.arange(12)[None, :] > mx.arange(16)[:, None] + 2, -mx.inf, 0.0)
+    weights = mx.arange(8, dtype=mx.float32)
+
+    def reference(q, k, v):
+        return (mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=mask) * weights).sum()
+
+    def ours(q, k, v):
+        with ops.differentiable():
+            return (ops.attention(q, k, v, 0.3, mask) * weights).sum()
+
+    assert abs(float(ours(q, k, v)) - float(reference(q, k, v))) < 1e-3
+    for argnum in range(3):
+        a = mx.grad(ours, argnums=argnum)(q, k, v)
+        b = mx.grad(reference, argnums=argnum)(q, k, v)
+        assert float(mx.abs(a - b).max()) < 1e-4 * max(1.0, float(mx.abs(b).max()))
+
+
+def test_differentiable_paths_give_the_gradients_of_the_reference_operations():
+    """Group norm with SiLU and a 3x3 convolution: under differentiable() their gradients are
+    those of MLX's own nn.GroupNorm, nn.silu and conv2d (the native kernels have none)."""
+    x = mx.random.normal((2, 8, 8, 16), key=mx.random.key(0))
+    w, b = mx.random.normal((16,), key=mx.random.key(1)), mx.random.normal((16,), key=mx.random.key(2))
+    conv = ops.Conv2d(16, 16, 3, padding=1)
+    norm = ops.GroupNorm(4, 16)
+    norm.weight, norm.bias = w, b
+    reference_norm = nn.GroupNorm(4, 16, pytorch_compatible=True)
+    reference_norm.weight, reference_norm.bias = w, b
+
+    def ours(x):
+        with ops.differentiable():
+            return (conv(x, norm=norm) * mx.arange(16)).sum()
+
+    def reference(x):
+        y = nn.silu(reference_norm(x))
+        return ((mx.conv2d(y, conv.weight, padding=1) + conv.bias) * mx.arange(16)).sum()
+
+    assert abs(float(ours(x)) - float(reference(x))) < 1e-2
+    assert float(mx.abs(mx.grad(ours)(x) - mx.grad(reference)(x)).max()) < 1e-3
+    assert not ops._DIFFERENTIABLE  # restored on leaving

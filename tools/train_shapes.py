@@ -9,9 +9,9 @@ arguments, it goes on from its last checkpoint. The networks are the package's o
 vae.py, clip.py), computed in float32 through `ops.differentiable()` (the CPU kernels that have no
 gradient step aside); the written folder loads through the same code path as any model.
 
-1. VAE: random 64x64 crops of drawn 128x128 scenes (the VAE is convolutional, and has no attention
-   here, so crops teach it the whole picture at a quarter of the cost); L1 + L2 reconstruction
-   and a small KL term. The latent scaling factor is 1 / std of the pool's latents, as SD's was.
+1. VAE: 32x32 crops of drawn 128x128 scenes, most of them on the shape's outline (the VAE is
+   convolutional and has no attention here, so crops teach it the whole picture at a sixteenth of
+   the cost); L1 + L2 reconstruction and a small KL term. The latent scaling factor is 1 / std of the pool's latents, as SD's was.
 2. A pool of scenes encoded once by the trained encoder (means and standard deviations).
 3. UNet + text encoder: epsilon prediction on SD's scaled-linear noise schedule (1000 steps), with
    min-SNR-5 loss weights (Hang et al. 2023) and 10% of captions dropped to the empty prompt, so
@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from stable_diffusion import ops, scenes  # noqa: E402
+from stable_diffusion import calibrate, ops, scenes  # noqa: E402
 from stable_diffusion.clip import CLIPTextModel  # noqa: E402
 from stable_diffusion.config import TextEncoderConfig, UNetConfig, VAEConfig  # noqa: E402
 from stable_diffusion.single_file import clip_vocabulary  # noqa: E402
@@ -146,11 +146,22 @@ def pictures_to_model(pictures: np.ndarray) -> mx.array:
 
 
 def crops(rng: np.random.Generator, count: int, size: int) -> np.ndarray:
-    pictures, _ = scenes.batch(rng, count)
+    """Crops of random scenes, three in four around a point of the shape's outline: a crop of one
+    flat colour teaches little, and the VAE's norms (eps 1e-6) turn its faint variations into large
+    ones (the loss jumped back up twice in a run of uniformly placed crops)."""
     out = np.empty((count, size, size, 3), np.uint8)
-    for i, p in enumerate(pictures):
-        y, x = rng.integers(0, scenes.SIZE - size + 1, size=2)
-        out[i] = p[y:y + size, x:x + size]
+    for i in range(count):
+        scene = scenes.random_scene(rng)
+        picture = scenes.draw(scene, rng)
+        if rng.random() < 0.75:
+            angle = rng.uniform(0, 2 * np.pi)
+            cx, cy = scene.centre
+            x = cx + scene.radius * np.cos(angle) - size / 2 + rng.uniform(-size / 4, size / 4)
+            y = cy + scene.radius * np.sin(angle) - size / 2 + rng.uniform(-size / 4, size / 4)
+        else:
+            x, y = rng.uniform(0, scenes.SIZE - size, size=2)
+        x, y = (int(np.clip(round(v), 0, scenes.SIZE - size)) for v in (x, y))
+        out[i] = picture[y:y + size, x:x + size]
     return out
 
 
@@ -183,6 +194,7 @@ def train_vae(args, work: Path, history: dict) -> Autoencoder:
         optimizer.init(vae.trainable_parameters())
         optimizer.state = tree_unflatten(list(tree_flatten(trees["optimizer"]))) if "optimizer" in trees else optimizer.state
         history["vae"] = extra["history"]
+        history["seconds"]["vae"] = extra.get("seconds")
         log(f"vae: resumed at step {start} from {found.name}")
     if start >= args.vae_steps:
         return vae
@@ -191,11 +203,12 @@ def train_vae(args, work: Path, history: dict) -> Autoencoder:
     @partial(mx.compile, inputs=state, outputs=state)
     def step_fn(x, key):
         (loss, parts), grads = nn.value_and_grad(vae, vae_loss)(vae, x, key, args.kl_weight)
+        grads, _ = optim.clip_grad_norm(grads, 1.0)
         optimizer.update(vae, grads)
         return loss, parts
 
     rng = np.random.default_rng([args.seed, 1, start])
-    started = time.time()
+    spent, started = history["seconds"]["vae"] or 0.0, time.time()
     for step in range(start, args.vae_steps):
         x = pictures_to_model(crops(rng, args.vae_batch, args.vae_crop))
         key = mx.random.key(args.seed * 1_000_003 + step)
@@ -210,7 +223,7 @@ def train_vae(args, work: Path, history: dict) -> Autoencoder:
                 f"({rate:.2f} s/step)")
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.vae_steps:
             keep_checkpoint(work, "vae", step + 1, {"model": vae.parameters(), "optimizer": optimizer.state},
-                            {"history": history["vae"]})
+                            {"history": history["vae"], "seconds": spent + time.time() - started})
     return vae
 
 
@@ -293,6 +306,7 @@ def train_unet(args, work: Path, history: dict, pool) -> tuple[Denoiser, dict]:
         optimizer.init(model.trainable_parameters())
         optimizer.state = trees["optimizer"]
         history["unet"] = extra["history"]
+        history["seconds"]["unet"] = extra.get("seconds")
         log(f"unet: resumed at step {start} from {found.name}")
     if start >= args.unet_steps:
         return model, ema
@@ -309,7 +323,7 @@ def train_unet(args, work: Path, history: dict, pool) -> tuple[Denoiser, dict]:
         return loss, plain
 
     rng = np.random.default_rng([args.seed, 3, start])
-    started = time.time()
+    spent, started = history["seconds"]["unet"] or 0.0, time.time()
     for step in range(start, args.unet_steps):
         pick = rng.integers(0, len(captions), size=args.unet_batch)
         x0 = (mean[pick].astype(np.float32) + std[pick].astype(np.float32)
@@ -331,7 +345,8 @@ def train_unet(args, work: Path, history: dict, pool) -> tuple[Denoiser, dict]:
                 f"({rate:.2f} s/step)")
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.unet_steps:
             keep_checkpoint(work, "unet", step + 1, {"model": model.parameters(), "ema": ema,
-                                                     "optimizer": optimizer.state}, {"history": history["unet"]})
+                                                     "optimizer": optimizer.state},
+                            {"history": history["unet"], "seconds": spent + time.time() - started})
     return model, ema
 
 
@@ -419,10 +434,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "stable_diffusion" / "data" / "shapes")
     parser.add_argument("--work", type=Path, default=ROOT / "train-shapes")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae_steps", type=int, default=2000)
+    parser.add_argument("--vae_steps", type=int, default=1800)
     parser.add_argument("--vae_batch", type=int, default=16)
     parser.add_argument("--vae_crop", type=int, default=32)
-    parser.add_argument("--vae_lr", type=float, default=4e-4)
+    parser.add_argument("--vae_lr", type=float, default=3e-4)
     parser.add_argument("--kl_weight", type=float, default=1e-4)
     parser.add_argument("--pool", type=int, default=6144)
     parser.add_argument("--unet_steps", type=int, default=2000)
@@ -436,8 +451,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     mx.random.seed(args.seed)
-    history = {"vae": [], "unet": []}
-    started = time.time()
+    history = {"vae": [], "unet": [], "seconds": {"vae": None, "unet": None}}
     with ops.differentiable():
         vae = train_vae(args, args.work, history)
         if args.stop_after == "vae":
@@ -453,11 +467,14 @@ def main(argv=None) -> int:
     record = {
         "command": " ".join(["python", "tools/train_shapes.py", *(argv if argv is not None else sys.argv[1:])]),
         "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("out", "work")},
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "system": platform.platform(),
+        "machine": {"cpu": calibrate.cpu_name(), "cores": os.cpu_count(), "system": platform.platform(),
                     "mlx": mx.__version__},
-        "seconds_this_process": round(time.time() - started, 1),
-        "vae": {"steps": len(history["vae"]), "final_l1_l2_kl": _tail(history["vae"])},
-        "unet": {"steps": len(history["unet"]), "final_weighted_unweighted": _tail(history["unet"])},
+        "vae": {"steps": len(history["vae"]), "batch": args.vae_batch, "crop": args.vae_crop,
+                "seconds": _rounded(history["seconds"]["vae"]), "final_l1_l2_kl": _tail(history["vae"])},
+        "latent_pool": args.pool,
+        "unet": {"steps": len(history["unet"]), "batch": args.unet_batch,
+                 "seconds": _rounded(history["seconds"]["unet"]),
+                 "final_weighted_unweighted": _tail(history["unet"])},
         "scaling_factor": round(pool[3], 5),
     }
     write_json(args.out / "training.json", record)
@@ -465,18 +482,12 @@ def main(argv=None) -> int:
     return 0
 
 
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 1)
+
+
 def _tail(rows: list) -> list:
     return [round(float(v), 5) for v in np.array(rows[-100:])[:, 1:].mean(axis=0)] if rows else []
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
