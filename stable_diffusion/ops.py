@@ -36,9 +36,9 @@ EPYC (AVX2) with the full SD 2.1-base networks, so the CPU gets its own paths:
 5. bfloat16 matrix products and convolutions are a scalar loop (a UNet call about 10x slower than
    in float32). Where the CPU has AVX512_BF16 and the native module is built, `Linear` and `Conv2d`
    take bfloat16 through its dot-product instruction, float32 sums (`bf16_linear`, `bf16_conv`),
-   and bfloat16 may become the CPU's default dtype (calibrate.py measures whether it is faster). Such layers hold their
-   weight only in the kernel's packed layout (`pack_weights`), which the loaders read straight
-   from the files (`read_tensor`).
+   and bfloat16 may become the CPU's default dtype (calibrate.py measures whether it is faster).
+   Such layers hold their weight only in the kernel's packed layout (`pack_weights`), which the
+   loaders read straight from the files (`read_tensor`).
 """
 
 import contextlib
@@ -239,8 +239,9 @@ def chunked_attention(
 def differentiable_attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
                              mask: mx.array | None = None) -> mx.array:
     """`attention` in float32 with a gradient, for training on the CPU: the whole score matrix at
-    once, and `softmax_base2`, whose exponentials are `_exp2`'s (MLX's CPU softmax takes exp one
-    element at a time: a (32, 8, 256, 256) self-attention spent 0.37 s of its 0.40 s in it)."""
+    once, and `softmax_base2`, whose exponentials are `_exp2`'s. MLX's fused attention has a
+    gradient too, but on the CPU takes exp one element at a time: a training step of the shapes
+    UNet (batch 32, 2-core Sapphire Rapids) took 3.0 s with this path against 3.3 s with it."""
     dtype = q.dtype
     s = (q.astype(mx.float32) * (scale * _LOG2_E)) @ k.astype(mx.float32).swapaxes(-1, -2)  # (B, H, Lq, Lk)
     if mask is not None:
