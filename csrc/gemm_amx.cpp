@@ -24,9 +24,9 @@ constexpr int64_t kChunkPairs = 16;                    // a tile's depth: 32 cha
 constexpr int64_t kPanelRowBytes = kGemmCols * 2 * 2;  // one channel pair of a panel
 static_assert(kGemmRows % (2 * kTileRows) == 0 && kGemmCols == 4 * 16, "tasks hold whole 2 x 2 tile blocks");
 
-// Chunks per pass, at most: a pass's weights for the panel (8 x 2 KB per 16 outputs) and its
-// inputs for one row pair (32 rows x 256 channels, 16 KB) stay in L1 while the other row pairs
-// and output halves use them; the sums go to `partial` between passes.
+// Chunks per pass, at most: a pass's weights for the panel (8 chunks x 4 KB) and its inputs for
+// one row pair (32 rows x 256 channels, 16 KB) fit Sapphire Rapids' 48 KB L1 while the other row
+// pairs and output halves use them; the sums go to `partial` between passes.
 constexpr int64_t kChunksPerPass = 8;
 
 // GCC 12's _tile_loadconfig tells the compiler it reads 8 bytes of the configuration (so the
@@ -84,66 +84,75 @@ void gemm_bf16_task_amx(const GemmArgs& a, int64_t b, int64_t row_block, int64_t
   const int64_t chunks = (pairs + kChunkPairs - 1) / kChunkPairs;
   const int64_t tail_pairs = pairs - (chunks - 1) * kChunkPairs;  // in the last chunk, 1 to 16
   const int64_t row_pairs = (rows + 2 * kTileRows - 1) / (2 * kTileRows);
-  // Passes of equal size: 10 chunks as 5 + 5, not 8 + 2.
-  const int64_t passes = (chunks + kChunksPerPass - 1) / kChunksPerPass;
-  const int64_t per_pass = (chunks + passes - 1) / passes;
+  // The taps' chunks, in order, are the steps of the sums; passes of equal size over them, across
+  // taps (a 3x3 convolution of 320 channels: 90 steps as 12 passes, where passes within a tap
+  // would take 18, each loading and storing the sums).
+  const int64_t steps = a.taps * chunks;
+  const int64_t passes = (steps + kChunksPerPass - 1) / kChunksPerPass;
+  const int64_t per_pass = (steps + passes - 1) / passes;
+  const bool tails = tail_pairs < kChunkPairs;
   alignas(64) float partial[kGemmRows * kGemmCols];  // the sums between passes, per row
   alignas(64) uint16_t scratch[2][kTileRows * 2 * kChunkPairs];
-  // The last chunk's weights when it has fewer than 16 pairs, zero past them: the tile must not
-  // read the next tap's weights (or past the end), whose values could be infinite.
-  alignas(64) uint16_t tail_w[kChunkPairs * kGemmCols * 2];
-  for (int64_t t = 0; t < a.taps; ++t) {
-    const uint16_t* xt = a.x + (b * a.positions + m0 + a.offsets[t]) * a.channels;
-    const uint16_t* wt = a.w_packed + (panel * a.taps + t) * pairs * kGemmCols * 2;
-    if (tail_pairs < kChunkPairs) {
-      const uint16_t* src = wt + (chunks - 1) * kChunkPairs * kGemmCols * 2;
-      for (int64_t i = 0; i < kChunkPairs * kGemmCols * 2; ++i)
-        tail_w[i] = i < tail_pairs * kGemmCols * 2 ? src[i] : 0;
-    }
-    for (int64_t k0 = 0; k0 < chunks; k0 += per_pass) {
-      const int64_t k1 = chunks - k0 < per_pass ? chunks : k0 + per_pass;
-      const bool first = t == 0 && k0 == 0;
-      for (int64_t rp = 0; rp < row_pairs; ++rp)
-        for (int64_t half = 0; half < 2; ++half) {
-          float* c = partial + rp * 2 * kTileRows * kGemmCols + half * 32;
-          constexpr int64_t kStride = kGemmCols * sizeof(float);
-          if (first) {
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-          } else {
-            SD_TILE_LOAD(0, c, kStride);
-            SD_TILE_LOAD(1, c + 16, kStride);
-            SD_TILE_LOAD(2, c + kTileRows * kGemmCols, kStride);
-            SD_TILE_LOAD(3, c + kTileRows * kGemmCols + 16, kStride);
-          }
-          const int64_t row0 = rp * 2 * kTileRows, row1 = row0 + kTileRows;
-          for (int64_t k = k0; k < k1; ++k) {
-            const Source top = input_tile(xt, a.channels, row0, rows, k, scratch[0]);
-            SD_TILE_LOAD(4, top.data, top.stride);
-            if (row1 < rows) {
-              const Source bottom = input_tile(xt, a.channels, row1, rows, k, scratch[1]);
-              SD_TILE_LOAD(5, bottom.data, bottom.stride);
-            } else {
-              _tile_zero(5);  // a block whose last row pair has one group: its second adds nothing
-            }
-            const uint16_t* w = k == chunks - 1 && tail_pairs < kChunkPairs
-                                    ? tail_w
-                                    : wt + k * kChunkPairs * kGemmCols * 2;
-            SD_TILE_LOAD(6, w + half * 32 * 2, kPanelRowBytes);
-            SD_TILE_LOAD(7, w + (half * 32 + 16) * 2, kPanelRowBytes);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(2, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
-          }
-          _tile_stored(0, c, kStride);
-          _tile_stored(1, c + 16, kStride);
-          _tile_stored(2, c + kTileRows * kGemmCols, kStride);
-          _tile_stored(3, c + kTileRows * kGemmCols + 16, kStride);
+  // A pass's last chunks of taps when they have fewer than 16 pairs, zero past them: the tile
+  // must not read the next tap's weights (or past the end), whose values could be infinite.
+  alignas(64) uint16_t tail_w[kChunksPerPass][kChunkPairs * kGemmCols * 2];
+  constexpr int64_t kChunkWords = kChunkPairs * kGemmCols * 2;
+  const uint16_t* panel_w = a.w_packed + panel * a.taps * pairs * kGemmCols * 2;
+  if (steps == 0)  // no channels (or taps): the outputs are the bias
+    for (int64_t i = 0; i < kGemmRows * kGemmCols; ++i) partial[i] = 0.0f;
+  for (int64_t s0 = 0; s0 < steps; s0 += per_pass) {
+    const int64_t s1 = steps - s0 < per_pass ? steps : s0 + per_pass;
+    if (tails)
+      for (int64_t s = s0; s < s1; ++s)
+        if (s % chunks == chunks - 1) {
+          const uint16_t* src = panel_w + (s / chunks * pairs + (chunks - 1) * kChunkPairs) * kGemmCols * 2;
+          for (int64_t i = 0; i < kChunkWords; ++i) tail_w[s - s0][i] = i < tail_pairs * kGemmCols * 2 ? src[i] : 0;
         }
-    }
+    for (int64_t rp = 0; rp < row_pairs; ++rp)
+      for (int64_t half = 0; half < 2; ++half) {
+        float* c = partial + rp * 2 * kTileRows * kGemmCols + half * 32;
+        constexpr int64_t kStride = kGemmCols * sizeof(float);
+        if (s0 == 0) {
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+        } else {
+          SD_TILE_LOAD(0, c, kStride);
+          SD_TILE_LOAD(1, c + 16, kStride);
+          SD_TILE_LOAD(2, c + kTileRows * kGemmCols, kStride);
+          SD_TILE_LOAD(3, c + kTileRows * kGemmCols + 16, kStride);
+        }
+        const int64_t row0 = rp * 2 * kTileRows, row1 = row0 + kTileRows;
+        int64_t t = s0 / chunks, k = s0 % chunks;
+        for (int64_t s = s0; s < s1; ++s) {
+          const uint16_t* xt = a.x + (b * a.positions + m0 + a.offsets[t]) * a.channels;
+          const Source top = input_tile(xt, a.channels, row0, rows, k, scratch[0]);
+          SD_TILE_LOAD(4, top.data, top.stride);
+          if (row1 < rows) {
+            const Source bottom = input_tile(xt, a.channels, row1, rows, k, scratch[1]);
+            SD_TILE_LOAD(5, bottom.data, bottom.stride);
+          } else {
+            _tile_zero(5);  // a block whose last row pair has one group: its second adds nothing
+          }
+          const uint16_t* w = tails && k == chunks - 1 ? tail_w[s - s0]
+                                                       : panel_w + (t * pairs + k * kChunkPairs) * kGemmCols * 2;
+          SD_TILE_LOAD(6, w + half * 32 * 2, kPanelRowBytes);
+          SD_TILE_LOAD(7, w + (half * 32 + 16) * 2, kPanelRowBytes);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+          if (++k == chunks) {
+            k = 0;
+            ++t;
+          }
+        }
+        _tile_stored(0, c, kStride);
+        _tile_stored(1, c + 16, kStride);
+        _tile_stored(2, c + kTileRows * kGemmCols, kStride);
+        _tile_stored(3, c + kTileRows * kGemmCols + 16, kStride);
+      }
   }
   // As gemm_avx512bf16.cpp: bias, addend, one rounding to bfloat16, the dropped rows skipped.
   const int64_t o0 = panel * kGemmCols;
