@@ -1,6 +1,7 @@
 // bfloat16 products with float32 accumulation through AVX512_BF16's dot-product instruction
-// (vdpbf16ps): the interface shared by the primitive (native.cpp) and the kernel
-// (gemm_avx512bf16.cpp, compiled with its -m flags, used only where the CPU has the instruction).
+// (vdpbf16ps) or AMX's tile product (tdpbf16ps): the interface shared by the primitive
+// (native.cpp) and the kernels (gemm_avx512bf16.cpp, gemm_amx.cpp, each compiled with its -m
+// flags, used only where the CPU has the instructions).
 //
 // One kernel serves linear layers and convolutions. With T taps at row offsets off[t],
 //   out[b, m, o] = bias[o] + sum_t sum_c x[b, m + off[t], c] w[o, t, c]
@@ -33,5 +34,14 @@ struct GemmArgs {
 
 // Row block `row_block` (of kGemmRows) of batch item `b`, columns of `panel`.
 void gemm_bf16_task_avx512bf16(const GemmArgs&, int64_t b, int64_t row_block, int64_t panel);
+void gemm_bf16_task_amx(const GemmArgs&, int64_t b, int64_t row_block, int64_t panel);
+
+// The AMX tasks need the tile configuration loaded on their thread (ldtilecfg is per thread, and
+// another library on the thread may load its own): once per thread per product, before its first
+// task; release puts the tiles back in their initial state, so that the thread's context switches
+// stop saving 8 KB of tile data. Linux must have granted the process the tile state first
+// (arch_prctl ARCH_REQ_XCOMP_PERM, native.cpp), or the first tile instruction faults.
+void gemm_amx_configure();
+void gemm_amx_release();
 
 }  // namespace sd_native

@@ -1,8 +1,8 @@
 // stable_diffusion._native: CPU kernels that MLX lacks, as MLX primitives with an eval_cpu.
 //
 // bf16_product: bfloat16 linear layers and convolutions with float32 accumulation through the
-// CPU's bfloat16 dot-product instruction (AVX512_BF16), where MLX's CPU backend has only a scalar
-// loop for bfloat16 products (see gemm_bf16.h).
+// CPU's bfloat16 dot-product instruction (AVX512_BF16) or its tile product (AMX), where MLX's CPU
+// backend has only a scalar loop for bfloat16 products (see gemm_bf16.h).
 //
 // group_norm: PyTorch's GroupNorm on channels-last maps, optionally followed by SiLU and written
 // inside a zero border (the padding of the 3x3 convolution that follows), on all cores, where
@@ -24,7 +24,12 @@
 #include <cmath>
 #if defined(__linux__)
 #include <sched.h>
+#include <sys/syscall.h>
 #endif
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
+#include <cctype>
 #include <cerrno>
 #include <atomic>
 #include <cstdlib>
@@ -412,6 +417,71 @@ bool has_bf16_dot() {
 #endif
 }
 
+// AMX's tile instructions: the CPU's (CPUID leaf 7: EDX bit 24 AMX-TILE, bit 22 AMX-BF16), and
+// Linux's permission to use the 8 KB tile state, which a process must ask for once (since Linux
+// 5.16; without it the first tile instruction faults). Asked for at most once, on first use.
+bool amx_usable() {
+  static const bool usable = [] {
+#if defined(__x86_64__) && defined(__linux__)
+    unsigned eax, ebx, ecx, edx;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 24)) || !(edx & (1u << 22)))
+      return false;
+    constexpr long kGetPermission = 0x1022, kRequestPermission = 0x1023;  // ARCH_{GET,REQ}_XCOMP_PERM
+    constexpr int kTileData = 18;                                          // XFEATURE_XTILEDATA
+    if (syscall(SYS_arch_prctl, kRequestPermission, kTileData) != 0) return false;
+    unsigned long permitted = 0;
+    return syscall(SYS_arch_prctl, kGetPermission, &permitted) == 0 && (permitted & (1ul << kTileData));
+#else
+    return false;
+#endif
+  }();
+  return usable;
+}
+
+using GemmTask = void (*)(const GemmArgs&, int64_t, int64_t, int64_t);
+
+struct Bf16Kernel {
+  const char* name;
+  GemmTask task;
+  bool tiles;  // AMX: the tile configuration is loaded on each worker thread
+};
+
+// The bfloat16 product kernels this CPU can run, fastest first; SD_AMX=0 (off, false, no) leaves
+// AMX out, to compare the two.
+const std::vector<Bf16Kernel>& bf16_kernel_list() {
+  static const std::vector<Bf16Kernel> kernels = [] {
+    std::vector<Bf16Kernel> found;
+#if defined(__x86_64__)
+    if (!has_bf16_dot()) return found;
+    const char* env = std::getenv("SD_AMX");
+    std::string amx = env == nullptr ? "" : env;
+    std::transform(amx.begin(), amx.end(), amx.begin(), [](unsigned char c) { return std::tolower(c); });
+    const bool off = amx == "0" || amx == "off" || amx == "false" || amx == "no";
+    // The AMX kernel's epilogue is AVX-512 BF16 code, so it needs has_bf16_dot() too (every AMX
+    // CPU has it).
+    if (!off && amx_usable()) found.push_back({"amx", gemm_bf16_task_amx, true});
+    found.push_back({"avx512_bf16", gemm_bf16_task_avx512bf16, false});
+#endif
+    return found;
+  }();
+  return kernels;
+}
+
+const Bf16Kernel& pick_bf16_kernel(const std::string& name) {
+  const auto& kernels = bf16_kernel_list();
+  if (kernels.empty()) throw std::invalid_argument("bf16 products: this CPU has no AVX512_BF16");
+  if (name.empty()) return kernels.front();
+  for (const Bf16Kernel& k : kernels)
+    if (name == k.name) return k;
+  throw std::invalid_argument("bf16 product kernel '" + name + "' is not available here");
+}
+
+std::vector<std::string> bf16_kernel_names() {
+  std::vector<std::string> names;
+  for (const Bf16Kernel& k : bf16_kernel_list()) names.emplace_back(k.name);
+  return names;
+}
+
 // w (O, T, C) into the kernel's panels, (panels, T, C / 2, kGemmCols x 2), zero past O.
 void pack_weights(const uint16_t* w, int64_t out_channels, int64_t taps, int64_t channels, uint16_t* packed) {
   const int64_t panels = (out_channels + kGemmCols - 1) / kGemmCols;
@@ -457,6 +527,7 @@ class Bf16Pack : public mx::UnaryPrimitive {
 struct GemmProblem {
   GemmArgs a;
   std::vector<int64_t> offsets;
+  const Bf16Kernel* kernel;
 };
 
 void run_gemm(GemmProblem p) {
@@ -464,18 +535,29 @@ void run_gemm(GemmProblem p) {
   a.offsets = p.offsets.data();
   const int64_t panels = (a.out_channels + kGemmCols - 1) / kGemmCols;
   const int64_t row_blocks = (a.rows + kGemmRows - 1) / kGemmRows;
-  parallel_for(a.batch * row_blocks * panels, thread_count(), [&](int64_t i, int) {
+  const int workers = thread_count();
+  // Per product, not per thread's life: worker 0 is the stream's thread, where another library
+  // may have loaded its own tile configuration since the last product.
+  std::vector<char> configured(workers, 0);
+  parallel_for(a.batch * row_blocks * panels, workers, [&](int64_t i, int worker) {
     const int64_t panel = i % panels, block = i / panels;
 #if defined(__x86_64__)
-    gemm_bf16_task_avx512bf16(a, block / row_blocks, block % row_blocks, panel);
+    if (p.kernel->tiles && !configured[worker]) {
+      gemm_amx_configure();
+      configured[worker] = 1;
+    }
 #endif
+    p.kernel->task(a, block / row_blocks, block % row_blocks, panel);
   });
+#if defined(__x86_64__)
+  if (configured[0]) gemm_amx_release();  // the other workers' threads have ended
+#endif
 }
 
 class Bf16Product : public mx::UnaryPrimitive {
  public:
   Bf16Product(mx::Stream stream, std::vector<int64_t> offsets, int64_t rows, int64_t out_channels, bool has_bias,
-              int64_t row_period, int64_t row_valid, bool has_addend)
+              int64_t row_period, int64_t row_valid, bool has_addend, const Bf16Kernel& kernel)
       : mx::UnaryPrimitive(stream),
         offsets_(std::move(offsets)),
         rows_(rows),
@@ -483,7 +565,8 @@ class Bf16Product : public mx::UnaryPrimitive {
         has_bias_(has_bias),
         row_period_(row_period),
         row_valid_(row_valid),
-        has_addend_(has_addend) {}
+        has_addend_(has_addend),
+        kernel_(&kernel) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto& encoder = prepare(stream(), inputs, out);
@@ -505,6 +588,7 @@ class Bf16Product : public mx::UnaryPrimitive {
     p.a.out_channels = out_channels_;
     p.a.taps = packed.shape(1);
     p.offsets = offsets_;
+    p.kernel = kernel_;
     encoder.dispatch([problem = std::move(p)]() { run_gemm(problem); });
   }
 
@@ -518,7 +602,7 @@ class Bf16Product : public mx::UnaryPrimitive {
     const auto& o = static_cast<const Bf16Product&>(other);
     return offsets_ == o.offsets_ && rows_ == o.rows_ && out_channels_ == o.out_channels_ &&
            has_bias_ == o.has_bias_ && row_period_ == o.row_period_ && row_valid_ == o.row_valid_ &&
-           has_addend_ == o.has_addend_;
+           has_addend_ == o.has_addend_ && kernel_ == o.kernel_;
   }
 
  private:
@@ -528,6 +612,7 @@ class Bf16Product : public mx::UnaryPrimitive {
   bool has_bias_;
   int64_t row_period_, row_valid_;
   bool has_addend_;
+  const Bf16Kernel* kernel_;  // an element of bf16_kernel_list(), which lives as long as the process
 };
 
 void require_bf16_dot() {
@@ -545,8 +630,9 @@ mx::array bf16_pack(const mx::array& w) {
 
 mx::array bf16_product(const mx::array& x, const mx::array& packed, int64_t out_channels,
                        const std::optional<mx::array>& bias, const std::vector<int64_t>& offsets, int64_t rows,
-                       int64_t row_period, int64_t row_valid, const std::optional<mx::array>& addend) {
-  require_bf16_dot();
+                       int64_t row_period, int64_t row_valid, const std::optional<mx::array>& addend,
+                       const std::string& kernel) {
+  const Bf16Kernel& chosen = pick_bf16_kernel(kernel);
   if (x.ndim() != 3 || x.dtype() != mx::bfloat16)
     throw std::invalid_argument("bf16_product: x must be (batch, positions, channels) bfloat16");
   if (packed.ndim() != 4 || packed.dtype() != mx::uint16 || packed.shape(3) != 2 * kGemmCols ||
@@ -577,7 +663,8 @@ mx::array bf16_product(const mx::array& x, const mx::array& packed, int64_t out_
   }
   return mx::array(shape, mx::bfloat16,
                    std::make_shared<Bf16Product>(mx::default_stream(mx::Device::cpu), offsets, rows, out_channels,
-                                                 bias.has_value(), row_period, row_valid, addend.has_value()),
+                                                 bias.has_value(), row_period, row_valid, addend.has_value(),
+                                                 chosen),
                    std::move(inputs));
 }
 
@@ -885,11 +972,15 @@ NB_MODULE(_native, m) {
         "w (out, taps, channels) bfloat16, channels even, packed for bf16_product (uint16 panels). Pack a "
         "layer's weights once and keep them: packing costs about as much as a small product.");
   m.def("bf16_product", &sd_native::bf16_product, "x"_a, "packed"_a, "out_channels"_a, "bias"_a = nb::none(),
-        "offsets"_a, "rows"_a, "row_period"_a = 0, "row_valid"_a = 0, "addend"_a = nb::none(),
+        "offsets"_a, "rows"_a, "row_period"_a = 0, "row_valid"_a = 0, "addend"_a = nb::none(), "kernel"_a = "",
         "out[b, m, o] = bias[o] + sum over taps t and channels c of x[b, m + offsets[t], c] w[o, t, c] "
         "(+ addend[b, m, o]), bfloat16 in and out, float32 sums; x (batch, positions, channels), packed = "
         "bf16_pack(w). With row_period, of each run of row_period rows m only the first row_valid are "
-        "kept (the output has rows / row_period * row_valid rows). Needs has_bf16_dot().");
+        "kept (the output has rows / row_period * row_valid rows). kernel: one of bf16_kernels(), default "
+        "the first. Needs has_bf16_dot().");
+  m.def("bf16_kernels", &sd_native::bf16_kernel_names,
+        "The bfloat16 product kernels this CPU can run, fastest first: amx (where the CPU has AMX and Linux "
+        "grants the tile state; not with SD_AMX=0), avx512_bf16; empty without AVX512_BF16.");
   m.def("group_norm", &sd_native::group_norm, "x"_a, "weight"_a, "bias"_a, "groups"_a, "eps"_a, "silu"_a = false,
         "pad"_a = std::vector<int64_t>{0, 0, 0, 0}, "kernel"_a = "",
         "PyTorch's GroupNorm of x (B, H, W, C), float32 or bfloat16, channels contiguous; statistics in "

@@ -142,7 +142,8 @@ def _native() -> tuple[object | None, str]:
         mx.eval(native.flash_attention(one, one, one, 1.0))
     except (TypeError, ValueError, RuntimeError) as error:
         return None, f"native CPU kernels unusable ({error}): pure-MLX CPU paths"
-    products = ", bfloat16 products (avx512_bf16)" if native.has_bf16_dot() else ""
+    # The first of bf16_kernels() is used: amx where the CPU has AMX (SD_AMX=0 turns it off), else avx512_bf16.
+    products = f", bfloat16 products ({native.bf16_kernels()[0]})" if native.has_bf16_dot() else ""
     unread = (f" (SD_NATIVE={switch} is not read as off: 0, off, false or no turn them off)"
               if switch.strip().lower() not in ("", "1", "on", "true", "yes") else "")
     return native, f"native CPU kernels ({native.kernels()[0]}): flash attention, group norm{products}{unread}"
@@ -687,8 +688,8 @@ class Conv2d(nn.Conv2d):
 
 # MLX's CPU backend multiplies bfloat16 matrices in a scalar loop (a UNet call about 10x slower than
 # in float32). Where the CPU has AVX512_BF16, the native module's `bf16_product` takes linear layers
-# and 1x1 and 3x3 convolutions in bfloat16 through its dot-product instruction, with float32 sums
-# and one rounding of each output to bfloat16.
+# and 1x1 and 3x3 convolutions in bfloat16 through its dot-product instruction, or AMX's tile
+# product where the CPU has AMX, with float32 sums and one rounding of each output to bfloat16.
 
 
 def bf16_products() -> bool:

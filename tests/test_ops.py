@@ -155,7 +155,7 @@ def test_native_status_says_what_is_used():
         # CI builds the module from the clean clone and sets this, so a failed build fails there.
         assert os.environ.get("SD_REQUIRE_NATIVE") != "1", status
     else:
-        products = ", bfloat16 products (avx512_bf16)" if NATIVE.has_bf16_dot() else ""
+        products = f", bfloat16 products ({NATIVE.bf16_kernels()[0]})" if NATIVE.has_bf16_dot() else ""
         assert status == f"native CPU kernels ({KERNELS[0]}): flash attention, group norm{products}"
         assert KERNELS[-1] == "generic" and NATIVE.mlx_version == mx.__version__
 
@@ -352,6 +352,95 @@ def test_conv_after_norm_with_residual_is_the_resnet_sequence(dtype, monkeypatch
             assert_bf16_rounding(name, out, reference, parity)  # one rounding: the residual's too
         else:
             parity(name, out, reference, atol=2e-5)
+
+
+BF16_KERNELS = NATIVE.bf16_kernels() if NATIVE is not None else []
+needs_amx = pytest.mark.skipif("amx" not in BF16_KERNELS, reason="no AMX tiles here (or SD_AMX=0)")
+
+
+class KernelPinned:
+    """The native module with every bf16_product on one kernel, for ops' products to run on it."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getattr__(self, name):
+        return getattr(NATIVE, name)
+
+    def bf16_product(self, *args, **kwargs):
+        return NATIVE.bf16_product(*args, kernel=self.kernel, **kwargs)
+
+
+def on_each_bf16_kernel(monkeypatch, product):
+    """{kernel: product()} with ops' products pinned to each kernel in turn."""
+    outs = {}
+    for kernel in BF16_KERNELS:
+        pinned = KernelPinned(kernel)
+        monkeypatch.setattr(ops, "_native", lambda: (pinned, ""))
+        outs[kernel] = product()
+        mx.eval(outs[kernel])
+    monkeypatch.undo()
+    return outs
+
+
+def assert_kernels_agree(name, outs, reference, parity):
+    """Each kernel rounds its float32 sums once, within half a bfloat16 ulp of the exact product
+    (plus the sums' own error); the sums differ in order only, so the kernels' outputs are at most
+    one ulp apart (2**-7 relative) plus both sums' errors (which dominate where terms cancel)."""
+    for kernel, out in outs.items():
+        assert_bf16_rounding(f"{name} {kernel}", out, reference, parity)
+    amx, avx = exact(outs["amx"]), exact(outs["avx512_bf16"])
+    bound = 2.0**-7 * np.maximum(np.abs(amx), np.abs(avx)) + 2e-5 * np.abs(reference).max()
+    assert np.all(np.abs(amx - avx) <= bound), f"{name}: {np.max(np.abs(amx - avx) - bound):.3g} over the bound"
+
+
+@needs_amx
+@pytest.mark.parametrize("channels", [4, 30, 100, 320])
+def test_amx_linear_matches_avx512_bf16(channels, monkeypatch, parity):
+    # Rows: fewer than a tile; a block of 96 and one partial tile pair; a block and 4 rows, whose
+    # last tile pair has one tile. Outputs: fewer than a panel, 77 (odd), a panel and 2.
+    for lead, outputs, bias, residual in [((3,), 77, True, False), ((2, 77), 64, False, True),
+                                          ((100,), 130, True, True)]:
+        x = bf16((*lead, channels), 31)
+        weight, b = bf16((outputs, channels), 32), mx.array(random((outputs,), 33)) if bias else None
+        r = bf16((*lead, outputs), 34) if residual else None
+        outs = on_each_bf16_kernel(monkeypatch, lambda: ops.bf16_linear(x, weight, b, residual=r))
+        reference = exact(x) @ exact(weight).T + (np.array(b, np.float64) if bias else 0.0) + (exact(r) if residual else 0.0)
+        assert_kernels_agree(f"amx linear {lead} {channels}->{outputs}", outs, reference, parity)
+
+
+@needs_amx
+@pytest.mark.parametrize("conv", [(3, 1, 1), (3, 2, 1), (3, 2, 0)], ids=lambda c: "k{}s{}p{}".format(*c))
+@pytest.mark.parametrize("channels", [4, 30, 100, 320])
+def test_amx_convolutions_match_avx512_bf16(conv, channels, monkeypatch, parity):
+    kernel, stride, padding = conv
+    for batch, height, width, outputs, bias, residual in [(2, 9, 13, 77, True, stride == 1),
+                                                          (1, 12, 10, 16, False, False)]:
+        x = bf16((batch, height, width, channels), 35)
+        weight = bf16((outputs, kernel, kernel, channels), 36)
+        b = mx.array(random((outputs,), 37)) if bias else None
+        h_out, w_out = (height + 2 * padding - kernel) // stride + 1, (width + 2 * padding - kernel) // stride + 1
+        r = bf16((batch, h_out, w_out, outputs), 38) if residual else None
+        outs = on_each_bf16_kernel(monkeypatch,
+                                   lambda: ops.bf16_conv(x, weight, b, stride, padding, residual=r))
+        conv32 = mx.conv2d(x.astype(mx.float32), weight.astype(mx.float32), stride=stride, padding=padding)
+        reference = (np.array(conv32, np.float64) + (np.array(b, np.float64) if bias else 0.0)
+                     + (exact(r) if residual else 0.0))
+        assert_kernels_agree(f"amx conv {conv} {(batch, height, width, channels, outputs)}", outs, reference, parity)
+
+
+def test_bf16_kernel_switch(monkeypatch):
+    # SD_AMX=0 leaves the AVX512_BF16 kernel first (and alone), read when the module first lists them.
+    script = "from stable_diffusion import ops; n = ops._native()[0]; print(n.bf16_kernels() if n else None)"
+    env = {**os.environ, "SD_AMX": "0"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert "amx" not in out.stdout
+    if "avx512_bf16" in BF16_KERNELS:
+        assert out.stdout.strip() == "['avx512_bf16']"
+    if BF16_KERNELS:
+        with pytest.raises(ValueError, match="not available"):
+            NATIVE.bf16_product(bf16((1, 4, 4), 1), NATIVE.bf16_pack(bf16((3, 1, 4), 2)), 3, None, [0], 4,
+                                kernel="avx1024")
 
 
 @needs_bf16
