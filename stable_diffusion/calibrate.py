@@ -6,7 +6,7 @@ against 4.7 s in float32; on Intel Sapphire Rapids it issues on one, and bfloat1
 slower than float32 (the issue's bench/networks.py table). So the first CPU run on a machine times
 the products a UNet spends its time in, a 3x3 convolution and a linear layer of SD's sizes, in both
 dtypes (about a second), and keeps the faster one in a small JSON file beside the model cache,
-keyed by the CPU's model name, this package's version and MLX's.
+keyed by the CPU's model name, this package's version, MLX's, and the native kernels in use.
 
 `SD_CALIBRATION_CACHE` names another file; `--dtype` skips all of it.
 """
@@ -63,7 +63,8 @@ def machine_key() -> str:
         ours = version("mlx-sd-trajectory")
     except PackageNotFoundError:
         ours = "source"
-    return f"{cpu_name()} | mlx-sd-trajectory {ours} | mlx {mx.__version__}"
+    # The kernels in use too: a rebuilt module may bring another product kernel (AMX's tiles).
+    return f"{cpu_name()} | mlx-sd-trajectory {ours} | mlx {mx.__version__} | {ops.native_status()}"
 
 
 def measure() -> dict:

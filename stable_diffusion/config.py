@@ -304,6 +304,9 @@ class PipelineConfig:
     scheduler_class: str = "EulerDiscreteScheduler"
     # SDXL pipelines use zeros, not the encoded empty prompt, as the negative conditioning.
     force_zeros_for_empty_prompt: bool = False
+    # A folder's own (steps, guidance) defaults, from model_index.json's "_defaults" (a field
+    # diffusers skips, as every "_" field): the shapes model's guidance is best near 2, far from SD's 7.5.
+    defaults: tuple | None = None
 
     @property
     def is_xl(self) -> bool:
@@ -376,6 +379,7 @@ def read_pipeline_config(folder: Path, notices: list | None = None) -> PipelineC
     if not isinstance(zeros, bool):
         raise ConfigError(f"{index_path}: field force_zeros_for_empty_prompt: expected true or "
                           f"false, got {_shown(zeros)}; fix the file or download the model again")
+    defaults = _read_defaults(index.get("_defaults"), index_path)
     encoders = [read(enc, TextEncoderConfig) for enc, _ in TEXT_COMPONENTS if enc in present]
     config = PipelineConfig(
         unet=read("unet", UNetConfig),
@@ -384,9 +388,25 @@ def read_pipeline_config(folder: Path, notices: list | None = None) -> PipelineC
         text_encoders=tuple(encoders),
         scheduler_class=scheduler_entry[1],
         force_zeros_for_empty_prompt=zeros,
+        defaults=defaults,
     )
     _check_components_meet(config, folder)
     return config
+
+
+def _read_defaults(value, index_path: Path) -> tuple | None:
+    """model_index.json's "_defaults": {"num_inference_steps": 1..1000, "guidance_scale": (0, 100]}."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"num_inference_steps", "guidance_scale"}:
+        raise ConfigError(f"{index_path}: field _defaults: expected num_inference_steps and guidance_scale, "
+                          f"got {_shown(value)}; fix the file or download the model again")
+    try:
+        steps = _checked(value["num_inference_steps"], (int, 1, 1000), "_defaults.num_inference_steps")
+        cfg = _checked(value["guidance_scale"], (float, 0.0, 100.0), "_defaults.guidance_scale")
+    except ConfigError as e:
+        raise ConfigError(f"{index_path}: {e}; fix the file or download the model again") from None
+    return steps, cfg
 
 
 def _check_components_meet(config: PipelineConfig, folder: Path) -> None:

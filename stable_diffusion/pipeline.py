@@ -39,7 +39,10 @@ class Defaults:
 
 
 def model_defaults(config: PipelineConfig) -> Defaults:
-    """A turbo model (trailing timesteps, distilled for few steps) runs 2 steps without guidance."""
+    """The folder's own defaults where it states them; a turbo model (trailing timesteps, distilled
+    for few steps) runs 2 steps without guidance; else SD's 50 steps at guidance 7.5."""
+    if config.defaults is not None:
+        return Defaults(*config.defaults)
     if config.is_xl and config.scheduler.timestep_spacing == "trailing":
         return Defaults(2, 0.0)
     return Defaults(50, 7.5)

@@ -68,14 +68,15 @@ def test_text_to_image_paints_the_prompt(sd):
 
 
 def test_strength_keeps_the_input_low_and_gives_way_to_the_prompt_high(tmp_path, sd):
-    psnr = measure.strengths_psnr(tmp_path)
-    strengths = sorted(psnr)
-    assert strengths == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
-    assert psnr[0.1] >= 25, psnr
-    # Fidelity falls steadily: never up by more than 1 dB from one strength to the next, and the
-    # top is far below the bottom.
-    assert all(psnr[b] <= psnr[a] + 1.0 for a, b in zip(strengths, strengths[1:])), psnr
-    assert psnr[1.0] < psnr[0.1] - 10, psnr
+    own = measure.strengths_psnr(tmp_path, measure.INPUT_CAPTION)
+    other = measure.strengths_psnr(tmp_path, measure.OTHER_PROMPT)
+    strengths = sorted(other)
+    assert strengths == sorted(own) == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    assert own[0.1] >= 25, own
+    # Under another prompt fidelity falls steadily: never up by more than 1 dB from one strength to
+    # the next, and the top is far below the bottom, where the prompt's scene is painted.
+    assert all(other[b] <= other[a] + 1.0 for a, b in zip(strengths, strengths[1:])), other
+    assert other[1.0] < other[0.1] - 10, other
     assert measure.strength_one_follows_the_prompt(sd)["all"] >= 0.5
 
 

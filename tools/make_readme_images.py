@@ -28,8 +28,7 @@ from stable_diffusion import render, scenes  # noqa: E402
 from measure_shapes import INPUT_CAPTION, INPUT_SCENE, OTHER_PROMPT  # noqa: E402
 
 # The README's first command, after the input picture and the prompt.
-FIRST_COMMAND = ("--model", "shapes", "-gt", "--labels", "--steps", "20", "-sd", "2", "--show_noising", "100",
-                 "--seed", "0")
+FIRST_COMMAND = ("--model", "shapes", "-gt", "--labels", "-sd", "2", "--show_noising", "100", "--seed", "0")
 
 
 def sample_input(size: int) -> Image.Image:

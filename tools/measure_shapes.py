@@ -1,10 +1,11 @@
 """What the shipped `shapes` model shows, measured: the numbers of its training record and README.
 
-    python tools/measure_shapes.py            # all of them, as JSON on stdout (about two minutes)
+    python tools/measure_shapes.py            # all of them, a JSON line each (a few minutes)
 
 The tests (tests/test_shapes_model.py) assert the same measures with margins; this prints them.
 1. Text to image: prompts x seeds, each picture read back by `scenes.analyse`.
-2. Image to image: PSNR of the final picture against the input, per strength (one triangle run).
+2. Image to image: PSNR of the final picture against the input, per strength (one triangle run
+   under the input's own caption, one under another prompt).
 3. Inversion under the input's caption (strength 0.7, cfg 1) against add_noise, with refinement.
 4. Over-smoothing: the detail of x0_pred (variance of its Laplacian, in latent space) over the
    last steps, per sampler and step count.
@@ -57,7 +58,7 @@ def pictures(sd: StableDiffusion, steps) -> np.ndarray:
     return np.array(mx.round(sd.decode(last.x_t) * 255)).astype(np.uint8)
 
 
-def text_to_image(sd: StableDiffusion, captions: list, seeds: int = 6, steps: int = 20,
+def text_to_image(sd: StableDiffusion, captions: list, seeds: int = 6, steps: int | None = None,
                   cfg: float | None = None, sampler: str | None = None) -> list:
     """[(caption, Reading)] for `seeds` pictures of each caption (one batch per caption)."""
     size = sd.config.unet.sample_size
@@ -102,18 +103,17 @@ def sidecar(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def strengths_psnr(folder: Path, steps: int = 20, seed: int = 0) -> dict:
-    """strength -> PSNR (dB) of the final picture against the input: one triangle of the command,
-    under another prompt (so that the prompt's pull shows as strength rises)."""
+def strengths_psnr(folder: Path, prompt: str, seed: int = 0) -> dict:
+    """strength -> PSNR (dB) of the final picture against the input: one triangle of the command
+    (the model's default steps and guidance) under `prompt`."""
     picture = input_picture(folder / "input.png")
     out = folder / "triangle.png"
-    command(picture, OTHER_PROMPT, "--model", "shapes", "-gt", "--steps", steps, "--seed", seed,
-            "--quiet", "--output", out)
+    command(picture, prompt, "--model", "shapes", "-gt", "--seed", seed, "--quiet", "--output", out)
     fidelity = sidecar(out.with_suffix(".json"))["fidelity"]
-    return {float(s): f["final"]["psnr"] for s, f in fidelity.items()}
+    return {float(s): round(f["final"]["psnr"], 2) for s, f in fidelity.items()}
 
 
-def strength_one_follows_the_prompt(sd: StableDiffusion, seeds: int = 6, steps: int = 20) -> dict:
+def strength_one_follows_the_prompt(sd: StableDiffusion, seeds: int = 6, steps: int | None = None) -> dict:
     """At strength 1 the picture is the prompt's scene, not the input's."""
     image = scenes.draw(INPUT_SCENE).astype(np.float32) / 127.5 - 1
     run = sd.generate_latents_from_image(image, OTHER_PROMPT, strength=1.0, num_steps=steps, seed=0,
@@ -154,7 +154,7 @@ def detail_curves(sd: StableDiffusion, samplers=("euler", "euler_a", "ddim", "he
                 for step in run:
                     if step.x0_pred is not None:
                         mx.eval(step.x0_pred)
-                        details.append([measures.detail(step.x0_pred[j:j + 1]) for j in range(seeds)])
+                        details.append([measures.detail(step.x0_pred[j]) for j in range(seeds)])
                 curves.append(np.array(details))  # (steps, seeds)
             curve = np.concatenate(curves, axis=1).mean(axis=1)  # (steps,)
             tail = max(2, n // 5)
@@ -174,15 +174,16 @@ def main() -> int:
     sd = load()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        report = {
-            "text_to_image": scores(text_to_image(sd, prompts())),
-            "strength_psnr": strengths_psnr(folder),
-            "strength_1_follows_the_prompt": strength_one_follows_the_prompt(sd),
-            "inversion_psnr": inversion(folder),
-            "detail_curves": detail_curves(sd),
+        parts = {
+            "text_to_image": lambda: scores(text_to_image(sd, prompts())),
+            "strength_psnr_own_caption": lambda: strengths_psnr(folder, INPUT_CAPTION),
+            "strength_psnr_other_prompt": lambda: strengths_psnr(folder, OTHER_PROMPT),
+            "strength_1_follows_the_prompt": lambda: strength_one_follows_the_prompt(sd),
+            "inversion_psnr": lambda: inversion(folder),
+            "detail_curves": lambda: detail_curves(sd),
         }
-    json.dump(report, sys.stdout, indent=1)
-    print()
+        for name, measure in parts.items():  # one JSON line each, as it is measured
+            print(json.dumps({name: measure()}), flush=True)
     return 0
 
 

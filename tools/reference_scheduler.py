@@ -86,7 +86,7 @@ def _pipes(folder: Path, family: str):
         xl = family == "sdxl"
         text_class = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
         image_class = StableDiffusionXLImg2ImgPipeline if xl else StableDiffusionImg2ImgPipeline
-        text = text_class.from_pretrained(folder)  # float32
+        text = text_class.from_pretrained(folder, torch_dtype=torch.float32)  # float16 files too
         image = image_class(**text.components)
         for pipe in (text, image):
             pipe.set_progress_bar_config(disable=True)

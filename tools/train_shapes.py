@@ -390,6 +390,9 @@ def write_folder(out: Path, vae: Autoencoder, denoiser_params: dict, scale: floa
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
         "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
+        # Measured on the shipped weights (tools/measure_shapes.py, 72 pictures at 20 steps): shapes
+        # right in 89% at guidance 2, 79% at 3, 61% at 7.5 (SD's default, which this model overshoots).
+        "_defaults": {"num_inference_steps": 20, "guidance_scale": 2.0},
     })
     write_json(out / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
     write_json(out / "vae" / "config.json", dict(VAE_CONFIG, scaling_factor=round(scale, 5)))
