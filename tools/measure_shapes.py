@@ -105,10 +105,11 @@ def sidecar(path: Path) -> dict:
 
 def strengths_psnr(folder: Path, prompt: str, seed: int = 0) -> dict:
     """strength -> PSNR (dB) of the final picture against the input: one triangle of the command
-    (the model's default steps and guidance) under `prompt`."""
+    (the model's default steps and guidance, float32 on every CPU) under `prompt`."""
     picture = input_picture(folder / "input.png")
     out = folder / "triangle.png"
-    command(picture, prompt, "--model", "shapes", "-gt", "--seed", seed, "--quiet", "--output", out)
+    command(picture, prompt, "--model", "shapes", "-gt", "--seed", seed, "--dtype", "float32", "--quiet",
+            "--output", out)
     fidelity = sidecar(out.with_suffix(".json"))["fidelity"]
     return {float(s): round(f["final"]["psnr"], 2) for s, f in fidelity.items()}
 
