@@ -273,9 +273,6 @@ def resolve_tiny_autoencoder(spec: str | None, family: str) -> tuple[Path, dict]
         spec = TAESD_DEFAULTS[family]
     name, revision = parse_model_spec(spec) if spec not in ALIASES else (spec, None)
     path = Path(name).expanduser()
-    if spec in PACKAGED:
-        folder = packaged_folder(spec)
-        return folder, {"model": spec, "folder": str(folder.resolve()), "revision": None, "source": "package"}
     if path.is_dir():
         return path, {"model": str(path.resolve()), "revision": None, "source": "folder"}
     if path.exists() or not _HUB_ID.match(name):

@@ -152,3 +152,22 @@ def test_diffusers_loads_the_folder_and_gives_our_latents(mode, reference, parit
                expected / math.sqrt(1 + step.sigma ** 2) / scale)
     parity(f"shapes/{mode}/final_latent", np.array(steps[-1].x_t) / scale, case["out.final_latent"] / scale)
     assert scenes.analyse(np.array(mx.round(ours.decode(steps[-1].x_t)[0] * 255)).astype(np.uint8)).background
+
+
+def test_the_folder_states_its_own_defaults_and_bad_ones_are_refused(tmp_path):
+    from stable_diffusion.config import ConfigError
+    from stable_diffusion.pipeline import model_defaults
+
+    assert model_defaults(read_pipeline_config(FOLDER)) == (20, 2.0)
+    folder = tmp_path / "m"
+    shutil.copytree(FOLDER, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    for bad in (0, "20", None, [20, 2.0], {"num_inference_steps": 20}, {"num_inference_steps": 1e9, "guidance_scale": 2},
+                {"num_inference_steps": 20, "guidance_scale": float("nan")}, {"num_inference_steps": True, "guidance_scale": 2},
+                {"num_inference_steps": 20, "guidance_scale": -1}, {"num_inference_steps": 20, "guidance_scale": 2, "x": 1}):
+        (folder / "model_index.json").write_text(json.dumps(dict(index, _defaults=bad)))
+        if bad is None:
+            assert read_pipeline_config(folder).defaults is None
+            continue
+        with pytest.raises(ConfigError, match="_defaults"):
+            read_pipeline_config(folder)
