@@ -158,7 +158,8 @@ def test_the_folder_states_its_own_defaults_and_bad_ones_are_refused(tmp_path):
     from stable_diffusion.config import ConfigError
     from stable_diffusion.pipeline import model_defaults
 
-    assert model_defaults(read_pipeline_config(FOLDER)) == (20, 2.0)
+    defaults = model_defaults(read_pipeline_config(FOLDER))
+    assert (defaults.num_steps, defaults.cfg_weight) == (20, 2.0)
     folder = tmp_path / "m"
     shutil.copytree(FOLDER, folder)
     index = json.loads((folder / "model_index.json").read_text())
