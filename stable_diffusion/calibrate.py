@@ -8,7 +8,8 @@ the products a UNet spends its time in, a 3x3 convolution and a linear layer of 
 dtypes (about a second), and keeps the faster one in a small JSON file beside the model cache,
 keyed by the CPU's model name, this package's version, MLX's, and the native kernels in use.
 
-`SD_CALIBRATION_CACHE` names another file; `--dtype` skips all of it.
+`SD_CALIBRATION_CACHE` names another file; `--dtype` skips all of it. A path that holds anything but
+this table (a link, a pipe, another file) is neither read nor overwritten: the run measures again.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import stat
 import time
 from pathlib import Path
 
@@ -94,33 +96,60 @@ def measure() -> dict:
     return seconds
 
 
+# The cache is a small table of machines; anything larger, or not a plain file, is not ours.
+_CACHE_BYTES = 1 << 16
+
+
+def _read_table(path: Path) -> dict | None:
+    """The cache's table: {} where there is no file yet; None where the path holds something that
+    is not our table (a link, a pipe, a folder, a large or foreign file), which is then neither
+    trusted nor overwritten."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return {}
+    except OSError:
+        return None
+    if not stat.S_ISREG(info.st_mode) or info.st_size > _CACHE_BYTES:
+        return None
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    ours = isinstance(table, dict) and all(isinstance(v, dict) and "dtype" in v for v in table.values())
+    return table if ours else None
+
+
+def _valid(record) -> bool:
+    if not isinstance(record, dict) or record.get("dtype") not in ("float32", "bfloat16"):
+        return False
+    seconds = record.get("seconds")
+    return isinstance(seconds, dict) and all(
+        isinstance(seconds.get(k), (int, float)) and not isinstance(seconds.get(k), bool)
+        for k in ("float32", "bfloat16"))
+
+
 def calibrated() -> tuple[str, dict, bool]:
     """(the faster dtype, its record, whether it was measured now) for this machine."""
     path, key = cache_path(), machine_key()
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))[key]
-        if record.get("dtype") in ("float32", "bfloat16"):
-            return record["dtype"], record, False
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
+    table = _read_table(path)
+    record = (table or {}).get(key)
+    if _valid(record):
+        return record["dtype"], record, False
     seconds = measure()
     dtype = min(seconds, key=seconds.get)
     record = {"dtype": dtype, "seconds": {k: round(v, 5) for k, v in seconds.items()}}
-    _store(path, key, record)
+    if table is not None:
+        _store(path, dict(table, **{key: record}))
     return dtype, record, True
 
 
-def _store(path: Path, key: str, record: dict) -> None:
-    """Add the record to the file, whole or not at all; a cache that cannot be written is skipped
-    (the next run measures again)."""
+def _store(path: Path, table: dict) -> None:
+    """Write the table whole or not at all; a cache that cannot be written is skipped (the next
+    run measures again). Folders are made only for the default place."""
     try:
-        try:
-            table = json.loads(path.read_text(encoding="utf-8"))
-            table = table if isinstance(table, dict) else {}
-        except (OSError, ValueError):
-            table = {}
-        table[key] = record
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not os.environ.get("SD_CALIBRATION_CACHE"):
+            path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.{os.getpid()}")
         temporary.write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
         os.replace(temporary, path)

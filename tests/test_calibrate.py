@@ -10,6 +10,7 @@ from stable_diffusion import calibrate, ops
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     path = tmp_path / "cache" / "dtype.json"
+    path.parent.mkdir()
     monkeypatch.setenv("SD_CALIBRATION_CACHE", str(path))
     return path
 
@@ -40,7 +41,6 @@ def test_the_faster_dtype_is_chosen_and_measured_once(cache, monkeypatch, second
 
 def test_a_damaged_or_foreign_cache_is_measured_again_and_kept_beside_other_machines(cache, monkeypatch):
     calls = fake_measure(monkeypatch, {"float32": 0.05, "bfloat16": 0.07})
-    cache.parent.mkdir(parents=True)
     for content in ("{not json", "[1, 2]", json.dumps({calibrate.machine_key(): {"dtype": "int8"}})):
         cache.write_text(content)
         assert calibrate.default_cpu_dtype()[0] == "float32"
@@ -69,3 +69,38 @@ def test_without_bfloat16_products_nothing_is_measured(cache, monkeypatch):
 def test_the_measure_times_both_dtypes():
     seconds = calibrate.measure()
     assert set(seconds) == {"float32", "bfloat16"} and all(0 < s < 10 for s in seconds.values())
+
+
+@pytest.mark.parametrize("kind", ["fifo", "foreign file", "link", "nested", "large"])
+def test_a_cache_path_holding_something_else_is_neither_trusted_nor_overwritten(tmp_path, monkeypatch, kind):
+    """A pipe would hang the run, a deeply nested file would end it with RecursionError, and a
+    user's own file or link must survive: each is passed over, the run measures and goes on."""
+    import os
+
+    path = tmp_path / "cache.json"
+    target = tmp_path / "notes.txt"
+    target.write_text("my notes")
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "foreign file":
+        path.write_text('{"name": "my-project", "version": "1.0"}')
+    elif kind == "link":
+        path.symlink_to(target)
+    elif kind == "nested":
+        path.write_text("[" * 100000)
+    else:
+        path.write_text(json.dumps({"x": "y" * (1 << 17)}))
+    before = None if kind == "fifo" else (path.is_symlink(), path.read_text())
+    monkeypatch.setenv("SD_CALIBRATION_CACHE", str(path))
+    calls = fake_measure(monkeypatch, {"float32": 0.05, "bfloat16": 0.07})
+    assert calibrate.default_cpu_dtype()[0] == "float32" and len(calls) == 1
+    if before is not None:
+        assert (path.is_symlink(), path.read_text()) == before
+    assert target.read_text() == "my notes"
+
+
+def test_a_cache_folder_named_by_the_user_is_not_created(tmp_path, monkeypatch):
+    monkeypatch.setenv("SD_CALIBRATION_CACHE", str(tmp_path / "no" / "such" / "c.json"))
+    fake_measure(monkeypatch, {"float32": 0.05, "bfloat16": 0.07})
+    assert calibrate.default_cpu_dtype()[0] == "float32"
+    assert not (tmp_path / "no").exists()
