@@ -395,15 +395,21 @@ def read_pipeline_config(folder: Path, notices: list | None = None) -> PipelineC
 
 
 def _read_defaults(value, index_path: Path) -> tuple | None:
-    """model_index.json's "_defaults": {"num_inference_steps": 1..1000, "guidance_scale": (0, 100]}."""
+    """model_index.json's "_defaults": {"num_inference_steps": 1..1000, "guidance_scale": 0..100}."""
     if value is None:
         return None
-    if not isinstance(value, dict) or set(value) != {"num_inference_steps", "guidance_scale"}:
+    fields = {"num_inference_steps", "guidance_scale"}
+    if not isinstance(value, dict) or set(value) != fields:
+        extra = sorted(set(value) - fields) if isinstance(value, dict) else []
+        got = f"the fields {', '.join(map(repr, extra))} too" if extra else _shown(value)
         raise ConfigError(f"{index_path}: field _defaults: expected num_inference_steps and guidance_scale, "
-                          f"got {_shown(value)}; fix the file or download the model again")
+                          f"got {got}; fix the file or download the model again")
     try:
         steps = _checked(value["num_inference_steps"], (int, 1, 1000), "_defaults.num_inference_steps")
-        cfg = _checked(value["guidance_scale"], (float, 0.0, 100.0), "_defaults.guidance_scale")
+        # Guidance 0 is a value, as --cfg 0 is: (-1, 100] checked, then the negative ones refused.
+        cfg = _checked(value["guidance_scale"], (float, -1.0, 100.0), "_defaults.guidance_scale")
+        if cfg < 0:
+            raise ConfigError(f"field _defaults.guidance_scale: {cfg!r} is outside [0, 100]")
     except ConfigError as e:
         raise ConfigError(f"{index_path}: {e}; fix the file or download the model again") from None
     return steps, cfg

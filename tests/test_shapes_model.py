@@ -172,3 +172,10 @@ def test_the_folder_states_its_own_defaults_and_bad_ones_are_refused(tmp_path):
             continue
         with pytest.raises(ConfigError, match="_defaults"):
             read_pipeline_config(folder)
+    (folder / "model_index.json").write_text(json.dumps(dict(index, _defaults={
+        "num_inference_steps": 20, "guidance_scale": 2, "foo": 1})))
+    with pytest.raises(ConfigError, match="'foo' too"):
+        read_pipeline_config(folder)
+    (folder / "model_index.json").write_text(json.dumps(dict(index, _defaults={
+        "num_inference_steps": 4, "guidance_scale": 0})))  # no guidance, as --cfg 0
+    assert read_pipeline_config(folder).defaults == (4, 0.0)

@@ -114,11 +114,14 @@ def save_state(path: Path, step: int, trees: dict, extra: dict) -> None:
 
 
 def load_state(path: Path) -> tuple[int, dict, dict]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), "np") as f:
-        meta = f.metadata()
-    flat = load_file(str(path))
+    try:
+        with safe_open(str(path), "np") as f:
+            meta = f.metadata()
+        flat = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise SystemExit(f"cannot read the checkpoint {path} ({e}); remove it to go on from the one before")
     trees = {}
     for key, value in flat.items():
         name, rest = key.split("/", 1)
@@ -234,8 +237,11 @@ def latent_pool(args, work: Path, vae: Autoencoder) -> tuple[np.ndarray, np.ndar
     path = work / "pool.npz"
     if path.is_file():
         data = np.load(path)
-        captions = json.loads(str(data["captions"]))
-        return data["mean"], data["std"], captions, float(data["scale"])
+        made_by = int(data["vae_steps"]) if "vae_steps" in data.files else args.vae_steps  # older pools
+        if made_by == args.vae_steps and len(data["mean"]) == args.pool:
+            captions = json.loads(str(data["captions"]))
+            return data["mean"], data["std"], captions, float(data["scale"])
+        log("pool: made by another VAE or of another size; encoding it again")
     rng = np.random.default_rng([args.seed, 2])
     means, stds, captions = [], [], []
     started = time.time()
@@ -250,7 +256,7 @@ def latent_pool(args, work: Path, vae: Autoencoder) -> tuple[np.ndarray, np.ndar
     scale = float(1.0 / np.std(mean.astype(np.float32)))
     log(f"pool: {len(captions)} scenes encoded in {time.time() - started:.0f} s; latent std "
         f"{1 / scale:.4f}, scaling factor {scale:.5f}")
-    np.savez(path, mean=mean, std=std, captions=json.dumps(captions), scale=scale)
+    np.savez(path, mean=mean, std=std, captions=json.dumps(captions), scale=scale, vae_steps=args.vae_steps)
     return mean, std, captions, scale
 
 
@@ -452,6 +458,9 @@ def main(argv=None) -> int:
     parser.add_argument("--log_every", type=int, default=50)
     parser.add_argument("--stop_after", choices=("vae", "pool", "unet"), default=None)
     args = parser.parse_args(argv)
+    problem = _check_arguments(args)
+    if problem:
+        parser.error(problem)
     args.work.mkdir(parents=True, exist_ok=True)
     mx.random.seed(args.seed)
     history = {"vae": [], "unet": [], "seconds": {"vae": None, "unet": None}}
@@ -485,6 +494,26 @@ def main(argv=None) -> int:
     return 0
 
 
+def _check_arguments(args) -> str | None:
+    """One line on the first argument that cannot train a model, checked before any work."""
+    for name in ("vae_steps", "vae_batch", "pool", "unet_steps", "unet_batch", "checkpoint_every", "log_every"):
+        if getattr(args, name) < 1:
+            return f"--{name} must be at least 1"
+    if not 8 <= args.vae_crop <= scenes.SIZE or args.vae_crop % 8:
+        return f"--vae_crop must be a multiple of 8 from 8 to {scenes.SIZE}"
+    for name in ("vae_lr", "unet_lr", "kl_weight"):
+        if not (math.isfinite(getattr(args, name)) and 0 < getattr(args, name) < 1):
+            return f"--{name} must lie between 0 and 1"
+    for name in ("drop_caption", "ema"):
+        if not (math.isfinite(getattr(args, name)) and 0 <= getattr(args, name) < 1):
+            return f"--{name} must lie in [0, 1)"
+    for name in ("out", "work"):
+        path = getattr(args, name)
+        if path.exists() and not path.is_dir():
+            return f"--{name} {path} is not a folder"
+    return None
+
+
 def _rounded(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds, 1)
 
@@ -494,4 +523,8 @@ def _tail(rows: list) -> list:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("stopped: run the same command again to go on from the last checkpoint", file=sys.stderr)
+        sys.exit(130)
