@@ -22,7 +22,6 @@ gradient step aside); the written folder loads through the same code path as any
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import os
