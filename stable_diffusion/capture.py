@@ -9,8 +9,6 @@ lands and rewrites the sidecar then, so that after `kill -9` the sidecar lists e
 from __future__ import annotations
 
 import contextlib
-import signal
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -19,37 +17,8 @@ import mlx.core as mx
 import numpy as np
 
 from . import measures, metadata, render
-from .console import STOP_SIGNALS
+from .signals import deferred as interrupts_deferred
 from .errors import NumericalError
-
-@contextlib.contextmanager
-def interrupts_deferred():
-    """Ctrl-C, SIGTERM and SIGHUP wait until the block is done, then stop the run as usual: a
-    signal between a file's rename and its entry in the ledger would leave an unlisted file."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending = []
-
-    def defer(signum, frame):
-        pending.append(signum)
-
-    # One the process ignores stays ignored: held back, it would be the one handled afterwards.
-    previous = {s: signal.signal(s, defer) for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
-    try:
-        yield
-    finally:
-        try:
-            if pending:
-                # The first signal is handled as it would have been, before any other handler is
-                # back: a second signal landing while they are restored must not overtake it.
-                signal.signal(pending[0], previous[pending[0]])
-                signal.raise_signal(pending[0])
-        finally:
-            for signum, handler in previous.items():
-                if signal.getsignal(signum) is defer:  # the stop handler may have replaced it
-                    signal.signal(signum, handler)
-
 
 class Ledger:
     """The run's record and its files; `write` puts both in the sidecar, atomically.

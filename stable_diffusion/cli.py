@@ -15,12 +15,12 @@ import math
 import os
 import signal
 import sys
-import threading
 import traceback
 from dataclasses import replace
 from pathlib import Path
 
-from .console import STOP_SIGNALS, Console, ignore_signal, open_standard_streams
+from . import signals
+from .console import Console, open_standard_streams
 from .errors import HubUnreachable, InputError, NumericalError, OutputBusy, OutputError
 from .spec import (ALIGNS, ANIMATION_FORMATS, DEFAULT_TRIANGLE_STRENGTHS, DTYPES, NOISING_PATHS,
                    MAX_STEPS, PICTURE_SUFFIXES, PREVIEWS, SNAPSHOT_KINDS, Capture, Inversion, ModelSpec,
@@ -465,60 +465,6 @@ def check_output_name(spec: RunSpec) -> None:
                          "use a shorter name")
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, `timeout`, a job scheduler) or SIGHUP (the terminal closed): stops the run
-    like Ctrl-C, exit 128 + the signal's number."""
-
-    def __init__(self, signum=signal.SIGTERM):
-        super().__init__()
-        self.signum = signum
-
-
-# The read end of a pipe that the interpreter's C-level handler writes each signal's number to as
-# it arrives (signal.set_wakeup_fd), while run_command runs. Python runs the handlers of signals
-# pending together in the order of their numbers (SIGHUP 1, SIGINT 2, SIGTERM 15): two that land
-# during one MLX call would otherwise be told in that order, not in the order they came.
-_arrivals: int | None = None
-
-
-def _first_arrived(signum: int) -> int:
-    """The stop signal that arrived first of those not yet handled; `signum` if none is recorded."""
-    try:
-        numbers = os.read(_arrivals, 4096) if _arrivals is not None else b""
-    except OSError:  # nothing to read
-        numbers = b""
-    return next((signal.Signals(n) for n in numbers if n in STOP_SIGNALS), signum)
-
-
-def _stop(signum, frame):
-    # The first signal stops the run. Later ones (a second Ctrl-C, the SIGHUP of the terminal
-    # closing after it) are ignored: the shutdown that writes the sidecar runs to its end, and no
-    # traceback is printed.
-    for s in STOP_SIGNALS:
-        signal.signal(s, ignore_signal)
-    signum = _first_arrived(signum)
-    raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
-
-
-def _record_arrivals() -> tuple[int, int, int]:
-    """Start recording the order signals arrive in (see `_arrivals`); returns what `_stop_recording` needs."""
-    global _arrivals
-    read, write = os.pipe()
-    for fd in (read, write):
-        os.set_blocking(fd, False)
-    previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
-    _arrivals = read
-    return read, write, previous
-
-
-def _stop_recording(read: int, write: int, previous: int) -> None:
-    global _arrivals
-    signal.set_wakeup_fd(previous)
-    _arrivals = None
-    os.close(read)
-    os.close(write)
-
-
 def run_command(body, argv: list, flags: dict = FLAGS,
                 interrupted: str = "interrupted before the first step; nothing was written") -> int:
     """`body(console) -> exit status`, with the streams made safe, the stop signals handled, and
@@ -526,15 +472,12 @@ def run_command(body, argv: list, flags: dict = FLAGS,
     `interrupted` is said of an interrupt the body did not handle itself)."""
     verbose = "-v" in argv or "--verbose" in argv
     open_standard_streams()
-    # Without handlers SIGTERM and SIGHUP kill at once, leaving temporaries and a "running" sidecar.
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    # A signal the process was started ignoring (nohup, a script's background job) stays ignored.
-    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS} if on_main_thread else {}
-    for signum, handler in previous.items():
-        if handler is not signal.SIG_IGN:
-            signal.signal(signum, _stop)
-    recording = _record_arrivals() if on_main_thread else None
     console = Console(quiet="--quiet" in argv, verbose=verbose)
+    with signals.handled():
+        return _reported(body, console, flags, interrupted, verbose)
+
+
+def _reported(body, console: Console, flags: dict, interrupted: str, verbose: bool) -> int:
     try:
         return body(console)
     except SystemExit as e:  # --help
@@ -563,20 +506,6 @@ def run_command(body, argv: list, flags: dict = FLAGS,
         _report(e, verbose, prefix=f"failed ({type(e).__name__}): ",
                 suffix="" if verbose else " (run again with --verbose for the traceback)")
         return 1
-    finally:
-        stopped = any(signal.getsignal(s) is ignore_signal for s in previous)
-        for signum, handler in previous.items():
-            if not stopped:
-                signal.signal(signum, handler)
-                continue
-            # After a stop signal, later ones stay ignored through the interpreter's exit too
-            # (which resets Python handlers to the default: a late SIGHUP would kill it).
-            try:
-                signal.signal(signum, signal.SIG_IGN)
-            except OSError:  # one arrived just now: it is ignored as well
-                pass
-        if recording is not None:
-            _stop_recording(*recording)
 
 
 def main(command: str, argv=None) -> int:

@@ -8,20 +8,9 @@ still shows it is alive. `--quiet` silences both, and notices; errors are always
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
-
-# Signals that stop a run, keeping what it wrote: Ctrl-C, `kill`/`timeout`, a closed terminal.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def ignore_signal(signum, frame) -> None:
-    """A handler that does nothing. Unlike SIG_IGN it also takes a signal that arrived just before
-    it was installed, which Python would otherwise report as an OSError ("ignored due to race
-    condition") from wherever the main thread happens to be."""
-
 
 def _write(stream, line: str) -> None:
     """Print a line; a reader that has gone (`| head -1`) or a device that takes no more

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import mlx.core as mx
 from . import images, measures, metadata, render
 from .capture import (Curves, Frame, FrameWriter, Ledger, Snapshots, TriangleCells,
                       fidelity, make_decoder, step_info)
-from .console import STOP_SIGNALS, ignore_signal
+from . import signals
 from .errors import InputError, NumericalError, OutputError
 from .calibrate import default_cpu_dtype
 from .ops import native_status, release_cpu_buffers
@@ -476,11 +475,6 @@ class Run:
     def _finish(self, status: str, error: str | None) -> None:
         """The last word on the run. Further signals cannot cut it short; if the disk refuses it,
         the error that ended the run still gets reported (the sidecar then says "running")."""
-        shield = threading.current_thread() is threading.main_thread()
-        previous = {}
-        if shield:
-            for signum in STOP_SIGNALS:
-                previous[signum] = signal.signal(signum, ignore_signal)
         calls = sum(d.calls for d in self.denoisers)
         if self.inversion_denoiser is not None:
             calls += self.inversion_denoiser.calls
@@ -494,6 +488,10 @@ class Run:
                                   "prompt": inv.prompt, "unet_calls": self.inversion_denoiser.calls}
         if error is not None:
             extra["error"] = error
+        with signals.shielded():
+            self._write_last(status, extra)
+
+    def _write_last(self, status: str, extra: dict) -> None:
         try:
             try:
                 self.ledger.write(status, **extra)
@@ -513,9 +511,6 @@ class Run:
             if status == "finished":
                 raise
             self.console.error(f"error: the sidecar could not be updated: {e}")
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
 
 
 def _interruptible(x: mx.array) -> None:

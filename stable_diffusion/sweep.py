@@ -668,7 +668,7 @@ class Sweep:
 
     def _finish(self, pool, status, t0, outcomes, skipped, ran, failed) -> None:
         """The sheet and `sweep.json`, however the sweep ended (a second Ctrl-C waits for them)."""
-        from .capture import interrupts_deferred
+        from .signals import deferred as interrupts_deferred
 
         with interrupts_deferred():
             try:

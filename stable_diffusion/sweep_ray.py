@@ -149,7 +149,7 @@ class RayPool:
         """The run's files into the sweep's folder, the sidecar last: whole files or none."""
         import json
 
-        from .capture import interrupts_deferred
+        from .signals import deferred as interrupts_deferred
 
         folder = run.spec.output.parent
         sidecar = out["sidecar"]

@@ -922,24 +922,23 @@ def test_a_signal_held_back_by_a_write_stays_the_first(monkeypatch):
     """A stop signal that lands while a file takes its name is handled once the file is listed; a
     second one that lands while the handlers are being put back does not overtake it (it did once
     in CI: SIGINT then SIGTERM ended with 143)."""
-    from stable_diffusion.capture import interrupts_deferred
-    from stable_diffusion.console import STOP_SIGNALS, ignore_signal
+    from stable_diffusion.signals import STOP_SIGNALS, Terminated, deferred, ignore_signal, stop
 
     install = signal.signal
 
     def racing(signum, handler):
         before = install(signum, handler)
-        if signum == signal.SIGTERM and handler is cli._stop:
+        if signum == signal.SIGTERM and handler is stop:
             signal.raise_signal(signal.SIGTERM)  # lands the moment its handler is back
         return before
 
-    previous = {s: install(s, cli._stop) for s in STOP_SIGNALS}
+    previous = {s: install(s, stop) for s in STOP_SIGNALS}
     try:
         monkeypatch.setattr(signal, "signal", racing)
         with pytest.raises(KeyboardInterrupt) as stopped:
-            with interrupts_deferred():
+            with deferred():
                 signal.raise_signal(signal.SIGINT)
-        assert not isinstance(stopped.value, cli.Terminated)
+        assert not isinstance(stopped.value, Terminated)
         assert all(signal.getsignal(s) is ignore_signal for s in STOP_SIGNALS)
     finally:
         monkeypatch.undo()
