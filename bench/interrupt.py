@@ -44,7 +44,7 @@ def unet_costs(folder: Path, size: int, repeats: int = 2) -> dict:
         times = []
         for _ in range(repeats + 1):  # the first call packs weights and warms the caches
             start = time.perf_counter()
-            mx.eval(denoiser(x, 500.0, sd.sampler.sigma(500.0)))
+            mx.eval(denoiser(x, 500.0, sd.noise_schedule.sigma(500.0)))
             times.append(time.perf_counter() - start)
         out[f"{name}_s"] = min(times[1:])
     out["per_layer_over_whole"] = out["per_layer_s"] / out["whole_s"]

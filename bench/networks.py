@@ -360,7 +360,7 @@ def snapshot_costs(results: dict) -> dict | None:
     from stable_diffusion.render import approx_decode
     from stable_diffusion.sampler import plan
     from stable_diffusion.spec import DEFAULT_TRIANGLE_STRENGTHS
-    from stable_diffusion.trajectory import snapshot_indices
+    from stable_diffusion.plan import snapshot_indices
 
     import numpy as np
 

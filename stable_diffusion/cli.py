@@ -23,7 +23,7 @@ from . import signals
 from .console import Console, open_standard_streams
 from .errors import HubUnreachable, InputError, NumericalError, OutputBusy, OutputError
 from .spec import (ALIGNS, ANIMATION_FORMATS, DEFAULT_TRIANGLE_STRENGTHS, DTYPES, NOISING_PATHS,
-                   MAX_STEPS, PICTURE_SUFFIXES, PREVIEWS, SNAPSHOT_KINDS, Capture, Inversion, ModelSpec,
+                   PICTURE_SUFFIXES, PREVIEWS, SNAPSHOT_KINDS, Capture, Inversion, ModelSpec,
                    RunSpec, SpecError)
 
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
@@ -390,7 +390,7 @@ def _replay_sameness(path: str, record: dict) -> str:
     """Whether a replay can give the same bytes: same package versions and device."""
     import mlx.core as mx
 
-    from .run import versions
+    from .record import versions
 
     then = dict(record.get("versions") or {}, device=record.get("device"))
     now = dict(versions(), device=str(mx.default_device()))
@@ -435,34 +435,6 @@ def _text_argument(args, name: str, console) -> bytes | None:
     console.notice(f"the {name.replace('_', ' ')} is not UTF-8 text: its bad bytes read as U+FFFD "
                    "(the bytes are kept in the sidecar)")
     return raw
-
-
-def check_output_name(spec: RunSpec) -> None:
-    """The longest name the run writes beside --output must fit the file system's name limit:
-    found now, not after the model has loaded."""
-    output, c = spec.output, spec.capture
-    suffixes = [".json", ".lock"]
-    if c.every or c.last or spec.triangle:
-        suffixes.append(f".step-{MAX_STEPS:05d}{output.suffix}")
-    if c.noising_every or spec.inversion:
-        suffixes += [f".noise-strip{output.suffix}", f".noise-t{MAX_STEPS * 10}_999{output.suffix}"]
-    if c.curve:
-        suffixes.append(f".curve{output.suffix}")
-    if c.animate:
-        suffixes.append(f".anim.{c.animate}")
-    longest = max(suffixes, key=len)
-    size = len(os.fsencode(output.with_suffix("").name)) + len(longest)
-    folder = output.parent.absolute()
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        limit = os.pathconf(folder, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        limit = 255
-    if max(size, len(os.fsencode(output.name))) > limit:
-        raise InputError(f"--output {output.name[:40]}...: the run writes names up to {size} bytes "
-                         f"(the stem and {longest!r}), more than the {limit} this file system allows; "
-                         "use a shorter name")
 
 
 def run_command(body, argv: list, flags: dict = FLAGS,
@@ -527,13 +499,16 @@ def _command(command: str, typed: list, console: Console) -> int:
     raw = {name: _text_argument(args, name, console) for name in ("prompt", "negative_prompt")}
     spec, model = build_specs(command, args)
     spec = replace(spec, prompt_bytes=raw["prompt"], negative_prompt_bytes=raw["negative_prompt"])
-    check_output_name(spec)
+    from .outputs import check_name_length
+
+    check_name_length(spec)
     return _run(spec, model, console, typed, args.wait)
 
 
 def _run(spec: RunSpec, model: ModelSpec, console: Console, typed: list, wait: bool) -> int:
     """One run, once its arguments are sane: the heavy imports (mlx, networks) start here."""
     from .images import load_image
+    from .run import execute
     from .session import Session
 
     picture = None
@@ -541,8 +516,8 @@ def _run(spec: RunSpec, model: ModelSpec, console: Console, typed: list, wait: b
         picture = load_image(spec.image, multiple=64)
         for line in picture.notices:
             console.notice(line)
-    result = Session(model).run(spec, console, typed, functools.partial(replay_argv, model=model), picture,
-                                wait)
+    result = execute(Session(model), spec, console, typed, functools.partial(replay_argv, model=model),
+                     picture, wait)
     if result.status == "interrupted":
         console.error(f"interrupted: kept {len(result.files)} file(s), see {result.sidecar}")
         return 128 + result.signum

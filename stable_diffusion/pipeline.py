@@ -7,8 +7,6 @@ per step, and decides what to keep.
 from __future__ import annotations
 
 import os
-import secrets
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -19,7 +17,9 @@ from . import model_io, ops
 from .clip import CLIPTextModel
 from .config import TEXT_COMPONENTS, PipelineConfig, read_pipeline_config
 from .errors import InputError
+from .plan import Defaults, make_plan, model_defaults
 from .sampler import SAMPLERS, SCHEDULES, NoiseSchedule, Plan, Step, default_sampler, seed_keys
+from .spec import Capture, Inversion, RunSpec
 from .tokenizer import Tokenizer, check_fits_encoder, check_ids
 from .unet import UNetModel
 from .vae import Autoencoder
@@ -30,26 +30,6 @@ class Conditioning(NamedTuple):
     pooled: mx.array | None  # (B, P), SDXL only
     time_ids: mx.array | None  # (B, 6), SDXL only
     dropped_tokens: int  # tokens cut from the prompt by the 77-token limit
-
-
-@dataclass(frozen=True)
-class Defaults:
-    num_steps: int
-    cfg_weight: float
-
-
-def model_defaults(config: PipelineConfig) -> Defaults:
-    """The folder's own defaults where it states them; a turbo model (trailing timesteps, distilled
-    for few steps) runs 2 steps without guidance; else SD's 50 steps at guidance 7.5."""
-    if config.defaults is not None:
-        return Defaults(*config.defaults)
-    if config.is_xl and config.scheduler.timestep_spacing == "trailing":
-        return Defaults(2, 0.0)
-    return Defaults(50, 7.5)
-
-
-def random_seed() -> int:
-    return secrets.randbits(32)
 
 
 class StableDiffusion:
@@ -64,7 +44,7 @@ class StableDiffusion:
         self.tokenizers = list(tokenizers)
         self.dtype = dtype
         self.source = source or {}
-        self.sampler = NoiseSchedule(config.scheduler)  # the noise schedule: add_noise, plan, paths
+        self.noise_schedule = NoiseSchedule(config.scheduler)  # add_noise, timelines, forward paths
 
     # --- loading ---------------------------------------------------------------------------------
 
@@ -102,6 +82,11 @@ class StableDiffusion:
                                                   model_io.map_clip_weights, dtype, variant, pack))
         source = dict(source or {"model": str(folder.resolve()), "source": "folder"})
         return cls(config, unet, vae, encoders, tokenizers, dtype, source)
+
+    @property
+    def sampler(self) -> NoiseSchedule:
+        """The noise schedule, under its first name (kept for scripts written against it)."""
+        return self.noise_schedule
 
     @property
     def defaults(self) -> Defaults:
@@ -206,24 +191,22 @@ class StableDiffusion:
                          seed: int | None = None, noise=None,
                          latent_size: tuple[int, int] = (64, 64), *, sampler: str | None = None,
                          schedule: str | None = None) -> Iterator[Step]:
-        """Text to image: start from pure noise at the top of the plan, scaled as diffusers does
-        (add_noise(0, T, eps) for the linear schedule)."""
-        sampler, schedule = self.resolve_sampler(sampler, schedule)
-        num_steps = self.defaults.num_steps if num_steps is None else num_steps
-        run = self.sampler.plan(1.0, num_steps, schedule, sampler)
-        seed = random_seed() if seed is None else seed
-        eps = self.initial_noise((n_images, *latent_size, self.latent_channels), seed, noise)
-        x_start = self.sampler.start(run, eps)
-        image_size = (latent_size[0] * self.downscale, latent_size[1] * self.downscale)
-        return self._run(x_start, run, text, negative_text, cfg_weight, n_images, image_size, seed,
-                         sampler)
+        """Text to image: start from pure noise at the top of the timeline, scaled as diffusers
+        does (add_noise(0, T, eps) for the linear schedule)."""
+        size = (latent_size[0] * self.downscale, latent_size[1] * self.downscale)
+        spec = RunSpec(text, None, negative_prompt=negative_text, steps=num_steps, cfg=cfg_weight,
+                       seed=seed, sampler=sampler, schedule=schedule, n_images=n_images)
+        return self._walk(spec, size, None, noise)
 
     def generate_latents_from_image(self, image, text: str, strength: float = 0.8,
                                     num_steps: int | None = None, cfg_weight: float | None = None,
                                     negative_text: str = "", seed: int | None = None, noise=None,
                                     n_images: int = 1, *, sampler: str | None = None,
-                                    schedule: str | None = None) -> Iterator[Step]:
-        """Image to image: noise the picture's latent to the plan's start in one jump, then denoise.
+                                    schedule: str | None = None,
+                                    inversion: Inversion | None = None) -> Iterator[Step]:
+        """Image to image: noise the picture's latent to the timeline's start in one jump, then
+        denoise; or, with `inversion`, invert it under a prompt up to the start (those Steps come
+        first, from t = 0 up), then denoise from there.
 
         `image` is (H, W, 3) or (1, H, W, 3) in [-1, 1]; `noise`, if given, replaces the seed's eps.
         """
@@ -231,24 +214,42 @@ class StableDiffusion:
         x0 = self.encode(image[None] if image.ndim == 3 else image)
         return self.generate_latents_from_latent(x0, text, strength, num_steps, cfg_weight,
                                                  negative_text, seed, noise, n_images,
-                                                 sampler=sampler, schedule=schedule)
+                                                 sampler=sampler, schedule=schedule, inversion=inversion)
 
     def generate_latents_from_latent(self, x0: mx.array, text: str, strength: float = 0.8,
                                      num_steps: int | None = None, cfg_weight: float | None = None,
                                      negative_text: str = "", seed: int | None = None, noise=None,
                                      n_images: int = 1, *, sampler: str | None = None,
-                                     schedule: str | None = None) -> Iterator[Step]:
+                                     schedule: str | None = None,
+                                     inversion: Inversion | None = None) -> Iterator[Step]:
         """Image to image from an encoded picture x0 (1 or n_images, h, w, C), e.g. `encode`'s."""
-        sampler, schedule = self.resolve_sampler(sampler, schedule)
-        num_steps = self.defaults.num_steps if num_steps is None else num_steps
-        run = self.sampler.plan(strength, num_steps, schedule, sampler)
         x0 = mx.repeat(x0, n_images, axis=0) if x0.shape[0] == 1 else x0
-        seed = random_seed() if seed is None else seed
-        eps = self.initial_noise(x0.shape, seed, noise)
-        x_start = self.sampler.start(run, eps, x0)
-        image_size = (x0.shape[1] * self.downscale, x0.shape[2] * self.downscale)
-        return self._run(x_start, run, text, negative_text, cfg_weight, n_images, image_size, seed,
-                         sampler)
+        size = (x0.shape[1] * self.downscale, x0.shape[2] * self.downscale)
+        capture = Capture(noising_path="inversion") if inversion is not None else Capture()
+        spec = RunSpec(text, None, negative_prompt=negative_text, strengths=(float(strength),),
+                       steps=num_steps, cfg=cfg_weight, seed=seed, sampler=sampler, schedule=schedule,
+                       n_images=n_images, capture=capture, inversion=inversion)
+        return self._walk(spec, size, x0, noise)
+
+    def _walk(self, spec: RunSpec, image_size: tuple, x0: mx.array | None, noise) -> Iterator[Step]:
+        """The Steps of the walk the commands run (walk.walk), for the spec planned here."""
+        from .walk import walk
+
+        plan = make_plan(spec, self.config, self.tokenizers, image_size)
+        spec = plan.spec
+        h, w = image_size
+        eps = self.initial_noise((spec.n_images, h // self.downscale, w // self.downscale,
+                                  self.latent_channels), spec.seed, noise)
+        cond = self.condition(spec.prompt, spec.negative_prompt, plan.guided, spec.n_images, image_size)
+        invert = None
+        if spec.inversion is not None:
+            inv = spec.inversion
+            prompt = spec.prompt if inv.prompt is None else inv.prompt
+            invert = self.denoiser(self.condition(prompt, spec.negative_prompt, inv.cfg > 1.0, spec.n_images,
+                                                  image_size), inv.cfg)
+        for visit in walk(self.noise_schedule, plan, self.denoiser(cond, spec.cfg), x0, eps,
+                          seed_keys(spec.seed), invert):
+            yield visit.step
 
     def initial_noise(self, shape, seed: int, noise=None) -> mx.array:
         """The eps a seed gives (or the explicit `noise`, checked): the same for every strength."""
@@ -260,12 +261,6 @@ class StableDiffusion:
         if tuple(eps.shape) != tuple(shape):
             raise InputError(f"initial noise has shape {tuple(eps.shape)}, expected {tuple(shape)}")
         return eps.astype(self.dtype)
-
-    def _run(self, x_start: mx.array, run: Plan, text, negative_text, cfg_weight, n_images,
-             image_size, seed: int, sampler: str) -> Iterator[Step]:
-        cfg_weight = self.defaults.cfg_weight if cfg_weight is None else cfg_weight
-        cond = self.condition(text, negative_text, cfg_weight > 1.0, n_images, image_size)
-        return self.sample(x_start, cond, cfg_weight, run, sampler, key=seed_keys(seed)["sampler"])
 
 
 class Denoiser:
@@ -297,4 +292,4 @@ class Denoiser:
             out_negative, out_text = mx.split(out, 2)
             out = out_negative + self.cfg_weight * (out_text - out_negative)
         self.calls += 1
-        return self.sd.sampler.denoised(x, out, sigma)
+        return self.sd.noise_schedule.denoised(x, out, sigma)

@@ -337,9 +337,11 @@ def _check_name(name: str, pattern: str) -> None:
 def check_plans(runs: list, session, image_size: tuple | None) -> None:
     """Plan every run against the model's configs (no weights): what only the model can refuse
     (a snapshot interval longer than a run, a sampler it lacks) is refused before the first run."""
+    from .run import plan_for
+
     for run in runs:
         try:
-            session.plan(run.spec, image_size)
+            plan_for(session, run.spec, image_size)
         except SpecError as e:
             if e.field in run.values:
                 raise SpecError(GRID_KEYS[e.field], e.template) from None
@@ -534,14 +536,17 @@ class LocalPool:
         self.costs = {"load_s": 0.0, "encode_s": 0.0, "condition_s": 0.0}
 
     def map(self, runs, console):
+        from .run import execute
+
         for run in runs:
             yield run, None  # started
+            timings = {}
             try:
-                result = self.session.run(run.spec, console, self.argv, self.replay, self.picture)
+                result = execute(self.session, run.spec, console, self.argv, self.replay, self.picture,
+                                 timings=timings)
             except NumericalError as e:
-                yield run, Outcome("failed", dict(self.session.timings), error=f"{type(e).__name__}: {e}")
+                yield run, Outcome("failed", timings, error=f"{type(e).__name__}: {e}")
                 continue
-            timings = dict(self.session.timings)
             for key in self.costs:
                 self.costs[key] += timings.get(key, 0.0)
             yield run, read_outcome(result, timings)
@@ -549,8 +554,8 @@ class LocalPool:
                 return
 
     def counts(self) -> dict:
-        return {"workers": 1, "pictures_encoded": len(self.session._latents),
-                "prompts_encoded": len(self.session._conditions)}
+        return {"workers": 1, "pictures_encoded": self.session.pictures_encoded,
+                "prompts_encoded": self.session.prompts_encoded}
 
     def close(self) -> None:
         pass

@@ -39,20 +39,21 @@ class Worker:
 
     def run(self, spec, name: str) -> dict:
         from .console import Console
+        from .run import execute
 
         # A folder per run, removed at once: only a worker killed mid-run leaves one behind.
         folder = Path(tempfile.mkdtemp(prefix="sd-sweep-"))
         output = folder / f"{name}.png"  # a name may hold subfolders: files are relative to its own
         try:
-            result = self.session.run(replace(spec, output=output), Console(quiet=True),
-                                      self.argv, self.replay, self.picture)
+            result = execute(self.session, replace(spec, output=output), Console(quiet=True),
+                             self.argv, self.replay, self.picture)
             files = {p.relative_to(output.parent).as_posix(): p.read_bytes()
                      for p in sorted(output.parent.rglob("*")) if p.is_file()}
-            return {"status": result.status, "timings": dict(self.session.timings), "files": files,
+            return {"status": result.status, "timings": result.timings, "files": files,
                     "sidecar": Path(result.sidecar).relative_to(output.parent).as_posix(),
                     "signum": result.signum, "pid": os.getpid(),
-                    "pictures_encoded": len(self.session._latents),
-                    "prompts_encoded": len(self.session._conditions)}
+                    "pictures_encoded": self.session.pictures_encoded,
+                    "prompts_encoded": self.session.prompts_encoded}
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 

@@ -1,0 +1,159 @@
+"""The files a run writes, by name: the kinds of file beside the output, their derived names, and
+the checks of the output before any work (the folder takes files, no name is too long, no earlier
+run's leftovers linger).
+
+Every other file of a run is named `<stem>.<kind>.<suffix>` after the output `<stem>.<suffix>`,
+with zero-padded numbers so that the names sort; the sidecar is `<stem>.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import metadata
+from .spec import MAX_STEPS, RunSpec, SpecError
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A kind of file beside the output."""
+
+    pattern: str  # its <kind> part, as a regular expression
+    longest: str  # its longest <kind> part, for the file system's name limit
+    written: Callable[[RunSpec], bool]  # whether a run of the spec may write one
+    suffix: Callable[[RunSpec], str] = lambda spec: spec.output.suffix  # a picture's: the output's
+
+
+def _noised(spec: RunSpec) -> bool:
+    return bool(spec.capture.noising_every or spec.inversion)
+
+
+KINDS = {
+    "step": Kind(r"step-\d+", f"step-{MAX_STEPS:05d}",
+                 lambda s: bool(s.capture.every or s.capture.last or s.triangle)),
+    "noise": Kind(r"noise-t\d+(_\d+)?", f"noise-t{MAX_STEPS * 10}_999", _noised),
+    "noise-strip": Kind("noise-strip", "noise-strip", _noised),
+    "animation": Kind("anim", "anim", lambda s: bool(s.capture.animate),
+                      lambda s: f".{s.capture.animate}"),
+    "curve": Kind("curve", "curve", lambda s: s.capture.curve),
+    "best": Kind("best", "best", lambda s: s.capture.keep_best),
+}
+_ANY_KIND = "(" + "|".join(k.pattern for k in KINDS.values()) + ")"
+_DERIVED = re.compile(r"(.+)\." + _ANY_KIND)
+
+
+@dataclass(frozen=True)
+class FileNames:
+    """Deterministic, sortable names next to the output: <stem>.<kind>.png, zero-padded numbers."""
+
+    output: Path
+    steps: int  # the largest step count of the run, for the padding width
+
+    @property
+    def stem(self) -> Path:
+        return self.output.with_suffix("")
+
+    @property
+    def width(self) -> int:
+        return max(3, len(str(self.steps)))
+
+    def _named(self, what: str, suffix: str | None = None) -> Path:
+        """Pictures take the output's suffix (its format); other files name theirs."""
+        return self.stem.parent / f"{self.stem.name}.{what}{self.output.suffix if suffix is None else suffix}"
+
+    def step(self, index: int) -> Path:
+        return self._named(f"step-{index:0{self.width}d}")
+
+    def noise(self, t: float) -> Path:
+        """`noise-t0100`; a fractional time keeps its thousandths (`noise-t0100_400`), which sorts
+        after t=100 and before t=101."""
+        whole, frac = divmod(int(round(t * 1000)), 1000)
+        return self._named(f"noise-t{whole:04d}" + (f"_{frac:03d}" if frac else ""))
+
+    def noise_strip(self) -> Path:
+        return self._named("noise-strip")
+
+    def curve(self) -> Path:
+        return self._named("curve")
+
+    def best(self) -> Path:
+        return self._named("best")
+
+    def animation(self, fmt: str) -> Path:
+        return self._named("anim", f".{fmt}")
+
+    def sidecar(self) -> Path:
+        return self.output.with_suffix(".json")
+
+
+def check_name_length(spec: RunSpec) -> None:
+    """The longest name the run writes beside the output must fit the file system's name limit:
+    found now, not after the model has loaded."""
+    output = spec.output
+    suffixes = [".json", ".lock"] + [f".{kind.longest}{kind.suffix(spec)}" for kind in KINDS.values()
+                                     if kind.written(spec)]
+    longest = max(suffixes, key=len)
+    size = len(os.fsencode(output.with_suffix("").name)) + len(longest)
+    folder = output.parent.absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    if max(size, len(os.fsencode(output.name))) > limit:
+        raise SpecError("output", f"{{flag}} {output.name[:40]}...: the run writes names up to {size} bytes "
+                         f"(the stem and {longest!r}), more than the {limit} this file system allows; "
+                         "use a shorter name")
+
+
+def prepare(output: Path, notice) -> None:
+    """The output folder exists and takes files, before any work; stale temporaries go."""
+    output = Path(output)
+    if output.is_dir():
+        raise SpecError("output", f"{{flag}} {output} is a folder; name a .png file in it, e.g. "
+                         f"{output / 'out.png'}")
+    sidecar = output.with_suffix(".json")
+    derived = _DERIVED.fullmatch(output.with_suffix("").name)
+    if derived and output.with_name(derived[1] + ".json").is_file():
+        raise SpecError("output", f"{{flag}} {output} is named as a file of the run "
+                         f"{output.with_name(derived[1])}.*, whose sidecar "
+                         f"{output.with_name(derived[1] + '.json')} lists its files; choose another name")
+    if sidecar.is_dir():
+        raise SpecError("output", f"{{flag}} {output}: {sidecar} is a folder, where the run writes its "
+                                  "record; choose another {flag} name")
+    folder = output.parent  # made by the output lock, which removes it again if the run leaves it empty
+    metadata.check_output_dir(folder)
+    removed = metadata.remove_stale_temporaries(folder, output.with_suffix("").name)
+    if removed:
+        notice(f"removed {len(removed)} temporary file(s) left by a killed run in "
+               f"{folder}: {', '.join(removed[:3])}" + (" ..." if len(removed) > 3 else ""))
+
+
+def remove_previous_run(names: FileNames, notice) -> None:
+    """The files an earlier run named after this output left (those its sidecar lists, and any
+    of our names beside it: a killed run's unlisted last frame) go before the first file of
+    this run lands, so that the sidecar lists every file named after the output."""
+    stem = names.stem.name
+    previous = set()
+    try:
+        previous = {f["file"] for f in json.loads(names.sidecar().read_text())["files"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no record, or a damaged one: the names alone say what is ours
+    ours = re.compile(re.escape(stem) + f"(\\.{_ANY_KIND})?" + r"\.(png|webp|jpe?g|gif)", re.IGNORECASE)
+    removed = 0
+    for path in names.stem.parent.iterdir():
+        if path.name in previous or ours.fullmatch(path.name):
+            try:
+                if path.is_file():
+                    path.unlink()
+                    removed += 1
+            except OSError:
+                pass
+    if removed:
+        notice(f"replaced the {removed} file(s) an earlier run wrote under the name {names.output.name}")

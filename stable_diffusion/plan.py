@@ -1,0 +1,237 @@
+"""A run before any work: the spec's defaults resolved against the model's configs, the rows, the
+noising path and the steps each row keeps. Pure: configs and tokenizers only, no weights, no files.
+
+A run visits, in order, its path (the forward noising path, or the inversion, from t = 0 up) and
+then each row (one per strength; one row unless the spec is a triangle). A row's step indices run
+0 (its start: the noised picture, or pure noise) to n (the final latent). Snapshots (`-sd N`) keep
+0, N, 2N, ... and n; the last K steps (`--save_last_N K`) keep n-K+1 .. n; a step kept for both
+reasons is written once. The noising path is shown at times 0, M, 2M, ... up to the top row's
+start. Every triangle row starts on the shared forward path at t = s * T; a row that starts on
+the path knows its index there.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, replace
+
+from . import sampler as samplers
+from .config import PipelineConfig
+from .spec import RunSpec, SpecError
+
+
+@dataclass(frozen=True)
+class Defaults:
+    num_steps: int
+    cfg_weight: float
+
+
+def model_defaults(config: PipelineConfig) -> Defaults:
+    """The folder's own defaults where it states them; a turbo model (trailing timesteps, distilled
+    for few steps) runs 2 steps without guidance; else SD's 50 steps at guidance 7.5."""
+    if config.defaults is not None:
+        return Defaults(*config.defaults)
+    if config.is_xl and config.scheduler.timestep_spacing == "trailing":
+        return Defaults(2, 0.0)
+    return Defaults(50, 7.5)
+
+
+def random_seed() -> int:
+    return secrets.randbits(32)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One trajectory of a run: its strength, the times it visits and the steps it keeps."""
+
+    strength: float
+    timeline: samplers.Plan
+    kept: dict  # step index -> why it is kept ("every", "last")
+    start: int | None = None  # its start's index on the run's path, where it starts on it
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    spec: RunSpec  # resolved: steps, cfg, seed, sampler and schedule are set
+    rows: tuple  # Rows in increasing strength; one unless the spec is a triangle
+    image_size: tuple  # (H, W) pixels
+    sampler_name: str  # as readers of `parameters` know it, e.g. "DPM++ 2M Karras"
+    path: tuple  # times of the noising path (or the inversion) in increasing order; () when none
+    shown: tuple  # indices on the path of the noising frames to save
+    dropped_tokens: dict  # "prompt", "negative_prompt" -> tokens the text encoders cannot read
+    inversion: samplers.Plan | None = None  # the inversion's timeline, from t = 0 up to the top start
+
+    @property
+    def guided(self) -> bool:
+        return self.spec.cfg > 1.0
+
+    @property
+    def top(self) -> Row:
+        return self.rows[-1]
+
+    @property
+    def longest(self) -> int:
+        """The most steps a row runs."""
+        return max(r.timeline.steps for r in self.rows)
+
+    def describe(self) -> list[str]:
+        lines = [r.timeline.describe() for r in self.rows]
+        if self.spec.triangle:
+            total = sum(r.timeline.steps for r in self.rows)
+            lines = [f"triangle: {len(self.rows)} rows, strengths "
+                     f"{', '.join(f'{r.strength:g}' for r in self.rows)}, {total} steps in all"] + \
+                    ["  " + line for line in lines]
+        if self.inversion is not None:
+            inv = self.spec.inversion
+            n = self.inversion.steps
+            lines.append(f"inversion: t=0 -> {self.inversion.times[0]:g} in {n} step{'s' if n != 1 else ''}, "
+                         f"{n * (1 + inv.refine)} UNet calls (refine {inv.refine}, cfg {inv.cfg:g})")
+        return lines
+
+
+def make_plan(spec: RunSpec, config: PipelineConfig, tokenizers, image_size: tuple | None = None,
+              notice=lambda line: None) -> RunPlan:
+    """Resolve the spec's defaults and check it against the model, before any weight is read.
+    `image_size` is the input picture's (H, W), or None for text to image."""
+    sampler, schedule, sampler_notice = samplers.default_sampler(config)
+    if sampler_notice and spec.sampler is None:
+        notice(sampler_notice)
+    defaults = model_defaults(config)
+    spec = replace(spec, steps=defaults.num_steps if spec.steps is None else spec.steps,
+                   cfg=defaults.cfg_weight if spec.cfg is None else spec.cfg,
+                   seed=random_seed() if spec.seed is None else spec.seed,
+                   sampler=sampler if spec.sampler is None else spec.sampler,
+                   schedule=schedule if spec.schedule is None else spec.schedule)
+    if spec.sampler not in samplers.SAMPLERS:
+        raise SpecError("sampler", f"{{flag}} {spec.sampler!r} is not one of {', '.join(samplers.SAMPLERS)}")
+    if spec.schedule not in samplers.SCHEDULES:
+        raise SpecError("schedule", f"{{flag}} {spec.schedule!r} is not one of {', '.join(samplers.SCHEDULES)}")
+    c = spec.capture
+    if image_size is None:
+        native = config.unet.sample_size * config.vae.downscale
+        image_size = spec.size or (native, native)
+    noise = samplers.NoiseSchedule(config.scheduler)
+    timelines = [noise.plan(s, spec.steps, schedule=spec.schedule, sampler=spec.sampler)
+                 for s in spec.strengths]
+    longest = max(p.steps for p in timelines)
+    every = c.every
+    if spec.triangle and every is None:
+        every = default_triangle_every(spec.steps)
+    if every is not None and every > longest:
+        raise SpecError("every", f"{{flag}} {every} is more than the {longest} steps this run makes; "
+                                 f"use {{flag}} {longest} or less")
+    last = c.last
+    if last is not None and last > longest:
+        notice(f"--save_last_N {last} is more than the {longest} steps run; saving all {longest}")
+        last = longest
+    rows = [Row(s, p, snapshot_indices(p.steps, every, last)) for s, p in zip(spec.strengths, timelines)]
+    path, shown, inversion = (), (), None
+    if spec.inversion is not None:
+        inversion, starts = _inversion_path(rows)
+        rows = [replace(r, start=k) for r, k in zip(rows, starts)]
+        path = inversion.times[::-1]
+        if c.noising_every is not None:
+            shown = tuple(crossings(path, c.noising_every))
+    elif c.noising_every is not None:
+        points = [(t, None) for t in noising_times(rows[-1].timeline.start_time, c.noising_every)]
+        if spec.triangle and c.noising_path == "shared":  # the rows' starts are on this path
+            points += [(r.timeline.start_time, i) for i, r in enumerate(rows)]
+        path, owners = _merged(points)
+        shown = tuple(range(len(path)))
+        rows = [replace(r, start=owners.get(i)) for i, r in enumerate(rows)]
+    if spec.negative_prompt and spec.cfg <= 1.0:
+        notice(f"--negative_prompt is not used with --cfg {spec.cfg:g}: guidance, which reads it, "
+               "needs a cfg above 1")
+    dropped = {}
+    for what, text in (("prompt", spec.prompt), ("negative prompt", spec.negative_prompt)):
+        if what == "prompt" or spec.cfg > 1.0:
+            dropped[what.replace(" ", "_")] = _check_length(tokenizers, what, text, notice)
+    return RunPlan(spec, tuple(rows), tuple(image_size),
+                   samplers.display_name(spec.sampler, spec.schedule), tuple(path), shown, dropped,
+                   inversion)
+
+
+def _merged(points) -> tuple[tuple, dict]:
+    """Times in increasing order, each once, from (time, row or None) points; and row -> the index
+    of its time. Two times in the same thousandth of a step are the same time (times computed two
+    ways, e.g. 0.3 * 1000 and 300.0)."""
+    times, owners = [], {}
+    for t, row in sorted(points, key=lambda p: p[0]):
+        if not times or _thousandths(t) != _thousandths(times[-1]):
+            times.append(t)
+        if row is not None:
+            owners[row] = len(times) - 1
+    return tuple(times), owners
+
+
+def _thousandths(t: float) -> int:
+    return int(round(t * 1000))
+
+
+def _inversion_path(rows) -> tuple[samplers.Plan, list]:
+    """The times the inversion visits, highest first as in a timeline: the top row's, every row's
+    start (so that each row starts on the path), and t = 0 (the clean latent; a DDIM timeline may
+    end above it); and each row's start as an index on the path walked upward from t = 0."""
+    top = rows[-1].timeline
+    points = {_thousandths(t): (t, s) for t, s in zip(top.times[:-1], top.sigmas[:-1])}
+    for r in rows:
+        points.setdefault(_thousandths(r.timeline.times[0]), (r.timeline.times[0], r.timeline.sigmas[0]))
+    points[0] = (0.0, 0.0)
+    up = sorted(points)
+    index = {k: i for i, k in enumerate(up)}
+    down = [points[k] for k in reversed(up)]
+    timeline = replace(top, steps=len(down) - 1, times=tuple(t for t, _ in down),
+                       sigmas=tuple(s for _, s in down))
+    return timeline, [index[_thousandths(r.timeline.times[0])] for r in rows]
+
+
+def _check_length(tokenizers, what: str, text: str, notice) -> int:
+    """Tokens the text encoders cannot read; a notice says which were dropped."""
+    worst, lost = None, 0
+    for tokenizer in tokenizers:
+        ids = tokenizer.encode(text)
+        room = tokenizer.max_length - 2  # the start and end tokens take two places
+        if len(ids) - room > lost:
+            worst, lost = (tokenizer, ids, room), len(ids) - room
+    if worst is not None:
+        tokenizer, ids, room = worst
+        dropped = tokenizer.decode(ids[room:])
+        dropped = dropped if len(dropped) <= 60 else dropped[:57] + "..."
+        notice(f"the {what} is {len(ids)} tokens; the text encoder takes {room} "
+               f"({tokenizer.max_length} with its start and end tokens), so the last {lost} were "
+               f"dropped: {dropped!r}")
+    return lost
+
+
+def snapshot_indices(steps: int, every: int | None, last: int | None) -> dict[int, tuple]:
+    """Step index -> why it is kept ("every", "last"), for a run of `steps` steps."""
+    kept: dict[int, list] = {}
+    if every is not None:
+        for k in sorted(set(range(0, steps + 1, every)) | {steps}):
+            kept.setdefault(k, []).append("every")
+    if last is not None:
+        for k in range(steps - min(last, steps) + 1, steps + 1):
+            kept.setdefault(k, []).append("last")
+    return {k: tuple(v) for k, v in sorted(kept.items())}
+
+
+def crossings(times, every: int) -> list[int]:
+    """Indices of increasing `times` to show a frame at every `every` timesteps: the first, each
+    time that passes a multiple of `every`, and the last."""
+    kept = [0]
+    for k in range(1, len(times)):
+        if k == len(times) - 1 or int(times[k] // every) > int(times[k - 1] // every):
+            kept.append(k)
+    return kept
+
+
+def noising_times(start_time: float, every: int) -> list[float]:
+    """Times 0, every, 2 every, ... below start_time, then start_time itself."""
+    times = [float(t) for t in range(0, int(math.ceil(start_time)), every)]
+    return times + [float(start_time)]
+
+
+def default_triangle_every(num_steps: int) -> int:
+    """Without -sd, about ten cells on the strength-1 row."""
+    return max(1, math.ceil(num_steps / 10))

@@ -1,0 +1,425 @@
+"""What a run keeps: sinks over the walk's Steps, and the one frame writer they share.
+
+A sink sees every evaluated step (`add`: row None is the noising path or the inversion), is told
+when the path and each row are done (`phase_done`, after the writer has saved what was queued),
+and finishes once every row is done (`finish`, in the order the run lists the sinks: a sink may
+read what an earlier one made). `record` gives its fields for the sidecar, however the run ended.
+
+The `FrameWriter` decodes queued frames in batches, with the decoder chosen once for the run, and
+saves each picture whole with its metadata, listed in the sidecar before it takes its name.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+
+from . import measures, render
+from .errors import NumericalError
+from .signals import deferred
+
+
+class Sink:
+    def add(self, row: int | None, step) -> None:
+        pass
+
+    def phase_done(self, row: int | None) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def record(self) -> dict:
+        return {}
+
+
+# --- the frame writer ------------------------------------------------------------------------------
+
+@dataclass
+class Frame:
+    """A picture to write (or to hand to `keep`): the latents shown side by side, and its record."""
+
+    path: Path | None
+    info: dict
+    latents: list  # one or two (B, h, w, C) arrays
+    keep: Callable | None = None  # receives the saved picture (uint8, after the grid)
+
+
+def make_decoder(sd, preview: str, batch_size: int, taesd=None) -> Callable:
+    """latents (B, h, w, C) -> pictures (B, H, W, 3) float in [0, 1], decoded by `preview` (for
+    "taesd", by the loaded `taesd` decoder)."""
+
+    def vae(latents, decode=sd.decode):
+        out = []
+        for i in range(0, latents.shape[0], batch_size):
+            decoded = decode(latents[i:i + batch_size])
+            mx.eval(decoded)
+            out.append(np.array(decoded.astype(mx.float32)))
+        pictures = np.concatenate(out)
+        # decode() clips to [0, 1], and clipping keeps NaN: a NaN picture would be saved black.
+        if not np.isfinite(pictures).all():
+            raise NumericalError(f"the VAE decoder gave NaN or Inf pixels (dtype "
+                                 f"{str(sd.dtype).rsplit('.', 1)[-1]})")
+        return pictures
+
+    def approx(latents):
+        return render.approx_decode(np.array(latents.astype(mx.float32)), sd.family, sd.downscale)
+
+    if preview == "taesd":
+        return lambda latents: vae(latents, taesd.decode)
+    return {"vae": vae, "approx": approx}[preview]
+
+
+@dataclass
+class FrameWriter:
+    """Decodes queued frames in batches and saves them in `format`; `texts(info, (H, W))` gives
+    each picture's metadata: (the `parameters` text, the JSON record), or (None, None)."""
+
+    decode: Callable
+    batch_size: int
+    ledger: object  # record.Ledger
+    texts: Callable
+    format: str = "png"
+    n_rows: int = 1
+    pending: list = field(default_factory=list)
+
+    def add(self, frame: Frame) -> None:
+        self.pending.append(frame)
+        if sum(f.latents[0].shape[0] * len(f.latents) for f in self.pending) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        pictures = self.decode(mx.concatenate([x for f in pending for x in f.latents]))
+        i = 0
+        for frame in pending:
+            parts = []
+            for x in frame.latents:
+                parts.append(pictures[i:i + x.shape[0]])
+                i += x.shape[0]
+            picture = self.grid(np.concatenate(parts, axis=2))  # side by side along the width
+            if frame.info.get("kind") == "step":  # detail in pixels, where the frame is decoded anyway
+                frame.info["pixel_detail"] = {name: measures.detail(part[0]) for name, part in
+                                              zip(SHOWN[frame.info["shows"]], parts)}
+            if frame.path is not None:
+                self.save(frame.path, picture, frame.info)
+            if frame.keep is not None:
+                frame.keep(picture)
+
+    def grid(self, pictures: np.ndarray) -> np.ndarray:
+        return render.grid(render.to_uint8(pictures), self.n_rows)
+
+    def save(self, path: Path, picture: np.ndarray, info: dict) -> None:
+        parameters, record = self.texts(info, picture.shape[:2])
+        with deferred(), self.ledger.writing(dict(info, file=path.name)):
+            render.save_picture(path, picture, self.format, parameters, record)
+
+    def save_animation(self, path: Path, frames: list, fmt: str) -> None:
+        h = max(f.shape[0] for f in frames)
+        w = max(f.shape[1] for f in frames)
+        canvas = []
+        for f in frames:  # frames of different sizes on one canvas size
+            c = np.full((h, w, 3), 255, np.uint8)
+            c[:f.shape[0], :f.shape[1]] = f
+            canvas.append(c)
+        entry = {"file": path.name, "kind": "animation", "frames": len(canvas)}
+        parameters, record = self.texts(entry, (h, w))
+        with deferred(), self.ledger.writing(entry):
+            render.save_animation(path, canvas, 150, fmt=fmt, parameters=parameters, record=record)
+
+
+SHOWN = {"xt": ("x_t",), "x0": ("x0_pred",), "both": ("x_t", "x0_pred")}  # a snapshot's parts
+
+
+def shown_latents(step, shows: str) -> list:
+    """What a snapshot of `step` shows. The start has no denoised estimate: it shows itself."""
+    x0 = step.x_t if step.x0_pred is None else step.x0_pred
+    return {"xt": [step.x_t], "x0": [x0], "both": [step.x_t, x0]}[shows]
+
+
+def step_info(step, strength: float, shows: str, reasons=()) -> dict:
+    """A frame's record. A frame of the denoised estimate is at the time the estimate was made."""
+    info = {"kind": "step", "step": step.index, "count": step.count, "t": step.t,
+            "sigma": step.sigma, "strength": strength, "shows": shows, "reasons": list(reasons)}
+    if shows != "xt" and step.x0_pred is not None:
+        info["x0_t"], info["x0_sigma"] = step.t_pred, step.sigma_pred
+    return info
+
+
+# --- the sinks -------------------------------------------------------------------------------------
+
+class NoisingFrames(Sink):
+    """The noising path's frames at the plan's shown indices, and a strip of them once it is done."""
+
+    def __init__(self, writer: FrameWriter, plan, names, kind: str):
+        self.writer, self.plan, self.names, self.kind = writer, plan, names, kind
+        self.pictures: dict[int, np.ndarray] = {}  # index on the path -> its picture
+        self.shown = set(plan.shown)
+
+    def add(self, row, step) -> None:
+        if row is None and step.index in self.shown:
+            info = {"kind": "noise", "t": step.t, "sigma": step.sigma, "path": self.kind}
+            self.writer.add(Frame(self.names.noise(step.t), info, [step.x_t],
+                                  keep=lambda p, k=step.index: self.pictures.__setitem__(k, p)))
+
+    def phase_done(self, row) -> None:
+        if row is not None or not self.pictures:
+            return
+        # In whole thousandths of a step, as the frames' names have them.
+        times = [int(round(self.plan.path[k] * 1000)) / 1000 for k in sorted(self.pictures)]
+        self.writer.save(self.names.noise_strip(),
+                         render.strip([self.pictures[k] for k in sorted(self.pictures)],
+                                      [f"t={t:g}" for t in times]),
+                         {"kind": "noise-strip", "times": times, "path": self.kind})
+
+    def ordered(self) -> list:
+        return [self.pictures[k] for k in sorted(self.pictures)]
+
+
+class Snapshots(Sink):
+    """A single run's kept steps (`-sd`, `--save_last_N`: one frame for a step kept for both),
+    each written to its own file."""
+
+    def __init__(self, writer: FrameWriter, names, row, shows: str, reuse_final: bool, keep: bool):
+        self.writer, self.names, self.row, self.shows = writer, names, row, shows
+        self.reuse_final, self.keep = reuse_final, keep
+        self.pictures: list = []  # with `keep`, the kept steps' pictures in order (an animation's)
+        self.final_picture = None  # the final latent's picture, when a snapshot made it as the VAE would
+
+    def add(self, row, step) -> None:
+        reasons = None if row is None else self.row.kept.get(step.index)
+        if reasons is None:
+            return
+        final = step.index == step.count and self.reuse_final
+        self.writer.add(Frame(self.names.step(step.index),
+                              step_info(step, self.row.strength, self.shows, reasons),
+                              shown_latents(step, self.shows),
+                              keep=lambda picture, final=final: self._keep(picture, final)))
+
+    def _keep(self, picture, final: bool) -> None:
+        if self.keep:
+            self.pictures.append(picture)
+        if final:
+            self.final_picture = picture
+
+
+class Ends(Sink):
+    """Each row's start and final Step, for the sinks that finish with them."""
+
+    def __init__(self, rows: int):
+        self.starts, self.finals = [None] * rows, [None] * rows
+
+    def add(self, row, step) -> None:
+        if row is None:
+            return
+        if step.index == 0:
+            self.starts[row] = step
+        self.finals[row] = step
+
+
+class FinalPicture(Sink):
+    """The single run's final picture, decoded by the VAE (or the snapshot that already was)."""
+
+    def __init__(self, writer: FrameWriter, output: Path, row, ends: Ends, snapshots: Snapshots | None,
+                 vae: Callable, timings: dict):
+        self.writer, self.output, self.row, self.ends = writer, output, row, ends
+        self.snapshots, self.vae, self.timings = snapshots, vae, timings
+        self.picture = None
+
+    def finish(self) -> None:
+        started = time.perf_counter()
+        final = self.ends.finals[0]
+        picture = None if self.snapshots is None else self.snapshots.final_picture
+        if picture is None:
+            picture = self.writer.grid(self.vae(final.x_t))
+        self.writer.save(self.output, picture,
+                         {"kind": "final", "step": final.index, "count": self.row.timeline.steps,
+                          "t": final.t, "sigma": final.sigma, "strength": self.row.strength})
+        self.picture = picture
+        self.timings["final_decode_s"] = round(time.perf_counter() - started, 3)
+
+
+class TriangleCells(Sink):
+    """The triangle's cells: row i's kept steps, decoded in order, kept in memory for the canvas. A
+    row that starts on the drawn path takes its frame there as its first cell."""
+
+    def __init__(self, writer: FrameWriter, plan, shows: str, noising: NoisingFrames | None):
+        self.writer, self.rows, self.shows, self.noising = writer, plan.rows, shows, noising
+        self.cells = [[None] * len(r.kept) for r in self.rows]
+        self.infos = [[None] * len(r.kept) for r in self.rows]
+
+    def add(self, i, step) -> None:
+        if i is None:
+            return
+        row = self.rows[i]
+        kept = list(row.kept)
+        if step.index not in kept:
+            return
+        col = kept.index(step.index)
+        self.infos[i][col] = step_info(step, row.strength, self.shows)
+        reuse = None
+        if step.index == 0 and row.start is not None and self.noising is not None and self.shows == "xt":
+            reuse = self.noising.pictures.get(row.start)
+        if reuse is not None:
+            self.cells[i][col] = reuse
+        else:
+            self.writer.add(Frame(None, {}, shown_latents(step, self.shows),
+                                  keep=lambda picture: self.cells[i].__setitem__(col, picture)))
+
+    def l_path(self) -> list:
+        """The animation of the L-shaped path: up the first column (the descent into noise, lowest
+        strength first), then along the top strength's row (the way back out)."""
+        return [row[0] for row in self.cells] + self.cells[-1][1:]
+
+
+class Curves(Sink):
+    """The over-smoothing curve of each row (its first picture), measured in latent space at every
+    step, and the latents of the last N estimates, from which the best step is decoded."""
+
+    def __init__(self, rows, last: int | None):
+        self.rows, self.last = rows, last
+        self.curves = [measures.Curve() for _ in rows]
+        self.estimates: dict = {}  # step -> x0_pred of the single run's last N steps
+
+    def add(self, i, step) -> None:
+        if i is None:
+            return
+        x0 = None if step.x0_pred is None else step.x0_pred[:1]
+        self.curves[i].add(step.index, step.t, step.sigma, step.x_t[:1], x0)
+        if self.last is not None and x0 is not None and step.index > step.count - self.last:
+            self.estimates[step.index] = step.x0_pred
+
+    def best(self, i: int = 0) -> dict | None:
+        """Among the last N steps of row i, the one whose estimate holds the most detail."""
+        return None if self.last is None else self.curves[i].best(self.last)
+
+    def record(self) -> dict:
+        """For the sidecar: one list of per-step records per row (keyed by strength)."""
+        return {"curves": {f"{r.strength:g}": c.records for r, c in zip(self.rows, self.curves)}}
+
+
+class CurvePlot(Sink):
+    """`--curve`: the curves drawn, the kept steps and the best one marked."""
+
+    def __init__(self, writer: FrameWriter, path: Path, curves: Curves):
+        self.writer, self.path, self.curves = writer, path, curves
+
+    def finish(self) -> None:
+        rows = self.curves.rows
+        labels = [f"s={r.strength:g}" for r in rows]
+        best = {}
+        for i, label in enumerate(labels):
+            chosen = self.curves.best(i)
+            if chosen is not None:
+                best[label] = chosen["step"]
+        picture = render.curve_plot(
+            {label: c.records for label, c in zip(labels, self.curves.curves)},
+            ("x0_detail", "x_t_detail", "x0_change"),
+            marked={label: list(r.kept) for label, r in zip(labels, rows)}, best=best,
+            x="t" if len(rows) > 1 else "step")
+        self.writer.save(self.path, picture, {"kind": "curve"})
+
+
+class BestStep(Sink):
+    """The step with the most detail among the last N (said, recorded; written with --keep_best)."""
+
+    def __init__(self, writer: FrameWriter, path: Path | None, row, curves: Curves, vae: Callable, say):
+        self.writer, self.path, self.row, self.curves, self.vae, self.say = writer, path, row, curves, vae, say
+        self.best = None
+
+    def finish(self) -> None:
+        best = self.best = self.curves.best()
+        if best is None:
+            return
+        self.say(f"most detail among the last {self.curves.last} steps: step {best['step']} "
+                 f"(t={best['t']:g}, x0 detail {best['detail']:.4g})")
+        if self.path is not None:
+            estimate = self.curves.estimates[best["step"]]
+            self.writer.save(self.path, self.writer.grid(self.vae(estimate)),
+                             dict(best, kind="best", shows="x0", count=self.row.timeline.steps,
+                                  strength=self.row.strength))
+
+    def record(self) -> dict:
+        return {} if self.best is None else {"best": self.best}
+
+
+class Fidelity(Sink):
+    """Each row's final picture and latent against the input, and its start's latent distance."""
+
+    def __init__(self, plan, reference: np.ndarray, x0, ends: Ends, pictures: Callable, say):
+        self.plan, self.reference, self.x0, self.ends = plan, reference, x0, ends
+        self.pictures, self.say = pictures, say  # pictures(): each row's final picture (uint8)
+        self.records: list = []
+
+    def finish(self) -> None:
+        triangle = self.plan.spec.triangle
+        for i, (picture, row) in enumerate(zip(self.pictures(), self.plan.rows)):
+            h, w = self.reference.shape[:2]
+            final = measures.fidelity(picture[:h, :w].astype(np.float64) / 255.0, self.reference,
+                                      self.ends.finals[i].x_t[:1], self.x0[:1])
+            start = measures.latent_distance(self.ends.starts[i].x_t[:1], self.x0[:1])
+            psnr = "identical" if final["psnr"] is None else f"PSNR {final['psnr']:.2f} dB"
+            where = f"s={row.strength:g} " if triangle else ""
+            self.say(f"{where}fidelity to the input: {psnr}, SSIM {final['ssim']:.3f}, latent RMS "
+                     f"{final['latent_rms']:.4g}; the start was latent RMS {start['rms']:.4g} from it")
+            self.records.append({"final": final, "start": start})
+
+    @property
+    def psnrs(self) -> list:
+        return [r["final"]["psnr"] for r in self.records]
+
+    def record(self) -> dict:
+        if not self.records:
+            return {}
+        if not self.plan.spec.triangle:
+            return {"fidelity": self.records[0]}
+        return {"fidelity": {f"{r.strength:g}": rec for r, rec in zip(self.plan.rows, self.records)}}
+
+
+class TriangleCanvas(Sink):
+    """The triangle (`-gt`): the cells on one canvas, labelled with `--labels`."""
+
+    def __init__(self, writer: FrameWriter, output: Path, plan, cells: TriangleCells,
+                 fidelity: Fidelity | None):
+        self.writer, self.output, self.plan, self.cells, self.fidelity = writer, output, plan, cells, fidelity
+
+    def finish(self) -> None:
+        c, rows, cells = self.plan.spec.capture, self.plan.rows, self.cells
+        row_labels = cell_labels = None
+        if c.labels:
+            psnrs = self.fidelity.psnrs if self.fidelity is not None else [None] * len(rows)
+            row_labels = [f"s={r.strength:g}" for r in rows]
+            cell_labels = [[f"{info['step']}/{info['count']} t={info['t']:g} sigma={info['sigma']:.2f}"
+                            for info in row_infos] for row_infos in cells.infos]
+            for labels, infos, psnr in zip(cell_labels, cells.infos, psnrs):
+                final = infos[-1]
+                labels[-1] = f"{final['step']}/{final['count']} PSNR " + ("inf" if psnr is None else f"{psnr:.1f} dB")
+        cell_h, cell_w = cells.cells[0][0].shape[:2]
+        order = "low_top" if c.low_top else "low_bottom"
+        picture = render.triangle(cells.cells, cell_h, cell_w, order=order, row_labels=row_labels,
+                                  cell_labels=cell_labels, align=c.align,
+                                  times=[[info["t"] for info in row_infos] for row_infos in cells.infos])
+        info = {"kind": "triangle", "order": order, "align": c.align, "cell_size": [cell_h, cell_w],
+                "rows": [{"strength": r.strength, "steps": r.timeline.steps, "start_time": r.timeline.start_time,
+                          "cells": [{"step": i["step"], "t": i["t"], "sigma": i["sigma"]} for i in infos]}
+                         for r, infos in zip(rows, cells.infos)]}
+        self.writer.save(self.output, picture, info)
+
+
+class Animation(Sink):
+    """`--animate`: the kept frames in order (a triangle's: its L-shaped path)."""
+
+    def __init__(self, writer: FrameWriter, path: Path, fmt: str, frames: Callable):
+        self.writer, self.path, self.fmt, self.frames = writer, path, fmt, frames
+
+    def finish(self) -> None:
+        frames = self.frames()
+        if frames:
+            self.writer.save_animation(self.path, frames, self.fmt)
