@@ -18,7 +18,7 @@ from .clip import CLIPTextModel
 from .config import TEXT_COMPONENTS, PipelineConfig, read_pipeline_config
 from .errors import InputError
 from .plan import Defaults, make_plan, model_defaults
-from .sampler import SAMPLERS, SCHEDULES, NoiseSchedule, Plan, Step, default_sampler, seed_keys
+from .sampler import NoiseSchedule, Step, default_sampler, seed_keys
 from .spec import Capture, Inversion, RunSpec
 from .tokenizer import Tokenizer, check_fits_encoder, check_ids
 from .unet import UNetModel
@@ -160,31 +160,8 @@ class StableDiffusion:
         """(sampler, schedule, notice) the folder's scheduler asks for (sampler.default_sampler)."""
         return default_sampler(self.config)
 
-    def resolve_sampler(self, sampler: str | None, schedule: str | None) -> tuple[str, str]:
-        """The sampler and schedule a run uses: the given ones, else the folder's defaults."""
-        default, default_schedule, _ = self.default_sampler
-        sampler = default if sampler is None else sampler
-        schedule = default_schedule if schedule is None else schedule
-        if sampler not in SAMPLERS:
-            raise InputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if schedule not in SCHEDULES:
-            raise InputError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        return sampler, schedule
-
     def denoiser(self, cond: Conditioning, cfg_weight: float, after_layer=None) -> "Denoiser":
         return Denoiser(self, cond, cfg_weight, after_layer)
-
-    def sample(self, x_start: mx.array, cond: Conditioning, cfg_weight: float, plan: Plan,
-               sampler: str = "euler", key=None, **options) -> Iterator[Step]:
-        """Step 0 (x_start, at the plan's first time), then the sampler's steps.
-
-        `options` go to the sampler function (e.g. `eta` for ddim).
-        """
-        if sampler not in SAMPLERS:
-            raise InputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        denoise = self.denoiser(cond, cfg_weight)
-        yield Step(0, plan.steps, plan.times[0], plan.sigmas[0], x_start, None)
-        yield from SAMPLERS[sampler](denoise, x_start, plan, key=key, **options)
 
     def generate_latents(self, text: str, n_images: int = 1, num_steps: int | None = None,
                          cfg_weight: float | None = None, negative_text: str = "",
@@ -232,7 +209,8 @@ class StableDiffusion:
         return self._walk(spec, size, x0, noise)
 
     def _walk(self, spec: RunSpec, image_size: tuple, x0: mx.array | None, noise) -> Iterator[Step]:
-        """The Steps of the walk the commands run (walk.walk), for the spec planned here."""
+        """The Steps of the walk the commands run (walk.walk), for the spec planned here: a wrong
+        setting is refused now, not at the first step."""
         from .walk import walk
 
         plan = make_plan(spec, self.config, self.tokenizers, image_size)
@@ -247,9 +225,9 @@ class StableDiffusion:
             prompt = spec.prompt if inv.prompt is None else inv.prompt
             invert = self.denoiser(self.condition(prompt, spec.negative_prompt, inv.cfg > 1.0, spec.n_images,
                                                   image_size), inv.cfg)
-        for visit in walk(self.noise_schedule, plan, self.denoiser(cond, spec.cfg), x0, eps,
-                          seed_keys(spec.seed), invert):
-            yield visit.step
+        visits = walk(self.noise_schedule, plan, self.denoiser(cond, spec.cfg), x0, eps, seed_keys(spec.seed),
+                      invert)
+        return (visit.step for visit in visits)
 
     def initial_noise(self, shape, seed: int, noise=None) -> mx.array:
         """The eps a seed gives (or the explicit `noise`, checked): the same for every strength."""

@@ -104,9 +104,9 @@ def make_plan(spec: RunSpec, config: PipelineConfig, tokenizers, image_size: tup
                    sampler=sampler if spec.sampler is None else spec.sampler,
                    schedule=schedule if spec.schedule is None else spec.schedule)
     if spec.sampler not in samplers.SAMPLERS:
-        raise SpecError("sampler", f"{{flag}} {spec.sampler!r} is not one of {', '.join(samplers.SAMPLERS)}")
+        raise SpecError("sampler", f"unknown {{flag}} {spec.sampler!r}; choose one of {', '.join(samplers.SAMPLERS)}")
     if spec.schedule not in samplers.SCHEDULES:
-        raise SpecError("schedule", f"{{flag}} {spec.schedule!r} is not one of {', '.join(samplers.SCHEDULES)}")
+        raise SpecError("schedule", f"unknown {{flag}} {spec.schedule!r}; choose one of {', '.join(samplers.SCHEDULES)}")
     c = spec.capture
     if image_size is None:
         native = config.unet.sample_size * config.vae.downscale

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from stable_diffusion import StableDiffusion
+from stable_diffusion.sampler import SAMPLERS
 from stable_diffusion.testing import FAMILIES
 
 
@@ -118,15 +119,12 @@ def test_txt2img_starts_where_add_noise_puts_pure_noise(tiny_model):
 def test_denoiser_counts_unet_calls(sampler, calls, tiny_model):
     sd = _load(tiny_model("sd1"))
     cond = sd.condition("a cat", "", True, 1, (64, 64))
-    p = sd.sampler.plan(0.6, 5, "diffusers", sampler)
-    x0 = mx.zeros((1, 8, 8, 4))
-    denoise = sd.denoiser(cond, 3.0)
-    steps = list(sd.sample(sd.sampler.add_noise(x0, p.start_time, mx.ones_like(x0), sigma=p.sigmas[0]),
-                           cond, 3.0, p, sampler))
-    assert [s.index for s in steps] == [0, 1, 2, 3] and steps[-1].count == 3
-    assert denoise.calls == 0  # a fresh denoiser per run: sample() made its own
+    p = sd.noise_schedule.plan(0.6, 5, "diffusers", sampler)
+    x_start = sd.noise_schedule.add_noise(mx.zeros((1, 8, 8, 4)), p.start_time, mx.ones((1, 8, 8, 4)),
+                                          sigma=p.sigmas[0])
     d = sd.denoiser(cond, 3.0)
-    list(__import__("stable_diffusion.sampler", fromlist=["SAMPLERS"]).SAMPLERS[sampler](d, steps[0].x_t, p))
+    steps = list(SAMPLERS[sampler](d, x_start, p))
+    assert [s.index for s in steps] == [1, 2, 3] and steps[-1].count == 3
     assert d.calls == calls
 
 

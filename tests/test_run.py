@@ -144,6 +144,7 @@ def test_session_runs_many_specs_from_python_reusing_the_encodings(tmp_path, pic
     from stable_diffusion.console import Console
     from stable_diffusion.images import load_image
     from stable_diffusion.pipeline import StableDiffusion
+    from stable_diffusion.run import execute
 
     encodes = []
     original = StableDiffusion.encode
@@ -153,7 +154,7 @@ def test_session_runs_many_specs_from_python_reusing_the_encodings(tmp_path, pic
     for s in (0.5, 1.0):
         spec = RunSpec("a barn", tmp_path / f"s{s}.png", image=picture, strengths=(s,), steps=4,
                        seed=0, capture=Capture(every=2)).validate()
-        result = session.run(spec, Console(quiet=True), picture=loaded)
+        result = execute(session, spec, Console(quiet=True), picture=loaded)
         assert result.status == "finished"
         mx.eval(mx.arange(64 << 20, dtype=mx.float32) + 1.0)  # 256 MB between the runs, not in either
     assert len(encodes) == 1

@@ -1,0 +1,163 @@
+"""The run engine's pure layers: the plan from configs alone (no weights, no files), the walk over a
+stand-in denoiser (no files), and the library and the commands running the same walk."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from stable_diffusion.config import PipelineConfig, SchedulerConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from stable_diffusion.plan import make_plan
+from stable_diffusion.sampler import NoiseSchedule, seed_keys
+from stable_diffusion.spec import Capture, Inversion, RunSpec
+from stable_diffusion.testing import tiny_configs
+from stable_diffusion.walk import walk
+
+
+def _config(family: str = "sd2") -> PipelineConfig:
+    c = tiny_configs(family)
+    return PipelineConfig(UNetConfig.from_diffusers(c["unet"]), VAEConfig.from_diffusers(c["vae"]),
+                          SchedulerConfig.from_diffusers(c["scheduler"]),
+                          (TextEncoderConfig.from_diffusers(c["text_encoder"]),))
+
+
+def _spec(**fields) -> RunSpec:
+    fields.setdefault("image", "in.png")
+    fields.setdefault("seed", 0)
+    return RunSpec("a barn", "out.png", **fields)
+
+
+def test_defaults_resolve_and_a_triangles_rows_start_on_the_shared_path():
+    spec = _spec(strengths=(0.2, 0.5, 1.0), triangle=True, steps=10, capture=Capture(noising_every=300))
+    plan = make_plan(spec, _config(), (), (64, 64))
+    assert plan.spec.cfg == 7.5 and plan.spec.sampler == "euler" and plan.spec.schedule == "linear"
+    assert [r.timeline.steps for r in plan.rows] == [2, 5, 10]
+    # The path holds the shown times 0, 300, 600, 900 and every row's start, in increasing order.
+    assert plan.path == (0.0, 200.0, 300.0, 500.0, 600.0, 900.0, 1000.0)
+    assert plan.shown == tuple(range(len(plan.path)))
+    for row in plan.rows:
+        assert plan.path[row.start] == pytest.approx(row.timeline.start_time, abs=1e-3)
+    # Triangle rows keep about ten cells of the strength-1 row: every ceil(10 / 10) = 1 step.
+    assert list(plan.top.kept) == list(range(11))
+
+
+def test_rows_do_not_start_on_an_independent_path_and_no_noising_means_no_path():
+    independent = make_plan(_spec(strengths=(0.5, 1.0), triangle=True, steps=4,
+                                  capture=Capture(noising_every=250, noising_path="independent")),
+                            _config(), (), (64, 64))
+    assert all(r.start is None for r in independent.rows) and independent.path == (0.0, 250.0, 500.0, 750.0, 1000.0)
+    plain = make_plan(_spec(strengths=(0.6,), steps=5), _config(), (), (64, 64))
+    assert plain.path == () and plain.shown == () and plain.rows[0].start is None
+
+
+def test_an_inversion_visits_every_rows_start_and_shows_a_frame_per_crossing():
+    spec = _spec(strengths=(0.3, 0.7, 1.0), triangle=True, steps=6,
+                 capture=Capture(noising_path="inversion", noising_every=400), inversion=Inversion(cfg=2.0))
+    plan = make_plan(spec, _config("sd1"), (), (64, 64))
+    up = plan.inversion.times[::-1]
+    assert plan.path == up and up[0] == 0.0 and up[-1] == pytest.approx(1000.0)
+    for row in plan.rows:
+        assert up[row.start] == pytest.approx(row.timeline.start_time, abs=1e-3)
+        assert plan.inversion.sigmas[::-1][row.start] == pytest.approx(row.timeline.sigmas[0])
+    assert plan.shown[0] == 0 and plan.shown[-1] == len(up) - 1
+    assert plan.describe()[-1].startswith(f"inversion: t=0 -> 1000 in {len(up) - 1} steps")
+
+
+def test_a_long_prompt_is_reported_with_the_tokens_it_loses():
+    class Words:  # a stand-in tokenizer: one token per word
+        max_length = 6
+
+        def encode(self, text):
+            return text.split()
+
+        def decode(self, ids):
+            return " ".join(ids)
+
+    said = []
+    plan = make_plan(RunSpec("one two three four five six", "o.png", seed=1), _config(), [Words()],
+                     notice=said.append)
+    assert plan.dropped_tokens == {"prompt": 2, "negative_prompt": 0}
+    assert said == ["the prompt is 6 tokens; the text encoder takes 4 (6 with its start and end tokens), "
+                    "so the last 2 were dropped: 'five six'"]
+
+
+def _stand_in(noise: NoiseSchedule):
+    """A denoiser of known output: it predicts eps = x / 2, counting its calls."""
+    calls = []
+
+    def denoise(x, t, sigma):
+        calls.append(t)
+        return noise.denoised(x, 0.5 * x, sigma)
+
+    return denoise, calls
+
+
+@pytest.mark.parametrize("inverted", [False, True])
+def test_the_walk_visits_the_path_then_each_row_from_its_start(inverted):
+    config = _config()
+    capture = Capture(noising_path="inversion", noising_every=500) if inverted else Capture(noising_every=500)
+    spec = _spec(strengths=(0.4, 1.0), triangle=True, steps=5, capture=capture,
+                 inversion=Inversion() if inverted else None)
+    plan = make_plan(spec, config, (), (64, 64))
+    noise = NoiseSchedule(config.scheduler)
+    x0 = mx.random.normal((1, 8, 8, 4), key=mx.random.key(1))
+    eps = mx.random.normal((1, 8, 8, 4), key=mx.random.key(2))
+    denoise, calls = _stand_in(noise)
+    invert, invert_calls = _stand_in(noise)
+    visits = list(walk(noise, plan, denoise, x0, eps, seed_keys(0), invert if inverted else None))
+
+    rows = [v.row for v in visits]
+    path = [v.step for v in visits if v.row is None]
+    assert rows == [None] * len(plan.path) + [0] * 3 + [1] * 6  # 2 and 5 steps, each after its start
+    assert [s.t for s in path] == list(plan.path)
+    for i, row in enumerate(plan.rows):
+        start = next(v.step for v in visits if v.row == i)
+        assert start.index == 0 and start.t == row.timeline.start_time
+        if inverted:  # the row starts where the inversion reached its start time
+            assert np.array_equal(np.array(start.x_t), np.array(path[row.start].x_t))
+        else:  # the row starts on the shared path: its start and the path's frame are the same latent
+            expected = noise.start(row.timeline, eps, x0)
+            assert np.array_equal(np.array(start.x_t), np.array(expected))
+            assert np.allclose(np.array(start.x_t), np.array(path[row.start].x_t), atol=1e-6)
+    assert len(calls) == 7 and len(invert_calls) == (len(plan.path) - 1 if inverted else 0)
+
+
+def test_the_library_and_the_command_walk_the_same_steps(tmp_path, sd2, picture, monkeypatch):
+    """generate_latents_from_image gives the latents the command's run walks, for a single run, an
+    inverted one and a triangle's row (the run's own sinks, plus one that keeps every latent)."""
+    from stable_diffusion import run
+    from stable_diffusion.console import Console
+    from stable_diffusion.images import load_image
+    from stable_diffusion.pipeline import StableDiffusion
+    from stable_diffusion.session import Session
+    from stable_diffusion.sinks import Sink
+    from stable_diffusion.spec import ModelSpec
+
+    class Latents(Sink):
+        def __init__(self):
+            self.rows = {}
+
+        def add(self, row, step):
+            if row is not None:
+                self.rows.setdefault(row, []).append(np.array(step.x_t))
+
+    kept = Latents()
+    sinks = run._sinks
+    monkeypatch.setattr(run, "_sinks", lambda *args: sinks(*args) + [kept])
+    sd = StableDiffusion.from_pretrained(str(sd2))
+    session = Session(ModelSpec(str(sd2), dtype="float32"))
+    loaded = load_image(picture, multiple=64)
+    cases = {"single": dict(strengths=(0.6,)),
+             "inverted": dict(strengths=(0.6,), capture=Capture(noising_path="inversion"),
+                              inversion=Inversion(cfg=1.5)),
+             "triangle": dict(strengths=(0.3, 0.6), triangle=True)}
+    for name, fields in cases.items():
+        kept.rows = {}
+        spec = RunSpec("a barn", tmp_path / f"{name}.png", image=picture, steps=5, seed=4, **fields).validate()
+        assert run.execute(session, spec, Console(quiet=True), picture=loaded).status == "finished"
+        ours = kept.rows[len(spec.strengths) - 1]  # the row of strength 0.6
+        steps = list(sd.generate_latents_from_image(loaded.pixels, "a barn", strength=0.6, num_steps=5, seed=4,
+                                                    inversion=fields.get("inversion")))
+        theirs = [np.array(s.x_t) for s in steps[len(steps) - len(ours):]]  # an inversion's steps come first
+        assert len(theirs) == len(ours) == 4, name
+        for a, b in zip(ours, theirs):
+            assert np.array_equal(a, b), name
