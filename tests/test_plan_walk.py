@@ -161,3 +161,39 @@ def test_the_library_and_the_command_walk_the_same_steps(tmp_path, sd2, picture,
         assert len(theirs) == len(ours) == 4, name
         for a, b in zip(ours, theirs):
             assert np.array_equal(a, b), name
+
+
+def test_kept_steps_noising_times_and_crossings():
+    from stable_diffusion.plan import crossings, noising_times, snapshot_indices
+
+    assert snapshot_indices(7, 3, 2) == {0: ("every",), 3: ("every",), 6: ("every", "last"), 7: ("every", "last")}
+    assert snapshot_indices(3, None, 10) == {1: ("last",), 2: ("last",), 3: ("last",)}
+    assert noising_times(450.5, 200) == [0.0, 200.0, 400.0, 450.5]
+    assert crossings([0.0, 90.0, 180.0, 210.0, 333.0], 100) == [0, 2, 3, 4]
+
+
+def test_every_derived_name_is_of_a_kind_in_the_table(tmp_path):
+    """The names FileNames gives and the kinds outputs.KINDS lists (which decide what a later run may
+    remove as ours, and the longest name checked) are one list."""
+    from stable_diffusion import outputs
+
+    names = outputs.FileNames(tmp_path / "x.png", 120)
+    made = {"step": names.step(7), "noise": names.noise(100.4), "noise-strip": names.noise_strip(),
+            "animation": names.animation("gif"), "curve": names.curve(), "best": names.best()}
+    assert set(made) == set(outputs.KINDS)
+    for kind, path in made.items():
+        stem, what = path.name.split(".")[0], path.name.split(".", 1)[1].rsplit(".", 1)[0]
+        assert stem == "x" and __import__("re").fullmatch(outputs.KINDS[kind].pattern, what), kind
+    assert names.step(7).name == "x.step-007.png" and names.noise(100.4).name == "x.noise-t0100_400.png"
+
+
+def test_a_name_too_long_for_the_file_system_is_refused_before_work(tmp_path):
+    from stable_diffusion.outputs import check_name_length
+    from stable_diffusion.spec import SpecError
+
+    stem = "n" * 235  # x.png fits in 255 bytes; x.noise-t100000_999.png does not
+    check_name_length(RunSpec("a", tmp_path / f"{stem}.png"))
+    with pytest.raises(SpecError, match="noise-t100000_999") as refused:
+        check_name_length(RunSpec("a", tmp_path / f"{stem}.png", image=tmp_path / "in.png",
+                                  capture=Capture(noising_every=100)))
+    assert refused.value.field == "output"
