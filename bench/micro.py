@@ -37,7 +37,8 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 
-from stable_diffusion.ops import FUSED_ATTENTION, attention, use_cpu_buffer_cache  # noqa: E402
+from stable_diffusion.attention import attention  # noqa: E402
+from stable_diffusion.ops import FUSED_ATTENTION, use_cpu_buffer_cache  # noqa: E402
 
 try:
     import torch

@@ -18,7 +18,7 @@ CPU allows and the script says so; run it with `env -u OPENBLAS_CORETYPE -u OPEN
 measure what the CPU gives a user.
 
 Workloads: one self-attention at the UNet's largest (64x64 latent) shape, alone, against PyTorch's
-`scaled_dot_product_attention` (`attention`: our CPU path as ops.attention picks it, the native
+`scaled_dot_product_attention` (`attention`: our CPU path as attention.attention picks it, the native
 flash kernel when built; `attention_chunked`: the pure-MLX chunked path); UNet calls (batch 2:
 classifier-free guidance), VAE encode and decode at 512x512, the text encoder, the TAESD preview
 decoder at 512x512 (its cost per frame against the VAE decode's is printed after the table), whole
@@ -97,8 +97,8 @@ def mlx_worker(workload: str, dtype_name: str, reps: int) -> dict:
     from stable_diffusion.blas import preload_blas
     from stable_diffusion.clip import CLIPTextModel
     from stable_diffusion.config import TextEncoderConfig, UNetConfig, VAEConfig
-    from stable_diffusion.ops import (attention, chunked_attention, native_status, pack_weights,
-                                      use_cpu_buffer_cache)
+    from stable_diffusion.attention import attention, chunked_attention
+    from stable_diffusion.ops import native_status, pack_weights, use_cpu_buffer_cache
     from stable_diffusion.pipeline import StableDiffusion
     from stable_diffusion.unet import UNetModel
     from stable_diffusion.vae import Autoencoder

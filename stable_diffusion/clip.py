@@ -12,9 +12,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .attention import attention
 from .config import ConfigError, TextEncoderConfig
 from .errors import InputError
-from .ops import Linear, attention, gelu
+from .ops import Linear, gelu
 
 # The integer dtypes token ids may come in (uint64 does not convert to MLX's indices).
 _ID_DTYPES = (mx.int8, mx.int16, mx.int32, mx.int64, mx.uint8, mx.uint16, mx.uint32)

@@ -1,28 +1,27 @@
 """Find a model (alias, hub id[@revision], local folder), read its weights, load them strictly.
 
 Weights are read from safetensors files only: pickle checkpoints (.bin, .ckpt, .pt) can run code
-when loaded, so they are refused, never opened. Every tensor of a network must be present in the
+when loaded, so they are refused, never opened (safetensors_io.py reads and checks the files,
+single_file.py makes a single LDM checkpoint look like a folder). Every tensor of a network must be present in the
 files with the right shape, and every tensor in the files must belong to the network.
 """
 
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import re
-import stat
-import struct
 import threading
 from pathlib import Path
-from typing import NamedTuple
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import ops
+from . import ops, single_file
 from .config import components, load_json
 from .errors import HubUnreachable, ModelError
+from .safetensors_io import (WEIGHT_STEMS, Stored, read_pointer, read_safetensors_header, read_safetensors_places,
+                             refetch_advice, refuse_pickle, special_file, weight_files)
 
 ALIASES = {
     "sd": "stabilityai/stable-diffusion-2-1-base",
@@ -35,9 +34,6 @@ ALIASES = {
 # Models that ship inside the package (stable_diffusion/data/<folder>), found offline with no cache.
 PACKAGED = {"shapes": "shapes"}
 
-WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
-                "text_encoder": "model", "text_encoder_2": "model"}
-_PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 HUB_TIMEOUT_S = 5.0  # the first hub request; see hub_timeout
 
@@ -64,8 +60,6 @@ def resolve_model(spec: str, variant: str | None = None, vae: str | Path | None 
     the file (see single_file.py); `vae` replaces its VAE (a diffusers VAE folder or an LDM VAE
     file) and `prediction_type` ("epsilon" or "v_prediction") overrides what the file suggests.
     """
-    from . import single_file
-
     if spec in PACKAGED:  # an alias, as the hub aliases: it wins over a file of that name here
         folder = packaged_folder(spec)
         source = {"model": spec, "folder": str(folder.resolve()), "revision": None, "source": "package"}
@@ -83,7 +77,7 @@ def resolve_model(spec: str, variant: str | None = None, vae: str | Path | None 
             raise ModelError(f"{flag} {where} is {kind}; pass {wanted}")
     if path.is_file():
         if path.suffix.lower() != ".safetensors":
-            single_file.refuse_pickle(path)
+            refuse_pickle(path)
             raise ModelError(f"--model {spec}: {path} is a file but not .safetensors; pass a "
                              "single-file checkpoint (.safetensors) or a diffusers folder")
         return single_file.view_folder(path, vae, prediction_type)
@@ -324,180 +318,7 @@ def check_model_folder(folder: Path, variant: str | None = None) -> dict:
     return index
 
 
-def _hub_snapshot(folder: Path) -> bool:
-    return folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--")
-
-
-def refetch_advice(folder: Path) -> str:
-    """How to complete a folder: fetch it again when it is a hub cache snapshot, else say where
-    the files come from (the folder was written by someone, who can write it again)."""
-    folder = Path(folder)
-    if _hub_snapshot(folder):
-        return "download it again"
-    return ("copy the missing files from the model's original folder, or save the model again "
-            "(diffusers' save_pretrained writes every file)")
-
-
-def weight_files(component_folder: Path, variant: str | None = None) -> list[Path]:
-    """The safetensors files of one component (the variant's if present), refusing pickle files."""
-    component_folder = Path(component_folder)
-    if not component_folder.is_dir():
-        raise ModelError(f"missing component folder {component_folder}; the model folder is "
-                         f"incomplete: {refetch_advice(component_folder.parent)}")
-    pointer = _pointer(component_folder)
-    if pointer is not None:  # a view folder (single_file.py): the weights live elsewhere
-        if "folder" in pointer:
-            return weight_files(Path(pointer["folder"]), variant)
-        return [Path(pointer["file"])]
-    stem = WEIGHT_STEMS.get(component_folder.name, "diffusion_pytorch_model")
-    candidates = [f"{stem}.{variant}", stem] if variant else [stem, f"{stem}.fp16"]
-    for s in candidates:
-        single = component_folder / f"{s}.safetensors"
-        _check_regular(single)
-        if single.is_file():
-            return [single]
-        index = component_folder / f"{s}.safetensors.index.json"
-        _check_regular(index)
-        if index.is_file():
-            weight_map = load_json(index).get("weight_map")
-            if not isinstance(weight_map, dict) or not all(
-                    isinstance(v, str) and v and Path(v).name == v for v in weight_map.values()):
-                raise ModelError(f"{index}: field weight_map must map tensor names to shard file "
-                                 f"names in this folder; {refetch_advice(component_folder.parent)}")
-            shards = sorted(set(weight_map.values()))
-            if not shards:
-                raise ModelError(f"{index} lists no shard files (its weight_map is empty); "
-                                 f"{refetch_advice(component_folder.parent)}")
-            for n in shards:
-                _check_regular(component_folder / n)
-            missing = [n for n in shards if not (component_folder / n).is_file()]
-            if missing:
-                raise ModelError(f"{index} names shard(s) that are missing: {', '.join(missing)}; "
-                                 f"{refetch_advice(component_folder.parent)}")
-            return [component_folder / n for n in shards]
-    pickles = sorted(p.name for p in component_folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-    if pickles:
-        raise ModelError(f"{component_folder} holds only pickle weights ({', '.join(pickles)}); pickle "
-                         "files can run code when loaded, so only safetensors are read: convert them "
-                         "to safetensors or use a model revision that has them")
-    raise ModelError(f"{component_folder} has no {stem}.safetensors weights; the model folder is "
-                     f"incomplete: {refetch_advice(component_folder.parent)}")
-
-
-def special_file(path: Path) -> str | None:
-    """What a path is that is there but neither a regular file nor a folder, for messages ("a named
-    pipe", "a link to X, which does not exist", ...); None for a file, a folder or nothing."""
-    if path.is_symlink() and not path.exists():
-        return f"a link to {os.readlink(path)}, which does not exist"
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return None
-    kind = ("a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else None)
-    if kind is not None and path.is_symlink():
-        kind += f" (through the link to {os.readlink(path)})"
-    return kind
-
-
-def _check_regular(path: Path) -> None:
-    """A weight file's name that is there but not a file (a folder, a pipe, a device, a link to
-    nothing, as a hub cache whose blob went missing leaves) is said to be so, not "missing"."""
-    kind = "a folder" if path.is_dir() else special_file(path)
-    if kind is None:
-        return
-    model = path.parent.parent
-    advice = ("download it again" if _hub_snapshot(model) else "put the model's file in its place, or save the "
-              "model again (diffusers' save_pretrained writes every file)")
-    raise ModelError(f"{path} is {kind}, where the weights should be a safetensors file; {advice}")
-
-
 # --- reading and checking tensors ----------------------------------------------------------------
-
-# The dtypes a header may name (MLX reads them); float64 is refused up front, as MLX does not read it.
-_ST_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
-
-def read_safetensors_header(path: Path) -> dict:
-    """Parse and check a safetensors header without reading tensor data: every tensor's byte range
-    must lie inside the file, so a truncated or corrupt file is caught before loading."""
-    return _read_header(path)[0]
-
-
-def _read_header(path: Path) -> tuple[dict, int]:
-    """`read_safetensors_header` and the file offset where the tensor data begins."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ModelError(f"{path} is not a safetensors file (too short); download it again")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, 100 * 2**20):
-                raise ModelError(f"{path} is truncated or not a safetensors file; download it again")
-            raw = f.read(n)
-    except OSError as e:
-        raise ModelError(f"cannot read {path}: {e.strerror or e}; check the file's permissions") from None
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        header = None
-    if not isinstance(header, dict):
-        raise ModelError(f"{path} has a corrupt safetensors header; download it again")
-    data_size = size - 8 - n
-    metadata = header.get("__metadata__") or {}  # MLX writes null
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise ModelError(f"{path} has a corrupt safetensors header (__metadata__ must map names to "
-                         "strings); download it again")
-    ranges = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, end = info["data_offsets"]
-            shape, dtype = info["shape"], info["dtype"]
-            if not all(type(v) is int for v in (begin, end, *shape)):  # not floats, strings or booleans
-                raise TypeError
-            count = 1
-            for d in shape:
-                count *= d
-        except (KeyError, TypeError, ValueError):
-            raise ModelError(f"{path}: tensor {name} has a corrupt header entry; download it again") from None
-        if dtype not in _ST_DTYPES:
-            raise ModelError(f"{path}: tensor {name} has dtype {dtype}, which this tool does not read; "
-                             "use a float32, float16 or bfloat16 copy of the model")
-        if not 0 <= begin <= end <= data_size or end - begin != count * _ST_DTYPES[dtype]:
-            raise ModelError(f"{path} is truncated or corrupt (tensor {name} lies outside the data); "
-                             "download it again")
-        ranges.append((begin, end, name))
-    ranges.sort()
-    for (_, end, first), (begin, _, second) in zip(ranges, ranges[1:]):
-        if begin < end:
-            raise ModelError(f"{path} has a corrupt safetensors header (tensors {first} and {second} share "
-                             "bytes); download it again")
-    return header, 8 + n
-
-
-# The stored dtypes the native reader converts (the integer ones go through mx.load).
-_READER_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16}
-
-
-class Stored(NamedTuple):
-    """Where a tensor lies in a safetensors file, as the native reader takes it."""
-
-    path: Path
-    offset: int  # of its first byte in the file
-    dtype: mx.Dtype
-    shape: tuple
-
-
-def read_safetensors_places(path: Path) -> tuple[dict, dict]:
-    """The checked header (`read_safetensors_header`), and name -> `Stored` for the tensors the
-    native reader can read."""
-    header, data_start = _read_header(path)
-    return header, {name: Stored(path, data_start + int(info["data_offsets"][0]), _READER_DTYPES[info["dtype"]],
-                         tuple(int(d) for d in info["shape"]))
-            for name, info in header.items() if name != "__metadata__" and info["dtype"] in _READER_DTYPES}
 
 
 def _load_file(path: Path) -> tuple[dict, dict]:
@@ -509,22 +330,14 @@ def _load_file(path: Path) -> tuple[dict, dict]:
         raise ModelError(f"cannot read {path} ({e}); download it again") from None
 
 
-def _pointer(component_folder: Path) -> dict | None:
-    from .single_file import POINTER
-
-    path = component_folder / POINTER
-    return load_json(path) if path.is_file() else None
-
-
 def load_weights(model, component_folder, mapper, dtype=mx.float32, variant: str | None = None,
                  pack: bool = True):
     """Load a component's safetensors weights into `model`, strictly, cast to `dtype`, and
     evaluate them (see `assign_weights`; `pack=False` leaves every layer unpacked)."""
-    pointer = _pointer(Path(component_folder))
+    pointer = read_pointer(Path(component_folder))
     if pointer is not None and "file" in pointer:
-        from .single_file import load_component
-
-        return load_component(model, pointer, mapper, dtype, pack)
+        weights, stored = single_file.component_weights(model, pointer, mapper)
+        return assign_weights(model, weights, stored, dtype, pack)
     if pointer is not None:
         return load_weights(model, pointer["folder"], mapper, dtype, variant, pack)
     files = weight_files(Path(component_folder), variant)

@@ -27,6 +27,10 @@ What is inferred, and from what:
   safetensors metadata under `ARCHITECTURE_KEY` ({"unet": {"attention_head_dim": [2, 4],
   "norm_num_groups": 8}, "vae": {...}, "text_encoder": {"num_attention_heads": 4}}); without
   them such a file is refused with a line saying which value is missing.
+- tokenizer: CLIP's (its merges ship in the package), whose vocabulary the text encoders must
+  have. A file whose encoders read another vocabulary (test models) may carry its tokenizer in
+  its metadata under `TOKENIZER_KEY` ({"vocab": {token: id}, "merges": ["left right", ...]}),
+  used for every text encoder of the file and checked when the file is read.
 - prediction type: `prediction_type=` when given, else v-prediction when the file holds a
   `v_pred` tensor (the marker several tools write), else epsilon.
 
@@ -52,9 +56,12 @@ from mlx.utils import tree_flatten
 
 from .config import ConfigError, VAEConfig, load_json
 from .errors import ModelError
+from .safetensors_io import POINTER, read_safetensors_header, read_safetensors_places, refuse_pickle, weight_files
 
 ARCHITECTURE_KEY = "mlx_sd.architecture"
-POINTER = "weights.json"
+TOKENIZER_KEY = "mlx_sd.tokenizer"
+# A carried tokenizer larger than this is refused unread: CLIP's own, as JSON, is 1.6 MB.
+MAX_TOKENIZER_BYTES = 4 * 2**20
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
@@ -68,30 +75,15 @@ FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "s
 # LDM checkpoints also carry the training schedule's buffers and other bookkeeping: not weights.
 _IGNORED = re.compile(r"^(betas|alphas_cumprod.*|sqrt_.*|log_one_minus_.*|posterior_.*|model_ema\..*|"
                       r"v_pred|lvlb_weights|logvar|denoiser\..*)$")
-_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 
 # --- what is in the file ---------------------------------------------------------------------------
-
-
-def refuse_pickle(path: Path) -> None:
-    """Pickle files are never opened; the message gives the one-line conversion (torch's
-    weights-only loader, which refuses code, then safetensors)."""
-    if path.suffix.lower() in _PICKLE_SUFFIXES:
-        raise ModelError(f"{path} is a pickle checkpoint: loading one can run any code it holds, so "
-                         "this tool reads safetensors only; convert it once (python -c \"import torch, "
-                         f"safetensors.torch as s; d = torch.load('{path}', weights_only=True); "
-                         "s.save_file({k: v.contiguous().clone() for k, v in d.get('state_dict', d).items() "
-                         f"if torch.is_tensor(v)}}, '{path.with_suffix('.safetensors')}')\") or use a "
-                         ".safetensors copy of the model")
 
 
 class Checkpoint:
     """The header of a single-file checkpoint: tensor shapes, metadata, family, text encoder keys."""
 
     def __init__(self, path, vae_given: bool = False):
-        from .model_io import read_safetensors_header
-
         self.path = Path(path).resolve()
         refuse_pickle(self.path)
         header = read_safetensors_header(self.path)
@@ -112,6 +104,7 @@ class Checkpoint:
             if kind == "clip" and f"{prefix}text_model.embeddings.token_embedding.weight" not in self.shapes:
                 self.text[name] = (prefix, "clip-bare")
         self.architecture = _architecture(self.metadata, self.path)
+        self.tokenizer = _carried_tokenizer(self.metadata, self.path)
 
     def shape(self, key: str) -> tuple:
         if key not in self.shapes:
@@ -136,6 +129,40 @@ def _architecture(metadata: dict, path: Path) -> dict:
         raise ModelError(f"{path}: metadata {ARCHITECTURE_KEY} is not a JSON object of per-network "
                          "fields; remove it or fix it")
     return architecture
+
+
+def _carried_tokenizer(metadata: dict, path: Path) -> tuple[dict, list] | None:
+    """The TOKENIZER_KEY metadata as (vocab: token -> id, merges: ["left right", ...] best first),
+    checked; None where the file carries no tokenizer."""
+    text = metadata.get(TOKENIZER_KEY)
+    if text is None:
+        return None
+    fix = "; remove it or fix it"
+    if len(text) > MAX_TOKENIZER_BYTES:
+        raise ModelError(f"{path}: metadata {TOKENIZER_KEY} holds {len(text)} characters, more than a "
+                         f"tokenizer needs ({MAX_TOKENIZER_BYTES})" + fix)
+    try:
+        carried = json.loads(text)
+    except (ValueError, RecursionError):
+        carried = None
+    if not isinstance(carried, dict) or not isinstance(carried.get("vocab"), dict) \
+            or not isinstance(carried.get("merges"), list):
+        raise ModelError(f"{path}: metadata {TOKENIZER_KEY} is not a JSON object with a vocab (token -> id) "
+                         "and merges (\"left right\" strings)" + fix)
+    vocab, merges = carried["vocab"], carried["merges"]
+    ids = sorted(i for i in vocab.values() if type(i) is int)
+    if ids != list(range(len(vocab))):
+        raise ModelError(f"{path}: metadata {TOKENIZER_KEY}: the vocab's ids are not 0 .. {len(vocab) - 1}, "
+                         "each once" + fix)
+    specials = [t for t in ("<|startoftext|>", "<|endoftext|>") if t not in vocab]
+    if specials:
+        raise ModelError(f"{path}: metadata {TOKENIZER_KEY}: the vocab has no {specials[0]!r}" + fix)
+    for number, merge in enumerate(merges):
+        parts = merge.split(" ") if isinstance(merge, str) else []
+        if len(parts) != 2 or not all(part and not any(c.isspace() for c in part) for part in parts):
+            raise ModelError(f"{path}: metadata {TOKENIZER_KEY}: merge {number} is {str(merge)[:40]!r}, "
+                             "expected two symbols and a space between them" + fix)
+    return vocab, merges
 
 
 def detect_family(shapes: dict, path: Path, vae_given: bool = False) -> str:
@@ -398,12 +425,12 @@ def clip_ldm_key(key: str, kind: str) -> tuple[str, int | None]:
 # --- loading one network from the file -------------------------------------------------------------
 
 
-def load_component(model, pointer: dict, mapper, dtype=mx.float32, pack: bool = True):
-    """Load one network's tensors from an LDM file into `model`, strictly: every parameter from
-    its LDM key with the right shape, and no other tensor under the network's prefix. Tensors
-    taken whole go through the native reader where it is built (model_io.assign_weights)."""
-    from .model_io import assign_weights, read_safetensors_places
-
+def component_weights(model, pointer: dict, mapper) -> tuple[dict, dict]:
+    """One network's tensors from an LDM file, checked strictly against `model`: every parameter
+    from its LDM key with the right shape, and no other tensor under the network's prefix.
+    Returns (key -> lazy array as `mapper` made it, key -> `Stored` place of the tensors taken
+    whole), which model_io.assign_weights puts into the model (through the native reader where
+    it is built)."""
     path, prefix, kind = Path(pointer["file"]), pointer["prefix"], pointer["kind"]
     config = pointer.get("config", {})
     header, places = read_safetensors_places(path)
@@ -455,7 +482,7 @@ def load_component(model, pointer: dict, mapper, dtype=mx.float32, pack: bool = 
     if unexpected:
         raise ModelError(f"{path} has unexpected tensor {unexpected[0]}"
                          + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "") + mismatch)
-    return assign_weights(model, weights, stored, dtype, pack)
+    return weights, stored
 
 
 def _allowed_extras(prefix: str, kind: str, pointer: dict):
@@ -495,14 +522,16 @@ def clip_vocabulary() -> tuple[dict, list]:
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def _write_tokenizer(folder: Path, vocab_size: int, pad: str, path: Path) -> None:
-    from .testing import TOKENIZER_VOCAB_SIZE, tokenizer_config, write_tokenizer
+def _write_tokenizer(folder: Path, vocab_size: int, pad: str, path: Path, carried: tuple | None = None) -> None:
+    """The tokenizer files of a text encoder with `vocab_size` token embeddings: the file's own
+    tokenizer where it carries one (`carried`: vocab and merges, see `_carried_tokenizer`), else
+    CLIP's, whose size the encoder must have."""
     from .tokenizer import VERSION_LINE
 
-    if vocab_size == TOKENIZER_VOCAB_SIZE:  # the tiny test models' own tokenizer
-        write_tokenizer(folder, tokenizer_config(pad))
-        return
-    vocab, merges = clip_vocabulary()
+    vocab, merges = clip_vocabulary() if carried is None else carried
+    if carried is not None and vocab_size != len(vocab):
+        raise ModelError(f"{path}: the text encoder has {vocab_size} token embeddings and the tokenizer "
+                         f"in the file's metadata ({TOKENIZER_KEY}) {len(vocab)}; fix or remove that metadata")
     if vocab_size != len(vocab):
         raise ModelError(f"{path}: the text encoder has {vocab_size} token embeddings and CLIP's "
                          f"tokenizer {len(vocab)}; there is no tokenizer for it: convert the model "
@@ -569,7 +598,7 @@ def view_folder(path, vae=None, prediction_type: str | None = None) -> tuple[Pat
     return _cached_view(key, lambda work: _write_view(work, ckpt, vae_path, detected, notices)), source
 
 
-_VIEW_VERSION = 1  # part of every view's cache key: raise it when what a view holds changes
+_VIEW_VERSION = 2  # part of every view's cache key: raise it when what a view holds changes
 
 
 def _identity(path: Path | None):
@@ -628,7 +657,7 @@ def _write_view(folder: Path, ckpt: Checkpoint, vae_path: Path | None, predictio
         _write_json(folder / name / POINTER, pointer)
         pad = "!" if (kind == "openclip") else "<|endoftext|>"
         _write_tokenizer(folder / name.replace("text_encoder", "tokenizer"), config["vocab_size"], pad,
-                         ckpt.path)
+                         ckpt.path, ckpt.tokenizer)
 
 
 def _write_vae_replacement(folder: Path, vae: Path, scaling: float) -> None:
@@ -648,8 +677,6 @@ def _write_vae_replacement(folder: Path, vae: Path, scaling: float) -> None:
     if not vae.is_file():
         raise ModelError(f"--vae {vae}: no such file or folder")
     refuse_pickle(vae)
-    from .model_io import read_safetensors_header
-
     header = read_safetensors_header(vae)
     metadata = header.pop("__metadata__", None) or {}
     prefix = VAE if any(k.startswith(VAE) for k in header) else ""
@@ -720,8 +747,6 @@ def ldm_state_dict(folder, family: str) -> dict:
 
 def _read_folder(component: Path) -> dict:
     from safetensors.numpy import load_file
-
-    from .model_io import weight_files
 
     tensors = {}
     for path in weight_files(component):

@@ -580,8 +580,10 @@ def write_tokenizer_json(folder: Path, config: dict) -> None:
 def write_single_file(folder, path, family: str, dtype=None) -> Path:
     """Write the diffusers model in `folder` as one LDM single-file checkpoint at `path` (the
     layout of community .safetensors files; see single_file.ldm_state_dict). The values its shapes
-    cannot show (heads, normalisation groups) go in its metadata, as single_file.py reads them."""
-    from .single_file import ARCHITECTURE_KEY, ldm_state_dict
+    cannot show (heads, normalisation groups) and the folder's tokenizer (not CLIP's: the tiny
+    vocabulary) go in its metadata, as single_file.py reads them."""
+    from .single_file import ARCHITECTURE_KEY, TOKENIZER_KEY, ldm_state_dict
+    from .tokenizer import Tokenizer
 
     folder, path = Path(folder), Path(path)
     tensors = ldm_state_dict(folder, family)
@@ -599,8 +601,12 @@ def write_single_file(folder, path, family: str, dtype=None) -> Path:
     for name in ("text_encoder", "text_encoder_2"):
         if name in configs:
             architecture[name] = {"num_attention_heads": configs[name]["num_attention_heads"]}
+    tokenizer = Tokenizer.from_folder(folder / "tokenizer")
+    carried = {"vocab": tokenizer.vocab,
+               "merges": [" ".join(pair) for pair in sorted(tokenizer.ranks, key=tokenizer.ranks.get)]}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={ARCHITECTURE_KEY: json.dumps(architecture)})
+    save_file(tensors, str(path), metadata={ARCHITECTURE_KEY: json.dumps(architecture),
+                                            TOKENIZER_KEY: json.dumps(carried, ensure_ascii=False)})
     return path
 
 

@@ -16,8 +16,9 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from .attention import attention
 from .config import ConfigError, UNetConfig
-from .ops import Conv2d, GroupNorm, Linear, attention, geglu, silu
+from .ops import Conv2d, GroupNorm, Linear, geglu, silu
 
 # block type -> whether its resnets are followed by transformers
 _DOWN_BLOCKS = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}

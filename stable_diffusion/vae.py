@@ -12,9 +12,10 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from .attention import attention
 from .config import VAEConfig
 from .errors import InputError
-from .ops import Conv2d, GroupNorm, Linear, attention, evaluating_midway
+from .ops import Conv2d, GroupNorm, Linear, evaluating_midway
 
 # diffusers builds every normalisation of the VAE with this epsilon, whatever the config says.
 _NORM_EPS = 1e-6

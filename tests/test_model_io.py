@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from stable_diffusion import model_io, ops
+from stable_diffusion import model_io, ops, safetensors_io
 from stable_diffusion.config import read_pipeline_config
 from stable_diffusion.errors import HubUnreachable, ModelError
 from stable_diffusion.pipeline import StableDiffusion
@@ -410,7 +410,7 @@ def test_native_reader_matches_mx_load_and_astype(tmp_path):
                for name, shape in shapes.items()
                for kind, dtype in (("f32", mx.float32), ("f16", mx.float16), ("bf16", mx.bfloat16))}
     mx.save_safetensors(str(path), tensors)
-    _, places = model_io.read_safetensors_places(path)
+    _, places = safetensors_io.read_safetensors_places(path)
     stored = mx.load(str(path))
     for key, place in places.items():
         value = stored[key]

@@ -19,9 +19,9 @@ import pytest
 from mlx.utils import tree_flatten
 
 from stable_diffusion import blas, ops
-from stable_diffusion.ops import (FUSED_ATTENTION, Conv2d, GroupNorm, _exp2, attention, chunked_attention,
-                                  conv3x3, flash_attention, gelu, geglu, group_norm, native_status, silu,
-                                  use_cpu_buffer_cache)
+from stable_diffusion.attention import _exp2, attention, chunked_attention, flash_attention
+from stable_diffusion.ops import (FUSED_ATTENTION, Conv2d, GroupNorm, conv3x3, gelu, geglu, group_norm, native_status,
+                                  silu, use_cpu_buffer_cache)
 
 BLAS_PY = Path(blas.__file__)
 NATIVE = ops._native()[0]
@@ -176,9 +176,9 @@ def test_a_switch_value_read_as_on_is_named(monkeypatch):
 @needs_native
 @pytest.mark.parametrize("switch", ["0", "off", "False"])
 def test_native_off_by_environment_uses_the_chunked_path(switch):
-    code = ("import stable_diffusion, mlx.core as mx; from stable_diffusion import ops; "
+    code = ("import stable_diffusion, mlx.core as mx; from stable_diffusion import attention, ops; "
             "q = mx.ones((1, 1, 4, 8)); print(ops.native_status()); "
-            "print(mx.array_equal(ops.attention(q, q, q, 0.5), ops.chunked_attention(q, q, q, 0.5)).item())")
+            "print(mx.array_equal(attention.attention(q, q, q, 0.5), attention.chunked_attention(q, q, q, 0.5)).item())")
     env = {**os.environ, "SD_NATIVE": switch}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.splitlines() == [f"native CPU kernels off (SD_NATIVE={switch}): pure-MLX CPU paths", "True"]
@@ -917,7 +917,7 @@ def test_differentiable_attention_and_its_gradient_match_mlx_sdpa():
 
     def ours(q, k, v):
         with ops.differentiable():
-            return (ops.attention(q, k, v, 0.3, mask) * weights).sum()
+            return (attention(q, k, v, 0.3, mask) * weights).sum()
 
     assert abs(float(ours(q, k, v)) - float(reference(q, k, v))) < 1e-3
     for argnum in range(3):

@@ -69,7 +69,8 @@ def test_same_networks_as_the_folder(family, tiny_model, checkpoint):
     assert ours.config.vae.block_out_channels == folder_model.config.vae.block_out_channels
     assert ours.config.vae.scaling_factor == folder_model.config.vae.scaling_factor
     text = "wow!!! it's a lit fireplace"
-    for a, b in zip(ours.tokenizers, folder_model.tokenizers):
+    for a, b in zip(ours.tokenizers, folder_model.tokenizers):  # the folder's, carried in the file
+        assert a.vocab == b.vocab and a.ranks == b.ranks
         assert a.tokenize([text])[0].tolist() == b.tokenize([text])[0].tolist()
 
 
@@ -325,6 +326,34 @@ def test_widths_that_fit_no_rule_need_the_metadata(checkpoint, tmp_path):
                        single_file.ARCHITECTURE_KEY)
     save_file(load_file(str(checkpoint("sd2"))), str(path), metadata={single_file.ARCHITECTURE_KEY: "[4]"})
     expect_model_error(lambda: model_io.resolve_model(str(path)), "is not a JSON object of per-network fields")
+
+
+def test_a_file_carries_its_tokenizer_or_needs_clips(checkpoint, tmp_path):
+    """The tiny vocabulary is not CLIP's: the file carries its tokenizer in its metadata (the
+    loader knows nothing of test models), else it is refused; a carried tokenizer is checked."""
+    key = single_file.TOKENIZER_KEY
+    tensors = load_file(str(checkpoint("sd1")))
+    metadata = single_file.Checkpoint(checkpoint("sd1")).metadata
+    carried = json.loads(metadata[key])
+    path = tmp_path / "carried.safetensors"
+
+    def refused(value, *words):
+        others = {k: v for k, v in metadata.items() if k != key}
+        save_file(tensors, str(path), metadata=others if value is None else dict(others, **{key: value}))
+        return expect_model_error(lambda: model_io.resolve_model(str(path)), str(path), *words)
+
+    refused(None, "814 token embeddings and CLIP's tokenizer 49408", "there is no tokenizer for it")
+    refused("[1]", key, "is not a JSON object with a vocab")
+    refused("{" * 100_000, key, "is not a JSON object with a vocab")
+    refused(" " * (single_file.MAX_TOKENIZER_BYTES + 1), key, "more than a tokenizer needs")
+    refused(json.dumps(dict(carried, vocab=dict(carried["vocab"], extra=5))), "ids are not 0 .. 814, each once")
+    without_end = {t: i for t, i in carried["vocab"].items() if t != "<|endoftext|>"}
+    refused(json.dumps(dict(carried, vocab=without_end)), "the vocab has no '<|endoftext|>'")
+    for merge in ("abc", "a b c", "a\nb c", 7):
+        merges = [*carried["merges"][:3], merge, *carried["merges"][4:]]
+        refused(json.dumps(dict(carried, merges=merges)), "merge 3 is", "expected two symbols")
+    bigger = dict(carried["vocab"], extra=len(carried["vocab"]))
+    refused(json.dumps(dict(carried, vocab=bigger)), "814 token embeddings", f"({key}) 815", "fix or remove")
 
 
 # --- aliases -----------------------------------------------------------------------------------------

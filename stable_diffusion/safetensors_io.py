@@ -1,0 +1,233 @@
+"""Reading safetensors files without trusting them, and finding a component's weight files.
+
+A leaf of the package: it imports nothing of it but errors and config, and model_io (folders,
+hub, strict loading) and single_file (LDM checkpoints) build on it.
+- `read_safetensors_header` reads a header of bounded size and checks it before any tensor is
+  read: every tensor's bytes lie inside the file, no two tensors share bytes, every dtype is one
+  MLX reads. A truncated or corrupt file is caught in milliseconds.
+- `read_safetensors_places`: where each tensor lies in its file, as the native reader takes it.
+- `weight_files`: the safetensors files of one component of a diffusers folder (the variant's,
+  the shards an index names, or where a view folder's pointer file sends it).
+- Pickle checkpoints (.bin, .ckpt, .pt) can run code when loaded, so they are refused, never
+  opened (`refuse_pickle`, and `weight_files` for a folder that holds only those).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import struct
+from pathlib import Path
+from typing import NamedTuple
+
+import mlx.core as mx
+
+from .config import load_json
+from .errors import ModelError
+
+WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
+                "text_encoder": "model", "text_encoder_2": "model"}
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+# The file in a component folder of a view (single_file.py) that says where its weights live:
+# {"folder": ...} for another diffusers component, {"file": ..., "prefix": ...} for an LDM file.
+POINTER = "weights.json"
+# A header larger than this is refused unread: checkpoints' headers hold well under a megabyte.
+MAX_HEADER_BYTES = 100 * 2**20
+
+
+def refuse_pickle(path: Path) -> None:
+    """Pickle files are never opened; the message gives the one-line conversion (torch's
+    weights-only loader, which refuses code, then safetensors)."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelError(f"{path} is a pickle checkpoint: loading one can run any code it holds, so "
+                         "this tool reads safetensors only; convert it once (python -c \"import torch, "
+                         f"safetensors.torch as s; d = torch.load('{path}', weights_only=True); "
+                         "s.save_file({k: v.contiguous().clone() for k, v in d.get('state_dict', d).items() "
+                         f"if torch.is_tensor(v)}}, '{path.with_suffix('.safetensors')}')\") or use a "
+                         ".safetensors copy of the model")
+
+
+# --- which files hold the weights -----------------------------------------------------------------
+
+
+def read_pointer(component_folder: Path) -> dict | None:
+    """A view folder's pointer (see `POINTER`), or None for a component that holds its weights."""
+    path = Path(component_folder) / POINTER
+    return load_json(path) if path.is_file() else None
+
+
+def _hub_snapshot(folder: Path) -> bool:
+    return folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--")
+
+
+def refetch_advice(folder: Path) -> str:
+    """How to complete a folder: fetch it again when it is a hub cache snapshot, else say where
+    the files come from (the folder was written by someone, who can write it again)."""
+    folder = Path(folder)
+    if _hub_snapshot(folder):
+        return "download it again"
+    return ("copy the missing files from the model's original folder, or save the model again "
+            "(diffusers' save_pretrained writes every file)")
+
+
+def weight_files(component_folder: Path, variant: str | None = None) -> list[Path]:
+    """The safetensors files of one component (the variant's if present), refusing pickle files."""
+    component_folder = Path(component_folder)
+    if not component_folder.is_dir():
+        raise ModelError(f"missing component folder {component_folder}; the model folder is "
+                         f"incomplete: {refetch_advice(component_folder.parent)}")
+    pointer = read_pointer(component_folder)
+    if pointer is not None:  # a view folder (single_file.py): the weights live elsewhere
+        if "folder" in pointer:
+            return weight_files(Path(pointer["folder"]), variant)
+        return [Path(pointer["file"])]
+    stem = WEIGHT_STEMS.get(component_folder.name, "diffusion_pytorch_model")
+    candidates = [f"{stem}.{variant}", stem] if variant else [stem, f"{stem}.fp16"]
+    for s in candidates:
+        single = component_folder / f"{s}.safetensors"
+        _check_regular(single)
+        if single.is_file():
+            return [single]
+        index = component_folder / f"{s}.safetensors.index.json"
+        _check_regular(index)
+        if index.is_file():
+            weight_map = load_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(v, str) and v and Path(v).name == v for v in weight_map.values()):
+                raise ModelError(f"{index}: field weight_map must map tensor names to shard file "
+                                 f"names in this folder; {refetch_advice(component_folder.parent)}")
+            shards = sorted(set(weight_map.values()))
+            if not shards:
+                raise ModelError(f"{index} lists no shard files (its weight_map is empty); "
+                                 f"{refetch_advice(component_folder.parent)}")
+            for n in shards:
+                _check_regular(component_folder / n)
+            missing = [n for n in shards if not (component_folder / n).is_file()]
+            if missing:
+                raise ModelError(f"{index} names shard(s) that are missing: {', '.join(missing)}; "
+                                 f"{refetch_advice(component_folder.parent)}")
+            return [component_folder / n for n in shards]
+    pickles = sorted(p.name for p in component_folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelError(f"{component_folder} holds only pickle weights ({', '.join(pickles)}); pickle "
+                         "files can run code when loaded, so only safetensors are read: convert them "
+                         "to safetensors or use a model revision that has them")
+    raise ModelError(f"{component_folder} has no {stem}.safetensors weights; the model folder is "
+                     f"incomplete: {refetch_advice(component_folder.parent)}")
+
+
+def special_file(path: Path) -> str | None:
+    """What a path is that is there but neither a regular file nor a folder, for messages ("a named
+    pipe", "a link to X, which does not exist", ...); None for a file, a folder or nothing."""
+    if path.is_symlink() and not path.exists():
+        return f"a link to {os.readlink(path)}, which does not exist"
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    kind = ("a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else None)
+    if kind is not None and path.is_symlink():
+        kind += f" (through the link to {os.readlink(path)})"
+    return kind
+
+
+def _check_regular(path: Path) -> None:
+    """A weight file's name that is there but not a file (a folder, a pipe, a device, a link to
+    nothing, as a hub cache whose blob went missing leaves) is said to be so, not "missing"."""
+    kind = "a folder" if path.is_dir() else special_file(path)
+    if kind is None:
+        return
+    model = path.parent.parent
+    advice = ("download it again" if _hub_snapshot(model) else "put the model's file in its place, or save the "
+              "model again (diffusers' save_pretrained writes every file)")
+    raise ModelError(f"{path} is {kind}, where the weights should be a safetensors file; {advice}")
+
+
+# --- headers and tensor places --------------------------------------------------------------------
+
+# The dtypes a header may name (MLX reads them); float64 is refused up front, as MLX does not read it.
+_ST_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """Parse and check a safetensors header without reading tensor data: every tensor's byte range
+    must lie inside the file, so a truncated or corrupt file is caught before loading."""
+    return _read_header(path)[0]
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """`read_safetensors_header` and the file offset where the tensor data begins."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ModelError(f"{path} is not a safetensors file (too short); download it again")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, MAX_HEADER_BYTES):
+                raise ModelError(f"{path} is truncated or not a safetensors file; download it again")
+            raw = f.read(n)
+    except OSError as e:
+        raise ModelError(f"cannot read {path}: {e.strerror or e}; check the file's permissions") from None
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise ModelError(f"{path} has a corrupt safetensors header; download it again")
+    data_size = size - 8 - n
+    metadata = header.get("__metadata__") or {}  # MLX writes null
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ModelError(f"{path} has a corrupt safetensors header (__metadata__ must map names to "
+                         "strings); download it again")
+    ranges = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = info["data_offsets"]
+            shape, dtype = info["shape"], info["dtype"]
+            if not all(type(v) is int for v in (begin, end, *shape)):  # not floats, strings or booleans
+                raise TypeError
+            count = 1
+            for d in shape:
+                count *= d
+        except (KeyError, TypeError, ValueError):
+            raise ModelError(f"{path}: tensor {name} has a corrupt header entry; download it again") from None
+        if dtype not in _ST_DTYPES:
+            raise ModelError(f"{path}: tensor {name} has dtype {dtype}, which this tool does not read; "
+                             "use a float32, float16 or bfloat16 copy of the model")
+        if not 0 <= begin <= end <= data_size or end - begin != count * _ST_DTYPES[dtype]:
+            raise ModelError(f"{path} is truncated or corrupt (tensor {name} lies outside the data); "
+                             "download it again")
+        ranges.append((begin, end, name))
+    ranges.sort()
+    for (_, end, first), (begin, _, second) in zip(ranges, ranges[1:]):
+        if begin < end:
+            raise ModelError(f"{path} has a corrupt safetensors header (tensors {first} and {second} share "
+                             "bytes); download it again")
+    return header, 8 + n
+
+
+# The stored dtypes the native reader converts (the integer ones go through mx.load).
+_READER_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16}
+
+
+class Stored(NamedTuple):
+    """Where a tensor lies in a safetensors file, as the native reader takes it."""
+
+    path: Path
+    offset: int  # of its first byte in the file
+    dtype: mx.Dtype
+    shape: tuple
+
+
+def read_safetensors_places(path: Path) -> tuple[dict, dict]:
+    """The checked header (`read_safetensors_header`), and name -> `Stored` for the tensors the
+    native reader can read."""
+    header, data_start = _read_header(path)
+    return header, {name: Stored(path, data_start + int(info["data_offsets"][0]), _READER_DTYPES[info["dtype"]],
+                         tuple(int(d) for d in info["shape"]))
+            for name, info in header.items() if name != "__metadata__" and info["dtype"] in _READER_DTYPES}
