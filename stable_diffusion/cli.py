@@ -20,6 +20,7 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
+from .choices import SAMPLER_NAMES as SAMPLER_CHOICES, SCHEDULES as SCHEDULE_CHOICES
 from .console import STOP_SIGNALS, Console, ignore_signal, open_standard_streams
 from .errors import HubUnreachable, InputError, NumericalError, OutputBusy, OutputError
 from .spec import (ALIGNS, ANIMATION_FORMATS, DEFAULT_TRIANGLE_STRENGTHS, DTYPES, NOISING_PATHS,
@@ -28,8 +29,6 @@ from .spec import (ALIGNS, ANIMATION_FORMATS, DEFAULT_TRIANGLE_STRENGTHS, DTYPES
 
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
               "0": False, "false": False, "no": False, "off": False}
-SAMPLER_CHOICES = ("euler", "euler_a", "ddim", "heun", "dpmpp_2m", "dpmpp_2m_sde", "lms")
-SCHEDULE_CHOICES = ("linear", "diffusers", "karras", "exponential")
 
 
 def _flag(text: str) -> bool:

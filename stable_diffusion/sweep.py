@@ -26,6 +26,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from . import metadata
+from .choices import SAMPLER_NAMES, SCHEDULES
 from .errors import InputError, NumericalError, OutputError
 from .spec import ModelSpec, RunSpec, SpecError
 
@@ -288,9 +289,7 @@ def expand(base: RunSpec, grid: Grid, folder: Path, pattern: str | None = None) 
     if base.triangle and "strength" in dict(grid.axes):
         raise SpecError("strengths", "{flag} and the triangle both set strengths; give the "
                                      "triangle's with --triangle_strengths, or sweep without -gt")
-    from .sampler import SAMPLERS, SCHEDULES
-
-    for name, known in (("sampler", SAMPLERS), ("schedule", SCHEDULES)):
+    for name, known in (("sampler", SAMPLER_NAMES), ("schedule", SCHEDULES)):
         for value in grid.values(name):
             if value not in known:
                 raise SpecError(GRID_KEYS[name], f"{{flag}} {value!r} is not one of {', '.join(known)}")
