@@ -18,9 +18,10 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from . import measures, metadata, render
+from . import measures, render
 from .console import STOP_SIGNALS
 from .errors import NumericalError
+from .record import write_sidecar
 
 @contextlib.contextmanager
 def interrupts_deferred():
@@ -68,7 +69,7 @@ class Ledger:
         if status is not None:
             self.status = status
         self.record.update(extra)
-        metadata.write_sidecar(self.path, dict(self.record, status=self.status, files=self.files))
+        write_sidecar(self.path, dict(self.record, status=self.status, files=self.files))
 
     @contextlib.contextmanager
     def writing(self, entry: dict):

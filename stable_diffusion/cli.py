@@ -329,10 +329,10 @@ def replay_arguments(command: str, argv: list) -> tuple[list, list]:
         path, rest = argv[i + 1], argv[:i] + argv[i + 2:]
     else:
         path, rest = arg.split("=", 1)[1], argv[:i] + argv[i + 1:]
-    from . import metadata
+    from . import infotext, picture_meta
 
-    text, record_text = metadata.read_picture_texts(path)
-    record = metadata.read_picture_metadata(path)[1] if record_text is not None else {}
+    text, record_text = picture_meta.read_picture_texts(path)
+    record = picture_meta.read_picture_metadata(path)[1] if record_text is not None else {}
     if "replay" in record:
         if record.get("command") != command:
             raise InputError(f"{path} was made by {record.get('command')}; replay it with "
@@ -341,7 +341,7 @@ def replay_arguments(command: str, argv: list) -> tuple[list, list]:
     if text is None:
         raise InputError(f"{path} carries no parameters to replay (no `parameters` text, no record "
                          "of ours)")
-    fields, warnings = metadata.parse_parameters(text)
+    fields, warnings = infotext.parse_parameters(text)
     notes = [f"replay of {path}: {w}" for w in warnings]
     flags = []
     for key, flag in (("negative_prompt", "--negative_prompt"), ("steps", "--steps"),

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import images, measures, metadata, render
+from . import files, images, infotext, measures, render
 from .capture import (Curves, Frame, FrameWriter, Ledger, Snapshots, TriangleCells,
                       fidelity, make_decoder, step_info)
 from .console import STOP_SIGNALS, ignore_signal
@@ -72,7 +72,7 @@ class Run:
         def waiting(holder):
             self.console.notice(f"{self.spec.output} is being written by another run ({holder}); waiting")
 
-        with metadata.output_lock(self.spec.output, wait, waiting):
+        with files.output_lock(self.spec.output, wait, waiting):
             return self._locked()
 
     def _locked(self) -> RunResult:
@@ -152,8 +152,8 @@ class Run:
             raise InputError(f"--output {output}: {sidecar} is a folder, where the run writes its "
                              "record; choose another --output name")
         folder = output.parent  # made by the output lock, which removes it again if the run leaves it empty
-        metadata.check_output_dir(folder)
-        removed = metadata.remove_stale_temporaries(folder, output.with_suffix("").name)
+        files.check_output_dir(folder)
+        removed = files.remove_stale_temporaries(folder, output.with_suffix("").name)
         if removed:
             self.console.notice(f"removed {len(removed)} temporary file(s) left by a killed run in "
                                 f"{folder}: {', '.join(removed[:3])}" + (" ..." if len(removed) > 3 else ""))
@@ -247,21 +247,21 @@ class Run:
             t, sigma = info["t"], info["sigma"]
             if shows == "x0_pred" and "x0_t" in info:  # the estimate's own time
                 t, sigma = info["x0_t"], info["x0_sigma"]
-            frame = metadata.FrameInfo(info["step"], info["count"], t, sigma, shows, decoder)
+            frame = infotext.FrameInfo(info["step"], info["count"], t, sigma, shows, decoder)
         elif kind == "noise":
             extra = {"Noising path": info["path"], "Noising t": f"{info['t']:g}"}
         if kind == "triangle":
-            composite = metadata.CompositeInfo(
+            composite = infotext.CompositeInfo(
                 "triangle", size[1], size[0], len(plan.rows), max(len(r.kept) for r in plan.rows),
                 {"Denoising strength": [r.strength for r in plan.rows]})
         elif spec.n_images > 1 and kind in ("step", "final", "best"):
-            composite = metadata.CompositeInfo("grid", size[1], size[0], spec.n_rows,
+            composite = infotext.CompositeInfo("grid", size[1], size[0], spec.n_rows,
                                                spec.n_images // spec.n_rows)
         h, w = plan.image_size
-        parameters = metadata.generation_parameters(
+        parameters = infotext.generation_parameters(
             spec.prompt, spec.negative_prompt, steps=row.plan.num_steps, sampler=plan.sampler_name,
             cfg_scale=spec.cfg, seed=spec.seed, width=w, height=h,
-            model=metadata.model_name(self.session.source),
+            model=infotext.model_name(self.session.source),
             strength=row.strength if spec.img2img else None, steps_run=row.plan.steps,
             start_t=row.plan.start_time, frame=frame, composite=composite, extra=extra)
         return parameters, dict(self.record, frame=info)
