@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import signals
+from .choices import SAMPLER_NAMES as SAMPLER_CHOICES, SCHEDULES as SCHEDULE_CHOICES
 from .console import Console, open_standard_streams
 from .errors import HubUnreachable, InputError, NumericalError, OutputBusy, OutputError
 from .spec import (ALIGNS, ANIMATION_FORMATS, DEFAULT_TRIANGLE_STRENGTHS, DTYPES, NOISING_PATHS,
@@ -28,8 +29,6 @@ from .spec import (ALIGNS, ANIMATION_FORMATS, DEFAULT_TRIANGLE_STRENGTHS, DTYPES
 
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
               "0": False, "false": False, "no": False, "off": False}
-SAMPLER_CHOICES = ("euler", "euler_a", "ddim", "heun", "dpmpp_2m", "dpmpp_2m_sde", "lms")
-SCHEDULE_CHOICES = ("linear", "diffusers", "karras", "exponential")
 
 
 def _flag(text: str) -> bool:
@@ -330,10 +329,10 @@ def replay_arguments(command: str, argv: list) -> tuple[list, list]:
         path, rest = argv[i + 1], argv[:i] + argv[i + 2:]
     else:
         path, rest = arg.split("=", 1)[1], argv[:i] + argv[i + 1:]
-    from . import metadata
+    from . import infotext, picture_meta
 
-    text, record_text = metadata.read_picture_texts(path)
-    record = metadata.read_picture_metadata(path)[1] if record_text is not None else {}
+    text, record_text = picture_meta.read_picture_texts(path)
+    record = picture_meta.read_picture_metadata(path)[1] if record_text is not None else {}
     if "replay" in record:
         if record.get("command") != command:
             raise InputError(f"{path} was made by {record.get('command')}; replay it with "
@@ -342,7 +341,7 @@ def replay_arguments(command: str, argv: list) -> tuple[list, list]:
     if text is None:
         raise InputError(f"{path} carries no parameters to replay (no `parameters` text, no record "
                          "of ours)")
-    fields, warnings = metadata.parse_parameters(text)
+    fields, warnings = infotext.parse_parameters(text)
     notes = [f"replay of {path}: {w}" for w in warnings]
     flags = []
     for key, flag in (("negative_prompt", "--negative_prompt"), ("steps", "--steps"),

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import metadata
+from . import files
 from .spec import MAX_STEPS, RunSpec, SpecError
 
 
@@ -128,8 +128,8 @@ def prepare(output: Path, notice) -> None:
         raise SpecError("output", f"{{flag}} {output}: {sidecar} is a folder, where the run writes its "
                                   "record; choose another {flag} name")
     folder = output.parent  # made by the output lock, which removes it again if the run leaves it empty
-    metadata.check_output_dir(folder)
-    removed = metadata.remove_stale_temporaries(folder, output.with_suffix("").name)
+    files.check_output_dir(folder)
+    removed = files.remove_stale_temporaries(folder, output.with_suffix("").name)
     if removed:
         notice(f"removed {len(removed)} temporary file(s) left by a killed run in "
                f"{folder}: {', '.join(removed[:3])}" + (" ..." if len(removed) > 3 else ""))

@@ -15,10 +15,16 @@ import functools
 import os
 from pathlib import Path
 
-from . import metadata
+from . import infotext
 from .errors import OutputError
+from .files import to_json, write_text_atomic
 
 FORMAT_VERSION = 2
+
+
+def write_sidecar(path: str | os.PathLike, record: dict) -> Path:
+    """The run's machine-readable record: JSON, sorted keys, indent 2, a trailing newline."""
+    return write_text_atomic(path, to_json(record, indent=2) + "\n")
 
 
 class Ledger:
@@ -38,7 +44,7 @@ class Ledger:
         if status is not None:
             self.status = status
         self.record.update(extra)
-        metadata.write_sidecar(self.path, dict(self.record, status=self.status, files=self.files))
+        write_sidecar(self.path, dict(self.record, status=self.status, files=self.files))
 
     @contextlib.contextmanager
     def writing(self, entry: dict):
@@ -117,20 +123,20 @@ def picture_texts(plan, record: dict, source: dict, info: dict, size: tuple) -> 
         t, sigma = info["t"], info["sigma"]
         if shows == "x0_pred" and "x0_t" in info:  # the estimate's own time
             t, sigma = info["x0_t"], info["x0_sigma"]
-        frame = metadata.FrameInfo(info["step"], info["count"], t, sigma, shows, decoder)
+        frame = infotext.FrameInfo(info["step"], info["count"], t, sigma, shows, decoder)
     elif kind == "noise":
         extra = {"Noising path": info["path"], "Noising t": f"{info['t']:g}"}
     if kind == "triangle":
-        composite = metadata.CompositeInfo(
+        composite = infotext.CompositeInfo(
             "triangle", size[1], size[0], len(plan.rows), max(len(r.kept) for r in plan.rows),
             {"Denoising strength": [r.strength for r in plan.rows]})
     elif spec.n_images > 1 and kind in ("step", "final", "best"):
-        composite = metadata.CompositeInfo("grid", size[1], size[0], spec.n_rows,
+        composite = infotext.CompositeInfo("grid", size[1], size[0], spec.n_rows,
                                            spec.n_images // spec.n_rows)
     h, w = plan.image_size
-    parameters = metadata.generation_parameters(
+    parameters = infotext.generation_parameters(
         spec.prompt, spec.negative_prompt, steps=row.timeline.num_steps, sampler=plan.sampler_name,
-        cfg_scale=spec.cfg, seed=spec.seed, width=w, height=h, model=metadata.model_name(source),
+        cfg_scale=spec.cfg, seed=spec.seed, width=w, height=h, model=infotext.model_name(source),
         strength=row.strength if spec.img2img else None, steps_run=row.timeline.steps,
         start_t=row.timeline.start_time, frame=frame, composite=composite, extra=extra)
     return parameters, dict(record, frame=info)

@@ -20,9 +20,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from . import metadata
+from . import picture_meta
+from .files import atomic_write
 from .measures import MEASURE_TITLES
-from .metadata import atomic_write
 
 WHITE = (255, 255, 255)
 BLACK = (0, 0, 0)
@@ -501,22 +501,22 @@ def save_picture(path: str | os.PathLike, image: np.ndarray, output_format: str 
                  quality: int = 95) -> Path:
     """Write a uint8 frame (H, W, 3) as PNG, WebP or JPEG with its metadata, atomically.
 
-    PNG: text chunks (`metadata.save_png`). WebP and JPEG: `parameters` in the EXIF UserComment, as
+    PNG: text chunks (`picture_meta.save_png`). WebP and JPEG: `parameters` in the EXIF UserComment, as
     A1111 writes it and the readers look for it, and the JSON record in an XMP packet. WebP is
     lossy at `quality` (100 = lossless); JPEG at `quality`. The bytes depend only on the input.
     """
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, not {output_format!r}")
     if output_format == "png":
-        return metadata.save_png(path, image, metadata.png_text_chunks(parameters, record))
+        return picture_meta.save_png(path, image, picture_meta.png_text_chunks(parameters, record))
     picture = Image.fromarray(_frame(image, "save_picture"))
     options: dict[str, Any] = {"quality": quality}
     if output_format == "webp" and quality >= 100:
         options = {"lossless": True}
     if parameters is not None:
-        options["exif"] = metadata.exif_bytes(parameters)
+        options["exif"] = picture_meta.exif_bytes(parameters)
     if record is not None:
-        options["xmp"] = metadata.xmp_bytes(record)
+        options["xmp"] = picture_meta.xmp_bytes(record)
     return atomic_write(path, lambda f: picture.save(f, format=output_format.upper(), **options))
 
 
@@ -548,9 +548,9 @@ def save_animation(path: str | os.PathLike, frames, duration_ms: int | Sequence[
     if fmt == "webp":
         options.update(lossless=lossless, quality=quality)
         if parameters is not None:
-            options["exif"] = metadata.exif_bytes(parameters)
+            options["exif"] = picture_meta.exif_bytes(parameters)
         if record is not None:
-            options["xmp"] = metadata.xmp_bytes(record)
+            options["xmp"] = picture_meta.xmp_bytes(record)
     elif parameters is not None:
         options["comment"] = parameters.encode("utf-8")
     return atomic_write(path, lambda f: pictures[0].save(f, format=fmt.upper(), **options))

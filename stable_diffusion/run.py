@@ -19,7 +19,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import images, metadata, outputs, record, signals, sinks
+from . import files, images, outputs, record, signals, sinks
 from .errors import NumericalError, OutputError
 from .plan import RunPlan, make_plan
 from .ops import release_cpu_buffers
@@ -64,7 +64,7 @@ def execute(session, spec, console, argv=(), replay=None, picture=None, wait: bo
     def waiting(holder):
         console.notice(f"{spec.output} is being written by another run ({holder}); waiting")
 
-    with metadata.output_lock(spec.output, wait, waiting):
+    with files.output_lock(spec.output, wait, waiting):
         # --- 1. checks: nothing heavy is read, and nothing but the output folder is made ---------
         outputs.prepare(spec.output, console.notice)
         plan = plan_for(session, spec, picture.pixels.shape[:2] if spec.img2img else None, console.notice)

@@ -1,5 +1,7 @@
 """The sampler functions, the default sampler of a model folder, and DDIM inversion: pure math.
 
+Which samplers there are, and what diffusers and A1111 call them, is the table in choices.py.
+
 Samplers are functions over a denoiser `denoise(x_t, t, sigma) -> (x0_hat, eps_hat)`, in the shape
 of k-diffusion's `sample_*`: each walks a `Plan` (schedule.py), keeps its history as local state
 and yields a `Step` per step. Latents are in the variance-preserving form of schedule.py; the
@@ -14,13 +16,12 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
-from .metadata import sampler_display_name
+from .choices import SAMPLER_TABLE, SCHEDULES, display_name
 # The noise schedule and plans, re-exported: `from .sampler import Plan, Step, ...` keeps working.
-from .schedule import (NOISING_PATHS, SCHEDULES, NoiseSchedule, Plan, Step, _vp_scale, plan,
-                       seed_keys)
+from .schedule import NoiseSchedule, Plan, Step, _vp_scale, plan, seed_keys
 
-__all__ = ["NOISING_PATHS", "SCHEDULES", "SAMPLERS", "NoiseSchedule", "Plan", "Step", "plan",
-           "seed_keys", "display_name", "default_sampler", "invert", "sample_euler", "sample_euler_a",
+__all__ = ["SCHEDULES", "SAMPLERS", "NoiseSchedule", "Plan", "Step", "plan", "seed_keys",
+           "display_name", "default_sampler", "invert", "sample_euler", "sample_euler_a",
            "sample_heun", "sample_ddim", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_lms"]
 
 Denoise = Callable[[mx.array, float, float], tuple]
@@ -183,23 +184,13 @@ def sample_lms(denoise: Denoise, x: mx.array, plan: Plan, key=None, order: int =
         yield Step(i + 1, plan.steps, t_next, s_next, x, x0.astype(x.dtype), t, s)
 
 
-SAMPLERS: dict = {
-    "euler": sample_euler, "euler_a": sample_euler_a, "ddim": sample_ddim, "heun": sample_heun,
-    "dpmpp_2m": sample_dpmpp_2m, "dpmpp_2m_sde": sample_dpmpp_2m_sde, "lms": sample_lms,
-}
-
-def display_name(sampler: str, schedule: str = "linear") -> str:
-    """The name readers know from the web UIs: "DPM++ 2M Karras", "Euler a", "DDIM" (the readers'
-    vocabulary lives with the `parameters` text, in metadata.py)."""
-    return sampler_display_name(sampler, schedule)
+# name -> function: each row of the sampler table (choices.py) runs the function `sample_<name>`.
+SAMPLERS: dict = {name: globals()[f"sample_{name}"] for name in SAMPLER_TABLE}
 
 
-# diffusers scheduler class -> our sampler; classes we do not implement -> the closest one.
-_CLASS_SAMPLER = {
-    "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_a",
-    "DDIMScheduler": "ddim", "HeunDiscreteScheduler": "heun", "LMSDiscreteScheduler": "lms",
-    "DPMSolverMultistepScheduler": "dpmpp_2m",
-}
+# diffusers scheduler class -> our sampler: the class's first row in the table (reversed, so that
+# the first row is written last); classes we do not implement -> the closest one.
+_CLASS_SAMPLER = {row.scheduler: row.name for row in reversed(SAMPLER_TABLE.values())}
 _CLOSEST = {
     "PNDMScheduler": ("lms", "a linear multistep method, as PNDM's PLMS steps are"),
     "DPMSolverSinglestepScheduler": ("dpmpp_2m", "the multistep form of the same solver"),

@@ -20,17 +20,9 @@ from typing import Iterator, NamedTuple
 import mlx.core as mx
 import numpy as np
 
+from .choices import FORWARD_PATHS, SAMPLER_TABLE, SCHEDULES
 from .config import SchedulerConfig
 from .errors import InputError
-
-NOISING_PATHS = ("shared", "independent", "markov")
-SCHEDULES = ("linear", "diffusers", "karras", "exponential")
-
-
-# Which diffusers scheduler family a sampler's `diffusers` schedule follows: "k" the discrete
-# Euler/Heun/LMS schedulers, "ddim", "dpm" DPMSolverMultistep.
-DIFFUSERS_FAMILY = {"euler": "k", "euler_a": "k", "heun": "k", "lms": "k", "ddim": "ddim",
-                     "dpmpp_2m": "dpm", "dpmpp_2m_sde": "dpm"}
 
 
 class Step(NamedTuple):
@@ -193,8 +185,8 @@ class NoiseSchedule:
         """
         if schedule not in SCHEDULES:
             raise InputError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if sampler not in DIFFUSERS_FAMILY:
-            raise InputError(f"unknown sampler {sampler!r}; choose one of {', '.join(DIFFUSERS_FAMILY)}")
+        if sampler not in SAMPLER_TABLE:
+            raise InputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLER_TABLE)}")
         steps, n_total = _steps_for(strength, num_steps)
         if schedule == "linear":
             start = strength * self.T
@@ -214,7 +206,7 @@ class NoiseSchedule:
     def _diffusers_schedule(self, n: int, schedule: str, sampler: str):
         """(times, sigmas, init_scale) of the full n-step schedule of the sampler's diffusers class:
         n + 1 entries, in our time (diffusers' timestep + 1)."""
-        family = DIFFUSERS_FAMILY[sampler]
+        family = SAMPLER_TABLE[sampler].family  # whose timesteps: "k", "ddim" or "dpm"
         c, T = self.config, self.T
         spacing = c.timestep_spacing
         if spacing not in ("linspace", "leading", "trailing"):
@@ -288,8 +280,8 @@ class NoiseSchedule:
         through every integer t (so integer times only, in increasing order). All three have the
         marginals of add_noise at integer times.
         """
-        if kind not in NOISING_PATHS:
-            raise InputError(f"unknown noising path {kind!r}; choose one of {', '.join(NOISING_PATHS)}")
+        if kind not in FORWARD_PATHS:
+            raise InputError(f"unknown noising path {kind!r}; choose one of {', '.join(FORWARD_PATHS)}")
         times = [float(t) for t in times]
         n = len(times)
         if key is None:

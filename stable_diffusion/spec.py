@@ -12,10 +12,10 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .choices import NOISING_PATHS
 from .errors import InputError
 
 SNAPSHOT_KINDS = ("xt", "x0", "both")
-NOISING_PATHS = ("shared", "independent", "markov", "inversion")
 ALIGNS = ("steps", "time")
 PREVIEWS = ("vae", "approx", "taesd")
 # Picture formats, and the file suffixes each may have (the first is the one written).

@@ -25,8 +25,11 @@ from dataclasses import asdict, dataclass, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from . import metadata
+from .choices import SAMPLER_NAMES, SCHEDULES
 from .errors import InputError, NumericalError, OutputError
+from .files import check_output_dir, to_json, write_text_atomic
+from .picture_meta import save_png
+from .record import write_sidecar
 from .spec import ModelSpec, RunSpec, SpecError
 
 # The fields a grid varies, outermost first: the run order, the manifest order, the name order.
@@ -276,7 +279,7 @@ class SweepRun:
 
 def spec_record(spec: RunSpec) -> dict:
     """The spec as JSON values (paths as text), for the manifest: a rerun compares these."""
-    return json.loads(metadata.to_json(asdict(spec)))
+    return json.loads(to_json(asdict(spec)))
 
 
 def expand(base: RunSpec, grid: Grid, folder: Path, pattern: str | None = None) -> list[SweepRun]:
@@ -288,9 +291,7 @@ def expand(base: RunSpec, grid: Grid, folder: Path, pattern: str | None = None) 
     if base.triangle and "strength" in dict(grid.axes):
         raise SpecError("strengths", "{flag} and the triangle both set strengths; give the "
                                      "triangle's with --triangle_strengths, or sweep without -gt")
-    from .sampler import SAMPLERS, SCHEDULES
-
-    for name, known in (("sampler", SAMPLERS), ("schedule", SCHEDULES)):
+    for name, known in (("sampler", SAMPLER_NAMES), ("schedule", SCHEDULES)):
         for value in grid.values(name):
             if value not in known:
                 raise SpecError(GRID_KEYS[name], f"{{flag}} {value!r} is not one of {', '.join(known)}")
@@ -423,7 +424,7 @@ class Manifest:
     def set(self, name: str, status: str, **fields) -> None:
         record = {k: v for k, v in self.records[name].items() if k not in ("skipped", "error")}
         self.records[name] = dict(record, status=status, **fields)
-        line = (metadata.to_json(self.records[name]) + "\n").encode("utf-8")
+        line = (to_json(self.records[name]) + "\n").encode("utf-8")
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
             try:
@@ -435,8 +436,8 @@ class Manifest:
             raise OutputError(f"could not write {self.path}: {e.strerror or e}") from e
 
     def write(self) -> None:
-        lines = [metadata.to_json(r) for r in sorted(self.records.values(), key=lambda r: r["index"])]
-        metadata.write_text_atomic(self.path, "\n".join(lines) + "\n")
+        lines = [to_json(r) for r in sorted(self.records.values(), key=lambda r: r["index"])]
+        write_text_atomic(self.path, "\n".join(lines) + "\n")
 
 
 # --- the contact sheet ------------------------------------------------------------------------------
@@ -588,7 +589,7 @@ class Sweep:
 
     def prepare(self) -> list:
         """Check the folder, take over what an earlier sweep finished; returns the runs to make."""
-        metadata.check_output_dir(self.folder)
+        check_output_dir(self.folder)
         done = self.manifest.resume()
         self.manifest.write()
         return [r for r in self.runs if r.name not in done]
@@ -598,7 +599,7 @@ class Sweep:
         finished = [r for r in self.runs if self.manifest.records[r.name]["status"] == "finished"]
         picture = contact_sheet(self.folder, finished, self.grid, self.sheet_cell)
         if picture is not None:
-            metadata.save_png(self.folder / SHEET, picture)
+            save_png(self.folder / SHEET, picture)
 
     def execute(self, pool, console, after_run=None) -> SweepReport:
         """Make the runs not yet done with `pool`; the manifest follows each run, the sheet is
@@ -697,4 +698,4 @@ class Sweep:
             }
             record.update(pool.counts())
             self.manifest.write()
-            metadata.write_sidecar(self.folder / RECORD, record)
+            write_sidecar(self.folder / RECORD, record)

@@ -163,7 +163,7 @@ def _sweep(argv: list, console: Console) -> int:
 
     check_plans(runs, Session(model), None if picture is None else picture.pixels.shape[:2])
     replay = functools.partial(cli.replay_argv, model=model)
-    from .metadata import output_lock
+    from .files import output_lock
 
     def waiting(holder):
         console.notice(f"{folder} is being swept by another process ({holder}); waiting")

@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from . import metadata
+from . import files
 from .errors import InputError
 from .sweep import Outcome
 
@@ -157,8 +157,8 @@ class RayPool:
         with interrupts_deferred():
             for name, data in out["files"].items():
                 if name != sidecar:
-                    metadata.write_bytes_atomic(folder / name, data)
-            metadata.write_bytes_atomic(folder / sidecar, out["files"][sidecar])
+                    files.write_bytes_atomic(folder / name, data)
+            files.write_bytes_atomic(folder / sidecar, out["files"][sidecar])
         record = json.loads(out["files"][sidecar])
         return Outcome(out["status"], out["timings"], record.get("seed"), record.get("unet_calls"),
                        signum=out["signum"], worker=f"pid {out['pid']}")

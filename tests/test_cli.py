@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stable_diffusion.metadata import parse_parameters_text, read_png_metadata
+from stable_diffusion.infotext import parse_parameters_text
+from stable_diffusion.picture_meta import read_png_metadata
 from stable_diffusion.render import triangle_size
 
 import commands

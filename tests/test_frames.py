@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from stable_diffusion.metadata import read_picture_metadata
+from stable_diffusion.picture_meta import read_picture_metadata
 from stable_diffusion.testing import write_tiny_taesd
 
 import commands

@@ -10,11 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stable_diffusion.errors import InputError, OutputError
-from stable_diffusion.metadata import (
-    PARAMETERS_KEY,
-    TRAJECTORY_KEY,
-    OutputBusy,
+from stable_diffusion.errors import InputError, OutputBusy, OutputError
+from stable_diffusion.files import (
     _temp_name,
     atomic_write,
     check_output_dir,
@@ -23,15 +20,18 @@ from stable_diffusion.metadata import (
     output_lock,
     remove_stale_temporaries,
     to_json,
-    parameters_text,
-    parse_parameters_text,
+    write_text_atomic,
+)
+from stable_diffusion.infotext import parameters_text, parse_parameters_text
+from stable_diffusion.picture_meta import (
+    PARAMETERS_KEY,
+    TRAJECTORY_KEY,
     png_text_chunks,
     read_png_metadata,
     read_png_text,
     save_png,
-    write_sidecar,
-    write_text_atomic,
 )
+from stable_diffusion.record import write_sidecar
 
 
 @pytest.fixture
@@ -401,7 +401,7 @@ def test_output_lock_waits_for_the_holder(tmp_path):
 
     out, done = tmp_path / "o.png", tmp_path / "done"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from stable_diffusion.metadata import output_lock\n"
+        "import sys, time; from pathlib import Path; from stable_diffusion.files import output_lock\n"
         f"with output_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(0.5)\n"
         f"    Path({str(done)!r}).touch()")], stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
     assert holder.stdout.readline() == "held\n"
@@ -433,20 +433,20 @@ def test_json_keeps_bytes_that_are_not_utf8():
 
 from commands import read_with_sd_parsers  # noqa: E402
 
-from stable_diffusion.metadata import (  # noqa: E402
+from stable_diffusion.choices import display_name  # noqa: E402
+from stable_diffusion.infotext import (  # noqa: E402
     CompositeInfo,
     FrameInfo,
     generation_parameters,
     model_name,
     parse_parameters,
-    read_picture_metadata,
-    sampler_display_name,
 )
+from stable_diffusion.picture_meta import read_picture_metadata  # noqa: E402
 from stable_diffusion.render import save_animation, save_picture  # noqa: E402
 
 FORMATS = ["png", "webp", "jpeg"]
 # An img2img run: --steps 10 --strength 0.6 makes 6 steps from t = 600.
-RUN = dict(steps=10, sampler=sampler_display_name("euler_a"), cfg_scale=7.5, seed=42, width=64,
+RUN = dict(steps=10, sampler=display_name("euler_a"), cfg_scale=7.5, seed=42, width=64,
            height=48, strength=0.6, steps_run=6, start_t=600.0)
 RECORD = {"seed": 42, "prompt": "a lit fireplace, <warm> & cosy", "t": [600.0, 500.0]}
 
@@ -559,11 +559,11 @@ def test_values_are_quoted_where_a1111_quotes_them():
 
 
 def test_sampler_display_names():
-    assert sampler_display_name("dpmpp_2m", "karras") == "DPM++ 2M Karras"
-    assert sampler_display_name("euler_ancestral") == "Euler a"
-    assert sampler_display_name("ddim", "linear") == "DDIM"
+    assert display_name("dpmpp_2m", "karras") == "DPM++ 2M Karras"
+    assert display_name("euler_ancestral") == "Euler a"
+    assert display_name("ddim", "linear") == "DDIM"
     with pytest.raises(ValueError, match="no display name for sampler 'unipc'"):
-        sampler_display_name("unipc")
+        display_name("unipc")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -650,7 +650,7 @@ def test_parse_sampler_names(sampler, schedule, expected, warned):
 
 
 def test_parse_our_own_frame_text_gives_no_warnings():
-    text = generation_parameters("a, b", "c", sampler=sampler_display_name("dpmpp_2m", "karras"),
+    text = generation_parameters("a, b", "c", sampler=display_name("dpmpp_2m", "karras"),
                                  model="tiny-sd2",
                                  frame=FrameInfo(2, 6, 400.0, 1.2), **{k: v for k, v in RUN.items()
                                                                         if k != "sampler"})

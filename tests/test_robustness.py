@@ -23,7 +23,8 @@ from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 from stable_diffusion import cli
-from stable_diffusion.metadata import TRAJECTORY_KEY, host_id
+from stable_diffusion.files import host_id
+from stable_diffusion.picture_meta import TRAJECTORY_KEY
 from stable_diffusion.pipeline import StableDiffusion
 from stable_diffusion.tokenizer import Tokenizer
 

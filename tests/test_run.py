@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stable_diffusion.metadata import read_png_metadata
+from stable_diffusion.picture_meta import read_png_metadata
 from stable_diffusion.render import triangle_size
 from stable_diffusion.sampler import seed_keys
 from stable_diffusion.session import Session

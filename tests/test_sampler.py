@@ -156,6 +156,7 @@ def test_markov_path_matches_the_closed_form_marginals():
 
 # --- schedules, samplers and inversion against diffusers' schedulers --------------------------
 
+from stable_diffusion.choices import SAMPLER_TABLE  # noqa: E402
 from stable_diffusion.config import PipelineConfig  # noqa: E402
 from stable_diffusion.sampler import (SAMPLERS, SCHEDULES, default_sampler, display_name,  # noqa: E402
                                       invert, seed_keys)
@@ -259,7 +260,7 @@ def test_sampler_steps_match_the_scheduler(sampler, schedule, prediction, refere
         p = s.plan(strength, n, schedule, sampler)
         noises = [rng.standard_normal(shape).astype(np.float32) for _ in range(p.steps)]
         x_start = rng.standard_normal(shape).astype(np.float32) * (0.5 if strength < 1 else 1.0)
-        stochastic = sampler in ("euler_a", "dpmpp_2m_sde")
+        stochastic = SAMPLER_TABLE[sampler].stochastic
         ours = _run_ours(s, p, sampler, x_start, f, noises if stochastic else None)
         ve = sampler in module.VE_FORM
         to_ref = (lambda x, sigma: x * math.sqrt(1 + sigma ** 2)) if ve else (lambda x, sigma: x)

@@ -1,0 +1,328 @@
+"""Writing files whole or not at all, one writer per output name, and JSON as we write it.
+
+Every file is written whole or not at all: the bytes go to a hidden temporary name in the target's
+folder, are flushed to disk, and the temporary file is renamed over the target (a rename within one
+folder is atomic on POSIX and Windows). An interrupted run (Ctrl-C, a full disk) leaves the old file,
+or none, never half of one, and no temporary file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import hashlib
+import json
+import os
+import re
+import secrets
+import socket
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Mapping
+
+import numpy as np
+
+from .errors import InputError, OutputBusy, OutputError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; one writer per name is then not enforced
+    fcntl = None
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Folders we cannot write into because of who or where the user pointed us: the user can fix these.
+_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR}
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+# A temporary name keeps at most this many bytes of the final name, so that it stays within the
+# 255 bytes a file name may have whatever the final name's length (the rest adds at most 34).
+_KEPT_BYTES = 200
+
+
+@functools.cache
+def host_id() -> str:
+    """8 hex digits naming this host and PID namespace: a pid means something only there."""
+    parts = [socket.gethostname()]
+    try:
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        pass
+    return hashlib.sha1("\0".join(parts).encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+def _shortened(name: str, limit: int = _KEPT_BYTES) -> str:
+    """`name` cut to `limit` bytes (a character cut in two stays as its bytes: surrogateescape)."""
+    raw = os.fsencode(name)
+    return name if len(raw) <= limit else os.fsdecode(raw[:limit])
+
+
+def _temp_name(path: Path, pid: int | None = None) -> Path:
+    # Hidden, in the same folder (so that the rename stays on one file system), unique per process,
+    # and naming the host and the process, so that stale-file cleanup can tell a dead writer.
+    pid = os.getpid() if pid is None else pid
+    return path.parent / f".{_shortened(path.name)}.tmp-{host_id()}-{pid}-{secrets.token_hex(4)}"
+
+
+_TEMPORARY = re.compile(r"^\.(?P<prefix>.+)\.tmp-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}$",
+                        re.DOTALL)  # the names _temp_name makes
+
+
+def _belongs(prefix: str, stem: str) -> bool:
+    """Whether a temporary's kept prefix is that of a file named after `stem` (stem.png,
+    stem.json, stem.step-001.png, ...), as far as the kept bytes tell."""
+    kept, named = os.fsencode(prefix), os.fsencode(stem + ".")
+    return kept.startswith(named) or (len(kept) == _KEPT_BYTES and named.startswith(kept))
+
+
+def remove_stale_temporaries(folder: Path, stem: str | None = None) -> list[str]:
+    """Remove the temporary files of `atomic_write` that runs killed outright left in `folder`:
+    those made on this host (and PID namespace) by a process that is gone, and, given `stem`,
+    only those of files named after it. Anything else is left alone: a live writer's file, or one
+    from another machine sharing the folder, whose pids mean nothing here."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMPORARY.match(entry.name)
+        if (m is None or m["host"] != host_id() or (stem is not None and not _belongs(m["prefix"], stem))
+                or not entry.is_file(follow_symlinks=False) or _process_exists(int(m["pid"]))):
+            continue
+        try:
+            os.unlink(entry.path)
+        except OSError:
+            continue
+        removed.append(entry.name)
+    return sorted(removed)
+
+
+def _process_exists(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process, or not a pid at all
+        return True
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# One writer per output name
+
+
+def lock_path(output: str | os.PathLike) -> Path:
+    """The lock of every file named after `output`'s stem (x.png and x.PNG share x.json)."""
+    output = Path(output)
+    return output.parent / f".{_shortened(output.with_suffix('').name)}.lock"
+
+
+@contextlib.contextmanager
+def output_lock(output: str | os.PathLike, wait: bool = False,
+                on_wait: Callable[[str], None] | None = None):
+    """Hold the lock of `output`'s name for the block: one run writes a set of names at a time.
+
+    A lock held by another run raises `OutputBusy` naming it, or with `wait` blocks until it is
+    free (`on_wait(holder)` is called first). The lock is an flock on a hidden file beside the
+    output, so a killed run releases it with its last file descriptor. Missing folders are made,
+    and removed again at the end if they are still empty. A folder the user cannot write to is an
+    `InputError`; other failures an `OutputError`.
+    """
+    output = Path(output)
+    path = lock_path(output)
+    made, p = [], path.parent.absolute()
+    while not p.exists() and p != p.parent:
+        made.append(p)
+        p = p.parent
+    if not p.is_dir():
+        raise InputError(f"cannot write into the output folder {path.parent}: {p} is a file, not a "
+                         "folder; choose another output folder")
+    fd, held = None, False
+    try:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            while True:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+                if fcntl is None:
+                    held = True
+                    break
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = _lock_holder(fd)
+                    if not wait:
+                        raise OutputBusy(f"{output} is being written by another run ({holder})",
+                                         holder) from None
+                    if on_wait is not None:
+                        on_wait(holder)
+                        on_wait = None
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                # The run before us removes the lock file as it ends: lock the file now so named.
+                try:
+                    same = os.path.samestat(os.fstat(fd), os.stat(path))
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    held = True
+                    break
+                os.close(fd)
+                fd = None
+        except OSError as err:
+            reason = err.strerror if err.strerror else str(err)
+            if err.errno in _USER_ERRNOS or err.errno == errno.ENOENT:
+                raise InputError(f"cannot write into the output folder {path.parent}: {reason}; "
+                                 "choose another output folder") from err
+            raise OutputError(f"cannot write into the output folder {path.parent}: {reason}") from err
+        yield path
+    finally:
+        if held:
+            try:
+                os.unlink(path)  # before the unlock, so that a waiter finds a fresh file
+            except OSError:
+                pass
+        if fd is not None:
+            os.close(fd)
+        for folder in made:  # deepest first; only if nothing was written there
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def _lock_holder(fd: int) -> str:
+    """Which process holds the flock on `fd`'s file, from /proc/locks (Linux). The lock file itself
+    stays empty: on a full disk even one block for it would be missing for the final sidecar."""
+    try:
+        st = os.fstat(fd)
+        key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == key and fields[4].isdigit():
+                    return f"pid {fields[4]}"
+    except OSError:
+        pass
+    return "another process"
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable. Not every file system or platform allows this; the file is
+    already complete under its final name, so failing here loses nothing the user would see."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write_fn: Callable[[BinaryIO], Any]) -> Path:
+    """Write a file whole or not at all: `write_fn(f)` writes into a temporary binary file, which
+    is flushed, fsynced and renamed over `path`. Missing parent folders are created.
+
+    On any exception the temporary file is removed. An `OSError` (full disk, I/O error, a folder
+    that vanished) is re-raised as `OutputError` naming `path`; anything else (Ctrl-C included)
+    propagates unchanged.
+    """
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temp_name(path)
+        # os.open with an explicit mode: the file gets the usual permissions (0666 less umask),
+        # where tempfile.mkstemp would leave it readable by its owner only.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as err:
+        reason = err.strerror if err.strerror else str(err)
+        raise OutputError(f"could not write {path}: {reason}") from err
+    finally:
+        if tmp is not None:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+    _fsync_dir(path.parent)
+    return path
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def check_output_dir(folder: str | os.PathLike) -> Path:
+    """Make sure files can be written into `folder` before any work starts: create it, then create
+    and remove a temporary file in it.
+
+    A folder the user cannot write to (permissions, read-only file system, a file in the way) is an
+    `InputError`: choosing another folder fixes it. Other failures (a full disk) are `OutputError`.
+    """
+    folder = Path(folder)
+    probe = None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = _temp_name(folder / "write-test")
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+    except OSError as err:
+        reason = err.strerror if err.strerror else str(err)
+        if err.errno in _USER_ERRNOS:
+            raise InputError(f"cannot write into the output folder {folder}: {reason}; "
+                             "choose another output folder") from err
+        raise OutputError(f"cannot write into the output folder {folder}: {reason}") from err
+    finally:
+        if probe is not None:
+            try:
+                probe.unlink(missing_ok=True)
+            except OSError:
+                pass
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON
+
+
+def _json_default(value: Any) -> Any:
+    # Records are built from numpy scalars and arrays (timesteps, sigmas) and paths; say them plainly.
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"cannot write a {type(value).__name__} into JSON metadata: {value!r}")
+
+
+def to_json(record: Mapping[str, Any], indent: int | None = None) -> str:
+    """Stable JSON: sorted keys, UTF-8 text kept as is, NaN refused (it is not JSON)."""
+    separators = (",", ": ") if indent is not None else (",", ":")
+    text = json.dumps(record, sort_keys=True, indent=indent, ensure_ascii=False, allow_nan=False,
+                      separators=separators, default=_json_default)
+    # A path or prompt given as bytes that are not UTF-8 holds lone surrogates (surrogateescape),
+    # which UTF-8 cannot carry: written as \udcXX escapes, they read back as the same string.
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
+
+

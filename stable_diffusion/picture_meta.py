@@ -1,0 +1,189 @@
+"""What a picture file carries about how it was made, written and read back.
+
+- `parameters`: the A1111 text (infotext.py). In a PNG a text chunk; in a JPEG or WebP the EXIF
+  UserComment, as A1111 writes it; in a GIF its comment.
+- `sd_trajectory`: JSON with everything the caller needs to reproduce the picture. In a PNG a text
+  chunk; in a JPEG or WebP an XMP packet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+from xml.sax.saxutils import escape as _xml_escape
+
+import numpy as np
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+from .errors import InputError
+from .files import atomic_write, to_json
+from .infotext import parse_parameters_text
+
+PARAMETERS_KEY = "parameters"
+TRAJECTORY_KEY = "sd_trajectory"
+
+
+# ---------------------------------------------------------------------------------------------
+# PNG
+
+
+def png_text_chunks(parameters: str | None = None,
+                    record: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The text chunks of one picture: the A1111 `parameters` text and the JSON record."""
+    chunks = {}
+    if parameters is not None:
+        chunks[PARAMETERS_KEY] = parameters
+    if record is not None:
+        chunks[TRAJECTORY_KEY] = to_json(record)
+    return chunks
+
+
+def _png_info(text_chunks: Mapping[str, str]) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    for key, value in text_chunks.items():
+        # Bytes that were not UTF-8 (see to_json) are shown as U+FFFD in the text chunks.
+        value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        try:
+            key_bytes = key.encode("latin-1")
+        except UnicodeEncodeError:
+            raise ValueError(f"PNG text key {key!r} must be latin-1") from None
+        if not 1 <= len(key_bytes) <= 79 or b"\0" in key_bytes:
+            raise ValueError(f"PNG text key {key!r} must be 1 to 79 characters, without NUL")
+        try:
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            info.add_itxt(key, value)  # iTXt holds UTF-8; tEXt only latin-1
+        else:
+            info.add_text(key, value)
+    return info
+
+
+def save_png(path: str | os.PathLike, image: np.ndarray,
+             text_chunks: Mapping[str, str] | None = None) -> Path:
+    """Write a uint8 picture, (H, W, 3), (H, W, 4) or (H, W), as PNG with text chunks, atomically.
+
+    The bytes depend only on the input: Pillow writes no time stamp, and the compression is fixed.
+    """
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"save_png needs uint8 pixels, got {image.dtype}")
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
+        raise ValueError(f"save_png needs (H, W), (H, W, 3) or (H, W, 4), got {image.shape}")
+    picture = Image.fromarray(image)
+    info = _png_info(text_chunks or {})
+    return atomic_write(path, lambda f: picture.save(f, format="PNG", pnginfo=info,
+                                                     compress_level=6))
+
+
+def read_png_text(path: str | os.PathLike) -> dict[str, str]:
+    """All tEXt/iTXt/zTXt chunks of a PNG file."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            if im.format != "PNG":
+                raise InputError(f"{path} is a {im.format} file, not a PNG")
+            return dict(im.text)
+    except FileNotFoundError:
+        raise InputError(f"{path} does not exist") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{path} is not a picture Pillow can read") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# JPEG and WebP: EXIF UserComment and XMP
+
+_EXIF_IFD = 0x8769  # the Exif sub-IFD, where UserComment lives
+_USER_COMMENT = 0x9286
+# UserComment starts with an 8-byte character code; A1111 (through piexif) writes "UNICODE" and
+# UTF-16 big-endian text, which is what the readers decode.
+_UNICODE_PREFIX = b"UNICODE\0"
+_XMP_NS = "urn:sd-trajectory:1"
+_XMP_RECORD = re.compile(r"<sdt:record>(.*?)</sdt:record>", re.S)
+
+
+def exif_bytes(parameters: str) -> bytes:
+    """An EXIF block whose UserComment holds `parameters`, in the form A1111 writes."""
+    exif = Image.Exif()
+    exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = _UNICODE_PREFIX + parameters.encode("utf-16-be")
+    return exif.tobytes()
+
+
+def xmp_bytes(record: Mapping[str, Any]) -> bytes:
+    """An XMP packet holding the JSON record as one property of our own namespace."""
+    body = _xml_escape(to_json(record))
+    return ('<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
+            '<x:xmpmeta xmlns:x="adobe:ns:meta/">'
+            '<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+            f'<rdf:Description rdf:about="" xmlns:sdt="{_XMP_NS}"><sdt:record>{body}</sdt:record>'
+            '</rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end="w"?>').encode("utf-8")
+
+
+def _user_comment(im: Image.Image) -> str | None:
+    raw = im.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+    if not isinstance(raw, bytes) or len(raw) < 8:
+        return None
+    code, text = raw[:8], raw[8:]
+    if code == _UNICODE_PREFIX:
+        return text.decode("utf-16-be", errors="replace")
+    return text.decode("utf-8" if code.startswith(b"\0") else "ascii", errors="replace")
+
+
+def _xmp_record(xmp: bytes | str | None) -> str | None:
+    if not xmp:
+        return None
+    text = xmp.decode("utf-8", errors="replace") if isinstance(xmp, bytes) else xmp
+    m = _XMP_RECORD.search(text)
+    if m is None:
+        return None
+    return m.group(1).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+
+
+def read_picture_metadata(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(parsed `parameters`, the JSON record) of a PNG, JPEG, WebP or GIF picture of ours; an
+    absent part reads as {}."""
+    return _parsed(Path(path), *read_picture_texts(path))
+
+
+def read_picture_texts(path: str | os.PathLike) -> tuple[str | None, str | None]:
+    """The raw `parameters` text and JSON record text of a picture, None where absent."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            if im.format == "PNG":
+                text = dict(im.text)
+                parameters, record = text.get(PARAMETERS_KEY), text.get(TRAJECTORY_KEY)
+            elif im.format in ("JPEG", "WEBP", "GIF"):
+                parameters = _user_comment(im) if im.format != "GIF" else None
+                record = _xmp_record(im.info.get("xmp"))
+                if im.format == "GIF" and im.info.get("comment"):  # our animations' parameters
+                    parameters = im.info["comment"].decode("utf-8", errors="replace")
+            else:
+                raise InputError(f"{path} is a {im.format} file; pictures of ours are PNG, JPEG, WebP "
+                                 "or GIF")
+    except FileNotFoundError:
+        raise InputError(f"{path} does not exist") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{path} is not a picture Pillow can read") from None
+    except OSError as err:
+        raise InputError(f"cannot read {path}: {err.strerror or err}") from None
+    return parameters, record
+
+
+def _parsed(path: Path, parameters: str | None, record: str | None) -> tuple[dict, dict]:
+    fields = parse_parameters_text(parameters) if parameters is not None else {}
+    data = {}
+    if record is not None:
+        try:
+            data = json.loads(record)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path}: the {TRAJECTORY_KEY} record is not valid JSON ({err})") from None
+    return fields, data
+
+
+def read_png_metadata(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(parsed `parameters`, the `sd_trajectory` JSON); an absent chunk reads as {}."""
+    text = read_png_text(path)
+    return _parsed(Path(path), text.get(PARAMETERS_KEY), text.get(TRAJECTORY_KEY))
