@@ -61,7 +61,7 @@ from .safetensors_io import POINTER, read_safetensors_header, read_safetensors_p
 ARCHITECTURE_KEY = "mlx_sd.architecture"
 TOKENIZER_KEY = "mlx_sd.tokenizer"
 # A carried tokenizer larger than this is refused unread: CLIP's own, as JSON, is 1.6 MB.
-MAX_TOKENIZER_BYTES = 4 * 2**20
+MAX_TOKENIZER_CHARS = 4 * 2**20
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
@@ -138,9 +138,9 @@ def _carried_tokenizer(metadata: dict, path: Path) -> tuple[dict, list] | None:
     if text is None:
         return None
     fix = "; remove it or fix it"
-    if len(text) > MAX_TOKENIZER_BYTES:
+    if len(text) > MAX_TOKENIZER_CHARS:
         raise ModelError(f"{path}: metadata {TOKENIZER_KEY} holds {len(text)} characters, more than a "
-                         f"tokenizer needs ({MAX_TOKENIZER_BYTES})" + fix)
+                         f"tokenizer needs ({MAX_TOKENIZER_CHARS})" + fix)
     try:
         carried = json.loads(text)
     except (ValueError, RecursionError):

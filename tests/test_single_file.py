@@ -345,7 +345,7 @@ def test_a_file_carries_its_tokenizer_or_needs_clips(checkpoint, tmp_path):
     refused(None, "814 token embeddings and CLIP's tokenizer 49408", "there is no tokenizer for it")
     refused("[1]", key, "is not a JSON object with a vocab")
     refused("{" * 100_000, key, "is not a JSON object with a vocab")
-    refused(" " * (single_file.MAX_TOKENIZER_BYTES + 1), key, "more than a tokenizer needs")
+    refused(" " * (single_file.MAX_TOKENIZER_CHARS + 1), key, "more than a tokenizer needs")
     refused(json.dumps(dict(carried, vocab=dict(carried["vocab"], extra=5))), "ids are not 0 .. 814, each once")
     without_end = {t: i for t, i in carried["vocab"].items() if t != "<|endoftext|>"}
     refused(json.dumps(dict(carried, vocab=without_end)), "the vocab has no '<|endoftext|>'")
