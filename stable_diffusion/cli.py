@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import options, signals
 from .console import Console, open_standard_streams
-from .errors import HubUnreachable, InputError, NumericalError, OutputBusy, OutputError
+from .errors import FieldMessage, HubUnreachable, InputError, NumericalError, OutputBusy, OutputError
 from .options import replay_argv
 from .spec import (DEFAULT_TRIANGLE_STRENGTHS, MAX_STEPS, PICTURE_SUFFIXES, Capture, Inversion, ModelSpec,
                    RunSpec, SpecError)
@@ -291,17 +291,14 @@ def _reported(body, console: Console, flags: dict, interrupted: str, verbose: bo
         return body(console)
     except SystemExit as e:  # --help
         return int(e.code or 0)
-    except SpecError as e:
-        _report(InputError(e.template.replace("{flag}", flags.get(e.field, e.field))), verbose)
-        return 2
     except OutputBusy as e:
         _report(e, verbose, suffix="; wait for it to end (or run with --wait), or choose another --output")
         return 2
-    except InputError as e:
-        _report(e, verbose)
+    except InputError as e:  # a SpecError too: each spec field it names is said as its flag
+        _report(e, verbose, flags=flags)
         return 2
     except (OutputError, NumericalError, HubUnreachable) as e:
-        _report(e, verbose, suffix=_output_advice(e))
+        _report(e, verbose, suffix=_output_advice(e), flags=flags)
         return 1
     except KeyboardInterrupt as e:
         console.error(interrupted)
@@ -368,10 +365,12 @@ def _output_advice(error: Exception) -> str:
     return ""
 
 
-def _report(error: Exception, verbose: bool, prefix: str = "error: ", suffix: str = "") -> None:
+def _report(error: Exception, verbose: bool, prefix: str = "error: ", suffix: str = "",
+            flags: dict | None = None) -> None:
     if verbose:
         traceback.print_exception(error)
-    message = " ".join(line.strip() for line in str(error).splitlines())  # one line, always
+    text = error.named(flags or {}) if isinstance(error, FieldMessage) else str(error)
+    message = " ".join(line.strip() for line in text.splitlines())  # one line, always
     Console().error(f"{prefix}{message}{suffix}")
 
 

@@ -1,13 +1,17 @@
 """The options table (stable_diffusion/options.py): the parsers, the flags in messages and the
 replay arguments are built from it, and agree with it. No model, no mlx."""
 
+import contextlib
+import io
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from stable_diffusion import cli, options
-from stable_diffusion.spec import Inversion, ModelSpec, RunSpec
+from stable_diffusion.errors import HubUnreachable, ModelError
+from stable_diffusion.spec import Capture, Inversion, ModelSpec, RunSpec, SpecError
+from stable_diffusion.sweep_cli import SWEEP_FLAGS, build_sweep, build_sweep_parser
 
 PARSERS = [("image2image", False), ("txt2image", False), ("image2image", True), ("txt2image", True)]
 
@@ -144,3 +148,58 @@ def test_replay_arguments_are_written_as_sidecars_hold_them(tmp_path):
         "--model=sd", "--seed=11", "--steps=9", "--cfg=7.5", "--sampler=euler", "--schedule=linear",
         "--strength=0.9", "--inversion_cfg=1.0", "--inversion_refine=0", "--noising_path=inversion",
         "--", str(tmp_path / "in.png"), "-p"]
+
+
+def _stderr_of(command: str, argv: list) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = cli.main(command, argv)
+    return status, err.getvalue()
+
+
+def test_spec_errors_name_fields_and_the_command_line_names_flags(tmp_path):
+    spec = RunSpec("p", tmp_path / "o.png", image=tmp_path / "in.png", capture=Capture(animate="gif"))
+    with pytest.raises(SpecError) as caught:
+        spec.validate()
+    assert str(caught.value) == ("animate acts on saved frames, and this run saves none: add every N, "
+                                 "last N or noising_every N")
+    assert caught.value.named(cli.FLAGS) == (
+        "--animate acts on saved frames, and this run saves none: add -sd N, --save_last_N N or "
+        "--show_noising N")
+    status, err = _stderr_of("image2image", [str(tmp_path / "in.png"), "p", "--animate",
+                                             "-o", str(tmp_path / "o.png")])
+    assert status == 2 and err == ("error: --animate acts on saved frames, and this run saves none: add "
+                                   "-sd N, --save_last_N N or --show_noising N\n")
+    status, err = _stderr_of("image2image", [str(tmp_path / "in.png"), "p", "--keep_best", "-gt",
+                                             "-o", str(tmp_path / "o.png")])
+    assert status == 2 and "add --save_last_N N (and leave out -gt)" in err
+
+
+def test_model_errors_name_fields_and_the_command_line_names_flags(tmp_path):
+    from stable_diffusion.model_io import resolve_model
+
+    missing = tmp_path / "no-vae"
+    with pytest.raises(ModelError) as caught:
+        resolve_model("shapes", vae=missing)
+    assert str(caught.value) == f"vae {missing}: no such file or folder"
+    assert caught.value.named(cli.FLAGS) == f"--vae {missing}: no such file or folder"
+    error = HubUnreachable("x is not cached; pass {flag:model} with a folder")
+    assert str(error) == "x is not cached; pass model with a folder"
+    assert error.named(cli.FLAGS) == "x is not cached; pass --model with a folder"
+    text = tmp_path / "model.txt"
+    text.write_text("hello")
+    status, err = _stderr_of("txt2image", ["p", "--model", str(text), "-o", str(tmp_path / "o.png")])
+    assert status == 2 and err.startswith(f"error: --model {text}: {text} is a file but not .safetensors")
+
+
+def test_sweep_names_its_own_flags_and_the_single_commands(tmp_path):
+    args = build_sweep_parser("image2image").parse_args(
+        [str(tmp_path / "in.png"), "p", "-gt", "--strengths", "0.2,0.4", "-o", str(tmp_path / "s")])
+    with pytest.raises(SpecError) as caught:
+        build_sweep("image2image", args)
+    assert caught.value.named(SWEEP_FLAGS) == (
+        "--strengths and the triangle both set strengths; give the triangle's with --triangle_strengths, "
+        "or sweep without -gt")
+    # A user's name pattern keeps its own braces: only {flag:FIELD} names a field.
+    error = SpecError("name", "{flag} 's{seed:04d}' uses {seed}; add {flag:seed}")
+    assert error.named(SWEEP_FLAGS) == "--name 's{seed:04d}' uses {seed}; add --seed"
