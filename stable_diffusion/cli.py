@@ -19,47 +19,16 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
-from . import signals
-from .choices import SAMPLER_NAMES as SAMPLER_CHOICES, SCHEDULES as SCHEDULE_CHOICES
+from . import options, signals
 from .console import Console, open_standard_streams
-from .errors import HubUnreachable, InputError, NumericalError, OutputBusy, OutputError
-from .spec import (ALIGNS, ANIMATION_FORMATS, DEFAULT_TRIANGLE_STRENGTHS, DTYPES, NOISING_PATHS,
-                   PICTURE_SUFFIXES, PREVIEWS, SNAPSHOT_KINDS, Capture, Inversion, ModelSpec,
+from .errors import FieldMessage, HubUnreachable, InputError, NumericalError, OutputBusy, OutputError
+from .options import replay_argv
+from .spec import (DEFAULT_TRIANGLE_STRENGTHS, PICTURE_SUFFIXES, Capture, Inversion, ModelSpec,
                    RunSpec, SpecError)
-
-BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
-              "0": False, "false": False, "no": False, "off": False}
-
-
-def _flag(text: str) -> bool:
-    try:
-        return BOOL_WORDS[text.lower()]
-    except KeyError:
-        raise argparse.ArgumentTypeError(f"expected 1/0, true/false or yes/no, got {text!r}") from None
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected 1 or more, got {value}")
-    return value
-
-
-def _strengths(text: str) -> tuple:
-    try:
-        return tuple(float(v) for v in text.replace(" ", "").split(","))
-    except ValueError:  # an empty item too: "0.5,,0.6" or ""
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
 
 # Flags that take an optional value, and the values they take: bare, they must not swallow the
 # next argument (`-gt in.png "a barn"`, as existing scripts pass them).
-_OPTIONAL_VALUES = {**{flag: tuple(BOOL_WORDS) for flag in ("-gt", "--generate_triangle", "-sp",
-                                                             "--save_prompt", "-pp", "--print_parser")},
-                    "--animate": ANIMATION_FORMATS}
+_OPTIONAL_VALUES = options.optional_values()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,126 +47,18 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(command: str, sweep: bool = False) -> argparse.ArgumentParser:
-    """The arguments of `image2image` or `txt2image`; both share every option that makes sense.
+    """The arguments of `image2image` or `txt2image`, as the options table lists them.
     `sweep`: the base of sd-sweep's parser (stable_diffusion/sweep_cli.py), where the prompt may
     come from --prompts instead."""
-    img2img = command == "image2image"
     p = _Parser(prog=f"{command}.py", description=(
         "Stable Diffusion image-to-image on MLX, saving every stage of the trajectory."
-        if img2img else "Stable Diffusion text-to-image on MLX, saving every stage of the trajectory."))
-    if img2img:
-        p.add_argument("image", help="input picture (any format Pillow reads)")
-    if sweep:
-        p.add_argument("prompt", nargs="?", help="the text prompt (or --prompts FILE)")
-    else:
-        p.add_argument("prompt", help="the text prompt (may be empty: unconditional)")
-
-    g = p.add_argument_group("model and sampling")
-    g.add_argument("--model", default="sd",
-                   help="sd (stabilityai/stable-diffusion-2-1-base: SD 2.1 base, 512 px), sdxl "
-                        "(stabilityai/sdxl-turbo: 512 px, few steps), sd15 (stable-diffusion-v1-5/"
-                        "stable-diffusion-v1-5: SD 1.5, 512 px), sd21 (stabilityai/stable-diffusion-2-1: "
-                        "768 px, v-prediction), sdxl-base (stabilityai/stable-diffusion-xl-base-1.0: "
-                        "1024 px); a hub id[@revision], a local diffusers folder or a single-file "
-                        ".safetensors checkpoint (default: sd)")
-    g.add_argument("--vae", help="replace the model's VAE: a diffusers VAE folder or an LDM VAE .safetensors file")
-    g.add_argument("--prediction_type", choices=("epsilon", "v_prediction"), help="what the UNet predicts, for a single file that does not say (SD 2.x 768 models: v_prediction)")
-    if img2img:
-        g.add_argument("--strength", type=float, default=0.9,
-                       help="how deep to noise the picture, 0 < s <= 1 (default 0.9)")
-    g.add_argument("--steps", type=int, help="sampler steps for strength 1 (model default: sd 50, sdxl 2)")
-    g.add_argument("--sampler", choices=SAMPLER_CHOICES,
-                   help="the sampler (default: the one the model's scheduler config names)")
-    g.add_argument("--schedule", choices=SCHEDULE_CHOICES,
-                   help="the times visited: linear (default; from the exact start t = strength x 1000, "
-                        "evenly spaced), diffusers (as the model's scheduler config does in diffusers), "
-                        "karras, exponential")
-    g.add_argument("--cfg", type=float, help="guidance weight; 0 is a value (model default: sd 7.5, sdxl 0)")
-    g.add_argument("--negative_prompt", "--negative-prompt", default="")
-    g.add_argument("--seed", type=int, help="random when absent; always reported and recorded")
-    g.add_argument("--n_images", "--n-images", type=_positive_int, default=1)
-    g.add_argument("--n_rows", "--n-rows", type=_positive_int, default=1)
-    if not img2img:
-        g.add_argument("--size", default=None,
-                       help="HEIGHTxWIDTH in pixels, multiples of 64 (default: the model's native size)")
-    g.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: float16 on a GPU; on the CPU "
-                   "bfloat16 where it has AVX512_BF16 and the native kernels are built, else float32; -v says which)")
-    g.add_argument("--no-float16", dest="no_float16", action="store_true",
-                   help="same as --dtype float32")
-    g.add_argument("-q", "--quantize", action="store_true",
-                   help="4-bit quantize the text encoders' and UNet's linear layers (on a GPU; refused on "
-                   "the CPU, where MLX's 4-bit products are 50 to 1000 times slower)")
-    g.add_argument("--preload-models", dest="preload_models", action="store_true",
-                   help="accepted for compatibility: every weight is read into memory at load")
-
-    c = p.add_argument_group("what to save")
-    c.add_argument("--output", "-o", help="final picture; every other file is "
-                   "named after it (default out.png, or the --output_format suffix)")
-    c.add_argument("--wait", action="store_true", help="when another run is writing the same "
-                   "--output, wait for it to end (default: refuse at once)")
-    c.add_argument("-sd", "--show_denoising", type=_positive_int, metavar="N",
-                   help="save a snapshot every N steps (plus the start and the final)")
-    c.add_argument("--snapshot", choices=SNAPSHOT_KINDS, default="xt",
-                   help="what a snapshot shows: the noisy latent xt (default), the denoised "
-                        "estimate x0, or both side by side")
-    c.add_argument("--save_last_N", "--save-last-n", type=_positive_int, metavar="N",
-                   help="save each of the last N steps")
-    if img2img:
-        c.add_argument("--show_noising", "--show-noising", type=_positive_int, metavar="N",
-                       help="save the forward path from the picture into noise, a frame every N "
-                            "timesteps, and a strip of them")
-        c.add_argument("--noising_path", "--noising-path", choices=NOISING_PATHS,
-                       default="shared", help="shared: one noise for every t (default); independent: "
-                       "fresh noise per t; markov: the chain built from the betas; inversion: DDIM "
-                       "inversion under a prompt, from which the denoising then starts")
-        c.add_argument("--inversion_prompt", "--inversion-prompt", metavar="TEXT",
-                       help="the prompt the inversion's UNet sees (default: the prompt)")
-        c.add_argument("--inversion_cfg", "--inversion-cfg", type=float, metavar="W",
-                       help="guidance weight of the inversion (default 1: the prompt alone)")
-        c.add_argument("--inversion_refine", "--inversion-refine", type=int, metavar="K",
-                       help="fixed-point iterations per inversion step (default 0: plain DDIM inversion)")
-        c.add_argument("-gt", "--generate_triangle", nargs="?", const=True, default=False, type=_flag,
-                       metavar="1", help="save the triangle: one row per strength, each row that "
-                       "run's snapshots (--output names the triangle picture)")
-        c.add_argument("--triangle_strengths", "--triangle-strengths", type=_strengths,
-                       help="comma-separated increasing strengths (default 0.1,0.2,...,1.0)")
-        c.add_argument("--triangle_low_top", "--triangle-low-top", action="store_true",
-                       help="put the lowest strength at the top (default: at the bottom)")
-        c.add_argument("--labels", action="store_true", help="label triangle rows and cells")
-        c.add_argument("--triangle_align", "--triangle-align", choices=ALIGNS, default="steps",
-                       help="steps: rows left-aligned step by step (default); time: each cell in the "
-                            "column of its t, so that columns are noise levels")
-    c.add_argument("--preview", choices=PREVIEWS, default="vae",
-                   help="decode frames with the VAE (default), a cheap linear approximation, or TAESD "
-                        "(a tiny learned decoder); the final picture is always decoded by the VAE")
-    c.add_argument("--taesd", metavar="MODEL", help="the TAESD of --preview taesd: a diffusers "
-                   "AutoencoderTiny folder or hub id (default madebyollin/taesd, or taesdxl for SDXL)")
-    c.add_argument("--output_format", "--output-format", choices=tuple(PICTURE_SUFFIXES),
-                   help="png (default), webp or jpeg for every picture; the metadata goes in EXIF and "
-                        "XMP for webp and jpeg (default: from the --output suffix)")
-    c.add_argument("--animate", nargs="?", const="gif", choices=ANIMATION_FORMATS,
-                   help="an animation of the saved frames (noising, then denoising)")
-    c.add_argument("--curve", action="store_true",
-                   help="draw the over-smoothing curve (detail and change per step) as <output>.curve.png")
-    c.add_argument("--keep_best", "--keep-best", action="store_true",
-                   help="write the step with the most detail among the last N (--save_last_N) as "
-                        "<output>.best.png")
-    c.add_argument("--decoding_batch_size", "--decoding-batch-size", type=_positive_int, default=4,
-                   help="latents decoded at once (default 4)")
-    c.add_argument("-sp", "--save_prompt", nargs="?", const=True, default=True, type=_flag,
-                   metavar="1", help="write the prompt and parameters into every PNG (default on; "
-                   "-sp 0 leaves them out)")
-
-    p.add_argument("--replay", metavar="PICTURE", help="make a picture of ours again from its metadata "
-                   "(flags given as well override its values), or map another tool's `parameters` "
-                   "onto ours (image2image then takes the input picture first)")
-
-    o = p.add_argument_group("output on the terminal")
-    o.add_argument("-pp", "--print_parser", nargs="?", const=True, default=False, type=_flag,
-                   metavar="1", help="print the parsed arguments before work starts")
-    o.add_argument("--quiet", action="store_true", help="no progress bars and no notices")
-    o.add_argument("-v", "--verbose", action="store_true",
-                   help="more detail (BLAS, timings), and tracebacks on errors")
+        if command == "image2image" else
+        "Stable Diffusion text-to-image on MLX, saving every stage of the trajectory."))
+    groups = {None: p}
+    for row in options.rows(options.parser_name(command, sweep)):
+        if row.group not in groups:
+            groups[row.group] = p.add_argument_group(row.group)
+        groups[row.group].add_argument(*row.flags, **row.arguments())
     return p
 
 
@@ -208,15 +69,7 @@ def check_arguments(args, command: str) -> None:
 
 
 # A spec field -> the flag that sets it, for messages.
-FLAGS = {"strength": "--strength", "triangle_strengths": "--triangle_strengths", "steps": "--steps",
-         "cfg": "--cfg", "seed": "--seed", "n_images": "--n_images", "n_rows": "--n_rows",
-         "every": "-sd", "last": "--save_last_N", "shows": "--snapshot",
-         "noising_every": "--show_noising", "noising_path": "--noising_path", "preview": "--preview",
-         "animate": "--animate", "decode_batch": "--decoding_batch_size", "labels": "--labels",
-         "low_top": "--triangle_low_top", "output": "--output", "size": "--size",
-         "sampler": "--sampler", "schedule": "--schedule", "align": "--triangle_align",
-         "keep_best": "--keep_best", "inversion_cfg": "--inversion_cfg",
-         "inversion_refine": "--inversion_refine", "format": "--output_format", "taesd": "--taesd"}
+FLAGS = options.FLAGS
 
 
 def _size(text: str | None):
@@ -270,49 +123,6 @@ def build_specs(command: str, args) -> tuple:
     dtype = "float32" if args.no_float16 else args.dtype
     return spec, ModelSpec(args.model, dtype, args.quantize, args.vae,
                            args.prediction_type)
-
-
-def replay_argv(spec: RunSpec, model_arg: str, model: ModelSpec) -> list:
-    """The arguments that make the same files again: every resolved value and capture flag (the
-    model pinned to the revision that ran). The output name is the caller's: add --output.
-    Values are joined to their flags (`--cfg=7.5`), so that one starting with "-" stays a value."""
-    c, inv = spec.capture, spec.inversion
-    values = [("--model", model_arg), ("--seed", spec.seed), ("--steps", spec.steps),
-              ("--cfg", repr(float(spec.cfg))), ("--sampler", spec.sampler),
-              ("--schedule", spec.schedule)]
-    if spec.triangle:
-        values.append(("--triangle_strengths", ",".join(repr(float(s)) for s in spec.strengths)))
-    elif spec.img2img:
-        values.append(("--strength", repr(float(spec.strength))))
-    if spec.size is not None:
-        values.append(("--size", f"{spec.size[0]}x{spec.size[1]}"))
-    if inv is not None:
-        values += [("--inversion_cfg", repr(float(inv.cfg))), ("--inversion_refine", inv.refine)]
-        if inv.prompt is not None:
-            values.append(("--inversion_prompt", inv.prompt))
-    for flag, value, default in (
-            ("--negative_prompt", spec.negative_prompt, ""), ("--n_images", spec.n_images, 1),
-            ("--n_rows", spec.n_rows, 1), ("--dtype", model.dtype, None),
-            ("--vae", model.vae and os.path.abspath(model.vae), None),
-            ("--prediction_type", model.prediction_type, None),
-            ("-sd", c.every, None), ("--save_last_N", c.last, None), ("--snapshot", c.shows, "xt"),
-            ("--show_noising", c.noising_every, None), ("--noising_path", c.noising_path, "shared"),
-            ("--preview", c.preview, "vae"), ("--taesd", c.taesd, None),
-            ("--output_format", c.format, "png"), ("--animate", c.animate, None),
-            ("--decoding_batch_size", c.decode_batch, 4), ("--triangle_align", c.align, "steps"),
-            ("-sp", "0" if not c.save_prompt else None, None)):
-        if value != default:
-            values.append((flag, value))
-    argv = [f"{flag}={value}" for flag, value in values]
-    for flag, on in (("-gt", spec.triangle), ("--quantize", model.quantize), ("--labels", c.labels),
-                     ("--triangle_low_top", c.low_top), ("--curve", c.curve),
-                     ("--keep_best", c.keep_best)):
-        if on:
-            argv.append(flag)
-    positional = [os.path.abspath(spec.image), spec.prompt] if spec.img2img else [spec.prompt]
-    if any(p.startswith("-") for p in positional):  # argparse would read it as a flag
-        return argv + ["--"] + positional
-    return positional + argv
 
 
 def replay_arguments(command: str, argv: list) -> tuple[list, list]:
@@ -453,17 +263,14 @@ def _reported(body, console: Console, flags: dict, interrupted: str, verbose: bo
         return body(console)
     except SystemExit as e:  # --help
         return int(e.code or 0)
-    except SpecError as e:
-        _report(InputError(e.template.replace("{flag}", flags.get(e.field, e.field))), verbose)
-        return 2
     except OutputBusy as e:
         _report(e, verbose, suffix="; wait for it to end (or run with --wait), or choose another --output")
         return 2
-    except InputError as e:
-        _report(e, verbose)
+    except InputError as e:  # a SpecError too: each spec field it names is said as its flag
+        _report(e, verbose, flags=flags)
         return 2
     except (OutputError, NumericalError, HubUnreachable) as e:
-        _report(e, verbose, suffix=_output_advice(e))
+        _report(e, verbose, suffix=_output_advice(e), flags=flags)
         return 1
     except KeyboardInterrupt as e:
         console.error(interrupted)
@@ -533,10 +340,12 @@ def _output_advice(error: Exception) -> str:
     return ""
 
 
-def _report(error: Exception, verbose: bool, prefix: str = "error: ", suffix: str = "") -> None:
+def _report(error: Exception, verbose: bool, prefix: str = "error: ", suffix: str = "",
+            flags: dict | None = None) -> None:
     if verbose:
         traceback.print_exception(error)
-    message = " ".join(line.strip() for line in str(error).splitlines())  # one line, always
+    text = error.named(flags or {}) if isinstance(error, FieldMessage) else str(error)
+    message = " ".join(line.strip() for line in text.splitlines())  # one line, always
     Console().error(f"{prefix}{message}{suffix}")
 
 

@@ -2,10 +2,35 @@
 
 `InputError` and its subclasses are the user's to fix (exit status 2); anything else that escapes
 is a failure of the tool or the machine (exit status 1).
+
+Below the command line a message names a setting by its spec field, written `{flag:FIELD}`
+(`{flag:noising_every}`): `str(error)` shows the field's name, and the command line shows the flag
+that sets it (`error.named(flags)`), so that no module below it spells a flag.
 """
 
+import re
 
-class InputError(ValueError):
+_FIELD = re.compile(r"\{flag:([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def name_fields(template: str, names: dict) -> str:
+    """`template` with each `{flag:FIELD}` replaced by names[FIELD], or by FIELD itself."""
+    return _FIELD.sub(lambda m: names.get(m[1], m[1]), template)
+
+
+class FieldMessage(Exception):
+    """An error whose message may name spec fields as `{flag:FIELD}` (see the module's text)."""
+
+    def __init__(self, message: str = ""):
+        self.template = message
+        super().__init__(self.named({}))
+
+    def named(self, names: dict) -> str:
+        """The message with each field named as `names` says (a field -> its flag)."""
+        return name_fields(self.template, names)
+
+
+class InputError(FieldMessage, ValueError):
     """Bad input: an argument, an image file, a model folder. The message says what to do."""
 
 
@@ -25,7 +50,7 @@ class NumericalError(Exception):
     """NaN or Inf appeared in the latents (e.g. float16 overflow); exit status 1."""
 
 
-class HubUnreachable(Exception):
+class HubUnreachable(FieldMessage):
     """The model hub did not answer and no cached copy exists (exit status 1): the machine's
     network failed the run, not its input."""
 

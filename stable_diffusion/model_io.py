@@ -68,17 +68,17 @@ def resolve_model(spec: str, variant: str | None = None, vae: str | Path | None 
         return single_file.folder_view(folder, vae, prediction_type), _replaced(source, vae, prediction_type)
     name, revision = parse_model_spec(spec)
     path = Path(name).expanduser()
-    given = [("--model", path, "a model folder, a .safetensors checkpoint or a hub id")]
+    given = [("model", path, "a model folder, a .safetensors checkpoint or a hub id")]
     if vae is not None:
-        given.append(("--vae", Path(vae).expanduser(), "a VAE folder or an LDM VAE .safetensors file"))
-    for flag, where, wanted in given:
+        given.append(("vae", Path(vae).expanduser(), "a VAE folder or an LDM VAE .safetensors file"))
+    for field_name, where, wanted in given:
         kind = special_file(where)
         if kind is not None:
-            raise ModelError(f"{flag} {where} is {kind}; pass {wanted}")
+            raise ModelError(f"{{flag:{field_name}}} {where} is {kind}; pass {wanted}")
     if path.is_file():
         if path.suffix.lower() != ".safetensors":
             refuse_pickle(path)
-            raise ModelError(f"--model {spec}: {path} is a file but not .safetensors; pass a "
+            raise ModelError(f"{{flag:model}} {spec}: {path} is a file but not .safetensors; pass a "
                              "single-file checkpoint (.safetensors) or a diffusers folder")
         return single_file.view_folder(path, vae, prediction_type)
     if vae is not None or prediction_type is not None:
@@ -94,7 +94,7 @@ def resolve_model(spec: str, variant: str | None = None, vae: str | Path | None 
 
 
 def _replaced(source: dict, vae, prediction_type) -> dict:
-    """A model's source record with what --vae and --prediction_type replaced in it."""
+    """A model's source record with what `vae` and `prediction_type` replaced in it."""
     return dict(source, **({"vae": str(Path(vae).resolve())} if vae is not None else {}),
                 **({"prediction_type": prediction_type} if prediction_type is not None else {}))
 
@@ -117,7 +117,8 @@ def _not_a_model(spec: str, name: str) -> str:
         return (f"unknown model alias {spec!r} ({hint}aliases: {', '.join(names)}); pass an alias, "
                 "a hub id owner/name[@revision] or a local folder in the diffusers layout")
     return (f"model {spec!r} is neither a folder nor a hub id owner/name[@revision] "
-            f"(aliases: {', '.join([*ALIASES, *PACKAGED])}); check the path, or pass --model with a local folder")
+            f"(aliases: {', '.join([*ALIASES, *PACKAGED])}); check the path, or pass {{flag:model}} "
+            "with a local folder")
 
 
 def hub_timeout() -> float:
@@ -146,8 +147,8 @@ def _download(repo_id: str, revision: str | None, variant: str | None,
     shown = f"{repo_id}@{revision}" if revision else repo_id
     local_help = (f"download it on a connected machine (hf download {repo_id}"
                   + (f" --revision {revision}" if revision else "")
-                  + ") or pass --model with a local folder in the diffusers layout; --model shapes "
-                  "runs the small model that ships with this package, offline")
+                  + ") or pass {flag:model} with a local folder in the diffusers layout; {flag:model} "
+                  "shapes runs the small model that ships with this package, offline")
 
     # 1. Ask the hub about the revision, within a bounded time. Without an answer (offline,
     #    unreachable, down) the local cache decides.
@@ -276,11 +277,11 @@ def resolve_tiny_autoencoder(spec: str | None, family: str) -> tuple[Path, dict]
     try:
         folder = _download(name, revision, None, patterns=_TAESD_FILES)
     except (ModelError, HubUnreachable) as e:
-        reason = str(e).split("; ")[0]
+        reason = e.template.split("; ")[0]
         # The same kind (a missing cache is the user's to fix, an unreachable hub the machine's).
         raise type(e)(f"cannot get the TAESD preview decoder: {reason}; fetch it on a connected "
                       f"machine (hf download {name}), pass a local AutoencoderTiny folder with "
-                      "--taesd, or use the approximate preview (--preview approx)") from None
+                      "{flag:taesd}, or use the approximate preview ({flag:preview} approx)") from None
     return folder, {"model": name, "revision": revision or "main", "commit": folder.name,
                     "source": "hub"}
 

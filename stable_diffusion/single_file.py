@@ -172,10 +172,10 @@ def detect_family(shapes: dict, path: Path, vae_given: bool = False) -> str:
         return any(k.startswith(prefix) for k in keys)
 
     if has(UNET) and not has(VAE) and not vae_given:
-        raise ModelError(f"{path} holds no VAE ({VAE}*): pass one with --vae (a diffusers VAE "
+        raise ModelError(f"{path} holds no VAE ({VAE}*): pass one with {{flag:vae}} (a diffusers VAE "
                          "folder or an LDM VAE .safetensors)")
     if not has(UNET):
-        what = ("a VAE alone (pass it with --vae)" if any("encoder.down." in k for k in keys)
+        what = ("a VAE alone (pass it with {flag:vae})" if any("encoder.down." in k for k in keys)
                 else "a LoRA or other add-on" if any("lora" in k for k in keys)
                 else "not an LDM checkpoint")
         raise ModelError(f"{path} has no {UNET}* tensors: {what}; pass a Stable Diffusion "
@@ -664,32 +664,33 @@ def _write_vae_replacement(folder: Path, vae: Path, scaling: float) -> None:
     if vae.is_dir():
         source = vae / "vae" if (vae / "vae" / "config.json").is_file() else vae
         if not (source / "config.json").is_file():
-            raise ModelError(f"--vae {vae}: no config.json (nor vae/config.json); pass a diffusers VAE "
-                             "folder, a model folder, or an LDM VAE .safetensors file")
+            raise ModelError(f"{{flag:vae}} {vae}: no config.json (nor vae/config.json); pass a diffusers "
+                             "VAE folder, a model folder, or an LDM VAE .safetensors file")
         try:
             VAEConfig.from_diffusers(load_json(source / "config.json"))
         except ConfigError as e:
-            raise ModelError(f"--vae {source / 'config.json'}: {e}") from None
+            raise ModelError(f"{{flag:vae}} {source / 'config.json'}: {e.template}") from None
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copy(source / "config.json", folder / "config.json")
         _write_json(folder / POINTER, {"folder": str(source)})
         return
     if not vae.is_file():
-        raise ModelError(f"--vae {vae}: no such file or folder")
+        raise ModelError(f"{{flag:vae}} {vae}: no such file or folder")
     refuse_pickle(vae)
     header = read_safetensors_header(vae)
     metadata = header.pop("__metadata__", None) or {}
     prefix = VAE if any(k.startswith(VAE) for k in header) else ""
     if not any(k.startswith(prefix + "encoder.down.") for k in header):
-        raise ModelError(f"--vae {vae}: no LDM VAE tensors (encoder.down.*); pass an LDM VAE file "
+        raise ModelError(f"{{flag:vae}} {vae}: no LDM VAE tensors (encoder.down.*); pass an LDM VAE file "
                          "or a diffusers VAE folder")
     ckpt = _VAEFile(vae, header, metadata)
     config = vae_config(ckpt, prefix, scaling)
     try:
         VAEConfig.from_diffusers(config)
     except ConfigError as e:
-        raise ModelError(f"--vae {vae}: its tensors do not describe a standard LDM VAE ({e}); pass "
-                         "another VAE file, or a diffusers VAE folder with its config.json") from None
+        raise ModelError(f"{{flag:vae}} {vae}: its tensors do not describe a standard LDM VAE "
+                         f"({e.template}); pass another VAE file, or a diffusers VAE folder with its "
+                         "config.json") from None
     _write_json(folder / "config.json", config)
     _write_json(folder / POINTER, {"file": str(vae), "prefix": prefix, "kind": "vae", "config": config})
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .choices import NOISING_PATHS
-from .errors import InputError
+from .errors import InputError, name_fields
 
 SNAPSHOT_KINDS = ("xt", "x0", "both")
 ALIGNS = ("steps", "time")
@@ -34,12 +34,15 @@ MAX_REFINE = 50
 
 class SpecError(InputError):
     """A value of a spec is wrong. `field` names it; `{flag}` in the message is where the caller's
-    name for it goes (a flag on the command line, a keyword in Python)."""
+    name for it goes (a flag on the command line, a keyword in Python), and `{flag:FIELD}` the name
+    of another field (errors.py)."""
 
     def __init__(self, field_name: str, message: str):
-        super().__init__(message.replace("{flag}", field_name))
         self.field = field_name
-        self.template = message
+        super().__init__(message)
+
+    def named(self, names: dict) -> str:
+        return name_fields(self.template.replace("{flag}", f"{{flag:{self.field}}}"), names)
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,7 @@ class RunSpec:
         _check_int("n_images", spec.n_images, 1, MAX_IMAGES)
         _check_int("n_rows", spec.n_rows, 1, MAX_IMAGES)
         if spec.n_images % spec.n_rows:
-            raise SpecError("n_rows", f"--n_images {spec.n_images} is not divisible by {{flag}} "
+            raise SpecError("n_rows", f"{{flag:n_images}} {spec.n_images} is not divisible by {{flag}} "
                                       f"{spec.n_rows}; make the image count a multiple of the row count")
         if spec.triangle and spec.n_images != 1:
             raise SpecError("n_images", "the triangle shows one picture per cell: use {flag} 1 with it")
@@ -150,18 +153,18 @@ class RunSpec:
         if c.animate is not None:
             _check_choice("animate", c.animate, ANIMATION_FORMATS)
         if spec.triangle and c.last is not None:
-            raise SpecError("last", "{flag} is not used with the triangle, which keeps every -sd step; "
-                                    "leave it out")
+            raise SpecError("last", "{flag} is not used with the triangle, which keeps every "
+                                    "{flag:every} step; leave it out")
         if not spec.triangle and (c.labels or c.low_top):
             raise SpecError("labels" if c.labels else "low_top",
-                            "{flag} only applies to the triangle (-gt); leave it out")
+                            "{flag} only applies to the triangle ({flag:triangle}); leave it out")
         if not spec.img2img and c.noising_every is not None:
             raise SpecError("noising_every", "{flag} shows the noising of an input picture; "
                                              "text to image has none")
         inverted = c.noising_path == "inversion"
         if c.noising_path not in ("shared", "inversion") and c.noising_every is None:
-            raise SpecError("noising_path", "{flag} chooses the path --show_noising draws; add "
-                                            "--show_noising N")
+            raise SpecError("noising_path", "{flag} chooses the path {flag:noising_every} draws; add "
+                                            "{flag:noising_every} N")
         if inverted != (spec.inversion is not None):
             raise SpecError("noising_path", "the inversion settings go with {flag} inversion")
         if inverted and not spec.img2img:
@@ -177,22 +180,22 @@ class RunSpec:
                            ("preview", c.preview != "vae")):
             if idle and not frames:
                 raise SpecError(name, "{flag} acts on saved frames, and this run saves none: add "
-                                      "-sd N, --save_last_N N or --show_noising N")
+                                      "{flag:every} N, {flag:last} N or {flag:noising_every} N")
         if spec.img2img and _same_or_ours(spec.image, spec.output):
             raise SpecError("output", f"{{flag}} {spec.output} would overwrite the input picture "
-                                      f"{spec.image}; choose another --output")
+                                      f"{spec.image}; choose another {{flag}}")
         _check_choice("align", c.align, ALIGNS)
         if c.align != "steps" and not spec.triangle:
-            raise SpecError("align", "{flag} only applies to the triangle (-gt); leave it out")
+            raise SpecError("align", "{flag} only applies to the triangle ({flag:triangle}); leave it out")
         if c.keep_best and (c.last is None or spec.triangle):
             raise SpecError("keep_best", "{flag} picks the best of the last N steps of a single run: "
-                                         "add --save_last_N N (and leave out -gt)")
+                                         "add {flag:last} N (and leave out {flag:triangle})")
         _check_choice("format", c.format, tuple(PICTURE_SUFFIXES))
         if spec.output.suffix.lower() not in PICTURE_SUFFIXES[c.format]:
             raise SpecError("output", f"{{flag}} {spec.output} must end in "
                                       f"{' or '.join(PICTURE_SUFFIXES[c.format])} for {c.format} pictures")
         if c.taesd is not None and c.preview != "taesd":
-            raise SpecError("taesd", "{flag} names the decoder of --preview taesd; add that")
+            raise SpecError("taesd", "{flag} names the decoder of {flag:preview} taesd; add that")
         if spec.size is not None:
             h, w = spec.size
             if h < 64 or w < 64 or h % 64 or w % 64:

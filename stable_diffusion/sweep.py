@@ -290,7 +290,8 @@ def expand(base: RunSpec, grid: Grid, folder: Path, pattern: str | None = None) 
         raise SpecError("grid", f"{{flag}} makes {grid.size} runs; at most {MAX_RUNS}")
     if base.triangle and "strength" in dict(grid.axes):
         raise SpecError("strengths", "{flag} and the triangle both set strengths; give the "
-                                     "triangle's with --triangle_strengths, or sweep without -gt")
+                                     "triangle's with {flag:triangle_strengths}, or sweep without "
+                                     "{flag:triangle}")
     for name, known in (("sampler", SAMPLER_NAMES), ("schedule", SCHEDULES)):
         for value in grid.values(name):
             if value not in known:

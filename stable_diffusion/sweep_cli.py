@@ -1,5 +1,5 @@
 """The command line of `sd-sweep` / `python sweep.py`: the flags of image2image or txt2image (the
-one argument builder, cli.build_parser), with the grid's fields taking lists and ranges.
+options table, through cli.build_parser), with the grid's fields taking lists and ranges.
 
     sd-sweep image2image in.png "a barn" --strengths 0.1:1.0:0.1 --seeds 1-8 --cfg 5,7.5 -o out
     sd-sweep txt2image --prompts prompts.txt --seeds 1-4 --steps 20,30 -o out
@@ -18,7 +18,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import cli
+from . import cli, options
 from .console import Console
 from .errors import InputError
 from .spec import SpecError
@@ -63,12 +63,12 @@ def build_sweep_parser(command: str) -> argparse.ArgumentParser:
     s.add_argument("--sheet-every", "--sheet_every", dest="sheet_every", type=int, default=10,
                    metavar="N", help="redraw the contact sheet every N runs (default 10; 0: at the "
                    "end only)")
-    s.add_argument("--sheet-cell", "--sheet_cell", dest="sheet_cell", type=cli._positive_int,
+    s.add_argument("--sheet-cell", "--sheet_cell", dest="sheet_cell", type=options.positive_int,
                    default=256, metavar="PX", help="largest side of a picture on the sheet (default 256)")
     s.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS", help="send the runs to a "
                    "Ray cluster: auto (the cluster this machine belongs to), local (start one here) "
                    "or the head's address; needs pip install 'mlx-sd-trajectory[ray]'")
-    s.add_argument("--workers", type=cli._positive_int, metavar="N",
+    s.add_argument("--workers", type=options.positive_int, metavar="N",
                    help="Ray worker processes, each holding one model (default: the cluster's CPUs)")
     return p
 

@@ -11,6 +11,7 @@ from safetensors.numpy import load_file, save_file
 
 from stable_diffusion import model_io
 from stable_diffusion.errors import InputError, ModelError
+from stable_diffusion.options import FLAGS
 from stable_diffusion.ops import weight_dtype
 from stable_diffusion.taesd import (PreviewDecoder, TinyAutoencoderConfig, load_preview,
                                     load_tiny_autoencoder)
@@ -187,7 +188,7 @@ def test_family_default_through_the_hub_cache(taesd_cache):
 def test_offline_without_the_decoder_suggests_the_approximate_preview(taesd_cache):
     with pytest.raises(ModelError) as err:
         load_preview(None, "sdxl")
-    message = str(err.value)
+    message = err.value.named(FLAGS)  # as the command line says it: each spec field as its flag
     for words in ("madebyollin/taesdxl is not in the local hub cache", "HF_HUB_OFFLINE is set",
                   "hf download madebyollin/taesdxl", "--preview approx"):
         assert words in message

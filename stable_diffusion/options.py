@@ -1,0 +1,331 @@
+"""The one table of options: every argument of image2image, txt2image and the sweep's base parser,
+with the spec field it sets, how it is read, its default and help, and how a replay writes it.
+
+Built from it (and from nowhere else): the parsers (cli.build_parser, the base of
+sweep_cli.build_sweep_parser), the flag that names each spec field in messages (`FLAGS`; errors
+below the command line name fields, errors.py), and the arguments that make a run again
+(`replay_argv`). Adding an option is adding a row. Nothing here builds a parser or imports mlx.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import MISSING, dataclass, replace
+from dataclasses import fields as dataclass_fields
+from typing import Callable
+
+from .choices import SAMPLER_NAMES as SAMPLER_CHOICES, SCHEDULES as SCHEDULE_CHOICES
+from .spec import (ALIGNS, ANIMATION_FORMATS, DTYPES, NOISING_PATHS, PICTURE_SUFFIXES, PREVIEWS,
+                   SNAPSHOT_KINDS, Capture, Inversion, ModelSpec, RunSpec)
+
+BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
+              "0": False, "false": False, "no": False, "off": False}
+
+
+def parse_flag(text: str) -> bool:
+    try:
+        return BOOL_WORDS[text.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"expected 1/0, true/false or yes/no, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {value}")
+    return value
+
+
+def strength_list(text: str) -> tuple:
+    try:
+        return tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:  # an empty item too: "0.5,,0.6" or ""
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+# The parsers a row belongs to: each command, and the base of the sweep over it (sweep_cli.py).
+IMAGE2IMAGE, TXT2IMAGE = "image2image", "txt2image"
+SWEEP_IMAGE2IMAGE, SWEEP_TXT2IMAGE = "sweep image2image", "sweep txt2image"
+ALL = frozenset((IMAGE2IMAGE, TXT2IMAGE, SWEEP_IMAGE2IMAGE, SWEEP_TXT2IMAGE))
+IMAGE = frozenset((IMAGE2IMAGE, SWEEP_IMAGE2IMAGE))
+TEXT = frozenset((TXT2IMAGE, SWEEP_TXT2IMAGE))
+SINGLE = frozenset((IMAGE2IMAGE, TXT2IMAGE))
+SWEEP = frozenset((SWEEP_IMAGE2IMAGE, SWEEP_TXT2IMAGE))
+
+
+def parser_name(command: str, sweep: bool = False) -> str:
+    return f"sweep {command}" if sweep else command
+
+
+# How a replay writes an option: a value always (`--seed=3`), a value unless it is the spec
+# field's default, a bare flag when true (`--curve`), or a positional argument.
+ALWAYS, CHANGED, BARE, POSITIONAL = "always", "changed", "bare", "positional"
+
+
+@dataclass(frozen=True)
+class Replay:
+    rank: int  # its place among the replay's values (then the bare flags): sidecars hold this order
+    how: str = CHANGED
+    write: Callable = str  # the value -> its text
+    when: Callable | None = None  # the spec -> whether the option applies to it at all
+
+
+@dataclass(frozen=True)
+class Option:
+    flags: tuple  # as argparse takes them; a positional's name alone
+    # The field it sets, as a path: "seed" (RunSpec), "capture.every", "inversion.cfg",
+    # "model.dtype" (ModelSpec); None: a setting of the command, not of the run.
+    field: str | None
+    help: str | None = None
+    group: str | None = None  # its section in --help (None: argparse's own)
+    parsers: frozenset = ALL
+    parse: Callable | None = None  # argparse's `type`
+    choices: tuple | None = None
+    default: object = None  # argparse's; a replay compares with the spec field's own default
+    nargs: str | None = None
+    const: object = None
+    action: str | None = None
+    metavar: str | None = None
+    dest: str | None = None
+    name: str | None = None  # the field's name in messages, where the path's does not say it
+    main_flag: str | None = None  # the flag messages and replays use, where it is not the first
+    replay: Replay | None = None  # None: not replayed
+
+    @property
+    def flag(self) -> str:
+        return self.main_flag or self.flags[0]
+
+    @property
+    def positional(self) -> bool:
+        return not self.flags[0].startswith("-")
+
+    @property
+    def field_name(self) -> str | None:
+        """The name messages use: the field's, with the inversion's prefixed (its cfg is not the run's)."""
+        if self.name is not None or self.field is None:
+            return self.name
+        head, _, tail = self.field.rpartition(".")
+        return f"inversion_{tail}" if head == "inversion" else tail
+
+    def arguments(self) -> dict:
+        """The keyword arguments of argparse's add_argument."""
+        given = {"type": self.parse, "choices": self.choices, "default": self.default,
+                 "nargs": self.nargs, "const": self.const, "action": self.action,
+                 "metavar": self.metavar, "dest": self.dest, "help": self.help}
+        return {key: value for key, value in given.items() if value is not None}
+
+
+def _float(value) -> str:
+    return repr(float(value))
+
+
+MODEL = "model and sampling"
+SAVE = "what to save"
+TERMINAL = "output on the terminal"
+
+OPTIONS = (
+    Option(("image",), "image", "input picture (any format Pillow reads)", parsers=IMAGE,
+           replay=Replay(0, POSITIONAL, os.path.abspath, when=lambda spec: spec.img2img)),
+    Option(("prompt",), "prompt", "the text prompt (may be empty: unconditional)", parsers=SINGLE,
+           replay=Replay(1, POSITIONAL)),
+    Option(("prompt",), "prompt", "the text prompt (or --prompts FILE)", parsers=SWEEP, nargs="?"),
+
+    Option(("--model",), "model.model", group=MODEL, default="sd", replay=Replay(10, ALWAYS), help=(
+        "sd (stabilityai/stable-diffusion-2-1-base: SD 2.1 base, 512 px), sdxl "
+        "(stabilityai/sdxl-turbo: 512 px, few steps), sd15 (stable-diffusion-v1-5/"
+        "stable-diffusion-v1-5: SD 1.5, 512 px), sd21 (stabilityai/stable-diffusion-2-1: "
+        "768 px, v-prediction), sdxl-base (stabilityai/stable-diffusion-xl-base-1.0: "
+        "1024 px); a hub id[@revision], a local diffusers folder or a single-file "
+        ".safetensors checkpoint (default: sd)")),
+    Option(("--vae",), "model.vae", "replace the model's VAE: a diffusers VAE folder or an LDM VAE "
+           ".safetensors file", MODEL, replay=Replay(170, write=lambda v: v and os.path.abspath(v))),
+    Option(("--prediction_type",), "model.prediction_type", "what the UNet predicts, for a single file "
+           "that does not say (SD 2.x 768 models: v_prediction)", MODEL,
+           choices=("epsilon", "v_prediction"), replay=Replay(180)),
+    Option(("--strength",), "strength", "how deep to noise the picture, 0 < s <= 1 (default 0.9)", MODEL,
+           IMAGE, float, default=0.9,
+           replay=Replay(80, ALWAYS, _float, when=lambda spec: spec.img2img and not spec.triangle)),
+    Option(("--steps",), "steps", "sampler steps for strength 1 (model default: sd 50, sdxl 2)", MODEL,
+           parse=int, replay=Replay(30, ALWAYS)),
+    Option(("--sampler",), "sampler", "the sampler (default: the one the model's scheduler config names)",
+           MODEL, choices=SAMPLER_CHOICES, replay=Replay(50, ALWAYS)),
+    Option(("--schedule",), "schedule", "the times visited: linear (default; from the exact start t = "
+           "strength x 1000, evenly spaced), diffusers (as the model's scheduler config does in "
+           "diffusers), karras, exponential", MODEL, choices=SCHEDULE_CHOICES,
+           replay=Replay(60, ALWAYS)),
+    Option(("--cfg",), "cfg", "guidance weight; 0 is a value (model default: sd 7.5, sdxl 0)", MODEL,
+           parse=float, replay=Replay(40, ALWAYS, _float)),
+    Option(("--negative_prompt", "--negative-prompt"), "negative_prompt", group=MODEL, default="",
+           replay=Replay(130)),
+    Option(("--seed",), "seed", "random when absent; always reported and recorded", MODEL, parse=int,
+           replay=Replay(20, ALWAYS)),
+    Option(("--n_images", "--n-images"), "n_images", group=MODEL, parse=positive_int, default=1,
+           replay=Replay(140)),
+    Option(("--n_rows", "--n-rows"), "n_rows", group=MODEL, parse=positive_int, default=1,
+           replay=Replay(150)),
+    Option(("--size",), "size", "HEIGHTxWIDTH in pixels, multiples of 64 (default: the model's native "
+           "size)", MODEL, TEXT, replay=Replay(90, write=lambda hw: f"{hw[0]}x{hw[1]}")),
+    Option(("--dtype",), "model.dtype", "compute dtype (default: float16 on a GPU; on the CPU bfloat16 "
+           "where it has AVX512_BF16 and the native kernels are built, else float32; -v says which)",
+           MODEL, choices=DTYPES, replay=Replay(160)),
+    Option(("--no-float16",), None, "same as --dtype float32", MODEL, action="store_true",
+           dest="no_float16"),
+    Option(("-q", "--quantize"), "model.quantize", "4-bit quantize the text encoders' and UNet's linear "
+           "layers (on a GPU; refused on the CPU, where MLX's 4-bit products are 50 to 1000 times "
+           "slower)", MODEL, action="store_true", main_flag="--quantize", replay=Replay(320, BARE)),
+    Option(("--preload-models",), None, "accepted for compatibility: every weight is read into memory "
+           "at load", MODEL, action="store_true", dest="preload_models"),
+
+    Option(("--output", "-o"), "output", "final picture; every other file is named after it (default "
+           "out.png, or the --output_format suffix)", SAVE),
+    Option(("--wait",), None, "when another run is writing the same --output, wait for it to end "
+           "(default: refuse at once)", SAVE, action="store_true"),
+    Option(("-sd", "--show_denoising"), "capture.every", "save a snapshot every N steps (plus the start "
+           "and the final)", SAVE, parse=positive_int, metavar="N", replay=Replay(190)),
+    Option(("--snapshot",), "capture.shows", "what a snapshot shows: the noisy latent xt (default), the "
+           "denoised estimate x0, or both side by side", SAVE, choices=SNAPSHOT_KINDS, default="xt",
+           replay=Replay(210)),
+    Option(("--save_last_N", "--save-last-n"), "capture.last", "save each of the last N steps", SAVE,
+           parse=positive_int, metavar="N", replay=Replay(200)),
+    Option(("--show_noising", "--show-noising"), "capture.noising_every", "save the forward path from "
+           "the picture into noise, a frame every N timesteps, and a strip of them", SAVE, IMAGE,
+           positive_int, metavar="N", replay=Replay(220)),
+    Option(("--noising_path", "--noising-path"), "capture.noising_path", "shared: one noise for every t "
+           "(default); independent: fresh noise per t; markov: the chain built from the betas; "
+           "inversion: DDIM inversion under a prompt, from which the denoising then starts", SAVE,
+           IMAGE, choices=NOISING_PATHS, default="shared", replay=Replay(230)),
+    Option(("--inversion_prompt", "--inversion-prompt"), "inversion.prompt", "the prompt the "
+           "inversion's UNet sees (default: the prompt)", SAVE, IMAGE, metavar="TEXT",
+           replay=Replay(120)),
+    Option(("--inversion_cfg", "--inversion-cfg"), "inversion.cfg", "guidance weight of the inversion "
+           "(default 1: the prompt alone)", SAVE, IMAGE, float, metavar="W",
+           replay=Replay(100, ALWAYS, _float)),
+    Option(("--inversion_refine", "--inversion-refine"), "inversion.refine", "fixed-point iterations "
+           "per inversion step (default 0: plain DDIM inversion)", SAVE, IMAGE, int, metavar="K",
+           replay=Replay(110, ALWAYS)),
+    Option(("-gt", "--generate_triangle"), "triangle", "save the triangle: one row per strength, each "
+           "row that run's snapshots (--output names the triangle picture)", SAVE, IMAGE, parse_flag,
+           default=False, nargs="?", const=True, metavar="1", replay=Replay(310, BARE)),
+    Option(("--triangle_strengths", "--triangle-strengths"), "strengths", "comma-separated increasing "
+           "strengths (default 0.1,0.2,...,1.0)", SAVE, IMAGE, strength_list,
+           name="triangle_strengths",
+           replay=Replay(70, ALWAYS, lambda values: ",".join(repr(float(s)) for s in values),
+                         when=lambda spec: spec.triangle)),
+    Option(("--triangle_low_top", "--triangle-low-top"), "capture.low_top", "put the lowest strength at "
+           "the top (default: at the bottom)", SAVE, IMAGE, action="store_true",
+           replay=Replay(340, BARE)),
+    Option(("--labels",), "capture.labels", "label triangle rows and cells", SAVE, IMAGE,
+           action="store_true", replay=Replay(330, BARE)),
+    Option(("--triangle_align", "--triangle-align"), "capture.align", "steps: rows left-aligned step by "
+           "step (default); time: each cell in the column of its t, so that columns are noise levels",
+           SAVE, IMAGE, choices=ALIGNS, default="steps", replay=Replay(290)),
+    Option(("--preview",), "capture.preview", "decode frames with the VAE (default), a cheap linear "
+           "approximation, or TAESD (a tiny learned decoder); the final picture is always decoded by "
+           "the VAE", SAVE, choices=PREVIEWS, default="vae", replay=Replay(240)),
+    Option(("--taesd",), "capture.taesd", "the TAESD of --preview taesd: a diffusers AutoencoderTiny "
+           "folder or hub id (default madebyollin/taesd, or taesdxl for SDXL)", SAVE, metavar="MODEL",
+           replay=Replay(250)),
+    Option(("--output_format", "--output-format"), "capture.format", "png (default), webp or jpeg for "
+           "every picture; the metadata goes in EXIF and XMP for webp and jpeg (default: from the "
+           "--output suffix)", SAVE, choices=tuple(PICTURE_SUFFIXES), replay=Replay(260)),
+    Option(("--animate",), "capture.animate", "an animation of the saved frames (noising, then "
+           "denoising)", SAVE, choices=ANIMATION_FORMATS, nargs="?", const="gif", replay=Replay(270)),
+    Option(("--curve",), "capture.curve", "draw the over-smoothing curve (detail and change per step) "
+           "as <output>.curve.png", SAVE, action="store_true", replay=Replay(350, BARE)),
+    Option(("--keep_best", "--keep-best"), "capture.keep_best", "write the step with the most detail "
+           "among the last N (--save_last_N) as <output>.best.png", SAVE, action="store_true",
+           replay=Replay(360, BARE)),
+    Option(("--decoding_batch_size", "--decoding-batch-size"), "capture.decode_batch", "latents decoded "
+           "at once (default 4)", SAVE, parse=positive_int, default=4, replay=Replay(280)),
+    Option(("-sp", "--save_prompt"), "capture.save_prompt", "write the prompt and parameters into every "
+           "PNG (default on; -sp 0 leaves them out)", SAVE, parse=parse_flag, default=True, nargs="?",
+           const=True, metavar="1", replay=Replay(300, write=lambda on: "1" if on else "0")),
+
+    Option(("--replay",), None, "make a picture of ours again from its metadata (flags given as well "
+           "override its values), or map another tool's `parameters` onto ours (image2image then "
+           "takes the input picture first)", metavar="PICTURE"),
+
+    Option(("-pp", "--print_parser"), None, "print the parsed arguments before work starts", TERMINAL,
+           parse=parse_flag, default=False, nargs="?", const=True, metavar="1"),
+    Option(("--quiet",), None, "no progress bars and no notices", TERMINAL, action="store_true"),
+    Option(("-v", "--verbose"), None, "more detail (BLAS, timings), and tracebacks on errors", TERMINAL,
+           action="store_true"),
+)
+
+
+def rows(parser: str) -> list:
+    """The rows of one parser ("image2image", "sweep txt2image", ...), in the table's order."""
+    return [row for row in OPTIONS if parser in row.parsers]
+
+
+def field_flags() -> dict:
+    """A spec field's name in messages -> the flag that sets it."""
+    flags = {}
+    for row in OPTIONS:
+        if row.field is not None and not row.positional:
+            flags.setdefault(row.field_name, row.flag)
+    return flags
+
+
+FLAGS = field_flags()
+
+
+def optional_values() -> dict:
+    """Each flag that takes an optional value -> the values it takes, its bare value first."""
+    return {flag: tuple(BOOL_WORDS) if row.parse is parse_flag else row.choices
+            for row in OPTIONS if row.nargs == "?" and not row.positional for flag in row.flags}
+
+
+# --- replay -------------------------------------------------------------------------------------
+
+_ABSENT = object()  # the field's container is absent (a run without inversion has no inversion.cfg)
+_CONTAINERS = {"capture": Capture, "inversion": Inversion, "model": ModelSpec}
+
+
+def _read(path: str, spec: RunSpec, model: ModelSpec):
+    head, *rest = path.split(".")
+    value = model if head == "model" and rest else getattr(spec, head)
+    for part in rest:
+        if value is None:
+            return _ABSENT
+        value = getattr(value, part)
+    return value
+
+
+def _spec_default(path: str):
+    head, _, tail = path.rpartition(".")
+    owner = _CONTAINERS[head] if head else RunSpec
+    for f in dataclass_fields(owner):
+        if f.name == tail:
+            return f.default_factory() if f.default is MISSING else f.default
+    raise KeyError(f"{path} is not a field of {owner.__name__}")
+
+
+def replay_argv(spec: RunSpec, model_arg: str, model: ModelSpec) -> list:
+    """The arguments that make the same files again: every resolved value and capture flag (the
+    model pinned to the revision that ran, `model_arg`). The output name is the caller's: add
+    --output. Values are joined to their flags (`--cfg=7.5`), so that one starting with "-" stays
+    a value."""
+    model = replace(model, model=model_arg)
+    values, bare, positional = [], [], []
+    for row in sorted((row for row in OPTIONS if row.replay is not None), key=lambda row: row.replay.rank):
+        how = row.replay
+        if how.when is not None and not how.when(spec):
+            continue
+        value = _read(row.field, spec, model)
+        if value is _ABSENT or (how.how == CHANGED and value == _spec_default(row.field)):
+            continue
+        if how.how == BARE:
+            if value:
+                bare.append(row.flag)
+        elif how.how == POSITIONAL:
+            positional.append(how.write(value))
+        else:
+            values.append(f"{row.flag}={how.write(value)}")
+    if any(p.startswith("-") for p in positional):  # argparse would read it as a flag
+        return values + bare + ["--"] + positional
+    return positional + values + bare

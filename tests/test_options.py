@@ -1,0 +1,205 @@
+"""The options table (stable_diffusion/options.py): the parsers, the flags in messages and the
+replay arguments are built from it, and agree with it. No model, no mlx."""
+
+import contextlib
+import io
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from stable_diffusion import cli, options
+from stable_diffusion.errors import HubUnreachable, ModelError
+from stable_diffusion.spec import Capture, Inversion, ModelSpec, RunSpec, SpecError
+from stable_diffusion.sweep_cli import SWEEP_FLAGS, build_sweep, build_sweep_parser
+
+PARSERS = [("image2image", False), ("txt2image", False), ("image2image", True), ("txt2image", True)]
+
+
+def _arguments(parser) -> tuple[set, set]:
+    """(option strings, positional names) of a parser, --help aside."""
+    flags, positional = set(), set()
+    for action in parser._actions:
+        if action.option_strings:
+            flags.update(s for s in action.option_strings if s not in ("-h", "--help"))
+        else:
+            positional.add(action.dest)
+    return flags, positional
+
+
+@pytest.mark.parametrize("command, sweep", PARSERS)
+def test_each_parser_has_exactly_the_rows_that_name_it(command, sweep):
+    parser = cli.build_parser(command, sweep=sweep)
+    rows = options.rows(options.parser_name(command, sweep))
+    flags, positional = _arguments(parser)
+    assert flags == {f for row in rows if not row.positional for f in row.flags}
+    assert positional == {row.flags[0] for row in rows if row.positional}
+    # Each row's dest, default and help as the table says.
+    by_flag = {s: action for action in parser._actions for s in action.option_strings or [action.dest]}
+    for row in rows:
+        action = by_flag[row.flags[0]]
+        assert all(by_flag[f] is action for f in row.flags)
+        assert action.help == row.help
+        assert action.default == (False if row.action == "store_true" and row.default is None
+                                  else row.default)
+        assert action.choices == row.choices and action.metavar == row.metavar
+
+
+def test_rows_are_for_known_parsers_and_name_real_spec_fields():
+    spec = RunSpec("p", Path("o.png"), image=Path("i.png"), inversion=Inversion())
+    names = []
+    for row in options.OPTIONS:
+        assert row.parsers and row.parsers <= options.ALL
+        if row.field is None:
+            assert row.replay is None  # a command's own setting is never replayed
+            continue
+        head, _, tail = row.field.rpartition(".")
+        owner = {"": spec, "capture": spec.capture, "inversion": spec.inversion,
+                 "model": ModelSpec()}[head]
+        assert hasattr(owner, tail), row.field
+        if not row.positional:
+            names.append(row.field_name)
+    # One flag per field name, so that messages cannot name the wrong one; no flag in two rows.
+    assert len(names) == len(set(names))
+    flags = [f for row in options.OPTIONS if not row.positional for f in row.flags]
+    assert len(flags) == len(set(flags))
+    ranks = [row.replay.rank for row in options.OPTIONS if row.replay is not None]
+    assert len(ranks) == len(set(ranks))
+
+
+def test_flags_of_fields_keep_the_names_messages_used():
+    before = {"strength": "--strength", "triangle_strengths": "--triangle_strengths", "steps": "--steps",
+              "cfg": "--cfg", "seed": "--seed", "n_images": "--n_images", "n_rows": "--n_rows",
+              "every": "-sd", "last": "--save_last_N", "shows": "--snapshot",
+              "noising_every": "--show_noising", "noising_path": "--noising_path", "preview": "--preview",
+              "animate": "--animate", "decode_batch": "--decoding_batch_size", "labels": "--labels",
+              "low_top": "--triangle_low_top", "output": "--output", "size": "--size",
+              "sampler": "--sampler", "schedule": "--schedule", "align": "--triangle_align",
+              "keep_best": "--keep_best", "inversion_cfg": "--inversion_cfg",
+              "inversion_refine": "--inversion_refine", "format": "--output_format", "taesd": "--taesd"}
+    assert {k: cli.FLAGS[k] for k in before} == before
+    assert cli.FLAGS["triangle"] == "-gt" and cli.FLAGS["quantize"] == "--quantize"
+    assert cli.FLAGS["model"] == "--model" and cli.FLAGS["vae"] == "--vae"
+    assert cli.FLAGS["inversion_prompt"] == "--inversion_prompt"
+
+
+def test_optional_values_are_the_flags_with_an_optional_value():
+    assert cli._OPTIONAL_VALUES == {**{f: tuple(options.BOOL_WORDS) for f in (
+        "-gt", "--generate_triangle", "-sp", "--save_prompt", "-pp", "--print_parser")},
+        "--animate": ("gif", "webp")}
+    args = cli.build_parser("image2image").parse_args(["-gt", "in.png", "a barn", "--animate", "-sp"])
+    assert (args.generate_triangle, args.animate, args.save_prompt) == (True, "gif", True)
+    assert (args.image, args.prompt) == ("in.png", "a barn")
+
+
+def _resolved(command: str, argv: list):
+    spec, model = cli.build_specs(command, cli.build_parser(command).parse_args(argv))
+    return replace(spec, seed=11, steps=9, cfg=7.5, sampler="euler", schedule="linear"), model
+
+
+ROUND_TRIPS = [
+    ("image2image", []),
+    ("image2image", ["-sd", "2", "--snapshot", "x0", "--save_last_N", "3", "--keep_best", "--curve",
+                     "--strength", "0.35", "--negative_prompt=-a dash", "--n_images", "4", "--n_rows", "2"]),
+    ("image2image", ["--show_noising", "20", "--noising_path", "markov", "--animate", "webp",
+                     "--preview", "approx", "--snapshot", "both", "-sp", "0", "--decoding_batch_size", "2"]),
+    ("image2image", ["--show_noising", "20", "--noising_path", "independent", "--dtype", "bfloat16",
+                     "--prediction_type", "v_prediction", "-q"]),
+    ("image2image", ["--noising_path", "inversion", "--inversion_cfg", "2.5", "--inversion_refine", "3",
+                     "--inversion_prompt=-inverted", "-sd", "1", "--preview", "taesd", "--taesd", "tiny"]),
+    ("image2image", ["--noising_path", "inversion"]),
+    ("image2image", ["-gt", "--triangle_strengths", "0.25,0.5,1", "--labels", "--triangle_low_top",
+                     "--triangle_align", "time", "-sd", "3", "--animate", "--output_format", "webp"]),
+    ("image2image", ["-gt", "--model", "shapes"]),
+    ("txt2image", []),
+    ("txt2image", ["--size", "128x192", "-sd", "1", "--save_last_N", "2", "--output_format", "jpeg",
+                   "--animate", "gif", "--preview", "approx"]),
+]
+
+
+@pytest.mark.parametrize("command, extra", ROUND_TRIPS)
+@pytest.mark.parametrize("prompt", ["a red barn", "-starts with a dash"])
+def test_replay_arguments_parse_back_to_the_same_spec(tmp_path, command, extra, prompt):
+    image = [str(tmp_path / "in.png")] if command == "image2image" else []
+    fmt = extra[extra.index("--output_format") + 1] if "--output_format" in extra else "png"
+    output = tmp_path / ("out." + {"jpeg": "jpg"}.get(fmt, fmt))
+    vae = ["--vae", str(tmp_path / "vae.safetensors")] if "-q" in extra else []
+    spec, model = _resolved(command, [*extra, *vae, "--output", str(output), "--", *image, prompt])
+    # --output first: after a "--" (a prompt starting with "-") it would be read as a positional.
+    argv = ["--output", str(output), *cli.replay_argv(spec, model.model + "@main", model)]
+    again, model_again = _resolved(command, argv)
+    assert again == spec
+    assert model_again == replace(model, model=model.model + "@main")
+
+
+def test_replay_arguments_are_written_as_sidecars_hold_them(tmp_path):
+    spec, model = _resolved("image2image", [str(tmp_path / "in.png"), "p", "-gt", "-sd", "3", "--animate",
+                                            "--labels", "-sp", "0", "--triangle_low_top", "--triangle_align",
+                                            "time", "--triangle_strengths", "0.3,0.6", "--vae", "v",
+                                            "--output", str(tmp_path / "o.png")])
+    assert cli.replay_argv(spec, "sd@abc", model) == [
+        str(tmp_path / "in.png"), "p", "--model=sd@abc", "--seed=11", "--steps=9", "--cfg=7.5",
+        "--sampler=euler", "--schedule=linear", "--triangle_strengths=0.3,0.6",
+        f"--vae={Path('v').resolve()}", "-sd=3", "--animate=gif", "--triangle_align=time", "-sp=0",
+        "-gt", "--labels", "--triangle_low_top"]
+    spec, model = _resolved("image2image", ["--noising_path", "inversion", "--", str(tmp_path / "in.png"),
+                                            "-p"])
+    assert cli.replay_argv(spec, "sd", model) == [
+        "--model=sd", "--seed=11", "--steps=9", "--cfg=7.5", "--sampler=euler", "--schedule=linear",
+        "--strength=0.9", "--inversion_cfg=1.0", "--inversion_refine=0", "--noising_path=inversion",
+        "--", str(tmp_path / "in.png"), "-p"]
+
+
+def _stderr_of(command: str, argv: list) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = cli.main(command, argv)
+    return status, err.getvalue()
+
+
+def test_spec_errors_name_fields_and_the_command_line_names_flags(tmp_path):
+    spec = RunSpec("p", tmp_path / "o.png", image=tmp_path / "in.png", capture=Capture(animate="gif"))
+    with pytest.raises(SpecError) as caught:
+        spec.validate()
+    assert str(caught.value) == ("animate acts on saved frames, and this run saves none: add every N, "
+                                 "last N or noising_every N")
+    assert caught.value.named(cli.FLAGS) == (
+        "--animate acts on saved frames, and this run saves none: add -sd N, --save_last_N N or "
+        "--show_noising N")
+    status, err = _stderr_of("image2image", [str(tmp_path / "in.png"), "p", "--animate",
+                                             "-o", str(tmp_path / "o.png")])
+    assert status == 2 and err == ("error: --animate acts on saved frames, and this run saves none: add "
+                                   "-sd N, --save_last_N N or --show_noising N\n")
+    status, err = _stderr_of("image2image", [str(tmp_path / "in.png"), "p", "--keep_best", "-gt",
+                                             "-o", str(tmp_path / "o.png")])
+    assert status == 2 and "add --save_last_N N (and leave out -gt)" in err
+
+
+def test_model_errors_name_fields_and_the_command_line_names_flags(tmp_path):
+    from stable_diffusion.model_io import resolve_model
+
+    missing = tmp_path / "no-vae"
+    with pytest.raises(ModelError) as caught:
+        resolve_model("shapes", vae=missing)
+    assert str(caught.value) == f"vae {missing}: no such file or folder"
+    assert caught.value.named(cli.FLAGS) == f"--vae {missing}: no such file or folder"
+    error = HubUnreachable("x is not cached; pass {flag:model} with a folder")
+    assert str(error) == "x is not cached; pass model with a folder"
+    assert error.named(cli.FLAGS) == "x is not cached; pass --model with a folder"
+    text = tmp_path / "model.txt"
+    text.write_text("hello")
+    status, err = _stderr_of("txt2image", ["p", "--model", str(text), "-o", str(tmp_path / "o.png")])
+    assert status == 2 and err.startswith(f"error: --model {text}: {text} is a file but not .safetensors")
+
+
+def test_sweep_names_its_own_flags_and_the_single_commands(tmp_path):
+    args = build_sweep_parser("image2image").parse_args(
+        [str(tmp_path / "in.png"), "p", "-gt", "--strengths", "0.2,0.4", "-o", str(tmp_path / "s")])
+    with pytest.raises(SpecError) as caught:
+        build_sweep("image2image", args)
+    assert caught.value.named(SWEEP_FLAGS) == (
+        "--strengths and the triangle both set strengths; give the triangle's with --triangle_strengths, "
+        "or sweep without -gt")
+    # A user's name pattern keeps its own braces: only {flag:FIELD} names a field.
+    error = SpecError("name", "{flag} 's{seed:04d}' uses {seed}; add {flag:seed}")
+    assert error.named(SWEEP_FLAGS) == "--name 's{seed:04d}' uses {seed}; add --seed"
