@@ -168,4 +168,4 @@ def default_cpu_dtype() -> tuple[str, str]:
     when = "measured now" if now else f"measured once, kept in {cache_path()}"
     return dtype, (f"dtype {dtype} by default: the faster here ({when}: a 3x3 convolution and a linear "
                    f"layer take {s['float32'] * 1e3:.0f} ms in float32, {s['bfloat16'] * 1e3:.0f} ms in "
-                   "bfloat16 with the CPU's AVX512_BF16); --dtype chooses")
+                   "bfloat16 with the CPU's AVX512_BF16); {flag:dtype} chooses")

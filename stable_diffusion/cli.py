@@ -253,7 +253,7 @@ def run_command(body, argv: list, flags: dict = FLAGS,
     `interrupted` is said of an interrupt the body did not handle itself)."""
     verbose = "-v" in argv or "--verbose" in argv
     open_standard_streams()
-    console = Console(quiet="--quiet" in argv, verbose=verbose)
+    console = Console(quiet="--quiet" in argv, verbose=verbose, names=flags)
     with signals.handled():
         return _reported(body, console, flags, interrupted, verbose)
 
@@ -296,7 +296,7 @@ def _command(command: str, typed: list, console: Console) -> int:
     for line in notes:
         console.notice(line)
     args = build_parser(command).parse_args(argv)
-    console = Console(args.quiet, args.verbose)
+    console = Console(args.quiet, args.verbose, names=FLAGS)
     if args.print_parser:
         for key, value in sorted(vars(args).items()):
             console.say(f"{key}: {value!r}")

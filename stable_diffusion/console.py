@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .errors import name_fields
 
 def _write(stream, line: str) -> None:
     """Print a line; a reader that has gone (`| head -1`) or a device that takes no more
@@ -56,6 +58,9 @@ def open_standard_streams() -> None:
 class Console:
     quiet: bool = False
     verbose: bool = False
+    # A spec field -> the name its caller knows it by: lines below the command line name fields
+    # as `{flag:FIELD}` (errors.py), and the command line's console names them as its flags.
+    names: dict = field(default_factory=dict)
 
     @property
     def bars(self) -> bool:
@@ -70,7 +75,7 @@ class Console:
 
     def notice(self, line: str) -> None:
         if not self.quiet:
-            _write(sys.stderr, f"note: {line}")
+            _write(sys.stderr, f"note: {name_fields(line, self.names)}")
 
     def error(self, line: str) -> None:
         """Always shown, even with --quiet: how the run ended."""
@@ -78,7 +83,7 @@ class Console:
 
     def detail(self, line: str) -> None:
         if self.verbose:
-            _write(sys.stderr, line)
+            _write(sys.stderr, name_fields(line, self.names))
 
     def progress(self, steps, total: int, desc: str):
         """Iterate over `steps` (each with .index, .count, .t, .sigma when it is a Step), showing

@@ -46,7 +46,7 @@ class OutputError(Exception):
     """
 
 
-class NumericalError(Exception):
+class NumericalError(FieldMessage):
     """NaN or Inf appeared in the latents (e.g. float16 overflow); exit status 1."""
 
 

@@ -123,7 +123,7 @@ def make_plan(spec: RunSpec, config: PipelineConfig, tokenizers, image_size: tup
                                  f"use {{flag}} {longest} or less")
     last = c.last
     if last is not None and last > longest:
-        notice(f"--save_last_N {last} is more than the {longest} steps run; saving all {longest}")
+        notice(f"{{flag:last}} {last} is more than the {longest} steps run; saving all {longest}")
         last = longest
     rows = [Row(s, p, snapshot_indices(p.steps, every, last)) for s, p in zip(spec.strengths, timelines)]
     path, shown, inversion = (), (), None
@@ -141,7 +141,7 @@ def make_plan(spec: RunSpec, config: PipelineConfig, tokenizers, image_size: tup
         shown = tuple(range(len(path)))
         rows = [replace(r, start=owners.get(i)) for i, r in enumerate(rows)]
     if spec.negative_prompt and spec.cfg <= 1.0:
-        notice(f"--negative_prompt is not used with --cfg {spec.cfg:g}: guidance, which reads it, "
+        notice(f"{{flag:negative_prompt}} is not used with {{flag:cfg}} {spec.cfg:g}: guidance, which reads it, "
                "needs a cfg above 1")
     dropped = {}
     for what, text in (("prompt", spec.prompt), ("negative prompt", spec.negative_prompt)):

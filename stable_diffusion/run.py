@@ -312,8 +312,8 @@ def _peak_rss() -> int | None:
 
 def numerical_advice(dtype_name: str, quantized: bool) -> str:
     if dtype_name != "float32":
-        advice = "half precision overflowed: run again with --dtype float32"
+        advice = "half precision overflowed: run again with {flag:dtype} float32"
     else:
         advice = ("float32 does not overflow here, so the model's weights may hold NaN or Inf: "
                   "check the model files")
-    return advice + (", or without --quantize" if quantized else "")
+    return advice + (", or without {flag:quantize}" if quantized else "")

@@ -55,8 +55,8 @@ class Session:
         if m.quantize and mx.default_device() == mx.cpu:
             # MLX's CPU 4-bit products: a 154 x 1024 x 4096 one took 0.43 s against 8 ms unquantized
             # in float32, 3.8 s in bfloat16 (2-core Zen 5): a 512x512 run would take hours.
-            raise InputError("--quantize: MLX's 4-bit products on the CPU are 50 to 1000 times slower than "
-                             "unquantized ones; drop --quantize (--dtype bfloat16 halves the weights' "
+            raise InputError("{flag:quantize}: MLX's 4-bit products on the CPU are 50 to 1000 times slower "
+                             "than unquantized ones; drop {flag:quantize} ({flag:dtype} bfloat16 halves the weights' "
                              "memory instead)")
         self.folder, source = model_io.resolve_model(m.model, self.variant, m.vae, m.prediction_type)
         model_io.check_model_folder(self.folder, self.variant)

@@ -144,7 +144,7 @@ def _sweep(argv: list, console: Console) -> int:
     if argv and argv[0] in COMMANDS:
         command, argv = argv[0], argv[1:]
     args = build_sweep_parser(command).parse_args(argv)
-    console = Console(args.quiet, args.verbose)
+    console = Console(args.quiet, args.verbose, names=SWEEP_FLAGS)
     if args.replay is not None:
         raise InputError("--replay makes one picture again: use image2image.py or txt2image.py")
     if args.print_parser:
