@@ -10,8 +10,8 @@ LoRA is fused into the weights, W <- W + weight * (alpha / rank) * up @ down, as
 - rounding: the sum is formed in float32 from the layer's weight and rounded once to the layer's
   dtype. In bfloat16 a delta below half a unit in the last place of a weight is lost there, as in
   diffusers' bfloat16 fusion (which rounds the delta, then the sum, in the weight's dtype).
-- quantized layers are refused: a LoRA's delta is mostly below the 4-bit quantization step of its
-  group, so fusing into them would drop most of it. Load adapters first, then quantize.
+- quantized layers are refused: a LoRA's delta is often below the 4-bit quantization step of its
+  group, so fusing into them would drop much of it. Load adapters first, then quantize.
 Several calls add their deltas in turn. The result depends on their order only through float
 rounding, and the same files, weights and order give the same bytes; there is no unfusing: to
 change a weight, load the model again.
@@ -191,7 +191,7 @@ def lora_targets(sd) -> dict:
         if names.setdefault(name, target) is not target:  # two layers under one flattened name
             raise RuntimeError(f"LoRA name {name} stands for {names[name].name} and {target.name}")
 
-    for name, layer in _layers(sd.unet):
+    for name, layer in weight_layers(sd.unet):
         target = Target("unet", name, layer, _weight_shape(layer))
         add(f"unet.{name}", target)
         add(f"lora_unet_{_flat(name)}", target)
@@ -199,7 +199,7 @@ def lora_targets(sd) -> dict:
         if ldm != name:
             add(f"lora_unet_{_flat(ldm)}", target)
     for encoder, (prefix, kohya) in zip(sd.text_encoders, _TEXT_PREFIXES):
-        for name, layer in _layers(encoder):
+        for name, layer in weight_layers(encoder):
             target = Target(prefix, name, layer, _weight_shape(layer))
             for alias in dict.fromkeys((name, name.removeprefix("text_model."))):
                 add(f"{prefix}.{alias}", target)
@@ -208,7 +208,8 @@ def lora_targets(sd) -> dict:
     return names
 
 
-def _layers(model):
+def weight_layers(model):
+    """(name, layer) of every linear and convolution layer of a network: what a LoRA may change."""
     for name, layer in model.named_modules():
         if isinstance(layer, (nn.Linear, nn.Conv2d, nn.QuantizedLinear)):
             yield name, layer
@@ -470,6 +471,10 @@ def load_textual_inversion(sd, path, token: str | None = None) -> EmbeddingInfo:
         if not mx.all(mx.isfinite(vectors)).item():
             raise ModelError(f"{path}: tensor {key} holds values that are not finite; the file is damaged")
         word = clean_text(token)
+        cut = next((s for s in tokenizer.raw_specials if s in token), None)
+        if cut is not None:  # the tokenizer cuts it out of the text before any added word is matched
+            raise ModelError(f"token {token!r} holds {cut!r}, which this model's tokenizer reads as a token "
+                             "of its own; choose a token without it")
         taken = next((w for w in [word] + [f"{word}_{i}" for i in range(1, vectors.shape[0])]
                       if w in tokenizer.vocab), None)
         if taken is not None:

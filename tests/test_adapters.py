@@ -168,7 +168,7 @@ def compare_weights(parity, case: str, sd, pipeline) -> float:
     worst = 0.0
     for component, model in zip(("unet", *TEXT), (sd.unet, *sd.text_encoders)):
         theirs = {k: v.numpy() for k, v in getattr(pipeline, component).state_dict().items()}
-        for name, layer in adapters._layers(model):
+        for name, layer in adapters.weight_layers(model):
             ours = np.array(ops.layer_weight(layer).astype(mx.float32))
             ours = ours.transpose(0, 3, 1, 2) if ours.ndim == 4 else ours
             key = next(f"{n}{s}" for n in (name, name.removeprefix("text_model."))
@@ -273,7 +273,7 @@ def test_sdxl_kohya_names_in_both_namings_load_the_same(tiny_model, tmp_path):
         sd = StableDiffusion.from_pretrained(str(tiny_model("sdxl")))
         sd.load_lora(kohya_file(tmp_path / f"k{ldm}.safetensors", "sdxl", locon_layers, seed=5, alpha=2.0,
                                 conv_alpha=1.0, ldm=ldm))
-        fused.append({n: np.array(ops.layer_weight(m)) for n, m in adapters._layers(sd.unet)})
+        fused.append({n: np.array(ops.layer_weight(m)) for n, m in adapters.weight_layers(sd.unet)})
     for name in fused[0]:
         np.testing.assert_array_equal(fused[0][name], fused[1][name], err_msg=name)
 
@@ -287,12 +287,12 @@ def test_packed_bfloat16_layers_fuse_as_unpacked_ones(tiny_model, tmp_path):
     path = kohya_file(tmp_path / "k.safetensors", "sd2", locon_layers, seed=6, alpha=2.0, conv_alpha=1.0, ldm=False)
     packed = StableDiffusion.from_folder(folder, config, mx.bfloat16)
     plain = StableDiffusion.from_folder(folder, config, mx.bfloat16, pack=False)
-    before = {n: np.array(ops.layer_weight(m).astype(mx.float32)) for n, m in adapters._layers(packed.unet)}
+    before = {n: np.array(ops.layer_weight(m).astype(mx.float32)) for n, m in adapters.weight_layers(packed.unet)}
     for sd in (packed, plain):
         sd.load_lora(path, weight=0.9)
-    layers = dict(adapters._layers(plain.unet))
+    layers = dict(adapters.weight_layers(plain.unet))
     count = 0
-    for name, layer in adapters._layers(packed.unet):
+    for name, layer in adapters.weight_layers(packed.unet):
         ours = np.array(ops.layer_weight(layer).astype(mx.float32))
         assert ops.weight_dtype(layer) == mx.bfloat16
         np.testing.assert_array_equal(ours, np.array(layers[name].weight.astype(mx.float32)), err_msg=name)
@@ -309,7 +309,7 @@ def sd1(tiny_model):
 
 
 def unet_weights(sd) -> dict:
-    return {n: np.array(ops.layer_weight(m)) for n, m in adapters._layers(sd.unet)}
+    return {n: np.array(ops.layer_weight(m)) for n, m in adapters.weight_layers(sd.unet)}
 
 
 def test_a_file_matching_no_layer_is_refused_before_any_work(sd1, tmp_path):
@@ -537,5 +537,7 @@ def test_textual_inversion_refusals(tiny_model, tmp_path):
     for bad in ("", " <x>", "a" * 101):
         expect_model_error(lambda: sd.load_textual_inversion(path, token=bad), "a token is a word")
     assert sd.text_encoders[0].config.vocab_size == sd.config.text_encoders[0].vocab_size == first + 2
+    sd2 = StableDiffusion.from_pretrained(str(tiny_model("sd2")))  # "!" is its padding token
+    expect_model_error(lambda: sd2.load_textual_inversion(path, token="<wow!>"), "holds '!'")
     xl_model = StableDiffusion.from_pretrained(str(tiny_model("sdxl")))
     expect_model_error(lambda: xl_model.load_textual_inversion(path), "an SDXL model needs one per text encoder")
