@@ -73,6 +73,12 @@ _UNSUPPORTED = ((".dora_scale", "a DoRA"), (".lora_magnitude_vector", "a DoRA"),
                 (".lora_B.bias", "a LoRA with bias terms (lora_B.bias)"),
                 (".lora_up.bias", "a LoRA with bias terms (lora_up.bias)"))
 _FLOAT_DTYPES = ("F32", "F16", "BF16")
+# A1111's .pt nests the vectors under string_to_param; diffusers' .bin maps the token to them.
+_EMBEDDING_CONVERSION = (
+    "convert it once (python -c \"import torch, safetensors.torch as s; d = torch.load('{path}', weights_only=True); "
+    "e = d['string_to_param']['*'] if 'string_to_param' in d else next(iter(d.values())); "
+    "s.save_file({{'emb_params': e.float().contiguous()}}, '{out}')\") and pass the token, or use a "
+    ".safetensors copy")
 # Text encoders by position: (PEFT prefix, kohya prefixes).
 _TEXT_PREFIXES = (("text_encoder", ("lora_te_", "lora_te1_")), ("text_encoder_2", ("lora_te2_",)))
 
@@ -123,9 +129,10 @@ class _Module:
 # --- files ---------------------------------------------------------------------------------------
 
 
-def adapter_path(path, what: str, folder_file: str) -> Path:
-    """The safetensors file of an adapter: `path` itself, or `folder_file` in the folder `path`;
-    pickle files are refused unopened (single_file.refuse_pickle)."""
+def adapter_path(path, what: str, folder_file: str, pickle_hint: str | None = None) -> Path:
+    """The safetensors file of an adapter: `path` itself, or `folder_file` in the folder `path`.
+    Pickle files are refused unopened, with `pickle_hint` (a conversion) where given, else with
+    single_file.refuse_pickle's."""
     path = Path(path).expanduser()
     kind = special_file(path)
     if kind is not None:
@@ -136,7 +143,14 @@ def adapter_path(path, what: str, folder_file: str) -> Path:
         path = path / folder_file
     if not path.is_file():
         raise ModelError(f"{what} {path} does not exist")
-    refuse_pickle(path)
+    try:
+        refuse_pickle(path)
+    except ModelError:
+        if pickle_hint is None:
+            raise
+        raise ModelError(f"{path} is a pickle file: loading one can run any code it holds, so this tool reads "
+                         f"safetensors only; {pickle_hint.format(path=path, out=path.with_suffix('.safetensors'))}"
+                         ) from None
     return path
 
 
@@ -424,7 +438,7 @@ def load_lora(sd, path, weight: float = 1.0, allow_partial: bool = False) -> Lor
 def read_embedding(path, widths: list, max_vectors: int) -> tuple[Path, str, list]:
     """(file, token the file names, key per text encoder) of a textual-inversion file, checked from
     its header against the text encoders' widths; at most `max_vectors` vectors (what a prompt holds)."""
-    path = adapter_path(path, "textual-inversion embedding", EMBEDDING_FILE)
+    path = adapter_path(path, "textual-inversion embedding", EMBEDDING_FILE, _EMBEDDING_CONVERSION)
     header, _ = _header(path, "textual-inversion embedding")
     keys = sorted(header)
     if keys == ["clip_g", "clip_l"]:
