@@ -561,6 +561,29 @@ def weight_dtype(layer: nn.Module) -> mx.Dtype:
     return mx.bfloat16 if "packed_weight" in layer else layer.weight.dtype
 
 
+def layer_weight(layer: nn.Module) -> mx.array:
+    """A `Linear`'s or `Conv2d`'s weight as an unpacked layer holds it, (N, K) or (O, kh, kw, C):
+    for a packed layer, bf16_pack's layout undone (packing only moves values and adds zero
+    channels, so this is exact)."""
+    if "packed_weight" not in layer:
+        return layer.weight
+    shape = tuple(layer.weight_shape)
+    packed = layer["packed_weight"]  # (panels, taps, C' / 2, 2 kGemmCols) uint16
+    panels, taps, pairs, width = packed.shape
+    values = packed.reshape(panels, taps, pairs, width // 2, 2).transpose(0, 3, 1, 2, 4)
+    values = values.reshape(panels * (width // 2), taps, 2 * pairs)[:shape[0], :, :shape[-1]]
+    return values.view(mx.bfloat16).reshape(shape)
+
+
+def set_layer_weight(layer: nn.Module, weight: mx.array) -> None:
+    """Give a `Linear` or `Conv2d` a new weight of its shape (as `layer_weight` gives it), packed
+    again where the layer holds its weight packed."""
+    if "packed_weight" in layer:
+        layer.packed_weight = bf16_pack(_taps(weight.astype(mx.bfloat16)))
+    else:
+        layer.weight = weight
+
+
 def _taps(weight: mx.array, channels: int | None = None) -> mx.array:
     """weight (O, ..., C) as (O, taps, C'), C' = `channels` or C made even, padded with zeros."""
     taps = weight.reshape(weight.shape[0], -1, weight.shape[-1])

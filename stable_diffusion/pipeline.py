@@ -45,6 +45,7 @@ class StableDiffusion:
         self.dtype = dtype
         self.source = source or {}
         self.noise_schedule = NoiseSchedule(config.scheduler)  # add_noise, timelines, forward paths
+        self.adapters: list = []  # LoRAs fused and embeddings learnt, in order (adapters.py)
 
     # --- loading ---------------------------------------------------------------------------------
 
@@ -82,6 +83,21 @@ class StableDiffusion:
                                                   model_io.map_clip_weights, dtype, variant, pack))
         source = dict(source or {"model": str(folder.resolve()), "source": "folder"})
         return cls(config, unet, vae, encoders, tokenizers, dtype, source)
+
+    def load_lora(self, path, weight: float = 1.0, allow_partial: bool = False):
+        """Fuse a LoRA file (diffusers/PEFT or kohya, LoCon included) into the UNet and text
+        encoders with `weight`; callable several times. `allow_partial` loads a file some of whose
+        keys match no layer, and the returned `adapters.LoraInfo` says how many were skipped."""
+        from . import adapters
+
+        return adapters.load_lora(self, path, weight, allow_partial)
+
+    def load_textual_inversion(self, path, token: str | None = None):
+        """Learn a textual-inversion embedding (diffusers, A1111 or SDXL safetensors) under `token`
+        (by default the file's own); returns an `adapters.EmbeddingInfo`."""
+        from . import adapters
+
+        return adapters.load_textual_inversion(self, path, token)
 
     @property
     def sampler(self) -> NoiseSchedule:

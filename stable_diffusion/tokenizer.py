@@ -169,6 +169,7 @@ class Tokenizer:
         self._symbols = byte_symbols()
         self._bytes = {symbol: b for b, symbol in enumerate(self._symbols)}
         self._cache: dict = {}
+        self._expansions: dict = {}  # added token -> its ids, where it stands for several (add_token)
 
     @classmethod
     def from_folder(cls, folder, config: TokenizerConfig | None = None) -> "Tokenizer":
@@ -198,10 +199,33 @@ class Tokenizer:
                 continue
             for part, special in split_specials(clean_text(segment), self.clean_specials):
                 if special:
-                    ids.append(self.vocab[part])
+                    ids.extend(self._expansions.get(part, (self.vocab[part],)))
                     continue
                 for piece in split_words(part):
                     ids.extend(self._bpe(piece))
+        return ids
+
+    def add_token(self, token: str, count: int = 1) -> list:
+        """Learn `token` (a textual-inversion word) as `count` new ids after the largest one, and
+        return them. As transformers' `add_tokens` adds it, the token is matched anywhere in a
+        prompt after the clean-up (so in any letter case), and as diffusers expands a multi-vector
+        embedding, it stands for all `count` ids; the vectors after the first are also words of
+        their own, `token_1` ... `token_{count - 1}`. A word the vocabulary holds is refused."""
+        word = clean_text(token)
+        words = [word] + [f"{word}_{i}" for i in range(1, count)]
+        taken = next((w for w in words if w in self.vocab), None)
+        if not word.strip() or word != word.strip() or count < 1:
+            raise ModelError(f"token {token!r}: a token is a non-empty word without spaces at its ends")
+        if taken is not None:
+            raise ModelError(f"token {token!r}: the tokenizer already has {taken!r}; choose another token")
+        first = max(self.vocab.values(), default=-1) + 1
+        ids = list(range(first, first + count))
+        for w, i in zip(words, ids):
+            self.vocab[w] = i
+            self._tokens[i] = w
+        if count > 1:
+            self._expansions[word] = tuple(ids)
+        self.clean_specials = tuple(sorted({*self.clean_specials, *words}, key=len, reverse=True))
         return ids
 
     def tokenize(self, texts: list) -> tuple[np.ndarray, list]:

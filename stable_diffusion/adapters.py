@@ -1,0 +1,516 @@
+"""LoRA and textual-inversion files, checked against a loaded model and merged into it.
+
+LoRA is fused into the weights, W <- W + weight * (alpha / rank) * up @ down, as diffusers'
+`fuse_lora(lora_scale=weight)` does; nothing runs at generation time. Why fused:
+- cost: a fused LoRA costs nothing per step. Applied at run time it adds two thin products per
+  adapted layer to every UNet call (an SDXL LoRA adapts about 700 layers), outside the native
+  bfloat16 kernels, whose one rounding of bias and residual it would also split.
+- packed weights (ops.pack_weights): packing only moves values, so a packed layer's weight is
+  unpacked exactly (ops.layer_weight), summed, and packed again; the kernels stay untouched.
+- rounding: the sum is formed in float32 from the layer's weight and rounded once to the layer's
+  dtype. In bfloat16 a delta below half a unit in the last place of a weight is lost there, as in
+  diffusers' bfloat16 fusion (which rounds the delta, then the sum, in the weight's dtype).
+- quantized layers are refused: a LoRA's delta is often below the 4-bit quantization step of its
+  group, so fusing into them would drop much of it. Load adapters first, then quantize.
+Several calls add their deltas in turn. The result depends on their order only through float
+rounding, and the same files, weights and order give the same bytes; there is no unfusing: to
+change a weight, load the model again.
+
+LoRA formats (key names from diffusers' loaders and kohya's sd-scripts):
+- diffusers / PEFT: `unet.<module>.lora_A.weight` (down) and `.lora_B.weight` (up), and
+  `text_encoder.` / `text_encoder_2.` with transformers' module names, with or without
+  `text_model.`. Alpha, where not the rank, comes from the safetensors metadata
+  `lora_adapter_metadata` (diffusers' `<component>.lora_alpha`, `.alpha_pattern`, `.use_rslora`).
+- kohya sd-scripts: `lora_unet_<module>`, `lora_te_` / `lora_te1_` (the first text encoder),
+  `lora_te2_` (SDXL's second), the module path with `.` flattened to `_`, then `.lora_down.weight`,
+  `.lora_up.weight` and a scalar `.alpha`. SD 1.x/2.x files name UNet modules as diffusers does;
+  SDXL files as the original LDM UNet does (`input_blocks`, `middle_block`, `output_blocks`), which
+  single_file.unet_ldm_key maps; both namings are accepted for every family.
+- convolution LoRA (LoCon) in either: a down of the layer's kernel size, a 1x1 up.
+DoRA, LoKr, LoHa, Tucker-decomposed LoCon (`lora_mid`) and LoRA bias terms are refused with a line.
+
+Textual inversion: a safetensors file holding `{token: (n, D) or (D,)}` (diffusers), `emb_params`
+(A1111; the token defaults to the file's name, as A1111 names it), or `clip_l` and `clip_g` (SDXL,
+one table per text encoder). The tokenizer learns the token (tokenizer.Tokenizer.add_token: n ids,
+a multi-vector embedding expanding as diffusers expands it), and each text encoder's embedding
+table grows by its vectors.
+
+Everything a file says is checked against the model before any weight changes: names, shapes,
+ranks, dtypes, counts, then the values' finiteness. Pickle files are refused unopened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import ops
+from .errors import ModelError
+from .model_io import read_safetensors_header, special_file
+from .single_file import refuse_pickle, unet_ldm_key
+from .tokenizer import clean_text
+
+# Far above any real LoRA (a full SDXL LoCon with alphas holds about 2,600 tensors).
+MAX_LORA_TENSORS = 50_000
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes in a folder
+EMBEDDING_FILE = "learned_embeds.safetensors"  # diffusers' textual-inversion file name
+MAX_TOKEN_LENGTH = 100  # characters
+METADATA_KEY = "lora_adapter_metadata"  # diffusers' JSON of the PEFT config per component
+
+# Key suffix -> which factor it holds.
+_FACTORS = {"lora_A.weight": "down", "lora_B.weight": "up", "lora_down.weight": "down",
+            "lora_up.weight": "up", "alpha": "alpha"}
+# Key fragments of adapter kinds that are not a plain low-rank product.
+_UNSUPPORTED = ((".dora_scale", "a DoRA"), (".lora_magnitude_vector", "a DoRA"), (".lokr_", "a LoKr"),
+                (".hada_", "a LoHa"), (".lora_mid.", "a Tucker-decomposed LoCon (lora_mid)"),
+                (".lora_B.bias", "a LoRA with bias terms (lora_B.bias)"),
+                (".lora_up.bias", "a LoRA with bias terms (lora_up.bias)"))
+_FLOAT_DTYPES = ("F32", "F16", "BF16")
+# A1111's .pt nests the vectors under string_to_param; diffusers' .bin maps the token to them.
+_EMBEDDING_CONVERSION = (
+    "convert it once (python -c \"import torch, safetensors.torch as s; d = torch.load('{path}', weights_only=True); "
+    "e = d['string_to_param']['*'] if 'string_to_param' in d else next(iter(d.values())); "
+    "s.save_file({{'emb_params': e.float().contiguous()}}, '{out}')\") and pass the token, or use a "
+    ".safetensors copy")
+# Text encoders by position: (PEFT prefix, kohya prefixes).
+_TEXT_PREFIXES = (("text_encoder", ("lora_te_", "lora_te1_")), ("text_encoder_2", ("lora_te2_",)))
+
+
+@dataclass(frozen=True)
+class Target:
+    """A layer a LoRA may change."""
+
+    component: str  # "unet", "text_encoder" or "text_encoder_2"
+    name: str  # its module path in our network
+    layer: nn.Module
+    shape: tuple  # its weight in PyTorch's layout: (O, I) or (O, C, kh, kw)
+
+
+@dataclass(frozen=True)
+class LoraInfo:
+    """One fused LoRA, as `load_lora` returns it (and appends it to `sd.adapters`)."""
+
+    path: Path
+    sha256: str
+    weight: float
+    layers: dict  # component -> layers changed
+    skipped: int  # keys that matched no layer (only with allow_partial)
+    notice: str | None  # what was skipped, in a line
+
+
+@dataclass(frozen=True)
+class EmbeddingInfo:
+    """One loaded textual-inversion embedding (`load_textual_inversion`)."""
+
+    path: Path
+    sha256: str
+    token: str
+    vectors: dict  # component -> vectors (tokens) added to its text encoder
+
+
+@dataclass(frozen=True)
+class _Module:
+    """A matched LoRA module of a file: its layer and the keys of its factors."""
+
+    target: Target
+    down: str
+    up: str
+    alpha: str | None  # a kohya-style scalar tensor
+    rank: int
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def adapter_path(path, what: str, folder_file: str, pickle_hint: str | None = None) -> Path:
+    """The safetensors file of an adapter: `path` itself, or `folder_file` in the folder `path`.
+    Pickle files are refused unopened, with `pickle_hint` (a conversion) where given, else with
+    single_file.refuse_pickle's."""
+    path = Path(path).expanduser()
+    kind = special_file(path)
+    if kind is not None:
+        raise ModelError(f"{what} {path} is {kind}; pass a .safetensors file")
+    if path.is_dir():
+        if not (path / folder_file).is_file():
+            raise ModelError(f"{what} folder {path} holds no {folder_file}; pass the .safetensors file")
+        path = path / folder_file
+    if not path.is_file():
+        raise ModelError(f"{what} {path} does not exist")
+    try:
+        refuse_pickle(path)
+    except ModelError:
+        if pickle_hint is None:
+            raise
+        raise ModelError(f"{path} is a pickle file: loading one can run any code it holds, so this tool reads "
+                         f"safetensors only; {pickle_hint.format(path=path, out=path.with_suffix('.safetensors'))}"
+                         ) from None
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _header(path: Path, what: str) -> tuple[dict, dict]:
+    """(tensor name -> header entry, metadata) of a safetensors file, checked (model_io)."""
+    header = dict(read_safetensors_header(path))
+    metadata = header.pop("__metadata__", None) or {}
+    if not header:
+        raise ModelError(f"{path} holds no tensors; it is not a {what} file")
+    return header, metadata
+
+
+def _tensors(path: Path) -> dict:
+    try:
+        return mx.load(str(path))  # lazy: a tensor is read when evaluated
+    except (RuntimeError, ValueError) as e:
+        raise ModelError(f"cannot read {path} ({e}); the file is damaged") from None
+
+
+# --- LoRA: which names a file may give each layer -------------------------------------------------
+
+
+def _flat(name: str) -> str:
+    return name.replace(".", "_")
+
+
+def _weight_shape(layer: nn.Module) -> tuple:
+    """The layer's weight in PyTorch's layout, packed or not."""
+    shape = tuple(layer.weight_shape) if "packed_weight" in layer else tuple(layer["weight"].shape)
+    if isinstance(layer, nn.Conv2d):  # ours (O, kh, kw, C)
+        return (shape[0], shape[3], shape[1], shape[2])
+    return shape
+
+
+def lora_targets(sd) -> dict:
+    """Every name a LoRA file may give a layer of `sd` -> `Target`: the PEFT names
+    (`unet.<module>`, `text_encoder.<module>` with and without `text_model.`) and kohya's
+    (`lora_unet_<module>` in diffusers' and in LDM naming, `lora_te_`/`lora_te1_`/`lora_te2_`)."""
+    layers_config = {"layers_per_block": sd.config.unet.layers_per_block,
+                     "up_block_types": list(sd.config.unet.up_block_types)}
+    names: dict = {}
+
+    def add(name: str, target: Target) -> None:
+        if names.setdefault(name, target) is not target:  # two layers under one flattened name
+            raise RuntimeError(f"LoRA name {name} stands for {names[name].name} and {target.name}")
+
+    for name, layer in weight_layers(sd.unet):
+        target = Target("unet", name, layer, _weight_shape(layer))
+        add(f"unet.{name}", target)
+        add(f"lora_unet_{_flat(name)}", target)
+        ldm = unet_ldm_key(f"{name}.weight", layers_config).removesuffix(".weight")
+        if ldm != name:
+            add(f"lora_unet_{_flat(ldm)}", target)
+    for encoder, (prefix, kohya) in zip(sd.text_encoders, _TEXT_PREFIXES):
+        for name, layer in weight_layers(encoder):
+            target = Target(prefix, name, layer, _weight_shape(layer))
+            for alias in dict.fromkeys((name, name.removeprefix("text_model."))):
+                add(f"{prefix}.{alias}", target)
+                for kohya_prefix in kohya:
+                    add(f"{kohya_prefix}{_flat(alias)}", target)
+    return names
+
+
+def weight_layers(model):
+    """(name, layer) of every linear and convolution layer of a network: what a LoRA may change."""
+    for name, layer in model.named_modules():
+        if isinstance(layer, (nn.Linear, nn.Conv2d, nn.QuantizedLinear)):
+            yield name, layer
+
+
+def _split_key(key: str):
+    """(module name, factor) of a LoRA key, or None for a key of no known factor."""
+    for suffix, factor in _FACTORS.items():
+        if key.endswith("." + suffix):
+            return key[:-len(suffix) - 1], factor
+    return None
+
+
+# --- LoRA: reading and checking a file, before any work ------------------------------------------
+
+
+def read_lora(path, targets: dict, allow_partial: bool = False) -> tuple[Path, list, list, dict]:
+    """Check a LoRA file against a model's layers (`lora_targets`) from its header alone:
+    (file, matched modules, keys matching no layer, PEFT metadata per component).
+
+    Refused: a file of another adapter kind; keys that match no layer (all of them, or some of
+    them unless `allow_partial`); a module without its down or up factor, or named twice; factors
+    whose shapes, rank or dtype do not fit their layer."""
+    path = adapter_path(path, "LoRA", LORA_FILE)
+    header, metadata = _header(path, "LoRA")
+    if len(header) > MAX_LORA_TENSORS:
+        raise ModelError(f"{path} holds {len(header)} tensors, more than any LoRA ({MAX_LORA_TENSORS}); "
+                         "it is not a LoRA file")
+    for key in sorted(header):
+        for fragment, kind in _UNSUPPORTED:
+            if fragment in "." + key:
+                raise ModelError(f"{path} is {kind} file ({key}); only LoRA and LoCon files are supported")
+    peft = _peft_metadata(path, metadata)
+
+    factors: dict = {}  # file module name -> {factor: key}
+    unmatched = []
+    for key in sorted(header):
+        split = _split_key(key)
+        if split is None or split[0] not in targets:
+            unmatched.append(key)
+            continue
+        factors.setdefault(split[0], {})[split[1]] = key
+    if not factors:
+        raise ModelError(f"{path}: none of its {len(header)} keys matches a layer of this model (first: "
+                         f"{unmatched[0]}); it is not a LoRA for this model's family or architecture")
+    if unmatched and not allow_partial:
+        raise ModelError(f"{path}: {len(unmatched)} of its {len(header)} keys match no layer of this "
+                         f"model (first: {unmatched[0]}); it may be made for another architecture: set "
+                         "allow_partial to load the keys that match and skip the others")
+
+    modules, seen = [], {}
+    for module, keys in factors.items():
+        target = targets[module]
+        layer = (target.component, target.name)
+        if seen.setdefault(layer, module) != module:
+            raise ModelError(f"{path} changes layer {target.component}.{target.name} twice ({seen[layer]} "
+                             f"and {module}); a LoRA holds one pair of factors per layer")
+        for factor in ("down", "up"):
+            if factor not in keys:
+                other = keys.get("up") or keys.get("down") or keys["alpha"]
+                raise ModelError(f"{path} has {other} but no {factor} factor for {module}; the file is "
+                                 "incomplete or damaged")
+        if isinstance(target.layer, nn.QuantizedLinear):
+            raise ModelError(f"layer {target.component}.{target.name} is quantized: a LoRA is fused into "
+                             "unquantized weights; load the LoRA before quantizing the model")
+        rank = _check_factors(path, header, keys, target)
+        modules.append(_Module(target, keys["down"], keys["up"], keys.get("alpha"), rank))
+    return path, modules, unmatched, peft
+
+
+def _check_factors(path: Path, header: dict, keys: dict, target: Target) -> int:
+    """The rank of a module's down (r, fan-in) and up (O, r) factors, after checking their shapes
+    (convolutions: down (r, C, kh, kw) of the layer's kernel, up (O, r, 1, 1); a 1x1 kernel may be
+    written as a matrix) and dtypes against the layer's; and of its alpha, a scalar."""
+    where = f"{target.component}.{target.name}"
+    for factor in ("down", "up", "alpha"):
+        dtypes = _FLOAT_DTYPES if factor != "alpha" else (*_FLOAT_DTYPES, "I64", "I32", "I16", "I8", "U8")
+        if factor in keys and header[keys[factor]]["dtype"] not in dtypes:
+            raise ModelError(f"{path}: tensor {keys[factor]} has dtype {header[keys[factor]]['dtype']}; "
+                             "LoRA factors are float32, float16 or bfloat16, an alpha a number")
+    down = tuple(header[keys["down"]]["shape"])
+    up = tuple(header[keys["up"]]["shape"])
+    out, fan_in = target.shape[0], math.prod(target.shape[1:])
+    kernel = target.shape[2:] if len(target.shape) == 4 else (1, 1)
+    rank = down[0] if down else 0
+    down_ok = (len(down) == 2 and kernel == (1, 1) and down[1] == target.shape[1]) or (
+        len(down) == 4 and down[1] == target.shape[1] and down[2:] == kernel)
+    up_ok = up in ((out, rank), (out, rank, 1, 1))
+    if not (down_ok and up_ok):
+        raise ModelError(f"{path}: the factors of layer {where} have shapes {down} (down) and {up} (up); "
+                         f"its weight {target.shape} needs (r, {target.shape[1]}"
+                         + (f", {kernel[0]}, {kernel[1]}" if kernel != (1, 1) else "")
+                         + f") and ({out}, r): the LoRA is for another model")
+    if not 1 <= rank <= max(out, fan_in):
+        raise ModelError(f"{path}: layer {where} has rank {rank}; a rank lies between 1 and the "
+                         f"layer's larger side ({max(out, fan_in)})")
+    if "alpha" in keys and math.prod(header[keys["alpha"]]["shape"]) != 1:
+        raise ModelError(f"{path}: tensor {keys['alpha']} has shape {tuple(header[keys['alpha']]['shape'])}; "
+                         "an alpha is one number")
+    return rank
+
+
+def _peft_metadata(path: Path, metadata: dict) -> dict:
+    """component -> {lora_alpha, alpha_pattern, use_rslora} from diffusers' LoRA metadata."""
+    raw = metadata.get(METADATA_KEY)
+    if raw is None:
+        return {}
+    try:
+        config = json.loads(raw)
+    except (ValueError, RecursionError):
+        config = None
+    if not isinstance(config, dict):
+        raise ModelError(f"{path}: metadata {METADATA_KEY} is not a JSON object; remove it or fix it")
+    out: dict = {}
+    for key, value in config.items():
+        component, _, field = key.partition(".")
+        if field == "use_dora" and value:
+            raise ModelError(f"{path} is a DoRA file ({METADATA_KEY}: {key} true); only LoRA and LoCon "
+                             "files are supported")
+        if field == "lora_bias" and value:
+            raise ModelError(f"{path} is a LoRA with bias terms ({METADATA_KEY}: {key} true); only LoRA "
+                             "and LoCon files are supported")
+        ok = {"lora_alpha": _is_number(value) or value is None,
+              "alpha_pattern": isinstance(value, dict) and all(
+                  isinstance(k, str) and _is_number(v) for k, v in value.items()),
+              "use_rslora": isinstance(value, bool)}.get(field, True)
+        if not ok:
+            raise ModelError(f"{path}: metadata {METADATA_KEY} field {key} is {str(value)[:40]!r}, which "
+                             "is not a LoRA config value; remove the metadata or fix it")
+        if field in ("lora_alpha", "alpha_pattern", "use_rslora") and value is not None:
+            out.setdefault(component, {})[field] = value
+    return out
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _peft_alpha(settings: dict, module: str, rank: int) -> tuple[float, float]:
+    """(alpha, divisor) of a PEFT module: alpha from the pattern naming the module (PEFT matches a
+    pattern to the end of a module's name; read here as a literal name), else the component's
+    lora_alpha, else the rank; the divisor is the rank, or its square root under rsLoRA."""
+    alpha = settings.get("lora_alpha", rank)
+    for pattern, value in settings.get("alpha_pattern", {}).items():
+        pattern = pattern.removeprefix("^")
+        if module == pattern or module.endswith("." + pattern):
+            alpha = value
+            break
+    return float(alpha), math.sqrt(rank) if settings.get("use_rslora") else float(rank)
+
+
+# --- LoRA: fusing --------------------------------------------------------------------------------
+
+
+def load_lora(sd, path, weight: float = 1.0, allow_partial: bool = False) -> LoraInfo:
+    """Fuse the LoRA file at `path` into `sd`'s UNet and text encoders with `weight` (see the
+    module's doc), and append its `LoraInfo` to `sd.adapters`. Refused before any weight changes
+    where the file does not fit the model (read_lora) or holds values that are not finite."""
+    if not _is_number(weight):
+        raise ModelError(f"LoRA weight {weight!r} is not a finite number")
+    targets = lora_targets(sd)
+    path, modules, unmatched, peft = read_lora(path, targets, allow_partial)
+    tensors = _tensors(path)
+
+    # 1. The factors and their scales, every value checked before any layer changes.
+    factors = []
+    for module in modules:
+        component = module.target.component
+        down, up = tensors[module.down].astype(mx.float32), tensors[module.up].astype(mx.float32)
+        if module.alpha is not None:
+            alpha, divisor = float(tensors[module.alpha].astype(mx.float32).reshape(-1)[0].item()), module.rank
+        elif module.down.startswith(component + ".") and component in peft:  # a PEFT name
+            name = module.down.removeprefix(component + ".").rsplit(".", 2)[0]  # less .lora_A.weight
+            alpha, divisor = _peft_alpha(peft[component], name, module.rank)
+        else:
+            alpha, divisor = float(module.rank), float(module.rank)
+        finite = mx.all(mx.isfinite(down)) & mx.all(mx.isfinite(up))
+        if not (math.isfinite(alpha) and finite.item()):
+            raise ModelError(f"{path}: the factors of layer {module.target.component}.{module.target.name} "
+                             "hold values that are not finite (NaN or infinity); the file is damaged")
+        factors.append((module.target, down, up, weight * alpha / divisor))
+
+    # 2. Fuse, a layer at a time (memory: one layer's old and new weight at once).
+    layers: dict = {}
+    for target, down, up, scale in factors:
+        delta = (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)) * scale  # (O, fan-in)
+        if isinstance(target.layer, nn.Conv2d):  # PyTorch's (O, C, kh, kw) -> ours (O, kh, kw, C)
+            delta = delta.reshape(target.shape).transpose(0, 2, 3, 1)
+        current = ops.layer_weight(target.layer)
+        fused = (current.astype(mx.float32) + delta.reshape(current.shape)).astype(current.dtype)
+        if not mx.all(mx.isfinite(fused)).item():
+            raise ModelError(f"{path}: fusing it at weight {weight:g} overflows layer {target.component}."
+                             f"{target.name} ({current.dtype}); the model is now partly changed: load it "
+                             "again, and use a smaller weight")
+        ops.set_layer_weight(target.layer, fused)
+        mx.eval(target.layer.parameters())
+        layers[target.component] = layers.get(target.component, 0) + 1
+    ops.release_cpu_buffers()
+
+    notice = None
+    if unmatched:
+        notice = (f"LoRA {path.name}: {len(unmatched)} of its keys match no layer of this model and were "
+                  f"skipped (first: {unmatched[0]})")
+    info = LoraInfo(path, file_sha256(path), float(weight), layers, len(unmatched), notice)
+    sd.adapters.append(info)
+    return info
+
+
+# --- textual inversion ---------------------------------------------------------------------------
+
+
+def read_embedding(path, widths: list, max_vectors: int) -> tuple[Path, str, list]:
+    """(file, token the file names, key per text encoder) of a textual-inversion file, checked from
+    its header against the text encoders' widths; at most `max_vectors` vectors (what a prompt holds)."""
+    path = adapter_path(path, "textual-inversion embedding", EMBEDDING_FILE, _EMBEDDING_CONVERSION)
+    header, _ = _header(path, "textual-inversion embedding")
+    keys = sorted(header)
+    if keys == ["clip_g", "clip_l"]:
+        if len(widths) != 2:
+            raise ModelError(f"{path} is an SDXL embedding (clip_l and clip_g); this model has one text "
+                             "encoder: use an embedding made for its family")
+        keys, token = ["clip_l", "clip_g"], path.stem
+    elif len(keys) == 1:
+        if len(widths) != 1:
+            raise ModelError(f"{path} holds one embedding ({keys[0]}); an SDXL model needs one per text "
+                             "encoder, clip_l and clip_g, in one file")
+        token = path.stem if keys == ["emb_params"] else keys[0]
+    else:
+        raise ModelError(f"{path} holds tensors {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}; a "
+                         "textual-inversion file holds one ({token: tensor} or emb_params), or clip_l "
+                         "and clip_g")
+    for key, width in zip(keys, widths):
+        shape, dtype = tuple(header[key]["shape"]), header[key]["dtype"]
+        vectors = 1 if len(shape) == 1 else shape[0]
+        if dtype not in _FLOAT_DTYPES or len(shape) not in (1, 2) or shape[-1] != width:
+            raise ModelError(f"{path}: tensor {key} has shape {shape} ({dtype}); this model's text encoder "
+                             f"takes (n, {width}) floating-point vectors: the embedding is for another model")
+        if not 1 <= vectors <= max_vectors:
+            raise ModelError(f"{path}: tensor {key} holds {vectors} vectors; a prompt holds 1 to {max_vectors}")
+    return path, token, keys
+
+
+def load_textual_inversion(sd, path, token: str | None = None) -> EmbeddingInfo:
+    """Teach `sd`'s tokenizers the embedding's token (by default the one the file names) and grow
+    its text encoders' embedding tables by its vectors; append its `EmbeddingInfo` to
+    `sd.adapters`. Refused before anything changes where the file, or the token, does not fit."""
+    widths = [encoder.config.hidden_size for encoder in sd.text_encoders]
+    max_vectors = min(t.max_length for t in sd.tokenizers) - 2
+    path, named, keys = read_embedding(path, widths, max_vectors)
+    token = named if token is None else token
+    if not isinstance(token, str) or not token.strip() or token != token.strip() or len(token) > MAX_TOKEN_LENGTH:
+        raise ModelError(f"token {str(token)[:MAX_TOKEN_LENGTH]!r}: a token is a word of 1 to "
+                         f"{MAX_TOKEN_LENGTH} characters without spaces at its ends")
+    tensors = _tensors(path)
+    tables = []
+    for key, encoder, tokenizer in zip(keys, sd.text_encoders, sd.tokenizers):
+        vectors = tensors[key].astype(mx.float32)
+        vectors = vectors.reshape(-1, vectors.shape[-1])  # (n, D)
+        if not mx.all(mx.isfinite(vectors)).item():
+            raise ModelError(f"{path}: tensor {key} holds values that are not finite; the file is damaged")
+        word = clean_text(token)
+        cut = next((s for s in tokenizer.raw_specials if s in token), None)
+        if cut is not None:  # the tokenizer cuts it out of the text before any added word is matched
+            raise ModelError(f"token {token!r} holds {cut!r}, which this model's tokenizer reads as a token "
+                             "of its own; choose a token without it")
+        taken = next((w for w in [word] + [f"{word}_{i}" for i in range(1, vectors.shape[0])]
+                      if w in tokenizer.vocab), None)
+        if taken is not None:
+            raise ModelError(f"token {token!r}: the tokenizer already has {taken!r} (an embedding loaded "
+                             "before, or a word of its vocabulary); choose another token")
+        first = max(tokenizer.vocab.values()) + 1
+        if first > encoder.config.vocab_size:
+            raise ModelError(f"the tokenizer's ids reach {first - 1}, past the text encoder's "
+                             f"{encoder.config.vocab_size} rows; the model does not fit together")
+        tables.append(vectors)
+
+    vectors_added = {}
+    for (component, _), encoder, tokenizer, vectors in zip(_TEXT_PREFIXES, sd.text_encoders, sd.tokenizers, tables):
+        ids = tokenizer.add_token(token, vectors.shape[0])
+        embedding = encoder.text_model.embeddings.token_embedding
+        # Rows past the tokenizer's ids (none in CLIP's models) are never looked up: the new
+        # ones follow its last id, as transformers' add_tokens numbers them.
+        embedding.weight = mx.concatenate([embedding.weight[:ids[0]], vectors.astype(embedding.weight.dtype)])
+        mx.eval(embedding.weight)
+        encoder.config = dataclasses.replace(encoder.config, vocab_size=embedding.weight.shape[0])
+        vectors_added[component] = len(ids)
+    sd.config = dataclasses.replace(sd.config, text_encoders=tuple(e.config for e in sd.text_encoders))
+    info = EmbeddingInfo(path, file_sha256(path), token, vectors_added)
+    sd.adapters.append(info)
+    return info

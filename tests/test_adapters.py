@@ -1,0 +1,543 @@
+"""LoRA and textual inversion (adapters.py): parity with diffusers' own loaders (`load_lora_weights`
++ `fuse_lora`, `load_textual_inversion`) on the tiny models, for PEFT and kohya files, LoCon,
+SD 1.x, 2.x and XL, weights other than 1 and stacked LoRAs; the packed bfloat16 path; refusals.
+
+The LoRA files are written here with numpy in the exact key layouts; the parity errors are
+relative: the largest difference over the largest magnitude of the reference output.
+"""
+
+import json
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from stable_diffusion import adapters, ops
+from stable_diffusion.config import read_pipeline_config
+from stable_diffusion.pipeline import StableDiffusion
+from stable_diffusion.single_file import unet_ldm_key
+from stable_diffusion.testing import clip_shapes, tiny_configs, unet_shapes
+
+from test_model_io import expect_model_error
+
+RANK = 4
+TEXT = ("text_encoder", "text_encoder_2")
+PROMPTS = ["a photo of a red fox in the snow", ""]
+
+
+# --- writing LoRA files ----------------------------------------------------------------------------
+
+
+def layer_shapes(family: str) -> dict:
+    """component -> {module: weight shape (PyTorch layout)} of every linear and convolution layer."""
+    configs = tiny_configs(family)
+    layers = {"unet": unet_shapes(configs["unet"])}
+    for name in TEXT:
+        if name in configs:
+            layers[name] = {k: v for k, v in clip_shapes(configs[name]).items() if "embeddings" not in k}
+    return {component: {k.removesuffix(".weight"): tuple(v) for k, v in shapes.items()
+                        if k.endswith(".weight") and len(v) >= 2}
+            for component, shapes in layers.items()}
+
+
+def attention_layers(component: str, name: str) -> bool:
+    """What a plain LoRA adapts: the transformers' projections (and the text encoders' MLPs)."""
+    if component == "unet":
+        return any(p in name for p in (".attn1.", ".attn2.", ".ff.", ".proj_in", ".proj_out"))
+    return ".self_attn." in name or ".mlp." in name
+
+
+def locon_layers(component: str, name: str) -> bool:
+    """LoCon also adapts the resnets' convolutions and time projections, and the resamplers."""
+    return attention_layers(component, name) or (component == "unet" and ("resnets" in name or "samplers" in name))
+
+
+def factors(rng, shape: tuple, rank: int = RANK) -> tuple:
+    """Random down (r, fan-in...) and up (O, r...) factors for a weight of `shape`, scaled so that
+    their product is a third of the weight's size: a change the outputs show plainly, in a network
+    that stays as well-conditioned as the unadapted one."""
+    out, rest = shape[0], shape[1:]
+    fan_in = math.prod(rest)
+    down = rng.standard_normal((rank, *rest)) / math.sqrt(fan_in)
+    up = rng.standard_normal((out, rank, 1, 1) if len(shape) == 4 else (out, rank)) * (0.3 / math.sqrt(rank))
+    return down.astype(np.float32), up.astype(np.float32)
+
+
+def peft_file(path, family: str, pick, seed: int, text_model: bool = True, metadata: dict | None = None):
+    """A diffusers/PEFT file: `<component>.<module>.lora_A.weight` / `.lora_B.weight`."""
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for component, layers in layer_shapes(family).items():
+        for name, shape in layers.items():
+            if pick(component, name):
+                key = f"{component}.{name if text_model else name.removeprefix('text_model.')}"
+                tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = factors(rng, shape)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def kohya_file(path, family: str, pick, seed: int, alpha: float, conv_alpha: float, ldm: bool):
+    """A kohya sd-scripts file: `lora_unet_<module>` (diffusers or LDM names), `lora_te_` (SD 1.x/2.x)
+    or `lora_te1_` / `lora_te2_` (SDXL), with .lora_down.weight, .lora_up.weight and .alpha; 3x3
+    convolutions get `conv_alpha`, as kohya's conv_alpha option gives them."""
+    rng = np.random.default_rng(seed)
+    unet_config = tiny_configs(family)["unet"]
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if family == "sdxl" else "lora_te_",
+                "text_encoder_2": "lora_te2_"}
+    tensors = {}
+    for component, layers in layer_shapes(family).items():
+        for name, shape in layers.items():
+            if not pick(component, name):
+                continue
+            if component == "unet" and ldm:
+                name = unet_ldm_key(f"{name}.weight", unet_config).removesuffix(".weight")
+            key = prefixes[component] + name.replace(".", "_")
+            tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = factors(rng, shape)
+            conv = len(shape) == 4 and shape[2:] != (1, 1)
+            tensors[f"{key}.alpha"] = np.array(conv_alpha if conv else alpha, dtype=np.float32)
+    save_file(tensors, str(path))
+    return path
+
+
+# --- outputs of both implementations ----------------------------------------------------------------
+
+
+def inputs(family: str, sd) -> dict:
+    config = sd.config.unet
+    rng = np.random.default_rng(99)
+    arrays = {"x": rng.standard_normal((2, 8, 8, config.in_channels)).astype(np.float32),  # NHWC
+              "t": np.array([999.0, 500.5], dtype=np.float32),
+              "context": rng.standard_normal((2, 77, config.cross_attention_dim)).astype(np.float32),
+              "ids": [tokenizer.tokenize(PROMPTS)[0] for tokenizer in sd.tokenizers]}
+    if family == "sdxl":
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        arrays["text_embeds"] = rng.standard_normal((2, pooled)).astype(np.float32)
+        arrays["time_ids"] = np.tile(np.array([64, 64, 0, 0, 64, 64], dtype=np.float32), (2, 1))
+    return arrays
+
+
+def our_outputs(sd, arrays: dict) -> dict:
+    added = {}
+    if "text_embeds" in arrays:
+        added = {"text_embeds": mx.array(arrays["text_embeds"]), "time_ids": mx.array(arrays["time_ids"])}
+    out = {"unet": sd.unet(mx.array(arrays["x"]), mx.array(arrays["t"]), mx.array(arrays["context"]), **added)}
+    for name, encoder, ids in zip(TEXT, sd.text_encoders, arrays["ids"]):
+        result = encoder(mx.array(ids))
+        out[f"{name}.last_hidden_state"] = result.last_hidden_state
+        out[f"{name}.penultimate"] = result.hidden_states[-2]
+        if result.text_embeds is not None:
+            out[f"{name}.text_embeds"] = result.text_embeds
+    return {k: np.array(v.astype(mx.float32)) for k, v in out.items()}
+
+
+def diffusers_pipeline(folder, family: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    pipeline = (StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline).from_pretrained(folder)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def reference_outputs(pipeline, arrays: dict) -> dict:
+    import torch
+
+    added = None
+    if "text_embeds" in arrays:
+        added = {k: torch.from_numpy(arrays[k]) for k in ("text_embeds", "time_ids")}
+    out = {}
+    with torch.no_grad():
+        sample = torch.from_numpy(arrays["x"]).permute(0, 3, 1, 2)
+        unet = pipeline.unet(sample, torch.from_numpy(arrays["t"]), torch.from_numpy(arrays["context"]),
+                             added_cond_kwargs=added).sample
+        out["unet"] = unet.permute(0, 2, 3, 1).numpy()
+        encoders = [pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None)]
+        for name, encoder, ids in zip(TEXT, encoders, arrays["ids"]):
+            result = encoder(torch.from_numpy(ids.astype(np.int64)), output_hidden_states=True)
+            out[f"{name}.last_hidden_state"] = result.last_hidden_state.numpy()
+            out[f"{name}.penultimate"] = result.hidden_states[-2].numpy()
+            if hasattr(result, "text_embeds"):
+                out[f"{name}.text_embeds"] = result.text_embeds.numpy()
+    return out
+
+
+def compare_weights(parity, case: str, sd, pipeline) -> float:
+    """Every linear and convolution weight of ours against diffusers' after its fusion (PEFT keeps a
+    fused layer's weight as `base_layer.weight`), relative to the weight's largest magnitude."""
+    worst = 0.0
+    for component, model in zip(("unet", *TEXT), (sd.unet, *sd.text_encoders)):
+        theirs = {k: v.numpy() for k, v in getattr(pipeline, component).state_dict().items()}
+        for name, layer in adapters.weight_layers(model):
+            ours = np.array(ops.layer_weight(layer).astype(mx.float32))
+            ours = ours.transpose(0, 3, 1, 2) if ours.ndim == 4 else ours
+            key = next(f"{n}{s}" for n in (name, name.removeprefix("text_model."))
+                       for s in (".weight", ".base_layer.weight") if f"{n}{s}" in theirs)
+            scale = float(np.max(np.abs(theirs[key])))
+            worst = max(worst, float(np.max(np.abs(ours - theirs[key]))) / scale)
+    parity(f"adapters/{case}/weights", worst, 0.0, 1e-6)
+    return worst
+
+
+def compare(parity, case: str, ours: dict, theirs: dict, base: dict, changed: tuple) -> float:
+    """Relative parity of every output; and each component in `changed` must have moved by far
+    more than the tolerance (a LoRA that loaded nothing would pass parity only by luck)."""
+    worst = 0.0
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        scale = float(np.max(np.abs(theirs[name])))
+        worst = max(worst, parity(f"adapters/{case}/{name}", ours[name] / scale, theirs[name] / scale, 1e-4))
+        moved = float(np.max(np.abs(ours[name] - base[name]))) / scale
+        if name.split(".")[0] in changed:
+            assert moved > 1e-2, f"{case}: {name} moved only {moved:.2e}"
+        else:
+            assert moved == 0.0, f"{case}: {name} moved {moved:.2e} without a LoRA on it"
+    return worst
+
+
+def run_lora_case(tiny_model, parity, case, family, files_and_weights, changed, tmp_path):
+    """Ours (load_lora per file) against diffusers (load_lora_weights per file, the weights through
+    set_adapters, then fuse_lora)."""
+    pytest.importorskip("peft")
+    folder = tiny_model(family)
+    sd = StableDiffusion.from_pretrained(str(folder))
+    arrays = inputs(family, sd)
+    base = our_outputs(sd, arrays)
+    for path, weight in files_and_weights:
+        info = sd.load_lora(path, weight=weight)
+        assert info.weight == weight and info.skipped == 0 and info.notice is None
+    assert [a.path for a in sd.adapters] == [p for p, _ in files_and_weights]
+    ours = our_outputs(sd, arrays)
+
+    pipeline = diffusers_pipeline(folder, family)
+    names = [f"lora{i}" for i in range(len(files_and_weights))]
+    for name, (path, _) in zip(names, files_and_weights):
+        pipeline.load_lora_weights(str(path), adapter_name=name)
+    pipeline.set_adapters(names, [w for _, w in files_and_weights])
+    pipeline.fuse_lora(lora_scale=1.0, adapter_names=names)
+    theirs = reference_outputs(pipeline, arrays)
+    compare_weights(parity, case, sd, pipeline)
+    return compare(parity, case, ours, theirs, base, changed)
+
+
+# --- LoRA parity ------------------------------------------------------------------------------------
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_peft_lora_matches_diffusers(family, tiny_model, parity, reference, tmp_path):
+    """UNet and every text encoder; the alpha from diffusers' metadata (not the rank), a pattern
+    for one module; SDXL's text-encoder keys without `text_model.`; weight 0.7."""
+    reference("clip")
+    target = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q" if family == "sd1" else \
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    metadata = {"unet.r": RANK, "unet.lora_alpha": 8, "unet.alpha_pattern": {target: 2},
+                "unet.target_modules": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
+                                        "ff.net.2"]}
+    for name in TEXT[:2 if family == "sdxl" else 1]:
+        metadata.update({f"{name}.r": RANK, f"{name}.lora_alpha": 2,
+                         f"{name}.target_modules": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]})
+    path = peft_file(tmp_path / "peft.safetensors", family, attention_layers, seed=1, text_model=family != "sdxl",
+                     metadata={"format": "pt", "lora_adapter_metadata": json.dumps(metadata)})
+    changed = ("unet", *TEXT)
+    run_lora_case(tiny_model, parity, f"peft-{family}", family, [(path, 0.7)], changed, tmp_path)
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_kohya_locon_matches_diffusers(family, tiny_model, parity, reference, tmp_path):
+    """kohya names (LDM for SDXL, as sd-scripts writes them; diffusers' for SD 1.x/2.x), LoCon on the
+    resnets and resamplers with their own conv_alpha, text encoders, weight 1.3."""
+    reference("clip")
+    path = kohya_file(tmp_path / "kohya.safetensors", family, locon_layers, seed=2, alpha=2.0, conv_alpha=1.0,
+                      ldm=family == "sdxl")
+    changed = ("unet", *TEXT)
+    run_lora_case(tiny_model, parity, f"kohya-locon-{family}", family, [(path, 1.3)], changed, tmp_path)
+
+
+@pytest.mark.reference
+def test_kohya_unet_only_and_stacked_loras_match_diffusers(tiny_model, parity, reference, tmp_path):
+    """Two LoRAs on one SD 1.x model (a kohya UNet-only one at -0.5 and a PEFT one at 0.8), loaded one
+    after the other; the text encoders that no LoRA touches stay as they were."""
+    reference("clip")
+    kohya = kohya_file(tmp_path / "kohya.safetensors", "sd1", lambda c, n: c == "unet" and attention_layers(c, n),
+                       seed=3, alpha=4.0, conv_alpha=4.0, ldm=False)
+    peft = peft_file(tmp_path / "peft.safetensors", "sd1", lambda c, n: c == "unet" and ".attn2." in n, seed=4)
+    run_lora_case(tiny_model, parity, "stacked-sd1", "sd1", [(kohya, -0.5), (peft, 0.8)], ("unet",), tmp_path)
+
+
+def test_sdxl_kohya_names_in_both_namings_load_the_same(tiny_model, tmp_path):
+    """An SDXL kohya file in LDM names and the same factors in diffusers' names fuse the same weights."""
+    fused = []
+    for ldm in (True, False):
+        sd = StableDiffusion.from_pretrained(str(tiny_model("sdxl")))
+        sd.load_lora(kohya_file(tmp_path / f"k{ldm}.safetensors", "sdxl", locon_layers, seed=5, alpha=2.0,
+                                conv_alpha=1.0, ldm=ldm))
+        fused.append({n: np.array(ops.layer_weight(m)) for n, m in adapters.weight_layers(sd.unet)})
+    for name in fused[0]:
+        np.testing.assert_array_equal(fused[0][name], fused[1][name], err_msg=name)
+
+
+@pytest.mark.skipif(not ops.bf16_products(), reason="no native bfloat16 products on this CPU")
+def test_packed_bfloat16_layers_fuse_as_unpacked_ones(tiny_model, tmp_path):
+    """A packed layer is unpacked exactly, fused, packed again: the same bytes as an unpacked
+    bfloat16 model fusing the same LoRA, and the packed kernels then compute what they did."""
+    folder = tiny_model("sd2")
+    config = read_pipeline_config(folder)
+    path = kohya_file(tmp_path / "k.safetensors", "sd2", locon_layers, seed=6, alpha=2.0, conv_alpha=1.0, ldm=False)
+    packed = StableDiffusion.from_folder(folder, config, mx.bfloat16)
+    plain = StableDiffusion.from_folder(folder, config, mx.bfloat16, pack=False)
+    before = {n: np.array(ops.layer_weight(m).astype(mx.float32)) for n, m in adapters.weight_layers(packed.unet)}
+    for sd in (packed, plain):
+        sd.load_lora(path, weight=0.9)
+    layers = dict(adapters.weight_layers(plain.unet))
+    count = 0
+    for name, layer in adapters.weight_layers(packed.unet):
+        ours = np.array(ops.layer_weight(layer).astype(mx.float32))
+        assert ops.weight_dtype(layer) == mx.bfloat16
+        np.testing.assert_array_equal(ours, np.array(layers[name].weight.astype(mx.float32)), err_msg=name)
+        count += "packed_weight" in layer and not np.array_equal(ours, before[name])
+    assert count > 20  # packed layers that the LoRA changed
+
+
+# --- LoRA refusals -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sd1(tiny_model):
+    return StableDiffusion.from_pretrained(str(tiny_model("sd1")))
+
+
+def unet_weights(sd) -> dict:
+    return {n: np.array(ops.layer_weight(m)) for n, m in adapters.weight_layers(sd.unet)}
+
+
+def test_a_file_matching_no_layer_is_refused_before_any_work(sd1, tmp_path):
+    """A LoRA of another architecture (FLUX's names, in kohya's and in PEFT's form)."""
+    path = tmp_path / "flux.safetensors"
+    save_file({"lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": np.ones((4, 32), np.float32),
+               "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": np.ones((32, 4), np.float32),
+               "lora_unet_double_blocks_0_img_attn_proj.alpha": np.array(4.0, np.float32),
+               "transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": np.ones((4, 32), np.float32)},
+              str(path))
+    before = unet_weights(sd1)
+    expect_model_error(lambda: sd1.load_lora(path), "none of its 4 keys matches a layer",
+                       "(first: lora_unet_double_blocks_0_img_attn_proj.alpha)")
+    after = unet_weights(sd1)
+    assert all(np.array_equal(before[k], after[k]) for k in before) and sd1.adapters == []
+
+
+def test_a_partial_match_is_refused_unless_allowed(tiny_model, tmp_path):
+    sd = StableDiffusion.from_pretrained(str(tiny_model("sd1")))
+    good = kohya_file(tmp_path / "good.safetensors", "sd1", attention_layers, seed=8, alpha=1.0, conv_alpha=1.0,
+                      ldm=False)
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(good))
+    tensors["lora_unet_no_such_layer.lora_down.weight"] = np.zeros((RANK, 8), np.float32)
+    tensors["lora_unet_no_such_layer.lora_up.weight"] = np.zeros((8, RANK), np.float32)
+    save_file(tensors, str(tmp_path / "partial.safetensors"))
+    partial = tmp_path / "partial.safetensors"
+    expect_model_error(lambda: sd.load_lora(partial), f"2 of its {len(tensors)} keys match no layer",
+                       "first: lora_unet_no_such_layer.lora_down.weight", "allow_partial")
+    assert sd.adapters == []
+    info = sd.load_lora(partial, weight=0.5, allow_partial=True)
+    assert info.skipped == 2 and "2 of its keys match no layer" in info.notice and "no_such_layer" in info.notice
+    reference = StableDiffusion.from_pretrained(str(tiny_model("sd1")))
+    reference.load_lora(good, weight=0.5)
+    ours, theirs = unet_weights(sd), unet_weights(reference)
+    assert all(np.array_equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.parametrize("extra, kind", [
+    ({"lora_unet_conv_in.dora_scale": (32, 1, 1, 1)}, "a DoRA"),
+    ({"unet.conv_in.lora_magnitude_vector": (32,)}, "a DoRA"),
+    ({"lora_unet_conv_in.lokr_w1": (4, 4)}, "a LoKr"),
+    ({"lora_unet_conv_in.hada_w1_a": (32, 4)}, "a LoHa"),
+    ({"lora_unet_conv_in.lora_mid.weight": (4, 4, 3, 3)}, "lora_mid"),
+])
+def test_other_adapter_kinds_are_refused_with_one_line(sd1, tmp_path, extra, kind):
+    path = kohya_file(tmp_path / "k.safetensors", "sd1", attention_layers, seed=9, alpha=1.0, conv_alpha=1.0,
+                      ldm=False)
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(path))
+    tensors.update({k: np.ones(s, np.float32) for k, s in extra.items()})
+    save_file(tensors, str(path))
+    expect_model_error(lambda: sd1.load_lora(path), kind, next(iter(extra)), "only LoRA and LoCon")
+
+
+def test_dora_in_peft_metadata_is_refused(sd1, tmp_path):
+    path = peft_file(tmp_path / "p.safetensors", "sd1", attention_layers, seed=10,
+                     metadata={"lora_adapter_metadata": json.dumps({"unet.use_dora": True})})
+    expect_model_error(lambda: sd1.load_lora(path), "DoRA", "use_dora")
+
+
+def test_pickle_files_are_refused_unopened(sd1, tmp_path, monkeypatch):
+    def opened(*_):
+        raise AssertionError("a pickle file was opened")
+
+    monkeypatch.setattr(adapters, "read_safetensors_header", opened)
+    for name in ("lora.pt", "lora.bin", "lora.ckpt", "embedding.pt"):
+        (tmp_path / name).write_bytes(b"\x80\x04 not read")
+        expect_model_error(lambda: sd1.load_lora(tmp_path / name), "pickle", "safetensors")
+        expect_model_error(lambda: sd1.load_textual_inversion(tmp_path / name), "pickle", "safetensors")
+
+
+def test_factors_that_do_not_fit_their_layer_change_nothing(sd1, tmp_path):
+    """Shapes, rank and dtype are checked from the header for every module before any layer
+    changes; values that are not finite, from the factors, before any layer changes too."""
+    before = unet_weights(sd1)
+    layer = "lora_unet_down_blocks_0_attentions_0_proj_in"  # a 1x1 convolution, 32 -> 32
+    cases = [
+        ({f"{layer}.lora_down.weight": np.ones((4, 16, 1, 1)), f"{layer}.lora_up.weight": np.ones((32, 4, 1, 1))},
+         "shapes (4, 16, 1, 1) (down)"),
+        ({f"{layer}.lora_down.weight": np.ones((4, 32, 3, 3)), f"{layer}.lora_up.weight": np.ones((32, 4, 1, 1))},
+         "needs (r, 32) and (32, r)"),
+        ({f"{layer}.lora_down.weight": np.ones((40, 32)), f"{layer}.lora_up.weight": np.ones((32, 40))},
+         "rank 40"),
+        ({f"{layer}.lora_down.weight": np.ones((4, 32), np.int32), f"{layer}.lora_up.weight": np.ones((32, 4))},
+         "dtype I32"),
+        ({f"{layer}.lora_down.weight": np.ones((4, 32))}, "no up factor"),
+        ({f"{layer}.lora_down.weight": np.ones((4, 32)), f"{layer}.lora_up.weight": np.ones((32, 4)),
+          f"{layer}.alpha": np.ones(3)}, "an alpha is one number"),
+        ({f"{layer}.lora_down.weight": np.full((4, 32), np.nan), f"{layer}.lora_up.weight": np.ones((32, 4))},
+         "not finite"),
+        ({f"{layer}.lora_down.weight": np.ones((4, 32)), f"{layer}.lora_up.weight": np.ones((32, 4)),
+          "unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": np.ones((4, 32, 1, 1)),
+          "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": np.ones((32, 4, 1, 1))}, "twice"),
+    ]
+    good = kohya_file(tmp_path / "good.safetensors", "sd1", attention_layers, seed=11, alpha=1.0, conv_alpha=1.0,
+                      ldm=False)
+    from safetensors.numpy import load_file
+
+    for extra, words in cases:
+        tensors = {k: v for k, v in load_file(str(good)).items() if not k.startswith(layer)}
+        tensors.update({k: v if v.dtype == np.int32 else v.astype(np.float32) for k, v in extra.items()})
+        path = tmp_path / "bad.safetensors"
+        save_file(tensors, str(path))
+        expect_model_error(lambda: sd1.load_lora(path), words)
+    after = unet_weights(sd1)
+    assert all(np.array_equal(before[k], after[k]) for k in before) and sd1.adapters == []
+    expect_model_error(lambda: sd1.load_lora(good, weight=float("inf")), "not a finite number")
+    expect_model_error(lambda: sd1.load_lora(tmp_path / "missing.safetensors"), "does not exist")
+    expect_model_error(lambda: sd1.load_lora(tmp_path), "holds no pytorch_lora_weights.safetensors")
+
+
+def test_a_quantized_model_refuses_a_lora(tiny_model, tmp_path):
+    import mlx.nn as nn
+
+    sd = StableDiffusion.from_pretrained(str(tiny_model("sd1")))
+    nn.quantize(sd.unet, group_size=32,
+                class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[1] % 32 == 0)
+    path = kohya_file(tmp_path / "k.safetensors", "sd1", attention_layers, seed=12, alpha=1.0, conv_alpha=1.0,
+                      ldm=False)
+    expect_model_error(lambda: sd.load_lora(path), "is quantized", "load the LoRA before quantizing")
+
+
+# --- textual inversion -------------------------------------------------------------------------------
+
+
+def reference_prompt_embeddings(pipeline, family: str, prompt: str) -> dict:
+    import torch
+
+    with torch.no_grad():
+        if family == "sdxl":
+            hidden, _, pooled, _ = pipeline.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
+                                                          do_classifier_free_guidance=False)
+            return {"hidden": hidden.numpy(), "pooled": pooled.numpy()}
+        hidden, _ = pipeline.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
+                                           do_classifier_free_guidance=False)
+        return {"hidden": hidden.numpy()}
+
+
+def our_prompt_embeddings(sd, prompt: str) -> dict:
+    hidden, pooled, _ = sd._encode_prompts([prompt])
+    out = {"hidden": np.array(hidden)}
+    if pooled is not None:
+        out["pooled"] = np.array(pooled)
+    return out
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("family, layout", [("sd1", "diffusers"), ("sd2", "a1111"), ("sdxl", "sdxl")])
+def test_textual_inversion_matches_diffusers(family, layout, tiny_model, parity, reference, tmp_path):
+    """Multi-vector embeddings in the three safetensors layouts; a prompt using the token twice, one
+    of them glued to a word. The conditioning (and SDXL's pooled embedding) against diffusers'
+    encode_prompt after its load_textual_inversion."""
+    from safetensors.torch import load_file
+
+    reference("clip")
+    folder = tiny_model(family)
+    rng = np.random.default_rng(13)
+    if layout == "diffusers":
+        path, token, given = tmp_path / "learned_embeds.safetensors", "<toy>", None
+        save_file({token: rng.standard_normal((3, 32)).astype(np.float32)}, str(path))
+    elif layout == "a1111":
+        path, token, given = tmp_path / "style.safetensors", "<my-style>", "<my-style>"
+        save_file({"emb_params": rng.standard_normal((2, 32)).astype(np.float32)}, str(path))
+    else:
+        path, token, given = tmp_path / "<xl-cat>.safetensors", "<xl-cat>", None  # A1111: the file's name
+        save_file({"clip_l": rng.standard_normal((2, 32)).astype(np.float32),
+                   "clip_g": rng.standard_normal((3, 32)).astype(np.float32)}, str(path))
+    prompt = f"a photo of {token} on a table, two {token}s"
+
+    sd = StableDiffusion.from_pretrained(str(folder))
+    base = our_prompt_embeddings(sd, prompt)
+    info = sd.load_textual_inversion(path, token=given)
+    assert info.token == token and sd.adapters == [info]
+    ours = our_prompt_embeddings(sd, prompt)
+
+    pipeline = diffusers_pipeline(folder, family)
+    if layout == "sdxl":
+        tensors = load_file(str(path))
+        pipeline.load_textual_inversion(tensors["clip_l"], token=token, text_encoder=pipeline.text_encoder,
+                                        tokenizer=pipeline.tokenizer)
+        pipeline.load_textual_inversion(tensors["clip_g"], token=token, text_encoder=pipeline.text_encoder_2,
+                                        tokenizer=pipeline.tokenizer_2)
+    else:
+        pipeline.load_textual_inversion(str(path), token=given)
+    theirs = reference_prompt_embeddings(pipeline, family, prompt)
+    for tokenizer, theirs_tokenizer in zip(sd.tokenizers, [pipeline.tokenizer, getattr(pipeline, "tokenizer_2", None)]):
+        expected = theirs_tokenizer(pipeline.maybe_convert_prompt(prompt, theirs_tokenizer), padding="max_length",
+                                    max_length=77, truncation=True).input_ids
+        assert tokenizer.tokenize([prompt])[0][0].tolist() == expected
+    for name in ours:
+        scale = float(np.max(np.abs(theirs[name])))
+        parity(f"adapters/ti-{layout}-{family}/{name}", ours[name] / scale, theirs[name] / scale, 1e-4)
+        assert float(np.max(np.abs(ours[name] - base[name]))) / scale > 1e-2
+
+
+def test_textual_inversion_refusals(tiny_model, tmp_path):
+    sd = StableDiffusion.from_pretrained(str(tiny_model("sd1")))
+    path = tmp_path / "toy.safetensors"
+    save_file({"<toy>": np.ones((2, 32), np.float32)}, str(path))
+    sd.load_textual_inversion(path)
+    expect_model_error(lambda: sd.load_textual_inversion(path), "already has '<toy>'")
+    expect_model_error(lambda: sd.load_textual_inversion(path, token="a</w>"), "already has 'a</w>'")
+    ids = sd.tokenizers[0].tokenize(["a <TOY> and <toy>_1"])[0][0]
+    first = sd.tokenizers[0].vocab["<toy>"]
+    assert ids[:6].tolist() == [sd.tokenizers[0].bos_id, sd.tokenizers[0].encode("a")[0], first, first + 1,
+                                sd.tokenizers[0].encode("and")[0], first + 1]
+    xl = tmp_path / "xl.safetensors"
+    save_file({"clip_l": np.ones((1, 32), np.float32), "clip_g": np.ones((1, 32), np.float32)}, str(xl))
+    expect_model_error(lambda: sd.load_textual_inversion(xl), "an SDXL embedding", "one text encoder")
+    wide = tmp_path / "wide.safetensors"
+    save_file({"<wide>": np.ones((1, 768), np.float32)}, str(wide))
+    expect_model_error(lambda: sd.load_textual_inversion(wide), "shape (1, 768)", "(n, 32)")
+    many = tmp_path / "many.safetensors"
+    save_file({"<many>": np.ones((76, 32), np.float32)}, str(many))
+    expect_model_error(lambda: sd.load_textual_inversion(many), "76 vectors", "1 to 75")
+    two = tmp_path / "two.safetensors"
+    save_file({"a": np.ones((1, 32), np.float32), "b": np.ones((1, 32), np.float32)}, str(two))
+    expect_model_error(lambda: sd.load_textual_inversion(two), "holds tensors a, b")
+    nan = tmp_path / "nan.safetensors"
+    save_file({"<nan>": np.full((1, 32), np.nan, np.float32)}, str(nan))
+    expect_model_error(lambda: sd.load_textual_inversion(nan), "not finite")
+    for bad in ("", " <x>", "a" * 101):
+        expect_model_error(lambda: sd.load_textual_inversion(path, token=bad), "a token is a word")
+    assert sd.text_encoders[0].config.vocab_size == sd.config.text_encoders[0].vocab_size == first + 2
+    sd2 = StableDiffusion.from_pretrained(str(tiny_model("sd2")))  # "!" is its padding token
+    expect_model_error(lambda: sd2.load_textual_inversion(path, token="<wow!>"), "holds '!'")
+    xl_model = StableDiffusion.from_pretrained(str(tiny_model("sdxl")))
+    expect_model_error(lambda: xl_model.load_textual_inversion(path), "an SDXL model needs one per text encoder")
