@@ -121,8 +121,8 @@ def build_specs(command: str, args) -> tuple:
         n_images=args.n_images, n_rows=args.n_rows,
         size=None if img2img else _size(args.size), capture=capture, inversion=inversion).validate()
     dtype = "float32" if args.no_float16 else args.dtype
-    return spec, ModelSpec(args.model, dtype, args.quantize, args.vae,
-                           args.prediction_type)
+    return spec, ModelSpec(args.model, dtype, args.quantize, args.vae, args.prediction_type,
+                           tuple(args.lora or ()), tuple(args.embedding or ()), args.lora_partial).validate()
 
 
 def replay_arguments(command: str, argv: list) -> tuple[list, list]:

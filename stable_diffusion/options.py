@@ -40,6 +40,23 @@ def positive_int(text: str) -> int:
     return value
 
 
+def lora_argument(text: str) -> tuple:
+    """PATH[:WEIGHT] -> (PATH, WEIGHT), the weight 1.0 when not given."""
+    path, _, weight = text.rpartition(":")
+    try:
+        return (path, float(weight)) if path else (text, 1.0)
+    except ValueError:  # a colon in the path itself
+        return text, 1.0
+
+
+def embedding_argument(text: str) -> tuple:
+    """PATH[:TOKEN] -> (PATH, TOKEN or None: the file's own)."""
+    path, _, token = text.rpartition(":")
+    if path.lower().endswith((".safetensors", ".pt", ".bin")) and token:
+        return path, token
+    return text, None
+
+
 def strength_list(text: str) -> tuple:
     try:
         return tuple(float(v) for v in text.replace(" ", "").split(","))
@@ -62,8 +79,9 @@ def parser_name(command: str, sweep: bool = False) -> str:
 
 
 # How a replay writes an option: a value always (`--seed=3`), a value unless it is the spec
-# field's default, a bare flag when true (`--curve`), or a positional argument.
-ALWAYS, CHANGED, BARE, POSITIONAL = "always", "changed", "bare", "positional"
+# field's default, a bare flag when true (`--curve`), a positional argument, or the flag once per
+# item of a list (`--lora=a:0.5 --lora=b:1.0`).
+ALWAYS, CHANGED, BARE, POSITIONAL, EACH = "always", "changed", "bare", "positional", "each"
 
 
 @dataclass(frozen=True)
@@ -143,6 +161,17 @@ OPTIONS = (
         ".safetensors checkpoint (default: sd)")),
     Option(("--vae",), "model.vae", "replace the model's VAE: a diffusers VAE folder or an LDM VAE "
            ".safetensors file", MODEL, replay=Replay(170, write=lambda v: v and os.path.abspath(v))),
+    Option(("--lora",), "model.loras", "a LoRA file (.safetensors: diffusers/PEFT or kohya, LoCon too) "
+           "fused into the model with WEIGHT (default 1); repeatable", MODEL, parse=lora_argument,
+           action="append", metavar="PATH[:WEIGHT]",
+           replay=Replay(172, EACH, lambda lora: f"{os.path.abspath(lora[0])}:{lora[1]!r}")),
+    Option(("--lora_partial", "--lora-partial"), "model.lora_partial", "load a --lora file some of whose "
+           "keys match no layer of the model (a notice says how many were skipped)", MODEL,
+           action="store_true", replay=Replay(325, BARE)),
+    Option(("--embedding",), "model.embeddings", "a textual-inversion embedding (.safetensors: diffusers, "
+           "A1111 or SDXL) learnt as TOKEN (default: the file's own); repeatable", MODEL,
+           parse=embedding_argument, action="append", metavar="PATH[:TOKEN]",
+           replay=Replay(174, EACH, lambda e: os.path.abspath(e[0]) + ("" if e[1] is None else f":{e[1]}"))),
     Option(("--prediction_type",), "model.prediction_type", "what the UNet predicts, for a single file "
            "that does not say (SD 2.x 768 models: v_prediction)", MODEL,
            choices=("epsilon", "v_prediction"), replay=Replay(180)),
@@ -324,6 +353,8 @@ def replay_argv(spec: RunSpec, model_arg: str, model: ModelSpec) -> list:
                 bare.append(row.flag)
         elif how.how == POSITIONAL:
             positional.append(how.write(value))
+        elif how.how == EACH:
+            values += [f"{row.flag}={how.write(item)}" for item in value]
         else:
             values.append(f"{row.flag}={how.write(value)}")
     if any(p.startswith("-") for p in positional):  # argparse would read it as a flag

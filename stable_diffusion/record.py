@@ -93,6 +93,8 @@ def base(plan, session, environment: dict, replay, picture) -> dict:
         "plans": [{"strength": r.strength, "start_time": r.timeline.start_time, "steps": r.timeline.steps,
                    "num_steps": r.timeline.num_steps} for r in plan.rows],
     }
+    if session.sd.adapters:
+        record["adapters"] = [adapter_record(info) for info in session.sd.adapters]
     if any(plan.dropped_tokens.values()):
         record["dropped_tokens"] = dict(plan.dropped_tokens)
     for name, raw in (("prompt", spec.prompt_bytes), ("negative_prompt", spec.negative_prompt_bytes)):
@@ -133,6 +135,10 @@ def picture_texts(plan, record: dict, source: dict, info: dict, size: tuple) -> 
     elif spec.n_images > 1 and kind in ("step", "final", "best"):
         composite = infotext.CompositeInfo("grid", size[1], size[0], spec.n_rows,
                                            spec.n_images // spec.n_rows)
+    for key, kind, name in (("Lora hashes", "lora", "file"), ("TI hashes", "embedding", "token")):
+        listed = [f"{a[name]}: {a['sha256'][:12]}" for a in record.get("adapters", ()) if a["kind"] == kind]
+        if listed:  # as A1111 writes them
+            extra = dict(extra, **{key: ", ".join(listed)})
     h, w = plan.image_size
     parameters = infotext.generation_parameters(
         spec.prompt, spec.negative_prompt, steps=row.timeline.num_steps, sampler=plan.sampler_name,
@@ -140,6 +146,17 @@ def picture_texts(plan, record: dict, source: dict, info: dict, size: tuple) -> 
         strength=row.strength if spec.img2img else None, steps_run=row.timeline.steps,
         start_t=row.timeline.start_time, frame=frame, composite=composite, extra=extra)
     return parameters, dict(record, frame=info)
+
+
+def adapter_record(info) -> dict:
+    """A loaded LoRA or embedding (adapters.LoraInfo, EmbeddingInfo), as the record holds it: its
+    file's name and content, and how it was applied."""
+    from .adapters import LoraInfo
+
+    record = {"file": os.fsdecode(info.path.name), "sha256": info.sha256}
+    if isinstance(info, LoraInfo):
+        return dict(record, kind="lora", weight=info.weight, skipped_keys=info.skipped)
+    return dict(record, kind="embedding", token=info.token)
 
 
 @functools.cache

@@ -81,6 +81,8 @@ def execute(session, spec, console, argv=(), replay=None, picture=None, wait: bo
         environment = _environment(session, console)
         taesd = _preview_decoder(plan, session)  # small, and may fail: before the model's weights
         sd = session.load(timings)
+        for line in adapter_notices(sd):
+            console.notice(line)
         # What every picture carries; the run's own facts (the arguments as typed, the process) only
         # in the sidecar: a picture depends on what makes it, not on its name or its process.
         carried = record.base(plan, session, environment, replay, picture)
@@ -308,6 +310,13 @@ def _peak_rss() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def adapter_notices(sd) -> list:
+    """What loading the adapters skipped, a line each."""
+    from .adapters import LoraInfo
+
+    return [a.notice for a in sd.adapters if isinstance(a, LoraInfo) and a.notice]
 
 
 def numerical_advice(dtype_name: str, quantized: bool) -> str:

@@ -94,6 +94,11 @@ class Session:
         # Quantization replaces layers by their unpacked weights: pack what it leaves, after it.
         sd = StableDiffusion.from_folder(self.folder, self.config, self.dtype, self.variant,
                                          self.source, self.tokenizers, pack=not quantize)
+        # Adapters are fused into the weights, so before quantization (adapters.py says why).
+        for path, weight in self.model_spec.loras:
+            sd.load_lora(path, weight, self.model_spec.lora_partial)
+        for path, token in self.model_spec.embeddings:
+            sd.load_textual_inversion(path, token)
         if quantize:
             for module in [sd.unet, *sd.text_encoders]:
                 nn.quantize(module, class_predicate=lambda _, m: isinstance(m, nn.Linear)

@@ -30,6 +30,8 @@ MAX_IMAGES = 64
 MAX_SEED = 2**64 - 1
 MAX_SIDE = 4096  # pixels; the memory budget refuses what the machine cannot hold
 MAX_REFINE = 50
+MAX_ADAPTERS = 16  # LoRAs, and embeddings, per run
+MAX_LORA_WEIGHT = 10.0
 
 
 class SpecError(InputError):
@@ -85,6 +87,22 @@ class ModelSpec:
     quantize: bool = False
     vae: str | None = None  # a VAE folder or file replacing the model's
     prediction_type: str | None = None  # for a single file that does not say
+    loras: tuple = ()  # (path, weight) of each LoRA fused into the model, in order
+    embeddings: tuple = ()  # (path, token or None) of each textual-inversion embedding
+    lora_partial: bool = False  # accept a LoRA some of whose keys match no layer
+
+    def validate(self) -> "ModelSpec":
+        """The adapters' settings, checked before any file is read."""
+        if len(self.loras) > MAX_ADAPTERS or len(self.embeddings) > MAX_ADAPTERS:
+            raise SpecError("loras" if len(self.loras) > MAX_ADAPTERS else "embeddings",
+                            f"{{flag}} is given more than {MAX_ADAPTERS} times; merge some of them first")
+        for _, weight in self.loras:
+            if not (math.isfinite(weight) and abs(weight) <= MAX_LORA_WEIGHT):
+                raise SpecError("loras", f"{{flag}} weight {weight:g} is outside -{MAX_LORA_WEIGHT:g} .. "
+                                         f"{MAX_LORA_WEIGHT:g}; use e.g. 0.8")
+        if self.lora_partial and not self.loras:
+            raise SpecError("lora_partial", "{flag} applies to {flag:loras} files; add one, or leave it out")
+        return self
 
 
 @dataclass(frozen=True)

@@ -282,6 +282,16 @@ def spec_record(spec: RunSpec) -> dict:
     return json.loads(to_json(asdict(spec)))
 
 
+def model_record(model: ModelSpec) -> dict:
+    """The model spec as JSON values, for the manifest: a rerun compares these. Adapter settings
+    appear when set, so that a manifest written before they existed still matches."""
+    record = json.loads(to_json(asdict(model)))
+    for name in ("loras", "embeddings", "lora_partial"):
+        if not record[name]:
+            del record[name]
+    return record
+
+
 def expand(base: RunSpec, grid: Grid, folder: Path, pattern: str | None = None) -> list[SweepRun]:
     """Every run of the grid over `base`, named and validated; refuses a grid that makes no run,
     names that collide and specs that would fail, before any work."""
@@ -386,7 +396,7 @@ class Manifest:
     def __init__(self, folder: Path, runs: list, model: ModelSpec):
         self.folder = Path(folder)
         self.path = self.folder / MANIFEST
-        self.model = asdict(model)
+        self.model = model_record(model)
         self.records = {r.name: {"name": r.name, "index": r.index, "values": r.values,
                                  "spec": spec_record(r.spec), "model": self.model,
                                  "status": "pending"} for r in runs}
@@ -694,7 +704,7 @@ class Sweep:
                           "condition_s": total("condition_s"), "checks_s": total("checks_s"),
                           "steps_and_frames_s": total("steps_and_frames_s"),
                           "final_decode_s": total("final_decode_s"), "runs_total_s": total("total_s")},
-                "model": asdict(self.model), "grid": {GRID_KEYS[f]: list(v) for f, v in self.grid.axes},
+                "model": model_record(self.model), "grid": {GRID_KEYS[f]: list(v) for f, v in self.grid.axes},
                 "manifest": MANIFEST, "sheet": SHEET,
             }
             record.update(pool.counts())

@@ -1,0 +1,68 @@
+"""--lora and --embedding on the command line: they change the picture, are recorded (sidecar and
+picture texts, with the file's sha256 and weight), replay byte for byte, and refuse bad files with
+one line before any generation."""
+
+import hashlib
+import json
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from stable_diffusion.picture_meta import read_picture_texts
+
+import commands
+from test_adapters import kohya_file
+
+EVERY_LAYER = lambda component, name: True  # noqa: E731
+
+
+def _run(picture, model, out, *extra, check=True):
+    return commands.run("image2image.py", picture, "a barn <toy>", "--model", model, "--steps", "3",
+                        "--seed", "5", "--strength", "0.7", "--dtype", "float32", "-o", out, *extra,
+                        check=check)
+
+
+def test_a_lora_and_an_embedding_change_the_picture_are_recorded_and_replay(tmp_path, picture, tiny_model):
+    sd1 = tiny_model("sd1")
+    lora = kohya_file(tmp_path / "style.safetensors", "sd1", EVERY_LAYER, seed=3, alpha=4.0, conv_alpha=4.0,
+                      ldm=False)
+    embedding = tmp_path / "toy.safetensors"
+    save_file({"emb_params": np.random.default_rng(1).standard_normal((2, 32)).astype(np.float32)},
+              str(embedding))
+    plain, adapted = tmp_path / "plain.png", tmp_path / "adapted.png"
+    _run(picture, sd1, plain)
+    _run(picture, sd1, adapted, "--lora", f"{lora}:0.6", "--embedding", embedding)
+    assert plain.read_bytes() != adapted.read_bytes()
+
+    record = json.loads(adapted.with_suffix(".json").read_text())
+    digest = hashlib.sha256(lora.read_bytes()).hexdigest()
+    assert record["adapters"][0] == {"file": "style.safetensors", "sha256": digest, "kind": "lora",
+                                     "weight": 0.6, "skipped_keys": 0}
+    assert record["adapters"][1]["kind"] == "embedding" and record["adapters"][1]["token"] == "toy"
+    assert f"--lora={lora}:0.6" in record["replay"] and f"--embedding={embedding}" in record["replay"]
+    parameters, _ = read_picture_texts(adapted)
+    assert f"Lora hashes: \"style.safetensors: {digest[:12]}\"" in parameters or \
+        f"Lora hashes: style.safetensors: {digest[:12]}" in parameters
+
+    again = tmp_path / "again.png"
+    commands.run("image2image.py", "--replay", adapted, "-o", again, check=True)
+    assert again.read_bytes() == adapted.read_bytes()
+
+
+def test_a_lora_matching_no_layer_is_refused_in_one_line(tmp_path, picture, tiny_model):
+    stray = tmp_path / "stray.safetensors"
+    save_file({"lora_unet_nowhere.lora_down.weight": np.zeros((4, 8), np.float32),
+               "lora_unet_nowhere.lora_up.weight": np.zeros((8, 4), np.float32)}, str(stray))
+    out = tmp_path / "o.png"
+    result = _run(picture, tiny_model("sd1"), out, "--lora", stray, check=False)
+    assert result.returncode == 2, result.stderr
+    assert "lora_unet_nowhere" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_adapter_settings_are_checked_before_any_file_is_read(tmp_path, picture, tiny_model):
+    for extra, said in ((["--lora", "x.safetensors:1e9"], "--lora weight 1e+09 is outside"),
+                        (["--lora_partial"], "--lora_partial applies to --lora files"),
+                        (["--lora", tmp_path / "missing.safetensors"], "does not exist")):
+        result = _run(picture, tiny_model("sd1"), tmp_path / "o.png", *extra, check=False)
+        assert result.returncode == 2 and said in result.stderr, result.stderr
