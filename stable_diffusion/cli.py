@@ -28,7 +28,7 @@ from .spec import (ALIGNS, ANIMATION_FORMATS, DEFAULT_TRIANGLE_STRENGTHS, DTYPES
 
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
               "0": False, "false": False, "no": False, "off": False}
-SAMPLER_CHOICES = ("euler", "euler_a", "ddim", "heun", "dpmpp_2m", "dpmpp_2m_sde", "lms")
+SAMPLER_CHOICES = ("euler", "euler_a", "ddim", "heun", "dpmpp_2m", "dpmpp_2m_sde", "lms", "plms", "unipc")
 SCHEDULE_CHOICES = ("linear", "diffusers", "karras", "exponential")
 
 

@@ -46,7 +46,8 @@ TRAJECTORY_KEY = "sd_trajectory"
 # The sampler names AUTOMATIC1111 writes, so that tools reading `parameters` recognise ours
 # (euler_ancestral is the older name of euler_a).
 SAMPLER_NAMES = {"euler": "Euler", "euler_a": "Euler a", "euler_ancestral": "Euler a", "heun": "Heun",
-                 "lms": "LMS", "ddim": "DDIM", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE"}
+                 "lms": "LMS", "ddim": "DDIM", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE",
+                 "plms": "PLMS", "unipc": "UniPC"}
 # Schedules A1111 names as a suffix of the sampler ("DPM++ 2M Karras"), or as `Schedule type`.
 SCHEDULE_NAMES = {"karras": "Karras", "exponential": "Exponential"}
 

@@ -375,6 +375,11 @@ def _pipeline_config(cls: str, **scheduler) -> PipelineConfig:
     ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
      ("dpmpp_2m_sde", "karras")),
     ("EulerDiscreteScheduler", {"use_exponential_sigmas": True}, ("euler", "exponential")),
+    ("EulerDiscreteScheduler", {"use_beta_sigmas": True}, ("euler", "diffusers")),
+    ("PNDMScheduler", {"skip_prk_steps": True}, ("plms", "linear")),
+    ("UniPCMultistepScheduler", {"use_karras_sigmas": True}, ("unipc", "karras")),
+    # classes that do not read a flag leave it out, as diffusers does
+    ("EulerAncestralDiscreteScheduler", {"use_karras_sigmas": True}, ("euler_a", "linear")),
 ])
 def test_default_sampler_follows_the_scheduler_class(cls, flags, expected):
     sampler, schedule, notice = default_sampler(_pipeline_config(cls, **flags))
@@ -382,13 +387,19 @@ def test_default_sampler_follows_the_scheduler_class(cls, flags, expected):
 
 
 @pytest.mark.parametrize("cls, expected", [
-    ("PNDMScheduler", "lms"), ("DPMSolverSinglestepScheduler", "dpmpp_2m"),
-    ("UniPCMultistepScheduler", "dpmpp_2m"), ("LCMScheduler", "euler"),
+    ("DPMSolverSinglestepScheduler", "dpmpp_2m"), ("DEISMultistepScheduler", "dpmpp_2m"),
+    ("LCMScheduler", "euler"),
 ])
 def test_unimplemented_scheduler_runs_the_closest_with_a_notice(cls, expected):
     sampler, _, notice = default_sampler(_pipeline_config(cls))
     assert sampler == expected
     assert cls in notice and expected in notice and "\n" not in notice
+
+
+def test_pndm_without_skip_prk_steps_runs_plms_with_a_notice():
+    sampler, schedule, notice = default_sampler(_pipeline_config("PNDMScheduler"))
+    assert (sampler, schedule) == ("plms", "linear")
+    assert "skip_prk_steps" in notice and "plms" in notice and "\n" not in notice
 
 
 def test_display_names_are_the_ones_readers_know():
@@ -398,6 +409,7 @@ def test_display_names_are_the_ones_readers_know():
     assert display_name("euler", "diffusers") == "Euler"
     assert display_name("lms", "karras") == "LMS Karras"
     assert [display_name(k) for k in ("ddim", "heun", "lms")] == ["DDIM", "Heun", "LMS"]
+    assert [display_name(k, "karras") for k in ("plms", "unipc")] == ["PLMS Karras", "UniPC Karras"]
     assert set(SCHEDULES) == {"linear", "diffusers", "karras", "exponential"}
 
 

@@ -19,6 +19,8 @@ SCHEDULER_CLASSES = {
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "lms": ("LMSDiscreteScheduler", {}),
+    "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
 }
 SCHEDULE_FLAGS = {"diffusers": {}, "karras": {"use_karras_sigmas": True},
                   "exponential": {"use_exponential_sigmas": True}}
@@ -46,7 +48,10 @@ def make_scheduler(config, sampler: str, schedule: str):
 
 def step_positions(sampler: str, calls: int) -> list:
     """Which of the scheduler's `step` calls end a whole step: Heun's pairs end on the second
-    call, and its last step (to sigma 0) is one call."""
+    call, and its last step (to sigma 0) is one call; PLMS's first call is the warm-up's predictor,
+    which the second redoes (one call alone is a step)."""
+    if sampler == "plms":
+        return list(range(1, calls)) if calls > 1 else [0]
     if sampler != "heun":
         return list(range(calls))
     return list(range(1, calls - 1, 2)) + [calls - 1]
