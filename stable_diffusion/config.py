@@ -264,8 +264,9 @@ class SchedulerConfig:
     | timestep_type                 | Euler                              | discrete honoured; continuous refused with v_prediction |
     | flow_shift, time_shift_type   | DPM, UniPC                         | quiet: only read with flow sigmas or dynamic shifting (refused) |
 
-    A field a class reads but the file does not give takes that class's default (`for_class`), as
-    diffusers' `from_config` does; so DDIM clips x0 unless the file says clip_sample false.
+    A field a class reads but the folder does not give takes that class's default (`for_class`),
+    as diffusers' `from_config(pipe.scheduler.config)` does; so DDIM clips x0 unless the file says
+    clip_sample false. The folder's own class fills in its defaults first (`as_loaded_by`).
     """
 
     num_train_timesteps: int = 1000
@@ -335,7 +336,7 @@ class SchedulerConfig:
             _checked(lambda_min, (float, -1e4, 1e4), "lambda_min_clipped")
         config = _pick(cls, d, "scheduler")
         config = dataclasses.replace(
-            config, given=frozenset(k for k, v in d.items() if v is not None),
+            config, given=frozenset(k for k, v in d.items() if v is not None and not k.startswith("_")),
             lambda_min_clipped=-math.inf if lambda_min is None else float(lambda_min))
         if not config.beta_start <= config.beta_end:
             raise ConfigError(f"fields beta_start {config.beta_start:g} and beta_end {config.beta_end:g}: "
@@ -390,6 +391,16 @@ class SchedulerConfig:
             raise ConfigError(f"fields {what}: the noise level reaches sigma "
                               f"{math.exp(-log_abar / 2):.3g} (at most 1e4 is supported)")
         return config
+
+    def as_loaded_by(self, name: str) -> "SchedulerConfig":
+        """The config as a folder's own scheduler class `name` holds it once loaded: diffusers fills
+        in that class's defaults, so that `Other.from_config(pipe.scheduler.config)` starts from
+        them (a PNDM folder's DDIM spaces its timesteps "leading" though DDIM is told nothing)."""
+        if self.given is None or name not in SCHEDULER_CLASS_FIELDS:
+            return self
+        reads = SCHEDULER_CLASS_FIELDS[name]
+        values = {f: default for f, default in reads.items() if f not in self.given}
+        return dataclasses.replace(self, **values, given=self.given | frozenset(reads))
 
     def for_class(self, name: str) -> "SchedulerConfig":
         """The config as diffusers' `name.from_config` reads it: the fields that class reads, with
@@ -556,7 +567,7 @@ def read_pipeline_config(folder: Path, notices: list | None = None) -> PipelineC
     config = PipelineConfig(
         unet=read("unet", UNetConfig),
         vae=read("vae", VAEConfig),
-        scheduler=read("scheduler", SchedulerConfig, "scheduler_config.json"),
+        scheduler=read("scheduler", SchedulerConfig, "scheduler_config.json").as_loaded_by(scheduler_entry[1]),
         text_encoders=tuple(encoders),
         scheduler_class=scheduler_entry[1],
         force_zeros_for_empty_prompt=zeros,
