@@ -133,19 +133,22 @@ def scheduler_folder(tiny_model, tmp_path_factory):
 
 # A folder's own scheduler, run with sampler=None (its default) and the diffusers schedule, against
 # the pipeline with the scheduler it loads: PNDM and UniPC (SD 1.5's and SD 2.1-base's own is
-# PNDM), DDIM with clip_sample true, DPM++ 2M with use_karras_sigmas true.
+# PNDM; their numbers in every family and mode are test_whole_run's), DDIM with clip_sample true,
+# DPM++ 2M with use_karras_sigmas true.
+_PNDM, _UNIPC = ("PNDMScheduler", {"skip_prk_steps": True}, "plms"), ("UniPCMultistepScheduler", {}, "unipc")
+_DDIM_CLIP = ("DDIMScheduler", {"clip_sample": True}, "ddim")
+_DPM_KARRAS = ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "dpmpp_2m")
 OWN_SCHEDULERS = [
-    ("PNDMScheduler", {"skip_prk_steps": True}, "plms"),
-    ("UniPCMultistepScheduler", {}, "unipc"),
-    ("DDIMScheduler", {"clip_sample": True}, "ddim"),
-    ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "dpmpp_2m"),
+    (*_PNDM, "sd1", "img2img"), (*_PNDM, "sd2", "txt2img"), (*_UNIPC, "sd1", "txt2img"),
+    (*_UNIPC, "sd2", "img2img"),
+    *[(*case, family, mode) for case in (_DDIM_CLIP, _DPM_KARRAS) for family in ("sd1", "sd2")
+      for mode in ("txt2img", "img2img")],
 ]
 
 
 @pytest.mark.reference
-@pytest.mark.parametrize("mode", ["txt2img", "img2img"])
-@pytest.mark.parametrize("family", ["sd1", "sd2"])
-@pytest.mark.parametrize("cls, fields, sampler", OWN_SCHEDULERS, ids=[c[0] for c in OWN_SCHEDULERS])
+@pytest.mark.parametrize("cls, fields, sampler, family, mode", OWN_SCHEDULERS,
+                         ids=[f"{c[0]}-{c[3]}-{c[4]}" for c in OWN_SCHEDULERS])
 def test_default_sampler_with_the_diffusers_schedule_is_the_folders_scheduler(
         cls, fields, sampler, family, mode, scheduler_folder, reference, parity):
     module = reference("scheduler")
@@ -171,7 +174,8 @@ def test_txt2img_starts_where_add_noise_puts_pure_noise(tiny_model):
     assert np.allclose(np.array(start.x_t), 0.997667 * eps, atol=1e-5)
 
 
-@pytest.mark.parametrize("sampler, calls", [("euler", 3), ("heun", 5), ("dpmpp_2m", 3)])
+@pytest.mark.parametrize("sampler, calls", [("euler", 3), ("heun", 5), ("dpmpp_2m", 3), ("plms", 4),
+                                            ("unipc", 3)])
 def test_denoiser_counts_unet_calls(sampler, calls, tiny_model):
     sd = _load(tiny_model("sd1"))
     cond = sd.condition("a cat", "", True, 1, (64, 64))
