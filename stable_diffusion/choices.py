@@ -17,7 +17,8 @@ class Sampler:
     name: str  # ours: the spec's and the command line's value
     display: str  # the name AUTOMATIC1111 writes in `parameters`, which readers of it recognise
     # Whose timesteps the `diffusers` schedule (and Karras, exponential) follows: "k" the
-    # discrete Euler/Heun/LMS schedulers, "ddim", "dpm" DPMSolverMultistep (schedule.py).
+    # discrete Euler/Heun/LMS schedulers, "ddim" DDIM and PNDM, "dpm" DPMSolverMultistep and
+    # UniPC (schedule.py).
     family: str
     scheduler: str  # the diffusers scheduler class that runs it
     stochastic: bool = False  # draws fresh noise at each step (DDIM only with eta > 0)
@@ -35,6 +36,8 @@ SAMPLER_TABLE: dict[str, Sampler] = {row.name: row for row in (
     Sampler("dpmpp_2m", "DPM++ 2M", "dpm", "DPMSolverMultistepScheduler"),
     Sampler("dpmpp_2m_sde", "DPM++ 2M SDE", "dpm", "DPMSolverMultistepScheduler", stochastic=True),
     Sampler("lms", "LMS", "k", "LMSDiscreteScheduler"),
+    Sampler("plms", "PLMS", "ddim", "PNDMScheduler"),
+    Sampler("unipc", "UniPC", "dpm", "UniPCMultistepScheduler"),
 )}
 SAMPLER_NAMES = tuple(SAMPLER_TABLE)
 

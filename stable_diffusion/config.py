@@ -219,55 +219,238 @@ class VAEConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
+    """A scheduler_config.json: the noise schedule, and what diffusers' scheduler classes read from it.
+
+    Every field that one of the classes we map (table below) reads and that changes the numbers is
+    either honoured, with a parity test against that class (tests/test_sampler.py), or refused with
+    a ConfigError naming the field and its value, before any weight is read. Fields that change no
+    number of the classes we map are read quietly (_QUIET_FIELDS).
+
+    Classes: Euler = EulerDiscreteScheduler (euler), EulerA = EulerAncestralDiscreteScheduler
+    (euler_a), DDIM (ddim), Heun = HeunDiscreteScheduler (heun), DPM = DPMSolverMultistepScheduler
+    (dpmpp_2m, dpmpp_2m_sde), LMS = LMSDiscreteScheduler (lms), PNDM (plms), UniPC =
+    UniPCMultistepScheduler (unipc).
+
+    | field                         | read by                            | here                       |
+    |-------------------------------|------------------------------------|----------------------------|
+    | num_train_timesteps           | all                                | honoured                   |
+    | beta_start, beta_end          | all (Heun's defaults differ)       | honoured                   |
+    | beta_schedule                 | all                                | linear, scaled_linear; squaredcos_cap_v2 refused |
+    | trained_betas                 | all                                | honoured                   |
+    | prediction_type               | all                                | epsilon, v_prediction; sample, flow_prediction refused |
+    | timestep_spacing              | all (DDIM's, PNDM's default leading) | honoured                 |
+    | steps_offset                  | all                                | honoured                   |
+    | rescale_betas_zero_snr        | Euler, EulerA, DDIM, DPM, UniPC    | honoured                   |
+    | set_alpha_to_one              | DDIM, PNDM (their defaults differ) | honoured                   |
+    | clip_sample, clip_sample_range | DDIM (default true), Heun         | honoured                   |
+    | thresholding, dynamic_thresholding_ratio, sample_max_value | DDIM, DPM, UniPC | honoured      |
+    | use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas | Euler, Heun, DPM, LMS, UniPC | honoured (two at once refused, as diffusers does) |
+    | sigma_min, sigma_max          | Euler, Heun, DPM, LMS (not its Karras), UniPC | honoured        |
+    | final_sigmas_type             | Euler, DPM, UniPC                  | honoured                   |
+    | lambda_min_clipped            | DPM                                | honoured                   |
+    | algorithm_type                | DPM                                | picks dpmpp_2m / dpmpp_2m_sde; dpmsolver, sde-dpmsolver run the ++ form with a notice |
+    | skip_prk_steps                | PNDM                               | picks plms; false runs plms with a notice (no PRK warm-up) |
+    | solver_type                   | DPM (midpoint), UniPC (bh2)        | those honoured; heun (DPM), bh1 (UniPC) refused |
+    | solver_order                  | DPM, UniPC                         | 2 honoured; others refused |
+    | lower_order_final             | DPM, UniPC                         | true honoured; false refused |
+    | euler_at_final, use_lu_lambdas | DPM                               | false honoured; true refused |
+    | variance_type                 | DPM                                | learned, learned_range refused |
+    | use_flow_sigmas, use_dynamic_shifting | DPM, UniPC                 | false honoured; true refused |
+    | shift_terminal                | UniPC                              | null honoured; a value refused |
+    | predict_x0                    | UniPC                              | true honoured; false refused |
+    | disable_corrector             | UniPC                              | [] honoured; steps refused |
+    | solver_p                      | UniPC                              | null honoured; a value refused |
+    | interpolation_type            | Euler                              | linear honoured; log_linear refused |
+    | timestep_type                 | Euler                              | discrete honoured; continuous refused with v_prediction |
+    | flow_shift, time_shift_type   | DPM, UniPC                         | quiet: only read with flow sigmas or dynamic shifting (refused) |
+
+    A field a class reads but the folder does not give takes that class's default (`for_class`),
+    as diffusers' `from_config(pipe.scheduler.config)` does; so DDIM clips x0 unless the file says
+    clip_sample false. The folder's own class fills in its defaults first (`as_loaded_by`).
+    """
+
     num_train_timesteps: int = 1000
     beta_start: float = 0.0001
     beta_end: float = 0.02
     beta_schedule: str = "linear"
+    # One beta per training step, in place of beta_start .. beta_end.
+    trained_betas: tuple | None = None
     prediction_type: str = "epsilon"
     # How diffusers spaces its timesteps (the `diffusers` schedule, sampler.py); "trailing" also
     # marks distilled few-step models (e.g. SDXL-turbo).
     timestep_spacing: str = "linspace"
     steps_offset: int = 0  # added to diffusers' "leading" timesteps
-    # DDIM's last step lands on abar = 1 (true) or on the first training step's abar (false).
+    # Betas rescaled so that the last step's abar is 0 (Lin et al. 2024, Algorithm 1).
+    rescale_betas_zero_snr: bool = False
+    # DDIM's and PLMS's last step lands on abar = 1 (true) or on the first training step's abar (false).
     set_alpha_to_one: bool = True
-    # Flags that pick the default sampler and schedule (sampler.default_sampler).
+    # The denoised estimate clipped to [-clip_sample_range, clip_sample_range] (DDIM, Heun), or
+    # dynamically thresholded (Saharia et al. 2022; DDIM, DPM, UniPC).
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+    # Flags that pick the default sampler and schedule (sampler.default_sampler); the `diffusers`
+    # schedule honours them, with sigma_min and sigma_max as the range of the levels they space.
     use_karras_sigmas: bool = False
     use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    final_sigmas_type: str = "zero"  # where the last step lands: 0, or the first training step's level
+    lambda_min_clipped: float = -math.inf  # DPM: timesteps whose log(alpha / sigma) is below are not used
     algorithm_type: str = "dpmsolver++"  # DPMSolverMultistepScheduler only
+    skip_prk_steps: bool = False  # PNDMScheduler only: PLMS without its Runge-Kutta warm-up
+    solver_type: str = "midpoint"
+    # The fields the file gave (None: every field, as for a config built in code); a field a class
+    # reads and the file leaves out takes that class's default (for_class).
+    given: frozenset | None = None
 
     _RULES = {
         "num_train_timesteps": (int, 1, 100_000), "beta_start": (float, 0.0, 1.0),
         "beta_end": (float, 0.0, 1.0), "beta_schedule": (str,), "prediction_type": (str,),
+        "trained_betas": (list, float, 0.0, 1.0, 1, 100_000),
         "timestep_spacing": (str,), "steps_offset": (int, 0, 1000), "set_alpha_to_one": (bool,),
-        "use_karras_sigmas": (bool,), "use_exponential_sigmas": (bool,), "algorithm_type": (str,),
+        "rescale_betas_zero_snr": (bool,), "clip_sample": (bool,), "clip_sample_range": (float, 0.0, 1e6),
+        "thresholding": (bool,), "dynamic_thresholding_ratio": (float, 0.0, 1.0),
+        "sample_max_value": (float, 0.0, 1e6),
+        "use_karras_sigmas": (bool,), "use_exponential_sigmas": (bool,), "use_beta_sigmas": (bool,),
+        "sigma_min": (float, 0.0, 1e4), "sigma_max": (float, 0.0, 1e4), "final_sigmas_type": (str,),
+        "algorithm_type": (str,), "skip_prk_steps": (bool,), "solver_type": (str,),
+    }
+
+    # field: the value that means "as diffusers' default"; anything else is refused (see above).
+    _UNSUPPORTED = {
+        "solver_order": 2, "lower_order_final": True, "euler_at_final": False, "use_lu_lambdas": False,
+        "use_flow_sigmas": False, "use_dynamic_shifting": False, "shift_terminal": None,
+        "predict_x0": True, "disable_corrector": [], "solver_p": None, "interpolation_type": "linear",
     }
 
     @classmethod
     def from_diffusers(cls, d: dict) -> "SchedulerConfig":
+        _check_object(d)
+        _refuse_unsupported(d, cls._UNSUPPORTED, "scheduler")
+        lambda_min = d.get("lambda_min_clipped")
+        if lambda_min is not None and lambda_min != -math.inf:  # JSON's -Infinity: no clipping
+            _checked(lambda_min, (float, -1e4, 1e4), "lambda_min_clipped")
         config = _pick(cls, d, "scheduler")
+        config = dataclasses.replace(
+            config, given=frozenset(k for k, v in d.items() if v is not None and not k.startswith("_")),
+            lambda_min_clipped=-math.inf if lambda_min is None else float(lambda_min))
         if not config.beta_start <= config.beta_end:
             raise ConfigError(f"fields beta_start {config.beta_start:g} and beta_end {config.beta_end:g}: "
                               "beta_start must not exceed beta_end")
-        if config.beta_schedule not in ("linear", "scaled_linear"):
-            raise ConfigError(f"beta_schedule {config.beta_schedule!r} is not supported "
-                              "(use linear or scaled_linear)")
-        if config.prediction_type not in ("epsilon", "v_prediction"):
-            raise ConfigError(f"prediction_type {config.prediction_type!r} is not supported "
-                              "(use epsilon or v_prediction)")
-        # The last sigma, sqrt((1 - abar_T) / abar_T), must stay finite in half precision; SD's is 14.6.
-        T, lo, hi = config.num_train_timesteps, config.beta_start, config.beta_end
-        if config.beta_schedule == "scaled_linear":
-            lo, hi = math.sqrt(lo), math.sqrt(hi)
-        log_abar = 0.0
-        for i in range(T):
-            beta = lo + (hi - lo) * (i / (T - 1) if T > 1 else 0.0)
-            beta = beta * beta if config.beta_schedule == "scaled_linear" else beta
-            log_abar += math.log1p(-min(beta, 1.0 - 1e-12))
+        for field, supported in (("beta_schedule", ("linear", "scaled_linear")),
+                                 ("prediction_type", ("epsilon", "v_prediction")),
+                                 ("timestep_spacing", ("linspace", "leading", "trailing")),
+                                 ("final_sigmas_type", ("zero", "sigma_min"))):
+            value = getattr(config, field)
+            if value not in supported:
+                raise ConfigError(f"{field} {value!r} is not supported (use {' or '.join(supported)})")
+        # Values that select an algorithm we do not implement (the table above).
+        # DPM reads bh1, bh2 and logrho as midpoint, UniPC reads midpoint, heun and logrho as bh2.
+        if config.solver_type not in ("midpoint", "bh2", "logrho"):
+            raise ConfigError(f"solver_type {config.solver_type!r} is not supported (use midpoint for "
+                              "DPMSolverMultistepScheduler, bh2 for UniPCMultistepScheduler)")
+        if d.get("variance_type") in ("learned", "learned_range"):
+            raise ConfigError(f"variance_type {d['variance_type']!r} is not supported (the network "
+                              "would predict its variance too)")
+        if d.get("timestep_type") == "continuous" and config.prediction_type == "v_prediction":
+            raise ConfigError("timestep_type 'continuous' is not supported with v_prediction (the "
+                              "network would be conditioned on log sigma)")
+        flags = [f for f in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+                 if getattr(config, f)]
+        if len(flags) > 1:
+            raise ConfigError(f"fields {' and '.join(flags)} are both true; diffusers allows one")
+        if config.sigma_min is not None and config.sigma_max is not None and config.sigma_min >= config.sigma_max:
+            raise ConfigError(f"fields sigma_min {config.sigma_min:g} and sigma_max {config.sigma_max:g}: "
+                              "sigma_min must be below sigma_max")
+        T = config.num_train_timesteps
+        if config.trained_betas is not None:
+            if len(config.trained_betas) != T:
+                raise ConfigError(f"field trained_betas: {len(config.trained_betas)} entries, expected "
+                                  f"num_train_timesteps {T}")
+            if max(config.trained_betas) >= 1.0:
+                raise ConfigError(f"field trained_betas: {max(config.trained_betas)!r} is not below 1 "
+                                  "(the noise level would be infinite)")
+            betas = config.trained_betas
+        else:
+            lo, hi = config.beta_start, config.beta_end
+            if config.beta_schedule == "scaled_linear":
+                lo, hi = math.sqrt(lo), math.sqrt(hi)
+            betas = [lo + (hi - lo) * (i / (T - 1) if T > 1 else 0.0) for i in range(T)]
+            if config.beta_schedule == "scaled_linear":
+                betas = [b * b for b in betas]
+        # The last sigma, sqrt((1 - abar_T) / abar_T), must stay finite in half precision; SD's is 14.6
+        # (with rescale_betas_zero_snr, diffusers itself puts it at 4096).
+        log_abar = sum(math.log1p(-min(beta, 1.0 - 1e-12)) for beta in betas)
         if log_abar < -2 * math.log(1e4):
-            raise ConfigError(f"fields num_train_timesteps {T}, beta_start {config.beta_start:g}, "
-                              f"beta_end {config.beta_end:g}: the noise level reaches sigma "
+            what = ("trained_betas" if config.trained_betas is not None else
+                    f"num_train_timesteps {T}, beta_start {config.beta_start:g}, beta_end {config.beta_end:g}")
+            raise ConfigError(f"fields {what}: the noise level reaches sigma "
                               f"{math.exp(-log_abar / 2):.3g} (at most 1e4 is supported)")
         return config
+
+    def as_loaded_by(self, name: str) -> "SchedulerConfig":
+        """The config as a folder's own scheduler class `name` holds it once loaded: diffusers fills
+        in that class's defaults, so that `Other.from_config(pipe.scheduler.config)` starts from
+        them (a PNDM folder's DDIM spaces its timesteps "leading" though DDIM is told nothing)."""
+        if self.given is None or name not in SCHEDULER_CLASS_FIELDS:
+            return self
+        reads = SCHEDULER_CLASS_FIELDS[name]
+        values = {f: default for f, default in reads.items() if f not in self.given}
+        return dataclasses.replace(self, **values, given=self.given | frozenset(reads))
+
+    def for_class(self, name: str) -> "SchedulerConfig":
+        """The config as diffusers' `name.from_config` reads it: the fields that class reads, with
+        its defaults where the file gives none; every other field at the value that changes nothing."""
+        reads = SCHEDULER_CLASS_FIELDS[name]
+        values = {}
+        for f in dataclasses.fields(self):
+            if f.name == "given":
+                continue
+            if f.name not in reads:
+                values[f.name] = f.default
+            elif self.given is not None and f.name not in self.given:
+                values[f.name] = reads[f.name]
+        return dataclasses.replace(self, **values)
+
+    @property
+    def x0_limit(self) -> tuple:
+        """How the denoised estimate is bounded: () not at all, ("clip", range), or ("threshold",
+        ratio, max) (diffusers' thresholding wins over clip_sample)."""
+        if self.thresholding:
+            return ("threshold", self.dynamic_thresholding_ratio, self.sample_max_value)
+        if self.clip_sample:
+            return ("clip", self.clip_sample_range)
+        return ()
+
+
+# The fields each diffusers scheduler class we map reads, with its default (see SchedulerConfig).
+_COMMON = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+           "trained_betas": None, "prediction_type": "epsilon", "timestep_spacing": "linspace",
+           "steps_offset": 0}
+_LEVELS = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+           "sigma_min": None, "sigma_max": None}
+_THRESHOLD = {"thresholding": False, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0}
+SCHEDULER_CLASS_FIELDS = {
+    "EulerDiscreteScheduler": {**_COMMON, **_LEVELS, "rescale_betas_zero_snr": False,
+                               "final_sigmas_type": "zero"},
+    "EulerAncestralDiscreteScheduler": {**_COMMON, "rescale_betas_zero_snr": False},
+    "DDIMScheduler": {**_COMMON, "timestep_spacing": "leading", "rescale_betas_zero_snr": False,
+                      "set_alpha_to_one": True, "clip_sample": True, "clip_sample_range": 1.0, **_THRESHOLD},
+    "HeunDiscreteScheduler": {**_COMMON, "beta_start": 0.00085, "beta_end": 0.012, **_LEVELS,
+                              "clip_sample": False, "clip_sample_range": 1.0},
+    "DPMSolverMultistepScheduler": {**_COMMON, **_LEVELS, **_THRESHOLD, "rescale_betas_zero_snr": False,
+                                    "final_sigmas_type": "zero", "lambda_min_clipped": -math.inf,
+                                    "algorithm_type": "dpmsolver++", "solver_type": "midpoint"},
+    "LMSDiscreteScheduler": {**_COMMON, **_LEVELS},
+    "PNDMScheduler": {**_COMMON, "timestep_spacing": "leading", "set_alpha_to_one": False,
+                      "skip_prk_steps": False},
+    "UniPCMultistepScheduler": {**_COMMON, **_LEVELS, **_THRESHOLD, "rescale_betas_zero_snr": False,
+                                "final_sigmas_type": "zero", "solver_type": "bh2"},
+}
 
 
 @dataclass(frozen=True)
@@ -384,7 +567,7 @@ def read_pipeline_config(folder: Path, notices: list | None = None) -> PipelineC
     config = PipelineConfig(
         unet=read("unet", UNetConfig),
         vae=read("vae", VAEConfig),
-        scheduler=read("scheduler", SchedulerConfig, "scheduler_config.json"),
+        scheduler=read("scheduler", SchedulerConfig, "scheduler_config.json").as_loaded_by(scheduler_entry[1]),
         text_encoders=tuple(encoders),
         scheduler_class=scheduler_entry[1],
         force_zeros_for_empty_prompt=zeros,
@@ -439,12 +622,13 @@ def _check_components_meet(config: PipelineConfig, folder: Path) -> None:
                           "download the model again")
 
 
-# Fields diffusers and transformers write that carry no architecture we need: never a notice.
+# Fields diffusers and transformers write that carry no architecture we need: never a notice. The
+# scheduler's among them change no number of the classes we map (SchedulerConfig): timestep_type and
+# variance_type only with the values refused there, flow_shift and time_shift_type only with the
+# flow sigmas or the dynamic shifting refused there, timestep_scaling only in LCM and TCD.
 _QUIET_FIELDS = {
     "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "bos_token_id",
     "pad_token_id", "initializer_factor", "initializer_range", "attention_dropout", "dropout",
-    "steps_offset", "set_alpha_to_one", "skip_prk_steps", "clip_sample",
-    "trained_betas", "interpolation_type", "use_karras_sigmas", "sample_max_value", "rescale_betas_zero_snr",
     "force_upcast", "down_block_types", "up_block_types", "resnet_time_scale_shift", "num_class_embeds",
     "dual_cross_attention", "only_cross_attention", "class_embed_type", "time_cond_proj_dim",
     "projection_class_embeddings_input_dim", "encoder_hid_dim", "encoder_hid_dim_type",
@@ -453,9 +637,8 @@ _QUIET_FIELDS = {
     "class_embeddings_concat", "cross_attention_norm", "addition_embed_type_num_heads",
     "time_embedding_dim", "time_embedding_act_fn", "timestep_post_act", "resnet_skip_time_act",
     "resnet_out_scale_factor", "use_quant_conv", "use_post_quant_conv", "latents_mean", "latents_std",
-    "timestep_type", "final_sigmas_type", "use_exponential_sigmas", "use_beta_sigmas",
-    "clip_sample_range", "thresholding", "dynamic_thresholding_ratio", "variance_type",
-    "sigma_min", "sigma_max", "timestep_scaling", "attention_bias", "text_config", "vision_config",
+    "timestep_type", "variance_type", "flow_shift", "time_shift_type",
+    "timestep_scaling", "attention_bias", "text_config", "vision_config",
     "add_prefix_space", "errors", "do_lower_case", "tokenizer_class", "clean_up_tokenization_spaces",
     "name_or_path", "added_tokens_decoder", "extra_special_tokens", "tokenizer_file",
     "special_tokens_map_file", "model_input_names", "padding_side", "truncation_side",
@@ -479,6 +662,8 @@ def _pick(cls, d: dict, what: str, quiet: bool = False):
     _check_object(d)
     values = {}
     for f in dataclasses.fields(cls):
+        if f.name not in cls._RULES:  # not read from the file as it is (the class reads it itself)
+            continue
         if f.name in d and d[f.name] is not None:
             v = _checked(d[f.name], cls._RULES[f.name], f.name)
             values[f.name] = tuple(v) if isinstance(v, list) else v

@@ -20,9 +20,10 @@ from .choices import SAMPLER_TABLE, SCHEDULES, display_name
 # The noise schedule and plans, re-exported: `from .sampler import Plan, Step, ...` keeps working.
 from .schedule import NoiseSchedule, Plan, Step, _vp_scale, plan, seed_keys
 
-__all__ = ["SCHEDULES", "SAMPLERS", "NoiseSchedule", "Plan", "Step", "plan", "seed_keys",
-           "display_name", "default_sampler", "invert", "sample_euler", "sample_euler_a",
-           "sample_heun", "sample_ddim", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_lms"]
+__all__ = ["SCHEDULES", "SAMPLERS", "NoiseSchedule", "Plan", "Step", "plan",
+           "seed_keys", "display_name", "default_sampler", "invert", "sample_euler", "sample_euler_a",
+           "sample_heun", "sample_ddim", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_lms",
+           "sample_plms", "sample_unipc"]
 
 Denoise = Callable[[mx.array, float, float], tuple]
 
@@ -42,6 +43,26 @@ def _segments(plan: Plan):
     """(i, t, sigma, t_next, sigma_next) for each step of a plan."""
     for i in range(plan.steps):
         yield i, plan.times[i], plan.sigmas[i], plan.times[i + 1], plan.sigmas[i + 1]
+
+
+def _limited(x0: mx.array, plan: Plan) -> mx.array:
+    """The denoised estimate bounded as the plan's diffusers class does: clipped to a range
+    (clip_sample), or dynamically thresholded (Saharia et al. 2022): per sample, s is the
+    `ratio`-quantile of |x0| held in [1, max], and x0 is clipped to [-s, s] and divided by s."""
+    if not plan.x0_limit:
+        return x0
+    if plan.x0_limit[0] == "clip":
+        bound = plan.x0_limit[1]
+        return mx.clip(x0, -bound, bound)
+    _, ratio, top = plan.x0_limit
+    values = x0.astype(mx.float32)
+    ordered = mx.sort(mx.abs(values).reshape(values.shape[0], -1), axis=1)  # (B, n)
+    at = ratio * (ordered.shape[1] - 1)  # the quantile's position, interpolated linearly
+    low = int(math.floor(at))
+    high = min(low + 1, ordered.shape[1] - 1)
+    s = ordered[:, low] + (at - low) * (ordered[:, high] - ordered[:, low])
+    s = mx.minimum(mx.maximum(s, 1.0), top).reshape(-1, *([1] * (values.ndim - 1)))
+    return (mx.clip(values, -s, s) / s).astype(x0.dtype)
 
 
 def _noises(key, plan: Plan, noise):
@@ -88,9 +109,14 @@ def sample_heun(denoise: Denoise, x: mx.array, plan: Plan, key=None) -> Iterator
     for i, t, s, t_next, s_next in _segments(plan):
         x0, eps = denoise(x, t, s)
         x_ve = _ve(x, s)
+        if plan.x0_limit:  # clip_sample: the derivative follows the clipped estimate
+            x0 = _limited(x0, plan)
+            eps = (x_ve - x0) / s
         x_euler = x_ve + eps * (s_next - s)
         if s_next > 0:
-            _, eps_next = denoise(_vp(x_euler, s_next, x.dtype), t_next, s_next)
+            x0_next, eps_next = denoise(_vp(x_euler, s_next, x.dtype), t_next, s_next)
+            if plan.x0_limit:
+                eps_next = (x_euler - _limited(x0_next, plan)) / s_next
             x_euler = x_ve + (eps + eps_next) * (0.5 * (s_next - s))
         x = _vp(x_euler, s_next, x.dtype)
         yield Step(i + 1, plan.steps, t_next, s_next, x, x0.astype(x.dtype), t, s)
@@ -100,11 +126,15 @@ def sample_ddim(denoise: Denoise, x: mx.array, plan: Plan, key=None, eta: float 
                 noise=None) -> Iterator[Step]:
     """DDIM (Song et al. 2021, eq. 12): x_next = sqrt(abar') x0 + sqrt(1 - abar' - std^2) eps
     + std z, with std = eta sqrt((1 - abar') / (1 - abar)) sqrt(1 - abar / abar'). eta 0 is
-    deterministic; eta 1 is DDPM's ancestral sampling."""
+    deterministic; eta 1 is DDPM's ancestral sampling. The estimate x0 is bounded as the plan says
+    (clip_sample, thresholding), eps is not; a step lands on the plan's landing where it has one."""
     draw = _noises(key, plan, noise)
+    landings = plan.landings or plan.sigmas[1:]
     for i, t, s, t_next, s_next in _segments(plan):
         x0, eps = denoise(x, t, s)
-        a, a_next = 1.0 / (1.0 + s * s), 1.0 / (1.0 + s_next * s_next)
+        x0 = _limited(x0, plan)
+        land = landings[i]
+        a, a_next = 1.0 / (1.0 + s * s), 1.0 / (1.0 + land * land)
         std = eta * math.sqrt((1 - a_next) / (1 - a) * (1 - a / a_next)) if eta else 0.0
         x_next = math.sqrt(a_next) * x0 + math.sqrt(max(1 - a_next - std * std, 0.0)) * eps
         if std > 0:
@@ -116,18 +146,21 @@ def sample_ddim(denoise: Denoise, x: mx.array, plan: Plan, key=None, eta: float 
 def _dpmpp_2m(denoise, x, plan, sde: bool, draw) -> Iterator[Step]:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in the data-prediction form, multistep with
     the midpoint correction; with `sde`, its SDE variant (Gonzalez et al. 2023, as k-diffusion's
-    `sample_dpmpp_2m_sde` and diffusers' `sde-dpmsolver++`). The first step and the last (to sigma
-    0) are first order. lambda = -log(sigma)."""
+    `sample_dpmpp_2m_sde` and diffusers' `sde-dpmsolver++`). The first step and the last are first
+    order: the last to sigma 0 always, one to a level above 0 (final_sigmas_type sigma_min) in a
+    schedule of under 15 steps (diffusers' lower_order_final). lambda = -log(sigma)."""
     old_x0, h_last = None, None
     for i, t, s, t_next, s_next in _segments(plan):
         x0, eps = denoise(x, t, s)
+        x0 = _limited(x0, plan)
         if s_next == 0:
             x_next, h = x0, None
         else:
             alpha_next = _vp_scale(s_next)
             ratio = (s_next * alpha_next) / (s * _vp_scale(s))  # sigma_t / sigma_s in VP terms
             h = math.log(s) - math.log(s_next)
-            d = x0 if old_x0 is None else x0 + (x0 - old_x0) * (h / (2.0 * h_last))
+            first_order = old_x0 is None or (i == plan.steps - 1 and plan.num_steps < 15)
+            d = x0 if first_order else x0 + (x0 - old_x0) * (h / (2.0 * h_last))
             if sde:
                 x_next = (ratio * math.exp(-h)) * x + (alpha_next * -math.expm1(-2 * h)) * d
                 x_next = x_next + (s_next * alpha_next * math.sqrt(-math.expm1(-2 * h))) * draw(i, x)
@@ -184,6 +217,112 @@ def sample_lms(denoise: Denoise, x: mx.array, plan: Plan, key=None, order: int =
         yield Step(i + 1, plan.steps, t_next, s_next, x, x0.astype(x.dtype), t, s)
 
 
+def _raw(x0: mx.array, eps: mx.array, sigma: float, v_prediction: bool) -> mx.array:
+    """The network's own output from the denoiser's (x0_hat, eps_hat) at level sigma: eps, or
+    v = sqrt(abar) eps - sqrt(1 - abar) x0."""
+    if not v_prediction:
+        return eps
+    c = _vp_scale(sigma)
+    return c * eps - (sigma * c) * x0
+
+
+def _transfer(x: mx.array, out: mx.array, sigma: float, sigma_to: float, v_prediction: bool) -> mx.array:
+    """The deterministic DDIM move of x from level sigma to sigma_to with the network output `out`
+    read at (x, sigma): PNDM's transfer (Liu et al. 2022, eq. 9) in another form."""
+    c, s = _vp_scale(sigma), sigma * _vp_scale(sigma)  # sqrt(abar), sqrt(1 - abar)
+    eps = c * out + s * x if v_prediction else out
+    x0 = (x - s * eps) / c
+    c_to = _vp_scale(sigma_to)
+    return c_to * x0 + (sigma_to * c_to) * eps
+
+
+# Adams-Bashforth weights of the last 1..4 outputs, newest first.
+_ADAMS_BASHFORTH = ((1.0,), (1.5, -0.5), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
+
+
+def sample_plms(denoise: Denoise, x: mx.array, plan: Plan, key=None) -> Iterator[Step]:
+    """PLMS, pseudo linear multistep (Liu et al. 2022, PNDM), as diffusers' PNDMScheduler runs it
+    with skip_prk_steps: each step is the DDIM transfer with an Adams-Bashforth combination of the
+    network outputs at the starts of the last (up to four) steps; the first step, with one output
+    only, is a second-order step: a transfer to the next level, a second output there, and the
+    transfer redone from the start with the two averaged (two network calls). The outputs are
+    combined as the network gives them (eps, or v for v-prediction), as PNDM does. The plan's
+    `warmup` and `landings` carry where diffusers' timesteps put the warm-up and each landing.
+    """
+    v = plan.prediction_type == "v_prediction"
+    landings = plan.landings or plan.sigmas[1:]
+    warmup = plan.warmup
+    if warmup is None:  # the plan's own levels; a single step has no level to correct at
+        warmup = (plan.sigmas[1], plan.times[1], plan.sigmas[0]) if plan.steps > 1 else ()
+    outputs: list = []  # raw outputs at the start of each step, newest last
+    for i, t, s, t_next, s_next in _segments(plan):
+        x0, eps = denoise(x, t, s)
+        outputs = (outputs + [_raw(x0, eps, s, v)])[-4:]
+        if i == 0 and warmup:
+            s_predicted, t_correct, s_from = warmup
+            x_predicted = _transfer(x, outputs[0], s, s_predicted, v).astype(x.dtype)
+            x0_end, eps_end = denoise(x_predicted, t_correct, s_predicted)
+            mean = 0.5 * (outputs[0] + _raw(x0_end, eps_end, s_predicted, v))
+            x_next = _transfer(x, mean, s_from, landings[0], v)
+        else:
+            weights = _ADAMS_BASHFORTH[len(outputs) - 1]
+            combined = sum(w * out for w, out in zip(weights, reversed(outputs)))
+            x_next = _transfer(x, combined, s, landings[i], v)
+        x = x_next.astype(x.dtype)
+        yield Step(i + 1, plan.steps, t_next, s_next, x, x0.astype(x.dtype), t, s)
+
+
+def _unipc_update(x: mx.array, sigmas: tuple, outputs: list, sigma_to: float, order: int,
+                  estimate: mx.array | None = None) -> mx.array:
+    """One UniPC step with B(h) = e^h - 1 (bh2) in the data-prediction form, from the level of the
+    newest output (sigmas[-1], outputs[-1]) to sigma_to: the predictor UniP, or with the estimate
+    at sigma_to the corrector UniC. `order` counts the outputs used (1 or 2); lambda = -log sigma.
+    """
+    s0, m0 = sigmas[-1], outputs[-1]
+    if sigma_to == 0:  # first order into sigma 0 lands on the estimate
+        return m0
+    alpha_to = _vp_scale(sigma_to)
+    h = math.log(s0) - math.log(sigma_to)
+    phi = math.expm1(-h)  # h phi_1(h) at -h, which is also B(h) for bh2
+    x_to = (sigma_to * alpha_to) / (s0 * _vp_scale(s0)) * x - alpha_to * phi * m0
+    if estimate is None:  # UniP: order 2 takes the previous output's slope, weighted 1/2
+        if order == 1:
+            return x_to
+        r = (math.log(s0) - math.log(sigmas[-2])) / h
+        return x_to - alpha_to * phi * 0.5 * (outputs[-2] - m0) / r
+    if order == 1:  # UniC-1: the new estimate's slope, weighted 1/2
+        return x_to - alpha_to * phi * 0.5 * (estimate - m0)
+    # UniC-2: weights rho solving [[1, 1], [r, 1]] rho = b from the phi functions at -h
+    r = (math.log(s0) - math.log(sigmas[-2])) / h
+    b1 = (phi / -h - 1.0) / phi
+    b2 = ((phi / -h - 1.0) / -h - 0.5) * 2.0 / phi
+    rho0 = (b1 - b2) / (1.0 - r)
+    rho1 = b1 - rho0
+    return x_to - alpha_to * phi * (rho0 * (outputs[-2] - m0) / r + rho1 * (estimate - m0))
+
+
+def sample_unipc(denoise: Denoise, x: mx.array, plan: Plan, key=None) -> Iterator[Step]:
+    """UniPC (Zhao et al. 2023), as diffusers' UniPCMultistepScheduler runs it by default: bh2,
+    order 2, data prediction. Each step first corrects the previous step (UniC, with the new
+    estimate at its end: no extra network call), then predicts the next level (UniP). The first
+    step and the last are first order (warm-up; diffusers' lower_order_final); the last step is
+    not corrected. Yielded latents are the predicted ones, where the network is evaluated next.
+    """
+    sigmas: tuple = ()  # the levels of the outputs kept, newest last
+    outputs: list = []  # the (bounded) denoised estimates, newest last
+    before, last_order = None, 0  # the latent before the last prediction, and its order
+    for i, t, s, t_next, s_next in _segments(plan):
+        x0, _ = denoise(x, t, s)
+        x0 = _limited(x0, plan)
+        if before is not None:
+            x = _unipc_update(before, sigmas, outputs, s, last_order, estimate=x0)
+        sigmas, outputs = (sigmas + (s,))[-2:], (outputs + [x0])[-2:]
+        order = 1 if i == 0 or i == plan.steps - 1 else 2
+        before, last_order = x, order
+        x = _unipc_update(x, sigmas, outputs, s_next, order).astype(x.dtype)
+        yield Step(i + 1, plan.steps, t_next, s_next, x, x0.astype(x.dtype), t, s)
+
+
 # name -> function: each row of the sampler table (choices.py) runs the function `sample_<name>`.
 SAMPLERS: dict = {name: globals()[f"sample_{name}"] for name in SAMPLER_TABLE}
 
@@ -192,9 +331,7 @@ SAMPLERS: dict = {name: globals()[f"sample_{name}"] for name in SAMPLER_TABLE}
 # the first row is written last); classes we do not implement -> the closest one.
 _CLASS_SAMPLER = {row.scheduler: row.name for row in reversed(SAMPLER_TABLE.values())}
 _CLOSEST = {
-    "PNDMScheduler": ("lms", "a linear multistep method, as PNDM's PLMS steps are"),
     "DPMSolverSinglestepScheduler": ("dpmpp_2m", "the multistep form of the same solver"),
-    "UniPCMultistepScheduler": ("dpmpp_2m", "a multistep solver of the same order"),
     "DEISMultistepScheduler": ("dpmpp_2m", "a multistep solver of the same order"),
     "KDPM2DiscreteScheduler": ("heun", "a second-order single-step method"),
     "KDPM2AncestralDiscreteScheduler": ("euler_a", "an ancestral sampler"),
@@ -205,11 +342,16 @@ _CLOSEST = {
 def default_sampler(pipeline_config) -> tuple[str, str, str | None]:
     """(sampler, schedule, notice) that a model folder's scheduler class and flags ask for.
 
-    A class we do not implement runs the closest sampler we have, and the notice says so.
+    A class we do not implement runs the closest sampler we have, and the notice says so. The
+    schedule is the folder's Karras or exponential levels where its class reads those flags, the
+    `diffusers` schedule for its beta levels, else linear.
     """
     cls = pipeline_config.scheduler_class
     c = pipeline_config.scheduler
-    schedule = "karras" if c.use_karras_sigmas else "exponential" if c.use_exponential_sigmas else "linear"
+    if cls in _CLASS_SAMPLER:
+        c = c.for_class(cls)
+    schedule = ("karras" if c.use_karras_sigmas else "exponential" if c.use_exponential_sigmas
+                else "diffusers" if c.use_beta_sigmas else "linear")
     notice = None
     if cls in _CLASS_SAMPLER:
         sampler = _CLASS_SAMPLER[cls]
@@ -219,6 +361,10 @@ def default_sampler(pipeline_config) -> tuple[str, str, str | None]:
             if c.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++"):
                 notice = (f"the model's scheduler is {cls} with algorithm_type {c.algorithm_type}; "
                           f"running {sampler} ({display_name(sampler, schedule)}), its ++ form")
+        if sampler == "plms" and not c.skip_prk_steps:
+            notice = (f"the model's scheduler is {cls} without skip_prk_steps, whose Runge-Kutta "
+                      f"warm-up is not implemented; running {sampler} ({display_name(sampler, schedule)}), "
+                      "its skip_prk_steps form")
     else:
         sampler, why = _CLOSEST.get(cls, ("euler", "the simplest sampler"))
         notice = (f"the model's scheduler {cls} is not implemented; running {sampler} "

@@ -13,6 +13,7 @@ The samplers that walk a plan live in sampler.py.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
@@ -23,6 +24,12 @@ import numpy as np
 from .choices import FORWARD_PATHS, SAMPLER_TABLE, SCHEDULES
 from .config import SchedulerConfig
 from .errors import InputError
+
+# abar_T with rescale_betas_zero_snr: diffusers' DDIM keeps the rescaled 0, its other classes put
+# 2**-24 there so that sigma_T stays finite (4096). DDIM's 0 is held as 1e-60: sqrt(abar) = 1e-30
+# is below any float's resolution next to 1, and sigma (1e30) stays a finite number for the records.
+_ZERO_SNR_ABAR = 2.0 ** -24
+_ZERO_ABAR = 1e-60
 
 
 class Step(NamedTuple):
@@ -63,6 +70,16 @@ class Plan:
     # The noise levels diffusers' img2img truncation dropped before the start; only its LMS reads
     # them (its first coefficients are integrated over them, see sample_lms).
     lead_sigmas: tuple = ()
+    # The level each step lands on where it is not the next step's: diffusers' DDIM and PNDM land at
+    # timestep t - T // N, then take the latent to be at the next timestep (linspace and trailing
+    # spacings, and PNDM's img2img start). Empty: every step lands on the next level.
+    landings: tuple = ()
+    # PLMS's first step (sample_plms): (the predictor's level, the time the corrector evaluates the
+    # network at, the level the corrector starts from); () for no corrector; None: the plan's own.
+    warmup: tuple | None = None
+    prediction_type: str = "epsilon"  # what the network predicts (PLMS combines its raw outputs)
+    # The denoised estimate bounded as the sampler's diffusers class does (SchedulerConfig.x0_limit).
+    x0_limit: tuple = ()
 
     def describe(self) -> str:
         shown = f"{self.strength:.2f}" if round(self.strength, 2) == self.strength else f"{self.strength:g}"
@@ -109,23 +126,82 @@ def _vp_scale(sigma: float) -> float:
     return 1.0 / math.sqrt(1.0 + sigma * sigma)
 
 
+def _zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Betas whose last abar is 0, with the first kept (Lin et al. 2024, Algorithm 1): sqrt(abar)
+    shifted down by its last value and scaled back to its first."""
+    root = np.sqrt(np.cumprod(1.0 - betas))
+    first, last = root[0], root[-1]
+    abar = ((root - last) * (first / (first - last))) ** 2
+    return 1.0 - np.concatenate([abar[:1], abar[1:] / abar[:-1]])
+
+
+def _beta_quantile(q: float, a: float, b: float) -> float:
+    """The q-quantile of the Beta(a, b) distribution, by bisection on its distribution function."""
+    if q <= 0.0 or q >= 1.0:
+        return float(min(max(q, 0.0), 1.0))
+    lo, hi = 0.0, 1.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if _beta_cdf(mid, a, b) < q:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-16:
+            break
+    return 0.5 * (lo + hi)
+
+
+def _beta_cdf(x: float, a: float, b: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (modified
+    Lentz), on the side where it converges fast."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    if x > (a + 1.0) / (a + b + 2.0):
+        return 1.0 - _beta_cdf(1.0 - x, b, a)
+    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x)
+                 + b * math.log1p(-x))
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 500):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1.0) < 1e-16:
+            break
+    return math.exp(log_front) * f / a
+
+
 class NoiseSchedule:
     """Betas, cumulative alphas and sigmas of a scheduler config; add_noise, plans, forward paths.
 
     Tables are float64 numpy arrays indexed by our time t (entry 0 is the clean latent).
     """
 
-    def __init__(self, config: SchedulerConfig):
+    def __init__(self, config: SchedulerConfig, exact_zero_snr: bool = False):
         T = config.num_train_timesteps
-        if config.beta_schedule == "scaled_linear":
+        if config.trained_betas is not None:  # diffusers holds them in float32
+            betas = np.asarray(config.trained_betas, dtype=np.float32).astype(np.float64)
+        elif config.beta_schedule == "scaled_linear":
             betas = np.linspace(config.beta_start ** 0.5, config.beta_end ** 0.5, T) ** 2
         else:
             betas = np.linspace(config.beta_start, config.beta_end, T)
+        if config.rescale_betas_zero_snr:
+            betas = _zero_terminal_snr(betas)
+        abar = np.cumprod(1.0 - betas)
+        if config.rescale_betas_zero_snr:
+            abar[-1] = _ZERO_ABAR if exact_zero_snr else _ZERO_SNR_ABAR
         self.config = config
         self.T = T
         self.betas = betas  # betas[k] takes training step k - 1 to k, i.e. our t = k to t = k + 1
-        self.alphas_cumprod = np.concatenate([[1.0], np.cumprod(1.0 - betas)])
+        self.alphas_cumprod = np.concatenate([[1.0], abar])
         self.sigmas = np.sqrt((1.0 - self.alphas_cumprod) / self.alphas_cumprod)
+        self._classes: dict = {}  # (class config, exact zero SNR) -> NoiseSchedule
 
     @property
     def num_train_timesteps(self) -> int:
@@ -177,97 +253,175 @@ class NoiseSchedule:
 
         `linear`: start at t = s * T and run int(N * s) evenly spaced steps down to t = 0 (when
         int(N * s) is 0, N is raised to ceil(1 / s) so that one step runs). `diffusers`: the times
-        and sigmas of the diffusers scheduler class the sampler follows, built from this config
-        (spacing, steps_offset, DDIM's final alpha), truncated for img2img as diffusers' pipelines
+        and sigmas of the diffusers scheduler class the sampler follows, built from this config as
+        that class reads it (spacing, steps_offset, its Karras, exponential or beta levels, the
+        final level, DDIM's and PNDM's final alpha), truncated for img2img as diffusers' pipelines
         do. `karras` and `exponential`: the same with diffusers' use_karras_sigmas or
-        use_exponential_sigmas; the times are then the ones the network is conditioned on, and the
-        sigmas the exact levels.
+        use_exponential_sigmas alone; the times are then the ones the network is conditioned on,
+        and the sigmas the exact levels. Every schedule bounds the denoised estimate as the class
+        does (clip_sample, thresholding).
         """
         if schedule not in SCHEDULES:
             raise InputError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if sampler not in SAMPLER_TABLE:
             raise InputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLER_TABLE)}")
         steps, n_total = _steps_for(strength, num_steps)
+        c = self.config.for_class(SAMPLER_TABLE[sampler].scheduler)
+        common = dict(prediction_type=c.prediction_type, x0_limit=c.x0_limit)
         if schedule == "linear":
             start = strength * self.T
             times = tuple(float(t) for t in np.linspace(start, 0.0, steps + 1))
             sigmas = tuple(self.sigma(t) for t in times)
             s_top = self.sigmas[self.T]
             return Plan(strength, num_steps, steps, n_total, start, times, sigmas, schedule,
-                        init_scale=float(s_top * _vp_scale(s_top)))
-        full_times, full_sigmas, init_scale = self._diffusers_schedule(n_total, schedule, sampler)
+                        init_scale=float(s_top * _vp_scale(s_top)), **common)
+        if schedule != "diffusers":
+            flags = dict(use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False)
+            c = dataclasses.replace(c, **dict(flags, **{f"use_{schedule}_sigmas": True}))
+        table = self._for_class(c, exact_zero=schedule == "diffusers" and sampler == "ddim")
+        if sampler == "plms" and schedule == "diffusers":
+            times, sigmas, landings, warmup = table._plms_schedule(n_total, steps)
+            return Plan(strength, num_steps, steps, n_total, times[0], times, sigmas, schedule,
+                        landings=landings, warmup=warmup, **common)
+        full_times, full_sigmas, init_scale, full_landings = table._diffusers_schedule(n_total, sampler)
         skip = n_total - steps  # diffusers' get_timesteps: t_start = N - int(N * s)
         times = tuple(float(t) for t in full_times[skip:])
         sigmas = tuple(float(s) for s in full_sigmas[skip:])
         lead = tuple(float(s) for s in full_sigmas[:skip])
+        landings = tuple(float(s) for s in full_landings[skip:])
         return Plan(strength, num_steps, steps, n_total, times[0], times, sigmas, schedule,
-                    init_scale=init_scale, lead_sigmas=lead)
+                    init_scale=init_scale, lead_sigmas=lead,
+                    landings=() if landings == sigmas[1:] else landings, **common)
 
-    def _diffusers_schedule(self, n: int, schedule: str, sampler: str):
-        """(times, sigmas, init_scale) of the full n-step schedule of the sampler's diffusers class:
-        n + 1 entries, in our time (diffusers' timestep + 1)."""
-        family = SAMPLER_TABLE[sampler].family  # whose timesteps: "k", "ddim" or "dpm"
+    def _for_class(self, config: SchedulerConfig, exact_zero: bool) -> "NoiseSchedule":
+        """This schedule as a class reads the config (its defaults, the fields it ignores)."""
+        if config == self.config and not (exact_zero and config.rescale_betas_zero_snr):
+            return self
+        key = (config, exact_zero)
+        if key not in self._classes:
+            self._classes[key] = NoiseSchedule(config, exact_zero)
+        return self._classes[key]
+
+    def _level(self, k: float) -> tuple[float, float]:
+        """(our time, sigma) of diffusers' timestep k; below 0, the final level of DDIM and PNDM."""
+        if k >= 0:
+            return k + 1.0, self.sigma(k + 1.0)
+        return (0.0, 0.0) if self.config.set_alpha_to_one else (1.0, self.sigma(1.0))
+
+    def _timesteps(self, n: int, family: str) -> np.ndarray:
+        """diffusers' n timesteps (0-based, descending) for the config's spacing."""
         c, T = self.config, self.T
         spacing = c.timestep_spacing
         if spacing not in ("linspace", "leading", "trailing"):
             raise InputError(f"timestep_spacing {spacing!r} is not one of linspace, leading, trailing")
-        # 1. diffusers' timesteps (0-based) for the spacing
         if family == "dpm":  # spaced over n + 1 points, the last one dropped
+            last = T  # DPM's lambda_min_clipped: the timesteps where lambda = -log sigma is below are cut
+            if c.lambda_min_clipped > -math.inf:
+                lambdas = -np.log(self.sigmas[1:]).astype(np.float32)
+                last = T - int(np.searchsorted(lambdas[::-1], np.float32(c.lambda_min_clipped)))
             if spacing == "linspace":
-                ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
+                ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1]
             elif spacing == "leading":
-                ts = (np.arange(n + 1) * (T // (n + 1)))[::-1][:-1] + c.steps_offset
+                ts = (np.arange(n + 1) * (last // (n + 1)))[::-1][:-1] + c.steps_offset
             else:
-                ts = np.arange(T, 0, -T / n).round() - 1
+                ts = np.arange(last, 0, -T / n).round() - 1
+        elif spacing == "linspace":  # DDIM and PNDM round a float64 spacing
+            ts = np.linspace(0, T - 1, n)[::-1].round() if family == "ddim" else \
+                np.linspace(0, T - 1, n, dtype=np.float32)[::-1]
+        elif spacing == "leading":
+            ts = (np.arange(n) * (T // n))[::-1] + c.steps_offset
         else:
-            if spacing == "linspace":
-                ts = np.linspace(0, T - 1, n, dtype=np.float32)[::-1]
-                ts = ts.round() if family == "ddim" else ts
-            elif spacing == "leading":
-                ts = (np.arange(n) * (T // n))[::-1] + c.steps_offset
-            else:
-                ts = np.arange(T, 0, -T / n).round() - 1
-        ts = np.asarray(ts, dtype=np.float32).astype(np.float64)
+            ts = np.arange(T, 0, -T / n).round() - 1
+        return np.asarray(ts, dtype=np.float32).astype(np.float64)
+
+    def _diffusers_schedule(self, n: int, sampler: str):
+        """(times, sigmas, init_scale, landings) of the full n-step schedule of the sampler's
+        diffusers class, read from this config: n + 1 times and sigmas in our time (diffusers'
+        timestep + 1), n landings."""
+        family, cls = SAMPLER_TABLE[sampler].family, SAMPLER_TABLE[sampler].scheduler
+        c, T = self.config, self.T
+        # 1. diffusers' timesteps (0-based) for the spacing
+        ts = self._timesteps(n, family)
         times = ts + 1.0
         sigmas = np.array([self.sigma(t) for t in times])
-        # 2. Karras or exponential levels, mapped back to the times the network sees
-        if schedule in ("karras", "exponential"):
+        # 2. Karras, exponential or beta levels, mapped back to the times the network sees
+        kind = ("karras" if c.use_karras_sigmas else "exponential" if c.use_exponential_sigmas
+                else "beta" if c.use_beta_sigmas else None)
+        if kind is not None:
             if family == "dpm":  # over the whole table
                 lo, hi = self.sigmas[1], self.sigmas[T]
             else:  # over the spaced levels
                 lo, hi = sigmas[-1], sigmas[0]
-            if schedule == "karras":
+            if not (kind == "karras" and cls == "LMSDiscreteScheduler"):  # LMS's own Karras ignores them
+                lo = lo if c.sigma_min is None else c.sigma_min
+                hi = hi if c.sigma_max is None else c.sigma_max
+            if kind == "karras":
                 rho = 7.0
                 ramp = np.linspace(0, 1, n)
                 sigmas = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
-            else:
+            elif kind == "exponential":
                 sigmas = np.exp(np.linspace(math.log(hi), math.log(lo), n))
+            else:  # quantiles of Beta(0.6, 0.6) (Lee et al. 2024), from the top down
+                sigmas = np.array([lo + _beta_quantile(1.0 - q, 0.6, 0.6) * (hi - lo)
+                                   for q in np.linspace(0, 1, n)])
             ts = self.time_of(sigmas) - 1.0
-            if family == "dpm":  # DPM-Solver keeps integer timesteps: karras rounds, others truncate
-                # (diffusers truncates a float32 mapping, so at the top of an exponential schedule
-                # it can condition on 998 where this gives 999)
-                ts = ts.round() if schedule == "karras" else np.floor(ts)
+            if family == "dpm":  # DPM-Solver and UniPC keep integer timesteps: karras rounds, others
+                # truncate (diffusers truncates a float32 mapping, so at the top of an exponential
+                # schedule it can condition on 998 where this gives 999)
+                ts = ts.round() if kind == "karras" else np.floor(ts)
             else:
                 ts = ts.astype(np.float32).astype(np.float64)
             times = ts + 1.0
-        # 3. where the last step lands. diffusers' DDIM lands each step at t - T // n, and where
-        # that is not the next timestep (linspace, or trailing with n not dividing T) it then
-        # treats the latent as being at the next timestep; here every step lands on the next time.
+        # 3. where each step lands. diffusers' DDIM and PNDM land each step at t - T // n (at their
+        # final alpha below 0), and where that is not the next timestep (linspace, or trailing with
+        # n not dividing T) they then take the latent to be at the next timestep.
+        landings = np.concatenate([sigmas[1:], [0.0]])
         if family == "ddim":
-            end = ts[-1] - T // n
-            if end >= 0:
-                end_time, end_sigma = end + 1.0, self.sigma(end + 1.0)
-            else:
-                end_time, end_sigma = (0.0, 0.0) if c.set_alpha_to_one else (1.0, self.sigma(1.0))
+            if kind is None:
+                ends = [self._level(k - T // n) for k in ts]
+                landings = np.array([level for _, level in ends])
+                end_time, end_sigma = ends[-1]
+            else:  # our Karras and exponential levels for DDIM: each step lands on the next level
+                end_time, end_sigma = self._level(ts[-1] - T // n)
+        elif c.final_sigmas_type == "sigma_min":  # Euler, DPM, UniPC: the first training step's
+            # level, where UniPC's Karras, exponential and beta levels end on their own last one
+            end_sigma = sigmas[-1] if cls == "UniPCMultistepScheduler" and kind else self.sigmas[1]
+            end_time = float(self.time_of(end_sigma))
         else:
             end_time, end_sigma = 0.0, 0.0
         times = np.concatenate([times, [end_time]])
         sigmas = np.concatenate([sigmas.astype(np.float32), [end_sigma]]).astype(np.float64)
+        landings = np.concatenate([landings[:-1].astype(np.float32).astype(np.float64), [end_sigma]])
         # 4. the start of text to image: diffusers' init_noise_sigma, in our form
         init_scale = 1.0
-        if family == "k" and spacing in ("linspace", "trailing"):
+        if family == "k" and c.timestep_spacing in ("linspace", "trailing"):
             init_scale = float(sigmas[0] * _vp_scale(sigmas[0]))
-        return times, sigmas, init_scale
+        return times, sigmas, init_scale, landings
+
+    def _plms_schedule(self, n: int, steps: int):
+        """(times, sigmas, landings, warmup) of diffusers' PNDMScheduler with skip_prk_steps after
+        its pipelines' img2img truncation.
+
+        Its timesteps for n steps are the DDIM ones with the second repeated (t0, t1, t1, t2, ...):
+        the first call steps to t0 - T // n and is discarded, the second, at t1, redoes that step
+        from the start with the two outputs averaged (the warm-up); each later call at t steps to
+        t - T // n. Truncation drops whole entries of that list, so an img2img run's warm-up lands
+        at the list's second entry and its next step starts at the third."""
+        r = self.T // n
+        ts = [float(k) for k in self._timesteps(n, "ddim")]
+        calls = (ts[:2] + ts[1:] if n > 1 else ts)[n - steps:]
+        if len(calls) == 1:  # one step of a one-step schedule: the predictor alone
+            end_time, end_sigma = self._level(calls[0] - r)
+            times = (calls[0] + 1.0, end_time)
+            return times, (self.sigma(times[0]), end_sigma), (), ()
+        starts = [calls[0]] + calls[2:]
+        ends = [calls[1]] + [k - r for k in calls[2:]]
+        landed = [self._level(k) for k in ends]
+        times = tuple(k + 1.0 for k in starts) + (landed[-1][0],)
+        sigmas = tuple(self.sigma(k + 1.0) for k in starts) + (landed[-1][1],)
+        landings = tuple(level for _, level in landed)
+        warmup = (self._level(calls[0] - r)[1], calls[1] + 1.0, self._level(calls[1] + r)[1])
+        return times, sigmas, () if landings == sigmas[1:] else landings, warmup
 
     # --- forward paths -------------------------------------------------------------------------
 

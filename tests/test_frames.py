@@ -90,6 +90,17 @@ def test_replay_of_our_picture_is_byte_identical_and_takes_overrides(tmp_path, p
     assert wrong.returncode == 2 and "image2image" in wrong.stderr
 
 
+@pytest.mark.parametrize("sampler, name", [("plms", "PLMS"), ("unipc", "UniPC")])
+def test_plms_and_unipc_run_record_their_names_and_replay(tmp_path, picture, sd2, sampler, name):
+    run(picture, "a barn", "--model", sd2, "--steps", 4, "--strength", 0.75, "--sampler", sampler,
+        "--schedule", "diffusers", "--seed", 3, "--output", tmp_path / "a.png")
+    _, read = read_with_sd_parsers(tmp_path / "a.png")
+    assert read.name == name and sidecar(tmp_path / "a.json")["sampler"] == sampler
+    result = run("--replay", tmp_path / "a.png", "--output", tmp_path / "b.png")
+    assert "byte-identical" in result.stderr
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
 def test_replay_of_another_tools_picture_maps_every_field(tmp_path, picture, sd2):
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", "a castle, at night\nNegative prompt: fog\nSteps: 8, Sampler: DPM++ 2M, "

@@ -562,8 +562,9 @@ def test_sampler_display_names():
     assert display_name("dpmpp_2m", "karras") == "DPM++ 2M Karras"
     assert display_name("euler_ancestral") == "Euler a"
     assert display_name("ddim", "linear") == "DDIM"
-    with pytest.raises(ValueError, match="no display name for sampler 'unipc'"):
-        display_name("unipc")
+    assert (display_name("plms"), display_name("unipc", "karras")) == ("PLMS", "UniPC Karras")
+    with pytest.raises(ValueError, match="no display name for sampler 'dpmpp_3m'"):
+        display_name("dpmpp_3m")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -637,7 +638,9 @@ def test_parse_an_img2img_text_with_old_style_sampler_names():
     ("Euler a", None, {"sampler": "euler_a"}, []),
     ("LMS Karras", None, {"sampler": "lms", "schedule": "karras"}, []),
     ("Euler", "Automatic", {"sampler": "euler"}, []),
-    ("UniPC", None, {}, ["Sampler"]),
+    ("UniPC", None, {"sampler": "unipc"}, []),
+    ("PLMS", "Karras", {"sampler": "plms", "schedule": "karras"}, []),
+    ("DPM++ 3M SDE", None, {}, ["Sampler"]),
     ("Euler", "Align Your Steps", {"sampler": "euler"}, ["Schedule type"]),
 ])
 def test_parse_sampler_names(sampler, schedule, expected, warned):

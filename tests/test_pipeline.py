@@ -52,7 +52,12 @@ def test_img2img_run_in_half_precision(family, dtype, atol, tiny_model, golden, 
 # --- whole runs against the unmodified diffusers pipelines, per sampler ------------------------
 
 PARITY_RUNS = [("euler", "diffusers"), ("ddim", "diffusers"), ("heun", "diffusers"),
-               ("dpmpp_2m", "diffusers"), ("dpmpp_2m", "karras"), ("lms", "diffusers")]
+               ("dpmpp_2m", "diffusers"), ("dpmpp_2m", "karras"), ("lms", "diffusers"),
+               ("plms", "diffusers"), ("unipc", "diffusers")]
+# (sampler, schedule, family) of the runs below; PLMS and UniPC in SDXL's trailing spacing are
+# test_sampler's step parity (the suite's time is kept for the families that use them)
+RUNS = [(sampler, schedule, family) for sampler, schedule in PARITY_RUNS for family in FAMILIES
+        if not (sampler in ("plms", "unipc") and family == "sdxl")]
 _LOADED: dict = {}
 
 
@@ -62,18 +67,10 @@ def _load(folder) -> StableDiffusion:
     return _LOADED[str(folder)]
 
 
-@pytest.mark.reference
-@pytest.mark.parametrize("mode", ["txt2img", "img2img"])
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("sampler, schedule", PARITY_RUNS)
-def test_whole_run_matches_the_diffusers_pipeline(sampler, schedule, family, mode, tiny_model,
-                                                   reference, parity):
-    """Every step's latent, the final latent and the decoded picture against the diffusers
-    pipeline with the sampler's scheduler class built from the folder's config, same noise."""
-    module = reference("scheduler")
-    folder = tiny_model(family)
-    case = module.reference_run(folder, family, sampler, schedule, mode)
-    sd = _load(folder)
+def _compare_with_the_pipeline(case: dict, sd: StableDiffusion, mode: str, name: str, parity,
+                               sampler: str | None, schedule: str) -> None:
+    """Our run of a reference case (reference_scheduler.reference_run): every step's latent, the
+    final latent and the decoded picture."""
     args = (case["case.prompt"],)
     common = dict(num_steps=case["case.steps"], cfg_weight=case["case.cfg"],
                   negative_text=case["case.negative"], noise=case["inputs.noise"], seed=0,
@@ -87,7 +84,6 @@ def test_whole_run_matches_the_diffusers_pipeline(sampler, schedule, family, mod
     for step in run:
         mx.eval(step.x_t)
         steps.append(step)
-    name = f"run/{sampler}-{schedule} {family} {mode}"
     assert len(steps) - 1 == len(case["out.steps"])
     # Latents are compared in our (variance-preserving) form, in units of the run's largest latent
     # value when that is above 1: from pure noise the random tiny UNet drives the latents to ~70,
@@ -99,6 +95,70 @@ def test_whole_run_matches_the_diffusers_pipeline(sampler, schedule, family, mod
         parity(f"{name}/step_latents", np.array(step.x_t) / scale, expected / scale)
     parity(f"{name}/final_latent", np.array(steps[-1].x_t) / scale, case["out.final_latent"] / scale)
     parity(f"{name}/picture", sd.decode(steps[-1].x_t), case["out.picture"])
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("mode", ["txt2img", "img2img"])
+@pytest.mark.parametrize("sampler, schedule, family", RUNS)
+def test_whole_run_matches_the_diffusers_pipeline(sampler, schedule, family, mode, tiny_model,
+                                                   reference, parity):
+    """Every step's latent, the final latent and the decoded picture against the diffusers
+    pipeline with the sampler's scheduler class built from the folder's config, same noise."""
+    module = reference("scheduler")
+    folder = tiny_model(family)
+    case = module.reference_run(folder, family, sampler, schedule, mode)
+    _compare_with_the_pipeline(case, _load(folder), mode, f"run/{sampler}-{schedule} {family} {mode}",
+                               parity, sampler, schedule)
+
+
+@pytest.fixture(scope="module")
+def scheduler_folder(tiny_model, tmp_path_factory):
+    """scheduler_folder(family, class, **fields) -> a copy of a tiny model whose model_index.json
+    names that scheduler class and whose scheduler config adds those fields."""
+    import json
+    import shutil
+
+    made = {}
+
+    def make(family: str, cls: str, **fields):
+        key = (family, cls, json.dumps(fields, sort_keys=True))
+        if key not in made:
+            folder = shutil.copytree(tiny_model(family), tmp_path_factory.mktemp("scheduler") / "model")
+            index_path, config_path = folder / "model_index.json", folder / "scheduler" / "scheduler_config.json"
+            index = json.loads(index_path.read_text())
+            index_path.write_text(json.dumps(dict(index, scheduler=["diffusers", cls])))
+            config = json.loads(config_path.read_text())
+            config_path.write_text(json.dumps(dict(config, _class_name=cls, **fields)))
+            made[key] = folder
+        return made[key]
+
+    return make
+
+
+# A folder's own scheduler, run with sampler=None (its default) and the diffusers schedule, against
+# the pipeline with the scheduler it loads: PNDM and UniPC (SD 1.5's and SD 2.1-base's own is
+# PNDM; their numbers in every family and mode are test_whole_run's), DDIM with clip_sample true,
+# DPM++ 2M with use_karras_sigmas true.
+_PNDM, _UNIPC = ("PNDMScheduler", {"skip_prk_steps": True}, "plms"), ("UniPCMultistepScheduler", {}, "unipc")
+_DDIM_CLIP = ("DDIMScheduler", {"clip_sample": True}, "ddim")
+_DPM_KARRAS = ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "dpmpp_2m")
+OWN_SCHEDULERS = [(*_PNDM, "sd1", "img2img"), (*_UNIPC, "sd2", "txt2img"),
+                  *[(*case, family, mode) for case in (_DDIM_CLIP, _DPM_KARRAS)
+                    for family, mode in (("sd1", "txt2img"), ("sd2", "img2img"))]]
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("cls, fields, sampler, family, mode", OWN_SCHEDULERS,
+                         ids=[f"{c[0]}-{c[3]}-{c[4]}" for c in OWN_SCHEDULERS])
+def test_default_sampler_with_the_diffusers_schedule_is_the_folders_scheduler(
+        cls, fields, sampler, family, mode, scheduler_folder, reference, parity):
+    module = reference("scheduler")
+    folder = scheduler_folder(family, cls, **fields)
+    sd = _load(folder)
+    assert sd.default_sampler[0] == sampler and sd.default_sampler[2] is None
+    case = module.reference_run(folder, family, sampler, "diffusers", mode, own_scheduler=True)
+    name = f"run/{cls}{''.join(f' {k}' for k in fields)} {family} {mode}"
+    _compare_with_the_pipeline(case, sd, mode, name, parity, None, "diffusers")
 
 
 def test_txt2img_starts_where_add_noise_puts_pure_noise(tiny_model):
@@ -115,7 +175,8 @@ def test_txt2img_starts_where_add_noise_puts_pure_noise(tiny_model):
     assert np.allclose(np.array(start.x_t), 0.997667 * eps, atol=1e-5)
 
 
-@pytest.mark.parametrize("sampler, calls", [("euler", 3), ("heun", 5), ("dpmpp_2m", 3)])
+@pytest.mark.parametrize("sampler, calls", [("euler", 3), ("heun", 5), ("dpmpp_2m", 3), ("plms", 4),
+                                            ("unipc", 3)])
 def test_denoiser_counts_unet_calls(sampler, calls, tiny_model):
     sd = _load(tiny_model("sd1"))
     cond = sd.condition("a cat", "", True, 1, (64, 64))
@@ -132,7 +193,7 @@ def test_default_sampler_comes_from_the_folder(tiny_model):
     assert _load(tiny_model("sd1")).default_sampler == ("euler", "linear", None)
     assert _load(tiny_model("sdxl")).default_sampler == ("euler_a", "linear", None)
     with pytest.raises(ValueError, match="unknown sampler"):
-        _load(tiny_model("sd1")).generate_latents("a cat", sampler="plms")
+        _load(tiny_model("sd1")).generate_latents("a cat", sampler="pndm")
 
 
 def test_inversion_round_trip_beats_add_noise_and_refinement_helps(tiny_model):

@@ -172,7 +172,8 @@ def _config(spacing="leading", prediction="epsilon", set_alpha_to_one=False) -> 
 
 
 def _ours(config: dict) -> NoiseSchedule:
-    return NoiseSchedule(SchedulerConfig(**{k: v for k, v in config.items() if k != "clip_sample"}))
+    """Our schedule of a scheduler config, read as diffusers' `from_config` reads it."""
+    return NoiseSchedule(SchedulerConfig.from_diffusers(config))
 
 
 @pytest.mark.reference
@@ -181,6 +182,7 @@ def _ours(config: dict) -> NoiseSchedule:
     ("euler", "diffusers"), ("euler_a", "diffusers"), ("ddim", "diffusers"), ("heun", "diffusers"),
     ("lms", "diffusers"), ("dpmpp_2m", "diffusers"), ("euler", "karras"), ("heun", "karras"),
     ("lms", "karras"), ("dpmpp_2m", "karras"), ("euler", "exponential"), ("lms", "exponential"),
+    ("unipc", "diffusers"), ("unipc", "karras"), ("unipc", "exponential"),
 ])
 def test_diffusers_schedules_match_the_schedulers(sampler, schedule, spacing, reference):
     """Times (diffusers' timestep + 1), sigmas and the txt2img start of every spacing, step count
@@ -199,8 +201,14 @@ def test_diffusers_schedules_match_the_schedulers(sampler, schedule, spacing, re
                 assert p.steps == len(p.times) - 1 == len(ref["timesteps"]), where
                 # diffusers maps Karras and exponential levels to fractional timesteps through its
                 # float32 table; ours is float64: they differ by up to ~1e-3 of a timestep.
-                fractional = schedule != "diffusers" and sampler != "dpmpp_2m"
-                np.testing.assert_allclose(np.array(p.times[:-1]) - 1, ref["timesteps"],
+                fractional = schedule != "diffusers" and sampler not in ("dpmpp_2m", "unipc")
+                times = np.array(p.times[:-1]) - 1
+                if schedule == "exponential" and not fractional and strength == 1.0:
+                    # the top level is the table's last: diffusers' float32 mapping gives it
+                    # T - 2 + 0.99999, truncated to T - 2 (998), ours T - 1 (999)
+                    assert times[0] - ref["timesteps"][0] in (0.0, 1.0), where
+                    times, ref["timesteps"] = times[1:], ref["timesteps"][1:]
+                np.testing.assert_allclose(times, ref["timesteps"],
                                            atol=2e-3 if fractional else 1e-4, err_msg=where)
                 np.testing.assert_allclose(p.sigmas, ref["sigmas"], rtol=2e-5, atol=1e-7, err_msg=where)
                 assert p.start_time == p.times[0] and p.schedule == schedule
@@ -272,6 +280,200 @@ def test_sampler_steps_match_the_scheduler(sampler, schedule, prediction, refere
         for step, expected in zip(ours, ref):
             parity(f"sampler/{sampler}-{schedule}/{prediction}", to_ref(np.array(step.x_t), step.sigma),
                    expected, 2e-5)
+
+
+# --- PLMS, UniPC and every scheduler config field, against diffusers' schedulers ----------------
+
+def _against_scheduler(module, config: dict, sampler: str, n: int, strength: float,
+                       schedule: str = "diffusers", seed: int = 3):
+    """Every step of our sampler function and of the diffusers scheduler's `step`, with the class
+    built from `config` by `from_config`, on the same model outputs (a synthetic network) and, for
+    the stochastic samplers, the same injected noise: (our steps, the reference latents in our
+    variance-preserving form)."""
+    shape = (1, 8, 8, 4)
+    f = _synthetic_model(shape)
+    s = _ours(config)
+    p = s.plan(strength, n, schedule, sampler)
+    rng = np.random.default_rng(seed)
+    stochastic = sampler in ("euler_a", "dpmpp_2m_sde")
+    noises = [rng.standard_normal(shape).astype(np.float32) for _ in range(p.steps)] if stochastic else None
+    x_start = rng.standard_normal(shape).astype(np.float32)
+    ours = _run_ours(s, p, sampler, x_start, f, noises)
+    ve = sampler in module.VE_FORM  # the VE form is sqrt(1 + sigma^2) times ours
+    start = x_start * math.sqrt(1 + p.sigmas[0] ** 2) if ve else x_start
+    # The reference runs in float64: at the 4096 of a zero-SNR schedule the float32 VE form rounds
+    # by 2.5e-4 (each side measured 0.9e-4 of the latent from the float64 value, 1.3e-4 apart).
+    ref = module.reference_steps(config, sampler, schedule, n, strength, start, lambda i, x, t: f(x, t),
+                                 noises, dtype=np.float64)
+    ref = [ref[k] for k in module.step_positions(sampler, len(ref))]
+    assert len(ref) == len(ours) == p.steps, (len(ref), len(ours), p.steps)
+    return ours, [r / math.sqrt(1 + st.sigma ** 2) if ve else r for st, r in zip(ours, ref)]
+
+
+def _check_steps(parity, name, ours, ref) -> float:
+    """Parity of every step, to 1e-4 of the latents' size (where above 1); the largest error."""
+    scale = max(1.0, max(float(np.abs(r).max()) for r in ref))
+    return max(parity(name, np.array(st.x_t) / scale, r / scale) for st, r in zip(ours, ref))
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("sampler", ["plms", "unipc"])
+def test_plms_and_unipc_steps_match_the_scheduler(sampler, spacing, prediction, reference, parity):
+    """PNDM (skip_prk_steps) and UniPC step by step, in every spacing, for step counts and
+    strengths where diffusers' img2img truncation cuts PLMS's repeated timestep (N=2 s=0.5, N=6
+    s=0.5), runs a single call (N=1), lands before the end (N=7 s=0.3), or runs past UniPC's
+    second-order steps (N=20)."""
+    module = reference("scheduler")
+    config = _config(spacing, prediction)
+    for n, strength in ((1, 1.0), (2, 1.0), (2, 0.5), (6, 1.0), (6, 0.5), (7, 0.3), (10, 0.8), (20, 1.0)):
+        ours, ref = _against_scheduler(module, config, sampler, n, strength)
+        _check_steps(parity, f"sampler/{sampler}-diffusers/{prediction}", ours, ref)
+
+
+ALL = ("euler", "euler_a", "ddim", "heun", "dpmpp_2m", "dpmpp_2m_sde", "lms", "plms", "unipc")
+LEVELS = ("euler", "heun", "lms", "dpmpp_2m", "unipc")  # the classes that read the level flags
+TXT_IMG = ((6, 1.0), (6, 0.5))
+IMG = ((6, 0.5), (7, 0.9))  # img2img only: see test_diffusers_schedules_match_the_schedulers
+_SD_BETAS = list(np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2 * 1.3)
+_ZERO_SNR = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}
+
+# (fields, base config change, the change under test (None: remove the key), samplers whose
+# numbers it changes, samplers it must leave alone, runs)
+FIELD_CASES = [
+    (("num_train_timesteps",), {}, {"num_train_timesteps": 500}, ALL, (), TXT_IMG),
+    (("beta_start", "beta_end"), {}, {"beta_start": None, "beta_end": None},  # Heun's defaults are SD's
+     ("euler", "ddim", "dpmpp_2m", "lms", "plms", "unipc"), ("heun",), TXT_IMG),
+    (("beta_schedule",), {}, {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}, ALL, (), TXT_IMG),
+    (("trained_betas",), {}, {"trained_betas": _SD_BETAS}, ALL, (), TXT_IMG),
+    (("prediction_type",), {}, {"prediction_type": "v_prediction"}, ALL, (), TXT_IMG),
+    (("timestep_spacing",), {}, {"timestep_spacing": "trailing"}, ALL, (), TXT_IMG),
+    (("timestep_spacing",), {}, {"timestep_spacing": None},  # DDIM's and PNDM's default is leading
+     ("euler", "euler_a", "heun", "dpmpp_2m", "lms", "unipc"), ("ddim", "plms"), TXT_IMG),
+    (("steps_offset",), {}, {"steps_offset": 0}, ALL, (), TXT_IMG),
+    (("rescale_betas_zero_snr",), {"timestep_spacing": "trailing", "prediction_type": "v_prediction"},
+     {"rescale_betas_zero_snr": True}, ("euler", "euler_a", "ddim", "dpmpp_2m", "unipc"),
+     ("heun", "lms", "plms"), ((4, 1.0), (6, 0.5))),
+    (("set_alpha_to_one",), {}, {"set_alpha_to_one": True}, ("ddim", "plms"), ("euler", "unipc"), TXT_IMG),
+    (("set_alpha_to_one",), {}, {"set_alpha_to_one": None}, ("ddim",), ("plms",), TXT_IMG),  # DDIM's default true
+    (("clip_sample",), {}, {"clip_sample": True}, ("ddim", "heun"), ("euler", "dpmpp_2m", "unipc"), TXT_IMG),
+    (("clip_sample",), {}, {"clip_sample": None}, ("ddim",), ("heun",), TXT_IMG),  # DDIM's default true
+    (("clip_sample_range",), {"clip_sample": True}, {"clip_sample_range": 2.5}, ("ddim", "heun"), (), TXT_IMG),
+    (("thresholding",), {}, {"thresholding": True}, ("ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc"),
+     ("heun", "euler", "plms"), TXT_IMG),
+    (("dynamic_thresholding_ratio", "sample_max_value"), {"thresholding": True},
+     {"dynamic_thresholding_ratio": 0.9, "sample_max_value": 2.5}, ("ddim", "dpmpp_2m", "unipc"), (), TXT_IMG),
+    (("use_karras_sigmas",), {}, {"use_karras_sigmas": True}, LEVELS, ("euler_a", "ddim", "plms"), TXT_IMG),
+    (("use_exponential_sigmas",), {}, {"use_exponential_sigmas": True}, LEVELS, ("euler_a", "ddim"), IMG),
+    (("use_beta_sigmas",), {}, {"use_beta_sigmas": True}, LEVELS, ("euler_a", "ddim"), IMG),
+    (("sigma_min", "sigma_max"), {"use_karras_sigmas": True}, {"sigma_min": 0.1, "sigma_max": 8.0},
+     ("euler", "heun", "dpmpp_2m", "unipc"), ("lms",), TXT_IMG),  # LMS's own Karras ignores them
+    (("sigma_min", "sigma_max"), {"use_exponential_sigmas": True}, {"sigma_min": 0.1, "sigma_max": 8.0},
+     LEVELS, (), IMG),
+    (("final_sigmas_type",), {}, {"final_sigmas_type": "sigma_min"},
+     ("euler", "dpmpp_2m", "dpmpp_2m_sde", "unipc"), ("heun", "lms"), ((6, 1.0), (16, 1.0), (6, 0.5))),
+    (("final_sigmas_type",), {"use_karras_sigmas": True}, {"final_sigmas_type": "sigma_min"},
+     ("euler", "dpmpp_2m", "unipc"), (), ((6, 1.0), (16, 1.0))),
+    (("lambda_min_clipped",), {}, {"lambda_min_clipped": -2.0}, ("dpmpp_2m", "dpmpp_2m_sde"), ("unipc",),
+     TXT_IMG),
+    (("solver_type",), {}, {"solver_type": "logrho"}, (), ("dpmpp_2m", "unipc"), TXT_IMG),  # read as the default
+    (("lower_order_final", "solver_order", "euler_at_final", "use_lu_lambdas", "predict_x0",
+      "disable_corrector", "use_flow_sigmas", "use_dynamic_shifting", "interpolation_type"), {},
+     {"lower_order_final": True, "solver_order": 2, "euler_at_final": False, "use_lu_lambdas": False,
+      "predict_x0": True, "disable_corrector": [], "use_flow_sigmas": False, "use_dynamic_shifting": False,
+      "interpolation_type": "linear"}, (), ("euler", "dpmpp_2m", "unipc"), TXT_IMG),  # diffusers' defaults
+    (("timestep_type", "variance_type", "flow_shift", "time_shift_type", "shift_terminal", "solver_p"), {},
+     {"timestep_type": "continuous", "variance_type": "fixed_small", "flow_shift": 3.0,
+      "time_shift_type": "linear", "shift_terminal": None, "solver_p": None},
+     (), ("euler", "dpmpp_2m", "unipc"), TXT_IMG),  # values with no effect (epsilon; no flow sigmas)
+]
+
+
+def _changed(config: dict, change: dict) -> dict:
+    config = dict(config, **change)
+    return {k: v for k, v in config.items() if v is not None}
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("fields, base, change, changes, keeps, runs", FIELD_CASES,
+                         ids=[f"{'+'.join(c[0][:2])}={list(c[2].values())[0]}" for c in FIELD_CASES])
+def test_scheduler_field_is_honoured(fields, base, change, changes, keeps, runs, reference, parity):
+    """Each field diffusers reads, set as a config file would, against the scheduler classes built
+    from that config: every step matches, and the field changes the numbers of the classes that
+    read it (and of no other)."""
+    module = reference("scheduler")
+    before = _changed(_config(), base)
+    after = _changed(before, change)
+    for sampler in changes + keeps:
+        for n, strength in runs:
+            ours, ref = _against_scheduler(module, after, sampler, n, strength)
+            _check_steps(parity, f"scheduler-field/{sampler}/{'+'.join(fields)}", ours, ref)
+            old, _ = _against_scheduler(module, before, sampler, n, strength)
+            moved = max(float(np.abs(np.array(a.x_t) - np.array(b.x_t)).max()) for a, b in zip(ours, old)) \
+                if len(ours) == len(old) else math.inf
+            where = f"{sampler} N={n} s={strength}: {change}"
+            assert (moved > 1e-3) if sampler in changes else (moved == 0.0), f"{where}: moved {moved:.3g}"
+
+
+REFUSED = [
+    ({"beta_schedule": "squaredcos_cap_v2"}, "beta_schedule 'squaredcos_cap_v2'"),
+    ({"prediction_type": "sample"}, "prediction_type 'sample'"),
+    ({"timestep_spacing": "middle"}, "timestep_spacing 'middle'"),
+    ({"final_sigmas_type": "one"}, "final_sigmas_type 'one'"),
+    ({"solver_type": "heun"}, "solver_type 'heun'"),
+    ({"solver_type": "bh1"}, "solver_type 'bh1'"),
+    ({"solver_order": 3}, "solver_order=3"),
+    ({"lower_order_final": False}, "lower_order_final=False"),
+    ({"euler_at_final": True}, "euler_at_final=True"),
+    ({"use_lu_lambdas": True}, "use_lu_lambdas=True"),
+    ({"use_flow_sigmas": True}, "use_flow_sigmas=True"),
+    ({"use_dynamic_shifting": True}, "use_dynamic_shifting=True"),
+    ({"shift_terminal": 0.5}, "shift_terminal=0.5"),
+    ({"predict_x0": False}, "predict_x0=False"),
+    ({"disable_corrector": [0]}, "disable_corrector=[0]"),
+    ({"solver_p": {}}, "solver_p={}"),
+    ({"interpolation_type": "log_linear"}, "interpolation_type='log_linear'"),
+    ({"timestep_type": "continuous", "prediction_type": "v_prediction"}, "timestep_type 'continuous'"),
+    ({"variance_type": "learned_range"}, "variance_type 'learned_range'"),
+    ({"use_karras_sigmas": True, "use_beta_sigmas": True}, "use_karras_sigmas and use_beta_sigmas"),
+    ({"sigma_min": 5.0, "sigma_max": 2.0}, "sigma_min 5 and sigma_max 2"),
+    ({"trained_betas": [0.01] * 10}, "field trained_betas: 10 entries"),
+    ({"trained_betas": [0.01] * 999 + [1.0]}, "field trained_betas: 1.0"),
+    ({"trained_betas": [0.0] * 1000}, "field trained_betas[0]: 0.0"),
+    ({"lambda_min_clipped": float("nan")}, "field lambda_min_clipped: nan"),
+    ({"lambda_min_clipped": float("inf")}, "field lambda_min_clipped: inf"),
+    ({"clip_sample_range": 0}, "field clip_sample_range: 0"),
+    ({"dynamic_thresholding_ratio": 1.5}, "field dynamic_thresholding_ratio: 1.5"),
+]
+
+
+@pytest.mark.parametrize("change, words", REFUSED)
+def test_scheduler_field_that_is_not_implemented_is_refused(change, words):
+    """One line naming the field and its value, from the config alone (no weight read)."""
+    from stable_diffusion.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        SchedulerConfig.from_diffusers(dict(_config(), **change))
+    assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_every_scheduler_field_has_a_case():
+    """The enumerated fields (SchedulerConfig's table): each has a parity case or a refusal, or a
+    test of the default sampler it picks."""
+    from stable_diffusion.config import _QUIET_FIELDS, SCHEDULER_CLASS_FIELDS
+
+    enumerated = ({f.name for f in __import__("dataclasses").fields(SchedulerConfig)} - {"given"}
+                  | set(SchedulerConfig._UNSUPPORTED) | {"timestep_type", "variance_type", "flow_shift",
+                                                        "time_shift_type"})
+    for reads in SCHEDULER_CLASS_FIELDS.values():
+        assert set(reads) <= enumerated
+    covered = {f for case in FIELD_CASES for f in case[0]} | {k for change, _ in REFUSED for k in change}
+    # algorithm_type and skip_prk_steps pick the sampler: test_default_sampler_follows_the_scheduler_class,
+    # test_pndm_without_skip_prk_steps_runs_plms_with_a_notice
+    covered |= {"algorithm_type", "skip_prk_steps"}
+    assert enumerated - covered == set()
+    assert not enumerated & _QUIET_FIELDS - {"timestep_type", "variance_type", "flow_shift", "time_shift_type"}
 
 
 @pytest.mark.reference
@@ -376,6 +578,11 @@ def _pipeline_config(cls: str, **scheduler) -> PipelineConfig:
     ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
      ("dpmpp_2m_sde", "karras")),
     ("EulerDiscreteScheduler", {"use_exponential_sigmas": True}, ("euler", "exponential")),
+    ("EulerDiscreteScheduler", {"use_beta_sigmas": True}, ("euler", "diffusers")),
+    ("PNDMScheduler", {"skip_prk_steps": True}, ("plms", "linear")),
+    ("UniPCMultistepScheduler", {"use_karras_sigmas": True}, ("unipc", "karras")),
+    # classes that do not read a flag leave it out, as diffusers does
+    ("EulerAncestralDiscreteScheduler", {"use_karras_sigmas": True}, ("euler_a", "linear")),
 ])
 def test_default_sampler_follows_the_scheduler_class(cls, flags, expected):
     sampler, schedule, notice = default_sampler(_pipeline_config(cls, **flags))
@@ -383,13 +590,19 @@ def test_default_sampler_follows_the_scheduler_class(cls, flags, expected):
 
 
 @pytest.mark.parametrize("cls, expected", [
-    ("PNDMScheduler", "lms"), ("DPMSolverSinglestepScheduler", "dpmpp_2m"),
-    ("UniPCMultistepScheduler", "dpmpp_2m"), ("LCMScheduler", "euler"),
+    ("DPMSolverSinglestepScheduler", "dpmpp_2m"), ("DEISMultistepScheduler", "dpmpp_2m"),
+    ("LCMScheduler", "euler"),
 ])
 def test_unimplemented_scheduler_runs_the_closest_with_a_notice(cls, expected):
     sampler, _, notice = default_sampler(_pipeline_config(cls))
     assert sampler == expected
     assert cls in notice and expected in notice and "\n" not in notice
+
+
+def test_pndm_without_skip_prk_steps_runs_plms_with_a_notice():
+    sampler, schedule, notice = default_sampler(_pipeline_config("PNDMScheduler"))
+    assert (sampler, schedule) == ("plms", "linear")
+    assert "skip_prk_steps" in notice and "plms" in notice and "\n" not in notice
 
 
 def test_display_names_are_the_ones_readers_know():
@@ -399,6 +612,7 @@ def test_display_names_are_the_ones_readers_know():
     assert display_name("euler", "diffusers") == "Euler"
     assert display_name("lms", "karras") == "LMS Karras"
     assert [display_name(k) for k in ("ddim", "heun", "lms")] == ["DDIM", "Heun", "LMS"]
+    assert [display_name(k, "karras") for k in ("plms", "unipc")] == ["PLMS Karras", "UniPC Karras"]
     assert set(SCHEDULES) == {"linear", "diffusers", "karras", "exponential"}
 
 

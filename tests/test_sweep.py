@@ -222,6 +222,18 @@ def test_a_grid_file_gives_the_runs_of_the_flags(tmp_path, picture, sd2):
     assert strip(runs["toml"]) == strip(runs["json"]) == strip(runs["flags"])
 
 
+def test_a_sweep_over_every_sampler_is_planned(tmp_path, picture, sd2):
+    from stable_diffusion.options import SAMPLER_CHOICES
+    from stable_diffusion.sampler import SAMPLERS
+
+    assert set(SAMPLER_CHOICES) == set(SAMPLERS)
+    parser = build_sweep_parser("image2image")
+    args = parser.parse_args([str(picture), "x", "--model", str(sd2), "--samplers", ",".join(SAMPLERS),
+                              "-o", str(tmp_path)])
+    runs = build_sweep("image2image", args)[0]
+    assert [r.spec.sampler for r in runs] == list(SAMPLERS) and "plms" in SAMPLERS and "unipc" in SAMPLERS
+
+
 def test_contact_sheet_lays_out_the_two_fields_that_vary_most(tmp_path, picture):
     from stable_diffusion.spec import RunSpec
 

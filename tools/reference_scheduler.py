@@ -19,6 +19,8 @@ SCHEDULER_CLASSES = {
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "lms": ("LMSDiscreteScheduler", {}),
+    "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
 }
 SCHEDULE_FLAGS = {"diffusers": {}, "karras": {"use_karras_sigmas": True},
                   "exponential": {"use_exponential_sigmas": True}}
@@ -46,7 +48,10 @@ def make_scheduler(config, sampler: str, schedule: str):
 
 def step_positions(sampler: str, calls: int) -> list:
     """Which of the scheduler's `step` calls end a whole step: Heun's pairs end on the second
-    call, and its last step (to sigma 0) is one call."""
+    call, and its last step (to sigma 0) is one call; PLMS's first call is the warm-up's predictor,
+    which the second redoes (one call alone is a step)."""
+    if sampler == "plms":
+        return list(range(1, calls)) if calls > 1 else [0]
     if sampler != "heun":
         return list(range(calls))
     return list(range(1, calls - 1, 2)) + [calls - 1]
@@ -90,7 +95,7 @@ def _pipes(folder: Path, family: str):
         image = image_class(**text.components)
         for pipe in (text, image):
             pipe.set_progress_bar_config(disable=True)
-        _PIPES[key] = (text, image, dict(text.scheduler.config))
+        _PIPES[key] = (text, image, dict(text.scheduler.config), text.scheduler)
     return _PIPES[key]
 
 
@@ -102,17 +107,25 @@ def test_picture(size: int = 64) -> np.ndarray:
     return np.clip(picture + 0.05 * rng.standard_normal(picture.shape), -1, 1).astype(np.float32)
 
 
-def reference_run(folder: Path, family: str, sampler: str, schedule: str, mode: str) -> dict:
-    """A whole unmodified diffusers run (txt2img or img2img) with the sampler's scheduler class.
+def reference_run(folder: Path, family: str, sampler: str, schedule: str, mode: str,
+                  own_scheduler: bool = False) -> dict:
+    """A whole unmodified diffusers run (txt2img or img2img) with the sampler's scheduler class
+    built from the folder's loaded scheduler config (`Class.from_config(pipe.scheduler.config)`),
+    or with `own_scheduler` the folder's own scheduler class and file (`sampler` then names the
+    sampler it is, for the step positions).
 
     txt2img gets the initial noise as `latents`; img2img gets the VAE mean of the picture as its
     latent and draws its noise from a seeded generator (returned as inputs.noise). Every step's
     latent is recorded in the scheduler's own form (see VE_FORM).
     """
-    text_pipe, image_pipe, config = _pipes(folder, family)
+    text_pipe, image_pipe, config, loaded = _pipes(folder, family)
     prompt, negative, cfg, strength, steps = CASES[family]
     pipe = text_pipe if mode == "txt2img" else image_pipe
-    pipe.scheduler = make_scheduler(config, sampler, schedule)
+    if own_scheduler:  # from the file: SD 1.x/2.x pipelines switch off clip_sample in the
+        # scheduler they load (a deprecation they announce), not in one given to them
+        pipe.scheduler = type(loaded).from_pretrained(folder, subfolder="scheduler")
+    else:
+        pipe.scheduler = make_scheduler(config, sampler, schedule)
     latents = []
 
     def keep(_pipe, _i, _t, kwargs):
@@ -149,11 +162,17 @@ def reference_run(folder: Path, family: str, sampler: str, schedule: str, mode: 
 
 
 def reference_steps(config, sampler: str, schedule: str, num_steps: int, strength: float,
-                    x_start: np.ndarray, model_outputs, noises, **options) -> list:
+                    x_start: np.ndarray, model_outputs, noises, dtype=None, **options) -> list:
     """Step a diffusers scheduler alone over its img2img timesteps. `model_outputs(i, model_in, t)`
     gives the network output for the scaled input; `noises[i]` is the noise step i injects (or
     None); `options` go to `step` (DDIM's eta). Returns the sample after each step, in the
-    scheduler's own form."""
+    scheduler's own form. `dtype` (np.float64): the latents and outputs held in it, so that the
+    scheduler's arithmetic is not rounded to float32 (its tables stay float32)."""
+    if dtype is not None:
+        x_start = x_start.astype(dtype)
+        outputs = model_outputs
+        model_outputs = lambda i, x, t: outputs(i, x, t).astype(dtype)  # noqa: E731
+        noises = None if noises is None else [n.astype(dtype) for n in noises]
     from diffusers.schedulers import scheduling_euler_ancestral_discrete as ancestral
 
     s = make_scheduler(config, sampler, schedule)
