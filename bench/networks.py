@@ -358,7 +358,7 @@ def measure(framework: str, workload: str, dtype: str, reps: int) -> dict:
 def snapshot_costs(results: dict) -> dict | None:
     """A triangle's UNet time against its VAE decode time, from the measured per-call times."""
     from stable_diffusion.render import approx_decode
-    from stable_diffusion.sampler import plan
+    from stable_diffusion.sampler import timeline
     from stable_diffusion.spec import DEFAULT_TRIANGLE_STRENGTHS
     from stable_diffusion.plan import snapshot_indices
 
@@ -368,7 +368,7 @@ def snapshot_costs(results: dict) -> dict | None:
     decode = results.get("vae_decode", {}).get("ours", {})
     if "times" not in unet or "times" not in decode:
         return None
-    steps = [plan(s, TRIANGLE_STEPS).steps for s in DEFAULT_TRIANGLE_STRENGTHS]
+    steps = [timeline(s, TRIANGLE_STEPS).steps for s in DEFAULT_TRIANGLE_STRENGTHS]
     cells = sum(len(snapshot_indices(n, TRIANGLE_EVERY, None)) for n in steps)
     steps = sum(steps)
     latent = np.random.default_rng(0).standard_normal((1, 64, 64, 4)).astype(np.float32)

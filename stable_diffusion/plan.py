@@ -46,7 +46,7 @@ class Row:
     """One trajectory of a run: its strength, the times it visits and the steps it keeps."""
 
     strength: float
-    timeline: samplers.Plan
+    timeline: samplers.Timeline
     kept: dict  # step index -> why it is kept ("every", "last")
     start: int | None = None  # its start's index on the run's path, where it starts on it
 
@@ -60,7 +60,7 @@ class RunPlan:
     path: tuple  # times of the noising path (or the inversion) in increasing order; () when none
     shown: tuple  # indices on the path of the noising frames to save
     dropped_tokens: dict  # "prompt", "negative_prompt" -> tokens the text encoders cannot read
-    inversion: samplers.Plan | None = None  # the inversion's timeline, from t = 0 up to the top start
+    inversion: samplers.Timeline | None = None  # the inversion's timeline, from t = 0 up to the top start
 
     @property
     def guided(self) -> bool:
@@ -112,7 +112,7 @@ def make_plan(spec: RunSpec, config: PipelineConfig, tokenizers, image_size: tup
         native = config.unet.sample_size * config.vae.downscale
         image_size = spec.size or (native, native)
     noise = samplers.NoiseSchedule(config.scheduler)
-    timelines = [noise.plan(s, spec.steps, schedule=spec.schedule, sampler=spec.sampler)
+    timelines = [noise.timeline(s, spec.steps, schedule=spec.schedule, sampler=spec.sampler)
                  for s in spec.strengths]
     longest = max(p.steps for p in timelines)
     every = c.every
@@ -169,7 +169,7 @@ def _thousandths(t: float) -> int:
     return int(round(t * 1000))
 
 
-def _inversion_path(rows) -> tuple[samplers.Plan, list]:
+def _inversion_path(rows) -> tuple[samplers.Timeline, list]:
     """The times the inversion visits, highest first as in a timeline: the top row's, every row's
     start (so that each row starts on the path), and t = 0 (the clean latent; a DDIM timeline may
     end above it); and each row's start as an index on the path walked upward from t = 0."""

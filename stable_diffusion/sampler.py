@@ -3,7 +3,7 @@
 Which samplers there are, and what diffusers and A1111 call them, is the table in choices.py.
 
 Samplers are functions over a denoiser `denoise(x_t, t, sigma) -> (x0_hat, eps_hat)`, in the shape
-of k-diffusion's `sample_*`: each walks a `Plan` (schedule.py), keeps its history as local state
+of k-diffusion's `sample_*`: each walks a `Timeline` (schedule.py), keeps its history as local state
 and yields a `Step` per step. Latents are in the variance-preserving form of schedule.py; the
 samplers written for the variance-exploding form (Euler, Heun, LMS) convert at each step.
 """
@@ -17,10 +17,10 @@ import mlx.core as mx
 import numpy as np
 
 from .choices import SAMPLER_TABLE, SCHEDULES, display_name
-# The noise schedule and plans, re-exported: `from .sampler import Plan, Step, ...` keeps working.
-from .schedule import NoiseSchedule, Plan, Step, _vp_scale, plan, seed_keys
+# The noise schedule and timelines, re-exported: `from .sampler import Timeline, Step, ...` keeps working.
+from .schedule import NoiseSchedule, Timeline, Step, _vp_scale, timeline, seed_keys
 
-__all__ = ["SCHEDULES", "SAMPLERS", "NoiseSchedule", "Plan", "Step", "plan",
+__all__ = ["SCHEDULES", "SAMPLERS", "NoiseSchedule", "Timeline", "Step", "timeline",
            "seed_keys", "display_name", "default_sampler", "invert", "sample_euler", "sample_euler_a",
            "sample_heun", "sample_ddim", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_lms",
            "sample_plms", "sample_unipc"]
@@ -39,22 +39,22 @@ def _vp(x_ve: mx.array, sigma: float, dtype) -> mx.array:
     return (x_ve * _vp_scale(sigma)).astype(dtype)
 
 
-def _segments(plan: Plan):
-    """(i, t, sigma, t_next, sigma_next) for each step of a plan."""
-    for i in range(plan.steps):
-        yield i, plan.times[i], plan.sigmas[i], plan.times[i + 1], plan.sigmas[i + 1]
+def _segments(timeline: Timeline):
+    """(i, t, sigma, t_next, sigma_next) for each step of a timeline."""
+    for i in range(timeline.steps):
+        yield i, timeline.times[i], timeline.sigmas[i], timeline.times[i + 1], timeline.sigmas[i + 1]
 
 
-def _limited(x0: mx.array, plan: Plan) -> mx.array:
-    """The denoised estimate bounded as the plan's diffusers class does: clipped to a range
+def _limited(x0: mx.array, timeline: Timeline) -> mx.array:
+    """The denoised estimate bounded as the timeline's diffusers class does: clipped to a range
     (clip_sample), or dynamically thresholded (Saharia et al. 2022): per sample, s is the
     `ratio`-quantile of |x0| held in [1, max], and x0 is clipped to [-s, s] and divided by s."""
-    if not plan.x0_limit:
+    if not timeline.x0_limit:
         return x0
-    if plan.x0_limit[0] == "clip":
-        bound = plan.x0_limit[1]
+    if timeline.x0_limit[0] == "clip":
+        bound = timeline.x0_limit[1]
         return mx.clip(x0, -bound, bound)
-    _, ratio, top = plan.x0_limit
+    _, ratio, top = timeline.x0_limit
     values = x0.astype(mx.float32)
     ordered = mx.sort(mx.abs(values).reshape(values.shape[0], -1), axis=1)  # (B, n)
     at = ratio * (ordered.shape[1] - 1)  # the quantile's position, interpolated linearly
@@ -65,32 +65,32 @@ def _limited(x0: mx.array, plan: Plan) -> mx.array:
     return (mx.clip(values, -s, s) / s).astype(x0.dtype)
 
 
-def _noises(key, plan: Plan, noise):
+def _noises(key, timeline: Timeline, noise):
     """Per-step noise source: the given list, or one key per step split from `key` (MLX's global
     generator without one)."""
     if noise is not None:
         return lambda i, x: mx.array(noise[i]).astype(x.dtype)
     if key is None:
         return lambda i, x: mx.random.normal(x.shape, dtype=x.dtype)
-    keys = mx.random.split(key, max(plan.steps, 2))
+    keys = mx.random.split(key, max(timeline.steps, 2))
     return lambda i, x: mx.random.normal(x.shape, dtype=x.dtype, key=keys[i])
 
 
-def sample_euler(denoise: Denoise, x: mx.array, plan: Plan, key=None) -> Iterator[Step]:
+def sample_euler(denoise: Denoise, x: mx.array, timeline: Timeline, key=None) -> Iterator[Step]:
     """Euler steps (Algorithm 2 of Karras et al. 2022, no churn), with the denoiser's eps as the
     derivative in sigma, written for variance-preserving latents."""
-    for i, t, s, t_next, s_next in _segments(plan):
+    for i, t, s, t_next, s_next in _segments(timeline):
         x0, eps = denoise(x, t, s)
         x = _vp(_ve(x, s) + eps * (s_next - s), s_next, x.dtype)
-        yield Step(i + 1, plan.steps, t_next, s_next, x, x0.astype(x.dtype), t, s)
+        yield Step(i + 1, timeline.steps, t_next, s_next, x, x0.astype(x.dtype), t, s)
 
 
-def sample_euler_a(denoise: Denoise, x: mx.array, plan: Plan, key=None, noise=None) -> Iterator[Step]:
+def sample_euler_a(denoise: Denoise, x: mx.array, timeline: Timeline, key=None, noise=None) -> Iterator[Step]:
     """Euler ancestral: a deterministic step down to sigma_down, then fresh noise of size sigma_up,
     so that the level reached is sigma_next (k-diffusion's `sample_euler_ancestral`, eta 1).
     `noise`, if given, is the list of per-step noises (tests)."""
-    draw = _noises(key, plan, noise)
-    for i, t, s, t_next, s_next in _segments(plan):
+    draw = _noises(key, timeline, noise)
+    for i, t, s, t_next, s_next in _segments(timeline):
         x0, eps = denoise(x, t, s)
         if s_next > 0:
             s_up = math.sqrt(s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2)
@@ -99,40 +99,40 @@ def sample_euler_a(denoise: Denoise, x: mx.array, plan: Plan, key=None, noise=No
         else:
             x_ve = _ve(x, s) + eps * (s_next - s)
         x = _vp(x_ve, s_next, x.dtype)
-        yield Step(i + 1, plan.steps, t_next, s_next, x, x0.astype(x.dtype), t, s)
+        yield Step(i + 1, timeline.steps, t_next, s_next, x, x0.astype(x.dtype), t, s)
 
 
-def sample_heun(denoise: Denoise, x: mx.array, plan: Plan, key=None) -> Iterator[Step]:
+def sample_heun(denoise: Denoise, x: mx.array, timeline: Timeline, key=None) -> Iterator[Step]:
     """Heun's second-order method (Algorithm 1 of Karras et al. 2022): an Euler step, then the
     average of the derivatives at both ends; the last step down to sigma 0 is plain Euler.
     Two network calls per step but the last."""
-    for i, t, s, t_next, s_next in _segments(plan):
+    for i, t, s, t_next, s_next in _segments(timeline):
         x0, eps = denoise(x, t, s)
         x_ve = _ve(x, s)
-        if plan.x0_limit:  # clip_sample: the derivative follows the clipped estimate
-            x0 = _limited(x0, plan)
+        if timeline.x0_limit:  # clip_sample: the derivative follows the clipped estimate
+            x0 = _limited(x0, timeline)
             eps = (x_ve - x0) / s
         x_euler = x_ve + eps * (s_next - s)
         if s_next > 0:
             x0_next, eps_next = denoise(_vp(x_euler, s_next, x.dtype), t_next, s_next)
-            if plan.x0_limit:
-                eps_next = (x_euler - _limited(x0_next, plan)) / s_next
+            if timeline.x0_limit:
+                eps_next = (x_euler - _limited(x0_next, timeline)) / s_next
             x_euler = x_ve + (eps + eps_next) * (0.5 * (s_next - s))
         x = _vp(x_euler, s_next, x.dtype)
-        yield Step(i + 1, plan.steps, t_next, s_next, x, x0.astype(x.dtype), t, s)
+        yield Step(i + 1, timeline.steps, t_next, s_next, x, x0.astype(x.dtype), t, s)
 
 
-def sample_ddim(denoise: Denoise, x: mx.array, plan: Plan, key=None, eta: float = 0.0,
+def sample_ddim(denoise: Denoise, x: mx.array, timeline: Timeline, key=None, eta: float = 0.0,
                 noise=None) -> Iterator[Step]:
     """DDIM (Song et al. 2021, eq. 12): x_next = sqrt(abar') x0 + sqrt(1 - abar' - std^2) eps
     + std z, with std = eta sqrt((1 - abar') / (1 - abar)) sqrt(1 - abar / abar'). eta 0 is
-    deterministic; eta 1 is DDPM's ancestral sampling. The estimate x0 is bounded as the plan says
-    (clip_sample, thresholding), eps is not; a step lands on the plan's landing where it has one."""
-    draw = _noises(key, plan, noise)
-    landings = plan.landings or plan.sigmas[1:]
-    for i, t, s, t_next, s_next in _segments(plan):
+    deterministic; eta 1 is DDPM's ancestral sampling. The estimate x0 is bounded as the timeline says
+    (clip_sample, thresholding), eps is not; a step lands on the timeline's landing where it has one."""
+    draw = _noises(key, timeline, noise)
+    landings = timeline.landings or timeline.sigmas[1:]
+    for i, t, s, t_next, s_next in _segments(timeline):
         x0, eps = denoise(x, t, s)
-        x0 = _limited(x0, plan)
+        x0 = _limited(x0, timeline)
         land = landings[i]
         a, a_next = 1.0 / (1.0 + s * s), 1.0 / (1.0 + land * land)
         std = eta * math.sqrt((1 - a_next) / (1 - a) * (1 - a / a_next)) if eta else 0.0
@@ -140,26 +140,26 @@ def sample_ddim(denoise: Denoise, x: mx.array, plan: Plan, key=None, eta: float 
         if std > 0:
             x_next = x_next + std * draw(i, x)
         x = x_next.astype(x.dtype)
-        yield Step(i + 1, plan.steps, t_next, s_next, x, x0.astype(x.dtype), t, s)
+        yield Step(i + 1, timeline.steps, t_next, s_next, x, x0.astype(x.dtype), t, s)
 
 
-def _dpmpp_2m(denoise, x, plan, sde: bool, draw) -> Iterator[Step]:
+def _dpmpp_2m(denoise, x, timeline, sde: bool, draw) -> Iterator[Step]:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in the data-prediction form, multistep with
     the midpoint correction; with `sde`, its SDE variant (Gonzalez et al. 2023, as k-diffusion's
     `sample_dpmpp_2m_sde` and diffusers' `sde-dpmsolver++`). The first step and the last are first
     order: the last to sigma 0 always, one to a level above 0 (final_sigmas_type sigma_min) in a
     schedule of under 15 steps (diffusers' lower_order_final). lambda = -log(sigma)."""
     old_x0, h_last = None, None
-    for i, t, s, t_next, s_next in _segments(plan):
+    for i, t, s, t_next, s_next in _segments(timeline):
         x0, eps = denoise(x, t, s)
-        x0 = _limited(x0, plan)
+        x0 = _limited(x0, timeline)
         if s_next == 0:
             x_next, h = x0, None
         else:
             alpha_next = _vp_scale(s_next)
             ratio = (s_next * alpha_next) / (s * _vp_scale(s))  # sigma_t / sigma_s in VP terms
             h = math.log(s) - math.log(s_next)
-            first_order = old_x0 is None or (i == plan.steps - 1 and plan.num_steps < 15)
+            first_order = old_x0 is None or (i == timeline.steps - 1 and timeline.num_steps < 15)
             d = x0 if first_order else x0 + (x0 - old_x0) * (h / (2.0 * h_last))
             if sde:
                 x_next = (ratio * math.exp(-h)) * x + (alpha_next * -math.expm1(-2 * h)) * d
@@ -168,18 +168,18 @@ def _dpmpp_2m(denoise, x, plan, sde: bool, draw) -> Iterator[Step]:
                 x_next = ratio * x + (alpha_next * -math.expm1(-h)) * d
         old_x0, h_last = x0, h
         x = x_next.astype(x.dtype)
-        yield Step(i + 1, plan.steps, t_next, s_next, x, x0.astype(x.dtype), t, s)
+        yield Step(i + 1, timeline.steps, t_next, s_next, x, x0.astype(x.dtype), t, s)
 
 
-def sample_dpmpp_2m(denoise: Denoise, x: mx.array, plan: Plan, key=None) -> Iterator[Step]:
+def sample_dpmpp_2m(denoise: Denoise, x: mx.array, timeline: Timeline, key=None) -> Iterator[Step]:
     """DPM-Solver++(2M), deterministic (see `_dpmpp_2m`)."""
-    return _dpmpp_2m(denoise, x, plan, False, None)
+    return _dpmpp_2m(denoise, x, timeline, False, None)
 
 
-def sample_dpmpp_2m_sde(denoise: Denoise, x: mx.array, plan: Plan, key=None,
+def sample_dpmpp_2m_sde(denoise: Denoise, x: mx.array, timeline: Timeline, key=None,
                         noise=None) -> Iterator[Step]:
     """DPM-Solver++(2M) SDE, eta 1 (see `_dpmpp_2m`)."""
-    return _dpmpp_2m(denoise, x, plan, True, _noises(key, plan, noise))
+    return _dpmpp_2m(denoise, x, timeline, True, _noises(key, timeline, noise))
 
 
 def _lms_coefficient(sigmas, i: int, order: int, j: int) -> float:
@@ -193,18 +193,18 @@ def _lms_coefficient(sigmas, i: int, order: int, j: int) -> float:
     return float(integral(sigmas[i + 1]) - integral(sigmas[i]))
 
 
-def sample_lms(denoise: Denoise, x: mx.array, plan: Plan, key=None, order: int = 4) -> Iterator[Step]:
+def sample_lms(denoise: Denoise, x: mx.array, timeline: Timeline, key=None, order: int = 4) -> Iterator[Step]:
     """Linear multistep (k-diffusion's `sample_lms`): the derivatives of the last `order` steps,
     weighted by integrals of their Lagrange basis polynomials in sigma.
 
-    When a plan carries `lead_sigmas` (diffusers' img2img), the order grows with the position in
+    When a timeline carries `lead_sigmas` (diffusers' img2img), the order grows with the position in
     the whole schedule, as diffusers' LMSDiscreteScheduler does: its first steps integrate a
     higher-order basis over levels no derivative was taken at.
     """
-    levels = [float(v) for v in plan.lead_sigmas + plan.sigmas]
-    lead = len(plan.lead_sigmas)
+    levels = [float(v) for v in timeline.lead_sigmas + timeline.sigmas]
+    lead = len(timeline.lead_sigmas)
     history: list = []
-    for i, t, s, t_next, s_next in _segments(plan):
+    for i, t, s, t_next, s_next in _segments(timeline):
         x0, eps = denoise(x, t, s)
         history = (history + [eps])[-order:]
         at = lead + i
@@ -214,7 +214,7 @@ def sample_lms(denoise: Denoise, x: mx.array, plan: Plan, key=None, order: int =
         for c, d in zip(coefficients, reversed(history)):
             x_ve = x_ve + c * d
         x = _vp(x_ve, s_next, x.dtype)
-        yield Step(i + 1, plan.steps, t_next, s_next, x, x0.astype(x.dtype), t, s)
+        yield Step(i + 1, timeline.steps, t_next, s_next, x, x0.astype(x.dtype), t, s)
 
 
 def _raw(x0: mx.array, eps: mx.array, sigma: float, v_prediction: bool) -> mx.array:
@@ -240,22 +240,22 @@ def _transfer(x: mx.array, out: mx.array, sigma: float, sigma_to: float, v_predi
 _ADAMS_BASHFORTH = ((1.0,), (1.5, -0.5), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
 
 
-def sample_plms(denoise: Denoise, x: mx.array, plan: Plan, key=None) -> Iterator[Step]:
+def sample_plms(denoise: Denoise, x: mx.array, timeline: Timeline, key=None) -> Iterator[Step]:
     """PLMS, pseudo linear multistep (Liu et al. 2022, PNDM), as diffusers' PNDMScheduler runs it
     with skip_prk_steps: each step is the DDIM transfer with an Adams-Bashforth combination of the
     network outputs at the starts of the last (up to four) steps; the first step, with one output
     only, is a second-order step: a transfer to the next level, a second output there, and the
     transfer redone from the start with the two averaged (two network calls). The outputs are
-    combined as the network gives them (eps, or v for v-prediction), as PNDM does. The plan's
+    combined as the network gives them (eps, or v for v-prediction), as PNDM does. The timeline's
     `warmup` and `landings` carry where diffusers' timesteps put the warm-up and each landing.
     """
-    v = plan.prediction_type == "v_prediction"
-    landings = plan.landings or plan.sigmas[1:]
-    warmup = plan.warmup
-    if warmup is None:  # the plan's own levels; a single step has no level to correct at
-        warmup = (plan.sigmas[1], plan.times[1], plan.sigmas[0]) if plan.steps > 1 else ()
+    v = timeline.prediction_type == "v_prediction"
+    landings = timeline.landings or timeline.sigmas[1:]
+    warmup = timeline.warmup
+    if warmup is None:  # the timeline's own levels; a single step has no level to correct at
+        warmup = (timeline.sigmas[1], timeline.times[1], timeline.sigmas[0]) if timeline.steps > 1 else ()
     outputs: list = []  # raw outputs at the start of each step, newest last
-    for i, t, s, t_next, s_next in _segments(plan):
+    for i, t, s, t_next, s_next in _segments(timeline):
         x0, eps = denoise(x, t, s)
         outputs = (outputs + [_raw(x0, eps, s, v)])[-4:]
         if i == 0 and warmup:
@@ -269,7 +269,7 @@ def sample_plms(denoise: Denoise, x: mx.array, plan: Plan, key=None) -> Iterator
             combined = sum(w * out for w, out in zip(weights, reversed(outputs)))
             x_next = _transfer(x, combined, s, landings[i], v)
         x = x_next.astype(x.dtype)
-        yield Step(i + 1, plan.steps, t_next, s_next, x, x0.astype(x.dtype), t, s)
+        yield Step(i + 1, timeline.steps, t_next, s_next, x, x0.astype(x.dtype), t, s)
 
 
 def _unipc_update(x: mx.array, sigmas: tuple, outputs: list, sigma_to: float, order: int,
@@ -301,7 +301,7 @@ def _unipc_update(x: mx.array, sigmas: tuple, outputs: list, sigma_to: float, or
     return x_to - alpha_to * phi * (rho0 * (outputs[-2] - m0) / r + rho1 * (estimate - m0))
 
 
-def sample_unipc(denoise: Denoise, x: mx.array, plan: Plan, key=None) -> Iterator[Step]:
+def sample_unipc(denoise: Denoise, x: mx.array, timeline: Timeline, key=None) -> Iterator[Step]:
     """UniPC (Zhao et al. 2023), as diffusers' UniPCMultistepScheduler runs it by default: bh2,
     order 2, data prediction. Each step first corrects the previous step (UniC, with the new
     estimate at its end: no extra network call), then predicts the next level (UniP). The first
@@ -311,16 +311,16 @@ def sample_unipc(denoise: Denoise, x: mx.array, plan: Plan, key=None) -> Iterato
     sigmas: tuple = ()  # the levels of the outputs kept, newest last
     outputs: list = []  # the (bounded) denoised estimates, newest last
     before, last_order = None, 0  # the latent before the last prediction, and its order
-    for i, t, s, t_next, s_next in _segments(plan):
+    for i, t, s, t_next, s_next in _segments(timeline):
         x0, _ = denoise(x, t, s)
-        x0 = _limited(x0, plan)
+        x0 = _limited(x0, timeline)
         if before is not None:
             x = _unipc_update(before, sigmas, outputs, s, last_order, estimate=x0)
         sigmas, outputs = (sigmas + (s,))[-2:], (outputs + [x0])[-2:]
-        order = 1 if i == 0 or i == plan.steps - 1 else 2
+        order = 1 if i == 0 or i == timeline.steps - 1 else 2
         before, last_order = x, order
         x = _unipc_update(x, sigmas, outputs, s_next, order).astype(x.dtype)
-        yield Step(i + 1, plan.steps, t_next, s_next, x, x0.astype(x.dtype), t, s)
+        yield Step(i + 1, timeline.steps, t_next, s_next, x, x0.astype(x.dtype), t, s)
 
 
 # name -> function: each row of the sampler table (choices.py) runs the function `sample_<name>`.
@@ -382,9 +382,9 @@ def _ddim_move(x: mx.array, eps: mx.array, sigma: float, sigma_to: float):
     return math.sqrt(a_to) * x0 + math.sqrt(1 - a_to) * eps, x0
 
 
-def invert(denoise: Denoise, x0: mx.array, plan_up: Plan, refine: int = 0) -> Iterator[Step]:
+def invert(denoise: Denoise, x0: mx.array, timeline_up: Timeline, refine: int = 0) -> Iterator[Step]:
     """DDIM inversion (Song et al. 2021, section 5.4): the deterministic DDIM step run towards larger
-    t, from the clean latent up to the plan's start, along the plan's times reversed.
+    t, from the clean latent up to the timeline's start, along the timeline's times reversed.
 
     Each step assumes eps(x_t) ~ eps(x_next). `refine` fixed-point iterations per step (Pan et al.
     2023) re-estimate eps at the new point and redo the step from x_t, so that the step is the exact
@@ -392,7 +392,7 @@ def invert(denoise: Denoise, x0: mx.array, plan_up: Plan, refine: int = 0) -> It
     estimate is made at the first time above it (as diffusers' DDIMInverseScheduler conditions on
     the target time). Steps 1..n; Step k's x0_pred is the estimate the step used.
     """
-    times, sigmas = plan_up.times[::-1], plan_up.sigmas[::-1]
+    times, sigmas = timeline_up.times[::-1], timeline_up.sigmas[::-1]
     n = len(times) - 1
     x = x0
     for i in range(n):

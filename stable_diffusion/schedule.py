@@ -1,4 +1,4 @@
-"""Noise schedule, forward noising, time schedules (plans) and the per-purpose keys: pure math.
+"""Noise schedule, forward noising, time schedules (timelines) and the per-purpose keys: pure math.
 
 Time convention. Time t counts forward noising steps, as in DDPM (Ho et al. 2020): t = 0 is the
 clean latent and t = T (1000) the end of the forward chain; sigma(0) = 0 and sigma(k) is the noise
@@ -8,7 +8,7 @@ fractional timesteps.
 
 Latents are kept in the variance-preserving form x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
 = (x0 + sigma_t eps) / sqrt(1 + sigma_t^2), which is also what the network takes as input.
-The samplers that walk a plan live in sampler.py.
+The samplers that walk a timeline live in sampler.py.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class Step(NamedTuple):
 
 
 @dataclass(frozen=True)
-class Plan:
+class Timeline:
     """What a strength, a step count and a schedule mean: where the run starts, what it visits."""
 
     strength: float
@@ -75,7 +75,7 @@ class Plan:
     # spacings, and PNDM's img2img start). Empty: every step lands on the next level.
     landings: tuple = ()
     # PLMS's first step (sample_plms): (the predictor's level, the time the corrector evaluates the
-    # network at, the level the corrector starts from); () for no corrector; None: the plan's own.
+    # network at, the level the corrector starts from); () for no corrector; None: the timeline's own.
     warmup: tuple | None = None
     prediction_type: str = "epsilon"  # what the network predicts (PLMS combines its raw outputs)
     # The denoised estimate bounded as the sampler's diffusers class does (SchedulerConfig.x0_limit).
@@ -105,20 +105,20 @@ def _steps_for(strength: float, num_steps: int) -> tuple[int, int]:
     return steps, num_steps
 
 
-def plan(strength: float, num_steps: int, noise_schedule: "NoiseSchedule | int" = 1000,
-         schedule: str = "linear", sampler: str = "euler") -> Plan:
-    """The plan of a run; see `NoiseSchedule.plan`.
+def timeline(strength: float, num_steps: int, noise_schedule: "NoiseSchedule | int" = 1000,
+             schedule: str = "linear", sampler: str = "euler") -> Timeline:
+    """The timeline of a run; see `NoiseSchedule.timeline`.
 
     Given only the number of training steps T (an int), the linear times without their sigmas.
     """
     if isinstance(noise_schedule, NoiseSchedule):
-        return noise_schedule.plan(strength, num_steps, schedule, sampler)
+        return noise_schedule.timeline(strength, num_steps, schedule, sampler)
     if schedule != "linear":
         raise ValueError("a schedule other than linear needs the noise schedule, not only T")
     steps, n_total = _steps_for(strength, num_steps)
     start = strength * noise_schedule
     times = tuple(float(t) for t in np.linspace(start, 0.0, steps + 1))
-    return Plan(strength, num_steps, steps, n_total, start, times)
+    return Timeline(strength, num_steps, steps, n_total, start, times)
 
 
 def _vp_scale(sigma: float) -> float:
@@ -178,7 +178,7 @@ def _beta_cdf(x: float, a: float, b: float) -> float:
 
 
 class NoiseSchedule:
-    """Betas, cumulative alphas and sigmas of a scheduler config; add_noise, plans, forward paths.
+    """Betas, cumulative alphas and sigmas of a scheduler config; add_noise, timelines, forward paths.
 
     Tables are float64 numpy arrays indexed by our time t (entry 0 is the clean latent).
     """
@@ -231,12 +231,12 @@ class NoiseSchedule:
         c = _vp_scale(sigma)
         return (c * x0 + (c * sigma) * noise).astype(x0.dtype)
 
-    def start(self, plan: "Plan", eps: mx.array, x0: mx.array | None = None) -> mx.array:
-        """Where a run of `plan` starts: x0 noised to the plan's first level in one jump, or, for
+    def start(self, timeline: "Timeline", eps: mx.array, x0: mx.array | None = None) -> mx.array:
+        """Where a run of `timeline` starts: x0 noised to the timeline's first level in one jump, or, for
         text to image (no x0), the noise scaled as diffusers starts it (`init_scale`)."""
         if x0 is None:
-            return (plan.init_scale * eps).astype(eps.dtype)
-        return self.add_noise(x0, plan.start_time, eps, sigma=plan.sigmas[0])
+            return (timeline.init_scale * eps).astype(eps.dtype)
+        return self.add_noise(x0, timeline.start_time, eps, sigma=timeline.sigmas[0])
 
     def denoised(self, x_t: mx.array, model_output: mx.array, sigma: float) -> tuple[mx.array, mx.array]:
         """(x0_hat, eps_hat) from the network output at noise level sigma."""
@@ -245,10 +245,10 @@ class NoiseSchedule:
             return c * x_t - s * model_output, s * x_t + c * model_output
         return (x_t - s * model_output) / c, model_output
 
-    # --- plans ---------------------------------------------------------------------------------
+    # --- timelines ---------------------------------------------------------------------------------
 
-    def plan(self, strength: float, num_steps: int, schedule: str = "linear",
-             sampler: str = "euler") -> Plan:
+    def timeline(self, strength: float, num_steps: int, schedule: str = "linear",
+                 sampler: str = "euler") -> Timeline:
         """Where a run of `num_steps` steps for strength 1 starts at `strength`, and what it visits.
 
         `linear`: start at t = s * T and run int(N * s) evenly spaced steps down to t = 0 (when
@@ -273,23 +273,23 @@ class NoiseSchedule:
             times = tuple(float(t) for t in np.linspace(start, 0.0, steps + 1))
             sigmas = tuple(self.sigma(t) for t in times)
             s_top = self.sigmas[self.T]
-            return Plan(strength, num_steps, steps, n_total, start, times, sigmas, schedule,
+            return Timeline(strength, num_steps, steps, n_total, start, times, sigmas, schedule,
                         init_scale=float(s_top * _vp_scale(s_top)), **common)
         if schedule != "diffusers":
             flags = dict(use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False)
             c = dataclasses.replace(c, **dict(flags, **{f"use_{schedule}_sigmas": True}))
         table = self._for_class(c, exact_zero=schedule == "diffusers" and sampler == "ddim")
         if sampler == "plms" and schedule == "diffusers":
-            times, sigmas, landings, warmup = table._plms_schedule(n_total, steps)
-            return Plan(strength, num_steps, steps, n_total, times[0], times, sigmas, schedule,
+            times, sigmas, landings, warmup = _plms_schedule(table, n_total, steps)
+            return Timeline(strength, num_steps, steps, n_total, times[0], times, sigmas, schedule,
                         landings=landings, warmup=warmup, **common)
-        full_times, full_sigmas, init_scale, full_landings = table._diffusers_schedule(n_total, sampler)
+        full_times, full_sigmas, init_scale, full_landings = _diffusers_schedule(table, n_total, sampler)
         skip = n_total - steps  # diffusers' get_timesteps: t_start = N - int(N * s)
         times = tuple(float(t) for t in full_times[skip:])
         sigmas = tuple(float(s) for s in full_sigmas[skip:])
         lead = tuple(float(s) for s in full_sigmas[:skip])
         landings = tuple(float(s) for s in full_landings[skip:])
-        return Plan(strength, num_steps, steps, n_total, times[0], times, sigmas, schedule,
+        return Timeline(strength, num_steps, steps, n_total, times[0], times, sigmas, schedule,
                     init_scale=init_scale, lead_sigmas=lead,
                     landings=() if landings == sigmas[1:] else landings, **common)
 
@@ -307,123 +307,6 @@ class NoiseSchedule:
         if k >= 0:
             return k + 1.0, self.sigma(k + 1.0)
         return (0.0, 0.0) if self.config.set_alpha_to_one else (1.0, self.sigma(1.0))
-
-    def _timesteps(self, n: int, family: str) -> np.ndarray:
-        """diffusers' n timesteps (0-based, descending) for the config's spacing."""
-        c, T = self.config, self.T
-        spacing = c.timestep_spacing
-        if spacing not in ("linspace", "leading", "trailing"):
-            raise InputError(f"timestep_spacing {spacing!r} is not one of linspace, leading, trailing")
-        if family == "dpm":  # spaced over n + 1 points, the last one dropped
-            last = T  # DPM's lambda_min_clipped: the timesteps where lambda = -log sigma is below are cut
-            if c.lambda_min_clipped > -math.inf:
-                lambdas = -np.log(self.sigmas[1:]).astype(np.float32)
-                last = T - int(np.searchsorted(lambdas[::-1], np.float32(c.lambda_min_clipped)))
-            if spacing == "linspace":
-                ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1]
-            elif spacing == "leading":
-                ts = (np.arange(n + 1) * (last // (n + 1)))[::-1][:-1] + c.steps_offset
-            else:
-                ts = np.arange(last, 0, -T / n).round() - 1
-        elif spacing == "linspace":  # DDIM and PNDM round a float64 spacing
-            ts = np.linspace(0, T - 1, n)[::-1].round() if family == "ddim" else \
-                np.linspace(0, T - 1, n, dtype=np.float32)[::-1]
-        elif spacing == "leading":
-            ts = (np.arange(n) * (T // n))[::-1] + c.steps_offset
-        else:
-            ts = np.arange(T, 0, -T / n).round() - 1
-        return np.asarray(ts, dtype=np.float32).astype(np.float64)
-
-    def _diffusers_schedule(self, n: int, sampler: str):
-        """(times, sigmas, init_scale, landings) of the full n-step schedule of the sampler's
-        diffusers class, read from this config: n + 1 times and sigmas in our time (diffusers'
-        timestep + 1), n landings."""
-        family, cls = SAMPLER_TABLE[sampler].family, SAMPLER_TABLE[sampler].scheduler
-        c, T = self.config, self.T
-        # 1. diffusers' timesteps (0-based) for the spacing
-        ts = self._timesteps(n, family)
-        times = ts + 1.0
-        sigmas = np.array([self.sigma(t) for t in times])
-        # 2. Karras, exponential or beta levels, mapped back to the times the network sees
-        kind = ("karras" if c.use_karras_sigmas else "exponential" if c.use_exponential_sigmas
-                else "beta" if c.use_beta_sigmas else None)
-        if kind is not None:
-            if family == "dpm":  # over the whole table
-                lo, hi = self.sigmas[1], self.sigmas[T]
-            else:  # over the spaced levels
-                lo, hi = sigmas[-1], sigmas[0]
-            if not (kind == "karras" and cls == "LMSDiscreteScheduler"):  # LMS's own Karras ignores them
-                lo = lo if c.sigma_min is None else c.sigma_min
-                hi = hi if c.sigma_max is None else c.sigma_max
-            if kind == "karras":
-                rho = 7.0
-                ramp = np.linspace(0, 1, n)
-                sigmas = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
-            elif kind == "exponential":
-                sigmas = np.exp(np.linspace(math.log(hi), math.log(lo), n))
-            else:  # quantiles of Beta(0.6, 0.6) (Lee et al. 2024), from the top down
-                sigmas = np.array([lo + _beta_quantile(1.0 - q, 0.6, 0.6) * (hi - lo)
-                                   for q in np.linspace(0, 1, n)])
-            ts = self.time_of(sigmas) - 1.0
-            if family == "dpm":  # DPM-Solver and UniPC keep integer timesteps: karras rounds, others
-                # truncate (diffusers truncates a float32 mapping, so at the top of an exponential
-                # schedule it can condition on 998 where this gives 999)
-                ts = ts.round() if kind == "karras" else np.floor(ts)
-            else:
-                ts = ts.astype(np.float32).astype(np.float64)
-            times = ts + 1.0
-        # 3. where each step lands. diffusers' DDIM and PNDM land each step at t - T // n (at their
-        # final alpha below 0), and where that is not the next timestep (linspace, or trailing with
-        # n not dividing T) they then take the latent to be at the next timestep.
-        landings = np.concatenate([sigmas[1:], [0.0]])
-        if family == "ddim":
-            if kind is None:
-                ends = [self._level(k - T // n) for k in ts]
-                landings = np.array([level for _, level in ends])
-                end_time, end_sigma = ends[-1]
-            else:  # our Karras and exponential levels for DDIM: each step lands on the next level
-                end_time, end_sigma = self._level(ts[-1] - T // n)
-        elif c.final_sigmas_type == "sigma_min":  # Euler, DPM, UniPC: the first training step's
-            # level, where UniPC's Karras, exponential and beta levels end on their own last one
-            end_sigma = sigmas[-1] if cls == "UniPCMultistepScheduler" and kind else self.sigmas[1]
-            end_time = float(self.time_of(end_sigma))
-        else:
-            end_time, end_sigma = 0.0, 0.0
-        times = np.concatenate([times, [end_time]])
-        sigmas = np.concatenate([sigmas.astype(np.float32), [end_sigma]]).astype(np.float64)
-        landings = np.concatenate([landings[:-1].astype(np.float32).astype(np.float64), [end_sigma]])
-        # 4. the start of text to image: diffusers' init_noise_sigma, in our form
-        init_scale = 1.0
-        if family == "k" and c.timestep_spacing in ("linspace", "trailing"):
-            init_scale = float(sigmas[0] * _vp_scale(sigmas[0]))
-        return times, sigmas, init_scale, landings
-
-    def _plms_schedule(self, n: int, steps: int):
-        """(times, sigmas, landings, warmup) of diffusers' PNDMScheduler with skip_prk_steps after
-        its pipelines' img2img truncation.
-
-        Its timesteps for n steps are the DDIM ones with the second repeated (t0, t1, t1, t2, ...):
-        the first call steps to t0 - T // n and is discarded, the second, at t1, redoes that step
-        from the start with the two outputs averaged (the warm-up); each later call at t steps to
-        t - T // n. Truncation drops whole entries of that list, so an img2img run's warm-up lands
-        at the list's second entry and its next step starts at the third."""
-        r = self.T // n
-        ts = [float(k) for k in self._timesteps(n, "ddim")]
-        calls = (ts[:2] + ts[1:] if n > 1 else ts)[n - steps:]
-        if len(calls) == 1:  # one step of a one-step schedule: the predictor alone
-            end_time, end_sigma = self._level(calls[0] - r)
-            times = (calls[0] + 1.0, end_time)
-            return times, (self.sigma(times[0]), end_sigma), (), ()
-        starts = [calls[0]] + calls[2:]
-        ends = [calls[1]] + [k - r for k in calls[2:]]
-        landed = [self._level(k) for k in ends]
-        times = tuple(k + 1.0 for k in starts) + (landed[-1][0],)
-        sigmas = tuple(self.sigma(k + 1.0) for k in starts) + (landed[-1][1],)
-        landings = tuple(level for _, level in landed)
-        warmup = (self._level(calls[0] - r)[1], calls[1] + 1.0, self._level(calls[1] + r)[1])
-        return times, sigmas, () if landings == sigmas[1:] else landings, warmup
-
-    # --- forward paths -------------------------------------------------------------------------
 
     def noising_path(self, x0: mx.array, times, kind: str = "shared", key=None,
                      noise: mx.array | None = None) -> Iterator[Step]:
@@ -460,6 +343,126 @@ class NoiseSchedule:
                     x = (math.sqrt(1.0 - beta) * x + math.sqrt(beta) * eps).astype(x0.dtype)
                     current += 1
                 yield Step(k, len(wanted), float(target), self.sigma(target), x, None)
+
+
+# --- the timesteps of diffusers' scheduler classes, over a noise schedule ------------------------
+
+def _timesteps(noise: NoiseSchedule, n: int, family: str) -> np.ndarray:
+    """diffusers' n timesteps (0-based, descending) for the config's spacing."""
+    c, T = noise.config, noise.T
+    spacing = c.timestep_spacing
+    if spacing not in ("linspace", "leading", "trailing"):
+        raise InputError(f"timestep_spacing {spacing!r} is not one of linspace, leading, trailing")
+    if family == "dpm":  # spaced over n + 1 points, the last one dropped
+        last = T  # DPM's lambda_min_clipped: the timesteps where lambda = -log sigma is below are cut
+        if c.lambda_min_clipped > -math.inf:
+            lambdas = -np.log(noise.sigmas[1:]).astype(np.float32)
+            last = T - int(np.searchsorted(lambdas[::-1], np.float32(c.lambda_min_clipped)))
+        if spacing == "linspace":
+            ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1]
+        elif spacing == "leading":
+            ts = (np.arange(n + 1) * (last // (n + 1)))[::-1][:-1] + c.steps_offset
+        else:
+            ts = np.arange(last, 0, -T / n).round() - 1
+    elif spacing == "linspace":  # DDIM and PNDM round a float64 spacing
+        ts = np.linspace(0, T - 1, n)[::-1].round() if family == "ddim" else \
+            np.linspace(0, T - 1, n, dtype=np.float32)[::-1]
+    elif spacing == "leading":
+        ts = (np.arange(n) * (T // n))[::-1] + c.steps_offset
+    else:
+        ts = np.arange(T, 0, -T / n).round() - 1
+    return np.asarray(ts, dtype=np.float32).astype(np.float64)
+
+def _diffusers_schedule(noise: NoiseSchedule, n: int, sampler: str):
+    """(times, sigmas, init_scale, landings) of the full n-step schedule of the sampler's
+    diffusers class, read from this config: n + 1 times and sigmas in our time (diffusers'
+    timestep + 1), n landings."""
+    family, cls = SAMPLER_TABLE[sampler].family, SAMPLER_TABLE[sampler].scheduler
+    c, T = noise.config, noise.T
+    # 1. diffusers' timesteps (0-based) for the spacing
+    ts = _timesteps(noise, n, family)
+    times = ts + 1.0
+    sigmas = np.array([noise.sigma(t) for t in times])
+    # 2. Karras, exponential or beta levels, mapped back to the times the network sees
+    kind = ("karras" if c.use_karras_sigmas else "exponential" if c.use_exponential_sigmas
+            else "beta" if c.use_beta_sigmas else None)
+    if kind is not None:
+        if family == "dpm":  # over the whole table
+            lo, hi = noise.sigmas[1], noise.sigmas[T]
+        else:  # over the spaced levels
+            lo, hi = sigmas[-1], sigmas[0]
+        if not (kind == "karras" and cls == "LMSDiscreteScheduler"):  # LMS's own Karras ignores them
+            lo = lo if c.sigma_min is None else c.sigma_min
+            hi = hi if c.sigma_max is None else c.sigma_max
+        if kind == "karras":
+            rho = 7.0
+            ramp = np.linspace(0, 1, n)
+            sigmas = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+        elif kind == "exponential":
+            sigmas = np.exp(np.linspace(math.log(hi), math.log(lo), n))
+        else:  # quantiles of Beta(0.6, 0.6) (Lee et al. 2024), from the top down
+            sigmas = np.array([lo + _beta_quantile(1.0 - q, 0.6, 0.6) * (hi - lo)
+                               for q in np.linspace(0, 1, n)])
+        ts = noise.time_of(sigmas) - 1.0
+        if family == "dpm":  # DPM-Solver and UniPC keep integer timesteps: karras rounds, others
+            # truncate (diffusers truncates a float32 mapping, so at the top of an exponential
+            # schedule it can condition on 998 where this gives 999)
+            ts = ts.round() if kind == "karras" else np.floor(ts)
+        else:
+            ts = ts.astype(np.float32).astype(np.float64)
+        times = ts + 1.0
+    # 3. where each step lands. diffusers' DDIM and PNDM land each step at t - T // n (at their
+    # final alpha below 0), and where that is not the next timestep (linspace, or trailing with
+    # n not dividing T) they then take the latent to be at the next timestep.
+    landings = np.concatenate([sigmas[1:], [0.0]])
+    if family == "ddim":
+        if kind is None:
+            ends = [noise._level(k - T // n) for k in ts]
+            landings = np.array([level for _, level in ends])
+            end_time, end_sigma = ends[-1]
+        else:  # our Karras and exponential levels for DDIM: each step lands on the next level
+            end_time, end_sigma = noise._level(ts[-1] - T // n)
+    elif c.final_sigmas_type == "sigma_min":  # Euler, DPM, UniPC: the first training step's
+        # level, where UniPC's Karras, exponential and beta levels end on their own last one
+        end_sigma = sigmas[-1] if cls == "UniPCMultistepScheduler" and kind else noise.sigmas[1]
+        end_time = float(noise.time_of(end_sigma))
+    else:
+        end_time, end_sigma = 0.0, 0.0
+    times = np.concatenate([times, [end_time]])
+    sigmas = np.concatenate([sigmas.astype(np.float32), [end_sigma]]).astype(np.float64)
+    landings = np.concatenate([landings[:-1].astype(np.float32).astype(np.float64), [end_sigma]])
+    # 4. the start of text to image: diffusers' init_noise_sigma, in our form
+    init_scale = 1.0
+    if family == "k" and c.timestep_spacing in ("linspace", "trailing"):
+        init_scale = float(sigmas[0] * _vp_scale(sigmas[0]))
+    return times, sigmas, init_scale, landings
+
+def _plms_schedule(noise: NoiseSchedule, n: int, steps: int):
+    """(times, sigmas, landings, warmup) of diffusers' PNDMScheduler with skip_prk_steps after
+    its pipelines' img2img truncation.
+
+    Its timesteps for n steps are the DDIM ones with the second repeated (t0, t1, t1, t2, ...):
+    the first call steps to t0 - T // n and is discarded, the second, at t1, redoes that step
+    from the start with the two outputs averaged (the warm-up); each later call at t steps to
+    t - T // n. Truncation drops whole entries of that list, so an img2img run's warm-up lands
+    at the list's second entry and its next step starts at the third."""
+    r = noise.T // n
+    ts = [float(k) for k in _timesteps(noise, n, "ddim")]
+    calls = (ts[:2] + ts[1:] if n > 1 else ts)[n - steps:]
+    if len(calls) == 1:  # one step of a one-step schedule: the predictor alone
+        end_time, end_sigma = noise._level(calls[0] - r)
+        times = (calls[0] + 1.0, end_time)
+        return times, (noise.sigma(times[0]), end_sigma), (), ()
+    starts = [calls[0]] + calls[2:]
+    ends = [calls[1]] + [k - r for k in calls[2:]]
+    landed = [noise._level(k) for k in ends]
+    times = tuple(k + 1.0 for k in starts) + (landed[-1][0],)
+    sigmas = tuple(noise.sigma(k + 1.0) for k in starts) + (landed[-1][1],)
+    landings = tuple(level for _, level in landed)
+    warmup = (noise._level(calls[0] - r)[1], calls[1] + 1.0, noise._level(calls[1] + r)[1])
+    return times, sigmas, () if landings == sigmas[1:] else landings, warmup
+
+# --- forward paths -------------------------------------------------------------------------
 
 
 # --- keys ----------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ def load(folder: Path) -> None:
         assert math.isfinite(noise.sigma(t))
     sampler, schedule, _ = default_sampler(config)
     for strength in (0.3, 1.0):  # the plans a run makes with the folder's defaults
-        noise.plan(strength, 10, schedule, sampler)
+        noise.timeline(strength, 10, schedule, sampler)
     model_defaults(config)
     # Building a network draws its initial parameters lazily from MLX's global key, whose graph
     # grows with every draw until evaluated: thousands of builds would hold gigabytes.

@@ -50,7 +50,7 @@ def test_every_row_has_its_function_its_timesteps_and_its_name_read_back(name):
     row = SAMPLER_TABLE[name]
     assert row.family in ("k", "ddim", "dpm")
     noise = NoiseSchedule(SchedulerConfig(steps_offset=1, timestep_spacing="leading"))
-    assert noise.plan(0.5, 8, "diffusers", name).steps == 4
+    assert noise.timeline(0.5, 8, "diffusers", name).steps == 4
     for schedule in SCHEDULE_TABLE:  # the A1111 name of every sampler and schedule parses back
         fields, warnings = parse_parameters(f"p\nSteps: 8, Sampler: {display_name(name, schedule)}, Seed: 1")
         assert warnings == [] and fields["sampler"] == name

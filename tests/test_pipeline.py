@@ -180,7 +180,7 @@ def test_txt2img_starts_where_add_noise_puts_pure_noise(tiny_model):
 def test_denoiser_counts_unet_calls(sampler, calls, tiny_model):
     sd = _load(tiny_model("sd1"))
     cond = sd.condition("a cat", "", True, 1, (64, 64))
-    p = sd.noise_schedule.plan(0.6, 5, "diffusers", sampler)
+    p = sd.noise_schedule.timeline(0.6, 5, "diffusers", sampler)
     x_start = sd.noise_schedule.add_noise(mx.zeros((1, 8, 8, 4)), p.start_time, mx.ones((1, 8, 8, 4)),
                                           sigma=p.sigmas[0])
     d = sd.denoiser(cond, 3.0)
@@ -207,7 +207,7 @@ def test_inversion_round_trip_beats_add_noise_and_refinement_helps(tiny_model):
     picture = np.clip(np.random.default_rng(7).uniform(-1, 1, (64, 64, 3)), -1, 1).astype(np.float32)
     x0 = sd.encode(picture[None])
     cond = sd.condition("a lit fireplace", "", False, 1, (64, 64))
-    p = sd.sampler.plan(0.6, 50, "linear", "ddim")
+    p = sd.noise_schedule.timeline(0.6, 50, "linear", "ddim")
 
     def round_trip(x_start) -> float:
         *_, last = SAMPLERS["ddim"](sd.denoiser(cond, 1.0), x_start, p)

@@ -1,4 +1,4 @@
-"""The schedule, the strength plan and the sampler steps: pinned values and closed forms."""
+"""The schedule, the strength timeline and the sampler steps: pinned values and closed forms."""
 
 import math
 
@@ -8,7 +8,7 @@ import pytest
 
 from stable_diffusion.config import SchedulerConfig
 from stable_diffusion.errors import InputError
-from stable_diffusion.sampler import NoiseSchedule, Plan, plan, sample_euler, sample_euler_a
+from stable_diffusion.sampler import NoiseSchedule, Timeline, timeline, sample_euler, sample_euler_a
 
 SD = SchedulerConfig(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
@@ -35,22 +35,22 @@ def test_sigma_interpolates_linearly_between_integer_times():
     (0.1, 5, 1, 100.0, 10), (0.3, 1, 1, 300.0, 4), (0.29, 100, 28, 290.0, 100),
 ])
 def test_plan(strength, steps, expected_steps, start, n_total):
-    p = plan(strength, steps)
+    p = timeline(strength, steps)
     assert (p.steps, p.start_time, p.num_steps) == (expected_steps, start, n_total)
     assert len(p.times) == p.steps + 1 and p.times[0] == start and p.times[-1] == 0.0
     assert np.allclose(np.diff(p.times), -start / p.steps)
 
 
 def test_plan_line_and_raise_notice():
-    assert plan(0.3, 50).describe() == "strength 0.30 x 50 steps -> start t=300, 15 steps"
-    line = plan(0.1, 5).describe()
+    assert timeline(0.3, 50).describe() == "strength 0.30 x 50 steps -> start t=300, 15 steps"
+    line = timeline(0.1, 5).describe()
     assert line.startswith("strength 0.10 x 10 steps -> start t=100, 1 step") and "raised to 10" in line
 
 
 @pytest.mark.parametrize("strength, steps", [(0.0, 10), (1.5, 10), (-0.1, 10), (0.5, 0)])
 def test_plan_rejects_bad_input(strength, steps):
     with pytest.raises(InputError):
-        plan(strength, steps)
+        timeline(strength, steps)
 
 
 def test_add_noise_is_the_variance_preserving_jump():
@@ -72,7 +72,7 @@ def _euler_ve(sample_vp, eps, sigma, sigma_next):
 def _one_step(sampler, s, x, eps, t, t_next, **kw):
     """One step of a sampler function from t to t_next with a denoiser that returns `eps`."""
     times = (t, t_next)
-    p = Plan(1.0, 1, 1, 1, t, times, tuple(s.sigma(u) for u in times))
+    p = Timeline(1.0, 1, 1, 1, t, times, tuple(s.sigma(u) for u in times))
 
     def denoise(x_t, time, sigma):
         return s.denoised(x_t, eps, sigma)
@@ -196,7 +196,7 @@ def test_diffusers_schedules_match_the_schedulers(sampler, schedule, spacing, re
                 if int(n * strength) == 0:  # diffusers runs no step; we raise N (test_plan)
                     continue
                 ref = module.diffusers_schedule(config, sampler, schedule, n, strength)
-                p = s.plan(strength, n, schedule, sampler)
+                p = s.timeline(strength, n, schedule, sampler)
                 where = f"{sampler} {schedule} {spacing} N={n} s={strength}"
                 assert p.steps == len(p.times) - 1 == len(ref["timesteps"]), where
                 # diffusers maps Karras and exponential levels to fractional timesteps through its
@@ -221,11 +221,11 @@ def test_diffusers_schedules_match_the_schedulers(sampler, schedule, spacing, re
 def test_linear_plan_is_todays_plan_with_its_sigmas():
     s = NoiseSchedule(SD)
     for strength, n in ((0.3, 50), (1.0, 4), (0.1, 5)):
-        p, times_only = s.plan(strength, n), plan(strength, n)
+        p, times_only = s.timeline(strength, n), timeline(strength, n)
         assert p.times == times_only.times and p.steps == times_only.steps
         assert p.sigmas == tuple(s.sigma(t) for t in p.times) and p.schedule == "linear"
     # text to image starts from add_noise(0, T, eps): sigma_T / sqrt(1 + sigma_T^2) eps
-    assert s.plan(1.0, 10).init_scale == pytest.approx(0.997667, abs=1e-6)
+    assert s.timeline(1.0, 10).init_scale == pytest.approx(0.997667, abs=1e-6)
 
 
 def _synthetic_model(shape, seed=0):
@@ -238,7 +238,7 @@ def _synthetic_model(shape, seed=0):
     return f
 
 
-def _run_ours(s: NoiseSchedule, p: Plan, sampler: str, x_start: np.ndarray, f, noises=None, **kw):
+def _run_ours(s: NoiseSchedule, p: Timeline, sampler: str, x_start: np.ndarray, f, noises=None, **kw):
     def denoise(x, t, sigma):
         out = mx.array(f(np.array(x), s.network_time(t)))
         return s.denoised(x, out, sigma)
@@ -265,7 +265,7 @@ def test_sampler_steps_match_the_scheduler(sampler, schedule, prediction, refere
     f = _synthetic_model(shape)
     rng = np.random.default_rng(3)
     for n, strength in ((6, 1.0), (6, 0.5)):
-        p = s.plan(strength, n, schedule, sampler)
+        p = s.timeline(strength, n, schedule, sampler)
         noises = [rng.standard_normal(shape).astype(np.float32) for _ in range(p.steps)]
         x_start = rng.standard_normal(shape).astype(np.float32) * (0.5 if strength < 1 else 1.0)
         stochastic = SAMPLER_TABLE[sampler].stochastic
@@ -293,7 +293,7 @@ def _against_scheduler(module, config: dict, sampler: str, n: int, strength: flo
     shape = (1, 8, 8, 4)
     f = _synthetic_model(shape)
     s = _ours(config)
-    p = s.plan(strength, n, schedule, sampler)
+    p = s.timeline(strength, n, schedule, sampler)
     rng = np.random.default_rng(seed)
     stochastic = sampler in ("euler_a", "dpmpp_2m_sde")
     noises = [rng.standard_normal(shape).astype(np.float32) for _ in range(p.steps)] if stochastic else None
@@ -486,7 +486,7 @@ def test_ddim_with_eta_matches_the_scheduler(eta, reference, parity):
     shape = (1, 8, 8, 4)
     f = _synthetic_model(shape)
     rng = np.random.default_rng(6)
-    p = s.plan(0.8, 5, "diffusers", "ddim")
+    p = s.timeline(0.8, 5, "diffusers", "ddim")
     noises = [rng.standard_normal(shape).astype(np.float32) for _ in range(p.steps)]
     x_start = rng.standard_normal(shape).astype(np.float32)
     ours = _run_ours(s, p, "ddim", x_start, f, noises, eta=eta)
@@ -513,8 +513,8 @@ def test_inversion_step_matches_ddim_inverse_scheduler(prediction, reference, pa
     x, out = (rng.standard_normal((1, 4, 4, 4)).astype(np.float32) for _ in range(2))
     for timestep in (201, 501, 901):  # the step from timestep - 100 up to timestep
         expected = inverse.step(torch.from_numpy(out), timestep, torch.from_numpy(x)).prev_sample.numpy()
-        times = (float(timestep + 1), float(timestep + 1 - 100))  # a plan runs down: reversed
-        p = Plan(1.0, 1, 1, 1, times[0], times, tuple(s.sigma(t) for t in times))
+        times = (float(timestep + 1), float(timestep + 1 - 100))  # a timeline runs down: reversed
+        p = Timeline(1.0, 1, 1, 1, times[0], times, tuple(s.sigma(t) for t in times))
 
         def denoise(x_t, t, sigma):
             return s.denoised(x_t, mx.array(out), sigma)
@@ -533,7 +533,7 @@ def test_inversion_refinement_finds_the_fixed_point():
     def denoise(x, t, sigma):
         return s.denoised(x, mx.array(f(np.array(x), t - 1)), sigma)
 
-    p = s.plan(0.4, 10, "linear", "ddim")
+    p = s.timeline(0.4, 10, "linear", "ddim")
     x0 = mx.array(np.random.default_rng(2).standard_normal((1, 4, 4, 4)).astype(np.float32))
     errors = []
     for refine in (0, 8):
@@ -623,7 +623,7 @@ def test_samplers_reach_the_clean_latent_of_a_perfect_denoiser(sampler):
     rng = np.random.default_rng(4)
     x0 = mx.array(rng.standard_normal((1, 4, 4, 4)).astype(np.float32))
     eps = mx.array(rng.standard_normal((1, 4, 4, 4)).astype(np.float32))
-    p = s.plan(1.0, 10, "karras", sampler)
+    p = s.timeline(1.0, 10, "karras", sampler)
 
     def denoise(x, t, sigma):  # the exact eps of x given x0
         c = 1 / math.sqrt(1 + sigma * sigma)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stable_diffusion.sampler import plan
+from stable_diffusion.sampler import timeline
 
 # One case per family: (prompt, negative prompt, cfg, strength, steps)
 CASES = {
@@ -46,7 +46,7 @@ def reference_pipeline(folder: Path, family: str, single_file: Path | None = Non
     with torch.no_grad():
         pixels = torch.from_numpy(picture).permute(2, 0, 1)[None]
         x0 = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-        run = plan(strength, steps)
+        run = timeline(strength, steps)
         timesteps = [t - 1.0 for t in run.times[:-1]]
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(NOISE_SEED))
         latents = []
