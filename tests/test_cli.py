@@ -145,7 +145,8 @@ def test_print_parser_shows_arguments_before_work(tmp_path, picture, sd2):
                  "-gt", "0", "-sp", "0", "--output", tmp_path / "p.png")
     assert "strength: 0.9" in result.stdout and "generate_triangle: False" in result.stdout
     assert result.stdout.index("strength: 0.9") < result.stdout.index("strength 0.90 x 2 steps")
-    assert "parameters" not in Image.open(tmp_path / "p.png").text  # -sp 0: no metadata
+    # -sp 0: the parameters, with a salted hash in the prompt's place
+    assert Image.open(tmp_path / "p.png").text["parameters"].startswith("private:")
 
 
 def test_triangle_runs_each_step_once_and_cfg_0_runs_unguided(tmp_path, picture, sd2, monkeypatch):
