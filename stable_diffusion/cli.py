@@ -163,7 +163,8 @@ def build_parser(command: str, sweep: bool = False) -> argparse.ArgumentParser:
                        help="comma-separated increasing strengths (default 0.1,0.2,...,1.0)")
         c.add_argument("--triangle_low_top", "--triangle-low-top", action="store_true",
                        help="put the lowest strength at the top (default: at the bottom)")
-        c.add_argument("--labels", action="store_true", help="label triangle rows and cells")
+        c.add_argument("--labels", action="store_true", help="label the triangle's rows, cells and "
+                       "time columns, and the animation's frames")
         c.add_argument("--triangle_align", "--triangle-align", choices=ALIGNS, default="steps",
                        help="steps: rows left-aligned step by step (default); time: each cell in the "
                             "column of its t, so that columns are noise levels")

@@ -183,11 +183,11 @@ def _sinks(plan, names, writer, sd, x0, picture, console, timings) -> list:
         chain = [snapshots, ends, curves, final, fidelity, best]
 
         def frames():
-            return (noising.ordered() if noising is not None else []) + snapshots.pictures
+            return (noising.frames() if noising is not None else []) + snapshots.frames
     if c.curve:
         chain.append(sinks.CurvePlot(writer, names.curve(), curves))
     if c.animate:
-        chain.append(sinks.Animation(writer, names.animation(c.animate), c.animate, frames))
+        chain.append(sinks.Animation(writer, names.animation(c.animate), c.animate, frames, c.labels))
     return [sink for sink in [noising, *chain] if sink is not None]
 
 
