@@ -45,7 +45,8 @@ def test_fit_text_wraps_between_words_first_then_shrinks_then_breaks():
     shrunk = fit_text(word, 56)
     assert MIN_FONT_SIZE <= shrunk.size < FONT_SIZE and shrunk.lines == (word,)
     broken = fit_text("abcdefghijklmnopqrstuvwxyz", 30)
-    assert broken.size == MIN_FONT_SIZE and len(broken.lines) > 1 and "".join(broken.lines) == "abcdefghijklmnopqrstuvwxyz"
+    assert broken.size == MIN_FONT_SIZE and len(broken.lines) > 1
+    assert "".join(broken.lines) == "abcdefghijklmnopqrstuvwxyz"
 
 
 def test_caption_bands_grow_with_the_lines_and_nothing_reaches_a_cells_edge():

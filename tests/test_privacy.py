@@ -7,7 +7,6 @@ import stat
 from xml.sax.saxutils import escape
 
 import pytest
-from PIL import Image
 
 from stable_diffusion import privacy
 from stable_diffusion.errors import InputError
