@@ -57,9 +57,19 @@ def _salt(path: Path) -> bytes:
     return _read_salt(path)
 
 
+_given: bytes | None = None  # a salt handed over by the process that leads (a Ray sweep's driver)
+
+
 def salt() -> bytes:
-    """This user's salt, made on first use."""
-    return _salt(salt_path())
+    """This user's salt, made on first use (or the one `use_salt` set)."""
+    return _given if _given is not None else _salt(salt_path())
+
+
+def use_salt(value: bytes) -> None:
+    """Hash with `value` in this process: the workers of a sweep on other machines hash as the
+    driver does, so that one prompt has one hash in all of the sweep's files."""
+    global _given
+    _given = bytes(value)
 
 
 def _read_salt(path: Path) -> bytes:

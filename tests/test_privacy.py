@@ -153,3 +153,33 @@ def test_arguments_as_typed_lose_their_texts(tmp_path):
                         "--seed", "1", "-sp", "0"]
     public = RunSpec(PROMPT, tmp_path / "o.png")
     assert privacy.redact_argv(argv, public) == argv and privacy.redacted(public) is public
+
+
+def test_a_private_ray_sweep_hashes_with_the_drivers_salt_on_every_worker(tmp_path, picture, sd2, monkeypatch):
+    """Workers on another machine have another salt: the driver hands its own over, so that one
+    prompt has one hash in the manifest and in every run's files."""
+    pytest.importorskip("ray")
+    from stable_diffusion.console import Console
+    from stable_diffusion.images import load_image
+    from stable_diffusion.sweep import Sweep
+    from stable_diffusion.sweep_cli import build_sweep, build_sweep_parser
+    from stable_diffusion.sweep_ray import RayPool
+
+    driver, salt = privacy.text_hash(PROMPT), privacy.salt()
+    args = build_sweep_parser("image2image").parse_args(
+        [str(picture), PROMPT, "--model", str(sd2), "--steps", "2", "--seeds", "1,2", "-sp", "0",
+         "-o", str(tmp_path / "ray")])
+    runs, grid, model, folder = build_sweep("image2image", args)
+    # The local cluster's workers inherit this: a salt of their own, as on another machine.
+    monkeypatch.setenv("SD_PROMPT_SALT", str(tmp_path / "worker-salt"))
+    pool = RayPool("local", model, load_image(picture, multiple=64), [PROMPT, "-sp", "0"], None, 2,
+                   Console(quiet=True), salt)
+    try:
+        report = Sweep(runs, grid, folder, model).execute(pool, Console(quiet=True))
+    finally:
+        pool.close()
+    assert (report.ran, report.failed) == (2, 0)
+    assert assert_private(folder) == 2 * 2 + 3  # two runs' picture and sidecar; manifest, record, sheet
+    for run in runs:
+        record = sidecar(run.spec.output.with_suffix(".json"))
+        assert record["prompt"] == driver and record["argv"][0] == driver
