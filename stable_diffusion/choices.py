@@ -53,6 +53,9 @@ FORWARD_PATHS = ("shared", "independent", "markov")
 # What a run may show as its descent into noise: a forward path, or the inversion, which is no
 # forward path but the deterministic sampler run towards larger t under a prompt (sampler.invert).
 NOISING_PATHS = FORWARD_PATHS + ("inversion",)
+# Each in a few words, for the pictures that show one.
+NOISING_PATH_WORDS = {"shared": "one noise for every t", "independent": "fresh noise per t",
+                      "markov": "the chain built from the betas", "inversion": "DDIM inversion"}
 
 
 def sampler_row(name: str) -> Sampler | None:

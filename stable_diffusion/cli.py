@@ -147,7 +147,11 @@ def replay_arguments(command: str, argv: list) -> tuple[list, list]:
         if record.get("command") != command:
             raise InputError(f"{path} was made by {record.get('command')}; replay it with "
                              f"{record.get('command')}.py")
-        return list(record["replay"]) + rest, _input_changed(path, record) or [_replay_sameness(path, record)]
+        replayed, private_notes = list(record["replay"]), []
+        if record.get("private"):
+            replayed, rest, private_notes = _private_replay(command, path, record, replayed, rest)
+        notes = _input_changed(path, record) or [_replay_sameness(path, record)]
+        return replayed + rest, private_notes + notes
     if text is None:
         raise InputError(f"{path} carries no parameters to replay (no `parameters` text, no record "
                          "of ours)")
@@ -176,6 +180,55 @@ def replay_arguments(command: str, argv: list) -> tuple[list, list]:
     if any(p.startswith("-") for p in positional):
         return flags + rest_positional + ["--"] + positional, notes
     return positional + flags + rest_positional, notes
+
+
+# The flags a private picture's texts are given again with, and their spellings' common start
+# (argparse takes an unambiguous abbreviation too).
+_PRIVATE_FLAGS = {"negative_prompt": ("--negative_prompt", ("--negative",)),
+                  "inversion_prompt": ("--inversion_prompt", ("--inversion_prompt", "--inversion-prompt"))}
+
+
+def _private_replay(command: str, path: str, record: dict, replayed: list, rest: list) -> tuple:
+    """A picture made with -sp 0 records hashes, not its texts: they must be given again, the
+    prompt first after the flags' owner (`--replay a.png "PROMPT"`), the others by their flags.
+    Returns (the replayed arguments with the prompt in place, the rest, notes)."""
+    from . import privacy
+
+    fields = set(record["private"].get("fields", ()))
+    where = 1 if command == "image2image" else 0  # the replay's positionals: [image,] prompt
+    recorded = {field: a.split("=", 1)[1] for a in replayed for field, (flag, _) in _PRIVATE_FLAGS.items()
+                if a.startswith(flag + "=")}
+    recorded["prompt"] = replayed[where] if len(replayed) > where else None
+    notes, given = [], {}
+    if "prompt" in fields:
+        dashed = rest[:1] == ["--"]  # `-- "-a prompt"`: a prompt that starts with a dash
+        rest = rest[1:] if dashed else rest
+        if not rest or (rest[0].startswith("-") and not dashed) or recorded["prompt"] != record.get("prompt"):
+            raise InputError(f"{path} was made with -sp 0: it records a salted hash, not its prompt; give "
+                             f"the prompt again: {command}.py --replay {path} \"PROMPT\"")
+        given["prompt"], rest = rest[0], rest[1:]
+        replayed = replayed[:where] + [given["prompt"]] + replayed[where + 1:]
+    for field, (flag, starts) in _PRIVATE_FLAGS.items():
+        if field not in fields:
+            continue
+        values = [a.split("=", 1)[1] if "=" in a else (rest[i + 1] if i + 1 < len(rest) else "")
+                  for i, a in enumerate(rest) if a.split("=", 1)[0].startswith(starts)]
+        if not values:
+            raise InputError(f"{path} was made with -sp 0: it records a salted hash, not its "
+                             f"{field.replace('_', ' ')}; give it again with {flag} TEXT")
+        given[field] = values[-1]
+    if record["private"].get("salt_id") != privacy.salt_id():
+        notes.append(f"replay of {path}: its hashes were made under another user's salt, so the "
+                     "texts given cannot be checked against them")
+    else:
+        for field, text in given.items():
+            if privacy.text_hash(text) != recorded.get(field):
+                notes.append(f"replay of {path}: the {field.replace('_', ' ')} given is not the one it was "
+                             "made with (its salted hash differs): the pictures will differ")
+    if given.get("prompt", "").startswith("-"):  # argparse would read it as a flag
+        split = where + 1
+        return replayed[split:], rest + ["--"] + replayed[:split], notes
+    return replayed, rest, notes
 
 
 def _input_changed(path: str, record: dict) -> list:

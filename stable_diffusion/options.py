@@ -247,7 +247,8 @@ OPTIONS = (
     Option(("--triangle_low_top", "--triangle-low-top"), "capture.low_top", "put the lowest strength at "
            "the top (default: at the bottom)", SAVE, IMAGE, action="store_true",
            replay=Replay(340, BARE)),
-    Option(("--labels",), "capture.labels", "label triangle rows and cells", SAVE, IMAGE,
+    Option(("--labels",), "capture.labels", "label the triangle's rows, cells and time columns, and the "
+           "animation's frames", SAVE, IMAGE,
            action="store_true", replay=Replay(330, BARE)),
     Option(("--triangle_align", "--triangle-align"), "capture.align", "steps: rows left-aligned step by "
            "step (default); time: each cell in the column of its t, so that columns are noise levels",
@@ -270,8 +271,9 @@ OPTIONS = (
            replay=Replay(360, BARE)),
     Option(("--decoding_batch_size", "--decoding-batch-size"), "capture.decode_batch", "latents decoded "
            "at once (default 4)", SAVE, parse=positive_int, default=4, replay=Replay(280)),
-    Option(("-sp", "--save_prompt"), "capture.save_prompt", "write the prompt and parameters into every "
-           "PNG (default on; -sp 0 leaves them out)", SAVE, parse=parse_flag, default=True, nargs="?",
+    Option(("-sp", "--save_prompt"), "capture.save_prompt", "write the prompt into the files (default on); "
+           "-sp 0 keeps the prompt and negative prompt out of every file, a salted hash in their place",
+           SAVE, parse=parse_flag, default=True, nargs="?",
            const=True, metavar="1", replay=Replay(300, write=lambda on: "1" if on else "0")),
 
     Option(("--replay",), None, "make a picture of ours again from its metadata (flags given as well "

@@ -15,7 +15,7 @@ import functools
 import os
 from pathlib import Path
 
-from . import infotext
+from . import infotext, privacy
 from .errors import OutputError
 from .files import to_json, write_text_atomic
 
@@ -79,8 +79,9 @@ class Ledger:
 
 def base(plan, session, environment: dict, replay, picture) -> dict:
     """What every picture of the run and its sidecar carry. `replay(spec, model_arg)` gives the
-    arguments that make the same files again (None: not recorded)."""
-    spec = plan.spec
+    arguments that make the same files again (None: not recorded). A private run (save_prompt
+    off) records a salted hash in each text's place (privacy.py)."""
+    spec = privacy.redacted(plan.spec)
     record = {
         "format": FORMAT_VERSION, "command": "image2image" if spec.img2img else "txt2image",
         "prompt": spec.prompt, "negative_prompt": spec.negative_prompt, "seed": spec.seed,
@@ -100,6 +101,8 @@ def base(plan, session, environment: dict, replay, picture) -> dict:
     for name, raw in (("prompt", spec.prompt_bytes), ("negative_prompt", spec.negative_prompt_bytes)):
         if raw is not None:  # given as bytes that are not UTF-8: kept as they were
             record[f"{name}_bytes_hex"] = raw.hex()
+    if not spec.capture.save_prompt:
+        record["private"] = privacy.record_note(plan.spec)
     if replay is not None:
         record["replay"] = replay(spec, session.source["model_arg"])
     if spec.img2img:
@@ -110,11 +113,9 @@ def base(plan, session, environment: dict, replay, picture) -> dict:
 
 
 def picture_texts(plan, record: dict, source: dict, info: dict, size: tuple) -> tuple:
-    """(`parameters`, JSON record) of a picture of `size` (H, W) that `info` describes; (None, None)
-    when the prompt is not to be saved."""
+    """(`parameters`, JSON record) of a picture of `size` (H, W) that `info` describes. The texts
+    are the record's: a private run's hashes."""
     spec = plan.spec
-    if not spec.capture.save_prompt:
-        return None, None
     kind = info.get("kind")
     row = next((r for r in plan.rows if r.strength == info.get("strength")), plan.top)
     frame = composite = None
@@ -141,7 +142,7 @@ def picture_texts(plan, record: dict, source: dict, info: dict, size: tuple) -> 
             extra = dict(extra, **{key: ", ".join(listed)})
     h, w = plan.image_size
     parameters = infotext.generation_parameters(
-        spec.prompt, spec.negative_prompt, steps=row.timeline.num_steps, sampler=plan.sampler_name,
+        record["prompt"], record["negative_prompt"], steps=row.timeline.num_steps, sampler=plan.sampler_name,
         cfg_scale=spec.cfg, seed=spec.seed, width=w, height=h, model=infotext.model_name(source),
         strength=row.strength if spec.img2img else None, steps_run=row.timeline.steps,
         start_t=row.timeline.start_time, frame=frame, composite=composite, extra=extra)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -80,42 +81,134 @@ def approx_decode(latents, family: str, factor: int = 8) -> np.ndarray:
 # Text
 
 
-@functools.lru_cache(maxsize=1)
-def _font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    # Pillow's built-in font: no font files to find on the user's machine.
-    return ImageFont.load_default()
+FONT_SIZE = 10  # Pillow's default size
+MIN_FONT_SIZE = 7  # a label shrinks down to this size before a word is broken between letters
+TEXT_PAD = 2  # pixels between a label and the edges of its band
+GAP = "  "  # between words: the default font's space is 2 px wide, and "PSNR 9.7" read as one word
 
 
-@functools.lru_cache(maxsize=1)
-def _line_height() -> int:
-    return int(_font().getbbox("Ag|y")[3])
+@functools.lru_cache(maxsize=8)
+def _font(size: int = FONT_SIZE) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    # Pillow's built-in font: no font files to find on the user's machine. Pillow built without
+    # FreeType has only a bitmap font of one size: labels then wrap and break, never shrink.
+    return ImageFont.load_default() if size == FONT_SIZE else ImageFont.load_default(size=size)
 
 
-def _text_width(text: str) -> int:
-    return int(math.ceil(_font().getlength(text)))
+@functools.lru_cache(maxsize=8)
+def line_height(size: int = FONT_SIZE) -> int:
+    return int(_font(size).getbbox("Ag|y")[3])
+
+
+def text_width(text: str, size: int = FONT_SIZE) -> int:
+    """The width in pixels of one line of `text` as the labels draw it."""
+    return int(math.ceil(_font(size).getlength(text)))
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """A label laid out for a width: its lines and its font size; `height` in pixels."""
+
+    lines: tuple
+    size: int
+
+    @property
+    def height(self) -> int:
+        return len(self.lines) * line_height(self.size)
+
+    @property
+    def width(self) -> int:
+        return max((text_width(line, self.size) for line in self.lines), default=0)
+
+
+def _wrapped(words: list, room: int, size: int) -> list:
+    lines: list = []
+    for word in words:
+        if lines and text_width(lines[-1] + GAP + word, size) <= room:
+            lines[-1] += GAP + word
+        else:
+            lines.append(word)
+    return lines
+
+
+def _broken(word: str, room: int, size: int) -> list:
+    """A word too wide for `room` even at the smallest size, in pieces that fit (one letter at least)."""
+    pieces = [""]
+    for char in word:
+        if pieces[-1] and text_width(pieces[-1] + char, size) > room:
+            pieces.append("")
+        pieces[-1] += char
+    return pieces
+
+
+def fit_text(text: str, width: int, height: int | None = None) -> Fitted:
+    """`text` laid out in a band `width` pixels wide (and at most `height` high, if given), never
+    cut: wrapped between words at the default size; where a word is wider than the band, or the
+    lines higher than `height`, a smaller size, down to MIN_FONT_SIZE; a word still too wide is
+    broken between letters. A `height` too small even then is the caller's: the last size is kept.
+    """
+    room = max(1, width - 2 * TEXT_PAD)
+    words = text.split() or [""]
+    lines: list = []
+    for size in range(FONT_SIZE, MIN_FONT_SIZE - 1, -1):
+        if all(text_width(w, size) <= room for w in words):
+            lines = _wrapped(words, room, size)
+            if height is None or len(lines) * line_height(size) <= height:
+                return Fitted(tuple(lines), size)
+    size = MIN_FONT_SIZE
+    pieces = [piece for w in words for piece in
+              (_broken(w, room, size) if text_width(w, size) > room else [w])]
+    return Fitted(tuple(_wrapped(pieces, room, size)), size)
+
+
+def band_height(texts, width: int) -> int:
+    """The height of a caption band that holds each of `texts` fitted to `width`, with a little air."""
+    return max((fit_text(t, width).height for t in texts), default=0) + 4
 
 
 def label_margins() -> tuple[int, int]:
     """Default (label_width, caption_height) for row labels and cell captions in Pillow's default
     font: a label width that fits `s=0.00`, a caption band one line high with a little air."""
-    return _text_width("s=0.00") + 6, _line_height() + 4
+    return text_width("s=0.00") + 6, line_height() + 4
 
 
 def _text_band(text: str, height: int, width: int, fg=BLACK, bg=WHITE) -> np.ndarray:
-    """(height, width, 3) uint8: one line of text, left-aligned, centred vertically. Text that does
-    not fit is clipped by the band's edges, so it never reaches a neighbouring cell."""
+    """(height, width, 3) uint8: `text` fitted to the band (`fit_text`), left-aligned, centred
+    vertically."""
     band = Image.new("RGB", (width, height), bg)
-    top = (height - _line_height()) // 2
-    ImageDraw.Draw(band).text((2, top), text.replace("\n", " "), fill=fg, font=_font())
+    fitted = fit_text(text, width, height)
+    draw, step = ImageDraw.Draw(band), line_height(fitted.size)
+    top = (height - fitted.height) // 2
+    for i, line in enumerate(fitted.lines):
+        draw.text((TEXT_PAD, top + i * step), line, fill=fg, font=_font(fitted.size))
     return np.asarray(band)
 
 
 def label(image: np.ndarray, text: str, caption_height: int | None = None,
           fg=BLACK, bg=WHITE) -> np.ndarray:
-    """A frame with a caption band under it: (H, W, 3) -> (H + caption_height, W, 3)."""
+    """A frame with a caption band under it: (H, W, 3) -> (H + caption_height, W, 3); the band is as
+    high as the text fitted to the width needs, unless given."""
     image = _frame(image, "label")
-    caption_height = label_margins()[1] if caption_height is None else caption_height
+    caption_height = band_height([text], image.shape[1]) if caption_height is None else caption_height
     band = _text_band(text, caption_height, image.shape[1], fg, bg)
+    return np.concatenate([image, band], axis=0)
+
+
+def titled(image: np.ndarray, text: str, bg=WHITE) -> np.ndarray:
+    """A picture with `text` in a band above it, fitted to its width."""
+    image = _frame(image, "titled")
+    band = _text_band(text, band_height([text], image.shape[1]), image.shape[1], bg=bg)
+    return np.concatenate([band, image], axis=0)
+
+
+def marked_parts(image: np.ndarray, marks: Sequence[str], bg=WHITE) -> np.ndarray:
+    """A picture of len(marks) equal parts side by side, each part's mark in a band under it."""
+    image = _frame(image, "marked_parts")
+    h, w = image.shape[:2]
+    part = w // len(marks)
+    if part * len(marks) != w:
+        raise ValueError(f"a picture {w} pixels wide is not {len(marks)} equal parts")
+    height = band_height(marks, part)
+    band = np.concatenate([_text_band(m, height, part, bg=bg) for m in marks], axis=1)
     return np.concatenate([image, band], axis=0)
 
 
@@ -131,9 +224,10 @@ def _frame(image, what: str) -> np.ndarray:
 
 
 def triangle_size(n_rows: int, n_cols: int, cell_h: int, cell_w: int, pad: int = 0,
-                  label_width: int = 0, caption_height: int = 0) -> tuple[int, int]:
-    """(H, W) in pixels of a composite with n_rows x n_cols cells (the triangle, grids, strips)."""
-    height = pad + n_rows * (cell_h + caption_height + pad)
+                  label_width: int = 0, caption_height: int = 0, header_height: int = 0) -> tuple[int, int]:
+    """(H, W) in pixels of a composite with n_rows x n_cols cells (the triangle, grids, strips),
+    under a band of column headers `header_height` high."""
+    height = header_height + pad + n_rows * (cell_h + caption_height + pad)
     width = label_width + pad + n_cols * (cell_w + pad)
     return height, width
 
@@ -141,18 +235,23 @@ def triangle_size(n_rows: int, n_cols: int, cell_h: int, cell_w: int, pad: int =
 def _compose(table: list[list[np.ndarray]], cell_h: int, cell_w: int, pad: int, background,
              row_labels: Sequence[str] | None = None,
              captions: Sequence[Sequence[str]] | None = None,
-             label_width: int = 0, caption_height: int = 0) -> np.ndarray:
+             label_width: int = 0, caption_height: int = 0,
+             headers: Sequence[str] | None = None, header_height: int = 0) -> np.ndarray:
     """Place rows of frames (left-aligned, rows may differ in length) on a background; a None
-    frame leaves its cell (and caption) background."""
+    frame leaves its cell (and caption) background. `headers` (one per column) go in a band above."""
     n_cols = max((len(row) for row in table), default=0)
     if n_cols == 0:
         raise ValueError("nothing to draw: every row is empty")
     height, width = triangle_size(len(table), n_cols, cell_h, cell_w, pad, label_width,
-                                  caption_height)
+                                  caption_height, header_height)
     canvas = np.empty((height, width, 3), dtype=np.uint8)  # (H, W, 3)
     canvas[...] = np.asarray(background, dtype=np.uint8)
+    if headers is not None and header_height > 0:
+        for c, text in enumerate(headers):
+            x = label_width + pad + c * (cell_w + pad)
+            canvas[:header_height, x:x + cell_w] = _text_band(text, header_height, cell_w, bg=background)
     for r, row in enumerate(table):
-        y = pad + r * (cell_h + caption_height + pad)
+        y = header_height + pad + r * (cell_h + caption_height + pad)
         if row_labels is not None and label_width > 0:
             canvas[y:y + cell_h, :label_width] = _text_band(row_labels[r], cell_h, label_width,
                                                             bg=background)
@@ -170,6 +269,16 @@ def _compose(table: list[list[np.ndarray]], cell_h: int, cell_w: int, pad: int, 
     return canvas
 
 
+def _label_width(row_labels: Sequence[str]) -> int:
+    """A left margin that holds every row label on one line: at least `label_margins()`'s."""
+    return max([label_margins()[0]] + [text_width(t) + 2 * TEXT_PAD + 2 for t in row_labels])
+
+
+def _caption_height(captions, cell_w: int) -> int:
+    """A caption band that holds every caption (None: an empty cell) fitted to the cell's width."""
+    return band_height([t for row in captions for t in row if t is not None], cell_w)
+
+
 def grid(images, n_rows: int, pad: int = 0, background=WHITE) -> np.ndarray:
     """N frames (N, H, W, 3) -> one picture of n_rows rows, filled row-major; cells left over in
     the last row are background."""
@@ -184,21 +293,23 @@ def grid(images, n_rows: int, pad: int = 0, background=WHITE) -> np.ndarray:
 
 
 def strip(frames, labels: Sequence[str] | None = None, pad: int = 0, background=WHITE,
-          caption_height: int | None = None) -> np.ndarray:
-    """Frames left to right, each optionally captioned underneath."""
+          caption_height: int | None = None, title: str | None = None) -> np.ndarray:
+    """Frames left to right, each optionally captioned underneath (the band as high as the longest
+    caption needs), under an optional `title`."""
     frames = [_frame(f, "strip") for f in frames]
     if not frames:
         raise ValueError("strip needs at least one frame")
     if labels is not None and len(labels) != len(frames):
         raise ValueError(f"strip has {len(frames)} frames but {len(labels)} labels")
+    h, w = frames[0].shape[:2]
     if labels is None:
         caption_height = 0
     elif caption_height is None:
-        caption_height = label_margins()[1]
-    h, w = frames[0].shape[:2]
-    return _compose([frames], h, w, pad, background,
-                    captions=None if labels is None else [list(labels)],
-                    caption_height=caption_height)
+        caption_height = _caption_height([labels], w)
+    picture = _compose([frames], h, w, pad, background,
+                       captions=None if labels is None else [list(labels)],
+                       caption_height=caption_height)
+    return picture if title is None else titled(picture, title, bg=background)
 
 
 def contact_sheet(table: Sequence[Sequence[np.ndarray | None]], row_labels: Sequence[str] | None = None,
@@ -210,8 +321,8 @@ def contact_sheet(table: Sequence[Sequence[np.ndarray | None]], row_labels: Sequ
     if first is None:
         raise ValueError("a contact sheet needs at least one frame")
     cell_h, cell_w = _frame(first, "a contact sheet").shape[:2]
-    label_width = max(map(_text_width, row_labels), default=0) + 6 if row_labels else 0
-    caption_height = label_margins()[1] if captions is not None else 0
+    label_width = max(map(text_width, row_labels), default=0) + 6 if row_labels else 0
+    caption_height = _caption_height(captions, cell_w) if captions is not None else 0
     return _compose([list(row) for row in table], cell_h, cell_w, pad, background, row_labels,
                     captions, label_width, caption_height)
 
@@ -247,7 +358,8 @@ def triangle(rows: Sequence[Sequence[np.ndarray]], cell_h: int, cell_w: int,
              cell_labels: Sequence[Sequence[str]] | None = None, pad: int = 2,
              background=WHITE, label_width: int | None = None,
              caption_height: int | None = None, align: str = "steps",
-             times: Sequence[Sequence[float]] | None = None) -> np.ndarray:
+             times: Sequence[Sequence[float]] | None = None,
+             column_labels: Sequence[str] | None = None) -> np.ndarray:
     """The strength triangle: one row of frames per strength, rows given in increasing strength.
 
     `align="steps"` (default): rows are left-aligned and may differ in length; cells beyond a
@@ -257,9 +369,11 @@ def triangle(rows: Sequence[Sequence[np.ndarray]], cell_h: int, cell_w: int,
     points lie on the diagonal and the final pictures (t = 0) in the last column.
     `order="low_bottom"` (default) puts the lowest strength at the bottom, so the first column read
     upward is the descent into noise; `"low_top"` flips it. `row_labels` (one per row) go in a left
-    margin, `cell_labels` (same shape as `rows`) in a band under each cell; the margins default to
-    `label_margins()`. The size is `triangle_size(len(rows), number of columns, cell_h, cell_w,
-    pad, label_width, caption_height)`, with the margins 0 where the labels are off.
+    margin, `cell_labels` (same shape as `rows`) in a band under each cell, `column_labels` (one
+    per column) in a band above the first row. Every label fits its place (`fit_text`): by default
+    the margin is as wide as the widest row label and the bands as high as the longest caption and
+    header need. The size is `triangle_size(len(rows), number of columns, cell_h, cell_w, pad,
+    label_width, caption_height, header_height)`, with the margins 0 where the labels are off.
     """
     if order not in ("low_bottom", "low_top"):
         raise ValueError(f"triangle order must be 'low_bottom' or 'low_top', not {order!r}")
@@ -286,22 +400,25 @@ def triangle(rows: Sequence[Sequence[np.ndarray]], cell_h: int, cell_w: int,
 
         rows = spread(rows)
         cell_labels = None if cell_labels is None else spread(cell_labels)
-    default_width, default_caption = label_margins()
+    n_cols = max((len(row) for row in rows), default=0)
+    if column_labels is not None and len(column_labels) != n_cols:
+        raise ValueError(f"triangle has {n_cols} columns but {len(column_labels)} column labels")
     if row_labels is None:
         label_width = 0
     elif label_width is None:
-        label_width = default_width
+        label_width = _label_width(row_labels)
     if cell_labels is None:
         caption_height = 0
     elif caption_height is None:
-        caption_height = default_caption
+        caption_height = _caption_height(cell_labels, cell_w)
+    header_height = 0 if column_labels is None else _caption_height([column_labels], cell_w)
 
     def visual(seq):
         return None if seq is None else (list(seq)[::-1] if order == "low_bottom" else list(seq))
 
     return _compose(visual(rows), cell_h, cell_w, pad, background, row_labels=visual(row_labels),
                     captions=visual(cell_labels), label_width=label_width,
-                    caption_height=caption_height)
+                    caption_height=caption_height, headers=column_labels, header_height=header_height)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import files, images, outputs, record, signals, sinks
+from . import files, images, outputs, privacy, record, signals, sinks
 from .errors import NumericalError, OutputError
 from .plan import RunPlan, make_plan
 from .ops import release_cpu_buffers
@@ -75,6 +75,8 @@ def execute(session, spec, console, argv=(), replay=None, picture=None, wait: bo
         console.say(f"seed {plan.spec.seed}")
         names = outputs.FileNames(spec.output, plan.longest)
         memory = _check_memory(session, plan, console)
+        if not spec.capture.save_prompt:
+            privacy.salt()  # a salt that cannot be made or trusted is refused before the work
         timings["checks_s"] = elapsed(started)
 
         # --- 2. load: strict keys, shapes and dtypes (model_io), once per session -------------
@@ -86,7 +88,8 @@ def execute(session, spec, console, argv=(), replay=None, picture=None, wait: bo
         # What every picture carries; the run's own facts (the arguments as typed, the process) only
         # in the sidecar: a picture depends on what makes it, not on its name or its process.
         carried = record.base(plan, session, environment, replay, picture)
-        ledger = record.Ledger(names.sidecar(), dict(carried, argv=list(argv), pid=os.getpid()))
+        ledger = record.Ledger(names.sidecar(), dict(carried, argv=privacy.redact_argv(argv, plan.spec),
+                                                     pid=os.getpid()))
 
         # --- 3. walk and keep; the sidecar says how the run ended ------------------------------
         status, error, interrupt = "failed", None, None
@@ -182,11 +185,11 @@ def _sinks(plan, names, writer, sd, x0, picture, console, timings) -> list:
         chain = [snapshots, ends, curves, final, fidelity, best]
 
         def frames():
-            return (noising.ordered() if noising is not None else []) + snapshots.pictures
+            return (noising.frames() if noising is not None else []) + snapshots.frames
     if c.curve:
         chain.append(sinks.CurvePlot(writer, names.curve(), curves))
     if c.animate:
-        chain.append(sinks.Animation(writer, names.animation(c.animate), c.animate, frames))
+        chain.append(sinks.Animation(writer, names.animation(c.animate), c.animate, frames, c.labels))
     return [sink for sink in [noising, *chain] if sink is not None]
 
 
@@ -219,7 +222,7 @@ def _write_last(ledger, plan, status, error, kept, denoisers, timings, memory, c
     for sink in kept:
         extra.update(sink.record())
     if plan.inversion is not None and len(denoisers) == 2:
-        inv = plan.spec.inversion
+        inv = privacy.redacted(plan.spec).inversion
         extra["inversion"] = {"steps": plan.inversion.steps, "refine": inv.refine, "cfg": inv.cfg,
                               "prompt": inv.prompt, "unet_calls": denoisers[1].calls}
     if error is not None:

@@ -20,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import measures, render
+from .choices import NOISING_PATH_WORDS
 from .errors import NumericalError
 from .signals import deferred
 
@@ -104,7 +105,12 @@ class FrameWriter:
             for x in frame.latents:
                 parts.append(pictures[i:i + x.shape[0]])
                 i += x.shape[0]
-            picture = self.grid(np.concatenate(parts, axis=2))  # side by side along the width
+            joined = np.concatenate(parts, axis=2)  # side by side along the width
+            if len(parts) > 1:  # x_t and x0: each picture of the grid says which part is which
+                picture = render.grid([render.marked_parts(p, SHOWN["both"]) for p in render.to_uint8(joined)],
+                                      self.n_rows)
+            else:
+                picture = self.grid(joined)
             if frame.info.get("kind") == "step":  # detail in pixels, where the frame is decoded anyway
                 frame.info["pixel_detail"] = {name: measures.detail(part[0]) for name, part in
                                               zip(SHOWN[frame.info["shows"]], parts)}
@@ -161,11 +167,13 @@ class NoisingFrames(Sink):
     def __init__(self, writer: FrameWriter, plan, names, kind: str):
         self.writer, self.plan, self.names, self.kind = writer, plan, names, kind
         self.pictures: dict[int, np.ndarray] = {}  # index on the path -> its picture
+        self.infos: dict[int, dict] = {}
         self.shown = set(plan.shown)
 
     def add(self, row, step) -> None:
         if row is None and step.index in self.shown:
             info = {"kind": "noise", "t": step.t, "sigma": step.sigma, "path": self.kind}
+            self.infos[step.index] = info
             self.writer.add(Frame(self.names.noise(step.t), info, [step.x_t],
                                   keep=lambda p, k=step.index: self.pictures.__setitem__(k, p)))
 
@@ -176,11 +184,13 @@ class NoisingFrames(Sink):
         times = [int(round(self.plan.path[k] * 1000)) / 1000 for k in sorted(self.pictures)]
         self.writer.save(self.names.noise_strip(),
                          render.strip([self.pictures[k] for k in sorted(self.pictures)],
-                                      [f"t={t:g}" for t in times]),
+                                      [f"t={t:g}" for t in times],
+                                      title=f"noising path: {self.kind} ({NOISING_PATH_WORDS[self.kind]})"),
                          {"kind": "noise-strip", "times": times, "path": self.kind})
 
-    def ordered(self) -> list:
-        return [self.pictures[k] for k in sorted(self.pictures)]
+    def frames(self) -> list:
+        """(picture, info) of each frame, in the path's order."""
+        return [(self.pictures[k], self.infos[k]) for k in sorted(self.pictures)]
 
 
 class Snapshots(Sink):
@@ -190,7 +200,7 @@ class Snapshots(Sink):
     def __init__(self, writer: FrameWriter, names, row, shows: str, reuse_final: bool, keep: bool):
         self.writer, self.names, self.row, self.shows = writer, names, row, shows
         self.reuse_final, self.keep = reuse_final, keep
-        self.pictures: list = []  # with `keep`, the kept steps' pictures in order (an animation's)
+        self.frames: list = []  # with `keep`, the kept steps' (picture, info) in order (an animation's)
         self.final_picture = None  # the final latent's picture, when a snapshot made it as the VAE would
 
     def add(self, row, step) -> None:
@@ -198,14 +208,13 @@ class Snapshots(Sink):
         if reasons is None:
             return
         final = step.index == step.count and self.reuse_final
-        self.writer.add(Frame(self.names.step(step.index),
-                              step_info(step, self.row.strength, self.shows, reasons),
-                              shown_latents(step, self.shows),
-                              keep=lambda picture, final=final: self._keep(picture, final)))
+        info = step_info(step, self.row.strength, self.shows, reasons)
+        self.writer.add(Frame(self.names.step(step.index), info, shown_latents(step, self.shows),
+                              keep=lambda picture, final=final: self._keep(picture, info, final)))
 
-    def _keep(self, picture, final: bool) -> None:
+    def _keep(self, picture, info: dict, final: bool) -> None:
         if self.keep:
-            self.pictures.append(picture)
+            self.frames.append((picture, info))
         if final:
             self.final_picture = picture
 
@@ -274,9 +283,14 @@ class TriangleCells(Sink):
                                   keep=lambda picture: self.cells[i].__setitem__(col, picture)))
 
     def l_path(self) -> list:
-        """The animation of the L-shaped path: up the first column (the descent into noise, lowest
-        strength first), then along the top strength's row (the way back out)."""
-        return [row[0] for row in self.cells] + self.cells[-1][1:]
+        """The animation of the L-shaped path, as (picture, info): the descent into noise (the
+        noising path's frames where they were drawn, else up the first column, lowest strength
+        first), then along the top strength's row (the way back out; from its start when that is
+        not the path's last frame)."""
+        top = list(zip(self.cells[-1], self.infos[-1]))
+        if self.noising is not None and self.noising.pictures:
+            return self.noising.frames() + top[1 if self.rows[-1].start is not None else 0:]
+        return [(row[0], infos[0]) for row, infos in zip(self.cells, self.infos)] + top[1:]
 
 
 class Curves(Sink):
@@ -403,23 +417,51 @@ class TriangleCanvas(Sink):
                 labels[-1] = f"{final['step']}/{final['count']} PSNR " + ("inf" if psnr is None else f"{psnr:.1f} dB")
         cell_h, cell_w = cells.cells[0][0].shape[:2]
         order = "low_top" if c.low_top else "low_bottom"
+        times = [[info["t"] for info in row_infos] for row_infos in cells.infos]
+        column_labels = None
+        if c.labels and c.align == "time":  # the columns are noise levels: each says its own
+            column_labels = [f"t={t:g}" for t in render.triangle_columns(times)[0]]
         picture = render.triangle(cells.cells, cell_h, cell_w, order=order, row_labels=row_labels,
-                                  cell_labels=cell_labels, align=c.align,
-                                  times=[[info["t"] for info in row_infos] for row_infos in cells.infos])
+                                  cell_labels=cell_labels, align=c.align, times=times,
+                                  column_labels=column_labels)
         info = {"kind": "triangle", "order": order, "align": c.align, "cell_size": [cell_h, cell_w],
                 "rows": [{"strength": r.strength, "steps": r.timeline.steps, "start_time": r.timeline.start_time,
                           "cells": [{"step": i["step"], "t": i["t"], "sigma": i["sigma"]} for i in infos]}
                          for r, infos in zip(rows, cells.infos)]}
+        if c.labels:  # the words drawn, for whoever reads the picture without seeing it
+            info["labels"] = {"rows": row_labels, "cells": cell_labels}
+            if column_labels is not None:
+                info["labels"]["columns"] = column_labels
         self.writer.save(self.output, picture, info)
 
 
 class Animation(Sink):
-    """`--animate`: the kept frames in order (a triangle's: its L-shaped path)."""
+    """`--animate`: the kept frames in order (a triangle's: its L-shaped path); with `labels`, each
+    frame says what it shows in a band under it."""
 
-    def __init__(self, writer: FrameWriter, path: Path, fmt: str, frames: Callable):
-        self.writer, self.path, self.fmt, self.frames = writer, path, fmt, frames
+    def __init__(self, writer: FrameWriter, path: Path, fmt: str, frames: Callable, labels: bool = False):
+        self.writer, self.path, self.fmt, self.frames, self.labels = writer, path, fmt, frames, labels
 
     def finish(self) -> None:
-        frames = self.frames()
-        if frames:
-            self.writer.save_animation(self.path, frames, self.fmt)
+        frames = self.frames()  # [(picture, info)]
+        if not frames:
+            return
+        pictures = [picture for picture, _ in frames]
+        if self.labels:
+            # Every frame on one canvas, its label in one band under it: the text never jumps.
+            h, w = max(p.shape[0] for p in pictures), max(p.shape[1] for p in pictures)
+            texts = [caption(info) for _, info in frames]
+            height = render.band_height(texts, w)
+            pictures = [render.label(np.pad(p, ((0, h - p.shape[0]), (0, w - p.shape[1]), (0, 0)),
+                                            constant_values=255), t, height)
+                        for p, t in zip(pictures, texts)]
+        self.writer.save_animation(self.path, pictures, self.fmt)
+
+
+def caption(info: dict) -> str:
+    """What a frame shows, in a few words: a noising frame's path and time, a step's strength,
+    index, time and sigma."""
+    if info["kind"] == "noise":
+        return f"{info['path']} noising t={info['t']:g}"
+    return (f"s={info['strength']:g} step {info['step']}/{info['count']} t={info['t']:g} "
+            f"sigma={info['sigma']:.2f}")

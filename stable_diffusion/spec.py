@@ -62,7 +62,7 @@ class Capture:
     animate: str | None = None  # gif or webp
     decode_batch: int = 4
     save_prompt: bool = True
-    labels: bool = False  # triangle labels
+    labels: bool = False  # labels on the triangle (rows, cells, time columns) and the animation's frames
     low_top: bool = False  # triangle order: lowest strength at the top
     align: str = "steps"  # triangle columns: step by step, or by time (columns are noise levels)
     curve: bool = False  # draw the over-smoothing curve (its numbers are always in the sidecar)
@@ -173,9 +173,11 @@ class RunSpec:
         if spec.triangle and c.last is not None:
             raise SpecError("last", "{flag} is not used with the triangle, which keeps every "
                                     "{flag:every} step; leave it out")
-        if not spec.triangle and (c.labels or c.low_top):
-            raise SpecError("labels" if c.labels else "low_top",
-                            "{flag} only applies to the triangle ({flag:triangle}); leave it out")
+        if not spec.triangle and c.low_top:
+            raise SpecError("low_top", "{flag} only applies to the triangle ({flag:triangle}); leave it out")
+        if not spec.triangle and c.labels and c.animate is None:
+            raise SpecError("labels", "{flag} labels the triangle ({flag:triangle}) and the animation "
+                                      "({flag:animate}); leave it out, or add one of them")
         if not spec.img2img and c.noising_every is not None:
             raise SpecError("noising_every", "{flag} shows the noising of an input picture; "
                                              "text to image has none")

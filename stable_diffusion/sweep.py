@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
+from . import privacy
 from .choices import SAMPLER_NAMES, SCHEDULES
 from .errors import InputError, NumericalError, OutputError
 from .files import check_output_dir, to_json, write_text_atomic
@@ -278,8 +279,14 @@ class SweepRun:
 
 
 def spec_record(spec: RunSpec) -> dict:
-    """The spec as JSON values (paths as text), for the manifest: a rerun compares these."""
-    return json.loads(to_json(asdict(spec)))
+    """The spec as JSON values (paths as text), for the manifest: a rerun compares these. A private
+    spec's texts are their hashes (privacy.py), which compare as the texts do."""
+    return json.loads(to_json(asdict(privacy.redacted(spec))))
+
+
+def shown_value(field: str, value, private: bool):
+    """A grid value as the sweep's files show it: a private sweep's prompts as their hashes."""
+    return privacy.text_hash(value) if private and field == "prompt" else value
 
 
 def model_record(model: ModelSpec) -> dict:
@@ -307,6 +314,9 @@ def expand(base: RunSpec, grid: Grid, folder: Path, pattern: str | None = None) 
             if value not in known:
                 raise SpecError(GRID_KEYS[name], f"{{flag}} {value!r} is not one of {', '.join(known)}")
     pattern = default_pattern(grid) if pattern is None else pattern
+    if not base.capture.save_prompt and "{prompt" in pattern.replace("{prompt_index", ""):
+        raise SpecError("name", f"{{flag}} {pattern!r} puts the prompt in the file names, and this "
+                                "sweep keeps its prompts private (save_prompt off); use {prompt_index}")
     names = [f for f, _ in grid.axes]
     prompts = grid.values("prompt")
     runs, seen = [], {}
@@ -397,7 +407,9 @@ class Manifest:
         self.folder = Path(folder)
         self.path = self.folder / MANIFEST
         self.model = model_record(model)
-        self.records = {r.name: {"name": r.name, "index": r.index, "values": r.values,
+        private = bool(runs) and not runs[0].spec.capture.save_prompt
+        self.records = {r.name: {"name": r.name, "index": r.index,
+                                 "values": {k: shown_value(k, v, private) for k, v in r.values.items()},
                                  "spec": spec_record(r.spec), "model": self.model,
                                  "status": "pending"} for r in runs}
 
@@ -454,7 +466,8 @@ class Manifest:
 # --- the contact sheet ------------------------------------------------------------------------------
 
 
-def _label(name: str, value) -> str:
+def _label(name: str, value, private: bool = False) -> str:
+    value = shown_value(name, value, private)
     if name == "strength":
         return f"s={value:g}"
     if name == "prompt":
@@ -483,6 +496,7 @@ def contact_sheet(folder: Path, runs: list, grid: Grid, cell: int = 256):
     from . import render
 
     row_fields, column = sheet_layout(grid)
+    private = bool(runs) and not runs[0].spec.capture.save_prompt
     col_values = grid.values(column) if column else (None,)
     row_combos = list(itertools.product(*(grid.values(f) for f in row_fields)))
     table = {}
@@ -504,8 +518,8 @@ def contact_sheet(folder: Path, runs: list, grid: Grid, cell: int = 256):
     if not table:
         return None
     cells = [[table.get((r, c)) for c in range(len(col_values))] for r in range(len(row_combos))]
-    captions = [[_label(column, v) for v in col_values] for _ in row_combos] if column else None
-    row_labels = [", ".join(_label(f, v) for f, v in zip(row_fields, combo)) for combo in row_combos]
+    captions = [[_label(column, v, private) for v in col_values] for _ in row_combos] if column else None
+    row_labels = [", ".join(_label(f, v, private) for f, v in zip(row_fields, combo)) for combo in row_combos]
     return render.contact_sheet(cells, row_labels if row_fields else None, captions)
 
 
@@ -597,6 +611,7 @@ class Sweep:
         self.runs, self.grid, self.folder, self.model = runs, grid, Path(folder), model
         self.sheet_every, self.sheet_cell = sheet_every, sheet_cell
         self.manifest = Manifest(self.folder, runs, model)
+        self.private = bool(runs) and not runs[0].spec.capture.save_prompt
 
     def prepare(self) -> list:
         """Check the folder, take over what an earlier sweep finished; returns the runs to make."""
@@ -704,7 +719,8 @@ class Sweep:
                           "condition_s": total("condition_s"), "checks_s": total("checks_s"),
                           "steps_and_frames_s": total("steps_and_frames_s"),
                           "final_decode_s": total("final_decode_s"), "runs_total_s": total("total_s")},
-                "model": model_record(self.model), "grid": {GRID_KEYS[f]: list(v) for f, v in self.grid.axes},
+                "model": model_record(self.model),
+                "grid": {GRID_KEYS[f]: [shown_value(f, x, self.private) for x in v] for f, v in self.grid.axes},
                 "manifest": MANIFEST, "sheet": SHEET,
             }
             record.update(pool.counts())

@@ -120,7 +120,7 @@ def build_sweep(command: str, args) -> tuple:
     return runs, grid, model, folder
 
 
-def _make_pool(args, model, picture, argv, replay, console):
+def _make_pool(args, model, picture, argv, replay, console, private: bool = False):
     if args.ray is None:
         if args.workers is not None:
             raise InputError("--workers counts Ray workers; add --ray (auto, local or an address)")
@@ -129,7 +129,11 @@ def _make_pool(args, model, picture, argv, replay, console):
         return LocalPool(model, picture, argv, replay)
     from .sweep_ray import RayPool
 
-    return RayPool(args.ray, model, picture, argv, replay, args.workers, console)
+    from .privacy import salt
+
+    # A private sweep's workers, on whatever machine, hash its prompts with this user's salt.
+    return RayPool(args.ray, model, picture, argv, replay, args.workers, console,
+                   salt() if private else None)
 
 
 def main(argv=None) -> int:
@@ -170,7 +174,8 @@ def _sweep(argv: list, console: Console) -> int:
 
     # One sweep per folder: its manifest has one writer (each run also locks its own name).
     with output_lock(folder / "sweep.jsonl", args.wait, waiting):
-        pool = _make_pool(args, model, picture, [command, *argv], replay, console)
+        pool = _make_pool(args, model, picture, [command, *argv], replay, console,
+                          private=not runs[0].spec.capture.save_prompt)
         try:
             sweep = Sweep(runs, grid, folder, model, args.sheet_every or None, args.sheet_cell)
             report = sweep.execute(pool, console)

@@ -28,9 +28,13 @@ MAX_ATTEMPTS = 3  # a run whose worker dies this many times is marked failed (it
 class Worker:
     """One process, one session; `run` makes a spec and hands back its files."""
 
-    def __init__(self, model, picture, argv, replay):
+    def __init__(self, model, picture, argv, replay, salt: bytes | None = None):
         from .session import Session
 
+        if salt is not None:  # a private sweep: the driver's salt, not this machine's
+            from .privacy import use_salt
+
+            use_salt(salt)
         self.session = Session(model)
         self.picture, self.argv, self.replay = picture, list(argv), replay
 
@@ -70,7 +74,8 @@ class RayPool:
     """`map(runs)` as `LocalPool.map`: (run, None) when a run starts, (run, Outcome) when it ends,
     with the run's files already in the sweep's folder."""
 
-    def __init__(self, address: str, model, picture, argv, replay, workers: int | None, console):
+    def __init__(self, address: str, model, picture, argv, replay, workers: int | None, console,
+                 salt: bytes | None = None):
         ray = self.ray = _ray()
         self.started_ray = False
         if not ray.is_initialized():
@@ -90,7 +95,7 @@ class RayPool:
                                      "start --head`, or use --ray local") from None
             self.started_ray = True
         self.count = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        self.args = (model, picture, list(argv), replay)
+        self.args = (model, picture, list(argv), replay, salt)
         self.actor_class = ray.remote(num_cpus=1, max_restarts=0)(Worker)
         self.console = console
         self.workers = [self._start() for _ in range(self.count)]

@@ -13,6 +13,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # The default dtype's measurement (calibrate.py) is kept for the session's runs, not in ~/.cache.
 os.environ.setdefault("SD_CALIBRATION_CACHE", os.path.join(tempfile.gettempdir(),
                                                            f"sd-test-calibration-{os.getpid()}.json"))
+# So is the salt of private prompts' hashes (privacy.py): made fresh, mode 0600, in a folder of ours.
+os.environ.setdefault("SD_PROMPT_SALT", os.path.join(tempfile.mkdtemp(prefix="sd-test-salt-"), "prompt-salt"))
 
 import numpy as np
 import pytest

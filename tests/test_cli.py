@@ -9,7 +9,7 @@ from PIL import Image
 
 from stable_diffusion.infotext import parse_parameters_text
 from stable_diffusion.picture_meta import read_png_metadata
-from stable_diffusion.render import triangle_size
+from stable_diffusion.render import band_height, triangle_size
 
 import commands
 
@@ -129,9 +129,10 @@ def test_noising_path_snapshots_both_preview_and_animation(tmp_path, picture, sd
     noise = {f"a.noise-t{t:04d}.png" for t in (0, 250, 500, 750, 1000)}
     steps = {f"a.step-{k:03d}.png" for k in (0, 2, 4)}
     assert files_in(tmp_path) == noise | steps | {"a.noise-strip.png", "a.anim.gif", "a.png", "a.json"}
-    assert Image.open(tmp_path / "a.step-002.png").size == (128, 64)  # x_t and x0 side by side
+    marks = band_height(["x_t", "x0_pred"], 64)  # x_t and x0 side by side, each marked under it
+    assert Image.open(tmp_path / "a.step-002.png").size == (128, 64 + marks)
     with Image.open(tmp_path / "a.anim.gif") as gif:
-        assert gif.n_frames == 8 and gif.size == (128, 64)  # 5 noising frames, then 3 snapshots
+        assert gif.n_frames == 8 and gif.size == (128, 64 + marks)  # 5 noising frames, then 3 snapshots
     sidecar = json.loads((tmp_path / "a.json").read_text())
     assert {f["path"] for f in sidecar["files"] if f["kind"] == "noise"} == {"markov"}
     # The final picture is always decoded by the VAE, whatever the frames' preview.
@@ -145,7 +146,8 @@ def test_print_parser_shows_arguments_before_work(tmp_path, picture, sd2):
                  "-gt", "0", "-sp", "0", "--output", tmp_path / "p.png")
     assert "strength: 0.9" in result.stdout and "generate_triangle: False" in result.stdout
     assert result.stdout.index("strength: 0.9") < result.stdout.index("strength 0.90 x 2 steps")
-    assert "parameters" not in Image.open(tmp_path / "p.png").text  # -sp 0: no metadata
+    # -sp 0: the parameters, with a salted hash in the prompt's place
+    assert Image.open(tmp_path / "p.png").text["parameters"].startswith("private:")
 
 
 def test_triangle_runs_each_step_once_and_cfg_0_runs_unguided(tmp_path, picture, sd2, monkeypatch):

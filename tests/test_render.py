@@ -9,6 +9,7 @@ from stable_diffusion.render import (
     LATENT_RGB,
     WHITE,
     approx_decode,
+    band_height,
     curve_plot,
     grid,
     label,
@@ -146,7 +147,9 @@ def test_triangle_with_labels_has_the_predicted_size_and_exact_cells():
     strengths = ["s=0.30", "s=0.60", "s=1.00"]
     captions = [[f"{k}/{len(row) - 1} t={300 * (k + 1)}" for k in range(len(row))] for row in rows]
     picture = triangle(rows, h, w, row_labels=strengths, cell_labels=captions, pad=pad)
-    label_width, caption_height = label_margins()
+    label_width = label_margins()[0]
+    caption_height = band_height([c for row in captions for c in row], w)
+    assert caption_height > label_margins()[1]  # "1/2 t=600" is wider than 48 px: two lines
     assert picture.shape[:2] == triangle_size(3, 4, h, w, pad, label_width, caption_height)
     for s, row in enumerate(rows):
         r = 2 - s

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from stable_diffusion.picture_meta import read_png_metadata
-from stable_diffusion.render import triangle_size
+from stable_diffusion.render import band_height, triangle_size
 from stable_diffusion.sampler import seed_keys
 from stable_diffusion.session import Session
 from stable_diffusion.spec import Capture, ModelSpec, RunSpec
@@ -42,10 +42,11 @@ def test_triangle_with_both_snapshots_and_animation(tmp_path, picture, sd2):
     record = sidecar(tmp_path / "tri.json")
     rows = [f for f in record["files"] if f["kind"] == "triangle"][0]["rows"]
     assert [len(r["cells"]) for r in rows] == [2, 3]  # steps 0 2 | 0 2 4
-    assert Image.open(out).size[::-1] == triangle_size(2, 3, 64, 128, 2)  # x_t and x0 per cell
+    marks = band_height(["x_t", "x0_pred"], 64)  # x_t and x0 per cell, each marked under it
+    assert Image.open(out).size[::-1] == triangle_size(2, 3, 64 + marks, 128, 2)
     # The L-shaped path: up the first column (2 row starts), then along the top row (2 more cells).
     with Image.open(tmp_path / "tri.anim.gif") as gif:
-        assert gif.n_frames == 4 and gif.size == (128, 64)
+        assert gif.n_frames == 4 and gif.size == (128, 64 + marks)
     assert {f["file"] for f in record["files"]} == {"tri.png", "tri.anim.gif"}
 
 

@@ -244,8 +244,9 @@ def test_contact_sheet_lays_out_the_two_fields_that_vary_most(tmp_path, picture)
         colours[run.name] = (40 * i, 255 - 40 * i, 7)
         Image.new("RGB", (64, 64), colours[run.name]).save(run.spec.output)
     sheet = contact_sheet(tmp_path, runs, grid, cell=32)
-    label_width = max(render._text_width(t) for t in ("s=0.5", "s=1")) + 6
-    caption = render.label_margins()[1]
+    label_width = max(render.text_width(t) for t in ("s=0.5", "s=1")) + 6
+    caption = render.band_height(["seed=1", "seed=2", "seed=3"], 32)  # shrunk to fit 32 px cells
+    assert caption < render.label_margins()[1]
     assert sheet.shape[:2] == render.triangle_size(2, 3, 32, 32, 2, label_width, caption)
     for run in runs:  # rows: strength; columns: seed (the field with the most values)
         r, c = (0.5, 1.0).index(run.values["strength"]), (1, 2, 3).index(run.values["seed"])

@@ -9,6 +9,7 @@ between two identical runs (timings, pids, dates, the temporary folder's name).
 import argparse
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -92,6 +93,11 @@ def measure() -> dict:
     tmp = Path(tempfile.gettempdir()) / "sd-behaviour-hashes"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    # A fixed salt for the private (-sp 0) run's prompt hashes, which the user's own would change.
+    salt = tmp / "prompt-salt"
+    salt.write_text("5a" * 32 + "\n")
+    salt.chmod(0o600)
+    os.environ["SD_PROMPT_SALT"] = str(salt)
     if True:
         models = {family: write_tiny_model(tmp / family, family) for family in ("sd1", "sd2", "sdxl")}
         image = tmp / "in.png"

@@ -1,13 +1,15 @@
-"""Make the pictures in images/ from the shipped `shapes` model, with the real commands.
+"""Make the pictures in images/ from the shipped `shapes` model, with the README's own commands.
 
     python tools/make_readme_images.py
 
 - shapes-input.png: the input scene (drawn by stable_diffusion/scenes.py), 128x128;
 - shapes-triangle.png and shapes-triangle.noise-strip.png: the README's first command;
+- the pictures of its worked examples (tools/readme_examples.py runs them as written), kept as
+  `PICTURES` says: the x_t | x0_pred snapshot, the time-aligned triangle, the over-smoothing
+  curve, the sweep's contact sheet;
 - shapes-inversion.png: the input, then the round trip at strength 0.7 under its own caption after
   add_noise and after DDIM inversion (with and without refinement), each with its PSNR;
-- shapes-curve.png: the over-smoothing curve of one run (--curve).
-- input.png (512x512): a synthetic landscape for the real-model command line.
+- input.png (512x512) and input-128.png: a synthetic landscape, for the hostile-input tests.
 """
 
 import json
@@ -25,10 +27,20 @@ sys.path.insert(0, str(ROOT))
 
 from stable_diffusion import render, scenes  # noqa: E402
 
-from measure_shapes import INPUT_CAPTION, INPUT_SCENE, OTHER_PROMPT  # noqa: E402
+import readme_examples  # noqa: E402
+from measure_shapes import INPUT_CAPTION, INPUT_SCENE  # noqa: E402
 
-# The README's first command, after the input picture and the prompt.
-FIRST_COMMAND = ("--model", "shapes", "-gt", "--labels", "-sd", "2", "--show_noising", "100", "--seed", "0")
+# images/ name -> the file of the README's commands it is (relative to the folder they run in).
+PICTURES = {
+    "shapes-triangle.png": "out/triangle.png",
+    "shapes-triangle.noise-strip.png": "out/triangle.noise-strip.png",
+    "shapes-snapshot-both.png": "out/edit.step-008.png",
+    "shapes-triangle-time.png": "out/aligned.png",
+    "shapes-curve.png": "out/curve.curve.png",
+    "shapes-sweep.png": "out/sweep/sweep.sheet.png",
+}
+# Made here rather than copied from a command's files.
+DRAWN = ("shapes-input.png", "shapes-inversion.png", "input.png", "input-128.png")
 
 
 def sample_input(size: int) -> Image.Image:
@@ -52,10 +64,6 @@ def run(*args) -> None:
     subprocess.run([sys.executable, str(ROOT / "image2image.py"), *map(str, args)], check=True)
 
 
-def keep(source: Path, name: str) -> None:
-    Image.open(source).save(IMAGES / name, optimize=True)
-
-
 def inversion_strip(tmp: Path, picture: Path) -> np.ndarray:
     common = ("--model", "shapes", "--strength", 0.7, "--steps", 50, "--cfg", 1, "--seed", 0, "--dtype",
               "float32", "--quiet")
@@ -76,15 +84,16 @@ def main() -> int:
     sample_input(128).save(IMAGES / "input-128.png")  # for the hostile-input tests
     picture = IMAGES / "shapes-input.png"
     Image.fromarray(scenes.draw(INPUT_SCENE)).save(picture)
+    text = readme_examples.readme_text()
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        run(picture, OTHER_PROMPT, *FIRST_COMMAND, "--quiet", "--output", tmp / "triangle.png")
-        keep(tmp / "triangle.png", "shapes-triangle.png")
-        keep(tmp / "triangle.noise-strip.png", "shapes-triangle.noise-strip.png")
-        Image.fromarray(inversion_strip(tmp, picture)).save(IMAGES / "shapes-inversion.png", optimize=True)
-        run(picture, OTHER_PROMPT, "--model", "shapes", "--strength", 1, "--steps", 25, "--seed", 0, "--curve",
-            "--save_last_N", 5, "--quiet", "--output", tmp / "curve.png")
-        keep(tmp / "curve.curve.png", "shapes-curve.png")
+        folder = readme_examples.prepare(Path(tmp))
+        _, first = readme_examples.first_command(text)
+        for example in [first] + readme_examples.examples(text):
+            readme_examples.run_example(example, folder, ("--quiet",) if example.language == "sh" else ())
+        for name, made in PICTURES.items():
+            Image.open(folder / made).save(IMAGES / name, optimize=True)
+        strip = inversion_strip(folder, picture)
+        Image.fromarray(strip).save(IMAGES / "shapes-inversion.png", optimize=True)
     print(f"wrote pictures to {IMAGES}")
     return 0
 
