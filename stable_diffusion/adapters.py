@@ -272,7 +272,7 @@ def read_lora(path, targets: dict, allow_partial: bool = False) -> tuple[Path, l
     if unmatched and not allow_partial:
         raise ModelError(f"{path}: {len(unmatched)} of its {len(header)} keys match no layer of this "
                          f"model (first: {unmatched[0]}); it may be made for another architecture: set "
-                         "allow_partial to load the keys that match and skip the others")
+                         "{flag:lora_partial} to load the keys that match and skip the others")
 
     modules, seen = [], {}
     for module, keys in factors.items():
@@ -489,8 +489,9 @@ def load_textual_inversion(sd, path, token: str | None = None) -> EmbeddingInfo:
         if cut is not None:  # the tokenizer cuts it out of the text before any added word is matched
             raise ModelError(f"token {token!r} holds {cut!r}, which this model's tokenizer reads as a token "
                              "of its own; choose a token without it")
-        taken = next((w for w in [word] + [f"{word}_{i}" for i in range(1, vectors.shape[0])]
-                      if w in tokenizer.vocab), None)
+        if not word or any(c.isspace() for c in word):
+            raise ModelError(f"token {token!r}: a token is one non-empty word, without spaces")
+        taken = tokenizer.taken([word] + [f"{word}_{i}" for i in range(1, vectors.shape[0])])
         if taken is not None:
             raise ModelError(f"token {token!r}: the tokenizer already has {taken!r} (an embedding loaded "
                              "before, or a word of its vocabulary); choose another token")

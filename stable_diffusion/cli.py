@@ -150,8 +150,9 @@ def replay_arguments(command: str, argv: list) -> tuple[list, list]:
         replayed, private_notes = list(record["replay"]), []
         if record.get("private"):
             replayed, rest, private_notes = _private_replay(command, path, record, replayed, rest)
-        notes = _input_changed(path, record) or [_replay_sameness(path, record)]
-        return replayed + rest, private_notes + notes
+        replayed = _without_relisted(replayed, rest)
+        notes = _input_changed(path, record) + _adapters_changed(path, record, replayed)
+        return replayed + rest, private_notes + (notes or [_replay_sameness(path, record)])
     if text is None:
         raise InputError(f"{path} carries no parameters to replay (no `parameters` text, no record "
                          "of ours)")
@@ -229,6 +230,38 @@ def _private_replay(command: str, path: str, record: dict, replayed: list, rest:
         split = where + 1
         return replayed[split:], rest + ["--"] + replayed[:split], notes
     return replayed, rest, notes
+
+
+def _without_relisted(replayed: list, rest: list) -> list:
+    """The recorded arguments less the values of a repeatable option (--lora, --embedding) that
+    the user gives again: given ones replace the recorded list, as other flags override theirs."""
+    for flag, spellings in options.listed_flags().items():
+        if any(a.split("=", 1)[0] in spellings for a in rest):
+            replayed = [a for a in replayed if a.split("=", 1)[0] != flag]
+    return replayed
+
+
+def _adapters_changed(path: str, record: dict, replayed: list) -> list:
+    """A note for each recorded LoRA or embedding whose file is not the one the picture was made
+    with any more (its sha256 differs), or cannot be read."""
+    import hashlib
+
+    files = [options.lora_argument(a.split("=", 1)[1])[0] for a in replayed if a.startswith("--lora=")]
+    files += [options.embedding_argument(a.split("=", 1)[1])[0] for a in replayed if a.startswith("--embedding=")]
+    notes = []
+    for entry, file in zip(record.get("adapters") or [], files):
+        try:
+            if not Path(file).is_file():  # a pipe or a device would never end
+                raise OSError
+            with open(file, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError:
+            notes.append(f"replay of {path}: its {entry.get('kind')} file {file} cannot be read")
+            continue
+        if digest != entry.get("sha256"):
+            notes.append(f"replay of {path}: its {entry.get('kind')} file {file} has changed since (sha256 "
+                         f"{str(entry.get('sha256'))[:12]} then, {digest[:12]} now): the pictures will differ")
+    return notes
 
 
 def _input_changed(path: str, record: dict) -> list:

@@ -43,6 +43,11 @@ def positive_int(text: str) -> int:
 def lora_argument(text: str) -> tuple:
     """PATH[:WEIGHT] -> (PATH, WEIGHT), the weight 1.0 when not given."""
     path, _, weight = text.rpartition(":")
+    if not text or text == ":":
+        raise argparse.ArgumentTypeError("expected PATH[:WEIGHT], got an empty path")
+    if path and not weight:
+        raise argparse.ArgumentTypeError(f"{text!r} ends in ':'; give a WEIGHT after it (e.g. {path}:0.8) "
+                                         "or leave the ':' out")
     try:
         return (path, float(weight)) if path else (text, 1.0)
     except ValueError:  # a colon in the path itself
@@ -52,7 +57,12 @@ def lora_argument(text: str) -> tuple:
 def embedding_argument(text: str) -> tuple:
     """PATH[:TOKEN] -> (PATH, TOKEN or None: the file's own)."""
     path, _, token = text.rpartition(":")
-    if path.lower().endswith((".safetensors", ".pt", ".bin")) and token:
+    if not text:
+        raise argparse.ArgumentTypeError("expected PATH[:TOKEN], got an empty path")
+    if path.lower().endswith((".safetensors", ".pt", ".bin")):
+        if not token:
+            raise argparse.ArgumentTypeError(f"{text!r} ends in ':'; give a TOKEN after it or leave the "
+                                             "':' out")
         return path, token
     return text, None
 
@@ -286,6 +296,11 @@ OPTIONS = (
     Option(("-v", "--verbose"), None, "more detail (BLAS, timings), and tracebacks on errors", TERMINAL,
            action="store_true"),
 )
+
+
+def listed_flags() -> dict:
+    """Each flag of a repeatable option (its values replayed one flag each) -> all its spellings."""
+    return {row.flag: row.flags for row in OPTIONS if row.replay is not None and row.replay.how == EACH}
 
 
 def rows(parser: str) -> list:

@@ -219,9 +219,11 @@ class StableDiffusion:
         x0 = mx.repeat(x0, n_images, axis=0) if x0.shape[0] == 1 else x0
         size = (x0.shape[1] * self.downscale, x0.shape[2] * self.downscale)
         capture = Capture(noising_path="inversion") if inversion is not None else Capture()
-        spec = RunSpec(text, None, negative_prompt=negative_text, strengths=(float(strength),),
-                       steps=num_steps, cfg=cfg_weight, seed=seed, sampler=sampler, schedule=schedule,
-                       n_images=n_images, capture=capture, inversion=inversion)
+        # The picture is in memory: `image` marks the spec as image to image for its checks.
+        spec = RunSpec(text, None, image=Path("<in memory>"), negative_prompt=negative_text,
+                       strengths=(strength,), steps=num_steps, cfg=cfg_weight, seed=seed,
+                       sampler=sampler, schedule=schedule, n_images=n_images, capture=capture,
+                       inversion=inversion)
         return self._walk(spec, size, x0, noise)
 
     def _walk(self, spec: RunSpec, image_size: tuple, x0: mx.array | None, noise) -> Iterator[Step]:
@@ -229,7 +231,7 @@ class StableDiffusion:
         setting is refused now, not at the first step."""
         from .walk import walk
 
-        plan = make_plan(spec, self.config, self.tokenizers, image_size)
+        plan = make_plan(spec.validate(), self.config, self.tokenizers, image_size)
         spec = plan.spec
         h, w = image_size
         eps = self.initial_noise((spec.n_images, h // self.downscale, w // self.downscale,

@@ -141,13 +141,14 @@ class RunSpec:
 
     def validate(self) -> "RunSpec":
         """Every check that needs no file and no model; returns the spec with output as a Path."""
-        spec = replace(self, output=Path(self.output),
+        spec = replace(self, output=None if self.output is None else Path(self.output),
                        image=None if self.image is None else Path(self.image))
         c = spec.capture
         if not spec.img2img and (spec.triangle or spec.strengths != (1.0,)):
             raise SpecError("strength", "{flag} and the triangle need an input picture")
         _check_strengths(spec.strengths, spec.triangle)
         _check_int("steps", spec.steps, 1, MAX_STEPS)
+        _check_number("cfg", spec.cfg)
         if spec.cfg is not None and not (math.isfinite(spec.cfg) and 0 <= spec.cfg <= MAX_CFG):
             raise SpecError("cfg", f"{{flag}} {spec.cfg:g} is outside 0 .. {MAX_CFG:g}; use 0 (no "
                                    "guidance) or more, e.g. 7.5")
@@ -190,8 +191,12 @@ class RunSpec:
         if inverted and not spec.img2img:
             raise SpecError("noising_path", "{flag} inversion inverts an input picture; text to "
                                             "image has none")
+        if inverted and not isinstance(spec.inversion, Inversion):
+            raise SpecError("noising_path", f"the inversion settings are {type(spec.inversion).__name__}, "
+                                            "not an Inversion(prompt, cfg, refine)")
         if inverted:
             i = spec.inversion
+            _check_number("inversion_cfg", i.cfg)
             if not (math.isfinite(i.cfg) and 0 <= i.cfg <= MAX_CFG):
                 raise SpecError("inversion_cfg", f"{{flag}} {i.cfg:g} is outside 0 .. {MAX_CFG:g}")
             _check_int("inversion_refine", i.refine, 0, MAX_REFINE)
@@ -201,7 +206,7 @@ class RunSpec:
             if idle and not frames:
                 raise SpecError(name, "{flag} acts on saved frames, and this run saves none: add "
                                       "{flag:every} N, {flag:last} N or {flag:noising_every} N")
-        if spec.img2img and _same_or_ours(spec.image, spec.output):
+        if spec.img2img and spec.output is not None and _same_or_ours(spec.image, spec.output):
             raise SpecError("output", f"{{flag}} {spec.output} would overwrite the input picture "
                                       f"{spec.image}; choose another {{flag}}")
         _check_choice("align", c.align, ALIGNS)
@@ -211,7 +216,7 @@ class RunSpec:
             raise SpecError("keep_best", "{flag} picks the best of the last N steps of a single run: "
                                          "add {flag:last} N (and leave out {flag:triangle})")
         _check_choice("format", c.format, tuple(PICTURE_SUFFIXES))
-        if spec.output.suffix.lower() not in PICTURE_SUFFIXES[c.format]:
+        if spec.output is not None and spec.output.suffix.lower() not in PICTURE_SUFFIXES[c.format]:
             raise SpecError("output", f"{{flag}} {spec.output} must end in "
                                       f"{' or '.join(PICTURE_SUFFIXES[c.format])} for {c.format} pictures")
         if c.taesd is not None and c.preview != "taesd":
@@ -232,8 +237,15 @@ def _same_or_ours(image: Path, output: Path) -> bool:
 
 
 def _check_int(name: str, value, low: int, high: int) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise SpecError(name, f"{{flag}} {value!r} is not a whole number")
     if value is not None and not low <= value <= high:
         raise SpecError(name, f"{{flag}} {value} is outside {low} .. {high}")
+
+
+def _check_number(name: str, value) -> None:
+    if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+        raise SpecError(name, f"{{flag}} {value!r} is not a number")
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -248,6 +260,7 @@ def _check_strengths(strengths, triangle: bool) -> None:
     if not triangle and len(strengths) != 1:
         raise SpecError(name, "several strengths make a triangle; pass one strength")
     for s in strengths:
+        _check_number(name, s)
         # Below 1e-3 the start time is under one training step: nothing would be noised.
         if not (math.isfinite(s) and 0.001 <= s <= 1.0):
             raise SpecError(name, f"{{flag}} {s:g} is outside 0.001 .. 1; use e.g. 0.6")

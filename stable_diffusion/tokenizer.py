@@ -205,6 +205,11 @@ class Tokenizer:
                     ids.extend(self._bpe(piece))
         return ids
 
+    def taken(self, words) -> str | None:
+        """The first of `words` the vocabulary holds, as a token or as a whole word (`cat</w>`): a
+        token named after a word would take that word over in every prompt."""
+        return next((w for w in words if w in self.vocab or w + END_OF_WORD in self.vocab), None)
+
     def add_token(self, token: str, count: int = 1) -> list:
         """Learn `token` (a textual-inversion word) as `count` new ids after the largest one, and
         return them. As transformers' `add_tokens` adds it, the token is matched anywhere in a
@@ -213,9 +218,9 @@ class Tokenizer:
         their own, `token_1` ... `token_{count - 1}`. A word the vocabulary holds is refused."""
         word = clean_text(token)
         words = [word] + [f"{word}_{i}" for i in range(1, count)]
-        taken = next((w for w in words if w in self.vocab), None)
-        if not word.strip() or word != word.strip() or count < 1:
-            raise ModelError(f"token {token!r}: a token is a non-empty word without spaces at its ends")
+        taken = self.taken(words)
+        if not word or any(c.isspace() for c in word) or count < 1:
+            raise ModelError(f"token {token!r}: a token is one non-empty word, without spaces")
         if taken is not None:
             raise ModelError(f"token {token!r}: the tokenizer already has {taken!r}; choose another token")
         first = max(self.vocab.values(), default=-1) + 1

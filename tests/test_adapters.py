@@ -339,7 +339,7 @@ def test_a_partial_match_is_refused_unless_allowed(tiny_model, tmp_path):
     save_file(tensors, str(tmp_path / "partial.safetensors"))
     partial = tmp_path / "partial.safetensors"
     expect_model_error(lambda: sd.load_lora(partial), f"2 of its {len(tensors)} keys match no layer",
-                       "first: lora_unet_no_such_layer.lora_down.weight", "allow_partial")
+                       "first: lora_unet_no_such_layer.lora_down.weight", "--lora_partial")
     assert sd.adapters == []
     info = sd.load_lora(partial, weight=0.5, allow_partial=True)
     assert info.skipped == 2 and "2 of its keys match no layer" in info.notice and "no_such_layer" in info.notice

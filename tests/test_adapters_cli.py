@@ -66,3 +66,65 @@ def test_adapter_settings_are_checked_before_any_file_is_read(tmp_path, picture,
                         (["--lora", tmp_path / "missing.safetensors"], "does not exist")):
         result = _run(picture, tiny_model("sd1"), tmp_path / "o.png", *extra, check=False)
         assert result.returncode == 2 and said in result.stderr, result.stderr
+
+
+def test_a_replay_names_a_changed_lora_and_takes_a_lora_given_again(tmp_path, picture, tiny_model):
+    sd1 = tiny_model("sd1")
+    lora = kohya_file(tmp_path / "a.safetensors", "sd1", EVERY_LAYER, seed=3, alpha=4.0, conv_alpha=4.0, ldm=False)
+    other = kohya_file(tmp_path / "b.safetensors", "sd1", EVERY_LAYER, seed=4, alpha=4.0, conv_alpha=4.0, ldm=False)
+    made = tmp_path / "made.png"
+    _run(picture, sd1, made, "--lora", f"{lora}:0.5")
+    kept = lora.read_bytes()
+    lora.write_bytes(other.read_bytes())
+    changed = commands.run("image2image.py", "--replay", made, "-o", tmp_path / "r1.png", check=True)
+    assert "a.safetensors has changed since" in changed.stderr and "byte-identical" not in changed.stderr
+    lora.unlink()
+    moved = tmp_path / "moved.safetensors"
+    moved.write_bytes(kept)
+    again = tmp_path / "r2.png"
+    commands.run("image2image.py", "--replay", made, "--lora", f"{moved}:0.5", "-o", again, check=True)
+    from PIL import Image
+
+    # The same pixels; the texts differ by the file's new place.
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(made)))
+    assert f"--lora={moved}:0.5" in json.loads(again.with_suffix(".json").read_text())["replay"]
+
+
+def test_adapter_arguments_with_nothing_after_the_colon_say_so(tmp_path, picture, tiny_model):
+    for flag, value in (("--lora", "x.safetensors:"), ("--embedding", "x.safetensors:"), ("--lora", "")):
+        result = _run(picture, tiny_model("sd1"), tmp_path / "o.png", flag, value, check=False)
+        assert result.returncode == 2 and ("ends in ':'" in result.stderr or "empty path" in result.stderr), \
+            result.stderr
+
+
+def test_the_library_checks_its_arguments_when_the_generator_is_made(tiny_model):
+    import pytest
+
+    from stable_diffusion.pipeline import StableDiffusion
+    from stable_diffusion.spec import Inversion, SpecError
+
+    sd = StableDiffusion.from_pretrained(str(tiny_model("sd1")))
+    image = np.zeros((64, 64, 3), np.float32)
+    for keywords, said in ((dict(inversion=Inversion(cfg=-1.0)), "inversion_cfg -1"),
+                           (dict(inversion={"cfg": 1}), "not an Inversion"),
+                           (dict(seed=-1), "seed -1 is outside"), (dict(seed="x"), "not a whole number"),
+                           (dict(num_steps=2.5), "steps 2.5 is not a whole number"),
+                           (dict(n_images=0), "n_images 0 is outside"),
+                           (dict(cfg_weight=float("nan")), "cfg nan is outside")):
+        with pytest.raises(SpecError, match=said):
+            sd.generate_latents_from_image(image, "a cat", strength=0.5, **keywords)
+
+
+def test_an_embedding_token_may_not_take_over_a_word_or_hold_a_space(tmp_path, tiny_model):
+    import pytest
+
+    from stable_diffusion.errors import ModelError
+    from stable_diffusion.pipeline import StableDiffusion
+
+    sd = StableDiffusion.from_pretrained(str(tiny_model("sd1")))
+    path = tmp_path / "toy.safetensors"
+    save_file({"emb_params": np.ones((1, 32), np.float32)}, str(path))
+    assert "cat</w>" in sd.tokenizers[0].vocab
+    for token, said in (("cat", "already has 'cat'"), ("my tok", "without spaces")):
+        with pytest.raises(ModelError, match=said):
+            sd.load_textual_inversion(path, token=token)
