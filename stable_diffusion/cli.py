@@ -198,6 +198,12 @@ def build_parser(command: str, sweep: bool = False) -> argparse.ArgumentParser:
     o.add_argument("--quiet", action="store_true", help="no progress bars and no notices")
     o.add_argument("-v", "--verbose", action="store_true",
                    help="more detail (BLAS, timings), and tracebacks on errors")
+
+    # --- added by the hostile-input work (issue 20); belongs in the options table ---------------
+    if not sweep:
+        p.add_argument("--allow-download", "--allow_download", dest="allow_download",
+                       action="store_true", help="with --replay: fetch the model from the hub when "
+                       "it is not in the local cache (a replay fetches nothing unless asked)")
     return p
 
 
@@ -316,88 +322,26 @@ def replay_argv(spec: RunSpec, model_arg: str, model: ModelSpec) -> list:
 
 
 def replay_arguments(command: str, argv: list) -> tuple[list, list]:
-    """argv with `--replay PICTURE` expanded into the arguments that picture records, followed by
-    the rest of argv (which therefore overrides them), and notes to show."""
-    for i, arg in enumerate(argv):
-        if arg == "--replay" or arg.startswith("--replay="):
-            break
-    else:
-        return argv, []
-    if arg == "--replay":
-        if i + 1 >= len(argv):
-            raise InputError("--replay needs a picture: --replay out.png")
-        path, rest = argv[i + 1], argv[:i] + argv[i + 2:]
-    else:
-        path, rest = arg.split("=", 1)[1], argv[:i] + argv[i + 1:]
-    from . import infotext, picture_meta
+    """argv with `--replay PICTURE` expanded into the arguments that picture records (checked:
+    settings only, see replay.py), followed by the rest of argv (which therefore overrides them),
+    and notes to show."""
+    from . import replay
 
-    text, record_text = picture_meta.read_picture_texts(path)
-    record = picture_meta.read_picture_metadata(path)[1] if record_text is not None else {}
-    if "replay" in record:
-        if record.get("command") != command:
-            raise InputError(f"{path} was made by {record.get('command')}; replay it with "
-                             f"{record.get('command')}.py")
-        return list(record["replay"]) + rest, _input_changed(path, record) or [_replay_sameness(path, record)]
-    if text is None:
-        raise InputError(f"{path} carries no parameters to replay (no `parameters` text, no record "
-                         "of ours)")
-    fields, warnings = infotext.parse_parameters(text)
-    notes = [f"replay of {path}: {w}" for w in warnings]
-    flags = []
-    for key, flag in (("negative_prompt", "--negative_prompt"), ("steps", "--steps"),
-                      ("sampler", "--sampler"), ("schedule", "--schedule"), ("cfg", "--cfg"),
-                      ("seed", "--seed")):
-        if key in fields and fields[key] not in (None, ""):
-            flags.append(f"{flag}={fields[key]}")
-    if "model" in fields:
-        notes.append(f"replay of {path}: Model {fields['model']!r} names another tool's checkpoint; "
-                     "pass --model to choose ours")
-    if command == "txt2image":
-        if "width" in fields and "height" in fields:
-            flags.append(f"--size={fields['height']}x{fields['width']}")
-        positional, rest_positional = [fields["prompt"]], rest
-    else:
-        if "strength" in fields:
-            flags.append(f"--strength={fields['strength']}")
-        if not rest or rest[0].startswith("-"):
-            raise InputError(f"{path} records no input picture: give it first, "
-                             f"image2image.py INPUT --replay {path}")
-        positional, rest_positional = [rest[0], fields["prompt"]], rest[1:]
-    if any(p.startswith("-") for p in positional):
-        return flags + rest_positional + ["--"] + positional, notes
-    return positional + flags + rest_positional, notes
+    expanded, notes, _ = replay.expand(command, argv, build_parser(command))
+    return expanded, notes
 
 
-def _input_changed(path: str, record: dict) -> list:
-    """A note when the recorded input picture is not the file at its path any more."""
-    source = record.get("input")
-    if not source:
-        return []
-    import hashlib
+def _offline_replay(model: str, typed: list) -> None:
+    """A replay without --allow-download reaches no network: the hub library is told so before it
+    is imported (it reads HF_HUB_OFFLINE once, at import), and a model missing from the local
+    cache is refused now, with the flag that allows it."""
+    from . import replay
 
-    try:
-        digest = hashlib.sha256(Path(source["path"]).read_bytes()).hexdigest()
-    except OSError:
-        return [f"replay of {path}: its input picture {source['path']} cannot be read"]
-    if digest == source.get("sha256"):
-        return []
-    return [f"replay of {path}: its input picture {source['path']} has changed since (sha256 "
-            f"{source.get('sha256', '?')[:12]} then, {digest[:12]} now): the pictures will differ"]
-
-
-def _replay_sameness(path: str, record: dict) -> str:
-    """Whether a replay can give the same bytes: same package versions and device."""
-    import mlx.core as mx
-
-    from .record import versions
-
-    then = dict(record.get("versions") or {}, device=record.get("device"))
-    now = dict(versions(), device=str(mx.default_device()))
-    differ = [f"{k} {then.get(k)} -> {now[k]}" for k in now if then.get(k) != now[k]]
-    if not differ:
-        return (f"replay of {path}: same package versions and device as when it was made: the "
-                "pictures should be byte-identical")
-    return f"replay of {path}: made with other versions or device ({'; '.join(differ)}): pictures may differ"
+    found = replay.find(typed)
+    if found is None:
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    replay.check_local(model, found[0])
 
 
 def _check_environment() -> None:
@@ -489,6 +433,8 @@ def _command(command: str, typed: list, console: Console) -> int:
     for line in notes:
         console.notice(line)
     args = build_parser(command).parse_args(argv)
+    if not args.allow_download:
+        _offline_replay(args.model, typed)
     console = Console(args.quiet, args.verbose)
     if args.print_parser:
         for key, value in sorted(vars(args).items()):
