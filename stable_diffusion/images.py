@@ -113,7 +113,7 @@ def check_image_path(path: str | os.PathLike, *, min_side: int | None = None) ->
     p = Path(path)
     file_bytes = _check_file(p)
     try:
-        with open(p, "rb") as f, _translated(p, "read"):
+        with _open_checked(p) as f, _translated(p, "read"):
             with _open(f) as im:
                 _check_header(im, p, min_side)
                 return ImageFileInfo(p, im.format or "?", im.mode, im.size, file_bytes)
@@ -143,7 +143,7 @@ def load_image(
     p = Path(path)
     _check_file(p)
     try:
-        with open(p, "rb") as f:
+        with _open_checked(p) as f:
             # One read serves both the hash and the decoder, so they see the same bytes.
             data = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
@@ -255,6 +255,19 @@ def _check_file(p: Path) -> int:
             "save it at a smaller size or with compression"
         )
     return st.st_size
+
+
+def _open_checked(p: Path):
+    """The file opened without waiting, and checked again on the open file (regular, within the
+    size limit): a name swapped for a pipe after `_check_file` cannot block the read."""
+    from .files import open_regular
+
+    try:
+        return open_regular(p, "input", "input image")
+    except InputError as e:
+        if isinstance(e.__cause__, OSError):  # permissions and the like: said as for any read
+            raise _read_error(p, e.__cause__) from e.__cause__
+        raise
 
 
 def _read_error(p: Path, e: Exception) -> InputError:
