@@ -148,7 +148,7 @@ def read_prompts(path: str | os.PathLike) -> tuple:
     try:
         text = read_regular(path, "prompts", "").decode("utf-8")
     except InputError as e:
-        raise SpecError("prompts", f"{{flag}} {e}; give a UTF-8 text file with one prompt per line") from None
+        raise SpecError("prompts", f"{{flag}} {e} of UTF-8 text, one prompt per line") from None
     except UnicodeDecodeError as e:
         raise SpecError("prompts", f"{{flag}} {path} cannot be read ({type(e).__name__}); give a "
                                    "UTF-8 text file with one prompt per line") from None
