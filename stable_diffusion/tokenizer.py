@@ -203,10 +203,11 @@ class Tokenizer:
         """Token ids of one text, without start, end or padding tokens, and without truncation
         below the bounds (see the module's doc: a longer text gives its first tokens, at least
         `MAX_ENCODED_TOKENS` of them)."""
-        return self._encode(text)[0]
+        return self.encode_counted(text)[0]
 
-    def _encode(self, text: str) -> tuple[list, bool]:
-        """(ids, whether they are all of the text's tokens)."""
+    def encode_counted(self, text: str) -> tuple[list, bool]:
+        """(`encode`'s ids, whether they are all of the text's tokens: False when the text is
+        beyond the bounds, and its count a lower bound)."""
         ids, complete = [], len(text) <= MAX_TEXT_CHARS
         for segment, special in split_specials(text[:MAX_TEXT_CHARS], self.raw_specials):
             if special:
@@ -233,7 +234,7 @@ class Tokenizer:
         room = self.max_length - 2
         rows, dropped = [], []
         for index, text in enumerate(texts):
-            ids, complete = self._encode(text)
+            ids, complete = self.encode_counted(text)
             lost = max(0, len(ids) - room)
             if lost:
                 at_least = "" if complete else "at least "
