@@ -126,174 +126,26 @@ def build_specs(command: str, args) -> tuple:
 
 
 def replay_arguments(command: str, argv: list) -> tuple[list, list]:
-    """argv with `--replay PICTURE` expanded into the arguments that picture records, followed by
-    the rest of argv (which therefore overrides them), and notes to show."""
-    for i, arg in enumerate(argv):
-        if arg == "--replay" or arg.startswith("--replay="):
-            break
-    else:
-        return argv, []
-    if arg == "--replay":
-        if i + 1 >= len(argv):
-            raise InputError("--replay needs a picture: --replay out.png")
-        path, rest = argv[i + 1], argv[:i] + argv[i + 2:]
-    else:
-        path, rest = arg.split("=", 1)[1], argv[:i] + argv[i + 1:]
-    from . import infotext, picture_meta
+    """argv with `--replay PICTURE` expanded into the arguments that picture records (checked:
+    settings only, see replay.py), followed by the rest of argv (which therefore overrides them),
+    and notes to show."""
+    from . import replay
 
-    text, record_text = picture_meta.read_picture_texts(path)
-    record = picture_meta.read_picture_metadata(path)[1] if record_text is not None else {}
-    if "replay" in record:
-        if record.get("command") != command:
-            raise InputError(f"{path} was made by {record.get('command')}; replay it with "
-                             f"{record.get('command')}.py")
-        replayed, private_notes = list(record["replay"]), []
-        if record.get("private"):
-            replayed, rest, private_notes = _private_replay(command, path, record, replayed, rest)
-        replayed = _without_relisted(replayed, rest)
-        notes = _input_changed(path, record) + _adapters_changed(path, record, replayed)
-        return replayed + rest, private_notes + (notes or [_replay_sameness(path, record)])
-    if text is None:
-        raise InputError(f"{path} carries no parameters to replay (no `parameters` text, no record "
-                         "of ours)")
-    fields, warnings = infotext.parse_parameters(text)
-    notes = [f"replay of {path}: {w}" for w in warnings]
-    flags = []
-    for key, flag in (("negative_prompt", "--negative_prompt"), ("steps", "--steps"),
-                      ("sampler", "--sampler"), ("schedule", "--schedule"), ("cfg", "--cfg"),
-                      ("seed", "--seed")):
-        if key in fields and fields[key] not in (None, ""):
-            flags.append(f"{flag}={fields[key]}")
-    if "model" in fields:
-        notes.append(f"replay of {path}: Model {fields['model']!r} names another tool's checkpoint; "
-                     "pass --model to choose ours")
-    if command == "txt2image":
-        if "width" in fields and "height" in fields:
-            flags.append(f"--size={fields['height']}x{fields['width']}")
-        positional, rest_positional = [fields["prompt"]], rest
-    else:
-        if "strength" in fields:
-            flags.append(f"--strength={fields['strength']}")
-        if not rest or rest[0].startswith("-"):
-            raise InputError(f"{path} records no input picture: give it first, "
-                             f"image2image.py INPUT --replay {path}")
-        positional, rest_positional = [rest[0], fields["prompt"]], rest[1:]
-    if any(p.startswith("-") for p in positional):
-        return flags + rest_positional + ["--"] + positional, notes
-    return positional + flags + rest_positional, notes
+    expanded, notes, _ = replay.expand(command, argv, build_parser(command))
+    return expanded, notes
 
 
-# The flags a private picture's texts are given again with, and their spellings' common start
-# (argparse takes an unambiguous abbreviation too).
-_PRIVATE_FLAGS = {"negative_prompt": ("--negative_prompt", ("--negative",)),
-                  "inversion_prompt": ("--inversion_prompt", ("--inversion_prompt", "--inversion-prompt"))}
+def _offline_replay(model: str, typed: list) -> None:
+    """A replay without --allow-download reaches no network: the hub library is told so before it
+    is imported (it reads HF_HUB_OFFLINE once, at import), and a model missing from the local
+    cache is refused now, with the flag that allows it."""
+    from . import replay
 
-
-def _private_replay(command: str, path: str, record: dict, replayed: list, rest: list) -> tuple:
-    """A picture made with -sp 0 records hashes, not its texts: they must be given again, the
-    prompt first after the flags' owner (`--replay a.png "PROMPT"`), the others by their flags.
-    Returns (the replayed arguments with the prompt in place, the rest, notes)."""
-    from . import privacy
-
-    fields = set(record["private"].get("fields", ()))
-    where = 1 if command == "image2image" else 0  # the replay's positionals: [image,] prompt
-    recorded = {field: a.split("=", 1)[1] for a in replayed for field, (flag, _) in _PRIVATE_FLAGS.items()
-                if a.startswith(flag + "=")}
-    recorded["prompt"] = replayed[where] if len(replayed) > where else None
-    notes, given = [], {}
-    if "prompt" in fields:
-        dashed = rest[:1] == ["--"]  # `-- "-a prompt"`: a prompt that starts with a dash
-        rest = rest[1:] if dashed else rest
-        if not rest or (rest[0].startswith("-") and not dashed) or recorded["prompt"] != record.get("prompt"):
-            raise InputError(f"{path} was made with -sp 0: it records a salted hash, not its prompt; give "
-                             f"the prompt again: {command}.py --replay {path} \"PROMPT\"")
-        given["prompt"], rest = rest[0], rest[1:]
-        replayed = replayed[:where] + [given["prompt"]] + replayed[where + 1:]
-    for field, (flag, starts) in _PRIVATE_FLAGS.items():
-        if field not in fields:
-            continue
-        values = [a.split("=", 1)[1] if "=" in a else (rest[i + 1] if i + 1 < len(rest) else "")
-                  for i, a in enumerate(rest) if a.split("=", 1)[0].startswith(starts)]
-        if not values:
-            raise InputError(f"{path} was made with -sp 0: it records a salted hash, not its "
-                             f"{field.replace('_', ' ')}; give it again with {flag} TEXT")
-        given[field] = values[-1]
-    if record["private"].get("salt_id") != privacy.salt_id():
-        notes.append(f"replay of {path}: its hashes were made under another user's salt, so the "
-                     "texts given cannot be checked against them")
-    else:
-        for field, text in given.items():
-            if privacy.text_hash(text) != recorded.get(field):
-                notes.append(f"replay of {path}: the {field.replace('_', ' ')} given is not the one it was "
-                             "made with (its salted hash differs): the pictures will differ")
-    if given.get("prompt", "").startswith("-"):  # argparse would read it as a flag
-        split = where + 1
-        return replayed[split:], rest + ["--"] + replayed[:split], notes
-    return replayed, rest, notes
-
-
-def _without_relisted(replayed: list, rest: list) -> list:
-    """The recorded arguments less the values of a repeatable option (--lora, --embedding) that
-    the user gives again: given ones replace the recorded list, as other flags override theirs."""
-    for flag, spellings in options.listed_flags().items():
-        if any(a.split("=", 1)[0] in spellings for a in rest):
-            replayed = [a for a in replayed if a.split("=", 1)[0] != flag]
-    return replayed
-
-
-def _adapters_changed(path: str, record: dict, replayed: list) -> list:
-    """A note for each recorded LoRA or embedding whose file is not the one the picture was made
-    with any more (its sha256 differs), or cannot be read."""
-    import hashlib
-
-    files = [options.lora_argument(a.split("=", 1)[1])[0] for a in replayed if a.startswith("--lora=")]
-    files += [options.embedding_argument(a.split("=", 1)[1])[0] for a in replayed if a.startswith("--embedding=")]
-    notes = []
-    for entry, file in zip(record.get("adapters") or [], files):
-        try:
-            if not Path(file).is_file():  # a pipe or a device would never end
-                raise OSError
-            with open(file, "rb") as f:
-                digest = hashlib.file_digest(f, "sha256").hexdigest()
-        except OSError:
-            notes.append(f"replay of {path}: its {entry.get('kind')} file {file} cannot be read")
-            continue
-        if digest != entry.get("sha256"):
-            notes.append(f"replay of {path}: its {entry.get('kind')} file {file} has changed since (sha256 "
-                         f"{str(entry.get('sha256'))[:12]} then, {digest[:12]} now): the pictures will differ")
-    return notes
-
-
-def _input_changed(path: str, record: dict) -> list:
-    """A note when the recorded input picture is not the file at its path any more."""
-    source = record.get("input")
-    if not source:
-        return []
-    import hashlib
-
-    try:
-        digest = hashlib.sha256(Path(source["path"]).read_bytes()).hexdigest()
-    except OSError:
-        return [f"replay of {path}: its input picture {source['path']} cannot be read"]
-    if digest == source.get("sha256"):
-        return []
-    return [f"replay of {path}: its input picture {source['path']} has changed since (sha256 "
-            f"{source.get('sha256', '?')[:12]} then, {digest[:12]} now): the pictures will differ"]
-
-
-def _replay_sameness(path: str, record: dict) -> str:
-    """Whether a replay can give the same bytes: same package versions and device."""
-    import mlx.core as mx
-
-    from .record import versions
-
-    then = dict(record.get("versions") or {}, device=record.get("device"))
-    now = dict(versions(), device=str(mx.default_device()))
-    differ = [f"{k} {then.get(k)} -> {now[k]}" for k in now if then.get(k) != now[k]]
-    if not differ:
-        return (f"replay of {path}: same package versions and device as when it was made: the "
-                "pictures should be byte-identical")
-    return f"replay of {path}: made with other versions or device ({'; '.join(differ)}): pictures may differ"
+    found = replay.find(typed)
+    if found is None:
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    replay.check_local(model, found[0])
 
 
 def _check_environment() -> None:
@@ -382,6 +234,8 @@ def _command(command: str, typed: list, console: Console) -> int:
     for line in notes:
         console.notice(line)
     args = build_parser(command).parse_args(argv)
+    if not args.allow_download:
+        _offline_replay(args.model, typed)
     console = Console(args.quiet, args.verbose, names=FLAGS)
     if args.print_parser:
         for key, value in sorted(vars(args).items()):

@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelError
+from .errors import InputError, ModelError
 
 
 class ConfigError(ModelError):
@@ -502,15 +503,17 @@ TEXT_COMPONENTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_
 
 def load_json(path: Path) -> dict:
     """A JSON object from a config file; any other root (a list, a number, null) is refused."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"missing config file {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config file {path} is a folder; download the model again") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    from .files import read_regular
+
+    path = Path(path)
+    if not os.path.lexists(path):
+        raise ConfigError(f"missing config file {path}")
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; download the model again")
+    try:  # a regular file of bounded size: not a pipe, not /dev/zero through a link
+        data = json.loads(read_regular(path, "config", "config file").decode("utf-8"))
+    except InputError as e:
+        raise ConfigError(f"{e}; download the model again") from None
     except (ValueError, UnicodeDecodeError) as e:  # ValueError: also a number of > 4300 digits
         raise ConfigError(f"config file {path} is not valid JSON ({e})") from None
     except RecursionError:  # nesting deeper than the parser's stack

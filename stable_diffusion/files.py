@@ -1,4 +1,5 @@
-"""Writing files whole or not at all, one writer per output name, and JSON as we write it.
+"""Writing files whole or not at all, one writer per output name, bounded reads, and JSON as we
+write and read it.
 
 Every file is written whole or not at all: the bytes go to a hidden temporary name in the target's
 folder, are flushed to disk, and the temporary file is renamed over the target (a rename within one
@@ -17,6 +18,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Mapping
 
@@ -148,7 +150,9 @@ def output_lock(output: str | os.PathLike, wait: bool = False,
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             while True:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+                # Never through a link: a planted `.name.lock -> ~/.bashrc` would be opened (and
+                # made) wherever it points.
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
                 if fcntl is None:
                     held = True
                     break
@@ -175,6 +179,9 @@ def output_lock(output: str | os.PathLike, wait: bool = False,
                 fd = None
         except OSError as err:
             reason = err.strerror if err.strerror else str(err)
+            if err.errno == errno.ELOOP:
+                raise InputError(f"{path} is a link; the lock of {output.name} must be a plain file: "
+                                 "remove the link, or choose another output name") from err
             if err.errno in _USER_ERRNOS or err.errno == errno.ENOENT:
                 raise InputError(f"cannot write into the output folder {path.parent}: {reason}; "
                                  "choose another output folder") from err
@@ -302,7 +309,137 @@ def check_output_dir(folder: str | os.PathLike) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+# Bounded reads
+
+# The largest file of each kind the tool reads, far above what a real one holds and far below what
+# would cost a gigabyte or a minute: a file given on the command line or named by metadata (a
+# replayed picture's record, a manifest line) is read through `open_regular` with its kind's cap.
+READ_LIMITS = {
+    "picture": 256 << 20,  # a picture whose metadata is read (--replay): Pillow may hold a chunk twice
+    "config": 16 << 20,  # a model's JSON configs (kilobytes)
+    "tokenizer": 64 << 20,  # vocab.json, merges.txt, tokenizer.json (a few megabytes)
+    "sidecar": 64 << 20,  # a run's record, with per-step curves
+    "grid": 4 << 20,  # a sweep's TOML or JSON grid
+    "prompts": 16 << 20,  # a sweep's prompts file: 100,000 long prompts
+    "manifest": 1 << 30,  # a sweep's manifest, read line by line
+    "hashed": 1 << 30,  # a file hashed to be verified (an input picture, a sweep's run file)
+    "input": 1 << 30,  # an input picture, read whole (images.MAX_FILE_BYTES)
+}
+MAX_LINE_BYTES = 16 << 20  # a manifest line longer than this is not one of ours: skipped unread
+
+
+def _shown_path(path) -> str:
+    text = os.fsdecode(path) if isinstance(path, (bytes, os.PathLike)) else str(path)
+    return text if text.isprintable() else ascii(text)
+
+
+def _named(what: str, path) -> str:
+    """`what path` for messages ("grid file x.toml"), or the path alone when `what` is empty."""
+    return f"{what} {_shown_path(path)}" if what else _shown_path(path)
+
+
+def _kind_of(mode: int) -> str:
+    return ("a folder" if stat.S_ISDIR(mode) else "a named pipe" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+
+
+def open_regular(path: str | os.PathLike, kind: str, what: str = "file") -> BinaryIO:
+    """`path` opened for binary reading if it is a regular file within `READ_LIMITS[kind]` bytes;
+    else an `InputError` naming `what` and the path. The checks are made on the open file, so a
+    name swapped for a pipe between a check and the open cannot block the read: the open itself
+    never waits (O_NONBLOCK) for a pipe's writer."""
+    limit = READ_LIMITS[kind]
+    shown = _named(what, path)
+    flags = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+             | getattr(os, "O_BINARY", 0))
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise InputError(f"{shown} does not exist") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise InputError(f"cannot read {shown}: {reason}") from e  # the cause, for callers' words
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"{shown} is {_kind_of(st.st_mode)}; give a regular file")
+        if st.st_size > limit:
+            raise InputError(f"{shown} is {st.st_size} bytes, more than the {limit} a {kind} file "
+                             "may have here")
+        if fcntl is not None and flags & getattr(os, "O_NONBLOCK", 0):
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: str | os.PathLike, kind: str, what: str = "file") -> bytes:
+    """The bytes of a regular file within its kind's cap (see `open_regular`); a file that grows
+    past the cap while being read is refused too."""
+    limit = READ_LIMITS[kind]
+    with open_regular(path, kind, what) as f:
+        try:
+            data = f.read(limit + 1)
+        except OSError as e:
+            raise InputError(f"cannot read {_named(what, path)}: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise InputError(f"{_named(what, path)} grew past {limit} bytes while being read")
+    return data
+
+
+def file_digest(path: str | os.PathLike, kind: str = "hashed", what: str = "file") -> tuple[int, str]:
+    """(size in bytes, SHA-256 hex) of a regular file, hashed in blocks: memory stays flat."""
+    limit = READ_LIMITS[kind]
+    digest, size = hashlib.sha256(), 0
+    with open_regular(path, kind, what) as f:
+        try:
+            while block := f.read(1 << 20):
+                size += len(block)
+                if size > limit:
+                    raise InputError(f"{_named(what, path)} grew past {limit} bytes while being read")
+                digest.update(block)
+        except OSError as e:
+            raise InputError(f"cannot read {_named(what, path)}: {e.strerror or e}") from None
+    return size, digest.hexdigest()
+
+
+def read_lines(path: str | os.PathLike, kind: str, what: str = "file"):
+    """The lines of a regular file within its kind's cap, one at a time, without their line ends;
+    a line over `MAX_LINE_BYTES` comes as None (it was skipped, never held whole)."""
+    with open_regular(path, kind, what) as f:
+        while True:
+            line = f.readline(MAX_LINE_BYTES + 1)
+            if not line:
+                return
+            if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+                while (rest := f.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+                    pass
+                yield None
+                continue
+            yield line.rstrip(b"\r\n")
+
+
+# ---------------------------------------------------------------------------------------------
 # JSON
+
+
+def parse_json(text: str | bytes, what: str):
+    """JSON from text that is not ours to trust: invalid, or nested deeper than the parser's stack
+    (which Python reports as RecursionError), is an `InputError` naming `what`."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise InputError(f"{what} is nested too deeply to be ours") from None
+    except (ValueError, UnicodeDecodeError) as e:  # ValueError: also a number of > 4300 digits
+        raise InputError(f"{what} is not valid JSON ({_first_line(e)})") from None
+
+
+def _first_line(error: Exception, limit: int = 120) -> str:
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return text[:limit]
+
 
 
 def _json_default(value: Any) -> Any:

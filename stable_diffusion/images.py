@@ -42,7 +42,6 @@ import contextlib
 import functools
 import hashlib
 import importlib
-import io
 import math
 import os
 import stat
@@ -113,7 +112,7 @@ def check_image_path(path: str | os.PathLike, *, min_side: int | None = None) ->
     p = Path(path)
     file_bytes = _check_file(p)
     try:
-        with open(p, "rb") as f, _translated(p, "read"):
+        with _open_checked(p) as f, _translated(p, "read"):
             with _open(f) as im:
                 _check_header(im, p, min_side)
                 return ImageFileInfo(p, im.format or "?", im.mode, im.size, file_bytes)
@@ -142,29 +141,35 @@ def load_image(
 
     p = Path(path)
     _check_file(p)
+    notices: list[str] = []
     try:
-        with open(p, "rb") as f:
-            # One read serves both the hash and the decoder, so they see the same bytes.
-            data = f.read(MAX_FILE_BYTES + 1)
+        f = _open_checked(p)
     except OSError as e:
         raise _read_error(p, e) from e
-    if not data or len(data) > MAX_FILE_BYTES:
+    # The file is hashed in blocks, then decoded from the same open file, never held whole: bytes
+    # after the picture cost nothing. A file that changes meanwhile is refused (size and time).
+    with f:
+        before = os.fstat(f.fileno())
+        try:
+            sha256 = _digest(f)
+            f.seek(0)
+        except OSError as e:
+            raise _read_error(p, e) from e
+        with _translated(p, "decode") as caught:
+            im = _open(f)
+            _check_header(im, p, min_side)
+            stored_size, fmt, mode = im.size, im.format or "?", im.mode
+            _note_frames(lambda: _reopen(p, before), notices)
+            _draft_jpeg(im, p, multiple, max_pixels, notices)
+            rawmode = _tile_rawmode(im)
+            if ";16" in rawmode and mode not in _HIGH_DEPTH_MODES:
+                notices.append(f"16-bit samples reduced to 8 bits by the decoder ({rawmode})")
+            im.load()
+            im, swapped = _upright(im, notices)
+            work = _working_image(im, notices)
+        after = os.fstat(f.fileno())
+    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or not before.st_size:
         raise InputError(f"input image {_shown(p)} changed while being read; run again once it is written")
-    notices: list[str] = []
-
-    with _translated(p, "decode") as caught:
-        # No `with`: closing would drop the pixels, and a BytesIO holds no file handle.
-        im = _open(io.BytesIO(data))
-        _check_header(im, p, min_side)
-        stored_size, fmt, mode = im.size, im.format or "?", im.mode
-        _note_frames(data, notices)
-        _draft_jpeg(im, p, multiple, max_pixels, notices)
-        rawmode = _tile_rawmode(im)
-        if ";16" in rawmode and mode not in _HIGH_DEPTH_MODES:
-            notices.append(f"16-bit samples reduced to 8 bits by the decoder ({rawmode})")
-        im.load()
-        im, swapped = _upright(im, notices)
-        work = _working_image(im, notices)
     notices.extend(f"decoder warning: {_one_line(str(w.message))}" for w in caught)
 
     # Sizes come from the file, not from a JPEG decoded at reduced scale, so they do not depend on it.
@@ -188,7 +193,7 @@ def load_image(
         pixels=np.ascontiguousarray(pixels, dtype=np.float32),
         original_size=stored_size,
         size=size,
-        sha256=hashlib.sha256(data).hexdigest(),
+        sha256=sha256,
         format=fmt,
         mode=mode,
         notices=notices,
@@ -255,6 +260,40 @@ def _check_file(p: Path) -> int:
             "save it at a smaller size or with compression"
         )
     return st.st_size
+
+
+def _open_checked(p: Path):
+    """The file opened without waiting, and checked again on the open file (regular, within the
+    size limit): a name swapped for a pipe after `_check_file` cannot block the read."""
+    from .files import open_regular
+
+    try:
+        return open_regular(p, "input", "input image")
+    except InputError as e:
+        if isinstance(e.__cause__, OSError):  # permissions and the like: said as for any read
+            raise _read_error(p, e.__cause__) from e.__cause__
+        raise
+
+
+def _digest(f) -> str:
+    """SHA-256 of an open file from its start, read in blocks (at most MAX_FILE_BYTES)."""
+    digest, size = hashlib.sha256(), 0
+    while block := f.read(1 << 20):
+        size += len(block)
+        if size > MAX_FILE_BYTES:
+            raise InputError(f"input image grew past {MAX_FILE_BYTES} bytes while being read; run "
+                             "again once it is written")
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def _reopen(p: Path, first: os.stat_result):
+    """A second reader of the file being decoded, only if it is still that file."""
+    f = _open_checked(p)
+    if not os.path.samestat(os.fstat(f.fileno()), first):
+        f.close()
+        raise InputError(f"input image {_shown(p)} changed while being read; run again once it is written")
+    return f
 
 
 def _read_error(p: Path, e: Exception) -> InputError:
@@ -350,7 +389,7 @@ def _open(fp) -> Image.Image:
 # --- decoding -----------------------------------------------------------------------------------
 
 
-def _note_frames(data: bytes, notices: list[str]) -> None:
+def _note_frames(reopen, notices: list[str]) -> None:
     """Say when the file holds more than the first frame, which is the one decoded.
 
     Asked of a second opening of the same bytes, so that a damaged later frame, which may leave a
@@ -358,17 +397,18 @@ def _note_frames(data: bytes, notices: list[str]) -> None:
     header holds the count: GIF and TIFF must be walked frame by frame, which a file of a million
     tiny frames turns into minutes; for them a second frame's presence is enough.
     """
-    probe = _open(io.BytesIO(data))
-    kind = "page" if probe.format == "TIFF" else "image" if probe.format == "MPO" else "frame"
-    try:
-        if probe.format in _COUNTED_IN_HEADER:
-            count = int(getattr(probe, "n_frames", 1))
-            if count > 1:
-                notices.append(f"first {kind} of {count} used ({probe.format})")
-        elif getattr(probe, "is_animated", False):
-            notices.append(f"first {kind} used (a multi-{kind} {probe.format})")
-    except Exception as e:
-        notices.append(f"first {kind} used; later ones are unreadable ({_one_line(str(e), 80)})")
+    with reopen() as fp:
+        probe = _open(fp)
+        kind = "page" if probe.format == "TIFF" else "image" if probe.format == "MPO" else "frame"
+        try:
+            if probe.format in _COUNTED_IN_HEADER:
+                count = int(getattr(probe, "n_frames", 1))
+                if count > 1:
+                    notices.append(f"first {kind} of {count} used ({probe.format})")
+            elif getattr(probe, "is_animated", False):
+                notices.append(f"first {kind} used (a multi-{kind} {probe.format})")
+        except Exception as e:
+            notices.append(f"first {kind} used; later ones are unreadable ({_one_line(str(e), 80)})")
 
 
 def _jpeg_limit_scale(im: Image.Image) -> int | None:

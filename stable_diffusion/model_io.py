@@ -93,6 +93,26 @@ def resolve_model(spec: str, variant: str | None = None, vae: str | Path | None 
     return folder, {"model": name, "revision": revision or "main", "commit": commit, "source": "hub"}
 
 
+def hub_id_to_fetch(spec: str) -> str | None:
+    """The hub id[@revision] that resolving `spec` would fetch, or None when nothing would be: an
+    alias of a packaged model, a path that exists, a hub model whose snapshot is in the local
+    cache, or something that is no hub id at all (resolving it fails without the network).
+    Looks only at the local cache, never at the network."""
+    if spec in PACKAGED:
+        return None
+    name, revision = parse_model_spec(spec)
+    if Path(name).expanduser().exists() or not _HUB_ID.match(name):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - dependency of the package
+        return None
+    found = try_to_load_from_cache(name, "model_index.json", revision=revision)
+    if isinstance(found, str):
+        return None
+    return f"{name}@{revision}" if revision else name
+
+
 def _replaced(source: dict, vae, prediction_type) -> dict:
     """A model's source record with what `vae` and `prediction_type` replaced in it."""
     return dict(source, **({"vae": str(Path(vae).resolve())} if vae is not None else {}),

@@ -290,6 +290,10 @@ OPTIONS = (
            "override its values), or map another tool's `parameters` onto ours (image2image then "
            "takes the input picture first)", metavar="PICTURE"),
 
+    Option(("--allow-download", "--allow_download"), None, "with --replay: fetch the model from the hub "
+           "when it is not in the local cache (a replay fetches nothing unless asked)", parsers=SINGLE,
+           action="store_true", dest="allow_download"),
+
     Option(("-pp", "--print_parser"), None, "print the parsed arguments before work starts", TERMINAL,
            parse=parse_flag, default=False, nargs="?", const=True, metavar="1"),
     Option(("--quiet",), None, "no progress bars and no notices", TERMINAL, action="store_true"),

@@ -8,14 +8,15 @@ with zero-padded numbers so that the names sort; the sidecar is `<stem>.json`.
 
 from __future__ import annotations
 
-import json
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from . import files
+from .record import NotOurs, read_own_sidecar
 from .spec import MAX_STEPS, RunSpec, SpecError
 
 
@@ -45,6 +46,12 @@ KINDS = {
 }
 _ANY_KIND = "(" + "|".join(k.pattern for k in KINDS.values()) + ")"
 _DERIVED = re.compile(r"(.+)\." + _ANY_KIND)
+
+
+def derived_base(stem: str) -> str | None:
+    """`x` for a stem named as a file of the run `x` (`x.step-001`, `x.curve`, ...), else None."""
+    m = _DERIVED.fullmatch(stem)
+    return None if m is None else m[1]
 
 
 @dataclass(frozen=True)
@@ -127,6 +134,12 @@ def prepare(output: Path, notice) -> None:
     if sidecar.is_dir():
         raise SpecError("output", f"{{flag}} {output}: {sidecar} is a folder, where the run writes its "
                                   "record; choose another {flag} name")
+    try:  # the run replaces its record: only one of ours may stand there
+        read_own_sidecar(sidecar)
+    except NotOurs as e:
+        raise SpecError("output", f"{{flag}} {output}: the run writes its record as {sidecar}, and "
+                                  f"what is there is not ours to replace ({e}); move it, or choose "
+                                  "another {flag} name") from None
     folder = output.parent  # made by the output lock, which removes it again if the run leaves it empty
     files.check_output_dir(folder)
     removed = files.remove_stale_temporaries(folder, output.with_suffix("").name)
@@ -136,24 +149,31 @@ def prepare(output: Path, notice) -> None:
 
 
 def remove_previous_run(names: FileNames, notice) -> None:
-    """The files an earlier run named after this output left (those its sidecar lists, and any
-    of our names beside it: a killed run's unlisted last frame) go before the first file of
-    this run lands, so that the sidecar lists every file named after the output."""
-    stem = names.stem.name
-    previous = set()
+    """The files an earlier run named after this output left go before the first file of this
+    run lands, so that the sidecar lists every file named after the output. Only what the tool
+    can prove it wrote: a file the sidecar of ours lists (a killed run lists its last file as
+    "writing" before it takes its name), in the output's folder, under one of the names a run
+    of this output gives (`<stem>.png`, `<stem>.<kind>.png`, ... in any picture format), and
+    still a regular file. Anything else stays: the user's `cat.jpg` beside `--output cat.png`."""
     try:
-        previous = {f["file"] for f in json.loads(names.sidecar().read_text())["files"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # no record, or a damaged one: the names alone say what is ours
-    ours = re.compile(re.escape(stem) + f"(\\.{_ANY_KIND})?" + r"\.(png|webp|jpe?g|gif)", re.IGNORECASE)
+        record = read_own_sidecar(names.sidecar())
+    except NotOurs:
+        return  # prepare refused this before any work; nothing of it is ours to judge by
+    if record is None:
+        return
+    folder = names.stem.parent
+    ours = re.compile(re.escape(names.stem.name) + f"(?i:(\\.{_ANY_KIND})?\\.(png|webp|jpe?g|gif))")
     removed = 0
-    for path in names.stem.parent.iterdir():
-        if path.name in previous or ours.fullmatch(path.name):
-            try:
-                if path.is_file():
-                    path.unlink()
-                    removed += 1
-            except OSError:
-                pass
+    for entry in record["files"]:
+        name = entry.get("file") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not ours.fullmatch(name):
+            continue
+        path = folder / name
+        try:
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                path.unlink()
+                removed += 1
+        except OSError:
+            pass
     if removed:
         notice(f"replaced the {removed} file(s) an earlier run wrote under the name {names.output.name}")

@@ -8,9 +8,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Mapping
 from xml.sax.saxutils import escape as _xml_escape
@@ -19,7 +17,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from .errors import InputError
-from .files import atomic_write, to_json
+from .files import atomic_write, open_regular, parse_json, to_json
 from .infotext import parse_parameters_text
 
 PARAMETERS_KEY = "parameters"
@@ -101,7 +99,7 @@ _USER_COMMENT = 0x9286
 # UTF-16 big-endian text, which is what the readers decode.
 _UNICODE_PREFIX = b"UNICODE\0"
 _XMP_NS = "urn:sd-trajectory:1"
-_XMP_RECORD = re.compile(r"<sdt:record>(.*?)</sdt:record>", re.S)
+_XMP_OPEN, _XMP_CLOSE = "<sdt:record>", "</sdt:record>"
 
 
 def exif_bytes(parameters: str) -> bytes:
@@ -135,10 +133,16 @@ def _xmp_record(xmp: bytes | str | None) -> str | None:
     if not xmp:
         return None
     text = xmp.decode("utf-8", errors="replace") if isinstance(xmp, bytes) else xmp
-    m = _XMP_RECORD.search(text)
-    if m is None:
+    # Two plain searches, linear in the packet: a lazy regex would rescan the rest of a hostile
+    # packet from every opening tag it holds (quadratic in a megabyte of them).
+    start = text.find(_XMP_OPEN)
+    if start < 0:
         return None
-    return m.group(1).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+    start += len(_XMP_OPEN)
+    end = text.find(_XMP_CLOSE, start)
+    if end < 0:
+        return None
+    return text[start:end].replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
 
 
 def read_picture_metadata(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -148,12 +152,17 @@ def read_picture_metadata(path: str | os.PathLike) -> tuple[dict[str, Any], dict
 
 
 def read_picture_texts(path: str | os.PathLike) -> tuple[str | None, str | None]:
-    """The raw `parameters` text and JSON record text of a picture, None where absent."""
+    """The raw `parameters` text and JSON record text of a picture, None where absent.
+
+    Only the file's header is read, never its pixels: a regular file within the picture cap
+    (files.open_regular), a PNG's text chunks before its image data (where we and A1111 write
+    them), so that neither a pipe nor a decompression bomb costs more than the header."""
     path = Path(path)
     try:
-        with Image.open(path) as im:
+        with open_regular(path, "picture", "picture") as f, Image.open(f) as im:
             if im.format == "PNG":
-                text = dict(im.text)
+                # `im.info`, not `im.text`: the latter decodes every pixel to reach later chunks.
+                text = {k: v for k, v in im.info.items() if isinstance(v, str)}
                 parameters, record = text.get(PARAMETERS_KEY), text.get(TRAJECTORY_KEY)
             elif im.format in ("JPEG", "WEBP", "GIF"):
                 parameters = _user_comment(im) if im.format != "GIF" else None
@@ -167,8 +176,16 @@ def read_picture_texts(path: str | os.PathLike) -> tuple[str | None, str | None]
         raise InputError(f"{path} does not exist") from None
     except UnidentifiedImageError:
         raise InputError(f"{path} is not a picture Pillow can read") from None
+    except Image.DecompressionBombError:
+        raise InputError(f"{path} declares more pixels than any picture of ours (a decompression "
+                         "bomb); it cannot be replayed") from None
     except OSError as err:
         raise InputError(f"cannot read {path}: {err.strerror or err}") from None
+    except (ValueError, SyntaxError, EOFError) as err:  # Pillow on a damaged header or chunk
+        if isinstance(err, InputError):
+            raise
+        raise InputError(f"cannot read {path}: {str(err)[:120] or type(err).__name__}; the picture "
+                         "is damaged") from None
     return parameters, record
 
 
@@ -176,10 +193,7 @@ def _parsed(path: Path, parameters: str | None, record: str | None) -> tuple[dic
     fields = parse_parameters_text(parameters) if parameters is not None else {}
     data = {}
     if record is not None:
-        try:
-            data = json.loads(record)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{path}: the {TRAJECTORY_KEY} record is not valid JSON ({err})") from None
+        data = parse_json(record, f"{path}: the {TRAJECTORY_KEY} record")
     return fields, data
 
 

@@ -187,3 +187,8 @@ def redact_argv(argv, spec) -> list:
                 arg = f"{flag}={typed[value]}"
         out.append(arg)
     return out
+
+
+def shown_value(field: str, value, private: bool):
+    """A sweep's grid value as its files show it: a private sweep's prompts as their hashes."""
+    return text_hash(value) if private and field == "prompt" else value

@@ -13,18 +13,48 @@ import contextlib
 import errno
 import functools
 import os
+import stat
 from pathlib import Path
 
 from . import infotext, privacy
-from .errors import OutputError
-from .files import to_json, write_text_atomic
+from .errors import InputError, OutputError
+from .files import parse_json, read_regular, to_json, write_text_atomic
 
 FORMAT_VERSION = 2
+COMMANDS = ("image2image", "txt2image")
 
 
 def write_sidecar(path: str | os.PathLike, record: dict) -> Path:
     """The run's machine-readable record: JSON, sorted keys, indent 2, a trailing newline."""
     return write_text_atomic(path, to_json(record, indent=2) + "\n")
+
+
+class NotOurs(InputError):
+    """A file stands where a sidecar of ours would, and is not one."""
+
+
+def read_own_sidecar(path: str | os.PathLike) -> dict | None:
+    """The record in `path` if it is a sidecar of ours (a regular file within the sidecar cap,
+    holding a JSON object with our format, a command of ours and a list of files); None when
+    nothing is there; `NotOurs` naming what is there otherwise."""
+    path = Path(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise NotOurs(f"{path} cannot be read ({e.strerror or e})") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise NotOurs(f"{path} is a link, not a record of ours")
+    try:
+        record = parse_json(read_regular(path, "sidecar", "record"), f"{path}")
+    except InputError as e:
+        raise NotOurs(str(e)) from None
+    if not (isinstance(record, dict) and isinstance(record.get("format"), int)
+            and not isinstance(record.get("format"), bool) and record.get("command") in COMMANDS
+            and isinstance(record.get("files"), list)):
+        raise NotOurs(f"{path} is not a record of ours (no format, command and files)")
+    return record
 
 
 class Ledger:
@@ -60,10 +90,31 @@ class Ledger:
         self.files[index] = entry
         self.write()
 
-    def write_last(self, status: str, extra: dict) -> None:
-        """The run's last record. If the disk is full, the old "running" record goes first (no
-        record reads the same: the run did not finish), and if even that is not room enough, the
+    def missing(self) -> list[str]:
+        """The listed files no longer in the sidecar's folder as regular files (someone removed
+        them, or the folder, while the run went on); they are marked `"state": "missing"`."""
+        gone = []
+        for entry in self.files:
+            try:
+                whole = stat.S_ISREG(os.lstat(self.path.parent / entry["file"]).st_mode)
+            except OSError:
+                whole = False
+            if not whole:
+                entry["state"] = "missing"
+                gone.append(entry["file"])
+        return gone
+
+    def write_last(self, status: str, extra: dict) -> list[str]:
+        """The run's last record, true to the folder as it is now: files gone before the end are
+        marked missing, and a run that would say "finished" says "incomplete" then (returned:
+        the names gone). If the disk is full, the old "running" record goes first (no record
+        reads the same: the run did not finish), and if even that is not room enough, the
         per-step curves (the record says so)."""
+        gone = self.missing()
+        if gone:
+            extra = dict(extra, missing=gone)
+            if status == "finished":
+                status = "incomplete"
         try:
             self.write(status, **extra)
         except OutputError as e:
@@ -75,6 +126,7 @@ class Ledger:
             except OutputError:
                 self.record.pop("curves", None)
                 self.write(status, curves="dropped: the disk was full")
+        return gone
 
 
 def base(plan, session, environment: dict, replay, picture) -> dict:

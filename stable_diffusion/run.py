@@ -110,7 +110,11 @@ def execute(session, spec, console, argv=(), replay=None, picture=None, wait: bo
         finally:
             timings["total_s"] = elapsed(started)
             with signals.shielded():  # the last word on the run: further signals cannot cut it short
-                _write_last(ledger, plan, status, error, kept, denoisers, timings, memory, console)
+                gone = _write_last(ledger, plan, status, error, kept, denoisers, timings, memory, console)
+        if gone and status == "finished":
+            raise OutputError(f"{len(gone)} file(s) of the run were removed before it ended ("
+                              f"{', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''}); the sidecar "
+                              f"{names.sidecar()} lists them as missing")
         return RunResult(status, ledger.files, names.sidecar(),
                          None if interrupt is None else getattr(interrupt, "signum", signal.SIGINT), timings)
 
@@ -214,9 +218,10 @@ def _evaluate(step, session, timings: dict, started: float) -> None:
                              + numerical_advice(session.dtype_name, session.model_spec.quantize))
 
 
-def _write_last(ledger, plan, status, error, kept, denoisers, timings, memory, console) -> None:
-    """The sidecar's last word. If the disk refuses it, the error that ended the run still gets
-    reported (the sidecar then says "running")."""
+def _write_last(ledger, plan, status, error, kept, denoisers, timings, memory, console) -> list:
+    """The sidecar's last word; returns the listed files gone before it (see Ledger.write_last).
+    If the disk refuses it, the error that ended the run still gets reported (the sidecar then
+    says "running")."""
     extra = dict(unet_calls=sum(d.calls for d in denoisers), timings=timings,
                  memory=dict(memory, peak_rss_bytes=_peak_rss(), mlx_peak_bytes=mx.get_peak_memory()))
     for sink in kept:
@@ -228,11 +233,12 @@ def _write_last(ledger, plan, status, error, kept, denoisers, timings, memory, c
     if error is not None:
         extra["error"] = error
     try:
-        ledger.write_last(status, extra)
+        return ledger.write_last(status, extra)
     except OutputError as e:
         if status == "finished":
             raise
         console.error(f"error: the sidecar could not be updated: {e}")
+        return []
 
 
 # --- checks and the environment ----------------------------------------------------------------------

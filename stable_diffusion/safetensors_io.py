@@ -173,7 +173,7 @@ def _read_header(path: Path) -> tuple[dict, int]:
         raise ModelError(f"cannot read {path}: {e.strerror or e}; check the file's permissions") from None
     try:
         header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: deep nesting
         header = None
     if not isinstance(header, dict):
         raise ModelError(f"{path} has a corrupt safetensors header; download it again")

@@ -35,7 +35,9 @@ What is inferred, and from what:
   `v_pred` tensor (the marker several tools write), else epsilon.
 
 View folders are small (configs, tokenizer files) and cached per file identity and options under
-SD_SINGLE_FILE_CACHE, by default a per-user folder in the system's temporary directory.
+SD_SINGLE_FILE_CACHE, by default the user's cache folder ($XDG_CACHE_HOME or ~/.cache). What is
+read back from there decides the architecture, so only a folder that is the user's own (not a
+link, owned by the user, writable by no one else) is trusted.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from mlx.utils import tree_flatten
 
 from .config import ConfigError, VAEConfig, load_json
 from .errors import ModelError
+from .private_cache import cached_folder
 from .safetensors_io import POINTER, read_safetensors_header, read_safetensors_places, refuse_pickle, weight_files
 
 ARCHITECTURE_KEY = "mlx_sd.architecture"
@@ -123,7 +126,7 @@ def _architecture(metadata: dict, path: Path) -> dict:
     """The ARCHITECTURE_KEY metadata: {network: {config field: value}} (see the module's doc)."""
     try:
         architecture = json.loads(metadata.get(ARCHITECTURE_KEY, "{}"))
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # RecursionError: deep nesting
         architecture = None
     if not isinstance(architecture, dict) or not all(isinstance(v, dict) for v in architecture.values()):
         raise ModelError(f"{path}: metadata {ARCHITECTURE_KEY} is not a JSON object of per-network "
@@ -545,31 +548,25 @@ def _write_tokenizer(folder: Path, vocab_size: int, pad: str, path: Path, carrie
 
 
 def _cache_root() -> Path:
-    """Where view folders live: SD_SINGLE_FILE_CACHE, else a per-user folder in the temp dir
-    (they hold only configs and tokenizer files, and are rebuilt in milliseconds when removed)."""
+    """Where view folders live: SD_SINGLE_FILE_CACHE, else the user's cache folder. Not the
+    system's temporary folder: a name there can be taken first by another user."""
     if os.environ.get("SD_SINGLE_FILE_CACHE"):
         return Path(os.environ["SD_SINGLE_FILE_CACHE"])
-    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
-    return Path(tempfile.gettempdir()) / f"mlx-sd-single-file-{user}"
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base or not os.path.isabs(base):
+        try:
+            base = str(Path.home() / ".cache")
+        except RuntimeError:  # no home folder: a per-user name in the temp folder, checked as any
+            user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+            return Path(tempfile.gettempdir()) / f"mlx-sd-single-file-{user}"
+    return Path(base) / "mlx-sd-trajectory" / "single-file"
 
 
 def _cached_view(key: list, write) -> Path:
     """The view folder for `key`, written by `write(folder)` whole or not at all when absent."""
-    target = _cache_root() / hashlib.sha256(json.dumps([*key, _VIEW_VERSION]).encode()).hexdigest()[:24]
-    if (target / "model_index.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".part-", dir=target.parent))
-    try:
-        write(work)
-        try:
-            os.replace(work, target)
-        except OSError:  # another run wrote it meanwhile
-            shutil.rmtree(work, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return target
+    digest = hashlib.sha256(json.dumps([*key, _VIEW_VERSION]).encode()).hexdigest()[:24]
+    return cached_folder(_cache_root(), digest, write, "the single-file view cache",
+                         "SD_SINGLE_FILE_CACHE")
 
 
 def view_folder(path, vae=None, prediction_type: str | None = None) -> tuple[Path, dict]:

@@ -6,7 +6,7 @@ any work. A `Manifest` (`sweep.jsonl`, one line per run) says which runs finishe
 they left, with sizes and SHA-256; a rerun skips the runs whose files still verify. The runs go
 through `Session.run` exactly as the single commands do, so each run's files are those of the
 equivalent command. `sweep.json` is the sweep's own record: what loading, encoding and stepping
-cost. The contact sheet lays the final pictures out by the two fields that vary most.
+cost. The contact sheet (sweep_sheet.py) lays the final pictures out by the two fields that vary most.
 
 Nothing here knows argparse: errors are `SpecError`s naming the grid field (`strengths`, `seeds`,
 `prompts`, `name`, ...); the command line turns them into flags.
@@ -14,11 +14,12 @@ Nothing here knows argparse: errors are `SpecError`s naming the grid field (`str
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
 import os
+import re
+import stat
 import string
 import time
 from dataclasses import asdict, dataclass, replace
@@ -26,12 +27,16 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from . import privacy
+from .privacy import shown_value
 from .choices import SAMPLER_NAMES, SCHEDULES
 from .errors import InputError, NumericalError, OutputError
-from .files import check_output_dir, to_json, write_text_atomic
+from .files import (check_output_dir, file_digest, parse_json, read_lines, read_regular,
+                    to_json, write_text_atomic)
+from .outputs import check_name_length, derived_base
 from .picture_meta import save_png
-from .record import write_sidecar
+from .record import NotOurs, read_own_sidecar, write_sidecar
 from .spec import ModelSpec, RunSpec, SpecError
+from .sweep_sheet import SHEET, contact_sheet, pages_to_redraw, sheet_plan  # noqa: F401 (SHEET: as before)
 
 # The fields a grid varies, outermost first: the run order, the manifest order, the name order.
 FIELDS = ("prompt", "sampler", "schedule", "steps", "cfg", "strength", "seed")
@@ -39,9 +44,10 @@ FIELDS = ("prompt", "sampler", "schedule", "steps", "cfg", "strength", "seed")
 GRID_KEYS = {"prompt": "prompts", "sampler": "samplers", "schedule": "schedules", "steps": "steps",
              "cfg": "cfg", "strength": "strengths", "seed": "seeds"}
 MAX_RUNS = 100_000
+MAX_MAGNITUDE = 20  # decimal digits before the point of any grid number (seeds reach 2**64 - 1)
+MAX_FORMAT_NUMBER = 255  # a width or precision in a name pattern: no file name is longer
 MANIFEST = "sweep.jsonl"
 RECORD = "sweep.json"
-SHEET = "sweep.sheet.png"
 
 
 # --- the grid ---------------------------------------------------------------------------------------
@@ -54,6 +60,11 @@ def _decimal(key: str, text: str) -> Decimal:
         raise SpecError(key, f"{{flag}} {text.strip()!r} is not a number") from None
     if not value.is_finite():
         raise SpecError(key, f"{{flag}} {text.strip()!r} is not a finite number")
+    # Bounded before anything turns it into an integer: int(Decimal("1e99999999")) would build a
+    # hundred-million-digit number.
+    if value and value.adjusted() >= MAX_MAGNITUDE:
+        raise SpecError(key, f"{{flag}} {text.strip()[:40]!r} is too large (at most {MAX_MAGNITUDE} "
+                             "digits before the point)")
     return value
 
 
@@ -80,13 +91,16 @@ def parse_values(key: str, text: str, kind: type) -> tuple:
             step = _decimal(key, parts[2]) if len(parts) == 3 else Decimal(1)
             if step == 0:
                 raise SpecError(key, f"{{flag}} {item!r} has a step of 0; use a step such as 0.1")
-            count = int((stop - start) / step) + 1 if (stop - start) * step >= 0 else 0
-            if count <= 0:
+            try:
+                span = (stop - start) / step  # compared before it becomes an integer
+            except ArithmeticError:  # decimal's Overflow: beyond any count
+                raise SpecError(key, f"{{flag}} {item!r} has more than {MAX_RUNS} values") from None
+            if span < 0:
                 raise SpecError(key, f"{{flag}} {item!r} is an empty range (from {start} towards "
                                      f"{stop} by {step}); swap the ends or the step's sign")
-            if count > MAX_RUNS:
-                raise SpecError(key, f"{{flag}} {item!r} has {count} values; at most {MAX_RUNS}")
-            values += [start + k * step for k in range(count)]
+            if span >= MAX_RUNS:
+                raise SpecError(key, f"{{flag}} {item!r} has more than {MAX_RUNS} values")
+            values += [start + k * step for k in range(int(span) + 1)]
         elif kind is int and "-" in item.lstrip("-"):
             low, high = item.lstrip("-").split("-", 1)
             low = ("-" if item.startswith("-") else "") + low
@@ -99,6 +113,8 @@ def parse_values(key: str, text: str, kind: type) -> tuple:
             values += [start + k for k in range(int(stop - start) + 1)]
         else:
             values.append(_decimal(key, item))
+        if len(values) > MAX_RUNS:  # many ranges together, each within the bound
+            raise SpecError(key, f"{{flag}} has more than {MAX_RUNS} values")
     if not values:
         raise SpecError(key, "{flag} is empty; give values such as 1,2,3 or a range 1-8")
     if kind is int:
@@ -116,6 +132,8 @@ def _file_values(key: str, value, kind: type) -> tuple:
     if not items:
         raise SpecError(key, "{flag} is empty in the grid file; give a list of values")
     for v in items:
+        if isinstance(v, str) and "\0" in v:
+            raise SpecError(key, "{flag} holds a NUL character in the grid file; remove it")
         ok = isinstance(v, str) if kind is str else (isinstance(v, (int, float)) and not isinstance(v, bool)
                                                      and (kind is float or float(v).is_integer()))
         if not ok:
@@ -126,14 +144,19 @@ def _file_values(key: str, value, kind: type) -> tuple:
 def read_prompts(path: str | os.PathLike) -> tuple:
     """One prompt per line; blank lines are skipped (an empty prompt is given as `""` in a grid file)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         raise SpecError("prompts", f"{{flag}} {path}: no such file; give a text file with one prompt "
-                                   "per line") from None
-    except (OSError, UnicodeDecodeError) as e:
+                                   "per line")
+    try:
+        text = read_regular(path, "prompts", "").decode("utf-8")
+    except InputError as e:
+        raise SpecError("prompts", f"{{flag}} {e} of UTF-8 text, one prompt per line") from None
+    except UnicodeDecodeError as e:
         raise SpecError("prompts", f"{{flag}} {path} cannot be read ({type(e).__name__}); give a "
                                    "UTF-8 text file with one prompt per line") from None
+    if "\0" in text:
+        raise SpecError("prompts", f"{{flag}} {path} holds a NUL character; give a text file with one "
+                                   "prompt per line")
     prompts = tuple(line.strip() for line in text.splitlines() if line.strip())
     if not prompts:
         raise SpecError("prompts", f"{{flag}} {path} has no prompts; write one prompt per line")
@@ -177,12 +200,12 @@ def read_grid_file(path: str | os.PathLike) -> dict:
     """{field: values} from a TOML or JSON file whose keys are those of `GRID_KEYS` (`prompts` a
     list, or `prompts_file` a path), plus optionally `name` (the name pattern)."""
     path = Path(path)
+    if not os.path.lexists(path):
+        raise SpecError("grid", f"{{flag}} {path}: no such file")
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise SpecError("grid", f"{{flag}} {path}: no such file") from None
-    except OSError as e:
-        raise SpecError("grid", f"{{flag}} {path} cannot be read ({e.strerror})") from None
+        data = read_regular(path, "grid", "")
+    except InputError as e:
+        raise SpecError("grid", f"{{flag}} {e}") from None
     try:
         if path.suffix.lower() == ".json":
             table = json.loads(data)
@@ -193,6 +216,8 @@ def read_grid_file(path: str | os.PathLike) -> dict:
     except (ValueError, UnicodeDecodeError) as e:
         raise SpecError("grid", f"{{flag}} {path} is not valid {path.suffix.lstrip('.').upper() or 'TOML'}: "
                                 f"{str(e).splitlines()[0][:120]}") from None
+    except RecursionError:  # nesting deeper than the parser's stack
+        raise SpecError("grid", f"{{flag}} {path} is nested too deeply to be a grid") from None
     if not isinstance(table, dict):
         raise SpecError("grid", f"{{flag}} {path} must hold a table of fields")
     out = {}
@@ -251,9 +276,18 @@ def _name_fields(spec: RunSpec, prompt_index: int, index: int) -> dict:
 
 def format_name(pattern: str, fields: dict) -> str:
     try:
-        used = [f for _, f, _, _ in string.Formatter().parse(pattern) if f is not None]
+        parsed = list(string.Formatter().parse(pattern))
     except ValueError as e:
         raise SpecError("name", f"{{flag}} {pattern!r} is not a valid pattern ({e})") from None
+    used = [f for _, f, _, _ in parsed if f is not None]
+    for _, f, spec, _ in parsed:
+        # A width or precision makes that many characters (`{seed:>500000000}`): bounded by the
+        # longest name a file may have, and no field nested inside a format.
+        if spec and ("{" in spec or any(len(n) > 3 or int(n) > MAX_FORMAT_NUMBER
+                                        for n in re.findall(r"\d+", spec))):
+            raise SpecError("name", f"{{flag}} {pattern[:60]!r}: the format of {{{f}}} asks for more "
+                                    f"than {MAX_FORMAT_NUMBER} characters or nests a field; use a "
+                                    "width such as {seed:04d}")
     for f in used:
         if f not in fields:
             raise SpecError("name", f"{{flag}} {pattern!r} uses {{{f}}}; the fields are "
@@ -282,11 +316,6 @@ def spec_record(spec: RunSpec) -> dict:
     """The spec as JSON values (paths as text), for the manifest: a rerun compares these. A private
     spec's texts are their hashes (privacy.py), which compare as the texts do."""
     return json.loads(to_json(asdict(privacy.redacted(spec))))
-
-
-def shown_value(field: str, value, private: bool):
-    """A grid value as the sweep's files show it: a private sweep's prompts as their hashes."""
-    return privacy.text_hash(value) if private and field == "prompt" else value
 
 
 def model_record(model: ModelSpec) -> dict:
@@ -327,12 +356,14 @@ def expand(base: RunSpec, grid: Grid, folder: Path, pattern: str | None = None) 
             changes["strengths"] = (values["strength"],)
         spec = replace(base, **changes)
         prompt_index = prompts.index(spec.prompt) + 1 if prompts else 1
-        name = format_name(pattern, _name_fields(spec, prompt_index, index))
-        _check_name(name, pattern)
-        if name in seen:
-            raise SpecError("name", f"{{flag}} {pattern!r} gives {name!r} to runs {seen[name] + 1} and "
+        given = format_name(pattern, _name_fields(spec, prompt_index, index))
+        name = _check_name(given, pattern)
+        key = _same_path_key(name)
+        if key in seen:
+            both = repr(given) if seen[key][1] == given else f"{seen[key][1]!r} and {given!r} (one path)"
+            raise SpecError("name", f"{{flag}} {pattern!r} gives {both} to runs {seen[key][0] + 1} and "
                                     f"{index + 1}; add the fields that vary, or more digits")
-        seen[name] = index
+        seen[key] = (index, given)
         spec = replace(spec, output=folder / f"{name}.png")
         try:
             spec = spec.validate()
@@ -340,20 +371,57 @@ def expand(base: RunSpec, grid: Grid, folder: Path, pattern: str | None = None) 
             if e.field in values:  # a grid value: name the grid's flag
                 raise SpecError(GRID_KEYS[e.field], e.template) from None
             raise
+        try:
+            check_name_length(spec)
+        except SpecError as e:
+            raise SpecError("name", e.template.replace("{flag}", f"{{flag}} {pattern[:40]!r}:")) from None
         runs.append(SweepRun(index, name, {k: values[k] for k in grid.varying()}, spec))
     if not runs:
         raise SpecError("grid", "{flag} makes no run")
+    _check_derived_names(runs, seen, pattern)
     return runs
 
 
-def _check_name(name: str, pattern: str) -> None:
+def _same_path_key(name: str) -> str:
+    """Names that are one file on some file system are one key: `x`, `./x`, `a//b` and `a/b`, and
+    names that differ only in case (macOS and Windows fold it)."""
+    return os.path.normpath(name).casefold()
+
+
+def _check_name(name: str, pattern: str) -> str:
+    """The run's name, normalised (`./a//b` -> `a/b`), once it is a safe relative path: inside
+    the folder, no control characters, no part longer than a file name may be."""
+    if not name or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise SpecError("name", f"{{flag}} {pattern[:60]!r} gives {name[:60]!r}; names need printable "
+                                "characters (no NUL, line breaks or other controls)")
     parts = Path(name).parts
-    if not name or Path(name).is_absolute() or ".." in parts or name.endswith("/"):
+    if Path(name).is_absolute() or ".." in parts or name.endswith("/"):
         raise SpecError("name", f"{{flag}} {pattern!r} gives {name!r}; names stay inside the sweep's "
                                 "folder")
-    if name in ("sweep",) or name.startswith("sweep."):
+    name = Path(os.path.normpath(name)).as_posix()
+    if name == ".":
+        raise SpecError("name", f"{{flag}} {pattern!r} gives {name!r}; give each run a file name")
+    for part in Path(name).parts:
+        if len(os.fsencode(part)) > 255:
+            raise SpecError("name", f"{{flag}} {pattern[:40]!r} gives a folder name of "
+                                    f"{len(os.fsencode(part))} bytes; at most 255")
+    if name.casefold() == "sweep" or name.casefold().startswith("sweep."):
         raise SpecError("name", f"{{flag}} {pattern!r} gives {name!r}, which the sweep's own files "
                                 "use; choose another name")
+    return name
+
+
+def _check_derived_names(runs: list, seen: dict, pattern: str) -> None:
+    """No run's output may be another run's derived file (run `x` writes `x.step-001.png`, which
+    is run `x.step-001`'s output)."""
+    for run in runs:
+        folder, stem = os.path.split(run.name)
+        base = derived_base(stem)
+        if base is not None and _same_path_key(os.path.join(folder, base)) in seen:
+            other = seen[_same_path_key(os.path.join(folder, base))]
+            raise SpecError("name", f"{{flag}} {pattern!r} gives {run.name!r} to run {run.index + 1}, "
+                                    f"the name of a file of run {other[0] + 1} ({other[1]!r}); "
+                                    "choose names that do not end in .step-N, .curve, .best, ...")
 
 
 def check_plans(runs: list, session, image_size: tuple | None) -> None:
@@ -374,23 +442,51 @@ def check_plans(runs: list, session, image_size: tuple | None) -> None:
 
 
 def file_entry(folder: Path, path: Path) -> dict:
-    data = path.read_bytes()
-    return {"file": path.relative_to(folder).as_posix(), "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest()}
+    size, digest = file_digest(path, "hashed", "run file")
+    return {"file": path.relative_to(folder).as_posix(), "bytes": size, "sha256": digest}
 
 
-def verify(folder: Path, record: dict) -> bool:
-    """The record's files exist with the sizes and digests it lists."""
-    for entry in record.get("files", ()):
-        path = folder / entry["file"]
-        try:
-            if path.stat().st_size != entry["bytes"]:
-                return False
-            if hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
-                return False
-        except OSError:
+def _inside(folder: Path, name) -> Path | None:
+    """`folder / name` when `name` is a plain relative path that stays inside `folder`, links
+    followed; else None (a manifest line naming `../x`, `/etc/x` or a link out is not trusted)."""
+    if not isinstance(name, str) or not name or "\0" in name or "\\" in name:
+        return None
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts or relative.as_posix() != name:
+        return None
+    path = folder / relative
+    try:
+        if not Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder)):
+            return None
+    except (OSError, ValueError):
+        return None
+    return path
+
+
+def verify(folder: Path, record: dict, expected: set = frozenset()) -> bool:
+    """The record's files exist inside `folder` as regular files with the sizes and digests it
+    lists (hashed in blocks), and they include every name of `expected` (the run's output and
+    sidecar): what cannot be verified is not taken as done."""
+    files = record.get("files")
+    if not isinstance(files, list) or not files:
+        return False
+    listed = set()
+    for entry in files:
+        if not isinstance(entry, dict):
             return False
-    return bool(record.get("files"))
+        path, size, digest = _inside(folder, entry.get("file")), entry.get("bytes"), entry.get("sha256")
+        if path is None or not isinstance(size, int) or not isinstance(digest, str):
+            return False
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+                return False
+            if file_digest(path, "hashed", "run file") != (size, digest):
+                return False
+        except (OSError, InputError):
+            return False
+        listed.add(entry["file"])
+    return set(expected) <= listed
 
 
 class Manifest:
@@ -412,24 +508,29 @@ class Manifest:
                                  "values": {k: shown_value(k, v, private) for k, v in r.values.items()},
                                  "spec": spec_record(r.spec), "model": self.model,
                                  "status": "pending"} for r in runs}
+        # The files a finished run must have left: its output and its sidecar.
+        self.expected = {r.name: {r.spec.output.relative_to(self.folder).as_posix(),
+                                  r.spec.output.with_suffix(".json").relative_to(self.folder).as_posix()}
+                         for r in runs}
 
     def previous(self) -> dict:
-        """name -> record of an earlier sweep in this folder, if any; unreadable lines are ignored
-        (they were not "finished")."""
+        """name -> record of an earlier sweep in this folder, if any, for the names of this sweep;
+        unreadable lines are ignored (they were not "finished"). Read line by line, within the
+        manifest cap."""
         out = {}
-        try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
+        if not os.path.lexists(self.path):
             return out
-        except (OSError, UnicodeDecodeError) as e:
-            raise InputError(f"cannot read the manifest {self.path} ({type(e).__name__}); move it "
-                             "away to start the sweep afresh") from None
-        for line in lines:
-            try:
-                record = json.loads(line)
-                out[record["name"]] = record
-            except (ValueError, KeyError, TypeError):
-                continue
+        try:
+            for line in read_lines(self.path, "manifest", "manifest"):
+                try:
+                    record = parse_json(line.decode("utf-8"), "manifest line")
+                    if isinstance(record, dict) and record.get("name") in self.records:
+                        out[record["name"]] = record
+                except (InputError, UnicodeDecodeError, TypeError, AttributeError):
+                    continue
+        except InputError as e:
+            raise InputError(f"cannot read the manifest: {e}; move it away to start the sweep "
+                             "afresh") from None
         return out
 
     def resume(self) -> set:
@@ -439,7 +540,7 @@ class Manifest:
         for name, old in self.previous().items():
             new = self.records.get(name)
             if (new is not None and old.get("status") == "finished" and old.get("spec") == new["spec"]
-                    and old.get("model") == self.model and verify(self.folder, old)):
+                    and old.get("model") == self.model and verify(self.folder, old, self.expected[name])):
                 self.records[name] = dict(old, skipped=True)
                 done.add(name)
         return done
@@ -463,66 +564,6 @@ class Manifest:
         write_text_atomic(self.path, "\n".join(lines) + "\n")
 
 
-# --- the contact sheet ------------------------------------------------------------------------------
-
-
-def _label(name: str, value, private: bool = False) -> str:
-    value = shown_value(name, value, private)
-    if name == "strength":
-        return f"s={value:g}"
-    if name == "prompt":
-        return value if len(value) <= 24 else value[:21] + "..."
-    return f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
-
-
-def sheet_layout(grid: Grid) -> tuple:
-    """(row fields, column field): the column is the field with the most values; rows are the
-    others that vary, the one with the most values innermost."""
-    varying = list(grid.varying())
-    if not varying:
-        return (), None
-    column = max(reversed(varying), key=lambda f: len(grid.values(f)))
-    rows = sorted((f for f in varying if f != column), key=lambda f: len(grid.values(f)))
-    return tuple(reversed(rows)), column
-
-
-def contact_sheet(folder: Path, runs: list, grid: Grid, cell: int = 256):
-    """The final pictures of `runs` laid out on the two (or more) fields that vary, labelled; a
-    cell of the grid without a picture stays empty. Returns a uint8 (H, W, 3) or None when no
-    picture exists yet."""
-    import numpy as np
-    from PIL import Image
-
-    from . import render
-
-    row_fields, column = sheet_layout(grid)
-    private = bool(runs) and not runs[0].spec.capture.save_prompt
-    col_values = grid.values(column) if column else (None,)
-    row_combos = list(itertools.product(*(grid.values(f) for f in row_fields)))
-    table = {}
-    size = None  # (W, H) of every cell: the first picture's, shrunk to `cell`
-    for run in runs:
-        path = run.spec.output
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                if size is None:
-                    scale = min(1.0, cell / max(im.size))
-                    size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
-                picture = np.asarray(im.resize(size, Image.Resampling.LANCZOS) if im.size != size else im)
-        except (OSError, ValueError):
-            continue
-        r = row_combos.index(tuple(run.values[f] for f in row_fields))
-        c = col_values.index(run.values[column]) if column else 0
-        table[r, c] = picture
-    if not table:
-        return None
-    cells = [[table.get((r, c)) for c in range(len(col_values))] for r in range(len(row_combos))]
-    captions = [[_label(column, v, private) for v in col_values] for _ in row_combos] if column else None
-    row_labels = [", ".join(_label(f, v, private) for f, v in zip(row_fields, combo)) for combo in row_combos]
-    return render.contact_sheet(cells, row_labels if row_fields else None, captions)
-
-
 # --- running ----------------------------------------------------------------------------------------
 
 
@@ -543,8 +584,8 @@ class Outcome:
 def read_outcome(result, timings: dict) -> Outcome:
     """The outcome of a run from its sidecar (which every run writes, whoever made it)."""
     try:
-        record = json.loads(Path(result.sidecar).read_text())
-    except (OSError, ValueError):
+        record = read_own_sidecar(result.sidecar) or {}
+    except NotOurs:
         record = {}
     return Outcome(result.status, dict(timings), record.get("seed"), record.get("unet_calls"),
                    signum=result.signum)
@@ -610,6 +651,8 @@ class Sweep:
                  sheet_every: int | None = 10, sheet_cell: int = 256):
         self.runs, self.grid, self.folder, self.model = runs, grid, Path(folder), model
         self.sheet_every, self.sheet_cell = sheet_every, sheet_cell
+        self.sheet = sheet_plan(grid, sheet_cell)
+        self._drawn: set = set()  # names of the finished runs the sheet's pages show
         self.manifest = Manifest(self.folder, runs, model)
         self.private = bool(runs) and not runs[0].spec.capture.save_prompt
 
@@ -621,11 +664,15 @@ class Sweep:
         return [r for r in self.runs if r.name not in done]
 
     def write_sheet(self) -> None:
+        """Redraw the pages of the sheet that show a run finished since they were drawn."""
         # Only finished runs: a file left by an earlier, different sweep is not this one's picture.
         finished = [r for r in self.runs if self.manifest.records[r.name]["status"] == "finished"]
-        picture = contact_sheet(self.folder, finished, self.grid, self.sheet_cell)
-        if picture is not None:
-            save_png(self.folder / SHEET, picture)
+        new = {r.name for r in finished} - self._drawn
+        for r0, r1, c0, c1, name in pages_to_redraw(self.sheet, self.grid, [r for r in finished if r.name in new]):
+            picture = contact_sheet(self.folder, finished, self.grid, self.sheet.cell, (r0, r1, c0, c1))
+            if picture is not None:
+                save_png(self.folder / name, picture)
+        self._drawn |= new
 
     def execute(self, pool, console, after_run=None) -> SweepReport:
         """Make the runs not yet done with `pool`; the manifest follows each run, the sheet is
@@ -693,7 +740,7 @@ class Sweep:
     def _files(self, run: SweepRun) -> list:
         """The run's files, from its sidecar (every file the run wrote) and the sidecar itself."""
         sidecar = run.spec.output.with_suffix(".json")
-        record = json.loads(sidecar.read_text())
+        record = read_own_sidecar(sidecar) or {}
         base = sidecar.parent
         paths = [base / f["file"] for f in record.get("files", ())] + [sidecar]
         return [file_entry(self.folder, p) for p in paths]
@@ -721,7 +768,10 @@ class Sweep:
                           "final_decode_s": total("final_decode_s"), "runs_total_s": total("total_s")},
                 "model": model_record(self.model),
                 "grid": {GRID_KEYS[f]: [shown_value(f, x, self.private) for x in v] for f, v in self.grid.axes},
-                "manifest": MANIFEST, "sheet": SHEET,
+                "manifest": MANIFEST, "sheet": self.sheet.pages[0][-1],
+                **({"sheet_pages": [page[-1] for page in self.sheet.pages]}
+                   if len(self.sheet.pages) > 1 else {}),
+                **({"sheet_cell": self.sheet.cell} if self.sheet.cell != self.sheet_cell else {}),
             }
             record.update(pool.counts())
             self.manifest.write()

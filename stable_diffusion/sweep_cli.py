@@ -188,8 +188,10 @@ def _sweep(argv: list, console: Console) -> int:
     if report.failed:
         console.error(f"{report.failed} of {report.total} runs failed; see {folder / 'sweep.jsonl'}")
         return 1
+    pages = sweep.sheet.pages
     console.say(f"sweep done: {report.ran} run(s) made, {report.skipped} already there; "
-                f"{folder / 'sweep.sheet.png'}, {folder / 'sweep.json'}")
+                f"{folder / pages[0][-1]}{f' (and {len(pages) - 1} more pages)' if len(pages) > 1 else ''}, "
+                f"{folder / 'sweep.json'}")
     return 0
 
 

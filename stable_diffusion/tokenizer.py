@@ -19,11 +19,18 @@ diffusers pipelines run:
 4. every piece becomes its UTF-8 bytes, each shown as one printable character (GPT-2's byte table),
    `</w>` marks the piece's last symbol, and the merges apply in rank order.
 5. the start token, at most `model_max_length - 2` tokens, the end token, then padding.
+
+The work is bounded whatever the text (the encoder reads 75 tokens): the BPE, quadratic in a
+piece's length, merges a piece longer than `MAX_PIECE_BYTES` (no word is) in chunks of that size;
+encoding stops once `MAX_ENCODED_TOKENS` tokens are found, and reads at most `MAX_TEXT_CHARS`
+characters. Below those bounds the ids are exactly transformers'; above them the first tokens
+still are, and the count of a longer text is a lower bound ("at least").
 """
 
 from __future__ import annotations
 
 import json
+import os
 import unicodedata
 import warnings
 from functools import lru_cache
@@ -32,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ConfigError, TextEncoderConfig, TokenizerConfig
-from .errors import ModelError
+from .errors import InputError, ModelError
 
 END_OF_WORD = "</w>"
 VERSION_LINE = "#version: 0.2"
@@ -42,6 +49,9 @@ VERSION_LINE = "#version: 0.2"
 WHITESPACE = frozenset("\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
                        "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
 CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
+MAX_PIECE_BYTES = 1024  # a 1024-byte piece merges in a quarter of a second; 100,000 in an hour
+MAX_ENCODED_TOKENS = 1024  # far beyond what any text encoder reads (75)
+MAX_TEXT_CHARS = 1 << 16
 
 
 @lru_cache(maxsize=1)
@@ -191,9 +201,16 @@ class Tokenizer:
         return self.config.model_max_length
 
     def encode(self, text: str) -> list:
-        """Token ids of one text, without start, end or padding tokens, and without truncation."""
-        ids = []
-        for segment, special in split_specials(text, self.raw_specials):
+        """Token ids of one text, without start, end or padding tokens, and without truncation
+        below the bounds (see the module's doc: a longer text gives its first tokens, at least
+        `MAX_ENCODED_TOKENS` of them)."""
+        return self.encode_counted(text)[0]
+
+    def encode_counted(self, text: str) -> tuple[list, bool]:
+        """(`encode`'s ids, whether they are all of the text's tokens: False when the text is
+        beyond the bounds, and its count a lower bound)."""
+        ids, complete = [], len(text) <= MAX_TEXT_CHARS
+        for segment, special in split_specials(text[:MAX_TEXT_CHARS], self.raw_specials):
             if special:
                 ids.append(self.vocab[segment])
                 continue
@@ -202,8 +219,10 @@ class Tokenizer:
                     ids.extend(self._expansions.get(part, (self.vocab[part],)))
                     continue
                 for piece in split_words(part):
-                    ids.extend(self._bpe(piece))
-        return ids
+                    ids.extend(self._bpe(piece, MAX_ENCODED_TOKENS - len(ids)))
+                    if len(ids) >= MAX_ENCODED_TOKENS:
+                        return ids, False
+        return ids, complete
 
     def taken(self, words) -> str | None:
         """The first of `words` the vocabulary holds, as a token or as a whole word (`cat</w>`): a
@@ -244,12 +263,13 @@ class Tokenizer:
         room = self.max_length - 2
         rows, dropped = [], []
         for index, text in enumerate(texts):
-            ids = self.encode(text)
+            ids, complete = self.encode_counted(text)
             lost = max(0, len(ids) - room)
             if lost:
-                warnings.warn(f"a prompt is {len(ids)} tokens long and the text encoder reads {room}: "
-                              f"the last {lost} tokens were dropped ({self.decode(ids[room:])!r})",
-                              stacklevel=2)
+                at_least = "" if complete else "at least "
+                warnings.warn(f"a prompt is {at_least}{len(ids)} tokens long and the text encoder reads "
+                              f"{room}: the last {at_least}{lost} tokens were dropped "
+                              f"({self.decode(ids[room:])!r})", stacklevel=2)
             row = [self.bos_id, *ids[:room], self.eos_id]
             rows.append(row + [self.pad_id] * (self.max_length - len(row)))
             dropped.append(lost)
@@ -279,11 +299,29 @@ class Tokenizer:
         flush()
         return " ".join(words)
 
-    def _bpe(self, piece: str) -> list:
+    def _bpe(self, piece: str, wanted: int = MAX_ENCODED_TOKENS) -> list:
+        """The ids of one piece; a piece over MAX_PIECE_BYTES is merged in chunks of that size,
+        and only until `wanted` ids are found."""
         if piece in self._cache:
             return self._cache[piece]
-        symbols = [self._symbols[b] for b in piece.encode("utf-8")]
-        symbols[-1] += END_OF_WORD
+        raw = piece.encode("utf-8")
+        if len(raw) <= MAX_PIECE_BYTES:
+            ids = self._merge(raw, True)
+            if len(self._cache) < 100_000:
+                self._cache[piece] = ids
+            return ids
+        ids = []
+        for start in range(0, len(raw), MAX_PIECE_BYTES):
+            ids += self._merge(raw[start:start + MAX_PIECE_BYTES], start + MAX_PIECE_BYTES >= len(raw))
+            if len(ids) >= wanted:
+                break
+        return ids
+
+    def _merge(self, raw: bytes, end: bool) -> list:
+        """The BPE of one piece's bytes (`end`: they end the piece, and take `</w>`)."""
+        symbols = [self._symbols[b] for b in raw]
+        if end:
+            symbols[-1] += END_OF_WORD
         while len(symbols) > 1:
             # The lowest-ranked adjacent pair merges first, at every place it occurs, left to right.
             pairs = {(a, b) for a, b in zip(symbols, symbols[1:])}
@@ -299,10 +337,7 @@ class Tokenizer:
                     merged.append(symbols[i])
                     i += 1
             symbols = merged
-        ids = [self.vocab.get(s, self.unk_id) for s in symbols]
-        if len(self._cache) < 100_000:
-            self._cache[piece] = ids
-        return ids
+        return [self.vocab.get(s, self.unk_id) for s in symbols]
 
 
 def _special_settings(folder: Path) -> dict:
@@ -349,17 +384,25 @@ def read_added_tokens(folder) -> dict:
     return added
 
 
-def _read_json(path: Path) -> dict:
+def _read_text(path: Path) -> str:
+    """A tokenizer file's text: a regular file within the tokenizer cap (files.read_regular)."""
+    from .files import read_regular
+
+    if not os.path.lexists(path):
+        raise ModelError(f"missing tokenizer file {path}")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ModelError(f"missing tokenizer file {path}") from None
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: deep nesting
+        return read_regular(path, "tokenizer", "tokenizer file").decode("utf-8")
+    except InputError as e:
+        raise ModelError(f"{e}; download the tokenizer again") from None
+
+
+def _read_json(path: Path) -> dict:
+    text = _read_text(path)
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:  # RecursionError: deep nesting
         raise ModelError(f"tokenizer file {path} is not valid JSON ({str(e)[:80]}); download it "
                          "again") from None
-    except OSError as e:
-        raise ModelError(f"cannot read tokenizer file {path}: {e.strerror or e}") from None
     if not isinstance(data, dict):
         raise ModelError(f"tokenizer file {path} does not hold a JSON object; download it again")
     return data
@@ -377,9 +420,7 @@ def _read_vocab(path: Path) -> dict:
 def _read_merges(path: Path) -> dict:
     """merges.txt: an optional '#version' line, then one 'left right' pair per line, best first."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise ModelError(f"missing tokenizer file {path}") from None
+        lines = _read_text(path).splitlines()
     except UnicodeDecodeError:
         raise ModelError(f"{path} is not UTF-8 text; download it again") from None
     ranks = {}

@@ -237,6 +237,11 @@ def test_output_folder_made_and_old_files_replaced(tmp_path, sd2):
     for path in [stale, *kept]:
         path.write_bytes(b"half a picture")
 
+    # A damaged sidecar is no proof of what is ours (issue 20): refused before any work, untouched.
+    refused = run("txt2image.py", *args)
+    assert refused.returncode == 2 and "o.json" in refused.stderr, refused.stderr
+    assert (folder / "o.json").read_text() == "{" and stale.exists()
+    (folder / "o.json").unlink()
     second = run("txt2image.py", *args)
     assert second.returncode == 0, second.stderr
     assert "note: removed 1 temporary file(s) left by a killed run" in second.stderr

@@ -1,0 +1,64 @@
+"""Cache folders whose contents the tool trusts (configs it reads back): the user's own only.
+
+A folder is reused only if it is not a link, belongs to the user and no one else may write into
+it; a shared or predictable place (the system's temporary folder) could otherwise be filled first
+by another user. Entries are written whole: into a private temporary folder, then renamed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from .errors import ModelError
+
+
+def check_own(folder: Path, what: str, setting: str) -> None:
+    """Refuse to trust `folder` (named `what` in messages; `setting` is the environment variable
+    that moves it) when someone else could have filled it."""
+    try:
+        st = os.lstat(folder)
+    except OSError as e:
+        raise ModelError(f"{what} {folder} cannot be read ({e.strerror or e}); set {setting} to a "
+                         "folder of your own") from None
+    owner = os.getuid() if hasattr(os, "getuid") else st.st_uid  # Windows: no owners to compare
+    problem = ("is a link" if stat.S_ISLNK(st.st_mode) else "is not a folder" if not stat.S_ISDIR(st.st_mode)
+               else f"belongs to another user (uid {st.st_uid})" if st.st_uid != owner
+               else "may be written by other users" if os.name == "posix" and st.st_mode & 0o022 else None)
+    if problem is not None:
+        raise ModelError(f"{what} {folder} {problem}, so what it holds cannot be trusted; remove it "
+                         f"(or chmod go-w it), or set {setting} to a folder of your own")
+
+
+def cached_folder(root: Path, name: str, write: Callable[[Path], None], what: str, setting: str,
+                  marker: str = "model_index.json") -> Path:
+    """`root / name`, written by `write(folder)` whole or not at all when it holds no `marker`
+    file yet; `root` is made private (0700) when it is made, and both are checked with
+    `check_own` before any use."""
+    target = root / name
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        raise ModelError(f"cannot make {what} {root} ({e.strerror or e}); set {setting} to a "
+                         "folder of your own") from None
+    check_own(root, what, setting)
+    if os.path.lexists(target):
+        check_own(target, what, setting)
+        if (target / marker).is_file():
+            return target
+    work = Path(tempfile.mkdtemp(prefix=".part-", dir=root))
+    try:
+        write(work)
+        try:
+            os.replace(work, target)
+        except OSError:  # another run wrote it meanwhile
+            shutil.rmtree(work, ignore_errors=True)
+            check_own(target, what, setting)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return target

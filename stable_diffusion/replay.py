@@ -1,0 +1,301 @@
+"""`--replay PICTURE`: a picture's metadata turned into arguments, read as untrusted input.
+
+A picture may come from anywhere. A record of ours gives the arguments that made it; another
+tool's `parameters` text gives the fields it shares with ours. Either way the picture chooses
+settings only: never where the run writes (`--output`), never a further replay, never how the
+process behaves (waiting, verbosity), and never a model fetched from the hub unless the user
+asks (`--allow-download`; the command line enforces it with `check_local`). A record that is not
+a list of known flags and values is refused whole, with one line.
+
+The flags a record may hold are those of the parser the command line builds (passed in), so that
+this module knows no flag names besides the few it refuses, which it knows by their fields.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from . import options
+from .errors import InputError
+
+COMMANDS = ("image2image", "txt2image")
+# Fields a picture may not set, and why: destinations, other sources, the process's behaviour.
+REFUSED = {"output": "where the run writes is the user's to choose",
+           "replay": "a replay cannot start another",
+           "help": "not a setting", "print_parser": "not a setting", "quiet": "not a setting",
+           "verbose": "not a setting", "wait": "not a setting",
+           "allow_download": "only the user may allow a download"}
+MAX_ARGUMENTS = 256  # ours hold about 40
+MAX_ARGUMENT_CHARS = 1 << 20  # a prompt far beyond the 77 tokens any text encoder reads
+_NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # a value to argparse, not a flag
+
+
+def _refuse(path, reason: str) -> InputError:
+    return InputError(f"replay of {_shown(path)}: {reason}; the picture cannot be replayed")
+
+
+def _shown(text) -> str:
+    text = os.fsdecode(text) if isinstance(text, (bytes, os.PathLike)) else str(text)
+    return text if text.isprintable() else ascii(text)
+
+
+def check_arguments(arguments, parser, path) -> list:
+    """The recorded argument list, checked: a list of strings of sane sizes, every flag one the
+    parser knows (exactly as it knows it: no abbreviation, no short flags run together), none of
+    REFUSED, and the whole a command the parser accepts on its own. Returns it as a new list."""
+    if not isinstance(arguments, list) or not arguments:
+        raise _refuse(path, "its record's `replay` is not a list of arguments")
+    if len(arguments) > MAX_ARGUMENTS:
+        raise _refuse(path, f"its record holds {len(arguments)} arguments, more than {MAX_ARGUMENTS}")
+    for item in arguments:
+        if not isinstance(item, str):
+            raise _refuse(path, f"its record's arguments must be text, found {type(item).__name__}")
+        if len(item) > MAX_ARGUMENT_CHARS:
+            raise _refuse(path, f"its record holds an argument of {len(item)} characters")
+        if "\0" in item:
+            raise _refuse(path, "its record holds a NUL character")
+    actions = parser._option_string_actions  # option string -> action (argparse keeps no public map)
+    for item in arguments:
+        if item == "--":
+            break  # positionals only from here
+        if not item.startswith("-") or item == "-" or _NEGATIVE_NUMBER.match(item):
+            continue
+        name = item.split("=", 1)[0]
+        action = actions.get(name)
+        if action is None:
+            if " " in item:  # argparse reads it as a value
+                continue
+            raise _refuse(path, f"its record holds {_shown(name)[:60]!s}, not a flag of this command")
+        if action.dest in REFUSED:
+            raise _refuse(path, f"its record sets {name} ({REFUSED[action.dest]})")
+    try:
+        parsed = parser.parse_args(list(arguments))
+    except InputError as e:
+        raise _refuse(path, f"its record is not a command ({str(e)[:160]})") from None
+    except SystemExit:
+        raise _refuse(path, "its record is not a command") from None
+    for dest in REFUSED:  # belt and braces: whatever argparse made of it, these stay as they were
+        if hasattr(parsed, dest) and getattr(parsed, dest) != parser.get_default(dest):
+            raise _refuse(path, f"its record sets {dest} ({REFUSED[dest]})")
+    return list(arguments)
+
+
+def check_record(record, command: str, path) -> dict:
+    """The shape of a record of ours, as far as a replay reads it."""
+    if not isinstance(record, dict):
+        raise _refuse(path, "its record is not a JSON object")
+    made_by = record.get("command")
+    if made_by not in COMMANDS:
+        raise _refuse(path, f"its record names no command of ours ({_shown(made_by)[:40]})")
+    if made_by != command:
+        raise InputError(f"{_shown(path)} was made by {made_by}; replay it with {made_by}.py")
+    source = record.get("input")
+    if source is not None and not (isinstance(source, dict) and isinstance(source.get("path"), str)
+                                   and isinstance(source.get("sha256", ""), str)):
+        raise _refuse(path, "its record's input is not a path and a digest")
+    for key in ("versions",):
+        if record.get(key) is not None and not isinstance(record[key], dict):
+            raise _refuse(path, f"its record's {key} is not an object")
+    if record.get("device") is not None and not isinstance(record["device"], str):
+        raise _refuse(path, "its record's device is not text")
+    return record
+
+
+def find(argv: list) -> tuple[str, list] | None:
+    """(the picture of `--replay PICTURE` or `--replay=PICTURE`, the other arguments), or None."""
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return None
+        if arg == "--replay":
+            if i + 1 >= len(argv):
+                raise InputError("--replay needs a picture: --replay out.png")
+            return argv[i + 1], argv[:i] + argv[i + 2:]
+        if arg.startswith("--replay="):
+            return arg.split("=", 1)[1], argv[:i] + argv[i + 1:]
+    return None
+
+
+def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
+    """argv with `--replay PICTURE` expanded into the arguments the picture gives, the rest of
+    argv after them (so that the user's flags override), the notes to show, and the record of
+    ours (None: another tool's text, or no replay)."""
+    found = find(argv)
+    if found is None:
+        return argv, [], None
+    path, rest = found
+    from . import infotext, picture_meta
+
+    text, record_text = picture_meta.read_picture_texts(path)
+    record = picture_meta.read_picture_metadata(path)[1] if record_text is not None else {}
+    if isinstance(record, dict) and "replay" in record or not isinstance(record, dict):
+        record = check_record(record, command, path)
+        recorded = check_arguments(record.get("replay"), parser, path)
+        private_notes = []
+        if record.get("private"):
+            recorded, rest, private_notes = private_replay(command, path, record, recorded, rest)
+        recorded = without_relisted(recorded, rest)
+        if "--" in recorded:  # the user's flags go before the positionals (a prompt "-like this")
+            k = recorded.index("--")
+            expanded = recorded[:k] + rest + recorded[k:]
+        else:
+            expanded = recorded + rest
+        notes = input_changed(path, record) + adapters_changed(path, record, recorded)
+        return expanded, private_notes + (notes or [sameness(path, record)]), record
+    if text is None:
+        raise InputError(f"{path} carries no parameters to replay (no `parameters` text, no record "
+                         "of ours)")
+    fields, warnings = infotext.parse_parameters(text)
+    notes = [f"replay of {path}: {w}" for w in warnings]
+    flags = []
+    for key, flag in (("negative_prompt", "--negative_prompt"), ("steps", "--steps"),
+                      ("sampler", "--sampler"), ("schedule", "--schedule"), ("cfg", "--cfg"),
+                      ("seed", "--seed")):
+        if key in fields and fields[key] not in (None, ""):
+            flags.append(f"{flag}={fields[key]}")
+    if "model" in fields:
+        notes.append(f"replay of {path}: Model {fields['model']!r} names another tool's checkpoint; "
+                     "pass --model to choose ours")
+    if command == "txt2image":
+        if "width" in fields and "height" in fields:
+            flags.append(f"--size={fields['height']}x{fields['width']}")
+        positional, rest_positional = [fields["prompt"]], rest
+    else:
+        if "strength" in fields:
+            flags.append(f"--strength={fields['strength']}")
+        if not rest or rest[0].startswith("-"):
+            raise InputError(f"{path} records no input picture: give it first, "
+                             f"image2image.py INPUT --replay {path}")
+        positional, rest_positional = [rest[0], fields["prompt"]], rest[1:]
+    if "\0" in fields["prompt"] or "\0" in fields.get("negative_prompt", ""):
+        raise _refuse(path, "its parameters hold a NUL character")
+    if any(p.startswith("-") for p in positional):
+        return flags + rest_positional + ["--"] + positional, notes, None
+    return positional + flags + rest_positional, notes, None
+
+
+# The flags a private picture's texts are given again with, and their spellings' common start
+# (argparse takes an unambiguous abbreviation too).
+_PRIVATE_FLAGS = {"negative_prompt": ("--negative_prompt", ("--negative",)),
+                  "inversion_prompt": ("--inversion_prompt", ("--inversion_prompt", "--inversion-prompt"))}
+
+
+def private_replay(command: str, path: str, record: dict, replayed: list, rest: list) -> tuple:
+    """A picture made with -sp 0 records hashes, not its texts: they must be given again, the
+    prompt first after the flags' owner (`--replay a.png "PROMPT"`), the others by their flags.
+    Returns (the replayed arguments with the prompt in place, the rest, notes)."""
+    from . import privacy
+
+    fields = set(record["private"].get("fields", ()))
+    where = 1 if command == "image2image" else 0  # the replay's positionals: [image,] prompt
+    recorded = {field: a.split("=", 1)[1] for a in replayed for field, (flag, _) in _PRIVATE_FLAGS.items()
+                if a.startswith(flag + "=")}
+    recorded["prompt"] = replayed[where] if len(replayed) > where else None
+    notes, given = [], {}
+    if "prompt" in fields:
+        dashed = rest[:1] == ["--"]  # `-- "-a prompt"`: a prompt that starts with a dash
+        rest = rest[1:] if dashed else rest
+        if not rest or (rest[0].startswith("-") and not dashed) or recorded["prompt"] != record.get("prompt"):
+            raise InputError(f"{path} was made with -sp 0: it records a salted hash, not its prompt; give "
+                             f"the prompt again: {command}.py --replay {path} \"PROMPT\"")
+        given["prompt"], rest = rest[0], rest[1:]
+        replayed = replayed[:where] + [given["prompt"]] + replayed[where + 1:]
+    for field, (flag, starts) in _PRIVATE_FLAGS.items():
+        if field not in fields:
+            continue
+        values = [a.split("=", 1)[1] if "=" in a else (rest[i + 1] if i + 1 < len(rest) else "")
+                  for i, a in enumerate(rest) if a.split("=", 1)[0].startswith(starts)]
+        if not values:
+            raise InputError(f"{path} was made with -sp 0: it records a salted hash, not its "
+                             f"{field.replace('_', ' ')}; give it again with {flag} TEXT")
+        given[field] = values[-1]
+    if record["private"].get("salt_id") != privacy.salt_id():
+        notes.append(f"replay of {path}: its hashes were made under another user's salt, so the "
+                     "texts given cannot be checked against them")
+    else:
+        for field, text in given.items():
+            if privacy.text_hash(text) != recorded.get(field):
+                notes.append(f"replay of {path}: the {field.replace('_', ' ')} given is not the one it was "
+                             "made with (its salted hash differs): the pictures will differ")
+    if given.get("prompt", "").startswith("-"):  # argparse would read it as a flag
+        split = where + 1
+        return replayed[split:], rest + ["--"] + replayed[:split], notes
+    return replayed, rest, notes
+
+
+def without_relisted(replayed: list, rest: list) -> list:
+    """The recorded arguments less the values of a repeatable option (--lora, --embedding) that
+    the user gives again: given ones replace the recorded list, as other flags override theirs."""
+    for flag, spellings in options.listed_flags().items():
+        if any(a.split("=", 1)[0] in spellings for a in rest):
+            replayed = [a for a in replayed if a.split("=", 1)[0] != flag]
+    return replayed
+
+
+def adapters_changed(path: str, record: dict, replayed: list) -> list:
+    """A note for each recorded LoRA or embedding whose file is not the one the picture was made
+    with any more (its sha256 differs), or cannot be read."""
+    import hashlib
+
+    files = [options.lora_argument(a.split("=", 1)[1])[0] for a in replayed if a.startswith("--lora=")]
+    files += [options.embedding_argument(a.split("=", 1)[1])[0] for a in replayed if a.startswith("--embedding=")]
+    notes = []
+    for entry, file in zip(record.get("adapters") or [], files):
+        try:
+            if not Path(file).is_file():  # a pipe or a device would never end
+                raise OSError
+            with open(file, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError:
+            notes.append(f"replay of {path}: its {entry.get('kind')} file {file} cannot be read")
+            continue
+        if digest != entry.get("sha256"):
+            notes.append(f"replay of {path}: its {entry.get('kind')} file {file} has changed since (sha256 "
+                         f"{str(entry.get('sha256'))[:12]} then, {digest[:12]} now): the pictures will differ")
+    return notes
+
+
+def input_changed(path, record: dict) -> list:
+    """A note when the recorded input picture is not the file at its path any more; its bytes are
+    hashed in blocks, and only from a regular file within the input cap."""
+    source = record.get("input")
+    if not source:
+        return []
+    from .files import file_digest
+
+    try:
+        digest = file_digest(source["path"], "hashed", "input picture")[1]
+    except InputError as e:
+        return [f"replay of {path}: its input picture cannot be read ({str(e)[:160]})"]
+    if digest == source.get("sha256"):
+        return []
+    return [f"replay of {path}: its input picture {source['path']} has changed since (sha256 "
+            f"{str(source.get('sha256', '?'))[:12]} then, {digest[:12]} now): the pictures will differ"]
+
+
+def sameness(path, record: dict) -> str:
+    """Whether a replay can give the same bytes: same package versions and device."""
+    import mlx.core as mx
+
+    from .record import versions
+
+    then = dict(record.get("versions") or {}, device=record.get("device"))
+    now = dict(versions(), device=str(mx.default_device()))
+    differ = [f"{k} {then.get(k)} -> {now[k]}" for k in now if then.get(k) != now[k]]
+    if not differ:
+        return (f"replay of {path}: same package versions and device as when it was made: the "
+                "pictures should be byte-identical")
+    return f"replay of {path}: made with other versions or device ({'; '.join(differ)}): pictures may differ"
+
+
+def check_local(model: str, path) -> None:
+    """Refuse a replay whose model would come from the hub and is not in the local cache: a
+    picture fetches nothing the user did not ask for."""
+    from .model_io import hub_id_to_fetch
+
+    missing = hub_id_to_fetch(model)
+    if missing is not None:
+        raise InputError(f"replay of {_shown(path)}: its model {missing} is not in the local hub "
+                         "cache, and a replay fetches nothing unasked; add --allow-download to "
+                         "fetch it, or --model to choose a local one")
