@@ -1,6 +1,7 @@
 """Running the real command-line scripts from the tests."""
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,25 @@ def command(script: str, *args) -> list:
     return [sys.executable, str(ROOT / script), *map(str, args)]
 
 
+def default_signals() -> None:
+    """A child's stop signals as a terminal gives them, whatever the test runner inherited: under
+    `nohup` (SIGHUP ignored) or as a background job (SIGINT ignored) the runs the tests start
+    would otherwise keep the ignoring, as the tool rightly does, and never stop on those signals.
+    For `preexec_fn`."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
+def start(script: str, *args, **kwargs) -> subprocess.Popen:
+    """Start `script` with `args` (and Popen's `kwargs`), its stop signals at their defaults."""
+    return subprocess.Popen(command(script, *args), preexec_fn=default_signals, **kwargs)
+
+
 def run(script: str, *args, env=None, timeout=300, check=False) -> subprocess.CompletedProcess:
-    """Run `script` with `args`; with check=True a non-zero exit fails the test, showing the output."""
+    """Run `script` with `args`, its stop signals at their defaults; with check=True a non-zero
+    exit fails the test, showing the output."""
     result = subprocess.run(command(script, *args), capture_output=True, text=True, env=env,
-                            timeout=timeout)
+                            timeout=timeout, preexec_fn=default_signals)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
     return result

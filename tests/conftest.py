@@ -36,6 +36,16 @@ def stop_signal_handlers():
         signal.signal(signum, handler)
 
 
+@pytest.fixture
+def default_stop_handlers():
+    """Stop signals at their defaults for a test that sends them to its own process, whatever the
+    suite inherited (`nohup` ignores SIGHUP, a background job SIGINT): a run keeps an inherited
+    ignoring, and would never stop. Put back afterwards by `stop_signal_handlers`."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """tiny_model(family, variant=None) -> folder of a tiny random model, written once per session."""

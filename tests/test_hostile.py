@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from commands import ROOT, command, run
+from commands import ROOT, command, run, start
 
 INPUT = ROOT / "images" / "input-128.png"
 
@@ -59,10 +59,9 @@ def test_taesd_offline_message_names_the_taesd_flag(tmp_path, sd2):
 
 
 def test_a_single_run_into_a_running_sweeps_run_is_refused(tmp_path, sd2):
-    sweep = subprocess.Popen(command("sweep.py", "image2image", INPUT, "a", "--model", sd2,
-                                     "--steps", 300, "-sd", 1, "--seeds", "1-2", "--quiet",
-                                     "-o", tmp_path), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    sweep = start("sweep.py", "image2image", INPUT, "a", "--model", sd2, "--steps", 300, "-sd", 1,
+                  "--seeds", "1-2", "--quiet", "-o", tmp_path, stdout=subprocess.DEVNULL,
+                  stderr=subprocess.DEVNULL)
     try:
         for _ in range(300):
             if (tmp_path / "seed0001.step-001.png").exists():

@@ -28,7 +28,7 @@ from stable_diffusion.picture_meta import TRAJECTORY_KEY
 from stable_diffusion.pipeline import StableDiffusion
 from stable_diffusion.tokenizer import Tokenizer
 
-from commands import ROOT, command, run, sidecar
+from commands import ROOT, command, default_signals, run, sidecar, start
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
@@ -340,10 +340,9 @@ def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> Non
 
 
 def test_ctrl_c_during_the_steps(tmp_path, picture, sd2):
-    process = subprocess.Popen(
-        command("image2image.py", picture, "x", "--model", sd2, "--steps", 200, "--strength", 1,
-                "-sd", 1, "--decoding_batch_size", 1, "--seed", 0, "--output", tmp_path / "o.png"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start("image2image.py", picture, "x", "--model", sd2, "--steps", 200, "--strength", 1,
+                    "-sd", 1, "--decoding_batch_size", 1, "--seed", 0, "--output", tmp_path / "o.png",
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(tmp_path / "o.step-002.png", process)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
@@ -396,7 +395,8 @@ def test_ctrl_c_in_the_middle_of_a_file_leaves_no_part_of_it(capsys, tmp_path, p
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_just_after_a_rename_still_lists_the_file(capsys, tmp_path, picture, sd2, monkeypatch, signum):
+def test_signal_just_after_a_rename_still_lists_the_file(capsys, tmp_path, picture, sd2, monkeypatch, signum,
+                                                         default_stop_handlers):
     # The signal arrives the moment the first frame has its final name: the sidecar must list it.
     replace = os.replace
 
@@ -486,7 +486,7 @@ def test_sweep_from_a_shell_script_leaves_only_whole_files(tmp_path, picture, sd
     script, out, statuses = tmp_path / "sweep.sh", tmp_path / "out", tmp_path / "statuses"
     script.write_text(SWEEP)
     subprocess.run(["bash", str(script), sys.executable, str(ROOT / "image2image.py"), str(picture),
-                    str(sd2), str(out), str(statuses)], check=True, timeout=600)
+                    str(sd2), str(out), str(statuses)], check=True, timeout=600, preexec_fn=default_signals)
 
     exits = dict(line.split() for line in statuses.read_text().splitlines())
     expected = {"7": "137", "11": "129", "15": "143", "3b": "2"}
@@ -803,10 +803,9 @@ def test_arguments_that_are_not_utf8(tmp_path, picture, sd2):
 
 
 def long_run(picture, sd2, out: Path, *extra) -> subprocess.Popen:
-    return subprocess.Popen(
-        command("image2image.py", picture, "x", "--model", sd2, "--steps", 200, "--strength", 1,
-                "-sd", 1, "--decoding_batch_size", 1, "--seed", 0, "--output", out, *extra),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start("image2image.py", picture, "x", "--model", sd2, "--steps", 200, "--strength", 1,
+                 "-sd", 1, "--decoding_batch_size", 1, "--seed", 0, "--output", out, *extra,
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_second_run_into_the_same_output_is_refused_or_waits(tmp_path, picture, sd2):
@@ -818,9 +817,8 @@ def test_second_run_into_the_same_output_is_refused_or_waits(tmp_path, picture, 
     only_error(second.returncode, 2, second.stderr, f"is being written by another run (pid {first.pid})",
                "--wait", "choose another --output")
 
-    waiting = subprocess.Popen(
-        command("image2image.py", picture, "x", "--model", sd2, "--steps", 2, "--seed", 9, "--wait",
-                "--output", out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    waiting = start("image2image.py", picture, "x", "--model", sd2, "--steps", 2, "--seed", 9, "--wait",
+                    "--output", out, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = waiting.stderr.readline()
     assert waiting.poll() is None, waiting.communicate()
     assert f"being written by another run (pid {first.pid}); waiting" in line
@@ -864,7 +862,8 @@ def test_stop_signals_keep_the_files_and_the_truth(tmp_path, picture, sd2, signa
 
 @pytest.mark.parametrize("first, second, status", [(signal.SIGTERM, signal.SIGINT, 143),
                                                      (signal.SIGINT, signal.SIGHUP, 130)])
-def test_two_stop_signals_within_one_mlx_call_end_as_the_first_said(capsys, first, second, status):
+def test_two_stop_signals_within_one_mlx_call_end_as_the_first_said(capsys, first, second, status,
+                                                                     default_stop_handlers):
     """Python runs the handlers of signals pending together in the order of their numbers; the run
     still ends with the status of the one that came first (the helper found 130 after SIGTERM
     then SIGINT, when both landed during one evaluation)."""
@@ -897,7 +896,7 @@ def test_a_signal_the_run_was_started_ignoring_stays_ignored(tmp_path, picture, 
         command("image2image.py", picture, "x", "--model", sd2, "--steps", 200, "--strength", 1, "-sd", 1,
                 "--seed", 0, "--output", tmp_path / "o.png"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+        preexec_fn=lambda: default_signals() or signal.signal(signal.SIGHUP, signal.SIG_IGN))
     wait_for(tmp_path / "o.step-002.png", process)
     process.send_signal(signal.SIGHUP)
     wait_for(tmp_path / "o.step-006.png", process)  # still running, through the frames' writes

@@ -165,9 +165,9 @@ def test_sigterm_leaves_the_run_under_way_interrupted(tmp_path, picture, sd2):
     """SIGTERM takes Ctrl-C's path (SIGINT itself is ignored by processes started in the
     background, as the test runner may be)."""
     out = tmp_path / "out"
-    process = subprocess.Popen(commands.command(
+    process = commands.start(
         "sweep.py", picture, "x", "--model", sd2, "--steps", 400, "--strengths", "1", "--seeds", "1-3",
-        "-o", out, "--quiet"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        "-o", out, "--quiet", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (out / "seed0001.json").exists():
         assert process.poll() is None and time.monotonic() < deadline
