@@ -74,7 +74,24 @@ class _Parser(argparse.ArgumentParser):
             values = _OPTIONAL_VALUES.get(arg)
             if values is not None and (i + 1 == len(args) or args[i + 1].lower() not in values):
                 args[i] = f"{arg}={values[0]}"  # bare: its default value, joined to it
-        return super().parse_args(args, namespace)
+        namespace, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}{self._suggestion(unknown)}")
+        return namespace
+
+    def _suggestion(self, unknown: list) -> str:
+        """"; did you mean --steps?" for the first unknown flag that is close to one of ours."""
+        import difflib
+
+        flags = [f for f in self._option_string_actions if f.startswith("--")]
+        for arg in unknown:
+            if not arg.startswith("-") or arg == "--":
+                continue
+            typed = "--" + arg.split("=", 1)[0].lstrip("-")  # -steps and --steps=4 alike
+            close = difflib.get_close_matches(typed, flags, n=1, cutoff=0.75)
+            if close:
+                return f"; did you mean {close[0]}?"
+        return ""
 
 
 def build_parser(command: str, sweep: bool = False) -> argparse.ArgumentParser:
@@ -114,10 +131,18 @@ def build_parser(command: str, sweep: bool = False) -> argparse.ArgumentParser:
                         "karras, exponential")
     g.add_argument("--cfg", type=float, help="guidance weight; 0 is a value (model default: sd 7.5, sdxl 0)")
     g.add_argument("--negative_prompt", "--negative-prompt", default="")
-    g.add_argument("--seed", type=int, help="random when absent; always reported and recorded")
+    g.add_argument("--seed", type=int, help="random when absent or -1; always reported and recorded")
     g.add_argument("--n_images", "--n-images", type=_positive_int, default=1)
     g.add_argument("--n_rows", "--n-rows", type=_positive_int, default=1)
-    if not img2img:
+    if img2img:
+        g.add_argument("--size", default=None,
+                       help="the working size, HEIGHTxWIDTH in pixels, multiples of 64: the picture is "
+                            "resized to it (default: the model's native area, e.g. 512x512 for sd, at "
+                            "the picture's aspect ratio)")
+        g.add_argument("--max_pixels", "--max-pixels", type=_positive_int, metavar="N",
+                       help="instead of the native area: the picture's own size, scaled down to at most N "
+                            "pixels, sides multiples of 64")
+    else:
         g.add_argument("--size", default=None,
                        help="HEIGHTxWIDTH in pixels, multiples of 64 (default: the model's native size)")
     g.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: float16 on a GPU; on the CPU "
@@ -216,7 +241,8 @@ FLAGS = {"strength": "--strength", "triangle_strengths": "--triangle_strengths",
          "low_top": "--triangle_low_top", "output": "--output", "size": "--size",
          "sampler": "--sampler", "schedule": "--schedule", "align": "--triangle_align",
          "keep_best": "--keep_best", "inversion_cfg": "--inversion_cfg",
-         "inversion_refine": "--inversion_refine", "format": "--output_format", "taesd": "--taesd"}
+         "inversion_refine": "--inversion_refine", "format": "--output_format", "taesd": "--taesd",
+         "max_pixels": "--max_pixels"}
 
 
 def _size(text: str | None):
@@ -227,6 +253,9 @@ def _size(text: str | None):
     except ValueError:
         raise SpecError("size", f"{{flag}} {text!r} is not HEIGHTxWIDTH, e.g. 512x768") from None
     return h, w
+
+
+RANDOM_SEED = -1  # as AUTOMATIC1111 reads it: a seed drawn at random (then reported and recorded)
 
 
 def build_specs(command: str, args) -> tuple:
@@ -264,9 +293,11 @@ def build_specs(command: str, args) -> tuple:
     spec = RunSpec(
         prompt=args.prompt, output=output, image=Path(args.image) if img2img else None,
         negative_prompt=args.negative_prompt, strengths=tuple(strengths), triangle=triangle,
-        steps=args.steps, cfg=args.cfg, seed=args.seed, sampler=args.sampler, schedule=args.schedule,
+        steps=args.steps, cfg=args.cfg, seed=None if args.seed == RANDOM_SEED else args.seed,
+        sampler=args.sampler, schedule=args.schedule,
         n_images=args.n_images, n_rows=args.n_rows,
-        size=None if img2img else _size(args.size), capture=capture, inversion=inversion).validate()
+        size=_size(args.size), max_pixels=getattr(args, "max_pixels", None), capture=capture,
+        inversion=inversion).validate()
     dtype = "float32" if args.no_float16 else args.dtype
     return spec, ModelSpec(args.model, dtype, args.quantize, args.vae,
                            args.prediction_type)
@@ -337,7 +368,8 @@ def replay_arguments(command: str, argv: list) -> tuple[list, list]:
         if record.get("command") != command:
             raise InputError(f"{path} was made by {record.get('command')}; replay it with "
                              f"{record.get('command')}.py")
-        return list(record["replay"]) + rest, _input_changed(path, record) or [_replay_sameness(path, record)]
+        return (list(record["replay"]) + _recorded_size(record) + rest,
+                _input_changed(path, record) or [_replay_sameness(path, record)])
     if text is None:
         raise InputError(f"{path} carries no parameters to replay (no `parameters` text, no record "
                          "of ours)")
@@ -349,7 +381,7 @@ def replay_arguments(command: str, argv: list) -> tuple[list, list]:
                       ("seed", "--seed")):
         if key in fields and fields[key] not in (None, ""):
             flags.append(f"{flag}={fields[key]}")
-    if "model" in fields:
+    if "model" in fields and not any(a == "--model" or a.startswith("--model=") for a in rest):
         notes.append(f"replay of {path}: Model {fields['model']!r} names another tool's checkpoint; "
                      "pass --model to choose ours")
     if command == "txt2image":
@@ -366,6 +398,16 @@ def replay_arguments(command: str, argv: list) -> tuple[list, list]:
     if any(p.startswith("-") for p in positional):
         return flags + rest_positional + ["--"] + positional, notes
     return positional + flags + rest_positional, notes
+
+
+def _recorded_size(record: dict) -> list:
+    """--size for a record whose replay arguments leave the working size to the default (made
+    before the default became the model's native area): the size its input ran at."""
+    replay, source = record["replay"], record.get("input") or {}
+    if any(a.startswith("--size=") for a in replay) or len(source.get("size") or ()) != 2:
+        return []
+    width, height = source["size"]
+    return [f"--size={height}x{width}"]
 
 
 def _input_changed(path: str, record: dict) -> list:
@@ -507,13 +549,13 @@ def _command(command: str, typed: list, console: Console) -> int:
 def _run(spec: RunSpec, model: ModelSpec, console: Console, typed: list, wait: bool) -> int:
     """One run, once its arguments are sane: the heavy imports (mlx, networks) start here."""
     from .images import load_image
-    from .run import execute
+    from .run import execute, picture_notices
     from .session import Session
 
     picture = None
     if spec.img2img:  # the picture is checked before the model is looked up
         picture = load_image(spec.image, multiple=64)
-        for line in picture.notices:
+        for line in picture_notices(picture):
             console.notice(line)
     result = execute(Session(model), spec, console, typed, functools.partial(replay_argv, model=model),
                      picture, wait)
