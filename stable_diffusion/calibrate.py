@@ -10,6 +10,11 @@ keyed by the CPU's model name, this package's version, MLX's, and the native ker
 
 `SD_CALIBRATION_CACHE` names another file; `--dtype` skips all of it. A path that holds anything but
 this table (a link, a pipe, another file) is neither read nor overwritten: the run measures again.
+
+The same table keeps the machine's speed at each kind of work the time estimate counts (costs.py):
+3x3 convolutions, matrix products, attention, element-wise memory traffic and picture writing,
+measured on small workloads of SD's shapes in the compute dtype (about a second, once per device
+and dtype) the first time a run plans on this machine.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from . import ops
+from .costs import Speed
 
 # The workload: SD's first UNet level at a 32x32 latent, batch 2 (3x3 convolution 320 -> 320,
 # then a 320 -> 1280 feed-forward product over its 2048 positions).
@@ -116,7 +122,8 @@ def _read_table(path: Path) -> dict | None:
         table = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return None
-    ours = isinstance(table, dict) and all(isinstance(v, dict) and "dtype" in v for v in table.values())
+    ours = isinstance(table, dict) and all(isinstance(v, dict) and ("dtype" in v or "speed" in v)
+                                           for v in table.values())
     return table if ours else None
 
 
@@ -139,9 +146,122 @@ def calibrated() -> tuple[str, dict, bool]:
     seconds = measure()
     dtype = min(seconds, key=seconds.get)
     record = {"dtype": dtype, "seconds": {k: round(v, 5) for k, v in seconds.items()}}
-    if table is not None:
-        _store(path, dict(table, **{key: record}))
+    _update(path, key, record)
     return dtype, record, True
+
+
+def _update(path: Path, key: str, fields: dict) -> None:
+    """Put `fields` into this machine's record, keeping the rest of the table; a path that holds
+    something else is left alone."""
+    table = _read_table(path)
+    if table is not None:
+        _store(path, dict(table, **{key: dict(table.get(key) or {}, **fields)}))
+
+
+# The speed workloads, small (all of them take about a second in float32 on 2 cores) but of SD's
+# shapes: 3x3 convolutions of a UNet level (320 channels) and of a VAE level (256), the first
+# transformer level's feed-forward product, its self-attention at 1024 tokens (5 heads of 64), a
+# sum of two 16M-element arrays, and a PNG of 256x256 pixels.
+_CONVS = ((2, 32, 32, 320), (1, 64, 64, 256))
+_LINEAR = (8192, 320, 1280)
+_ATTENTION = (2, 5, 1024, 64)
+_ELEMENTS = 1 << 24
+_PICTURE = 256
+# Each workload runs until it has been timed this often and for this long (short workloads get
+# more tries). Its time is the median run's: on a machine that other work shares, a run lasts as
+# long as the typical one (the shortest would promise the speed of a machine to itself).
+_TRIES, _TIME = (3, 7), 0.15
+
+
+def _timed(run) -> float:
+    """The median of a few timed runs of `run()` (evaluated), after one that warms up."""
+    mx.eval(run())
+    times = []
+    while len(times) < _TRIES[0] or (len(times) < _TRIES[1] and sum(times) < _TIME):
+        start = time.perf_counter()
+        mx.eval(run())
+        times.append(time.perf_counter() - start)
+    return max(sorted(times)[len(times) // 2], 1e-9)
+
+
+def measure_speed(dtype_name: str) -> dict:
+    """The machine's speed in `dtype_name` on the current device: FLOP/s of 3x3 convolutions
+    (conv), matrix products (linear) and attention, bytes/s of element-wise work (memory) and
+    pixels/s of PNG writing (pixels); the layers packed as loading packs them."""
+    from .attention import attention
+
+    dtype = getattr(mx, dtype_name)
+    key = iter(mx.random.split(mx.random.key(1), 12))
+    flops = seconds = 0.0
+    for batch, h, w, c in _CONVS:
+        conv = ops.Conv2d(c, c, 3, padding=1)
+        conv.weight = (0.02 * mx.random.normal(conv.weight.shape, key=next(key))).astype(dtype)
+        conv.bias = conv.bias.astype(dtype)
+        ops.pack_weights(conv)
+        x = mx.random.normal((batch, h, w, c), key=next(key)).astype(dtype)  # (B, H, W, C)
+        mx.eval(x, conv.parameters())
+        seconds += _timed(lambda: conv(x))
+        flops += 2.0 * batch * h * w * 9 * c * c
+    rows, n_in, n_out = _LINEAR
+    linear = ops.Linear(n_in, n_out)
+    linear.weight = (0.05 * mx.random.normal(linear.weight.shape, key=next(key))).astype(dtype)
+    linear.bias = linear.bias.astype(dtype)
+    ops.pack_weights(linear)
+    x = mx.random.normal((rows, n_in), key=next(key)).astype(dtype)
+    mx.eval(x, linear.parameters())
+    linear_s = _timed(lambda: linear(x))
+    # (B, heads, L, d) each
+    q, k, v = (mx.random.normal(_ATTENTION, key=next(key)).astype(dtype) for _ in range(3))
+    batch, heads, tokens, width = _ATTENTION
+    attention_s = _timed(lambda: attention(q, k, v, width ** -0.5))
+    a = mx.arange(_ELEMENTS, dtype=mx.float32).astype(dtype)
+    b = mx.ones(_ELEMENTS, dtype=dtype)
+    mx.eval(a, b)
+    memory_s = _timed(lambda: a + b)
+    return {"conv": flops / seconds, "linear": 2.0 * rows * n_in * n_out / linear_s,
+            "attention": 4.0 * batch * heads * tokens * tokens * width / attention_s,
+            "memory": 3.0 * _ELEMENTS * a.itemsize / memory_s, "pixels": _picture_speed()}
+
+
+def _picture_speed() -> float:
+    """Pixels per second that a PNG of a smooth picture with some noise is written at."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    side = _PICTURE
+    ramp = np.linspace(0, 200, side, dtype=np.float32)
+    noise = np.random.default_rng(0).integers(0, 40, (side, side, 3))
+    picture = Image.fromarray((ramp[:, None, None] + noise).astype(np.uint8))
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        picture.save(io.BytesIO(), format="PNG")
+        best = min(best, time.perf_counter() - start)
+    return side * side / max(best, 1e-9)
+
+
+def _valid_speed(record) -> bool:
+    return isinstance(record, dict) and all(
+        isinstance(record.get(k), (int, float)) and not isinstance(record.get(k), bool) and record[k] > 0
+        for k in ("conv", "linear", "attention", "memory", "pixels"))
+
+
+def speed(dtype_name: str) -> Speed:
+    """This machine's speed for the time estimate, on the current device in `dtype_name`:
+    measured once and kept in the cache beside the dtype calibration."""
+    path, key = cache_path(), machine_key()
+    device = "gpu" if mx.default_device() == mx.gpu else "cpu"
+    name = f"{device} {dtype_name}"
+    record = ((_read_table(path) or {}).get(key) or {}).get("speed") or {}
+    if not isinstance(record, dict):
+        record = {}
+    if not _valid_speed(record.get(name)):
+        measured = {k: float(f"{v:.4g}") for k, v in measure_speed(dtype_name).items()}
+        record = dict(record, **{name: measured})
+        _update(path, key, {"speed": record})
+    return Speed(**record[name])
 
 
 def _store(path: Path, table: dict) -> None:

@@ -43,7 +43,24 @@ class _Parser(argparse.ArgumentParser):
             values = _OPTIONAL_VALUES.get(arg)
             if values is not None and (i + 1 == len(args) or args[i + 1].lower() not in values):
                 args[i] = f"{arg}={values[0]}"  # bare: its default value, joined to it
-        return super().parse_args(args, namespace)
+        namespace, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}{self._suggestion(unknown)}")
+        return namespace
+
+    def _suggestion(self, unknown: list) -> str:
+        """"; did you mean --steps?" for the first unknown flag that is close to one of ours."""
+        import difflib
+
+        flags = [f for f in self._option_string_actions if f.startswith("--")]
+        for arg in unknown:
+            if not arg.startswith("-") or arg == "--":
+                continue
+            typed = "--" + arg.split("=", 1)[0].lstrip("-")  # -steps and --steps=4 alike
+            close = difflib.get_close_matches(typed, flags, n=1, cutoff=0.75)
+            if close:
+                return f"; did you mean {close[0]}?"
+        return ""
 
 
 def build_parser(command: str, sweep: bool = False) -> argparse.ArgumentParser:
@@ -82,6 +99,9 @@ def _size(text: str | None):
     return h, w
 
 
+RANDOM_SEED = -1  # as AUTOMATIC1111 reads it: a seed drawn at random (then reported and recorded)
+
+
 def build_specs(command: str, args) -> tuple:
     """(RunSpec, ModelSpec) of the parsed arguments, validated."""
     img2img = command == "image2image"
@@ -117,9 +137,11 @@ def build_specs(command: str, args) -> tuple:
     spec = RunSpec(
         prompt=args.prompt, output=output, image=Path(args.image) if img2img else None,
         negative_prompt=args.negative_prompt, strengths=tuple(strengths), triangle=triangle,
-        steps=args.steps, cfg=args.cfg, seed=args.seed, sampler=args.sampler, schedule=args.schedule,
+        steps=args.steps, cfg=args.cfg, seed=None if args.seed == RANDOM_SEED else args.seed,
+        sampler=args.sampler, schedule=args.schedule,
         n_images=args.n_images, n_rows=args.n_rows,
-        size=None if img2img else _size(args.size), capture=capture, inversion=inversion).validate()
+        size=_size(args.size), max_pixels=getattr(args, "max_pixels", None), capture=capture,
+        inversion=inversion).validate()
     dtype = "float32" if args.no_float16 else args.dtype
     return spec, ModelSpec(args.model, dtype, args.quantize, args.vae, args.prediction_type,
                            tuple(args.lora or ()), tuple(args.embedding or ()), args.lora_partial).validate()
@@ -254,13 +276,13 @@ def _command(command: str, typed: list, console: Console) -> int:
 def _run(spec: RunSpec, model: ModelSpec, console: Console, typed: list, wait: bool) -> int:
     """One run, once its arguments are sane: the heavy imports (mlx, networks) start here."""
     from .images import load_image
-    from .run import execute
+    from .run import execute, picture_notices
     from .session import Session
 
     picture = None
     if spec.img2img:  # the picture is checked before the model is looked up
         picture = load_image(spec.image, multiple=64)
-        for line in picture.notices:
+        for line in picture_notices(picture):
             console.notice(line)
     result = execute(Session(model), spec, console, typed, functools.partial(replay_argv, model=model),
                      picture, wait)

@@ -1,8 +1,10 @@
 """What a run says while it works: the plan on stdout, notices and progress on stderr.
 
-On a terminal, progress is a tqdm bar. Elsewhere (a log file, a pipe, a CI job) it is one plain
-line per step, e.g. `s=0.3 step 3/15 t=200 sigma=0.57 1.9 s/step`, so that a long run in a script
-still shows it is alive. `--quiet` silences both, and notices; errors are always shown.
+On a terminal, progress is a tqdm bar per phase, counting the steps the plan counts, with t, sigma
+and the run's time left as its postfix. Elsewhere (a log file, a pipe, a CI job) it is one plain
+line per step, e.g. `s=0.3 step 3/15 t=200 sigma=0.57 1.9 s/step, about 2 min left`, so that a
+long run in a script still shows it is alive. `--quiet` silences both, and notices; errors are
+always shown.
 """
 
 from __future__ import annotations
@@ -85,24 +87,37 @@ class Console:
         if self.verbose:
             _write(sys.stderr, name_fields(line, self.names))
 
-    def progress(self, steps, total: int, desc: str):
-        """Iterate over `steps` (each with .index, .count, .t, .sigma when it is a Step), showing
-        progress: a bar on a terminal, a line per item elsewhere, nothing when quiet."""
+    def progress(self, steps, total: int, desc: str, time_left=None):
+        """Iterate over `steps` (Steps: .index, .count, .t, .sigma), showing progress: a bar on a
+        terminal, a line per step elsewhere, nothing when quiet. A phase's start (index 0) takes
+        no step, so `total` counts the others, as the plan does. `time_left()`, called once a
+        step's work is done, gives the run's seconds left, or None where there is no estimate."""
         if self.quiet:
             yield from steps
             return
+        from .costs import describe_seconds
+
+        bar = None
         if self.bars:
             from tqdm import tqdm
 
-            yield from tqdm(steps, total=total, desc=desc, leave=False, dynamic_ncols=True,
-                            file=sys.stderr)
-            return
+            bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
         last = time.perf_counter()
-        for item in steps:
-            yield item
-            now = time.perf_counter()
-            index = getattr(item, "index", None)
-            if index:  # the start (index 0) took no step
-                line = f"{desc} step {index}/{item.count} t={item.t:g} sigma={item.sigma:.3g}"
-                _write(sys.stderr, f"{line} {now - last:.2f} s/step")
-            last = now
+        try:
+            for step in steps:
+                yield step
+                now = time.perf_counter()
+                if step.index:
+                    left = None if time_left is None else time_left()
+                    where = f"t={step.t:g} sigma={step.sigma:.3g}"
+                    remaining = "" if left is None else f", {describe_seconds(left)} left"
+                    if bar is not None:
+                        bar.set_postfix_str(where + remaining, refresh=False)
+                        bar.update(1)
+                    else:
+                        _write(sys.stderr, f"{desc} step {step.index}/{total} {where} "
+                                           f"{now - last:.2f} s/step{remaining}")
+                last = now
+        finally:
+            if bar is not None:
+                bar.close()

@@ -178,10 +178,10 @@ def output_lock(output: str | os.PathLike, wait: bool = False,
                 os.close(fd)
                 fd = None
         except OSError as err:
-            reason = err.strerror if err.strerror else str(err)
             if err.errno == errno.ELOOP:
                 raise InputError(f"{path} is a link; the lock of {output.name} must be a plain file: "
                                  "remove the link, or choose another output name") from err
+            reason = _refusal(path.parent, err)
             if err.errno in _USER_ERRNOS or err.errno == errno.ENOENT:
                 raise InputError(f"cannot write into the output folder {path.parent}: {reason}; "
                                  "choose another output folder") from err
@@ -276,6 +276,23 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
 
 
+def _refusal(folder: Path, err: OSError) -> str:
+    """Why no file can be made in `folder`. A folder that exists but takes no new names (/proc,
+    whose file system answers ENOENT) must not be called "No such file or directory"."""
+    existing = _refusing_folder(folder, err)
+    if existing is not None:
+        return f"{existing} exists but takes no new files (a virtual file system, like /proc)"
+    return err.strerror if err.strerror else str(err)
+
+
+def _refusing_folder(folder: Path, err: OSError) -> Path | None:
+    """The nearest existing folder at or above `folder`, when making a name there failed with
+    ENOENT: only a special file system says so of a folder that exists."""
+    if err.errno != errno.ENOENT:
+        return None
+    return next((p for p in (folder, *folder.absolute().parents) if p.is_dir()), None)
+
+
 def check_output_dir(folder: str | os.PathLike) -> Path:
     """Make sure files can be written into `folder` before any work starts: create it, then create
     and remove a temporary file in it.
@@ -294,8 +311,8 @@ def check_output_dir(folder: str | os.PathLike) -> Path:
         finally:
             os.close(fd)
     except OSError as err:
-        reason = err.strerror if err.strerror else str(err)
-        if err.errno in _USER_ERRNOS:
+        reason = _refusal(folder, err)
+        if err.errno in _USER_ERRNOS or _refusing_folder(folder, err) is not None:
             raise InputError(f"cannot write into the output folder {folder}: {reason}; "
                              "choose another output folder") from err
         raise OutputError(f"cannot write into the output folder {folder}: {reason}") from err

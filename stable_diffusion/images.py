@@ -30,7 +30,8 @@ picture is reported as a one-line notice. Policies, in the order they apply:
   samples keep their precision to the float output (no 8-bit detour). 48-bit and 64-bit PNGs are
   reduced to 8 bits per channel by Pillow's decoder itself; a notice says so.
 - Size: both sides become multiples of `multiple`, and the area at most `max_pixels`; see
-  `target_size` for the rounding rule. Resampling is LANCZOS (Pillow reduces by whole factors
+  `target_size` for the rounding rule. Or exactly `size`, the working size a run's plan chose
+  (the plan says why, so no notice does). Resampling is LANCZOS (Pillow reduces by whole factors
   first for very large downscales), alpha premultiplied.
 
 Not done: colour management (embedded ICC profiles are ignored; CMYK uses Pillow's plain formula).
@@ -101,6 +102,8 @@ class LoadedImage:
     format: str
     mode: str  # the stored pixel mode
     notices: list[str] = field(default_factory=list)  # one line per change made to the picture
+    upright_size: tuple[int, int] | None = None  # (width, height) after EXIF orientation, before resizing
+    resized: str | None = None  # the notice of `notices` that says how it was resized, if it was
 
 
 def check_image_path(path: str | os.PathLike, *, min_side: int | None = None) -> ImageFileInfo:
@@ -126,13 +129,17 @@ def load_image(
     multiple: int = DEFAULT_MULTIPLE,
     max_pixels: int | None = None,
     min_side: int | None = None,
+    size: tuple[int, int] | None = None,
 ) -> LoadedImage:
     """Decode `path` to (H, W, 3) float32 in [-1, 1], both sides multiples of `multiple` and at
-    most `max_pixels` pixels (default `DEFAULT_MAX_PIXELS`). `min_side` (default `multiple`) is
-    the smallest side accepted. See the module docstring for every policy; each change made to
-    the picture is listed in `notices`. Raises `InputError` for anything wrong with the file.
+    most `max_pixels` pixels (default `DEFAULT_MAX_PIXELS`), or exactly `size` (width, height).
+    `min_side` (default `multiple`) is the smallest side accepted. See the module docstring for
+    every policy; each change made to the picture is listed in `notices`. Raises `InputError` for
+    anything wrong with the file.
     """
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    if size is not None:
+        max_pixels = max(multiple * multiple, size[0] * size[1])  # what the JPEG decoder may skip
     min_side = multiple if min_side is None else min_side
     if multiple < 1 or min_side < 1:
         raise InputError(f"multiple ({multiple}) and min_side ({min_side}) must be at least 1")
@@ -174,18 +181,23 @@ def load_image(
 
     # Sizes come from the file, not from a JPEG decoded at reduced scale, so they do not depend on it.
     upright_size = stored_size[::-1] if swapped else stored_size
-    try:
-        size = target_size(*upright_size, multiple=multiple, max_pixels=max_pixels)
-    except ValueError as e:
-        width, height = upright_size
-        raise InputError(
-            f"input image {_shown(p)} is {width}x{height} pixels: {e}; crop it to a less extreme shape"
-        ) from e
+    chosen = size is not None
+    if not chosen:
+        try:
+            size = target_size(*upright_size, multiple=multiple, max_pixels=max_pixels)
+        except ValueError as e:
+            width, height = upright_size
+            raise InputError(
+                f"input image {_shown(p)} is {width}x{height} pixels: {e}; crop it to a less extreme shape"
+            ) from e
+    size = tuple(size)
     if size != work.size:
         # Pillow premultiplies alpha while resampling, so edges of cut-outs do not darken.
         work = work.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-    if size != upright_size:
-        notices.append(_resize_notice(upright_size, size, multiple, max_pixels))
+    resized = None
+    if size != upright_size and not chosen:
+        resized = _resize_notice(upright_size, size, multiple, max_pixels)
+        notices.append(resized)
     pixels = _to_unit_rgb(work)  # (H, W, 3) in [0, 1]
     pixels = pixels * 2.0 - 1.0
     return LoadedImage(
@@ -197,13 +209,17 @@ def load_image(
         format=fmt,
         mode=mode,
         notices=notices,
+        upright_size=tuple(upright_size),
+        resized=resized,
     )
 
 
-def target_size(width: int, height: int, *, multiple: int, max_pixels: int) -> tuple[int, int]:
+def target_size(width: int, height: int, *, multiple: int, max_pixels: int,
+                upscale: bool = False) -> tuple[int, int]:
     """The (width, height) a picture of `width` x `height` is resampled to.
 
-    First a uniform scale (never above 1) brings the area within `max_pixels`. Then each side may
+    First a uniform scale (never above 1, unless `upscale`: then the area becomes `max_pixels`)
+    brings the area within `max_pixels`. Then each side may
     go to the multiple of `multiple` just below or just above its scaled length (never below one
     multiple); of those (at most four) sizes, the ones within `max_pixels` compete, and the one
     whose aspect ratio is closest to the original's (in log ratio) wins; ties go to the area
@@ -212,7 +228,8 @@ def target_size(width: int, height: int, *, multiple: int, max_pixels: int) -> t
     1024x576. Raises ValueError when no candidate fits (an extreme aspect ratio with a small
     `max_pixels`).
     """
-    scale = min(1.0, math.sqrt(max_pixels / (width * height)))
+    scale = math.sqrt(max_pixels / (width * height))
+    scale = scale if upscale else min(1.0, scale)
     w, h = width * scale, height * scale
 
     def near(length: float) -> set[int]:

@@ -200,14 +200,20 @@ OPTIONS = (
            parse=float, replay=Replay(40, ALWAYS, _float)),
     Option(("--negative_prompt", "--negative-prompt"), "negative_prompt", group=MODEL, default="",
            replay=Replay(130)),
-    Option(("--seed",), "seed", "random when absent; always reported and recorded", MODEL, parse=int,
+    Option(("--seed",), "seed", "random when absent or -1; always reported and recorded", MODEL, parse=int,
            replay=Replay(20, ALWAYS)),
     Option(("--n_images", "--n-images"), "n_images", group=MODEL, parse=positive_int, default=1,
            replay=Replay(140)),
     Option(("--n_rows", "--n-rows"), "n_rows", group=MODEL, parse=positive_int, default=1,
            replay=Replay(150)),
+    Option(("--size",), "size", "the working size, HEIGHTxWIDTH in pixels, multiples of 64: the picture "
+           "is resized to it (default: the model's native area, e.g. 512x512 for sd, at the picture's "
+           "aspect ratio)", MODEL, IMAGE, replay=Replay(90, write=lambda hw: f"{hw[0]}x{hw[1]}")),
+    Option(("--max_pixels", "--max-pixels"), "max_pixels", "instead of the native area: the picture's "
+           "own size, scaled down to at most N pixels, sides multiples of 64", MODEL, IMAGE,
+           positive_int, metavar="N"),
     Option(("--size",), "size", "HEIGHTxWIDTH in pixels, multiples of 64 (default: the model's native "
-           "size)", MODEL, TEXT, replay=Replay(90, write=lambda hw: f"{hw[0]}x{hw[1]}")),
+           "size)", MODEL, TEXT),  # replayed by the row above, which writes the field for both commands
     Option(("--dtype",), "model.dtype", "compute dtype (default: float16 on a GPU; on the CPU bfloat16 "
            "where it has AVX512_BF16 and the native kernels are built, else float32; -v says which)",
            MODEL, choices=DTYPES, replay=Replay(160)),

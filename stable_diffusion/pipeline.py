@@ -7,6 +7,7 @@ per step, and decides what to keep.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -231,7 +232,8 @@ class StableDiffusion:
         setting is refused now, not at the first step."""
         from .walk import walk
 
-        plan = make_plan(spec.validate(), self.config, self.tokenizers, image_size)
+        # The picture is already at the size to run (no working size to choose): the spec says it.
+        plan = make_plan(replace(spec.validate(), size=tuple(image_size)), self.config, self.tokenizers)
         spec = plan.spec
         h, w = image_size
         eps = self.initial_noise((spec.n_images, h // self.downscale, w // self.downscale,

@@ -8,6 +8,10 @@ then each row (one per strength; one row unless the spec is a triangle). A row's
 reasons is written once. The noising path is shown at times 0, M, 2M, ... up to the top row's
 start. Every triangle row starts on the shared forward path at t = s * T; a row that starts on
 the path knows its index there.
+
+Given the machine's measured speed (costs.Machine), the plan also says how long the run will take:
+the work of every network call it makes at its working size (costs.py), step by step, so that the
+time left can be told as the run goes.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ import math
 import secrets
 from dataclasses import dataclass, replace
 
+from . import costs
 from . import sampler as samplers
 from .config import PipelineConfig
+from .images import target_size
 from .spec import RunSpec, SpecError
 
 
@@ -53,14 +59,16 @@ class Row:
 
 @dataclass(frozen=True)
 class RunPlan:
-    spec: RunSpec  # resolved: steps, cfg, seed, sampler and schedule are set
+    spec: RunSpec  # resolved: steps, cfg, seed, sampler, schedule and size are set
     rows: tuple  # Rows in increasing strength; one unless the spec is a triangle
-    image_size: tuple  # (H, W) pixels
+    image_size: tuple  # (H, W) pixels: the working size
     sampler_name: str  # as readers of `parameters` know it, e.g. "DPM++ 2M Karras"
     path: tuple  # times of the noising path (or the inversion) in increasing order; () when none
     shown: tuple  # indices on the path of the noising frames to save
     dropped_tokens: dict  # "prompt", "negative_prompt" -> tokens the text encoders cannot read
     inversion: samplers.Timeline | None = None  # the inversion's timeline, from t = 0 up to the top start
+    sizing: str = "native"  # what chose the working size: "native", "size" or "max_pixels"
+    estimate: "Estimate | None" = None  # its time on the machine it was planned for
 
     @property
     def guided(self) -> bool:
@@ -87,13 +95,54 @@ class RunPlan:
             n = self.inversion.steps
             lines.append(f"inversion: t=0 -> {self.inversion.times[0]:g} in {n} step{'s' if n != 1 else ''}, "
                          f"{n * (1 + inv.refine)} UNet calls (refine {inv.refine}, cfg {inv.cfg:g})")
+        if self.estimate is not None:
+            lines.append(self.estimate.describe(self))
         return lines
 
 
+@dataclass(frozen=True)
+class Estimate:
+    """A plan's time on one machine, before any work: the seconds before the walk (loading the
+    weights, the text, the input picture), of each step of the walk by phase (None: the path;
+    else the row's index; a phase's start is index 0), and after it (the final decodes and the
+    composite pictures)."""
+
+    load: float
+    before: float  # the text and the input picture
+    steps: dict  # phase -> (seconds of step 0, 1, ...)
+    after: float
+    unet_calls: int
+    decodes: int
+
+    @property
+    def walk(self) -> float:
+        return sum(sum(s) for s in self.steps.values())
+
+    @property
+    def seconds(self) -> float:
+        return self.load + self.before + self.walk + self.after
+
+    def describe(self, plan: "RunPlan") -> str:
+        h, w = plan.image_size
+        rows = plan.spec.n_images * (2 if plan.guided else 1)
+        line = (f"{costs.describe_seconds(self.seconds)} on this machine: {self.unet_calls} UNet "
+                f"call{'s' if self.unet_calls != 1 else ''} at {w}x{h} (batch {rows}), {self.decodes} "
+                f"decode{'s' if self.decodes != 1 else ''}")
+        return line + (", loading the model first" if self.load else "")
+
+    def record(self) -> dict:
+        """For the sidecar, beside the run's measured `timings`."""
+        parts = {"load": self.load, "text_and_input": self.before, "steps_and_frames": self.walk,
+                 "final": self.after}
+        return {"seconds": round(self.seconds, 1), "unet_calls": self.unet_calls, "decodes": self.decodes,
+                "parts_s": {k: round(v, 2) for k, v in parts.items()}}
+
+
 def make_plan(spec: RunSpec, config: PipelineConfig, tokenizers, image_size: tuple | None = None,
-              notice=lambda line: None) -> RunPlan:
+              notice=lambda line: None, machine: costs.Machine | None = None) -> RunPlan:
     """Resolve the spec's defaults and check it against the model, before any weight is read.
-    `image_size` is the input picture's (H, W), or None for text to image."""
+    `image_size` is the input picture's (H, W) as it stands upright in its file, or None for text
+    to image; with `machine`, the plan holds its time estimate there."""
     sampler, schedule, sampler_notice = samplers.default_sampler(config)
     if sampler_notice and spec.sampler is None:
         notice(sampler_notice)
@@ -108,9 +157,8 @@ def make_plan(spec: RunSpec, config: PipelineConfig, tokenizers, image_size: tup
     if spec.schedule not in samplers.SCHEDULES:
         raise SpecError("schedule", f"unknown {{flag}} {spec.schedule!r}; choose one of {', '.join(samplers.SCHEDULES)}")
     c = spec.capture
-    if image_size is None:
-        native = config.unet.sample_size * config.vae.downscale
-        image_size = spec.size or (native, native)
+    image_size, sizing = working_size(spec, config, image_size, notice)
+    spec = replace(spec, size=image_size, max_pixels=None)
     noise = samplers.NoiseSchedule(config.scheduler)
     timelines = [noise.timeline(s, spec.steps, schedule=spec.schedule, sampler=spec.sampler)
                  for s in spec.strengths]
@@ -147,9 +195,111 @@ def make_plan(spec: RunSpec, config: PipelineConfig, tokenizers, image_size: tup
     for what, text in (("prompt", spec.prompt), ("negative prompt", spec.negative_prompt)):
         if what == "prompt" or spec.cfg > 1.0:
             dropped[what.replace(" ", "_")] = _check_length(tokenizers, what, text, notice)
-    return RunPlan(spec, tuple(rows), tuple(image_size),
+    plan = RunPlan(spec, tuple(rows), tuple(image_size),
                    samplers.display_name(spec.sampler, spec.schedule), tuple(path), shown, dropped,
-                   inversion)
+                   inversion, sizing)
+    return plan if machine is None else replace(plan, estimate=estimate_time(plan, config, machine))
+
+
+# Passes over the weights' bytes in memory that loading costs (read, cast, pack), at the element-wise
+# speed: the full-size SD 2.1-base (float32 files, bfloat16 in memory) took 6.4 s on a 2-core Xeon.
+_LOAD_PASSES = 6
+
+
+def estimate_time(plan: RunPlan, config: PipelineConfig, machine: costs.Machine) -> Estimate:
+    """The plan's time on `machine`: each UNet call, decoder call, encode and picture written at
+    the working size, at the machine's measured speed (costs.py)."""
+    spec, c = plan.spec, plan.spec.capture
+    inverted = spec.inversion is not None and spec.inversion.cfg > 1.0
+    nets = costs.network_work(config, plan.image_size, spec.n_images, plan.guided, inverted, c.preview,
+                              machine.dtype)
+    seconds = machine.speed.seconds
+    h, w = plan.image_size
+    written = seconds(costs.Work(pixels=spec.n_images * h * w))  # one picture of the run, as a file
+    width = 2 if c.shows == "both" else 1
+    frame, noise_frame = width * (seconds(nets.preview) + written), seconds(nets.preview) + written
+    unet, decodes, calls = seconds(nets.unet), 0, 0
+    steps: dict = {}
+    if plan.inversion is not None:
+        per_step = 1 + spec.inversion.refine
+        call = per_step * seconds(nets.inversion_unet)
+        steps[None] = tuple((call if k else 0.0) + (noise_frame if k in plan.shown else 0.0)
+                            for k in range(plan.inversion.steps + 1))
+        calls += per_step * plan.inversion.steps
+    elif plan.path:
+        steps[None] = tuple(noise_frame if k in plan.shown else 0.0 for k in range(len(plan.path)))
+    decodes += len(plan.shown)
+    for i, row in enumerate(plan.rows):
+        timeline = row.timeline
+        # Heun calls the network twice a step, but on the last step down to sigma 0.
+        per_step = [0] + [2 if spec.sampler == "heun" and timeline.sigmas[k] > 0 else 1
+                          for k in range(1, timeline.steps + 1)]
+        steps[i] = tuple(n * unet + (frame if k in row.kept else 0.0) for k, n in enumerate(per_step))
+        calls += sum(per_step)
+        decodes += width * len(row.kept)
+    after = 0.0
+    if spec.triangle:
+        after += seconds(costs.Work(pixels=h * w * width * sum(len(r.kept) for r in plan.rows)))
+    else:
+        reused = c.shows == "xt" and c.preview == "vae" and plan.top.timeline.steps in plan.top.kept
+        finals = (0 if reused else 1) + (1 if c.keep_best else 0)
+        after += finals * (seconds(nets.decode) + written)
+        decodes += finals
+    if plan.shown:  # the noising strip
+        after += seconds(costs.Work(pixels=h * w * len(plan.shown)))
+    if c.animate is not None:
+        frames = sum(len(r.kept) for r in plan.rows) + len(plan.shown)
+        after += seconds(costs.Work(pixels=h * w * frames))
+    before = seconds(nets.text) + (seconds(nets.encode) if spec.img2img else 0.0)
+    load = _LOAD_PASSES * machine.unloaded_bytes / machine.speed.memory
+    return Estimate(load, before, steps, after, calls, decodes)
+
+
+# Both sides of a working size are multiples of this: the VAE's 8 times the UNet's three halvings.
+SIZE_MULTIPLE = 64
+
+
+def native_size(config: PipelineConfig) -> int:
+    """The side of the square the model was trained at, in pixels (512 for SD 2.1-base, 768 for
+    SD 2.1, 1024 for SDXL): its UNet's sample size times the VAE's downscale."""
+    return config.unet.sample_size * config.vae.downscale
+
+
+def working_size(spec: RunSpec, config: PipelineConfig, picture: tuple | None, notice) -> tuple:
+    """((H, W) the run computes at, what chose it: "native", "size" or "max_pixels"). Text to image
+    runs at --size or the native square; an input picture (H, W) at --size, within --max_pixels
+    pixels at its own aspect ratio, or by default at the model's native area and its aspect ratio,
+    up or down: a model works best at the size it was trained at, and a larger picture costs in
+    proportion to its area. The notice says what was done to the picture."""
+    native = native_size(config)
+    if picture is None:
+        return (spec.size, "size") if spec.size is not None else ((native, native), "native")
+    h0, w0 = picture
+    if spec.size is not None:
+        size, sizing, why = tuple(spec.size), "size", "as --size asks"
+    elif spec.max_pixels is not None:
+        w, h = _fitted(w0, h0, spec.max_pixels, False)
+        size, sizing = (h, w), "max_pixels"
+        why = f"at most {spec.max_pixels} pixels (--max_pixels), sides multiples of 64"
+    else:
+        w, h = _fitted(w0, h0, native * native, True)
+        size, sizing = (h, w), "native"
+        why = (f"the model's native area ({native}x{native}) at the picture's aspect ratio, sides "
+               "multiples of 64; --size HxW or --max_pixels N choose otherwise")
+    h, w = size
+    if (h, w) != (h0, w0):
+        change = abs(math.log((w / h) / (w0 / h0)))
+        aspect = f" (aspect ratio {w0 / h0:.3f} -> {w / h:.3f})" if change > 0.02 else ""
+        notice(f"the picture ({w0}x{h0}) runs at {w}x{h}{aspect}: {why}")
+    return (h, w), sizing
+
+
+def _fitted(width: int, height: int, pixels: int, upscale: bool) -> tuple:
+    try:
+        return target_size(width, height, multiple=SIZE_MULTIPLE, max_pixels=pixels, upscale=upscale)
+    except ValueError as e:
+        raise SpecError("max_pixels", f"a {width}x{height} picture within {pixels} pixels: {e}; crop "
+                                      "it to a less extreme shape, or raise {flag}") from None
 
 
 def _merged(points) -> tuple[tuple, dict]:

@@ -164,6 +164,17 @@ def base(plan, session, environment: dict, replay, picture) -> dict:
     return record
 
 
+def run_facts(plan) -> dict:
+    """What the sidecar alone says of the plan. Not in the pictures: their replay (which pins the
+    working size with --size) must give the same bytes, whatever chose the size the first time."""
+    h, w = plan.image_size
+    # "native": the model's native area (text to image: its square); "size"; "max_pixels".
+    facts = {"working_size": {"width": w, "height": h, "chosen_by": plan.sizing}}
+    if plan.estimate is not None:  # the time estimate before the work; `timings` says what it took
+        facts["estimate"] = plan.estimate.record()
+    return facts
+
+
 def picture_texts(plan, record: dict, source: dict, info: dict, size: tuple) -> tuple:
     """(`parameters`, JSON record) of a picture of `size` (H, W) that `info` describes. The texts
     are the record's: a private run's hashes."""

@@ -136,6 +136,9 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
         if record.get("private"):
             recorded, rest, private_notes = private_replay(command, path, record, recorded, rest)
         recorded = without_relisted(recorded, rest)
+        sized = _recorded_size(record, recorded)
+        k = recorded.index("--") if "--" in recorded else len(recorded)
+        recorded = recorded[:k] + sized + recorded[k:]
         if "--" in recorded:  # the user's flags go before the positionals (a prompt "-like this")
             k = recorded.index("--")
             expanded = recorded[:k] + rest + recorded[k:]
@@ -154,7 +157,7 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
                       ("seed", "--seed")):
         if key in fields and fields[key] not in (None, ""):
             flags.append(f"{flag}={fields[key]}")
-    if "model" in fields:
+    if "model" in fields and not any(a == "--model" or a.startswith("--model=") for a in rest):
         notes.append(f"replay of {path}: Model {fields['model']!r} names another tool's checkpoint; "
                      "pass --model to choose ours")
     if command == "txt2image":
@@ -254,6 +257,18 @@ def adapters_changed(path: str, record: dict, replayed: list) -> list:
             notes.append(f"replay of {path}: its {entry.get('kind')} file {file} has changed since (sha256 "
                          f"{str(entry.get('sha256'))[:12]} then, {digest[:12]} now): the pictures will differ")
     return notes
+
+
+def _recorded_size(record: dict, recorded: list) -> list:
+    """--size for a record whose arguments leave the working size to the default (made before the
+    default became the model's native area): the size its input ran at."""
+    source = record.get("input") or {}
+    size = source.get("size")
+    if any(a.startswith("--size=") for a in recorded) or not (isinstance(size, list) and len(size) == 2
+                                                            and all(isinstance(v, int) for v in size)):
+        return []
+    width, height = size
+    return [f"--size={height}x{width}"]
 
 
 def input_changed(path, record: dict) -> list:

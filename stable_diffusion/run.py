@@ -19,7 +19,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import files, images, outputs, privacy, record, signals, sinks
+from . import costs, files, images, outputs, privacy, record, signals, sinks
 from .errors import NumericalError, OutputError
 from .plan import RunPlan, make_plan
 from .ops import release_cpu_buffers
@@ -40,25 +40,38 @@ class RunResult:
     timings: dict | None = None
 
 
+def upright_size(picture) -> tuple:
+    """(H, W) of a loaded picture as it stands in its file, before any resizing: what the plan
+    sizes the run from."""
+    w, h = picture.upright_size or picture.size
+    return h, w
+
+
+def picture_notices(picture) -> list:
+    """What loading did to the picture, but its resizing: the plan says how the run sizes it."""
+    return [line for line in picture.notices if line != picture.resized]
+
+
 def plan_for(session, spec, image_size: tuple | None, notice=lambda line: None) -> RunPlan:
     """The spec planned against the session's model: its configs and tokenizers, no weights."""
     session.open()
-    return make_plan(spec, session.config, session.tokenizers, image_size, notice)
+    return make_plan(spec, session.config, session.tokenizers, image_size, notice, session.machine())
 
 
 def execute(session, spec, console, argv=(), replay=None, picture=None, wait: bool = False,
             timings: dict | None = None) -> RunResult:
     """Plan, load, walk, keep and record one spec, holding the lock of its output name (another run
     writing the same name is refused with OutputBusy, or with `wait` waited for). `picture` is the
-    loaded input (None: load spec.image here); `replay(resolved_spec, model_arg)` gives the
-    arguments that make the same files again, for the record; `timings` (the caller's, if given)
-    receives the run's timings as they are measured."""
+    loaded input (images.load_image; None: load spec.image here), read again at the plan's working
+    size where it differs; `replay(resolved_spec, model_arg)` gives the arguments that make the
+    same files again, for the record; `timings` (the caller's, if given) receives the run's
+    timings as they are measured."""
     started = time.perf_counter()
     timings = {} if timings is None else timings
     _reset_peaks()
     if spec.img2img and picture is None:
         picture = images.load_image(spec.image, multiple=64)
-        for line in picture.notices:
+        for line in picture_notices(picture):
             console.notice(line)
 
     def waiting(holder):
@@ -67,7 +80,9 @@ def execute(session, spec, console, argv=(), replay=None, picture=None, wait: bo
     with files.output_lock(spec.output, wait, waiting):
         # --- 1. checks: nothing heavy is read, and nothing but the output folder is made ---------
         outputs.prepare(spec.output, console.notice)
-        plan = plan_for(session, spec, picture.pixels.shape[:2] if spec.img2img else None, console.notice)
+        plan = plan_for(session, spec, upright_size(picture) if spec.img2img else None, console.notice)
+        if spec.img2img:
+            picture = session.fit(picture, plan.image_size)
         for line in session.notices:
             console.detail(f"note: {line}")
         for line in plan.describe():
@@ -89,7 +104,7 @@ def execute(session, spec, console, argv=(), replay=None, picture=None, wait: bo
         # in the sidecar: a picture depends on what makes it, not on its name or its process.
         carried = record.base(plan, session, environment, replay, picture)
         ledger = record.Ledger(names.sidecar(), dict(carried, argv=privacy.redact_argv(argv, plan.spec),
-                                                     pid=os.getpid()))
+                                                     pid=os.getpid(), **record.run_facts(plan)))
 
         # --- 3. walk and keep; the sidecar says how the run ended ------------------------------
         status, error, interrupt = "failed", None, None
@@ -111,6 +126,7 @@ def execute(session, spec, console, argv=(), replay=None, picture=None, wait: bo
             timings["total_s"] = elapsed(started)
             with signals.shielded():  # the last word on the run: further signals cannot cut it short
                 gone = _write_last(ledger, plan, status, error, kept, denoisers, timings, memory, console)
+            console.detail(describe_timings(timings, plan.estimate))
         if gone and status == "finished":
             raise OutputError(f"{len(gone)} file(s) of the run were removed before it ended ("
                               f"{', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''}); the sidecar "
@@ -144,15 +160,18 @@ def _walk_and_keep(session, sd, plan, names, ledger, texts, picture, taesd, cons
                                ledger, texts, c.format, spec.n_rows)
     kept += _sinks(plan, names, writer, sd, x0, picture, console, timings)
 
-    # 3. the walk: the path, then each row; a progress bar each
+    # 3. the walk: the path, then each row; a progress bar each, with the run's time left
     visits = walk(sd.noise_schedule, plan, denoisers[0], x0, eps, seed_keys(spec.seed),
                   denoisers[1] if len(denoisers) > 1 else None)
+    clock = None if plan.estimate is None else costs.TimeLeft(plan.estimate)
     for row, group in itertools.groupby(visits, key=lambda visit: visit.row):
         steps = (visit.step for visit in group)
-        for step in console.progress(steps, *_progress(plan, row)):
+        for step in console.progress(steps, *_progress(plan, row), clock and clock.seconds):
             _evaluate(step, session, timings, run_started)
             for sink in kept:
                 sink.add(row, step)
+            if clock is not None:
+                clock.step_done(row, step.index)
         writer.flush()
         for sink in kept:
             sink.phase_done(row)
@@ -198,11 +217,20 @@ def _sinks(plan, names, writer, sd, x0, picture, console, timings) -> list:
 
 
 def _progress(plan, row: int | None) -> tuple[int, str]:
-    """(steps, name) of a progress bar: the path's, or a row's."""
+    """(steps, name) of a progress bar: the path's, or a row's. Steps as the plan counts them: a
+    phase's start (index 0: the clean latent, or the noised start) is no step."""
     if row is None:
-        return (plan.inversion.steps + 1 if plan.inversion is not None else len(plan.path)), "noising"
+        return (plan.inversion.steps if plan.inversion is not None else len(plan.path) - 1), "noising"
     r = plan.rows[row]
-    return r.timeline.steps + 1, f"s={r.strength:g}" if plan.spec.img2img else "steps"
+    return r.timeline.steps, f"s={r.strength:g}" if plan.spec.img2img else "steps"
+
+
+def describe_timings(timings: dict, estimate=None) -> str:
+    """The sidecar's timings as -v prints them at the end: "timings: load 3.10 s, ..., total 41.00 s
+    (estimated 45 s)"."""
+    line = "timings: " + ", ".join(f"{name.removesuffix('_s').replace('_', ' ')} {seconds:.2f} s"
+                                   for name, seconds in timings.items())
+    return line if estimate is None else f"{line} (estimated {estimate.seconds:.2f} s)"
 
 
 def _evaluate(step, session, timings: dict, started: float) -> None:

@@ -42,6 +42,9 @@ class Session:
         self.sd = None
         self._latents: dict = {}
         self._conditions: dict = {}
+        self._pictures: dict = {}
+        self._speed = None
+        self._weight_bytes = None
 
     @property
     def dtype(self):
@@ -68,6 +71,21 @@ class Session:
             self.tokenizers.append(_tokenizer(self.folder / tok))
             check_fits_encoder(self.tokenizers[-1], encoder, self.folder / tok)  # before any weight
         self.config = config
+
+    def machine(self):
+        """What the plan's time estimate needs (costs.Machine): this machine's speed in the session's
+        dtype (measured once per machine, calibrate.speed) and the bytes of weights still to load."""
+        from .calibrate import speed
+        from .costs import Machine
+
+        self.open()
+        if self._speed is None:
+            self._speed = speed(self.dtype_name)
+        if self._weight_bytes is None:
+            from .budget import parameter_counts
+
+            self._weight_bytes = sum(parameter_counts(self.config).values()) * self.dtype.size
+        return Machine(self._speed, self.dtype_name, 0 if self.sd is not None else self._weight_bytes)
 
     # --- the model and its caches ----------------------------------------------------------------
 
@@ -108,6 +126,24 @@ class Session:
         self.sd = sd
         timings["load_s"] = _elapsed(start)
         return sd
+
+    def fit(self, picture, size: tuple):
+        """The loaded picture (images.LoadedImage) at the working size (H, W): itself where it is
+        that size, else read again from its file and resampled once from the original (cached by
+        content and size: the runs of a sweep share it)."""
+        h, w = size
+        if tuple(picture.size) == (w, h):
+            return picture
+        key = (picture.sha256, (w, h))
+        if key not in self._pictures:
+            from .images import load_image
+
+            fitted = load_image(picture.path, multiple=64, size=(w, h))
+            if fitted.sha256 != picture.sha256:
+                raise InputError(f"input image {picture.path} changed while the run started; run again "
+                                 "once it is written")
+            self._pictures[key] = fitted
+        return self._pictures[key]
 
     def encode(self, picture, timings: dict) -> mx.array:
         """x0 (1, h, w, C) of a loaded picture, cached by its content and size (`timings` gets

@@ -124,7 +124,10 @@ class RunSpec:
     schedule: str | None = None
     n_images: int = 1
     n_rows: int = 1
-    size: tuple | None = None  # (H, W) in pixels, text to image only
+    # (H, W) in pixels: the working size. None: the model's native size (text to image), or its
+    # native area at the input picture's aspect ratio (image to image); make_plan resolves it.
+    size: tuple | None = None
+    max_pixels: int | None = None  # image to image: the input picture's size, at most this many pixels
     capture: Capture = field(default_factory=Capture)
     inversion: Inversion | None = None  # set when the noising path is "inversion"
     # A prompt given as bytes that are not UTF-8 is read with U+FFFD for them; its bytes, for the record
@@ -221,6 +224,13 @@ class RunSpec:
                                       f"{' or '.join(PICTURE_SUFFIXES[c.format])} for {c.format} pictures")
         if c.taesd is not None and c.preview != "taesd":
             raise SpecError("taesd", "{flag} names the decoder of {flag:preview} taesd; add that")
+        if spec.max_pixels is not None:
+            if not spec.img2img:
+                raise SpecError("max_pixels", "{flag} bounds the size of an input picture; text to image "
+                                              "takes {flag:size}")
+            if spec.size is not None:
+                raise SpecError("max_pixels", "{flag} and {flag:size} both choose the working size; give one")
+            _check_int("max_pixels", spec.max_pixels, 64 * 64, MAX_SIDE * MAX_SIDE)
         if spec.size is not None:
             h, w = spec.size
             if h < 64 or w < 64 or h % 64 or w % 64:

@@ -29,6 +29,7 @@ from pathlib import Path
 from . import privacy
 from .privacy import shown_value
 from .choices import SAMPLER_NAMES, SCHEDULES
+from .costs import describe_seconds
 from .errors import InputError, NumericalError, OutputError
 from .files import (check_output_dir, file_digest, parse_json, read_lines, read_regular,
                     to_json, write_text_atomic)
@@ -424,18 +425,33 @@ def _check_derived_names(runs: list, seen: dict, pattern: str) -> None:
                                     "choose names that do not end in .step-N, .curve, .best, ...")
 
 
-def check_plans(runs: list, session, image_size: tuple | None) -> None:
+def sweep_estimates(runs: list, plans: list) -> dict | None:
+    """Run name -> its estimated seconds within the sweep: the first pays for loading the model and
+    encoding the picture, which the session then keeps; None without estimates."""
+    if not plans or any(p.estimate is None for p in plans):
+        return None
+    out = {}
+    for i, (run, plan) in enumerate(zip(runs, plans)):
+        e = plan.estimate
+        out[run.name] = e.walk + e.after + (e.load + e.before if i == 0 else 0.0)
+    return out
+
+
+def check_plans(runs: list, session, image_size: tuple | None) -> list:
     """Plan every run against the model's configs (no weights): what only the model can refuse
-    (a snapshot interval longer than a run, a sampler it lacks) is refused before the first run."""
+    (a snapshot interval longer than a run, a sampler it lacks) is refused before the first run.
+    Returns the plans (each run prints its own notes as it starts)."""
     from .run import plan_for
 
+    plans = []
     for run in runs:
         try:
-            plan_for(session, run.spec, image_size)
+            plans.append(plan_for(session, run.spec, image_size))
         except SpecError as e:
             if e.field in run.values:
                 raise SpecError(GRID_KEYS[e.field], e.template) from None
             raise
+    return plans
 
 
 # --- the manifest -----------------------------------------------------------------------------------
@@ -648,11 +664,12 @@ class Sweep:
     """The runs of one grid in one folder, with their manifest, sheet and record."""
 
     def __init__(self, runs: list, grid: Grid, folder: Path, model: ModelSpec,
-                 sheet_every: int | None = 10, sheet_cell: int = 256):
+                 sheet_every: int | None = 10, sheet_cell: int = 256, estimates: dict | None = None):
         self.runs, self.grid, self.folder, self.model = runs, grid, Path(folder), model
         self.sheet_every, self.sheet_cell = sheet_every, sheet_cell
         self.sheet = sheet_plan(grid, sheet_cell)
         self._drawn: set = set()  # names of the finished runs the sheet's pages show
+        self.estimates = estimates  # run name -> its estimated seconds in this sweep (sweep_estimates)
         self.manifest = Manifest(self.folder, runs, model)
         self.private = bool(runs) and not runs[0].spec.capture.save_prompt
 
@@ -680,11 +697,14 @@ class Sweep:
         t0 = time.perf_counter()
         todo = self.prepare()
         total, skipped = len(self.runs), len(self.runs) - len(todo)
+        expected = ""
+        if self.estimates:
+            expected = f"; {describe_seconds(sum(self.estimates[r.name] for r in todo))} in all"
         if skipped:
             console.say(f"sweep: {skipped} of {total} runs already finished and verified; "
-                        f"{len(todo)} to make")
+                        f"{len(todo)} to make{expected}")
         else:
-            console.say(f"sweep: {total} runs into {self.folder}")
+            console.say(f"sweep: {total} runs into {self.folder}{expected}")
         ran = failed = 0
         status, signum = "finished", None
         started: dict = {}
@@ -714,10 +734,10 @@ class Sweep:
                 wall = outcome.timings.get("total_s") or (time.perf_counter() - started.get(run.name, t0))
                 done = skipped + ran + failed
                 left = total - done
-                rate = (time.perf_counter() - t0) / max(1, ran + failed)
+                seconds = self._seconds_left(t0, todo, outcomes)
                 console.say(f"sweep: {done}/{total} done; {run.name} {outcome.status} in {wall:.1f} s; "
-                            + (f"about {_hms(rate * left)} left (ends ~"
-                               f"{time.strftime('%H:%M:%S', time.localtime(time.time() + rate * left))})"
+                            + (f"about {_hms(seconds)} left (ends ~"
+                               f"{time.strftime('%H:%M:%S', time.localtime(time.time() + seconds))})"
                                if left else "all runs done"))
                 if after_run is not None:
                     after_run(run, outcome)
@@ -736,6 +756,17 @@ class Sweep:
         if failed and status == "finished":
             status = "failed"
         return SweepReport(status, total, skipped, ran, failed, signum)
+
+    def _seconds_left(self, t0: float, todo: list, outcomes: dict) -> float:
+        """The runs not yet made, by their estimates (the plans' time model) scaled by how the
+        runs made so far compared with theirs; without estimates, by the runs' mean time."""
+        elapsed = time.perf_counter() - t0
+        rest = [r for r in todo if r.name not in outcomes]
+        if not self.estimates:
+            return elapsed / max(1, len(outcomes)) * len(rest)
+        done = sum(self.estimates[name] for name in outcomes)
+        factor = elapsed / done if done > 0 else 1.0
+        return factor * sum(self.estimates[r.name] for r in rest)
 
     def _files(self, run: SweepRun) -> list:
         """The run's files, from its sidecar (every file the run wrote) and the sidecar itself."""

@@ -157,15 +157,20 @@ def _sweep(argv: list, console: Console) -> int:
     runs, grid, model, folder = build_sweep(command, args)
     from .images import load_image
 
+    from .run import picture_notices, upright_size
+
     picture = None
     if runs[0].spec.img2img:  # one picture for the whole sweep, checked before the model
         picture = load_image(runs[0].spec.image, multiple=64)
-        for line in picture.notices:
+        for line in picture_notices(picture):
             console.notice(line)
     from .session import Session
-    from .sweep import check_plans
+    from .sweep import check_plans, sweep_estimates
 
-    check_plans(runs, Session(model), None if picture is None else picture.pixels.shape[:2])
+    session = Session(model)
+    plans = check_plans(runs, session, None if picture is None else upright_size(picture))
+    if picture is not None:  # at the working size once, here: a Ray worker may not see the file
+        picture = session.fit(picture, plans[0].image_size)
     replay = functools.partial(cli.replay_argv, model=model)
     from .files import output_lock
 
@@ -177,7 +182,8 @@ def _sweep(argv: list, console: Console) -> int:
         pool = _make_pool(args, model, picture, [command, *argv], replay, console,
                           private=not runs[0].spec.capture.save_prompt)
         try:
-            sweep = Sweep(runs, grid, folder, model, args.sheet_every or None, args.sheet_cell)
+            sweep = Sweep(runs, grid, folder, model, args.sheet_every or None, args.sheet_cell,
+                          sweep_estimates(runs, plans))
             report = sweep.execute(pool, console)
         finally:
             pool.close()

@@ -176,3 +176,83 @@ def test_triangle_runs_each_step_once_and_cfg_0_runs_unguided(tmp_path, picture,
     assert cli.main("image2image", [str(picture), "x", "--model", str(sd2), "--steps", "4",
                                     "--cfg", "2", "--quiet", "--output", str(tmp_path / "g.png")]) == 0
     assert batches == [2] * 3  # guided: negative and prompt together, int(4 * 0.9) steps
+
+
+# --- the first hour of a new user ---------------------------------------------------------------------
+
+
+def test_a_large_picture_runs_at_the_native_area_and_size_chooses_otherwise(tmp_path, sd2):
+    big = tmp_path / "big.png"
+    yy, xx = np.mgrid[0:1500, 0:2000]
+    Image.fromarray(np.stack([xx % 256, yy % 256, (xx // 8) % 256], -1).astype(np.uint8)).save(big)
+    result = run("image2image.py", big, "x", "--model", sd2, "--steps", 2, "--seed", 1, "-o", tmp_path / "d.png")
+    assert "note: the picture (2000x1500) runs at 64x64 (aspect ratio 1.333 -> 1.000): the model's native " \
+           "area (64x64)" in result.stderr
+    assert Image.open(tmp_path / "d.png").size == (64, 64)
+    assert json.loads((tmp_path / "d.json").read_text())["working_size"]["chosen_by"] == "native"
+    run("image2image.py", big, "x", "--model", sd2, "--steps", 2, "--seed", 1, "--size", "64x128",
+        "-o", tmp_path / "s.png")
+    assert Image.open(tmp_path / "s.png").size == (128, 64)
+    record = json.loads((tmp_path / "s.json").read_text())
+    assert record["working_size"] == {"width": 128, "height": 64, "chosen_by": "size"}
+    assert "--size=64x128" in record["replay"]
+    run("image2image.py", "--replay", tmp_path / "s.png", "-o", tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes() == (tmp_path / "s.png").read_bytes()
+    run("image2image.py", big, "x", "--model", sd2, "--steps", 2, "--seed", 1, "--max_pixels", 30000,
+        "-o", tmp_path / "m.png")
+    assert Image.open(tmp_path / "m.png").size == (192, 128)
+
+
+def test_a_record_made_before_the_native_area_replays_at_the_size_it_ran_at():
+    from stable_diffusion.cli import _recorded_size
+
+    old = {"replay": ["in.png", "x", "--seed=1"], "input": {"size": [128, 64]}}
+    assert _recorded_size(old) == ["--size=64x128"]
+    assert _recorded_size(dict(old, replay=["in.png", "x", "--size=64x64"])) == []
+    assert _recorded_size({"replay": ["x", "--seed=1"]}) == []  # text to image: its size is recorded
+
+
+def test_seed_minus_one_means_random(tmp_path, picture, sd2):
+    seeds = []
+    for name in ("a", "b"):
+        run("image2image.py", picture, "x", "--model", sd2, "--steps", 2, "--seed", -1, "-o", tmp_path / f"{name}.png")
+        record = json.loads((tmp_path / f"{name}.json").read_text())
+        assert record["seed"] >= 0 and f"--seed={record['seed']}" in record["replay"]
+        seeds.append(record["seed"])
+    assert seeds[0] != seeds[1]
+
+
+def test_a_mistyped_flag_gets_a_suggestion(tmp_path, picture, sd2):
+    for typed, meant in (("--stpes", "--steps"), ("--negative-promt", "--negative-prompt"),
+                         ("--save_last_n=3", "--save_last_N")):
+        result = run("image2image.py", picture, "x", "--model", sd2, typed, "4", "-o", tmp_path / "o.png",
+                     check=False)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert f"did you mean {meant}?" in result.stderr, result.stderr
+    result = run("image2image.py", picture, "x", "--zzzz", "-o", tmp_path / "o.png", check=False)
+    assert result.returncode == 2 and "did you mean" not in result.stderr
+
+
+def test_replaying_another_tools_picture_asks_for_a_model_only_when_none_is_given(tmp_path):
+    from PIL.PngImagePlugin import PngInfo
+
+    from stable_diffusion.cli import replay_arguments
+
+    info = PngInfo()
+    info.add_text("parameters", "a red barn\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 5, "
+                                "Size: 512x512, Model: v1-5-pruned-emaonly")
+    path = tmp_path / "a1111.png"
+    Image.new("RGB", (64, 64)).save(path, pnginfo=info)
+    _, notes = replay_arguments("txt2image", ["--replay", str(path)])
+    assert any("pass --model to choose ours" in n for n in notes)
+    for given in (["--model", "sd15"], ["--model=sd15"]):
+        argv, notes = replay_arguments("txt2image", ["--replay", str(path), *given])
+        assert not any("pass --model" in n for n in notes) and argv[-len(given):] == given
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_output_folder_that_takes_no_files_says_so(tmp_path, picture, sd2):
+    for output in ("/proc/x.png", "/proc/no-such-folder/x.png"):
+        result = run("image2image.py", picture, "x", "--model", sd2, "--steps", 2, "-o", output, check=False)
+        assert result.returncode == 2, result.stderr
+        assert "/proc exists but takes no new files" in result.stderr and "No such file" not in result.stderr

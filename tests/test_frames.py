@@ -116,9 +116,10 @@ def test_replay_of_another_tools_picture_maps_every_field(tmp_path, picture, sd2
     # With a hires fix, the denoising strength is its second pass's: not ours, the default stays.
     assert record["plans"][0]["strength"] == 0.9
     notes = [line for line in result.stderr.splitlines() if line.startswith("note: replay of")]
-    assert len(notes) == 4, notes  # Clip skip, Hires upscale, its strength, and the model's name
-    for words in ("Clip skip", "Hires upscale", "Denoising strength", "Model 'v1-5'"):
+    assert len(notes) == 3, notes  # Clip skip, Hires upscale, its strength; --model was given
+    for words in ("Clip skip", "Hires upscale", "Denoising strength"):
         assert sum(words in n for n in notes) == 1, words
+    assert not any("Model 'v1-5'" in n for n in notes)
     run(picture, "--replay", tmp_path / "other.png", "--model", sd2, "--strength", 0.5,
         "--output", tmp_path / "s.png")
     assert sidecar(tmp_path / "s.json")["plans"][0]["strength"] == 0.5

@@ -753,3 +753,24 @@ def test_fuzz_malformed_files(tmp_path):
             assert elapsed < 10, f"{path.name} took {elapsed:.1f} s"
     # Both ends are exercised: flipped pixel bytes still decode, broken headers do not.
     assert outcomes["valid"] >= 20 and outcomes["refused"] >= 100, outcomes
+
+
+def test_target_size_can_upscale_to_an_area():
+    """A run's default working size: the model's native area at the picture's aspect ratio, up or
+    down, never above the area."""
+    assert target_size(300, 200, multiple=64, max_pixels=512 * 512) == (320, 192)
+    assert target_size(300, 200, multiple=64, max_pixels=512 * 512, upscale=True) == (576, 384)
+    assert target_size(2000, 1500, multiple=64, max_pixels=512 * 512, upscale=True) == (576, 448)
+    assert target_size(64, 64, multiple=64, max_pixels=1024 * 1024, upscale=True) == (1024, 1024)
+
+
+def test_a_picture_loaded_at_a_chosen_size_says_nothing_of_the_resize(tmp_path):
+    """The plan chose the size and says why; the loader only reports what else it did."""
+    path = tmp_path / "p.png"
+    Image.new("RGB", (300, 200), (10, 200, 30)).save(path)
+    loaded = load_image(path, multiple=64)
+    assert loaded.size == (320, 192) and loaded.upright_size == (300, 200)
+    assert loaded.resized is not None and loaded.resized in loaded.notices
+    chosen = load_image(path, multiple=64, size=(128, 192))
+    assert chosen.size == (128, 192) and chosen.pixels.shape == (192, 128, 3)
+    assert chosen.notices == [] and chosen.resized is None and chosen.sha256 == loaded.sha256

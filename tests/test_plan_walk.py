@@ -197,3 +197,58 @@ def test_a_name_too_long_for_the_file_system_is_refused_before_work(tmp_path):
         check_name_length(RunSpec("a", tmp_path / f"{stem}.png", image=tmp_path / "in.png",
                                   capture=Capture(noising_every=100)))
     assert refused.value.field == "output"
+
+
+def test_the_working_size_is_the_models_native_area_at_the_pictures_aspect_ratio():
+    """A photo runs at the area the model was trained at (512x512 for SD 2.1-base), up or down;
+    --size sets it, --max_pixels bounds the picture's own size; the note says what was done."""
+    from dataclasses import replace
+
+    config = _config()
+    config = replace(config, unet=replace(config.unet, sample_size=64))  # 64 latent cells x 8: 512 px
+    notes = []
+    plan = make_plan(_spec(steps=4), config, (), (1500, 2000), notes.append)
+    h, w = plan.image_size
+    assert (h % 64, w % 64) == (0, 0) and 0.85 * 512 * 512 <= h * w <= 512 * 512
+    assert abs(w / h - 4 / 3) < 0.05 and (h, w) == (448, 576)
+    assert plan.spec.size == (448, 576) and plan.sizing == "native"  # resolved: replay pins it
+    assert notes == ["the picture (2000x1500) runs at 576x448 (aspect ratio 1.333 -> 1.286): the model's "
+                     "native area (512x512) at the picture's aspect ratio, sides multiples of 64; --size HxW "
+                     "or --max_pixels N choose otherwise"]
+    small = make_plan(_spec(steps=4), config, (), (200, 300))
+    assert small.image_size == (384, 576)  # upscaled to the native area, 3:2 exactly
+    notes.clear()
+    sized = make_plan(_spec(steps=4, size=(512, 768)), config, (), (1500, 2000), notes.append)
+    assert sized.image_size == (512, 768) and sized.sizing == "size"
+    assert notes == ["the picture (2000x1500) runs at 768x512 (aspect ratio 1.333 -> 1.500): as --size asks"]
+    bounded = make_plan(_spec(steps=4, max_pixels=1024 * 1024), config, (), (1500, 2000))
+    assert bounded.image_size == (896, 1152) and bounded.sizing == "max_pixels"
+    assert make_plan(_spec(steps=4, max_pixels=1024 * 1024), config, (), (200, 300)).image_size == (192, 320)
+    notes.clear()
+    same = make_plan(_spec(steps=4), config, (), (448, 576), notes.append)
+    assert same.image_size == (448, 576) and notes == []  # nothing was done, nothing is said
+    text = make_plan(_spec(image=None, steps=4), config, (), None)
+    assert text.image_size == (512, 512) and text.sizing == "native"
+
+
+def test_size_and_max_pixels_are_checked():
+    from stable_diffusion.spec import SpecError
+
+    for fields, words in ((dict(size=(512, 512), max_pixels=10**6), "give one"),
+                          (dict(max_pixels=100), "is outside 4096"),
+                          (dict(image=None, max_pixels=10**6), "text to image takes --size")):
+        with pytest.raises(SpecError, match=words) as refused:
+            _spec(**fields).validate()
+        assert refused.value.field == "max_pixels"
+
+
+def test_the_library_runs_at_the_size_it_is_given(sd2):
+    """The working size is the commands' choice; the library's picture (or latent size) is the size."""
+    from stable_diffusion.pipeline import StableDiffusion
+
+    sd = StableDiffusion.from_pretrained(str(sd2))
+    image = np.zeros((64, 128, 3), np.float32)  # not the tiny model's native 64x64
+    *_, last = sd.generate_latents_from_image(image, "x", strength=0.5, num_steps=4, seed=0)
+    assert last.x_t.shape == (1, 8, 16, 4)
+    *_, last = sd.generate_latents("x", num_steps=2, seed=0, latent_size=(8, 16))
+    assert last.x_t.shape == (1, 8, 16, 4)

@@ -33,7 +33,7 @@ from commands import ROOT, command, default_signals, run, sidecar, start
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
 
-PROGRESS = re.compile(r"^\S+ step \d+/\d+ t=\S+ sigma=\S+ \S+ s/step$")
+PROGRESS = re.compile(r"^\S+ step \d+/\d+ t=\S+ sigma=\S+ \S+ s/step(, about .* left)?$")
 
 
 def stderr_lines(text: str) -> list:
@@ -122,7 +122,13 @@ def test_picture_notices_reach_stderr(tmp_path, sd2):
     assert result.returncode == 0, result.stderr
     notes = stderr_lines(result.stderr)
     assert "note: first frame used (a multi-frame GIF)" in notes
-    assert any(n.startswith("note: resized from 100x70 to ") for n in notes), notes
+    assert any(n.startswith("note: the picture (100x70) runs at 64x64 (aspect ratio 1.429 -> 1.000): the "
+                            "model's native area (64x64)") for n in notes), notes
+    assert sidecar(tmp_path / "o.json")["input"]["size"] == [64, 64]
+    result = run("image2image.py", gif, "x", "--model", sd2, "--steps", 2, "--seed", 0, "--max_pixels",
+                 2**20, "--output", tmp_path / "o.png")
+    assert ("note: the picture (100x70) runs at 128x64 (aspect ratio 1.429 -> 2.000): at most 1048576 "
+            "pixels (--max_pixels), sides multiples of 64") in stderr_lines(result.stderr), result.stderr
     assert sidecar(tmp_path / "o.json")["input"]["size"] == [128, 64]
 
 
@@ -897,6 +903,21 @@ def test_two_stop_signals_within_one_mlx_call_end_as_the_first_said(capsys, firs
 
     assert cli.run_command(body, []) == status
     assert "interrupted" in capsys.readouterr().err
+
+
+def test_runs_started_by_the_tests_stop_on_signals_whatever_the_suite_inherited():
+    """Under `nohup` the suite ignores SIGHUP (as a background job, SIGINT): the runs it starts get
+    the default handlers back, as a terminal would give them."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        code = ("import signal; print(signal.getsignal(signal.SIGHUP) == signal.SIG_DFL, "
+                "signal.getsignal(signal.SIGINT) is signal.default_int_handler)")
+        inherited = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        reset = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               preexec_fn=default_signals)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert inherited.stdout.split() == ["False", "True"] and reset.stdout.split() == ["True", "True"]
 
 
 def test_a_signal_the_run_was_started_ignoring_stays_ignored(tmp_path, picture, sd2):

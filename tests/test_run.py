@@ -5,6 +5,7 @@ issue): dtypes, triangle x snapshot and animation combinations, frame labels, no
 names, the sidecar while the run goes on, the replay arguments, progress in scripts.
 """
 
+import re
 import signal
 import subprocess
 import time
@@ -18,7 +19,7 @@ from stable_diffusion.picture_meta import read_png_metadata
 from stable_diffusion.render import band_height, triangle_size
 from stable_diffusion.sampler import seed_keys
 from stable_diffusion.session import Session
-from stable_diffusion.spec import Capture, ModelSpec, RunSpec
+from stable_diffusion.spec import Capture, Inversion, ModelSpec, RunSpec
 
 import commands
 from commands import sidecar
@@ -122,10 +123,58 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, picture, sd2):
                  "--output", tmp_path / "p.png")
     lines = [line for line in result.stderr.splitlines() if " step " in line]
     assert len(lines) == 4 and lines[0].startswith("s=1 step 1/4 t=750 sigma=")
-    assert lines[-1].split()[-1] == "s/step"
+    assert all(re.fullmatch(r"s=1 step \d/4 t=\S+ sigma=\S+ \S+ s/step, about \d+ (s|min) left", line)
+               for line in lines), lines
     quiet = run(picture, "x", "--model", sd2, "--steps", 4, "--strength", 1, "--seed", 0, "--quiet",
                 "--output", tmp_path / "q.png")
     assert quiet.stderr == "" and quiet.stdout == ""
+
+
+class Bar:
+    """A terminal progress bar (tqdm's calls) that remembers what it was told."""
+
+    made: list = []
+
+    def __init__(self, total, desc, **kwargs):
+        self.total, self.desc, self.count, self.postfix = total, desc, 0, []
+        Bar.made.append(self)
+
+    def update(self, n):
+        self.count += n
+
+    def set_postfix_str(self, text, refresh=True):
+        self.postfix.append(text)
+
+    def close(self):
+        pass
+
+
+def test_the_progress_bar_counts_the_plans_steps_and_shows_t_sigma_and_the_time_left(tmp_path, picture, sd2,
+                                                                                      monkeypatch):
+    import tqdm
+
+    from stable_diffusion.console import Console
+    from stable_diffusion.run import execute
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    monkeypatch.setattr(Console, "bars", property(lambda self: True))
+    session = Session(ModelSpec(str(sd2)))
+    cases = {  # the phases that run, each with the steps the plan counts
+        "single": (dict(strengths=(0.9,), steps=9), [("s=0.9", 8)]),
+        "noising": (dict(strengths=(0.5,), steps=4, capture=Capture(noising_every=100)),
+                    [("noising", 5), ("s=0.5", 2)]),
+        "inverted": (dict(strengths=(1.0,), steps=3, capture=Capture(noising_path="inversion"),
+                          inversion=Inversion()), [("noising", 3), ("s=1", 3)]),
+        "triangle": (dict(strengths=(0.5, 1.0), steps=4, triangle=True), [("s=0.5", 2), ("s=1", 4)]),
+    }
+    for name, (fields, phases) in cases.items():
+        Bar.made = []
+        spec = RunSpec("a barn", tmp_path / f"{name}.png", image=picture, seed=2, **fields).validate()
+        assert execute(session, spec, Console(), picture=None).status == "finished"
+        assert [(b.desc, b.total) for b in Bar.made] == phases, name
+        assert all(b.count == b.total == len(b.postfix) for b in Bar.made), name
+        last = Bar.made[-1].postfix[-1]
+        assert re.fullmatch(r"t=0 sigma=0, about \d+ s left", last), last
 
 
 def test_every_flag_combination_is_refused_before_work_or_works(tmp_path, picture, sd2):

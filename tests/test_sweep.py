@@ -43,7 +43,8 @@ def lines(folder: Path) -> int:
 def comparable(sidecar: Path) -> dict:
     """A sidecar without what differs between two processes making the same files."""
     record = json.loads(sidecar.read_text())
-    for key in ("argv", "pid", "timings", "memory"):  # of this process
+    # Of this process: its arguments, its times (the estimate's too: a sweep loads the model once).
+    for key in ("argv", "pid", "timings", "memory", "estimate"):
         record.pop(key)
     return record
 

@@ -1,0 +1,266 @@
+"""The time estimate: the work counted from the configs, the machine's measured speed (kept beside the
+dtype calibration), the plan's estimate, the time left as a run goes, and a sweep's."""
+
+import json
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from stable_diffusion import calibrate, clip, costs, ops, unet, vae
+from stable_diffusion.clip import CLIPTextModel
+from stable_diffusion.config import read_pipeline_config
+from stable_diffusion.plan import make_plan
+from stable_diffusion.spec import Capture, Inversion, RunSpec
+from stable_diffusion.tokenizer import Tokenizer
+from stable_diffusion.unet import UNetModel
+from stable_diffusion.vae import Autoencoder
+
+import commands
+
+
+class Products:
+    """The FLOPs of the products a real forward makes, by kind, counted from the arrays' shapes as
+    each convolution, linear layer and attention runs."""
+
+    def __init__(self, monkeypatch):
+        self.conv = self.linear = self.attention = 0.0
+        self._inner = False
+        conv_call, base_conv_call, linear_call = ops.Conv2d.__call__, nn.Conv2d.__call__, ops.Linear.__call__
+        attention = unet.attention
+
+        def conv(layer, x, *args, **kwargs):
+            if self._inner:  # ops.Conv2d falling back on nn.Conv2d: counted once, outside
+                return base_conv_call(layer, x, *args, **kwargs)
+            self._inner = True
+            try:
+                out = (conv_call if isinstance(layer, ops.Conv2d) else base_conv_call)(layer, x, *args, **kwargs)
+            finally:
+                self._inner = False
+            o, kh, kw, c = layer.weight_dims if isinstance(layer, ops.Conv2d) else layer.weight.shape
+            flops = 2.0 * out.shape[0] * out.shape[1] * out.shape[2] * kh * kw * c * o
+            if kh == 3:
+                self.conv += flops
+            else:
+                self.linear += flops
+            return out
+
+        def linear(layer, x):
+            n, k = layer.weight.shape
+            rows = x.size // k
+            self.linear += 2.0 * rows * k * n
+            return linear_call(layer, x)
+
+        def attend(q, k, v, *args, **kwargs):
+            batch, heads, queries, width = q.shape
+            self.attention += 4.0 * batch * heads * queries * k.shape[2] * width
+            return attention(q, k, v, *args, **kwargs)
+
+        monkeypatch.setattr(ops.Conv2d, "__call__", conv)
+        monkeypatch.setattr(nn.Conv2d, "__call__", conv)
+        monkeypatch.setattr(ops.Linear, "__call__", linear)
+        for module in (unet, vae, clip):
+            monkeypatch.setattr(module, "attention", attend)
+
+    def reset(self):
+        self.conv = self.linear = self.attention = 0.0
+
+    def matches(self, work: costs.Work) -> bool:
+        return (self.conv, self.linear, self.attention) == (work.conv, work.linear, work.attention)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_the_counted_work_is_what_the_networks_compute(tiny_model, family, monkeypatch):
+    config = read_pipeline_config(tiny_model(family), [])
+    model, autoencoder = UNetModel(config.unet), Autoencoder(config.vae)
+    text = CLIPTextModel(config.text_encoders[0])
+    products = Products(monkeypatch)
+    for h, w in ((8, 8), (8, 16), (16, 24)):
+        extra = {}
+        if config.unet.addition_embed_type:  # SDXL's pooled text and time ids
+            pooled = config.unet.projection_class_embeddings_input_dim - 6 * config.unet.addition_time_embed_dim
+            extra = dict(text_embeds=mx.zeros((2, pooled)), time_ids=mx.zeros((2, 6)))
+        products.reset()
+        model(mx.zeros((2, h, w, 4)), mx.array([500.0, 500.0]),
+              mx.zeros((2, 77, config.unet.cross_attention_dim)), **extra)
+        assert products.matches(costs.unet_work(config.unet, (h, w), 2, "float32")), (h, w)
+        products.reset()
+        autoencoder.decode(mx.zeros((1, h, w, 4)))
+        assert products.matches(costs.vae_decode_work(config.vae, (h, w), 1, "float32")), (h, w)
+        products.reset()
+        autoencoder.encode(mx.zeros((1, 8 * h, 8 * w, 3)))
+        assert products.matches(costs.vae_encode_work(config.vae, (8 * h, 8 * w), 1, "float32")), (h, w)
+    products.reset()
+    text(mx.zeros((2, 77), dtype=mx.int32))
+    assert products.matches(costs.text_work(config.text_encoders[0], 2, "float32"))
+
+
+def test_work_scales_with_size_and_batch_and_time_with_speed(tiny_model):
+    config = read_pipeline_config(tiny_model("sd2"), [])
+    small = costs.unet_work(config.unet, (8, 8), 1, "bfloat16")
+    assert costs.unet_work(config.unet, (8, 8), 2, "bfloat16").conv == 2 * small.conv
+    assert costs.unet_work(config.unet, (16, 16), 1, "bfloat16").conv == 4 * small.conv
+    assert costs.unet_work(config.unet, (8, 8), 1, "float32").memory == 2 * small.memory
+    speed = costs.Speed(conv=1e9, linear=2e9, attention=1e8, memory=1e9, pixels=1e6)
+    seconds = small.conv / 1e9 + small.linear / 2e9 + small.attention / 1e8 + small.memory / 1e9
+    assert speed.seconds(small) == pytest.approx(seconds)
+    assert speed.seconds(small * 3 + costs.Work(pixels=5e5)) == pytest.approx(3 * seconds + 0.5)
+
+
+def test_durations_read_as_people_say_them():
+    said = [costs.describe_seconds(s) for s in (0.2, 7.4, 42, 359, 3600 + 20 * 60 + 10, 7200)]
+    assert said == ["about 1 s", "about 7 s", "about 40 s", "about 6 min", "about 1 h 20 min", "about 2 h"]
+
+
+# --- the plan's estimate --------------------------------------------------------------------------------
+
+SPEED = costs.Speed(conv=2e10, linear=4e10, attention=1e10, memory=4e9, pixels=2e6)
+
+
+def plan_of(tiny_model, family="sd2", image_size=(64, 64), unloaded=0, **fields):
+    folder = tiny_model(family)
+    config = read_pipeline_config(folder, [])
+    tokenizers = [Tokenizer.from_folder(folder / name) for name in ("tokenizer", "tokenizer_2")
+                  if (folder / name).is_dir()]
+    spec = RunSpec("a barn", Path("o.png"), image=Path("in.png"), seed=1, **fields).validate()
+    machine = costs.Machine(SPEED, "float32", unloaded)
+    return make_plan(spec, config, tokenizers, image_size, machine=machine), config
+
+
+def test_the_estimate_counts_the_calls_and_decodes_the_plan_makes(tiny_model):
+    plan, config = plan_of(tiny_model, steps=10, strengths=(0.5,), capture=Capture(every=2))
+    e = plan.estimate
+    unet = SPEED.seconds(costs.unet_work(config.unet, (8, 8), 2, "float32"))
+    decode = SPEED.seconds(costs.vae_decode_work(config.vae, (8, 8), 1, "float32"))
+    written = 64 * 64 / SPEED.pixels
+    # 5 steps; frames at 0, 2, 4 and 5; the final picture reuses the last frame's decode.
+    assert (e.unet_calls, e.decodes) == (5, 4)
+    assert e.steps[0] == pytest.approx((decode + written, unet, unet + decode + written, unet,
+                                        unet + decode + written, unet + decode + written))
+    assert e.after == 0 and e.load == 0
+    text = SPEED.seconds(costs.text_work(config.text_encoders[0], 2, "float32"))
+    encode = SPEED.seconds(costs.vae_encode_work(config.vae, (64, 64), 1, "float32"))
+    assert e.before == pytest.approx(text + encode)
+    assert e.seconds == pytest.approx(e.before + 5 * unet + 4 * (decode + written))
+    assert plan.describe()[-1].startswith(costs.describe_seconds(e.seconds) + " on this machine: 5 UNet "
+                                          "calls at 64x64 (batch 2), 4 decodes")
+    assert {k: v for k, v in e.record().items() if k != "parts_s"} == {
+        "seconds": round(e.seconds, 1), "unet_calls": 5, "decodes": 4}
+    assert sum(e.record()["parts_s"].values()) == pytest.approx(e.seconds, abs=0.05)
+
+    # Heun: two calls a step but the last; an unguided run calls the UNet on half the batch.
+    heun, _ = plan_of(tiny_model, steps=4, strengths=(1.0,), sampler="heun", cfg=1.0, unloaded=10**9)
+    assert heun.estimate.unet_calls == 7
+    half = SPEED.seconds(costs.unet_work(config.unet, (8, 8), 1, "float32"))
+    assert heun.estimate.steps[0][1:] == pytest.approx((2 * half, 2 * half, 2 * half, half))
+    assert heun.estimate.after == pytest.approx(decode + written)  # the final picture, decoded
+    assert heun.estimate.load == pytest.approx(6 * 10**9 / SPEED.memory)
+    assert "loading the model first" in heun.describe()[-1]
+
+
+def test_the_estimate_of_a_triangle_an_inversion_and_a_larger_picture(tiny_model):
+    triangle, _ = plan_of(tiny_model, steps=10, strengths=(0.5, 1.0), triangle=True,
+                          capture=Capture(every=5, noising_every=250))
+    e = triangle.estimate
+    assert e.unet_calls == 5 + 10 and set(e.steps) == {None, 0, 1}
+    assert e.decodes == len(triangle.shown) + sum(len(r.kept) for r in triangle.rows)
+    inverted, _ = plan_of(tiny_model, steps=4, strengths=(1.0,), capture=Capture(noising_path="inversion"),
+                          inversion=Inversion(refine=2))
+    assert inverted.estimate.unet_calls == 4 * 3 + 4
+    small, _ = plan_of(tiny_model, steps=4, strengths=(1.0,))
+    large, _ = plan_of(tiny_model, steps=4, strengths=(1.0,), size=(128, 128))
+    assert large.estimate.walk > 3 * small.estimate.walk
+
+
+def test_the_time_left_follows_the_measured_steps(tiny_model, monkeypatch):
+    plan, _ = plan_of(tiny_model, steps=10, strengths=(1.0,))
+    e = plan.estimate
+    now = [100.0]
+    monkeypatch.setattr(costs.time, "perf_counter", lambda: now[0])
+    clock = costs.TimeLeft(e)
+    assert clock.seconds() == pytest.approx(e.walk + e.after)
+    clock.step_done(0, 0)
+    clock.step_done(0, 1)
+    now[0] += 3 * e.steps[0][1]  # the first step took three times its estimate
+    assert clock.seconds() == pytest.approx(3 * (e.walk - e.steps[0][1] + e.after))
+
+
+def test_a_sweep_counts_loading_and_encoding_once():
+    from stable_diffusion.plan import Estimate
+    from stable_diffusion.sweep import sweep_estimates
+
+    class Run:
+        def __init__(self, name):
+            self.name = name
+
+    class Planned:
+        def __init__(self):
+            self.estimate = Estimate(load=10.0, before=2.0, steps={0: (0.0, 3.0)}, after=1.0, unet_calls=1,
+                                     decodes=1)
+
+    runs = [Run("a"), Run("b"), Run("c")]
+    assert sweep_estimates(runs, [Planned() for _ in runs]) == {"a": 16.0, "b": 4.0, "c": 4.0}
+
+
+# --- the machine's speed, measured once and kept beside the dtype ------------------------------------
+
+
+def test_the_speed_is_measured_once_and_kept_beside_the_dtype(tmp_path, monkeypatch):
+    cache = tmp_path / "dtype.json"
+    monkeypatch.setenv("SD_CALIBRATION_CACHE", str(cache))
+    cache.write_text(json.dumps({calibrate.machine_key(): {"dtype": "float32", "seconds": {"float32": 0.1,
+                                                                                            "bfloat16": 0.2}},
+                                 "another CPU": {"dtype": "bfloat16", "seconds": {}}}))
+    started = time.perf_counter()
+    speed = calibrate.speed("float32")
+    assert time.perf_counter() - started < 30  # about a second on an idle 2-core machine
+    assert all(getattr(speed, kind) > 0 for kind in costs.KINDS)
+    table = json.loads(cache.read_text())
+    record = table[calibrate.machine_key()]
+    assert record["dtype"] == "float32" and record["speed"]["cpu float32"] == {
+        kind: getattr(speed, kind) for kind in costs.KINDS}
+    assert "another CPU" in table
+    monkeypatch.setattr(calibrate, "measure_speed", lambda dtype: pytest.fail("measured again"))
+    assert calibrate.speed("float32") == speed
+
+
+@pytest.mark.parametrize("kind", ["link", "foreign file"])
+def test_a_speed_cache_path_holding_something_else_is_neither_trusted_nor_overwritten(tmp_path, monkeypatch,
+                                                                                      kind):
+    path, target = tmp_path / "cache.json", tmp_path / "notes.txt"
+    target.write_text(json.dumps({calibrate.machine_key(): {"speed": {"cpu float32": {
+        kind: 1.0 for kind in costs.KINDS}}}}))
+    if kind == "link":
+        path.symlink_to(target)
+    else:
+        path.write_text('{"name": "my-project", "version": "1.0"}')
+    before = path.read_text()
+    monkeypatch.setenv("SD_CALIBRATION_CACHE", str(path))
+    speed = calibrate.speed("float32")
+    assert speed.conv > 1.0  # measured, not read through the link
+    assert path.read_text() == before and path.is_symlink() == (kind == "link")
+
+
+# --- the commands --------------------------------------------------------------------------------------
+
+
+def test_the_plan_line_gives_the_time_and_the_record_keeps_it(tmp_path, picture, sd2):
+    result = commands.run("image2image.py", picture, "x", "--model", sd2, "--steps", 8, "--strength", 0.5,
+                          "-sd", 2, "--seed", 0, "-v", "--output", tmp_path / "o.png", check=True)
+    line = next(x for x in result.stdout.splitlines() if "on this machine" in x)
+    assert line.startswith("about ") and "4 UNet calls at 64x64 (batch 2), 3 decodes" in line
+    record = commands.sidecar(tmp_path / "o.json")
+    assert record["estimate"]["unet_calls"] == 4 and record["estimate"]["seconds"] >= 0
+    assert record["working_size"] == {"width": 64, "height": 64, "chosen_by": "native"}
+    timings = [x for x in result.stderr.splitlines() if x.startswith("timings: ")]
+    assert len(timings) == 1 and f"total {record['timings']['total_s']:.2f} s" in timings[0]
+    assert "(estimated " in timings[0]
+
+
+def test_a_sweep_says_its_time_before_the_work(tmp_path, picture, sd2):
+    result = commands.run("sweep.py", "image2image", picture, "x", "--model", sd2, "--steps", 2,
+                          "--seeds", "1-2", "-o", tmp_path / "out", check=True)
+    first = result.stdout.splitlines()[0]
+    assert first.startswith(f"sweep: 2 runs into {tmp_path / 'out'}; about ") and first.endswith(" in all")
