@@ -22,7 +22,8 @@ from . import cli, options
 from .console import Console
 from .errors import InputError
 from .spec import SpecError
-from .sweep import GRID_KEYS, KINDS, Grid, Sweep, expand, parse_values, read_grid_file, read_prompts
+from .sweep import Sweep, expand
+from .sweep_grid import GRID_KEYS, KINDS, Grid, parse_values, read_grid_file, read_prompts
 
 COMMANDS = ("image2image", "txt2image")
 # Grid fields -> flags, for messages; the other spec fields keep the single commands' flags.

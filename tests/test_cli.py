@@ -204,12 +204,12 @@ def test_a_large_picture_runs_at_the_native_area_and_size_chooses_otherwise(tmp_
 
 
 def test_a_record_made_before_the_native_area_replays_at_the_size_it_ran_at():
-    from stable_diffusion.cli import _recorded_size
+    from stable_diffusion.replay import _recorded_size
 
     old = {"replay": ["in.png", "x", "--seed=1"], "input": {"size": [128, 64]}}
-    assert _recorded_size(old) == ["--size=64x128"]
-    assert _recorded_size(dict(old, replay=["in.png", "x", "--size=64x64"])) == []
-    assert _recorded_size({"replay": ["x", "--seed=1"]}) == []  # text to image: its size is recorded
+    assert _recorded_size(old, old["replay"]) == ["--size=64x128"]
+    assert _recorded_size(old, ["in.png", "x", "--size=64x64"]) == []
+    assert _recorded_size({"replay": ["x", "--seed=1"]}, ["x", "--seed=1"]) == []  # text to image
 
 
 def test_seed_minus_one_means_random(tmp_path, picture, sd2):

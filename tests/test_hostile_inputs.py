@@ -31,7 +31,8 @@ from stable_diffusion import cli, files, outputs, replay, single_file
 from stable_diffusion.errors import InputError, ModelError
 from stable_diffusion.record import Ledger
 from stable_diffusion.spec import SpecError
-from stable_diffusion.sweep import Manifest, parse_values, read_grid_file
+from stable_diffusion.sweep import Manifest
+from stable_diffusion.sweep_grid import parse_values, read_grid_file
 from stable_diffusion.sweep_cli import build_sweep, build_sweep_parser
 
 INPUT = ROOT / "images" / "input-128.png"

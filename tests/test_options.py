@@ -58,11 +58,13 @@ def test_rows_are_for_known_parsers_and_name_real_spec_fields():
                  "model": ModelSpec()}[head]
         assert hasattr(owner, tail), row.field
         if not row.positional:
-            names.append(row.field_name)
-    # One flag per field name, so that messages cannot name the wrong one; no flag in two rows.
-    assert len(names) == len(set(names))
-    flags = [f for row in options.OPTIONS if not row.positional for f in row.flags]
-    assert len(flags) == len(set(flags))
+            names.append((row.field_name, row.flag))
+    # One flag per field name, so that messages cannot name the wrong one (a field may have a row
+    # per command, with its own help: --size); no flag in two rows of one parser.
+    assert len({name for name, _ in names}) == len(set(names))
+    for parser in options.ALL:
+        flags = [f for row in options.rows(parser) if not row.positional for f in row.flags]
+        assert len(flags) == len(set(flags)), parser
     ranks = [row.replay.rank for row in options.OPTIONS if row.replay is not None]
     assert len(ranks) == len(set(ranks))
 

@@ -236,7 +236,7 @@ def test_size_and_max_pixels_are_checked():
 
     for fields, words in ((dict(size=(512, 512), max_pixels=10**6), "give one"),
                           (dict(max_pixels=100), "is outside 4096"),
-                          (dict(image=None, max_pixels=10**6), "text to image takes --size")):
+                          (dict(image=None, max_pixels=10**6), "text to image takes size")):
         with pytest.raises(SpecError, match=words) as refused:
             _spec(**fields).validate()
         assert refused.value.field == "max_pixels"
