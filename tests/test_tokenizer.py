@@ -11,7 +11,8 @@ import pytest
 
 from stable_diffusion.errors import ModelError
 from stable_diffusion.testing import FAMILIES, TOKENIZER_VOCAB_SIZE, tokenizer_config
-from stable_diffusion.tokenizer import Tokenizer, clean_text, read_tokenizer_config, split_words
+from stable_diffusion.tokenizer import (MAX_ENCODED_TOKENS, Tokenizer, clean_text, read_tokenizer_config,
+                                        split_words)
 
 BOS, EOS = TOKENIZER_VOCAB_SIZE - 2, TOKENIZER_VOCAB_SIZE - 1
 BANG, BANG_END = 0, 256  # "!" is the first byte symbol, "!</w>" the first word-end symbol
@@ -170,7 +171,12 @@ def compare_with_transformers(folder: Path, prompts) -> None:
     ours = Tokenizer.from_folder(folder)
     assert ours.pad_id == reference.pad_token_id
     for prompt in prompts:
-        assert ours.encode(prompt) == reference(prompt, add_special_tokens=False).input_ids, repr(prompt)
+        theirs = reference(prompt, add_special_tokens=False).input_ids
+        # Encoding stops soon after MAX_ENCODED_TOKENS (a bound on untrusted text; encoders read
+        # 75): the tokens up to there are transformers'.
+        got = ours.encode(prompt)
+        n = min(len(got), len(theirs))
+        assert got[:n] == theirs[:n] and n >= min(len(theirs), MAX_ENCODED_TOKENS), repr(prompt)
     expected = reference(list(prompts), padding="max_length", max_length=77, truncation=True,
                          return_tensors="np").input_ids
     assert np.array_equal(quiet_tokenize(ours, list(prompts))[0], expected)
