@@ -42,7 +42,6 @@ ranks, dtypes, counts, then the values' finiteness. Pickle files are refused uno
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -53,6 +52,7 @@ import mlx.nn as nn
 
 from . import ops
 from .errors import ModelError
+from .files import file_digest
 from .model_io import read_safetensors_header, special_file
 from .single_file import refuse_pickle, unet_ldm_key
 from .tokenizer import clean_text
@@ -155,11 +155,7 @@ def adapter_path(path, what: str, folder_file: str, pickle_hint: str | None = No
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path, "adapter", "adapter file")[1]
 
 
 def _header(path: Path, what: str) -> tuple[dict, dict]:

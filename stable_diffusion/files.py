@@ -341,6 +341,7 @@ READ_LIMITS = {
     "manifest": 1 << 30,  # a sweep's manifest, read line by line
     "hashed": 1 << 30,  # a file hashed to be verified (an input picture, a sweep's run file)
     "input": 1 << 30,  # an input picture, read whole (images.MAX_FILE_BYTES)
+    "adapter": 16 << 30,  # a LoRA or embedding file, hashed for its record (SDXL LoRAs reach 1.7 GB)
 }
 MAX_LINE_BYTES = 16 << 20  # a manifest line longer than this is not one of ours: skipped unread
 

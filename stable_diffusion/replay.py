@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 from . import options
 from .errors import InputError
@@ -239,18 +238,15 @@ def without_relisted(replayed: list, rest: list) -> list:
 def adapters_changed(path: str, record: dict, replayed: list) -> list:
     """A note for each recorded LoRA or embedding whose file is not the one the picture was made
     with any more (its sha256 differs), or cannot be read."""
-    import hashlib
+    from .files import file_digest
 
     files = [options.lora_argument(a.split("=", 1)[1])[0] for a in replayed if a.startswith("--lora=")]
     files += [options.embedding_argument(a.split("=", 1)[1])[0] for a in replayed if a.startswith("--embedding=")]
     notes = []
     for entry, file in zip(record.get("adapters") or [], files):
         try:
-            if not Path(file).is_file():  # a pipe or a device would never end
-                raise OSError
-            with open(file, "rb") as f:
-                digest = hashlib.file_digest(f, "sha256").hexdigest()
-        except OSError:
+            digest = file_digest(file, "adapter", f"{entry.get('kind')} file")[1]
+        except InputError:
             notes.append(f"replay of {path}: its {entry.get('kind')} file {file} cannot be read")
             continue
         if digest != entry.get("sha256"):
