@@ -38,4 +38,33 @@ void flash_task_avx2(const FlashArgs&, int64_t, int64_t, float*);
 void flash_task_avx512(const FlashArgs&, int64_t, int64_t, float*);
 #endif
 
+// bfloat16 attention on AMX tiles (flash_amx.cpp): q, k, v and the output in bfloat16, the two
+// products in tiles with float32 sums, the scores, softmax and output sums in float32; the weights
+// are rounded to bfloat16 for the second product.
+constexpr int64_t kAmxQueryRows = 64;  // four tile rows of queries per task
+constexpr int64_t kAmxKeys = 512;      // keys per tile: a row's statistics are updated once per 512 keys
+
+struct FlashAmxArgs {
+  const uint16_t* q;  // (B, H, Lq, d) bfloat16 bits, element strides q_strides
+  const float* mask;  // as FlashArgs
+  uint16_t* out;      // (B, H, Lq, d), row-contiguous bfloat16 bits
+  int64_t batch, heads, q_len, k_len, d;
+  int64_t d_padded;  // d rounded up to a multiple of 32 (a tile's depth)
+  int64_t q_strides[4];
+  int64_t mask_strides[4];
+  float q_scale;  // softmax scale times log2(e), applied to the float32 scores
+  // Per (batch * heads + head, key tile of kAmxKeys), zero-padded, in the pairs a tile product
+  // takes: K as (d_padded / 2, kAmxKeys, 2), V as (kAmxKeys / 2, d_padded, 2).
+  const uint16_t* k_packed;
+  const uint16_t* v_packed;
+  int64_t key_tiles;
+};
+
+// Scratch bytes one task needs; `scratch` is 64-byte aligned. The thread must have the AMX tile
+// configuration loaded (amx_configure in gemm_bf16.h).
+int64_t amx_scratch_bytes(int64_t d_padded);
+#if defined(__x86_64__)
+void flash_task_amx(const FlashAmxArgs&, int64_t bh, int64_t tile, void* scratch);
+#endif
+
 }  // namespace sd_native

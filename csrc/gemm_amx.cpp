@@ -11,8 +11,7 @@
 // output groups' weights. The packed weights need no other layout: a channel pair of a panel is
 // 64 outputs x 2 values, 256 bytes, so the 16 pairs of a chunk for 16 outputs are a tile of 16
 // rows of 64 bytes, 256 bytes apart.
-#include <immintrin.h>
-
+#include "amx.h"
 #include "gemm_bf16.h"
 
 namespace {
@@ -20,9 +19,9 @@ namespace {
 using sd_native::GemmArgs;
 using sd_native::kGemmCols;
 using sd_native::kGemmRows;
+using sd_native::kTileRows;
 
-constexpr int64_t kTileRows = 16;
-constexpr int64_t kChunkPairs = 16;                    // a tile's depth: 32 channels
+constexpr int64_t kChunkPairs = sd_native::kTilePairs;  // a tile's depth: 32 channels
 constexpr int64_t kPanelRowBytes = kGemmCols * 2 * 2;  // one channel pair of a panel
 static_assert(kGemmRows % (2 * kTileRows) == 0 && kGemmCols == 4 * 16, "tasks hold whole 2 x 2 tile blocks");
 
@@ -32,13 +31,6 @@ static_assert(kGemmRows % (2 * kTileRows) == 0 && kGemmCols == 4 * 16, "tasks ho
 // 2-core Sapphire Rapids shared with another job (bench/bf16_kernels.py, so +-30%): 4 chunks took
 // the UNet's 3x3 convolution 320 -> 320 on 64x64 from 28-37 ms to 52 ms; 16 was not different.
 constexpr int64_t kChunksPerPass = 8;
-
-// GCC 12's _tile_loadconfig tells the compiler it reads 8 bytes of the configuration (so the
-// stores of the rest were dropped as dead, and the first tile instruction faulted), and its
-// _tile_loadd that it reads no memory at all (so the scratch tiles' stores could move past it).
-// These say what the instructions read.
-#define SD_TILE_LOAD(tile, base, stride) \
-  __asm__ volatile("tileloadd (%0,%1,1), %%tmm" #tile ::"r"(base), "r"(static_cast<long>(stride)) : "memory")
 
 struct alignas(64) TileConfig {
   uint8_t palette, start_row, reserved[14];
@@ -69,7 +61,7 @@ Source input_tile(const uint16_t* xt, int64_t channels, int64_t row0, int64_t ro
 
 namespace sd_native {
 
-void gemm_amx_configure() {
+void amx_configure() {
   TileConfig config = {};
   config.palette = 1;
   for (int i = 0; i < 8; ++i) {
@@ -79,7 +71,7 @@ void gemm_amx_configure() {
   __asm__ volatile("ldtilecfg %0" ::"m"(config));
 }
 
-void gemm_amx_release() { _tile_release(); }
+void amx_release() { _tile_release(); }
 
 void gemm_bf16_task_amx(const GemmArgs& a, int64_t b, int64_t row_block, int64_t panel) {
   const int64_t m0 = row_block * kGemmRows;

@@ -41,7 +41,7 @@ void gemm_bf16_task_amx(const GemmArgs&, int64_t b, int64_t row_block, int64_t p
 // task; release puts the tiles back in their initial state, so that the thread's context switches
 // stop saving 8 KB of tile data. Linux must have granted the process the tile state first
 // (arch_prctl ARCH_REQ_XCOMP_PERM, native.cpp), or the first tile instruction faults.
-void gemm_amx_configure();
-void gemm_amx_release();
+void amx_configure();
+void amx_release();
 
 }  // namespace sd_native

@@ -225,16 +225,109 @@ void run_flash(Problem p) {
   });
 }
 
+struct AmxProblem {
+  FlashAmxArgs a;
+  const uint16_t* k;
+  const uint16_t* v;
+  int64_t k_strides[4], v_strides[4];
+};
+
+AmxProblem describe_amx(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array* mask,
+                        mx::array& out, float scale) {
+  AmxProblem p{};
+  FlashAmxArgs& a = p.a;
+  a.batch = q.shape(0);
+  a.heads = q.shape(1);
+  a.q_len = q.shape(2);
+  a.d = q.shape(3);
+  a.k_len = k.shape(2);
+  a.d_padded = (a.d + 31) / 32 * 32;
+  a.q_scale = scale * 1.4426950408889634f;
+  a.q = q.data<uint16_t>();
+  a.out = out.data<uint16_t>();
+  strides4(q, a.q_strides);
+  if (mask != nullptr) {
+    a.mask = mask->data<float>();
+    strides4(*mask, a.mask_strides);
+  }
+  a.key_tiles = (a.k_len + kAmxKeys - 1) / kAmxKeys;
+  p.k = k.data<uint16_t>();
+  p.v = v.data<uint16_t>();
+  strides4(k, p.k_strides);
+  strides4(v, p.v_strides);
+  return p;
+}
+
+void run_flash_amx(AmxProblem p) {
+#if defined(__x86_64__)
+  FlashAmxArgs& a = p.a;
+  const int64_t heads = a.batch * a.heads, dp = a.d_padded;
+  const int64_t tile_words = kAmxKeys * dp;
+  const int workers = thread_count();
+
+  // 1. K and V per key tile in the pairs the tile product takes, zero-padded: K's depth in pairs
+  // (dp / 2, kAmxKeys, 2), V's keys in pairs (kAmxKeys / 2, dp, 2).
+  mx::allocator::Data packed = mx::allocator::malloc(2 * heads * a.key_tiles * tile_words * sizeof(uint16_t));
+  uint16_t* kp_all = static_cast<uint16_t*>(packed.buffer().raw_ptr());
+  uint16_t* vp_all = kp_all + heads * a.key_tiles * tile_words;
+  const int64_t* ks = p.k_strides;
+  const int64_t* vs = p.v_strides;
+  parallel_for(heads * a.key_tiles, workers, [&](int64_t i, int) {
+    const int64_t bh = i / a.key_tiles, kt = i % a.key_tiles;
+    const int64_t b = bh / a.heads, h = bh % a.heads, k0 = kt * kAmxKeys;
+    const int64_t keys = std::min(kAmxKeys, a.k_len - k0);
+    uint16_t* kp = kp_all + i * tile_words;
+    uint16_t* vp = vp_all + i * tile_words;
+    std::fill(kp, kp + tile_words, uint16_t{0});
+    std::fill(vp, vp + tile_words, uint16_t{0});
+    for (int64_t j = 0; j < keys; ++j) {
+      const uint16_t* kr = p.k + b * ks[0] + h * ks[1] + (k0 + j) * ks[2];
+      const uint16_t* vr = p.v + b * vs[0] + h * vs[1] + (k0 + j) * vs[2];
+      for (int64_t c = 0; c < a.d; ++c) {
+        kp[(c / 2) * kAmxKeys * 2 + j * 2 + c % 2] = kr[c * ks[3]];
+        vp[(j / 2) * dp * 2 + c * 2 + j % 2] = vr[c * vs[3]];
+      }
+    }
+  });
+  a.k_packed = kp_all;
+  a.v_packed = vp_all;
+
+  // 2. Query tiles, each through every key tile, on threads with the tile configuration loaded.
+  const int64_t query_tiles = (a.q_len + kAmxQueryRows - 1) / kAmxQueryRows;
+  const int64_t scratch = (amx_scratch_bytes(dp) + 63) / 64 * 64;
+  mx::allocator::Data scratch_all = mx::allocator::malloc(scratch * workers + 64);
+  char* sp = static_cast<char*>(scratch_all.buffer().raw_ptr());
+  sp += (64 - reinterpret_cast<uintptr_t>(sp) % 64) % 64;
+  std::vector<char> configured(workers, 0);
+  parallel_for(heads * query_tiles, workers, [&](int64_t i, int worker) {
+    if (!configured[worker]) {
+      amx_configure();
+      configured[worker] = 1;
+    }
+    flash_task_amx(a, i / query_tiles, i % query_tiles, sp + worker * scratch);
+  });
+  if (configured[0]) amx_release();  // the other workers' threads have ended
+#endif
+}
+
 class FlashAttention : public mx::UnaryPrimitive {
  public:
-  FlashAttention(mx::Stream stream, float scale, bool has_mask, const Isa& isa)
-      : mx::UnaryPrimitive(stream), scale_(scale), has_mask_(has_mask), isa_(isa) {}
+  // task: the float32 kernel; null for the bfloat16 one on AMX tiles.
+  FlashAttention(mx::Stream stream, float scale, bool has_mask, TaskFn task)
+      : mx::UnaryPrimitive(stream), scale_(scale), has_mask_(has_mask), task_(task) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto& encoder = prepare(stream(), inputs, out);
+    const mx::array* mask = has_mask_ ? &inputs[3] : nullptr;
     // MLX holds the input buffers until the dispatched task has run.
-    encoder.dispatch([problem = describe(inputs[0], inputs[1], inputs[2], has_mask_ ? &inputs[3] : nullptr,
-                                         out, scale_, isa_.task)]() { run_flash(problem); });
+    if (task_ == nullptr)
+      encoder.dispatch([problem = describe_amx(inputs[0], inputs[1], inputs[2], mask, out, scale_)]() {
+        run_flash_amx(problem);
+      });
+    else
+      encoder.dispatch([problem = describe(inputs[0], inputs[1], inputs[2], mask, out, scale_, task_)]() {
+        run_flash(problem);
+      });
   }
 
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
@@ -245,24 +338,34 @@ class FlashAttention : public mx::UnaryPrimitive {
 
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto& o = static_cast<const FlashAttention&>(other);
-    return scale_ == o.scale_ && has_mask_ == o.has_mask_ && isa_.task == o.isa_.task;
+    return scale_ == o.scale_ && has_mask_ == o.has_mask_ && task_ == o.task_;
   }
 
  private:
   float scale_;
   bool has_mask_;
-  Isa isa_;
+  TaskFn task_;
 };
+
+bool amx_in_use();
 
 mx::array flash_attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
                           const std::optional<mx::array>& mask, const std::string& isa) {
   if (q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4)
     throw std::invalid_argument("flash_attention: q, k and v must be (batch, heads, length, dims)");
-  if (q.dtype() != mx::float32 || k.dtype() != mx::float32 || v.dtype() != mx::float32)
-    throw std::invalid_argument("flash_attention: q, k and v must be float32");
+  const mx::Dtype dtype = q.dtype();
+  if ((dtype != mx::float32 && dtype != mx::bfloat16) || k.dtype() != dtype || v.dtype() != dtype)
+    throw std::invalid_argument("flash_attention: q, k and v must be all float32 or all bfloat16");
   if (k.shape() != v.shape() || q.shape(0) != k.shape(0) || q.shape(1) != k.shape(1) ||
       q.shape(3) != k.shape(3))
     throw std::invalid_argument("flash_attention: k and v must be (batch, heads, keys, dims) like q");
+  TaskFn task = nullptr;
+  if (dtype == mx::bfloat16) {
+    if (!amx_in_use() || !(isa.empty() || isa == "amx"))
+      throw std::invalid_argument("flash_attention: bfloat16 needs the amx kernel (bf16_kernels()), not here");
+  } else {
+    task = pick_isa(isa).task;
+  }
   std::vector<mx::array> inputs = {q, k, v};
   if (mask.has_value()) {
     if (mask->dtype() != mx::float32)
@@ -270,8 +373,7 @@ mx::array flash_attention(const mx::array& q, const mx::array& k, const mx::arra
     inputs.push_back(mx::broadcast_to(*mask, {q.shape(0), q.shape(1), q.shape(2), k.shape(2)}));
   }
   const auto stream = mx::default_stream(mx::Device::cpu);
-  return mx::array(q.shape(), mx::float32,
-                   std::make_shared<FlashAttention>(stream, scale, mask.has_value(), pick_isa(isa)),
+  return mx::array(q.shape(), dtype, std::make_shared<FlashAttention>(stream, scale, mask.has_value(), task),
                    std::move(inputs));
 }
 
@@ -476,6 +578,9 @@ const Bf16Kernel& pick_bf16_kernel(const std::string& name) {
   throw std::invalid_argument("bf16 product kernel '" + name + "' is not available here");
 }
 
+// Whether the bfloat16 products use AMX: then attention in bfloat16 does too.
+bool amx_in_use() { return !bf16_kernel_list().empty() && bf16_kernel_list().front().tiles; }
+
 std::vector<std::string> bf16_kernel_names() {
   std::vector<std::string> names;
   for (const Bf16Kernel& k : bf16_kernel_list()) names.emplace_back(k.name);
@@ -543,14 +648,14 @@ void run_gemm(GemmProblem p) {
     const int64_t panel = i % panels, block = i / panels;
 #if defined(__x86_64__)
     if (p.kernel->tiles && !configured[worker]) {
-      gemm_amx_configure();
+      amx_configure();
       configured[worker] = 1;
     }
 #endif
     p.kernel->task(a, block / row_blocks, block % row_blocks, panel);
   });
 #if defined(__x86_64__)
-  if (configured[0]) gemm_amx_release();  // the other workers' threads have ended
+  if (configured[0]) amx_release();  // the other workers' threads have ended
 #endif
 }
 
@@ -996,6 +1101,8 @@ NB_MODULE(_native, m) {
   m.def("flash_attention", &sd_native::flash_attention, "q"_a, "k"_a, "v"_a, "scale"_a,
         "mask"_a = nb::none(), "kernel"_a = "",
         "softmax(q k^T scale + mask) v on the CPU without the score matrix. q (B, H, Lq, d), k and v "
-        "(B, H, Lk, d), float32; mask additive in log2 units (scores times log2(e)), float32, "
-        "broadcastable to (B, H, Lq, Lk). kernel: one of kernels(), default the first.");
+        "(B, H, Lk, d), all float32, or all bfloat16 where bf16_kernels() starts with amx (AMX tiles, "
+        "float32 scores and sums); mask additive in log2 units (scores times log2(e)), float32, "
+        "broadcastable to (B, H, Lq, Lk). kernel: for float32 one of kernels(), default the first; for "
+        "bfloat16 amx.");
 }

@@ -103,6 +103,8 @@ def _native() -> tuple[object | None, str]:
         return None, f"native CPU kernels unusable ({error}): pure-MLX CPU paths"
     # The first of bf16_kernels() is used: amx where the CPU has AMX (SD_AMX=0 turns it off), else avx512_bf16.
     products = f", bfloat16 products ({native.bf16_kernels()[0]})" if native.has_bf16_dot() else ""
+    if native.bf16_kernels()[:1] == ["amx"]:
+        products += ", bfloat16 attention (amx)"
     unread = (f" (SD_NATIVE={switch} is not read as off: 0, off, false or no turn them off)"
               if switch.strip().lower() not in ("", "1", "on", "true", "yes") else "")
     return native, f"native CPU kernels ({native.kernels()[0]}): flash attention, group norm{products}{unread}"

@@ -19,7 +19,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from stable_diffusion import blas, ops
-from stable_diffusion.attention import _exp2, attention, chunked_attention, flash_attention
+from stable_diffusion.attention import _exp2, amx_attention, attention, chunked_attention, flash_attention
 from stable_diffusion.ops import (FUSED_ATTENTION, Conv2d, GroupNorm, conv3x3, gelu, geglu, group_norm, native_status,
                                   silu, use_cpu_buffer_cache)
 
@@ -156,6 +156,8 @@ def test_native_status_says_what_is_used():
         assert os.environ.get("SD_REQUIRE_NATIVE") != "1", status
     else:
         products = f", bfloat16 products ({NATIVE.bf16_kernels()[0]})" if NATIVE.has_bf16_dot() else ""
+        if NATIVE.bf16_kernels()[:1] == ["amx"]:
+            products += ", bfloat16 attention (amx)"
         assert status == f"native CPU kernels ({KERNELS[0]}): flash attention, group norm{products}"
         assert KERNELS[-1] == "generic" and NATIVE.mlx_version == mx.__version__
 
@@ -427,6 +429,80 @@ def test_amx_convolutions_match_avx512_bf16(conv, channels, monkeypatch, parity)
         reference = (np.array(conv32, np.float64) + (np.array(b, np.float64) if bias else 0.0)
                      + (exact(r) if residual else 0.0))
         assert_kernels_agree(f"amx conv {conv} {(batch, height, width, channels, outputs)}", outs, reference, parity)
+
+
+def assert_amx_attention(name, out, q, k, v, scale, mask, parity):
+    """The AMX attention's error bound: its bfloat16 output rounded once (half an ulp, 2**-9
+    relative) plus the weights rounded to bfloat16 before the second product (each within 2**-9
+    of itself, so the weighted mean of v moves by at most 2**-9 max |v|), plus float32 sums."""
+    assert out.dtype == mx.bfloat16
+    reference = reference_attention(exact(q), exact(k), exact(v), scale, mask)
+    error = np.abs(exact(out) - reference)
+    bound = 2.0**-9 * np.abs(reference) + 2.0**-9 * np.abs(exact(v)).max() + 1e-5
+    parity(name, out.astype(mx.float32), reference, atol=float(bound.max()))
+    assert np.all(error <= bound), f"{name}: {np.max(error - bound):.3g} over the bound"
+
+
+# (batch, heads, Lq, Lk, d): a few rows and keys; query tiles (64) and key tiles (512) with tails
+# and a partial last 2 x 2 block; SD 1.5's 40 and 160 per head, SD 2.1's 64, the VAE's 512.
+AMX_ATTENTION_SHAPES = [
+    (1, 1, 5, 8, 16),
+    (2, 3, 97, 129, 40),
+    (1, 2, 130, 600, 64),
+    (2, 5, 300, 77, 80),
+    (1, 2, 33, 1100, 160),
+    (1, 1, 70, 64, 512),
+]
+
+
+@needs_amx
+@pytest.mark.parametrize("shape", AMX_ATTENTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_amx_attention_matches_float64(shape, parity):
+    batch, heads, q_len, k_len, d = shape
+    q, k, v = (mx.array(t).astype(mx.bfloat16) for t in qkv(batch, heads, q_len, k_len, d, seed=21))
+    out = flash_attention(q, k, v, d**-0.5)  # bfloat16 in: the AMX kernel by default here
+    assert_amx_attention(f"amx attention {shape}", out, q, k, v, d**-0.5, None, parity)
+
+
+@needs_amx
+def test_amx_attention_masks_scales_and_layouts(parity):
+    batch, heads, q_len, k_len, d = 2, 3, 130, 150, 32
+    q, k, v = (mx.array(t).astype(mx.bfloat16) for t in qkv(batch, heads, q_len, k_len, d, seed=22, scale=2.0))
+    blocked = np.random.default_rng(23).random((batch, 1, q_len, k_len)) < 0.4
+    blocked[..., 0] = False
+    for name, mask in {"finite additive": random((q_len, k_len), 24),
+                       "-inf additive": np.where(blocked, -np.inf, 0.0).astype(np.float32),
+                       "causal (CLIP)": np.where(np.triu(np.ones((q_len, k_len)), 1) > 0, -np.inf, 0.0)}.items():
+        out = flash_attention(q, k, v, 0.25, mx.array(mask.astype(np.float32)))
+        assert_amx_attention(f"amx attention mask {name}", out, q, k, v, 0.25, mask, parity)
+    boolean = flash_attention(q, k, v, 0.25, mx.array(~blocked))
+    assert_amx_attention("amx attention boolean mask", boolean, q, k, v, 0.25, np.where(blocked, -np.inf, 0.0),
+                         parity)
+    # A negative scale (the largest score is then the most negative product) and strided inputs.
+    out = flash_attention(q, k, v, -0.3)
+    assert_amx_attention("amx attention negative scale", out, q, k, v, -0.3, None, parity)
+    wide = mx.array(random((batch, q_len, heads, 2 * d), 25)).astype(mx.bfloat16).transpose(0, 2, 1, 3)[..., ::2]
+    out = flash_attention(wide, wide, wide, 0.2)
+    assert_amx_attention("amx attention strided", out, wide, wide, wide, 0.2, None, parity)
+
+
+@needs_amx
+def test_amx_attention_is_chosen_for_bfloat16_only():
+    q = mx.array(random((1, 2, 40, 16), 26))
+    assert amx_attention()
+    # float32 keeps the float32 kernels, bit for bit; float16 is computed by them in float32.
+    assert mx.array_equal(flash_attention(q, q, q, 0.25), flash_attention(q, q, q, 0.25, kernel=KERNELS[0]))
+    half = q.astype(mx.float16)
+    expected = flash_attention(*(half.astype(mx.float32),) * 3, 0.25).astype(mx.float16)
+    assert mx.array_equal(flash_attention(half, half, half, 0.25), expected)
+    with pytest.raises(ValueError, match="all float32 or all bfloat16"):
+        NATIVE.flash_attention(q.astype(mx.bfloat16), q, q, 0.25)
+    # With the products off AMX (SD_AMX=0), bfloat16 attention is computed in float32.
+    script = ("import stable_diffusion, mlx.core as mx; from stable_diffusion import attention, ops; "
+              "print(attention.amx_attention(), ops.native_status())")
+    out = subprocess.run([sys.executable, "-c", script], env={**os.environ, "SD_AMX": "0"}, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.startswith("False ") and "attention (amx)" not in out.stdout
 
 
 def test_bf16_kernel_switch(monkeypatch):
