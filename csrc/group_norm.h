@@ -1,4 +1,5 @@
-// Group normalisation (and an optional SiLU) of channels-last maps for the CPU: the interface
+// Group normalisation (and an optional SiLU) of channels-last maps for the CPU, and the row
+// kernels of the transformer blocks (layer norm, GEGLU): the interface
 // shared by the primitive (native.cpp) and the kernels, compiled once per instruction set
 // (kernels_<isa>.cpp, from norm_kernel.inc) and chosen at run time.
 //
@@ -25,6 +26,17 @@ struct NormArgs {
   int64_t out_row, out_image;
 };
 
+// Rows of a row-contiguous (rows, channels) output, from rows of x `x_row` elements apart.
+struct RowArgs {
+  const void* x;  // float32 or bfloat16 bits, as out
+  void* out;
+  bool bf16;
+  int64_t channels, x_row;
+  const float* weight;  // layer norm: (channels)
+  const float* bias;
+  float eps;
+};
+
 struct NormKernels {
   // sums[c] = sum over the pixels of row h of image b of x[c]
   void (*sums)(const NormArgs&, int64_t b, int64_t h, float* sums);
@@ -32,6 +44,12 @@ struct NormKernels {
   void (*squares)(const NormArgs&, int64_t b, int64_t h, const float* mean, float* sums);
   // out = x scale + shift, per channel, SiLU if asked; the row's border pixels set to zero
   void (*apply)(const NormArgs&, int64_t b, int64_t h, const float* scale, const float* shift);
+  // out = (x - mean) / sqrt(variance + eps) weight + bias over the row, in float32 (three passes
+  // over the row, which stays in L1)
+  void (*layer_norm)(const RowArgs&, int64_t row);
+  // out = x[:channels] gelu(x[channels:]) (a GEGLU projection's row of 2 channels); gelu is
+  // ops.py's rational approximation of the exact (erf) GELU
+  void (*geglu)(const RowArgs&, int64_t row);
 };
 
 extern const NormKernels norm_kernels_generic;

@@ -509,6 +509,81 @@ mx::array group_norm(const mx::array& x, const mx::array& weight, const mx::arra
                    {x, mx::astype(weight, mx::float32), mx::astype(bias, mx::float32)});
 }
 
+// Layer norm and GEGLU: row kernels (group_norm.h) over the rows, in runs of rows per task.
+class RowOp : public mx::UnaryPrimitive {
+ public:
+  enum Kind { kLayerNorm, kGeglu };
+
+  RowOp(mx::Stream stream, Kind kind, float eps, const Isa& isa)
+      : mx::UnaryPrimitive(stream), kind_(kind), eps_(eps), isa_(isa) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    auto& encoder = prepare(stream(), inputs, out);
+    const mx::array& x = inputs[0];
+    RowArgs a{};
+    a.bf16 = x.dtype() == mx::bfloat16;
+    a.x = a.bf16 ? static_cast<const void*>(x.data<uint16_t>()) : static_cast<const void*>(x.data<float>());
+    a.out = a.bf16 ? static_cast<void*>(out.data<uint16_t>()) : static_cast<void*>(out.data<float>());
+    a.channels = out.shape(-1);
+    a.x_row = x.shape(-1);
+    if (kind_ == kLayerNorm) {
+      a.weight = inputs[1].data<float>();
+      a.bias = inputs[2].data<float>();
+      a.eps = eps_;
+    }
+    const int64_t rows = a.channels == 0 ? 0 : out.size() / a.channels;
+    const auto row_fn = kind_ == kLayerNorm ? isa_.norm->layer_norm : isa_.norm->geglu;
+    encoder.dispatch([a, rows, row_fn]() {
+      constexpr int64_t kRun = 32;  // rows per task: the shared counter is taken once per run
+      parallel_for((rows + kRun - 1) / kRun, thread_count(), [&](int64_t i, int) {
+        for (int64_t r = i * kRun; r < std::min(rows, (i + 1) * kRun); ++r) row_fn(a, r);
+      });
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("RowOp runs on the CPU only");
+  }
+
+  const char* name() const override { return kind_ == kLayerNorm ? "LayerNorm" : "Geglu"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const RowOp&>(other);
+    return kind_ == o.kind_ && eps_ == o.eps_ && isa_.norm == o.isa_.norm;
+  }
+
+ private:
+  Kind kind_;
+  float eps_;
+  Isa isa_;
+};
+
+void require_rows(const char* what, const mx::array& x) {
+  if (x.ndim() < 1 || (x.dtype() != mx::float32 && x.dtype() != mx::bfloat16))
+    throw std::invalid_argument(std::string(what) + ": x must be float32 or bfloat16, with at least one axis");
+}
+
+mx::array layer_norm(const mx::array& x, const mx::array& weight, const mx::array& bias, float eps,
+                     const std::string& isa) {
+  require_rows("layer_norm", x);
+  const int channels = x.shape(-1);
+  if (weight.ndim() != 1 || weight.shape(0) != channels || bias.ndim() != 1 || bias.shape(0) != channels)
+    throw std::invalid_argument("layer_norm: weight and bias must be (channels,), the last axis of x");
+  return mx::array(x.shape(), x.dtype(),
+                   std::make_shared<RowOp>(mx::default_stream(mx::Device::cpu), RowOp::kLayerNorm, eps, pick_isa(isa)),
+                   {mx::contiguous(x), mx::astype(weight, mx::float32), mx::astype(bias, mx::float32)});
+}
+
+mx::array geglu(const mx::array& x, const std::string& isa) {
+  require_rows("geglu", x);
+  if (x.shape(-1) % 2 != 0) throw std::invalid_argument("geglu: the last axis of x must hold two halves");
+  mx::Shape shape = x.shape();
+  shape.back() /= 2;
+  return mx::array(shape, x.dtype(),
+                   std::make_shared<RowOp>(mx::default_stream(mx::Device::cpu), RowOp::kGeglu, 0.0f, pick_isa(isa)),
+                   {mx::contiguous(x)});
+}
+
 bool has_bf16_dot() {
 #if defined(__x86_64__)
   __builtin_cpu_init();
@@ -1091,6 +1166,13 @@ NB_MODULE(_native, m) {
         "PyTorch's GroupNorm of x (B, H, W, C), float32 or bfloat16, channels contiguous; statistics in "
         "float32 sums added in double; then SiLU if silu; the result written inside a zero border of "
         "pad = (top, bottom, left, right) pixels. kernel: one of kernels(), default the first.");
+  m.def("layer_norm", &sd_native::layer_norm, "x"_a, "weight"_a, "bias"_a, "eps"_a, "kernel"_a = "",
+        "(x - mean) / sqrt(variance + eps) weight + bias over the last axis of x (float32 or bfloat16; "
+        "the statistics in float32), on all cores. kernel: one of kernels(), default the first.");
+  m.def("geglu", &sd_native::geglu, "x"_a, "kernel"_a = "",
+        "h gelu(gate) for x = [h, gate] along its last axis (float32 or bfloat16), gelu the exact (erf) "
+        "GELU to float32 rounding (ops.py's rational approximation), on all cores. kernel: one of "
+        "kernels(), default the first.");
   m.def("read_tensor", &sd_native::read_tensor, "path"_a, "offset"_a, "source_dtype"_a, "source_shape"_a,
         "dtype"_a, "layout"_a = "plain",
         "A tensor of source_shape and source_dtype whose bytes start at offset in the file at path, read "

@@ -15,7 +15,7 @@ import numpy as np
 from .attention import attention
 from .config import ConfigError, TextEncoderConfig
 from .errors import InputError
-from .ops import Linear, gelu
+from .ops import LayerNorm, Linear, gelu
 
 # The integer dtypes token ids may come in (uint64 does not convert to MLX's indices).
 _ID_DTYPES = (mx.int8, mx.int16, mx.int32, mx.int64, mx.uint8, mx.uint16, mx.uint32)
@@ -97,9 +97,9 @@ class CLIPEncoderLayer(nn.Module):
     def __init__(self, config: TextEncoderConfig):
         super().__init__()
         self.self_attn = CLIPAttention(config)
-        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm1 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = CLIPMLP(config)
-        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm2 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
         x = x + self.self_attn(self.layer_norm1(x), mask)
@@ -117,7 +117,7 @@ class CLIPTextTransformer(nn.Module):
         super().__init__()
         self.embeddings = CLIPTextEmbeddings(config)
         self.encoder = CLIPEncoder(config)
-        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.final_layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
 
 class CLIPTextModel(nn.Module):

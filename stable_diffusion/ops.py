@@ -233,8 +233,14 @@ def gelu(x: mx.array) -> mx.array:
     return _gelu(x, _LIMITS["gelu"]) if CPU_PATHS else nn.gelu(x)
 
 
-def geglu(h: mx.array, gate: mx.array) -> mx.array:
-    """h * gelu(gate), in one pass on the CPU."""
+def geglu(x: mx.array) -> mx.array:
+    """h * gelu(gate) for x = [h, gate] (a GEGLU projection's two halves on the last axis), in one
+    pass on the CPU; with the native module, on all cores (its kernel evaluates `_gate`'s rational
+    function too)."""
+    native = _native()[0] if x.dtype in (mx.float32, mx.bfloat16) and not _DIFFERENTIABLE else None
+    if native is not None:
+        return native.geglu(x)
+    h, gate = mx.split(x, 2, axis=-1)
     return _geglu(h, gate, _LIMITS["gelu"]) if CPU_PATHS else h * nn.gelu(gate)
 
 
@@ -318,6 +324,18 @@ class GroupNorm(nn.Module):
 
     def __call__(self, x: mx.array, activation: bool = False, framed: bool = False) -> mx.array:
         return group_norm(x, self.weight, self.bias, self.num_groups, self.eps, activation, framed)
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters, same names); on the CPU with the native module, float32 and
+    bfloat16 rows go through its kernel: statistics in float32, on all cores, where MLX's runs on
+    one (a UNet's 2 x 4096 x 320 rows: 1.5 ms against 17.6 in bfloat16, 2-core Sapphire Rapids)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        native = _native()[0] if x.dtype in (mx.float32, mx.bfloat16) and not _DIFFERENTIABLE else None
+        if native is None or "weight" not in self or "bias" not in self:
+            return super().__call__(x)
+        return native.layer_norm(x, self.weight, self.bias, self.eps)
 
 
 # --- convolution ----------------------------------------------------------------------------------

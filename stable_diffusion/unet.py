@@ -18,7 +18,7 @@ import mlx.nn as nn
 
 from .attention import attention
 from .config import ConfigError, UNetConfig
-from .ops import Conv2d, GroupNorm, Linear, geglu, silu
+from .ops import Conv2d, GroupNorm, LayerNorm, Linear, geglu, silu
 
 # block type -> whether its resnets are followed by transformers
 _DOWN_BLOCKS = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
@@ -115,8 +115,7 @@ class GEGLU(nn.Module):
         self.proj = Linear(dim, 2 * inner)
 
     def __call__(self, x: mx.array) -> mx.array:
-        h, gate = mx.split(self.proj(x), 2, axis=-1)
-        return geglu(h, gate)
+        return geglu(self.proj(x))
 
 
 class FeedForward(nn.Module):
@@ -136,11 +135,11 @@ class BasicTransformerBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.norm1 = LayerNorm(dim, eps=1e-5)
         self.attn1 = Attention(dim, heads, head_dim)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.norm2 = LayerNorm(dim, eps=1e-5)
         self.attn2 = Attention(dim, heads, head_dim, context_dim)
-        self.norm3 = nn.LayerNorm(dim, eps=1e-5)
+        self.norm3 = LayerNorm(dim, eps=1e-5)
         self.ff = FeedForward(dim)
 
     def __call__(self, x: mx.array, context: mx.array) -> mx.array:
