@@ -5,6 +5,16 @@ its own subprocess of this script, so that their BLAS libraries, threads and mem
 the parent prints a table (min and median seconds, GFLOP/s, peak memory, ratio ours/diffusers) and
 writes JSON. FLOPs are counted once on the PyTorch side (torch.utils.flop_counter) and used for both.
 Every row also says how busy the machine was: the CPU seconds other processes used while it ran.
+The table starts with the CPU (model, the flags among avx2, avx512f, avx512_bf16, amx_bf16, amx_tile,
+its clock and where it was read, the cores this process may use). Under each row, each side's
+kernels: ours per part (products: OpenBLAS sgemm and its core in float32, the native bfloat16
+kernel, amx or avx512_bf16, in bfloat16; attention: the native flash kernel, amx or its float32
+ISA; group norm: the native kernel's ISA), PyTorch's the oneDNN/MKL path its dtype takes (its CPU
+capability and oneDNN once, after the table). "% of limit" is a row's GFLOP/s over the machine's
+limit for the path the time mostly goes to (the attention for the attention rows, the products
+for the others): cores x clock x FLOP per cycle per core of that path's instruction (bench/machine.py:
+AVX-512 float32 FMA 64, AVX2 32, AVX512_BF16 64 on Intel, AMX bfloat16 1024); "-" where the path
+has no known limit (MLX's own 16-bit matmul, an unnamed BLAS core) or FLOPs were not counted.
 Needs the `reference` extra. Not part of the test run.
 
     python bench/networks.py --json bench.json       # every workload, float32 and bfloat16
@@ -46,6 +56,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import machine  # noqa: E402  (bench/machine.py)
 
 # stabilityai/stable-diffusion-2-1-base, as its config files say
 UNET = dict(block_out_channels=[320, 640, 1280, 1280], attention_head_dim=[5, 10, 20, 20],
@@ -80,6 +93,10 @@ WORKLOADS = {
 DEFAULT_WORKLOADS = ("attention", "attention_chunked", "unet64", "unet32", "vae_encode", "vae_decode", "text",
                      "img2img", "load")
 IMG2IMG = {"img2img": (0.5, 10), "img2img1": (0.1, 10)}  # (strength, steps)
+# The kernels each workload runs on our side, the one most of its time goes to first (its limit's);
+# the rest run products, attention and group norm.
+KERNELS = {"attention": ("attention",), "attention_chunked": ("attention",), "text": ("products", "attention"),
+           "taesd_decode": ("products",), "load": ()}
 # A whole run or a load is long, or has its own warm-up (the first steps): timed once, no warm-up.
 SINGLE_RUN = ("img2img", "img2img1", "load")
 # The triangle of the snapshot-cost estimate: default rows (strengths 0.1 .. 1.0), 50 steps, -sd 5.
@@ -167,11 +184,13 @@ def mlx_worker(workload: str, dtype_name: str, reps: int) -> dict:
 
     times, others, warmup = _timed(lambda: mx.eval(run()), reps, workload not in SINGLE_RUN)
     blas = preload_blas()
+    kernels = machine.our_kernels(dtype_name, chunked=workload == "attention_chunked")
     peak = getattr(mx, "get_peak_memory", None)
     return {"times": times, "others_cpu_s": others, "warmup": warmup, "maxrss_mb": _maxrss_mb(),
             "mlx_peak_mb": peak() / 2**20 if peak else None, "blas": blas.name,
             "blas_threads": blas.threads, "device": str(mx.default_device()), "mlx": mx.__version__,
             "native": native_status(),
+            "kernels": {part: kernels[part] for part in KERNELS.get(workload, ("products", "attention", "norm"))},
             # MLX's CPU element-wise operations and reductions run on one thread per stream.
             "elementwise_threads": 1}
 
@@ -254,9 +273,11 @@ def torch_worker(workload: str, dtype_name: str, reps: int) -> dict:
             flops = 4 * batch * heads * length * length * d  # two products of 2 L^2 d each per head
         times, others, warmup = _timed(run, reps, workload not in SINGLE_RUN and not count_flops)
     found = torch.__config__.show().split("BLAS_INFO=")
+    part = "attention" if workload.startswith("attention") else "products"
     return {"times": times, "others_cpu_s": others, "warmup": warmup, "maxrss_mb": _maxrss_mb(),
             "flops": flops, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "blas": found[-1].split(",")[0] if len(found) > 1 else "unknown"}
+            "blas": found[-1].split(",")[0] if len(found) > 1 else "unknown", "cpu": machine.torch_summary(),
+            "kernels": {} if workload == "load" else {part: machine.torch_kernels(dtype_name)}}
 
 
 def _timed(run, reps: int, warm_up: bool) -> tuple[list, list, float | None]:
@@ -352,6 +373,9 @@ def measure(framework: str, workload: str, dtype: str, reps: int) -> dict:
         return {"error": lines[-1] if lines else f"exit status {result.returncode}"}
     out = json.loads(result.stdout.strip().splitlines()[-1])
     out["load_average_before_after"] = [before, os.getloadavg()[0]]
+    # The limit of the kernel most of the time goes to (the first listed).
+    isa = next(iter(out["kernels"].values()), {}).get("isa")
+    out["limit"] = {"isa": isa, "gflops": machine.limit_gflops(isa, machine.describe())}
     return out
 
 
@@ -420,7 +444,12 @@ def main(argv=None) -> int:
     os.environ["BENCH_MODEL"] = str(scratch)
     forced = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
     report = {"dtypes": dtypes, "reps": args.reps, "cpus": os.cpu_count(), "uname": os.uname().release,
-              "load_average_start": os.getloadavg(), "openblas_environment": forced, "runs": {}}
+              "load_average_start": os.getloadavg(), "openblas_environment": forced,
+              "machine": machine.describe(), "runs": {}}
+    cpu = report["machine"]
+    print(f"{cpu['cpu']}: {', '.join(cpu['isa']) or 'none of ' + ', '.join(machine.ISA_FLAGS)}; "
+          f"{cpu['mhz'] or '?'} MHz ({cpu['clock_source']}); {cpu['cores']} cores in this process's affinity",
+          flush=True)
     if forced:
         print(f"note: the environment sets {', '.join(f'{k}={v}' for k, v in forced.items())}: OpenBLAS runs "
               "the kernels named, whatever the CPU; for what a user's machine runs, rerun under "
@@ -446,7 +475,7 @@ def main(argv=None) -> int:
                     if framework in frameworks:
                         entry[framework] = measure(framework, workload, dtype, args.reps)
                 _complete(entry, workload, done)
-                print(_row(workload, entry), flush=True)
+                print(_row(workload, entry), _paths(entry), sep="\n", flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -454,7 +483,7 @@ def main(argv=None) -> int:
     if len(dtypes) > 1:
         print(f"\neach side in its fastest dtype (its whole run's, else its UNet call's)\n{HEADER}")
         for workload, entry in report["fastest"].items():
-            print(_row(workload, entry, dtypes=True))
+            print(_row(workload, entry, dtypes=True), _paths(entry), sep="\n")
     report["snapshot_costs"] = snapshot_costs(report["fastest"])
     _print_summary(report)
     if args.json:
@@ -473,6 +502,10 @@ def _complete(entry: dict, workload: str, done: dict) -> None:
             flops = (parts["text"] + parts["vae_encode"] + int(steps * strength) * parts["unet64"]
                      + parts["vae_decode"])
     entry["gflop"] = flops / 1e9 if flops else None
+    for side in (ours, theirs):
+        limit = side.get("limit", {}).get("gflops")
+        if entry["gflop"] and limit and "times" in side:
+            side["percent_of_limit"] = 100 * entry["gflop"] / min(side["times"]) / limit
     if "times" in ours and "times" in theirs:
         entry["ratio"] = min(ours["times"]) / min(theirs["times"])
 
@@ -507,7 +540,8 @@ def fastest(runs: dict) -> dict:
 
 
 HEADER = (f"{'workload':48s} {'ours min/med s':>15s} {'diffusers min/med s':>20s} {'ratio':>6s} "
-          f"{'GFLOP/s ours/theirs':>20s} {'peak RSS MB ours/th.':>20s} {'others CPU s':>13s}")
+          f"{'GFLOP/s ours/theirs':>20s} {'% of limit ours/th.':>20s} {'peak RSS MB ours/th.':>20s} "
+          f"{'others CPU s':>13s}")
 
 
 def _row(workload: str, entry: dict, dtypes: bool = False) -> str:
@@ -522,10 +556,27 @@ def _row(workload: str, entry: dict, dtypes: bool = False) -> str:
     gflop = lambda side: side.get("gflop", entry.get("gflop"))  # noqa: E731
     rate = lambda side: f"{gflop(side) / min(side['times']):.1f}" if gflop(side) and "times" in side else "-"  # noqa: E731
     peak = lambda side: f"{side['maxrss_mb']:.0f}" if "maxrss_mb" in side else "-"  # noqa: E731
+    share = lambda side: f"{side['percent_of_limit']:.1f}" if "percent_of_limit" in side else "-"  # noqa: E731
     others = max([*ours.get("others_cpu_s", []), *theirs.get("others_cpu_s", [])], default=0.0)
     ratio = f"{entry['ratio']:.2f}" if "ratio" in entry else "-"
     return (f"{WORKLOADS[workload]:48s} {cell(ours):>15s} {cell(theirs):>20s} {ratio:>6s} "
-            f"{rate(ours) + '/' + rate(theirs):>20s} {peak(ours) + '/' + peak(theirs):>20s} {others:13.1f}")
+            f"{rate(ours) + '/' + rate(theirs):>20s} {share(ours) + '/' + share(theirs):>20s} "
+            f"{peak(ours) + '/' + peak(theirs):>20s} {others:13.1f}")
+
+
+def _paths(entry: dict) -> str:
+    """The line under a row: each side's kernels with their instruction sets, and the limit its
+    '% of limit' is taken against."""
+    def side(name):
+        got = entry.get(name, {})
+        if "kernels" not in got:
+            return f"{name}: -"
+        parts = ", ".join(f"{part} {k['kernel']}" for part, k in got["kernels"].items()) or "no kernel named"
+        limit = got["limit"]
+        against = f"{limit['gflops']:.0f} GFLOP/s ({limit['isa']})" if limit["gflops"] else "none known"
+        return f"{name}: {parts}; limit {against}"
+
+    return f"    {side('ours')} | {side('diffusers')}"
 
 
 def _print_summary(report: dict) -> None:
@@ -539,7 +590,10 @@ def _print_summary(report: dict) -> None:
             mlx_peaks = {w: e["ours"]["mlx_peak_mb"] for w, e in done.items() if e.get("ours", {}).get("mlx_peak_mb")}
             print(f"ours, MLX's own peak memory MB (within the peak RSS above) in {dtype}: " + ", ".join(f"{w} {v:.0f}" for w, v in mlx_peaks.items()))
     if theirs:
-        print(f"diffusers: torch {theirs['torch']}, {theirs['threads']} thread(s), BLAS {theirs['blas']}")
+        cpu = theirs["cpu"]
+        print(f"diffusers: torch {theirs['torch']}, {theirs['threads']} thread(s), BLAS {theirs['blas']}, CPU "
+              f"capability {cpu['capability']}, oneDNN {'on' if cpu['onednn'] else 'off'}, AMX "
+              f"{'detected' if cpu['amx'] else 'not detected'}")
     print(f"load average at the start: {', '.join(f'{v:.2f}' for v in report['load_average_start'])} "
           f"on {report['cpus']} CPUs ('others CPU s': other processes' CPU time during the slowest row)")
     taesd = report["fastest"].get("taesd_decode", {})

@@ -1,0 +1,37 @@
+"""bench/machine.py's GFLOP/s limits: the FLOP per cycle of each kernel path, and cores x clock."""
+
+import importlib.util
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location("bench_machine", Path(__file__).parents[1] / "bench" / "machine.py")
+machine = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(machine)
+
+INTEL = dict(vendor="GenuineIntel", family=6)
+
+
+def test_flop_per_cycle_on_intel():
+    assert machine.flop_per_cycle("avx2", **INTEL) == 32  # 2 ports x 8 lanes x 2
+    assert machine.flop_per_cycle("avx512", **INTEL) == 64  # 2 ports x 16 lanes x 2
+    assert machine.flop_per_cycle("avx512_bf16", **INTEL) == 64  # 1 port x 32 products x 2
+    assert machine.flop_per_cycle("amx", **INTEL) == 1024  # 16x16x32 multiply-adds x 2 / 16 cycles
+
+
+def test_flop_per_cycle_on_zen():
+    zen4, zen5 = dict(vendor="AuthenticAMD", family=0x19), dict(vendor="AuthenticAMD", family=0x1A)
+    assert machine.flop_per_cycle("avx512", **zen4) == 32  # 512-bit instructions over 256-bit pipes
+    assert machine.flop_per_cycle("avx512_bf16", **zen4) == 64
+    assert machine.flop_per_cycle("avx512", **zen5) == 64
+    assert machine.flop_per_cycle("avx512_bf16", **zen5) == 128  # both FMA pipes take vdpbf16ps
+    assert machine.flop_per_cycle("avx2", **zen4) == machine.flop_per_cycle("avx2", **zen5) == 32
+
+
+def test_limit_is_cores_times_clock_times_flop_per_cycle():
+    cpu = dict(INTEL, mhz=2100.0, cores=2)
+    assert machine.limit_gflops("avx512", cpu) == 2 * 2.1 * 64
+    assert machine.limit_gflops("amx", cpu) == 2 * 2.1 * 1024
+    # Paths without a known instruction (MLX's own loops, an unnamed BLAS core), or no clock: none.
+    assert machine.limit_gflops(None, cpu) is None
+    assert machine.limit_gflops("generic", cpu) is None
+    assert machine.limit_gflops("avx512", dict(cpu, mhz=None)) is None
+
