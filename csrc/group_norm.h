@@ -50,6 +50,8 @@ struct NormKernels {
   // out = x[:channels] gelu(x[channels:]) (a GEGLU projection's row of 2 channels); gelu is
   // ops.py's rational approximation of the exact (erf) GELU
   void (*geglu)(const RowArgs&, int64_t row);
+  // out = gelu(x), the same gelu
+  void (*gelu)(const RowArgs&, int64_t row);
 };
 
 extern const NormKernels norm_kernels_generic;

@@ -509,10 +509,10 @@ mx::array group_norm(const mx::array& x, const mx::array& weight, const mx::arra
                    {x, mx::astype(weight, mx::float32), mx::astype(bias, mx::float32)});
 }
 
-// Layer norm and GEGLU: row kernels (group_norm.h) over the rows, in runs of rows per task.
+// Layer norm, GEGLU and GELU: row kernels (group_norm.h) over the rows, in runs of rows per task.
 class RowOp : public mx::UnaryPrimitive {
  public:
-  enum Kind { kLayerNorm, kGeglu };
+  enum Kind { kLayerNorm, kGeglu, kGelu };
 
   RowOp(mx::Stream stream, Kind kind, float eps, const Isa& isa)
       : mx::UnaryPrimitive(stream), kind_(kind), eps_(eps), isa_(isa) {}
@@ -532,7 +532,7 @@ class RowOp : public mx::UnaryPrimitive {
       a.eps = eps_;
     }
     const int64_t rows = a.channels == 0 ? 0 : out.size() / a.channels;
-    const auto row_fn = kind_ == kLayerNorm ? isa_.norm->layer_norm : isa_.norm->geglu;
+    const auto row_fn = kind_ == kLayerNorm ? isa_.norm->layer_norm : kind_ == kGeglu ? isa_.norm->geglu : isa_.norm->gelu;
     encoder.dispatch([a, rows, row_fn]() {
       constexpr int64_t kRun = 32;  // rows per task: the shared counter is taken once per run
       parallel_for((rows + kRun - 1) / kRun, thread_count(), [&](int64_t i, int) {
@@ -545,7 +545,7 @@ class RowOp : public mx::UnaryPrimitive {
     throw std::runtime_error("RowOp runs on the CPU only");
   }
 
-  const char* name() const override { return kind_ == kLayerNorm ? "LayerNorm" : "Geglu"; }
+  const char* name() const override { return kind_ == kLayerNorm ? "LayerNorm" : kind_ == kGeglu ? "Geglu" : "Gelu"; }
 
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto& o = static_cast<const RowOp&>(other);
@@ -572,6 +572,13 @@ mx::array layer_norm(const mx::array& x, const mx::array& weight, const mx::arra
   return mx::array(x.shape(), x.dtype(),
                    std::make_shared<RowOp>(mx::default_stream(mx::Device::cpu), RowOp::kLayerNorm, eps, pick_isa(isa)),
                    {mx::contiguous(x), mx::astype(weight, mx::float32), mx::astype(bias, mx::float32)});
+}
+
+mx::array gelu(const mx::array& x, const std::string& isa) {
+  require_rows("gelu", x);
+  return mx::array(x.shape(), x.dtype(),
+                   std::make_shared<RowOp>(mx::default_stream(mx::Device::cpu), RowOp::kGelu, 0.0f, pick_isa(isa)),
+                   {mx::contiguous(x)});
 }
 
 mx::array geglu(const mx::array& x, const std::string& isa) {
@@ -1169,6 +1176,9 @@ NB_MODULE(_native, m) {
   m.def("layer_norm", &sd_native::layer_norm, "x"_a, "weight"_a, "bias"_a, "eps"_a, "kernel"_a = "",
         "(x - mean) / sqrt(variance + eps) weight + bias over the last axis of x (float32 or bfloat16; "
         "the statistics in float32), on all cores. kernel: one of kernels(), default the first.");
+  m.def("gelu", &sd_native::gelu, "x"_a, "kernel"_a = "",
+        "The exact (erf) GELU of x (float32 or bfloat16) as geglu's gate, on all cores. kernel: one of "
+        "kernels(), default the first.");
   m.def("geglu", &sd_native::geglu, "x"_a, "kernel"_a = "",
         "h gelu(gate) for x = [h, gate] along its last axis (float32 or bfloat16), gelu the exact (erf) "
         "GELU to float32 rounding (ops.py's rational approximation), on all cores. kernel: one of "

@@ -9,7 +9,8 @@ EPYC (AVX2) with the full SD 2.1-base networks, so the CPU gets its own paths:
 2. Sigmoid, erf and exp run one element at a time through library calls (SiLU at about 50 M/s,
    GELU at 30 M/s, on one core). `silu`, `gelu` and `geglu` are rational approximations that
    mx.compile turns into one vectorised loop (about 15x faster), accurate to a few units in the
-   last place (see `_gate`).
+   last place (see `_gate`). MLX runs such loops, and its layer norm, on one core: with the native
+   module, `gelu`, `geglu` and `LayerNorm` run on all of them (the same rational function).
 3. nn.GroupNorm reduces over a transposed copy (10 to 20x slower than PyTorch, and in float32 up to
    1e-3 off at 512x512). `GroupNorm` sums over positions first, then over the channels of a group,
    and applies the normalisation and an optional SiLU in two fused passes; with the native module
@@ -108,6 +109,12 @@ def _native() -> tuple[object | None, str]:
     unread = (f" (SD_NATIVE={switch} is not read as off: 0, off, false or no turn them off)"
               if switch.strip().lower() not in ("", "1", "on", "true", "yes") else "")
     return native, f"native CPU kernels ({native.kernels()[0]}): flash attention, group norm{products}{unread}"
+
+
+def _native_for(x: mx.array):
+    """The native module where its kernels take x (float32 or bfloat16, no gradient being taken;
+    under `differentiable()` the MLX operations stay, which have one), else None."""
+    return _native()[0] if x.dtype in (mx.float32, mx.bfloat16) and not _DIFFERENTIABLE else None
 
 
 # The most MLX's CPU buffer cache keeps where the C library cannot keep freed memory itself (see
@@ -229,7 +236,10 @@ def silu(x: mx.array) -> mx.array:
 
 
 def gelu(x: mx.array) -> mx.array:
-    """The exact (erf) GELU, x * Phi(x)."""
+    """The exact (erf) GELU, x * Phi(x); with the native module, on all cores."""
+    native = _native_for(x)
+    if native is not None:
+        return native.gelu(x)
     return _gelu(x, _LIMITS["gelu"]) if CPU_PATHS else nn.gelu(x)
 
 
@@ -237,7 +247,7 @@ def geglu(x: mx.array) -> mx.array:
     """h * gelu(gate) for x = [h, gate] (a GEGLU projection's two halves on the last axis), in one
     pass on the CPU; with the native module, on all cores (its kernel evaluates `_gate`'s rational
     function too)."""
-    native = _native()[0] if x.dtype in (mx.float32, mx.bfloat16) and not _DIFFERENTIABLE else None
+    native = _native_for(x)
     if native is not None:
         return native.geglu(x)
     h, gate = mx.split(x, 2, axis=-1)
@@ -274,7 +284,7 @@ def group_norm(x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: 
     go through its kernel (all cores, one pass per statistic and one for the output).
     `framed`: a map (B, H, W, C) comes back inside `FRAME`'s zero border, as a 3x3 convolution
     reads it; the native kernel writes it there, with no padded copy."""
-    native = _native()[0] if x.dtype in (mx.float32, mx.bfloat16) and not _DIFFERENTIABLE else None
+    native = _native_for(x)
     if native is None:
         y = mlx_group_norm(x, weight, bias, groups, eps, activation)
         return _frame(y) if framed else y
@@ -332,7 +342,7 @@ class LayerNorm(nn.LayerNorm):
     one (a UNet's 2 x 4096 x 320 rows: 1.5 ms against 17.6 in bfloat16, 2-core Sapphire Rapids)."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        native = _native()[0] if x.dtype in (mx.float32, mx.bfloat16) and not _DIFFERENTIABLE else None
+        native = _native_for(x)
         if native is None or "weight" not in self or "bias" not in self:
             return super().__call__(x)
         return native.layer_norm(x, self.weight, self.bias, self.eps)
