@@ -726,8 +726,14 @@ void run_gemm(GemmProblem p) {
   // Per product, not per thread's life: worker 0 is the stream's thread, where another library
   // may have loaded its own tile configuration since the last product.
   std::vector<char> configured(workers, 0);
-  parallel_for(a.batch * row_blocks * panels, workers, [&](int64_t i, int worker) {
-    const int64_t panel = i % panels, block = i / panels;
+  // Tasks in row-block order take every panel's weights for one block of rows, which stays in the
+  // cache: right where the weights fit in L2 (a UNet's layers). With few row blocks (the text
+  // encoder's 154 rows: 2 blocks, a layer's weights up to 8 MB), the blocks of one panel go
+  // together instead, so that the weights stream from memory once, not once per block.
+  const int64_t blocks = a.batch * row_blocks;
+  const bool by_panel = blocks <= 2 * workers;
+  parallel_for(blocks * panels, workers, [&](int64_t i, int worker) {
+    const int64_t panel = by_panel ? i / blocks : i % panels, block = by_panel ? i % blocks : i / panels;
 #if defined(__x86_64__)
     if (p.kernel->tiles && !configured[worker]) {
       amx_configure();
