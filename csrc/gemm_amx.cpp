@@ -51,9 +51,11 @@ Source input_tile(const uint16_t* xt, int64_t channels, int64_t row0, int64_t ro
   const int64_t n = rows - row0 < kTileRows ? rows - row0 : kTileRows;
   const int64_t cols = channels - c0 < 2 * kChunkPairs ? channels - c0 : 2 * kChunkPairs;
   if (n == kTileRows && cols == 2 * kChunkPairs) return {xt + row0 * channels + c0, channels * 2};
+  // A row of the tile is 32 values, 64 bytes: one masked load (which reads nothing past `cols`).
+  const __mmask32 valid = cols == 32 ? ~__mmask32{0} : (__mmask32{1} << cols) - 1;
   for (int64_t i = 0; i < kTileRows; ++i)
-    for (int64_t c = 0; c < 2 * kChunkPairs; ++c)
-      scratch[i * 2 * kChunkPairs + c] = i < n && c < cols ? xt[(row0 + i) * channels + c0 + c] : 0;
+    _mm512_store_si512(scratch + i * 2 * kChunkPairs,
+                       i < n ? _mm512_maskz_loadu_epi16(valid, xt + (row0 + i) * channels + c0) : _mm512_setzero_si512());
   return {scratch, 2 * kChunkPairs * 2};
 }
 
