@@ -883,6 +883,44 @@ def test_layer_norm_matches_float64(shape, parity):
            reference_layer_norm(np.array(wide), layer.weight, layer.bias, 1e-5), atol=2e-5)
 
 
+@needs_native
+def test_native_parameters_may_be_views():
+    # A slice or a broadcast as weight or bias: the kernels read (channels,) float32 from its start,
+    # so a strided view gave wrong values and a broadcast scalar read past its one float (with 2**26
+    # channels, a segmentation fault).
+    channels = 4096
+    x = mx.array(random((3, channels), 44, scale=2.0) + 1.0)
+    wide = mx.array(random((2 * channels,), 45))
+    views = {"strided": (wide[::2], wide[1::2]), "reversed": (wide[:channels][::-1], wide[channels:][::-1]),
+             "broadcast": (mx.broadcast_to(mx.array([1.5]), (channels,)), mx.broadcast_to(mx.array(0.25), (channels,)))}
+    for name, (weight, bias) in views.items():
+        expected = reference_layer_norm(x, weight, bias, 1e-5)
+        np.testing.assert_allclose(np.array(NATIVE.layer_norm(x, weight, bias, 1e-5)), expected, atol=2e-5,
+                                   err_msg=name)
+        layer = ops.LayerNorm(channels)
+        layer.weight, layer.bias = weight, bias
+        np.testing.assert_allclose(np.array(layer(x)), expected, atol=2e-5, err_msg=name)
+        maps = x.reshape(1, 3, 1, channels)
+        expected = reference_group_norm(maps, weight, bias, 32, 1e-5)
+        np.testing.assert_allclose(np.array(ops.group_norm(maps, weight, bias, 32, 1e-5)), expected, atol=2e-5,
+                                   err_msg=name)
+    if ops.bf16_products():
+        xs, w = bf16((1, 8, 64), 46), bf16((96, 1, 64), 47)
+        bias = mx.array(random((2 * 96,), 48))[::2]
+        product = NATIVE.bf16_product(xs, NATIVE.bf16_pack(w), 96, bias, [0], 8)
+        expected = exact(xs)[0] @ exact(w)[:, 0].T + np.array(bias)
+        assert np.all(np.abs(exact(product)[0] - expected) <= 2.0**-8 * np.abs(expected) + 1e-3)
+
+
+@needs_native
+def test_native_gelu_takes_a_scalar():
+    for dtype in (mx.float32, mx.bfloat16):
+        x = mx.array(1.5, dtype)
+        out = gelu(x)
+        assert out.shape == () and out.dtype == dtype
+        assert exact(out) == pytest.approx(float(exact_gelu(np.array([1.5]))[0]), rel=2.0**-8)
+
+
 def reference_group_norm(x, weight, bias, groups, eps):
     x = np.asarray(x, dtype=np.float64)
     b, c = x.shape[0], x.shape[-1]
