@@ -505,6 +505,45 @@ def test_amx_attention_is_chosen_for_bfloat16_only():
     assert out.stdout.startswith("False ") and "attention (amx)" not in out.stdout
 
 
+@needs_amx
+def test_amx_attention_extreme_scores_and_scales(parity):
+    # Scores near 1e10 (log2 units) without a mask: the rounded maximum was hundreds of units off
+    # the fused multiply-add's exact scores, so every weight of a row came out 0 and the row NaN.
+    q, k, v = (mx.array(t).astype(mx.bfloat16) for t in qkv(1, 2, 40, 50, 16, seed=27))
+    huge = q * 1e9
+    out = flash_attention(huge, k, v, 1.0)
+    assert_amx_attention("amx attention scores of 1e10", out, huge, k, v, 1.0, None, parity)
+    # A scale of 1e-30: the padding keys' -1e30, scaled, became -1.4 and took a share of the weights.
+    out = flash_attention(q, k, v, 1e-30)
+    assert_amx_attention("amx attention scale 1e-30", out, q, k, v, 1e-30, None, parity)
+
+
+@needs_native
+@pytest.mark.parametrize("k_len", [50, 64, 513])
+def test_native_attention_rows_without_keys(k_len):
+    # Raw masks (log2 units) as a caller may pass them: a row masked out entirely with -inf is NaN,
+    # as the float64 softmax's, whatever the key count (it was 0 when the key tiles had padding); a
+    # row masked with finite -3e38 is the mean of v (it was 0: the padding's -1e30 was its maximum).
+    q, k, v = qkv(1, 2, 20, k_len, 32, seed=28)
+    mask = np.zeros((20, k_len), np.float32)
+    mask[3] = -np.inf
+    mask[5] = -3e38
+    mask[7, : k_len // 2] = -np.inf
+    kernels = [KERNELS[0]] + (["amx"] if "amx" in BF16_KERNELS else [])
+    for kernel in kernels:
+        dtype = mx.bfloat16 if kernel == "amx" else mx.float32
+        args = [mx.array(t).astype(dtype) for t in (q, k, v)]
+        out = exact(NATIVE.flash_attention(*args, 0.3, mx.array(mask), kernel))
+        assert np.isnan(out[:, :, 3]).all() and not np.isnan(np.delete(out, 3, axis=2)).any(), kernel
+        mean_v = exact(args[2]).mean(axis=2)
+        np.testing.assert_allclose(out[:, :, 5], mean_v, atol=2e-2 if kernel == "amx" else 1e-5)
+        # The other rows, row 7 half masked among them, as the float64 softmax's.
+        with np.errstate(invalid="ignore"):
+            reference = reference_attention(*(exact(t) for t in args), 0.3, np.where(mask == 0, 0.0, -np.inf))
+        rows = [r for r in range(20) if r not in (3, 5)]
+        np.testing.assert_allclose(out[:, :, rows], reference[:, :, rows], atol=2e-2 if kernel == "amx" else 1e-5)
+
+
 def test_bf16_kernel_switch(monkeypatch):
     # SD_AMX=0 leaves the AVX512_BF16 kernel first (and alone), read when the module first lists them.
     script = "from stable_diffusion import ops; n = ops._native()[0]; print(n.bf16_kernels() if n else None)"
