@@ -75,6 +75,9 @@ inline vf exp2_short(vf y) {
   return poly * reinterpret_cast<vf>((n + 127) << 23);
 }
 
+// Above this (log2 units, 2**22) the scores' scaling rounds by more than 1/4: see softmax_row_bf16.
+constexpr float kExactMax = 4194304.0f;
+
 // softmax_row (flash_vector.inc) for unscaled scores: `scale` applied on the way, the weights
 // written as bfloat16 into `p`, in two passes over the row instead of five.
 inline void softmax_row_bf16(float* row, uint16_t* p, float scale, const float* mask, int64_t step, int64_t keys,
@@ -90,9 +93,17 @@ inline void softmax_row_bf16(float* row, uint16_t* p, float scale, const float* 
     vmax = x > vmax ? x : vmax;
   }
   const float tile_max = _mm512_reduce_max_ps((__m512)vmax) * scale;
+  // The weights below take score * scale - max as one fused multiply-add, exact, while max is
+  // rounded: the row's largest score gets an exponent up to half an ulp of max away from 0, which
+  // beyond 2**22 is no longer small (past 2**32, below -127: every weight 0, the output NaN; above
+  // 127: the exponent field overflowed). Such rows are scaled first, as the mask's are.
+  if (scale != 1.0f && !(tile_max < kExactMax && tile_max > -kExactMax)) {
+    for (int64_t j = 0; j < keys; ++j) row[j] *= scale;
+    scale = 1.0f;
+  }
   const float m_new = tile_max > m ? tile_max : m;
-  alpha = exp2v(splat(m - m_new))[0];
-  const vf shift = splat(m_new), by = splat(scale);
+  alpha = exp2v(splat(m - shift_of(m_new)))[0];
+  const vf shift = splat(shift_of(m_new)), by = splat(scale);
   vf vsum = vf{};
   for (int64_t j = 0; j < keys_r; j += W) {
     const vf x = exp2_short(load(row + j) * by - shift);

@@ -377,6 +377,12 @@ mx::array flash_attention(const mx::array& q, const mx::array& k, const mx::arra
                    std::move(inputs));
 }
 
+// A (channels,) parameter as the kernels read it: float32 and contiguous. astype returns a strided
+// or broadcast view (a slice of a larger tensor, broadcast_to of a scalar) unchanged when it is
+// float32 already, and reading channels floats from its start read the wrong values, or past the
+// end of its buffer.
+mx::array per_channel(const mx::array& p) { return mx::contiguous(mx::astype(p, mx::float32)); }
+
 struct NormProblem {
   NormArgs a;
   int64_t batch, groups;
@@ -506,7 +512,7 @@ mx::array group_norm(const mx::array& x, const mx::array& weight, const mx::arra
                            static_cast<int>(x.shape(2) + pad[2] + pad[3]), channels};
   return mx::array(shape, x.dtype(),
                    std::make_shared<GroupNorm>(mx::default_stream(mx::Device::cpu), groups, eps, silu, pad, pick_isa(isa)),
-                   {x, mx::astype(weight, mx::float32), mx::astype(bias, mx::float32)});
+                   {x, per_channel(weight), per_channel(bias)});
 }
 
 // Layer norm, GEGLU and GELU: row kernels (group_norm.h) over the rows, in runs of rows per task.
@@ -571,10 +577,11 @@ mx::array layer_norm(const mx::array& x, const mx::array& weight, const mx::arra
     throw std::invalid_argument("layer_norm: weight and bias must be (channels,), the last axis of x");
   return mx::array(x.shape(), x.dtype(),
                    std::make_shared<RowOp>(mx::default_stream(mx::Device::cpu), RowOp::kLayerNorm, eps, pick_isa(isa)),
-                   {mx::contiguous(x), mx::astype(weight, mx::float32), mx::astype(bias, mx::float32)});
+                   {mx::contiguous(x), per_channel(weight), per_channel(bias)});
 }
 
 mx::array gelu(const mx::array& x, const std::string& isa) {
+  if (x.ndim() == 0) return mx::reshape(gelu(mx::reshape(x, {1}), isa), {});  // a scalar: a row of one
   require_rows("gelu", x);
   return mx::array(x.shape(), x.dtype(),
                    std::make_shared<RowOp>(mx::default_stream(mx::Device::cpu), RowOp::kGelu, 0.0f, pick_isa(isa)),
@@ -838,11 +845,11 @@ mx::array bf16_product(const mx::array& x, const mx::array& packed, int64_t out_
   for (int64_t off : offsets)
     if (off < 0 || off + rows > x.shape(1))
       throw std::invalid_argument("bf16_product: a tap's rows run past the input's positions");
-  std::vector<mx::array> inputs = {mx::contiguous(x), packed};
+  std::vector<mx::array> inputs = {mx::contiguous(x), mx::contiguous(packed)};
   if (bias.has_value()) {
     if (bias->ndim() != 1 || bias->shape(0) != out_channels)
       throw std::invalid_argument("bf16_product: bias must be (out_channels,)");
-    inputs.push_back(mx::astype(*bias, mx::float32));
+    inputs.push_back(per_channel(*bias));
   }
   if (row_period == 0) row_period = row_valid = rows;
   if (row_period < 1 || row_valid < 1 || row_valid > row_period || rows % row_period != 0)

@@ -505,6 +505,45 @@ def test_amx_attention_is_chosen_for_bfloat16_only():
     assert out.stdout.startswith("False ") and "attention (amx)" not in out.stdout
 
 
+@needs_amx
+def test_amx_attention_extreme_scores_and_scales(parity):
+    # Scores near 1e10 (log2 units) without a mask: the rounded maximum was hundreds of units off
+    # the fused multiply-add's exact scores, so every weight of a row came out 0 and the row NaN.
+    q, k, v = (mx.array(t).astype(mx.bfloat16) for t in qkv(1, 2, 40, 50, 16, seed=27))
+    huge = q * 1e9
+    out = flash_attention(huge, k, v, 1.0)
+    assert_amx_attention("amx attention scores of 1e10", out, huge, k, v, 1.0, None, parity)
+    # A scale of 1e-30: the padding keys' -1e30, scaled, became -1.4 and took a share of the weights.
+    out = flash_attention(q, k, v, 1e-30)
+    assert_amx_attention("amx attention scale 1e-30", out, q, k, v, 1e-30, None, parity)
+
+
+@needs_native
+@pytest.mark.parametrize("k_len", [50, 64, 513])
+def test_native_attention_rows_without_keys(k_len):
+    # Raw masks (log2 units) as a caller may pass them: a row masked out entirely with -inf is NaN,
+    # as the float64 softmax's, whatever the key count (it was 0 when the key tiles had padding); a
+    # row masked with finite -3e38 is the mean of v (it was 0: the padding's -1e30 was its maximum).
+    q, k, v = qkv(1, 2, 20, k_len, 32, seed=28)
+    mask = np.zeros((20, k_len), np.float32)
+    mask[3] = -np.inf
+    mask[5] = -3e38
+    mask[7, : k_len // 2] = -np.inf
+    kernels = [KERNELS[0]] + (["amx"] if "amx" in BF16_KERNELS else [])
+    for kernel in kernels:
+        dtype = mx.bfloat16 if kernel == "amx" else mx.float32
+        args = [mx.array(t).astype(dtype) for t in (q, k, v)]
+        out = exact(NATIVE.flash_attention(*args, 0.3, mx.array(mask), kernel))
+        assert np.isnan(out[:, :, 3]).all() and not np.isnan(np.delete(out, 3, axis=2)).any(), kernel
+        mean_v = exact(args[2]).mean(axis=2)
+        np.testing.assert_allclose(out[:, :, 5], mean_v, atol=2e-2 if kernel == "amx" else 1e-5)
+        # The other rows, row 7 half masked among them, as the float64 softmax's.
+        with np.errstate(invalid="ignore"):
+            reference = reference_attention(*(exact(t) for t in args), 0.3, np.where(mask == 0, 0.0, -np.inf))
+        rows = [r for r in range(20) if r not in (3, 5)]
+        np.testing.assert_allclose(out[:, :, rows], reference[:, :, rows], atol=2e-2 if kernel == "amx" else 1e-5)
+
+
 def test_bf16_kernel_switch(monkeypatch):
     # SD_AMX=0 leaves the AVX512_BF16 kernel first (and alone), read when the module first lists them.
     script = "from stable_diffusion import ops; n = ops._native()[0]; print(n.bf16_kernels() if n else None)"
@@ -881,6 +920,44 @@ def test_layer_norm_matches_float64(shape, parity):
     wide = mx.array(random((*shape[:-1], 2 * channels), 43))[..., ::2]
     parity(f"layer norm strided {shape}", layer(wide),
            reference_layer_norm(np.array(wide), layer.weight, layer.bias, 1e-5), atol=2e-5)
+
+
+@needs_native
+def test_native_parameters_may_be_views():
+    # A slice or a broadcast as weight or bias: the kernels read (channels,) float32 from its start,
+    # so a strided view gave wrong values and a broadcast scalar read past its one float (with 2**26
+    # channels, a segmentation fault).
+    channels = 4096
+    x = mx.array(random((3, channels), 44, scale=2.0) + 1.0)
+    wide = mx.array(random((2 * channels,), 45))
+    views = {"strided": (wide[::2], wide[1::2]), "reversed": (wide[:channels][::-1], wide[channels:][::-1]),
+             "broadcast": (mx.broadcast_to(mx.array([1.5]), (channels,)), mx.broadcast_to(mx.array(0.25), (channels,)))}
+    for name, (weight, bias) in views.items():
+        expected = reference_layer_norm(x, weight, bias, 1e-5)
+        np.testing.assert_allclose(np.array(NATIVE.layer_norm(x, weight, bias, 1e-5)), expected, atol=2e-5,
+                                   err_msg=name)
+        layer = ops.LayerNorm(channels)
+        layer.weight, layer.bias = weight, bias
+        np.testing.assert_allclose(np.array(layer(x)), expected, atol=2e-5, err_msg=name)
+        maps = x.reshape(1, 3, 1, channels)
+        expected = reference_group_norm(maps, weight, bias, 32, 1e-5)
+        np.testing.assert_allclose(np.array(ops.group_norm(maps, weight, bias, 32, 1e-5)), expected, atol=2e-5,
+                                   err_msg=name)
+    if ops.bf16_products():
+        xs, w = bf16((1, 8, 64), 46), bf16((96, 1, 64), 47)
+        bias = mx.array(random((2 * 96,), 48))[::2]
+        product = NATIVE.bf16_product(xs, NATIVE.bf16_pack(w), 96, bias, [0], 8)
+        expected = exact(xs)[0] @ exact(w)[:, 0].T + np.array(bias)
+        assert np.all(np.abs(exact(product)[0] - expected) <= 2.0**-8 * np.abs(expected) + 1e-3)
+
+
+@needs_native
+def test_native_gelu_takes_a_scalar():
+    for dtype in (mx.float32, mx.bfloat16):
+        x = mx.array(1.5, dtype)
+        out = gelu(x)
+        assert out.shape == () and out.dtype == dtype
+        assert exact(out) == pytest.approx(float(exact_gelu(np.array([1.5]))[0]), rel=2.0**-8)
 
 
 def reference_group_norm(x, weight, bias, groups, eps):
