@@ -15,7 +15,7 @@ import numpy as np
 from .attention import attention
 from .config import ConfigError, TextEncoderConfig
 from .errors import InputError
-from .ops import LayerNorm, Linear, gelu
+from .ops import LayerNorm, Linear, gelu, plus_residual
 
 # The integer dtypes token ids may come in (uint64 does not convert to MLX's indices).
 _ID_DTYPES = (mx.int8, mx.int16, mx.int32, mx.int64, mx.uint8, mx.uint16, mx.uint32)
@@ -65,7 +65,7 @@ class CLIPAttention(nn.Module):
         self.v_proj = Linear(d, d)
         self.out_proj = Linear(d, d)
 
-    def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, mask: mx.array, residual: mx.array | None = None) -> mx.array:
         b, length, d = x.shape
         head_dim = d // self.num_heads
 
@@ -74,7 +74,7 @@ class CLIPAttention(nn.Module):
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
         out = attention(q, k, v, scale=head_dim**-0.5, mask=mask)  # (B, H, L, d)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(b, length, d))  # (B, L, D)
+        return plus_residual(self.out_proj, out.transpose(0, 2, 1, 3).reshape(b, length, d), residual)  # (B, L, D)
 
 
 class CLIPMLP(nn.Module):
@@ -87,8 +87,8 @@ class CLIPMLP(nn.Module):
         self.fc1 = Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = Linear(config.intermediate_size, config.hidden_size)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(self.activation(self.fc1(x)))
+    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
+        return plus_residual(self.fc2, self.activation(self.fc1(x)), residual)
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -102,8 +102,9 @@ class CLIPEncoderLayer(nn.Module):
         self.layer_norm2 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
-        x = x + self.self_attn(self.layer_norm1(x), mask)
-        return x + self.mlp(self.layer_norm2(x))
+        # The skip connections are added inside the last products (ops.plus_residual).
+        x = self.self_attn(self.layer_norm1(x), mask, residual=x)
+        return self.mlp(self.layer_norm2(x), residual=x)
 
 
 class CLIPEncoder(nn.Module):

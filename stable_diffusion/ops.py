@@ -718,18 +718,39 @@ def _bf16_conv3x3_framed(framed: mx.array, height: int, width: int, packed: mx.a
     return out.reshape(batch, height, width, out_channels)
 
 
+def plus_residual(layer: nn.Module, x: mx.array, residual: mx.array | None) -> mx.array:
+    """layer(x) + residual (a skip connection): inside the layer's product where it is one of ours
+    (`Linear`, `Conv2d`: bfloat16 sums get it before their one rounding), else added after it (an
+    nn.QuantizedLinear of `--quantize`)."""
+    if residual is not None and isinstance(layer, (Linear, Conv2d)):
+        return layer(x, residual=residual)
+    out = layer(x)
+    return out if residual is None else residual + out
+
+
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same names) that takes `bf16_linear` for bfloat16 on a CPU with
     AVX512_BF16. Packed (see `pack_weights`), it holds `packed_weight` and `weight_shape` (N, K)
     instead of `weight`."""
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
+        """The layer, plus `residual` if given (a transformer block's skip connection): in the native
+        bfloat16 products it is added to the float32 sums, before the one rounding, instead of in a
+        pass of its own on one core."""
         bias = self["bias"] if "bias" in self else None
-        if "packed_weight" in self:
-            return _bf16_linear_packed(x.astype(mx.bfloat16), self["packed_weight"], self.weight_shape[0], bias)
-        if _bf16_operands(x, self.weight):
-            return bf16_linear(x, self.weight, bias)
-        return super().__call__(x)
+        packed = "packed_weight" in self
+        out_features = self.weight_shape[0] if packed else self.weight.shape[0]
+        addend = None
+        if (residual is not None and residual.dtype == mx.bfloat16 and residual.shape == (*x.shape[:-1], out_features)
+                and (packed or _bf16_operands(x, self.weight))):
+            addend, residual = residual, None
+        if packed:
+            out = _bf16_linear_packed(x.astype(mx.bfloat16), self["packed_weight"], out_features, bias, addend)
+        elif _bf16_operands(x, self.weight):
+            out = bf16_linear(x, self.weight, bias, residual=addend)
+        else:
+            out = super().__call__(x)
+        return out if residual is None else residual + out
 
     def _extra_repr(self) -> str:
         if "packed_weight" in self:

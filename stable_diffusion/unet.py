@@ -18,7 +18,7 @@ import mlx.nn as nn
 
 from .attention import attention
 from .config import ConfigError, UNetConfig
-from .ops import Conv2d, GroupNorm, LayerNorm, Linear, geglu, silu
+from .ops import Conv2d, GroupNorm, LayerNorm, Linear, geglu, plus_residual, silu
 
 # block type -> whether its resnets are followed by transformers
 _DOWN_BLOCKS = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
@@ -95,7 +95,7 @@ class Attention(nn.Module):
         self.to_v = Linear(kv_dim, inner, bias=False)
         self.to_out = [Linear(inner, query_dim)]  # diffusers' to_out.1 is a dropout
 
-    def __call__(self, x: mx.array, context: mx.array | None = None) -> mx.array:
+    def __call__(self, x: mx.array, context: mx.array | None = None, residual: mx.array | None = None) -> mx.array:
         context = x if context is None else context
         B, L, _ = x.shape
         S = context.shape[1]
@@ -104,7 +104,7 @@ class Attention(nn.Module):
         v = self.to_v(context).reshape(B, S, self.heads, -1).transpose(0, 2, 1, 3)  # (B, heads, S, d)
         out = attention(q, k, v, self.scale)  # (B, heads, L, d)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)  # (B, L, heads * d)
-        return self.to_out[0](out)
+        return plus_residual(self.to_out[0], out, residual)
 
 
 class GEGLU(nn.Module):
@@ -124,10 +124,9 @@ class FeedForward(nn.Module):
         # Index 1 is a dropout in diffusers: a parameter-free placeholder keeps `net.2` in place.
         self.net = [GEGLU(dim, dim * mult), nn.Identity(), Linear(dim * mult, dim)]
 
-    def __call__(self, x: mx.array) -> mx.array:
-        for layer in self.net:
-            x = layer(x)
-        return x
+    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
+        gated = self.net[0](x)  # net[1] is diffusers' dropout: nothing at inference
+        return plus_residual(self.net[2], gated, residual)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -143,9 +142,10 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def __call__(self, x: mx.array, context: mx.array) -> mx.array:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        # Each skip connection is added inside the layer's last product (ops.plus_residual).
+        x = self.attn1(self.norm1(x), residual=x)
+        x = self.attn2(self.norm2(x), context, residual=x)
+        return self.ff(self.norm3(x), residual=x)
 
 
 class Transformer2DModel(nn.Module):
@@ -172,8 +172,7 @@ class Transformer2DModel(nn.Module):
         h = h.reshape(B, H * W, -1)  # (B, H*W, inner)
         for block in self.transformer_blocks:
             h = block(h, context)
-        h = self.proj_out(h.reshape(B, H, W, -1))  # (B, H, W, C)
-        return x + h
+        return plus_residual(self.proj_out, h.reshape(B, H, W, -1), x)  # (B, H, W, C)
 
 
 class Downsample2D(nn.Module):

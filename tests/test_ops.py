@@ -892,6 +892,34 @@ def test_geglu_on_a_projection(native, monkeypatch):
     assert np.all(np.abs(exact(out) - expected) <= 2.0**-8 * np.abs(expected) + 2e-5)
 
 
+def test_plus_residual_inside_the_product_or_after_it():
+    x, r = mx.array(random((3, 5, 64), 50)), mx.array(random((3, 5, 32), 51))
+    # float32: the layer's output plus the residual, exactly as written out.
+    layer = ops.Linear(64, 32)
+    assert mx.array_equal(ops.plus_residual(layer, x, r), r + layer(x))
+    assert mx.array_equal(ops.plus_residual(layer, x, None), layer(x))
+    # A quantized layer (--quantize on a GPU) takes no residual: it is added after it.
+    quantized = nn.QuantizedLinear(64, 32)
+    assert mx.array_equal(ops.plus_residual(quantized, x, r), r + quantized(x))
+    if not ops.bf16_products():
+        return
+    # bfloat16 through the native products, packed or not: the residual joins the float32 sums,
+    # one rounding; against the exact sum that is within half an ulp (2**-8 relative) plus the sums' error.
+    for packed in (False, True):
+        layer = ops.Linear(64, 32)
+        layer.set_dtype(mx.bfloat16)
+        if packed:
+            ops.pack_weights(layer)
+            weight = exact(ops.layer_weight(layer))
+        else:
+            weight = exact(layer.weight)
+        xb, rb = x.astype(mx.bfloat16), r.astype(mx.bfloat16)
+        out = ops.plus_residual(layer, xb, rb)
+        expected = exact(xb) @ weight.T + exact(layer.bias) + exact(rb)
+        assert out.dtype == mx.bfloat16
+        assert np.all(np.abs(exact(out) - expected) <= 2.0**-8 * np.abs(expected) + 1e-4)
+
+
 def reference_layer_norm(x, weight, bias, eps):
     x = np.asarray(x, dtype=np.float64)
     y = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps)
