@@ -47,11 +47,11 @@ class Products:
                 self.linear += flops
             return out
 
-        def linear(layer, x):
+        def linear(layer, x, *args, **kwargs):
             n, k = layer.weight.shape
             rows = x.size // k
             self.linear += 2.0 * rows * k * n
-            return linear_call(layer, x)
+            return linear_call(layer, x, *args, **kwargs)
 
         def attend(q, k, v, *args, **kwargs):
             batch, heads, queries, width = q.shape
