@@ -127,6 +127,29 @@ void parallel_for(int64_t n, int workers, F&& f) {
   for (auto& t : threads) t.join();
 }
 
+// parallel_for for the AMX kernels (tiles = true): each worker loads the tile configuration before
+// its first task. Per call, not per thread's life: worker 0 is the stream's thread, where another
+// library may have loaded its own configuration since; after the call it releases the tiles (the
+// other workers' threads have ended), so that its context switches stop saving 8 KB of tile data.
+template <class F>
+void parallel_for_tiles(int64_t n, int workers, bool tiles, F&& f) {
+#if defined(__x86_64__)
+  if (tiles) {
+    std::vector<char> configured(workers, 0);
+    parallel_for(n, workers, [&](int64_t i, int worker) {
+      if (!configured[worker]) {
+        amx_configure();
+        configured[worker] = 1;
+      }
+      f(i, worker);
+    });
+    if (configured[0]) amx_release();
+    return;
+  }
+#endif
+  parallel_for(n, workers, f);
+}
+
 // A primitive's eval_cpu starts here: `out` gets its buffer, and the stream's encoder holds the
 // inputs and the output until the work it dispatches has run.
 mx::cpu::CommandEncoder& prepare(mx::Stream stream, const std::vector<mx::array>& inputs, mx::array& out) {
@@ -298,15 +321,9 @@ void run_flash_amx(AmxProblem p) {
   mx::allocator::Data scratch_all = mx::allocator::malloc(scratch * workers + 64);
   char* sp = static_cast<char*>(scratch_all.buffer().raw_ptr());
   sp += (64 - reinterpret_cast<uintptr_t>(sp) % 64) % 64;
-  std::vector<char> configured(workers, 0);
-  parallel_for(heads * query_tiles, workers, [&](int64_t i, int worker) {
-    if (!configured[worker]) {
-      amx_configure();
-      configured[worker] = 1;
-    }
+  parallel_for_tiles(heads * query_tiles, workers, true, [&](int64_t i, int worker) {
     flash_task_amx(a, i / query_tiles, i % query_tiles, sp + worker * scratch);
   });
-  if (configured[0]) amx_release();  // the other workers' threads have ended
 #endif
 }
 
@@ -730,28 +747,16 @@ void run_gemm(GemmProblem p) {
   const int64_t panels = (a.out_channels + kGemmCols - 1) / kGemmCols;
   const int64_t row_blocks = (a.rows + kGemmRows - 1) / kGemmRows;
   const int workers = thread_count();
-  // Per product, not per thread's life: worker 0 is the stream's thread, where another library
-  // may have loaded its own tile configuration since the last product.
-  std::vector<char> configured(workers, 0);
   // Tasks in row-block order take every panel's weights for one block of rows, which stays in the
   // cache: right where the weights fit in L2 (a UNet's layers). With few row blocks (the text
   // encoder's 154 rows: 2 blocks, a layer's weights up to 8 MB), the blocks of one panel go
   // together instead, so that the weights stream from memory once, not once per block.
   const int64_t blocks = a.batch * row_blocks;
   const bool by_panel = blocks <= 2 * workers;
-  parallel_for(blocks * panels, workers, [&](int64_t i, int worker) {
+  parallel_for_tiles(blocks * panels, workers, p.kernel->tiles, [&](int64_t i, int) {
     const int64_t panel = by_panel ? i / blocks : i % panels, block = by_panel ? i % blocks : i / panels;
-#if defined(__x86_64__)
-    if (p.kernel->tiles && !configured[worker]) {
-      amx_configure();
-      configured[worker] = 1;
-    }
-#endif
     p.kernel->task(a, block / row_blocks, block % row_blocks, panel);
   });
-#if defined(__x86_64__)
-  if (configured[0]) amx_release();  // the other workers' threads have ended
-#endif
 }
 
 class Bf16Product : public mx::UnaryPrimitive {
