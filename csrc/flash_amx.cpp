@@ -22,9 +22,14 @@ using sd_native::kAmxQueryRows;
 using sd_native::kAmxKeys;
 using sd_native::kTilePairs;
 using sd_native::kTileRows;
+using sd_native::load_block;
+using sd_native::multiply_block;
+using sd_native::store_block;
+using sd_native::zero_block;
 
 constexpr int64_t kBlock = 2 * kTileRows;  // rows (and columns) of a 2 x 2 block of tiles
 static_assert(kAmxQueryRows % kBlock == 0 && kAmxKeys % kBlock == 0, "tasks and key tiles hold whole blocks");
+static_assert(sd_native::kAmxDepthStep == 2 * kTilePairs, "the depth is padded to whole tiles");
 
 struct Scratch {
   uint16_t* q;   // (kAmxQueryRows, d_padded): the task's queries, zero-padded
@@ -117,55 +122,26 @@ inline void softmax_row_bf16(float* row, uint16_t* p, float scale, const float* 
 // The scores of rows [r0, r0 + 32) and keys [j0, j0 + 32): q (rows, dp) times the key tile's
 // pairs (dp / 2, kAmxKeys, 2), into s (rows, kAmxKeys).
 void score_block(const uint16_t* q, int64_t dp, const uint16_t* kp, float* s, int64_t r0, int64_t j0) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+  zero_block();
   constexpr int64_t kRowBytes = kAmxKeys * 2 * 2;  // one pair of K's depth for every key
   for (int64_t c = 0; c < dp; c += 2 * kTilePairs) {
-    SD_TILE_LOAD(4, q + r0 * dp + c, dp * 2);
-    SD_TILE_LOAD(5, q + (r0 + kTileRows) * dp + c, dp * 2);
     const uint16_t* k = kp + (c / 2) * kAmxKeys * 2 + j0 * 2;
-    SD_TILE_LOAD(6, k, kRowBytes);
-    SD_TILE_LOAD(7, k + kTileRows * 2, kRowBytes);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
+    multiply_block(q + r0 * dp + c, dp * 2, q + (r0 + kTileRows) * dp + c, dp * 2, k, k + kTileRows * 2, kRowBytes);
   }
-  constexpr int64_t kStride = kAmxKeys * 4;
-  float* at = s + r0 * kAmxKeys + j0;
-  _tile_stored(0, at, kStride);
-  _tile_stored(1, at + kTileRows, kStride);
-  _tile_stored(2, at + kTileRows * kAmxKeys, kStride);
-  _tile_stored(3, at + kTileRows * kAmxKeys + kTileRows, kStride);
+  store_block(s + r0 * kAmxKeys + j0, kAmxKeys);
 }
 
 // o[r0 .. r0 + 32, c0 .. c0 + 32) += p (rows, kAmxKeys) times the value tile's pairs
 // (kAmxKeys / 2, dp, 2), over the first `keys_r` keys (a multiple of 32).
 void output_block(const uint16_t* p, const uint16_t* vp, int64_t dp, int64_t keys_r, float* o, int64_t r0,
                   int64_t c0) {
-  const int64_t stride = dp * 4;
-  float* at = o + r0 * dp + c0;
-  SD_TILE_LOAD(0, at, stride);
-  SD_TILE_LOAD(1, at + kTileRows, stride);
-  SD_TILE_LOAD(2, at + kTileRows * dp, stride);
-  SD_TILE_LOAD(3, at + kTileRows * dp + kTileRows, stride);
+  load_block(o + r0 * dp + c0, dp);
   for (int64_t j = 0; j < keys_r; j += 2 * kTilePairs) {
-    SD_TILE_LOAD(4, p + r0 * kAmxKeys + j, kAmxKeys * 2);
-    SD_TILE_LOAD(5, p + (r0 + kTileRows) * kAmxKeys + j, kAmxKeys * 2);
     const uint16_t* v = vp + (j / 2) * dp * 2 + c0 * 2;
-    SD_TILE_LOAD(6, v, dp * 4);
-    SD_TILE_LOAD(7, v + kTileRows * 2, dp * 4);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
+    multiply_block(p + r0 * kAmxKeys + j, kAmxKeys * 2, p + (r0 + kTileRows) * kAmxKeys + j, kAmxKeys * 2, v,
+                   v + kTileRows * 2, dp * 4);
   }
-  _tile_stored(0, at, stride);
-  _tile_stored(1, at + kTileRows, stride);
-  _tile_stored(2, at + kTileRows * dp, stride);
-  _tile_stored(3, at + kTileRows * dp + kTileRows, stride);
+  store_block(o + r0 * dp + c0, dp);
 }
 
 }  // namespace

@@ -9,13 +9,14 @@ namespace sd_native {
 // Query rows and keys per tile. Scores live in a (kQueryRows, kKeys) tile that stays in L2.
 constexpr int64_t kQueryRows = 96;  // a multiple of every kernel's register rows (6 and 4)
 constexpr int64_t kKeys = 128;      // a multiple of every kernel's column tile (64, 16, 8)
+constexpr int64_t kDepthStep = 16;  // d is padded to a multiple of it (a vector of 16 floats)
 
 struct FlashArgs {
   const float* q;     // (B, H, Lq, d), element strides q_strides
   const float* mask;  // additive, log2 units, broadcast view of (B, H, Lq, Lk); may be null
   float* out;         // (B, H, Lq, d), row-contiguous
   int64_t batch, heads, q_len, k_len, d;
-  int64_t d_padded;  // d rounded up to a multiple of 16 floats; packed rows use this stride
+  int64_t d_padded;  // d rounded up to a multiple of kDepthStep; packed rows use this stride
   int64_t q_strides[4];
   int64_t mask_strides[4];
   float q_scale;  // softmax scale times log2(e): the weights are 2**(score - max)
@@ -43,13 +44,14 @@ void flash_task_avx512(const FlashArgs&, int64_t, int64_t, float*);
 // are rounded to bfloat16 for the second product.
 constexpr int64_t kAmxQueryRows = 64;  // four tile rows of queries per task
 constexpr int64_t kAmxKeys = 512;      // keys per tile: a row's statistics are updated once per 512 keys
+constexpr int64_t kAmxDepthStep = 32;  // d is padded to a multiple of it (a tile's depth)
 
 struct FlashAmxArgs {
   const uint16_t* q;  // (B, H, Lq, d) bfloat16 bits, element strides q_strides
   const float* mask;  // as FlashArgs
   uint16_t* out;      // (B, H, Lq, d), row-contiguous bfloat16 bits
   int64_t batch, heads, q_len, k_len, d;
-  int64_t d_padded;  // d rounded up to a multiple of 32 (a tile's depth)
+  int64_t d_padded;  // d rounded up to a multiple of kAmxDepthStep
   int64_t q_strides[4];
   int64_t mask_strides[4];
   float q_scale;  // softmax scale times log2(e), applied to the float32 scores

@@ -20,6 +20,10 @@ using sd_native::GemmArgs;
 using sd_native::kGemmCols;
 using sd_native::kGemmRows;
 using sd_native::kTileRows;
+using sd_native::load_block;
+using sd_native::multiply_block;
+using sd_native::store_block;
+using sd_native::zero_block;
 
 constexpr int64_t kChunkPairs = sd_native::kTilePairs;  // a tile's depth: 32 channels
 constexpr int64_t kPanelRowBytes = kGemmCols * 2 * 2;  // one channel pair of a panel
@@ -109,47 +113,27 @@ void gemm_bf16_task_amx(const GemmArgs& a, int64_t b, int64_t row_block, int64_t
     for (int64_t rp = 0; rp < row_pairs; ++rp)
       for (int64_t half = 0; half < 2; ++half) {
         float* c = partial + rp * 2 * kTileRows * kGemmCols + half * 32;
-        constexpr int64_t kStride = kGemmCols * sizeof(float);
-        if (s0 == 0) {
-          _tile_zero(0);
-          _tile_zero(1);
-          _tile_zero(2);
-          _tile_zero(3);
-        } else {
-          SD_TILE_LOAD(0, c, kStride);
-          SD_TILE_LOAD(1, c + 16, kStride);
-          SD_TILE_LOAD(2, c + kTileRows * kGemmCols, kStride);
-          SD_TILE_LOAD(3, c + kTileRows * kGemmCols + 16, kStride);
-        }
+        if (s0 == 0)
+          zero_block();
+        else
+          load_block(c, kGemmCols);
         const int64_t row0 = rp * 2 * kTileRows, row1 = row0 + kTileRows;
         int64_t t = s0 / chunks, k = s0 % chunks;
         for (int64_t s = s0; s < s1; ++s) {
           const uint16_t* xt = a.x + (b * a.positions + m0 + a.offsets[t]) * a.channels;
           const Source top = input_tile(xt, a.channels, row0, rows, k, scratch[0]);
-          SD_TILE_LOAD(4, top.data, top.stride);
-          if (row1 < rows) {
-            const Source bottom = input_tile(xt, a.channels, row1, rows, k, scratch[1]);
-            SD_TILE_LOAD(5, bottom.data, bottom.stride);
-          } else {
-            _tile_zero(5);  // a block whose last row pair has one group: its second adds nothing
-          }
+          // A block whose last row pair has one group: its second (zeros) adds nothing.
+          const Source bottom = row1 < rows ? input_tile(xt, a.channels, row1, rows, k, scratch[1]) : Source{};
           const uint16_t* w = tails && k == chunks - 1 ? tail_w[s - s0]
                                                        : panel_w + (t * pairs + k * kChunkPairs) * kGemmCols * 2;
-          SD_TILE_LOAD(6, w + half * 32 * 2, kPanelRowBytes);
-          SD_TILE_LOAD(7, w + (half * 32 + 16) * 2, kPanelRowBytes);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(1, 4, 7);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
+          multiply_block(top.data, top.stride, bottom.data, bottom.stride, w + half * 32 * 2, w + (half * 32 + 16) * 2,
+                         kPanelRowBytes);
           if (++k == chunks) {
             k = 0;
             ++t;
           }
         }
-        _tile_stored(0, c, kStride);
-        _tile_stored(1, c + 16, kStride);
-        _tile_stored(2, c + kTileRows * kGemmCols, kStride);
-        _tile_stored(3, c + kTileRows * kGemmCols + 16, kStride);
+        store_block(c, kGemmCols);
       }
   }
   // As gemm_avx512bf16.cpp: bias, addend, one rounding to bfloat16, the dropped rows skipped.

@@ -170,36 +170,42 @@ void strides4(const mx::array& x, int64_t* out) {
   for (int i = 0; i < 4; ++i) out[i] = x.shape(i) == 1 ? 0 : x.strides()[i];
 }
 
-// Everything a run needs, taken from the evaluated arrays on the caller's thread.
-struct Problem {
-  FlashArgs a;
-  const float* k;
-  const float* v;
+// Everything a run needs, taken from the evaluated arrays on the caller's thread: the kernel's
+// arguments (FlashArgs, float32; FlashAmxArgs, bfloat16 bits as T = uint16_t) and K and V as given.
+template <class Args, class T>
+struct FlashProblem {
+  Args a;
+  const T* k;
+  const T* v;
   int64_t k_strides[4], v_strides[4];
-  TaskFn task;
+  TaskFn task;  // the float32 kernel; unused by the AMX one
 };
+using Problem = FlashProblem<FlashArgs, float>;
+using AmxProblem = FlashProblem<FlashAmxArgs, uint16_t>;
 
-Problem describe(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array* mask,
-                 mx::array& out, float scale, TaskFn task) {
-  Problem p{};
-  FlashArgs& a = p.a;
+// d is padded to a multiple of `depth` (kDepthStep, kAmxDepthStep), keys go in tiles of `keys_per_tile`.
+template <class Args, class T>
+FlashProblem<Args, T> describe(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array* mask,
+                               mx::array& out, float scale, int64_t depth, int64_t keys_per_tile, TaskFn task) {
+  FlashProblem<Args, T> p{};
+  Args& a = p.a;
   a.batch = q.shape(0);
   a.heads = q.shape(1);
   a.q_len = q.shape(2);
   a.d = q.shape(3);
   a.k_len = k.shape(2);
-  a.d_padded = (a.d + 15) / 16 * 16;
+  a.d_padded = (a.d + depth - 1) / depth * depth;
   a.q_scale = scale * 1.4426950408889634f;
-  a.q = q.data<float>();
-  a.out = out.data<float>();
+  a.q = q.data<T>();
+  a.out = out.data<T>();
   strides4(q, a.q_strides);
   if (mask != nullptr) {
     a.mask = mask->data<float>();
     strides4(*mask, a.mask_strides);
   }
-  a.key_tiles = (a.k_len + kKeys - 1) / kKeys;
-  p.k = k.data<float>();
-  p.v = v.data<float>();
+  a.key_tiles = (a.k_len + keys_per_tile - 1) / keys_per_tile;
+  p.k = k.data<T>();
+  p.v = v.data<T>();
   strides4(k, p.k_strides);
   strides4(v, p.v_strides);
   p.task = task;
@@ -246,39 +252,6 @@ void run_flash(Problem p) {
   parallel_for(heads * query_tiles, workers, [&](int64_t i, int worker) {
     p.task(a, i / query_tiles, i % query_tiles, sp + worker * scratch);
   });
-}
-
-struct AmxProblem {
-  FlashAmxArgs a;
-  const uint16_t* k;
-  const uint16_t* v;
-  int64_t k_strides[4], v_strides[4];
-};
-
-AmxProblem describe_amx(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array* mask,
-                        mx::array& out, float scale) {
-  AmxProblem p{};
-  FlashAmxArgs& a = p.a;
-  a.batch = q.shape(0);
-  a.heads = q.shape(1);
-  a.q_len = q.shape(2);
-  a.d = q.shape(3);
-  a.k_len = k.shape(2);
-  a.d_padded = (a.d + 31) / 32 * 32;
-  a.q_scale = scale * 1.4426950408889634f;
-  a.q = q.data<uint16_t>();
-  a.out = out.data<uint16_t>();
-  strides4(q, a.q_strides);
-  if (mask != nullptr) {
-    a.mask = mask->data<float>();
-    strides4(*mask, a.mask_strides);
-  }
-  a.key_tiles = (a.k_len + kAmxKeys - 1) / kAmxKeys;
-  p.k = k.data<uint16_t>();
-  p.v = v.data<uint16_t>();
-  strides4(k, p.k_strides);
-  strides4(v, p.v_strides);
-  return p;
 }
 
 void run_flash_amx(AmxProblem p) {
@@ -338,13 +311,11 @@ class FlashAttention : public mx::UnaryPrimitive {
     const mx::array* mask = has_mask_ ? &inputs[3] : nullptr;
     // MLX holds the input buffers until the dispatched task has run.
     if (task_ == nullptr)
-      encoder.dispatch([problem = describe_amx(inputs[0], inputs[1], inputs[2], mask, out, scale_)]() {
-        run_flash_amx(problem);
-      });
+      encoder.dispatch([problem = describe<FlashAmxArgs, uint16_t>(inputs[0], inputs[1], inputs[2], mask, out, scale_,
+                                                                   kAmxDepthStep, kAmxKeys, nullptr)]() { run_flash_amx(problem); });
     else
-      encoder.dispatch([problem = describe(inputs[0], inputs[1], inputs[2], mask, out, scale_, task_)]() {
-        run_flash(problem);
-      });
+      encoder.dispatch([problem = describe<FlashArgs, float>(inputs[0], inputs[1], inputs[2], mask, out, scale_,
+                                                             kDepthStep, kKeys, task_)]() { run_flash(problem); });
   }
 
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
