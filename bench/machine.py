@@ -61,29 +61,14 @@ def limit_gflops(isa: str | None, machine: dict) -> float | None:
 def describe() -> dict:
     """The CPU's name, vendor, family, the flags of ISA_FLAGS it has, its clock (MHz, and where it
     was read) and the cores this process may use."""
-    from stable_diffusion.calibrate import cpu_name
+    from stable_diffusion.calibrate import cpu_fields, cpu_name
 
-    fields = _cpuinfo()
+    fields = cpu_fields()
     flags = set(fields.get("flags", "").split())
     mhz, source = _clock_mhz(fields)
     return {"cpu": cpu_name(), "vendor": fields.get("vendor_id", ""), "family": int(fields.get("cpu family", "0")),
             "isa": [flag for flag in ISA_FLAGS if flag in flags], "mhz": mhz, "clock_source": source,
             "cores": len(os.sched_getaffinity(0))}
-
-
-def _cpuinfo() -> dict:
-    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if not line.strip():
-                    break
-                name, _, value = line.partition(":")
-                fields[name.strip()] = value.strip()
-    except OSError:
-        pass
-    return fields
 
 
 def _clock_mhz(fields: dict) -> tuple[float | None, str]:

@@ -46,19 +46,25 @@ def cache_path() -> Path:
     return Path(root) / "mlx-sd-trajectory" / "dtype.json"
 
 
-def cpu_name() -> str:
-    """The CPU's model name, with its family and model numbers (a virtual machine's name can be as
-    plain as "Intel(R) Xeon(R) Processor")."""
+def cpu_fields() -> dict:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
     fields = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                name, _, value = line.partition(":")
-                fields.setdefault(name.strip(), value.strip())
                 if not line.strip():  # the first processor is enough
                     break
+                name, _, value = line.partition(":")
+                fields.setdefault(name.strip(), value.strip())
     except OSError:
         pass
+    return fields
+
+
+def cpu_name() -> str:
+    """The CPU's model name, with its family and model numbers (a virtual machine's name can be as
+    plain as "Intel(R) Xeon(R) Processor")."""
+    fields = cpu_fields()
     if "model name" not in fields:
         return platform.processor() or platform.machine()
     return f"{fields['model name']} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')})"
