@@ -21,11 +21,17 @@ Where the optimised library comes from, in order:
 4. None: MLX keeps the reference BLAS, and a warning says how to get a fast one.
 
 OpenBLAS reads OPENBLAS_NUM_THREADS (then OMP_NUM_THREADS) itself; `preload_blas(threads=n)`
-sets the count explicitly.
+sets the count explicitly. After each product OpenBLAS's worker threads keep polling for the next
+one for 2**28 cycles (about 0.1 s) by default; the products here alternate with MLX's own work and
+the native kernels, which those polling threads take cores from. The OpenBLAS loaded here is told
+to put its threads to sleep at once (OPENBLAS_THREAD_TIMEOUT=4, 2**4 cycles, set only while it
+loads, unless the environment sets it): on a 2-core Zen 4 a float32 UNet call took 8.9 s against
+10.0 s, the text encoder 0.60 s against 0.63 s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import importlib.util
@@ -133,7 +139,8 @@ def _choose() -> BlasInfo:
     failures = []
     for loader in (_load_scipy_openblas, _load_system_openblas):
         try:
-            lib, prefix, path, source = loader()
+            with _sleeping_threads():
+                lib, prefix, path, source = loader()
         except (ImportError, OSError, AttributeError, ValueError) as error:
             failures.append(f"{loader.__name__.removeprefix('_load_')}: {error}")
             continue
@@ -145,6 +152,23 @@ def _choose() -> BlasInfo:
         f"{INSTALL_HINT}"
     )
     return BlasInfo("reference", None, 1, True, f"{note} ({'; '.join(failures)})")
+
+
+# OpenBLAS reads this once, when it loads: 2**n cycles of polling before its threads sleep.
+THREAD_TIMEOUT = "4"
+
+
+@contextlib.contextmanager
+def _sleeping_threads():
+    """OPENBLAS_THREAD_TIMEOUT for a library loaded inside, unless the environment sets one."""
+    if "OPENBLAS_THREAD_TIMEOUT" in os.environ:
+        yield
+        return
+    os.environ["OPENBLAS_THREAD_TIMEOUT"] = THREAD_TIMEOUT
+    try:
+        yield
+    finally:
+        del os.environ["OPENBLAS_THREAD_TIMEOUT"]
 
 
 def _load_scipy_openblas():

@@ -745,6 +745,39 @@ def test_thread_count_can_be_set():
     assert blas.preload_blas().threads == before.threads
 
 
+OPENBLAS_WORKER_STATES = """
+    import glob, os, time
+    import stable_diffusion, mlx.core as mx
+    from stable_diffusion import blas
+    info = blas.preload_blas()
+    a = mx.random.normal((1024, 1024))
+    mx.eval(a @ a)
+    time.sleep(0.05)
+    me = os.getpid()
+    states = [open(stat).read().rsplit(")", 1)[1].split()[0] for stat in glob.glob(f"/proc/{me}/task/*/stat")
+              if int(stat.split("/")[-2]) != me]
+    print(info.threads, "OPENBLAS_THREAD_TIMEOUT" in os.environ, "".join(states))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the BLAS is chosen on Linux only")
+def test_openblas_threads_sleep_after_a_product(monkeypatch):
+    # Its worker threads do not keep polling (a core each) once a product is done, and the
+    # setting that says so is not left in the environment; with OpenBLAS's own timeout the
+    # same check sees a worker still running.
+    if blas.preload_blas().path is None or "OpenBLAS" not in blas.preload_blas().name:
+        pytest.skip("no OpenBLAS on this machine")
+    monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")  # conftest's 1 would leave no worker
+    threads, kept, states = run_python(OPENBLAS_WORKER_STATES).stdout.split()
+    if int(threads) < 2:
+        pytest.skip("OpenBLAS runs one thread on this one-core machine: no worker to poll")
+    assert kept == "False"
+    assert "R" not in states, states
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "30")  # 2**30 cycles: polls for about half a second
+    assert "R" in run_python(OPENBLAS_WORKER_STATES).stdout.split()[2]
+
+
 def run_python(code: str) -> subprocess.CompletedProcess:
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120
