@@ -99,7 +99,10 @@ def our_kernels(dtype: str, chunked: bool = False) -> dict:
         sgemm = {"kernel": f"OpenBLAS sgemm ({core})" if core else blas.name,
                  "isa": OPENBLAS_CORES.get((core or "").lower())}
     vector = native.kernels()[0] if native is not None else None  # the float32 flash and norm kernels
-    if dtype == "float32":
+    if dtype == "float32" and native is not None and native.has_f32_products():
+        # the large 3x3 convolutions (ops.NATIVE_F32_CONV_ROWS) on the native AVX-512 kernel
+        products = {"kernel": f"{sgemm['kernel']}, large 3x3 convolutions native avx512", "isa": sgemm["isa"]}
+    elif dtype == "float32":
         products = sgemm
     elif dtype == "bfloat16" and native is not None and native.has_bf16_dot():
         kernel = native.bf16_kernels()[0]

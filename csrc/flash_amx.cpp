@@ -10,7 +10,7 @@
 // into tiles, and 2 x 2 blocks (32 queries x 32 values) over the key tile's 32-key chunks.
 #include "amx.h"
 #include "flash_attention.h"
-#include "gemm_bf16.h"
+#include "gemm.h"
 
 #define FLASH_W 16
 #include "flash_vector.inc"

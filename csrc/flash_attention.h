@@ -63,7 +63,7 @@ struct FlashAmxArgs {
 };
 
 // Scratch bytes one task needs; `scratch` is 64-byte aligned. The thread must have the AMX tile
-// configuration loaded (amx_configure in gemm_bf16.h).
+// configuration loaded (amx_configure in gemm.h).
 int64_t amx_scratch_bytes(int64_t d_padded);
 #if defined(__x86_64__)
 void flash_task_amx(const FlashAmxArgs&, int64_t bh, int64_t tile, void* scratch);

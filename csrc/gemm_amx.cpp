@@ -2,7 +2,7 @@
 // gemm_avx512bf16.cpp, with the sums in tile registers through tdpbf16ps, which multiplies a
 // 16 x 32 bfloat16 tile by a 32 x 16 one (held as 16 rows of 16 channel pairs) into 16 x 16
 // floats. Compiled with AMX's and AVX-512's -m flags; native.cpp calls it only where the CPU has
-// AMX and Linux has granted this process the tile state (gemm_bf16.h). Like the other kernel it
+// AMX and Linux has granted this process the tile state (gemm.h). Like the other kernel it
 // uses no inline function of the standard library. Measured on 2 Sapphire Rapids cores shared
 // with another job: a UNet linear layer (2, 4096, 320) -> 1280 in 15-19 ms against 83-86 ms by
 // the AVX512_BF16 kernel; a 3x3 convolution 320 -> 320 on 2 x 64x64 in 28-37 ms against 165-190.
@@ -12,7 +12,7 @@
 // 64 outputs x 2 values, 256 bytes, so the 16 pairs of a chunk for 16 outputs are a tile of 16
 // rows of 64 bytes, 256 bytes apart.
 #include "amx.h"
-#include "gemm_bf16.h"
+#include "gemm.h"
 
 namespace {
 
@@ -99,7 +99,7 @@ void gemm_bf16_task_amx(const GemmArgs& a, int64_t b, int64_t row_block, int64_t
   // must not read the next tap's weights (or past the end), whose values could be infinite.
   alignas(64) uint16_t tail_w[kChunksPerPass][kChunkPairs * kGemmCols * 2];
   constexpr int64_t kChunkWords = kChunkPairs * kGemmCols * 2;
-  const uint16_t* panel_w = a.w_packed + panel * a.taps * pairs * kGemmCols * 2;
+  const uint16_t* panel_w = static_cast<const uint16_t*>(a.w_packed) + panel * a.taps * pairs * kGemmCols * 2;
   if (steps == 0)  // no channels (or taps): the outputs are the bias
     for (int64_t i = 0; i < kGemmRows * kGemmCols; ++i) partial[i] = 0.0f;
   for (int64_t s0 = 0; s0 < steps; s0 += per_pass) {
@@ -120,7 +120,7 @@ void gemm_bf16_task_amx(const GemmArgs& a, int64_t b, int64_t row_block, int64_t
         const int64_t row0 = rp * 2 * kTileRows, row1 = row0 + kTileRows;
         int64_t t = s0 / chunks, k = s0 % chunks;
         for (int64_t s = s0; s < s1; ++s) {
-          const uint16_t* xt = a.x + (b * a.positions + m0 + a.offsets[t]) * a.channels;
+          const uint16_t* xt = static_cast<const uint16_t*>(a.x) + (b * a.positions + m0 + a.offsets[t]) * a.channels;
           const Source top = input_tile(xt, a.channels, row0, rows, k, scratch[0]);
           // A block whose last row pair has one group: its second (zeros) adds nothing.
           const Source bottom = row1 < rows ? input_tile(xt, a.channels, row1, rows, k, scratch[1]) : Source{};
@@ -147,7 +147,7 @@ void gemm_bf16_task_amx(const GemmArgs& a, int64_t b, int64_t row_block, int64_t
     if (in_period >= a.row_valid) continue;
     const int64_t at = (b * a.out_rows + m / a.row_period * a.row_valid + in_period) * a.out_channels + o0;
     alignas(64) uint16_t row[kGemmCols] = {};
-    if (a.addend != nullptr) __builtin_memcpy(row, a.addend + at, cols * sizeof(uint16_t));
+    if (a.addend != nullptr) __builtin_memcpy(row, static_cast<const uint16_t*>(a.addend) + at, cols * sizeof(uint16_t));
 #pragma GCC unroll 4
     for (int c = 0; c < kGemmCols / 16; ++c) {
       __m512 y = _mm512_add_ps(_mm512_load_ps(partial + r * kGemmCols + c * 16), _mm512_load_ps(bias + c * 16));
@@ -157,7 +157,7 @@ void gemm_bf16_task_amx(const GemmArgs& a, int64_t b, int64_t row_block, int64_t
       }
       _mm256_store_si256(reinterpret_cast<__m256i*>(row + c * 16), (__m256i)_mm512_cvtneps_pbh(y));
     }
-    __builtin_memcpy(a.out + at, row, cols * sizeof(uint16_t));
+    __builtin_memcpy(static_cast<uint16_t*>(a.out) + at, row, cols * sizeof(uint16_t));
   }
 }
 

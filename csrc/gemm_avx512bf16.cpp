@@ -3,21 +3,15 @@
 // function of the standard library, so nothing compiled here is merged into baseline code.
 #include <immintrin.h>
 
-#include "gemm_bf16.h"
+#include "gemm.h"
 
 namespace {
 
 using sd_native::GemmArgs;
 using sd_native::kGemmCols;
-using sd_native::kGemmRows;
 
 constexpr int kRegisterRows = 6;  // 6 rows x 4 vectors = 24 accumulators of the 32 registers
 constexpr int kVectors = kGemmCols / 16;
-static_assert(kGemmRows % kRegisterRows == 0, "row blocks hold whole register groups");
-
-// Channel pairs per pass: a 32 KB slice of the panel, read by every register group of the task
-// while it is in L1/L2 (a whole panel of a 5120-channel layer is 640 KB).
-constexpr int64_t kPairsPerPass = 128;
 
 // R output rows from row m0, all kGemmCols columns of one panel, channel pairs [p0, p1) of tap t.
 // The sums carry over between passes in `partial` (R x kGemmCols floats); the last pass adds the
@@ -34,8 +28,8 @@ void tile(const GemmArgs& a, int64_t b, int64_t m0, int64_t panel, int64_t t, in
       acc[r][c] = first ? _mm512_setzero_ps() : _mm512_load_ps(partial + r * kGemmCols + c * 16);
   const uint16_t* rows[R];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) rows[r] = a.x + (b * a.positions + m0 + r + a.offsets[t]) * a.channels;
-  const uint16_t* wt = a.w_packed + ((panel * a.taps + t) * pairs) * kGemmCols * 2;
+  for (int r = 0; r < R; ++r) rows[r] = static_cast<const uint16_t*>(a.x) + (b * a.positions + m0 + r + a.offsets[t]) * a.channels;
+  const uint16_t* wt = static_cast<const uint16_t*>(a.w_packed) + ((panel * a.taps + t) * pairs) * kGemmCols * 2;
   for (int64_t p = p0; p < p1; ++p) {
     __m512bh wv[kVectors];
 #pragma GCC unroll 4
@@ -67,7 +61,7 @@ void tile(const GemmArgs& a, int64_t b, int64_t m0, int64_t panel, int64_t t, in
     if (in_period >= a.row_valid) continue;
     const int64_t at = ((b * a.out_rows + m / a.row_period * a.row_valid + in_period) * a.out_channels + o0);
     alignas(64) uint16_t row[kGemmCols] = {};
-    if (a.addend != nullptr) __builtin_memcpy(row, a.addend + at, cols * sizeof(uint16_t));
+    if (a.addend != nullptr) __builtin_memcpy(row, static_cast<const uint16_t*>(a.addend) + at, cols * sizeof(uint16_t));
 #pragma GCC unroll 4
     for (int c = 0; c < kVectors; ++c) {
       __m512 y = _mm512_add_ps(acc[r][c], _mm512_load_ps(bias + c * 16));
@@ -77,7 +71,7 @@ void tile(const GemmArgs& a, int64_t b, int64_t m0, int64_t panel, int64_t t, in
       }
       _mm256_store_si256(reinterpret_cast<__m256i*>(row + c * 16), (__m256i)_mm512_cvtneps_pbh(y));
     }
-    __builtin_memcpy(a.out + at, row, cols * sizeof(uint16_t));
+    __builtin_memcpy(static_cast<uint16_t*>(a.out) + at, row, cols * sizeof(uint16_t));
   }
 }
 
@@ -86,27 +80,10 @@ void tile(const GemmArgs& a, int64_t b, int64_t m0, int64_t panel, int64_t t, in
 namespace sd_native {
 
 void gemm_bf16_task_avx512bf16(const GemmArgs& a, int64_t b, int64_t row_block, int64_t panel) {
-  const int64_t m0 = row_block * kGemmRows;
-  const int64_t m1 = a.rows - m0 < kGemmRows ? a.rows : m0 + kGemmRows;
-  const int64_t pairs = a.channels / 2;
-  alignas(64) float partial[kGemmRows * kGemmCols];  // the sums between passes, per row
-  for (int64_t t = 0; t < a.taps; ++t)
-    for (int64_t p0 = 0; p0 < pairs; p0 += kPairsPerPass) {
-      const int64_t p1 = pairs - p0 < kPairsPerPass ? pairs : p0 + kPairsPerPass;
-      const bool first = t == 0 && p0 == 0, last = t == a.taps - 1 && p1 == pairs;
-      int64_t m = m0;
-      for (; m + kRegisterRows <= m1; m += kRegisterRows)
-        tile<kRegisterRows>(a, b, m, panel, t, p0, p1, partial + (m - m0) * kGemmCols, first, last);
-      float* rest = partial + (m - m0) * kGemmCols;
-      switch (m1 - m) {  // the last rows, fewer than a register group
-        case 5: tile<5>(a, b, m, panel, t, p0, p1, rest, first, last); break;
-        case 4: tile<4>(a, b, m, panel, t, p0, p1, rest, first, last); break;
-        case 3: tile<3>(a, b, m, panel, t, p0, p1, rest, first, last); break;
-        case 2: tile<2>(a, b, m, panel, t, p0, p1, rest, first, last); break;
-        case 1: tile<1>(a, b, m, panel, t, p0, p1, rest, first, last); break;
-        default: break;
-      }
-    }
+  for_passes_and_groups<kRegisterRows>(a, row_block, a.channels / 2,
+      [&]<int R>(int64_t m, int64_t t, int64_t p0, int64_t p1, float* partial, bool first, bool last) {
+        tile<R>(a, b, m, panel, t, p0, p1, partial, first, last);
+      });
 }
 
 }  // namespace sd_native

@@ -2,7 +2,8 @@
 //
 // bf16_product: bfloat16 linear layers and convolutions with float32 accumulation through the
 // CPU's bfloat16 dot-product instruction (AVX512_BF16) or its tile product (AMX), where MLX's CPU
-// backend has only a scalar loop for bfloat16 products (see gemm_bf16.h).
+// backend has only a scalar loop for bfloat16 products; f32_product: the same in float32 through
+// AVX-512 FMA, for the 3x3 convolutions, whose nine taps a BLAS takes as nine products (gemm.h).
 //
 // group_norm: PyTorch's GroupNorm on channels-last maps, optionally followed by SiLU and written
 // inside a zero border (the padding of the 3x3 convolution that follows), on all cores, where
@@ -53,7 +54,7 @@
 #include "mlx/version.h"
 
 #include "flash_attention.h"
-#include "gemm_bf16.h"
+#include "gemm.h"
 #include "group_norm.h"
 
 namespace nb = nanobind;
@@ -619,7 +620,7 @@ bool amx_usable() {
 
 using GemmTask = void (*)(const GemmArgs&, int64_t, int64_t, int64_t);
 
-struct Bf16Kernel {
+struct ProductKernel {
   const char* name;
   GemmTask task;
   bool tiles;  // AMX: the tile configuration is loaded on each worker thread
@@ -627,9 +628,9 @@ struct Bf16Kernel {
 
 // The bfloat16 product kernels this CPU can run, fastest first; SD_AMX=0 (off, false, no) leaves
 // AMX out, to compare the two.
-const std::vector<Bf16Kernel>& bf16_kernel_list() {
-  static const std::vector<Bf16Kernel> kernels = [] {
-    std::vector<Bf16Kernel> found;
+const std::vector<ProductKernel>& bf16_kernel_list() {
+  static const std::vector<ProductKernel> kernels = [] {
+    std::vector<ProductKernel> found;
 #if defined(__x86_64__)
     if (!has_bf16_dot()) return found;
     const char* env = std::getenv("SD_AMX");
@@ -646,11 +647,11 @@ const std::vector<Bf16Kernel>& bf16_kernel_list() {
   return kernels;
 }
 
-const Bf16Kernel& pick_bf16_kernel(const std::string& name) {
+const ProductKernel& pick_bf16_kernel(const std::string& name) {
   const auto& kernels = bf16_kernel_list();
   if (kernels.empty()) throw std::invalid_argument("bf16 products: this CPU has no AVX512_BF16");
   if (name.empty()) return kernels.front();
-  for (const Bf16Kernel& k : kernels)
+  for (const ProductKernel& k : kernels)
     if (name == k.name) return k;
   throw std::invalid_argument("bf16 product kernel '" + name + "' is not available here");
 }
@@ -660,56 +661,57 @@ bool amx_in_use() { return !bf16_kernel_list().empty() && bf16_kernel_list().fro
 
 std::vector<std::string> bf16_kernel_names() {
   std::vector<std::string> names;
-  for (const Bf16Kernel& k : bf16_kernel_list()) names.emplace_back(k.name);
+  for (const ProductKernel& k : bf16_kernel_list()) names.emplace_back(k.name);
   return names;
 }
 
-// w (O, T, C) into the kernel's panels, (panels, T, C / 2, kGemmCols x 2), zero past O.
-void pack_weights(const uint16_t* w, int64_t out_channels, int64_t taps, int64_t channels, uint16_t* packed) {
+// w (O, T, words) of 32-bit words (a bfloat16 channel pair, or a float32 channel) into the
+// kernels' panels, (panels, T, words, kGemmCols), zero past O.
+void pack_weights(const char* w, int64_t out_channels, int64_t taps, int64_t words, uint32_t* packed) {
   const int64_t panels = (out_channels + kGemmCols - 1) / kGemmCols;
-  const int64_t pairs = channels / 2;
-  const int64_t panel_words = taps * pairs * kGemmCols;
-  parallel_for(panels, thread_count(), [&](int64_t panel, int) {
-    // A channel pair as one 32-bit word: read along each output's row, written 64 words apart.
-    auto* dst = reinterpret_cast<uint32_t*>(packed) + panel * panel_words;
+  const int64_t panel_words = taps * words * kGemmCols;
+  parallel_for(panels * taps, thread_count(), [&](int64_t i, int) {
+    const int64_t panel = i / taps, t = i % taps;
+    uint32_t* dst = packed + panel * panel_words + t * words * kGemmCols;
     const int64_t valid = std::min(kGemmCols, out_channels - panel * kGemmCols);
-    if (valid < kGemmCols) std::fill(dst, dst + panel_words, 0u);
-    for (int64_t j = 0; j < valid; ++j)
-      for (int64_t t = 0; t < taps; ++t) {
-        const uint16_t* src = w + ((panel * kGemmCols + j) * taps + t) * channels;
-        uint32_t* out = dst + t * pairs * kGemmCols + j;
-        for (int64_t q = 0; q < pairs; ++q) {
-          uint32_t pair;
-          std::memcpy(&pair, src + 2 * q, sizeof pair);
-          out[q * kGemmCols] = pair;
-        }
+    if (valid < kGemmCols) std::fill(dst, dst + words * kGemmCols, 0u);
+    // In blocks of 16 words: each output's 64 bytes are read once, into 16 rows of the panel.
+    constexpr int64_t kBlock = 16;
+    for (int64_t q0 = 0; q0 < words; q0 += kBlock) {
+      const int64_t qn = std::min(kBlock, words - q0);
+      for (int64_t j = 0; j < valid; ++j) {
+        uint32_t block[kBlock];
+        std::memcpy(block, w + (((panel * kGemmCols + j) * taps + t) * words + q0) * 4, qn * 4);
+        for (int64_t q = 0; q < qn; ++q) dst[(q0 + q) * kGemmCols + j] = block[q];
       }
+    }
   });
 }
 
-class Bf16Pack : public mx::UnaryPrimitive {
+// w (O, T, C), bfloat16 or float32, packed for the products (pack_weights).
+class ProductPack : public mx::UnaryPrimitive {
  public:
-  explicit Bf16Pack(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+  explicit ProductPack(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto& encoder = prepare(stream(), inputs, out);
     const mx::array& w = inputs[0];
-    encoder.dispatch([w = w.data<uint16_t>(), o = w.shape(0), t = w.shape(1), c = w.shape(2),
-                      packed = out.data<uint16_t>()]() { pack_weights(w, o, t, c, packed); });
+    encoder.dispatch([w = w.data<char>(), o = w.shape(0), t = w.shape(1), words = w.shape(2) * w.itemsize() / 4,
+                      packed = out.data<uint32_t>()]() { pack_weights(w, o, t, words, packed); });
   }
 
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("Bf16Pack runs on the CPU only");
+    throw std::runtime_error("ProductPack runs on the CPU only");
   }
 
-  const char* name() const override { return "Bf16Pack"; }
+  const char* name() const override { return "ProductPack"; }
   bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
 
 struct GemmProblem {
   GemmArgs a;
   std::vector<int64_t> offsets;
-  const Bf16Kernel* kernel;
+  const ProductKernel* kernel;
 };
 
 void run_gemm(GemmProblem p) {
@@ -730,10 +732,11 @@ void run_gemm(GemmProblem p) {
   });
 }
 
-class Bf16Product : public mx::UnaryPrimitive {
+// A product of x (bfloat16 or float32) with weights packed by ProductPack, out in x's dtype.
+class Product : public mx::UnaryPrimitive {
  public:
-  Bf16Product(mx::Stream stream, std::vector<int64_t> offsets, int64_t rows, int64_t out_channels, bool has_bias,
-              int64_t row_period, int64_t row_valid, bool has_addend, const Bf16Kernel& kernel)
+  Product(mx::Stream stream, std::vector<int64_t> offsets, int64_t rows, int64_t out_channels, bool has_bias,
+              int64_t row_period, int64_t row_valid, bool has_addend, const ProductKernel& kernel)
       : mx::UnaryPrimitive(stream),
         offsets_(std::move(offsets)),
         rows_(rows),
@@ -749,11 +752,11 @@ class Bf16Product : public mx::UnaryPrimitive {
     const mx::array& x = inputs[0];
     const mx::array& packed = inputs[1];
     GemmProblem p{};
-    p.a.x = x.data<uint16_t>();
-    p.a.w_packed = packed.data<uint16_t>();
+    p.a.x = x.data<char>();
+    p.a.w_packed = packed.data<char>();
     p.a.bias = has_bias_ ? inputs[2].data<float>() : nullptr;
-    p.a.addend = has_addend_ ? inputs.back().data<uint16_t>() : nullptr;
-    p.a.out = out.data<uint16_t>();
+    p.a.addend = has_addend_ ? inputs.back().data<char>() : nullptr;
+    p.a.out = out.data<char>();
     p.a.row_period = row_period_;
     p.a.row_valid = row_valid_;
     p.a.out_rows = out.shape(1);
@@ -769,13 +772,13 @@ class Bf16Product : public mx::UnaryPrimitive {
   }
 
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("Bf16Product runs on the CPU only");
+    throw std::runtime_error("Product runs on the CPU only");
   }
 
-  const char* name() const override { return "Bf16Product"; }
+  const char* name() const override { return "Product"; }
 
   bool is_equivalent(const mx::Primitive& other) const override {
-    const auto& o = static_cast<const Bf16Product&>(other);
+    const auto& o = static_cast<const Product&>(other);
     return offsets_ == o.offsets_ && rows_ == o.rows_ && out_channels_ == o.out_channels_ &&
            has_bias_ == o.has_bias_ && row_period_ == o.row_period_ && row_valid_ == o.row_valid_ &&
            has_addend_ == o.has_addend_ && kernel_ == o.kernel_;
@@ -788,60 +791,101 @@ class Bf16Product : public mx::UnaryPrimitive {
   bool has_bias_;
   int64_t row_period_, row_valid_;
   bool has_addend_;
-  const Bf16Kernel* kernel_;  // an element of bf16_kernel_list(), which lives as long as the process
+  const ProductKernel* kernel_;  // bf16_kernel_list()'s or f32_kernel(), which live as long as the process
 };
 
 void require_bf16_dot() {
   if (!has_bf16_dot()) throw std::invalid_argument("bf16 products: this CPU has no AVX512_BF16");
 }
 
+mx::array pack(const mx::array& w) {
+  const int panels = (w.shape(0) + kGemmCols - 1) / kGemmCols;
+  const int words = static_cast<int>(w.shape(2) * w.itemsize() / 4);
+  const bool bf16 = w.dtype() == mx::bfloat16;
+  // bfloat16: (panels, T, C / 2, kGemmCols x 2) uint16; float32: (panels, T, C, kGemmCols) float32.
+  return mx::array({panels, w.shape(1), words, static_cast<int>(bf16 ? 2 * kGemmCols : kGemmCols)},
+                   bf16 ? mx::uint16 : mx::float32,
+                   std::make_shared<ProductPack>(mx::default_stream(mx::Device::cpu)), {mx::contiguous(w)});
+}
+
 mx::array bf16_pack(const mx::array& w) {
   require_bf16_dot();
   if (w.ndim() != 3 || w.dtype() != mx::bfloat16 || w.shape(2) % 2 != 0)
     throw std::invalid_argument("bf16_pack: w must be (out, taps, channels) bfloat16 with channels even");
-  const int panels = (w.shape(0) + kGemmCols - 1) / kGemmCols;
-  return mx::array({panels, w.shape(1), w.shape(2) / 2, static_cast<int>(2 * kGemmCols)}, mx::uint16,
-                   std::make_shared<Bf16Pack>(mx::default_stream(mx::Device::cpu)), {mx::contiguous(w)});
+  return pack(w);
+}
+
+// The float32 product kernel: AVX-512's, where the CPU has it.
+const ProductKernel* f32_kernel() {
+#if defined(__x86_64__)
+  static const ProductKernel kernel{"avx512", gemm_f32_task_avx512, false};
+  if (std::string(isas().front().name) == "avx512") return &kernel;
+#endif
+  return nullptr;
+}
+
+bool has_f32_products() { return f32_kernel() != nullptr; }
+
+mx::array f32_pack(const mx::array& w) {
+  if (!has_f32_products()) throw std::invalid_argument("f32 products: this CPU has no AVX-512");
+  if (w.ndim() != 3 || w.dtype() != mx::float32)
+    throw std::invalid_argument("f32_pack: w must be (out, taps, channels) float32");
+  return pack(w);
+}
+
+// x (B, positions, C) times weights packed by bf16_pack or f32_pack (x's dtype).
+mx::array product(const std::string& what, const ProductKernel& chosen, const mx::array& x, const mx::array& packed,
+                  int64_t out_channels, const std::optional<mx::array>& bias, const std::vector<int64_t>& offsets,
+                  int64_t rows, int64_t row_period, int64_t row_valid, const std::optional<mx::array>& addend) {
+  const bool bf16 = x.dtype() == mx::bfloat16;
+  const std::string dtype = bf16 ? "bfloat16" : "float32";
+  const auto fail = [&](const std::string& why) { throw std::invalid_argument(what + ": " + why); };
+  if (x.ndim() != 3) fail("x must be (batch, positions, channels) " + dtype);
+  if (packed.ndim() != 4 || packed.dtype() != (bf16 ? mx::uint16 : mx::float32) ||
+      packed.shape(3) != (bf16 ? 2 : 1) * kGemmCols || packed.shape(0) != (out_channels + kGemmCols - 1) / kGemmCols)
+    fail(std::string("the weights must come from ") + (bf16 ? "bf16_pack" : "f32_pack") + ", for out_channels outputs");
+  if (x.shape(2) != (bf16 ? 2 : 1) * packed.shape(2)) fail("x and the weights must have the same number of channels");
+  if (static_cast<int64_t>(offsets.size()) != packed.shape(1)) fail("one row offset per tap of the weights");
+  for (int64_t off : offsets)
+    if (off < 0 || off + rows > x.shape(1)) fail("a tap's rows run past the input's positions");
+  std::vector<mx::array> inputs = {mx::contiguous(x), mx::contiguous(packed)};
+  if (bias.has_value()) {
+    if (bias->ndim() != 1 || bias->shape(0) != out_channels) fail("bias must be (out_channels,)");
+    inputs.push_back(per_channel(*bias));
+  }
+  if (row_period == 0) row_period = row_valid = rows;
+  if (row_period < 1 || row_valid < 1 || row_valid > row_period || rows % row_period != 0)
+    fail("rows must be whole periods, 0 < row_valid <= row_period");
+  const int out_rows = static_cast<int>(rows / row_period * row_valid);
+  const mx::Shape shape = {x.shape(0), out_rows, static_cast<int>(out_channels)};
+  if (addend.has_value()) {
+    if (addend->shape() != shape || addend->dtype() != x.dtype()) fail("addend must be " + dtype + " of the output's shape");
+    inputs.push_back(mx::contiguous(*addend));
+  }
+  return mx::array(shape, x.dtype(),
+                   std::make_shared<Product>(mx::default_stream(mx::Device::cpu), offsets, rows, out_channels,
+                                             bias.has_value(), row_period, row_valid, addend.has_value(), chosen),
+                   std::move(inputs));
 }
 
 mx::array bf16_product(const mx::array& x, const mx::array& packed, int64_t out_channels,
                        const std::optional<mx::array>& bias, const std::vector<int64_t>& offsets, int64_t rows,
                        int64_t row_period, int64_t row_valid, const std::optional<mx::array>& addend,
                        const std::string& kernel) {
-  const Bf16Kernel& chosen = pick_bf16_kernel(kernel);
-  if (x.ndim() != 3 || x.dtype() != mx::bfloat16)
+  const ProductKernel& chosen = pick_bf16_kernel(kernel);
+  if (x.dtype() != mx::bfloat16)
     throw std::invalid_argument("bf16_product: x must be (batch, positions, channels) bfloat16");
-  if (packed.ndim() != 4 || packed.dtype() != mx::uint16 || packed.shape(3) != 2 * kGemmCols ||
-      packed.shape(0) != (out_channels + kGemmCols - 1) / kGemmCols)
-    throw std::invalid_argument("bf16_product: the weights must come from bf16_pack, for out_channels outputs");
-  if (x.shape(2) != 2 * packed.shape(2))
-    throw std::invalid_argument("bf16_product: x and the weights must have the same number of channels");
-  if (static_cast<int64_t>(offsets.size()) != packed.shape(1))
-    throw std::invalid_argument("bf16_product: one row offset per tap of the weights");
-  for (int64_t off : offsets)
-    if (off < 0 || off + rows > x.shape(1))
-      throw std::invalid_argument("bf16_product: a tap's rows run past the input's positions");
-  std::vector<mx::array> inputs = {mx::contiguous(x), mx::contiguous(packed)};
-  if (bias.has_value()) {
-    if (bias->ndim() != 1 || bias->shape(0) != out_channels)
-      throw std::invalid_argument("bf16_product: bias must be (out_channels,)");
-    inputs.push_back(per_channel(*bias));
-  }
-  if (row_period == 0) row_period = row_valid = rows;
-  if (row_period < 1 || row_valid < 1 || row_valid > row_period || rows % row_period != 0)
-    throw std::invalid_argument("bf16_product: rows must be whole periods, 0 < row_valid <= row_period");
-  const int out_rows = static_cast<int>(rows / row_period * row_valid);
-  const mx::Shape shape = {x.shape(0), out_rows, static_cast<int>(out_channels)};
-  if (addend.has_value()) {
-    if (addend->shape() != shape || addend->dtype() != mx::bfloat16)
-      throw std::invalid_argument("bf16_product: addend must be bfloat16 of the output's shape");
-    inputs.push_back(mx::contiguous(*addend));
-  }
-  return mx::array(shape, mx::bfloat16,
-                   std::make_shared<Bf16Product>(mx::default_stream(mx::Device::cpu), offsets, rows, out_channels,
-                                                 bias.has_value(), row_period, row_valid, addend.has_value(),
-                                                 chosen),
-                   std::move(inputs));
+  return product("bf16_product", chosen, x, packed, out_channels, bias, offsets, rows, row_period, row_valid, addend);
+}
+
+mx::array f32_product(const mx::array& x, const mx::array& packed, int64_t out_channels,
+                      const std::optional<mx::array>& bias, const std::vector<int64_t>& offsets, int64_t rows,
+                      int64_t row_period, int64_t row_valid, const std::optional<mx::array>& addend) {
+  if (!has_f32_products()) throw std::invalid_argument("f32 products: this CPU has no AVX-512");
+  if (x.dtype() != mx::float32)
+    throw std::invalid_argument("f32_product: x must be (batch, positions, channels) float32");
+  return product("f32_product", *f32_kernel(), x, packed, out_channels, bias, offsets, rows, row_period, row_valid,
+                 addend);
 }
 
 // --- reading tensors from safetensors files ---
@@ -1154,6 +1198,14 @@ NB_MODULE(_native, m) {
         "bf16_pack(w). With row_period, of each run of row_period rows m only the first row_valid are "
         "kept (the output has rows / row_period * row_valid rows). kernel: one of bf16_kernels(), default "
         "the first. Needs has_bf16_dot().");
+  m.def("has_f32_products", &sd_native::has_f32_products,
+        "Whether f32_product runs here (an AVX-512 CPU).");
+  m.def("f32_pack", &sd_native::f32_pack, "w"_a,
+        "w (out, taps, channels) float32 packed for f32_product (float32 panels).");
+  m.def("f32_product", &sd_native::f32_product, "x"_a, "packed"_a, "out_channels"_a, "bias"_a = nb::none(),
+        "offsets"_a, "rows"_a, "row_period"_a = 0, "row_valid"_a = 0, "addend"_a = nb::none(),
+        "bf16_product in float32: x, addend and out float32, packed = f32_pack(w), AVX-512 FMA. Needs "
+        "has_f32_products().");
   m.def("bf16_kernels", &sd_native::bf16_kernel_names,
         "The bfloat16 product kernels this CPU can run, fastest first: amx (where the CPU has AMX and Linux "
         "grants the tile state; not with SD_AMX=0), avx512_bf16; empty without AVX512_BF16.");

@@ -17,7 +17,9 @@ EPYC (AVX2) with the full SD 2.1-base networks, so the CPU gets its own paths:
    its kernel does the same on all cores (7x faster on a 512x512x128 map in bfloat16).
 4. A 3x3 convolution builds an im2col matrix of 9x the input (2.4 GB for the VAE decoder's
    512x512x256 maps): at that size allocating and filling it costs more than the product.
-   `Conv2d` computes such convolutions as nine shifted matrix products instead (`conv3x3`).
+   `Conv2d` computes such convolutions as nine shifted matrix products instead (`conv3x3`), or,
+   in float32 on an AVX-512 CPU with the native module, as one native product that sums the nine
+   taps in registers (`NATIVE_F32_CONV_ROWS`).
 5. bfloat16 matrix products and convolutions are a scalar loop (a UNet call about 10x slower than
    in float32). Where the CPU has AVX512_BF16 and the native module is built, `Linear` and `Conv2d`
    take bfloat16 through its dot-product instruction, float32 sums (`bf16_linear`, `bf16_conv`),
@@ -359,6 +361,15 @@ class LayerNorm(nn.LayerNorm):
 SHIFTED_CONV_BYTES = 256 << 20
 SHIFTED_CONV_CHANNELS = 64
 
+# From this many output rows (batch x height x (width + 2)), a float32 3x3 convolution runs on the
+# native product (`f32_product`, where the CPU has AVX-512) over the input in `FRAME`'s border: the
+# nine taps summed in registers, each output written once, no im2col. Its weight is packed at each
+# call, a pass over the weight that costs as much as the product of a few hundred rows, so smaller
+# maps keep mx.conv2d. On a 2-core Zen 4 inside a UNet call (2 x 64x64 latent): 74 against 90 ms
+# a 64x64 x 320 convolution, even at 2 x 32x32 x 640 (2176 rows), slower at 32x32 x 1280 (packing
+# 59 MB); a VAE decode at 512x512 took 12.4 s against 14.6 s.
+NATIVE_F32_CONV_ROWS = 4096
+
 
 def conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
     """A 3x3 convolution with stride 1 and padding 1 as nine matrix products, without im2col.
@@ -421,14 +432,15 @@ def _pointwise(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (same parameters, same names) that takes `conv3x3` on the CPU where it is faster:
     float32 3x3 convolutions with stride 1 and padding 1, with a large im2col matrix or few
-    output channels; and bfloat16 1x1 convolutions and 3x3 ones with stride 1 (padding 1) or 2
+    output channels, or on large maps the native float32 product where the CPU has AVX-512
+    (`_native_f32`); and bfloat16 1x1 convolutions and 3x3 ones with stride 1 (padding 1) or 2
     through the native bfloat16 products where the CPU has them (`bf16_conv`). Packed (see
     `pack_weights`), it holds `packed_weight` and `weight_shape` (O, kh, kw, C) instead of `weight`.
 
     `conv(x, norm=n, residual=r)` is conv(silu(n(x))) + r, the resnet blocks' sequence. On the CPU
     with the native module, a 3x3 convolution then reads the norm's output straight from the zero
-    border the norm wrote it in (no padded copy), and in bfloat16 the residual is added to the
-    products' float32 sums before their one rounding (no pass of its own)."""
+    border the norm wrote it in (no padded copy), and on the native products the residual is added
+    to their float32 sums (before the one rounding to bfloat16; no pass of its own)."""
 
     def __call__(self, x: mx.array, norm: "GroupNorm | None" = None, residual: mx.array | None = None) -> mx.array:
         bias = self["bias"] if "bias" in self else None
@@ -438,14 +450,17 @@ class Conv2d(nn.Conv2d):
         framed = self._framed_input(x, norm)
         if framed is None and norm is not None:
             x = norm(x, activation=True)
-        native_bf16 = self._native_bf16(x)
+        native_bf16, native_f32 = self._native_bf16(x), self._native_f32(x)
         addend = None
-        if (native_bf16 and residual is not None and residual.dtype == mx.bfloat16 and self.stride == (1, 1)
-                and residual.shape == (*x.shape[:3], out_channels)):
+        if ((native_bf16 or native_f32) and residual is not None and residual.dtype == x.dtype
+                and self.stride == (1, 1) and residual.shape == (*x.shape[:3], out_channels)):
             addend, residual = residual, None
-        if framed is not None and native_bf16:
-            out = _bf16_conv3x3_framed(framed, x.shape[1], x.shape[2], self._packed(framed.shape[-1]), out_channels,
-                                       bias, addend)
+        if native_f32:
+            out = _native_conv3x3_framed(_frame(x) if framed is None else framed, x.shape[1], x.shape[2],
+                                         _native()[0].f32_pack(_taps(self.weight)), out_channels, bias, addend)
+        elif framed is not None and native_bf16:
+            out = _native_conv3x3_framed(framed, x.shape[1], x.shape[2], self._packed(framed.shape[-1]),
+                                         out_channels, bias, addend)
         elif framed is not None:
             out = _conv3x3_framed(framed, x.shape[1], x.shape[2], self.weight, bias)
         elif self._shifted(x):
@@ -476,7 +491,7 @@ class Conv2d(nn.Conv2d):
         one taking the shifted or the native bfloat16 path); else None."""
         if norm is None or x.ndim != 4 or self.weight_dims[1:3] != (3, 3) or self.stride != (1, 1):
             return None
-        if not ((self._native_bf16(x) and x.shape[-1] % 2 == 0) or self._shifted(x)):
+        if not ((self._native_bf16(x) and x.shape[-1] % 2 == 0) or self._native_f32(x) or self._shifted(x)):
             return None
         return norm(x, activation=True, framed=True)
 
@@ -494,6 +509,19 @@ class Conv2d(nn.Conv2d):
         if (kh, kw) == (1, 1):
             return self.stride == (1, 1) and self.padding == (0, 0)
         return (kh, kw) == (3, 3) and (self.stride, self.padding) in (((1, 1), (1, 1)), ((2, 2), self.padding))
+
+    def _native_f32(self, x: mx.array) -> bool:
+        """A float32 3x3 convolution (stride 1, padding 1) that the native product takes: at least
+        `NATIVE_F32_CONV_ROWS` output rows, and outputs enough to fill its panels (the last
+        convolutions, 4 O <= C, take `conv3x3`'s one product)."""
+        if not CPU_PATHS or _DIFFERENTIABLE or x.dtype != mx.float32 or "packed_weight" in self or x.ndim != 4:
+            return False
+        out_channels, kh, kw, channels = self.weight.shape
+        if (kh, kw, self.stride, self.padding, self._dilation, self.groups) != (3, 3, (1, 1), (1, 1), (1, 1), 1):
+            return False
+        if channels < 16 or 4 * out_channels <= channels or self.weight.dtype != mx.float32:
+            return False
+        return x.shape[0] * x.shape[1] * (x.shape[2] + 2) >= NATIVE_F32_CONV_ROWS and f32_products()
 
     @property
     def _dilation(self) -> tuple:
@@ -532,6 +560,12 @@ class Conv2d(nn.Conv2d):
 # in float32). Where the CPU has AVX512_BF16, the native module's `bf16_product` takes linear layers
 # and 1x1 and 3x3 convolutions in bfloat16 through its dot-product instruction, or AMX's tile
 # product where the CPU has AMX, with float32 sums and one rounding of each output to bfloat16.
+
+
+def f32_products() -> bool:
+    """Whether float32 3x3 convolutions may run on the native product here (an AVX-512 CPU)."""
+    native = _native()[0]
+    return native is not None and native.has_f32_products()
 
 
 def bf16_products() -> bool:
@@ -674,7 +708,7 @@ def _bf16_conv_packed(x: mx.array, packed: mx.array, out_channels: int, kernel: 
     if kernel == 1:
         return _bf16_linear_packed(x, packed, out_channels, bias, residual)
     if stride == 1:
-        return _bf16_conv3x3_framed(_frame(x), x.shape[1], x.shape[2], packed, out_channels, bias, residual)
+        return _native_conv3x3_framed(_frame(x), x.shape[1], x.shape[2], packed, out_channels, bias, residual)
     if padding:
         x = mx.pad(x, [(0, 0), (padding, padding), (padding, padding), (0, 0)])
     out = _bf16_conv3x3_stride2(x, packed, out_channels, bias)
@@ -702,19 +736,21 @@ def _bf16_conv3x3_stride2(x: mx.array, packed: mx.array, out_channels: int, bias
     return out.reshape(batch, h_out, w_out, out_channels)
 
 
-def _bf16_conv3x3_framed(framed: mx.array, height: int, width: int, packed: mx.array, out_channels: int,
-                         bias: mx.array | None, residual: mx.array | None = None) -> mx.array:
-    """`conv3x3` for a bfloat16 map framed as `_frame` does, (B, H + 3, W + 2, C), C even, as one
-    native product over the nine shifted row ranges (the taps), float32 sums; the two columns
-    per row that fall on the border are not written, and `residual` (B, H, W, O) is added to the
-    sums."""
+def _native_conv3x3_framed(framed: mx.array, height: int, width: int, packed: mx.array, out_channels: int,
+                           bias: mx.array | None, residual: mx.array | None = None) -> mx.array:
+    """`conv3x3` for a map framed as `_frame` does, (B, H + 3, W + 2, C), as one native product
+    over the nine shifted row ranges (the taps), float32 sums: bfloat16 (C even, `packed` by
+    bf16_pack) or float32 (by f32_pack). The two columns per row that fall on the border are not
+    written, and `residual` (B, H, W, O) is added to the sums."""
     batch, channels = framed.shape[0], framed.shape[-1]
     row = width + 2
     padded = framed.reshape(batch, (height + 3) * row, channels)
     offsets = [dy * row + dx for dy in range(3) for dx in range(3)]  # tap order of weight's (3, 3)
     addend = None if residual is None else residual.reshape(batch, height * width, out_channels)
-    out = _native()[0].bf16_product(padded, packed, out_channels, bias, offsets, height * row,
-                                    row_period=row, row_valid=width, addend=addend)  # (B, H W, O)
+    native = _native()[0]
+    product = native.f32_product if framed.dtype == mx.float32 else native.bf16_product
+    out = product(padded, packed, out_channels, bias, offsets, height * row, row_period=row, row_valid=width,
+                  addend=addend)  # (B, H W, O)
     return out.reshape(batch, height, width, out_channels)
 
 

@@ -1159,6 +1159,74 @@ def test_conv2d_takes_the_shifted_path_only_where_it_applies(monkeypatch):
     assert cases["3x3 wide"][0]._shifted(x) == ops.CPU_PATHS  # 32 channels
 
 
+needs_f32_products = pytest.mark.skipif(not ops.f32_products(), reason="no native float32 products (AVX-512) here")
+
+
+@needs_f32_products
+@pytest.mark.parametrize("shape", [(2, 5, 7, 24, 64), (1, 9, 4, 32, 70), (2, 6, 6, 16, 130), (1, 17, 3, 150, 96)],
+                         ids=["one panel", "a partial panel", "three panels", "rows past a row block"])
+def test_native_f32_conv3x3_matches_float64(shape, monkeypatch, parity):
+    # (B, H, W, C, O) through Conv2d as the networks call it: the map in the norm's zero border or
+    # framed by the call, the bias and the residual added to the float32 sums, the border columns
+    # not written; outputs past a 64-wide panel and rows past a group of 6 or a block of 96 masked.
+    monkeypatch.setattr(ops, "NATIVE_F32_CONV_ROWS", 0)
+    b, h, w, c, o = shape
+    x, residual = random((b, h, w, c), 30), random((b, h, w, o), 31)
+    conv = Conv2d(c, o, 3, padding=1)
+    conv.weight, conv.bias = mx.array(random((o, 3, 3, c), 32, 0.2)), mx.array(random((o,), 33))
+    assert conv._native_f32(mx.array(x))
+    weight, bias = np.array(conv.weight), np.array(conv.bias)
+    expected = reference_conv3x3(x, weight, bias)
+    atol = 1e-6 * float(np.abs(expected).max())  # float32 sums of 9 C terms, in another order
+    parity(f"native f32 conv3x3 {shape}", conv(mx.array(x)), expected, atol=atol)
+    with_residual = conv(mx.array(x), residual=mx.array(residual))
+    parity(f"native f32 conv3x3 {shape} + residual", with_residual, expected + residual, atol=atol)
+    norm = GroupNorm(8, c) if c % 8 == 0 else None
+    if norm is not None:
+        normed = np.array(norm(mx.array(x), activation=True))
+        expected = reference_conv3x3(normed, weight, bias)
+        parity(f"native f32 conv3x3 {shape} after the norm", conv(mx.array(x), norm=norm), expected,
+               atol=1e-6 * float(np.abs(expected).max()))
+
+
+@needs_f32_products
+def test_native_f32_product_without_bias_over_taps_and_periods(parity):
+    # A linear layer (one tap) and two taps with a row period that keeps 3 rows of every 5.
+    x, w = random((2, 20, 40), 34), random((70, 2, 40), 35, 0.2)
+    packed = NATIVE.f32_pack(mx.array(w))
+    assert packed.dtype == mx.float32 and packed.shape == (2, 2, 40, 64)
+    one = NATIVE.f32_product(mx.array(x), NATIVE.f32_pack(mx.array(w[:, :1])), 70, None, [0], 20)
+    parity("native f32 product, one tap", one, np.einsum("bmc,oc->bmo", x, w[:, 0]), atol=5e-6)
+    two = NATIVE.f32_product(mx.array(x), packed, 70, None, [0, 4], 15, row_period=5, row_valid=3)
+    full = np.einsum("bmc,oc->bmo", x[:, :15], w[:, 0]) + np.einsum("bmc,oc->bmo", x[:, 4:19], w[:, 1])
+    kept = full.reshape(2, 3, 5, 70)[:, :, :3].reshape(2, 9, 70)
+    parity("native f32 product, two taps, periods", two, kept, atol=5e-6)
+    with pytest.raises(ValueError, match="must come from f32_pack"):
+        NATIVE.f32_product(mx.array(x), packed[:1], 70, None, [0, 4], 15)  # 64 outputs' panels for 70
+    with pytest.raises(ValueError, match="must come from f32_pack"):
+        NATIVE.f32_product(mx.array(x), packed.astype(mx.bfloat16), 70, None, [0, 4], 15)
+    with pytest.raises(ValueError, match="addend must be float32"):
+        NATIVE.f32_product(mx.array(x), packed, 70, None, [0, 4], 15, addend=bf16((2, 15, 70), 2))
+    with pytest.raises(ValueError, match="float32"):
+        NATIVE.f32_product(bf16((2, 20, 40), 3), packed, 70, None, [0, 4], 15)
+
+
+def test_native_f32_conv_only_where_it_applies(monkeypatch):
+    x = mx.array(random((2, 62, 62, 32), 36))  # 2 x 62 x 64 = 7936 rows
+    on = ops.f32_products()
+    assert Conv2d(32, 64, 3, padding=1)._native_f32(x) == on
+    for conv, y in [(Conv2d(32, 64, 3, stride=2, padding=1), x), (Conv2d(32, 64, 1), x),
+                    (Conv2d(32, 8, 3, padding=1), x),  # few outputs: conv3x3's one product
+                    (Conv2d(8, 64, 3, padding=1), mx.array(random((2, 62, 62, 8), 37))),  # under 16 in
+                    (Conv2d(32, 64, 3, padding=1), x[:, :30]),  # 1920 rows: mx.conv2d
+                    (Conv2d(32, 64, 3, padding=1), x.astype(mx.bfloat16))]:
+        assert not conv._native_f32(y)
+    with ops.differentiable():
+        assert not Conv2d(32, 64, 3, padding=1)._native_f32(x)
+    monkeypatch.setattr(ops, "NATIVE_F32_CONV_ROWS", 1920)
+    assert Conv2d(32, 64, 3, padding=1)._native_f32(x[:, :30]) == on
+
+
 # --- training: ops.differentiable() ----------------------------------------------------------------
 
 

@@ -1,0 +1,87 @@
+// Products with float32 sums over packed weights: bfloat16 through AVX512_BF16's dot-product
+// instruction (vdpbf16ps) or AMX's tile product (tdpbf16ps), and float32 through AVX-512 FMA (the
+// 3x3 convolutions, whose nine taps it sums in registers). The interface shared by the primitive
+// (native.cpp) and the kernels (gemm_avx512bf16.cpp, gemm_amx.cpp, gemm_avx512f32.cpp, each
+// compiled with its -m flags, used only where the CPU has the instructions).
+//
+// One kernel serves linear layers and convolutions. With T taps at row offsets off[t],
+//   out[b, m, o] = bias[o] + sum_t sum_c x[b, m + off[t], c] w[o, t, c]
+// a linear layer is T = 1, off = {0}; a 3x3 convolution with stride 1 and padding 1 is T = 9 over
+// the padded input flattened to rows of W + 2 pixels, off[t] = dy (W + 2) + dx (see ops.conv3x3).
+#pragma once
+
+#include <cstdint>
+
+namespace sd_native {
+
+constexpr int64_t kGemmRows = 96;  // output rows per task: 16 register groups of 6
+constexpr int64_t kGemmCols = 64;  // output columns per packed panel: 4 vectors of 16 floats
+
+// x, w_packed, out and addend hold bfloat16 bits (uint16) for the bfloat16 kernels, float32 values
+// for the float32 one.
+struct GemmArgs {
+  const void* x;  // (batch, positions, channels), row-contiguous
+  // w (out_channels, taps, channels) packed per panel of kGemmCols outputs and tap, in 32-bit words
+  // (a bfloat16 channel pair, or one float32 channel): (words, kGemmCols), so one load holds 16
+  // outputs' words, as the instructions take them.
+  const void* w_packed;
+  const float* bias;  // (out_channels) or null
+  // (batch, out_rows, out_channels), row-contiguous. Of the `rows` computed, row m is written only
+  // if m % row_period < row_valid, to row (m / row_period) row_valid + m % row_period: a
+  // convolution over a padded map drops the columns that fall on the padding.
+  void* out;
+  const void* addend;  // null, or like out: added to the float32 sums (before the rounding)
+  const int64_t* offsets;  // taps
+  int64_t batch, positions, channels, rows, out_channels, taps;
+  int64_t row_period, row_valid, out_rows;
+};
+
+// Row block `row_block` (of kGemmRows) of batch item `b`, columns of `panel`.
+void gemm_bf16_task_avx512bf16(const GemmArgs&, int64_t b, int64_t row_block, int64_t panel);
+void gemm_bf16_task_amx(const GemmArgs&, int64_t b, int64_t row_block, int64_t panel);
+void gemm_f32_task_avx512(const GemmArgs&, int64_t b, int64_t row_block, int64_t panel);
+
+// The vector kernels' task: for each tap, in passes of kWordsPerPass words of the panel (a 32 KB
+// slice, read by every register group of the task while it is in L1/L2), the task's rows in groups
+// of R, the last one smaller: tile.template operator()<rows>(m, t, w0, w1, partial, first, last)
+// computes `rows` rows from m over words [w0, w1) of tap t, carrying its sums in `partial` (rows x
+// kGemmCols floats) from the first pass to the last. Written without the standard library's inline
+// functions, so that nothing compiled with a kernel's -m flags is merged into baseline code.
+constexpr int64_t kWordsPerPass = 128;
+
+template <int R, class Tile>
+inline void last_rows(int64_t n, int64_t m, int64_t t, int64_t w0, int64_t w1, float* partial, bool first, bool last,
+                      Tile& tile) {
+  if constexpr (R > 0) {
+    if (n == R)
+      tile.template operator()<R>(m, t, w0, w1, partial, first, last);
+    else
+      last_rows<R - 1>(n, m, t, w0, w1, partial, first, last, tile);
+  }
+}
+
+template <int R, class Tile>
+inline void for_passes_and_groups(const GemmArgs& a, int64_t row_block, int64_t words, Tile&& tile) {
+  static_assert(kGemmRows % R == 0, "row blocks hold whole register groups");
+  const int64_t m0 = row_block * kGemmRows;
+  const int64_t m1 = a.rows - m0 < kGemmRows ? a.rows : m0 + kGemmRows;
+  alignas(64) float partial[kGemmRows * kGemmCols];  // the sums between passes, per row
+  for (int64_t t = 0; t < a.taps; ++t)
+    for (int64_t w0 = 0; w0 < words; w0 += kWordsPerPass) {
+      const int64_t w1 = words - w0 < kWordsPerPass ? words : w0 + kWordsPerPass;
+      const bool first = t == 0 && w0 == 0, last = t == a.taps - 1 && w1 == words;
+      int64_t m = m0;
+      for (; m + R <= m1; m += R) tile.template operator()<R>(m, t, w0, w1, partial + (m - m0) * kGemmCols, first, last);
+      last_rows<R - 1>(m1 - m, m, t, w0, w1, partial + (m - m0) * kGemmCols, first, last, tile);
+    }
+}
+
+// The AMX tasks need the tile configuration loaded on their thread (ldtilecfg is per thread, and
+// another library on the thread may load its own): once per thread per product, before its first
+// task; release puts the tiles back in their initial state, so that the thread's context switches
+// stop saving 8 KB of tile data. Linux must have granted the process the tile state first
+// (arch_prctl ARCH_REQ_XCOMP_PERM, native.cpp), or the first tile instruction faults.
+void amx_configure();
+void amx_release();
+
+}  // namespace sd_native
