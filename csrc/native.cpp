@@ -847,7 +847,7 @@ mx::array product(const std::string& what, const ProductKernel& chosen, const mx
   if (x.shape(2) != (bf16 ? 2 : 1) * packed.shape(2)) fail("x and the weights must have the same number of channels");
   if (static_cast<int64_t>(offsets.size()) != packed.shape(1)) fail("one row offset per tap of the weights");
   for (int64_t off : offsets)
-    if (off < 0 || off + rows > x.shape(1)) fail("a tap's rows run past the input's positions");
+    if (off < 0 || off > x.shape(1) - rows) fail("a tap's rows run past the input's positions");
   std::vector<mx::array> inputs = {mx::contiguous(x), mx::contiguous(packed)};
   if (bias.has_value()) {
     if (bias->ndim() != 1 || bias->shape(0) != out_channels) fail("bias must be (out_channels,)");

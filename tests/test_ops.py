@@ -1209,6 +1209,9 @@ def test_native_f32_product_without_bias_over_taps_and_periods(parity):
         NATIVE.f32_product(mx.array(x), packed, 70, None, [0, 4], 15, addend=bf16((2, 15, 70), 2))
     with pytest.raises(ValueError, match="float32"):
         NATIVE.f32_product(bf16((2, 20, 40), 3), packed, 70, None, [0, 4], 15)
+    for offsets in ([0, -1], [0, 6], [0, 2**63 - 1]):  # the last would overflow offset + rows
+        with pytest.raises(ValueError, match="run past"):
+            NATIVE.f32_product(mx.array(x), packed, 70, None, offsets, 15)
 
 
 def test_native_f32_conv_only_where_it_applies(monkeypatch):
