@@ -4,8 +4,11 @@ clock, and the GFLOP/s each kernel path could reach on it (bench/networks.py's "
 limit = cores x clock x FLOP per cycle per core of the path's instruction, where
 - cores: the CPUs this process may run on (its affinity), which the workers inherit;
 - clock: cpufreq's cpuinfo_max_freq (the maximum boost clock, which is what lscpu prints as
-  "CPU max MHz"), else /proc/cpuinfo's "cpu MHz" (in a virtual machine, the nominal clock). Under
-  AVX-512 or AMX load a CPU may run below its maximum, so the limit is an upper bound;
+  "CPU max MHz"); without cpufreq (a virtual machine) the clock every core runs at together,
+  measured (`measured_clock_mhz`), where /proc/cpuinfo's "cpu MHz" is the nominal one, below the
+  boost (a Zen 4 VM: 2596 MHz said, 3610 measured, so "% of limit" read above 100); that nominal
+  clock where nothing can be measured. Under AVX-512 or AMX load a CPU may run below the
+  measured clock, so the limit is an upper bound;
 - FLOP per cycle: `FLOP_PER_CYCLE`, with AMD's differences in `flop_per_cycle`.
 """
 
@@ -14,6 +17,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import time
+from pathlib import Path
 
 # The flags of /proc/cpuinfo that decide which kernels run: float32 vectors, bfloat16 dot
 # products, AMX tiles.
@@ -77,9 +82,67 @@ def _clock_mhz(fields: dict) -> tuple[float | None, str]:
             return int(f.read()) / 1e3, "cpufreq cpuinfo_max_freq"  # kHz
     except (OSError, ValueError):
         pass
+    measured = measured_clock_mhz()
+    if measured is not None:
+        return measured, "measured on every core (no cpufreq: a chain of dependent adds)"
     if "cpu MHz" in fields:
         return float(fields["cpu MHz"]), "/proc/cpuinfo cpu MHz (no cpufreq: nominal)"
     return None, "unknown"
+
+
+# One add after another, each waiting for the last: one cycle each on every x86-64 core, so that
+# 8 n adds take 8 n cycles of the clock the core runs at (its boost included).
+CLOCK_PROBE = r"""
+#include <stdint.h>
+uint64_t add_chain(uint64_t n) {
+  uint64_t x = 0;
+  for (uint64_t i = 0; i < n; ++i)
+    __asm__ volatile("add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\t"
+                     "add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0" : "+r"(x));
+  return x;
+}
+"""
+
+
+def measured_clock_mhz(adds: int = 400_000_000) -> float | None:
+    """The clock all this process's cores run at together, measured: each core times `adds`
+    dependent adds at once (ctypes lets go of the GIL), the slowest core's rate, best of three.
+    In a virtual machine without cpufreq this is the clock under load, where /proc/cpuinfo
+    gives the nominal one (a Zen 4 VM said 2596 MHz and ran at 3610). None without a C
+    compiler or off x86-64."""
+    import platform
+    import shutil
+    import subprocess
+    import tempfile
+    import threading
+
+    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if platform.machine() not in ("x86_64", "AMD64") or compiler is None:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        source, library = Path(folder) / "probe.c", Path(folder) / "probe.so"
+        source.write_text(CLOCK_PROBE)
+        if subprocess.run([compiler, "-O1", "-shared", "-fPIC", str(source), "-o", str(library)],
+                          capture_output=True).returncode != 0:
+            return None
+        chain = ctypes.CDLL(str(library)).add_chain
+    chain.argtypes, chain.restype = [ctypes.c_uint64], ctypes.c_uint64
+    best = 0.0
+    for _ in range(3):
+        rates = []
+
+        def run():
+            start = time.perf_counter()
+            chain(adds // 8)
+            rates.append(adds / (time.perf_counter() - start) / 1e6)
+
+        threads = [threading.Thread(target=run) for _ in range(len(os.sched_getaffinity(0)))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        best = max(best, min(rates))
+    return best
 
 
 def our_kernels(dtype: str, chunked: bool = False) -> dict:

@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 _spec = importlib.util.spec_from_file_location("bench_machine", Path(__file__).parents[1] / "bench" / "machine.py")
 machine = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(machine)
@@ -35,3 +37,19 @@ def test_limit_is_cores_times_clock_times_flop_per_cycle():
     assert machine.limit_gflops("generic", cpu) is None
     assert machine.limit_gflops("avx512", dict(cpu, mhz=None)) is None
 
+
+
+def test_measured_clock_is_a_clock():
+    # A chain of dependent adds, timed on every core at once: within a factor of two of the clock
+    # the system states (cpufreq's maximum, else /proc/cpuinfo's, nominal in a virtual machine),
+    # where an add chain the compiler folded, or a timing of the wrong thing, would read far off.
+    measured = machine.measured_clock_mhz(adds=100_000_000)
+    if measured is None:
+        pytest.skip("no C compiler, or not x86-64: the bench falls back to /proc/cpuinfo's clock")
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq") as f:
+            stated = int(f.read()) / 1e3
+    except OSError:
+        with open("/proc/cpuinfo") as f:
+            stated = next(float(line.split(":")[1]) for line in f if line.startswith("cpu MHz"))
+    assert stated / 2 < measured < stated * 2, (measured, stated)
