@@ -488,7 +488,7 @@ class Conv2d(nn.Conv2d):
 
     def _framed_input(self, x: mx.array, norm: "GroupNorm | None") -> mx.array | None:
         """silu(norm(x)) inside `FRAME`'s border, where this layer's convolution reads that (a 3x3
-        one taking the shifted or the native bfloat16 path); else None."""
+        one taking the shifted or a native path); else None."""
         if norm is None or x.ndim != 4 or self.weight_dims[1:3] != (3, 3) or self.stride != (1, 1):
             return None
         if not ((self._native_bf16(x) and x.shape[-1] % 2 == 0) or self._native_f32(x) or self._shifted(x)):
@@ -516,12 +516,15 @@ class Conv2d(nn.Conv2d):
         convolutions, 4 O <= C, take `conv3x3`'s one product)."""
         if not CPU_PATHS or _DIFFERENTIABLE or x.dtype != mx.float32 or "packed_weight" in self or x.ndim != 4:
             return False
-        out_channels, kh, kw, channels = self.weight.shape
-        if (kh, kw, self.stride, self.padding, self._dilation, self.groups) != (3, 3, (1, 1), (1, 1), (1, 1), 1):
-            return False
-        if channels < 16 or 4 * out_channels <= channels or self.weight.dtype != mx.float32:
+        out_channels, _, _, channels = self.weight.shape
+        if not self._stride1_3x3() or channels < 16 or 4 * out_channels <= channels or self.weight.dtype != mx.float32:
             return False
         return x.shape[0] * x.shape[1] * (x.shape[2] + 2) >= NATIVE_F32_CONV_ROWS and f32_products()
+
+    def _stride1_3x3(self) -> bool:
+        """A 3x3 convolution with stride 1, padding 1, no dilation and one group (`conv3x3`'s)."""
+        _, kh, kw, _ = self.weight.shape
+        return (kh, kw, self.stride, self.padding, self._dilation, self.groups) == (3, 3, (1, 1), (1, 1), (1, 1), 1)
 
     @property
     def _dilation(self) -> tuple:
@@ -531,10 +534,8 @@ class Conv2d(nn.Conv2d):
         # Under `differentiable()` MLX's convolution: its gradient is 2-10x faster than the products'.
         if not CPU_PATHS or _DIFFERENTIABLE or x.dtype != mx.float32 or "packed_weight" in self:
             return False
-        out_channels, kh, kw, channels = self.weight.shape
-        if (kh, kw, self.stride, self.padding, self._dilation, self.groups) != (3, 3, (1, 1), (1, 1), (1, 1), 1):
-            return False
-        if x.ndim != 4 or channels < 16:
+        out_channels, _, _, channels = self.weight.shape
+        if not self._stride1_3x3() or x.ndim != 4 or channels < 16:
             return False
         im2col = x.size * 9 * x.itemsize
         return 4 * out_channels <= channels or channels <= SHIFTED_CONV_CHANNELS or im2col >= SHIFTED_CONV_BYTES
