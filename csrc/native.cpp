@@ -841,6 +841,10 @@ mx::array product(const std::string& what, const ProductKernel& chosen, const mx
   const std::string dtype = bf16 ? "bfloat16" : "float32";
   const auto fail = [&](const std::string& why) { throw std::invalid_argument(what + ": " + why); };
   if (x.ndim() != 3) fail("x must be (batch, positions, channels) " + dtype);
+  if (out_channels < 0) fail("out_channels must be 0 or more");
+  // The kernels write each output on the last pass over the channels of the last tap.
+  if (x.shape(2) == 0 || offsets.empty()) fail("x needs at least one channel, and the weights one tap");
+  if (rows < 1) fail("rows must be at least 1");
   if (packed.ndim() != 4 || packed.dtype() != (bf16 ? mx::uint16 : mx::float32) ||
       packed.shape(3) != (bf16 ? 2 : 1) * kGemmCols || packed.shape(0) != (out_channels + kGemmCols - 1) / kGemmCols)
     fail(std::string("the weights must come from ") + (bf16 ? "bf16_pack" : "f32_pack") + ", for out_channels outputs");

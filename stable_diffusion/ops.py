@@ -458,7 +458,8 @@ class Conv2d(nn.Conv2d):
             addend, residual = residual, None
         if native_f32:
             out = _native_conv3x3_framed(_frame(x) if framed is None else framed, x.shape[1], x.shape[2],
-                                         _native()[0].f32_pack(_taps(self.weight)), out_channels, bias, addend)
+                                         _native()[0].f32_pack(_taps(self.weight, self.weight.shape[-1])),
+                                         out_channels, bias, addend)
         elif framed is not None and native_bf16:
             out = _native_conv3x3_framed(framed, x.shape[1], x.shape[2], self._packed(framed.shape[-1]),
                                          out_channels, bias, addend)

@@ -53,3 +53,16 @@ def test_measured_clock_is_a_clock():
         with open("/proc/cpuinfo") as f:
             stated = next(float(line.split(":")[1]) for line in f if line.startswith("cpu MHz"))
     assert stated / 2 < measured < stated * 2, (measured, stated)
+
+
+def test_clock_falls_back_where_the_probe_cannot_run(tmp_path, monkeypatch):
+    # A "compiler" that is not one (an executable that fails, one that writes a file that is not a
+    # library): no measurement, so that describe() falls back to the stated clock, no exception.
+    for script in ("#!/bin/sh\nexit 1\n", "#!/bin/sh\nfor last; do :; done; echo no > \"$last\"\n"):
+        folder = tmp_path / str(len(script))
+        folder.mkdir()
+        for name in ("cc", "gcc", "clang"):
+            (folder / name).write_text(script)
+            (folder / name).chmod(0o755)
+        monkeypatch.setenv("PATH", str(folder))
+        assert machine.measured_clock_mhz(adds=8_000) is None

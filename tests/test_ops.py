@@ -1164,8 +1164,9 @@ needs_f32_products = pytest.mark.skipif(not ops.f32_products(), reason="no nativ
 
 
 @needs_f32_products
-@pytest.mark.parametrize("shape", [(2, 5, 7, 24, 64), (1, 9, 4, 32, 70), (2, 6, 6, 16, 130), (1, 17, 3, 150, 96)],
-                         ids=["one panel", "a partial panel", "three panels", "rows past a row block"])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 24, 64), (1, 9, 4, 32, 70), (2, 6, 6, 16, 130), (1, 17, 3, 150, 96),
+                                   (1, 4, 5, 17, 19)],
+                         ids=["one panel", "a partial panel", "three panels", "rows past a row block", "odd channels"])
 def test_native_f32_conv3x3_matches_float64(shape, monkeypatch, parity):
     # (B, H, W, C, O) through Conv2d as the networks call it: the map in the norm's zero border or
     # framed by the call, the bias and the residual added to the float32 sums, the border columns
@@ -1213,6 +1214,17 @@ def test_native_f32_product_without_bias_over_taps_and_periods(parity):
     for offsets in ([0, -1], [0, 6], [0, 2**63 - 1]):  # the last would overflow offset + rows
         with pytest.raises(ValueError, match="run past"):
             NATIVE.f32_product(mx.array(x), packed, 70, None, offsets, 15)
+    # Nothing a product would leave unwritten or give a negative size: no channels or taps (the
+    # outputs are written on the last pass), negative outputs or rows.
+    with pytest.raises(ValueError, match="one channel"):
+        NATIVE.f32_product(mx.ones((1, 4, 0)), NATIVE.f32_pack(mx.zeros((3, 1, 0))), 3, None, [0], 4)
+    with pytest.raises(ValueError, match="one tap"):
+        NATIVE.f32_product(mx.ones((1, 4, 4)), NATIVE.f32_pack(mx.zeros((3, 0, 4))), 3, None, [], 4)
+    with pytest.raises(ValueError, match="out_channels"):
+        NATIVE.f32_product(mx.ones((1, 4, 4)), NATIVE.f32_pack(mx.zeros((0, 1, 4))), -1, None, [0], 4)
+    with pytest.raises(ValueError, match="at least 1"):
+        NATIVE.f32_product(mx.ones((1, 4, 4)), NATIVE.f32_pack(mx.ones((3, 1, 4))), 3, None, [0], -4,
+                           row_period=2, row_valid=1)
 
 
 def test_native_f32_conv_only_where_it_applies(monkeypatch):
