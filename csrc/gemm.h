@@ -41,6 +41,25 @@ void gemm_bf16_task_avx512bf16(const GemmArgs&, int64_t b, int64_t row_block, in
 void gemm_bf16_task_amx(const GemmArgs&, int64_t b, int64_t row_block, int64_t panel);
 void gemm_f32_task_avx512(const GemmArgs&, int64_t b, int64_t row_block, int64_t panel);
 
+// The epilogue's two lookups, shared by the kernels (plain code, no standard library inline
+// functions): the columns of `panel` that are outputs (kGemmCols but in a last, partial panel)
+// with their bias copied to `bias` (zeros past them, or all zeros without a bias); and where
+// computed row m of batch item b goes, the offset of its column o0 in out (and addend), or -1
+// for a row that falls on the padding (see row_period). Static: each kernel keeps its own copy,
+// compiled with its flags, where an inline function's one merged copy might not be.
+static inline int64_t panel_columns(const GemmArgs& a, int64_t panel, float* bias) {
+  const int64_t o0 = panel * kGemmCols;
+  const int64_t cols = a.out_channels - o0 < kGemmCols ? a.out_channels - o0 : kGemmCols;
+  for (int64_t j = 0; j < kGemmCols; ++j) bias[j] = a.bias != nullptr && j < cols ? a.bias[o0 + j] : 0.0f;
+  return cols;
+}
+
+static inline int64_t output_offset(const GemmArgs& a, int64_t b, int64_t m, int64_t o0) {
+  const int64_t in_period = m % a.row_period;
+  if (in_period >= a.row_valid) return -1;
+  return (b * a.out_rows + m / a.row_period * a.row_valid + in_period) * a.out_channels + o0;
+}
+
 // The vector kernels' task: for each tap, in passes of kWordsPerPass words of the panel (a 32 KB
 // slice, read by every register group of the task while it is in L1/L2), the task's rows in groups
 // of R, the last one smaller: tile.template operator()<rows>(m, t, w0, w1, partial, first, last)

@@ -138,14 +138,11 @@ void gemm_bf16_task_amx(const GemmArgs& a, int64_t b, int64_t row_block, int64_t
   }
   // As gemm_avx512bf16.cpp: bias, addend, one rounding to bfloat16, the dropped rows skipped.
   const int64_t o0 = panel * kGemmCols;
-  const int64_t cols = a.out_channels - o0 < kGemmCols ? a.out_channels - o0 : kGemmCols;
-  alignas(64) float bias[kGemmCols] = {};
-  if (a.bias != nullptr)
-    for (int64_t j = 0; j < cols; ++j) bias[j] = a.bias[o0 + j];
+  alignas(64) float bias[kGemmCols];
+  const int64_t cols = panel_columns(a, panel, bias);
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t m = m0 + r, in_period = m % a.row_period;
-    if (in_period >= a.row_valid) continue;
-    const int64_t at = (b * a.out_rows + m / a.row_period * a.row_valid + in_period) * a.out_channels + o0;
+    const int64_t at = output_offset(a, b, m0 + r, o0);
+    if (at < 0) continue;
     alignas(64) uint16_t row[kGemmCols] = {};
     if (a.addend != nullptr) __builtin_memcpy(row, static_cast<const uint16_t*>(a.addend) + at, cols * sizeof(uint16_t));
 #pragma GCC unroll 4

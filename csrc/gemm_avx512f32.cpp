@@ -51,17 +51,14 @@ void tile(const GemmArgs& a, int64_t b, int64_t m0, int64_t panel, int64_t t, in
     return;
   }
   const int64_t o0 = panel * kGemmCols;
-  const int64_t cols = a.out_channels - o0 < kGemmCols ? a.out_channels - o0 : kGemmCols;
-  alignas(64) float bias[kGemmCols] = {};
-  if (a.bias != nullptr)
-    for (int64_t j = 0; j < cols; ++j) bias[j] = a.bias[o0 + j];
+  alignas(64) float bias[kGemmCols];
+  const int64_t cols = sd_native::panel_columns(a, panel, bias);
   float* out = static_cast<float*>(a.out);
   const float* addend = static_cast<const float*>(a.addend);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    const int64_t m = m0 + r, in_period = m % a.row_period;
-    if (in_period >= a.row_valid) continue;
-    const int64_t at = ((b * a.out_rows + m / a.row_period * a.row_valid + in_period) * a.out_channels + o0);
+    const int64_t at = sd_native::output_offset(a, b, m0 + r, o0);
+    if (at < 0) continue;
 #pragma GCC unroll 4
     for (int c = 0; c < kVectors; ++c) {
       const int64_t j = c * 16;
