@@ -667,6 +667,21 @@ std::vector<std::string> bf16_kernel_names() {
 
 // w (O, T, words) of 32-bit words (a bfloat16 channel pair, or a float32 channel) into the
 // kernels' panels, (panels, T, words, kGemmCols), zero past O.
+// n rows of `words` 32-bit words (row j at src + j * stride bytes) into columns of a panel's tap:
+// word q of row j to dst[q * kGemmCols + j]. In blocks of 16 words, so that each row's 64 bytes
+// are read once and 16 rows' words then fill whole cache lines of the panel.
+void words_to_panel(const char* src, int64_t stride, int64_t n, int64_t words, uint32_t* dst) {
+  constexpr int64_t kBlock = 16;
+  for (int64_t q0 = 0; q0 < words; q0 += kBlock) {
+    const int64_t qn = std::min(kBlock, words - q0);
+    for (int64_t j = 0; j < n; ++j) {
+      uint32_t block[kBlock];
+      std::memcpy(block, src + j * stride + q0 * 4, qn * 4);
+      for (int64_t q = 0; q < qn; ++q) dst[(q0 + q) * kGemmCols + j] = block[q];
+    }
+  }
+}
+
 void pack_weights(const char* w, int64_t out_channels, int64_t taps, int64_t words, uint32_t* packed) {
   const int64_t panels = (out_channels + kGemmCols - 1) / kGemmCols;
   const int64_t panel_words = taps * words * kGemmCols;
@@ -675,16 +690,7 @@ void pack_weights(const char* w, int64_t out_channels, int64_t taps, int64_t wor
     uint32_t* dst = packed + panel * panel_words + t * words * kGemmCols;
     const int64_t valid = std::min(kGemmCols, out_channels - panel * kGemmCols);
     if (valid < kGemmCols) std::fill(dst, dst + words * kGemmCols, 0u);
-    // In blocks of 16 words: each output's 64 bytes are read once, into 16 rows of the panel.
-    constexpr int64_t kBlock = 16;
-    for (int64_t q0 = 0; q0 < words; q0 += kBlock) {
-      const int64_t qn = std::min(kBlock, words - q0);
-      for (int64_t j = 0; j < valid; ++j) {
-        uint32_t block[kBlock];
-        std::memcpy(block, w + (((panel * kGemmCols + j) * taps + t) * words + q0) * 4, qn * 4);
-        for (int64_t q = 0; q < qn; ++q) dst[(q0 + q) * kGemmCols + j] = block[q];
-      }
-    }
+    words_to_panel(w + (panel * kGemmCols * taps + t) * words * 4, taps * words * 4, valid, words, dst);
   });
 }
 
@@ -1031,17 +1037,10 @@ void pack_rows(const uint16_t* w, int64_t n, int64_t j0, int64_t panel, const Re
           scratch[(j * taps + t) * channels + c] = w[(j * channels + c) * taps + t];
     rows = scratch;
   }
-  // 2. Transposed in blocks of 16 pairs: 16 rows' words then fill whole cache lines of the panel.
-  constexpr int64_t kBlock = 16;
+  // 2. Each tap's pairs into the panel's columns j0 ..
   for (int64_t t = 0; t < taps; ++t)
-    for (int64_t q0 = 0; q0 < pairs; q0 += kBlock) {
-      const int64_t qn = std::min(kBlock, pairs - q0);
-      for (int64_t j = 0; j < n; ++j) {
-        uint32_t words[kBlock];
-        std::memcpy(words, rows + (j * taps + t) * channels + 2 * q0, qn * sizeof(uint32_t));
-        for (int64_t q = 0; q < qn; ++q) dst[(t * pairs + q0 + q) * kGemmCols + j0 + j] = words[q];
-      }
-    }
+    words_to_panel(reinterpret_cast<const char*>(rows + t * channels), taps * channels * 2, n, pairs,
+                   dst + t * pairs * kGemmCols + j0);
 }
 
 void run_read(const ReadSpec& s, char* out) {
