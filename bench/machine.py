@@ -167,8 +167,9 @@ def our_kernels(dtype: str, chunked: bool = False) -> dict:
                  "isa": OPENBLAS_CORES.get((core or "").lower())}
     vector = native.kernels()[0] if native is not None else None  # the float32 flash and norm kernels
     if dtype == "float32" and native is not None and native.has_f32_products():
-        # the large 3x3 convolutions (ops.NATIVE_F32_CONV_ROWS) on the native AVX-512 kernel
-        products = {"kernel": f"{sgemm['kernel']}, large 3x3 convolutions native avx512", "isa": sgemm["isa"]}
+        # packed layers (linear, 1x1 and 3x3 convolutions) on the native AVX-512 kernel; OpenBLAS
+        # for the rest (the networks' last convolutions, attention's chunked path)
+        products = {"kernel": f"native avx512 (packed weights), else {sgemm['kernel']}", "isa": "avx512"}
     elif dtype == "float32":
         products = sgemm
     elif dtype == "bfloat16" and native is not None and native.has_bf16_dot():

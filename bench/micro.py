@@ -38,7 +38,8 @@ import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 
 from stable_diffusion.attention import attention  # noqa: E402
-from stable_diffusion.ops import FUSED_ATTENTION, use_cpu_buffer_cache  # noqa: E402
+from stable_diffusion.memory import use_cpu_buffer_cache  # noqa: E402
+from stable_diffusion.ops import FUSED_ATTENTION  # noqa: E402
 
 try:
     import torch

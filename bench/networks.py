@@ -115,7 +115,8 @@ def mlx_worker(workload: str, dtype_name: str, reps: int) -> dict:
     from stable_diffusion.clip import CLIPTextModel
     from stable_diffusion.config import TextEncoderConfig, UNetConfig, VAEConfig
     from stable_diffusion.attention import attention, chunked_attention
-    from stable_diffusion.ops import native_status, pack_weights, use_cpu_buffer_cache
+    from stable_diffusion.memory import use_cpu_buffer_cache
+    from stable_diffusion.ops import native_status, pack_weights
     from stable_diffusion.pipeline import StableDiffusion
     from stable_diffusion.unet import UNetModel
     from stable_diffusion.vae import Autoencoder

@@ -50,7 +50,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import ops
+from . import memory, ops
 from .errors import ModelError
 from .files import file_digest
 from .model_io import read_safetensors_header, special_file
@@ -417,7 +417,7 @@ def load_lora(sd, path, weight: float = 1.0, allow_partial: bool = False) -> Lor
         ops.set_layer_weight(target.layer, fused)
         mx.eval(target.layer.parameters())
         layers[target.component] = layers.get(target.component, 0) + 1
-    ops.release_cpu_buffers()
+    memory.release_cpu_buffers()
 
     notice = None
     if unmatched:

@@ -74,7 +74,7 @@ def parameter_counts(config: PipelineConfig) -> dict:
 def estimate_peak_bytes(pipeline_config: PipelineConfig, dtype: str, image_size: tuple, batch: int,
                         decode_batch: int, canvas_pixels: int = 0, cfg_guided: bool = True,
                         encode: bool = True, counts: dict | None = None,
-                        fused_attention: bool = False) -> dict:
+                        fused_attention: bool = False, packed_convolutions: bool = False) -> dict:
     """Peak memory of a run, in bytes, by part (see the module docstring) and `total`.
 
     image_size: (height, width) in pixels; batch: pictures generated at once (--n_images);
@@ -82,7 +82,10 @@ def estimate_peak_bytes(pipeline_config: PipelineConfig, dtype: str, image_size:
     (grid, strip or triangle); cfg_guided: the UNet runs on the prompt and the negative prompt at
     once; encode: an input picture is encoded (image to image). `counts` may pass
     `parameter_counts(pipeline_config)` computed once; fused_attention: the device has a fused
-    attention kernel (ops.FUSED_ATTENTION, Metal and CUDA), which holds no score matrix.
+    attention kernel (Metal and CUDA, or the native CPU one: `device_paths`), which holds no score
+    matrix;
+    packed_convolutions: the convolutions take the native products over packed weights
+    (ops.native_products), which build no im2col matrix.
     """
     if dtype not in _DTYPE_BYTES:
         raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(_DTYPE_BYTES)}")
@@ -111,6 +114,8 @@ def estimate_peak_bytes(pipeline_config: PipelineConfig, dtype: str, image_size:
     # plus float32 copies of q, k and v.
     attention = min(_SCORE_COPIES * rows * scores * _FLOAT32, _ATTENTION_BOUND)
     attention += 3 * rows * tokens * _FLOAT32
+    if packed_convolutions:
+        convs = []
     unet_bytes = rows * _UNET_MAPS * maps * size + attention + 2 * _im2col(convs, rows, size)
 
     # VAE, per picture: the maps of the full-resolution level (counted in maps of the second
@@ -123,6 +128,8 @@ def estimate_peak_bytes(pipeline_config: PipelineConfig, dtype: str, image_size:
     for level, c in enumerate(channels):
         cells = pixels // 4**level
         convs += [(cells, c), (cells, channels[min(level + 1, len(channels) - 1)])]
+    if packed_convolutions:
+        convs = []
 
     def vae_phase(pictures: int, copies: float) -> int:
         return int(pictures * copies * pixels * wide * vae_size) + 2 * _im2col(convs, pictures, vae_size)
@@ -145,9 +152,20 @@ def estimate_peak_bytes(pipeline_config: PipelineConfig, dtype: str, image_size:
     return parts
 
 
+def device_paths(dtype: str) -> dict:
+    """`estimate_peak_bytes`'s flags for this device and dtype: Metal's and CUDA's fused attention,
+    or the native CPU flash attention (float32 and bfloat16), hold no score matrix; the native
+    products take the convolutions of packed layers (ops.native_products)."""
+    from . import ops
+
+    native = ops.CPU_PATHS and ops.native_module() is not None and dtype in ("float32", "bfloat16")
+    return {"fused_attention": ops.FUSED_ATTENTION or native, "packed_convolutions": ops.native_products(dtype)}
+
+
 def _im2col(inputs: list, batch: int, size: int) -> int:
     """The largest im2col matrix among convolutions with these inputs ((pixels, channels) per
-    picture); narrow ones (16 to 64 channels) take the shifted products and build none."""
+    picture); narrow ones (16 to 64 channels) take the shifted products and build none (nor do
+    packed ones: their inputs are not listed)."""
     held = [9 * batch * cells * channels * size for cells, channels in inputs
             if not _SHIFTED_CHANNELS[0] <= channels <= _SHIFTED_CHANNELS[1]]
     return max([b for b in held if b < _SHIFTED_CONV_BYTES] or [0])

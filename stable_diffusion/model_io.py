@@ -17,7 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import ops, single_file
+from . import memory, ops, single_file
 from .config import components, load_json
 from .errors import HubUnreachable, ModelError
 from .safetensors_io import (WEIGHT_STEMS, Stored, read_pointer, read_safetensors_header, read_safetensors_places,
@@ -403,11 +403,12 @@ def assign_weights(model, weights: dict, stored: dict, dtype, pack: bool = True)
     Where the native reader is built, a weight whose file place is known (`stored`: key ->
     `Stored`) and whose layout it can make is read by it: from the file straight into its final
     dtype and layout, on all cores, without the float32 copy that mx.load and astype would hold.
-    With `pack`, the layers that take the native bfloat16 products hold their weight only packed
-    (ops.pack_weights): read packed when the reader takes it, else packed from the cast weight.
+    With `pack`, the layers that take the native products hold their weight only packed
+    (ops.pack_weights): read packed when the reader takes it (bfloat16), else packed from the read
+    or cast weight.
     """
     packed_layers = {f"{name}.weight" if name else "weight": layer for name, layer in model.named_modules()
-                     if pack and ops.packable(layer, dtype)}
+                     if pack and dtype == mx.bfloat16 and ops.packable(layer, dtype)}
     reader = ops.native_reader()
     plain, packed = [], {}
     for key, value in weights.items():
@@ -420,12 +421,13 @@ def assign_weights(model, weights: dict, stored: dict, dtype, pack: bool = True)
         else:
             plain.append((key, _read(place, dtype, layout).reshape(value.shape)))
     model.update(tree_unflatten(plain))
+    del plain  # the layers that pack below drop their unpacked weight: nothing else may hold it
     for key, array in packed.items():
         ops.hold_packed(packed_layers[key], array)
     if pack:
         ops.pack_weights(model)  # the layers whose weight came through MLX
     mx.eval(model.parameters())
-    ops.release_cpu_buffers()
+    memory.release_cpu_buffers()
     return model
 
 

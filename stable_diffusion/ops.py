@@ -19,17 +19,18 @@ EPYC (AVX2) with the full SD 2.1-base networks, so the CPU gets its own paths:
    512x512x256 maps): at that size allocating and filling it costs more than the product.
    `Conv2d` computes such convolutions as nine shifted matrix products instead (`conv3x3`), or,
    in float32 on an AVX-512 CPU with the native module, as one native product that sums the nine
-   taps in registers (`NATIVE_F32_CONV_ROWS`).
+   taps in registers (a packed layer's, see 5; else `NATIVE_F32_CONV_ROWS`).
 5. bfloat16 matrix products and convolutions are a scalar loop (a UNet call about 10x slower than
    in float32). Where the CPU has AVX512_BF16 and the native module is built, `Linear` and `Conv2d`
    take bfloat16 through its dot-product instruction, float32 sums (`bf16_linear`, `bf16_conv`),
    and bfloat16 may become the CPU's default dtype (calibrate.py measures whether it is faster).
    Such layers hold their weight only in the kernel's packed layout (`pack_weights`), which the
-   loaders read straight from the files (`read_tensor`).
+   loaders read straight from the files (`read_tensor`). On an AVX-512 CPU the float32 layers
+   hold theirs packed too, for the same product in float32 (`f32_product`), faster there than
+   OpenBLAS's products and MLX's convolution.
 """
 
 import contextlib
-import ctypes
 import functools
 import os
 
@@ -118,57 +119,6 @@ def _native_for(x: mx.array):
     """The native module where its kernels take x (float32 or bfloat16, no gradient being taken;
     under `differentiable()` the MLX operations stay, which have one), else None."""
     return _native()[0] if x.dtype in (mx.float32, mx.bfloat16) and not _DIFFERENTIABLE else None
-
-
-# The most MLX's CPU buffer cache keeps where the C library cannot keep freed memory itself (see
-# `_keep_freed_memory`). MLX's cache only reuses a buffer for a request of its exact size, so a larger
-# one fills with the sizes of one phase of a run: a 512x512 float32 run held 10.5 GB at its peak with
-# a quarter of 24 GB RAM as the cache, 6.8 GB with 1 GB (MLX's own peak: 6.1 GB).
-CPU_BUFFER_CACHE = 1 << 30
-
-
-def use_cpu_buffer_cache(limit_bytes: int | None = None) -> int | None:
-    """Let MLX's CPU backend reuse freed memory; returns the previous limit of MLX's cache.
-
-    MLX keeps at most 32 MB of freed buffers on the CPU, and the C library hands larger freed
-    blocks back to the OS: every large result or intermediate (a 2048x2048 product's 16 MB output,
-    a 512x512 VAE decode's 130-270 MB maps) is then mapped afresh and page-faulted in, on every
-    call. By default, with glibc, freed memory stays in the C library's heap, where a block of any
-    size reuses it (MLX's cache is then off); elsewhere MLX's cache takes up to `CPU_BUFFER_CACHE`,
-    at most a quarter of physical memory. `limit_bytes` sets MLX's cache alone. Measured on a
-    2-core Zen 5 (SD 2.1-base, 512x512, strength 0.5 x 10 steps), against a 1 GB MLX cache: float32
-    34.7 s and a 6.2 GB peak instead of 37.5 s and 6.8 GB; bfloat16 19.3 s and 3.1 GB instead of
-    20.3 s and 3.9 GB. On a GPU nothing is changed.
-    """
-    if mx.default_device() != mx.cpu:
-        return None
-    if limit_bytes is None:
-        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        limit_bytes = 0 if _keep_freed_memory() else min(ram // 4, CPU_BUFFER_CACHE)
-    return mx.set_cache_limit(limit_bytes)
-
-
-@functools.cache
-def _keep_freed_memory() -> bool:
-    """Ask glibc's malloc to serve every block from its heap (no mapping of its own for large ones)
-    and to give the heap's free top back to the OS only beyond 2 GB; whether it agreed. For the
-    whole process: its peak memory is then what it held at once, kept until it exits."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # glibc's; musl's mallopt ignores these settings
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
-    return mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, 2**31 - 1) == 1
-
-
-def release_cpu_buffers() -> None:
-    """Give MLX's cached CPU buffers back to the OS. Called between the phases of a run that
-    allocate different sizes (VAE encode, the UNet's steps, the final decode): reuse pays within a
-    phase, while across phases one phase's cached buffers would only sit under the next's."""
-    if mx.default_device() == mx.cpu:
-        mx.clear_cache()
 
 
 # --- element-wise activations ---------------------------------------------------------------------
@@ -362,8 +312,8 @@ class LayerNorm(nn.LayerNorm):
 SHIFTED_CONV_BYTES = 256 << 20
 SHIFTED_CONV_CHANNELS = 64
 
-# From this many output rows (batch x height x (width + 2)), a float32 3x3 convolution runs on the
-# native product (`f32_product`, where the CPU has AVX-512) over the input in `FRAME`'s border: the
+# From this many output rows (batch x height x (width + 2)), an unpacked float32 3x3 convolution (of
+# a model built in memory; the loaders pack them) runs on the native product (`f32_product`, where the CPU has AVX-512) over the input in `FRAME`'s border: the
 # nine taps summed in registers, each output written once, no im2col. Its weight is packed at each
 # call, a pass over the weight that costs as much as the product of a few hundred rows, so smaller
 # maps keep mx.conv2d. On a 2-core Zen 4 inside a UNet call (2 x 64x64 latent): 74 against 90 ms
@@ -434,9 +384,11 @@ class Conv2d(nn.Conv2d):
     """nn.Conv2d (same parameters, same names) that takes `conv3x3` on the CPU where it is faster:
     float32 3x3 convolutions with stride 1 and padding 1, with a large im2col matrix or few
     output channels, or on large maps the native float32 product where the CPU has AVX-512
-    (`_native_f32`); and bfloat16 1x1 convolutions and 3x3 ones with stride 1 (padding 1) or 2
-    through the native bfloat16 products where the CPU has them (`bf16_conv`). Packed (see
-    `pack_weights`), it holds `packed_weight` and `weight_shape` (O, kh, kw, C) instead of `weight`.
+    (`_native_f32`, the weight packed at each call); and bfloat16 1x1 convolutions and 3x3 ones
+    with stride 1 (padding 1) or 2 through the native bfloat16 products where the CPU has them
+    (`bf16_conv`). Packed (see `pack_weights`), it holds `packed_weight` and `weight_shape`
+    (O, kh, kw, C) instead of `weight`, and takes those convolutions on the native product of its
+    dtype (float32 too, with AVX-512).
 
     `conv(x, norm=n, residual=r)` is conv(silu(n(x))) + r, the resnet blocks' sequence. On the CPU
     with the native module, a 3x3 convolution then reads the norm's output straight from the zero
@@ -446,29 +398,29 @@ class Conv2d(nn.Conv2d):
     def __call__(self, x: mx.array, norm: "GroupNorm | None" = None, residual: mx.array | None = None) -> mx.array:
         bias = self["bias"] if "bias" in self else None
         if "packed_weight" in self:
-            x = x.astype(mx.bfloat16)  # a packed layer computes in bfloat16
+            x = x.astype(weight_dtype(self))  # a packed layer computes in its weight's dtype
         out_channels, kh, kw, _ = self.weight_dims
         framed = self._framed_input(x, norm)
         if framed is None and norm is not None:
             x = norm(x, activation=True)
-        native_bf16, native_f32 = self._native_bf16(x), self._native_f32(x)
+        native_packed, native_f32 = self._native_packed(x), self._native_f32(x)
         addend = None
-        if ((native_bf16 or native_f32) and residual is not None and residual.dtype == x.dtype
+        if ((native_packed or native_f32) and residual is not None and residual.dtype == x.dtype
                 and self.stride == (1, 1) and residual.shape == (*x.shape[:3], out_channels)):
             addend, residual = residual, None
         if native_f32:
             out = _native_conv3x3_framed(_frame(x) if framed is None else framed, x.shape[1], x.shape[2],
                                          _native()[0].f32_pack(_taps(self.weight, self.weight.shape[-1])),
                                          out_channels, bias, addend)
-        elif framed is not None and native_bf16:
+        elif framed is not None and native_packed:
             out = _native_conv3x3_framed(framed, x.shape[1], x.shape[2], self._packed(framed.shape[-1]),
                                          out_channels, bias, addend)
         elif framed is not None:
             out = _conv3x3_framed(framed, x.shape[1], x.shape[2], self.weight, bias)
         elif self._shifted(x):
             out = conv3x3(x, self.weight, bias)
-        elif native_bf16:
-            out = _bf16_conv_packed(x, self._packed(x.shape[-1] + x.shape[-1] % 2), out_channels, kh, bias,
+        elif native_packed:
+            out = _conv_packed(x, self._packed(_channels(x)), out_channels, kh, bias,
                                     self.stride[0], self.padding[0], addend)
         elif self._pointwise(x):
             out = _pointwise(x, self.weight, bias)
@@ -483,28 +435,29 @@ class Conv2d(nn.Conv2d):
 
     def _packed(self, channels: int) -> mx.array:
         """The weight packed for the native products, with `channels` input channels (the input's,
-        made even): held if the layer is packed, else packed for this call."""
+        made even in bfloat16): held if the layer is packed, else packed for this call."""
         if "packed_weight" in self:
             return self["packed_weight"]
-        return bf16_pack(_taps(self.weight, channels))
+        return _pack(_taps(self.weight, channels))
 
     def _framed_input(self, x: mx.array, norm: "GroupNorm | None") -> mx.array | None:
         """silu(norm(x)) inside `FRAME`'s border, where this layer's convolution reads that (a 3x3
         one taking the shifted or a native path); else None."""
         if norm is None or x.ndim != 4 or self.weight_dims[1:3] != (3, 3) or self.stride != (1, 1):
             return None
-        if not ((self._native_bf16(x) and x.shape[-1] % 2 == 0) or self._native_f32(x) or self._shifted(x)):
+        if not ((self._native_packed(x) and _channels(x) == x.shape[-1]) or self._native_f32(x) or self._shifted(x)):
             return None
         return norm(x, activation=True, framed=True)
 
-    def _native_bf16(self, x: mx.array) -> bool:
+    def _native_packed(self, x: mx.array) -> bool:
         if "packed_weight" in self:
             return x.ndim == 4
         return (CPU_PATHS and x.dtype == mx.bfloat16 and self.weight.dtype == mx.bfloat16 and x.ndim == 4
-                and bf16_products() and self._bf16_shape())
+                and bf16_products() and self._native_shape())
 
-    def _bf16_shape(self) -> bool:
-        """Whether `bf16_conv` takes this convolution's kernel, stride, padding and groups."""
+    def _native_shape(self) -> bool:
+        """Whether the native products take this convolution's kernel, stride, padding and groups
+        (`bf16_conv`'s, and a packed float32 layer's)."""
         _, kh, kw, _ = self.weight_dims
         if self.groups != 1 or self._dilation != (1, 1) or self.padding[0] != self.padding[1]:
             return False
@@ -557,16 +510,20 @@ class Conv2d(nn.Conv2d):
         return super()._extra_repr()
 
 
-# --- bfloat16 products ----------------------------------------------------------------------------
+# --- native products ------------------------------------------------------------------------------
 
 # MLX's CPU backend multiplies bfloat16 matrices in a scalar loop (a UNet call about 10x slower than
 # in float32). Where the CPU has AVX512_BF16, the native module's `bf16_product` takes linear layers
 # and 1x1 and 3x3 convolutions in bfloat16 through its dot-product instruction, or AMX's tile
 # product where the CPU has AMX, with float32 sums and one rounding of each output to bfloat16.
+# Where the CPU has AVX-512, `f32_product` takes the same layers in float32 through its FMA, where
+# they hold their weight packed: in a 2-core Ice Lake's UNet call its products ran 1.1-3x faster
+# than OpenBLAS's for the linear layers and MLX's or `conv3x3`'s for the convolutions, and 1.3x for
+# the text encoder's 154-row ones, where OpenBLAS keeps a third of its peak.
 
 
 def f32_products() -> bool:
-    """Whether float32 3x3 convolutions may run on the native product here (an AVX-512 CPU)."""
+    """Whether float32 layers may run on the native products here (an AVX-512 CPU)."""
     native = _native()[0]
     return native is not None and native.has_f32_products()
 
@@ -575,6 +532,12 @@ def bf16_products() -> bool:
     """Whether bfloat16 linear layers and convolutions run on the native kernel here."""
     native = _native()[0]
     return native is not None and native.has_bf16_dot()
+
+
+def native_products(dtype_name: str) -> bool:
+    """Whether a loaded model's layers in this dtype ("float32", "bfloat16") hold their weights
+    packed and take the native products here."""
+    return CPU_PATHS and {"bfloat16": bf16_products, "float32": f32_products}.get(dtype_name, bool)()
 
 
 def _bf16_operands(x: mx.array, weight: mx.array) -> bool:
@@ -590,72 +553,95 @@ def bf16_pack(weight: mx.array) -> mx.array:
     return _native()[0].bf16_pack(weight)
 
 
-# A bfloat16 `Linear` or `Conv2d` that takes the native products holds its weight once, packed:
-# the parameter `packed_weight` (uint16, bf16_pack's layout of the weight as (O, taps, C), C made
-# even with a zero channel) replaces `weight`, whose shape stays as the attribute `weight_shape`
-# ((N, K) or (O, kh, kw, C)). A packed layer computes in bfloat16 (its input is cast). The loaders
-# pack as they read; a model built in memory and cast to bfloat16 is packed by `pack_weights`,
-# and until then its bfloat16 layers pack their weight at each call and keep nothing.
+def _pack(taps: mx.array) -> mx.array:
+    """weight (O, taps, C), bfloat16 (C even) or float32, packed for the native products."""
+    return bf16_pack(taps) if taps.dtype == mx.bfloat16 else _native()[0].f32_pack(taps)
+
+
+# A bfloat16 or float32 `Linear` or `Conv2d` that takes the native products holds its weight once,
+# packed: the parameter `packed_weight` (bf16_pack's layout of the weight as (O, taps, C), uint16
+# with C made even by a zero channel, or f32_pack's, float32) replaces `weight`, whose shape stays
+# as the attribute `weight_shape` ((N, K) or (O, kh, kw, C)). A packed layer computes in its
+# weight's dtype (its input is cast) and has no gradient. The loaders pack as they read; a model
+# built in memory is packed by `pack_weights`, and until then its bfloat16 layers pack their
+# weight at each call and keep nothing.
 
 
 def packable(layer: nn.Module, dtype: mx.Dtype) -> bool:
     """Whether `layer` (not yet packed) would hold its weight packed once that weight is `dtype`."""
-    if dtype != mx.bfloat16 or not CPU_PATHS or "weight" not in layer or not bf16_products():
+    if not CPU_PATHS or "weight" not in layer:
         return False
-    if isinstance(layer, Linear):
-        return layer.weight.shape[-1] % 2 == 0  # channels come in pairs; an odd count stays on MLX
-    return isinstance(layer, Conv2d) and layer._bf16_shape()
+    if dtype == mx.bfloat16 and bf16_products():
+        if isinstance(layer, Linear):
+            return layer.weight.shape[-1] % 2 == 0  # channels come in pairs; an odd count stays on MLX
+        return isinstance(layer, Conv2d) and layer._native_shape()
+    if dtype == mx.float32 and f32_products():
+        if isinstance(layer, Linear):
+            return True
+        # The last convolutions (4 O <= C: 4 or 3 outputs) fill a 64-output panel poorly; `conv3x3`
+        # takes them in one product.
+        out_channels, kh, _, channels = layer.weight.shape if isinstance(layer, Conv2d) else (0, 0, 0, 0)
+        return isinstance(layer, Conv2d) and layer._native_shape() and not (kh == 3 and 4 * out_channels <= channels)
+    return False
 
 
 def hold_packed(layer: nn.Module, packed: mx.array) -> None:
-    """Make `packed` (the layer's weight in bf16_pack's layout) the layer's only copy of its weight."""
+    """Make `packed` (the layer's weight in `_pack`'s layout) the layer's only copy of its weight."""
     layer.weight_shape = tuple(layer.weight.shape)
     layer.pop("weight")
     layer.packed_weight = packed
 
 
 def pack_weights(model: nn.Module) -> nn.Module:
-    """Pack the weight of every bfloat16 layer of `model` that takes the native products (a no-op
-    elsewhere: float32 or float16 models, GPUs, CPUs without AVX512_BF16, quantized layers)."""
+    """Pack the weight of every bfloat16 or float32 layer of `model` that takes the native products
+    (a no-op elsewhere: float16 models, GPUs, CPUs without the instructions, quantized layers)."""
     for _, layer in model.named_modules():
         if "weight" in layer and packable(layer, layer.weight.dtype):
-            hold_packed(layer, bf16_pack(_taps(layer.weight)))
+            hold_packed(layer, _pack(_taps(layer.weight)))
     return model
 
 
 def weight_dtype(layer: nn.Module) -> mx.Dtype:
-    """The dtype of a layer's weight, packed (bfloat16) or not."""
-    return mx.bfloat16 if "packed_weight" in layer else layer.weight.dtype
+    """The dtype of a layer's weight, packed or not."""
+    if "packed_weight" not in layer:
+        return layer.weight.dtype
+    return mx.bfloat16 if layer["packed_weight"].dtype == mx.uint16 else mx.float32
 
 
 def layer_weight(layer: nn.Module) -> mx.array:
     """A `Linear`'s or `Conv2d`'s weight as an unpacked layer holds it, (N, K) or (O, kh, kw, C):
-    for a packed layer, bf16_pack's layout undone (packing only moves values and adds zero
-    channels, so this is exact)."""
+    for a packed layer, the packing undone (it only moves values and adds zeros, so this is exact)."""
     if "packed_weight" not in layer:
         return layer.weight
     shape = tuple(layer.weight_shape)
-    packed = layer["packed_weight"]  # (panels, taps, C' / 2, 2 kGemmCols) uint16
-    panels, taps, pairs, width = packed.shape
-    values = packed.reshape(panels, taps, pairs, width // 2, 2).transpose(0, 3, 1, 2, 4)
-    values = values.reshape(panels * (width // 2), taps, 2 * pairs)[:shape[0], :, :shape[-1]]
-    return values.view(mx.bfloat16).reshape(shape)
+    packed = layer["packed_weight"]  # (panels, taps, words, kGemmCols x values per 32-bit word)
+    panels, taps, words, width = packed.shape
+    per_word = 2 if packed.dtype == mx.uint16 else 1  # a bfloat16 channel pair, or one float32 channel
+    values = packed.reshape(panels, taps, words, width // per_word, per_word).transpose(0, 3, 1, 2, 4)
+    values = values.reshape(panels * (width // per_word), taps, per_word * words)[:shape[0], :, :shape[-1]]
+    return (values.view(mx.bfloat16) if per_word == 2 else values).reshape(shape)
 
 
 def set_layer_weight(layer: nn.Module, weight: mx.array) -> None:
     """Give a `Linear` or `Conv2d` a new weight of its shape (as `layer_weight` gives it), packed
     again where the layer holds its weight packed."""
     if "packed_weight" in layer:
-        layer.packed_weight = bf16_pack(_taps(weight.astype(mx.bfloat16)))
+        layer.packed_weight = _pack(_taps(weight.astype(weight_dtype(layer))))
     else:
         layer.weight = weight
 
 
 def _taps(weight: mx.array, channels: int | None = None) -> mx.array:
-    """weight (O, ..., C) as (O, taps, C'), C' = `channels` or C made even, padded with zeros."""
+    """weight (O, ..., C) as (O, taps, C'), C' = `channels`, else C (made even in bfloat16, whose
+    channels come in pairs), padded with zeros."""
     taps = weight.reshape(weight.shape[0], -1, weight.shape[-1])
-    wanted = weight.shape[-1] + weight.shape[-1] % 2 if channels is None else channels
+    wanted = _channels(weight) if channels is None else channels
     return taps if wanted == taps.shape[-1] else mx.pad(taps, [(0, 0), (0, 0), (0, wanted - taps.shape[-1])])
+
+
+def _channels(x: mx.array) -> int:
+    """The channels (last axis) the native products take for `x`: made even in bfloat16."""
+    return x.shape[-1] + (x.shape[-1] % 2 if x.dtype == mx.bfloat16 else 0)
 
 
 def native_reader() -> bool:
@@ -681,15 +667,21 @@ def bf16_linear(x: mx.array, weight: mx.array, bias: mx.array | None = None,
     it. Needs `bf16_products()`."""
     if packed is None:
         packed = bf16_pack(_taps(weight))
-    return _bf16_linear_packed(x, packed, weight.shape[0], bias, residual)
+    return _linear_packed(x, packed, weight.shape[0], bias, residual)
 
 
-def _bf16_linear_packed(x: mx.array, packed: mx.array, out_features: int, bias: mx.array | None,
-                        residual: mx.array | None = None) -> mx.array:
+def _product(x: mx.array):
+    """The native product for x's dtype: bf16_product or f32_product (same arguments)."""
+    native = _native()[0]
+    return native.f32_product if x.dtype == mx.float32 else native.bf16_product
+
+
+def _linear_packed(x: mx.array, packed: mx.array, out_features: int, bias: mx.array | None,
+                   residual: mx.array | None = None) -> mx.array:
     *lead, k = x.shape
     rows = x.size // k
     addend = None if residual is None else residual.reshape(1, rows, out_features)
-    out = _native()[0].bf16_product(x.reshape(1, rows, k), packed, out_features, bias, [0], rows, addend=addend)
+    out = _product(x)(x.reshape(1, rows, k), packed, out_features, bias, [0], rows, addend=addend)
     return out.reshape(*lead, out_features)
 
 
@@ -700,26 +692,27 @@ def bf16_conv(x: mx.array, weight: mx.array, bias: mx.array | None, stride: int,
     padding; plus `residual` (bfloat16, the output's shape) if given. `packed`: the weight as
     (O, k k, C + C % 2), packed, if the caller keeps it. Needs `bf16_products()`."""
     if packed is None:
-        packed = bf16_pack(_taps(weight, x.shape[-1] + x.shape[-1] % 2))
-    return _bf16_conv_packed(x, packed, weight.shape[0], weight.shape[1], bias, stride, padding, residual)
+        packed = bf16_pack(_taps(weight, _channels(x)))
+    return _conv_packed(x, packed, weight.shape[0], weight.shape[1], bias, stride, padding, residual)
 
 
-def _bf16_conv_packed(x: mx.array, packed: mx.array, out_channels: int, kernel: int, bias: mx.array | None,
-                      stride: int, padding: int, residual: mx.array | None = None) -> mx.array:
-    if x.shape[-1] % 2:  # channels come in pairs: one more, of zeros (the VAE's RGB input)
+def _conv_packed(x: mx.array, packed: mx.array, out_channels: int, kernel: int, bias: mx.array | None,
+                 stride: int, padding: int, residual: mx.array | None = None) -> mx.array:
+    """`bf16_conv` with its weight packed, in x's dtype (bfloat16 or float32)."""
+    if _channels(x) != x.shape[-1]:  # bfloat16 channels come in pairs: one more, of zeros (the VAE's RGB input)
         x = mx.pad(x, [(0, 0), (0, 0), (0, 0), (0, 1)])
     if kernel == 1:
-        return _bf16_linear_packed(x, packed, out_channels, bias, residual)
+        return _linear_packed(x, packed, out_channels, bias, residual)
     if stride == 1:
         return _native_conv3x3_framed(_frame(x), x.shape[1], x.shape[2], packed, out_channels, bias, residual)
     if padding:
         x = mx.pad(x, [(0, 0), (padding, padding), (padding, padding), (0, 0)])
-    out = _bf16_conv3x3_stride2(x, packed, out_channels, bias)
+    out = _conv3x3_stride2_packed(x, packed, out_channels, bias)
     return out if residual is None else residual + out
 
 
-def _bf16_conv3x3_stride2(x: mx.array, packed: mx.array, out_channels: int, bias: mx.array | None) -> mx.array:
-    """A 3x3 convolution with stride 2 of x (B, Hp, Wp, C), already padded, in bfloat16.
+def _conv3x3_stride2_packed(x: mx.array, packed: mx.array, out_channels: int, bias: mx.array | None) -> mx.array:
+    """A 3x3 convolution with stride 2 of x (B, Hp, Wp, C), already padded, in x's dtype.
 
     The input is split into its four phases (even or odd row, even or odd column), laid one after
     the other; each phase is a map of Hp/2 x Wp/2 pixels in rows of Wp/2, where the tap (dy, dx)
@@ -734,8 +727,8 @@ def _bf16_conv3x3_stride2(x: mx.array, packed: mx.array, out_channels: int, bias
     phases = x.reshape(batch, hh + 1, 2, wh, 2, channels).transpose(0, 2, 4, 1, 3, 5)
     phases = phases.reshape(batch, 4 * phase, channels)  # (B, 4 (Hp/2 + 1) Wp/2, C)
     offsets = [((dy % 2) * 2 + dx % 2) * phase + (dy // 2) * wh + dx // 2 for dy in range(3) for dx in range(3)]
-    out = _native()[0].bf16_product(phases, packed, out_channels, bias, offsets, h_out * wh,
-                                    row_period=wh, row_valid=w_out)  # (B, H_out W_out, O)
+    out = _product(x)(phases, packed, out_channels, bias, offsets, h_out * wh,
+                      row_period=wh, row_valid=w_out)  # (B, H_out W_out, O)
     return out.reshape(batch, h_out, w_out, out_channels)
 
 
@@ -750,10 +743,8 @@ def _native_conv3x3_framed(framed: mx.array, height: int, width: int, packed: mx
     padded = framed.reshape(batch, (height + 3) * row, channels)
     offsets = [dy * row + dx for dy in range(3) for dx in range(3)]  # tap order of weight's (3, 3)
     addend = None if residual is None else residual.reshape(batch, height * width, out_channels)
-    native = _native()[0]
-    product = native.f32_product if framed.dtype == mx.float32 else native.bf16_product
-    out = product(padded, packed, out_channels, bias, offsets, height * row, row_period=row, row_valid=width,
-                  addend=addend)  # (B, H W, O)
+    out = _product(framed)(padded, packed, out_channels, bias, offsets, height * row, row_period=row,
+                           row_valid=width, addend=addend)  # (B, H W, O)
     return out.reshape(batch, height, width, out_channels)
 
 
@@ -770,21 +761,22 @@ def plus_residual(layer: nn.Module, x: mx.array, residual: mx.array | None) -> m
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same names) that takes `bf16_linear` for bfloat16 on a CPU with
     AVX512_BF16. Packed (see `pack_weights`), it holds `packed_weight` and `weight_shape` (N, K)
-    instead of `weight`."""
+    instead of `weight`, and takes the native product of its dtype (float32 too, with AVX-512)."""
 
     def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
         """The layer, plus `residual` if given (a transformer block's skip connection): in the native
-        bfloat16 products it is added to the float32 sums, before the one rounding, instead of in a
-        pass of its own on one core."""
+        products it is added to the float32 sums (before the one rounding to bfloat16), instead of
+        in a pass of its own on one core."""
         bias = self["bias"] if "bias" in self else None
         packed = "packed_weight" in self
         out_features = self.weight_shape[0] if packed else self.weight.shape[0]
+        native = packed or _bf16_operands(x, self.weight)
         addend = None
-        if (residual is not None and residual.dtype == mx.bfloat16 and residual.shape == (*x.shape[:-1], out_features)
-                and (packed or _bf16_operands(x, self.weight))):
+        if (residual is not None and native and residual.dtype == weight_dtype(self)
+                and residual.shape == (*x.shape[:-1], out_features)):
             addend, residual = residual, None
         if packed:
-            out = _bf16_linear_packed(x.astype(mx.bfloat16), self["packed_weight"], out_features, bias, addend)
+            out = _linear_packed(x.astype(weight_dtype(self)), self["packed_weight"], out_features, bias, addend)
         elif _bf16_operands(x, self.weight):
             out = bf16_linear(x, self.weight, bias, residual=addend)
         else:

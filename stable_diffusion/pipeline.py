@@ -14,7 +14,7 @@ from typing import Iterator, NamedTuple
 import mlx.core as mx
 import numpy as np
 
-from . import model_io, ops
+from . import memory, model_io
 from .clip import CLIPTextModel
 from .config import TEXT_COMPONENTS, PipelineConfig, read_pipeline_config
 from .errors import InputError
@@ -65,15 +65,15 @@ class StableDiffusion:
                     tokenizers: list | None = None, pack: bool = True) -> "StableDiffusion":
         """`tokenizers`: the folder's, already read and checked against the encoders (a session
         reads them before any weight, to plan); else read here. The weights are read into memory
-        here, and with `pack` (see ops.pack_weights) held packed where the native bfloat16
-        products take them."""
+        here, and with `pack` (see ops.pack_weights) held packed where the native products take
+        them (bfloat16 with AVX512_BF16, float32 with AVX-512)."""
         folder = Path(folder)
         if tokenizers is None:
             tokenizers = []
             for (_, tok_name), enc_config in zip(TEXT_COMPONENTS, config.text_encoders):
                 tokenizers.append(Tokenizer.from_folder(folder / tok_name))
                 check_fits_encoder(tokenizers[-1], enc_config, folder / tok_name)  # before any weight
-        ops.use_cpu_buffer_cache()
+        memory.use_cpu_buffer_cache()
         unet = model_io.load_weights(UNetModel(config.unet), folder / "unet",
                                      model_io.map_unet_weights, dtype, variant, pack)
         vae = model_io.load_weights(Autoencoder(config.vae), folder / "vae",

@@ -22,7 +22,7 @@ import mlx.core as mx
 from . import costs, files, images, outputs, privacy, record, signals, sinks
 from .errors import NumericalError, OutputError
 from .plan import RunPlan, make_plan
-from .ops import release_cpu_buffers
+from .memory import release_cpu_buffers
 from .sampler import seed_keys
 from .walk import walk
 
@@ -274,7 +274,6 @@ def _write_last(ledger, plan, status, error, kept, denoisers, timings, memory, c
 def _check_memory(session, plan, console) -> dict:
     """The run's peak memory, estimated from the configs and sizes; refused if it cannot fit."""
     from . import budget
-    from .ops import FUSED_ATTENTION
 
     spec = plan.spec
     h, w = plan.image_size
@@ -283,7 +282,7 @@ def _check_memory(session, plan, console) -> dict:
     canvas = max(cells * width, len(plan.shown)) * h * w
     estimate = budget.estimate_peak_bytes(
         session.config, session.dtype_name, (h, w), spec.n_images, spec.capture.decode_batch, canvas,
-        plan.guided, encode=spec.img2img, fused_attention=FUSED_ATTENTION)
+        plan.guided, encode=spec.img2img, **budget.device_paths(session.dtype_name))
     available = budget.available_memory()
     console.detail(f"memory: about {budget.gib(estimate['total'])} needed at the peak, "
                    + (f"{budget.gib(available)} available" if available else "available unknown"))

@@ -150,7 +150,7 @@ class Session:
         "encode_s" when it is computed: a sweep adds up the runs')."""
         key = (picture.sha256, picture.pixels.shape)
         if key not in self._latents:
-            from .ops import release_cpu_buffers
+            from .memory import release_cpu_buffers
 
             start = time.perf_counter()
             x0 = self.sd.encode(picture.pixels[None])

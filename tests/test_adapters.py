@@ -427,7 +427,9 @@ def test_factors_that_do_not_fit_their_layer_change_nothing(sd1, tmp_path):
 def test_a_quantized_model_refuses_a_lora(tiny_model, tmp_path):
     import mlx.nn as nn
 
-    sd = StableDiffusion.from_pretrained(str(tiny_model("sd1")))
+    # Loaded unpacked, as a quantizing session loads it (a packed layer holds no `weight` to quantize).
+    folder = tiny_model("sd1")
+    sd = StableDiffusion.from_folder(folder, read_pipeline_config(folder), pack=False)
     nn.quantize(sd.unet, group_size=32,
                 class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[1] % 32 == 0)
     path = kohya_file(tmp_path / "k.safetensors", "sd1", attention_layers, seed=12, alpha=1.0, conv_alpha=1.0,

@@ -41,7 +41,8 @@ def test_estimate_within_a_factor_of_the_measured_peak(loaded, size, n_images):
     measured = mx.get_peak_memory()
 
     estimate = budget.estimate_peak_bytes(config, "float32", (size, size), n_images, n_images,
-                                          canvas_pixels=0, cfg_guided=True, encode=True, counts=counts)
+                                          canvas_pixels=0, cfg_guided=True, encode=True, counts=counts,
+                                          **budget.device_paths("float32"))
     held = estimate["total"] - estimate["runtime"] - estimate["canvas"]
     ratio = measured / held
     print(f"{size}px x{n_images}: measured {measured / 2**20:.1f} MB, estimate {held / 2**20:.1f} MB, "

@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from stable_diffusion import blas, ops
+from stable_diffusion import blas, memory, ops
 from stable_diffusion.attention import _exp2, amx_attention, attention, chunked_attention, flash_attention
+from stable_diffusion.memory import use_cpu_buffer_cache
 from stable_diffusion.ops import (FUSED_ATTENTION, Conv2d, GroupNorm, conv3x3, gelu, geglu, group_norm, native_status,
-                                  silu, use_cpu_buffer_cache)
+                                  silu)
 
 BLAS_PY = Path(blas.__file__)
 NATIVE = ops._native()[0]
@@ -317,7 +318,7 @@ def test_bf16_convolutions_match_float64(conv, parity):
         layer = Conv2d(channels, out_channels, kernel, stride=stride, padding=padding)
         layer.set_dtype(mx.bfloat16)
         x = bf16((batch, height, width, channels), 22)
-        assert layer._native_bf16(x)
+        assert layer._native_packed(x)
         out = layer(x)
         # float32 convolution of the same bfloat16 values: exact to float32 rounding.
         reference = np.array(mx.conv2d(x.astype(mx.float32), layer.weight.astype(mx.float32), stride=stride,
@@ -565,7 +566,7 @@ def test_bf16_products_leave_what_they_cannot_take_to_mlx():
                   Conv2d(8, 8, 3, padding=1, dilation=2)]:
         layer.set_dtype(mx.bfloat16)
         x = bf16((1, 8, 8, 8), 23)
-        assert not layer._native_bf16(x)
+        assert not layer._native_packed(x)
         np.testing.assert_array_equal(exact(layer(x)), exact(nn.Conv2d.__call__(layer, x)))
     layer = ops.Linear(8, 4)  # float32 stays on MLX's (BLAS) product
     assert not ops._bf16_operands(mx.ones((2, 8)), layer.weight)
@@ -597,10 +598,15 @@ def test_bf16_layers_hold_their_weight_once_packed():
 
 
 def test_pack_weights_leaves_other_layers_unpacked():
-    odd = ops.Linear(7, 4)  # an odd channel count stays on MLX
+    odd = ops.Linear(7, 4)  # an odd channel count stays on MLX in bfloat16
     odd.set_dtype(mx.bfloat16)
-    others = [ops.Linear(8, 4), Conv2d(8, 8, 3, padding=1), odd, Conv2d(8, 8, 5, padding=2),
+    half = ops.Linear(8, 4)  # no native float16 products
+    half.set_dtype(mx.float16)
+    others = [odd, half, Conv2d(8, 8, 5, padding=2), Conv2d(8, 8, 3, padding=1, dilation=2),
+              Conv2d(64, 4, 3, padding=1),  # float32, 4 O <= C: conv3x3's one product
               nn.QuantizedLinear(64, 32)]
+    if not ops.f32_products():  # else float32 layers are packed (test_packed_f32_layers_match_float64)
+        others += [ops.Linear(8, 4), Conv2d(8, 8, 3, padding=1)]
     for layer in others:
         names = {name for name, _ in tree_flatten(layer.parameters())}
         ops.pack_weights(layer)
@@ -649,7 +655,7 @@ def test_cpu_buffer_cache_limit_is_raised_and_restorable():
         ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         glibc = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION") is not None
         # With glibc the C library's heap keeps freed memory, for blocks of any size: MLX's cache is off.
-        assert mx.set_cache_limit(previous) == (0 if glibc else min(ram // 4, ops.CPU_BUFFER_CACHE))
+        assert mx.set_cache_limit(previous) == (0 if glibc else min(ram // 4, memory.CPU_BUFFER_CACHE))
     finally:
         mx.set_cache_limit(previous)
 
@@ -1241,6 +1247,45 @@ def test_native_f32_conv_only_where_it_applies(monkeypatch):
         assert not Conv2d(32, 64, 3, padding=1)._native_f32(x)
     monkeypatch.setattr(ops, "NATIVE_F32_CONV_ROWS", 1920)
     assert Conv2d(32, 64, 3, padding=1)._native_f32(x[:, :30]) == on
+
+
+@needs_f32_products
+def test_packed_f32_layers_match_float64(parity):
+    # Packed as the loaders pack float32 layers on an AVX-512 CPU: the weight held once (exactly
+    # recoverable), every call on the native product, a residual added to its float32 sums.
+    # The 600 rows (7 blocks of 96) take 310 outputs' panels of 256 KB in groups of two, the last alone.
+    layers = [(ops.Linear(64, 70), (3, 5, 64)), (ops.Linear(1024, 130, bias=False), (154, 1024)),
+              (ops.Linear(1024, 310), (600, 1024))]
+    for kernel, stride, padding in CONVOLUTIONS:
+        for shape in [(2, 9, 13, 32, 40), (1, 12, 10, 3, 16), (1, 6, 5, 17, 130)]:  # odd channels, 3 panels
+            layers.append((Conv2d(shape[3], shape[4], kernel, stride=stride, padding=padding), shape[:4]))
+    for seed, (layer, shape) in enumerate(layers):
+        x = mx.array(random(shape, 60 + seed))
+        weight = layer.weight
+        bias = np.array(layer.bias, np.float64) if "bias" in layer else 0.0
+        if isinstance(layer, Conv2d):
+            (stride, _), (pad, _), k = layer.stride, layer.padding, weight.shape[1]
+            padded = np.pad(np.array(x, np.float64), [(0, 0), (pad, pad), (pad, pad), (0, 0)])
+            h, w = (padded.shape[1] - k) // stride + 1, (padded.shape[2] - k) // stride + 1
+            expected = bias + sum(padded[:, dy:dy + stride * h:stride, dx:dx + stride * w:stride]
+                                  @ np.array(weight[:, dy, dx], np.float64).T for dy in range(k) for dx in range(k))
+        else:
+            expected = np.array(x, np.float64) @ np.array(weight, np.float64).T + bias
+        assert ops.packable(layer, mx.float32)
+        assert ops.pack_weights(layer) is layer and "weight" not in layer
+        assert layer.packed_weight.dtype == mx.float32 and ops.weight_dtype(layer) == mx.float32
+        assert mx.array_equal(ops.layer_weight(layer), weight).item()
+        kind = f"k{layer.weight_shape[1]}s{layer.stride[0]}p{layer.padding[0]}" if isinstance(layer, Conv2d) else "linear"
+        name = f"packed f32 {kind} {shape} -> {expected.shape[-1]}"
+        atol = 2e-6 * float(np.abs(expected).max())
+        parity(name, layer(x), expected, atol=atol)
+        residual = random(expected.shape, 90 + seed)
+        parity(f"{name} + residual", layer(x, residual=mx.array(residual)), expected + residual, atol=atol)
+        # A packed layer computes in its dtype: a bfloat16 input is cast to float32.
+        assert layer(x.astype(mx.bfloat16)).dtype == mx.float32
+        ops.set_layer_weight(layer, 2 * weight)  # packed again (an adapter's fused weight)
+        assert mx.array_equal(ops.layer_weight(layer), 2 * weight).item()
+        parity(f"{name}, weight doubled", layer(x), 2 * (expected - bias) + bias, atol=2 * atol)
 
 
 # --- training: ops.differentiable() ----------------------------------------------------------------
