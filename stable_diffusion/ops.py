@@ -106,7 +106,7 @@ def _native() -> tuple[object | None, str]:
     except (TypeError, ValueError, RuntimeError) as error:
         return None, f"native CPU kernels unusable ({error}): pure-MLX CPU paths"
     # The first of bf16_kernels() is used: amx where the CPU has AMX (SD_AMX=0 turns it off), else avx512_bf16.
-    products = ", float32 3x3 convolutions (avx512)" if native.has_f32_products() else ""
+    products = ", float32 products (avx512)" if native.has_f32_products() else ""
     products += f", bfloat16 products ({native.bf16_kernels()[0]})" if native.has_bf16_dot() else ""
     if native.bf16_kernels()[:1] == ["amx"]:
         products += ", bfloat16 attention (amx)"
