@@ -35,6 +35,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -729,6 +730,7 @@ void run_gemm(GemmProblem p) {
   a.offsets = p.offsets.data();
   const int64_t panels = (a.out_channels + kGemmCols - 1) / kGemmCols;
   const int64_t row_blocks = (a.rows + kGemmRows - 1) / kGemmRows;
+  if (panels == 0) return;  // no outputs
   const int workers = thread_count();
   // Tasks in row-block order take every panel's weights for one block of rows, which stays in the
   // cache: right where the weights fit in L2 (a UNet's layers). With few row blocks (the text
@@ -866,7 +868,8 @@ mx::array product(const std::string& what, const ProductKernel& chosen, const mx
   const std::string dtype = bf16 ? "bfloat16" : "float32";
   const auto fail = [&](const std::string& why) { throw std::invalid_argument(what + ": " + why); };
   if (x.ndim() != 3) fail("x must be (batch, positions, channels) " + dtype);
-  if (out_channels < 0) fail("out_channels must be 0 or more");
+  if (out_channels < 0 || out_channels > std::numeric_limits<int32_t>::max())
+    fail("out_channels must be 0 or more, and less than 2**31");
   // The kernels write each output on the last pass over the channels of the last tap.
   if (x.shape(2) == 0 || offsets.empty()) fail("x needs at least one channel, and the weights one tap");
   if (rows < 1) fail("rows must be at least 1");

@@ -397,6 +397,14 @@ class Conv2d(nn.Conv2d):
 
     def __call__(self, x: mx.array, norm: "GroupNorm | None" = None, residual: mx.array | None = None) -> mx.array:
         bias = self["bias"] if "bias" in self else None
+        if "packed_weight" in self and (_DIFFERENTIABLE or x.ndim != 4):
+            # The native product has no gradient (and takes maps only): MLX's convolution over the
+            # unpacked weight, which has one (and says what is wrong with an input).
+            x = x if norm is None else norm(x, activation=True)
+            out = mx.conv2d(x.astype(weight_dtype(self)), layer_weight(self), self.stride, self.padding,
+                            self._dilation, self.groups)
+            out = out if bias is None else out + bias
+            return out if residual is None else residual + out
         if "packed_weight" in self:
             x = x.astype(weight_dtype(self))  # a packed layer computes in its weight's dtype
         out_channels, kh, kw, _ = self.weight_dims
@@ -516,10 +524,8 @@ class Conv2d(nn.Conv2d):
 # in float32). Where the CPU has AVX512_BF16, the native module's `bf16_product` takes linear layers
 # and 1x1 and 3x3 convolutions in bfloat16 through its dot-product instruction, or AMX's tile
 # product where the CPU has AMX, with float32 sums and one rounding of each output to bfloat16.
-# Where the CPU has AVX-512, `f32_product` takes the same layers in float32 through its FMA, where
-# they hold their weight packed: in a 2-core Ice Lake's UNet call its products ran 1.1-3x faster
-# than OpenBLAS's for the linear layers and MLX's or `conv3x3`'s for the convolutions, and 1.3x for
-# the text encoder's 154-row ones, where OpenBLAS keeps a third of its peak.
+# With AVX-512, `f32_product` takes packed float32 layers (2-core Ice Lake: 1.1-3x OpenBLAS's, MLX's
+# and `conv3x3`'s speed in a UNet call; 1.3x on the text encoder's 154 rows).
 
 
 def f32_products() -> bool:
@@ -535,8 +541,7 @@ def bf16_products() -> bool:
 
 
 def native_products(dtype_name: str) -> bool:
-    """Whether a loaded model's layers in this dtype ("float32", "bfloat16") hold their weights
-    packed and take the native products here."""
+    """Whether loaded layers in this dtype ("float32", "bfloat16") are packed for the native products."""
     return CPU_PATHS and {"bfloat16": bf16_products, "float32": f32_products}.get(dtype_name, bool)()
 
 
@@ -569,20 +574,15 @@ def _pack(taps: mx.array) -> mx.array:
 
 def packable(layer: nn.Module, dtype: mx.Dtype) -> bool:
     """Whether `layer` (not yet packed) would hold its weight packed once that weight is `dtype`."""
-    if not CPU_PATHS or "weight" not in layer:
+    if "weight" not in layer or not native_products({mx.bfloat16: "bfloat16", mx.float32: "float32"}.get(dtype, "")):
         return False
-    if dtype == mx.bfloat16 and bf16_products():
-        if isinstance(layer, Linear):
-            return layer.weight.shape[-1] % 2 == 0  # channels come in pairs; an odd count stays on MLX
-        return isinstance(layer, Conv2d) and layer._native_shape()
-    if dtype == mx.float32 and f32_products():
-        if isinstance(layer, Linear):
-            return True
-        # The last convolutions (4 O <= C: 4 or 3 outputs) fill a 64-output panel poorly; `conv3x3`
-        # takes them in one product.
-        out_channels, kh, _, channels = layer.weight.shape if isinstance(layer, Conv2d) else (0, 0, 0, 0)
-        return isinstance(layer, Conv2d) and layer._native_shape() and not (kh == 3 and 4 * out_channels <= channels)
-    return False
+    if isinstance(layer, Linear):  # bfloat16 channels come in pairs: an odd count stays on MLX
+        return dtype == mx.float32 or layer.weight.shape[-1] % 2 == 0
+    if not isinstance(layer, Conv2d) or not layer._native_shape():
+        return False
+    # In float32 the last convolutions (4 O <= C: 3 or 4 outputs) take `conv3x3`'s one product.
+    out_channels, kh, _, channels = layer.weight.shape
+    return dtype == mx.bfloat16 or not (kh == 3 and 4 * out_channels <= channels)
 
 
 def hold_packed(layer: nn.Module, packed: mx.array) -> None:
@@ -775,13 +775,24 @@ class Linear(nn.Linear):
         if (residual is not None and native and residual.dtype == weight_dtype(self)
                 and residual.shape == (*x.shape[:-1], out_features)):
             addend, residual = residual, None
-        if packed:
+        if packed and (_DIFFERENTIABLE or x.size == 0):  # no gradient through the native product; no rows
+            out = x.astype(weight_dtype(self)) @ layer_weight(self).T
+            out = out if bias is None else out + bias
+        elif packed:
             out = _linear_packed(x.astype(weight_dtype(self)), self["packed_weight"], out_features, bias, addend)
         elif _bf16_operands(x, self.weight):
             out = bf16_linear(x, self.weight, bias, residual=addend)
         else:
             out = super().__call__(x)
         return out if residual is None else residual + out
+
+    def to_quantized(self, *args, **kwargs):
+        """nn.quantize's conversion, from the unpacked weight where the layer holds it packed."""
+        if "packed_weight" not in self:
+            return super().to_quantized(*args, **kwargs)
+        plain = nn.Linear(*self.weight_shape[::-1], bias="bias" in self)
+        plain.update({"weight": layer_weight(self), **({"bias": self["bias"]} if "bias" in self else {})})
+        return plain.to_quantized(*args, **kwargs)
 
     def _extra_repr(self) -> str:
         if "packed_weight" in self:

@@ -1228,6 +1228,10 @@ def test_native_f32_product_without_bias_over_taps_and_periods(parity):
         NATIVE.f32_product(mx.ones((1, 4, 4)), NATIVE.f32_pack(mx.zeros((3, 0, 4))), 3, None, [], 4)
     with pytest.raises(ValueError, match="out_channels"):
         NATIVE.f32_product(mx.ones((1, 4, 4)), NATIVE.f32_pack(mx.zeros((0, 1, 4))), -1, None, [0], 4)
+    with pytest.raises(ValueError, match="out_channels"):  # the output's shape holds 32-bit sizes
+        NATIVE.f32_product(mx.ones((1, 4, 4)), NATIVE.f32_pack(mx.zeros((0, 1, 4))), 2**32, None, [0], 4)
+    # No outputs: an empty result (no panel to compute).
+    assert NATIVE.f32_product(mx.ones((1, 4, 4)), NATIVE.f32_pack(mx.zeros((0, 1, 4))), 0, None, [0], 4).shape == (1, 4, 0)
     with pytest.raises(ValueError, match="at least 1"):
         NATIVE.f32_product(mx.ones((1, 4, 4)), NATIVE.f32_pack(mx.ones((3, 1, 4))), 3, None, [0], -4,
                            row_period=2, row_valid=1)
@@ -1286,6 +1290,51 @@ def test_packed_f32_layers_match_float64(parity):
         ops.set_layer_weight(layer, 2 * weight)  # packed again (an adapter's fused weight)
         assert mx.array_equal(ops.layer_weight(layer), 2 * weight).item()
         parity(f"{name}, weight doubled", layer(x), 2 * (expected - bias) + bias, atol=2 * atol)
+
+
+@needs_f32_products
+def test_packed_f32_layers_have_gradients_and_quantize(parity):
+    # Under differentiable() (training) a packed layer computes with MLX over its unpacked weight:
+    # the gradients, with respect to the input and to the packed weight, are the unpacked layer's.
+    import mlx.nn as nn
+
+    for layer, shape in [(ops.Linear(24, 70), (3, 24)), (Conv2d(16, 70, 3, padding=1), (1, 5, 6, 16)),
+                         (Conv2d(16, 70, 3, stride=2, padding=1), (1, 5, 6, 16))]:
+        x = mx.array(random(shape, 70))
+        plain_grad = mx.grad(lambda x: layer(x).square().sum())(x)
+        weight_grad = mx.grad(lambda w: _with_weight(layer, w, x))(layer.weight)
+        ops.pack_weights(layer)
+        with ops.differentiable():
+            grad = mx.grad(lambda x: layer(x).square().sum())(x)
+            packed_grad = nn.value_and_grad(layer, lambda x: layer(x).square().sum())(x)[1]["packed_weight"]
+        name = f"{type(layer).__name__} {shape}" + (f" stride {layer.stride[0]}" if isinstance(layer, Conv2d) else "")
+        parity(f"packed f32 gradient, input, {name}", grad, np.array(plain_grad, np.float64), atol=1e-4)
+        # The packed weight's gradient, unpacked, is the weight's (the padding's is zero).
+        layer.packed_weight = packed_grad
+        parity(f"packed f32 gradient, weight, {name}", ops.layer_weight(layer), np.array(weight_grad, np.float64),
+               atol=1e-4)
+    # nn.quantize converts packed linear layers from their unpacked weight.
+    layer = ops.Linear(64, 32)
+    weight = layer.weight
+    ops.pack_weights(layer)
+    quantized = layer.to_quantized(group_size=32, bits=8)
+    assert isinstance(quantized, nn.QuantizedLinear)
+    x = mx.array(random((2, 64), 71))
+    parity("packed f32 linear, quantized", quantized(x), np.array(x @ weight.T + layer.bias, np.float64), atol=0.05)
+    # No rows: an empty output, as an unpacked layer gives; a map that is not 4-D: MLX's message.
+    assert layer(mx.zeros((0, 64))).shape == (0, 32)
+    conv = ops.pack_weights(Conv2d(16, 8, 3, padding=1))
+    with pytest.raises(ValueError, match="conv"):
+        conv(mx.zeros((5, 6, 16)))
+
+
+def _with_weight(layer, weight, x):
+    before = layer.weight
+    layer.weight = weight
+    try:
+        return layer(x).square().sum()
+    finally:
+        layer.weight = before
 
 
 # --- training: ops.differentiable() ----------------------------------------------------------------
