@@ -312,11 +312,11 @@ class LayerNorm(nn.LayerNorm):
 SHIFTED_CONV_BYTES = 256 << 20
 SHIFTED_CONV_CHANNELS = 64
 
-# From this many output rows (batch x height x (width + 2)), an unpacked float32 3x3 convolution (of
-# a model built in memory; the loaders pack them) runs on the native product (`f32_product`, where the CPU has AVX-512) over the input in `FRAME`'s border: the
-# nine taps summed in registers, each output written once, no im2col. Its weight is packed at each
-# call, a pass over the weight that costs as much as the product of a few hundred rows, so smaller
-# maps keep mx.conv2d. On a 2-core Zen 4 inside a UNet call (2 x 64x64 latent): 74 against 90 ms
+# From this many output rows (batch x height x (width + 2)), an unpacked float32 3x3 convolution (a
+# model built in memory; the loaders pack them) runs on the native product (`f32_product`, where the
+# CPU has AVX-512) over the input in `FRAME`'s border: the nine taps summed in registers, each output
+# written once, no im2col. Its weight is packed at each call, a pass over the weight that costs as
+# much as the product of a few hundred rows, so smaller maps keep mx.conv2d. On a 2-core Zen 4 inside a UNet call (2 x 64x64 latent): 74 against 90 ms
 # a 64x64 x 320 convolution, even at 2 x 32x32 x 640 (2176 rows), slower at 32x32 x 1280 (packing
 # 59 MB); a VAE decode at 512x512 took 12.4 s against 14.6 s.
 NATIVE_F32_CONV_ROWS = 4096
@@ -567,14 +567,14 @@ def _pack(taps: mx.array) -> mx.array:
 # packed: the parameter `packed_weight` (bf16_pack's layout of the weight as (O, taps, C), uint16
 # with C made even by a zero channel, or f32_pack's, float32) replaces `weight`, whose shape stays
 # as the attribute `weight_shape` ((N, K) or (O, kh, kw, C)). A packed layer computes in its
-# weight's dtype (its input is cast) and has no gradient. The loaders pack as they read; a model
-# built in memory is packed by `pack_weights`, and until then its bfloat16 layers pack their
-# weight at each call and keep nothing.
+# weight's dtype (its input is cast); under `differentiable()`, with MLX over the unpacked weight.
+# The loaders pack as they read; a model built in memory is packed by `pack_weights`, and until
+# then its bfloat16 layers pack their weight at each call and keep nothing.
 
 
 def packable(layer: nn.Module, dtype: mx.Dtype) -> bool:
     """Whether `layer` (not yet packed) would hold its weight packed once that weight is `dtype`."""
-    if "weight" not in layer or not native_products({mx.bfloat16: "bfloat16", mx.float32: "float32"}.get(dtype, "")):
+    if "weight" not in layer or not native_products(str(dtype).rsplit(".", 1)[-1]):  # mlx.core.float32
         return False
     if isinstance(layer, Linear):  # bfloat16 channels come in pairs: an odd count stays on MLX
         return dtype == mx.float32 or layer.weight.shape[-1] % 2 == 0

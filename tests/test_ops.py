@@ -1231,7 +1231,8 @@ def test_native_f32_product_without_bias_over_taps_and_periods(parity):
     with pytest.raises(ValueError, match="out_channels"):  # the output's shape holds 32-bit sizes
         NATIVE.f32_product(mx.ones((1, 4, 4)), NATIVE.f32_pack(mx.zeros((0, 1, 4))), 2**32, None, [0], 4)
     # No outputs: an empty result (no panel to compute).
-    assert NATIVE.f32_product(mx.ones((1, 4, 4)), NATIVE.f32_pack(mx.zeros((0, 1, 4))), 0, None, [0], 4).shape == (1, 4, 0)
+    empty = NATIVE.f32_product(mx.ones((1, 4, 4)), NATIVE.f32_pack(mx.zeros((0, 1, 4))), 0, None, [0], 4)
+    assert empty.shape == (1, 4, 0)
     with pytest.raises(ValueError, match="at least 1"):
         NATIVE.f32_product(mx.ones((1, 4, 4)), NATIVE.f32_pack(mx.ones((3, 1, 4))), 3, None, [0], -4,
                            row_period=2, row_valid=1)
@@ -1279,7 +1280,8 @@ def test_packed_f32_layers_match_float64(parity):
         assert ops.pack_weights(layer) is layer and "weight" not in layer
         assert layer.packed_weight.dtype == mx.float32 and ops.weight_dtype(layer) == mx.float32
         assert mx.array_equal(ops.layer_weight(layer), weight).item()
-        kind = f"k{layer.weight_shape[1]}s{layer.stride[0]}p{layer.padding[0]}" if isinstance(layer, Conv2d) else "linear"
+        conv = isinstance(layer, Conv2d)
+        kind = f"k{layer.weight_shape[1]}s{layer.stride[0]}p{layer.padding[0]}" if conv else "linear"
         name = f"packed f32 {kind} {shape} -> {expected.shape[-1]}"
         atol = 2e-6 * float(np.abs(expected).max())
         parity(name, layer(x), expected, atol=atol)
