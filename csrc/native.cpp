@@ -669,8 +669,6 @@ std::vector<std::string> bf16_kernel_names() {
   return names;
 }
 
-// w (O, T, words) of 32-bit words (a bfloat16 channel pair, or a float32 channel) into the
-// kernels' panels, (panels, T, words, kGemmCols), zero past O.
 // n rows of `words` 32-bit words (row j at src + j * stride bytes) into columns of a panel's tap:
 // word q of row j to dst[q * kGemmCols + j]. In blocks of 16 words, so that each row's 64 bytes
 // are read once and 16 rows' words then fill whole cache lines of the panel.
@@ -686,6 +684,8 @@ void words_to_panel(const char* src, int64_t stride, int64_t n, int64_t words, u
   }
 }
 
+// w (O, T, words) of 32-bit words (a bfloat16 channel pair, or a float32 channel) into the
+// kernels' panels, (panels, T, words, kGemmCols), zero past O.
 void pack_weights(const char* w, int64_t out_channels, int64_t taps, int64_t words, uint32_t* packed) {
   const int64_t panels = (out_channels + kGemmCols - 1) / kGemmCols;
   const int64_t panel_words = taps * words * kGemmCols;

@@ -114,9 +114,7 @@ def estimate_peak_bytes(pipeline_config: PipelineConfig, dtype: str, image_size:
     # plus float32 copies of q, k and v.
     attention = min(_SCORE_COPIES * rows * scores * _FLOAT32, _ATTENTION_BOUND)
     attention += 3 * rows * tokens * _FLOAT32
-    if packed_convolutions:
-        convs = []
-    unet_bytes = rows * _UNET_MAPS * maps * size + attention + 2 * _im2col(convs, rows, size)
+    unet_bytes = rows * _UNET_MAPS * maps * size + attention + 2 * _im2col(convs, rows, size, packed_convolutions)
 
     # VAE, per picture: the maps of the full-resolution level (counted in maps of the second
     # level's width, which arrive there upsampled), and the largest convolution's im2col matrix.
@@ -128,11 +126,10 @@ def estimate_peak_bytes(pipeline_config: PipelineConfig, dtype: str, image_size:
     for level, c in enumerate(channels):
         cells = pixels // 4**level
         convs += [(cells, c), (cells, channels[min(level + 1, len(channels) - 1)])]
-    if packed_convolutions:
-        convs = []
 
     def vae_phase(pictures: int, copies: float) -> int:
-        return int(pictures * copies * pixels * wide * vae_size) + 2 * _im2col(convs, pictures, vae_size)
+        return int(pictures * copies * pixels * wide * vae_size) + 2 * _im2col(convs, pictures, vae_size,
+                                                                             packed_convolutions)
 
     decode_bytes = vae_phase(min(decode_batch, batch), _DECODE_MAPS)
     encode_bytes = vae_phase(1, _ENCODE_MAPS) if encode else 0
@@ -162,10 +159,12 @@ def device_paths(dtype: str) -> dict:
     return {"fused_attention": ops.FUSED_ATTENTION or native, "packed_convolutions": ops.native_products(dtype)}
 
 
-def _im2col(inputs: list, batch: int, size: int) -> int:
+def _im2col(inputs: list, batch: int, size: int, packed: bool) -> int:
     """The largest im2col matrix among convolutions with these inputs ((pixels, channels) per
-    picture); narrow ones (16 to 64 channels) take the shifted products and build none (nor do
-    packed ones: their inputs are not listed)."""
+    picture); narrow ones (16 to 64 channels) take the shifted products and build none, nor do
+    `packed` ones (the native products)."""
+    if packed:
+        return 0
     held = [9 * batch * cells * channels * size for cells, channels in inputs
             if not _SHIFTED_CHANNELS[0] <= channels <= _SHIFTED_CHANNELS[1]]
     return max([b for b in held if b < _SHIFTED_CONV_BYTES] or [0])

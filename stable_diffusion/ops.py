@@ -316,9 +316,10 @@ SHIFTED_CONV_CHANNELS = 64
 # model built in memory; the loaders pack them) runs on the native product (`f32_product`, where the
 # CPU has AVX-512) over the input in `FRAME`'s border: the nine taps summed in registers, each output
 # written once, no im2col. Its weight is packed at each call, a pass over the weight that costs as
-# much as the product of a few hundred rows, so smaller maps keep mx.conv2d. On a 2-core Zen 4 inside a UNet call (2 x 64x64 latent): 74 against 90 ms
-# a 64x64 x 320 convolution, even at 2 x 32x32 x 640 (2176 rows), slower at 32x32 x 1280 (packing
-# 59 MB); a VAE decode at 512x512 took 12.4 s against 14.6 s.
+# much as the product of a few hundred rows, so smaller maps keep mx.conv2d. On a 2-core Zen 4
+# inside a UNet call (2 x 64x64 latent): 74 against 90 ms a 64x64 x 320 convolution, even at
+# 2 x 32x32 x 640 (2176 rows), slower at 32x32 x 1280 (packing 59 MB); a VAE decode at 512x512 took
+# 12.4 s against 14.6 s.
 NATIVE_F32_CONV_ROWS = 4096
 
 
@@ -418,8 +419,7 @@ class Conv2d(nn.Conv2d):
             addend, residual = residual, None
         if native_f32:
             out = _native_conv3x3_framed(_frame(x) if framed is None else framed, x.shape[1], x.shape[2],
-                                         _native()[0].f32_pack(_taps(self.weight, self.weight.shape[-1])),
-                                         out_channels, bias, addend)
+                                         self._packed(x.shape[-1]), out_channels, bias, addend)
         elif framed is not None and native_packed:
             out = _native_conv3x3_framed(framed, x.shape[1], x.shape[2], self._packed(framed.shape[-1]),
                                          out_channels, bias, addend)
@@ -780,7 +780,7 @@ class Linear(nn.Linear):
             out = out if bias is None else out + bias
         elif packed:
             out = _linear_packed(x.astype(weight_dtype(self)), self["packed_weight"], out_features, bias, addend)
-        elif _bf16_operands(x, self.weight):
+        elif native:  # unpacked bfloat16 operands
             out = bf16_linear(x, self.weight, bias, residual=addend)
         else:
             out = super().__call__(x)
