@@ -65,7 +65,7 @@ using namespace nb::literals;
 namespace sd_native {
 
 int64_t scratch_floats(int64_t d_padded) {
-  return kQueryRows * (2 * d_padded + kKeys) + 3 * kQueryRows;
+  return kQueryRows * (2 * d_padded + kKeys + kDepthStep) + 2 * kQueryRows;
 }
 
 namespace {
