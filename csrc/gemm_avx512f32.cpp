@@ -17,8 +17,11 @@ constexpr int kVectors = kGemmCols / 16;
 
 // R output rows from row m0, all kGemmCols columns of one panel, channels [c0, c1) of tap t. The
 // sums carry over between passes in `partial` (R x kGemmCols floats); the last pass adds the bias
-// and the addend and writes the outputs.
-template <int R>
+// and the addend and writes the outputs. With kPrefetch (the task's first register group), the
+// weights of the next pass (the panel's next channels, tap or panel: they follow in memory) are
+// asked into L2 meanwhile: the row blocks of the text encoder's products read a layer's weights
+// from memory, and the first group of each pass waited for them (5-7% of the product).
+template <int R, bool kPrefetch>
 void tile(const GemmArgs& a, int64_t b, int64_t m0, int64_t panel, int64_t t, int64_t c0, int64_t c1,
           float* partial, bool first, bool last) {
   __m512 acc[R][kVectors];
@@ -36,6 +39,11 @@ void tile(const GemmArgs& a, int64_t b, int64_t m0, int64_t panel, int64_t t, in
     __m512 wv[kVectors];
 #pragma GCC unroll 4
     for (int c = 0; c < kVectors; ++c) wv[c] = _mm512_loadu_ps(wt + ch * kGemmCols + c * 16);
+    if constexpr (kPrefetch) {
+      const char* next = reinterpret_cast<const char*>(wt + (ch + sd_native::kWordsPerPass) * kGemmCols);
+#pragma GCC unroll 4
+      for (int c = 0; c < kVectors; ++c) _mm_prefetch(next + c * 64, _MM_HINT_T1);
+    }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m512 xv = _mm512_set1_ps(rows[r][ch]);
@@ -79,7 +87,10 @@ namespace sd_native {
 void gemm_f32_task_avx512(const GemmArgs& a, int64_t b, int64_t row_block, int64_t panel) {
   for_passes_and_groups<kRegisterRows>(a, row_block, a.channels,
       [&]<int R>(int64_t m, int64_t t, int64_t c0, int64_t c1, float* partial, bool first, bool last) {
-        tile<R>(a, b, m, panel, t, c0, c1, partial, first, last);
+        if (m == row_block * kGemmRows)
+          tile<R, true>(a, b, m, panel, t, c0, c1, partial, first, last);
+        else
+          tile<R, false>(a, b, m, panel, t, c0, c1, partial, first, last);
       });
 }
 
