@@ -126,7 +126,7 @@ class Estimate:
         h, w = plan.image_size
         rows = plan.spec.n_images * (2 if plan.guided else 1)
         line = (f"{costs.describe_seconds(self.seconds)} on this machine: {self.unet_calls} UNet "
-                f"call{'s' if self.unet_calls != 1 else ''} at {w}x{h} (batch {rows}), {self.decodes} "
+                f"call{'s' if self.unet_calls != 1 else ''} at {w}x{h} (width x height, batch {rows}), {self.decodes} "
                 f"decode{'s' if self.decodes != 1 else ''}")
         return line + (", loading the model first" if self.load else "")
 
@@ -276,7 +276,8 @@ def working_size(spec: RunSpec, config: PipelineConfig, picture: tuple | None, n
         return (spec.size, "size") if spec.size is not None else ((native, native), "native")
     h0, w0 = picture
     if spec.size is not None:
-        size, sizing, why = tuple(spec.size), "size", "as --size asks"
+        size, sizing = tuple(spec.size), "size"
+        why = f"as --size {spec.size[0]}x{spec.size[1]} (HEIGHTxWIDTH) asks"
     elif spec.max_pixels is not None:
         w, h = _fitted(w0, h0, spec.max_pixels, False)
         size, sizing = (h, w), "max_pixels"
@@ -290,7 +291,7 @@ def working_size(spec: RunSpec, config: PipelineConfig, picture: tuple | None, n
     if (h, w) != (h0, w0):
         change = abs(math.log((w / h) / (w0 / h0)))
         aspect = f" (aspect ratio {w0 / h0:.3f} -> {w / h:.3f})" if change > 0.02 else ""
-        notice(f"the picture ({w0}x{h0}) runs at {w}x{h}{aspect}: {why}")
+        notice(f"the picture ({w0}x{h0}, width x height) runs at {w}x{h}{aspect}: {why}")
     return (h, w), sizing
 
 

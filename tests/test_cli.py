@@ -186,7 +186,7 @@ def test_a_large_picture_runs_at_the_native_area_and_size_chooses_otherwise(tmp_
     yy, xx = np.mgrid[0:1500, 0:2000]
     Image.fromarray(np.stack([xx % 256, yy % 256, (xx // 8) % 256], -1).astype(np.uint8)).save(big)
     result = run("image2image.py", big, "x", "--model", sd2, "--steps", 2, "--seed", 1, "-o", tmp_path / "d.png")
-    assert "note: the picture (2000x1500) runs at 64x64 (aspect ratio 1.333 -> 1.000): the model's native " \
+    assert "note: the picture (2000x1500, width x height) runs at 64x64 (aspect ratio 1.333 -> 1.000): the model's native " \
            "area (64x64)" in result.stderr
     assert Image.open(tmp_path / "d.png").size == (64, 64)
     assert json.loads((tmp_path / "d.json").read_text())["working_size"]["chosen_by"] == "native"

@@ -145,7 +145,7 @@ def test_the_estimate_counts_the_calls_and_decodes_the_plan_makes(tiny_model):
     assert e.before == pytest.approx(text + encode)
     assert e.seconds == pytest.approx(e.before + 5 * unet + 4 * (decode + written))
     assert plan.describe()[-1].startswith(costs.describe_seconds(e.seconds) + " on this machine: 5 UNet "
-                                          "calls at 64x64 (batch 2), 4 decodes")
+                                          "calls at 64x64 (width x height, batch 2), 4 decodes")
     assert {k: v for k, v in e.record().items() if k != "parts_s"} == {
         "seconds": round(e.seconds, 1), "unet_calls": 5, "decodes": 4}
     assert sum(e.record()["parts_s"].values()) == pytest.approx(e.seconds, abs=0.05)
@@ -250,7 +250,7 @@ def test_the_plan_line_gives_the_time_and_the_record_keeps_it(tmp_path, picture,
     result = commands.run("image2image.py", picture, "x", "--model", sd2, "--steps", 8, "--strength", 0.5,
                           "-sd", 2, "--seed", 0, "-v", "--output", tmp_path / "o.png", check=True)
     line = next(x for x in result.stdout.splitlines() if "on this machine" in x)
-    assert line.startswith("about ") and "4 UNet calls at 64x64 (batch 2), 3 decodes" in line
+    assert line.startswith("about ") and "4 UNet calls at 64x64 (width x height, batch 2), 3 decodes" in line
     record = commands.sidecar(tmp_path / "o.json")
     assert record["estimate"]["unet_calls"] == 4 and record["estimate"]["seconds"] >= 0
     assert record["working_size"] == {"width": 64, "height": 64, "chosen_by": "native"}

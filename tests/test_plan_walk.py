@@ -212,7 +212,7 @@ def test_the_working_size_is_the_models_native_area_at_the_pictures_aspect_ratio
     assert (h % 64, w % 64) == (0, 0) and 0.85 * 512 * 512 <= h * w <= 512 * 512
     assert abs(w / h - 4 / 3) < 0.05 and (h, w) == (448, 576)
     assert plan.spec.size == (448, 576) and plan.sizing == "native"  # resolved: replay pins it
-    assert notes == ["the picture (2000x1500) runs at 576x448 (aspect ratio 1.333 -> 1.286): the model's "
+    assert notes == ["the picture (2000x1500, width x height) runs at 576x448 (aspect ratio 1.333 -> 1.286): the model's "
                      "native area (512x512) at the picture's aspect ratio, sides multiples of 64; --size HxW "
                      "or --max_pixels N choose otherwise"]
     small = make_plan(_spec(steps=4), config, (), (200, 300))
@@ -220,7 +220,8 @@ def test_the_working_size_is_the_models_native_area_at_the_pictures_aspect_ratio
     notes.clear()
     sized = make_plan(_spec(steps=4, size=(512, 768)), config, (), (1500, 2000), notes.append)
     assert sized.image_size == (512, 768) and sized.sizing == "size"
-    assert notes == ["the picture (2000x1500) runs at 768x512 (aspect ratio 1.333 -> 1.500): as --size asks"]
+    assert notes == ["the picture (2000x1500, width x height) runs at 768x512 (aspect ratio 1.333 -> 1.500): as --size 512x768 "
+                     "(HEIGHTxWIDTH) asks"]
     bounded = make_plan(_spec(steps=4, max_pixels=1024 * 1024), config, (), (1500, 2000))
     assert bounded.image_size == (896, 1152) and bounded.sizing == "max_pixels"
     assert make_plan(_spec(steps=4, max_pixels=1024 * 1024), config, (), (200, 300)).image_size == (192, 320)

@@ -122,12 +122,12 @@ def test_picture_notices_reach_stderr(tmp_path, sd2):
     assert result.returncode == 0, result.stderr
     notes = stderr_lines(result.stderr)
     assert "note: first frame used (a multi-frame GIF)" in notes
-    assert any(n.startswith("note: the picture (100x70) runs at 64x64 (aspect ratio 1.429 -> 1.000): the "
+    assert any(n.startswith("note: the picture (100x70, width x height) runs at 64x64 (aspect ratio 1.429 -> 1.000): the "
                             "model's native area (64x64)") for n in notes), notes
     assert sidecar(tmp_path / "o.json")["input"]["size"] == [64, 64]
     result = run("image2image.py", gif, "x", "--model", sd2, "--steps", 2, "--seed", 0, "--max_pixels",
                  2**20, "--output", tmp_path / "o.png")
-    assert ("note: the picture (100x70) runs at 128x64 (aspect ratio 1.429 -> 2.000): at most 1048576 "
+    assert ("note: the picture (100x70, width x height) runs at 128x64 (aspect ratio 1.429 -> 2.000): at most 1048576 "
             "pixels (--max_pixels), sides multiples of 64") in stderr_lines(result.stderr), result.stderr
     assert sidecar(tmp_path / "o.json")["input"]["size"] == [128, 64]
 
