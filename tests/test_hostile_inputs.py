@@ -13,11 +13,9 @@ import os
 import random
 import resource
 import shutil
-import stat
 import struct
 import subprocess
 import sys
-import threading
 import time
 import zlib
 from dataclasses import replace

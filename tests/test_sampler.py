@@ -337,7 +337,6 @@ LEVELS = ("euler", "heun", "lms", "dpmpp_2m", "unipc")  # the classes that read 
 TXT_IMG = ((6, 1.0), (6, 0.5))
 IMG = ((6, 0.5), (7, 0.9))  # img2img only: see test_diffusers_schedules_match_the_schedulers
 _SD_BETAS = list(np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2 * 1.3)
-_ZERO_SNR = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}
 # A zero-SNR schedule starts at sigma 4096, where float32 steps round far more than elsewhere
 # (see _against_scheduler): euler_a's were 0.9e-4 from the float64 reference on the CPUs measured
 # before, 1.13e-4 on a Zen 4 (its exp and products round otherwise). Every other case keeps 1e-4.
