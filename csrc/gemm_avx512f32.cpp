@@ -20,7 +20,7 @@ constexpr int kVectors = kGemmCols / 16;
 // and the addend and writes the outputs. With kPrefetch (the task's first register group), the
 // weights of the next pass (the panel's next channels, tap or panel: they follow in memory) are
 // asked into L2 meanwhile: the row blocks of the text encoder's products read a layer's weights
-// from memory, and the first group of each pass waited for them (5-7% of the product).
+// from memory, and the first group of each pass waited for them (3-6% of the product).
 template <int R, bool kPrefetch>
 void tile(const GemmArgs& a, int64_t b, int64_t m0, int64_t panel, int64_t t, int64_t c0, int64_t c1,
           float* partial, bool first, bool last) {
