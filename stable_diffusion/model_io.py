@@ -431,6 +431,19 @@ def assign_weights(model, weights: dict, stored: dict, dtype, pack: bool = True)
     return model
 
 
+def plain_weights(model):
+    """`model` with every packed layer (see `assign_weights`' `pack`) holding its weight as MLX's
+    layers do, `weight`, unpacked exactly: for `save_weights` into a file that an unpacked model or
+    another program loads, or code that reads `weight`. A no-op for layers that are not packed."""
+    for _, layer in model.named_modules():
+        if "packed_weight" in layer:
+            weight = ops.layer_weight(layer)
+            layer.pop("packed_weight")
+            layer.pop("weight_shape")
+            layer.weight = weight
+    return model
+
+
 def _read(place: Stored, dtype, layout: str) -> mx.array:
     try:
         return ops.read_tensor(place.path, place.offset, place.dtype, place.shape, dtype, layout)

@@ -68,7 +68,8 @@ class StableDiffusion:
         here, and with `pack` (see ops.pack_weights) held packed where the native products take
         them (bfloat16 with AVX512_BF16, float32 with AVX-512). A packed layer has `packed_weight`
         in place of `weight`: for code that expects MLX's plain layers (`save_weights` for another
-        program, an `nn.quantize` predicate that reads `weight`), load with `pack=False`."""
+        program, an `nn.quantize` predicate that reads `weight`), load with `pack=False`, or give a
+        loaded network to `model_io.plain_weights`."""
         folder = Path(folder)
         if tokenizers is None:
             tokenizers = []

@@ -24,6 +24,7 @@ from stable_diffusion.config import read_pipeline_config
 from stable_diffusion.errors import HubUnreachable, ModelError
 from stable_diffusion.options import FLAGS
 from stable_diffusion.pipeline import StableDiffusion
+from stable_diffusion.unet import UNetModel
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
@@ -478,3 +479,31 @@ def test_packed_at_load_computes_what_unpacked_layers_compute(dtype, sd2, parity
         else:  # float32 sums in another order
             expected = np.array(theirs[name], np.float64)
             parity(f"packed at load, float32 {name}", value, expected, atol=1e-5 * float(np.abs(expected).max()))
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32], ids=["bfloat16", "float32"])
+def test_plain_weights_undo_the_packing_for_save_weights(dtype, sd2, tmp_path):
+    # A loaded network's save_weights wrote `packed_weight` tensors that an unpacked model cannot
+    # load; after plain_weights every weight is the one an unpacked load gives, bit for bit, and
+    # the saved file loads strictly into a fresh model.
+    if not (ops.bf16_products() if dtype == mx.bfloat16 else ops.f32_products()):
+        pytest.skip(f"no native {dtype} products on this CPU")
+    folder = Path(sd2)
+    config = read_pipeline_config(folder)
+    packed = StableDiffusion.from_folder(folder, config, dtype)
+    plain = StableDiffusion.from_folder(folder, config, dtype, pack=False)
+    for ours, theirs in ((packed.unet, plain.unet), (packed.text_encoders[0], plain.text_encoders[0]),
+                         (packed.vae, plain.vae)):
+        assert any("packed_weight" in m for _, m in ours.named_modules())
+        assert model_io.plain_weights(ours) is ours
+        assert not any("packed_weight" in m or "weight_shape" in m for _, m in ours.named_modules())
+        mine, expected = dict(tree_flatten(ours.parameters())), dict(tree_flatten(theirs.parameters()))
+        assert mine.keys() == expected.keys()
+        for key, value in mine.items():
+            assert value.dtype == expected[key].dtype and mx.array_equal(value, expected[key]).item(), key
+    packed.unet.save_weights(str(tmp_path / "unet.safetensors"))
+    fresh = UNetModel(config.unet)
+    fresh.load_weights(str(tmp_path / "unet.safetensors"), strict=True)
+    expected = dict(tree_flatten(plain.unet.parameters()))
+    for key, value in tree_flatten(fresh.parameters()):
+        assert mx.array_equal(value, expected[key]).item(), key
