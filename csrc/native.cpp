@@ -57,6 +57,7 @@
 #include "flash_attention.h"
 #include "gemm.h"
 #include "group_norm.h"
+#include "pool.h"
 
 namespace nb = nanobind;
 namespace mx = mlx::core;
@@ -116,36 +117,42 @@ int thread_count() {
   return count;
 }
 
+// Runs body(worker) for workers 0 .. workers - 1 (at most one per task and core) on the pool's
+// threads, worker 0 on this one; all on this thread when the pool is taken.
+inline void run_workers(int64_t tasks, int workers, const std::function<void(int)>& body) {
+  workers = static_cast<int>(std::min<int64_t>({workers, tasks, thread_count()}));
+  if (workers <= 1 || !worker_pool(thread_count()).run(workers, body)) body(0);
+}
+
 // Runs f(i, worker) for i in [0, n) on all cores; tasks are taken in order from a shared counter.
 template <class F>
 void parallel_for(int64_t n, int workers, F&& f) {
   std::atomic<int64_t> next{0};
-  auto work = [&](int worker) {
+  run_workers(n, workers, [&](int worker) {
     for (int64_t i = next++; i < n; i = next++) f(i, worker);
-  };
-  std::vector<std::thread> threads;
-  for (int t = 1; t < workers; ++t) threads.emplace_back(work, t);
-  work(0);
-  for (auto& t : threads) t.join();
+  });
 }
 
 // parallel_for for the AMX kernels (tiles = true): each worker loads the tile configuration before
-// its first task. Per call, not per thread's life: worker 0 is the stream's thread, where another
-// library may have loaded its own configuration since; after the call it releases the tiles (the
-// other workers' threads have ended), so that its context switches stop saving 8 KB of tile data.
+// its first task and releases the tiles after its last, per call: worker 0 is the stream's thread,
+// where another library may have loaded its own configuration since, and a thread that keeps the
+// tiles has 8 KB more to save at each context switch.
 template <class F>
 void parallel_for_tiles(int64_t n, int workers, bool tiles, F&& f) {
 #if defined(__x86_64__)
   if (tiles) {
-    std::vector<char> configured(workers, 0);
-    parallel_for(n, workers, [&](int64_t i, int worker) {
-      if (!configured[worker]) {
-        amx_configure();
-        configured[worker] = 1;
+    std::atomic<int64_t> next{0};
+    run_workers(n, workers, [&](int worker) {
+      bool configured = false;
+      for (int64_t i = next++; i < n; i = next++) {
+        if (!configured) {
+          amx_configure();
+          configured = true;
+        }
+        f(i, worker);
       }
-      f(i, worker);
+      if (configured) amx_release();
     });
-    if (configured[0]) amx_release();
     return;
   }
 #endif

@@ -434,6 +434,20 @@ def test_native_reader_matches_mx_load_and_astype(tmp_path):
 
 
 @needs_reader
+def test_a_file_cut_short_while_it_is_read_raises(tmp_path):
+    # Checked when the read is set up, the file may still shrink before the read runs (a hub cache
+    # rewritten under us). The workers' error comes back as an exception: it aborted the process
+    # when a worker thread other than the caller's threw.
+    path = tmp_path / "w.bin"
+    path.write_bytes(np.zeros((4096, 1024), np.float32).tobytes())
+    lazy = ops.read_tensor(path, 0, mx.float32, (4096, 1024), mx.float32)
+    os.truncate(path, 1024)
+    with pytest.raises(RuntimeError, match="the file ended or failed while reading"):
+        mx.eval(lazy)
+    assert mx.array_equal(ops.read_tensor(path, 0, mx.float32, (256,), mx.float32), mx.zeros((256,))).item()
+
+
+@needs_reader
 def test_weights_read_natively_are_those_mx_load_reads(sd2, monkeypatch):
     for dtype in (mx.float32, mx.bfloat16):
         native = StableDiffusion.from_pretrained(str(sd2), dtype=dtype)

@@ -752,6 +752,37 @@ def test_thread_count_can_be_set():
     assert blas.preload_blas().threads == before.threads
 
 
+NATIVE_WORKER_STATES = """
+    import os, time
+    import stable_diffusion, mlx.core as mx
+    from stable_diffusion.attention import flash_attention
+    q = mx.random.normal((2, 4, 512, 64))
+    mx.eval(q)
+    initial = set(os.listdir(f"/proc/{os.getpid()}/task"))
+    mx.eval(flash_attention(q, q, q, 0.125, kernel="generic"))
+    before = set(os.listdir(f"/proc/{os.getpid()}/task"))
+    for _ in range(20):
+        mx.eval(flash_attention(q, q, q, 0.125, kernel="generic"))
+    time.sleep(0.05)
+    me = os.getpid()
+    states = [open(f"/proc/{me}/task/{t}/stat").read().rsplit(")", 1)[1].split()[0]
+              for t in os.listdir(f"/proc/{me}/task") if int(t) != me]
+    print(len(before - initial), set(os.listdir(f"/proc/{me}/task")) == before, "".join(states))
+"""
+
+
+@needs_native
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc")
+def test_native_workers_are_kept_and_sleep_between_calls():
+    # The native kernels start their worker threads once (the same threads serve every call) and
+    # those wait without using a core.
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one core: the kernels start no worker threads")
+    started, same, states = run_python(NATIVE_WORKER_STATES).stdout.split()
+    assert int(started) >= 1 and same == "True"
+    assert "R" not in states, states
+
+
 OPENBLAS_WORKER_STATES = """
     import glob, os, time
     import stable_diffusion, mlx.core as mx
