@@ -4,6 +4,7 @@
 #pragma once
 
 #include <signal.h>
+#include <unistd.h>
 
 #include <condition_variable>
 #include <cstdint>
@@ -89,9 +90,18 @@ class Pool {
 };
 
 // The process's pool of `size` workers, started on first use and never destroyed: its threads wait
-// until the process ends. (No use after fork(): MLX's own stream thread does not survive it either.)
+// until the process ends. A child made by fork() has none of its parent's threads (and may have
+// inherited a mutex held by one of them), so its first call starts a pool of its own; MLX runs
+// there on a new stream (its default stream's thread did not survive the fork either).
 inline Pool& worker_pool(int size) {
-  static Pool* pool = new Pool(size);
+  static std::mutex creating;
+  static Pool* pool = nullptr;
+  static pid_t owner = 0;
+  std::lock_guard<std::mutex> lock(creating);
+  if (pool == nullptr || owner != getpid()) {  // the parent's pool, if any, is left as it was
+    pool = new Pool(size);
+    owner = getpid();
+  }
   return *pool;
 }
 

@@ -783,6 +783,33 @@ def test_native_workers_are_kept_and_sleep_between_calls():
     assert "R" not in states, states
 
 
+NATIVE_AFTER_FORK = """
+    import os, signal
+    import stable_diffusion, mlx.core as mx
+    from stable_diffusion.attention import flash_attention
+    q = mx.random.normal((1, 4, 256, 64))
+    expected = flash_attention(q, q, q, 0.125, kernel="generic")
+    mx.eval(expected)  # the parent's worker threads are started
+    pid = os.fork()
+    if pid == 0:  # none of them in the child; MLX's default stream is gone too, a new one works
+        signal.alarm(30)
+        with mx.stream(mx.new_stream(mx.cpu)):
+            same = mx.array_equal(flash_attention(q, q, q, 0.125, kernel="generic"), expected).item()
+        os._exit(0 if same else 3)
+    print(os.waitpid(pid, 0)[1])
+"""
+
+
+@needs_native
+@pytest.mark.skipif(sys.platform != "linux", reason="fork")
+def test_a_forked_child_runs_the_native_kernels_with_workers_of_its_own():
+    # A child made by fork() inherits the pool's state but none of its threads: it would wait for
+    # them forever (killed by its alarm, status 14) had it not started its own.
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one core: the kernels start no worker threads")
+    assert run_python(NATIVE_AFTER_FORK).stdout.split() == ["0"]
+
+
 OPENBLAS_WORKER_STATES = """
     import glob, os, time
     import stable_diffusion, mlx.core as mx
