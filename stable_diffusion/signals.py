@@ -126,16 +126,22 @@ def deferred():
     try:
         yield
     finally:
+        first = pending[0] if pending else None
         try:
-            if pending:
+            if first is not None:
                 # The first signal is handled as it would have been, before any other handler is
                 # back: a second signal landing while they are restored must not overtake it.
-                signal.signal(pending[0], previous[pending[0]])
-                signal.raise_signal(pending[0])
+                signal.signal(first, previous[first])
+                signal.raise_signal(first)
         finally:
             for signum, handler in previous.items():
                 if signal.getsignal(signum) is defer:  # the stop handler may have replaced it
                     signal.signal(signum, handler)
+            if first is None and pending:
+                # One that Python handled between the check above and its handler's return went
+                # to `defer`: it is handled now, or it would be lost (11 SIGTERMs of 60 were, sent
+                # at random to a loop of deferred blocks).
+                signal.raise_signal(pending[0])
 
 
 @contextlib.contextmanager
