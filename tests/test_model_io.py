@@ -462,16 +462,22 @@ def test_weights_read_natively_are_those_mx_load_reads(sd2, monkeypatch):
                 assert mx.array_equal(ours[key], theirs[key]).item(), f"{dtype} {key}"
 
 
-@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32], ids=["bfloat16", "float32"])
-def test_packed_at_load_computes_what_unpacked_layers_compute(dtype, sd2, parity):
-    # Packed once at load (the weights held once) against unpacked layers: in bfloat16 those pack
-    # at each call (the same kernel, so the same bits); in float32 they take OpenBLAS and MLX.
+def _loaded_packed_and_plain(sd2, dtype) -> tuple:
+    """The tiny SD 2 model's config, and the model loaded in `dtype` with its layers packed and
+    without; skips where this CPU has no native products in `dtype`."""
     if not (ops.bf16_products() if dtype == mx.bfloat16 else ops.f32_products()):
         pytest.skip(f"no native {dtype} products on this CPU")
     folder = Path(sd2)
     config = read_pipeline_config(folder)
-    packed = StableDiffusion.from_folder(folder, config, dtype)
-    plain = StableDiffusion.from_folder(folder, config, dtype, pack=False)
+    return (config, StableDiffusion.from_folder(folder, config, dtype),
+            StableDiffusion.from_folder(folder, config, dtype, pack=False))
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32], ids=["bfloat16", "float32"])
+def test_packed_at_load_computes_what_unpacked_layers_compute(dtype, sd2, parity):
+    # Packed once at load (the weights held once) against unpacked layers: in bfloat16 those pack
+    # at each call (the same kernel, so the same bits); in float32 they take OpenBLAS and MLX.
+    config, packed, plain = _loaded_packed_and_plain(sd2, dtype)
     assert any("packed_weight" in m for _, m in packed.unet.named_modules())
     assert any("packed_weight" in m for _, m in packed.text_encoders[0].named_modules())
     assert not any("packed_weight" in m for _, m in plain.unet.named_modules())
@@ -500,12 +506,7 @@ def test_plain_weights_undo_the_packing_for_save_weights(dtype, sd2, tmp_path):
     # A loaded network's save_weights wrote `packed_weight` tensors that an unpacked model cannot
     # load; after plain_weights every weight is the one an unpacked load gives, bit for bit, and
     # the saved file loads strictly into a fresh model.
-    if not (ops.bf16_products() if dtype == mx.bfloat16 else ops.f32_products()):
-        pytest.skip(f"no native {dtype} products on this CPU")
-    folder = Path(sd2)
-    config = read_pipeline_config(folder)
-    packed = StableDiffusion.from_folder(folder, config, dtype)
-    plain = StableDiffusion.from_folder(folder, config, dtype, pack=False)
+    config, packed, plain = _loaded_packed_and_plain(sd2, dtype)
     for ours, theirs in ((packed.unet, plain.unet), (packed.text_encoders[0], plain.text_encoders[0]),
                          (packed.vae, plain.vae)):
         assert any("packed_weight" in m for _, m in ours.named_modules())

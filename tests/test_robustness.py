@@ -6,6 +6,7 @@ Runs use the tiny sd2 model. Checks that fail before any work run in this proces
 anything about exit statuses, signals, stderr and real disks runs the scripts as subprocesses.
 """
 
+import contextlib
 import errno
 import json
 import os
@@ -952,32 +953,42 @@ def test_a_full_output_device_does_not_stop_the_run(tmp_path, picture, sd2):
     assert listed(record) == set(assert_whole_pictures(tmp_path))
 
 
-def test_a_signal_held_back_by_a_write_stays_the_first(monkeypatch):
-    """A stop signal that lands while a file takes its name is handled once the file is listed; a
-    second one that lands while the handlers are being put back does not overtake it (it did once
-    in CI: SIGINT then SIGTERM ended with 143)."""
-    from stable_diffusion.signals import STOP_SIGNALS, Terminated, deferred, ignore_signal, stop
+@contextlib.contextmanager
+def stop_handlers_racing(monkeypatch, when: int, raises: int):
+    """The stop handler on every stop signal, and `raises` sent to this process the moment the
+    stop handler is put back on `when` (as `deferred` ends); everything put back afterwards."""
+    from stable_diffusion.signals import STOP_SIGNALS, stop
 
     install = signal.signal
 
     def racing(signum, handler):
         before = install(signum, handler)
-        if signum == signal.SIGTERM and handler is stop:
-            signal.raise_signal(signal.SIGTERM)  # lands the moment its handler is back
+        if signum == when and handler is stop:
+            signal.raise_signal(raises)  # handled at once, by whatever handler `raises` has now
         return before
 
     previous = {s: install(s, stop) for s in STOP_SIGNALS}
     try:
         monkeypatch.setattr(signal, "signal", racing)
+        yield
+    finally:
+        monkeypatch.undo()
+        for s, handler in previous.items():
+            install(s, handler)
+
+
+def test_a_signal_held_back_by_a_write_stays_the_first(monkeypatch):
+    """A stop signal that lands while a file takes its name is handled once the file is listed; a
+    second one that lands while the handlers are being put back does not overtake it (it did once
+    in CI: SIGINT then SIGTERM ended with 143)."""
+    from stable_diffusion.signals import STOP_SIGNALS, Terminated, deferred, ignore_signal
+
+    with stop_handlers_racing(monkeypatch, signal.SIGTERM, signal.SIGTERM):
         with pytest.raises(KeyboardInterrupt) as stopped:
             with deferred():
                 signal.raise_signal(signal.SIGINT)
         assert not isinstance(stopped.value, Terminated)
         assert all(signal.getsignal(s) is ignore_signal for s in STOP_SIGNALS)
-    finally:
-        monkeypatch.undo()
-        for s, handler in previous.items():
-            install(s, handler)
 
 
 def test_a_signal_that_lands_while_the_handlers_are_put_back_is_not_lost(monkeypatch):
@@ -985,27 +996,13 @@ def test_a_signal_that_lands_while_the_handlers_are_put_back_is_not_lost(monkeyp
     handlers back (SIGINT's is back, SIGTERM's not yet) still stops the run: it went to the block's
     own handler after its last look and was lost (11 SIGTERMs of 60 sent at random to a loop of
     such blocks; in CI a 200-step run finished through its SIGTERM)."""
-    from stable_diffusion.signals import STOP_SIGNALS, Terminated, deferred, stop
+    from stable_diffusion.signals import Terminated, deferred
 
-    install = signal.signal
-
-    def racing(signum, handler):
-        before = install(signum, handler)
-        if signum == signal.SIGINT and handler is stop:
-            signal.raise_signal(signal.SIGTERM)  # handled at once, by whatever SIGTERM has now
-        return before
-
-    previous = {s: install(s, stop) for s in STOP_SIGNALS}
-    try:
-        monkeypatch.setattr(signal, "signal", racing)
+    with stop_handlers_racing(monkeypatch, signal.SIGINT, signal.SIGTERM):
         with pytest.raises(Terminated) as stopped:
             with deferred():
                 pass
         assert stopped.value.signum == signal.SIGTERM
-    finally:
-        monkeypatch.undo()
-        for s, handler in previous.items():
-            install(s, handler)
 
 
 def test_memory_error_says_out_of_memory(capsys, tmp_path, picture, sd2, monkeypatch):
