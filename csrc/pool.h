@@ -52,8 +52,6 @@ class Pool {
     return true;
   }
 
-  int size() const { return static_cast<int>(threads_.size()) + 1; }
-
  private:
   void serve(int worker) {
     uint64_t seen = 0;
