@@ -79,9 +79,8 @@ void amx_configure() {
 
 void amx_release() { _tile_release(); }
 
-void gemm_bf16_task_amx(const GemmArgs& a, int64_t b, int64_t row_block, int64_t panel) {
-  const int64_t m0 = row_block * kGemmRows;
-  const int64_t rows = a.rows - m0 < kGemmRows ? a.rows - m0 : kGemmRows;
+void gemm_bf16_task_amx(const GemmArgs& a, int64_t b, int64_t m0, int64_t m1, int64_t panel) {
+  const int64_t rows = m1 - m0;  // at most kGemmRows (its ProductKernel's task_rows)
   const int64_t pairs = a.channels / 2;
   const int64_t chunks = (pairs + kChunkPairs - 1) / kChunkPairs;
   const int64_t tail_pairs = pairs - (chunks - 1) * kChunkPairs;  // in the last chunk, 1 to 16

@@ -76,8 +76,8 @@ void tile(const GemmArgs& a, int64_t b, int64_t m0, int64_t panel, int64_t t, in
 
 namespace sd_native {
 
-void gemm_bf16_task_avx512bf16(const GemmArgs& a, int64_t b, int64_t row_block, int64_t panel) {
-  for_passes_and_groups<kRegisterRows>(a, row_block, a.channels / 2,
+void gemm_bf16_task_avx512bf16(const GemmArgs& a, int64_t b, int64_t m0, int64_t m1, int64_t panel) {
+  for_passes_and_groups<kRegisterRows>(a, m0, m1, a.channels / 2,
       [&]<int R>(int64_t m, int64_t t, int64_t p0, int64_t p1, float* partial, bool first, bool last) {
         tile<R>(a, b, m, panel, t, p0, p1, partial, first, last);
       });

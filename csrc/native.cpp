@@ -626,7 +626,7 @@ bool amx_usable() {
   return usable;
 }
 
-using GemmTask = void (*)(const GemmArgs&, int64_t, int64_t, int64_t);
+using GemmTask = void (*)(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 
 struct ProductKernel {
   const char* name;
@@ -635,6 +635,9 @@ struct ProductKernel {
   // Bytes of packed weights a group of panels may hold (run_gemm), 0 for no groups: measured for
   // the float32 kernel only (512 KB, on a 2-core Ice Lake: 1.25 MB of L2 per core).
   int64_t group_bytes = 0;
+  // The most rows of one task: kGemmRows, or kTaskRows for a product of few rows (run_gemm),
+  // measured for the float32 kernel only.
+  int64_t task_rows = kGemmRows;
 };
 
 // The bfloat16 product kernels this CPU can run, fastest first; SD_AMX=0 (off, false, no) leaves
@@ -736,15 +739,18 @@ void run_gemm(GemmProblem p) {
   GemmArgs& a = p.a;
   a.offsets = p.offsets.data();
   const int64_t panels = (a.out_channels + kGemmCols - 1) / kGemmCols;
-  const int64_t row_blocks = (a.rows + kGemmRows - 1) / kGemmRows;
   if (panels == 0) return;  // no outputs
   const int workers = thread_count();
   // Tasks in row-block order take every panel's weights for one block of rows, which stays in the
   // cache: right where the weights fit in L2 (a UNet's layers). With few row blocks (the text
   // encoder's 154 rows: 2 blocks, a layer's weights up to 8 MB), the blocks of one panel go
-  // together instead, so that the weights stream from memory once, not once per block.
+  // together instead, so that the weights stream from memory once, not once per block; and where
+  // the kernel takes them all in one task and there are panels enough to share out, they are one.
+  int64_t row_blocks = (a.rows + kGemmRows - 1) / kGemmRows;
+  const bool by_panel = a.batch * row_blocks <= 2 * workers;
+  const int64_t block_rows = by_panel && a.rows <= p.kernel->task_rows && panels >= 4 * workers ? a.rows : kGemmRows;
+  if (block_rows > kGemmRows) row_blocks = 1;
   const int64_t blocks = a.batch * row_blocks;
-  const bool by_panel = blocks <= 2 * workers;
   // Otherwise, with a budget (group_bytes), the panels go in groups whose weights fit it: every
   // block of rows takes one group's panels before the next group starts, so that a layer whose
   // weights are larger than the cache (a UNet's 640 x 5120 feed-forward, 13 MB in float32) reads
@@ -761,7 +767,8 @@ void run_gemm(GemmProblem p) {
       const int64_t j = i - first * blocks;  // within the group: blocks x size tasks
       panel = first + j % size, block = j / size;
     }
-    p.kernel->task(a, block / row_blocks, block % row_blocks, panel);
+    const int64_t m0 = block % row_blocks * block_rows;
+    p.kernel->task(a, block / row_blocks, m0, std::min(a.rows, m0 + block_rows), panel);
   });
 }
 
@@ -852,7 +859,7 @@ mx::array bf16_pack(const mx::array& w) {
 // The float32 product kernel: AVX-512's, where the CPU has it.
 const ProductKernel* f32_kernel() {
 #if defined(__x86_64__)
-  static const ProductKernel kernel{"avx512", gemm_f32_task_avx512, false, 512 << 10};
+  static const ProductKernel kernel{"avx512", gemm_f32_task_avx512, false, 512 << 10, kTaskRows};
   if (std::string(isas().front().name) == "avx512") return &kernel;
 #endif
   return nullptr;

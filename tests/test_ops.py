@@ -1317,8 +1317,10 @@ def test_packed_f32_layers_match_float64(parity):
     # Packed as the loaders pack float32 layers on an AVX-512 CPU: the weight held once (exactly
     # recoverable), every call on the native product, a residual added to its float32 sums.
     # The 600 rows (7 blocks of 96) take 310 outputs' panels of 256 KB in groups of two, the last alone.
+    # With 4 cores or fewer, the 154 and 192 rows with 16 and 10 panels are one task per panel (kTaskRows).
     layers = [(ops.Linear(64, 70), (3, 5, 64)), (ops.Linear(1024, 130, bias=False), (154, 1024)),
-              (ops.Linear(1024, 310), (600, 1024))]
+              (ops.Linear(1024, 310), (600, 1024)), (ops.Linear(256, 1000), (2, 77, 256)),
+              (ops.Linear(96, 600), (192, 96)), (ops.Linear(96, 600), (193, 96))]
     for kernel, stride, padding in CONVOLUTIONS:
         for shape in [(2, 9, 13, 32, 40), (1, 12, 10, 3, 16), (1, 6, 5, 17, 130)]:  # odd channels, 3 panels
             layers.append((Conv2d(shape[3], shape[4], kernel, stride=stride, padding=padding), shape[:4]))
