@@ -167,9 +167,10 @@ def our_kernels(dtype: str, chunked: bool = False) -> dict:
                  "isa": OPENBLAS_CORES.get((core or "").lower())}
     vector = native.kernels()[0] if native is not None else None  # the float32 flash and norm kernels
     if dtype == "float32" and native is not None and native.has_f32_products():
-        # packed layers (linear, 1x1 and 3x3 convolutions) on the native AVX-512 kernel; OpenBLAS
-        # for the rest (the networks' last convolutions, attention's chunked path)
-        products = {"kernel": f"native avx512 (packed weights), else {sgemm['kernel']}", "isa": "avx512"}
+        # packed layers (linear, 1x1 and 3x3 convolutions) on the native kernel (avx512 or avx2);
+        # OpenBLAS for the rest (the networks' last convolutions, attention's chunked path)
+        kernel = native.f32_kernels()[0]
+        products = {"kernel": f"native {kernel} (packed weights), else {sgemm['kernel']}", "isa": kernel}
     elif dtype == "float32":
         products = sgemm
     elif dtype == "bfloat16" and native is not None and native.has_bf16_dot():

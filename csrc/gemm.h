@@ -44,6 +44,7 @@ struct GemmArgs {
 void gemm_bf16_task_avx512bf16(const GemmArgs&, int64_t b, int64_t m0, int64_t m1, int64_t panel);
 void gemm_bf16_task_amx(const GemmArgs&, int64_t b, int64_t m0, int64_t m1, int64_t panel);
 void gemm_f32_task_avx512(const GemmArgs&, int64_t b, int64_t m0, int64_t m1, int64_t panel);
+void gemm_f32_task_avx2(const GemmArgs&, int64_t b, int64_t m0, int64_t m1, int64_t panel);
 
 // The epilogue's two lookups, shared by the kernels (plain code, no standard library inline
 // functions): the columns of `panel` that are outputs (kGemmCols but in a last, partial panel)

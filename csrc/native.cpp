@@ -832,7 +832,7 @@ class Product : public mx::UnaryPrimitive {
   bool has_bias_;
   int64_t row_period_, row_valid_;
   bool has_addend_;
-  const ProductKernel* kernel_;  // bf16_kernel_list()'s or f32_kernel(), which live as long as the process
+  const ProductKernel* kernel_;  // bf16_kernel_list()'s or f32_kernel_list()'s, which live as long as the process
 };
 
 void require_bf16_dot() {
@@ -856,19 +856,41 @@ mx::array bf16_pack(const mx::array& w) {
   return pack(w);
 }
 
-// The float32 product kernel: AVX-512's, where the CPU has it.
-const ProductKernel* f32_kernel() {
+// The float32 product kernels this CPU can run, fastest first: AVX-512's, AVX2's (16 registers
+// of 8 floats).
+const std::vector<ProductKernel>& f32_kernel_list() {
+  static const std::vector<ProductKernel> kernels = [] {
+    std::vector<ProductKernel> found;
 #if defined(__x86_64__)
-  static const ProductKernel kernel{"avx512", gemm_f32_task_avx512, false, 512 << 10, kTaskRows};
-  if (std::string(isas().front().name) == "avx512") return &kernel;
+    for (const Isa& isa : isas()) {
+      if (std::string(isa.name) == "avx512") found.push_back({"avx512", gemm_f32_task_avx512, false, 512 << 10, kTaskRows});
+      if (std::string(isa.name) == "avx2") found.push_back({"avx2", gemm_f32_task_avx2, false, 512 << 10, kTaskRows});
+    }
 #endif
-  return nullptr;
+    return found;
+  }();
+  return kernels;
 }
 
-bool has_f32_products() { return f32_kernel() != nullptr; }
+bool has_f32_products() { return !f32_kernel_list().empty(); }
+
+const ProductKernel& pick_f32_kernel(const std::string& name) {
+  const auto& kernels = f32_kernel_list();
+  if (kernels.empty()) throw std::invalid_argument("f32 products: this CPU has neither AVX-512 nor AVX2");
+  if (name.empty()) return kernels.front();
+  for (const ProductKernel& k : kernels)
+    if (name == k.name) return k;
+  throw std::invalid_argument("f32 product kernel '" + name + "' is not available here");
+}
+
+std::vector<std::string> f32_kernel_names() {
+  std::vector<std::string> names;
+  for (const ProductKernel& k : f32_kernel_list()) names.emplace_back(k.name);
+  return names;
+}
 
 mx::array f32_pack(const mx::array& w) {
-  if (!has_f32_products()) throw std::invalid_argument("f32 products: this CPU has no AVX-512");
+  pick_f32_kernel("");
   if (w.ndim() != 3 || w.dtype() != mx::float32)
     throw std::invalid_argument("f32_pack: w must be (out, taps, channels) float32");
   return pack(w);
@@ -926,11 +948,12 @@ mx::array bf16_product(const mx::array& x, const mx::array& packed, int64_t out_
 
 mx::array f32_product(const mx::array& x, const mx::array& packed, int64_t out_channels,
                       const std::optional<mx::array>& bias, const std::vector<int64_t>& offsets, int64_t rows,
-                      int64_t row_period, int64_t row_valid, const std::optional<mx::array>& addend) {
-  if (!has_f32_products()) throw std::invalid_argument("f32 products: this CPU has no AVX-512");
+                      int64_t row_period, int64_t row_valid, const std::optional<mx::array>& addend,
+                      const std::string& kernel) {
+  const ProductKernel& chosen = pick_f32_kernel(kernel);
   if (x.dtype() != mx::float32)
     throw std::invalid_argument("f32_product: x must be (batch, positions, channels) float32");
-  return product("f32_product", *f32_kernel(), x, packed, out_channels, bias, offsets, rows, row_period, row_valid,
+  return product("f32_product", chosen, x, packed, out_channels, bias, offsets, rows, row_period, row_valid,
                  addend);
 }
 
@@ -1238,13 +1261,15 @@ NB_MODULE(_native, m) {
         "kept (the output has rows / row_period * row_valid rows). kernel: one of bf16_kernels(), default "
         "the first. Needs has_bf16_dot().");
   m.def("has_f32_products", &sd_native::has_f32_products,
-        "Whether f32_product runs here (an AVX-512 CPU).");
+        "Whether f32_product runs here (a CPU with AVX-512, or AVX2 and FMA).");
   m.def("f32_pack", &sd_native::f32_pack, "w"_a,
         "w (out, taps, channels) float32 packed for f32_product (float32 panels).");
   m.def("f32_product", &sd_native::f32_product, "x"_a, "packed"_a, "out_channels"_a, "bias"_a = nb::none(),
-        "offsets"_a, "rows"_a, "row_period"_a = 0, "row_valid"_a = 0, "addend"_a = nb::none(),
-        "bf16_product in float32: x, addend and out float32, packed = f32_pack(w), AVX-512 FMA. Needs "
-        "has_f32_products().");
+        "offsets"_a, "rows"_a, "row_period"_a = 0, "row_valid"_a = 0, "addend"_a = nb::none(), "kernel"_a = "",
+        "bf16_product in float32: x, addend and out float32, packed = f32_pack(w), FMA. kernel: one of "
+        "f32_kernels(), default the first. Needs has_f32_products().");
+  m.def("f32_kernels", &sd_native::f32_kernel_names,
+        "The float32 product kernels this CPU can run, fastest first: avx512, avx2; empty without them.");
   m.def("bf16_kernels", &sd_native::bf16_kernel_names,
         "The bfloat16 product kernels this CPU can run, fastest first: amx (where the CPU has AMX and Linux "
         "grants the tile state; not with SD_AMX=0), avx512_bf16; empty without AVX512_BF16.");

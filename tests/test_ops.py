@@ -2,6 +2,7 @@
 that `import stable_diffusion` puts under MLX."""
 
 import ctypes
+import functools
 import importlib.util
 import mmap
 import os
@@ -1224,14 +1225,25 @@ def test_conv2d_takes_the_shifted_path_only_where_it_applies(monkeypatch):
     assert cases["3x3 wide"][0]._shifted(x) == ops.CPU_PATHS  # 32 channels
 
 
-needs_f32_products = pytest.mark.skipif(not ops.f32_products(), reason="no native float32 products (AVX-512) here")
+needs_f32_products = pytest.mark.skipif(not ops.f32_products(), reason="no native float32 products (AVX-512, AVX2) here")
+
+
+@pytest.fixture(params=["avx512", "avx2"])
+def f32_kernel(request, monkeypatch):
+    """Each float32 product kernel this CPU runs (an AVX-512 CPU runs both), as the layers' product."""
+    if request.param not in NATIVE.f32_kernels():
+        pytest.skip(f"no {request.param} float32 product kernel on this CPU")
+    chosen = functools.partial(NATIVE.f32_product, kernel=request.param)
+    original = ops._product
+    monkeypatch.setattr(ops, "_product", lambda x: chosen if x.dtype == mx.float32 else original(x))
+    return chosen
 
 
 @needs_f32_products
 @pytest.mark.parametrize("shape", [(2, 5, 7, 24, 64), (1, 9, 4, 32, 70), (2, 6, 6, 16, 130), (1, 17, 3, 150, 96),
                                    (1, 4, 5, 17, 19)],
                          ids=["one panel", "a partial panel", "three panels", "rows past a row block", "odd channels"])
-def test_native_f32_conv3x3_matches_float64(shape, monkeypatch, parity):
+def test_native_f32_conv3x3_matches_float64(shape, f32_kernel, monkeypatch, parity):
     # (B, H, W, C, O) through Conv2d as the networks call it: the map in the norm's zero border or
     # framed by the call, the bias and the residual added to the float32 sums, the border columns
     # not written; outputs past a 64-wide panel and rows past a group of 6 or a block of 96 masked.
@@ -1256,14 +1268,14 @@ def test_native_f32_conv3x3_matches_float64(shape, monkeypatch, parity):
 
 
 @needs_f32_products
-def test_native_f32_product_without_bias_over_taps_and_periods(parity):
+def test_native_f32_product_without_bias_over_taps_and_periods(f32_kernel, parity):
     # A linear layer (one tap) and two taps with a row period that keeps 3 rows of every 5.
     x, w = random((2, 20, 40), 34), random((70, 2, 40), 35, 0.2)
     packed = NATIVE.f32_pack(mx.array(w))
     assert packed.dtype == mx.float32 and packed.shape == (2, 2, 40, 64)
-    one = NATIVE.f32_product(mx.array(x), NATIVE.f32_pack(mx.array(w[:, :1])), 70, None, [0], 20)
+    one = f32_kernel(mx.array(x), NATIVE.f32_pack(mx.array(w[:, :1])), 70, None, [0], 20)
     parity("native f32 product, one tap", one, np.einsum("bmc,oc->bmo", x, w[:, 0]), atol=5e-6)
-    two = NATIVE.f32_product(mx.array(x), packed, 70, None, [0, 4], 15, row_period=5, row_valid=3)
+    two = f32_kernel(mx.array(x), packed, 70, None, [0, 4], 15, row_period=5, row_valid=3)
     full = np.einsum("bmc,oc->bmo", x[:, :15], w[:, 0]) + np.einsum("bmc,oc->bmo", x[:, 4:19], w[:, 1])
     kept = full.reshape(2, 3, 5, 70)[:, :, :3].reshape(2, 9, 70)
     parity("native f32 product, two taps, periods", two, kept, atol=5e-6)
@@ -1313,7 +1325,7 @@ def test_native_f32_conv_only_where_it_applies(monkeypatch):
 
 
 @needs_f32_products
-def test_packed_f32_layers_match_float64(parity):
+def test_packed_f32_layers_match_float64(f32_kernel, parity):
     # Packed as the loaders pack float32 layers on an AVX-512 CPU: the weight held once (exactly
     # recoverable), every call on the native product, a residual added to its float32 sums.
     # The 600 rows (7 blocks of 96) take 310 outputs' panels of 256 KB in groups of two, the last alone.
