@@ -157,7 +157,7 @@ def test_native_status_says_what_is_used():
         # CI builds the module from the clean clone and sets this, so a failed build fails there.
         assert os.environ.get("SD_REQUIRE_NATIVE") != "1", status
     else:
-        products = ", float32 products (avx512)" if KERNELS[0] == "avx512" else ""
+        products = f", float32 products ({KERNELS[0]})" if KERNELS[0] in ("avx512", "avx2") else ""
         products += f", bfloat16 products ({NATIVE.bf16_kernels()[0]})" if NATIVE.has_bf16_dot() else ""
         if NATIVE.bf16_kernels()[:1] == ["amx"]:
             products += ", bfloat16 attention (amx)"
