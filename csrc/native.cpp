@@ -857,7 +857,9 @@ mx::array bf16_pack(const mx::array& w) {
 }
 
 // The float32 product kernels this CPU can run, fastest first: AVX-512's, AVX2's (16 registers
-// of 8 floats).
+// of 8 floats). Layers take them (has_f32_products) only with AVX-512: AVX2's kernel beat OpenBLAS's
+// Haswell kernels on an Ice Lake held to AVX2 (1.0-1.5x a product) but not a whole UNet call
+// (0.99-1.04x), and is unmeasured on an AVX2 CPU; f32_product(kernel="avx2") runs it there.
 const std::vector<ProductKernel>& f32_kernel_list() {
   static const std::vector<ProductKernel> kernels = [] {
     std::vector<ProductKernel> found;
@@ -872,7 +874,7 @@ const std::vector<ProductKernel>& f32_kernel_list() {
   return kernels;
 }
 
-bool has_f32_products() { return !f32_kernel_list().empty(); }
+bool has_f32_products() { return !f32_kernel_list().empty() && std::string(f32_kernel_list().front().name) == "avx512"; }
 
 const ProductKernel& pick_f32_kernel(const std::string& name) {
   const auto& kernels = f32_kernel_list();
@@ -1261,7 +1263,8 @@ NB_MODULE(_native, m) {
         "kept (the output has rows / row_period * row_valid rows). kernel: one of bf16_kernels(), default "
         "the first. Needs has_bf16_dot().");
   m.def("has_f32_products", &sd_native::has_f32_products,
-        "Whether f32_product runs here (a CPU with AVX-512, or AVX2 and FMA).");
+        "Whether the float32 layers take f32_product here (an AVX-512 CPU; with AVX2 only, it runs with "
+        "kernel='avx2' but layers keep OpenBLAS).");
   m.def("f32_pack", &sd_native::f32_pack, "w"_a,
         "w (out, taps, channels) float32 packed for f32_product (float32 panels).");
   m.def("f32_product", &sd_native::f32_product, "x"_a, "packed"_a, "out_channels"_a, "bias"_a = nb::none(),

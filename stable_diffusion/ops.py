@@ -18,14 +18,14 @@ EPYC (AVX2) with the full SD 2.1-base networks, so the CPU gets its own paths:
 4. A 3x3 convolution builds an im2col matrix of 9x the input (2.4 GB for the VAE decoder's
    512x512x256 maps): at that size allocating and filling it costs more than the product.
    `Conv2d` computes such convolutions as nine shifted matrix products instead (`conv3x3`), or,
-   in float32 on an AVX-512 or AVX2 CPU with the native module, as one native product summing nine
+   in float32 on an AVX-512 CPU with the native module, as one native product that sums the nine
    taps in registers (a packed layer's, see 5; else `NATIVE_F32_CONV_ROWS`).
 5. bfloat16 matrix products and convolutions are a scalar loop (a UNet call about 10x slower than
    in float32). Where the CPU has AVX512_BF16 and the native module is built, `Linear` and `Conv2d`
    take bfloat16 through its dot-product instruction, float32 sums (`bf16_linear`, `bf16_conv`),
    and bfloat16 may become the CPU's default dtype (calibrate.py measures whether it is faster).
    Such layers hold their weight only in the kernel's packed layout (`pack_weights`), which the
-   loaders read straight from the files (`read_tensor`). On an AVX-512 or AVX2 CPU float32 layers
+   loaders read straight from the files (`read_tensor`). On an AVX-512 CPU the float32 layers
    hold theirs packed too, for the same product in float32 (`f32_product`), faster there than
    OpenBLAS's products and MLX's convolution.
 """
@@ -314,7 +314,7 @@ SHIFTED_CONV_CHANNELS = 64
 
 # From this many output rows (batch x height x (width + 2)), an unpacked float32 3x3 convolution (a
 # model built in memory; the loaders pack them) runs on the native product (`f32_product`, where the
-# CPU has AVX-512 or AVX2) over the input in `FRAME`'s border: the nine taps summed in registers, each output
+# CPU has AVX-512) over the input in `FRAME`'s border: the nine taps summed in registers, each output
 # written once, no im2col. Its weight is packed at each call, a pass over the weight that costs as
 # much as the product of a few hundred rows, so smaller maps keep mx.conv2d. On a 2-core Zen 4
 # inside a UNet call (2 x 64x64 latent): 74 against 90 ms a 64x64 x 320 convolution, even at
@@ -384,12 +384,12 @@ def _pointwise(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (same parameters, same names) that takes `conv3x3` on the CPU where it is faster:
     float32 3x3 convolutions with stride 1 and padding 1, with a large im2col matrix or few
-    output channels, or on large maps the native float32 product where the CPU has AVX-512/AVX2
+    output channels, or on large maps the native float32 product where the CPU has AVX-512
     (`_native_f32`, the weight packed at each call); and bfloat16 1x1 convolutions and 3x3 ones
     with stride 1 (padding 1) or 2 through the native bfloat16 products where the CPU has them
     (`bf16_conv`). Packed (see `pack_weights`), it holds `packed_weight` and `weight_shape`
     (O, kh, kw, C) instead of `weight`, and takes those convolutions on the native product of its
-    dtype (float32 too, with AVX-512 or AVX2).
+    dtype (float32 too, with AVX-512).
 
     `conv(x, norm=n, residual=r)` is conv(silu(n(x))) + r, the resnet blocks' sequence. On the CPU
     with the native module, a 3x3 convolution then reads the norm's output straight from the zero
@@ -524,12 +524,12 @@ class Conv2d(nn.Conv2d):
 # in float32). Where the CPU has AVX512_BF16, the native module's `bf16_product` takes linear layers
 # and 1x1 and 3x3 convolutions in bfloat16 through its dot-product instruction, or AMX's tile
 # product where the CPU has AMX, with float32 sums and one rounding of each output to bfloat16.
-# `f32_product` takes packed float32 layers (2-core Ice Lake: 1.1-3x OpenBLAS's, MLX's and `conv3x3`'s
-# speed in a UNet call, 1.3x on the text encoder; its AVX2 kernel 1.0-1.5x OpenBLAS's Haswell kernels).
+# With AVX-512, `f32_product` takes packed float32 layers (2-core Ice Lake: 1.1-3x OpenBLAS's, MLX's
+# and `conv3x3`'s speed in a UNet call; 1.3x on the text encoder's 154 rows).
 
 
 def f32_products() -> bool:
-    """Whether float32 layers may run on the native products here (an AVX-512 or AVX2 CPU)."""
+    """Whether float32 layers may run on the native products here (an AVX-512 CPU)."""
     native = _native()[0]
     return native is not None and native.has_f32_products()
 
@@ -761,7 +761,7 @@ def plus_residual(layer: nn.Module, x: mx.array, residual: mx.array | None) -> m
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same names) that takes `bf16_linear` for bfloat16 on a CPU with
     AVX512_BF16. Packed (see `pack_weights`), it holds `packed_weight` and `weight_shape` (N, K)
-    instead of `weight`, and takes the native product of its dtype (float32 too: AVX-512, AVX2)."""
+    instead of `weight`, and takes the native product of its dtype (float32 too, with AVX-512)."""
 
     def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
         """The layer, plus `residual` if given (a transformer block's skip connection): in the native

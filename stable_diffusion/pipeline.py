@@ -66,7 +66,7 @@ class StableDiffusion:
         """`tokenizers`: the folder's, already read and checked against the encoders (a session
         reads them before any weight, to plan); else read here. The weights are read into memory
         here, and with `pack` (see ops.pack_weights) held packed where the native products take
-        them (bfloat16 with AVX512_BF16, float32 with AVX-512 or AVX2). A packed layer has `packed_weight`
+        them (bfloat16 with AVX512_BF16, float32 with AVX-512). A packed layer has `packed_weight`
         in place of `weight`: for code that expects MLX's plain layers (`save_weights` for another
         program, an `nn.quantize` predicate that reads `weight`), load with `pack=False`, or give a
         loaded network to `model_io.plain_weights`."""
