@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stable_diffusion import ops  # noqa: E402  (first: it puts the optimised BLAS under MLX)
+from stable_diffusion.memory import use_cpu_buffer_cache  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 
@@ -56,6 +57,7 @@ def main() -> int:
     if native is None or not native.f32_kernels():
         print(f"no native float32 product kernel here ({ops.native_status()})")
         return 1
+    use_cpu_buffer_cache()  # as the pipeline does: outputs of 10-80 MB are not page-faulted in afresh
     reps = 1 if args.smoke else args.reps
     linear = [(7, 24, 70)] if args.smoke else LINEAR
     convs = [(1, 6, 5, 16, 70)] if args.smoke else CONV3X3
