@@ -1,8 +1,8 @@
 // Products with float32 sums over packed weights: bfloat16 through AVX512_BF16's dot-product
-// instruction (vdpbf16ps) or AMX's tile product (tdpbf16ps), and float32 through AVX-512 FMA (the
-// 3x3 convolutions, whose nine taps it sums in registers). The interface shared by the primitive
-// (native.cpp) and the kernels (gemm_avx512bf16.cpp, gemm_amx.cpp, gemm_avx512f32.cpp, each
-// compiled with its -m flags, used only where the CPU has the instructions).
+// instruction (vdpbf16ps) or AMX's tile product (tdpbf16ps), and float32 through AVX-512 or AVX2
+// FMA (the 3x3 convolutions, whose nine taps it sums in registers). The interface shared by the
+// primitive (native.cpp) and the kernels (gemm_avx512bf16.cpp, gemm_amx.cpp, gemm_avx512f32.cpp,
+// gemm_avx2f32.cpp, each compiled with its -m flags, used only where the CPU has the instructions).
 //
 // One kernel serves linear layers and convolutions. With T taps at row offsets off[t],
 //   out[b, m, o] = bias[o] + sum_t sum_c x[b, m + off[t], c] w[o, t, c]

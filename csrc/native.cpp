@@ -661,23 +661,31 @@ const std::vector<ProductKernel>& bf16_kernel_list() {
   return kernels;
 }
 
-const ProductKernel& pick_bf16_kernel(const std::string& name) {
-  const auto& kernels = bf16_kernel_list();
-  if (kernels.empty()) throw std::invalid_argument("bf16 products: this CPU has no AVX512_BF16");
+// The kernel of `kernels` named `name` (the first for ""), else ValueError: "<what> products: <none>"
+// where the list is empty.
+const ProductKernel& pick_kernel(const std::vector<ProductKernel>& kernels, const std::string& name,
+                                 const std::string& what, const std::string& none) {
+  if (kernels.empty()) throw std::invalid_argument(what + " products: " + none);
   if (name.empty()) return kernels.front();
   for (const ProductKernel& k : kernels)
     if (name == k.name) return k;
-  throw std::invalid_argument("bf16 product kernel '" + name + "' is not available here");
+  throw std::invalid_argument(what + " product kernel '" + name + "' is not available here");
+}
+
+std::vector<std::string> product_kernel_names(const std::vector<ProductKernel>& kernels) {
+  std::vector<std::string> names;
+  for (const ProductKernel& k : kernels) names.emplace_back(k.name);
+  return names;
+}
+
+const ProductKernel& pick_bf16_kernel(const std::string& name) {
+  return pick_kernel(bf16_kernel_list(), name, "bf16", "this CPU has no AVX512_BF16");
 }
 
 // Whether the bfloat16 products use AMX: then attention in bfloat16 does too.
 bool amx_in_use() { return !bf16_kernel_list().empty() && bf16_kernel_list().front().tiles; }
 
-std::vector<std::string> bf16_kernel_names() {
-  std::vector<std::string> names;
-  for (const ProductKernel& k : bf16_kernel_list()) names.emplace_back(k.name);
-  return names;
-}
+std::vector<std::string> bf16_kernel_names() { return product_kernel_names(bf16_kernel_list()); }
 
 // n rows of `words` 32-bit words (row j at src + j * stride bytes) into columns of a panel's tap:
 // word q of row j to dst[q * kGemmCols + j]. In blocks of 16 words, so that each row's 64 bytes
@@ -865,8 +873,9 @@ const std::vector<ProductKernel>& f32_kernel_list() {
     std::vector<ProductKernel> found;
 #if defined(__x86_64__)
     for (const Isa& isa : isas()) {
-      if (std::string(isa.name) == "avx512") found.push_back({"avx512", gemm_f32_task_avx512, false, 512 << 10, kTaskRows});
-      if (std::string(isa.name) == "avx2") found.push_back({"avx2", gemm_f32_task_avx2, false, 512 << 10, kTaskRows});
+      const std::string name = isa.name;
+      if (name == "avx512") found.push_back({"avx512", gemm_f32_task_avx512, false, 512 << 10, kTaskRows});
+      if (name == "avx2") found.push_back({"avx2", gemm_f32_task_avx2, false, 512 << 10, kTaskRows});
     }
 #endif
     return found;
@@ -877,19 +886,10 @@ const std::vector<ProductKernel>& f32_kernel_list() {
 bool has_f32_products() { return !f32_kernel_list().empty() && std::string(f32_kernel_list().front().name) == "avx512"; }
 
 const ProductKernel& pick_f32_kernel(const std::string& name) {
-  const auto& kernels = f32_kernel_list();
-  if (kernels.empty()) throw std::invalid_argument("f32 products: this CPU has neither AVX-512 nor AVX2");
-  if (name.empty()) return kernels.front();
-  for (const ProductKernel& k : kernels)
-    if (name == k.name) return k;
-  throw std::invalid_argument("f32 product kernel '" + name + "' is not available here");
+  return pick_kernel(f32_kernel_list(), name, "f32", "this CPU has neither AVX-512 nor AVX2");
 }
 
-std::vector<std::string> f32_kernel_names() {
-  std::vector<std::string> names;
-  for (const ProductKernel& k : f32_kernel_list()) names.emplace_back(k.name);
-  return names;
-}
+std::vector<std::string> f32_kernel_names() { return product_kernel_names(f32_kernel_list()); }
 
 mx::array f32_pack(const mx::array& w) {
   pick_f32_kernel("");
