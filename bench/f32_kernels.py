@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -27,24 +26,14 @@ from stable_diffusion.memory import use_cpu_buffer_cache  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 
-from bf16_kernels import cpu_name  # noqa: E402
+from bf16_kernels import best_ms, cpu_name  # noqa: E402
 
 LINEAR = [(8192, 320, 320), (8192, 320, 2560), (8192, 1280, 320), (154, 1024, 4096), (154, 4096, 1024)]
 CONV3X3 = [(2, 64, 64, 320, 320), (2, 32, 32, 640, 640), (1, 128, 128, 512, 512), (1, 256, 256, 256, 256)]
 
 
-def best_seconds(run, reps: int) -> float:
-    mx.eval(run())
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        mx.eval(run())
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def row(name: str, flops: float, runs: dict, reps: int) -> None:
-    cells = ", ".join(f"{side} {flops / best_seconds(run, reps) / 1e9:.0f}" for side, run in runs.items())
+    cells = ", ".join(f"{side} {flops / best_ms(run, reps) / 1e6:.0f}" for side, run in runs.items())
     print(f"{name}: {cells} GFLOP/s", flush=True)
 
 

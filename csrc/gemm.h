@@ -97,6 +97,20 @@ inline void for_passes_and_groups(const GemmArgs& a, int64_t m0, int64_t m1, int
     }
 }
 
+// The float32 kernels' task: for_passes_and_groups over all channels, with
+// tile.template operator()<R, prefetch>(m, t, c0, c1, partial, first, last), where prefetch (the
+// task's first group of rows) asks the next pass's weights ahead.
+template <int R, class Tile>
+inline void f32_passes(const GemmArgs& a, int64_t m0, int64_t m1, Tile&& tile) {
+  for_passes_and_groups<R>(a, m0, m1, a.channels,
+      [&]<int N>(int64_t m, int64_t t, int64_t c0, int64_t c1, float* partial, bool first, bool last) {
+        if (m == m0)
+          tile.template operator()<N, true>(m, t, c0, c1, partial, first, last);
+        else
+          tile.template operator()<N, false>(m, t, c0, c1, partial, first, last);
+      });
+}
+
 // The AMX tasks need the tile configuration loaded on their thread (ldtilecfg is per thread, and
 // another library on the thread may load its own): once per thread per product, before its first
 // task; release puts the tiles back in their initial state, so that the thread's context switches
