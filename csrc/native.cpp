@@ -754,10 +754,9 @@ void run_gemm(GemmProblem p) {
   // encoder's 154 rows: 2 blocks, a layer's weights up to 8 MB), the blocks of one panel go
   // together instead, so that the weights stream from memory once, not once per block; and where
   // the kernel takes them all in one task and there are panels enough to share out, they are one.
-  int64_t row_blocks = (a.rows + kGemmRows - 1) / kGemmRows;
-  const bool by_panel = a.batch * row_blocks <= 2 * workers;
+  const bool by_panel = a.batch * ((a.rows + kGemmRows - 1) / kGemmRows) <= 2 * workers;
   const int64_t block_rows = by_panel && a.rows <= p.kernel->task_rows && panels >= 4 * workers ? a.rows : kGemmRows;
-  if (block_rows > kGemmRows) row_blocks = 1;
+  const int64_t row_blocks = (a.rows + block_rows - 1) / block_rows;
   const int64_t blocks = a.batch * row_blocks;
   // Otherwise, with a budget (group_bytes), the panels go in groups whose weights fit it: every
   // block of rows takes one group's panels before the next group starts, so that a layer whose
@@ -883,7 +882,10 @@ const std::vector<ProductKernel>& f32_kernel_list() {
   return kernels;
 }
 
-bool has_f32_products() { return !f32_kernel_list().empty() && std::string(f32_kernel_list().front().name) == "avx512"; }
+bool has_f32_products() {
+  const auto& kernels = f32_kernel_list();
+  return !kernels.empty() && std::string(kernels.front().name) == "avx512";
+}
 
 const ProductKernel& pick_f32_kernel(const std::string& name) {
   return pick_kernel(f32_kernel_list(), name, "f32", "this CPU has neither AVX-512 nor AVX2");
