@@ -32,6 +32,8 @@ except ImportError:  # Windows: no flock; one writer per name is then not enforc
     fcntl = None
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# Lone surrogates that no bytes give: surrogateescape keeps a byte that is not UTF-8 as U+DC80-U+DCFF.
+_NOT_BYTES = re.compile("[\ud800-\udc7f\udd00-\udfff]")
 # Folders we cannot write into because of who or where the user pointed us: the user can fix these.
 _USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR}
 
@@ -469,6 +471,16 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     raise TypeError(f"cannot write a {type(value).__name__} into JSON metadata: {value!r}")
+
+
+def text_flaw(text: str, kept_bytes: bool = False) -> str | None:
+    """What keeps `text`, read from a JSON file, from being a prompt or an argument: a NUL, or a lone
+    surrogate, which UTF-8 cannot carry (JSON's \\ud800); None for text. With `kept_bytes` (a record
+    of ours, see to_json), U+DC80-U+DCFF are bytes that were not UTF-8, and pass."""
+    if "\0" in text:
+        return "a NUL character"
+    surrogate = (_NOT_BYTES if kept_bytes else _SURROGATE).search(text)
+    return None if surrogate is None else f"a lone surrogate (U+{ord(surrogate[0]):04X}, not text)"
 
 
 def to_json(record: Mapping[str, Any], indent: int | None = None) -> str:

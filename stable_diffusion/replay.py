@@ -18,6 +18,7 @@ import re
 
 from . import options
 from .errors import InputError
+from .files import text_flaw
 
 COMMANDS = ("image2image", "txt2image")
 # Fields a picture may not set, and why: destinations, other sources, the process's behaviour.
@@ -53,8 +54,8 @@ def check_arguments(arguments, parser, path) -> list:
             raise _refuse(path, f"its record's arguments must be text, found {type(item).__name__}")
         if len(item) > MAX_ARGUMENT_CHARS:
             raise _refuse(path, f"its record holds an argument of {len(item)} characters")
-        if "\0" in item:
-            raise _refuse(path, "its record holds a NUL character")
+        if flaw := text_flaw(item, kept_bytes=True):
+            raise _refuse(path, f"its record holds {flaw}")
     actions = parser._option_string_actions  # option string -> action (argparse keeps no public map)
     for item in arguments:
         if item == "--":
@@ -170,8 +171,8 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
             raise InputError(f"{path} records no input picture: give it first, "
                              f"image2image.py INPUT --replay {path}")
         positional, rest_positional = [rest[0], fields["prompt"]], rest[1:]
-    if "\0" in fields["prompt"] or "\0" in fields.get("negative_prompt", ""):
-        raise _refuse(path, "its parameters hold a NUL character")
+    if flaw := text_flaw(fields["prompt"] + fields.get("negative_prompt", ""), kept_bytes=True):
+        raise _refuse(path, f"its parameters hold {flaw}")
     if any(p.startswith("-") for p in positional):
         return flags + rest_positional + ["--"] + positional, notes, None
     return positional + flags + rest_positional, notes, None

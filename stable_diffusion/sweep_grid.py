@@ -12,7 +12,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from .errors import InputError
-from .files import read_regular
+from .files import read_regular, text_flaw
 from .spec import SpecError
 
 # The fields a grid varies, outermost first: the run order, the manifest order, the name order.
@@ -106,8 +106,8 @@ def _file_values(key: str, value, kind: type) -> tuple:
     if not items:
         raise SpecError(key, "{flag} is empty in the grid file; give a list of values")
     for v in items:
-        if isinstance(v, str) and "\0" in v:
-            raise SpecError(key, "{flag} holds a NUL character in the grid file; remove it")
+        if isinstance(v, str) and (flaw := text_flaw(v)):
+            raise SpecError(key, f"{{flag}} holds {flaw} in the grid file; remove it")
         ok = isinstance(v, str) if kind is str else (isinstance(v, (int, float)) and not isinstance(v, bool)
                                                      and (kind is float or float(v).is_integer()))
         if not ok:

@@ -110,6 +110,7 @@ def test_a_replayed_record_cannot_choose_where_the_run_writes(tmp_path, sd2, des
     ([], "not a list"),
     ([1, 2], "must be text"),
     (["in.png", "a\0b"], "NUL"),
+    (["in.png", "a \ud800 b"], "lone surrogate (U+D800, not text)"),  # JSON can say it; UTF-8 cannot carry it
     (["in.png", "a", "--no-such-flag=1"], "not a flag"),
     (["in.png", "a", "--se=3"], "not a flag"),  # an abbreviation argparse would take
     (["in.png", "a", "-qv"], "not a flag"),  # short flags run together
@@ -293,6 +294,15 @@ def test_a_nul_in_a_grid_prompt_is_refused(tmp_path):
     (tmp_path / "g.json").write_text(json.dumps({"prompts": ["a\u0000b"], "seeds": [1]}))
     with pytest.raises(SpecError, match="NUL"):
         read_grid_file(tmp_path / "g.json")
+
+
+def test_a_lone_surrogate_in_a_grid_prompt_is_refused(tmp_path):
+    # JSON's \ud800 reads as a lone surrogate, which the tokenizer could not encode (it failed there).
+    # A grid file is the user's UTF-8 text, so a surrogate there is never bytes kept (\udc80 too).
+    for code, shown in (("\\ud800", "D800"), ("\\udc80", "DC80")):
+        (tmp_path / "g.json").write_text('{"prompts": ["a %s x"], "seeds": [1]}' % code)
+        with pytest.raises(SpecError, match=rf"a lone surrogate \(U\+{shown}, not text\)"):
+            read_grid_file(tmp_path / "g.json")
 
 
 def _finished_earlier(tmp_path, files_listed):
