@@ -98,8 +98,9 @@ def check_record(record, command: str, path) -> dict:
     for key in ("versions",):
         if record.get(key) is not None and not isinstance(record[key], dict):
             raise _refuse(path, f"its record's {key} is not an object")
-    if record.get("device") is not None and not isinstance(record["device"], str):
-        raise _refuse(path, "its record's device is not text")
+    for key in ("device", "dtype", "kernels"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            raise _refuse(path, f"its record's {key} is not text")
     return record
 
 
@@ -145,7 +146,9 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
         else:
             expanded = recorded + rest
         notes = input_changed(path, record) + adapters_changed(path, record, recorded)
-        return expanded, private_notes + (notes or [sameness(path, record)]), record
+        if not notes:
+            notes = [sameness(path, record, _run_dtype(parser.parse_args(expanded)))]
+        return expanded, private_notes + notes, record
     if text is None:
         raise InputError(f"{path} carries no parameters to replay (no `parameters` text, no record "
                          "of ours)")
@@ -286,19 +289,36 @@ def input_changed(path, record: dict) -> list:
             f"{str(source.get('sha256', '?'))[:12]} then, {digest[:12]} now): the pictures will differ"]
 
 
-def sameness(path, record: dict) -> str:
-    """Whether a replay can give the same bytes: same package versions and device."""
+def _run_dtype(args) -> str:
+    """The dtype a run of these parsed arguments computes in: its --dtype, else this machine's
+    default (on a CPU, the one measured faster: calibrate.py)."""
+    from .session import default_dtype
+
+    return "float32" if args.no_float16 else args.dtype or default_dtype()
+
+
+def sameness(path, record: dict, dtype: str) -> str:
+    """Whether a replay in `dtype` can give the same bytes: the same package versions, device,
+    dtype and kernels (the native CPU kernels in use: AMX's sums, say, are not AVX-512's bit for
+    bit). A record made before it named its kernels is compared on the rest."""
     import mlx.core as mx
 
+    from .ops import native_status
     from .record import versions
 
-    then = dict(record.get("versions") or {}, device=record.get("device"))
-    now = dict(versions(), device=str(mx.default_device()))
-    differ = [f"{k} {then.get(k)} -> {now[k]}" for k in now if then.get(k) != now[k]]
+    then = dict(record.get("versions") or {}, device=record.get("device"), dtype=record.get("dtype"),
+                kernels=record.get("kernels"))
+    now = dict(versions(), device=str(mx.default_device()), dtype=dtype, kernels=native_status())
+    if then["kernels"] is None:
+        del now["kernels"]
+    differ = [f"{'' if k == 'kernels' else k + ' '}{_shown(then.get(k))[:100]} (now {now[k]})"
+              for k in now if then.get(k) != now[k]]
     if not differ:
-        return (f"replay of {path}: same package versions and device as when it was made: the "
-                "pictures should be byte-identical")
-    return f"replay of {path}: made with other versions or device ({'; '.join(differ)}): pictures may differ"
+        return (f"replay of {path}: same package versions, device, dtype and kernels as when it was "
+                "made: the pictures should be byte-identical")
+    hint = f"; --dtype {then['dtype']} computes as it did" if then["dtype"] in ("float32", "float16", "bfloat16") \
+        and then["dtype"] != dtype else ""
+    return f"replay of {path}: made with {'; '.join(differ)}: the pictures may differ{hint}"
 
 
 def check_local(model: str, path) -> None:

@@ -305,7 +305,7 @@ def _environment(session, console) -> dict:
     console.detail(native_status())
     if mx.default_device() == mx.cpu and session.model_spec.dtype is None:
         console.detail(default_cpu_dtype()[1])
-    return {"device": str(mx.default_device()), "blas": described}
+    return {"device": str(mx.default_device()), "blas": described, "kernels": native_status()}
 
 
 def _preview_decoder(plan, session):

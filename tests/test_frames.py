@@ -1,6 +1,7 @@
 """Frames through the real command: the TAESD preview, what readers (sd-parsers) see in our final
 pictures, frames, grids and triangles, picture formats, and --replay."""
 
+import os
 
 import numpy as np
 import pytest
@@ -88,6 +89,23 @@ def test_replay_of_our_picture_is_byte_identical_and_takes_overrides(tmp_path, p
     assert (tmp_path / "c.png").read_bytes() != (tmp_path / "a.png").read_bytes()
     wrong = run("--replay", tmp_path / "a.png", check=False, script="txt2image.py")
     assert wrong.returncode == 2 and "image2image" in wrong.stderr
+
+
+def test_replay_says_when_its_dtype_or_kernels_differ_from_the_record(tmp_path, picture, sd2):
+    run(picture, "a barn", "--model", sd2, "--steps", 2, "--strength", 0.5, "--seed", 2, "--dtype", "float32",
+        "--output", tmp_path / "a.png")
+    kernels = sidecar(tmp_path / "a.json")["kernels"]
+    assert kernels == read_picture_metadata(tmp_path / "a.png")[1]["kernels"]
+    # Another dtype, given over the record's: the note names it and the flag that matches.
+    other = run("--replay", tmp_path / "a.png", "--dtype", "bfloat16", "--output", tmp_path / "b.png")
+    assert "dtype float32 (now bfloat16): the pictures may differ; --dtype float32 computes as it did" \
+        in other.stderr and "byte-identical" not in other.stderr
+    if kernels.startswith("native CPU kernels ("):  # some in use: without them the sums are MLX's
+        env = dict(os.environ, SD_NATIVE="0")
+        off = commands.run("image2image.py", "--replay", tmp_path / "a.png", "--output", tmp_path / "c.png",
+                           env=env, check=True)
+        assert f"made with {kernels} (now native CPU kernels off" in off.stderr and "byte-identical" not in off.stderr
+        assert "--dtype" not in off.stderr
 
 
 @pytest.mark.parametrize("sampler, name", [("plms", "PLMS"), ("unipc", "UniPC")])

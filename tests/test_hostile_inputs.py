@@ -134,6 +134,8 @@ def test_a_record_of_the_wrong_shape_is_refused_whole(tmp_path, recorded, words)
     ({"command": "rm", "replay": ["x"]}, "no command of ours"),
     (our_record([str(INPUT), "a"], input=["/etc/passwd"]), "input"),
     (our_record([str(INPUT), "a"], versions=[1]), "versions"),
+    (our_record([str(INPUT), "a"], dtype={"x": 1}), "its record's dtype is not text"),
+    (our_record([str(INPUT), "a"], kernels=7), "its record's kernels is not text"),
     ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
 ])
 def test_a_record_that_is_not_one_of_ours_is_refused(tmp_path, record, words):
