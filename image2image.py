@@ -2,7 +2,10 @@
 
 import sys
 
-from stable_diffusion.cli import image2image_main
+try:
+    from stable_diffusion.cli import image2image_main
+except KeyboardInterrupt:  # Ctrl-C while the modules load: nothing has started
+    sys.exit(130)
 
 if __name__ == "__main__":
     sys.exit(image2image_main())

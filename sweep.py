@@ -3,7 +3,10 @@ from, a contact sheet, optionally across a Ray cluster. See README.md."""
 
 import sys
 
-from stable_diffusion.sweep_cli import sweep_main
+try:
+    from stable_diffusion.sweep_cli import sweep_main
+except KeyboardInterrupt:  # Ctrl-C while the modules load: nothing has started
+    sys.exit(130)
 
 if __name__ == "__main__":
     sys.exit(sweep_main())

@@ -879,6 +879,19 @@ def test_stop_signals_keep_the_files_and_the_truth(tmp_path, picture, sd2, signa
     assert record["status"] == "interrupted" and listed(record) == set(kept)
 
 
+@pytest.mark.parametrize("script", ["image2image.py", "txt2image.py", "sweep.py"])
+def test_ctrl_c_while_the_modules_load_exits_130_without_a_traceback(tmp_path, script):
+    """The scripts' first 0.1 s import the package, before any handler of ours: the script itself
+    takes that interrupt. Here a stand-in package sends the real SIGINT from inside its import."""
+    shutil.copy(ROOT / script, tmp_path / script)
+    (tmp_path / "stable_diffusion").mkdir()
+    (tmp_path / "stable_diffusion" / "__init__.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(5)\n")
+    result = subprocess.run([sys.executable, str(tmp_path / script), "in.png", "a barn"], capture_output=True,
+                            text=True, timeout=60, preexec_fn=default_signals, cwd=tmp_path)
+    assert (result.returncode, result.stderr, result.stdout) == (130, "", "")
+
+
 @pytest.mark.parametrize("first, second, status", [(signal.SIGTERM, signal.SIGINT, 143),
                                                      (signal.SIGINT, signal.SIGHUP, 130)])
 def test_two_stop_signals_within_one_mlx_call_end_as_the_first_said(capsys, first, second, status,
