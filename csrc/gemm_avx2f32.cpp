@@ -79,7 +79,7 @@ void tile(const GemmArgs& a, int64_t b, int64_t m0, int64_t panel, int64_t t, in
 namespace sd_native {
 
 void gemm_f32_task_avx2(const GemmArgs& a, int64_t b, int64_t m0, int64_t m1, int64_t panel) {
-  f32_passes<kRegisterRows>(a, m0, m1, [&]<int R, bool kPrefetch>(int64_t m, int64_t t, int64_t c0, int64_t c1,
+  f32_passes<kRegisterRows>(a, panel, m0, m1, [&]<int R, bool kPrefetch>(int64_t m, int64_t t, int64_t c0, int64_t c1,
                                                                   float* partial, bool first, bool last) {
     tile<R, kPrefetch>(a, b, m, panel, t, c0, c1, partial, first, last);
   });

@@ -17,10 +17,9 @@ constexpr int kVectors = kGemmCols / 16;
 
 // R output rows from row m0, all kGemmCols columns of one panel, channels [c0, c1) of tap t. The
 // sums carry over between passes in `partial` (R x kGemmCols floats); the last pass adds the bias
-// and the addend and writes the outputs. With kPrefetch (the task's first register group), the
-// weights of the next pass (the panel's next channels, tap or panel: they follow in memory) are
-// asked into L2 meanwhile: the row blocks of the text encoder's products read a layer's weights
-// from memory, and the first group of each pass waited for them (3-6% of the product).
+// and the addend and writes the outputs. With kPrefetch (see f32_passes), the weights of the next
+// pass are asked into L2 meanwhile: the row blocks of the text encoder's products read a layer's
+// weights from memory, and the first group of each pass waited for them (3-6% of the product).
 template <int R, bool kPrefetch>
 void tile(const GemmArgs& a, int64_t b, int64_t m0, int64_t panel, int64_t t, int64_t c0, int64_t c1,
           float* partial, bool first, bool last) {
@@ -85,7 +84,7 @@ void tile(const GemmArgs& a, int64_t b, int64_t m0, int64_t panel, int64_t t, in
 namespace sd_native {
 
 void gemm_f32_task_avx512(const GemmArgs& a, int64_t b, int64_t m0, int64_t m1, int64_t panel) {
-  f32_passes<kRegisterRows>(a, m0, m1, [&]<int R, bool kPrefetch>(int64_t m, int64_t t, int64_t c0, int64_t c1,
+  f32_passes<kRegisterRows>(a, panel, m0, m1, [&]<int R, bool kPrefetch>(int64_t m, int64_t t, int64_t c0, int64_t c1,
                                                                   float* partial, bool first, bool last) {
     tile<R, kPrefetch>(a, b, m, panel, t, c0, c1, partial, first, last);
   });
