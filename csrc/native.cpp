@@ -925,6 +925,7 @@ mx::array product(const std::string& what, const ProductKernel& chosen, const mx
     if (bias->ndim() != 1 || bias->shape(0) != out_channels) fail("bias must be (out_channels,)");
     inputs.push_back(per_channel(*bias));
   }
+  if (row_period == 0 && row_valid != 0) fail("row_valid needs a row_period");
   if (row_period == 0) row_period = row_valid = rows;
   if (row_period < 1 || row_valid < 1 || row_valid > row_period || rows % row_period != 0)
     fail("rows must be whole periods, 0 < row_valid <= row_period");

@@ -1305,6 +1305,8 @@ def test_native_f32_product_without_bias_over_taps_and_periods(f32_kernel, parit
     with pytest.raises(ValueError, match="at least 1"):
         NATIVE.f32_product(mx.ones((1, 4, 4)), NATIVE.f32_pack(mx.ones((3, 1, 4))), 3, None, [0], -4,
                            row_period=2, row_valid=1)
+    with pytest.raises(ValueError, match="row_valid needs a row_period"):  # else it would be ignored
+        NATIVE.f32_product(mx.ones((1, 4, 4)), NATIVE.f32_pack(mx.ones((3, 1, 4))), 3, None, [0], 4, row_valid=1)
 
 
 def test_native_f32_conv_only_where_it_applies(monkeypatch):
