@@ -30,6 +30,7 @@ REFUSED = {"output": "where the run writes is the user's to choose",
 MAX_ARGUMENTS = 256  # ours hold about 40
 MAX_ARGUMENT_CHARS = 1 << 20  # a prompt far beyond the 77 tokens any text encoder reads
 _NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # a value to argparse, not a flag
+_THREADS = re.compile(r", \d+ thread\(s\)( \(not in time\))?$")  # after the BLAS's name (run._environment)
 
 
 def _refuse(path, reason: str) -> InputError:
@@ -98,7 +99,7 @@ def check_record(record, command: str, path) -> dict:
     for key in ("versions",):
         if record.get(key) is not None and not isinstance(record[key], dict):
             raise _refuse(path, f"its record's {key} is not an object")
-    for key in ("device", "dtype", "kernels"):
+    for key in ("device", "dtype", "blas", "kernels"):
         if record.get(key) is not None and not isinstance(record[key], str):
             raise _refuse(path, f"its record's {key} is not text")
     return record
@@ -299,18 +300,23 @@ def _run_dtype(args) -> str:
 
 def sameness(path, record: dict, dtype: str) -> str:
     """Whether a replay in `dtype` can give the same bytes: the same package versions, device,
-    dtype and kernels (the native CPU kernels in use: AMX's sums, say, are not AVX-512's bit for
-    bit). A record made before it named its kernels is compared on the rest."""
+    dtype and kernels: the native CPU kernels in use (AMX's sums, say, are not AVX-512's bit for
+    bit) and the BLAS (its kernels for this CPU, not its thread count, which splits no sum). A
+    record made before it named its native kernels is compared on the rest."""
     import mlx.core as mx
 
+    from .blas import preload_blas
     from .ops import native_status
     from .record import versions
 
+    blas = record.get("blas")
     then = dict(record.get("versions") or {}, device=record.get("device"), dtype=record.get("dtype"),
-                kernels=record.get("kernels"))
-    now = dict(versions(), device=str(mx.default_device()), dtype=dtype, kernels=native_status())
-    if then["kernels"] is None:
-        del now["kernels"]
+                blas=_THREADS.sub("", blas) if isinstance(blas, str) else blas, kernels=record.get("kernels"))
+    now = dict(versions(), device=str(mx.default_device()), dtype=dtype, blas=preload_blas().name,
+               kernels=native_status())
+    for key in ("blas", "kernels"):  # not named by older records
+        if then[key] is None:
+            del now[key]
     differ = [f"{'' if k == 'kernels' else k + ' '}{_shown(then.get(k))[:100]} (now {now[k]})"
               for k in now if then.get(k) != now[k]]
     if not differ:

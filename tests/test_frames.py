@@ -106,6 +106,13 @@ def test_replay_says_when_its_dtype_or_kernels_differ_from_the_record(tmp_path, 
                            env=env, check=True)
         assert f"made with {kernels} (now native CPU kernels off" in off.stderr and "byte-identical" not in off.stderr
         assert "--dtype" not in off.stderr
+    blas = sidecar(tmp_path / "a.json")["blas"]
+    if blas.startswith("OpenBLAS") and "Haswell" not in blas:  # its kernels for another CPU
+        env = dict(os.environ, OPENBLAS_CORETYPE="Haswell")
+        other = commands.run("image2image.py", "--replay", tmp_path / "a.png", "--output", tmp_path / "d.png",
+                             env=env, check=True)
+        assert "made with blas OpenBLAS" in other.stderr and "Haswell)" in other.stderr
+        assert "byte-identical" not in other.stderr
 
 
 @pytest.mark.parametrize("sampler, name", [("plms", "PLMS"), ("unipc", "UniPC")])
