@@ -66,6 +66,10 @@ class BlasInfo:
     in_time: bool
     note: str = ""  # why this choice, and what to do when it is the slow one
 
+    def described(self) -> str:
+        """As a run's record names it: "<name>, <threads> thread(s)" (and when it came too late)."""
+        return f"{self.name}, {self.threads} thread(s)" + ("" if self.in_time else " (not in time)")
+
 
 _loaded: BlasInfo | None = None
 # Handles kept alive for the lifetime of the process (a dlopen'd library must not be closed).

@@ -241,6 +241,9 @@ def _reported(body, console: Console, flags: dict, interrupted: str, verbose: bo
                 "half-precision --dtype")
         return 1
     except Exception as e:  # a failure of the tool or the machine, not of the input
+        if signals.stopped_by() is not None:  # the interrupt's doing, whatever the library made of it
+            console.error(interrupted)
+            return 128 + signals.stopped_by()
         _report(e, verbose, prefix=f"failed ({type(e).__name__}): ",
                 suffix="" if verbose else " (run again with --verbose for the traceback)")
         return 1
@@ -253,8 +256,6 @@ def main(command: str, argv=None) -> int:
 
 def _command(command: str, typed: list, console: Console) -> int:
     argv, notes = replay_arguments(command, typed)
-    for line in notes:
-        console.notice(line)
     args = build_parser(command).parse_args(argv)
     if not args.allow_download:
         _offline_replay(args.model, typed)
@@ -270,6 +271,8 @@ def _command(command: str, typed: list, console: Console) -> int:
     from .outputs import check_name_length
 
     check_name_length(spec)
+    for line in notes:  # once the arguments are sane: a refused one is the only line
+        console.notice(line)
     return _run(spec, model, console, typed, args.wait)
 
 

@@ -30,7 +30,6 @@ REFUSED = {"output": "where the run writes is the user's to choose",
 MAX_ARGUMENTS = 256  # ours hold about 40
 MAX_ARGUMENT_CHARS = 1 << 20  # a prompt far beyond the 77 tokens any text encoder reads
 _NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # a value to argparse, not a flag
-_THREADS = re.compile(r", \d+ thread\(s\)( \(not in time\))?$")  # after the BLAS's name (run._environment)
 
 
 def _refuse(path, reason: str) -> InputError:
@@ -113,10 +112,17 @@ def find(argv: list) -> tuple[str, list] | None:
         if arg == "--replay":
             if i + 1 >= len(argv):
                 raise InputError("--replay needs a picture: --replay out.png")
-            return argv[i + 1], argv[:i] + argv[i + 2:]
+            return argv[i + 1], _no_other_replay(argv[:i] + argv[i + 2:])
         if arg.startswith("--replay="):
-            return arg.split("=", 1)[1], argv[:i] + argv[i + 1:]
+            return arg.split("=", 1)[1], _no_other_replay(argv[:i] + argv[i + 1:])
     return None
+
+
+def _no_other_replay(rest: list) -> list:
+    flags = rest[:rest.index("--")] if "--" in rest else rest
+    if any(a == "--replay" or a.startswith("--replay=") for a in flags):
+        raise InputError("--replay is given twice: replay one picture at a time")
+    return rest
 
 
 def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
@@ -134,22 +140,23 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
     if isinstance(record, dict) and "replay" in record or not isinstance(record, dict):
         record = check_record(record, command, path)
         recorded = check_arguments(record.get("replay"), parser, path)
-        private_notes = []
+        notes = []
         if record.get("private"):
-            recorded, rest, private_notes = private_replay(command, path, record, recorded, rest)
-        recorded = without_relisted(recorded, rest)
-        sized = _recorded_size(record, recorded)
-        k = recorded.index("--") if "--" in recorded else len(recorded)
-        recorded = recorded[:k] + sized + recorded[k:]
-        if "--" in recorded:  # the user's flags go before the positionals (a prompt "-like this")
-            k = recorded.index("--")
-            expanded = recorded[:k] + rest + recorded[k:]
+            recorded, rest, notes = private_replay(command, path, record, recorded, rest)
+        recorded = _with_size(recorded, _recorded_size(record, recorded))
+        kept = without_relisted(recorded, rest, parser)
+        if "--" in kept:  # the user's flags go before the positionals (a prompt "-like this")
+            k = kept.index("--")
+            expanded = kept[:k] + rest + kept[k:]
         else:
-            expanded = recorded + rest
-        notes = input_changed(path, record) + adapters_changed(path, record, recorded)
-        if not notes:
+            expanded = kept + rest
+        notes += input_changed(path, record) + adapters_changed(path, record, kept)
+        changed = _changed(parser, recorded, expanded)
+        if changed:
+            notes.append(f"replay of {path} with other {', '.join(changed)}: the pictures will differ from it")
+        elif not notes and changed is not None:
             notes = [sameness(path, record, _run_dtype(parser.parse_args(expanded)))]
-        return expanded, private_notes + notes, record
+        return expanded, notes, record
     if text is None:
         raise InputError(f"{path} carries no parameters to replay (no `parameters` text, no record "
                          "of ours)")
@@ -231,13 +238,61 @@ def private_replay(command: str, path: str, record: dict, replayed: list, rest: 
     return replayed, rest, notes
 
 
-def without_relisted(replayed: list, rest: list) -> list:
+# A flag of the user's that overrides a recorded one of another name: --no-float16 is a --dtype.
+_OVERRIDES = {"no_float16": "dtype", "dtype": "no_float16"}
+
+
+def _dest(arg: str, parser) -> str | None:
+    """The setting a flag argument sets (argparse's dest), spelled whole or as an unambiguous start
+    of a long flag, as argparse takes it; None for a value, a positional or an unknown flag."""
+    if not arg.startswith("-") or arg == "-" or _NEGATIVE_NUMBER.match(arg):
+        return None
+    name = arg.split("=", 1)[0]
+    actions = parser._option_string_actions  # option string -> action (argparse keeps no public map)
+    if name in actions:
+        return actions[name].dest
+    starting = {actions[o].dest for o in actions if name.startswith("--") and o.startswith(name)}
+    return starting.pop() if len(starting) == 1 else None
+
+
+def without_relisted(replayed: list, rest: list, parser) -> list:
     """The recorded arguments less the values of a repeatable option (--lora, --embedding) that
-    the user gives again: given ones replace the recorded list, as other flags override theirs."""
-    for flag, spellings in options.listed_flags().items():
-        if any(a.split("=", 1)[0] in spellings for a in rest):
-            replayed = [a for a in replayed if a.split("=", 1)[0] != flag]
-    return replayed
+    the user gives again, and of a setting the user gives by another flag (--no-float16 for
+    --dtype): given ones replace the recorded ones, as other flags override theirs."""
+    flags = rest[:rest.index("--")] if "--" in rest else rest
+    given = {_dest(a, parser) for a in flags} - {None}
+    dropped = {_dest(flag, parser) for flag in options.listed_flags()} & given
+    dropped |= {_OVERRIDES[d] for d in given if d in _OVERRIDES}
+    k = replayed.index("--") if "--" in replayed else len(replayed)
+    return [a for a in replayed[:k] if _dest(a, parser) not in dropped] + replayed[k:]
+
+
+def _with_size(recorded: list, sized: list) -> list:
+    k = recorded.index("--") if "--" in recorded else len(recorded)
+    return recorded[:k] + sized + recorded[k:]
+
+
+def _settings(parser, arguments: list) -> dict:
+    """The parsed arguments, --no-float16 read as the --dtype it is (as cli.build_specs reads it)."""
+    settings = vars(parser.parse_args(arguments))
+    if settings.pop("no_float16", False):
+        settings["dtype"] = "float32"
+    return settings
+
+
+def _changed(parser, recorded: list, expanded: list) -> list | None:
+    """The flags (or positionals) whose values the user's own arguments change from the record's:
+    the settings compared, not how the process behaves (REFUSED). None where the recorded
+    arguments do not parse alone (a private prompt starting with "-" is among the user's)."""
+    try:
+        before = _settings(parser, recorded)
+    except InputError:
+        return None
+    after = _settings(parser, expanded)
+    names = {}
+    for action in parser._actions:
+        names.setdefault(action.dest, next((o for o in action.option_strings if o.startswith("--")), action.dest))
+    return [names.get(d, d) for d in after if d not in REFUSED and before.get(d) != after[d]]
 
 
 def adapters_changed(path: str, record: dict, replayed: list) -> list:
@@ -300,31 +355,32 @@ def _run_dtype(args) -> str:
 
 def sameness(path, record: dict, dtype: str) -> str:
     """Whether a replay in `dtype` can give the same bytes: the same package versions, device,
-    dtype and kernels: the native CPU kernels in use (AMX's sums, say, are not AVX-512's bit for
-    bit) and the BLAS (its kernels for this CPU, not its thread count, which splits no sum). A
-    record made before it named its native kernels is compared on the rest."""
+    dtype, BLAS (as the record names it, its thread count too: the record is in every picture) and
+    native CPU kernels (AMX's sums, say, are not AVX-512's bit for bit)."""
     import mlx.core as mx
 
     from .blas import preload_blas
     from .ops import native_status
     from .record import versions
 
-    blas = record.get("blas")
     then = dict(record.get("versions") or {}, device=record.get("device"), dtype=record.get("dtype"),
-                blas=_THREADS.sub("", blas) if isinstance(blas, str) else blas, kernels=record.get("kernels"))
-    now = dict(versions(), device=str(mx.default_device()), dtype=dtype, blas=preload_blas().name,
+                blas=record.get("blas"), kernels=record.get("kernels"))
+    now = dict(versions(), device=str(mx.default_device()), dtype=dtype, blas=preload_blas().described(),
                kernels=native_status())
-    for key in ("blas", "kernels"):  # not named by older records
-        if then[key] is None:
-            del now[key]
-    differ = [f"{'' if k == 'kernels' else k + ' '}{_shown(then.get(k))[:100]} (now {now[k]})"
-              for k in now if then.get(k) != now[k]]
+    differ = [f"{k} not recorded" if then.get(k) is None and k in ("blas", "kernels")
+              else f"{k} {_bounded(then.get(k))} (now {now[k]})" for k in now if then.get(k) != now[k]]
     if not differ:
-        return (f"replay of {path}: same package versions, device, dtype and kernels as when it was "
-                "made: the pictures should be byte-identical")
+        return (f"replay of {path}: same package versions, device, dtype, BLAS and kernels as when it "
+                "was made: the pictures should be byte-identical")
     hint = f"; --dtype {then['dtype']} computes as it did" if then["dtype"] in ("float32", "float16", "bfloat16") \
         and then["dtype"] != dtype else ""
     return f"replay of {path}: made with {'; '.join(differ)}: the pictures may differ{hint}"
+
+
+def _bounded(value, limit: int = 100) -> str:
+    """A value read from a picture, printable and at most `limit` characters."""
+    text = _shown(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def check_local(model: str, path) -> None:

@@ -297,7 +297,7 @@ def _environment(session, console) -> dict:
     from .ops import native_status
 
     blas = preload_blas()
-    described = f"{blas.name}, {blas.threads} thread(s)" + ("" if blas.in_time else " (not in time)")
+    described = blas.described()
     console.detail(f"BLAS: {described}; device {mx.default_device()}; dtype {session.dtype_name}")
     slow_kernels = coretype_note(blas) if session.dtype_name == "float32" else None
     if slow_kernels:

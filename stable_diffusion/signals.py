@@ -54,14 +54,26 @@ def _first_arrived(signum: int) -> int:
     return next((signal.Signals(n) for n in numbers if n in STOP_SIGNALS), signum)
 
 
+# The stop signal handled in the current `handled` block, if any (`stopped_by`).
+_stopped_by: int | None = None
+
+
 def stop(signum, frame):
     """The handler of the first stop signal. Later ones (a second Ctrl-C, the SIGHUP of the terminal
     closing after it) are ignored: the shutdown that writes the sidecar runs to its end, and no
     traceback is printed."""
+    global _stopped_by
     for s in STOP_SIGNALS:
         signal.signal(s, ignore_signal)
     signum = _first_arrived(signum)
+    _stopped_by = signum
     raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
+
+
+def stopped_by() -> int | None:
+    """The stop signal that `handled` took, if one came: an error raised after it may be its
+    doing (numpy, interrupted while it imports, reports an ImportError)."""
+    return _stopped_by
 
 
 @contextlib.contextmanager
@@ -84,9 +96,11 @@ def _arrivals_recorded():
 @contextlib.contextmanager
 def handled():
     """Stop signals raise inside the block (see `stop`); off the main thread, nothing changes."""
+    global _stopped_by
     if not _on_main_thread():
         yield
         return
+    _stopped_by = None
     # Without handlers SIGTERM and SIGHUP kill at once, leaving temporaries and a "running" sidecar.
     previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     for signum, handler in previous.items():

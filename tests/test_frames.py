@@ -84,7 +84,9 @@ def test_replay_of_our_picture_is_byte_identical_and_takes_overrides(tmp_path, p
     assert "byte-identical" in result.stderr
     for name in ("png", "step-002.png"):
         assert (tmp_path / f"a.{name}").read_bytes() == (tmp_path / f"b.{name}").read_bytes()
-    run("--replay", tmp_path / "a.png", "--seed", 5, "--output", tmp_path / "c.png")
+    changed = run("--replay", tmp_path / "a.png", "--seed", 5, "-v", "--output", tmp_path / "c.png")
+    assert "replay of " in changed.stderr and "a.png with other --seed: the pictures will differ from it" \
+        in changed.stderr and "byte-identical" not in changed.stderr
     assert sidecar(tmp_path / "c.json")["seed"] == 5
     assert (tmp_path / "c.png").read_bytes() != (tmp_path / "a.png").read_bytes()
     wrong = run("--replay", tmp_path / "a.png", check=False, script="txt2image.py")
@@ -96,15 +98,18 @@ def test_replay_says_when_its_dtype_or_kernels_differ_from_the_record(tmp_path, 
         "--output", tmp_path / "a.png")
     kernels = sidecar(tmp_path / "a.json")["kernels"]
     assert kernels == read_picture_metadata(tmp_path / "a.png")[1]["kernels"]
-    # Another dtype, given over the record's: the note names it and the flag that matches.
+    # Another dtype, given over the record's: a change of the user's; --no-float16 is the same one.
     other = run("--replay", tmp_path / "a.png", "--dtype", "bfloat16", "--output", tmp_path / "b.png")
-    assert "dtype float32 (now bfloat16): the pictures may differ; --dtype float32 computes as it did" \
-        in other.stderr and "byte-identical" not in other.stderr
+    assert "with other --dtype: the pictures will differ" in other.stderr and "byte-identical" not in other.stderr
+    same = run("--replay", tmp_path / "a.png", "--no-float16", "--output", tmp_path / "b2.png")
+    assert "byte-identical" in same.stderr
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b2.png").read_bytes()
     if kernels.startswith("native CPU kernels ("):  # some in use: without them the sums are MLX's
         env = dict(os.environ, SD_NATIVE="0")
         off = commands.run("image2image.py", "--replay", tmp_path / "a.png", "--output", tmp_path / "c.png",
                            env=env, check=True)
-        assert f"made with {kernels} (now native CPU kernels off" in off.stderr and "byte-identical" not in off.stderr
+        assert f"made with kernels {kernels} (now native CPU kernels off" in off.stderr
+        assert "byte-identical" not in off.stderr
         assert "--dtype" not in off.stderr
     blas = sidecar(tmp_path / "a.json")["blas"]
     if blas.startswith("OpenBLAS") and "Haswell" not in blas:  # its kernels for another CPU

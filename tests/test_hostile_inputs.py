@@ -192,6 +192,46 @@ def test_our_picture_whose_prompt_starts_with_a_dash_takes_overrides(tmp_path, s
     assert (args.prompt, args.seed, args.cfg, args.steps) == ("-a dash first", 5, 2.0, 2)
 
 
+def test_the_replay_line_says_what_differs_from_the_record_and_bounds_it(tmp_path):
+    """Byte-identical only where the versions, device, dtype, BLAS and kernels are the record's;
+    a field the record lacks is said to be missing, and a crafted one is cut short."""
+    import mlx.core as mx
+
+    from stable_diffusion.blas import preload_blas
+    from stable_diffusion.ops import native_status
+    from stable_diffusion.record import versions
+    from stable_diffusion.session import default_dtype
+
+    here = {"versions": versions(), "device": str(mx.default_device()), "blas": preload_blas().described(),
+            "kernels": native_status()}
+    default = default_dtype()
+    other = "bfloat16" if default == "float32" else "float32"
+
+    def notes(**fields):
+        picture = picture_with(tmp_path / "p.png", our_record([str(INPUT), "a"], **{**here, **fields}))
+        return cli.replay_arguments("image2image", ["--replay", str(picture)])[1]
+
+    assert notes(dtype=default) == [f"replay of {tmp_path / 'p.png'}: same package versions, device, dtype, "
+                                    "BLAS and kernels as when it was made: the pictures should be byte-identical"]
+    # Made where the default was the other dtype (no --dtype among its arguments).
+    assert notes(dtype=other)[0].endswith(f"made with dtype {other} (now {default}): the pictures may differ; "
+                                          f"--dtype {other} computes as it did")
+    assert notes(dtype=default, blas=None, kernels=None)[0].endswith(
+        "made with blas not recorded; kernels not recorded: the pictures may differ")
+    long = notes(dtype=default, kernels="k" * 100_000 + "\x1b[31m")[0]
+    assert f"made with kernels '{'k' * 99}... (now {native_status()})" in long and len(long) < 600
+
+
+def test_the_users_flag_replaces_a_recorded_one_of_another_name_and_one_replay_only(tmp_path):
+    picture = picture_with(tmp_path / "p.png", our_record([str(INPUT), "a", "--dtype=float16"]))
+    argv, _ = cli.replay_arguments("image2image", ["--replay", str(picture), "--no-f"])  # argparse's abbreviation
+    args = cli.build_parser("image2image").parse_args(argv)
+    cli.check_arguments(args, "image2image")  # no "--no-float16 and --dtype float16 disagree"
+    assert (args.no_float16, args.dtype) == (True, None)
+    with pytest.raises(InputError, match="--replay is given twice"):
+        cli.replay_arguments("image2image", ["--replay", str(picture), "--replay=other.png"])
+
+
 @pytest.mark.parametrize("command_line", [
     ["image2image", "{input}", "a cat", "-gt", "-sd", "2", "--labels", "--triangle_strengths", "0.3,1"],
     ["image2image", "--negative_prompt=-neg", "--noising_path", "inversion", "--inversion_prompt=-inv",

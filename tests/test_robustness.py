@@ -922,6 +922,22 @@ def test_two_stop_signals_within_one_mlx_call_end_as_the_first_said(capsys, firs
     assert "interrupted" in capsys.readouterr().err
 
 
+def test_an_error_a_library_makes_of_an_interrupt_ends_as_the_interrupt(capsys, default_stop_handlers):
+    """numpy, interrupted while it imports (a replay's first import of it), raises an ImportError
+    that does not chain the KeyboardInterrupt; the helper saw exit 1 and numpy's long message."""
+    def body(console):
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            raise ImportError("Importing the numpy C-extensions failed") from None
+        return 0
+
+    assert cli.run_command(body, []) == 130
+    err = capsys.readouterr().err
+    assert err == "interrupted before the first step; nothing was written\n"
+    assert cli.run_command(lambda console: 0, []) == 0  # the next command starts afresh
+
+
 def test_runs_started_by_the_tests_stop_on_signals_whatever_the_suite_inherited():
     """Under `nohup` the suite ignores SIGHUP (as a background job, SIGINT): the runs it starts get
     the default handlers back, as a terminal would give them."""
