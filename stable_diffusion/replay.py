@@ -155,7 +155,7 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
         if changed:
             notes.append(f"replay of {path} with other {', '.join(changed)}: the pictures will differ from it")
         elif not notes and changed is not None:
-            notes = [sameness(path, record, _run_dtype(parser.parse_args(expanded)))]
+            notes = [sameness(path, record, _settings(parser, expanded)["dtype"])]
         return expanded, notes, record
     if text is None:
         raise InputError(f"{path} carries no parameters to replay (no `parameters` text, no record "
@@ -345,23 +345,19 @@ def input_changed(path, record: dict) -> list:
             f"{str(source.get('sha256', '?'))[:12]} then, {digest[:12]} now): the pictures will differ"]
 
 
-def _run_dtype(args) -> str:
-    """The dtype a run of these parsed arguments computes in: its --dtype, else this machine's
-    default (on a CPU, the one measured faster: calibrate.py)."""
-    from .session import default_dtype
-
-    return "float32" if args.no_float16 else args.dtype or default_dtype()
-
-
-def sameness(path, record: dict, dtype: str) -> str:
-    """Whether a replay in `dtype` can give the same bytes: the same package versions, device,
-    dtype, BLAS (as the record names it, its thread count too: the record is in every picture) and
-    native CPU kernels (AMX's sums, say, are not AVX-512's bit for bit)."""
+def sameness(path, record: dict, dtype: str | None) -> str:
+    """Whether a replay in `dtype` (None: this machine's default, on a CPU the one measured faster)
+    can give the same bytes: the same package versions, device, dtype, BLAS (as the record names
+    it, its thread count too: the record is in every picture) and native CPU kernels (AMX's sums,
+    say, are not AVX-512's bit for bit)."""
     import mlx.core as mx
 
     from .blas import preload_blas
     from .ops import native_status
     from .record import versions
+    from .session import default_dtype
+
+    dtype = dtype or default_dtype()
 
     then = dict(record.get("versions") or {}, device=record.get("device"), dtype=record.get("dtype"),
                 blas=record.get("blas"), kernels=record.get("kernels"))
