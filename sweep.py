@@ -6,6 +6,8 @@ import sys
 try:
     from stable_diffusion.sweep_cli import sweep_main
 except KeyboardInterrupt:  # Ctrl-C while the modules load: nothing has started
+    if sys.stderr is not None:
+        print("interrupted before the first step; nothing was written", file=sys.stderr)
     sys.exit(130)
 
 if __name__ == "__main__":

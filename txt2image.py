@@ -5,6 +5,8 @@ import sys
 try:
     from stable_diffusion.cli import txt2image_main
 except KeyboardInterrupt:  # Ctrl-C while the modules load: nothing has started
+    if sys.stderr is not None:
+        print("interrupted before the first step; nothing was written", file=sys.stderr)
     sys.exit(130)
 
 if __name__ == "__main__":

@@ -157,13 +157,13 @@ def replay_arguments(command: str, argv: list) -> tuple[list, list]:
     return expanded, notes
 
 
-def _offline_replay(model: str, typed: list) -> None:
+def _offline_replay(command: str, model: str, typed: list) -> None:
     """A replay without --allow-download reaches no network: the hub library is told so before it
     is imported (it reads HF_HUB_OFFLINE once, at import), and a model missing from the local
     cache is refused now, with the flag that allows it."""
     from . import replay
 
-    found = replay.find(typed)
+    found = replay.find(typed, build_parser(command))
     if found is None:
         return
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -258,7 +258,7 @@ def _command(command: str, typed: list, console: Console) -> int:
     argv, notes = replay_arguments(command, typed)
     args = build_parser(command).parse_args(argv)
     if not args.allow_download:
-        _offline_replay(args.model, typed)
+        _offline_replay(command, args.model, typed)
     console = Console(args.quiet, args.verbose, names=FLAGS)
     if args.print_parser:
         for key, value in sorted(vars(args).items()):
@@ -271,13 +271,12 @@ def _command(command: str, typed: list, console: Console) -> int:
     from .outputs import check_name_length
 
     check_name_length(spec)
-    for line in notes:  # once the arguments are sane: a refused one is the only line
-        console.notice(line)
-    return _run(spec, model, console, typed, args.wait)
+    return _run(spec, model, console, typed, args.wait, notes)
 
 
-def _run(spec: RunSpec, model: ModelSpec, console: Console, typed: list, wait: bool) -> int:
-    """One run, once its arguments are sane: the heavy imports (mlx, networks) start here."""
+def _run(spec: RunSpec, model: ModelSpec, console: Console, typed: list, wait: bool, notes: list) -> int:
+    """One run, once its arguments are sane: the heavy imports (mlx, networks) start here. `notes`
+    (the replay's) are shown once the run has passed its checks and loaded the model."""
     from .images import load_image
     from .run import execute, picture_notices
     from .session import Session
@@ -288,7 +287,7 @@ def _run(spec: RunSpec, model: ModelSpec, console: Console, typed: list, wait: b
         for line in picture_notices(picture):
             console.notice(line)
     result = execute(Session(model), spec, console, typed, functools.partial(replay_argv, model=model),
-                     picture, wait)
+                     picture, wait, notes=notes)
     if result.status == "interrupted":
         console.error(f"interrupted: kept {len(result.files)} file(s), see {result.sidecar}")
         return 128 + result.signum

@@ -37,8 +37,7 @@ import os
 import mlx.core as mx
 import mlx.nn as nn
 
-# Decided once (attention.py): the fused kernel where there is one; on the CPU the native flash
-# kernel if built, else the chunked path.
+# Decided once (attention.py): the fused kernel where there is one, on the CPU native or chunked.
 FUSED_ATTENTION = mx.default_device() == mx.gpu
 # The CPU paths of the element-wise activations, group norm and convolution.
 CPU_PATHS = mx.default_device() == mx.cpu
@@ -51,8 +50,8 @@ _DIFFERENTIABLE = False
 def differentiable():
     """Within it, the networks compute through operations that have gradients, for training:
     attention.py's `differentiable_attention` (the chunked path's exp2 writes the exponent into a
-    float's bits, which has no derivative; the native kernels have none at all), MLX's group norm, and no evaluation in
-    the middle of a network. Float32 only: bfloat16 products go through the native kernel."""
+    float's bits; the native kernels have no derivative at all), MLX's group norm, and no
+    evaluation midway. Float32 only: bfloat16 products go through the native kernel."""
     global _DIFFERENTIABLE
     before, _DIFFERENTIABLE = _DIFFERENTIABLE, True
     try:
@@ -67,8 +66,8 @@ def differentiating() -> bool:
 
 
 def evaluating_midway() -> bool:
-    """Whether a network may evaluate its partial results (the VAE does on the CPU, to hold fewer
-    intermediates): not under `differentiable()`, whose graph must stay whole for the gradient."""
+    """Whether a network may evaluate partial results (the VAE's, to hold fewer intermediates): not
+    under `differentiable()`, whose graph must stay whole for the gradient."""
     return CPU_PATHS and not _DIFFERENTIABLE
 
 
@@ -95,6 +94,9 @@ def _native() -> tuple[object | None, str]:
     try:
         from . import _native as native
     except ImportError as error:
+        from .signals import raise_if_stopped  # Ctrl-C in the import is no missing module
+
+        raise_if_stopped()
         return None, (f"native CPU kernels not built ({error}): pure-MLX CPU paths; reinstall with a "
                       "C++ compiler and CMake present to build them")
     if native.mlx_version != mx.__version__:
@@ -652,11 +654,10 @@ def native_reader() -> bool:
 def read_tensor(path: str, offset: int, source_dtype: mx.Dtype, source_shape: tuple, dtype: mx.Dtype,
                 layout: str = "plain") -> mx.array:
     """A tensor stored at byte `offset` of the file at `path` (dtype `source_dtype`, shape
-    `source_shape`, row-major), read lazily by the native reader: with pread on all cores when
-    evaluated, converted to `dtype` as astype does (round to nearest even), with no copy of the
-    file or of the source values held. `layout`: "plain" (the stored shape), "channels_last"
-    ((O, C, kh, kw) -> (O, kh, kw, C)) or "packed" (bf16_pack's layout, bfloat16 only).
-    Needs `native_reader()`; raises ValueError when the file ends before the tensor."""
+    `source_shape`, row-major), read lazily by the native reader (pread on all cores when
+    evaluated), converted to `dtype` as astype does, with no copy of the file or of the source
+    values held. `layout`: "plain" (the stored shape), "channels_last" ((O, C, kh, kw) -> (O, kh,
+    kw, C)) or "packed" (bf16_pack's). Needs `native_reader()`; ValueError if the file is short."""
     return _native()[0].read_tensor(str(path), offset, source_dtype, list(source_shape), dtype, layout)
 
 
@@ -714,10 +715,9 @@ def _conv_packed(x: mx.array, packed: mx.array, out_channels: int, kernel: int, 
 def _conv3x3_stride2_packed(x: mx.array, packed: mx.array, out_channels: int, bias: mx.array | None) -> mx.array:
     """A 3x3 convolution with stride 2 of x (B, Hp, Wp, C), already padded, in x's dtype.
 
-    The input is split into its four phases (even or odd row, even or odd column), laid one after
-    the other; each phase is a map of Hp/2 x Wp/2 pixels in rows of Wp/2, where the tap (dy, dx)
-    of output pixel (i, j) is pixel (i + dy // 2, j + dx // 2) of phase (dy % 2, dx % 2): a fixed
-    row offset again, so one native product over nine offsets computes it, as for stride 1."""
+    The input is split into its four phases (even or odd row and column), one after the other, each
+    Hp/2 x Wp/2: the tap (dy, dx) of output (i, j) is pixel (i + dy // 2, j + dx // 2) of phase
+    (dy % 2, dx % 2), a fixed row offset again: one native product over nine offsets, as stride 1."""
     batch, hp, wp, channels = x.shape
     h_out, w_out = (hp - 3) // 2 + 1, (wp - 3) // 2 + 1
     hh, wh = (hp + 1) // 2, (wp + 1) // 2

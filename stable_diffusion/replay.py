@@ -28,6 +28,7 @@ REFUSED = {"output": "where the run writes is the user's to choose",
            "verbose": "not a setting", "wait": "not a setting",
            "allow_download": "only the user may allow a download"}
 MAX_ARGUMENTS = 256  # ours hold about 40
+MAX_SIDE = 1 << 16  # pixels: a recorded input size beyond it is not a picture of ours
 MAX_ARGUMENT_CHARS = 1 << 20  # a prompt far beyond the 77 tokens any text encoder reads
 _NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # a value to argparse, not a flag
 
@@ -101,26 +102,40 @@ def check_record(record, command: str, path) -> dict:
     for key in ("device", "dtype", "blas", "kernels"):
         if record.get(key) is not None and not isinstance(record[key], str):
             raise _refuse(path, f"its record's {key} is not text")
+    private = record.get("private")
+    if private is not None and private is not False and not (
+            isinstance(private, dict) and isinstance(private.get("fields", []), list)
+            and all(isinstance(f, str) for f in private.get("fields", []))):
+        raise _refuse(path, "its record's private is not an object listing the hashed fields")
+    adapters = record.get("adapters")
+    if adapters is not None and not (isinstance(adapters, list) and all(isinstance(a, dict) for a in adapters)):
+        raise _refuse(path, "its record's adapters is not a list of objects")
+    size = (source or {}).get("size")
+    if size is not None and not (isinstance(size, list) and len(size) == 2 and all(
+            type(v) is int and 0 < v <= MAX_SIDE for v in size)):
+        raise _refuse(path, "its record's input size is not two sizes in pixels")
     return record
 
 
-def find(argv: list) -> tuple[str, list] | None:
-    """(the picture of `--replay PICTURE` or `--replay=PICTURE`, the other arguments), or None."""
+def find(argv: list, parser) -> tuple[str, list] | None:
+    """(the picture of `--replay PICTURE` or `--replay=PICTURE`, the flag spelled as argparse takes
+    it, the other arguments), or None."""
     for i, arg in enumerate(argv):
         if arg == "--":
             return None
-        if arg == "--replay":
-            if i + 1 >= len(argv):
-                raise InputError("--replay needs a picture: --replay out.png")
-            return argv[i + 1], _no_other_replay(argv[:i] + argv[i + 2:])
-        if arg.startswith("--replay="):
-            return arg.split("=", 1)[1], _no_other_replay(argv[:i] + argv[i + 1:])
+        if _dest(arg, parser) != "replay":
+            continue
+        if "=" in arg:
+            return arg.split("=", 1)[1], _no_other_replay(argv[:i] + argv[i + 1:], parser)
+        if i + 1 >= len(argv):
+            raise InputError("--replay needs a picture: --replay out.png")
+        return argv[i + 1], _no_other_replay(argv[:i] + argv[i + 2:], parser)
     return None
 
 
-def _no_other_replay(rest: list) -> list:
+def _no_other_replay(rest: list, parser) -> list:
     flags = rest[:rest.index("--")] if "--" in rest else rest
-    if any(a == "--replay" or a.startswith("--replay=") for a in flags):
+    if any(_dest(a, parser) == "replay" for a in flags):
         raise InputError("--replay is given twice: replay one picture at a time")
     return rest
 
@@ -129,7 +144,7 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
     """argv with `--replay PICTURE` expanded into the arguments the picture gives, the rest of
     argv after them (so that the user's flags override), the notes to show, and the record of
     ours (None: another tool's text, or no replay)."""
-    found = find(argv)
+    found = find(argv, parser)
     if found is None:
         return argv, [], None
     path, rest = found
@@ -142,7 +157,7 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
         recorded = check_arguments(record.get("replay"), parser, path)
         notes = []
         if record.get("private"):
-            recorded, rest, notes = private_replay(command, path, record, recorded, rest)
+            recorded, rest, notes = private_replay(command, path, record, recorded, rest, parser)
         recorded = _with_size(recorded, _recorded_size(record, recorded))
         kept = without_relisted(recorded, rest, parser)
         if "--" in kept:  # the user's flags go before the positionals (a prompt "-like this")
@@ -150,10 +165,10 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
             expanded = kept[:k] + rest + kept[k:]
         else:
             expanded = kept + rest
-        notes += input_changed(path, record) + adapters_changed(path, record, kept)
+        notes += input_changed(path, record) + adapters_changed(path, record, recorded)
         changed = _changed(parser, recorded, expanded)
         if changed:
-            notes.append(f"replay of {path} with other {', '.join(changed)}: the pictures will differ from it")
+            notes.append(f"replay of {path} with other {', '.join(changed)}: the pictures may differ from it")
         elif not notes and changed is not None:
             notes = [sameness(path, record, _settings(parser, expanded)["dtype"])]
         return expanded, notes, record
@@ -189,41 +204,41 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
     return positional + flags + rest_positional, notes, None
 
 
-# The flags a private picture's texts are given again with, and their spellings' common start
-# (argparse takes an unambiguous abbreviation too).
-_PRIVATE_FLAGS = {"negative_prompt": ("--negative_prompt", ("--negative",)),
-                  "inversion_prompt": ("--inversion_prompt", ("--inversion_prompt", "--inversion-prompt"))}
+# The flags a private picture's texts other than the prompt are given again with, by field.
+_PRIVATE_FLAGS = {"negative_prompt": "--negative_prompt", "inversion_prompt": "--inversion_prompt"}
 
 
-def private_replay(command: str, path: str, record: dict, replayed: list, rest: list) -> tuple:
+def private_replay(command: str, path: str, record: dict, replayed: list, rest: list, parser) -> tuple:
     """A picture made with -sp 0 records hashes, not its texts: they must be given again, the
-    prompt first after the flags' owner (`--replay a.png "PROMPT"`), the others by their flags.
-    Returns (the replayed arguments with the prompt in place, the rest, notes)."""
+    prompt as the first positional (`--replay a.png "PROMPT"`), the others by their flags.
+    Returns (the replayed arguments with the texts in place of the hashes, the rest, notes)."""
     from . import privacy
 
     fields = set(record["private"].get("fields", ()))
     where = 1 if command == "image2image" else 0  # the replay's positionals: [image,] prompt
-    recorded = {field: a.split("=", 1)[1] for a in replayed for field, (flag, _) in _PRIVATE_FLAGS.items()
+    recorded = {field: a.split("=", 1)[1] for a in replayed for field, flag in _PRIVATE_FLAGS.items()
                 if a.startswith(flag + "=")}
     recorded["prompt"] = replayed[where] if len(replayed) > where else None
     notes, given = [], {}
     if "prompt" in fields:
-        dashed = rest[:1] == ["--"]  # `-- "-a prompt"`: a prompt that starts with a dash
-        rest = rest[1:] if dashed else rest
-        if not rest or (rest[0].startswith("-") and not dashed) or recorded["prompt"] != record.get("prompt"):
+        i = _first_positional(rest, parser)
+        if i is None or recorded["prompt"] != record.get("prompt"):
             raise InputError(f"{path} was made with -sp 0: it records a salted hash, not its prompt; give "
                              f"the prompt again: {command}.py --replay {path} \"PROMPT\"")
-        given["prompt"], rest = rest[0], rest[1:]
+        given["prompt"] = rest[i]
+        rest = rest[:i - 1] + rest[i + 1:] if i == len(rest) - 1 and rest[i - 1:i] == ["--"] else rest[:i] + rest[i + 1:]
         replayed = replayed[:where] + [given["prompt"]] + replayed[where + 1:]
-    for field, (flag, starts) in _PRIVATE_FLAGS.items():
+    for field, flag in _PRIVATE_FLAGS.items():
         if field not in fields:
             continue
-        values = [a.split("=", 1)[1] if "=" in a else (rest[i + 1] if i + 1 < len(rest) else "")
-                  for i, a in enumerate(rest) if a.split("=", 1)[0].startswith(starts)]
+        flags = rest[:rest.index("--")] if "--" in rest else rest
+        values = [a.split("=", 1)[1] if "=" in a else (flags[i + 1] if i + 1 < len(flags) else "")
+                  for i, a in enumerate(flags) if _dest(a, parser) == field]
         if not values:
             raise InputError(f"{path} was made with -sp 0: it records a salted hash, not its "
                              f"{field.replace('_', ' ')}; give it again with {flag} TEXT")
         given[field] = values[-1]
+        replayed = [f"{flag}={given[field]}" if a.startswith(flag + "=") else a for a in replayed]
     if record["private"].get("salt_id") != privacy.salt_id():
         notes.append(f"replay of {path}: its hashes were made under another user's salt, so the "
                      "texts given cannot be checked against them")
@@ -233,26 +248,48 @@ def private_replay(command: str, path: str, record: dict, replayed: list, rest: 
                 notes.append(f"replay of {path}: the {field.replace('_', ' ')} given is not the one it was "
                              "made with (its salted hash differs): the pictures will differ")
     if given.get("prompt", "").startswith("-"):  # argparse would read it as a flag
-        split = where + 1
-        return replayed[split:], rest + ["--"] + replayed[:split], notes
+        return replayed[where + 1:] + ["--"] + replayed[:where + 1], rest, notes
     return replayed, rest, notes
+
+
+def _first_positional(arguments: list, parser) -> int | None:
+    """The index of the first positional argument (after "--", or not a flag nor a flag's value)."""
+    i = 0
+    while i < len(arguments):
+        arg = arguments[i]
+        if arg == "--":
+            return i + 1 if i + 1 < len(arguments) else None
+        action = _action(arg, parser)
+        if action is None and not arg.startswith("-") or _NEGATIVE_NUMBER.match(arg):
+            return i
+        # A flag's own value follows it, unless it is joined (=) or the flag takes none or only an
+        # optional one (which the command line never takes from the next argument).
+        takes_next = action is not None and "=" not in arg and action.nargs not in (0, "?")
+        i += 2 if takes_next else 1
+    return None
 
 
 # A flag of the user's that overrides a recorded one of another name: --no-float16 is a --dtype.
 _OVERRIDES = {"no_float16": "dtype", "dtype": "no_float16"}
 
 
-def _dest(arg: str, parser) -> str | None:
-    """The setting a flag argument sets (argparse's dest), spelled whole or as an unambiguous start
-    of a long flag, as argparse takes it; None for a value, a positional or an unknown flag."""
+def _action(arg: str, parser):
+    """The parser's action of a flag argument, spelled whole or as an unambiguous start of a long
+    flag, as argparse takes it; None for a value, a positional or an unknown flag."""
     if not arg.startswith("-") or arg == "-" or _NEGATIVE_NUMBER.match(arg):
         return None
     name = arg.split("=", 1)[0]
     actions = parser._option_string_actions  # option string -> action (argparse keeps no public map)
     if name in actions:
-        return actions[name].dest
-    starting = {actions[o].dest for o in actions if name.startswith("--") and o.startswith(name)}
+        return actions[name]
+    starting = {actions[o] for o in actions if name.startswith("--") and o.startswith(name)}
     return starting.pop() if len(starting) == 1 else None
+
+
+def _dest(arg: str, parser) -> str | None:
+    """The setting a flag argument sets (argparse's dest), or None (see `_action`)."""
+    action = _action(arg, parser)
+    return None if action is None else action.dest
 
 
 def without_relisted(replayed: list, rest: list, parser) -> list:
@@ -320,8 +357,7 @@ def _recorded_size(record: dict, recorded: list) -> list:
     default became the model's native area): the size its input ran at."""
     source = record.get("input") or {}
     size = source.get("size")
-    if any(a.startswith("--size=") for a in recorded) or not (isinstance(size, list) and len(size) == 2
-                                                            and all(isinstance(v, int) for v in size)):
+    if any(a.startswith("--size=") for a in recorded) or size is None:  # checked by check_record
         return []
     width, height = size
     return [f"--size={height}x{width}"]
@@ -366,8 +402,13 @@ def sameness(path, record: dict, dtype: str | None) -> str:
     differ = [f"{k} not recorded" if then.get(k) is None and k in ("blas", "kernels")
               else f"{k} {_bounded(then.get(k))} (now {now[k]})" for k in now if then.get(k) != now[k]]
     if not differ:
+        # A hub model is pinned to its commit, the package's to its version; a folder's files are
+        # not fingerprinted (reading gigabytes to hash them would cost as much as the run).
+        model = record.get("model") if isinstance(record.get("model"), dict) else {}
+        local = model.get("source") == "folder" or any(str(a).startswith("--vae=") for a in record["replay"])
         return (f"replay of {path}: same package versions, device, dtype, BLAS and kernels as when it "
-                "was made: the pictures should be byte-identical")
+                "was made: the pictures should be byte-identical"
+                + (", if the model's files are as they were then" if local else ""))
     hint = f"; --dtype {then['dtype']} computes as it did" if then["dtype"] in ("float32", "float16", "bfloat16") \
         and then["dtype"] != dtype else ""
     return f"replay of {path}: made with {'; '.join(differ)}: the pictures may differ{hint}"

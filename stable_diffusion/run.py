@@ -59,13 +59,14 @@ def plan_for(session, spec, image_size: tuple | None, notice=lambda line: None) 
 
 
 def execute(session, spec, console, argv=(), replay=None, picture=None, wait: bool = False,
-            timings: dict | None = None) -> RunResult:
+            timings: dict | None = None, notes=()) -> RunResult:
     """Plan, load, walk, keep and record one spec, holding the lock of its output name (another run
     writing the same name is refused with OutputBusy, or with `wait` waited for). `picture` is the
     loaded input (images.load_image; None: load spec.image here), read again at the plan's working
     size where it differs; `replay(resolved_spec, model_arg)` gives the arguments that make the
     same files again, for the record; `timings` (the caller's, if given) receives the run's
-    timings as they are measured."""
+    timings as they are measured; `notes` are shown once the checks and the loading have passed
+    (a refused run says only why)."""
     started = time.perf_counter()
     timings = {} if timings is None else timings
     _reset_peaks()
@@ -98,7 +99,7 @@ def execute(session, spec, console, argv=(), replay=None, picture=None, wait: bo
         environment = _environment(session, console)
         taesd = _preview_decoder(plan, session)  # small, and may fail: before the model's weights
         sd = session.load(timings)
-        for line in adapter_notices(sd):
+        for line in [*notes, *adapter_notices(sd)]:
             console.notice(line)
         # What every picture carries; the run's own facts (the arguments as typed, the process) only
         # in the sidecar: a picture depends on what makes it, not on its name or its process.

@@ -76,6 +76,13 @@ def stopped_by() -> int | None:
     return _stopped_by
 
 
+def raise_if_stopped() -> None:
+    """Raise the stop again where an error was caught that the stop may have caused (an import that
+    failed because Ctrl-C landed in it must not pass for a module that is missing)."""
+    if _stopped_by is not None:
+        raise KeyboardInterrupt() if _stopped_by == signal.SIGINT else Terminated(_stopped_by)
+
+
 @contextlib.contextmanager
 def _arrivals_recorded():
     global _arrivals

@@ -78,6 +78,9 @@ def test_a_replay_names_a_changed_lora_and_takes_a_lora_given_again(tmp_path, pi
     lora.write_bytes(other.read_bytes())
     changed = commands.run("image2image.py", "--replay", made, "-o", tmp_path / "r1.png", check=True)
     assert "a.safetensors has changed since" in changed.stderr and "byte-identical" not in changed.stderr
+    relisted = commands.run("image2image.py", "--replay", made, "--lora", f"{lora}:0.5", "-o", tmp_path / "r0.png",
+                            check=True)  # given again as it was recorded: still the file that changed
+    assert "a.safetensors has changed since" in relisted.stderr and "byte-identical" not in relisted.stderr
     lora.unlink()
     moved = tmp_path / "moved.safetensors"
     moved.write_bytes(kept)

@@ -85,7 +85,7 @@ def test_replay_of_our_picture_is_byte_identical_and_takes_overrides(tmp_path, p
     for name in ("png", "step-002.png"):
         assert (tmp_path / f"a.{name}").read_bytes() == (tmp_path / f"b.{name}").read_bytes()
     changed = run("--replay", tmp_path / "a.png", "--seed", 5, "-v", "--output", tmp_path / "c.png")
-    assert "replay of " in changed.stderr and "a.png with other --seed: the pictures will differ from it" \
+    assert "replay of " in changed.stderr and "a.png with other --seed: the pictures may differ from it" \
         in changed.stderr and "byte-identical" not in changed.stderr
     assert sidecar(tmp_path / "c.json")["seed"] == 5
     assert (tmp_path / "c.png").read_bytes() != (tmp_path / "a.png").read_bytes()
@@ -100,7 +100,11 @@ def test_replay_says_when_its_dtype_or_kernels_differ_from_the_record(tmp_path, 
     assert kernels == read_picture_metadata(tmp_path / "a.png")[1]["kernels"]
     # Another dtype, given over the record's: a change of the user's; --no-float16 is the same one.
     other = run("--replay", tmp_path / "a.png", "--dtype", "bfloat16", "--output", tmp_path / "b.png")
-    assert "with other --dtype: the pictures will differ" in other.stderr and "byte-identical" not in other.stderr
+    assert "with other --dtype: the pictures may differ" in other.stderr and "byte-identical" not in other.stderr
+    # A refused change says only why: the replay's line waits until the model has loaded.
+    refused = run("--replay", tmp_path / "a.png", "--model", tmp_path / "nowhere", "--output", tmp_path / "x.png",
+                  check=False)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     same = run("--replay", tmp_path / "a.png", "--no-float16", "--output", tmp_path / "b2.png")
     assert "byte-identical" in same.stderr
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b2.png").read_bytes()

@@ -136,6 +136,12 @@ def test_a_record_of_the_wrong_shape_is_refused_whole(tmp_path, recorded, words)
     (our_record([str(INPUT), "a"], versions=[1]), "versions"),
     (our_record([str(INPUT), "a"], dtype={"x": 1}), "its record's dtype is not text"),
     (our_record([str(INPUT), "a"], kernels=7), "its record's kernels is not text"),
+    (our_record([str(INPUT), "a"], private=True), "its record's private is not an object"),
+    (our_record([str(INPUT), "a"], private={"fields": [["prompt"]]}), "its record's private is not an object"),
+    (our_record([str(INPUT), "a"], adapters=5), "its record's adapters is not a list of objects"),
+    (our_record([str(INPUT), "a"], adapters=[None]), "its record's adapters is not a list of objects"),
+    (our_record([str(INPUT), "a"], input={"path": "x", "size": [True, 64]}), "input size is not two sizes"),
+    (our_record([str(INPUT), "a"], input={"path": "x", "size": [-64, 1e30]}), "input size is not two sizes"),
     ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
 ])
 def test_a_record_that_is_not_one_of_ours_is_refused(tmp_path, record, words):
@@ -228,8 +234,9 @@ def test_the_users_flag_replaces_a_recorded_one_of_another_name_and_one_replay_o
     args = cli.build_parser("image2image").parse_args(argv)
     cli.check_arguments(args, "image2image")  # no "--no-float16 and --dtype float16 disagree"
     assert (args.no_float16, args.dtype) == (True, None)
-    with pytest.raises(InputError, match="--replay is given twice"):
-        cli.replay_arguments("image2image", ["--replay", str(picture), "--replay=other.png"])
+    for twice in (["--replay=other.png"], ["--rep", "other.png"]):  # argparse takes the start of a flag
+        with pytest.raises(InputError, match="--replay is given twice"):
+            cli.replay_arguments("image2image", ["--replay", str(picture), *twice])
 
 
 @pytest.mark.parametrize("command_line", [

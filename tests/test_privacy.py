@@ -82,10 +82,15 @@ def test_private_runs_write_no_byte_of_their_texts_and_replay_asks_for_them(tmp_
     refused = commands.run("image2image.py", "--replay", single / "p.png", PROMPT, "--output", replayed)
     assert refused.returncode == 2 and "--negative_prompt" in refused.stderr
     assert not replayed.parent.exists()
-    again = commands.run("image2image.py", "--replay", single / "p.png", PROMPT, "--negative_prompt", NEGATIVE,
-                         "--output", replayed, check=True)
-    assert "not the one it was made with" not in again.stderr
+    # The output flag first, the prompt after the picture: the prompt is the first positional.
+    again = commands.run("image2image.py", "--output", replayed, "--replay", single / "p.png", PROMPT,
+                         "--negative_prompt", NEGATIVE, check=True)
+    assert "not the one it was made with" not in again.stderr and "byte-identical" in again.stderr
+    assert "with other" not in again.stderr  # the texts given are the record's, not changes
     assert replayed.read_bytes() == (single / "p.png").read_bytes()
+    seeded = commands.run("image2image.py", "--replay", single / "p.png", "--seed", 99, "--negative_prompt",
+                          NEGATIVE, "--output", tmp_path / "seeded" / "p.png", "--", PROMPT, check=True)
+    assert "with other --seed: the pictures may differ" in seeded.stderr
     assert assert_private(replayed.parent)
     wrong = commands.run("image2image.py", "--replay", single / "p.png", "a different prompt",
                          "--negative_prompt", NEGATIVE, "--output", tmp_path / "wrong" / "p.png", check=True)
