@@ -183,7 +183,7 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
                       ("seed", "--seed")):
         if key in fields and fields[key] not in (None, ""):
             flags.append(f"{flag}={fields[key]}")
-    if "model" in fields and not any(a == "--model" or a.startswith("--model=") for a in rest):
+    if "model" in fields and not any(_dest(a, parser) == "model" for a in rest):
         notes.append(f"replay of {path}: Model {fields['model']!r} names another tool's checkpoint; "
                      "pass --model to choose ours")
     if command == "txt2image":
@@ -193,10 +193,11 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
     else:
         if "strength" in fields:
             flags.append(f"--strength={fields['strength']}")
-        if not rest or rest[0].startswith("-"):
+        i = _first_positional(rest, parser)
+        if i is None:
             raise InputError(f"{path} records no input picture: give it first, "
                              f"image2image.py INPUT --replay {path}")
-        positional, rest_positional = [rest[0], fields["prompt"]], rest[1:]
+        positional, rest_positional = [rest[i], fields["prompt"]], _without(rest, i)
     if flaw := text_flaw(fields["prompt"] + fields.get("negative_prompt", ""), kept_bytes=True):
         raise _refuse(path, f"its parameters hold {flaw}")
     if any(p.startswith("-") for p in positional):
@@ -226,7 +227,7 @@ def private_replay(command: str, path: str, record: dict, replayed: list, rest: 
             raise InputError(f"{path} was made with -sp 0: it records a salted hash, not its prompt; give "
                              f"the prompt again: {command}.py --replay {path} \"PROMPT\"")
         given["prompt"] = rest[i]
-        rest = rest[:i - 1] + rest[i + 1:] if i == len(rest) - 1 and rest[i - 1:i] == ["--"] else rest[:i] + rest[i + 1:]
+        rest = _without(rest, i)
         replayed = replayed[:where] + [given["prompt"]] + replayed[where + 1:]
     for field, flag in _PRIVATE_FLAGS.items():
         if field not in fields:
@@ -250,6 +251,12 @@ def private_replay(command: str, path: str, record: dict, replayed: list, rest: 
     if given.get("prompt", "").startswith("-"):  # argparse would read it as a flag
         return replayed[where + 1:] + ["--"] + replayed[:where + 1], rest, notes
     return replayed, rest, notes
+
+
+def _without(arguments: list, i: int) -> list:
+    """The arguments less the i-th, and less a "--" that would then end them."""
+    left = arguments[:i] + arguments[i + 1:]
+    return left[:-1] if left[-1:] == ["--"] else left
 
 
 def _first_positional(arguments: list, parser) -> int | None:
