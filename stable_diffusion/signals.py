@@ -54,7 +54,7 @@ def _first_arrived(signum: int) -> int:
     return next((signal.Signals(n) for n in numbers if n in STOP_SIGNALS), signum)
 
 
-# The stop signal handled in the current `handled` block, if any (`stopped_by`).
+# The stop signal handled in the `handled` block now running, if any (`stopped_by`).
 _stopped_by: int | None = None
 
 
@@ -117,6 +117,7 @@ def handled():
         with _arrivals_recorded():
             yield
     finally:
+        _stopped_by = None  # outside the block a failed import is a missing module again
         stopped = any(signal.getsignal(s) is ignore_signal for s in previous)
         for signum, handler in previous.items():
             if not stopped:

@@ -939,6 +939,35 @@ def test_an_error_a_library_makes_of_an_interrupt_ends_as_the_interrupt(capsys, 
     assert cli.run_command(lambda console: 0, []) == 0  # the next command starts afresh
 
 
+def test_a_ctrl_c_that_breaks_the_native_import_stops_the_run(capsys, default_stop_handlers, monkeypatch):
+    """The helper saw 6 replays in 250 finish with exit 0 after Ctrl-C: it landed while the native
+    module loaded, the import failed, and the run went on as if the module were not built."""
+    import builtins
+
+    from stable_diffusion import ops
+
+    real_import = builtins.__import__
+
+    def interrupted_import(name, globals=None, locals=None, fromlist=(), level=0):
+        if "_native" in (fromlist or ()):
+            try:
+                signal.raise_signal(signal.SIGINT)
+            except KeyboardInterrupt:
+                raise ImportError("initialization of _native raised unreported exception") from None
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.delenv("SD_NATIVE", raising=False)
+    ops._native.cache_clear()
+    monkeypatch.setattr(builtins, "__import__", interrupted_import)
+    try:
+        assert cli.run_command(lambda console: print(ops.native_status()) or 0, []) == 130
+    finally:
+        monkeypatch.undo()
+        ops._native.cache_clear()
+    assert "interrupted" in capsys.readouterr().err
+    assert "native CPU kernels not built" not in ops.native_status()  # not cached as missing
+
+
 def test_runs_started_by_the_tests_stop_on_signals_whatever_the_suite_inherited():
     """Under `nohup` the suite ignores SIGHUP (as a background job, SIGINT): the runs it starts get
     the default handlers back, as a terminal would give them."""
