@@ -35,12 +35,25 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit status 2, like every other input error
         raise InputError(f"{message} (see --help)")
 
+    def action_of(self, arg: str):
+        """The action of a flag argument, spelled whole or as the unambiguous start of a long flag
+        (as argparse takes it); None for a value, a positional or an unknown flag."""
+        if not arg.startswith("-") or arg == "-" or options.NEGATIVE_NUMBER.match(arg):
+            return None
+        name = arg.split("=", 1)[0]
+        actions = self._option_string_actions  # option string -> action (argparse keeps no public map)
+        if name in actions:
+            return actions[name]
+        starting = {actions[o] for o in actions if name.startswith("--") and o.startswith(name)}
+        return starting.pop() if len(starting) == 1 else None
+
     def parse_args(self, args=None, namespace=None):
         args = list(sys.argv[1:] if args is None else args)
         for i, arg in enumerate(args):
             if arg == "--":
                 break
-            values = _OPTIONAL_VALUES.get(arg)
+            action = self.action_of(arg) if "=" not in arg else None
+            values = None if action is None else _OPTIONAL_VALUES.get(action.option_strings[0])
             if values is not None and (i + 1 == len(args) or args[i + 1].lower() not in values):
                 args[i] = f"{arg}={values[0]}"  # bare: its default value, joined to it
         namespace, unknown = self.parse_known_args(args, namespace)
@@ -81,6 +94,9 @@ def build_parser(command: str, sweep: bool = False) -> argparse.ArgumentParser:
 
 def check_arguments(args, command: str) -> None:
     """Checks of the raw arguments that the spec cannot see (it holds the parsed values)."""
+    if isinstance(getattr(args, "prompt", ""), list):  # argparse took a prompt "--" for the separator
+        raise InputError("the prompt \"--\" cannot be given: the command line reads it as the end of the "
+                         "flags; write it with a space (\" --\") or other words")
     if args.no_float16 and args.dtype not in (None, "float32"):
         raise InputError(f"--no-float16 and --dtype {args.dtype} disagree; pass one of them")
 
@@ -215,7 +231,9 @@ def run_command(body, argv: list, flags: dict = FLAGS,
     open_standard_streams()
     console = Console(quiet="--quiet" in argv, verbose=verbose, names=flags)
     with signals.handled():
-        return _reported(body, console, flags, interrupted, verbose)
+        status = _reported(body, console, flags, interrupted, verbose)
+    signals.ignored_from_now()  # the command has ended: a late Ctrl-C prints no traceback on the way out
+    return status
 
 
 def _reported(body, console: Console, flags: dict, interrupted: str, verbose: bool) -> int:
@@ -278,6 +296,7 @@ def _run(spec: RunSpec, model: ModelSpec, console: Console, typed: list, wait: b
     """One run, once its arguments are sane: the heavy imports (mlx, networks) start here. `notes`
     (the replay's) are shown once the run has passed its checks and loaded the model."""
     from .images import load_image
+    from .outputs import sidecar_of
     from .run import execute, picture_notices
     from .session import Session
 
@@ -286,13 +305,33 @@ def _run(spec: RunSpec, model: ModelSpec, console: Console, typed: list, wait: b
         picture = load_image(spec.image, multiple=64)
         for line in picture_notices(picture):
             console.notice(line)
-    result = execute(Session(model), spec, console, typed, functools.partial(replay_argv, model=model),
-                     picture, wait, notes=notes)
-    if result.status == "interrupted":
-        console.error(f"interrupted: kept {len(result.files)} file(s), see {result.sidecar}")
-        return 128 + result.signum
-    console.say(f"wrote {spec.output} and {len(result.files) - 1} more file(s); sidecar {result.sidecar}")
-    return 0
+    try:
+        result = execute(Session(model), spec, console, typed, functools.partial(replay_argv, model=model),
+                         picture, wait, notes=notes)
+        if result.status == "interrupted":
+            console.error(f"interrupted: kept {len(result.files)} file(s), see {result.sidecar}")
+            return 128 + result.signum
+        console.say(f"wrote {spec.output} and {len(result.files) - 1} more file(s); sidecar {result.sidecar}")
+        return 0
+    except KeyboardInterrupt as e:  # after the run's last record, its sidecar says how it ended
+        sidecar = sidecar_of(spec.output)
+        ended = _ended(sidecar)
+        if ended is None:
+            raise
+        console.error(f"interrupted after the run ended ({ended}): its files are kept, see {sidecar}")
+        return 128 + getattr(e, "signum", signal.SIGINT)
+
+
+def _ended(sidecar: Path) -> str | None:
+    """How this process's run ended, as its sidecar says; None while it has not."""
+    from .record import NotOurs, read_own_sidecar
+
+    try:
+        record = read_own_sidecar(sidecar) or {}
+    except NotOurs:
+        return None
+    status = record.get("status")
+    return status if record.get("pid") == os.getpid() and status not in (None, "running") else None
 
 
 def _output_advice(error: Exception) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import MISSING, dataclass, replace
 from dataclasses import fields as dataclass_fields
 from typing import Callable
@@ -328,6 +329,10 @@ def field_flags() -> dict:
 
 
 FLAGS = field_flags()
+
+
+# A negative number: a value to argparse (`--seed -1`), not a flag.
+NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
 
 
 def optional_values() -> dict:

@@ -95,7 +95,12 @@ class FileNames:
         return self._named("anim", f".{fmt}")
 
     def sidecar(self) -> Path:
-        return self.output.with_suffix(".json")
+        return sidecar_of(self.output)
+
+
+def sidecar_of(output) -> Path:
+    """The sidecar of a run writing `output`: its record, beside it."""
+    return Path(output).with_suffix(".json")
 
 
 def check_name_length(spec: RunSpec) -> None:

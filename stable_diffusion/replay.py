@@ -14,7 +14,6 @@ this module knows no flag names besides the few it refuses, which it knows by th
 from __future__ import annotations
 
 import os
-import re
 
 from . import options
 from .errors import InputError
@@ -30,7 +29,6 @@ REFUSED = {"output": "where the run writes is the user's to choose",
 MAX_ARGUMENTS = 256  # ours hold about 40
 MAX_SIDE = 1 << 16  # pixels: a recorded input size beyond it is not a picture of ours
 MAX_ARGUMENT_CHARS = 1 << 20  # a prompt far beyond the 77 tokens any text encoder reads
-_NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # a value to argparse, not a flag
 
 
 def _refuse(path, reason: str) -> InputError:
@@ -61,7 +59,7 @@ def check_arguments(arguments, parser, path) -> list:
     for item in arguments:
         if item == "--":
             break  # positionals only from here
-        if not item.startswith("-") or item == "-" or _NEGATIVE_NUMBER.match(item):
+        if not item.startswith("-") or item == "-" or options.NEGATIVE_NUMBER.match(item):
             continue
         name = item.split("=", 1)[0]
         action = actions.get(name)
@@ -155,11 +153,12 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
     if isinstance(record, dict) and "replay" in record or not isinstance(record, dict):
         record = check_record(record, command, path)
         recorded = check_arguments(record.get("replay"), parser, path)
-        notes = []
+        notes, base = [], recorded
         if record.get("private"):
-            recorded, rest, notes = private_replay(command, path, record, recorded, rest, parser)
-        recorded = _with_size(recorded, _recorded_size(record, recorded))
-        kept = without_relisted(recorded, rest, parser)
+            recorded, base, notes = private_replay(command, path, record, recorded, rest, parser)
+        size = _recorded_size(record, recorded)
+        recorded, base = _with_size(recorded, size), _with_size(base, size)
+        kept = without_relisted(base, rest, parser)
         if "--" in kept:  # the user's flags go before the positionals (a prompt "-like this")
             k = kept.index("--")
             expanded = kept[:k] + rest + kept[k:]
@@ -186,23 +185,24 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
     if "model" in fields and not any(_dest(a, parser) == "model" for a in rest):
         notes.append(f"replay of {path}: Model {fields['model']!r} names another tool's checkpoint; "
                      "pass --model to choose ours")
-    if command == "txt2image":
-        if "width" in fields and "height" in fields:
-            flags.append(f"--size={fields['height']}x{fields['width']}")
-        positional, rest_positional = [fields["prompt"]], rest
-    else:
-        if "strength" in fields:
-            flags.append(f"--strength={fields['strength']}")
-        i = _first_positional(rest, parser)
-        if i is None:
-            raise InputError(f"{path} records no input picture: give it first, "
-                             f"image2image.py INPUT --replay {path}")
-        positional, rest_positional = [rest[i], fields["prompt"]], _without(rest, i)
+    if command == "txt2image" and "width" in fields and "height" in fields:
+        flags.append(f"--size={fields['height']}x{fields['width']}")
+    if command == "image2image" and "strength" in fields:
+        flags.append(f"--strength={fields['strength']}")
     if flaw := text_flaw(fields["prompt"] + fields.get("negative_prompt", ""), kept_bytes=True):
         raise _refuse(path, f"its parameters hold {flaw}")
-    if any(p.startswith("-") for p in positional):
-        return flags + rest_positional + ["--"] + positional, notes, None
-    return positional + flags + rest_positional, notes, None
+    # The prompt last, after "--" (it may start with a dash): image2image's input picture is the
+    # user's positional, wherever argparse finds it among their flags.
+    expanded = flags + rest + ([] if "--" in rest else ["--"]) + [fields["prompt"]]
+    if command == "image2image":
+        try:
+            parser.parse_args(expanded)
+        except InputError as e:
+            if "the following arguments are required" in str(e):
+                raise InputError(f"{path} records no input picture: give it first, "
+                                 f"image2image.py INPUT --replay {path}") from None
+            raise
+    return expanded, notes, None
 
 
 # The flags a private picture's texts other than the prompt are given again with, by field.
@@ -211,91 +211,60 @@ _PRIVATE_FLAGS = {"negative_prompt": "--negative_prompt", "inversion_prompt": "-
 
 def private_replay(command: str, path: str, record: dict, replayed: list, rest: list, parser) -> tuple:
     """A picture made with -sp 0 records hashes, not its texts: they must be given again, the
-    prompt as the first positional (`--replay a.png "PROMPT"`), the others by their flags.
-    Returns (the replayed arguments with the texts in place of the hashes, the rest, notes)."""
+    prompt as the user's positional (`--replay a.png "PROMPT"`), the others by their flags.
+    Returns (the recorded arguments with the texts given in the hashes' place; the arguments to
+    expand, which leave the prompt to the user's; notes)."""
     from . import privacy
 
     fields = set(record["private"].get("fields", ()))
     where = 1 if command == "image2image" else 0  # the replay's positionals: [image,] prompt
-    recorded = {field: a.split("=", 1)[1] for a in replayed for field, flag in _PRIVATE_FLAGS.items()
-                if a.startswith(flag + "=")}
-    recorded["prompt"] = replayed[where] if len(replayed) > where else None
-    notes, given = [], {}
-    if "prompt" in fields:
-        i = _first_positional(rest, parser)
-        if i is None or recorded["prompt"] != record.get("prompt"):
+    hashes = {field: a.split("=", 1)[1] for a in replayed for field, flag in _PRIVATE_FLAGS.items()
+              if a.startswith(flag + "=")}
+    hashes["prompt"] = replayed[where] if len(replayed) > where else None
+    if "prompt" in fields and hashes["prompt"] != record.get("prompt"):
+        raise _refuse(path, "its record's prompt is not where its arguments hold it")
+    base = replayed[:where] + replayed[where + 1:] if "prompt" in fields else replayed
+    try:  # argparse itself finds the user's texts among their flags
+        parsed = vars(parser.parse_args(base + rest))
+    except InputError as e:
+        if "prompt" in fields and "the following arguments are required" in str(e):
             raise InputError(f"{path} was made with -sp 0: it records a salted hash, not its prompt; give "
-                             f"the prompt again: {command}.py --replay {path} \"PROMPT\"")
-        given["prompt"] = rest[i]
-        rest = _without(rest, i)
-        replayed = replayed[:where] + [given["prompt"]] + replayed[where + 1:]
+                             f"the prompt again: {command}.py --replay {path} \"PROMPT\"") from None
+        raise
+    given = {field: parsed[field] for field in ("prompt", *_PRIVATE_FLAGS) if field in fields}
     for field, flag in _PRIVATE_FLAGS.items():
-        if field not in fields:
-            continue
-        flags = rest[:rest.index("--")] if "--" in rest else rest
-        values = [a.split("=", 1)[1] if "=" in a else (flags[i + 1] if i + 1 < len(flags) else "")
-                  for i, a in enumerate(flags) if _dest(a, parser) == field]
-        if not values:
+        if field in given and given[field] == hashes.get(field):
             raise InputError(f"{path} was made with -sp 0: it records a salted hash, not its "
                              f"{field.replace('_', ' ')}; give it again with {flag} TEXT")
-        given[field] = values[-1]
-        replayed = [f"{flag}={given[field]}" if a.startswith(flag + "=") else a for a in replayed]
+
+    def with_text(argument: str) -> str:
+        for field, flag in _PRIVATE_FLAGS.items():
+            if field in given and argument.startswith(flag + "="):
+                return f"{flag}={given[field]}"
+        return argument
+
+    texts = [with_text(a) for a in base]
+    recorded = texts + ["--", given["prompt"]] if "prompt" in given else texts
+    notes = []
     if record["private"].get("salt_id") != privacy.salt_id():
         notes.append(f"replay of {path}: its hashes were made under another user's salt, so the "
                      "texts given cannot be checked against them")
     else:
         for field, text in given.items():
-            if privacy.text_hash(text) != recorded.get(field):
+            if privacy.text_hash(text) != hashes.get(field):
                 notes.append(f"replay of {path}: the {field.replace('_', ' ')} given is not the one it was "
                              "made with (its salted hash differs): the pictures will differ")
-    if given.get("prompt", "").startswith("-"):  # argparse would read it as a flag
-        return replayed[where + 1:] + ["--"] + replayed[:where + 1], rest, notes
-    return replayed, rest, notes
-
-
-def _without(arguments: list, i: int) -> list:
-    """The arguments less the i-th, and less a "--" that would then end them."""
-    left = arguments[:i] + arguments[i + 1:]
-    return left[:-1] if left[-1:] == ["--"] else left
-
-
-def _first_positional(arguments: list, parser) -> int | None:
-    """The index of the first positional argument (after "--", or not a flag nor a flag's value)."""
-    i = 0
-    while i < len(arguments):
-        arg = arguments[i]
-        if arg == "--":
-            return i + 1 if i + 1 < len(arguments) else None
-        action = _action(arg, parser)
-        if action is None and not arg.startswith("-") or _NEGATIVE_NUMBER.match(arg):
-            return i
-        # A flag's own value follows it, unless it is joined (=) or the flag takes none or only an
-        # optional one (which the command line never takes from the next argument).
-        takes_next = action is not None and "=" not in arg and action.nargs not in (0, "?")
-        i += 2 if takes_next else 1
-    return None
+    return recorded, texts, notes
 
 
 # A flag of the user's that overrides a recorded one of another name: --no-float16 is a --dtype.
 _OVERRIDES = {"no_float16": "dtype", "dtype": "no_float16"}
 
 
-def _action(arg: str, parser):
-    """The parser's action of a flag argument, spelled whole or as an unambiguous start of a long
-    flag, as argparse takes it; None for a value, a positional or an unknown flag."""
-    if not arg.startswith("-") or arg == "-" or _NEGATIVE_NUMBER.match(arg):
-        return None
-    name = arg.split("=", 1)[0]
-    actions = parser._option_string_actions  # option string -> action (argparse keeps no public map)
-    if name in actions:
-        return actions[name]
-    starting = {actions[o] for o in actions if name.startswith("--") and o.startswith(name)}
-    return starting.pop() if len(starting) == 1 else None
-
-
 def _dest(arg: str, parser) -> str | None:
-    """The setting a flag argument sets (argparse's dest), or None (see `_action`)."""
-    action = _action(arg, parser)
+    """The setting a flag argument sets (argparse's dest), spelled as argparse takes it; None for a
+    value, a positional or an unknown flag (cli's parser: `action_of`)."""
+    action = parser.action_of(arg)
     return None if action is None else action.dest
 
 

@@ -131,6 +131,14 @@ def handled():
                 pass
 
 
+def ignored_from_now() -> None:
+    """Stop signals are ignored from now to the interpreter's exit: a command that has ended has
+    nothing left to stop, and a late Ctrl-C would raise in the shutdown (a traceback)."""
+    if _on_main_thread():
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def deferred():
     """Ctrl-C, SIGTERM and SIGHUP wait until the block is done, then stop the run as usual: a

@@ -247,7 +247,8 @@ def test_replaying_another_tools_picture_asks_for_a_model_only_when_none_is_give
     assert any("pass --model to choose ours" in n for n in notes)
     for given in (["--model", "sd15"], ["--model=sd15"]):
         argv, notes = replay_arguments("txt2image", ["--replay", str(path), *given])
-        assert not any("pass --model" in n for n in notes) and argv[-len(given):] == given
+        assert not any("pass --model" in n for n in notes) and argv[-2:] == ["--", "a red barn"]
+        assert argv[-2 - len(given):-2] == given
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")

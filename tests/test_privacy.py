@@ -88,6 +88,11 @@ def test_private_runs_write_no_byte_of_their_texts_and_replay_asks_for_them(tmp_
     assert "not the one it was made with" not in again.stderr and "byte-identical" in again.stderr
     assert "with other" not in again.stderr  # the texts given are the record's, not changes
     assert replayed.read_bytes() == (single / "p.png").read_bytes()
+    # Flags of an optional value given again before the prompt take their value, not the prompt.
+    again = commands.run("image2image.py", "--replay", single / "p.png", "-sp", "0", "-vo",
+                         tmp_path / "sp" / "p.png", PROMPT, "--negative_prompt", NEGATIVE, check=True)
+    assert "byte-identical" in again.stderr
+    assert (tmp_path / "sp" / "p.png").read_bytes() == (single / "p.png").read_bytes()
     seeded = commands.run("image2image.py", "--replay", single / "p.png", "--seed", 99, "--negative_prompt",
                           NEGATIVE, "--output", tmp_path / "seeded" / "p.png", "--", PROMPT, check=True)
     assert "with other --seed: the pictures may differ" in seeded.stderr

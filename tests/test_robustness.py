@@ -939,6 +939,28 @@ def test_an_error_a_library_makes_of_an_interrupt_ends_as_the_interrupt(capsys, 
     assert cli.run_command(lambda console: 0, []) == 0  # the next command starts afresh
 
 
+def test_a_ctrl_c_after_the_runs_last_record_says_its_files_are_kept(tmp_path, capsys, picture, sd2, monkeypatch,
+                                                                      default_stop_handlers):
+    """The helper saw "interrupted before the first step; nothing was written" from a Ctrl-C that
+    landed after the run had finished writing (before "wrote ...")."""
+    from stable_diffusion import run as run_module
+
+    real_execute = run_module.execute
+
+    def execute_then_interrupt(*args, **kwargs):
+        result = real_execute(*args, **kwargs)
+        signal.raise_signal(signal.SIGINT)  # as if Ctrl-C came just as it returned
+        return result
+
+    monkeypatch.setattr(run_module, "execute", execute_then_interrupt)
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 2,
+                          "--output", tmp_path / "o.png")
+    sidecar_path = tmp_path / "o.json"
+    assert status == 130 and stderr_lines(err)[-1] == (
+        f"interrupted after the run ended (finished): its files are kept, see {sidecar_path}")
+    assert sidecar(sidecar_path)["status"] == "finished" and (tmp_path / "o.png").exists()
+
+
 def test_a_ctrl_c_that_breaks_the_native_import_stops_the_run(capsys, default_stop_handlers, monkeypatch):
     """The helper saw 6 replays in 250 finish with exit 0 after Ctrl-C: it landed while the native
     module loaded, the import failed, and the run went on as if the module were not built."""
