@@ -44,18 +44,27 @@ class _Parser(argparse.ArgumentParser):
         actions = self._option_string_actions  # option string -> action (argparse keeps no public map)
         if name in actions:
             return actions[name]
-        starting = {actions[o] for o in actions if name.startswith("--") and o.startswith(name)}
+        # argparse takes the start of a flag of the same kind: --gen for --generate_triangle, -g for -gt
+        starting = {actions[o] for o in actions
+                    if len(name) > 1 and o.startswith(name) and o.startswith("--") == name.startswith("--")}
         return starting.pop() if len(starting) == 1 else None
 
-    def parse_args(self, args=None, namespace=None):
-        args = list(sys.argv[1:] if args is None else args)
+    def joined(self, args: list) -> list:
+        """The arguments with each flag of an optional value that is given bare (not followed by
+        one of its values) joined to its bare value, `-gt` to `-gt=1`: it then never takes the
+        next argument, whatever is put after it (a replay's, the user's)."""
+        args = list(args)
         for i, arg in enumerate(args):
             if arg == "--":
                 break
             action = self.action_of(arg) if "=" not in arg else None
             values = None if action is None else _OPTIONAL_VALUES.get(action.option_strings[0])
             if values is not None and (i + 1 == len(args) or args[i + 1].lower() not in values):
-                args[i] = f"{arg}={values[0]}"  # bare: its default value, joined to it
+                args[i] = f"{action.option_strings[0]}={values[0]}"  # whole: argparse takes no -g=1
+        return args
+
+    def parse_args(self, args=None, namespace=None):
+        args = self.joined(sys.argv[1:] if args is None else args)
         namespace, unknown = self.parse_known_args(args, namespace)
         if unknown:
             self.error(f"unrecognized arguments: {' '.join(unknown)}{self._suggestion(unknown)}")
@@ -94,7 +103,7 @@ def build_parser(command: str, sweep: bool = False) -> argparse.ArgumentParser:
 
 def check_arguments(args, command: str) -> None:
     """Checks of the raw arguments that the spec cannot see (it holds the parsed values)."""
-    if isinstance(getattr(args, "prompt", ""), list):  # argparse took a prompt "--" for the separator
+    if isinstance(getattr(args, "prompt", ""), list) or getattr(args, "prompt", "") == "--":  # the separator
         raise InputError("the prompt \"--\" cannot be given: the command line reads it as the end of the "
                          "flags; write it with a space (\" --\") or other words")
     if args.no_float16 and args.dtype not in (None, "float32"):
@@ -295,6 +304,7 @@ def _command(command: str, typed: list, console: Console) -> int:
 def _run(spec: RunSpec, model: ModelSpec, console: Console, typed: list, wait: bool, notes: list) -> int:
     """One run, once its arguments are sane: the heavy imports (mlx, networks) start here. `notes`
     (the replay's) are shown once the run has passed its checks and loaded the model."""
+    signals.import_whole("mlx.core")
     from .images import load_image
     from .outputs import sidecar_of
     from .run import execute, picture_notices

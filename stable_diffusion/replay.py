@@ -118,6 +118,7 @@ def check_record(record, command: str, path) -> dict:
 def find(argv: list, parser) -> tuple[str, list] | None:
     """(the picture of `--replay PICTURE` or `--replay=PICTURE`, the flag spelled as argparse takes
     it, the other arguments), or None."""
+    argv = parser.joined(argv)  # a bare flag before --replay PICTURE stays bare once it is taken out
     for i, arg in enumerate(argv):
         if arg == "--":
             return None
@@ -152,7 +153,7 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
     record = picture_meta.read_picture_metadata(path)[1] if record_text is not None else {}
     if isinstance(record, dict) and "replay" in record or not isinstance(record, dict):
         record = check_record(record, command, path)
-        recorded = check_arguments(record.get("replay"), parser, path)
+        recorded = parser.joined(check_arguments(record.get("replay"), parser, path))
         notes, base = [], recorded
         if record.get("private"):
             recorded, base, notes = private_replay(command, path, record, recorded, rest, parser)
@@ -362,8 +363,9 @@ def sameness(path, record: dict, dtype: str | None) -> str:
     can give the same bytes: the same package versions, device, dtype, BLAS (as the record names
     it, its thread count too: the record is in every picture) and native CPU kernels (AMX's sums,
     say, are not AVX-512's bit for bit)."""
-    import mlx.core as mx
+    from . import signals
 
+    mx = signals.import_whole("mlx.core")
     from .blas import preload_blas
     from .ops import native_status
     from .record import versions

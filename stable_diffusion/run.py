@@ -322,8 +322,10 @@ def _preview_decoder(plan, session):
 def _after_layer(x: mx.array) -> None:
     """Evaluate after each UNet layer: Python handles a signal only between MLX calls, so Ctrl-C,
     SIGTERM and SIGHUP then act within one layer rather than one whole step (tens of seconds at
-    512x512 on a CPU)."""
+    512x512 on a CPU). A stop that Python could not raise (it landed in a callback of its import
+    machinery, which drops the exception) is raised here."""
     mx.eval(x)
+    signals.raise_if_stopped()
 
 
 def _reset_peaks() -> None:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import signal
 import threading
@@ -129,6 +130,13 @@ def handled():
                 signal.signal(signum, signal.SIG_IGN)
             except OSError:  # one arrived just now: it is ignored as well
                 pass
+
+
+def import_whole(name: str):
+    """Import the module `name` with the stop signals held back until it is done: MLX's extension
+    module aborts the process (SIGABRT, "Critical nanobind error") when Ctrl-C lands in its init."""
+    with deferred():
+        return importlib.import_module(name)
 
 
 def ignored_from_now() -> None:

@@ -18,7 +18,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import cli, options
+from . import cli, options, signals
 from .console import Console
 from .errors import InputError
 from .spec import SpecError
@@ -156,6 +156,7 @@ def _sweep(argv: list, console: Console) -> int:
         for key, value in sorted(vars(args).items()):
             console.say(f"{key}: {value!r}")
     runs, grid, model, folder = build_sweep(command, args)
+    signals.import_whole("mlx.core")  # (see there) before the heavy imports below
     from .images import load_image
 
     from .run import picture_notices, upright_size

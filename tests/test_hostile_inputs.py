@@ -228,6 +228,16 @@ def test_the_replay_line_says_what_differs_from_the_record_and_bounds_it(tmp_pat
     assert f"made with kernels '{'k' * 99}... (now {native_status()})" in long and len(long) < 600
 
 
+def test_a_private_prompt_given_again_is_never_a_recorded_bare_flags_value(tmp_path):
+    """A private triangle records a bare -gt last; the prompt "yes" given again after it is the
+    prompt, not -gt's value (the helper's `--replay pt.png yes` asked for the prompt again)."""
+    record = our_record([str(INPUT), "HASH", "-gt"], prompt="HASH", private={"fields": ["prompt"]})
+    picture = picture_with(tmp_path / "p.png", record)
+    argv, _ = cli.replay_arguments("image2image", ["--replay", str(picture), "yes"])
+    args = cli.build_parser("image2image").parse_args(argv)
+    assert (args.prompt, args.generate_triangle) == ("yes", True)
+
+
 def test_the_users_flag_replaces_a_recorded_one_of_another_name_and_one_replay_only(tmp_path):
     picture = picture_with(tmp_path / "p.png", our_record([str(INPUT), "a", "--dtype=float16"]))
     argv, _ = cli.replay_arguments("image2image", ["--replay", str(picture), "--no-f"])  # argparse's abbreviation

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from stable_diffusion import cli, options
-from stable_diffusion.errors import HubUnreachable, ModelError
+from stable_diffusion import cli, options, replay
+from stable_diffusion.errors import HubUnreachable, InputError, ModelError
 from stable_diffusion.spec import Capture, Inversion, ModelSpec, RunSpec, SpecError
 from stable_diffusion.sweep_cli import SWEEP_FLAGS, build_sweep, build_sweep_parser
 
@@ -95,6 +95,14 @@ def test_optional_values_are_the_flags_with_an_optional_value():
     # Spelled as the start of the flag, as argparse takes it: bare too, not taking the picture.
     args = cli.build_parser("image2image").parse_args(["--generate_t", "in.png", "a barn", "--anim"])
     assert (args.generate_triangle, args.animate, args.image, args.prompt) == (True, "gif", "in.png", "a barn")
+    args = cli.build_parser("image2image").parse_args(["-g", "in.png", "-p", "a barn"])  # -gt, -pp
+    assert (args.generate_triangle, args.print_parser, args.image, args.prompt) == (True, True, "in.png", "a barn")
+    # Taken out of a command line (a replay's --replay PICTURE), a bare flag stays bare.
+    parser = cli.build_parser("image2image")
+    assert replay.find(["--save_p", "--replay", "p.png", "0"], parser) == ("p.png", ["-sp=1", "0"])
+    for argv in (["in.png", "--", "--"], ["in.png", "--model", "m", "-o", "q.png", "--", "--"]):
+        with pytest.raises(InputError, match='the prompt "--" cannot be given'):
+            cli.check_arguments(parser.parse_args(argv), "image2image")
 
 
 def _resolved(command: str, argv: list):

@@ -961,6 +961,22 @@ def test_a_ctrl_c_after_the_runs_last_record_says_its_files_are_kept(tmp_path, c
     assert sidecar(sidecar_path)["status"] == "finished" and (tmp_path / "o.png").exists()
 
 
+def test_a_ctrl_c_inside_a_modules_init_waits_for_the_import(tmp_path, monkeypatch, default_stop_handlers):
+    """MLX's extension module aborts the process (SIGABRT) when Ctrl-C lands in its init (the
+    helper: 3 in 340 tries): signals.import_whole holds the signal back until the import is done."""
+    from stable_diffusion import signals
+
+    (tmp_path / "interrupted_init.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGINT)\n"
+                                                  "DONE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "interrupted_init", raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        with signals.handled():
+            signals.import_whole("interrupted_init")
+    assert sys.modules["interrupted_init"].DONE  # whole, then the interrupt
+    monkeypatch.delitem(sys.modules, "interrupted_init")
+
+
 def test_a_ctrl_c_that_breaks_the_native_import_stops_the_run(capsys, default_stop_handlers, monkeypatch):
     """The helper saw 6 replays in 250 finish with exit 0 after Ctrl-C: it landed while the native
     module loaded, the import failed, and the run went on as if the module were not built."""
