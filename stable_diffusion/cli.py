@@ -167,7 +167,7 @@ def build_specs(command: str, args) -> tuple:
         n_images=args.n_images, n_rows=args.n_rows,
         size=_size(args.size), max_pixels=getattr(args, "max_pixels", None), capture=capture,
         inversion=inversion).validate()
-    dtype = "float32" if args.no_float16 else args.dtype
+    dtype = options.compute_dtype(args.no_float16, args.dtype)
     return spec, ModelSpec(args.model, dtype, args.quantize, args.vae, args.prediction_type,
                            tuple(args.lora or ()), tuple(args.embedding or ()), args.lora_partial).validate()
 

@@ -331,6 +331,11 @@ def field_flags() -> dict:
 FLAGS = field_flags()
 
 
+def compute_dtype(no_float16: bool, dtype: str | None) -> str | None:
+    """The --dtype asked for, --no-float16 read as the float32 it means (None: the default)."""
+    return "float32" if no_float16 else dtype
+
+
 # A negative number: a value to argparse (`--seed -1`), not a flag.
 NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
 

@@ -132,9 +132,13 @@ def find(argv: list, parser) -> tuple[str, list] | None:
     return None
 
 
+def _separator(arguments: list) -> int:
+    """Where the flags end: the index of "--", else the length (positionals only after it)."""
+    return arguments.index("--") if "--" in arguments else len(arguments)
+
+
 def _no_other_replay(rest: list, parser) -> list:
-    flags = rest[:rest.index("--")] if "--" in rest else rest
-    if any(_dest(a, parser) == "replay" for a in flags):
+    if any(_dest(a, parser) == "replay" for a in rest[:_separator(rest)]):
         raise InputError("--replay is given twice: replay one picture at a time")
     return rest
 
@@ -160,11 +164,8 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
         size = _recorded_size(record, recorded)
         recorded, base = _with_size(recorded, size), _with_size(base, size)
         kept = without_relisted(base, rest, parser)
-        if "--" in kept:  # the user's flags go before the positionals (a prompt "-like this")
-            k = kept.index("--")
-            expanded = kept[:k] + rest + kept[k:]
-        else:
-            expanded = kept + rest
+        k = _separator(kept)  # the user's flags go before the positionals (a prompt "-like this")
+        expanded = kept[:k] + rest + kept[k:]
         notes += input_changed(path, record) + adapters_changed(path, record, recorded)
         changed = _changed(parser, recorded, expanded)
         if changed:
@@ -196,14 +197,19 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
     # user's positional, wherever argparse finds it among their flags.
     expanded = flags + rest + ([] if "--" in rest else ["--"]) + [fields["prompt"]]
     if command == "image2image":
-        try:
-            parser.parse_args(expanded)
-        except InputError as e:
-            if "the following arguments are required" in str(e):
-                raise InputError(f"{path} records no input picture: give it first, "
-                                 f"image2image.py INPUT --replay {path}") from None
-            raise
+        _parsed(parser, expanded, f"{path} records no input picture: give it first, "
+                                  f"image2image.py INPUT --replay {path}")
     return expanded, notes, None
+
+
+def _parsed(parser, arguments: list, missing: str | None) -> dict:
+    """The parsed arguments; a positional missing among them is said as `missing`, if given."""
+    try:
+        return vars(parser.parse_args(arguments))
+    except InputError as e:
+        if missing is not None and "the following arguments are required" in str(e):
+            raise InputError(missing) from None
+        raise
 
 
 # The flags a private picture's texts other than the prompt are given again with, by field.
@@ -225,13 +231,10 @@ def private_replay(command: str, path: str, record: dict, replayed: list, rest: 
     if "prompt" in fields and hashes["prompt"] != record.get("prompt"):
         raise _refuse(path, "its record's prompt is not where its arguments hold it")
     base = replayed[:where] + replayed[where + 1:] if "prompt" in fields else replayed
-    try:  # argparse itself finds the user's texts among their flags
-        parsed = vars(parser.parse_args(base + rest))
-    except InputError as e:
-        if "prompt" in fields and "the following arguments are required" in str(e):
-            raise InputError(f"{path} was made with -sp 0: it records a salted hash, not its prompt; give "
-                             f"the prompt again: {command}.py --replay {path} \"PROMPT\"") from None
-        raise
+    # argparse itself finds the user's texts among their flags
+    parsed = _parsed(parser, base + rest, f"{path} was made with -sp 0: it records a salted hash, not its "
+                     f"prompt; give the prompt again: {command}.py --replay {path} \"PROMPT\""
+                     if "prompt" in fields else None)
     given = {field: parsed[field] for field in ("prompt", *_PRIVATE_FLAGS) if field in fields}
     for field, flag in _PRIVATE_FLAGS.items():
         if field in given and given[field] == hashes.get(field):
@@ -273,24 +276,22 @@ def without_relisted(replayed: list, rest: list, parser) -> list:
     """The recorded arguments less the values of a repeatable option (--lora, --embedding) that
     the user gives again, and of a setting the user gives by another flag (--no-float16 for
     --dtype): given ones replace the recorded ones, as other flags override theirs."""
-    flags = rest[:rest.index("--")] if "--" in rest else rest
-    given = {_dest(a, parser) for a in flags} - {None}
+    given = {_dest(a, parser) for a in rest[:_separator(rest)]} - {None}
     dropped = {_dest(flag, parser) for flag in options.listed_flags()} & given
     dropped |= {_OVERRIDES[d] for d in given if d in _OVERRIDES}
-    k = replayed.index("--") if "--" in replayed else len(replayed)
+    k = _separator(replayed)
     return [a for a in replayed[:k] if _dest(a, parser) not in dropped] + replayed[k:]
 
 
 def _with_size(recorded: list, sized: list) -> list:
-    k = recorded.index("--") if "--" in recorded else len(recorded)
+    k = _separator(recorded)
     return recorded[:k] + sized + recorded[k:]
 
 
 def _settings(parser, arguments: list) -> dict:
-    """The parsed arguments, --no-float16 read as the --dtype it is (as cli.build_specs reads it)."""
+    """The parsed arguments, --no-float16 read as the --dtype it is."""
     settings = vars(parser.parse_args(arguments))
-    if settings.pop("no_float16", False):
-        settings["dtype"] = "float32"
+    settings["dtype"] = options.compute_dtype(settings.pop("no_float16", False), settings["dtype"])
     return settings
 
 

@@ -66,9 +66,8 @@ def stop(signum, frame):
     global _stopped_by
     for s in STOP_SIGNALS:
         signal.signal(s, ignore_signal)
-    signum = _first_arrived(signum)
-    _stopped_by = signum
-    raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
+    _stopped_by = _first_arrived(signum)
+    raise_if_stopped()
 
 
 def stopped_by() -> int | None:
@@ -78,7 +77,8 @@ def stopped_by() -> int | None:
 
 
 def raise_if_stopped() -> None:
-    """Raise the stop again where an error was caught that the stop may have caused (an import that
+    """Raise the stop that came, if one did (KeyboardInterrupt for Ctrl-C, else Terminated): in
+    `stop`, and again where an error was caught that the stop may have caused (an import that
     failed because Ctrl-C landed in it must not pass for a module that is missing)."""
     if _stopped_by is not None:
         raise KeyboardInterrupt() if _stopped_by == signal.SIGINT else Terminated(_stopped_by)
