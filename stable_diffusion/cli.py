@@ -288,8 +288,7 @@ def _command(command: str, typed: list, console: Console) -> int:
         _offline_replay(command, args.model, typed)
     console = Console(args.quiet, args.verbose, names=FLAGS)
     if args.print_parser:
-        for key, value in sorted(vars(args).items()):
-            console.say(f"{key}: {value!r}")
+        console.arguments(args)
     check_arguments(args, command)
     _check_environment()
     raw = {name: _text_argument(args, name, console) for name in ("prompt", "negative_prompt")}

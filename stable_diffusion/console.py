@@ -75,6 +75,11 @@ class Console:
         if not self.quiet:
             _write(sys.stdout, line)
 
+    def arguments(self, args) -> None:
+        """-pp: the parsed arguments, one a line; shown even with --quiet, as the user asked for them."""
+        for key, value in sorted(vars(args).items()):
+            _write(sys.stdout, f"{key}: {value!r}")
+
     def notice(self, line: str) -> None:
         if not self.quiet:
             _write(sys.stderr, f"note: {name_fields(line, self.names)}")

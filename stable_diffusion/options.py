@@ -142,7 +142,9 @@ class Option:
 
     def arguments(self) -> dict:
         """The keyword arguments of argparse's add_argument."""
-        given = {"type": self.parse, "choices": self.choices, "default": self.default,
+        # a word among choices is taken in any case: --sampler DDIM, --animate GIF
+        given = {"type": self.parse or (str.lower if self.choices else None), "choices": self.choices,
+                 "default": self.default,
                  "nargs": self.nargs, "const": self.const, "action": self.action,
                  "metavar": self.metavar, "dest": self.dest, "help": self.help}
         return {key: value for key, value in given.items() if value is not None}

@@ -98,6 +98,9 @@ def _grid_values(args, command: str) -> tuple:
 
 def build_sweep(command: str, args) -> tuple:
     """(runs, grid, ModelSpec, folder) of the parsed arguments, every run validated."""
+    if args.ray is not None and args.ray not in ("auto", "local") and ":" not in args.ray:
+        raise InputError(f"--ray {args.ray!r} is not a Ray address (auto, local or HOST:PORT); if it is "
+                         "the picture, give --ray after the prompt or as --ray=auto")
     values, pattern = _grid_values(args, command)
     if args.prompt is None and "prompt" not in values:
         raise SpecError("prompts", "give a prompt, or {flag} FILE with one prompt per line")
@@ -153,8 +156,7 @@ def _sweep(argv: list, console: Console) -> int:
     if args.replay is not None:
         raise InputError("--replay makes one picture again: use image2image.py or txt2image.py")
     if args.print_parser:
-        for key, value in sorted(vars(args).items()):
-            console.say(f"{key}: {value!r}")
+        console.arguments(args)
     runs, grid, model, folder = build_sweep(command, args)
     signals.import_whole("mlx.core")  # (see there) before the heavy imports below
     from .images import load_image

@@ -148,6 +148,9 @@ def test_print_parser_shows_arguments_before_work(tmp_path, picture, sd2):
     assert result.stdout.index("strength: 0.9") < result.stdout.index("strength 0.90 x 2 steps")
     # -sp 0: the parameters, with a salted hash in the prompt's place
     assert Image.open(tmp_path / "p.png").text["parameters"].startswith("private:")
+    # Asked for by name, the arguments are printed even with --quiet (before the checks).
+    result = run("image2image.py", picture, "x", "--model", sd2, "--steps", 0, "-pp", "--quiet", check=False)
+    assert result.returncode == 2 and "steps: 0" in result.stdout and "quiet: True" in result.stdout
 
 
 def test_triangle_runs_each_step_once_and_cfg_0_runs_unguided(tmp_path, picture, sd2, monkeypatch):

@@ -92,6 +92,9 @@ def test_optional_values_are_the_flags_with_an_optional_value():
     args = cli.build_parser("image2image").parse_args(["-gt", "in.png", "a barn", "--animate", "-sp"])
     assert (args.generate_triangle, args.animate, args.save_prompt) == (True, "gif", True)
     assert (args.image, args.prompt) == ("in.png", "a barn")
+    # A word among a flag's choices is taken in any case.
+    args = cli.build_parser("image2image").parse_args(["in.png", "a", "--animate", "WebP", "--sampler", "DDIM"])
+    assert (args.animate, args.sampler, args.image, args.prompt) == ("webp", "ddim", "in.png", "a")
     # Spelled as the start of the flag, as argparse takes it: bare too, not taking the picture.
     args = cli.build_parser("image2image").parse_args(["--generate_t", "in.png", "a barn", "--anim"])
     assert (args.generate_triangle, args.animate, args.image, args.prompt) == (True, "gif", "in.png", "a barn")

@@ -195,6 +195,7 @@ def test_sigterm_leaves_the_run_under_way_interrupted(tmp_path, picture, sd2):
     (["--seeds", "1,2", "--name", "{colour}"], "--name '{colour}' uses {colour}"),
     (["--grid", "missing.toml"], "--grid missing.toml: no such file"),
     (["--strengths", "0.2,1", "--steps", "10", "-sd", "5"], "-sd 5 is more than the 2 steps"),
+    (["--ray", "in.png"], "--ray 'in.png' is not a Ray address"),  # as if bare before the picture
 ])
 def test_bad_grids_are_refused_before_any_work_with_one_line(tmp_path, picture, sd2, extra, words):
     os.chdir(tmp_path)
