@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError, ModelError
+from .private_cache import is_view
 
 
 class ConfigError(ModelError):
@@ -537,8 +538,8 @@ def read_pipeline_config(folder: Path, notices: list | None = None) -> PipelineC
     """
     folder = Path(folder)
     index = load_json(folder / "model_index.json")
-    if notices is not None:  # what single_file.py could not tell from the file, said once
-        notices.extend(index.get("_notices", []))
+    if notices is not None and is_view(folder):  # what single_file.py could not tell from the file
+        notices.extend(str(line) for line in index.get("_notices", []))
     present = components(index)
     for needed in ("unet", "vae", "scheduler", "text_encoder", "tokenizer"):
         if needed not in present:

@@ -10,19 +10,35 @@ always shown.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
 
 from .errors import name_fields
 
+# Characters a terminal acts on instead of showing (escape sequences, line breaks), written as \xNN:
+# the text of a message may come from a file (a key name, a config field, a picture's record).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+MAX_LINE = 2000  # characters of one printed line; a longer one is cut, saying how much
+
+
+def shown(line: str) -> str:
+    """`line` as one printable line of at most MAX_LINE characters (and the count cut)."""
+    line = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256
+                        else f"\\u{ord(m.group()):04x}", line)
+    if len(line) > MAX_LINE:
+        line = f"{line[:MAX_LINE]}... ({len(line) - MAX_LINE} more characters)"
+    return line
+
+
 def _write(stream, line: str) -> None:
-    """Print a line; a reader that has gone (`| head -1`) or a device that takes no more
-    (`>/dev/full`, an I/O error) ends the printing, not the run."""
+    """Print a line (see `shown`); a reader that has gone (`| head -1`) or a device that takes no
+    more (`>/dev/full`, an I/O error) ends the printing, not the run."""
     if stream is None:
         return
     try:
-        print(line, file=stream, flush=True)
+        print(shown(line), file=stream, flush=True)
     except OSError:
         # Later writes, and the flush at exit, go to /dev/null instead of failing again.
         try:

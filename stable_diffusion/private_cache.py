@@ -17,6 +17,31 @@ from typing import Callable
 from .errors import ModelError
 
 
+def views_root() -> Path:
+    """Where the model views live (single_file.py): SD_SINGLE_FILE_CACHE, else the user's cache
+    folder. Not the system's temporary folder: a name there can be taken first by another user."""
+    if os.environ.get("SD_SINGLE_FILE_CACHE"):
+        return Path(os.environ["SD_SINGLE_FILE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base or not os.path.isabs(base):
+        try:
+            base = str(Path.home() / ".cache")
+        except RuntimeError:  # no home folder: a per-user name in the temp folder, checked as any
+            user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+            return Path(tempfile.gettempdir()) / f"mlx-sd-single-file-{user}"
+    return Path(base) / "mlx-sd-trajectory" / "single-file"
+
+
+def is_view(folder: Path) -> bool:
+    """Whether `folder` is a view this tool wrote (a folder in views_root()). Only a view's
+    weights.json (where its weights live) and model_index.json _notices are read: in anyone
+    else's folder they would send the reads anywhere, or print what they like."""
+    try:
+        return Path(folder).resolve().parent == views_root().resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
 def check_own(folder: Path, what: str, setting: str) -> None:
     """Refuse to trust `folder` (named `what` in messages; `setting` is the environment variable
     that moves it) when someone else could have filled it."""

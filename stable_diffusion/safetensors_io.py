@@ -25,6 +25,7 @@ import mlx.core as mx
 
 from .config import load_json
 from .errors import ModelError
+from .private_cache import is_view
 
 WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
                 "text_encoder": "model", "text_encoder_2": "model"}
@@ -52,9 +53,16 @@ def refuse_pickle(path: Path) -> None:
 
 
 def read_pointer(component_folder: Path) -> dict | None:
-    """A view folder's pointer (see `POINTER`), or None for a component that holds its weights."""
+    """A view's pointer (see `POINTER`), or None for a component that holds its weights. Read in
+    the views this tool wrote only (`is_view`): elsewhere the file is not ours, and is ignored."""
     path = Path(component_folder) / POINTER
-    return load_json(path) if path.is_file() else None
+    if not is_view(Path(component_folder).parent) or not path.is_file():
+        return None
+    pointer = load_json(path)
+    if not isinstance(pointer.get("folder", pointer.get("file")), str):
+        raise ModelError(f"{path} is damaged (no folder or file it points to); delete "
+                         f"{Path(component_folder).parent} and run again: it is remade")
+    return pointer
 
 
 def _hub_snapshot(folder: Path) -> bool:

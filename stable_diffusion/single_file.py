@@ -48,7 +48,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -58,7 +57,7 @@ from mlx.utils import tree_flatten
 
 from .config import ConfigError, VAEConfig, load_json
 from .errors import ModelError
-from .private_cache import cached_folder
+from .private_cache import cached_folder, views_root
 from .safetensors_io import POINTER, read_safetensors_header, read_safetensors_places, refuse_pickle, weight_files
 
 ARCHITECTURE_KEY = "mlx_sd.architecture"
@@ -547,25 +546,10 @@ def _write_tokenizer(folder: Path, vocab_size: int, pad: str, path: Path, carrie
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
-def _cache_root() -> Path:
-    """Where view folders live: SD_SINGLE_FILE_CACHE, else the user's cache folder. Not the
-    system's temporary folder: a name there can be taken first by another user."""
-    if os.environ.get("SD_SINGLE_FILE_CACHE"):
-        return Path(os.environ["SD_SINGLE_FILE_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME")
-    if not base or not os.path.isabs(base):
-        try:
-            base = str(Path.home() / ".cache")
-        except RuntimeError:  # no home folder: a per-user name in the temp folder, checked as any
-            user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
-            return Path(tempfile.gettempdir()) / f"mlx-sd-single-file-{user}"
-    return Path(base) / "mlx-sd-trajectory" / "single-file"
-
-
 def _cached_view(key: list, write) -> Path:
     """The view folder for `key`, written by `write(folder)` whole or not at all when absent."""
     digest = hashlib.sha256(json.dumps([*key, _VIEW_VERSION]).encode()).hexdigest()[:24]
-    return cached_folder(_cache_root(), digest, write, "the single-file view cache",
+    return cached_folder(views_root(), digest, write, "the single-file view cache",
                          "SD_SINGLE_FILE_CACHE")
 
 
@@ -764,7 +748,9 @@ def folder_view(folder, vae=None, prediction_type: str | None = None) -> Path:
     vae_path = None if vae is None else Path(vae).expanduser().resolve()
 
     def write(work: Path) -> None:
-        shutil.copy(folder / "model_index.json", work / "model_index.json")
+        index = load_json(folder / "model_index.json")
+        index.pop("_notices", None)  # what a view says of its own making; not the folder's to say
+        _write_json(work / "model_index.json", index)
         for part in sorted(p for p in folder.iterdir() if p.is_dir()):
             if part.name == "vae" and vae_path is not None:
                 _write_vae_replacement(work / "vae", vae_path, _scaling(folder))

@@ -25,7 +25,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from commands import ROOT, command
-from stable_diffusion import cli, files, outputs, replay, single_file
+from stable_diffusion import cli, files, outputs, private_cache, replay, single_file
 from stable_diffusion.errors import InputError, ModelError
 from stable_diffusion.record import Ledger
 from stable_diffusion.spec import SpecError
@@ -497,7 +497,7 @@ print(json.dumps([Image.open(p).size for p in sorted(folder.glob("sweep.sheet*.p
 def test_the_view_cache_lives_in_the_users_cache_folder(tmp_path, monkeypatch):
     monkeypatch.delenv("SD_SINGLE_FILE_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    root = single_file._cache_root()
+    root = private_cache.views_root()
     assert root.is_relative_to(tmp_path / "cache")
 
 
@@ -528,6 +528,28 @@ def test_a_planted_view_inside_the_cache_is_not_trusted(tmp_path, monkeypatch):
     target.symlink_to(tmp_path / "planted")
     with pytest.raises(ModelError, match="link"):
         single_file._cached_view(key, lambda work: None)
+
+
+def test_a_users_folder_cannot_point_the_weights_elsewhere_nor_print_notices(tmp_path, sd2, monkeypatch):
+    """weights.json and model_index.json's _notices are read in the views this tool wrote only; in
+    a user's folder a pointer to a named pipe hung the run, and notices printed what they liked."""
+    from stable_diffusion import config, safetensors_io
+
+    monkeypatch.setenv("SD_SINGLE_FILE_CACHE", str(tmp_path / "views"))
+    folder = tmp_path / "model"
+    shutil.copytree(sd2, folder)
+    os.mkfifo(tmp_path / "fifo")
+    (folder / "unet" / "weights.json").write_text(json.dumps({"file": str(tmp_path / "fifo")}))
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_notices": ["planted"]}))
+    assert safetensors_io.weight_files(folder / "unet") == [folder / "unet" / "diffusion_pytorch_model.safetensors"]
+    view = single_file.folder_view(folder, prediction_type="epsilon")
+    assert private_cache.is_view(view) and not private_cache.is_view(folder)
+    assert safetensors_io.read_pointer(view / "unet") == {"folder": str(folder / "unet")}
+    for where in (folder, view):
+        notices = []
+        config.read_pipeline_config(where, notices)
+        assert "planted" not in notices
 
 
 def test_the_output_lock_is_never_opened_through_a_link(tmp_path):
