@@ -464,7 +464,7 @@ class TokenizerConfig:
     unk_token: str = "<|endoftext|>"
 
     # model_max_length above 10000 is transformers' "no limit" sentinel (int(1e30)), read as 77.
-    _RULES = {"model_max_length": (int, 2, None), "pad_token": (str,), "bos_token": (str,),
+    _RULES = {"model_max_length": (int, 3, None), "pad_token": (str,), "bos_token": (str,),
               "eos_token": (str,), "unk_token": (str,)}
 
     @classmethod

@@ -408,13 +408,18 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _read_vocab(path: Path) -> dict:
-    vocab = _read_json(path)
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in vocab.values()):
-        raise ModelError(f"{path} is not a token -> id map; download it again")
-    if vocab and min(vocab.values()) < 0:
+def _checked_vocab(vocab, path: Path) -> dict:
+    """A token -> id map of ids 0 or more, not empty; else the file is damaged."""
+    if not isinstance(vocab, dict) or not vocab or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in vocab.values()):
+        raise ModelError(f"{path}: the vocabulary is not a token -> id map; download it again")
+    if min(vocab.values()) < 0:
         raise ModelError(f"{path} has a negative token id ({min(vocab.values())}); download it again")
     return vocab
+
+
+def _read_vocab(path: Path) -> dict:
+    return _checked_vocab(_read_json(path), path)
 
 
 def _read_merges(path: Path) -> dict:
@@ -450,6 +455,12 @@ def read_tokenizer_json(path) -> tuple[dict, dict, dict]:
     """
     path = Path(path)
     data = _read_json(path)
+
+    def listed(value, what: str) -> list:
+        if not isinstance(value, list):
+            raise ModelError(f"{path}: {what} is not a list; download the tokenizer again")
+        return value
+
     model = data.get("model")
     if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise ModelError(f"{path} holds no BPE model with a vocabulary; this is not a CLIP "
@@ -460,26 +471,27 @@ def read_tokenizer_json(path) -> tuple[dict, dict, dict]:
     for field, expected, key in (("normalizer", _CLIP_NORMALIZERS, "normalizers"),
                                  ("pre_tokenizer", _CLIP_PRE_TOKENIZERS, "pretokenizers")):
         step = data.get(field) or {}
-        kinds = [s.get("type") for s in step.get(key, [])] if step.get("type") == "Sequence" else [step.get("type")]
+        steps = listed(step.get(key, []), f"{field} {key}") if isinstance(step, dict) and \
+            step.get("type") == "Sequence" else [step]
+        kinds = [s.get("type") if isinstance(s, dict) else repr(s)[:40] for s in steps]
         if kinds != expected:
             raise ModelError(f"{path}: {field} {' + '.join(map(str, kinds))} is not CLIP's "
                              f"({' + '.join(expected)}); this tool reads CLIP tokenizers only")
-    vocab = model["vocab"]
-    if not all(isinstance(v, int) for v in vocab.values()):
-        raise ModelError(f"{path}: the vocabulary is not a token -> id map; download it again")
+    vocab = _checked_vocab(model["vocab"], path)
     ranks = {}
-    for number, merge in enumerate(model.get("merges", [])):
-        pair = tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge)
+    for number, merge in enumerate(listed(model.get("merges", []), "the merges")):
+        pair = (tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge)
+                if isinstance(merge, list) else ())
         if len(pair) != 2 or not all(isinstance(p, str) for p in pair):
             raise ModelError(f"{path}: merge {number} is {merge!r}, expected two symbols; "
                              "download the tokenizer again")
         ranks.setdefault(pair, len(ranks))
     added = {}
-    for record in data.get("added_tokens") or []:
+    for record in listed(data.get("added_tokens") or [], "added_tokens"):
         if isinstance(record, dict) and isinstance(record.get("content"), str):
             vocab.setdefault(record["content"], record.get("id"))
             added[record["content"]] = bool(record.get("normalized", False))
-    return vocab, ranks, added
+    return _checked_vocab(vocab, path), ranks, added
 
 
 def check_fits_encoder(tokenizer: Tokenizer, encoder: TextEncoderConfig, where) -> None:

@@ -237,6 +237,31 @@ def test_tokenizer_json_that_is_not_clip_is_refused(tiny_model, tmp_path):
         Tokenizer.from_folder(folder)
 
 
+DAMAGED_JSON = {  # each was a TypeError or AttributeError (exit 1), or read as a working vocabulary
+    "an added token without an id": lambda d: d["added_tokens"].append({"content": "<|x|>"}),
+    "added_tokens not a list": lambda d: d.__setitem__("added_tokens", 5),
+    "merges not a list": lambda d: d["model"].__setitem__("merges", 5),
+    "a merge that is a number": lambda d: d["model"]["merges"].insert(0, 5),
+    "normalizer a string": lambda d: d.__setitem__("normalizer", "NFC"),
+    "pre-tokenizers as names": lambda d: d["pre_tokenizer"].__setitem__("pretokenizers", ["Split", "ByteLevel"]),
+    "a negative id": lambda d: d["added_tokens"].append({"content": "<|x|>", "id": -5}),
+    "an id that is a boolean": lambda d: d["model"]["vocab"].__setitem__("zz", True),
+    "an empty vocabulary": lambda d: d["model"].__setitem__("vocab", {}),
+}
+
+
+@pytest.mark.parametrize("kind", DAMAGED_JSON)
+def test_damaged_tokenizer_json_is_a_model_error(tiny_model, tmp_path, kind):
+    from stable_diffusion.testing import write_tiny_model
+
+    folder = write_tiny_model(tmp_path / "saved", "sd1", layout="saved") / "tokenizer"
+    data = json.loads((folder / "tokenizer.json").read_text())
+    DAMAGED_JSON[kind](data)
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(ModelError, match="tokenizer.json"):
+        Tokenizer.from_folder(folder)
+
+
 @pytest.mark.reference
 @pytest.mark.parametrize("pad", ["<|endoftext|>", "!"])
 def test_full_clip_tokenizer_json_matches_transformers(pad, tmp_path, reference):
