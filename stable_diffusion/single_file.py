@@ -108,9 +108,13 @@ class Checkpoint:
         self.architecture = _architecture(self.metadata, self.path)
         self.tokenizer = _carried_tokenizer(self.metadata, self.path)
 
-    def shape(self, key: str) -> tuple:
+    def shape(self, key: str, ranks: tuple = (2, 4)) -> tuple:
+        """The shape of tensor `key`: a matrix or a convolution's kernel unless `ranks` says."""
         if key not in self.shapes:
             raise ModelError(f"{self.path} is missing tensor {key}; the file is not a complete {self.what}")
+        if len(self.shapes[key]) not in ranks:
+            raise ModelError(f"{self.path}: tensor {key} has shape {list(self.shapes[key])}, not "
+                             f"{' or '.join(map(str, ranks))} dimensions; the file is damaged")
         return self.shapes[key]
 
     def count(self, pattern: str) -> int:
@@ -194,7 +198,8 @@ def detect_family(shapes: dict, path: Path, vae_given: bool = False) -> str:
     else:
         raise ModelError(f"{path}: unknown checkpoint family (no CLIP text encoder under "
                          "cond_stage_model.* or conditioner.embedders.*); supported: SD 1.x, SD 2.x, SDXL")
-    in_channels = shapes.get(UNET + "input_blocks.0.0.weight", (0, 4))[1]
+    first = shapes.get(UNET + "input_blocks.0.0.weight", ())  # a damaged one is refused later
+    in_channels = first[1] if len(first) == 4 else 4
     if in_channels != 4:
         raise ModelError(f"{path}: the UNet reads {in_channels} channels (an inpainting or "
                          "instruct model); only 4-channel text-to-image checkpoints are supported")
@@ -298,7 +303,7 @@ def text_config(ckpt: Checkpoint, name: str) -> dict:
     prefix, kind = ckpt.text[name]
     inner = prefix + ("text_model." if kind == "clip" else "")
     if kind == "openclip":
-        vocab, width = ckpt.shape(prefix + "token_embedding.weight")
+        vocab, width = ckpt.shape(prefix + "token_embedding.weight", (2,))
         positions = ckpt.shape(prefix + "positional_embedding")[0]
         blocks = ckpt.count(prefix + "transformer.resblocks.{}.")
         mlp = ckpt.shape(prefix + "transformer.resblocks.0.mlp.c_fc.weight")[0]
@@ -306,7 +311,7 @@ def text_config(ckpt: Checkpoint, name: str) -> dict:
         layers = blocks - 1 if ckpt.family == "sd2" else blocks
         act = "gelu"
     else:
-        vocab, width = ckpt.shape(inner + "embeddings.token_embedding.weight")
+        vocab, width = ckpt.shape(inner + "embeddings.token_embedding.weight", (2,))
         positions = ckpt.shape(inner + "embeddings.position_embedding.weight")[0]
         layers = ckpt.count(inner + "encoder.layers.{}.")
         mlp = ckpt.shape(inner + "encoder.layers.0.mlp.fc1.weight")[0]

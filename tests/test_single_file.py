@@ -313,6 +313,19 @@ def test_missing_misshaped_and_unexpected_tensors_named_by_ldm_key(family, chang
     assert str(path) in message
 
 
+@pytest.mark.parametrize("victim", [
+    "model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.time_embed.0.weight",
+    "first_stage_model.encoder.down.0.block.0.conv2.weight",
+    "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"])
+def test_a_tensor_the_configs_are_read_from_with_too_few_dimensions(checkpoint, tmp_path, victim):
+    """Each was an IndexError or ValueError (exit 1) where the configs read the tensor's sizes."""
+    tensors = load_file(str(checkpoint("sd1")))
+    tensors[victim] = np.zeros((), np.float32)
+    path = tmp_path / "flat.safetensors"
+    save_file(tensors, str(path), metadata=single_file.Checkpoint(checkpoint("sd1")).metadata)
+    expect_model_error(lambda: model_io.resolve_model(str(path)), victim, "has shape []", "damaged")
+
+
 def test_truncated_file_is_caught_by_the_folder_check(checkpoint, tmp_path):
     path = tmp_path / "cut.safetensors"
     data = checkpoint("sd1").read_bytes()
