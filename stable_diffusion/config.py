@@ -117,7 +117,8 @@ class UNetConfig:
         "num_attention_heads": (int | list, 1, 1024), "transformer_layers_per_block": (int | list, 1, 64),
         "use_linear_projection": (bool,), "norm_num_groups": (int, 1, 1024),
         "norm_eps": (float, 0.0, 1.0), "flip_sin_to_cos": (bool,), "freq_shift": (int, 0, 1),
-        "downsample_padding": (int, 0, 1), "upcast_attention": (bool,), "sample_size": (int, 1, 1024),
+        "downsample_padding": (int, 0, 1), "upcast_attention": (bool,),
+        "sample_size": (int, 1, 512),  # latents: x 8 is 4096 px, the largest side a run takes (spec.py)
         "addition_embed_type": (str,), "addition_time_embed_dim": (int, 2, 4096),
         "projection_class_embeddings_input_dim": (int, 1, 65536),
     }
@@ -198,7 +199,7 @@ class VAEConfig:
     _RULES = {
         "block_out_channels": (list, int, 1, 8192, 1, 8), "in_channels": (int, 1, 64),
         "out_channels": (int, 1, 64), "latent_channels": (int, 1, 64), "layers_per_block": (int, 1, 16),
-        "norm_num_groups": (int, 1, 1024), "scaling_factor": (float, 0.0, 1e6),
+        "norm_num_groups": (int, 1, 1024), "scaling_factor": (float, 1e-3, 1e3),
         "shift_factor": (float, -1e6, 1e6), "mid_block_add_attention": (bool,),
         "sample_size": (int, 1, 8192),
     }
@@ -386,12 +387,15 @@ class SchedulerConfig:
                 betas = [b * b for b in betas]
         # The last sigma, sqrt((1 - abar_T) / abar_T), must stay finite in half precision; SD's is 14.6
         # (with rescale_betas_zero_snr, diffusers itself puts it at 4096).
+        # And reach sigma 1 at least (abar 0.5): below, the last training step is more picture than
+        # noise, and a run at any strength denoises next to nothing.
         log_abar = sum(math.log1p(-min(beta, 1.0 - 1e-12)) for beta in betas)
-        if log_abar < -2 * math.log(1e4):
+        sigma = math.sqrt(math.expm1(-log_abar)) if log_abar > -700 else math.inf
+        if not (1.0 <= sigma or config.rescale_betas_zero_snr) or sigma > 1e4:
             what = ("trained_betas" if config.trained_betas is not None else
                     f"num_train_timesteps {T}, beta_start {config.beta_start:g}, beta_end {config.beta_end:g}")
-            raise ConfigError(f"fields {what}: the noise level reaches sigma "
-                              f"{math.exp(-log_abar / 2):.3g} (at most 1e4 is supported)")
+            raise ConfigError(f"fields {what}: the noise level reaches sigma {sigma:.3g} at the last "
+                              "training step (from 1 to 1e4 is supported; Stable Diffusion's is 14.6)")
         return config
 
     def as_loaded_by(self, name: str) -> "SchedulerConfig":

@@ -34,7 +34,8 @@ ALIASES = {
 # Models that ship inside the package (stable_diffusion/data/<folder>), found offline with no cache.
 PACKAGED = {"shapes": "shapes"}
 
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_HUB_ID = re.compile(r"^(?!.*\.\.)\w[\w.-]*/\w[\w.-]*$")  # not ./x, ../x nor a/..b: paths
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 HUB_TIMEOUT_S = 5.0  # the first hub request; see hub_timeout
 
 
@@ -220,7 +221,14 @@ def _download(repo_id: str, revision: str | None, variant: str | None,
     except (OSError, ValueError) as e:  # connection lost mid-download, a damaged cache
         raise ModelError(f"cannot fetch {shown} from the hub ({type(e).__name__}: "
                          f"{_first_line(e)}); {local_help}") from None
-    return Path(folder)
+    folder = Path(folder)
+    # A cache's ref file names a commit; one naming '../..' took the files from anywhere.
+    storage = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    if not _COMMIT.match(folder.name) or folder.parent != storage / "snapshots":
+        raise ModelError(f"the hub cache's copy of {shown} is damaged: its ref names "
+                         f"{str(folder)[-80:]!r}, not a snapshot of {storage}; delete that folder and "
+                         f"{local_help}")
+    return folder
 
 
 def _pipeline_patterns(variant: str | None) -> list[str]:
@@ -367,6 +375,9 @@ def load_weights(model, component_folder, mapper, dtype=mx.float32, variant: str
         tensors, places = _load_file(path)
         for key, value in tensors.items():
             for new_key, new_value in mapper(key, value):
+                if origin.get(new_key, path) != path:  # the last shard read would win, silently
+                    raise ModelError(f"tensor {key} is in both {origin[new_key].name} and {path.name} "
+                                     f"of {path.parent}; the shards overlap: {refetch_advice(path.parent.parent)}")
                 weights[new_key] = new_value
                 origin[new_key] = path
                 if key in places:

@@ -92,6 +92,11 @@ def test_hub_id_offline_from_the_cache(hub_cache, monkeypatch):
     expect_model_error(lambda: model_io.resolve_model("owner/missing"),
                        "owner/missing is not in the local hub cache", "HF_HUB_OFFLINE is set",
                        "pass --model with a local folder")
+    # A ref that names no commit (here a folder outside the cache) is a damaged cache.
+    shutil.copytree(folder, hub_cache.parent / "elsewhere")
+    (hub_cache / "models--owner--name" / "refs" / "main").write_text("../../../elsewhere")
+    expect_model_error(lambda: model_io.resolve_model("owner/name"), "the hub cache's copy of owner/name "
+                       "is damaged: its ref names", "elsewhere", "delete that folder")
 
 
 @pytest.fixture
@@ -148,6 +153,8 @@ def test_names_that_are_no_model(tmp_path):
     expect_model_error(lambda: model_io.resolve_model("shape"), "did you mean 'shapes'?")
     expect_model_error(lambda: model_io.resolve_model(str(tmp_path / "no" / "such")),
                        "is neither a folder nor a hub id")
+    for path in ("./no_such_folder", "../no/such", "a/..b"):  # paths, not hub ids
+        expect_model_error(lambda: model_io.resolve_model(path), "is neither a folder nor a hub id")
     a_file = tmp_path / "model.gguf"
     a_file.write_bytes(b"x")
     expect_model_error(lambda: model_io.resolve_model(str(a_file)), "is a file but not .safetensors",

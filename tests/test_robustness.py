@@ -203,6 +203,25 @@ def test_config_notices_only_with_verbose(capsys, tmp_path, picture, sd2):
         assert (note in stderr_lines(err)) == verbose, err
 
 
+def test_text_from_files_reaches_the_terminal_as_one_printable_line(capsys, tmp_path, sd2):
+    """A config key, a folder name: escape sequences and line breaks are shown as \\xNN, a line
+    is cut at MAX_LINE characters (a clear-screen or a forged second line came through raw)."""
+    from stable_diffusion.console import MAX_LINE
+
+    model = model_copy(sd2, tmp_path / "model\x1b[31m")
+    config = json.loads((model / "unet" / "config.json").read_text())
+    (model / "unet" / "config.json").write_text(json.dumps(dict(config, **{"\x1b[2Jevil\nerror: forged": 1})))
+    status, _, err = main(capsys, "txt2image", "x", "--model", model, "--steps", 1, "--seed", 0,
+                          "--output", tmp_path / "o.png", "-v")
+    assert status == 0 and "\x1b" not in err and "\nerror: forged" not in err, err
+    assert "ignoring fields \\x1b[2Jevil\\x0aerror: forged" in err
+    status, _, err = main(capsys, "txt2image", "x", "--model", tmp_path / "gone\x1b[31m")
+    only_error(status, 2, err, "gone\\x1b[31m")
+    status, _, err = main(capsys, "txt2image", "x", "--model", model, "--size", "64x" + "9" * 5000)
+    line = only_error(status, 2, err, "--size")
+    assert len(line) < MAX_LINE + 40 and line.endswith("more characters)")
+
+
 def test_model_that_cannot_load_is_one_line_exit_2_nothing_written(capsys, tmp_path, picture, unloadable):
     status, _, err = main(capsys, "image2image", picture, "x", "--model", unloadable, "--steps", 2,
                           "--output", tmp_path / "out" / "o.png")
@@ -619,8 +638,8 @@ def rewrite_json(path: Path, change) -> None:
      ["scheduler_config.json", "solver_order=3, which this tool does not implement"]),
     ("scheduler/scheduler_config.json", lambda d: dict(d, interpolation_type="log_linear"),
      ["interpolation_type='log_linear'"]),
-    ("tokenizer/tokenizer_config.json", lambda d: dict(d, model_max_length=1),
-     ["tokenizer_config.json", "field model_max_length: 1 is outside"]),
+    ("tokenizer/tokenizer_config.json", lambda d: dict(d, model_max_length=2),
+     ["tokenizer_config.json", "field model_max_length: 2 is outside"]),
     ("tokenizer/tokenizer_config.json", lambda d: dict(d, model_max_length="abc"),
      ["field model_max_length: expected a whole number, got a string \"abc\""]),
 ])
@@ -641,6 +660,21 @@ def test_sharded_weights_with_a_weight_map_that_is_not_a_map(capsys, tmp_path, p
         json.dumps({"weight_map": ["part-1.safetensors"]}))
     status, _, err = main(capsys, "image2image", picture, "x", "--model", model, "--output", tmp_path / "o.png")
     only_error(status, 2, err, "field weight_map must map tensor names to shard file names")
+
+
+def test_a_tensor_in_two_shards_is_refused(capsys, tmp_path, picture, sd2):
+    """The shard read last used to win, silently: another picture than the model's."""
+    model = shutil.copytree(sd2, tmp_path / "model")
+    tensors = load_file(str(model / UNET_WEIGHTS))
+    names = sorted(tensors)
+    halves = {"a.safetensors": names[: len(names) // 2], "b.safetensors": names[len(names) // 2:]}
+    for shard, keys in halves.items():
+        save_file({k: tensors[k] for k in keys + ["conv_in.bias"]}, str(model / "unet" / shard))
+    (model / UNET_WEIGHTS).unlink()
+    (model / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: shard for shard, keys in halves.items() for k in keys}}))
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", model, "--output", tmp_path / "o.png")
+    only_error(status, 2, err, "tensor conv_in.bias is in both a.safetensors and b.safetensors")
 
 
 def no_signal(result: subprocess.CompletedProcess) -> None:
