@@ -535,6 +535,16 @@ def components(model_index: dict) -> set:
             if not k.startswith("_") and isinstance(v, list) and v and v[0] is not None}
 
 
+# The classes a model_index.json names that this tool implements, by component.
+_CLASSES = {
+    "pipeline": ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionImg2ImgPipeline",
+                 "StableDiffusionXLImg2ImgPipeline"),
+    "unet": ("UNet2DConditionModel",), "vae": ("AutoencoderKL",),
+    "text_encoder": ("CLIPTextModel", "CLIPTextModelWithProjection"),
+    "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
+}
+
+
 def read_pipeline_config(folder: Path, notices: list | None = None) -> PipelineConfig:
     """Read model_index.json and every component config of a diffusers folder.
 
@@ -548,6 +558,13 @@ def read_pipeline_config(folder: Path, notices: list | None = None) -> PipelineC
     for needed in ("unet", "vae", "scheduler", "text_encoder", "tokenizer"):
         if needed not in present:
             raise ConfigError(f"{folder} has no {needed} (model_index.json does not list it)")
+    if notices is not None:  # read as what this tool implements all the same: the weights decide
+        named = {"pipeline": index.get("_class_name"), **{c: index[c][-1] for c in present}}
+        for component, cls in named.items():
+            expected = _CLASSES.get(component.removesuffix("_2"), ())
+            if cls is not None and expected and cls not in expected:
+                notices.append(f"model_index.json names {repr(cls)[:80]} for the {component}; read as "
+                               f"{expected[0]}")
 
     def read(name, cls, filename="config.json"):
         d = load_json(folder / name / filename)

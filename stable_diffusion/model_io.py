@@ -36,6 +36,8 @@ PACKAGED = {"shapes": "shapes"}
 
 _HUB_ID = re.compile(r"^(?!.*\.\.)\w[\w.-]*/\w[\w.-]*$")  # not ./x, ../x nor a/..b: paths
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_MODEL_WANTED = "a model folder, a .safetensors checkpoint or a hub id"
+_VAE_WANTED = "a VAE folder or an LDM VAE .safetensors file"
 HUB_TIMEOUT_S = 5.0  # the first hub request; see hub_timeout
 
 
@@ -61,6 +63,9 @@ def resolve_model(spec: str, variant: str | None = None, vae: str | Path | None 
     the file (see single_file.py); `vae` replaces its VAE (a diffusers VAE folder or an LDM VAE
     file) and `prediction_type` ("epsilon" or "v_prediction") overrides what the file suggests.
     """
+    for field_name, text, wanted in (("model", spec, _MODEL_WANTED), ("vae", vae, _VAE_WANTED)):
+        if text is not None and not str(text).strip():  # Path("") is the current folder
+            raise ModelError(f"{{flag:{field_name}}} is empty; pass {wanted}")
     if spec in PACKAGED:  # an alias, as the hub aliases: it wins over a file of that name here
         folder = packaged_folder(spec)
         source = {"model": spec, "folder": str(folder.resolve()), "revision": None, "source": "package"}
@@ -69,9 +74,9 @@ def resolve_model(spec: str, variant: str | None = None, vae: str | Path | None 
         return single_file.folder_view(folder, vae, prediction_type), _replaced(source, vae, prediction_type)
     name, revision = parse_model_spec(spec)
     path = Path(name).expanduser()
-    given = [("model", path, "a model folder, a .safetensors checkpoint or a hub id")]
+    given = [("model", path, _MODEL_WANTED)]
     if vae is not None:
-        given.append(("vae", Path(vae).expanduser(), "a VAE folder or an LDM VAE .safetensors file"))
+        given.append(("vae", Path(vae).expanduser(), _VAE_WANTED))
     for field_name, where, wanted in given:
         kind = special_file(where)
         if kind is not None:
@@ -338,6 +343,10 @@ def check_model_folder(folder: Path, variant: str | None = None) -> dict:
                 read_safetensors_header(path)
     for tokenizer in sorted(c for c in present if c.startswith("tokenizer")):
         where = folder / tokenizer
+        for name in ("vocab.json", "merges.txt", "tokenizer.json"):
+            kind = special_file(where / name)
+            if kind is not None:
+                raise ModelError(f"{where / name} is {kind}, not a file; {refetch_advice(folder)}")
         if (where / "tokenizer.json").is_file() and not (where / "vocab.json").is_file():
             continue  # the layout transformers 5 saves: vocabulary and merges in one file
         missing = [n for n in ("vocab.json", "merges.txt") if not (where / n).is_file()]

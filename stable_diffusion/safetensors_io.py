@@ -33,8 +33,11 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 # The file in a component folder of a view (single_file.py) that says where its weights live:
 # {"folder": ...} for another diffusers component, {"file": ..., "prefix": ...} for an LDM file.
 POINTER = "weights.json"
-# A header larger than this is refused unread: checkpoints' headers hold well under a megabyte.
-MAX_HEADER_BYTES = 100 * 2**20
+# A header larger than this is refused unread: checkpoints' headers hold well under a megabyte
+# (and MLX's reader refuses more).
+MAX_HEADER_BYTES = 100_000_000
+# Tensors in one file: SDXL's whole checkpoint has about 2,500, a LoRA for all of it about 7,000.
+MAX_TENSORS = 100_000
 
 
 def refuse_pickle(path: Path) -> None:
@@ -185,6 +188,9 @@ def _read_header(path: Path) -> tuple[dict, int]:
         header = None
     if not isinstance(header, dict):
         raise ModelError(f"{path} has a corrupt safetensors header; download it again")
+    if len(header) > MAX_TENSORS:
+        raise ModelError(f"{path} lists {len(header)} tensors, more than the {MAX_TENSORS} a model or "
+                         "adapter file has; it is not one of ours to read")
     data_size = size - 8 - n
     metadata = header.get("__metadata__") or {}  # MLX writes null
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
@@ -197,8 +203,8 @@ def _read_header(path: Path) -> tuple[dict, int]:
         try:
             begin, end = info["data_offsets"]
             shape, dtype = info["shape"], info["dtype"]
-            if not all(type(v) is int for v in (begin, end, *shape)):  # not floats, strings or booleans
-                raise TypeError
+            if not all(type(v) is int and v >= 0 for v in (begin, end, *shape)):  # not floats,
+                raise TypeError  # strings, booleans or negative sizes
             count = 1
             for d in shape:
                 count *= d
@@ -216,6 +222,10 @@ def _read_header(path: Path) -> tuple[dict, int]:
         if begin < end:
             raise ModelError(f"{path} has a corrupt safetensors header (tensors {first} and {second} share "
                              "bytes); download it again")
+    covered = sum(end - begin for begin, end, _ in ranges)
+    if covered != data_size:  # bytes no tensor holds: a damaged file, or something else appended
+        raise ModelError(f"{path} holds {data_size - covered} bytes that are no tensor's (after the "
+                         "header's last tensor, or between tensors); the file is damaged: download it again")
     return header, 8 + n
 
 

@@ -633,7 +633,7 @@ def _write_view(folder: Path, ckpt: Checkpoint, vae_path: Path | None, predictio
         _write_json(folder / "vae" / POINTER, {"file": str(ckpt.path), "prefix": VAE, "kind": "vae",
                                                "config": vae})
     else:
-        _write_vae_replacement(folder / "vae", vae_path, scaling)
+        _write_vae_replacement(folder / "vae", vae_path, scaling, unet["in_channels"])
     for name, config in texts.items():
         prefix, kind = ckpt.text[name]
         _write_json(folder / name / "config.json", config)
@@ -646,14 +646,20 @@ def _write_view(folder: Path, ckpt: Checkpoint, vae_path: Path | None, predictio
                          ckpt.path, ckpt.tokenizer)
 
 
-def _write_vae_replacement(folder: Path, vae: Path, scaling: float) -> None:
+def _write_vae_replacement(folder: Path, vae: Path, scaling: float, latents: int) -> None:
+    """The view's vae/ for the replacement `vae`; `latents`: the channels the model's UNet reads."""
+    def check_fits(config: VAEConfig, where: Path) -> None:
+        if config.latent_channels != latents:
+            raise ModelError(f"{{flag:vae}} {where}: its latents have {config.latent_channels} channels, "
+                             f"the model's UNet reads {latents}; pass a VAE made for this model's family")
+
     if vae.is_dir():
         source = vae / "vae" if (vae / "vae" / "config.json").is_file() else vae
         if not (source / "config.json").is_file():
             raise ModelError(f"{{flag:vae}} {vae}: no config.json (nor vae/config.json); pass a diffusers "
                              "VAE folder, a model folder, or an LDM VAE .safetensors file")
         try:
-            VAEConfig.from_diffusers(load_json(source / "config.json"))
+            check_fits(VAEConfig.from_diffusers(load_json(source / "config.json")), source)
         except ConfigError as e:
             raise ModelError(f"{{flag:vae}} {source / 'config.json'}: {e.template}") from None
         folder.mkdir(parents=True, exist_ok=True)
@@ -672,7 +678,7 @@ def _write_vae_replacement(folder: Path, vae: Path, scaling: float) -> None:
     ckpt = _VAEFile(vae, header, metadata)
     config = vae_config(ckpt, prefix, scaling)
     try:
-        VAEConfig.from_diffusers(config)
+        check_fits(VAEConfig.from_diffusers(config), vae)
     except ConfigError as e:
         raise ModelError(f"{{flag:vae}} {vae}: its tensors do not describe a standard LDM VAE "
                          f"({e.template}); pass another VAE file, or a diffusers VAE folder with its "
@@ -758,7 +764,8 @@ def folder_view(folder, vae=None, prediction_type: str | None = None) -> Path:
         _write_json(work / "model_index.json", index)
         for part in sorted(p for p in folder.iterdir() if p.is_dir()):
             if part.name == "vae" and vae_path is not None:
-                _write_vae_replacement(work / "vae", vae_path, _scaling(folder))
+                unet = load_json(folder / "unet" / "config.json")
+                _write_vae_replacement(work / "vae", vae_path, _scaling(folder), unet.get("in_channels", 4))
             elif part.name.startswith(("tokenizer", "scheduler")):
                 shutil.copytree(part, work / part.name)
             elif (part / "config.json").is_file():

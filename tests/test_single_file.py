@@ -226,6 +226,13 @@ def test_replacement_vae_from_a_folder_or_an_ldm_file(checkpoint, tiny_model, tm
     assert all(np.array_equal(got[k], reference[k]) for k in reference)
     expect_model_error(lambda: model_io.resolve_model(str(checkpoint("sd1")), vae=tmp_path / "none"),
                        "no such file or folder")
+    # A VAE whose latents the UNet cannot read is named as given (it was the view folder, later).
+    wide = shutil.copytree(other / "vae", tmp_path / "wide")
+    (wide / "config.json").write_text(json.dumps(dict(json.loads((wide / "config.json").read_text()),
+                                                      latent_channels=8)))
+    for model in (checkpoint("sd1"), tiny_model("sd1")):
+        expect_model_error(lambda: model_io.resolve_model(str(model), vae=wide), f"--vae {wide}: its latents "
+                           "have 8 channels, the model's UNet reads 4")
     # Without the metadata, the tiny VAE's 8 channels cannot take the 32 groups of real files; the
     # error names the file given, not the view folder written for it.
     tensors = load_file(str(vae_file))
