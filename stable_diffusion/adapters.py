@@ -52,7 +52,7 @@ import mlx.nn as nn
 
 from . import memory, ops
 from .errors import ModelError
-from .files import file_digest
+from .files import file_digest, open_regular
 from .model_io import read_safetensors_header, special_file
 from .single_file import refuse_pickle, unet_ldm_key
 from .tokenizer import clean_text
@@ -143,6 +143,7 @@ def adapter_path(path, what: str, folder_file: str, pickle_hint: str | None = No
         path = path / folder_file
     if not path.is_file():
         raise ModelError(f"{what} {path} does not exist")
+    open_regular(path, "adapter", f"{what} file").close()  # within the cap (hashed after the run)
     try:
         refuse_pickle(path)
     except ModelError:
@@ -169,7 +170,8 @@ def _header(path: Path, what: str) -> tuple[dict, dict]:
 
 def _tensors(path: Path) -> dict:
     try:
-        return mx.load(str(path))  # lazy: a tensor is read when evaluated
+        return mx.load(str(path), format="safetensors")  # lazy: a tensor is read when evaluated;
+        # the format given, as a file's name need not end in .safetensors (a hub cache's blob)
     except (RuntimeError, ValueError) as e:
         raise ModelError(f"cannot read {path} ({e}); the file is damaged") from None
 
@@ -236,13 +238,8 @@ def _split_key(key: str):
 # --- LoRA: reading and checking a file, before any work ------------------------------------------
 
 
-def read_lora(path, targets: dict, allow_partial: bool = False) -> tuple[Path, list, list, dict]:
-    """Check a LoRA file against a model's layers (`lora_targets`) from its header alone:
-    (file, matched modules, keys matching no layer, PEFT metadata per component).
-
-    Refused: a file of another adapter kind; keys that match no layer (all of them, or some of
-    them unless `allow_partial`); a module without its down or up factor, or named twice; factors
-    whose shapes, rank or dtype do not fit their layer."""
+def _lora_file(path) -> tuple[Path, dict, dict]:
+    """(file, header, PEFT metadata) of a LoRA, checked as far as it can be without a model."""
     path = adapter_path(path, "LoRA", LORA_FILE)
     header, metadata = _header(path, "LoRA")
     if len(header) > MAX_LORA_TENSORS:
@@ -252,8 +249,27 @@ def read_lora(path, targets: dict, allow_partial: bool = False) -> tuple[Path, l
         for fragment, kind in _UNSUPPORTED:
             if fragment in "." + key:
                 raise ModelError(f"{path} is {kind} file ({key}); only LoRA and LoCon files are supported")
-    peft = _peft_metadata(path, metadata)
+    return path, header, _peft_metadata(path, metadata)
 
+
+def check_files(loras, embeddings, widths: list, max_vectors: int) -> None:
+    """What can be told of adapter files (`(path, _)` pairs) before a weight loads: each is a
+    sound safetensors file within the adapter cap of its kind, each embedding fits text encoders
+    of `widths` and a prompt of `max_vectors`. read_lora checks the rest against the layers."""
+    for path, _ in loras:
+        _lora_file(path)
+    for path, _ in embeddings:
+        read_embedding(path, widths, max_vectors)
+
+
+def read_lora(path, targets: dict, allow_partial: bool = False) -> tuple[Path, list, list, dict]:
+    """Check a LoRA file against a model's layers (`lora_targets`) from its header alone:
+    (file, matched modules, keys matching no layer, PEFT metadata per component).
+
+    Refused: a file of another adapter kind; keys that match no layer (all of them, or some of
+    them unless `allow_partial`); a module without its down or up factor, or named twice; factors
+    whose shapes, rank or dtype do not fit their layer."""
+    path, header, peft = _lora_file(path)
     factors: dict = {}  # file module name -> {factor: key}
     unmatched = []
     for key in sorted(header):
@@ -343,12 +359,15 @@ def _peft_metadata(path: Path, metadata: dict) -> dict:
             raise ModelError(f"{path} is a LoRA with bias terms ({METADATA_KEY}: {key} true); only LoRA "
                              "and LoCon files are supported")
         ok = {"lora_alpha": _is_number(value) or value is None,
-              "alpha_pattern": isinstance(value, dict) and all(
+              "alpha_pattern": isinstance(value, dict) and len(value) <= MAX_LORA_TENSORS and all(
                   isinstance(k, str) and _is_number(v) for k, v in value.items()),
               "use_rslora": isinstance(value, bool)}.get(field, True)
         if not ok:
             raise ModelError(f"{path}: metadata {METADATA_KEY} field {key} is {str(value)[:40]!r}, which "
                              "is not a LoRA config value; remove the metadata or fix it")
+        if field == "alpha_pattern":  # pattern -> (its place in the file, alpha), the first kept
+            value = {p: (i, v) for i, (p, v) in reversed(list(enumerate(
+                (p.removeprefix("^"), v) for p, v in value.items())))}
         if field in ("lora_alpha", "alpha_pattern", "use_rslora") and value is not None:
             out.setdefault(component, {})[field] = value
     return out
@@ -363,11 +382,11 @@ def _peft_alpha(settings: dict, module: str, rank: int) -> tuple[float, float]:
     pattern to the end of a module's name; read here as a literal name), else the component's
     lora_alpha, else the rank; the divisor is the rank, or its square root under rsLoRA."""
     alpha = settings.get("lora_alpha", rank)
-    for pattern, value in settings.get("alpha_pattern", {}).items():
-        pattern = pattern.removeprefix("^")
-        if module == pattern or module.endswith("." + pattern):
-            alpha = value
-            break
+    parts = module.split(".")
+    patterns = settings.get("alpha_pattern", {})
+    named = [patterns[end] for end in (".".join(parts[i:]) for i in range(len(parts))) if end in patterns]
+    if named:  # the one given first in the file
+        alpha = min(named)[1]
     return float(alpha), math.sqrt(rank) if settings.get("use_rslora") else float(rank)
 
 
@@ -453,10 +472,10 @@ def read_embedding(path, widths: list, max_vectors: int) -> tuple[Path, str, lis
                          "and clip_g")
     for key, width in zip(keys, widths):
         shape, dtype = tuple(header[key]["shape"]), header[key]["dtype"]
-        vectors = 1 if len(shape) == 1 else shape[0]
         if dtype not in _FLOAT_DTYPES or len(shape) not in (1, 2) or shape[-1] != width:
             raise ModelError(f"{path}: tensor {key} has shape {shape} ({dtype}); this model's text encoder "
                              f"takes (n, {width}) floating-point vectors: the embedding is for another model")
+        vectors = 1 if len(shape) == 1 else shape[0]
         if not 1 <= vectors <= max_vectors:
             raise ModelError(f"{path}: tensor {key} holds {vectors} vectors; a prompt holds 1 to {max_vectors}")
     return path, token, keys
@@ -480,6 +499,11 @@ def load_textual_inversion(sd, path, token: str | None = None) -> EmbeddingInfo:
         vectors = vectors.reshape(-1, vectors.shape[-1])  # (n, D)
         if not mx.all(mx.isfinite(vectors)).item():
             raise ModelError(f"{path}: tensor {key} holds values that are not finite; the file is damaged")
+        dtype = encoder.text_model.embeddings.token_embedding.weight.dtype
+        if not mx.all(mx.isfinite(vectors.astype(dtype))).item():
+            name = str(dtype).removeprefix("mlx.core.")
+            raise ModelError(f"{path}: tensor {key} holds values beyond {name}'s range (largest "
+                             f"{mx.abs(vectors).max().item():.3g}); the file is damaged, or run in float32")
         word = clean_text(token)
         cut = next((s for s in tokenizer.raw_specials if s in token), None)
         if cut is not None:  # the tokenizer cuts it out of the text before any added word is matched

@@ -14,10 +14,12 @@ this module knows no flag names besides the few it refuses, which it knows by th
 from __future__ import annotations
 
 import os
+import re
 
 from . import options
 from .errors import InputError
 from .files import text_flaw
+from .spec import MAX_ADAPTERS
 
 COMMANDS = ("image2image", "txt2image")
 # Fields a picture may not set, and why: destinations, other sources, the process's behaviour.
@@ -27,6 +29,7 @@ REFUSED = {"output": "where the run writes is the user's to choose",
            "verbose": "not a setting", "wait": "not a setting",
            "allow_download": "only the user may allow a download"}
 MAX_ARGUMENTS = 256  # ours hold about 40
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MAX_SIDE = 1 << 16  # pixels: a recorded input size beyond it is not a picture of ours
 MAX_ARGUMENT_CHARS = 1 << 20  # a prompt far beyond the 77 tokens any text encoder reads
 
@@ -106,8 +109,11 @@ def check_record(record, command: str, path) -> dict:
             and all(isinstance(f, str) for f in private.get("fields", []))):
         raise _refuse(path, "its record's private is not an object listing the hashed fields")
     adapters = record.get("adapters")
-    if adapters is not None and not (isinstance(adapters, list) and all(isinstance(a, dict) for a in adapters)):
-        raise _refuse(path, "its record's adapters is not a list of objects")
+    if adapters is not None and not (isinstance(adapters, list) and len(adapters) <= 2 * MAX_ADAPTERS and all(
+            isinstance(a, dict) and a.get("kind") in ("lora", "embedding")
+            and isinstance(a.get("sha256"), str) and _SHA256.match(a["sha256"]) for a in adapters)):
+        raise _refuse(path, f"its record's adapters is not a list of at most {2 * MAX_ADAPTERS} LoRA and "
+                            "embedding entries, each with its file's sha256")
     size = (source or {}).get("size")
     if size is not None and not (isinstance(size, list) and len(size) == 2 and all(
             type(v) is int and 0 < v <= MAX_SIDE for v in size)):
@@ -313,15 +319,19 @@ def _changed(parser, recorded: list, expanded: list) -> list | None:
 def adapters_changed(path: str, record: dict, replayed: list) -> list:
     """A note for each recorded LoRA or embedding whose file is not the one the picture was made
     with any more (its sha256 differs), or cannot be read."""
+    from .adapters import EMBEDDING_FILE, LORA_FILE, adapter_path
     from .files import file_digest
 
-    files = [options.lora_argument(a.split("=", 1)[1])[0] for a in replayed if a.startswith("--lora=")]
-    files += [options.embedding_argument(a.split("=", 1)[1])[0] for a in replayed if a.startswith("--embedding=")]
+    files = [(options.lora_argument(a.split("=", 1)[1])[0], LORA_FILE)
+             for a in replayed if a.startswith("--lora=")]
+    files += [(options.embedding_argument(a.split("=", 1)[1])[0], EMBEDDING_FILE)
+              for a in replayed if a.startswith("--embedding=")]
     notes = []
-    for entry, file in zip(record.get("adapters") or [], files):
-        try:
-            digest = file_digest(file, "adapter", f"{entry.get('kind')} file")[1]
-        except InputError:
+    for entry, (file, folder_file) in zip(record.get("adapters") or [], files):
+        try:  # a folder given: the file in it, as the run reads it
+            digest = file_digest(adapter_path(file, "adapter", folder_file), "adapter",
+                                 f"{entry.get('kind')} file")[1]
+        except InputError:  # ModelError too
             notes.append(f"replay of {path}: its {entry.get('kind')} file {file} cannot be read")
             continue
         if digest != entry.get("sha256"):

@@ -70,6 +70,10 @@ class Session:
         for (_, tok), encoder in zip(TEXT_COMPONENTS, config.text_encoders):
             self.tokenizers.append(_tokenizer(self.folder / tok))
             check_fits_encoder(self.tokenizers[-1], encoder, self.folder / tok)  # before any weight
+        from .adapters import check_files
+
+        check_files(m.loras, m.embeddings, [e.hidden_size for e in config.text_encoders],
+                    min(t.max_length for t in self.tokenizers) - 2)
         self.config = config
 
     def machine(self):

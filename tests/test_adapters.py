@@ -371,6 +371,11 @@ def test_dora_in_peft_metadata_is_refused(sd1, tmp_path):
     path = peft_file(tmp_path / "p.safetensors", "sd1", attention_layers, seed=10,
                      metadata={"lora_adapter_metadata": json.dumps({"unet.use_dora": True})})
     expect_model_error(lambda: sd1.load_lora(path), "DoRA", "use_dora")
+    # A pattern per module at most: 2 million made each module's lookup scan them all (81 s).
+    patterns = {f"no.such.module.{i}": 1.0 for i in range(50_001)}
+    path = peft_file(tmp_path / "q.safetensors", "sd1", attention_layers, seed=10,
+                     metadata={"lora_adapter_metadata": json.dumps({"unet.alpha_pattern": patterns})})
+    expect_model_error(lambda: sd1.load_lora(path), "unet.alpha_pattern", "not a LoRA config value")
 
 
 def test_pickle_files_are_refused_unopened(sd1, tmp_path, monkeypatch):
@@ -538,8 +543,19 @@ def test_textual_inversion_refusals(tiny_model, tmp_path):
     expect_model_error(lambda: sd.load_textual_inversion(nan), "not finite")
     for bad in ("", " <x>", "a" * 101):
         expect_model_error(lambda: sd.load_textual_inversion(path, token=bad), "a token is a word")
+    scalar = tmp_path / "scalar.safetensors"  # was an IndexError
+    save_file({"<one>": np.ones((), np.float32)}, str(scalar))
+    expect_model_error(lambda: sd.load_textual_inversion(scalar), "shape ()", "(n, 32)")
+    blob = tmp_path / "blob"  # no .safetensors in its name, as in a hub cache: read all the same
+    save_file({"<blob>": np.ones((1, 32), np.float32)}, str(blob))
+    sd.load_textual_inversion(blob)
+    first += 1
     assert sd.text_encoders[0].config.vocab_size == sd.config.text_encoders[0].vocab_size == first + 2
     sd2 = StableDiffusion.from_pretrained(str(tiny_model("sd2")))  # "!" is its padding token
     expect_model_error(lambda: sd2.load_textual_inversion(path, token="<wow!>"), "holds '!'")
     xl_model = StableDiffusion.from_pretrained(str(tiny_model("sdxl")))
     expect_model_error(lambda: xl_model.load_textual_inversion(path), "an SDXL model needs one per text encoder")
+    half = StableDiffusion.from_pretrained(str(tiny_model("sd1")), dtype=mx.float16)
+    big = tmp_path / "big.safetensors"  # finite in float32, not in the model's float16
+    save_file({"<big>": np.full((1, 32), 1e6, np.float32)}, str(big))
+    expect_model_error(lambda: half.load_textual_inversion(big), "beyond float16's range", "1e+06")

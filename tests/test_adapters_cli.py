@@ -91,6 +91,17 @@ def test_a_replay_names_a_changed_lora_and_takes_a_lora_given_again(tmp_path, pi
     # The same pixels; the texts differ by the file's new place.
     assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(made)))
     assert f"--lora={moved}:0.5" in json.loads(again.with_suffix(".json").read_text())["replay"]
+    # Given as a folder, the file in it is what is compared (the folder was said to be unreadable).
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(kept)
+    from_folder = tmp_path / "from-folder.png"
+    _run(picture, sd1, from_folder, "--lora", f"{folder}:0.5")
+    same = commands.run("image2image.py", "--replay", from_folder, "-o", tmp_path / "r3.png", check=True)
+    assert "cannot be read" not in same.stderr and "has changed" not in same.stderr, same.stderr
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(other.read_bytes())
+    changed = commands.run("image2image.py", "--replay", from_folder, "-o", tmp_path / "r4.png", check=True)
+    assert f"{folder} has changed since" in changed.stderr, changed.stderr
 
 
 def test_adapter_arguments_with_nothing_after_the_colon_say_so(tmp_path, picture, tiny_model):

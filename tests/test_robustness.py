@@ -163,6 +163,10 @@ def test_picture_notices_reach_stderr(tmp_path, sd2):
     (["--decoding_batch_size", 1000], ["--decoding_batch_size 1000 is outside 1 .. 64"]),
     (["-gt", "--triangle_strengths", "1e-9,0.5"], ["--triangle_strengths 1e-09 is outside 0.001 .. 1"]),
     (["--output", "a" * 246 + ".png", "-sd", 1], ["the run writes names up to 261 bytes", "use a shorter name"]),
+    # Adapter files, as far as they can be told without the model's layers.
+    (["--lora", "missing.safetensors"], ["LoRA missing.safetensors does not exist"]),
+    (["--lora", "/dev/zero"], ["LoRA /dev/zero is a device"]),
+    (["--embedding", "/proc/self/status"], ["/proc/self/status is truncated or not a safetensors file"]),
 ])
 def test_bad_arguments_fail_before_the_weights_load(capsys, tmp_path, picture, unloadable, extra, words):
     out = tmp_path / "out" / "o.png"
