@@ -13,6 +13,7 @@ import errno
 import functools
 import math
 import os
+import re
 import signal
 import sys
 import traceback
@@ -82,6 +83,8 @@ class _Parser(argparse.ArgumentParser):
             close = difflib.get_close_matches(typed, flags, n=1, cutoff=0.75)
             if close:
                 return f"; did you mean {close[0]}?"
+        if any(not arg.startswith("-") for arg in unknown):  # words past the positionals
+            return "; a prompt of several words goes in quotes"
         return ""
 
 
@@ -106,6 +109,16 @@ def check_arguments(args, command: str) -> None:
     if isinstance(getattr(args, "prompt", ""), list) or getattr(args, "prompt", "") == "--":  # the separator
         raise InputError("the prompt \"--\" cannot be given: the command line reads it as the end of the "
                          "flags; write it with a space (\" --\") or other words")
+    image, prompt = getattr(args, "image", None), getattr(args, "prompt", None)
+    if image is not None:  # raw: Path() would fold a URL's '//' into '/'
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", image):
+            raise InputError(f"the picture {image} is a URL; this tool reads files: download it first "
+                             "(e.g. curl -O URL) and give the file")
+        if image == "-":
+            raise InputError("the picture '-': reading it from standard input is not supported; give a file")
+        if not os.path.lexists(image) and isinstance(prompt, str) and os.path.isfile(prompt):
+            raise InputError(f"input image {image!r} does not exist, and the prompt names a file "
+                             f"({prompt}); give the picture first, then the prompt")
     if args.no_float16 and args.dtype not in (None, "float32"):
         raise InputError(f"--no-float16 and --dtype {args.dtype} disagree; pass one of them")
 
@@ -320,7 +333,8 @@ def _run(spec: RunSpec, model: ModelSpec, console: Console, typed: list, wait: b
         if result.status == "interrupted":
             console.error(f"interrupted: kept {len(result.files)} file(s), see {result.sidecar}")
             return 128 + result.signum
-        console.say(f"wrote {spec.output} and {len(result.files) - 1} more file(s); sidecar {result.sidecar}")
+        more = len(result.files) - 1
+        console.say(f"wrote {spec.output}{f' and {more} more file(s)' if more else ''}; sidecar {result.sidecar}")
         return 0
     except KeyboardInterrupt as e:  # after the run's last record, its sidecar says how it ended
         sidecar = sidecar_of(spec.output)

@@ -170,7 +170,8 @@ OPTIONS = (
         "(stabilityai/sdxl-turbo: 512 px, few steps), sd15 (stable-diffusion-v1-5/"
         "stable-diffusion-v1-5: SD 1.5, 512 px), sd21 (stabilityai/stable-diffusion-2-1: "
         "768 px, v-prediction), sdxl-base (stabilityai/stable-diffusion-xl-base-1.0: "
-        "1024 px); a hub id[@revision], a local diffusers folder or a single-file "
+        "1024 px), shapes (the small model that ships with this package: offline, seconds); "
+        "a hub id[@revision], a local diffusers folder or a single-file "
         ".safetensors checkpoint (default: sd)")),
     Option(("--vae",), "model.vae", "replace the model's VAE: a diffusers VAE folder or an LDM VAE "
            ".safetensors file", MODEL, replay=Replay(170, write=lambda v: v and os.path.abspath(v))),
@@ -188,7 +189,7 @@ OPTIONS = (
     Option(("--prediction_type",), "model.prediction_type", "what the UNet predicts, for a single file "
            "that does not say (SD 2.x 768 models: v_prediction)", MODEL,
            choices=("epsilon", "v_prediction"), replay=Replay(180)),
-    Option(("--strength",), "strength", "how deep to noise the picture, 0 < s <= 1 (default 0.9)", MODEL,
+    Option(("--strength",), "strength", "how deep to noise the picture, 0.001 .. 1 (default 0.9)", MODEL,
            IMAGE, float, default=0.9,
            replay=Replay(80, ALWAYS, _float, when=lambda spec: spec.img2img and not spec.triangle)),
     Option(("--steps",), "steps", "sampler steps for strength 1 (model default: sd 50, sdxl 2)", MODEL,
@@ -201,13 +202,16 @@ OPTIONS = (
            replay=Replay(60, ALWAYS)),
     Option(("--cfg",), "cfg", "guidance weight; 0 is a value (model default: sd 7.5, sdxl 0)", MODEL,
            parse=float, replay=Replay(40, ALWAYS, _float)),
-    Option(("--negative_prompt", "--negative-prompt"), "negative_prompt", group=MODEL, default="",
+    Option(("--negative_prompt", "--negative-prompt"), "negative_prompt", "what the picture should not "
+           "show: guidance steers away from it (default: nothing)", group=MODEL, default="",
            replay=Replay(130)),
     Option(("--seed",), "seed", "random when absent or -1; always reported and recorded", MODEL, parse=int,
            replay=Replay(20, ALWAYS)),
-    Option(("--n_images", "--n-images"), "n_images", group=MODEL, parse=positive_int, default=1,
+    Option(("--n_images", "--n-images"), "n_images", "pictures made at once, each from its own noise "
+           "(default 1)", group=MODEL, parse=positive_int, default=1,
            replay=Replay(140)),
-    Option(("--n_rows", "--n-rows"), "n_rows", group=MODEL, parse=positive_int, default=1,
+    Option(("--n_rows", "--n-rows"), "n_rows", "rows of the grid the --n_images pictures are saved in "
+           "(default 1)", group=MODEL, parse=positive_int, default=1,
            replay=Replay(150)),
     Option(("--size",), "size", "the working size, HEIGHTxWIDTH in pixels, multiples of 64: the picture "
            "is resized to it (default: the model's native area, e.g. 512x512 for sd, at the picture's "

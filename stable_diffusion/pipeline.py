@@ -186,10 +186,13 @@ class StableDiffusion:
     def generate_latents(self, text: str, n_images: int = 1, num_steps: int | None = None,
                          cfg_weight: float | None = None, negative_text: str = "",
                          seed: int | None = None, noise=None,
-                         latent_size: tuple[int, int] = (64, 64), *, sampler: str | None = None,
+                         latent_size: tuple[int, int] | None = None, *, sampler: str | None = None,
                          schedule: str | None = None) -> Iterator[Step]:
         """Text to image: start from pure noise at the top of the timeline, scaled as diffusers
-        does (add_noise(0, T, eps) for the linear schedule)."""
+        does (add_noise(0, T, eps) for the linear schedule). `latent_size` (h, w) defaults to the
+        model's native square (64 x 64 for SD 2.1-base, 16 x 16 for the shapes model)."""
+        if latent_size is None:
+            latent_size = (self.config.unet.sample_size,) * 2
         size = (latent_size[0] * self.downscale, latent_size[1] * self.downscale)
         spec = RunSpec(text, None, negative_prompt=negative_text, steps=num_steps, cfg=cfg_weight,
                        seed=seed, sampler=sampler, schedule=schedule, n_images=n_images)
@@ -207,7 +210,7 @@ class StableDiffusion:
 
         `image` is (H, W, 3) or (1, H, W, 3) in [-1, 1]; `noise`, if given, replaces the seed's eps.
         """
-        image = np.asarray(image, dtype=np.float32)
+        image = _checked_pixels(image)
         x0 = self.encode(image[None] if image.ndim == 3 else image)
         return self.generate_latents_from_latent(x0, text, strength, num_steps, cfg_weight,
                                                  negative_text, seed, noise, n_images,
@@ -294,3 +297,17 @@ class Denoiser:
             out = out_negative + self.cfg_weight * (out_text - out_negative)
         self.calls += 1
         return self.sd.noise_schedule.denoised(x, out, sigma)
+
+
+def _checked_pixels(image) -> np.ndarray:
+    """`image` as float32 (H, W, 3) or (N, H, W, 3) in [-1, 1], or an InputError saying how to get
+    that: a PIL image or 8-bit array (0 .. 255) read as it is would give another picture."""
+    pixels = np.asarray(image)
+    how = "read a picture with stable_diffusion.images.load_image(path).pixels"
+    if pixels.dtype.kind != "f" or pixels.ndim not in (3, 4) or pixels.shape[-1] != 3:
+        raise InputError(f"image: expected floats of shape (H, W, 3) in [-1, 1], got {type(image).__name__} "
+                         f"of dtype {pixels.dtype} and shape {pixels.shape}; {how}")
+    if pixels.size and not (np.isfinite(pixels).all() and np.abs(pixels).max() <= 1 + 1e-3):
+        raise InputError(f"image: values from {pixels.min():g} to {pixels.max():g}, expected -1 .. 1; {how} "
+                         "(or map 0 .. 1 to -1 .. 1 as x * 2 - 1)")
+    return pixels.astype(np.float32, copy=False)

@@ -39,7 +39,11 @@ def build_sweep_parser(command: str) -> argparse.ArgumentParser:
     p = cli._Parser(prog=f"sweep.py {command}", parents=[base], add_help=False,
                     conflict_handler="resolve",
                     description="Many runs of one command in one process (or on a Ray cluster): "
-                                "the model loaded once, a manifest to resume from, a contact sheet.")
+                                "the model loaded once, a manifest to resume from, a contact sheet. "
+                                "image2image by default; sweep.py txt2image PROMPT ... sweeps text "
+                                "to image.")
+    # Taken, to be refused with the command that replays (see _sweep), but not offered.
+    p.add_argument("--replay", metavar="PICTURE", help=argparse.SUPPRESS)
     g = p.add_argument_group("the grid (lists: 5,7.5; ranges: 0.1:1.0:0.1 with the end included, "
                              "or 1-8 for whole numbers)")
     if command == "image2image":

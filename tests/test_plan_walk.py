@@ -5,6 +5,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from stable_diffusion.errors import InputError
 from stable_diffusion.config import PipelineConfig, SchedulerConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from stable_diffusion.plan import make_plan
 from stable_diffusion.sampler import NoiseSchedule, seed_keys
@@ -253,3 +254,15 @@ def test_the_library_runs_at_the_size_it_is_given(sd2):
     assert last.x_t.shape == (1, 8, 16, 4)
     *_, last = sd.generate_latents("x", num_steps=2, seed=0, latent_size=(8, 16))
     assert last.x_t.shape == (1, 8, 16, 4)
+    *_, last = sd.generate_latents("x", num_steps=1, seed=0)  # by default the model's native square
+    side = sd.config.unet.sample_size
+    assert last.x_t.shape == (1, side, side, 4)
+    # Pictures it would read as another picture: 8-bit values, a PIL image, a path, out of range.
+    from PIL import Image
+
+    for wrong, words in ((np.zeros((64, 64, 3), np.uint8), "dtype uint8"),
+                         (Image.new("RGB", (64, 64)), "got Image of dtype uint8"),
+                         ("in.png", "dtype <U6"), (np.full((64, 64, 3), 255.0, np.float32), "values from 255 to 255")):
+        with pytest.raises(InputError, match=words) as refused:
+            sd.generate_latents_from_image(wrong, "x", strength=0.5, num_steps=1)
+        assert "load_image(path).pixels" in str(refused.value)

@@ -176,6 +176,19 @@ def test_bad_arguments_fail_before_the_weights_load(capsys, tmp_path, picture, u
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("positionals, words", [
+    (["https://example.com/cat.png", "x"], ["the picture https://example.com/cat.png is a URL", "download it"]),
+    (["-", "x"], ["reading it from standard input is not supported"]),
+    (["x", "PICTURE"], ["input image 'x' does not exist, and the prompt names a file", "picture first"]),
+    (["PICTURE", "a", "red", "barn"], ["unrecognized arguments: red barn; a prompt of several words goes in quotes"]),
+])
+def test_a_newcomers_slips_with_the_positionals_say_what_to_do(capsys, tmp_path, picture, unloadable,
+                                                               positionals, words):
+    given = [picture if p == "PICTURE" else p for p in positionals]
+    status, _, err = main(capsys, "image2image", *given, "--model", unloadable, "--output", tmp_path / "o.png")
+    only_error(status, 2, err, *words)
+
+
 def test_last_n_clamped_and_long_prompt_noted_in_one_line(tmp_path, picture, sd2):
     prompt = "a red barn in the snow at dusk, " * 12
     tokenizer = Tokenizer.from_folder(sd2 / "tokenizer")
