@@ -19,7 +19,7 @@ import re
 from . import options
 from .errors import InputError
 from .files import text_flaw
-from .spec import MAX_ADAPTERS
+from .spec import MAX_ADAPTERS, PICTURE_SUFFIXES
 
 COMMANDS = ("image2image", "txt2image")
 # Fields a picture may not set, and why: destinations, other sources, the process's behaviour.
@@ -267,8 +267,9 @@ def private_replay(command: str, path: str, record: dict, replayed: list, rest: 
     return recorded, texts, notes
 
 
-# A flag of the user's that overrides a recorded one of another name: --no-float16 is a --dtype.
-_OVERRIDES = {"no_float16": "dtype", "dtype": "no_float16"}
+# A flag of the user's that overrides a recorded one of another name: --no-float16 is a --dtype;
+# an --output names its format by its suffix (a recorded jpeg's replay into x.png is a png).
+_OVERRIDES = {"no_float16": "dtype", "dtype": "no_float16", "output": "output_format"}
 
 
 def _dest(arg: str, parser) -> str | None:
@@ -295,9 +296,13 @@ def _with_size(recorded: list, sized: list) -> list:
 
 
 def _settings(parser, arguments: list) -> dict:
-    """The parsed arguments, --no-float16 read as the --dtype it is."""
+    """The parsed arguments, --no-float16 read as the --dtype it is, an --output's suffix as the
+    format it names."""
     settings = vars(parser.parse_args(arguments))
     settings["dtype"] = options.compute_dtype(settings.pop("no_float16", False), settings["dtype"])
+    if settings.get("output_format") is None and settings.get("output"):
+        suffix = os.path.splitext(settings["output"])[1].lower()
+        settings["output_format"] = next((f for f, s in PICTURE_SUFFIXES.items() if suffix in s), None)
     return settings
 
 

@@ -247,6 +247,15 @@ def test_the_users_flag_replaces_a_recorded_one_of_another_name_and_one_replay_o
     args = cli.build_parser("image2image").parse_args(argv)
     cli.check_arguments(args, "image2image")  # no "--no-float16 and --dtype float16 disagree"
     assert (args.no_float16, args.dtype) == (True, None)
+    # A recorded format yields to the suffix of the user's --output (it was refused: "must end in .jpg").
+    picture = picture_with(tmp_path / "j.png", our_record([str(INPUT), "a", "--output_format=jpeg"]))
+    argv, notes = cli.replay_arguments("image2image", ["--replay", str(picture), "-o", "r.png"])
+    args = cli.build_parser("image2image").parse_args(argv)
+    assert (args.output_format, args.output) == (None, "r.png")
+    assert cli.build_specs("image2image", args)[0].capture.format == "png"
+    assert any("with other --output_format" in n for n in notes)
+    _, notes = cli.replay_arguments("image2image", ["--replay", str(picture), "-o", "r.jpeg"])
+    assert not any("other" in n for n in notes), notes
     for twice in (["--replay=other.png"], ["--rep", "other.png"]):  # argparse takes the start of a flag
         with pytest.raises(InputError, match="--replay is given twice"):
             cli.replay_arguments("image2image", ["--replay", str(picture), *twice])
