@@ -200,14 +200,15 @@ def titled(image: np.ndarray, text: str, bg=WHITE) -> np.ndarray:
     return np.concatenate([band, image], axis=0)
 
 
-def marked_parts(image: np.ndarray, marks: Sequence[str], bg=WHITE) -> np.ndarray:
-    """A picture of len(marks) equal parts side by side, each part's mark in a band under it."""
+def marked_parts(image: np.ndarray, marks: Sequence[str], bg=WHITE, also: Sequence[str] = ()) -> np.ndarray:
+    """A picture of len(marks) equal parts side by side, each part's mark in a band under it, as
+    tall as `also`'s would need too (the frames of one animation keep one size)."""
     image = _frame(image, "marked_parts")
     h, w = image.shape[:2]
     part = w // len(marks)
     if part * len(marks) != w:
         raise ValueError(f"a picture {w} pixels wide is not {len(marks)} equal parts")
-    height = band_height(marks, part)
+    height = band_height([*marks, *also], part)
     band = np.concatenate([_text_band(m, height, part, bg=bg) for m in marks], axis=1)
     return np.concatenate([image, band], axis=0)
 

@@ -105,15 +105,19 @@ class FrameWriter:
             for x in frame.latents:
                 parts.append(pictures[i:i + x.shape[0]])
                 i += x.shape[0]
+            names = SHOWN.get(frame.info.get("shows"), ())
+            if len(parts) > 1 and "x0_t" not in frame.info:  # the start: no estimate to show yet
+                parts[1], names = np.full_like(parts[1], 0.5), names[:1]  # grey
             joined = np.concatenate(parts, axis=2)  # side by side along the width
             if len(parts) > 1:  # x_t and x0: each picture of the grid says which part is which
-                picture = render.grid([render.marked_parts(p, SHOWN["both"]) for p in render.to_uint8(joined)],
-                                      self.n_rows)
+                marks = SHOWN["both"] if len(names) > 1 else START_MARKS
+                picture = render.grid([render.marked_parts(p, marks, also=START_MARKS)
+                                       for p in render.to_uint8(joined)], self.n_rows)
             else:
                 picture = self.grid(joined)
             if frame.info.get("kind") == "step":  # detail in pixels, where the frame is decoded anyway
                 frame.info["pixel_detail"] = {name: measures.detail(part[0]) for name, part in
-                                              zip(SHOWN[frame.info["shows"]], parts)}
+                                              zip(names, parts)}
             if frame.path is not None:
                 self.save(frame.path, picture, frame.info)
             if frame.keep is not None:
@@ -142,6 +146,7 @@ class FrameWriter:
 
 
 SHOWN = {"xt": ("x_t",), "x0": ("x0_pred",), "both": ("x_t", "x0_pred")}  # a snapshot's parts
+START_MARKS = ("x_t", "no x0_pred yet")  # a snapshot of both at the start, its estimate half grey
 
 
 def shown_latents(step, shows: str) -> list:

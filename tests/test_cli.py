@@ -129,8 +129,14 @@ def test_noising_path_snapshots_both_preview_and_animation(tmp_path, picture, sd
     noise = {f"a.noise-t{t:04d}.png" for t in (0, 250, 500, 750, 1000)}
     steps = {f"a.step-{k:03d}.png" for k in (0, 2, 4)}
     assert files_in(tmp_path) == noise | steps | {"a.noise-strip.png", "a.anim.gif", "a.png", "a.json"}
-    marks = band_height(["x_t", "x0_pred"], 64)  # x_t and x0 side by side, each marked under it
+    marks = band_height(["x_t", "x0_pred", "no x0_pred yet"], 64)  # x_t and x0 side by side, each marked
     assert Image.open(tmp_path / "a.step-002.png").size == (128, 64 + marks)
+    # The start has no estimate yet: its half is grey, said so, and not measured.
+    start = np.asarray(Image.open(tmp_path / "a.step-000.png"))
+    assert start.shape == (64 + marks, 128, 3) and (start[:64, 64:] == 128).all()
+    sidecar = json.loads((tmp_path / "a.json").read_text())
+    details = {f["step"]: set(f["pixel_detail"]) for f in sidecar["files"] if f["kind"] == "step"}
+    assert details == {0: {"x_t"}, 2: {"x_t", "x0_pred"}, 4: {"x_t", "x0_pred"}}
     with Image.open(tmp_path / "a.anim.gif") as gif:
         assert gif.n_frames == 8 and gif.size == (128, 64 + marks)  # 5 noising frames, then 3 snapshots
     sidecar = json.loads((tmp_path / "a.json").read_text())

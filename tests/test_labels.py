@@ -152,7 +152,7 @@ def test_snapshot_both_marks_noising_strip_path_and_labelled_animation(tmp_path,
     run(picture, "a barn", "--model", sd2, "--steps", 4, "--strength", 1, "--seed", 2, "-sd", 2,
         "--snapshot", "both", "--show_noising", 500, "--noising_path", "independent", "--animate",
         "--labels", "--output", out)
-    marks = render.band_height(["x_t", "x0_pred"], 64)
+    marks = render.band_height(["x_t", "x0_pred", "no x0_pred yet"], 64)  # one size, the start's too
     step = np.array(Image.open(tmp_path / "a.step-002.png").convert("RGB"))
     assert step.shape[:2] == (64 + marks, 128) and ink(step[64:, :64]) and ink(step[64:, 64:])
     title = render.band_height(["noising path: independent (fresh noise per t)"], 3 * 64)
