@@ -165,17 +165,25 @@ def _walk_and_keep(session, sd, plan, names, ledger, texts, picture, taesd, cons
     visits = walk(sd.noise_schedule, plan, denoisers[0], x0, eps, seed_keys(spec.seed),
                   denoisers[1] if len(denoisers) > 1 else None)
     clock = None if plan.estimate is None else costs.TimeLeft(plan.estimate)
-    for row, group in itertools.groupby(visits, key=lambda visit: visit.row):
-        steps = (visit.step for visit in group)
-        for step in console.progress(steps, *_progress(plan, row), clock and clock.seconds):
-            _evaluate(step, session, timings, run_started)
+    try:
+        for row, group in itertools.groupby(visits, key=lambda visit: visit.row):
+            steps = (visit.step for visit in group)
+            for step in console.progress(steps, *_progress(plan, row), clock and clock.seconds):
+                _evaluate(step, session, timings, run_started)
+                for sink in kept:
+                    sink.add(row, step)
+                if clock is not None:
+                    clock.step_done(row, step.index)
+            writer.flush()
             for sink in kept:
-                sink.add(row, step)
-            if clock is not None:
-                clock.step_done(row, step.index)
-        writer.flush()
-        for sink in kept:
-            sink.phase_done(row)
+                sink.phase_done(row)
+    except KeyboardInterrupt:
+        for sink in kept:  # what whole rows make (a partial triangle); a second stop ends it
+            try:
+                sink.salvage()
+            except Exception as e:  # noqa: BLE001 - the run ends as interrupted, whatever this does
+                console.notice(f"what the run made so far could not be written ({type(e).__name__}: {e})")
+        raise
     release_cpu_buffers()  # the UNet is done: what remains is VAE decoding
     timings["steps_and_frames_s"] = elapsed(started)
 

@@ -35,6 +35,9 @@ class Sink:
     def finish(self) -> None:
         pass
 
+    def salvage(self) -> None:
+        """After an interrupt: write what the whole rows so far make, where that is worth a file."""
+
     def record(self) -> dict:
         return {}
 
@@ -410,29 +413,45 @@ class TriangleCanvas(Sink):
         self.writer, self.output, self.plan, self.cells, self.fidelity = writer, output, plan, cells, fidelity
 
     def finish(self) -> None:
-        c, rows, cells = self.plan.spec.capture, self.plan.rows, self.cells
+        self._draw(len(self.plan.rows), self.fidelity.psnrs if self.fidelity is not None else None)
+
+    def salvage(self) -> None:
+        """The rows finished before an interrupt (rows run lowest strength first), as a triangle
+        whose record says it is partial: a long run stopped keeps what it made."""
+        whole = next((i for i, row in enumerate(self.cells.cells) if any(c is None for c in row)),
+                     len(self.plan.rows))
+        if whole:
+            self._draw(whole, None)
+
+    def _draw(self, n: int, psnrs: list | None) -> None:
+        """The first `n` rows on one canvas; their last cells say the PSNR in `psnrs` (None: not
+        measured, an interrupted run's)."""
+        c, rows = self.plan.spec.capture, self.plan.rows[:n]
+        pictures, infos = self.cells.cells[:n], self.cells.infos[:n]
         row_labels = cell_labels = None
         if c.labels:
-            psnrs = self.fidelity.psnrs if self.fidelity is not None else [None] * len(rows)
             row_labels = [f"s={r.strength:g}" for r in rows]
             cell_labels = [[f"{info['step']}/{info['count']} t={info['t']:g} sigma={info['sigma']:.2f}"
-                            for info in row_infos] for row_infos in cells.infos]
-            for labels, infos, psnr in zip(cell_labels, cells.infos, psnrs):
-                final = infos[-1]
-                labels[-1] = f"{final['step']}/{final['count']} PSNR " + ("inf" if psnr is None else f"{psnr:.1f} dB")
-        cell_h, cell_w = cells.cells[0][0].shape[:2]
+                            for info in row_infos] for row_infos in infos]
+            for labels, row_infos, psnr in zip(cell_labels, infos, psnrs or [None] * n):
+                final = row_infos[-1]
+                if psnrs is not None:
+                    labels[-1] = f"{final['step']}/{final['count']} PSNR " + ("inf" if psnr is None else f"{psnr:.1f} dB")
+        cell_h, cell_w = pictures[0][0].shape[:2]
         order = "low_top" if c.low_top else "low_bottom"
-        times = [[info["t"] for info in row_infos] for row_infos in cells.infos]
+        times = [[info["t"] for info in row_infos] for row_infos in infos]
         column_labels = None
         if c.labels and c.align == "time":  # the columns are noise levels: each says its own
             column_labels = [f"t={t:g}" for t in render.triangle_columns(times)[0]]
-        picture = render.triangle(cells.cells, cell_h, cell_w, order=order, row_labels=row_labels,
+        picture = render.triangle(pictures, cell_h, cell_w, order=order, row_labels=row_labels,
                                   cell_labels=cell_labels, align=c.align, times=times,
                                   column_labels=column_labels)
         info = {"kind": "triangle", "order": order, "align": c.align, "cell_size": [cell_h, cell_w],
                 "rows": [{"strength": r.strength, "steps": r.timeline.steps, "start_time": r.timeline.start_time,
-                          "cells": [{"step": i["step"], "t": i["t"], "sigma": i["sigma"]} for i in infos]}
-                         for r, infos in zip(rows, cells.infos)]}
+                          "cells": [{"step": i["step"], "t": i["t"], "sigma": i["sigma"]} for i in row_infos]}
+                         for r, row_infos in zip(rows, infos)]}
+        if n < len(self.plan.rows):
+            info["partial"] = f"{n} of {len(self.plan.rows)} rows: the run was interrupted"
         if c.labels:  # the words drawn, for whoever reads the picture without seeing it
             info["labels"] = {"rows": row_labels, "cells": cell_labels}
             if column_labels is not None:

@@ -403,6 +403,32 @@ def test_ctrl_c_during_the_steps(tmp_path, picture, sd2):
     assert "o.png" not in kept and 3 <= len(kept) < 200
 
 
+def test_a_triangle_stopped_keeps_its_whole_rows(capsys, tmp_path, picture, sd2, monkeypatch):
+    """The rows finished before a Ctrl-C are drawn as a triangle that says it is partial (it kept
+    nothing: a long triangle stopped near its end lost every row)."""
+    from stable_diffusion import sinks
+
+    original = sinks.TriangleCells.phase_done
+
+    def stop_after_row_2(self, row):
+        original(self, row)
+        if row == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sinks.TriangleCells, "phase_done", stop_after_row_2)
+    out = tmp_path / "t.png"
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 4, "-gt",
+                          "--triangle_strengths", "0.25,0.5,0.75,1", "--labels", "--seed", 0, "--output", out)
+    assert status == 130, err
+    record = sidecar(tmp_path / "t.json")
+    assert record["status"] == "interrupted" and listed(record) == {"t.png"}
+    entry = next(f for f in record["files"] if f["kind"] == "triangle")
+    assert entry["partial"] == "3 of 4 rows: the run was interrupted"
+    assert [r["strength"] for r in entry["rows"]] == [0.25, 0.5, 0.75]
+    assert assert_whole_pictures(tmp_path) == ["t.png"] and "interrupted: kept 1 file(s)" in err
+    assert [len(r["cells"]) for r in entry["rows"]] == [2, 3, 4]  # (4 steps x strength) + the start
+
+
 def test_ctrl_c_during_decoding_keeps_what_was_written(capsys, tmp_path, picture, sd2, monkeypatch):
     decode, calls = StableDiffusion.decode, []
 
