@@ -24,6 +24,7 @@ import numpy as np
 from .choices import FORWARD_PATHS, SAMPLER_TABLE, SCHEDULES
 from .config import SchedulerConfig
 from .errors import InputError
+from .spec import SpecError
 
 # abar_T with rescale_betas_zero_snr: diffusers' DDIM keeps the rescaled 0, its other classes put
 # 2**-24 there so that sigma_T stays finite (4096). DDIM's 0 is held as 1e-60: sqrt(abar) = 1e-30
@@ -279,11 +280,21 @@ class NoiseSchedule:
             flags = dict(use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False)
             c = dataclasses.replace(c, **dict(flags, **{f"use_{schedule}_sigmas": True}))
         table = self._for_class(c, exact_zero=schedule == "diffusers" and sampler == "ddim")
+        try:
+            full_times, full_sigmas, init_scale, full_landings = _diffusers_schedule(table, n_total, sampler)
+        except _Crowded:
+            full_sigmas = [0.0, 0.0]
+        if not np.all(np.diff(np.asarray(full_sigmas)) < 0):  # a step of no noise: h = 0 in a sampler
+            given = f"{n_total}" if n_total == num_steps else \
+                f"{num_steps}, raised to {n_total} for strength {strength:g} to run one step,"
+            raise SpecError("steps", f"{{flag}} {given} is more than the {schedule} schedule can space "
+                                     f"over this model's {self.T} training steps ({c.timestep_spacing} "
+                                     "spacing): two steps would land on one noise level; use fewer "
+                                     "steps, a higher strength, or --schedule linear")
         if sampler == "plms" and schedule == "diffusers":
             times, sigmas, landings, warmup = _plms_schedule(table, n_total, steps)
             return Timeline(strength, num_steps, steps, n_total, times[0], times, sigmas, schedule,
                         landings=landings, warmup=warmup, **common)
-        full_times, full_sigmas, init_scale, full_landings = _diffusers_schedule(table, n_total, sampler)
         skip = n_total - steps  # diffusers' get_timesteps: t_start = N - int(N * s)
         times = tuple(float(t) for t in full_times[skip:])
         sigmas = tuple(float(s) for s in full_sigmas[skip:])
@@ -373,6 +384,11 @@ def _timesteps(noise: NoiseSchedule, n: int, family: str) -> np.ndarray:
         ts = np.arange(T, 0, -T / n).round() - 1
     return np.asarray(ts, dtype=np.float32).astype(np.float64)
 
+
+class _Crowded(Exception):
+    """A spacing of more steps than it has training steps for (timeline() says so)."""
+
+
 def _diffusers_schedule(noise: NoiseSchedule, n: int, sampler: str):
     """(times, sigmas, init_scale, landings) of the full n-step schedule of the sampler's
     diffusers class, read from this config: n + 1 times and sigmas in our time (diffusers'
@@ -386,6 +402,8 @@ def _diffusers_schedule(noise: NoiseSchedule, n: int, sampler: str):
     # 2. Karras, exponential or beta levels, mapped back to the times the network sees
     kind = ("karras" if c.use_karras_sigmas else "exponential" if c.use_exponential_sigmas
             else "beta" if c.use_beta_sigmas else None)
+    if ts.min(initial=0.0) < 0 and (kind is None or family != "dpm"):  # trailing, far more steps
+        raise _Crowded  # than training steps: a time before the clean latent, read below
     if kind is not None:
         if family == "dpm":  # over the whole table
             lo, hi = noise.sigmas[1], noise.sigmas[T]

@@ -646,3 +646,25 @@ def test_noising_path_yields_steps():
     steps = list(s.noising_path(x0, [0, 100.5, 300], "shared", key=mx.random.key(1)))
     assert [(st.index, st.count, st.t) for st in steps] == [(0, 3, 0.0), (1, 3, 100.5), (2, 3, 300.0)]
     assert steps[1].sigma == s.sigma(100.5) and steps[1].x0_pred is None
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_more_steps_than_a_schedule_can_space_are_refused(spacing):
+    """Two steps on one noise level divided by zero mid-run (DPM++, UniPC, LMS) or ran steps that
+    did nothing: refused when the timeline is made, before any work."""
+    from stable_diffusion.spec import SpecError
+
+    noise = _ours(_config(spacing))
+    refused = [("diffusers", "dpmpp_2m", 1001), ("diffusers", "ddim", 1001), ("diffusers", "plms", 2000),
+               ("diffusers", "unipc", 1001)]
+    if spacing != "linspace":  # linspace spaces Euler-like samplers' times in fractions: any number
+        refused += [("karras", "lms", 2000), ("exponential", "euler", 2000)]
+    for schedule, sampler, steps in refused:
+        with pytest.raises(SpecError, match=f"steps {steps} is more than the {schedule} schedule"):
+            noise.timeline(1.0, steps, schedule=schedule, sampler=sampler)
+    with pytest.raises(SpecError, match=r"steps 10, raised to \d+ for strength 0.000999"):
+        noise.timeline(0.000999, 10, schedule="diffusers", sampler="unipc")
+    for schedule, sampler, steps in (("diffusers", "dpmpp_2m", 500), ("karras", "dpmpp_2m", 10000),
+                                     ("linear", "lms", 10000)):
+        times = noise.timeline(1.0, steps, schedule=schedule, sampler=sampler).times
+        assert len(times) == steps + 1
