@@ -28,7 +28,7 @@ from . import privacy
 from .privacy import shown_value
 from .choices import SAMPLER_NAMES, SCHEDULES
 from .costs import describe_seconds
-from .errors import InputError, NumericalError, OutputError
+from .errors import InputError, OutputError
 from .files import (check_output_dir, file_digest, parse_json, read_lines,
                     to_json, write_text_atomic)
 from .outputs import check_name_length, derived_base
@@ -249,10 +249,10 @@ def check_plans(runs: list, session, image_size: tuple | None) -> list:
     for run in runs:
         try:
             plans.append(plan_for(session, run.spec, image_size))
-        except SpecError as e:
-            if e.field in run.values:
-                raise SpecError(GRID_KEYS[e.field], e.template) from None
-            raise
+        except SpecError as e:  # said of the run, where the grid varies: its values are in its name
+            where = f"run {run.name}: " if len(runs) > 1 else ""
+            raise SpecError(GRID_KEYS[e.field] if e.field in run.values else e.field,
+                            where + e.template) from None
     return plans
 
 
@@ -429,7 +429,11 @@ class LocalPool:
             try:
                 result = execute(self.session, run.spec, console, self.argv, self.replay, self.picture,
                                  timings=timings)
-            except NumericalError as e:
+            except (OutputError, OSError, MemoryError):
+                raise  # the machine's, not the run's: every later run would fail alike
+            except Exception as e:  # noqa: BLE001 - this run's own (NaN, a case it alone meets): the
+                # manifest says so, and the other runs are made (it stopped the sweep, and again at
+                # every resume)
                 yield run, Outcome("failed", timings, error=f"{type(e).__name__}: {e}")
                 continue
             for key in self.costs:

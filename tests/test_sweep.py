@@ -117,6 +117,33 @@ def test_one_session_loads_once_and_encodes_once_per_picture_and_prompt(tmp_path
     assert calls == {"load": 1, "encode": 1, "condition": 2}
 
 
+def test_a_run_that_fails_its_own_way_is_recorded_and_the_rest_are_made(tmp_path, picture, sd2, monkeypatch):
+    """An error only one run meets (a case of its own, a bug) stopped the sweep with that run left
+    'running', and again at every resume: the later runs were never made."""
+    from stable_diffusion import run as run_module
+    from stable_diffusion.console import Console
+    from stable_diffusion.images import load_image
+
+    original = run_module.execute
+
+    def failing_for_seed_2(session, spec, *a, **k):
+        if spec.seed == 2:
+            raise ZeroDivisionError("float division by zero")
+        return original(session, spec, *a, **k)
+
+    monkeypatch.setattr(run_module, "execute", failing_for_seed_2)
+    args = build_sweep_parser("image2image").parse_args(
+        [str(picture), "x", "--model", str(sd2), "--steps", "2", "--seeds", "1-3", "-o", str(tmp_path / "out")])
+    runs, grid, model, folder = build_sweep("image2image", args)
+    pool = LocalPool(model, load_image(picture, multiple=64), [], None)
+    report = Sweep(runs, grid, folder, model, sheet_every=None).execute(pool, Console(quiet=True))
+    assert (report.status, report.ran, report.failed) == ("failed", 2, 1)
+    records = {r["name"]: r for r in manifest(folder)}
+    assert {name: r["status"] for name, r in records.items()} == {
+        "seed0001": "finished", "seed0002": "failed", "seed0003": "finished"}
+    assert records["seed0002"]["error"] == "ZeroDivisionError: float division by zero"
+
+
 def test_a_killed_sweep_rerun_makes_only_the_rest(tmp_path, picture, sd2):
     out = tmp_path / "out"
     args = ["image2image", picture, "x", "--model", sd2, "--steps", 100, "--strengths", "1",
