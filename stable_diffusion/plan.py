@@ -198,7 +198,50 @@ def make_plan(spec: RunSpec, config: PipelineConfig, tokenizers, image_size: tup
     plan = RunPlan(spec, tuple(rows), tuple(image_size),
                    samplers.display_name(spec.sampler, spec.schedule), tuple(path), shown, dropped,
                    inversion, sizing)
+    if spec.triangle and c.align == "time":  # a column per noise level: a row's times must fall
+        for row, times in zip(plan.rows, _cell_times(plan)):
+            again = next((b for a, b in zip(times, times[1:]) if b >= a), None)
+            if again is not None:
+                raise SpecError("align", f"{{flag}} time gives each noise level a column, and the row of "
+                                         f"strength {row.strength:g} comes back to t={again:g} ({plan.sampler_name}"
+                                         "'s warm-up); use {flag} steps")
+    _check_format_sides(plan)
     return plan if machine is None else replace(plan, estimate=estimate_time(plan, config, machine))
+
+
+# The largest side a picture format takes (Pillow's encoders; PNG's is 2**31): a picture past it
+# would fail as it is written, after the work.
+_FORMAT_SIDES = {"webp": 16383, "jpeg": 65500}
+
+
+def _cell_times(plan: RunPlan) -> list:
+    """The time of each triangle cell, row by row."""
+    return [[r.timeline.times[k] for k in r.kept] for r in plan.rows]
+
+
+def _check_format_sides(plan: RunPlan) -> None:
+    """Refuse a run whose composites (strip, triangle, grid of pictures) the chosen format cannot
+    hold; their sides counted without labels and padding, so that what is refused would fail."""
+    spec, c = plan.spec, plan.spec.capture
+    limit = _FORMAT_SIDES.get(c.format)
+    if limit is None:
+        return
+    h, w = plan.image_size
+    w *= 2 if c.shows == "both" else 1
+    sides = {"the noising strip": len(plan.shown) * w,
+             "a grid of the pictures": max(math.ceil(spec.n_images / spec.n_rows) * w, spec.n_rows * h)}
+    if spec.triangle:
+        columns = max(len(r.kept) for r in plan.rows)
+        if c.align == "time":
+            from .render import triangle_columns
+
+            columns = len(triangle_columns(_cell_times(plan))[0])
+        sides["the triangle"] = max(columns * w, len(plan.rows) * h)
+    what, side = max(sides.items(), key=lambda item: item[1])
+    if side > limit:
+        raise SpecError("format", f"{{flag}} {c.format} pictures are at most {limit} pixels a side, and "
+                                  f"{what} would be {side} or more: write png ({{flag}} png), or fewer "
+                                  "frames or a smaller size")
 
 
 # Passes over the weights' bytes in memory that loading costs (read, cast, pack), at the element-wise

@@ -1,6 +1,8 @@
 """The run engine's pure layers: the plan from configs alone (no weights, no files), the walk over a
 stand-in denoiser (no files), and the library and the commands running the same walk."""
 
+from dataclasses import replace
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -266,3 +268,19 @@ def test_the_library_runs_at_the_size_it_is_given(sd2):
         with pytest.raises(InputError, match=words) as refused:
             sd.generate_latents_from_image(wrong, "x", strength=0.5, num_steps=1)
         assert "load_image(path).pixels" in str(refused.value)
+
+
+def test_pictures_a_format_cannot_hold_and_time_columns_a_row_revisits_are_refused_when_planned():
+    """Both failed after the work (exit 1): a WebP strip past 16383 pixels, a time-aligned triangle
+    whose PLMS row comes back to a time (its warm-up, on the diffusers schedule)."""
+    from stable_diffusion.spec import SpecError
+
+    config = _config()
+    capture = Capture(noising_every=1, format="webp")
+    with pytest.raises(SpecError, match="webp pictures are at most 16383 pixels a side, and the noising strip"):
+        make_plan(_spec(strengths=(1.0,), steps=1, capture=capture), config, (), (64, 64))
+    make_plan(_spec(strengths=(1.0,), steps=1, capture=replace(capture, format="png")), config, (), (64, 64))
+    capture = Capture(align="time")
+    spec = _spec(strengths=(0.5,), steps=2, capture=capture, triangle=True, sampler="plms", schedule="diffusers")
+    with pytest.raises(SpecError, match="comes back to t="):
+        make_plan(spec, config, (), (64, 64))
