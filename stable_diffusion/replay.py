@@ -300,8 +300,8 @@ def _settings(parser, arguments: list) -> dict:
     format it names."""
     settings = vars(parser.parse_args(arguments))
     settings["dtype"] = options.compute_dtype(settings.pop("no_float16", False), settings["dtype"])
-    if settings.get("output_format") is None and settings.get("output"):
-        suffix = os.path.splitext(settings["output"])[1].lower()
+    if settings.get("output_format") is None:  # no --output either: out.png
+        suffix = os.path.splitext(settings.get("output") or "out.png")[1].lower()
         settings["output_format"] = next((f for f, s in PICTURE_SUFFIXES.items() if suffix in s), None)
     return settings
 
