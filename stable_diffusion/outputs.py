@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import files
+from .errors import InputError
 from .record import NotOurs, read_own_sidecar
 from .spec import MAX_STEPS, RunSpec, SpecError
 
@@ -151,6 +152,46 @@ def prepare(output: Path, notice) -> None:
     if removed:
         notice(f"removed {len(removed)} temporary file(s) left by a killed run in "
                f"{folder}: {', '.join(removed[:3])}" + (" ..." if len(removed) > 3 else ""))
+
+
+def planned_files(plan, names: FileNames) -> list:
+    """Every file the plan writes, the sidecar aside."""
+    c = plan.spec.capture
+    paths = [names.output]
+    if not plan.spec.triangle:  # a triangle's cells are drawn on it, not written
+        paths += [names.step(k) for k in plan.rows[0].kept]
+    if plan.shown:
+        paths += [names.noise(plan.path[k]) for k in plan.shown] + [names.noise_strip()]
+    paths += [names.curve()] if c.curve else []
+    paths += [names.best()] if c.keep_best else []
+    paths += [names.animation(c.animate)] if c.animate else []
+    return paths
+
+
+def check_in_the_way(names: FileNames, paths: list) -> None:
+    """Refuse, before any work, when a file the run writes is there and is not one of ours (the
+    sidecar lists it, or it carries our record): the user's own `photo.step-001.png` is not ours
+    to replace. The output, which the user named, is theirs to replace."""
+    from .picture_meta import read_picture_texts
+
+    try:
+        record = read_own_sidecar(names.sidecar()) or {}
+    except NotOurs:
+        return  # prepare refused it
+    listed = {e.get("file") for e in record.get("files", []) if isinstance(e, dict)}
+
+    def ours(path: Path) -> bool:
+        try:
+            return path.name in listed or read_picture_texts(path)[1] is not None
+        except InputError:  # not a picture this tool reads: not one it wrote
+            return False
+
+    for path in paths:
+        if path != names.output and os.path.lexists(path) and not ours(path):
+            raise SpecError("output", f"{{flag}} {names.output}: the run writes {path.name}, and the "
+                                      "file there is not one a run of ours wrote (no sidecar of ours "
+                                      "lists it, it carries no record of ours); move it, or choose "
+                                      "another {flag} name")
 
 
 def remove_previous_run(names: FileNames, notice) -> None:

@@ -82,6 +82,8 @@ def execute(session, spec, console, argv=(), replay=None, picture=None, wait: bo
         # --- 1. checks: nothing heavy is read, and nothing but the output folder is made ---------
         outputs.prepare(spec.output, console.notice)
         plan = plan_for(session, spec, upright_size(picture) if spec.img2img else None, console.notice)
+        names = outputs.FileNames(spec.output, plan.longest)
+        outputs.check_in_the_way(names, outputs.planned_files(plan, names))
         if spec.img2img:
             picture = session.fit(picture, plan.image_size)
         for line in session.notices:
@@ -89,7 +91,6 @@ def execute(session, spec, console, argv=(), replay=None, picture=None, wait: bo
         for line in plan.describe():
             console.say(line)
         console.say(f"seed {plan.spec.seed}")
-        names = outputs.FileNames(spec.output, plan.longest)
         memory = _check_memory(session, plan, console)
         if not spec.capture.save_prompt:
             privacy.salt()  # a salt that cannot be made or trusted is refused before the work

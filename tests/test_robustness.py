@@ -316,6 +316,23 @@ def mount_tmpfs(tmp_path):
         subprocess.run(["umount", str(folder)], check=True)
 
 
+def test_a_file_of_the_users_at_a_name_the_run_writes_is_refused(capsys, tmp_path, picture, unloadable, sd2):
+    """photo.step-001.png that no run of ours wrote was replaced silently; now the run is refused
+    before any work (the output itself, which the user names, is theirs to replace)."""
+    theirs = tmp_path / "photo.step-001.png"
+    theirs.write_bytes(b"keep")
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", unloadable, "--steps", 2,
+                          "--strength", 1, "-sd", 1, "--output", tmp_path / "photo.png")
+    only_error(status, 2, err, "the run writes photo.step-001.png", "not one a run of ours wrote")
+    assert theirs.read_bytes() == b"keep" and not (tmp_path / "photo.json").exists()
+    theirs.unlink()
+    (tmp_path / "photo.png").write_bytes(b"named by the user: theirs to replace")
+    run_args = (picture, "x", "--model", sd2, "--steps", 2, "--strength", 1, "-sd", 1, "--seed", 0,
+                "--output", tmp_path / "photo.png")
+    assert main(capsys, "image2image", *run_args)[0] == 0
+    assert main(capsys, "image2image", *run_args)[0] == 0  # its own files, listed: replaced
+
+
 def test_unwritable_output_fails_before_any_work(capsys, tmp_path, picture):
     # The model does not exist: the output is checked first, before anything is read.
     no_model = tmp_path / "no-model"
