@@ -150,6 +150,8 @@ def build_specs(command: str, args) -> tuple:
         strengths = DEFAULT_TRIANGLE_STRENGTHS if args.triangle_strengths is None else args.triangle_strengths
     else:
         strengths = (args.strength,) if img2img else (1.0,)
+    if args.output is not None and not str(args.output).strip():  # it wrote out.png here
+        raise SpecError("output", "{flag} is empty; name the picture, e.g. {flag} out/cat.png")
     output = Path(args.output or f"out{PICTURE_SUFFIXES[args.output_format or 'png'][0]}")
     fmt = args.output_format
     if fmt is None:  # from the output name

@@ -173,6 +173,8 @@ def make_plan(spec: RunSpec, config: PipelineConfig, tokenizers, image_size: tup
     if last is not None and last > longest:
         notice(f"{{flag:last}} {last} is more than the {longest} steps run; saving all {longest}")
         last = longest
+        spec = replace(spec, capture=replace(c, last=last))  # what the run says and records
+        c = spec.capture
     rows = [Row(s, p, snapshot_indices(p.steps, every, last)) for s, p in zip(spec.strengths, timelines)]
     path, shown, inversion = (), (), None
     if spec.inversion is not None:

@@ -273,7 +273,7 @@ def _check_strengths(strengths, triangle: bool) -> None:
         _check_number(name, s)
         # Below 1e-3 the start time is under one training step: nothing would be noised.
         if not (math.isfinite(s) and 0.001 <= s <= 1.0):
-            raise SpecError(name, f"{{flag}} {s:g} is outside 0.001 .. 1; use e.g. 0.6")
+            raise SpecError(name, f"{{flag}} {s:.10g} is outside 0.001 .. 1; use e.g. 0.6")
     if len(set(strengths)) != len(strengths):
         raise SpecError(name, "{flag} has duplicates; list each strength once")
     if list(strengths) != sorted(strengths):

@@ -48,15 +48,16 @@ def parse_values(key: str, text: str, kind: type) -> tuple:
 
     Ranges are counted in decimal, so `0.1:0.5:0.1` gives 0.3 (the number `--strength 0.3` gives),
     not 0.30000000000000004."""
+    items = [v.strip() for v in text.split(",")]
+    if not any(items):
+        raise SpecError(key, "{flag} is empty; give values such as 1,2,3 or a range 1-8")
+    if not all(items):  # 0.5,,0.6 or a trailing comma: a value left out, perhaps by mistake
+        raise SpecError(key, f"{{flag}} {text.strip()[:40]!r} has an empty item between its commas; "
+                             "write each value once, e.g. 0.5,0.6")
     if kind is str:
-        values = tuple(v.strip() for v in text.split(",") if v.strip())
-        if not values:
-            raise SpecError(key, "{flag} is empty; give values separated by commas")
-        return values
+        return tuple(items)
     values = []
-    for item in (v.strip() for v in text.split(",")):
-        if not item:
-            continue
+    for item in items:
         if ":" in item:
             parts = item.split(":")
             if len(parts) not in (2, 3):
@@ -89,8 +90,6 @@ def parse_values(key: str, text: str, kind: type) -> tuple:
             values.append(_decimal(key, item))
         if len(values) > MAX_RUNS:  # many ranges together, each within the bound
             raise SpecError(key, f"{{flag}} has more than {MAX_RUNS} values")
-    if not values:
-        raise SpecError(key, "{flag} is empty; give values such as 1,2,3 or a range 1-8")
     if kind is int:
         if any(v != v.to_integral_value() for v in values):
             raise SpecError(key, f"{{flag}} {text!r} must be whole numbers")
@@ -153,9 +152,10 @@ class Grid:
         for name, vals in values.items():
             if name not in FIELDS:
                 raise SpecError("grid", f"{{flag}}: unknown field {name!r}; use {', '.join(GRID_KEYS.values())}")
-            if len(set(vals)) != len(vals):
-                raise SpecError(name if name != "prompt" else "prompts",
-                                "{flag} lists a value twice; list each once")
+            twice = next((v for i, v in enumerate(vals) if v in vals[:i]), None)
+            if twice is not None:
+                shown = f"{twice:g}" if isinstance(twice, float) else repr(twice)[:40]
+                raise SpecError(GRID_KEYS[name], f"{{flag}} lists {shown} twice; list each value once")
         return cls(tuple((f, tuple(values[f])) for f in FIELDS if f in values))
 
     @property
