@@ -110,7 +110,9 @@ def check_arguments(args, command: str) -> None:
         raise InputError("the prompt \"--\" cannot be given: the command line reads it as the end of the "
                          "flags; write it with a space (\" --\") or other words")
     image, prompt = getattr(args, "image", None), getattr(args, "prompt", None)
-    if image is not None:  # raw: Path() would fold a URL's '//' into '/'
+    if image is not None:  # raw: Path() would fold a URL's '//' into '/', and read '' as '.'
+        if not image.strip():
+            raise InputError("the picture is empty; give the input picture's file first, then the prompt")
         if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", image):
             raise InputError(f"the picture {image} is a URL; this tool reads files: download it first "
                              "(e.g. curl -O URL) and give the file")

@@ -347,7 +347,7 @@ def _shown(p: Path) -> str:
     """The path as typed, or quoted when it holds a newline or another control character, so
     that every message stays on one line."""
     text = str(p)
-    return text if text.isprintable() else ascii(text)
+    return text if text.isprintable() else repr(text)  # repr: é and 日本 stay readable
 
 
 def _one_line(text: str, limit: int = 200) -> str:

@@ -181,10 +181,16 @@ def check_in_the_way(names: FileNames, paths: list) -> None:
     listed = {e.get("file") for e in record.get("files", []) if isinstance(e, dict)}
 
     def ours(path: Path) -> bool:
+        """Listed by this output's sidecar, or made by a run of ours (its record; a GIF of ours
+        carries its parameters) and not itself another run's output (with a sidecar beside it)."""
+        if path.name in listed:
+            return True
         try:
-            return path.name in listed or read_picture_texts(path)[1] is not None
+            parameters, record = read_picture_texts(path)
         except InputError:  # not a picture this tool reads: not one it wrote
             return False
+        made = record is not None or (path.suffix.lower() == ".gif" and parameters is not None)
+        return made and not os.path.lexists(sidecar_of(path))
 
     for path in paths:
         if path != names.output and os.path.lexists(path) and not ours(path):

@@ -6,6 +6,7 @@ per step, and decides what to keep.
 
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -193,6 +194,10 @@ class StableDiffusion:
         model's native square (64 x 64 for SD 2.1-base, 16 x 16 for the shapes model)."""
         if latent_size is None:
             latent_size = (self.config.unet.sample_size,) * 2
+        if len(latent_size) != 2 or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool)
+                                            and n >= 1 for n in latent_size):
+            raise InputError(f"latent_size {latent_size!r}: expected (h, w), whole numbers of 1 or more "
+                             f"(the picture's pixels / {self.downscale})")
         size = (latent_size[0] * self.downscale, latent_size[1] * self.downscale)
         spec = RunSpec(text, None, negative_prompt=negative_text, steps=num_steps, cfg=cfg_weight,
                        seed=seed, sampler=sampler, schedule=schedule, n_images=n_images)
@@ -300,14 +305,21 @@ class Denoiser:
 
 
 def _checked_pixels(image) -> np.ndarray:
-    """`image` as float32 (H, W, 3) or (N, H, W, 3) in [-1, 1], or an InputError saying how to get
+    """`image` as float32 (H, W, 3) or (1, H, W, 3) in [-1, 1], or an InputError saying how to get
     that: a PIL image or 8-bit array (0 .. 255) read as it is would give another picture."""
+    if isinstance(image, mx.array):  # numpy reads no bfloat16 buffer
+        image = np.array(image.astype(mx.float32) if mx.issubdtype(image.dtype, mx.floating) else image)
     pixels = np.asarray(image)
     how = "read a picture with stable_diffusion.images.load_image(path).pixels"
-    if pixels.dtype.kind != "f" or pixels.ndim not in (3, 4) or pixels.shape[-1] != 3:
-        raise InputError(f"image: expected floats of shape (H, W, 3) in [-1, 1], got {type(image).__name__} "
-                         f"of dtype {pixels.dtype} and shape {pixels.shape}; {how}")
-    if pixels.size and not (np.isfinite(pixels).all() and np.abs(pixels).max() <= 1 + 1e-3):
+    if pixels.dtype.kind != "f" or pixels.ndim not in (3, 4) or pixels.shape[-1] != 3 or \
+            pixels.ndim == 4 and pixels.shape[0] != 1 or 0 in pixels.shape:
+        raise InputError(f"image: expected floats of shape (H, W, 3) in [-1, 1], one picture (n_images "
+                         f"makes several), got {type(image).__name__} of dtype {pixels.dtype} and shape "
+                         f"{pixels.shape}; {how}")
+    if not np.isfinite(pixels).all():
+        raise InputError(f"image: {int((~np.isfinite(pixels)).sum())} values are not finite (NaN or "
+                         f"infinity); {how}")
+    if np.abs(pixels).max() > 1 + 1e-3:
         raise InputError(f"image: values from {pixels.min():g} to {pixels.max():g}, expected -1 .. 1; {how} "
                          "(or map 0 .. 1 to -1 .. 1 as x * 2 - 1)")
-    return pixels.astype(np.float32, copy=False)
+    return np.ascontiguousarray(pixels, dtype=np.float32)  # a flipped view has negative strides

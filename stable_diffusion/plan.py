@@ -213,7 +213,7 @@ def make_plan(spec: RunSpec, config: PipelineConfig, tokenizers, image_size: tup
 
 # The largest side a picture format takes (Pillow's encoders; PNG's is 2**31): a picture past it
 # would fail as it is written, after the work.
-_FORMAT_SIDES = {"webp": 16383, "jpeg": 65500}
+_FORMAT_SIDES = {"webp": 16383, "jpeg": 65500, "gif": 65535}
 
 
 def _cell_times(plan: RunPlan) -> list:
@@ -225,13 +225,10 @@ def _check_format_sides(plan: RunPlan) -> None:
     """Refuse a run whose composites (strip, triangle, grid of pictures) the chosen format cannot
     hold; their sides counted without labels and padding, so that what is refused would fail."""
     spec, c = plan.spec, plan.spec.capture
-    limit = _FORMAT_SIDES.get(c.format)
-    if limit is None:
-        return
     h, w = plan.image_size
     w *= 2 if c.shows == "both" else 1
-    sides = {"the noising strip": len(plan.shown) * w,
-             "a grid of the pictures": max(math.ceil(spec.n_images / spec.n_rows) * w, spec.n_rows * h)}
+    grid = max(math.ceil(spec.n_images / spec.n_rows) * w, spec.n_rows * h)  # a frame of the pictures
+    sides = {"the noising strip": len(plan.shown) * w, "a grid of the pictures": grid}
     if spec.triangle:
         columns = max(len(r.kept) for r in plan.rows)
         if c.align == "time":
@@ -240,10 +237,16 @@ def _check_format_sides(plan: RunPlan) -> None:
             columns = len(triangle_columns(_cell_times(plan))[0])
         sides["the triangle"] = max(columns * w, len(plan.rows) * h)
     what, side = max(sides.items(), key=lambda item: item[1])
-    if side > limit:
-        raise SpecError("format", f"{{flag}} {c.format} pictures are at most {limit} pixels a side, and "
-                                  f"{what} would be {side} or more: write png ({{flag}} png), or fewer "
-                                  "frames or a smaller size")
+    limit = _FORMAT_SIDES.get(c.format)
+    if limit is not None and side > limit:
+        raise SpecError("output", f"{c.format} pictures are at most {limit} pixels a side, and {what} "
+                                  f"would be {side} or more: write png (an {{flag}} ending in .png), or "
+                                  "fewer frames or pictures, or a smaller size")
+    limit = _FORMAT_SIDES.get(c.animate)
+    if limit is not None and grid > limit:
+        raise SpecError("animate", f"{{flag}} {c.animate}: its frames are at most {limit} pixels a side, "
+                                   f"and a frame of the pictures would be {grid} or more: animate gif, or "
+                                   "fewer pictures, or a smaller size")
 
 
 # Passes over the weights' bytes in memory that loading costs (read, cast, pack), at the element-wise

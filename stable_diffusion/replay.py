@@ -173,6 +173,10 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
         k = _separator(kept)  # the user's flags go before the positionals (a prompt "-like this")
         expanded = kept[:k] + rest + kept[k:]
         notes += input_changed(path, record) + adapters_changed(path, record, recorded)
+        frame = record.get("frame")
+        if isinstance(frame, dict) and frame.get("partial") is not None:  # a triangle stopped early
+            notes.append(f"replay of {path}: it holds part of a triangle ({_bounded(frame['partial'])}); "
+                         "this run makes all of it")
         changed = _changed(parser, recorded, expanded)
         if changed:
             notes.append(f"replay of {path} with other {', '.join(changed)}: the pictures may differ from it")

@@ -285,12 +285,14 @@ class NoiseSchedule:
         except _Crowded:
             full_sigmas = [0.0, 0.0]
         if not np.all(np.diff(np.asarray(full_sigmas)) < 0):  # a step of no noise: h = 0 in a sampler
-            given = f"{n_total}" if n_total == num_steps else \
-                f"{num_steps}, raised to {n_total} for strength {strength:g} to run one step,"
+            given, fix = f"{n_total}", "fewer steps"
+            if n_total != num_steps:  # --steps was raised so that the strength runs one step
+                given = f"{num_steps}, raised to {n_total} for strength {strength:g} to run one step,"
+                fix = "a higher strength"
             raise SpecError("steps", f"{{flag}} {given} is more than the {schedule} schedule can space "
                                      f"over this model's {self.T} training steps ({c.timestep_spacing} "
-                                     "spacing): two steps would land on one noise level; use fewer "
-                                     "steps, a higher strength, or --schedule linear")
+                                     f"spacing): two steps would land on one noise level; use {fix}, or "
+                                     "--schedule linear")
         if sampler == "plms" and schedule == "diffusers":
             times, sigmas, landings, warmup = _plms_schedule(table, n_total, steps)
             return Timeline(strength, num_steps, steps, n_total, times[0], times, sigmas, schedule,

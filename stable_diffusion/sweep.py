@@ -245,10 +245,14 @@ def check_plans(runs: list, session, image_size: tuple | None) -> list:
     Returns the plans (each run prints its own notes as it starts)."""
     from .run import plan_for
 
+    from .outputs import FileNames, check_in_the_way, planned_files
+
     plans = []
     for run in runs:
         try:
             plans.append(plan_for(session, run.spec, image_size))
+            names = FileNames(run.spec.output, plans[-1].longest)
+            check_in_the_way(names, planned_files(plans[-1], names))  # the user's files, in the folder
         except SpecError as e:  # said of the run, where the grid varies: its values are in its name
             where = f"run {run.name}: " if len(runs) > 1 else ""
             raise SpecError(GRID_KEYS[e.field] if e.field in run.values else e.field,
@@ -549,6 +553,8 @@ class Sweep:
                     after_run(run, outcome)
                 if self.sheet_every and (ran + failed) % self.sheet_every == 0:
                     self.write_sheet()
+            if failed and status == "finished":  # as sweep.json says it, too
+                status = "failed"
         except KeyboardInterrupt as e:
             status, signum = "interrupted", getattr(e, "signum", 2)
             for name in started.keys() - outcomes.keys():  # stopped before its run said how it ended
@@ -559,8 +565,6 @@ class Sweep:
             raise
         finally:
             self._finish(pool, status, t0, outcomes, skipped, ran, failed)
-        if failed and status == "finished":
-            status = "failed"
         return SweepReport(status, total, skipped, ran, failed, signum)
 
     def _seconds_left(self, t0: float, todo: list, outcomes: dict) -> float:

@@ -93,6 +93,8 @@ def _grid_values(args, command: str) -> tuple:
         if field in values:
             raise SpecError(key, f"{{flag}} is given on the command line and in {args.grid}; give it once")
         values[field] = read_prompts(text) if field == "prompt" else parse_values(key, text, KINDS[field])
+        if field in ("sampler", "schedule"):  # names in any case, as the single commands take them
+            values[field] = tuple(v.lower() for v in values[field])
     if "prompt" in values and args.prompt is not None:
         raise SpecError("prompts", "a prompt and {flag} were both given; give one of them")
     if "strength" in values and command != "image2image":
@@ -111,6 +113,8 @@ def build_sweep(command: str, args) -> tuple:
     if args.sheet_every < 0:
         raise SpecError("sheet_every", f"{{flag}} {args.sheet_every} is negative; use 0 (at the end "
                                        "only) or more")
+    if not str(args.output).strip():  # it swept into the current folder
+        raise SpecError("output", "{flag} is empty; name the sweep's folder, e.g. {flag} sweep")
     folder = Path(args.output)
     if folder.suffix.lower() == ".png":
         raise InputError(f"--output {folder} names a picture; a sweep writes into a folder, e.g. "

@@ -279,6 +279,11 @@ def test_pictures_a_format_cannot_hold_and_time_columns_a_row_revisits_are_refus
     capture = Capture(noising_every=1, format="webp")
     with pytest.raises(SpecError, match="webp pictures are at most 16383 pixels a side, and the noising strip"):
         make_plan(_spec(strengths=(1.0,), steps=1, capture=capture), config, (), (64, 64))
+    animated = Capture(every=1, animate="webp")  # its frames: the grid of 64 pictures in a row
+    with pytest.raises(SpecError, match="animate webp: its frames are at most 16383 pixels a side"):
+        make_plan(_spec(steps=1, n_images=64, size=(256, 256), capture=animated), config, (), (256, 256))
+    make_plan(_spec(steps=1, n_images=64, size=(256, 256), capture=replace(animated, animate="gif")), config, (),
+              (256, 256))
     make_plan(_spec(strengths=(1.0,), steps=1, capture=replace(capture, format="png")), config, (), (64, 64))
     capture = Capture(align="time")
     spec = _spec(strengths=(0.5,), steps=2, capture=capture, triangle=True, sampler="plms", schedule="diffusers")

@@ -333,6 +333,15 @@ def test_a_file_of_the_users_at_a_name_the_run_writes_is_refused(capsys, tmp_pat
                 "--output", tmp_path / "photo.png")
     assert main(capsys, "image2image", *run_args)[0] == 0
     assert main(capsys, "image2image", *run_args)[0] == 0  # its own files, listed: replaced
+    # Another run's output at one of these names is that run's (its sidecar beside it), not ours.
+    other = tmp_path / "other"
+    other.mkdir()
+    args = [picture, "x", "--model", sd2, "--steps", 2, "--seed", 1]
+    assert main(capsys, "image2image", *args, "--output", other / "photo.step-001.png")[0] == 0
+    kept = (other / "photo.step-001.png").read_bytes()
+    status, _, err = main(capsys, "image2image", *args, "--strength", 1, "-sd", 1, "--output", other / "photo.png")
+    only_error(status, 2, err, "the run writes photo.step-001.png")
+    assert (other / "photo.step-001.png").read_bytes() == kept
 
 
 def test_unwritable_output_fails_before_any_work(capsys, tmp_path, picture):
@@ -446,6 +455,9 @@ def test_a_triangle_stopped_keeps_its_whole_rows(capsys, tmp_path, picture, sd2,
     assert [r["strength"] for r in entry["rows"]] == [0.25, 0.5, 0.75]
     assert assert_whole_pictures(tmp_path) == ["t.png"] and "interrupted: kept 1 file(s)" in err
     assert [len(r["cells"]) for r in entry["rows"]] == [2, 3, 4]  # (4 steps x strength) + the start
+    _, notes = cli.replay_arguments("image2image", ["--replay", str(out)])
+    assert any("holds part of a triangle (3 of 4 rows: the run was interrupted)" in n for n in notes)
+    assert not any("byte-identical" in n for n in notes)
 
 
 def test_ctrl_c_during_decoding_keeps_what_was_written(capsys, tmp_path, picture, sd2, monkeypatch):

@@ -142,6 +142,7 @@ def test_a_run_that_fails_its_own_way_is_recorded_and_the_rest_are_made(tmp_path
     assert {name: r["status"] for name, r in records.items()} == {
         "seed0001": "finished", "seed0002": "failed", "seed0003": "finished"}
     assert records["seed0002"]["error"] == "ZeroDivisionError: float division by zero"
+    assert json.loads((folder / "sweep.json").read_text())["status"] == "failed"  # it said "finished"
 
 
 def test_a_killed_sweep_rerun_makes_only_the_rest(tmp_path, picture, sd2):
