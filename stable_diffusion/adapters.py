@@ -252,14 +252,20 @@ def _lora_file(path) -> tuple[Path, dict, dict]:
     return path, header, _peft_metadata(path, metadata)
 
 
-def check_files(loras, embeddings, widths: list, max_vectors: int) -> None:
+def check_files(loras, embeddings, encoders, tokenizers) -> None:
     """What can be told of adapter files (`(path, _)` pairs) before a weight loads: each is a
-    sound safetensors file within the adapter cap of its kind, each embedding fits text encoders
-    of `widths` and a prompt of `max_vectors`. read_lora checks the rest against the layers."""
+    sound safetensors file within the adapter cap of its kind, each embedding fits the text
+    encoders (their configs) and the tokenizers' prompts. read_lora checks the rest against the
+    layers."""
     for path, _ in loras:
         _lora_file(path)
     for path, _ in embeddings:
-        read_embedding(path, widths, max_vectors)
+        read_embedding(path, *_embedding_room(encoders, tokenizers))
+
+
+def _embedding_room(encoders, tokenizers) -> tuple[list, int]:
+    """(the text encoders' widths, the vectors a prompt holds) that an embedding must fit."""
+    return [e.hidden_size for e in encoders], min(t.max_length for t in tokenizers) - 2
 
 
 def read_lora(path, targets: dict, allow_partial: bool = False) -> tuple[Path, list, list, dict]:
@@ -485,9 +491,8 @@ def load_textual_inversion(sd, path, token: str | None = None) -> EmbeddingInfo:
     """Teach `sd`'s tokenizers the embedding's token (by default the one the file names) and grow
     its text encoders' embedding tables by its vectors; append its `EmbeddingInfo` to
     `sd.adapters`. Refused before anything changes where the file, or the token, does not fit."""
-    widths = [encoder.config.hidden_size for encoder in sd.text_encoders]
-    max_vectors = min(t.max_length for t in sd.tokenizers) - 2
-    path, named, keys = read_embedding(path, widths, max_vectors)
+    room = _embedding_room([encoder.config for encoder in sd.text_encoders], sd.tokenizers)
+    path, named, keys = read_embedding(path, *room)
     token = named if token is None else token
     if not isinstance(token, str) or not token.strip() or token != token.strip() or len(token) > MAX_TOKEN_LENGTH:
         raise ModelError(f"token {str(token)[:MAX_TOKEN_LENGTH]!r}: a token is a word of 1 to "

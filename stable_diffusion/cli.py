@@ -25,7 +25,7 @@ from .console import Console, open_standard_streams
 from .errors import FieldMessage, HubUnreachable, InputError, NumericalError, OutputBusy, OutputError
 from .options import replay_argv
 from .spec import (DEFAULT_TRIANGLE_STRENGTHS, PICTURE_SUFFIXES, Capture, Inversion, ModelSpec,
-                   RunSpec, SpecError)
+                   RunSpec, SpecError, format_named)
 
 # Flags that take an optional value, and the values they take: bare, they must not swallow the
 # next argument (`-gt in.png "a barn"`, as existing scripts pass them).
@@ -157,7 +157,7 @@ def build_specs(command: str, args) -> tuple:
     output = Path(args.output or f"out{PICTURE_SUFFIXES[args.output_format or 'png'][0]}")
     fmt = args.output_format
     if fmt is None:  # from the output name
-        fmt = next((f for f, suffixes in PICTURE_SUFFIXES.items() if output.suffix.lower() in suffixes), None)
+        fmt = format_named(output)
         if fmt is None:
             raise SpecError("output", f"{{flag}} {output}: pictures are written as .png, .webp or .jpg; "
                                       "end the name in one of them")

@@ -552,13 +552,14 @@ def read_pipeline_config(folder: Path, notices: list | None = None) -> PipelineC
     """
     folder = Path(folder)
     index = load_json(folder / "model_index.json")
-    if notices is not None and is_view(folder):  # what single_file.py could not tell from the file
-        notices.extend(str(line) for line in index.get("_notices", []))
     present = components(index)
     for needed in ("unet", "vae", "scheduler", "text_encoder", "tokenizer"):
         if needed not in present:
             raise ConfigError(f"{folder} has no {needed} (model_index.json does not list it)")
-    if notices is not None:  # read as what this tool implements all the same: the weights decide
+    if notices is not None:
+        if is_view(folder):  # what single_file.py could not tell from the file
+            notices.extend(str(line) for line in index.get("_notices", []))
+        # Classes this tool does not implement are read as its own all the same: the weights decide.
         named = {"pipeline": index.get("_class_name"), **{c: index[c][-1] for c in present}}
         for component, cls in named.items():
             expected = _CLASSES.get(component.removesuffix("_2"), ())

@@ -228,7 +228,7 @@ def _download(repo_id: str, revision: str | None, variant: str | None,
                          f"{_first_line(e)}); {local_help}") from None
     folder = Path(folder)
     # A cache's ref file names a commit; one naming '../..' took the files from anywhere.
-    storage = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    storage = _hub_storage(repo_id, constants.HF_HUB_CACHE)
     if not _COMMIT.match(folder.name) or folder.parent != storage / "snapshots":
         raise ModelError(f"the hub cache's copy of {shown} is damaged: its ref names "
                          f"{str(folder)[-80:]!r}, not a snapshot of {storage}; delete that folder and "
@@ -270,9 +270,14 @@ def _ask_hub(request, timeout: float) -> None:
         raise outcome[0]
 
 
+def _hub_storage(repo_id: str, cache: str) -> Path:
+    """The folder of `repo_id` in the hub cache `cache` (its refs/, snapshots/ and blobs/)."""
+    return Path(cache) / f"models--{repo_id.replace('/', '--')}"
+
+
 def _cached_revisions(repo_id: str, cache: str) -> list[str]:
     """Branch or tag names, then bare commits, held in the hub cache for `repo_id`."""
-    storage = Path(cache) / f"models--{repo_id.replace('/', '--')}"
+    storage = _hub_storage(repo_id, cache)
     refs = sorted(p.relative_to(storage / "refs").as_posix()
                   for p in (storage / "refs").rglob("*") if p.is_file())
     commits = sorted(p.name[:12] for p in (storage / "snapshots").glob("*") if p.is_dir())

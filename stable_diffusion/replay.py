@@ -19,7 +19,7 @@ import re
 from . import options
 from .errors import InputError
 from .files import text_flaw
-from .spec import MAX_ADAPTERS, PICTURE_SUFFIXES
+from .spec import MAX_ADAPTERS, format_named
 
 COMMANDS = ("image2image", "txt2image")
 # Fields a picture may not set, and why: destinations, other sources, the process's behaviour.
@@ -305,8 +305,7 @@ def _settings(parser, arguments: list) -> dict:
     settings = vars(parser.parse_args(arguments))
     settings["dtype"] = options.compute_dtype(settings.pop("no_float16", False), settings["dtype"])
     if settings.get("output_format") is None:  # no --output either: out.png
-        suffix = os.path.splitext(settings.get("output") or "out.png")[1].lower()
-        settings["output_format"] = next((f for f, s in PICTURE_SUFFIXES.items() if suffix in s), None)
+        settings["output_format"] = format_named(settings.get("output") or "out.png")
     return settings
 
 

@@ -282,9 +282,10 @@ class NoiseSchedule:
         table = self._for_class(c, exact_zero=schedule == "diffusers" and sampler == "ddim")
         try:
             full_times, full_sigmas, init_scale, full_landings = _diffusers_schedule(table, n_total, sampler)
+            crowded = not np.all(np.diff(np.asarray(full_sigmas)) < 0)  # a step of no noise: h = 0
         except _Crowded:
-            full_sigmas = [0.0, 0.0]
-        if not np.all(np.diff(np.asarray(full_sigmas)) < 0):  # a step of no noise: h = 0 in a sampler
+            crowded = True
+        if crowded:
             given, fix = f"{n_total}", "fewer steps"
             if n_total != num_steps:  # --steps was raised so that the strength runs one step
                 given = f"{num_steps}, raised to {n_total} for strength {strength:g} to run one step,"

@@ -72,8 +72,7 @@ class Session:
             check_fits_encoder(self.tokenizers[-1], encoder, self.folder / tok)  # before any weight
         from .adapters import check_files
 
-        check_files(m.loras, m.embeddings, [e.hidden_size for e in config.text_encoders],
-                    min(t.max_length for t in self.tokenizers) - 2)
+        check_files(m.loras, m.embeddings, config.text_encoders, self.tokenizers)
         self.config = config
 
     def machine(self):

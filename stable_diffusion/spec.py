@@ -20,6 +20,14 @@ ALIGNS = ("steps", "time")
 PREVIEWS = ("vae", "approx", "taesd")
 # Picture formats, and the file suffixes each may have (the first is the one written).
 PICTURE_SUFFIXES = {"png": (".png",), "webp": (".webp",), "jpeg": (".jpg", ".jpeg")}
+
+
+def format_named(name) -> str | None:
+    """The picture format a file name's suffix names (`x.JPG`: jpeg), None for another suffix."""
+    suffix = Path(name).suffix.lower()
+    return next((f for f, suffixes in PICTURE_SUFFIXES.items() if suffix in suffixes), None)
+
+
 ANIMATION_FORMATS = ("gif", "webp")
 DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_TRIANGLE_STRENGTHS = tuple(round(0.1 * k, 1) for k in range(1, 11))

@@ -152,10 +152,12 @@ class Grid:
         for name, vals in values.items():
             if name not in FIELDS:
                 raise SpecError("grid", f"{{flag}}: unknown field {name!r}; use {', '.join(GRID_KEYS.values())}")
-            twice = next((v for i, v in enumerate(vals) if v in vals[:i]), None)
-            if twice is not None:
-                shown = f"{twice:g}" if isinstance(twice, float) else repr(twice)[:40]
-                raise SpecError(GRID_KEYS[name], f"{{flag}} lists {shown} twice; list each value once")
+            seen = set()
+            for v in vals:  # up to MAX_RUNS values: one pass
+                if v in seen:
+                    shown = f"{v:g}" if isinstance(v, float) else repr(v)[:40]
+                    raise SpecError(GRID_KEYS[name], f"{{flag}} lists {shown} twice; list each value once")
+                seen.add(v)
         return cls(tuple((f, tuple(values[f])) for f in FIELDS if f in values))
 
     @property
