@@ -55,6 +55,7 @@ class _Parser(argparse.ArgumentParser):
         one of its values) joined to its bare value, `-gt` to `-gt=1`: it then never takes the
         next argument, whatever is put after it (a replay's, the user's)."""
         args = list(args)
+        self.refused_values = {}  # a word after a bare optional-value flag -> (that flag, its values)
         for i, arg in enumerate(args):
             if arg == "--":
                 break
@@ -62,7 +63,14 @@ class _Parser(argparse.ArgumentParser):
             values = None if action is None else _OPTIONAL_VALUES.get(action.option_strings[0])
             if values is not None and (i + 1 == len(args) or args[i + 1].lower() not in values):
                 args[i] = f"{action.option_strings[0]}={values[0]}"  # whole: argparse takes no -g=1
+                if i + 1 < len(args) and not args[i + 1].startswith("-"):
+                    self.refused_values[args[i + 1]] = (action.option_strings[0], values)
         return args
+
+    def given(self, args: list, dest: str) -> bool:
+        """Whether `args` (before `--`) set the argument `dest` by one of its flags."""
+        args = args[:args.index("--")] if "--" in args else args
+        return any(getattr(self.action_of(arg), "dest", None) == dest for arg in args)
 
     def parse_args(self, args=None, namespace=None):
         args = self.joined(sys.argv[1:] if args is None else args)
@@ -75,6 +83,10 @@ class _Parser(argparse.ArgumentParser):
         """"; did you mean --steps?" for the first unknown flag that is close to one of ours."""
         import difflib
 
+        for arg in unknown:  # `-gt 2`: the word was left to the positionals, and they were full
+            if arg in self.refused_values:
+                flag, values = self.refused_values[arg]
+                return f"; {flag} takes {', '.join(values)} or nothing"
         flags = [f for f in self._option_string_actions if f.startswith("--")]
         for arg in unknown:
             if not arg.startswith("-") or arg == "--":
@@ -300,7 +312,8 @@ def main(command: str, argv=None) -> int:
 
 def _command(command: str, typed: list, console: Console) -> int:
     argv, notes = replay_arguments(command, typed)
-    args = build_parser(command).parse_args(argv)
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
     if not args.allow_download:
         _offline_replay(command, args.model, typed)
     console = Console(args.quiet, args.verbose, names=FLAGS)
@@ -310,6 +323,9 @@ def _command(command: str, typed: list, console: Console) -> int:
     _check_environment()
     raw = {name: _text_argument(args, name, console) for name in ("prompt", "negative_prompt")}
     spec, model = build_specs(command, args)
+    if spec.triangle and parser.given(argv, "strength"):
+        console.notice(f"--strength {args.strength:g} is not used: the triangle's rows run at "
+                       "--triangle_strengths (default 0.1 .. 1.0)")
     spec = replace(spec, prompt_bytes=raw["prompt"], negative_prompt_bytes=raw["negative_prompt"])
     from .outputs import check_name_length
 

@@ -31,6 +31,16 @@ def parse_flag(text: str) -> bool:
         raise argparse.ArgumentTypeError(f"expected 1/0, true/false or yes/no, got {text!r}") from None
 
 
+def _choice(choices: tuple):
+    """The parser of a word among `choices`, in any case; a refusal shows the word as typed."""
+    def parse(text: str) -> str:
+        if text.lower() in choices:
+            return text.lower()
+        listed = ", ".join(repr(c) for c in choices)
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {listed})")
+    return parse
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -143,7 +153,8 @@ class Option:
     def arguments(self) -> dict:
         """The keyword arguments of argparse's add_argument."""
         # a word among choices is taken in any case: --sampler DDIM, --animate GIF
-        given = {"type": self.parse or (str.lower if self.choices else None), "choices": self.choices,
+        given = {"type": self.parse or (_choice(self.choices) if self.choices else None),
+                 "choices": self.choices,
                  "default": self.default,
                  "nargs": self.nargs, "const": self.const, "action": self.action,
                  "metavar": self.metavar, "dest": self.dest, "help": self.help}

@@ -84,7 +84,7 @@ class RunPlan:
         return max(r.timeline.steps for r in self.rows)
 
     def describe(self) -> list[str]:
-        lines = [r.timeline.describe() for r in self.rows]
+        lines = [r.timeline.describe(from_noise=not self.spec.img2img) for r in self.rows]
         if self.spec.triangle:
             total = sum(r.timeline.steps for r in self.rows)
             lines = [f"triangle: {len(self.rows)} rows, strengths "

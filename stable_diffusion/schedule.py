@@ -82,7 +82,10 @@ class Timeline:
     # The denoised estimate bounded as the sampler's diffusers class does (SchedulerConfig.x0_limit).
     x0_limit: tuple = ()
 
-    def describe(self) -> str:
+    def describe(self, from_noise: bool = False) -> str:
+        """The plan's line for this timeline; `from_noise`: a text-to-image run's (it has no strength)."""
+        if from_noise:
+            return f"from pure noise: start t={self.start_time:g}, {self.steps} step{'s' if self.steps != 1 else ''}"
         shown = f"{self.strength:.2f}" if round(self.strength, 2) == self.strength else f"{self.strength:g}"
         line = (f"strength {shown} x {self.num_steps} steps -> start "
                 f"t={self.start_time:g}, {self.steps} step{'s' if self.steps != 1 else ''}")

@@ -70,8 +70,10 @@ def test_different_seeds_differ(tmp_path, picture, sd2):
 
 def test_triangle_layout_first_column_and_cost(tmp_path, picture, sd2):
     out = tmp_path / "tri.png"
-    run("image2image.py", picture, "a red barn", "--model", sd2, "--steps", 10, "-gt", "-sd", 2,
-        "--show_noising", 100, "--seed", 5, "--output", out)
+    result = run("image2image.py", picture, "a red barn", "--model", sd2, "--steps", 10, "-gt", "-sd", 2,
+                 "--show_noising", 100, "--seed", 5, "--strength", 0.7, "--output", out)
+    # --strength has no say in a triangle (the rows below are the default strengths): said so
+    assert "note: --strength 0.7 is not used: the triangle's rows run at --triangle_strengths" in result.stderr
     sidecar = json.loads((tmp_path / "tri.json").read_text())
     assert sidecar["unet_calls"] == sum(int(10 * s / 10) for s in range(1, 11)) == 55
     rows = [f for f in sidecar["files"] if f["kind"] == "triangle"][0]["rows"]
@@ -112,8 +114,9 @@ def test_quantize_is_refused_on_the_cpu_before_any_work(tmp_path, picture, sd2):
 
 def test_txt2image_runs_with_snapshots(tmp_path, sd2):
     out = tmp_path / "t.png"
-    run("txt2image.py", "a cat", "--model", sd2, "--steps", 3, "-sd", 1, "--seed", 2,
-        "--n_images", 2, "--n_rows", 1, "--output", out, "-sp")
+    result = run("txt2image.py", "a cat", "--model", sd2, "--steps", 3, "-sd", 1, "--seed", 2,
+                 "--n_images", 2, "--n_rows", 1, "--output", out, "-sp")
+    assert result.stdout.startswith("from pure noise: start t=1000, 3 steps\n")  # no "strength 1.00"
     assert files_in(tmp_path) == {"t.png", "t.json"} | {f"t.step-{k:03d}.png" for k in range(4)}
     assert Image.open(out).size == (128, 64)  # two 64x64 pictures in one row
     parameters = parse_parameters_text(Image.open(out).text["parameters"])

@@ -183,6 +183,10 @@ def test_bad_arguments_fail_before_the_weights_load(capsys, tmp_path, picture, u
     (["-", "x"], ["reading it from standard input is not supported"]),
     (["x", "PICTURE"], ["input image 'x' does not exist, and the prompt names a file", "picture first"]),
     (["PICTURE", "a", "red", "barn"], ["unrecognized arguments: red barn; a prompt of several words goes in quotes"]),
+    # A value an optional-value flag does not take is named with the flag (it was the quotes hint).
+    (["PICTURE", "x", "-gt", "2"], ["unrecognized arguments: 2; -gt takes 1, true, yes, on, 0, false, no, off or nothing"]),
+    (["PICTURE", "x", "--animate", "mp4"], ["unrecognized arguments: mp4; --animate takes gif, webp or nothing"]),
+    (["PICTURE", "x", "--sampler", "EULERX"], ["invalid choice: 'EULERX' (choose from 'euler',"]),  # as typed
 ])
 def test_a_newcomers_slips_with_the_positionals_say_what_to_do(capsys, tmp_path, picture, unloadable,
                                                                positionals, words):
