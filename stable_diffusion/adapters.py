@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,7 @@ import mlx.nn as nn
 
 from . import memory, ops
 from .errors import ModelError
+from .spec import MAX_LORA_WEIGHT
 from .files import file_digest, open_regular
 from .model_io import read_safetensors_header, special_file
 from .single_file import refuse_pickle, unet_ldm_key
@@ -380,7 +382,7 @@ def _peft_metadata(path: Path, metadata: dict) -> dict:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _peft_alpha(settings: dict, module: str, rank: int) -> tuple[float, float]:
@@ -405,6 +407,10 @@ def load_lora(sd, path, weight: float = 1.0, allow_partial: bool = False) -> Lor
     where the file does not fit the model (read_lora) or holds values that are not finite."""
     if not _is_number(weight):
         raise ModelError(f"LoRA weight {weight!r} is not a finite number")
+    if abs(weight) > MAX_LORA_WEIGHT:
+        raise ModelError(f"LoRA weight {weight:g} is outside -{MAX_LORA_WEIGHT:g} .. {MAX_LORA_WEIGHT:g}; "
+                         "use e.g. 0.8")
+    weight = float(weight)
     targets = lora_targets(sd)
     path, modules, unmatched, peft = read_lora(path, targets, allow_partial)
     tensors = _tensors(path)

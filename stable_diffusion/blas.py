@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import glob
 import importlib.util
 import os
@@ -264,7 +265,9 @@ def _load_image(image: bytes) -> ctypes.CDLL:
     if hasattr(os, "memfd_create"):
         fd = os.memfd_create("sd-blas-forward")
         try:
-            os.write(fd, image)
+            # Whole, or not loaded: a truncated object (a small `ulimit -f` cuts memfds too) crashes dlopen.
+            if os.write(fd, image) != len(image):
+                raise OSError(errno.EFBIG, "the forwarding library was written in part")
             return ctypes.CDLL(f"/proc/self/fd/{fd}", mode=ctypes.RTLD_GLOBAL)
         except OSError:
             pass  # e.g. memfd exec sealed by the system: try a file

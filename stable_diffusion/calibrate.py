@@ -19,6 +19,7 @@ and dtype) the first time a run plans on this machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -30,6 +31,7 @@ import mlx.core as mx
 
 from . import ops
 from .costs import Speed
+from .private_cache import user_cache
 
 # The workload: SD's first UNet level at a 32x32 latent, batch 2 (3x3 convolution 320 -> 320,
 # then a 320 -> 1280 feed-forward product over its 2048 positions).
@@ -42,8 +44,7 @@ def cache_path() -> Path:
     huggingface's own folder there."""
     if os.environ.get("SD_CALIBRATION_CACHE"):
         return Path(os.environ["SD_CALIBRATION_CACHE"]).expanduser()
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "mlx-sd-trajectory" / "dtype.json"
+    return user_cache() / "dtype.json"
 
 
 def cpu_fields() -> dict:
@@ -248,10 +249,17 @@ def _picture_speed() -> float:
     return side * side / max(best, 1e-9)
 
 
+# What a measured speed can be, from a slow CPU core to a large GPU, by kind (FLOP/s, bytes/s,
+# pixels/s): a cached value outside is not a measurement (a damaged or edited cache), and the
+# machine is measured again; inside, no estimate can overflow what it says.
+_SPEED_RANGES = {"conv": (1e6, 1e17), "linear": (1e6, 1e17), "attention": (1e6, 1e17),
+                 "memory": (1e6, 1e15), "pixels": (1e3, 1e12)}
+
+
 def _valid_speed(record) -> bool:
-    return isinstance(record, dict) and all(
-        isinstance(record.get(k), (int, float)) and not isinstance(record.get(k), bool) and record[k] > 0
-        for k in ("conv", "linear", "attention", "memory", "pixels"))
+    return isinstance(record, dict) and set(record) == set(_SPEED_RANGES) and all(
+        isinstance(record[k], (int, float)) and not isinstance(record[k], bool) and low <= record[k] <= high
+        for k, (low, high) in _SPEED_RANGES.items())
 
 
 def speed(dtype_name: str) -> Speed:
@@ -264,7 +272,8 @@ def speed(dtype_name: str) -> Speed:
     if not isinstance(record, dict):
         record = {}
     if not _valid_speed(record.get(name)):
-        measured = {k: float(f"{v:.4g}") for k, v in measure_speed(dtype_name).items()}
+        measured = {k: min(max(float(f"{v:.4g}"), _SPEED_RANGES[k][0]), _SPEED_RANGES[k][1])
+                    for k, v in measure_speed(dtype_name).items()}
         record = dict(record, **{name: measured})
         _update(path, key, {"speed": record})
     return Speed(**record[name])
@@ -273,14 +282,15 @@ def speed(dtype_name: str) -> Speed:
 def _store(path: Path, table: dict) -> None:
     """Write the table whole or not at all; a cache that cannot be written is skipped (the next
     run measures again). Folders are made only for the default place."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
     try:
         if not os.environ.get("SD_CALIBRATION_CACHE"):
-            path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}")
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # the user's own, as the salt's
         temporary.write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
         os.replace(temporary, path)
     except OSError:
-        pass
+        with contextlib.suppress(OSError):  # a full disk: no empty temporary left per run
+            temporary.unlink()
 
 
 def default_cpu_dtype() -> tuple[str, str]:

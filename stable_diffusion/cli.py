@@ -23,7 +23,6 @@ from pathlib import Path
 from . import options, signals
 from .console import Console, open_standard_streams
 from .errors import FieldMessage, HubUnreachable, InputError, NumericalError, OutputBusy, OutputError
-from .options import replay_argv
 from .spec import (DEFAULT_TRIANGLE_STRENGTHS, PICTURE_SUFFIXES, Capture, Inversion, ModelSpec,
                    RunSpec, SpecError, format_named)
 
@@ -348,8 +347,7 @@ def _run(spec: RunSpec, model: ModelSpec, console: Console, typed: list, wait: b
         for line in picture_notices(picture):
             console.notice(line)
     try:
-        result = execute(Session(model), spec, console, typed, functools.partial(replay_argv, model=model),
-                         picture, wait, notes=notes)
+        result = execute(Session(model), spec, console, typed, picture=picture, wait=wait, notes=notes)
         if result.status == "interrupted":
             console.error(f"interrupted: kept {len(result.files)} file(s), see {result.sidecar}")
             return 128 + result.signum
@@ -381,6 +379,8 @@ def _output_advice(error: Exception) -> str:
     cause = error.__cause__
     if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         return "; free some space or write elsewhere with --output"
+    if isinstance(cause, OSError) and cause.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "; make the folder writable, or write elsewhere with --output"
     if isinstance(cause, OSError):
         return "; check the disk, or write elsewhere with --output"
     return ""

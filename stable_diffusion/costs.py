@@ -314,6 +314,8 @@ def describe_seconds(seconds: float) -> str:
         return f"about {max(1, round(seconds))} s"
     if seconds < 60:
         return f"about {round(seconds / 5) * 5} s"
+    if seconds >= 1e6:  # 11 days: a number of hours says nothing more
+        return "more than 10 days"
     minutes = round(seconds / 60)
     if minutes < 60:
         return f"about {minutes} min"

@@ -44,6 +44,7 @@ import functools
 import hashlib
 import importlib
 import math
+import numbers
 import os
 import stat
 import warnings
@@ -54,6 +55,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import InputError
+from .spec import MAX_SIDE
 
 # Pillow format ids tried when opening; MPO is reached through the JPEG opener.
 SUPPORTED_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "AVIF")
@@ -137,6 +139,12 @@ def load_image(
     every policy; each change made to the picture is listed in `notices`. Raises `InputError` for
     anything wrong with the file.
     """
+    for name, value in (("multiple", multiple), ("max_pixels", max_pixels), ("min_side", min_side)):
+        if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)):
+            raise InputError(f"{name} {value!r} is not a whole number")
+    if size is not None and (not isinstance(size, (tuple, list)) or len(size) != 2 or not all(
+            isinstance(n, numbers.Integral) and not isinstance(n, bool) and 1 <= n <= MAX_SIDE for n in size)):
+        raise InputError(f"size {size!r}: expected (width, height), whole numbers of 1 .. {MAX_SIDE} pixels")
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     if size is not None:
         max_pixels = max(multiple * multiple, size[0] * size[1])  # what the JPEG decoder may skip

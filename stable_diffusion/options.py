@@ -170,7 +170,7 @@ SAVE = "what to save"
 TERMINAL = "output on the terminal"
 
 OPTIONS = (
-    Option(("image",), "image", "input picture (any format Pillow reads)", parsers=IMAGE,
+    Option(("image",), "image", "input picture: PNG, JPEG, GIF, WebP, BMP, TIFF, PPM or AVIF", parsers=IMAGE,
            replay=Replay(0, POSITIONAL, os.path.abspath, when=lambda spec: spec.img2img)),
     Option(("prompt",), "prompt", "the text prompt (may be empty: unconditional)", parsers=SINGLE,
            replay=Replay(1, POSITIONAL)),
@@ -203,7 +203,7 @@ OPTIONS = (
     Option(("--strength",), "strength", "how deep to noise the picture, 0.001 .. 1 (default 0.9)", MODEL,
            IMAGE, float, default=0.9,
            replay=Replay(80, ALWAYS, _float, when=lambda spec: spec.img2img and not spec.triangle)),
-    Option(("--steps",), "steps", "sampler steps for strength 1 (model default: sd 50, sdxl 2)", MODEL,
+    Option(("--steps",), "steps", "sampler steps for strength 1 (model default: sd 50, sdxl 2, shapes 20)", MODEL,
            parse=int, replay=Replay(30, ALWAYS)),
     Option(("--sampler",), "sampler", "the sampler (default: the one the model's scheduler config names)",
            MODEL, choices=SAMPLER_CHOICES, replay=Replay(50, ALWAYS)),
@@ -211,7 +211,7 @@ OPTIONS = (
            "strength x 1000, evenly spaced), diffusers (as the model's scheduler config does in "
            "diffusers), karras, exponential", MODEL, choices=SCHEDULE_CHOICES,
            replay=Replay(60, ALWAYS)),
-    Option(("--cfg",), "cfg", "guidance weight; 0 is a value (model default: sd 7.5, sdxl 0)", MODEL,
+    Option(("--cfg",), "cfg", "guidance weight; 0 is a value (model default: sd 7.5, sdxl 0, shapes 2)", MODEL,
            parse=float, replay=Replay(40, ALWAYS, _float)),
     Option(("--negative_prompt", "--negative-prompt"), "negative_prompt", "what the picture should not "
            "show: guidance steers away from it (default: nothing)", group=MODEL, default="",
@@ -232,8 +232,8 @@ OPTIONS = (
            positive_int, metavar="N"),
     Option(("--size",), "size", "HEIGHTxWIDTH in pixels, multiples of 64 (default: the model's native "
            "size)", MODEL, TEXT),  # replayed by the row above, which writes the field for both commands
-    Option(("--dtype",), "model.dtype", "compute dtype (default: float16 on a GPU; on the CPU bfloat16 "
-           "where it has AVX512_BF16 and the native kernels are built, else float32; -v says which)",
+    Option(("--dtype",), "model.dtype", "compute dtype (default: float16 on a GPU; on the CPU the faster of "
+           "float32 and bfloat16, measured once per machine; -v says which)",
            MODEL, choices=DTYPES, replay=Replay(160)),
     Option(("--no-float16",), None, "same as --dtype float32", MODEL, action="store_true",
            dest="no_float16"),
@@ -306,7 +306,7 @@ OPTIONS = (
     Option(("--decoding_batch_size", "--decoding-batch-size"), "capture.decode_batch", "latents decoded "
            "at once (default 4)", SAVE, parse=positive_int, default=4, replay=Replay(280)),
     Option(("-sp", "--save_prompt"), "capture.save_prompt", "write the prompt into the files (default on); "
-           "-sp 0 keeps the prompt and negative prompt out of every file, a salted hash in their place",
+           "-sp 0 keeps the prompt, negative prompt and inversion prompt out of every file, a salted hash in their place",
            SAVE, parse=parse_flag, default=True, nargs="?",
            const=True, metavar="1", replay=Replay(300, write=lambda on: "1" if on else "0")),
 

@@ -168,22 +168,57 @@ def planned_files(plan, names: FileNames) -> list:
     return paths
 
 
+def _left_by_us(names: FileNames, record: dict) -> dict:
+    """The files a sidecar of ours says a run left under this output's names (its `files`, and the
+    `earlier_files` it kept of a run before it), as name -> fingerprint (None where it has none:
+    a file still being written when the run was killed, or a sidecar older than fingerprints).
+    Only names a run of this output gives (`<stem>.png`, `<stem>.<kind>.png`, ... in any picture
+    format), in the output's folder."""
+    ours = re.compile(re.escape(names.stem.name) + f"(?i:(\\.{_ANY_KIND})?\\.(png|webp|jpe?g|gif))")
+    written = record.get("written") if isinstance(record.get("written"), dict) else {}
+    left = {}
+    for entry in record.get("files", []):
+        name = entry.get("file") if isinstance(entry, dict) else None
+        if isinstance(name, str):
+            left[name] = written.get(name)
+    earlier = record.get("earlier_files")
+    if isinstance(earlier, dict):
+        left.update(earlier)
+    return {name: mark for name, mark in left.items()
+            if isinstance(name, str) and ours.fullmatch(name) and (mark is None or isinstance(mark, list))}
+
+
+def _as_left(path: Path, mark: list | None) -> bool:
+    """Whether the file at `path` is a regular file, as the run that listed it left it (its size
+    and modification time; any, where the listing has none)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and (mark is None or mark == [st.st_size, st.st_mtime_ns])
+
+
+def _own_record(names: FileNames) -> dict:
+    try:
+        return read_own_sidecar(names.sidecar()) or {}
+    except NotOurs:
+        return {}  # prepare refused this before any work; nothing of it is ours to judge by
+
+
 def check_in_the_way(names: FileNames, paths: list) -> None:
     """Refuse, before any work, when a file the run writes is there and is not one of ours (the
-    sidecar lists it, or it carries our record): the user's own `photo.step-001.png` is not ours
-    to replace. The output, which the user named, is theirs to replace."""
+    sidecar lists it and it is as that run left it, or it carries our record): the user's own
+    `photo.step-001.png` is not ours to replace, even where an earlier run wrote that name. The
+    output, which the user named, is theirs to replace."""
     from .picture_meta import read_picture_texts
 
-    try:
-        record = read_own_sidecar(names.sidecar()) or {}
-    except NotOurs:
-        return  # prepare refused it
-    listed = {e.get("file") for e in record.get("files", []) if isinstance(e, dict)}
+    left = _left_by_us(names, _own_record(names))
 
     def ours(path: Path) -> bool:
-        """Listed by this output's sidecar, or made by a run of ours (its record; a GIF of ours
-        carries its parameters) and not itself another run's output (with a sidecar beside it)."""
-        if path.name in listed:
+        """Listed by this output's sidecar and unchanged since, or made by a run of ours (its
+        record; a GIF of ours carries its parameters) and not itself another run's output (with a
+        sidecar beside it)."""
+        if path.name in left and _as_left(path, left[path.name]):
             return True
         try:
             parameters, record = read_picture_texts(path)
@@ -196,36 +231,31 @@ def check_in_the_way(names: FileNames, paths: list) -> None:
         if path != names.output and os.path.lexists(path) and not ours(path):
             raise SpecError("output", f"{{flag}} {names.output}: the run writes {path.name}, and the "
                                       "file there is not one a run of ours wrote (no sidecar of ours "
-                                      "lists it, it carries no record of ours); move it, or choose "
-                                      "another {flag} name")
+                                      "lists it as it is, it carries no record of ours); move it, or "
+                                      "choose another {flag} name")
 
 
-def remove_previous_run(names: FileNames, notice) -> None:
-    """The files an earlier run named after this output left go before the first file of this
-    run lands, so that the sidecar lists every file named after the output. Only what the tool
-    can prove it wrote: a file the sidecar of ours lists (a killed run lists its last file as
-    "writing" before it takes its name), in the output's folder, under one of the names a run
-    of this output gives (`<stem>.png`, `<stem>.<kind>.png`, ... in any picture format), and
-    still a regular file. Anything else stays: the user's `cat.jpg` beside `--output cat.png`."""
-    try:
-        record = read_own_sidecar(names.sidecar())
-    except NotOurs:
-        return  # prepare refused this before any work; nothing of it is ours to judge by
-    if record is None:
-        return
+def earlier_files(names: FileNames) -> dict:
+    """The files an earlier run of this output left and that are still as it left them (name ->
+    fingerprint): this run's sidecar lists them until it makes them again or finishes."""
     folder = names.stem.parent
-    ours = re.compile(re.escape(names.stem.name) + f"(?i:(\\.{_ANY_KIND})?\\.(png|webp|jpe?g|gif))")
+    return {name: mark for name, mark in _left_by_us(names, _own_record(names)).items()
+            if _as_left(folder / name, mark)}
+
+
+def remove_earlier(names: FileNames, earlier: dict, notice) -> None:
+    """Once this run has finished: the earlier run's files it did not make again go, so that the
+    folder holds this run's files alone. Only while each is as that run left it (the user's own
+    edit of a frame stays)."""
     removed = 0
-    for entry in record["files"]:
-        name = entry.get("file") if isinstance(entry, dict) else None
-        if not isinstance(name, str) or not ours.fullmatch(name):
-            continue
-        path = folder / name
-        try:
-            if stat.S_ISREG(os.lstat(path).st_mode):
+    for name, mark in earlier.items():
+        path = names.stem.parent / name
+        if _as_left(path, mark):
+            try:
                 path.unlink()
                 removed += 1
-        except OSError:
-            pass
+            except OSError:
+                pass
     if removed:
-        notice(f"replaced the {removed} file(s) an earlier run wrote under the name {names.output.name}")
+        notice(f"removed the {removed} file(s) an earlier run wrote under the name {names.output.name} "
+               "that this run did not make again")

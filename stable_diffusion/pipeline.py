@@ -6,6 +6,7 @@ per step, and decides what to keep.
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from dataclasses import replace
@@ -54,8 +55,12 @@ class StableDiffusion:
     @classmethod
     def from_pretrained(cls, model: str = "sd", dtype=mx.float32, variant: str | None = None,
                         notices: list | None = None) -> "StableDiffusion":
-        """Load an alias (`sd`, `sdxl`), a hub id with optional `@revision`, or a local folder."""
-        folder, source = model_io.resolve_model(os.fspath(model), variant)
+        """An alias (`sd`, `sdxl`, `sd15`, `sd21`, `sdxl-base`, `shapes`), a hub id[@revision], a local
+        diffusers folder or a single-file checkpoint, computing in `dtype` (mx.float32, mx.float16,
+        mx.bfloat16, or its name), from the `variant` files ("fp16": `*.fp16.safetensors`) where
+        the folder has them; `notices` gets a line per config field ignored."""
+        dtype = _compute_dtype(dtype)
+        folder, source = model_io.resolve_model(_model_name(model), variant)
         model_io.check_model_folder(folder)
         config = read_pipeline_config(folder, notices)
         return cls.from_folder(folder, config, dtype, variant, source)
@@ -165,12 +170,14 @@ class StableDiffusion:
     # --- latents <-> pictures --------------------------------------------------------------------
 
     def encode(self, image) -> mx.array:
-        """Pictures (B, H, W, 3) in [-1, 1] -> latents x0 (the mean, times the scaling factor)."""
-        mean, _ = self.vae.encode(mx.array(image).astype(self.dtype))
+        """Pictures (B, H, W, 3) in [-1, 1], sides multiples of 8 (an mx or numpy array of floats)
+        -> latents x0 (B, H/8, W/8, C): the mean, times the scaling factor."""
+        mean, _ = self.vae.encode(mx.array(_checked_pixels(image, batch=True)).astype(self.dtype))
         return mean * self.config.vae.scaling_factor
 
     def decode(self, x: mx.array) -> mx.array:
         """Latents (B, h, w, C) -> pictures (B, H, W, 3) in [0, 1], float32."""
+        x = _checked_latents(x, self.latent_channels, "latents")
         y = self.vae.decode((x / self.config.vae.scaling_factor).astype(self.dtype))
         return mx.clip((y.astype(mx.float32) + 1) / 2, 0, 1)
 
@@ -194,7 +201,7 @@ class StableDiffusion:
         model's native square (64 x 64 for SD 2.1-base, 16 x 16 for the shapes model)."""
         if latent_size is None:
             latent_size = (self.config.unet.sample_size,) * 2
-        if len(latent_size) != 2 or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool)
+        if not isinstance(latent_size, (tuple, list)) or len(latent_size) != 2 or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool)
                                             and n >= 1 for n in latent_size):
             raise InputError(f"latent_size {latent_size!r}: expected (h, w), whole numbers of 1 or more "
                              f"(the picture's pixels / {self.downscale})")
@@ -213,9 +220,13 @@ class StableDiffusion:
         denoise; or, with `inversion`, invert it under a prompt up to the start (those Steps come
         first, from t = 0 up), then denoise from there.
 
-        `image` is (H, W, 3) or (1, H, W, 3) in [-1, 1]; `noise`, if given, replaces the seed's eps.
-        """
+        `image`: (H, W, 3) or (1, H, W, 3) in [-1, 1], sides multiples of 8 (as `load_image` gives).
+        `strength` 0.001 .. 1. None takes the model's default steps, cfg, sampler and schedule, and a
+        random seed. `noise` replaces the seed's eps: (n_images, H/8, W/8, C). A wrong setting raises
+        InputError (a SpecError naming the keyword) before any work."""
         image = _checked_pixels(image)
+        _image_spec(text, strength, num_steps, cfg_weight, negative_text, seed, n_images, sampler, schedule,
+                    inversion)  # checked before the picture is encoded
         x0 = self.encode(image[None] if image.ndim == 3 else image)
         return self.generate_latents_from_latent(x0, text, strength, num_steps, cfg_weight,
                                                  negative_text, seed, noise, n_images,
@@ -227,15 +238,15 @@ class StableDiffusion:
                                      n_images: int = 1, *, sampler: str | None = None,
                                      schedule: str | None = None,
                                      inversion: Inversion | None = None) -> Iterator[Step]:
-        """Image to image from an encoded picture x0 (1 or n_images, h, w, C), e.g. `encode`'s."""
-        x0 = mx.repeat(x0, n_images, axis=0) if x0.shape[0] == 1 else x0
+        """Image to image from an encoded picture x0 (1 or n_images, h, w, C), e.g. `encode`'s; the
+        settings as `generate_latents_from_image` takes them."""
+        spec = _image_spec(text, strength, num_steps, cfg_weight, negative_text, seed, n_images, sampler,
+                           schedule, inversion)
+        x0 = _checked_latents(x0, self.latent_channels, "x0")
+        if x0.shape[0] not in (1, spec.n_images):
+            raise InputError(f"x0 holds {x0.shape[0]} latents; give 1 (for each image) or n_images={spec.n_images}")
+        x0 = mx.repeat(x0, spec.n_images, axis=0) if x0.shape[0] == 1 else x0
         size = (x0.shape[1] * self.downscale, x0.shape[2] * self.downscale)
-        capture = Capture(noising_path="inversion") if inversion is not None else Capture()
-        # The picture is in memory: `image` marks the spec as image to image for its checks.
-        spec = RunSpec(text, None, image=Path("<in memory>"), negative_prompt=negative_text,
-                       strengths=(strength,), steps=num_steps, cfg=cfg_weight, seed=seed,
-                       sampler=sampler, schedule=schedule, n_images=n_images, capture=capture,
-                       inversion=inversion)
         return self._walk(spec, size, x0, noise)
 
     def _walk(self, spec: RunSpec, image_size: tuple, x0: mx.array | None, noise) -> Iterator[Step]:
@@ -266,10 +277,13 @@ class StableDiffusion:
             key = seed_keys(seed)["initial_noise"]
             return mx.random.normal(tuple(shape), key=key).astype(self.dtype)
         # An mx.array may be bfloat16, which numpy cannot take.
-        eps = noise.astype(mx.float32) if isinstance(noise, mx.array) else mx.array(np.asarray(noise, np.float32))
-        if tuple(eps.shape) != tuple(shape):
-            raise InputError(f"initial noise has shape {tuple(eps.shape)}, expected {tuple(shape)}")
-        return eps.astype(self.dtype)
+        values = np.array(noise.astype(mx.float32)) if isinstance(noise, mx.array) else np.asarray(noise)
+        if values.dtype.kind not in "fiu" or tuple(values.shape) != tuple(shape):
+            raise InputError(f"initial noise: expected real numbers of shape {tuple(shape)}, got dtype "
+                             f"{values.dtype} and shape {tuple(values.shape)}")
+        if not np.isfinite(values).all():
+            raise InputError("initial noise: some values are not finite (NaN or infinity)")
+        return mx.array(values.astype(np.float32)).astype(self.dtype)
 
 
 class Denoiser:
@@ -281,6 +295,8 @@ class Denoiser:
     """
 
     def __init__(self, sd: StableDiffusion, cond: Conditioning, cfg_weight: float, after_layer=None):
+        if not isinstance(cfg_weight, numbers.Real) or not 0 <= cfg_weight < math.inf:
+            raise InputError(f"cfg_weight {cfg_weight!r} is not a guidance weight (a number 0 or more)")
         self.sd = sd
         self.after_layer = after_layer
         self.cond = cond
@@ -304,17 +320,56 @@ class Denoiser:
         return self.sd.noise_schedule.denoised(x, out, sigma)
 
 
-def _checked_pixels(image) -> np.ndarray:
-    """`image` as float32 (H, W, 3) or (1, H, W, 3) in [-1, 1], or an InputError saying how to get
-    that: a PIL image or 8-bit array (0 .. 255) read as it is would give another picture."""
+def _image_spec(text, strength, num_steps, cfg_weight, negative_text, seed, n_images, sampler, schedule,
+                inversion) -> RunSpec:
+    """The validated spec of an image-to-image generation from memory."""
+    capture = Capture(noising_path="inversion") if inversion is not None else Capture()
+    # The picture is in memory: `image` marks the spec as image to image for its checks.
+    return RunSpec(text, None, image=Path("<in memory>"), negative_prompt=negative_text,
+                   strengths=(strength,), steps=num_steps, cfg=cfg_weight, seed=seed, sampler=sampler,
+                   schedule=schedule, n_images=n_images, capture=capture, inversion=inversion).validate()
+
+
+def _checked_latents(x, channels: int, name: str) -> mx.array:
+    """`x` as an mx.array of latents (B, h, w, channels), or an InputError."""
+    array = x if isinstance(x, mx.array) else np.asarray(x) if isinstance(x, np.ndarray) else None
+    floats = array is not None and (mx.issubdtype(array.dtype, mx.floating) if isinstance(array, mx.array)
+                                    else array.dtype.kind == "f")
+    if not floats or array.ndim != 4 or array.shape[-1] != channels or 0 in array.shape:
+        shape = getattr(array, "shape", None)
+        raise InputError(f"{name}: expected floats of shape (B, h, w, {channels}) (latents, as encode gives "
+                         f"them), got {type(x).__name__}{'' if shape is None else f' of shape {tuple(shape)}'}")
+    return array if isinstance(array, mx.array) else mx.array(array.astype(np.float32))
+
+
+def _model_name(model) -> str:
+    if not isinstance(model, (str, os.PathLike)):
+        raise InputError(f"model {model!r}: give an alias, a hub id, a folder or a .safetensors file")
+    return os.fspath(model)
+
+
+def _compute_dtype(dtype) -> mx.Dtype:
+    """mx.float32, mx.float16 or mx.bfloat16, given as such or by name; else an InputError."""
+    names = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+    if isinstance(dtype, str) and dtype in names:
+        return names[dtype]
+    if isinstance(dtype, mx.Dtype) and dtype in names.values():
+        return dtype
+    raise InputError(f"dtype {dtype!r}: the networks compute in mx.float32, mx.float16 or mx.bfloat16")
+
+
+def _checked_pixels(image, batch: bool = False) -> np.ndarray:
+    """`image` as float32 (H, W, 3) or (1, H, W, 3) (`batch`: (B, H, W, 3)) in [-1, 1], or an
+    InputError saying how to get that: a PIL image or 8-bit array (0 .. 255) read as it is would
+    give another picture."""
     if isinstance(image, mx.array):  # numpy reads no bfloat16 buffer
         image = np.array(image.astype(mx.float32) if mx.issubdtype(image.dtype, mx.floating) else image)
     pixels = np.asarray(image)
     how = "read a picture with stable_diffusion.images.load_image(path).pixels"
     if pixels.dtype.kind != "f" or pixels.ndim not in (3, 4) or pixels.shape[-1] != 3 or \
-            pixels.ndim == 4 and pixels.shape[0] != 1 or 0 in pixels.shape:
-        raise InputError(f"image: expected floats of shape (H, W, 3) in [-1, 1], one picture (n_images "
-                         f"makes several), got {type(image).__name__} of dtype {pixels.dtype} and shape "
+            pixels.ndim == 4 and pixels.shape[0] != 1 and not batch or 0 in pixels.shape:
+        expected = "(B, H, W, 3) in [-1, 1]" if batch else "(H, W, 3) in [-1, 1], one picture (n_images makes several)"
+        raise InputError(f"image: expected floats of shape {expected}, got {type(image).__name__} of dtype {pixels.dtype} and shape "
                          f"{pixels.shape}; {how}")
     if not np.isfinite(pixels).all():
         raise InputError(f"image: {int((~np.isfinite(pixels)).sum())} values are not finite (NaN or "

@@ -28,6 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .errors import InputError, OutputError
+from .private_cache import user_cache
 
 PREFIX = "private:"
 DIGITS = 16  # 64 bits of the HMAC: no two prompts of one user meet by chance
@@ -37,8 +38,7 @@ _SALT_TEXT = re.compile(rb"[0-9a-f]{64}\n?")
 def salt_path() -> Path:
     if os.environ.get("SD_PROMPT_SALT"):
         return Path(os.environ["SD_PROMPT_SALT"]).expanduser()
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "mlx-sd-trajectory" / "prompt-salt"
+    return user_cache() / "prompt-salt"
 
 
 @functools.cache
@@ -51,9 +51,10 @@ def _salt(path: Path) -> bytes:
         _make_salt(path)
     except FileExistsError:  # another run made it first: its file is whole (made by link)
         pass
-    except OSError as e:
-        raise OutputError(f"cannot make the prompt salt {path}: {e.strerror or e}; set SD_PROMPT_SALT "
-                          "to a file this user can write") from e
+    except OSError as e:  # a folder this user cannot write: theirs to fix; a full disk: the machine's
+        kind = InputError if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR) else OutputError
+        raise kind(f"cannot make the prompt salt {path}: {e.strerror or e}; set SD_PROMPT_SALT "
+                   "to a file this user can write") from e
     return _read_salt(path)
 
 
@@ -81,7 +82,8 @@ def _read_salt(path: Path) -> bytes:
                              "SD_PROMPT_SALT to a file of this user's") from None
         if isinstance(e, FileNotFoundError):
             raise
-        raise InputError(f"cannot read the prompt salt {path}: {e.strerror or e}") from None
+        raise InputError(f"cannot read the prompt salt {path}: {e.strerror or e}; set SD_PROMPT_SALT "
+                         "to a file this user can write") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):

@@ -57,24 +57,38 @@ def read_own_sidecar(path: str | os.PathLike) -> dict | None:
     return record
 
 
+def fingerprint(path: Path) -> list:
+    """[size, modification time in ns] of the file at `path` (OSError where there is none)."""
+    st = os.lstat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
 class Ledger:
     """The run's record and its files; `write` puts both in the sidecar, atomically.
 
     A file is listed before it takes its name, marked `"state": "writing"`, and the mark goes
     once it is whole: whatever kills the process (even SIGKILL), every file on disk is listed,
-    and a listed file that may be missing says so.
+    and a listed file that may be missing says so. `written` keeps each whole file's size and
+    modification time (`fingerprint`): a later run replaces a listed file only while it is as
+    this run left it. `earlier` holds the files an earlier run of the output left (name ->
+    fingerprint), listed as `earlier_files` until this run makes them again or, finished, removes
+    them: a run that fails or is stopped loses nothing of the earlier one's.
     """
 
     def __init__(self, path: Path, record: dict):
         self.path, self.record = path, record
         self.files: list[dict] = []
+        self.written: dict[str, list] = {}
+        self.earlier: dict[str, list | None] = {}
         self.status = "running"
 
     def write(self, status: str | None = None, **extra) -> None:
         if status is not None:
             self.status = status
         self.record.update(extra)
-        write_sidecar(self.path, dict(self.record, status=self.status, files=self.files))
+        kept = {"earlier_files": self.earlier} if self.earlier else {}
+        write_sidecar(self.path, dict(self.record, status=self.status, files=self.files, written=self.written,
+                                      **kept))
 
     @contextlib.contextmanager
     def writing(self, entry: dict):
@@ -88,6 +102,9 @@ class Ledger:
             del self.files[index]  # the sidecar is rewritten however the run ends
             raise
         self.files[index] = entry
+        self.earlier.pop(entry["file"], None)  # made again: this run's now
+        with contextlib.suppress(OSError):
+            self.written[entry["file"]] = fingerprint(self.path.parent / entry["file"])
         self.write()
 
     def missing(self) -> list[str]:

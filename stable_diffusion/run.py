@@ -19,11 +19,12 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import costs, files, images, outputs, privacy, record, signals, sinks
-from .errors import NumericalError, OutputError
+from . import costs, files, images, options, outputs, privacy, record, signals, sinks
+from .errors import InputError, NumericalError, OutputError
 from .plan import RunPlan, make_plan
 from .memory import release_cpu_buffers
 from .sampler import seed_keys
+from .spec import RunSpec
 from .walk import walk
 
 
@@ -58,17 +59,46 @@ def plan_for(session, spec, image_size: tuple | None, notice=lambda line: None) 
     return make_plan(spec, session.config, session.tokenizers, image_size, notice, session.machine())
 
 
+def _check_picture(spec: RunSpec, picture) -> None:
+    """The loaded picture given with a spec is the spec's own image: the run reads one and its record
+    names the other."""
+    if picture is None:
+        return
+    if not spec.img2img:
+        raise InputError("a picture was given with a text-to-image spec (its image is None); set the "
+                         "spec's image, or leave the picture out")
+    if not isinstance(picture, images.LoadedImage):
+        raise InputError(f"the picture is a {type(picture).__name__}; give images.load_image(spec.image)")
+    try:
+        same = os.path.samefile(picture.path, spec.image)
+    except OSError:
+        same = False
+    if not same:
+        raise InputError(f"the picture was loaded from {picture.path}, but the spec's image is {spec.image}; "
+                         "give the same file to both")
+
+
 def execute(session, spec, console, argv=(), replay=None, picture=None, wait: bool = False,
             timings: dict | None = None, notes=()) -> RunResult:
     """Plan, load, walk, keep and record one spec, holding the lock of its output name (another run
     writing the same name is refused with OutputBusy, or with `wait` waited for). `picture` is the
     loaded input (images.load_image; None: load spec.image here), read again at the plan's working
     size where it differs; `replay(resolved_spec, model_arg)` gives the arguments that make the
-    same files again, for the record; `timings` (the caller's, if given) receives the run's
+    same files again, for the record (default: the commands' own, so that `--replay` remakes a
+    picture a script made); `timings` (the caller's, if given) receives the run's
     timings as they are measured; `notes` are shown once the checks and the loading have passed
-    (a refused run says only why)."""
+    (a refused run says only why).
+
+    Ctrl-C (or SIGTERM, SIGHUP) stops the run and returns its result with status "interrupted",
+    its files and sidecar kept: a loop over runs checks `result.status` to stop too."""
     started = time.perf_counter()
     timings = {} if timings is None else timings
+    if not isinstance(spec, RunSpec):
+        raise InputError(f"execute takes a RunSpec, not {type(spec).__name__}")
+    spec = spec.validate()
+    _check_picture(spec, picture)
+    if replay is None:
+        replay = functools.partial(options.replay_argv, model=session.model_spec)
     _reset_peaks()
     if spec.img2img and picture is None:
         picture = images.load_image(spec.image, multiple=64)
@@ -113,11 +143,13 @@ def execute(session, spec, console, argv=(), replay=None, picture=None, wait: bo
         kept, denoisers = [], []  # filled as they are made: the last record reads what there is
         try:
             # Inside: a signal that lands just after the sidecar appears still ends it "interrupted".
-            outputs.remove_previous_run(names, console.notice)
+            ledger.earlier = outputs.earlier_files(names)  # listed until made again; gone once finished
             ledger.write("running")
             texts = functools.partial(record.picture_texts, plan, carried, session.source)
             _walk_and_keep(session, sd, plan, names, ledger, texts, picture, taesd, console, timings, started,
                            kept, denoisers)
+            outputs.remove_earlier(names, ledger.earlier, console.notice)
+            ledger.earlier = {}
             status = "finished"
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP (see signals.Terminated)
             status, interrupt = "interrupted", e
@@ -128,6 +160,11 @@ def execute(session, spec, console, argv=(), replay=None, picture=None, wait: bo
             timings["total_s"] = elapsed(started)
             with signals.shielded():  # the last word on the run: further signals cannot cut it short
                 gone = _write_last(ledger, plan, status, error, kept, denoisers, timings, memory, console)
+            if ledger.earlier:  # nothing of the earlier run is lost to a run that did not finish
+                say = console.notice if status == "interrupted" else console.detail
+                say(f"kept the {len(ledger.earlier)} file(s) an earlier run wrote under the name "
+                    f"{names.output.name} that this run did not make again (its sidecar lists them "
+                    "under earlier_files)")
             console.detail(describe_timings(timings, plan.estimate))
         if gone and status == "finished":
             raise OutputError(f"{len(gone)} file(s) of the run were removed before it ended ("
@@ -275,7 +312,9 @@ def _write_last(ledger, plan, status, error, kept, denoisers, timings, memory, c
     except OutputError as e:
         if status == "finished":
             raise
-        console.error(f"error: the sidecar could not be updated: {e}")
+        # A failed run's own error follows, most often of the same cause (a full disk): one line
+        say = console.error if status == "interrupted" else console.detail
+        say(f"error: the sidecar could not be updated: {e}")
         return []
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
@@ -24,7 +25,7 @@ import numpy as np
 from .choices import FORWARD_PATHS, SAMPLER_TABLE, SCHEDULES
 from .config import SchedulerConfig
 from .errors import InputError
-from .spec import SpecError
+from .spec import MAX_STEPS, SpecError
 
 # abar_T with rescale_betas_zero_snr: diffusers' DDIM keeps the rescaled 0, its other classes put
 # 2**-24 there so that sigma_T stays finite (4096). DDIM's 0 is held as 1e-60: sqrt(abar) = 1e-30
@@ -97,11 +98,12 @@ class Timeline:
 
 def _steps_for(strength: float, num_steps: int) -> tuple[int, int]:
     """(steps run, N): int(N * s), with N raised to ceil(1 / s) when that would be 0."""
-    if not 0.0 < strength <= 1.0:
-        raise InputError(f"strength {strength:g} is outside (0, 1]; use a value above 0 and at most "
-                         "1, e.g. 0.6")
-    if num_steps < 1:
-        raise InputError(f"steps {num_steps} is less than 1; use 1 or more")
+    if not isinstance(strength, numbers.Real) or not 0.001 <= strength <= 1.0:
+        raise InputError(f"strength {strength!r} is outside 0.001 .. 1; use e.g. 0.6")
+    if not isinstance(num_steps, numbers.Integral) or isinstance(num_steps, bool) or \
+            not 1 <= num_steps <= MAX_STEPS:
+        raise InputError(f"steps {num_steps!r} is not a whole number within 1 .. {MAX_STEPS}")
+    strength, num_steps = float(strength), int(num_steps)
     steps = int(num_steps * strength)
     if steps == 0:
         num_steps = math.ceil(1.0 / strength)
@@ -212,7 +214,13 @@ class NoiseSchedule:
         return self.T
 
     def sigma(self, t: float) -> float:
+        """The noise level at time t (0 .. T): sqrt((1 - abar_t) / abar_t), linear between integer times."""
         return float(np.interp(t, np.arange(self.T + 1), self.sigmas))
+
+    def _check_time(self, t) -> None:
+        if not isinstance(t, numbers.Real) or isinstance(t, bool) or not 0.0 <= t <= self.T:
+            raise InputError(f"time {t!r} is outside 0 .. {self.T}: t = 0 is the clean latent, t = {self.T} "
+                             "the end of the chain")
 
     def time_of(self, sigma) -> np.ndarray:
         """The time of a noise level, interpolating log sigma between integer times (diffusers'
@@ -227,8 +235,14 @@ class NoiseSchedule:
 
     def add_noise(self, x0: mx.array, t: float, noise: mx.array | None = None, key=None,
                   sigma: float | None = None) -> mx.array:
-        """Jump from the clean latent to time t (or to the noise level `sigma`) in one step (DDPM
-        eq. 4)."""
+        """Jump from the clean latent x0 (B, h, w, C) to time t, 0 (clean) .. T (1000 for SD; see the
+        time convention in docs/internals.md), or to the noise level `sigma` >= 0, in one step (DDPM
+        eq. 4): sqrt(abar_t) x0 + sqrt(1 - abar_t) noise. `noise` (x0's shape) or else `key` draws it."""
+        self._check_time(t)
+        if sigma is not None and not (isinstance(sigma, numbers.Real) and 0.0 <= sigma < math.inf):
+            raise InputError(f"sigma {sigma!r} is not a noise level (a number 0 or more)")
+        if noise is not None and tuple(noise.shape) != tuple(x0.shape):
+            raise InputError(f"noise has shape {tuple(noise.shape)}, and x0 {tuple(x0.shape)}: give one of x0's shape")
         if noise is None:
             noise = mx.random.normal(x0.shape, dtype=x0.dtype, key=key)
         sigma = self.sigma(t) if sigma is None else sigma
@@ -331,11 +345,14 @@ class NoiseSchedule:
 
         `shared`: one eps for every t (the triangle's start points lie on it); `independent`: a
         fresh eps per t; `markov`: the chain x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps_t, run
-        through every integer t (so integer times only, in increasing order). All three have the
-        marginals of add_noise at integer times.
+        through every integer t, in increasing order; a time between two integers (a Karras
+        schedule's start) is reached by the chain's hop of the same form between the two times,
+        with abar_t / abar_s for 1 - beta. All three have the marginals of add_noise.
         """
         if kind not in FORWARD_PATHS:
             raise InputError(f"unknown noising path {kind!r}; choose one of {', '.join(FORWARD_PATHS)}")
+        for t in times:
+            self._check_time(t)
         times = [float(t) for t in times]
         n = len(times)
         if key is None:
@@ -348,17 +365,21 @@ class NoiseSchedule:
             for k, (t, sub) in enumerate(zip(times, mx.random.split(key, max(n, 2)))):
                 yield Step(k, n, t, self.sigma(t), self.add_noise(x0, t, key=sub), None)
         else:
-            if any(t != int(t) for t in times):
-                raise InputError("the markov noising path visits integer times only")
-            x, current = x0, 0
-            wanted = sorted(set(int(t) for t in times))
+            x, current = x0, 0.0
+            wanted = sorted(set(times))
             for k, target in enumerate(wanted):
                 while current < target:
+                    after = min(math.floor(current) + 1.0, target)
+                    if after == current + 1.0:  # a training step: beta_t as the chain has it
+                        beta = float(self.betas[int(current)])
+                        keep, fresh = 1.0 - beta, beta
+                    else:  # to or from a time between two integers: abar_after / abar_current
+                        keep = (_vp_scale(self.sigma(after)) / _vp_scale(self.sigma(current))) ** 2
+                        fresh = 1.0 - keep
                     key, sub = mx.random.split(key)
-                    beta = float(self.betas[current])
                     eps = mx.random.normal(x0.shape, dtype=x0.dtype, key=sub)
-                    x = (math.sqrt(1.0 - beta) * x + math.sqrt(beta) * eps).astype(x0.dtype)
-                    current += 1
+                    x = (math.sqrt(keep) * x + math.sqrt(fresh) * eps).astype(x0.dtype)
+                    current = after
                 yield Step(k, len(wanted), float(target), self.sigma(target), x, None)
 
 

@@ -33,7 +33,15 @@ def default_dtype() -> str:
 
 
 class Session:
+    """One model (a ModelSpec, checked here) for many runs: its configs, weights and caches. Adapters
+    loaded later on the model `load` returns (sd.load_lora, ...) are seen: the prompts' cached
+    conditionings are per set of adapters."""
+
     def __init__(self, model: ModelSpec):
+        if not isinstance(model, ModelSpec):
+            raise InputError(f"Session takes a ModelSpec, e.g. Session(ModelSpec(\"shapes\")), not "
+                             f"{type(model).__name__}")
+        model = model.validate()
         self.model_spec = model
         self.dtype_name = model.dtype or default_dtype()
         self.variant = None if self.dtype_name == "float32" else "fp16"
@@ -167,7 +175,8 @@ class Session:
                   timings: dict):
         """The text conditioning (pipeline.Conditioning), cached by its arguments (`timings` gets
         "condition_s" when it is computed)."""
-        key = (prompt, negative, guided, n_images, tuple(size))
+        # An adapter loaded since (sd.adapters only grows) changes the text encoders or the vocabulary.
+        key = (prompt, negative, guided, n_images, tuple(size), len(self.sd.adapters))
         if key not in self._conditions:
             start = time.perf_counter()
             with warnings.catch_warnings():

@@ -159,7 +159,10 @@ def shown_latents(step, shows: str) -> list:
 
 
 def step_info(step, strength: float, shows: str, reasons=()) -> dict:
-    """A frame's record. A frame of the denoised estimate is at the time the estimate was made."""
+    """A frame's record. A frame of the denoised estimate is at the time the estimate was made; the
+    start has none, and its frame of the estimate shows the start itself (says "xt")."""
+    if shows == "x0" and step.x0_pred is None:
+        shows = "xt"
     info = {"kind": "step", "step": step.index, "count": step.count, "t": step.t,
             "sigma": step.sigma, "strength": strength, "shows": shows, "reasons": list(reasons)}
     if shows != "xt" and step.x0_pred is not None:

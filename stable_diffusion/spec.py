@@ -9,6 +9,8 @@ the field into its flag.
 from __future__ import annotations
 
 import math
+import numbers
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -100,17 +102,38 @@ class ModelSpec:
     lora_partial: bool = False  # accept a LoRA some of whose keys match no layer
 
     def validate(self) -> "ModelSpec":
-        """The adapters' settings, checked before any file is read."""
+        """The settings and the adapters' list, checked before any file is read; returns the spec
+        with numbers as Python's (numpy's scalars taken)."""
+        if not _is_path(self.model) or not str(self.model):
+            raise SpecError("model", f"{{flag}} {self.model!r}: give an alias (sd, shapes, ...), a hub id, "
+                                     "a folder or a .safetensors file")
+        if self.vae is not None and not _is_path(self.vae):
+            raise SpecError("vae", f"{{flag}} {self.vae!r}: give a folder, a .safetensors file or a hub id")
+        if self.dtype is not None:
+            _check_choice("dtype", self.dtype, DTYPES)
+        if self.prediction_type is not None:
+            _check_choice("prediction_type", self.prediction_type, ("epsilon", "v_prediction"))
+        _check_flags(self, "quantize", "lora_partial")
+        for name in ("loras", "embeddings"):
+            pairs = getattr(self, name)
+            if not isinstance(pairs, (tuple, list)) or not all(
+                    isinstance(p, (tuple, list)) and len(p) == 2 and _is_path(p[0]) for p in pairs):
+                raise SpecError(name, f"{{flag}} {pairs!r}: expected a tuple of (path, "
+                                      f"{'weight' if name == 'loras' else 'token or None'}) pairs")
         if len(self.loras) > MAX_ADAPTERS or len(self.embeddings) > MAX_ADAPTERS:
             raise SpecError("loras" if len(self.loras) > MAX_ADAPTERS else "embeddings",
                             f"{{flag}} is given more than {MAX_ADAPTERS} times; merge some of them first")
-        for _, weight in self.loras:
+        loras = tuple((path, _real("loras", weight)) for path, weight in self.loras)
+        for _, weight in loras:
             if not (math.isfinite(weight) and abs(weight) <= MAX_LORA_WEIGHT):
                 raise SpecError("loras", f"{{flag}} weight {weight:g} is outside -{MAX_LORA_WEIGHT:g} .. "
                                          f"{MAX_LORA_WEIGHT:g}; use e.g. 0.8")
+        for _, token in self.embeddings:
+            if token is not None and not isinstance(token, str):
+                raise SpecError("embeddings", f"{{flag}} token {token!r} is not text")
         if self.lora_partial and not self.loras:
             raise SpecError("lora_partial", "{flag} applies to {flag:loras} files; add one, or leave it out")
-        return self
+        return replace(self, loras=loras, embeddings=tuple(tuple(e) for e in self.embeddings))
 
 
 @dataclass(frozen=True)
@@ -152,28 +175,19 @@ class RunSpec:
 
     def validate(self) -> "RunSpec":
         """Every check that needs no file and no model; returns the spec with output as a Path."""
-        spec = replace(self, output=None if self.output is None else Path(self.output),
-                       image=None if self.image is None else Path(self.image))
+        spec = self._typed()
         c = spec.capture
         if not spec.img2img and (spec.triangle or spec.strengths != (1.0,)):
             raise SpecError("strength", "{flag} and the triangle need an input picture")
         _check_strengths(spec.strengths, spec.triangle)
-        _check_int("steps", spec.steps, 1, MAX_STEPS)
-        _check_number("cfg", spec.cfg)
         if spec.cfg is not None and not (math.isfinite(spec.cfg) and 0 <= spec.cfg <= MAX_CFG):
             raise SpecError("cfg", f"{{flag}} {spec.cfg:g} is outside 0 .. {MAX_CFG:g}; use 0 (no "
                                    "guidance) or more, e.g. 7.5")
-        _check_int("seed", spec.seed, 0, MAX_SEED)
-        _check_int("n_images", spec.n_images, 1, MAX_IMAGES)
-        _check_int("n_rows", spec.n_rows, 1, MAX_IMAGES)
         if spec.n_images % spec.n_rows:
             raise SpecError("n_rows", f"{{flag:n_images}} {spec.n_images} is not divisible by {{flag}} "
                                       f"{spec.n_rows}; make the image count a multiple of the row count")
         if spec.triangle and spec.n_images != 1:
             raise SpecError("n_images", "the triangle shows one picture per cell: use {flag} 1 with it")
-        for name in ("every", "last", "noising_every"):
-            _check_int(name, getattr(c, name), 1, MAX_STEPS * 1000)
-        _check_int("decode_batch", c.decode_batch, 1, MAX_IMAGES)
         if len(spec.strengths) > MAX_IMAGES:
             raise SpecError("triangle_strengths", f"{{flag}} has {len(spec.strengths)} strengths; use "
                                                   f"at most {MAX_IMAGES}")
@@ -202,15 +216,15 @@ class RunSpec:
         if inverted and not spec.img2img:
             raise SpecError("noising_path", "{flag} inversion inverts an input picture; text to "
                                             "image has none")
-        if inverted and not isinstance(spec.inversion, Inversion):
-            raise SpecError("noising_path", f"the inversion settings are {type(spec.inversion).__name__}, "
-                                            "not an Inversion(prompt, cfg, refine)")
         if inverted:
             i = spec.inversion
-            _check_number("inversion_cfg", i.cfg)
-            if not (math.isfinite(i.cfg) and 0 <= i.cfg <= MAX_CFG):
-                raise SpecError("inversion_cfg", f"{{flag}} {i.cfg:g} is outside 0 .. {MAX_CFG:g}")
-            _check_int("inversion_refine", i.refine, 0, MAX_REFINE)
+            if i.prompt is not None and not isinstance(i.prompt, str):
+                raise SpecError("inversion_prompt", f"{{flag}} {i.prompt!r} is not text")
+            cfg = _real("inversion_cfg", i.cfg)
+            if not (math.isfinite(cfg) and 0 <= cfg <= MAX_CFG):
+                raise SpecError("inversion_cfg", f"{{flag}} {cfg:g} is outside 0 .. {MAX_CFG:g}")
+            spec = replace(spec, inversion=replace(i, cfg=cfg, refine=_whole("inversion_refine", i.refine,
+                                                                              0, MAX_REFINE)))
         frames = spec.triangle or any(v is not None for v in (c.every, c.last, c.noising_every))
         for name, idle in (("animate", c.animate is not None), ("shows", c.shows != "xt"),
                            ("preview", c.preview != "vae")):
@@ -238,7 +252,6 @@ class RunSpec:
                                               "takes {flag:size}")
             if spec.size is not None:
                 raise SpecError("max_pixels", "{flag} and {flag:size} both choose the working size; give one")
-            _check_int("max_pixels", spec.max_pixels, 64 * 64, MAX_SIDE * MAX_SIDE)
         if spec.size is not None:
             h, w = spec.size
             if h < 64 or w < 64 or h % 64 or w % 64:
@@ -247,6 +260,71 @@ class RunSpec:
                 raise SpecError("size", f"{{flag}} {h}x{w}: the sides must be at most {MAX_SIDE} pixels")
         return spec
 
+    def _typed(self) -> "RunSpec":
+        """The spec with each field checked for its kind (text, a whole number, a number, a flag, a
+        path) and numbers made Python's (numpy's scalars taken); paths as Paths, no negative prompt
+        as an empty one."""
+        for name in ("prompt", "negative_prompt"):
+            value = getattr(self, name)
+            if not isinstance(value, str) and not (name == "negative_prompt" and value is None):
+                raise SpecError(name, f"{{flag}} {_shown(value)} is not text; give a string (it may be empty)")
+        for name in ("output", "image"):
+            if getattr(self, name) is not None and not _is_path(getattr(self, name)):
+                raise SpecError(name, f"{{flag}} {_shown(getattr(self, name))} is not a path")
+        for name in ("sampler", "schedule"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise SpecError(name, f"{{flag}} {_shown(getattr(self, name))} is not a name")
+        name = "triangle_strengths" if self.triangle is True else "strength"
+        if not isinstance(self.strengths, (tuple, list)):
+            raise SpecError(name, f"strengths {_shown(self.strengths)}: expected a tuple of strengths, "
+                                  "e.g. (0.6,)")
+        _check_flags(self, "triangle")
+        if not isinstance(self.capture, Capture):
+            raise SpecError("capture", f"{{flag}} {_shown(self.capture)} is not a Capture")
+        if self.inversion is not None and not isinstance(self.inversion, Inversion):
+            raise SpecError("noising_path", f"the inversion settings are {type(self.inversion).__name__}, "
+                                            "not an Inversion(prompt, cfg, refine)")
+        c = self.capture
+        _check_flags(c, "save_prompt", "labels", "low_top", "curve", "keep_best")
+        for name in ("taesd", "animate"):
+            if getattr(c, name) is not None and not isinstance(getattr(c, name), str):
+                raise SpecError(name, f"{{flag}} {_shown(getattr(c, name))} is not a name")
+        size = self.size
+        if size is not None:
+            if not isinstance(size, (tuple, list)) or len(size) != 2:
+                raise SpecError("size", f"{{flag}} {_shown(size)}: expected (height, width) in pixels, "
+                                        "e.g. (512, 768)")
+            size = tuple(_whole("size", side, 1, 1 << 30) for side in size)
+        capture = replace(c, **{n: _whole(n, getattr(c, n), 1, MAX_STEPS * 1000)
+                                for n in ("every", "last", "noising_every")},
+                          decode_batch=_whole("decode_batch", c.decode_batch, 1, MAX_IMAGES))
+        return replace(
+            self, output=None if self.output is None else Path(self.output),
+            image=None if self.image is None else Path(self.image),
+            negative_prompt=self.negative_prompt or "",
+            strengths=tuple(_real(name, s) for s in self.strengths),
+            steps=_whole("steps", self.steps, 1, MAX_STEPS), cfg=_real("cfg", self.cfg),
+            seed=_whole("seed", self.seed, 0, MAX_SEED), n_images=_whole("n_images", self.n_images, 1, MAX_IMAGES),
+            n_rows=_whole("n_rows", self.n_rows, 1, MAX_IMAGES), size=size,
+            max_pixels=_whole("max_pixels", self.max_pixels, 64 * 64, MAX_SIDE * MAX_SIDE), capture=capture)
+
+
+def _is_path(value) -> bool:
+    return isinstance(value, (str, os.PathLike))
+
+
+def _shown(value) -> str:
+    """A value as a message shows it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_flags(holder, *names: str) -> None:
+    """Each field is True or False (a string such as "no" would read as true)."""
+    for name in names:
+        if not isinstance(getattr(holder, name), bool):
+            raise SpecError(name, f"{{flag}} {_shown(getattr(holder, name))} is not True or False")
+
 
 def _same_or_ours(image: Path, output: Path) -> bool:
     """Whether the run would write over `image`: it is the output, or a file named after it."""
@@ -254,16 +332,24 @@ def _same_or_ours(image: Path, output: Path) -> bool:
     return a == o or (a.parent == o.parent and a.name.lower().startswith(o.stem.lower() + "."))
 
 
-def _check_int(name: str, value, low: int, high: int) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-        raise SpecError(name, f"{{flag}} {value!r} is not a whole number")
-    if value is not None and not low <= value <= high:
+def _whole(name: str, value, low: int, high: int) -> int | None:
+    """`value` (None kept) as an int within low .. high; numpy's whole numbers are taken."""
+    if value is None:
+        return None
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise SpecError(name, f"{{flag}} {_shown(value)} is not a whole number")
+    if not low <= value <= high:
         raise SpecError(name, f"{{flag}} {value} is outside {low} .. {high}")
+    return int(value)
 
 
-def _check_number(name: str, value) -> None:
-    if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-        raise SpecError(name, f"{{flag}} {value!r} is not a number")
+def _real(name: str, value) -> float | None:
+    """`value` (None kept) as a float; numpy's numbers are taken."""
+    if value is None:
+        return None
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise SpecError(name, f"{{flag}} {_shown(value)} is not a number")
+    return float(value)
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -278,7 +364,6 @@ def _check_strengths(strengths, triangle: bool) -> None:
     if not triangle and len(strengths) != 1:
         raise SpecError(name, "several strengths make a triangle; pass one strength")
     for s in strengths:
-        _check_number(name, s)
         # Below 1e-3 the start time is under one training step: nothing would be noised.
         if not (math.isfinite(s) and 0.001 <= s <= 1.0):
             raise SpecError(name, f"{{flag}} {s:.10g} is outside 0.001 .. 1; use e.g. 0.6")

@@ -16,6 +16,7 @@ from safetensors.numpy import save_file
 
 from stable_diffusion import adapters, ops
 from stable_diffusion.config import read_pipeline_config
+from stable_diffusion.errors import InputError
 from stable_diffusion.pipeline import StableDiffusion
 from stable_diffusion.single_file import unet_ldm_key
 from stable_diffusion.testing import clip_shapes, tiny_configs, unet_shapes
@@ -276,6 +277,32 @@ def test_sdxl_kohya_names_in_both_namings_load_the_same(tiny_model, tmp_path):
         fused.append({n: np.array(ops.layer_weight(m)) for n, m in adapters.weight_layers(sd.unet)})
     for name in fused[0]:
         np.testing.assert_array_equal(fused[0][name], fused[1][name], err_msg=name)
+
+
+def test_a_session_sees_a_lora_loaded_on_its_model_after_a_run(tiny_model, tmp_path):
+    """The prompts' conditionings a session keeps were computed without it: the second run made
+    the first run's picture while its record listed the LoRA."""
+    from stable_diffusion.console import Console
+    from stable_diffusion.images import load_image
+    from stable_diffusion.run import execute
+    from stable_diffusion.session import Session
+    from stable_diffusion.spec import ModelSpec, RunSpec
+    from PIL import Image
+
+    picture = tmp_path / "in.png"
+    Image.fromarray(np.arange(64 * 64 * 3, dtype=np.uint8).reshape(64, 64, 3)).save(picture)
+    session, loaded = Session(ModelSpec(str(tiny_model("sd2")))), load_image(picture)
+    spec = lambda name: RunSpec("a red fox", tmp_path / name, image=picture, strengths=(0.8,), steps=3, seed=0)
+    execute(session, spec("a.png"), Console(quiet=True), picture=loaded)
+    text_only = peft_file(tmp_path / "text.safetensors", "sd2", lambda c, n: c != "unet" and attention_layers(c, n), 1)
+    session.load({}).load_lora(text_only, 2.0)
+    execute(session, spec("b.png"), Console(quiet=True), picture=loaded)
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+    other = tmp_path / "other.png"
+    Image.new("RGB", (64, 64)).save(other)
+    with pytest.raises(InputError, match="the picture was loaded from .*other.png, but the spec's image is"):
+        execute(session, spec("c.png"), Console(quiet=True), picture=load_image(other))
+    assert not (tmp_path / "c.png").exists() and not (tmp_path / "c.json").exists()
 
 
 @pytest.mark.skipif(not ops.bf16_products(), reason="no native bfloat16 products on this CPU")

@@ -142,7 +142,7 @@ def test_replay_arguments_parse_back_to_the_same_spec(tmp_path, command, extra, 
     vae = ["--vae", str(tmp_path / "vae.safetensors")] if "-q" in extra else []
     spec, model = _resolved(command, [*extra, *vae, "--output", str(output), "--", *image, prompt])
     # --output first: after a "--" (a prompt starting with "-") it would be read as a positional.
-    argv = ["--output", str(output), *cli.replay_argv(spec, model.model + "@main", model)]
+    argv = ["--output", str(output), *options.replay_argv(spec, model.model + "@main", model)]
     again, model_again = _resolved(command, argv)
     assert again == spec
     assert model_again == replace(model, model=model.model + "@main")
@@ -153,14 +153,14 @@ def test_replay_arguments_are_written_as_sidecars_hold_them(tmp_path):
                                             "--labels", "-sp", "0", "--triangle_low_top", "--triangle_align",
                                             "time", "--triangle_strengths", "0.3,0.6", "--vae", "v",
                                             "--output", str(tmp_path / "o.png")])
-    assert cli.replay_argv(spec, "sd@abc", model) == [
+    assert options.replay_argv(spec, "sd@abc", model) == [
         str(tmp_path / "in.png"), "p", "--model=sd@abc", "--seed=11", "--steps=9", "--cfg=7.5",
         "--sampler=euler", "--schedule=linear", "--triangle_strengths=0.3,0.6",
         f"--vae={Path('v').resolve()}", "-sd=3", "--animate=gif", "--triangle_align=time", "-sp=0",
         "-gt", "--labels", "--triangle_low_top"]
     spec, model = _resolved("image2image", ["--noising_path", "inversion", "--", str(tmp_path / "in.png"),
                                             "-p"])
-    assert cli.replay_argv(spec, "sd", model) == [
+    assert options.replay_argv(spec, "sd", model) == [
         "--model=sd", "--seed=11", "--steps=9", "--cfg=7.5", "--sampler=euler", "--schedule=linear",
         "--strength=0.9", "--inversion_cfg=1.0", "--inversion_refine=0", "--noising_path=inversion",
         "--", str(tmp_path / "in.png"), "-p"]

@@ -270,6 +270,45 @@ def test_the_library_runs_at_the_size_it_is_given(sd2):
         assert "load_image(path).pixels" in str(refused.value)
 
 
+def test_the_library_checks_what_a_script_gives_it(sd2):
+    """Each of these failed deep in MLX or numpy, or ran on silently (a NaN noise, a LoRA weight of
+    1e9, a flag given as "no"); numpy's scalars were refused as 'not a whole number'."""
+    from stable_diffusion.pipeline import StableDiffusion
+    from stable_diffusion.spec import RunSpec, ModelSpec, Capture
+
+    sd = StableDiffusion.from_pretrained(str(sd2), dtype="float32")  # a dtype by name, as ModelSpec has it
+    image = np.zeros((64, 64, 3), np.float32)
+    x0 = sd.encode(image[None])
+    *_, last = sd.generate_latents_from_image(image, "x", strength=np.float32(0.5), num_steps=np.int64(2),
+                                              negative_text=None, seed=np.uint8(3))
+    assert last.x_t.shape == (1, 8, 8, 4)
+    refused = [
+        (lambda: sd.generate_latents_from_image(image, None), "prompt None is not text"),
+        (lambda: sd.generate_latents_from_image(image, "x", n_images=2.0), "n_images 2.0 is not a whole number"),
+        (lambda: sd.generate_latents_from_latent(x0, "x", n_images=-1), "n_images -1 is outside 1 .. 64"),
+        (lambda: sd.generate_latents_from_latent(mx.zeros((3, 8, 8, 4)), "x"), "x0 holds 3 latents"),
+        (lambda: sd.generate_latents_from_latent(mx.zeros((1, 8, 8, 3)), "x"), r"x0: expected floats of shape \(B, h, w, 4\)"),
+        (lambda: sd.generate_latents_from_image(image, "x", noise=np.full((1, 8, 8, 4), np.nan)), "not finite"),
+        (lambda: sd.generate_latents("x", latent_size=8), "latent_size 8: expected"),
+        (lambda: sd.encode(np.zeros((1, 64, 64, 3), np.uint8)), "dtype uint8"),
+        (lambda: sd.decode(mx.zeros((1, 8, 8, 3))), "latents: expected"),
+        (lambda: sd.noise_schedule.add_noise(x0, 5000), "time 5000 is outside 0 .. 1000"),
+        (lambda: sd.noise_schedule.add_noise(x0, 500, noise=mx.ones((4,))), "noise has shape"),
+        (lambda: sd.noise_schedule.timeline(0.5, 10**7), "within 1 .. 10000"),
+        (lambda: sd.denoiser(None, float("nan")), "not a guidance weight"),
+        (lambda: StableDiffusion.from_pretrained(str(sd2), dtype=mx.int32), "dtype mlx.core.int32"),
+        (lambda: RunSpec("x", "o.png", image="i.png", strengths=0.5).validate(), "expected a tuple of strengths"),
+        (lambda: RunSpec("x", "o.png", capture=Capture(save_prompt="no")).validate(), "save_prompt 'no' is not True"),
+        (lambda: RunSpec("x", "o.png", size="128x128").validate(), "expected \\(height, width\\)"),
+        (lambda: ModelSpec("shapes", dtype="float8").validate(), "dtype 'float8' is not one of"),
+        (lambda: ModelSpec("shapes", loras=(("l.safetensors", 1e9),)).validate(), "weight 1e\\+09 is outside"),
+    ]
+    for call, words in refused:
+        with pytest.raises(InputError, match=words):
+            call()
+    assert RunSpec("x", "o.png", steps=np.int64(3), cfg=np.float32(2)).validate().steps.__class__ is int
+
+
 def test_pictures_a_format_cannot_hold_and_time_columns_a_row_revisits_are_refused_when_planned():
     """Both failed after the work (exit 1): a WebP strip past 16383 pixels, a time-aligned triangle
     whose PLMS row comes back to a time (its warm-up, on the diffusers schedule)."""

@@ -464,6 +464,39 @@ def test_a_triangle_stopped_keeps_its_whole_rows(capsys, tmp_path, picture, sd2,
     assert not any("byte-identical" in n for n in notes)
 
 
+def test_a_rerun_that_does_not_finish_loses_nothing_of_the_earlier_run(capsys, tmp_path, picture, sd2,
+                                                                         monkeypatch):
+    """The earlier run's files went before the rerun's first step: a rerun stopped (or failed)
+    at once left neither run's pictures. Now they stay, listed as earlier_files, until the rerun
+    finishes; and a frame the user changed in place is not ours to remove or replace."""
+    from stable_diffusion import sinks
+
+    out = tmp_path / "r.png"
+    common = ["image2image", picture, "x", "--model", sd2, "--steps", 4, "--strength", 1, "--seed", 0, "--output", out]
+    assert main(capsys, *common, "-sd", 2)[0] == 0
+    first = {p.name: p.read_bytes() for p in tmp_path.glob("r*.png")}
+    assert sorted(first) == ["r.png", "r.step-000.png", "r.step-002.png", "r.step-004.png"]
+
+    def stop(self, row, step):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(sinks.Snapshots, "add", stop)
+        status, _, err = main(capsys, *common, "-sd", 1)
+    assert status == 130 and "kept the 4 file(s) an earlier run wrote under the name r.png" in err, err
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("r*.png")} == first
+    record = sidecar(tmp_path / "r.json")
+    assert record["status"] == "interrupted" and sorted(record["earlier_files"]) == sorted(first)
+
+    (tmp_path / "r.step-004.png").write_bytes(b"the user's own edit of this frame")
+    status, _, err = main(capsys, *common, "-sd", 2)  # it writes step-004 again: not over the user's file
+    only_error(status, 2, err, "the run writes r.step-004.png, and the file there is not one a run of ours wrote")
+    assert main(capsys, *common)[0] == 0  # writes no frames: the earlier ones go, but for the user's
+    assert sorted(p.name for p in tmp_path.glob("r*.png")) == ["r.png", "r.step-004.png"]
+    assert (tmp_path / "r.step-004.png").read_bytes() == b"the user's own edit of this frame"
+    assert "earlier_files" not in sidecar(tmp_path / "r.json")
+
+
 def test_ctrl_c_during_decoding_keeps_what_was_written(capsys, tmp_path, picture, sd2, monkeypatch):
     decode, calls = StableDiffusion.decode, []
 

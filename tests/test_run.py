@@ -60,6 +60,10 @@ def test_x0_frames_carry_the_time_of_their_estimate(tmp_path, picture, sd2):
         assert frames[k]["x0_t"] == pytest.approx(frames[k - 1]["t"])
         assert frames[k]["x0_sigma"] == pytest.approx(frames[k - 1]["sigma"])
     assert frames[4]["t"] == 0 and frames[4]["x0_t"] == pytest.approx(250)
+    # The start has no estimate: its frame shows the start, and says so (it said "x0", and its
+    # detail was called x0_pred's)
+    assert frames[0]["shows"] == "xt" and list(frames[0]["pixel_detail"]) == ["x_t"] and "x0_t" not in frames[0]
+    assert all(frames[k]["shows"] == "x0" and list(frames[k]["pixel_detail"]) == ["x0_pred"] for k in range(1, 5))
 
 
 def test_seed_keys_are_independent_per_purpose():
@@ -211,6 +215,12 @@ def test_session_runs_many_specs_from_python_reusing_the_encodings(tmp_path, pic
     # Each run reports its own peak, not the process's highest so far.
     assert sidecar(tmp_path / "s1.0.json")["memory"]["mlx_peak_bytes"] < 256 << 20
     assert (tmp_path / "s0.5.png").exists() and (tmp_path / "s1.0.step-004.png").exists()
+    # What a script made, the command remakes: the record holds the arguments (it held none, and
+    # --replay fell back to the default model)
+    from stable_diffusion import cli
+
+    expanded, _ = cli.replay_arguments("image2image", ["--replay", str(tmp_path / "s0.5.png")])
+    assert f"--model={sd2.resolve()}" in expanded and "--strength=0.5" in expanded, expanded
 
 
 def test_memory_estimate_refuses_what_cannot_fit_and_is_recorded_beside_the_peak(tmp_path, picture, sd2):

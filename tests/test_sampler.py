@@ -143,15 +143,34 @@ def test_markov_path_matches_the_closed_form_marginals():
     """x_t | x0 ~ N(sqrt(abar_t) x0, (1 - abar_t) I) for the chain built from the betas."""
     s = NoiseSchedule(SD)
     x0 = mx.array(np.linspace(-1, 1, 64 * 64 * 4, dtype=np.float32).reshape(1, 64, 64, 4))
-    times = [50, 300, 900]
+    times = [50, 300, 523.574, 900]  # a Karras start lies between two integer times
     for step in s.noising_path(x0, times, "markov", key=mx.random.key(7)):
         t, x = step.t, step.x_t
-        abar = s.alphas_cumprod[int(t)]
+        abar = 1 / (1 + s.sigma(t) ** 2)  # add_noise's, between integer times too
         residual = (np.array(x) - math.sqrt(abar) * np.array(x0)).ravel()
         n = residual.size
         # mean 0 and variance 1 - abar, within 5 standard errors of the sample statistics
         assert abs(residual.mean()) < 5 * math.sqrt((1 - abar) / n)
         assert abs(residual.var() / (1 - abar) - 1) < 5 * math.sqrt(2 / n)
+
+
+def test_markov_path_between_integer_times_keeps_the_integer_chain():
+    """Integer times are unchanged by a time between them (the same draws, bit for bit), and a time
+    between two integers hops from the chain's state just below it."""
+    s = NoiseSchedule(SD)
+    x0 = mx.array(np.linspace(-1, 1, 8 * 8 * 4, dtype=np.float32).reshape(1, 8, 8, 4))
+    plain = {p.t: np.array(p.x_t) for p in s.noising_path(x0, [3, 5], "markov", key=mx.random.key(1))}
+    assert np.array_equal(plain[5.0], np.array(list(s.noising_path(x0, [5], "markov", key=mx.random.key(1)))[-1].x_t))
+    between = {p.t: np.array(p.x_t) for p in s.noising_path(x0, [3, 3.5], "markov", key=mx.random.key(1))}
+    assert np.array_equal(between[3.0], plain[3.0])
+    keep = (1 + s.sigma(3)**2) / (1 + s.sigma(3.5)**2)  # abar_3.5 / abar_3
+    residual = between[3.5] - math.sqrt(keep) * between[3.0]
+    assert 0 < np.abs(residual).max() < 8 * math.sqrt(1 - keep)  # a small fresh draw on top
+    for t in (-1, 1000.5, float("nan")):
+        with pytest.raises(InputError, match="outside 0 .. 1000"):
+            list(s.noising_path(x0, [t], "markov"))
+        with pytest.raises(InputError, match="outside 0 .. 1000"):
+            s.add_noise(x0, t)
 
 
 # --- schedules, samplers and inversion against diffusers' schedulers --------------------------
@@ -662,8 +681,9 @@ def test_more_steps_than_a_schedule_can_space_are_refused(spacing):
     for schedule, sampler, steps in refused:
         with pytest.raises(SpecError, match=f"steps {steps} is more than the {schedule} schedule"):
             noise.timeline(1.0, steps, schedule=schedule, sampler=sampler)
-    with pytest.raises(SpecError, match=r"steps 10, raised to \d+ for strength 0.000999"):
-        noise.timeline(0.000999, 10, schedule="diffusers", sampler="unipc")
+    if spacing != "trailing":  # the lowest strength raises 10 steps to 1000: too many there
+        with pytest.raises(SpecError, match=r"steps 10, raised to 1000 for strength 0.001"):
+            noise.timeline(0.001, 10, schedule="diffusers", sampler="unipc")
     for schedule, sampler, steps in (("diffusers", "dpmpp_2m", 500), ("karras", "dpmpp_2m", 10000),
                                      ("linear", "lms", 10000)):
         times = noise.timeline(1.0, steps, schedule=schedule, sampler=sampler).times
