@@ -183,7 +183,7 @@ def _sweep(argv: list, console: Console) -> int:
     plans = check_plans(runs, session, None if picture is None else upright_size(picture))
     if picture is not None:  # at the working size once, here: a Ray worker may not see the file
         picture = session.fit(picture, plans[0].image_size)
-    replay = functools.partial(cli.replay_argv, model=model)
+    replay = functools.partial(options.replay_argv, model=model)
     from .files import output_lock
 
     def waiting(holder):
