@@ -62,7 +62,7 @@ class _Parser(argparse.ArgumentParser):
             values = None if action is None else _OPTIONAL_VALUES.get(action.option_strings[0])
             if values is not None and (i + 1 == len(args) or args[i + 1].lower() not in values):
                 args[i] = f"{action.option_strings[0]}={values[0]}"  # whole: argparse takes no -g=1
-                if i + 1 < len(args) and not args[i + 1].startswith("-"):
+                if i + 1 < len(args) and (not args[i + 1].startswith("-") or options.NEGATIVE_NUMBER.match(args[i + 1])):
                     self.refused_values[args[i + 1]] = (action.option_strings[0], values)
         return args
 
@@ -82,10 +82,10 @@ class _Parser(argparse.ArgumentParser):
         """"; did you mean --steps?" for the first unknown flag that is close to one of ours."""
         import difflib
 
-        for arg in unknown:  # `-gt 2`: the word was left to the positionals, and they were full
-            if arg in self.refused_values:
-                flag, values = self.refused_values[arg]
-                return f"; {flag} takes {', '.join(values)} or nothing"
+        # `-gt 2`: the word was left to the positionals, where it took a place or had none
+        for word, (flag, values) in self.refused_values.items():
+            if word in unknown or options.NEGATIVE_NUMBER.match(word) or word.replace(".", "", 1).isdigit():
+                return f"; {flag} takes {', '.join(values)} or nothing, so {word!r} was read as an argument of its own"
         flags = [f for f in self._option_string_actions if f.startswith("--")]
         for arg in unknown:
             if not arg.startswith("-") or arg == "--":

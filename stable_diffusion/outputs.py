@@ -235,12 +235,19 @@ def check_in_the_way(names: FileNames, paths: list) -> None:
                                       "choose another {flag} name")
 
 
-def earlier_files(names: FileNames) -> dict:
+def earlier_files(names: FileNames, notice) -> dict:
     """The files an earlier run of this output left and that are still as it left them (name ->
-    fingerprint): this run's sidecar lists them until it makes them again or finishes."""
+    fingerprint): this run's sidecar lists them until it makes them again or finishes. Those
+    changed since are the user's now: said, and left alone."""
     folder = names.stem.parent
-    return {name: mark for name, mark in _left_by_us(names, _own_record(names)).items()
-            if _as_left(folder / name, mark)}
+    left = _left_by_us(names, _own_record(names))
+    earlier = {name: mark for name, mark in left.items() if _as_left(folder / name, mark)}
+    changed = sorted(name for name in left if name not in earlier and _as_left(folder / name, None))
+    if changed:
+        notice(f"kept {len(changed)} file(s) an earlier run wrote under the name {names.output.name} that "
+               f"were changed since ({', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}): "
+               "they are yours now, and no run of ours lists them")
+    return earlier
 
 
 def remove_earlier(names: FileNames, earlier: dict, notice) -> None:

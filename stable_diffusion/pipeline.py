@@ -22,7 +22,7 @@ from .config import TEXT_COMPONENTS, PipelineConfig, read_pipeline_config
 from .errors import InputError
 from .plan import Defaults, make_plan, model_defaults
 from .sampler import NoiseSchedule, Step, default_sampler, seed_keys
-from .spec import Capture, Inversion, RunSpec
+from .spec import MAX_SIDE, Capture, Inversion, RunSpec
 from .tokenizer import Tokenizer, check_fits_encoder, check_ids
 from .unet import UNetModel
 from .vae import Autoencoder
@@ -201,9 +201,10 @@ class StableDiffusion:
         model's native square (64 x 64 for SD 2.1-base, 16 x 16 for the shapes model)."""
         if latent_size is None:
             latent_size = (self.config.unet.sample_size,) * 2
-        if not isinstance(latent_size, (tuple, list)) or len(latent_size) != 2 or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool)
-                                            and n >= 1 for n in latent_size):
-            raise InputError(f"latent_size {latent_size!r}: expected (h, w), whole numbers of 1 or more "
+        most = MAX_SIDE // self.downscale
+        if not isinstance(latent_size, (tuple, list, np.ndarray)) or len(latent_size) != 2 or not all(
+                isinstance(n, numbers.Integral) and not isinstance(n, bool) and 1 <= n <= most for n in latent_size):
+            raise InputError(f"latent_size {latent_size!r}: expected (h, w), whole numbers of 1 .. {most} "
                              f"(the picture's pixels / {self.downscale})")
         size = (latent_size[0] * self.downscale, latent_size[1] * self.downscale)
         spec = RunSpec(text, None, negative_prompt=negative_text, steps=num_steps, cfg=cfg_weight,

@@ -20,23 +20,25 @@ from .errors import ModelError
 def user_cache() -> Path:
     """This package's folder in the user's cache: $XDG_CACHE_HOME (where it is an absolute path, as
     the XDG spec asks; a relative one would name a folder under wherever the command runs) or
-    ~/.cache, then mlx-sd-trajectory. RuntimeError where there is no home folder to find."""
+    ~/.cache, then mlx-sd-trajectory; with no home folder, a per-user name in the temp folder
+    (its contents are checked as anything there is: the views' and the salt's owner and mode)."""
     base = os.environ.get("XDG_CACHE_HOME")
     if not base or not os.path.isabs(base):
-        base = str(Path.home() / ".cache")
+        try:
+            base = str(Path.home() / ".cache")
+        except RuntimeError:
+            user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+            return Path(tempfile.gettempdir()) / f"mlx-sd-trajectory-{user}"
     return Path(base) / "mlx-sd-trajectory"
 
 
 def views_root() -> Path:
     """Where the model views live (single_file.py): SD_SINGLE_FILE_CACHE, else the user's cache
-    folder. Not the system's temporary folder: a name there can be taken first by another user."""
+    folder. Not the system's temporary folder where there is a home: a name there can be taken
+    first by another user."""
     if os.environ.get("SD_SINGLE_FILE_CACHE"):
         return Path(os.environ["SD_SINGLE_FILE_CACHE"])
-    try:
-        return user_cache() / "single-file"
-    except RuntimeError:  # no home folder: a per-user name in the temp folder, checked as any
-        user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
-        return Path(tempfile.gettempdir()) / f"mlx-sd-single-file-{user}"
+    return user_cache() / "single-file"
 
 
 def is_view(folder: Path) -> bool:

@@ -143,7 +143,7 @@ def execute(session, spec, console, argv=(), replay=None, picture=None, wait: bo
         kept, denoisers = [], []  # filled as they are made: the last record reads what there is
         try:
             # Inside: a signal that lands just after the sidecar appears still ends it "interrupted".
-            ledger.earlier = outputs.earlier_files(names)  # listed until made again; gone once finished
+            ledger.earlier = outputs.earlier_files(names, console.notice)  # listed until made again; gone once finished
             ledger.write("running")
             texts = functools.partial(record.picture_texts, plan, carried, session.source)
             _walk_and_keep(session, sd, plan, names, ledger, texts, picture, taesd, console, timings, started,

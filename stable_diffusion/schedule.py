@@ -217,10 +217,16 @@ class NoiseSchedule:
         """The noise level at time t (0 .. T): sqrt((1 - abar_t) / abar_t), linear between integer times."""
         return float(np.interp(t, np.arange(self.T + 1), self.sigmas))
 
-    def _check_time(self, t) -> None:
-        if not isinstance(t, numbers.Real) or isinstance(t, bool) or not 0.0 <= t <= self.T:
+    def _time(self, t) -> float:
+        """t as a float within 0 .. T (a one-element array taken), or an InputError."""
+        if isinstance(t, (np.ndarray, mx.array)) and t.size == 1:
+            t = t.item()
+        if not isinstance(t, numbers.Real) or isinstance(t, bool):
+            raise InputError(f"time {t!r} is not a number; t = 0 is the clean latent, t = {self.T} the end of the chain")
+        if not 0.0 <= t <= self.T:
             raise InputError(f"time {t!r} is outside 0 .. {self.T}: t = 0 is the clean latent, t = {self.T} "
                              "the end of the chain")
+        return float(t)
 
     def time_of(self, sigma) -> np.ndarray:
         """The time of a noise level, interpolating log sigma between integer times (diffusers'
@@ -238,7 +244,10 @@ class NoiseSchedule:
         """Jump from the clean latent x0 (B, h, w, C) to time t, 0 (clean) .. T (1000 for SD; see the
         time convention in docs/internals.md), or to the noise level `sigma` >= 0, in one step (DDPM
         eq. 4): sqrt(abar_t) x0 + sqrt(1 - abar_t) noise. `noise` (x0's shape) or else `key` draws it."""
-        self._check_time(t)
+        t = self._time(t)
+        x0 = x0 if isinstance(x0, mx.array) else mx.array(np.asarray(x0, np.float32))
+        if noise is not None and not isinstance(noise, mx.array):
+            noise = mx.array(np.asarray(noise, np.float32))
         if sigma is not None and not (isinstance(sigma, numbers.Real) and 0.0 <= sigma < math.inf):
             raise InputError(f"sigma {sigma!r} is not a noise level (a number 0 or more)")
         if noise is not None and tuple(noise.shape) != tuple(x0.shape):
@@ -351,9 +360,7 @@ class NoiseSchedule:
         """
         if kind not in FORWARD_PATHS:
             raise InputError(f"unknown noising path {kind!r}; choose one of {', '.join(FORWARD_PATHS)}")
-        for t in times:
-            self._check_time(t)
-        times = [float(t) for t in times]
+        times = [self._time(t) for t in times]
         n = len(times)
         if key is None:
             key = mx.random.key(0)

@@ -113,7 +113,7 @@ class ModelSpec:
             _check_choice("dtype", self.dtype, DTYPES)
         if self.prediction_type is not None:
             _check_choice("prediction_type", self.prediction_type, ("epsilon", "v_prediction"))
-        _check_flags(self, "quantize", "lora_partial")
+        flags = _flags(self, "quantize", "lora_partial")
         for name in ("loras", "embeddings"):
             pairs = getattr(self, name)
             if not isinstance(pairs, (tuple, list)) or not all(
@@ -133,7 +133,7 @@ class ModelSpec:
                 raise SpecError("embeddings", f"{{flag}} token {token!r} is not text")
         if self.lora_partial and not self.loras:
             raise SpecError("lora_partial", "{flag} applies to {flag:loras} files; add one, or leave it out")
-        return replace(self, loras=loras, embeddings=tuple(tuple(e) for e in self.embeddings))
+        return replace(self, loras=loras, embeddings=tuple(tuple(e) for e in self.embeddings), **flags)
 
 
 @dataclass(frozen=True)
@@ -278,20 +278,19 @@ class RunSpec:
         if not isinstance(self.strengths, (tuple, list)):
             raise SpecError(name, f"strengths {_shown(self.strengths)}: expected a tuple of strengths, "
                                   "e.g. (0.6,)")
-        _check_flags(self, "triangle")
+        triangle = _flags(self, "triangle")
         if not isinstance(self.capture, Capture):
             raise SpecError("capture", f"{{flag}} {_shown(self.capture)} is not a Capture")
         if self.inversion is not None and not isinstance(self.inversion, Inversion):
             raise SpecError("noising_path", f"the inversion settings are {type(self.inversion).__name__}, "
                                             "not an Inversion(prompt, cfg, refine)")
-        c = self.capture
-        _check_flags(c, "save_prompt", "labels", "low_top", "curve", "keep_best")
+        c = replace(self.capture, **_flags(self.capture, "save_prompt", "labels", "low_top", "curve", "keep_best"))
         for name in ("taesd", "animate"):
             if getattr(c, name) is not None and not isinstance(getattr(c, name), str):
                 raise SpecError(name, f"{{flag}} {_shown(getattr(c, name))} is not a name")
         size = self.size
         if size is not None:
-            if not isinstance(size, (tuple, list)) or len(size) != 2:
+            if isinstance(size, (str, bytes)) or not hasattr(size, "__len__") or len(size) != 2:
                 raise SpecError("size", f"{{flag}} {_shown(size)}: expected (height, width) in pixels, "
                                         "e.g. (512, 768)")
             size = tuple(_whole("size", side, 1, 1 << 30) for side in size)
@@ -306,7 +305,8 @@ class RunSpec:
             steps=_whole("steps", self.steps, 1, MAX_STEPS), cfg=_real("cfg", self.cfg),
             seed=_whole("seed", self.seed, 0, MAX_SEED), n_images=_whole("n_images", self.n_images, 1, MAX_IMAGES),
             n_rows=_whole("n_rows", self.n_rows, 1, MAX_IMAGES), size=size,
-            max_pixels=_whole("max_pixels", self.max_pixels, 64 * 64, MAX_SIDE * MAX_SIDE), capture=capture)
+            max_pixels=_whole("max_pixels", self.max_pixels, 64 * 64, MAX_SIDE * MAX_SIDE), capture=capture,
+            **triangle)
 
 
 def _is_path(value) -> bool:
@@ -319,11 +319,17 @@ def _shown(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _check_flags(holder, *names: str) -> None:
-    """Each field is True or False (a string such as "no" would read as true)."""
+def _flags(holder, *names: str) -> dict:
+    """Each field as True or False (numpy's booleans taken); a string such as "no", which would read
+    as true, is refused."""
+    flags = {}
     for name in names:
-        if not isinstance(getattr(holder, name), bool):
-            raise SpecError(name, f"{{flag}} {_shown(getattr(holder, name))} is not True or False")
+        value = getattr(holder, name)
+        if not (isinstance(value, bool) or getattr(value, "dtype", None) is not None
+                and value.dtype.kind == "b" and getattr(value, "ndim", 1) == 0):
+            raise SpecError(name, f"{{flag}} {_shown(value)} is not True or False")
+        flags[name] = bool(value)
+    return flags
 
 
 def _same_or_ours(image: Path, output: Path) -> bool:

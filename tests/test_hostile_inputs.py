@@ -314,12 +314,12 @@ def test_only_files_a_sidecar_of_ours_lists_under_our_names_are_removed(tmp_path
                                                "files": [{"file": f} for f in listed] + ["r.curve.png"]}))
     notes = []
     names = outputs.FileNames(folder / "r.png", 10)
-    earlier = outputs.earlier_files(names)
+    earlier = outputs.earlier_files(names, notes.append)
     assert sorted(earlier) == ["r.png", "r.step-009.png"]  # listed, named after the output, regular
     outputs.remove_earlier(names, earlier, notes.append)
     left = sorted(p.name for p in folder.iterdir())
     assert left == ["keep.png", "r.curve.png", "r.json", "r.step-008.png"]
-    assert (tmp_path / "outside.png").read_bytes() == b"outside" and len(notes) == 1
+    assert (tmp_path / "outside.png").read_bytes() == b"outside" and len(notes) == 1  # no sidecar fingerprints
 
 
 @pytest.mark.parametrize("content", ['{"my": "settings"}', "not json", "[" * 10_000, '{"format": 2}'])

@@ -307,6 +307,13 @@ def test_the_library_checks_what_a_script_gives_it(sd2):
         with pytest.raises(InputError, match=words):
             call()
     assert RunSpec("x", "o.png", steps=np.int64(3), cfg=np.float32(2)).validate().steps.__class__ is int
+    # What worked before the checks still works: numpy's booleans and sizes, one-element times, and
+    # times from a generator (the checks consumed it: no frame at all)
+    spec = RunSpec("x", "o.png", image="i.png", strengths=(0.5, 1.0), triangle=np.bool_(True),
+                   size=np.array([128, 128])).validate()
+    assert spec.triangle is True and spec.size == (128, 128)
+    assert [s.t for s in sd.noise_schedule.noising_path(x0, (t for t in (100, 200)), "markov")] == [100.0, 200.0]
+    assert sd.noise_schedule.add_noise(x0, np.array(300.0), noise=np.zeros(x0.shape)).shape == x0.shape
 
 
 def test_pictures_a_format_cannot_hold_and_time_columns_a_row_revisits_are_refused_when_planned():

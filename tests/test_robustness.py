@@ -185,6 +185,7 @@ def test_bad_arguments_fail_before_the_weights_load(capsys, tmp_path, picture, u
     (["PICTURE", "a", "red", "barn"], ["unrecognized arguments: red barn; a prompt of several words goes in quotes"]),
     # A value an optional-value flag does not take is named with the flag (it was the quotes hint).
     (["PICTURE", "x", "-gt", "2"], ["unrecognized arguments: 2; -gt takes 1, true, yes, on, 0, false, no, off or nothing"]),
+    (["PICTURE", "-gt", "2", "x"], ["unrecognized arguments: x; -gt takes 1, true", "so '2' was read as an argument of its own"]),
     (["PICTURE", "x", "--animate", "mp4"], ["unrecognized arguments: mp4; --animate takes gif, webp or nothing"]),
     (["PICTURE", "x", "--sampler", "EULERX"], ["invalid choice: 'EULERX' (choose from 'euler',"]),  # as typed
 ])
@@ -491,7 +492,8 @@ def test_a_rerun_that_does_not_finish_loses_nothing_of_the_earlier_run(capsys, t
     (tmp_path / "r.step-004.png").write_bytes(b"the user's own edit of this frame")
     status, _, err = main(capsys, *common, "-sd", 2)  # it writes step-004 again: not over the user's file
     only_error(status, 2, err, "the run writes r.step-004.png, and the file there is not one a run of ours wrote")
-    assert main(capsys, *common)[0] == 0  # writes no frames: the earlier ones go, but for the user's
+    status, _, err = main(capsys, *common)  # writes no frames: the earlier ones go, but for the user's
+    assert status == 0 and "kept 1 file(s) an earlier run wrote under the name r.png that were changed since" in err
     assert sorted(p.name for p in tmp_path.glob("r*.png")) == ["r.png", "r.step-004.png"]
     assert (tmp_path / "r.step-004.png").read_bytes() == b"the user's own edit of this frame"
     assert "earlier_files" not in sidecar(tmp_path / "r.json")
