@@ -142,6 +142,7 @@ class Ledger:
                 self.write(status, **extra)
             except OutputError:
                 self.record.pop("curves", None)
+                self.written = {}  # the files then count as ours by name alone, as before fingerprints
                 self.write(status, curves="dropped: the disk was full")
         return gone
 

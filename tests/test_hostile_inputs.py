@@ -25,7 +25,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from commands import ROOT, command
-from stable_diffusion import cli, files, outputs, private_cache, replay, single_file
+from stable_diffusion import cli, files, options, outputs, private_cache, replay, single_file
 from stable_diffusion.errors import InputError, ModelError
 from stable_diffusion.record import Ledger
 from stable_diffusion.spec import SpecError
@@ -193,7 +193,7 @@ def test_a_replay_fetches_nothing_unasked(tmp_path):
 def test_our_picture_whose_prompt_starts_with_a_dash_takes_overrides(tmp_path, sd2):
     spec, model = cli.build_specs("image2image", cli.build_parser("image2image").parse_args(
         ["--model", str(sd2), "--seed", "3", "--steps", "2", "--", str(INPUT), "-a dash first"]))
-    recorded = cli.replay_argv(replace(spec, cfg=7.5, sampler="euler", schedule="linear"), str(sd2), model)
+    recorded = options.replay_argv(replace(spec, cfg=7.5, sampler="euler", schedule="linear"), str(sd2), model)
     assert "--" in recorded
     picture = picture_with(tmp_path / "p.png", our_record(recorded))
     argv, _ = cli.replay_arguments("image2image", ["--replay", str(picture), "--seed=5", "--cfg", "2"])
@@ -277,7 +277,7 @@ def test_every_argument_list_our_tool_records_is_replayable(tmp_path, sd2, comma
     args = parser.parse_args(argv)
     spec, model = cli.build_specs(name, args)
     spec = replace(spec, seed=7, steps=4, cfg=3.0, sampler="euler", schedule="linear")
-    recorded = cli.replay_argv(spec, str(sd2), model)
+    recorded = options.replay_argv(spec, str(sd2), model)
     assert replay.check_arguments(recorded, parser, "p.png") == recorded
     again, _ = cli.build_specs(name, parser.parse_args(recorded))
     assert (again.prompt, again.negative_prompt, again.strengths, again.capture) == (

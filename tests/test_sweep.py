@@ -44,7 +44,7 @@ def comparable(sidecar: Path) -> dict:
     """A sidecar without what differs between two processes making the same files."""
     record = json.loads(sidecar.read_text())
     # Of this process: its arguments, its times (the estimate's too: a sweep loads the model once).
-    for key in ("argv", "pid", "timings", "memory", "estimate"):
+    for key in ("argv", "pid", "timings", "memory", "estimate", "written"):  # written: file times
         record.pop(key)
     return record
 
