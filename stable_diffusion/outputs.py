@@ -17,7 +17,7 @@ from typing import Callable
 
 from . import files
 from .errors import InputError
-from .record import NotOurs, read_own_sidecar
+from .record import NotOurs, fingerprint, read_own_sidecar
 from .spec import MAX_STEPS, RunSpec, SpecError
 
 
@@ -168,12 +168,16 @@ def planned_files(plan, names: FileNames) -> list:
     return paths
 
 
-def _left_by_us(names: FileNames, record: dict) -> dict:
-    """The files a sidecar of ours says a run left under this output's names (its `files`, and the
+def left_by_us(names: FileNames) -> dict:
+    """The files this output's sidecar says a run left under its names (its `files`, and the
     `earlier_files` it kept of a run before it), as name -> fingerprint (None where it has none:
     a file still being written when the run was killed, or a sidecar older than fingerprints).
     Only names a run of this output gives (`<stem>.png`, `<stem>.<kind>.png`, ... in any picture
-    format), in the output's folder."""
+    format), in the output's folder; none where no sidecar of ours is there."""
+    try:
+        record = read_own_sidecar(names.sidecar()) or {}
+    except NotOurs:
+        return {}  # prepare refused this before any work; nothing of it is ours to judge by
     ours = re.compile(re.escape(names.stem.name) + f"(?i:(\\.{_ANY_KIND})?\\.(png|webp|jpe?g|gif))")
     written = record.get("written") if isinstance(record.get("written"), dict) else {}
     left = {}
@@ -195,24 +199,15 @@ def _as_left(path: Path, mark: list | None) -> bool:
         st = os.lstat(path)
     except OSError:
         return False
-    return stat.S_ISREG(st.st_mode) and (mark is None or mark == [st.st_size, st.st_mtime_ns])
+    return stat.S_ISREG(st.st_mode) and (mark is None or mark == fingerprint(st))
 
 
-def _own_record(names: FileNames) -> dict:
-    try:
-        return read_own_sidecar(names.sidecar()) or {}
-    except NotOurs:
-        return {}  # prepare refused this before any work; nothing of it is ours to judge by
-
-
-def check_in_the_way(names: FileNames, paths: list) -> None:
+def check_in_the_way(names: FileNames, paths: list, left: dict) -> None:
     """Refuse, before any work, when a file the run writes is there and is not one of ours (the
     sidecar lists it and it is as that run left it, or it carries our record): the user's own
     `photo.step-001.png` is not ours to replace, even where an earlier run wrote that name. The
-    output, which the user named, is theirs to replace."""
+    output, which the user named, is theirs to replace. `left`: `left_by_us(names)`."""
     from .picture_meta import read_picture_texts
-
-    left = _left_by_us(names, _own_record(names))
 
     def ours(path: Path) -> bool:
         """Listed by this output's sidecar and unchanged since, or made by a run of ours (its
@@ -235,12 +230,11 @@ def check_in_the_way(names: FileNames, paths: list) -> None:
                                       "choose another {flag} name")
 
 
-def earlier_files(names: FileNames, notice) -> dict:
-    """The files an earlier run of this output left and that are still as it left them (name ->
-    fingerprint): this run's sidecar lists them until it makes them again or finishes. Those
-    changed since are the user's now: said, and left alone."""
+def earlier_files(names: FileNames, left: dict, notice) -> dict:
+    """Of the files an earlier run of this output left (`left_by_us`), those still as it left them
+    (name -> fingerprint): this run's sidecar lists them until it makes them again or finishes.
+    Those changed since are the user's now: said, and left alone."""
     folder = names.stem.parent
-    left = _left_by_us(names, _own_record(names))
     earlier = {name: mark for name, mark in left.items() if _as_left(folder / name, mark)}
     changed = sorted(name for name in left if name not in earlier and _as_left(folder / name, None))
     if changed:

@@ -22,7 +22,7 @@ from .config import TEXT_COMPONENTS, PipelineConfig, read_pipeline_config
 from .errors import InputError
 from .plan import Defaults, make_plan, model_defaults
 from .sampler import NoiseSchedule, Step, default_sampler, seed_keys
-from .spec import MAX_SIDE, Capture, Inversion, RunSpec
+from .spec import DTYPES, MAX_SIDE, Capture, Inversion, RunSpec
 from .tokenizer import Tokenizer, check_fits_encoder, check_ids
 from .unet import UNetModel
 from .vae import Autoencoder
@@ -351,10 +351,9 @@ def _model_name(model) -> str:
 
 def _compute_dtype(dtype) -> mx.Dtype:
     """mx.float32, mx.float16 or mx.bfloat16, given as such or by name; else an InputError."""
-    names = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-    if isinstance(dtype, str) and dtype in names:
-        return names[dtype]
-    if isinstance(dtype, mx.Dtype) and dtype in names.values():
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return getattr(mx, dtype)
+    if isinstance(dtype, mx.Dtype) and dtype in [getattr(mx, name) for name in DTYPES]:
         return dtype
     raise InputError(f"dtype {dtype!r}: the networks compute in mx.float32, mx.float16 or mx.bfloat16")
 

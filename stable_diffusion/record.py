@@ -57,9 +57,9 @@ def read_own_sidecar(path: str | os.PathLike) -> dict | None:
     return record
 
 
-def fingerprint(path: Path) -> list:
-    """[size, modification time in ns] of the file at `path` (OSError where there is none)."""
-    st = os.lstat(path)
+def fingerprint(st: os.stat_result) -> list:
+    """What a run keeps of a file it wrote, to know it later as it left it: [size, modification
+    time in ns] of its `os.lstat`."""
     return [st.st_size, st.st_mtime_ns]
 
 
@@ -104,7 +104,7 @@ class Ledger:
         self.files[index] = entry
         self.earlier.pop(entry["file"], None)  # made again: this run's now
         with contextlib.suppress(OSError):
-            self.written[entry["file"]] = fingerprint(self.path.parent / entry["file"])
+            self.written[entry["file"]] = fingerprint(os.lstat(self.path.parent / entry["file"]))
         self.write()
 
     def missing(self) -> list[str]:

@@ -113,7 +113,8 @@ def execute(session, spec, console, argv=(), replay=None, picture=None, wait: bo
         outputs.prepare(spec.output, console.notice)
         plan = plan_for(session, spec, upright_size(picture) if spec.img2img else None, console.notice)
         names = outputs.FileNames(spec.output, plan.longest)
-        outputs.check_in_the_way(names, outputs.planned_files(plan, names))
+        left = outputs.left_by_us(names)  # the lock is held: the sidecar stays as read until the walk
+        outputs.check_in_the_way(names, outputs.planned_files(plan, names), left)
         if spec.img2img:
             picture = session.fit(picture, plan.image_size)
         for line in session.notices:
@@ -143,7 +144,7 @@ def execute(session, spec, console, argv=(), replay=None, picture=None, wait: bo
         kept, denoisers = [], []  # filled as they are made: the last record reads what there is
         try:
             # Inside: a signal that lands just after the sidecar appears still ends it "interrupted".
-            ledger.earlier = outputs.earlier_files(names, console.notice)  # listed until made again; gone once finished
+            ledger.earlier = outputs.earlier_files(names, left, console.notice)  # listed until made again
             ledger.write("running")
             texts = functools.partial(record.picture_texts, plan, carried, session.source)
             _walk_and_keep(session, sd, plan, names, ledger, texts, picture, taesd, console, timings, started,

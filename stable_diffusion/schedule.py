@@ -25,7 +25,7 @@ import numpy as np
 from .choices import FORWARD_PATHS, SAMPLER_TABLE, SCHEDULES
 from .config import SchedulerConfig
 from .errors import InputError
-from .spec import MAX_STEPS, SpecError
+from .spec import MAX_STEPS, MIN_STRENGTH, SpecError
 
 # abar_T with rescale_betas_zero_snr: diffusers' DDIM keeps the rescaled 0, its other classes put
 # 2**-24 there so that sigma_T stays finite (4096). DDIM's 0 is held as 1e-60: sqrt(abar) = 1e-30
@@ -98,8 +98,8 @@ class Timeline:
 
 def _steps_for(strength: float, num_steps: int) -> tuple[int, int]:
     """(steps run, N): int(N * s), with N raised to ceil(1 / s) when that would be 0."""
-    if not isinstance(strength, numbers.Real) or not 0.001 <= strength <= 1.0:
-        raise InputError(f"strength {strength!r} is outside 0.001 .. 1; use e.g. 0.6")
+    if not isinstance(strength, numbers.Real) or not MIN_STRENGTH <= strength <= 1.0:
+        raise InputError(f"strength {strength!r} is outside {MIN_STRENGTH:g} .. 1; use e.g. 0.6")
     if not isinstance(num_steps, numbers.Integral) or isinstance(num_steps, bool) or \
             not 1 <= num_steps <= MAX_STEPS:
         raise InputError(f"steps {num_steps!r} is not a whole number within 1 .. {MAX_STEPS}")

@@ -42,6 +42,8 @@ MAX_SIDE = 4096  # pixels; the memory budget refuses what the machine cannot hol
 MAX_REFINE = 50
 MAX_ADAPTERS = 16  # LoRAs, and embeddings, per run
 MAX_LORA_WEIGHT = 10.0
+# Below this the start time is under one training step: nothing would be noised.
+MIN_STRENGTH = 0.001
 
 
 class SpecError(InputError):
@@ -216,15 +218,8 @@ class RunSpec:
         if inverted and not spec.img2img:
             raise SpecError("noising_path", "{flag} inversion inverts an input picture; text to "
                                             "image has none")
-        if inverted:
-            i = spec.inversion
-            if i.prompt is not None and not isinstance(i.prompt, str):
-                raise SpecError("inversion_prompt", f"{{flag}} {i.prompt!r} is not text")
-            cfg = _real("inversion_cfg", i.cfg)
-            if not (math.isfinite(cfg) and 0 <= cfg <= MAX_CFG):
-                raise SpecError("inversion_cfg", f"{{flag}} {cfg:g} is outside 0 .. {MAX_CFG:g}")
-            spec = replace(spec, inversion=replace(i, cfg=cfg, refine=_whole("inversion_refine", i.refine,
-                                                                              0, MAX_REFINE)))
+        if inverted and not (math.isfinite(spec.inversion.cfg) and 0 <= spec.inversion.cfg <= MAX_CFG):
+            raise SpecError("inversion_cfg", f"{{flag}} {spec.inversion.cfg:g} is outside 0 .. {MAX_CFG:g}")
         frames = spec.triangle or any(v is not None for v in (c.every, c.last, c.noising_every))
         for name, idle in (("animate", c.animate is not None), ("shows", c.shows != "xt"),
                            ("preview", c.preview != "vae")):
@@ -281,9 +276,15 @@ class RunSpec:
         triangle = _flags(self, "triangle")
         if not isinstance(self.capture, Capture):
             raise SpecError("capture", f"{{flag}} {_shown(self.capture)} is not a Capture")
-        if self.inversion is not None and not isinstance(self.inversion, Inversion):
-            raise SpecError("noising_path", f"the inversion settings are {type(self.inversion).__name__}, "
+        inversion = self.inversion
+        if inversion is not None and not isinstance(inversion, Inversion):
+            raise SpecError("noising_path", f"the inversion settings are {type(inversion).__name__}, "
                                             "not an Inversion(prompt, cfg, refine)")
+        if inversion is not None:
+            if inversion.prompt is not None and not isinstance(inversion.prompt, str):
+                raise SpecError("inversion_prompt", f"{{flag}} {_shown(inversion.prompt)} is not text")
+            inversion = replace(inversion, cfg=_real("inversion_cfg", inversion.cfg),
+                                refine=_whole("inversion_refine", inversion.refine, 0, MAX_REFINE))
         c = replace(self.capture, **_flags(self.capture, "save_prompt", "labels", "low_top", "curve", "keep_best"))
         for name in ("taesd", "animate"):
             if getattr(c, name) is not None and not isinstance(getattr(c, name), str):
@@ -306,7 +307,7 @@ class RunSpec:
             seed=_whole("seed", self.seed, 0, MAX_SEED), n_images=_whole("n_images", self.n_images, 1, MAX_IMAGES),
             n_rows=_whole("n_rows", self.n_rows, 1, MAX_IMAGES), size=size,
             max_pixels=_whole("max_pixels", self.max_pixels, 64 * 64, MAX_SIDE * MAX_SIDE), capture=capture,
-            **triangle)
+            inversion=inversion, **triangle)
 
 
 def _is_path(value) -> bool:
@@ -370,9 +371,8 @@ def _check_strengths(strengths, triangle: bool) -> None:
     if not triangle and len(strengths) != 1:
         raise SpecError(name, "several strengths make a triangle; pass one strength")
     for s in strengths:
-        # Below 1e-3 the start time is under one training step: nothing would be noised.
-        if not (math.isfinite(s) and 0.001 <= s <= 1.0):
-            raise SpecError(name, f"{{flag}} {s:.10g} is outside 0.001 .. 1; use e.g. 0.6")
+        if not (math.isfinite(s) and MIN_STRENGTH <= s <= 1.0):
+            raise SpecError(name, f"{{flag}} {s:.10g} is outside {MIN_STRENGTH:g} .. 1; use e.g. 0.6")
     if len(set(strengths)) != len(strengths):
         raise SpecError(name, "{flag} has duplicates; list each strength once")
     if list(strengths) != sorted(strengths):

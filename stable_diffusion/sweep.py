@@ -245,14 +245,15 @@ def check_plans(runs: list, session, image_size: tuple | None) -> list:
     Returns the plans (each run prints its own notes as it starts)."""
     from .run import plan_for
 
-    from .outputs import FileNames, check_in_the_way, planned_files
+    from .outputs import FileNames, check_in_the_way, left_by_us, planned_files
 
     plans = []
     for run in runs:
         try:
             plans.append(plan_for(session, run.spec, image_size))
             names = FileNames(run.spec.output, plans[-1].longest)
-            check_in_the_way(names, planned_files(plans[-1], names))  # the user's files, in the folder
+            # the user's files, in the folder
+            check_in_the_way(names, planned_files(plans[-1], names), left_by_us(names))
         except SpecError as e:  # said of the run, where the grid varies: its values are in its name
             where = f"run {run.name}: " if len(runs) > 1 else ""
             raise SpecError(GRID_KEYS[e.field] if e.field in run.values else e.field,

@@ -314,7 +314,7 @@ def test_only_files_a_sidecar_of_ours_lists_under_our_names_are_removed(tmp_path
                                                "files": [{"file": f} for f in listed] + ["r.curve.png"]}))
     notes = []
     names = outputs.FileNames(folder / "r.png", 10)
-    earlier = outputs.earlier_files(names, notes.append)
+    earlier = outputs.earlier_files(names, outputs.left_by_us(names), notes.append)
     assert sorted(earlier) == ["r.png", "r.step-009.png"]  # listed, named after the output, regular
     outputs.remove_earlier(names, earlier, notes.append)
     left = sorted(p.name for p in folder.iterdir())
