@@ -192,14 +192,21 @@ def left_by_us(names: FileNames) -> dict:
             if isinstance(name, str) and ours.fullmatch(name) and (mark is None or isinstance(mark, list))}
 
 
-def _as_left(path: Path, mark: list | None) -> bool:
-    """Whether the file at `path` is a regular file, as the run that listed it left it (its size
-    and modification time; any, where the listing has none)."""
+def _regular(path: Path) -> os.stat_result | None:
+    """The `lstat` of the regular file at `path`; None for anything else (a link, a folder, nothing)."""
     try:
         st = os.lstat(path)
     except OSError:
-        return False
-    return stat.S_ISREG(st.st_mode) and (mark is None or mark == fingerprint(st))
+        return None
+    return st if stat.S_ISREG(st.st_mode) else None
+
+
+def _as_left(path: Path, mark: list | None) -> bool:
+    """Whether the file at `path` is a regular file as the run that listed it left it: its size
+    and modification time are the listing's. A listing without them (a file being written when
+    its run was killed, a sidecar older than fingerprints) vouches for nothing."""
+    st = _regular(path)
+    return st is not None and mark is not None and mark == fingerprint(st)
 
 
 def check_in_the_way(names: FileNames, paths: list, left: dict) -> None:
@@ -210,11 +217,14 @@ def check_in_the_way(names: FileNames, paths: list, left: dict) -> None:
     from .picture_meta import read_picture_texts
 
     def ours(path: Path) -> bool:
-        """Listed by this output's sidecar and unchanged since, or made by a run of ours (its
-        record; a GIF of ours carries its parameters) and not itself another run's output (with a
-        sidecar beside it)."""
-        if path.name in left and _as_left(path, left[path.name]):
-            return True
+        """A regular file (a link or a folder is the user's), listed by this output's sidecar and
+        unchanged since; or, where no listing vouches for it, made by a run of ours (its record; a
+        GIF of ours carries its parameters) and not itself another run's output (with a sidecar
+        beside it). A listed file changed since is the user's, whatever it carries."""
+        if _regular(path) is None:
+            return False
+        if left.get(path.name) is not None:
+            return _as_left(path, left[path.name])
         try:
             parameters, record = read_picture_texts(path)
         except InputError:  # not a picture this tool reads: not one it wrote
@@ -225,22 +235,22 @@ def check_in_the_way(names: FileNames, paths: list, left: dict) -> None:
     for path in paths:
         if path != names.output and os.path.lexists(path) and not ours(path):
             raise SpecError("output", f"{{flag}} {names.output}: the run writes {path.name}, and the "
-                                      "file there is not one a run of ours wrote (no sidecar of ours "
-                                      "lists it as it is, it carries no record of ours); move it, or "
-                                      "choose another {flag} name")
+                                      "file there is not ours to replace (not a regular file, or changed "
+                                      "since a run of this output wrote it, or with no record of ours, or "
+                                      "another run's output); move it, or choose another {flag} name")
 
 
 def earlier_files(names: FileNames, left: dict, notice) -> dict:
     """Of the files an earlier run of this output left (`left_by_us`), those still as it left them
     (name -> fingerprint): this run's sidecar lists them until it makes them again or finishes.
-    Those changed since are the user's now: said, and left alone."""
+    Those changed since, or that the sidecar cannot vouch for, are the user's: said, and left alone."""
     folder = names.stem.parent
     earlier = {name: mark for name, mark in left.items() if _as_left(folder / name, mark)}
-    changed = sorted(name for name in left if name not in earlier and _as_left(folder / name, None))
-    if changed:
-        notice(f"kept {len(changed)} file(s) an earlier run wrote under the name {names.output.name} that "
-               f"were changed since ({', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}): "
-               "they are yours now, and no run of ours lists them")
+    kept = sorted(name for name in left if name not in earlier and _regular(folder / name) is not None)
+    if kept:
+        notice(f"kept {len(kept)} file(s) an earlier run wrote under the name {names.output.name} that are "
+               f"not as its sidecar says it left them ({', '.join(kept[:3])}{' ...' if len(kept) > 3 else ''}): "
+               "they stay as they are, and no run of ours lists them")
     return earlier
 
 

@@ -96,14 +96,20 @@ class Timeline:
         return line
 
 
-def _steps_for(strength: float, num_steps: int) -> tuple[int, int]:
-    """(steps run, N): int(N * s), with N raised to ceil(1 / s) when that would be 0."""
-    if not isinstance(strength, numbers.Real) or not MIN_STRENGTH <= strength <= 1.0:
+def _run_numbers(strength, num_steps) -> tuple[float, int]:
+    """(strength, N) as Python's float and int (numpy's numbers taken), or an InputError."""
+    if not isinstance(strength, numbers.Real) or isinstance(strength, bool):
+        raise InputError(f"strength {strength!r} is not a number; use e.g. 0.6")
+    if not MIN_STRENGTH <= strength <= 1.0:
         raise InputError(f"strength {strength!r} is outside {MIN_STRENGTH:g} .. 1; use e.g. 0.6")
     if not isinstance(num_steps, numbers.Integral) or isinstance(num_steps, bool) or \
             not 1 <= num_steps <= MAX_STEPS:
         raise InputError(f"steps {num_steps!r} is not a whole number within 1 .. {MAX_STEPS}")
-    strength, num_steps = float(strength), int(num_steps)
+    return float(strength), int(num_steps)
+
+
+def _steps_for(strength: float, num_steps: int) -> tuple[int, int]:
+    """(steps run, N): int(N * s), with N raised to ceil(1 / s) when that would be 0."""
     steps = int(num_steps * strength)
     if steps == 0:
         num_steps = math.ceil(1.0 / strength)
@@ -121,6 +127,7 @@ def timeline(strength: float, num_steps: int, noise_schedule: "NoiseSchedule | i
         return noise_schedule.timeline(strength, num_steps, schedule, sampler)
     if schedule != "linear":
         raise ValueError("a schedule other than linear needs the noise schedule, not only T")
+    strength, num_steps = _run_numbers(strength, num_steps)
     steps, n_total = _steps_for(strength, num_steps)
     start = strength * noise_schedule
     times = tuple(float(t) for t in np.linspace(start, 0.0, steps + 1))
@@ -292,6 +299,7 @@ class NoiseSchedule:
             raise InputError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if sampler not in SAMPLER_TABLE:
             raise InputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLER_TABLE)}")
+        strength, num_steps = _run_numbers(strength, num_steps)
         steps, n_total = _steps_for(strength, num_steps)
         c = self.config.for_class(SAMPLER_TABLE[sampler].scheduler)
         common = dict(prediction_type=c.prediction_type, x0_limit=c.x0_limit)

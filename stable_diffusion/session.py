@@ -21,9 +21,6 @@ from .errors import InputError, ModelError
 from .spec import ModelSpec
 from .tokenizer import Tokenizer, check_fits_encoder
 
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-
-
 def default_dtype() -> str:
     # Metal computes half precision fast; on the CPU, bfloat16 only where the native products can
     # use the CPU's bfloat16 instructions and are measured faster (calibrate.default_cpu_dtype).
@@ -56,7 +53,7 @@ class Session:
 
     @property
     def dtype(self):
-        return DTYPES[self.dtype_name]
+        return getattr(mx, self.dtype_name)  # one of spec.DTYPES: ModelSpec.validate checked it
 
     def open(self) -> None:
         """Resolve the model and read its configs and tokenizers: no weights."""

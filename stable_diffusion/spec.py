@@ -183,7 +183,7 @@ class RunSpec:
             raise SpecError("strength", "{flag} and the triangle need an input picture")
         _check_strengths(spec.strengths, spec.triangle)
         if spec.cfg is not None and not (math.isfinite(spec.cfg) and 0 <= spec.cfg <= MAX_CFG):
-            raise SpecError("cfg", f"{{flag}} {spec.cfg:g} is outside 0 .. {MAX_CFG:g}; use 0 (no "
+            raise SpecError("cfg", f"{{flag}} {spec.cfg:.10g} is outside 0 .. {MAX_CFG:g}; use 0 (no "
                                    "guidance) or more, e.g. 7.5")
         if spec.n_images % spec.n_rows:
             raise SpecError("n_rows", f"{{flag:n_images}} {spec.n_images} is not divisible by {{flag}} "
@@ -219,7 +219,7 @@ class RunSpec:
             raise SpecError("noising_path", "{flag} inversion inverts an input picture; text to "
                                             "image has none")
         if inverted and not (math.isfinite(spec.inversion.cfg) and 0 <= spec.inversion.cfg <= MAX_CFG):
-            raise SpecError("inversion_cfg", f"{{flag}} {spec.inversion.cfg:g} is outside 0 .. {MAX_CFG:g}")
+            raise SpecError("inversion_cfg", f"{{flag}} {spec.inversion.cfg:.10g} is outside 0 .. {MAX_CFG:g}")
         frames = spec.triangle or any(v is not None for v in (c.every, c.last, c.noising_every))
         for name, idle in (("animate", c.animate is not None), ("shows", c.shows != "xt"),
                            ("preview", c.preview != "vae")):
@@ -283,6 +283,9 @@ class RunSpec:
         if inversion is not None:
             if inversion.prompt is not None and not isinstance(inversion.prompt, str):
                 raise SpecError("inversion_prompt", f"{{flag}} {_shown(inversion.prompt)} is not text")
+            for name, value in (("inversion_cfg", inversion.cfg), ("inversion_refine", inversion.refine)):
+                if value is None:  # an Inversion's settings have no default to stand for
+                    raise SpecError(name, "{flag} is None; give a number")
             inversion = replace(inversion, cfg=_real("inversion_cfg", inversion.cfg),
                                 refine=_whole("inversion_refine", inversion.refine, 0, MAX_REFINE))
         c = replace(self.capture, **_flags(self.capture, "save_prompt", "labels", "low_top", "curve", "keep_best"))
@@ -356,7 +359,10 @@ def _real(name: str, value) -> float | None:
         return None
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise SpecError(name, f"{{flag}} {_shown(value)} is not a number")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # a whole number past float's range (10**400)
+        raise SpecError(name, f"{{flag}} {_shown(value)} is too large") from None
 
 
 def _check_choice(name: str, value, choices) -> None:

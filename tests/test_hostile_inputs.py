@@ -21,11 +21,12 @@ import zlib
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
 from commands import ROOT, command
-from stable_diffusion import cli, files, options, outputs, private_cache, replay, single_file
+from stable_diffusion import cli, files, options, outputs, private_cache, render, replay, single_file
 from stable_diffusion.errors import InputError, ModelError
 from stable_diffusion.record import Ledger
 from stable_diffusion.spec import SpecError
@@ -302,24 +303,55 @@ def test_the_users_files_beside_the_output_stay(tmp_path, sd2):
 
 
 def test_only_files_a_sidecar_of_ours_lists_under_our_names_are_removed(tmp_path):
+    """Only what the sidecar vouches for: listed, named after the output, a regular file, and as
+    the run left it (its size and time). A listing without them (a run killed while it wrote the
+    file, an older sidecar) vouches for nothing: the file there stays."""
+    from stable_diffusion.record import fingerprint
+
     folder = tmp_path / "out"
     folder.mkdir()
     (tmp_path / "outside.png").write_bytes(b"outside")
-    for name in ("keep.png", "r.step-009.png", "r.curve.png", "r.png"):
+    for name in ("keep.png", "r.step-009.png", "r.step-007.png", "r.curve.png", "r.png"):
         (folder / name).write_bytes(name.encode())
     (folder / "r.step-008.png").symlink_to(tmp_path / "outside.png")
     listed = ["keep.png", "../outside.png", str(tmp_path / "outside.png"), "r.step-009.png",
-              "r.step-008.png", "r.png", 7, None]
-    (folder / "r.json").write_text(json.dumps({"format": 2, "command": "image2image",
+              "r.step-008.png", "r.step-007.png", "r.png", 7, None]
+    written = {name: fingerprint(os.lstat(folder / name)) for name in ("keep.png", "r.step-009.png", "r.png")}
+    written["r.step-008.png"] = fingerprint(os.lstat(folder / "r.step-008.png"))
+    (folder / "r.json").write_text(json.dumps({"format": 2, "command": "image2image", "written": written,
                                                "files": [{"file": f} for f in listed] + ["r.curve.png"]}))
     notes = []
     names = outputs.FileNames(folder / "r.png", 10)
     earlier = outputs.earlier_files(names, outputs.left_by_us(names), notes.append)
-    assert sorted(earlier) == ["r.png", "r.step-009.png"]  # listed, named after the output, regular
+    assert sorted(earlier) == ["r.png", "r.step-009.png"]  # listed, named after the output, regular, as left
+    assert notes == ["kept 1 file(s) an earlier run wrote under the name r.png that are not as its sidecar "
+                     "says it left them (r.step-007.png): they stay as they are, and no run of ours lists them"]
     outputs.remove_earlier(names, earlier, notes.append)
     left = sorted(p.name for p in folder.iterdir())
-    assert left == ["keep.png", "r.curve.png", "r.json", "r.step-008.png"]
-    assert (tmp_path / "outside.png").read_bytes() == b"outside" and len(notes) == 1  # no sidecar fingerprints
+    assert left == ["keep.png", "r.curve.png", "r.json", "r.step-007.png", "r.step-008.png"]
+    assert (tmp_path / "outside.png").read_bytes() == b"outside" and len(notes) == 2
+
+
+def test_a_listed_file_changed_since_or_a_link_is_not_ours_to_replace(tmp_path):
+    """A frame of ours the user edited in place (it still carries our record) was told kept, then
+    written over; a link at a listed name was replaced by a file."""
+    from stable_diffusion.record import fingerprint
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    for name in ("r.step-001.png", "r.step-002.png"):
+        render.save_picture(folder / name, np.zeros((8, 8, 3), np.uint8), record={"frame": {"kind": "step"}})
+    (folder / "r.json").write_text(json.dumps({
+        "format": 2, "command": "image2image", "files": [{"file": "r.step-001.png"}, {"file": "r.step-002.png"}],
+        "written": {n: fingerprint(os.lstat(folder / n)) for n in ("r.step-001.png", "r.step-002.png")}}))
+    names = outputs.FileNames(folder / "r.png", 10)
+    outputs.check_in_the_way(names, [folder / "r.step-001.png"], outputs.left_by_us(names))  # as left: ours
+    os.utime(folder / "r.step-001.png", ns=(0, 0))  # changed since, though it carries our record
+    (folder / "r.step-002.png").rename(folder / "mine.png")
+    (folder / "r.step-002.png").symlink_to(folder / "mine.png")
+    for name in ("r.step-001.png", "r.step-002.png"):
+        with pytest.raises(SpecError, match=f"the run writes {name}, and the file there is not ours to replace"):
+            outputs.check_in_the_way(names, [folder / name], outputs.left_by_us(names))
 
 
 @pytest.mark.parametrize("content", ['{"my": "settings"}', "not json", "[" * 10_000, '{"format": 2}'])

@@ -302,7 +302,13 @@ def test_the_library_checks_what_a_script_gives_it(sd2):
         (lambda: RunSpec("x", "o.png", size="128x128").validate(), "expected \\(height, width\\)"),
         (lambda: ModelSpec("shapes", dtype="float8").validate(), "dtype 'float8' is not one of"),
         (lambda: ModelSpec("shapes", loras=(("l.safetensors", 1e9),)).validate(), "weight 1e\\+09 is outside"),
-    ]
+        (lambda: RunSpec("x", "o.png", cfg=10**400).validate(), "cfg 1000.* is too large"),
+        (lambda: sd.noise_schedule.timeline(True, 4), "strength True is not a number"),
+    ] + [(lambda i=inversion: RunSpec("x", "o.png", image="i.png", capture=Capture(noising_path="inversion"),
+                                      inversion=i).validate(), words)
+         for inversion, words in ((Inversion(refine=None), "inversion_refine is None"),
+                                  (Inversion(cfg=None), "inversion_cfg is None"),
+                                  (Inversion(cfg=10**400), "inversion_cfg 1000.* is too large"))]
     for call, words in refused:
         with pytest.raises(InputError, match=words):
             call()
@@ -314,6 +320,9 @@ def test_the_library_checks_what_a_script_gives_it(sd2):
     assert spec.triangle is True and spec.size == (128, 128)
     assert [s.t for s in sd.noise_schedule.noising_path(x0, (t for t in (100, 200)), "markov")] == [100.0, 200.0]
     assert sd.noise_schedule.add_noise(x0, np.array(300.0), noise=np.zeros(x0.shape)).shape == x0.shape
+    # A numpy strength starts where the run starts: its value as a Python float (np.float16 0.7 is 0.70019...)
+    line = sd.noise_schedule.timeline(np.float16(0.7), 20)
+    assert type(line.start_time) is float and line.start_time == float(np.float16(0.7)) * 1000
 
 
 def test_pictures_a_format_cannot_hold_and_time_columns_a_row_revisits_are_refused_when_planned():

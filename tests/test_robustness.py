@@ -330,7 +330,7 @@ def test_a_file_of_the_users_at_a_name_the_run_writes_is_refused(capsys, tmp_pat
     theirs.write_bytes(b"keep")
     status, _, err = main(capsys, "image2image", picture, "x", "--model", unloadable, "--steps", 2,
                           "--strength", 1, "-sd", 1, "--output", tmp_path / "photo.png")
-    only_error(status, 2, err, "the run writes photo.step-001.png", "not one a run of ours wrote")
+    only_error(status, 2, err, "the run writes photo.step-001.png", "the file there is not ours to replace")
     assert theirs.read_bytes() == b"keep" and not (tmp_path / "photo.json").exists()
     theirs.unlink()
     (tmp_path / "photo.png").write_bytes(b"named by the user: theirs to replace")
@@ -491,9 +491,9 @@ def test_a_rerun_that_does_not_finish_loses_nothing_of_the_earlier_run(capsys, t
 
     (tmp_path / "r.step-004.png").write_bytes(b"the user's own edit of this frame")
     status, _, err = main(capsys, *common, "-sd", 2)  # it writes step-004 again: not over the user's file
-    only_error(status, 2, err, "the run writes r.step-004.png, and the file there is not one a run of ours wrote")
+    only_error(status, 2, err, "the run writes r.step-004.png, and the file there is not ours to replace")
     status, _, err = main(capsys, *common)  # writes no frames: the earlier ones go, but for the user's
-    assert status == 0 and "kept 1 file(s) an earlier run wrote under the name r.png that were changed since" in err
+    assert status == 0 and "kept 1 file(s) an earlier run wrote under the name r.png that are not as its sidecar says it left them" in err
     assert sorted(p.name for p in tmp_path.glob("r*.png")) == ["r.png", "r.step-004.png"]
     assert (tmp_path / "r.step-004.png").read_bytes() == b"the user's own edit of this frame"
     assert "earlier_files" not in sidecar(tmp_path / "r.json")
