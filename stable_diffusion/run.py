@@ -217,7 +217,12 @@ def _walk_and_keep(session, sd, plan, names, ledger, texts, picture, taesd, cons
             for sink in kept:
                 sink.phase_done(row)
     except KeyboardInterrupt:
-        for sink in kept:  # what whole rows make (a partial triangle); a second stop ends it
+        # The frames made before the stop and waiting for their decoding batch are written, then
+        # what whole rows make (a partial triangle); a second stop ends it.
+        if writer.waiting():
+            console.notice(f"stopping: writing the {writer.waiting()} frame(s) made before the stop "
+                           "(stop again to leave them out)")
+        for sink in (writer, *kept):
             try:
                 sink.salvage()
             except Exception as e:  # noqa: BLE001 - the run ends as interrupted, whatever this does

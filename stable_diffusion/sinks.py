@@ -97,6 +97,10 @@ class FrameWriter:
         if sum(f.latents[0].shape[0] * len(f.latents) for f in self.pending) >= self.batch_size:
             self.flush()
 
+    def waiting(self) -> int:
+        """Frames made and not yet decoded (fewer than a batch)."""
+        return len(self.pending)
+
     def flush(self) -> None:
         pending, self.pending = self.pending, []
         if not pending:
@@ -125,6 +129,8 @@ class FrameWriter:
                 self.save(frame.path, picture, frame.info)
             if frame.keep is not None:
                 frame.keep(picture)
+
+    salvage = flush  # after an interrupt: the frames made before it
 
     def grid(self, pictures: np.ndarray) -> np.ndarray:
         return render.grid(render.to_uint8(pictures), self.n_rows)

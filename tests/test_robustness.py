@@ -499,6 +499,33 @@ def test_a_rerun_that_does_not_finish_loses_nothing_of_the_earlier_run(capsys, t
     assert "earlier_files" not in sidecar(tmp_path / "r.json")
 
 
+def test_ctrl_c_writes_the_frames_waiting_for_their_decoding_batch(capsys, tmp_path, picture, sd2, monkeypatch):
+    """Frames wait to be decoded four at a time (--decoding_batch_size): a stop lost up to three
+    frames already made. They are written before the run ends, and the stop says so."""
+    from stable_diffusion import sinks
+
+    add = sinks.Snapshots.add
+
+    def stop_after_step_2(self, row, step):
+        add(self, row, step)
+        if step.index == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sinks.Snapshots, "add", stop_after_step_2)
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 6,
+                          "--strength", 1, "-sd", 1, "--seed", 0, "--output", tmp_path / "o.png")
+    assert status == 130 and "stopping: writing the 3 frame(s) made before the stop" in err, err
+    record = sidecar(tmp_path / "o.json")
+    assert record["status"] == "interrupted"
+    assert listed(record) == set(assert_whole_pictures(tmp_path)) == {f"o.step-00{k}.png" for k in range(3)}
+    monkeypatch.undo()
+    main(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 6, "--strength", 1, "-sd", 1,
+         "--seed", 0, "--output", tmp_path / "whole" / "o.png")
+    for k in range(3):  # the same pictures as a run that was not stopped
+        stopped, whole = (np.asarray(Image.open(folder / f"o.step-00{k}.png")) for folder in (tmp_path, tmp_path / "whole"))
+        assert np.array_equal(stopped, whole), k
+
+
 def test_ctrl_c_during_decoding_keeps_what_was_written(capsys, tmp_path, picture, sd2, monkeypatch):
     decode, calls = StableDiffusion.decode, []
 
