@@ -35,6 +35,14 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit status 2, like every other input error
         raise InputError(f"{message} (see --help)")
 
+    def format_help(self) -> str:
+        """argparse's help, its usage followed by the form that needs no positionals."""
+        text = super().format_help()
+        replay = self._option_string_actions.get("--replay")
+        if replay is None or replay.help == argparse.SUPPRESS:  # sweep.py takes it only to refuse it
+            return text
+        return text.replace("\n\n", f"\n   or: {self.prog} --replay PICTURE [flags]\n\n", 1)
+
     def action_of(self, arg: str):
         """The action of a flag argument, spelled whole or as the unambiguous start of a long flag
         (as argparse takes it); None for a value, a positional or an unknown flag."""
@@ -165,6 +173,9 @@ def build_specs(command: str, args) -> tuple:
         strengths = (args.strength,) if img2img else (1.0,)
     if args.output is not None and not str(args.output).strip():  # it wrote out.png here
         raise SpecError("output", "{flag} is empty; name the picture, e.g. {flag} out/cat.png")
+    if args.output is not None and str(args.output).endswith(("/", os.sep)):  # Path drops the slash
+        raise SpecError("output", f"{{flag}} {args.output} names a folder; name the picture in it, "
+                                  f"e.g. {{flag}} {Path(args.output) / 'out.png'}")
     output = Path(args.output or f"out{PICTURE_SUFFIXES[args.output_format or 'png'][0]}")
     fmt = args.output_format
     if fmt is None:  # from the output name

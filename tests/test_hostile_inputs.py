@@ -191,6 +191,16 @@ def test_a_replay_fetches_nothing_unasked(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
 
 
+def test_the_usage_shows_the_replay_form_that_needs_no_positionals():
+    """The usage line showed `image prompt` as required, though --replay PICTURE takes neither."""
+    for command in ("image2image", "txt2image"):
+        usage, rest = cli.build_parser(command).format_help().split("\n\n", 1)
+        assert usage.endswith(f"\n   or: {command}.py --replay PICTURE [flags]") and "--replay PICTURE" in rest
+    from stable_diffusion.sweep_cli import build_sweep_parser
+
+    assert " or: " not in build_sweep_parser("image2image").format_help()  # the sweep refuses --replay
+
+
 def test_our_picture_whose_prompt_starts_with_a_dash_takes_overrides(tmp_path, sd2):
     spec, model = cli.build_specs("image2image", cli.build_parser("image2image").parse_args(
         ["--model", str(sd2), "--seed", "3", "--steps", "2", "--", str(INPUT), "-a dash first"]))

@@ -158,6 +158,7 @@ def test_picture_notices_reach_stderr(tmp_path, sd2):
     (["--strength", "5e-324"], ["--strength 4.940656458e-324 is outside 0.001 .. 1"]),
     (["--strength", "1.0000001"], ["--strength 1.0000001 is outside 0.001 .. 1"]),  # not "1 is outside"
     (["--output", ""], ["--output is empty"]),  # it wrote out.png in the current folder
+    (["--output", "o.png/"], ["--output o.png/ names a folder; name the picture in it, e.g. --output o.png/out.png"]),  # it wrote o.png
     (["--steps", 1_000_000_000], ["--steps 1000000000 is outside 1 .. 10000"]),
     (["--steps", "1e9"], ["--steps: invalid int value: '1e9'"]),
     (["--cfg", "1e308"], ["--cfg 1e+308 is outside 0 .. 100"]),
