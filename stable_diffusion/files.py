@@ -155,6 +155,8 @@ def output_lock(output: str | os.PathLike, wait: bool = False,
                 # Never through a link: a planted `.name.lock -> ~/.bashrc` would be opened (and
                 # made) wherever it points.
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+                if not stat.S_ISREG(os.fstat(fd).st_mode):  # a pipe, a device: not ours to lock or remove
+                    raise IsADirectoryError(errno.EISDIR, "not a plain file")
                 if fcntl is None:
                     held = True
                     break
@@ -183,6 +185,9 @@ def output_lock(output: str | os.PathLike, wait: bool = False,
             if err.errno == errno.ELOOP:
                 raise InputError(f"{path} is a link; the lock of {output.name} must be a plain file: "
                                  "remove the link, or choose another output name") from err
+            if err.errno == errno.EISDIR:  # a folder, or made so above
+                raise InputError(f"{path} is not a plain file; the lock of {output.name} must be one: "
+                                 "remove it, or choose another output name") from err
             reason = _refusal(path.parent, err)
             if err.errno in _USER_ERRNOS or err.errno == errno.ENOENT:
                 raise InputError(f"cannot write into the output folder {path.parent}: {reason}; "

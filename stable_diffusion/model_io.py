@@ -160,6 +160,17 @@ def hub_timeout() -> float:
         return HUB_TIMEOUT_S
 
 
+def _check_cache_folder(cache: Path) -> None:
+    """The hub cache is a folder, or can be made one: a file on its way (HF_HOME naming a file)
+    was blamed on the network."""
+    for place in (cache, *cache.parents):
+        if place.exists():
+            if not place.is_dir():
+                raise ModelError(f"the hub cache {cache} cannot be a folder: {place} is a file; point "
+                                 "HF_HOME (or HF_HUB_CACHE) at a folder")
+            return
+
+
 def _download(repo_id: str, revision: str | None, variant: str | None,
               patterns: list[str] | None = None) -> Path:
     try:
@@ -175,6 +186,8 @@ def _download(repo_id: str, revision: str | None, variant: str | None,
                   + (f" --revision {revision}" if revision else "")
                   + ") or pass {flag:model} with a local folder in the diffusers layout; {flag:model} "
                   "shapes runs the small model that ships with this package, offline")
+
+    _check_cache_folder(Path(constants.HF_HUB_CACHE))
 
     # 1. Ask the hub about the revision, within a bounded time. Without an answer (offline,
     #    unreachable, down) the local cache decides.

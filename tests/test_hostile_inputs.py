@@ -201,6 +201,15 @@ def test_the_usage_shows_the_replay_form_that_needs_no_positionals():
     assert " or: " not in build_sweep_parser("image2image").format_help()  # the sweep refuses --replay
 
 
+def test_a_hub_cache_under_a_file_is_named_not_blamed_on_the_network(tmp_path):
+    """HF_HOME naming a file was reported as "the hub cannot be reached (NotADirectoryError)"."""
+    (tmp_path / "hf").write_text("not a folder")
+    result = probe("image2image.py", INPUT, "a", "--model", "sd21", "--output", tmp_path / "o.png",
+                   env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")})
+    assert_refused(result, f"{tmp_path / 'hf'} is a file", "point HF_HOME (or HF_HUB_CACHE) at a folder")
+    assert "reached" not in result.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
 def test_our_picture_whose_prompt_starts_with_a_dash_takes_overrides(tmp_path, sd2):
     spec, model = cli.build_specs("image2image", cli.build_parser("image2image").parse_args(
         ["--model", str(sd2), "--seed", "3", "--steps", "2", "--", str(INPUT), "-a dash first"]))
@@ -617,6 +626,18 @@ def test_the_output_lock_is_never_opened_through_a_link(tmp_path):
             pass
     assert not victim.exists()
 
+
+
+@pytest.mark.parametrize("make", [Path.mkdir, os.mkfifo])
+def test_the_output_lock_must_be_a_plain_file(tmp_path, make):
+    """A folder at the lock's name was reported as the output folder not being writable; a pipe
+    there was locked, then removed as the run ended."""
+    lock = files.lock_path(tmp_path / "out.png")
+    make(lock)
+    with pytest.raises(InputError, match=r"\.out\.lock is not a plain file; the lock of out\.png must be one"):
+        with files.output_lock(tmp_path / "out.png"):
+            pass
+    assert lock.exists() and not lock.is_file()
 
 # --- 6. the sidecar stays true when the folder changes under the run ---------------------------
 
