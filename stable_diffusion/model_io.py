@@ -66,6 +66,9 @@ def resolve_model(spec: str, variant: str | None = None, vae: str | Path | None 
     for field_name, text, wanted in (("model", spec, _MODEL_WANTED), ("vae", vae, _VAE_WANTED)):
         if text is not None and not str(text).strip():  # Path("") is the current folder
             raise ModelError(f"{{flag:{field_name}}} is empty; pass {wanted}")
+    if variant is not None and not (isinstance(variant, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,32}", variant)):
+        raise ModelError(f"variant {str(variant)[:40]!r}: a variant is a word such as fp16 (the files "
+                         "are named name.<variant>.safetensors)")
     if spec in PACKAGED:  # an alias, as the hub aliases: it wins over a file of that name here
         folder = packaged_folder(spec)
         source = {"model": spec, "folder": str(folder.resolve()), "revision": None, "source": "package"}

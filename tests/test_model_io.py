@@ -85,6 +85,9 @@ def test_hub_id_offline_from_the_cache(hub_cache, monkeypatch):
     assert model_io.resolve_model(f"owner/name@{COMMIT}")[0] == folder
     sd = StableDiffusion.from_pretrained("owner/name")  # the whole loader, through the cache
     assert sd.source["commit"] == COMMIT
+    # A variant names files beside the others: it was taken as any text, `../x` included
+    for bad in ("../../x", "fp16.safetensors/..", "", 16):
+        expect_model_error(lambda: StableDiffusion.from_pretrained("owner/name", variant=bad), "a variant is a word")
 
     expect_model_error(lambda: model_io.resolve_model("owner/name@nope"),
                        "revision 'nope' of owner/name is not in the local hub cache",
