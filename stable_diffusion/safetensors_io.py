@@ -40,16 +40,19 @@ MAX_HEADER_BYTES = 100_000_000
 MAX_TENSORS = 100_000
 
 
-def refuse_pickle(path: Path) -> None:
+def refuse_pickle(path: Path, head: bytes | None = None) -> None:
     """Pickle files are never opened; the message gives the one-line conversion (torch's
-    weights-only loader, which refuses code, then safetensors)."""
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise ModelError(f"{path} is a pickle checkpoint: loading one can run any code it holds, so "
+    weights-only loader, which refuses code, then safetensors). `head`: a file's first bytes, which
+    tell a pickle (torch's zip, or a bare pickle) whatever its name."""
+    by_content = head is not None and (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80")
+    if by_content or path.suffix.lower() in PICKLE_SUFFIXES:
+        out = path.with_suffix(".converted.safetensors" if by_content else ".safetensors")
+        raise ModelError(f"{path} is a pickle checkpoint{' (whatever its name says)' if by_content else ''}: "
+                         "loading one can run any code it holds, so "
                          "this tool reads safetensors only; convert it once (python -c \"import torch, "
                          f"safetensors.torch as s; d = torch.load('{path}', weights_only=True); "
                          "s.save_file({k: v.contiguous().clone() for k, v in d.get('state_dict', d).items() "
-                         f"if torch.is_tensor(v)}}, '{path.with_suffix('.safetensors')}')\") or use a "
-                         ".safetensors copy of the model")
+                         f"if torch.is_tensor(v)}}, '{out}')\") or use a .safetensors copy of the model")
 
 
 # --- which files hold the weights -----------------------------------------------------------------
@@ -178,6 +181,7 @@ def _read_header(path: Path) -> tuple[dict, int]:
                 raise ModelError(f"{path} is not a safetensors file (too short); download it again")
             (n,) = struct.unpack("<Q", head)
             if n > min(size - 8, MAX_HEADER_BYTES):
+                refuse_pickle(path, head)  # its first bytes, not a header's length
                 raise ModelError(f"{path} is truncated or not a safetensors file; download it again")
             raw = f.read(n)
     except OSError as e:
@@ -187,6 +191,7 @@ def _read_header(path: Path) -> tuple[dict, int]:
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: deep nesting
         header = None
     if not isinstance(header, dict):
+        refuse_pickle(path, head)
         raise ModelError(f"{path} has a corrupt safetensors header; download it again")
     if len(header) > MAX_TENSORS:
         raise ModelError(f"{path} lists {len(header)} tensors, more than the {MAX_TENSORS} a model or "

@@ -52,6 +52,7 @@ CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 MAX_PIECE_BYTES = 1024  # a 1024-byte piece merges in a quarter of a second; 100,000 in an hour
 MAX_ENCODED_TOKENS = 1024  # far beyond what any text encoder reads (75)
 MAX_TEXT_CHARS = 1 << 16
+_SHOWN_DROPPED = 12  # the dropped tokens a warning quotes; up to 949 could be
 
 
 @lru_cache(maxsize=1)
@@ -267,9 +268,10 @@ class Tokenizer:
             lost = max(0, len(ids) - room)
             if lost:
                 at_least = "" if complete else "at least "
+                shown = self.decode(ids[room:room + _SHOWN_DROPPED]) + (" ..." if lost > _SHOWN_DROPPED else "")
                 warnings.warn(f"a prompt is {at_least}{len(ids)} tokens long and the text encoder reads "
-                              f"{room}: the last {at_least}{lost} tokens were dropped "
-                              f"({self.decode(ids[room:])!r})", stacklevel=2)
+                              f"{room}: the last {at_least}{lost} tokens were dropped ({shown!r})",
+                              stacklevel=2)
             row = [self.bos_id, *ids[:room], self.eos_id]
             rows.append(row + [self.pad_id] * (self.max_length - len(row)))
             dropped.append(lost)

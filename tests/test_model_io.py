@@ -547,3 +547,24 @@ def test_plain_weights_undo_the_packing_for_save_weights(dtype, sd2, tmp_path):
     expected = dict(tree_flatten(plain.unet.parameters()))
     for key, value in tree_flatten(fresh.parameters()):
         assert mx.array_equal(value, expected[key]).item(), key
+
+
+def test_a_pickle_under_a_safetensors_name_is_called_a_pickle(tmp_path):
+    """torch.save's zip, or a bare pickle, renamed .safetensors was called truncated ("download it
+    again"); its first bytes tell it. A real header whose length starts with the same byte loads."""
+    import zipfile
+
+    bare = tmp_path / "bare.safetensors"
+    bare.write_bytes(pickle.dumps({"weight": [1.0, 2.0]}, protocol=2))
+    with zipfile.ZipFile(tmp_path / "zipped.safetensors", "w") as z:  # torch.save's container
+        z.writestr("archive/data.pkl", pickle.dumps({"weight": 1}, protocol=2))
+    for path in (bare, tmp_path / "zipped.safetensors"):
+        expect_model_error(lambda: safetensors_io.read_safetensors_header(path),
+                           "is a pickle checkpoint (whatever its name says)", "weights_only=True",
+                           f"{path.with_suffix('.converted.safetensors')}")
+    # A header of 384 bytes: its length's first byte is 0x80, as a pickle's first byte
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    real = tmp_path / "real.safetensors"
+    real.write_bytes(struct.pack("<Q", 384) + header.ljust(384) + np.ones(2, np.float32).tobytes())
+    assert real.read_bytes()[0] == 0x80 and list(safetensors_io.read_safetensors_header(real)) == ["w"]
+    assert load_file(str(real))["w"].tolist() == [1.0, 1.0]

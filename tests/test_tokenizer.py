@@ -87,8 +87,11 @@ def test_truncation_warns_and_counts(tiny_model):
     long_text = "a red fox jumping over the lazy dog " * 12
     n = len(tokenizer.encode(long_text))
     assert n > 75
-    with pytest.warns(UserWarning, match=f"{n} tokens long.*last {n - 75} tokens were dropped"):
+    with pytest.warns(UserWarning, match=f"{n} tokens long.*last {n - 75} tokens were dropped") as caught:
         ids, dropped = tokenizer.tokenize([long_text, "short"])
+    # It quotes the first 12 dropped tokens (it quoted all, up to 949 of them)
+    dropped_text = tokenizer.decode(tokenizer.encode(long_text)[75:87])
+    assert str(caught[0].message).endswith(f"({dropped_text + ' ...'!r})") and n - 75 > 12
     assert dropped == [n - 75, 0]
     assert ids[0].tolist() == [BOS, *tokenizer.encode(long_text)[:75], EOS]
     with warnings.catch_warnings():
