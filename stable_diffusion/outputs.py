@@ -248,8 +248,7 @@ def earlier_files(names: FileNames, left: dict, notice) -> dict:
     earlier = {name: mark for name, mark in left.items() if _as_left(folder / name, mark)}
     kept = sorted(name for name in left if name not in earlier and _regular(folder / name) is not None)
     if kept:
-        notice(f"kept {len(kept)} file(s) an earlier run wrote under the name {names.output.name} that are "
-               f"not as its sidecar says it left them ({', '.join(kept[:3])}{' ...' if len(kept) > 3 else ''}): "
+        notice(f"kept {earlier_run_files(names, kept)} that are not as its sidecar says it left them: "
                "they stay as they are, and no run of ours lists them")
     return earlier
 
@@ -258,15 +257,22 @@ def remove_earlier(names: FileNames, earlier: dict, notice) -> None:
     """Once this run has finished: the earlier run's files it did not make again go, so that the
     folder holds this run's files alone. Only while each is as that run left it (the user's own
     edit of a frame stays)."""
-    removed = 0
+    removed = []
     for name, mark in earlier.items():
         path = names.stem.parent / name
         if _as_left(path, mark):
             try:
                 path.unlink()
-                removed += 1
+                removed.append(name)
             except OSError:
                 pass
     if removed:
-        notice(f"removed the {removed} file(s) an earlier run wrote under the name {names.output.name} "
-               "that this run did not make again")
+        notice(f"removed the {earlier_run_files(names, removed)} that this run did not make again")
+
+
+def earlier_run_files(names: FileNames, files) -> str:
+    """"N file(s) an earlier run wrote under the name photo.* (the first three ...)": the earlier
+    run's output may have had another suffix than this run's."""
+    files = sorted(files)
+    return (f"{len(files)} file(s) an earlier run wrote under the name {names.stem.name}.* "
+            f"({', '.join(files[:3])}{' ...' if len(files) > 3 else ''})")

@@ -163,9 +163,8 @@ def execute(session, spec, console, argv=(), replay=None, picture=None, wait: bo
                 gone = _write_last(ledger, plan, status, error, kept, denoisers, timings, memory, console)
             if ledger.earlier:  # nothing of the earlier run is lost to a run that did not finish
                 say = console.notice if status == "interrupted" else console.detail
-                say(f"kept the {len(ledger.earlier)} file(s) an earlier run wrote under the name "
-                    f"{names.output.name} that this run did not make again (its sidecar lists them "
-                    "under earlier_files)")
+                say(f"kept the {outputs.earlier_run_files(names, ledger.earlier)} that this run did not "
+                    "make again (its sidecar lists them under earlier_files)")
             console.detail(describe_timings(timings, plan.estimate))
         if gone and status == "finished":
             raise OutputError(f"{len(gone)} file(s) of the run were removed before it ended ("

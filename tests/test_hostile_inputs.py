@@ -343,12 +343,16 @@ def test_only_files_a_sidecar_of_ours_lists_under_our_names_are_removed(tmp_path
     names = outputs.FileNames(folder / "r.png", 10)
     earlier = outputs.earlier_files(names, outputs.left_by_us(names), notes.append)
     assert sorted(earlier) == ["r.png", "r.step-009.png"]  # listed, named after the output, regular, as left
-    assert notes == ["kept 1 file(s) an earlier run wrote under the name r.png that are not as its sidecar "
-                     "says it left them (r.step-007.png): they stay as they are, and no run of ours lists them"]
+    assert notes == ["kept 1 file(s) an earlier run wrote under the name r.* (r.step-007.png) that are not as "
+                     "its sidecar says it left them: they stay as they are, and no run of ours lists them"]
     outputs.remove_earlier(names, earlier, notes.append)
     left = sorted(p.name for p in folder.iterdir())
     assert left == ["keep.png", "r.curve.png", "r.json", "r.step-007.png", "r.step-008.png"]
     assert (tmp_path / "outside.png").read_bytes() == b"outside" and len(notes) == 2
+    # Named by the stem the runs share, and the files themselves: the earlier output may have been
+    # r.webp (the note said "under the name" of this run's output)
+    assert notes[1] == ("removed the 2 file(s) an earlier run wrote under the name r.* (r.png, r.step-009.png) "
+                        "that this run did not make again")
 
 
 def test_a_listed_file_changed_since_or_a_link_is_not_ours_to_replace(tmp_path):
