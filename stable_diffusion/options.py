@@ -363,6 +363,39 @@ def optional_values() -> dict:
             for row in OPTIONS if row.nargs == "?" and not row.positional for flag in row.flags}
 
 
+def argument_roles(argv) -> list:
+    """Per argument as typed: the row of the option whose value it is (a flag's own `--flag=value`,
+    or the argument after a flag that takes one), "flag", "positional", or None for a flag the
+    table does not know (a sweep's own), whose value, if any, cannot be told from a positional."""
+    args = [str(a) for a in argv]
+    flags = {flag: row for row in OPTIONS if not row.positional for flag in row.flags}
+    optional = optional_values()
+    roles, i, rest = [None] * len(args), 0, False
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if rest or not arg.startswith("-") or arg == "-" or NEGATIVE_NUMBER.match(arg):
+            roles[i - 1] = "positional"
+            continue
+        if arg == "--":
+            rest, roles[i - 1] = True, "flag"
+            continue
+        name, joined, _ = arg.partition("=")
+        starting = {row for flag, row in flags.items()  # argparse takes an unambiguous start
+                    if name.startswith("--") and flag.startswith(name)}
+        row = flags.get(name) or (starting.pop() if len(starting) == 1 else None)
+        if row is None:
+            continue
+        roles[i - 1] = row if joined else "flag"
+        if joined or row.action is not None or i == len(args):
+            continue
+        if row.nargs == "?" and args[i].lower() not in optional[row.flags[0]]:
+            continue  # a bare optional-value flag: the next argument is not its
+        roles[i] = row
+        i += 1
+    return roles
+
+
 # --- replay -------------------------------------------------------------------------------------
 
 _ABSENT = object()  # the field's container is absent (a run without inversion has no inversion.cfg)

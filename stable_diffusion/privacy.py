@@ -168,8 +168,12 @@ def record_note(spec) -> dict:
 
 
 def redact_argv(argv, spec) -> list:
-    """The arguments as typed, with each private text in its hash's place: an argument that is the
-    text, or a flag joined to it (`--negative_prompt=...`)."""
+    """The arguments as typed, with each private text in its hash's place: every value given to a
+    private text's flag (one given twice too), and a positional that is a private text. A flag's
+    value is told by its place (options.argument_roles), never by its text: `--model shapes` stays
+    as typed under the prompt "shapes"."""
+    from .options import argument_roles
+
     if spec.capture.save_prompt:
         return list(argv)
     typed = {}
@@ -180,15 +184,19 @@ def redact_argv(argv, spec) -> list:
         if isinstance(text, bytes):
             typed[text.decode("utf-8", "replace")] = hashed
     out = []
-    for arg in map(str, argv):
-        if arg in typed:
+    for arg, role in zip(map(str, argv), argument_roles(argv)):
+        flag, joined, value = arg.partition("=") if arg.startswith("-") else ("", "", arg)
+        if getattr(role, "field", None) in _PRIVATE_FIELDS:  # the value of a private text's flag
+            arg = f"{flag}={text_hash(value)}" if joined else text_hash(arg)
+        elif role == "positional" and arg in typed:
             arg = typed[arg]
-        elif arg.startswith("-") and "=" in arg:
-            flag, value = arg.split("=", 1)
-            if value in typed:
-                arg = f"{flag}={typed[value]}"
+        elif role is None and (arg in typed or value in typed):  # a flag we do not know, or its value
+            arg = typed[arg] if arg in typed else f"{flag}={typed[value]}"
         out.append(arg)
     return out
+
+
+_PRIVATE_FIELDS = ("negative_prompt", "inversion.prompt")  # the flags of private texts
 
 
 def shown_value(field: str, value, private: bool):

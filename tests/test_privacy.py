@@ -154,7 +154,7 @@ def test_salt_is_made_once_private_to_its_user_and_refused_when_others_can_read_
 
 
 def test_arguments_as_typed_lose_their_texts(tmp_path):
-    from stable_diffusion.spec import Capture, RunSpec
+    from stable_diffusion.spec import Capture, Inversion, RunSpec
 
     spec = RunSpec(PROMPT, tmp_path / "o.png", negative_prompt=NEGATIVE, capture=Capture(save_prompt=False))
     argv = ["in.png", PROMPT, f"--negative_prompt={NEGATIVE}", "--seed", "1", "-sp", "0"]
@@ -163,6 +163,17 @@ def test_arguments_as_typed_lose_their_texts(tmp_path):
                         "--seed", "1", "-sp", "0"]
     public = RunSpec(PROMPT, tmp_path / "o.png")
     assert privacy.redact_argv(argv, public) == argv and privacy.redacted(public) is public
+
+    # Told by place, not by text: a negative prompt given twice (a wrapper's default, then the
+    # user's) kept the first as typed; a prompt that is another flag's value ("shapes") hashed it.
+    h = privacy.text_hash
+    spec = RunSpec("shapes", tmp_path / "o.png", negative_prompt="second", inversion=Inversion(prompt="inv"),
+                   capture=Capture(save_prompt=False))
+    argv = ["in.png", "shapes", "--model", "shapes", "--negative_prompt", "first", "--negative-prompt=second",
+            "--inversion_pr", "inv", "-gt", "shapes", "--inversion-prompt=old", "--", "-x"]
+    assert privacy.redact_argv(argv, spec) == [
+        "in.png", h("shapes"), "--model", "shapes", "--negative_prompt", h("first"), f"--negative-prompt={h('second')}",
+        "--inversion_pr", h("inv"), "-gt", h("shapes"), f"--inversion-prompt={h('old')}", "--", "-x"]
 
 
 def test_a_private_ray_sweep_hashes_with_the_drivers_salt_on_every_worker(tmp_path, picture, sd2, monkeypatch):
