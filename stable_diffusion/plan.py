@@ -166,9 +166,9 @@ def make_plan(spec: RunSpec, config: PipelineConfig, tokenizers, image_size: tup
     every = c.every
     if spec.triangle and every is None:
         every = default_triangle_every(spec.steps)
-    if every is not None and every > longest:
-        raise SpecError("every", f"{{flag}} {every} is more than the {longest} steps this run makes; "
-                                 f"use {{flag}} {longest} or less")
+    if every is not None and every > longest:  # a loop or a sweep over strengths meets it
+        notice(f"{{flag:every}} {every} is more than the {longest} steps this run makes; saving the start "
+               "and the final")
     last = c.last
     if last is not None and last > longest:
         notice(f"{{flag:last}} {last} is more than the {longest} steps run; saving all {longest}")

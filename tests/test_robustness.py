@@ -148,10 +148,6 @@ def test_picture_notices_reach_stderr(tmp_path, sd2):
     (["-gt", "--triangle_strengths", "0.2,0.2"], ["has duplicates"]),
     (["-gt", "--triangle_strengths", "0.2,1.2"], ["--triangle_strengths 1.2 is outside 0.001 .. 1"]),
     (["--model", "sdx"], ["unknown model alias 'sdx'", "did you mean 'sdxl'?"]),
-    (["--steps", 4, "-sd", 9], ["-sd 9 is more than the 3 steps this run makes", "use -sd 3 or less"]),
-    # No --steps: the model's default (50, from its configs), x 0.9 strength.
-    (["-sd", 60], ["-sd 60 is more than the 45 steps"]),
-    (["-gt", "--steps", 10, "-sd", 11], ["-sd 11 is more than the 10 steps"]),
     (["--output", "o.txt"], ["o.txt: pictures are written as .png, .webp or .jpg"]),
     (["--output", "o.png", "--output_format", "jpeg"], ["must end in .jpg or .jpeg for jpeg pictures"]),
     # Values with no upper bound would exhaust memory (or overflow) before anything else is checked.
@@ -195,6 +191,16 @@ def test_a_newcomers_slips_with_the_positionals_say_what_to_do(capsys, tmp_path,
     given = [picture if p == "PICTURE" else p for p in positionals]
     status, _, err = main(capsys, "image2image", *given, "--model", unloadable, "--output", tmp_path / "o.png")
     only_error(status, 2, err, *words)
+
+
+def test_snapshots_further_apart_than_a_run_keep_its_start_and_final(capsys, tmp_path, picture, sd2):
+    """-sd more than the steps a run makes was refused, so a loop over strengths failed at its low
+    ones (--save_last_N and the triangle's rows took it); now a note, and the start and the final."""
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 4, "-sd", 9,
+                          "--seed", 0, "--output", tmp_path / "o.png")
+    assert status == 0 and "note: -sd 9 is more than the 3 steps this run makes; saving the start and the final" in err
+    assert sorted(p.name for p in tmp_path.glob("o.step-*")) == ["o.step-000.png", "o.step-003.png"]
+    assert "-sd=9" in sidecar(tmp_path / "o.json")["replay"]
 
 
 def test_last_n_clamped_and_long_prompt_noted_in_one_line(tmp_path, picture, sd2):
