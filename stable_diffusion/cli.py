@@ -33,7 +33,12 @@ _OPTIONAL_VALUES = options.optional_values()
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit status 2, like every other input error
+        if message == "the following arguments are required: prompt" and "image" in self._positional_names():
+            message = "one of the picture and the prompt is missing: give the input picture first, then the prompt"
         raise InputError(f"{message} (see --help)")
+
+    def _positional_names(self) -> list:
+        return [action.dest for action in self._positionals._group_actions]
 
     def format_help(self) -> str:
         """argparse's help, its usage followed by the form that needs no positionals."""
@@ -95,6 +100,11 @@ class _Parser(argparse.ArgumentParser):
             if word in unknown or options.NEGATIVE_NUMBER.match(word) or word.replace(".", "", 1).isdigit():
                 return f"; {flag} takes {', '.join(values)} or nothing, so {word!r} was read as an argument of its own"
         flags = [f for f in self._option_string_actions if f.startswith("--")]
+        if "image" not in self._positional_names():  # txt2image: flags of image2image's own
+            theirs = {f for row in options.OPTIONS if row.parsers <= options.IMAGE for f in row.flags}
+            for arg in unknown:
+                if arg.split("=", 1)[0] in theirs:
+                    return f"; {arg.split('=', 1)[0]} is image2image's: txt2image starts from pure noise"
         for arg in unknown:
             if not arg.startswith("-") or arg == "--":
                 continue

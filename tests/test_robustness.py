@@ -185,12 +185,23 @@ def test_bad_arguments_fail_before_the_weights_load(capsys, tmp_path, picture, u
     (["PICTURE", "-gt", "2", "x"], ["unrecognized arguments: x; -gt takes 1, true", "so '2' was read as an argument of its own"]),
     (["PICTURE", "x", "--animate", "mp4"], ["unrecognized arguments: mp4; --animate takes gif, webp or nothing"]),
     (["PICTURE", "x", "--sampler", "EULERX"], ["invalid choice: 'EULERX' (choose from 'euler',"]),  # as typed
+    # Only one positional: the picture is what is missing (it said "required: prompt")
+    (["a yellow triangle"], ["one of the picture and the prompt is missing: give the input picture first, then the prompt"]),
 ])
 def test_a_newcomers_slips_with_the_positionals_say_what_to_do(capsys, tmp_path, picture, unloadable,
                                                                positionals, words):
     given = [picture if p == "PICTURE" else p for p in positionals]
     status, _, err = main(capsys, "image2image", *given, "--model", unloadable, "--output", tmp_path / "o.png")
     only_error(status, 2, err, *words)
+
+
+@pytest.mark.parametrize("extra, flag", [(["--strength", "0.5"], "--strength"), (["-gt"], "-gt"),
+                                         (["--show_noising", "100"], "--show_noising")])
+def test_image2image_flags_given_to_txt2image_are_named_so(capsys, tmp_path, unloadable, extra, flag):
+    """They were "a prompt of several words goes in quotes", "did you mean --show_denoising?" (another
+    feature), or nothing."""
+    status, _, err = main(capsys, "txt2image", "a barn", *extra, "--model", unloadable, "--output", tmp_path / "o.png")
+    only_error(status, 2, err, f"; {flag} is image2image's: txt2image starts from pure noise")
 
 
 def test_snapshots_further_apart_than_a_run_keep_its_start_and_final(capsys, tmp_path, picture, sd2):
