@@ -166,6 +166,7 @@ def execute(session, spec, console, argv=(), replay=None, picture=None, wait: bo
                 say(f"kept the {outputs.earlier_run_files(names, ledger.earlier)} that this run did not "
                     "make again (its sidecar lists them under earlier_files)")
             console.detail(describe_timings(timings, plan.estimate))
+            console.detail(_describe_peaks(memory))
         if gone and status == "finished":
             raise OutputError(f"{len(gone)} file(s) of the run were removed before it ended ("
                               f"{', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''}); the sidecar "
@@ -390,6 +391,16 @@ def _reset_peaks() -> None:
             f.write("5")  # Linux: VmHWM starts again from the current resident size
     except OSError:
         pass
+
+
+def _describe_peaks(memory: dict) -> str:
+    """-v's last line: the memory the run took at its peak, measured, beside the estimate."""
+    def size(n: int) -> str:
+        return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
+
+    rss = _peak_rss()
+    return (f"memory at the peak: {'unknown' if rss is None else size(rss)} resident, "
+            f"{size(mx.get_peak_memory())} of it MLX's arrays (estimated {size(memory['estimate_bytes']['total'])})")
 
 
 def _peak_rss() -> int | None:

@@ -2,6 +2,7 @@
 dtype calibration), the plan's estimate, the time left as a run goes, and a sweep's."""
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -257,6 +258,11 @@ def test_the_plan_line_gives_the_time_and_the_record_keeps_it(tmp_path, picture,
     timings = [x for x in result.stderr.splitlines() if x.startswith("timings: ")]
     assert len(timings) == 1 and f"total {record['timings']['total_s']:.2f} s" in timings[0]
     assert "(estimated " in timings[0]
+    # The measured peak (only the sidecar had it); mlx-examples' -v printed its peak memory
+    peak = next(x for x in result.stderr.splitlines() if x.startswith("memory at the peak: "))
+    rss = record["memory"]["peak_rss_bytes"]
+    assert re.fullmatch(r"memory at the peak: \d+ MB resident, \d+ MB of it MLX's arrays \(estimated \d+ MB\)", peak)
+    assert abs(int(peak.split()[4]) - rss / 2**20) <= 0.5 + 0.01 * rss / 2**20  # read again at the end
 
 
 def test_a_sweep_says_its_time_before_the_work(tmp_path, picture, sd2):
