@@ -60,21 +60,44 @@ def to_uint8(images) -> np.ndarray:
     return np.rint(x * 255.0).astype(np.uint8)
 
 
-def approx_decode(latents, family: str, factor: int = 8) -> np.ndarray:
+def approx_decode(latents, family, factor: int = 8) -> np.ndarray:
     """A cheap preview of latents (B, h, w, 4) -> RGB (B, h * factor, w * factor, 3) in [0, 1].
 
-    One linear map per pixel (see LATENT_RGB), then nearest-neighbour upsampling by `factor`
-    (the VAE's downscale, 8 for every SD family). `family` is "sd" (SD 1.x and 2.x) or "sdxl".
+    One linear map per pixel, then nearest-neighbour upsampling by `factor` (the VAE's downscale,
+    8 for every SD family). `family` is "sd" (SD 1.x and 2.x) or "sdxl" (see LATENT_RGB), or a
+    map of its own, (weight (C, 3), bias (3,)), as `fit_latent_rgb` gives for another VAE.
     """
-    if family not in LATENT_RGB:
+    if isinstance(family, tuple):
+        weight, bias = family
+    elif family in LATENT_RGB:
+        weight, bias = LATENT_RGB[family]
+    else:
         raise ValueError(f"no latent preview for family {family!r}; known: {sorted(LATENT_RGB)}")
-    weight, bias = LATENT_RGB[family]
     z = np.asarray(latents, dtype=np.float32)
     if z.ndim != 4 or z.shape[-1] != weight.shape[0]:
         raise ValueError(f"approx_decode needs latents (B, h, w, {weight.shape[0]}), got {z.shape}")
     rgb = z @ weight + bias  # (B, h, w, 3), about [-1, 1]
     rgb = np.clip((rgb + 1.0) / 2.0, 0.0, 1.0)
     return rgb.repeat(factor, axis=1).repeat(factor, axis=2)  # (B, h * f, w * f, 3)
+
+
+def colour_patches(side: int = 128, cell: int = 32, seed: int = 0) -> np.ndarray:
+    """A picture (1, side, side, 3) in [0, 1] of `cell`-pixel squares of colours drawn evenly from
+    the colour cube: what a VAE's latent -> RGB map is fitted on."""
+    n = side // cell
+    colours = np.random.default_rng(seed).random((n, n, 3), dtype=np.float32)
+    return colours.repeat(cell, axis=0).repeat(cell, axis=1)[None]
+
+
+def fit_latent_rgb(latents, pictures, factor: int) -> tuple:
+    """The least-squares map (weight (C, 3), bias (3,)) from latents (B, h, w, C) to the mean colour,
+    in [-1, 1], of each latent's `factor` x `factor` block of `pictures` (B, h * f, w * f, 3) in [0, 1]."""
+    z = np.asarray(latents, dtype=np.float64)
+    b, h, w, c = z.shape
+    target = np.asarray(pictures, dtype=np.float64).reshape(b, h, factor, w, factor, 3).mean(axis=(2, 4))
+    design = np.concatenate([z.reshape(-1, c), np.ones((b * h * w, 1))], axis=1)
+    solution = np.linalg.lstsq(design, target.reshape(-1, 3) * 2.0 - 1.0, rcond=None)[0]
+    return solution[:c].astype(np.float32), solution[c].astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ from stable_diffusion.render import (
     WHITE,
     approx_decode,
     band_height,
+    colour_patches,
     curve_plot,
+    fit_latent_rgb,
     grid,
     label,
     label_margins,
@@ -209,6 +211,21 @@ def test_approx_decode_upsamples_by_nearest_and_stays_in_range():
     for dy in range(8):
         for dx in range(8):
             np.testing.assert_array_equal(out[:, dy::8, dx::8], small)
+
+
+def test_a_fitted_latent_map_recovers_a_linear_decoder_and_previews_with_it():
+    """fit_latent_rgb on pictures that a known linear map made from latents gives that map back."""
+    rng = np.random.default_rng(1)
+    weight, bias = rng.normal(0, 0.1, (4, 3)).astype(np.float32), np.array([0.1, -0.2, 0.05], np.float32)
+    z = rng.normal(0, 1, (2, 6, 5, 4)).astype(np.float32)
+    pictures = ((z @ weight + bias + 1) / 2).repeat(8, axis=1).repeat(8, axis=2)
+    assert pictures.min() > 0 and pictures.max() < 1  # no value is clipped by the preview
+    fitted = fit_latent_rgb(z, pictures, 8)
+    np.testing.assert_allclose(fitted[0], weight, atol=1e-5)
+    np.testing.assert_allclose(fitted[1], bias, atol=1e-5)
+    np.testing.assert_allclose(approx_decode(z, fitted), pictures, atol=1e-5)
+    patches = colour_patches(side=64, cell=16)
+    assert patches.shape == (1, 64, 64, 3) and len(np.unique(patches.reshape(-1, 3), axis=0)) == 16
 
 
 def test_approx_decode_refuses_unknown_families_and_shapes():

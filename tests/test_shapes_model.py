@@ -179,3 +179,18 @@ def test_the_folder_states_its_own_defaults_and_bad_ones_are_refused(tmp_path):
     (folder / "model_index.json").write_text(json.dumps(dict(index, _defaults={
         "num_inference_steps": 4, "guidance_scale": 0})))  # no guidance, as --cfg 0
     assert read_pipeline_config(folder).defaults == (4, 0.0)
+
+
+def test_the_approx_preview_is_fitted_to_the_shipped_vae(sd):
+    """--preview approx applied SD's latent -> RGB map to this VAE: black came out light blue. Its map
+    is now fitted to the VAE; on the input picture the preview is within reach of the VAE's decoding."""
+    from stable_diffusion import render, sinks
+
+    picture = np.asarray(Image.open(commands.ROOT / "images" / "shapes-input.png").convert("RGB"), np.float32) / 255
+    z = sd.encode(picture[None] * 2 - 1)
+    decoded = np.array(sd.decode(z))
+    factors = sinks.approx_factors(sd)
+    assert isinstance(factors, tuple)  # not "sd": the VAE is not SD's
+    error = {name: np.abs(render.approx_decode(np.array(z), f, 8) - decoded).mean() * 255
+             for name, f in (("fitted", factors), ("sd", "sd"))}
+    assert error["fitted"] < 50 and error["sd"] > 1.5 * error["fitted"], error  # 45 and 90
