@@ -338,7 +338,9 @@ def _command(command: str, typed: list, console: Console) -> int:
         _offline_replay(command, args.model, typed)
     console = Console(args.quiet, args.verbose, names=FLAGS)
     if args.print_parser:
-        console.arguments(args)
+        from .replay import find
+
+        console.arguments(args, (find(typed, parser) or (None,))[0])
     check_arguments(args, command)
     _check_environment()
     raw = {name: _text_argument(args, name, console) for name in ("prompt", "negative_prompt")}

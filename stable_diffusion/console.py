@@ -91,10 +91,17 @@ class Console:
         if not self.quiet:
             _write(sys.stdout, line)
 
-    def arguments(self, args) -> None:
-        """-pp: the parsed arguments, one a line; shown even with --quiet, as the user asked for them."""
+    def arguments(self, args, replayed: str | None = None) -> None:
+        """-pp: the parsed arguments, one a line; shown even with --quiet, as the user asked for them.
+        `replayed`: the picture of --replay, whose values are among them."""
         for key, value in sorted(vars(args).items()):
-            _write(sys.stdout, f"{key}: {value!r}")
+            if key == "replay" and replayed is not None:
+                value = f"{replayed!r} (its values are among these)"
+            else:
+                value = repr(value)
+            _write(sys.stdout, f"{key}: {value}")
+        _write(sys.stdout, "(None: the default, settled once the model's configs are read; the sidecar "
+                           "records every value the run used)")
 
     def notice(self, line: str) -> None:
         if not self.quiet:
