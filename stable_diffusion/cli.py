@@ -34,7 +34,7 @@ _OPTIONAL_VALUES = options.optional_values()
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit status 2, like every other input error
         if message == "the following arguments are required: prompt" and "image" in self._positional_names():
-            message = "one of the picture and the prompt is missing: give the input picture first, then the prompt"
+            message += "; one of the picture and the prompt is missing: give the input picture first, then the prompt"
         raise InputError(f"{message} (see --help)")
 
     def _positional_names(self) -> list:

@@ -128,6 +128,26 @@ def check_name_length(spec: RunSpec) -> None:
 def prepare(output: Path, notice) -> None:
     """The output folder exists and takes files, before any work; stale temporaries go."""
     output = Path(output)
+    check_output(output)
+    folder = output.parent  # made by the output lock, which removes it again if the run leaves it empty
+    files.check_output_dir(folder)
+    removed = files.remove_stale_temporaries(folder, output.with_suffix("").name)
+    if removed:
+        notice(f"removed {len(removed)} temporary file(s) left by a killed run in "
+               f"{folder}: {', '.join(removed[:3])}" + (" ..." if len(removed) > 3 else ""))
+
+
+def check_output(output: Path) -> None:
+    """What the output's names allow, read without making anything (a sweep checks every run's
+    before the first): not a folder, not another run's file, a record of ours or nothing where
+    the sidecar goes, and a folder (or room for one) where the output goes."""
+    output = Path(output)
+    place = output.parent
+    while not os.path.lexists(place) and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        raise SpecError("output", f"{{flag}} {output}: {place} is a file, not a folder; move it, or "
+                                  "choose another {flag} name")
     if output.is_dir():
         raise SpecError("output", f"{{flag}} {output} is a folder; name a .png file in it, e.g. "
                          f"{output / 'out.png'}")
@@ -146,12 +166,6 @@ def prepare(output: Path, notice) -> None:
         raise SpecError("output", f"{{flag}} {output}: the run writes its record as {sidecar}, and "
                                   f"what is there is not ours to replace ({e}); move it, or choose "
                                   "another {flag} name") from None
-    folder = output.parent  # made by the output lock, which removes it again if the run leaves it empty
-    files.check_output_dir(folder)
-    removed = files.remove_stale_temporaries(folder, output.with_suffix("").name)
-    if removed:
-        notice(f"removed {len(removed)} temporary file(s) left by a killed run in "
-               f"{folder}: {', '.join(removed[:3])}" + (" ..." if len(removed) > 3 else ""))
 
 
 def planned_files(plan, names: FileNames) -> list:
@@ -246,7 +260,8 @@ def earlier_files(names: FileNames, left: dict, notice) -> dict:
     Those changed since, or that the sidecar cannot vouch for, are the user's: said, and left alone."""
     folder = names.stem.parent
     earlier = {name: mark for name, mark in left.items() if _as_left(folder / name, mark)}
-    kept = sorted(name for name in left if name not in earlier and _regular(folder / name) is not None)
+    kept = sorted(name for name in left if name not in earlier and _regular(folder / name) is not None
+                  and name != names.output.name)  # the output is replaced, changed or not
     if kept:
         notice(f"kept {earlier_run_files(names, kept)} that are not as its sidecar says it left them: "
                "they stay as they are, and no run of ours lists them")

@@ -29,7 +29,7 @@ from .privacy import shown_value
 from .choices import SAMPLER_NAMES, SCHEDULES
 from .costs import describe_seconds
 from .errors import InputError, OutputError
-from .files import (check_output_dir, file_digest, parse_json, read_lines,
+from .files import (check_output_dir, file_digest, parse_json, read_lines, read_regular,
                     to_json, write_text_atomic)
 from .outputs import check_name_length, derived_base
 from .picture_meta import save_png
@@ -44,8 +44,10 @@ RECORD = "sweep.json"
 
 
 def _decimals(values) -> int:
-    """The fewest decimals (at least 2) that tell the values apart as written."""
-    for d in range(2, 10):
+    """The fewest decimals (at least 2, at most 10) that write every value as it was given (0.625
+    was named s0.62) and tell the values apart."""
+    written = max(len(repr(float(v)).partition(".")[2]) for v in values)
+    for d in range(max(2, min(written, 10)), 10):
         if len({f"{v:.{d}f}" for v in values}) == len(values):
             return d
     return 10
@@ -145,6 +147,7 @@ def expand(base: RunSpec, grid: Grid, folder: Path, pattern: str | None = None) 
         for value in grid.values(name):
             if value not in known:
                 raise SpecError(GRID_KEYS[name], f"{{flag}} {value!r} is not one of {', '.join(known)}")
+    given_pattern = pattern is not None
     pattern = default_pattern(grid) if pattern is None else pattern
     if not base.capture.save_prompt and "{prompt" in pattern.replace("{prompt_index", ""):
         raise SpecError("name", f"{{flag}} {pattern!r} puts the prompt in the file names, and this "
@@ -164,6 +167,10 @@ def expand(base: RunSpec, grid: Grid, folder: Path, pattern: str | None = None) 
         key = _same_path_key(name)
         if key in seen:
             both = repr(given) if seen[key][1] == given else f"{seen[key][1]!r} and {given!r} (one path)"
+            if not given_pattern:  # the default names write 10 decimals at most
+                raise SpecError("name", f"runs {seen[key][0] + 1} and {index + 1} would both be named {given!r}: "
+                                        "their values differ past the decimals a name shows; give values "
+                                        "that differ more, or a {flag} of your own")
             raise SpecError("name", f"{{flag}} {pattern!r} gives {both} to runs {seen[key][0] + 1} and "
                                     f"{index + 1}; add the fields that vary, or more digits")
         seen[key] = (index, given)
@@ -245,13 +252,15 @@ def check_plans(runs: list, session, image_size: tuple | None) -> list:
     Returns the plans (each run prints its own notes as it starts)."""
     from .run import plan_for
 
-    from .outputs import FileNames, check_in_the_way, left_by_us, planned_files
+    from .outputs import FileNames, check_in_the_way, check_output, left_by_us, planned_files
 
     plans = []
     for run in runs:
         try:
             plans.append(plan_for(session, run.spec, image_size))
             names = FileNames(run.spec.output, plans[-1].longest)
+            check_output(run.spec.output)  # a file where its folder goes, ...: refused now, not as it starts
+            _stays_inside(run)
             # the user's files, in the folder
             check_in_the_way(names, planned_files(plans[-1], names), left_by_us(names))
         except SpecError as e:  # said of the run, where the grid varies: its values are in its name
@@ -259,6 +268,60 @@ def check_plans(runs: list, session, image_size: tuple | None) -> list:
             raise SpecError(GRID_KEYS[e.field] if e.field in run.values else e.field,
                             where + e.template) from None
     return plans
+
+
+SHEET_MARK = "sd_trajectory_sheet"  # a text chunk of each page of the contact sheet
+
+
+def _marked_sheet(path: Path) -> bool:
+    """Whether the picture at `path` is a regular PNG carrying our sheet's mark."""
+    from PIL import Image
+
+    if not path.is_file() or path.is_symlink():
+        return False
+    try:
+        with Image.open(path) as picture:
+            return picture.format == "PNG" and SHEET_MARK in getattr(picture, "text", {})
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def _stays_inside(run: SweepRun) -> None:
+    """A run's folder, links followed, is inside the sweep's: a name through a link to elsewhere
+    wrote there, and its files could never be verified (a rerun made it again each time)."""
+    folder = run.spec.output.parents[len(Path(run.name).parts) - 1]
+    place = run.spec.output.parent
+    while not os.path.lexists(place) and place != folder:
+        place = place.parent
+    if os.path.commonpath([os.path.realpath(place), os.path.realpath(folder)]) != os.path.realpath(folder):
+        raise SpecError("name", f"{{flag}}: run {run.name} would be written in {os.path.realpath(place)}, "
+                                f"outside the sweep's folder {folder} (through a link); choose names "
+                                "whose folders stay inside it")
+
+
+def inputs_identity(session, picture) -> dict:
+    """What the runs read besides their settings: the input picture's SHA-256, and the model's
+    files (the resolved folder, every file's size and time; the VAE, LoRA and embedding files
+    too). A rerun takes over a finished run only where these are unchanged: a picture or a
+    model folder made anew at the same path kept the earlier sweep's results."""
+    import hashlib
+
+    def stat_of(path: Path) -> list:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return [str(path), None]
+        return [str(path), st.st_size, st.st_mtime_ns]
+
+    m = session.model_spec
+    folder = Path(session.folder).resolve()
+    files = sorted([*folder.glob("*"), *folder.glob("*/*")])  # the diffusers layout's two levels
+    entries = [[p.relative_to(folder).as_posix(), *stat_of(p)[1:]] for p in files if p.is_file()]
+    extra = [m.vae] if m.vae else []
+    extra += [path for path, _ in (m.loras or ())] + [path for path, _ in (m.embeddings or ())]
+    entries += [stat_of(Path(e).resolve()) for e in extra]
+    digest = hashlib.sha256(json.dumps([str(folder), entries]).encode()).hexdigest()[:16]
+    return {"input_sha256": None if picture is None else picture.sha256, "model_files": digest}
 
 
 # --- the manifest -----------------------------------------------------------------------------------
@@ -322,48 +385,64 @@ class Manifest:
     when it ends. A kill leaves the run under way at "running" (a line cut short by a power loss
     is ignored): it is redone, like every run not "finished"."""
 
-    def __init__(self, folder: Path, runs: list, model: ModelSpec):
+    def __init__(self, folder: Path, runs: list, model: ModelSpec, identity: dict | None = None):
         self.folder = Path(folder)
         self.path = self.folder / MANIFEST
         self.model = model_record(model)
+        self.identity = identity  # inputs_identity: the picture's and the model files' (None: not compared)
         private = bool(runs) and not runs[0].spec.capture.save_prompt
         self.records = {r.name: {"name": r.name, "index": r.index,
                                  "values": {k: shown_value(k, v, private) for k, v in r.values.items()},
                                  "spec": spec_record(r.spec), "model": self.model,
+                                 **({"identity": identity} if identity is not None else {}),
                                  "status": "pending"} for r in runs}
+        self.others: dict = {}  # name -> last record of an earlier sweep's run that this one does not name
         # The files a finished run must have left: its output and its sidecar.
         self.expected = {r.name: {r.spec.output.relative_to(self.folder).as_posix(),
                                   r.spec.output.with_suffix(".json").relative_to(self.folder).as_posix()}
                          for r in runs}
 
     def previous(self) -> dict:
-        """name -> record of an earlier sweep in this folder, if any, for the names of this sweep;
-        unreadable lines are ignored (they were not "finished"). Read line by line, within the
-        manifest cap."""
+        """name -> last record of each run of an earlier sweep in this folder, if any; unreadable
+        lines are ignored (they were not "finished"). Read line by line, within the manifest cap.
+        A file there with no line of ours is not a manifest of ours: refused, not replaced."""
         out = {}
         if not os.path.lexists(self.path):
             return out
+        if os.path.islink(self.path):
+            raise InputError(f"{self.path} is a link, not a sweep manifest of ours; remove it, or choose "
+                             "another --output folder")
+        lines = 0
         try:
             for line in read_lines(self.path, "manifest", "manifest"):
+                lines += line is None or bool(line.strip())  # None: a line past the cap
                 try:
                     record = parse_json(line.decode("utf-8"), "manifest line")
-                    if isinstance(record, dict) and record.get("name") in self.records:
+                    if isinstance(record, dict) and isinstance(record.get("name"), str) and "status" in record:
                         out[record["name"]] = record
                 except (InputError, UnicodeDecodeError, TypeError, AttributeError):
                     continue
         except InputError as e:
             raise InputError(f"cannot read the manifest: {e}; move it away to start the sweep "
                              "afresh") from None
+        if lines and not out:
+            raise InputError(f"{self.path} is not a sweep manifest of ours (no line of one); move it, "
+                             "or choose another --output folder")
         return out
 
     def resume(self) -> set:
         """Take over the finished runs of an earlier sweep whose spec, model and files match;
         returns their names."""
         done = set()
-        for name, old in self.previous().items():
+        previous = self.previous()
+        # An earlier sweep's runs that this one does not name keep their lines (a second grid in
+        # the folder wiped the first's, and rerunning the first made it all again)
+        self.others = {name: old for name, old in previous.items() if name not in self.records}
+        for name, old in previous.items():
             new = self.records.get(name)
             if (new is not None and old.get("status") == "finished" and old.get("spec") == new["spec"]
-                    and old.get("model") == self.model and verify(self.folder, old, self.expected[name])):
+                    and old.get("model") == self.model and old.get("identity") == self.identity
+                    and verify(self.folder, old, self.expected[name])):
                 self.records[name] = dict(old, skipped=True)
                 done.add(name)
         return done
@@ -384,6 +463,7 @@ class Manifest:
 
     def write(self) -> None:
         lines = [to_json(r) for r in sorted(self.records.values(), key=lambda r: r["index"])]
+        lines += [to_json(r) for r in self.others.values()]
         write_text_atomic(self.path, "\n".join(lines) + "\n")
 
 
@@ -475,21 +555,47 @@ class Sweep:
     """The runs of one grid in one folder, with their manifest, sheet and record."""
 
     def __init__(self, runs: list, grid: Grid, folder: Path, model: ModelSpec,
-                 sheet_every: int | None = 10, sheet_cell: int = 256, estimates: dict | None = None):
+                 sheet_every: int | None = 10, sheet_cell: int = 256, estimates: dict | None = None,
+                 identity: dict | None = None):
         self.runs, self.grid, self.folder, self.model = runs, grid, Path(folder), model
         self.sheet_every, self.sheet_cell = sheet_every, sheet_cell
         self.sheet = sheet_plan(grid, sheet_cell)
         self._drawn: set = set()  # names of the finished runs the sheet's pages show
         self.estimates = estimates  # run name -> its estimated seconds in this sweep (sweep_estimates)
-        self.manifest = Manifest(self.folder, runs, model)
+        self.manifest = Manifest(self.folder, runs, model, identity)
         self.private = bool(runs) and not runs[0].spec.capture.save_prompt
+        self.sheet_error: str | None = None  # why the sheet could not be written, if it could not
 
     def prepare(self) -> list:
-        """Check the folder, take over what an earlier sweep finished; returns the runs to make."""
+        """Check the folder and the sweep's own files in it, take over what an earlier sweep
+        finished; returns the runs to make."""
         check_output_dir(self.folder)
+        self._check_own_files()
         done = self.manifest.resume()
         self.manifest.write()
         return [r for r in self.runs if r.name not in done]
+
+    def _check_own_files(self) -> None:
+        """`sweep.json` and the sheet's pages replace only files of ours: the record of a sweep, a
+        page carrying our mark or listed by that record (a project's own sweep.json was written over)."""
+        listed = set()
+        record_path = self.folder / RECORD
+        if os.path.lexists(record_path):
+            record = None
+            if not os.path.islink(record_path):
+                try:
+                    record = parse_json(read_regular(record_path, "sidecar", "record"), str(record_path))
+                except InputError:
+                    pass
+            if not (isinstance(record, dict) and record.get("manifest") == MANIFEST and "grid" in record):
+                raise InputError(f"{record_path} is not the record of a sweep of ours, and the sweep writes "
+                                 "its record there; move it, or choose another --output folder")
+            listed = {record.get("sheet"), *(record.get("sheet_pages") or ())}
+        for page in self.sheet.pages:
+            path = self.folder / page[-1]
+            if os.path.lexists(path) and page[-1] not in listed and not _marked_sheet(path):
+                raise InputError(f"{path} is not a contact sheet of ours, and the sweep draws one there; "
+                                 "move it, or choose another --output folder")
 
     def write_sheet(self) -> None:
         """Redraw the pages of the sheet that show a run finished since they were drawn."""
@@ -499,7 +605,7 @@ class Sweep:
         for r0, r1, c0, c1, name in pages_to_redraw(self.sheet, self.grid, [r for r in finished if r.name in new]):
             picture = contact_sheet(self.folder, finished, self.grid, self.sheet.cell, (r0, r1, c0, c1))
             if picture is not None:
-                save_png(self.folder / name, picture)
+                save_png(self.folder / name, picture, {SHEET_MARK: MANIFEST})
         self._drawn |= new
 
     def execute(self, pool, console, after_run=None) -> SweepReport:
@@ -594,8 +700,9 @@ class Sweep:
         with interrupts_deferred():
             try:
                 self.write_sheet()
-            except Exception:  # a sheet that cannot be drawn must not hide how the sweep ended
-                pass
+            except Exception as e:  # noqa: BLE001 - said after the sweep's own end, not in its place
+                self.sheet_error = f"{type(e).__name__}: {e}"
+
             timings = [o.timings for o in outcomes.values()]
 
             def total(key):
@@ -610,7 +717,8 @@ class Sweep:
                           "final_decode_s": total("final_decode_s"), "runs_total_s": total("total_s")},
                 "model": model_record(self.model),
                 "grid": {GRID_KEYS[f]: [shown_value(f, x, self.private) for x in v] for f, v in self.grid.axes},
-                "manifest": MANIFEST, "sheet": self.sheet.pages[0][-1],
+                "manifest": MANIFEST, "sheet": None if self.sheet_error else self.sheet.pages[0][-1],
+                **({"sheet_error": self.sheet_error} if self.sheet_error else {}),
                 **({"sheet_pages": [page[-1] for page in self.sheet.pages]}
                    if len(self.sheet.pages) > 1 else {}),
                 **({"sheet_cell": self.sheet.cell} if self.sheet.cell != self.sheet_cell else {}),

@@ -151,8 +151,8 @@ def _make_pool(args, model, picture, argv, replay, console, private: bool = Fals
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     return cli.run_command(functools.partial(_sweep, argv), argv, SWEEP_FLAGS,
-                           interrupted="interrupted; the manifest lists the runs that finished: run "
-                                       "the same command again for the rest")
+                           interrupted="interrupted; run the same command again for the rest (it "
+                                       "takes over the runs its manifest lists as finished)")
 
 
 def _sweep(argv: list, console: Console) -> int:
@@ -177,10 +177,11 @@ def _sweep(argv: list, console: Console) -> int:
         for line in picture_notices(picture):
             console.notice(line)
     from .session import Session
-    from .sweep import check_plans, sweep_estimates
+    from .sweep import check_plans, inputs_identity, sweep_estimates
 
     session = Session(model)
     plans = check_plans(runs, session, None if picture is None else upright_size(picture))
+    identity = inputs_identity(session, picture)
     if picture is not None:  # at the working size once, here: a Ray worker may not see the file
         picture = session.fit(picture, plans[0].image_size)
     replay = functools.partial(options.replay_argv, model=model)
@@ -195,7 +196,7 @@ def _sweep(argv: list, console: Console) -> int:
                           private=not runs[0].spec.capture.save_prompt)
         try:
             sweep = Sweep(runs, grid, folder, model, args.sheet_every or None, args.sheet_cell,
-                          sweep_estimates(runs, plans))
+                          sweep_estimates(runs, plans), identity)
             report = sweep.execute(pool, console)
         finally:
             pool.close()
@@ -205,6 +206,10 @@ def _sweep(argv: list, console: Console) -> int:
         return 128 + (report.signum or signal.SIGINT)
     if report.failed:
         console.error(f"{report.failed} of {report.total} runs failed; see {folder / 'sweep.jsonl'}")
+        return 1
+    if sweep.sheet_error:
+        console.error(f"the runs are made ({folder / 'sweep.jsonl'}), but the contact sheet could not be "
+                      f"written ({sweep.sheet_error}); run the same command again to draw it")
         return 1
     pages = sweep.sheet.pages
     console.say(f"sweep done: {report.ran} run(s) made, {report.skipped} already there; "

@@ -93,6 +93,9 @@ def parse_values(key: str, text: str, kind: type) -> tuple:
     if kind is int:
         if any(v != v.to_integral_value() for v in values):
             raise SpecError(key, f"{{flag}} {text!r} must be whole numbers")
+        if key == "seeds" and min(values) < 0:  # -1 is a random seed to the single commands
+            raise SpecError(key, f"{{flag}} {min(values)}: a sweep's seeds are 0 or more; leave {{flag}} "
+                                 "out for a random seed per run")
         return tuple(int(v) for v in values)
     return tuple(float(v) for v in values)
 
@@ -121,7 +124,7 @@ def read_prompts(path: str | os.PathLike) -> tuple:
         raise SpecError("prompts", f"{{flag}} {path}: no such file; give a text file with one prompt "
                                    "per line")
     try:
-        text = read_regular(path, "prompts", "").decode("utf-8")
+        text = read_regular(path, "prompts", "").decode("utf-8-sig")  # a byte-order mark is not the prompt's
     except InputError as e:
         raise SpecError("prompts", f"{{flag}} {e} of UTF-8 text, one prompt per line") from None
     except UnicodeDecodeError as e:

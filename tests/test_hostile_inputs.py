@@ -355,6 +355,24 @@ def test_only_files_a_sidecar_of_ours_lists_under_our_names_are_removed(tmp_path
                         "that this run did not make again")
 
 
+def test_the_output_changed_since_is_not_said_to_be_kept(tmp_path):
+    """The output, which the run replaces changed or not, was listed among the files "kept" as the
+    user's (a sweep's rerun said so, then wrote over it)."""
+    from stable_diffusion.record import fingerprint
+
+    for name in ("r.png", "r.step-001.png"):
+        (tmp_path / name).write_bytes(b"ours")
+    written = {name: fingerprint(os.lstat(tmp_path / name)) for name in ("r.png", "r.step-001.png")}
+    (tmp_path / "r.json").write_text(json.dumps({"format": 2, "command": "image2image", "written": written,
+                                                 "files": [{"file": "r.png"}, {"file": "r.step-001.png"}]}))
+    for name in ("r.png", "r.step-001.png"):
+        (tmp_path / name).write_bytes(b"the user's edit")
+    notes = []
+    names = outputs.FileNames(tmp_path / "r.png", 10)
+    assert outputs.earlier_files(names, outputs.left_by_us(names), notes.append) == {}
+    assert len(notes) == 1 and "(r.step-001.png) that are not as its sidecar" in notes[0], notes
+
+
 def test_a_listed_file_changed_since_or_a_link_is_not_ours_to_replace(tmp_path):
     """A frame of ours the user edited in place (it still carries our record) was told kept, then
     written over; a link at a listed name was replaced by a file."""

@@ -344,3 +344,121 @@ def test_text_to_image_sweep_over_prompts_and_steps(tmp_path, sd2):
     record = json.loads((out / "p2-steps3.json").read_text())
     assert (record["prompt"], record["num_steps"], record["seed"]) == ("a red barn", 3, 5)
     assert json.loads((out / "sweep.json").read_text())["prompts_encoded"] == 2
+
+
+# --- a folder swept again: what it takes over, and what is not its to replace ---------------------
+
+
+def in_process(capsys, *args) -> tuple:
+    """sweep.py in this process: (exit status, stdout, stderr)."""
+    from stable_diffusion.sweep_cli import main
+
+    status = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_a_rerun_takes_over_runs_only_on_the_same_picture_and_another_grid_keeps_them(
+        capsys, tmp_path, picture, sd2):
+    """A picture changed at the same path kept the earlier sweep's results; a second grid into the
+    folder wiped the first's manifest, so the first, run again, made everything again."""
+    source = tmp_path / "in.png"
+    source.write_bytes(Path(picture).read_bytes())
+    out = tmp_path / "out"
+    first = ["image2image", source, "x", "--model", sd2, "--steps", 2, "--strengths", "0.5,1", "--seeds", 1,
+             "--quiet", "-o", out]
+    assert in_process(capsys, *first)[0] == 0
+    assert in_process(capsys, "image2image", source, "x", "--model", sd2, "--steps", 2, "--strengths", "0.75",
+                      "--seeds", 1, "--name", "s{strength:.2f}", "--quiet", "-o", out)[0] == 0
+    assert sorted(r["name"] for r in manifest(out)) == ["s0.50", "s0.75", "s1.00"]
+    assert in_process(capsys, *first)[0] == 0
+    assert json.loads((out / "sweep.json").read_text())["ran"] == 0  # taken over: the manifest kept them
+    before = (out / "s0.50.png").read_bytes()
+    Image.open(picture).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(source)  # another picture, same path
+    assert in_process(capsys, *first)[0] == 0
+    assert json.loads((out / "sweep.json").read_text())["ran"] == 2
+    assert (out / "s0.50.png").read_bytes() != before
+    assert json.loads((out / "s0.50.json").read_text())["input"]["sha256"] == manifest(out)[0]["identity"]["input_sha256"]
+
+
+@pytest.mark.parametrize("name, content", [("sweep.json", b'{"my": "notes"}'), ("sweep.jsonl", b"my notes\n"),
+                                           ("sweep.sheet.png", None), ("sweep.jsonl", "link")])
+def test_the_sweeps_own_files_replace_only_files_of_ours(capsys, tmp_path, picture, sd2, name, content):
+    out = tmp_path / "out"
+    out.mkdir()
+    if content is None:
+        Image.open(picture).save(out / name)  # a picture of the user's, with no mark of ours
+    elif content == "link":
+        (tmp_path / "elsewhere").write_text("")
+        (out / name).symlink_to(tmp_path / "elsewhere")
+    else:
+        (out / name).write_bytes(content)
+    before = (out / name).read_bytes() if content != "link" else None
+    status, _, err = in_process(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 2, "--strengths",
+                                "0.5", "--seeds", 1, "--quiet", "-o", out)
+    assert status == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert f"{out / name} is " in err and "move it" in err or "remove it" in err
+    assert sorted(p.name for p in out.iterdir()) == [name]
+    if before is not None:
+        assert (out / name).read_bytes() == before
+
+
+def test_a_sheet_that_cannot_be_written_is_said_and_the_sweep_fails(capsys, tmp_path, picture, sd2, monkeypatch):
+    """It said "sweep done: ...; sweep.sheet.png", exit 0, with no sheet on disk."""
+    from stable_diffusion import sweep as sweep_module
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sweep_module, "save_png", full_disk)
+    out = tmp_path / "out"
+    status, _, err = in_process(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 2, "--strengths",
+                                "0.5", "--seeds", 1, "--quiet", "-o", out)
+    assert status == 1 and "the contact sheet could not be written (OSError: [Errno 28] No space left" in err, err
+    record = json.loads((out / "sweep.json").read_text())
+    assert record["sheet"] is None and "No space left" in record["sheet_error"]
+    monkeypatch.undo()
+    assert in_process(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 2, "--strengths", "0.5",
+                      "--seeds", 1, "--quiet", "-o", out)[0] == 0  # run again: drawn
+    assert "sd_trajectory_sheet" in Image.open(out / "sweep.sheet.png").text
+
+
+def test_names_write_values_as_given_and_prompts_lose_a_byte_order_mark(tmp_path, picture, sd2):
+    parser = build_sweep_parser("image2image")
+    runs = build_sweep("image2image", parser.parse_args(
+        [str(picture), "x", "--model", str(sd2), "--strengths", "0.3,0.6,0.625", "-o", str(tmp_path / "o")]))[0]
+    assert [r.name for r in runs] == ["s0.300", "s0.600", "s0.625"]  # 0.625 was s0.62
+    prompts = tmp_path / "p.txt"
+    prompts.write_bytes(b"\xef\xbb\xbfa red circle\nsecond\n")  # as Windows' editors save UTF-8
+    parser = build_sweep_parser("txt2image")
+    runs = build_sweep("txt2image", parser.parse_args(
+        ["--prompts", str(prompts), "--model", str(sd2), "-o", str(tmp_path / "o")]))[0]
+    assert [r.spec.prompt for r in runs] == ["a red circle", "second"]
+
+
+@pytest.mark.parametrize("make, name, words", [
+    ("file", "sub/{strength}", "sub is a file, not a folder"),
+    ("link", "sub/{strength}", "outside the sweep's folder"),
+])
+def test_run_folders_are_checked_before_any_work(capsys, tmp_path, picture, sd2, make, name, words):
+    """A file where a run's folder goes failed run by run (exit 1, files written); a folder linked
+    elsewhere wrote there, and a rerun never found those files."""
+    out = tmp_path / "out"
+    out.mkdir()
+    if make == "file":
+        (out / "sub").write_text("mine")
+    else:
+        (tmp_path / "elsewhere").mkdir()
+        (out / "sub").symlink_to(tmp_path / "elsewhere")
+    status, _, err = in_process(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 2, "--strengths",
+                                "0.5,1", "--seeds", 1, "--name", name, "--quiet", "-o", out)
+    assert status == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in out.iterdir()) == ["sub"] and not any((tmp_path / "elsewhere").iterdir() if make == "link" else ())
+
+
+def test_seeds_below_0_and_default_names_too_close_say_what_to_do(capsys, tmp_path, picture, sd2):
+    status, _, err = in_process(capsys, "image2image", picture, "x", "--model", sd2, "--seeds", "-1", "-o", tmp_path / "o")
+    assert status == 2 and "--seeds -1: a sweep's seeds are 0 or more; leave --seeds out for a random seed per run" in err
+    status, _, err = in_process(capsys, "image2image", picture, "x", "--model", sd2, "--strengths", "0.3,0.30000000001",
+                                "-o", tmp_path / "o")
+    assert status == 2 and "differ past the decimals a name shows; give values that differ more, or a --name" in err, err
