@@ -310,16 +310,15 @@ def inputs_identity(session, picture) -> dict:
         try:
             st = os.stat(path)
         except OSError:
-            return [str(path), None]
-        return [str(path), st.st_size, st.st_mtime_ns]
+            return [None]
+        return [st.st_size, st.st_mtime_ns]
 
     m = session.model_spec
     folder = Path(session.folder).resolve()
     files = sorted([*folder.glob("*"), *folder.glob("*/*")])  # the diffusers layout's two levels
-    entries = [[p.relative_to(folder).as_posix(), *stat_of(p)[1:]] for p in files if p.is_file()]
-    extra = [m.vae] if m.vae else []
-    extra += [path for path, _ in (m.loras or ())] + [path for path, _ in (m.embeddings or ())]
-    entries += [stat_of(Path(e).resolve()) for e in extra]
+    entries = [[p.relative_to(folder).as_posix(), *stat_of(p)] for p in files if p.is_file()]
+    extra = ([m.vae] if m.vae else []) + [path for path, _ in (*m.loras, *m.embeddings)]
+    entries += [[str(Path(e).resolve()), *stat_of(Path(e))] for e in extra]
     digest = hashlib.sha256(json.dumps([str(folder), entries]).encode()).hexdigest()[:16]
     return {"input_sha256": None if picture is None else picture.sha256, "model_files": digest}
 
