@@ -501,8 +501,8 @@ def load_textual_inversion(sd, path, token: str | None = None) -> EmbeddingInfo:
     path, named, keys = read_embedding(path, *room)
     token = named if token is None else token
     if not isinstance(token, str):
-        raise ModelError(f"token {str(token)[:MAX_TOKEN_LENGTH]!r} is a {type(token).__name__}; give the "
-                         "token as text")
+        raise ModelError(f"token {str(token)[:MAX_TOKEN_LENGTH]!r} is not text ({type(token).__name__}); "
+                         "give the token as text")
     if not token.strip() or token != token.strip() or len(token) > MAX_TOKEN_LENGTH:
         raise ModelError(f"token {str(token)[:MAX_TOKEN_LENGTH]!r}: a token is a word of 1 to "
                          f"{MAX_TOKEN_LENGTH} characters without spaces at its ends")

@@ -100,8 +100,8 @@ class Console:
             else:
                 value = repr(value)
             _write(sys.stdout, f"{key}: {value}")
-        _write(sys.stdout, "(None: the default, settled once the model's configs are read; the sidecar "
-                           "records every value the run used)")
+        _write(sys.stdout, "(None: the default, settled as the run starts: the model's own steps and "
+                           "guidance, a random seed, ...; the sidecar records every value the run used)")
 
     def notice(self, line: str) -> None:
         if not self.quiet:

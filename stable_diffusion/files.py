@@ -140,10 +140,7 @@ def output_lock(output: str | os.PathLike, wait: bool = False,
     """
     output = Path(output)
     path = lock_path(output)
-    made, p = [], path.parent.absolute()
-    while not p.exists() and p != p.parent:
-        made.append(p)
-        p = p.parent
+    p, made = existing_ancestor(path.parent.absolute())
     if not p.is_dir():
         raise InputError(f"cannot write into the output folder {path.parent}: {p} is a file, not a "
                          "folder; choose another output folder")
@@ -298,6 +295,30 @@ def _refusing_folder(folder: Path, err: OSError) -> Path | None:
     if err.errno != errno.ENOENT:
         return None
     return next((p for p in (folder, *folder.absolute().parents) if p.is_dir()), None)
+
+
+def existing_ancestor(folder: Path) -> tuple[Path, list]:
+    """The nearest of `folder` and its parents that is there (a link counts), and the missing
+    folders below it, deepest first."""
+    missing = []
+    while not os.path.lexists(folder) and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return folder, missing
+
+
+def content_mark(path: str | os.PathLike) -> list | None:
+    """[size, modification time] of a file (links followed), or of each plain file of a folder (one
+    level, by name, hidden ones left out): what tells a file or a model component made anew at the
+    same path, without reading it. None where nothing is there."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        return [[p.name, content_mark(p)] for p in sorted(Path(path).iterdir())
+                if not p.name.startswith(".") and p.is_file()]
+    return [st.st_size, st.st_mtime_ns]
 
 
 def check_output_dir(folder: str | os.PathLike) -> Path:

@@ -387,7 +387,7 @@ def argument_roles(argv) -> list:
         if row is None:
             continue
         roles[i - 1] = row if joined else "flag"
-        if joined or row.action is not None or i == len(args):
+        if joined or row.action not in (None, "append") or i == len(args):  # store_true and the like take none
             continue
         if row.nargs == "?" and args[i].lower() not in optional[row.flags[0]]:
             continue  # a bare optional-value flag: the next argument is not its

@@ -142,9 +142,7 @@ def check_output(output: Path) -> None:
     before the first): not a folder, not another run's file, a record of ours or nothing where
     the sidecar goes, and a folder (or room for one) where the output goes."""
     output = Path(output)
-    place = output.parent
-    while not os.path.lexists(place) and place != place.parent:
-        place = place.parent
+    place, _ = files.existing_ancestor(output.parent)
     if not place.is_dir():
         raise SpecError("output", f"{{flag}} {output}: {place} is a file, not a folder; move it, or "
                                   "choose another {flag} name")

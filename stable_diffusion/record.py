@@ -92,7 +92,12 @@ class Ledger:
 
     @contextlib.contextmanager
     def writing(self, entry: dict):
-        """List `entry` while the block writes its file; unlist it if the block fails."""
+        """List `entry` while the block writes its file; unlist it if the block fails. A file the run
+        writes again (a frame whose writing a stop cut short, written as the run stops) keeps one
+        entry, the last; its earlier one comes back if the block fails (its file is still there)."""
+        before = next((f for f in self.files if f.get("file") == entry["file"]), None)
+        if before is not None:
+            self.files.remove(before)
         self.files.append(dict(entry, state="writing"))
         index = len(self.files) - 1
         try:
@@ -100,6 +105,8 @@ class Ledger:
             yield
         except BaseException:
             del self.files[index]  # the sidecar is rewritten however the run ends
+            if before is not None:
+                self.files.append(before)
             raise
         self.files[index] = entry
         self.earlier.pop(entry["file"], None)  # made again: this run's now

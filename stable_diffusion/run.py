@@ -217,11 +217,11 @@ def _walk_and_keep(session, sd, plan, names, ledger, texts, picture, taesd, cons
             for sink in kept:
                 sink.phase_done(row)
     except KeyboardInterrupt:
-        # The frames made before the stop and waiting for their decoding batch are written, then
-        # what whole rows make (a partial triangle); a second stop ends it.
+        # The frames made before the stop (waiting for their decoding batch, or in the batch it cut
+        # short) are written, then what whole rows make (a partial triangle). Later stops are
+        # ignored until the run's record is written (signals.stop).
         if writer.waiting():
-            console.notice(f"stopping: writing the {writer.waiting()} frame(s) made before the stop "
-                           "(stop again to leave them out)")
+            console.notice(f"stopping: writing the {writer.waiting()} frame(s) made before the stop")
         for sink in (writer, *kept):
             try:
                 sink.salvage()

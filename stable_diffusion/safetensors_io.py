@@ -44,7 +44,8 @@ def refuse_pickle(path: Path, head: bytes | None = None) -> None:
     """Pickle files are never opened; the message gives the one-line conversion (torch's
     weights-only loader, which refuses code, then safetensors). `head`: a file's first bytes, which
     tell a pickle (torch's zip, or a bare pickle) whatever its name."""
-    by_content = head is not None and (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80")
+    # torch.save's zip, or a pickle's PROTO opcode with protocol 2 to 5 (a header's length may start 0x80)
+    by_content = head is not None and (head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and 2 <= head[1] <= 5))
     if by_content or path.suffix.lower() in PICKLE_SUFFIXES:
         out = path.with_suffix(".converted.safetensors" if by_content else ".safetensors")
         raise ModelError(f"{path} is a pickle checkpoint{' (whatever its name says)' if by_content else ''}: "

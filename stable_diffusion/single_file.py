@@ -57,6 +57,7 @@ from mlx.utils import tree_flatten
 
 from .config import ConfigError, VAEConfig, load_json
 from .errors import ModelError
+from .files import content_mark
 from .private_cache import cached_folder, views_root
 from .safetensors_io import POINTER, read_safetensors_header, read_safetensors_places, refuse_pickle, weight_files
 
@@ -588,10 +589,7 @@ _VIEW_VERSION = 2  # part of every view's cache key: raise it when what a view h
 
 
 def _identity(path: Path | None):
-    if path is None or not path.exists():
-        return None
-    stat = path.stat()
-    return [stat.st_size, stat.st_mtime_ns]
+    return None if path is None else content_mark(path)  # a --vae folder by its files
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -12,6 +12,7 @@ saves each picture whole with its metadata, listed in the sidecar before it take
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -83,6 +84,9 @@ def make_decoder(sd, preview: str, batch_size: int, taesd=None) -> Callable:
 SD_VAE_CHANNELS = (128, 256, 512, 512)
 
 
+_FITTED = weakref.WeakKeyDictionary()  # model -> its fitted map: once per model, not per run of a sweep
+
+
 def approx_factors(sd):
     """The latent -> RGB map of `--preview approx`: the published one for the VAE of SD and SDXL,
     else (the shipped model's, another architecture) fitted to this VAE once, on colour patches it
@@ -92,9 +96,12 @@ def approx_factors(sd):
     vae = sd.config.vae
     if tuple(vae.block_out_channels) == SD_VAE_CHANNELS and vae.latent_channels == 4:
         return sd.family
-    patches = np.concatenate([render.colour_patches(16 * sd.downscale, 8 * sd.downscale, seed) for seed in range(4)])
-    latents = sd.encode(patches * 2.0 - 1.0)
-    return render.fit_latent_rgb(np.array(latents.astype(mx.float32)), np.array(sd.decode(latents)), sd.downscale)
+    if sd not in _FITTED:
+        patches = np.concatenate([render.colour_patches(16 * sd.downscale, 8 * sd.downscale, seed) for seed in range(4)])
+        latents = sd.encode(patches * 2.0 - 1.0)
+        _FITTED[sd] = render.fit_latent_rgb(np.array(latents.astype(mx.float32)), np.array(sd.decode(latents)),
+                                            sd.downscale)
+    return _FITTED[sd]
 
 
 @dataclass
@@ -116,39 +123,54 @@ class FrameWriter:
             self.flush()
 
     def waiting(self) -> int:
-        """Frames made and not yet decoded (fewer than a batch)."""
-        return len(self.pending)
+        """Files made and not yet written: frames waiting for their decoding batch, or whose batch a
+        stop cut short (a triangle's cells have no file of their own)."""
+        return sum(frame.path is not None for frame in self.pending)
 
     def flush(self) -> None:
         pending, self.pending = self.pending, []
         if not pending:
             return
-        pictures = self.decode(mx.concatenate([x for f in pending for x in f.latents]))
-        i = 0
-        for frame in pending:
-            parts = []
-            for x in frame.latents:
-                parts.append(pictures[i:i + x.shape[0]])
-                i += x.shape[0]
-            names = SHOWN.get(frame.info.get("shows"), ())
-            if len(parts) > 1 and "x0_t" not in frame.info:  # the start: no estimate to show yet
-                parts[1], names = np.full_like(parts[1], 0.5), names[:1]  # grey
-            joined = np.concatenate(parts, axis=2)  # side by side along the width
-            if len(parts) > 1:  # x_t and x0: each picture of the grid says which part is which
-                marks = SHOWN["both"] if len(names) > 1 else START_MARKS
-                picture = render.grid([render.marked_parts(p, marks, also=START_MARKS)
-                                       for p in render.to_uint8(joined)], self.n_rows)
-            else:
-                picture = self.grid(joined)
-            if frame.info.get("kind") == "step":  # detail in pixels, where the frame is decoded anyway
-                frame.info["pixel_detail"] = {name: measures.detail(part[0]) for name, part in
-                                              zip(names, parts)}
-            if frame.path is not None:
-                self.save(frame.path, picture, frame.info)
-            if frame.keep is not None:
-                frame.keep(picture)
+        written = 0
+        try:
+            pictures = self.decode(mx.concatenate([x for f in pending for x in f.latents]))
+            for frame in pending:
+                n = sum(x.shape[0] for x in frame.latents)
+                self._write(frame, pictures[:n])
+                pictures, written = pictures[n:], written + 1
+        except KeyboardInterrupt:  # a stop in the decoding or the writing: the rest wait (see salvage)
+            self.pending = pending[written:] + self.pending
+            raise
 
-    salvage = flush  # after an interrupt: the frames made before it
+    def salvage(self) -> None:
+        """After a stop: the files made before it are written (frames without a file of their own,
+        the cells of a triangle's row cut short, are not worth the decoding)."""
+        self.pending = [frame for frame in self.pending if frame.path is not None]
+        self.flush()
+
+    def _write(self, frame: Frame, pictures: np.ndarray) -> None:
+        """One frame's decoded pictures (its latents', in order), saved and handed to its `keep`."""
+        parts, i = [], 0
+        for x in frame.latents:
+            parts.append(pictures[i:i + x.shape[0]])
+            i += x.shape[0]
+        names = SHOWN.get(frame.info.get("shows"), ())
+        if len(parts) > 1 and "x0_t" not in frame.info:  # the start: no estimate to show yet
+            parts[1], names = np.full_like(parts[1], 0.5), names[:1]  # grey
+        joined = np.concatenate(parts, axis=2)  # side by side along the width
+        if len(parts) > 1:  # x_t and x0: each picture of the grid says which part is which
+            marks = SHOWN["both"] if len(names) > 1 else START_MARKS
+            picture = render.grid([render.marked_parts(p, marks, also=START_MARKS)
+                                   for p in render.to_uint8(joined)], self.n_rows)
+        else:
+            picture = self.grid(joined)
+        if frame.info.get("kind") == "step":  # detail in pixels, where the frame is decoded anyway
+            frame.info["pixel_detail"] = {name: measures.detail(part[0]) for name, part in
+                                          zip(names, parts)}
+        if frame.path is not None:
+            self.save(frame.path, picture, frame.info)
+        if frame.keep is not None:
+            frame.keep(picture)
 
     def grid(self, pictures: np.ndarray) -> np.ndarray:
         return render.grid(render.to_uint8(pictures), self.n_rows)

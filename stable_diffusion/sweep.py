@@ -29,7 +29,7 @@ from .privacy import shown_value
 from .choices import SAMPLER_NAMES, SCHEDULES
 from .costs import describe_seconds
 from .errors import InputError, OutputError
-from .files import (check_output_dir, file_digest, parse_json, read_lines, read_regular,
+from .files import (check_output_dir, content_mark, file_digest, parse_json, read_lines, read_regular,
                     to_json, write_text_atomic)
 from .outputs import check_name_length, derived_base
 from .picture_meta import save_png
@@ -43,25 +43,27 @@ MANIFEST = "sweep.jsonl"
 RECORD = "sweep.json"
 
 
-def _decimals(values) -> int:
-    """The fewest decimals (at least 2, at most 10) that write every value as it was given (0.625
-    was named s0.62) and tell the values apart."""
-    written = max(len(repr(float(v)).partition(".")[2]) for v in values)
-    for d in range(max(2, min(written, 10)), 10):
-        if len({f"{v:.{d}f}" for v in values}) == len(values):
-            return d
-    return 10
+class _Strength(float):
+    """A strength as a name field: `{strength:as_given}` writes it with its own decimals, at least
+    2 and at most 10 (0.5 -> 0.50, 0.625 -> 0.625: it was s0.62), so that a value added to a sweep
+    leaves the other runs' names, and their results, as they were; other formats are float's."""
+
+    def __format__(self, spec: str) -> str:
+        if spec != "as_given":
+            return format(float(self), spec)
+        decimals = len(repr(float(self)).partition(".")[2])
+        return f"{float(self):.{min(max(decimals, 2), 10)}f}"
 
 
 def default_pattern(grid: Grid) -> str:
-    """A name from the fields that vary, e.g. `s{strength:.2f}-seed{seed:04d}` -> `s0.30-seed0003`."""
+    """A name from the fields that vary, e.g. `s{strength:as_given}-seed{seed:04d}` -> `s0.30-seed0003` (each strength with its own decimals, at least 2)."""
     parts = []
     for name in grid.varying():
         values = grid.values(name)
         if name == "prompt":
             parts.append(f"p{{prompt_index:0{len(str(len(values)))}d}}")
         elif name == "strength":
-            parts.append(f"s{{strength:.{_decimals(values)}f}}")
+            parts.append("s{strength:as_given}")
         elif name == "seed":
             parts.append(f"seed{{seed:0{max(4, len(str(max(values))))}d}}")
         elif name == "steps":
@@ -75,7 +77,7 @@ def default_pattern(grid: Grid) -> str:
 
 def _name_fields(spec: RunSpec, prompt_index: int, index: int) -> dict:
     return {"prompt": spec.prompt, "prompt_index": prompt_index, "index": index,
-            "strength": spec.strength, "seed": spec.seed, "cfg": spec.cfg, "steps": spec.steps,
+            "strength": _Strength(spec.strength), "seed": spec.seed, "cfg": spec.cfg, "steps": spec.steps,
             "sampler": spec.sampler, "schedule": spec.schedule}
 
 
@@ -294,9 +296,8 @@ def _stays_inside(run: SweepRun) -> None:
     while not os.path.lexists(place) and place != folder:
         place = place.parent
     if os.path.commonpath([os.path.realpath(place), os.path.realpath(folder)]) != os.path.realpath(folder):
-        raise SpecError("name", f"{{flag}}: run {run.name} would be written in {os.path.realpath(place)}, "
-                                f"outside the sweep's folder {folder} (through a link); choose names "
-                                "whose folders stay inside it")
+        raise SpecError("name", f"its folder is {os.path.realpath(place)}, outside the sweep's folder "
+                                f"{folder} (through a link); choose {{flag}} so that folders stay inside it")
 
 
 def inputs_identity(session, picture) -> dict:
@@ -306,19 +307,15 @@ def inputs_identity(session, picture) -> dict:
     model folder made anew at the same path kept the earlier sweep's results."""
     import hashlib
 
-    def stat_of(path: Path) -> list:
-        try:
-            st = os.stat(path)
-        except OSError:
-            return [None]
-        return [st.st_size, st.st_mtime_ns]
+    from .config import TEXT_COMPONENTS
 
     m = session.model_spec
     folder = Path(session.folder).resolve()
-    files = sorted([*folder.glob("*"), *folder.glob("*/*")])  # the diffusers layout's two levels
-    entries = [[p.relative_to(folder).as_posix(), *stat_of(p)] for p in files if p.is_file()]
+    # What the loader reads: not the folder's other files (a sweep made inside it, .git, .DS_Store)
+    read = ["model_index.json", "unet", "vae", "scheduler", *(name for pair in TEXT_COMPONENTS for name in pair)]
+    entries = [[name, content_mark(folder / name)] for name in read]
     extra = ([m.vae] if m.vae else []) + [path for path, _ in (*m.loras, *m.embeddings)]
-    entries += [[str(Path(e).resolve()), *stat_of(Path(e))] for e in extra]
+    entries += [[str(Path(e).resolve()), content_mark(e)] for e in extra]
     digest = hashlib.sha256(json.dumps([str(folder), entries]).encode()).hexdigest()[:16]
     return {"input_sha256": None if picture is None else picture.sha256, "model_files": digest}
 
@@ -396,6 +393,7 @@ class Manifest:
                                  **({"identity": identity} if identity is not None else {}),
                                  "status": "pending"} for r in runs}
         self.others: dict = {}  # name -> last record of an earlier sweep's run that this one does not name
+        self.remade: set = set()  # see resume
         # The files a finished run must have left: its output and its sidecar.
         self.expected = {r.name: {r.spec.output.relative_to(self.folder).as_posix(),
                                   r.spec.output.with_suffix(".json").relative_to(self.folder).as_posix()}
@@ -429,21 +427,26 @@ class Manifest:
                              "or choose another --output folder")
         return out
 
-    def resume(self) -> set:
-        """Take over the finished runs of an earlier sweep whose spec, model and files match;
-        returns their names."""
+    def resume(self, previous: dict | None = None) -> set:
+        """Take over the finished runs of an earlier sweep (`previous()`, read here if not given)
+        whose spec, model, inputs and files match; returns their names. `self.remade` gets those
+        that matched but for the input picture or the model's files (or an older record without them)."""
         done = set()
-        previous = self.previous()
+        previous = self.previous() if previous is None else previous
+        self.remade = set()
         # An earlier sweep's runs that this one does not name keep their lines (a second grid in
         # the folder wiped the first's, and rerunning the first made it all again)
         self.others = {name: old for name, old in previous.items() if name not in self.records}
         for name, old in previous.items():
             new = self.records.get(name)
-            if (new is not None and old.get("status") == "finished" and old.get("spec") == new["spec"]
-                    and old.get("model") == self.model and old.get("identity") == self.identity
-                    and verify(self.folder, old, self.expected[name])):
-                self.records[name] = dict(old, skipped=True)
-                done.add(name)
+            if (new is None or old.get("status") != "finished" or old.get("spec") != new["spec"]
+                    or old.get("model") != self.model or not verify(self.folder, old, self.expected[name])):
+                continue
+            if old.get("identity") != self.identity:
+                self.remade.add(name)
+                continue
+            self.records[name] = dict(old, skipped=True)
+            done.add(name)
         return done
 
     def set(self, name: str, status: str, **fields) -> None:
@@ -569,14 +572,17 @@ class Sweep:
         """Check the folder and the sweep's own files in it, take over what an earlier sweep
         finished; returns the runs to make."""
         check_output_dir(self.folder)
-        self._check_own_files()
-        done = self.manifest.resume()
+        previous = self.manifest.previous()
+        self._check_own_files(swept=bool(previous))
+        done = self.manifest.resume(previous)
         self.manifest.write()
         return [r for r in self.runs if r.name not in done]
 
-    def _check_own_files(self) -> None:
+    def _check_own_files(self, swept: bool) -> None:
         """`sweep.json` and the sheet's pages replace only files of ours: the record of a sweep, a
-        page carrying our mark or listed by that record (a project's own sweep.json was written over)."""
+        page carrying our mark or listed by that record, or any page where a manifest of ours is
+        (`swept`: an older version's unmarked page, its sweep killed before its record); a
+        project's own sweep.json was written over."""
         listed = set()
         record_path = self.folder / RECORD
         if os.path.lexists(record_path):
@@ -592,7 +598,7 @@ class Sweep:
             listed = {record.get("sheet"), *(record.get("sheet_pages") or ())}
         for page in self.sheet.pages:
             path = self.folder / page[-1]
-            if os.path.lexists(path) and page[-1] not in listed and not _marked_sheet(path):
+            if os.path.lexists(path) and not swept and page[-1] not in listed and not _marked_sheet(path):
                 raise InputError(f"{path} is not a contact sheet of ours, and the sweep draws one there; "
                                  "move it, or choose another --output folder")
 
@@ -616,6 +622,10 @@ class Sweep:
         expected = ""
         if self.estimates:
             expected = f"; {describe_seconds(sum(self.estimates[r.name] for r in todo))} in all"
+        if self.manifest.remade:
+            console.notice(f"{len(self.manifest.remade)} run(s) an earlier sweep finished here are made again: "
+                           "the input picture or the model's files are not those it recorded (or it "
+                           "predates that record)")
         if skipped:
             console.say(f"sweep: {skipped} of {total} runs already finished and verified; "
                         f"{len(todo)} to make{expected}")

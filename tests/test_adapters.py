@@ -570,7 +570,7 @@ def test_textual_inversion_refusals(tiny_model, tmp_path):
     expect_model_error(lambda: sd.load_textual_inversion(nan), "not finite")
     for bad in ("", " <x>", "a" * 101):
         expect_model_error(lambda: sd.load_textual_inversion(path, token=bad), "a token is a word")
-    expect_model_error(lambda: sd.load_textual_inversion(path, token=3), "token '3' is a int; give the token as text")
+    expect_model_error(lambda: sd.load_textual_inversion(path, token=3), "token '3' is not text (int); give the token as text")
     scalar = tmp_path / "scalar.safetensors"  # was an IndexError
     save_file({"<one>": np.ones((), np.float32)}, str(scalar))
     expect_model_error(lambda: sd.load_textual_inversion(scalar), "shape ()", "(n, 32)")

@@ -161,7 +161,7 @@ def test_print_parser_shows_arguments_before_work(tmp_path, picture, sd2):
     result = run("image2image.py", picture, "x", "--model", sd2, "--steps", 0, "-pp", "--quiet", check=False)
     assert result.returncode == 2 and "steps: 0" in result.stdout and "quiet: True" in result.stdout
     # None is said to be a default settled later; under --replay the picture is named (it said None)
-    assert "cfg: None" in result.stdout and "(None: the default, settled once the model's configs are read" in result.stdout
+    assert "cfg: None" in result.stdout and "(None: the default, settled as the run starts: the model's own steps" in result.stdout
     result = run("image2image.py", "--replay", tmp_path / "p.png", "-sp", "0", "x", "-pp", "--quiet", "--steps", 0,
                  check=False)
     assert f"replay: '{tmp_path / 'p.png'}' (its values are among these)" in result.stdout, result.stdout + result.stderr

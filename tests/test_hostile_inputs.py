@@ -664,6 +664,22 @@ def test_the_output_lock_must_be_a_plain_file(tmp_path, make):
 # --- 6. the sidecar stays true when the folder changes under the run ---------------------------
 
 
+def test_a_file_written_again_keeps_one_entry_and_a_failed_rewrite_keeps_the_first(tmp_path):
+    """A frame whose writing a stop cut short just after its rename is written again as the run
+    stops: it was listed twice, and the stop's count of kept files was one too many."""
+    ledger = Ledger(tmp_path / "r.json", {"format": 2})
+    for kind in ("first", "again"):
+        with ledger.writing({"file": "r.step-001.png", "kind": kind}):
+            (tmp_path / "r.step-001.png").write_text(kind)
+    assert ledger.files == [{"file": "r.step-001.png", "kind": "again"}]
+    with pytest.raises(KeyboardInterrupt):
+        with ledger.writing({"file": "r.step-001.png", "kind": "third"}):
+            raise KeyboardInterrupt
+    assert ledger.files == [{"file": "r.step-001.png", "kind": "again"}]
+    ledger.write("interrupted")  # as the run's last word
+    assert json.loads((tmp_path / "r.json").read_text())["files"] == ledger.files
+
+
 def test_the_ledger_reports_files_gone_before_the_end(tmp_path):
     ledger = Ledger(tmp_path / "r.json", {"format": 2})
     for name in ("r.png", "r.step-001.png"):

@@ -568,3 +568,6 @@ def test_a_pickle_under_a_safetensors_name_is_called_a_pickle(tmp_path):
     real.write_bytes(struct.pack("<Q", 384) + header.ljust(384) + np.ones(2, np.float32).tobytes())
     assert real.read_bytes()[0] == 0x80 and list(safetensors_io.read_safetensors_header(real)) == ["w"]
     assert load_file(str(real))["w"].tolist() == [1.0, 1.0]
+    cut = tmp_path / "cut.safetensors"  # a download cut short inside the header: truncated, as it was
+    cut.write_bytes(real.read_bytes()[:200])
+    expect_model_error(lambda: safetensors_io.read_safetensors_header(cut), "is truncated or not a safetensors file")

@@ -169,11 +169,12 @@ def test_arguments_as_typed_lose_their_texts(tmp_path):
     h = privacy.text_hash
     spec = RunSpec("shapes", tmp_path / "o.png", negative_prompt="second", inversion=Inversion(prompt="inv"),
                    capture=Capture(save_prompt=False))
-    argv = ["in.png", "shapes", "--model", "shapes", "--negative_prompt", "first", "--negative-prompt=second",
-            "--inversion_pr", "inv", "-gt", "shapes", "--inversion-prompt=old", "--", "-x"]
+    argv = ["in.png", "shapes", "--model", "shapes", "--lora", "shapes", "--negative_prompt", "first",
+            "--negative-prompt=second", "--inversion_pr", "inv", "-gt", "shapes", "--inversion-prompt=old", "--", "-x"]
     assert privacy.redact_argv(argv, spec) == [
-        "in.png", h("shapes"), "--model", "shapes", "--negative_prompt", h("first"), f"--negative-prompt={h('second')}",
-        "--inversion_pr", h("inv"), "-gt", h("shapes"), f"--inversion-prompt={h('old')}", "--", "-x"]
+        "in.png", h("shapes"), "--model", "shapes", "--lora", "shapes", "--negative_prompt", h("first"),
+        f"--negative-prompt={h('second')}", "--inversion_pr", h("inv"), "-gt", h("shapes"),
+        f"--inversion-prompt={h('old')}", "--", "-x"]
 
 
 def test_a_private_ray_sweep_hashes_with_the_drivers_salt_on_every_worker(tmp_path, picture, sd2, monkeypatch):

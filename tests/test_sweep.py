@@ -4,6 +4,7 @@ loses a worker mid-sweep."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -397,7 +398,7 @@ def test_the_sweeps_own_files_replace_only_files_of_ours(capsys, tmp_path, pictu
     status, _, err = in_process(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 2, "--strengths",
                                 "0.5", "--seeds", 1, "--quiet", "-o", out)
     assert status == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
-    assert f"{out / name} is " in err and "move it" in err or "remove it" in err
+    assert f"{out / name} is " in err and ("move it" in err or "remove it" in err)
     assert sorted(p.name for p in out.iterdir()) == [name]
     if before is not None:
         assert (out / name).read_bytes() == before
@@ -425,9 +426,14 @@ def test_a_sheet_that_cannot_be_written_is_said_and_the_sweep_fails(capsys, tmp_
 
 def test_names_write_values_as_given_and_prompts_lose_a_byte_order_mark(tmp_path, picture, sd2):
     parser = build_sweep_parser("image2image")
-    runs = build_sweep("image2image", parser.parse_args(
-        [str(picture), "x", "--model", str(sd2), "--strengths", "0.3,0.6,0.625", "-o", str(tmp_path / "o")]))[0]
-    assert [r.name for r in runs] == ["s0.300", "s0.600", "s0.625"]  # 0.625 was s0.62
+
+    def names(strengths):
+        return [r.name for r in build_sweep("image2image", parser.parse_args(
+            [str(picture), "x", "--model", str(sd2), "--strengths", strengths, "-o", str(tmp_path / "o")]))[0]]
+
+    assert names("0.3,0.6,0.625") == ["s0.30", "s0.60", "s0.625"]  # 0.625 was s0.62
+    assert names("0.25,0.5,0.75") == ["s0.25", "s0.50", "s0.75"]  # a value added leaves the others' names
+    assert names("0.001:0.003:0.001") == ["s0.001", "s0.002", "s0.003"]
     prompts = tmp_path / "p.txt"
     prompts.write_bytes(b"\xef\xbb\xbfa red circle\nsecond\n")  # as Windows' editors save UTF-8
     parser = build_sweep_parser("txt2image")
@@ -459,6 +465,29 @@ def test_run_folders_are_checked_before_any_work(capsys, tmp_path, picture, sd2,
 def test_seeds_below_0_and_default_names_too_close_say_what_to_do(capsys, tmp_path, picture, sd2):
     status, _, err = in_process(capsys, "image2image", picture, "x", "--model", sd2, "--seeds", "-1", "-o", tmp_path / "o")
     assert status == 2 and "--seeds -1: a sweep's seeds are 0 or more; leave --seeds out for a random seed per run" in err
-    status, _, err = in_process(capsys, "image2image", picture, "x", "--model", sd2, "--strengths", "0.3,0.30000000001",
+    status, _, err = in_process(capsys, "image2image", picture, "x", "--model", sd2, "--strengths", "0.30000000001,0.30000000002",
                                 "-o", tmp_path / "o")
     assert status == 2 and "differ past the decimals a name shows; give values that differ more, or a --name" in err, err
+
+
+def test_a_rerun_says_why_it_makes_finished_runs_again_and_takes_an_older_folder(capsys, tmp_path, picture, sd2):
+    """Runs an earlier sweep finished, on another picture (or recorded before the inputs were), are
+    made again with a note (it was silent); a sweep written inside its model's folder resumes (the
+    identity read the sweep's own manifest); an unmarked sheet beside a manifest of ours, as an
+    older version killed before its record left it, is not refused."""
+    model = tmp_path / "model"
+    shutil.copytree(sd2, model)
+    out = model / "sw"
+    args = ["image2image", picture, "x", "--model", model, "--steps", 2, "--strengths", "0.5,1", "--seeds", 1,
+            "--quiet", "-o", out]
+    assert in_process(capsys, *args)[0] == 0
+    assert in_process(capsys, *args)[0] == 0
+    assert json.loads((out / "sweep.json").read_text())["ran"] == 0
+    lines = [json.loads(line) for line in (out / MANIFEST).read_text().splitlines()]
+    (out / MANIFEST).write_text("".join(json.dumps({k: v for k, v in r.items() if k != "identity"}) + "\n"
+                                        for r in lines))  # as an older version wrote it
+    (out / "sweep.json").unlink()
+    Image.open(out / "sweep.sheet.png").save(out / "sweep.sheet.png")  # its text chunks gone
+    status, _, err = in_process(capsys, *args[:-3], "-o", out)
+    assert status == 0 and "note: 2 run(s) an earlier sweep finished here are made again: the input picture or " \
+        "the model's files are not those it recorded" in err, err
