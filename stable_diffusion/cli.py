@@ -113,6 +113,10 @@ class _Parser(argparse.ArgumentParser):
             if close:
                 return f"; did you mean {close[0]}?"
         if any(not arg.startswith("-") for arg in unknown):  # words past the positionals
+            if getattr(self, "replaying", False):
+                return ("; --replay takes the input picture and the prompt from the picture's record: give "
+                        "only flags with it (a picture made with -sp 0 takes its prompt again, unless "
+                        "that was empty)")
             return "; a prompt of several words goes in quotes"
         return ""
 
@@ -227,7 +231,9 @@ def replay_arguments(command: str, argv: list) -> tuple[list, list]:
     and notes to show."""
     from . import replay
 
-    expanded, notes, _ = replay.expand(command, argv, build_parser(command))
+    parser = build_parser(command)
+    parser.replaying = True  # its words past the positionals are said to be a replay's
+    expanded, notes, _ = replay.expand(command, argv, parser)
     return expanded, notes
 
 

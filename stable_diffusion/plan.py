@@ -166,7 +166,7 @@ def make_plan(spec: RunSpec, config: PipelineConfig, tokenizers, image_size: tup
     every = c.every
     if spec.triangle and every is None:
         every = default_triangle_every(spec.steps)
-    if every is not None and every > longest:  # a loop or a sweep over strengths meets it
+    if c.every is not None and every > longest:  # a loop or a sweep over strengths meets it
         notice(f"{{flag:every}} {every} is more than the {longest} steps this run makes; saving the start "
                "and the final")
     last = c.last

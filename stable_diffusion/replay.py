@@ -283,15 +283,36 @@ def _dest(arg: str, parser) -> str | None:
     return None if action is None else action.dest
 
 
+# The settings of one kind of run only: -gt given with a replay leaves the other kind's out.
+_TRIANGLE_ONLY = {"triangle_strengths", "triangle_low_top", "triangle_align"}
+_SINGLE_ONLY = {"save_last_N", "keep_best", "strength"}
+
+
 def without_relisted(replayed: list, rest: list, parser) -> list:
     """The recorded arguments less the values of a repeatable option (--lora, --embedding) that
-    the user gives again, and of a setting the user gives by another flag (--no-float16 for
-    --dtype): given ones replace the recorded ones, as other flags override theirs."""
+    the user gives again, of a setting the user gives by another flag (--no-float16 for
+    --dtype), and of the settings that only the other kind of run takes where the user turns the
+    triangle on or off: given ones replace the recorded ones, as other flags override theirs."""
     given = {_dest(a, parser) for a in rest[:_separator(rest)]} - {None}
     dropped = {_dest(flag, parser) for flag in options.listed_flags()} & given
     dropped |= {_OVERRIDES[d] for d in given if d in _OVERRIDES}
+    triangle = _triangle_given(rest, parser)
+    if triangle is not None:
+        dropped |= _SINGLE_ONLY if triangle else _TRIANGLE_ONLY
     k = _separator(replayed)
     return [a for a in replayed[:k] if _dest(a, parser) not in dropped] + replayed[k:]
+
+
+def _triangle_given(rest: list, parser) -> bool | None:
+    """Whether the user's own arguments turn the triangle on or off (-gt, -gt 0, -gt=no ...);
+    None where they leave it as recorded."""
+    args = parser.joined(rest[:_separator(rest)])
+    value = None
+    for i, arg in enumerate(args):
+        if _dest(arg, parser) == "generate_triangle":
+            word = arg.split("=", 1)[1] if "=" in arg else args[i + 1] if i + 1 < len(args) else "1"
+            value = options.BOOL_WORDS.get(word.lower())
+    return value
 
 
 def _with_size(recorded: list, sized: list) -> list:

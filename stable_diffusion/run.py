@@ -19,7 +19,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import costs, files, images, options, outputs, privacy, record, signals, sinks
+from . import costs, files, images, options, outputs, privacy, record, render, signals, sinks
 from .errors import InputError, NumericalError, OutputError
 from .plan import RunPlan, make_plan
 from .memory import release_cpu_buffers
@@ -245,8 +245,15 @@ def _sinks(plan, names, writer, sd, x0, picture, console, timings) -> list:
     vae = sinks.make_decoder(sd, "vae", c.decode_batch)
     if spec.triangle:
         cells = sinks.TriangleCells(writer, plan, c.shows, noising)
-        fidelity = sinks.Fidelity(plan, reference, x0, ends, lambda: [row[-1] for row in cells.cells],
-                                  console.say)
+        if c.shows == "xt" and c.preview == "vae":  # each row's last cell is the VAE's final picture
+
+            def finals():
+                return [row[-1] for row in cells.cells]
+        else:  # cells of another preview or of x0: the final latents decoded as the VAE does
+
+            def finals():
+                return list(render.to_uint8(vae(mx.concatenate([end.x_t[:1] for end in ends.finals]))))
+        fidelity = sinks.Fidelity(plan, reference, x0, ends, finals, console.say)
         chain = [cells, ends, curves, fidelity, sinks.TriangleCanvas(writer, spec.output, plan, cells, fidelity)]
         frames = cells.l_path
     else:

@@ -381,5 +381,10 @@ def _check_strengths(strengths, triangle: bool) -> None:
             raise SpecError(name, f"{{flag}} {s:.10g} is outside {MIN_STRENGTH:g} .. 1; use e.g. 0.6")
     if len(set(strengths)) != len(strengths):
         raise SpecError(name, "{flag} has duplicates; list each strength once")
+    shown = [f"{s:g}" for s in strengths]  # as the rows' labels and the record's keys name them
+    if len(set(shown)) != len(shown):
+        twins = next(s for s in shown if shown.count(s) > 1)
+        raise SpecError(name, f"{{flag}} has strengths that are all {twins} to 6 digits, as the rows' "
+                              "labels and records name them; give strengths that differ more")
     if list(strengths) != sorted(strengths):
         raise SpecError(name, "{flag} must be in increasing order, e.g. 0.2,0.5,0.9")

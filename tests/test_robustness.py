@@ -162,6 +162,8 @@ def test_picture_notices_reach_stderr(tmp_path, sd2):
     (["--n_images", 10000], ["--n_images 10000 is outside 1 .. 64"]),
     (["--decoding_batch_size", 1000], ["--decoding_batch_size 1000 is outside 1 .. 64"]),
     (["-gt", "--triangle_strengths", "1e-9,0.5"], ["--triangle_strengths 1e-09 is outside 0.001 .. 1"]),
+    # Rows the labels and the record's keys would name alike (one row's curves and fidelity were lost)
+    (["-gt", "--triangle_strengths", "0.5,0.5000001"], ["--triangle_strengths has strengths that are all 0.5 to 6 digits"]),
     (["--output", "a" * 246 + ".png", "-sd", 1], ["the run writes names up to 261 bytes", "use a shorter name"]),
     # Adapter files, as far as they can be told without the model's layers.
     (["--lora", "missing.safetensors"], ["LoRA missing.safetensors does not exist"]),
@@ -213,6 +215,30 @@ def test_snapshots_further_apart_than_a_run_keep_its_start_and_final(capsys, tmp
     assert status == 0 and "note: -sd 9 is more than the 3 steps this run makes; saving the start and the final" in err
     assert sorted(p.name for p in tmp_path.glob("o.step-*")) == ["o.step-000.png", "o.step-003.png"]
     assert "-sd=9" in sidecar(tmp_path / "o.json")["replay"]
+
+
+def test_a_triangle_replayed_as_one_run_and_back_and_its_fidelity_from_the_vae(capsys, tmp_path, picture, sd2):
+    """From a hostile pass: -gt 0 with a triangle's replay was refused for the recorded
+    --triangle_strengths (and -gt with a run's --save_last_N); a word given with --replay was said
+    to be a prompt missing its quotes; a triangle's fidelity was measured on its preview's cells
+    (approx, x0), and its default -sd was named in a note the user had no flag for."""
+    tri = tmp_path / "tri.png"
+    common = ["--model", sd2, "--steps", 4, "--seed", 1]
+    status, _, err = main(capsys, "image2image", picture, "x", *common, "-gt", "--triangle_strengths", "0.5,1",
+                          "--output", tri)
+    assert status == 0 and "-sd" not in err, err
+    fidelity = sidecar(tmp_path / "tri.json")["fidelity"]
+    status, _, err = main(capsys, "image2image", picture, "x", *common, "-gt", "--triangle_strengths", "0.5,1",
+                          "-sd", 1, "--preview", "approx", "--snapshot", "x0", "--output", tmp_path / "approx.png")
+    assert status == 0 and sidecar(tmp_path / "approx.json")["fidelity"] == fidelity, err
+    status, _, err = main(capsys, "image2image", "--replay", tri, "-gt", "0", "--save_last_N", 2,
+                          "--output", tmp_path / "one.png")
+    assert status == 0 and "with other --save_last_N, --generate_triangle, --triangle_strengths" in err, err
+    status, _, err = main(capsys, "image2image", "--replay", tmp_path / "one.png", "-gt", "--output", tmp_path / "back.png")
+    assert status == 0 and sidecar(tmp_path / "back.json")["plans"][0]["strength"] == 0.1, err  # the default rows
+    status, _, err = main(capsys, "image2image", "--replay", tri, "a dog", "--output", tmp_path / "no.png")
+    only_error(status, 2, err, "unrecognized arguments: a dog; --replay takes the input picture and the prompt "
+                               "from the picture's record: give only flags with it")
 
 
 def test_last_n_clamped_and_long_prompt_noted_in_one_line(tmp_path, picture, sd2):
