@@ -245,14 +245,11 @@ def _sinks(plan, names, writer, sd, x0, picture, console, timings) -> list:
     vae = sinks.make_decoder(sd, "vae", c.decode_batch)
     if spec.triangle:
         cells = sinks.TriangleCells(writer, plan, c.shows, noising)
-        if c.shows == "xt" and c.preview == "vae":  # each row's last cell is the VAE's final picture
 
-            def finals():
+        def finals():  # each row's final picture as the VAE makes it, whatever its cells show
+            if c.shows == "xt" and c.preview == "vae":  # the rows' last cells are that picture
                 return [row[-1] for row in cells.cells]
-        else:  # cells of another preview or of x0: the final latents decoded as the VAE does
-
-            def finals():
-                return list(render.to_uint8(vae(mx.concatenate([end.x_t[:1] for end in ends.finals]))))
+            return list(render.to_uint8(vae(mx.concatenate([end.x_t[:1] for end in ends.finals]))))
         fidelity = sinks.Fidelity(plan, reference, x0, ends, finals, console.say)
         chain = [cells, ends, curves, fidelity, sinks.TriangleCanvas(writer, spec.output, plan, cells, fidelity)]
         frames = cells.l_path
