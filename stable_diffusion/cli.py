@@ -351,7 +351,7 @@ def _command(command: str, typed: list, console: Console) -> int:
     _check_environment()
     raw = {name: _text_argument(args, name, console) for name in ("prompt", "negative_prompt")}
     spec, model = build_specs(command, args)
-    if spec.triangle and parser.given(argv, "strength"):
+    if spec.triangle and parser.given(typed, "strength"):  # the user's, not a replay's
         console.notice(f"--strength {args.strength:g} is not used: the triangle's rows run at "
                        "--triangle_strengths (default 0.1 .. 1.0)")
     spec = replace(spec, prompt_bytes=raw["prompt"], negative_prompt_bytes=raw["negative_prompt"])

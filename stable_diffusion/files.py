@@ -307,18 +307,20 @@ def existing_ancestor(folder: Path) -> tuple[Path, list]:
     return folder, missing
 
 
-def content_mark(path: str | os.PathLike) -> list | None:
-    """[size, modification time] of a file (links followed), or of each plain file of a folder (one
-    level, by name, hidden ones left out): what tells a file or a model component made anew at the
-    same path, without reading it. None where nothing is there."""
+def content_mark(path: str | os.PathLike, depth: int = 2) -> list | None:
+    """[size, modification time] of a file (links followed), or the marks of what a folder holds
+    down to `depth` levels (by name, hidden ones left out: a model folder's components and their
+    files): what tells a file or a model made anew at the same path, without reading it. None
+    where nothing is there."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    if stat.S_ISDIR(st.st_mode):
-        return [[p.name, content_mark(p)] for p in sorted(Path(path).iterdir())
-                if not p.name.startswith(".") and p.is_file()]
-    return [st.st_size, st.st_mtime_ns]
+    if not stat.S_ISDIR(st.st_mode):
+        return [st.st_size, st.st_mtime_ns]
+    if depth <= 0:
+        return []
+    return [[p.name, content_mark(p, depth - 1)] for p in sorted(Path(path).iterdir()) if not p.name.startswith(".")]
 
 
 def check_output_dir(folder: str | os.PathLike) -> Path:

@@ -285,7 +285,7 @@ def _dest(arg: str, parser) -> str | None:
 
 # The settings of one kind of run only: -gt given with a replay leaves the other kind's out.
 _TRIANGLE_ONLY = {"triangle_strengths", "triangle_low_top", "triangle_align"}
-_SINGLE_ONLY = {"save_last_N", "keep_best", "strength"}
+_SINGLE_ONLY = {"save_last_N", "keep_best", "strength", "n_images", "n_rows"}
 
 
 def without_relisted(replayed: list, rest: list, parser) -> list:

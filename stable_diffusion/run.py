@@ -204,6 +204,7 @@ def _walk_and_keep(session, sd, plan, names, ledger, texts, picture, taesd, cons
     visits = walk(sd.noise_schedule, plan, denoisers[0], x0, eps, seed_keys(spec.seed),
                   denoisers[1] if len(denoisers) > 1 else None)
     clock = None if plan.estimate is None else costs.TimeLeft(plan.estimate)
+    finished = []  # the sinks whose finish is done (step 4)
     try:
         for row, group in itertools.groupby(visits, key=lambda visit: visit.row):
             steps = (visit.step for visit in group)
@@ -216,24 +217,26 @@ def _walk_and_keep(session, sd, plan, names, ledger, texts, picture, taesd, cons
             writer.flush()
             for sink in kept:
                 sink.phase_done(row)
+        release_cpu_buffers()  # the UNet is done: what remains is VAE decoding
+        timings["steps_and_frames_s"] = elapsed(started)
+
+        # 4. what is made of whole rows: the final picture or the triangle, fidelity, curves, animation
+        for sink in kept:
+            sink.finish()
+            finished.append(sink)
     except KeyboardInterrupt:
         # The frames made before the stop (waiting for their decoding batch, or in the batch it cut
-        # short) are written, then what whole rows make (a partial triangle). Later stops are
-        # ignored until the run's record is written (signals.stop).
+        # short) are written, then what whole rows make (a partial triangle), by the sinks not yet
+        # finished (a stop as the last rows' fidelity is decoded lost the triangle). Later stops
+        # are ignored until the run's record is written (signals.stop).
         if writer.waiting():
             console.notice(f"stopping: writing the {writer.waiting()} frame(s) made before the stop")
-        for sink in (writer, *kept):
+        for sink in (writer, *(sink for sink in kept if sink not in finished)):
             try:
                 sink.salvage()
             except Exception as e:  # noqa: BLE001 - the run ends as interrupted, whatever this does
                 console.notice(f"what the run made so far could not be written ({type(e).__name__}: {e})")
         raise
-    release_cpu_buffers()  # the UNet is done: what remains is VAE decoding
-    timings["steps_and_frames_s"] = elapsed(started)
-
-    # 4. what is made of whole rows: the final picture or the triangle, fidelity, curves, animation
-    for sink in kept:
-        sink.finish()
 
 
 def _sinks(plan, names, writer, sd, x0, picture, console, timings) -> list:

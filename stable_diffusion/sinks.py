@@ -143,9 +143,11 @@ class FrameWriter:
             raise
 
     def salvage(self) -> None:
-        """After a stop: the files made before it are written (frames without a file of their own,
-        the cells of a triangle's row cut short, are not worth the decoding)."""
-        self.pending = [frame for frame in self.pending if frame.path is not None]
+        """After a stop: the files made before it are written. Frames without a file of their own,
+        a triangle's cells, only where one of them ends its row (a row whose steps were all done
+        is drawn; one cut short is not worth the decoding)."""
+        if not any(f.path is None and f.info.get("step") == f.info.get("count") for f in self.pending):
+            self.pending = [frame for frame in self.pending if frame.path is not None]
         self.flush()
 
     def _write(self, frame: Frame, pictures: np.ndarray) -> None:

@@ -310,13 +310,15 @@ def inputs_identity(session, picture) -> dict:
     from .config import TEXT_COMPONENTS
 
     m = session.model_spec
-    folder = Path(session.folder).resolve()
     # What the loader reads: not the folder's other files (a sweep made inside it, .git, .DS_Store)
     read = ["model_index.json", "unet", "vae", "scheduler", *(name for pair in TEXT_COMPONENTS for name in pair)]
-    entries = [[name, content_mark(folder / name)] for name in read]
-    extra = ([m.vae] if m.vae else []) + [path for path, _ in (*m.loras, *m.embeddings)]
+    # The folder loaded, and the model given where that is a view of it (with --vae: pointers only)
+    folders = {Path(session.folder).resolve()} | ({Path(m.model).resolve()} if os.path.isdir(m.model) else set())
+    entries = [[str(folder), [[name, content_mark(folder / name)] for name in read]] for folder in sorted(folders)]
+    extra = ([m.vae] if m.vae else []) + ([m.model] if os.path.isfile(m.model) else [])
+    extra += [path for path, _ in (*m.loras, *m.embeddings)]
     entries += [[str(Path(e).resolve()), content_mark(e)] for e in extra]
-    digest = hashlib.sha256(json.dumps([str(folder), entries]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
     return {"input_sha256": None if picture is None else picture.sha256, "model_files": digest}
 
 

@@ -270,3 +270,16 @@ def test_a_sweep_says_its_time_before_the_work(tmp_path, picture, sd2):
                           "--seeds", "1-2", "-o", tmp_path / "out", check=True)
     first = result.stdout.splitlines()[0]
     assert first.startswith(f"sweep: 2 runs into {tmp_path / 'out'}; about ") and first.endswith(" in all")
+
+
+def test_the_triangles_estimate_counts_the_fidelitys_decodes(tmp_path, picture, sd2):
+    """With cells that are not the VAE's final pictures (x0 here), each row's final latent is
+    decoded once more for its fidelity: the plan line left those decodes out."""
+    def decodes(*extra):
+        result = commands.run("image2image.py", picture, "x", "--model", sd2, "--steps", 4, "-gt",
+                              "--triangle_strengths", "0.5,1", "--seed", 0, *extra,
+                              "--output", tmp_path / f"t{len(extra)}.png", check=True)
+        line = next(x for x in result.stdout.splitlines() if "on this machine" in x)
+        return int(re.search(r"(\d+) decodes", line)[1])
+
+    assert decodes("--snapshot", "x0") == decodes() + 2

@@ -236,6 +236,11 @@ def test_a_triangle_replayed_as_one_run_and_back_and_its_fidelity_from_the_vae(c
     assert status == 0 and "with other --save_last_N, --generate_triangle, --triangle_strengths" in err, err
     status, _, err = main(capsys, "image2image", "--replay", tmp_path / "one.png", "-gt", "--output", tmp_path / "back.png")
     assert status == 0 and sidecar(tmp_path / "back.json")["plans"][0]["strength"] == 0.1, err  # the default rows
+    status, _, err = main(capsys, "image2image", picture, "x", *common, "--n_images", 2, "--n_rows", 2,
+                          "--output", tmp_path / "grid.png")
+    status, _, err = main(capsys, "image2image", "--replay", tmp_path / "grid.png", "-gt", "--triangle_strengths",
+                          "0.5", "--output", tmp_path / "gridtri.png")
+    assert status == 0 and "--strength" not in err, err  # a grid's --n_images and --n_rows left out too
     status, _, err = main(capsys, "image2image", "--replay", tri, "a dog", "--output", tmp_path / "no.png")
     only_error(status, 2, err, "unrecognized arguments: a dog; --replay takes the input picture and the prompt "
                                "from the picture's record: give only flags with it")
@@ -508,6 +513,42 @@ def test_a_triangle_stopped_keeps_its_whole_rows(capsys, tmp_path, picture, sd2,
     _, notes = cli.replay_arguments("image2image", ["--replay", str(out)])
     assert any("holds part of a triangle (3 of 4 rows: the run was interrupted)" in n for n in notes)
     assert not any("byte-identical" in n for n in notes)
+
+
+def test_a_stop_while_the_finished_rows_are_measured_still_draws_the_triangle(capsys, tmp_path, picture, sd2,
+                                                                             monkeypatch):
+    """Every row done, a stop as their fidelity was decoded (the VAE's picture of each row, with
+    --preview approx) lost the whole triangle: the finishing had no salvage."""
+    from stable_diffusion import sinks
+
+    def stopped(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sinks.Fidelity, "finish", stopped)
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 4, "-gt",
+                          "--triangle_strengths", "0.5,1", "--preview", "approx", "--seed", 0,
+                          "--output", tmp_path / "t.png")
+    assert status == 130 and "interrupted: kept 1 file(s)" in err, err
+    record = sidecar(tmp_path / "t.json")
+    entry = next(f for f in record["files"] if f["kind"] == "triangle")
+    assert len(entry["rows"]) == 2 and "partial" not in entry and "fidelity" not in record  # not measured
+
+
+def test_a_row_whose_steps_are_done_is_drawn_when_a_stop_cuts_its_last_decoding(capsys, tmp_path, picture, sd2,
+                                                                               monkeypatch):
+    decode, calls = StableDiffusion.decode, []
+
+    def interrupted_decode(self, x):
+        calls.append(1)
+        if len(calls) == 2:  # the batch that ends row 0 (batch 3: its cells 0-2, then 3 and 4 of 5)
+            raise KeyboardInterrupt
+        return decode(self, x)
+
+    monkeypatch.setattr(StableDiffusion, "decode", interrupted_decode)
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 4, "-gt", "-sd", 1,
+                          "--triangle_strengths", "1", "--decoding_batch_size", 3, "--seed", 0,
+                          "--output", tmp_path / "t.png")
+    assert status == 130 and "interrupted: kept 1 file(s)" in err, err  # it kept none
 
 
 def test_a_rerun_that_does_not_finish_loses_nothing_of_the_earlier_run(capsys, tmp_path, picture, sd2,

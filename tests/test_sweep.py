@@ -491,3 +491,21 @@ def test_a_rerun_says_why_it_makes_finished_runs_again_and_takes_an_older_folder
     status, _, err = in_process(capsys, *args[:-3], "-o", out)
     assert status == 0 and "note: 2 run(s) an earlier sweep finished here are made again: the input picture or " \
         "the model's files are not those it recorded" in err, err
+
+
+def test_a_model_loaded_through_a_view_is_known_by_its_own_files(capsys, tmp_path, picture, sd2):
+    """With --vae the folder loaded is a view of pointers: a UNet replaced in the model's own folder
+    went unnoticed, and the earlier results were taken over."""
+    from stable_diffusion.testing import write_tiny_model
+
+    model = tmp_path / "model"
+    shutil.copytree(sd2, model)
+    shutil.copytree(sd2 / "vae", tmp_path / "myvae")
+    args = ["image2image", picture, "x", "--model", model, "--vae", tmp_path / "myvae", "--steps", 2,
+            "--strengths", "0.5,1", "--seeds", 1, "--quiet", "-o", tmp_path / "out"]
+    assert in_process(capsys, *args)[0] == 0
+    other = write_tiny_model(tmp_path / "other", "sd2", seed=5)
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    shutil.copy(other / weights, model / weights)
+    status, _, err = in_process(capsys, *args[:-3], "-o", tmp_path / "out")  # without --quiet: the note
+    assert status == 0 and "2 run(s) an earlier sweep finished here are made again" in err, err
