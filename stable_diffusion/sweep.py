@@ -29,8 +29,8 @@ from .privacy import shown_value
 from .choices import SAMPLER_NAMES, SCHEDULES
 from .costs import describe_seconds
 from .errors import InputError, OutputError
-from .files import (check_output_dir, content_mark, file_digest, parse_json, read_lines, read_regular,
-                    to_json, write_text_atomic)
+from .files import (check_output_dir, content_mark, file_digest, open_regular, parse_json, read_lines,
+                    read_regular, to_json, write_text_atomic)
 from .outputs import check_name_length, derived_base
 from .picture_meta import save_png
 from .record import NotOurs, read_own_sidecar, write_sidecar
@@ -276,15 +276,17 @@ SHEET_MARK = "sd_trajectory_sheet"  # a text chunk of each page of the contact s
 
 
 def _marked_sheet(path: Path) -> bool:
-    """Whether the picture at `path` is a regular PNG carrying our sheet's mark."""
+    """Whether the picture at `path` is a regular PNG carrying our sheet's mark. Its header only,
+    as picture_meta.read_picture_texts reads one: `.text` decoded every pixel of a 32-megapixel
+    page to reach the chunks after them, and a pipe or a bomb was opened as it came."""
     from PIL import Image
 
-    if not path.is_file() or path.is_symlink():
+    if path.is_symlink():
         return False
     try:
-        with Image.open(path) as picture:
-            return picture.format == "PNG" and SHEET_MARK in getattr(picture, "text", {})
-    except (OSError, ValueError, Image.DecompressionBombError):
+        with open_regular(path, "picture", "contact sheet") as f, Image.open(f) as picture:
+            return picture.format == "PNG" and SHEET_MARK in picture.info  # written before the pixels
+    except (InputError, OSError, ValueError, Image.DecompressionBombError):
         return False
 
 

@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -509,3 +510,17 @@ def test_a_model_loaded_through_a_view_is_known_by_its_own_files(capsys, tmp_pat
     shutil.copy(other / weights, model / weights)
     status, _, err = in_process(capsys, *args[:-3], "-o", tmp_path / "out")  # without --quiet: the note
     assert status == 0 and "2 run(s) an earlier sweep finished here are made again" in err, err
+
+
+def test_a_sheet_of_ours_is_told_by_its_header(tmp_path):
+    """The mark is read from the chunks before the pixels: a pipe at the name is not opened to
+    wait, and a page is not decoded whole to find it."""
+    from stable_diffusion.picture_meta import save_png
+    from stable_diffusion.sweep import SHEET_MARK, _marked_sheet
+
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    save_png(tmp_path / "ours.png", pixels, {SHEET_MARK: MANIFEST})
+    save_png(tmp_path / "theirs.png", pixels, {"Comment": "mine"})
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "link.png").symlink_to(tmp_path / "ours.png")
+    assert [_marked_sheet(tmp_path / f"{n}.png") for n in ("ours", "theirs", "pipe", "link")] == [True, False, False, False]
