@@ -288,11 +288,11 @@ def estimate_time(plan: RunPlan, config: PipelineConfig, machine: costs.Machine)
     after = 0.0
     if spec.triangle:
         after += seconds(costs.Work(pixels=h * w * width * sum(len(r.kept) for r in plan.rows)))
-        if not (c.shows == "xt" and c.preview == "vae"):  # the fidelity's VAE picture of each row's final
+        if not c.frames_are_pictures:  # the fidelity's VAE picture of each row's final
             after += len(plan.rows) * seconds(nets.decode)
             decodes += len(plan.rows)
     else:
-        reused = c.shows == "xt" and c.preview == "vae" and plan.top.timeline.steps in plan.top.kept
+        reused = c.frames_are_pictures and plan.top.timeline.steps in plan.top.kept
         finals = (0 if reused else 1) + (1 if c.keep_best else 0)
         after += finals * (seconds(nets.decode) + written)
         decodes += finals

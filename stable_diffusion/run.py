@@ -250,7 +250,7 @@ def _sinks(plan, names, writer, sd, x0, picture, console, timings) -> list:
         cells = sinks.TriangleCells(writer, plan, c.shows, noising)
 
         def finals():  # each row's final picture as the VAE makes it, whatever its cells show
-            if c.shows == "xt" and c.preview == "vae":  # the rows' last cells are that picture
+            if c.frames_are_pictures:  # the rows' last cells are that picture
                 return [row[-1] for row in cells.cells]
             return list(render.to_uint8(vae(mx.concatenate([end.x_t[:1] for end in ends.finals]))))
         fidelity = sinks.Fidelity(plan, reference, x0, ends, finals, console.say)
@@ -258,7 +258,7 @@ def _sinks(plan, names, writer, sd, x0, picture, console, timings) -> list:
         frames = cells.l_path
     else:
         row = plan.rows[0]
-        snapshots = sinks.Snapshots(writer, names, row, c.shows, reuse_final=c.shows == "xt" and c.preview == "vae",
+        snapshots = sinks.Snapshots(writer, names, row, c.shows, reuse_final=c.frames_are_pictures,
                                     keep=c.animate is not None)
         final = sinks.FinalPicture(writer, spec.output, row, ends, snapshots, vae, timings)
         fidelity = None

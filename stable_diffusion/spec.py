@@ -80,6 +80,12 @@ class Capture:
     curve: bool = False  # draw the over-smoothing curve (its numbers are always in the sidecar)
     keep_best: bool = False  # write the step with the most detail among the last N
 
+    @property
+    def frames_are_pictures(self) -> bool:
+        """Whether a frame is the VAE's picture of its x_t, as the final picture is: the last step's
+        frame can stand for it, where otherwise the final latent is decoded again."""
+        return self.shows == "xt" and self.preview == "vae"
+
 
 @dataclass(frozen=True)
 class Inversion:
