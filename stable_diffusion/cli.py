@@ -53,14 +53,8 @@ class _Parser(argparse.ArgumentParser):
         (as argparse takes it); None for a value, a positional or an unknown flag."""
         if not arg.startswith("-") or arg == "-" or options.NEGATIVE_NUMBER.match(arg):
             return None
-        name = arg.split("=", 1)[0]
-        actions = self._option_string_actions  # option string -> action (argparse keeps no public map)
-        if name in actions:
-            return actions[name]
-        # argparse takes the start of a flag of the same kind: --gen for --generate_triangle, -g for -gt
-        starting = {actions[o] for o in actions
-                    if len(name) > 1 and o.startswith(name) and o.startswith("--") == name.startswith("--")}
-        return starting.pop() if len(starting) == 1 else None
+        # option string -> action (argparse keeps no public map)
+        return options.flag_target(arg.split("=", 1)[0], self._option_string_actions)
 
     def joined(self, args: list) -> list:
         """The arguments with each flag of an optional value that is given bare (not followed by

@@ -363,6 +363,17 @@ def optional_values() -> dict:
             for row in OPTIONS if row.nargs == "?" and not row.positional for flag in row.flags}
 
 
+def flag_target(name: str, table: dict):
+    """What `table` (option string -> its action or row) holds for the flag `name`, spelled whole
+    or as the unambiguous start of a flag of the same kind, as argparse takes it (`--gen` for
+    --generate_triangle, `-g` for -gt); None for an unknown or ambiguous start."""
+    if name in table:
+        return table[name]
+    starting = {table[o] for o in table
+                if len(name) > 1 and o.startswith(name) and o.startswith("--") == name.startswith("--")}
+    return starting.pop() if len(starting) == 1 else None
+
+
 def argument_roles(argv) -> list:
     """Per argument as typed: the row of the option whose value it is (a flag's own `--flag=value`,
     or the argument after a flag that takes one), "flag", "positional", or None for a flag the
@@ -381,9 +392,7 @@ def argument_roles(argv) -> list:
             rest, roles[i - 1] = True, "flag"
             continue
         name, joined, _ = arg.partition("=")
-        starting = {row for flag, row in flags.items()  # argparse takes an unambiguous start
-                    if name.startswith("--") and flag.startswith(name)}
-        row = flags.get(name) or (starting.pop() if len(starting) == 1 else None)
+        row = flag_target(name, flags)
         if row is None:
             continue
         roles[i - 1] = row if joined else "flag"
