@@ -289,8 +289,12 @@ def network_work(config: PipelineConfig, size: tuple, n_images: int, guided: boo
 
 class TimeLeft:
     """The seconds a run has left as it walks: the plan's estimate of what remains (plan.Estimate),
-    scaled by how long the steps done so far took against their estimate, so corrected from the
-    first step on."""
+    scaled by how long the steps done so far took against their estimate. The plan's own word
+    counts as a tenth of the walk already measured at its estimate, so one lumpy step (a batch of
+    frames decoded at once, the first call's warm-up) does not swing the line from 1 s to 15 s;
+    as the walk goes on the measured rate takes over."""
+
+    PRIOR = 0.1  # the share of the walk the plan's estimate weighs as
 
     def __init__(self, estimate):
         self.estimate = estimate
@@ -302,9 +306,10 @@ class TimeLeft:
 
     def seconds(self) -> float:
         remaining = self.estimate.walk - self.done + self.estimate.after
-        if self.done <= 0.0:
+        prior = self.PRIOR * (self.estimate.walk + self.estimate.after)
+        if self.done + prior <= 0.0:
             return remaining
-        return remaining * (time.perf_counter() - self.started) / self.done
+        return remaining * (time.perf_counter() - self.started + prior) / (self.done + prior)
 
 
 def describe_seconds(seconds: float) -> str:

@@ -182,10 +182,21 @@ def test_the_time_left_follows_the_measured_steps(tiny_model, monkeypatch):
     monkeypatch.setattr(costs.time, "perf_counter", lambda: now[0])
     clock = costs.TimeLeft(e)
     assert clock.seconds() == pytest.approx(e.walk + e.after)
+    prior = costs.TimeLeft.PRIOR * (e.walk + e.after)
     clock.step_done(0, 0)
     clock.step_done(0, 1)
     now[0] += 3 * e.steps[0][1]  # the first step took three times its estimate
-    assert clock.seconds() == pytest.approx(3 * (e.walk - e.steps[0][1] + e.after))
+    left = e.walk - e.steps[0][1] + e.after
+    # one step moves the line part of the way: the plan's word weighs as a tenth of the walk
+    assert clock.seconds() == pytest.approx(left * (3 * e.steps[0][1] + prior) / (e.steps[0][1] + prior))
+    assert left < clock.seconds() < 3 * left
+    for i in range(2, len(e.steps[0]) - 1):  # every step but the last at three times its estimate
+        clock.step_done(0, i)
+        now[0] += 3 * e.steps[0][i]
+    done = sum(e.steps[0][:-1])
+    left = e.steps[0][-1] + e.after
+    assert clock.seconds() == pytest.approx(left * (3 * done + prior) / (done + prior))
+    assert clock.seconds() > 2.5 * left  # the measured rate has taken over
 
 
 def test_a_sweep_counts_loading_and_encoding_once():
