@@ -57,15 +57,21 @@ class _Parser(argparse.ArgumentParser):
         return options.flag_target(arg.split("=", 1)[0], self._option_string_actions)
 
     def joined(self, args: list) -> list:
-        """The arguments with each flag of an optional value that is given bare (not followed by
-        one of its values) joined to its bare value, `-gt` to `-gt=1`: it then never takes the
-        next argument, whatever is put after it (a replay's, the user's)."""
+        """The arguments with each long flag's start spelled whole (`--neg` for --negative_prompt:
+        argparse calls a start of two spellings of one flag ambiguous), and each flag of an optional
+        value that is given bare (not followed by one of its values) joined to its bare value, `-gt`
+        to `-gt=1`: it then never takes the next argument, whatever is put after it (a replay's,
+        the user's)."""
         args = list(args)
         self.refused_values = {}  # a word after a bare optional-value flag -> (that flag, its values)
         for i, arg in enumerate(args):
             if arg == "--":
                 break
-            action = self.action_of(arg) if "=" not in arg else None
+            name, equals, value = arg.partition("=")
+            action = self.action_of(arg)
+            if action is not None and name.startswith("--") and name not in action.option_strings:
+                args[i] = arg = action.option_strings[0] + equals + value
+            action = action if not equals else None
             values = None if action is None else _OPTIONAL_VALUES.get(action.option_strings[0])
             if values is not None and (i + 1 == len(args) or args[i + 1].lower() not in values):
                 args[i] = f"{action.option_strings[0]}={values[0]}"  # whole: argparse takes no -g=1

@@ -100,6 +100,12 @@ def test_optional_values_are_the_flags_with_an_optional_value():
     assert (args.generate_triangle, args.animate, args.image, args.prompt) == (True, "gif", "in.png", "a barn")
     args = cli.build_parser("image2image").parse_args(["-g", "in.png", "-p", "a barn"])  # -gt, -pp
     assert (args.generate_triangle, args.print_parser, args.image, args.prompt) == (True, True, "in.png", "a barn")
+    # The start of a flag of two spellings (--negative_prompt, --negative-prompt) is not ambiguous.
+    for neg in (["--neg", "blue"], ["--neg=blue"], ["--negative-p", "blue"]):
+        args = cli.build_parser("image2image").parse_args(["in.png", "a barn", *neg])
+        assert (args.negative_prompt, args.prompt) == ("blue", "a barn")
+    with pytest.raises(InputError, match="ambiguous option: --s could match"):
+        cli.build_parser("image2image").parse_args(["in.png", "a barn", "--s", "3"])
     # Taken out of a command line (a replay's --replay PICTURE), a bare flag stays bare.
     parser = cli.build_parser("image2image")
     assert replay.find(["--save_p", "--replay", "p.png", "0"], parser) == ("p.png", ["-sp=1", "0"])
