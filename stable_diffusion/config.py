@@ -545,6 +545,26 @@ _CLASSES = {
 }
 
 
+def missing_component(folder: Path, component: str, present) -> str:
+    """Why a folder lacking `component` cannot run, and what to do."""
+    if component == "text_encoder" and "text_encoder_2" in present:
+        return (f"{folder} has no text_encoder, only text_encoder_2: an SDXL refiner; this tool runs "
+                "base-style models, whose prompt goes through both text encoders (sdxl-base, sdxl)")
+    if component == "vae":
+        return (f"{folder} has no vae (model_index.json does not list it); pass {{flag:vae}} with a VAE "
+                "made for this model")
+    return f"{folder} has no {component} (model_index.json does not list it)"
+
+
+def view_notices(folder: Path) -> list:
+    """What a view (single_file.py) says of its making: what it could not tell from the file, a
+    replaced VAE that does not match. Read in this tool's own views only."""
+    if not is_view(folder):
+        return []
+    said = load_json(Path(folder) / "model_index.json").get("_notices", [])
+    return [str(line) for line in said] if isinstance(said, list) else []
+
+
 def read_pipeline_config(folder: Path, notices: list | None = None) -> PipelineConfig:
     """Read model_index.json and every component config of a diffusers folder.
 
@@ -555,10 +575,8 @@ def read_pipeline_config(folder: Path, notices: list | None = None) -> PipelineC
     present = components(index)
     for needed in ("unet", "vae", "scheduler", "text_encoder", "tokenizer"):
         if needed not in present:
-            raise ConfigError(f"{folder} has no {needed} (model_index.json does not list it)")
+            raise ConfigError(missing_component(folder, needed, present))
     if notices is not None:
-        if is_view(folder):  # what single_file.py could not tell from the file
-            notices.extend(str(line) for line in index.get("_notices", []))
         # Classes this tool does not implement are read as its own all the same: the weights decide.
         named = {"pipeline": index.get("_class_name"), **{c: index[c][-1] for c in present}}
         for component, cls in named.items():
@@ -576,7 +594,7 @@ def read_pipeline_config(folder: Path, notices: list | None = None) -> PipelineC
         try:
             return cls.from_diffusers(d)
         except ConfigError as e:
-            raise ConfigError(f"{folder / name / filename}: {e}; fix the file or download the "
+            raise ConfigError(f"{_origin(folder, name, filename)}: {e}; fix the file or download the "
                               "model again") from None
 
     index_path = folder / "model_index.json"
@@ -601,6 +619,21 @@ def read_pipeline_config(folder: Path, notices: list | None = None) -> PipelineC
     )
     _check_components_meet(config, folder)
     return config
+
+
+def _origin(folder: Path, name: str, filename: str) -> str:
+    """Where a component's config came from: in a view (a single file's, or a folder's with its VAE
+    replaced) the user's file or folder it was made from, not the view in this tool's cache."""
+    if not is_view(folder):
+        return str(folder / name / filename)
+    from .safetensors_io import read_pointer  # it reads configs: imported here, not at the top
+
+    pointer = read_pointer(folder / name) if (folder / name).is_dir() else None
+    if pointer is None:
+        return str(folder / name / filename)
+    if "file" in pointer:
+        return f"{pointer['file']} (its {name}, as its tensors and metadata describe it)"
+    return str(Path(pointer["folder"]) / filename)
 
 
 def _read_defaults(value, index_path: Path) -> tuple | None:

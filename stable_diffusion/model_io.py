@@ -18,7 +18,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import memory, ops, single_file
-from .config import components, load_json
+from .config import components, load_json, missing_component
 from .errors import HubUnreachable, ModelError
 from .safetensors_io import (WEIGHT_STEMS, Stored, read_pointer, read_safetensors_header, read_safetensors_places,
                              refetch_advice, refuse_pickle, special_file, weight_files)
@@ -76,7 +76,8 @@ def resolve_model(spec: str, variant: str | None = None, vae: str | Path | None 
             return folder, source
         return single_file.folder_view(folder, vae, prediction_type), _replaced(source, vae, prediction_type)
     name, revision = parse_model_spec(spec)
-    path = Path(name).expanduser()
+    # owner/name@revision names the hub's, even where a folder owner/name lies here
+    path = Path(name if revision is None else spec).expanduser()
     given = [("model", path, _MODEL_WANTED)]
     if vae is not None:
         given.append(("vae", Path(vae).expanduser(), _VAE_WANTED))
@@ -95,6 +96,9 @@ def resolve_model(spec: str, variant: str | None = None, vae: str | Path | None 
         return single_file.folder_view(folder, vae, prediction_type), _replaced(source, vae, prediction_type)
     if path.is_dir():
         return path, {"model": str(path.resolve()), "revision": None, "source": "folder"}
+    if path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):  # a file, mistyped
+        raise ModelError(f"{{flag:model}} {spec}: no such file; check the path, or pass a hub id "
+                         "owner/name[@revision] or a local folder in the diffusers layout")
     if not _HUB_ID.match(name):
         raise ModelError(_not_a_model(spec, name))
     folder = _download(name, revision, variant)
@@ -110,13 +114,14 @@ def hub_id_to_fetch(spec: str) -> str | None:
     if spec in PACKAGED:
         return None
     name, revision = parse_model_spec(spec)
-    if Path(name).expanduser().exists() or not _HUB_ID.match(name):
+    if (revision is None and Path(name).expanduser().exists()) or not _HUB_ID.match(name):
         return None
     try:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import constants, try_to_load_from_cache
     except ImportError:  # pragma: no cover - dependency of the package
         return None
-    found = try_to_load_from_cache(name, "model_index.json", revision=revision)
+    found = try_to_load_from_cache(name, "model_index.json",
+                                   revision=_cached_commit(name, revision, constants.HF_HUB_CACHE))
     if isinstance(found, str):
         return None
     return f"{name}@{revision}" if revision else name
@@ -191,6 +196,7 @@ def _download(repo_id: str, revision: str | None, variant: str | None,
                   "shapes runs the small model that ships with this package, offline")
 
     _check_cache_folder(Path(constants.HF_HUB_CACHE))
+    revision = _cached_commit(repo_id, revision, constants.HF_HUB_CACHE)
 
     # 1. Ask the hub about the revision, within a bounded time. Without an answer (offline,
     #    unreachable, down) the local cache decides.
@@ -212,7 +218,9 @@ def _download(repo_id: str, revision: str | None, variant: str | None,
                              "or log in (hf auth login) for a private one") from None
         except Exception as e:  # noqa: BLE001 - the transport's error classes (requests, httpx,
             # httpx2) depend on the huggingface_hub version; any of them means "no answer"
+            status = getattr(getattr(e, "response", None), "status_code", None)
             unreachable = (f"the hub did not answer within {timeout:g} s" if isinstance(e, TimeoutError)
+                           else f"the hub answered with an error (HTTP {status})" if isinstance(status, int)
                            else f"the hub cannot be reached ({type(e).__name__})")
 
     # 2. Fetch (or find in the cache) the files the tool reads.
@@ -231,6 +239,11 @@ def _download(repo_id: str, revision: str | None, variant: str | None,
             raise ModelError(f"revision {revision!r} of {repo_id} is not in the local hub cache "
                              f"(cached: {', '.join(cached)}) and {unreachable}; use a cached "
                              "revision or fetch this one on a connected machine") from None
+        if cached:  # the snapshots are there, the ref to the one of main is not (or names another)
+            raise ModelError(f"the local hub cache holds {repo_id} (cached: {', '.join(cached)}) but its "
+                             f"refs/main names no snapshot there, and {unreachable or 'the hub cannot be reached'}; "
+                             f"pass {{flag:model}} {repo_id}@<revision> for a cached one, or "
+                             f"{local_help}") from None
         message = (f"{shown} is not in the local hub cache ({constants.HF_HUB_CACHE}) and "
                    f"{unreachable or 'the hub cannot be reached'}; {local_help}")
         if unreachable is not None and not constants.HF_HUB_OFFLINE:
@@ -300,6 +313,16 @@ def _cached_revisions(repo_id: str, cache: str) -> list[str]:
     return refs + commits
 
 
+def _cached_commit(repo_id: str, revision: str | None, cache: str) -> str | None:
+    """`revision`, or the whole commit of the one cached snapshot it is the start of (7 hex digits
+    or more), as git takes a short commit: the hub's client takes whole ones only."""
+    if revision is None or not re.fullmatch(r"[0-9a-f]{7,39}", revision):
+        return revision
+    snapshots = _hub_storage(repo_id, cache) / "snapshots"
+    found = [p.name for p in snapshots.glob(f"{revision}*") if _COMMIT.match(p.name)] if snapshots.is_dir() else []
+    return found[0] if len(found) == 1 else revision
+
+
 def _first_line(error: Exception) -> str:
     text = str(error).strip().splitlines()
     return text[0][:200] if text else type(error).__name__
@@ -351,6 +374,10 @@ def check_model_folder(folder: Path, variant: str | None = None) -> dict:
     Returns model_index.json's content.
     """
     folder = Path(folder)
+    kind = special_file(folder / "model_index.json")
+    if kind is not None:
+        raise ModelError(f"{folder / 'model_index.json'} is {kind}; the model folder is damaged: "
+                         f"{refetch_advice(folder)}")
     if not (folder / "model_index.json").is_file():
         raise ModelError(f"{folder} has no model_index.json: not a model folder in the diffusers "
                          "layout; pass the folder that holds it")
@@ -359,7 +386,7 @@ def check_model_folder(folder: Path, variant: str | None = None) -> dict:
     for component in WEIGHT_STEMS:
         if component in present or component in ("unet", "vae", "text_encoder"):
             if component not in present:
-                raise ModelError(f"{folder} has no {component} (model_index.json does not list it)")
+                raise ModelError(missing_component(folder, component, present))
             for path in weight_files(folder / component, variant):
                 read_safetensors_header(path)
     for tokenizer in sorted(c for c in present if c.startswith("tokenizer")):

@@ -423,9 +423,13 @@ def sameness(path, record: dict, dtype: str | None) -> str:
         # A hub model is pinned to its commit, the package's to its version; a folder's files are
         # not fingerprinted (reading gigabytes to hash them would cost as much as the run).
         model = record.get("model") if isinstance(record.get("model"), dict) else {}
-        local = model.get("source") == "folder" or any(str(a).startswith("--vae=") for a in record["replay"])
+        local = model.get("source") in ("folder", "file") or any(str(a).startswith("--vae=") for a in record["replay"])
+        # A replay names the hub model at the commit it pins, where the picture may name a branch.
+        pinned = model.get("source") == "hub" and model.get("revision") != model.get("commit")
         return (f"replay of {path}: same package versions, device, dtype, BLAS and kernels as when it "
-                "was made: the pictures should be byte-identical"
+                "was made: the pictures should be "
+                + (f"the same pixels (their metadata name the model at commit {_shown(model.get('commit'))[:12]})"
+                   if pinned else "byte-identical")
                 + (", if the model's files are as they were then" if local else ""))
     hint = f"; --dtype {then['dtype']} computes as it did" if then["dtype"] in ("float32", "float16", "bfloat16") \
         and then["dtype"] != dtype else ""

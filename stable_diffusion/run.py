@@ -117,6 +117,8 @@ def execute(session, spec, console, argv=(), replay=None, picture=None, wait: bo
         outputs.check_in_the_way(names, outputs.planned_files(plan, names), left)
         if spec.img2img:
             picture = session.fit(picture, plan.image_size)
+        for line in session.warnings:
+            console.notice(line)
         for line in session.notices:
             console.detail(f"note: {line}")
         for line in plan.describe():
@@ -358,6 +360,7 @@ def _environment(session, console) -> dict:
     from .calibrate import default_cpu_dtype
     from .ops import native_status
 
+    console.detail(_describe_model(session.source))
     blas = preload_blas()
     described = blas.described()
     console.detail(f"BLAS: {described}; device {mx.default_device()}; dtype {session.dtype_name}")
@@ -368,6 +371,16 @@ def _environment(session, console) -> dict:
     if mx.default_device() == mx.cpu and session.model_spec.dtype is None:
         console.detail(default_cpu_dtype()[1])
     return {"device": str(mx.default_device()), "blas": described, "kernels": native_status()}
+
+
+def _describe_model(source: dict) -> str:
+    """-v's line on the model that runs: what it is and where it was read from."""
+    where = {"package": "ships with the package", "folder": "a local folder",
+             "hub": f"hub cache, revision {source.get('revision')}",
+             "file": f"a single file: {source.get('family')}, {source.get('prediction_type')}"}
+    commit = f" at commit {source['commit'][:12]}" if source.get("commit") else ""
+    line = f"model {source['model']}{commit} ({where.get(source.get('source'), source.get('source'))})"
+    return line + (f", VAE {source['vae']}" if source.get("vae") else "")
 
 
 def _preview_decoder(plan, session):

@@ -90,8 +90,9 @@ def weight_files(component_folder: Path, variant: str | None = None) -> list[Pat
     """The safetensors files of one component (the variant's if present), refusing pickle files."""
     component_folder = Path(component_folder)
     if not component_folder.is_dir():
+        vae = "; or pass {flag:vae} with a VAE made for this model" if component_folder.name == "vae" else ""
         raise ModelError(f"missing component folder {component_folder}; the model folder is "
-                         f"incomplete: {refetch_advice(component_folder.parent)}")
+                         f"incomplete: {refetch_advice(component_folder.parent)}{vae}")
     pointer = read_pointer(component_folder)
     if pointer is not None:  # a view folder (single_file.py): the weights live elsewhere
         if "folder" in pointer:

@@ -16,7 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from . import model_io
-from .config import TEXT_COMPONENTS, read_pipeline_config
+from .config import TEXT_COMPONENTS, read_pipeline_config, view_notices
 from .errors import InputError, ModelError
 from .spec import ModelSpec
 from .tokenizer import Tokenizer, check_fits_encoder
@@ -43,7 +43,8 @@ class Session:
         self.dtype_name = model.dtype or default_dtype()
         self.variant = None if self.dtype_name == "float32" else "fp16"
         self.config = None  # read on first use: a run checks its output folder before the model
-        self.notices: list[str] = []  # one line per ignored config field
+        self.notices: list[str] = []  # one line per ignored config field (-v)
+        self.warnings: list[str] = []  # what the model's view says of its making (always shown)
         self.sd = None
         self._latents: dict = {}
         self._conditions: dict = {}
@@ -69,6 +70,7 @@ class Session:
         self.folder, source = model_io.resolve_model(m.model, self.variant, m.vae, m.prediction_type)
         model_io.check_model_folder(self.folder, self.variant)
         config = read_pipeline_config(self.folder, self.notices)
+        self.warnings = view_notices(self.folder)
         model_arg = f"{source['model']}@{source['commit']}" if source.get("source") == "hub" else source["model"]
         self.source = dict(source, model_arg=model_arg)
         self.tokenizers = []

@@ -183,7 +183,9 @@ def detect_family(shapes: dict, path: Path, vae_given: bool = False) -> str:
                          "folder or an LDM VAE .safetensors)")
     if not has(UNET):
         what = ("a VAE alone (pass it with {flag:vae})" if any("encoder.down." in k for k in keys)
-                else "a LoRA or other add-on" if any("lora" in k for k in keys)
+                else "a LoRA (pass it with {flag:loras})" if any("lora" in k.lower() for k in keys)
+                else "a textual-inversion embedding (pass it with {flag:embeddings})"
+                if len(keys) <= 4 and all(len(shapes[k]) <= 2 for k in keys)
                 else "not an LDM checkpoint")
         raise ModelError(f"{path} has no {UNET}* tensors: {what}; pass a Stable Diffusion "
                          "1.x/2.x/XL single-file checkpoint or a diffusers folder")
@@ -196,6 +198,10 @@ def detect_family(shapes: dict, path: Path, vae_given: bool = False) -> str:
         family = "sd1"
     elif has("cond_stage_model.model."):
         family = "sd2"
+    elif has("conditioner.embedders."):
+        raise ModelError(f"{path}: an SDXL-style checkpoint without both of SDXL's text encoders "
+                         "(conditioner.embedders.0.transformer.*, CLIP-L, and conditioner.embedders.1.model.*, "
+                         "OpenCLIP bigG); the file is incomplete or of a model this tool does not run")
     else:
         raise ModelError(f"{path}: unknown checkpoint family (no CLIP text encoder under "
                          "cond_stage_model.* or conditioner.embedders.*); supported: SD 1.x, SD 2.x, SDXL")
@@ -580,12 +586,15 @@ def view_folder(path, vae=None, prediction_type: str | None = None) -> tuple[Pat
     if ckpt.family == "sd2" and prediction_type is None and detected == "epsilon":
         notices.append("an SD 2.x single file without a v_pred tensor is read as epsilon-prediction; "
                        "a 768 px v-model (SD 2.x 768) needs prediction type v_prediction")
+    if any(k.startswith("model_ema.") for k in ckpt.shapes):
+        notices.append("the file holds EMA weights too (model_ema.*); the UNet's own weights run, as "
+                       "diffusers reads such a file")
     key = ["file", str(ckpt.path), _identity(ckpt.path), str(vae_path), _identity(vae_path),
            prediction_type, detected]
     return _cached_view(key, lambda work: _write_view(work, ckpt, vae_path, detected, notices)), source
 
 
-_VIEW_VERSION = 2  # part of every view's cache key: raise it when what a view holds changes
+_VIEW_VERSION = 3  # part of every view's cache key: raise it when what a view holds changes
 
 
 def _identity(path: Path | None):
@@ -614,12 +623,11 @@ def _write_view(folder: Path, ckpt: Checkpoint, vae_path: Path | None, predictio
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
         "force_zeros_for_empty_prompt": xl,
-        "_notices": notices,  # read_pipeline_config passes them on
+        "_notices": notices,  # config.view_notices reads them back
     }
     if xl:
         index.update(text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
                      tokenizer_2=["transformers", "CLIPTokenizer"])
-    _write_json(folder / "model_index.json", index)
     _write_json(folder / "scheduler" / "scheduler_config.json", scheduler)
     _write_json(folder / "unet" / "config.json", unet)
     _write_json(folder / "unet" / POINTER, {"file": str(ckpt.path), "prefix": UNET, "kind": "unet",
@@ -631,7 +639,8 @@ def _write_view(folder: Path, ckpt: Checkpoint, vae_path: Path | None, predictio
         _write_json(folder / "vae" / POINTER, {"file": str(ckpt.path), "prefix": VAE, "kind": "vae",
                                                "config": vae})
     else:
-        _write_vae_replacement(folder / "vae", vae_path, scaling, unet["in_channels"])
+        notices += _write_vae_replacement(folder / "vae", vae_path, scaling, unet["in_channels"])
+    _write_json(folder / "model_index.json", index)
     for name, config in texts.items():
         prefix, kind = ckpt.text[name]
         _write_json(folder / name / "config.json", config)
@@ -644,8 +653,10 @@ def _write_view(folder: Path, ckpt: Checkpoint, vae_path: Path | None, predictio
                          ckpt.path, ckpt.tokenizer)
 
 
-def _write_vae_replacement(folder: Path, vae: Path, scaling: float, latents: int) -> None:
-    """The view's vae/ for the replacement `vae`; `latents`: the channels the model's UNet reads."""
+def _write_vae_replacement(folder: Path, vae: Path, scaling: float | None, latents: int) -> list:
+    """The view's vae/ for the replacement `vae`; `scaling`: the model's own VAE's latent scaling
+    (None: it has none; a file's VAE then takes the family's), `latents`: the channels the model's
+    UNet reads. Returns the notices for the run."""
     def check_fits(config: VAEConfig, where: Path) -> None:
         if config.latent_channels != latents:
             raise ModelError(f"{{flag:vae}} {where}: its latents have {config.latent_channels} channels, "
@@ -656,14 +667,24 @@ def _write_vae_replacement(folder: Path, vae: Path, scaling: float, latents: int
         if not (source / "config.json").is_file():
             raise ModelError(f"{{flag:vae}} {vae}: no config.json (nor vae/config.json); pass a diffusers "
                              "VAE folder, a model folder, or an LDM VAE .safetensors file")
+        config = load_json(source / "config.json")
+        kind = config.get("_class_name")
+        if isinstance(kind, str) and kind != "AutoencoderKL":
+            raise ModelError(f"{{flag:vae}} {source}: its config.json is a {kind[:60]}'s, not a VAE's "
+                             "(AutoencoderKL); pass a model's vae/ folder or an LDM VAE .safetensors file")
         try:
-            check_fits(VAEConfig.from_diffusers(load_json(source / "config.json")), source)
+            check_fits(VAEConfig.from_diffusers(config), source)
         except ConfigError as e:
             raise ModelError(f"{{flag:vae}} {source / 'config.json'}: {e.template}") from None
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copy(source / "config.json", folder / "config.json")
         _write_json(folder / POINTER, {"folder": str(source)})
-        return
+        own = config.get("scaling_factor", 0.18215)
+        if scaling is not None and isinstance(own, (int, float)) and abs(own - scaling) > 1e-6 * scaling:
+            return [f"the VAE {source} scales its latents by {own:g}, the model's own VAE by {scaling:g}: "
+                    "a VAE of another family paints the model's latents wrongly; pass one made for this "
+                    "model's family"]
+        return []
     if not vae.is_file():
         raise ModelError(f"{{flag:vae}} {vae}: no such file or folder")
     refuse_pickle(vae)
@@ -674,7 +695,7 @@ def _write_vae_replacement(folder: Path, vae: Path, scaling: float, latents: int
         raise ModelError(f"{{flag:vae}} {vae}: no LDM VAE tensors (encoder.down.*); pass an LDM VAE file "
                          "or a diffusers VAE folder")
     ckpt = _VAEFile(vae, header, metadata)
-    config = vae_config(ckpt, prefix, scaling)
+    config = vae_config(ckpt, prefix, 0.18215 if scaling is None else scaling)
     try:
         check_fits(VAEConfig.from_diffusers(config), vae)
     except ConfigError as e:
@@ -683,6 +704,7 @@ def _write_vae_replacement(folder: Path, vae: Path, scaling: float, latents: int
                          "config.json") from None
     _write_json(folder / "config.json", config)
     _write_json(folder / POINTER, {"file": str(vae), "prefix": prefix, "kind": "vae", "config": config})
+    return []
 
 
 class _VAEFile(Checkpoint):
@@ -758,12 +780,16 @@ def folder_view(folder, vae=None, prediction_type: str | None = None) -> Path:
 
     def write(work: Path) -> None:
         index = load_json(folder / "model_index.json")
-        index.pop("_notices", None)  # what a view says of its own making; not the folder's to say
+        index["_notices"] = []  # what a view says of its own making; not the folder's to say
+        if vae_path is not None:  # the model's own vae/ may be missing: the replacement is the VAE
+            unet = load_json(folder / "unet" / "config.json")
+            index["_notices"] = _write_vae_replacement(work / "vae", vae_path, _scaling(folder),
+                                                       unet.get("in_channels", 4))
+            index["vae"] = ["diffusers", "AutoencoderKL"]
         _write_json(work / "model_index.json", index)
         for part in sorted(p for p in folder.iterdir() if p.is_dir()):
             if part.name == "vae" and vae_path is not None:
-                unet = load_json(folder / "unet" / "config.json")
-                _write_vae_replacement(work / "vae", vae_path, _scaling(folder), unet.get("in_channels", 4))
+                continue
             elif part.name.startswith(("tokenizer", "scheduler")):
                 shutil.copytree(part, work / part.name)
             elif (part / "config.json").is_file():
@@ -780,5 +806,7 @@ def folder_view(folder, vae=None, prediction_type: str | None = None) -> Path:
     return _cached_view(key, write)
 
 
-def _scaling(folder: Path) -> float:
-    return float(load_json(folder / "vae" / "config.json").get("scaling_factor", 0.18215))
+def _scaling(folder: Path) -> float | None:
+    """The latents' scaling of the model's own VAE; None where it has none."""
+    config = folder / "vae" / "config.json"
+    return float(load_json(config).get("scaling_factor", 0.18215)) if config.is_file() else None

@@ -274,6 +274,7 @@ def test_the_plan_line_gives_the_time_and_the_record_keeps_it(tmp_path, picture,
     rss = record["memory"]["peak_rss_bytes"]
     assert re.fullmatch(r"memory at the peak: \d+ MB resident, \d+ MB of it MLX's arrays \(estimated \d+ MB\)", peak)
     assert abs(int(peak.split()[4]) - rss / 2**20) <= 0.5 + 0.01 * rss / 2**20  # read again at the end
+    assert f"model {Path(sd2).resolve()} (a local folder)" in result.stderr.splitlines()  # which model ran
 
 
 def test_a_sweep_says_its_time_before_the_work(tmp_path, picture, sd2):

@@ -247,6 +247,14 @@ def test_the_replay_line_says_what_differs_from_the_record_and_bounds_it(tmp_pat
                                           f"--dtype {other} computes as it did")
     assert notes(dtype=default, blas=None, kernels=None)[0].endswith(
         "made with blas not recorded; kernels not recorded: the pictures may differ")
+    # A single file's bytes are not fingerprinted, as a folder's are not; a hub model replays at
+    # the commit it pins, which its metadata then name (the picture named a branch).
+    single = {"source": "file", "model": "/m.safetensors", "revision": None}
+    assert notes(dtype=default, model=single)[0].endswith("byte-identical, if the model's files are as they were then")
+    hub = {"source": "hub", "model": "o/m", "revision": "main", "commit": "ab" * 20}
+    assert notes(dtype=default, model=hub)[0].endswith("the same pixels (their metadata name the model at "
+                                                       "commit abababababab)")
+    assert notes(dtype=default, model=dict(hub, revision="ab" * 20))[0].endswith("byte-identical")
     long = notes(dtype=default, kernels="k" * 100_000 + "\x1b[31m")[0]
     assert f"made with kernels '{'k' * 99}... (now {native_status()})" in long and len(long) < 600
 
@@ -637,7 +645,7 @@ def test_a_users_folder_cannot_point_the_weights_elsewhere_nor_print_notices(tmp
     for where in (folder, view):
         notices = []
         config.read_pipeline_config(where, notices)
-        assert "planted" not in notices
+        assert "planted" not in notices + config.view_notices(where)
 
 
 def test_the_output_lock_is_never_opened_through_a_link(tmp_path):

@@ -211,6 +211,37 @@ def test_an_index_without_shards_says_so(model):
     expect_model_error(lambda: model_io.check_model_folder(model), "lists no shard files (its weight_map is empty)")
 
 
+def test_a_revision_names_the_hub_and_a_short_commit_is_taken(hub_cache, tiny_model, monkeypatch, tmp_path):
+    """owner/name@revision is the hub's even where a folder owner/name lies here (a replay pins the
+    commit: the folder was used and the commit dropped); a commit's start names the one cached
+    snapshot it starts; a stale refs/main, a broken link for model_index.json are said as such."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_model("sd1"), tmp_path / "owner" / "name")  # another model, here
+    assert model_io.resolve_model("owner/name")[1]["source"] == "folder"  # as diffusers takes it
+    for pinned in (f"owner/name@{COMMIT}", f"owner/name@{COMMIT[:7]}", f"owner/name@{COMMIT[:12]}"):
+        folder, source = model_io.resolve_model(pinned)
+        assert folder.name == COMMIT and source["source"] == "hub" and source["commit"] == COMMIT
+        assert model_io.hub_id_to_fetch(pinned) is None  # in the cache: nothing to fetch
+    assert model_io.hub_id_to_fetch("owner/name@0000000") == "owner/name@0000000"
+    with pytest.raises(ModelError, match="no such file"):
+        model_io.resolve_model("owner/typo.safetensors")
+    storage = hub_cache / "models--owner--name"
+    (storage / "refs" / "main").write_text("f" * 40)
+    expect_model_error(lambda: model_io.resolve_model("owner/other@main"), "owner/other@main is not in the local hub cache")
+    (tmp_path / "owner" / "name").rename(tmp_path / "moved")
+    expect_model_error(lambda: model_io.resolve_model("owner/name"), "holds owner/name (cached: main, 0123456789ab)",
+                       "refs/main names no snapshot there", "owner/name@<revision>")
+    snapshot = storage / "snapshots" / COMMIT
+    blob = tmp_path / "blob.json"
+    (snapshot / "model_index.json").rename(blob)
+    (snapshot / "model_index.json").symlink_to(tmp_path / "gone.json")
+    expect_model_error(lambda: model_io.check_model_folder(snapshot), "model_index.json is a link to",
+                       "which does not exist", "download it again")
+
+
 def test_incomplete_hub_snapshot_says_download_again(hub_cache):
     snapshot = hub_cache / "models--owner--name" / "snapshots" / COMMIT
     (snapshot / "tokenizer" / "merges.txt").unlink()

@@ -14,7 +14,8 @@ from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 from stable_diffusion import model_io, single_file
-from stable_diffusion.config import UNetConfig, read_pipeline_config
+from stable_diffusion.config import UNetConfig, read_pipeline_config, view_notices
+from stable_diffusion.errors import ModelError
 from stable_diffusion.pipeline import StableDiffusion
 from stable_diffusion.testing import FAMILIES, write_single_file
 from stable_diffusion.tokenizer import Tokenizer
@@ -188,13 +189,11 @@ def test_cli_single_file_and_folder_give_the_same_pictures(family, tiny_model, c
 def test_prediction_type_from_the_v_pred_key_or_the_keyword(checkpoint, tmp_path):
     path = tmp_path / "vpred.safetensors"
     tensors = load_file(str(checkpoint("sd2")))
-    notices = []
-    config = read_pipeline_config(model_io.resolve_model(str(checkpoint("sd2")))[0], notices)
-    assert config.scheduler.prediction_type == "epsilon"
+    view = model_io.resolve_model(str(checkpoint("sd2")))[0]
+    assert read_pipeline_config(view).scheduler.prediction_type == "epsilon"
+    notices = view_notices(view)
     assert notices and "needs prediction type v_prediction" in notices[0]
-    notices = []
-    read_pipeline_config(model_io.resolve_model(str(checkpoint("sd2")), prediction_type="epsilon")[0], notices)
-    assert notices == []  # chosen, not guessed
+    assert view_notices(model_io.resolve_model(str(checkpoint("sd2")), prediction_type="epsilon")[0]) == []
     tensors["v_pred"] = np.zeros((), np.float32)
     save_file(tensors, str(path), metadata=single_file.Checkpoint(checkpoint("sd2")).metadata)
     folder, source = model_io.resolve_model(str(path))
@@ -277,11 +276,68 @@ def test_unknown_family_and_other_files(tmp_path, checkpoint):
     expect_model_error(lambda: model_io.resolve_model(str(tmp_path / "odd.safetensors")),
                        "unknown checkpoint family", "supported: SD 1.x, SD 2.x, SDXL")
     save_file({"lora_unet_down.alpha": np.zeros(1, np.float32)}, str(tmp_path / "lora.safetensors"))
-    expect_model_error(lambda: model_io.resolve_model(str(tmp_path / "lora.safetensors")), "a LoRA")
+    expect_model_error(lambda: model_io.resolve_model(str(tmp_path / "lora.safetensors")), "a LoRA (pass it with --lora)")
+    save_file({"emb_params": np.zeros((2, 32), np.float32)}, str(tmp_path / "emb.safetensors"))
+    expect_model_error(lambda: model_io.resolve_model(str(tmp_path / "emb.safetensors")),
+                       "a textual-inversion embedding (pass it with --embedding)")
+    # SDXL's first encoder without its second: an incomplete file, not an "unknown family"
+    xl = load_file(str(checkpoint("sdxl")))
+    save_file({k: v for k, v in xl.items() if not k.startswith("conditioner.embedders.1.")},
+              str(tmp_path / "half-xl.safetensors"))
+    expect_model_error(lambda: model_io.resolve_model(str(tmp_path / "half-xl.safetensors")),
+                       "an SDXL-style checkpoint without both of SDXL's text encoders")
     save_file({k: v for k, v in tensors.items() if k.startswith("first_stage_model.")},
               str(tmp_path / "vae.safetensors"))
     expect_model_error(lambda: model_io.resolve_model(str(tmp_path / "vae.safetensors")),
                        "has no model.diffusion_model.* tensors", "a VAE alone (pass it with --vae)")
+
+
+def test_a_folder_without_its_vae_takes_the_one_given(tiny_model, tmp_path):
+    """--vae on a folder lacking vae/ (it was dropped: the error named the view in the cache); a
+    folder of another component is no VAE; another family's VAE is said, not taken silently."""
+    model = shutil.copytree(tiny_model("sd1"), tmp_path / "novae")
+    shutil.rmtree(model / "vae")
+    expect_model_error(lambda: model_io.check_model_folder(model), "missing component folder", "or pass --vae")
+    sd = load(model, vae=tiny_model("sd1") / "vae")
+    reference = parameters(StableDiffusion.from_pretrained(str(tiny_model("sd1"))).vae)
+    got = parameters(sd.vae)
+    assert all(np.array_equal(got[k], reference[k]) for k in reference)
+    index = json.loads((model / "model_index.json").read_text())
+    index.pop("vae")
+    (model / "model_index.json").write_text(json.dumps(index))
+    expect_model_error(lambda: model_io.check_model_folder(model), "has no vae", "pass --vae")
+    assert load(model, vae=tiny_model("sd1") / "vae").config.vae.scaling_factor == pytest.approx(0.18215)
+    expect_model_error(lambda: model_io.resolve_model(str(tiny_model("sd1")), vae=tiny_model("sd1") / "unet"),
+                       "its config.json is a UNet2DConditionModel's, not a VAE's")
+    assert view_notices(model_io.resolve_model(str(tiny_model("sd1")), vae=tiny_model("sd1"))[0]) == []
+    other = view_notices(model_io.resolve_model(str(tiny_model("sd1")), vae=tiny_model("sdxl"))[0])
+    assert len(other) == 1 and "scales its latents by 0.13025, the model's own VAE by 0.18215" in other[0]
+
+
+def test_a_bad_architecture_value_is_the_files(checkpoint, tmp_path):
+    """A value the file's metadata gives that a config refuses is said of the file, not of the
+    view's config.json in this tool's cache, which the user never wrote."""
+    path = tmp_path / "bad.safetensors"
+    metadata = dict(single_file.Checkpoint(checkpoint("sd1")).metadata)
+    architecture = json.loads(metadata.get(single_file.ARCHITECTURE_KEY, "{}"))
+    architecture.setdefault("unet", {})["attention_head_dim"] = -4
+    metadata[single_file.ARCHITECTURE_KEY] = json.dumps(architecture)
+    save_file(load_file(str(checkpoint("sd1"))), str(path), metadata=metadata)
+    folder = model_io.resolve_model(str(path))[0]
+    with pytest.raises(ModelError) as info:
+        read_pipeline_config(folder)
+    assert str(info.value).startswith(f"{path} (its unet, as its tensors and metadata describe it): ")
+    assert "attention_head_dim" in str(info.value) and str(folder) not in str(info.value)
+
+
+def test_ema_weights_are_named_and_left(checkpoint, tmp_path):
+    tensors = load_file(str(checkpoint("sd1")))
+    path = tmp_path / "ema.safetensors"
+    save_file({**tensors, "model_ema.decay": np.zeros((), np.float32)}, str(path),
+              metadata=single_file.Checkpoint(checkpoint("sd1")).metadata)
+    notices = view_notices(model_io.resolve_model(str(path))[0])
+    assert any("EMA weights too" in n for n in notices)
+    assert not any("EMA" in n for n in view_notices(model_io.resolve_model(str(checkpoint("sd1")))[0]))
 
 
 def test_checkpoint_without_vae_needs_one(checkpoint, tiny_model, tmp_path):
