@@ -23,6 +23,9 @@ _NEGATIVE = "Negative prompt:"
 _KEY = re.compile(r"\w[\w \-/]*")
 _FIELD_KEY = re.compile(r"\s*(\w[\w \-/]*):\s*")
 _FIELD_END = re.compile(r"\s*(,|$)")
+_REST_BLANK = re.compile(r"\s*$")
+MAX_TEXT_CHARS = 1 << 20  # as a record's argument: far beyond the 77 tokens any text encoder reads
+MAX_FIELDS = 256  # A1111 writes about 20
 _JSON_DECODER = json.JSONDecoder()
 
 
@@ -194,11 +197,14 @@ def _parse_fields(line: str) -> dict[str, str] | None:
             j = len(line) if j < 0 else j
             value, i = line[i:j].rstrip(), j
         fields[key] = value
+        if len(fields) > MAX_FIELDS:
+            raise InputError(f"parameters text: more than {MAX_FIELDS} fields on its last line; not a "
+                             "picture's settings")
         end = _FIELD_END.match(line, i)
         if end is None:
             return None
         i = end.end()
-        if end.group(1) == "" or line[i:].strip() == "":  # a trailing comma ends the line too
+        if end.group(1) == "" or _REST_BLANK.match(line, i):  # a trailing comma ends the line too
             return fields
 
 
@@ -220,6 +226,9 @@ def parse_parameters_text(text: str) -> dict[str, Any]:
     as text. The last line counts as the field line when it has at least three `Key: value` fields,
     as A1111 decides.
     """
+    if len(text) > MAX_TEXT_CHARS:
+        raise InputError(f"parameters text of {len(text)} characters, more than {MAX_TEXT_CHARS}: "
+                         "not a picture's settings")
     lines = text.split("\n")
     fields = _parse_fields(lines[-1])
     if fields is not None and len(fields) >= 3:
@@ -331,6 +340,7 @@ def parse_parameters(text: str) -> tuple[dict[str, Any], list[str]]:
         if m is not None:
             fields["width"], fields["height"] = int(m.group(1)), int(m.group(2))
 
+    unknown = []
     for key, value in extra.items():
         if key in _OUR_KEYS or key.endswith(_OUR_SUFFIXES):
             continue
@@ -338,6 +348,11 @@ def parse_parameters(text: str) -> tuple[dict[str, Any], list[str]]:
             warnings.append(f"{key}: {value!r}: the hires fix is not available here; the picture "
                             "is made at its first-pass size")
         else:
-            warnings.append(f"{key}: {value!r} is not a setting here; not used")
+            unknown.append(f"{key}: {value[:60]!r}")
+    if len(unknown) <= 5:  # a note each, as A1111 pictures carry a few (Model hash, Version, ...)
+        warnings += [f"{field} is not a setting here; not used" for field in unknown]
+    else:
+        warnings.append(f"{len(unknown)} fields are not settings here, not used: {'; '.join(unknown[:5])}; "
+                        f"and {len(unknown) - 5} more")
     return fields, warnings
 

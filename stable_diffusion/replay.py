@@ -186,7 +186,10 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
     if text is None:
         raise InputError(f"{path} carries no parameters to replay (no `parameters` text, no record "
                          "of ours)")
-    fields, warnings = infotext.parse_parameters(text)
+    try:
+        fields, warnings = infotext.parse_parameters(text)
+    except InputError as e:  # named by the picture it came from
+        raise _refuse(path, f"its {e}") from None
     notes = [f"replay of {path}: {w}" for w in warnings]
     flags = []
     for key, flag in (("negative_prompt", "--negative_prompt"), ("steps", "--steps"),

@@ -238,6 +238,24 @@ def test_parse_rejects_a_broken_number():
         parse_parameters_text("p\nSteps: many, Sampler: Euler, Seed: 1")
 
 
+def test_parse_is_bounded_and_linear():
+    """Another tool's text has a cap, as our record's arguments have (a 10 MB prompt made pictures
+    of 31 MB each), and its field line is read in one pass (200,000 fields took a minute)."""
+    from stable_diffusion.infotext import MAX_FIELDS, MAX_TEXT_CHARS, parse_parameters
+
+    with pytest.raises(InputError, match="more than 1048576"):
+        parse_parameters_text("A" * (MAX_TEXT_CHARS + 1))
+    with pytest.raises(InputError, match=f"more than {MAX_FIELDS} fields"):
+        parse_parameters_text("p\n" + ", ".join(f"F{k}: {k}" for k in range(MAX_FIELDS + 1)))
+    line = ", ".join(f"F{k}: {'v' * 3000}" for k in range(MAX_FIELDS - 3))  # 770 KB in 253 fields
+    fields, notes = parse_parameters("p\nSteps: 3, Seed: 1, Sampler: Euler, " + line)
+    assert fields["steps"] == 3
+    # Every field we do not know is one note, not one each
+    assert len(notes) == 1 and notes[0].startswith(f"{MAX_FIELDS - 3} fields are not settings here, not used: F0: ")
+    assert notes[0].endswith(f"; and {MAX_FIELDS - 8} more")
+    assert parse_parameters("p\nSteps: 3, Seed: 1, Version: v1")[1] == ["Version: 'v1' is not a setting here; not used"]
+
+
 def test_extra_keys_are_checked():
     with pytest.raises(ValueError):
         parameters_text("p", extra={"Bad, key": 1}, **FIELDS)
