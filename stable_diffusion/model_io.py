@@ -69,22 +69,22 @@ def resolve_model(spec: str, variant: str | None = None, vae: str | Path | None 
     if variant is not None and not (isinstance(variant, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,32}", variant)):
         raise ModelError(f"variant {str(variant)[:40]!r}: a variant is a word such as fp16 (the files "
                          "are named name.<variant>.safetensors)")
-    if spec in PACKAGED:  # an alias, as the hub aliases: it wins over a file of that name here
-        folder = packaged_folder(spec)
-        source = {"model": spec, "folder": str(folder.resolve()), "revision": None, "source": "package"}
-        if vae is None and prediction_type is None:
-            return folder, source
-        return single_file.folder_view(folder, vae, prediction_type), _replaced(source, vae, prediction_type)
     name, revision = parse_model_spec(spec)
     # owner/name@revision names the hub's, even where a folder owner/name lies here
     path = Path(name if revision is None else spec).expanduser()
-    given = [("model", path, _MODEL_WANTED)]
+    given = [] if spec in PACKAGED else [("model", path, _MODEL_WANTED)]
     if vae is not None:
         given.append(("vae", Path(vae).expanduser(), _VAE_WANTED))
     for field_name, where, wanted in given:
         kind = special_file(where)
         if kind is not None:
             raise ModelError(f"{{flag:{field_name}}} {where} is {kind}; pass {wanted}")
+    if spec in PACKAGED:  # an alias, as the hub aliases: it wins over a file of that name here
+        folder = packaged_folder(spec)
+        source = {"model": spec, "folder": str(folder.resolve()), "revision": None, "source": "package"}
+        if vae is None and prediction_type is None:
+            return folder, source
+        return single_file.folder_view(folder, vae, prediction_type), _replaced(source, vae, prediction_type)
     if path.is_file():
         if path.suffix.lower() != ".safetensors":
             refuse_pickle(path)

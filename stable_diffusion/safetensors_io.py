@@ -14,6 +14,7 @@ hub, strict loading) and single_file (LDM checkpoints) build on it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -137,6 +138,11 @@ def special_file(path: Path) -> str | None:
     """What a path is that is there but neither a regular file nor a folder, for messages ("a named
     pipe", "a link to X, which does not exist", ...); None for a file, a folder or nothing."""
     if path.is_symlink() and not path.exists():
+        try:
+            path.stat()
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return f"a loop of symbolic links ({path} -> {os.readlink(path)} -> ...)"
         return f"a link to {os.readlink(path)}, which does not exist"
     try:
         mode = path.stat().st_mode

@@ -344,7 +344,10 @@ def _flags(holder, *names: str) -> dict:
 
 def _same_or_ours(image: Path, output: Path) -> bool:
     """Whether the run would write over `image`: it is the output, or a file named after it."""
-    a, o = image.resolve(), output.resolve()
+    try:
+        a, o = image.resolve(), output.resolve()
+    except (OSError, RuntimeError):  # a loop of links: the picture's or the output's checks say so
+        return False
     return a == o or (a.parent == o.parent and a.name.lower().startswith(o.stem.lower() + "."))
 
 

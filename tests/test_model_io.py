@@ -202,6 +202,13 @@ def test_model_or_vae_that_is_a_pipe_or_device_is_named_so(model, tmp_path):
                        "pass a model folder")
     expect_model_error(lambda: model_io.resolve_model(str(model), vae=zero),
                        f"--vae {zero} is a device (through the link to /dev/zero)", "pass a VAE folder")
+    # Two links naming each other: a loop, not "a link to a file that does not exist" nor a
+    # failure (Path.resolve raised RuntimeError for the shipped model's --vae)
+    loop = tmp_path / "a.safetensors"
+    loop.symlink_to(tmp_path / "b.safetensors")
+    (tmp_path / "b.safetensors").symlink_to(loop)
+    for given in (dict(spec=str(loop)), dict(spec="shapes", vae=loop), dict(spec=str(model), vae=loop)):
+        expect_model_error(lambda: model_io.resolve_model(**given), f"{loop} is a loop of symbolic links")
 
 
 def test_an_index_without_shards_says_so(model):
