@@ -504,12 +504,13 @@ class LocalPool:
     """Runs in this process, through one session: the model loaded once, each picture encoded once
     per size, each prompt's text encoded once."""
 
-    def __init__(self, model: ModelSpec, picture, argv, replay):
+    def __init__(self, model: ModelSpec, picture, argv, replay, session=None, load_s: float = 0.0):
+        """`session`: the sweep's own (its checks opened it, and may have loaded it in `load_s`)."""
         from .session import Session
 
-        self.session = Session(model)
+        self.session = Session(model) if session is None else session
         self.picture, self.argv, self.replay = picture, list(argv), replay
-        self.costs = {"load_s": 0.0, "encode_s": 0.0, "condition_s": 0.0}
+        self.costs = {"load_s": load_s, "encode_s": 0.0, "condition_s": 0.0}
 
     def map(self, runs, console):
         from .run import execute

@@ -132,13 +132,14 @@ def build_sweep(command: str, args) -> tuple:
     return runs, grid, model, folder
 
 
-def _make_pool(args, model, picture, argv, replay, console, private: bool = False):
+def _make_pool(args, model, picture, argv, replay, console, private: bool = False, session=None,
+               load_s: float = 0.0):
     if args.ray is None:
         if args.workers is not None:
             raise InputError("--workers counts Ray workers; add --ray (auto, local or an address)")
         from .sweep import LocalPool
 
-        return LocalPool(model, picture, argv, replay)
+        return LocalPool(model, picture, argv, replay, session, load_s)
     from .sweep_ray import RayPool
 
     from .privacy import salt
@@ -184,6 +185,11 @@ def _sweep(argv: list, console: Console) -> int:
     identity = inputs_identity(session, picture)
     if picture is not None:  # at the working size once, here: a Ray worker may not see the file
         picture = session.fit(picture, plans[0].image_size)
+    loaded = {}
+    if args.ray is None and (model.loras or model.embeddings):
+        # An adapter is checked whole only as it is fused (its values, its layers): before the
+        # manifest, as the single command does, not once per run
+        session.load(loaded)
     replay = functools.partial(options.replay_argv, model=model)
     from .files import output_lock
 
@@ -193,7 +199,8 @@ def _sweep(argv: list, console: Console) -> int:
     # One sweep per folder: its manifest has one writer (each run also locks its own name).
     with output_lock(folder / "sweep.jsonl", args.wait, waiting):
         pool = _make_pool(args, model, picture, [command, *argv], replay, console,
-                          private=not runs[0].spec.capture.save_prompt)
+                          private=not runs[0].spec.capture.save_prompt, session=session,
+                          load_s=loaded.get("load_s", 0.0))
         try:
             sweep = Sweep(runs, grid, folder, model, args.sheet_every or None, args.sheet_cell,
                           sweep_estimates(runs, plans), identity)

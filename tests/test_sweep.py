@@ -237,6 +237,21 @@ def test_bad_grids_are_refused_before_any_work_with_one_line(tmp_path, picture, 
     assert not (tmp_path / "out").exists()
 
 
+def test_an_adapter_refused_as_it_is_fused_stops_the_sweep_before_its_folder(tmp_path, picture, sd2):
+    """A LoRA whose values are not finite is refused as it is fused: the single command's one line
+    and exit 2, where the sweep failed each run (exit 1) and left its folder."""
+    from safetensors.numpy import save_file
+
+    key = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    save_file({f"{key}.lora_down.weight": np.full((4, 32), np.nan, np.float32),
+               f"{key}.lora_up.weight": np.zeros((32, 4), np.float32)}, str(tmp_path / "nan.safetensors"))
+    result = sweep("image2image", picture, "x", "--model", sd2, "--strengths", "0.5,1", "--steps", 2,
+                   "--lora", tmp_path / "nan.safetensors", "-o", tmp_path / "out", check=False)
+    assert result.returncode == 2 and "nan.safetensors" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "failed" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_grid_file_gives_the_runs_of_the_flags(tmp_path, picture, sd2):
     toml = tmp_path / "grid.toml"
     toml.write_text('strengths = "0.5:1.0:0.5"\nseeds = [4, 5]\nname = "{strength:.1f}_{seed}"\n')
