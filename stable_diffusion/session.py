@@ -180,7 +180,7 @@ class Session:
             start = time.perf_counter()
             with warnings.catch_warnings():
                 # The prompt's length was reported once, as a notice, by the plan.
-                warnings.filterwarnings("ignore", message=r"a prompt is \d+ tokens long")
+                warnings.filterwarnings("ignore", message=r"a prompt is (at least )?\d+ tokens long")
                 cond = self.sd.condition(prompt, negative, guided, n_images, size)
             mx.eval([v for v in cond[:3] if v is not None])
             self._conditions[key] = cond

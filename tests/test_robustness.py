@@ -263,6 +263,10 @@ def test_last_n_clamped_and_long_prompt_noted_in_one_line(tmp_path, picture, sd2
     record = sidecar(tmp_path / "o.json")
     assert record["dropped_tokens"]["prompt"] == tokens - 75
     assert listed(record) == {"o.png", "o.step-001.png", "o.step-002.png", "o.step-003.png"}
+    # A prompt past the tokenizer's count ("at least 1024 tokens") prints no Python warning either
+    result = run("txt2image.py", "red " * 1100, "--model", sd2, "--steps", 1, "--quiet", "--output",
+                 tmp_path / "q.png")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
 def test_config_notices_only_with_verbose(capsys, tmp_path, picture, sd2):
