@@ -443,8 +443,9 @@ def load_lora(sd, path, weight: float = 1.0, allow_partial: bool = False) -> Lor
         fused = (current.astype(mx.float32) + delta.reshape(current.shape)).astype(current.dtype)
         if not mx.all(mx.isfinite(fused)).item():
             raise ModelError(f"{path}: fusing it at weight {weight:g} overflows layer {target.component}."
-                             f"{target.name} ({current.dtype}); the model is now partly changed: load it "
-                             "again, and use a smaller weight")
+                             f"{target.name} ({current.dtype}); use a smaller {{flag:loras}} weight, or "
+                             "{flag:dtype} float32 (a model loaded in a script is now partly changed: "
+                             "load it again)")
         ops.set_layer_weight(target.layer, fused)
         mx.eval(target.layer.parameters())
         layers[target.component] = layers.get(target.component, 0) + 1

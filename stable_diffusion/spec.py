@@ -256,7 +256,8 @@ class RunSpec:
         if spec.size is not None:
             h, w = spec.size
             if h < 64 or w < 64 or h % 64 or w % 64:
-                raise SpecError("size", f"{{flag}} {h}x{w}: both sides must be multiples of 64, e.g. 512x768")
+                raise SpecError("size", f"{{flag}} {h}x{w}: both sides must be multiples of 64 from 64 to "
+                                        f"{MAX_SIDE}, e.g. 512x768")
             if max(h, w) > MAX_SIDE:
                 raise SpecError("size", f"{{flag}} {h}x{w}: the sides must be at most {MAX_SIDE} pixels")
         return spec
@@ -303,7 +304,8 @@ class RunSpec:
             if isinstance(size, (str, bytes)) or not hasattr(size, "__len__") or len(size) != 2:
                 raise SpecError("size", f"{{flag}} {_shown(size)}: expected (height, width) in pixels, "
                                         "e.g. (512, 768)")
-            size = tuple(_whole("size", side, 1, 1 << 30) for side in size)
+            # any whole side here; the checks below say what a side must be (multiples of 64, ...)
+            size = tuple(_whole("size", side, -(1 << 30), 1 << 30) for side in size)
         capture = replace(c, **{n: _whole(n, getattr(c, n), 1, MAX_STEPS * 1000)
                                 for n in ("every", "last", "noising_every")},
                           decode_batch=_whole("decode_batch", c.decode_batch, 1, MAX_IMAGES))

@@ -796,6 +796,7 @@ def test_sweep_from_a_shell_script_leaves_only_whole_files(tmp_path, picture, sd
 @pytest.mark.parametrize("size, words", [
     ("99968x99968", ["--size 99968x99968: the sides must be at most 4096 pixels"]),
     ("100x64", ["both sides must be multiples of 64"]),
+    ("0x0", ["--size 0x0: both sides must be multiples of 64 from 64 to 4096"]),  # said "outside 1 .. 1073741824"
     ("axb", ["is not HEIGHTxWIDTH"]),
 ])
 def test_txt2image_size_is_bounded_before_loading(capsys, tmp_path, unloadable, size, words):
