@@ -88,7 +88,8 @@ class _Parser(argparse.ArgumentParser):
         args = self.joined(sys.argv[1:] if args is None else args)
         namespace, unknown = self.parse_known_args(args, namespace)
         if unknown:
-            self.error(f"unrecognized arguments: {' '.join(unknown)}{self._suggestion(unknown)}")
+            shown = " ".join(a if a.strip() and a.isprintable() else ascii(a) for a in unknown)
+            self.error(f"unrecognized arguments: {shown}{self._suggestion(unknown)}")
         return namespace
 
     def _suggestion(self, unknown: list) -> str:
@@ -112,6 +113,8 @@ class _Parser(argparse.ArgumentParser):
             close = difflib.get_close_matches(typed, flags, n=1, cutoff=0.75)
             if close:
                 return f"; did you mean {close[0]}?"
+        if any(not arg.strip() for arg in unknown):
+            return "; an empty argument (a shell variable that is not set?) is one too many"
         if any(not arg.startswith("-") for arg in unknown):  # words past the positionals
             if getattr(self, "replaying", False):
                 return ("; --replay takes the input picture and the prompt from the picture's record: give "

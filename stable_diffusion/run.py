@@ -284,7 +284,7 @@ def _progress(plan, row: int | None) -> tuple[int, str]:
     if row is None:
         return (plan.inversion.steps if plan.inversion is not None else len(plan.path) - 1), "noising"
     r = plan.rows[row]
-    return r.timeline.steps, f"s={r.strength:g}" if plan.spec.img2img else "steps"
+    return r.timeline.steps, f"s={r.strength:g}" if plan.spec.img2img else "denoising"
 
 
 def describe_timings(timings: dict, estimate=None) -> str:

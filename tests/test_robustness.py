@@ -183,6 +183,8 @@ def test_bad_arguments_fail_before_the_weights_load(capsys, tmp_path, picture, u
     (["-", "x"], ["reading it from standard input is not supported"]),
     (["x", "PICTURE"], ["input image 'x' does not exist, and the prompt names a file", "picture first"]),
     (["PICTURE", "a", "red", "barn"], ["unrecognized arguments: red barn; a prompt of several words goes in quotes"]),
+    (["PICTURE", "a red barn", ""], ["unrecognized arguments: ''; an empty argument (a shell variable that is not "
+                                     "set?) is one too many"]),
     # A value an optional-value flag does not take is named with the flag (it was the quotes hint).
     (["PICTURE", "x", "-gt", "2"], ["unrecognized arguments: 2; -gt takes 1, true, yes, on, 0, false, no, off or nothing"]),
     (["PICTURE", "-gt", "2", "x"], ["unrecognized arguments: x; -gt takes 1, true", "so '2' was read as an argument of its own"]),
