@@ -211,7 +211,7 @@ OPTIONS = (
            "strength x 1000, evenly spaced), diffusers (as the model's scheduler config does in "
            "diffusers), karras, exponential", MODEL, choices=SCHEDULE_CHOICES,
            replay=Replay(60, ALWAYS)),
-    Option(("--cfg",), "cfg", "guidance weight; 0 is a value (model default: sd 7.5, sdxl 0, shapes 2)", MODEL,
+    Option(("--cfg",), "cfg", "guidance weight; 1 or less is no guidance: the prompt's prediction alone, as diffusers runs it (model default: sd 7.5, sdxl 0, shapes 2)", MODEL,
            parse=float, replay=Replay(40, ALWAYS, _float)),
     Option(("--negative_prompt", "--negative-prompt"), "negative_prompt", "what the picture should not "
            "show: guidance steers away from it (default: nothing)", group=MODEL, default="",
