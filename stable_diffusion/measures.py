@@ -271,7 +271,8 @@ class Curve:
         that the candidates are always compared in one space. x_t is never used: the noise it still
         carries would count as detail. Ties go to the later step.
 
-        Returns {"step", "t", "sigma", "detail", "basis": "pixels" | "latent", "among": [steps]}.
+        Returns {"step", "t", "sigma", "detail", "basis": "pixels" | "latent", "among": [steps],
+        "final_detail": the last candidate's, to weigh the choice against}.
         """
         if last_n < 1:
             raise ValueError(f"best needs last_n >= 1, got {last_n}")
@@ -287,4 +288,4 @@ class Curve:
         chosen = max(reversed(candidates), key=lambda r: r[key])  # max keeps the first: the latest
         return {"step": chosen["step"], "t": chosen["t"], "sigma": chosen["sigma"],
                 "detail": chosen[key], "basis": "pixels" if by_pixels else "latent",
-                "among": [r["step"] for r in candidates]}
+                "among": [r["step"] for r in candidates], "final_detail": candidates[-1][key]}

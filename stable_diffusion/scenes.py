@@ -6,8 +6,9 @@ alone, anti-aliased by supersampling, so that the training program, the tests an
 pictures all draw the same scenes from a seed.
 
 The analyser reads a picture back into a caption: the background's colour from the border, the
-shape's colour from the pixels that differ from it, and the shape's kind from how much of its
-bounding box the shape fills (a square all of it, a circle pi/4, a triangle half).
+shape's colour from the pixels that differ from it, and the shape's kind from which of three
+outlines drawn in its bounding box (a square, the circle inside it, the upright triangle) overlaps
+it most.
 """
 
 from __future__ import annotations
@@ -129,10 +130,12 @@ def nearest_colour(rgb) -> str:
 def analyse(picture: np.ndarray) -> Reading:
     """Read a picture (H, W, 3) uint8 back into its scene's parts.
 
-    The background is the median colour of a 3-pixel border; the shape is the pixels more than
-    a third of the way (in RGB distance) from it to the farthest pixel, and its colour is their
-    median. Its kind comes from the fraction of its bounding box it fills: at least 0.9 square,
-    0.64 or more circle (pi/4 = 0.785), else triangle (1/2).
+    The background is the median colour of a 3-pixel border; the shape is the largest connected
+    part of the pixels more than a third of the way (in RGB distance) from it to the farthest pixel
+    (a speck elsewhere would widen its box), and its colour is their median. Its kind is the
+    outline, drawn in its bounding box, that it overlaps most (intersection over union): the box
+    itself (square), the circle inside it, or the upright triangle on its base. A fill of the box
+    alone (a square all of it, a circle pi/4) misread rounded squares as circles.
     """
     pixels = np.asarray(picture, dtype=np.float32)[..., :3]
     border = np.concatenate([pixels[:3].reshape(-1, 3), pixels[-3:].reshape(-1, 3),
@@ -145,8 +148,37 @@ def analyse(picture: np.ndarray) -> Reading:
     if mask.sum() < 16:
         return Reading(None, None, background, 0.0)
     colour = nearest_colour(np.median(pixels[mask], axis=0))
-    rows, cols = np.nonzero(mask)
-    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
-    fill = float(mask.sum() / box)
-    shape = "square" if fill >= 0.9 else "circle" if fill >= 0.64 else "triangle"
-    return Reading(shape, colour, background, fill)
+    part = _largest_part(mask)
+    rows, cols = np.nonzero(part)
+    box = part[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    h, w = box.shape
+    y, x = (np.arange(h)[:, None] + 0.5) / h, (np.arange(w)[None, :] + 0.5) / w  # 0..1, y down
+    outlines = {"square": np.ones((h, w), bool), "circle": (x - 0.5) ** 2 + (y - 0.5) ** 2 <= 0.25,
+                "triangle": np.abs(x - 0.5) <= y / 2}
+    overlap = {kind: (box & o).sum() / (box | o).sum() for kind, o in outlines.items()}
+    return Reading(max(overlap, key=overlap.get), colour, background, float(box.mean()))
+
+
+def _largest_part(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected part of a boolean mask."""
+    seen = np.zeros_like(mask)
+    h, w = mask.shape
+    best: list = []
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        part, stack = [], [start]
+        seen[start] = True
+        while stack:
+            r, c = stack.pop()
+            part.append((r, c))
+            for rr in range(max(r - 1, 0), min(r + 2, h)):
+                for cc in range(max(c - 1, 0), min(c + 2, w)):
+                    if mask[rr, cc] and not seen[rr, cc]:
+                        seen[rr, cc] = True
+                        stack.append((rr, cc))
+        if len(part) > len(best):
+            best = part
+    out = np.zeros_like(mask)
+    out[tuple(np.array(best).T)] = True
+    return out

@@ -411,8 +411,11 @@ class BestStep(Sink):
         best = self.best = self.curves.best()
         if best is None:
             return
+        final = best["final_detail"]
+        against = ("the final step" if best["step"] == best["among"][-1] else
+                   f"the final step's {final:.4g}, {100 * (best['detail'] - final) / abs(best['detail'] or 1):.1f}% less")
         self.say(f"most detail among the last {self.curves.last} steps: step {best['step']} "
-                 f"(t={best['t']:g}, x0 detail {best['detail']:.4g})")
+                 f"(t={best['t']:g}, x0 detail {best['detail']:.4g}; {against})")
         if self.path is not None:
             estimate = self.curves.estimates[best["step"]]
             self.writer.save(self.path, self.writer.grid(self.vae(estimate)),

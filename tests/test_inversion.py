@@ -72,6 +72,10 @@ def test_curve_best_step_and_keep_best(tmp_path, picture, sd2):
     best = record["best"]
     assert best["among"] == [6, 7, 8] and best["detail"] == max(curve[k]["x0_detail"] for k in (6, 7, 8))
     assert f"most detail among the last 3 steps: step {best['step']}" in result.stdout
+    # weighed against the final step's, which a 1% lead would otherwise hide
+    assert best["final_detail"] == curve[8]["x0_detail"]
+    assert ("; the final step)" if best["step"] == 8 else f"; the final step's {curve[8]['x0_detail']:.4g}, ") \
+        in result.stdout
     files = {f["file"]: f for f in record["files"]}
     assert files["c.best.png"]["step"] == best["step"] and files["c.best.png"]["kind"] == "best"
     with Image.open(tmp_path / "c.curve.png") as plot:
