@@ -3,7 +3,8 @@
     python tools/measure_shapes.py            # all of them, a JSON line each (a few minutes)
 
 The tests (tests/test_shapes_model.py) assert the same measures with margins; this prints them.
-1. Text to image: prompts x seeds, each picture read back by `scenes.analyse`.
+1. Text to image: prompts x seeds, each picture read back by `scenes.analyse`; and every caption
+   the scenes can have, twice.
 2. Image to image: PSNR of the final picture against the input, per strength (one triangle run
    under the input's own caption, one under another prompt).
 3. Inversion under the input's caption (strength 0.7, cfg 1) against add_noise, with refinement.
@@ -177,6 +178,7 @@ def main() -> int:
         folder = Path(tmp)
         parts = {
             "text_to_image": lambda: scores(text_to_image(sd, prompts())),
+            "every_caption": lambda: scores(text_to_image(sd, scenes.all_captions(), seeds=2)),
             "strength_psnr_own_caption": lambda: strengths_psnr(folder, INPUT_CAPTION),
             "strength_psnr_other_prompt": lambda: strengths_psnr(folder, OTHER_PROMPT),
             "strength_1_follows_the_prompt": lambda: strength_one_follows_the_prompt(sd),
