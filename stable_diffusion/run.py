@@ -56,7 +56,13 @@ def picture_notices(picture) -> list:
 def plan_for(session, spec, image_size: tuple | None, notice=lambda line: None) -> RunPlan:
     """The spec planned against the session's model: its configs and tokenizers, no weights."""
     session.open()
-    return make_plan(spec, session.config, session.tokenizers, image_size, notice, session.machine())
+    plan = make_plan(spec, session.config, session.tokenizers, image_size, notice, session.machine())
+    if session.source.get("source") == "package" and session.source.get("model") == "shapes":
+        from .scenes import outside_training
+
+        for line in outside_training(plan.spec.prompt, plan.image_size):
+            notice(line)
+    return plan
 
 
 def _check_picture(spec: RunSpec, picture) -> None:

@@ -13,6 +13,7 @@ it most.
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 import numpy as np
@@ -51,6 +52,23 @@ def caption(shape: str, colour: str, background: str) -> str:
 def all_captions() -> list:
     """Every caption the scenes can have: 6 colours x 3 shapes x 5 other background colours."""
     return [caption(s, c, b) for s in SHAPES for c in COLOURS for b in COLOURS if b != c]
+
+
+def outside_training(prompt: str, size: tuple) -> list:
+    """Notes for a prompt or a working size (H, W) the shipped model never saw in training: it
+    paints something all the same, with no sign that it was never taught it."""
+    words = set(re.findall(r"[a-z]+", prompt.lower()))
+    unknown = sorted(words - {"a", "on", "background", *COLOURS, *SHAPES})
+    notes = []
+    if unknown:
+        shown = ", ".join(repr(w) for w in unknown[:8]) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
+        notes.append(f"the shapes model never saw {shown}: it knows 'a COLOUR SHAPE on a COLOUR background' "
+                     f"(colours {', '.join(COLOURS)}; shapes {', '.join(SHAPES)}), and paints a scene of "
+                     "those whatever the prompt")
+    if tuple(size) != (SIZE, SIZE):
+        notes.append(f"the shapes model was trained at {SIZE}x{SIZE}; at {size[1]}x{size[0]} it may draw "
+                     "no shape, or more than one")
+    return notes
 
 
 def random_scene(rng: np.random.Generator, size: int = SIZE, shape: str | None = None,

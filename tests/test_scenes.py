@@ -73,3 +73,13 @@ def test_a_shape_lies_inside_the_picture_and_a_hidden_one_is_refused():
         assert cover.sum() > 0.1 * (scene.radius * 2) ** 2
     with pytest.raises(ValueError, match="cannot be seen"):
         scenes.random_scene(rng, colour="red", background="red")
+
+
+def test_what_the_shipped_model_never_saw_is_named():
+    """A prompt or a size outside its training gets a confident picture; a note says so."""
+    assert scenes.outside_training("A Red Circle on a blue background.", (128, 128)) == []
+    words, = scenes.outside_training("a purple star on a orange background", (128, 128))
+    assert words.startswith("the shapes model never saw 'orange', 'purple', 'star': it knows")
+    size, = scenes.outside_training("a red circle on a blue background", (128, 384))
+    assert size == "the shapes model was trained at 128x128; at 384x128 it may draw no shape, or more than one"
+    assert len(scenes.outside_training(" ".join(f"w{'x' * k}" for k in range(20)), (64, 64))) == 2

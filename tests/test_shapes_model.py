@@ -114,6 +114,11 @@ def test_first_readme_command_runs_offline_and_draws_a_readable_triangle(tmp_pat
     assert record["fidelity"]["1"]["final"]["psnr"] < record["fidelity"]["0.1"]["final"]["psnr"] - 10
     assert Image.open(out).size[0] > 4 * 128 and (out.parent / f"{out.stem}.noise-strip.png").is_file()
     assert not (tmp_path / "empty-cache").exists()
+    assert "note:" not in result.stderr  # a prompt in its vocabulary, at its size
+    other = subprocess.run([sys.executable, str(commands.ROOT / "txt2image.py"), "a cat", "--model", "shapes",
+                            "--steps", "1", "--output", str(tmp_path / "cat.png")], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert other.returncode == 0 and "note: the shapes model never saw 'cat':" in other.stderr, other.stderr
 
 
 def test_the_detail_of_the_estimate_over_the_last_steps(sd):
