@@ -160,9 +160,10 @@ class FrameWriter:
         if len(parts) > 1 and "x0_t" not in frame.info:  # the start: no estimate to show yet
             parts[1], names = np.full_like(parts[1], 0.5), names[:1]  # grey
         joined = np.concatenate(parts, axis=2)  # side by side along the width
-        if len(parts) > 1:  # x_t and x0: each picture of the grid says which part is which
-            marks = SHOWN["both"] if len(names) > 1 else START_MARKS
-            picture = render.grid([render.marked_parts(p, marks, also=START_MARKS)
+        if len(parts) > 1:  # x_t and x0: each picture of the grid says which part is which, and
+            # the estimate its own time: the UNet made it at the step before, from x_t at x0_t
+            marks = (("x_t", f"x0_pred from t={frame.info['x0_t']:g}") if len(names) > 1 else START_MARKS)
+            picture = render.grid([render.marked_parts(p, marks, also=(*START_MARKS, _WIDEST_X0_MARK))
                                    for p in render.to_uint8(joined)], self.n_rows)
         else:
             picture = self.grid(joined)
@@ -198,6 +199,7 @@ class FrameWriter:
 
 SHOWN = {"xt": ("x_t",), "x0": ("x0_pred",), "both": ("x_t", "x0_pred")}  # a snapshot's parts
 START_MARKS = ("x_t", "no x0_pred yet")  # a snapshot of both at the start, its estimate half grey
+_WIDEST_X0_MARK = "x0_pred from t=999.999"  # the frames of one animation keep one size
 
 
 def shown_latents(step, shows: str) -> list:

@@ -152,9 +152,15 @@ def test_snapshot_both_marks_noising_strip_path_and_labelled_animation(tmp_path,
     run(picture, "a barn", "--model", sd2, "--steps", 4, "--strength", 1, "--seed", 2, "-sd", 2,
         "--snapshot", "both", "--show_noising", 500, "--noising_path", "independent", "--animate",
         "--labels", "--output", out)
-    marks = render.band_height(["x_t", "x0_pred", "no x0_pred yet"], 64)  # one size, the start's too
+    # one size, the start's too; the estimate's half says its own time (made at the step before)
+    marks = render.band_height(["x_t", "no x0_pred yet", "x0_pred from t=999.999"], 64)
     step = np.array(Image.open(tmp_path / "a.step-002.png").convert("RGB"))
     assert step.shape[:2] == (64 + marks, 128) and ink(step[64:, :64]) and ink(step[64:, 64:])
+    frame = next(f for f in sidecar(tmp_path / "a.json")["files"] if f["file"] == "a.step-002.png")
+    assert (frame["t"], frame["x0_t"]) == (500, 750)
+    said = render.marked_parts(np.zeros((64, 128, 3), np.uint8), ["x_t", "x0_pred from t=750"],
+                               also=["no x0_pred yet", "x0_pred from t=999.999"])[64:]
+    assert np.array_equal(step[64:], said)
     title = render.band_height(["noising path: independent (fresh noise per t)"], 3 * 64)
     strip = np.array(Image.open(tmp_path / "a.noise-strip.png").convert("RGB"))
     assert strip.shape[0] == title + 64 + render.band_height(["t=1000"], 64) and ink(strip[:title])
