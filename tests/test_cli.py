@@ -132,7 +132,7 @@ def test_noising_path_snapshots_both_preview_and_animation(tmp_path, picture, sd
     noise = {f"a.noise-t{t:04d}.png" for t in (0, 250, 500, 750, 1000)}
     steps = {f"a.step-{k:03d}.png" for k in (0, 2, 4)}
     assert files_in(tmp_path) == noise | steps | {"a.noise-strip.png", "a.anim.gif", "a.png", "a.json"}
-    marks = band_height(["x_t", "x0_pred", "no x0_pred yet"], 64)  # x_t and x0 side by side, each marked
+    marks = band_height(["x_t", "no x0_pred yet", "x0_pred from t=999.999"], 64)  # x_t and x0 side by side, each marked
     assert Image.open(tmp_path / "a.step-002.png").size == (128, 64 + marks)
     # The start has no estimate yet: its half is grey, said so, and not measured.
     start = np.asarray(Image.open(tmp_path / "a.step-000.png"))
