@@ -200,7 +200,7 @@ OPTIONS = (
     Option(("--prediction_type",), "model.prediction_type", "what the UNet predicts, for a single file "
            "that does not say (SD 2.x 768 models: v_prediction)", MODEL,
            choices=("epsilon", "v_prediction"), replay=Replay(180)),
-    Option(("--strength",), "strength", "how deep to noise the picture, 0.001 .. 1 (default 0.9)", MODEL,
+    Option(("--strength",), "strength", "how deep to noise the picture, 0.001 .. 1 (default 0.9): the share of the schedule's steps run, so the start t depends on --schedule (the plan line says it)", MODEL,
            IMAGE, float, default=0.9,
            replay=Replay(80, ALWAYS, _float, when=lambda spec: spec.img2img and not spec.triangle)),
     Option(("--steps",), "steps", "sampler steps for strength 1 (model default: sd 50, sdxl 2, shapes 20)", MODEL,
