@@ -39,6 +39,55 @@ def sheet_layout(grid) -> tuple:
     return tuple(reversed(rows)), column
 
 
+WRAP_AFTER = 12  # one varying field of more values than this is wrapped into a near-square block
+
+
+@dataclass(frozen=True)
+class Places:
+    """Where each run's picture sits on the sheet: (row, column) on an n_rows x n_cols table.
+    Rows are the combinations of the row fields, columns the column field's values; a sweep of one
+    field of many values (90 prompts) is wrapped row after row into a near-square block, each cell
+    captioned with its value, where one row of them was 11,702 pixels wide."""
+
+    row_fields: tuple
+    column: str | None
+    n_rows: int
+    n_cols: int
+    wrap: int | None  # the cells of a wrapped row; None: not wrapped
+
+    @classmethod
+    def of(cls, grid) -> "Places":
+        row_fields, column = sheet_layout(grid)
+        n_values = len(grid.values(column)) if column else 1
+        if not row_fields and n_values > WRAP_AFTER:
+            wrap = math.ceil(math.sqrt(n_values))
+            return cls(row_fields, column, math.ceil(n_values / wrap), wrap, wrap)
+        n_rows = math.prod(len(grid.values(f)) for f in row_fields)
+        return cls(row_fields, column, n_rows, n_values, None)
+
+    def combos(self, grid) -> list:
+        return list(itertools.product(*(grid.values(f) for f in self.row_fields)))
+
+    def index(self, grid):
+        """run values -> (row, column)."""
+        rows = {combo: i for i, combo in enumerate(self.combos(grid))}
+        cols = {v: i for i, v in enumerate(grid.values(self.column))} if self.column else {}
+
+        def place(values: dict) -> tuple:
+            c = cols[values[self.column]] if self.column else 0
+            if self.wrap is not None:
+                return divmod(c, self.wrap)
+            return rows[tuple(values[f] for f in self.row_fields)], c
+        return place
+
+    def caption(self, grid, r: int, c: int, private: bool) -> str | None:
+        """The caption under the cell (r, c): the column field's value there (None past the last
+        value of a wrapped field)."""
+        values = grid.values(self.column)
+        k = r * self.wrap + c if self.wrap is not None else c
+        return _label(self.column, values[k], private) if k < len(values) else None
+
+
 # One page of the contact sheet holds at most this many pixels (96 MB as RGB); a sweep too wide
 # for one page at SHEET_MIN_CELL gets more pages, each listed in sweep.json.
 SHEET_MAX_PIXELS = 32 << 20
@@ -62,9 +111,8 @@ def sheet_plan(grid, cell: int = 256) -> SheetLayout:
     grid alone, before any picture: every page's size is known before it is drawn."""
     from . import render
 
-    row_fields, column = sheet_layout(grid)
-    n_rows = math.prod(len(grid.values(f)) for f in row_fields)
-    n_cols = len(grid.values(column)) if column else 1
+    places = Places.of(grid)
+    row_fields, column, n_rows, n_cols = places.row_fields, places.column, places.n_rows, places.n_cols
     labels = [", ".join(_label(f, v) for f, v in zip(row_fields, combo))
               for combo in itertools.islice(itertools.product(*(grid.values(f) for f in row_fields)), 1000)]
     label_width = (max(map(render.text_width, labels), default=0) + 6) if row_fields else 0
@@ -107,17 +155,13 @@ def contact_sheet(folder: Path, runs: list, grid, cell: int = 256, page: tuple |
 
     from . import render
 
-    row_fields, column = sheet_layout(grid)
-    col_values = grid.values(column) if column else (None,)
-    row_combos = list(itertools.product(*(grid.values(f) for f in row_fields)))
-    r0, r1, c0, c1 = page if page is not None else (0, len(row_combos), 0, len(col_values))
-    row_index = {combo: i for i, combo in enumerate(row_combos)}
-    col_index = {v: i for i, v in enumerate(col_values)}
+    places = Places.of(grid)
+    place = places.index(grid)
+    r0, r1, c0, c1 = page if page is not None else (0, places.n_rows, 0, places.n_cols)
     table = {}
     size = None  # (W, H) of every cell: the first picture's, shrunk to `cell`
     for run in runs:
-        r = row_index[tuple(run.values[f] for f in row_fields)]
-        c = col_index[run.values[column]] if column else 0
+        r, c = place(run.values)
         if not (r0 <= r < r1 and c0 <= c < c1):
             continue
         try:
@@ -134,10 +178,11 @@ def contact_sheet(folder: Path, runs: list, grid, cell: int = 256, page: tuple |
         return None
     cells = [[table.get((r, c)) for c in range(c1 - c0)] for r in range(r1 - r0)]
     private = bool(runs) and not runs[0].spec.capture.save_prompt
-    captions = [[_label(column, v, private) for v in col_values[c0:c1]] for _ in range(r0, r1)] if column else None
-    row_labels = [", ".join(_label(f, v, private) for f, v in zip(row_fields, combo))
-                  for combo in row_combos[r0:r1]]
-    return render.contact_sheet(cells, row_labels if row_fields else None, captions)
+    captions = ([[places.caption(grid, r, c, private) for c in range(c0, c1)] for r in range(r0, r1)]
+                if places.column else None)
+    row_labels = [", ".join(_label(f, v, private) for f, v in zip(places.row_fields, combo))
+                  for combo in places.combos(grid)[r0:r1]]
+    return render.contact_sheet(cells, row_labels if places.row_fields else None, captions)
 
 
 def pages_to_redraw(layout: SheetLayout, grid, runs: list) -> list:
@@ -147,10 +192,7 @@ def pages_to_redraw(layout: SheetLayout, grid, runs: list) -> list:
         return []
     if len(layout.pages) == 1:
         return list(layout.pages)
-    row_fields, column = sheet_layout(grid)
-    row_index = {combo: i for i, combo in enumerate(itertools.product(*(grid.values(f) for f in row_fields)))}
-    col_index = {v: i for i, v in enumerate(grid.values(column))} if column else {}
-    places = {(row_index[tuple(run.values[f] for f in row_fields)],
-               col_index[run.values[column]] if column else 0) for run in runs}
+    place = Places.of(grid).index(grid)
+    places = {place(run.values) for run in runs}
     return [page for page in layout.pages
             if any(page[0] <= r < page[1] and page[2] <= c < page[3] for r, c in places)]

@@ -303,6 +303,30 @@ def test_contact_sheet_lays_out_the_two_fields_that_vary_most(tmp_path, picture)
         assert tuple(sheet[y, x]) == tuple(expected), run.name
 
 
+def test_contact_sheet_wraps_one_field_of_many_values(tmp_path, picture):
+    """A sweep of 14 seeds (of 90 prompts) alone was one row of cells, 11,702 pixels wide for 90:
+    it is wrapped into a near-square block, each cell captioned with its own value."""
+    from stable_diffusion.spec import RunSpec
+    from stable_diffusion.sweep_sheet import WRAP_AFTER, sheet_plan
+
+    seeds = tuple(range(1, 15))
+    grid = Grid.of({"seed": seeds})
+    runs = expand(RunSpec("x", tmp_path / "run.png", image=picture), grid, tmp_path)
+    for i, run in enumerate(runs):
+        Image.new("RGB", (64, 64), (10 * i, 255 - 10 * i, 7)).save(run.spec.output)
+    sheet = contact_sheet(tmp_path, runs, grid, cell=32)
+    caption = render.band_height([f"seed={s}" for s in seeds], 32)
+    assert len(seeds) > WRAP_AFTER and sheet.shape[:2] == render.triangle_size(4, 4, 32, 32, 2, 0, caption)
+    for i, run in enumerate(runs):  # row after row, 4 to a row; the last two cells empty
+        r, c = divmod(i, 4)
+        y, x = 2 + r * (32 + caption + 2) + 16, 2 + c * (32 + 2) + 16
+        assert tuple(sheet[y, x]) == (10 * i, 255 - 10 * i, 7), run.name
+    assert tuple(sheet[2 + 3 * (32 + caption + 2) + 16, 2 + 3 * (32 + 2) + 16]) == render.WHITE
+    assert sheet_plan(grid, 32).pages == ((0, 4, 0, 4, "sweep.sheet.png"),)
+    few = Grid.of({"seed": seeds[:WRAP_AFTER]})  # a strength or seed row reads as a row
+    assert sheet_plan(few, 32).pages == ((0, 1, 0, WRAP_AFTER, "sweep.sheet.png"),)
+
+
 def test_ray_sweep_survives_a_killed_worker_and_matches_one_process(tmp_path, picture, sd2):
     ray = pytest.importorskip("ray")
     from stable_diffusion.console import Console
