@@ -442,10 +442,11 @@ def load_lora(sd, path, weight: float = 1.0, allow_partial: bool = False) -> Lor
         current = ops.layer_weight(target.layer)
         fused = (current.astype(mx.float32) + delta.reshape(current.shape)).astype(current.dtype)
         if not mx.all(mx.isfinite(fused)).item():
+            dtype = str(current.dtype).removeprefix("mlx.core.")
+            wider = "" if dtype == "float32" else ", or {flag:dtype} float32"
             raise ModelError(f"{path}: fusing it at weight {weight:g} overflows layer {target.component}."
-                             f"{target.name} ({current.dtype}); use a smaller {{flag:loras}} weight, or "
-                             "{flag:dtype} float32 (a model loaded in a script is now partly changed: "
-                             "load it again)")
+                             f"{target.name} ({dtype}); use a smaller {{flag:loras}} weight{wider} (in a script, "
+                             "the model it was fused into is now partly changed: load it again)")
         ops.set_layer_weight(target.layer, fused)
         mx.eval(target.layer.parameters())
         layers[target.component] = layers.get(target.component, 0) + 1

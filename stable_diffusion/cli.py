@@ -69,8 +69,8 @@ class _Parser(argparse.ArgumentParser):
                 break
             name, equals, value = arg.partition("=")
             action = self.action_of(arg)
-            if action is not None and name.startswith("--") and name not in action.option_strings:
-                args[i] = arg = action.option_strings[0] + equals + value
+            if action is not None and (name.startswith("--") or equals) and name not in action.option_strings:
+                args[i] = arg = action.option_strings[0] + equals + value  # -g=1 too: argparse takes no -g=1
             action = action if not equals else None
             values = None if action is None else _OPTIONAL_VALUES.get(action.option_strings[0])
             if values is not None and (i + 1 == len(args) or args[i + 1].lower() not in values):
@@ -86,6 +86,7 @@ class _Parser(argparse.ArgumentParser):
 
     def parse_args(self, args=None, namespace=None):
         args = self.joined(sys.argv[1:] if args is None else args)
+        self.after_separator = args[args.index("--") + 1:] if "--" in args else []
         namespace, unknown = self.parse_known_args(args, namespace)
         if unknown:
             shown = " ".join(a if a.strip() and a.isprintable() else ascii(a) for a in unknown)
@@ -96,6 +97,8 @@ class _Parser(argparse.ArgumentParser):
         """"; did you mean --steps?" for the first unknown flag that is close to one of ours."""
         import difflib
 
+        if any(arg.startswith("-") and arg in getattr(self, "after_separator", ()) for arg in unknown):
+            return "; every argument after -- is a picture or a prompt: put the flags before the --"
         # `-gt 2`: the word was left to the positionals, where it took a place or had none
         for word, (flag, values) in self.refused_values.items():
             if word in unknown or options.NEGATIVE_NUMBER.match(word) or word.replace(".", "", 1).isdigit():
@@ -114,7 +117,7 @@ class _Parser(argparse.ArgumentParser):
             if close:
                 return f"; did you mean {close[0]}?"
         if any(not arg.strip() for arg in unknown):
-            return "; an empty argument (a shell variable that is not set?) is one too many"
+            return "; a blank argument (a shell variable that is not set?) is one too many"
         if any(not arg.startswith("-") for arg in unknown):  # words past the positionals
             if getattr(self, "replaying", False):
                 return ("; --replay takes the input picture and the prompt from the picture's record: give "

@@ -79,6 +79,7 @@ class Console:
     # A spec field -> the name its caller knows it by: lines below the command line name fields
     # as `{flag:FIELD}` (errors.py), and the command line's console names them as its flags.
     names: dict = field(default_factory=dict)
+    _noted: set = field(default_factory=set, repr=False)  # the notes said: a sweep's runs say theirs once
 
     @property
     def bars(self) -> bool:
@@ -104,7 +105,10 @@ class Console:
                            "guidance, a random seed, ...; the sidecar records every value the run used)")
 
     def notice(self, line: str) -> None:
-        if not self.quiet:
+        """A note, once: one that every run of a sweep meets (the model's, the inversion's) is said
+        at the first."""
+        if not self.quiet and line not in self._noted:
+            self._noted.add(line)
             _write(sys.stderr, f"note: {name_fields(line, self.names)}")
 
     def error(self, line: str) -> None:

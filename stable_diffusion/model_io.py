@@ -239,10 +239,13 @@ def _download(repo_id: str, revision: str | None, variant: str | None,
             raise ModelError(f"revision {revision!r} of {repo_id} is not in the local hub cache "
                              f"(cached: {', '.join(cached)}) and {unreachable}; use a cached "
                              "revision or fetch this one on a connected machine") from None
-        if cached:  # the snapshots are there, the ref to the one of main is not (or names another)
-            raise ModelError(f"the local hub cache holds {repo_id} (cached: {', '.join(cached)}) but its "
-                             f"refs/main names no snapshot there, and {unreachable or 'the hub cannot be reached'}; "
-                             f"pass {{flag:model}} {repo_id}@<revision> for a cached one, or "
+        snapshots = [c for c in cached if re.fullmatch(r"[0-9a-f]{12}", c)]
+        if snapshots:  # the snapshots are there, the ref to the one of main is not (or names another)
+            ref = _hub_storage(repo_id, constants.HF_HUB_CACHE) / "refs" / "main"
+            said = "names no snapshot there" if ref.is_file() else "is missing"
+            raise ModelError(f"the local hub cache holds snapshots of {repo_id} ({', '.join(snapshots)}) but "
+                             f"its refs/main {said}, and {unreachable or 'the hub cannot be reached'}; "
+                             f"pass {{flag:model}} {repo_id}@<commit> for a cached one, or "
                              f"{local_help}") from None
         message = (f"{shown} is not in the local hub cache ({constants.HF_HUB_CACHE}) and "
                    f"{unreachable or 'the hub cannot be reached'}; {local_help}")
@@ -315,12 +318,16 @@ def _cached_revisions(repo_id: str, cache: str) -> list[str]:
 
 def _cached_commit(repo_id: str, revision: str | None, cache: str) -> str | None:
     """`revision`, or the whole commit of the one cached snapshot it is the start of (7 hex digits
-    or more), as git takes a short commit: the hub's client takes whole ones only."""
-    if revision is None or not re.fullmatch(r"[0-9a-f]{7,39}", revision):
+    or more, in either case), as git takes a short commit: the hub's client takes whole ones only."""
+    if revision is None or not re.fullmatch(r"[0-9a-fA-F]{7,40}", revision):
         return revision
     snapshots = _hub_storage(repo_id, cache) / "snapshots"
-    found = [p.name for p in snapshots.glob(f"{revision}*") if _COMMIT.match(p.name)] if snapshots.is_dir() else []
-    return found[0] if len(found) == 1 else revision
+    start = revision.lower()
+    found = sorted(p.name for p in snapshots.glob(f"{start}*") if _COMMIT.match(p.name)) if snapshots.is_dir() else []
+    if len(found) > 1:
+        raise ModelError(f"revision {revision!r} starts {len(found)} cached commits of {repo_id} "
+                         f"({', '.join(c[:12] for c in found[:4])}); give more of its digits")
+    return found[0] if found else revision
 
 
 def _first_line(error: Exception) -> str:
@@ -345,6 +352,10 @@ def resolve_tiny_autoencoder(spec: str | None, family: str) -> tuple[Path, dict]
         spec = TAESD_DEFAULTS[family]
     name, revision = parse_model_spec(spec) if spec not in ALIASES else (spec, None)
     path = Path(name).expanduser()
+    kind = special_file(path)
+    if kind is not None:
+        raise ModelError(f"{{flag:taesd}} {path} is {kind}; pass a folder holding an AutoencoderTiny "
+                         "or a hub id owner/name[@revision]")
     if path.is_dir():
         return path, {"model": str(path.resolve()), "revision": None, "source": "folder"}
     if path.exists() or not _HUB_ID.match(name):

@@ -178,10 +178,9 @@ def make_plan(spec: RunSpec, config: PipelineConfig, tokenizers, image_size: tup
     rows = [Row(s, p, snapshot_indices(p.steps, every, last)) for s, p in zip(spec.strengths, timelines)]
     path, shown, inversion = (), (), None
     if spec.inversion is not None:
-        if spec.inversion.prompt is None:
-            notice("the inversion sees the prompt itself ({flag:inversion_prompt} not given): denoising under "
-                   "the same prompt brings back near the input; to edit, give {flag:inversion_prompt} a "
-                   "caption of the input")
+        if spec.inversion.prompt in (None, spec.prompt):
+            notice("the inversion sees the prompt itself: denoising under the same prompt brings back near "
+                   "the input; to edit, give {flag:inversion_prompt} a caption of the input")
         inversion, starts = _inversion_path(rows)
         rows = [replace(r, start=k) for r, k in zip(rows, starts)]
         path = inversion.times[::-1]

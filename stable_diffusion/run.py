@@ -60,7 +60,10 @@ def plan_for(session, spec, image_size: tuple | None, notice=lambda line: None) 
     if session.source.get("source") == "package" and session.source.get("model") == "shapes":
         from .scenes import outside_training
 
-        for line in outside_training(plan.spec.prompt, plan.image_size):
+        texts = {"prompt": plan.spec.prompt, "negative prompt": plan.spec.negative_prompt}
+        if plan.spec.inversion is not None:
+            texts["inversion prompt"] = plan.spec.inversion.prompt
+        for line in outside_training(texts, plan.image_size):
             notice(line)
     return plan
 

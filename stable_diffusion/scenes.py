@@ -54,17 +54,22 @@ def all_captions() -> list:
     return [caption(s, c, b) for s in SHAPES for c in COLOURS for b in COLOURS if b != c]
 
 
-def outside_training(prompt: str, size: tuple) -> list:
-    """Notes for a prompt or a working size (H, W) the shipped model never saw in training: it
-    paints something all the same, with no sign that it was never taught it."""
-    words = set(re.findall(r"[a-z]+", prompt.lower()))
-    unknown = sorted(words - {"a", "on", "background", *COLOURS, *SHAPES})
+def outside_training(texts: dict, size: tuple) -> list:
+    """Notes for the texts (their kind, "prompt", "negative prompt", ... -> the text) and the
+    working size (H, W) the shipped model never saw in training: it paints something all the same,
+    with no sign that it was never taught it."""
+    known = {"a", "on", "background", *COLOURS, *SHAPES}
+    unknown = []
+    for kind, text in texts.items():
+        words = list(dict.fromkeys(w for w in re.findall(r"\w+", text or "") if w.lower() not in known))
+        if words:
+            shown = ", ".join(repr(w) for w in words[:8]) + (f" and {len(words) - 8} more" if len(words) > 8 else "")
+            unknown.append(f"{shown} (in the {kind})")
     notes = []
     if unknown:
-        shown = ", ".join(repr(w) for w in unknown[:8]) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
-        notes.append(f"the shapes model never saw {shown}: it knows 'a COLOUR SHAPE on a COLOUR background' "
-                     f"(colours {', '.join(COLOURS)}; shapes {', '.join(SHAPES)}), and paints a scene of "
-                     "those whatever the prompt")
+        notes.append(f"the shapes model never saw {'; '.join(unknown)}: it knows 'a COLOUR SHAPE on a COLOUR "
+                     f"background' (colours {', '.join(COLOURS)}; shapes {', '.join(SHAPES)}), and paints a scene "
+                     "of those whatever it is given")
     if tuple(size) != (SIZE, SIZE):
         notes.append(f"the shapes model was trained at {SIZE}x{SIZE}; at {size[1]}x{size[0]} it may draw "
                      "no shape, or more than one")

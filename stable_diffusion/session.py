@@ -9,6 +9,7 @@ each prompt, so that the rows of a triangle and the runs of a sweep never comput
 
 from __future__ import annotations
 
+import gc
 import time
 import warnings
 from pathlib import Path
@@ -136,6 +137,14 @@ class Session:
         self.sd = sd
         timings["load_s"] = _elapsed(start)
         return sd
+
+    def unload(self) -> None:
+        """Let the weights go (a Ray sweep's driver loads them to check its adapters, then leaves
+        the runs to its workers)."""
+        self.sd = None
+        self._latents.clear()
+        self._conditions.clear()
+        gc.collect()
 
     def fit(self, picture, size: tuple):
         """The loaded picture (images.LoadedImage) at the working size (H, W): itself where it is

@@ -668,7 +668,8 @@ def _write_vae_replacement(folder: Path, vae: Path, scaling: float | None, laten
             raise ModelError(f"{{flag:vae}} {vae}: no config.json (nor vae/config.json); pass a diffusers "
                              "VAE folder, a model folder, or an LDM VAE .safetensors file")
         config = load_json(source / "config.json")
-        kind = config.get("_class_name")
+        named = config.get("architectures")  # transformers names its class there, diffusers in _class_name
+        kind = config.get("_class_name", named[0] if isinstance(named, list) and named else None)
         if isinstance(kind, str) and kind != "AutoencoderKL":
             raise ModelError(f"{{flag:vae}} {source}: its config.json is a {kind[:60]}'s, not a VAE's "
                              "(AutoencoderKL); pass a model's vae/ folder or an LDM VAE .safetensors file")

@@ -510,14 +510,17 @@ class LocalPool:
 
         self.session = Session(model) if session is None else session
         self.picture, self.argv, self.replay = picture, list(argv), replay
-        self.costs = {"load_s": load_s, "encode_s": 0.0, "condition_s": 0.0}
+        self.load_s = load_s
 
     def map(self, runs, console):
         from .run import execute
 
+        loaded = {"load_s": self.load_s}
+        if runs:  # the model's own failure (an adapter refused as it is fused) is every run's: the sweep's
+            self.session.load(loaded)
         for run in runs:
             yield run, None  # started
-            timings = {}
+            timings, loaded = {**loaded}, {}  # the first run's counts the loading, as it did
             try:
                 result = execute(self.session, run.spec, console, self.argv, self.replay, self.picture,
                                  timings=timings)
@@ -528,8 +531,6 @@ class LocalPool:
                 # every resume)
                 yield run, Outcome("failed", timings, error=f"{type(e).__name__}: {e}")
                 continue
-            for key in self.costs:
-                self.costs[key] += timings.get(key, 0.0)
             yield run, read_outcome(result, timings)
             if result.status == "interrupted":
                 return

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import signal
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from . import cli, options, signals
 from .console import Console
 from .errors import InputError
 from .spec import SpecError
-from .sweep import Sweep, expand
+from .sweep import MANIFEST, Sweep, expand
 from .sweep_grid import GRID_KEYS, KINDS, Grid, parse_values, read_grid_file, read_prompts
 
 COMMANDS = ("image2image", "txt2image")
@@ -186,10 +187,13 @@ def _sweep(argv: list, console: Console) -> int:
     if picture is not None:  # at the working size once, here: a Ray worker may not see the file
         picture = session.fit(picture, plans[0].image_size)
     loaded = {}
-    if args.ray is None and (model.loras or model.embeddings):
-        # An adapter is checked whole only as it is fused (its values, its layers): before the
-        # manifest, as the single command does, not once per run
+    if (model.loras or model.embeddings) and not os.path.lexists(folder / MANIFEST):
+        # An adapter is checked whole only as it is fused (its values, its layers): before a new
+        # sweep's folder, as the single command does, not once per run (a sweep taken up again
+        # loads as its first run to make starts: it may have none)
         session.load(loaded)
+        if args.ray is not None:
+            session.unload()  # checked; the workers load their own
     replay = functools.partial(options.replay_argv, model=model)
     from .files import output_lock
 

@@ -126,7 +126,10 @@ def read_prompts(path: str | os.PathLike) -> tuple:
     try:
         text = read_regular(path, "prompts", "").decode("utf-8-sig")  # a byte-order mark is not the prompt's
     except InputError as e:
-        raise SpecError("prompts", f"{{flag}} {e} of UTF-8 text, one prompt per line") from None
+        said = str(e)  # "... is a named pipe; give a regular file", or "cannot read ...: why"
+        advice = (" of UTF-8 text, one prompt per line" if said.endswith("give a regular file")
+                  else "; give a UTF-8 text file with one prompt per line")
+        raise SpecError("prompts", f"{{flag}} {said}{advice}") from None
     except UnicodeDecodeError as e:
         raise SpecError("prompts", f"{{flag}} {path} cannot be read ({type(e).__name__}); give a "
                                    "UTF-8 text file with one prompt per line") from None

@@ -456,6 +456,21 @@ def test_factors_that_do_not_fit_their_layer_change_nothing(sd1, tmp_path):
     expect_model_error(lambda: sd1.load_lora(tmp_path), "holds no pytorch_lora_weights.safetensors")
 
 
+def test_a_lora_that_overflows_its_layer_says_what_helps(tiny_model, tmp_path):
+    """Finite factors whose product is not: a smaller weight helps, and a wider dtype only where
+    the model is not float32 already (it was told to a float32 run)."""
+    layer = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    path = tmp_path / "big.safetensors"
+    save_file({f"{layer}.lora_down.weight": np.full((4, 32), 1e30, np.float32),
+               f"{layer}.lora_up.weight": np.full((32, 4), 1e30, np.float32)}, str(path))
+    folder = tiny_model("sd1")
+    for dtype, wider in ((mx.float32, False), (mx.float16, True)):
+        sd = StableDiffusion.from_folder(folder, read_pipeline_config(folder), dtype)
+        message = expect_model_error(lambda: sd.load_lora(path), "overflows layer unet.down_blocks.0.attentions.0.proj_in",
+                                     f"({str(dtype).removeprefix('mlx.core.')}); use a smaller --lora weight")
+        assert ("--dtype float32" in message) == wider and "mlx.core" not in message
+
+
 def test_a_quantized_model_refuses_a_lora(tiny_model, tmp_path):
     import mlx.nn as nn
 

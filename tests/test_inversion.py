@@ -46,10 +46,13 @@ def test_inversion_triangle_inverts_once_and_rows_start_on_its_path(tmp_path, pi
                  "--seed", 0, "--output", out)
     assert "inversion: t=0 -> 1000 in 4 steps, 4 UNet calls (refine 0, cfg 1)" in result.stdout
     # Inverted under the prompt itself: a learner editing so gets the input back, and is told
-    assert "note: the inversion sees the prompt itself (--inversion_prompt not given)" in result.stderr
+    assert "note: the inversion sees the prompt itself: denoising under the same" in result.stderr
     again = run(picture, "a red barn", "--model", sd2, "--steps", 2, "--noising_path", "inversion",
                 "--inversion_prompt", "a barn", "--seed", 0, "--output", tmp_path / "e.png")
     assert "the inversion sees" not in again.stderr
+    same = run(picture, "a red barn", "--model", sd2, "--steps", 2, "--noising_path", "inversion",
+               "--inversion_prompt", "a red barn", "--seed", 0, "--output", tmp_path / "s.png")
+    assert "the inversion sees the prompt itself" in same.stderr  # given, and the same text
     record = sidecar(tmp_path / "t.json")
     # The path is inverted once, to the top; the rows cost their own steps: 4 + (2 + 4).
     assert record["inversion"]["unet_calls"] == 4 and record["unet_calls"] == 10

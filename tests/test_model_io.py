@@ -239,8 +239,15 @@ def test_a_revision_names_the_hub_and_a_short_commit_is_taken(hub_cache, tiny_mo
     (storage / "refs" / "main").write_text("f" * 40)
     expect_model_error(lambda: model_io.resolve_model("owner/other@main"), "owner/other@main is not in the local hub cache")
     (tmp_path / "owner" / "name").rename(tmp_path / "moved")
-    expect_model_error(lambda: model_io.resolve_model("owner/name"), "holds owner/name (cached: main, 0123456789ab)",
-                       "refs/main names no snapshot there", "owner/name@<revision>")
+    expect_model_error(lambda: model_io.resolve_model("owner/name"), "holds snapshots of owner/name (0123456789ab)",
+                       "its refs/main names no snapshot there", "owner/name@<commit>")
+    (storage / "refs" / "main").unlink()
+    expect_model_error(lambda: model_io.resolve_model("owner/name"), "its refs/main is missing")
+    # A start of two cached commits is said to be one; a commit in capitals is a commit
+    assert model_io.resolve_model(f"owner/name@{COMMIT[:10].upper()}")[0].name == COMMIT
+    (storage / "snapshots" / (COMMIT[:8] + "f" * 32)).mkdir()
+    expect_model_error(lambda: model_io.resolve_model(f"owner/name@{COMMIT[:7]}"),
+                       f"revision '{COMMIT[:7]}' starts 2 cached commits of owner/name", "give more of its digits")
     snapshot = storage / "snapshots" / COMMIT
     blob = tmp_path / "blob.json"
     (snapshot / "model_index.json").rename(blob)

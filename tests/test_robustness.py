@@ -183,8 +183,12 @@ def test_bad_arguments_fail_before_the_weights_load(capsys, tmp_path, picture, u
     (["-", "x"], ["reading it from standard input is not supported"]),
     (["x", "PICTURE"], ["input image 'x' does not exist, and the prompt names a file", "picture first"]),
     (["PICTURE", "a", "red", "barn"], ["unrecognized arguments: red barn; a prompt of several words goes in quotes"]),
-    (["PICTURE", "a red barn", ""], ["unrecognized arguments: ''; an empty argument (a shell variable that is not "
+    (["PICTURE", "a red barn", ""], ["unrecognized arguments: ''; a blank argument (a shell variable that is not "
                                      "set?) is one too many"]),
+    (["PICTURE", "a red barn", " "], ["unrecognized arguments: ' '; a blank argument"]),
+    # Flags after "--" are positionals to argparse (it said "did you mean --model?" of --model)
+    (["--", "PICTURE", "a red barn"], ["unrecognized arguments: --model", "every argument after -- is a picture or "
+                                       "a prompt: put the flags before the --"]),
     # A value an optional-value flag does not take is named with the flag (it was the quotes hint).
     (["PICTURE", "x", "-gt", "2"], ["unrecognized arguments: 2; -gt takes 1, true, yes, on, 0, false, no, off or nothing"]),
     (["PICTURE", "-gt", "2", "x"], ["unrecognized arguments: x; -gt takes 1, true", "so '2' was read as an argument of its own"]),
@@ -799,6 +803,7 @@ def test_sweep_from_a_shell_script_leaves_only_whole_files(tmp_path, picture, sd
     ("99968x99968", ["--size 99968x99968: the sides must be at most 4096 pixels"]),
     ("100x64", ["both sides must be multiples of 64"]),
     ("0x0", ["--size 0x0: both sides must be multiples of 64 from 64 to 4096"]),  # said "outside 1 .. 1073741824"
+    ("99999999999x64", ["--size: both sides must be multiples of 64 from 64 to 4096"]),
     ("axb", ["is not HEIGHTxWIDTH"]),
 ])
 def test_txt2image_size_is_bounded_before_loading(capsys, tmp_path, unloadable, size, words):

@@ -77,9 +77,14 @@ def test_a_shape_lies_inside_the_picture_and_a_hidden_one_is_refused():
 
 def test_what_the_shipped_model_never_saw_is_named():
     """A prompt or a size outside its training gets a confident picture; a note says so."""
-    assert scenes.outside_training("A Red Circle on a blue background.", (128, 128)) == []
-    words, = scenes.outside_training("a purple star on a orange background", (128, 128))
-    assert words.startswith("the shapes model never saw 'orange', 'purple', 'star': it knows")
-    size, = scenes.outside_training("a red circle on a blue background", (128, 384))
+    assert scenes.outside_training({"prompt": "A Red Circle on a blue background."}, (128, 128)) == []
+    words, = scenes.outside_training({"prompt": "a purple star on a orange background"}, (128, 128))
+    assert words.startswith("the shapes model never saw 'purple', 'star', 'orange' (in the prompt): it knows")
+    # words as typed (an accent, digits), the negative prompt's too; none where a text is None
+    words, = scenes.outside_training({"prompt": "a RED círcle, 2 cats", "negative prompt": "blurry cat",
+                                      "inversion prompt": None}, (128, 128))
+    assert "never saw 'círcle', '2', 'cats' (in the prompt); 'blurry', 'cat' (in the negative prompt):" in words
+    size, = scenes.outside_training({"prompt": "a red circle on a blue background"}, (128, 384))
     assert size == "the shapes model was trained at 128x128; at 384x128 it may draw no shape, or more than one"
-    assert len(scenes.outside_training(" ".join(f"w{'x' * k}" for k in range(20)), (64, 64))) == 2
+    many = scenes.outside_training({"prompt": " ".join(f"w{k}" for k in range(20))}, (64, 64))
+    assert len(many) == 2 and "'w7' and 12 more (in the prompt)" in many[0]

@@ -118,7 +118,7 @@ def test_first_readme_command_runs_offline_and_draws_a_readable_triangle(tmp_pat
     other = subprocess.run([sys.executable, str(commands.ROOT / "txt2image.py"), "a cat", "--model", "shapes",
                             "--steps", "1", "--output", str(tmp_path / "cat.png")], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=600)
-    assert other.returncode == 0 and "note: the shapes model never saw 'cat':" in other.stderr, other.stderr
+    assert other.returncode == 0 and "note: the shapes model never saw 'cat' (in the prompt):" in other.stderr, other.stderr
 
 
 def test_the_detail_of_the_estimate_over_the_last_steps(sd):

@@ -309,6 +309,8 @@ def test_a_folder_without_its_vae_takes_the_one_given(tiny_model, tmp_path):
     assert load(model, vae=tiny_model("sd1") / "vae").config.vae.scaling_factor == pytest.approx(0.18215)
     expect_model_error(lambda: model_io.resolve_model(str(tiny_model("sd1")), vae=tiny_model("sd1") / "unet"),
                        "its config.json is a UNet2DConditionModel's, not a VAE's")
+    expect_model_error(lambda: model_io.resolve_model(str(tiny_model("sd1")), vae=tiny_model("sd1") / "text_encoder"),
+                       "its config.json is a CLIPTextModel's, not a VAE's")
     assert view_notices(model_io.resolve_model(str(tiny_model("sd1")), vae=tiny_model("sd1"))[0]) == []
     other = view_notices(model_io.resolve_model(str(tiny_model("sd1")), vae=tiny_model("sdxl"))[0])
     assert len(other) == 1 and "scales its latents by 0.13025, the model's own VAE by 0.18215" in other[0]

@@ -237,19 +237,50 @@ def test_bad_grids_are_refused_before_any_work_with_one_line(tmp_path, picture, 
     assert not (tmp_path / "out").exists()
 
 
-def test_an_adapter_refused_as_it_is_fused_stops_the_sweep_before_its_folder(tmp_path, picture, sd2):
+@pytest.mark.parametrize("pool", [[], ["--ray", "local"]])
+def test_an_adapter_refused_as_it_is_fused_stops_the_sweep_before_its_folder(tmp_path, picture, sd2, pool):
     """A LoRA whose values are not finite is refused as it is fused: the single command's one line
-    and exit 2, where the sweep failed each run (exit 1) and left its folder."""
+    and exit 2, where the sweep failed each run (exit 1) and left its folder; with Ray too (the
+    driver checks it, then lets the weights go to its workers)."""
     from safetensors.numpy import save_file
+
+    if pool:
+        pytest.importorskip("ray")
 
     key = "lora_unet_down_blocks_0_attentions_0_proj_in"
     save_file({f"{key}.lora_down.weight": np.full((4, 32), np.nan, np.float32),
                f"{key}.lora_up.weight": np.zeros((32, 4), np.float32)}, str(tmp_path / "nan.safetensors"))
     result = sweep("image2image", picture, "x", "--model", sd2, "--strengths", "0.5,1", "--steps", 2,
-                   "--lora", tmp_path / "nan.safetensors", "-o", tmp_path / "out", check=False)
+                   "--lora", tmp_path / "nan.safetensors", *pool, "-o", tmp_path / "out", check=False)
     assert result.returncode == 2 and "nan.safetensors" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "failed" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_finished_sweep_with_a_lora_is_taken_up_without_loading(tmp_path, picture, sd2, monkeypatch, capsys):
+    """The adapter check loads a new sweep's model before its folder; a sweep taken up again loads
+    only for a run left to make (a finished one loaded and fused the whole model for nothing)."""
+    from safetensors.numpy import save_file
+
+    from stable_diffusion.session import Session
+    from stable_diffusion.sweep_cli import main
+
+    key = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    rng = np.random.default_rng(0)
+    save_file({f"{key}.lora_down.weight": rng.normal(size=(4, 32)).astype(np.float32) * 0.01,
+               f"{key}.lora_up.weight": rng.normal(size=(32, 4)).astype(np.float32) * 0.01},
+              str(tmp_path / "lora.safetensors"))
+    loads = []
+    original = Session.load
+    monkeypatch.setattr(Session, "load", lambda self, timings: loads.append(self.sd is None) or original(self, timings))
+    argv = [str(picture), "x", "--model", str(sd2), "--steps", "2", "--seeds", "1,2", "--quiet",
+            "--lora", str(tmp_path / "lora.safetensors"), "-o", str(tmp_path / "out")]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert loads[0] is True and loads.count(True) == 1  # loaded once, before the folder
+    record = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert record["costs"]["load_s"] > 0  # the loading still counted, in the first run's timings
+    loads.clear()
+    assert main(argv) == 0 and loads.count(True) == 0  # taken up: nothing to make, nothing loaded
 
 
 def test_a_grid_file_gives_the_runs_of_the_flags(tmp_path, picture, sd2):
