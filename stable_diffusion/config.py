@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError, ModelError
-from .private_cache import is_view
+from .private_cache import POINTER, is_view
 
 
 class ConfigError(ModelError):
@@ -624,16 +624,15 @@ def read_pipeline_config(folder: Path, notices: list | None = None) -> PipelineC
 def _origin(folder: Path, name: str, filename: str) -> str:
     """Where a component's config came from: in a view (a single file's, or a folder's with its VAE
     replaced) the user's file or folder it was made from, not the view in this tool's cache."""
-    if not is_view(folder):
+    pointer = folder / name / POINTER
+    if not is_view(folder) or not pointer.is_file():
         return str(folder / name / filename)
-    from .safetensors_io import read_pointer  # it reads configs: imported here, not at the top
-
-    pointer = read_pointer(folder / name) if (folder / name).is_dir() else None
-    if pointer is None:
-        return str(folder / name / filename)
-    if "file" in pointer:
-        return f"{pointer['file']} (its {name}, as its tensors and metadata describe it)"
-    return str(Path(pointer["folder"]) / filename)
+    points = load_json(pointer)
+    if isinstance(points.get("file"), str):
+        return f"{points['file']} (its {name}, as its tensors and metadata describe it)"
+    if isinstance(points.get("folder"), str):
+        return str(Path(points["folder"]) / filename)
+    return str(folder / name / filename)
 
 
 def _read_defaults(value, index_path: Path) -> tuple | None:

@@ -16,6 +16,10 @@ from typing import Callable
 
 from .errors import ModelError
 
+# The file in a component folder of a view (single_file.py) that says where its weights live:
+# {"folder": ...} for another diffusers component, {"file": ..., "prefix": ...} for an LDM file.
+POINTER = "weights.json"
+
 
 def user_cache() -> Path:
     """This package's folder in the user's cache: $XDG_CACHE_HOME (where it is an absolute path, as

@@ -26,14 +26,11 @@ import mlx.core as mx
 
 from .config import load_json
 from .errors import ModelError
-from .private_cache import is_view
+from .private_cache import POINTER, is_view
 
 WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
                 "text_encoder": "model", "text_encoder_2": "model"}
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-# The file in a component folder of a view (single_file.py) that says where its weights live:
-# {"folder": ...} for another diffusers component, {"file": ..., "prefix": ...} for an LDM file.
-POINTER = "weights.json"
 # A header larger than this is refused unread: checkpoints' headers hold well under a megabyte
 # (and MLX's reader refuses more).
 MAX_HEADER_BYTES = 100_000_000

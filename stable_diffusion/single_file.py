@@ -58,8 +58,8 @@ from mlx.utils import tree_flatten
 from .config import ConfigError, VAEConfig, load_json
 from .errors import ModelError
 from .files import content_mark
-from .private_cache import cached_folder, views_root
-from .safetensors_io import POINTER, read_safetensors_header, read_safetensors_places, refuse_pickle, weight_files
+from .private_cache import POINTER, cached_folder, views_root
+from .safetensors_io import read_safetensors_header, read_safetensors_places, refuse_pickle, weight_files
 
 ARCHITECTURE_KEY = "mlx_sd.architecture"
 TOKENIZER_KEY = "mlx_sd.tokenizer"
