@@ -1,7 +1,7 @@
 """Loading a single-file LDM checkpoint against loading the same model as a diffusers folder.
 
 The full-size SD 2.1-base model of bench/networks.py (random float32 weights) is written as a
-diffusers folder, then converted to one LDM `.safetensors` file (`single_file.ldm_state_dict`, with
+diffusers folder, then converted to one LDM `.safetensors` file (`testing.ldm_state_dict`, with
 no architecture metadata: the real widths must be inferred by the family's rules, and the
 inferred configs are checked against the folder's). Each load runs in its own subprocess:
 `StableDiffusion.from_pretrained(path)` until every weight is evaluated in memory; it reports
@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     from networks import write_model
     from stable_diffusion.config import read_pipeline_config
     from stable_diffusion.model_io import resolve_model
-    from stable_diffusion.single_file import _write_tokenizer, ldm_state_dict
+    from stable_diffusion.single_file import _write_tokenizer
+    from stable_diffusion.testing import ldm_state_dict
 
     work = Path(tempfile.mkdtemp(prefix="bench-single-file-"))
     env = dict(os.environ, SD_SINGLE_FILE_CACHE=str(work / "views"))

@@ -559,16 +559,15 @@ def missing_component(folder: Path, component: str, present) -> str:
 def view_notices(folder: Path) -> list:
     """What a view (single_file.py) says of its making: what it could not tell from the file, a
     replaced VAE that does not match. Read in this tool's own views only."""
-    if not is_view(folder):
-        return []
-    said = load_json(Path(folder) / "model_index.json").get("_notices", [])
+    said = load_json(Path(folder) / "model_index.json").get("_notices", []) if is_view(folder) else []
     return [str(line) for line in said] if isinstance(said, list) else []
 
 
-def read_pipeline_config(folder: Path, notices: list | None = None) -> PipelineConfig:
+def read_pipeline_config(folder: Path, notices: list | None = None, warnings: list | None = None) -> PipelineConfig:
     """Read model_index.json and every component config of a diffusers folder.
 
-    `notices` collects one line per ignored (unknown) config field.
+    `notices` collects one line per ignored (unknown) config field; `warnings` (else `notices`)
+    what a view says of its making (`view_notices`).
     """
     folder = Path(folder)
     index = load_json(folder / "model_index.json")
@@ -576,6 +575,9 @@ def read_pipeline_config(folder: Path, notices: list | None = None) -> PipelineC
     for needed in ("unet", "vae", "scheduler", "text_encoder", "tokenizer"):
         if needed not in present:
             raise ConfigError(missing_component(folder, needed, present))
+    said = warnings if warnings is not None else notices
+    if said is not None:
+        said.extend(view_notices(folder))
     if notices is not None:
         # Classes this tool does not implement are read as its own all the same: the weights decide.
         named = {"pipeline": index.get("_class_name"), **{c: index[c][-1] for c in present}}
@@ -625,14 +627,10 @@ def _origin(folder: Path, name: str, filename: str) -> str:
     """Where a component's config came from: in a view (a single file's, or a folder's with its VAE
     replaced) the user's file or folder it was made from, not the view in this tool's cache."""
     pointer = folder / name / POINTER
-    if not is_view(folder) or not pointer.is_file():
-        return str(folder / name / filename)
-    points = load_json(pointer)
+    points = load_json(pointer) if is_view(folder) and pointer.is_file() else {}
     if isinstance(points.get("file"), str):
         return f"{points['file']} (its {name}, as its tensors and metadata describe it)"
-    if isinstance(points.get("folder"), str):
-        return str(Path(points["folder"]) / filename)
-    return str(folder / name / filename)
+    return str(Path(points["folder"]) / filename if isinstance(points.get("folder"), str) else folder / name / filename)
 
 
 def _read_defaults(value, index_path: Path) -> tuple | None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import memory, model_io
 from .clip import CLIPTextModel
-from .config import TEXT_COMPONENTS, PipelineConfig, read_pipeline_config, view_notices
+from .config import TEXT_COMPONENTS, PipelineConfig, read_pipeline_config
 from .errors import InputError
 from .plan import Defaults, make_plan, model_defaults
 from .sampler import NoiseSchedule, Step, default_sampler, seed_keys
@@ -58,14 +58,11 @@ class StableDiffusion:
         """An alias (`sd`, `sdxl`, `sd15`, `sd21`, `sdxl-base`, `shapes`), a hub id[@revision], a local
         diffusers folder or a single-file checkpoint, computing in `dtype` (mx.float32, mx.float16,
         mx.bfloat16, or its name), from the `variant` files ("fp16": `*.fp16.safetensors`) where
-        the folder has them; `notices` gets a line per config field ignored, and what a single
-        file's reading could not tell from it."""
+        the folder has them; `notices` gets a line per config field ignored."""
         dtype = _compute_dtype(dtype)
         folder, source = model_io.resolve_model(_model_name(model), variant)
         model_io.check_model_folder(folder)
         config = read_pipeline_config(folder, notices)
-        if notices is not None:
-            notices.extend(view_notices(folder))
         return cls.from_folder(folder, config, dtype, variant, source)
 
     @classmethod

@@ -17,7 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from . import model_io
-from .config import TEXT_COMPONENTS, read_pipeline_config, view_notices
+from .config import TEXT_COMPONENTS, read_pipeline_config
 from .errors import InputError, ModelError
 from .spec import ModelSpec
 from .tokenizer import Tokenizer, check_fits_encoder
@@ -70,8 +70,7 @@ class Session:
                              "memory instead)")
         self.folder, source = model_io.resolve_model(m.model, self.variant, m.vae, m.prediction_type)
         model_io.check_model_folder(self.folder, self.variant)
-        config = read_pipeline_config(self.folder, self.notices)
-        self.warnings = view_notices(self.folder)
+        config = read_pipeline_config(self.folder, self.notices, self.warnings)
         model_arg = f"{source['model']}@{source['commit']}" if source.get("source") == "hub" else source["model"]
         self.source = dict(source, model_arg=model_arg)
         self.tokenizers = []

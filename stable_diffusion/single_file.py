@@ -45,7 +45,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import re
 import shutil
 from functools import lru_cache
@@ -59,7 +58,7 @@ from .config import ConfigError, VAEConfig, load_json
 from .errors import ModelError
 from .files import content_mark
 from .private_cache import POINTER, cached_folder, views_root
-from .safetensors_io import read_safetensors_header, read_safetensors_places, refuse_pickle, weight_files
+from .safetensors_io import read_safetensors_header, read_safetensors_places, refuse_pickle
 
 ARCHITECTURE_KEY = "mlx_sd.architecture"
 TOKENIZER_KEY = "mlx_sd.tokenizer"
@@ -715,57 +714,6 @@ class _VAEFile(Checkpoint):
         self.path, self.family, self.metadata, self.what = path, "sd1", metadata, "LDM VAE"
         self.shapes = {k: tuple(v["shape"]) for k, v in header.items()}
         self.architecture = _architecture(metadata, path)
-
-
-# --- writing an LDM file from a diffusers folder (tests, tools) ------------------------------------
-
-
-def ldm_state_dict(folder, family: str) -> dict:
-    """numpy tensors of a diffusers folder under their LDM names (the inverse of loading);
-    OpenCLIP encoders get their q/k/v fused, SD 2.x one unused block more, as real files have."""
-    import numpy as np
-
-    folder = Path(folder)
-    out = {}
-    unet_cfg = load_json(folder / "unet" / "config.json")
-    for key, value in _read_folder(folder / "unet").items():
-        out[UNET + unet_ldm_key(key, unet_cfg)] = value
-    vae_cfg = load_json(folder / "vae" / "config.json")
-    for key, value in _read_folder(folder / "vae").items():
-        ldm = VAE + vae_ldm_key(key, vae_cfg)
-        if ".mid.attn_1." in ldm and value.ndim == 2:
-            value = value.reshape(*value.shape, 1, 1)  # LDM stores these as 1x1 convolutions
-        out[ldm] = value
-    for name, (prefix, kind) in TEXT_PREFIXES[family].items():
-        tensors = {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v
-                   for k, v in _read_folder(folder / name).items() if not k.endswith("position_ids")}
-        fused: dict = {}
-        for key, value in tensors.items():
-            ldm, third = clip_ldm_key(key, kind)
-            if third is None:
-                out[prefix + ldm] = value.T.copy() if ldm == "text_projection" else value
-            else:
-                fused.setdefault(prefix + ldm, [None] * 3)[third] = value
-        for ldm, parts in fused.items():
-            out[ldm] = np.concatenate(parts, axis=0)
-        if kind == "openclip" and family == "sd2":
-            layers = load_json(folder / name / "config.json")["num_hidden_layers"]
-            rng = np.random.default_rng(layers)
-            for key in [k for k in out if k.startswith(prefix + "transformer.resblocks.0.")]:
-                extra = key.replace(".resblocks.0.", f".resblocks.{layers}.")
-                out[extra] = (rng.standard_normal(out[key].shape) * 0.02).astype(out[key].dtype)
-            width = out[prefix + "token_embedding.weight"].shape[1]
-            out[prefix + "text_projection"] = np.eye(width, dtype=np.float32)  # unread by SD 2.x
-    return out
-
-
-def _read_folder(component: Path) -> dict:
-    from safetensors.numpy import load_file
-
-    tensors = {}
-    for path in weight_files(component):
-        tensors.update(load_file(str(path)))
-    return tensors
 
 
 def folder_view(folder, vae=None, prediction_type: str | None = None) -> Path:

@@ -577,12 +577,63 @@ def write_tokenizer_json(folder: Path, config: dict) -> None:
     _write_json(folder / "tokenizer_config.json", dict(saved, backend="tokenizers"))
 
 
+def ldm_state_dict(folder, family: str) -> dict:
+    """numpy tensors of a diffusers folder under their LDM names (the inverse of loading);
+    OpenCLIP encoders get their q/k/v fused, SD 2.x one unused block more, as real files have."""
+    from .config import load_json
+    from .single_file import TEXT_PREFIXES, UNET, VAE, clip_ldm_key, unet_ldm_key, vae_ldm_key
+
+    folder = Path(folder)
+    out = {}
+    unet_cfg = load_json(folder / "unet" / "config.json")
+    for key, value in _read_folder(folder / "unet").items():
+        out[UNET + unet_ldm_key(key, unet_cfg)] = value
+    vae_cfg = load_json(folder / "vae" / "config.json")
+    for key, value in _read_folder(folder / "vae").items():
+        ldm = VAE + vae_ldm_key(key, vae_cfg)
+        if ".mid.attn_1." in ldm and value.ndim == 2:
+            value = value.reshape(*value.shape, 1, 1)  # LDM stores these as 1x1 convolutions
+        out[ldm] = value
+    for name, (prefix, kind) in TEXT_PREFIXES[family].items():
+        tensors = {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v
+                   for k, v in _read_folder(folder / name).items() if not k.endswith("position_ids")}
+        fused: dict = {}
+        for key, value in tensors.items():
+            ldm, third = clip_ldm_key(key, kind)
+            if third is None:
+                out[prefix + ldm] = value.T.copy() if ldm == "text_projection" else value
+            else:
+                fused.setdefault(prefix + ldm, [None] * 3)[third] = value
+        for ldm, parts in fused.items():
+            out[ldm] = np.concatenate(parts, axis=0)
+        if kind == "openclip" and family == "sd2":
+            layers = load_json(folder / name / "config.json")["num_hidden_layers"]
+            rng = np.random.default_rng(layers)
+            for key in [k for k in out if k.startswith(prefix + "transformer.resblocks.0.")]:
+                extra = key.replace(".resblocks.0.", f".resblocks.{layers}.")
+                out[extra] = (rng.standard_normal(out[key].shape) * 0.02).astype(out[key].dtype)
+            width = out[prefix + "token_embedding.weight"].shape[1]
+            out[prefix + "text_projection"] = np.eye(width, dtype=np.float32)  # unread by SD 2.x
+    return out
+
+
+def _read_folder(component: Path) -> dict:
+    from safetensors.numpy import load_file
+
+    from .safetensors_io import weight_files
+
+    tensors = {}
+    for path in weight_files(component):
+        tensors.update(load_file(str(path)))
+    return tensors
+
+
 def write_single_file(folder, path, family: str, dtype=None) -> Path:
     """Write the diffusers model in `folder` as one LDM single-file checkpoint at `path` (the
-    layout of community .safetensors files; see single_file.ldm_state_dict). The values its shapes
+    layout of community .safetensors files; see ldm_state_dict). The values its shapes
     cannot show (heads, normalisation groups) and the folder's tokenizer (not CLIP's: the tiny
     vocabulary) go in its metadata, as single_file.py reads them."""
-    from .single_file import ARCHITECTURE_KEY, TOKENIZER_KEY, ldm_state_dict
+    from .single_file import ARCHITECTURE_KEY, TOKENIZER_KEY
     from .tokenizer import Tokenizer
 
     folder, path = Path(folder), Path(path)

@@ -43,7 +43,7 @@ def test_triangle_with_both_snapshots_and_animation(tmp_path, picture, sd2):
     record = sidecar(tmp_path / "tri.json")
     rows = [f for f in record["files"] if f["kind"] == "triangle"][0]["rows"]
     assert [len(r["cells"]) for r in rows] == [2, 3]  # steps 0 2 | 0 2 4
-    marks = band_height(["x_t", "x0_pred", "no x0_pred yet"], 64)  # x_t and x0 per cell, each marked under it
+    marks = band_height(["x_t", "no x0_pred yet", "x0_pred from t=999.999"], 64)  # x_t and x0 per cell, each marked
     assert Image.open(out).size[::-1] == triangle_size(2, 3, 64 + marks, 128, 2)
     # The L-shaped path: up the first column (2 row starts), then along the top row (2 more cells).
     with Image.open(tmp_path / "tri.anim.gif") as gif:
