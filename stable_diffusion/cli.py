@@ -63,6 +63,8 @@ class _Parser(argparse.ArgumentParser):
         to `-gt=1`: it then never takes the next argument, whatever is put after it (a replay's,
         the user's)."""
         args = list(args)
+        if args and args[-1] == "--" and args.index("--") == len(args) - 1:
+            args.pop()  # an end of the flags with nothing after it
         self.refused_values = {}  # a word after a bare optional-value flag -> (that flag, its values)
         for i, arg in enumerate(args):
             if arg == "--":
@@ -99,6 +101,12 @@ class _Parser(argparse.ArgumentParser):
 
         if any(arg.startswith("-") and arg in getattr(self, "after_separator", ()) for arg in unknown):
             return "; every argument after -- is a picture or a prompt: put the flags before the --"
+        for arg in unknown:  # -s=2: argparse says "ambiguous" of -s 2 only
+            name = arg.split("=", 1)[0]
+            starting = sorted(o for o in self._option_string_actions
+                              if len(name) > 1 and o.startswith(name) and not o.startswith("--"))
+            if name.startswith("-") and not name.startswith("--") and len(starting) > 1:
+                return f"; {name} is the start of {', '.join(starting)}: spell the flag whole"
         # `-gt 2`: the word was left to the positionals, where it took a place or had none
         for word, (flag, values) in self.refused_values.items():
             if word in unknown or options.NEGATIVE_NUMBER.match(word) or word.replace(".", "", 1).isdigit():

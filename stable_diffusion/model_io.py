@@ -242,7 +242,8 @@ def _download(repo_id: str, revision: str | None, variant: str | None,
         snapshots = [c for c in cached if re.fullmatch(r"[0-9a-f]{12}", c)]
         if snapshots:  # the snapshots are there, the ref to the one of main is not (or names another)
             ref = _hub_storage(repo_id, constants.HF_HUB_CACHE) / "refs" / "main"
-            said = "names no snapshot there" if ref.is_file() else "is missing"
+            said = ("is missing" if not ref.is_file() else "is empty" if not ref.read_text().strip()
+                    else "names no snapshot there")
             raise ModelError(f"the local hub cache holds snapshots of {repo_id} ({', '.join(snapshots)}) but "
                              f"its refs/main {said}, and {unreachable or 'the hub cannot be reached'}; "
                              f"pass {{flag:model}} {repo_id}@<commit> for a cached one, or "
@@ -262,6 +263,9 @@ def _download(repo_id: str, revision: str | None, variant: str | None,
     # A cache's ref file names a commit; one naming '../..' took the files from anywhere.
     storage = _hub_storage(repo_id, constants.HF_HUB_CACHE)
     if not _COMMIT.match(folder.name) or folder.parent != storage / "snapshots":
+        if folder == storage / "snapshots":  # the ref file is empty
+            raise ModelError(f"the hub cache's copy of {shown} is damaged: its refs/{revision or 'main'} is "
+                             f"empty; {local_help}")
         raise ModelError(f"the hub cache's copy of {shown} is damaged: its ref names "
                          f"{str(folder)[-80:]!r}, not a snapshot of {storage}; delete that folder and "
                          f"{local_help}")
@@ -321,6 +325,8 @@ def _cached_commit(repo_id: str, revision: str | None, cache: str) -> str | None
     or more, in either case), as git takes a short commit: the hub's client takes whole ones only."""
     if revision is None or not re.fullmatch(r"[0-9a-fA-F]{7,40}", revision):
         return revision
+    if (_hub_storage(repo_id, cache) / "refs" / revision).is_file():
+        return revision  # a branch or tag of that name: the ref first, as git reads one
     snapshots = _hub_storage(repo_id, cache) / "snapshots"
     start = revision.lower()
     found = sorted(p.name for p in snapshots.glob(f"{start}*") if _COMMIT.match(p.name)) if snapshots.is_dir() else []

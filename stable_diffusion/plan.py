@@ -178,7 +178,8 @@ def make_plan(spec: RunSpec, config: PipelineConfig, tokenizers, image_size: tup
     rows = [Row(s, p, snapshot_indices(p.steps, every, last)) for s, p in zip(spec.strengths, timelines)]
     path, shown, inversion = (), (), None
     if spec.inversion is not None:
-        if spec.inversion.prompt in (None, spec.prompt):
+        said = spec.inversion.prompt
+        if said is None or " ".join(said.lower().split()) == " ".join(spec.prompt.lower().split()):
             notice("the inversion sees the prompt itself: denoising under the same prompt brings back near "
                    "the input; to edit, give {flag:inversion_prompt} a caption of the input")
         inversion, starts = _inversion_path(rows)

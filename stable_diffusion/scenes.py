@@ -61,9 +61,10 @@ def outside_training(texts: dict, size: tuple) -> list:
     known = {"a", "on", "background", *COLOURS, *SHAPES}
     unknown = []
     for kind, text in texts.items():
-        words = list(dict.fromkeys(w for w in re.findall(r"\w+", text or "") if w.lower() not in known))
+        words = list(dict.fromkeys(w for w in re.findall(r"\w+(?:[.'-]\w+)*", text or "") if w.lower() not in known))
         if words:
-            shown = ", ".join(repr(w) for w in words[:8]) + (f" and {len(words) - 8} more" if len(words) > 8 else "")
+            shown = ", ".join(repr(w if len(w) <= 30 else w[:27] + "...") for w in words[:8])
+            shown += f" and {len(words) - 8} more" if len(words) > 8 else ""
             unknown.append(f"{shown} (in the {kind})")
     notes = []
     if unknown:

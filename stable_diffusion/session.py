@@ -47,6 +47,7 @@ class Session:
         self.notices: list[str] = []  # one line per ignored config field (-v)
         self.warnings: list[str] = []  # what the model's view says of its making (always shown)
         self.sd = None
+        self.load_s = 0.0  # how long the weights took to load
         self._latents: dict = {}
         self._conditions: dict = {}
         self._pictures: dict = {}
@@ -134,7 +135,7 @@ class Session:
             for module in [sd.unet, sd.vae, *sd.text_encoders]:
                 mx.eval(ops.pack_weights(module).parameters())
         self.sd = sd
-        timings["load_s"] = _elapsed(start)
+        timings["load_s"] = self.load_s = _elapsed(start)
         return sd
 
     def unload(self) -> None:

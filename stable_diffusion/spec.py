@@ -306,8 +306,9 @@ class RunSpec:
                                         "e.g. (512, 768)")
             # whole sides here; the checks below say what a side must be (multiples of 64, ...)
             if any(isinstance(v, numbers.Integral) and not -(1 << 30) <= v <= 1 << 30 for v in size):
-                raise SpecError("size", f"{{flag}}: both sides must be multiples of 64 from 64 to {MAX_SIDE}, "
-                                        "e.g. 512x768")
+                shown = "x".join(str(v) if abs(v) < 10 ** 12 else "(a huge number)" for v in size)
+                raise SpecError("size", f"{{flag}} {shown}: both sides must be multiples of 64 from 64 to "
+                                        f"{MAX_SIDE}, e.g. 512x768")
             size = tuple(_whole("size", side, -(1 << 30), 1 << 30) for side in size)
         capture = replace(c, **{n: _whole(n, getattr(c, n), 1, MAX_STEPS * 1000)
                                 for n in ("every", "last", "noising_every")},

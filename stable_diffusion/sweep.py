@@ -248,10 +248,10 @@ def sweep_estimates(runs: list, plans: list) -> dict | None:
     return out
 
 
-def check_plans(runs: list, session, image_size: tuple | None) -> list:
+def check_plans(runs: list, session, image_size: tuple | None, notice=lambda line: None) -> list:
     """Plan every run against the model's configs (no weights): what only the model can refuse
     (a snapshot interval longer than a run, a sampler it lacks) is refused before the first run.
-    Returns the plans (each run prints its own notes as it starts)."""
+    Returns the plans; `notice` hears their notes (a Ray worker's runs are quiet)."""
     from .run import plan_for
 
     from .outputs import FileNames, check_in_the_way, check_output, left_by_us, planned_files
@@ -259,7 +259,7 @@ def check_plans(runs: list, session, image_size: tuple | None) -> list:
     plans = []
     for run in runs:
         try:
-            plans.append(plan_for(session, run.spec, image_size))
+            plans.append(plan_for(session, run.spec, image_size, notice))
             names = FileNames(run.spec.output, plans[-1].longest)
             check_output(run.spec.output)  # a file where its folder goes, ...: refused now, not as it starts
             _stays_inside(run)
@@ -504,20 +504,19 @@ class LocalPool:
     """Runs in this process, through one session: the model loaded once, each picture encoded once
     per size, each prompt's text encoded once."""
 
-    def __init__(self, model: ModelSpec, picture, argv, replay, session=None, load_s: float = 0.0):
-        """`session`: the sweep's own (its checks opened it, and may have loaded it in `load_s`)."""
+    def __init__(self, model: ModelSpec, picture, argv, replay, session=None):
+        """`session`: the sweep's own (its checks opened it, and may have loaded it)."""
         from .session import Session
 
         self.session = Session(model) if session is None else session
         self.picture, self.argv, self.replay = picture, list(argv), replay
-        self.load_s = load_s
 
     def map(self, runs, console):
         from .run import execute
 
-        loaded = {"load_s": self.load_s}
         if runs:  # the model's own failure (an adapter refused as it is fused) is every run's: the sweep's
-            self.session.load(loaded)
+            self.session.load({})
+        loaded = {"load_s": self.session.load_s}
         for run in runs:
             yield run, None  # started
             timings, loaded = {**loaded}, {}  # the first run's counts the loading, as it did
@@ -574,15 +573,19 @@ class Sweep:
         self.private = bool(runs) and not runs[0].spec.capture.save_prompt
         self.sheet_error: str | None = None  # why the sheet could not be written, if it could not
 
-    def prepare(self) -> list:
+    def prepare(self, before=None) -> list:
         """Check the folder and the sweep's own files in it, take over what an earlier sweep
-        finished; returns the runs to make."""
+        finished; returns the runs to make. `before(runs to make)` runs before the manifest is
+        written (a check that refuses leaves the folder as it was)."""
         check_output_dir(self.folder)
         previous = self.manifest.previous()
         self._check_own_files(swept=bool(previous))
         done = self.manifest.resume(previous)
+        todo = [r for r in self.runs if r.name not in done]
+        if before is not None:
+            before(todo)
         self.manifest.write()
-        return [r for r in self.runs if r.name not in done]
+        return todo
 
     def _check_own_files(self, swept: bool) -> None:
         """`sweep.json` and the sheet's pages replace only files of ours: the record of a sweep, a
@@ -619,11 +622,12 @@ class Sweep:
                 save_png(self.folder / name, picture, {SHEET_MARK: MANIFEST})
         self._drawn |= new
 
-    def execute(self, pool, console, after_run=None) -> SweepReport:
+    def execute(self, pool, console, after_run=None, before=None) -> SweepReport:
         """Make the runs not yet done with `pool`; the manifest follows each run, the sheet is
-        redrawn every `sheet_every` runs and at the end, and `sweep.json` says what it cost."""
+        redrawn every `sheet_every` runs and at the end, and `sweep.json` says what it cost.
+        `before`: see `prepare`."""
         t0 = time.perf_counter()
-        todo = self.prepare()
+        todo = self.prepare(before)
         total, skipped = len(self.runs), len(self.runs) - len(todo)
         expected = ""
         if self.estimates:

@@ -133,14 +133,13 @@ def build_sweep(command: str, args) -> tuple:
     return runs, grid, model, folder
 
 
-def _make_pool(args, model, picture, argv, replay, console, private: bool = False, session=None,
-               load_s: float = 0.0):
+def _make_pool(args, model, picture, argv, replay, console, private: bool = False, session=None):
     if args.ray is None:
         if args.workers is not None:
             raise InputError("--workers counts Ray workers; add --ray (auto, local or an address)")
         from .sweep import LocalPool
 
-        return LocalPool(model, picture, argv, replay, session, load_s)
+        return LocalPool(model, picture, argv, replay, session)
     from .sweep_ray import RayPool
 
     from .privacy import salt
@@ -182,18 +181,26 @@ def _sweep(argv: list, console: Console) -> int:
     from .sweep import check_plans, inputs_identity, sweep_estimates
 
     session = Session(model)
-    plans = check_plans(runs, session, None if picture is None else upright_size(picture))
+    plans = check_plans(runs, session, None if picture is None else upright_size(picture), console.notice)
+    for line in session.warnings:  # the model's, said once for every run
+        console.notice(line)
     identity = inputs_identity(session, picture)
     if picture is not None:  # at the working size once, here: a Ray worker may not see the file
         picture = session.fit(picture, plans[0].image_size)
-    loaded = {}
-    if (model.loras or model.embeddings) and not os.path.lexists(folder / MANIFEST):
-        # An adapter is checked whole only as it is fused (its values, its layers): before a new
-        # sweep's folder, as the single command does, not once per run (a sweep taken up again
-        # loads as its first run to make starts: it may have none)
-        session.load(loaded)
-        if args.ray is not None:
-            session.unload()  # checked; the workers load their own
+    checked = []
+
+    def check_adapters(todo: list) -> None:
+        """An adapter is checked whole only as it is fused (its values, its layers): before a new
+        sweep's folder or an earlier one's manifest is written, as the single command checks, not
+        once per run; not at all where no run is left to make."""
+        if todo and not checked and (model.loras or model.embeddings):
+            session.load({})
+            checked.append(True)
+            if args.ray is not None:
+                session.unload()  # checked; the workers load their own
+
+    if not os.path.lexists(folder / MANIFEST):
+        check_adapters(runs)  # a new sweep: before its folder is made
     replay = functools.partial(options.replay_argv, model=model)
     from .files import output_lock
 
@@ -203,12 +210,11 @@ def _sweep(argv: list, console: Console) -> int:
     # One sweep per folder: its manifest has one writer (each run also locks its own name).
     with output_lock(folder / "sweep.jsonl", args.wait, waiting):
         pool = _make_pool(args, model, picture, [command, *argv], replay, console,
-                          private=not runs[0].spec.capture.save_prompt, session=session,
-                          load_s=loaded.get("load_s", 0.0))
+                          private=not runs[0].spec.capture.save_prompt, session=session)
         try:
             sweep = Sweep(runs, grid, folder, model, args.sheet_every or None, args.sheet_cell,
                           sweep_estimates(runs, plans), identity)
-            report = sweep.execute(pool, console)
+            report = sweep.execute(pool, console, before=check_adapters)
         finally:
             pool.close()
     if report.status == "interrupted":

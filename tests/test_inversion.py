@@ -51,8 +51,8 @@ def test_inversion_triangle_inverts_once_and_rows_start_on_its_path(tmp_path, pi
                 "--inversion_prompt", "a barn", "--seed", 0, "--output", tmp_path / "e.png")
     assert "the inversion sees" not in again.stderr
     same = run(picture, "a red barn", "--model", sd2, "--steps", 2, "--noising_path", "inversion",
-               "--inversion_prompt", "a red barn", "--seed", 0, "--output", tmp_path / "s.png")
-    assert "the inversion sees the prompt itself" in same.stderr  # given, and the same text
+               "--inversion_prompt", "A  Red barn", "--seed", 0, "--output", tmp_path / "s.png")
+    assert "the inversion sees the prompt itself" in same.stderr  # given, and the same text to the tokenizer
     record = sidecar(tmp_path / "t.json")
     # The path is inverted once, to the top; the rows cost their own steps: 4 + (2 + 4).
     assert record["inversion"]["unet_calls"] == 4 and record["unet_calls"] == 10

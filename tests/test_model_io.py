@@ -241,8 +241,14 @@ def test_a_revision_names_the_hub_and_a_short_commit_is_taken(hub_cache, tiny_mo
     (tmp_path / "owner" / "name").rename(tmp_path / "moved")
     expect_model_error(lambda: model_io.resolve_model("owner/name"), "holds snapshots of owner/name (0123456789ab)",
                        "its refs/main names no snapshot there", "owner/name@<commit>")
+    (storage / "refs" / "main").write_text("")
+    expect_model_error(lambda: model_io.resolve_model("owner/name"), "its refs/main is empty")
     (storage / "refs" / "main").unlink()
     expect_model_error(lambda: model_io.resolve_model("owner/name"), "its refs/main is missing")
+    other = "fedcba98" + COMMIT[8:]
+    shutil.copytree(storage / "snapshots" / COMMIT, storage / "snapshots" / other)
+    (storage / "refs" / COMMIT[:9]).write_text(other)  # a branch named like the start of COMMIT
+    assert model_io.resolve_model(f"owner/name@{COMMIT[:9]}")[1]["commit"] == other  # the ref, as git reads it
     # A start of two cached commits is said to be one; a commit in capitals is a commit
     assert model_io.resolve_model(f"owner/name@{COMMIT[:10].upper()}")[0].name == COMMIT
     (storage / "snapshots" / (COMMIT[:8] + "f" * 32)).mkdir()

@@ -104,6 +104,8 @@ def test_optional_values_are_the_flags_with_an_optional_value():
     for neg in (["--neg", "blue"], ["--neg=blue"], ["--negative-p", "blue"]):
         args = cli.build_parser("image2image").parse_args(["in.png", "a barn", *neg])
         assert (args.negative_prompt, args.prompt) == ("blue", "a barn")
+    args = cli.build_parser("image2image").parse_args(["in.png", "a barn", "--"])  # an end of flags, nothing after
+    assert (args.image, args.prompt) == ("in.png", "a barn")
     args = cli.build_parser("image2image").parse_args(["in.png", "a barn", "-g=1", "--gen=0", "-g=yes"])
     assert args.generate_triangle is True  # -g=1: the start of -gt with its value, as --gen=1 is
     with pytest.raises(InputError, match="ambiguous option: --s could match"):

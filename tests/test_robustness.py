@@ -186,6 +186,7 @@ def test_bad_arguments_fail_before_the_weights_load(capsys, tmp_path, picture, u
     (["PICTURE", "a red barn", ""], ["unrecognized arguments: ''; a blank argument (a shell variable that is not "
                                      "set?) is one too many"]),
     (["PICTURE", "a red barn", " "], ["unrecognized arguments: ' '; a blank argument"]),
+    (["PICTURE", "a red barn", "-s=2"], ["unrecognized arguments: -s=2; -s is the start of -sd, -sp: spell the flag whole"]),
     # Flags after "--" are positionals to argparse (it said "did you mean --model?" of --model)
     (["--", "PICTURE", "a red barn"], ["unrecognized arguments: --model", "every argument after -- is a picture or "
                                        "a prompt: put the flags before the --"]),
@@ -803,7 +804,7 @@ def test_sweep_from_a_shell_script_leaves_only_whole_files(tmp_path, picture, sd
     ("99968x99968", ["--size 99968x99968: the sides must be at most 4096 pixels"]),
     ("100x64", ["both sides must be multiples of 64"]),
     ("0x0", ["--size 0x0: both sides must be multiples of 64 from 64 to 4096"]),  # said "outside 1 .. 1073741824"
-    ("99999999999x64", ["--size: both sides must be multiples of 64 from 64 to 4096"]),
+    ("99999999999x64", ["--size 99999999999x64: both sides must be multiples of 64 from 64 to 4096"]),
     ("axb", ["is not HEIGHTxWIDTH"]),
 ])
 def test_txt2image_size_is_bounded_before_loading(capsys, tmp_path, unloadable, size, words):

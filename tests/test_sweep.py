@@ -281,6 +281,23 @@ def test_a_finished_sweep_with_a_lora_is_taken_up_without_loading(tmp_path, pict
     assert record["costs"]["load_s"] > 0  # the loading still counted, in the first run's timings
     loads.clear()
     assert main(argv) == 0 and loads.count(True) == 0  # taken up: nothing to make, nothing loaded
+    # Taken up again with a bad LoRA and a run to make: refused before the manifest is written
+    key_values = {f"{key}.lora_down.weight": np.full((4, 32), np.nan, np.float32),
+                  f"{key}.lora_up.weight": np.zeros((32, 4), np.float32)}
+    save_file(key_values, str(tmp_path / "nan.safetensors"))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
+    bad = argv[:argv.index("--lora") + 1] + [str(tmp_path / "nan.safetensors")] + argv[argv.index("--lora") + 2:]
+    assert main(bad[:bad.index("--seeds") + 1] + ["1,2,3"] + bad[bad.index("--seeds") + 2:]) == 2
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()} == before
+
+
+def test_a_note_every_run_says_is_said_once_before_the_runs(tmp_path, picture, sd2):
+    result = sweep("image2image", picture, "x", "--model", sd2, "--steps", 2, "--seeds", "1-3",
+                   "--noising_path", "inversion", "-o", tmp_path / "out")
+    lines = result.stderr.splitlines()
+    said = [n for n, line in enumerate(lines) if "the inversion sees the prompt itself" in line]
+    assert len(said) == 1, result.stderr  # it was said by every run
+    assert "[3/3]" in result.stdout
 
 
 def test_a_grid_file_gives_the_runs_of_the_flags(tmp_path, picture, sd2):
