@@ -179,9 +179,11 @@ def make_plan(spec: RunSpec, config: PipelineConfig, tokenizers, image_size: tup
     path, shown, inversion = (), (), None
     if spec.inversion is not None:
         said = spec.inversion.prompt
-        if said is None or " ".join(said.lower().split()) == " ".join(spec.prompt.lower().split()):
-            notice("the inversion sees the prompt itself: denoising under the same prompt brings back near "
-                   "the input; to edit, give {flag:inversion_prompt} a caption of the input")
+        same = said is None or " ".join(said.lower().split()) == " ".join(spec.prompt.lower().split())
+        if same and spec.cfg <= 1:  # unguided, the round trip is exact: the picture comes back
+            notice("the inversion sees the prompt itself: denoising under it brings back near the input (a "
+                   "reconstruction); to edit instead, invert under a caption of the input "
+                   "({flag:inversion_prompt}) and denoise under the new prompt")
         inversion, starts = _inversion_path(rows)
         rows = [replace(r, start=k) for r, k in zip(rows, starts)]
         path = inversion.times[::-1]

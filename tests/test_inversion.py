@@ -45,14 +45,16 @@ def test_inversion_triangle_inverts_once_and_rows_start_on_its_path(tmp_path, pi
                  "0.5,1", "--noising_path", "inversion", "--show_noising", 250, "--labels",
                  "--seed", 0, "--output", out)
     assert "inversion: t=0 -> 1000 in 4 steps, 4 UNet calls (refine 0, cfg 1)" in result.stdout
-    # Inverted under the prompt itself: a learner editing so gets the input back, and is told
-    assert "note: the inversion sees the prompt itself: denoising under the same" in result.stderr
-    again = run(picture, "a red barn", "--model", sd2, "--steps", 2, "--noising_path", "inversion",
-                "--inversion_prompt", "a barn", "--seed", 0, "--output", tmp_path / "e.png")
-    assert "the inversion sees" not in again.stderr
-    same = run(picture, "a red barn", "--model", sd2, "--steps", 2, "--noising_path", "inversion",
-               "--inversion_prompt", "A  Red barn", "--seed", 0, "--output", tmp_path / "s.png")
-    assert "the inversion sees the prompt itself" in same.stderr  # given, and the same text to the tokenizer
+    # Inverted under the prompt itself and denoised unguided, the input comes back: a learner
+    # editing so is told (guided, at the model's cfg 7.5, the prompt steers away: no note)
+    assert "the inversion sees" not in result.stderr
+    same = run(picture, "a red barn", "--model", sd2, "--steps", 2, "--noising_path", "inversion", "--cfg", 1,
+               "--seed", 0, "--output", tmp_path / "s.png")
+    assert "note: the inversion sees the prompt itself: denoising under it brings back near the input" in same.stderr
+    for inverted_under, said in (("a barn", False), ("A  Red barn", True)):  # the same text to the tokenizer
+        other = run(picture, "a red barn", "--model", sd2, "--steps", 2, "--noising_path", "inversion", "--cfg", 1,
+                    "--inversion_prompt", inverted_under, "--seed", 0, "--output", tmp_path / "e.png")
+        assert ("the inversion sees the prompt itself" in other.stderr) == said
     record = sidecar(tmp_path / "t.json")
     # The path is inverted once, to the top; the rows cost their own steps: 4 + (2 + 4).
     assert record["inversion"]["unet_calls"] == 4 and record["unet_calls"] == 10

@@ -293,7 +293,7 @@ def test_a_finished_sweep_with_a_lora_is_taken_up_without_loading(tmp_path, pict
 
 def test_a_note_every_run_says_is_said_once_before_the_runs(tmp_path, picture, sd2):
     result = sweep("image2image", picture, "x", "--model", sd2, "--steps", 2, "--seeds", "1-3",
-                   "--noising_path", "inversion", "-o", tmp_path / "out")
+                   "--noising_path", "inversion", "--cfg", 1, "-o", tmp_path / "out")
     lines = result.stderr.splitlines()
     said = [n for n, line in enumerate(lines) if "the inversion sees the prompt itself" in line]
     assert len(said) == 1, result.stderr  # it was said by every run
