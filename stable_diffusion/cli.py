@@ -103,8 +103,7 @@ class _Parser(argparse.ArgumentParser):
             return "; every argument after -- is a picture or a prompt: put the flags before the --"
         for arg in unknown:  # -s=2: argparse says "ambiguous" of -s 2 only
             name = arg.split("=", 1)[0]
-            starting = sorted(o for o in self._option_string_actions
-                              if len(name) > 1 and o.startswith(name) and not o.startswith("--"))
+            starting = options.flags_starting(name, self._option_string_actions)
             if name.startswith("-") and not name.startswith("--") and len(starting) > 1:
                 return f"; {name} is the start of {', '.join(starting)}: spell the flag whole"
         # `-gt 2`: the word was left to the positionals, where it took a place or had none

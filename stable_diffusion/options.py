@@ -200,7 +200,8 @@ OPTIONS = (
     Option(("--prediction_type",), "model.prediction_type", "what the UNet predicts, for a single file "
            "that does not say (SD 2.x 768 models: v_prediction)", MODEL,
            choices=("epsilon", "v_prediction"), replay=Replay(180)),
-    Option(("--strength",), "strength", "how deep to noise the picture, 0.001 .. 1 (default 0.9): the share of the schedule's steps run, so the start t depends on --schedule (the plan line says it)", MODEL,
+    Option(("--strength",), "strength", "how deep to noise the picture, 0.001 .. 1 (default 0.9): the share "
+           "of the schedule's steps run, so the start t depends on --schedule (the plan line says it)", MODEL,
            IMAGE, float, default=0.9,
            replay=Replay(80, ALWAYS, _float, when=lambda spec: spec.img2img and not spec.triangle)),
     Option(("--steps",), "steps", "sampler steps for strength 1 (model default: sd 50, sdxl 2, shapes 20)", MODEL,
@@ -211,7 +212,8 @@ OPTIONS = (
            "strength x 1000, evenly spaced), diffusers (as the model's scheduler config does in "
            "diffusers), karras, exponential", MODEL, choices=SCHEDULE_CHOICES,
            replay=Replay(60, ALWAYS)),
-    Option(("--cfg",), "cfg", "guidance weight; 1 or less is no guidance: the prompt's prediction alone, as diffusers runs it (model default: sd 7.5, sdxl 0, shapes 2)", MODEL,
+    Option(("--cfg",), "cfg", "guidance weight; 1 or less is no guidance: the prompt's prediction alone, as "
+           "diffusers runs it (model default: sd 7.5, sdxl 0, shapes 2)", MODEL,
            parse=float, replay=Replay(40, ALWAYS, _float)),
     Option(("--negative_prompt", "--negative-prompt"), "negative_prompt", "what the picture should not "
            "show: guidance steers away from it (default: nothing)", group=MODEL, default="",
@@ -363,14 +365,19 @@ def optional_values() -> dict:
             for row in OPTIONS if row.nargs == "?" and not row.positional for flag in row.flags}
 
 
+def flags_starting(name: str, table) -> list:
+    """The option strings of `table` of the same kind as `name` (long or short) that start with it,
+    as argparse matches a flag's start (`--gen` for --generate_triangle, `-g` for -gt)."""
+    return sorted(o for o in table
+                  if len(name) > 1 and o.startswith(name) and o.startswith("--") == name.startswith("--"))
+
+
 def flag_target(name: str, table: dict):
     """What `table` (option string -> its action or row) holds for the flag `name`, spelled whole
-    or as the unambiguous start of a flag of the same kind, as argparse takes it (`--gen` for
-    --generate_triangle, `-g` for -gt); None for an unknown or ambiguous start."""
+    or as the unambiguous start of a flag of the same kind; None for an unknown or ambiguous start."""
     if name in table:
         return table[name]
-    starting = {table[o] for o in table
-                if len(name) > 1 and o.startswith(name) and o.startswith("--") == name.startswith("--")}
+    starting = {table[o] for o in flags_starting(name, table)}
     return starting.pop() if len(starting) == 1 else None
 
 

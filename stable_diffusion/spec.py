@@ -256,8 +256,7 @@ class RunSpec:
         if spec.size is not None:
             h, w = spec.size
             if h < 64 or w < 64 or h % 64 or w % 64:
-                raise SpecError("size", f"{{flag}} {h}x{w}: both sides must be multiples of 64 from 64 to "
-                                        f"{MAX_SIDE}, e.g. 512x768")
+                raise _bad_size(f"{h}x{w}")
             if max(h, w) > MAX_SIDE:
                 raise SpecError("size", f"{{flag}} {h}x{w}: the sides must be at most {MAX_SIDE} pixels")
         return spec
@@ -306,9 +305,7 @@ class RunSpec:
                                         "e.g. (512, 768)")
             # whole sides here; the checks below say what a side must be (multiples of 64, ...)
             if any(isinstance(v, numbers.Integral) and not -(1 << 30) <= v <= 1 << 30 for v in size):
-                shown = "x".join(str(v) if abs(v) < 10 ** 12 else "(a huge number)" for v in size)
-                raise SpecError("size", f"{{flag}} {shown}: both sides must be multiples of 64 from 64 to "
-                                        f"{MAX_SIDE}, e.g. 512x768")
+                raise _bad_size("x".join(str(v) if abs(v) < 10 ** 12 else "(a huge number)" for v in size))
             size = tuple(_whole("size", side, -(1 << 30), 1 << 30) for side in size)
         capture = replace(c, **{n: _whole(n, getattr(c, n), 1, MAX_STEPS * 1000)
                                 for n in ("every", "last", "noising_every")},
@@ -346,6 +343,11 @@ def _flags(holder, *names: str) -> dict:
             raise SpecError(name, f"{{flag}} {_shown(value)} is not True or False")
         flags[name] = bool(value)
     return flags
+
+
+def _bad_size(shown: str) -> SpecError:
+    return SpecError("size", f"{{flag}} {shown}: both sides must be multiples of 64 from 64 to {MAX_SIDE}, "
+                             "e.g. 512x768")
 
 
 def _same_or_ours(image: Path, output: Path) -> bool:

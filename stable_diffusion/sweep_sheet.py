@@ -49,6 +49,7 @@ class Places:
     field of many values (90 prompts) is wrapped row after row into a near-square block, each cell
     captioned with its value, where one row of them was 11,702 pixels wide."""
 
+    grid: object  # sweep_grid.Grid
     row_fields: tuple
     column: str | None
     n_rows: int
@@ -61,17 +62,17 @@ class Places:
         n_values = len(grid.values(column)) if column else 1
         if not row_fields and n_values > WRAP_AFTER:
             wrap = math.ceil(math.sqrt(n_values))
-            return cls(row_fields, column, math.ceil(n_values / wrap), wrap, wrap)
+            return cls(grid, row_fields, column, math.ceil(n_values / wrap), wrap, wrap)
         n_rows = math.prod(len(grid.values(f)) for f in row_fields)
-        return cls(row_fields, column, n_rows, n_values, None)
+        return cls(grid, row_fields, column, n_rows, n_values, None)
 
-    def combos(self, grid) -> list:
-        return list(itertools.product(*(grid.values(f) for f in self.row_fields)))
+    def combos(self) -> list:
+        return list(itertools.product(*(self.grid.values(f) for f in self.row_fields)))
 
-    def index(self, grid):
+    def index(self):
         """run values -> (row, column)."""
-        rows = {combo: i for i, combo in enumerate(self.combos(grid))}
-        cols = {v: i for i, v in enumerate(grid.values(self.column))} if self.column else {}
+        rows = {combo: i for i, combo in enumerate(self.combos())}
+        cols = {v: i for i, v in enumerate(self.grid.values(self.column))} if self.column else {}
 
         def place(values: dict) -> tuple:
             c = cols[values[self.column]] if self.column else 0
@@ -80,10 +81,10 @@ class Places:
             return rows[tuple(values[f] for f in self.row_fields)], c
         return place
 
-    def caption(self, grid, r: int, c: int, private: bool) -> str | None:
+    def caption(self, r: int, c: int, private: bool) -> str | None:
         """The caption under the cell (r, c): the column field's value there (None past the last
         value of a wrapped field)."""
-        values = grid.values(self.column)
+        values = self.grid.values(self.column)
         k = r * self.wrap + c if self.wrap is not None else c
         return _label(self.column, values[k], private) if k < len(values) else None
 
@@ -156,7 +157,7 @@ def contact_sheet(folder: Path, runs: list, grid, cell: int = 256, page: tuple |
     from . import render
 
     places = Places.of(grid)
-    place = places.index(grid)
+    place = places.index()
     r0, r1, c0, c1 = page if page is not None else (0, places.n_rows, 0, places.n_cols)
     table = {}
     size = None  # (W, H) of every cell: the first picture's, shrunk to `cell`
@@ -178,10 +179,10 @@ def contact_sheet(folder: Path, runs: list, grid, cell: int = 256, page: tuple |
         return None
     cells = [[table.get((r, c)) for c in range(c1 - c0)] for r in range(r1 - r0)]
     private = bool(runs) and not runs[0].spec.capture.save_prompt
-    captions = ([[places.caption(grid, r, c, private) for c in range(c0, c1)] for r in range(r0, r1)]
+    captions = ([[places.caption(r, c, private) for c in range(c0, c1)] for r in range(r0, r1)]
                 if places.column else None)
     row_labels = [", ".join(_label(f, v, private) for f, v in zip(places.row_fields, combo))
-                  for combo in places.combos(grid)[r0:r1]]
+                  for combo in places.combos()[r0:r1]]
     return render.contact_sheet(cells, row_labels if places.row_fields else None, captions)
 
 
@@ -192,7 +193,7 @@ def pages_to_redraw(layout: SheetLayout, grid, runs: list) -> list:
         return []
     if len(layout.pages) == 1:
         return list(layout.pages)
-    place = Places.of(grid).index(grid)
+    place = Places.of(grid).index()
     places = {place(run.values) for run in runs}
     return [page for page in layout.pages
             if any(page[0] <= r < page[1] and page[2] <= c < page[3] for r, c in places)]
