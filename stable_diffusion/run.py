@@ -126,6 +126,7 @@ def execute(session, spec, console, argv=(), replay=None, picture=None, wait: bo
         outputs.check_in_the_way(names, outputs.planned_files(plan, names), left)
         if spec.img2img:
             picture = session.fit(picture, plan.image_size)
+        preview = _preview_source(plan, session)  # found and its config read; loaded with the model
         for line in session.warnings:
             console.notice(line)
         for line in session.notices:
@@ -140,7 +141,7 @@ def execute(session, spec, console, argv=(), replay=None, picture=None, wait: bo
 
         # --- 2. load: strict keys, shapes and dtypes (model_io), once per session -------------
         environment = _environment(session, console)
-        taesd = _preview_decoder(plan, session)  # small, and may fail: before the model's weights
+        taesd = preview.load(session.dtype) if preview else None  # small: before the model's weights
         sd = session.load(timings)
         for line in [*notes, *adapter_notices(sd)]:
             console.notice(line)
@@ -392,14 +393,14 @@ def _describe_model(source: dict) -> str:
     return line + (f", VAE {source['vae']}" if source.get("vae") else "")
 
 
-def _preview_decoder(plan, session):
-    """The TAESD of `--preview taesd`, loaded; None for the other previews."""
+def _preview_source(plan, session):
+    """The TAESD of `--preview taesd`, found; None for the other previews."""
     c = plan.spec.capture
     if c.preview != "taesd":
         return None
-    from .taesd import load_preview
+    from .taesd import find_preview
 
-    return load_preview(c.taesd, "sdxl" if session.config.is_xl else "sd", session.dtype)
+    return find_preview(c.taesd, "sdxl" if session.config.is_xl else "sd", session.config.vae.latent_channels)
 
 
 def _after_layer(x: mx.array) -> None:

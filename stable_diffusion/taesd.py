@@ -216,21 +216,50 @@ class PreviewDecoder:
         return mx.clip((y + 1) / 2, 0, 1)
 
 
+def _read_config(folder: Path) -> TinyAutoencoderConfig:
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"{folder} has no config.json: not an AutoencoderTiny folder in the diffusers "
+                         "layout (as madebyollin/taesd holds it)")
+    return TinyAutoencoderConfig.from_diffusers(load_json(folder / "config.json"), str(folder / "config.json"))
+
+
 def load_tiny_autoencoder(folder: str | Path, dtype=mx.float32) -> TinyAutoencoder:
     """An AutoencoderTiny folder (config.json and diffusion_pytorch_model.safetensors), loaded
     strictly: every tensor present with its shape, nothing left over (the error names the key)."""
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise ModelError(f"{folder} has no config.json: not an AutoencoderTiny folder in the diffusers "
-                         "layout (as madebyollin/taesd holds it)")
-    config = TinyAutoencoderConfig.from_diffusers(load_json(folder / "config.json"),
-                                                  str(folder / "config.json"))
-    return model_io.load_weights(TinyAutoencoder(config), folder, model_io.map_taesd_weights, dtype)
+    return model_io.load_weights(TinyAutoencoder(_read_config(folder)), folder, model_io.map_taesd_weights,
+                                 dtype)
+
+
+@dataclass(frozen=True)
+class PreviewSource:
+    """A TAESD found and its config read, its weights not yet: cheap, so a run checks it with the
+    rest of its input, before anything heavy is loaded."""
+
+    folder: Path
+    config: TinyAutoencoderConfig
+    where: dict  # where the weights come from (folder or hub id, revision, commit)
+
+    def load(self, dtype=mx.float32) -> PreviewDecoder:
+        network = model_io.load_weights(TinyAutoencoder(self.config), self.folder,
+                                        model_io.map_taesd_weights, dtype)
+        return PreviewDecoder(network, self.where)
+
+
+def find_preview(source: str | None, family: str, latent_channels: int | None = None) -> PreviewSource:
+    """The TAESD of `family` ("sd" or "sdxl") for previews: `source` is a folder, a hub id
+    owner/name[@revision], or None for the family's default (madebyollin/taesd, madebyollin/taesdxl),
+    fetched through the hub cache like a model. Given the model's `latent_channels`, a TAESD
+    trained for other latents is refused here."""
+    folder, where = model_io.resolve_tiny_autoencoder(source, family)
+    config = _read_config(folder)
+    if latent_channels is not None and config.latent_channels != latent_channels:
+        raise ModelError(f"{{flag:taesd}} {source or folder} decodes latents of {config.latent_channels} "
+                         f"channels, and this model's have {latent_channels}: it was trained for another "
+                         "model family; pass its family's TAESD")
+    return PreviewSource(folder, config, where)
 
 
 def load_preview(source: str | None, family: str, dtype=mx.float32) -> PreviewDecoder:
-    """The TAESD of `family` ("sd" or "sdxl") for previews: `source` is a folder, a hub id
-    owner/name[@revision], or None for the family's default (madebyollin/taesd, madebyollin/taesdxl),
-    fetched through the hub cache like a model."""
-    folder, where = model_io.resolve_tiny_autoencoder(source, family)
-    return PreviewDecoder(load_tiny_autoencoder(folder, dtype), where)
+    """`find_preview`, loaded."""
+    return find_preview(source, family).load(dtype)

@@ -40,6 +40,17 @@ def test_taesd_preview_offline_without_a_cache_fails_before_loading(tmp_path, pi
                           "--output", tmp_path / "o" / "o.png", env=env)
     assert result.returncode == 2 and "--preview approx" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+    assert result.stdout == ""  # refused with the input's checks: no plan was said
+
+
+def test_taesd_of_other_latents_is_refused_with_the_checks(tmp_path, picture, sd2):
+    taesd = write_tiny_taesd(tmp_path / "taesd", latent_channels=16)
+    result = run(picture, "x", "--model", sd2, "--preview", "taesd", "--taesd", taesd, "-sd", 1,
+                 "--output", tmp_path / "o" / "o.png", check=False)
+    assert result.returncode == 2 and result.stdout == "" and not (tmp_path / "o").exists()
+    assert result.stderr.startswith(f"error: --taesd {taesd} decodes latents of 16 channels, and this "
+                                    "model's have 4")
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_readers_see_every_field_of_our_final_frames_and_triangle(tmp_path, picture, sd2):
