@@ -158,7 +158,10 @@ class UNetConfig:
             if channels % heads:
                 raise ConfigError(f"field attention_head_dim: {heads} heads do not divide "
                                   f"{channels} channels")
-        _per_block(config.transformer_layers_per_block, n, "transformer_layers_per_block")
+        layers = config.transformer_layers  # down, up (one more each) and mid, at most: SDXL has 70
+        if (blocks := sum(layers) * (2 * config.layers_per_block + 1) + layers[-1]) > 1024:
+            raise ConfigError(f"fields layers_per_block and transformer_layers_per_block: up to {blocks} "
+                              "transformer blocks, more than 1024")
         # The sinusoidal time embedding divides by (half its width - freq_shift).
         if config.block_out_channels[0] // 2 <= config.freq_shift:
             raise ConfigError(f"field block_out_channels: {config.block_out_channels[0]} is too narrow "

@@ -149,6 +149,18 @@ def test_unet_field_errors_name_the_file_and_the_field(families, tmp_path, field
         assert word in str(e.value)
 
 
+def test_a_unet_of_too_many_transformer_blocks_is_refused_before_it_is_built(families, tmp_path):
+    """Every field in range, together ~17,000 blocks: building them only to count took 20 s."""
+    work = shutil.copytree(families["sd2"], tmp_path / "model")
+    path = work / "unet" / "config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), layers_per_block=16,
+                                    transformer_layers_per_block=64)))
+    with pytest.raises(ConfigError, match=r"up to 4288 transformer blocks, more than 1024"):
+        read_pipeline_config(work, notices=[])
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), transformer_layers_per_block=[10, 20])))
+    load(work)  # 10 * 33 + 20 * 33 + 20 = 1010 may be built
+
+
 @pytest.mark.parametrize("name, change, words", [
     ("scheduler/scheduler_config.json", {"num_train_timesteps": 0}, ["num_train_timesteps", "outside 1 .. 100000"]),
     ("scheduler/scheduler_config.json", {"beta_start": 0.02, "beta_end": 0.01}, ["beta_start must not exceed"]),
