@@ -12,6 +12,7 @@
 - input.png (512x512) and input-128.png: a synthetic landscape, for the hostile-input tests.
 """
 
+import argparse
 import json
 import subprocess
 import sys
@@ -78,7 +79,8 @@ def inversion_strip(tmp: Path, picture: Path) -> np.ndarray:
     return render.strip(frames, labels, pad=4)
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)  # --help only
     IMAGES.mkdir(exist_ok=True)
     sample_input(512).save(IMAGES / "input.png")
     sample_input(128).save(IMAGES / "input-128.png")  # for the hostile-input tests

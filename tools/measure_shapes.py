@@ -1,6 +1,7 @@
 """What the shipped `shapes` model shows, measured: the numbers of its training record and README.
 
     python tools/measure_shapes.py            # all of them, a JSON line each (a few minutes)
+    python tools/measure_shapes.py --only every_caption
 
 The tests (tests/test_shapes_model.py) assert the same measures with margins; this prints them.
 1. Text to image: prompts x seeds, each picture read back by `scenes.analyse`; and every caption
@@ -14,6 +15,7 @@ The tests (tests/test_shapes_model.py) assert the same measures with margins; th
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -170,9 +172,16 @@ def detail_curves(sd: StableDiffusion, samplers=("euler", "euler_a", "ddim", "he
     return out
 
 
-def main() -> int:
+MEASURES = ("text_to_image", "every_caption", "strength_psnr_own_caption", "strength_psnr_other_prompt",
+            "strength_1_follows_the_prompt", "inversion_psnr", "detail_curves")
+
+
+def main(argv=None) -> int:
     import tempfile
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=MEASURES, action="append", help="this measure (repeatable)")
+    wanted = parser.parse_args(argv).only or MEASURES
     sd = load()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -185,8 +194,9 @@ def main() -> int:
             "inversion_psnr": lambda: inversion(folder),
             "detail_curves": lambda: detail_curves(sd),
         }
-        for name, measure in parts.items():  # one JSON line each, as it is measured
-            print(json.dumps({name: measure()}), flush=True)
+        assert set(parts) == set(MEASURES)
+        for name in wanted:  # one JSON line each, as it is measured
+            print(json.dumps({name: parts[name]()}), flush=True)
     return 0
 
 
