@@ -9,6 +9,7 @@ always shown.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -39,7 +40,7 @@ def _write(stream, line: str) -> None:
         return
     try:
         print(shown(line), file=stream, flush=True)
-    except OSError:
+    except OSError as e:
         # Later writes, and the flush at exit, go to /dev/null instead of failing again.
         try:
             null = os.open(os.devnull, os.O_WRONLY)
@@ -47,6 +48,9 @@ def _write(stream, line: str) -> None:
             os.close(null)
         except (OSError, ValueError, AttributeError):  # not a file-backed stream: nothing to do
             pass
+        if stream is sys.stdout and e.errno != errno.EPIPE:  # a reader that went is no news; a full disk is
+            _write(sys.stderr, f"note: standard output cannot be written ({e.strerror or e}); its lines "
+                               "are lost, the run goes on")
 
 
 def open_standard_streams() -> None:

@@ -1327,6 +1327,18 @@ def test_a_full_output_device_does_not_stop_the_run(tmp_path, picture, sd2):
     record = sidecar(tmp_path / "f.json")
     assert record["status"] == "finished" and "f.png" in listed(record) and len(listed(record)) >= 3
     assert listed(record) == set(assert_whole_pictures(tmp_path))
+    # stdout alone on /dev/full: stderr says once that its lines are lost.
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(command("image2image.py", picture, "x", "--model", sd2, "--steps", 2,
+                                        "--seed", 1, "--output", tmp_path / "g.png", "--quiet"),
+                                stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr == ""  # --quiet: nothing was written to stdout
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(command("image2image.py", picture, "x", "--model", sd2, "--steps", 2,
+                                        "--seed", 1, "--output", tmp_path / "h.png"),
+                                stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert result.returncode == 0 and (tmp_path / "h.png").is_file()
+    assert result.stderr.count("standard output cannot be written (No space left on device)") == 1
 
 
 @contextlib.contextmanager
