@@ -221,11 +221,12 @@ def _as_left(path: Path, mark: list | None) -> bool:
     return st is not None and mark is not None and mark == fingerprint(st)
 
 
-def check_in_the_way(names: FileNames, paths: list, left: dict) -> None:
+def check_in_the_way(names: FileNames, paths: list, left: dict, output_named: bool = True) -> None:
     """Refuse, before any work, when a file the run writes is there and is not one of ours (the
     sidecar lists it and it is as that run left it, or it carries our record): the user's own
     `photo.step-001.png` is not ours to replace, even where an earlier run wrote that name. The
-    output, which the user named, is theirs to replace. `left`: `left_by_us(names)`."""
+    output, which the user named, is theirs to replace; not where we named it (`output_named`
+    False: a sweep's run, named in the folder the user gave). `left`: `left_by_us(names)`."""
     from .picture_meta import read_picture_texts
 
     def ours(path: Path) -> bool:
@@ -245,11 +246,14 @@ def check_in_the_way(names: FileNames, paths: list, left: dict) -> None:
         return made and not os.path.lexists(sidecar_of(path))
 
     for path in paths:
-        if path != names.output and os.path.lexists(path) and not ours(path):
-            raise SpecError("output", f"{{flag}} {names.output}: the run writes {path.name}, and the "
-                                      "file there is not ours to replace (not a regular file, or changed "
-                                      "since a run of this output wrote it, or with no record of ours, or "
-                                      "another run's output); move it, or choose another {flag} name")
+        if (path != names.output or not output_named) and os.path.lexists(path) and not ours(path):
+            why = ("is not ours to replace (not a regular file, or changed since a run of this output "
+                   "wrote it, or with no record of ours, or another run's output); move it, or ")
+            if output_named:
+                raise SpecError("output", f"{{flag}} {names.output}: the run writes {path.name}, and the "
+                                          f"file there {why}choose another {{flag}} name")
+            raise SpecError("output", f"the run writes {path}, and the file there {why}give the sweep an "
+                                      "empty folder ({flag}) or other names (--name)")
 
 
 def earlier_files(names: FileNames, left: dict, notice) -> dict:

@@ -492,6 +492,25 @@ def test_the_sweeps_own_files_replace_only_files_of_ours(capsys, tmp_path, pictu
         assert (out / name).read_bytes() == before
 
 
+def test_a_runs_picture_replaces_only_a_file_of_ours(capsys, tmp_path, picture, sd2):
+    """The user named the folder, not its pictures: their own 0.png there was replaced, silently."""
+    out = tmp_path / "photos"
+    out.mkdir()
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(out / "1.png")
+    before = (out / "1.png").read_bytes()
+    args = ["image2image", picture, "x", "--model", sd2, "--steps", 2, "--strengths", "0.5", "--seeds", "1-2",
+            "--name", "{index}", "--quiet", "-o", out]
+    status, _, err = in_process(capsys, *args)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"run 1: the run writes {out / '1.png'}, and the file there is not ours to replace" in err
+    assert "give the sweep an empty folder (--output) or other names (--name)" in err
+    assert sorted(p.name for p in out.iterdir()) == ["1.png"] and (out / "1.png").read_bytes() == before
+    (out / "1.png").unlink()
+    assert in_process(capsys, *args)[0] == 0  # its own pictures, as it left them, it makes again
+    assert in_process(capsys, *args[:-3], "--steps", 3, "--quiet", "-o", out)[0] == 0
+    assert json.loads((out / "sweep.json").read_text())["ran"] == 2
+
+
 def test_a_sheet_that_cannot_be_written_is_said_and_the_sweep_fails(capsys, tmp_path, picture, sd2, monkeypatch):
     """It said "sweep done: ...; sweep.sheet.png", exit 0, with no sheet on disk."""
     from stable_diffusion import sweep as sweep_module
