@@ -245,6 +245,12 @@ def check_in_the_way(names: FileNames, paths: list, left: dict, output_named: bo
         made = record is not None or (path.suffix.lower() == ".gif" and parameters is not None)
         return made and not os.path.lexists(sidecar_of(path))
 
+    for name in left:  # an earlier output under this stem in another format (cat.png, now cat.jpg)
+        if output_named and name != names.output.name and Path(name).stem == names.stem.name \
+                and os.path.lexists(names.stem.parent / name):
+            raise SpecError("output", f"{{flag}} {names.output}: {names.sidecar().name} is the record of "
+                                      f"{name}, another output under this name, whose files this run would "
+                                      f"replace; choose another {{flag}} name, or remove {name} first")
     for path in paths:
         if (path != names.output or not output_named) and os.path.lexists(path) and not ours(path):
             why = ("is not ours to replace (not a regular file, or changed since a run of this output "

@@ -596,6 +596,22 @@ def test_a_rerun_that_does_not_finish_loses_nothing_of_the_earlier_run(capsys, t
     assert "earlier_files" not in sidecar(tmp_path / "r.json")
 
 
+def test_another_format_under_the_same_name_is_another_output(capsys, tmp_path, picture, sd2):
+    """-o cat.jpg after -o cat.png shares its sidecar and frame names: the PNG and its frames were
+    removed as an earlier run's leftovers."""
+    common = ["image2image", picture, "x", "--model", sd2, "--steps", 2, "--seed", 0, "-sd", 1]
+    assert main(capsys, *common, "--output", tmp_path / "cat.png")[0] == 0
+    first = {p.name: p.read_bytes() for p in tmp_path.glob("cat*")}
+    status, _, err = main(capsys, *common, "--output", tmp_path / "cat.jpg")
+    only_error(status, 2, err, "cat.json is the record of cat.png, another output under this name",
+               "choose another --output name, or remove cat.png first")
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("cat*")} == first
+    (tmp_path / "cat.png").unlink()  # the user's choice: that run goes
+    assert main(capsys, *common, "--output", tmp_path / "cat.jpg")[0] == 0
+    assert sorted(p.name for p in tmp_path.glob("cat*")) == ["cat.jpg", "cat.json", "cat.step-000.jpg",
+                                                              "cat.step-001.jpg"]  # the PNG frames went
+
+
 def test_ctrl_c_writes_the_frames_waiting_for_their_decoding_batch(capsys, tmp_path, picture, sd2, monkeypatch):
     """Frames wait to be decoded four at a time (--decoding_batch_size): a stop lost up to three
     frames already made. They are written before the run ends, and the stop says so."""
