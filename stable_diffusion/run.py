@@ -107,7 +107,8 @@ def execute(session, spec, console, argv=(), replay=None, picture=None, wait: bo
     spec = spec.validate()
     _check_picture(spec, picture)
     if replay is None:
-        replay = functools.partial(options.replay_argv, model=session.model_spec)
+        def replay(resolved, model_arg):  # the adapters the model holds as the record is made
+            return options.replay_argv(resolved, model_arg, session.model_as_held())
     _reset_peaks()
     if spec.img2img and picture is None:
         picture = images.load_image(spec.image, multiple=64)

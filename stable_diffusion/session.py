@@ -138,6 +138,20 @@ class Session:
         timings["load_s"] = self.load_s = _elapsed(start)
         return sd
 
+    def model_as_held(self) -> ModelSpec:
+        """The model spec with the adapters loaded since on the model `load` returned (sd.load_lora,
+        ...) added after its own: what a replay must load to make the same pictures."""
+        from dataclasses import replace
+
+        from .adapters import LoraInfo
+
+        m = self.model_spec
+        later = self.sd.adapters[len(m.loras) + len(m.embeddings):] if self.sd is not None else []
+        loras = [(str(a.path), a.weight) for a in later if isinstance(a, LoraInfo)]
+        embeddings = [(str(a.path), a.token) for a in later if not isinstance(a, LoraInfo)]
+        return replace(m, loras=m.loras + tuple(loras), embeddings=m.embeddings + tuple(embeddings),
+                       lora_partial=m.lora_partial or any(getattr(a, "skipped", 0) for a in later))
+
     def unload(self) -> None:
         """Let the weights go (a Ray sweep's driver loads them to check its adapters, then leaves
         the runs to its workers)."""

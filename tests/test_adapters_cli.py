@@ -49,6 +49,32 @@ def test_a_lora_and_an_embedding_change_the_picture_are_recorded_and_replay(tmp_
     assert again.read_bytes() == adapted.read_bytes()
 
 
+def test_adapters_loaded_on_a_sessions_model_are_in_its_replay(tmp_path, picture, tiny_model):
+    """The library's way (Session's docstring): sd.load_lora after load. The record listed the
+    LoRA, its replay did not load it, and --replay said "byte-identical" of another picture."""
+    from stable_diffusion.console import Console
+    from stable_diffusion.run import execute
+    from stable_diffusion.session import Session
+    from stable_diffusion.spec import ModelSpec, RunSpec
+
+    lora = kohya_file(tmp_path / "style.safetensors", "sd1", EVERY_LAYER, seed=3, alpha=4.0, conv_alpha=4.0,
+                      ldm=False)
+    embedding = tmp_path / "toy.safetensors"
+    save_file({"emb_params": np.random.default_rng(1).standard_normal((2, 32)).astype(np.float32)},
+              str(embedding))
+    session = Session(ModelSpec(str(tiny_model("sd1")), dtype="float32"))
+    sd = session.load({})
+    sd.load_lora(lora, 0.6)
+    sd.load_textual_inversion(embedding)
+    made = tmp_path / "made.png"
+    spec = RunSpec("a barn <toy>", made, image=picture, strengths=(0.7,), steps=3, seed=5)
+    assert execute(session, spec, Console(quiet=True)).status == "finished"
+    record = json.loads(made.with_suffix(".json").read_text())
+    assert f"--lora={lora}:0.6" in record["replay"] and f"--embedding={embedding}:toy" in record["replay"]
+    again = commands.run("image2image.py", "--replay", made, "-o", tmp_path / "again.png", check=True)
+    assert "byte-identical" in again.stderr and (tmp_path / "again.png").read_bytes() == made.read_bytes()
+
+
 def test_a_lora_matching_no_layer_is_refused_in_one_line(tmp_path, picture, tiny_model):
     stray = tmp_path / "stray.safetensors"
     save_file({"lora_unet_nowhere.lora_down.weight": np.zeros((4, 8), np.float32),
