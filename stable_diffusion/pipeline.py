@@ -11,7 +11,7 @@ import numbers
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import mlx.core as mx
 import numpy as np
@@ -22,7 +22,7 @@ from .config import TEXT_COMPONENTS, PipelineConfig, read_pipeline_config
 from .errors import InputError
 from .plan import Defaults, make_plan, model_defaults
 from .sampler import NoiseSchedule, Step, default_sampler, seed_keys
-from .spec import DTYPES, MAX_SIDE, Capture, Inversion, RunSpec
+from .spec import DTYPES, MAX_SIDE, Capture, Inversion, RunSpec, SpecError
 from .tokenizer import Tokenizer, check_fits_encoder, check_ids
 from .unet import UNetModel
 from .vae import Autoencoder
@@ -152,6 +152,8 @@ class StableDiffusion:
                   image_size: tuple[int, int]) -> Conditioning:
         """Text conditioning for n_images pictures of image_size (H, W) pixels."""
         negative_text = "" if negative_text is None else negative_text
+        if not isinstance(text, str) or not isinstance(negative_text, str):
+            raise InputError(f"condition: the texts are strings, not {type(text).__name__} and {type(negative_text).__name__}")
         texts = [negative_text, text] if guided else [text]
         hidden, pooled, dropped = self._encode_prompts(texts)
         if guided and self.config.force_zeros_for_empty_prompt and negative_text == "":
@@ -195,10 +197,11 @@ class StableDiffusion:
                          cfg_weight: float | None = None, negative_text: str = "",
                          seed: int | None = None, noise=None,
                          latent_size: tuple[int, int] | None = None, *, sampler: str | None = None,
-                         schedule: str | None = None) -> Iterator[Step]:
+                         schedule: str | None = None) -> "Generation":
         """Text to image: start from pure noise at the top of the timeline, scaled as diffusers
         does (add_noise(0, T, eps) for the linear schedule). `latent_size` (h, w) defaults to the
-        model's native square (64 x 64 for SD 2.1-base, 16 x 16 for the shapes model)."""
+        model's native square (64 x 64 for SD 2.1-base, 16 x 16 for the shapes model). Returns a
+        `Generation`: iterate it for the Steps; its `seed` is the one drawn where `seed` was None."""
         if latent_size is None:
             latent_size = (self.config.unet.sample_size,) * 2
         most = MAX_SIDE // self.downscale
@@ -207,16 +210,17 @@ class StableDiffusion:
             raise InputError(f"latent_size {latent_size!r}: expected (h, w), whole numbers of 1 .. {most} "
                              f"(the picture's pixels / {self.downscale})")
         size = (latent_size[0] * self.downscale, latent_size[1] * self.downscale)
-        spec = RunSpec(text, None, negative_prompt=negative_text, steps=num_steps, cfg=cfg_weight,
-                       seed=seed, sampler=sampler, schedule=schedule, n_images=n_images)
-        return self._walk(spec, size, None, noise)
+        spec = _keywords_named(lambda: RunSpec(text, None, negative_prompt=negative_text, steps=num_steps,
+                                               cfg=cfg_weight, seed=seed, sampler=sampler, schedule=schedule,
+                                               n_images=n_images).validate())
+        return Generation(self, _plan(self, spec, size), None, noise)
 
     def generate_latents_from_image(self, image, text: str, strength: float = 0.8,
                                     num_steps: int | None = None, cfg_weight: float | None = None,
                                     negative_text: str = "", seed: int | None = None, noise=None,
                                     n_images: int = 1, *, sampler: str | None = None,
                                     schedule: str | None = None,
-                                    inversion: Inversion | None = None) -> Iterator[Step]:
+                                    inversion: Inversion | None = None) -> "Generation":
         """Image to image: noise the picture's latent to the timeline's start in one jump, then
         denoise; or, with `inversion`, invert it under a prompt up to the start (those Steps come
         first, from t = 0 up), then denoise from there.
@@ -226,51 +230,24 @@ class StableDiffusion:
         random seed. `noise` replaces the seed's eps: (n_images, H/8, W/8, C). A wrong setting raises
         InputError (a SpecError naming the keyword) before any work."""
         image = _checked_pixels(image)
-        _image_spec(text, strength, num_steps, cfg_weight, negative_text, seed, n_images, sampler, schedule,
-                    inversion)  # checked before the picture is encoded
-        x0 = self.encode(image[None] if image.ndim == 3 else image)
-        return self.generate_latents_from_latent(x0, text, strength, num_steps, cfg_weight,
-                                                 negative_text, seed, noise, n_images,
-                                                 sampler=sampler, schedule=schedule, inversion=inversion)
+        spec = _image_spec(text, strength, num_steps, cfg_weight, negative_text, seed, n_images, sampler,
+                           schedule, inversion)
+        plan = _plan(self, spec, image.shape[-3:-1])  # before the picture is encoded
+        return Generation(self, plan, self.encode(image[None] if image.ndim == 3 else image), noise)
 
     def generate_latents_from_latent(self, x0: mx.array, text: str, strength: float = 0.8,
                                      num_steps: int | None = None, cfg_weight: float | None = None,
                                      negative_text: str = "", seed: int | None = None, noise=None,
                                      n_images: int = 1, *, sampler: str | None = None,
                                      schedule: str | None = None,
-                                     inversion: Inversion | None = None) -> Iterator[Step]:
+                                     inversion: Inversion | None = None) -> "Generation":
         """Image to image from an encoded picture x0 (1 or n_images, h, w, C), e.g. `encode`'s; the
         settings as `generate_latents_from_image` takes them."""
         spec = _image_spec(text, strength, num_steps, cfg_weight, negative_text, seed, n_images, sampler,
                            schedule, inversion)
         x0 = _checked_latents(x0, self.latent_channels, "x0")
-        if x0.shape[0] not in (1, spec.n_images):
-            raise InputError(f"x0 holds {x0.shape[0]} latents; give 1 (for each image) or n_images={spec.n_images}")
-        x0 = mx.repeat(x0, spec.n_images, axis=0) if x0.shape[0] == 1 else x0
-        size = (x0.shape[1] * self.downscale, x0.shape[2] * self.downscale)
-        return self._walk(spec, size, x0, noise)
-
-    def _walk(self, spec: RunSpec, image_size: tuple, x0: mx.array | None, noise) -> Iterator[Step]:
-        """The Steps of the walk the commands run (walk.walk), for the spec planned here: a wrong
-        setting is refused now, not at the first step."""
-        from .walk import walk
-
-        # The picture is already at the size to run (no working size to choose): the spec says it.
-        plan = make_plan(replace(spec.validate(), size=tuple(image_size)), self.config, self.tokenizers)
-        spec = plan.spec
-        h, w = image_size
-        eps = self.initial_noise((spec.n_images, h // self.downscale, w // self.downscale,
-                                  self.latent_channels), spec.seed, noise)
-        cond = self.condition(spec.prompt, spec.negative_prompt, plan.guided, spec.n_images, image_size)
-        invert = None
-        if spec.inversion is not None:
-            inv = spec.inversion
-            prompt = spec.prompt if inv.prompt is None else inv.prompt
-            invert = self.denoiser(self.condition(prompt, spec.negative_prompt, inv.cfg > 1.0, spec.n_images,
-                                                  image_size), inv.cfg)
-        visits = walk(self.noise_schedule, plan, self.denoiser(cond, spec.cfg), x0, eps, seed_keys(spec.seed),
-                      invert)
-        return (visit.step for visit in visits)
+        return Generation(self, _plan(self, spec, (x0.shape[1] * self.downscale, x0.shape[2] * self.downscale)),
+                          x0, noise)
 
     def initial_noise(self, shape, seed: int, noise=None) -> mx.array:
         """The eps a seed gives (or the explicit `noise`, checked): the same for every strength."""
@@ -285,6 +262,46 @@ class StableDiffusion:
         if not np.isfinite(values).all():
             raise InputError("initial noise: some values are not finite (NaN or infinity)")
         return mx.array(values.astype(np.float32)).astype(self.dtype)
+
+
+def _plan(sd: StableDiffusion, spec: RunSpec, image_size: tuple):
+    """The plan of a generation from memory: the picture is already at the size to run (no working
+    size to choose), and a setting only the model can judge (a sampler it lacks) is refused now."""
+    return _keywords_named(lambda: make_plan(replace(spec, size=tuple(image_size)), sd.config, sd.tokenizers))
+
+
+class Generation:
+    """The Steps of one generation, as the commands walk it (walk.walk): an iterator, which computes
+    nothing until asked. `plan` is what it runs, `seed` the seed it draws its noise from (the one
+    given, or the random one drawn when None was)."""
+
+    def __init__(self, sd: StableDiffusion, plan, x0: mx.array | None, noise):
+        from .walk import walk
+
+        spec, (h, w) = plan.spec, plan.image_size
+        if x0 is not None and x0.shape[0] not in (1, spec.n_images):
+            raise InputError(f"x0 holds {x0.shape[0]} latents; give 1 (for each image) or "
+                             f"n_images={spec.n_images}")
+        if x0 is not None and x0.shape[0] == 1:
+            x0 = mx.repeat(x0, spec.n_images, axis=0)
+        self.plan, self.seed = plan, spec.seed
+        eps = sd.initial_noise((spec.n_images, h // sd.downscale, w // sd.downscale, sd.latent_channels),
+                               spec.seed, noise)
+        cond = sd.condition(spec.prompt, spec.negative_prompt, plan.guided, spec.n_images, (h, w))
+        invert = None
+        if spec.inversion is not None:
+            inv = spec.inversion
+            prompt = spec.prompt if inv.prompt is None else inv.prompt
+            invert = sd.denoiser(sd.condition(prompt, spec.negative_prompt, inv.cfg > 1.0, spec.n_images,
+                                              (h, w)), inv.cfg)
+        self._visits = walk(sd.noise_schedule, plan, sd.denoiser(cond, spec.cfg), x0, eps,
+                            seed_keys(spec.seed), invert)
+
+    def __iter__(self) -> "Generation":
+        return self
+
+    def __next__(self) -> Step:
+        return next(self._visits).step
 
 
 class Denoiser:
@@ -310,6 +327,10 @@ class Denoiser:
 
     def __call__(self, x: mx.array, t: float, sigma: float) -> tuple[mx.array, mx.array]:
         x_in = mx.concatenate([x, x]) if self.guided else x  # (B or 2B, h, w, C)
+        if self._hidden.shape[0] != x_in.shape[0]:
+            raise InputError(f"the conditioning holds {self._hidden.shape[0]} rows for {x.shape[0]} latents at "
+                             f"cfg_weight {self.cfg_weight:g}, which needs {x_in.shape[0]}: make it with "
+                             f"condition(..., guided={self.guided}, n_images={x.shape[0]})")
         t_net = mx.full((x_in.shape[0],), NoiseSchedule.network_time(t), dtype=mx.float32)
         options = {} if self.after_layer is None else {"after_layer": self.after_layer}
         out = self.sd.unet(x_in, t_net, self._hidden, text_embeds=self._pooled,
@@ -326,9 +347,22 @@ def _image_spec(text, strength, num_steps, cfg_weight, negative_text, seed, n_im
     """The validated spec of an image-to-image generation from memory."""
     capture = Capture(noising_path="inversion") if inversion is not None else Capture()
     # The picture is in memory: `image` marks the spec as image to image for its checks.
-    return RunSpec(text, None, image=Path("<in memory>"), negative_prompt=negative_text,
-                   strengths=(strength,), steps=num_steps, cfg=cfg_weight, seed=seed, sampler=sampler,
-                   schedule=schedule, n_images=n_images, capture=capture, inversion=inversion).validate()
+    return _keywords_named(lambda: RunSpec(
+        text, None, image=Path("<in memory>"), negative_prompt=negative_text, strengths=(strength,),
+        steps=num_steps, cfg=cfg_weight, seed=seed, sampler=sampler, schedule=schedule, n_images=n_images,
+        capture=capture, inversion=inversion).validate())
+
+
+# The spec's fields the generation methods take under other keywords: their errors name those.
+_KEYWORDS = {"prompt": "text", "negative_prompt": "negative_text", "steps": "num_steps", "cfg": "cfg_weight"}
+
+
+def _keywords_named(make):
+    """`make()`, its SpecError naming the generation methods' keywords (num_steps, not steps)."""
+    try:
+        return make()
+    except SpecError as e:
+        raise SpecError(_KEYWORDS.get(e.field, e.field), e.named(_KEYWORDS)) from None
 
 
 def _checked_latents(x, channels: int, name: str) -> mx.array:
@@ -366,6 +400,9 @@ def _checked_pixels(image, batch: bool = False) -> np.ndarray:
         image = np.array(image.astype(mx.float32) if mx.issubdtype(image.dtype, mx.floating) else image)
     pixels = np.asarray(image)
     how = "read a picture with stable_diffusion.images.load_image(path).pixels"
+    if batch and pixels.ndim == 3 and pixels.shape[-1] == 3:
+        raise InputError(f"image: expected pictures (B, H, W, 3), got one picture of shape {pixels.shape}; add "
+                         "the batch axis: image[None]")
     if pixels.dtype.kind != "f" or pixels.ndim not in (3, 4) or pixels.shape[-1] != 3 or \
             pixels.ndim == 4 and pixels.shape[0] != 1 and not batch or 0 in pixels.shape:
         expected = "(B, H, W, 3) in [-1, 1]" if batch else "(H, W, 3) in [-1, 1], one picture (n_images makes several)"

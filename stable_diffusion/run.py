@@ -20,6 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from . import costs, files, images, options, outputs, privacy, record, render, signals, sinks
+from .console import Console
 from .errors import InputError, NumericalError, OutputError
 from .plan import RunPlan, make_plan
 from .memory import release_cpu_buffers
@@ -87,7 +88,7 @@ def _check_picture(spec: RunSpec, picture) -> None:
                          "give the same file to both")
 
 
-def execute(session, spec, console, argv=(), replay=None, picture=None, wait: bool = False,
+def execute(session, spec, console=None, argv=(), replay=None, picture=None, wait: bool = False,
             timings: dict | None = None, notes=()) -> RunResult:
     """Plan, load, walk, keep and record one spec, holding the lock of its output name (another run
     writing the same name is refused with OutputBusy, or with `wait` waited for). `picture` is the
@@ -96,7 +97,7 @@ def execute(session, spec, console, argv=(), replay=None, picture=None, wait: bo
     same files again, for the record (default: the commands' own, so that `--replay` remakes a
     picture a script made); `timings` (the caller's, if given) receives the run's
     timings as they are measured; `notes` are shown once the checks and the loading have passed
-    (a refused run says only why).
+    (a refused run says only why); `console` says the run's lines (None: a quiet one).
 
     Ctrl-C (or SIGTERM, SIGHUP) stops the run and returns its result with status "interrupted",
     its files and sidecar kept: a loop over runs checks `result.status` to stop too."""
@@ -104,6 +105,10 @@ def execute(session, spec, console, argv=(), replay=None, picture=None, wait: bo
     timings = {} if timings is None else timings
     if not isinstance(spec, RunSpec):
         raise InputError(f"execute takes a RunSpec, not {type(spec).__name__}")
+    if spec.output is None:
+        raise InputError("execute writes a run's files: give the RunSpec an output path (the generation "
+                         "methods of StableDiffusion write none)")
+    console = Console(quiet=True) if console is None else console
     spec = spec.validate()
     _check_picture(spec, picture)
     if replay is None:

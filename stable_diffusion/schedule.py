@@ -533,7 +533,9 @@ def seed_keys(seed: int) -> dict:
     The first two are the halves of the seed's key, as they have always been (so that a seed gives
     the pictures it gave before); the others come from a third branch of the seed's key.
     """
-    root = mx.random.key(seed)
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+        raise InputError(f"seed {seed!r}: expected a whole number of 0 .. 2**64 - 1")
+    root = mx.random.key(int(seed))
     initial, steps = mx.random.split(root)
     path, inversion = mx.random.split(mx.random.split(root, 3)[2])
     return {"initial_noise": initial, "sampler": steps, "noising_path": path, "inversion": inversion}

@@ -131,7 +131,7 @@ class ModelSpec:
         if len(self.loras) > MAX_ADAPTERS or len(self.embeddings) > MAX_ADAPTERS:
             raise SpecError("loras" if len(self.loras) > MAX_ADAPTERS else "embeddings",
                             f"{{flag}} is given more than {MAX_ADAPTERS} times; merge some of them first")
-        loras = tuple((path, _real("loras", weight)) for path, weight in self.loras)
+        loras = tuple((path, _real("loras", weight, required=True)) for path, weight in self.loras)
         for _, weight in loras:
             if not (math.isfinite(weight) and abs(weight) <= MAX_LORA_WEIGHT):
                 raise SpecError("loras", f"{{flag}} weight {weight:g} is outside -{MAX_LORA_WEIGHT:g} .. "
@@ -275,9 +275,9 @@ class RunSpec:
         for name in ("sampler", "schedule"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise SpecError(name, f"{{flag}} {_shown(getattr(self, name))} is not a name")
-        name = "triangle_strengths" if self.triangle is True else "strength"
+        strength = "triangle_strengths" if self.triangle is True else "strength"
         if not isinstance(self.strengths, (tuple, list)):
-            raise SpecError(name, f"strengths {_shown(self.strengths)}: expected a tuple of strengths, "
+            raise SpecError(strength, f"strengths {_shown(self.strengths)}: expected a tuple of strengths, "
                                   "e.g. (0.6,)")
         triangle = _flags(self, "triangle")
         if not isinstance(self.capture, Capture):
@@ -314,7 +314,7 @@ class RunSpec:
             self, output=None if self.output is None else Path(self.output),
             image=None if self.image is None else Path(self.image),
             negative_prompt=self.negative_prompt or "",
-            strengths=tuple(_real(name, s) for s in self.strengths),
+            strengths=tuple(_real(strength, s, required=True) for s in self.strengths),
             steps=_whole("steps", self.steps, 1, MAX_STEPS), cfg=_real("cfg", self.cfg),
             seed=_whole("seed", self.seed, 0, MAX_SEED), n_images=_whole("n_images", self.n_images, 1, MAX_IMAGES),
             n_rows=_whole("n_rows", self.n_rows, 1, MAX_IMAGES), size=size,
@@ -370,9 +370,10 @@ def _whole(name: str, value, low: int, high: int) -> int | None:
     return int(value)
 
 
-def _real(name: str, value) -> float | None:
-    """`value` (None kept) as a float; numpy's numbers are taken."""
-    if value is None:
+def _real(name: str, value, required: bool = False) -> float | None:
+    """`value` as a float, None kept where not `required` (it stands for a default); numpy's
+    numbers are taken."""
+    if value is None and not required:
         return None
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise SpecError(name, f"{{flag}} {_shown(value)} is not a number")

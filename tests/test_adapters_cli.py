@@ -148,11 +148,23 @@ def test_the_library_checks_its_arguments_when_the_generator_is_made(tiny_model)
     for keywords, said in ((dict(inversion=Inversion(cfg=-1.0)), "inversion_cfg -1"),
                            (dict(inversion={"cfg": 1}), "not an Inversion"),
                            (dict(seed=-1), "seed -1 is outside"), (dict(seed="x"), "not a whole number"),
-                           (dict(num_steps=2.5), "steps 2.5 is not a whole number"),
+                           (dict(num_steps=2.5), "^num_steps 2.5 is not a whole number"),
                            (dict(n_images=0), "n_images 0 is outside"),
-                           (dict(cfg_weight=float("nan")), "cfg nan is outside")):
+                           (dict(cfg_weight=float("nan")), "^cfg_weight nan is outside"),
+                           (dict(strength=True), "^strength True is not a number"),  # was "animate True"
+                           (dict(strength=None), "^strength None is not a number"),  # was a TypeError
+                           (dict(sampler="foo"), "^unknown sampler 'foo'"),
+                           (dict(schedule="foo"), "^unknown schedule 'foo'")):
         with pytest.raises(SpecError, match=said):
-            sd.generate_latents_from_image(image, "a cat", strength=0.5, **keywords)
+            sd.generate_latents_from_image(image, "a cat", **dict(dict(strength=0.5), **keywords))
+    encodes = []  # a name only the model judges is refused before the picture is encoded
+    sd.encode = lambda *a: encodes.append(a)
+    with pytest.raises(SpecError, match="unknown sampler"):
+        sd.generate_latents_from_image(image, "a cat", sampler="foo")
+    assert encodes == []
+    generation = sd.generate_latents("a cat", num_steps=1)  # a random seed, which the caller can read
+    first = sd.generate_latents("a cat", num_steps=1, seed=generation.seed)
+    assert np.array_equal(np.array(list(generation)[-1].x_t), np.array(list(first)[-1].x_t))
 
 
 def test_an_embedding_token_may_not_take_over_a_word_or_hold_a_space(tmp_path, tiny_model):

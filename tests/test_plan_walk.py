@@ -283,7 +283,7 @@ def test_the_library_checks_what_a_script_gives_it(sd2):
                                               negative_text=None, seed=np.uint8(3))
     assert last.x_t.shape == (1, 8, 8, 4)
     refused = [
-        (lambda: sd.generate_latents_from_image(image, None), "prompt None is not text"),
+        (lambda: sd.generate_latents_from_image(image, None), "text None is not text"),
         (lambda: sd.generate_latents_from_image(image, "x", n_images=2.0), "n_images 2.0 is not a whole number"),
         (lambda: sd.generate_latents_from_latent(x0, "x", n_images=-1), "n_images -1 is outside 1 .. 64"),
         (lambda: sd.generate_latents_from_latent(mx.zeros((3, 8, 8, 4)), "x"), "x0 holds 3 latents"),
@@ -296,6 +296,11 @@ def test_the_library_checks_what_a_script_gives_it(sd2):
         (lambda: sd.noise_schedule.add_noise(x0, 500, noise=mx.ones((4,))), "noise has shape"),
         (lambda: sd.noise_schedule.timeline(0.5, 10**7), "within 1 .. 10000"),
         (lambda: sd.denoiser(None, float("nan")), "not a guidance weight"),
+        (lambda: sd.denoiser(sd.condition("x", "", False, 1, (64, 64)), 7.5)(x0, 500.0, 1.0),
+         r"holds 1 rows for 1 latents at cfg_weight 7.5, which needs 2: make it with condition\(..., guided=True"),
+        (lambda: sd.condition(None, "", True, 1, (64, 64)), "the texts are strings, not NoneType"),
+        (lambda: sd.initial_noise((1, 8, 8, 4), None), r"seed None: expected a whole number"),
+        (lambda: sd.encode(image), r"got one picture of shape \(64, 64, 3\); add the batch axis: image\[None\]"),
         (lambda: StableDiffusion.from_pretrained(str(sd2), dtype=mx.int32), "dtype mlx.core.int32"),
         (lambda: RunSpec("x", "o.png", image="i.png", strengths=0.5).validate(), "expected a tuple of strengths"),
         (lambda: RunSpec("x", "o.png", capture=Capture(save_prompt="no")).validate(), "save_prompt 'no' is not True"),

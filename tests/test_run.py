@@ -221,6 +221,11 @@ def test_session_runs_many_specs_from_python_reusing_the_encodings(tmp_path, pic
 
     expanded, _ = cli.replay_arguments("image2image", ["--replay", str(tmp_path / "s0.5.png")])
     assert f"--model={sd2.resolve()}" in expanded and "--strength=0.5" in expanded, expanded
+    from stable_diffusion.errors import InputError
+
+    with pytest.raises(InputError, match="execute writes a run's files: give the RunSpec an output path"):
+        execute(session, RunSpec("a barn", None, image=picture, steps=2))
+    assert execute(session, RunSpec("a barn", tmp_path / "quiet.png", image=picture, steps=2)).status == "finished"
 
 
 def test_memory_estimate_refuses_what_cannot_fit_and_is_recorded_beside_the_peak(tmp_path, picture, sd2):
