@@ -27,7 +27,11 @@ LoRA formats (key names from diffusers' loaders and kohya's sd-scripts):
   SDXL files as the original LDM UNet does (`input_blocks`, `middle_block`, `output_blocks`), which
   single_file.unet_ldm_key maps; both namings are accepted for every family.
 - convolution LoRA (LoCon) in either: a down of the layer's kernel size, a 1x1 up.
-DoRA, LoKr, LoHa, Tucker-decomposed LoCon (`lora_mid`) and LoRA bias terms are refused with a line.
+- older diffusers forms, read as its loaders convert them: `<module>.lora.down.weight`,
+  `.lora_linear_layer.down.weight`, and attention processors' `attn1.processor.to_q_lora.down.weight`
+  (`to_out_lora` for `to_out.0`; `q_proj` ... `out_proj` in the text encoders).
+DoRA, LoKr, LoHa, OFT, (IA)3, GLoRA, LyCORIS full-weight differences (`.diff`) and norms,
+Tucker-decomposed LoCon (`lora_mid`) and LoRA bias terms are refused with a line, partial or not.
 
 Textual inversion: a safetensors file holding `{token: (n, D) or (D,)}` (diffusers), `emb_params`
 (A1111; the token defaults to the file's name, as A1111 names it), or `clip_l` and `clip_g` (SDXL,
@@ -42,9 +46,11 @@ ranks, dtypes, counts, then the values' finiteness. Pickle files are refused uno
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import math
 import numbers
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,11 +75,21 @@ METADATA_KEY = "lora_adapter_metadata"  # diffusers' JSON of the PEFT config per
 # Key suffix -> which factor it holds.
 _FACTORS = {"lora_A.weight": "down", "lora_B.weight": "up", "lora_down.weight": "down",
             "lora_up.weight": "up", "alpha": "alpha"}
-# Key fragments of adapter kinds that are not a plain low-rank product.
+# Key fragments, and key endings, of adapter kinds that are not a plain low-rank product.
 _UNSUPPORTED = ((".dora_scale", "a DoRA"), (".lora_magnitude_vector", "a DoRA"), (".lokr_", "a LoKr"),
                 (".hada_", "a LoHa"), (".lora_mid.", "a Tucker-decomposed LoCon (lora_mid)"),
                 (".lora_B.bias", "a LoRA with bias terms (lora_B.bias)"),
-                (".lora_up.bias", "a LoRA with bias terms (lora_up.bias)"))
+                (".lora_up.bias", "a LoRA with bias terms (lora_up.bias)"), (".oft_", "an OFT"))
+_UNSUPPORTED_ENDINGS = ((".diff", "a LyCORIS full-weight (diff)"), (".diff_b", "a LyCORIS full-weight (diff_b)"),
+                        (".on_input", "an (IA)3"), (".a1.weight", "a GLoRA"), (".b1.weight", "a GLoRA"),
+                        (".w_norm", "a LyCORIS norm (w_norm)"), (".b_norm", "a LyCORIS norm (b_norm)"))
+# Older diffusers key forms -> the current ones, as diffusers' loaders convert them (UNet, text encoder).
+_OLDER_FORMS = ((re.compile(r"\.processor\."), ".", "."),
+                (re.compile(r"\.to_([qkv])_lora\."), r".to_\1.lora.", r".\1_proj.lora."),
+                (re.compile(r"\.to_out_lora\."), ".to_out.0.lora.", ".out_proj.lora."),
+                (re.compile(r"\.(?:lora|lora_linear_layer)\.(down|up)\.weight$"), r".lora_\1.weight",
+                 r".lora_\1.weight"))
+MAX_ALPHA_PATTERNS = 5000  # per component: one per adapted layer of an SDXL LoRA is about 700
 _FLOAT_DTYPES = ("F32", "F16", "BF16")
 # A1111's .pt nests the vectors under string_to_param; diffusers' .bin maps the token to them.
 _EMBEDDING_CONVERSION = (
@@ -122,6 +138,7 @@ class _Module:
     """A matched LoRA module of a file: its layer and the keys of its factors."""
 
     target: Target
+    name: str  # the module's name in the file (in its current form: _current_form)
     down: str
     up: str
     alpha: str | None  # a kohya-style scalar tensor
@@ -229,8 +246,18 @@ def weight_layers(model):
             yield name, layer
 
 
+def _current_form(key: str) -> str:
+    """A LoRA key in its current form: an older diffusers form converted (see the module's text)."""
+    text = key.startswith("text_encoder")
+    for pattern, unet, encoder in _OLDER_FORMS:
+        key = pattern.sub(encoder if text else unet, key)
+    return key
+
+
 def _split_key(key: str):
-    """(module name, factor) of a LoRA key, or None for a key of no known factor."""
+    """(module name, factor) of a LoRA key (in its current form), or None for a key of no known
+    factor."""
+    key = _current_form(key)
     for suffix, factor in _FACTORS.items():
         if key.endswith("." + suffix):
             return key[:-len(suffix) - 1], factor
@@ -248,9 +275,11 @@ def _lora_file(path) -> tuple[Path, dict, dict]:
         raise ModelError(f"{path} holds {len(header)} tensors, more than any LoRA ({MAX_LORA_TENSORS}); "
                          "it is not a LoRA file")
     for key in sorted(header):
-        for fragment, kind in _UNSUPPORTED:
-            if fragment in "." + key:
-                raise ModelError(f"{path} is {kind} file ({key}); only LoRA and LoCon files are supported")
+        kinds = [kind for fragment, kind in _UNSUPPORTED if fragment in "." + key]
+        kinds += [kind for ending, kind in _UNSUPPORTED_ENDINGS if key.endswith(ending)]
+        if kinds:
+            raise ModelError(f"{path} is {kinds[0]} file, or holds its weights ({key}); only LoRA and LoCon "
+                             "files are supported")
     return path, header, _peft_metadata(path, metadata)
 
 
@@ -310,7 +339,7 @@ def read_lora(path, targets: dict, allow_partial: bool = False) -> tuple[Path, l
             raise ModelError(f"layer {target.component}.{target.name} is quantized: a LoRA is fused into "
                              "unquantized weights; load the LoRA before quantizing the model")
         rank = _check_factors(path, header, keys, target)
-        modules.append(_Module(target, keys["down"], keys["up"], keys.get("alpha"), rank))
+        modules.append(_Module(target, module, keys["down"], keys["up"], keys.get("alpha"), rank))
     return path, modules, unmatched, peft
 
 
@@ -367,15 +396,14 @@ def _peft_metadata(path: Path, metadata: dict) -> dict:
             raise ModelError(f"{path} is a LoRA with bias terms ({METADATA_KEY}: {key} true); only LoRA "
                              "and LoCon files are supported")
         ok = {"lora_alpha": _is_number(value) or value is None,
-              "alpha_pattern": isinstance(value, dict) and len(value) <= MAX_LORA_TENSORS and all(
-                  isinstance(k, str) and _is_number(v) for k, v in value.items()),
+              "alpha_pattern": isinstance(value, dict) and len(value) <= MAX_ALPHA_PATTERNS and all(
+                  isinstance(k, str) and len(k) <= 1000 and _is_number(v) for k, v in value.items()),
               "use_rslora": isinstance(value, bool)}.get(field, True)
         if not ok:
             raise ModelError(f"{path}: metadata {METADATA_KEY} field {key} is {str(value)[:40]!r}, which "
                              "is not a LoRA config value; remove the metadata or fix it")
-        if field == "alpha_pattern":  # pattern -> (its place in the file, alpha), the first kept
-            value = {p: (i, v) for i, (p, v) in reversed(list(enumerate(
-                (p.removeprefix("^"), v) for p, v in value.items())))}
+        if field == "alpha_pattern":  # in the file's order: the first that matches a module counts
+            value = [(_module_pattern(path, key, p), v) for p, v in value.items()]
         if field in ("lora_alpha", "alpha_pattern", "use_rslora") and value is not None:
             out.setdefault(component, {})[field] = value
     return out
@@ -385,16 +413,26 @@ def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _module_pattern(path: Path, field: str, pattern: str) -> re.Pattern:
+    """An alpha_pattern key as PEFT reads it, a regular expression matching the end of a module's
+    name from a dot on (`(.*\\.)?(PATTERN)$`). Only what people write of them is read: letters,
+    digits, `_`, `-`, `.` (any character), `\\.` (a dot), `.*`, and `^` and `$` at the ends; compiled
+    as a wildcard pattern (fnmatch), whose matching cannot run away."""
+    body = pattern.removeprefix("^").removesuffix("$")
+    if not re.fullmatch(r"(?:\\\.|\.\*|\.|[A-Za-z0-9_\-])*", body):
+        raise ModelError(f"{path}: metadata {METADATA_KEY} field {field} has the pattern {pattern[:60]!r}, "
+                         "which uses more of regular expressions than names, '.', '\\.' and '.*'; this "
+                         "tool reads only those: write the modules' names")
+    glob = re.sub(r"\\\.|\.\*|\.", lambda m: {"\\.": "[.]", ".*": "*", ".": "?"}[m[0]], body)
+    return re.compile(("" if pattern.startswith("^") else r"(?:.*\.)?") + fnmatch.translate(glob))
+
+
 def _peft_alpha(settings: dict, module: str, rank: int) -> tuple[float, float]:
-    """(alpha, divisor) of a PEFT module: alpha from the pattern naming the module (PEFT matches a
-    pattern to the end of a module's name; read here as a literal name), else the component's
-    lora_alpha, else the rank; the divisor is the rank, or its square root under rsLoRA."""
+    """(alpha, divisor) of a PEFT module (its name in its component): alpha from the first
+    alpha_pattern matching the module, as PEFT takes it, else the component's lora_alpha, else the
+    rank; the divisor is the rank, or its square root under rsLoRA."""
     alpha = settings.get("lora_alpha", rank)
-    parts = module.split(".")
-    patterns = settings.get("alpha_pattern", {})
-    named = [patterns[end] for end in (".".join(parts[i:]) for i in range(len(parts))) if end in patterns]
-    if named:  # the one given first in the file
-        alpha = min(named)[1]
+    alpha = next((v for pattern, v in settings.get("alpha_pattern", ()) if pattern.match(module)), alpha)
     return float(alpha), math.sqrt(rank) if settings.get("use_rslora") else float(rank)
 
 
@@ -422,9 +460,8 @@ def load_lora(sd, path, weight: float = 1.0, allow_partial: bool = False) -> Lor
         down, up = tensors[module.down].astype(mx.float32), tensors[module.up].astype(mx.float32)
         if module.alpha is not None:
             alpha, divisor = float(tensors[module.alpha].astype(mx.float32).reshape(-1)[0].item()), module.rank
-        elif module.down.startswith(component + ".") and component in peft:  # a PEFT name
-            name = module.down.removeprefix(component + ".").rsplit(".", 2)[0]  # less .lora_A.weight
-            alpha, divisor = _peft_alpha(peft[component], name, module.rank)
+        elif module.name.startswith(component + ".") and component in peft:  # a PEFT name
+            alpha, divisor = _peft_alpha(peft[component], module.name.removeprefix(component + "."), module.rank)
         else:
             alpha, divisor = float(module.rank), float(module.rank)
         finite = mx.all(mx.isfinite(down)) & mx.all(mx.isfinite(up))

@@ -257,6 +257,61 @@ def test_kohya_locon_matches_diffusers(family, tiny_model, parity, reference, tm
 
 
 @pytest.mark.reference
+def older_diffusers_file(path, peft_path, processors: bool):
+    """A PEFT file's factors under diffusers' older key forms: `.lora.down.weight`, or attention
+    processors' `attn1.processor.to_q_lora.down.weight` (those layers alone) in the UNet, and
+    `self_attn.to_q_lora.down.weight` / `.lora_linear_layer.down.weight` in the text encoder."""
+    from safetensors.numpy import load_file
+
+    tensors = {}
+    for key, value in load_file(str(peft_path)).items():
+        module, factor = key.rsplit(".", 2)[0], {"lora_A": "down", "lora_B": "up"}[key.split(".")[-2]]
+        head, _, last = module.rpartition(".")
+        if processors and key.startswith("unet."):
+            head, last = (head[:-len(".to_out")], "to_out") if last == "0" else (head, last)
+            if last not in ("to_q", "to_k", "to_v", "to_out"):
+                continue
+            tensors[f"{head}.processor.{last}_lora.{factor}.weight"] = value
+        elif key.startswith("text_encoder") and last in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            tensors[f"{head}.to_{last.removesuffix('_proj')}_lora.{factor}.weight"] = value
+        else:
+            tensors[f"{module}.{'lora_linear_layer' if key.startswith('text') else 'lora'}.{factor}.weight"] = value
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("processors", [False, True])
+def test_older_diffusers_forms_match_diffusers(processors, tiny_model, parity, reference, tmp_path):
+    """They were refused as a LoRA of another family; diffusers converts them."""
+    reference("clip")
+    peft = peft_file(tmp_path / "p.safetensors", "sd1", lambda c, n: attention_layers(c, n) and
+                     (c == "unet" or not processors), seed=6)
+    path = older_diffusers_file(tmp_path / "old.safetensors", peft, processors)
+    changed = ("unet",) if processors else ("unet", "text_encoder")
+    run_lora_case(tiny_model, parity, f"older-{'processors' if processors else 'lora'}", "sd1", [(path, 0.9)],
+                  changed, tmp_path)
+
+
+@pytest.mark.reference
+def test_alpha_patterns_are_read_as_peft_reads_them(tiny_model, parity, reference, tmp_path):
+    """A regular expression (down_blocks\\.0.*to_q) was read as a literal name: no match, the
+    component's alpha instead, 0.29 of the output off."""
+    metadata = {"unet.r": RANK, "unet.lora_alpha": 8, "unet.alpha_pattern": {
+        r"down_blocks\.0.*attn1\.to_q": 1, "to_k$": 2, "^up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v": 16,
+        "attn2.to_v": 3}, "unet.target_modules": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
+                                                   "ff.net.0.proj", "ff.net.2"]}
+    path = peft_file(tmp_path / "peft.safetensors", "sd1", lambda c, n: c == "unet" and attention_layers(c, n),
+                     seed=7, metadata={"format": "pt", "lora_adapter_metadata": json.dumps(metadata)})
+    run_lora_case(tiny_model, parity, "alpha-patterns", "sd1", [(path, 1.0)], ("unet",), tmp_path)
+    metadata["unet.alpha_pattern"] = {"attn(1|2).to_q": 1}
+    bad = peft_file(tmp_path / "bad.safetensors", "sd1", lambda c, n: c == "unet" and attention_layers(c, n),
+                    seed=7, metadata={"format": "pt", "lora_adapter_metadata": json.dumps(metadata)})
+    sd = StableDiffusion.from_pretrained(str(tiny_model("sd1")))
+    expect_model_error(lambda: sd.load_lora(bad), "field unet.alpha_pattern has the pattern 'attn(1|2).to_q'",
+                       "write the modules' names")
+
+
 def test_kohya_unet_only_and_stacked_loras_match_diffusers(tiny_model, parity, reference, tmp_path):
     """Two LoRAs on one SD 1.x model (a kohya UNet-only one at -0.5 and a PEFT one at 0.8), loaded one
     after the other; the text encoders that no LoRA touches stay as they were."""
@@ -382,6 +437,14 @@ def test_a_partial_match_is_refused_unless_allowed(tiny_model, tmp_path):
     ({"lora_unet_conv_in.lokr_w1": (4, 4)}, "a LoKr"),
     ({"lora_unet_conv_in.hada_w1_a": (32, 4)}, "a LoHa"),
     ({"lora_unet_conv_in.lora_mid.weight": (4, 4, 3, 3)}, "lora_mid"),
+    # LyCORIS kinds whose keys name this model's layers: "none of its keys matches", or with
+    # --lora_partial skipped under "match no layer", untrue both
+    ({"lora_unet_conv_in.diff": (32, 4, 3, 3)}, "a LyCORIS full-weight (diff)"),
+    ({"lora_unet_conv_in.diff_b": (32,)}, "a LyCORIS full-weight (diff_b)"),
+    ({"lora_unet_conv_in.on_input": ()}, "an (IA)3"),
+    ({"lora_unet_conv_in.oft_blocks": (4, 8, 8)}, "an OFT"),
+    ({"lora_unet_conv_in.a1.weight": (4, 4)}, "a GLoRA"),
+    ({"lora_unet_down_blocks_0_attentions_0_norm.w_norm": (32,)}, "a LyCORIS norm (w_norm)"),
 ])
 def test_other_adapter_kinds_are_refused_with_one_line(sd1, tmp_path, extra, kind):
     path = kohya_file(tmp_path / "k.safetensors", "sd1", attention_layers, seed=9, alpha=1.0, conv_alpha=1.0,
@@ -392,6 +455,7 @@ def test_other_adapter_kinds_are_refused_with_one_line(sd1, tmp_path, extra, kin
     tensors.update({k: np.ones(s, np.float32) for k, s in extra.items()})
     save_file(tensors, str(path))
     expect_model_error(lambda: sd1.load_lora(path), kind, next(iter(extra)), "only LoRA and LoCon")
+    expect_model_error(lambda: sd1.load_lora(path, allow_partial=True), kind, "only LoRA and LoCon")
 
 
 def test_dora_in_peft_metadata_is_refused(sd1, tmp_path):
