@@ -121,6 +121,7 @@ class LoraInfo:
     layers: dict  # component -> layers changed
     skipped: int  # keys that matched no layer (only with allow_partial)
     notice: str | None  # what was skipped, in a line
+    tensors_sha256: str = ""  # of the bytes after the header: A1111's "addnet" hash, its Lora hashes'
 
 
 @dataclass(frozen=True)
@@ -493,7 +494,9 @@ def load_lora(sd, path, weight: float = 1.0, allow_partial: bool = False) -> Lor
     if unmatched:
         notice = (f"LoRA {path.name}: {len(unmatched)} of its keys match no layer of this model and were "
                   f"skipped (first: {unmatched[0]})")
-    info = LoraInfo(path, file_sha256(path), float(weight), layers, len(unmatched), notice)
+    tensors_sha256 = []
+    digest = file_digest(path, "adapter", "adapter file", tensors_sha256)[1]
+    info = LoraInfo(path, digest, float(weight), layers, len(unmatched), notice, tensors_sha256[0])
     sd.adapters.append(info)
     return info
 

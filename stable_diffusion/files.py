@@ -437,19 +437,28 @@ def read_regular(path: str | os.PathLike, kind: str, what: str = "file") -> byte
     return data
 
 
-def file_digest(path: str | os.PathLike, kind: str = "hashed", what: str = "file") -> tuple[int, str]:
-    """(size in bytes, SHA-256 hex) of a regular file, hashed in blocks: memory stays flat."""
+def file_digest(path: str | os.PathLike, kind: str = "hashed", what: str = "file",
+                tensors: list | None = None) -> tuple[int, str]:
+    """(size in bytes, SHA-256 hex) of a regular file, hashed in blocks: memory stays flat. Given a
+    list as `tensors`, the SHA-256 hex of a safetensors file's bytes after its header (A1111's
+    "addnet" hash of a LoRA) is appended to it, from the same pass."""
     limit = READ_LIMITS[kind]
     digest, size = hashlib.sha256(), 0
+    tail, start = hashlib.sha256(), None
     with open_regular(path, kind, what) as f:
         try:
             while block := f.read(1 << 20):
+                if tensors is not None:
+                    start = 8 + int.from_bytes(block[:8], "little") if start is None else start
+                    tail.update(block[max(0, start - size):])
                 size += len(block)
                 if size > limit:
                     raise InputError(f"{_named(what, path)} grew past {limit} bytes while being read")
                 digest.update(block)
         except OSError as e:
             raise InputError(f"cannot read {_named(what, path)}: {e.strerror or e}") from None
+    if tensors is not None:
+        tensors.append(tail.hexdigest())
     return size, digest.hexdigest()
 
 

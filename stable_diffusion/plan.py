@@ -17,6 +17,7 @@ time left can be told as the run goes.
 from __future__ import annotations
 
 import math
+import re
 import secrets
 from dataclasses import dataclass, replace
 
@@ -146,6 +147,10 @@ def make_plan(spec: RunSpec, config: PipelineConfig, tokenizers, image_size: tup
     sampler, schedule, sampler_notice = samplers.default_sampler(config)
     if sampler_notice and spec.sampler is None:
         notice(sampler_notice)
+    for name, text in (("prompt", spec.prompt), ("negative prompt", spec.negative_prompt)):
+        if tag := _NETWORK_TAG.search(text or ""):
+            notice(f"the {name} holds {tag[0][:60]}, A1111's way to load an adapter: here the text encoder "
+                   "reads it as words; load a LoRA with {flag:loras} PATH[:WEIGHT]")
     defaults = model_defaults(config)
     spec = replace(spec, steps=defaults.num_steps if spec.steps is None else spec.steps,
                    cfg=defaults.cfg_weight if spec.cfg is None else spec.cfg,
@@ -220,6 +225,7 @@ def make_plan(spec: RunSpec, config: PipelineConfig, tokenizers, image_size: tup
 # The largest side a picture format takes (Pillow's encoders; PNG's is 2**31): a picture past it
 # would fail as it is written, after the work.
 _FORMAT_SIDES = {"webp": 16383, "jpeg": 65500, "gif": 65535}
+_NETWORK_TAG = re.compile(r"<(?:lora|lyco|hypernet):[^<>]{1,200}>", re.IGNORECASE)  # A1111's extra networks
 
 
 def _cell_times(plan: RunPlan) -> list:

@@ -224,10 +224,15 @@ def picture_texts(plan, record: dict, source: dict, info: dict, size: tuple) -> 
     elif spec.n_images > 1 and kind in ("step", "final", "best"):
         composite = infotext.CompositeInfo("grid", size[1], size[0], spec.n_rows,
                                            spec.n_images // spec.n_rows)
-    for key, kind, name in (("Lora hashes", "lora", "file"), ("TI hashes", "embedding", "token")):
-        listed = [f"{a[name]}: {a['sha256'][:12]}" for a in record.get("adapters", ()) if a["kind"] == kind]
-        if listed:  # as A1111 writes them
-            extra = dict(extra, **{key: ", ".join(listed)})
+    # As A1111 writes them: a LoRA by its file's stem and the hash of its tensors' bytes, an
+    # embedding by its token and the hash of its file.
+    listed = {"lora": [f"{Path(a['file']).stem}: {a.get('tensors_sha256', a['sha256'])[:12]}"
+                       for a in record.get("adapters", ()) if a["kind"] == "lora"],
+              "embedding": [f"{a['token']}: {a['sha256'][:12]}" for a in record.get("adapters", ())
+                            if a["kind"] == "embedding"]}
+    for key, kind in (("Lora hashes", "lora"), ("TI hashes", "embedding")):
+        if listed[kind]:
+            extra = dict(extra, **{key: ", ".join(listed[kind])})
     h, w = plan.image_size
     parameters = infotext.generation_parameters(
         record["prompt"], record["negative_prompt"], steps=row.timeline.num_steps, sampler=plan.sampler_name,
@@ -244,7 +249,8 @@ def adapter_record(info) -> dict:
 
     record = {"file": os.fsdecode(info.path.name), "sha256": info.sha256}
     if isinstance(info, LoraInfo):
-        return dict(record, kind="lora", weight=info.weight, skipped_keys=info.skipped)
+        return dict(record, kind="lora", weight=info.weight, skipped_keys=info.skipped,
+                    tensors_sha256=info.tensors_sha256)
     return dict(record, kind="embedding", token=info.token)
 
 

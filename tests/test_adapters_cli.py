@@ -36,13 +36,15 @@ def test_a_lora_and_an_embedding_change_the_picture_are_recorded_and_replay(tmp_
 
     record = json.loads(adapted.with_suffix(".json").read_text())
     digest = hashlib.sha256(lora.read_bytes()).hexdigest()
+    data = lora.read_bytes()  # A1111's "addnet" hash: the bytes after the safetensors header
+    addnet = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
     assert record["adapters"][0] == {"file": "style.safetensors", "sha256": digest, "kind": "lora",
-                                     "weight": 0.6, "skipped_keys": 0}
+                                     "weight": 0.6, "skipped_keys": 0, "tensors_sha256": addnet}
     assert record["adapters"][1]["kind"] == "embedding" and record["adapters"][1]["token"] == "toy"
     assert f"--lora={lora}:0.6" in record["replay"] and f"--embedding={embedding}" in record["replay"]
     parameters, _ = read_picture_texts(adapted)
-    assert f"Lora hashes: \"style.safetensors: {digest[:12]}\"" in parameters or \
-        f"Lora hashes: style.safetensors: {digest[:12]}" in parameters
+    embedding_digest = hashlib.sha256(embedding.read_bytes()).hexdigest()[:12]
+    assert f'Lora hashes: "style: {addnet[:12]}", TI hashes: "toy: {embedding_digest}"' in parameters, parameters
 
     again = tmp_path / "again.png"
     commands.run("image2image.py", "--replay", adapted, "-o", again, check=True)

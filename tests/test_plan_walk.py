@@ -29,6 +29,16 @@ def _spec(**fields) -> RunSpec:
     return RunSpec("a barn", "out.png", **fields)
 
 
+def test_an_a1111_lora_tag_in_a_prompt_is_said_to_be_words_here():
+    said = []
+    make_plan(_spec(negative_prompt="ugly, <LoRA:bad_hands:-1>"), _config(), (), (64, 64), said.append)
+    assert said == ["the negative prompt holds <LoRA:bad_hands:-1>, A1111's way to load an adapter: here the text "
+                    "encoder reads it as words; load a LoRA with {flag:loras} PATH[:WEIGHT]"]
+    said.clear()
+    make_plan(_spec(), _config(), (), (64, 64), said.append)
+    assert said == []
+
+
 def test_defaults_resolve_and_a_triangles_rows_start_on_the_shared_path():
     spec = _spec(strengths=(0.2, 0.5, 1.0), triangle=True, steps=10, capture=Capture(noising_every=300))
     plan = make_plan(spec, _config(), (), (64, 64))
