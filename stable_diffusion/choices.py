@@ -22,6 +22,7 @@ class Sampler:
     family: str
     scheduler: str  # the diffusers scheduler class that runs it
     stochastic: bool = False  # draws fresh noise at each step (DDIM only with eta > 0)
+    levels: bool = True  # its diffusers class offers Karras and exponential levels (else Euler's are taken)
     aliases: tuple[str, ...] = ()  # older names of ours, still read back as this sampler
 
 
@@ -30,13 +31,13 @@ class Sampler:
 SAMPLER_TABLE: dict[str, Sampler] = {row.name: row for row in (
     Sampler("euler", "Euler", "k", "EulerDiscreteScheduler"),
     Sampler("euler_a", "Euler a", "k", "EulerAncestralDiscreteScheduler", stochastic=True,
-            aliases=("euler_ancestral",)),
-    Sampler("ddim", "DDIM", "ddim", "DDIMScheduler"),
+            aliases=("euler_ancestral",), levels=False),
+    Sampler("ddim", "DDIM", "ddim", "DDIMScheduler", levels=False),
     Sampler("heun", "Heun", "k", "HeunDiscreteScheduler"),
     Sampler("dpmpp_2m", "DPM++ 2M", "dpm", "DPMSolverMultistepScheduler"),
     Sampler("dpmpp_2m_sde", "DPM++ 2M SDE", "dpm", "DPMSolverMultistepScheduler", stochastic=True),
     Sampler("lms", "LMS", "k", "LMSDiscreteScheduler"),
-    Sampler("plms", "PLMS", "ddim", "PNDMScheduler"),
+    Sampler("plms", "PLMS", "ddim", "PNDMScheduler", levels=False),
     Sampler("unipc", "UniPC", "dpm", "UniPCMultistepScheduler"),
 )}
 SAMPLER_NAMES = tuple(SAMPLER_TABLE)

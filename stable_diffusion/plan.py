@@ -168,6 +168,7 @@ def make_plan(spec: RunSpec, config: PipelineConfig, tokenizers, image_size: tup
     timelines = [noise.timeline(s, spec.steps, schedule=spec.schedule, sampler=spec.sampler)
                  for s in spec.strengths]
     longest = max(p.steps for p in timelines)
+    _schedule_notes(spec, timelines, noise.T, notice)
     every = c.every
     if spec.triangle and every is None:
         every = default_triangle_every(spec.steps)
@@ -224,6 +225,23 @@ def make_plan(spec: RunSpec, config: PipelineConfig, tokenizers, image_size: tup
 
 # The largest side a picture format takes (Pillow's encoders; PNG's is 2**31): a picture past it
 # would fail as it is written, after the work.
+def _schedule_notes(spec: RunSpec, timelines: list, T: int, notice) -> None:
+    """What a Karras or exponential schedule does that its name does not say."""
+    if spec.schedule not in ("karras", "exponential"):
+        return
+    row = samplers.SAMPLER_TABLE[spec.sampler]
+    if not row.levels:
+        notice(f"diffusers' {row.scheduler} has no {spec.schedule} levels: this run takes Euler's, a "
+               "combination no diffusers pipeline runs")
+    shallow = [p for p in timelines if p.start_time < 0.5 * p.strength * T]
+    if shallow:
+        starts = ", ".join(f"{p.strength:g} at t={p.start_time:.0f}" for p in shallow[:3])
+        notice(f"with {{flag:schedule}} {spec.schedule} at {spec.steps} steps, strength {starts}"
+               f"{' ...' if len(shallow) > 3 else ''} starts far below strength x {T}: a run keeps the last "
+               "steps x strength of the schedule's levels, which lie low; more steps, or {flag:schedule} "
+               "linear, start deeper")
+
+
 _FORMAT_SIDES = {"webp": 16383, "jpeg": 65500, "gif": 65535}
 _NETWORK_TAG = re.compile(r"<(?:lora|lyco|hypernet):[^<>]{1,200}>", re.IGNORECASE)  # A1111's extra networks
 

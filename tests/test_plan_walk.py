@@ -39,6 +39,23 @@ def test_an_a1111_lora_tag_in_a_prompt_is_said_to_be_words_here():
     assert said == []
 
 
+def test_what_a_karras_schedule_does_that_its_name_does_not_say_is_said():
+    said = []
+    make_plan(_spec(sampler="dpmpp_2m", schedule="karras", strengths=(0.6,), steps=3), _config(), (), (64, 64),
+              said.append)
+    assert said == ["with {flag:schedule} karras at 3 steps, strength 0.6 at t=1 starts far below strength x "
+                    "1000: a run keeps the last steps x strength of the schedule's levels, which lie low; more "
+                    "steps, or {flag:schedule} linear, start deeper"]
+    said.clear()
+    make_plan(_spec(sampler="ddim", schedule="exponential", steps=20), _config(), (), (64, 64), said.append)
+    assert said == ["diffusers' DDIMScheduler has no exponential levels: this run takes Euler's, a "
+                    "combination no diffusers pipeline runs"]
+    said.clear()
+    make_plan(_spec(sampler="euler", schedule="karras", strengths=(0.5,), steps=20), _config(), (), (64, 64),
+              said.append)
+    assert said == []  # it starts at t=358
+
+
 def test_defaults_resolve_and_a_triangles_rows_start_on_the_shared_path():
     spec = _spec(strengths=(0.2, 0.5, 1.0), triangle=True, steps=10, capture=Capture(noising_every=300))
     plan = make_plan(spec, _config(), (), (64, 64))
