@@ -62,7 +62,8 @@ from .errors import ModelError
 from .spec import MAX_LORA_WEIGHT
 from .files import file_digest, open_regular
 from .model_io import read_safetensors_header, special_file
-from .single_file import refuse_pickle, unet_ldm_key
+from .safetensors_io import converted_name, refuse_pickle
+from .single_file import unet_ldm_key
 from .tokenizer import clean_text
 
 # Far above any real LoRA (a full SDXL LoCon with alphas holds about 2,600 tensors).
@@ -170,7 +171,7 @@ def adapter_path(path, what: str, folder_file: str, pickle_hint: str | None = No
         if pickle_hint is None:
             raise
         raise ModelError(f"{path} is a pickle file: loading one can run any code it holds, so this tool reads "
-                         f"safetensors only; {pickle_hint.format(path=path, out=path.with_suffix('.safetensors'))}"
+                         f"safetensors only; {pickle_hint.format(path=path, out=converted_name(path))}"
                          ) from None
     return path
 

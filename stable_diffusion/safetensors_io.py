@@ -44,14 +44,34 @@ def refuse_pickle(path: Path, head: bytes | None = None) -> None:
     tell a pickle (torch's zip, or a bare pickle) whatever its name."""
     # torch.save's zip, or a pickle's PROTO opcode with protocol 2 to 5 (a header's length may start 0x80)
     by_content = head is not None and (head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and 2 <= head[1] <= 5))
+    if not by_content and path.suffix.lower() in PICKLE_SUFFIXES and _holds_safetensors(path):
+        raise ModelError(f"{path} is named as a pickle checkpoint but holds a safetensors file; give it "
+                         f"its name (a copy as {path.with_suffix('.safetensors').name}) and pass that")
     if by_content or path.suffix.lower() in PICKLE_SUFFIXES:
-        out = path.with_suffix(".converted.safetensors" if by_content else ".safetensors")
+        out = converted_name(path, by_content)
         raise ModelError(f"{path} is a pickle checkpoint{' (whatever its name says)' if by_content else ''}: "
                          "loading one can run any code it holds, so "
                          "this tool reads safetensors only; convert it once (python -c \"import torch, "
                          f"safetensors.torch as s; d = torch.load('{path}', weights_only=True); "
                          "s.save_file({k: v.contiguous().clone() for k, v in d.get('state_dict', d).items() "
                          f"if torch.is_tensor(v)}}, '{out}')\") or use a .safetensors copy of the model")
+
+
+def converted_name(path: Path, by_content: bool = False) -> Path:
+    """Where the conversion a refusal gives writes a pickle's safetensors copy: never a file there."""
+    out = path.with_suffix(".safetensors")
+    return out if not by_content and not os.path.lexists(out) else path.with_suffix(".converted.safetensors")
+
+
+def _holds_safetensors(path: Path) -> bool:
+    """Whether a file starts as a safetensors file does (a header's length, then its JSON): its first
+    bytes, read as bytes (nothing of a pickle is run)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= MAX_HEADER_BYTES
 
 
 # --- which files hold the weights -----------------------------------------------------------------

@@ -478,6 +478,13 @@ def test_pickle_files_are_refused_unopened(sd1, tmp_path, monkeypatch):
         (tmp_path / name).write_bytes(b"\x80\x04 not read")
         expect_model_error(lambda: sd1.load_lora(tmp_path / name), "pickle", "safetensors")
         expect_model_error(lambda: sd1.load_textual_inversion(tmp_path / name), "pickle", "safetensors")
+    # The conversion it gives never writes over a file there; a safetensors file misnamed is told so.
+    (tmp_path / "lora.safetensors").write_bytes(b"the user's")
+    expect_model_error(lambda: sd1.load_lora(tmp_path / "lora.pt"), f"'{tmp_path / 'lora.converted.safetensors'}'")
+    monkeypatch.undo()
+    misnamed = kohya_file(tmp_path / "k.ckpt", "sd1", attention_layers, seed=9, alpha=1.0, conv_alpha=1.0, ldm=False)
+    expect_model_error(lambda: sd1.load_lora(misnamed), f"{misnamed} is named as a pickle checkpoint but holds a "
+                       "safetensors file; give it its name (a copy as k.safetensors) and pass that")
 
 
 def test_factors_that_do_not_fit_their_layer_change_nothing(sd1, tmp_path):
