@@ -339,6 +339,11 @@ def _reported(body, console: Console, flags: dict, interrupted: str, verbose: bo
         if signals.stopped_by() is not None:  # the interrupt's doing, whatever the library made of it
             console.error(interrupted)
             return 128 + signals.stopped_by()
+        if (refusal := _os_refusal(e)) is not None:
+            if verbose:
+                traceback.print_exception(e)
+            console.error(f"error: {refusal}")
+            return 2
         _report(e, verbose, prefix=f"failed ({type(e).__name__}): ",
                 suffix="" if verbose else " (run again with --verbose for the traceback)")
         return 1
@@ -415,6 +420,25 @@ def _ended(sidecar: Path) -> str | None:
         return None
     status = record.get("status")
     return status if record.get("pid") == os.getpid() and status not in (None, "running") else None
+
+
+def _os_refusal(error: Exception) -> str | None:
+    """What the user can fix of a system error no check caught: a name longer than the file system
+    holds, a working folder removed."""
+    if not isinstance(error, OSError):
+        return None
+    if error.errno == errno.ENAMETOOLONG:
+        path = os.fsdecode(error.filename or "")
+        name = next((p for p in Path(path).parts if len(os.fsencode(p)) > 255), path)
+        size = len(os.fsencode(name))
+        shown = name if len(name) <= 60 else f"{name[:40]}...{name[-15:]}"
+        return (f"the {'name' if name != path else 'path'} {shown!r} ({size} bytes) is longer than the file "
+                "system holds (255 bytes a name); use shorter folder and file names")
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return "the current folder no longer exists; cd into one that does and run again"
+    return None
 
 
 def _output_advice(error: Exception) -> str:

@@ -1333,6 +1333,20 @@ def test_a_signal_the_run_was_started_ignoring_stays_ignored(tmp_path, picture, 
     assert sidecar(tmp_path / "o.json")["status"] == "interrupted"
 
 
+def test_a_name_too_long_and_a_removed_working_folder_are_refused(capsys, tmp_path, picture, sd2):
+    """Both ended "failed (OSError)" or "(FileNotFoundError)", exit 1."""
+    long = "d" * 300
+    for args in (["--output", tmp_path / long / "x.png"], ["--model", tmp_path / long, "--output", tmp_path / "o.png"]):
+        status, _, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 1, *args)
+        only_error(status, 2, err, f"the name '{long[:40]}...{long[:15]}' (300 bytes) is longer than the file system holds")
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    result = subprocess.run(command("image2image.py", picture, "x", "--model", sd2, "--steps", 1, "-o", "o.png"),
+                            cwd=gone, capture_output=True, text=True, preexec_fn=lambda: os.rmdir(gone))
+    only_error(result.returncode, 2, result.stderr, "the current folder no longer exists; cd into one that does")
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_full_output_device_does_not_stop_the_run(tmp_path, picture, sd2):
     # stdout and stderr on /dev/full: the lines are lost, the pictures and the sidecar are not.
     with open("/dev/full", "w") as full:
