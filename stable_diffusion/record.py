@@ -205,7 +205,8 @@ def picture_texts(plan, record: dict, source: dict, info: dict, size: tuple) -> 
     are the record's: a private run's hashes."""
     spec = plan.spec
     kind = info.get("kind")
-    row = next((r for r in plan.rows if r.strength == info.get("strength")), plan.top)
+    rows = plan.rows[:len(info["rows"])] if kind == "triangle" else plan.rows  # a partial one: those drawn
+    row = next((r for r in rows if r.strength == info.get("strength")), rows[-1])
     frame = composite = None
     extra = {}
     if kind in ("step", "best"):
@@ -219,8 +220,10 @@ def picture_texts(plan, record: dict, source: dict, info: dict, size: tuple) -> 
         extra = {"Noising path": info["path"], "Noising t": f"{info['t']:g}"}
     if kind == "triangle":
         composite = infotext.CompositeInfo(
-            "triangle", size[1], size[0], len(plan.rows), max(len(r.kept) for r in plan.rows),
-            {"Denoising strength": [r.strength for r in plan.rows]})
+            "triangle", size[1], size[0], len(rows), max(len(r.kept) for r in rows),
+            {"Denoising strength": [r.strength for r in rows]})
+        if "partial" in info:
+            extra = {"Partial": info["partial"]}
     elif spec.n_images > 1 and kind in ("step", "final", "best"):
         composite = infotext.CompositeInfo("grid", size[1], size[0], spec.n_rows,
                                            spec.n_images // spec.n_rows)

@@ -521,6 +521,9 @@ def test_a_triangle_stopped_keeps_its_whole_rows(capsys, tmp_path, picture, sd2,
     assert [r["strength"] for r in entry["rows"]] == [0.25, 0.5, 0.75]
     assert assert_whole_pictures(tmp_path) == ["t.png"] and "interrupted: kept 1 file(s)" in err
     assert [len(r["cells"]) for r in entry["rows"]] == [2, 3, 4]  # (4 steps x strength) + the start
+    parameters = Image.open(out).text["parameters"]  # what other tools show: the rows drawn, not the plan's
+    assert "Cells: triangle 3 rows x 4 columns" in parameters and "per row: 0.25 0.5 0.75," in parameters
+    assert "Steps run: 3," in parameters and 'Partial: "3 of 4 rows: the run was interrupted"' in parameters
     _, notes = cli.replay_arguments("image2image", ["--replay", str(out)])
     assert any("holds part of a triangle (3 of 4 rows: the run was interrupted)" in n for n in notes)
     assert not any("byte-identical" in n for n in notes)
