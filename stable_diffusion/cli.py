@@ -285,7 +285,8 @@ def _check_environment() -> None:
 
 def _text_argument(args, name: str, console) -> bytes | None:
     """A prompt given as bytes that are not UTF-8 (kept by Python as surrogates) is read with each
-    bad byte replaced by U+FFFD; returns the bytes themselves (for the record), or None."""
+    bad byte replaced by U+FFFD; returns the bytes themselves (for the record), or None. Bytes that
+    are UTF-8 are read as such in any locale (LC_ALL=C read them as undecodable)."""
     text = getattr(args, name)
     try:
         text.encode("utf-8")
@@ -293,6 +294,11 @@ def _text_argument(args, name: str, console) -> bytes | None:
     except UnicodeEncodeError:
         pass
     raw = os.fsencode(text)
+    try:
+        setattr(args, name, raw.decode("utf-8"))
+        return None
+    except UnicodeDecodeError:
+        pass
     setattr(args, name, raw.decode("utf-8", "replace"))
     console.notice(f"the {name.replace('_', ' ')} is not UTF-8 text: its bad bytes read as U+FFFD "
                    "(the bytes are kept in the sidecar)")

@@ -1111,6 +1111,15 @@ def test_arguments_that_are_not_utf8(tmp_path, picture, sd2):
     assert record["negative_prompt_bytes_hex"] == "c3"
     assert os.fsencode(record["input"]["path"]) == image  # the path, byte for byte
     assert Path(os.fsdecode(output)).is_file()
+    # UTF-8 bytes in a locale Python reads as ASCII (LC_ALL=C, PYTHONUTF8=0) are UTF-8 all the same:
+    # they were said not to be, and the record differed from a UTF-8 locale's
+    c_locale = dict(os.environ, PYTHONUTF8="0", LC_ALL="C", LANG="C", PYTHONCOERCECLOCALE="0")
+    result = subprocess.run([sys.executable, ROOT / "image2image.py", picture, "un caf\u00e9 \u2603", "--model",
+                             sd2, "--steps", "2", "--output", tmp_path / "c.png"], capture_output=True,
+                            timeout=300, env=c_locale)
+    assert result.returncode == 0 and b"not UTF-8" not in result.stderr, result.stderr
+    record = sidecar(tmp_path / "c.json")
+    assert record["prompt"] == "un caf\u00e9 \u2603" and "prompt_bytes_hex" not in record
 
 
 # --- one writer per output name -----------------------------------------------------------------------
