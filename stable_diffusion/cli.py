@@ -381,7 +381,7 @@ def _command(command: str, typed: list, console: Console) -> int:
     spec = replace(spec, prompt_bytes=raw["prompt"], negative_prompt_bytes=raw["negative_prompt"])
     from .outputs import check_name_length
 
-    check_name_length(spec)
+    check_name_length(spec.output)  # the plan's names, once planned
     return _run(spec, model, console, typed, args.wait, notes)
 
 

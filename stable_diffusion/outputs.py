@@ -13,39 +13,17 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from . import files
 from .errors import InputError
 from .record import NotOurs, fingerprint, read_own_sidecar
-from .spec import MAX_STEPS, RunSpec, SpecError
+from .spec import SpecError
 
 
-@dataclass(frozen=True)
-class Kind:
-    """A kind of file beside the output."""
-
-    pattern: str  # its <kind> part, as a regular expression
-    longest: str  # its longest <kind> part, for the file system's name limit
-    written: Callable[[RunSpec], bool]  # whether a run of the spec may write one
-    suffix: Callable[[RunSpec], str] = lambda spec: spec.output.suffix  # a picture's: the output's
-
-
-def _noised(spec: RunSpec) -> bool:
-    return bool(spec.capture.noising_every or spec.inversion)
-
-
-KINDS = {
-    "step": Kind(r"step-\d+", f"step-{MAX_STEPS:05d}",
-                 lambda s: bool(s.capture.every or s.capture.last or s.triangle)),
-    "noise": Kind(r"noise-t\d+(_\d+)?", f"noise-t{MAX_STEPS * 10}_999", _noised),
-    "noise-strip": Kind("noise-strip", "noise-strip", _noised),
-    "animation": Kind("anim", "anim", lambda s: bool(s.capture.animate),
-                      lambda s: f".{s.capture.animate}"),
-    "curve": Kind("curve", "curve", lambda s: s.capture.curve),
-    "best": Kind("best", "best", lambda s: s.capture.keep_best),
-}
-_ANY_KIND = "(" + "|".join(k.pattern for k in KINDS.values()) + ")"
+# The <kind> part of each kind of file beside the output, as a regular expression.
+KINDS = {"step": r"step-\d+", "noise": r"noise-t\d+(_\d+)?", "noise-strip": "noise-strip", "animation": "anim",
+         "curve": "curve", "best": "best"}
+_ANY_KIND = "(" + "|".join(KINDS.values()) + ")"
 _DERIVED = re.compile(r"(.+)\." + _ANY_KIND)
 
 
@@ -104,14 +82,12 @@ def sidecar_of(output) -> Path:
     return Path(output).with_suffix(".json")
 
 
-def check_name_length(spec: RunSpec) -> None:
-    """The longest name the run writes beside the output must fit the file system's name limit:
-    found now, not after the model has loaded."""
-    output = spec.output
-    suffixes = [".json", ".lock"] + [f".{kind.longest}{kind.suffix(spec)}" for kind in KINDS.values()
-                                     if kind.written(spec)]
-    longest = max(suffixes, key=len)
-    size = len(os.fsencode(output.with_suffix("").name)) + len(longest)
+def check_name_length(output: Path, names=()) -> None:
+    """The names the run writes beside `output` (`names`, the plan's; its sidecar and lock always)
+    must fit the file system's name limit: found before any work."""
+    stem = output.with_suffix("").name
+    longest = max([output.name, f"{stem}.json", f"{stem}.lock", *names], key=lambda n: len(os.fsencode(n)))
+    size = len(os.fsencode(longest))
     folder = output.parent.absolute()
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
@@ -119,10 +95,10 @@ def check_name_length(spec: RunSpec) -> None:
         limit = os.pathconf(folder, "PC_NAME_MAX")
     except (OSError, ValueError):
         limit = 255
-    if max(size, len(os.fsencode(output.name))) > limit:
-        raise SpecError("output", f"{{flag}} {output.name[:40]}...: the run writes names up to {size} bytes "
-                         f"(the stem and {longest!r}), more than the {limit} this file system allows; "
-                         "use a shorter name")
+    if size > limit:
+        shown = longest if len(longest) <= 60 else f"{longest[:20]}...{longest[-30:]}"
+        raise SpecError("output", f"{{flag}} {output.name[:40]}...: the run writes {shown!r}, {size} bytes, "
+                                  f"more than the {limit} this file system allows; use a shorter name")
 
 
 def prepare(output: Path, notice) -> None:

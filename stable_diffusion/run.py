@@ -129,7 +129,9 @@ def execute(session, spec, console=None, argv=(), replay=None, picture=None, wai
         plan = plan_for(session, spec, upright_size(picture) if spec.img2img else None, console.notice)
         names = outputs.FileNames(spec.output, plan.longest)
         left = outputs.left_by_us(names)  # the lock is held: the sidecar stays as read until the walk
-        outputs.check_in_the_way(names, outputs.planned_files(plan, names), left)
+        paths = outputs.planned_files(plan, names)
+        outputs.check_name_length(spec.output, [p.name for p in paths])
+        outputs.check_in_the_way(names, paths, left)
         if spec.img2img:
             picture = session.fit(picture, plan.image_size)
         preview = _preview_source(plan, session)  # found and its config read; loaded with the model

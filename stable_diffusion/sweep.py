@@ -184,7 +184,7 @@ def expand(base: RunSpec, grid: Grid, folder: Path, pattern: str | None = None) 
                 raise SpecError(GRID_KEYS[e.field], e.template) from None
             raise
         try:
-            check_name_length(spec)
+            check_name_length(spec.output)
         except SpecError as e:
             raise SpecError("name", e.template.replace("{flag}", f"{{flag}} {pattern[:40]!r}:")) from None
         runs.append(SweepRun(index, name, {k: values[k] for k in grid.varying()}, spec))
@@ -264,7 +264,9 @@ def check_plans(runs: list, session, image_size: tuple | None, notice=lambda lin
             check_output(run.spec.output)  # a file where its folder goes, ...: refused now, not as it starts
             _stays_inside(run)
             # the user's files, in the folder
-            check_in_the_way(names, planned_files(plans[-1], names), left_by_us(names), output_named=False)
+            paths = planned_files(plans[-1], names)
+            check_name_length(run.spec.output, [p.name for p in paths])
+            check_in_the_way(names, paths, left_by_us(names), output_named=False)
         except SpecError as e:  # said of the run, where the grid varies: its values are in its name
             where = f"run {run.name}: " if len(runs) > 1 else ""
             raise SpecError(GRID_KEYS[e.field] if e.field in run.values else e.field,
