@@ -201,8 +201,9 @@ def check_in_the_way(names: FileNames, paths: list, left: dict, output_named: bo
     """Refuse, before any work, when a file the run writes is there and is not one of ours (the
     sidecar lists it and it is as that run left it, or it carries our record): the user's own
     `photo.step-001.png` is not ours to replace, even where an earlier run wrote that name. The
-    output, which the user named, is theirs to replace; not where we named it (`output_named`
-    False: a sweep's run, named in the folder the user gave). `left`: `left_by_us(names)`."""
+    output, which the user named, is theirs to replace; where we named it (`output_named` False: a
+    sweep's run, named in the folder the user gave), only a picture its sidecar lists is.
+    `left`: `left_by_us(names)`."""
     from .picture_meta import read_picture_texts
 
     def ours(path: Path) -> bool:
@@ -228,7 +229,9 @@ def check_in_the_way(names: FileNames, paths: list, left: dict, output_named: bo
                                       f"{name}, another output under this name, whose files this run would "
                                       f"replace; choose another {{flag}} name, or remove {name} first")
     for path in paths:
-        if (path != names.output or not output_named) and os.path.lexists(path) and not ours(path):
+        # a sweep's run replaces the picture its sidecar lists, changed or not (as it says it does)
+        mine = path == names.output and (output_named or path.name in left)
+        if not mine and os.path.lexists(path) and not ours(path):
             why = ("is not ours to replace (not a regular file, or changed since a run of this output "
                    "wrote it, or with no record of ours, or another run's output); move it, or ")
             if output_named:
