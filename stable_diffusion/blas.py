@@ -147,6 +147,10 @@ def _choose() -> BlasInfo:
             with _sleeping_threads():
                 lib, prefix, path, source = loader()
         except (ImportError, OSError, AttributeError, ValueError) as error:
+            if isinstance(error, OSError) and error.errno == errno.EFBIG:  # not a missing package
+                return BlasInfo("reference", None, 1, True, "MLX uses its bundled reference BLAS, about "
+                                "30x slower on matrix products: the file size limit (ulimit -f) is too small "
+                                "to load the optimised one, which writes a small library first; raise it")
             failures.append(f"{loader.__name__.removeprefix('_load_')}: {error}")
             continue
         _thread_functions = _openblas_threads(lib, prefix)

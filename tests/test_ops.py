@@ -876,6 +876,21 @@ def test_no_optimised_blas_falls_back_with_a_hint():
     assert result.stdout.strip() == "ok"
 
 
+@pytest.mark.skipif(sys.platform != "linux" or __import__("platform").machine() != "x86_64",
+                    reason="the forwarding library is written on x86-64 Linux")
+def test_a_file_size_limit_too_small_for_the_forwarding_library_is_named():
+    """It said "pip install scipy-openblas32", which was installed."""
+    import resource
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (3072, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    result = subprocess.run([sys.executable, "-c", "import stable_diffusion"], capture_output=True, text=True,
+                            timeout=120, preexec_fn=small_files)
+    assert result.returncode == 0 and "the file size limit (ulimit -f) is too small" in result.stderr, result.stderr
+    assert "pip install" not in result.stderr
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="the BLAS is chosen on Linux only")
 def test_importing_mlx_first_is_reported():
     result = run_python("""
