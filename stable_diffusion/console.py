@@ -87,8 +87,9 @@ class Console:
 
     @property
     def bars(self) -> bool:
-        try:
-            return not self.quiet and sys.stderr is not None and sys.stderr.isatty()
+        try:  # a terminal of no width (`script` without one behind it) draws no bar: lines then
+            return not self.quiet and sys.stderr is not None and sys.stderr.isatty() and \
+                os.get_terminal_size(sys.stderr.fileno()).columns > 0
         except (ValueError, OSError):
             return False
 

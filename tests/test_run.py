@@ -5,6 +5,7 @@ issue): dtypes, triangle x snapshot and animation combinations, frame labels, no
 names, the sidecar while the run goes on, the replay arguments, progress in scripts.
 """
 
+import os
 import re
 import signal
 import subprocess
@@ -179,6 +180,36 @@ def test_the_progress_bar_counts_the_plans_steps_and_shows_t_sigma_and_the_time_
         assert all(b.count == b.total == len(b.postfix) for b in Bar.made), name
         last = Bar.made[-1].postfix[-1]
         assert re.fullmatch(r"t=0 sigma=0, about \d+ s left", last), last
+
+
+def test_a_terminal_of_no_width_gets_the_lines(tmp_path, picture, sd2):
+    """tqdm draws nothing at width 0 (`script` with no terminal behind it): the log had no progress."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 0, 0, 0, 0))
+    try:
+        result = subprocess.run(commands.command("image2image.py", picture, "x", "--model", sd2, "--steps", 2,
+                                                 "--strength", 1, "--output", tmp_path / "o.png"),
+                                stderr=terminal, stdout=subprocess.DEVNULL, timeout=120)
+        os.close(terminal)
+        said = b""
+        while chunk := _read_or_none(controller):
+            said += chunk
+    finally:
+        os.close(controller)
+    assert result.returncode == 0
+    assert b"s=1 step 2/2 t=0 sigma=0" in said, said
+
+
+def _read_or_none(fd: int) -> bytes | None:
+    try:
+        return os.read(fd, 4096)
+    except OSError:  # EIO: the terminal's other end is closed and all was read
+        return None
 
 
 def test_every_flag_combination_is_refused_before_work_or_works(tmp_path, picture, sd2):
