@@ -60,8 +60,8 @@ import mlx.nn as nn
 from . import memory, ops
 from .errors import ModelError
 from .spec import MAX_LORA_WEIGHT
-from .files import file_digest, open_regular
-from .model_io import read_safetensors_header, special_file
+from .files import file_digest, open_regular, special_file
+from .model_io import read_safetensors_header
 from .safetensors_io import converted_name, refuse_pickle
 from .single_file import unet_ldm_key
 from .tokenizer import clean_text

@@ -142,8 +142,8 @@ def output_lock(output: str | os.PathLike, wait: bool = False,
     path = lock_path(output)
     p, made = existing_ancestor(path.parent.absolute())
     if not p.is_dir():
-        raise InputError(f"cannot write into the output folder {path.parent}: {p} is a file, not a "
-                         "folder; choose another output folder")
+        raise InputError(f"cannot write into the output folder {path.parent}: {p} is "
+                         f"{special_file(p) or 'a file'}, not a folder; choose another output folder")
     fd, held = None, False
     try:
         try:
@@ -295,6 +295,27 @@ def _refusing_folder(folder: Path, err: OSError) -> Path | None:
     if err.errno != errno.ENOENT:
         return None
     return next((p for p in (folder, *folder.absolute().parents) if p.is_dir()), None)
+
+
+def special_file(path: Path) -> str | None:
+    """What a path is that is there but neither a regular file nor a folder, for messages ("a named
+    pipe", "a link to X, which does not exist", ...); None for a file, a folder or nothing."""
+    if path.is_symlink() and not path.exists():
+        try:
+            path.stat()
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return f"a loop of symbolic links ({path} -> {os.readlink(path)} -> ...)"
+        return f"a link to {os.readlink(path)}, which does not exist"
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    kind = ("a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else None)
+    if kind is not None and path.is_symlink():
+        kind += f" (through the link to {os.readlink(path)})"
+    return kind
 
 
 def existing_ancestor(folder: Path) -> tuple[Path, list]:

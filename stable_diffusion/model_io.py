@@ -20,8 +20,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 from . import memory, ops, single_file
 from .config import components, load_json, missing_component
 from .errors import HubUnreachable, ModelError
+from .files import special_file
 from .safetensors_io import (WEIGHT_STEMS, Stored, read_pointer, read_safetensors_header, read_safetensors_places,
-                             refetch_advice, refuse_pickle, special_file, weight_files)
+                             refetch_advice, refuse_pickle, weight_files)
 
 ALIASES = {
     "sd": "stabilityai/stable-diffusion-2-1-base",

@@ -120,7 +120,8 @@ def check_output(output: Path) -> None:
     output = Path(output)
     place, _ = files.existing_ancestor(output.parent)
     if not place.is_dir():
-        raise SpecError("output", f"{{flag}} {output}: {place} is a file, not a folder; move it, or "
+        what = files.special_file(place) or "a file"
+        raise SpecError("output", f"{{flag}} {output}: {place} is {what}, not a folder; move it, or "
                                   "choose another {flag} name")
     if output.is_dir():
         raise SpecError("output", f"{{flag}} {output} is a folder; name a .png file in it, e.g. "

@@ -14,10 +14,8 @@ hub, strict loading) and single_file (LDM checkpoints) build on it.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import stat
 import struct
 from pathlib import Path
 from typing import NamedTuple
@@ -26,6 +24,7 @@ import mlx.core as mx
 
 from .config import load_json
 from .errors import ModelError
+from .files import special_file
 from .private_cache import POINTER, is_view
 
 WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
@@ -149,27 +148,6 @@ def weight_files(component_folder: Path, variant: str | None = None) -> list[Pat
                          "to safetensors or use a model revision that has them")
     raise ModelError(f"{component_folder} has no {stem}.safetensors weights; the model folder is "
                      f"incomplete: {refetch_advice(component_folder.parent)}")
-
-
-def special_file(path: Path) -> str | None:
-    """What a path is that is there but neither a regular file nor a folder, for messages ("a named
-    pipe", "a link to X, which does not exist", ...); None for a file, a folder or nothing."""
-    if path.is_symlink() and not path.exists():
-        try:
-            path.stat()
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                return f"a loop of symbolic links ({path} -> {os.readlink(path)} -> ...)"
-        return f"a link to {os.readlink(path)}, which does not exist"
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return None
-    kind = ("a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else None)
-    if kind is not None and path.is_symlink():
-        kind += f" (through the link to {os.readlink(path)})"
-    return kind
 
 
 def _check_regular(path: Path) -> None:

@@ -1352,6 +1352,10 @@ def test_a_name_too_long_and_a_removed_working_folder_are_refused(capsys, tmp_pa
     for args in (["--output", tmp_path / long / "x.png"], ["--model", tmp_path / long, "--output", tmp_path / "o.png"]):
         status, _, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 1, *args)
         only_error(status, 2, err, f"the name '{long[:40]}...{long[:15]}' (300 bytes) is longer than the file system holds")
+    (tmp_path / "linked").symlink_to("nowhere")  # a folder through a link to nothing: "is a file", it said
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--output", tmp_path / "linked" / "o.png")
+    only_error(status, 2, err, "linked is a link to nowhere, which does not exist, not a folder")
+    (tmp_path / "linked").unlink()
     gone = tmp_path / "gone"
     gone.mkdir()
     result = subprocess.run(command("image2image.py", picture, "x", "--model", sd2, "--steps", 1, "-o", "o.png"),
