@@ -361,6 +361,8 @@ def main(command: str, argv=None) -> int:
 
 
 def _command(command: str, typed: list, console: Console) -> int:
+    from .replay import find
+
     argv, notes = replay_arguments(command, typed)
     parser = build_parser(command)
     args = parser.parse_args(argv)
@@ -368,13 +370,18 @@ def _command(command: str, typed: list, console: Console) -> int:
         _offline_replay(command, args.model, typed)
     console = Console(args.quiet, args.verbose, names=FLAGS)
     if args.print_parser:
-        from .replay import find
-
         console.arguments(args, (find(typed, parser) or (None,))[0])
-    check_arguments(args, command)
-    _check_environment()
-    raw = {name: _text_argument(args, name, console) for name in ("prompt", "negative_prompt")}
-    spec, model = build_specs(command, args)
+    try:
+        check_arguments(args, command)
+        _check_environment()
+        raw = {name: _text_argument(args, name, console) for name in ("prompt", "negative_prompt")}
+        spec, model = build_specs(command, args)
+    except SpecError as e:  # a value the replayed picture gave, not the user: said to be its
+        replayed, action = find(typed, parser), parser.action_of(FLAGS.get(e.field, "-"))
+        if replayed is None or action is None or parser.given(typed, action.dest):
+            raise
+        raise InputError(f"{replayed[0]} gives a value this tool refuses: {e.named(FLAGS)}; give "
+                         f"{FLAGS[e.field]} yourself to replace it") from None
     if spec.triangle and parser.given(typed, "strength"):  # the user's, not a replay's
         console.notice(f"--strength {args.strength:g} is not used: the triangle's rows run at "
                        "--triangle_strengths (default 0.1 .. 1.0)")

@@ -268,6 +268,25 @@ def test_replaying_another_tools_picture_asks_for_a_model_only_when_none_is_give
         assert argv[-2 - len(given):-2] == given
 
 
+def test_a_value_a_replayed_picture_gives_that_is_refused_is_said_to_be_its(tmp_path, sd2):
+    """It said "--steps 99999999 is outside 1 .. 10000", a flag nobody typed."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", "a red barn\nSteps: 99999999, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 64x64")
+    path = tmp_path / "a1111.png"
+    Image.new("RGB", (64, 64)).save(path, pnginfo=info)
+    result = run("txt2image.py", "--replay", path, "--model", sd2, "-o", tmp_path / "o.png", check=False)
+    assert result.returncode == 2 and result.stderr == (
+        f"error: {path} gives a value this tool refuses: --steps 99999999 is outside 1 .. 10000; give --steps "
+        "yourself to replace it\n"), result.stderr
+    result = run("txt2image.py", "--replay", path, "--model", sd2, "--steps", 20000, "-o", tmp_path / "o.png",
+                 check=False)
+    assert result.returncode == 2 and result.stderr == "error: --steps 20000 is outside 1 .. 10000\n"
+    assert run("txt2image.py", "--replay", path, "--model", sd2, "--steps", 1, "-o", tmp_path / "o.png",
+               "--quiet").returncode == 0
+
+
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
 def test_an_output_folder_that_takes_no_files_says_so(tmp_path, picture, sd2):
     for output in ("/proc/x.png", "/proc/no-such-folder/x.png"):
