@@ -41,6 +41,13 @@ def salt_path() -> Path:
     return user_cache() / "prompt-salt"
 
 
+def _elsewhere() -> str:
+    """Where else a salt can be kept: SD_PROMPT_SALT, or another file for it where it is set."""
+    if os.environ.get("SD_PROMPT_SALT"):
+        return "point SD_PROMPT_SALT at another file of this user's"
+    return "set SD_PROMPT_SALT to a file of this user's"
+
+
 @functools.cache
 def _salt(path: Path) -> bytes:
     try:
@@ -53,8 +60,7 @@ def _salt(path: Path) -> bytes:
         pass
     except OSError as e:  # a folder this user cannot write: theirs to fix; a full disk: the machine's
         kind = InputError if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR) else OutputError
-        raise kind(f"cannot make the prompt salt {path}: {e.strerror or e}; set SD_PROMPT_SALT "
-                   "to a file this user can write") from e
+        raise kind(f"cannot make the prompt salt {path}: {e.strerror or e}; {_elsewhere()}") from e
     return _read_salt(path)
 
 
@@ -78,19 +84,17 @@ def _read_salt(path: Path) -> bytes:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise InputError(f"the prompt salt {path} is a link; remove it (a new salt is made) or set "
-                             "SD_PROMPT_SALT to a file of this user's") from None
+            raise InputError(f"the prompt salt {path} is a link; remove it (a new salt is made) or "
+                             f"{_elsewhere()}") from None
         if isinstance(e, FileNotFoundError):
             raise
-        raise InputError(f"cannot read the prompt salt {path}: {e.strerror or e}; set SD_PROMPT_SALT "
-                         "to a file this user can write") from None
+        raise InputError(f"cannot read the prompt salt {path}: {e.strerror or e}; {_elsewhere()}") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise InputError(f"the prompt salt {path} is not a regular file; remove it or set SD_PROMPT_SALT")
+            raise InputError(f"the prompt salt {path} is not a regular file; remove it or {_elsewhere()}")
         if hasattr(os, "getuid") and info.st_uid != os.getuid():
-            raise InputError(f"the prompt salt {path} belongs to another user; remove it or set "
-                             "SD_PROMPT_SALT to a file of this user's")
+            raise InputError(f"the prompt salt {path} belongs to another user; remove it or {_elsewhere()}")
         if info.st_mode & 0o077:
             raise InputError(f"the prompt salt {path} can be read by others (mode "
                              f"{stat.S_IMODE(info.st_mode):04o}): the hashes would not be private; "

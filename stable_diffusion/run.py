@@ -135,6 +135,8 @@ def execute(session, spec, console=None, argv=(), replay=None, picture=None, wai
         if spec.img2img:
             picture = session.fit(picture, plan.image_size)
         preview = _preview_source(plan, session)  # found and its config read; loaded with the model
+        if not spec.capture.save_prompt:
+            privacy.salt()  # a salt that cannot be made or trusted is refused before the work
         for line in session.warnings:
             console.notice(line)
         for line in session.notices:
@@ -143,8 +145,6 @@ def execute(session, spec, console=None, argv=(), replay=None, picture=None, wai
             console.say(line)
         console.say(f"seed {plan.spec.seed}")
         memory = _check_memory(session, plan, console)
-        if not spec.capture.save_prompt:
-            privacy.salt()  # a salt that cannot be made or trusted is refused before the work
         timings["checks_s"] = elapsed(started)
 
         # --- 2. load: strict keys, shapes and dtypes (model_io), once per session -------------

@@ -68,7 +68,8 @@ class Session:
             # in float32, 3.8 s in bfloat16 (2-core Zen 5): a 512x512 run would take hours.
             raise InputError("{flag:quantize}: MLX's 4-bit products on the CPU are 50 to 1000 times slower "
                              "than unquantized ones; drop {flag:quantize} ({flag:dtype} bfloat16 halves the weights' "
-                             "memory instead)")
+                             "memory instead; on the command line -q is --quantize, as in mlx-examples, and --quiet "
+                             "is the quiet flag)")
         self.folder, source = model_io.resolve_model(m.model, self.variant, m.vae, m.prediction_type)
         model_io.check_model_folder(self.folder, self.variant)
         config = read_pipeline_config(self.folder, self.notices, self.warnings)

@@ -151,6 +151,10 @@ def test_salt_is_made_once_private_to_its_user_and_refused_when_others_can_read_
     monkeypatch.setenv("SD_PROMPT_SALT", str(broken))
     with pytest.raises(InputError, match="64 hex digits"):
         privacy.salt()
+    monkeypatch.setenv("SD_PROMPT_SALT", str(tmp_path))  # a folder: SD_PROMPT_SALT is set, and said to be
+    with pytest.raises(InputError, match="is not a regular file; remove it or point SD_PROMPT_SALT at another "
+                                         "file of this user's"):
+        privacy.salt()
 
 
 def test_arguments_as_typed_lose_their_texts(tmp_path):
