@@ -459,7 +459,7 @@ def _output_advice(error: Exception) -> str:
     if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         return "; free some space or write elsewhere with --output"
     if isinstance(cause, OSError) and cause.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return "; make the folder writable, or write elsewhere with --output"
+        return "; make the folder and any file of that name there writable, or write elsewhere with --output"
     if isinstance(cause, OSError):
         return "; check the disk, or write elsewhere with --output"
     return ""
