@@ -32,6 +32,10 @@ _OPTIONAL_VALUES = options.optional_values()
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = options.NEGATIVE_NUMBER  # argparse's own: whole numbers only
+
     def error(self, message):  # one line and exit status 2, like every other input error
         if message == "the following arguments are required: prompt" and "image" in self._positional_names():
             message += "; one of the picture and the prompt is missing: give the input picture first, then the prompt"

@@ -355,8 +355,9 @@ def compute_dtype(no_float16: bool, dtype: str | None) -> str | None:
     return "float32" if no_float16 else dtype
 
 
-# A negative number: a value to argparse (`--seed -1`), not a flag.
-NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
+# A value that starts with "-" and a digit (`--seed -1`, `--size -64x64`, `--triangle_strengths -0.1,0.5`):
+# a value to argparse, not a flag (no flag of ours starts so), and refused by the value's own check.
+NEGATIVE_NUMBER = re.compile(r"^-\.?\d")
 
 
 def optional_values() -> dict:
