@@ -198,7 +198,8 @@ class Curve:
     """The over-smoothing curve of one trajectory: one record per step given to `add`.
 
     Each record is a flat, JSON-ready dict:
-      step, t, sigma;
+      step, t, sigma; x0_t, x0_sigma: where the denoised estimate was made (the step before: its
+        time and level; None where the caller does not say, or a step has no estimate);
       x_t_detail, x_t_change: `detail` of the latent x_t, and the RMS of x_t minus the previous
         recorded x_t (None on the first record);
       x0_detail, x0_change: the same for the denoised estimate x0_pred (None where a step has no
@@ -220,7 +221,7 @@ class Curve:
         return [dict(r) for r in self._records]
 
     def add(self, step_index: int, t: float, sigma: float, x_t, x0_pred=None, pixels=None,
-            pixels_of: str = "x0_pred") -> dict:
+            pixels_of: str = "x0_pred", x0_t: float | None = None, x0_sigma: float | None = None) -> dict:
         """Measure one step and return its record. Steps must come in increasing order.
 
         x_t, x0_pred: latents (h, w, C) or (1, h, w, C); pixels: the decoded picture (H, W, 3) in
@@ -244,6 +245,8 @@ class Curve:
 
         record = {
             "step": int(step_index), "t": float(t), "sigma": float(sigma),
+            "x0_t": None if x0_pred is None or x0_t is None else float(x0_t),
+            "x0_sigma": None if x0_pred is None or x0_sigma is None else float(x0_sigma),
             "x_t_detail": detail(x_t), "x_t_change": change("x_t", x_t),
             "x0_detail": None if x0_pred is None else detail(x0_pred),
             "x0_change": change("x0", x0_pred),
@@ -271,8 +274,9 @@ class Curve:
         that the candidates are always compared in one space. x_t is never used: the noise it still
         carries would count as detail. Ties go to the later step.
 
-        Returns {"step", "t", "sigma", "detail", "basis": "pixels" | "latent", "among": [steps],
-        "final_detail": the last candidate's, to weigh the choice against}.
+        Returns {"step", "t", "sigma", "x0_t", "x0_sigma" (where the estimate was made), "detail",
+        "basis": "pixels" | "latent", "among": [steps], "final_detail": the last candidate's, to
+        weigh the choice against}.
         """
         if last_n < 1:
             raise ValueError(f"best needs last_n >= 1, got {last_n}")
@@ -287,5 +291,5 @@ class Curve:
         key = "pixel_detail" if by_pixels else "x0_detail"
         chosen = max(reversed(candidates), key=lambda r: r[key])  # max keeps the first: the latest
         return {"step": chosen["step"], "t": chosen["t"], "sigma": chosen["sigma"],
-                "detail": chosen[key], "basis": "pixels" if by_pixels else "latent",
+                "x0_t": chosen["x0_t"], "x0_sigma": chosen["x0_sigma"], "detail": chosen[key], "basis": "pixels" if by_pixels else "latent",
                 "among": [r["step"] for r in candidates], "final_detail": candidates[-1][key]}

@@ -213,7 +213,7 @@ def picture_texts(plan, record: dict, source: dict, info: dict, size: tuple) -> 
         shows = {"xt": "x_t", "x0": "x0_pred", "both": "x_t and x0_pred"}[info["shows"]]
         decoder = "vae" if kind == "best" else spec.capture.preview
         t, sigma = info["t"], info["sigma"]
-        if shows == "x0_pred" and "x0_t" in info:  # the estimate's own time
+        if shows == "x0_pred" and info.get("x0_t") is not None:  # the estimate's own time
             t, sigma = info["x0_t"], info["x0_sigma"]
         frame = infotext.FrameInfo(info["step"], info["count"], t, sigma, shows, decoder)
     elif kind == "noise":

@@ -502,7 +502,8 @@ def curve_plot(curves, measures: Sequence[str], marked=None, best=None,
     marked: {label: step indices} drawn as dots (the kept frames); best: {label: step index}
       drawn as a ring.
     x: "step" (step index, increasing) or "t" (the noise level, high on the left, so that
-      curves of different strengths line up and every one ends at t = 0 on the right).
+      curves of different strengths line up and every one ends at t = 0 on the right); on t, a
+      measure of the denoised estimate (`x0_...`) is placed where the estimate was made (`x0_t`).
     Points without a value are left out and the line joins the neighbours that have one.
     """
     if x not in ("step", "t"):
@@ -545,7 +546,12 @@ def curve_plot(curves, measures: Sequence[str], marked=None, best=None,
         else:
             lo, hi, ticks, labels = 0.0, 1.0, [], []
         panels.append((m, lo, hi, ticks, labels, bool(values)))
-    xs = [float(r[x]) for records in curves.values() for r in records]
+    def x_of(r, m=None):
+        if x == "t" and m is not None and m.startswith("x0_") and r.get("x0_t") is not None:
+            return float(r["x0_t"])
+        return float(r[x])
+
+    xs = [x_of(r) for records in curves.values() for r in records]
     x_lo, x_hi = min(xs), max(xs)
     if x_hi == x_lo:
         x_lo, x_hi = x_lo - 1, x_hi + 1
@@ -591,7 +597,7 @@ def curve_plot(curves, measures: Sequence[str], marked=None, best=None,
                       "no data", fill=(120, 120, 120), font=font)
             continue
         for label, colour in entries:
-            points = [(to_px(float(r[x]), x_lo, x_hi, left, box_w, reverse=(x == "t")),
+            points = [(to_px(x_of(r, m), x_lo, x_hi, left, box_w, reverse=(x == "t")),
                        to_px(r[m], lo, hi, by, box_h, reverse=True), r["step"])
                       for r in curves[label] if r.get(m) is not None]
             if len(points) > 1:

@@ -367,7 +367,8 @@ class Curves(Sink):
         if i is None:
             return
         x0 = None if step.x0_pred is None else step.x0_pred[:1]
-        self.curves[i].add(step.index, step.t, step.sigma, step.x_t[:1], x0)
+        self.curves[i].add(step.index, step.t, step.sigma, step.x_t[:1], x0, x0_t=step.t_pred,
+                           x0_sigma=step.sigma_pred)
         if self.last is not None and x0 is not None and step.index > step.count - self.last:
             self.estimates[step.index] = step.x0_pred
 
@@ -416,8 +417,9 @@ class BestStep(Sink):
         final = best["final_detail"]
         against = ("the final step" if best["step"] == best["among"][-1] else
                    f"the final step's {final:.4g}, {100 * (best['detail'] - final) / abs(best['detail'] or 1):.1f}% less")
+        made = best["t"] if best["x0_t"] is None else best["x0_t"]  # the estimate's own time
         self.say(f"most detail among the last {self.curves.last} steps: step {best['step']} "
-                 f"(t={best['t']:g}, x0 detail {best['detail']:.4g}; {against})")
+                 f"(x0_pred from t={made:g}, detail {best['detail']:.4g}; {against})")
         if self.path is not None:
             estimate = self.curves.estimates[best["step"]]
             self.writer.save(self.path, self.writer.grid(self.vae(estimate)),

@@ -83,6 +83,11 @@ def test_curve_best_step_and_keep_best(tmp_path, picture, sd2):
         in result.stdout
     files = {f["file"]: f for f in record["files"]}
     assert files["c.best.png"]["step"] == best["step"] and files["c.best.png"]["kind"] == "best"
+    # the estimate's own time, as the x0 frames say it: the step before's (it said the step's own)
+    assert best["x0_t"] == curve[best["step"] - 1]["t"] == curve[best["step"]]["x0_t"]
+    assert f"step {best['step']} (x0_pred from t={best['x0_t']:g}, detail" in result.stdout
+    parameters = Image.open(tmp_path / "c.best.png").text["parameters"]
+    assert f"Trajectory t: {best['x0_t']:g}," in parameters and "Trajectory shows: x0_pred" in parameters
     with Image.open(tmp_path / "c.curve.png") as plot:
         assert plot.size[0] >= 600 and plot.size[1] >= 300
     assert Image.open(tmp_path / "c.best.png").size == (64, 64)

@@ -156,15 +156,15 @@ def test_curve_records_details_and_changes():
     curve = Curve()
     first = curve.add(0, 500.0, 1.2, z[0], None)
     second = curve.add(1, 250.0, 0.6, mx.array(z[1][None].astype(np.float32)), z[2])
-    third = curve.add(2, 0.0, 0.0, z[2], z[3])
-    assert first == {"step": 0, "t": 500.0, "sigma": 1.2, "x_t_detail": detail(z[0]),
+    third = curve.add(2, 0.0, 0.0, z[2], z[3], x0_t=250.0, x0_sigma=0.6)
+    assert first == {"step": 0, "t": 500.0, "sigma": 1.2, "x0_t": None, "x0_sigma": None, "x_t_detail": detail(z[0]),
                      "x_t_change": None, "x0_detail": None, "x0_change": None,
                      "pixel_detail": None, "pixel_change": None, "pixels_of": None,
                      "pixel_change_from": None}
     assert second["x_t_detail"] == pytest.approx(detail(z[1]), rel=1e-6)  # read as float32
     assert second["x_t_change"] == pytest.approx(np.sqrt(np.mean((z[1] - z[0]) ** 2)), rel=1e-6)
     assert second["x0_change"] is None  # step 0 had no estimate
-    assert third["x0_detail"] == detail(z[3])
+    assert third["x0_detail"] == detail(z[3]) and (third["x0_t"], third["x0_sigma"]) == (250.0, 0.6)
     assert third["x0_change"] == pytest.approx(np.sqrt(np.mean((z[3] - z[2]) ** 2)), rel=1e-12)
     assert [r["step"] for r in curve.records] == [0, 1, 2]
     json.dumps(curve.records, allow_nan=False)
