@@ -113,34 +113,33 @@ def prepare(output: Path, notice) -> None:
                f"{folder}: {', '.join(removed[:3])}" + (" ..." if len(removed) > 3 else ""))
 
 
-def check_output(output: Path) -> None:
+def check_output(output: Path, named: bool = True) -> None:
     """What the output's names allow, read without making anything (a sweep checks every run's
     before the first): not a folder, not another run's file, a record of ours or nothing where
-    the sidecar goes, and a folder (or room for one) where the output goes."""
+    the sidecar goes, and a folder (or room for one) where the output goes. `named` False: a
+    sweep's run, whose name the sweep gave in the folder the user named."""
     output = Path(output)
+    head = f"{{flag}} {output}" if named else str(output)
+    other = "choose another {flag} name" if named else "give the sweep another folder ({flag}) or other names (--name)"
     place, _ = files.existing_ancestor(output.parent)
     if not place.is_dir():
         what = files.special_file(place) or "a file"
-        raise SpecError("output", f"{{flag}} {output}: {place} is {what}, not a folder; move it, or "
-                                  "choose another {flag} name")
+        raise SpecError("output", f"{head}: {place} is {what}, not a folder; move it, or {other}")
     if output.is_dir():
-        raise SpecError("output", f"{{flag}} {output} is a folder; name a .png file in it, e.g. "
-                         f"{output / 'out.png'}")
+        raise SpecError("output", f"{head} is a folder; name a .png file in it, e.g. {output / 'out.png'}"
+                        if named else f"{head} is a folder; move it, or {other}")
     sidecar = output.with_suffix(".json")
     derived = _DERIVED.fullmatch(output.with_suffix("").name)
     if derived and output.with_name(derived[1] + ".json").is_file():
-        raise SpecError("output", f"{{flag}} {output} is named as a file of the run "
-                         f"{output.with_name(derived[1])}.*, whose sidecar "
-                         f"{output.with_name(derived[1] + '.json')} lists its files; choose another name")
+        raise SpecError("output", f"{head} is named as a file of the run {output.with_name(derived[1])}.*, "
+                                  f"whose sidecar {output.with_name(derived[1] + '.json')} lists its files; {other}")
     if sidecar.is_dir():
-        raise SpecError("output", f"{{flag}} {output}: {sidecar} is a folder, where the run writes its "
-                                  "record; choose another {flag} name")
+        raise SpecError("output", f"{head}: {sidecar} is a folder, where the run writes its record; {other}")
     try:  # the run replaces its record: only one of ours may stand there
         read_own_sidecar(sidecar)
     except NotOurs as e:
-        raise SpecError("output", f"{{flag}} {output}: the run writes its record as {sidecar}, and "
-                                  f"what is there is not ours to replace ({e}); move it, or choose "
-                                  "another {flag} name") from None
+        raise SpecError("output", f"{head}: the run writes its record as {sidecar}, and what is there is "
+                                  f"not ours to replace ({e}); move it, or {other}") from None
 
 
 def planned_files(plan, names: FileNames) -> list:

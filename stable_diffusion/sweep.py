@@ -176,7 +176,7 @@ def expand(base: RunSpec, grid: Grid, folder: Path, pattern: str | None = None) 
             raise SpecError("name", f"{{flag}} {pattern!r} gives {both} to runs {seen[key][0] + 1} and "
                                     f"{index + 1}; add the fields that vary, or more digits")
         seen[key] = (index, given)
-        spec = replace(spec, output=folder / f"{name}.png")
+        spec = replace(spec, output=folder / f"{name}{base.output.suffix}")
         try:
             spec = spec.validate()
         except SpecError as e:
@@ -261,7 +261,7 @@ def check_plans(runs: list, session, image_size: tuple | None, notice=lambda lin
         try:
             plans.append(plan_for(session, run.spec, image_size, notice))
             names = FileNames(run.spec.output, plans[-1].longest)
-            check_output(run.spec.output)  # a file where its folder goes, ...: refused now, not as it starts
+            check_output(run.spec.output, named=False)  # a file where its folder goes, ...: refused now
             _stays_inside(run)
             # the user's files, in the folder
             paths = planned_files(plans[-1], names)

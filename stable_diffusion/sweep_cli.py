@@ -22,7 +22,7 @@ from pathlib import Path
 from . import cli, options, signals
 from .console import Console
 from .errors import InputError
-from .spec import SpecError
+from .spec import PICTURE_SUFFIXES, SpecError
 from .sweep import MANIFEST, Sweep, expand
 from .sweep_grid import GRID_KEYS, KINDS, Grid, parse_values, read_grid_file, read_prompts
 
@@ -125,7 +125,7 @@ def build_sweep(command: str, args) -> tuple:
     single.prompt = args.prompt or ""
     single.strength, single.seed, single.cfg, single.steps = 0.9, None, None, None
     single.sampler = single.schedule = None
-    single.output = folder / "run.png"
+    single.output = folder / f"run{PICTURE_SUFFIXES[args.output_format or 'png'][0]}"  # its format's name
     cli.check_arguments(single, command)
     base, model = cli.build_specs(command, single)
     grid = Grid.of(values)

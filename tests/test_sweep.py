@@ -511,6 +511,25 @@ def test_a_runs_picture_replaces_only_a_file_of_ours(capsys, tmp_path, picture, 
     assert json.loads((out / "sweep.json").read_text())["ran"] == 2
 
 
+def test_a_sweep_writes_every_picture_format_and_names_its_runs_files_in_its_refusals(capsys, tmp_path, picture,
+                                                                                    sd2):
+    """--output_format jpeg or webp was refused ("--output out/run.png must end in .jpg"): the base
+    spec was named run.png whatever the format."""
+    out = tmp_path / "out"
+    args = ["image2image", picture, "x", "--model", sd2, "--steps", 2, "--strengths", "0.5,1", "--seeds", 1,
+            "-sd", 1, "--quiet", "-o", out]
+    assert in_process(capsys, *args, "--output_format", "webp")[0] == 0
+    assert sorted(p.name for p in out.glob("s1.00*")) == ["s1.00.json", "s1.00.step-000.webp",
+                                                          "s1.00.step-001.webp", "s1.00.step-002.webp", "s1.00.webp"]
+    assert in_process(capsys, *args, "--output_format", "webp")[0] == 0  # taken up again: nothing to make
+    assert json.loads((out / "sweep.json").read_text())["ran"] == 0
+    (out / "s0.50.json").write_text("{damaged")  # refused before any work, in the sweep's words
+    status, _, err = in_process(capsys, *args, "--output_format", "webp")
+    assert status == 2 and err.startswith(f"error: run s0.50: {out / 's0.50.webp'}: the run writes its record as "
+                                          f"{out / 's0.50.json'}, and what is there is not ours to replace"), err
+    assert "move it, or give the sweep another folder (--output) or other names (--name)" in err
+
+
 def test_a_sheet_that_cannot_be_written_is_said_and_the_sweep_fails(capsys, tmp_path, picture, sd2, monkeypatch):
     """It said "sweep done: ...; sweep.sheet.png", exit 0, with no sheet on disk."""
     from stable_diffusion import sweep as sweep_module
