@@ -289,10 +289,12 @@ def _check_environment() -> None:
 
 def _text_argument(args, name: str, console) -> bytes | None:
     """A prompt given as bytes that are not UTF-8 (kept by Python as surrogates) is read with each
-    bad byte replaced by U+FFFD; returns the bytes themselves (for the record), or None. Bytes that
-    are UTF-8 are read as such in any locale (LC_ALL=C read them as undecodable)."""
-    text = getattr(args, name)
+    bad byte replaced by U+FFFD; returns the bytes themselves (for the record, the prompts'), or
+    None. Bytes that are UTF-8 are read as such in any locale (LC_ALL=C read them as undecodable)."""
+    text = getattr(args, name, None)
     try:
+        if text is None:
+            return None
         text.encode("utf-8")
         return None
     except UnicodeEncodeError:
@@ -304,8 +306,8 @@ def _text_argument(args, name: str, console) -> bytes | None:
     except UnicodeDecodeError:
         pass
     setattr(args, name, raw.decode("utf-8", "replace"))
-    console.notice(f"the {name.replace('_', ' ')} is not UTF-8 text: its bad bytes read as U+FFFD "
-                   "(the bytes are kept in the sidecar)")
+    kept = " (the bytes are kept in the sidecar)" if name in ("prompt", "negative_prompt") else ""
+    console.notice(f"the {name.replace('_', ' ')} is not UTF-8 text: its bad bytes read as U+FFFD{kept}")
     return raw
 
 
@@ -378,7 +380,8 @@ def _command(command: str, typed: list, console: Console) -> int:
     try:
         check_arguments(args, command)
         _check_environment()
-        raw = {name: _text_argument(args, name, console) for name in ("prompt", "negative_prompt")}
+        raw = {name: _text_argument(args, name, console) for name in ("prompt", "negative_prompt",
+                                                                       "inversion_prompt")}
         spec, model = build_specs(command, args)
     except SpecError as e:  # a value the replayed picture gave, not the user: said to be its
         replayed, action = find(typed, parser), parser.action_of(FLAGS.get(e.field, "-"))

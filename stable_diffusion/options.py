@@ -74,7 +74,11 @@ def embedding_argument(text: str) -> tuple:
         if not token:
             raise argparse.ArgumentTypeError(f"{text!r} ends in ':'; give a TOKEN after it or leave the "
                                              "':' out")
-        return path, token
+        try:  # typed as UTF-8, whatever the locale read it as (LC_ALL=C keeps its bytes as surrogates)
+            return path, os.fsencode(token).decode("utf-8")
+        except UnicodeDecodeError:
+            raise argparse.ArgumentTypeError(f"the TOKEN of {ascii(text)} is not UTF-8 text; type it as "
+                                             "UTF-8") from None
     return text, None
 
 

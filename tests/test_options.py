@@ -229,3 +229,15 @@ def test_sweep_names_its_own_flags_and_the_single_commands(tmp_path):
     # A user's name pattern keeps its own braces: only {flag:FIELD} names a field.
     error = SpecError("name", "{flag} 's{seed:04d}' uses {seed}; add {flag:seed}")
     assert error.named(SWEEP_FLAGS) == "--name 's{seed:04d}' uses {seed}; add --seed"
+
+
+def test_an_embedding_token_is_read_as_utf8_whatever_the_locale_read():
+    """LC_ALL=C keeps a token's bytes as surrogates: the embedding was learnt under another token,
+    and the prompt's word (read as UTF-8) never met it."""
+    import argparse
+    import os
+
+    typed = b"emb.safetensors:ch\xc3\xa0t".decode("ascii", "surrogateescape")  # as LC_ALL=C reads it
+    assert options.embedding_argument(typed) == ("emb.safetensors", "ch\u00e0t")
+    with pytest.raises(argparse.ArgumentTypeError, match="the TOKEN of .* is not UTF-8 text"):
+        options.embedding_argument(os.fsdecode(b"emb.safetensors:ch\xe0t"))

@@ -1117,11 +1117,12 @@ def test_arguments_that_are_not_utf8(tmp_path, picture, sd2):
     # they were said not to be, and the record differed from a UTF-8 locale's
     c_locale = dict(os.environ, PYTHONUTF8="0", LC_ALL="C", LANG="C", PYTHONCOERCECLOCALE="0")
     result = subprocess.run([sys.executable, ROOT / "image2image.py", picture, "un caf\u00e9 \u2603", "--model",
-                             sd2, "--steps", "2", "--output", tmp_path / "c.png"], capture_output=True,
-                            timeout=300, env=c_locale)
-    assert result.returncode == 0 and b"not UTF-8" not in result.stderr, result.stderr
-    record = sidecar(tmp_path / "c.json")
+                             sd2, "--steps", "2", "--noising_path", "inversion", "--inversion_prompt", "caf\u00e9",
+                             "--output", tmp_path / "c.png"], capture_output=True, timeout=300, env=c_locale)
+    assert result.returncode == 0 and b"not UTF-8" not in result.stderr, result.stderr  # the inversion prompt
+    record = sidecar(tmp_path / "c.json")  # failed "(UnicodeEncodeError)" after the model loaded
     assert record["prompt"] == "un caf\u00e9 \u2603" and "prompt_bytes_hex" not in record
+    assert record["inversion"]["prompt"] == "caf\u00e9"
 
 
 # --- one writer per output name -----------------------------------------------------------------------
