@@ -62,7 +62,7 @@ from .errors import ModelError
 from .spec import MAX_LORA_WEIGHT
 from .files import file_digest, open_regular, special_file
 from .model_io import read_safetensors_header
-from .safetensors_io import converted_name, refuse_pickle
+from .safetensors_io import refuse_pickle
 from .single_file import unet_ldm_key
 from .tokenizer import clean_text
 
@@ -153,7 +153,7 @@ class _Module:
 def adapter_path(path, what: str, folder_file: str, pickle_hint: str | None = None) -> Path:
     """The safetensors file of an adapter: `path` itself, or `folder_file` in the folder `path`.
     Pickle files are refused unopened, with `pickle_hint` (a conversion) where given, else with
-    single_file.refuse_pickle's."""
+    safetensors_io.refuse_pickle's."""
     path = Path(path).expanduser()
     kind = special_file(path)
     if kind is not None:
@@ -165,14 +165,7 @@ def adapter_path(path, what: str, folder_file: str, pickle_hint: str | None = No
     if not path.is_file():
         raise ModelError(f"{what} {path} does not exist")
     open_regular(path, "adapter", f"{what} file").close()  # within the cap (hashed after the run)
-    try:
-        refuse_pickle(path)
-    except ModelError:
-        if pickle_hint is None:
-            raise
-        raise ModelError(f"{path} is a pickle file: loading one can run any code it holds, so this tool reads "
-                         f"safetensors only; {pickle_hint.format(path=path, out=converted_name(path))}"
-                         ) from None
+    refuse_pickle(path, conversion=pickle_hint)
     return path
 
 

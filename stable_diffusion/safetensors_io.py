@@ -37,23 +37,25 @@ MAX_HEADER_BYTES = 100_000_000
 MAX_TENSORS = 100_000
 
 
-def refuse_pickle(path: Path, head: bytes | None = None) -> None:
+def refuse_pickle(path: Path, head: bytes | None = None, conversion: str | None = None) -> None:
     """Pickle files are never opened; the message gives the one-line conversion (torch's
-    weights-only loader, which refuses code, then safetensors). `head`: a file's first bytes, which
-    tell a pickle (torch's zip, or a bare pickle) whatever its name."""
+    weights-only loader, which refuses code, then safetensors; `conversion`, with {path} and {out},
+    gives another, as an embedding's). `head`: a file's first bytes, which tell a pickle (torch's
+    zip, or a bare pickle) whatever its name."""
     # torch.save's zip, or a pickle's PROTO opcode with protocol 2 to 5 (a header's length may start 0x80)
     by_content = head is not None and (head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and 2 <= head[1] <= 5))
     if not by_content and path.suffix.lower() in PICKLE_SUFFIXES and _holds_safetensors(path):
         raise ModelError(f"{path} is named as a pickle checkpoint but holds a safetensors file; give it "
-                         f"its name (a copy as {path.with_suffix('.safetensors').name}) and pass that")
+                         f"its name (a copy as {converted_name(path).name}) and pass that")
     if by_content or path.suffix.lower() in PICKLE_SUFFIXES:
         out = converted_name(path, by_content)
+        conversion = conversion or (
+            "convert it once (python -c \"import torch, safetensors.torch as s; d = torch.load('{path}', "
+            "weights_only=True); s.save_file({{k: v.contiguous().clone() for k, v in d.get('state_dict', "
+            "d).items() if torch.is_tensor(v)}}, '{out}')\") or use a .safetensors copy of the model")
         raise ModelError(f"{path} is a pickle checkpoint{' (whatever its name says)' if by_content else ''}: "
-                         "loading one can run any code it holds, so "
-                         "this tool reads safetensors only; convert it once (python -c \"import torch, "
-                         f"safetensors.torch as s; d = torch.load('{path}', weights_only=True); "
-                         "s.save_file({k: v.contiguous().clone() for k, v in d.get('state_dict', d).items() "
-                         f"if torch.is_tensor(v)}}, '{out}')\") or use a .safetensors copy of the model")
+                         "loading one can run any code it holds, so this tool reads safetensors only; "
+                         + conversion.format(path=path, out=out))
 
 
 def converted_name(path: Path, by_content: bool = False) -> Path:

@@ -485,6 +485,9 @@ def test_pickle_files_are_refused_unopened(sd1, tmp_path, monkeypatch):
     misnamed = kohya_file(tmp_path / "k.ckpt", "sd1", attention_layers, seed=9, alpha=1.0, conv_alpha=1.0, ldm=False)
     expect_model_error(lambda: sd1.load_lora(misnamed), f"{misnamed} is named as a pickle checkpoint but holds a "
                        "safetensors file; give it its name (a copy as k.safetensors) and pass that")
+    misnamed.rename(tmp_path / "lora.pt")  # as an embedding, beside a lora.safetensors of the user's
+    expect_model_error(lambda: sd1.load_textual_inversion(tmp_path / "lora.pt"), "holds a safetensors file; give "
+                       "it its name (a copy as lora.converted.safetensors)")
 
 
 def test_factors_that_do_not_fit_their_layer_change_nothing(sd1, tmp_path):
