@@ -20,7 +20,10 @@ LoRA formats (key names from diffusers' loaders and kohya's sd-scripts):
 - diffusers / PEFT: `unet.<module>.lora_A.weight` (down) and `.lora_B.weight` (up), and
   `text_encoder.` / `text_encoder_2.` with transformers' module names, with or without
   `text_model.`. Alpha, where not the rank, comes from the safetensors metadata
-  `lora_adapter_metadata` (diffusers' `<component>.lora_alpha`, `.alpha_pattern`, `.use_rslora`).
+  `lora_adapter_metadata` (diffusers' `<component>.lora_alpha`, `.alpha_pattern`, `.use_rslora`);
+  a pattern is matched as PEFT matches it, a text encoder's module in both the names transformers'
+  CLIP classes give it (with `text_model.`, and without, as transformers 5's CLIPTextModel has it;
+  diffusers there drops a pattern written with `text_model.`).
 - kohya sd-scripts: `lora_unet_<module>`, `lora_te_` / `lora_te1_` (the first text encoder),
   `lora_te2_` (SDXL's second), the module path with `.` flattened to `_`, then `.lora_down.weight`,
   `.lora_up.weight` and a scalar `.alpha`. SD 1.x/2.x files name UNet modules as diffusers does;
@@ -422,12 +425,13 @@ def _module_pattern(path: Path, field: str, pattern: str) -> re.Pattern:
     return re.compile(("" if pattern.startswith("^") else r"(?:.*\.)?") + fnmatch.translate(glob))
 
 
-def _peft_alpha(settings: dict, module: str, rank: int) -> tuple[float, float]:
-    """(alpha, divisor) of a PEFT module (its name in its component): alpha from the first
-    alpha_pattern matching the module, as PEFT takes it, else the component's lora_alpha, else the
-    rank; the divisor is the rank, or its square root under rsLoRA."""
+def _peft_alpha(settings: dict, names: tuple, rank: int) -> tuple[float, float]:
+    """(alpha, divisor) of a PEFT module (`names`: its name in its component, in each form it may
+    have): alpha from the first alpha_pattern matching the module, as PEFT takes it, else the
+    component's lora_alpha, else the rank; the divisor is the rank, or its square root under
+    rsLoRA."""
     alpha = settings.get("lora_alpha", rank)
-    alpha = next((v for pattern, v in settings.get("alpha_pattern", ()) if pattern.match(module)), alpha)
+    alpha = next((v for pattern, v in settings.get("alpha_pattern", ()) if any(map(pattern.match, names))), alpha)
     return float(alpha), math.sqrt(rank) if settings.get("use_rslora") else float(rank)
 
 
@@ -456,7 +460,11 @@ def load_lora(sd, path, weight: float = 1.0, allow_partial: bool = False) -> Lor
         if module.alpha is not None:
             alpha, divisor = float(tensors[module.alpha].astype(mx.float32).reshape(-1)[0].item()), module.rank
         elif module.name.startswith(component + ".") and component in peft:  # a PEFT name
-            alpha, divisor = _peft_alpha(peft[component], module.name.removeprefix(component + "."), module.rank)
+            # PEFT matches the live model's names: a text encoder's carry `text_model.` in some
+            # versions of transformers' CLIP classes and not in others, so both forms are matched
+            bare = module.name.removeprefix(component + ".").removeprefix("text_model.")
+            names = (bare,) if component == "unet" else (bare, "text_model." + bare)
+            alpha, divisor = _peft_alpha(peft[component], names, module.rank)
         else:
             alpha, divisor = float(module.rank), float(module.rank)
         finite = mx.all(mx.isfinite(down)) & mx.all(mx.isfinite(up))

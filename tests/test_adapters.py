@@ -300,10 +300,15 @@ def test_alpha_patterns_are_read_as_peft_reads_them(tiny_model, parity, referenc
     metadata = {"unet.r": RANK, "unet.lora_alpha": 8, "unet.alpha_pattern": {
         r"down_blocks\.0.*attn1\.to_q": 1, "to_k$": 2, "^up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v": 16,
         "attn2.to_v": 3}, "unet.target_modules": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
-                                                   "ff.net.0.proj", "ff.net.2"]}
-    path = peft_file(tmp_path / "peft.safetensors", "sd1", lambda c, n: c == "unet" and attention_layers(c, n),
+                                                   "ff.net.0.proj", "ff.net.2"],
+        # anchored at the live model's name, which this transformers' CLIPTextModel holds without
+        # text_model. (the file's keys hold it): matched in both forms
+        "text_encoder.r": RANK, "text_encoder.lora_alpha": 8, "text_encoder.alpha_pattern": {
+            "^encoder.layers.0.self_attn.q_proj": 1, "fc1": 2},
+        "text_encoder.target_modules": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]}
+    path = peft_file(tmp_path / "peft.safetensors", "sd1", attention_layers,
                      seed=7, metadata={"format": "pt", "lora_adapter_metadata": json.dumps(metadata)})
-    run_lora_case(tiny_model, parity, "alpha-patterns", "sd1", [(path, 1.0)], ("unet",), tmp_path)
+    run_lora_case(tiny_model, parity, "alpha-patterns", "sd1", [(path, 1.0)], ("unet", "text_encoder"), tmp_path)
     metadata["unet.alpha_pattern"] = {"attn(1|2).to_q": 1}
     bad = peft_file(tmp_path / "bad.safetensors", "sd1", lambda c, n: c == "unet" and attention_layers(c, n),
                     seed=7, metadata={"format": "pt", "lora_adapter_metadata": json.dumps(metadata)})
