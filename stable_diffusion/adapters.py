@@ -65,7 +65,7 @@ from .errors import ModelError
 from .spec import MAX_LORA_WEIGHT
 from .files import file_digest, open_regular, special_file
 from .model_io import read_safetensors_header
-from .safetensors_io import refuse_pickle
+from .safetensors_io import load_tensors, refuse_pickle
 from .single_file import unet_ldm_key
 from .tokenizer import clean_text
 
@@ -187,8 +187,7 @@ def _header(path: Path, what: str) -> tuple[dict, dict]:
 
 def _tensors(path: Path) -> dict:
     try:
-        return mx.load(str(path), format="safetensors")  # lazy: a tensor is read when evaluated;
-        # the format given, as a file's name need not end in .safetensors (a hub cache's blob)
+        return load_tensors(path)  # lazy: a tensor is read when evaluated
     except (RuntimeError, ValueError) as e:
         raise ModelError(f"cannot read {path} ({e}); the file is damaged") from None
 

@@ -58,6 +58,22 @@ def refuse_pickle(path: Path, head: bytes | None = None, conversion: str | None 
                          + conversion.format(path=path, out=out))
 
 
+def load_tensors(path) -> dict:
+    """mx.load of a safetensors file, lazily (a tensor is read when evaluated). MLX takes its name
+    as UTF-8: one that is not (its bytes read by a locale as surrogates, LC_ALL=C) is opened here
+    and named by its descriptor, which MLX opens again for itself."""
+    name = os.fspath(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            return mx.load(f"/proc/self/fd/{fd}", format="safetensors")
+        finally:
+            os.close(fd)
+    return mx.load(name, format="safetensors")  # given: a hub cache's blob has no suffix
+
+
 def converted_name(path: Path, by_content: bool = False) -> Path:
     """Where the conversion a refusal gives writes a pickle's safetensors copy: never a file there."""
     out = path.with_suffix(".safetensors")

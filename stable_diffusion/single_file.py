@@ -58,7 +58,7 @@ from .config import ConfigError, VAEConfig, load_json
 from .errors import ModelError
 from .files import content_mark
 from .private_cache import POINTER, cached_folder, views_root
-from .safetensors_io import read_safetensors_header, read_safetensors_places, refuse_pickle
+from .safetensors_io import load_tensors, read_safetensors_header, read_safetensors_places, refuse_pickle
 
 ARCHITECTURE_KEY = "mlx_sd.architecture"
 TOKENIZER_KEY = "mlx_sd.tokenizer"
@@ -449,7 +449,7 @@ def component_weights(model, pointer: dict, mapper) -> tuple[dict, dict]:
     header, places = read_safetensors_places(path)
     expected = dict(tree_flatten(model.parameters()))
     try:
-        tensors = mx.load(str(path))  # lazy: only the tensors taken below are read
+        tensors = load_tensors(path)  # lazy: only the tensors taken below are read
     except (RuntimeError, ValueError) as e:
         raise ModelError(f"cannot read {path} ({e}); the file is damaged: fetch it again") from None
     mismatch = ("; the file does not match the architecture inferred from it: it is damaged "

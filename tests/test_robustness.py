@@ -1123,6 +1123,21 @@ def test_arguments_that_are_not_utf8(tmp_path, picture, sd2):
     record = sidecar(tmp_path / "c.json")  # failed "(UnicodeEncodeError)" after the model loaded
     assert record["prompt"] == "un caf\u00e9 \u2603" and "prompt_bytes_hex" not in record
     assert record["inversion"]["prompt"] == "caf\u00e9"
+    # a model and a LoRA whose names are not ASCII: MLX and the native reader take UTF-8 names
+    # ("cannot read ... (std::bad_cast); download it again")
+    from test_adapters import attention_layers, kohya_file
+
+    (tmp_path / "mod\u00e8le").symlink_to(sd2.resolve())
+    lora = kohya_file(tmp_path / "caf\u00e9.safetensors", "sd2", attention_layers, seed=3, alpha=4.0,
+                      conv_alpha=4.0, ldm=False)
+    outputs = []
+    for env, model in ((c_locale, "mod\u00e8le"), (dict(os.environ), sd2.resolve())):
+        outputs.append(tmp_path / f"m{len(outputs)}.png")
+        result = subprocess.run([sys.executable, ROOT / "image2image.py", picture, "x", "--model", model, "--lora",
+                                 lora.name, "--steps", "2", "--seed", "1", "--output", outputs[-1]],
+                                capture_output=True, timeout=300, env=env, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    assert np.array_equal(pixels(outputs[0]), pixels(outputs[1]))
 
 
 # --- one writer per output name -----------------------------------------------------------------------
