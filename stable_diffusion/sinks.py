@@ -11,6 +11,7 @@ saves each picture whole with its metadata, listed in the sidecar before it take
 
 from __future__ import annotations
 
+import math
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -439,17 +440,30 @@ class Fidelity(Sink):
         self.records: list = []
 
     def finish(self) -> None:
-        triangle = self.plan.spec.triangle
+        spec, (h, w) = self.plan.spec, self.reference.shape[:2]
+        # the pictures of one run lie in its grid, row-major (render.grid); a triangle's cells hold one
+        n = 1 if spec.triangle else spec.n_images
+        columns = math.ceil(n / spec.n_rows)
         for i, (picture, row) in enumerate(zip(self.pictures(), self.plan.rows)):
-            h, w = self.reference.shape[:2]
-            final = measures.fidelity(picture[:h, :w].astype(np.float64) / 255.0, self.reference,
-                                      self.ends.finals[i].x_t[:1], self.x0[:1])
-            start = measures.latent_distance(self.ends.starts[i].x_t[:1], self.x0[:1])
-            psnr = "identical" if final["psnr"] is None else f"PSNR {final['psnr']:.2f} dB"
-            where = f"s={row.strength:g} " if triangle else ""
-            self.say(f"{where}fidelity to the input: {psnr}, SSIM {final['ssim']:.3f}, latent RMS "
-                     f"{final['latent_rms']:.4g}; the start was latent RMS {start['rms']:.4g} from it")
-            self.records.append({"final": final, "start": start})
+            each = []
+            for k in range(n):
+                r, c = divmod(k, columns)
+                tile = picture[r * h:(r + 1) * h, c * w:(c + 1) * w].astype(np.float64) / 255.0
+                x0 = self.x0[min(k, self.x0.shape[0] - 1)][None]
+                each.append({"final": measures.fidelity(tile, self.reference, self.ends.finals[i].x_t[k:k + 1], x0),
+                             "start": measures.latent_distance(self.ends.starts[i].x_t[k:k + 1], x0)})
+            final, start = each[0]["final"], each[0]["start"]
+
+            def listed(part: str, key: str, form: str) -> str:  # one value a picture
+                return ", ".join(format(e[part][key], form) for e in each)
+
+            psnr = ", ".join("identical" if e["final"]["psnr"] is None else f"{e['final']['psnr']:.2f}" for e in each)
+            psnr = psnr if psnr == "identical" else f"PSNR {psnr} dB"
+            where = f"s={row.strength:g} " if spec.triangle else f"pictures 1 to {n}: " if n > 1 else ""
+            self.say(f"{where}fidelity to the input: {psnr}, SSIM {listed('final', 'ssim', '.3f')}, latent RMS "
+                     f"{listed('final', 'latent_rms', '.4g')}; the start was latent RMS "
+                     f"{listed('start', 'rms', '.4g')} from it")
+            self.records.append({"final": final, "start": start, **({"pictures": each} if n > 1 else {})})
 
     @property
     def psnrs(self) -> list:

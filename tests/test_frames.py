@@ -70,10 +70,21 @@ def test_readers_see_every_field_of_our_final_frames_and_triangle(tmp_path, pict
     w, h = Image.open(tmp_path / "t.png").size
     assert tri.metadata["Size"] == f"{w}x{h}" and tri.metadata["Cell size"] == "64x64"
     assert tri.metadata["Denoising strength per row"] == "0.5 1.0"
-    run(picture, "x", "--model", sd2, "--steps", 2, "--n_images", 2, "--seed", 1,
-        "--output", tmp_path / "g.png")
+    said = run(picture, "x", "--model", sd2, "--steps", 2, "--n_images", 4, "--n_rows", 2, "--seed", 1,
+               "--output", tmp_path / "g.png").stdout
     grid, _ = read_with_sd_parsers(tmp_path / "g.png")
-    assert grid.metadata["Size"] == "128x64" and grid.metadata["Cells"] == "grid 1 rows x 2 columns"
+    assert grid.metadata["Size"] == "128x128" and grid.metadata["Cells"] == "grid 2 rows x 2 columns"
+    # each picture of the grid measured against the input (the first alone was, said as the run's)
+    from stable_diffusion.measures import psnr
+
+    cells = np.asarray(Image.open(tmp_path / "g.png").convert("RGB"), np.float64) / 255
+    reference = np.asarray(Image.open(picture).convert("RGB"), np.float64) / 255  # 64x64, the working size
+    fidelity = sidecar(tmp_path / "g.json")["fidelity"]
+    ours = [p["final"]["psnr"] for p in fidelity["pictures"]]
+    assert fidelity["final"] == fidelity["pictures"][0]["final"] and len(set(ours)) == 4
+    for k, (r, c) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):  # the grid, row-major
+        assert ours[k] == pytest.approx(psnr(cells[r * 64:(r + 1) * 64, c * 64:(c + 1) * 64], reference), abs=0.05)
+    assert f"pictures 1 to 4: fidelity to the input: PSNR {', '.join(f'{v:.2f}' for v in ours)} dB" in said
 
 
 @pytest.mark.parametrize("fmt, suffix", [("webp", ".webp"), ("jpeg", ".jpg")])
