@@ -273,7 +273,7 @@ def _sinks(plan, names, writer, sd, x0, picture, console, timings) -> list:
             if c.frames_are_pictures:  # the rows' last cells are that picture
                 return [row[-1] for row in cells.cells]
             return list(render.to_uint8(vae(mx.concatenate([end.x_t[:1] for end in ends.finals]))))
-        fidelity = sinks.Fidelity(plan, reference, x0, ends, finals, console.say)
+        fidelity = sinks.Fidelity(plan, reference, x0, ends, finals, console.say, at_hand=c.frames_are_pictures)
         chain = [cells, ends, curves, fidelity, sinks.TriangleCanvas(writer, spec.output, plan, cells, fidelity)]
         frames = cells.l_path
     else:

@@ -434,10 +434,18 @@ class BestStep(Sink):
 class Fidelity(Sink):
     """Each row's final picture and latent against the input, and its start's latent distance."""
 
-    def __init__(self, plan, reference: np.ndarray, x0, ends: Ends, pictures: Callable, say):
+    def __init__(self, plan, reference: np.ndarray, x0, ends: Ends, pictures: Callable, say,
+                 at_hand: bool = False):
         self.plan, self.reference, self.x0, self.ends = plan, reference, x0, ends
-        self.pictures, self.say = pictures, say  # pictures(): each row's final picture (uint8)
+        # pictures(): each row's final picture (uint8; None for a row not finished); `at_hand`: they
+        # are made already (a triangle's last cells), not decoded on the call
+        self.pictures, self.say, self.at_hand = pictures, say, at_hand
         self.records: list = []
+
+    def salvage(self) -> None:
+        """After a stop: the rows that finished, where their pictures are at hand (nothing to decode)."""
+        if self.at_hand:
+            self.finish()
 
     def finish(self) -> None:
         spec, (h, w) = self.plan.spec, self.reference.shape[:2]
@@ -445,6 +453,8 @@ class Fidelity(Sink):
         n = 1 if spec.triangle else spec.n_images
         columns = math.ceil(n / spec.n_rows)
         for i, (picture, row) in enumerate(zip(self.pictures(), self.plan.rows)):
+            if picture is None:  # stopped before this row's end (salvage)
+                break
             each = []
             for k in range(n):
                 r, c = divmod(k, columns)
@@ -489,11 +499,13 @@ class TriangleCanvas(Sink):
 
     def salvage(self) -> None:
         """The rows finished before an interrupt (rows run lowest strength first), as a triangle
-        whose record says it is partial: a long run stopped keeps what it made."""
+        whose record says it is partial (and its title, with labels): a long run stopped keeps what
+        it made, their PSNR where it was measured (Fidelity.salvage)."""
         whole = next((i for i, row in enumerate(self.cells.cells) if any(c is None for c in row)),
                      len(self.plan.rows))
+        psnrs = self.fidelity.psnrs if self.fidelity is not None else []
         if whole:
-            self._draw(whole, None)
+            self._draw(whole, psnrs[:whole] if len(psnrs) >= whole else None)
 
     def _draw(self, n: int, psnrs: list | None) -> None:
         """The first `n` rows on one canvas; their last cells say the PSNR in `psnrs` (None: not
@@ -528,6 +540,9 @@ class TriangleCanvas(Sink):
             info["labels"] = {"rows": row_labels, "cells": cell_labels}
             if column_labels is not None:
                 info["labels"]["columns"] = column_labels
+            if "partial" in info:  # seen, not only read
+                info["labels"]["title"] = f"partial: {info['partial']}"
+                picture = render.titled(picture, info["labels"]["title"])
         self.writer.save(self.output, picture, info)
 
 

@@ -513,8 +513,8 @@ def test_a_triangle_stopped_keeps_its_whole_rows(capsys, tmp_path, picture, sd2,
 
     monkeypatch.setattr(sinks.TriangleCells, "phase_done", stop_after_row_2)
     out = tmp_path / "t.png"
-    status, _, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 4, "-gt",
-                          "--triangle_strengths", "0.25,0.5,0.75,1", "--labels", "--seed", 0, "--output", out)
+    status, said, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 4, "-gt",
+                             "--triangle_strengths", "0.25,0.5,0.75,1", "--labels", "--seed", 0, "--output", out)
     assert status == 130, err
     record = sidecar(tmp_path / "t.json")
     assert record["status"] == "interrupted" and listed(record) == {"t.png"}
@@ -523,6 +523,11 @@ def test_a_triangle_stopped_keeps_its_whole_rows(capsys, tmp_path, picture, sd2,
     assert [r["strength"] for r in entry["rows"]] == [0.25, 0.5, 0.75]
     assert assert_whole_pictures(tmp_path) == ["t.png"] and "interrupted: kept 1 file(s)" in err
     assert [len(r["cells"]) for r in entry["rows"]] == [2, 3, 4]  # (4 steps x strength) + the start
+    # seen as partial (--labels: a title), its finished rows measured (their pictures were at hand)
+    assert entry["labels"]["title"] == "partial: 3 of 4 rows: the run was interrupted"
+    assert list(record["fidelity"]) == ["0.25", "0.5", "0.75"]
+    assert [cells[-1].split(" PSNR ")[0] for cells in entry["labels"]["cells"]] == ["1/1", "2/2", "3/3"]
+    assert "s=0.75 fidelity to the input: PSNR" in said and "s=1 fidelity" not in said
     parameters = Image.open(out).text["parameters"]  # what other tools show: the rows drawn, not the plan's
     assert "Cells: triangle 3 rows x 4 columns" in parameters and "per row: 0.25 0.5 0.75," in parameters
     assert "Steps run: 3," in parameters and 'Partial: "3 of 4 rows: the run was interrupted"' in parameters
