@@ -112,7 +112,7 @@ class CompositeInfo:
     rows: int
     columns: int
     # field name (as in `parameters`, e.g. "Denoising strength", "Seed") -> one value per row
-    # (a triangle) or per cell (a grid), in generation order.
+    # (a triangle's, top row first) or per cell (a grid's, in generation order).
     varying: Mapping[str, Sequence[Any]] = field(default_factory=dict)
 
     @property

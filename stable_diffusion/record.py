@@ -218,10 +218,11 @@ def picture_texts(plan, record: dict, source: dict, info: dict, size: tuple) -> 
         frame = infotext.FrameInfo(info["step"], info["count"], t, sigma, shows, decoder)
     elif kind == "noise":
         extra = {"Noising path": info["path"], "Noising t": f"{info['t']:g}"}
-    if kind == "triangle":
+    if kind == "triangle":  # its rows as they lie, top first; its columns as drawn (time-aligned: per level)
+        shown = rows[::-1] if info["order"] == "low_bottom" else rows
         composite = infotext.CompositeInfo(
-            "triangle", size[1], size[0], len(rows), max(len(r.kept) for r in rows),
-            {"Denoising strength": [r.strength for r in rows]})
+            "triangle", size[1], size[0], len(rows), info.get("columns", max(len(r.kept) for r in rows)),
+            {"Denoising strength": [r.strength for r in shown]})
         if "partial" in info:
             extra = {"Partial": info["partial"]}
     elif spec.n_images > 1 and kind in ("step", "final", "best"):

@@ -530,7 +530,8 @@ class TriangleCanvas(Sink):
         picture = render.triangle(pictures, cell_h, cell_w, order=order, row_labels=row_labels,
                                   cell_labels=cell_labels, align=c.align, times=times,
                                   column_labels=column_labels)
-        info = {"kind": "triangle", "order": order, "align": c.align, "cell_size": [cell_h, cell_w],
+        columns = len(render.triangle_columns(times)[0]) if c.align == "time" else max(map(len, infos))
+        info = {"kind": "triangle", "order": order, "align": c.align, "cell_size": [cell_h, cell_w], "columns": columns,
                 "rows": [{"strength": r.strength, "steps": r.timeline.steps, "start_time": r.timeline.start_time,
                           "cells": [{"step": i["step"], "t": i["t"], "sigma": i["sigma"]} for i in row_infos]}
                          for r, row_infos in zip(rows, infos)]}

@@ -69,7 +69,7 @@ def test_readers_see_every_field_of_our_final_frames_and_triangle(tmp_path, pict
     tri, _ = read_with_sd_parsers(tmp_path / "t.png")
     w, h = Image.open(tmp_path / "t.png").size
     assert tri.metadata["Size"] == f"{w}x{h}" and tri.metadata["Cell size"] == "64x64"
-    assert tri.metadata["Denoising strength per row"] == "0.5 1.0"
+    assert tri.metadata["Denoising strength per row"] == "1.0 0.5"  # top row first
     said = run(picture, "x", "--model", sd2, "--steps", 2, "--n_images", 4, "--n_rows", 2, "--seed", 1,
                "--output", tmp_path / "g.png").stdout
     grid, _ = read_with_sd_parsers(tmp_path / "g.png")

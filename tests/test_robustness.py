@@ -529,7 +529,7 @@ def test_a_triangle_stopped_keeps_its_whole_rows(capsys, tmp_path, picture, sd2,
     assert [cells[-1].split(" PSNR ")[0] for cells in entry["labels"]["cells"]] == ["1/1", "2/2", "3/3"]
     assert "s=0.75 fidelity to the input: PSNR" in said and "s=1 fidelity" not in said
     parameters = Image.open(out).text["parameters"]  # what other tools show: the rows drawn, not the plan's
-    assert "Cells: triangle 3 rows x 4 columns" in parameters and "per row: 0.25 0.5 0.75," in parameters
+    assert "Cells: triangle 3 rows x 4 columns" in parameters and "per row: 0.75 0.5 0.25," in parameters
     assert "Steps run: 3," in parameters and 'Partial: "3 of 4 rows: the run was interrupted"' in parameters
     _, notes = cli.replay_arguments("image2image", ["--replay", str(out)])
     assert any("holds part of a triangle (3 of 4 rows: the run was interrupted)" in n for n in notes)
