@@ -138,6 +138,7 @@ def test_time_aligned_triangle_labels_columns_at_64_px(tmp_path, picture, sd2):
     columns = record["labels"]["columns"]
     times = [[c["t"] for c in row["cells"]] for row in record["rows"]]
     assert columns == [f"t={t:g}" for t in render.triangle_columns(times)[0]] and columns[0] == "t=1000"
+    assert f"Cells: triangle 2 rows x {len(columns)} columns," in Image.open(out).text["parameters"]
     _check_labels_fit(record, 64, render.label_margins()[0])
     tri = np.array(Image.open(out).convert("RGB"))
     header = render.band_height(columns, 64)
@@ -145,6 +146,13 @@ def test_time_aligned_triangle_labels_columns_at_64_px(tmp_path, picture, sd2):
     assert tri.shape[:2] == render.triangle_size(2, len(columns), 64, 64, 2, render.label_margins()[0],
                                                  caption, header)
     assert ink(tri[:header])
+    # rows of their own levels (karras): more columns than the longest row has cells, said as drawn
+    run(picture, "a barn", "--model", sd2, "--steps", 13, "-gt", "--triangle_align", "time", "--sampler",
+        "dpmpp_2m", "--schedule", "karras", "--triangle_strengths", "0.333,0.9999,1", "--seed", 1, "--output", out)
+    record = next(f for f in sidecar(tmp_path / "tri.json")["files"] if f["kind"] == "triangle")
+    times = [[c["t"] for c in row["cells"]] for row in record["rows"]]
+    drawn = len(render.triangle_columns(times)[0])
+    assert drawn > max(map(len, times)) and f"x {drawn} columns," in Image.open(out).text["parameters"]
 
 
 def test_snapshot_both_marks_noising_strip_path_and_labelled_animation(tmp_path, picture, sd2):
