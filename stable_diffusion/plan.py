@@ -297,6 +297,7 @@ def estimate_time(plan: RunPlan, config: PipelineConfig, machine: costs.Machine)
     width = 2 if c.shows == "both" else 1
     frame, noise_frame = width * (seconds(nets.preview) + written), seconds(nets.preview) + written
     unet, decodes, calls = seconds(nets.unet), 0, 0
+    decoded = c.preview != "approx"  # an approximate preview's frame is a product, no decode
     steps: dict = {}
     if plan.inversion is not None:
         per_step = 1 + spec.inversion.refine
@@ -306,7 +307,7 @@ def estimate_time(plan: RunPlan, config: PipelineConfig, machine: costs.Machine)
         calls += per_step * plan.inversion.steps
     elif plan.path:
         steps[None] = tuple(noise_frame if k in plan.shown else 0.0 for k in range(len(plan.path)))
-    decodes += len(plan.shown)
+    decodes += len(plan.shown) if decoded else 0
     for i, row in enumerate(plan.rows):
         timeline = row.timeline
         # Heun calls the network twice a step, but on the last step down to sigma 0.
@@ -314,7 +315,7 @@ def estimate_time(plan: RunPlan, config: PipelineConfig, machine: costs.Machine)
                           for k in range(1, timeline.steps + 1)]
         steps[i] = tuple(n * unet + (frame if k in row.kept else 0.0) for k, n in enumerate(per_step))
         calls += sum(per_step)
-        decodes += width * len(row.kept)
+        decodes += width * len(row.kept) if decoded else 0
     after = 0.0
     if spec.triangle:
         after += seconds(costs.Work(pixels=h * w * width * sum(len(r.kept) for r in plan.rows)))
@@ -322,7 +323,7 @@ def estimate_time(plan: RunPlan, config: PipelineConfig, machine: costs.Machine)
             after += len(plan.rows) * seconds(nets.decode)
             decodes += len(plan.rows)
     else:
-        reused = c.frames_are_pictures and plan.top.timeline.steps in plan.top.kept
+        reused = c.frames_are_pictures and plan.top.timeline.steps in plan.top.kept  # a final frame
         finals = (0 if reused else 1) + (1 if c.keep_best else 0)
         after += finals * (seconds(nets.decode) + written)
         decodes += finals

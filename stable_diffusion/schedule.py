@@ -91,7 +91,8 @@ class Timeline:
         line = (f"strength {shown} x {self.num_steps} steps -> start "
                 f"t={self.start_time:g}, {self.steps} step{'s' if self.steps != 1 else ''}")
         if self.num_steps != self.requested_steps:
-            line += (f" ({self.requested_steps} steps x strength {self.strength:g} would run none; "
+            line += (f" ({self.requested_steps} step{'s' if self.requested_steps != 1 else ''} x strength "
+                     f"{self.strength:g} would run none; "
                      f"raised to {self.num_steps})")
         return line
 

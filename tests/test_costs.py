@@ -159,6 +159,10 @@ def test_the_estimate_counts_the_calls_and_decodes_the_plan_makes(tiny_model):
     assert heun.estimate.after == pytest.approx(decode + written)  # the final picture, decoded
     assert heun.estimate.load == pytest.approx(6 * 10**9 / SPEED.memory)
     assert "loading the model first" in heun.describe()[-1]
+    # approximate previews are no decodes: only the final picture is (they were counted, 11 of 1)
+    approx, _ = plan_of(tiny_model, steps=10, strengths=(0.5,), capture=Capture(every=2, preview="approx",
+                                                                                 shows="both"))
+    assert approx.estimate.decodes == 1
 
 
 def test_the_estimate_of_a_triangle_an_inversion_and_a_larger_picture(tiny_model):
