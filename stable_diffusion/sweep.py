@@ -265,10 +265,14 @@ def check_plans(runs: list, session, image_size: tuple | None, notice=lambda lin
             _stays_inside(run)
             # the user's files, in the folder
             paths = planned_files(plans[-1], names)
-            check_name_length(run.spec.output, [p.name for p in paths])
+            try:
+                check_name_length(run.spec.output, [p.name for p in paths])
+            except SpecError as e:  # the sweep named the file: --name (or the folder) is what to shorten
+                raise SpecError("name", e.template) from None
             check_in_the_way(names, paths, left_by_us(names), output_named=False)
         except SpecError as e:  # said of the run, where the grid varies: its values are in its name
-            where = f"run {run.name}: " if len(runs) > 1 else ""
+            shown = run.name if len(run.name) <= 60 else f"{run.name[:40]}...{run.name[-15:]}"
+            where = f"run {shown}: " if len(runs) > 1 else ""
             raise SpecError(GRID_KEYS[e.field] if e.field in run.values else e.field,
                             where + e.template) from None
     return plans

@@ -530,6 +530,14 @@ def test_a_sweep_writes_every_picture_format_and_names_its_runs_files_in_its_ref
     assert "move it, or give the sweep another folder (--output) or other names (--name)" in err
 
 
+def test_a_run_name_too_long_for_its_files_blames_the_names(capsys, tmp_path, picture, sd2):
+    status, _, err = in_process(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 2, "--strengths",
+                                "0.5,1", "-sd", 1, "--name", "c" * 242 + "{strength}", "-o", tmp_path / "o")
+    assert status == 2 and len(err.strip().splitlines()) == 1 and len(err) < 400, err
+    assert f"error: run {'c' * 40}...{'c' * 12}0.5: --name {'c' * 40}...: the run writes" in err
+    assert "more than the 255 this file system allows; use a shorter name" in err
+
+
 def test_a_sheet_that_cannot_be_written_is_said_and_the_sweep_fails(capsys, tmp_path, picture, sd2, monkeypatch):
     """It said "sweep done: ...; sweep.sheet.png", exit 0, with no sheet on disk."""
     from stable_diffusion import sweep as sweep_module
