@@ -193,8 +193,8 @@ def make_plan(spec: RunSpec, config: PipelineConfig, tokenizers, image_size: tup
         inversion, starts = _inversion_path(rows)
         rows = [replace(r, start=k) for r, k in zip(rows, starts)]
         path = inversion.times[::-1]
-        if c.noising_every is not None:
-            shown = tuple(crossings(path, c.noising_every))
+        if c.noising_every is not None:  # and every row's start, as the shared path shows them
+            shown = tuple(sorted(set(crossings(path, c.noising_every)) | set(starts)))
     elif c.noising_every is not None:
         points = [(t, None) for t in noising_times(rows[-1].timeline.start_time, c.noising_every)]
         if spec.triangle and c.noising_path == "shared":  # the rows' starts are on this path

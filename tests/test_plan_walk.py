@@ -29,6 +29,16 @@ def _spec(**fields) -> RunSpec:
     return RunSpec("a barn", "out.png", **fields)
 
 
+def test_an_inverted_triangles_strip_shows_every_rows_start():
+    """As the shared path's does: the inverted one showed only the multiples of --show_noising."""
+    plan = make_plan(_spec(strengths=(0.25, 1.0), triangle=True, steps=12, sampler="dpmpp_2m", schedule="karras",
+                           capture=Capture(noising_path="inversion", noising_every=250), inversion=Inversion()),
+                     _config(), (), (64, 64))
+    shown = {plan.path[k] for k in plan.shown}
+    assert all(plan.path[row.start] in shown for row in plan.rows)
+    assert plan.rows[0].timeline.start_time % 250  # a start that is no multiple of 250
+
+
 def test_an_a1111_lora_tag_in_a_prompt_is_said_to_be_words_here():
     said = []
     make_plan(_spec(negative_prompt="ugly, <LoRA:bad_hands:-1>"), _config(), (), (64, 64), said.append)
