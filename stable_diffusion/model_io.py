@@ -534,9 +534,10 @@ def plain_weights(model):
 
 def _utf8_name(path) -> bool:
     try:
-        return bool(os.fsdecode(path).encode("utf-8"))
+        os.fsdecode(path).encode("utf-8")
     except UnicodeEncodeError:  # bytes a locale read as surrogates (LC_ALL=C): through MLX's loader
         return False
+    return True
 
 
 def _read(place: Stored, dtype, layout: str) -> mx.array:
