@@ -200,7 +200,7 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
     if "model" in fields and not any(_dest(a, parser) == "model" for a in rest):
         notes.append(f"replay of {path}: Model {fields['model']!r} names another tool's checkpoint; "
                      "pass --model to choose ours")
-    if command == "txt2image" and "width" in fields and "height" in fields:
+    if "width" in fields and "height" in fields:  # image to image too: the size A1111 resized the input to
         flags.append(f"--size={fields['height']}x{fields['width']}")
     if command == "image2image" and "strength" in fields:
         flags.append(f"--strength={fields['strength']}")

@@ -160,7 +160,7 @@ def test_plms_and_unipc_run_record_their_names_and_replay(tmp_path, picture, sd2
 def test_replay_of_another_tools_picture_maps_every_field(tmp_path, picture, sd2):
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", "a castle, at night\nNegative prompt: fog\nSteps: 8, Sampler: DPM++ 2M, "
-                  "Schedule type: Karras, CFG scale: 4.5, Seed: 1234, Size: 64x64, Model: v1-5, "
+                  "Schedule type: Karras, CFG scale: 4.5, Seed: 1234, Size: 128x64, Model: v1-5, "
                   "Denoising strength: 0.5, Clip skip: 2, Hires upscale: 2")
     Image.new("RGB", (64, 64)).save(tmp_path / "other.png", pnginfo=info)
     result = run(picture, "--replay", tmp_path / "other.png", "--model", sd2,
@@ -169,6 +169,7 @@ def test_replay_of_another_tools_picture_maps_every_field(tmp_path, picture, sd2
     assert (record["prompt"], record["negative_prompt"], record["num_steps"], record["sampler"],
             record["schedule"], record["cfg"], record["seed"]) == (
         "a castle, at night", "fog", 8, "dpmpp_2m", "karras", 4.5, 1234)
+    assert record["working_size"]["width"] == 128 and record["working_size"]["height"] == 64  # it was dropped
     # With a hires fix, the denoising strength is its second pass's: not ours, the default stays.
     assert record["plans"][0]["strength"] == 0.9
     notes = [line for line in result.stderr.splitlines() if line.startswith("note: replay of")]
