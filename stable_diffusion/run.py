@@ -89,7 +89,7 @@ def _check_picture(spec: RunSpec, picture) -> None:
 
 
 def execute(session, spec, console=None, argv=(), replay=None, picture=None, wait: bool = False,
-            timings: dict | None = None, notes=()) -> RunResult:
+            timings: dict | None = None, notes=(), output_named: bool = True) -> RunResult:
     """Plan, load, walk, keep and record one spec, holding the lock of its output name (another run
     writing the same name is refused with OutputBusy, or with `wait` waited for). `picture` is the
     loaded input (images.load_image; None: load spec.image here), read again at the plan's working
@@ -97,7 +97,9 @@ def execute(session, spec, console=None, argv=(), replay=None, picture=None, wai
     same files again, for the record (default: the commands' own, so that `--replay` remakes a
     picture a script made); `timings` (the caller's, if given) receives the run's
     timings as they are measured; `notes` are shown once the checks and the loading have passed
-    (a refused run says only why); `console` says the run's lines (None: a quiet one).
+    (a refused run says only why); `console` says the run's lines (None: a quiet one);
+    `output_named` False: the output's name is not the user's (a sweep's run), so a picture there
+    is replaced only where it is ours (outputs.check_in_the_way).
 
     Ctrl-C (or SIGTERM, SIGHUP) stops the run and returns its result with status "interrupted",
     its files and sidecar kept: a loop over runs checks `result.status` to stop too."""
@@ -131,7 +133,7 @@ def execute(session, spec, console=None, argv=(), replay=None, picture=None, wai
         left = outputs.left_by_us(names)  # the lock is held: the sidecar stays as read until the walk
         paths = outputs.planned_files(plan, names)
         outputs.check_name_length(spec.output, [p.name for p in paths])
-        outputs.check_in_the_way(names, paths, left)
+        outputs.check_in_the_way(names, paths, left, output_named)
         if spec.img2img:
             picture = session.fit(picture, plan.image_size)
         preview = _preview_source(plan, session)  # found and its config read; loaded with the model

@@ -528,7 +528,7 @@ class LocalPool:
             timings, loaded = {**loaded}, {}  # the first run's counts the loading, as it did
             try:
                 result = execute(self.session, run.spec, console, self.argv, self.replay, self.picture,
-                                 timings=timings)
+                                 timings=timings, output_named=False)
             except (OutputError, OSError, MemoryError):
                 raise  # the machine's, not the run's: every later run would fail alike
             except Exception as e:  # noqa: BLE001 - this run's own (NaN, a case it alone meets): the

@@ -47,7 +47,7 @@ class Worker:
 
         # A folder per run, removed at once: only a worker killed mid-run leaves one behind.
         folder = Path(tempfile.mkdtemp(prefix="sd-sweep-"))
-        output = folder / f"{name}.png"  # a name may hold subfolders: files are relative to its own
+        output = folder / f"{name}{spec.output.suffix}"  # a name may hold subfolders: files are relative to its own
         try:
             result = execute(self.session, replace(spec, output=output), Console(quiet=True),
                              self.argv, self.replay, self.picture)
