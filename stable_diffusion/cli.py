@@ -31,6 +31,11 @@ from .spec import (DEFAULT_TRIANGLE_STRENGTHS, PICTURE_SUFFIXES, Capture, Invers
 _OPTIONAL_VALUES = options.optional_values()
 
 
+class UsageError(InputError):
+    """The command line's words do not parse: said without a traceback, even with -v (which may
+    itself be a value that failed to parse)."""
+
+
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -39,7 +44,10 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit status 2, like every other input error
         if message == "the following arguments are required: prompt" and "image" in self._positional_names():
             message += "; one of the picture and the prompt is missing: give the input picture first, then the prompt"
-        raise InputError(f"{message} (see --help)")
+        if message.endswith("expected one argument"):  # the value may start with '-': argparse took it for a flag
+            flag = message.removeprefix("argument ").split("/")[0].split(":")[0]
+            message += f"; a value that starts with '-' is joined to its flag: {flag}=-VALUE"
+        raise UsageError(f"{message} (see --help)")
 
     def _positional_names(self) -> list:
         return [action.dest for action in self._positionals._group_actions]
@@ -334,7 +342,7 @@ def _reported(body, console: Console, flags: dict, interrupted: str, verbose: bo
         _report(e, verbose, suffix="; wait for it to end (or run with --wait), or choose another --output")
         return 2
     except InputError as e:  # a SpecError too: each spec field it names is said as its flag
-        _report(e, verbose, flags=flags)
+        _report(e, verbose and not isinstance(e, UsageError), flags=flags)
         return 2
     except (OutputError, NumericalError, HubUnreachable) as e:
         _report(e, verbose, suffix=_output_advice(e), flags=flags)

@@ -160,6 +160,9 @@ def test_picture_notices_reach_stderr(tmp_path, sd2):
     (["--steps", "1e9"], ["--steps: invalid int value: '1e9'"]),
     (["--cfg", "1e308"], ["--cfg 1e+308 is outside 0 .. 100"]),
     (["--size", "-64x64"], ["--size -64x64: both sides must be multiples of 64"]),  # was "expected one argument"
+    # a value argparse takes for a flag: how to give it; -v as that value printed two tracebacks
+    (["--negative_prompt", "-v"], ["--negative_prompt/--negative-prompt: expected one argument; a value that "
+                                   "starts with '-' is joined to its flag: --negative_prompt=-VALUE"]),
     (["--n_images", 10000], ["--n_images 10000 is outside 1 .. 64"]),
     (["--decoding_batch_size", 1000], ["--decoding_batch_size 1000 is outside 1 .. 64"]),
     (["-gt", "--triangle_strengths", "1e-9,0.5"], ["--triangle_strengths 1e-09 is outside 0.001 .. 1"]),
