@@ -168,12 +168,12 @@ def expand(base: RunSpec, grid: Grid, folder: Path, pattern: str | None = None) 
         name = _check_name(given, pattern)
         key = _same_path_key(name)
         if key in seen:
-            both = repr(given) if seen[key][1] == given else f"{seen[key][1]!r} and {given!r} (one path)"
+            both = _short(given) if seen[key][1] == given else f"{_short(seen[key][1])} and {_short(given)} (one path)"
             if not given_pattern:  # the default names write 10 decimals at most
-                raise SpecError("name", f"runs {seen[key][0] + 1} and {index + 1} would both be named {given!r}: "
+                raise SpecError("name", f"runs {seen[key][0] + 1} and {index + 1} would both be named {_short(given)}: "
                                         "their values differ past the decimals a name shows; give values "
                                         "that differ more, or a {flag} of your own")
-            raise SpecError("name", f"{{flag}} {pattern!r} gives {both} to runs {seen[key][0] + 1} and "
+            raise SpecError("name", f"{{flag}} {_short(pattern)} gives {both} to runs {seen[key][0] + 1} and "
                                     f"{index + 1}; add the fields that vary, or more digits")
         seen[key] = (index, given)
         spec = replace(spec, output=folder / f"{name}{base.output.suffix}")
@@ -248,6 +248,12 @@ def sweep_estimates(runs: list, plans: list) -> dict | None:
     return out
 
 
+def _short(name: str, quoted: bool = True) -> str:
+    """A name or a --name pattern as a message shows it: its ends, where it is long."""
+    name = name if len(name) <= 60 else f"{name[:40]}...{name[-15:]}"
+    return repr(name) if quoted else name
+
+
 def check_plans(runs: list, session, image_size: tuple | None, notice=lambda line: None) -> list:
     """Plan every run against the model's configs (no weights): what only the model can refuse
     (a snapshot interval longer than a run, a sampler it lacks) is refused before the first run.
@@ -271,8 +277,7 @@ def check_plans(runs: list, session, image_size: tuple | None, notice=lambda lin
                 raise SpecError("name", e.template) from None
             check_in_the_way(names, paths, left_by_us(names), output_named=False)
         except SpecError as e:  # said of the run, where the grid varies: its values are in its name
-            shown = run.name if len(run.name) <= 60 else f"{run.name[:40]}...{run.name[-15:]}"
-            where = f"run {shown}: " if len(runs) > 1 else ""
+            where = f"run {_short(run.name, quoted=False)}: " if len(runs) > 1 else ""
             raise SpecError(GRID_KEYS[e.field] if e.field in run.values else e.field,
                             where + e.template) from None
     return plans

@@ -538,6 +538,10 @@ def test_a_run_name_too_long_for_its_files_blames_the_names(capsys, tmp_path, pi
     assert status == 2 and len(err.strip().splitlines()) == 1 and len(err) < 400, err
     assert f"error: run {'c' * 40}...{'c' * 12}0.5: --name {'c' * 40}...: the run writes" in err
     assert "more than the 255 this file system allows; use a shorter name" in err
+    status, _, err = in_process(capsys, "image2image", picture, "x", "--model", sd2, "--strengths", "0.4,0.6",
+                                "--seeds", "1,2", "--name", "run-{seed}-" + "y" * 240, "-o", tmp_path / "p")
+    assert status == 2 and len(err) < 300, err  # the pattern and the names given twice: their ends
+    assert f"--name 'run-{{seed}}-{'y' * 29}...{'y' * 15}' gives 'run-1-{'y' * 34}...{'y' * 15}' to runs 1 and 3" in err
 
 
 def test_a_sheet_that_cannot_be_written_is_said_and_the_sweep_fails(capsys, tmp_path, picture, sd2, monkeypatch):
