@@ -166,7 +166,8 @@ def generation_parameters(prompt: str, negative_prompt: str = "", *, steps: int,
     if composite is not None:
         size = (composite.width, composite.height)
         fields["Cell size"] = f"{width}x{height}"
-        fields["Cells"] = f"{composite.kind} {composite.rows} rows x {composite.columns} columns"
+        rows, columns = composite.rows, composite.columns
+        fields["Cells"] = f"{composite.kind} {rows} row{'s' * (rows != 1)} x {columns} column{'s' * (columns != 1)}"
         for name, values in (composite.varying or {}).items():
             fields[f"{name} per {composite.per}"] = _value_list(list(values))
     for key, value in (extra or {}).items():

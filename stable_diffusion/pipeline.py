@@ -153,7 +153,8 @@ class StableDiffusion:
         """Text conditioning for n_images pictures of image_size (H, W) pixels."""
         negative_text = "" if negative_text is None else negative_text
         if not isinstance(text, str) or not isinstance(negative_text, str):
-            raise InputError(f"condition: the texts are strings, not {type(text).__name__} and {type(negative_text).__name__}")
+            raise InputError(f"condition: the texts are strings, not {type(text).__name__} and "
+                             f"{type(negative_text).__name__}")
         texts = [negative_text, text] if guided else [text]
         hidden, pooled, dropped = self._encode_prompts(texts)
         if guided and self.config.force_zeros_for_empty_prompt and negative_text == "":
@@ -328,8 +329,8 @@ class Denoiser:
     def __call__(self, x: mx.array, t: float, sigma: float) -> tuple[mx.array, mx.array]:
         x_in = mx.concatenate([x, x]) if self.guided else x  # (B or 2B, h, w, C)
         if self._hidden.shape[0] != x_in.shape[0]:
-            raise InputError(f"the conditioning holds {self._hidden.shape[0]} rows for {x.shape[0]} latents at "
-                             f"cfg_weight {self.cfg_weight:g}, which needs {x_in.shape[0]}: make it with "
+            raise InputError(f"the conditioning has a batch of {self._hidden.shape[0]}, and {x.shape[0]} latent(s) at "
+                             f"cfg_weight {self.cfg_weight:g} need {x_in.shape[0]}: make it with "
                              f"condition(..., guided={self.guided}, n_images={x.shape[0]})")
         t_net = mx.full((x_in.shape[0],), NoiseSchedule.network_time(t), dtype=mx.float32)
         options = {} if self.after_layer is None else {"after_layer": self.after_layer}

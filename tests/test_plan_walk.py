@@ -334,7 +334,7 @@ def test_the_library_checks_what_a_script_gives_it(sd2):
         (lambda: sd.noise_schedule.timeline(0.5, 10**7), "within 1 .. 10000"),
         (lambda: sd.denoiser(None, float("nan")), "not a guidance weight"),
         (lambda: sd.denoiser(sd.condition("x", "", False, 1, (64, 64)), 7.5)(x0, 500.0, 1.0),
-         r"holds 1 rows for 1 latents at cfg_weight 7.5, which needs 2: make it with condition\(..., guided=True"),
+         r"has a batch of 1, and 1 latent\(s\) at cfg_weight 7.5 need 2: make it with condition\(..., guided=True"),
         (lambda: sd.condition(None, "", True, 1, (64, 64)), "the texts are strings, not NoneType"),
         (lambda: sd.initial_noise((1, 8, 8, 4), None), r"seed None: expected a whole number"),
         (lambda: sd.encode(image), r"got one picture of shape \(64, 64, 3\); add the batch axis: image\[None\]"),
