@@ -388,14 +388,16 @@ class CurvePlot(Sink):
     def __init__(self, writer: FrameWriter, path: Path, curves: Curves):
         self.writer, self.path, self.curves = writer, path, curves
 
-    def finish(self) -> None:
+    def salvage(self) -> None:
+        """After a stop: the curves as far as they were measured (no best step: the run did not end)."""
+        if any(curve.records for curve in self.curves.curves):
+            self.finish(with_best=False)
+
+    def finish(self, with_best: bool = True) -> None:
         rows = self.curves.rows
         labels = [f"s={r.strength:g}" for r in rows]
-        best = {}
-        for i, label in enumerate(labels):
-            chosen = self.curves.best(i)
-            if chosen is not None:
-                best[label] = chosen["step"]
+        chosen = {label: self.curves.best(i) for i, label in enumerate(labels)} if with_best else {}
+        best = {label: c["step"] for label, c in chosen.items() if c is not None}
         picture = render.curve_plot(
             {label: c.records for label, c in zip(labels, self.curves.curves)},
             ("x0_detail", "x_t_detail", "x0_change"),

@@ -536,6 +536,10 @@ def test_a_triangle_stopped_keeps_its_whole_rows(capsys, tmp_path, picture, sd2,
     assert "Steps run: 3," in parameters and 'Partial: "3 of 4 rows: the run was interrupted"' in parameters
     _, notes = cli.replay_arguments("image2image", ["--replay", str(out)])
     assert any("holds part of a triangle (3 of 4 rows: the run was interrupted)" in n for n in notes)
+    # its curve plot too, as far as the curves were measured (none was written)
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 4, "-gt", "--curve",
+                          "--triangle_strengths", "0.25,0.5,0.75,1", "--seed", 0, "--output", tmp_path / "c.png")
+    assert status == 130 and {f["file"] for f in sidecar(tmp_path / "c.json")["files"]} == {"c.png", "c.curve.png"}
     assert not any("byte-identical" in n for n in notes)
 
 
