@@ -445,11 +445,14 @@ class Fidelity(Sink):
         self.records: list = []
 
     def salvage(self) -> None:
-        """After a stop: the rows that finished, where their pictures are at hand (nothing to decode)."""
+        """After a stop: the rows that finished, where their pictures are at hand (nothing to decode);
+        those a stop cut short in `finish` are measured again, once."""
         if self.at_hand:
-            self.finish()
+            self.records, done = [], len(self.records)
+            self.finish(quiet_rows=done)
 
-    def finish(self) -> None:
+    def finish(self, quiet_rows: int = 0) -> None:
+        """Measure and say each row's (`quiet_rows`: the first rows were said already)."""
         spec, (h, w) = self.plan.spec, self.reference.shape[:2]
         # the pictures of one run lie in its grid, row-major (render.grid); a triangle's cells hold one
         n = 1 if spec.triangle else spec.n_images
@@ -472,9 +475,10 @@ class Fidelity(Sink):
             psnr = ", ".join("identical" if e["final"]["psnr"] is None else f"{e['final']['psnr']:.2f}" for e in each)
             psnr = psnr if psnr == "identical" else f"PSNR {psnr} dB"
             where = f"s={row.strength:g} " if spec.triangle else f"pictures 1 to {n}: " if n > 1 else ""
-            self.say(f"{where}fidelity to the input: {psnr}, SSIM {listed('final', 'ssim', '.3f')}, latent RMS "
-                     f"{listed('final', 'latent_rms', '.4g')}; the start was latent RMS "
-                     f"{listed('start', 'rms', '.4g')} from it")
+            if i >= quiet_rows:
+                self.say(f"{where}fidelity to the input: {psnr}, SSIM {listed('final', 'ssim', '.3f')}, latent "
+                         f"RMS {listed('final', 'latent_rms', '.4g')}; the start was latent RMS "
+                         f"{listed('start', 'rms', '.4g')} from it")
             self.records.append({"final": final, "start": start, **({"pictures": each} if n > 1 else {})})
 
     @property

@@ -562,6 +562,27 @@ def test_a_stop_while_the_finished_rows_are_measured_still_draws_the_triangle(ca
     assert len(entry["rows"]) == 2 and "partial" not in entry and "fidelity" not in record  # not measured
 
 
+def test_a_stop_while_rows_at_hand_are_measured_measures_each_once(capsys, tmp_path, picture, sd2, monkeypatch):
+    """The rows' pictures are the cells (the VAE's, x_t): the salvage measures them, each said and
+    recorded once, whatever the stop cut short."""
+    from stable_diffusion import measures
+
+    original, calls = measures.fidelity, []
+
+    def second_stops(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(measures, "fidelity", second_stops)
+    status, said, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 4, "-gt",
+                             "--triangle_strengths", "0.5,1", "--seed", 0, "--output", tmp_path / "t.png")
+    assert status == 130, err
+    assert said.count("s=0.5 fidelity") == 1 and said.count("s=1 fidelity") == 1, said
+    assert list(sidecar(tmp_path / "t.json")["fidelity"]) == ["0.5", "1"]
+
+
 def test_a_row_whose_steps_are_done_is_drawn_when_a_stop_cuts_its_last_decoding(capsys, tmp_path, picture, sd2,
                                                                                monkeypatch):
     decode, calls = StableDiffusion.decode, []
