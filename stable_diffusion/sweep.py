@@ -203,23 +203,22 @@ def _same_path_key(name: str) -> str:
 def _check_name(name: str, pattern: str) -> str:
     """The run's name, normalised (`./a//b` -> `a/b`), once it is a safe relative path: inside
     the folder, no control characters, no part longer than a file name may be."""
+    given = f"{{flag}} {_short(pattern)} gives {_short(name)}"
     if not name or any(ord(c) < 32 or ord(c) == 127 for c in name):
-        raise SpecError("name", f"{{flag}} {pattern[:60]!r} gives {name[:60]!r}; names need printable "
-                                "characters (no NUL, line breaks or other controls)")
+        raise SpecError("name", f"{given}; names need printable characters (no NUL, line breaks or other "
+                                "controls)")
     parts = Path(name).parts
     if Path(name).is_absolute() or ".." in parts or name.endswith("/"):
-        raise SpecError("name", f"{{flag}} {pattern!r} gives {name!r}; names stay inside the sweep's "
-                                "folder")
+        raise SpecError("name", f"{given}; names stay inside the sweep's folder")
     name = Path(os.path.normpath(name)).as_posix()
     if name == ".":
-        raise SpecError("name", f"{{flag}} {pattern!r} gives {name!r}; give each run a file name")
-    for part in Path(name).parts:
+        raise SpecError("name", f"{given}; give each run a file name")
+    for i, part in enumerate(Path(name).parts):
         if len(os.fsencode(part)) > 255:
-            raise SpecError("name", f"{{flag}} {pattern[:40]!r} gives a folder name of "
-                                    f"{len(os.fsencode(part))} bytes; at most 255")
+            what = "file name" if i == len(Path(name).parts) - 1 else "folder name"
+            raise SpecError("name", f"{given}: a {what} of {len(os.fsencode(part))} bytes; at most 255")
     if name.casefold() == "sweep" or name.casefold().startswith("sweep."):
-        raise SpecError("name", f"{{flag}} {pattern!r} gives {name!r}, which the sweep's own files "
-                                "use; choose another name")
+        raise SpecError("name", f"{given}, which the sweep's own files use; choose another name")
     return name
 
 
