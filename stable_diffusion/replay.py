@@ -200,7 +200,8 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
     if "model" in fields and not any(_dest(a, parser) == "model" for a in rest):
         notes.append(f"replay of {path}: Model {fields['model']!r} names another tool's checkpoint; "
                      "pass --model to choose ours")
-    if "width" in fields and "height" in fields:  # image to image too: the size A1111 resized the input to
+    sized = any(_dest(a, parser) in ("size", "max_pixels") for a in rest[:_separator(rest)])  # the user's
+    if "width" in fields and "height" in fields and not sized:  # image to image too: A1111 resized to it
         flags.append(f"--size={fields['height']}x{fields['width']}")
     if command == "image2image" and "strength" in fields:
         flags.append(f"--strength={fields['strength']}")
@@ -276,7 +277,8 @@ def private_replay(command: str, path: str, record: dict, replayed: list, rest: 
 
 # A flag of the user's that overrides a recorded one of another name: --no-float16 is a --dtype;
 # an --output names its format by its suffix (a recorded jpeg's replay into x.png is a png).
-_OVERRIDES = {"no_float16": "dtype", "dtype": "no_float16", "output": "output_format"}
+_OVERRIDES = {"no_float16": "dtype", "dtype": "no_float16", "output": "output_format", "max_pixels": "size",
+              "size": "max_pixels"}
 
 
 def _dest(arg: str, parser) -> str | None:

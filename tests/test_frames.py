@@ -180,5 +180,12 @@ def test_replay_of_another_tools_picture_maps_every_field(tmp_path, picture, sd2
     run(picture, "--replay", tmp_path / "other.png", "--model", sd2, "--strength", 0.5,
         "--output", tmp_path / "s.png")
     assert sidecar(tmp_path / "s.json")["plans"][0]["strength"] == 0.5
+    # the user's --max_pixels replaces the picture's Size (it was "--max_pixels and --size both
+    # choose the working size; give one", of a --size nobody typed), and a replay of ours too
+    run(picture, "--replay", tmp_path / "other.png", "--model", sd2, "--max_pixels", 4096,
+        "--output", tmp_path / "m.png")
+    assert sidecar(tmp_path / "m.json")["working_size"]["chosen_by"] == "max_pixels"
+    run("--replay", tmp_path / "o.png", "--max_pixels", 4096, "--output", tmp_path / "n.png")
+    assert sidecar(tmp_path / "n.json")["working_size"]["chosen_by"] == "max_pixels"
     missing = run("--replay", tmp_path / "other.png", "--model", sd2, check=False)
     assert missing.returncode == 2 and "input picture" in missing.stderr
