@@ -44,9 +44,14 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit status 2, like every other input error
         if message == "the following arguments are required: prompt" and "image" in self._positional_names():
             message += "; one of the picture and the prompt is missing: give the input picture first, then the prompt"
-        if message.endswith("expected one argument"):  # the value may start with '-': argparse took it for a flag
-            flag = message.removeprefix("argument ").split("/")[0].split(":")[0]
-            message += f"; a value that starts with '-' is joined to its flag: {flag}=-VALUE"
+        if message.endswith("expected one argument"):
+            flags = message.removeprefix("argument ").split(":")[0].split("/")
+            args = getattr(self, "parsing", [])
+            after = [b for a, b in zip(args, args[1:]) if a in flags]
+            if any(b.startswith("-") for b in after):  # the value starts with '-': argparse took it for a flag
+                message += f"; a value that starts with '-' is joined to its flag: {flags[0]}=-VALUE"
+            else:
+                message += f"; give {flags[0]} its value"
         raise UsageError(f"{message} (see --help)")
 
     def _positional_names(self) -> list:
@@ -99,7 +104,7 @@ class _Parser(argparse.ArgumentParser):
         return any(getattr(self.action_of(arg), "dest", None) == dest for arg in args)
 
     def parse_args(self, args=None, namespace=None):
-        args = self.joined(sys.argv[1:] if args is None else args)
+        args = self.parsing = self.joined(sys.argv[1:] if args is None else args)
         self.after_separator = args[args.index("--") + 1:] if "--" in args else []
         namespace, unknown = self.parse_known_args(args, namespace)
         if unknown:

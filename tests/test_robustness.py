@@ -163,6 +163,7 @@ def test_picture_notices_reach_stderr(tmp_path, sd2):
     # a value argparse takes for a flag: how to give it; -v as that value printed two tracebacks
     (["--negative_prompt", "-v"], ["--negative_prompt/--negative-prompt: expected one argument; a value that "
                                    "starts with '-' is joined to its flag: --negative_prompt=-VALUE"]),
+    (["--negative_prompt"], ["expected one argument; give --negative_prompt its value"]),
     (["--n_images", 10000], ["--n_images 10000 is outside 1 .. 64"]),
     (["--decoding_batch_size", 1000], ["--decoding_batch_size 1000 is outside 1 .. 64"]),
     (["-gt", "--triangle_strengths", "1e-9,0.5"], ["--triangle_strengths 1e-09 is outside 0.001 .. 1"]),
