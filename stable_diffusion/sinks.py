@@ -389,21 +389,22 @@ class CurvePlot(Sink):
         self.writer, self.path, self.curves = writer, path, curves
 
     def salvage(self) -> None:
-        """After a stop: the curves as far as they were measured (no best step: the run did not end)."""
+        """After a stop: the curves as far as they were measured, titled partial (no best step: the
+        run did not end)."""
         if any(curve.records for curve in self.curves.curves):
-            self.finish(with_best=False)
+            self.finish(partial=True)
 
-    def finish(self, with_best: bool = True) -> None:
-        rows = self.curves.rows
-        labels = [f"s={r.strength:g}" for r in rows]
-        chosen = {label: self.curves.best(i) for i, label in enumerate(labels)} if with_best else {}
-        best = {label: c["step"] for label, c in chosen.items() if c is not None}
+    def finish(self, partial: bool = False) -> None:
+        measured = [i for i, c in enumerate(self.curves.curves) if c.records]  # a stopped run's rows run
+        rows, label = self.curves.rows, {i: f"s={self.curves.rows[i].strength:g}" for i in measured}
+        chosen = {} if partial else {label[i]: self.curves.best(i) for i in measured}
+        best = {name: c["step"] for name, c in chosen.items() if c is not None}
+        title = "partial: the run was interrupted" if partial else None
         picture = render.curve_plot(
-            {label: c.records for label, c in zip(labels, self.curves.curves)},
-            ("x0_detail", "x_t_detail", "x0_change"),
-            marked={label: list(r.kept) for label, r in zip(labels, rows)}, best=best,
-            x="t" if len(rows) > 1 else "step")
-        self.writer.save(self.path, picture, {"kind": "curve"})
+            {label[i]: self.curves.curves[i].records for i in measured}, ("x0_detail", "x_t_detail", "x0_change"),
+            marked={label[i]: list(rows[i].kept) for i in measured}, best=best,
+            x="t" if len(rows) > 1 else "step", title=title)
+        self.writer.save(self.path, picture, {"kind": "curve", **({"partial": title} if partial else {})})
 
 
 class BestStep(Sink):
@@ -475,11 +476,12 @@ class Fidelity(Sink):
             psnr = ", ".join("identical" if e["final"]["psnr"] is None else f"{e['final']['psnr']:.2f}" for e in each)
             psnr = psnr if psnr == "identical" else f"PSNR {psnr} dB"
             where = f"s={row.strength:g} " if spec.triangle else f"pictures 1 to {n}: " if n > 1 else ""
-            if i >= quiet_rows:
-                self.say(f"{where}fidelity to the input: {psnr}, SSIM {listed('final', 'ssim', '.3f')}, latent "
-                         f"RMS {listed('final', 'latent_rms', '.4g')}; the start was latent RMS "
-                         f"{listed('start', 'rms', '.4g')} from it")
-            self.records.append({"final": final, "start": start, **({"pictures": each} if n > 1 else {})})
+            with deferred():  # said and counted at once: a stop between them would say it twice
+                if i >= quiet_rows:
+                    self.say(f"{where}fidelity to the input: {psnr}, SSIM {listed('final', 'ssim', '.3f')}, "
+                             f"latent RMS {listed('final', 'latent_rms', '.4g')}; the start was latent RMS "
+                             f"{listed('start', 'rms', '.4g')} from it")
+                self.records.append({"final": final, "start": start, **({"pictures": each} if n > 1 else {})})
 
     @property
     def psnrs(self) -> list:

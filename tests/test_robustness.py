@@ -540,7 +540,9 @@ def test_a_triangle_stopped_keeps_its_whole_rows(capsys, tmp_path, picture, sd2,
     # its curve plot too, as far as the curves were measured (none was written)
     status, _, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 4, "-gt", "--curve",
                           "--triangle_strengths", "0.25,0.5,0.75,1", "--seed", 0, "--output", tmp_path / "c.png")
-    assert status == 130 and {f["file"] for f in sidecar(tmp_path / "c.json")["files"]} == {"c.png", "c.curve.png"}
+    files = {f["file"]: f for f in sidecar(tmp_path / "c.json")["files"]}
+    assert status == 130 and set(files) == {"c.png", "c.curve.png"}
+    assert files["c.curve.png"]["partial"] == "partial: the run was interrupted"
     assert not any("byte-identical" in n for n in notes)
 
 
