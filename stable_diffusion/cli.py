@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import options, signals
-from .console import Console, open_standard_streams
+from .console import Console, open_standard_streams, shortened
 from .errors import FieldMessage, HubUnreachable, InputError, NumericalError, OutputBusy, OutputError
 from .spec import (DEFAULT_TRIANGLE_STRENGTHS, PICTURE_SUFFIXES, Capture, Inversion, ModelSpec,
                    RunSpec, SpecError, format_named)
@@ -305,9 +305,9 @@ def _text_argument(args, name: str, console) -> bytes | None:
     bad byte replaced by U+FFFD; returns the bytes themselves (for the record, the prompts'), or
     None. Bytes that are UTF-8 are read as such in any locale (LC_ALL=C read them as undecodable)."""
     text = getattr(args, name, None)
+    if text is None:
+        return None
     try:
-        if text is None:
-            return None
         text.encode("utf-8")
         return None
     except UnicodeEncodeError:
@@ -464,8 +464,7 @@ def _os_refusal(error: Exception) -> str | None:
         path = os.fsdecode(error.filename or "")
         name = next((p for p in Path(path).parts if len(os.fsencode(p)) > 255), path)
         size = len(os.fsencode(name))
-        shown = name if len(name) <= 60 else f"{name[:40]}...{name[-15:]}"
-        return (f"the {'name' if name != path else 'path'} {shown!r} ({size} bytes) is longer than the file "
+        return (f"the {'name' if name != path else 'path'} {shortened(name)!r} ({size} bytes) is longer than the file "
                 "system holds (255 bytes a name); use shorter folder and file names")
     try:
         os.getcwd()

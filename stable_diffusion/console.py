@@ -24,6 +24,11 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 MAX_LINE = 2000  # characters of one printed line; a longer one is cut, saying how much
 
 
+def shortened(name: str) -> str:
+    """A name (a path, a pattern) as a message shows it: its ends, where it is long."""
+    return name if len(name) <= 60 else f"{name[:40]}...{name[-15:]}"
+
+
 def shown(line: str) -> str:
     """`line` as one printable line of at most MAX_LINE characters (and the count cut)."""
     line = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256

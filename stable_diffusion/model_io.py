@@ -22,7 +22,7 @@ from .config import components, load_json, missing_component
 from .errors import HubUnreachable, ModelError
 from .files import special_file
 from .safetensors_io import (WEIGHT_STEMS, Stored, read_pointer, read_safetensors_header, read_safetensors_places,
-                             load_tensors, refetch_advice, refuse_pickle, weight_files)
+                             load_tensors, refetch_advice, refuse_pickle, utf8_name, weight_files)
 
 ALIASES = {
     "sd": "stabilityai/stable-diffusion-2-1-base",
@@ -499,7 +499,7 @@ def assign_weights(model, weights: dict, stored: dict, dtype, pack: bool = True)
     plain, packed = [], {}
     for key, value in weights.items():
         place = stored.get(key) if reader else None
-        if place is not None and not _utf8_name(place.path):  # the native reader takes UTF-8 names
+        if place is not None and not utf8_name(place.path):  # the native reader takes UTF-8 names: MLX's then
             place = None
         layout = None if place is None else _reader_layout(place.shape, value.shape)
         if layout is None:
@@ -530,14 +530,6 @@ def plain_weights(model):
             layer.pop("weight_shape")
             layer.weight = weight
     return model
-
-
-def _utf8_name(path) -> bool:
-    try:
-        os.fsdecode(path).encode("utf-8")
-    except UnicodeEncodeError:  # bytes a locale read as surrogates (LC_ALL=C): through MLX's loader
-        return False
-    return True
 
 
 def _read(place: Stored, dtype, layout: str) -> mx.array:

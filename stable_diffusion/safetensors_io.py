@@ -58,20 +58,27 @@ def refuse_pickle(path: Path, head: bytes | None = None, conversion: str | None 
                          + conversion.format(path=path, out=out))
 
 
-def load_tensors(path) -> dict:
-    """mx.load of a safetensors file, lazily (a tensor is read when evaluated). MLX takes its name
-    as UTF-8: one that is not (its bytes read by a locale as surrogates, LC_ALL=C) is opened here
-    and named by its descriptor, which MLX opens again for itself."""
-    name = os.fspath(path)
+def utf8_name(path) -> bool:
+    """Whether a file's name is UTF-8 text, as MLX and the native reader take names: not where a
+    locale read its bytes as surrogates (LC_ALL=C)."""
     try:
-        name.encode("utf-8")
+        os.fsdecode(path).encode("utf-8")
     except UnicodeEncodeError:
-        fd = os.open(name, os.O_RDONLY)
+        return False
+    return True
+
+
+def load_tensors(path) -> dict:
+    """mx.load of a safetensors file, lazily (a tensor is read when evaluated). A name that is not
+    UTF-8 (`utf8_name`) is opened here and named by its descriptor, which MLX opens again for
+    itself."""
+    if not utf8_name(path):
+        fd = os.open(path, os.O_RDONLY)
         try:
             return mx.load(f"/proc/self/fd/{fd}", format="safetensors")
         finally:
             os.close(fd)
-    return mx.load(name, format="safetensors")  # given: a hub cache's blob has no suffix
+    return mx.load(os.fsdecode(path), format="safetensors")  # given: a hub cache's blob has no suffix
 
 
 def converted_name(path: Path, by_content: bool = False) -> Path:

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from . import privacy
+from .console import shortened
 from .privacy import shown_value
 from .choices import SAMPLER_NAMES, SCHEDULES
 from .costs import describe_seconds
@@ -247,10 +248,9 @@ def sweep_estimates(runs: list, plans: list) -> dict | None:
     return out
 
 
-def _short(name: str, quoted: bool = True) -> str:
-    """A name or a --name pattern as a message shows it: its ends, where it is long."""
-    name = name if len(name) <= 60 else f"{name[:40]}...{name[-15:]}"
-    return repr(name) if quoted else name
+def _short(name: str) -> str:
+    """A name or a --name pattern as a message quotes it (console.shortened)."""
+    return repr(shortened(name))
 
 
 def check_plans(runs: list, session, image_size: tuple | None, notice=lambda line: None) -> list:
@@ -276,7 +276,7 @@ def check_plans(runs: list, session, image_size: tuple | None, notice=lambda lin
                 raise SpecError("name", e.template) from None
             check_in_the_way(names, paths, left_by_us(names), output_named=False)
         except SpecError as e:  # said of the run, where the grid varies: its values are in its name
-            where = f"run {_short(run.name, quoted=False)}: " if len(runs) > 1 else ""
+            where = f"run {shortened(run.name)}: " if len(runs) > 1 else ""
             raise SpecError(GRID_KEYS[e.field] if e.field in run.values else e.field,
                             where + e.template) from None
     return plans

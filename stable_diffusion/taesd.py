@@ -223,12 +223,14 @@ def _read_config(folder: Path) -> TinyAutoencoderConfig:
     return TinyAutoencoderConfig.from_diffusers(load_json(folder / "config.json"), str(folder / "config.json"))
 
 
-def load_tiny_autoencoder(folder: str | Path, dtype=mx.float32) -> TinyAutoencoder:
-    """An AutoencoderTiny folder (config.json and diffusion_pytorch_model.safetensors), loaded
-    strictly: every tensor present with its shape, nothing left over (the error names the key)."""
+def load_tiny_autoencoder(folder: str | Path, dtype=mx.float32,
+                          config: TinyAutoencoderConfig | None = None) -> TinyAutoencoder:
+    """An AutoencoderTiny folder (config.json and diffusion_pytorch_model.safetensors; its config
+    given where read already), loaded strictly: every tensor present with its shape, nothing left
+    over (the error names the key)."""
     folder = Path(folder)
-    return model_io.load_weights(TinyAutoencoder(_read_config(folder)), folder, model_io.map_taesd_weights,
-                                 dtype)
+    config = _read_config(folder) if config is None else config
+    return model_io.load_weights(TinyAutoencoder(config), folder, model_io.map_taesd_weights, dtype)
 
 
 @dataclass(frozen=True)
@@ -241,9 +243,7 @@ class PreviewSource:
     where: dict  # where the weights come from (folder or hub id, revision, commit)
 
     def load(self, dtype=mx.float32) -> PreviewDecoder:
-        network = model_io.load_weights(TinyAutoencoder(self.config), self.folder,
-                                        model_io.map_taesd_weights, dtype)
-        return PreviewDecoder(network, self.where)
+        return PreviewDecoder(load_tiny_autoencoder(self.folder, dtype, self.config), self.where)
 
 
 def find_preview(source: str | None, family: str, latent_channels: int | None = None) -> PreviewSource:
