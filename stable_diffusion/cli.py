@@ -457,14 +457,20 @@ def _ended(sidecar: Path) -> str | None:
 
 def _os_refusal(error: Exception) -> str | None:
     """What the user can fix of a system error no check caught: a name longer than the file system
-    holds, a working folder removed."""
+    holds, a working folder removed, a name this locale cannot give the file system."""
+    encoding = sys.getfilesystemencoding()
+    if isinstance(error, UnicodeEncodeError) and encoding.lower().replace("-", "") != "utf8":
+        return (f"a name holds {error.object[error.start:error.end]!r}, which this locale's encoding "
+                f"({encoding}) cannot give the file system; run in a UTF-8 locale (e.g. LC_ALL=C.UTF-8)")
     if not isinstance(error, OSError):
         return None
     if error.errno == errno.ENAMETOOLONG:
         path = os.fsdecode(error.filename or "")
-        name = next((p for p in Path(path).parts if len(os.fsencode(p)) > 255), path)
-        size = len(os.fsencode(name))
-        return (f"the {'name' if name != path else 'path'} {shortened(name)!r} ({size} bytes) is longer than the file "
+        name = next((p for p in Path(path).parts if len(os.fsencode(p)) > 255), None)
+        if name is None:  # no name too long: the whole path is
+            return (f"the path {shortened(path)!r} ({len(os.fsencode(path))} bytes) is longer than the file "
+                    "system holds for a whole path; use fewer or shorter folders")
+        return (f"the name {shortened(name)!r} ({len(os.fsencode(name))} bytes) is longer than the file "
                 "system holds (255 bytes a name); use shorter folder and file names")
     try:
         os.getcwd()

@@ -86,27 +86,27 @@ def format_name(pattern: str, fields: dict) -> str:
     try:
         parsed = list(string.Formatter().parse(pattern))
     except ValueError as e:
-        raise SpecError("name", f"{{flag}} {pattern!r} is not a valid pattern ({e})") from None
+        raise SpecError("name", f"{{flag}} {_short(pattern)} is not a valid pattern ({e})") from None
     used = [f for _, f, _, _ in parsed if f is not None]
     for _, f, spec, _ in parsed:
         # A width or precision makes that many characters (`{seed:>500000000}`): bounded by the
         # longest name a file may have, and no field nested inside a format.
         if spec and ("{" in spec or any(len(n) > 3 or int(n) > MAX_FORMAT_NUMBER
                                         for n in re.findall(r"\d+", spec))):
-            raise SpecError("name", f"{{flag}} {pattern[:60]!r}: the format of {{{f}}} asks for more "
+            raise SpecError("name", f"{{flag}} {_short(pattern)}: the format of {{{f}}} asks for more "
                                     f"than {MAX_FORMAT_NUMBER} characters or nests a field; use a "
                                     "width such as {seed:04d}")
     for f in used:
         if f not in fields:
-            raise SpecError("name", f"{{flag}} {pattern!r} uses {{{f}}}; the fields are "
+            raise SpecError("name", f"{{flag}} {_short(pattern)} uses {{{f}}}; the fields are "
                                     f"{', '.join('{' + k + '}' for k in fields)}")
         if fields[f] is None:
-            raise SpecError("name", f"{{flag}} {pattern!r} uses {{{f}}}, which this sweep leaves to "
+            raise SpecError("name", f"{{flag}} {_short(pattern)} uses {{{f}}}, which this sweep leaves to "
                                     "the model's default; give it a value or leave it out of the name")
     try:
         return pattern.format(**fields)
     except (ValueError, TypeError) as e:
-        raise SpecError("name", f"{{flag}} {pattern!r}: {e}") from None
+        raise SpecError("name", f"{{flag}} {_short(pattern)}: {e}") from None
 
 
 # --- the runs ---------------------------------------------------------------------------------------
@@ -153,7 +153,7 @@ def expand(base: RunSpec, grid: Grid, folder: Path, pattern: str | None = None) 
     given_pattern = pattern is not None
     pattern = default_pattern(grid) if pattern is None else pattern
     if not base.capture.save_prompt and "{prompt" in pattern.replace("{prompt_index", ""):
-        raise SpecError("name", f"{{flag}} {pattern!r} puts the prompt in the file names, and this "
+        raise SpecError("name", f"{{flag}} {_short(pattern)} puts the prompt in the file names, and this "
                                 "sweep keeps its prompts private (save_prompt off); use {prompt_index}")
     names = [f for f, _ in grid.axes]
     prompts = grid.values("prompt")
@@ -187,7 +187,7 @@ def expand(base: RunSpec, grid: Grid, folder: Path, pattern: str | None = None) 
         try:
             check_name_length(spec.output)
         except SpecError as e:
-            raise SpecError("name", e.template.replace("{flag}", f"{{flag}} {pattern[:40]!r}:")) from None
+            raise SpecError("name", e.template.replace("{flag}", f"{{flag}} {_short(pattern)}:")) from None
         runs.append(SweepRun(index, name, {k: values[k] for k in grid.varying()}, spec))
     if not runs:
         raise SpecError("grid", "{flag} makes no run")
@@ -231,7 +231,7 @@ def _check_derived_names(runs: list, seen: dict, pattern: str) -> None:
         base = derived_base(stem)
         if base is not None and _same_path_key(os.path.join(folder, base)) in seen:
             other = seen[_same_path_key(os.path.join(folder, base))]
-            raise SpecError("name", f"{{flag}} {pattern!r} gives {run.name!r} to run {run.index + 1}, "
+            raise SpecError("name", f"{{flag}} {_short(pattern)} gives {_short(run.name)} to run {run.index + 1}, "
                                     f"the name of a file of run {other[0] + 1} ({other[1]!r}); "
                                     "choose names that do not end in .step-N, .curve, .best, ...")
 

@@ -1174,6 +1174,16 @@ def test_arguments_that_are_not_utf8(tmp_path, picture, sd2):
                                 capture_output=True, timeout=300, env=env, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
     assert np.array_equal(pixels(outputs[0]), pixels(outputs[1]))
+    # a record made in UTF-8 naming them, replayed where the locale cannot name them: one line, not a
+    # UnicodeEncodeError (exit 1)
+    shutil.copytree(sd2.resolve(), tmp_path / "copi\u00e8")  # its record names the folder (a link resolves)
+    subprocess.run([sys.executable, ROOT / "image2image.py", picture, "x", "--model", "copi\u00e8", "--steps", "1",
+                    "--output", tmp_path / "r.png"], check=True, capture_output=True, timeout=300, cwd=tmp_path)
+    result = subprocess.run([sys.executable, ROOT / "image2image.py", "--replay", tmp_path / "r.png", "-o",
+                             tmp_path / "r2.png"], capture_output=True, text=True, timeout=300, env=c_locale)
+    assert result.returncode == 2 and result.stderr == (
+        "error: a name holds '\\xe8', which this locale's encoding (ascii) cannot give the file system; run in "
+        "a UTF-8 locale (e.g. LC_ALL=C.UTF-8)\n"), result.stderr
 
 
 # --- one writer per output name -----------------------------------------------------------------------
@@ -1405,6 +1415,9 @@ def test_a_name_too_long_and_a_removed_working_folder_are_refused(capsys, tmp_pa
     for args in (["--output", tmp_path / long / "x.png"], ["--model", tmp_path / long, "--output", tmp_path / "o.png"]):
         status, _, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 1, *args)
         only_error(status, 2, err, f"the name '{long[:40]}...{long[:15]}' (300 bytes) is longer than the file system holds")
+    deep = Path(*["b" * 250] * 18) / "x.png"  # no name too long: the whole path is (the message cited 255 a name)
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--output", tmp_path / deep)
+    only_error(status, 2, err, "is longer than the file system holds for a whole path; use fewer or shorter folders")
     (tmp_path / "linked").symlink_to("nowhere")  # a folder through a link to nothing: "is a file", it said
     status, _, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--output", tmp_path / "linked" / "o.png")
     only_error(status, 2, err, "linked is a link to nowhere, which does not exist, not a folder")

@@ -542,6 +542,9 @@ def test_a_run_name_too_long_for_its_files_blames_the_names(capsys, tmp_path, pi
                                 "--seeds", "1,2", "--name", "run-{seed}-" + "y" * 240, "-o", tmp_path / "p")
     assert status == 2 and len(err) < 300, err  # the pattern and the names given twice: their ends
     assert f"--name 'run-{{seed}}-{'y' * 29}...{'y' * 15}' gives 'run-1-{'y' * 34}...{'y' * 15}' to runs 1 and 3" in err
+    status, _, err = in_process(capsys, "image2image", picture, "x", "--model", sd2, "--strengths", "0.4,0.6",
+                                "--name", "a" * 300 + "{nope}", "-o", tmp_path / "q")  # every --name refusal
+    assert status == 2 and f"--name '{'a' * 40}...{'a' * 9}{{nope}}' uses {{nope}}; the fields are" in err, err
 
 
 def test_a_sheet_that_cannot_be_written_is_said_and_the_sweep_fails(capsys, tmp_path, picture, sd2, monkeypatch):
