@@ -864,9 +864,9 @@ mx::array bf16_pack(const mx::array& w) {
 }
 
 // The float32 product kernels this CPU can run, fastest first: AVX-512's, AVX2's (16 registers
-// of 8 floats). Layers take them (has_f32_products) only with AVX-512: AVX2's kernel beat OpenBLAS's
-// Haswell kernels on an Ice Lake held to AVX2 (1.0-1.5x a product) but not a whole UNet call
-// (0.99-1.04x), and is unmeasured on an AVX2 CPU; f32_product(kernel="avx2") runs it there.
+// of 8 floats). Layers take them (has_f32_products) only with AVX-512: AVX2's kernel is even with
+// OpenBLAS's Haswell kernels in a whole UNet call, on an Ice Lake held to AVX2 (0.99-1.04x) and on
+// an AVX2 Zen 3 (0.93-1.14x, within the VM's noise); f32_product(kernel="avx2") runs it there.
 const std::vector<ProductKernel>& f32_kernel_list() {
   static const std::vector<ProductKernel> kernels = [] {
     std::vector<ProductKernel> found;

@@ -377,7 +377,7 @@ def _check_memory(session, plan, console) -> dict:
 def _environment(session, console) -> dict:
     """The device and BLAS the run computes on, for the record; -v says more."""
     from .blas import coretype_note, preload_blas
-    from .calibrate import default_cpu_dtype
+    from .calibrate import asked_dtype_note, default_cpu_dtype
     from .ops import native_status
 
     console.detail(_describe_model(session.source))
@@ -390,6 +390,8 @@ def _environment(session, console) -> dict:
     console.detail(native_status())
     if mx.default_device() == mx.cpu and session.model_spec.dtype is None:
         console.detail(default_cpu_dtype()[1])
+    elif mx.default_device() == mx.cpu and asked_dtype_note(session.dtype_name):
+        console.notice(asked_dtype_note(session.dtype_name))
     return {"device": str(mx.default_device()), "blas": described, "kernels": native_status()}
 
 

@@ -65,6 +65,19 @@ def test_without_bfloat16_products_nothing_is_measured(cache, monkeypatch):
     assert dtype == "float32" and "bfloat16" in line and not cache.exists()
 
 
+@pytest.mark.parametrize("products", [True, False])
+def test_a_dtype_asked_for_without_fast_products_here_gets_a_note(monkeypatch, products):
+    monkeypatch.setattr(ops, "bf16_products", lambda: products)
+    assert calibrate.asked_dtype_note("float32") is None
+    bf16 = calibrate.asked_dtype_note("bfloat16")
+    assert (bf16 is None) == products
+    if bf16:
+        assert bf16.startswith("{flag:dtype} bfloat16 is slow here: without AVX512_BF16") and "float32 is faster" in bf16
+    f16 = calibrate.asked_dtype_note("float16")
+    assert f16.startswith("{flag:dtype} float16 is slow here")
+    assert ("bfloat16 or float32 is faster" if products else "; float32 is faster") in f16
+
+
 @pytest.mark.skipif(not ops.bf16_products(), reason="no native bfloat16 products on this CPU")
 def test_the_measure_times_both_dtypes():
     seconds = calibrate.measure()
