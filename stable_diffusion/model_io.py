@@ -21,8 +21,9 @@ from . import memory, ops, single_file
 from .config import components, load_json, missing_component
 from .errors import HubUnreachable, ModelError
 from .files import special_file
-from .safetensors_io import (WEIGHT_STEMS, Stored, read_pointer, read_safetensors_header, read_safetensors_places,
-                             load_tensors, refetch_advice, refuse_pickle, utf8_name, weight_files)
+from .safetensors_io import (WEIGHT_STEMS, Stored, index_names, read_pointer, read_safetensors_header,
+                             read_safetensors_places, load_tensors, refetch_advice, refuse_pickle, utf8_name,
+                             weight_files)
 
 ALIASES = {
     "sd": "stabilityai/stable-diffusion-2-1-base",
@@ -278,9 +279,10 @@ def _pipeline_patterns(variant: str | None) -> list[str]:
                 "tokenizer*/vocab.json", "tokenizer*/merges.txt", "tokenizer*/tokenizer_config.json",
                 "tokenizer*/special_tokens_map.json", "tokenizer*/tokenizer.json"]
     for component, stem in WEIGHT_STEMS.items():
-        for s in ([f"{stem}.{variant}", stem] if variant else [stem]):
-            patterns += [f"{component}/{s}.safetensors", f"{component}/{s}.safetensors.index.json",
-                         f"{component}/{s}-*-of-*.safetensors"]
+        for v in ([variant, None] if variant else [None]):
+            s = f"{stem}.{v}" if v else stem
+            patterns += [f"{component}/{s}.safetensors", f"{component}/{s}-*-of-*.safetensors",
+                         *(f"{component}/{i}" for i in index_names(stem, v))]
     return patterns
 
 

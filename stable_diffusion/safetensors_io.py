@@ -128,6 +128,14 @@ def refetch_advice(folder: Path) -> str:
             "(diffusers' save_pretrained writes every file)")
 
 
+def index_names(stem: str, variant: str | None) -> list[str]:
+    """The names a sharded component's index may have: diffusers and transformers put a variant
+    before the index's suffix (`x.safetensors.index.fp16.json`); an older form puts it in the stem."""
+    if not variant:
+        return [f"{stem}.safetensors.index.json"]
+    return [f"{stem}.safetensors.index.{variant}.json", f"{stem}.{variant}.safetensors.index.json"]
+
+
 def weight_files(component_folder: Path, variant: str | None = None) -> list[Path]:
     """The safetensors files of one component (the variant's if present), refusing pickle files."""
     component_folder = Path(component_folder)
@@ -141,15 +149,15 @@ def weight_files(component_folder: Path, variant: str | None = None) -> list[Pat
             return weight_files(Path(pointer["folder"]), variant)
         return [Path(pointer["file"])]
     stem = WEIGHT_STEMS.get(component_folder.name, "diffusion_pytorch_model")
-    candidates = [f"{stem}.{variant}", stem] if variant else [stem, f"{stem}.fp16"]
-    for s in candidates:
-        single = component_folder / f"{s}.safetensors"
+    for v in ([variant, None] if variant else [None, "fp16"]):
+        single = component_folder / (f"{stem}.{v}.safetensors" if v else f"{stem}.safetensors")
         _check_regular(single)
         if single.is_file():
             return [single]
-        index = component_folder / f"{s}.safetensors.index.json"
-        _check_regular(index)
-        if index.is_file():
+        index = next((i for i in map(component_folder.joinpath, index_names(stem, v)) if i.is_file()), None)
+        for i in index_names(stem, v):
+            _check_regular(component_folder / i)
+        if index is not None:
             weight_map = load_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not all(
                     isinstance(v, str) and v and Path(v).name == v for v in weight_map.values()):

@@ -340,6 +340,33 @@ def test_folders_written_by_diffusers_save_pretrained(family, tiny_model, tmp_pa
         assert a.tokenize([text])[0].tolist() == b.tokenize([text])[0].tolist()
 
 
+@pytest.mark.reference
+def test_sharded_variant_weights_as_diffusers_saves_them(tiny_model, tmp_path):
+    """save_pretrained(variant="fp16") with shards names the index x.safetensors.index.fp16.json:
+    read under that name, the same weights as the folder it was saved from; and the hub fetch asks
+    for every file of it."""
+    import fnmatch
+
+    import diffusers
+    from mlx.utils import tree_flatten
+
+    saved = tmp_path / "saved"
+    diffusers.StableDiffusionPipeline.from_pretrained(tiny_model("sd1")).save_pretrained(
+        saved, variant="fp16", max_shard_size="20KB")
+    unet = saved / "unet"
+    assert (unet / "diffusion_pytorch_model.safetensors.index.fp16.json").is_file()
+    assert len(list(unet.glob("diffusion_pytorch_model.fp16-*-of-*.safetensors"))) > 1
+    ours = StableDiffusion.from_pretrained(str(saved), variant="fp16")
+    plain = StableDiffusion.from_pretrained(str(tiny_model("sd1")))
+    for a, b in zip([ours.unet, ours.vae, *ours.text_encoders], [plain.unet, plain.vae, *plain.text_encoders]):
+        pa, pb = dict(tree_flatten(a.parameters())), dict(tree_flatten(b.parameters()))
+        assert pa.keys() == pb.keys() and all(np.array_equal(pa[k], pb[k]) for k in pa)
+    patterns = model_io._pipeline_patterns("fp16")
+    weights = [p.relative_to(saved).as_posix() for p in saved.rglob("*") if p.is_file()
+               and ("safetensors" in p.name) and p.parent.name in ("unet", "vae", "text_encoder")]
+    assert weights and all(any(fnmatch.fnmatch(w, pattern) for pattern in patterns) for w in weights)
+
+
 def test_missing_config_file(model):
     (model / "unet" / "config.json").unlink()
     expect_model_error(lambda: StableDiffusion.from_pretrained(str(model)), "missing config file",
