@@ -208,7 +208,7 @@ class VAEConfig:
     }
 
     _UNSUPPORTED = {"act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True,
-                    "latents_mean": None, "latents_std": None}
+                    "latents_mean": None, "latents_std": None, "in_channels": 3, "out_channels": 3}
 
     @classmethod
     def from_diffusers(cls, d: dict) -> "VAEConfig":
@@ -479,7 +479,7 @@ class TokenizerConfig:
         _check_object(d)
         # Special tokens are stored either as strings or as {"content": ...} records.
         d = {k: (v["content"] if isinstance(v, dict) and "content" in v else v) for k, v in d.items()}
-        config = _pick(cls, d, "tokenizer", quiet=True)
+        config = _pick(cls, d, "tokenizer")
         if config.model_max_length > 10_000:
             config = dataclasses.replace(config, model_max_length=77)
         return config
@@ -546,6 +546,8 @@ _CLASSES = {
     "text_encoder": ("CLIPTextModel", "CLIPTextModelWithProjection"),
     "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
 }
+# Scheduler classes of models trained on other noise than DDPM's (EDM, flow matching, consistency).
+_OTHER_NOISE = ("EDM", "FlowMatch", "CosineDPMSolver", "CMStochastic", "SCMScheduler")
 
 
 def missing_component(folder: Path, component: str, present) -> str:
@@ -607,11 +609,14 @@ def read_pipeline_config(folder: Path, notices: list | None = None, warnings: li
     if len(scheduler_entry) != 2 or not all(isinstance(v, str) for v in scheduler_entry):
         raise ConfigError(f"{index_path}: field scheduler: expected [library, class name], got "
                           f"{_shown(scheduler_entry)}; fix the file or download the model again")
+    if scheduler_entry[1].startswith(_OTHER_NOISE):
+        raise ConfigError(f"{index_path}: its scheduler {scheduler_entry[1][:60]} is for a model trained on EDM or flow "
+                          "matching noise, which these samplers do not model; use an SD 1.x, 2.x or XL model")
     zeros = index.get("force_zeros_for_empty_prompt", False)
     if not isinstance(zeros, bool):
         raise ConfigError(f"{index_path}: field force_zeros_for_empty_prompt: expected true or "
                           f"false, got {_shown(zeros)}; fix the file or download the model again")
-    defaults = _read_defaults(index.get("_defaults"), index_path)
+    defaults = None if index.get("_defaults") is None else _read_defaults(index["_defaults"], index_path)
     encoders = [read(enc, TextEncoderConfig) for enc, _ in TEXT_COMPONENTS if enc in present]
     config = PipelineConfig(
         unet=read("unet", UNetConfig),
@@ -636,10 +641,8 @@ def _origin(folder: Path, name: str, filename: str) -> str:
     return str(Path(points["folder"]) / filename if isinstance(points.get("folder"), str) else folder / name / filename)
 
 
-def _read_defaults(value, index_path: Path) -> tuple | None:
+def _read_defaults(value, index_path: Path) -> tuple:
     """model_index.json's "_defaults": {"num_inference_steps": 1..1000, "guidance_scale": 0..100}."""
-    if value is None:
-        return None
     fields = {"num_inference_steps", "guidance_scale"}
     if not isinstance(value, dict) or set(value) != fields:
         extra = sorted(set(value) - fields) if isinstance(value, dict) else []
@@ -661,6 +664,9 @@ def _check_components_meet(config: PipelineConfig, folder: Path) -> None:
     """Shapes one component hands another: a mismatch would only show in the first step."""
     unet, vae = config.unet, config.vae
     problems = []
+    if unet.in_channels != unet.out_channels == vae.latent_channels:  # 9: inpainting, 8: instruct-pix2pix
+        raise ConfigError(f"{folder}: the UNet reads {unet.in_channels} channels (an inpainting or instruct model); "
+                          "only text-to-image models, whose UNet reads the latents alone, are supported")
     if not unet.in_channels == unet.out_channels == vae.latent_channels:
         problems.append(f"unet in_channels {unet.in_channels} and out_channels {unet.out_channels} "
                         f"differ from the VAE's latent_channels {vae.latent_channels}")
@@ -715,7 +721,7 @@ def _refuse_unsupported(d: dict, unsupported: dict, what: str) -> None:
             raise ConfigError(f"{what} config sets {key}={d[key]!r}, which this tool does not implement")
 
 
-def _pick(cls, d: dict, what: str, quiet: bool = False):
+def _pick(cls, d: dict, what: str):
     """Build `cls` from the fields of `d` it declares; a declared field without default is required.
     Every value is checked against the class's `_RULES` (type and range) as it is read."""
     _check_object(d)
@@ -738,12 +744,8 @@ def _check_object(d) -> None:
 
 def _shown(value) -> str:
     """What a JSON value is, briefly, for an error message."""
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, list):
-        return "a list"
-    if value is None:
-        return "null"
+    if isinstance(value, (dict, list)) or value is None:
+        return "an object" if isinstance(value, dict) else "a list" if value is not None else "null"
     kind = "a boolean" if isinstance(value, bool) else "a string" if isinstance(value, str) else "a number"
     text = json.dumps(value) if not isinstance(value, int) or abs(value) < 10**40 else "with > 40 digits"
     return f"{kind} {text[:40]}"
@@ -756,13 +758,10 @@ def _checked(value, rule: tuple, name: str):
     (list, item type, lo, hi, min length, max length), (int | list, lo, hi): one int or a list.
     """
     kind = rule[0]
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"field {name}: expected true or false, got {_shown(value)}")
-        return value
-    if kind is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"field {name}: expected a string, got {_shown(value)}")
+    if kind in (bool, str):
+        if not isinstance(value, kind):
+            expected = "true or false" if kind is bool else "a string"
+            raise ConfigError(f"field {name}: expected {expected}, got {_shown(value)}")
         return value
     if kind is int:
         lo, hi = rule[1], rule[2]

@@ -936,6 +936,15 @@ def rewrite_json(path: Path, change) -> None:
     ("unet/config.json", lambda d: dict(d, block_out_channels=[]), ["field block_out_channels: 0 entries"]),
     ("unet/config.json", lambda d: dict(d, sample_size=0), ["field sample_size: 0 is outside"]),
     ("vae/config.json", lambda d: dict(d, scaling_factor="0.18"), ["field scaling_factor: expected a number"]),
+    # LDM3D's RGB-depth VAE: it failed in the first convolution, or after every step as the pictures were written.
+    ("vae/config.json", lambda d: dict(d, out_channels=4), ["VAE config sets out_channels=4, which this tool does not"]),
+    # An inpainting (9) or instruct-pix2pix (8) UNet: said to be one, where it was "download the model again".
+    ("unet/config.json", lambda d: dict(d, in_channels=9), ["the UNet reads 9 channels (an inpainting or instruct"]),
+    # EDM and flow-matching models: they ran on DDPM's noise levels under a note, making wrong pictures.
+    ("model_index.json", lambda d: dict(d, scheduler=["diffusers", "EDMEulerScheduler"]),
+     ["its scheduler EDMEulerScheduler is for a model trained on EDM or flow matching noise"]),
+    ("model_index.json", lambda d: dict(d, scheduler=["diffusers", "FlowMatchEulerDiscreteScheduler"]),
+     ["FlowMatchEulerDiscreteScheduler is for a model trained on EDM or flow"]),
     ("scheduler/scheduler_config.json", lambda d: dict(d, num_train_timesteps=0),
      ["field num_train_timesteps: 0 is outside 1 .. 100000"]),
     ("scheduler/scheduler_config.json", lambda d: dict(d, solver_order=3),
