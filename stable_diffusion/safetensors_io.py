@@ -58,6 +58,18 @@ def refuse_pickle(path: Path, head: bytes | None = None, conversion: str | None 
                          + conversion.format(path=path, out=out))
 
 
+def _refuse_saved_answer(path: Path, head: bytes) -> None:
+    """What a download or a clone may leave under a weight file's name instead of the weights: a
+    Git LFS pointer (a clone made without Git LFS), or a server's answer (a login page, an error)."""
+    text = head.lstrip().lower()
+    if text.startswith(b"version https://git-lfs"):
+        raise ModelError(f"{path} is a Git LFS pointer, not the weights: the clone was made without Git LFS; "
+                         "run `git lfs pull` in it, or download the model with the hub client")
+    if text.startswith((b"<!doctype", b"<html", b"<?xml", b'{"error')):
+        raise ModelError(f"{path} is a web page or a server's message, not the weights: the download saved the "
+                         "server's answer (a gated model needs a token); download the file itself again")
+
+
 def utf8_name(path) -> bool:
     """Whether a file's name is UTF-8 text, as MLX and the native reader take names: not where a
     locale read its bytes as surrogates (LC_ALL=C)."""
@@ -212,13 +224,15 @@ def _read_header(path: Path) -> tuple[dict, int]:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(8)
+            head = f.read(64)
             if len(head) < 8:
                 raise ModelError(f"{path} is not a safetensors file (too short); download it again")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, MAX_HEADER_BYTES):
-                refuse_pickle(path, head)  # its first bytes, not a header's length
+            (n,) = struct.unpack("<Q", head[:8])
+            if n > min(size - 8, MAX_HEADER_BYTES):  # its first bytes are not a header's length:
+                refuse_pickle(path, head)
+                _refuse_saved_answer(path, head)
                 raise ModelError(f"{path} is truncated or not a safetensors file; download it again")
+            f.seek(8)
             raw = f.read(n)
     except OSError as e:
         raise ModelError(f"cannot read {path}: {e.strerror or e}; check the file's permissions") from None

@@ -383,6 +383,12 @@ def test_not_a_model_folder(tmp_path):
     (lambda data: data[:5], ("too short",)),
     (lambda data: struct.pack("<Q", 1 << 40) + data[8:], ("truncated or not a safetensors file",)),
     (lambda data: data[:8] + b"#" * 16 + data[24:], ("corrupt safetensors header",)),
+    # What a clone without Git LFS, or a download that saved the server's answer, leaves in its place.
+    (lambda data: b"version https://git-lfs.github.com/spec/v1\noid sha256:ab12\nsize 3438167536\n",
+     ("is a Git LFS pointer, not the weights", "git lfs pull")),
+    (lambda data: b"\n<!DOCTYPE html>\n<html><head><title>Sign in</title></head></html>" + bytes(64),
+     ("is a web page or a server's message, not the weights",)),
+    (lambda data: b'{"error":"Access to model is restricted."}', ("a gated model needs a token",)),
     (lambda data: data + bytes(100), ("holds 100 bytes that are no tensor's",)),  # the reference refuses it
     (lambda data: _rewrite_header(data, lambda h: h.update(
         {f"z{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(100_001)})),
