@@ -181,7 +181,11 @@ def detect_family(shapes: dict, path: Path, vae_given: bool = False) -> str:
         raise ModelError(f"{path} holds no VAE ({VAE}*): pass one with {{flag:vae}} (a diffusers VAE "
                          "folder or an LDM VAE .safetensors)")
     if not has(UNET):
-        what = ("a VAE alone (pass it with {flag:vae})" if any("encoder.down." in k for k in keys)
+        # An EMA-only export (model_ema.diffusion_modelinput_blocks...) or one under another prefix.
+        elsewhere = next((k for k in sorted(keys) if "input_blocks" in k), None)
+        what = (f"its UNet is under other names ({elsewhere[:60]!r}: an EMA-only or re-prefixed export); use "
+                "the checkpoint as it was published" if elsewhere
+                else "a VAE alone (pass it with {flag:vae})" if any("encoder.down." in k for k in keys)
                 else "a LoRA (pass it with {flag:loras})" if any("lora" in k.lower() for k in keys)
                 else "a textual-inversion embedding (pass it with {flag:embeddings})"
                 if len(keys) <= 4 and all(len(shapes[k]) <= 2 for k in keys)

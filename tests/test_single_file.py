@@ -290,6 +290,15 @@ def test_unknown_family_and_other_files(tmp_path, checkpoint):
               str(tmp_path / "vae.safetensors"))
     expect_model_error(lambda: model_io.resolve_model(str(tmp_path / "vae.safetensors")),
                        "has no model.diffusion_model.* tensors", "a VAE alone (pass it with --vae)")
+    # The UNet under other names: an EMA-only export (its names without dots), or another prefix.
+    unet = {k: v for k, v in tensors.items() if k.startswith("model.diffusion_model.")}
+    for name, rename in [("ema", lambda k: "model_ema." + k.removeprefix("model.").replace(".", "")),
+                         ("bare", lambda k: k.removeprefix("model."))]:
+        save_file({**{k: v for k, v in tensors.items() if k not in unet}, **{rename(k): v for k, v in unet.items()}},
+                  str(tmp_path / f"{name}.safetensors"))
+        message = expect_model_error(lambda: model_io.resolve_model(str(tmp_path / f"{name}.safetensors")),
+                                     "its UNet is under other names", "an EMA-only or re-prefixed export")
+        assert "a VAE alone" not in message
 
 
 def test_a_folder_without_its_vae_takes_the_one_given(tiny_model, tmp_path):
