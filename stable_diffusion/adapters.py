@@ -271,6 +271,9 @@ def _lora_file(path) -> tuple[Path, dict, dict]:
     if len(header) > MAX_LORA_TENSORS:
         raise ModelError(f"{path} holds {len(header)} tensors, more than any LoRA ({MAX_LORA_TENSORS}); "
                          "it is not a LoRA file")
+    whole = _whole_network(header)
+    if whole:
+        raise ModelError(f"{path} is {whole}, not a LoRA")
     for key in sorted(header):
         kinds = [kind for fragment, kind in _UNSUPPORTED if fragment in "." + key]
         kinds += [kind for ending, kind in _UNSUPPORTED_ENDINGS if key.endswith(ending)]
@@ -278,6 +281,18 @@ def _lora_file(path) -> tuple[Path, dict, dict]:
             raise ModelError(f"{path} is {kinds[0]} file, or holds its weights ({key}); only LoRA and LoCon "
                              "files are supported")
     return path, header, _peft_metadata(path, metadata)
+
+
+def _whole_network(header: dict) -> str | None:
+    """What a file of no adapter's keys holds where it is a network's whole weights: a model
+    checkpoint (LDM or diffusers names) or a VAE, each with the flag that takes it."""
+    if any("lora" in k.lower() for k in header):
+        return None
+    if any(k.startswith(("model.diffusion_model.", "conv_in.", "time_embedding.")) for k in header):
+        return "a whole model's weights (a checkpoint: pass it with {flag:model})"
+    if any(k.startswith(("first_stage_model.", "encoder.down", "decoder.up")) for k in header):
+        return "a VAE (pass it with {flag:vae})"
+    return None
 
 
 def check_files(loras, embeddings, encoders, tokenizers) -> None:
@@ -521,6 +536,9 @@ def read_embedding(path, widths: list, max_vectors: int) -> tuple[Path, str, lis
             raise ModelError(f"{path} holds one embedding ({keys[0]}); an SDXL model needs one per text "
                              "encoder, clip_l and clip_g, in one file")
         token = path.stem if keys == ["emb_params"] else keys[0]
+    elif _whole_network(header) or any("lora" in k.lower() for k in keys):
+        raise ModelError(f"{path} is {_whole_network(header) or 'a LoRA (pass it with {flag:loras})'}, not a "
+                         "textual-inversion embedding")
     else:
         raise ModelError(f"{path} holds tensors {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}; a "
                          "textual-inversion file holds one ({token: tensor} or emb_params), or clip_l "

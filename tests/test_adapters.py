@@ -399,6 +399,18 @@ def unet_weights(sd) -> dict:
     return {n: np.array(ops.layer_weight(m)) for n, m in adapters.weight_layers(sd.unet)}
 
 
+def test_a_whole_network_given_as_a_lora_is_named(sd1, tiny_model):
+    """A checkpoint or a VAE given as a LoRA: said to be one, with the flag that takes it."""
+    folder = tiny_model("sd1")
+    expect_model_error(lambda: sd1.load_lora(folder / "unet" / "diffusion_pytorch_model.safetensors"),
+                       "is a whole model's weights (a checkpoint: pass it with", "not a LoRA")
+    expect_model_error(lambda: sd1.load_lora(folder / "vae" / "diffusion_pytorch_model.safetensors"),
+                       "is a VAE (pass it with", "not a LoRA")
+    expect_model_error(lambda: sd1.load_textual_inversion(folder / "unet" / "diffusion_pytorch_model.safetensors"),
+                       "is a whole model's weights (a checkpoint: pass it with", "not a textual-inversion")
+    assert sd1.adapters == []
+
+
 def test_a_file_matching_no_layer_is_refused_before_any_work(sd1, tmp_path):
     """A LoRA of another architecture (FLUX's names, in kohya's and in PEFT's form)."""
     path = tmp_path / "flux.safetensors"
