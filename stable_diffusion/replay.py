@@ -177,11 +177,13 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
         if isinstance(frame, dict) and frame.get("partial") is not None:  # a triangle stopped early
             notes.append(f"replay of {path}: it holds part of a triangle ({_bounded(frame['partial'])}); "
                          "this run makes all of it")
-        changed = _changed(parser, recorded, expanded)
+        changed = _changed(parser, recorded, expanded, record.get("dtype"))
         if changed:
             notes.append(f"replay of {path} with other {', '.join(changed)}: the pictures may differ from it")
         elif not notes and changed is not None:
-            notes = [sameness(path, record, _settings(parser, expanded)["dtype"])]
+            dtype = _settings(parser, expanded)["dtype"]
+            restated = dtype is not None and _settings(parser, recorded)["dtype"] is None  # in its record too
+            notes = [sameness(path, record, dtype, restated)]
         return expanded, notes, record
     if text is None:
         raise InputError(f"{path} carries no parameters to replay (no `parameters` text, no record "
@@ -335,15 +337,18 @@ def _settings(parser, arguments: list) -> dict:
     return settings
 
 
-def _changed(parser, recorded: list, expanded: list) -> list | None:
+def _changed(parser, recorded: list, expanded: list, made_in=None) -> list | None:
     """The flags (or positionals) whose values the user's own arguments change from the record's:
     the settings compared, not how the process behaves (REFUSED). None where the recorded
-    arguments do not parse alone (a private prompt starting with "-" is among the user's)."""
+    arguments do not parse alone (a private prompt starting with "-" is among the user's). A
+    --dtype that names the dtype the picture was made in (`made_in`, the record's) changes nothing."""
     try:
         before = _settings(parser, recorded)
     except InputError:
         return None
     after = _settings(parser, expanded)
+    if made_in in ("float32", "float16", "bfloat16"):
+        before["dtype"], after["dtype"] = before["dtype"] or made_in, after["dtype"] or made_in
     names = {}
     for action in parser._actions:
         names.setdefault(action.dest, next((o for o in action.option_strings if o.startswith("--")), action.dest))
@@ -403,11 +408,12 @@ def input_changed(path, record: dict) -> list:
             f"{str(source.get('sha256', '?'))[:12]} then, {digest[:12]} now): the pictures will differ"]
 
 
-def sameness(path, record: dict, dtype: str | None) -> str:
+def sameness(path, record: dict, dtype: str | None, restated: bool = False) -> str:
     """Whether a replay in `dtype` (None: this machine's default, on a CPU the one measured faster)
     can give the same bytes: the same package versions, device, dtype, BLAS (as the record names
     it, its thread count too: the record is in every picture) and native CPU kernels (AMX's sums,
-    say, are not AVX-512's bit for bit)."""
+    say, are not AVX-512's bit for bit). `restated`: the dtype was given where the picture's
+    arguments had none, so the new record says it, and only the pixels can be the same."""
     from . import signals
 
     mx = signals.import_whole("mlx.core")
@@ -434,10 +440,12 @@ def sameness(path, record: dict, dtype: str | None) -> str:
         return (f"replay of {path}: same package versions, device, dtype, BLAS and kernels as when it "
                 "was made: the pictures should be "
                 + (f"the same pixels (their metadata name the model at commit {_shown(model.get('commit'))[:12]})"
-                   if pinned else "byte-identical")
+                   if pinned else "the same pixels (their metadata name the --dtype given)" if restated
+                   else "byte-identical")
                 + (", if the model's files are as they were then" if local else ""))
+    # The dtype alone can be given back: another device or other kernels compute otherwise whatever it is.
     hint = f"; --dtype {then['dtype']} computes as it did" if then["dtype"] in ("float32", "float16", "bfloat16") \
-        and then["dtype"] != dtype else ""
+        and then["dtype"] != dtype and len(differ) == 1 else ""
     return f"replay of {path}: made with {'; '.join(differ)}: the pictures may differ{hint}"
 
 

@@ -130,6 +130,14 @@ def test_replay_says_when_its_dtype_or_kernels_differ_from_the_record(tmp_path, 
     same = run("--replay", tmp_path / "a.png", "--no-float16", "--output", tmp_path / "b2.png")
     assert "byte-identical" in same.stderr
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b2.png").read_bytes()
+    # Made in the default dtype, without --dtype: naming that dtype changes nothing but the record.
+    from stable_diffusion.session import default_dtype
+
+    run(picture, "a barn", "--model", sd2, "--steps", 2, "--strength", 0.5, "--seed", 2, "--output", tmp_path / "d.png")
+    named = run("--replay", tmp_path / "d.png", "--dtype", default_dtype(), "--output", tmp_path / "d2.png")
+    assert "with other --dtype" not in named.stderr, named.stderr
+    assert "the same pixels (their metadata name the --dtype given)" in named.stderr, named.stderr
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "d.png")), np.asarray(Image.open(tmp_path / "d2.png")))
     if kernels.startswith("native CPU kernels ("):  # some in use: without them the sums are MLX's
         env = dict(os.environ, SD_NATIVE="0")
         off = commands.run("image2image.py", "--replay", tmp_path / "a.png", "--output", tmp_path / "c.png",
