@@ -56,7 +56,11 @@ def picture_notices(picture) -> list:
 
 def plan_for(session, spec, image_size: tuple | None, notice=lambda line: None) -> RunPlan:
     """The spec planned against the session's model: its configs and tokenizers, no weights."""
+    from .calibrate import asked_dtype_note
+
     session.open()
+    if mx.default_device() == mx.cpu and session.model_spec.dtype is not None and asked_dtype_note(session.dtype_name):
+        notice(asked_dtype_note(session.dtype_name))  # before the speed of its products is measured
     plan = make_plan(spec, session.config, session.tokenizers, image_size, notice, session.machine())
     if session.source.get("source") == "package" and session.source.get("model") == "shapes":
         from .scenes import outside_training
@@ -377,7 +381,7 @@ def _check_memory(session, plan, console) -> dict:
 def _environment(session, console) -> dict:
     """The device and BLAS the run computes on, for the record; -v says more."""
     from .blas import coretype_note, preload_blas
-    from .calibrate import asked_dtype_note, default_cpu_dtype
+    from .calibrate import default_cpu_dtype
     from .ops import native_status
 
     console.detail(_describe_model(session.source))
@@ -390,8 +394,6 @@ def _environment(session, console) -> dict:
     console.detail(native_status())
     if mx.default_device() == mx.cpu and session.model_spec.dtype is None:
         console.detail(default_cpu_dtype()[1])
-    elif mx.default_device() == mx.cpu and asked_dtype_note(session.dtype_name):
-        console.notice(asked_dtype_note(session.dtype_name))
     return {"device": str(mx.default_device()), "blas": described, "kernels": native_status()}
 
 

@@ -64,12 +64,15 @@ class Session:
             return
         m = self.model_spec
         if m.quantize and mx.default_device() == mx.cpu:
+            from . import ops
+
             # MLX's CPU 4-bit products: a 154 x 1024 x 4096 one took 0.43 s against 8 ms unquantized
             # in float32, 3.8 s in bfloat16 (2-core Zen 5): a 512x512 run would take hours.
+            half = ("{flag:dtype} bfloat16 halves the weights' memory instead" if ops.bf16_products() else
+                    "this CPU has no fast half-precision products: float32 is its fast dtype")
             raise InputError("{flag:quantize}: MLX's 4-bit products on the CPU are 50 to 1000 times slower "
-                             "than unquantized ones; drop {flag:quantize} ({flag:dtype} bfloat16 halves the weights' "
-                             "memory instead; on the command line -q is --quantize, as in mlx-examples, and --quiet "
-                             "is the quiet flag)")
+                             f"than unquantized ones; drop {{flag:quantize}} ({half}; on the command line -q is "
+                             "--quantize, as in mlx-examples, and --quiet is the quiet flag)")
         self.folder, source = model_io.resolve_model(m.model, self.variant, m.vae, m.prediction_type)
         model_io.check_model_folder(self.folder, self.variant)
         config = read_pipeline_config(self.folder, self.notices, self.warnings)

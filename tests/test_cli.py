@@ -109,6 +109,9 @@ def test_quantize_is_refused_on_the_cpu_before_any_work(tmp_path, picture, sd2):
     result = run("image2image.py", picture, "x", "--model", sd2, "-q", "--output", tmp_path / "o.png", check=False)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
     assert "--quantize: MLX's 4-bit products on the CPU are 50 to 1000 times slower" in result.stderr
+    from stable_diffusion import ops  # the advice names bfloat16 only where it is fast
+
+    assert ("--dtype bfloat16 halves the weights' memory instead" in result.stderr) == ops.bf16_products()
     assert files_in(tmp_path) == set()
 
 
