@@ -109,12 +109,17 @@ class _Parser(argparse.ArgumentParser):
         namespace, unknown = self.parse_known_args(args, namespace)
         if unknown:
             shown = " ".join(a if a.strip() and a.isprintable() else ascii(a) for a in unknown)
-            self.error(f"unrecognized arguments: {shown}{self._suggestion(unknown)}")
+            self.error(f"unrecognized arguments: {shown}{self._suggestion(unknown, namespace)}")
         return namespace
 
-    def _suggestion(self, unknown: list) -> str:
+    def _suggestion(self, unknown: list, namespace=None) -> str:
         """"; did you mean --steps?" for the first unknown flag that is close to one of ours."""
         import difflib
+
+        prompt = getattr(namespace, "prompt", None)  # a file there: a picture given to txt2image
+        if "image" not in self._positional_names() and isinstance(prompt, str) and os.path.isfile(prompt):
+            return (f"; txt2image starts from pure noise, and the file {prompt} took the prompt's place: "
+                    "image2image takes a picture")
 
         if any(arg.startswith("-") and arg in getattr(self, "after_separator", ()) for arg in unknown):
             return "; every argument after -- is a picture or a prompt: put the flags before the --"

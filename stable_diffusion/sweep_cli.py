@@ -13,6 +13,7 @@ which runs finished; run the same command again to make the rest).
 from __future__ import annotations
 
 import argparse
+import difflib
 import functools
 import os
 import signal
@@ -160,6 +161,9 @@ def _sweep(argv: list, console: Console) -> int:
     command = "image2image"
     if argv and argv[0] in COMMANDS:
         command, argv = argv[0], argv[1:]
+    elif argv and not os.path.exists(argv[0]) and difflib.get_close_matches(argv[0], COMMANDS, n=1, cutoff=0.75):
+        raise InputError(f"{argv[0]!r} is no command: sweep.py's first word is image2image (the default, "
+                         "which may be left out) or txt2image")
     args = build_sweep_parser(command).parse_args(argv)
     console = Console(args.quiet, args.verbose, names=SWEEP_FLAGS)
     if args.replay is not None:

@@ -220,6 +220,17 @@ def test_image2image_flags_given_to_txt2image_are_named_so(capsys, tmp_path, unl
     only_error(status, 2, err, f"; {flag} is image2image's: txt2image starts from pure noise")
 
 
+def test_a_picture_given_to_txt2image_or_a_sweep_command_misspelled_is_named(capsys, tmp_path, picture, unloadable):
+    """Both said "a prompt of several words goes in quotes" of a quoted prompt."""
+    status, _, err = main(capsys, "txt2image", picture, "a red barn", "--model", unloadable, "--output", tmp_path / "o.png")
+    only_error(status, 2, err, "unrecognized arguments: a red barn; txt2image starts from pure noise, and the file",
+               "took the prompt's place: image2image takes a picture")
+    from stable_diffusion import sweep_cli
+
+    assert sweep_cli.main(["imag2image", str(picture), "a red barn", "--model", str(unloadable)]) == 2
+    only_error(2, 2, capsys.readouterr().err, "'imag2image' is no command: sweep.py's first word is image2image")
+
+
 def test_snapshots_further_apart_than_a_run_keep_its_start_and_final(capsys, tmp_path, picture, sd2):
     """-sd more than the steps a run makes was refused, so a loop over strengths failed at its low
     ones (--save_last_N and the triangle's rows took it); now a note, and the start and the final."""
