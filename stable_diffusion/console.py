@@ -126,7 +126,8 @@ class Console:
         _write(sys.stderr, line)
 
     def detail(self, line: str) -> None:
-        if self.verbose:
+        """-v's lines; --quiet keeps only errors (with -v, their tracebacks)."""
+        if self.verbose and not self.quiet:
             _write(sys.stderr, name_fields(line, self.names))
 
     def progress(self, steps, total: int, desc: str, time_left=None):

@@ -238,8 +238,9 @@ OPTIONS = (
            positive_int, metavar="N"),
     Option(("--size",), "size", "HEIGHTxWIDTH in pixels, multiples of 64 (default: the model's native "
            "size)", MODEL, TEXT),  # replayed by the row above, which writes the field for both commands
-    Option(("--dtype",), "model.dtype", "compute dtype (default: float16 on a GPU; on the CPU the faster of "
-           "float32 and bfloat16, measured once per machine; -v says which)",
+    Option(("--dtype",), "model.dtype", "compute dtype (default: float16 on a GPU; on a CPU with AVX512_BF16 "
+           "the faster of float32 and bfloat16, measured once per machine, else float32, the one fast "
+           "there; -v says which)",
            MODEL, choices=DTYPES, replay=Replay(160)),
     Option(("--no-float16",), None, "same as --dtype float32", MODEL, action="store_true",
            dest="no_float16"),
@@ -299,9 +300,9 @@ OPTIONS = (
     Option(("--taesd",), "capture.taesd", "the TAESD of --preview taesd: a diffusers AutoencoderTiny "
            "folder or hub id (default madebyollin/taesd, or taesdxl for SDXL)", SAVE, metavar="MODEL",
            replay=Replay(250)),
-    Option(("--output_format", "--output-format"), "capture.format", "png (default), webp or jpeg for "
-           "every picture; the metadata goes in EXIF and XMP for webp and jpeg (default: from the "
-           "--output suffix)", SAVE, choices=tuple(PICTURE_SUFFIXES), replay=Replay(260)),
+    Option(("--output_format", "--output-format"), "capture.format", "png, webp or jpeg for every "
+           "picture; the metadata goes in EXIF and XMP for webp and jpeg (default: from the --output "
+           "suffix, else png)", SAVE, choices=tuple(PICTURE_SUFFIXES), replay=Replay(260)),
     Option(("--animate",), "capture.animate", "an animation of the saved frames (noising, then "
            "denoising)", SAVE, choices=ANIMATION_FORMATS, nargs="?", const="gif", replay=Replay(270)),
     Option(("--curve",), "capture.curve", "draw the over-smoothing curve (detail and change per step) "
@@ -326,7 +327,8 @@ OPTIONS = (
 
     Option(("-pp", "--print_parser"), None, "print the parsed arguments before work starts", TERMINAL,
            parse=parse_flag, default=False, nargs="?", const=True, metavar="1"),
-    Option(("--quiet",), None, "no progress bars and no notices", TERMINAL, action="store_true"),
+    Option(("--quiet",), None, "errors only: no plan, seed, progress, notices or -v lines (the sidecar "
+           "records the seed; with -v, errors keep their tracebacks)", TERMINAL, action="store_true"),
     Option(("-v", "--verbose"), None, "more detail (BLAS, timings), and tracebacks on errors", TERMINAL,
            action="store_true"),
 )

@@ -296,3 +296,17 @@ def test_an_output_folder_that_takes_no_files_says_so(tmp_path, picture, sd2):
         result = run("image2image.py", picture, "x", "--model", sd2, "--steps", 2, "-o", output, check=False)
         assert result.returncode == 2, result.stderr
         assert "/proc exists but takes no new files" in result.stderr and "No such file" not in result.stderr
+
+
+def test_quiet_keeps_only_errors_even_with_verbose(capsys):
+    """--quiet -v printed -v's lines while --quiet hid the notices above them."""
+    from stable_diffusion.console import Console
+
+    for quiet, verbose in [(True, True), (True, False), (False, True)]:
+        console = Console(quiet=quiet, verbose=verbose)
+        console.detail("a detail")
+        console.notice("a notice")
+        console.error("an error")
+        err = capsys.readouterr().err
+        assert ("a detail" in err) == (verbose and not quiet) and ("a notice" in err) == (not quiet)
+        assert "an error" in err
