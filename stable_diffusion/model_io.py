@@ -233,12 +233,14 @@ def _download(repo_id: str, revision: str | None, variant: str | None,
                                    local_files_only=unreachable is not None,
                                    etag_timeout=hub_timeout())
     except LocalEntryNotFoundError as e:
+        # Exit 1 where the network failed (a script may retry), 2 where the user chose to be offline.
+        failed = HubUnreachable if unreachable is not None and not constants.HF_HUB_OFFLINE else ModelError
         if type(e).__name__ == "IncompleteSnapshotError":  # huggingface_hub >= 1.x only
-            raise ModelError(f"the cached copy of {shown} is incomplete and {unreachable}; "
+            raise failed(f"the cached copy of {shown} is incomplete and {unreachable}; "
                              f"{local_help}") from None
         cached = _cached_revisions(repo_id, constants.HF_HUB_CACHE)
         if revision is not None and cached:
-            raise ModelError(f"revision {revision!r} of {repo_id} is not in the local hub cache "
+            raise failed(f"revision {revision!r} of {repo_id} is not in the local hub cache "
                              f"(cached: {', '.join(cached)}) and {unreachable}; use a cached "
                              "revision or fetch this one on a connected machine") from None
         snapshots = [c for c in cached if re.fullmatch(r"[0-9a-f]{12}", c)]
@@ -246,15 +248,13 @@ def _download(repo_id: str, revision: str | None, variant: str | None,
             ref = _hub_storage(repo_id, constants.HF_HUB_CACHE) / "refs" / "main"
             said = ("is missing" if not ref.is_file() else "is empty" if not ref.read_text().strip()
                     else "names no snapshot there")
-            raise ModelError(f"the local hub cache holds snapshots of {repo_id} ({', '.join(snapshots)}) but "
+            raise failed(f"the local hub cache holds snapshots of {repo_id} ({', '.join(snapshots)}) but "
                              f"its refs/main {said}, and {unreachable or 'the hub cannot be reached'}; "
                              f"pass {{flag:model}} {repo_id}@<commit> for a cached one, or "
                              f"{local_help}") from None
         message = (f"{shown} is not in the local hub cache ({constants.HF_HUB_CACHE}) and "
                    f"{unreachable or 'the hub cannot be reached'}; {local_help}")
-        if unreachable is not None and not constants.HF_HUB_OFFLINE:
-            raise HubUnreachable(message) from None  # the network failed, not the user's choice
-        raise ModelError(message) from None
+        raise failed(message) from None
     except RevisionNotFoundError:
         raise ModelError(f"revision {revision!r} does not exist in {repo_id}; "
                          "check the name after '@'") from None

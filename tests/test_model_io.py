@@ -143,6 +143,14 @@ def test_silent_hub_fails_within_the_deadline(silent_hub, tmp_path, monkeypatch)
     assert time.perf_counter() - start < 3.0
 
 
+def test_silent_hub_and_a_revision_not_cached_is_the_machine_exit_1_too(silent_hub, hub_cache):
+    """It was a ModelError (exit 2) where the same silence without any cached copy was exit 1."""
+    with pytest.raises(HubUnreachable) as info:
+        model_io.resolve_model("owner/name@v2")
+    assert "revision 'v2' of owner/name is not in the local hub cache" in str(info.value)
+    assert "the hub did not answer within 0.5 s" in str(info.value)
+
+
 def test_silent_hub_still_serves_the_cached_model(silent_hub, hub_cache):
     start = time.perf_counter()
     folder, source = model_io.resolve_model("owner/name")
