@@ -9,6 +9,8 @@ files with the right shape, and every tensor in the files must belong to the net
 from __future__ import annotations
 
 import difflib
+import fnmatch
+import itertools
 import os
 import re
 import threading
@@ -189,8 +191,8 @@ def _download(repo_id: str, revision: str | None, variant: str | None,
                                             RepositoryNotFoundError, RevisionNotFoundError)
     except ImportError as e:  # pragma: no cover - dependency of the package
         raise ModelError(f"huggingface_hub is needed to fetch {repo_id} ({e})") from None
-    if patterns is None:
-        patterns = _pipeline_patterns(variant)
+    chosen = patterns
+    patterns = patterns or _pipeline_patterns(variant)
     shown = f"{repo_id}@{revision}" if revision else repo_id
     local_help = (f"download it on a connected machine (hf download {repo_id}"
                   + (f" --revision {revision}" if revision else "")
@@ -208,7 +210,9 @@ def _download(repo_id: str, revision: str | None, variant: str | None,
     else:
         timeout = hub_timeout()
         try:
-            _ask_hub(lambda: HfApi().model_info(repo_id, revision=revision, timeout=timeout), timeout)
+            info = _ask_hub(lambda: HfApi().model_info(repo_id, revision=revision, timeout=timeout), timeout)
+            if chosen is None and getattr(info, "siblings", None):  # one set of weights, not both
+                patterns = _pipeline_patterns(variant, [f.rfilename for f in info.siblings])
         except RevisionNotFoundError:
             raise ModelError(f"revision {revision!r} does not exist in {repo_id}; check the name "
                              "after '@' (a branch, tag or commit)") from None
@@ -224,6 +228,9 @@ def _download(repo_id: str, revision: str | None, variant: str | None,
             unreachable = (f"the hub did not answer within {timeout:g} s" if isinstance(e, TimeoutError)
                            else f"the hub answered with an error (HTTP {status})" if isinstance(status, int)
                            else f"the hub cannot be reached ({type(e).__name__})")
+
+    if chosen is None and unreachable is not None:  # the weights the cached snapshot holds
+        patterns = _pipeline_patterns(variant, _held_files(repo_id, revision, constants.HF_HUB_CACHE))
 
     # 2. Fetch (or find in the cache) the files the tool reads.
     try:
@@ -274,27 +281,37 @@ def _download(repo_id: str, revision: str | None, variant: str | None,
     return folder
 
 
-def _pipeline_patterns(variant: str | None) -> list[str]:
+def _pipeline_patterns(variant: str | None, listing: list | None = None) -> list[str]:
+    """The files a pipeline's fetch asks for: configs, tokenizers, and each component's weights: with
+    `listing` (the repository's files, or the cached snapshot's) one set, the first listed in the
+    order weight_files reads them (the variant's, then the plain ones; without a variant, the plain
+    ones, then fp16's); without, the variant's and the plain ones."""
     patterns = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json",
                 "tokenizer*/vocab.json", "tokenizer*/merges.txt", "tokenizer*/tokenizer_config.json",
                 "tokenizer*/special_tokens_map.json", "tokenizer*/tokenizer.json"]
     for component, stem in WEIGHT_STEMS.items():
-        for v in ([variant, None] if variant else [None]):
-            s = f"{stem}.{v}" if v else stem
-            patterns += [f"{component}/{s}.safetensors", f"{component}/{s}-*-of-*.safetensors",
-                         *(f"{component}/{i}" for i in index_names(stem, v))]
+        sets = {}
+        for v in [variant, None] if variant else [None, "fp16"]:
+            s = f"{component}/{stem}.{v}" if v else f"{component}/{stem}"
+            sets[v] = [f"{s}.safetensors", f"{s}-*-of-*.safetensors", *(f"{component}/{i}" for i in index_names(stem, v))]
+        if listing is None:
+            chosen = [variant, None] if variant else [None]
+        else:
+            listed = [v for v, files in sets.items() if any(fnmatch.fnmatchcase(f, p) for f in listing for p in files)]
+            chosen = listed[:1] or [None]
+        patterns += [p for v in chosen for p in sets[v]]
     return patterns
 
 
-def _ask_hub(request, timeout: float) -> None:
-    """Run `request` with a hard deadline. The hub library retries a timed-out request on its own
-    (how often depends on its version), so its timeout alone does not bound the wait; a request
-    still pending at the deadline is abandoned to its daemon thread."""
-    outcome = []
+def _ask_hub(request, timeout: float):
+    """`request()`'s answer, within a hard deadline. The hub library retries a timed-out request on
+    its own (how often depends on its version), so its timeout alone does not bound the wait; a
+    request still pending at the deadline is abandoned to its daemon thread."""
+    outcome, answer = [], []
 
     def ask():
         try:
-            request()
+            answer.append(request())
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread as it is
             outcome.append(e)
         else:
@@ -307,6 +324,7 @@ def _ask_hub(request, timeout: float) -> None:
         raise TimeoutError(f"no answer within {timeout:g} s")
     if outcome[0] is not None:
         raise outcome[0]
+    return answer[0]
 
 
 def _hub_storage(repo_id: str, cache: str) -> Path:
@@ -337,6 +355,22 @@ def _cached_commit(repo_id: str, revision: str | None, cache: str) -> str | None
         raise ModelError(f"revision {revision!r} starts {len(found)} cached commits of {repo_id} "
                          f"({', '.join(c[:12] for c in found[:4])}); give more of its digits")
     return found[0] if found else revision
+
+
+def _held_files(repo_id: str, revision: str | None, cache: str) -> list | None:
+    """The weight files (as the repository names them) of the cached snapshot `revision` (a ref, or
+    a whole commit; None: main) names; None where no such snapshot is cached."""
+    storage = _hub_storage(repo_id, cache)
+    ref = storage / "refs" / (revision or "main")
+    try:
+        commit = ref.read_text(encoding="utf-8").strip() if ref.is_file() else revision
+    except (OSError, UnicodeDecodeError):
+        return None
+    snapshot = storage / "snapshots" / commit if commit and _COMMIT.match(commit) else None
+    if snapshot is None or not snapshot.is_dir():
+        return None
+    return [f"{component}/{name}" for component in WEIGHT_STEMS if (snapshot / component).is_dir()
+            for name in itertools.islice(os.listdir(snapshot / component), 10_000)]
 
 
 def _first_line(error: Exception) -> str:

@@ -270,6 +270,31 @@ def test_a_revision_names_the_hub_and_a_short_commit_is_taken(hub_cache, tiny_mo
                        "which does not exist", "download it again")
 
 
+def test_offline_a_snapshot_holding_one_of_two_weight_sets_is_whole(hub_cache, monkeypatch):
+    """A fetch takes one set of weights, the variant's where the repository lists it (it took both:
+    twice the download). Offline, the hub client's cached listing names both sets: the run asks
+    only for the set its snapshot holds, or the client would call the snapshot incomplete."""
+    tree = pytest.importorskip("huggingface_hub._tree_cache")  # the client's listing cache (hub >= 1.x)
+    from huggingface_hub import constants
+    from huggingface_hub.utils import filter_repo_objects
+
+    storage = hub_cache / "models--owner--name"
+    snapshot = storage / "snapshots" / COMMIT
+    listing = sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
+    for component, stem in [("unet", "diffusion_pytorch_model"), ("text_encoder", "model")]:
+        (snapshot / component / f"{stem}.safetensors").rename(snapshot / component / f"{stem}.fp16.safetensors")
+        listing.append(f"{component}/{stem}.fp16.safetensors")
+    # What an online run asks for: the variant's weights where listed, the plain ones elsewhere.
+    asked = set(filter_repo_objects(listing, allow_patterns=model_io._pipeline_patterns("fp16", listing)))
+    assert {"unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.safetensors"} <= asked
+    assert "unet/diffusion_pytorch_model.safetensors" not in asked and "text_encoder/model.safetensors" not in asked
+    tree.write_tree_cache(str(storage), COMMIT, {f: tree.TreeCacheEntry(size=1, blob_id="0" * 40) for f in listing})
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert model_io.resolve_model("owner/name", "fp16")[0] == snapshot
+    # Asked in float32: the fp16 weights stand in for the plain ones missing, as weight_files reads them.
+    assert model_io.resolve_model("owner/name")[0] == snapshot
+
+
 def test_incomplete_hub_snapshot_says_download_again(hub_cache):
     snapshot = hub_cache / "models--owner--name" / "snapshots" / COMMIT
     (snapshot / "tokenizer" / "merges.txt").unlink()
