@@ -56,6 +56,7 @@ import numbers
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -295,15 +296,25 @@ def _whole_network(header: dict) -> str | None:
     return None
 
 
-def check_files(loras, embeddings, encoders, tokenizers) -> None:
+def check_files(loras, embeddings, config, tokenizers, allow_partial: bool = False) -> None:
     """What can be told of adapter files (`(path, _)` pairs) before a weight loads: each is a
-    sound safetensors file within the adapter cap of its kind, each embedding fits the text
-    encoders (their configs) and the tokenizers' prompts. read_lora checks the rest against the
-    layers."""
+    sound safetensors file within the adapter cap of its kind; each LoRA fits the layers of the
+    networks `config` (a PipelineConfig) describes, built without their weights (MLX makes no
+    array until it is used); each embedding fits the text encoders and the tokenizers' prompts.
+    An SD 1.x LoRA given to SDXL was refused once the whole model had loaded."""
     for path, _ in loras:
         _lora_file(path)
+    if loras:
+        from .clip import CLIPTextModel
+        from .unet import UNetModel
+
+        layers = SimpleNamespace(config=config, unet=UNetModel(config.unet),
+                                 text_encoders=[CLIPTextModel(c) for c in config.text_encoders])
+        targets = lora_targets(layers)
+        for path, _ in loras:
+            read_lora(path, targets, allow_partial)
     for path, _ in embeddings:
-        read_embedding(path, *_embedding_room(encoders, tokenizers))
+        read_embedding(path, *_embedding_room(config.text_encoders, tokenizers))
 
 
 def _embedding_room(encoders, tokenizers) -> tuple[list, int]:

@@ -84,7 +84,7 @@ class Session:
             check_fits_encoder(self.tokenizers[-1], encoder, self.folder / tok)  # before any weight
         from .adapters import check_files
 
-        check_files(m.loras, m.embeddings, config.text_encoders, self.tokenizers)
+        check_files(m.loras, m.embeddings, config, self.tokenizers, m.lora_partial)
         self.config = config
 
     def machine(self):

@@ -184,6 +184,29 @@ def test_bad_arguments_fail_before_the_weights_load(capsys, tmp_path, picture, u
     assert not (tmp_path / "out").exists()
 
 
+def test_a_lora_of_another_architecture_is_refused_before_the_weights_load(capsys, tmp_path, picture, unloadable):
+    """It was refused once the whole model had loaded (seconds; tens of seconds for SDXL): the
+    layers are known from the configs. A LoRA some of whose keys fit waits for --lora_partial."""
+    other = tmp_path / "other.safetensors"
+    save_file({"lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": np.ones((4, 32), np.float32),
+               "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": np.ones((32, 4), np.float32)}, str(other))
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", unloadable, "--lora", other,
+                          "--output", tmp_path / "out" / "o.png")
+    only_error(status, 2, err, "none of its 2 keys matches a layer of this model", "not a LoRA for this model's family")
+    fits = load_file(str(unloadable / "unet" / "diffusion_pytorch_model.safetensors"))["conv_in.weight"].shape
+    mixed = tmp_path / "mixed.safetensors"
+    save_file({"lora_unet_conv_in.lora_down.weight": np.ones((2, fits[1], 3, 3), np.float32),
+               "lora_unet_conv_in.lora_up.weight": np.ones((fits[0], 2, 1, 1), np.float32),
+               "lora_unet_double_blocks_0.lora_down.weight": np.ones((4, 32), np.float32)}, str(mixed))
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", unloadable, "--lora", mixed,
+                          "--output", tmp_path / "out" / "o.png")
+    only_error(status, 2, err, "1 of its 3 keys match no layer of this model")
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", unloadable, "--lora", mixed,
+                          "--lora_partial", "--output", tmp_path / "out" / "o.png")
+    assert status != 0 and "1 of its 3 keys" not in err  # past the check: the model's own weights fail
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.png"))
+
+
 @pytest.mark.parametrize("positionals, words", [
     (["https://example.com/cat.png", "x"], ["the picture https://example.com/cat.png is a URL", "download it"]),
     (["-", "x"], ["reading it from standard input is not supported"]),
