@@ -23,9 +23,9 @@ from . import memory, ops, single_file
 from .config import components, load_json, missing_component
 from .errors import HubUnreachable, ModelError
 from .files import special_file
-from .safetensors_io import (WEIGHT_STEMS, Stored, index_names, read_pointer, read_safetensors_header,
-                             read_safetensors_places, load_tensors, refetch_advice, refuse_pickle, utf8_name,
-                             weight_files)
+from .safetensors_io import (WEIGHT_STEMS, Stored, holds_safetensors, index_names, load_tensors, not_a_model_folder,
+                             read_pointer, read_safetensors_header, read_safetensors_places, refetch_advice,
+                             refuse_pickle, utf8_name, weight_files)
 
 ALIASES = {
     "sd": "stabilityai/stable-diffusion-2-1-base",
@@ -92,6 +92,9 @@ def resolve_model(spec: str, variant: str | None = None, vae: str | Path | None 
     if path.is_file():
         if path.suffix.lower() != ".safetensors":
             refuse_pickle(path)
+            if holds_safetensors(path):  # .sft, or no suffix: the views and readers go by the name
+                raise ModelError(f"{{flag:model}} {spec}: {path} holds a safetensors file under another name; "
+                                 "give it a .safetensors one (a copy or a link) and pass that")
             raise ModelError(f"{{flag:model}} {spec}: {path} is a file but not .safetensors; pass a "
                              "single-file checkpoint (.safetensors) or a diffusers folder")
         return single_file.view_folder(path, vae, prediction_type)
@@ -433,8 +436,7 @@ def check_model_folder(folder: Path, variant: str | None = None) -> dict:
         raise ModelError(f"{folder / 'model_index.json'} is {kind}; the model folder is damaged: "
                          f"{refetch_advice(folder)}")
     if not (folder / "model_index.json").is_file():
-        raise ModelError(f"{folder} has no model_index.json: not a model folder in the diffusers "
-                         "layout; pass the folder that holds it")
+        raise ModelError(not_a_model_folder(folder))
     index = load_json(folder / "model_index.json")
     present = components(index)
     for component in WEIGHT_STEMS:

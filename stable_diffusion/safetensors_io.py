@@ -14,6 +14,7 @@ hub, strict loading) and single_file (LDM checkpoints) build on it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
@@ -44,7 +45,7 @@ def refuse_pickle(path: Path, head: bytes | None = None, conversion: str | None 
     zip, or a bare pickle) whatever its name."""
     # torch.save's zip, or a pickle's PROTO opcode with protocol 2 to 5 (a header's length may start 0x80)
     by_content = head is not None and (head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and 2 <= head[1] <= 5))
-    if not by_content and path.suffix.lower() in PICKLE_SUFFIXES and _holds_safetensors(path):
+    if not by_content and path.suffix.lower() in PICKLE_SUFFIXES and holds_safetensors(path):
         raise ModelError(f"{path} is named as a pickle checkpoint but holds a safetensors file; give it "
                          f"its name (a copy as {converted_name(path).name}) and pass that")
     if by_content or path.suffix.lower() in PICKLE_SUFFIXES:
@@ -99,7 +100,7 @@ def converted_name(path: Path, by_content: bool = False) -> Path:
     return out if not by_content and not os.path.lexists(out) else path.with_suffix(".converted.safetensors")
 
 
-def _holds_safetensors(path: Path) -> bool:
+def holds_safetensors(path: Path) -> bool:
     """Whether a file starts as a safetensors file does (a header's length, then its JSON): its first
     bytes, read as bytes (nothing of a pickle is run)."""
     try:
@@ -136,8 +137,36 @@ def refetch_advice(folder: Path) -> str:
     folder = Path(folder)
     if _hub_snapshot(folder):
         return "download it again"
+    if (folder / ".cache" / "huggingface").is_dir():  # `hf download --local-dir` keeps its state there
+        return f"finish its download: run `hf download <owner/name> --local-dir {folder}` again"
     return ("copy the missing files from the model's original folder, or save the model again "
             "(diffusers' save_pretrained writes every file)")
+
+
+def not_a_model_folder(folder: Path) -> str:
+    """Why a folder without model_index.json is no model folder, and what to pass instead: the hub
+    id of a hub cache's storage folder, a single-file checkpoint it holds, the folder below that
+    is one, or the end of a download into it."""
+    folder = Path(folder)
+    said = f"{folder} has no model_index.json: not a model folder in the diffusers layout"
+    if folder.name.startswith("models--") and (folder / "snapshots").is_dir():
+        hub_id = folder.name.removeprefix("models--").replace("--", "/", 1)
+        return f"{said}, but the hub cache's storage of {hub_id}: pass {{flag:model}} {hub_id}"
+    try:
+        names = sorted(itertools.islice(os.listdir(folder), 10_000))
+    except OSError:
+        names = []
+    files = [n for n in names if n.lower().endswith(".safetensors") and (folder / n).is_file()]
+    below = [n for n in names if (folder / n / "model_index.json").is_file()]
+    if files:
+        more = f" and {len(files) - 1} more" if len(files) > 1 else ""
+        return (f"{said}; it holds {files[0]}{more}: pass a single-file checkpoint as the file itself "
+                f"({{flag:model}} {folder / files[0]})")
+    if below:
+        return f"{said}; {folder / below[0]} is one: pass that folder"
+    if (folder / ".cache" / "huggingface").is_dir():
+        return f"{said} yet: {refetch_advice(folder)}"
+    return f"{said}; pass the folder that holds it"
 
 
 def index_names(stem: str, variant: str | None) -> list[str]:

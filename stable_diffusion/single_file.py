@@ -58,7 +58,8 @@ from .config import ConfigError, VAEConfig, load_json
 from .errors import ModelError
 from .files import content_mark
 from .private_cache import POINTER, cached_folder, views_root
-from .safetensors_io import load_tensors, read_safetensors_header, read_safetensors_places, refuse_pickle
+from .safetensors_io import (load_tensors, not_a_model_folder, read_safetensors_header, read_safetensors_places,
+                             refuse_pickle)
 
 ARCHITECTURE_KEY = "mlx_sd.architecture"
 TOKENIZER_KEY = "mlx_sd.tokenizer"
@@ -727,8 +728,7 @@ def folder_view(folder, vae=None, prediction_type: str | None = None) -> Path:
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ModelError(f"prediction type {prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}")
     if not (folder / "model_index.json").is_file():
-        raise ModelError(f"{folder} has no model_index.json: not a model folder in the diffusers "
-                         "layout; pass the folder that holds it")
+        raise ModelError(not_a_model_folder(folder))
     vae_path = None if vae is None else Path(vae).expanduser().resolve()
 
     def write(work: Path) -> None:

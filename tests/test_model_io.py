@@ -406,9 +406,30 @@ def test_missing_config_file(model):
                        "unet/config.json")
 
 
-def test_not_a_model_folder(tmp_path):
+def test_not_a_model_folder(tmp_path, tiny_model):
     expect_model_error(lambda: StableDiffusion.from_pretrained(str(tmp_path)),
                        "has no model_index.json", "pass the folder that holds it")
+    # What such a folder is, said with what to pass: they all said "pass the folder that holds it".
+    storage = tmp_path / "hub" / "models--owner--name"
+    (storage / "snapshots").mkdir(parents=True)
+    expect_model_error(lambda: model_io.check_model_folder(storage),
+                       "the hub cache's storage of owner/name: pass --model owner/name")
+    civitai = tmp_path / "civitai"
+    civitai.mkdir()
+    save_file({"a": np.zeros(2, np.float32)}, str(civitai / "dreamy.safetensors"))
+    expect_model_error(lambda: model_io.check_model_folder(civitai), "it holds dreamy.safetensors: pass a "
+                       f"single-file checkpoint as the file itself (--model {civitai / 'dreamy.safetensors'})")
+    outer = tmp_path / "outer"
+    shutil.copytree(tiny_model("sd1"), outer / "diffusers")
+    expect_model_error(lambda: model_io.check_model_folder(outer), f"{outer / 'diffusers'} is one: pass that folder")
+    partial = tmp_path / "partial"
+    (partial / ".cache" / "huggingface" / "download").mkdir(parents=True)
+    expect_model_error(lambda: model_io.check_model_folder(partial),
+                       f"finish its download: run `hf download <owner/name> --local-dir {partial}` again")
+    # A safetensors file without its suffix is said to be one.
+    (civitai / "dreamy.safetensors").rename(tmp_path / "dreamy.sft")
+    expect_model_error(lambda: model_io.resolve_model(str(tmp_path / "dreamy.sft")),
+                       "holds a safetensors file under another name; give it a .safetensors one")
 
 
 @pytest.mark.parametrize("damage, words", [
