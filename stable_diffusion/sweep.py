@@ -120,6 +120,16 @@ class SweepRun:
     spec: RunSpec  # validated
 
 
+def _differing(old, new, key: str) -> set:
+    """The fields in which two records differ, by their own names (a nested record's fields
+    inside it), as the flags know them; `key`: the records' own name."""
+    if old == new:
+        return set()
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return {key}
+    return set().union(*(_differing(old.get(k), new.get(k), k) for k in old.keys() | new.keys()))
+
+
 def spec_record(spec: RunSpec) -> dict:
     """The spec as JSON values (paths as text), for the manifest: a rerun compares these. A private
     spec's texts are their hashes (privacy.py), which compare as the texts do."""
@@ -447,12 +457,18 @@ class Manifest:
         that matched but for the input picture or the model's files (or an older record without them)."""
         done = set()
         previous = self.previous() if previous is None else previous
-        self.remade = set()
+        self.remade, self.changed = set(), {}
         # An earlier sweep's runs that this one does not name keep their lines (a second grid in
         # the folder wiped the first's, and rerunning the first made it all again)
         self.others = {name: old for name, old in previous.items() if name not in self.records}
         for name, old in previous.items():
             new = self.records.get(name)
+            if new is not None and old.get("status") == "finished":  # made with other settings: made again
+                # (a run's output is its folder's, named by the run: only its suffix follows a setting)
+                changed = (_differing(old.get("spec"), new["spec"], "spec")
+                           | _differing(old.get("model"), self.model, "model")) - {"output"}
+                if changed:
+                    self.changed[name] = changed
             if (new is None or old.get("status") != "finished" or old.get("spec") != new["spec"]
                     or old.get("model") != self.model or not verify(self.folder, old, self.expected[name])):
                 continue
@@ -646,6 +662,11 @@ class Sweep:
             console.notice(f"{len(self.manifest.remade)} run(s) an earlier sweep finished here are made again: "
                            "the input picture or the model's files are not those it recorded (or it "
                            "predates that record)")
+        if self.manifest.changed:
+            fields = sorted(set().union(*self.manifest.changed.values()))
+            console.notice(f"{len(self.manifest.changed)} run(s) an earlier sweep finished here had other settings "
+                           f"({', '.join('{flag:' + f + '}' for f in fields[:6])}{', ...' if len(fields) > 6 else ''}): "
+                           "made again, their files replaced")
         if skipped:
             console.say(f"sweep: {skipped} of {total} runs already finished and verified; "
                         f"{len(todo)} to make{expected}")

@@ -523,7 +523,10 @@ def test_a_sweep_writes_every_picture_format_and_names_its_runs_files_in_its_ref
                                                           "s1.00.step-001.webp", "s1.00.step-002.webp", "s1.00.webp"]
     assert in_process(capsys, *args, "--output_format", "webp")[0] == 0  # taken up again: nothing to make
     assert json.loads((out / "sweep.json").read_text())["ran"] == 0
-    assert in_process(capsys, *args, "--output_format", "jpeg")[0] == 0  # another format: its runs, made again
+    # Another format: its runs, made again, with a note naming what changed (it was silent).
+    status, _, err = in_process(capsys, *args[:-3], "-sd", 1, "-o", out, "--output_format", "jpeg")
+    assert status == 0 and "note: 2 run(s) an earlier sweep finished here had other settings (--output_format): " \
+        "made again, their files replaced" in err, err
     assert sorted(p.suffix for p in out.glob("s0.50*")) == [".jpg", ".jpg", ".jpg", ".json"]  # (every run failed)
     (out / "s0.50.json").write_text("{damaged")  # refused before any work, in the sweep's words
     status, _, err = in_process(capsys, *args, "--output_format", "webp")
