@@ -151,7 +151,7 @@ class _Parser(argparse.ArgumentParser):
             if getattr(self, "replaying", False):
                 return ("; --replay takes the input picture and the prompt from the picture's record: give "
                         "only flags with it (a picture made with -sp 0 takes its prompt again, unless "
-                        "that was empty)")
+                        "that was empty; an input picture moved since is given alone, before --replay)")
             return "; a prompt of several words goes in quotes"
         return ""
 

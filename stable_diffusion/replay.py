@@ -164,26 +164,34 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
     if isinstance(record, dict) and "replay" in record or not isinstance(record, dict):
         record = check_record(record, command, path)
         recorded = parser.joined(check_arguments(record.get("replay"), parser, path))
+        rest, picture = _picture_given(command, rest, record, path)
         notes, base = [], recorded
         if record.get("private"):
             recorded, base, notes = private_replay(command, path, record, recorded, rest, parser)
         size = _recorded_size(record, recorded)
         recorded, base = _with_size(recorded, size), _with_size(base, size)
         kept = without_relisted(base, rest, parser)
+        if picture is not None:  # in place of the recorded input, its first positional
+            first = options.argument_roles(kept).index("positional")
+            kept = [*kept[:first], picture, *kept[first + 1:]]
         k = _separator(kept)  # the user's flags go before the positionals (a prompt "-like this")
         expanded = kept[:k] + rest + kept[k:]
-        notes += input_changed(path, record) + adapters_changed(path, record, recorded)
+        notes += input_changed(path, record, picture) + adapters_changed(path, record, recorded)
         frame = record.get("frame")
         if isinstance(frame, dict) and frame.get("partial") is not None:  # a triangle stopped early
             notes.append(f"replay of {path}: it holds part of a triangle ({_bounded(frame['partial'])}); "
                          "this run makes all of it")
         changed = _changed(parser, recorded, expanded, record.get("dtype"))
+        if changed is not None and picture is not None:  # input_changed says whether it is the same
+            changed = [c for c in changed if c != "image"]
+        moved = picture is not None and not notes  # the same picture, at its new path
         if changed:
             notes.append(f"replay of {path} with other {', '.join(changed)}: the pictures may differ from it")
         elif not notes and changed is not None:
             dtype = _settings(parser, expanded)["dtype"]
             restated = dtype is not None and _settings(parser, recorded)["dtype"] is None  # in its record too
-            notes = [sameness(path, record, dtype, restated)]
+            notes = [sameness(path, record, dtype, "the picture's new path" if moved else
+                              "the --dtype given" if restated else None)]
         return expanded, notes, record
     if text is None:
         raise InputError(f"{path} carries no parameters to replay (no `parameters` text, no record "
@@ -390,30 +398,51 @@ def _recorded_size(record: dict, recorded: list) -> list:
     return [f"--size={height}x{width}"]
 
 
-def input_changed(path, record: dict) -> list:
-    """A note when the recorded input picture is not the file at its path any more; its bytes are
-    hashed in blocks, and only from a regular file within the input cap."""
+def input_changed(path, record: dict, picture: str | None = None) -> list:
+    """A note when the recorded input picture is not the file at its path any more, or `picture`
+    (given in its place) is not the file it was; its bytes are hashed in blocks, and only from a
+    regular file within the input cap."""
     source = record.get("input")
     if not source:
         return []
     from .files import file_digest
 
     try:
-        digest = file_digest(source["path"], "hashed", "input picture")[1]
+        digest = file_digest(picture or source["path"], "hashed", "input picture")[1]
     except InputError as e:
         return [f"replay of {path}: its input picture cannot be read ({str(e)[:160]})"]
     if digest == source.get("sha256"):
         return []
-    return [f"replay of {path}: its input picture {source['path']} has changed since (sha256 "
-            f"{str(source.get('sha256', '?'))[:12]} then, {digest[:12]} now): the pictures will differ"]
+    which = f"the picture given, {picture}, is not the one it was made from" if picture else \
+        f"its input picture {source['path']} has changed since"
+    return [f"replay of {path}: {which} (sha256 {str(source.get('sha256', '?'))[:12]} then, {digest[:12]} "
+            "now): the pictures will differ"]
 
 
-def sameness(path, record: dict, dtype: str | None, restated: bool = False) -> str:
+def _picture_given(command: str, rest: list, record: dict, path) -> tuple[list, str | None]:
+    """(the user's arguments less an input picture given before --replay, that picture): a picture
+    moved since its record was made is given so (`image2image.py NEW.png --replay OLD.png`). A
+    recorded input that is not there any more, with none given, is refused here, before any work."""
+    if command != "image2image":
+        return rest, None
+    roles = options.argument_roles(rest)
+    given = [i for i, role in enumerate(roles) if role == "positional"]
+    if len(given) == 1 and not record.get("private") and os.path.isfile(rest[given[0]]):
+        return [a for i, a in enumerate(rest) if i != given[0]], rest[given[0]]
+    source = record.get("input") if isinstance(record.get("input"), dict) else {}
+    if not given and isinstance(source.get("path"), str) and not os.path.exists(source["path"]):
+        raise InputError(f"replay of {_shown(path)}: its input picture {_shown(source['path'])} does not exist "
+                         f"any more; give the picture's path first: image2image.py PICTURE --replay {_shown(path)}")
+    return rest, None
+
+
+def sameness(path, record: dict, dtype: str | None, restated: str | None = None) -> str:
     """Whether a replay in `dtype` (None: this machine's default, on a CPU the one measured faster)
     can give the same bytes: the same package versions, device, dtype, BLAS (as the record names
     it, its thread count too: the record is in every picture) and native CPU kernels (AMX's sums,
-    say, are not AVX-512's bit for bit). `restated`: the dtype was given where the picture's
-    arguments had none, so the new record says it, and only the pixels can be the same."""
+    say, are not AVX-512's bit for bit). `restated`: what the new record names that the picture's
+    does not (the --dtype given where it had none, the input's new path): only the pixels can be
+    the same."""
     from . import signals
 
     mx = signals.import_whole("mlx.core")
@@ -440,7 +469,7 @@ def sameness(path, record: dict, dtype: str | None, restated: bool = False) -> s
         return (f"replay of {path}: same package versions, device, dtype, BLAS and kernels as when it "
                 "was made: the pictures should be "
                 + (f"the same pixels (their metadata name the model at commit {_shown(model.get('commit'))[:12]})"
-                   if pinned else "the same pixels (their metadata name the --dtype given)" if restated
+                   if pinned else f"the same pixels (their metadata name {restated})" if restated
                    else "byte-identical")
                 + (", if the model's files are as they were then" if local else ""))
     # The dtype alone can be given back: another device or other kernels compute otherwise whatever it is.

@@ -293,6 +293,29 @@ def test_a_triangle_replayed_as_one_run_and_back_and_its_fidelity_from_the_vae(c
                                "from the picture's record: give only flags with it")
 
 
+def test_a_replay_whose_input_picture_moved_takes_it_before_replay(capsys, tmp_path, picture, sd2):
+    """It was a dead end: the recorded path did not exist ("check the path and working directory"),
+    and a picture given with --replay was refused as a word too many."""
+    moved = tmp_path / "in.png"
+    shutil.copy(picture, moved)
+    common = ["--model", sd2, "--steps", 4, "--strength", 0.5, "--seed", 3]
+    assert main(capsys, "image2image", moved, "x", *common, "--output", tmp_path / "a.png")[0] == 0
+    moved.rename(tmp_path / "now.png")
+    status, _, err = main(capsys, "image2image", "--replay", tmp_path / "a.png", "--output", tmp_path / "b.png")
+    only_error(status, 2, err, f"its input picture {moved} does not exist any more; give the picture's path first: "
+               f"image2image.py PICTURE --replay {tmp_path / 'a.png'}")
+    status, _, err = main(capsys, "image2image", tmp_path / "now.png", "--replay", tmp_path / "a.png",
+                          "--output", tmp_path / "b.png")
+    assert status == 0 and "the same pixels (their metadata name the picture's new path)" in err, err
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+    assert sidecar(tmp_path / "b.json")["input"]["path"] == str(tmp_path / "now.png")
+    Image.open(tmp_path / "now.png").rotate(90).save(tmp_path / "other.png")
+    status, _, err = main(capsys, "image2image", tmp_path / "other.png", "--replay", tmp_path / "a.png",
+                          "--output", tmp_path / "c.png")
+    assert status == 0 and f"the picture given, {tmp_path / 'other.png'}, is not the one it was made from" in err, err
+    assert "with other image" not in err
+
+
 def test_last_n_clamped_and_long_prompt_noted_in_one_line(tmp_path, picture, sd2):
     prompt = "a red barn in the snow at dusk, " * 12
     tokenizer = Tokenizer.from_folder(sd2 / "tokenizer")
