@@ -230,7 +230,7 @@ def build_specs(command: str, args) -> tuple:
     if fmt is None:  # from the output name
         fmt = format_named(output)
         if fmt is None:
-            raise SpecError("output", f"{{flag}} {output}: pictures are written as .png, .webp or .jpg; "
+            raise SpecError("output", f"{{flag}} {output}: pictures are written as .png, .webp, .jpg or .jpeg; "
                                       "end the name in one of them")
     capture = Capture(
         every=args.show_denoising, last=args.save_last_N, shows=args.snapshot,

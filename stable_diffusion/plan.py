@@ -365,7 +365,7 @@ def working_size(spec: RunSpec, config: PipelineConfig, picture: tuple | None, n
         size, sizing = (h, w), "max_pixels"
         why = f"at most {spec.max_pixels} pixels (--max_pixels), sides multiples of 64"
     else:
-        w, h = _fitted(w0, h0, native * native, True)
+        w, h = _fitted(w0, h0, native * native, True, f"the model's native area ({native}x{native})")
         size, sizing = (h, w), "native"
         why = (f"the model's native area ({native}x{native}) at the picture's aspect ratio, sides "
                "multiples of 64; --size HxW or --max_pixels N choose otherwise")
@@ -377,12 +377,15 @@ def working_size(spec: RunSpec, config: PipelineConfig, picture: tuple | None, n
     return (h, w), sizing
 
 
-def _fitted(width: int, height: int, pixels: int, upscale: bool) -> tuple:
+def _fitted(width: int, height: int, pixels: int, upscale: bool, area: str | None = None) -> tuple:
+    """The size (multiples of 64) of a picture within `pixels`: `area` names them where they are
+    the model's, not --max_pixels'."""
     try:
         return target_size(width, height, multiple=SIZE_MULTIPLE, max_pixels=pixels, upscale=upscale)
     except ValueError as e:
-        raise SpecError("max_pixels", f"a {width}x{height} picture within {pixels} pixels: {e}; crop "
-                                      "it to a less extreme shape, or raise {flag}") from None
+        within = f"{area}, {pixels} pixels" if area else f"{pixels} pixels"
+        raise SpecError("max_pixels", f"a {width}x{height} picture within {within}: {e}; crop it to a less "
+                                      "extreme shape, give {flag:size} HxW, or raise {flag}") from None
 
 
 def _merged(points) -> tuple[tuple, dict]:

@@ -149,7 +149,7 @@ def test_picture_notices_reach_stderr(tmp_path, sd2):
     (["-gt", "--triangle_strengths", "0.2,0.2"], ["has duplicates"]),
     (["-gt", "--triangle_strengths", "0.2,1.2"], ["--triangle_strengths 1.2 is outside 0.001 .. 1"]),
     (["--model", "sdx"], ["unknown model alias 'sdx'", "did you mean 'sdxl'?"]),
-    (["--output", "o.txt"], ["o.txt: pictures are written as .png, .webp or .jpg"]),
+    (["--output", "o.txt"], ["o.txt: pictures are written as .png, .webp, .jpg or .jpeg"]),
     (["--output", "o.png", "--output_format", "jpeg"], ["must end in .jpg or .jpeg for jpeg pictures"]),
     # Values with no upper bound would exhaust memory (or overflow) before anything else is checked.
     (["--strength", "5e-324"], ["--strength 4.940656458e-324 is outside 0.001 .. 1"]),
@@ -262,6 +262,17 @@ def test_snapshots_further_apart_than_a_run_keep_its_start_and_final(capsys, tmp
     assert status == 0 and "note: -sd 9 is more than the 3 steps this run makes; saving the start and the final" in err
     assert sorted(p.name for p in tmp_path.glob("o.step-*")) == ["o.step-000.png", "o.step-003.png"]
     assert "-sd=9" in sidecar(tmp_path / "o.json")["replay"]
+
+
+def test_a_picture_no_size_fits_names_the_area_it_was_fitted_to(capsys, tmp_path, unloadable):
+    """Fitted to the model's native area, it blamed --max_pixels, which the user had not given."""
+    tall = tmp_path / "tall.png"
+    Image.new("RGB", (64, 8192), "white").save(tall)
+    status, _, err = main(capsys, "image2image", tall, "x", "--model", unloadable, "--output", tmp_path / "o.png")
+    only_error(status, 2, err, "a 64x8192 picture within the model's native area (", "give --size HxW")
+    status, _, err = main(capsys, "image2image", tall, "x", "--model", unloadable, "--max_pixels", 4096,
+                          "--output", tmp_path / "o.png")
+    only_error(status, 2, err, "a 64x8192 picture within 4096 pixels", "or raise --max_pixels")
 
 
 def flat(record: dict, prefix: str = "") -> dict:
