@@ -289,8 +289,10 @@ def _whole_network(header: dict) -> str | None:
     checkpoint (LDM or diffusers names) or a VAE, each with the flag that takes it."""
     if any("lora" in k.lower() for k in header):
         return None
-    if any(k.startswith(("model.diffusion_model.", "conv_in.", "time_embedding.")) for k in header):
+    if any(k.startswith("model.diffusion_model.") for k in header):
         return "a whole model's weights (a checkpoint: pass it with {flag:model})"
+    if any(k.startswith(("conv_in.", "time_embedding.")) for k in header):
+        return "a UNet's weights (a component of a diffusers folder: pass the folder with {flag:model})"
     if any(k.startswith(("first_stage_model.", "encoder.down", "decoder.up")) for k in header):
         return "a VAE (pass it with {flag:vae})"
     return None
@@ -547,9 +549,9 @@ def read_embedding(path, widths: list, max_vectors: int) -> tuple[Path, str, lis
             raise ModelError(f"{path} holds one embedding ({keys[0]}); an SDXL model needs one per text "
                              "encoder, clip_l and clip_g, in one file")
         token = path.stem if keys == ["emb_params"] else keys[0]
-    elif _whole_network(header) or any("lora" in k.lower() for k in keys):
-        raise ModelError(f"{path} is {_whole_network(header) or 'a LoRA (pass it with {flag:loras})'}, not a "
-                         "textual-inversion embedding")
+    elif (whole := _whole_network(header) or ("a LoRA (pass it with {flag:loras})"
+                                                if any("lora" in k.lower() for k in keys) else None)):
+        raise ModelError(f"{path} is {whole}, not a textual-inversion embedding")
     else:
         raise ModelError(f"{path} holds tensors {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}; a "
                          "textual-inversion file holds one ({token: tensor} or emb_params), or clip_l "

@@ -184,7 +184,8 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
         changed = _changed(parser, recorded, expanded, record.get("dtype"))
         if changed is not None and picture is not None:  # input_changed says whether it is the same
             changed = [c for c in changed if c != "image"]
-        moved = picture is not None and not notes  # the same picture, at its new path
+        # the same picture, at a new path (given where it was recorded, the record is the same)
+        moved = picture is not None and not notes and os.path.abspath(picture) != (record.get("input") or {}).get("path")
         if changed:
             notes.append(f"replay of {path} with other {', '.join(changed)}: the pictures may differ from it")
         elif not notes and changed is not None:
@@ -425,14 +426,16 @@ def _picture_given(command: str, rest: list, record: dict, path) -> tuple[list, 
     recorded input that is not there any more, with none given, is refused here, before any work."""
     if command != "image2image":
         return rest, None
-    roles = options.argument_roles(rest)
-    given = [i for i, role in enumerate(roles) if role == "positional"]
-    if len(given) == 1 and not record.get("private") and os.path.isfile(rest[given[0]]):
+    private = record.get("private") if isinstance(record.get("private"), dict) else {}
+    prompts = 1 if "prompt" in set(private.get("fields", ())) else 0  # a private prompt, given again after it
+    given = [i for i, role in enumerate(options.argument_roles(rest)) if role == "positional"]
+    if len(given) == prompts + 1 and os.path.isfile(rest[given[0]]):
         return [a for i, a in enumerate(rest) if i != given[0]], rest[given[0]]
     source = record.get("input") if isinstance(record.get("input"), dict) else {}
-    if not given and isinstance(source.get("path"), str) and not os.path.exists(source["path"]):
+    if len(given) == prompts and isinstance(source.get("path"), str) and not os.path.exists(source["path"]):
+        usage = 'PICTURE "PROMPT"' if prompts else "PICTURE"
         raise InputError(f"replay of {_shown(path)}: its input picture {_shown(source['path'])} does not exist "
-                         f"any more; give the picture's path first: image2image.py PICTURE --replay {_shown(path)}")
+                         f"any more; give the picture's path first: image2image.py {usage} --replay {_shown(path)}")
     return rest, None
 
 

@@ -71,6 +71,14 @@ def _refuse_saved_answer(path: Path, head: bytes) -> None:
                          "server's answer (a gated model needs a token); download the file itself again")
 
 
+def _a_checkpoint(path: Path) -> bool:
+    """Whether a file is a single-file LDM checkpoint, by its header's names."""
+    try:
+        return any(k.startswith("model.diffusion_model.") for k in read_safetensors_header(path))
+    except ModelError:
+        return False
+
+
 def utf8_name(path) -> bool:
     """Whether a file's name is UTF-8 text, as MLX and the native reader take names: not where a
     locale read its bytes as surrogates (LC_ALL=C)."""
@@ -149,19 +157,22 @@ def not_a_model_folder(folder: Path) -> str:
     is one, or the end of a download into it."""
     folder = Path(folder)
     said = f"{folder} has no model_index.json: not a model folder in the diffusers layout"
+    if (folder.parent / "model_index.json").is_file():
+        return f"{said}, but a component of {folder.parent}: pass that folder"
     if folder.name.startswith("models--") and (folder / "snapshots").is_dir():
         hub_id = folder.name.removeprefix("models--").replace("--", "/", 1)
-        return f"{said}, but the hub cache's storage of {hub_id}: pass {{flag:model}} {hub_id}"
+        return (f"{said}, but the hub cache's storage of {hub_id}: pass {{flag:model}} {hub_id} (with "
+                f"HF_HUB_CACHE={folder.parent} where that is not your hub cache)")
     try:
         names = sorted(itertools.islice(os.listdir(folder), 10_000))
     except OSError:
         names = []
-    files = [n for n in names if n.lower().endswith(".safetensors") and (folder / n).is_file()]
+    checkpoints = [n for n in names if n.lower().endswith(".safetensors") and _a_checkpoint(folder / n)]
     below = [n for n in names if (folder / n / "model_index.json").is_file()]
-    if files:
-        more = f" and {len(files) - 1} more" if len(files) > 1 else ""
-        return (f"{said}; it holds {files[0]}{more}: pass a single-file checkpoint as the file itself "
-                f"({{flag:model}} {folder / files[0]})")
+    if checkpoints:
+        more = f" (and {len(checkpoints) - 1} more)" if len(checkpoints) > 1 else ""
+        return (f"{said}; it holds the checkpoint {checkpoints[0]}{more}: pass a single-file checkpoint as the "
+                f"file itself ({{flag:model}} {folder / checkpoints[0]})")
     if below:
         return f"{said}; {folder / below[0]} is one: pass that folder"
     if (folder / ".cache" / "huggingface").is_dir():

@@ -184,15 +184,15 @@ def detect_family(shapes: dict, path: Path, vae_given: bool = False) -> str:
     if not has(UNET):
         # An EMA-only export (model_ema.diffusion_modelinput_blocks...) or one under another prefix.
         elsewhere = next((k for k in sorted(keys) if "input_blocks" in k), None)
-        what = (f"its UNet is under other names ({elsewhere[:60]!r}: an EMA-only or re-prefixed export); use "
-                "the checkpoint as it was published" if elsewhere
+        what = ("a LoRA (pass it with {flag:loras})" if any("lora" in k.lower() for k in keys)
+                else f"its UNet is under other names ({elsewhere[:60]!r}): an EMA-only or re-prefixed export"
+                if elsewhere
                 else "a VAE alone (pass it with {flag:vae})" if any("encoder.down." in k for k in keys)
-                else "a LoRA (pass it with {flag:loras})" if any("lora" in k.lower() for k in keys)
                 else "a textual-inversion embedding (pass it with {flag:embeddings})"
                 if len(keys) <= 4 and all(len(shapes[k]) <= 2 for k in keys)
                 else "not an LDM checkpoint")
         raise ModelError(f"{path} has no {UNET}* tensors: {what}; pass a Stable Diffusion "
-                         "1.x/2.x/XL single-file checkpoint or a diffusers folder")
+                         "1.x/2.x/XL single-file checkpoint (as it was published) or a diffusers folder")
     if has("conditioner.embedders.0.transformer.") and has("conditioner.embedders.1.model."):
         family = "sdxl"
     elif has("conditioner.embedders.0.model."):

@@ -403,11 +403,11 @@ def test_a_whole_network_given_as_a_lora_is_named(sd1, tiny_model):
     """A checkpoint or a VAE given as a LoRA: said to be one, with the flag that takes it."""
     folder = tiny_model("sd1")
     expect_model_error(lambda: sd1.load_lora(folder / "unet" / "diffusion_pytorch_model.safetensors"),
-                       "is a whole model's weights (a checkpoint: pass it with", "not a LoRA")
+                       "is a UNet's weights (a component of a diffusers folder: pass the folder with", "not a LoRA")
     expect_model_error(lambda: sd1.load_lora(folder / "vae" / "diffusion_pytorch_model.safetensors"),
                        "is a VAE (pass it with", "not a LoRA")
     expect_model_error(lambda: sd1.load_textual_inversion(folder / "unet" / "diffusion_pytorch_model.safetensors"),
-                       "is a whole model's weights (a checkpoint: pass it with", "not a textual-inversion")
+                       "is a UNet's weights", "not a textual-inversion")
     assert sd1.adapters == []
 
 

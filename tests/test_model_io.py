@@ -413,12 +413,17 @@ def test_not_a_model_folder(tmp_path, tiny_model):
     storage = tmp_path / "hub" / "models--owner--name"
     (storage / "snapshots").mkdir(parents=True)
     expect_model_error(lambda: model_io.check_model_folder(storage),
-                       "the hub cache's storage of owner/name: pass --model owner/name")
+                       f"the hub cache's storage of owner/name: pass --model owner/name (with HF_HUB_CACHE={storage.parent}")
     civitai = tmp_path / "civitai"
     civitai.mkdir()
-    save_file({"a": np.zeros(2, np.float32)}, str(civitai / "dreamy.safetensors"))
-    expect_model_error(lambda: model_io.check_model_folder(civitai), "it holds dreamy.safetensors: pass a "
-                       f"single-file checkpoint as the file itself (--model {civitai / 'dreamy.safetensors'})")
+    save_file({"lora_unet_a.lora_down.weight": np.zeros((2, 2), np.float32)}, str(civitai / "a-lora.safetensors"))
+    expect_model_error(lambda: model_io.check_model_folder(civitai), "pass the folder that holds it")  # no checkpoint
+    save_file({"model.diffusion_model.a": np.zeros(2, np.float32)}, str(civitai / "dreamy.safetensors"))
+    expect_model_error(lambda: model_io.check_model_folder(civitai), "it holds the checkpoint dreamy.safetensors: "
+                       f"pass a single-file checkpoint as the file itself (--model {civitai / 'dreamy.safetensors'})")
+    # A component folder of a model: the model's folder.
+    expect_model_error(lambda: model_io.check_model_folder(tiny_model("sd1") / "unet"),
+                       f"but a component of {tiny_model('sd1')}: pass that folder")
     outer = tmp_path / "outer"
     shutil.copytree(tiny_model("sd1"), outer / "diffusers")
     expect_model_error(lambda: model_io.check_model_folder(outer), f"{outer / 'diffusers'} is one: pass that folder")

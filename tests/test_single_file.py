@@ -299,6 +299,10 @@ def test_unknown_family_and_other_files(tmp_path, checkpoint):
         message = expect_model_error(lambda: model_io.resolve_model(str(tmp_path / f"{name}.safetensors")),
                                      "its UNet is under other names", "an EMA-only or re-prefixed export")
         assert "a VAE alone" not in message
+    # A kohya LoRA in LDM names (as kohya writes SDXL's) is a LoRA, not such an export.
+    save_file({"lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight": np.zeros((4, 8, 3, 3), np.float32)},
+              str(tmp_path / "ldm-lora.safetensors"))
+    expect_model_error(lambda: model_io.resolve_model(str(tmp_path / "ldm-lora.safetensors")), "a LoRA (pass it with --lora)")
 
 
 def test_a_folder_without_its_vae_takes_the_one_given(tiny_model, tmp_path):
