@@ -243,28 +243,27 @@ def _download(repo_id: str, revision: str | None, variant: str | None,
                                    local_files_only=unreachable is not None,
                                    etag_timeout=hub_timeout())
     except LocalEntryNotFoundError as e:
-        # Exit 1 where the network failed (a script may retry), 2 where the user chose to be offline.
-        failed = HubUnreachable if unreachable is not None and not constants.HF_HUB_OFFLINE else ModelError
+        # Exit 1 where the network failed (a script may retry; also where the hub answered and the
+        # download then failed), 2 where the user chose to be offline.
+        failed = ModelError if constants.HF_HUB_OFFLINE else HubUnreachable
+        unreachable = unreachable or "the hub cannot be reached"
         if type(e).__name__ == "IncompleteSnapshotError":  # huggingface_hub >= 1.x only
-            raise failed(f"the cached copy of {shown} is incomplete and {unreachable}; "
-                             f"{local_help}") from None
+            raise failed(f"the cached copy of {shown} is incomplete and {unreachable}; {local_help}") from None
         cached = _cached_revisions(repo_id, constants.HF_HUB_CACHE)
         if revision is not None and cached:
             raise failed(f"revision {revision!r} of {repo_id} is not in the local hub cache "
-                             f"(cached: {', '.join(cached)}) and {unreachable}; use a cached "
-                             "revision or fetch this one on a connected machine") from None
+                         f"(cached: {', '.join(cached)}) and {unreachable}; use a cached "
+                         "revision or fetch this one on a connected machine") from None
         snapshots = [c for c in cached if re.fullmatch(r"[0-9a-f]{12}", c)]
         if snapshots:  # the snapshots are there, the ref to the one of main is not (or names another)
             ref = _hub_storage(repo_id, constants.HF_HUB_CACHE) / "refs" / "main"
             said = ("is missing" if not ref.is_file() else "is empty" if not ref.read_text().strip()
                     else "names no snapshot there")
             raise failed(f"the local hub cache holds snapshots of {repo_id} ({', '.join(snapshots)}) but "
-                             f"its refs/main {said}, and {unreachable or 'the hub cannot be reached'}; "
-                             f"pass {{flag:model}} {repo_id}@<commit> for a cached one, or "
-                             f"{local_help}") from None
-        message = (f"{shown} is not in the local hub cache ({constants.HF_HUB_CACHE}) and "
-                   f"{unreachable or 'the hub cannot be reached'}; {local_help}")
-        raise failed(message) from None
+                         f"its refs/main {said}, and {unreachable}; "
+                         f"pass {{flag:model}} {repo_id}@<commit> for a cached one, or {local_help}") from None
+        raise failed(f"{shown} is not in the local hub cache ({constants.HF_HUB_CACHE}) and "
+                     f"{unreachable}; {local_help}") from None
     except RevisionNotFoundError:
         raise ModelError(f"revision {revision!r} does not exist in {repo_id}; "
                          "check the name after '@'") from None

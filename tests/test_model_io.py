@@ -151,6 +151,29 @@ def test_silent_hub_and_a_revision_not_cached_is_the_machine_exit_1_too(silent_h
     assert "the hub did not answer within 0.5 s" in str(info.value)
 
 
+def test_a_hub_that_answers_then_fails_the_download_is_the_machine_exit_1(tmp_path, monkeypatch):
+    """The listing came, the files did not: it was a ModelError (exit 2) saying "... and None"."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    listing = SimpleNamespace(sha="0" * 40, siblings=[SimpleNamespace(rfilename="model_index.json")])
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, *a, **k: listing)
+
+    def connection_lost(*args, **kwargs):  # as the client says it when its downloads cannot connect
+        raise LocalEntryNotFoundError("An error happened while trying to locate the files on the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", connection_lost)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(HubUnreachable) as info:
+        model_io.resolve_model("owner/other")
+    assert "owner/other is not in the local hub cache" in str(info.value) and "None" not in str(info.value)
+
+
 def test_silent_hub_still_serves_the_cached_model(silent_hub, hub_cache):
     start = time.perf_counter()
     folder, source = model_io.resolve_model("owner/name")
