@@ -116,10 +116,6 @@ class _Parser(argparse.ArgumentParser):
         """"; did you mean --steps?" for the first unknown flag that is close to one of ours."""
         import difflib
 
-        prompt = getattr(namespace, "prompt", None)  # a file there: a picture given to txt2image
-        if "image" not in self._positional_names() and isinstance(prompt, str) and os.path.isfile(prompt):
-            return (f"; txt2image starts from pure noise, and the file {prompt} took the prompt's place: "
-                    "image2image takes a picture")
 
         if any(arg.startswith("-") and arg in getattr(self, "after_separator", ()) for arg in unknown):
             return "; every argument after -- is a picture or a prompt: put the flags before the --"
@@ -148,10 +144,16 @@ class _Parser(argparse.ArgumentParser):
         if any(not arg.strip() for arg in unknown):
             return "; a blank argument (a shell variable that is not set?) is one too many"
         if any(not arg.startswith("-") for arg in unknown):  # words past the positionals
+            txt2image = "image" not in self._positional_names()
             if getattr(self, "replaying", False):
-                return ("; --replay takes the input picture and the prompt from the picture's record: give "
-                        "only flags with it (a picture made with -sp 0 takes its prompt again, unless "
-                        "that was empty; an input picture moved since is given alone, before --replay)")
+                return ("; --replay takes the " + ("prompt" if txt2image else "input picture and the prompt")
+                        + " from the picture's record: give only flags with it (a picture made with -sp 0 "
+                        "takes its prompt again, unless that was empty"
+                        + ("" if txt2image else "; an input picture moved since is given before --replay") + ")")
+            prompt = getattr(namespace, "prompt", None)  # a file there: a picture given to txt2image
+            if txt2image and isinstance(prompt, str) and os.path.isfile(prompt):
+                return (f"; txt2image starts from pure noise, and the file {prompt} took the prompt's place: "
+                        "image2image takes a picture")
             return "; a prompt of several words goes in quotes"
         return ""
 
@@ -407,6 +409,10 @@ def _command(command: str, typed: list, console: Console) -> int:
             raise
         raise InputError(f"{replayed[0]} gives a value this tool refuses: {e.named(FLAGS)}; give "
                          f"{FLAGS[e.field]} yourself to replace it") from None
+    pictures = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif")
+    if not spec.img2img and Path(spec.prompt).suffix.lower() in pictures and os.path.isfile(spec.prompt):
+        console.notice(f"the prompt is the name of the picture {spec.prompt}: txt2image reads it as words, from "
+                       "pure noise; image2image takes a picture")
     if spec.triangle and parser.given(typed, "strength"):  # the user's, not a replay's
         console.notice(f"--strength {args.strength:g} is not used: the triangle's rows run at "
                        "--triangle_strengths (default 0.1 .. 1.0)")

@@ -610,8 +610,9 @@ def read_pipeline_config(folder: Path, notices: list | None = None, warnings: li
         raise ConfigError(f"{index_path}: field scheduler: expected [library, class name], got "
                           f"{_shown(scheduler_entry)}; fix the file or download the model again")
     if scheduler_entry[1].startswith(_OTHER_NOISE):
-        raise ConfigError(f"{index_path}: its scheduler {scheduler_entry[1][:60]} is for a model trained on EDM or flow "
-                          "matching noise, which these samplers do not model; use an SD 1.x, 2.x or XL model")
+        raise ConfigError(f"{index_path}: its scheduler {scheduler_entry[1][:60]} is for a model trained on EDM, "
+                          "flow matching or consistency noise, which these samplers do not model; use an SD 1.x, "
+                          "2.x or XL model")
     zeros = index.get("force_zeros_for_empty_prompt", False)
     if not isinstance(zeros, bool):
         raise ConfigError(f"{index_path}: field force_zeros_for_empty_prompt: expected true or "
@@ -665,7 +666,7 @@ def _check_components_meet(config: PipelineConfig, folder: Path) -> None:
     unet, vae = config.unet, config.vae
     problems = []
     if unet.in_channels != unet.out_channels == vae.latent_channels:  # 9: inpainting, 8: instruct-pix2pix
-        raise ConfigError(f"{folder}: the UNet reads {unet.in_channels} channels (an inpainting or instruct model); "
+        raise ConfigError(f"{folder}: the UNet reads {unet.in_channels} channels (inpainting, instruct, upscaler); "
                           "only text-to-image models, whose UNet reads the latents alone, are supported")
     if not unet.in_channels == unet.out_channels == vae.latent_channels:
         problems.append(f"unet in_channels {unet.in_channels} and out_channels {unet.out_channels} "

@@ -383,9 +383,9 @@ def _fitted(width: int, height: int, pixels: int, upscale: bool, area: str | Non
     try:
         return target_size(width, height, multiple=SIZE_MULTIPLE, max_pixels=pixels, upscale=upscale)
     except ValueError as e:
-        within = f"{area}, {pixels} pixels" if area else f"{pixels} pixels"
-        raise SpecError("max_pixels", f"a {width}x{height} picture within {within}: {e}; crop it to a less "
-                                      "extreme shape, give {flag:size} HxW, or raise {flag}") from None
+        raise SpecError("max_pixels", f"a {width}x{height} picture{f' in {area}' if area else ''}: {e}; crop it "
+                                      "to a less extreme shape, give {flag:size} HxW, or "
+                                      + ("set {flag}" if area else "raise {flag}")) from None
 
 
 def _merged(points) -> tuple[tuple, dict]:

@@ -59,8 +59,9 @@ def plan_for(session, spec, image_size: tuple | None, notice=lambda line: None) 
     from .calibrate import asked_dtype_note
 
     session.open()
-    if mx.default_device() == mx.cpu and session.model_spec.dtype is not None and asked_dtype_note(session.dtype_name):
-        notice(asked_dtype_note(session.dtype_name))  # before the speed of its products is measured
+    slow = asked_dtype_note(session.dtype_name) if session.model_spec.dtype is not None else None
+    if mx.default_device() == mx.cpu and slow:
+        notice(slow)  # before the speed of its products is measured
     plan = make_plan(spec, session.config, session.tokenizers, image_size, notice, session.machine())
     if session.source.get("source") == "package" and session.source.get("model") == "shapes":
         from .scenes import outside_training

@@ -62,11 +62,12 @@ def refuse_pickle(path: Path, head: bytes | None = None, conversion: str | None 
 def _refuse_saved_answer(path: Path, head: bytes) -> None:
     """What a download or a clone may leave under a weight file's name instead of the weights: a
     Git LFS pointer (a clone made without Git LFS), or a server's answer (a login page, an error)."""
-    text = head.lstrip().lower()
+    text = head.removeprefix(b"\xef\xbb\xbf").lstrip().lower()  # (a byte-order mark first)
     if text.startswith(b"version https://git-lfs"):
         raise ModelError(f"{path} is a Git LFS pointer, not the weights: the clone was made without Git LFS; "
                          "run `git lfs pull` in it, or download the model with the hub client")
-    if text.startswith((b"<!doctype", b"<html", b"<?xml", b'{"error')):
+    if text.startswith((b"<!doctype", b"<html", b"<?xml", b'{"error', b"entry not found", b"invalid username",
+                        b"repository not found", b"access to model")):
         raise ModelError(f"{path} is a web page or a server's message, not the weights: the download saved the "
                          "server's answer (a gated model needs a token); download the file itself again")
 
@@ -206,9 +207,10 @@ def weight_files(component_folder: Path, variant: str | None = None) -> list[Pat
         _check_regular(single)
         if single.is_file():
             return [single]
-        index = next((i for i in map(component_folder.joinpath, index_names(stem, v)) if i.is_file()), None)
-        for i in index_names(stem, v):
-            _check_regular(component_folder / i)
+        index = None
+        for name in index_names(stem, v):
+            _check_regular(component_folder / name)
+            index = index or (component_folder / name if (component_folder / name).is_file() else None)
         if index is not None:
             weight_map = load_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not all(

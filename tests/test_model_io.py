@@ -471,6 +471,8 @@ def test_not_a_model_folder(tmp_path, tiny_model):
     (lambda data: b"\n<!DOCTYPE html>\n<html><head><title>Sign in</title></head></html>" + bytes(64),
      ("is a web page or a server's message, not the weights",)),
     (lambda data: b'{"error":"Access to model is restricted."}', ("a gated model needs a token",)),
+    (lambda data: b"Entry not found", ("is a web page or a server's message",)),
+    (lambda data: b"\xef\xbb\xbf<!DOCTYPE html><html></html>", ("is a web page or a server's message",)),
     (lambda data: data + bytes(100), ("holds 100 bytes that are no tensor's",)),  # the reference refuses it
     (lambda data: _rewrite_header(data, lambda h: h.update(
         {f"z{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(100_001)})),

@@ -248,6 +248,8 @@ def test_a_picture_given_to_txt2image_or_a_sweep_command_misspelled_is_named(cap
     status, _, err = main(capsys, "txt2image", picture, "a red barn", "--model", unloadable, "--output", tmp_path / "o.png")
     only_error(status, 2, err, "unrecognized arguments: a red barn; txt2image starts from pure noise, and the file",
                "took the prompt's place: image2image takes a picture")
+    status, _, err = main(capsys, "txt2image", picture, "--model", unloadable, "--output", tmp_path / "o.png")
+    assert f"note: the prompt is the name of the picture {picture}: txt2image reads it as words" in err
     from stable_diffusion import sweep_cli
 
     assert sweep_cli.main(["imag2image", str(picture), "a red barn", "--model", str(unloadable)]) == 2
@@ -269,10 +271,10 @@ def test_a_picture_no_size_fits_names_the_area_it_was_fitted_to(capsys, tmp_path
     tall = tmp_path / "tall.png"
     Image.new("RGB", (64, 8192), "white").save(tall)
     status, _, err = main(capsys, "image2image", tall, "x", "--model", unloadable, "--output", tmp_path / "o.png")
-    only_error(status, 2, err, "a 64x8192 picture within the model's native area (", "give --size HxW")
+    only_error(status, 2, err, "a 64x8192 picture in the model's native area (", "give --size HxW, or set --max_pixels")
     status, _, err = main(capsys, "image2image", tall, "x", "--model", unloadable, "--max_pixels", 4096,
                           "--output", tmp_path / "o.png")
-    only_error(status, 2, err, "a 64x8192 picture within 4096 pixels", "or raise --max_pixels")
+    only_error(status, 2, err, "a 64x8192 picture: no size", "fits within 4096 pixels", "or raise --max_pixels")
 
 
 def flat(record: dict, prefix: str = "") -> dict:
@@ -1018,12 +1020,12 @@ def rewrite_json(path: Path, change) -> None:
     # LDM3D's RGB-depth VAE: it failed in the first convolution, or after every step as the pictures were written.
     ("vae/config.json", lambda d: dict(d, out_channels=4), ["VAE config sets out_channels=4, which this tool does not"]),
     # An inpainting (9) or instruct-pix2pix (8) UNet: said to be one, where it was "download the model again".
-    ("unet/config.json", lambda d: dict(d, in_channels=9), ["the UNet reads 9 channels (an inpainting or instruct"]),
+    ("unet/config.json", lambda d: dict(d, in_channels=9), ["the UNet reads 9 channels (inpainting, instruct, upscaler)"]),
     # EDM and flow-matching models: they ran on DDPM's noise levels under a note, making wrong pictures.
     ("model_index.json", lambda d: dict(d, scheduler=["diffusers", "EDMEulerScheduler"]),
-     ["its scheduler EDMEulerScheduler is for a model trained on EDM or flow matching noise"]),
+     ["its scheduler EDMEulerScheduler is for a model trained on EDM, flow matching or consistency noise"]),
     ("model_index.json", lambda d: dict(d, scheduler=["diffusers", "FlowMatchEulerDiscreteScheduler"]),
-     ["FlowMatchEulerDiscreteScheduler is for a model trained on EDM or flow"]),
+     ["FlowMatchEulerDiscreteScheduler is for a model trained on EDM, flow"]),
     ("scheduler/scheduler_config.json", lambda d: dict(d, num_train_timesteps=0),
      ["field num_train_timesteps: 0 is outside 1 .. 100000"]),
     ("scheduler/scheduler_config.json", lambda d: dict(d, solver_order=3),
