@@ -92,11 +92,9 @@ def resolve_model(spec: str, variant: str | None = None, vae: str | Path | None 
     if path.is_file():
         if path.suffix.lower() != ".safetensors":
             refuse_pickle(path)
-            if holds_safetensors(path):  # .sft, or no suffix: the views and readers go by the name
-                raise ModelError(f"{{flag:model}} {spec}: {path} holds a safetensors file under another name; "
-                                 "give it a .safetensors one (a copy or a link) and pass that")
-            raise ModelError(f"{{flag:model}} {spec}: {path} is a file but not .safetensors; pass a "
-                             "single-file checkpoint (.safetensors) or a diffusers folder")
+            if not holds_safetensors(path):  # .sft, or no suffix: taken by what it holds, as --vae and --lora are
+                raise ModelError(f"{{flag:model}} {spec}: {path} is a file but not .safetensors; pass a "
+                                 "single-file checkpoint (.safetensors) or a diffusers folder")
         return single_file.view_folder(path, vae, prediction_type)
     if vae is not None or prediction_type is not None:
         folder, source = resolve_model(spec, variant)

@@ -454,10 +454,11 @@ def test_not_a_model_folder(tmp_path, tiny_model):
     (partial / ".cache" / "huggingface" / "download").mkdir(parents=True)
     expect_model_error(lambda: model_io.check_model_folder(partial),
                        f"finish its download: run `hf download <owner/name> --local-dir {partial}` again")
-    # A safetensors file without its suffix is said to be one.
-    (civitai / "dreamy.safetensors").rename(tmp_path / "dreamy.sft")
-    expect_model_error(lambda: model_io.resolve_model(str(tmp_path / "dreamy.sft")),
-                       "holds a safetensors file under another name; give it a .safetensors one")
+    # A safetensors checkpoint under another suffix is read as one, as --vae and --lora read theirs.
+    from stable_diffusion.testing import write_single_file
+
+    write_single_file(tiny_model("sd1"), tmp_path / "ckpt.safetensors", "sd1").rename(tmp_path / "ckpt.sft")
+    assert model_io.resolve_model(str(tmp_path / "ckpt.sft"))[1]["source"] == "file"
 
 
 @pytest.mark.parametrize("damage, words", [
