@@ -457,6 +457,14 @@ def check_model_folder(folder: Path, variant: str | None = None) -> dict:
     return index
 
 
+def fp16_stand_ins(folder: Path) -> list:
+    """The components of a folder read from their fp16 files where float32 is asked for, their
+    plain files missing (weight_files reads them so: a hub fetch in half precision takes only
+    those)."""
+    return [c for c in WEIGHT_STEMS if (Path(folder) / c).is_dir()
+            and any(".fp16" in f.name for f in weight_files(Path(folder) / c))]
+
+
 # --- reading and checking tensors ----------------------------------------------------------------
 
 

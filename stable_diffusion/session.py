@@ -75,6 +75,11 @@ class Session:
                              "--quantize, as in mlx-examples, and --quiet is the quiet flag)")
         self.folder, source = model_io.resolve_model(m.model, self.variant, m.vae, m.prediction_type)
         model_io.check_model_folder(self.folder, self.variant)
+        fp16 = model_io.fp16_stand_ins(self.folder) if self.variant is None else []
+        if fp16:  # said, and in the record: the pictures differ a little from the float32 files'
+            self.warnings.append(f"{', '.join(fp16)}: no float32 weights in {self.folder}; their fp16 files are "
+                                 "read, in float32")
+            source = dict(source, weights={c: "fp16" for c in fp16})
         config = read_pipeline_config(self.folder, self.notices, self.warnings)
         model_arg = f"{source['model']}@{source['commit']}" if source.get("source") == "hub" else source["model"]
         self.source = dict(source, model_arg=model_arg)

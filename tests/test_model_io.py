@@ -318,6 +318,23 @@ def test_offline_a_snapshot_holding_one_of_two_weight_sets_is_whole(hub_cache, m
     assert model_io.resolve_model("owner/name")[0] == snapshot
 
 
+def test_fp16_files_read_in_float32_are_said_and_recorded(tiny_model, tmp_path):
+    """A half-precision fetch takes the fp16 files only: a float32 run then reads them, said so
+    and in the record's model (it was silent, and a replay promised the float32 files' pixels)."""
+    from stable_diffusion.session import Session
+    from stable_diffusion.spec import ModelSpec
+
+    folder = shutil.copytree(tiny_model("sd1"), tmp_path / "m")
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").rename(folder / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    session = Session(ModelSpec(str(folder), dtype="float32"))
+    session.open()
+    assert f"unet: no float32 weights in {folder}; their fp16 files are read, in float32" in session.warnings
+    assert session.source["weights"] == {"unet": "fp16"}
+    whole = Session(ModelSpec(str(tiny_model("sd1")), dtype="float32"))
+    whole.open()
+    assert "weights" not in whole.source and not any("fp16" in w for w in whole.warnings)
+
+
 def test_incomplete_hub_snapshot_says_download_again(hub_cache):
     snapshot = hub_cache / "models--owner--name" / "snapshots" / COMMIT
     (snapshot / "tokenizer" / "merges.txt").unlink()
