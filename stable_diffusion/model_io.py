@@ -293,7 +293,8 @@ def _pipeline_patterns(variant: str | None, listing: list | None = None) -> list
         sets = {}
         for v in [variant, None] if variant else [None, "fp16"]:
             s = f"{component}/{stem}.{v}" if v else f"{component}/{stem}"
-            sets[v] = [f"{s}.safetensors", f"{s}-*-of-*.safetensors", *(f"{component}/{i}" for i in index_names(stem, v))]
+            sets[v] = [f"{s}.safetensors", f"{s}-*-of-*.safetensors",
+                       *(f"{component}/{i}" for i in index_names(stem, v))]
         if listing is None:
             chosen = [variant, None] if variant else [None]
         else:

@@ -185,7 +185,8 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
         if changed is not None and picture is not None:  # input_changed says whether it is the same
             changed = [c for c in changed if c != "image"]
         # the same picture, at a new path (given where it was recorded, the record is the same)
-        moved = picture is not None and not notes and os.path.abspath(picture) != (record.get("input") or {}).get("path")
+        recorded_input = (record.get("input") or {}).get("path")
+        moved = picture is not None and not notes and os.path.abspath(picture) != recorded_input
         if changed:
             notes.append(f"replay of {path} with other {', '.join(changed)}: the pictures may differ from it")
         elif not notes and changed is not None:
