@@ -79,6 +79,10 @@ def resolve_model(spec: str, variant: str | None = None, vae: str | Path | None 
     given = [] if spec in PACKAGED else [("model", path, _MODEL_WANTED)]
     if vae is not None:
         given.append(("vae", Path(vae).expanduser(), _VAE_WANTED))
+    if vae is not None and not Path(vae).expanduser().exists() and _HUB_ID.match(str(vae).split("@")[0]) \
+            and Path(vae).suffix.lower() not in (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin"):
+        raise ModelError(f"{{flag:vae}} {vae}: no such file or folder; {{flag:vae}} takes a local VAE folder or "
+                         f"file, not a hub id: fetch it first (hf download {vae}) and pass the folder it prints")
     for field_name, where, wanted in given:
         kind = special_file(where)
         if kind is not None:

@@ -225,6 +225,10 @@ def test_replacement_vae_from_a_folder_or_an_ldm_file(checkpoint, tiny_model, tm
     assert all(np.array_equal(got[k], reference[k]) for k in reference)
     expect_model_error(lambda: model_io.resolve_model(str(checkpoint("sd1")), vae=tmp_path / "none"),
                        "no such file or folder")
+    # A hub id, as diffusers users pass one: said to be none of ours to fetch (it was "no such file").
+    expect_model_error(lambda: model_io.resolve_model(str(checkpoint("sd1")), vae="stabilityai/sd-vae-ft-mse"),
+                       "--vae takes a local VAE folder or file, not a hub id: fetch it first "
+                       "(hf download stabilityai/sd-vae-ft-mse)")
     # A VAE whose latents the UNet cannot read is named as given (it was the view folder, later).
     wide = shutil.copytree(other / "vae", tmp_path / "wide")
     (wide / "config.json").write_text(json.dumps(dict(json.loads((wide / "config.json").read_text()),
