@@ -312,6 +312,7 @@ def check_files(loras, embeddings, config, tokenizers, allow_partial: bool = Fal
 
         layers = SimpleNamespace(config=config, unet=UNetModel(config.unet),
                                  text_encoders=[CLIPTextModel(c) for c in config.text_encoders])
+        mx.eval(mx.random.state)  # building drew lazy parameters from MLX's key: its graph ends here
         targets = lora_targets(layers)
         for path, _ in loras:
             read_lora(path, targets, allow_partial)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import itertools
+import math
 import os
 import re
 import threading
@@ -460,6 +461,23 @@ def check_model_folder(folder: Path, variant: str | None = None) -> dict:
             raise ModelError(f"{where} has no {' and no '.join(missing)} (nor tokenizer.json); "
                              f"the model folder is incomplete: {refetch_advice(folder)}")
     return index
+
+
+def check_sizes_meet(folder: Path, variant: str | None, counts: dict) -> None:
+    """Refuse a folder whose config describes far more parameters than its weight files hold
+    (`counts`: budget.parameter_counts, by network): a config that is not its weights' was
+    refused as a memory problem (a 61 GB UNet config over 4 MB of weights). A single file's view
+    holds every network in its one file, which is never smaller."""
+    for component, name in (("unet", "unet"), ("vae", "vae"), ("text_encoder", "text_encoder_0"),
+                            ("text_encoder_2", "text_encoder_1")):
+        if name not in counts or not (Path(folder) / component).is_dir():
+            continue
+        held = sum(math.prod(info["shape"]) for f in weight_files(Path(folder) / component, variant)
+                   for key, info in read_safetensors_header(f).items() if key != "__metadata__")
+        if counts[name] > 2 * held + 10**6:
+            raise ModelError(f"{Path(folder) / component}: its config.json describes {counts[name]:,} parameters, "
+                             f"its weights hold {held:,}: the config is not the one saved with these weights; "
+                             "use the config.json that came with them")
 
 
 def fp16_stand_ins(folder: Path) -> list:

@@ -88,7 +88,9 @@ class Session:
             self.tokenizers.append(_tokenizer(self.folder / tok))
             check_fits_encoder(self.tokenizers[-1], encoder, self.folder / tok)  # before any weight
         from .adapters import check_files
+        from .budget import parameter_counts
 
+        model_io.check_sizes_meet(self.folder, self.variant, parameter_counts(config))
         check_files(m.loras, m.embeddings, config, self.tokenizers, m.lora_partial)
         self.config = config
 

@@ -1047,6 +1047,16 @@ def test_malformed_configs_are_one_line_exit_2_before_loading(capsys, tmp_path, 
     assert "conv_out.weight" not in err and not (tmp_path / "out").exists()
 
 
+def test_a_config_far_larger_than_its_weights_is_named_so(capsys, tmp_path, picture, unloadable):
+    """It was refused as a memory problem ("this run needs about 61 GB ... quantized weights")."""
+    model = shutil.copytree(unloadable, tmp_path / "model")
+    rewrite_json(model / "unet" / "config.json", lambda d: dict(d, block_out_channels=[1024, 2048]))
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", model, "--output", tmp_path / "out" / "o.png")
+    only_error(status, 2, err, f"{model / 'unet'}: its config.json describes", "parameters, its weights hold",
+               "use the config.json that came with them")
+    assert not (tmp_path / "out").exists()
+
+
 def test_sharded_weights_with_a_weight_map_that_is_not_a_map(capsys, tmp_path, picture, sd2):
     model = shutil.copytree(sd2, tmp_path / "model")
     (model / UNET_WEIGHTS).rename(model / "unet" / "part-1.safetensors")
