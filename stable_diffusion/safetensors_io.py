@@ -45,9 +45,15 @@ def refuse_pickle(path: Path, head: bytes | None = None, conversion: str | None 
     zip, or a bare pickle) whatever its name."""
     # torch.save's zip, or a pickle's PROTO opcode with protocol 2 to 5 (a header's length may start 0x80)
     by_content = head is not None and (head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and 2 <= head[1] <= 5))
-    if not by_content and path.suffix.lower() in PICKLE_SUFFIXES and holds_safetensors(path):
-        raise ModelError(f"{path} is named as a pickle checkpoint but holds a safetensors file; give it "
-                         f"its name (a copy as {converted_name(path).name}) and pass that")
+    if not by_content and path.suffix.lower() in PICKLE_SUFFIXES:
+        if holds_safetensors(path):
+            raise ModelError(f"{path} is named as a pickle checkpoint but holds a safetensors file; give it "
+                             f"its name (a copy as {converted_name(path).name}) and pass that")
+        try:  # a clone without Git LFS, or a saved web page, under a checkpoint's name
+            with open(path, "rb") as f:
+                _refuse_saved_answer(path, f.read(64))
+        except OSError:
+            pass
     if by_content or path.suffix.lower() in PICKLE_SUFFIXES:
         out = converted_name(path, by_content)
         conversion = conversion or (

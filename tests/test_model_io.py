@@ -471,6 +471,9 @@ def test_not_a_model_folder(tmp_path, tiny_model):
     (partial / ".cache" / "huggingface" / "download").mkdir(parents=True)
     expect_model_error(lambda: model_io.check_model_folder(partial),
                        f"finish its download: run `hf download <owner/name> --local-dir {partial}` again")
+    # A Git LFS pointer under a checkpoint's name is named as one, not as a pickle.
+    (tmp_path / "v1-5.ckpt").write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 4265380512\n")
+    expect_model_error(lambda: model_io.resolve_model(str(tmp_path / "v1-5.ckpt")), "is a Git LFS pointer, not the weights")
     # A safetensors checkpoint under another suffix is read as one, as --vae and --lora read theirs.
     from stable_diffusion.testing import write_single_file
 
