@@ -298,22 +298,17 @@ def _whole_network(header: dict) -> str | None:
     return None
 
 
-def check_files(loras, embeddings, config, tokenizers, allow_partial: bool = False) -> None:
+def check_files(loras, embeddings, config, tokenizers, networks: dict, allow_partial: bool = False) -> None:
     """What can be told of adapter files (`(path, _)` pairs) before a weight loads: each is a
     sound safetensors file within the adapter cap of its kind; each LoRA fits the layers of the
-    networks `config` (a PipelineConfig) describes, built without their weights (MLX makes no
-    array until it is used); each embedding fits the text encoders and the tokenizers' prompts.
+    networks `config` (a PipelineConfig) describes, `networks` (budget.weightless_networks: built
+    without their weights); each embedding fits the text encoders and the tokenizers' prompts.
     An SD 1.x LoRA given to SDXL was refused once the whole model had loaded."""
     for path, _ in loras:
         _lora_file(path)
     if loras:
-        from .clip import CLIPTextModel
-        from .unet import UNetModel
-
-        layers = SimpleNamespace(config=config, unet=UNetModel(config.unet),
-                                 text_encoders=[CLIPTextModel(c) for c in config.text_encoders])
-        mx.eval(mx.random.state)  # building drew lazy parameters from MLX's key: its graph ends here
-        targets = lora_targets(layers)
+        encoders = [networks[f"text_encoder_{i}"] for i in range(len(config.text_encoders))]
+        targets = lora_targets(SimpleNamespace(config=config, unet=networks["unet"], text_encoders=encoders))
         for path, _ in loras:
             read_lora(path, targets, allow_partial)
     for path, _ in embeddings:

@@ -52,10 +52,12 @@ KNOBS = {
 }
 
 
-def parameter_counts(config: PipelineConfig) -> dict:
-    """Parameters of each network, counted from the shapes its config gives (nothing is read)."""
+def weightless_networks(config: PipelineConfig) -> dict:
+    """The networks `config` describes, by name (unet, vae, text_encoder_0, text_encoder_1), built
+    without their weights: MLX makes no array until one is used (a full-size UNet and text
+    encoder: 0.02 s, no memory). Their shapes count the parameters, and their layers are what a
+    LoRA is matched against before any weight loads."""
     import mlx.core as mx
-    from mlx.utils import tree_flatten
 
     from .clip import CLIPTextModel
     from .unet import UNetModel
@@ -64,11 +66,19 @@ def parameter_counts(config: PipelineConfig) -> dict:
     modules = {"unet": UNetModel(config.unet), "vae": Autoencoder(config.vae)}
     for i, encoder in enumerate(config.text_encoders):
         modules[f"text_encoder_{i}"] = CLIPTextModel(encoder)
-    counts = {name: sum(v.size for _, v in tree_flatten(m.parameters())) for name, m in modules.items()}
     # Building drew lazy random parameters from MLX's global key; evaluate the key so that its
     # graph does not keep growing.
     mx.eval(mx.random.state)
-    return counts
+    return modules
+
+
+def parameter_counts(config: PipelineConfig, networks: dict | None = None) -> dict:
+    """Parameters of each network, counted from the shapes its config gives (nothing is read);
+    `networks`: weightless_networks(config), where they are built already."""
+    from mlx.utils import tree_flatten
+
+    networks = weightless_networks(config) if networks is None else networks
+    return {name: sum(v.size for _, v in tree_flatten(m.parameters())) for name, m in networks.items()}
 
 
 def estimate_peak_bytes(pipeline_config: PipelineConfig, dtype: str, image_size: tuple, batch: int,

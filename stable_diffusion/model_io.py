@@ -431,7 +431,7 @@ def check_model_folder(folder: Path, variant: str | None = None) -> dict:
     tokenizers have their files, and every weight file the model will load is safetensors with a
     sound header (a truncated or corrupt file is caught here, in milliseconds).
 
-    Returns model_index.json's content.
+    Returns, by component, its weight files and the parameters their headers hold.
     """
     folder = Path(folder)
     kind = special_file(folder / "model_index.json")
@@ -440,14 +440,16 @@ def check_model_folder(folder: Path, variant: str | None = None) -> dict:
                          f"{refetch_advice(folder)}")
     if not (folder / "model_index.json").is_file():
         raise ModelError(not_a_model_folder(folder))
-    index = load_json(folder / "model_index.json")
-    present = components(index)
+    present = components(load_json(folder / "model_index.json"))
+    held = {}
     for component in WEIGHT_STEMS:
         if component in present or component in ("unet", "vae", "text_encoder"):
             if component not in present:
                 raise ModelError(missing_component(folder, component, present))
-            for path in weight_files(folder / component, variant):
-                read_safetensors_header(path)
+            files = weight_files(folder / component, variant)
+            headers = [read_safetensors_header(path) for path in files]
+            held[component] = files, sum(math.prod(info["shape"]) for header in headers
+                                         for key, info in header.items() if key != "__metadata__")
     for tokenizer in sorted(c for c in present if c.startswith("tokenizer")):
         where = folder / tokenizer
         for name in ("vocab.json", "merges.txt", "tokenizer.json"):
@@ -460,32 +462,27 @@ def check_model_folder(folder: Path, variant: str | None = None) -> dict:
         if missing:
             raise ModelError(f"{where} has no {' and no '.join(missing)} (nor tokenizer.json); "
                              f"the model folder is incomplete: {refetch_advice(folder)}")
-    return index
+    return held
 
 
-def check_sizes_meet(folder: Path, variant: str | None, counts: dict) -> None:
+def check_sizes_meet(folder: Path, held: dict, counts: dict) -> None:
     """Refuse a folder whose config describes far more parameters than its weight files hold
-    (`counts`: budget.parameter_counts, by network): a config that is not its weights' was
-    refused as a memory problem (a 61 GB UNet config over 4 MB of weights). A single file's view
-    holds every network in its one file, which is never smaller."""
+    (`held`: check_model_folder's; `counts`: budget.parameter_counts, by network): a config that
+    is not its weights' was refused as a memory problem (a 61 GB UNet config over 4 MB of
+    weights). A single file's view holds every network in its one file, which is never smaller."""
     for component, name in (("unet", "unet"), ("vae", "vae"), ("text_encoder", "text_encoder_0"),
                             ("text_encoder_2", "text_encoder_1")):
-        if name not in counts or not (Path(folder) / component).is_dir():
-            continue
-        held = sum(math.prod(info["shape"]) for f in weight_files(Path(folder) / component, variant)
-                   for key, info in read_safetensors_header(f).items() if key != "__metadata__")
-        if counts[name] > 2 * held + 10**6:
+        if component in held and name in counts and counts[name] > 2 * held[component][1] + 10**6:
             raise ModelError(f"{Path(folder) / component}: its config.json describes {counts[name]:,} parameters, "
-                             f"its weights hold {held:,}: the config is not the one saved with these weights; "
-                             "use the config.json that came with them")
+                             f"its weights hold {held[component][1]:,}: the config is not the one saved with "
+                             "these weights; use the config.json that came with them")
 
 
-def fp16_stand_ins(folder: Path) -> list:
-    """The components of a folder read from their fp16 files where float32 is asked for, their
-    plain files missing (weight_files reads them so: a hub fetch in half precision takes only
-    those)."""
-    return [c for c in WEIGHT_STEMS if (Path(folder) / c).is_dir()
-            and any(".fp16" in f.name for f in weight_files(Path(folder) / c))]
+def fp16_stand_ins(held: dict) -> list:
+    """The components (of check_model_folder's `held`) read from their fp16 files where float32
+    is asked for, their plain files missing (weight_files reads them so: a hub fetch in half
+    precision takes only those)."""
+    return [c for c, (files, _) in held.items() if any(".fp16" in f.name for f in files)]
 
 
 # --- reading and checking tensors ----------------------------------------------------------------

@@ -371,7 +371,8 @@ def _check_memory(session, plan, console) -> dict:
     canvas = max(cells * width, len(plan.shown)) * h * w
     estimate = budget.estimate_peak_bytes(
         session.config, session.dtype_name, (h, w), spec.n_images, spec.capture.decode_batch, canvas,
-        plan.guided, encode=spec.img2img, **budget.device_paths(session.dtype_name))
+        plan.guided, encode=spec.img2img, counts=session.parameter_counts,
+        **budget.device_paths(session.dtype_name))
     available = budget.available_memory()
     console.detail(f"memory: about {budget.gib(estimate['total'])} needed at the peak, "
                    + (f"{budget.gib(available)} available" if available else "available unknown"))

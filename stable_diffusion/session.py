@@ -52,7 +52,7 @@ class Session:
         self._conditions: dict = {}
         self._pictures: dict = {}
         self._speed = None
-        self._weight_bytes = None
+        self.parameter_counts: dict | None = None  # by network, from the configs (open)
 
     @property
     def dtype(self):
@@ -74,8 +74,8 @@ class Session:
                              f"than unquantized ones; drop {{flag:quantize}} ({half}; on the command line -q is "
                              "--quantize, as in mlx-examples, and --quiet is the quiet flag)")
         self.folder, source = model_io.resolve_model(m.model, self.variant, m.vae, m.prediction_type)
-        model_io.check_model_folder(self.folder, self.variant)
-        fp16 = model_io.fp16_stand_ins(self.folder) if self.variant is None else []
+        held = model_io.check_model_folder(self.folder, self.variant)
+        fp16 = model_io.fp16_stand_ins(held) if self.variant is None else []
         if fp16:  # said, and in the record: the pictures differ a little from the float32 files'
             self.warnings.append(f"{', '.join(fp16)}: no float32 weights in {self.folder}; their fp16 files are "
                                  "read, in float32")
@@ -88,10 +88,12 @@ class Session:
             self.tokenizers.append(_tokenizer(self.folder / tok))
             check_fits_encoder(self.tokenizers[-1], encoder, self.folder / tok)  # before any weight
         from .adapters import check_files
-        from .budget import parameter_counts
+        from .budget import parameter_counts, weightless_networks
 
-        model_io.check_sizes_meet(self.folder, self.variant, parameter_counts(config))
-        check_files(m.loras, m.embeddings, config, self.tokenizers, m.lora_partial)
+        networks = weightless_networks(config)  # built once: counted, and the LoRAs matched to them
+        self.parameter_counts = parameter_counts(config, networks)
+        model_io.check_sizes_meet(self.folder, held, self.parameter_counts)
+        check_files(m.loras, m.embeddings, config, self.tokenizers, networks, m.lora_partial)
         self.config = config
 
     def machine(self):
@@ -103,11 +105,8 @@ class Session:
         self.open()
         if self._speed is None:
             self._speed = speed(self.dtype_name)
-        if self._weight_bytes is None:
-            from .budget import parameter_counts
-
-            self._weight_bytes = sum(parameter_counts(self.config).values()) * self.dtype.size
-        return Machine(self._speed, self.dtype_name, 0 if self.sd is not None else self._weight_bytes)
+        weight_bytes = sum(self.parameter_counts.values()) * self.dtype.size
+        return Machine(self._speed, self.dtype_name, 0 if self.sd is not None else weight_bytes)
 
     # --- the model and its caches ----------------------------------------------------------------
 
