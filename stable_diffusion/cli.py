@@ -409,10 +409,12 @@ def _command(command: str, typed: list, console: Console) -> int:
             raise
         raise InputError(f"{replayed[0]} gives a value this tool refuses: {e.named(FLAGS)}; give "
                          f"{FLAGS[e.field]} yourself to replace it") from None
-    pictures = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif")
-    if not spec.img2img and Path(spec.prompt).suffix.lower() in pictures and os.path.isfile(spec.prompt):
-        console.notice(f"the prompt is the name of the picture {spec.prompt}: txt2image reads it as words, from "
-                       "pure noise; image2image takes a picture")
+    if not spec.img2img and os.path.isfile(spec.prompt):
+        from .images import PICTURE_FILE_SUFFIXES
+
+        if Path(spec.prompt).suffix.lower() in PICTURE_FILE_SUFFIXES:
+            console.notice(f"the prompt is the name of the picture {spec.prompt}: txt2image reads it as words, "
+                           "from pure noise; image2image takes a picture")
     if spec.triangle and parser.given(typed, "strength"):  # the user's, not a replay's
         console.notice(f"--strength {args.strength:g} is not used: the triangle's rows run at "
                        "--triangle_strengths (default 0.1 .. 1.0)")

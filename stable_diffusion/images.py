@@ -59,6 +59,9 @@ from .spec import MAX_SIDE
 
 # Pillow format ids tried when opening; MPO is reached through the JPEG opener.
 SUPPORTED_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "AVIF")
+# Their files' usual suffixes: a txt2image prompt that names such a file is a picture given by mistake.
+PICTURE_FILE_SUFFIXES = (".png", ".apng", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".ppm",
+                         ".pgm", ".avif")
 DEFAULT_MULTIPLE = 64  # VAE factor 8 times the UNet's three 2x downsamplings
 DEFAULT_MAX_PIXELS = 1024 * 1024  # 4x the native 512x512 of SD 2.1-base and SDXL-turbo
 DECODE_LIMIT_PIXELS = 8192 * 8192  # largest picture ever held in memory: at most ~256 MB as RGBA

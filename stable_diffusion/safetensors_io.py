@@ -46,14 +46,11 @@ def refuse_pickle(path: Path, head: bytes | None = None, conversion: str | None 
     # torch.save's zip, or a pickle's PROTO opcode with protocol 2 to 5 (a header's length may start 0x80)
     by_content = head is not None and (head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and 2 <= head[1] <= 5))
     if not by_content and path.suffix.lower() in PICKLE_SUFFIXES:
-        if holds_safetensors(path):
+        first = _first_bytes(path)
+        if _starts_safetensors(first):
             raise ModelError(f"{path} is named as a pickle checkpoint but holds a safetensors file; give it "
                              f"its name (a copy as {converted_name(path).name}) and pass that")
-        try:  # a clone without Git LFS, or a saved web page, under a checkpoint's name
-            with open(path, "rb") as f:
-                _refuse_saved_answer(path, f.read(64))
-        except OSError:
-            pass
+        _refuse_saved_answer(path, first)  # a clone without Git LFS, or a saved web page, under its name
     if by_content or path.suffix.lower() in PICKLE_SUFFIXES:
         out = converted_name(path, by_content)
         conversion = conversion or (
@@ -118,12 +115,20 @@ def converted_name(path: Path, by_content: bool = False) -> Path:
 def holds_safetensors(path: Path) -> bool:
     """Whether a file starts as a safetensors file does (a header's length, then its JSON): its first
     bytes, read as bytes (nothing of a pickle is run)."""
+    return _starts_safetensors(_first_bytes(path))
+
+
+def _first_bytes(path: Path) -> bytes:
+    """A file's first 64 bytes (fewer in a shorter file; none where it cannot be read)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(9)
+            return f.read(64)
     except OSError:
-        return False
-    return len(head) == 9 and head[8:] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= MAX_HEADER_BYTES
+        return b""
+
+
+def _starts_safetensors(head: bytes) -> bool:
+    return len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= MAX_HEADER_BYTES
 
 
 # --- which files hold the weights -----------------------------------------------------------------
