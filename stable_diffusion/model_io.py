@@ -501,12 +501,18 @@ def load_weights(model, component_folder, mapper, dtype=mx.float32, variant: str
                  pack: bool = True):
     """Load a component's safetensors weights into `model`, strictly, cast to `dtype`, and
     evaluate them (see `assign_weights`; `pack=False` leaves every layer unpacked)."""
+    return assign_weights(model, *checked_weights(model, component_folder, mapper, variant), dtype, pack)
+
+
+def checked_weights(model, component_folder, mapper, variant: str | None = None) -> tuple[dict, dict]:
+    """A component's tensors for `model` (key -> lazy array as `mapper` made it, key -> `Stored`
+    place), checked strictly against its parameters: names, shapes, dtypes. Nothing is read but
+    the files' headers, so a model checks every component before any weight loads."""
     pointer = read_pointer(Path(component_folder))
     if pointer is not None and "file" in pointer:
-        weights, stored = single_file.component_weights(model, pointer, mapper)
-        return assign_weights(model, weights, stored, dtype, pack)
+        return single_file.component_weights(model, pointer, mapper)
     if pointer is not None:
-        return load_weights(model, pointer["folder"], mapper, dtype, variant, pack)
+        return checked_weights(model, pointer["folder"], mapper, variant)
     files = weight_files(Path(component_folder), variant)
     weights, origin, stored = {}, {}, {}
     for path in files:
@@ -542,7 +548,7 @@ def load_weights(model, component_folder, mapper, dtype=mx.float32, variant: str
             layout = " (channels last)" if value.ndim == 4 else ""
             raise ModelError(f"{origin[key]}: tensor {key} has shape {tuple(value.shape)}{layout}, the "
                              f"config implies {tuple(expected[key].shape)}" + mismatch)
-    return assign_weights(model, weights, stored, dtype, pack)
+    return weights, stored
 
 
 def assign_weights(model, weights: dict, stored: dict, dtype, pack: bool = True):

@@ -83,14 +83,16 @@ class StableDiffusion:
                 tokenizers.append(Tokenizer.from_folder(folder / tok_name))
                 check_fits_encoder(tokenizers[-1], enc_config, folder / tok_name)  # before any weight
         memory.use_cpu_buffer_cache()
-        unet = model_io.load_weights(UNetModel(config.unet), folder / "unet",
-                                     model_io.map_unet_weights, dtype, variant, pack)
-        vae = model_io.load_weights(Autoencoder(config.vae), folder / "vae",
-                                    model_io.map_vae_weights, dtype, variant, pack)
-        encoders = []
-        for (enc_name, _), enc_config in zip(TEXT_COMPONENTS, config.text_encoders):
-            encoders.append(model_io.load_weights(CLIPTextModel(enc_config), folder / enc_name,
-                                                  model_io.map_clip_weights, dtype, variant, pack))
+        parts = [(UNetModel(config.unet), "unet", model_io.map_unet_weights),
+                 (Autoencoder(config.vae), "vae", model_io.map_vae_weights),
+                 *[(CLIPTextModel(enc_config), enc_name, model_io.map_clip_weights)
+                   for (enc_name, _), enc_config in zip(TEXT_COMPONENTS, config.text_encoders)]]
+        # Every component's tensors are checked against its network before any is read: a VAE
+        # that does not match is said at once, not after the UNet's gigabytes.
+        checked = [model_io.checked_weights(network, folder / name, mapper, variant)
+                   for network, name, mapper in parts]
+        unet, vae, *encoders = [model_io.assign_weights(network, weights, stored, dtype, pack)
+                                for (network, _, _), (weights, stored) in zip(parts, checked)]
         source = dict(source or {"model": str(folder.resolve()), "source": "folder"})
         return cls(config, unet, vae, encoders, tokenizers, dtype, source)
 
