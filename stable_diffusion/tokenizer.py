@@ -171,6 +171,12 @@ class Tokenizer:
         if missing:
             raise ModelError(f"{source} has no entry for the special token {missing[0]!r}; "
                              "the tokenizer files do not belong together, download them again")
+        if not ranks:  # each word would be read one letter at a time: other conditioning, silently
+            merged = sum(1 for t in vocab if t not in added and len(t.removesuffix(END_OF_WORD)) > 1)
+            if merged:
+                raise ModelError(f"{source}: the tokenizer has no merges, but its vocabulary holds {merged:,} "
+                                 "tokens of several letters, which only merges make; merges.txt is empty "
+                                 "or cut short: download the tokenizer again")
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = (self.vocab[t] for t in roles)
         self._tokens = {i: t for t, i in self.vocab.items()}
         # Where several added tokens start at one place, the longest wins.

@@ -155,6 +155,10 @@ def test_broken_files_raise_model_error(tiny_model, tmp_path):
     (folder / "merges.txt").write_text("#version: 0.2\ni n\nthree symbols here\n")
     with pytest.raises(ModelError, match="line 3"):
         Tokenizer.from_folder(folder)
+    for empty in ("", "#version: 0.2\n"):  # an empty or cut-short file read each word letter by letter
+        (folder / "merges.txt").write_text(empty)
+        with pytest.raises(ModelError, match="no merges, but its vocabulary holds .* tokens of several letters"):
+            Tokenizer.from_folder(folder)
     (folder / "merges.txt").unlink()
     with pytest.raises(ModelError, match="missing tokenizer file"):
         Tokenizer.from_folder(folder)
