@@ -17,8 +17,8 @@ from dataclasses import fields as dataclass_fields
 from typing import Callable
 
 from .choices import SAMPLER_NAMES as SAMPLER_CHOICES, SCHEDULES as SCHEDULE_CHOICES
-from .spec import (ALIGNS, ANIMATION_FORMATS, DTYPES, NOISING_PATHS, PICTURE_SUFFIXES, PREVIEWS,
-                   SNAPSHOT_KINDS, Capture, Inversion, ModelSpec, RunSpec)
+from .spec import (ALIGNS, ANIMATION_FORMATS, DTYPES, MAX_CFG, MAX_IMAGES, MAX_STEPS, NOISING_PATHS,
+                   PICTURE_SUFFIXES, PREVIEWS, SNAPSHOT_KINDS, Capture, Inversion, ModelSpec, RunSpec)
 
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
               "0": False, "false": False, "no": False, "off": False}
@@ -208,7 +208,7 @@ OPTIONS = (
            "of the schedule's steps run, so the start t depends on --schedule (the plan line says it)", MODEL,
            IMAGE, float, default=0.9,
            replay=Replay(80, ALWAYS, _float, when=lambda spec: spec.img2img and not spec.triangle)),
-    Option(("--steps",), "steps", "sampler steps for strength 1 (model default: sd 50, sdxl 2, shapes 20)", MODEL,
+    Option(("--steps",), "steps", f"sampler steps for strength 1, 1 .. {MAX_STEPS} (model default: sd 50, sdxl 2, shapes 20)", MODEL,
            parse=int, replay=Replay(30, ALWAYS)),
     Option(("--sampler",), "sampler", "the sampler (default: the one the model's scheduler config names)",
            MODEL, choices=SAMPLER_CHOICES, replay=Replay(50, ALWAYS)),
@@ -216,15 +216,15 @@ OPTIONS = (
            "strength x 1000, evenly spaced), diffusers (as the model's scheduler config does in "
            "diffusers), karras, exponential", MODEL, choices=SCHEDULE_CHOICES,
            replay=Replay(60, ALWAYS)),
-    Option(("--cfg",), "cfg", "guidance weight; 1 or less is no guidance: the prompt's prediction alone, as "
-           "diffusers runs it (model default: sd 7.5, sdxl 0, shapes 2)", MODEL,
+    Option(("--cfg",), "cfg", f"guidance weight, 0 .. {MAX_CFG:g}; 1 or less is no guidance: the prompt's prediction "
+           "alone, as diffusers runs it (model default: sd 7.5, sdxl 0, shapes 2)", MODEL,
            parse=float, replay=Replay(40, ALWAYS, _float)),
     Option(("--negative_prompt", "--negative-prompt"), "negative_prompt", "what the picture should not "
            "show: guidance steers away from it (default: nothing)", group=MODEL, default="",
            replay=Replay(130)),
-    Option(("--seed",), "seed", "random when absent or -1; always reported and recorded", MODEL, parse=int,
+    Option(("--seed",), "seed", "0 .. 2**64-1; random when absent or -1; always reported and recorded", MODEL, parse=int,
            replay=Replay(20, ALWAYS)),
-    Option(("--n_images", "--n-images"), "n_images", "pictures made at once, each from its own noise "
+    Option(("--n_images", "--n-images"), "n_images", f"pictures made at once, each from its own noise, 1 .. {MAX_IMAGES} "
            "(default 1)", group=MODEL, parse=positive_int, default=1,
            replay=Replay(140)),
     Option(("--n_rows", "--n-rows"), "n_rows", "rows of the grid the --n_images pictures are saved in "
