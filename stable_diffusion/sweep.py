@@ -130,6 +130,18 @@ def _differing(old, new, key: str) -> set:
     return set().union(*(_differing(old.get(k), new.get(k), k) for k in old.keys() | new.keys()))
 
 
+def _unspelt(spec: dict | None, model: dict | None) -> tuple:
+    """A manifest run's spec and model records with the paths of what it reads left out (the
+    picture, the model, its VAE, LoRA and embedding files): where the inputs' identity is the
+    same, these files are, however their paths were spelt (`pic.png` and `./pic.png`)."""
+    if not (isinstance(spec, dict) and isinstance(model, dict)):
+        return spec, model
+    adapters = {k: [a[1:] if isinstance(a, list) else a for a in model[k]]  # (path, weight or token)
+                for k in ("loras", "embeddings") if isinstance(model.get(k), list)}
+    return (dict(spec, image=spec.get("image") is not None),
+            dict(model, model=None, vae=model.get("vae") is not None, **adapters))
+
+
 def spec_record(spec: RunSpec) -> dict:
     """The spec as JSON values (paths as text), for the manifest: a rerun compares these. A private
     spec's texts are their hashes (privacy.py), which compare as the texts do."""
@@ -463,16 +475,20 @@ class Manifest:
         self.others = {name: old for name, old in previous.items() if name not in self.records}
         for name, old in previous.items():
             new = self.records.get(name)
-            if new is not None and old.get("status") == "finished":  # made with other settings: made again
-                # (a run's output is its folder's, named by the run: only its suffix follows a setting)
-                changed = (_differing(old.get("spec"), new["spec"], "spec")
-                           | _differing(old.get("model"), self.model, "model")) - {"output"}
-                if changed:
-                    self.changed[name] = changed
-            if (new is None or old.get("status") != "finished" or old.get("spec") != new["spec"]
-                    or old.get("model") != self.model or not verify(self.folder, old, self.expected[name])):
+            if new is None or old.get("status") != "finished":
                 continue
-            if old.get("identity") != self.identity:
+            then, now = (old.get("spec"), old.get("model")), (new["spec"], self.model)
+            same = self.identity is not None and old.get("identity") == self.identity
+            if same:  # the same files read: their paths' spelling is no change
+                then, now = _unspelt(*then), _unspelt(*now)
+            # made with other settings: made again (a run's output is its folder's, named by the
+            # run: only its suffix follows a setting)
+            changed = (_differing(then[0], now[0], "spec") | _differing(then[1], now[1], "model")) - {"output"}
+            if changed:
+                self.changed[name] = changed
+            if then != now or not verify(self.folder, old, self.expected[name]):
+                continue
+            if not same:
                 self.remade.add(name)
                 continue
             self.records[name] = dict(old, skipped=True)

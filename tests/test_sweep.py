@@ -462,6 +462,14 @@ def test_a_rerun_takes_over_runs_only_on_the_same_picture_and_another_grid_keeps
     assert sorted(r["name"] for r in manifest(out)) == ["s0.50", "s0.75", "s1.00"]
     assert in_process(capsys, *first)[0] == 0
     assert json.loads((out / "sweep.json").read_text())["ran"] == 0  # taken over: the manifest kept them
+    # The same picture and model under other paths: the same files, taken over (they were made again)
+    (tmp_path / "same.png").symlink_to(source)
+    (tmp_path / "same-model").symlink_to(sd2, target_is_directory=True)
+    respelt = [tmp_path / "same.png" if a is source else tmp_path / "same-model" if a is sd2 else a for a in first]
+    status, said, err = in_process(capsys, *(a for a in respelt if a != "--quiet"))
+    assert status == 0 and "2 of 2 runs already finished and verified; 0 to make" in said, said
+    assert "other settings" not in err, err
+    assert json.loads((out / "sweep.json").read_text())["ran"] == 0
     before = (out / "s0.50.png").read_bytes()
     Image.open(picture).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(source)  # another picture, same path
     assert in_process(capsys, *first)[0] == 0
