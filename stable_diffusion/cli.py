@@ -331,8 +331,10 @@ def _text_argument(args, name: str, console) -> bytes | None:
     return raw
 
 
-def run_command(body, argv: list, flags: dict = FLAGS,
-                interrupted: str = "interrupted before the first step; nothing was written") -> int:
+NOTHING_WRITTEN = "interrupted before the first step; nothing was written"
+
+
+def run_command(body, argv: list, flags: dict = FLAGS, interrupted: str = NOTHING_WRITTEN) -> int:
     """`body(console) -> exit status`, with the streams made safe, the stop signals handled, and
     every error turned into one line and its exit status (`flags` names spec fields in messages;
     `interrupted` is said of an interrupt the body did not handle itself)."""
@@ -442,7 +444,8 @@ def _run(spec: RunSpec, model: ModelSpec, console: Console, typed: list, wait: b
     try:
         result = execute(Session(model), spec, console, typed, picture=picture, wait=wait, notes=notes)
         if result.status == "interrupted":
-            console.error(f"interrupted: kept {len(result.files)} file(s), see {result.sidecar}")
+            console.error(f"interrupted: kept {len(result.files)} file(s), see {result.sidecar}"
+                          if result.sidecar.exists() else NOTHING_WRITTEN)
             return 128 + result.signum
         more = len(result.files) - 1
         console.say(f"wrote {spec.output}{f' and {more} more file(s)' if more else ''}; sidecar {result.sidecar}")

@@ -2,9 +2,10 @@
 
 Everything that can be checked is checked before any weight is read: the input picture, the output
 folder, the model's files and configs, the plan, the prompts and the memory it needs. A run that
-stops before its first step leaves no file (the output lock removes the folders it made). From
-then on the sidecar exists: "running", rewritten as each file lands, and "finished", "interrupted"
-or "failed" at the end; a run killed outright leaves "running" with every whole file listed.
+stops before its first step (its first UNet call) leaves no file (the output lock removes the
+folders it made). From then on the sidecar exists: "running", rewritten as each file lands, and
+"finished", "interrupted" or "failed" at the end; a run killed outright leaves "running" with every
+whole file listed.
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def execute(session, spec, console=None, argv=(), replay=None, picture=None, wai
     is replaced only where it is ours (outputs.check_in_the_way).
 
     Ctrl-C (or SIGTERM, SIGHUP) stops the run and returns its result with status "interrupted",
-    its files and sidecar kept: a loop over runs checks `result.status` to stop too."""
+    its files and sidecar kept (a stop before the first step's UNet call leaves no sidecar, unless
+    an earlier run's files are listed in it): a loop over runs checks `result.status` to stop too."""
     started = time.perf_counter()
     timings = {} if timings is None else timings
     if not isinstance(spec, RunSpec):
@@ -347,6 +349,9 @@ def _write_last(ledger, plan, status, error, kept, denoisers, timings, memory, c
                               "prompt": inv.prompt, "unet_calls": denoisers[1].calls}
     if error is not None:
         extra["error"] = error
+    if status == "interrupted" and not (ledger.files or ledger.earlier or extra["unet_calls"]):
+        ledger.path.unlink(missing_ok=True)  # stopped before its first step: nothing made, nothing to say
+        return []
     try:
         return ledger.write_last(status, extra)
     except OutputError as e:

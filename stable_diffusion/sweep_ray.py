@@ -163,8 +163,9 @@ class RayPool:
             for name, data in out["files"].items():
                 if name != sidecar:
                     files.write_bytes_atomic(folder / name, data)
-            files.write_bytes_atomic(folder / sidecar, out["files"][sidecar])
-        record = json.loads(out["files"][sidecar])
+            if sidecar in out["files"]:  # none from a run stopped before its first step
+                files.write_bytes_atomic(folder / sidecar, out["files"][sidecar])
+        record = json.loads(out["files"].get(sidecar, "{}"))
         return Outcome(out["status"], out["timings"], record.get("seed"), record.get("unet_calls"),
                        signum=out["signum"], worker=f"pid {out['pid']}")
 

@@ -171,12 +171,6 @@ class Tokenizer:
         if missing:
             raise ModelError(f"{source} has no entry for the special token {missing[0]!r}; "
                              "the tokenizer files do not belong together, download them again")
-        if not ranks:  # each word would be read one letter at a time: other conditioning, silently
-            merged = sum(1 for t in vocab if t not in added and len(t.removesuffix(END_OF_WORD)) > 1)
-            if merged:
-                raise ModelError(f"{source}: the tokenizer has no merges, but its vocabulary holds {merged:,} "
-                                 "tokens of several letters, which only merges make; merges.txt is empty "
-                                 "or cut short: download the tokenizer again")
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = (self.vocab[t] for t in roles)
         self._tokens = {i: t for t, i in self.vocab.items()}
         # Where several added tokens start at one place, the longest wins.
@@ -199,9 +193,20 @@ class Tokenizer:
         added = read_added_tokens(folder)
         if (folder / "vocab.json").is_file() or not (folder / "tokenizer.json").is_file():
             vocab, ranks = _read_vocab(folder / "vocab.json"), _read_merges(folder / "merges.txt")
-            return cls(vocab, ranks, config, added, folder / "vocab.json")
-        vocab, ranks, from_json = read_tokenizer_json(folder / "tokenizer.json")
-        return cls(vocab, ranks, config, {**added, **from_json}, folder / "tokenizer.json")
+            tokenizer = cls(vocab, ranks, config, added, folder / "vocab.json")
+            merges = folder / "merges.txt"
+        else:
+            vocab, ranks, from_json = read_tokenizer_json(folder / "tokenizer.json")
+            tokenizer = cls(vocab, ranks, config, {**added, **from_json}, folder / "tokenizer.json")
+            merges = folder / "tokenizer.json"
+        if not ranks:  # each word would be read one letter at a time: other conditioning, silently
+            specials = {*tokenizer.raw_specials, *tokenizer.clean_specials}
+            merged = sum(1 for t in vocab if t not in specials and len(t.removesuffix(END_OF_WORD)) > 1)
+            if merged:
+                raise ModelError(f"{merges} holds no merges, but the vocabulary has {merged:,} tokens of several "
+                                 "letters, which only merges make: the file is empty or cut short; download "
+                                 "the tokenizer again")
+        return tokenizer
 
     @property
     def max_length(self) -> int:

@@ -584,6 +584,40 @@ def test_ctrl_c_during_the_steps(tmp_path, picture, sd2):
     assert "o.png" not in kept and 3 <= len(kept) < 200
 
 
+def test_a_stop_before_the_first_step_leaves_no_sidecar_unless_it_lists_an_earlier_runs_files(
+        capsys, tmp_path, picture, sd2, monkeypatch):
+    """A stop between the sidecar's first record and the first UNet call left a sidecar of no
+    file and no measure ("interrupted: kept 0 file(s)")."""
+    from stable_diffusion import run as run_module
+
+    real_evaluate, stop_at = run_module._evaluate, []
+
+    def evaluate(step, *args):
+        if step.index in stop_at:
+            raise KeyboardInterrupt
+        return real_evaluate(step, *args)
+
+    monkeypatch.setattr(run_module, "_evaluate", evaluate)
+    args = ["image2image", picture, "x", "--model", sd2, "--steps", 3, "--strength", 1, "--seed", 0,
+            "--output", tmp_path / "out" / "o.png"]
+    stop_at[:] = [0]  # the start, before any UNet call
+    status, _, err = main(capsys, *args)
+    assert status == 130 and stderr_lines(err)[-1] == "interrupted before the first step; nothing was written", err
+    assert not (tmp_path / "out").exists()
+    stop_at[:] = [1]  # after the first UNet call: its measures are kept
+    status, _, err = main(capsys, *args)
+    assert status == 130 and stderr_lines(err)[-1] == f"interrupted: kept 0 file(s), see {tmp_path / 'out' / 'o.json'}"
+    assert sidecar(tmp_path / "out" / "o.json")["unet_calls"] == 1
+    stop_at[:] = []
+    assert main(capsys, *args)[0] == 0
+    before = (tmp_path / "out" / "o.png").read_bytes()
+    stop_at[:] = [0]  # a stop before the first step of a second run: the first's files stay listed
+    status, _, err = main(capsys, *args)
+    record = sidecar(tmp_path / "out" / "o.json")
+    assert status == 130 and record["status"] == "interrupted" and record["files"] == []
+    assert list(record["earlier_files"]) == ["o.png"] and (tmp_path / "out" / "o.png").read_bytes() == before
+
+
 def test_a_triangle_stopped_keeps_its_whole_rows(capsys, tmp_path, picture, sd2, monkeypatch):
     """The rows finished before a Ctrl-C are drawn as a triangle that says it is partial (it kept
     nothing: a long triangle stopped near its end lost every row)."""

@@ -157,7 +157,7 @@ def test_broken_files_raise_model_error(tiny_model, tmp_path):
         Tokenizer.from_folder(folder)
     for empty in ("", "#version: 0.2\n"):  # an empty or cut-short file read each word letter by letter
         (folder / "merges.txt").write_text(empty)
-        with pytest.raises(ModelError, match="no merges, but its vocabulary holds .* tokens of several letters"):
+        with pytest.raises(ModelError, match="merges.txt holds no merges, but the vocabulary has .* tokens of several letters"):
             Tokenizer.from_folder(folder)
     (folder / "merges.txt").unlink()
     with pytest.raises(ModelError, match="missing tokenizer file"):
@@ -254,6 +254,7 @@ DAMAGED_JSON = {  # each was a TypeError or AttributeError (exit 1), or read as 
     "a negative id": lambda d: d["added_tokens"].append({"content": "<|x|>", "id": -5}),
     "an id that is a boolean": lambda d: d["model"]["vocab"].__setitem__("zz", True),
     "an empty vocabulary": lambda d: d["model"].__setitem__("vocab", {}),
+    "no merges": lambda d: d["model"].__setitem__("merges", []),
 }
 
 
