@@ -254,6 +254,10 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[BinaryIO], Any]) -
         # where tempfile.mkstemp would leave it readable by its owner only.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         with os.fdopen(fd, "wb") as f:
+            with contextlib.suppress(OSError, AttributeError):  # a file replaced keeps its permissions
+                before = os.lstat(path)  # (a picture kept private, 0600, stays so)
+                if stat.S_ISREG(before.st_mode):
+                    os.fchmod(f.fileno(), before.st_mode & 0o777)
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())

@@ -191,19 +191,28 @@ def _regular(path: Path) -> os.stat_result | None:
 
 def _as_left(path: Path, mark: list | None) -> bool:
     """Whether the file at `path` is a regular file as the run that listed it left it: its size
-    and modification time are the listing's. A listing without them (a file being written when
-    its run was killed, a sidecar older than fingerprints) vouches for nothing."""
+    and modification time are the listing's, or its size and bytes (the folder copied, checked
+    out or touched). A listing without them (a file being written when its run was killed, a
+    sidecar older than fingerprints) vouches for nothing."""
     st = _regular(path)
-    return st is not None and mark is not None and mark == fingerprint(st)
+    if st is None or not isinstance(mark, list) or len(mark) < 2:
+        return False
+    if mark[:2] == fingerprint(st):
+        return True
+    try:
+        return len(mark) == 3 and mark[0] == st.st_size and mark[2] == fingerprint(st, path)[2]
+    except (OSError, InputError):
+        return False
 
 
-def check_in_the_way(names: FileNames, paths: list, left: dict, output_named: bool = True) -> None:
+def check_in_the_way(names: FileNames, paths: list, left: dict, output_named: bool = True) -> str | None:
     """Refuse, before any work, when a file the run writes is there and is not one of ours (the
     sidecar lists it and it is as that run left it, or it carries our record): the user's own
     `photo.step-001.png` is not ours to replace, even where an earlier run wrote that name. The
     output, which the user named, is theirs to replace; where we named it (`output_named` False: a
     sweep's run, named in the folder the user gave), only a picture its sidecar lists is.
-    `left`: `left_by_us(names)`."""
+    `left`: `left_by_us(names)`. Returns a line to say where the output replaces a file that is not
+    ours (another program's picture, one changed since), else None."""
     from .picture_meta import read_picture_texts
 
     def ours(path: Path) -> bool:
@@ -228,17 +237,36 @@ def check_in_the_way(names: FileNames, paths: list, left: dict, output_named: bo
             raise SpecError("output", f"{{flag}} {names.output}: {names.sidecar().name} is the record of "
                                       f"{name}, another output under this name, whose files this run would "
                                       f"replace; choose another {{flag}} name, or remove {name} first")
-    for path in paths:
-        # a sweep's run replaces the picture its sidecar lists, changed or not (as it says it does)
-        mine = path == names.output and (output_named or path.name in left)
-        if not mine and os.path.lexists(path) and not ours(path):
-            why = ("is not ours to replace (not a regular file, or changed since a run of this output "
-                   "wrote it, or with no record of ours, or another run's output); move it, or ")
-            if output_named:
-                raise SpecError("output", f"{{flag}} {names.output}: the run writes {path.name}, and the "
-                                          f"file there {why}choose another {{flag}} name")
-            raise SpecError("output", f"the run writes {path}, and the file there {why}give the sweep an "
-                                      "empty folder ({flag}) or other names (--name)")
+    # a sweep's run replaces the picture its sidecar lists, changed or not (as it says it does)
+    theirs = [path for path in paths if os.path.lexists(path) and not ours(path)]
+    replaced = None
+    if names.output in theirs and (output_named or names.output.name in left):
+        theirs.remove(names.output)
+        replaced = f"{names.output} is replaced, though {_why_not_ours(names.output, left)}"
+    if theirs:
+        path, others = theirs[0], [p.name for p in theirs[1:]]
+        also = (f"; so are {', '.join(others[:3])}" + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+                if others else "")
+        why = f"is not ours to replace ({_why_not_ours(path, left)}){also}; move {'them' if also else 'it'}, or "
+        if output_named:
+            raise SpecError("output", f"{{flag}} {names.output}: the run writes {path.name}, and the "
+                                      f"file there {why}choose another {{flag}} name")
+        raise SpecError("output", f"the run writes {path}, and the file there {why}give the sweep an "
+                                  "empty folder ({flag}) or other names (--name)")
+    return replaced
+
+
+def _why_not_ours(path: Path, left: dict) -> str:
+    """Why check_in_the_way takes the file at `path` for the user's."""
+    if os.path.islink(path):
+        return "it is a link (the link goes, not what it points to)"
+    if _regular(path) is None:
+        return "it is not a regular file"
+    if left.get(path.name) is not None:
+        return "it changed since a run of this output wrote it"
+    if os.path.lexists(sidecar_of(path)):
+        return "it is another run's output"
+    return "it carries no record of ours"
 
 
 def earlier_files(names: FileNames, left: dict, notice) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import infotext, privacy
 from .errors import InputError, OutputError
-from .files import parse_json, read_regular, to_json, write_text_atomic
+from .files import file_digest, parse_json, read_regular, to_json, write_text_atomic
 
 FORMAT_VERSION = 2
 COMMANDS = ("image2image", "txt2image")
@@ -57,10 +57,11 @@ def read_own_sidecar(path: str | os.PathLike) -> dict | None:
     return record
 
 
-def fingerprint(st: os.stat_result) -> list:
+def fingerprint(st: os.stat_result, path: Path | None = None) -> list:
     """What a run keeps of a file it wrote, to know it later as it left it: [size, modification
-    time in ns] of its `os.lstat`."""
-    return [st.st_size, st.st_mtime_ns]
+    time in ns] of its `os.lstat`, and with `path` the SHA-256 of its bytes (a copy of the folder,
+    a checkout, a `touch` change the time, not the file)."""
+    return [st.st_size, st.st_mtime_ns] + ([] if path is None else [file_digest(path, "hashed", "run file")[1]])
 
 
 class Ledger:
@@ -110,8 +111,9 @@ class Ledger:
             raise
         self.files[index] = entry
         self.earlier.pop(entry["file"], None)  # made again: this run's now
-        with contextlib.suppress(OSError):
-            self.written[entry["file"]] = fingerprint(os.lstat(self.path.parent / entry["file"]))
+        with contextlib.suppress(OSError, InputError):
+            path = self.path.parent / entry["file"]
+            self.written[entry["file"]] = fingerprint(os.lstat(path), path)
         self.write()
 
     def missing(self) -> list[str]:

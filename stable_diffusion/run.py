@@ -140,7 +140,9 @@ def execute(session, spec, console=None, argv=(), replay=None, picture=None, wai
         left = outputs.left_by_us(names)  # the lock is held: the sidecar stays as read until the walk
         paths = outputs.planned_files(plan, names)
         outputs.check_name_length(spec.output, [p.name for p in paths])
-        outputs.check_in_the_way(names, paths, left, output_named)
+        replaced = outputs.check_in_the_way(names, paths, left, output_named)
+        if replaced:
+            console.notice(replaced)
         if spec.img2img:
             picture = session.fit(picture, plan.image_size)
         preview = _preview_source(plan, session)  # found and its config read; loaded with the model

@@ -351,12 +351,17 @@ def _bad_size(shown: str) -> SpecError:
 
 
 def _same_or_ours(image: Path, output: Path) -> bool:
-    """Whether the run would write over `image`: it is the output, or a file named after it."""
+    """Whether the run would write over `image`: it is the output, or a file named after it
+    (`cat.step-001.png`; letter case aside, which some file systems ignore). The output's name in
+    another format (`cat.jpg` to `cat.png`) is no file of the run's."""
     try:
         a, o = image.resolve(), output.resolve()
     except (OSError, RuntimeError):  # a loop of links: the picture's or the output's checks say so
         return False
-    return a == o or (a.parent == o.parent and a.name.lower().startswith(o.stem.lower() + "."))
+    if a == o:
+        return True
+    other_format = a.stem.lower() == o.stem.lower() and a.suffix.lower() != o.suffix.lower()
+    return a.parent == o.parent and a.name.lower().startswith(o.stem.lower() + ".") and not other_format
 
 
 def _whole(name: str, value, low: int, high: int) -> int | None:

@@ -241,3 +241,19 @@ def test_an_embedding_token_is_read_as_utf8_whatever_the_locale_read():
     assert options.embedding_argument(typed) == ("emb.safetensors", "ch\u00e0t")
     with pytest.raises(argparse.ArgumentTypeError, match="the TOKEN of .* is not UTF-8 text"):
         options.embedding_argument(os.fsdecode(b"emb.safetensors:ch\xe0t"))
+
+
+@pytest.mark.parametrize("image, output, refused", [
+    ("cat.png", "cat.png", True), ("cat.PNG", "cat.png", True),  # the same file where case is ignored
+    ("cat.step-000.png", "cat.png", True), ("cat.best.png", "cat.png", True),  # files the run names
+    ("cat.jpg", "cat.png", False), ("cat.webp", "cat.png", False),  # the output's name in another format
+    ("cat.png", "dog.png", False)])
+def test_an_output_refused_only_where_the_run_would_write_over_its_input(tmp_path, image, output, refused):
+    """-o cat.png for cat.jpg was refused as "would overwrite the input picture": no file of the
+    run's is cat.jpg."""
+    spec = RunSpec("p", tmp_path / output, image=tmp_path / image)
+    if refused:
+        with pytest.raises(SpecError, match="would overwrite the input picture"):
+            spec.validate()
+    else:
+        spec.validate()

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -750,6 +751,40 @@ def test_a_rerun_that_does_not_finish_loses_nothing_of_the_earlier_run(capsys, t
     assert sorted(p.name for p in tmp_path.glob("r*.png")) == ["r.png", "r.step-004.png"]
     assert (tmp_path / "r.step-004.png").read_bytes() == b"the user's own edit of this frame"
     assert "earlier_files" not in sidecar(tmp_path / "r.json")
+
+
+def test_an_output_replacing_a_file_not_ours_says_so_and_keeps_its_permissions(capsys, tmp_path, picture, sd2):
+    """The user's own photo named as --output was replaced without a word, and its mode 0600 became 0644."""
+    photo = tmp_path / "holiday.png"
+    Image.new("RGB", (8, 8)).save(photo)
+    photo.chmod(0o600)
+    common = ["image2image", picture, "x", "--model", sd2, "--steps", 2, "--seed", 0]
+    status, _, err = main(capsys, *common, "--output", photo)
+    assert status == 0 and f"note: {photo} is replaced, though it carries no record of ours" in err, err
+    assert stat.S_IMODE(photo.stat().st_mode) == 0o600 and assert_whole_pictures(tmp_path) == ["holiday.png"]
+    status, _, err = main(capsys, *common, "--output", photo)
+    assert status == 0 and "is replaced" not in err  # ours now
+    (tmp_path / "link.png").symlink_to(photo)
+    status, _, err = main(capsys, *common, "--output", tmp_path / "link.png")
+    assert status == 0 and "link.png is replaced, though it is a link (the link goes, not what it points to)" in err
+    assert not (tmp_path / "link.png").is_symlink() and stat.S_IMODE(photo.stat().st_mode) == 0o600
+
+
+def test_a_copied_or_touched_output_folder_is_still_ours_and_every_file_in_the_way_is_named(
+        capsys, tmp_path, picture, sd2):
+    """A rerun into a copy of an output folder (cp -r: new times) was refused one frame per try,
+    for a reason among five: the sidecar keeps each file's digest, and names every file in the way."""
+    common = ["image2image", picture, "x", "--model", sd2, "--steps", 4, "--strength", 1, "-sd", 1]
+    assert main(capsys, *common, "--seed", 0, "--output", tmp_path / "a" / "r.png")[0] == 0
+    copy = shutil.copytree(tmp_path / "a", tmp_path / "b", copy_function=shutil.copy)  # new times
+    os.utime(copy / "r.step-001.png", ns=(1, 1))
+    assert main(capsys, *common, "--seed", 1, "--output", copy / "r.png")[0] == 0
+    assert sidecar(copy / "r.json")["seed"] == 1 and len(assert_whole_pictures(copy)) == 6
+    for name in ("r.step-001.png", "r.step-002.png", "r.step-003.png"):
+        (copy / name).write_bytes((copy / name).read_bytes() + b"an edit")
+    status, _, err = main(capsys, *common, "--seed", 2, "--output", copy / "r.png")
+    only_error(status, 2, err, "the run writes r.step-001.png, and the file there is not ours to replace (it "
+               "changed since a run of this output wrote it); so are r.step-002.png, r.step-003.png; move them")
 
 
 def test_another_format_under_the_same_name_is_another_output(capsys, tmp_path, picture, sd2):
