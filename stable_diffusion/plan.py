@@ -310,9 +310,7 @@ def estimate_time(plan: RunPlan, config: PipelineConfig, machine: costs.Machine)
     decodes += len(plan.shown) if decoded else 0
     for i, row in enumerate(plan.rows):
         timeline = row.timeline
-        # Heun calls the network twice a step, but on the last step down to sigma 0.
-        per_step = [0] + [2 if spec.sampler == "heun" and timeline.sigmas[k] > 0 else 1
-                          for k in range(1, timeline.steps + 1)]
+        per_step = [0] + samplers.network_calls(spec.sampler, timeline)
         steps[i] = tuple(n * unet + (frame if k in row.kept else 0.0) for k, n in enumerate(per_step))
         calls += sum(per_step)
         decodes += width * len(row.kept) if decoded else 0

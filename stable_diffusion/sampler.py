@@ -251,9 +251,7 @@ def sample_plms(denoise: Denoise, x: mx.array, timeline: Timeline, key=None) -> 
     """
     v = timeline.prediction_type == "v_prediction"
     landings = timeline.landings or timeline.sigmas[1:]
-    warmup = timeline.warmup
-    if warmup is None:  # the timeline's own levels; a single step has no level to correct at
-        warmup = (timeline.sigmas[1], timeline.times[1], timeline.sigmas[0]) if timeline.steps > 1 else ()
+    warmup = _plms_warmup(timeline)
     outputs: list = []  # raw outputs at the start of each step, newest last
     for i, t, s, t_next, s_next in _segments(timeline):
         x0, eps = denoise(x, t, s)
@@ -270,6 +268,24 @@ def sample_plms(denoise: Denoise, x: mx.array, timeline: Timeline, key=None) -> 
             x_next = _transfer(x, combined, s, landings[i], v)
         x = x_next.astype(x.dtype)
         yield Step(i + 1, timeline.steps, t_next, s_next, x, x0.astype(x.dtype), t, s)
+
+
+def _plms_warmup(timeline: Timeline) -> tuple:
+    """(level predicted, its time, level the corrected step starts from) of PLMS's first step; ()
+    where it takes none. The timeline's own levels by default; a single step has no level to
+    correct at."""
+    if timeline.warmup is not None:
+        return timeline.warmup
+    return (timeline.sigmas[1], timeline.times[1], timeline.sigmas[0]) if timeline.steps > 1 else ()
+
+
+def network_calls(sampler: str, timeline: Timeline) -> list:
+    """The network calls of each step of `timeline` under `sampler`, for the plan: Heun calls twice
+    a step, but on a last step down to sigma 0; PLMS twice on its first step where it warms up."""
+    calls = [2 if sampler == "heun" and timeline.sigmas[k] > 0 else 1 for k in range(1, timeline.steps + 1)]
+    if sampler == "plms" and calls and _plms_warmup(timeline):
+        calls[0] = 2
+    return calls
 
 
 def _unipc_update(x: mx.array, sigmas: tuple, outputs: list, sigma_to: float, order: int,

@@ -11,6 +11,7 @@ import mlx.nn as nn
 import pytest
 
 from stable_diffusion import calibrate, clip, costs, ops, unet, vae
+from stable_diffusion import sampler as samplers
 from stable_diffusion.clip import CLIPTextModel
 from stable_diffusion.config import read_pipeline_config
 from stable_diffusion.plan import make_plan
@@ -299,3 +300,21 @@ def test_the_triangles_estimate_counts_the_fidelitys_decodes(tmp_path, picture, 
         return int(re.search(r"(\d+) decodes", line)[1])
 
     assert decodes("--snapshot", "x0") == decodes() + 2
+
+
+@pytest.mark.parametrize("sampler", sorted(samplers.SAMPLERS))
+@pytest.mark.parametrize("schedule", ["linear", "diffusers", "karras"])
+def test_the_estimates_unet_calls_are_the_samplers_own(tiny_model, sampler, schedule):
+    """PLMS's warm-up call was left out of the plan's count (and its time)."""
+    for steps, strength in ((1, 1.0), (2, 0.5), (10, 0.5), (4, 1.0)):
+        plan, _ = plan_of(tiny_model, steps=steps, strengths=(strength,), sampler=sampler, schedule=schedule)
+        calls = []
+
+        def denoise(x, t, s):
+            calls.append(t)
+            return x * 0.5, x * 0.5
+
+        timeline = plan.rows[0].timeline
+        for _ in samplers.SAMPLERS[sampler](denoise, mx.zeros((1, 2, 2, 4)), timeline, mx.random.key(0)):
+            pass
+        assert plan.estimate.unet_calls == len(calls), (steps, strength)
