@@ -125,7 +125,7 @@ class LoraInfo:
     weight: float
     layers: dict  # component -> layers changed
     skipped: int  # keys that matched no layer (only with allow_partial)
-    notice: str | None  # what was skipped, in a line
+    notice: str | None  # what its loading skipped or left idle, in a line
     tensors_sha256: str = ""  # of the bytes after the header: A1111's "addnet" hash, its Lora hashes'
 
 
@@ -310,9 +310,58 @@ def check_files(loras, embeddings, config, tokenizers, networks: dict, allow_par
         encoders = [networks[f"text_encoder_{i}"] for i in range(len(config.text_encoders))]
         targets = lora_targets(SimpleNamespace(config=config, unet=networks["unet"], text_encoders=encoders))
         for path, _ in loras:
-            read_lora(path, targets, allow_partial)
-    for path, _ in embeddings:
-        read_embedding(path, *_embedding_room(config.text_encoders, tokenizers))
+            path, modules, _, peft = read_lora(path, targets, allow_partial)
+            _lora_factors(path, modules, peft)
+    words: dict = {}  # the tokens learnt, as the tokenizer matches them
+    for path, token in embeddings:
+        path, token, _ = _embedding_tables(path, token, config.text_encoders, tokenizers)
+        if clean_text(token) in words:
+            raise ModelError(f"token {token!r} is learnt from both {words[clean_text(token)]} and {path}; give "
+                             "one of them another token ({flag:embeddings} PATH:TOKEN)")
+        words[clean_text(token)] = path
+
+
+def _embedding_tables(path, token, encoders, tokenizers, dtypes=None) -> tuple[Path, str, list]:
+    """(file, token, its (n, D) float32 vectors per text encoder) of a textual-inversion file
+    checked against text encoders (`encoders`: their configs) and their tokenizers: its shapes,
+    its values (finite, and within each of `dtypes` where given: the tables' dtypes), and the token
+    (a word no tokenizer reads otherwise)."""
+    path, named, keys = read_embedding(path, *_embedding_room(encoders, tokenizers))
+    token = named if token is None else token
+    if not isinstance(token, str):
+        raise ModelError(f"token {str(token)[:MAX_TOKEN_LENGTH]!r} is not text ({type(token).__name__}); "
+                         "give the token as text")
+    if not token.strip() or token != token.strip() or len(token) > MAX_TOKEN_LENGTH:
+        raise ModelError(f"token {str(token)[:MAX_TOKEN_LENGTH]!r}: a token is a word of 1 to "
+                         f"{MAX_TOKEN_LENGTH} characters without spaces at its ends")
+    tensors = _tensors(path)
+    tables = []
+    for key, encoder, tokenizer, dtype in zip(keys, encoders, tokenizers, dtypes or [None] * len(keys)):
+        vectors = tensors[key].astype(mx.float32)
+        vectors = vectors.reshape(-1, vectors.shape[-1])  # (n, D)
+        if not mx.all(mx.isfinite(vectors)).item():
+            raise ModelError(f"{path}: tensor {key} holds values that are not finite; the file is damaged")
+        if dtype is not None and not mx.all(mx.isfinite(vectors.astype(dtype))).item():
+            name = str(dtype).removeprefix("mlx.core.")
+            raise ModelError(f"{path}: tensor {key} holds values beyond {name}'s range (largest "
+                             f"{mx.abs(vectors).max().item():.3g}); the file is damaged, or run in float32")
+        word = clean_text(token)
+        cut = next((s for s in tokenizer.raw_specials if s in token), None)
+        if cut is not None:  # the tokenizer cuts it out of the text before any added word is matched
+            raise ModelError(f"token {token!r} holds {cut!r}, which this model's tokenizer reads as a token "
+                             "of its own; choose a token without it")
+        if not word or any(c.isspace() for c in word):
+            raise ModelError(f"token {token!r}: a token is one non-empty word, without spaces")
+        taken = tokenizer.taken([word] + [f"{word}_{i}" for i in range(1, vectors.shape[0])])
+        if taken is not None:
+            raise ModelError(f"token {token!r}: the tokenizer already has {taken!r} (an embedding loaded "
+                             "before, or a word of its vocabulary); choose another token")
+        first = max(tokenizer.vocab.values()) + 1
+        if first > encoder.vocab_size:
+            raise ModelError(f"the tokenizer's ids reach {first - 1}, past the text encoder's "
+                             f"{encoder.vocab_size} rows; the model does not fit together")
+        tables.append(vectors)
+    return path, token, tables
 
 
 def _embedding_room(encoders, tokenizers) -> tuple[list, int]:
@@ -461,21 +510,11 @@ def _peft_alpha(settings: dict, names: tuple, rank: int) -> tuple[float, float]:
 # --- LoRA: fusing --------------------------------------------------------------------------------
 
 
-def load_lora(sd, path, weight: float = 1.0, allow_partial: bool = False) -> LoraInfo:
-    """Fuse the LoRA file at `path` into `sd`'s UNet and text encoders with `weight` (see the
-    module's doc), and append its `LoraInfo` to `sd.adapters`. Refused before any weight changes
-    where the file does not fit the model (read_lora) or holds values that are not finite."""
-    if not _is_number(weight):
-        raise ModelError(f"LoRA weight {weight!r} is not a finite number")
-    if abs(weight) > MAX_LORA_WEIGHT:
-        raise ModelError(f"LoRA weight {weight:g} is outside -{MAX_LORA_WEIGHT:g} .. {MAX_LORA_WEIGHT:g}; "
-                         "use e.g. 0.8")
-    weight = float(weight)
-    targets = lora_targets(sd)
-    path, modules, unmatched, peft = read_lora(path, targets, allow_partial)
+def _lora_factors(path: Path, modules: list, peft: dict) -> list:
+    """(target, down, up, scale at weight 1) of each module of a LoRA (read_lora's), as float32,
+    every value checked finite: read from the file (a few megabytes), so a damaged file is
+    refused before the model's weights load."""
     tensors = _tensors(path)
-
-    # 1. The factors and their scales, every value checked before any layer changes.
     factors = []
     for module in modules:
         component = module.target.component
@@ -490,11 +529,30 @@ def load_lora(sd, path, weight: float = 1.0, allow_partial: bool = False) -> Lor
             alpha, divisor = _peft_alpha(peft[component], names, module.rank)
         else:
             alpha, divisor = float(module.rank), float(module.rank)
-        finite = mx.all(mx.isfinite(down)) & mx.all(mx.isfinite(up))
-        if not (math.isfinite(alpha) and finite.item()):
-            raise ModelError(f"{path}: the factors of layer {module.target.component}.{module.target.name} "
-                             "hold values that are not finite (NaN or infinity); the file is damaged")
-        factors.append((module.target, down, up, weight * alpha / divisor))
+        where = f"layer {module.target.component}.{module.target.name}"
+        if not math.isfinite(alpha):
+            raise ModelError(f"{path}: the alpha of {where} is {alpha}, not a finite number; the file is damaged")
+        if not (mx.all(mx.isfinite(down)) & mx.all(mx.isfinite(up))).item():
+            raise ModelError(f"{path}: the factors of {where} hold values that are not finite (NaN or "
+                             "infinity); the file is damaged")
+        factors.append((module.target, down, up, alpha / divisor))
+    return factors
+
+
+def load_lora(sd, path, weight: float = 1.0, allow_partial: bool = False) -> LoraInfo:
+    """Fuse the LoRA file at `path` into `sd`'s UNet and text encoders with `weight` (see the
+    module's doc), and append its `LoraInfo` to `sd.adapters`. Refused before any weight changes
+    where the file does not fit the model (read_lora) or holds values that are not finite."""
+    if not _is_number(weight):
+        raise ModelError(f"LoRA weight {weight!r} is not a finite number")
+    if abs(weight) > MAX_LORA_WEIGHT:
+        raise ModelError(f"LoRA weight {weight:g} is outside -{MAX_LORA_WEIGHT:g} .. {MAX_LORA_WEIGHT:g}; "
+                         "use e.g. 0.8")
+    weight = float(weight)
+    targets = lora_targets(sd)
+    path, modules, unmatched, peft = read_lora(path, targets, allow_partial)
+    # 1. The factors and their scales, every value checked before any layer changes.
+    factors = [(target, down, up, weight * scale) for target, down, up, scale in _lora_factors(path, modules, peft)]
 
     # 2. Fuse, a layer at a time (memory: one layer's old and new weight at once).
     layers: dict = {}
@@ -515,10 +573,13 @@ def load_lora(sd, path, weight: float = 1.0, allow_partial: bool = False) -> Lor
         layers[target.component] = layers.get(target.component, 0) + 1
     memory.release_cpu_buffers()
 
-    notice = None
-    if unmatched:
-        notice = (f"LoRA {path.name}: {len(unmatched)} of its keys match no layer of this model and were "
-                  f"skipped (first: {unmatched[0]})")
+    notices = [f"{len(unmatched)} of its keys match no layer of this model and were skipped (first: "
+               f"{unmatched[0]})"] if unmatched else []
+    idle = sum(1 for *_, scale in factors if scale == 0)
+    if idle and weight:  # kohya's trainer reads an alpha of 0 as the rank; its files never hold one
+        notices.append(f"the alpha of {idle} of its {len(factors)} layers is 0: they change nothing (so "
+                       "diffusers, A1111 and ComfyUI read it too)")
+    notice = f"LoRA {path.name}: {'; '.join(notices)}" if notices else None
     tensors_sha256 = []
     digest = file_digest(path, "adapter", "adapter file", tensors_sha256)[1]
     info = LoraInfo(path, digest, float(weight), layers, len(unmatched), notice, tensors_sha256[0])
@@ -567,44 +628,8 @@ def load_textual_inversion(sd, path, token: str | None = None) -> EmbeddingInfo:
     """Teach `sd`'s tokenizers the embedding's token (by default the one the file names) and grow
     its text encoders' embedding tables by its vectors; append its `EmbeddingInfo` to
     `sd.adapters`. Refused before anything changes where the file, or the token, does not fit."""
-    room = _embedding_room([encoder.config for encoder in sd.text_encoders], sd.tokenizers)
-    path, named, keys = read_embedding(path, *room)
-    token = named if token is None else token
-    if not isinstance(token, str):
-        raise ModelError(f"token {str(token)[:MAX_TOKEN_LENGTH]!r} is not text ({type(token).__name__}); "
-                         "give the token as text")
-    if not token.strip() or token != token.strip() or len(token) > MAX_TOKEN_LENGTH:
-        raise ModelError(f"token {str(token)[:MAX_TOKEN_LENGTH]!r}: a token is a word of 1 to "
-                         f"{MAX_TOKEN_LENGTH} characters without spaces at its ends")
-    tensors = _tensors(path)
-    tables = []
-    for key, encoder, tokenizer in zip(keys, sd.text_encoders, sd.tokenizers):
-        vectors = tensors[key].astype(mx.float32)
-        vectors = vectors.reshape(-1, vectors.shape[-1])  # (n, D)
-        if not mx.all(mx.isfinite(vectors)).item():
-            raise ModelError(f"{path}: tensor {key} holds values that are not finite; the file is damaged")
-        dtype = encoder.text_model.embeddings.token_embedding.weight.dtype
-        if not mx.all(mx.isfinite(vectors.astype(dtype))).item():
-            name = str(dtype).removeprefix("mlx.core.")
-            raise ModelError(f"{path}: tensor {key} holds values beyond {name}'s range (largest "
-                             f"{mx.abs(vectors).max().item():.3g}); the file is damaged, or run in float32")
-        word = clean_text(token)
-        cut = next((s for s in tokenizer.raw_specials if s in token), None)
-        if cut is not None:  # the tokenizer cuts it out of the text before any added word is matched
-            raise ModelError(f"token {token!r} holds {cut!r}, which this model's tokenizer reads as a token "
-                             "of its own; choose a token without it")
-        if not word or any(c.isspace() for c in word):
-            raise ModelError(f"token {token!r}: a token is one non-empty word, without spaces")
-        taken = tokenizer.taken([word] + [f"{word}_{i}" for i in range(1, vectors.shape[0])])
-        if taken is not None:
-            raise ModelError(f"token {token!r}: the tokenizer already has {taken!r} (an embedding loaded "
-                             "before, or a word of its vocabulary); choose another token")
-        first = max(tokenizer.vocab.values()) + 1
-        if first > encoder.config.vocab_size:
-            raise ModelError(f"the tokenizer's ids reach {first - 1}, past the text encoder's "
-                             f"{encoder.config.vocab_size} rows; the model does not fit together")
-        tables.append(vectors)
-
+    dtypes = [encoder.text_model.embeddings.token_embedding.weight.dtype for encoder in sd.text_encoders]
+    path, token, tables = _embedding_tables(path, token, [e.config for e in sd.text_encoders], sd.tokenizers, dtypes)
     vectors_added = {}
     for (component, _), encoder, tokenizer, vectors in zip(_TEXT_PREFIXES, sd.text_encoders, sd.tokenizers, tables):
         ids = tokenizer.add_token(token, vectors.shape[0])

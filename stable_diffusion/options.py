@@ -60,6 +60,8 @@ def lora_argument(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"{text!r} ends in ':'; give a WEIGHT after it (e.g. {path}:0.8) "
                                          "or leave the ':' out")
     try:
+        if "_" in weight:  # float() reads 1_0 as 10
+            raise ValueError(weight)
         return (path, float(weight)) if path else (text, 1.0)
     except ValueError:  # a colon in the path itself
         return text, 1.0

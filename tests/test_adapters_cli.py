@@ -182,3 +182,51 @@ def test_an_embedding_token_may_not_take_over_a_word_or_hold_a_space(tmp_path, t
     for token, said in (("cat", "already has 'cat'"), ("my tok", "without spaces")):
         with pytest.raises(ModelError, match=said):
             sd.load_textual_inversion(path, token=token)
+
+
+def test_adapter_values_and_tokens_are_refused_before_the_model_loads(tmp_path, picture, tiny_model, capsys,
+                                                                      monkeypatch):
+    """NaN factors, a token the vocabulary holds and one token given to two embeddings were refused
+    only once the whole model had loaded; a LoRA given twice was fused twice, at double strength."""
+    from safetensors.numpy import load_file
+
+    from stable_diffusion import cli, model_io
+
+    sd1 = tiny_model("sd1")
+    lora = kohya_file(tmp_path / "style.safetensors", "sd1", EVERY_LAYER, seed=3, alpha=4.0, conv_alpha=4.0,
+                      ldm=False)
+    tensors = load_file(str(lora))
+    up = next(k for k in sorted(tensors) if k.endswith("lora_up.weight"))
+    save_file(dict(tensors, **{up: np.full_like(tensors[up], np.nan)}), str(tmp_path / "nan.safetensors"))
+    alpha = up.replace("lora_up.weight", "alpha")
+    save_file(dict(tensors, **{alpha: np.array(np.inf, np.float32)}), str(tmp_path / "inf-alpha.safetensors"))
+    embedding = tmp_path / "toy.safetensors"
+    save_file({"emb_params": np.ones((1, 32), np.float32)}, str(embedding))
+    (tmp_path / "same.safetensors").symlink_to(lora)
+    loaded = []
+    monkeypatch.setattr(model_io, "assign_weights", lambda *a, **k: loaded.append(a))
+    for extra, said in (
+            (["--lora", tmp_path / "nan.safetensors"], "nan.safetensors: the factors of layer "),
+            (["--lora", tmp_path / "inf-alpha.safetensors"], "inf-alpha.safetensors: the alpha of layer "),
+            (["--embedding", f"{embedding}:cat"], "token 'cat': the tokenizer already has 'cat'"),
+            (["--embedding", embedding, "--embedding", f"{embedding}:toy"],
+             f"token 'toy' is learnt from both {embedding} and {embedding}; give one of them another token "
+             "(--embedding PATH:TOKEN)"),
+            (["--lora", f"{lora}:0.5", "--lora", f"{tmp_path / 'same.safetensors'}:0.25"],
+             f"--lora {tmp_path / 'same.safetensors'} is given twice (as {lora} too); give it once, with its "
+             f"weights summed ({tmp_path / 'same.safetensors'}:0.75)"),
+            (["--lora", f"{lora}:1_0"], "does not exist"),  # not the weight 10 float() reads it as
+            (["--lora", f"{lora}:nan"], "--lora weight nan is not a number within -10 .. 10")):
+        status = cli.main("image2image", [str(a) for a in (picture, "a barn", "--model", sd1, "--steps", 2,
+                                                           "-o", tmp_path / "o.png", *extra)])
+        err = capsys.readouterr().err
+        assert status == 2 and said in err and len(err.strip().splitlines()) == 1, (extra, err)
+        assert loaded == [] and not (tmp_path / "o.png").exists()
+
+
+def test_a_lora_whose_alpha_is_zero_is_said_to_change_nothing(tmp_path, picture, tiny_model):
+    lora = kohya_file(tmp_path / "idle.safetensors", "sd1", EVERY_LAYER, seed=3, alpha=0.0, conv_alpha=4.0,
+                      ldm=False)
+    result = _run(picture, tiny_model("sd1"), tmp_path / "o.png", "--lora", lora)
+    assert "LoRA idle.safetensors: the alpha of " in result.stderr and "layers is 0: they change nothing" \
+        in result.stderr, result.stderr
