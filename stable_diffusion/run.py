@@ -333,8 +333,11 @@ def _evaluate(step, session, timings: dict, started: float) -> None:
     if not mx.all(mx.isfinite(step.x_t)).item():
         where = ("in the noised start (step 0)" if step.index == 0
                  else f"at step {step.index} of {step.count}")
+        from .adapters import LoraInfo
+
+        loras = [a.path.name for a in session.sd.adapters if isinstance(a, LoraInfo)]
         raise NumericalError(f"the latents became NaN or Inf {where} (dtype {session.dtype_name}); "
-                             + numerical_advice(session.dtype_name, session.model_spec.quantize))
+                             + numerical_advice(session.dtype_name, session.model_spec.quantize, loras))
 
 
 def _write_last(ledger, plan, status, error, kept, denoisers, timings, memory, console) -> list:
@@ -475,9 +478,13 @@ def adapter_notices(sd) -> list:
     return [a.notice for a in sd.adapters if isinstance(a, LoraInfo) and a.notice]
 
 
-def numerical_advice(dtype_name: str, quantized: bool) -> str:
+def numerical_advice(dtype_name: str, quantized: bool, loras: list = ()) -> str:
+    """What to try when the latents stop being finite; `loras`: the names of the LoRA files fused."""
     if dtype_name != "float32":
         advice = "half precision overflowed: run again with {flag:dtype} float32"
+    elif loras:
+        advice = (f"float32 does not overflow here, so the weights are likely too large: run without "
+                  f"{{flag:loras}} {', '.join(loras)}, or with a smaller weight; else check the model files")
     else:
         advice = ("float32 does not overflow here, so the model's weights may hold NaN or Inf: "
                   "check the model files")

@@ -230,3 +230,18 @@ def test_a_lora_whose_alpha_is_zero_is_said_to_change_nothing(tmp_path, picture,
     result = _run(picture, tiny_model("sd1"), tmp_path / "o.png", "--lora", lora)
     assert "LoRA idle.safetensors: the alpha of " in result.stderr and "layers is 0: they change nothing" \
         in result.stderr, result.stderr
+
+
+def test_latents_a_lora_overflows_are_blamed_on_the_lora(tmp_path, picture, tiny_model):
+    """A LoRA of huge values (finite, fused) made the latents NaN, and the error blamed the model's files."""
+    from safetensors.numpy import load_file
+
+    lora = kohya_file(tmp_path / "style.safetensors", "sd1", EVERY_LAYER, seed=3, alpha=4.0, conv_alpha=4.0,
+                      ldm=False)
+    tensors = load_file(str(lora))
+    save_file({k: v * np.float32(1e18) if k.endswith("lora_up.weight") else v for k, v in tensors.items()},
+              str(tmp_path / "huge.safetensors"))
+    result = _run(picture, tiny_model("sd1"), tmp_path / "o.png", "--lora", tmp_path / "huge.safetensors",
+                  check=False)
+    assert result.returncode == 1 and "the latents became NaN or Inf" in result.stderr, result.stderr
+    assert "run without --lora huge.safetensors, or with a smaller weight" in result.stderr, result.stderr
