@@ -226,7 +226,15 @@ def make_plan(spec: RunSpec, config: PipelineConfig, tokenizers, image_size: tup
 # The largest side a picture format takes (Pillow's encoders; PNG's is 2**31): a picture past it
 # would fail as it is written, after the work.
 def _schedule_notes(spec: RunSpec, timelines: list, T: int, notice) -> None:
-    """What a Karras or exponential schedule does that its name does not say."""
+    """What a Karras or exponential schedule does that its name does not say; and where diffusers'
+    PLMS warm-up starts from another level than the run (few steps, a low strength)."""
+    astray = [p for p in timelines if p.warmup and p.warmup[2] > 2.5 * p.sigmas[0]]  # 3x spoilt a picture, 2x not
+    if astray:
+        p = astray[0]
+        notice(f"PLMS on the diffusers schedule at {spec.steps} steps, strength {p.strength:g}: its warm-up "
+               f"redoes the first step from sigma {p.warmup[2]:.3g}, where the run starts at {p.sigmas[0]:.3g}, "
+               "as diffusers' PNDMScheduler does; the picture is likely spoiled: more {flag:steps}, or "
+               "{flag:schedule} linear, keep the two together")
     if spec.schedule not in ("karras", "exponential"):
         return
     row = samplers.SAMPLER_TABLE[spec.sampler]
