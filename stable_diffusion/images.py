@@ -157,6 +157,11 @@ def load_image(
     if max_pixels < multiple * multiple:
         raise InputError(f"max_pixels ({max_pixels}) is below one {multiple}x{multiple} tile; raise it")
 
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"load_image reads a picture file: give its path, not a {type(path).__name__} (pixels "
+                         "in memory go to the generation methods as floats in [-1, 1])")
     p = Path(path)
     _check_file(p)
     notices: list[str] = []

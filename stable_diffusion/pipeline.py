@@ -182,7 +182,7 @@ class StableDiffusion:
 
     def decode(self, x: mx.array) -> mx.array:
         """Latents (B, h, w, C) -> pictures (B, H, W, 3) in [0, 1], float32."""
-        x = _checked_latents(x, self.latent_channels, "latents")
+        x = _checked_latents(x, self.latent_channels, "latents", self.downscale)
         y = self.vae.decode((x / self.config.vae.scaling_factor).astype(self.dtype))
         return mx.clip((y.astype(mx.float32) + 1) / 2, 0, 1)
 
@@ -248,7 +248,7 @@ class StableDiffusion:
         settings as `generate_latents_from_image` takes them."""
         spec = _image_spec(text, strength, num_steps, cfg_weight, negative_text, seed, n_images, sampler,
                            schedule, inversion)
-        x0 = _checked_latents(x0, self.latent_channels, "x0")
+        x0 = _checked_latents(x0, self.latent_channels, "x0", self.downscale)
         return Generation(self, _plan(self, spec, (x0.shape[1] * self.downscale, x0.shape[2] * self.downscale)),
                           x0, noise)
 
@@ -262,9 +262,11 @@ class StableDiffusion:
         if values.dtype.kind not in "fiu" or tuple(values.shape) != tuple(shape):
             raise InputError(f"initial noise: expected real numbers of shape {tuple(shape)}, got dtype "
                              f"{values.dtype} and shape {tuple(values.shape)}")
+        with np.errstate(over="ignore"):  # 1e39 is finite as float64, not as float32
+            values = values.astype(np.float32)
         if not np.isfinite(values).all():
-            raise InputError("initial noise: some values are not finite (NaN or infinity)")
-        return mx.array(values.astype(np.float32)).astype(self.dtype)
+            raise InputError("initial noise: some values are not finite (NaN or infinity) in float32")
+        return mx.array(values).astype(self.dtype)
 
 
 def _plan(sd: StableDiffusion, spec: RunSpec, image_size: tuple):
@@ -368,8 +370,8 @@ def _keywords_named(make):
         raise SpecError(_KEYWORDS.get(e.field, e.field), e.named(_KEYWORDS)) from None
 
 
-def _checked_latents(x, channels: int, name: str) -> mx.array:
-    """`x` as an mx.array of latents (B, h, w, channels), or an InputError."""
+def _checked_latents(x, channels: int, name: str, downscale: int) -> mx.array:
+    """`x` as an mx.array of latents (B, h, w, channels) of finite values, or an InputError."""
     array = x if isinstance(x, mx.array) else np.asarray(x) if isinstance(x, np.ndarray) else None
     floats = array is not None and (mx.issubdtype(array.dtype, mx.floating) if isinstance(array, mx.array)
                                     else array.dtype.kind == "f")
@@ -377,7 +379,13 @@ def _checked_latents(x, channels: int, name: str) -> mx.array:
         shape = getattr(array, "shape", None)
         raise InputError(f"{name}: expected floats of shape (B, h, w, {channels}) (latents, as encode gives "
                          f"them), got {type(x).__name__}{'' if shape is None else f' of shape {tuple(shape)}'}")
-    return array if isinstance(array, mx.array) else mx.array(array.astype(np.float32))
+    if max(array.shape[1:3]) * downscale > MAX_SIDE:
+        raise InputError(f"{name}: {array.shape[2]}x{array.shape[1]} latents are a picture of more than "
+                         f"{MAX_SIDE} pixels a side")
+    latents = array if isinstance(array, mx.array) else mx.array(array.astype(np.float32))
+    if not mx.all(mx.isfinite(latents)).item():
+        raise InputError(f"{name}: some values are not finite (NaN or infinity)")
+    return latents
 
 
 def _model_name(model) -> str:
@@ -411,6 +419,9 @@ def _checked_pixels(image, batch: bool = False) -> np.ndarray:
         expected = "(B, H, W, 3) in [-1, 1]" if batch else "(H, W, 3) in [-1, 1], one picture (n_images makes several)"
         raise InputError(f"image: expected floats of shape {expected}, got {type(image).__name__} of dtype {pixels.dtype} and shape "
                          f"{pixels.shape}; {how}")
+    if max(pixels.shape[-3:-1]) > MAX_SIDE:  # MLX's convolutions crashed on 10000x10000
+        raise InputError(f"image: {pixels.shape[-2]}x{pixels.shape[-3]} (width x height) is larger than {MAX_SIDE} "
+                         "pixels a side; make it smaller (load_image(path, max_pixels=...) fits a picture)")
     if not np.isfinite(pixels).all():
         raise InputError(f"image: {int((~np.isfinite(pixels)).sum())} values are not finite (NaN or "
                          f"infinity); {how}")

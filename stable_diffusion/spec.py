@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .choices import NOISING_PATHS
+from .choices import NOISING_PATHS, SAMPLER_NAMES, SCHEDULES
 from .errors import InputError, name_fields
 
 SNAPSHOT_KINDS = ("xt", "x0", "both")
@@ -281,9 +281,15 @@ class RunSpec:
         for name in ("output", "image"):
             if getattr(self, name) is not None and not _is_path(getattr(self, name)):
                 raise SpecError(name, f"{{flag}} {_shown(getattr(self, name))} is not a path")
-        for name in ("sampler", "schedule"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                raise SpecError(name, f"{{flag}} {_shown(getattr(self, name))} is not a name")
+        names = {}
+        for name, known in (("sampler", SAMPLER_NAMES), ("schedule", SCHEDULES)):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise SpecError(name, f"{{flag}} {_shown(value)} is not a name")
+            if value is not None:  # in any letter case, as the command line takes them
+                if value.lower() not in known:
+                    raise SpecError(name, f"unknown {{flag}} {_shown(value)}; choose one of {', '.join(known)}")
+                names[name] = value.lower()
         strength = "triangle_strengths" if self.triangle is True else "strength"
         if not isinstance(self.strengths, (tuple, list)):
             raise SpecError(strength, f"strengths {_shown(self.strengths)}: expected a tuple of strengths, "
@@ -328,7 +334,7 @@ class RunSpec:
             seed=_whole("seed", self.seed, 0, MAX_SEED), n_images=_whole("n_images", self.n_images, 1, MAX_IMAGES),
             n_rows=_whole("n_rows", self.n_rows, 1, MAX_IMAGES), size=size,
             max_pixels=_whole("max_pixels", self.max_pixels, 64 * 64, MAX_SIDE * MAX_SIDE), capture=capture,
-            inversion=inversion, **triangle)
+            inversion=inversion, **triangle, **names)
 
 
 def _is_path(value) -> bool:

@@ -221,3 +221,34 @@ def test_inversion_round_trip_beats_add_noise_and_refinement_helps(tiny_model):
         assert [s.t for s in path] == list(p.times[::-1][1:]) and denoise.calls == 30 * (1 + refine)
         errors.append(round_trip(path[-1].x_t))
     assert errors[0] < noised / 10 and errors[1] < errors[0] / 10
+
+
+def test_the_library_refuses_pictures_latents_and_noise_it_cannot_run_before_any_work():
+    """A 10000x10000 picture in memory crashed MLX (a segfault); NaN latents ran to NaN pictures;
+    noise of 1e39 passed its check as float64 and became infinite as float32; a sampler named in
+    capitals was refused where the command line takes it; load_image of a PIL image raised a
+    TypeError from pathlib."""
+    from PIL import Image
+
+    from stable_diffusion.errors import InputError
+    from stable_diffusion.images import load_image
+    from stable_diffusion.pipeline import StableDiffusion
+    from stable_diffusion.spec import SpecError
+
+    sd = StableDiffusion.from_pretrained("shapes")
+    with pytest.raises(InputError, match=r"image: 4160x64 \(width x height\) is larger than 4096 pixels a side"):
+        sd.generate_latents_from_image(np.zeros((64, 4160, 3), np.float32), "a red circle", seed=0)
+    with pytest.raises(InputError, match="x0: some values are not finite"):
+        sd.generate_latents_from_latent(np.full((1, 16, 16, 4), np.nan, np.float32), "a red circle", seed=0)
+    with pytest.raises(InputError, match="latents: 520x16 latents are a picture of more than 4096 pixels a side"):
+        sd.decode(np.zeros((1, 16, 520, 4), np.float32))
+    with pytest.raises(InputError, match="initial noise: some values are not finite .* in float32"):
+        list(sd.generate_latents("a red circle", num_steps=1, seed=0, noise=np.full((1, 16, 16, 4), 1e39)))
+    generation = sd.generate_latents("a red circle", num_steps=2, seed=0, sampler="EULER_A", schedule="Karras")
+    assert (generation.plan.spec.sampler, generation.plan.spec.schedule) == ("euler_a", "karras")
+    with pytest.raises(SpecError, match="^unknown sampler 'bogus'"):
+        sd.generate_latents("a red circle", sampler="bogus")
+    for thing in (Image.new("RGB", (64, 64)), np.zeros((64, 64, 3)), None):
+        with pytest.raises(InputError, match=f"load_image reads a picture file: give its path, not a "
+                                             f"{type(thing).__name__}"):
+            load_image(thing)
