@@ -130,6 +130,12 @@ def _differing(old, new, key: str) -> set:
     return set().union(*(_differing(old.get(k), new.get(k), k) for k in old.keys() | new.keys()))
 
 
+def _in_folder(spec):
+    """A manifest run's spec record with its output as its suffix alone: the folder is the
+    manifest's however it was spelt (`-o out`, `-o ./out`, a copy), the name the run's."""
+    return dict(spec, output=Path(str(spec.get("output"))).suffix) if isinstance(spec, dict) else spec
+
+
 def _unspelt(spec: dict | None, model: dict | None) -> tuple:
     """A manifest run's spec and model records with the paths of what it reads left out (the
     picture, the model, its VAE, LoRA and embedding files): where the inputs' identity is the
@@ -477,12 +483,11 @@ class Manifest:
             new = self.records.get(name)
             if new is None or old.get("status") != "finished":
                 continue
-            then, now = (old.get("spec"), old.get("model")), (new["spec"], self.model)
+            then, now = (_in_folder(old.get("spec")), old.get("model")), (_in_folder(new["spec"]), self.model)
             same = self.identity is not None and old.get("identity") == self.identity
             if same:  # the same files read: their paths' spelling is no change
                 then, now = _unspelt(*then), _unspelt(*now)
-            # made with other settings: made again (a run's output is its folder's, named by the
-            # run: only its suffix follows a setting)
+            # made with other settings: made again (the output's suffix follows --output_format)
             changed = (_differing(then[0], now[0], "spec") | _differing(then[1], now[1], "model")) - {"output"}
             if changed:
                 self.changed[name] = changed

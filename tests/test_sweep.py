@@ -2,6 +2,7 @@
 contact sheet, bad grids refused before work, and (when Ray is installed) a local Ray cluster that
 loses a worker mid-sweep."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -469,6 +470,10 @@ def test_a_rerun_takes_over_runs_only_on_the_same_picture_and_another_grid_keeps
     status, said, err = in_process(capsys, *(a for a in respelt if a != "--quiet"))
     assert status == 0 and "2 of 2 runs already finished and verified; 0 to make" in said, said
     assert "other settings" not in err, err
+    copy = shutil.copytree(out, tmp_path / "copy")  # the folder copied, given by a relative path
+    with contextlib.chdir(tmp_path):
+        assert in_process(capsys, *first[:-1], "copy")[0] == 0
+    assert json.loads((copy / "sweep.json").read_text())["ran"] == 0
     assert json.loads((out / "sweep.json").read_text())["ran"] == 0
     before = (out / "s0.50.png").read_bytes()
     Image.open(picture).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(source)  # another picture, same path
