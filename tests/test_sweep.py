@@ -201,9 +201,10 @@ def test_sigterm_leaves_the_run_under_way_interrupted(tmp_path, picture, sd2):
     out = tmp_path / "out"
     process = commands.start(
         "sweep.py", picture, "x", "--model", sd2, "--steps", 400, "--strengths", "1", "--seeds", "1-3",
-        "-o", out, "--quiet", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        "-sd", 1, "--decoding_batch_size", 1, "-o", out, "--quiet", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
     deadline = time.monotonic() + 120
-    while not (out / "seed0001.json").exists():
+    while not (out / "seed0001.step-001.png").exists():  # a step made (a stop before leaves no sidecar)
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.02)
     process.send_signal(signal.SIGTERM)
