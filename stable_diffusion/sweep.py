@@ -183,6 +183,10 @@ def expand(base: RunSpec, grid: Grid, folder: Path, pattern: str | None = None) 
     if not base.capture.save_prompt and "{prompt" in pattern.replace("{prompt_index", ""):
         raise SpecError("name", f"{{flag}} {_short(pattern)} puts the prompt in the file names, and this "
                                 "sweep keeps its prompts private (save_prompt off); use {prompt_index}")
+    suffix = Path(pattern).suffix.lower()
+    if suffix in (".png", ".jpg", ".jpeg", ".webp", ".gif", ".json"):  # {seed}.jpg wrote 1.jpg.png
+        raise SpecError("name", f"{{flag}} {_short(pattern)} ends in {suffix}: a run's files take their suffixes "
+                                "from {flag:format}; leave it out")
     names = [f for f, _ in grid.axes]
     prompts = grid.values("prompt")
     runs, seen = [], {}

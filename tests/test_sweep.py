@@ -683,3 +683,14 @@ def test_a_sheet_of_ours_is_told_by_its_header(tmp_path):
     os.mkfifo(tmp_path / "pipe.png")
     (tmp_path / "link.png").symlink_to(tmp_path / "ours.png")
     assert [_marked_sheet(tmp_path / f"{n}.png") for n in ("ours", "theirs", "pipe", "link")] == [True, False, False, False]
+
+
+def test_a_name_pattern_ending_in_a_files_suffix_is_refused(capsys, tmp_path, picture, sd2):
+    """--name "{seed}.jpg" wrote 1.jpg.png, and a png at that."""
+    for pattern in ("{seed}.jpg", "{seed}.JSON"):
+        status, _, err = in_process(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 2, "--seeds",
+                                    "1,2", "--name", pattern, "-o", tmp_path / "out")
+        suffix = pattern[6:].lower()
+        assert status == 2 and f"--name '{pattern}' ends in {suffix}: a run's files take their suffixes from " \
+            "--output_format; leave it out" in err, err
+    assert not (tmp_path / "out").exists()
