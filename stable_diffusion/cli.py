@@ -107,6 +107,8 @@ class _Parser(argparse.ArgumentParser):
         args = self.parsing = self.joined(sys.argv[1:] if args is None else args)
         self.after_separator = args[args.index("--") + 1:] if "--" in args else []
         namespace, unknown = self.parse_known_args(args, namespace)
+        if unknown and getattr(namespace, "prompt", "") is None and not unknown[0].startswith("-"):
+            namespace.prompt = unknown.pop(0)  # a sweep's optional prompt after a flag: argparse fills it only before
         if unknown:
             shown = " ".join(a if a.strip() and a.isprintable() else ascii(a) for a in unknown)
             self.error(f"unrecognized arguments: {shown}{self._suggestion(unknown, namespace)}")

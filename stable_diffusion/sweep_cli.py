@@ -111,6 +111,11 @@ def build_sweep(command: str, args) -> tuple:
                          "the picture, give --ray after the prompt or as --ray=auto")
     values, pattern = _grid_values(args, command)
     if args.prompt is None and "prompt" not in values:
+        image = getattr(args, "image", None)
+        if image is not None and not os.path.lexists(image) and Path(image).suffix.lower() not in PICTURE_SUFFIXES:
+            raise SpecError("prompts", f"{image!r} is no picture here, and no prompt follows it: an image2image "
+                                       "sweep takes the input picture, then the prompt (sweep.py image2image "
+                                       "PICTURE PROMPT); sweep.py txt2image PROMPT starts from noise")
         raise SpecError("prompts", "give a prompt, or {flag} FILE with one prompt per line")
     if args.sheet_every < 0:
         raise SpecError("sheet_every", f"{{flag}} {args.sheet_every} is negative; use 0 (at the end "

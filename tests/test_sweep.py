@@ -694,3 +694,16 @@ def test_a_name_pattern_ending_in_a_files_suffix_is_refused(capsys, tmp_path, pi
         assert status == 2 and f"--name '{pattern}' ends in {suffix}: a run's files take their suffixes from " \
             "--output_format; leave it out" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_sweeps_prompt_may_follow_a_flag_and_a_prompt_alone_is_told_the_order(capsys, tmp_path, picture, sd2):
+    """`sweep.py in.png --seeds 1 "a prompt"` was refused as "unrecognized arguments ... goes in
+    quotes" (it was quoted), as image2image.py takes it; a prompt given where the picture goes was
+    told to give a prompt."""
+    status, _, err = in_process(capsys, "image2image", picture, "--seeds", 1, "a red barn", "--model", sd2,
+                                "--steps", 2, "--quiet", "-o", tmp_path / "out")
+    assert status == 0, err
+    assert manifest(tmp_path / "out")[0]["spec"]["prompt"] == "a red barn"
+    status, _, err = in_process(capsys, "image2image", "a red barn", "--seeds", 1, "--model", sd2,
+                                "-o", tmp_path / "other")
+    assert status == 2 and "'a red barn' is no picture here, and no prompt follows it" in err, err
