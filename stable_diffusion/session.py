@@ -48,9 +48,9 @@ class Session:
         self.warnings: list[str] = []  # what the model's view says of its making (always shown)
         self.sd = None
         self.load_s = 0.0  # how long the weights took to load
-        self._latents: dict = {}
-        self._conditions: dict = {}
-        self._pictures: dict = {}
+        # Caches for the runs of a sweep or a script, each bounded: a long-lived session (a service)
+        # that sees a new picture or prompt per call does not grow without end.
+        self._latents, self._conditions, self._pictures = _Cache(64), _Cache(64), _Cache(8)
         self._speed = None
         self.parameter_counts: dict | None = None  # by network, from the configs (open)
 
@@ -112,11 +112,11 @@ class Session:
 
     @property
     def pictures_encoded(self) -> int:
-        return len(self._latents)
+        return self._latents.made
 
     @property
     def prompts_encoded(self) -> int:
-        return len(self._conditions)
+        return self._conditions.made
 
     def load(self, timings: dict):
         """The weights, read once per session (`timings` gets "load_s" when they are)."""
@@ -185,7 +185,7 @@ class Session:
             if fitted.sha256 != picture.sha256:
                 raise InputError(f"input image {picture.path} changed while the run started; run again "
                                  "once it is written")
-            self._pictures[key] = fitted
+            self._pictures.keep(key, fitted)
         return self._pictures[key]
 
     def encode(self, picture, timings: dict) -> mx.array:
@@ -199,7 +199,7 @@ class Session:
             x0 = self.sd.encode(picture.pixels[None])
             mx.eval(x0)
             release_cpu_buffers()
-            self._latents[key] = x0
+            self._latents.keep(key, x0)
             timings["encode_s"] = _elapsed(start)
         return self._latents[key]
 
@@ -216,9 +216,24 @@ class Session:
                 warnings.filterwarnings("ignore", message=r"a prompt is (at least )?\d+ tokens long")
                 cond = self.sd.condition(prompt, negative, guided, n_images, size)
             mx.eval([v for v in cond[:3] if v is not None])
-            self._conditions[key] = cond
+            self._conditions.keep(key, cond)
             timings["condition_s"] = _elapsed(start)
         return self._conditions[key]
+
+
+class _Cache(dict):
+    """A dict of at most `limit` entries, the oldest made going first; `made` counts every entry
+    ever kept (what a sweep reports as encoded)."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit, self.made = limit, 0
+
+    def keep(self, key, value) -> None:
+        while len(self) >= self.limit:
+            del self[next(iter(self))]
+        self[key] = value
+        self.made += 1
 
 
 def _elapsed(start: float) -> float:

@@ -274,3 +274,20 @@ def test_memory_estimate_refuses_what_cannot_fit_and_is_recorded_beside_the_peak
     memory = sidecar(tmp_path / "m.json")["memory"]
     assert memory["estimate_bytes"]["total"] >= memory["mlx_peak_bytes"] > 0
     assert memory["peak_rss_bytes"] > 0
+
+
+def test_a_sessions_caches_are_bounded_and_count_every_encoding():
+    """A long-lived session (a service) kept every prompt's conditioning it ever made."""
+    from stable_diffusion.session import Session
+    from stable_diffusion.spec import ModelSpec
+
+    session = Session(ModelSpec("shapes"))
+    session.load({})
+    first = session.condition("a red circle on a blue background 0", "", True, 1, (128, 128), {})
+    for k in range(1, 70):
+        session.condition(f"a red circle on a blue background {k}", "", True, 1, (128, 128), {})
+    assert session.prompts_encoded == 70 and len(session._conditions) == 64
+    assert session.condition("a red circle on a blue background 69", "", True, 1, (128, 128), {}) is \
+        session._conditions[next(reversed(session._conditions))]  # the newest is still kept
+    again = session.condition("a red circle on a blue background 0", "", True, 1, (128, 128), {})
+    assert session.prompts_encoded == 71 and again is not first  # the oldest went, made again
