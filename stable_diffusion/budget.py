@@ -239,9 +239,10 @@ def check_fits(estimate: dict, available_bytes: int | None) -> None:
     that lowers its largest part. Nothing is refused when the available memory is unknown."""
     if available_bytes is None or estimate["total"] <= available_bytes:
         return
-    parts = {k: v for k, v in estimate.items() if k not in ("total", "runtime")}
-    largest = max(parts, key=parts.get)
-    shown = ", ".join(f"{k} {gib(v)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v)
+    parts = {k: v for k, v in estimate.items() if k != "total"}
+    largest = max((k for k in parts if k != "runtime"), key=parts.get)
+    shown = ", ".join(f"{k} {gib(v)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v >= 0.05 * 2**30)
+    advice = (f"the largest part is {largest}: use {KNOBS[largest]}" if parts[largest] >= parts.get("runtime", 0)
+              else "most of it is the program's own (runtime): close other programs to free memory")
     raise InputError(f"this run needs about {gib(estimate['total'])} of memory ({shown}), more "
-                     f"than the {gib(available_bytes)} available; the largest part is {largest}: "
-                     f"use {KNOBS[largest]}")
+                     f"than the {gib(available_bytes)} available; {advice}")

@@ -85,6 +85,14 @@ def test_check_fits_names_the_need_and_the_knob(loaded):
     denoising = dict(estimate, unet=estimate["vae_decode"] + 1)
     with pytest.raises(InputError, match="the largest part is unet: use fewer images per run"):
         budget.check_fits(denoising, 2**30)
+    # A small model where memory is short: the process's own share is the most, and no knob
+    # of the run lowers it (every part was said as 0.0 GB, and the advice was to quantize).
+    small = {k: (0.5 * 2**30 if k == "runtime" else 2**20) for k in estimate if k != "total"}
+    small["total"] = sum(small.values())
+    with pytest.raises(InputError) as e:
+        budget.check_fits(small, 2**28)
+    assert "(runtime 0.5 GB), more than the 0.2 GB available; most of it is the program's own (runtime): " \
+        "close other programs to free memory" in str(e.value), str(e.value)
 
 
 def test_available_memory_is_a_positive_number():
