@@ -177,11 +177,16 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
         k = _separator(kept)  # the user's flags go before the positionals (a prompt "-like this")
         expanded = kept[:k] + rest + kept[k:]
         notes += input_changed(path, record, picture) + adapters_changed(path, record, recorded)
+        changed = _changed(parser, recorded, expanded, record.get("dtype"))
+        # -gt 0 of a triangle: one picture, whose strength the record does not hold (0.9 was taken)
+        untriangled = bool(changed) and "--generate_triangle" in changed and parser.given(recorded, "generate_triangle")
+        if untriangled and not parser.given(rest, "strength"):
+            raise InputError(f"replay of {path}: it is a triangle of several strengths, and "
+                             "{flag:triangle} 0 makes one picture: give its --strength too, e.g. --strength 0.5")
         frame = record.get("frame")
-        if isinstance(frame, dict) and frame.get("partial") is not None:  # a triangle stopped early
+        if isinstance(frame, dict) and frame.get("partial") is not None and not untriangled:  # stopped early
             notes.append(f"replay of {path}: it holds part of a triangle ({_bounded(frame['partial'])}); "
                          "this run makes all of it")
-        changed = _changed(parser, recorded, expanded, record.get("dtype"))
         if changed is not None and picture is not None:  # input_changed says whether it is the same
             changed = [c for c in changed if c != "image"]
         # the same picture, at a new path (given where it was recorded, the record is the same)
