@@ -151,6 +151,10 @@ def make_plan(spec: RunSpec, config: PipelineConfig, tokenizers, image_size: tup
         if tag := _NETWORK_TAG.search(text or ""):
             notice(f"the {name} holds {tag[0][:60]}, A1111's way to load an adapter: here the text encoder "
                    "reads it as words; load a LoRA with {flag:loras} PATH[:WEIGHT]")
+    if spec.capture.save_prompt and re.search(r"(?m)^Negative prompt:", spec.prompt or ""):
+        notice("a line of the prompt starts with \"Negative prompt:\", as the pictures' A1111 parameters text "
+               "marks the negative prompt: other programs will read the prompt split there (our own record "
+               "in the pictures keeps it whole)")
     defaults = model_defaults(config)
     spec = replace(spec, steps=defaults.num_steps if spec.steps is None else spec.steps,
                    cfg=defaults.cfg_weight if spec.cfg is None else spec.cfg,

@@ -400,3 +400,19 @@ def test_plms_on_the_diffusers_schedule_says_where_its_warm_up_starts_astray(cap
         err = capsys.readouterr().err
         assert status == 0 and ("note: PLMS on the diffusers schedule at 2 steps, strength 0.5: its warm-up redoes "
                                 "the first step from sigma 1.62, where the run starts at 0.0413" in err) == said, err
+
+
+def test_a_prompt_line_other_programs_read_as_the_negative_prompt_is_said():
+    """sd-parsers read "line1\\nNegative prompt: evil" as the prompt line1 and a negative prompt."""
+    from stable_diffusion.infotext import parse_parameters_text
+
+    said = []
+    prompt = "line1\nNegative prompt: evil"
+    make_plan(replace(_spec(), prompt=prompt), _config(), (), (64, 64), said.append)
+    assert said == ['a line of the prompt starts with "Negative prompt:", as the pictures\' A1111 parameters text '
+                    "marks the negative prompt: other programs will read the prompt split there (our own record "
+                    "in the pictures keeps it whole)"]
+    assert parse_parameters_text(f"{prompt}\nSteps: 2, Seed: 1")["prompt"] == "line1"  # the split said
+    said.clear()
+    make_plan(replace(_spec(capture=Capture(save_prompt=False)), prompt=prompt), _config(), (), (64, 64), said.append)
+    assert said == []  # a private prompt is in no picture
