@@ -35,7 +35,7 @@ from .files import (check_output_dir, content_mark, file_digest, open_regular, p
 from .outputs import check_name_length, derived_base
 from .picture_meta import save_png
 from .record import NotOurs, read_own_sidecar, write_sidecar
-from .spec import ModelSpec, RunSpec, SpecError
+from .spec import MAX_SEED, ModelSpec, RunSpec, SpecError
 from .sweep_grid import GRID_KEYS, MAX_RUNS, Grid
 from .sweep_sheet import SHEET, contact_sheet, pages_to_redraw, sheet_plan  # noqa: F401 (SHEET: as before)
 
@@ -609,6 +609,15 @@ class SweepReport:
     signum: int | None = None
 
 
+def _with_seed_drawn(run: SweepRun, earlier: dict | None) -> SweepRun:
+    """A run without a seed (no --seeds) made again takes the seed its earlier making drew (the
+    manifest's), so that the new picture compares with the old one."""
+    seed = earlier.get("seed") if isinstance(earlier, dict) else None
+    if run.spec.seed is not None or not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        return run
+    return replace(run, spec=replace(run.spec, seed=seed))
+
+
 class Sweep:
     """The runs of one grid in one folder, with their manifest, sheet and record."""
 
@@ -632,7 +641,7 @@ class Sweep:
         previous = self.manifest.previous()
         self._check_own_files(swept=bool(previous))
         done = self.manifest.resume(previous)
-        todo = [r for r in self.runs if r.name not in done]
+        todo = [_with_seed_drawn(r, previous.get(r.name)) for r in self.runs if r.name not in done]
         if before is not None:
             before(todo)
         self.manifest.write()

@@ -707,3 +707,16 @@ def test_a_sweeps_prompt_may_follow_a_flag_and_a_prompt_alone_is_told_the_order(
     status, _, err = in_process(capsys, "image2image", "a red barn", "--seeds", 1, "--model", sd2,
                                 "-o", tmp_path / "other")
     assert status == 2 and "'a red barn' is no picture here, and no prompt follows it" in err, err
+
+
+def test_a_seedless_sweeps_runs_made_again_keep_the_seeds_they_drew(capsys, tmp_path, picture, sd2):
+    """A run made again (other settings, other model files) drew a new random seed: the earlier one
+    was lost, and the two pictures could not be compared."""
+    out = tmp_path / "out"
+    args = ["image2image", picture, "x", "--model", sd2, "--steps", 2, "--strengths", "0.5,1", "--quiet", "-o", out]
+    assert in_process(capsys, *args)[0] == 0
+    drawn = {r["name"]: r["seed"] for r in manifest(out)}
+    assert in_process(capsys, *args, "--cfg", 3)[0] == 0
+    assert json.loads((out / "sweep.json").read_text())["ran"] == 2
+    assert {r["name"]: r["seed"] for r in manifest(out)} == drawn
+    assert {n: json.loads((out / f"{n}.json").read_text())["seed"] for n in drawn} == drawn
