@@ -160,10 +160,11 @@ class Grid:
                 raise SpecError("grid", f"{{flag}}: unknown field {name!r}; use {', '.join(GRID_KEYS.values())}")
             seen = set()
             for v in vals:  # up to MAX_RUNS values: one pass
-                if v in seen:
+                key = round(v, 10) if isinstance(v, float) else v  # the decimals a run's name shows at most
+                if key in seen:
                     shown = f"{v:g}" if isinstance(v, float) else repr(v)[:40]
                     raise SpecError(GRID_KEYS[name], f"{{flag}} lists {shown} twice; list each value once")
-                seen.add(v)
+                seen.add(key)
         return cls(tuple((f, tuple(values[f])) for f in FIELDS if f in values))
 
     @property

@@ -229,6 +229,7 @@ def test_sigterm_leaves_the_run_under_way_interrupted(tmp_path, picture, sd2):
     (["--seeds", "1,2", "--name", "{colour}"], "--name '{colour}' uses {colour}"),
     (["--grid", "missing.toml"], "--grid missing.toml: no such file"),
     (["--ray", "in.png"], "--ray 'in.png' is not a Ray address"),  # as if bare before the picture
+    (["--strengths", "0.5,0.5000000000000001"], "--strengths lists 0.5 twice"),  # two runs of one plan
 ])
 def test_bad_grids_are_refused_before_any_work_with_one_line(tmp_path, picture, sd2, extra, words):
     os.chdir(tmp_path)
