@@ -210,8 +210,8 @@ OPTIONS = (
            "of the schedule's steps run, so the start t depends on --schedule (the plan line says it)", MODEL,
            IMAGE, float, default=0.9,
            replay=Replay(80, ALWAYS, _float, when=lambda spec: spec.img2img and not spec.triangle)),
-    Option(("--steps",), "steps", f"sampler steps for strength 1, 1 .. {MAX_STEPS} (model default: sd 50, sdxl 2, shapes 20)", MODEL,
-           parse=int, replay=Replay(30, ALWAYS)),
+    Option(("--steps",), "steps", f"sampler steps for strength 1, 1 .. {MAX_STEPS} (model default: sd 50, "
+           "sdxl 2, shapes 20)", MODEL, parse=int, replay=Replay(30, ALWAYS)),
     Option(("--sampler",), "sampler", "the sampler (default: the one the model's scheduler config names)",
            MODEL, choices=SAMPLER_CHOICES, replay=Replay(50, ALWAYS)),
     Option(("--schedule",), "schedule", "the times visited: linear (default; from the exact start t = "
@@ -224,10 +224,10 @@ OPTIONS = (
     Option(("--negative_prompt", "--negative-prompt"), "negative_prompt", "what the picture should not "
            "show: guidance steers away from it (default: nothing)", group=MODEL, default="",
            replay=Replay(130)),
-    Option(("--seed",), "seed", "0 .. 2**64-1; random when absent or -1; always reported and recorded", MODEL, parse=int,
-           replay=Replay(20, ALWAYS)),
-    Option(("--n_images", "--n-images"), "n_images", f"pictures made at once, each from its own noise, 1 .. {MAX_IMAGES} "
-           "(default 1)", group=MODEL, parse=positive_int, default=1,
+    Option(("--seed",), "seed", "0 .. 2**64-1; random when absent or -1; always reported and recorded", MODEL,
+           parse=int, replay=Replay(20, ALWAYS)),
+    Option(("--n_images", "--n-images"), "n_images", "pictures made at once, each from its own noise, "
+           f"1 .. {MAX_IMAGES} (default 1)", group=MODEL, parse=positive_int, default=1,
            replay=Replay(140)),
     Option(("--n_rows", "--n-rows"), "n_rows", "rows of the grid the --n_images pictures are saved in "
            "(default 1)", group=MODEL, parse=positive_int, default=1,
