@@ -24,8 +24,9 @@ from . import cli, options, signals
 from .console import Console
 from .errors import InputError
 from .spec import PICTURE_SUFFIXES, SpecError
-from .sweep import MANIFEST, Sweep, expand
+from .sweep import Sweep, expand
 from .sweep_grid import GRID_KEYS, KINDS, Grid, parse_values, read_grid_file, read_prompts
+from .sweep_manifest import MANIFEST
 
 COMMANDS = ("image2image", "txt2image")
 # Grid fields -> flags, for messages; the other spec fields keep the single commands' flags.
@@ -187,7 +188,8 @@ def _sweep(argv: list, console: Console) -> int:
         for line in picture_notices(picture):
             console.notice(line)
     from .session import Session
-    from .sweep import check_plans, inputs_identity, sweep_estimates
+    from .sweep import check_plans, sweep_estimates
+    from .sweep_manifest import inputs_identity
 
     session = Session(model)
     plans = check_plans(runs, session, None if picture is None else upright_size(picture), console.notice)

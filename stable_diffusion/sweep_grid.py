@@ -160,7 +160,7 @@ class Grid:
                 raise SpecError("grid", f"{{flag}}: unknown field {name!r}; use {', '.join(GRID_KEYS.values())}")
             seen = set()
             for v in vals:  # up to MAX_RUNS values: one pass
-                key = round(v, 10) if isinstance(v, float) else v  # the decimals a run's name shows at most
+                key = round(v, 12) if isinstance(v, float) else v  # past 12 decimals: a float's rounding
                 if key in seen:
                     shown = f"{v:g}" if isinstance(v, float) else repr(v)[:40]
                     raise SpecError(GRID_KEYS[name], f"{{flag}} lists {shown} twice; list each value once")

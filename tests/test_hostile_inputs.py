@@ -30,7 +30,7 @@ from stable_diffusion import cli, files, options, outputs, private_cache, render
 from stable_diffusion.errors import InputError, ModelError
 from stable_diffusion.record import Ledger
 from stable_diffusion.spec import SpecError
-from stable_diffusion.sweep import Manifest
+from stable_diffusion.sweep_manifest import Manifest
 from stable_diffusion.sweep_grid import parse_values, read_grid_file
 from stable_diffusion.sweep_cli import build_sweep, build_sweep_parser
 

@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from stable_diffusion import render
-from stable_diffusion.sweep import MANIFEST, LocalPool, Sweep, contact_sheet, expand
+from stable_diffusion.sweep import LocalPool, Sweep, contact_sheet, expand
+from stable_diffusion.sweep_manifest import MANIFEST
 from stable_diffusion.sweep_grid import Grid, parse_values
 from stable_diffusion.sweep_cli import build_sweep, build_sweep_parser
 
