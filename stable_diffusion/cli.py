@@ -107,12 +107,22 @@ class _Parser(argparse.ArgumentParser):
         args = self.parsing = self.joined(sys.argv[1:] if args is None else args)
         self.after_separator = args[args.index("--") + 1:] if "--" in args else []
         namespace, unknown = self.parse_known_args(args, namespace)
-        if unknown and getattr(namespace, "prompt", "") is None and not unknown[0].startswith("-"):
-            namespace.prompt = unknown.pop(0)  # a sweep's optional prompt after a flag: argparse fills it only before
+        # A sweep's prompt (optional: --prompts may give them) after a flag, or after `--`: argparse
+        # fills an optional positional only before the flags.
+        separated = unknown[:1] == ["--"]
+        if len(unknown) == 1 + separated and getattr(namespace, "prompt", "") is None and (
+                separated or self._a_prompt(unknown[0])):
+            namespace.prompt, unknown = unknown[-1], []
         if unknown:
             shown = " ".join(a if a.strip() and a.isprintable() else ascii(a) for a in unknown)
             self.error(f"unrecognized arguments: {shown}{self._suggestion(unknown, namespace)}")
         return namespace
+
+    def _a_prompt(self, word: str) -> bool:
+        """Whether a word left over may be the prompt: not a flag, a number (`--strengths 0.3 0.5`) or
+        a value a flag that takes none was given (`-gt 2`)."""
+        return not (word.startswith("-") or word in self.refused_values or options.NEGATIVE_NUMBER.match(word)
+                    or word.replace(".", "", 1).replace(",", "").isdigit())
 
     def _suggestion(self, unknown: list, namespace=None) -> str:
         """"; did you mean --steps?" for the first unknown flag that is close to one of ours."""

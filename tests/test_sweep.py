@@ -709,6 +709,13 @@ def test_a_sweeps_prompt_may_follow_a_flag_and_a_prompt_alone_is_told_the_order(
     status, _, err = in_process(capsys, "image2image", "a red barn", "--seeds", 1, "--model", sd2,
                                 "-o", tmp_path / "other")
     assert status == 2 and "'a red barn' is no picture here, and no prompt follows it" in err, err
+    status, _, err = in_process(capsys, "image2image", picture, "--seeds", 1, "--model", sd2, "--steps", 2,
+                                "--quiet", "-o", tmp_path / "dash", "--", "-a dash first")
+    assert status == 0 and manifest(tmp_path / "dash")[0]["spec"]["prompt"] == "-a dash first", err
+    for stray in (["--strengths", "0.3", "0.5"], ["-gt", "2"]):  # a value left over is no prompt
+        status, _, err = in_process(capsys, "image2image", picture, "--seeds", 1, "--model", sd2, *stray,
+                                    "-o", tmp_path / "stray")
+        assert status == 2 and f"unrecognized arguments: {stray[-1]}" in err, err
 
 
 def test_a_seedless_sweeps_runs_made_again_keep_the_seeds_they_drew(capsys, tmp_path, picture, sd2):
