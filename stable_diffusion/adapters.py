@@ -304,21 +304,33 @@ def check_files(loras, embeddings, config, tokenizers, networks: dict, allow_par
     networks `config` (a PipelineConfig) describes, `networks` (budget.weightless_networks: built
     without their weights); each embedding fits the text encoders and the tokenizers' prompts.
     An SD 1.x LoRA given to SDXL was refused once the whole model had loaded."""
-    for path, _ in loras:
-        _lora_file(path)
+    files: dict = {}  # (device, inode) -> (path, weight): one file given twice would be fused twice
+    for given, weight in loras:
+        path = _lora_file(given)[0]
+        st = path.stat()
+        if (st.st_dev, st.st_ino) in files:
+            first, earlier = files[st.st_dev, st.st_ino]
+            total = (f"once, with its weights summed ({given}:{earlier + weight:g})"
+                     if abs(earlier + weight) <= MAX_LORA_WEIGHT else f"once, with one weight of -{MAX_LORA_WEIGHT:g} .. "
+                     f"{MAX_LORA_WEIGHT:g}")
+            raise ModelError(f"{{flag:loras}} {given} is the file {first} is too: it would be fused twice; give it "
+                             + total)
+        files[st.st_dev, st.st_ino] = (given, weight)
     if loras:
         encoders = [networks[f"text_encoder_{i}"] for i in range(len(config.text_encoders))]
         targets = lora_targets(SimpleNamespace(config=config, unet=networks["unet"], text_encoders=encoders))
         for path, _ in loras:
             path, modules, _, peft = read_lora(path, targets, allow_partial)
             _lora_factors(path, modules, peft)
-    words: dict = {}  # the tokens learnt, as the tokenizer matches them
+    words: dict = {}  # the words learnt (a token of n vectors is n words), as the tokenizer matches them
     for path, token in embeddings:
-        path, token, _ = _embedding_tables(path, token, config.text_encoders, tokenizers)
-        if clean_text(token) in words:
-            raise ModelError(f"token {token!r} is learnt from both {words[clean_text(token)]} and {path}; give "
-                             "one of them another token ({flag:embeddings} PATH:TOKEN)")
-        words[clean_text(token)] = path
+        path, token, tables = _embedding_tables(path, token, config.text_encoders, tokenizers)
+        word = clean_text(token)
+        for learnt in [word] + [f"{word}_{i}" for i in range(1, tables[0].shape[0])]:
+            if learnt in words:
+                raise ModelError(f"the word {learnt!r} is learnt from both {words[learnt]} and {path} (token "
+                                 f"{token!r}); give one of them another token ({{flag:embeddings}} PATH:TOKEN)")
+            words[learnt] = path
 
 
 def _embedding_tables(path, token, encoders, tokenizers, dtypes=None) -> tuple[Path, str, list]:

@@ -239,10 +239,13 @@ def check_fits(estimate: dict, available_bytes: int | None) -> None:
     that lowers its largest part. Nothing is refused when the available memory is unknown."""
     if available_bytes is None or estimate["total"] <= available_bytes:
         return
+    def size(n: int) -> str:  # a small model's need is under a GB, as what is left may be
+        return gib(n) if n >= 2**30 else f"{n / 2**20:.0f} MB"
+
     parts = {k: v for k, v in estimate.items() if k != "total"}
     largest = max((k for k in parts if k != "runtime"), key=parts.get)
-    shown = ", ".join(f"{k} {gib(v)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v >= 0.05 * 2**30)
-    advice = (f"the largest part is {largest}: use {KNOBS[largest]}" if parts[largest] >= parts.get("runtime", 0)
+    shown = ", ".join(f"{k} {size(v)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v >= 2**20)
+    advice = (f"the largest part is {largest}: use {KNOBS[largest]}" if parts.get("runtime", 0) <= estimate["total"] / 2
               else "most of it is the program's own (runtime): close other programs to free memory")
-    raise InputError(f"this run needs about {gib(estimate['total'])} of memory ({shown}), more "
-                     f"than the {gib(available_bytes)} available; {advice}")
+    raise InputError(f"this run needs about {size(estimate['total'])} of memory ({shown}), more "
+                     f"than the {size(available_bytes)} available; {advice}")

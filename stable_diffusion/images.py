@@ -157,6 +157,8 @@ def load_image(
     if max_pixels < multiple * multiple:
         raise InputError(f"max_pixels ({max_pixels}) is below one {multiple}x{multiple} tile; raise it")
 
+    if isinstance(path, bytes) and (b"\0" in path or len(path) > 4096):  # a file's bytes, not its name
+        raise InputError("load_image reads a picture file: give its path, not its bytes")
     if isinstance(path, bytes):
         path = os.fsdecode(path)
     if not isinstance(path, (str, os.PathLike)):

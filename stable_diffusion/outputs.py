@@ -241,6 +241,10 @@ def check_in_the_way(names: FileNames, paths: list, left: dict, output_named: bo
     theirs = [path for path in paths if os.path.lexists(path) and not ours(path)]
     replaced = None
     if names.output in theirs and (output_named or names.output.name in left):
+        kind = files.special_file(names.output) if not os.path.islink(names.output) else None
+        if kind is not None:  # a device or a pipe made a picture file (as root, /dev/... itself)
+            raise SpecError("output", f"{{flag}} {names.output} is {kind}, not a picture file; choose another "
+                                      "{flag} name")
         theirs.remove(names.output)
         replaced = f"{names.output} is replaced, though {_why_not_ours(names.output, left)}"
     if theirs:

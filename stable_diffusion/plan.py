@@ -151,7 +151,7 @@ def make_plan(spec: RunSpec, config: PipelineConfig, tokenizers, image_size: tup
         if tag := _NETWORK_TAG.search(text or ""):
             notice(f"the {name} holds {tag[0][:60]}, A1111's way to load an adapter: here the text encoder "
                    "reads it as words; load a LoRA with {flag:loras} PATH[:WEIGHT]")
-    if spec.capture.save_prompt and re.search(r"(?m)^Negative prompt:", spec.prompt or ""):
+    if spec.capture.save_prompt and re.search(r"(?m)^\s*Negative prompt:", spec.prompt or ""):
         notice("a line of the prompt starts with \"Negative prompt:\", as the pictures' A1111 parameters text "
                "marks the negative prompt: other programs will read the prompt split there (our own record "
                "in the pictures keeps it whole)")
@@ -235,7 +235,7 @@ def _schedule_notes(spec: RunSpec, timelines: list, T: int, notice) -> None:
     astray = [p for p in timelines if p.warmup and p.warmup[2] > 2.5 * p.sigmas[0]]  # 3x spoilt a picture, 2x not
     if astray:
         p = astray[0]
-        notice(f"PLMS on the diffusers schedule at {spec.steps} steps, strength {p.strength:g}: its warm-up "
+        notice(f"PLMS on the diffusers schedule at {p.num_steps} steps, strength {p.strength:g}: its warm-up "
                f"redoes the first step from sigma {p.warmup[2]:.3g}, where the run starts at {p.sigmas[0]:.3g}, "
                "as diffusers' PNDMScheduler does; the picture is likely spoiled: more {flag:steps}, or "
                "{flag:schedule} linear, keep the two together")

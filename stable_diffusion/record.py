@@ -111,9 +111,11 @@ class Ledger:
             raise
         self.files[index] = entry
         self.earlier.pop(entry["file"], None)  # made again: this run's now
-        with contextlib.suppress(OSError, InputError):
-            path = self.path.parent / entry["file"]
-            self.written[entry["file"]] = fingerprint(os.lstat(path), path)
+        path = self.path.parent / entry["file"]
+        with contextlib.suppress(OSError):
+            self.written[entry["file"]] = fingerprint(os.lstat(path))
+            with contextlib.suppress(InputError):  # past the cap of what is hashed: its size and time alone
+                self.written[entry["file"]] = fingerprint(os.lstat(path), path)
         self.write()
 
     def missing(self) -> list[str]:

@@ -181,8 +181,8 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
         # -gt 0 of a triangle: one picture, whose strength the record does not hold (0.9 was taken)
         untriangled = bool(changed) and "--generate_triangle" in changed and parser.given(recorded, "generate_triangle")
         if untriangled and not parser.given(rest, "strength"):
-            raise InputError(f"replay of {path}: it is a triangle of several strengths, and "
-                             "{flag:triangle} 0 makes one picture: give its --strength too, e.g. --strength 0.5")
+            raise InputError(f"replay of {path}: it is a triangle, and without the triangle a run makes one "
+                             "picture: give its --strength too, e.g. --strength 0.5")
         frame = record.get("frame")
         if isinstance(frame, dict) and frame.get("partial") is not None and not untriangled:  # stopped early
             notes.append(f"replay of {path}: it holds part of a triangle ({_bounded(frame['partial'])}); "

@@ -137,14 +137,6 @@ class ModelSpec:
                 raise SpecError("loras", f"{{flag}} weight {weight:g} is "
                                          + ("outside" if math.isfinite(weight) else "not a number within")
                                          + f" -{MAX_LORA_WEIGHT:g} .. {MAX_LORA_WEIGHT:g}; use e.g. 0.8")
-        seen: dict = {}
-        for path, weight in loras:  # fused twice, it acts at the sum of its weights
-            where = os.path.realpath(os.fsdecode(path))
-            if where in seen:
-                first, earlier = seen[where]
-                raise SpecError("loras", f"{{flag}} {path} is given twice (as {first} too); give it once, "
-                                         f"with its weights summed ({path}:{earlier + weight:g})")
-            seen[where] = (path, weight)
         for _, token in self.embeddings:
             if token is not None and not isinstance(token, str):
                 raise SpecError("embeddings", f"{{flag}} token {token!r} is not text")

@@ -23,7 +23,7 @@ from pathlib import Path
 from . import cli, options, signals
 from .console import Console
 from .errors import InputError
-from .spec import PICTURE_SUFFIXES, SpecError
+from .spec import MAX_CFG, MAX_STEPS, PICTURE_SUFFIXES, SpecError
 from .sweep import Sweep, expand
 from .sweep_grid import GRID_KEYS, KINDS, Grid, parse_values, read_grid_file, read_prompts
 from .sweep_manifest import MANIFEST
@@ -51,10 +51,11 @@ def build_sweep_parser(command: str) -> argparse.ArgumentParser:
                              "or 1-8 for whole numbers)")
     if command == "image2image":
         g.add_argument("--strengths", "--strength", dest="strengths", metavar="VALUES",
-                       help="strengths (default 0.9)")
-    g.add_argument("--seeds", "--seed", dest="seeds", metavar="VALUES", help="seeds (default: random)")
-    g.add_argument("--cfg", dest="cfg", metavar="VALUES", help="guidance weights")
-    g.add_argument("--steps", dest="steps", metavar="VALUES", help="sampler step counts")
+                       help="strengths, each 0.001 .. 1 (default 0.9)")
+    g.add_argument("--seeds", "--seed", dest="seeds", metavar="VALUES", help="seeds, each 0 .. 2**64-1 (default: "
+                   "random)")
+    g.add_argument("--cfg", dest="cfg", metavar="VALUES", help=f"guidance weights, each 0 .. {MAX_CFG:g}")
+    g.add_argument("--steps", dest="steps", metavar="VALUES", help=f"sampler step counts, each 1 .. {MAX_STEPS}")
     g.add_argument("--samplers", "--sampler", dest="samplers", metavar="NAMES", help="samplers")
     g.add_argument("--schedules", "--schedule", dest="schedules", metavar="NAMES", help="schedules")
     g.add_argument("--prompts", metavar="FILE", help="a text file, one prompt per line")
@@ -201,9 +202,10 @@ def _sweep(argv: list, console: Console) -> int:
     checked = []
 
     def check_adapters(todo: list) -> None:
-        """An adapter is checked whole only as it is fused (its values, its layers): before a new
-        sweep's folder or an earlier one's manifest is written, as the single command checks, not
-        once per run; not at all where no run is left to make."""
+        """An adapter's files, values and tokens are checked before any weight (Session.open); what
+        fusing it does to the model's layers (an overflow in the dtype) only as it is fused: here,
+        before a new sweep's folder or an earlier one's manifest is written, as the single command
+        does, not once per run; not at all where no run is left to make."""
         if todo and not checked and (model.loras or model.embeddings):
             session.load({})
             checked.append(True)

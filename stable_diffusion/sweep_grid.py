@@ -155,6 +155,8 @@ class Grid:
 
     @classmethod
     def of(cls, values: dict) -> "Grid":
+        values = {name: [v.lower() if isinstance(v, str) else v for v in vals] if name in ("sampler", "schedule")
+                  else vals for name, vals in values.items()}  # names in any letter case, as the flags take them
         for name, vals in values.items():
             if name not in FIELDS:
                 raise SpecError("grid", f"{{flag}}: unknown field {name!r}; use {', '.join(GRID_KEYS.values())}")

@@ -199,13 +199,14 @@ class Tokenizer:
             vocab, ranks, from_json = read_tokenizer_json(folder / "tokenizer.json")
             tokenizer = cls(vocab, ranks, config, {**added, **from_json}, folder / "tokenizer.json")
             merges = folder / "tokenizer.json"
-        if not ranks:  # each word would be read one letter at a time: other conditioning, silently
-            specials = {*tokenizer.raw_specials, *tokenizer.clean_specials}
-            merged = sum(1 for t in vocab if t not in specials and len(t.removesuffix(END_OF_WORD)) > 1)
-            if merged:
-                raise ModelError(f"{merges} holds no merges, but the vocabulary has {merged:,} tokens of several "
-                                 "letters, which only merges make: the file is empty or cut short; download "
-                                 "the tokenizer again")
+        # Each token of several letters is made by a merge: with fewer merges, words would be read in
+        # other pieces (one letter at a time, with none), other conditioning without a word.
+        specials = {*tokenizer.raw_specials, *tokenizer.clean_specials}
+        merged = sum(1 for t in vocab if t not in specials and len(t.removesuffix(END_OF_WORD)) > 1)
+        if len(ranks) < merged:
+            raise ModelError(f"{merges} holds {len(ranks):,} merges, but the vocabulary has {merged:,} tokens of "
+                             "several letters, each made by a merge: the file is empty or cut short; download "
+                             "the tokenizer again")
         return tokenizer
 
     @property

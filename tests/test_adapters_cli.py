@@ -4,6 +4,7 @@ one line before any generation."""
 
 import hashlib
 import json
+import os
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -203,6 +204,11 @@ def test_adapter_values_and_tokens_are_refused_before_the_model_loads(tmp_path, 
     embedding = tmp_path / "toy.safetensors"
     save_file({"emb_params": np.ones((1, 32), np.float32)}, str(embedding))
     (tmp_path / "same.safetensors").symlink_to(lora)
+    os.link(lora, tmp_path / "hard.safetensors")
+    (tmp_path / "folder").mkdir()
+    os.link(lora, tmp_path / "folder" / "pytorch_lora_weights.safetensors")
+    two = tmp_path / "two.safetensors"
+    save_file({"emb_params": np.ones((2, 32), np.float32)}, str(two))
     loaded = []
     monkeypatch.setattr(model_io, "assign_weights", lambda *a, **k: loaded.append(a))
     for extra, said in (
@@ -210,11 +216,18 @@ def test_adapter_values_and_tokens_are_refused_before_the_model_loads(tmp_path, 
             (["--lora", tmp_path / "inf-alpha.safetensors"], "inf-alpha.safetensors: the alpha of layer "),
             (["--embedding", f"{embedding}:cat"], "token 'cat': the tokenizer already has 'cat'"),
             (["--embedding", embedding, "--embedding", f"{embedding}:toy"],
-             f"token 'toy' is learnt from both {embedding} and {embedding}; give one of them another token "
-             "(--embedding PATH:TOKEN)"),
+             f"the word 'toy' is learnt from both {embedding} and {embedding} (token 'toy'); give one of them "
+             "another token (--embedding PATH:TOKEN)"),
+            (["--embedding", f"{two}:tok", "--embedding", f"{embedding}:tok_1"],  # tok's second vector's word
+             f"the word 'tok_1' is learnt from both {two} and {embedding} (token 'tok_1')"),
             (["--lora", f"{lora}:0.5", "--lora", f"{tmp_path / 'same.safetensors'}:0.25"],
-             f"--lora {tmp_path / 'same.safetensors'} is given twice (as {lora} too); give it once, with its "
-             f"weights summed ({tmp_path / 'same.safetensors'}:0.75)"),
+             f"--lora {tmp_path / 'same.safetensors'} is the file {lora} is too: it would be fused twice; give it "
+             f"once, with its weights summed ({tmp_path / 'same.safetensors'}:0.75)"),
+            (["--lora", f"{lora}:6", "--lora", f"{tmp_path / 'hard.safetensors'}:6"],  # a hard link, summed past 10
+             f"--lora {tmp_path / 'hard.safetensors'} is the file {lora} is too: it would be fused twice; give it "
+             "once, with one weight of -10 .. 10"),
+            (["--lora", f"{lora}:0.5", "--lora", f"{tmp_path / 'folder'}:0.5"],  # the folder holding it
+             "is the file"),
             (["--lora", f"{lora}:1_0"], "does not exist"),  # not the weight 10 float() reads it as
             (["--lora", f"{lora}:nan"], "--lora weight nan is not a number within -10 .. 10")):
         status = cli.main("image2image", [str(a) for a in (picture, "a barn", "--model", sd1, "--steps", 2,

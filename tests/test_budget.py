@@ -91,8 +91,12 @@ def test_check_fits_names_the_need_and_the_knob(loaded):
     small["total"] = sum(small.values())
     with pytest.raises(InputError) as e:
         budget.check_fits(small, 2**28)
-    assert "(runtime 0.5 GB), more than the 0.2 GB available; most of it is the program's own (runtime): " \
-        "close other programs to free memory" in str(e.value), str(e.value)
+    assert "needs about 517 MB of memory (runtime 512 MB, weights 1 MB, " in str(e.value) and "more than the 256 MB available; " \
+        "most of it is the program's own (runtime): close other programs to free memory" in str(e.value), str(e.value)
+    small["unet"] = 2**30  # a third of it the program's own: the knob of the largest part is the advice
+    small["total"] = sum(v for k, v in small.items() if k != "total")
+    with pytest.raises(InputError, match="the largest part is unet: use fewer images per run"):
+        budget.check_fits(small, 2**28)
 
 
 def test_available_memory_is_a_positive_number():

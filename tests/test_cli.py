@@ -315,11 +315,11 @@ def test_quiet_keeps_only_errors_even_with_verbose(capsys):
 def test_a_triangle_replayed_as_one_picture_asks_for_its_strength(tmp_path):
     """--replay TRIANGLE -gt 0 made one picture at the default strength 0.9, no row's, without a word."""
     triangle = tmp_path / "t.png"
-    run("image2image.py", "images/shapes-input.png", "a red circle on a blue background", "--model", "shapes",
+    run("image2image.py", commands.ROOT / "images" / "shapes-input.png", "a red circle on a blue background", "--model", "shapes",
         "--steps", "4", "-gt", "--seed", "0", "-o", triangle, "--quiet", check=True)
     refused = run("image2image.py", "--replay", triangle, "-gt", "0", "-o", tmp_path / "one.png", check=False)
     assert refused.returncode == 2 and refused.stderr == (
-        f"error: replay of {triangle}: it is a triangle of several strengths, and -gt 0 makes one picture: "
+        f"error: replay of {triangle}: it is a triangle, and without the triangle a run makes one picture: "
         "give its --strength too, e.g. --strength 0.5\n")
     assert not (tmp_path / "one.png").exists()
     one = run("image2image.py", "--replay", triangle, "-gt", "0", "--strength", "0.5", "-o", tmp_path / "one.png",

@@ -1,6 +1,7 @@
 """A whole image-to-image run against diffusers' img2img pipeline on the same tiny weights."""
 
 import math
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -252,3 +253,5 @@ def test_the_library_refuses_pictures_latents_and_noise_it_cannot_run_before_any
         with pytest.raises(InputError, match=f"load_image reads a picture file: give its path, not a "
                                              f"{type(thing).__name__}"):
             load_image(thing)
+    with pytest.raises(InputError, match="^load_image reads a picture file: give its path, not its bytes$"):
+        load_image((Path(__file__).parent.parent / "images" / "shapes-input.png").read_bytes())

@@ -414,5 +414,8 @@ def test_a_prompt_line_other_programs_read_as_the_negative_prompt_is_said():
                     "in the pictures keeps it whole)"]
     assert parse_parameters_text(f"{prompt}\nSteps: 2, Seed: 1")["prompt"] == "line1"  # the split said
     said.clear()
+    make_plan(replace(_spec(), prompt="a\n  Negative prompt: x"), _config(), (), (64, 64), said.append)
+    assert len(said) == 1  # indented: A1111 strips each line before it looks
+    said.clear()
     make_plan(replace(_spec(capture=Capture(save_prompt=False)), prompt=prompt), _config(), (), (64, 64), said.append)
     assert said == []  # a private prompt is in no picture

@@ -768,6 +768,10 @@ def test_an_output_replacing_a_file_not_ours_says_so_and_keeps_its_permissions(c
     status, _, err = main(capsys, *common, "--output", tmp_path / "link.png")
     assert status == 0 and "link.png is replaced, though it is a link (the link goes, not what it points to)" in err
     assert not (tmp_path / "link.png").is_symlink() and stat.S_IMODE(photo.stat().st_mode) == 0o600
+    os.mkfifo(tmp_path / "pipe.png")  # a pipe (or a device) is refused: it was replaced by a picture
+    status, _, err = main(capsys, *common, "--output", tmp_path / "pipe.png")
+    only_error(status, 2, err, f"--output {tmp_path / 'pipe.png'} is a named pipe, not a picture file")
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "pipe.png").st_mode)
 
 
 def test_a_copied_or_touched_output_folder_is_still_ours_and_every_file_in_the_way_is_named(

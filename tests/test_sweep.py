@@ -729,3 +729,12 @@ def test_a_seedless_sweeps_runs_made_again_keep_the_seeds_they_drew(capsys, tmp_
     assert json.loads((out / "sweep.json").read_text())["ran"] == 2
     assert {r["name"]: r["seed"] for r in manifest(out)} == drawn
     assert {n: json.loads((out / f"{n}.json").read_text())["seed"] for n in drawn} == drawn
+
+
+def test_a_grid_files_sampler_names_are_taken_in_any_letter_case(capsys, tmp_path, picture, sd2):
+    """--samplers EULER worked; samplers = ["Euler"] in a grid file was refused as not a sampler."""
+    (tmp_path / "g.toml").write_text('samplers = ["Euler", "DPMPP_2M"]\nschedules = ["Karras"]\n')
+    status, _, err = in_process(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 2, "--seeds", 1,
+                                "--grid", tmp_path / "g.toml", "--quiet", "-o", tmp_path / "out")
+    assert status == 0, err
+    assert sorted(r["spec"]["sampler"] for r in manifest(tmp_path / "out")) == ["dpmpp_2m", "euler"]
