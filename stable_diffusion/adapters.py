@@ -310,11 +310,11 @@ def check_files(loras, embeddings, config, tokenizers, networks: dict, allow_par
         st = path.stat()
         if (st.st_dev, st.st_ino) in files:
             first, earlier = files[st.st_dev, st.st_ino]
-            total = (f"once, with its weights summed ({given}:{earlier + weight:g})"
-                     if abs(earlier + weight) <= MAX_LORA_WEIGHT else f"once, with one weight of -{MAX_LORA_WEIGHT:g} .. "
-                     f"{MAX_LORA_WEIGHT:g}")
+            summed = earlier + weight
+            once = (f"with its weights summed ({given}:{summed:g})" if abs(summed) <= MAX_LORA_WEIGHT
+                    else f"with one weight of -{MAX_LORA_WEIGHT:g} .. {MAX_LORA_WEIGHT:g}")
             raise ModelError(f"{{flag:loras}} {given} is the file {first} is too: it would be fused twice; give it "
-                             + total)
+                             f"once, {once}")
         files[st.st_dev, st.st_ino] = (given, weight)
     if loras:
         encoders = [networks[f"text_encoder_{i}"] for i in range(len(config.text_encoders))]
