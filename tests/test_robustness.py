@@ -304,8 +304,12 @@ def test_a_triangle_replayed_as_one_run_and_back_and_its_fidelity_from_the_vae(c
     assert status == 0, err
     assert flat(sidecar(tmp_path / "approx.json")["fidelity"]) == pytest.approx(flat(fidelity), rel=1e-5, abs=1e-6)
     status, _, err = main(capsys, "image2image", "--replay", tri, "-gt", "0", "--save_last_N", 2,
+                          "--output", tmp_path / "one.png")  # one picture: of which strength? (0.9 was taken)
+    only_error(status, 2, err, "it is a triangle, and without the triangle a run makes one picture: give its "
+                               "--strength too")
+    status, _, err = main(capsys, "image2image", "--replay", tri, "-gt", "0", "--strength", 0.5, "--save_last_N", 2,
                           "--output", tmp_path / "one.png")
-    assert status == 0 and "with other --save_last_N, --generate_triangle, --triangle_strengths" in err, err
+    assert status == 0 and "with other --strength, --save_last_N, --generate_triangle, --triangle_strengths" in err, err
     status, _, err = main(capsys, "image2image", "--replay", tmp_path / "one.png", "-gt", "--output", tmp_path / "back.png")
     assert status == 0 and sidecar(tmp_path / "back.json")["plans"][0]["strength"] == 0.1, err  # the default rows
     status, _, err = main(capsys, "image2image", picture, "x", *common, "--n_images", 2, "--n_rows", 2,
