@@ -341,7 +341,8 @@ class TriangleCells(Sink):
         if reuse is not None:
             self.cells[i][col] = reuse
         else:
-            self.writer.add(Frame(None, {}, shown_latents(step, self.shows),
+            shown = {k: v for k, v in self.infos[i][col].items() if k in ("shows", "x0_t")}  # its parts' marks
+            self.writer.add(Frame(None, shown, shown_latents(step, self.shows),
                                   keep=lambda picture: self.cells[i].__setitem__(col, picture)))
 
     def l_path(self) -> list:
@@ -523,8 +524,8 @@ class TriangleCanvas(Sink):
         row_labels = cell_labels = None
         if c.labels:
             row_labels = [f"s={r.strength:g}" for r in rows]
-            cell_labels = [[f"{info['step']}/{info['count']} t={info['t']:g} sigma={info['sigma']:.2f}"
-                            for info in row_infos] for row_infos in infos]
+            cell_labels = [[f"{info['step']}/{info['count']} {shown_at(info)}" for info in row_infos]
+                           for row_infos in infos]
             for labels, row_infos, psnr in zip(cell_labels, infos, psnrs or [None] * n):
                 final = row_infos[-1]
                 if psnrs is not None:
@@ -541,7 +542,8 @@ class TriangleCanvas(Sink):
         columns = len(render.triangle_columns(times)[0]) if c.align == "time" else max(map(len, infos))
         info = {"kind": "triangle", "order": order, "align": c.align, "cell_size": [cell_h, cell_w], "columns": columns,
                 "rows": [{"strength": r.strength, "steps": r.timeline.steps, "start_time": r.timeline.start_time,
-                          "cells": [{"step": i["step"], "t": i["t"], "sigma": i["sigma"]} for i in row_infos]}
+                          "cells": [{"step": i["step"], "t": i["t"], "sigma": i["sigma"],
+                                     **({"x0_t": i["x0_t"]} if "x0_t" in i else {})} for i in row_infos]}
                          for r, row_infos in zip(rows, infos)]}
         if n < len(self.plan.rows):
             info["partial"] = f"{n} of {len(self.plan.rows)} rows: the run was interrupted"
@@ -583,5 +585,12 @@ def caption(info: dict) -> str:
     index, time and sigma."""
     if info["kind"] == "noise":
         return f"{info['path']} noising t={info['t']:g}"
-    return (f"s={info['strength']:g} step {info['step']}/{info['count']} t={info['t']:g} "
-            f"sigma={info['sigma']:.2f}")
+    return f"s={info['strength']:g} step {info['step']}/{info['count']} {shown_at(info)}"
+
+
+def shown_at(info: dict) -> str:
+    """A step frame's time and level: the estimate's own where the frame shows x0_pred alone (the
+    UNet made it at the step before, from x_t there)."""
+    if info.get("shows") == "x0" and info.get("x0_t") is not None:
+        return f"x0_pred from t={info['x0_t']:g} sigma={info['x0_sigma']:.2f}"
+    return f"t={info['t']:g} sigma={info['sigma']:.2f}"

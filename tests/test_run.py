@@ -49,7 +49,22 @@ def test_triangle_with_both_snapshots_and_animation(tmp_path, picture, sd2):
     # The L-shaped path: up the first column (2 row starts), then along the top row (2 more cells).
     with Image.open(tmp_path / "tri.anim.gif") as gif:
         assert gif.n_frames == 4 and gif.size == (128, 64 + marks)
+        gif.seek(3)  # the top row's last cell: its estimate beside x_t (every cell's was grey, "no x0_pred yet")
+        estimate = np.asarray(gif.convert("RGB"))[:64, 64:].astype(float)
+        assert estimate.std() > 5
+    # each cell past the start records its estimate's time, a step above its own (none at the start)
+    assert all(("x0_t" in c) == (c["step"] > 0) and c.get("x0_t", 1e9) > c["t"] for r in rows for c in r["cells"])
     assert {f["file"] for f in record["files"]} == {"tri.png", "tri.anim.gif"}
+
+
+def test_a_triangle_of_estimates_says_the_time_each_was_made(tmp_path, picture, sd2):
+    """A cell showing x0_pred was labelled with x_t's time, a step later than the estimate's."""
+    run(picture, "x", "--model", sd2, "--steps", 4, "-gt", "--triangle_strengths", "1", "-sd", 2, "--snapshot",
+        "x0", "--labels", "--animate", "--seed", 1, "--output", tmp_path / "tri.png")
+    record = sidecar(tmp_path / "tri.json")
+    triangle = [f for f in record["files"] if f["kind"] == "triangle"][0]
+    assert triangle["labels"]["cells"] == [["0/4 t=1000 sigma=14.61", "2/4 x0_pred from t=750 sigma=4.08",
+                                            "4/4 PSNR " + triangle["labels"]["cells"][0][2].split("PSNR ")[1]]]
 
 
 def test_x0_frames_carry_the_time_of_their_estimate(tmp_path, picture, sd2):
