@@ -299,7 +299,12 @@ def _sinks(plan, names, writer, sd, x0, picture, console, timings) -> list:
         chain = [snapshots, ends, curves, final, fidelity, best]
 
         def frames():
-            return (noising.frames() if noising is not None else []) + snapshots.frames
+            if noising is None:
+                return snapshots.frames
+            # the path's last frame is the run's start (its x_t, at the same level): shown once
+            again = noising.start_of(row) is not None
+            return noising.frames() + [(picture, info) for picture, info in snapshots.frames
+                                       if not (again and info["step"] == 0 and info["shows"] == "xt")]
     if c.curve:
         chain.append(sinks.CurvePlot(writer, names.curve(), curves))
     if c.animate:

@@ -254,6 +254,15 @@ class NoisingFrames(Sink):
         """(picture, info) of each frame, in the path's order."""
         return [(self.pictures[k], self.infos[k]) for k in sorted(self.pictures)]
 
+    def start_of(self, row) -> np.ndarray | None:
+        """The path's picture at the start of `row` (a RowPlan), where the row starts there: at the
+        path's own level (a Karras or exponential row starts at its schedule's level of that time,
+        which is not the path's sigma(t)); else None."""
+        if row.start is None or row.start not in self.pictures:
+            return None
+        same = math.isclose(self.infos[row.start]["sigma"], row.timeline.sigmas[0], rel_tol=1e-4)  # float32 aside
+        return self.pictures[row.start] if same else None
+
 
 class Snapshots(Sink):
     """A single run's kept steps (`-sd`, `--save_last_N`: one frame for a step kept for both),
@@ -336,8 +345,8 @@ class TriangleCells(Sink):
         col = kept.index(step.index)
         self.infos[i][col] = step_info(step, row.strength, self.shows)
         reuse = None
-        if step.index == 0 and row.start is not None and self.noising is not None and self.shows == "xt":
-            reuse = self.noising.pictures.get(row.start)
+        if step.index == 0 and self.noising is not None and self.shows == "xt":
+            reuse = self.noising.start_of(row)
         if reuse is not None:
             self.cells[i][col] = reuse
         else:
@@ -351,8 +360,8 @@ class TriangleCells(Sink):
         first), then along the top strength's row (the way back out; from its start when that is
         not the path's last frame)."""
         top = list(zip(self.cells[-1], self.infos[-1]))
-        if self.noising is not None and self.noising.pictures:
-            return self.noising.frames() + top[1 if self.rows[-1].start is not None else 0:]
+        if self.noising is not None and self.noising.pictures:  # the top row's start, where it is the path's last frame
+            return self.noising.frames() + top[1 if self.cells[-1][0] is self.noising.start_of(self.rows[-1]) else 0:]
         return [(row[0], infos[0]) for row, infos in zip(self.cells, self.infos)] + top[1:]
 
 

@@ -1,6 +1,7 @@
 """Frames through the real command: the TAESD preview, what readers (sd-parsers) see in our final
 pictures, frames, grids and triangles, picture formats, and --replay."""
 
+import json
 import os
 
 import numpy as np
@@ -197,3 +198,24 @@ def test_replay_of_another_tools_picture_maps_every_field(tmp_path, picture, sd2
     assert sidecar(tmp_path / "n.json")["working_size"]["chosen_by"] == "max_pixels"
     missing = run("--replay", tmp_path / "other.png", "--model", sd2, check=False)
     assert missing.returncode == 2 and "input picture" in missing.stderr
+
+
+def test_a_row_starts_on_the_paths_frame_only_at_the_paths_level(tmp_path, picture, sd2):
+    """A Karras row starts at its schedule's level of its start time (0.14713 at t=24), not the
+    path's sigma(t) (0.14823): its first cell was the path's picture all the same. And a single
+    run's animation showed its start twice, as the path's last frame and as step 0."""
+    from types import SimpleNamespace
+
+    from stable_diffusion.sinks import NoisingFrames
+
+    frames = NoisingFrames.__new__(NoisingFrames)
+    frames.pictures, frames.infos = {3: "picture"}, {3: {"sigma": 0.14823}}
+    row = lambda start, sigma: SimpleNamespace(start=start, timeline=SimpleNamespace(sigmas=(sigma, 0.0)))  # noqa: E731
+    assert frames.start_of(row(3, 0.14823 * (1 + 1e-6))) == "picture"  # float32's rounding aside
+    assert frames.start_of(row(3, 0.14713)) is None and frames.start_of(row(None, 0.14823)) is None
+    run = commands.run("image2image.py", picture, "x", "--model", sd2, "--steps", 10, "--strength", 0.6, "-sd", 3,
+                       "--show_noising", 200, "--animate", "--seed", 0, "--output", tmp_path / "a.png", check=True)
+    record = json.loads((tmp_path / "a.json").read_text())
+    shown = [f for f in record["files"] if f["kind"] in ("noise", "step")]
+    with Image.open(tmp_path / "a.anim.gif") as gif:
+        assert gif.n_frames == len(shown) - 1, run.stderr  # noise t=0, 200, 400, 600; steps 0, 3, 6: once t=600
