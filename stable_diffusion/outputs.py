@@ -213,45 +213,28 @@ def check_in_the_way(names: FileNames, paths: list, left: dict, output_named: bo
     sweep's run, named in the folder the user gave), only a picture its sidecar lists is.
     `left`: `left_by_us(names)`. Returns a line to say where the output replaces a file that is not
     ours (another program's picture, one changed since), else None."""
-    from .picture_meta import read_picture_texts
-
-    def ours(path: Path) -> bool:
-        """A regular file (a link or a folder is the user's), listed by this output's sidecar and
-        unchanged since; or, where no listing vouches for it, made by a run of ours (its record; a
-        GIF of ours carries its parameters) and not itself another run's output (with a sidecar
-        beside it). A listed file changed since is the user's, whatever it carries."""
-        if _regular(path) is None:
-            return False
-        if left.get(path.name) is not None:
-            return _as_left(path, left[path.name])
-        try:
-            parameters, record = read_picture_texts(path)
-        except InputError:  # not a picture this tool reads: not one it wrote
-            return False
-        made = record is not None or (path.suffix.lower() == ".gif" and parameters is not None)
-        return made and not os.path.lexists(sidecar_of(path))
-
     for name in left:  # an earlier output under this stem in another format (cat.png, now cat.jpg)
         if output_named and name != names.output.name and Path(name).stem == names.stem.name \
                 and os.path.lexists(names.stem.parent / name):
             raise SpecError("output", f"{{flag}} {names.output}: {names.sidecar().name} is the record of "
                                       f"{name}, another output under this name, whose files this run would "
                                       f"replace; choose another {{flag}} name, or remove {name} first")
-    # a sweep's run replaces the picture its sidecar lists, changed or not (as it says it does)
-    theirs = [path for path in paths if os.path.lexists(path) and not ours(path)]
+    # path -> why it is not ours, for each file there that the run writes and may not simply replace
+    theirs = {path: why for path in paths if os.path.lexists(path) and (why := _not_ours(path, left))}
     replaced = None
+    # a sweep's run replaces the picture its sidecar lists, changed or not (as it says it does)
     if names.output in theirs and (output_named or names.output.name in left):
         kind = files.special_file(names.output) if not os.path.islink(names.output) else None
         if kind is not None:  # a device or a pipe made a picture file (as root, /dev/... itself)
             raise SpecError("output", f"{{flag}} {names.output} is {kind}, not a picture file; choose another "
                                       "{flag} name")
-        theirs.remove(names.output)
-        replaced = f"{names.output} is replaced, though {_why_not_ours(names.output, left)}"
+        replaced = f"{names.output} is replaced, though {theirs.pop(names.output)}"
     if theirs:
-        path, others = theirs[0], [p.name for p in theirs[1:]]
+        (path, reason), *rest = theirs.items()
+        others = [p.name for p, _ in rest]
         also = (f"; so are {', '.join(others[:3])}" + (f" and {len(others) - 3} more" if len(others) > 3 else "")
                 if others else "")
-        why = f"is not ours to replace ({_why_not_ours(path, left)}){also}; move {'them' if also else 'it'}, or "
+        why = f"is not ours to replace ({reason}){also}; move {'them' if also else 'it'}, or "
         if output_named:
             raise SpecError("output", f"{{flag}} {names.output}: the run writes {path.name}, and the "
                                       f"file there {why}choose another {{flag}} name")
@@ -260,17 +243,27 @@ def check_in_the_way(names: FileNames, paths: list, left: dict, output_named: bo
     return replaced
 
 
-def _why_not_ours(path: Path, left: dict) -> str:
-    """Why check_in_the_way takes the file at `path` for the user's."""
+def _not_ours(path: Path, left: dict) -> str | None:
+    """Why the file at `path` is not ours to replace, or None where it is: a regular file (a link or
+    a folder is the user's) listed by this output's sidecar and unchanged since; or, where no
+    listing vouches for it, made by a run of ours (its record; a GIF of ours carries its
+    parameters) and not itself another run's output (with a sidecar beside it). A listed file
+    changed since is the user's, whatever it carries."""
+    from .picture_meta import read_picture_texts
+
     if os.path.islink(path):
         return "it is a link (the link goes, not what it points to)"
     if _regular(path) is None:
         return "it is not a regular file"
     if left.get(path.name) is not None:
-        return "it changed since a run of this output wrote it"
-    if os.path.lexists(sidecar_of(path)):
-        return "it is another run's output"
-    return "it carries no record of ours"
+        return None if _as_left(path, left[path.name]) else "it changed since a run of this output wrote it"
+    try:
+        parameters, record = read_picture_texts(path)
+    except InputError:  # not a picture this tool reads: not one it wrote
+        return "it carries no record of ours"
+    if record is None and not (path.suffix.lower() == ".gif" and parameters is not None):
+        return "it carries no record of ours"
+    return "it is another run's output" if os.path.lexists(sidecar_of(path)) else None
 
 
 def earlier_files(names: FileNames, left: dict, notice) -> dict:

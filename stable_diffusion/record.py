@@ -113,9 +113,10 @@ class Ledger:
         self.earlier.pop(entry["file"], None)  # made again: this run's now
         path = self.path.parent / entry["file"]
         with contextlib.suppress(OSError):
-            self.written[entry["file"]] = fingerprint(os.lstat(path))
+            st = os.lstat(path)
+            self.written[entry["file"]] = fingerprint(st)
             with contextlib.suppress(InputError):  # past the cap of what is hashed: its size and time alone
-                self.written[entry["file"]] = fingerprint(os.lstat(path), path)
+                self.written[entry["file"]] = fingerprint(st, path)
         self.write()
 
     def missing(self) -> list[str]:
