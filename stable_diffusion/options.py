@@ -261,7 +261,8 @@ OPTIONS = (
     Option(("--snapshot",), "capture.shows", "what a snapshot shows: the noisy latent xt (default), the "
            "denoised estimate x0, or both side by side", SAVE, choices=SNAPSHOT_KINDS, default="xt",
            replay=Replay(210)),
-    Option(("--save_last_N", "--save-last-n"), "capture.last", "save each of the last N steps", SAVE,
+    Option(("--save_last_N", "--save-last-n"), "capture.last", "save each of the last N steps "
+           f"(N 1 .. {MAX_STEPS * 1000})", SAVE,
            parse=positive_int, metavar="N", replay=Replay(200)),
     Option(("--show_noising", "--show-noising"), "capture.noising_every", "save the forward path from "
            "the picture into noise, a frame every N timesteps, and a strip of them", SAVE, IMAGE,
@@ -313,7 +314,7 @@ OPTIONS = (
            "among the last N (--save_last_N) as <output>.best.png", SAVE, action="store_true",
            replay=Replay(360, BARE)),
     Option(("--decoding_batch_size", "--decoding-batch-size"), "capture.decode_batch", "latents decoded "
-           "at once (default 4)", SAVE, parse=positive_int, default=4, replay=Replay(280)),
+           f"at once, 1 .. {MAX_IMAGES} (default 4)", SAVE, parse=positive_int, default=4, replay=Replay(280)),
     Option(("-sp", "--save_prompt"), "capture.save_prompt", "write the prompt into the files (default on); "
            "-sp 0 keeps the prompt, negative prompt and inversion prompt out of every file, a salted hash in their place",
            SAVE, parse=parse_flag, default=True, nargs="?",

@@ -230,9 +230,10 @@ class RunSpec:
         frames = spec.triangle or any(v is not None for v in (c.every, c.last, c.noising_every))
         for name, idle in (("animate", c.animate is not None), ("shows", c.shows != "xt"),
                            ("preview", c.preview != "vae")):
-            if idle and not frames:
+            if idle and not frames:  # text to image has no noising to show
                 raise SpecError(name, "{flag} acts on saved frames, and this run saves none: add "
-                                      "{flag:every} N, {flag:last} N or {flag:noising_every} N")
+                                      + ("{flag:every} N, {flag:last} N or {flag:noising_every} N" if spec.img2img
+                                         else "{flag:every} N or {flag:last} N"))
         if spec.img2img and spec.output is not None and _same_or_ours(spec.image, spec.output):
             raise SpecError("output", f"{{flag}} {spec.output} would overwrite the input picture "
                                       f"{spec.image}; choose another {{flag}}")

@@ -196,6 +196,9 @@ def test_spec_errors_name_fields_and_the_command_line_names_flags(tmp_path):
                                              "-o", str(tmp_path / "o.png")])
     assert status == 2 and err == ("error: --animate acts on saved frames, and this run saves none: add "
                                    "-sd N, --save_last_N N or --show_noising N\n")
+    status, err = _stderr_of("txt2image", ["p", "--animate", "-o", str(tmp_path / "o.png")])  # it has no noising
+    assert status == 2 and err == ("error: --animate acts on saved frames, and this run saves none: add "
+                                   "-sd N or --save_last_N N\n")
     status, err = _stderr_of("image2image", [str(tmp_path / "in.png"), "p", "--keep_best", "-gt",
                                              "-o", str(tmp_path / "o.png")])
     assert status == 2 and "add --save_last_N N (and leave out -gt)" in err
