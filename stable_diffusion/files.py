@@ -10,6 +10,7 @@ or none, never half of one, and no temporary file.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import functools
 import hashlib
@@ -237,6 +238,26 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+_NEW_FILE_MODE = contextvars.ContextVar("new_file_mode", default=0o666)
+
+
+@contextlib.contextmanager
+def as_private_as(path: str | os.PathLike):
+    """New files written inside (by `atomic_write`) give group and others no more than the regular
+    file at `path` gives them: the sidecar and frames of a run whose picture is kept private (0600)
+    are private too, the sidecar holding the prompt. Nothing there, or not a regular file: no limit."""
+    mode = 0o666
+    with contextlib.suppress(OSError, ValueError):
+        found = os.stat(path)
+        if stat.S_ISREG(found.st_mode):
+            mode = 0o600 | (found.st_mode & 0o066)
+    token = _NEW_FILE_MODE.set(mode)
+    try:
+        yield
+    finally:
+        _NEW_FILE_MODE.reset(token)
+
+
 def atomic_write(path: str | os.PathLike, write_fn: Callable[[BinaryIO], Any]) -> Path:
     """Write a file whole or not at all: `write_fn(f)` writes into a temporary binary file, which
     is flushed, fsynced and renamed over `path`. Missing parent folders are created.
@@ -250,9 +271,10 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[BinaryIO], Any]) -
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = _temp_name(path)
-        # os.open with an explicit mode: the file gets the usual permissions (0666 less umask),
-        # where tempfile.mkstemp would leave it readable by its owner only.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        # os.open with an explicit mode: the file gets the usual permissions (0666 less umask, within
+        # as_private_as), where tempfile.mkstemp would leave it readable by its owner only.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                     _NEW_FILE_MODE.get())
         with os.fdopen(fd, "wb") as f:
             with contextlib.suppress(OSError, AttributeError):  # a file replaced keeps its permissions
                 before = os.lstat(path)  # (a picture kept private, 0600, stays so)

@@ -763,11 +763,15 @@ def test_an_output_replacing_a_file_not_ours_says_so_and_keeps_its_permissions(c
     Image.new("RGB", (8, 8)).save(photo)
     photo.chmod(0o600)
     common = ["image2image", picture, "x", "--model", sd2, "--steps", 2, "--seed", 0]
-    status, _, err = main(capsys, *common, "--output", photo)
+    status, _, err = main(capsys, *common, "--output", photo, "-sd", 1)
     assert status == 0 and f"note: {photo} is replaced, though it carries no record of ours" in err, err
-    assert stat.S_IMODE(photo.stat().st_mode) == 0o600 and assert_whole_pictures(tmp_path) == ["holiday.png"]
+    assert assert_whole_pictures(tmp_path) == ["holiday.png", "holiday.step-000.png", "holiday.step-001.png"]
+    # The run's new files are as private as the picture: the sidecar holds the prompt (it was 0644).
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == dict.fromkeys(
+        ["holiday.png", "holiday.json", "holiday.step-000.png", "holiday.step-001.png"], 0o600)
     status, _, err = main(capsys, *common, "--output", photo)
     assert status == 0 and "is replaced" not in err  # ours now
+    assert not (tmp_path / "holiday.step-001.png").exists()
     (tmp_path / "link.png").symlink_to(photo)
     status, _, err = main(capsys, *common, "--output", tmp_path / "link.png")
     assert status == 0 and "link.png is replaced, though it is a link (the link goes, not what it points to)" in err
