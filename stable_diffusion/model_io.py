@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import hashlib
 import itertools
 import math
 import os
@@ -23,7 +24,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from . import memory, ops, single_file
 from .config import components, load_json, missing_component
 from .errors import HubUnreachable, ModelError
-from .files import special_file
+from .files import sampled_digest, special_file
 from .safetensors_io import (WEIGHT_STEMS, Stored, holds_safetensors, index_names, load_tensors, not_a_model_folder,
                              read_pointer, read_safetensors_header, read_safetensors_places, refetch_advice,
                              refuse_pickle, utf8_name, weight_files)
@@ -483,6 +484,19 @@ def fp16_stand_ins(held: dict) -> list:
     is asked for, their plain files missing (weight_files reads them so: a hub fetch in half
     precision takes only those)."""
     return [c for c, (files, _) in held.items() if any(".fp16" in f.name for f in files)]
+
+
+
+def weights_fingerprint(held: dict) -> str:
+    """One SHA-256 hex over every weight file of check_model_folder's `held`, each sampled
+    (files.sampled_digest): the record keeps it, and a replay tells a model folder or file whose
+    weights changed since from one that is as it was, without reading gigabytes."""
+    digest = hashlib.sha256()
+    for component in sorted(held):
+        digest.update(component.encode())
+        for path in held[component][0]:
+            digest.update(sampled_digest(path).encode())
+    return digest.hexdigest()
 
 
 # --- reading and checking tensors ----------------------------------------------------------------

@@ -176,7 +176,8 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
             kept = [*kept[:first], picture, *kept[first + 1:]]
         k = _separator(kept)  # the user's flags go before the positionals (a prompt "-like this")
         expanded = kept[:k] + rest + kept[k:]
-        notes += input_changed(path, record, picture) + adapters_changed(path, record, recorded)
+        notes += input_changed(path, record, picture) + adapters_changed(path, record, recorded) \
+            + model_changed(path, record, parser, recorded)
         changed = _changed(parser, recorded, expanded, record.get("dtype"))
         # -gt 0 of a triangle: one picture, whose strength the record does not hold (0.9 was taken)
         untriangled = bool(changed) and "--generate_triangle" in changed and parser.given(recorded, "generate_triangle")
@@ -394,6 +395,37 @@ def adapters_changed(path: str, record: dict, replayed: list) -> list:
     return notes
 
 
+def _fingerprint(record: dict) -> str | None:
+    """The sampled fingerprint of the weight files a local model was made from (not a hub model's,
+    pinned to its commit; not a record from before fingerprints or a hostile one)."""
+    model = record.get("model") if isinstance(record.get("model"), dict) else {}
+    found = model.get("weights_fingerprint")
+    local = model.get("source") in ("folder", "file", "package")
+    return found if local and isinstance(found, str) and re.fullmatch(r"[0-9a-f]{64}", found) else None
+
+
+def model_changed(path, record: dict, parser, recorded: list) -> list:
+    """A note when the weight files of the recorded model (a local folder or file, the package's,
+    with its --vae) are not those the picture was made with, told by their sampled fingerprints
+    (model_io.weights_fingerprint): headers and 1 MiB a file are read, as the run reads them."""
+    then = _fingerprint(record)
+    if then is None:
+        return []
+    from . import model_io
+    from .session import variant_of
+
+    settings, variant = _settings(parser, recorded), variant_of(record.get("dtype"))
+    try:
+        folder, _ = model_io.resolve_model(settings["model"], variant, settings["vae"], settings["prediction_type"])
+        now = model_io.weights_fingerprint(model_io.check_model_folder(folder, variant))
+    except (InputError, OSError):  # ModelError too: the run refuses it, saying why
+        return []
+    if now == then:
+        return []
+    return [f"replay of {path}: its model's weight files are not those it was made with (fingerprint "
+            f"{then[:12]} then, {now[:12]} now): the pictures will differ"]
+
+
 def _recorded_size(record: dict, recorded: list) -> list:
     """--size for a record whose arguments leave the working size to the default (made before the
     default became the model's native area): the size its input ran at."""
@@ -469,10 +501,11 @@ def sameness(path, record: dict, dtype: str | None, restated: str | None = None)
     differ = [f"{k} not recorded" if then.get(k) is None and k in ("blas", "kernels")
               else f"{k} {_bounded(then.get(k))} (now {now[k]})" for k in now if then.get(k) != now[k]]
     if not differ:
-        # A hub model is pinned to its commit, the package's to its version; a folder's files are
-        # not fingerprinted (reading gigabytes to hash them would cost as much as the run).
+        # A hub model is pinned to its commit; local weight files by their sampled fingerprint
+        # (model_changed), which records from before it lack.
         model = record.get("model") if isinstance(record.get("model"), dict) else {}
-        local = model.get("source") in ("folder", "file") or any(str(a).startswith("--vae=") for a in record["replay"])
+        local = _fingerprint(record) is None and (model.get("source") in ("folder", "file") or any(
+            str(a).startswith("--vae=") for a in record["replay"]))
         # A replay names the hub model at the commit it pins, where the picture may name a branch.
         pinned = model.get("source") == "hub" and model.get("revision") != model.get("commit")
         return (f"replay of {path}: same package versions, device, dtype, BLAS and kernels as when it "

@@ -30,6 +30,11 @@ def default_dtype() -> str:
     return "float16" if mx.default_device() == mx.gpu else default_cpu_dtype()[0]
 
 
+def variant_of(dtype_name: str) -> str | None:
+    """The weight files a dtype reads: a half-precision run the fp16 ones where a model has them."""
+    return None if dtype_name == "float32" else "fp16"
+
+
 class Session:
     """One model (a ModelSpec, checked here) for many runs: its configs, weights and caches. Adapters
     loaded later on the model `load` returns (sd.load_lora, ...) are seen: the prompts' cached
@@ -42,7 +47,7 @@ class Session:
         model = model.validate()
         self.model_spec = model
         self.dtype_name = model.dtype or default_dtype()
-        self.variant = None if self.dtype_name == "float32" else "fp16"
+        self.variant = variant_of(self.dtype_name)
         self.config = None  # read on first use: a run checks its output folder before the model
         self.notices: list[str] = []  # one line per ignored config field (-v)
         self.warnings: list[str] = []  # what the model's view says of its making (always shown)
@@ -82,7 +87,7 @@ class Session:
             source = dict(source, weights={c: "fp16" for c in fp16})
         config = read_pipeline_config(self.folder, self.notices, self.warnings)
         model_arg = f"{source['model']}@{source['commit']}" if source.get("source") == "hub" else source["model"]
-        self.source = dict(source, model_arg=model_arg)
+        self.source = dict(source, model_arg=model_arg, weights_fingerprint=model_io.weights_fingerprint(held))
         self.tokenizers = []
         for (_, tok), encoder in zip(TEXT_COMPONENTS, config.text_encoders):
             self.tokenizers.append(_tokenizer(self.folder / tok))

@@ -116,6 +116,32 @@ def test_replay_of_our_picture_is_byte_identical_and_takes_overrides(tmp_path, p
     assert wrong.returncode == 2 and "image2image" in wrong.stderr
 
 
+def test_a_replay_tells_a_model_whose_weight_files_changed_from_one_as_it_was(tmp_path, picture, sd2):
+    """A folder's weights were not fingerprinted: a replay said "byte-identical, if the model's files
+    are as they were then" whatever they were. A sampled fingerprint is kept and compared."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from stable_diffusion import cli
+
+    model = shutil.copytree(sd2, tmp_path / "model")
+    run(picture, "a barn", "--model", model, "--steps", 2, "--seed", 3, "--output", tmp_path / "a.png")
+    recorded = read_picture_metadata(tmp_path / "a.png")[1]["model"]["weights_fingerprint"]
+    assert recorded == sidecar(tmp_path / "a.json")["model"]["weights_fingerprint"] and len(recorded) == 64
+    notes = cli.replay_arguments("image2image", ["--replay", str(tmp_path / "a.png")])[1]
+    assert len(notes) == 1 and notes[0].endswith("the pictures should be byte-identical"), notes
+    unet = model / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(unet))
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first] + np.float32(1e-3)  # the same names, shapes and size: other values
+    save_file(tensors, str(unet))
+    notes = cli.replay_arguments("image2image", ["--replay", str(tmp_path / "a.png")])[1]
+    assert len(notes) == 1 and notes[0].startswith(f"replay of {tmp_path / 'a.png'}: its model's weight files "
+                                                   f"are not those it was made with (fingerprint {recorded[:12]} "
+                                                   "then, ") and notes[0].endswith("now): the pictures will differ")
+
+
 def test_replay_says_when_its_dtype_or_kernels_differ_from_the_record(tmp_path, picture, sd2):
     run(picture, "a barn", "--model", sd2, "--steps", 2, "--strength", 0.5, "--seed", 2, "--dtype", "float32",
         "--output", tmp_path / "a.png")
