@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 from . import options
 from .errors import InputError
@@ -469,12 +470,22 @@ def _picture_given(command: str, rest: list, record: dict, path) -> tuple[list, 
     given = [i for i, role in enumerate(options.argument_roles(rest)) if role == "positional"]
     if len(given) == prompts + 1 and os.path.isfile(rest[given[0]]):
         return [a for i, a in enumerate(rest) if i != given[0]], rest[given[0]]
+    if prompts and len(given) == 1 and _a_picture_file(rest[given[0]]):  # it would be taken as the prompt
+        raise InputError(f"replay of {_shown(path)}: its prompt is private (kept as a hash), and the one word "
+                         f"given, {_shown(rest[given[0]])}, is a picture file: give the picture, then the "
+                         f'prompt: image2image.py {_shown(rest[given[0]])} "PROMPT" --replay {_shown(path)}')
     source = record.get("input") if isinstance(record.get("input"), dict) else {}
     if len(given) == prompts and isinstance(source.get("path"), str) and not os.path.exists(source["path"]):
         usage = 'PICTURE "PROMPT"' if prompts else "PICTURE"
         raise InputError(f"replay of {_shown(path)}: its input picture {_shown(source['path'])} does not exist "
                          f"any more; give the picture's path first: image2image.py {usage} --replay {_shown(path)}")
     return rest, None
+
+
+def _a_picture_file(text: str) -> bool:
+    from .images import PICTURE_FILE_SUFFIXES
+
+    return Path(text).suffix.lower() in PICTURE_FILE_SUFFIXES and os.path.isfile(text)
 
 
 def sameness(path, record: dict, dtype: str | None, restated: str | None = None) -> str:

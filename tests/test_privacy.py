@@ -81,6 +81,12 @@ def test_private_runs_write_no_byte_of_their_texts_and_replay_asks_for_them(tmp_
     assert refused.returncode == 2 and "give the prompt again" in refused.stderr
     refused = commands.run("image2image.py", "--replay", single / "p.png", PROMPT, "--output", replayed)
     assert refused.returncode == 2 and "--negative_prompt" in refused.stderr
+    # A picture given in the recorded one's place, the prompt forgotten: it was taken as the prompt.
+    refused = commands.run("image2image.py", picture, "--replay", single / "p.png", "--output", replayed)
+    assert refused.returncode == 2 and refused.stderr == (
+        f"error: replay of {single / 'p.png'}: its prompt is private (kept as a hash), and the one word given, "
+        f'{picture}, is a picture file: give the picture, then the prompt: image2image.py {picture} "PROMPT" '
+        f"--replay {single / 'p.png'}\n")
     assert not replayed.parent.exists()
     # The output flag first, the prompt after the picture: the prompt is the first positional.
     again = commands.run("image2image.py", "--output", replayed, "--replay", single / "p.png", PROMPT,
