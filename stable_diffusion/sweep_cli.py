@@ -49,9 +49,9 @@ def build_sweep_parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--replay", metavar="PICTURE", help=argparse.SUPPRESS)
     g = p.add_argument_group("the grid (lists: 5,7.5; ranges: 0.1:1.0:0.1 with the end included, "
                              "or 1-8 for whole numbers)")
-    if command == "image2image":
-        g.add_argument("--strengths", "--strength", dest="strengths", metavar="VALUES",
-                       help="strengths, each 0.001 .. 1 (default 0.9)")
+    # txt2image takes it to refuse it by name (_grid_values), not as words past the prompt.
+    g.add_argument("--strengths", "--strength", dest="strengths", metavar="VALUES",
+                   help="strengths, each 0.001 .. 1 (default 0.9)" if command == "image2image" else argparse.SUPPRESS)
     g.add_argument("--seeds", "--seed", dest="seeds", metavar="VALUES", help="seeds, each 0 .. 2**64-1 (default: "
                    "random)")
     g.add_argument("--cfg", dest="cfg", metavar="VALUES", help=f"guidance weights, each 0 .. {MAX_CFG:g}")

@@ -738,3 +738,12 @@ def test_a_grid_files_sampler_names_are_taken_in_any_letter_case(capsys, tmp_pat
                                 "--grid", tmp_path / "g.toml", "--quiet", "-o", tmp_path / "out")
     assert status == 0, err
     assert sorted(r["spec"]["sampler"] for r in manifest(tmp_path / "out")) == ["dpmpp_2m", "euler"]
+
+
+def test_a_text_to_image_sweep_given_strengths_is_told_they_need_a_picture(capsys, tmp_path, sd2):
+    """`sweep.py txt2image ... --strengths` was told that a prompt of several words goes in quotes."""
+    for flag in ("--strengths", "--strength"):
+        status, _, err = in_process(capsys, "txt2image", "a red square", "--model", sd2, flag, "0.5,1",
+                                    "-o", tmp_path / "o")
+        assert (status, err) == (2, "error: --strengths needs an input picture: use image2image\n")
+    assert not (tmp_path / "o").exists()
