@@ -170,6 +170,18 @@ class _Parser(argparse.ArgumentParser):
         return ""
 
 
+class _Version(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .record import versions
+
+        found = versions()
+        tool = found.pop("mlx-sd-trajectory")
+        print(f"mlx-sd-trajectory {tool or 'not installed'} ("
+              + ", ".join(f"{name} {version or 'not installed'}" for name, version in found.items())
+              + f"; Python {sys.version.split()[0]})")
+        parser.exit()
+
+
 def build_parser(command: str, sweep: bool = False) -> argparse.ArgumentParser:
     """The arguments of `image2image` or `txt2image`, as the options table lists them.
     `sweep`: the base of sd-sweep's parser (stable_diffusion/sweep_cli.py), where the prompt may
@@ -178,6 +190,8 @@ def build_parser(command: str, sweep: bool = False) -> argparse.ArgumentParser:
         "Stable Diffusion image-to-image on MLX, saving every stage of the trajectory."
         if command == "image2image" else
         "Stable Diffusion text-to-image on MLX, saving every stage of the trajectory."))
+    p.add_argument("--version", action=_Version, nargs=0, default=argparse.SUPPRESS, help="print the versions of this tool, MLX, NumPy, "
+                   "Pillow and Python, and exit")
     groups = {None: p}
     for row in options.rows(options.parser_name(command, sweep)):
         if row.group not in groups:

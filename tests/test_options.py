@@ -3,6 +3,7 @@ replay arguments are built from it, and agree with it. No model, no mlx."""
 
 import contextlib
 import io
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,15 +14,17 @@ from stable_diffusion.errors import HubUnreachable, InputError, ModelError
 from stable_diffusion.spec import Capture, Inversion, ModelSpec, RunSpec, SpecError
 from stable_diffusion.sweep_cli import SWEEP_FLAGS, build_sweep, build_sweep_parser
 
+import commands
+
 PARSERS = [("image2image", False), ("txt2image", False), ("image2image", True), ("txt2image", True)]
 
 
 def _arguments(parser) -> tuple[set, set]:
-    """(option strings, positional names) of a parser, --help aside."""
+    """(option strings, positional names) of a parser, --help and --version aside."""
     flags, positional = set(), set()
     for action in parser._actions:
         if action.option_strings:
-            flags.update(s for s in action.option_strings if s not in ("-h", "--help"))
+            flags.update(s for s in action.option_strings if s not in ("-h", "--help", "--version"))
         else:
             positional.add(action.dest)
     return flags, positional
@@ -260,3 +263,12 @@ def test_an_output_refused_only_where_the_run_would_write_over_its_input(tmp_pat
             spec.validate()
     else:
         spec.validate()
+
+
+@pytest.mark.parametrize("script", ["image2image.py", "txt2image.py", "sweep.py"])
+def test_version_names_the_tool_and_what_it_runs_on(script):
+    from importlib.metadata import version
+
+    result = commands.run(script, "--version", check=True)
+    assert result.stdout.startswith(f"mlx-sd-trajectory {version('mlx-sd-trajectory')} (mlx {version('mlx')}, ")
+    assert result.stdout.endswith(f"; Python {sys.version.split()[0]})\n") and not result.stderr
