@@ -249,3 +249,10 @@ def check_fits(estimate: dict, available_bytes: int | None) -> None:
               else "most of it is the program's own (runtime): close other programs to free memory")
     raise InputError(f"this run needs about {size(estimate['total'])} of memory ({shown}), more "
                      f"than the {size(available_bytes)} available; {advice}")
+
+
+def check_loaded_fits(estimate: dict, available_bytes: int | None) -> None:
+    """`check_fits` for a model already loaded (the library's generations): its weights and the
+    runtime are held, so the memory available is what the phases may take."""
+    held = estimate["weights"] + estimate["runtime"]
+    check_fits(dict(estimate, weights=0, runtime=0, total=estimate["total"] - held), available_bytes)

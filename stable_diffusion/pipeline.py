@@ -16,7 +16,7 @@ from typing import NamedTuple
 import mlx.core as mx
 import numpy as np
 
-from . import memory, model_io
+from . import budget, memory, model_io
 from .clip import CLIPTextModel
 from .config import TEXT_COMPONENTS, PipelineConfig, read_pipeline_config
 from .errors import InputError
@@ -271,8 +271,15 @@ class StableDiffusion:
 
 def _plan(sd: StableDiffusion, spec: RunSpec, image_size: tuple):
     """The plan of a generation from memory: the picture is already at the size to run (no working
-    size to choose), and a setting only the model can judge (a sampler it lacks) is refused now."""
-    return _keywords_named(lambda: make_plan(replace(spec, size=tuple(image_size)), sd.config, sd.tokenizers))
+    size to choose), and a setting only the model can judge (a sampler it lacks) is refused now, as
+    is one whose encoding, steps and decoding of a picture would take more memory than is left (an
+    allocation that fails inside MLX ends the process)."""
+    plan = _keywords_named(lambda: make_plan(replace(spec, size=tuple(image_size)), sd.config, sd.tokenizers))
+    dtype = str(sd.dtype).rsplit(".", 1)[-1]
+    budget.check_loaded_fits(budget.estimate_peak_bytes(
+        sd.config, dtype, plan.image_size, spec.n_images, 1, 0, plan.guided, spec.img2img, counts={},
+        **budget.device_paths(dtype)), budget.available_memory())
+    return plan
 
 
 class Generation:

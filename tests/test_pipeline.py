@@ -255,3 +255,25 @@ def test_the_library_refuses_pictures_latents_and_noise_it_cannot_run_before_any
             load_image(thing)
     with pytest.raises(InputError, match="^load_image reads a picture file: give its path, not its bytes$"):
         load_image((Path(__file__).parent.parent / "images" / "shapes-input.png").read_bytes())
+
+
+def test_the_library_refuses_a_generation_the_memory_left_cannot_hold_before_encoding(monkeypatch):
+    """The commands checked the memory before a run, the library never: an allocation that fails
+    inside MLX ends the process, with no word. Here the memory left is made 200 MB."""
+    from stable_diffusion import budget
+    from stable_diffusion.errors import InputError
+    from stable_diffusion.pipeline import StableDiffusion
+
+    sd = StableDiffusion.from_pretrained("shapes")
+    encoded = []
+    monkeypatch.setattr(sd, "encode", lambda *a: encoded.append(a))
+    monkeypatch.setattr(budget, "available_memory", lambda: 200 * 2**20)
+    with pytest.raises(InputError, match=r"^this run needs about .* of memory \(vae_decode .*\), more than the "
+                                         r"200 MB available; the largest part is vae_decode: use a smaller decoding "
+                                         r"batch, or a smaller picture$"):
+        sd.generate_latents_from_image(np.zeros((2048, 2048, 3), np.float32), "a red circle", seed=0)
+    assert encoded == []
+    with pytest.raises(InputError, match="more than the 200 MB available"):
+        sd.generate_latents("a red circle", seed=0, latent_size=(256, 256))
+    # The weights and the program itself are held already: a small generation fits what is left.
+    assert [s.index for s in sd.generate_latents("a red circle", num_steps=1, seed=0)] == [0, 1]
