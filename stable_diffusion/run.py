@@ -258,15 +258,23 @@ def _walk_and_keep(session, sd, plan, names, ledger, texts, picture, taesd, cons
     except KeyboardInterrupt:
         # The frames made before the stop (waiting for their decoding batch, or in the batch it cut
         # short) are written, then what whole rows make (a partial triangle), by the sinks not yet
-        # finished (a stop as the last rows' fidelity is decoded lost the triangle). Later stops
-        # are ignored until the run's record is written (signals.stop).
+        # finished (a stop as the last rows' fidelity is decoded lost the triangle). A second stop
+        # drops what is not yet written (a full-size decode takes seconds a frame on a CPU); later
+        # ones are ignored until the run's record is written (signals.stop).
         if writer.waiting():
-            console.notice(f"stopping: writing the {writer.waiting()} frame(s) made before the stop")
-        for sink in (writer, *(sink for sink in kept if sink not in finished)):
-            try:
-                sink.salvage()
-            except Exception as e:  # noqa: BLE001 - the run ends as interrupted, whatever this does
-                console.notice(f"what the run made so far could not be written ({type(e).__name__}: {e})")
+            console.notice(f"stopping: writing the {writer.waiting()} frame(s) made before the stop "
+                           "(Ctrl-C again to drop them)")
+        try:
+            with signals.second_stop_skips():
+                for sink in (writer, *(sink for sink in kept if sink not in finished)):
+                    try:
+                        sink.salvage()
+                    except signals.Skipped:
+                        raise
+                    except Exception as e:  # noqa: BLE001 - the run ends as interrupted, whatever this does
+                        console.notice(f"what the run made so far could not be written ({type(e).__name__}: {e})")
+        except signals.Skipped:
+            console.notice("stopped again: what the run had not yet written is dropped")
         raise
 
 

@@ -6,6 +6,8 @@
 - `deferred()`: a block that must not be cut (a file's rename and its entry in the sidecar) holds
   signals back and handles the first one after it.
 - `shielded()`: the run's last word (its final sidecar) is not cut short at all.
+- `second_stop_skips()`: after a first stop, a block that may be cut short by another (the writing
+  of the frames made before the stop, which can take minutes): it raises `Skipped`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ class Terminated(KeyboardInterrupt):
     def __init__(self, signum=signal.SIGTERM):
         super().__init__()
         self.signum = signum
+
+
+class Skipped(Exception):
+    """A second stop signal, in a `second_stop_skips` block: what the block was doing is dropped."""
 
 
 def _on_main_thread() -> bool:
@@ -192,3 +198,25 @@ def shielded():
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
+
+
+@contextlib.contextmanager
+def second_stop_skips():
+    """After a first stop (whose handler ignores the later ones): inside the block, the next stop
+    signal raises `Skipped`, once; the later ones are ignored again. A deferred block (a file's
+    rename and its ledger entry) still ends first."""
+    if not _on_main_thread():
+        yield
+        return
+
+    def skip(signum, frame):
+        for s in STOP_SIGNALS:
+            signal.signal(s, ignore_signal)
+        raise Skipped()
+
+    previous = {s: signal.signal(s, skip) for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -863,6 +863,31 @@ def test_ctrl_c_during_decoding_keeps_what_was_written(capsys, tmp_path, picture
     assert listed(record) == set(assert_whole_pictures(tmp_path)) == {f"o.step-00{k}.png" for k in range(3)}
 
 
+def test_a_second_ctrl_c_drops_the_frames_the_stop_was_writing(capsys, tmp_path, picture, sd2, monkeypatch,
+                                                                default_stop_handlers):
+    """The frames made before a stop are decoded and written as the run stops: seconds a frame at
+    full size on a CPU, minutes for a batch, and every later Ctrl-C was ignored. A second one
+    drops them; the sidecar still lists what was written."""
+    decode, calls = StableDiffusion.decode, []
+
+    def signalled_decode(self, x):
+        calls.append(1)
+        if len(calls) in (3, 4):  # the third frame's decoding, then its decoding again as the run stops
+            os.kill(os.getpid(), signal.SIGINT)
+        return decode(self, x)
+
+    monkeypatch.setattr(StableDiffusion, "decode", signalled_decode)
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 6, "--strength", 1,
+                          "-sd", 1, "--decoding_batch_size", 1, "--seed", 0, "--output", tmp_path / "o.png")
+    assert status == 130 and len(calls) == 4, err
+    assert "stopping: writing the 1 frame(s) made before the stop (Ctrl-C again to drop them)" in err
+    assert "stopped again: what the run had not yet written is dropped" in err
+    assert stderr_lines(err)[-1].startswith("interrupted: kept 2 file(s)"), err
+    record = sidecar(tmp_path / "o.json")
+    assert record["status"] == "interrupted" and temporaries(tmp_path) == []
+    assert listed(record) == set(assert_whole_pictures(tmp_path)) == {"o.step-000.png", "o.step-001.png"}
+
+
 def test_ctrl_c_in_the_middle_of_a_file_leaves_no_part_of_it(capsys, tmp_path, picture, sd2, monkeypatch):
     save, calls = Image.Image.save, []
 
@@ -890,12 +915,12 @@ def test_ctrl_c_in_the_middle_of_a_file_leaves_no_part_of_it(capsys, tmp_path, p
 def test_signal_just_after_a_rename_still_lists_the_file(capsys, tmp_path, picture, sd2, monkeypatch, signum,
                                                          default_stop_handlers):
     # The signal arrives the moment the first frame has its final name: the sidecar must list it.
-    replace = os.replace
+    replace, sent = os.replace, []
 
     def signalled_replace(src, dst, *args, **kwargs):
         replace(src, dst, *args, **kwargs)
-        if str(dst).endswith(".step-000.png"):
-            os.kill(os.getpid(), signum)
+        if str(dst).endswith(".step-000.png") and not sent:  # once: a second stop drops the frames left
+            sent.append(os.kill(os.getpid(), signum))
 
     monkeypatch.setattr(os, "replace", signalled_replace)
     status, _, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 4,
