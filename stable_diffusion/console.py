@@ -20,7 +20,9 @@ from .errors import name_fields
 
 # Characters a terminal acts on instead of showing (escape sequences, line breaks), written as \xNN:
 # the text of a message may come from a file (a key name, a config field, a picture's record).
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# Control characters, line separators and the bidirectional marks and overrides, which would
+# reorder what a terminal shows (a file name that reads backwards).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 MAX_LINE = 2000  # characters of one printed line; a longer one is cut, saying how much
 
 

@@ -394,6 +394,11 @@ def test_text_from_files_reaches_the_terminal_as_one_printable_line(capsys, tmp_
     assert "ignoring fields \\x1b[2Jevil\\x0aerror: forged" in err
     status, _, err = main(capsys, "txt2image", "x", "--model", tmp_path / "gone\x1b[31m")
     only_error(status, 2, err, "gone\\x1b[31m")
+    # -v's traceback holds the message too (it came through raw); a right-to-left override would
+    # show a name reversed ("gnp.safetensors" read as "safetensors.png").
+    status, _, err = main(capsys, "txt2image", "x", "--model", model, "--lora", tmp_path / "\x1b]8;;x\x07\u202egnp.st", "-v")
+    assert status == 2 and "Traceback" in err and "\x1b" not in err and "\x07" not in err and "\u202e" not in err, err
+    assert err.splitlines()[-1].endswith("\\x1b]8;;x\\x07\\u202egnp.st does not exist"), err
     status, _, err = main(capsys, "txt2image", "x", "--model", model, "--size", "64x" + "9" * 5000)
     line = only_error(status, 2, err, "--size")
     assert len(line) < MAX_LINE + 40 and line.endswith("more characters)")
