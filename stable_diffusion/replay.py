@@ -165,6 +165,7 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
     if isinstance(record, dict) and "replay" in record or not isinstance(record, dict):
         record = check_record(record, command, path)
         recorded = parser.joined(check_arguments(record.get("replay"), parser, path))
+        _check_input_named_once(record, recorded, path)
         rest, picture = _picture_given(command, rest, record, path)
         notes, base = [], recorded
         if record.get("private"):
@@ -457,6 +458,16 @@ def input_changed(path, record: dict, picture: str | None = None) -> list:
         f"its input picture {source['path']} has changed since"
     return [f"replay of {path}: {which} (sha256 {str(source.get('sha256', '?'))[:12]} then, {digest[:12]} "
             "now): the pictures will differ"]
+
+
+def _check_input_named_once(record: dict, recorded: list, path) -> None:
+    """The input picture the replay's arguments read is the one the record's input names (whose
+    sha256 the replay checks): a crafted record read one file and vouched for another."""
+    source = record.get("input")
+    named = [a for a, role in zip(recorded, options.argument_roles(recorded)) if role == "positional"]
+    if source and named and os.path.abspath(named[0]) != source["path"]:
+        raise _refuse(path, f"its record's input {_bounded(source['path'])} is not the picture its arguments "
+                            f"read ({_bounded(named[0])})")
 
 
 def _picture_given(command: str, rest: list, record: dict, path) -> tuple[list, str | None]:

@@ -147,6 +147,10 @@ def test_a_record_of_the_wrong_shape_is_refused_whole(tmp_path, recorded, words)
     (our_record([str(INPUT), "a"], input={"path": "x", "size": [True, 64]}), "input size is not two sizes"),
     (our_record([str(INPUT), "a"], input={"path": "x", "size": [-64, 1e30]}), "input size is not two sizes"),
     ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    # It read one picture and vouched for another, whose sha256 the replay checks.
+    (our_record([str(INPUT), "a"], input={"path": "/elsewhere/in.png", "sha256": "0" * 64}),
+     f"its record's input /elsewhere/in.png is not the picture its arguments read ({INPUT})"),
+    (our_record(["in.png", "a"], input={"path": str(INPUT), "sha256": "0" * 64}), "not the picture its arguments read"),
 ])
 def test_a_record_that_is_not_one_of_ours_is_refused(tmp_path, record, words):
     picture = picture_with(tmp_path / "p.png", record)
