@@ -179,34 +179,39 @@ def generation_parameters(prompt: str, negative_prompt: str = "", *, steps: int,
                            extra=fields)
 
 
-def _parse_fields(line: str) -> dict[str, str] | None:
-    """`Key: value, Key: "quoted, value", ...` -> dict, or None when the line is not of that form."""
+def _parse_fields(line: str) -> tuple[dict[str, str], list[str]]:
+    """`Key: value, Key: "quoted, value", ...` -> (fields, the fragments between commas that are
+    not `Key: value`), read as A1111 reads it: an unquoted comma inside a value (`Template: a, b`)
+    leaves a fragment, which is passed over."""
     fields: dict[str, str] = {}
+    skipped: list[str] = []
     i = 0
-    while True:
-        m = _FIELD_KEY.match(line, i)
-        if m is None:
-            return None
-        key, i = m.group(1), m.end()
-        if line.startswith('"', i):
-            try:
-                value, i = _JSON_DECODER.raw_decode(line, i)
-            except ValueError:
-                return None
-        else:
-            j = line.find(",", i)
-            j = len(line) if j < 0 else j
-            value, i = line[i:j].rstrip(), j
-        fields[key] = value
-        if len(fields) > MAX_FIELDS:
+    while not _REST_BLANK.match(line, i):
+        m, end = _FIELD_KEY.match(line, i), None
+        if m is not None:
+            key, j = m.group(1), m.end()
+            if line.startswith('"', j):
+                try:
+                    value, j = _JSON_DECODER.raw_decode(line, j)
+                except ValueError:
+                    j = None
+            else:
+                k = line.find(",", j)
+                k = len(line) if k < 0 else k
+                value, j = line[j:k].rstrip(), k
+            end = None if j is None else _FIELD_END.match(line, j)
+        if end is not None:
+            fields[key] = value
+            i = end.end()
+        else:  # not a field: passed over, to the next comma
+            k = line.find(",", i)
+            k = len(line) if k < 0 else k
+            skipped.append(line[i:k].strip())
+            i = k + 1
+        if len(fields) + len(skipped) > MAX_FIELDS:
             raise InputError(f"parameters text: more than {MAX_FIELDS} fields on its last line; not a "
                              "picture's settings")
-        end = _FIELD_END.match(line, i)
-        if end is None:
-            return None
-        i = end.end()
-        if end.group(1) == "" or _REST_BLANK.match(line, i):  # a trailing comma ends the line too
-            return fields
+    return fields, skipped
 
 
 def _typed(fields: dict[str, str], key: str, kind: type) -> Any:
@@ -223,19 +228,20 @@ def parse_parameters_text(text: str) -> dict[str, Any]:
     """Read a `parameters` text back (ours or another tool's).
 
     Returns prompt, negative_prompt (str), steps, seed, width, height (int), cfg_scale, strength
-    (float), sampler, model (str), each None where the text lacks it, and `extra`: every other field
-    as text. The last line counts as the field line when it has at least three `Key: value` fields,
-    as A1111 decides.
+    (float), sampler, model (str), each None where the text lacks it, `extra`: every other field
+    as text, and `skipped`: the fragments of the field line that are not fields. The last line
+    (line ends and spaces after it aside) counts as the field line when it has at least three
+    `Key: value` fields, as A1111 decides.
     """
     if len(text) > MAX_TEXT_CHARS:
         raise InputError(f"parameters text of {len(text)} characters, more than {MAX_TEXT_CHARS}: "
                          "not a picture's settings")
-    lines = text.split("\n")
-    fields = _parse_fields(lines[-1])
-    if fields is not None and len(fields) >= 3:
+    lines = text.rstrip().split("\n")  # a line end after the fields (CRLF too) leaves them the last line
+    fields, skipped = _parse_fields(lines[-1])
+    if len(fields) >= 3:
         lines = lines[:-1]
     else:
-        fields = {}
+        fields, skipped = {}, []
     prompt_lines: list[str] = []
     negative_lines: list[str] | None = None
     for line in lines:
@@ -266,6 +272,7 @@ def parse_parameters_text(text: str) -> dict[str, Any]:
         "model": fields.pop("Model", None),
         "strength": _typed(fields, "Denoising strength", float),
         "extra": fields,
+        "skipped": skipped,
     }
 
 
@@ -355,5 +362,9 @@ def parse_parameters(text: str) -> tuple[dict[str, Any], list[str]]:
     else:
         warnings.append(f"{len(unknown)} fields are not settings here, not used: {'; '.join(unknown[:5])}; "
                         f"and {len(unknown) - 5} more")
+    if parsed["skipped"]:
+        shown = "; ".join(repr(f[:40]) for f in parsed["skipped"][:3])
+        warnings.append(f"its settings line holds {len(parsed['skipped'])} part(s) that are not Key: value "
+                        f"({shown}{'; ...' if len(parsed['skipped']) > 3 else ''}): passed over")
     return fields, warnings
 

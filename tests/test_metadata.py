@@ -204,7 +204,7 @@ def test_parameters_round_trip(prompt, negative):
                            extra={"Forward path": "shared", "Comment": 'x, y: "z"\nw'}, **FIELDS)
     back = parse_parameters_text(text)
     assert back == {"prompt": prompt, "negative_prompt": negative, "strength": 0.25,
-                    "extra": {"Forward path": "shared", "Comment": 'x, y: "z"\nw'}, **FIELDS}
+                    "extra": {"Forward path": "shared", "Comment": 'x, y: "z"\nw'}, "skipped": [], **FIELDS}
     assert isinstance(back["steps"], int) and isinstance(back["cfg_scale"], float)
 
 
@@ -226,6 +226,26 @@ def test_parse_reads_another_tools_text():
     assert back["model"] is None and back["strength"] is None
     assert back["extra"] == {"Model hash": "abc123", "Lora hashes": "x: 1, y: 2",
                              "Version": "v1.9.0"}
+
+
+def test_parse_reads_a_field_line_as_a1111_does():
+    """A line end after the fields (or CRLF line ends) made the whole text the prompt, or the fields
+    the negative prompt; an unquoted comma in a value did the same. A1111 reads them; so do we,
+    saying what was passed over."""
+    from stable_diffusion.infotext import parse_parameters
+
+    fields = "Steps: 30, Sampler: Euler a, CFG scale: 7, Seed: 123, Size: 512x512"
+    for text in (f"a cat\nNegative prompt: dog\n{fields}\n", f"a cat\r\nNegative prompt: dog\r\n{fields}\r\n"):
+        back = parse_parameters_text(text)
+        assert (back["prompt"].rstrip("\r"), back["negative_prompt"].rstrip("\r")) == ("a cat", "dog")
+        assert (back["steps"], back["seed"], back["skipped"]) == (30, 123, [])
+    parsed, notes = parse_parameters(f"a cat\n{fields}, Template: red, blue, green, Version: v1")
+    assert (parsed["prompt"], parsed["seed"], parsed["sampler"]) == ("a cat", 123, "euler_a")
+    assert notes == ["Template: 'red' is not a setting here; not used", "Version: 'v1' is not a setting here; not used",
+                     "its settings line holds 2 part(s) that are not Key: value ('blue'; 'green'): passed over"]
+    assert parse_parameters_text("a cat, a dog: yes, fine")["prompt"] == "a cat, a dog: yes, fine"  # one field
+    with pytest.raises(InputError, match="CFG scale should be a number, found '\\[1'"):
+        parse_parameters_text("p\nSteps: 3, CFG scale: [1,2], Seed: 1")
 
 
 def test_parse_without_a_field_line_is_all_prompt():
