@@ -8,6 +8,7 @@ with zero-padded numbers so that the names sort; the sidecar is `<stem>.json`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import files
-from .errors import InputError
+from .errors import InputError, OutputBusy
 from .record import NotOurs, fingerprint, read_own_sidecar
 from .spec import SpecError
 
@@ -31,6 +32,22 @@ def derived_base(stem: str) -> str | None:
     """`x` for a stem named as a file of the run `x` (`x.step-001`, `x.curve`, ...), else None."""
     m = _DERIVED.fullmatch(stem)
     return None if m is None else m[1]
+
+
+@contextlib.contextmanager
+def namesake_lock(output: Path, wait: bool = False, on_wait=None):
+    """For an output named as a file of another output's run (`y.step-001.png` of `y.png`), that
+    output's lock too, for the block: the two runs at once would write one file, each listing it."""
+    base = derived_base(output.with_suffix("").name)
+    with contextlib.ExitStack() as stack:
+        if base is not None:
+            owner = output.with_name(base + output.suffix)
+            try:
+                stack.enter_context(files.output_lock(owner, wait, on_wait))
+            except OutputBusy as e:
+                raise OutputBusy(f"{output} is named as a file of {owner.name}'s run, which another run is "
+                                 f"writing ({e.holder})", e.holder) from None
+        yield
 
 
 @dataclass(frozen=True)

@@ -132,7 +132,8 @@ def execute(session, spec, console=None, argv=(), replay=None, picture=None, wai
     def waiting(holder):
         console.notice(f"{spec.output} is being written by another run ({holder}); waiting")
 
-    with files.output_lock(spec.output, wait, waiting), files.as_private_as(spec.output):
+    with outputs.namesake_lock(spec.output, wait, waiting), files.output_lock(spec.output, wait, waiting), \
+            files.as_private_as(spec.output):
         # --- 1. checks: nothing heavy is read, and nothing but the output folder is made ---------
         outputs.prepare(spec.output, console.notice)
         plan = plan_for(session, spec, upright_size(picture) if spec.img2img else None, console.notice)

@@ -1007,6 +1007,24 @@ done
 """
 
 
+def test_two_runs_at_once_whose_names_overlap_are_one_too_many(capsys, tmp_path, picture, sd2):
+    """`-o y.step-001.png` while a run of y.png with -sd 1 starts: each took its own name's lock, and
+    both wrote y.step-001.png, each listing it, exit 0. Run one after the other, the second was
+    refused; at once, one of them now is, whichever started second."""
+    from stable_diffusion import files, outputs
+
+    common = ["image2image", picture, "x", "--model", sd2, "--steps", 2, "--seed", 0, "-sd", 1]
+    with files.output_lock(tmp_path / "y.png"):  # the run of y.png is under way
+        status, _, err = main(capsys, *common, "--output", tmp_path / "y.step-001.png")
+        only_error(status, 2, err, f"{tmp_path / 'y.step-001.png'} is named as a file of y.png's run, which "
+                                   f"another run is writing (pid {os.getpid()}")
+    with outputs.namesake_lock(tmp_path / "y.step-001.png"):  # the run of y.step-001.png is under way
+        status, _, err = main(capsys, *common, "--output", tmp_path / "y.png")
+        only_error(status, 2, err, f"{tmp_path / 'y.png'} is being written by another run (pid {os.getpid()}")
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == []
+    assert main(capsys, *common, "--output", tmp_path / "y.curve.png")[0] == 0  # no run of y holds it now
+
+
 def test_sweep_from_a_shell_script_leaves_only_whole_files(tmp_path, picture, sd2):
     script, out, statuses = tmp_path / "sweep.sh", tmp_path / "out", tmp_path / "statuses"
     script.write_text(SWEEP)
