@@ -436,16 +436,17 @@ def _check_length(tokenizers, what: str, text: str, notice) -> int:
     """Tokens the text encoders cannot read; a notice says which were dropped."""
     worst, lost = None, 0
     for tokenizer in tokenizers:
-        ids = tokenizer.encode(text)
+        ids, complete = tokenizer.encode_counted(text)
         room = tokenizer.max_length - 2  # the start and end tokens take two places
         if len(ids) - room > lost:
-            worst, lost = (tokenizer, ids, room), len(ids) - room
+            worst, lost = (tokenizer, ids, room, complete), len(ids) - room
     if worst is not None:
-        tokenizer, ids, room = worst
+        tokenizer, ids, room, complete = worst
         dropped = tokenizer.decode(ids[room:])
         dropped = dropped if len(dropped) <= 60 else dropped[:57] + "..."
-        notice(f"the {what} is {len(ids)} tokens; the text encoder takes {room} "
-               f"({tokenizer.max_length} with its start and end tokens), so the last {lost} were "
+        least = "" if complete else "at least "  # the count stops at the tokenizer's bound
+        notice(f"the {what} is {least}{len(ids)} tokens; the text encoder takes {room} "
+               f"({tokenizer.max_length} with its start and end tokens), so {least}the last {lost} were "
                f"dropped: {dropped!r}")
     return lost
 

@@ -106,8 +106,8 @@ def test_a_long_prompt_is_reported_with_the_tokens_it_loses():
     class Words:  # a stand-in tokenizer: one token per word
         max_length = 6
 
-        def encode(self, text):
-            return text.split()
+        def encode_counted(self, text):  # at most 7 words counted, as the real one stops at 1024
+            return text.split()[:7], len(text.split()) <= 7
 
         def decode(self, ids):
             return " ".join(ids)
@@ -118,6 +118,11 @@ def test_a_long_prompt_is_reported_with_the_tokens_it_loses():
     assert plan.dropped_tokens == {"prompt": 2, "negative_prompt": 0}
     assert said == ["the prompt is 6 tokens; the text encoder takes 4 (6 with its start and end tokens), "
                     "so the last 2 were dropped: 'five six'"]
+    said = []  # past the count's bound: it was said to be the bound's count
+    make_plan(RunSpec("one two three four five six seven eight", "o.png", seed=1), _config(), [Words()],
+              notice=said.append)
+    assert said == ["the prompt is at least 7 tokens; the text encoder takes 4 (6 with its start and end tokens), "
+                    "so at least the last 3 were dropped: 'five six seven'"]
 
 
 def _stand_in(noise: NoiseSchedule):
