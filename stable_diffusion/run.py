@@ -149,6 +149,7 @@ def execute(session, spec, console=None, argv=(), replay=None, picture=None, wai
         preview = _preview_source(plan, session)  # found and its config read; loaded with the model
         if not spec.capture.save_prompt:
             privacy.salt()  # a salt that cannot be made or trusted is refused before the work
+        memory = _check_memory(session, plan, console)  # a refusal is one line: before the plan's
         for line in session.warnings:
             console.notice(line)
         for line in session.notices:
@@ -156,7 +157,6 @@ def execute(session, spec, console=None, argv=(), replay=None, picture=None, wai
         for line in plan.describe():
             console.say(line)
         console.say(f"seed {plan.spec.seed}")
-        memory = _check_memory(session, plan, console)
         timings["checks_s"] = elapsed(started)
 
         # --- 2. load: strict keys, shapes and dtypes (model_io), once per session -------------

@@ -1746,3 +1746,16 @@ def test_memory_error_says_out_of_memory(capsys, tmp_path, picture, sd2, monkeyp
                           "--output", tmp_path / "o.png")
     lines = stderr_lines(err)
     assert status == 1 and lines[-1].startswith("failed: out of memory: use a smaller picture"), err
+
+
+def test_a_memory_refusal_is_its_one_line_with_no_plan_before_it(capsys, tmp_path, picture, sd2, monkeypatch):
+    """The plan and the seed came first on stdout: a script reading it saw a seed for a run that
+    never happened."""
+    from stable_diffusion import budget
+
+    monkeypatch.setattr(budget, "available_memory", lambda: 2**20)
+    status, out, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 2, "--seed", 7,
+                            "--output", tmp_path / "o.png")
+    assert out == ""
+    only_error(status, 2, err, "more than the 1 MB available")
+    assert list(tmp_path.iterdir()) == []
