@@ -107,7 +107,8 @@ def execute(session, spec, console=None, argv=(), replay=None, picture=None, wai
     `output_named` False: the output's name is not the user's (a sweep's run), so a picture there
     is replaced only where it is ours (outputs.check_in_the_way).
 
-    Ctrl-C (or SIGTERM, SIGHUP) stops the run and returns its result with status "interrupted",
+    Ctrl-C (KeyboardInterrupt; SIGTERM and SIGHUP too inside `signals.handled()`, as the commands
+    run it: elsewhere they end the process) stops the run and returns its result with status "interrupted",
     its files and sidecar kept (a stop before the first step's UNet call leaves no sidecar, unless
     an earlier run's files are listed in it): a loop over runs checks `result.status` to stop too."""
     started = time.perf_counter()
