@@ -415,7 +415,7 @@ def main(command: str, argv=None) -> int:
 
 
 def _command(command: str, typed: list, console: Console) -> int:
-    from .replay import find
+    from .replay import check_cost, find
 
     argv, notes = replay_arguments(command, typed)
     parser = build_parser(command)
@@ -450,12 +450,16 @@ def _command(command: str, typed: list, console: Console) -> int:
     from .outputs import check_name_length
 
     check_name_length(spec.output)  # the plan's names, once planned
-    return _run(spec, model, console, typed, args.wait, notes)
+    replayed = find(typed, parser)
+    bounded = None if replayed is None or args.allow_long_replay else functools.partial(check_cost, replayed[0])
+    return _run(spec, model, console, typed, args.wait, notes, bounded)
 
 
-def _run(spec: RunSpec, model: ModelSpec, console: Console, typed: list, wait: bool, notes: list) -> int:
+def _run(spec: RunSpec, model: ModelSpec, console: Console, typed: list, wait: bool, notes: list,
+         check_plan=None) -> int:
     """One run, once its arguments are sane: the heavy imports (mlx, networks) start here. `notes`
-    (the replay's) are shown once the run has passed its checks and loaded the model."""
+    (the replay's) are shown once the run has passed its checks and loaded the model; `check_plan`
+    (a replay's bound on its cost) is run.execute's."""
     signals.import_whole("mlx.core")
     from .images import load_image
     from .outputs import sidecar_of
@@ -468,7 +472,8 @@ def _run(spec: RunSpec, model: ModelSpec, console: Console, typed: list, wait: b
         for line in picture_notices(picture):
             console.notice(line)
     try:
-        result = execute(Session(model), spec, console, typed, picture=picture, wait=wait, notes=notes)
+        result = execute(Session(model), spec, console, typed, picture=picture, wait=wait, notes=notes,
+                         check_plan=check_plan)
         if result.status == "interrupted":
             console.error(f"interrupted: kept {len(result.files)} file(s), see {result.sidecar}"
                           if result.sidecar.exists() else NOTHING_WRITTEN)

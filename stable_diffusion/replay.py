@@ -28,7 +28,11 @@ REFUSED = {"output": "where the run writes is the user's to choose",
            "replay": "a replay cannot start another",
            "help": "not a setting", "print_parser": "not a setting", "quiet": "not a setting",
            "verbose": "not a setting", "wait": "not a setting",
-           "allow_download": "only the user may allow a download"}
+           "allow_download": "only the user may allow a download",
+           "allow_long_replay": "only the user may allow a long replay"}
+# What a picture starts unasked (--allow-long-replay starts more): its settings, each within its
+# bounds, may multiply to days of work and tens of thousands of files.
+MAX_REPLAY_SECONDS, MAX_REPLAY_FILES = 3600, 1000
 MAX_ARGUMENTS = 256  # ours hold about 40
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MAX_SIDE = 1 << 16  # pixels: a recorded input size beyond it is not a picture of ours
@@ -426,6 +430,20 @@ def model_changed(path, record: dict, parser, recorded: list) -> list:
         return []
     return [f"replay of {path}: its model's weight files are not those it was made with (fingerprint "
             f"{then[:12]} then, {now[:12]} now): the pictures will differ"]
+
+
+def check_cost(path, plan, files: list) -> None:
+    """Refuse, before any weight loads, a replay whose plan would take more than an hour on this
+    machine or write more than MAX_REPLAY_FILES files, unless the user allows it."""
+    from .costs import describe_seconds
+
+    seconds = plan.estimate.seconds if plan.estimate is not None else 0
+    if seconds <= MAX_REPLAY_SECONDS and len(files) <= MAX_REPLAY_FILES:
+        return
+    raise InputError(f"replay of {_shown(path)}: it would take {describe_seconds(seconds)} on this machine "
+                     f"and write {len(files):,} file(s); a picture starts at most an hour's work and "
+                     f"{MAX_REPLAY_FILES:,} files unasked: give --allow-long-replay to run it, or lower what "
+                     "it sets (--steps, --size, -sd, --save_last_N, --show_noising, --n_images)")
 
 
 def _recorded_size(record: dict, recorded: list) -> list:

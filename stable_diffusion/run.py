@@ -95,7 +95,7 @@ def _check_picture(spec: RunSpec, picture) -> None:
 
 
 def execute(session, spec, console=None, argv=(), replay=None, picture=None, wait: bool = False,
-            timings: dict | None = None, notes=(), output_named: bool = True) -> RunResult:
+            timings: dict | None = None, notes=(), output_named: bool = True, check_plan=None) -> RunResult:
     """Plan, load, walk, keep and record one spec, holding the lock of its output name (another run
     writing the same name is refused with OutputBusy, or with `wait` waited for). `picture` is the
     loaded input (images.load_image; None: load spec.image here), read again at the plan's working
@@ -105,7 +105,8 @@ def execute(session, spec, console=None, argv=(), replay=None, picture=None, wai
     timings as they are measured; `notes` are shown once the checks and the loading have passed
     (a refused run says only why); `console` says the run's lines (None: a quiet one);
     `output_named` False: the output's name is not the user's (a sweep's run), so a picture there
-    is replaced only where it is ours (outputs.check_in_the_way).
+    is replaced only where it is ours (outputs.check_in_the_way); `check_plan(plan, paths)` may
+    refuse the plan and the files it names, before anything heavy is read.
 
     Ctrl-C (KeyboardInterrupt; SIGTERM and SIGHUP too inside `signals.handled()`, as the commands
     run it: elsewhere they end the process) stops the run and returns its result with status "interrupted",
@@ -141,6 +142,8 @@ def execute(session, spec, console=None, argv=(), replay=None, picture=None, wai
         names = outputs.FileNames(spec.output, plan.longest)
         left = outputs.left_by_us(names)  # the lock is held: the sidecar stays as read until the walk
         paths = outputs.planned_files(plan, names)
+        if check_plan is not None:
+            check_plan(plan, paths)
         outputs.check_name_length(spec.output, [p.name for p in paths])
         replaced = outputs.check_in_the_way(names, paths, left, output_named)
         if replaced:

@@ -195,6 +195,21 @@ def test_a_replay_fetches_nothing_unasked(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
 
 
+def test_a_replay_starts_no_more_than_an_hours_work_or_a_thousand_files_unasked(tmp_path):
+    """Each setting within its bounds, a picture's record multiplied them into "more than 10 days on
+    this machine" and 21,005 files, and the run started."""
+    many = [str(INPUT), "a", "--model=shapes", "--strength=1", "--steps=20", "--show_noising=1"]  # 1,000 frames
+    long = [str(INPUT), "a", "--model=shapes", "--strength=1", "--steps=10000", "--size=1024x1024", "--n_images=64"]
+    for recorded, words in ((many, "and write 1,003 file(s)"), (long, "and write 1 file(s)")):
+        picture = picture_with(tmp_path / "p.png", our_record(recorded))
+        result = probe("image2image.py", "--replay", picture, "-o", tmp_path / "o.png", cwd=tmp_path)
+        assert_refused(result, f"replay of {picture}: it would take ", words, "give --allow-long-replay to run it")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
+    # Only the user allows it: a record cannot.
+    picture = picture_with(tmp_path / "p.png", our_record([*long, "--allow-long-replay"]))
+    assert_refused(probe("image2image.py", "--replay", picture, cwd=tmp_path), "only the user may allow a long replay")
+
+
 def test_the_usage_shows_the_replay_form_that_needs_no_positionals():
     """The usage line showed `image prompt` as required, though --replay PICTURE takes neither."""
     for command in ("image2image", "txt2image"):
