@@ -271,6 +271,26 @@ def test_replaying_another_tools_picture_asks_for_a_model_only_when_none_is_give
         assert argv[-2 - len(given):-2] == given
 
 
+def test_another_tools_size_is_taken_to_the_nearest_multiple_of_64(tmp_path):
+    """A1111's sides are multiples of 8 (512x680): the replay was refused, "--size 680x512: both sides
+    must be multiples of 64", the size restated height first."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from stable_diffusion.cli import replay_arguments
+
+    for size, taken, said in (("512x680", "--size=704x512", "Size 512x680 is not a multiple of 64 a side, as "
+                                                            "this tool's sizes are: run at 512x704 (width x height)"),
+                              ("20x8", "--size=64x64", "run at 64x64"), ("512x768", "--size=768x512", None)):
+        info = PngInfo()
+        info.add_text("parameters", f"a red barn\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 5, Size: {size}")
+        path = tmp_path / "a1111.png"
+        Image.new("RGB", (64, 64)).save(path, pnginfo=info)
+        argv, notes = replay_arguments("txt2image", ["--replay", str(path), "--model", "shapes"])
+        rounded = [n for n in notes if "multiple of 64" in n]
+        assert taken in argv and len(rounded) == (said is not None), notes
+        assert said is None or rounded[0].startswith(f"replay of {path}: ") and rounded[0].endswith(said)
+
+
 def test_a_value_a_replayed_picture_gives_that_is_refused_is_said_to_be_its(tmp_path, sd2):
     """It said "--steps 99999999 is outside 1 .. 10000", a flag nobody typed."""
     from PIL.PngImagePlugin import PngInfo
