@@ -164,6 +164,8 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
     path, rest = found
     from . import infotext, picture_meta
 
+    if Path(path).suffix.lower() == ".json":
+        _refuse_a_sidecar(path)
     text, record_text = picture_meta.read_picture_texts(path)
     record = picture_meta.read_picture_metadata(path)[1] if record_text is not None else {}
     if isinstance(record, dict) and "replay" in record or not isinstance(record, dict):
@@ -243,6 +245,22 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
         _parsed(parser, expanded, f"{path} records no input picture: give it first, "
                                   f"image2image.py INPUT --replay {path}")
     return expanded, notes, None
+
+
+def _refuse_a_sidecar(path) -> None:
+    """A sidecar of ours given to --replay is refused, naming its run's picture where it is there."""
+    from .record import read_own_sidecar
+
+    try:
+        record = read_own_sidecar(path)
+    except InputError:  # not ours, or not there: the picture reader says what it is
+        return
+    if record is None:
+        return
+    finals = [f.get("file") for f in record["files"] if isinstance(f, dict) and f.get("kind") in ("final", "triangle")]
+    found = [Path(path).with_name(n) for n in finals if isinstance(n, str) and n and Path(n).name == n]
+    named = f" (its run's: --replay {_shown(found[0])})" if found and found[0].is_file() else ""
+    raise InputError(f"{_shown(path)} is a sidecar: --replay takes a picture, whose record is in it{named}")
 
 
 def _parsed(parser, arguments: list, missing: str | None) -> dict:

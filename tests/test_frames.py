@@ -142,6 +142,15 @@ def test_a_replay_tells_a_model_whose_weight_files_changed_from_one_as_it_was(tm
                                                    "then, ") and notes[0].endswith("now): the pictures will differ")
 
 
+def test_a_sidecar_given_to_replay_names_its_runs_picture(tmp_path, picture, sd2):
+    """It said "is not a picture Pillow can read"."""
+    run(picture, "a barn", "--model", sd2, "--steps", 2, "--seed", 3, "--output", tmp_path / "a.png")
+    refused = run("--replay", tmp_path / "a.json", "--output", tmp_path / "b.png", check=False)
+    assert (refused.returncode, refused.stderr) == (2, f"error: {tmp_path / 'a.json'} is a sidecar: --replay takes "
+                                                       f"a picture, whose record is in it (its run's: --replay "
+                                                       f"{tmp_path / 'a.png'})\n")
+
+
 def test_replay_says_when_its_dtype_or_kernels_differ_from_the_record(tmp_path, picture, sd2):
     run(picture, "a barn", "--model", sd2, "--steps", 2, "--strength", 0.5, "--seed", 2, "--dtype", "float32",
         "--output", tmp_path / "a.png")
