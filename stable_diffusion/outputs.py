@@ -245,7 +245,9 @@ def check_in_the_way(names: FileNames, paths: list, left: dict, output_named: bo
         if kind is not None:  # a device or a pipe made a picture file (as root, /dev/... itself)
             raise SpecError("output", f"{{flag}} {names.output} is {kind}, not a picture file; choose another "
                                       "{flag} name")
-        replaced = f"{names.output} is replaced, though {theirs.pop(names.output)}"
+        why = theirs.pop(names.output)
+        replaced = f"{names.output} is replaced, though {why}" + (
+            " (the link goes, not what it points to)" if os.path.islink(names.output) else "")
     if theirs:
         (path, reason), *rest = theirs.items()
         others = [p.name for p, _ in rest]
@@ -269,7 +271,7 @@ def _not_ours(path: Path, left: dict) -> str | None:
     from .picture_meta import read_picture_texts
 
     if os.path.islink(path):
-        return "it is a link (the link goes, not what it points to)"
+        return "it is a link"
     if _regular(path) is None:
         return "it is not a regular file"
     if left.get(path.name) is not None:

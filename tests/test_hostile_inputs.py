@@ -417,8 +417,10 @@ def test_a_listed_file_changed_since_or_a_link_is_not_ours_to_replace(tmp_path):
     os.utime(folder / "r.step-001.png", ns=(0, 0))  # changed since, though it carries our record
     (folder / "r.step-002.png").rename(folder / "mine.png")
     (folder / "r.step-002.png").symlink_to(folder / "mine.png")
-    for name in ("r.step-001.png", "r.step-002.png"):
-        with pytest.raises(SpecError, match=f"the run writes {name}, and the file there is not ours to replace"):
+    for name, why in (("r.step-001.png", "it changed since a run of this output wrote it"),
+                      ("r.step-002.png", "it is a link")):  # it said "(the link goes, ...)" of a link it kept
+        with pytest.raises(SpecError, match=fr"the run writes {name}, and the file there is not ours to replace "
+                                            fr"\({why}\); move it"):
             outputs.check_in_the_way(names, [folder / name], outputs.left_by_us(names))
 
 
