@@ -24,6 +24,12 @@ PREVIEWS = ("vae", "approx", "taesd")
 PICTURE_SUFFIXES = {"png": (".png",), "webp": (".webp",), "jpeg": (".jpg", ".jpeg")}
 
 
+
+def exact(value: float) -> str:
+    """A number as given, to its last digit (1.0000000001 is not said to be 1), 5.0 as 5."""
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
+
 def format_named(name) -> str | None:
     """The picture format a file name's suffix names (`x.JPG`: jpeg), None for another suffix."""
     suffix = Path(name).suffix.lower()
@@ -190,7 +196,7 @@ class RunSpec:
             raise SpecError("strength", "{flag} and the triangle need an input picture")
         _check_strengths(spec.strengths, spec.triangle)
         if spec.cfg is not None and not (math.isfinite(spec.cfg) and 0 <= spec.cfg <= MAX_CFG):
-            raise SpecError("cfg", f"{{flag}} {spec.cfg:.10g} is outside 0 .. {MAX_CFG:g}; use 0 (no "
+            raise SpecError("cfg", f"{{flag}} {exact(spec.cfg)} is outside 0 .. {MAX_CFG:g}; use 0 (no "
                                    "guidance) or more, e.g. 7.5")
         if spec.n_images % spec.n_rows:
             raise SpecError("n_rows", f"{{flag:n_images}} {spec.n_images} is not divisible by {{flag}} "
@@ -226,7 +232,7 @@ class RunSpec:
             raise SpecError("noising_path", "{flag} inversion inverts an input picture; text to "
                                             "image has none")
         if inverted and not (math.isfinite(spec.inversion.cfg) and 0 <= spec.inversion.cfg <= MAX_CFG):
-            raise SpecError("inversion_cfg", f"{{flag}} {spec.inversion.cfg:.10g} is outside 0 .. {MAX_CFG:g}")
+            raise SpecError("inversion_cfg", f"{{flag}} {exact(spec.inversion.cfg)} is outside 0 .. {MAX_CFG:g}")
         frames = spec.triangle or any(v is not None for v in (c.every, c.last, c.noising_every))
         for name, idle in (("animate", c.animate is not None), ("shows", c.shows != "xt"),
                            ("preview", c.preview != "vae")):
@@ -409,7 +415,7 @@ def _check_strengths(strengths, triangle: bool) -> None:
         raise SpecError(name, "several strengths make a triangle; pass one strength")
     for s in strengths:
         if not (math.isfinite(s) and MIN_STRENGTH <= s <= 1.0):
-            raise SpecError(name, f"{{flag}} {s:.10g} is outside {MIN_STRENGTH:g} .. 1; use e.g. 0.6")
+            raise SpecError(name, f"{{flag}} {exact(s)} is outside {MIN_STRENGTH:g} .. 1; use e.g. 0.6")
     if len(set(strengths)) != len(strengths):
         raise SpecError(name, "{flag} has duplicates; list each strength once")
     shown = [f"{s:g}" for s in strengths]  # as the rows' labels and the record's keys name them

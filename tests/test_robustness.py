@@ -141,6 +141,7 @@ def test_picture_notices_reach_stderr(tmp_path, sd2):
 @pytest.mark.parametrize("extra, words", [
     (["--strength", 0], ["--strength 0 is outside 0.001 .. 1"]),
     (["--strength", 1.5], ["--strength 1.5 is outside 0.001 .. 1"]),
+    (["--strength", "1.0000000001"], ["--strength 1.0000000001 is outside 0.001 .. 1"]),  # it was said to be 1
     (["--steps", 0], ["--steps 0 is outside 1 .. 10000"]),
     (["--cfg", -1], ["--cfg -1 is outside 0 .. 100"]),
     (["--cfg", "nan"], ["--cfg nan is outside 0 .. 100"]),
@@ -153,7 +154,7 @@ def test_picture_notices_reach_stderr(tmp_path, sd2):
     (["--output", "o.txt"], ["o.txt: pictures are written as .png, .webp, .jpg or .jpeg"]),
     (["--output", "o.png", "--output_format", "jpeg"], ["must end in .jpg or .jpeg for jpeg pictures"]),
     # Values with no upper bound would exhaust memory (or overflow) before anything else is checked.
-    (["--strength", "5e-324"], ["--strength 4.940656458e-324 is outside 0.001 .. 1"]),
+    (["--strength", "5e-324"], ["--strength 5e-324 is outside 0.001 .. 1"]),
     (["--strength", "1.0000001"], ["--strength 1.0000001 is outside 0.001 .. 1"]),  # not "1 is outside"
     (["--output", ""], ["--output is empty"]),  # it wrote out.png in the current folder
     (["--output", "o.png/"], ["--output o.png/ names a folder; name the picture in it, e.g. --output o.png/out.png"]),  # it wrote o.png
