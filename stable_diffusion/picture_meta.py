@@ -189,6 +189,23 @@ def read_picture_texts(path: str | os.PathLike) -> tuple[str | None, str | None]
     return parameters, record
 
 
+# The PNG text keys other tools write their settings under, in forms we do not read.
+_OTHER_TOOLS = {"workflow": "ComfyUI", "prompt": "ComfyUI", "invokeai_metadata": "InvokeAI",
+                "invokeai_graph": "InvokeAI", "sd-metadata": "InvokeAI", "Dream": "InvokeAI",
+                "Comment": "NovelAI"}
+
+
+def other_tool(path: str | os.PathLike) -> str | None:
+    """The tool whose settings a PNG carries under its own key (ComfyUI's workflow, ...), if any:
+    read from the header only, as read_picture_texts reads it."""
+    try:
+        with open_regular(Path(path), "picture", "picture") as f, Image.open(f) as im:
+            keys = [k for k, v in im.info.items() if isinstance(v, str)] if im.format == "PNG" else []
+    except (InputError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        return None
+    return next((_OTHER_TOOLS[k] for k in keys if k in _OTHER_TOOLS), None)
+
+
 def _parsed(path: Path, parameters: str | None, record: str | None) -> tuple[dict, dict]:
     fields = parse_parameters_text(parameters) if parameters is not None else {}
     data = {}

@@ -209,14 +209,20 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
             notes = [sameness(path, record, dtype, "the picture's new path" if moved else
                               "the --dtype given" if restated else None)]
         return expanded, notes, record
-    if text is None:
+    if text is None or not text.strip():
+        tool = picture_meta.other_tool(path)
         raise InputError(f"{path} carries no parameters to replay (no `parameters` text, no record "
-                         "of ours)")
+                         "of ours)" + (f"; its settings are {tool}'s own, which this tool does not read: give "
+                                       "them as flags" if tool else ""))
     try:
         fields, warnings = infotext.parse_parameters(text)
     except InputError as e:  # named by the picture it came from
         raise _refuse(path, f"its {e}") from None
     notes = [f"replay of {path}: {w}" for w in warnings]
+    if fields.get("seed") == -1:  # A1111's word for a seed drawn at random, and not written down
+        notes.append(f"replay of {path}: Seed -1 names no seed (the other tool drew one and did not write it "
+                     "down): a new one is drawn, and the picture will differ")
+        del fields["seed"]
     flags = []
     for key, flag in (("negative_prompt", "--negative_prompt"), ("steps", "--steps"),
                       ("sampler", "--sampler"), ("schedule", "--schedule"), ("cfg", "--cfg"),

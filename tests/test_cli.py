@@ -291,6 +291,33 @@ def test_another_tools_size_is_taken_to_the_nearest_multiple_of_64(tmp_path):
         assert said is None or rounded[0].startswith(f"replay of {path}: ") and said in rounded[0]
 
 
+def test_other_tools_pictures_without_settings_we_read_are_named(tmp_path):
+    """ComfyUI's workflow was "carries no parameters"; an empty text replayed an empty prompt on a
+    random seed, and A1111's Seed -1 (drawn, not written down) a random one, without a word."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from stable_diffusion.cli import replay_arguments
+    from stable_diffusion.errors import InputError
+
+    def picture(key, value):
+        info = PngInfo()
+        info.add_text(key, value)
+        Image.new("RGB", (64, 64)).save(tmp_path / "p.png", pnginfo=info)
+        return str(tmp_path / "p.png")
+
+    for key, value, said in (("workflow", "{}", "; its settings are ComfyUI's own, which this tool does not read: "
+                                                "give them as flags"), ("parameters", " \n", "")):
+        with pytest.raises(InputError) as e:
+            replay_arguments("txt2image", ["--replay", picture(key, value)])
+        assert str(e.value) == (f"{tmp_path / 'p.png'} carries no parameters to replay (no `parameters` text, no "
+                                f"record of ours){said}")
+    argv, notes = replay_arguments("txt2image", ["--replay", picture("parameters", "a cat\nSteps: 20, Seed: -1, CFG "
+                                                                     "scale: 7"), "--model", "shapes"])
+    assert not any(a.startswith("--seed") for a in argv) and notes == [
+        f"replay of {tmp_path / 'p.png'}: Seed -1 names no seed (the other tool drew one and did not write it down): "
+        "a new one is drawn, and the picture will differ"]
+
+
 def test_a_value_a_replayed_picture_gives_that_is_refused_is_said_to_be_its(tmp_path, sd2):
     """It said "--steps 99999999 is outside 1 .. 10000", a flag nobody typed."""
     from PIL.PngImagePlugin import PngInfo
