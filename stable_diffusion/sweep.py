@@ -462,7 +462,7 @@ class Sweep:
         todo = self.prepare(before)
         total, skipped = len(self.runs), len(self.runs) - len(todo)
         expected = ""
-        if self.estimates:
+        if self.estimates and todo:
             expected = f"; {describe_seconds(sum(self.estimates[r.name] for r in todo))} in all"
         if self.manifest.remade:
             console.notice(f"{len(self.manifest.remade)} run(s) an earlier sweep finished here are made again: "

@@ -471,7 +471,7 @@ def test_a_rerun_takes_over_runs_only_on_the_same_picture_and_another_grid_keeps
     (tmp_path / "same-model").symlink_to(sd2, target_is_directory=True)
     respelt = [tmp_path / "same.png" if a is source else tmp_path / "same-model" if a is sd2 else a for a in first]
     status, said, err = in_process(capsys, *(a for a in respelt if a != "--quiet"))
-    assert status == 0 and "2 of 2 runs already finished and verified; 0 to make" in said, said
+    assert status == 0 and "2 of 2 runs already finished and verified; 0 to make\n" in said, said  # no time for nothing
     assert "other settings" not in err, err
     copy = shutil.copytree(out, tmp_path / "copy")  # the folder copied, given by a relative path
     with contextlib.chdir(tmp_path):
