@@ -23,7 +23,7 @@ from pathlib import Path
 from . import options, signals
 from .console import Console, open_standard_streams, shortened, shown
 from .errors import FieldMessage, HubUnreachable, InputError, NumericalError, OutputBusy, OutputError
-from .spec import (DEFAULT_TRIANGLE_STRENGTHS, PICTURE_SUFFIXES, Capture, Inversion, ModelSpec,
+from .spec import (DEFAULT_TRIANGLE_STRENGTHS, MAX_SEED, PICTURE_SUFFIXES, Capture, Inversion, ModelSpec,
                    RunSpec, SpecError, format_named)
 
 # Flags that take an optional value, and the values they take: bare, they must not swallow the
@@ -275,6 +275,8 @@ def build_specs(command: str, args) -> tuple:
                               0 if given["refine"] is None else given["refine"])
     elif any(v is not None for v in given.values()):
         raise SpecError("noising_path", "--inversion_* settings go with {flag} inversion; add it")
+    if isinstance(args.seed, int) and args.seed < RANDOM_SEED:  # the spec's range leaves -1 unsaid
+        raise SpecError("seed", f"{{flag}} {args.seed} is outside 0 .. {MAX_SEED} (or -1: a seed drawn at random)")
     spec = RunSpec(
         prompt=args.prompt, output=output, image=Path(args.image) if img2img else None,
         negative_prompt=args.negative_prompt, strengths=tuple(strengths), triangle=triangle,

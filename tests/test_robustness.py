@@ -143,6 +143,7 @@ def test_picture_notices_reach_stderr(tmp_path, sd2):
     (["--strength", 1.5], ["--strength 1.5 is outside 0.001 .. 1"]),
     (["--strength", "1.0000000001"], ["--strength 1.0000000001 is outside 0.001 .. 1"]),  # it was said to be 1
     (["--steps", 0], ["--steps 0 is outside 1 .. 10000"]),
+    (["--seed", -2], ["--seed -2 is outside 0 .. 18446744073709551615 (or -1: a seed drawn at random)"]),
     (["--cfg", -1], ["--cfg -1 is outside 0 .. 100"]),
     (["--cfg", "nan"], ["--cfg nan is outside 0 .. 100"]),
     (["--n_images", 3, "--n_rows", 2], ["--n_images 3 is not divisible by --n_rows 2"]),
