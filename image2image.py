@@ -3,11 +3,11 @@
 import sys
 
 try:
-    from stable_diffusion.cli import image2image_main
-except KeyboardInterrupt:  # Ctrl-C while the modules load: nothing has started
+    from stable_diffusion import launch
+except KeyboardInterrupt:  # Ctrl-C while the package loads: nothing has started
     if sys.stderr is not None:
         print("interrupted before the first step; nothing was written", file=sys.stderr)
     sys.exit(130)
 
 if __name__ == "__main__":
-    sys.exit(image2image_main())
+    sys.exit(launch("cli", "image2image_main"))

@@ -4,11 +4,11 @@ from, a contact sheet, optionally across a Ray cluster. See README.md."""
 import sys
 
 try:
-    from stable_diffusion.sweep_cli import sweep_main
-except KeyboardInterrupt:  # Ctrl-C while the modules load: nothing has started
+    from stable_diffusion import launch
+except KeyboardInterrupt:  # Ctrl-C while the package loads: nothing has started
     if sys.stderr is not None:
         print("interrupted before the first step; nothing was written", file=sys.stderr)
     sys.exit(130)
 
 if __name__ == "__main__":
-    sys.exit(sweep_main())
+    sys.exit(launch("sweep_cli", "sweep_main"))

@@ -9,6 +9,29 @@ preload_blas()
 __all__ = ["StableDiffusion", "Step"]
 
 
+def launch(module: str, function: str) -> int:
+    """The scripts' (image2image.py, ...) entry: the command `function` of `module`, run. Ctrl-C
+    while the modules load, and a package this Python lacks (the tool run outside its venv), are
+    one line each, not a traceback."""
+    import importlib
+    import sys
+
+    from .errors import NOTHING_WRITTEN, not_installed
+
+    try:
+        command = getattr(importlib.import_module(f"{__name__}.{module}"), function)
+    except KeyboardInterrupt:  # nothing has started
+        if sys.stderr is not None:
+            print(NOTHING_WRITTEN, file=sys.stderr)
+        return 130
+    except ModuleNotFoundError as e:
+        if not_installed(e) is None:
+            raise
+        print(not_installed(e), file=sys.stderr)
+        return 1
+    return command()
+
+
 def __getattr__(name):
     # Imported on first use, so that `stable_diffusion.testing` and the command line's argument
     # checks do not pay for loading the networks.

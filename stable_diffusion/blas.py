@@ -109,7 +109,8 @@ def preload_blas(threads: int | None = None) -> BlasInfo:
     global _loaded
     if _loaded is None:
         _loaded = _choose()
-        if _loaded.path is None and sys.platform == "linux":
+        # Said only where MLX is there to use it: without MLX the commands say what is missing.
+        if _loaded.path is None and sys.platform == "linux" and importlib.util.find_spec("mlx") is not None:
             warnings.warn(_loaded.note, RuntimeWarning, stacklevel=2)
     if threads is not None and _thread_functions is not None:
         _thread_functions[1](ctypes.c_int(threads))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import options, signals
 from .console import Console, open_standard_streams, shortened, shown
-from .errors import FieldMessage, HubUnreachable, InputError, NumericalError, OutputBusy, OutputError
+from .errors import FieldMessage, HubUnreachable, InputError, NumericalError, OutputBusy, OutputError, NOTHING_WRITTEN, not_installed
 from .spec import (DEFAULT_TRIANGLE_STRENGTHS, MAX_SEED, PICTURE_SUFFIXES, Capture, Inversion, ModelSpec,
                    RunSpec, SpecError, format_named)
 
@@ -359,7 +359,6 @@ def _text_argument(args, name: str, console) -> bytes | None:
     return raw
 
 
-NOTHING_WRITTEN = "interrupted before the first step; nothing was written"
 
 
 def run_command(body, argv: list, flags: dict = FLAGS, interrupted: str = NOTHING_WRITTEN) -> int:
@@ -401,6 +400,11 @@ def _reported(body, console: Console, flags: dict, interrupted: str, verbose: bo
         if signals.stopped_by() is not None:  # the interrupt's doing, whatever the library made of it
             console.error(interrupted)
             return 128 + signals.stopped_by()
+        if (line := not_installed(e)) is not None:
+            if verbose:
+                _print_traceback(e)
+            console.error(line)
+            return 1
         if (refusal := _os_refusal(e)) is not None:
             if verbose:
                 _print_traceback(e)

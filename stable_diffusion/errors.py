@@ -9,8 +9,26 @@ that sets it (`error.named(flags)`), so that no module below it spells a flag.
 """
 
 import re
+import sys
 
 _FIELD = re.compile(r"\{flag:([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+NOTHING_WRITTEN = "interrupted before the first step; nothing was written"
+
+# The modules of the packages the tool installs (pyproject.toml's dependencies).
+DEPENDENCIES = {"mlx", "numpy", "PIL", "huggingface_hub", "safetensors", "tqdm"}
+
+
+def not_installed(error: BaseException) -> str | None:
+    """The line for a module of ours missing from this Python (the tool run with the Python of
+    another environment), or None where `error` is not that."""
+    name = getattr(error, "name", None) if isinstance(error, ModuleNotFoundError) else None
+    if name is None or name.split(".")[0] not in DEPENDENCIES:
+        return None
+    return (f"failed: this Python ({sys.executable}) has no {name.split('.')[0]}, which this tool needs: install "
+            "the tool into it (pip install -e .), or run the Python of the environment it is installed in "
+            "(activate its venv)")
 
 
 def name_fields(template: str, names: dict) -> str:

@@ -1497,6 +1497,20 @@ def test_ctrl_c_while_the_modules_load_exits_130_without_a_traceback(tmp_path, s
     assert result.stderr == "interrupted before the first step; nothing was written\n"
 
 
+@pytest.mark.parametrize("script", ["image2image.py", "txt2image.py", "sweep.py"])
+def test_a_python_without_the_tools_packages_is_told_so_in_one_line(tmp_path, script):
+    """The tool run outside its venv: a warning with a source line about BLAS, then "failed
+    (ModuleNotFoundError): No module named 'numpy'" (the sweep: a traceback)."""
+    code = ("import runpy, sys; sys.modules['numpy'] = None; "
+            f"sys.argv = [{script!r}, 'in.png', 'a barn']; runpy.run_path({str(ROOT / script)!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert (result.returncode, result.stdout) == (1, ""), result.stderr
+    assert result.stderr == (f"failed: this Python ({sys.executable}) has no numpy, which this tool needs: install "
+                             "the tool into it (pip install -e .), or run the Python of the environment it is "
+                             "installed in (activate its venv)\n")
+
+
 @pytest.mark.parametrize("first, second, status", [(signal.SIGTERM, signal.SIGINT, 143),
                                                      (signal.SIGINT, signal.SIGHUP, 130)])
 def test_two_stop_signals_within_one_mlx_call_end_as_the_first_said(capsys, first, second, status,
