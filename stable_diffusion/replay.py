@@ -442,7 +442,9 @@ def _fingerprint(record: dict) -> str | None:
 def model_changed(path, record: dict, parser, recorded: list) -> list:
     """A note when the weight files of the recorded model (a local folder or file, the package's,
     with its --vae) are not those the picture was made with, told by their sampled fingerprints
-    (model_io.weights_fingerprint): headers and 1 MiB a file are read, as the run reads them."""
+    (model_io.weights_fingerprint): headers and 1 MiB a file are read, as the run reads them. Only
+    paths here are read: a record naming a hub id reaches no network (the replay's offline guard
+    comes later), whatever its record says the model was."""
     then = _fingerprint(record)
     if then is None:
         return []
@@ -450,10 +452,14 @@ def model_changed(path, record: dict, parser, recorded: list) -> list:
     from .session import variant_of
 
     settings, variant = _settings(parser, recorded), variant_of(record.get("dtype"))
+    model, vae = settings["model"], settings["vae"]
+    local = model in model_io.PACKAGED or "@" not in model and os.path.exists(os.path.expanduser(model))
+    if not local or vae is not None and not os.path.exists(os.path.expanduser(vae)):
+        return []
     try:
-        folder, _ = model_io.resolve_model(settings["model"], variant, settings["vae"], settings["prediction_type"])
+        folder, _ = model_io.resolve_model(model, variant, vae, settings["prediction_type"])
         now = model_io.weights_fingerprint(model_io.check_model_folder(folder, variant))
-    except (InputError, OSError):  # ModelError too: the run refuses it, saying why
+    except Exception:  # noqa: BLE001 - a note only: the run refuses what is wrong, saying why
         return []
     if now == then:
         return []

@@ -186,10 +186,14 @@ def test_replay_reads_no_pipe_no_device_and_no_bomb(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bomb.png", "fifo.png", "r.png"]
 
 
-def test_a_replay_fetches_nothing_unasked(tmp_path):
-    recorded = [str(INPUT), "a", "--model=nobody-here/no-model@" + "0" * 40, "--steps=2"]
-    picture = picture_with(tmp_path / "p.png", our_record(recorded))
-    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "hf")}
+@pytest.mark.parametrize("model", ["nobody-here/no-model@" + "0" * 40, "nobody-here/no-model"])
+def test_a_replay_fetches_nothing_unasked(tmp_path, model):
+    recorded = [str(INPUT), "a", f"--model={model}", "--steps=2"]
+    # A record saying the hub id was a local folder, with a fingerprint to compare: it was looked up
+    # on the hub to be fingerprinted, before the replay's offline guard.
+    picture = picture_with(tmp_path / "p.png", our_record(recorded, model={"source": "folder",
+                                                                           "weights_fingerprint": "0" * 64}))
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}
     result = probe("image2image.py", "--replay", picture, cwd=tmp_path, env=env)
     assert_refused(result, "nobody-here/no-model", "--allow-download")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
