@@ -277,9 +277,9 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[BinaryIO], Any]) -
                      _NEW_FILE_MODE.get())
         with os.fdopen(fd, "wb") as f:
             with contextlib.suppress(OSError, AttributeError):  # a file replaced keeps its permissions
-                before = os.lstat(path)  # (a picture kept private, 0600, stays so)
+                before = os.lstat(path)  # (a picture kept private, 0600, stays so), within as_private_as's
                 if stat.S_ISREG(before.st_mode):
-                    os.fchmod(f.fileno(), before.st_mode & 0o777)
+                    os.fchmod(f.fileno(), before.st_mode & 0o777 & ~(0o066 & ~_NEW_FILE_MODE.get()))
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())

@@ -779,6 +779,10 @@ def test_an_output_replacing_a_file_not_ours_says_so_and_keeps_its_permissions(c
     status, _, err = main(capsys, *common, "--output", photo)
     assert status == 0 and "is replaced" not in err  # ours now
     assert not (tmp_path / "holiday.step-001.png").exists()
+    # Made private after a run, and run again: the sidecar it replaces becomes private too (it kept 0644).
+    (tmp_path / "holiday.json").chmod(0o644)
+    assert main(capsys, *common, "--output", photo)[0] == 0
+    assert stat.S_IMODE((tmp_path / "holiday.json").stat().st_mode) == 0o600
     (tmp_path / "link.png").symlink_to(photo)
     status, _, err = main(capsys, *common, "--output", tmp_path / "link.png")
     assert status == 0 and "link.png is replaced, though it is a link (the link goes, not what it points to)" in err
