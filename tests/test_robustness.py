@@ -1022,8 +1022,8 @@ def test_two_runs_at_once_whose_names_overlap_are_one_too_many(capsys, tmp_path,
     common = ["image2image", picture, "x", "--model", sd2, "--steps", 2, "--seed", 0, "-sd", 1]
     with files.output_lock(tmp_path / "y.png"):  # the run of y.png is under way
         status, _, err = main(capsys, *common, "--output", tmp_path / "y.step-001.png")
-        only_error(status, 2, err, f"{tmp_path / 'y.step-001.png'} is named as a file of y.png's run, which "
-                                   f"another run is writing (pid {os.getpid()}")
+        only_error(status, 2, err, f"{tmp_path / 'y.step-001.png'} is named as a file of y.png's run, and another "
+                                   f"run (pid {os.getpid()}) holds that name: it writes y.png, or a file named after it")
     with outputs.namesake_lock(tmp_path / "y.step-001.png"):  # the run of y.step-001.png is under way
         status, _, err = main(capsys, *common, "--output", tmp_path / "y.png")
         only_error(status, 2, err, f"{tmp_path / 'y.png'} is being written by another run (pid {os.getpid()}")
