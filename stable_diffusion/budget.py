@@ -251,8 +251,14 @@ def check_fits(estimate: dict, available_bytes: int | None) -> None:
                      f"than the {size(available_bytes)} available; {advice}")
 
 
-def check_loaded_fits(estimate: dict, available_bytes: int | None) -> None:
-    """`check_fits` for a model already loaded (the library's generations): its weights and the
-    runtime are held, so the memory available is what the phases may take."""
-    held = estimate["weights"] + estimate["runtime"]
-    check_fits(dict(estimate, weights=0, runtime=0, total=estimate["total"] - held), available_bytes)
+def check_loaded_fits(parts: dict, available_bytes: int | None) -> None:
+    """`check_fits` for one call on a model already loaded (the library's): `parts` are the phases
+    it runs, one at a time. Its weights and the runtime are held already, and what the process
+    holds beyond its live arrays and the runtime (buffers freed and kept for reuse: a second
+    identical call was refused) counts as available."""
+    if available_bytes is not None:
+        import mlx.core as mx
+
+        resident = _proc_fields("/proc/self/status").get("VmRSS", 0)
+        available_bytes += max(0, resident - mx.get_active_memory() - RUNTIME_BYTES)
+    check_fits(dict(parts, total=max(parts.values())), available_bytes)

@@ -180,11 +180,23 @@ class StableDiffusion:
         mean, _ = self.vae.encode(mx.array(_checked_pixels(image, batch=True)).astype(self.dtype))
         return mean * self.config.vae.scaling_factor
 
-    def decode(self, x: mx.array) -> mx.array:
-        """Latents (B, h, w, C) -> pictures (B, H, W, 3) in [0, 1], float32."""
+    def decode(self, x: mx.array, check_memory: bool = True) -> mx.array:
+        """Latents (B, h, w, C) -> pictures (B, H, W, 3) in [0, 1], float32. `check_memory` False: the
+        caller has checked the memory of its whole run (run.execute), which this call is part of."""
         x = _checked_latents(x, self.latent_channels, "latents", self.downscale)
+        if check_memory:
+            self.check_memory((x.shape[1] * self.downscale, x.shape[2] * self.downscale), x.shape[0],
+                              ("vae_decode",))
         y = self.vae.decode((x / self.config.vae.scaling_factor).astype(self.dtype))
         return mx.clip((y.astype(mx.float32) + 1) / 2, 0, 1)
+
+    def check_memory(self, size: tuple, batch: int, phases: tuple, guided: bool = True) -> None:
+        """Refuse a call whose `phases` (budget's parts: unet, vae_encode, vae_decode) for `batch`
+        pictures of `size` (h, w) would take more memory than is left beside the model."""
+        dtype = str(self.dtype).rsplit(".", 1)[-1]
+        estimate = budget.estimate_peak_bytes(self.config, dtype, tuple(size), batch, batch, 0, guided,
+                                              "vae_encode" in phases, counts={}, **budget.device_paths(dtype))
+        budget.check_loaded_fits({k: estimate[k] for k in phases}, budget.available_memory())
 
     # --- generation ------------------------------------------------------------------------------
 
@@ -235,7 +247,7 @@ class StableDiffusion:
         image = _checked_pixels(image)
         spec = _image_spec(text, strength, num_steps, cfg_weight, negative_text, seed, n_images, sampler,
                            schedule, inversion)
-        plan = _plan(self, spec, image.shape[-3:-1])  # before the picture is encoded
+        plan = _plan(self, spec, image.shape[-3:-1], encode=True)  # before the picture is encoded
         return Generation(self, plan, self.encode(image[None] if image.ndim == 3 else image), noise)
 
     def generate_latents_from_latent(self, x0: mx.array, text: str, strength: float = 0.8,
@@ -269,16 +281,13 @@ class StableDiffusion:
         return mx.array(values).astype(self.dtype)
 
 
-def _plan(sd: StableDiffusion, spec: RunSpec, image_size: tuple):
+def _plan(sd: StableDiffusion, spec: RunSpec, image_size: tuple, encode: bool = False):
     """The plan of a generation from memory: the picture is already at the size to run (no working
     size to choose), and a setting only the model can judge (a sampler it lacks) is refused now, as
-    is one whose encoding, steps and decoding of a picture would take more memory than is left (an
-    allocation that fails inside MLX ends the process)."""
+    is one whose steps (and the picture's encoding, where `encode`) would take more memory than is
+    left (an allocation that fails inside MLX ends the process)."""
     plan = _keywords_named(lambda: make_plan(replace(spec, size=tuple(image_size)), sd.config, sd.tokenizers))
-    dtype = str(sd.dtype).rsplit(".", 1)[-1]
-    budget.check_loaded_fits(budget.estimate_peak_bytes(
-        sd.config, dtype, plan.image_size, spec.n_images, 1, 0, plan.guided, spec.img2img, counts={},
-        **budget.device_paths(dtype)), budget.available_memory())
+    sd.check_memory(plan.image_size, spec.n_images, ("unet", "vae_encode") if encode else ("unet",), plan.guided)
     return plan
 
 

@@ -11,6 +11,7 @@ saves each picture whole with its metadata, listed in the sidecar before it take
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import weakref
@@ -60,7 +61,7 @@ def make_decoder(sd, preview: str, batch_size: int, taesd=None) -> Callable:
     """latents (B, h, w, C) -> pictures (B, H, W, 3) float in [0, 1], decoded by `preview` (for
     "taesd", by the loaded `taesd` decoder)."""
 
-    def vae(latents, decode=sd.decode):
+    def vae(latents, decode=functools.partial(sd.decode, check_memory=False)):  # the run's check covers it
         out = []
         for i in range(0, latents.shape[0], batch_size):
             decoded = decode(latents[i:i + batch_size])
@@ -100,8 +101,8 @@ def approx_factors(sd):
     if sd not in _FITTED:
         patches = np.concatenate([render.colour_patches(16 * sd.downscale, 8 * sd.downscale, seed) for seed in range(4)])
         latents = sd.encode(patches * 2.0 - 1.0)
-        _FITTED[sd] = render.fit_latent_rgb(np.array(latents.astype(mx.float32)), np.array(sd.decode(latents)),
-                                            sd.downscale)
+        decoded = sd.decode(latents, check_memory=False)  # a few small patches
+        _FITTED[sd] = render.fit_latent_rgb(np.array(latents.astype(mx.float32)), np.array(decoded), sd.downscale)
     return _FITTED[sd]
 
 

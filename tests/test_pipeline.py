@@ -259,7 +259,8 @@ def test_the_library_refuses_pictures_latents_and_noise_it_cannot_run_before_any
 
 def test_the_library_refuses_a_generation_the_memory_left_cannot_hold_before_encoding(monkeypatch):
     """The commands checked the memory before a run, the library never: an allocation that fails
-    inside MLX ends the process, with no word. Here the memory left is made 200 MB."""
+    inside MLX ends the process, with no word. Each call checks what it runs: a generation its steps
+    (and its encoding), a decoding its own. Here the memory left is made 200 MB."""
     from stable_diffusion import budget
     from stable_diffusion.errors import InputError
     from stable_diffusion.pipeline import StableDiffusion
@@ -268,12 +269,20 @@ def test_the_library_refuses_a_generation_the_memory_left_cannot_hold_before_enc
     encoded = []
     monkeypatch.setattr(sd, "encode", lambda *a: encoded.append(a))
     monkeypatch.setattr(budget, "available_memory", lambda: 200 * 2**20)
-    with pytest.raises(InputError, match=r"^this run needs about .* of memory \(vae_decode .*\), more than the "
-                                         r"200 MB available; the largest part is vae_decode: use a smaller decoding "
-                                         r"batch, or a smaller picture$"):
+    monkeypatch.setattr(budget, "_proc_fields", lambda path: {})  # nothing held for reuse
+    with pytest.raises(InputError, match=r"^this run needs about .* of memory \(vae_encode .*\), more than the "
+                                         r"200 MB available; the largest part is vae_encode: use a smaller picture$"):
         sd.generate_latents_from_image(np.zeros((2048, 2048, 3), np.float32), "a red circle", seed=0)
     assert encoded == []
-    with pytest.raises(InputError, match="more than the 200 MB available"):
-        sd.generate_latents("a red circle", seed=0, latent_size=(256, 256))
+    with pytest.raises(InputError, match=r"\(unet .*\), more than the 200 MB available; the largest part is unet"):
+        sd.generate_latents("a red circle", seed=0, latent_size=(384, 384))
+    with pytest.raises(InputError, match=r"\(vae_decode .*\), more than the 200 MB available"):
+        sd.decode(np.zeros((1, 256, 256, 4), np.float32))
     # The weights and the program itself are held already: a small generation fits what is left.
     assert [s.index for s in sd.generate_latents("a red circle", num_steps=1, seed=0)] == [0, 1]
+    # Buffers the process freed and keeps for reuse count as left: a second call as large as the
+    # first was refused, the first's buffers held by the process and not by any array.
+    monkeypatch.undo()
+    monkeypatch.setattr(budget, "available_memory", lambda: 2**20)
+    monkeypatch.setattr(budget, "_proc_fields", lambda path: {"VmRSS": budget.RUNTIME_BYTES + 2**33})
+    sd.decode(np.zeros((1, 64, 64, 4), np.float32))
