@@ -421,7 +421,7 @@ def main(command: str, argv=None) -> int:
 
 
 def _command(command: str, typed: list, console: Console) -> int:
-    from .replay import check_cost, find
+    from .replay import COST_SETTINGS, check_cost, find
 
     argv, notes = replay_arguments(command, typed)
     parser = build_parser(command)
@@ -457,7 +457,8 @@ def _command(command: str, typed: list, console: Console) -> int:
 
     check_name_length(spec.output)  # the plan's names, once planned
     replayed = find(typed, parser)
-    bounded = None if replayed is None or args.allow_long_replay else functools.partial(check_cost, replayed[0])
+    asked = args.allow_long_replay or any(parser.given(typed, dest) for dest in COST_SETTINGS)  # the user's own
+    bounded = None if replayed is None or asked else functools.partial(check_cost, replayed[0])
     return _run(spec, model, console, typed, args.wait, notes, bounded)
 
 

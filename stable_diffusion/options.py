@@ -328,7 +328,7 @@ OPTIONS = (
            "when it is not in the local cache (a replay fetches nothing unless asked)", parsers=SINGLE,
            action="store_true", dest="allow_download"),
     Option(("--allow-long-replay", "--allow_long_replay"), None, "with --replay: run it even where it would "
-           "take more than an hour or write more than 1,000 files (a picture starts no more unasked)",
+           "take more than 6 hours or write more than 1,000 files (a picture starts no more unasked)",
            parsers=SINGLE, action="store_true", dest="allow_long_replay"),
 
     Option(("-pp", "--print_parser"), None, "print the parsed arguments before work starts", TERMINAL,

@@ -29,10 +29,13 @@ REFUSED = {"output": "where the run writes is the user's to choose",
            "help": "not a setting", "print_parser": "not a setting", "quiet": "not a setting",
            "verbose": "not a setting", "wait": "not a setting",
            "allow_download": "only the user may allow a download",
-           "allow_long_replay": "only the user may allow a long replay"}
+           "allow_long_replay": "only the user may allow a long replay", "version": "not a setting"}
 # What a picture starts unasked (--allow-long-replay starts more): its settings, each within its
-# bounds, may multiply to days of work and tens of thousands of files.
-MAX_REPLAY_SECONDS, MAX_REPLAY_FILES = 3600, 1000
+# bounds, may multiply to days of work and tens of thousands of files. A user who gives one of the
+# COST_SETTINGS with the replay has asked for what it costs.
+MAX_REPLAY_SECONDS, MAX_REPLAY_FILES = 6 * 3600, 1000
+COST_SETTINGS = ("steps", "size", "max_pixels", "strength", "n_images", "show_denoising", "save_last_N",
+                 "show_noising", "generate_triangle", "triangle_strengths", "inversion_refine")
 MAX_ARGUMENTS = 256  # ours hold about 40
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MAX_SIDE = 1 << 16  # pixels: a recorded input size beyond it is not a picture of ours
@@ -468,17 +471,17 @@ def model_changed(path, record: dict, parser, recorded: list) -> list:
 
 
 def check_cost(path, plan, files: list) -> None:
-    """Refuse, before any weight loads, a replay whose plan would take more than an hour on this
-    machine or write more than MAX_REPLAY_FILES files, unless the user allows it."""
+    """Refuse, before any weight loads, a replay whose plan would take more than MAX_REPLAY_SECONDS
+    on this machine or write more than MAX_REPLAY_FILES files (`files`, its sidecar aside)."""
     from .costs import describe_seconds
 
-    seconds = plan.estimate.seconds if plan.estimate is not None else 0
-    if seconds <= MAX_REPLAY_SECONDS and len(files) <= MAX_REPLAY_FILES:
+    seconds, count = plan.estimate.seconds if plan.estimate is not None else 0, len(files) + 1
+    if seconds <= MAX_REPLAY_SECONDS and count <= MAX_REPLAY_FILES:
         return
     raise InputError(f"replay of {_shown(path)}: it would take {describe_seconds(seconds)} on this machine "
-                     f"and write {len(files):,} file(s); a picture starts at most an hour's work and "
-                     f"{MAX_REPLAY_FILES:,} files unasked: give --allow-long-replay to run it, or lower what "
-                     "it sets (--steps, --size, -sd, --save_last_N, --show_noising, --n_images)")
+                     f"and write {count:,} files; a picture starts at most {MAX_REPLAY_SECONDS // 3600} hours' work "
+                     f"and {MAX_REPLAY_FILES:,} files unasked: give --allow-long-replay to run it, or set "
+                     "what it costs yourself (--steps, --size, -sd, --save_last_N, --show_noising, --n_images)")
 
 
 def _recorded_size(record: dict, recorded: list) -> list:

@@ -120,6 +120,7 @@ def test_a_replayed_record_cannot_choose_where_the_run_writes(tmp_path, sd2, des
     (["in.png", "a", "-v"], "-v"),
     (["in.png", "a", "--help"], "--help"),
     (["in.png", "a", "--allow-download"], "--allow-download"),
+    (["in.png", "a", "--version"], "--version"),  # it printed the version, then failed
     (["in.png", "a", "--steps"], "not a command"),  # a flag whose value the user's argv would give
     (["in.png"] * 300, "more than"),
 ])
@@ -203,12 +204,16 @@ def test_a_replay_starts_no_more_than_an_hours_work_or_a_thousand_files_unasked(
     """Each setting within its bounds, a picture's record multiplied them into "more than 10 days on
     this machine" and 21,005 files, and the run started."""
     many = [str(INPUT), "a", "--model=shapes", "--strength=1", "--steps=20", "--show_noising=1"]  # 1,000 frames
-    long = [str(INPUT), "a", "--model=shapes", "--strength=1", "--steps=10000", "--size=1024x1024", "--n_images=64"]
-    for recorded, words in ((many, "and write 1,003 file(s)"), (long, "and write 1 file(s)")):
+    long = [str(INPUT), "a", "--model=shapes", "--strength=1", "--steps=10000", "--size=4096x4096", "--n_images=64"]
+    for recorded, words in ((many, "and write 1,004 files"), (long, "and write 2 files")):
         picture = picture_with(tmp_path / "p.png", our_record(recorded))
         result = probe("image2image.py", "--replay", picture, "-o", tmp_path / "o.png", cwd=tmp_path)
         assert_refused(result, f"replay of {picture}: it would take ", words, "give --allow-long-replay to run it")
         assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
+    # The user's own --steps (or --size, ...) with it: asked for, as without --replay (it is then refused
+    # only for its memory, here).
+    result = probe("image2image.py", "--replay", picture, "--steps", 10000, "-o", tmp_path / "o.png", cwd=tmp_path)
+    assert_refused(result, "of memory")
     # Only the user allows it: a record cannot.
     picture = picture_with(tmp_path / "p.png", our_record([*long, "--allow-long-replay"]))
     assert_refused(probe("image2image.py", "--replay", picture, cwd=tmp_path), "only the user may allow a long replay")
