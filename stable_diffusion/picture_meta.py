@@ -189,10 +189,12 @@ def read_picture_texts(path: str | os.PathLike) -> tuple[str | None, str | None]
     return parameters, record
 
 
-# The PNG text keys other tools write their settings under, in forms we do not read.
-_OTHER_TOOLS = {"workflow": "ComfyUI", "prompt": "ComfyUI", "invokeai_metadata": "InvokeAI",
-                "invokeai_graph": "InvokeAI", "sd-metadata": "InvokeAI", "Dream": "InvokeAI",
-                "Comment": "NovelAI"}
+# The PNG text keys other tools write their settings under, in forms we do not read, and whether a
+# value says so: a key such as `prompt` or `Software` is written by other programs too.
+_OTHER_TOOLS = {"workflow": ("ComfyUI", None), "prompt": ("ComfyUI", lambda v: v.lstrip().startswith("{")),
+                "invokeai_metadata": ("InvokeAI", None), "invokeai_graph": ("InvokeAI", None),
+                "sd-metadata": ("InvokeAI", None), "Dream": ("InvokeAI", None),
+                "Software": ("NovelAI", lambda v: v.strip() == "NovelAI")}
 
 
 def other_tool(path: str | os.PathLike) -> str | None:
@@ -200,10 +202,11 @@ def other_tool(path: str | os.PathLike) -> str | None:
     read from the header only, as read_picture_texts reads it."""
     try:
         with open_regular(Path(path), "picture", "picture") as f, Image.open(f) as im:
-            keys = [k for k, v in im.info.items() if isinstance(v, str)] if im.format == "PNG" else []
+            text = {k: v for k, v in im.info.items() if isinstance(v, str)} if im.format == "PNG" else {}
     except (InputError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
         return None
-    return next((_OTHER_TOOLS[k] for k in keys if k in _OTHER_TOOLS), None)
+    return next((tool for key, (tool, says) in _OTHER_TOOLS.items()
+                 if key in text and (says is None or says(text[key]))), None)
 
 
 def _parsed(path: Path, parameters: str | None, record: str | None) -> tuple[dict, dict]:

@@ -305,8 +305,10 @@ def test_other_tools_pictures_without_settings_we_read_are_named(tmp_path):
         Image.new("RGB", (64, 64)).save(tmp_path / "p.png", pnginfo=info)
         return str(tmp_path / "p.png")
 
-    for key, value, said in (("workflow", "{}", "; its settings are ComfyUI's own, which this tool does not read: "
-                                                "give them as flags"), ("parameters", " \n", "")):
+    comfy = "; its settings are ComfyUI's own, which this tool does not read: give them as flags"
+    for key, value, said in (("workflow", "{}", comfy), ("prompt", '{"3": {}}', comfy), ("parameters", " \n", ""),
+                             ("Software", "NovelAI", comfy.replace("ComfyUI", "NovelAI")),
+                             ("Comment", "Created with GIMP", ""), ("prompt", "a cat", "")):  # any program's keys
         with pytest.raises(InputError) as e:
             replay_arguments("txt2image", ["--replay", picture(key, value)])
         assert str(e.value) == (f"{tmp_path / 'p.png'} carries no parameters to replay (no `parameters` text, no "
