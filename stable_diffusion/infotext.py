@@ -231,14 +231,19 @@ def parse_parameters_text(text: str) -> dict[str, Any]:
     (float), sampler, model (str), each None where the text lacks it, `extra`: every other field
     as text, and `skipped`: the fragments of the field line that are not fields. The last line
     (line ends and spaces after it aside) counts as the field line when it has at least three
-    `Key: value` fields, as A1111 decides.
+    `Key: value` fields, as A1111 decides, and Steps among them where it holds other words too.
     """
     if len(text) > MAX_TEXT_CHARS:
         raise InputError(f"parameters text of {len(text)} characters, more than {MAX_TEXT_CHARS}: "
                          "not a picture's settings")
-    lines = text.rstrip().split("\n")  # a line end after the fields (CRLF too) leaves them the last line
+    if text.count("\r\n") == text.count("\n"):  # CRLF line ends throughout (a "\r\n" in a prompt of
+        text = text.replace("\r\n", "\n")       # ours, whose lines end in "\n", stays)
+    lines = text.rstrip().split("\n")  # a line end after the fields leaves them the last line
     fields, skipped = _parse_fields(lines[-1])
-    if len(fields) >= 3:
+    # A1111 takes a last line of three fields; one that also holds other words is the field line
+    # only where it has Steps, as every tool of that form writes (`style: anime, mood: calm, a girl`
+    # is a prompt).
+    if len(fields) >= 3 and ("Steps" in fields or not skipped):
         lines = lines[:-1]
     else:
         fields, skipped = {}, []

@@ -214,8 +214,8 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
         return expanded, notes, record
     if text is None or not text.strip():
         tool = picture_meta.other_tool(path)
-        raise InputError(f"{path} carries no parameters to replay (no `parameters` text, no record "
-                         "of ours)" + (f"; its settings are {tool}'s own, which this tool does not read: give "
+        what = "no `parameters` text" if text is None else "an empty `parameters` text"
+        raise InputError(f"{path} carries no parameters to replay ({what}, no record of ours)" + (f"; its settings are {tool}'s own, which this tool does not read: give "
                                        "them as flags" if tool else ""))
     try:
         fields, warnings = infotext.parse_parameters(text)

@@ -237,8 +237,12 @@ def test_parse_reads_a_field_line_as_a1111_does():
     fields = "Steps: 30, Sampler: Euler a, CFG scale: 7, Seed: 123, Size: 512x512"
     for text in (f"a cat\nNegative prompt: dog\n{fields}\n", f"a cat\r\nNegative prompt: dog\r\n{fields}\r\n"):
         back = parse_parameters_text(text)
-        assert (back["prompt"].rstrip("\r"), back["negative_prompt"].rstrip("\r")) == ("a cat", "dog")
+        assert (back["prompt"], back["negative_prompt"]) == ("a cat", "dog")  # no "\r" kept
         assert (back["steps"], back["seed"], back["skipped"]) == (30, 123, [])
+    # Three fields among other words, no Steps: a prompt (it replayed with an empty prompt).
+    prompt = "masterpiece, style: anime, lighting: soft, mood: calm, a girl"
+    assert parse_parameters_text(prompt)["prompt"] == prompt
+    assert parse_parameters_text("a cat\nSampler: Euler, CFG scale: 7, Seed: 1")["seed"] == 1  # fields only
     parsed, notes = parse_parameters(f"a cat\n{fields}, Template: red, blue, green, Version: v1")
     assert (parsed["prompt"], parsed["seed"], parsed["sampler"]) == ("a cat", 123, "euler_a")
     assert notes == ["Template: 'red' is not a setting here; not used", "Version: 'v1' is not a setting here; not used",
