@@ -16,12 +16,11 @@ import os
 import re
 import signal
 import sys
-import traceback
 from dataclasses import replace
 from pathlib import Path
 
 from . import options, signals
-from .console import Console, open_standard_streams, shortened, shown
+from .console import Console, open_standard_streams, shortened, write_traceback
 from .errors import FieldMessage, HubUnreachable, InputError, NumericalError, OutputBusy, OutputError, NOTHING_WRITTEN, not_installed
 from .spec import (DEFAULT_TRIANGLE_STRENGTHS, MAX_SEED, PICTURE_SUFFIXES, Capture, Inversion, ModelSpec,
                    RunSpec, SpecError, format_named)
@@ -402,12 +401,12 @@ def _reported(body, console: Console, flags: dict, interrupted: str, verbose: bo
             return 128 + signals.stopped_by()
         if (line := not_installed(e)) is not None:
             if verbose:
-                _print_traceback(e)
+                write_traceback(e)
             console.error(line)
             return 1
         if (refusal := _os_refusal(e)) is not None:
             if verbose:
-                _print_traceback(e)
+                write_traceback(e)
             console.error(f"error: {refusal}")
             return 2
         _report(e, verbose, prefix=f"failed ({type(e).__name__}): ",
@@ -544,16 +543,10 @@ def _output_advice(error: Exception) -> str:
     return ""
 
 
-def _print_traceback(error: Exception) -> None:
-    """The traceback, each line printable: a message may hold text a picture's record gave."""
-    for line in "".join(traceback.format_exception(error)).splitlines():
-        print(shown(line), file=sys.stderr)
-
-
 def _report(error: Exception, verbose: bool, prefix: str = "error: ", suffix: str = "",
             flags: dict | None = None) -> None:
     if verbose:
-        _print_traceback(error)
+        write_traceback(error)
     text = error.named(flags or {}) if isinstance(error, FieldMessage) else str(error)
     message = " ".join(line.strip() for line in text.splitlines())  # one line, always
     Console().error(f"{prefix}{message}{suffix}")

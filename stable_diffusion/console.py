@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 
 from .errors import name_fields
@@ -58,6 +59,12 @@ def _write(stream, line: str) -> None:
         if stream is sys.stdout and e.errno != errno.EPIPE:  # a reader that went is no news; a full disk is
             _write(sys.stderr, f"note: standard output cannot be written ({e.strerror or e}); its lines "
                                "are lost, the run goes on")
+
+
+def write_traceback(error: BaseException) -> None:
+    """-v's traceback on stderr, each line printable (a message may hold a picture's text)."""
+    for line in "".join(traceback.format_exception(error)).splitlines():
+        _write(sys.stderr, line)
 
 
 def open_standard_streams() -> None:

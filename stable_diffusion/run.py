@@ -260,15 +260,16 @@ def _walk_and_keep(session, sd, plan, names, ledger, texts, picture, taesd, cons
         for sink in kept:
             sink.finish()
             finished.append(sink)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         # The frames made before the stop (waiting for their decoding batch, or in the batch it cut
         # short) are written, then what whole rows make (a partial triangle), by the sinks not yet
         # finished (a stop as the last rows' fidelity is decoded lost the triangle). A second stop
         # drops what is not yet written (a full-size decode takes seconds a frame on a CPU); later
         # ones are ignored until the run's record is written (signals.stop).
         if writer.waiting():
+            again = "another stop signal" if isinstance(e, signals.Terminated) else "Ctrl-C again"
             console.notice(f"stopping: writing the {writer.waiting()} frame(s) made before the stop "
-                           "(Ctrl-C again to drop them)")
+                           f"({again} to drop them)")
         try:
             with signals.second_stop_skips():
                 for sink in (writer, *(sink for sink in kept if sink not in finished)):

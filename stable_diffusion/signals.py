@@ -214,7 +214,9 @@ def second_stop_skips():
             signal.signal(s, ignore_signal)
         raise Skipped()
 
-    previous = {s: signal.signal(s, skip) for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
+    # Only the signals a first stop set to be ignored (see `stop`): elsewhere (a script's run outside
+    # `handled`) a SIGTERM still ends the process.
+    previous = {s: signal.signal(s, skip) for s in STOP_SIGNALS if signal.getsignal(s) is ignore_signal}
     try:
         yield
     finally:

@@ -717,11 +717,11 @@ def test_a_row_whose_steps_are_done_is_drawn_when_a_stop_cuts_its_last_decoding(
                                                                                monkeypatch):
     decode, calls = StableDiffusion.decode, []
 
-    def interrupted_decode(self, x):
+    def interrupted_decode(self, x, **kwargs):
         calls.append(1)
         if len(calls) == 2:  # the batch that ends row 0 (batch 3: its cells 0-2, then 3 and 4 of 5)
             raise KeyboardInterrupt
-        return decode(self, x)
+        return decode(self, x, **kwargs)
 
     monkeypatch.setattr(StableDiffusion, "decode", interrupted_decode)
     status, _, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 4, "-gt", "-sd", 1,
@@ -856,11 +856,11 @@ def test_ctrl_c_writes_the_frames_waiting_for_their_decoding_batch(capsys, tmp_p
 def test_ctrl_c_during_decoding_keeps_what_was_written(capsys, tmp_path, picture, sd2, monkeypatch):
     decode, calls = StableDiffusion.decode, []
 
-    def interrupted_decode(self, x):
+    def interrupted_decode(self, x, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return decode(self, x)
+        return decode(self, x, **kwargs)
 
     monkeypatch.setattr(StableDiffusion, "decode", interrupted_decode)
     status, _, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 6,
@@ -881,11 +881,11 @@ def test_a_second_ctrl_c_drops_the_frames_the_stop_was_writing(capsys, tmp_path,
     drops them; the sidecar still lists what was written."""
     decode, calls = StableDiffusion.decode, []
 
-    def signalled_decode(self, x):
+    def signalled_decode(self, x, **kwargs):
         calls.append(1)
         if len(calls) in (3, 4):  # the third frame's decoding, then its decoding again as the run stops
             os.kill(os.getpid(), signal.SIGINT)
-        return decode(self, x)
+        return decode(self, x, **kwargs)
 
     monkeypatch.setattr(StableDiffusion, "decode", signalled_decode)
     status, _, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 6, "--strength", 1,
@@ -937,6 +937,8 @@ def test_signal_just_after_a_rename_still_lists_the_file(capsys, tmp_path, pictu
     status, _, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 4,
                           "--strength", 1, "-sd", 1, "--seed", 0, "--output", tmp_path / "o.png")
     assert status == 128 + signum, err
+    again = "Ctrl-C again" if signum == signal.SIGINT else "another stop signal"  # no terminal for a kill
+    assert f"before the stop ({again} to drop them)" in err, err
     record = sidecar(tmp_path / "o.json")
     assert record["status"] == "interrupted"
     # and the rest of its batch, made before the stop, is written as the run stops
@@ -1755,6 +1757,23 @@ def test_a_signal_that_lands_while_the_handlers_are_put_back_is_not_lost(monkeyp
             with deferred():
                 pass
         assert stopped.value.signum == signal.SIGTERM
+
+
+def test_a_second_stop_skips_only_where_a_first_stop_took_the_signals(default_stop_handlers):
+    """Outside `handled` (a script's run), a SIGTERM during the writing of a stopped run's frames was
+    taken as a second stop, and the process went on."""
+    from stable_diffusion import signals
+
+    with signals.second_stop_skips():
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    signal.signal(signal.SIGTERM, signals.ignore_signal)  # as `stop` leaves it after a first stop
+    try:
+        with signals.second_stop_skips(), pytest.raises(signals.Skipped):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        assert signal.getsignal(signal.SIGTERM) is signals.ignore_signal
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def test_memory_error_says_out_of_memory(capsys, tmp_path, picture, sd2, monkeypatch):
