@@ -358,8 +358,6 @@ def _text_argument(args, name: str, console) -> bytes | None:
     return raw
 
 
-
-
 def run_command(body, argv: list, flags: dict = FLAGS, interrupted: str = NOTHING_WRITTEN) -> int:
     """`body(console) -> exit status`, with the streams made safe, the stop signals handled, and
     every error turned into one line and its exit status (`flags` names spec fields in messages;

@@ -564,7 +564,6 @@ def _first_line(error: Exception, limit: int = 120) -> str:
     return text[:limit]
 
 
-
 def _json_default(value: Any) -> Any:
     # Records are built from numpy scalars and arrays (timesteps, sigmas) and paths; say them plainly.
     if isinstance(value, np.generic):

@@ -486,7 +486,6 @@ def fp16_stand_ins(held: dict) -> list:
     return [c for c, (files, _) in held.items() if any(".fp16" in f.name for f in files)]
 
 
-
 def weights_fingerprint(held: dict) -> str:
     """One SHA-256 hex over every weight file of check_model_folder's `held`, each sampled
     (files.sampled_digest): the record keeps it, and a replay tells a model folder or file whose

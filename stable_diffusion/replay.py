@@ -238,7 +238,7 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
     sized = any(_dest(a, parser) in ("size", "max_pixels") for a in rest[:_separator(rest)])  # the user's
     if "width" in fields and "height" in fields and not sized:  # image to image too: A1111 resized to it
         # A1111's sides are multiples of 8, ours of 64: the nearest, said where it differs.
-        width, height = (max(64, 64 * round(fields[k] / 64)) for k in ("width", "height"))
+        width, height = (max(64, 64 * ((fields[k] + 32) // 64)) for k in ("width", "height"))  # halves up
         if (width, height) != (fields["width"], fields["height"]):
             notes.append(f"replay of {path}: Size {fields['width']}x{fields['height']} is not a multiple of 64 "
                          f"a side, as this tool's sizes are: run at {width}x{height} (width x height)")

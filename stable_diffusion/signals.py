@@ -199,7 +199,6 @@ def shielded():
             signal.signal(signum, handler)
 
 
-
 @contextlib.contextmanager
 def second_stop_skips():
     """After a first stop (whose handler ignores the later ones): inside the block, the next stop

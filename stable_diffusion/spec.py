@@ -24,7 +24,6 @@ PREVIEWS = ("vae", "approx", "taesd")
 PICTURE_SUFFIXES = {"png": (".png",), "webp": (".webp",), "jpeg": (".jpg", ".jpeg")}
 
 
-
 def exact(value: float) -> str:
     """A number as given, to its last digit (1.0000000001 is not said to be 1), 5.0 as 5."""
     text = repr(float(value))

@@ -687,7 +687,6 @@ def test_the_output_lock_is_never_opened_through_a_link(tmp_path):
     assert not victim.exists()
 
 
-
 @pytest.mark.parametrize("make", [Path.mkdir, os.mkfifo])
 def test_the_output_lock_must_be_a_plain_file(tmp_path, make):
     """A folder at the lock's name was reported as the output folder not being writable; a pipe
