@@ -295,14 +295,29 @@ class TimeLeft:
     as the walk goes on the measured rate takes over."""
 
     PRIOR = 0.1  # the share of the walk the plan's estimate weighs as
+    SLOW_AFTER, SLOW_WALK = 0.25, 0.5  # `slow` answers a quarter into a walk of 0.5 s or more
 
     def __init__(self, estimate):
         self.estimate = estimate
         self.started = time.perf_counter()
         self.done = 0.0  # the estimated seconds of the steps done
+        self._first, self._said = None, False  # (time, done) at the first step's end; `slow` answered
 
     def step_done(self, phase, index: int) -> None:
         self.done += self.estimate.steps[phase][index]
+        if self._first is None:
+            self._first = (time.perf_counter(), self.done)
+
+    def slow(self) -> float | None:
+        """How many times their estimate the steps after the first (the warm-up) have taken, once a
+        quarter of a walk of SLOW_WALK seconds or more is done, and only then (None before, after
+        the first answer, and for a shorter walk): a run on cores that other programs are using
+        runs at several times its estimate."""
+        if self._first is None or self._said or self.estimate.walk < self.SLOW_WALK \
+                or self.done < self.SLOW_AFTER * self.estimate.walk or self.done <= self._first[1]:
+            return None
+        self._said = True
+        return (time.perf_counter() - self._first[0]) / (self.done - self._first[1])
 
     def seconds(self) -> float:
         remaining = self.estimate.walk - self.done + self.estimate.after

@@ -250,6 +250,7 @@ def _walk_and_keep(session, sd, plan, names, ledger, texts, picture, taesd, cons
                     sink.add(row, step)
                 if clock is not None:
                     clock.step_done(row, step.index)
+                    _note_if_slow(clock.slow(), console)
             writer.flush()
             for sink in kept:
                 sink.phase_done(row)
@@ -282,6 +283,26 @@ def _walk_and_keep(session, sd, plan, names, ledger, texts, picture, taesd, cons
         except signals.Skipped:
             console.notice("stopped again: what the run had not yet written is dropped")
         raise
+
+
+# Steps this many times slower than the machine's measure: something else has the cores (the
+# estimates run up to 2x low on a quiet VM).
+SLOW_PACE = 3.0
+
+
+def _note_if_slow(pace: float | None, console) -> None:
+    """A note where the walk runs at SLOW_PACE times its estimate or more: on a CPU, another program
+    computing on the same cores (a second run, a test suite) slows both far more than by half, as
+    each one's BLAS threads wait on the other's."""
+    if pace is None or pace < SLOW_PACE:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = f"load average {os.getloadavg()[0]:.1f} on {cores} cores" if hasattr(os, "getloadavg") else \
+        f"{cores} cores"
+    console.notice(f"the steps take {pace:.1f}x the time this machine's measure gives ({load}): other "
+                   "programs computing on these cores slow a run far more than by their share; run one "
+                   "at a time, or give each OPENBLAS_NUM_THREADS=1 (its pixels then differ slightly from a "
+                   "run with more threads)")
 
 
 def _sinks(plan, names, writer, sd, x0, picture, console, timings) -> list:

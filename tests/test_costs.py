@@ -318,3 +318,32 @@ def test_the_estimates_unet_calls_are_the_samplers_own(tiny_model, sampler, sche
         for _ in samplers.SAMPLERS[sampler](denoise, mx.zeros((1, 2, 2, 4)), timeline, mx.random.key(0)):
             pass
         assert plan.estimate.unet_calls == len(calls), (steps, strength)
+
+
+def test_the_clock_says_once_how_slow_the_steps_after_the_first_ran(tiny_model, monkeypatch, capsys):
+    """Another program computing on the same cores made a run 8 to 37 times slower than its estimate,
+    and nothing said why. The first step (a warm-up) is left out of the measure."""
+    from stable_diffusion.console import Console
+    from stable_diffusion.run import _note_if_slow
+
+    plan, _ = plan_of(tiny_model, steps=40, strengths=(1.0,))
+    e = plan.estimate
+    now = [100.0]
+    monkeypatch.setattr(costs.time, "perf_counter", lambda: now[0])
+    for walk, expected in ((e.walk + 1, []), (0.0, [4.0])):  # a walk shorter than SLOW_WALK: no word
+        monkeypatch.setattr(costs.TimeLeft, "SLOW_WALK", walk)
+        clock, answers = costs.TimeLeft(e), []
+        for i, seconds in enumerate(e.steps[0]):
+            now[0] += (50 if i == 0 else 4) * seconds
+            clock.step_done(0, i)
+            answers.append(clock.slow())
+        assert [a for a in answers if a is not None] == pytest.approx(expected)
+        if expected:  # said once, a quarter into the walk
+            first = next(i for i, a in enumerate(answers) if a is not None)
+            assert sum(e.steps[0][:first + 1]) >= costs.TimeLeft.SLOW_AFTER * e.walk > sum(e.steps[0][:first])
+    _note_if_slow(2.9, Console())
+    _note_if_slow(4.04, Console())
+    err = capsys.readouterr().err
+    assert err.startswith("note: the steps take 4.0x the time this machine's measure gives (load average ") and \
+        err.endswith("run one at a time, or give each OPENBLAS_NUM_THREADS=1 (its pixels then differ slightly from "
+                     "a run with more threads)\n") and err.count("\n") == 1
