@@ -21,7 +21,8 @@ from pathlib import Path
 
 from . import options, signals
 from .console import Console, open_standard_streams, shortened, write_traceback
-from .errors import FieldMessage, HubUnreachable, InputError, NumericalError, OutputBusy, OutputError, NOTHING_WRITTEN, not_installed
+from .errors import (NOTHING_WRITTEN, FieldMessage, HubUnreachable, InputError, NumericalError, OutputBusy,
+                     OutputError, not_installed)
 from .spec import (DEFAULT_TRIANGLE_STRENGTHS, MAX_SEED, PICTURE_SUFFIXES, Capture, Inversion, ModelSpec,
                    RunSpec, SpecError, format_named)
 
@@ -189,8 +190,8 @@ def build_parser(command: str, sweep: bool = False) -> argparse.ArgumentParser:
         "Stable Diffusion image-to-image on MLX, saving every stage of the trajectory."
         if command == "image2image" else
         "Stable Diffusion text-to-image on MLX, saving every stage of the trajectory."))
-    p.add_argument("--version", action=_Version, nargs=0, default=argparse.SUPPRESS, help="print the versions of this tool, MLX, NumPy, "
-                   "Pillow and Python, and exit")
+    p.add_argument("--version", action=_Version, nargs=0, default=argparse.SUPPRESS,
+                   help="print the versions of this tool, MLX, NumPy, Pillow and Python, and exit")
     groups = {None: p}
     for row in options.rows(options.parser_name(command, sweep)):
         if row.group not in groups:

@@ -45,8 +45,9 @@ def namesake_lock(output: Path, wait: bool = False, on_wait=None):
             try:
                 stack.enter_context(files.output_lock(owner, wait, on_wait))
             except OutputBusy as e:
-                raise OutputBusy(f"{output} is named as a file of {owner.name}'s run, and another run ({e.holder}) "
-                                 f"holds that name: it writes {owner.name}, or a file named after it", e.holder) from None
+                raise OutputBusy(f"{output} is named as a file of {owner.name}'s run, and another run "
+                                 f"({e.holder}) holds that name: it writes {owner.name}, or a file named after it",
+                                 e.holder) from None
         yield
 
 

@@ -215,8 +215,8 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
     if text is None or not text.strip():
         tool = picture_meta.other_tool(path)
         what = "no `parameters` text" if text is None else "an empty `parameters` text"
-        raise InputError(f"{path} carries no parameters to replay ({what}, no record of ours)" + (f"; its settings are {tool}'s own, which this tool does not read: give "
-                                       "them as flags" if tool else ""))
+        theirs = f"; its settings are {tool}'s own, which this tool does not read: give them as flags" if tool else ""
+        raise InputError(f"{path} carries no parameters to replay ({what}, no record of ours){theirs}")
     try:
         fields, warnings = infotext.parse_parameters(text)
     except InputError as e:  # named by the picture it came from
@@ -439,7 +439,7 @@ def _fingerprint(record: dict) -> str | None:
     model = record.get("model") if isinstance(record.get("model"), dict) else {}
     found = model.get("weights_fingerprint")
     local = model.get("source") in ("folder", "file", "package")
-    return found if local and isinstance(found, str) and re.fullmatch(r"[0-9a-f]{64}", found) else None
+    return found if local and isinstance(found, str) and _SHA256.match(found) else None
 
 
 def model_changed(path, record: dict, parser, recorded: list) -> list:
