@@ -123,11 +123,12 @@ class Console:
         _write(sys.stdout, "(None: the default, settled as the run starts: the model's own steps and "
                            "guidance, a random seed, ...; the sidecar records every value the run used)")
 
-    def notice(self, line: str) -> None:
+    def notice(self, line: str, once_as: str | None = None) -> None:
         """A note, once: one that every run of a sweep meets (the model's, the inversion's) is said
-        at the first."""
-        if not self.quiet and line not in self._noted:
-            self._noted.add(line)
+        at the first; `once_as` names a note whose words vary from run to run (its numbers)."""
+        key = line if once_as is None else once_as
+        if not self.quiet and key not in self._noted:
+            self._noted.add(key)
             _write(sys.stderr, f"note: {name_fields(line, self.names)}")
 
     def error(self, line: str) -> None:

@@ -302,7 +302,7 @@ def _note_if_slow(pace: float | None, console) -> None:
     console.notice(f"the steps take {pace:.1f}x the time this machine's measure gives ({load}): other "
                    "programs computing on these cores slow a run far more than by their share; run one "
                    "at a time, or give each OPENBLAS_NUM_THREADS=1 (its pixels then differ slightly from a "
-                   "run with more threads)")
+                   "run with more threads)", once_as="slow steps")
 
 
 def _sinks(plan, names, writer, sd, x0, picture, console, timings) -> list:
