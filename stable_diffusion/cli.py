@@ -150,6 +150,8 @@ class _Parser(argparse.ArgumentParser):
             if not arg.startswith("-") or arg == "--":
                 continue
             typed = "--" + arg.split("=", 1)[0].lstrip("-")  # -steps and --steps=4 alike
+            if typed in ("--width", "--height", "--W", "--H") and "--size" in flags:  # other tools' flags
+                return "; the working size is --size HEIGHTxWIDTH (e.g. --size 512x768)"
             close = difflib.get_close_matches(typed, flags, n=1, cutoff=0.75)
             if close:
                 return f"; did you mean {close[0]}?"
@@ -419,7 +421,7 @@ def main(command: str, argv=None) -> int:
 
 
 def _command(command: str, typed: list, console: Console) -> int:
-    from .replay import COST_SETTINGS, check_cost, find
+    from .replay import check_cost, find
 
     argv, notes = replay_arguments(command, typed)
     parser = build_parser(command)
@@ -455,8 +457,7 @@ def _command(command: str, typed: list, console: Console) -> int:
 
     check_name_length(spec.output)  # the plan's names, once planned
     replayed = find(typed, parser)
-    asked = args.allow_long_replay or any(parser.given(typed, dest) for dest in COST_SETTINGS)  # the user's own
-    bounded = None if replayed is None or asked else functools.partial(check_cost, replayed[0])
+    bounded = None if replayed is None or args.allow_long_replay else functools.partial(check_cost, replayed[0])
     return _run(spec, model, console, typed, args.wait, notes, bounded)
 
 

@@ -163,7 +163,8 @@ def output_lock(output: str | os.PathLike, wait: bool = False,
                 except BlockingIOError:
                     holder = _lock_holder(fd)
                     if not wait:
-                        raise OutputBusy(f"{output} is being written by another run ({holder})",
+                        raise OutputBusy(f"{output} is being written by another run ({holder}) (or a file "
+                                         "named after it is)",
                                          holder) from None
                     if on_wait is not None:
                         on_wait(holder)
@@ -279,7 +280,8 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[BinaryIO], Any]) -
             with contextlib.suppress(OSError, AttributeError):  # a file replaced keeps its permissions
                 before = os.lstat(path)  # (a picture kept private, 0600, stays so), within as_private_as's
                 if stat.S_ISREG(before.st_mode):
-                    os.fchmod(f.fileno(), before.st_mode & 0o777 & ~(0o066 & ~_NEW_FILE_MODE.get()))
+                    # its owner reads and writes it; group and others no more than as_private_as's
+                    os.fchmod(f.fileno(), (before.st_mode & 0o777 | 0o600) & ~(0o077 & ~_NEW_FILE_MODE.get()))
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())

@@ -243,7 +243,7 @@ def parse_parameters_text(text: str) -> dict[str, Any]:
     # A1111 takes a last line of three fields; one that also holds other words is the field line
     # only where it has Steps, as every tool of that form writes (`style: anime, mood: calm, a girl`
     # is a prompt).
-    if len(fields) >= 3 and ("Steps" in fields or not skipped):
+    if len(fields) >= 3 and ("Steps" in fields or not skipped) and not lines[-1].startswith(_NEGATIVE):
         lines = lines[:-1]
     else:
         fields, skipped = {}, []

@@ -30,12 +30,10 @@ REFUSED = {"output": "where the run writes is the user's to choose",
            "verbose": "not a setting", "wait": "not a setting",
            "allow_download": "only the user may allow a download",
            "allow_long_replay": "only the user may allow a long replay", "version": "not a setting"}
-# What a picture starts unasked (--allow-long-replay starts more): its settings, each within its
-# bounds, may multiply to days of work and tens of thousands of files. A user who gives one of the
-# COST_SETTINGS with the replay has asked for what it costs.
+# What a replay starts unless --allow-long-replay is given: a picture's settings, each within its
+# bounds, may multiply to days of work and tens of thousands of files (and one the user gives with
+# it, lowering one of them, would leave the others as the picture set them).
 MAX_REPLAY_SECONDS, MAX_REPLAY_FILES = 6 * 3600, 1000
-COST_SETTINGS = ("steps", "size", "max_pixels", "strength", "n_images", "show_denoising", "save_last_N",
-                 "show_noising", "generate_triangle", "triangle_strengths", "inversion_refine")
 MAX_ARGUMENTS = 256  # ours hold about 40
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MAX_SIDE = 1 << 16  # pixels: a recorded input size beyond it is not a picture of ours
@@ -480,8 +478,8 @@ def check_cost(path, plan, files: list) -> None:
         return
     raise InputError(f"replay of {_shown(path)}: it would take {describe_seconds(seconds)} on this machine "
                      f"and write {count:,} files; a picture starts at most {MAX_REPLAY_SECONDS // 3600} hours' work "
-                     f"and {MAX_REPLAY_FILES:,} files unasked: give --allow-long-replay to run it, or set "
-                     "what it costs yourself (--steps, --size, -sd, --save_last_N, --show_noising, --n_images)")
+                     f"and {MAX_REPLAY_FILES:,} files unasked: give --allow-long-replay to run it, or lower what "
+                     "it sets (--steps, --size, -sd, --save_last_N, --show_noising, --n_images)")
 
 
 def _recorded_size(record: dict, recorded: list) -> list:

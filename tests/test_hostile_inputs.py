@@ -210,10 +210,13 @@ def test_a_replay_starts_no_more_than_an_hours_work_or_a_thousand_files_unasked(
         result = probe("image2image.py", "--replay", picture, "-o", tmp_path / "o.png", cwd=tmp_path)
         assert_refused(result, f"replay of {picture}: it would take ", words, "give --allow-long-replay to run it")
         assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
-    # The user's own --steps (or --size, ...) with it: asked for, as without --replay (it is then refused
-    # only for its memory, here).
-    result = probe("image2image.py", "--replay", picture, "--steps", 10000, "-o", tmp_path / "o.png", cwd=tmp_path)
-    assert_refused(result, "of memory")
+    # A setting the user gives with it, lowering one cost, leaves the others as the picture set them:
+    # still refused (a helper ran 2,006 files and 3 hours so); --allow-long-replay lets it run.
+    for flag in (["--n_images", 1], ["--strength", 0.99], ["--ste", 1000], ["-gt=0"]):
+        result = probe("image2image.py", "--replay", picture, *flag, "-o", tmp_path / "o.png", cwd=tmp_path)
+        assert_refused(result, "give --allow-long-replay to run it")
+    result = probe("image2image.py", "--replay", picture, "--allow-long-replay", "-o", tmp_path / "o.png", cwd=tmp_path)
+    assert_refused(result, "of memory")  # past the bound, then refused only for what this machine cannot hold
     # Only the user allows it: a record cannot.
     picture = picture_with(tmp_path / "p.png", our_record([*long, "--allow-long-replay"]))
     assert_refused(probe("image2image.py", "--replay", picture, cwd=tmp_path), "only the user may allow a long replay")

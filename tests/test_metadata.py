@@ -243,6 +243,8 @@ def test_parse_reads_a_field_line_as_a1111_does():
     prompt = "masterpiece, style: anime, lighting: soft, mood: calm, a girl"
     assert parse_parameters_text(prompt)["prompt"] == prompt
     assert parse_parameters_text("a cat\nSampler: Euler, CFG scale: 7, Seed: 1")["seed"] == 1  # fields only
+    back = parse_parameters_text("a cat\nNegative prompt: ugly, style: bad, mood: dark, tone: grim")
+    assert back["negative_prompt"] == "ugly, style: bad, mood: dark, tone: grim"  # no field line starts so
     parsed, notes = parse_parameters(f"a cat\n{fields}, Template: red, blue, green, Version: v1")
     assert (parsed["prompt"], parsed["seed"], parsed["sampler"]) == ("a cat", 123, "euler_a")
     assert notes == ["Template: 'red' is not a setting here; not used", "Version: 'v1' is not a setting here; not used",

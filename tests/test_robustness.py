@@ -144,6 +144,7 @@ def test_picture_notices_reach_stderr(tmp_path, sd2):
     (["--strength", "1.0000000001"], ["--strength 1.0000000001 is outside 0.001 .. 1"]),  # it was said to be 1
     (["--steps", 0], ["--steps 0 is outside 1 .. 10000"]),
     (["--seed", -2], ["--seed -2 is outside 0 .. 18446744073709551615 (or -1: a seed drawn at random)"]),
+    (["--width", 256], ["unrecognized arguments: --width 256; the working size is --size HEIGHTxWIDTH"]),  # "--wait?"
     (["--cfg", -1], ["--cfg -1 is outside 0 .. 100"]),
     (["--cfg", "nan"], ["--cfg nan is outside 0 .. 100"]),
     (["--n_images", 3, "--n_rows", 2], ["--n_images 3 is not divisible by --n_rows 2"]),
@@ -779,10 +780,17 @@ def test_an_output_replacing_a_file_not_ours_says_so_and_keeps_its_permissions(c
     status, _, err = main(capsys, *common, "--output", photo)
     assert status == 0 and "is replaced" not in err  # ours now
     assert not (tmp_path / "holiday.step-001.png").exists()
-    # Made private after a run, and run again: the sidecar it replaces becomes private too (it kept 0644).
+    # Made private after a run, and run again: the sidecar it replaces becomes private too (it kept 0644);
+    # a file of the run its owner could not read becomes readable to them (one 0755 became 0711).
     (tmp_path / "holiday.json").chmod(0o644)
-    assert main(capsys, *common, "--output", photo)[0] == 0
-    assert stat.S_IMODE((tmp_path / "holiday.json").stat().st_mode) == 0o600
+    assert main(capsys, *common, "--output", photo, "-sd", 1)[0] == 0
+    (tmp_path / "holiday.step-000.png").chmod(0o755)
+    (tmp_path / "holiday.step-001.png").chmod(0o000)
+    assert main(capsys, *common, "--output", photo, "-sd", 1)[0] == 0
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == {
+        "holiday.png": 0o600, "holiday.json": 0o600, "holiday.step-000.png": 0o700, "holiday.step-001.png": 0o600}
+    for p in tmp_path.glob("holiday.step-*"):
+        p.unlink()
     (tmp_path / "link.png").symlink_to(photo)
     status, _, err = main(capsys, *common, "--output", tmp_path / "link.png")
     assert status == 0 and "link.png is replaced, though it is a link (the link goes, not what it points to)" in err
@@ -1028,7 +1036,8 @@ def test_two_runs_at_once_whose_names_overlap_are_one_too_many(capsys, tmp_path,
                                    f"run (pid {os.getpid()}) holds that name: it writes y.png, or a file named after it")
     with outputs.namesake_lock(tmp_path / "y.step-001.png"):  # the run of y.step-001.png is under way
         status, _, err = main(capsys, *common, "--output", tmp_path / "y.png")
-        only_error(status, 2, err, f"{tmp_path / 'y.png'} is being written by another run (pid {os.getpid()}")
+        only_error(status, 2, err, f"{tmp_path / 'y.png'} is being written by another run (pid {os.getpid()}) (or "
+                                   "a file named after it is)")
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == []
     assert main(capsys, *common, "--output", tmp_path / "y.curve.png")[0] == 0  # no run of y holds it now
 
