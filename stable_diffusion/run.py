@@ -14,6 +14,7 @@ import functools
 import itertools
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,7 +295,9 @@ def _note_if_slow(pace: float | None, console) -> None:
     """A note where the walk runs at SLOW_PACE times its estimate or more: on a CPU, another program
     computing on the same cores (a second run, a test suite) slows both far more than by half, as
     each one's BLAS threads wait on the other's."""
-    if pace is None or pace < SLOW_PACE:
+    # Only where the BLAS is OpenBLAS's, whose threads the advice names (a GPU's estimates are not
+    # checked against contention here).
+    if pace is None or pace < SLOW_PACE or mx.default_device() != mx.cpu or sys.platform != "linux":
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load = f"load average {os.getloadavg()[0]:.1f} on {cores} cores" if hasattr(os, "getloadavg") else \
