@@ -25,9 +25,9 @@ def launch(module: str, function: str) -> int:
             print(NOTHING_WRITTEN, file=sys.stderr)
         return 130
     except ModuleNotFoundError as e:
-        if not_installed(e) is None:
+        if (line := not_installed(e)) is None:
             raise
-        print(not_installed(e), file=sys.stderr)
+        print(line, file=sys.stderr)
         return 1
     return command()
 

@@ -426,11 +426,12 @@ def _command(command: str, typed: list, console: Console) -> int:
     argv, notes = replay_arguments(command, typed)
     parser = build_parser(command)
     args = parser.parse_args(argv)
+    replayed = find(typed, parser)  # (the picture, the user's own arguments), or None
     if not args.allow_download:
         _offline_replay(command, args.model, typed)
     console = Console(args.quiet, args.verbose, names=FLAGS)
     if args.print_parser:
-        console.arguments(args, (find(typed, parser) or (None,))[0])
+        console.arguments(args, (replayed or (None,))[0])
     try:
         check_arguments(args, command)
         _check_environment()
@@ -438,7 +439,7 @@ def _command(command: str, typed: list, console: Console) -> int:
                                                                        "inversion_prompt")}
         spec, model = build_specs(command, args)
     except SpecError as e:  # a value the replayed picture gave, not the user: said to be its
-        replayed, action = find(typed, parser), parser.action_of(FLAGS.get(e.field, "-"))
+        action = parser.action_of(FLAGS.get(e.field, "-"))
         if replayed is None or action is None or parser.given(typed, action.dest):
             raise
         raise InputError(f"{replayed[0]} gives a value this tool refuses: {e.named(FLAGS)}; give "
@@ -456,7 +457,6 @@ def _command(command: str, typed: list, console: Console) -> int:
     from .outputs import check_name_length
 
     check_name_length(spec.output)  # the plan's names, once planned
-    replayed = find(typed, parser)
     bounded = None if replayed is None or args.allow_long_replay else functools.partial(check_cost, replayed[0])
     return _run(spec, model, console, typed, args.wait, notes, bounded)
 

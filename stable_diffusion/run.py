@@ -299,9 +299,7 @@ def _note_if_slow(pace: float | None, console) -> None:
     # checked against contention here).
     if pace is None or pace < SLOW_PACE or mx.default_device() != mx.cpu or sys.platform != "linux":
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = f"load average {os.getloadavg()[0]:.1f} on {cores} cores" if hasattr(os, "getloadavg") else \
-        f"{cores} cores"
+    load = f"load average {os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} cores"  # Linux has both
     console.notice(f"the steps take {pace:.1f}x the time this machine's measure gives ({load}): other "
                    "programs computing on these cores slow a run far more than by their share; run one "
                    "at a time, or give each OPENBLAS_NUM_THREADS=1 (its pixels then differ slightly from a "
