@@ -32,6 +32,21 @@ def launch(module: str, function: str) -> int:
     return command()
 
 
+def main_image2image() -> int:
+    """The installed `sd-image2image`: `python image2image.py`, started as launch starts it."""
+    return launch("cli", "image2image_main")
+
+
+def main_txt2image() -> int:
+    """The installed `sd-txt2image`."""
+    return launch("cli", "txt2image_main")
+
+
+def main_sweep() -> int:
+    """The installed `sd-sweep`."""
+    return launch("sweep_cli", "sweep_main")
+
+
 def __getattr__(name):
     # Imported on first use, so that `stable_diffusion.testing` and the command line's argument
     # checks do not pay for loading the networks.

@@ -188,7 +188,7 @@ def build_parser(command: str, sweep: bool = False) -> argparse.ArgumentParser:
     """The arguments of `image2image` or `txt2image`, as the options table lists them.
     `sweep`: the base of sd-sweep's parser (stable_diffusion/sweep_cli.py), where the prompt may
     come from --prompts instead."""
-    p = _Parser(prog=f"{command}.py", description=(
+    p = _Parser(prog=options.program(command), description=(
         "Stable Diffusion image-to-image on MLX, saving every stage of the trajectory."
         if command == "image2image" else
         "Stable Diffusion text-to-image on MLX, saving every stage of the trajectory."))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from dataclasses import MISSING, dataclass, replace
 from dataclasses import fields as dataclass_fields
 from typing import Callable
@@ -22,6 +23,14 @@ from .spec import (ALIGNS, ANIMATION_FORMATS, DTYPES, MAX_CFG, MAX_IMAGES, MAX_S
 
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
               "0": False, "false": False, "no": False, "off": False}
+
+
+def program(command: str) -> str:
+    """How the user started `command` ("image2image", "txt2image", "sweep"), for usage lines and
+    the command lines messages suggest: its installed script (`sd-sweep`) or `image2image.py`."""
+    script = f"sd-{command}"
+    started = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return script if started == script else f"{command}.py"
 
 
 def parse_flag(text: str) -> bool:

@@ -250,7 +250,7 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
     expanded = flags + rest + ([] if "--" in rest else ["--"]) + [fields["prompt"]]
     if command == "image2image":
         _parsed(parser, expanded, f"{path} records no input picture: give it first, "
-                                  f"image2image.py INPUT --replay {path}")
+                                  f"{options.program('image2image')} INPUT --replay {path}")
     return expanded, notes, None
 
 
@@ -538,12 +538,14 @@ def _picture_given(command: str, rest: list, record: dict, path) -> tuple[list, 
     if prompts and len(given) == 1 and _a_picture_file(rest[given[0]]):  # it would be taken as the prompt
         raise InputError(f"replay of {_shown(path)}: its prompt is private (kept as a hash), and the one word "
                          f"given, {_shown(rest[given[0]])}, is a picture file: give the picture, then the "
-                         f'prompt: image2image.py {_shown(rest[given[0]])} "PROMPT" --replay {_shown(path)}')
+                         f"prompt: {options.program('image2image')} {_shown(rest[given[0]])} "
+                         f'"PROMPT" --replay {_shown(path)}')
     source = record.get("input") if isinstance(record.get("input"), dict) else {}
     if len(given) == prompts and isinstance(source.get("path"), str) and not os.path.exists(source["path"]):
         usage = 'PICTURE "PROMPT"' if prompts else "PICTURE"
         raise InputError(f"replay of {_shown(path)}: its input picture {_shown(source['path'])} does not exist "
-                         f"any more; give the picture's path first: image2image.py {usage} --replay {_shown(path)}")
+                         f"any more; give the picture's path first: {options.program('image2image')} {usage} "
+                         f"--replay {_shown(path)}")
     return rest, None
 
 

@@ -39,11 +39,12 @@ def build_sweep_parser(command: str) -> argparse.ArgumentParser:
     """cli.build_parser(command), with the grid's fields as lists and the sweep's own flags."""
     base = cli.build_parser(command, sweep=True)
     # "resolve": the list-taking flags below replace the single-value ones of the base.
-    p = cli._Parser(prog=f"sweep.py {command}", parents=[base], add_help=False,
+    sweep = options.program("sweep")
+    p = cli._Parser(prog=f"{sweep} {command}", parents=[base], add_help=False,
                     conflict_handler="resolve",
                     description="Many runs of one command in one process (or on a Ray cluster): "
                                 "the model loaded once, a manifest to resume from, a contact sheet. "
-                                "image2image by default; sweep.py txt2image PROMPT ... sweeps text "
+                                f"image2image by default; {sweep} txt2image PROMPT ... sweeps text "
                                 "to image.")
     # Taken, to be refused with the command that replays (see _sweep), but not offered.
     p.add_argument("--replay", metavar="PICTURE", help=argparse.SUPPRESS)
@@ -115,9 +116,10 @@ def build_sweep(command: str, args) -> tuple:
     if args.prompt is None and "prompt" not in values:
         image = getattr(args, "image", None)
         if image is not None and not os.path.lexists(image) and Path(image).suffix.lower() not in PICTURE_SUFFIXES:
+            sweep = options.program("sweep")
             raise SpecError("prompts", f"{image!r} is no picture here, and no prompt follows it: an image2image "
-                                       "sweep takes the input picture, then the prompt (sweep.py image2image "
-                                       "PICTURE PROMPT); sweep.py txt2image PROMPT starts from noise")
+                                       f"sweep takes the input picture, then the prompt ({sweep} image2image "
+                                       f"PICTURE PROMPT); {sweep} txt2image PROMPT starts from noise")
         raise SpecError("prompts", "give a prompt, or {flag} FILE with one prompt per line")
     if args.sheet_every < 0:
         raise SpecError("sheet_every", f"{{flag}} {args.sheet_every} is negative; use 0 (at the end "
@@ -169,12 +171,13 @@ def _sweep(argv: list, console: Console) -> int:
     if argv and argv[0] in COMMANDS:
         command, argv = argv[0], argv[1:]
     elif argv and not os.path.exists(argv[0]) and difflib.get_close_matches(argv[0], COMMANDS, n=1, cutoff=0.75):
-        raise InputError(f"{argv[0]!r} is no command: sweep.py's first word is image2image (the default, "
-                         "which may be left out) or txt2image")
+        raise InputError(f"{argv[0]!r} is no command: {options.program('sweep')}'s first word is image2image "
+                         "(the default, which may be left out) or txt2image")
     args = build_sweep_parser(command).parse_args(argv)
     console = Console(args.quiet, args.verbose, names=SWEEP_FLAGS)
     if args.replay is not None:
-        raise InputError("--replay makes one picture again: use image2image.py or txt2image.py")
+        raise InputError(f"--replay makes one picture again: use {options.program('image2image')} or "
+                         f"{options.program('txt2image')}")
     if args.print_parser:
         console.arguments(args)
     runs, grid, model, folder = build_sweep(command, args)

@@ -1526,6 +1526,30 @@ def test_a_python_without_the_tools_packages_is_told_so_in_one_line(tmp_path, sc
                              "installed in (activate its venv)\n")
 
 
+def _installed_scripts() -> dict:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+@pytest.mark.parametrize("name", sorted(_installed_scripts()))
+def test_the_installed_scripts_start_as_the_scripts_do_and_go_by_their_own_name(tmp_path, name):
+    """`sd-image2image` and the others, as pip's wrapper calls them (argv[0] their name): a missing
+    package is one line (they went through a traceback), and usage and messages name them."""
+    module, function = _installed_scripts()[name].split(":")
+    call = f"from {module} import {function}; sys.exit({function}())"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", f"import sys; sys.argv = [{name!r}, '--help']; {call}"],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert result.returncode == 0 and result.stdout.startswith(f"usage: {name} "), result.stdout + result.stderr
+    result = subprocess.run([sys.executable, "-c", "import sys; sys.modules['numpy'] = None; "
+                             f"sys.argv = [{name!r}, 'in.png', 'a barn']; {call}"],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert (result.returncode, result.stdout) == (1, ""), result.stderr
+    assert result.stderr.startswith(f"failed: this Python ({sys.executable}) has no numpy") and \
+        result.stderr.count("\n") == 1, result.stderr
+
+
 @pytest.mark.parametrize("first, second, status", [(signal.SIGTERM, signal.SIGINT, 143),
                                                      (signal.SIGINT, signal.SIGHUP, 130)])
 def test_two_stop_signals_within_one_mlx_call_end_as_the_first_said(capsys, first, second, status,
