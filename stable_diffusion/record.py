@@ -189,8 +189,9 @@ def base(plan, session, environment: dict, replay, picture) -> dict:
         record["replay"] = replay(spec, session.source["model_arg"])
     if spec.img2img:
         # Absolute, as the replay arguments hold it: a replay from elsewhere makes the same record.
+        # "size": what ran (width, height); "stored_size": the file's, before orientation and resizing.
         record["input"] = {"path": os.path.abspath(os.fsdecode(spec.image)), "sha256": picture.sha256,
-                           "size": list(picture.size)}
+                           "size": list(picture.size), "stored_size": list(picture.original_size)}
     return record
 
 

@@ -133,6 +133,7 @@ def test_picture_notices_reach_stderr(tmp_path, sd2):
     assert ("note: the picture (100x70, width x height) runs at 128x64 (aspect ratio 1.429 -> 2.000): at most 1048576 "
             "pixels (--max_pixels), sides multiples of 64") in stderr_lines(result.stderr), result.stderr
     assert sidecar(tmp_path / "o.json")["input"]["size"] == [128, 64]
+    assert sidecar(tmp_path / "o.json")["input"]["stored_size"] == [100, 70]  # the file's, as it was
 
 
 # --- arguments --------------------------------------------------------------------------------------
