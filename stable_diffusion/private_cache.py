@@ -11,6 +11,7 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -88,6 +89,9 @@ def cached_folder(root: Path, name: str, write: Callable[[Path], None], what: st
         check_own(target, what, setting)
         if (target / marker).is_file():
             return target
+        # Entries are renamed in whole, so one without its marker was damaged since: made again.
+        shutil.rmtree(target, ignore_errors=True)
+    _remove_abandoned(root)
     work = Path(tempfile.mkdtemp(prefix=".part-", dir=root))
     try:
         write(work)
@@ -100,3 +104,18 @@ def cached_folder(root: Path, name: str, write: Callable[[Path], None], what: st
         shutil.rmtree(work, ignore_errors=True)
         raise
     return target
+
+
+_ABANDONED_AFTER_S = 3600  # an entry takes seconds to write: a part older than this lost its run
+
+
+def _remove_abandoned(root: Path) -> None:
+    """Remove the partial entries of runs killed while writing them (kill -9, a power cut)."""
+    with os.scandir(root) as found:
+        parts = [e for e in found if e.name.startswith(".part-") and e.is_dir(follow_symlinks=False)]
+    for entry in parts:
+        try:
+            if time.time() - entry.stat(follow_symlinks=False).st_mtime > _ABANDONED_AFTER_S:
+                shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:
+            pass

@@ -45,8 +45,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import re
-import shutil
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -598,7 +598,8 @@ def view_folder(path, vae=None, prediction_type: str | None = None) -> tuple[Pat
     return _cached_view(key, lambda work: _write_view(work, ckpt, vae_path, detected, notices)), source
 
 
-_VIEW_VERSION = 3  # part of every view's cache key: raise it when what a view holds changes
+SCHEDULER_CONFIG = "scheduler_config.json"
+_VIEW_VERSION = 4  # part of every view's cache key: raise it when what a view holds changes
 
 
 def _identity(path: Path | None):
@@ -632,7 +633,7 @@ def _write_view(folder: Path, ckpt: Checkpoint, vae_path: Path | None, predictio
     if xl:
         index.update(text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
                      tokenizer_2=["transformers", "CLIPTokenizer"])
-    _write_json(folder / "scheduler" / "scheduler_config.json", scheduler)
+    _write_json(folder / "scheduler" / SCHEDULER_CONFIG, scheduler)
     _write_json(folder / "unet" / "config.json", unet)
     _write_json(folder / "unet" / POINTER, {"file": str(ckpt.path), "prefix": UNET, "kind": "unet",
                                             "config": unet})
@@ -682,7 +683,7 @@ def _write_vae_replacement(folder: Path, vae: Path, scaling: float | None, laten
         except ConfigError as e:
             raise ModelError(f"{{flag:vae}} {source / 'config.json'}: {e.template}") from None
         folder.mkdir(parents=True, exist_ok=True)
-        shutil.copy(source / "config.json", folder / "config.json")
+        _write_json(folder / "config.json", config)  # as read and checked
         _write_json(folder / POINTER, {"folder": str(source)})
         own = config.get("scaling_factor", 0.18215)
         if scaling is not None and isinstance(own, (int, float)) and abs(own - scaling) > 1e-6 * scaling:
@@ -723,7 +724,8 @@ class _VAEFile(Checkpoint):
 
 def folder_view(folder, vae=None, prediction_type: str | None = None) -> Path:
     """A view of a diffusers folder with its VAE replaced and/or its prediction type set: the
-    configs and tokenizers copied, every other component's weights pointing at the original."""
+    configs copied (read as every config is), the tokenizers linked, every other component's
+    weights pointing at the original."""
     folder = Path(folder).resolve()
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ModelError(f"prediction type {prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}")
@@ -743,18 +745,21 @@ def folder_view(folder, vae=None, prediction_type: str | None = None) -> Path:
         for part in sorted(p for p in folder.iterdir() if p.is_dir()):
             if part.name == "vae" and vae_path is not None:
                 continue
-            elif part.name.startswith(("tokenizer", "scheduler")):
-                shutil.copytree(part, work / part.name)
+            elif part.name.startswith("tokenizer"):  # read where they are, with their own checks
+                (work / part.name).symlink_to(part, target_is_directory=True)
+            elif part.name.startswith("scheduler"):  # its one file, the prediction type set below
+                if os.path.lexists(part / SCHEDULER_CONFIG):
+                    _write_json(work / part.name / SCHEDULER_CONFIG, load_json(part / SCHEDULER_CONFIG))
             elif (part / "config.json").is_file():
-                (work / part.name).mkdir()
-                shutil.copy(part / "config.json", work / part.name / "config.json")
+                _write_json(work / part.name / "config.json", load_json(part / "config.json"))
                 _write_json(work / part.name / POINTER, {"folder": str(part)})
         if prediction_type is not None:
-            path = work / "scheduler" / "scheduler_config.json"
+            path = work / "scheduler" / SCHEDULER_CONFIG
             _write_json(path, dict(load_json(path), prediction_type=prediction_type))
 
     key = ["folder", str(folder), _identity(folder / "model_index.json"),
-           *(_identity(p / "config.json") for p in sorted(folder.iterdir()) if p.is_dir()),
+           *(_identity(p / name) for p in sorted(folder.iterdir()) if p.is_dir()
+             for name in ("config.json", SCHEDULER_CONFIG)),
            str(vae_path), _identity(vae_path), prediction_type]
     return _cached_view(key, write)
 

@@ -659,6 +659,43 @@ def test_a_planted_view_inside_the_cache_is_not_trusted(tmp_path, monkeypatch):
         single_file._cached_view(key, lambda work: None)
 
 
+def test_a_folder_view_copies_no_file_it_does_not_read(tmp_path, sd2, monkeypatch):
+    """--vae or --prediction_type on a folder: a tokenizer/ holding a link to /dev/zero filled the
+    disk (the folders were copied whole, links followed), a link to a folder copied that folder,
+    and a scheduler config changed since was not seen (the copy kept the old one)."""
+    from stable_diffusion.config import read_pipeline_config
+
+    monkeypatch.setenv("SD_SINGLE_FILE_CACHE", str(tmp_path / "views"))
+    folder = tmp_path / "model"
+    shutil.copytree(sd2, folder)
+    (folder / "tokenizer" / "notes.txt").symlink_to("/dev/zero")
+    (folder / "scheduler" / "extra").symlink_to(ROOT, target_is_directory=True)
+    view = single_file.folder_view(folder, prediction_type="epsilon")
+    sizes = [p.stat().st_size for p in (tmp_path / "views").rglob("*") if p.is_file() and not p.is_symlink()]
+    assert sum(sizes) < 100_000, sizes
+    assert read_pipeline_config(view).scheduler.prediction_type == "epsilon"
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), beta_schedule="linear")))
+    again = single_file.folder_view(folder, prediction_type="epsilon")
+    assert read_pipeline_config(again).scheduler.beta_schedule == "linear"
+
+
+def test_a_damaged_view_and_a_killed_runs_part_are_made_again_and_removed(tmp_path, monkeypatch):
+    monkeypatch.setenv("SD_SINGLE_FILE_CACHE", str(tmp_path / "views"))
+
+    def write(work):
+        (work / "model_index.json").write_text("{}")
+
+    target = single_file._cached_view(["file", "x"], write)
+    (target / "model_index.json").unlink()  # damaged: the view was remade (it named the cache's folder)
+    assert single_file._cached_view(["file", "x"], write) == target and (target / "model_index.json").is_file()
+    old, fresh = tmp_path / "views" / ".part-killed", tmp_path / "views" / ".part-writing"
+    old.mkdir(), fresh.mkdir()
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    single_file._cached_view(["file", "y"], write)
+    assert not old.exists() and fresh.exists()  # another run may be writing the fresh one
+
+
 def test_a_users_folder_cannot_point_the_weights_elsewhere_nor_print_notices(tmp_path, sd2, monkeypatch):
     """weights.json and model_index.json's _notices are read in the views this tool wrote only; in
     a user's folder a pointer to a named pipe hung the run, and notices printed what they liked."""
