@@ -15,6 +15,7 @@ import itertools
 import math
 import os
 import re
+import stat
 import threading
 from pathlib import Path
 
@@ -131,6 +132,7 @@ def hub_id_to_fetch(spec: str) -> str | None:
         from huggingface_hub import constants, try_to_load_from_cache
     except ImportError:  # pragma: no cover - dependency of the package
         return None
+    _check_hub_names(name, revision, constants.HF_HUB_CACHE)
     found = try_to_load_from_cache(name, "model_index.json",
                                    revision=_cached_commit(name, revision, constants.HF_HUB_CACHE))
     if isinstance(found, str):
@@ -207,6 +209,7 @@ def _download(repo_id: str, revision: str | None, variant: str | None,
                   "shapes runs the small model that ships with this package, offline")
 
     _check_cache_folder(Path(constants.HF_HUB_CACHE))
+    _check_hub_names(repo_id, revision, constants.HF_HUB_CACHE, local_help)
     revision = _cached_commit(repo_id, revision, constants.HF_HUB_CACHE)
 
     # 1. Ask the hub about the revision, within a bounded time. Without an answer (offline,
@@ -332,6 +335,33 @@ def _ask_hub(request, timeout: float):
     if outcome[0] is not None:
         raise outcome[0]
     return answer[0]
+
+
+# What git refuses in a branch or tag name: control characters, space, ~ ^ : ? * [ \\, "..", "@{",
+# a part starting with "." or ending with ".lock", an empty part; a name is at most 255 characters.
+_NOT_A_REF = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|(^|/)\.|\.lock(/|$)|//|^/|/$|\.$")
+
+
+def _check_hub_names(repo_id: str, revision: str | None, cache: str, advice: str = "") -> None:
+    """Refuse, before the hub's client reads anything, a revision that is no git name (`../..` or
+    `/dev/zero` named a file outside the cache as its ref) and a ref file in the cache that is not
+    a small regular file (the client reads it whole: /dev/zero took all memory, a pipe hung)."""
+    if revision is not None and (len(revision) > 255 or _NOT_A_REF.search(revision)):
+        raise ModelError(f"revision {revision[:80]!r} of {repo_id} is no branch, tag or commit name (as git "
+                         "writes them: no '..', no leading '/', no spaces); check the name after '@'")
+    ref = _hub_storage(repo_id, cache) / "refs" / (revision or "main")
+    try:
+        found = os.stat(ref)  # links followed, as the client opens it
+    except OSError:  # absent (a commit, or nothing cached): the client's own answer says so
+        return
+    if not stat.S_ISREG(found.st_mode) or found.st_size > _MAX_REF_BYTES:
+        held = f"{found.st_size} bytes" if stat.S_ISREG(found.st_mode) else "not a regular file"
+        raise ModelError(f"the hub cache's copy of {repo_id} is damaged: its refs/{revision or 'main'} is {held}, "
+                         f"where a ref holds one commit; delete {_hub_storage(repo_id, cache)}"
+                         + (f" and {advice}" if advice else ""))
+
+
+_MAX_REF_BYTES = 4096
 
 
 def _hub_storage(repo_id: str, cache: str) -> Path:

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from stable_diffusion import model_io, ops, safetensors_io
+from stable_diffusion import model_io, ops, replay, safetensors_io
 from stable_diffusion.config import read_pipeline_config
 from stable_diffusion.errors import HubUnreachable, ModelError
 from stable_diffusion.options import FLAGS
@@ -100,6 +100,30 @@ def test_hub_id_offline_from_the_cache(hub_cache, monkeypatch):
     (hub_cache / "models--owner--name" / "refs" / "main").write_text("../../../elsewhere")
     expect_model_error(lambda: model_io.resolve_model("owner/name"), "the hub cache's copy of owner/name "
                        "is damaged: its ref names", "elsewhere", "delete that folder")
+
+
+def test_a_revision_that_is_no_git_name_and_a_ref_that_is_no_small_file_are_refused_unread(hub_cache,
+                                                                                            monkeypatch):
+    """The hub's client joins the revision to refs/ and reads the file whole: `@/dev/zero` or a
+    refs/main linked to /dev/zero took all memory, a pipe there hung, `@../../models--x/refs/main`
+    read another repository's ref (and the sidecar recorded that revision)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    for revision in ("/dev/zero", "../../models--owner--name/refs/main", "a b", "x" * 256):
+        expect_model_error(lambda: model_io.resolve_model(f"owner/name@{revision}"), "is no branch, tag or "
+                           "commit name", "check the name after '@'")
+        assert model_io.resolve_model("owner/name")[0].name == COMMIT
+    ref = hub_cache / "models--owner--name" / "refs" / "main"
+    ref.unlink()
+    for planted, said in ((lambda: ref.symlink_to("/dev/zero"), "is not a regular file"),
+                          (lambda: os.mkfifo(ref), "is not a regular file"),
+                          (lambda: ref.write_text(COMMIT + "\n" * 5000), "is 5040 bytes")):
+        planted()
+        for call in (lambda: model_io.resolve_model("owner/name"), lambda: replay.check_local("owner/name", "p.png")):
+            expect_model_error(call, f"the hub cache's copy of owner/name is damaged: its refs/main {said}, "
+                               "where a ref holds one commit", "delete")
+        ref.unlink()
 
 
 @pytest.fixture
