@@ -358,10 +358,12 @@ def _special_settings(folder: Path) -> dict:
     """tokenizer_config.json's entries, overridden by special_tokens_map.json's where transformers
     reads that file: only when tokenizer_config.json has no `added_tokens_decoder` (older folders;
     SD 2.x repositories set their "!" padding this way)."""
+    # Either there but unreadable (a hub blob gone, a pipe, a folder) is refused, not passed over:
+    # SD 2.x's padding would silently change.
     config_path = folder / "tokenizer_config.json"
-    settings = _read_json(config_path) if config_path.is_file() else {}
+    settings = _read_json(config_path) if os.path.lexists(config_path) else {}
     map_path = folder / "special_tokens_map.json"
-    if "added_tokens_decoder" not in settings and map_path.is_file():
+    if "added_tokens_decoder" not in settings and os.path.lexists(map_path):
         settings.update(_read_json(map_path))
     return settings
 
@@ -400,10 +402,12 @@ def read_added_tokens(folder) -> dict:
 
 def _read_text(path: Path) -> str:
     """A tokenizer file's text: a regular file within the tokenizer cap (files.read_regular)."""
-    from .files import read_regular
+    from .files import read_regular, special_file
 
     if not os.path.lexists(path):
         raise ModelError(f"missing tokenizer file {path}")
+    if path.is_symlink() and not path.exists():  # a hub cache's blob gone: said as such
+        raise ModelError(f"tokenizer file {path} is {special_file(path)}; download the tokenizer again")
     try:
         return read_regular(path, "tokenizer", "tokenizer file").decode("utf-8")
     except InputError as e:

@@ -1,6 +1,7 @@
 """CLIP tokenizer: token ids against transformers' CLIPTokenizer, truncation, padding, file handling."""
 
 import json
+import os
 import shutil
 import unicodedata
 import warnings
@@ -142,6 +143,20 @@ def test_special_tokens_map_wins_only_in_older_files(tiny_model, tmp_path):
     shutil.copytree(tiny_model("sd1") / "tokenizer", current)
     (current / "special_tokens_map.json").write_text(json.dumps({"pad_token": "!"}))
     assert read_tokenizer_config(current).pad_token == "<|endoftext|>"  # added_tokens_decoder present
+
+
+@pytest.mark.parametrize("damage, said", [
+    (lambda p: (p.unlink(), p.symlink_to(p.parent / "gone-blob")), "is a link to"),
+    (lambda p: (p.unlink(), os.mkfifo(p)), "is a named pipe"),
+    (lambda p: (p.unlink(), p.mkdir()), "is a folder")])
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "special_tokens_map.json"])
+def test_a_settings_file_there_but_unreadable_is_refused_not_passed_over(tiny_model, tmp_path, name, damage, said):
+    """A hub cache whose blobs are gone: SD 2.x's "!" padding fell back to <|endoftext|> without a
+    word, and every picture changed."""
+    legacy = legacy_folder(tiny_model("sd1") / "tokenizer", tmp_path / "legacy")
+    damage(legacy / name)
+    with pytest.raises(ModelError, match=said):
+        read_tokenizer_config(legacy)
 
 
 def test_broken_files_raise_model_error(tiny_model, tmp_path):
