@@ -322,8 +322,9 @@ OPTIONS = (
     Option(("--keep_best", "--keep-best"), "capture.keep_best", "write the step with the most detail "
            "among the last N (--save_last_N) as <output>.best.png", SAVE, action="store_true",
            replay=Replay(360, BARE)),
-    Option(("--decoding_batch_size", "--decoding-batch-size"), "capture.decode_batch", "latents decoded "
-           f"at once, 1 .. {MAX_IMAGES} (default 4)", SAVE, parse=positive_int, default=4, replay=Replay(280)),
+    Option(("--decoding_batch_size", "--decoding-batch-size"), "capture.decode_batch", "frames decoded "
+           f"and written together, 1 .. {MAX_IMAGES} (default 4); each picture is decoded on its own", SAVE,
+           parse=positive_int, default=4, replay=Replay(280)),
     Option(("-sp", "--save_prompt"), "capture.save_prompt", "write the prompt into the files (default on); "
            "-sp 0 keeps the prompt, negative prompt and inversion prompt out of every file, a salted hash in their place",
            SAVE, parse=parse_flag, default=True, nargs="?",

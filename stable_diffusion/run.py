@@ -233,7 +233,7 @@ def _walk_and_keep(session, sd, plan, names, ledger, texts, picture, taesd, cons
     started = time.perf_counter()
 
     # 2. what the run keeps, and the one writer its pictures go through
-    writer = sinks.FrameWriter(sinks.make_decoder(sd, c.preview, c.decode_batch, taesd), c.decode_batch,
+    writer = sinks.FrameWriter(sinks.make_decoder(sd, c.preview, taesd), c.decode_batch,
                                ledger, texts, c.format, spec.n_rows)
     kept += _sinks(plan, names, writer, sd, x0, picture, console, timings)
 
@@ -312,7 +312,7 @@ def _sinks(plan, names, writer, sd, x0, picture, console, timings) -> list:
     ends, curves = sinks.Ends(len(plan.rows)), sinks.Curves(plan.rows, c.last)
     noising = sinks.NoisingFrames(writer, plan, names, c.noising_path) if plan.shown else None
     reference = None if picture is None else (picture.pixels + 1.0) / 2.0
-    vae = sinks.make_decoder(sd, "vae", c.decode_batch)
+    vae = sinks.make_decoder(sd, "vae")
     if spec.triangle:
         cells = sinks.TriangleCells(writer, plan, c.shows, noising)
 
@@ -421,7 +421,7 @@ def _check_memory(session, plan, console) -> dict:
     cells = sum(len(r.kept) for r in plan.rows) if spec.triangle else spec.n_images
     canvas = max(cells * width, len(plan.shown)) * h * w
     estimate = budget.estimate_peak_bytes(
-        session.config, session.dtype_name, (h, w), spec.n_images, spec.capture.decode_batch, canvas,
+        session.config, session.dtype_name, (h, w), spec.n_images, 1, canvas,  # one latent decoded at a time
         plan.guided, encode=spec.img2img, counts=session.parameter_counts,
         **budget.device_paths(session.dtype_name))
     available = budget.available_memory()

@@ -57,14 +57,18 @@ class Frame:
     keep: Callable | None = None  # receives the saved picture (uint8, after the grid)
 
 
-def make_decoder(sd, preview: str, batch_size: int, taesd=None) -> Callable:
+def make_decoder(sd, preview: str, taesd=None) -> Callable:
     """latents (B, h, w, C) -> pictures (B, H, W, 3) float in [0, 1], decoded by `preview` (for
-    "taesd", by the loaded `taesd` decoder)."""
+    "taesd", by the loaded `taesd` decoder).
+
+    Each latent is decoded on its own: the products split their sums by the rows they are given,
+    so a latent decoded beside others came out a level apart in some pixels, and a picture's
+    bytes depended on which other frames the run kept (--save_last_N 2 changed the final one)."""
 
     def vae(latents, decode=functools.partial(sd.decode, check_memory=False)):  # the run's check covers it
         out = []
-        for i in range(0, latents.shape[0], batch_size):
-            decoded = decode(latents[i:i + batch_size])
+        for i in range(latents.shape[0]):
+            decoded = decode(latents[i:i + 1])
             mx.eval(decoded)
             out.append(np.array(decoded.astype(mx.float32)))
         pictures = np.concatenate(out)

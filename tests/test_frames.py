@@ -12,7 +12,7 @@ from stable_diffusion.picture_meta import read_picture_metadata
 from stable_diffusion.testing import write_tiny_taesd
 
 import commands
-from commands import read_with_sd_parsers, sidecar
+from commands import ROOT, read_with_sd_parsers, sidecar
 
 
 def run(*args, check=True, script="image2image.py"):
@@ -254,3 +254,18 @@ def test_a_row_starts_on_the_paths_frame_only_at_the_paths_level(tmp_path, pictu
     shown = [f for f in record["files"] if f["kind"] in ("noise", "step")]
     with Image.open(tmp_path / "a.anim.gif") as gif:
         assert gif.n_frames == len(shown) - 1, run.stderr  # noise t=0, 200, 400, 600; steps 0, 3, 6: once t=600
+
+
+def test_a_pictures_pixels_do_not_depend_on_the_other_frames_kept(tmp_path):
+    """Latents were decoded four at a time: the final picture of a run keeping its last two steps
+    came out a level apart in a pixel from the same run keeping none, and from its own last frame."""
+    shapes = ROOT / "images" / "shapes-input.png"
+    base = [shapes, "a red circle on a blue background", "--model", "shapes", "--steps", 6, "--strength", 0.7,
+            "--sampler", "euler", "--seed", 0]
+    run(*base, "--output", tmp_path / "plain.png")
+    run(*base, "--save_last_N", 2, "--output", tmp_path / "kept.png")
+    pixels = {name: np.asarray(Image.open(tmp_path / name)) for name in ("plain.png", "kept.png")}
+    frames = sorted(p.name for p in tmp_path.glob("kept.step-*.png"))
+    assert len(frames) == 2, frames
+    assert np.array_equal(pixels["plain.png"], pixels["kept.png"])
+    assert np.array_equal(pixels["kept.png"], np.asarray(Image.open(tmp_path / frames[-1])))
