@@ -94,6 +94,7 @@ _OLDER_FORMS = ((re.compile(r"\.processor\."), ".", "."),
                 (re.compile(r"\.to_out_lora\."), ".to_out.0.lora.", ".out_proj.lora."),
                 (re.compile(r"\.(?:lora|lora_linear_layer)\.(down|up)\.weight$"), r".lora_\1.weight",
                  r".lora_\1.weight"))
+MAX_LORA_SCALE = 1000.0  # alpha / rank: trained files hold 0.03 .. 32 (alpha 128 at rank 4)
 MAX_ALPHA_PATTERNS = 5000  # per component: one per adapted layer of an SDXL LoRA is about 700
 _FLOAT_DTYPES = ("F32", "F16", "BF16")
 # A1111's .pt nests the vectors under string_to_param; diffusers' .bin maps the token to them.
@@ -305,17 +306,25 @@ def check_files(loras, embeddings, config, tokenizers, networks: dict, allow_par
     without their weights); each embedding fits the text encoders and the tokenizers' prompts.
     An SD 1.x LoRA given to SDXL was refused once the whole model had loaded."""
     files: dict = {}  # (device, inode) -> (path, weight): one file given twice would be fused twice
+    sizes: dict = {}  # size -> [(path, weight)]: a copy of a file given beside it, by its bytes
     for given, weight in loras:
         path = _lora_file(given)[0]
         st = path.stat()
-        if (st.st_dev, st.st_ino) in files:
-            first, earlier = files[st.st_dev, st.st_ino]
+        same = files.get((st.st_dev, st.st_ino))
+        if same is None and st.st_size in sizes:  # hashed only where two sizes agree
+            digest = file_digest(path, "adapter", "adapter file")[1]
+            same = next(((p, w) for p, w in sizes[st.st_size]
+                         if file_digest(_lora_file(p)[0], "adapter", "adapter file")[1] == digest), None)
+        if same is not None:
+            first, earlier = same
             summed = earlier + weight
             once = (f"with its weights summed ({given}:{summed:g})" if abs(summed) <= MAX_LORA_WEIGHT
                     else f"with one weight of -{MAX_LORA_WEIGHT:g} .. {MAX_LORA_WEIGHT:g}")
-            raise ModelError(f"{{flag:loras}} {given} is the file {first} is too: it would be fused twice; give it "
-                             f"once, {once}")
+            what = (f"is the file {first} is too" if (st.st_dev, st.st_ino) in files
+                    else f"holds the bytes of {first}")
+            raise ModelError(f"{{flag:loras}} {given} {what}: it would be fused twice; give it once, {once}")
         files[st.st_dev, st.st_ino] = (given, weight)
+        sizes.setdefault(st.st_size, []).append((given, weight))
     if loras:
         encoders = [networks[f"text_encoder_{i}"] for i in range(len(config.text_encoders))]
         targets = lora_targets(SimpleNamespace(config=config, unet=networks["unet"], text_encoders=encoders))
@@ -492,7 +501,10 @@ def _peft_metadata(path: Path, metadata: dict) -> dict:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    try:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:  # an integer past any float (a metadata alpha of 10**400)
+        return False
 
 
 def _module_pattern(path: Path, field: str, pattern: str) -> re.Pattern:
@@ -544,6 +556,10 @@ def _lora_factors(path: Path, modules: list, peft: dict) -> list:
         where = f"layer {module.target.component}.{module.target.name}"
         if not math.isfinite(alpha):
             raise ModelError(f"{path}: the alpha of {where} is {alpha}, not a finite number; the file is damaged")
+        if abs(alpha / divisor) > MAX_LORA_SCALE:  # finite, and the products overflow mid-run
+            raise ModelError(f"{path}: the alpha of {where} is {alpha:g} at rank {module.rank}, a scale of "
+                             f"{alpha / divisor:.3g}, more than the {MAX_LORA_SCALE:g} of any trained LoRA; the "
+                             "file is damaged")
         if not (mx.all(mx.isfinite(down)) & mx.all(mx.isfinite(up))).item():
             raise ModelError(f"{path}: the factors of {where} hold values that are not finite (NaN or "
                              "infinity); the file is damaged")

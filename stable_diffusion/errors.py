@@ -48,6 +48,13 @@ class FieldMessage(Exception):
         return name_fields(self.template, names)
 
 
+def described(error: BaseException, names: dict) -> str:
+    """`Type: message` of an error kept in a record (a sidecar, a sweep's manifest), each spec
+    field named as `names` says: read by people, who know the flags."""
+    text = error.named(names) if isinstance(error, FieldMessage) else str(error)
+    return f"{type(error).__name__}: {text}"
+
+
 class InputError(FieldMessage, ValueError):
     """Bad input: an argument, an image file, a model folder. The message says what to do."""
 

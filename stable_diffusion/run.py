@@ -21,7 +21,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import costs, files, images, options, outputs, privacy, record, render, signals, sinks
+from . import costs, errors, files, images, options, outputs, privacy, record, render, signals, sinks
 from .console import Console
 from .errors import InputError, NumericalError, OutputError
 from .plan import RunPlan, make_plan
@@ -192,7 +192,7 @@ def execute(session, spec, console=None, argv=(), replay=None, picture=None, wai
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP (see signals.Terminated)
             status, interrupt = "interrupted", e
         except BaseException as e:
-            error = f"{type(e).__name__}: {e}"
+            error = errors.described(e, options.FLAGS)
             raise
         finally:
             timings["total_s"] = elapsed(started)

@@ -26,10 +26,11 @@ from .console import shortened
 from .privacy import shown_value
 from .choices import SAMPLER_NAMES, SCHEDULES
 from .costs import describe_seconds
-from .errors import InputError, OutputError
+from .errors import InputError, OutputError, described
 from .files import check_output_dir, open_regular, parse_json, read_regular
 from .outputs import check_name_length, derived_base
 from .picture_meta import save_png
+from .options import FLAGS
 from .record import NotOurs, read_own_sidecar, write_sidecar
 from .spec import MAX_SEED, ModelSpec, RunSpec, SpecError
 from .sweep_grid import GRID_KEYS, MAX_RUNS, Grid
@@ -351,7 +352,7 @@ class LocalPool:
             except Exception as e:  # noqa: BLE001 - this run's own (NaN, a case it alone meets): the
                 # manifest says so, and the other runs are made (it stopped the sweep, and again at
                 # every resume)
-                yield run, Outcome("failed", timings, error=f"{type(e).__name__}: {e}")
+                yield run, Outcome("failed", timings, error=described(e, FLAGS))
                 continue
             yield run, read_outcome(result, timings)
             if result.status == "interrupted":

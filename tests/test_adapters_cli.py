@@ -5,6 +5,7 @@ one line before any generation."""
 import hashlib
 import json
 import os
+import shutil
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -205,6 +206,7 @@ def test_adapter_values_and_tokens_are_refused_before_the_model_loads(tmp_path, 
     save_file({"emb_params": np.ones((1, 32), np.float32)}, str(embedding))
     (tmp_path / "same.safetensors").symlink_to(lora)
     os.link(lora, tmp_path / "hard.safetensors")
+    shutil.copy(lora, tmp_path / "copy.safetensors")
     (tmp_path / "folder").mkdir()
     os.link(lora, tmp_path / "folder" / "pytorch_lora_weights.safetensors")
     two = tmp_path / "two.safetensors"
@@ -228,6 +230,8 @@ def test_adapter_values_and_tokens_are_refused_before_the_model_loads(tmp_path, 
              "once, with one weight of -10 .. 10"),
             (["--lora", f"{lora}:0.5", "--lora", f"{tmp_path / 'folder'}:0.5"],  # the folder holding it
              "is the file"),
+            (["--lora", f"{lora}:0.5", "--lora", f"{tmp_path / 'copy.safetensors'}:0.5"],  # its bytes, elsewhere
+             f"--lora {tmp_path / 'copy.safetensors'} holds the bytes of {lora}: it would be fused twice"),
             (["--lora", f"{lora}:1_0"], "does not exist"),  # not the weight 10 float() reads it as
             (["--lora", f"{lora}:nan"], "--lora weight nan is not a number within -10 .. 10")):
         status = cli.main("image2image", [str(a) for a in (picture, "a barn", "--model", sd1, "--steps", 2,

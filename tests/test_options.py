@@ -272,3 +272,14 @@ def test_version_names_the_tool_and_what_it_runs_on(script):
     result = commands.run(script, "--version", check=True)
     assert result.stdout.startswith(f"mlx-sd-trajectory {version('mlx-sd-trajectory')} (mlx {version('mlx')}, ")
     assert result.stdout.endswith(f"; Python {sys.version.split()[0]})\n") and not result.stderr
+
+
+def test_an_error_kept_in_a_record_names_the_flags():
+    """A sidecar's and a sweep manifest's `error` said "run without loras x.safetensors"."""
+    from stable_diffusion.errors import ModelError, NumericalError, described
+
+    assert described(NumericalError("run without {flag:loras} x.safetensors"), options.FLAGS) == \
+        "NumericalError: run without --lora x.safetensors"
+    assert described(ZeroDivisionError("float division by zero"), options.FLAGS) == \
+        "ZeroDivisionError: float division by zero"
+    assert described(ModelError("{flag:dtype} float32"), {}) == "ModelError: dtype float32"
