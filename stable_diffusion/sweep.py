@@ -384,9 +384,17 @@ class SweepReport:
 
 def _with_seed_drawn(run: SweepRun, earlier: dict | None) -> SweepRun:
     """A run without a seed (no --seeds) made again takes the seed its earlier making drew (the
-    manifest's), so that the new picture compares with the old one."""
-    seed = earlier.get("seed") if isinstance(earlier, dict) else None
-    if run.spec.seed is not None or not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+    manifest's; for a run killed before its line said, its sidecar's), so that the new picture
+    compares with the old one, and a stopped run resumed is the run it would have been."""
+    if run.spec.seed is not None or not isinstance(earlier, dict):
+        return run
+    seed = earlier.get("seed")
+    if seed is None and earlier.get("status") in ("running", "interrupted"):
+        try:
+            seed = (read_own_sidecar(run.spec.output.with_suffix(".json")) or {}).get("seed")
+        except (NotOurs, InputError):
+            return run
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
         return run
     return replace(run, spec=replace(run.spec, seed=seed))
 
@@ -499,6 +507,7 @@ class Sweep:
                                       worker=outcome.worker)
                 else:
                     self.manifest.set(run.name, outcome.status, timings=outcome.timings,
+                                      **({"seed": outcome.seed} if outcome.seed is not None else {}),
                                       **({"error": outcome.error} if outcome.error else {}))
                     if outcome.status == "interrupted":
                         status, signum = "interrupted", outcome.signum

@@ -731,6 +731,31 @@ def test_a_seedless_sweeps_runs_made_again_keep_the_seeds_they_drew(capsys, tmp_
     assert {n: json.loads((out / f"{n}.json").read_text())["seed"] for n in drawn} == drawn
 
 
+def test_a_seedless_run_stopped_or_killed_is_resumed_with_the_seed_it_drew(capsys, tmp_path, picture, sd2):
+    """A stopped run's manifest line kept no seed, and a killed run's none either: the resumed run
+    drew another, and was not the run the sweep had started."""
+    out = tmp_path / "out"
+    args = ["image2image", picture, "x", "--model", sd2, "--strengths", "1,0.5", "-sd", 1, "--quiet", "-o", out]
+    process = commands.start("sweep.py", *args[1:], "--steps", 400, "--decoding_batch_size", 1,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "s1.00.step-001.png").exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    drawn = json.loads((out / "s1.00.json").read_text())["seed"]
+    line = {r["name"]: r for r in manifest(out)}["s1.00"]
+    assert line["status"] == "interrupted" and line["seed"] == drawn
+    # As a kill -9 leaves it: the line still says running, without the seed; the sidecar has it.
+    (out / "sweep.jsonl").write_text("".join(json.dumps(dict(r, status="running", seed=None) if r["name"] == "s1.00"
+                                                        else r) + "\n" for r in manifest(out)))
+    assert in_process(capsys, *args, "--steps", 2)[0] == 0
+    assert json.loads((out / "s1.00.json").read_text())["seed"] == drawn
+    assert {r["name"]: r["seed"] for r in manifest(out)}["s1.00"] == drawn
+
+
 def test_a_grid_files_sampler_names_are_taken_in_any_letter_case(capsys, tmp_path, picture, sd2):
     """--samplers EULER worked; samplers = ["Euler"] in a grid file was refused as not a sampler."""
     (tmp_path / "g.toml").write_text('samplers = ["Euler", "DPMPP_2M"]\nschedules = ["Karras"]\n')
