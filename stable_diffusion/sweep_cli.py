@@ -51,16 +51,17 @@ def build_sweep_parser(command: str) -> argparse.ArgumentParser:
     g = p.add_argument_group("the grid (lists: 5,7.5; ranges: 0.1:1.0:0.1 with the end included, "
                              "or 1-8 for whole numbers)")
     # txt2image takes it to refuse it by name (_grid_values), not as words past the prompt.
-    g.add_argument("--strengths", "--strength", dest="strengths", metavar="VALUES",
+    g.add_argument("--strengths", "--strength", dest="strengths", metavar="VALUES", action=_Once,
                    help="strengths, each 0.001 .. 1 (default 0.9)" if command == "image2image" else argparse.SUPPRESS)
-    g.add_argument("--seeds", "--seed", dest="seeds", metavar="VALUES", help="seeds, each 0 .. 2**64-1 (default: "
-                   "random)")
-    g.add_argument("--cfg", dest="cfg", metavar="VALUES", help=f"guidance weights, each 0 .. {MAX_CFG:g}")
-    g.add_argument("--steps", dest="steps", metavar="VALUES", help=f"sampler step counts, each 1 .. {MAX_STEPS}")
-    g.add_argument("--samplers", "--sampler", dest="samplers", metavar="NAMES", help="samplers")
-    g.add_argument("--schedules", "--schedule", dest="schedules", metavar="NAMES", help="schedules")
-    g.add_argument("--prompts", metavar="FILE", help="a text file, one prompt per line")
-    g.add_argument("--grid", metavar="FILE", help="the grid in a TOML or JSON file: keys strengths, "
+    g.add_argument("--seeds", "--seed", dest="seeds", metavar="VALUES", action=_Once,
+                   help="seeds, each 0 .. 2**64-1 (default: random)")
+    g.add_argument("--cfg", dest="cfg", metavar="VALUES", action=_Once, help=f"guidance weights, each 0 .. {MAX_CFG:g}")
+    g.add_argument("--steps", dest="steps", metavar="VALUES", action=_Once,
+                   help=f"sampler step counts, each 1 .. {MAX_STEPS}")
+    g.add_argument("--samplers", "--sampler", dest="samplers", metavar="NAMES", action=_Once, help="samplers")
+    g.add_argument("--schedules", "--schedule", dest="schedules", metavar="NAMES", action=_Once, help="schedules")
+    g.add_argument("--prompts", metavar="FILE", action=_Once, help="a text file, one prompt per line")
+    g.add_argument("--grid", metavar="FILE", action=_Once, help="the grid in a TOML or JSON file: keys strengths, "
                    "seeds, cfg, steps, samplers, schedules (values as lists or in the syntax above), "
                    "prompts (a list) or prompts_file, and name")
     s = p.add_argument_group("the sweep")
@@ -81,6 +82,18 @@ def build_sweep_parser(command: str) -> argparse.ArgumentParser:
     s.add_argument("--workers", type=options.positive_int, metavar="N",
                    help="Ray worker processes, each holding one model (default: the cluster's CPUs)")
     return p
+
+
+class _Once(argparse.Action):
+    """A grid flag given twice is refused: the later one replaced the first without a word (a
+    single command's `--strength 0.5` pasted after `--strengths 0.3,0.7` made one run)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            main = self.option_strings[0]
+            listed = ", all its values in one list" if self.metavar in ("VALUES", "NAMES") else ""
+            raise InputError(f"{main} is given twice (again as {option_string} {values}); give it once{listed}")
+        setattr(namespace, self.dest, values)
 
 
 def _grid_values(args, command: str) -> tuple:

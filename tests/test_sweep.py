@@ -231,6 +231,10 @@ def test_sigterm_leaves_the_run_under_way_interrupted(tmp_path, picture, sd2):
     (["--grid", "missing.toml"], "--grid missing.toml: no such file"),
     (["--ray", "in.png"], "--ray 'in.png' is not a Ray address"),  # as if bare before the picture
     (["--strengths", "0.5,0.5000000000000001"], "--strengths lists 0.5 twice"),  # two runs of one plan
+    # A single command's flag pasted after the grid's: the grid's values were dropped, one run made.
+    (["--strengths", "0.3,0.7", "--strength", "0.5"], "--strengths is given twice (again as --strength 0.5); "
+                                                        "give it once, all its values in one list"),
+    (["--sampler", "ddim", "--samplers", "euler,heun"], "--samplers is given twice"),
 ])
 def test_bad_grids_are_refused_before_any_work_with_one_line(tmp_path, picture, sd2, extra, words):
     os.chdir(tmp_path)
@@ -523,7 +527,7 @@ def test_a_runs_picture_replaces_only_a_file_of_ours(capsys, tmp_path, picture, 
     assert sorted(p.name for p in out.iterdir()) == ["1.png"] and (out / "1.png").read_bytes() == before
     (out / "1.png").unlink()
     assert in_process(capsys, *args)[0] == 0  # its own pictures, as it left them, it makes again
-    assert in_process(capsys, *args[:-3], "--steps", 3, "--quiet", "-o", out)[0] == 0
+    assert in_process(capsys, *[3 if a == 2 and args[i - 1] == "--steps" else a for i, a in enumerate(args)])[0] == 0
     assert json.loads((out / "sweep.json").read_text())["ran"] == 2
 
 
