@@ -272,8 +272,7 @@ class SchedulerConfig:
 
     A field a class reads but the folder does not give takes that class's default (`for_class`),
     as diffusers' `from_config(pipe.scheduler.config)` does; so DDIM clips x0 unless the file says
-    clip_sample false. The folder's own class fills in its defaults first (`as_loaded_by`).
-    """
+    clip_sample false. The folder's own class fills in its defaults first (`as_loaded_by`)."""
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.0001
@@ -547,7 +546,7 @@ _CLASSES = {
     "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
 }
 # Scheduler classes of models trained on other noise than DDPM's (EDM, flow matching, consistency).
-_OTHER_NOISE = ("EDM", "FlowMatch", "CosineDPMSolver", "CMStochastic", "SCMScheduler")
+_OTHER_NOISE = ("EDM", "FlowMatch", "CosineDPMSolver", "CMStochastic", "SCMScheduler", "LCM", "TCD")
 
 
 def missing_component(folder: Path, component: str, present) -> str:
@@ -675,7 +674,10 @@ def _check_components_meet(config: PipelineConfig, folder: Path) -> None:
     if unet.cross_attention_dim != width:
         problems.append(f"unet cross_attention_dim {unet.cross_attention_dim} differs from the text "
                         f"encoders' hidden_size {width}")
-    if config.is_xl:
+    if config.is_xl and len(config.text_encoders) < 2:
+        problems.append("the UNet takes SDXL's pooled text and sizes (addition_embed_type text_time), and only "
+                        "SDXL's two text encoders give them; the folder has one (text_encoder_2 is missing)")
+    elif config.is_xl:
         last = config.text_encoders[-1]
         pooled = last.projection_dim if last.projection_dim is not None else last.hidden_size
         expected = 6 * unet.addition_time_embed_dim + pooled
@@ -754,10 +756,8 @@ def _shown(value) -> str:
 
 def _checked(value, rule: tuple, name: str):
     """`value` if it has the rule's type and lies in its range, else a ConfigError naming `name`.
-
     Rules: (int, lo, hi), (float, lo, hi) (finite, lo < value <= hi), (bool,), (str,),
-    (list, item type, lo, hi, min length, max length), (int | list, lo, hi): one int or a list.
-    """
+    (list, item type, lo, hi, min length, max length), (int | list, lo, hi): one int or a list."""
     kind = rule[0]
     if kind in (bool, str):
         if not isinstance(value, kind):

@@ -159,7 +159,8 @@ class StableDiffusion:
                              f"{type(negative_text).__name__}")
         texts = [negative_text, text] if guided else [text]
         hidden, pooled, dropped = self._encode_prompts(texts)
-        if guided and self.config.force_zeros_for_empty_prompt and negative_text == "":
+        # SDXL's pipeline reads the flag; SD 1.x/2.x's ignores it (and has no pooled text to zero).
+        if guided and self.config.is_xl and self.config.force_zeros_for_empty_prompt and negative_text == "":
             hidden = mx.concatenate([mx.zeros_like(hidden[:1]), hidden[1:]])
             pooled = mx.concatenate([mx.zeros_like(pooled[:1]), pooled[1:]])
         # (negatives, then texts), each repeated n_images times: (B, 77, D)

@@ -1173,6 +1173,14 @@ def rewrite_json(path: Path, change) -> None:
      ["its scheduler EDMEulerScheduler is for a model trained on EDM, flow matching or consistency noise"]),
     ("model_index.json", lambda d: dict(d, scheduler=["diffusers", "FlowMatchEulerDiscreteScheduler"]),
      ["FlowMatchEulerDiscreteScheduler is for a model trained on EDM, flow"]),
+    # A consistency model's (distilled) scheduler ran as Euler under a note.
+    ("model_index.json", lambda d: dict(d, scheduler=["diffusers", "LCMScheduler"]),
+     ["its scheduler LCMScheduler is for a model trained on EDM, flow matching or consistency noise"]),
+    ("model_index.json", lambda d: dict(d, scheduler=["diffusers", "TCDScheduler"]), ["TCDScheduler is for"]),
+    # An SDXL UNet beside one text encoder: a TypeError (exit 1) once the model had loaded.
+    ("unet/config.json", lambda d: dict(d, addition_embed_type="text_time", addition_time_embed_dim=8,
+                                        projection_class_embeddings_input_dim=80),
+     ["only SDXL's two text encoders give them; the folder has one (text_encoder_2 is missing)"]),
     ("scheduler/scheduler_config.json", lambda d: dict(d, num_train_timesteps=0),
      ["field num_train_timesteps: 0 is outside 1 .. 100000"]),
     ("scheduler/scheduler_config.json", lambda d: dict(d, solver_order=3),
@@ -1192,6 +1200,18 @@ def test_malformed_configs_are_one_line_exit_2_before_loading(capsys, tmp_path, 
                           "--output", tmp_path / "out" / "o.png")
     only_error(status, 2, err, *words)
     assert "conv_out.weight" not in err and not (tmp_path / "out").exists()
+
+
+def test_force_zeros_for_empty_prompt_is_sdxls_alone(capsys, tmp_path, picture, sd2):
+    """SD 1.x/2.x's pipeline ignores the flag; here it was a TypeError (exit 1) after the model
+    loaded, for the pooled text those models do not have."""
+    model = shutil.copytree(sd2, tmp_path / "model")
+    rewrite_json(model / "model_index.json", lambda d: dict(d, force_zeros_for_empty_prompt=True))
+    for name, folder in (("flag", model), ("plain", sd2)):
+        status, _, err = main(capsys, "image2image", picture, "x", "--model", folder, "--steps", 2, "--seed", 0,
+                              "--output", tmp_path / f"{name}.png")
+        assert status == 0, err
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "flag.png")), np.asarray(Image.open(tmp_path / "plain.png")))
 
 
 def test_a_config_far_larger_than_its_weights_is_named_so(capsys, tmp_path, picture, unloadable):
