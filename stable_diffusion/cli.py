@@ -393,8 +393,7 @@ def _reported(body, console: Console, flags: dict, interrupted: str, verbose: bo
         return 128 + getattr(e, "signum", signal.SIGINT)
     except MemoryError as e:  # its message is often empty
         _report(e, verbose, prefix="failed: ", suffix=("; " if str(e) else "") + "out of memory: use a "
-                "smaller picture, fewer --n_images, a smaller --decoding_batch_size, or a "
-                "half-precision --dtype")
+                "smaller picture, fewer --n_images, or a half-precision --dtype")
         return 1
     except Exception as e:  # a failure of the tool or the machine, not of the input
         if signals.stopped_by() is not None:  # the interrupt's doing, whatever the library made of it
@@ -517,6 +516,9 @@ def _os_refusal(error: Exception) -> str | None:
                 f"({encoding}) cannot give the file system; run in a UTF-8 locale (e.g. LC_ALL=C.UTF-8)")
     if not isinstance(error, OSError):
         return None
+    if isinstance(error, PermissionError) and error.filename is not None:  # a model folder's, say
+        return (f"{shortened(os.fsdecode(error.filename))!r}: permission denied; give this user access to it "
+                "and to the folders above it (chmod), or use another")
     if error.errno == errno.ENAMETOOLONG:
         path = os.fsdecode(error.filename or "")
         name = next((p for p in Path(path).parts if len(os.fsencode(p)) > 255), None)

@@ -1202,6 +1202,28 @@ def test_malformed_configs_are_one_line_exit_2_before_loading(capsys, tmp_path, 
     assert "conv_out.weight" not in err and not (tmp_path / "out").exists()
 
 
+def test_a_model_folder_this_user_cannot_read_is_one_line_exit_2(tmp_path, picture, sd2):
+    """A PermissionError from the model folder's checks was "failed (PermissionError)", exit 1."""
+    denied = []  # root reads everything: the run drops those powers, as an ordinary user has none
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: no way to be refused a read")
+        denied = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                  "--inh-caps=-dac_override,-dac_read_search"]
+    model = shutil.copytree(sd2, tmp_path / "model")
+    for locked in (model, model / "unet"):
+        locked.chmod(0)
+        try:
+            result = subprocess.run([*denied, sys.executable, str(ROOT / "image2image.py"), str(picture), "x",
+                                     "--model", str(model), "--steps", "2", "--output", str(tmp_path / "o.png")],
+                                    capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        finally:
+            locked.chmod(0o755)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "permission denied; give this user access to it and to the folders above it" in result.stderr
+        assert not (tmp_path / "o.png").exists()
+
+
 def test_force_zeros_for_empty_prompt_is_sdxls_alone(capsys, tmp_path, picture, sd2):
     """SD 1.x/2.x's pipeline ignores the flag; here it was a TypeError (exit 1) after the model
     loaded, for the pooled text those models do not have."""
