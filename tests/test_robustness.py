@@ -1224,6 +1224,21 @@ def test_a_model_folder_this_user_cannot_read_is_one_line_exit_2(tmp_path, pictu
         assert not (tmp_path / "o.png").exists()
 
 
+def test_a_steps_offset_past_the_chain_is_refused_before_loading(capsys, tmp_path, picture, sd2, monkeypatch):
+    """Found once the model had loaded ("time 1001.0 is outside 0 .. 1000"), or blamed on --steps."""
+    from stable_diffusion import model_io
+
+    model = shutil.copytree(sd2, tmp_path / "model")
+    rewrite_json(model / "scheduler" / "scheduler_config.json",
+                 lambda d: dict(d, steps_offset=500, timestep_spacing="leading"))
+    monkeypatch.setattr(model_io, "assign_weights", lambda *a, **k: pytest.fail("the weights were loaded"))
+    for steps, first in ((2, 1000), (20, 1450)):
+        status, _, err = main(capsys, "image2image", picture, "x", "--model", model, "--steps", steps, "--strength", 1,
+                              "--schedule", "diffusers", "--output", tmp_path / "o.png")
+        only_error(status, 2, err, f"{steps} steps spaced 'leading' from the scheduler config's steps_offset 500 "
+                   f"put the first timestep at {first}, past this model's 1000 training steps; use fewer steps")
+
+
 def test_force_zeros_for_empty_prompt_is_sdxls_alone(capsys, tmp_path, picture, sd2):
     """SD 1.x/2.x's pipeline ignores the flag; here it was a TypeError (exit 1) after the model
     loaded, for the pooled text those models do not have."""
