@@ -68,11 +68,16 @@ def lora_argument(text: str) -> tuple:
     if path and not weight:
         raise argparse.ArgumentTypeError(f"{text!r} ends in ':'; give a WEIGHT after it (e.g. {path}:0.8) "
                                          "or leave the ':' out")
+    if path and os.path.lexists(text) and not os.path.lexists(path):  # a file named `style:2`
+        return text, 1.0
     try:
         if "_" in weight:  # float() reads 1_0 as 10
             raise ValueError(weight)
         return (path, float(weight)) if path else (text, 1.0)
-    except ValueError:  # a colon in the path itself
+    except ValueError:  # a colon in the path itself, or a weight that is no number
+        if path and os.path.lexists(path) and not os.path.lexists(text):
+            raise argparse.ArgumentTypeError(f"the WEIGHT {weight!r} of {text!r} is not a number; give one "
+                                             f"such as {path}:0.8") from None
         return text, 1.0
 
 
@@ -81,7 +86,10 @@ def embedding_argument(text: str) -> tuple:
     path, _, token = text.rpartition(":")
     if not text:
         raise argparse.ArgumentTypeError("expected PATH[:TOKEN], got an empty path")
-    if path.lower().endswith((".safetensors", ".pt", ".bin")):
+    # A file's name ends in its suffix; a folder's (holding learned_embeds.safetensors) is any name.
+    named = path.lower().endswith((".safetensors", ".pt", ".bin")) or (
+        os.path.isdir(path) and not os.path.lexists(text))
+    if named:
         if not token:
             raise argparse.ArgumentTypeError(f"{text!r} ends in ':'; give a TOKEN after it or leave the "
                                              "':' out")

@@ -232,7 +232,7 @@ def test_adapter_values_and_tokens_are_refused_before_the_model_loads(tmp_path, 
              "is the file"),
             (["--lora", f"{lora}:0.5", "--lora", f"{tmp_path / 'copy.safetensors'}:0.5"],  # its bytes, elsewhere
              f"--lora {tmp_path / 'copy.safetensors'} holds the bytes of {lora}: it would be fused twice"),
-            (["--lora", f"{lora}:1_0"], "does not exist"),  # not the weight 10 float() reads it as
+            (["--lora", f"{lora}:1_0"], "is not a number"),  # not the weight 10 float() reads it as
             (["--lora", f"{lora}:nan"], "--lora weight nan is not a number within -10 .. 10")):
         status = cli.main("image2image", [str(a) for a in (picture, "a barn", "--model", sd1, "--steps", 2,
                                                            "-o", tmp_path / "o.png", *extra)])

@@ -283,3 +283,23 @@ def test_an_error_kept_in_a_record_names_the_flags():
     assert described(ZeroDivisionError("float division by zero"), options.FLAGS) == \
         "ZeroDivisionError: float division by zero"
     assert described(ModelError("{flag:dtype} float32"), {}) == "ModelError: dtype float32"
+
+
+def test_adapter_arguments_read_a_colon_as_the_files_say(tmp_path, monkeypatch):
+    """A folder's embedding took no TOKEN (`ed:mytok` was "does not exist"); a weight that is no number
+    and a file named with a colon were "LoRA ... does not exist"."""
+    import argparse
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ed").mkdir()
+    assert options.embedding_argument("ed:mytok") == ("ed", "mytok")
+    assert options.embedding_argument("ed") == ("ed", None)
+    (tmp_path / "p.safetensors").write_bytes(b"")
+    (tmp_path / "style:2").write_bytes(b"")
+    assert options.lora_argument("p.safetensors:0.5") == ("p.safetensors", 0.5)
+    assert options.lora_argument("style:2") == ("style:2", 1.0)  # no file `style`: the name is the file's
+    assert options.lora_argument("style:2:0.5") == ("style:2", 0.5)
+    for bad in ("p.safetensors:abc", "p.safetensors:1_0", "p.safetensors:0x1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="is not a number; give one such as p.safetensors:0.8"):
+            options.lora_argument(bad)
+    assert options.lora_argument("gone.safetensors:abc") == ("gone.safetensors:abc", 1.0)  # said missing later
