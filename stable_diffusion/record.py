@@ -235,10 +235,14 @@ def picture_texts(plan, record: dict, source: dict, info: dict, size: tuple) -> 
         composite = infotext.CompositeInfo("grid", size[1], size[0], spec.n_rows,
                                            spec.n_images // spec.n_rows)
     # As A1111 writes them: a LoRA by its file's stem and the hash of its tensors' bytes, an
-    # embedding by its token and the hash of its file.
-    listed = {"lora": [f"{Path(a['file']).stem}: {a.get('tensors_sha256', a['sha256'])[:12]}"
+    # embedding by its token and the hash of its file; the name without the ':' ',' '"' that would
+    # split the list.
+    def entry(name: str, digest: str) -> str:
+        return f"{name.translate(_LIST_MARKS)}: {digest[:12]}"
+
+    listed = {"lora": [entry(Path(a["file"]).stem, a.get("tensors_sha256", a["sha256"]))
                        for a in record.get("adapters", ()) if a["kind"] == "lora"],
-              "embedding": [f"{a['token']}: {a['sha256'][:12]}" for a in record.get("adapters", ())
+              "embedding": [entry(a["token"], a["sha256"]) for a in record.get("adapters", ())
                             if a["kind"] == "embedding"]}
     for key, kind in (("Lora hashes", "lora"), ("TI hashes", "embedding")):
         if listed[kind]:
@@ -250,6 +254,9 @@ def picture_texts(plan, record: dict, source: dict, info: dict, size: tuple) -> 
         strength=row.strength if spec.img2img else None, steps_run=row.timeline.steps,
         start_t=row.timeline.start_time, frame=frame, composite=composite, extra=extra)
     return parameters, dict(record, frame=info)
+
+
+_LIST_MARKS = str.maketrans("", "", ':,"')
 
 
 def adapter_record(info) -> dict:

@@ -53,6 +53,19 @@ def test_a_lora_and_an_embedding_change_the_picture_are_recorded_and_replay(tmp_
     assert again.read_bytes() == adapted.read_bytes()
 
 
+def test_a_lora_named_with_list_marks_is_listed_as_a1111_lists_it(tmp_path, picture, tiny_model):
+    """`a, b: "c".safetensors` wrote `Lora hashes: "a, b: \\"c\\": ..."`, a list no reader splits."""
+    from stable_diffusion.infotext import parse_parameters_text
+
+    lora = kohya_file(tmp_path / 'a, b: "c".safetensors', "sd1", EVERY_LAYER, seed=3, alpha=4.0, conv_alpha=4.0,
+                      ldm=False)
+    _run(picture, tiny_model("sd1"), tmp_path / "o.png", "--lora", f"{lora}:0.5")
+    parameters, _ = read_picture_texts(tmp_path / "o.png")
+    data = lora.read_bytes()
+    addnet = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]
+    assert parse_parameters_text(parameters)["extra"]["Lora hashes"] == f"a b c: {addnet}", parameters
+
+
 def test_adapters_loaded_on_a_sessions_model_are_in_its_replay(tmp_path, picture, tiny_model):
     """The library's way (Session's docstring): sd.load_lora after load. The record listed the
     LoRA, its replay did not load it, and --replay said "byte-identical" of another picture."""
