@@ -316,11 +316,13 @@ def _read_header(path: Path) -> tuple[dict, int]:
             count = 1
             for d in shape:
                 count *= d
-        except (KeyError, TypeError, ValueError):
-            raise ModelError(f"{path}: tensor {name} has a corrupt header entry; download it again") from None
+            name.encode("utf-8")  # a lone surrogate ("\ud800") that JSON lets in: MLX refuses the file
+        except (KeyError, TypeError, ValueError):  # UnicodeEncodeError too
+            shown = name if name.isascii() and name.isprintable() else ascii(name)[:80]
+            raise ModelError(f"{path}: tensor {shown} has a corrupt header entry; download it again") from None
         if dtype not in _ST_DTYPES:
             raise ModelError(f"{path}: tensor {name} has dtype {dtype}, which this tool does not read; "
-                             "use a float32, float16 or bfloat16 copy of the model")
+                             "use a float32, float16 or bfloat16 copy of the file")
         if not 0 <= begin <= end <= data_size or end - begin != count * _ST_DTYPES[dtype]:
             raise ModelError(f"{path} is truncated or corrupt (tensor {name} lies outside the data); "
                              "download it again")

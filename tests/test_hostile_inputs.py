@@ -868,3 +868,15 @@ def test_fuzzed_grid_files_are_taken_or_refused_as_bad_input(tmp_path):
     assert time.perf_counter() - started < 20
     with pytest.raises(SpecError):
         parse_values("seeds", "1e99999999", int)
+
+
+def test_a_tensor_name_that_is_no_text_is_refused_as_damage(tmp_path):
+    """A "\\ud800" key passed the header check, and MLX refused the file later with a JSON parser's
+    words (after the LoRA was told to take --lora_partial)."""
+    from stable_diffusion.safetensors_io import read_safetensors_header
+
+    header = '{"unet.\\ud800x.lora_A.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'.encode()
+    path = tmp_path / "lone.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
+    with pytest.raises(ModelError, match=r"tensor 'unet.\\ud800x.lora_A.weight' has a corrupt header entry"):
+        read_safetensors_header(path)
