@@ -557,11 +557,14 @@ def checked_weights(model, component_folder, mapper, variant: str | None = None)
     if pointer is not None:
         return checked_weights(model, pointer["folder"], mapper, variant)
     files = weight_files(Path(component_folder), variant)
-    weights, origin, stored = {}, {}, {}
+    weights, origin, stored, named = {}, {}, {}, {}
     for path in files:
         tensors, places = _load_file(path)
         for key, value in tensors.items():
             for new_key, new_value in mapper(key, value):
+                if named.setdefault(new_key, key) != key:  # `text_model.x` and `x`: one would win, silently
+                    raise ModelError(f"{path} holds both {named[new_key]} and {key}, two names of one weight; "
+                                     f"the file is damaged: {refetch_advice(path.parent.parent)}")
                 if origin.get(new_key, path) != path:  # the last shard read would win, silently
                     raise ModelError(f"tensor {key} is in both {origin[new_key].name} and {path.name} "
                                      f"of {path.parent}; the shards overlap: {refetch_advice(path.parent.parent)}")

@@ -1270,6 +1270,17 @@ def test_sharded_weights_with_a_weight_map_that_is_not_a_map(capsys, tmp_path, p
     only_error(status, 2, err, "field weight_map must map tensor names to shard file names")
 
 
+def test_a_text_encoder_holding_a_weight_under_both_its_names_is_refused(capsys, tmp_path, picture, sd2):
+    """`text_model.x` and `x` are one weight: the one read last won without a word (zeros here)."""
+    model = shutil.copytree(sd2, tmp_path / "model")
+    weights = model / "text_encoder" / "model.safetensors"
+    tensors = load_file(str(weights))
+    key = next(k for k in sorted(tensors) if k.startswith("text_model.encoder."))
+    save_file(dict(tensors, **{key.removeprefix("text_model."): np.zeros_like(tensors[key])}), str(weights))
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", model, "--output", tmp_path / "o.png")
+    only_error(status, 2, err, f"holds both {key} and {key.removeprefix('text_model.')}, two names of one weight")
+
+
 def test_a_tensor_in_two_shards_is_refused(capsys, tmp_path, picture, sd2):
     """The shard read last used to win, silently: another picture than the model's."""
     model = shutil.copytree(sd2, tmp_path / "model")
