@@ -120,7 +120,13 @@ def execute(session, spec, console=None, argv=(), replay=None, picture=None, wai
     if spec.output is None:
         raise InputError("execute writes a run's files: give the RunSpec an output path (the generation "
                          "methods of StableDiffusion write none)")
+    from .session import Session
+
+    if not isinstance(session, Session):
+        raise InputError(f"execute takes a Session (session.Session(ModelSpec(...))), not {type(session).__name__}")
     console = Console(quiet=True) if console is None else console
+    if not isinstance(console, Console):
+        raise InputError(f"execute's console is a console.Console (or None: a quiet one), not {type(console).__name__}")
     spec = spec.validate()
     _check_picture(spec, picture)
     if replay is None:

@@ -271,6 +271,12 @@ def test_session_runs_many_specs_from_python_reusing_the_encodings(tmp_path, pic
 
     with pytest.raises(InputError, match="execute writes a run's files: give the RunSpec an output path"):
         execute(session, RunSpec("a barn", None, image=picture, steps=2))
+    # Were AttributeErrors from inside the run ('NoneType' object has no attribute 'open').
+    spec = RunSpec("a barn", tmp_path / "typed.png", image=picture, steps=2)
+    with pytest.raises(InputError, match=r"execute takes a Session \(session.Session\(ModelSpec\(...\)\)\), not NoneType"):
+        execute(None, spec)
+    with pytest.raises(InputError, match="execute's console is a console.Console .*, not str"):
+        execute(session, spec, console="x")
     assert execute(session, RunSpec("a barn", tmp_path / "quiet.png", image=picture, steps=2)).status == "finished"
 
 
