@@ -253,7 +253,7 @@ class NoiseSchedule:
         time convention in docs/internals.md), or to the noise level `sigma` >= 0, in one step (DDPM
         eq. 4): sqrt(abar_t) x0 + sqrt(1 - abar_t) noise. `noise` (x0's shape) or else `key` draws it."""
         t = self._time(t)
-        x0 = x0 if isinstance(x0, mx.array) else mx.array(np.asarray(x0, np.float32))
+        x0 = _latents(x0, "x0")
         if noise is not None and not isinstance(noise, mx.array):
             noise = mx.array(np.asarray(noise, np.float32))
         if sigma is not None and not (isinstance(sigma, numbers.Real) and 0.0 <= sigma < math.inf):
@@ -370,7 +370,7 @@ class NoiseSchedule:
         if kind not in FORWARD_PATHS:
             raise InputError(f"unknown noising path {kind!r}; choose one of {', '.join(FORWARD_PATHS)}")
         times = [self._time(t) for t in times]
-        n = len(times)
+        x0, n = _latents(x0, "x0"), len(times)
         if key is None:
             key = mx.random.key(0)
         if kind == "shared":
@@ -430,6 +430,21 @@ def _timesteps(noise: NoiseSchedule, n: int, family: str) -> np.ndarray:
                          f"the first timestep at {int(ts.max())}, past this model's {T} training steps; use fewer "
                          "steps or --schedule linear (or fix scheduler_config.json: SD's set steps_offset 0 or 1)")
     return np.asarray(ts, dtype=np.float32).astype(np.float64)
+
+
+def _latents(x, name: str) -> mx.array:
+    """`x` as an MLX array of floating-point latents (B, h, w, C); an InputError naming `name` for
+    anything else (None read as a NaN scalar, text as MLX's conversion error)."""
+    try:
+        if x is None or isinstance(x, str):
+            raise TypeError
+        x = x if isinstance(x, mx.array) else mx.array(np.asarray(x, np.float32))
+    except (TypeError, ValueError):
+        raise InputError(f"{name} is {type(x).__name__}, not latents (an array of shape (B, h, w, C))") from None
+    if x.ndim != 4 or not mx.issubdtype(x.dtype, mx.floating):
+        raise InputError(f"{name}: expected floating-point latents of shape (B, h, w, C), got "
+                         f"{str(x.dtype).removeprefix('mlx.core.')} of shape {tuple(x.shape)}")
+    return x
 
 
 class _Crowded(Exception):

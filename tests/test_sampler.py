@@ -688,3 +688,18 @@ def test_more_steps_than_a_schedule_can_space_are_refused(spacing):
                                      ("linear", "lms", 10000)):
         times = noise.timeline(1.0, steps, schedule=schedule, sampler=sampler).times
         assert len(times) == steps + 1
+
+
+def test_the_forward_jumps_say_what_latents_they_take():
+    """None gave NaN latents, text MLX's conversion error, and noising_path an AttributeError."""
+    noise = NoiseSchedule(SchedulerConfig())
+    for bad, said in ((None, "x0 is NoneType, not latents"), ("abc", "x0 is str, not latents"),
+                      (mx.zeros((4, 4)), "x0: expected floating-point latents of shape (B, h, w, C), got float32 "
+                                         "of shape (4, 4)"),
+                      (mx.zeros((1, 2, 2, 4), dtype=mx.int32), "got int32 of shape (1, 2, 2, 4)")):
+        with pytest.raises(InputError) as info:
+            noise.add_noise(bad, 300.0)
+        assert said in str(info.value)
+        with pytest.raises(InputError, match="x0"):
+            list(noise.noising_path(bad, [0.0, 100.0]))
+    assert noise.add_noise(np.zeros((1, 2, 2, 4)), 300.0).shape == (1, 2, 2, 4)
