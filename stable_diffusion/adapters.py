@@ -584,13 +584,17 @@ def load_lora(sd, path, weight: float = 1.0, allow_partial: bool = False) -> Lor
 
     # 2. Fuse, a layer at a time (memory: one layer's old and new weight at once).
     layers: dict = {}
+    changed = 0  # layers whose weights moved: none for weight 0, or an untrained adapter's zero factors
     for target, down, up, scale in factors:
         delta = (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)) * scale  # (O, fan-in)
         if isinstance(target.layer, nn.Conv2d):  # PyTorch's (O, C, kh, kw) -> ours (O, kh, kw, C)
             delta = delta.reshape(target.shape).transpose(0, 2, 3, 1)
         current = ops.layer_weight(target.layer)
         fused = (current.astype(mx.float32) + delta.reshape(current.shape)).astype(current.dtype)
-        if not mx.all(mx.isfinite(fused)).item():
+        finite, moved = mx.all(mx.isfinite(fused)), mx.any(delta != 0)
+        mx.eval(finite, moved)
+        changed += bool(moved.item())
+        if not finite.item():
             dtype = str(current.dtype).removeprefix("mlx.core.")
             wider = "" if dtype == "float32" else ", or {flag:dtype} float32"
             raise ModelError(f"{path}: fusing it at weight {weight:g} overflows layer {target.component}."
@@ -604,7 +608,11 @@ def load_lora(sd, path, weight: float = 1.0, allow_partial: bool = False) -> Lor
     notices = [f"{len(unmatched)} of its keys match no layer of this model and were skipped (first: "
                f"{unmatched[0]})"] if unmatched else []
     idle = sum(1 for *_, scale in factors if scale == 0)
-    if idle and weight:  # kohya's trainer reads an alpha of 0 as the rank; its files never hold one
+    if not weight:
+        notices.append("at weight 0 it changes nothing")
+    elif factors and not changed and not idle:
+        notices.append("its factors are all zero (an adapter saved before training): it changes nothing")
+    elif idle:  # kohya's trainer reads an alpha of 0 as the rank; its files never hold one
         notices.append(f"the alpha of {idle} of its {len(factors)} layers is 0: they change nothing (so "
                        "diffusers, A1111 and ComfyUI read it too)")
     notice = f"LoRA {path.name}: {'; '.join(notices)}" if notices else None

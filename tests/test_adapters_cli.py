@@ -262,6 +262,23 @@ def test_a_lora_whose_alpha_is_zero_is_said_to_change_nothing(tmp_path, picture,
         in result.stderr, result.stderr
 
 
+def test_a_lora_that_changes_nothing_is_said_to(tmp_path, picture, tiny_model):
+    """An untrained adapter (its up factors zero) and --lora X:0 ran as the plain model, silently."""
+    from safetensors.numpy import load_file
+
+    lora = kohya_file(tmp_path / "style.safetensors", "sd1", EVERY_LAYER, seed=3, alpha=4.0, conv_alpha=4.0,
+                      ldm=False)
+    tensors = load_file(str(lora))
+    save_file({k: np.zeros_like(v) if k.endswith("lora_up.weight") else v for k, v in tensors.items()},
+              str(tmp_path / "untrained.safetensors"))
+    for given, said in ((tmp_path / "untrained.safetensors", "LoRA untrained.safetensors: its factors are all zero "
+                         "(an adapter saved before training): it changes nothing"),
+                        (f"{lora}:0", "LoRA style.safetensors: at weight 0 it changes nothing")):
+        result = _run(picture, tiny_model("sd1"), tmp_path / "o.png", "--lora", given)
+        assert said in result.stderr, result.stderr
+    assert "changes nothing" not in _run(picture, tiny_model("sd1"), tmp_path / "o.png", "--lora", lora).stderr
+
+
 def test_latents_a_lora_overflows_are_blamed_on_the_lora(tmp_path, picture, tiny_model):
     """A LoRA of huge values (finite, fused) made the latents NaN, and the error blamed the model's files."""
     from safetensors.numpy import load_file
