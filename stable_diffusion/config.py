@@ -521,8 +521,9 @@ def load_json(path: Path) -> dict:
         data = json.loads(read_regular(path, "config", "config file").decode("utf-8"))
     except InputError as e:
         raise ConfigError(f"{e}; download the model again") from None
-    except (ValueError, UnicodeDecodeError) as e:  # ValueError: also a number of > 4300 digits
-        raise ConfigError(f"config file {path} is not valid JSON ({e})") from None
+    except (ValueError, UnicodeDecodeError) as e:  # ValueError: also a number of > 4300 digits, said so
+        why = "a number of thousands of digits" if "int_max_str_digits" in str(e) else e  # not Python's advice
+        raise ConfigError(f"config file {path} is not valid JSON ({why}); download the model again") from None
     except RecursionError:  # nesting deeper than the parser's stack
         raise ConfigError(f"config file {path} is nested too deeply to be a config") from None
     if not isinstance(data, dict):
@@ -571,8 +572,7 @@ def read_pipeline_config(folder: Path, notices: list | None = None, warnings: li
     """Read model_index.json and every component config of a diffusers folder.
 
     `notices` collects one line per ignored (unknown) config field; `warnings` (else `notices`)
-    what a view says of its making (`view_notices`).
-    """
+    what a view says of its making (`view_notices`)."""
     folder = Path(folder)
     index = load_json(folder / "model_index.json")
     present = components(index)

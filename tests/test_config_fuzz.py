@@ -192,3 +192,15 @@ def test_model_index_that_is_not_an_object(families, tmp_path, root):
     (work / "model_index.json").write_text(root)
     with pytest.raises(ConfigError, match="not a JSON object"):
         load(work)
+
+
+def test_a_number_of_thousands_of_digits_is_said_without_pythons_advice(tmp_path):
+    """Python's own words leaked: "... use sys.set_int_max_str_digits() to increase the limit"."""
+    from stable_diffusion.config import ConfigError, load_json
+
+    path = tmp_path / "config.json"
+    path.write_text('{"sample_size": ' + "9" * 5000 + "}")
+    with pytest.raises(ConfigError) as info:
+        load_json(path)
+    assert "a number of thousands of digits); download the model again" in str(info.value)
+    assert "set_int_max_str_digits" not in str(info.value)
