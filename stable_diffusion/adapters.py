@@ -273,7 +273,8 @@ def _lora_file(path) -> tuple[Path, dict, dict]:
     if len(header) > MAX_LORA_TENSORS:
         raise ModelError(f"{path} holds {len(header)} tensors, more than any LoRA ({MAX_LORA_TENSORS}); "
                          "it is not a LoRA file")
-    whole = _whole_network(header)
+    whole = _whole_network(header) or ("a textual-inversion embedding (pass it with {flag:embeddings})"
+                                       if sorted(header) in (["emb_params"], ["clip_g", "clip_l"]) else None)
     if whole:
         raise ModelError(f"{path} is {whole}, not a LoRA")
     for key in sorted(header):

@@ -399,7 +399,7 @@ def unet_weights(sd) -> dict:
     return {n: np.array(ops.layer_weight(m)) for n, m in adapters.weight_layers(sd.unet)}
 
 
-def test_a_whole_network_given_as_a_lora_is_named(sd1, tiny_model):
+def test_a_whole_network_given_as_a_lora_is_named(sd1, tiny_model, tmp_path):
     """A checkpoint or a VAE given as a LoRA: said to be one, with the flag that takes it."""
     folder = tiny_model("sd1")
     expect_model_error(lambda: sd1.load_lora(folder / "unet" / "diffusion_pytorch_model.safetensors"),
@@ -408,6 +408,11 @@ def test_a_whole_network_given_as_a_lora_is_named(sd1, tiny_model):
                        "is a VAE (pass it with", "not a LoRA")
     expect_model_error(lambda: sd1.load_textual_inversion(folder / "unet" / "diffusion_pytorch_model.safetensors"),
                        "is a UNet's weights", "not a textual-inversion")
+    # An embedding given as a LoRA was "none of its 1 keys matches ... not a LoRA for this model's family".
+    embedding = tmp_path / "style.safetensors"
+    save_file({"emb_params": np.ones((1, 32), np.float32)}, str(embedding))
+    expect_model_error(lambda: sd1.load_lora(embedding), "is a textual-inversion embedding (pass it with --embedding)",
+                       "not a LoRA")
     assert sd1.adapters == []
 
 
