@@ -273,8 +273,12 @@ def _lora_file(path) -> tuple[Path, dict, dict]:
     if len(header) > MAX_LORA_TENSORS:
         raise ModelError(f"{path} holds {len(header)} tensors, more than any LoRA ({MAX_LORA_TENSORS}); "
                          "it is not a LoRA file")
+    # An embedding: emb_params, SDXL's pair, or one vector table under its token's name.
+    (first, entry), *_ = header.items()
+    embedding = sorted(header) == ["clip_g", "clip_l"] or (
+        len(header) == 1 and "lora" not in first.lower() and len(entry["shape"]) <= 2)
     whole = _whole_network(header) or ("a textual-inversion embedding (pass it with {flag:embeddings})"
-                                       if sorted(header) in (["emb_params"], ["clip_g", "clip_l"]) else None)
+                                       if embedding else None)
     if whole:
         raise ModelError(f"{path} is {whole}, not a LoRA")
     for key in sorted(header):
@@ -308,14 +312,19 @@ def check_files(loras, embeddings, config, tokenizers, networks: dict, allow_par
     An SD 1.x LoRA given to SDXL was refused once the whole model had loaded."""
     files: dict = {}  # (device, inode) -> (path, weight): one file given twice would be fused twice
     sizes: dict = {}  # size -> [(path, weight)]: a copy of a file given beside it, by its bytes
+    digests: dict = {}  # path -> sha256, each file hashed once, only where two sizes agree
+
+    def digest(path: Path) -> str:
+        if path not in digests:
+            digests[path] = file_digest(path, "adapter", "adapter file")[1]
+        return digests[path]
+
     for given, weight in loras:
         path = _lora_file(given)[0]
         st = path.stat()
         same = files.get((st.st_dev, st.st_ino))
-        if same is None and st.st_size in sizes:  # hashed only where two sizes agree
-            digest = file_digest(path, "adapter", "adapter file")[1]
-            same = next(((p, w) for p, w in sizes[st.st_size]
-                         if file_digest(_lora_file(p)[0], "adapter", "adapter file")[1] == digest), None)
+        if same is None and st.st_size in sizes:
+            same = next(((p, w) for p, w in sizes[st.st_size] if digest(_lora_file(p)[0]) == digest(path)), None)
         if same is not None:
             first, earlier = same
             summed = earlier + weight

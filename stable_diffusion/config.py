@@ -547,7 +547,7 @@ _CLASSES = {
     "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
 }
 # Scheduler classes of models trained on other noise than DDPM's (EDM, flow matching, consistency).
-_OTHER_NOISE = ("EDM", "FlowMatch", "CosineDPMSolver", "CMStochastic", "SCMScheduler", "LCM", "TCD")
+_OTHER_NOISE = ("EDM", "FlowMatch", "CosineDPMSolver", "CMStochastic", "SCMScheduler")
 
 
 def missing_component(folder: Path, component: str, present) -> str:

@@ -354,6 +354,11 @@ def _check_hub_names(repo_id: str, revision: str | None, cache: str, advice: str
         found = os.stat(ref)  # links followed, as the client opens it
     except OSError:  # absent (a commit, or nothing cached): the client's own answer says so
         return
+    if stat.S_ISDIR(found.st_mode):  # `feature` of a cached `feature/x`: the hub's client reads it as a file
+        below = sorted(f"{revision}/{p.relative_to(ref).as_posix()}" for p in itertools.islice(ref.rglob("*"), 1000)
+                       if p.is_file())[:4]
+        raise ModelError(f"revision {revision!r} of {repo_id} names a folder of refs in the hub cache, not one ref"
+                         + (f"; give one of them: {', '.join(below)}" if below else "; check the name after '@'"))
     if not stat.S_ISREG(found.st_mode) or found.st_size > _MAX_REF_BYTES:
         held = f"{found.st_size} bytes" if stat.S_ISREG(found.st_mode) else "not a regular file"
         raise ModelError(f"the hub cache's copy of {repo_id} is damaged: its refs/{revision or 'main'} is {held}, "

@@ -28,9 +28,8 @@ BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
 def program(command: str) -> str:
     """How the user started `command` ("image2image", "txt2image", "sweep"), for usage lines and
     the command lines messages suggest: its installed script (`sd-sweep`) or `image2image.py`."""
-    script = f"sd-{command}"
     started = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    return script if started == script else f"{command}.py"
+    return f"sd-{command}" if started.startswith("sd-") else f"{command}.py"
 
 
 def parse_flag(text: str) -> bool:

@@ -98,7 +98,7 @@ def check_record(record, command: str, path) -> dict:
     if made_by not in COMMANDS:
         raise _refuse(path, f"its record names no command of ours ({_shown(made_by)[:40]})")
     if made_by != command:
-        raise InputError(f"{_shown(path)} was made by {made_by}; replay it with {made_by}.py")
+        raise InputError(f"{_shown(path)} was made by {made_by}; replay it with {options.program(made_by)}")
     source = record.get("input")
     if source is not None and not (isinstance(source, dict) and isinstance(source.get("path"), str)
                                    and isinstance(source.get("sha256", ""), str)):

@@ -426,9 +426,10 @@ def _timesteps(noise: NoiseSchedule, n: int, family: str) -> np.ndarray:
     else:
         ts = np.arange(T, 0, -T / n).round() - 1
     if spacing == "leading" and ts.max(initial=0.0) > T - 1:  # found once the model had loaded
+        config = "" if c.steps_offset <= 1 else " (or fix scheduler_config.json: SD's set steps_offset 0 or 1)"
         raise InputError(f"{n} steps spaced 'leading' from the scheduler config's steps_offset {c.steps_offset} put "
                          f"the first timestep at {int(ts.max())}, past this model's {T} training steps; use fewer "
-                         "steps or --schedule linear (or fix scheduler_config.json: SD's set steps_offset 0 or 1)")
+                         f"steps or --schedule linear{config}")
     return np.asarray(ts, dtype=np.float32).astype(np.float64)
 
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import re
 from functools import lru_cache
 from importlib import resources
@@ -54,12 +53,12 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .config import ConfigError, VAEConfig, load_json
+from .config import ConfigError, VAEConfig, components, load_json
 from .errors import ModelError
 from .files import content_mark
 from .private_cache import POINTER, cached_folder, views_root
 from .safetensors_io import (load_tensors, not_a_model_folder, read_safetensors_header, read_safetensors_places,
-                             refuse_pickle)
+                             refetch_advice, refuse_pickle)
 
 ARCHITECTURE_KEY = "mlx_sd.architecture"
 TOKENIZER_KEY = "mlx_sd.tokenizer"
@@ -599,7 +598,8 @@ def view_folder(path, vae=None, prediction_type: str | None = None) -> tuple[Pat
 
 
 SCHEDULER_CONFIG = "scheduler_config.json"
-_VIEW_VERSION = 4  # part of every view's cache key: raise it when what a view holds changes
+_READ_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_VIEW_VERSION = 5  # part of every view's cache key: raise it when what a view holds changes
 
 
 def _identity(path: Path | None):
@@ -742,24 +742,27 @@ def folder_view(folder, vae=None, prediction_type: str | None = None) -> Path:
                                                        unet.get("in_channels", 4))
             index["vae"] = ["diffusers", "AutoencoderKL"]
         _write_json(work / "model_index.json", index)
-        for part in sorted(p for p in folder.iterdir() if p.is_dir()):
-            if part.name == "vae" and vae_path is not None:
-                continue
-            elif part.name.startswith("tokenizer"):  # read where they are, with their own checks
-                (work / part.name).symlink_to(part, target_is_directory=True)
-            elif part.name.startswith("scheduler"):  # its one file, the prediction type set below
-                if os.path.lexists(part / SCHEDULER_CONFIG):
-                    _write_json(work / part.name / SCHEDULER_CONFIG, load_json(part / SCHEDULER_CONFIG))
+        listed = components(index)  # only these are read (a notes/ folder beside them is not)
+        for name in sorted(listed - ({"vae"} if vae_path is not None else set())):
+            part = folder / name
+            if not part.is_dir():  # said of the user's folder, not of the view
+                if name.startswith(_READ_COMPONENTS):
+                    raise ModelError(f"{part} is missing, and model_index.json lists it; the model folder is "
+                                     f"incomplete: {refetch_advice(folder)}")
+            elif name.startswith("tokenizer"):  # read where they are, with their own checks
+                (work / name).symlink_to(part, target_is_directory=True)
+            elif name.startswith("scheduler"):  # its one file, the prediction type set below
+                _write_json(work / name / SCHEDULER_CONFIG, load_json(part / SCHEDULER_CONFIG))
             elif (part / "config.json").is_file():
-                _write_json(work / part.name / "config.json", load_json(part / "config.json"))
-                _write_json(work / part.name / POINTER, {"folder": str(part)})
+                _write_json(work / name / "config.json", load_json(part / "config.json"))
+                _write_json(work / name / POINTER, {"folder": str(part)})
         if prediction_type is not None:
             path = work / "scheduler" / SCHEDULER_CONFIG
             _write_json(path, dict(load_json(path), prediction_type=prediction_type))
 
-    key = ["folder", str(folder), _identity(folder / "model_index.json"),
-           *(_identity(p / name) for p in sorted(folder.iterdir()) if p.is_dir()
-             for name in ("config.json", SCHEDULER_CONFIG)),
+    key = ["folder", str(folder), _identity(folder / "model_index.json"),  # a part renamed or edited: anew
+           *([p.name, _identity(p / "config.json"), _identity(p / SCHEDULER_CONFIG)]
+             for p in sorted(folder.iterdir()) if p.is_dir()),
            str(vae_path), _identity(vae_path), prediction_type]
     return _cached_view(key, write)
 

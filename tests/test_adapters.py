@@ -411,8 +411,11 @@ def test_a_whole_network_given_as_a_lora_is_named(sd1, tiny_model, tmp_path):
     # An embedding given as a LoRA was "none of its 1 keys matches ... not a LoRA for this model's family".
     embedding = tmp_path / "style.safetensors"
     save_file({"emb_params": np.ones((1, 32), np.float32)}, str(embedding))
-    expect_model_error(lambda: sd1.load_lora(embedding), "is a textual-inversion embedding (pass it with --embedding)",
-                       "not a LoRA")
+    token = tmp_path / "token.safetensors"  # diffusers' form: the vectors under the token's name
+    save_file({"<cat-toy>": np.ones((32,), np.float32)}, str(token))
+    for path in (embedding, token):
+        expect_model_error(lambda: sd1.load_lora(path), "is a textual-inversion embedding (pass it with --embedding)",
+                           "not a LoRA")
     assert sd1.adapters == []
 
 

@@ -678,6 +678,14 @@ def test_a_folder_view_copies_no_file_it_does_not_read(tmp_path, sd2, monkeypatc
     path.write_text(json.dumps(dict(json.loads(path.read_text()), beta_schedule="linear")))
     again = single_file.folder_view(folder, prediction_type="epsilon")
     assert read_pipeline_config(again).scheduler.beta_schedule == "linear"
+    # A folder model_index.json does not list is not read (its config.json refused the view); a listed
+    # one gone is said of the user's folder, not of the view in the cache.
+    (folder / "notes").mkdir()
+    (folder / "notes" / "config.json").write_text("[1]")
+    single_file.folder_view(folder, prediction_type="epsilon")
+    (folder / "tokenizer").rename(folder / "moved")
+    with pytest.raises(ModelError, match=f"{folder / 'tokenizer'} is missing, and model_index.json lists it"):
+        single_file.folder_view(folder, prediction_type="epsilon")
 
 
 def test_a_damaged_view_and_a_killed_runs_part_are_made_again_and_removed(tmp_path, monkeypatch):

@@ -114,6 +114,12 @@ def test_a_revision_that_is_no_git_name_and_a_ref_that_is_no_small_file_are_refu
         expect_model_error(lambda: model_io.resolve_model(f"owner/name@{revision}"), "is no branch, tag or "
                            "commit name", "check the name after '@'")
         assert model_io.resolve_model("owner/name")[0].name == COMMIT
+    # A folder of refs (`feature` of a cached `feature/x`) is no ref: not damage (delete the cache, it said).
+    (hub_cache / "models--owner--name" / "refs" / "feature").mkdir()
+    (hub_cache / "models--owner--name" / "refs" / "feature" / "x").write_text(COMMIT)
+    expect_model_error(lambda: model_io.resolve_model("owner/name@feature"), "revision 'feature' of owner/name names "
+                       "a folder of refs in the hub cache, not one ref; give one of them: feature/x")
+    assert model_io.resolve_model("owner/name@feature/x")[0].name == COMMIT
     ref = hub_cache / "models--owner--name" / "refs" / "main"
     ref.unlink()
     for planted, said in ((lambda: ref.symlink_to("/dev/zero"), "is not a regular file"),

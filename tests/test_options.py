@@ -303,3 +303,12 @@ def test_adapter_arguments_read_a_colon_as_the_files_say(tmp_path, monkeypatch):
         with pytest.raises(argparse.ArgumentTypeError, match="is not a number; give one such as p.safetensors:0.8"):
             options.lora_argument(bad)
     assert options.lora_argument("gone.safetensors:abc") == ("gone.safetensors:abc", 1.0)  # said missing later
+
+
+def test_the_commands_a_message_suggests_go_by_how_the_user_started_it(monkeypatch):
+    """Started as an installed script (sd-sweep, or a path to one), the installed names; else the
+    .py scripts (python image2image.py, python -c)."""
+    for argv0, expected in (("/venv/bin/sd-sweep", "sd-image2image"), ("sd-txt2image", "sd-image2image"),
+                            ("image2image.py", "image2image.py"), ("-c", "image2image.py"), ("", "image2image.py")):
+        monkeypatch.setattr(sys, "argv", [argv0])
+        assert options.program("image2image") == expected, argv0
