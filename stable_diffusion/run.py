@@ -227,6 +227,11 @@ def _walk_and_keep(session, sd, plan, names, ledger, texts, picture, taesd, cons
     h, w = plan.image_size
     x0 = mx.repeat(session.encode(picture, timings), spec.n_images, axis=0) if spec.img2img else None
     eps = sd.initial_noise((spec.n_images, h // sd.downscale, w // sd.downscale, sd.latent_channels), spec.seed)
+    for what, text in (("prompt", spec.prompt), ("negative prompt", spec.negative_prompt or "")):
+        for learnt, word in sd.tokenizers[0].learnt_inside(text):
+            console.notice(f"the learnt token {learnt!r} is read inside the word {word!r} of the {what}, which the "
+                           "text encoder then reads in pieces around it, as diffusers does; put spaces around the "
+                           "token, or give the embedding another one ({flag:embeddings} PATH:TOKEN)")
     cond = session.condition(spec.prompt, spec.negative_prompt, plan.guided, spec.n_images, plan.image_size,
                              timings)
     denoisers.append(sd.denoiser(cond, spec.cfg, _after_layer))

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import unicodedata
 import warnings
 from functools import lru_cache
@@ -181,6 +182,7 @@ class Tokenizer:
         self._bytes = {symbol: b for b, symbol in enumerate(self._symbols)}
         self._cache: dict = {}
         self._expansions: dict = {}  # added token -> its ids, where it stands for several (add_token)
+        self.learnt: tuple = ()  # the words add_token learnt, as the clean text holds them
 
     @classmethod
     def from_folder(cls, folder, config: TokenizerConfig | None = None) -> "Tokenizer":
@@ -263,7 +265,24 @@ class Tokenizer:
         if count > 1:
             self._expansions[word] = tuple(ids)
         self.clean_specials = tuple(sorted({*self.clean_specials, *words}, key=len, reverse=True))
+        self.learnt += tuple(words)
         return ids
+
+    def learnt_inside(self, text: str) -> list:
+        """(learnt word, the longer word of `text` it is matched inside) for each learnt word found
+        within another word: matched there too, as transformers matches an added token, it cuts
+        that word in pieces (`ackgroun` reads `background` as b + ackgroun + d)."""
+        clean, found = clean_text(text), []
+        for word in self.learnt:
+            start = clean.find(word)
+            while start >= 0:
+                end = start + len(word)
+                if (start and clean[start - 1].isalnum()) or (end < len(clean) and clean[end].isalnum()):
+                    before, after = re.search(r"\w*$", clean[:start])[0], re.match(r"\w*", clean[end:])[0]
+                    found.append((word, before + word + after))
+                    break
+                start = clean.find(word, end)
+        return found
 
     def tokenize(self, texts: list) -> tuple[np.ndarray, list]:
         """(ids, dropped): per text the start token, its tokens (truncated), the end token and

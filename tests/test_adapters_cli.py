@@ -66,6 +66,14 @@ def test_a_lora_named_with_list_marks_is_listed_as_a1111_lists_it(tmp_path, pict
     assert parse_parameters_text(parameters)["extra"]["Lora hashes"] == f"a b c: {addnet}", parameters
 
 
+def test_a_learnt_token_read_inside_a_word_is_said(tmp_path, picture, tiny_model):
+    embedding = tmp_path / "arn.safetensors"
+    save_file({"emb_params": np.ones((1, 32), np.float32)}, str(embedding))
+    result = _run(picture, tiny_model("sd1"), tmp_path / "o.png", "--embedding", embedding)  # "a barn <toy>"
+    assert ("note: the learnt token 'arn' is read inside the word 'barn' of the prompt, which the text encoder "
+            "then reads in pieces around it") in result.stderr, result.stderr
+
+
 def test_adapters_loaded_on_a_sessions_model_are_in_its_replay(tmp_path, picture, tiny_model):
     """The library's way (Session's docstring): sd.load_lora after load. The record listed the
     LoRA, its replay did not load it, and --replay said "byte-identical" of another picture."""

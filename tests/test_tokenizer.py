@@ -306,3 +306,14 @@ def test_full_clip_tokenizer_json_matches_transformers(pad, tmp_path, reference)
     ours = Tokenizer.from_folder(saved)
     assert len(ours.vocab) == 49408
     compare_with_transformers(saved, tools.PROMPTS)
+
+
+def test_a_learnt_word_inside_a_longer_word_is_found(tiny_model):
+    """A learnt token is matched inside words too (as transformers matches an added token): the
+    run says so, where `ackgroun` took `background` over without a word."""
+    tokenizer = Tokenizer.from_folder(tiny_model("sd1") / "tokenizer")
+    tokenizer.add_token("Ackgroun")
+    tokenizer.add_token("<toy>", 2)
+    assert tokenizer.learnt_inside("a blue BACKGROUND, a blue ackgroun") == [("ackgroun", "background")]
+    assert tokenizer.learnt_inside("a blue ackgroun and <toy> <toy>_1") == []
+    assert tokenizer.learnt_inside("two <toy>s") == [("<toy>", "<toy>s")]
