@@ -19,12 +19,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import stable_diffusion  # noqa: E402,F401  - first: the BLAS under MLX
+from stable_diffusion.ops import pack_weights  # noqa: E402  (first: it puts the optimised BLAS under MLX)
 import mlx.core as mx  # noqa: E402
 
-from networks import VAE  # noqa: E402 - SD 2.1's VAE config, as the bench of the networks
+from networks import VAE  # noqa: E402  (SD 2.1's VAE config, as the bench of the networks)
 from stable_diffusion.config import VAEConfig  # noqa: E402
-from stable_diffusion.ops import pack_weights  # noqa: E402
 from stable_diffusion.vae import Autoencoder  # noqa: E402
 
 
