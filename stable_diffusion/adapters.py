@@ -311,8 +311,8 @@ def check_files(loras, embeddings, config, tokenizers, networks: dict, allow_par
     without their weights); each embedding fits the text encoders and the tokenizers' prompts.
     An SD 1.x LoRA given to SDXL was refused once the whole model had loaded."""
     files: dict = {}  # (device, inode) -> (path, weight): one file given twice would be fused twice
-    sizes: dict = {}  # size -> [(path, weight)]: a copy of a file given beside it, by its bytes
-    digests: dict = {}  # path -> sha256, each file hashed once, only where two sizes agree
+    sizes: dict = {}  # size -> [(file, path, weight)]: a copy of a file given beside it, by its bytes
+    digests: dict = {}  # file -> sha256, each file hashed once, only where two sizes agree
 
     def digest(path: Path) -> str:
         if path not in digests:
@@ -324,7 +324,7 @@ def check_files(loras, embeddings, config, tokenizers, networks: dict, allow_par
         st = path.stat()
         same = files.get((st.st_dev, st.st_ino))
         if same is None and st.st_size in sizes:
-            same = next(((p, w) for p, w in sizes[st.st_size] if digest(_lora_file(p)[0]) == digest(path)), None)
+            same = next(((p, w) for f, p, w in sizes[st.st_size] if digest(f) == digest(path)), None)
         if same is not None:
             first, earlier = same
             summed = earlier + weight
@@ -334,7 +334,7 @@ def check_files(loras, embeddings, config, tokenizers, networks: dict, allow_par
                     else f"holds the bytes of {first}")
             raise ModelError(f"{{flag:loras}} {given} {what}: it would be fused twice; give it once, {once}")
         files[st.st_dev, st.st_ino] = (given, weight)
-        sizes.setdefault(st.st_size, []).append((given, weight))
+        sizes.setdefault(st.st_size, []).append((path, given, weight))
     if loras:
         encoders = [networks[f"text_encoder_{i}"] for i in range(len(config.text_encoders))]
         targets = lora_targets(SimpleNamespace(config=config, unet=networks["unet"], text_encoders=encoders))

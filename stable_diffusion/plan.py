@@ -239,11 +239,12 @@ def _schedule_notes(spec: RunSpec, timelines: list, T: int, notice) -> None:
                f"redoes the first step from sigma {p.warmup[2]:.3g}, where the run starts at {p.sigmas[0]:.3g}, "
                "as diffusers' PNDMScheduler does; the picture is likely spoiled: more {flag:steps}, or "
                "{flag:schedule} linear, keep the two together")
-    wild = [p for p in timelines if spec.sampler == "lms" and p.lead_sigmas and samplers.lms_first_gain(p) > 3]
+    gains = [(p, samplers.lms_first_gain(p)) for p in timelines if spec.sampler == "lms" and p.lead_sigmas]
+    wild = [(p, gain) for p, gain in gains if gain > 3]
     if wild:
-        p = wild[0]
+        p, gain = wild[0]
         notice(f"LMS at strength {p.strength:g} on the {spec.schedule} schedule: its first step moves "
-               f"{samplers.lms_first_gain(p):.3g} times its length along its one derivative (a higher order's "
+               f"{gain:.3g} times its length along its one derivative (a higher order's "
                "weight, as diffusers' LMSDiscreteScheduler takes it in image to image); the picture is likely "
                "spoiled: another {flag:sampler} (euler), a higher strength, or {flag:schedule} linear")
     if spec.schedule not in ("karras", "exponential"):
