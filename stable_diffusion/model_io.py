@@ -347,8 +347,8 @@ def _check_hub_names(repo_id: str, revision: str | None, cache: str, advice: str
     `/dev/zero` named a file outside the cache as its ref) and a ref file in the cache that is not
     a small regular file (the client reads it whole: /dev/zero took all memory, a pipe hung)."""
     if revision is not None and (len(revision) > 255 or _NOT_A_REF.search(revision)):
-        raise ModelError(f"revision {revision[:80]!r} of {repo_id} is no branch, tag or commit name (as git "
-                         "writes them: no '..', no leading '/', no spaces); check the name after '@'")
+        raise ModelError(f"revision {revision[:80]!r} of {repo_id} is no branch, tag or commit name: git names "
+                         f"{_ref_fault(revision)}; check the name after '@'")
     ref = _hub_storage(repo_id, cache) / "refs" / (revision or "main")
     try:
         found = os.stat(ref)  # links followed, as the client opens it
@@ -367,6 +367,22 @@ def _check_hub_names(repo_id: str, revision: str | None, cache: str, advice: str
 
 
 _MAX_REF_BYTES = 4096
+
+
+def _ref_fault(revision: str) -> str:
+    """What git's naming rules say of `revision`, which breaks one of them (for the refusal)."""
+    if len(revision) > 255:
+        return "are at most 255 characters"
+    found = _NOT_A_REF.search(revision).group()
+    if found.endswith((".lock", ".lock/")):
+        return "have no part ending in '.lock'"
+    if found in (".", "/."):
+        return "have no part that starts or ends with '.'"
+    if found in ("/", "//"):
+        return "neither start nor end with '/' and have no empty part"
+    if not found.isprintable() or found.isspace():
+        return "hold no spaces or control characters"
+    return f"hold no {found!r}"
 
 
 def _hub_storage(repo_id: str, cache: str) -> Path:

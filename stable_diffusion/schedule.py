@@ -439,6 +439,8 @@ def _latents(x, name: str) -> mx.array:
     try:
         if x is None or isinstance(x, str):
             raise TypeError
+        if isinstance(x, np.ndarray) and x.dtype.kind != "f":  # as an MLX array of integers is refused below
+            x = mx.array(x)
         x = x if isinstance(x, mx.array) else mx.array(np.asarray(x, np.float32))
     except (TypeError, ValueError):
         raise InputError(f"{name} is {type(x).__name__}, not latents (an array of shape (B, h, w, C))") from None

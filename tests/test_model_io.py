@@ -110,9 +110,13 @@ def test_a_revision_that_is_no_git_name_and_a_ref_that_is_no_small_file_are_refu
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    for revision in ("/dev/zero", "../../models--owner--name/refs/main", "a b", "x" * 256):
+    for revision, rule in (("/dev/zero", "start nor end with '/'"), ("../../models--owner--name/refs/main",
+                                                                     "hold no '..'"),
+                           ("a b", "no spaces or control"), ("x" * 256, "at most 255 characters"),
+                           ("v1.0.lock", "no part ending in '.lock'"), (".hidden", "starts or ends with '.'"),
+                           ("a:b", "hold no ':'")):
         expect_model_error(lambda: model_io.resolve_model(f"owner/name@{revision}"), "is no branch, tag or "
-                           "commit name", "check the name after '@'")
+                           "commit name: git names", rule, "check the name after '@'")
         assert model_io.resolve_model("owner/name")[0].name == COMMIT
     # A folder of refs (`feature` of a cached `feature/x`) is no ref: not damage (delete the cache, it said).
     (hub_cache / "models--owner--name" / "refs" / "feature").mkdir()

@@ -691,12 +691,14 @@ def test_more_steps_than_a_schedule_can_space_are_refused(spacing):
 
 
 def test_the_forward_jumps_say_what_latents_they_take():
-    """None gave NaN latents, text MLX's conversion error, and noising_path an AttributeError."""
+    """None gave NaN latents, text MLX's conversion error, and noising_path an AttributeError.
+    Integer arrays are refused whether MLX's or NumPy's (NumPy's were taken as floats)."""
     noise = NoiseSchedule(SchedulerConfig())
     for bad, said in ((None, "x0 is NoneType, not latents"), ("abc", "x0 is str, not latents"),
                       (mx.zeros((4, 4)), "x0: expected floating-point latents of shape (B, h, w, C), got float32 "
                                          "of shape (4, 4)"),
-                      (mx.zeros((1, 2, 2, 4), dtype=mx.int32), "got int32 of shape (1, 2, 2, 4)")):
+                      (mx.zeros((1, 2, 2, 4), dtype=mx.int32), "got int32 of shape (1, 2, 2, 4)"),
+                      (np.zeros((1, 2, 2, 4), dtype=np.int64), "got int64 of shape (1, 2, 2, 4)")):
         with pytest.raises(InputError) as info:
             noise.add_noise(bad, 300.0)
         assert said in str(info.value)
