@@ -329,9 +329,9 @@ def check_files(loras, embeddings, config, tokenizers, networks: dict, allow_par
             first, earlier = same
             summed = earlier + weight
             once = (f"with its weights summed ({given}:{summed:g})" if abs(summed) <= MAX_LORA_WEIGHT
-                    else f"with one weight of -{MAX_LORA_WEIGHT:g} .. {MAX_LORA_WEIGHT:g}")
-            what = (f"is the file {first} is too" if (st.st_dev, st.st_ino) in files
-                    else f"holds the bytes of {first}")
+                    and summed != 0 else f"with one weight of -{MAX_LORA_WEIGHT:g} .. {MAX_LORA_WEIGHT:g}")
+            what = ("is given twice" if str(first) == str(given) else f"is the file {first} is too"
+                    if (st.st_dev, st.st_ino) in files else f"holds the bytes of {first}")
             raise ModelError(f"{{flag:loras}} {given} {what}: it would be fused twice; give it once, {once}")
         files[st.st_dev, st.st_ino] = (given, weight)
         sizes.setdefault(st.st_size, []).append((path, given, weight))

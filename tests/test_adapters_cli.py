@@ -249,6 +249,8 @@ def test_adapter_values_and_tokens_are_refused_before_the_model_loads(tmp_path, 
             (["--lora", f"{lora}:6", "--lora", f"{tmp_path / 'hard.safetensors'}:6"],  # a hard link, summed past 10
              f"--lora {tmp_path / 'hard.safetensors'} is the file {lora} is too: it would be fused twice; give it "
              "once, with one weight of -10 .. 10"),
+            (["--lora", f"{lora}:0.5", "--lora", f"{lora}:-0.5"],  # the same name; a sum of 0 is no advice
+             f"--lora {lora} is given twice: it would be fused twice; give it once, with one weight of -10 .. 10"),
             (["--lora", f"{lora}:0.5", "--lora", f"{tmp_path / 'folder'}:0.5"],  # the folder holding it
              "is the file"),
             (["--lora", f"{lora}:0.5", "--lora", f"{tmp_path / 'copy.safetensors'}:0.5"],  # its bytes, elsewhere
