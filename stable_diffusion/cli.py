@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import options, signals
-from .console import Console, open_standard_streams, shortened, write_traceback
+from .console import Console, open_standard_streams, print_out, shortened, write_traceback
 from .errors import (NOTHING_WRITTEN, FieldMessage, HubUnreachable, InputError, NumericalError, OutputBusy,
                      OutputError, not_installed)
 from .spec import (DEFAULT_TRIANGLE_STRENGTHS, MAX_SEED, PICTURE_SUFFIXES, Capture, Inversion, ModelSpec,
@@ -53,6 +53,12 @@ class _Parser(argparse.ArgumentParser):
             else:
                 message += f"; give {flags[0]} its value"
         raise UsageError(f"{message} (see --help)")
+
+    def print_help(self, file=None):  # argparse's passes over a stdout that takes nothing
+        if file is None or file is sys.stdout:
+            print_out(self.format_help())
+        else:
+            super().print_help(file)
 
     def _positional_names(self) -> list:
         return [action.dest for action in self._positionals._group_actions]
@@ -178,9 +184,9 @@ class _Version(argparse.Action):
 
         found = versions()
         tool = found.pop("mlx-sd-trajectory")
-        print(f"mlx-sd-trajectory {tool or 'not installed'} ("
-              + ", ".join(f"{name} {version or 'not installed'}" for name, version in found.items())
-              + f"; Python {sys.version.split()[0]})")
+        print_out(f"mlx-sd-trajectory {tool or 'not installed'} ("
+                  + ", ".join(f"{name} {version or 'not installed'}" for name, version in found.items())
+                  + f"; Python {sys.version.split()[0]})\n")
         parser.exit()
 
 

@@ -17,7 +17,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-from .errors import name_fields
+from .errors import OutputError, name_fields
 
 # Characters a terminal acts on instead of showing (escape sequences, line breaks), written as \xNN:
 # the text of a message may come from a file (a key name, a config field, a picture's record).
@@ -41,24 +41,49 @@ def shown(line: str) -> str:
     return line
 
 
+_closed_at_start: set = set()  # the standard fds (0-2) that were closed as the command started
+
+
 def _write(stream, line: str) -> None:
     """Print a line (see `shown`); a reader that has gone (`| head -1`) or a device that takes no
     more (`>/dev/full`, an I/O error) ends the printing, not the run."""
     if stream is None:
         return
+    if stream is sys.stdout and 1 in _closed_at_start:  # said once: its lines go to /dev/null
+        _closed_at_start.discard(1)
+        _write(sys.stderr, "note: standard output is closed; its lines are lost, the run goes on")
     try:
         print(shown(line), file=stream, flush=True)
     except OSError as e:
-        # Later writes, and the flush at exit, go to /dev/null instead of failing again.
-        try:
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, stream.fileno())
-            os.close(null)
-        except (OSError, ValueError, AttributeError):  # not a file-backed stream: nothing to do
-            pass
+        _silence(stream)
         if stream is sys.stdout and e.errno != errno.EPIPE:  # a reader that went is no news; a full disk is
             _write(sys.stderr, f"note: standard output cannot be written ({e.strerror or e}); its lines "
                                "are lost, the run goes on")
+
+
+def _silence(stream) -> None:
+    """Send later writes to `stream`, and the flush at exit, to /dev/null instead of failing again."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, stream.fileno())
+        os.close(null)
+    except (OSError, ValueError, AttributeError):  # not a file-backed stream: nothing to do
+        pass
+
+
+def print_out(text: str) -> None:
+    """Write what a command is asked to print and exit (--help, --version) on stdout, as it is; an
+    OutputError where stdout is closed or takes no more (they exited 0 having printed nothing).
+    A reader that has gone (`--help | head -1`) is no error."""
+    if 1 in _closed_at_start:
+        raise OutputError("standard output is closed: there is nowhere to print to")
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError as e:
+        _silence(sys.stdout)
+        if e.errno != errno.EPIPE:
+            raise OutputError(f"standard output cannot be written ({e.strerror or e})") from None
 
 
 def write_traceback(error: BaseException) -> None:
@@ -75,6 +100,7 @@ def open_standard_streams() -> None:
         try:
             os.fstat(fd)
         except OSError:
+            _closed_at_start.add(fd)
             null = os.open(os.devnull, os.O_RDWR)
             if null != fd:
                 os.dup2(null, fd)

@@ -1806,6 +1806,29 @@ def test_a_full_output_device_does_not_stop_the_run(tmp_path, picture, sd2):
     assert result.stderr.count("standard output cannot be written (No space left on device)") == 1
 
 
+def test_help_and_version_say_when_stdout_takes_nothing(tmp_path, picture, sd2):
+    """Both exited 0 having printed nothing to a closed or full stdout (--version was "failed
+    (OSError)" on a full one); a run with stdout closed said nothing of its lost lines."""
+    for flag in ("--help", "--version"):
+        with open("/dev/full", "w") as full:
+            result = subprocess.run(command("image2image.py", flag), stdout=full, stderr=subprocess.PIPE,
+                                    text=True, timeout=60)
+        only_error(result.returncode, 1, result.stderr, "standard output cannot be written (No space left on device)")
+        result = subprocess.run(command("image2image.py", flag), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, timeout=60, preexec_fn=lambda: os.close(1))
+        only_error(result.returncode, 1, result.stderr, "standard output is closed: there is nowhere to print to")
+        process = subprocess.Popen(command("image2image.py", flag), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+        process.stdout.close()  # a reader that has gone (`| head -1`) is no error
+        assert process.wait(timeout=60) == 0 and process.stderr.read() == ""
+        process.stderr.close()
+    result = subprocess.run(command("image2image.py", picture, "x", "--model", sd2, "--steps", 1, "--seed", 1,
+                                    "--output", tmp_path / "c.png"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, timeout=120, preexec_fn=lambda: os.close(1))
+    assert result.returncode == 0 and (tmp_path / "c.png").is_file(), result.stderr
+    assert result.stderr.count("note: standard output is closed; its lines are lost, the run goes on") == 1
+
+
 @contextlib.contextmanager
 def stop_handlers_racing(monkeypatch, when: int, raises: int):
     """The stop handler on every stop signal, and `raises` sent to this process the moment the
