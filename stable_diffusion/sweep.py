@@ -238,10 +238,11 @@ def _short(name: str) -> str:
     return repr(shortened(name))
 
 
-def check_plans(runs: list, session, image_size: tuple | None, notice=lambda line: None) -> list:
+def check_plans(runs: list, session, image_size: tuple | None, notes: dict | None = None) -> list:
     """Plan every run against the model's configs (no weights): what only the model can refuse
     (a snapshot interval longer than a run, a sampler it lacks) is refused before the first run.
-    Returns the plans; `notice` hears their notes (a Ray worker's runs are quiet)."""
+    Returns the plans; `notes` (run name -> lines) gets their notes, to be said of the runs a
+    resumed sweep makes (a Ray worker's runs are quiet)."""
     from .run import plan_for
 
     from .outputs import FileNames, check_in_the_way, check_output, left_by_us, planned_files
@@ -249,7 +250,8 @@ def check_plans(runs: list, session, image_size: tuple | None, notice=lambda lin
     plans = []
     for run in runs:
         try:
-            plans.append(plan_for(session, run.spec, image_size, notice))
+            said = [] if notes is None else notes.setdefault(run.name, [])
+            plans.append(plan_for(session, run.spec, image_size, said.append))
             names = FileNames(run.spec.output, plans[-1].longest)
             check_output(run.spec.output, named=False)  # a file where its folder goes, ...: refused now
             _stays_inside(run)

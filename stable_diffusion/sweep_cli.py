@@ -209,13 +209,20 @@ def _sweep(argv: list, console: Console) -> int:
     from .sweep_manifest import inputs_identity
 
     session = Session(model)
-    plans = check_plans(runs, session, None if picture is None else upright_size(picture), console.notice)
+    notes: dict = {}  # run name -> its plan's notes: said of the runs left to make, not of those resumed
+    plans = check_plans(runs, session, None if picture is None else upright_size(picture), notes)
     for line in session.warnings:  # the model's, said once for every run
         console.notice(line)
     identity = inputs_identity(session, picture)
     if picture is not None:  # at the working size once, here: a Ray worker may not see the file
         picture = session.fit(picture, plans[0].image_size)
     checked = []
+
+    def before(todo: list) -> None:
+        for run in todo:
+            for line in notes[run.name]:
+                console.notice(line)
+        check_adapters(todo)
 
     def check_adapters(todo: list) -> None:
         """An adapter's files, values and tokens are checked before any weight (Session.open); what
@@ -243,7 +250,7 @@ def _sweep(argv: list, console: Console) -> int:
         try:
             sweep = Sweep(runs, grid, folder, model, args.sheet_every or None, args.sheet_cell,
                           sweep_estimates(runs, plans), identity)
-            report = sweep.execute(pool, console, before=check_adapters)
+            report = sweep.execute(pool, console, before=before)
         finally:
             pool.close()
     if report.status == "interrupted":

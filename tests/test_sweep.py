@@ -308,6 +308,17 @@ def test_a_note_every_run_says_is_said_once_before_the_runs(tmp_path, picture, s
     assert "[3/3]" in result.stdout
 
 
+def test_a_resumed_sweep_says_the_notes_of_the_runs_it_makes_alone(capsys, tmp_path, picture, sd2):
+    """It said the plan's notes of every run, the finished ones it skips too."""
+    base = ["image2image", picture, "x", "--model", sd2, "--steps", 4, "-sd", 10, "--seeds", 1,
+            "--name", "s{strength:.2f}", "-o", tmp_path / "out"]
+    status, _, err = in_process(capsys, *base, "--strengths", "0.5")
+    assert status == 0 and "note: -sd 10 is more than the 2 steps this run makes" in err, err
+    status, said, err = in_process(capsys, *base, "--strengths", "0.5,0.75")
+    assert status == 0 and "1 of 2 runs already finished" in said, said
+    assert "more than the 3 steps" in err and "the 2 steps" not in err, err
+
+
 def test_a_grid_file_gives_the_runs_of_the_flags(tmp_path, picture, sd2):
     toml = tmp_path / "grid.toml"
     toml.write_text('strengths = "0.5:1.0:0.5"\nseeds = [4, 5]\nname = "{strength:.1f}_{seed}"\n')
