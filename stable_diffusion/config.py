@@ -572,7 +572,7 @@ def read_pipeline_config(folder: Path, notices: list | None = None, warnings: li
     """Read model_index.json and every component config of a diffusers folder.
 
     `notices` collects one line per ignored (unknown) config field; `warnings` (else `notices`)
-    what a view says of its making (`view_notices`)."""
+    what a view says of its making (`view_notices`) and each class named that is not ours."""
     folder = Path(folder)
     index = load_json(folder / "model_index.json")
     present = components(index)
@@ -582,14 +582,14 @@ def read_pipeline_config(folder: Path, notices: list | None = None, warnings: li
     said = warnings if warnings is not None else notices
     if said is not None:
         said.extend(view_notices(folder))
-    if notices is not None:
-        # Classes this tool does not implement are read as its own all the same: the weights decide.
+    if said is not None:
+        # Classes not ours are read as ours all the same (the weights decide); said, not only under -v.
         named = {"pipeline": index.get("_class_name"), **{c: index[c][-1] for c in present}}
         for component, cls in named.items():
             expected = _CLASSES.get(component.removesuffix("_2"), ())
             if cls is not None and expected and cls not in expected:
-                notices.append(f"model_index.json names {repr(cls)[:80]} for the {component}; read as "
-                               f"{expected[0]}")
+                said.append(f"model_index.json names {repr(cls)[:80]} for the {component}; read as "
+                            f"{expected[0]}")
 
     def read(name, cls, filename="config.json"):
         d = load_json(folder / name / filename)

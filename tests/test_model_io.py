@@ -651,6 +651,14 @@ def test_unknown_config_fields_are_ignored_with_a_notice(model):
     assert notices[:2] == ["model_index.json names 'FluxPipeline' for the pipeline; read as StableDiffusionPipeline",
                            "model_index.json names 'FluxTransformer2DModel' for the unet; read as "
                            "UNet2DConditionModel"]
+    # A session says them as warnings, which a run shows without -v (they were notes under -v only).
+    from stable_diffusion.session import Session
+    from stable_diffusion.spec import ModelSpec
+
+    session = Session(ModelSpec(str(model)))
+    session.open()
+    assert "model_index.json names 'FluxTransformer2DModel' for the unet; read as UNet2DConditionModel" \
+        in session.warnings and not any("names 'Flux" in line for line in session.notices)
 
 
 def test_missing_required_config_field(model):
