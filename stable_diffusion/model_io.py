@@ -235,7 +235,8 @@ def _download(repo_id: str, revision: str | None, variant: str | None,
         except Exception as e:  # noqa: BLE001 - the transport's error classes (requests, httpx,
             # httpx2) depend on the huggingface_hub version; any of them means "no answer"
             status = getattr(getattr(e, "response", None), "status_code", None)
-            unreachable = (f"the hub did not answer within {timeout:g} s" if isinstance(e, TimeoutError)
+            timed_out = isinstance(e, TimeoutError) or "Timeout" in type(e).__name__  # the client's own, too
+            unreachable = (f"the hub did not answer within {timeout:g} s" if timed_out
                            else f"the hub answered with an error (HTTP {status})" if isinstance(status, int)
                            else f"the hub cannot be reached ({type(e).__name__})")
 

@@ -208,6 +208,27 @@ def test_a_hub_that_answers_then_fails_the_download_is_the_machine_exit_1(tmp_pa
     assert "owner/other is not in the local hub cache" in str(info.value) and "None" not in str(info.value)
 
 
+def test_the_clients_own_timeout_is_said_as_the_hubs_silence(hub_cache, monkeypatch):
+    """A loaded machine let the client's ReadTimeout come before our deadline: "the hub cannot be
+    reached (ReadTimeout)", where the same silence otherwise said how long it waited."""
+    from huggingface_hub import HfApi, constants
+    try:  # the hub client's transport: httpx2 in huggingface_hub 1.x and 2.x, requests before
+        from httpx2 import ReadTimeout
+    except ImportError:
+        from requests.exceptions import ReadTimeout
+
+    def silent(*args, **kwargs):
+        raise ReadTimeout("read timed out")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(HfApi, "model_info", silent)
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "0.5")
+    with pytest.raises(HubUnreachable) as info:
+        model_io.resolve_model("owner/name@v2")
+    assert "revision 'v2' of owner/name is not in the local hub cache" in str(info.value)
+    assert "and the hub did not answer within 0.5 s" in str(info.value)
+
+
 def test_silent_hub_still_serves_the_cached_model(silent_hub, hub_cache):
     start = time.perf_counter()
     folder, source = model_io.resolve_model("owner/name")
