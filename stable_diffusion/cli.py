@@ -310,17 +310,21 @@ def replay_arguments(command: str, argv: list) -> tuple[list, list]:
     return expanded, notes
 
 
-def _offline_replay(command: str, model: str, typed: list) -> None:
+def _offline_replay(command: str, model: str, typed: list, expanded: list) -> None:
     """A replay without --allow-download reaches no network: the hub library is told so before it
     is imported (it reads HF_HUB_OFFLINE once, at import), and a model missing from the local
-    cache is refused now, with the flag that allows it."""
+    cache is refused now, with the flag that allows it (`expanded`: the arguments the replay
+    gave, which name the model, or leave the default: another tool's picture)."""
     from . import replay
 
-    found = replay.find(typed, build_parser(command))
+    parser = build_parser(command)
+    found = replay.find(typed, parser)
     if found is None:
         return
     os.environ["HF_HUB_OFFLINE"] = "1"
-    replay.check_local(model, found[0])
+    flags = expanded[:expanded.index("--")] if "--" in expanded else expanded
+    named = any(getattr(parser.action_of(a), "dest", None) == "model" for a in flags)
+    replay.check_local(model, found[0], named)
 
 
 def _check_environment() -> None:
@@ -433,7 +437,7 @@ def _command(command: str, typed: list, console: Console) -> int:
     args = parser.parse_args(argv)
     replayed = find(typed, parser)  # (the picture, the user's own arguments), or None
     if not args.allow_download:
-        _offline_replay(command, args.model, typed)
+        _offline_replay(command, args.model, typed, argv)
     console = Console(args.quiet, args.verbose, names=FLAGS)
     if args.print_parser:
         console.arguments(args, (replayed or (None,))[0])

@@ -604,13 +604,19 @@ def _bounded(value, limit: int = 100) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def check_local(model: str, path) -> None:
+def check_local(model: str, path, named: bool = True) -> None:
     """Refuse a replay whose model would come from the hub and is not in the local cache: a
-    picture fetches nothing the user did not ask for."""
+    picture fetches nothing the user did not ask for. `named`: the record or the user named the
+    model; else it is the default (another tool's picture names none of ours)."""
     from .model_io import hub_id_to_fetch
 
     missing = hub_id_to_fetch(model)
-    if missing is not None:
+    if missing is None:
+        return
+    if named:
         raise InputError(f"replay of {_shown(path)}: its model {missing} is not in the local hub "
                          "cache, and a replay fetches nothing unasked; add --allow-download to "
                          "fetch it, or --model to choose a local one")
+    raise InputError(f"replay of {_shown(path)}: it names no model of ours, and the default ({missing}) is not "
+                     "in the local hub cache; choose one with --model (--model shapes runs the small model that "
+                     "ships), or add --allow-download to fetch the default")

@@ -200,6 +200,18 @@ def test_a_replay_fetches_nothing_unasked(tmp_path, model):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
 
 
+def test_a_replay_of_another_tools_picture_says_the_default_model_is_ours_not_its(tmp_path):
+    """It said "its model stabilityai/stable-diffusion-2-1-base is not in the local hub cache" of a
+    picture whose Model is an SD 1.5 checkpoint of another tool: --allow-download fetched the wrong one."""
+    picture = picture_with(tmp_path / "p.png", parameters="a cat\nSteps: 4, Sampler: Euler, CFG scale: 7, Seed: 1, "
+                           "Size: 64x64, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly")
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    result = probe("txt2image.py", "--replay", picture, cwd=tmp_path, env=env)
+    assert_refused(result, "it names no model of ours, and the default (stabilityai/", "--model shapes",
+                   "--allow-download to fetch the default")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
+
+
 def test_a_replay_starts_no_more_than_an_hours_work_or_a_thousand_files_unasked(tmp_path):
     """Each setting within its bounds, a picture's record multiplied them into "more than 10 days on
     this machine" and 21,005 files, and the run started."""
