@@ -127,9 +127,10 @@ class Console:
 
     @property
     def bars(self) -> bool:
-        try:  # a terminal of no width (`script` without one behind it) draws no bar: lines then
-            return not self.quiet and sys.stderr is not None and sys.stderr.isatty() and \
-                os.get_terminal_size(sys.stderr.fileno()).columns > 0
+        try:  # a terminal of no width or no height (`script` without one behind it): tqdm draws nothing
+            size = os.get_terminal_size(sys.stderr.fileno()) if sys.stderr is not None and sys.stderr.isatty() \
+                else None
+            return not self.quiet and size is not None and size.columns > 0 and size.lines > 0
         except (ValueError, OSError):
             return False
 
@@ -180,7 +181,9 @@ class Console:
         if self.bars:
             from tqdm import tqdm
 
-            bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+            # tqdm's own time left (of this phase) is left out: the postfix says the whole run's.
+            bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr,
+                       bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]")
         last = time.perf_counter()
         try:
             for step in steps:

@@ -197,27 +197,43 @@ def test_the_progress_bar_counts_the_plans_steps_and_shows_t_sigma_and_the_time_
         assert re.fullmatch(r"t=0 sigma=0, about \d+ s left", last), last
 
 
-def test_a_terminal_of_no_width_gets_the_lines(tmp_path, picture, sd2):
-    """tqdm draws nothing at width 0 (`script` with no terminal behind it): the log had no progress."""
+def _on_a_terminal(size: tuple, *argv) -> tuple[int, bytes]:
+    """(exit status, what stderr showed) of a command run with stderr on a terminal of `size`
+    (columns, lines)."""
     import fcntl
     import pty
     import struct
     import termios
 
     controller, terminal = pty.openpty()
-    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 0, 0, 0, 0))
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", size[1], size[0], 0, 0))
     try:
-        result = subprocess.run(commands.command("image2image.py", picture, "x", "--model", sd2, "--steps", 2,
-                                                 "--strength", 1, "--output", tmp_path / "o.png"),
-                                stderr=terminal, stdout=subprocess.DEVNULL, timeout=120)
+        result = subprocess.run(commands.command(*argv), stderr=terminal, stdout=subprocess.DEVNULL, timeout=120)
         os.close(terminal)
         said = b""
         while chunk := _read_or_none(controller):
             said += chunk
     finally:
         os.close(controller)
-    assert result.returncode == 0
+    return result.returncode, said
+
+
+@pytest.mark.parametrize("size", [(0, 0), (120, 0), (0, 40)])
+def test_a_terminal_of_no_width_or_height_gets_the_lines(tmp_path, picture, sd2, size):
+    """tqdm draws nothing at width 0 (`script` with no terminal behind it), nor at height 0: the log
+    had no progress."""
+    status, said = _on_a_terminal(size, "image2image.py", picture, "x", "--model", sd2, "--steps", 2,
+                                  "--strength", 1, "--output", tmp_path / "o.png")
+    assert status == 0
     assert b"s=1 step 2/2 t=0 sigma=0" in said, said
+
+
+def test_a_terminals_bar_says_one_time_left_the_runs(tmp_path, picture, sd2):
+    """tqdm's own time left (its phase's, `<00:00`) stood beside the run's ("about 3 s left")."""
+    status, said = _on_a_terminal((120, 40), "image2image.py", picture, "x", "--model", sd2, "--steps", 40,
+                                  "--strength", 1, "--output", tmp_path / "o.png")
+    assert status == 0 and b"/40 [" in said and b" left]" in said, said
+    assert re.search(rb"<\d+:\d\d", said) is None, said
 
 
 def _read_or_none(fd: int) -> bytes | None:
