@@ -100,7 +100,7 @@ class LoadedImage:
     """A decoded input picture, ready for the VAE encoder."""
 
     path: Path
-    pixels: np.ndarray  # (H, W, 3) float32 in [-1, 1]
+    pixels: np.ndarray  # (H, W, 3) float32 in [-1, 1], read-only
     original_size: tuple[int, int]  # (width, height) as stored in the file, before EXIF orientation
     size: tuple[int, int]  # (width, height) of `pixels`
     sha256: str  # of the file's bytes, for sidecars and caches
@@ -216,11 +216,11 @@ def load_image(
     if size != upright_size and not chosen:
         resized = _resize_notice(upright_size, size, multiple, max_pixels)
         notices.append(resized)
-    pixels = _to_unit_rgb(work)  # (H, W, 3) in [0, 1]
-    pixels = pixels * 2.0 - 1.0
+    pixels = np.ascontiguousarray(_to_unit_rgb(work) * 2.0 - 1.0, dtype=np.float32)  # (H, W, 3) in [-1, 1]
+    pixels.flags.writeable = False  # the file's pixels, as its sha256 names them in records and caches
     return LoadedImage(
         path=p,
-        pixels=np.ascontiguousarray(pixels, dtype=np.float32),
+        pixels=pixels,
         original_size=stored_size,
         size=size,
         sha256=sha256,

@@ -157,6 +157,11 @@ class StableDiffusion:
         if not isinstance(text, str) or not isinstance(negative_text, str):
             raise InputError(f"condition: the texts are strings, not {type(text).__name__} and "
                              f"{type(negative_text).__name__}")
+        if not isinstance(guided, (bool, np.bool_)):
+            raise InputError(f"condition: guided {guided!r} is not True or False")
+        # the texts (lone surrogates) and the count, as a generation checks them
+        n_images = _keywords_named(lambda: RunSpec(text, None, negative_prompt=negative_text,
+                                                   n_images=n_images).validate()).n_images
         texts = [negative_text, text] if guided else [text]
         hidden, pooled, dropped = self._encode_prompts(texts)
         # SDXL's pipeline reads the flag; SD 1.x/2.x's ignores it (and has no pooled text to zero).
@@ -175,10 +180,14 @@ class StableDiffusion:
 
     # --- latents <-> pictures --------------------------------------------------------------------
 
-    def encode(self, image) -> mx.array:
+    def encode(self, image, check_memory: bool = True) -> mx.array:
         """Pictures (B, H, W, 3) in [-1, 1], sides multiples of 8 (an mx or numpy array of floats)
-        -> latents x0 (B, H/8, W/8, C): the mean, times the scaling factor."""
-        mean, _ = self.vae.encode(mx.array(_checked_pixels(image, batch=True)).astype(self.dtype))
+        -> latents x0 (B, H/8, W/8, C): the mean, times the scaling factor. `check_memory`: as for
+        decode (sixteen 2048-pixel pictures ended the process)."""
+        pixels = _checked_pixels(image, batch=True)
+        if check_memory:
+            self.check_memory(pixels.shape[1:3], pixels.shape[0], ("vae_encode",))
+        mean, _ = self.vae.encode(mx.array(pixels).astype(self.dtype))
         return mean * self.config.vae.scaling_factor
 
     def decode(self, x: mx.array, check_memory: bool = True) -> mx.array:
@@ -249,7 +258,8 @@ class StableDiffusion:
         spec = _image_spec(text, strength, num_steps, cfg_weight, negative_text, seed, n_images, sampler,
                            schedule, inversion)
         plan = _plan(self, spec, image.shape[-3:-1], encode=True)  # before the picture is encoded
-        return Generation(self, plan, self.encode(image[None] if image.ndim == 3 else image), noise)
+        return Generation(self, plan, self.encode(image[None] if image.ndim == 3 else image, check_memory=False),
+                          noise)  # its memory checked with the run's (_plan)
 
     def generate_latents_from_latent(self, x0: mx.array, text: str, strength: float = 0.8,
                                      num_steps: int | None = None, cfg_weight: float | None = None,

@@ -86,6 +86,9 @@ def _check_picture(spec: RunSpec, picture) -> None:
                          "spec's image, or leave the picture out")
     if not isinstance(picture, images.LoadedImage):
         raise InputError(f"the picture is a {type(picture).__name__}; give images.load_image(spec.image)")
+    if picture.pixels.flags.writeable:  # its record and the session's cache would name the file's pixels
+        raise InputError("the picture's pixels are not load_image's (they are writable: replaced since); a run "
+                         "records the file it names, so give the picture as load_image returns it")
     try:
         same = os.path.samefile(picture.path, spec.image)
     except OSError:

@@ -104,8 +104,8 @@ def approx_factors(sd):
         return sd.family
     if sd not in _FITTED:
         patches = np.concatenate([render.colour_patches(16 * sd.downscale, 8 * sd.downscale, seed) for seed in range(4)])
-        latents = sd.encode(patches * 2.0 - 1.0)
-        decoded = sd.decode(latents, check_memory=False)  # a few small patches
+        latents = sd.encode(patches * 2.0 - 1.0, check_memory=False)  # a few small patches
+        decoded = sd.decode(latents, check_memory=False)
         _FITTED[sd] = render.fit_latent_rgb(np.array(latents.astype(mx.float32)), np.array(decoded), sd.downscale)
     return _FITTED[sd]
 

@@ -147,7 +147,8 @@ class ModelSpec:
                 raise SpecError("embeddings", f"{{flag}} token {token!r} is not text")
         if self.lora_partial and not self.loras:
             raise SpecError("lora_partial", "{flag} applies to {flag:loras} files; add one, or leave it out")
-        return replace(self, loras=loras, embeddings=tuple(tuple(e) for e in self.embeddings), **flags)
+        return replace(self, model=os.fspath(self.model), vae=None if self.vae is None else os.fspath(self.vae),
+                       loras=loras, embeddings=tuple(tuple(e) for e in self.embeddings), **flags)
 
 
 @dataclass(frozen=True)
@@ -276,6 +277,11 @@ class RunSpec:
             value = getattr(self, name)
             if not isinstance(value, str) and not (name == "negative_prompt" and value is None):
                 raise SpecError(name, f"{{flag}} {_shown(value)} is not text; give a string (it may be empty)")
+            _check_text(name, value)
+            raw = getattr(self, f"{name}_bytes")
+            if raw is not None and not (isinstance(raw, bytes) and raw.decode("utf-8", "replace") == (value or "")):
+                raise SpecError(name, f"{name}_bytes {_shown(raw)}: expected the bytes the {{flag}} was read from "
+                                      "(decoded with U+FFFD for bad bytes, they give it), or None")
         for name in ("output", "image"):
             if getattr(self, name) is not None and not _is_path(getattr(self, name)):
                 raise SpecError(name, f"{{flag}} {_shown(getattr(self, name))} is not a path")
@@ -302,6 +308,7 @@ class RunSpec:
         if inversion is not None:
             if inversion.prompt is not None and not isinstance(inversion.prompt, str):
                 raise SpecError("inversion_prompt", f"{{flag}} {_shown(inversion.prompt)} is not text")
+            _check_text("inversion_prompt", inversion.prompt)
             for name, value in (("inversion_cfg", inversion.cfg), ("inversion_refine", inversion.refine)):
                 if value is None:  # an Inversion's settings have no default to stand for
                     raise SpecError(name, "{flag} is None; give a number")
@@ -309,7 +316,7 @@ class RunSpec:
                                 refine=_whole("inversion_refine", inversion.refine, 0, MAX_REFINE))
         c = replace(self.capture, **_flags(self.capture, "save_prompt", "labels", "low_top", "curve", "keep_best"))
         for name in ("taesd", "animate"):
-            if getattr(c, name) is not None and not isinstance(getattr(c, name), str):
+            if getattr(c, name) is not None and not (isinstance(getattr(c, name), str) and _is_path(getattr(c, name))):
                 raise SpecError(name, f"{{flag}} {_shown(getattr(c, name))} is not a name")
         size = self.size
         if size is not None:
@@ -322,7 +329,7 @@ class RunSpec:
             size = tuple(_whole("size", side, -(1 << 30), 1 << 30) for side in size)
         capture = replace(c, **{n: _whole(n, getattr(c, n), 1, MAX_STEPS * 1000)
                                 for n in ("every", "last", "noising_every")},
-                          decode_batch=_whole("decode_batch", c.decode_batch, 1, MAX_IMAGES))
+                          decode_batch=_whole("decode_batch", c.decode_batch, 1, MAX_IMAGES, required=True))
         return replace(
             self, output=None if self.output is None else Path(self.output),
             image=None if self.image is None else Path(self.image),
@@ -336,7 +343,26 @@ class RunSpec:
 
 
 def _is_path(value) -> bool:
-    return isinstance(value, (str, os.PathLike))
+    """A str or path-like naming a str path a file can have (no NUL, no lone surrogate it cannot encode)."""
+    if not isinstance(value, (str, os.PathLike)):
+        return False
+    try:
+        name = os.fspath(value)
+        os.fsencode(name)
+    except (TypeError, UnicodeEncodeError):
+        return False
+    return isinstance(name, str) and "\x00" not in name
+
+
+def _check_text(name: str, text: str | None) -> None:
+    """Refuse text that holds a lone surrogate (read from bytes with surrogateescape): no file stores it."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise SpecError(name, f"{{flag}} holds {text[e.start]!a}, a lone surrogate, which no file can store; "
+                              "read its bytes with errors='replace' (U+FFFD for each bad byte)") from None
 
 
 def _shown(value) -> str:
@@ -377,9 +403,10 @@ def _same_or_ours(image: Path, output: Path) -> bool:
     return a.parent == o.parent and a.name.lower().startswith(o.stem.lower() + ".") and not other_format
 
 
-def _whole(name: str, value, low: int, high: int) -> int | None:
-    """`value` (None kept) as an int within low .. high; numpy's whole numbers are taken."""
-    if value is None:
+def _whole(name: str, value, low: int, high: int, required: bool = False) -> int | None:
+    """`value` as an int within low .. high, None kept where not `required` (it stands for a
+    default); numpy's whole numbers are taken."""
+    if value is None and not required:
         return None
     if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         raise SpecError(name, f"{{flag}} {_shown(value)} is not a whole number")

@@ -267,7 +267,7 @@ def test_the_library_refuses_a_generation_the_memory_left_cannot_hold_before_enc
 
     sd = StableDiffusion.from_pretrained("shapes")
     encoded = []
-    monkeypatch.setattr(sd, "encode", lambda *a: encoded.append(a))
+    monkeypatch.setattr(sd, "encode", lambda *a, **k: encoded.append(a))
     monkeypatch.setattr(budget, "available_memory", lambda: 200 * 2**20)
     monkeypatch.setattr(budget, "_proc_fields", lambda path: {})  # nothing held for reuse
     with pytest.raises(InputError, match=r"^this run needs about .* of memory \(vae_encode .*\), more than the "
@@ -278,6 +278,8 @@ def test_the_library_refuses_a_generation_the_memory_left_cannot_hold_before_enc
         sd.generate_latents("a red circle", seed=0, latent_size=(384, 384))
     with pytest.raises(InputError, match=r"\(vae_decode .*\), more than the 200 MB available"):
         sd.decode(np.zeros((1, 256, 256, 4), np.float32))
+    with pytest.raises(InputError, match=r"\(vae_encode .*\), more than the 200 MB available"):  # it ended the process
+        StableDiffusion.encode(sd, np.zeros((4, 1024, 1024, 3), np.float32))
     # The weights and the program itself are held already: a small generation fits what is left.
     assert [s.index for s in sd.generate_latents("a red circle", num_steps=1, seed=0)] == [0, 1]
     # Buffers the process freed and keeps for reuse count as left: a second call as large as the

@@ -351,6 +351,16 @@ def test_the_library_checks_what_a_script_gives_it(sd2):
         (lambda: ModelSpec("shapes", loras=(("l.safetensors", 1e9),)).validate(), "weight 1e\\+09 is outside"),
         (lambda: RunSpec("x", "o.png", cfg=10**400).validate(), "cfg 1000.* is too large"),
         (lambda: sd.noise_schedule.timeline(True, 4), "strength True is not a number"),
+        # a process crash (n_images 10**6), MLX's errors, a UnicodeEncodeError, a TypeError after the work
+        (lambda: sd.condition("x", "", True, 10**6, (64, 64)), "n_images 1000000 is outside 1 .. 64"),
+        (lambda: sd.condition("x", "", True, "2", (64, 64)), "n_images '2' is not a whole number"),
+        (lambda: sd.condition("\udcff", "", True, 1, (64, 64)), r"text holds '\\udcff', a lone surrogate"),
+        (lambda: sd.generate_latents("x", negative_text="\ud800"), r"negative_text holds '\\ud800'"),
+        (lambda: RunSpec("x", "o.png", capture=Capture(decode_batch=None)).validate(), "decode_batch None is not a"),
+        (lambda: RunSpec("x", "o\x00.png").validate(), r"output 'o\\x00\.png' is not a path"),
+        (lambda: ModelSpec("shapes", vae="v\x00").validate(), r"vae 'v\\x00': give a folder"),
+        (lambda: RunSpec("x", "o.png", prompt_bytes="x").validate(), "prompt_bytes 'x': expected the bytes"),
+        (lambda: RunSpec("x", "o.png", prompt_bytes=b"y").validate(), "prompt_bytes b'y': expected the bytes"),
     ] + [(lambda i=inversion: RunSpec("x", "o.png", image="i.png", capture=Capture(noising_path="inversion"),
                                       inversion=i).validate(), words)
          for inversion, words in ((Inversion(refine=None), "inversion_refine is None"),
@@ -360,6 +370,8 @@ def test_the_library_checks_what_a_script_gives_it(sd2):
         with pytest.raises(InputError, match=words):
             call()
     assert RunSpec("x", "o.png", steps=np.int64(3), cfg=np.float32(2)).validate().steps.__class__ is int
+    assert ModelSpec(sd2).validate().model == str(sd2)  # a Path: it failed in the hub-id parser
+    assert RunSpec("x\ufffd", "o.png", prompt_bytes=b"x\xff").validate().prompt_bytes == b"x\xff"
     # What worked before the checks still works: numpy's booleans and sizes, one-element times, and
     # times from a generator (the checks consumed it: no frame at all)
     spec = RunSpec("x", "o.png", image="i.png", strengths=(0.5, 1.0), triangle=np.bool_(True),

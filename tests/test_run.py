@@ -264,7 +264,7 @@ def test_session_runs_many_specs_from_python_reusing_the_encodings(tmp_path, pic
 
     encodes = []
     original = StableDiffusion.encode
-    monkeypatch.setattr(StableDiffusion, "encode", lambda self, x: encodes.append(1) or original(self, x))
+    monkeypatch.setattr(StableDiffusion, "encode", lambda self, x, **k: encodes.append(1) or original(self, x, **k))
     session = Session(ModelSpec(str(sd2)))
     loaded = load_image(picture, multiple=64)
     for s in (0.5, 1.0):
@@ -274,6 +274,16 @@ def test_session_runs_many_specs_from_python_reusing_the_encodings(tmp_path, pic
         assert result.status == "finished"
         mx.eval(mx.arange(64 << 20, dtype=mx.float32) + 1.0)  # 256 MB between the runs, not in either
     assert len(encodes) == 1
+    # Pixels edited in place made the run and the next one of the file (the cache is by its sha256)
+    # from them, under the file's name: they are read-only, and a picture given other pixels is refused.
+    with pytest.raises(ValueError, match="read-only"):
+        loaded.pixels[:] = -1.0
+    from dataclasses import replace
+
+    from stable_diffusion.errors import InputError
+
+    with pytest.raises(InputError, match="the picture's pixels are not load_image's"):
+        execute(session, spec, Console(quiet=True), picture=replace(loaded, pixels=np.zeros_like(loaded.pixels)))
     # Each run reports its own peak, not the process's highest so far.
     assert sidecar(tmp_path / "s1.0.json")["memory"]["mlx_peak_bytes"] < 256 << 20
     assert (tmp_path / "s0.5.png").exists() and (tmp_path / "s1.0.step-004.png").exists()
@@ -283,7 +293,6 @@ def test_session_runs_many_specs_from_python_reusing_the_encodings(tmp_path, pic
 
     expanded, _ = cli.replay_arguments("image2image", ["--replay", str(tmp_path / "s0.5.png")])
     assert f"--model={sd2.resolve()}" in expanded and "--strength=0.5" in expanded, expanded
-    from stable_diffusion.errors import InputError
 
     with pytest.raises(InputError, match="execute writes a run's files: give the RunSpec an output path"):
         execute(session, RunSpec("a barn", None, image=picture, steps=2))
