@@ -144,6 +144,7 @@ def execute(session, spec, console=None, argv=(), replay=None, picture=None, wai
     def waiting(holder):
         console.notice(f"{spec.output} is being written by another run ({holder}); waiting")
 
+    outputs.check_name_length(spec.output)  # before its name is looked up (an OSError then); the plan's below
     with outputs.namesake_lock(spec.output, wait, waiting), files.output_lock(spec.output, wait, waiting), \
             files.as_private_as(spec.output):
         # --- 1. checks: nothing heavy is read, and nothing but the output folder is made ---------

@@ -296,6 +296,9 @@ def test_session_runs_many_specs_from_python_reusing_the_encodings(tmp_path, pic
 
     with pytest.raises(InputError, match="execute writes a run's files: give the RunSpec an output path"):
         execute(session, RunSpec("a barn", None, image=picture, steps=2))
+    # A name past the file system's limit: an OSError from the first look at it (the command said it)
+    with pytest.raises(InputError, match=r"the run writes 'x{20}\.\.\.x+\.json', 305 bytes, more than the 255"):
+        execute(session, RunSpec("a barn", tmp_path / ("x" * 300 + ".png"), image=picture, steps=2))
     # Were AttributeErrors from inside the run ('NoneType' object has no attribute 'open').
     spec = RunSpec("a barn", tmp_path / "typed.png", image=picture, steps=2)
     with pytest.raises(InputError, match=r"execute takes a Session \(session.Session\(ModelSpec\(...\)\)\), not NoneType"):
