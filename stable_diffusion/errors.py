@@ -74,6 +74,11 @@ class OutputError(Exception):
 class NumericalError(FieldMessage):
     """NaN or Inf appeared in the latents (e.g. float16 overflow); exit status 1."""
 
+    @classmethod
+    def in_pixels(cls, dtype) -> "NumericalError":
+        """A decoder's pictures held NaN or Inf (clipping keeps NaN: they would be saved black)."""
+        return cls(f"the VAE decoder gave NaN or Inf pixels (dtype {str(dtype).rsplit('.', 1)[-1]})")
+
 
 class HubUnreachable(FieldMessage):
     """The model hub did not answer and no cached copy exists (exit status 1): the machine's

@@ -19,7 +19,7 @@ import numpy as np
 from . import budget, memory, model_io
 from .clip import CLIPTextModel
 from .config import TEXT_COMPONENTS, PipelineConfig, read_pipeline_config
-from .errors import InputError
+from .errors import InputError, NumericalError
 from .plan import Defaults, make_plan, model_defaults
 from .sampler import NoiseSchedule, Step, default_sampler, seed_keys
 from .spec import DTYPES, MAX_SIDE, Capture, Inversion, RunSpec, SpecError
@@ -198,6 +198,8 @@ class StableDiffusion:
             self.check_memory((x.shape[1] * self.downscale, x.shape[2] * self.downscale), x.shape[0],
                               ("vae_decode",))
         y = self.vae.decode((x / self.config.vae.scaling_factor).astype(self.dtype))
+        if not mx.all(mx.isfinite(y)).item():  # a float16 overflow; clipped, NaN stays NaN (saved black)
+            raise NumericalError.in_pixels(self.dtype)
         return mx.clip((y.astype(mx.float32) + 1) / 2, 0, 1)
 
     def check_memory(self, size: tuple, batch: int, phases: tuple, guided: bool = True) -> None:

@@ -72,10 +72,8 @@ def make_decoder(sd, preview: str, taesd=None) -> Callable:
             mx.eval(decoded)
             out.append(np.array(decoded.astype(mx.float32)))
         pictures = np.concatenate(out)
-        # decode() clips to [0, 1], and clipping keeps NaN: a NaN picture would be saved black.
-        if not np.isfinite(pictures).all():
-            raise NumericalError(f"the VAE decoder gave NaN or Inf pixels (dtype "
-                                 f"{str(sd.dtype).rsplit('.', 1)[-1]})")
+        if not np.isfinite(pictures).all():  # TAESD's (sd.decode says it of its own)
+            raise NumericalError.in_pixels(sd.dtype)
         return pictures
 
     if preview == "taesd":

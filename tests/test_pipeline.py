@@ -197,6 +197,18 @@ def test_default_sampler_comes_from_the_folder(tiny_model):
         _load(tiny_model("sd1")).generate_latents("a cat", sampler="pndm")
 
 
+def test_a_decoding_that_overflows_says_so():
+    """float16 latents past its range decoded to a NaN picture, silently, from the library (the
+    command's frames said it; its clipping keeps NaN, which a picture saves black)."""
+    from stable_diffusion.errors import NumericalError
+    from stable_diffusion.pipeline import StableDiffusion
+
+    sd = StableDiffusion.from_pretrained("shapes", dtype="float16")
+    assert np.isfinite(np.array(sd.decode(mx.zeros((1, 16, 16, 4))))).all()
+    with pytest.raises(NumericalError, match=r"^the VAE decoder gave NaN or Inf pixels \(dtype float16\)$"):
+        sd.decode(mx.full((1, 16, 16, 4), 1e5))
+
+
 def test_inversion_round_trip_beats_add_noise_and_refinement_helps(tiny_model):
     """Strength 0.6, 50 steps, cfg 1: DDIM-invert the picture's latent up to the start, denoise
     back with DDIM, and compare with the input latent. Measured here (max abs, PSNR over the
