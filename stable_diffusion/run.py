@@ -98,6 +98,33 @@ def _check_picture(spec: RunSpec, picture) -> None:
                          "give the same file to both")
 
 
+def _check_arguments(**given) -> None:
+    """execute's other arguments, each of its kind: a string given as argv was recorded letter by
+    letter, notes said one letter each, timings=[] failed mid-run."""
+    texts = ("argv", "notes")
+    for name, value in given.items():
+        fits = (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value) if name in texts
+                else isinstance(value, dict) if name == "timings"
+                else isinstance(value, bool) if name in ("wait", "output_named")
+                else value is None or callable(value))
+        if not fits:
+            kind = ("a list of strings" if name in texts else "a dict" if name == "timings"
+                    else "True or False" if name in ("wait", "output_named") else "a function or None")
+            raise InputError(f"execute's {name} is {type(value).__name__} {str(value)[:40]!r}, not {kind}")
+
+
+def _checked_replay(replay):
+    """The caller's replay(spec, model_arg), its answer checked: the record's arguments, which
+    --replay reads (a number there made a picture no replay could read)."""
+    def checked(resolved, model_arg):
+        argv = replay(resolved, model_arg)
+        if not (isinstance(argv, (list, tuple)) and all(isinstance(a, str) for a in argv)):
+            raise InputError(f"execute's replay gave {type(argv).__name__} {str(argv)[:40]!r}, not a list of "
+                             "the arguments (strings) that make the run again")
+        return list(argv)
+    return checked
+
+
 def execute(session, spec, console=None, argv=(), replay=None, picture=None, wait: bool = False,
             timings: dict | None = None, notes=(), output_named: bool = True, check_plan=None) -> RunResult:
     """Plan, load, walk, keep and record one spec, holding the lock of its output name (another run
@@ -132,9 +159,13 @@ def execute(session, spec, console=None, argv=(), replay=None, picture=None, wai
         raise InputError(f"execute's console is a console.Console (or None: a quiet one), not {type(console).__name__}")
     spec = spec.validate()
     _check_picture(spec, picture)
+    _check_arguments(argv=argv, notes=notes, timings=timings, wait=wait, output_named=output_named,
+                     replay=replay, check_plan=check_plan)
     if replay is None:
         def replay(resolved, model_arg):  # the adapters the model holds as the record is made
             return options.replay_argv(resolved, model_arg, session.model_as_held())
+    else:
+        replay = _checked_replay(replay)
     _reset_peaks()
     if spec.img2img and picture is None:
         picture = images.load_image(spec.image, multiple=64)

@@ -296,6 +296,16 @@ def test_session_runs_many_specs_from_python_reusing_the_encodings(tmp_path, pic
 
     with pytest.raises(InputError, match="execute writes a run's files: give the RunSpec an output path"):
         execute(session, RunSpec("a barn", None, image=picture, steps=2))
+    # execute's other arguments, each of its kind: a string as argv was recorded letter by letter,
+    # a replay's number made a picture no replay could read, timings=[] failed mid-run.
+    for given, words in ((dict(argv="--steps 2"), "execute's argv is str '--steps 2', not a list of strings"),
+                         (dict(notes="hello"), "execute's notes is str"), (dict(timings=[]), "timings is list"),
+                         (dict(wait="no"), "execute's wait is str 'no', not True or False"),
+                         (dict(check_plan=5), "check_plan is int '5', not a function or None"),
+                         (dict(replay=lambda *a: 5), "execute's replay gave int '5', not a list of the arguments")):
+        with pytest.raises(InputError, match=words):
+            execute(session, RunSpec("a barn", tmp_path / "kinds" / "k.png", image=picture, steps=2), **given)
+        assert not (tmp_path / "kinds").exists()
     # A name past the file system's limit: an OSError from the first look at it (the command said it)
     with pytest.raises(InputError, match=r"the run writes 'x{20}\.\.\.x+\.json', 305 bytes, more than the 255"):
         execute(session, RunSpec("a barn", tmp_path / ("x" * 300 + ".png"), image=picture, steps=2))
