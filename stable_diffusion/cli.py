@@ -36,6 +36,19 @@ class UsageError(InputError):
     itself be a value that failed to parse)."""
 
 
+def _number_hint(message: str) -> str:
+    """What a number argparse could not read was meant to be: a decimal comma, a percentage."""
+    found = re.search(r"invalid float value: '(.*)'$", message)
+    if found is None:
+        return ""
+    text = found.group(1).strip()
+    if re.fullmatch(r"[+-]?\d+,\d+", text):
+        return f"; numbers take a decimal point: {text.replace(',', '.')}"
+    if re.fullmatch(r"\d+(\.\d+)?%", text) and "strength" in message.split(":")[0]:
+        return f"; a strength is a fraction of the way to noise: {float(text[:-1]) / 100:g}"
+    return ""
+
+
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -52,7 +65,7 @@ class _Parser(argparse.ArgumentParser):
                 message += f"; a value that starts with '-' is joined to its flag: {flags[0]}=-VALUE"
             else:
                 message += f"; give {flags[0]} its value"
-        raise UsageError(f"{message} (see --help)")
+        raise UsageError(f"{message}{_number_hint(message)} (see --help)")
 
     def print_help(self, file=None):  # argparse's passes over a stdout that takes nothing
         if file is None or file is sys.stdout:

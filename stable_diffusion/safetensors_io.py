@@ -75,6 +75,21 @@ def _refuse_saved_answer(path: Path, head: bytes) -> None:
                          "server's answer (a gated model needs a token); download the file itself again")
 
 
+# The first bytes of the pictures a file named as weights may be (a picture given to --lora).
+_PICTURES = ((b"\xff\xd8\xff", "a JPEG picture"), (b"\x89PNG\r\n\x1a\n", "a PNG picture"),
+             (b"GIF8", "a GIF picture"), (b"BM", "a BMP picture"), (b"II*\x00", "a TIFF picture"),
+             (b"MM\x00*", "a TIFF picture"))
+
+
+def _refuse_picture(path: Path, head: bytes) -> None:
+    """A picture where weights go: "truncated, download it again" was no advice for it."""
+    kind = next((k for magic, k in _PICTURES if head.startswith(magic)), None)
+    if kind is None and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        kind = "a WebP picture"
+    if kind is not None:
+        raise ModelError(f"{path} is {kind}, not a safetensors file of weights; give the weights file")
+
+
 def _a_checkpoint(path: Path) -> bool:
     """Whether a file is a single-file LDM checkpoint, by its header's names."""
     try:
@@ -284,6 +299,7 @@ def _read_header(path: Path) -> tuple[dict, int]:
             if n > min(size - 8, MAX_HEADER_BYTES):  # its first bytes are not a header's length:
                 refuse_pickle(path, head)
                 _refuse_saved_answer(path, head)
+                _refuse_picture(path, head)
                 raise ModelError(f"{path} is truncated or not a safetensors file; download it again")
             f.seek(8)
             raw = f.read(n)

@@ -163,6 +163,8 @@ def test_picture_notices_reach_stderr(tmp_path, sd2):
     (["--output", "o.png/"], ["--output o.png/ names a folder; name the picture in it, e.g. --output o.png/out.png"]),  # it wrote o.png
     (["--steps", 1_000_000_000], ["--steps 1000000000 is outside 1 .. 10000"]),
     (["--steps", "1e9"], ["--steps: invalid int value: '1e9'"]),
+    (["--strength", "50%"], ["invalid float value: '50%'; a strength is a fraction of the way to noise: 0.5"]),
+    (["--cfg", "7,5"], ["invalid float value: '7,5'; numbers take a decimal point: 7.5"]),
     (["--cfg", "1e308"], ["--cfg 1e+308 is outside 0 .. 100"]),
     (["--size", "-64x64"], ["--size -64x64: both sides must be multiples of 64"]),  # was "expected one argument"
     # a value argparse takes for a flag: how to give it; -v as that value printed two tracebacks
@@ -180,6 +182,8 @@ def test_picture_notices_reach_stderr(tmp_path, sd2):
     (["--lora", "missing.safetensors"], ["LoRA missing.safetensors does not exist"]),
     (["--lora", "/dev/zero"], ["LoRA /dev/zero is a device"]),
     (["--embedding", "/proc/self/status"], ["/proc/self/status is truncated or not a safetensors file"]),
+    (["--lora", f"{ROOT / 'images' / 'shapes-input.png'}:0.5"],  # "truncated ...; download it again", it said
+     ["shapes-input.png is a PNG picture, not a safetensors file of weights; give the weights file"]),
 ])
 def test_bad_arguments_fail_before_the_weights_load(capsys, tmp_path, picture, unloadable, extra, words):
     out = tmp_path / "out" / "o.png"
