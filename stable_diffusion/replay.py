@@ -211,6 +211,12 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
                               "the --dtype given" if restated else None)]
         return expanded, notes, record
     if text is None or not text.strip():
+        from .sweep import marked_sheet
+        from .sweep_manifest import MANIFEST
+
+        if marked_sheet(Path(path)):
+            raise InputError(f"{path} is a sweep's contact sheet, which holds no one run's parameters; replay one "
+                             f"of the run pictures it shows (listed in the {MANIFEST} beside it)")
         tool = picture_meta.other_tool(path)
         what = "no `parameters` text" if text is None else "an empty `parameters` text"
         theirs = f"; its settings are {tool}'s own, which this tool does not read: give them as flags" if tool else ""

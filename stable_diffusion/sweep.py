@@ -272,7 +272,7 @@ def check_plans(runs: list, session, image_size: tuple | None, notes: dict | Non
 SHEET_MARK = "sd_trajectory_sheet"  # a text chunk of each page of the contact sheet
 
 
-def _marked_sheet(path: Path) -> bool:
+def marked_sheet(path: Path) -> bool:
     """Whether the picture at `path` is a regular PNG carrying our sheet's mark. Its header only,
     as picture_meta.read_picture_texts reads one: `.text` decoded every pixel of a 32-megapixel
     page to reach the chunks after them, and a pipe or a bomb was opened as it came."""
@@ -450,7 +450,7 @@ class Sweep:
             listed = {record.get("sheet"), *(record.get("sheet_pages") or ())}
         for page in self.sheet.pages:
             path = self.folder / page[-1]
-            if os.path.lexists(path) and not swept and page[-1] not in listed and not _marked_sheet(path):
+            if os.path.lexists(path) and not swept and page[-1] not in listed and not marked_sheet(path):
                 raise InputError(f"{path} is not a contact sheet of ours, and the sweep draws one there; "
                                  "move it, or choose another --output folder")
 

@@ -688,18 +688,24 @@ def test_a_model_loaded_through_a_view_is_known_by_its_own_files(capsys, tmp_pat
     assert status == 0 and "2 run(s) an earlier sweep finished here are made again" in err, err
 
 
-def test_a_sheet_of_ours_is_told_by_its_header(tmp_path):
+def test_a_sheet_of_ours_is_told_by_its_header(tmp_path, capsys):
     """The mark is read from the chunks before the pixels: a pipe at the name is not opened to
-    wait, and a page is not decoded whole to find it."""
+    wait, and a page is not decoded whole to find it. A replay of a sheet says what it is (it was
+    "carries no parameters to replay")."""
     from stable_diffusion.picture_meta import save_png
-    from stable_diffusion.sweep import SHEET_MARK, _marked_sheet
+    from stable_diffusion.sweep import SHEET_MARK, marked_sheet
 
     pixels = np.zeros((8, 8, 3), np.uint8)
     save_png(tmp_path / "ours.png", pixels, {SHEET_MARK: MANIFEST})
     save_png(tmp_path / "theirs.png", pixels, {"Comment": "mine"})
     os.mkfifo(tmp_path / "pipe.png")
     (tmp_path / "link.png").symlink_to(tmp_path / "ours.png")
-    assert [_marked_sheet(tmp_path / f"{n}.png") for n in ("ours", "theirs", "pipe", "link")] == [True, False, False, False]
+    assert [marked_sheet(tmp_path / f"{n}.png") for n in ("ours", "theirs", "pipe", "link")] == [True, False, False, False]
+    from stable_diffusion import cli
+
+    assert cli.main("image2image", ["--replay", str(tmp_path / "ours.png")]) == 2
+    assert "ours.png is a sweep's contact sheet, which holds no one run's parameters; replay one of the run " \
+           "pictures it shows (listed in the sweep.jsonl beside it)" in capsys.readouterr().err
 
 
 def test_a_name_pattern_ending_in_a_files_suffix_is_refused(capsys, tmp_path, picture, sd2):
