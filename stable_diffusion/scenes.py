@@ -72,8 +72,8 @@ def outside_training(texts: dict, size: tuple) -> list:
                      f"background' (colours {', '.join(COLOURS)}; shapes {', '.join(SHAPES)}), and paints a scene "
                      "of those whatever it is given")
     if tuple(size) != (SIZE, SIZE):
-        notes.append(f"the shapes model was trained at {SIZE}x{SIZE}; at {size[1]}x{size[0]} it may draw "
-                     "no shape, or more than one")
+        notes.append(f"the shapes model was trained at {SIZE}x{SIZE}; at {size[1]}x{size[0]} (width x height) it may "
+                     "draw no shape, or more than one")
     return notes
 
 

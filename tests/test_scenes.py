@@ -85,7 +85,7 @@ def test_what_the_shipped_model_never_saw_is_named():
                                       "inversion prompt": None}, (128, 128))
     assert "never saw 'círcle', '2', 'cats' (in the prompt); 'blurry', 'cat' (in the negative prompt):" in words
     size, = scenes.outside_training({"prompt": "a red circle on a blue background"}, (128, 384))
-    assert size == "the shapes model was trained at 128x128; at 384x128 it may draw no shape, or more than one"
+    assert size == "the shapes model was trained at 128x128; at 384x128 (width x height) it may draw no shape, or more than one"
     words, = scenes.outside_training({"prompt": "a red circle 2.5 x-ray " + "z" * 2000}, (128, 128))
     assert "never saw '2.5', 'x-ray', '" + "z" * 27 + "...' (in the prompt)" in words and len(words) < 400
     many = scenes.outside_training({"prompt": " ".join(f"w{k}" for k in range(20))}, (64, 64))
