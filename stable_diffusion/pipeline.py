@@ -60,6 +60,10 @@ class StableDiffusion:
         mx.bfloat16, or its name), from the `variant` files ("fp16": `*.fp16.safetensors`) where
         the folder has them; `notices` gets a line per config field ignored."""
         dtype = _compute_dtype(dtype)
+        if notices is not None and not isinstance(notices, list):
+            raise InputError(f"notices is {type(notices).__name__}: give a list, which gets a line per field ignored")
+        if variant is not None and not isinstance(variant, str):
+            raise InputError(f"variant {variant!r} is not a name (e.g. \"fp16\")")
         folder, source = model_io.resolve_model(_model_name(model), variant)
         model_io.check_model_folder(folder)
         config = read_pipeline_config(folder, notices)
@@ -349,6 +353,8 @@ class Denoiser:
     def __init__(self, sd: StableDiffusion, cond: Conditioning, cfg_weight: float, after_layer=None):
         if not isinstance(cfg_weight, numbers.Real) or not 0 <= cfg_weight < math.inf:
             raise InputError(f"cfg_weight {cfg_weight!r} is not a guidance weight (a number 0 or more)")
+        if not isinstance(cond, Conditioning):
+            raise InputError(f"the conditioning is {type(cond).__name__}; make it with sd.condition(text, ...)")
         self.sd = sd
         self.after_layer = after_layer
         self.cond = cond
@@ -360,6 +366,12 @@ class Denoiser:
         self.calls = 0
 
     def __call__(self, x: mx.array, t: float, sigma: float) -> tuple[mx.array, mx.array]:
+        if not (isinstance(x, mx.array) and x.ndim == 4 and x.shape[-1] == self.sd.latent_channels):
+            raise InputError(f"x: expected an mx.array of latents (B, h, w, {self.sd.latent_channels}), got "
+                             f"{type(x).__name__} of shape {tuple(getattr(x, 'shape', ()))}")
+        for name, value in (("t", t), ("sigma", sigma)):  # NaN gave NaN latents, a string MLX's TypeError
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+                raise InputError(f"{name} {value!r} is not a finite number")
         x_in = mx.concatenate([x, x]) if self.guided else x  # (B or 2B, h, w, C)
         if self._hidden.shape[0] != x_in.shape[0]:
             raise InputError(f"the conditioning has a batch of {self._hidden.shape[0]}, and {x.shape[0]} latent(s) at "

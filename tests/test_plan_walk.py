@@ -361,6 +361,18 @@ def test_the_library_checks_what_a_script_gives_it(sd2):
         (lambda: ModelSpec("shapes", vae="v\x00").validate(), r"vae 'v\\x00': give a folder"),
         (lambda: RunSpec("x", "o.png", prompt_bytes="x").validate(), "prompt_bytes 'x': expected the bytes"),
         (lambda: RunSpec("x", "o.png", prompt_bytes=b"y").validate(), "prompt_bytes b'y': expected the bytes"),
+        # the lower-level helpers: MLX's TypeErrors, an AttributeError, and NaN in, NaN out, silently
+        (lambda: sd.noise_schedule.add_noise(x0, 300.0, key=5), "key '5' is not a random key; give mx.random.key"),
+        (lambda: sd.noise_schedule.add_noise(x0, 300.0, noise=mx.full(x0.shape, np.nan)), "noise: some values"),
+        (lambda: sd.noise_schedule.add_noise(mx.full(x0.shape, np.nan), 300.0), "x0: some values are not finite"),
+        (lambda: list(sd.noise_schedule.noising_path(x0, 100, "markov")), "times 100: expected a list of times"),
+        (lambda: sd.denoiser(None, 2.0), "the conditioning is NoneType; make it with sd.condition"),
+        (lambda: StableDiffusion.from_pretrained(str(sd2), notices="x"), "notices is str: give a list"),
+        (lambda: sd.denoiser(sd.condition("x", "", False, 1, (64, 64)), 1.0)(x0, "300", 1.0), "t '300' is not a"),
+        (lambda: sd.denoiser(sd.condition("x", "", False, 1, (64, 64)), 1.0)(x0, 300.0, float("nan")),
+         "sigma nan is not a finite number"),
+        (lambda: sd.denoiser(sd.condition("x", "", False, 1, (64, 64)), 1.0)(np.zeros((1, 8, 8, 4)), 300.0, 1.0),
+         r"x: expected an mx.array of latents \(B, h, w, 4\), got ndarray"),
     ] + [(lambda i=inversion: RunSpec("x", "o.png", image="i.png", capture=Capture(noising_path="inversion"),
                                       inversion=i).validate(), words)
          for inversion, words in ((Inversion(refine=None), "inversion_refine is None"),
