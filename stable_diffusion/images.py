@@ -156,6 +156,9 @@ def load_image(
         raise InputError(f"multiple ({multiple}) and min_side ({min_side}) must be at least 1")
     if max_pixels < multiple * multiple:
         raise InputError(f"max_pixels ({max_pixels}) is below one {multiple}x{multiple} tile; raise it")
+    if size is not None and (size[0] % multiple or size[1] % multiple):  # a picture no generation takes
+        raise InputError(f"size {size[0]}x{size[1]} (width x height): the sides must be multiples of {multiple} "
+                         "(the multiple argument)")
 
     if isinstance(path, bytes) and (b"\0" in path or len(path) > 4096):  # a file's bytes, not its name
         raise InputError("load_image reads a picture file: give its path, not its bytes")
