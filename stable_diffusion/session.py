@@ -193,6 +193,13 @@ class Session:
             self._pictures.keep(key, fitted)
         return self._pictures[key]
 
+    def _loaded(self):
+        """The loaded model; an InputError before `load` (an AttributeError of None, it was)."""
+        if self.sd is None:
+            raise InputError("the session holds no model yet: load it first (session.load({})), or run specs "
+                             "through run.execute, which loads it")
+        return self.sd
+
     def encode(self, picture, timings: dict) -> mx.array:
         """x0 (1, h, w, C) of a loaded picture, cached by its content and size (`timings` gets
         "encode_s" when it is computed: a sweep adds up the runs')."""
@@ -201,7 +208,7 @@ class Session:
             from .memory import release_cpu_buffers
 
             start = time.perf_counter()
-            x0 = self.sd.encode(picture.pixels[None], check_memory=False)  # checked with the run's
+            x0 = self._loaded().encode(picture.pixels[None], check_memory=False)  # checked with the run's
             mx.eval(x0)
             release_cpu_buffers()
             self._latents.keep(key, x0)
@@ -213,7 +220,7 @@ class Session:
         """The text conditioning (pipeline.Conditioning), cached by its arguments (`timings` gets
         "condition_s" when it is computed)."""
         # An adapter loaded since (sd.adapters only grows) changes the text encoders or the vocabulary.
-        key = (prompt, negative, guided, n_images, tuple(size), len(self.sd.adapters))
+        key = (prompt, negative, guided, n_images, tuple(size), len(self._loaded().adapters))
         if key not in self._conditions:
             start = time.perf_counter()
             with warnings.catch_warnings():

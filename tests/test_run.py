@@ -267,6 +267,10 @@ def test_session_runs_many_specs_from_python_reusing_the_encodings(tmp_path, pic
     monkeypatch.setattr(StableDiffusion, "encode", lambda self, x, **k: encodes.append(1) or original(self, x, **k))
     session = Session(ModelSpec(str(sd2)))
     loaded = load_image(picture, multiple=64)
+    from stable_diffusion.errors import InputError
+
+    with pytest.raises(InputError, match=r"the session holds no model yet: load it first"):  # an AttributeError
+        session.encode(loaded, {})
     for s in (0.5, 1.0):
         spec = RunSpec("a barn", tmp_path / f"s{s}.png", image=picture, strengths=(s,), steps=4,
                        seed=0, capture=Capture(every=2)).validate()
@@ -279,8 +283,6 @@ def test_session_runs_many_specs_from_python_reusing_the_encodings(tmp_path, pic
     with pytest.raises(ValueError, match="read-only"):
         loaded.pixels[:] = -1.0
     from dataclasses import replace
-
-    from stable_diffusion.errors import InputError
 
     with pytest.raises(InputError, match="the picture's pixels are not load_image's"):
         execute(session, spec, Console(quiet=True), picture=replace(loaded, pixels=np.zeros_like(loaded.pixels)))
