@@ -42,7 +42,7 @@ def _number_hint(message: str) -> str:
     if found is None:
         return ""
     text = found.group(1).strip()
-    if re.fullmatch(r"[+-]?\d+,\d+", text):
+    if re.fullmatch(r"[+-]?\d+,(\d{1,2}|\d{4,})", text):  # not 1,000: a thousands separator, or a decimal comma
         return f"; numbers take a decimal point: {text.replace(',', '.')}"
     if re.fullmatch(r"\d+(\.\d+)?%", text) and "strength" in message.split(":")[0]:
         return f"; a strength is a fraction of the way to noise: {float(text[:-1]) / 100:g}"
@@ -360,7 +360,7 @@ def _check_environment() -> None:
                          "unset TMPDIR")
 
 
-def _text_argument(args, name: str, console) -> bytes | None:
+def text_argument(args, name: str, console) -> bytes | None:
     """A prompt given as bytes that are not UTF-8 (kept by Python as surrogates) is read with each
     bad byte replaced by U+FFFD; returns the bytes themselves (for the record, the prompts'), or
     None. Bytes that are UTF-8 are read as such in any locale (LC_ALL=C read them as undecodable)."""
@@ -382,6 +382,11 @@ def _text_argument(args, name: str, console) -> bytes | None:
     kept = " (the bytes are kept in the sidecar)" if name in ("prompt", "negative_prompt") else ""
     console.notice(f"the {name.replace('_', ' ')} is not UTF-8 text: its bad bytes read as U+FFFD{kept}")
     return raw
+
+
+def text_arguments(args, console) -> dict:
+    """`text_argument` of each text flag: name -> the bytes it was read from, or None."""
+    return {name: text_argument(args, name, console) for name in ("prompt", "negative_prompt", "inversion_prompt")}
 
 
 def run_command(body, argv: list, flags: dict = FLAGS, interrupted: str = NOTHING_WRITTEN) -> int:
@@ -457,8 +462,7 @@ def _command(command: str, typed: list, console: Console) -> int:
     try:
         check_arguments(args, command)
         _check_environment()
-        raw = {name: _text_argument(args, name, console) for name in ("prompt", "negative_prompt",
-                                                                       "inversion_prompt")}
+        raw = text_arguments(args, console)
         spec, model = build_specs(command, args)
     except SpecError as e:  # a value the replayed picture gave, not the user: said to be its
         action = parser.action_of(FLAGS.get(e.field, "-"))

@@ -109,6 +109,15 @@ class LoadedImage:
     notices: list[str] = field(default_factory=list)  # one line per change made to the picture
     upright_size: tuple[int, int] | None = None  # (width, height) after EXIF orientation, before resizing
     resized: str | None = None  # the notice of `notices` that says how it was resized, if it was
+    pixels_sha256: str = ""  # of `pixels` as decoded: a run refuses pixels changed since (run._check_picture)
+
+    def pixels_changed(self) -> bool:
+        """Whether `pixels` are no longer the ones decoded from the file (edited, or replaced)."""
+        return pixels_digest(self.pixels) != self.pixels_sha256
+
+
+def pixels_digest(pixels: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(pixels, dtype=np.float32).tobytes()).hexdigest()
 
 
 def check_image_path(path: str | os.PathLike, *, min_side: int | None = None) -> ImageFileInfo:
@@ -156,9 +165,8 @@ def load_image(
         raise InputError(f"multiple ({multiple}) and min_side ({min_side}) must be at least 1")
     if max_pixels < multiple * multiple:
         raise InputError(f"max_pixels ({max_pixels}) is below one {multiple}x{multiple} tile; raise it")
-    if size is not None and (size[0] % multiple or size[1] % multiple):  # a picture no generation takes
-        raise InputError(f"size {size[0]}x{size[1]} (width x height): the sides must be multiples of {multiple} "
-                         "(the multiple argument)")
+    if size is not None and (size[0] % 8 or size[1] % 8):  # the VAE's factor: a picture no generation takes
+        raise InputError(f"size {size[0]}x{size[1]} (width x height): the sides must be multiples of 8")
 
     if isinstance(path, bytes) and (b"\0" in path or len(path) > 4096):  # a file's bytes, not its name
         raise InputError("load_image reads a picture file: give its path, not its bytes")
@@ -232,6 +240,7 @@ def load_image(
         notices=notices,
         upright_size=tuple(upright_size),
         resized=resized,
+        pixels_sha256=pixels_digest(pixels),
     )
 
 

@@ -62,8 +62,6 @@ class StableDiffusion:
         dtype = _compute_dtype(dtype)
         if notices is not None and not isinstance(notices, list):
             raise InputError(f"notices is {type(notices).__name__}: give a list, which gets a line per field ignored")
-        if variant is not None and not isinstance(variant, str):
-            raise InputError(f"variant {variant!r} is not a name (e.g. \"fp16\")")
         folder, source = model_io.resolve_model(_model_name(model), variant)
         model_io.check_model_folder(folder)
         config = read_pipeline_config(folder, notices)
@@ -157,15 +155,7 @@ class StableDiffusion:
     def condition(self, text: str, negative_text: str | None, guided: bool, n_images: int,
                   image_size: tuple[int, int]) -> Conditioning:
         """Text conditioning for n_images pictures of image_size (H, W) pixels."""
-        negative_text = "" if negative_text is None else negative_text
-        if not isinstance(text, str) or not isinstance(negative_text, str):
-            raise InputError(f"condition: the texts are strings, not {type(text).__name__} and "
-                             f"{type(negative_text).__name__}")
-        if not isinstance(guided, (bool, np.bool_)):
-            raise InputError(f"condition: guided {guided!r} is not True or False")
-        # the texts (lone surrogates) and the count, as a generation checks them
-        n_images = _keywords_named(lambda: RunSpec(text, None, negative_prompt=negative_text,
-                                                   n_images=n_images).validate()).n_images
+        negative_text, n_images = _condition_arguments(text, negative_text, guided, n_images)
         texts = [negative_text, text] if guided else [text]
         hidden, pooled, dropped = self._encode_prompts(texts)
         # SDXL's pipeline reads the flag; SD 1.x/2.x's ignores it (and has no pooled text to zero).
@@ -186,8 +176,7 @@ class StableDiffusion:
 
     def encode(self, image, check_memory: bool = True) -> mx.array:
         """Pictures (B, H, W, 3) in [-1, 1], sides multiples of 8 (an mx or numpy array of floats)
-        -> latents x0 (B, H/8, W/8, C): the mean, times the scaling factor. `check_memory`: as for
-        decode (sixteen 2048-pixel pictures ended the process)."""
+        -> latents x0 (B, H/8, W/8, C): the mean, times the scaling factor. `check_memory`: as decode's."""
         pixels = _checked_pixels(image, batch=True)
         if check_memory:
             self.check_memory(pixels.shape[1:3], pixels.shape[0], ("vae_encode",))
@@ -298,6 +287,29 @@ class StableDiffusion:
         return mx.array(values).astype(self.dtype)
 
 
+def _finite(name: str, value) -> float:
+    """A time or noise level as a float (one-element arrays taken); NaN gave NaN latents, a string
+    MLX's TypeError."""
+    if isinstance(value, (np.ndarray, mx.array)) and value.size == 1:
+        value = value.item()
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+        raise InputError(f"{name} {value!r} is not a finite number")
+    return float(value)
+
+
+def _condition_arguments(text, negative_text, guided, n_images) -> tuple[str, int]:
+    """condition's arguments checked as a generation checks them (lone surrogates in the texts, the
+    count: 10**6 ended the process); returns the negative text ("" for None) and the count."""
+    negative_text = "" if negative_text is None else negative_text
+    if not isinstance(text, str) or not isinstance(negative_text, str):
+        raise InputError(f"condition: the texts are strings, not {type(text).__name__} and "
+                         f"{type(negative_text).__name__}")
+    if guided not in (True, False):  # 1 and 0 too, and numpy's booleans
+        raise InputError(f"condition: guided {guided!r} is not True or False")
+    spec = _keywords_named(lambda: RunSpec(text, None, negative_prompt=negative_text, n_images=n_images).validate())
+    return negative_text, spec.n_images
+
+
 def _plan(sd: StableDiffusion, spec: RunSpec, image_size: tuple, encode: bool = False):
     """The plan of a generation from memory: the picture is already at the size to run (no working
     size to choose), and a setting only the model can judge (a sampler it lacks) is refused now, as
@@ -369,9 +381,7 @@ class Denoiser:
         if not (isinstance(x, mx.array) and x.ndim == 4 and x.shape[-1] == self.sd.latent_channels):
             raise InputError(f"x: expected an mx.array of latents (B, h, w, {self.sd.latent_channels}), got "
                              f"{type(x).__name__} of shape {tuple(getattr(x, 'shape', ()))}")
-        for name, value in (("t", t), ("sigma", sigma)):  # NaN gave NaN latents, a string MLX's TypeError
-            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
-                raise InputError(f"{name} {value!r} is not a finite number")
+        t, sigma = _finite("t", t), _finite("sigma", sigma)
         x_in = mx.concatenate([x, x]) if self.guided else x  # (B or 2B, h, w, C)
         if self._hidden.shape[0] != x_in.shape[0]:
             raise InputError(f"the conditioning has a batch of {self._hidden.shape[0]}, and {x.shape[0]} latent(s) at "

@@ -86,9 +86,9 @@ def _check_picture(spec: RunSpec, picture) -> None:
                          "spec's image, or leave the picture out")
     if not isinstance(picture, images.LoadedImage):
         raise InputError(f"the picture is a {type(picture).__name__}; give images.load_image(spec.image)")
-    if picture.pixels.flags.writeable:  # its record and the session's cache would name the file's pixels
-        raise InputError("the picture's pixels are not load_image's (they are writable: replaced since); a run "
-                         "records the file it names, so give the picture as load_image returns it")
+    if picture.pixels_changed():  # its record and the session's cache would name the file's pixels
+        raise InputError("the picture's pixels are not the ones load_image decoded (changed or replaced since); "
+                         "a run records the file it names, so give the picture as load_image returns it")
     try:
         same = os.path.samefile(picture.path, spec.image)
     except OSError:
@@ -101,15 +101,14 @@ def _check_picture(spec: RunSpec, picture) -> None:
 def _check_arguments(**given) -> None:
     """execute's other arguments, each of its kind: a string given as argv was recorded letter by
     letter, notes said one letter each, timings=[] failed mid-run."""
-    texts = ("argv", "notes")
+    kinds = {"a list of strings": lambda v: isinstance(v, (list, tuple)) and all(isinstance(a, str) for a in v),
+             "a dict": lambda v: isinstance(v, dict), "True or False": lambda v: isinstance(v, bool),
+             "a function or None": lambda v: v is None or callable(v)}
+    kind_of = {"argv": "a list of strings", "notes": "a list of strings", "timings": "a dict",
+               "wait": "True or False", "output_named": "True or False"}
     for name, value in given.items():
-        fits = (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value) if name in texts
-                else isinstance(value, dict) if name == "timings"
-                else isinstance(value, bool) if name in ("wait", "output_named")
-                else value is None or callable(value))
-        if not fits:
-            kind = ("a list of strings" if name in texts else "a dict" if name == "timings"
-                    else "True or False" if name in ("wait", "output_named") else "a function or None")
+        kind = kind_of.get(name, "a function or None")
+        if not kinds[kind](value):
             raise InputError(f"execute's {name} is {type(value).__name__} {str(value)[:40]!r}, not {kind}")
 
 

@@ -77,15 +77,17 @@ def _refuse_saved_answer(path: Path, head: bytes) -> None:
 
 # The first bytes of the pictures a file named as weights may be (a picture given to --lora).
 _PICTURES = ((b"\xff\xd8\xff", "a JPEG picture"), (b"\x89PNG\r\n\x1a\n", "a PNG picture"),
-             (b"GIF8", "a GIF picture"), (b"BM", "a BMP picture"), (b"II*\x00", "a TIFF picture"),
-             (b"MM\x00*", "a TIFF picture"))
+             (b"GIF8", "a GIF picture"), (b"II*\x00", "a TIFF picture"), (b"MM\x00*", "a TIFF picture"))
 
 
-def _refuse_picture(path: Path, head: bytes) -> None:
-    """A picture where weights go: "truncated, download it again" was no advice for it."""
+def _refuse_picture(path: Path, head: bytes, size: int) -> None:
+    """A picture where weights go: "truncated, download it again" was no advice for it. (A header
+    length may start with "BM": a BMP also says its file's size.)"""
     kind = next((k for magic, k in _PICTURES if head.startswith(magic)), None)
     if kind is None and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         kind = "a WebP picture"
+    if kind is None and head[:2] == b"BM" and int.from_bytes(head[2:6], "little") == size:
+        kind = "a BMP picture"
     if kind is not None:
         raise ModelError(f"{path} is {kind}, not a safetensors file of weights; give the weights file")
 
@@ -299,7 +301,7 @@ def _read_header(path: Path) -> tuple[dict, int]:
             if n > min(size - 8, MAX_HEADER_BYTES):  # its first bytes are not a header's length:
                 refuse_pickle(path, head)
                 _refuse_saved_answer(path, head)
-                _refuse_picture(path, head)
+                _refuse_picture(path, head, size)
                 raise ModelError(f"{path} is truncated or not a safetensors file; download it again")
             f.seek(8)
             raw = f.read(n)

@@ -72,7 +72,7 @@ def make_decoder(sd, preview: str, taesd=None) -> Callable:
             mx.eval(decoded)
             out.append(np.array(decoded.astype(mx.float32)))
         pictures = np.concatenate(out)
-        if not np.isfinite(pictures).all():  # TAESD's (sd.decode says it of its own)
+        if not np.isfinite(pictures).all():  # TAESD's pictures (sd.decode's own are checked there)
             raise NumericalError.in_pixels(sd.dtype)
         return pictures
 

@@ -336,20 +336,20 @@ class RunSpec:
             negative_prompt=self.negative_prompt or "",
             strengths=tuple(_real(strength, s, required=True) for s in self.strengths),
             steps=_whole("steps", self.steps, 1, MAX_STEPS), cfg=_real("cfg", self.cfg),
-            seed=_whole("seed", self.seed, 0, MAX_SEED), n_images=_whole("n_images", self.n_images, 1, MAX_IMAGES),
-            n_rows=_whole("n_rows", self.n_rows, 1, MAX_IMAGES), size=size,
+            seed=_whole("seed", self.seed, 0, MAX_SEED),
+            n_images=_whole("n_images", self.n_images, 1, MAX_IMAGES, required=True),
+            n_rows=_whole("n_rows", self.n_rows, 1, MAX_IMAGES, required=True), size=size,
             max_pixels=_whole("max_pixels", self.max_pixels, 64 * 64, MAX_SIDE * MAX_SIDE), capture=capture,
             inversion=inversion, **triangle, **names)
 
 
 def _is_path(value) -> bool:
-    """A str or path-like naming a str path a file can have (no NUL, no lone surrogate it cannot encode)."""
+    """A str or path-like naming a str path without NUL (a ValueError of the first open)."""
     if not isinstance(value, (str, os.PathLike)):
         return False
     try:
         name = os.fspath(value)
-        os.fsencode(name)
-    except (TypeError, UnicodeEncodeError):
+    except TypeError:
         return False
     return isinstance(name, str) and "\x00" not in name
 

@@ -18,6 +18,7 @@ import functools
 import os
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from . import cli, options, signals
@@ -120,8 +121,9 @@ def _grid_values(args, command: str) -> tuple:
     return values, pattern
 
 
-def build_sweep(command: str, args) -> tuple:
-    """(runs, grid, ModelSpec, folder) of the parsed arguments, every run validated."""
+def build_sweep(command: str, args, raw: dict | None = None) -> tuple:
+    """(runs, grid, ModelSpec, folder) of the parsed arguments, every run validated (`raw`: the
+    bytes each text flag was read from, where they were not UTF-8: cli.text_arguments)."""
     if args.ray is not None and args.ray not in ("auto", "local") and ":" not in args.ray:
         raise InputError(f"--ray {args.ray!r} is not a Ray address (auto, local or HOST:PORT); if it is "
                          "the picture, give --ray after the prompt or as --ray=auto")
@@ -151,6 +153,8 @@ def build_sweep(command: str, args) -> tuple:
     single.output = folder / f"run{PICTURE_SUFFIXES[args.output_format or 'png'][0]}"  # its format's name
     cli.check_arguments(single, command)
     base, model = cli.build_specs(command, single)
+    raw = raw or {}
+    base = replace(base, prompt_bytes=raw.get("prompt"), negative_prompt_bytes=raw.get("negative_prompt"))
     grid = Grid.of(values)
     runs = expand(base, grid, folder, pattern)
     return runs, grid, model, folder
@@ -193,7 +197,8 @@ def _sweep(argv: list, console: Console) -> int:
                          f"{options.program('txt2image')}")
     if args.print_parser:
         console.arguments(args)
-    runs, grid, model, folder = build_sweep(command, args)
+    raw = cli.text_arguments(args, console)  # bytes that are not UTF-8 read as the single command reads them
+    runs, grid, model, folder = build_sweep(command, args, raw)
     signals.import_whole("mlx.core")  # (see there) before the heavy imports below
     from .images import load_image
 

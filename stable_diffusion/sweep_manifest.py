@@ -51,8 +51,13 @@ def _unspelt(spec: dict | None, model: dict | None) -> tuple:
 
 def spec_record(spec: RunSpec) -> dict:
     """The spec as JSON values (paths as text), for the manifest: a rerun compares these. A private
-    spec's texts are their hashes (privacy.py), which compare as the texts do."""
-    return json.loads(to_json(asdict(privacy.redacted(spec))))
+    spec's texts are their hashes (privacy.py), which compare as the texts do; a prompt read from
+    bytes that are not UTF-8 keeps them, in hex."""
+    record = asdict(privacy.redacted(spec))
+    for name in ("prompt_bytes", "negative_prompt_bytes"):
+        if record[name] is not None:
+            record[name] = record[name].hex()
+    return json.loads(to_json(record))
 
 
 def model_record(model: ModelSpec) -> dict:

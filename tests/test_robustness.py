@@ -981,6 +981,22 @@ def test_float16_overflow_reported_at_its_step(tmp_path, picture, sd2):
     assert result.returncode == 0, result.stderr
 
 
+def test_a_float16_encoder_overflow_is_the_dtypes_not_the_users_input(capsys, tmp_path, picture, sd2):
+    """The encoder's latents of the user's picture overflow float16: that is the dtype's doing, said
+    at the noised start with its advice (exit 1), in a single run and along a noising path; a check
+    of add_noise's x0 made it "x0: some values are not finite", a usage error (exit 2)."""
+    hot = shutil.copytree(sd2, tmp_path / "hot")
+    vae = hot / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(vae))
+    tensors["quant_conv.weight"] = tensors["quant_conv.weight"] * np.float32(1e6)
+    save_file(tensors, str(vae))
+    for extra in ([], ["--show_noising", 500]):
+        status, _, err = main(capsys, "image2image", picture, "x", "--model", hot, "--steps", 2, "--seed", 0,
+                              "--dtype", "float16", "--output", tmp_path / "o.png", *extra)
+        assert status == 1 and "the latents became NaN or Inf in the noised start (step 0) (dtype float16)" in err \
+            and "--dtype float32" in err, err
+
+
 def test_inf_in_the_weights_is_not_blamed_on_the_dtype(capsys, tmp_path, picture, sd2):
     broken = model_copy(sd2, tmp_path / "broken", lambda t: t["conv_out.bias"].__setitem__(0, np.inf))
     status, _, err = main(capsys, "image2image", picture, "x", "--model", broken, "--steps", 4,

@@ -5,6 +5,7 @@ issue): dtypes, triangle x snapshot and animation combinations, frame labels, no
 names, the sidecar while the run goes on, the replay arguments, progress in scripts.
 """
 
+import copy
 import os
 import re
 import signal
@@ -284,8 +285,12 @@ def test_session_runs_many_specs_from_python_reusing_the_encodings(tmp_path, pic
         loaded.pixels[:] = -1.0
     from dataclasses import replace
 
-    with pytest.raises(InputError, match="the picture's pixels are not load_image's"):
-        execute(session, spec, Console(quiet=True), picture=replace(loaded, pixels=np.zeros_like(loaded.pixels)))
+    for changed in (replace(loaded, pixels=np.zeros_like(loaded.pixels)), copy.deepcopy(loaded)):
+        if changed.pixels.flags.writeable:  # the copy's (a deepcopy's, a pickle's) may be edited
+            changed.pixels[0, 0, 0] = 0.5
+        with pytest.raises(InputError, match="the picture's pixels are not the ones load_image decoded"):
+            execute(session, spec, Console(quiet=True), picture=changed)
+    assert execute(session, spec, Console(quiet=True), picture=copy.deepcopy(loaded)).status == "finished"
     # Each run reports its own peak, not the process's highest so far.
     assert sidecar(tmp_path / "s1.0.json")["memory"]["mlx_peak_bytes"] < 256 << 20
     assert (tmp_path / "s0.5.png").exists() and (tmp_path / "s1.0.step-004.png").exists()

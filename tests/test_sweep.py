@@ -466,6 +466,20 @@ def in_process(capsys, *args) -> tuple:
     return status, out, err
 
 
+def test_a_prompt_that_is_not_utf8_is_read_as_the_single_command_reads_it(capsys, tmp_path, picture, sd2):
+    """It failed with "(UnicodeEncodeError)" after the model loaded; the single command reads the
+    bad bytes as U+FFFD and keeps them in the sidecar. A rerun with other bytes makes the runs again."""
+    prompt = os.fsdecode(b"a \xff barn")  # as Python gives an argument that is not UTF-8
+    base = ["image2image", picture, "--model", sd2, "--steps", 2, "--strengths", "0.5,1", "--seeds", 1,
+            "-o", tmp_path / "out"]
+    status, _, err = in_process(capsys, *base[:2], prompt, *base[2:])
+    assert status == 0 and "note: the prompt is not UTF-8 text: its bad bytes read as U+FFFD" in err, err
+    record = json.loads((tmp_path / "out" / "s0.50.json").read_text())
+    assert record["prompt"] == "a \ufffd barn" and record["prompt_bytes_hex"] == b"a \xff barn".hex()
+    status, said, _ = in_process(capsys, *base[:2], os.fsdecode(b"a \xfe barn"), *base[2:])
+    assert status == 0 and json.loads((tmp_path / "out" / "sweep.json").read_text())["ran"] == 2, said
+
+
 def test_a_rerun_takes_over_runs_only_on_the_same_picture_and_another_grid_keeps_them(
         capsys, tmp_path, picture, sd2):
     """A picture changed at the same path kept the earlier sweep's results; a second grid into the
