@@ -377,8 +377,9 @@ def _ref_fault(revision: str) -> str:
     found = _NOT_A_REF.search(revision).group()
     if found.endswith((".lock", ".lock/")):
         return "have no part ending in '.lock'"
-    if found in (".", "/."):
-        return "have no part that starts or ends with '.'"
+    if found in (".", "/."):  # a part's start (git allows "a./b"), or the name's end
+        return "have no part that starts with '.'" if found == "/." or revision.startswith(".") \
+            else "do not end with '.'"
     if found in ("/", "//"):
         return "neither start nor end with '/' and have no empty part"
     if not found.isprintable() or found.isspace():

@@ -113,7 +113,8 @@ def test_a_revision_that_is_no_git_name_and_a_ref_that_is_no_small_file_are_refu
     for revision, rule in (("/dev/zero", "start nor end with '/'"), ("../../models--owner--name/refs/main",
                                                                      "hold no '..'"),
                            ("a b", "no spaces or control"), ("x" * 256, "at most 255 characters"),
-                           ("v1.0.lock", "no part ending in '.lock'"), (".hidden", "starts or ends with '.'"),
+                           ("v1.0.lock", "no part ending in '.lock'"), (".hidden", "no part that starts with '.'"),
+                           ("a/.b", "no part that starts with '.'"), ("v1.", "do not end with '.'"),
                            ("a:b", "hold no ':'")):
         expect_model_error(lambda: model_io.resolve_model(f"owner/name@{revision}"), "is no branch, tag or "
                            "commit name: git names", rule, "check the name after '@'")
