@@ -31,7 +31,10 @@ def _decimal(key: str, text: str) -> Decimal:
     try:
         value = Decimal(text.strip())
     except InvalidOperation:
-        raise SpecError(key, f"{{flag}} {text.strip()!r} is not a number") from None
+        given = text.strip()
+        percent = key in ("strength", "strengths") and given.endswith("%") and given[:-1].replace(".", "", 1).isdigit()
+        hint = f"; a strength is a fraction of the way to noise: {float(given[:-1]) / 100:g}" if percent else ""
+        raise SpecError(key, f"{{flag}} {given!r} is not a number{hint}") from None
     if not value.is_finite():
         raise SpecError(key, f"{{flag}} {text.strip()!r} is not a finite number")
     # Bounded before anything turns it into an integer: int(Decimal("1e99999999")) would build a

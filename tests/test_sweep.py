@@ -235,6 +235,7 @@ def test_sigterm_leaves_the_run_under_way_interrupted(tmp_path, picture, sd2):
     (["--strengths", "0.3,0.7", "--strength", "0.5"], "--strengths is given twice (again as --strength 0.5); "
                                                         "give it once, all its values in one list"),
     (["--sampler", "ddim", "--samplers", "euler,heun"], "--samplers is given twice"),
+    (["--strengths", "50%,70%"], "--strengths '50%' is not a number; a strength is a fraction of the way to noise: 0.5"),
 ])
 def test_bad_grids_are_refused_before_any_work_with_one_line(tmp_path, picture, sd2, extra, words):
     os.chdir(tmp_path)
