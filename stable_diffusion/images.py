@@ -117,6 +117,7 @@ class LoadedImage:
 
 
 def pixels_digest(pixels: np.ndarray) -> str:
+    """The sha256 of a picture's pixels as float32 (a LoadedImage's, at load)."""
     return hashlib.sha256(np.ascontiguousarray(pixels, dtype=np.float32).tobytes()).hexdigest()
 
 

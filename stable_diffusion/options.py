@@ -321,7 +321,8 @@ OPTIONS = (
            replay=Replay(250)),
     Option(("--output_format", "--output-format"), "capture.format", "png, webp or jpeg for every "
            "picture; the metadata goes in EXIF and XMP for webp and jpeg (default: the --output "
-           "suffix, png without --output; an --output given must end in the format's suffix)", SAVE, choices=tuple(PICTURE_SUFFIXES), replay=Replay(260)),
+           "suffix, png without --output; an --output given must end in the format's suffix)", SAVE,
+           choices=tuple(PICTURE_SUFFIXES), replay=Replay(260)),
     Option(("--animate",), "capture.animate", "an animation of the saved frames (noising, then "
            "denoising)", SAVE, choices=ANIMATION_FORMATS, nargs="?", const="gif", replay=Replay(270)),
     Option(("--curve",), "capture.curve", "draw the over-smoothing curve (detail and change per step) "
