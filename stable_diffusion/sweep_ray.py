@@ -12,6 +12,7 @@ the same platform and versions.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import shutil
 import tempfile
@@ -19,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import files
+from .options import program
 from .errors import InputError
 from .sweep import Outcome
 
@@ -62,6 +64,24 @@ class Worker:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _command_line_withheld(ray):
+    """The command line kept from ray.init, which records the process's whole command line (read
+    from the system) as the job's entrypoint on the cluster, a private prompt with it, and encodes
+    it as UTF-8: a prompt that is not UTF-8 failed with UnicodeEncodeError. The program's name
+    stands for it (Ray has no setting for it: its helper is replaced while ray.init runs)."""
+    utils = getattr(getattr(ray, "_private", None), "utils", None)
+    original = getattr(utils, "get_entrypoint_name", None)
+    if original is None:  # another Ray: nothing to replace
+        yield
+        return
+    utils.get_entrypoint_name = lambda: program("sweep")
+    try:
+        yield
+    finally:
+        utils.get_entrypoint_name = original
+
+
 def _ray():
     try:
         import ray
@@ -79,20 +99,21 @@ class RayPool:
         ray = self.ray = _ray()
         self.started_ray = False
         if not ray.is_initialized():
-            if address == "local":
-                # A cluster of this machine alone; its workers import this copy of the package.
-                root = str(Path(__file__).resolve().parent.parent)
-                path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-                ray.init(num_cpus=workers or os.cpu_count(), include_dashboard=False,
-                         runtime_env={"env_vars": {"PYTHONPATH": path}}, log_to_driver=False,
-                         logging_level="ERROR")
-            else:
-                try:
-                    ray.init(address=address, log_to_driver=False, logging_level="ERROR")
-                except ConnectionError:
-                    where = "running on this machine" if address == "auto" else f"at {address}"
-                    raise InputError(f"--ray {address}: no Ray cluster {where}; start one with `ray "
-                                     "start --head`, or use --ray local") from None
+            with _command_line_withheld(ray):
+                if address == "local":
+                    # A cluster of this machine alone; its workers import this copy of the package.
+                    root = str(Path(__file__).resolve().parent.parent)
+                    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+                    ray.init(num_cpus=workers or os.cpu_count(), include_dashboard=False,
+                             runtime_env={"env_vars": {"PYTHONPATH": path}}, log_to_driver=False,
+                             logging_level="ERROR")
+                else:
+                    try:
+                        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+                    except ConnectionError:
+                        where = "running on this machine" if address == "auto" else f"at {address}"
+                        raise InputError(f"--ray {address}: no Ray cluster {where}; start one with `ray "
+                                         "start --head`, or use --ray local") from None
             self.started_ray = True
         self.count = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.args = (model, picture, list(argv), replay, salt)

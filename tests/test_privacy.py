@@ -4,6 +4,7 @@ hash in their place; a picture made so is replayed only with its prompt given ag
 import json
 import os
 import stat
+import subprocess
 from xml.sax.saxutils import escape
 
 import pytest
@@ -204,8 +205,17 @@ def test_a_private_ray_sweep_hashes_with_the_drivers_salt_on_every_worker(tmp_pa
     runs, grid, model, folder = build_sweep("image2image", args)
     # The local cluster's workers inherit this: a salt of their own, as on another machine.
     monkeypatch.setenv("SD_PROMPT_SALT", str(tmp_path / "worker-salt"))
+    # The command line is kept from ray.init, which records it, read from the system, as the
+    # job's entrypoint (a private prompt on the cluster) and encodes it (bytes that are not UTF-8
+    # failed it with UnicodeEncodeError).
+    import psutil
+    import ray
+
+    typed = ["sweep.py", str(picture), os.fsdecode(b"a \xff barn"), "-sp", "0"]
+    monkeypatch.setattr(psutil.Process, "cmdline", lambda self: list(typed))
     pool = RayPool("local", model, load_image(picture, multiple=64), [PROMPT, "-sp", "0"], None, 2,
                    Console(quiet=True), salt)
+    assert ray._private.utils.get_entrypoint_name() == subprocess.list2cmdline(typed)  # Ray's own, put back
     try:
         report = Sweep(runs, grid, folder, model).execute(pool, Console(quiet=True))
     finally:
