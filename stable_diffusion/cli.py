@@ -24,7 +24,7 @@ from .console import Console, open_standard_streams, print_out, shortened, write
 from .errors import (NOTHING_WRITTEN, FieldMessage, HubUnreachable, InputError, NumericalError, OutputBusy,
                      OutputError, not_installed)
 from .spec import (DEFAULT_TRIANGLE_STRENGTHS, MAX_SEED, PICTURE_SUFFIXES, Capture, Inversion, ModelSpec,
-                   RunSpec, SpecError, format_named)
+                   RunSpec, SpecError, format_named, strength_hint)
 
 # Flags that take an optional value, and the values they take: bare, they must not swallow the
 # next argument (`-gt in.png "a barn"`, as existing scripts pass them).
@@ -42,11 +42,10 @@ def _number_hint(message: str) -> str:
     if found is None:
         return ""
     text = found.group(1).strip()
-    if re.fullmatch(r"[+-]?\d+,(\d{1,2}|\d{4,})", text):  # not 1,000: a thousands separator, or a decimal comma
+    # not 1,000: a thousands separator, or a decimal comma (0,500 is one)
+    if re.fullmatch(r"[+-]?(\d+,(\d{1,2}|\d{4,})|0,\d+)", text):
         return f"; numbers take a decimal point: {text.replace(',', '.')}"
-    if re.fullmatch(r"\d+(\.\d+)?%", text) and "strength" in message.split(":")[0]:
-        return f"; a strength is a fraction of the way to noise: {float(text[:-1]) / 100:g}"
-    return ""
+    return strength_hint(text) if "strength" in message.split(":")[0] else ""
 
 
 class _Parser(argparse.ArgumentParser):

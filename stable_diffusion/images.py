@@ -112,13 +112,18 @@ class LoadedImage:
     pixels_sha256: str = ""  # of `pixels` as decoded: a run refuses pixels changed since (run._check_picture)
 
     def pixels_changed(self) -> bool:
-        """Whether `pixels` are no longer the ones decoded from the file (edited, or replaced)."""
-        return pixels_digest(self.pixels) != self.pixels_sha256
+        """Whether `pixels` are no longer the ones decoded from the file (edited, reshaped, or
+        replaced, by anything at all)."""
+        try:
+            return pixels_digest(self.pixels) != self.pixels_sha256
+        except (TypeError, ValueError):  # not an array of numbers
+            return True
 
 
 def pixels_digest(pixels: np.ndarray) -> str:
-    """The sha256 of a picture's pixels as float32 (a LoadedImage's, at load)."""
-    return hashlib.sha256(np.ascontiguousarray(pixels, dtype=np.float32).tobytes()).hexdigest()
+    """The sha256 of a picture's pixels as float32, and of their shape (a LoadedImage's, at load)."""
+    pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+    return hashlib.sha256(repr(pixels.shape).encode() + pixels.tobytes()).hexdigest()
 
 
 def check_image_path(path: str | os.PathLike, *, min_side: int | None = None) -> ImageFileInfo:

@@ -293,7 +293,7 @@ def _finite(name: str, value) -> float:
     if isinstance(value, (np.ndarray, mx.array)) and value.size == 1:
         value = value.item()
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
-        raise InputError(f"{name} {value!r} is not a finite number")
+        raise InputError(f"{name} {value!r} is not a finite float")
     return float(value)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -28,6 +29,14 @@ def exact(value: float) -> str:
     """A number as given, to its last digit (1.0000000001 is not said to be 1), 5.0 as 5."""
     text = repr(float(value))
     return text[:-2] if text.endswith(".0") else text
+
+def strength_hint(text: str) -> str:
+    """For a strength given as a percentage (50%, .5%), the fraction it means, where that is one."""
+    number = text.strip().removesuffix("%")
+    if not text.strip().endswith("%") or not re.fullmatch(r"\d*\.?\d+", number) or float(number) > 100:
+        return ""
+    return f"; a strength is a fraction of the way to noise: {float(number) / 100:g}"
+
 
 def format_named(name) -> str | None:
     """The picture format a file name's suffix names (`x.JPG`: jpeg), None for another suffix."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .files import read_regular, text_flaw
-from .spec import SpecError
+from .spec import SpecError, strength_hint
 
 # The fields a grid varies, outermost first: the run order, the manifest order, the name order.
 FIELDS = ("prompt", "sampler", "schedule", "steps", "cfg", "strength", "seed")
@@ -31,10 +31,8 @@ def _decimal(key: str, text: str) -> Decimal:
     try:
         value = Decimal(text.strip())
     except InvalidOperation:
-        given = text.strip()
-        percent = key in ("strength", "strengths") and given.endswith("%") and given[:-1].replace(".", "", 1).isdigit()
-        hint = f"; a strength is a fraction of the way to noise: {float(given[:-1]) / 100:g}" if percent else ""
-        raise SpecError(key, f"{{flag}} {given!r} is not a number{hint}") from None
+        hint = strength_hint(text) if key in ("strength", "strengths") else ""
+        raise SpecError(key, f"{{flag}} {text.strip()!r} is not a number{hint}") from None
     if not value.is_finite():
         raise SpecError(key, f"{{flag}} {text.strip()!r} is not a finite number")
     # Bounded before anything turns it into an integer: int(Decimal("1e99999999")) would build a

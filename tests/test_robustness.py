@@ -165,6 +165,8 @@ def test_picture_notices_reach_stderr(tmp_path, sd2):
     (["--steps", "1e9"], ["--steps: invalid int value: '1e9'"]),
     (["--strength", "50%"], ["invalid float value: '50%'; a strength is a fraction of the way to noise: 0.5"]),
     (["--cfg", "7,5"], ["invalid float value: '7,5'; numbers take a decimal point: 7.5"]),
+    (["--strength", ".5%"], ["'.5%'; a strength is a fraction of the way to noise: 0.005"]),
+    (["--strength", "0,500"], ["numbers take a decimal point: 0.500"]),  # 1,000 gets no hint: thousands, perhaps
     (["--cfg", "1e308"], ["--cfg 1e+308 is outside 0 .. 100"]),
     (["--size", "-64x64"], ["--size -64x64: both sides must be multiples of 64"]),  # was "expected one argument"
     # a value argparse takes for a flag: how to give it; -v as that value printed two tracebacks

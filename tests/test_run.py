@@ -285,8 +285,10 @@ def test_session_runs_many_specs_from_python_reusing_the_encodings(tmp_path, pic
         loaded.pixels[:] = -1.0
     from dataclasses import replace
 
-    for changed in (replace(loaded, pixels=np.zeros_like(loaded.pixels)), copy.deepcopy(loaded)):
-        if changed.pixels.flags.writeable:  # the copy's (a deepcopy's, a pickle's) may be edited
+    for changed in (replace(loaded, pixels=np.zeros_like(loaded.pixels)), copy.deepcopy(loaded),
+                    replace(loaded, pixels=loaded.pixels.reshape(-1, 32, 3)),  # the same bytes, another shape
+                    replace(loaded, pixels="abc")):
+        if getattr(changed.pixels, "flags", None) is not None and changed.pixels.flags.writeable:  # a deepcopy's
             changed.pixels[0, 0, 0] = 0.5
         with pytest.raises(InputError, match="the picture's pixels are not the ones load_image decoded"):
             execute(session, spec, Console(quiet=True), picture=changed)
