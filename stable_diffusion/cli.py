@@ -322,21 +322,17 @@ def replay_arguments(command: str, argv: list) -> tuple[list, list]:
     return expanded, notes
 
 
-def _offline_replay(command: str, model: str, typed: list, expanded: list) -> None:
-    """A replay without --allow-download reaches no network: the hub library is told so before it
-    is imported (it reads HF_HUB_OFFLINE once, at import), and a model missing from the local
-    cache is refused now, with the flag that allows it (`expanded`: the arguments the replay
-    gave, which name the model, or leave the default: another tool's picture)."""
+def _offline_replay(parser, model: str, picture, expanded: list) -> None:
+    """A replay (of `picture`) without --allow-download reaches no network: the hub library is told
+    so before it is imported (it reads HF_HUB_OFFLINE once, at import), and a model missing from
+    the local cache is refused now, with the flag that allows it (`expanded`: the arguments the
+    replay gave, which name the model, or leave the default: another tool's picture)."""
     from . import replay
 
-    parser = build_parser(command)
-    found = replay.find(typed, parser)
-    if found is None:
-        return
     os.environ["HF_HUB_OFFLINE"] = "1"
     flags = expanded[:expanded.index("--")] if "--" in expanded else expanded
     named = any(getattr(parser.action_of(a), "dest", None) == "model" for a in flags)
-    replay.check_local(model, found[0], named)
+    replay.check_local(model, picture, named)
 
 
 def _check_environment() -> None:
@@ -453,8 +449,8 @@ def _command(command: str, typed: list, console: Console) -> int:
     parser = build_parser(command)
     args = parser.parse_args(argv)
     replayed = find(typed, parser)  # (the picture, the user's own arguments), or None
-    if not args.allow_download:
-        _offline_replay(command, args.model, typed, argv)
+    if replayed is not None and not args.allow_download:
+        _offline_replay(parser, args.model, replayed[0], argv)
     console = Console(args.quiet, args.verbose, names=FLAGS)
     if args.print_parser:
         console.arguments(args, (replayed or (None,))[0])

@@ -98,17 +98,25 @@ def _check_picture(spec: RunSpec, picture) -> None:
                          "give the same file to both")
 
 
+def _strings(value) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(a, str) for a in value)
+
+
+# execute's other arguments: (what each must be, its test)
+_ARGUMENT_KINDS = {"argv": ("a list of strings", _strings), "notes": ("a list of strings", _strings),
+                   "timings": ("a dict", lambda v: isinstance(v, dict)),
+                   "wait": ("True or False", lambda v: isinstance(v, bool)),
+                   "output_named": ("True or False", lambda v: isinstance(v, bool)),
+                   "replay": ("a function or None", lambda v: v is None or callable(v)),
+                   "check_plan": ("a function or None", lambda v: v is None or callable(v))}
+
+
 def _check_arguments(**given) -> None:
     """execute's other arguments, each of its kind: a string given as argv was recorded letter by
     letter, notes said one letter each, timings=[] failed mid-run."""
-    kinds = {"a list of strings": lambda v: isinstance(v, (list, tuple)) and all(isinstance(a, str) for a in v),
-             "a dict": lambda v: isinstance(v, dict), "True or False": lambda v: isinstance(v, bool),
-             "a function or None": lambda v: v is None or callable(v)}
-    kind_of = {"argv": "a list of strings", "notes": "a list of strings", "timings": "a dict",
-               "wait": "True or False", "output_named": "True or False"}
     for name, value in given.items():
-        kind = kind_of.get(name, "a function or None")
-        if not kinds[kind](value):
+        kind, fits = _ARGUMENT_KINDS[name]
+        if not fits(value):
             raise InputError(f"execute's {name} is {type(value).__name__} {str(value)[:40]!r}, not {kind}")
 
 
@@ -117,7 +125,7 @@ def _checked_replay(replay):
     --replay reads (a number there made a picture no replay could read)."""
     def checked(resolved, model_arg):
         argv = replay(resolved, model_arg)
-        if not (isinstance(argv, (list, tuple)) and all(isinstance(a, str) for a in argv)):
+        if not _strings(argv):
             raise InputError(f"execute's replay gave {type(argv).__name__} {str(argv)[:40]!r}, not a list of "
                              "the arguments (strings) that make the run again")
         return list(argv)

@@ -71,13 +71,16 @@ def make_decoder(sd, preview: str, taesd=None) -> Callable:
             decoded = decode(latents[i:i + 1])
             mx.eval(decoded)
             out.append(np.array(decoded.astype(mx.float32)))
-        pictures = np.concatenate(out)
-        if not np.isfinite(pictures).all():  # TAESD's pictures (sd.decode's own are checked there)
+        return np.concatenate(out)
+
+    def tiny(latents):  # TAESD's pictures, checked as sd.decode checks its own
+        pictures = vae(latents, taesd.decode)
+        if not np.isfinite(pictures).all():
             raise NumericalError.in_pixels(sd.dtype)
         return pictures
 
     if preview == "taesd":
-        return lambda latents: vae(latents, taesd.decode)
+        return tiny
     if preview == "approx":
         factors = approx_factors(sd)
         return lambda latents: render.approx_decode(np.array(latents.astype(mx.float32)), factors, sd.downscale)

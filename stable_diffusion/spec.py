@@ -30,6 +30,7 @@ def exact(value: float) -> str:
     text = repr(float(value))
     return text[:-2] if text.endswith(".0") else text
 
+
 def strength_hint(text: str) -> str:
     """For a strength given as a percentage (50%, .5%), the fraction it means, where that is one."""
     number = text.strip().removesuffix("%")

@@ -20,8 +20,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import files
-from .options import program
 from .errors import InputError
+from .options import program
 from .sweep import Outcome
 
 MAX_ATTEMPTS = 3  # a run whose worker dies this many times is marked failed (it may be the cause)
