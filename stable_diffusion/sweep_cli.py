@@ -260,19 +260,19 @@ def _sweep(argv: list, console: Console) -> int:
             pool.close()
     if report.status == "interrupted":
         console.error(f"interrupted: {report.skipped + report.ran} of {report.total} runs finished; "
-                      f"see {folder / 'sweep.jsonl'}, and run the same command again for the rest")
+                      f"see {folder / MANIFEST}, and run the same command again for the rest")
         return 128 + (report.signum or signal.SIGINT)
     if report.failed:
-        console.error(f"{report.failed} of {report.total} runs failed; see {folder / 'sweep.jsonl'}")
+        console.error(f"{report.failed} of {report.total} runs failed; see {folder / MANIFEST}")
         return 1
     if sweep.sheet_error:
-        console.error(f"the runs are made ({folder / 'sweep.jsonl'}), but the contact sheet could not be "
+        console.error(f"the runs are made ({folder / MANIFEST}), but the contact sheet could not be "
                       f"written ({sweep.sheet_error}); run the same command again to draw it")
         return 1
     pages = sweep.sheet.pages
     console.say(f"sweep done: {report.ran} run(s) made, {report.skipped} already there; "
                 f"{folder / pages[0][-1]}{f' (and {len(pages) - 1} more pages)' if len(pages) > 1 else ''}, "
-                f"{folder / 'sweep.json'}")
+                f"{folder / 'sweep.json'}, {folder / MANIFEST}")
     return 0
 
 

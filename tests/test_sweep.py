@@ -81,6 +81,8 @@ def test_sweep_makes_the_files_of_the_shell_loop_byte_for_byte(tmp_path, picture
         else:
             assert comparable(a) == comparable(b), name
     assert "sweep: 4/4 done" in result.stdout and "left (ends ~" in result.stdout
+    last = result.stdout.splitlines()[-1]  # every file a script reads next, the manifest with them
+    assert last.startswith("sweep done: 4 run(s) made") and str(tmp_path / "sweep" / MANIFEST) in last
     records = manifest(tmp_path / "sweep")
     assert [r["status"] for r in records] == ["finished"] * 4 and lines(tmp_path / "sweep") == 4
     assert [r["values"] for r in records] == [{"strength": s, "seed": seed}
