@@ -101,6 +101,21 @@ def test_last_euler_step_lands_on_the_denoised_estimate():
     assert np.allclose(np.array(step.x_t), np.array(step.x0_pred), atol=1e-6)
 
 
+def test_samplers_and_inversion_refuse_what_is_no_timeline_or_refinement():
+    from stable_diffusion.sampler import invert
+    def den(x, t, s):
+        return x, x
+    x, line = mx.zeros((1, 8, 8, 4)), NoiseSchedule(SD).timeline(0.5, 4)
+    with pytest.raises(InputError, match="a sampler walks a Timeline, not NoneType"):
+        list(sample_euler(den, x, None))
+    with pytest.raises(InputError, match="walks a Timeline, not tuple"):
+        list(invert(den, x, tuple(line.times)))
+    for refine, words in ((-1, "refine -1 is outside 0 .. 50"), (1.5, "refine 1.5 is not a whole number")):
+        with pytest.raises(InputError, match=words):
+            list(invert(den, x, line, refine))
+    assert len(list(invert(den, x, line, 1))) == line.steps
+
+
 def test_euler_ancestral_step_matches_the_ve_form():
     s = NoiseSchedule(SD)
     rng = np.random.default_rng(1)
