@@ -63,7 +63,7 @@ import mlx.nn as nn
 
 from . import memory, ops
 from .errors import ModelError
-from .spec import MAX_LORA_WEIGHT
+from .spec import MAX_LORA_WEIGHT, _is_path
 from .files import file_digest, open_regular, special_file
 from .model_io import read_safetensors_header
 from .safetensors_io import load_tensors, refuse_pickle
@@ -159,6 +159,9 @@ def adapter_path(path, what: str, folder_file: str, pickle_hint: str | None = No
     """The safetensors file of an adapter: `path` itself, or `folder_file` in the folder `path`.
     Pickle files are refused unopened, with `pickle_hint` (a conversion) where given, else with
     safetensors_io.refuse_pickle's."""
+    if not _is_path(path):
+        raise ModelError(f"{what} {path!r} is not a path (a str or Path without NUL); pass the "
+                         ".safetensors file's path")
     path = Path(path).expanduser()
     kind = special_file(path)
     if kind is not None:

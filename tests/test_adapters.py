@@ -416,6 +416,10 @@ def test_a_whole_network_given_as_a_lora_is_named(sd1, tiny_model, tmp_path):
     for path in (embedding, token):
         expect_model_error(lambda: sd1.load_lora(path), "is a textual-inversion embedding (pass it with --embedding)",
                            "not a LoRA")
+    # What is no path was Python's TypeError (None, a number) or ValueError (a NUL).
+    for path in (None, 7, "a\0b.safetensors"):
+        expect_model_error(lambda: sd1.load_lora(path), "is not a path (a str or Path without NUL)")
+        expect_model_error(lambda: sd1.load_textual_inversion(path), "is not a path")
     assert sd1.adapters == []
 
 
