@@ -218,6 +218,8 @@ def _lock_holder(fd: int) -> str:
             for line in f:
                 fields = line.split()
                 if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == key and fields[4].isdigit():
+                    if int(fields[4]) == os.getpid():  # a thread of this script's, or a run it holds open
+                        return "in this same process"
                     return f"pid {fields[4]}"
     except OSError:
         pass
