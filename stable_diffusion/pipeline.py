@@ -287,16 +287,6 @@ class StableDiffusion:
         return mx.array(values).astype(self.dtype)
 
 
-def _finite(name: str, value) -> float:
-    """A time or noise level as a float (one-element arrays taken); NaN gave NaN latents, a string
-    MLX's TypeError."""
-    if isinstance(value, (np.ndarray, mx.array)) and value.size == 1:
-        value = value.item()
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
-        raise InputError(f"{name} {value!r} is not a finite float")
-    return float(value)
-
-
 def _condition_arguments(text, negative_text, guided, n_images) -> tuple[str, int]:
     """condition's arguments checked as a generation checks them (lone surrogates in the texts, the
     count: 10**6 ended the process); returns the negative text ("" for None) and the count."""
@@ -381,7 +371,8 @@ class Denoiser:
         if not (isinstance(x, mx.array) and x.ndim == 4 and x.shape[-1] == self.sd.latent_channels):
             raise InputError(f"x: expected an mx.array of latents (B, h, w, {self.sd.latent_channels}), got "
                              f"{type(x).__name__} of shape {tuple(getattr(x, 'shape', ()))}")
-        t, sigma = _finite("t", t), _finite("sigma", sigma)
+        # NaN gave NaN latents, a string MLX's TypeError, sigma 1e300 NaN (its square overflows)
+        t, sigma = self.sd.noise_schedule._time(t), NoiseSchedule.level(sigma)
         x_in = mx.concatenate([x, x]) if self.guided else x  # (B or 2B, h, w, C)
         if self._hidden.shape[0] != x_in.shape[0]:
             raise InputError(f"the conditioning has a batch of {self._hidden.shape[0]}, and {x.shape[0]} latent(s) at "

@@ -32,6 +32,7 @@ from .spec import MAX_STEPS, MIN_STRENGTH, SpecError
 # is below any float's resolution next to 1, and sigma (1e30) stays a finite number for the records.
 _ZERO_SNR_ABAR = 2.0 ** -24
 _ZERO_ABAR = 1e-60
+MAX_SIGMA = 1e30  # the level of _ZERO_ABAR, the largest any schedule makes; above it sigma ** 2 overflows
 
 
 class Step(NamedTuple):
@@ -236,6 +237,15 @@ class NoiseSchedule:
                              "the end of the chain")
         return float(t)
 
+    @staticmethod
+    def level(sigma) -> float:
+        """sigma as a float within 0 .. MAX_SIGMA (a one-element array taken), or an InputError."""
+        if isinstance(sigma, (np.ndarray, mx.array)) and sigma.size == 1:
+            sigma = sigma.item()
+        if not isinstance(sigma, numbers.Real) or isinstance(sigma, bool) or not 0.0 <= sigma <= MAX_SIGMA:
+            raise InputError(f"sigma {sigma!r} is not a noise level (a number in 0 .. {MAX_SIGMA:g})")
+        return float(sigma)
+
     def time_of(self, sigma) -> np.ndarray:
         """The time of a noise level, interpolating log sigma between integer times (diffusers'
         `_sigma_to_t`, in our time), clipped to [1, T]."""
@@ -256,8 +266,7 @@ class NoiseSchedule:
         x0 = _latents(x0, "x0")
         if noise is not None and not isinstance(noise, mx.array):
             noise = mx.array(np.asarray(noise, np.float32))
-        if sigma is not None and not (isinstance(sigma, numbers.Real) and 0.0 <= sigma < math.inf):
-            raise InputError(f"sigma {sigma!r} is not a noise level (a number 0 or more)")
+        sigma = None if sigma is None else self.level(sigma)
         if noise is not None and tuple(noise.shape) != tuple(x0.shape):
             raise InputError(f"noise has shape {tuple(noise.shape)}, and x0 {tuple(x0.shape)}: give one of x0's shape")
         _check_key(key)
