@@ -22,6 +22,7 @@ from .config import TEXT_COMPONENTS, PipelineConfig, read_pipeline_config
 from .errors import InputError, NumericalError
 from .plan import Defaults, make_plan, model_defaults
 from .sampler import NoiseSchedule, Step, default_sampler, seed_keys
+from .schedule import latents
 from .spec import DTYPES, MAX_SIDE, Capture, Inversion, RunSpec, SpecError
 from .tokenizer import Tokenizer, check_fits_encoder, check_ids
 from .unet import UNetModel
@@ -186,7 +187,7 @@ class StableDiffusion:
     def decode(self, x: mx.array, check_memory: bool = True) -> mx.array:
         """Latents (B, h, w, C) -> pictures (B, H, W, 3) in [0, 1], float32. `check_memory` False: the
         caller has checked the memory of its whole run (run.execute), which this call is part of."""
-        x = _checked_latents(x, self.latent_channels, "latents", self.downscale)
+        x = latents(x, "latents", self.latent_channels, self.downscale, finite=True)
         if check_memory:
             self.check_memory((x.shape[1] * self.downscale, x.shape[2] * self.downscale), x.shape[0],
                               ("vae_decode",))
@@ -266,7 +267,7 @@ class StableDiffusion:
         settings as `generate_latents_from_image` takes them."""
         spec = _image_spec(text, strength, num_steps, cfg_weight, negative_text, seed, n_images, sampler,
                            schedule, inversion)
-        x0 = _checked_latents(x0, self.latent_channels, "x0", self.downscale)
+        x0 = latents(x0, "x0", self.latent_channels, self.downscale, finite=True)
         return Generation(self, _plan(self, spec, (x0.shape[1] * self.downscale, x0.shape[2] * self.downscale)),
                           x0, noise)
 
@@ -368,9 +369,7 @@ class Denoiser:
         self.calls = 0
 
     def __call__(self, x: mx.array, t: float, sigma: float) -> tuple[mx.array, mx.array]:
-        if not (isinstance(x, mx.array) and x.ndim == 4 and x.shape[-1] == self.sd.latent_channels):
-            raise InputError(f"x: expected an mx.array of latents (B, h, w, {self.sd.latent_channels}), got "
-                             f"{type(x).__name__} of shape {tuple(getattr(x, 'shape', ()))}")
+        x = latents(x, "x", self.sd.latent_channels)
         # NaN gave NaN latents, a string MLX's TypeError, sigma 1e300 NaN (its square overflows)
         t, sigma = self.sd.noise_schedule._time(t), NoiseSchedule.level(sigma)
         x_in = mx.concatenate([x, x]) if self.guided else x  # (B or 2B, h, w, C)
@@ -410,24 +409,6 @@ def _keywords_named(make):
         return make()
     except SpecError as e:
         raise SpecError(_KEYWORDS.get(e.field, e.field), e.named(_KEYWORDS)) from None
-
-
-def _checked_latents(x, channels: int, name: str, downscale: int) -> mx.array:
-    """`x` as an mx.array of latents (B, h, w, channels) of finite values, or an InputError."""
-    array = x if isinstance(x, mx.array) else np.asarray(x) if isinstance(x, np.ndarray) else None
-    floats = array is not None and (mx.issubdtype(array.dtype, mx.floating) if isinstance(array, mx.array)
-                                    else array.dtype.kind == "f")
-    if not floats or array.ndim != 4 or array.shape[-1] != channels or 0 in array.shape:
-        shape = getattr(array, "shape", None)
-        raise InputError(f"{name}: expected floats of shape (B, h, w, {channels}) (latents, as encode gives "
-                         f"them), got {type(x).__name__}{'' if shape is None else f' of shape {tuple(shape)}'}")
-    if max(array.shape[1:3]) * downscale > MAX_SIDE:
-        raise InputError(f"{name}: {array.shape[2]}x{array.shape[1]} latents are a picture of more than "
-                         f"{MAX_SIDE} pixels a side")
-    latents = array if isinstance(array, mx.array) else mx.array(array.astype(np.float32))
-    if not mx.all(mx.isfinite(latents)).item():
-        raise InputError(f"{name}: some values are not finite (NaN or infinity)")
-    return latents
 
 
 def _model_name(model) -> str:

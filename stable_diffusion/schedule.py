@@ -25,7 +25,7 @@ import numpy as np
 from .choices import FORWARD_PATHS, SAMPLER_TABLE, SCHEDULES
 from .config import SchedulerConfig
 from .errors import InputError
-from .spec import MAX_STEPS, MIN_STRENGTH, SpecError
+from .spec import MAX_SIDE, MAX_STEPS, MIN_STRENGTH, SpecError
 
 # abar_T with rescale_betas_zero_snr: diffusers' DDIM keeps the rescaled 0, its other classes put
 # 2**-24 there so that sigma_T stays finite (4096). DDIM's 0 is held as 1e-60: sqrt(abar) = 1e-30
@@ -263,7 +263,7 @@ class NoiseSchedule:
         time convention in docs/internals.md), or to the noise level `sigma` >= 0, in one step (DDPM
         eq. 4): sqrt(abar_t) x0 + sqrt(1 - abar_t) noise. `noise` (x0's shape) or else `key` draws it."""
         t = self._time(t)
-        x0 = _latents(x0, "x0")
+        x0 = latents(x0, "x0")
         if noise is not None and not isinstance(noise, mx.array):
             noise = mx.array(np.asarray(noise, np.float32))
         sigma = None if sigma is None else self.level(sigma)
@@ -382,7 +382,7 @@ class NoiseSchedule:
         if isinstance(times, (str, bytes)) or not hasattr(times, "__iter__"):
             raise InputError(f"times {times!r}: expected a list of times, e.g. [0, 250, 500]")
         times = [self._time(t) for t in times]
-        x0, n = _latents(x0, "x0"), len(times)
+        x0, n = latents(x0, "x0"), len(times)
         _check_key(key)
         if key is None:
             key = mx.random.key(0)
@@ -446,9 +446,11 @@ def _timesteps(noise: NoiseSchedule, n: int, family: str) -> np.ndarray:
     return np.asarray(ts, dtype=np.float32).astype(np.float64)
 
 
-def _latents(x, name: str) -> mx.array:
-    """`x` as an MLX array of floating-point latents (B, h, w, C); an InputError naming `name` for
-    anything else (None read as a NaN scalar, text as MLX's conversion error)."""
+def latents(x, name: str, channels: int | None = None, downscale: int = 0, finite: bool = False) -> mx.array:
+    """`x` as an MLX array of floating-point latents (B, h, w, C), with `channels` channels where
+    given, of at most MAX_SIDE pixels a side at `downscale` where given, and of finite values where
+    `finite`; an InputError naming `name` for anything else (None read as a NaN scalar, text as
+    MLX's conversion error)."""
     try:
         if x is None or isinstance(x, str):
             raise TypeError
@@ -457,10 +459,17 @@ def _latents(x, name: str) -> mx.array:
         x = x if isinstance(x, mx.array) else mx.array(np.asarray(x, np.float32))
     except (TypeError, ValueError):
         raise InputError(f"{name} is {type(x).__name__}, not latents (an array of shape (B, h, w, C))") from None
-    if x.ndim != 4 or not mx.issubdtype(x.dtype, mx.floating):
-        raise InputError(f"{name}: expected floating-point latents of shape (B, h, w, C), got "
-                         f"{str(x.dtype).removeprefix('mlx.core.')} of shape {tuple(x.shape)}")
-    return x  # NaN in, NaN out: a run says where its latents became NaN, with advice (run._evaluate)
+    wanted = "C" if channels is None else channels
+    if (x.ndim != 4 or not mx.issubdtype(x.dtype, mx.floating) or 0 in x.shape
+            or x.shape[-1] != (channels or x.shape[-1])):
+        raise InputError(f"{name}: expected floating-point latents of shape (B, h, w, {wanted}) (as encode "
+                         f"gives them), got {str(x.dtype).removeprefix('mlx.core.')} of shape {tuple(x.shape)}")
+    if downscale and max(x.shape[1:3]) * downscale > MAX_SIDE:
+        raise InputError(f"{name}: {x.shape[2]}x{x.shape[1]} latents are a picture of more than "
+                         f"{MAX_SIDE} pixels a side")
+    if finite and not mx.all(mx.isfinite(x)).item():
+        raise InputError(f"{name}: some values are not finite (NaN or infinity)")
+    return x  # without `finite`, NaN in, NaN out: a run says where its latents became NaN (run._evaluate)
 
 
 def _check_key(key) -> None:

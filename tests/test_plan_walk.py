@@ -329,7 +329,8 @@ def test_the_library_checks_what_a_script_gives_it(sd2):
         (lambda: sd.generate_latents_from_image(image, "x", n_images=2.0), "n_images 2.0 is not a whole number"),
         (lambda: sd.generate_latents_from_latent(x0, "x", n_images=-1), "n_images -1 is outside 1 .. 64"),
         (lambda: sd.generate_latents_from_latent(mx.zeros((3, 8, 8, 4)), "x"), "x0 holds 3 latents"),
-        (lambda: sd.generate_latents_from_latent(mx.zeros((1, 8, 8, 3)), "x"), r"x0: expected floats of shape \(B, h, w, 4\)"),
+        (lambda: sd.generate_latents_from_latent(mx.zeros((1, 8, 8, 3)), "x"), r"x0: expected floating-point latents of shape \(B, h, w, 4\) \(as encode gives them\), got float32 of "
+         r"shape \(1, 8, 8, 3\)"),
         (lambda: sd.generate_latents_from_image(image, "x", noise=np.full((1, 8, 8, 4), np.nan)), "not finite"),
         (lambda: sd.generate_latents("x", latent_size=8), "latent_size 8: expected"),
         (lambda: sd.encode(np.zeros((1, 64, 64, 3), np.uint8)), "dtype uint8"),
@@ -376,8 +377,10 @@ def test_the_library_checks_what_a_script_gives_it(sd2):
         (lambda: sd.denoiser(sd.condition("x", "", False, 1, (64, 64)), 1.0)(x0, 1000.0, 1e300), "sigma 1e.300"),
         (lambda: sd.denoiser(sd.condition("x", "", False, 1, (64, 64)), 1.0)(x0, 1e300, 1.0), "is outside 0 .. 1000"),
         (lambda: sd.noise_schedule.add_noise(x0, 300.0, sigma=1e300), "sigma 1e.300 is not a noise level"),
-        (lambda: sd.denoiser(sd.condition("x", "", False, 1, (64, 64)), 1.0)(np.zeros((1, 8, 8, 4)), 300.0, 1.0),
-         r"x: expected an mx.array of latents \(B, h, w, 4\), got ndarray"),
+        (lambda: sd.denoiser(sd.condition("x", "", False, 1, (64, 64)), 1.0)(np.zeros((1, 8, 8, 3)), 300.0, 1.0),
+         r"x: expected floating-point latents of shape \(B, h, w, 4\) .*, got float32 of shape \(1, 8, 8, 3\)"),
+        (lambda: sd.denoiser(sd.condition("x", "", False, 1, (64, 64)), 1.0)(None, 300.0, 1.0), "x is NoneType, not latents"),
+        (lambda: sd.decode(mx.zeros((1, 0, 8, 4))), r"got float32 of shape \(1, 0, 8, 4\)"),
     ] + [(lambda i=inversion: RunSpec("x", "o.png", image="i.png", capture=Capture(noising_path="inversion"),
                                       inversion=i).validate(), words)
          for inversion, words in ((Inversion(refine=None), "inversion_refine is None"),

@@ -1057,10 +1057,10 @@ def test_two_runs_at_once_whose_names_overlap_are_one_too_many(capsys, tmp_path,
     with files.output_lock(tmp_path / "y.png"):  # the run of y.png is under way
         status, _, err = main(capsys, *common, "--output", tmp_path / "y.step-001.png")
         only_error(status, 2, err, f"{tmp_path / 'y.step-001.png'} is named as a file of y.png's run, and another "
-                                   f"run (pid {os.getpid()}) holds that name: it writes y.png, or a file named after it")
+                                   f"run (in this same process) holds that name: it writes y.png, or a file named after it")
     with outputs.namesake_lock(tmp_path / "y.step-001.png"):  # the run of y.step-001.png is under way
         status, _, err = main(capsys, *common, "--output", tmp_path / "y.png")
-        only_error(status, 2, err, f"{tmp_path / 'y.png'} is being written by another run (pid {os.getpid()}) (or "
+        only_error(status, 2, err, f"{tmp_path / 'y.png'} is being written by another run (in this same process) (or "
                                    "a file named after it is)")
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == []
     assert main(capsys, *common, "--output", tmp_path / "y.curve.png")[0] == 0  # no run of y holds it now

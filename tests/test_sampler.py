@@ -710,8 +710,8 @@ def test_the_forward_jumps_say_what_latents_they_take():
     Integer arrays are refused whether MLX's or NumPy's (NumPy's were taken as floats)."""
     noise = NoiseSchedule(SchedulerConfig())
     for bad, said in ((None, "x0 is NoneType, not latents"), ("abc", "x0 is str, not latents"),
-                      (mx.zeros((4, 4)), "x0: expected floating-point latents of shape (B, h, w, C), got float32 "
-                                         "of shape (4, 4)"),
+                      (mx.zeros((4, 4)), "x0: expected floating-point latents of shape (B, h, w, C) (as encode "
+                                         "gives them), got float32 of shape (4, 4)"),
                       (mx.zeros((1, 2, 2, 4), dtype=mx.int32), "got int32 of shape (1, 2, 2, 4)"),
                       (np.zeros((1, 2, 2, 4), dtype=np.int64), "got int64 of shape (1, 2, 2, 4)")):
         with pytest.raises(InputError) as info:
