@@ -54,8 +54,8 @@ HUB_TIMEOUT_S = 5.0  # the first hub request; see hub_timeout
 def parse_model_spec(spec: str) -> tuple[str, str | None]:
     """'sd', 'owner/name', 'owner/name@revision' or a folder path -> (id or path, revision)."""
     spec = ALIASES.get(spec, spec)
-    if "@" in spec and not Path(spec).exists():
-        name, revision = spec.rsplit("@", 1)
+    if "@" in spec and not Path(spec).exists():  # at the first '@': a hub id has none, a git ref may
+        name, revision = spec.split("@", 1)
         return name, revision or None
     return spec, None
 

@@ -125,6 +125,9 @@ def test_a_revision_that_is_no_git_name_and_a_ref_that_is_no_small_file_are_refu
     expect_model_error(lambda: model_io.resolve_model("owner/name@feature"), "revision 'feature' of owner/name names "
                        "a folder of refs in the hub cache, not one ref; give one of them: feature/x")
     assert model_io.resolve_model("owner/name@feature/x")[0].name == COMMIT
+    (hub_cache / "models--owner--name" / "refs" / "v1@rc").write_text(COMMIT)  # git allows '@' (not '@{')
+    assert model_io.resolve_model("owner/name@v1@rc")[0].name == COMMIT  # "neither a folder nor a hub id"
+    assert model_io.parse_model_spec("owner/name@v1@rc") == ("owner/name", "v1@rc")
     ref = hub_cache / "models--owner--name" / "refs" / "main"
     ref.unlink()
     for planted, said in ((lambda: ref.symlink_to("/dev/zero"), "is not a regular file"),
