@@ -219,6 +219,7 @@ class Manifest:
                 then, now = _unspelt(*then), _unspelt(*now)
             # made with other settings: made again (the output's suffix follows --output_format)
             changed = (_differing(then[0], now[0], "spec") | _differing(then[1], now[1], "model")) - {"output"}
+            changed = {f.removesuffix("_bytes") for f in changed}  # a prompt's bytes are the prompt's
             if changed:
                 self.changed[name] = changed
             if then != now or not verify(self.folder, old, self.expected[name]):

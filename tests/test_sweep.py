@@ -479,8 +479,9 @@ def test_a_prompt_that_is_not_utf8_is_read_as_the_single_command_reads_it(capsys
     assert status == 0 and "note: the prompt is not UTF-8 text: its bad bytes read as U+FFFD" in err, err
     record = json.loads((tmp_path / "out" / "s0.50.json").read_text())
     assert record["prompt"] == "a \ufffd barn" and record["prompt_bytes_hex"] == b"a \xff barn".hex()
-    status, said, _ = in_process(capsys, *base[:2], os.fsdecode(b"a \xfe barn"), *base[2:])
+    status, said, err = in_process(capsys, *base[:2], os.fsdecode(b"a \xfe barn"), *base[2:])
     assert status == 0 and json.loads((tmp_path / "out" / "sweep.json").read_text())["ran"] == 2, said
+    assert "had other settings (prompt): made again" in err, err  # not "(prompt_bytes)"
 
 
 def test_a_rerun_takes_over_runs_only_on_the_same_picture_and_another_grid_keeps_them(
