@@ -236,9 +236,9 @@ def test_a_replay_starts_no_more_than_an_hours_work_or_a_thousand_files_unasked(
 
 def test_the_usage_shows_the_replay_form_that_needs_no_positionals():
     """The usage line showed `image prompt` as required, though --replay PICTURE takes neither."""
-    for command in ("image2image", "txt2image"):
-        usage, rest = cli.build_parser(command).format_help().split("\n\n", 1)
-        assert usage.endswith(f"\n   or: {command}.py --replay PICTURE [flags]") and "--replay PICTURE" in rest
+    for name in ("image2image", "txt2image"):
+        usage, rest = cli.build_parser(name).format_help().split("\n\n", 1)
+        assert usage.endswith(f"\n   or: {name}.py --replay PICTURE [flags]") and "--replay PICTURE" in rest
     from stable_diffusion.sweep_cli import build_sweep_parser
 
     assert " or: " not in build_sweep_parser("image2image").format_help()  # the sweep refuses --replay
