@@ -330,6 +330,14 @@ class NoiseSchedule:
             crowded = not np.all(np.diff(np.asarray(full_sigmas)) < 0)  # a step of no noise: h = 0
         except _Crowded:
             crowded = True
+        except _PastEnd:
+            if n_total == num_steps:
+                raise
+            # "use fewer steps" cannot help where --steps was raised so that the strength runs one step
+            raise SpecError("strength", f"{{flag}} {strength:g} runs one step only at {n_total} steps, and "
+                                        f"{n_total} steps spaced 'leading' from the scheduler config's steps_offset "
+                                        f"{c.steps_offset} put the first timestep past this model's {self.T} training "
+                                        "steps; use a higher strength, or --schedule linear") from None
         if crowded:
             given, fix = f"{n_total}", "fewer steps"
             if n_total != num_steps:  # --steps was raised so that the strength runs one step
@@ -440,9 +448,9 @@ def _timesteps(noise: NoiseSchedule, n: int, family: str) -> np.ndarray:
         ts = np.arange(T, 0, -T / n).round() - 1
     if spacing == "leading" and ts.max(initial=0.0) > T - 1:  # found once the model had loaded
         config = "" if c.steps_offset <= 1 else " (or fix scheduler_config.json: SD's set steps_offset 0 or 1)"
-        raise InputError(f"{n} steps spaced 'leading' from the scheduler config's steps_offset {c.steps_offset} put "
-                         f"the first timestep at {int(ts.max())}, past this model's {T} training steps; use fewer "
-                         f"steps or --schedule linear{config}")
+        raise _PastEnd(f"{n} steps spaced 'leading' from the scheduler config's steps_offset {c.steps_offset} put "
+                       f"the first timestep at {int(ts.max())}, past this model's {T} training steps; use fewer "
+                       f"steps or --schedule linear{config}")
     return np.asarray(ts, dtype=np.float32).astype(np.float64)
 
 
@@ -481,6 +489,10 @@ def _check_key(key) -> None:
 
 class _Crowded(Exception):
     """A spacing of more steps than it has training steps for (timeline() says so)."""
+
+
+class _PastEnd(InputError):
+    """A leading spacing whose steps_offset puts the first timestep past the training steps."""
 
 
 def _diffusers_schedule(noise: NoiseSchedule, n: int, sampler: str):

@@ -1256,6 +1256,14 @@ def test_a_steps_offset_past_the_chain_is_refused_before_loading(capsys, tmp_pat
                               "--schedule", "diffusers", "--output", tmp_path / "o.png")
         only_error(status, 2, err, f"{steps} steps spaced 'leading' from the scheduler config's steps_offset 500 "
                    f"put the first timestep at {first}, past this model's 1000 training steps; use fewer steps")
+    # SD's own offset of 1 at the least strength, 0.001: 3 steps raised to 1000 so that it runs one, which
+    # "use fewer steps" could not help
+    rewrite_json(model / "scheduler" / "scheduler_config.json", lambda d: dict(d, steps_offset=1))
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", model, "--steps", 3, "--strength", 0.001,
+                          "--schedule", "karras", "--output", tmp_path / "o.png")
+    only_error(status, 2, err, "--strength 0.001 runs one step only at 1000 steps, and 1000 steps spaced 'leading' "
+               "from the scheduler config's steps_offset 1 put the first timestep past this model's 1000 training "
+               "steps; use a higher strength, or --schedule linear")
 
 
 def test_force_zeros_for_empty_prompt_is_sdxls_alone(capsys, tmp_path, picture, sd2):
