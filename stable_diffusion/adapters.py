@@ -307,12 +307,13 @@ def _whole_network(header: dict) -> str | None:
     return None
 
 
-def check_files(loras, embeddings, config, tokenizers, networks: dict, allow_partial: bool = False) -> None:
+def check_files(loras, embeddings, config, tokenizers, networks: dict, allow_partial: bool = False) -> list:
     """What can be told of adapter files (`(path, _)` pairs) before a weight loads: each is a
     sound safetensors file within the adapter cap of its kind; each LoRA fits the layers of the
     networks `config` (a PipelineConfig) describes, `networks` (budget.weightless_networks: built
     without their weights); each embedding fits the text encoders and the tokenizers' prompts.
-    An SD 1.x LoRA given to SDXL was refused once the whole model had loaded."""
+    An SD 1.x LoRA given to SDXL was refused once the whole model had loaded. Returns each
+    embedding's (file, token)."""
     files: dict = {}  # (device, inode) -> (path, weight): one file given twice would be fused twice
     sizes: dict = {}  # size -> [(file, path, weight)]: a copy of a file given beside it, by its bytes
     digests: dict = {}  # file -> sha256, each file hashed once, only where two sizes agree
@@ -345,6 +346,7 @@ def check_files(loras, embeddings, config, tokenizers, networks: dict, allow_par
             path, modules, _, peft = read_lora(path, targets, allow_partial)
             _lora_factors(path, modules, peft)
     words: dict = {}  # the words learnt (a token of n vectors is n words), as the tokenizer matches them
+    tokens = []
     for path, token in embeddings:
         path, token, tables = _embedding_tables(path, token, config.text_encoders, tokenizers)
         word = clean_text(token)
@@ -353,6 +355,18 @@ def check_files(loras, embeddings, config, tokenizers, networks: dict, allow_par
                 raise ModelError(f"the word {learnt!r} is learnt from both {words[learnt]} and {path} (token "
                                  f"{token!r}); give one of them another token ({{flag:embeddings}} PATH:TOKEN)")
             words[learnt] = path
+        tokens.append((path, token))
+    return tokens
+
+
+def unused_tokens(tokens: list, texts: list) -> list:
+    """A note for each learnt (file, token) that none of `texts` holds, as the tokenizer matches it:
+    the embedding then changes nothing, and a prompt that names the file instead (A1111's habit)
+    reads that name as words."""
+    texts = [clean_text(text) for text in texts if text]
+    return [f"the embedding {path.name} is learnt as {token!r}, which no prompt of this run holds: it changes "
+            f"nothing; write {token!r} in the prompt (or give it another token: {{flag:embeddings}} PATH:TOKEN)"
+            for path, token in tokens if not any(clean_text(token) in text for text in texts)]
 
 
 def _embedding_tables(path, token, encoders, tokenizers, dtypes=None) -> tuple[Path, str, list]:
@@ -654,7 +668,8 @@ def read_embedding(path, widths: list, max_vectors: int) -> tuple[Path, str, lis
         if len(widths) != 1:
             raise ModelError(f"{path} holds one embedding ({keys[0]}); an SDXL model needs one per text "
                              "encoder, clip_l and clip_g, in one file")
-        token = path.stem if keys == ["emb_params"] else keys[0]
+        # A1111's files name no token (their tensor's key is fixed): the file's name is the token
+        token = path.stem if keys[0] in ("emb_params", "string_to_param.*") else keys[0]
     elif (whole := _whole_network(header) or ("a LoRA (pass it with {flag:loras})"
                                                 if any("lora" in k.lower() for k in keys) else None)):
         raise ModelError(f"{path} is {whole}, not a textual-inversion embedding")
@@ -670,6 +685,10 @@ def read_embedding(path, widths: list, max_vectors: int) -> tuple[Path, str, lis
         vectors = 1 if len(shape) == 1 else shape[0]
         if not 1 <= vectors <= max_vectors:
             raise ModelError(f"{path}: tensor {key} holds {vectors} vectors; a prompt holds 1 to {max_vectors}")
+    counts = [1 if len(header[key]["shape"]) == 1 else header[key]["shape"][0] for key in keys]
+    if len(set(counts)) > 1:  # the two encoders would read the prompt's words at other places
+        raise ModelError(f"{path}: clip_l holds {counts[0]} vector(s) and clip_g {counts[1]}; an SDXL embedding "
+                         "holds as many for both text encoders: the file is damaged")
     return path, token, keys
 
 

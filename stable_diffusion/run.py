@@ -22,6 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from . import costs, errors, files, images, options, outputs, privacy, record, render, signals, sinks
+from .adapters import unused_tokens
 from .console import Console
 from .errors import InputError, NumericalError, OutputError
 from .plan import RunPlan, make_plan
@@ -65,13 +66,15 @@ def plan_for(session, spec, image_size: tuple | None, notice=lambda line: None) 
     if mx.default_device() == mx.cpu and slow:
         notice(slow)  # before the speed of its products is measured
     plan = make_plan(spec, session.config, session.tokenizers, image_size, notice, session.machine())
+    texts = {"prompt": plan.spec.prompt, "negative prompt": plan.spec.negative_prompt}
+    if plan.spec.inversion is not None:
+        texts["inversion prompt"] = plan.spec.inversion.prompt
+    for line in unused_tokens(session.learnt, list(texts.values())):
+        notice(line)
     if session.source.get("source") == "package" and session.source.get("model") == "shapes":
         from .scenes import outside_training
 
-        texts = {"prompt": plan.spec.prompt, "negative prompt": plan.spec.negative_prompt}
-        if plan.spec.inversion is not None:
-            texts["inversion prompt"] = plan.spec.inversion.prompt
-        for line in outside_training(texts, plan.image_size):
+        for line in outside_training(texts, plan.image_size, [token for _, token in session.learnt]):
             notice(line)
     return plan
 

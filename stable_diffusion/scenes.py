@@ -54,14 +54,16 @@ def all_captions() -> list:
     return [caption(s, c, b) for s in SHAPES for c in COLOURS for b in COLOURS if b != c]
 
 
-def outside_training(texts: dict, size: tuple) -> list:
+def outside_training(texts: dict, size: tuple, learnt=()) -> list:
     """Notes for the texts (their kind, "prompt", "negative prompt", ... -> the text) and the
     working size (H, W) the shipped model never saw in training: it paints something all the same,
-    with no sign that it was never taught it."""
+    with no sign that it was never taught it. `learnt`: the tokens of loaded embeddings, taught since."""
     known = {"a", "on", "background", *COLOURS, *SHAPES}
+    taught = re.compile("|".join(re.escape(token) for token in learnt), re.IGNORECASE) if learnt else None
     unknown = []
     for kind, text in texts.items():
-        words = list(dict.fromkeys(w for w in re.findall(r"\w+(?:[.'-]\w+)*", text or "") if w.lower() not in known))
+        text = taught.sub(" ", text or "") if taught else text or ""
+        words = list(dict.fromkeys(w for w in re.findall(r"\w+(?:[.'-]\w+)*", text) if w.lower() not in known))
         if words:
             shown = ", ".join(repr(w if len(w) <= 30 else w[:27] + "...") for w in words[:8])
             shown += f" and {len(words) - 8} more" if len(words) > 8 else ""

@@ -58,6 +58,7 @@ class Session:
         self._latents, self._conditions, self._pictures = _Cache(64), _Cache(64), _Cache(8)
         self._speed = None
         self.parameter_counts: dict | None = None  # by network, from the configs (open)
+        self.learnt: list = []  # (file, token) of the spec's embeddings (open)
 
     @property
     def dtype(self):
@@ -98,7 +99,7 @@ class Session:
         networks = weightless_networks(config)  # built once: counted, and the LoRAs matched to them
         self.parameter_counts = parameter_counts(config, networks)
         model_io.check_sizes_meet(self.folder, held, self.parameter_counts)
-        check_files(m.loras, m.embeddings, config, self.tokenizers, networks, m.lora_partial)
+        self.learnt = check_files(m.loras, m.embeddings, config, self.tokenizers, networks, m.lora_partial)
         self.config = config
 
     def machine(self):

@@ -644,7 +644,7 @@ def test_textual_inversion_matches_diffusers(family, layout, tiny_model, parity,
         save_file({"emb_params": rng.standard_normal((2, 32)).astype(np.float32)}, str(path))
     else:
         path, token, given = tmp_path / "<xl-cat>.safetensors", "<xl-cat>", None  # A1111: the file's name
-        save_file({"clip_l": rng.standard_normal((2, 32)).astype(np.float32),
+        save_file({"clip_l": rng.standard_normal((3, 32)).astype(np.float32),  # as many: see the refusals
                    "clip_g": rng.standard_normal((3, 32)).astype(np.float32)}, str(path))
     prompt = f"a photo of {token} on a table, two {token}s"
 
@@ -688,6 +688,13 @@ def test_textual_inversion_refusals(tiny_model, tmp_path):
     xl = tmp_path / "xl.safetensors"
     save_file({"clip_l": np.ones((1, 32), np.float32), "clip_g": np.ones((1, 32), np.float32)}, str(xl))
     expect_model_error(lambda: sd.load_textual_inversion(xl), "an SDXL embedding", "one text encoder")
+    # Counts that differ: SDXL's two encoders read the prompt's later words at other places
+    from stable_diffusion.adapters import read_embedding
+    save_file({"clip_l": np.ones((1, 32), np.float32), "clip_g": np.ones((2, 32), np.float32)}, str(xl))
+    expect_model_error(lambda: read_embedding(xl, [32, 32], 75), "clip_l holds 1 vector(s) and clip_g 2; an SDXL "
+                       "embedding holds as many for both text encoders: the file is damaged")
+    save_file({"clip_l": np.ones((2, 32), np.float32), "clip_g": np.ones((2, 48), np.float32)}, str(xl))
+    assert read_embedding(xl, [32, 48], 75) == (xl, "xl", ["clip_l", "clip_g"])
     wide = tmp_path / "wide.safetensors"
     save_file({"<wide>": np.ones((1, 768), np.float32)}, str(wide))
     expect_model_error(lambda: sd.load_textual_inversion(wide), "shape (1, 768)", "(n, 32)")

@@ -192,6 +192,20 @@ def test_the_library_checks_its_arguments_when_the_generator_is_made(tiny_model)
     assert np.array_equal(np.array(list(generation)[-1].x_t), np.array(list(first)[-1].x_t))
 
 
+def test_an_embedding_no_prompt_holds_is_said_to_change_nothing(tmp_path, picture, tiny_model):
+    """A diffusers file learns the token it names, not the file's name: "a barn <toy>" with toy.safetensors
+    holding <cat-toy> ran without a word, the embedding unused."""
+    embedding = tmp_path / "toy.safetensors"
+    save_file({"<cat-toy>": np.ones((1, 32), np.float32)}, str(embedding))
+    result = _run(picture, tiny_model("sd1"), tmp_path / "o.png", "--embedding", embedding)  # "a barn <toy>"
+    assert ("note: the embedding toy.safetensors is learnt as '<cat-toy>', which no prompt of this run holds: it "
+            "changes nothing; write '<cat-toy>' in the prompt (or give it another token: --embedding PATH:TOKEN)"
+            ) in result.stderr, result.stderr
+    for extra in (["--embedding", f"{embedding}:<toy>"],  # the prompt's word, or the negative prompt's
+                  ["--embedding", embedding, "--negative_prompt", "<CAT-TOY>"]):
+        assert "no prompt of this run holds" not in _run(picture, tiny_model("sd1"), tmp_path / "o.png", *extra).stderr
+
+
 def test_an_embedding_token_may_not_take_over_a_word_or_hold_a_space(tmp_path, tiny_model):
     import pytest
 

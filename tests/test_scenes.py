@@ -84,6 +84,10 @@ def test_what_the_shipped_model_never_saw_is_named():
     words, = scenes.outside_training({"prompt": "a RED círcle, 2 cats", "negative prompt": "blurry cat",
                                       "inversion prompt": None}, (128, 128))
     assert "never saw 'círcle', '2', 'cats' (in the prompt); 'blurry', 'cat' (in the negative prompt):" in words
+    # An embedding's token has been taught since: not named (nor the words inside <cat-toy>)
+    words, = scenes.outside_training({"prompt": "a mystyle <Cat-Toy> circle on a blue background, cat"}, (128, 128),
+                                     ["MyStyle", "<cat-toy>"])
+    assert "never saw 'cat' (in the prompt)" in words
     size, = scenes.outside_training({"prompt": "a red circle on a blue background"}, (128, 384))
     assert size == "the shapes model was trained at 128x128; at 384x128 (width x height) it may draw no shape, or more than one"
     words, = scenes.outside_training({"prompt": "a red circle 2.5 x-ray " + "z" * 2000}, (128, 128))
