@@ -417,6 +417,17 @@ def _embedding_room(encoders, tokenizers) -> tuple[list, int]:
     return [e.hidden_size for e in encoders], min(t.max_length for t in tokenizers) - 2
 
 
+def _bare_network(keys: list, targets: dict) -> str | None:
+    """The network whose layers `keys` name without its name before them (as PEFT saves the adapter
+    of one network: `base_model.model.<layer>`), if any does."""
+    for network in ("unet", *(component for component, _ in _TEXT_PREFIXES)):
+        for key in keys:
+            split = _split_key(f"{network}.{key.removeprefix('base_model.model.')}")
+            if split is not None and split[0] in targets:
+                return network
+    return None
+
+
 def read_lora(path, targets: dict, allow_partial: bool = False) -> tuple[Path, list, list, dict]:
     """Check a LoRA file against a model's layers (`lora_targets`) from its header alone:
     (file, matched modules, keys matching no layer, PEFT metadata per component).
@@ -434,6 +445,11 @@ def read_lora(path, targets: dict, allow_partial: bool = False) -> tuple[Path, l
             continue
         factors.setdefault(split[0], {})[split[1]] = key
     if not factors:
+        prefix = _bare_network(unmatched, targets)
+        if prefix is not None:  # PEFT's own names for one network's adapter; diffusers fuses none of them
+            raise ModelError(f"{path}: its keys name layers of the {prefix} without the '{prefix}.' prefix that "
+                             f"diffusers' LoRA files give them (first: {unmatched[0]}): a PEFT adapter saved "
+                             f"from the {prefix} alone; save its keys as {prefix}.<layer>.lora_A.weight")
         raise ModelError(f"{path}: none of its {len(header)} keys matches a layer of this model (first: "
                          f"{unmatched[0]}); it is not a LoRA for this model's family or architecture")
     if unmatched and not allow_partial:
