@@ -325,7 +325,7 @@ class Generation:
                              f"n_images={spec.n_images}")
         if x0 is not None and x0.shape[0] == 1:
             x0 = mx.repeat(x0, spec.n_images, axis=0)
-        self.plan, self.seed = plan, spec.seed
+        self.plan, self.seed, self._sd = plan, spec.seed, sd
         eps = sd.initial_noise((spec.n_images, h // sd.downscale, w // sd.downscale, sd.latent_channels),
                                spec.seed, noise)
         cond = sd.condition(spec.prompt, spec.negative_prompt, plan.guided, spec.n_images, (h, w))
@@ -340,6 +340,17 @@ class Generation:
 
     def __iter__(self) -> "Generation":
         return self
+
+    def estimate(self):
+        """How long the generation should take on this machine, as the commands' plan line says it
+        (a plan.Estimate: `.seconds`, `.describe(plan)`): the cost model at this machine's speed,
+        measured on the first call (seconds, once per machine and dtype, then kept)."""
+        from .calibrate import speed
+        from .costs import Machine
+        from .plan import estimate_time
+
+        name = str(self._sd.dtype).removeprefix("mlx.core.")
+        return estimate_time(self.plan, self._sd.config, Machine(speed(name), name))
 
     def __next__(self) -> Step:
         return next(self._visits).step

@@ -174,6 +174,11 @@ def test_txt2img_starts_where_add_noise_puts_pure_noise(tiny_model):
     expected = sd.sampler.add_noise(mx.zeros((1, 8, 8, 4)), 1000.0, mx.array(eps))
     assert np.allclose(np.array(start.x_t), np.array(expected), atol=1e-7)
     assert np.allclose(np.array(start.x_t), 0.997667 * eps, atol=1e-5)
+    # Its time, before any work: as the command's plan line (a 64x64 latent took tens of minutes unsaid)
+    small, large = run.estimate(), sd.generate_latents("a cat", num_steps=2, latent_size=(64, 64)).estimate()
+    assert (small.unet_calls, small.load) == (2, 0) and small.describe(run.plan).endswith(
+        "on this machine: 2 UNet calls at 64x64 (width x height, batch 1), 1 decode")
+    assert large.seconds > 10 * small.seconds
 
 
 @pytest.mark.parametrize("sampler, calls", [("euler", 3), ("heun", 5), ("dpmpp_2m", 3), ("plms", 4),
