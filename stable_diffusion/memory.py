@@ -1,11 +1,13 @@
 """MLX's CPU memory between the phases of a run: which freed buffers are kept for reuse, and when
-they go back to the OS. Nothing here computes; on a GPU nothing is changed."""
+they go back to the OS; and the streams of a script's own threads, cleared as each ends. Nothing
+here computes; on a GPU nothing is changed."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
 import os
+import threading
 
 import mlx.core as mx
 
@@ -58,3 +60,28 @@ def release_cpu_buffers() -> None:
     phase, while across phases one phase's cached buffers would only sit under the next's."""
     if mx.default_device() == mx.cpu:
         mx.clear_cache()
+
+
+class _StreamsOfThisThread:
+    """Kept in a thread-local: dropped as its thread ends, in that thread, it clears the thread's streams."""
+
+    def __del__(self):
+        try:
+            mx.clear_streams()
+        except Exception:  # noqa: BLE001 - the thread is ending; nothing to tell
+            pass
+
+
+_THREAD = threading.local()
+
+
+def clear_streams_at_thread_end() -> None:
+    """MLX (0.32) ends the process at exit with "terminate called without an active exception"
+    (status 134) where a thread other than the main one made streams and did not clear them
+    (mx.clear_streams): a script that ran `execute` in a worker thread, its pictures all written,
+    then died. Called where the library first computes in a thread, so that the thread's streams
+    are cleared as it ends."""
+    if threading.current_thread() is threading.main_thread() or hasattr(_THREAD, "streams"):
+        return
+    if hasattr(mx, "clear_streams"):
+        _THREAD.streams = _StreamsOfThisThread()

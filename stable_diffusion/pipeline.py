@@ -86,6 +86,7 @@ class StableDiffusion:
                 tokenizers.append(Tokenizer.from_folder(folder / tok_name))
                 check_fits_encoder(tokenizers[-1], enc_config, folder / tok_name)  # before any weight
         memory.use_cpu_buffer_cache()
+        memory.clear_streams_at_thread_end()
         parts = [(UNetModel(config.unet), "unet", model_io.map_unet_weights),
                  (Autoencoder(config.vae), "vae", model_io.map_vae_weights),
                  *[(CLIPTextModel(enc_config), enc_name, model_io.map_clip_weights)
@@ -156,6 +157,7 @@ class StableDiffusion:
     def condition(self, text: str, negative_text: str | None, guided: bool, n_images: int,
                   image_size: tuple[int, int]) -> Conditioning:
         """Text conditioning for n_images pictures of image_size (H, W) pixels."""
+        memory.clear_streams_at_thread_end()
         negative_text, n_images = _condition_arguments(text, negative_text, guided, n_images)
         texts = [negative_text, text] if guided else [text]
         hidden, pooled, dropped = self._encode_prompts(texts)
@@ -178,6 +180,7 @@ class StableDiffusion:
     def encode(self, image, check_memory: bool = True) -> mx.array:
         """Pictures (B, H, W, 3) in [-1, 1], sides multiples of 8 (an mx or numpy array of floats)
         -> latents x0 (B, H/8, W/8, C): the mean, times the scaling factor. `check_memory`: as decode's."""
+        memory.clear_streams_at_thread_end()
         pixels = _checked_pixels(image, batch=True)
         if check_memory:
             self.check_memory(pixels.shape[1:3], pixels.shape[0], ("vae_encode",))
@@ -187,6 +190,7 @@ class StableDiffusion:
     def decode(self, x: mx.array, check_memory: bool = True) -> mx.array:
         """Latents (B, h, w, C) -> pictures (B, H, W, 3) in [0, 1], float32. `check_memory` False: the
         caller has checked the memory of its whole run (run.execute), which this call is part of."""
+        memory.clear_streams_at_thread_end()
         x = latents(x, "latents", self.latent_channels, self.downscale, finite=True)
         if check_memory:
             self.check_memory((x.shape[1] * self.downscale, x.shape[2] * self.downscale), x.shape[0],
@@ -319,6 +323,7 @@ class Generation:
     def __init__(self, sd: StableDiffusion, plan, x0: mx.array | None, noise):
         from .walk import walk
 
+        memory.clear_streams_at_thread_end()
         spec, (h, w) = plan.spec, plan.image_size
         if x0 is not None and x0.shape[0] not in (1, spec.n_images):
             raise InputError(f"x0 holds {x0.shape[0]} latents; give 1 (for each image) or "
@@ -451,8 +456,8 @@ def _checked_pixels(image, batch: bool = False) -> np.ndarray:
     if pixels.dtype.kind != "f" or pixels.ndim not in (3, 4) or pixels.shape[-1] != 3 or \
             pixels.ndim == 4 and pixels.shape[0] != 1 and not batch or 0 in pixels.shape:
         expected = "(B, H, W, 3) in [-1, 1]" if batch else "(H, W, 3) in [-1, 1], one picture (n_images makes several)"
-        raise InputError(f"image: expected floats of shape {expected}, got {type(image).__name__} of dtype {pixels.dtype} and shape "
-                         f"{pixels.shape}; {how}")
+        raise InputError(f"image: expected floats of shape {expected}, got {type(image).__name__} of dtype "
+                         f"{pixels.dtype} and shape {pixels.shape}; {how}")
     if max(pixels.shape[-3:-1]) > MAX_SIDE:  # MLX's convolutions crashed on 10000x10000
         raise InputError(f"image: {pixels.shape[-2]}x{pixels.shape[-3]} (width x height) is larger than {MAX_SIDE} "
                          "pixels a side; make it smaller (load_image(path, max_pixels=...) fits a picture)")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import model_io
+from . import memory, model_io
 from .config import TEXT_COMPONENTS, read_pipeline_config
 from .errors import InputError, ModelError
 from .spec import ModelSpec
@@ -66,6 +66,7 @@ class Session:
 
     def open(self) -> None:
         """Resolve the model and read its configs and tokenizers: no weights."""
+        memory.clear_streams_at_thread_end()  # before the first MLX array of a script's thread
         if self.config is not None:
             return
         m = self.model_spec

@@ -1950,3 +1950,33 @@ def test_a_memory_refusal_is_its_one_line_with_no_plan_before_it(capsys, tmp_pat
     assert out == ""
     only_error(status, 2, err, "more than the 1 MB available")
     assert list(tmp_path.iterdir()) == []
+
+
+THREADED = """
+import sys, threading
+import stable_diffusion
+from stable_diffusion.console import Console
+from stable_diffusion.run import execute
+from stable_diffusion.session import Session
+from stable_diffusion.spec import ModelSpec, RunSpec
+
+def work(name):
+    spec = RunSpec("a yellow triangle on a black background", f"{sys.argv[1]}/{name}.png", image=sys.argv[2],
+                   strengths=(0.5,), steps=4, seed=0).validate()
+    print(execute(Session(ModelSpec("shapes")), spec, Console(quiet=True)).status, flush=True)
+
+for name in ("a", "b"):
+    thread = threading.Thread(target=work, args=(name,))
+    thread.start()
+    thread.join()
+"""
+
+
+def test_runs_in_a_scripts_threads_end_the_process_cleanly(tmp_path):
+    """Each run was made, then the process ended with "terminate called without an active exception"
+    (status 134, most times): MLX aborts at exit over the streams a thread made and did not clear."""
+    for attempt in range(3):
+        result = subprocess.run([sys.executable, "-c", THREADED, str(tmp_path), str(ROOT / "images" / "shapes-input.png")],
+                                capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert (result.returncode, result.stdout, result.stderr) == (0, "finished\nfinished\n", ""), attempt
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
