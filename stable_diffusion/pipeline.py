@@ -280,16 +280,21 @@ class StableDiffusion:
         if noise is None:
             key = seed_keys(seed)["initial_noise"]
             return mx.random.normal(tuple(shape), key=key).astype(self.dtype)
-        # An mx.array may be bfloat16, which numpy cannot take.
-        values = np.array(noise.astype(mx.float32)) if isinstance(noise, mx.array) else np.asarray(noise)
-        if values.dtype.kind not in "fiu" or tuple(values.shape) != tuple(shape):
-            raise InputError(f"initial noise: expected real numbers of shape {tuple(shape)}, got dtype "
-                             f"{values.dtype} and shape {tuple(values.shape)}")
-        with np.errstate(over="ignore"):  # 1e39 is finite as float64, not as float32
-            values = values.astype(np.float32)
-        if not np.isfinite(values).all():
-            raise InputError("initial noise: some values are not finite (NaN or infinity) in float32")
-        return mx.array(values).astype(self.dtype)
+        return mx.array(_checked_noise(noise, tuple(shape))).astype(self.dtype)
+
+
+def _checked_noise(noise, shape: tuple) -> np.ndarray:
+    """Noise given in place of a seed's, as float32 values of `shape`, finite; else an InputError."""
+    # An mx.array may be bfloat16, which numpy cannot take.
+    values = np.array(noise.astype(mx.float32)) if isinstance(noise, mx.array) else np.asarray(noise)
+    if values.dtype.kind not in "fiu" or tuple(values.shape) != shape:
+        raise InputError(f"initial noise: expected real numbers of shape {shape}, got dtype "
+                         f"{values.dtype} and shape {tuple(values.shape)}")
+    with np.errstate(over="ignore"):  # 1e39 is finite as float64, not as float32
+        values = values.astype(np.float32)
+    if not np.isfinite(values).all():
+        raise InputError("initial noise: some values are not finite (NaN or infinity) in float32")
+    return values
 
 
 def _condition_arguments(text, negative_text, guided, n_images) -> tuple[str, int]:

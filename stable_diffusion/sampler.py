@@ -17,10 +17,8 @@ import mlx.core as mx
 import numpy as np
 
 from .choices import SAMPLER_TABLE, SCHEDULES, display_name
-from .errors import InputError
 # The noise schedule and timelines, re-exported: `from .sampler import Timeline, Step, ...` keeps working.
-from .schedule import NoiseSchedule, Timeline, Step, _vp_scale, timeline, seed_keys
-from .spec import MAX_REFINE, _whole
+from .schedule import NoiseSchedule, Timeline, Step, _vp_scale, check_refine, check_timeline, timeline, seed_keys
 
 __all__ = ["SCHEDULES", "SAMPLERS", "NoiseSchedule", "Timeline", "Step", "timeline",
            "seed_keys", "display_name", "default_sampler", "invert", "sample_euler", "sample_euler_a",
@@ -43,15 +41,9 @@ def _vp(x_ve: mx.array, sigma: float, dtype) -> mx.array:
 
 def _segments(timeline: Timeline):
     """(i, t, sigma, t_next, sigma_next) for each step of a timeline."""
-    _check_timeline(timeline)
+    check_timeline(timeline)
     for i in range(timeline.steps):
         yield i, timeline.times[i], timeline.sigmas[i], timeline.times[i + 1], timeline.sigmas[i + 1]
-
-
-def _check_timeline(timeline) -> None:
-    if not isinstance(timeline, Timeline):
-        raise InputError(f"a sampler walks a Timeline, not {type(timeline).__name__}; make one with "
-                         "sampler.timeline(strength, steps, noise_schedule)")
 
 
 def _limited(x0: mx.array, timeline: Timeline) -> mx.array:
@@ -427,8 +419,8 @@ def invert(denoise: Denoise, x0: mx.array, timeline_up: Timeline, refine: int = 
     estimate is made at the first time above it (as diffusers' DDIMInverseScheduler conditions on
     the target time). Steps 1..n; Step k's x0_pred is the estimate the step used.
     """
-    _check_timeline(timeline_up)
-    _whole("refine", refine, 0, MAX_REFINE)
+    check_timeline(timeline_up)
+    check_refine(refine)
     times, sigmas = timeline_up.times[::-1], timeline_up.sigmas[::-1]
     n = len(times) - 1
     x = x0

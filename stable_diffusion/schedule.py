@@ -25,7 +25,7 @@ import numpy as np
 from .choices import FORWARD_PATHS, SAMPLER_TABLE, SCHEDULES
 from .config import SchedulerConfig
 from .errors import InputError
-from .spec import MAX_SIDE, MAX_STEPS, MIN_STRENGTH, SpecError
+from .spec import MAX_REFINE, MAX_SIDE, MAX_STEPS, MIN_STRENGTH, SpecError, _whole
 
 # abar_T with rescale_betas_zero_snr: diffusers' DDIM keeps the rescaled 0, its other classes put
 # 2**-24 there so that sigma_T stays finite (4096). DDIM's 0 is held as 1e-60: sqrt(abar) = 1e-30
@@ -478,6 +478,18 @@ def latents(x, name: str, channels: int | None = None, downscale: int = 0, finit
     if finite and not mx.all(mx.isfinite(x)).item():
         raise InputError(f"{name}: some values are not finite (NaN or infinity)")
     return x  # without `finite`, NaN in, NaN out: a run says where its latents became NaN (run._evaluate)
+
+
+def check_timeline(timeline) -> None:
+    """What a sampler walks is a Timeline (else an AttributeError of None at its first step)."""
+    if not isinstance(timeline, Timeline):
+        raise InputError(f"a sampler walks a Timeline, not {type(timeline).__name__}; make one with "
+                         "sampler.timeline(strength, steps, noise_schedule)")
+
+
+def check_refine(refine) -> None:
+    """The fixed-point iterations of an inversion step: a whole number in 0 .. MAX_REFINE."""
+    _whole("refine", refine, 0, MAX_REFINE)
 
 
 def _check_key(key) -> None:
