@@ -15,6 +15,7 @@ amount / speed; bench/estimate.py sets a whole run's estimate against its measur
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, fields
 
@@ -270,6 +271,7 @@ class Networks:
     text: Work  # the prompt (and negative prompt), each text encoder once
 
 
+@functools.lru_cache(maxsize=64)  # a sweep plans every run: most share their model, size and batch
 def network_work(config: PipelineConfig, size: tuple, n_images: int, guided: bool,
                  inversion_guided: bool, preview: str, dtype: str) -> Networks:
     """The work of each network call of a run at `size` (H, W) pixels."""

@@ -184,6 +184,8 @@ def left_by_us(names: FileNames) -> dict:
         record = read_own_sidecar(names.sidecar()) or {}
     except NotOurs:
         return {}  # prepare refused this before any work; nothing of it is ours to judge by
+    if not record:  # no sidecar (each run of a new sweep): nothing left, and no pattern to build
+        return {}
     ours = re.compile(re.escape(names.stem.name) + f"(?i:(\\.{_ANY_KIND})?\\.(png|webp|jpe?g|gif))")
     written = record.get("written") if isinstance(record.get("written"), dict) else {}
     left = {}

@@ -121,9 +121,14 @@ def _grid_values(args, command: str) -> tuple:
     return values, pattern
 
 
-def build_sweep(command: str, args, raw: dict | None = None) -> tuple:
+# A grid this large is checked for a while before its first line (a second or more per 2000 runs)
+LARGE_GRID = 2000
+
+
+def build_sweep(command: str, args, raw: dict | None = None, console: Console | None = None) -> tuple:
     """(runs, grid, ModelSpec, folder) of the parsed arguments, every run validated (`raw`: the
-    bytes each text flag was read from, where they were not UTF-8: cli.text_arguments)."""
+    bytes each text flag was read from, where they were not UTF-8: cli.text_arguments). `console`
+    hears that a large grid is being checked."""
     if args.ray is not None and args.ray not in ("auto", "local") and ":" not in args.ray:
         raise InputError(f"--ray {args.ray!r} is not a Ray address (auto, local or HOST:PORT); if it is "
                          "the picture, give --ray after the prompt or as --ray=auto")
@@ -156,6 +161,8 @@ def build_sweep(command: str, args, raw: dict | None = None) -> tuple:
     raw = raw or {}
     base = replace(base, prompt_bytes=raw.get("prompt"), negative_prompt_bytes=raw.get("negative_prompt"))
     grid = Grid.of(values)
+    if console is not None and grid.size >= LARGE_GRID:
+        console.say(f"sweep: checking the settings, names and files of {grid.size} runs before the first")
     runs = expand(base, grid, folder, pattern)
     return runs, grid, model, folder
 
@@ -198,7 +205,7 @@ def _sweep(argv: list, console: Console) -> int:
     if args.print_parser:
         console.arguments(args)
     raw = cli.text_arguments(args, console)  # bytes that are not UTF-8 read as the single command reads them
-    runs, grid, model, folder = build_sweep(command, args, raw)
+    runs, grid, model, folder = build_sweep(command, args, raw, console)
     signals.import_whole("mlx.core")  # (see there) before the heavy imports below
     from .images import load_image
 

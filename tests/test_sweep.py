@@ -93,6 +93,38 @@ def test_sweep_makes_the_files_of_the_shell_loop_byte_for_byte(tmp_path, picture
     assert costs["costs"]["steps_and_frames_s"] > 0
 
 
+def test_runs_that_differ_in_their_seeds_alone_are_planned_once(tmp_path, picture, sd2, monkeypatch, capsys):
+    """A sweep of 20000 seeds planned each run afresh: 40 s before its first line, which said nothing of it."""
+    from stable_diffusion import run, sweep_cli
+    from stable_diffusion.console import Console
+    from stable_diffusion.images import load_image
+    from stable_diffusion.run import upright_size
+    from stable_diffusion.session import Session
+    from stable_diffusion.sweep import check_plans
+
+    from stable_diffusion.spec import ModelSpec
+
+    planned, original = [], run.plan_for
+
+    def counted(session, spec, *rest):
+        planned.append(spec)
+        return original(session, spec, *rest)
+
+    monkeypatch.setattr(run, "plan_for", counted)
+    monkeypatch.setattr(sweep_cli, "LARGE_GRID", 6)
+    args = build_sweep_parser("image2image").parse_args(
+        [str(picture), "a barn", "--model", str(sd2), "--steps", "3", "--seeds", "1-3", "--strengths", "0.6,1",
+         "-o", str(tmp_path / "out")])
+    runs = build_sweep("image2image", args, console=Console())[0]
+    assert capsys.readouterr().out == "sweep: checking the settings, names and files of 6 runs before the first\n"
+    notes: dict = {}
+    plans = check_plans(runs, Session(ModelSpec(sd2)), upright_size(load_image(picture)), notes)
+    assert [spec.strengths[0] for spec in planned] == [0.6, 1.0]  # one plan per strength
+    assert [(p.spec.seed, p.spec.output) for p in plans] == [(r.spec.seed, r.spec.output) for r in runs]
+    assert [p.rows for p in plans] == [plans[0].rows] * 3 + [plans[3].rows] * 3 and plans[0].rows != plans[3].rows
+    assert len(notes) == 6
+
+
 def test_one_session_loads_once_and_encodes_once_per_picture_and_prompt(tmp_path, picture, sd2,
                                                                           monkeypatch):
     from stable_diffusion.console import Console
