@@ -220,7 +220,8 @@ class Manifest:
         self.remade, self.changed = set(), {}
         # An earlier sweep's runs that this one does not name keep their lines (a second grid in
         # the folder wiped the first's, and rerunning the first made it all again)
-        self.others = {name: old for name, old in previous.items() if name not in self.records}
+        # (their index, their place in that grid, is none in this one: null, not a number two runs share)
+        self.others = {name: dict(old, index=None) for name, old in previous.items() if name not in self.records}
         for name, old in previous.items():
             new = self.records.get(name)
             if new is None or old.get("status") != "finished":
@@ -239,7 +240,7 @@ class Manifest:
             if not same:
                 self.remade.add(name)
                 continue
-            self.records[name] = dict(old, skipped=True)
+            self.records[name] = dict(old, skipped=True, index=new["index"])  # its place in this grid
             done.add(name)
         return done
 

@@ -37,7 +37,7 @@ def manifest(folder: Path) -> list:
         except ValueError:  # a line cut short by the kill
             continue
         records[record["name"]] = record
-    return sorted(records.values(), key=lambda r: r["index"])
+    return sorted(records.values(), key=lambda r: (r["index"] is None, r["index"] or 0, r["name"]))
 
 
 def lines(folder: Path) -> int:
@@ -529,8 +529,11 @@ def test_a_rerun_takes_over_runs_only_on_the_same_picture_and_another_grid_keeps
     assert in_process(capsys, "image2image", source, "x", "--model", sd2, "--steps", 2, "--strengths", "0.75",
                       "--seeds", 1, "--name", "s{strength:.2f}", "--quiet", "-o", out)[0] == 0
     assert sorted(r["name"] for r in manifest(out)) == ["s0.50", "s0.75", "s1.00"]
+    # Each run's index is its place in the grid of the sweep that wrote the file (s0.75 and s1.00 shared 1)
+    assert [(r["name"], r["index"]) for r in manifest(out)] == [("s0.75", 0), ("s0.50", None), ("s1.00", None)]
     assert in_process(capsys, *first)[0] == 0
     assert json.loads((out / "sweep.json").read_text())["ran"] == 0  # taken over: the manifest kept them
+    assert [(r["name"], r["index"]) for r in manifest(out)] == [("s0.50", 0), ("s1.00", 1), ("s0.75", None)]
     # The same picture and model under other paths: the same files, taken over (they were made again)
     (tmp_path / "same.png").symlink_to(source)
     (tmp_path / "same-model").symlink_to(sd2, target_is_directory=True)
