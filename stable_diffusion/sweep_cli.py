@@ -26,7 +26,7 @@ from .console import Console
 from .errors import InputError
 from .spec import MAX_CFG, MAX_STEPS, PICTURE_SUFFIXES, SpecError
 from .sweep import Sweep, expand
-from .sweep_grid import GRID_KEYS, KINDS, Grid, parse_values, read_grid_file, read_prompts
+from .sweep_grid import GRID_KEYS, KINDS, MAX_RUNS, Grid, parse_values, read_grid_file, read_prompts
 from .sweep_manifest import MANIFEST
 
 COMMANDS = ("image2image", "txt2image")
@@ -161,7 +161,7 @@ def build_sweep(command: str, args, raw: dict | None = None, console: Console | 
     raw = raw or {}
     base = replace(base, prompt_bytes=raw.get("prompt"), negative_prompt_bytes=raw.get("negative_prompt"))
     grid = Grid.of(values)
-    if console is not None and grid.size >= LARGE_GRID:
+    if console is not None and LARGE_GRID <= grid.size <= MAX_RUNS:  # (past it, refused at once)
         console.say(f"sweep: checking the settings, names and files of {grid.size} runs before the first")
     runs = expand(base, grid, folder, pattern)
     return runs, grid, model, folder

@@ -270,13 +270,16 @@ def test_sigterm_leaves_the_run_under_way_interrupted(tmp_path, picture, sd2):
                                                         "give it once, all its values in one list"),
     (["--sampler", "ddim", "--samplers", "euler,heun"], "--samplers is given twice"),
     (["--strengths", "50%,70%"], "--strengths '50%' is not a number; a strength is a fraction of the way to noise: 0.5"),
+    # It blamed --grid, which was not given; and said first that it was checking the million runs
+    (["--strengths", "0.001:1:0.001", "--seeds", "1-1000"], "error: 1000 --strengths x 1000 --seeds make 1000000 "
+                                                            "runs; at most 100000: sweep fewer values"),
 ])
 def test_bad_grids_are_refused_before_any_work_with_one_line(tmp_path, picture, sd2, extra, words):
     os.chdir(tmp_path)
     args = [picture] + ([] if "--prompts" in extra else ["x"])
     result = sweep("image2image", *args, "--model", sd2, *extra, "-o", tmp_path / "out", check=False)
     assert result.returncode == 2 and words in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
     assert not (tmp_path / "out").exists()
 
 
