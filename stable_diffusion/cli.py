@@ -249,7 +249,7 @@ def _size(text: str | None):
     if text is None:
         return None
     try:
-        h, w = (int(v) for v in text.lower().split("x"))
+        h, w = (options.read_int(v) for v in text.lower().split("x"))
     except ValueError:
         raise SpecError("size", f"{{flag}} {text!r} is not HEIGHTxWIDTH, e.g. 512x768") from None
     return h, w

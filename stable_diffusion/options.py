@@ -49,9 +49,23 @@ def _choice(choices: tuple):
     return parse
 
 
+def _ascii(parse):
+    """`parse` (float or int) of a number written in ASCII digits without '_': Python reads the
+    Arabic-Indic '١' as 1, and '1_0' as 10."""
+    def read(text: str):
+        if not text.isascii() or "_" in text:
+            raise ValueError(text)
+        return parse(text)
+    read.__name__ = parse.__name__  # argparse says "invalid float value: '١'"
+    return read
+
+
+read_float, read_int = _ascii(float), _ascii(int)
+
+
 def positive_int(text: str) -> int:
     try:
-        value = int(text)
+        value = read_int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
@@ -70,9 +84,7 @@ def lora_argument(text: str) -> tuple:
     if path and os.path.lexists(text) and not os.path.lexists(path):  # a file named `style:2`
         return text, 1.0
     try:
-        if "_" in weight:  # float() reads 1_0 as 10
-            raise ValueError(weight)
-        return (path, float(weight)) if path else (text, 1.0)
+        return (path, read_float(weight)) if path else (text, 1.0)
     except ValueError:  # a colon in the path itself, or a weight that is no number
         if path and os.path.lexists(path) and not os.path.lexists(text):
             raise argparse.ArgumentTypeError(f"the WEIGHT {weight!r} of {text!r} is not a number; give one "
@@ -102,7 +114,7 @@ def embedding_argument(text: str) -> tuple:
 
 def strength_list(text: str) -> tuple:
     try:
-        return tuple(float(v) for v in text.replace(" ", "").split(","))
+        return tuple(read_float(v) for v in text.replace(" ", "").split(","))
     except ValueError:  # an empty item too: "0.5,,0.6" or ""
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
@@ -175,7 +187,8 @@ class Option:
     def arguments(self) -> dict:
         """The keyword arguments of argparse's add_argument."""
         # a word among choices is taken in any case: --sampler DDIM, --animate GIF
-        given = {"type": self.parse or (_choice(self.choices) if self.choices else None),
+        parse = {float: read_float, int: read_int}.get(self.parse, self.parse)
+        given = {"type": parse or (_choice(self.choices) if self.choices else None),
                  "choices": self.choices,
                  "default": self.default,
                  "nargs": self.nargs, "const": self.const, "action": self.action,

@@ -72,7 +72,7 @@ def build_sweep_parser(command: str) -> argparse.ArgumentParser:
     s.add_argument("--name", metavar="PATTERN", help="each run's file name, from the fields "
                    "{strength} {seed} {cfg} {steps} {sampler} {schedule} {prompt_index} {prompt} {index}, "
                    "e.g. 's{strength:.2f}-seed{seed:04d}' (default: the fields that vary)")
-    s.add_argument("--sheet-every", "--sheet_every", dest="sheet_every", type=int, default=10,
+    s.add_argument("--sheet-every", "--sheet_every", dest="sheet_every", type=options.read_int, default=10,
                    metavar="N", help="redraw the contact sheet every N runs (default 10; 0: at the "
                    "end only)")
     s.add_argument("--sheet-cell", "--sheet_cell", dest="sheet_cell", type=options.positive_int,

@@ -29,6 +29,8 @@ MAX_MAGNITUDE = 20  # decimal digits before the point of any grid number (seeds 
 
 def _decimal(key: str, text: str) -> Decimal:
     try:
+        if not text.isascii() or "_" in text:  # Decimal reads the Arabic-Indic '١' as 1, and '1_0' as 10
+            raise InvalidOperation
         value = Decimal(text.strip())
     except InvalidOperation:
         hint = strength_hint(text) if key in ("strength", "strengths") else ""

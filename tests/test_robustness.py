@@ -168,6 +168,10 @@ def test_picture_notices_reach_stderr(tmp_path, sd2):
     (["--strength", ".5%"], ["'.5%'; a strength is a fraction of the way to noise: 0.005"]),
     (["--strength", "0,500"], ["numbers take a decimal point: 0.500"]),  # 1,000 gets no hint: thousands, perhaps
     (["--cfg", "1e308"], ["--cfg 1e+308 is outside 0 .. 100"]),
+    # Python's numbers read the Arabic-Indic one as 1 and 1_0 as 10: a run at strength 1, or "10 is outside"
+    (["--strength", "\u0661"], ["--strength: invalid float value: '\u0661'"]),
+    (["--seed", "1_0"], ["--seed: invalid int value: '1_0'"]),
+    (["--size", "1_28x128"], ["--size '1_28x128' is not HEIGHTxWIDTH"]),
     (["--size", "-64x64"], ["--size -64x64: both sides must be multiples of 64"]),  # was "expected one argument"
     # a value argparse takes for a flag: how to give it; -v as that value printed two tracebacks
     (["--negative_prompt", "-v"], ["--negative_prompt/--negative-prompt: expected one argument; a value that "

@@ -265,6 +265,8 @@ def test_sigterm_leaves_the_run_under_way_interrupted(tmp_path, picture, sd2):
     (["--grid", "missing.toml"], "--grid missing.toml: no such file"),
     (["--ray", "in.png"], "--ray 'in.png' is not a Ray address"),  # as if bare before the picture
     (["--strengths", "0.5,0.5000000000000001"], "--strengths lists 0.5 twice"),  # two runs of one plan
+    (["--strengths", "0.5,\u0661"], "--strengths '\u0661' is not a number"),  # Decimal read it as 1
+    (["--seeds", "1_0"], "--seeds '1_0' is not a number"),  # as 10
     # A single command's flag pasted after the grid's: the grid's values were dropped, one run made.
     (["--strengths", "0.3,0.7", "--strength", "0.5"], "--strengths is given twice (again as --strength 0.5); "
                                                         "give it once, all its values in one list"),
