@@ -25,7 +25,7 @@ import numpy as np
 from .choices import FORWARD_PATHS, SAMPLER_TABLE, SCHEDULES
 from .config import SchedulerConfig
 from .errors import InputError
-from .spec import MAX_REFINE, MAX_SIDE, MAX_STEPS, MIN_STRENGTH, SpecError, _whole
+from .spec import MAX_REFINE, MAX_SIDE, MAX_STEPS, MIN_STRENGTH, SpecError, _whole, decimals
 
 # abar_T with rescale_betas_zero_snr: diffusers' DDIM keeps the rescaled 0, its other classes put
 # 2**-24 there so that sigma_T stays finite (4096). DDIM's 0 is held as 1e-60: sqrt(abar) = 1e-30
@@ -88,8 +88,7 @@ class Timeline:
         """The plan's line for this timeline; `from_noise`: a text-to-image run's (it has no strength)."""
         if from_noise:
             return f"from pure noise: start t={self.start_time:g}, {self.steps} step{'s' if self.steps != 1 else ''}"
-        shown = f"{self.strength:.2f}" if round(self.strength, 2) == self.strength else f"{self.strength:g}"
-        line = (f"strength {shown} x {self.num_steps} steps -> start "
+        line = (f"strength {decimals(self.strength)} x {self.num_steps} steps -> start "
                 f"t={self.start_time:g}, {self.steps} step{'s' if self.steps != 1 else ''}")
         if self.num_steps != self.requested_steps:
             line += (f" ({self.requested_steps} step{'s' if self.requested_steps != 1 else ''} x strength "

@@ -31,6 +31,16 @@ def exact(value: float) -> str:
     return text[:-2] if text.endswith(".0") else text
 
 
+SHOWN_DECIMALS = 10  # a grid's floats are told apart, named and shown to this many decimals
+
+
+def decimals(value: float) -> str:
+    """A strength or weight as names and plan lines write it: with its own decimals to the 10th, at
+    least 2 (0.5 -> 0.50, 0.625 -> 0.625, 0.30000000000000004 -> 0.30)."""
+    shown = f"{float(value):.{SHOWN_DECIMALS}f}".rstrip("0")
+    return f"{float(value):.{max(len(shown.partition('.')[2]), 2)}f}"
+
+
 def strength_hint(text: str) -> str:
     """For a strength given as a percentage (50%, .5%), the fraction it means, where that is one."""
     number = text.strip().removesuffix("%")

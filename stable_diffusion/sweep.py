@@ -32,7 +32,7 @@ from .outputs import check_name_length, derived_base
 from .picture_meta import save_png
 from .options import FLAGS
 from .record import NotOurs, read_own_sidecar, write_sidecar
-from .spec import MAX_SEED, ModelSpec, RunSpec, SpecError
+from .spec import MAX_SEED, ModelSpec, RunSpec, SpecError, decimals
 from .sweep_grid import GRID_KEYS, MAX_RUNS, Grid
 from .sweep_manifest import MANIFEST, Manifest, file_entry, model_record
 from .sweep_sheet import contact_sheet, pages_to_redraw, sheet_plan
@@ -49,8 +49,7 @@ class _Strength(float):
     def __format__(self, spec: str) -> str:
         if spec != "as_given":
             return format(float(self), spec)
-        decimals = len(repr(float(self)).partition(".")[2])
-        return f"{float(self):.{min(max(decimals, 2), 10)}f}"
+        return decimals(self)
 
 
 def default_pattern(grid: Grid) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .files import read_regular, text_flaw
-from .spec import SpecError, strength_hint
+from .spec import SHOWN_DECIMALS, SpecError, decimals, strength_hint
 
 # The fields a grid varies, outermost first: the run order, the manifest order, the name order.
 FIELDS = ("prompt", "sampler", "schedule", "steps", "cfg", "strength", "seed")
@@ -163,13 +163,15 @@ class Grid:
         for name, vals in values.items():
             if name not in FIELDS:
                 raise SpecError("grid", f"{{flag}}: unknown field {name!r}; use {', '.join(GRID_KEYS.values())}")
-            seen = set()
+            seen: dict = {}
             for v in vals:  # up to MAX_RUNS values: one pass
-                key = round(v, 12) if isinstance(v, float) else v  # past 12 decimals: a float's rounding
+                # past the decimals names show: one name for two runs, or a float's rounding
+                key = round(v, SHOWN_DECIMALS) if isinstance(v, float) else v
                 if key in seen:
-                    shown = f"{v:g}" if isinstance(v, float) else repr(v)[:40]
-                    raise SpecError(GRID_KEYS[name], f"{{flag}} lists {shown} twice; list each value once")
-                seen.add(key)
+                    shown = decimals(v).rstrip("0").rstrip(".") if isinstance(v, float) else repr(v)[:40]
+                    near = f" (to {SHOWN_DECIMALS} decimals)" if seen[key] != v else ""
+                    raise SpecError(GRID_KEYS[name], f"{{flag}} lists {shown} twice{near}; list each value once")
+                seen[key] = v
         return cls(tuple((f, tuple(values[f])) for f in FIELDS if f in values))
 
     @property

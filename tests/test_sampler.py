@@ -45,6 +45,9 @@ def test_plan_line_and_raise_notice():
     assert timeline(0.3, 50).describe() == "strength 0.30 x 50 steps -> start t=300, 15 steps"
     line = timeline(0.1, 5).describe()
     assert line.startswith("strength 0.10 x 10 steps -> start t=100, 1 step") and "raised to 10" in line
+    # Each strength with its own decimals to the 10th, as a sweep names it (0.3000001 was said as 0.3)
+    assert [timeline(s, 50).describe().split(" x ")[0] for s in (0.3000001, 0.30000000000000004, 0.625)] == \
+        ["strength 0.3000001", "strength 0.30", "strength 0.625"]
 
 
 @pytest.mark.parametrize("strength, steps", [(0.0, 10), (1.5, 10), (-0.1, 10), (0.5, 0)])

@@ -702,6 +702,10 @@ def test_seeds_below_0_and_default_names_too_close_say_what_to_do(capsys, tmp_pa
     assert status == 2 and "--seeds -1: a sweep's seeds are 0 or more; leave --seeds out for a random seed per run" in err
     status, _, err = in_process(capsys, "image2image", picture, "x", "--model", sd2, "--strengths", "0.30000000001,0.30000000002",
                                 "-o", tmp_path / "o")
+    # One value to the 10 decimals names and plan lines show (0.30000000000000004 is named s0.30, not s0.3000000000)
+    assert status == 2 and "--strengths lists 0.3 twice (to 10 decimals); list each value once" in err, err
+    status, _, err = in_process(capsys, "image2image", picture, "x", "--model", sd2, "--cfg", "7.5,7.5000001",
+                                "-o", tmp_path / "o")
     assert status == 2 and "differ past the decimals a name shows; give values that differ more, or a --name" in err, err
 
 
