@@ -328,7 +328,6 @@ class Generation:
     def __init__(self, sd: StableDiffusion, plan, x0: mx.array | None, noise):
         from .walk import walk
 
-        memory.clear_streams_at_thread_end()
         spec, (h, w) = plan.spec, plan.image_size
         if x0 is not None and x0.shape[0] not in (1, spec.n_images):
             raise InputError(f"x0 holds {x0.shape[0]} latents; give 1 (for each image) or "
