@@ -313,7 +313,7 @@ def check_files(loras, embeddings, config, tokenizers, networks: dict, allow_par
     networks `config` (a PipelineConfig) describes, `networks` (budget.weightless_networks: built
     without their weights); each embedding fits the text encoders and the tokenizers' prompts.
     An SD 1.x LoRA given to SDXL was refused once the whole model had loaded. Returns each
-    embedding's (file, token)."""
+    embedding's (file, token, the words it teaches: a token of n vectors is n words)."""
     files: dict = {}  # (device, inode) -> (path, weight): one file given twice would be fused twice
     sizes: dict = {}  # size -> [(file, path, weight)]: a copy of a file given beside it, by its bytes
     digests: dict = {}  # file -> sha256, each file hashed once, only where two sizes agree
@@ -350,23 +350,24 @@ def check_files(loras, embeddings, config, tokenizers, networks: dict, allow_par
     for path, token in embeddings:
         path, token, tables = _embedding_tables(path, token, config.text_encoders, tokenizers)
         word = clean_text(token)
-        for learnt in [word] + [f"{word}_{i}" for i in range(1, tables[0].shape[0])]:
+        taught = [word] + [f"{word}_{i}" for i in range(1, tables[0].shape[0])]
+        for learnt in taught:
             if learnt in words:
                 raise ModelError(f"the word {learnt!r} is learnt from both {words[learnt]} and {path} (token "
                                  f"{token!r}); give one of them another token ({{flag:embeddings}} PATH:TOKEN)")
             words[learnt] = path
-        tokens.append((path, token))
+        tokens.append((path, token, taught))
     return tokens
 
 
 def unused_tokens(tokens: list, texts: list) -> list:
-    """A note for each learnt (file, token) that none of `texts` holds, as the tokenizer matches it:
+    """A note for each learnt (file, token, _) that none of `texts` holds, as the tokenizer matches it:
     the embedding then changes nothing, and a prompt that names the file instead (A1111's habit)
     reads that name as words."""
     texts = [clean_text(text) for text in texts if text]
     return [f"the embedding {path.name} is learnt as {token!r}, which no prompt of this run holds: it changes "
             f"nothing; write {token!r} in the prompt (or give it another token: {{flag:embeddings}} PATH:TOKEN)"
-            for path, token in tokens if not any(clean_text(token) in text for text in texts)]
+            for path, token, _ in tokens if not any(clean_text(token) in text for text in texts)]
 
 
 def _embedding_tables(path, token, encoders, tokenizers, dtypes=None) -> tuple[Path, str, list]:
@@ -703,8 +704,9 @@ def read_embedding(path, widths: list, max_vectors: int) -> tuple[Path, str, lis
             raise ModelError(f"{path}: tensor {key} holds {vectors} vectors; a prompt holds 1 to {max_vectors}")
     counts = [1 if len(header[key]["shape"]) == 1 else header[key]["shape"][0] for key in keys]
     if len(set(counts)) > 1:  # the two encoders would read the prompt's words at other places
-        raise ModelError(f"{path}: clip_l holds {counts[0]} vector(s) and clip_g {counts[1]}; an SDXL embedding "
-                         "holds as many for both text encoders: the file is damaged")
+        raise ModelError(f"{path}: clip_l holds {counts[0]} vector(s) and clip_g {counts[1]}, so SDXL's two text "
+                         "encoders would read the prompt's later words at other places (diffusers loads it so); "
+                         "use an embedding with as many vectors for both")
     return path, token, keys
 
 

@@ -53,6 +53,7 @@ def _ascii(parse):
     """`parse` (float or int) of a number written in ASCII digits without '_': Python reads the
     Arabic-Indic '١' as 1, and '1_0' as 10."""
     def read(text: str):
+        text = text.strip()  # a copied no-break space too
         if not text.isascii() or "_" in text:
             raise ValueError(text)
         return parse(text)

@@ -191,7 +191,7 @@ class StableDiffusion:
         """Latents (B, h, w, C) -> pictures (B, H, W, 3) in [0, 1], float32. `check_memory` False: the
         caller has checked the memory of its whole run (run.execute), which this call is part of."""
         memory.clear_streams_at_thread_end()
-        x = latents(x, "latents", self.latent_channels, self.downscale, finite=True)
+        x = latents(x, "x", self.latent_channels, self.downscale, finite=True)
         if check_memory:
             self.check_memory((x.shape[1] * self.downscale, x.shape[2] * self.downscale), x.shape[0],
                               ("vae_decode",))

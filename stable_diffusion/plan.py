@@ -169,8 +169,13 @@ def make_plan(spec: RunSpec, config: PipelineConfig, tokenizers, image_size: tup
     image_size, sizing = working_size(spec, config, image_size, notice)
     spec = replace(spec, size=image_size, max_pixels=None)
     noise = samplers.NoiseSchedule(config.scheduler)
-    timelines = [noise.timeline(s, spec.steps, schedule=spec.schedule, sampler=spec.sampler)
-                 for s in spec.strengths]
+    try:
+        timelines = [noise.timeline(s, spec.steps, schedule=spec.schedule, sampler=spec.sampler)
+                     for s in spec.strengths]
+    except SpecError as e:  # a triangle's strengths are its own flag's
+        if e.field != "strength" or not spec.triangle:
+            raise
+        raise SpecError("triangle_strengths", e.template) from None
     longest = max(p.steps for p in timelines)
     _schedule_notes(spec, timelines, noise.T, notice)
     every = c.every

@@ -69,12 +69,13 @@ def plan_for(session, spec, image_size: tuple | None, notice=lambda line: None) 
     texts = {"prompt": plan.spec.prompt, "negative prompt": plan.spec.negative_prompt}
     if plan.spec.inversion is not None:
         texts["inversion prompt"] = plan.spec.inversion.prompt
-    for line in unused_tokens(session.learnt, list(texts.values())):
+    read = [text for kind, text in texts.items() if kind != "negative prompt" or plan.guided]  # (cfg > 1)
+    for line in unused_tokens(session.learnt, read):
         notice(line)
     if session.source.get("source") == "package" and session.source.get("model") == "shapes":
         from .scenes import outside_training
 
-        for line in outside_training(texts, plan.image_size, [token for _, token in session.learnt]):
+        for line in outside_training(texts, plan.image_size, [w for *_, words in session.learnt for w in words]):
             notice(line)
     return plan
 

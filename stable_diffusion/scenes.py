@@ -59,7 +59,9 @@ def outside_training(texts: dict, size: tuple, learnt=()) -> list:
     working size (H, W) the shipped model never saw in training: it paints something all the same,
     with no sign that it was never taught it. `learnt`: the tokens of loaded embeddings, taught since."""
     known = {"a", "on", "background", *COLOURS, *SHAPES}
-    taught = re.compile("|".join(re.escape(token) for token in learnt), re.IGNORECASE) if learnt else None
+    # the longest first: `tok_1` before `tok`, which would leave `_1`
+    taught = re.compile("|".join(re.escape(w) for w in sorted(learnt, key=len, reverse=True)),
+                        re.IGNORECASE) if learnt else None
     unknown = []
     for kind, text in texts.items():
         text = taught.sub(" ", text or "") if taught else text or ""

@@ -241,7 +241,8 @@ class NoiseSchedule:
         """sigma as a float within 0 .. MAX_SIGMA (a one-element array taken), or an InputError."""
         if isinstance(sigma, (np.ndarray, mx.array)) and sigma.size == 1:
             sigma = sigma.item()
-        if not isinstance(sigma, numbers.Real) or isinstance(sigma, bool) or not 0.0 <= sigma <= MAX_SIGMA:
+        # (a schedule held in float32, as diffusers' DDIM holds it, gives 1e30 as 1.0000000150e30)
+        if not isinstance(sigma, numbers.Real) or isinstance(sigma, bool) or not 0.0 <= sigma <= MAX_SIGMA * 1.000001:
             raise InputError(f"sigma {sigma!r} is not a noise level (a number in 0 .. {MAX_SIGMA:g})")
         return float(sigma)
 

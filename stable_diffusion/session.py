@@ -58,7 +58,7 @@ class Session:
         self._latents, self._conditions, self._pictures = _Cache(64), _Cache(64), _Cache(8)
         self._speed = None
         self.parameter_counts: dict | None = None  # by network, from the configs (open)
-        self.learnt: list = []  # (file, token) of the spec's embeddings (open)
+        self.learnt: list = []  # (file, token, words) of the spec's embeddings (open)
 
     @property
     def dtype(self):

@@ -29,7 +29,7 @@ MAX_MAGNITUDE = 20  # decimal digits before the point of any grid number (seeds 
 
 def _decimal(key: str, text: str) -> Decimal:
     try:
-        if not text.isascii() or "_" in text:  # Decimal reads the Arabic-Indic '١' as 1, and '1_0' as 10
+        if not text.strip().isascii() or "_" in text:  # Decimal reads the Arabic-Indic '١' as 1, '1_0' as 10
             raise InvalidOperation
         value = Decimal(text.strip())
     except InvalidOperation:

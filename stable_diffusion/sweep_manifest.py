@@ -240,7 +240,8 @@ class Manifest:
             if not same:
                 self.remade.add(name)
                 continue
-            self.records[name] = dict(old, skipped=True, index=new["index"])  # its place in this grid
+            # its place and values in this grid (an earlier grid may have varied fewer fields)
+            self.records[name] = dict(old, skipped=True, index=new["index"], values=new["values"])
             done.add(name)
         return done
 

@@ -204,6 +204,10 @@ def test_an_embedding_no_prompt_holds_is_said_to_change_nothing(tmp_path, pictur
     for extra in (["--embedding", f"{embedding}:<toy>"],  # the prompt's word, or the negative prompt's
                   ["--embedding", embedding, "--negative_prompt", "<CAT-TOY>"]):
         assert "no prompt of this run holds" not in _run(picture, tiny_model("sd1"), tmp_path / "o.png", *extra).stderr
+    # a negative prompt is read only under guidance
+    unguided = _run(picture, tiny_model("sd1"), tmp_path / "o.png", "--embedding", embedding, "--negative_prompt",
+                    "<cat-toy>", "--cfg", "1")
+    assert "no prompt of this run holds" in unguided.stderr, unguided.stderr
 
 
 def test_an_embedding_token_may_not_take_over_a_word_or_hold_a_space(tmp_path, tiny_model):

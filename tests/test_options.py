@@ -312,3 +312,13 @@ def test_the_commands_a_message_suggests_go_by_how_the_user_started_it(monkeypat
                             ("image2image.py", "image2image.py"), ("-c", "image2image.py"), ("", "image2image.py")):
         monkeypatch.setattr(sys, "argv", [argv0])
         assert options.program("image2image") == expected, argv0
+
+
+def test_numbers_are_read_in_ascii_digits_around_any_spaces():
+    """Python reads the Arabic-Indic one as 1 and 1_0 as 10; a copied no-break space was taken, and is."""
+    for text, value in (("\xa00.5 ", 0.5), ("+.5", 0.5), ("1e-3", 0.001), (" -1", -1.0)):
+        assert options.read_float(text) == value
+    assert options.read_int(" 42\u2009") == 42
+    for text in ("\u0661", "1_0", "\uff15"):  # the last: a fullwidth 5
+        with pytest.raises(ValueError):
+            options.read_float(text)

@@ -258,7 +258,7 @@ def test_the_library_refuses_pictures_latents_and_noise_it_cannot_run_before_any
         sd.generate_latents_from_image(np.zeros((64, 4160, 3), np.float32), "a red circle", seed=0)
     with pytest.raises(InputError, match="x0: some values are not finite"):
         sd.generate_latents_from_latent(np.full((1, 16, 16, 4), np.nan, np.float32), "a red circle", seed=0)
-    with pytest.raises(InputError, match="latents: 520x16 latents are a picture of more than 4096 pixels a side"):
+    with pytest.raises(InputError, match="x: 520x16 latents are a picture of more than 4096 pixels a side"):
         sd.decode(np.zeros((1, 16, 520, 4), np.float32))
     with pytest.raises(InputError, match="initial noise: some values are not finite .* in float32"):
         list(sd.generate_latents("a red circle", num_steps=1, seed=0, noise=np.full((1, 16, 16, 4), 1e39)))

@@ -1268,6 +1268,9 @@ def test_a_steps_offset_past_the_chain_is_refused_before_loading(capsys, tmp_pat
     only_error(status, 2, err, "--strength 0.001 runs one step only at 1000 steps, and 1000 steps spaced 'leading' "
                "from the scheduler config's steps_offset 1 put the first timestep past this model's 1000 training "
                "steps; use a higher strength, or --schedule linear")
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", model, "--steps", 3, "-gt",
+                          "--triangle_strengths", "0.001,0.5", "--schedule", "karras", "--output", tmp_path / "o.png")
+    only_error(status, 2, err, "--triangle_strengths 0.001 runs one step only at 1000 steps")  # not --strength
 
 
 def test_force_zeros_for_empty_prompt_is_sdxls_alone(capsys, tmp_path, picture, sd2):

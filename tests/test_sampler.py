@@ -430,6 +430,23 @@ FIELD_CASES = [
 ]
 
 
+def test_every_timeline_passes_the_denoisers_checks():
+    """A zero-SNR DDIM schedule holds its top level, 1e30, in float32 (1.0000000150e30): the
+    denoiser refused it as past the largest level, exit 2 for a setting diffusers runs."""
+    for zero_snr in (False, True):
+        noise = NoiseSchedule(SchedulerConfig(rescale_betas_zero_snr=zero_snr, timestep_spacing="trailing",
+                                              prediction_type="v_prediction"))
+        for name in SAMPLERS:
+            for schedule in SCHEDULES:
+                for strength in (1.0, 0.5):
+                    line = noise.timeline(strength, 3, schedule, name)
+                    for t, sigma in zip(line.times, line.sigmas):
+                        noise._time(t), NoiseSchedule.level(sigma)
+    assert NoiseSchedule.level(float(np.float32(1e30))) > 1e30
+    with pytest.raises(InputError, match="sigma 1.1e.30 is not a noise level"):
+        NoiseSchedule.level(1.1e30)
+
+
 def _changed(config: dict, change: dict) -> dict:
     config = dict(config, **change)
     return {k: v for k, v in config.items() if v is not None}

@@ -88,6 +88,10 @@ def test_what_the_shipped_model_never_saw_is_named():
     words, = scenes.outside_training({"prompt": "a mystyle <Cat-Toy> circle on a blue background, cat"}, (128, 128),
                                      ["MyStyle", "<cat-toy>"])
     assert "never saw 'cat' (in the prompt)" in words
+    # a token of three vectors teaches three words; 'qzxv_1' was read as qzxv and '_1'
+    words, = scenes.outside_training({"prompt": "a qzxv_1 circle on a blue background, dog"}, (128, 128),
+                                     ["qzxv", "qzxv_1", "qzxv_2"])
+    assert "never saw 'dog' (in the prompt):" in words
     size, = scenes.outside_training({"prompt": "a red circle on a blue background"}, (128, 384))
     assert size == "the shapes model was trained at 128x128; at 384x128 (width x height) it may draw no shape, or more than one"
     words, = scenes.outside_training({"prompt": "a red circle 2.5 x-ray " + "z" * 2000}, (128, 128))

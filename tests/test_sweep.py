@@ -273,7 +273,7 @@ def test_sigterm_leaves_the_run_under_way_interrupted(tmp_path, picture, sd2):
     (["--sampler", "ddim", "--samplers", "euler,heun"], "--samplers is given twice"),
     (["--strengths", "50%,70%"], "--strengths '50%' is not a number; a strength is a fraction of the way to noise: 0.5"),
     # It blamed --grid, which was not given; and said first that it was checking the million runs
-    (["--strengths", "0.001:1:0.001", "--seeds", "1-1000"], "error: 1000 --strengths x 1000 --seeds make 1000000 "
+    (["--strengths", "0.001:1:0.001", "--seeds", "1-1000"], "error: 1000 strengths x 1000 seeds make 1000000 "
                                                             "runs; at most 100000: sweep fewer values"),
 ])
 def test_bad_grids_are_refused_before_any_work_with_one_line(tmp_path, picture, sd2, extra, words):
@@ -539,6 +539,12 @@ def test_a_rerun_takes_over_runs_only_on_the_same_picture_and_another_grid_keeps
     assert in_process(capsys, *first)[0] == 0
     assert json.loads((out / "sweep.json").read_text())["ran"] == 0  # taken over: the manifest kept them
     assert [(r["name"], r["index"]) for r in manifest(out)] == [("s0.50", 0), ("s1.00", 1), ("s0.75", None)]
+    # A grid that varies more fields takes the runs over with their values in it (they kept the old grid's)
+    grown = ["image2image", source, "x", "--model", sd2, "--steps", "2,3", "--strengths", "0.5", "--seeds", 1,
+             "--name", "s{strength:.2f}-{steps}", "--quiet", "-o", tmp_path / "grown"]
+    assert in_process(capsys, *grown[:6], "2", *grown[7:])[0] == 0 and in_process(capsys, *grown)[0] == 0
+    assert [(r["name"], r["index"], r["values"]) for r in manifest(tmp_path / "grown")] == [
+        ("s0.50-2", 0, {"steps": 2}), ("s0.50-3", 1, {"steps": 3})]
     # The same picture and model under other paths: the same files, taken over (they were made again)
     (tmp_path / "same.png").symlink_to(source)
     (tmp_path / "same-model").symlink_to(sd2, target_is_directory=True)
