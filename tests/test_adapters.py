@@ -577,15 +577,6 @@ def test_factors_that_do_not_fit_their_layer_change_nothing(sd1, tmp_path):
         expect_model_error(lambda: sd1.load_lora(path), words)
     after = unet_weights(sd1)
     assert all(np.array_equal(before[k], after[k]) for k in before) and sd1.adapters == []
-    # PEFT's save_pretrained of one network: its layers' names without the network's (diffusers fuses none)
-    for key, network in (("base_model.model.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "unet"),
-                         ("mid_block.attentions.0.proj_in", "unet"),
-                         ("base_model.model.text_model.encoder.layers.0.self_attn.q_proj", "text_encoder")):
-        save_file({f"{key}.lora_A.weight": np.ones((4, 32), np.float32),
-                   f"{key}.lora_B.weight": np.ones((32, 4), np.float32)}, str(path))
-        expect_model_error(lambda: sd1.load_lora(path), f"its keys name layers of the {network} without the "
-                           f"'{network}.' prefix that diffusers' LoRA files give them (first: {key}.lora_A.weight)",
-                           f"save its keys as {network}.<layer>.lora_A.weight")
     expect_model_error(lambda: sd1.load_lora(good, weight=float("inf")), "not a finite number")
     expect_model_error(lambda: sd1.load_lora(tmp_path / "missing.safetensors"), "does not exist")
     expect_model_error(lambda: sd1.load_lora(tmp_path), "holds no pytorch_lora_weights.safetensors")
