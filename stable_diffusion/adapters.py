@@ -705,8 +705,8 @@ def read_embedding(path, widths: list, max_vectors: int) -> tuple[Path, str, lis
     counts = [1 if len(header[key]["shape"]) == 1 else header[key]["shape"][0] for key in keys]
     if len(set(counts)) > 1:  # the two encoders would read the prompt's words at other places
         raise ModelError(f"{path}: clip_l holds {counts[0]} vector(s) and clip_g {counts[1]}, so SDXL's two text "
-                         "encoders would read the prompt's later words at other places (diffusers loads it so); "
-                         "use an embedding with as many vectors for both")
+                         "encoders would read the prompt's later words at other places (diffusers loads it, so "
+                         "misaligned); use an embedding with as many vectors for both")
     return path, token, keys
 
 

@@ -76,6 +76,10 @@ class RunPlan:
         return self.spec.cfg > 1.0
 
     @property
+    def reads_negative(self) -> bool:
+        return reads_negative(self.spec)
+
+    @property
     def top(self) -> Row:
         return self.rows[-1]
 
@@ -139,6 +143,11 @@ class Estimate:
                 "parts_s": {k: round(v, 2) for k, v in parts.items()}}
 
 
+def reads_negative(spec: RunSpec) -> bool:
+    """Whether a run reads its negative prompt: under guidance, its own or its inversion's."""
+    return spec.cfg > 1.0 or (spec.inversion is not None and spec.inversion.cfg > 1.0)
+
+
 def make_plan(spec: RunSpec, config: PipelineConfig, tokenizers, image_size: tuple | None = None,
               notice=lambda line: None, machine: costs.Machine | None = None) -> RunPlan:
     """Resolve the spec's defaults and check it against the model, before any weight is read.
@@ -173,9 +182,10 @@ def make_plan(spec: RunSpec, config: PipelineConfig, tokenizers, image_size: tup
         timelines = [noise.timeline(s, spec.steps, schedule=spec.schedule, sampler=spec.sampler)
                      for s in spec.strengths]
     except SpecError as e:  # a triangle's strengths are its own flag's
-        if e.field != "strength" or not spec.triangle:
+        if not spec.triangle:
             raise
-        raise SpecError("triangle_strengths", e.template) from None
+        raise SpecError("triangle_strengths" if e.field == "strength" else e.field,
+                        e.template.replace("{flag:strength}", "{flag:triangle_strengths}")) from None
     longest = max(p.steps for p in timelines)
     _schedule_notes(spec, timelines, noise.T, notice)
     every = c.every
@@ -211,12 +221,12 @@ def make_plan(spec: RunSpec, config: PipelineConfig, tokenizers, image_size: tup
         path, owners = _merged(points)
         shown = tuple(range(len(path)))
         rows = [replace(r, start=owners.get(i)) for i, r in enumerate(rows)]
-    if spec.negative_prompt and spec.cfg <= 1.0:
+    if spec.negative_prompt and not reads_negative(spec):
         notice(f"{{flag:negative_prompt}} is not used with {{flag:cfg}} {spec.cfg:g}: guidance, which reads it, "
                "needs a cfg above 1")
     dropped = {}
     for what, text in (("prompt", spec.prompt), ("negative prompt", spec.negative_prompt)):
-        if what == "prompt" or spec.cfg > 1.0:
+        if what == "prompt" or reads_negative(spec):
             dropped[what.replace(" ", "_")] = _check_length(tokenizers, what, text, notice)
     plan = RunPlan(spec, tuple(rows), tuple(image_size),
                    samplers.display_name(spec.sampler, spec.schedule), tuple(path), shown, dropped,

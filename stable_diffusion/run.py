@@ -69,8 +69,9 @@ def plan_for(session, spec, image_size: tuple | None, notice=lambda line: None) 
     texts = {"prompt": plan.spec.prompt, "negative prompt": plan.spec.negative_prompt}
     if plan.spec.inversion is not None:
         texts["inversion prompt"] = plan.spec.inversion.prompt
-    read = [text for kind, text in texts.items() if kind != "negative prompt" or plan.guided]  # (cfg > 1)
-    for line in unused_tokens(session.learnt, read):
+    if not plan.reads_negative:
+        del texts["negative prompt"]
+    for line in unused_tokens(session.learnt, list(texts.values())):
         notice(line)
     if session.source.get("source") == "package" and session.source.get("model") == "shapes":
         from .scenes import outside_training

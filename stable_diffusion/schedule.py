@@ -342,7 +342,7 @@ class NoiseSchedule:
             given, fix = f"{n_total}", "fewer steps"
             if n_total != num_steps:  # --steps was raised so that the strength runs one step
                 given = f"{num_steps}, raised to {n_total} for strength {strength:g} to run one step,"
-                fix = "a higher strength"
+                fix = "a higher {flag:strength}"
             raise SpecError("steps", f"{{flag}} {given} is more than the {schedule} schedule can space "
                                      f"over this model's {self.T} training steps ({c.timestep_spacing} "
                                      f"spacing): two steps would land on one noise level; use {fix}, or "

@@ -121,7 +121,7 @@ def expand(base: RunSpec, grid: Grid, folder: Path, pattern: str | None = None) 
     names that collide and specs that would fail, before any work."""
     folder = Path(folder)
     if grid.size > MAX_RUNS:
-        factors = " x ".join(f"{len(v)} {GRID_KEYS[f]}" for f, v in grid.axes if len(v) > 1)  # flags or --grid
+        factors = " x ".join(f"{GRID_KEYS[f]} ({len(v)} values)" for f, v in grid.axes if len(v) > 1)  # or --grid's
         raise SpecError("grid", f"{factors} make {grid.size} runs; at most {MAX_RUNS}: sweep fewer values, or "
                                 "split the sweep into several")
     if base.triangle and "strength" in dict(grid.axes):

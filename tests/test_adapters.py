@@ -701,8 +701,8 @@ def test_textual_inversion_refusals(tiny_model, tmp_path):
     from stable_diffusion.adapters import read_embedding
     save_file({"clip_l": np.ones((1, 32), np.float32), "clip_g": np.ones((2, 32), np.float32)}, str(xl))
     expect_model_error(lambda: read_embedding(xl, [32, 32], 75), "clip_l holds 1 vector(s) and clip_g 2, so SDXL's "
-                       "two text encoders would read the prompt's later words at other places (diffusers loads it "
-                       "so); use an embedding with as many vectors for both")
+                       "two text encoders would read the prompt's later words at other places (diffusers loads it, "
+                       "so misaligned); use an embedding with as many vectors for both")
     save_file({"clip_l": np.ones((2, 32), np.float32), "clip_g": np.ones((2, 48), np.float32)}, str(xl))
     assert read_embedding(xl, [32, 48], 75) == (xl, "xl", ["clip_l", "clip_g"])
     wide = tmp_path / "wide.safetensors"

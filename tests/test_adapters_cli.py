@@ -208,6 +208,10 @@ def test_an_embedding_no_prompt_holds_is_said_to_change_nothing(tmp_path, pictur
     unguided = _run(picture, tiny_model("sd1"), tmp_path / "o.png", "--embedding", embedding, "--negative_prompt",
                     "<cat-toy>", "--cfg", "1")
     assert "no prompt of this run holds" in unguided.stderr, unguided.stderr
+    inverted = _run(picture, tiny_model("sd1"), tmp_path / "o.png", "--embedding", embedding, "--negative_prompt",
+                    "<cat-toy>", "--cfg", "1", "--noising_path", "inversion", "--inversion_cfg", "3")
+    assert "no prompt of this run holds" not in inverted.stderr, inverted.stderr  # the inversion's guidance reads it
+    assert "--negative_prompt is not used" not in inverted.stderr, inverted.stderr
 
 
 def test_an_embedding_token_may_not_take_over_a_word_or_hold_a_space(tmp_path, tiny_model):

@@ -1271,6 +1271,12 @@ def test_a_steps_offset_past_the_chain_is_refused_before_loading(capsys, tmp_pat
     status, _, err = main(capsys, "image2image", picture, "x", "--model", model, "--steps", 3, "-gt",
                           "--triangle_strengths", "0.001,0.5", "--schedule", "karras", "--output", tmp_path / "o.png")
     only_error(status, 2, err, "--triangle_strengths 0.001 runs one step only at 1000 steps")  # not --strength
+    rewrite_json(model / "scheduler" / "scheduler_config.json",
+                 lambda d: dict(d, num_train_timesteps=500, timestep_spacing="trailing"))
+    status, _, err = main(capsys, "image2image", picture, "x", "--model", model, "--steps", 3, "-gt",
+                          "--triangle_strengths", "0.001,0.5", "--schedule", "diffusers", "--output", tmp_path / "o.png")
+    only_error(status, 2, err, "--steps 3, raised to 1000 for strength 0.001 to run one step,",
+               "use a higher --triangle_strengths, or --schedule linear")
 
 
 def test_force_zeros_for_empty_prompt_is_sdxls_alone(capsys, tmp_path, picture, sd2):

@@ -273,8 +273,8 @@ def test_sigterm_leaves_the_run_under_way_interrupted(tmp_path, picture, sd2):
     (["--sampler", "ddim", "--samplers", "euler,heun"], "--samplers is given twice"),
     (["--strengths", "50%,70%"], "--strengths '50%' is not a number; a strength is a fraction of the way to noise: 0.5"),
     # It blamed --grid, which was not given; and said first that it was checking the million runs
-    (["--strengths", "0.001:1:0.001", "--seeds", "1-1000"], "error: 1000 strengths x 1000 seeds make 1000000 "
-                                                            "runs; at most 100000: sweep fewer values"),
+    (["--strengths", "0.001:1:0.001", "--seeds", "1-1000"], "error: strengths (1000 values) x seeds (1000 values) "
+                                                            "make 1000000 runs; at most 100000: sweep fewer values"),
 ])
 def test_bad_grids_are_refused_before_any_work_with_one_line(tmp_path, picture, sd2, extra, words):
     os.chdir(tmp_path)
