@@ -219,6 +219,8 @@ def _typed(fields: dict[str, str], key: str, kind: type) -> Any:
         return None
     text = fields.pop(key)
     try:
+        if not text.strip().isascii() or "_" in text:  # Python reads the Arabic-Indic '١' as 1, '1_0' as 10
+            raise ValueError(text)
         return kind(text)
     except ValueError:
         raise InputError(f"parameters text: {key} should be a number, found {text!r}") from None

@@ -252,6 +252,10 @@ def test_parse_reads_a_field_line_as_a1111_does():
     assert parse_parameters_text("a cat, a dog: yes, fine")["prompt"] == "a cat, a dog: yes, fine"  # one field
     with pytest.raises(InputError, match="CFG scale should be a number, found '\\[1'"):
         parse_parameters_text("p\nSteps: 3, CFG scale: [1,2], Seed: 1")
+    for given in ("Denoising strength: \u0661", "Seed: 1_0"):  # read as 1 and 10, as the command line did
+        with pytest.raises(InputError, match="should be a number"):
+            parse_parameters_text(f"p\nSteps: 3, CFG scale: 7, {given}")
+    assert parse_parameters_text("p\nSteps: 3, CFG scale: 7, Seed: 12 ")["seed"] == 12
 
 
 def test_parse_without_a_field_line_is_all_prompt():
