@@ -17,6 +17,7 @@ import numpy as np
 
 from .choices import SAMPLER_TABLE, SCHEDULE_TABLE, sampler_row
 from .errors import InputError
+from .spec import ascii_number
 
 _NEGATIVE = "Negative prompt:"
 # A1111 keys: a word character, then word characters, spaces, hyphens or slashes.
@@ -219,7 +220,7 @@ def _typed(fields: dict[str, str], key: str, kind: type) -> Any:
         return None
     text = fields.pop(key)
     try:
-        if not text.strip().isascii() or "_" in text:  # Python reads the Arabic-Indic '١' as 1, '1_0' as 10
+        if not ascii_number(text):
             raise ValueError(text)
         return kind(text)
     except ValueError:

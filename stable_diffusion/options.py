@@ -19,7 +19,7 @@ from typing import Callable
 
 from .choices import SAMPLER_NAMES as SAMPLER_CHOICES, SCHEDULES as SCHEDULE_CHOICES
 from .spec import (ALIGNS, ANIMATION_FORMATS, DTYPES, MAX_CFG, MAX_IMAGES, MAX_STEPS, NOISING_PATHS,
-                   PICTURE_SUFFIXES, PREVIEWS, SNAPSHOT_KINDS, Capture, Inversion, ModelSpec, RunSpec)
+                   PICTURE_SUFFIXES, PREVIEWS, SNAPSHOT_KINDS, Capture, Inversion, ModelSpec, RunSpec, ascii_number)
 
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
               "0": False, "false": False, "no": False, "off": False}
@@ -53,10 +53,9 @@ def _ascii(parse):
     """`parse` (float or int) of a number written in ASCII digits without '_': Python reads the
     Arabic-Indic '١' as 1, and '1_0' as 10."""
     def read(text: str):
-        text = text.strip()  # a copied no-break space too
-        if not text.isascii() or "_" in text:
+        if not ascii_number(text):
             raise ValueError(text)
-        return parse(text)
+        return parse(text.strip())  # a copied no-break space too
     read.__name__ = parse.__name__  # argparse says "invalid float value: '١'"
     return read
 

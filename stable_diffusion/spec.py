@@ -41,6 +41,12 @@ def decimals(value: float) -> str:
     return f"{float(value):.{max(len(shown.partition('.')[2]), 2)}f}"
 
 
+def ascii_number(text: str) -> bool:
+    """Whether `text` may be read as a number: ASCII (spaces around it aside) and without '_'.
+    Python's float, int and Decimal read the Arabic-Indic '١' as 1, and '1_0' as 10."""
+    return text.strip().isascii() and "_" not in text
+
+
 def strength_hint(text: str) -> str:
     """For a strength given as a percentage (50%, .5%), the fraction it means, where that is one."""
     number = text.strip().removesuffix("%")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .files import read_regular, text_flaw
-from .spec import SHOWN_DECIMALS, SpecError, decimals, strength_hint
+from .spec import SHOWN_DECIMALS, SpecError, ascii_number, decimals, strength_hint
 
 # The fields a grid varies, outermost first: the run order, the manifest order, the name order.
 FIELDS = ("prompt", "sampler", "schedule", "steps", "cfg", "strength", "seed")
@@ -29,7 +29,7 @@ MAX_MAGNITUDE = 20  # decimal digits before the point of any grid number (seeds 
 
 def _decimal(key: str, text: str) -> Decimal:
     try:
-        if not text.strip().isascii() or "_" in text:  # Decimal reads the Arabic-Indic '١' as 1, '1_0' as 10
+        if not ascii_number(text):
             raise InvalidOperation
         value = Decimal(text.strip())
     except InvalidOperation:
