@@ -227,8 +227,7 @@ class NoiseSchedule:
 
     def _time(self, t) -> float:
         """t as a float within 0 .. T (a one-element array taken), or an InputError."""
-        if isinstance(t, (np.ndarray, mx.array)) and t.size == 1:
-            t = t.item()
+        t = _item(t)
         if not isinstance(t, numbers.Real) or isinstance(t, bool):
             raise InputError(f"time {t!r} is not a number; t = 0 is the clean latent, t = {self.T} the end of the chain")
         if not 0.0 <= t <= self.T:
@@ -239,8 +238,7 @@ class NoiseSchedule:
     @staticmethod
     def level(sigma) -> float:
         """sigma as a float within 0 .. MAX_SIGMA (a one-element array taken), or an InputError."""
-        if isinstance(sigma, (np.ndarray, mx.array)) and sigma.size == 1:
-            sigma = sigma.item()
+        sigma = _item(sigma)
         # (a schedule held in float32, as diffusers' DDIM holds it, gives 1e30 as 1.0000000150e30)
         if not isinstance(sigma, numbers.Real) or isinstance(sigma, bool) or not 0.0 <= sigma <= MAX_SIGMA * 1.000001:
             raise InputError(f"sigma {sigma!r} is not a noise level (a number in 0 .. {MAX_SIGMA:g})")
@@ -478,6 +476,11 @@ def latents(x, name: str, channels: int | None = None, downscale: int = 0, finit
     if finite and not mx.all(mx.isfinite(x)).item():
         raise InputError(f"{name}: some values are not finite (NaN or infinity)")
     return x  # without `finite`, NaN in, NaN out: a run says where its latents became NaN (run._evaluate)
+
+
+def _item(value):
+    """A one-element array's number; anything else as it is."""
+    return value.item() if isinstance(value, (np.ndarray, mx.array)) and value.size == 1 else value
 
 
 def check_timeline(timeline) -> None:
