@@ -49,7 +49,7 @@ def ascii_number(text: str) -> bool:
 
 def strength_hint(text: str) -> str:
     """For a strength given as a percentage (50%, .5%), the fraction it means, where that is one."""
-    number = text.strip().removesuffix("%")
+    number = text.strip().removesuffix("%").strip()  # "50 %" too
     if not text.strip().endswith("%") or not re.fullmatch(r"\d*\.?\d+", number) or float(number) > 100:
         return ""
     return f"; a strength is a fraction of the way to noise: {float(number) / 100:g}"

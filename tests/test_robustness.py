@@ -166,6 +166,7 @@ def test_picture_notices_reach_stderr(tmp_path, sd2):
     (["--strength", "50%"], ["invalid float value: '50%'; a strength is a fraction of the way to noise: 0.5"]),
     (["--cfg", "7,5"], ["invalid float value: '7,5'; numbers take a decimal point: 7.5"]),
     (["--strength", ".5%"], ["'.5%'; a strength is a fraction of the way to noise: 0.005"]),
+    (["--strength", "50 %"], ["'50 %'; a strength is a fraction of the way to noise: 0.5"]),  # no hint with the space
     (["--strength", "0,500"], ["numbers take a decimal point: 0.500"]),  # 1,000 gets no hint: thousands, perhaps
     (["--cfg", "1e308"], ["--cfg 1e+308 is outside 0 .. 100"]),
     # Python's numbers read the Arabic-Indic one as 1 and 1_0 as 10: a run at strength 1, or "10 is outside"
