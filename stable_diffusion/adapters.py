@@ -99,9 +99,9 @@ MAX_ALPHA_PATTERNS = 5000  # per component: one per adapted layer of an SDXL LoR
 _FLOAT_DTYPES = ("F32", "F16", "BF16")
 # A1111's .pt nests the vectors under string_to_param; diffusers' .bin maps the token to them.
 _EMBEDDING_CONVERSION = (
-    "convert it once (python -c \"import torch, safetensors.torch as s; d = torch.load('{path}', weights_only=True); "
-    "e = d['string_to_param']['*'] if 'string_to_param' in d else next(iter(d.values())); "
-    "s.save_file({{'emb_params': e.float().contiguous()}}, '{out}')\") and pass the token, or use a "
+    "convert it once (python -c \"import sys, torch, safetensors.torch as s; d = torch.load(sys.argv[1], "
+    "weights_only=True); e = d['string_to_param']['*'] if 'string_to_param' in d else next(iter(d.values())); "
+    "s.save_file({{'emb_params': e.float().contiguous()}}, sys.argv[2])\" {path} {out}) and pass the token, or use a "
     ".safetensors copy")
 # Text encoders by position: (PEFT prefix, kohya prefixes).
 _TEXT_PREFIXES = (("text_encoder", ("lora_te_", "lora_te1_")), ("text_encoder_2", ("lora_te2_",)))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shlex
 import struct
 from pathlib import Path
 from typing import NamedTuple
@@ -41,7 +42,8 @@ MAX_TENSORS = 100_000
 def refuse_pickle(path: Path, head: bytes | None = None, conversion: str | None = None) -> None:
     """Pickle files are never opened; the message gives the one-line conversion (torch's
     weights-only loader, which refuses code, then safetensors; `conversion`, with {path} and {out},
-    gives another, as an embedding's). `head`: a file's first bytes, which tell a pickle (torch's
+    gives another, as an embedding's: the two file names go to the command as its arguments, quoted
+    for the shell, so that a name with a quote or a `$(...)` pastes as that name). `head`: a file's first bytes, which tell a pickle (torch's
     zip, or a bare pickle) whatever its name."""
     # torch.save's zip, or a pickle's PROTO opcode with protocol 2 to 5 (a header's length may start 0x80)
     by_content = head is not None and (head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and 2 <= head[1] <= 5))
@@ -54,12 +56,12 @@ def refuse_pickle(path: Path, head: bytes | None = None, conversion: str | None 
     if by_content or path.suffix.lower() in PICKLE_SUFFIXES:
         out = converted_name(path, by_content)
         conversion = conversion or (
-            "convert it once (python -c \"import torch, safetensors.torch as s; d = torch.load('{path}', "
+            "convert it once (python -c \"import sys, torch, safetensors.torch as s; d = torch.load(sys.argv[1], "
             "weights_only=True); s.save_file({{k: v.contiguous().clone() for k, v in d.get('state_dict', "
-            "d).items() if torch.is_tensor(v)}}, '{out}')\") or use a .safetensors copy of the model")
+            "d).items() if torch.is_tensor(v)}}, sys.argv[2])\" {path} {out}) or use a .safetensors copy of the model")
         raise ModelError(f"{path} is a pickle checkpoint{' (whatever its name says)' if by_content else ''}: "
                          "loading one can run any code it holds, so this tool reads safetensors only; "
-                         + conversion.format(path=path, out=out))
+                         + conversion.format(path=shlex.quote(str(path)), out=shlex.quote(str(out))))
 
 
 def _refuse_saved_answer(path: Path, head: bytes) -> None:

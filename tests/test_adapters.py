@@ -12,7 +12,7 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 from stable_diffusion import adapters, ops
 from stable_diffusion.config import read_pipeline_config
@@ -261,8 +261,6 @@ def older_diffusers_file(path, peft_path, processors: bool):
     """A PEFT file's factors under diffusers' older key forms: `.lora.down.weight`, or attention
     processors' `attn1.processor.to_q_lora.down.weight` (those layers alone) in the UNet, and
     `self_attn.to_q_lora.down.weight` / `.lora_linear_layer.down.weight` in the text encoder."""
-    from safetensors.numpy import load_file
-
     tensors = {}
     for key, value in load_file(str(peft_path)).items():
         module, factor = key.rsplit(".", 2)[0], {"lora_A": "down", "lora_B": "up"}[key.split(".")[-2]]
@@ -451,8 +449,6 @@ def test_a_partial_match_is_refused_unless_allowed(tiny_model, tmp_path):
     sd = StableDiffusion.from_pretrained(str(tiny_model("sd1")))
     good = kohya_file(tmp_path / "good.safetensors", "sd1", attention_layers, seed=8, alpha=1.0, conv_alpha=1.0,
                       ldm=False)
-    from safetensors.numpy import load_file
-
     tensors = load_file(str(good))
     tensors["lora_unet_no_such_layer.lora_down.weight"] = np.zeros((RANK, 8), np.float32)
     tensors["lora_unet_no_such_layer.lora_up.weight"] = np.zeros((8, RANK), np.float32)
@@ -487,8 +483,6 @@ def test_a_partial_match_is_refused_unless_allowed(tiny_model, tmp_path):
 def test_other_adapter_kinds_are_refused_with_one_line(sd1, tmp_path, extra, kind):
     path = kohya_file(tmp_path / "k.safetensors", "sd1", attention_layers, seed=9, alpha=1.0, conv_alpha=1.0,
                       ldm=False)
-    from safetensors.numpy import load_file
-
     tensors = load_file(str(path))
     tensors.update({k: np.ones(s, np.float32) for k, s in extra.items()})
     save_file(tensors, str(path))
@@ -532,7 +526,7 @@ def test_pickle_files_are_refused_unopened(sd1, tmp_path, monkeypatch):
         expect_model_error(lambda: sd1.load_textual_inversion(tmp_path / name), "pickle", "safetensors")
     # The conversion it gives never writes over a file there; a safetensors file misnamed is told so.
     (tmp_path / "lora.safetensors").write_bytes(b"the user's")
-    expect_model_error(lambda: sd1.load_lora(tmp_path / "lora.pt"), f"'{tmp_path / 'lora.converted.safetensors'}'")
+    expect_model_error(lambda: sd1.load_lora(tmp_path / "lora.pt"), f" {tmp_path / 'lora.converted.safetensors'})")
     monkeypatch.undo()
     misnamed = kohya_file(tmp_path / "k.ckpt", "sd1", attention_layers, seed=9, alpha=1.0, conv_alpha=1.0, ldm=False)
     expect_model_error(lambda: sd1.load_lora(misnamed), f"{misnamed} is named as a pickle checkpoint but holds a "
@@ -540,6 +534,31 @@ def test_pickle_files_are_refused_unopened(sd1, tmp_path, monkeypatch):
     misnamed.rename(tmp_path / "lora.pt")  # as an embedding, beside a lora.safetensors of the user's
     expect_model_error(lambda: sd1.load_textual_inversion(tmp_path / "lora.pt"), "holds a safetensors file; give "
                        "it its name (a copy as lora.converted.safetensors)")
+
+
+def test_the_conversion_an_embeddings_pickle_refusal_gives_works_in_a_shell(sd1, tiny_model, tmp_path):
+    """An A1111 .pt embedding: the command its refusal gives, pasted into a shell as printed, makes a
+    file that loads, with the vectors of the .pt, whatever the name holds."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    vectors = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "it's $(touch pwned).pt"
+    torch.save({"string_to_param": {"*": vectors}, "name": "x"}, path)
+    message = expect_model_error(lambda: sd1.load_textual_inversion(path, token="<x>"), "pickle")
+    command = re.search(r"convert it once \((python -c .+)\) and pass the token", message).group(1)
+    python = Path(sys.executable).parent
+    subprocess.run(["bash", "-c", command], check=True, capture_output=True, cwd=tmp_path,
+                   env=dict(os.environ, PATH=f"{python}:{os.environ['PATH']}"))
+    assert not (tmp_path / "pwned").exists()
+    converted = path.with_suffix(".safetensors")
+    StableDiffusion.from_pretrained(str(tiny_model("sd1"))).load_textual_inversion(converted, token="<x>")
+    assert np.array_equal(load_file(str(converted))["emb_params"], vectors.numpy())
 
 
 def test_factors_that_do_not_fit_their_layer_change_nothing(sd1, tmp_path):
@@ -567,8 +586,6 @@ def test_factors_that_do_not_fit_their_layer_change_nothing(sd1, tmp_path):
     ]
     good = kohya_file(tmp_path / "good.safetensors", "sd1", attention_layers, seed=11, alpha=1.0, conv_alpha=1.0,
                       ldm=False)
-    from safetensors.numpy import load_file
-
     for extra, words in cases:
         tensors = {k: v for k, v in load_file(str(good)).items() if not k.startswith(layer)}
         tensors.update({k: v if v.dtype == np.int32 else v.astype(np.float32) for k, v in extra.items()})

@@ -3,6 +3,7 @@ diffusers folder they were written from, parity with diffusers' from_single_file
 through the CLI, a replacement VAE, v-prediction, and every way such a file can be refused."""
 
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -597,8 +598,11 @@ def test_half_precision_file_and_older_clip_key_layout(tiny_model, checkpoint, t
 
 
 @pytest.mark.reference
-def test_the_conversion_the_pickle_message_gives_works(checkpoint, tmp_path):
-    """The command in the .ckpt refusal, run as printed, makes a file that loads as the original."""
+@pytest.mark.parametrize("name", ["model.ckpt", "Bob's model $(touch pwned).ckpt"])
+def test_the_conversion_the_pickle_message_gives_works(checkpoint, tmp_path, name):
+    """The command in the .ckpt refusal, pasted into a shell as printed, makes a file that loads as
+    the original; a name with a quote or a `$(...)` is that name to the shell (the command once held
+    it unquoted: a SyntaxError for the one, the other's command run)."""
     import re
     import subprocess
     import sys
@@ -606,11 +610,14 @@ def test_the_conversion_the_pickle_message_gives_works(checkpoint, tmp_path):
     import torch
     from safetensors.torch import load_file as load_torch
 
-    path = tmp_path / "model.ckpt"
+    path = tmp_path / name
     torch.save({"state_dict": load_torch(str(checkpoint("sd1"))), "global_step": 1}, path)
     message = expect_model_error(lambda: model_io.resolve_model(str(path)), "is a pickle checkpoint")
-    code = re.search(r'python -c "(.+?)"\)', message).group(1)
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    command = re.search(r"convert it once \((python -c .+)\) or use", message).group(1)
+    python = Path(sys.executable).parent
+    subprocess.run(["bash", "-c", command], check=True, capture_output=True, cwd=tmp_path,
+                   env=dict(os.environ, PATH=f"{python}:{os.environ['PATH']}"))
+    assert not (tmp_path / "pwned").exists()
     converted = load_file(str(path.with_suffix(".safetensors")))
     original = load_file(str(checkpoint("sd1")))
     assert converted.keys() == original.keys() and all(np.array_equal(converted[k], original[k]) for k in original)
