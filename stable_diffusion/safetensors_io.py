@@ -235,12 +235,14 @@ def weight_files(component_folder: Path, variant: str | None = None) -> list[Pat
     for v in ([variant, None] if variant else [None, "fp16"]):
         single = component_folder / (f"{stem}.{v}.safetensors" if v else f"{stem}.safetensors")
         _check_regular(single)
-        if single.is_file():
-            return [single]
         index = None
         for name in index_names(stem, v):
             _check_regular(component_folder / name)
             index = index or (component_folder / name if (component_folder / name).is_file() else None)
+        # Where a folder holds both, diffusers' networks read the index's shards and transformers'
+        # text encoders the single file, each loader its own way.
+        if single.is_file() and (index is None or stem == "model"):
+            return [single]
         if index is not None:
             weight_map = load_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not all(

@@ -453,6 +453,43 @@ def test_shard_index_must_map_tensors_to_files(tmp_path):
 
 
 @pytest.mark.reference
+def test_a_component_with_both_a_single_file_and_an_index_reads_what_its_library_reads(tmp_path):
+    """Beside a shard index: a single file of other weights. diffusers reads a UNet's index first,
+    transformers a text encoder's single file; so does this loader (it read the single file of
+    both, a UNet other than diffusers', without a word)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from mlx.utils import tree_flatten
+    from safetensors.numpy import save_file
+    from transformers import CLIPTextModel
+
+    from stable_diffusion.testing import write_tiny_model
+
+    saved = write_tiny_model(tmp_path / "saved", "sd1", layout="saved")
+    before = StableDiffusion.from_pretrained(str(saved))
+    unet, text = saved / "unet", saved / "text_encoder"
+    index = json.loads((unet / "diffusion_pytorch_model.safetensors.index.json").read_text())["weight_map"]
+    shards = {}
+    for shard in set(index.values()):
+        shards.update(load_file(str(unet / shard)))
+    save_file({k: v * 0.5 for k, v in shards.items()}, str(unet / "diffusion_pytorch_model.safetensors"))
+    encoder = load_file(str(text / "model.safetensors"))
+    save_file({k: v * 0.5 if v.dtype.kind == "f" else v for k, v in encoder.items()},
+              str(text / "model-00001-of-00001.safetensors"))
+    (text / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "model-00001-of-00001.safetensors" for k in encoder}}))
+    after = StableDiffusion.from_pretrained(str(saved))
+    for a, b in zip([before.unet, before.text_encoders[0]], [after.unet, after.text_encoders[0]]):
+        pa, pb = dict(tree_flatten(a.parameters())), dict(tree_flatten(b.parameters()))
+        assert pa.keys() == pb.keys() and all(np.array_equal(pa[k], pb[k]) for k in pa)
+    theirs = UNet2DConditionModel.from_pretrained(unet).conv_in.weight.detach().numpy()
+    assert np.array_equal(theirs, shards["conv_in.weight"])
+    theirs = CLIPTextModel.from_pretrained(text).get_input_embeddings().weight
+    embedding = next(v for k, v in encoder.items() if k.endswith("token_embedding.weight"))
+    assert np.array_equal(theirs.detach().to(torch.float32).numpy(), embedding)
+
+
+@pytest.mark.reference
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_folders_written_by_diffusers_save_pretrained(family, tiny_model, tmp_path, reference, parity):
     """diffusers + transformers write the folder (tokenizer.json only, their key layout); ours
