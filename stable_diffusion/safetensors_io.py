@@ -259,6 +259,7 @@ def weight_files(component_folder: Path, variant: str | None = None) -> list[Pat
             if missing:
                 raise ModelError(f"{index} names shard(s) that are missing: {', '.join(missing)}; "
                                  f"{refetch_advice(component_folder.parent)}")
+            _check_index(index, weight_map, component_folder)
             return [component_folder / n for n in shards]
     pickles = sorted(p.name for p in component_folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
@@ -267,6 +268,18 @@ def weight_files(component_folder: Path, variant: str | None = None) -> list[Pat
                          "to safetensors or use a model revision that has them")
     raise ModelError(f"{component_folder} has no {stem}.safetensors weights; the model folder is "
                      f"incomplete: {refetch_advice(component_folder.parent)}")
+
+
+def _check_index(index: Path, weight_map: dict, folder: Path) -> None:
+    """Every tensor the index places in a shard is in that shard (headers only): an index that is
+    not its shards' leaves tensors unread, which was then blamed on the config."""
+    for shard in sorted(set(weight_map.values())):
+        held = read_safetensors_header(folder / shard).keys()
+        absent = sorted(k for k, v in weight_map.items() if v == shard and k not in held)
+        if absent:
+            more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
+            raise ModelError(f"{index} places tensor {absent[0]}{more} in {shard}, which does not hold it: "
+                             f"the index is not the one saved with these shards; {refetch_advice(folder.parent)}")
 
 
 def _check_regular(path: Path) -> None:

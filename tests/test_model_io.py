@@ -446,10 +446,16 @@ def test_shard_index_must_map_tensors_to_files(tmp_path):
 
     saved = write_tiny_model(tmp_path / "saved", "sd1", layout="saved")
     index = saved / "unet" / "diffusion_pytorch_model.safetensors.index.json"
+    shards = json.loads(index.read_text())["weight_map"]
     edit_json(index, lambda d: d.update(weight_map=["a", "b"]))
     expect_model_error(lambda: model_io.check_model_folder(saved), "field weight_map must map tensor names to shard file names")
     edit_json(index, lambda d: d.update(weight_map={"conv_in.weight": "gone.safetensors"}))
     expect_model_error(lambda: model_io.check_model_folder(saved), "names shard(s) that are missing: gone.safetensors")
+    # An index that puts every tensor in the first shard: the tensors of the second are named, not the config
+    first = min(shards.values())
+    edit_json(index, lambda d: d.update(weight_map={k: first for k in shards}))
+    expect_model_error(lambda: model_io.check_model_folder(saved), f"{index} places tensor ",
+                       f" in {first}, which does not hold it: the index is not the one saved with these shards")
 
 
 @pytest.mark.reference
