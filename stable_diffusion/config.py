@@ -176,8 +176,9 @@ class UNetConfig:
     def heads(self) -> tuple:
         """Attention heads per down block (the up path uses them reversed)."""
         n = len(self.block_out_channels)
-        value = self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
-        return _per_block(value, n, "num_attention_heads")
+        if self.num_attention_heads is not None:
+            return _per_block(self.num_attention_heads, n, "num_attention_heads")
+        return _per_block(self.attention_head_dim, n, "attention_head_dim")  # the field the file has
 
     @property
     def transformer_layers(self) -> tuple:

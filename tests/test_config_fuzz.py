@@ -148,6 +148,8 @@ def test_config_fuzz_ends_in_config_error_or_success(families, family, tmp_path)
     ("sample_size", 0, ["sample_size", "outside 1 .. 512"]),
     ("cross_attention_dim", "32", ["cross_attention_dim", "expected a whole number", "a string \"32\""]),
     ("attention_head_dim", [2, 5], ["5 heads do not divide 64 channels"]),
+    # the field the file has, not the num_attention_heads diffusers reads it as
+    ("attention_head_dim", [2, 2, 2], ["field attention_head_dim: 3 entries, expected 2 (one per block)"]),
     ("use_linear_projection", "yes", ["use_linear_projection", "expected true or false"]),
 ])
 def test_unet_field_errors_name_the_file_and_the_field(families, tmp_path, field, value, words):
