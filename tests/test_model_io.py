@@ -387,8 +387,14 @@ def test_fp16_files_read_in_float32_are_said_and_recorded(tiny_model, tmp_path):
     (folder / "unet" / "diffusion_pytorch_model.safetensors").rename(folder / "unet" / "diffusion_pytorch_model.fp16.safetensors")
     session = Session(ModelSpec(str(folder), dtype="float32"))
     session.open()
-    assert f"unet: no float32 weights in {folder}; their fp16 files are read, in float32" in session.warnings
+    assert f"unet: no float32 weights in {folder / 'unet'}; their fp16 files are read, in float32" in session.warnings
     assert session.source["weights"] == {"unet": "fp16"}
+    # A --vae of fp16 files alone: its folder is named, not the view of the model made for it
+    vae = shutil.copytree(tiny_model("sd1") / "vae", tmp_path / "vae")
+    (vae / "diffusion_pytorch_model.safetensors").rename(vae / "diffusion_pytorch_model.fp16.safetensors")
+    with_vae = Session(ModelSpec(str(tiny_model("sd1")), dtype="float32", vae=str(vae)))
+    with_vae.open()
+    assert f"vae: no float32 weights in {vae}; their fp16 files are read, in float32" in with_vae.warnings
     whole = Session(ModelSpec(str(tiny_model("sd1")), dtype="float32"))
     whole.open()
     assert "weights" not in whole.source and not any("fp16" in w for w in whole.warnings)
