@@ -190,6 +190,11 @@ class FrameWriter:
         with deferred(), self.ledger.writing(dict(info, file=path.name)):
             render.save_picture(path, picture, self.format, parameters, record)
 
+    def an_earlier_runs(self, path: Path) -> bool:
+        """Whether `path` holds a file an earlier run of this output left, as it left it: a stopped
+        run's partial summary (a triangle of the rows done, curves so far) does not replace a whole one."""
+        return path.name in self.ledger.earlier
+
     def save_animation(self, path: Path, frames: list, fmt: str) -> None:
         h = max(f.shape[0] for f in frames)
         w = max(f.shape[1] for f in frames)
@@ -406,8 +411,8 @@ class CurvePlot(Sink):
 
     def salvage(self) -> None:
         """After a stop: the curves as far as they were measured, titled partial (no best step: the
-        run did not end)."""
-        if any(curve.records for curve in self.curves.curves):
+        run did not end); not over an earlier run's whole curves."""
+        if any(curve.records for curve in self.curves.curves) and not self.writer.an_earlier_runs(self.path):
             self.finish(partial=True)
 
     def finish(self, partial: bool = False) -> None:
@@ -524,11 +529,12 @@ class TriangleCanvas(Sink):
     def salvage(self) -> None:
         """The rows finished before an interrupt (rows run lowest strength first), as a triangle
         whose record says it is partial (and its title, with labels): a long run stopped keeps what
-        it made, their PSNR where it was measured (Fidelity.salvage)."""
+        it made, their PSNR where it was measured (Fidelity.salvage). Not over an earlier run's
+        whole triangle, which stays, listed under earlier_files."""
         whole = next((i for i, row in enumerate(self.cells.cells) if any(c is None for c in row)),
                      len(self.plan.rows))
         psnrs = self.fidelity.psnrs if self.fidelity is not None else []
-        if whole:
+        if whole and not self.writer.an_earlier_runs(self.output):
             self._draw(whole, psnrs[:whole] if len(psnrs) >= whole else None)
 
     def _draw(self, n: int, psnrs: list | None) -> None:

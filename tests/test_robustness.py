@@ -686,6 +686,34 @@ def test_a_triangle_stopped_keeps_its_whole_rows(capsys, tmp_path, picture, sd2,
     assert not any("byte-identical" in n for n in notes)
 
 
+def test_a_stopped_rerun_keeps_the_earlier_runs_whole_triangle_and_curves(capsys, tmp_path, picture, sd2,
+                                                                          monkeypatch):
+    """A rerun stopped after two rows drew its partial triangle (and curves) over the earlier run's
+    whole ones, which were lost: they stay, listed under earlier_files, as a single run's final does."""
+    from stable_diffusion import sinks
+
+    out = tmp_path / "t.png"
+    common = ["image2image", picture, "x", "--model", sd2, "--steps", 4, "-gt", "--curve",
+              "--triangle_strengths", "0.25,0.5,0.75,1", "--output", out]
+    assert main(capsys, *common, "--seed", 0)[0] == 0
+    whole = {name: (tmp_path / name).read_bytes() for name in ("t.png", "t.curve.png")}
+    original = sinks.TriangleCells.phase_done
+
+    def stop_after_row_1(self, row):
+        original(self, row)
+        if row == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sinks.TriangleCells, "phase_done", stop_after_row_1)
+    status, _, err = main(capsys, *common, "--seed", 9)
+    assert status == 130, err
+    assert {name: (tmp_path / name).read_bytes() for name in whole} == whole
+    record = sidecar(tmp_path / "t.json")
+    assert record["status"] == "interrupted" and set(whole) <= set(record["earlier_files"])
+    assert not {"t.png", "t.curve.png"} & listed(record)
+    assert "kept the 2 file(s) an earlier run wrote under the name t.* (t.curve.png, t.png)" in err, err
+
+
 def test_a_stop_while_the_finished_rows_are_measured_still_draws_the_triangle(capsys, tmp_path, picture, sd2,
                                                                              monkeypatch):
     """Every row done, a stop as their fidelity was decoded (the VAE's picture of each row, with
