@@ -176,9 +176,8 @@ class UNetConfig:
     def heads(self) -> tuple:
         """Attention heads per down block (the up path uses them reversed)."""
         n = len(self.block_out_channels)
-        if self.num_attention_heads is not None:
-            return _per_block(self.num_attention_heads, n, "num_attention_heads")
-        return _per_block(self.attention_head_dim, n, "attention_head_dim")  # the field the file has
+        name = "num_attention_heads" if self.num_attention_heads is not None else "attention_head_dim"
+        return _per_block(getattr(self, name), n, name)  # named as the file has it
 
     @property
     def transformer_layers(self) -> tuple:

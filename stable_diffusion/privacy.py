@@ -29,9 +29,8 @@ from pathlib import Path
 
 from .errors import InputError, OutputError
 from .private_cache import user_cache
+from .spec import PRIVATE_DIGITS, PRIVATE_PREFIX
 
-PREFIX = "private:"
-DIGITS = 16  # 64 bits of the HMAC: no two prompts of one user meet by chance
 _SALT_TEXT = re.compile(rb"[0-9a-f]{64}\n?")
 
 
@@ -135,11 +134,7 @@ def text_hash(text: str | bytes) -> str:
     if not text:
         return ""
     data = text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
-    return PREFIX + hmac.new(salt(), data, hashlib.sha256).hexdigest()[:DIGITS]
-
-
-def is_hash(text) -> bool:
-    return isinstance(text, str) and text.startswith(PREFIX) and len(text) == len(PREFIX) + DIGITS
+    return PRIVATE_PREFIX + hmac.new(salt(), data, hashlib.sha256).hexdigest()[:PRIVATE_DIGITS]
 
 
 def private_texts(spec) -> dict:
@@ -168,7 +163,7 @@ def redacted(spec):
 def record_note(spec) -> dict:
     """What a private run's record says about its hashes."""
     return {"fields": sorted(private_texts(spec)), "salt_id": salt_id(),
-            "hash": f"HMAC-SHA256 of the text's UTF-8 bytes under this user's salt, first {DIGITS} hex digits"}
+            "hash": f"HMAC-SHA256 of the text's UTF-8 bytes under this user's salt, first {PRIVATE_DIGITS} hex digits"}
 
 
 def redact_argv(argv, spec) -> list:

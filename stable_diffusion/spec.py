@@ -380,10 +380,23 @@ def _is_path(value) -> bool:
     return isinstance(name, str) and "\x00" not in name
 
 
+# What a private run (save_prompt False) keeps in place of a text: a salted hash (privacy.text_hash).
+PRIVATE_PREFIX, PRIVATE_DIGITS = "private:", 16  # 64 bits of the HMAC: no two prompts of one user meet by chance
+
+
+def is_private_hash(text) -> bool:
+    return (isinstance(text, str) and text.startswith(PRIVATE_PREFIX) and len(text) == len(PRIVATE_PREFIX) + PRIVATE_DIGITS
+            and all(c in "0123456789abcdef" for c in text[len(PRIVATE_PREFIX):]))
+
+
 def _check_text(name: str, text: str | None) -> None:
-    """Refuse text that holds a lone surrogate (read from bytes with surrogateescape): no file stores it."""
+    """Refuse text that holds a lone surrogate (read from bytes with surrogateescape): no file stores
+    it; and a private run's hash of a text, given back as the text (its sidecar's replay arguments)."""
     if text is None:
         return
+    if is_private_hash(text.strip()):
+        raise SpecError(name, f"{{flag}} {text.strip()} is the hash a private run (-sp 0) keeps in place of its "
+                              "text, not the text: give the text itself (a replay of its picture asks for it)")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:

@@ -12,6 +12,7 @@ import pytest
 from stable_diffusion import privacy
 from stable_diffusion.errors import InputError
 from stable_diffusion.picture_meta import read_picture_metadata, read_picture_texts
+from stable_diffusion.spec import is_private_hash
 
 import commands
 from commands import sidecar
@@ -67,11 +68,21 @@ def test_private_runs_write_no_byte_of_their_texts_and_replay_asks_for_them(tmp_
     # The hash stands where the texts were, the same in every file: runs can still be grouped.
     record = sidecar(single / "p.json")
     hashed, negative = record["prompt"], record["negative_prompt"]
-    assert privacy.is_hash(hashed) and privacy.is_hash(negative) and hashed != negative
+    assert is_private_hash(hashed) and is_private_hash(negative) and hashed != negative
     assert record["private"]["fields"] == ["negative_prompt", "prompt"]
     assert hashed in record["argv"] and hashed in record["replay"]
+    # Its replay arguments run as they are: the hash is not taken for the prompt (a picture unlike
+    # the run's, exit 0), nor the negative one's for that
+    given = commands.run("image2image.py", *record["replay"], "--output", tmp_path / "as-recorded" / "p.png")
+    assert given.returncode == 2 and given.stderr == (
+        f"error: prompt {hashed} is the hash a private run (-sp 0) keeps in place of its text, not the text: "
+        "give the text itself (a replay of its picture asks for it)\n"), given.stderr
+    given = commands.run("image2image.py", picture, PROMPT, "--negative_prompt", negative, "--model", sd2,
+                         "--output", tmp_path / "as-recorded" / "p.png")
+    assert given.returncode == 2 and f"--negative_prompt {negative} is the hash" in given.stderr
+    assert not (tmp_path / "as-recorded").exists()
     tri = sidecar(tmp_path / "tri" / "t.json")
-    assert tri["prompt"] == hashed and privacy.is_hash(tri["inversion"]["prompt"])
+    assert tri["prompt"] == hashed and is_private_hash(tri["inversion"]["prompt"])
     fields, chunk = read_picture_metadata(single / "p.png")
     assert fields["prompt"] == hashed and fields["negative_prompt"] == negative
     assert chunk["prompt"] == hashed and "-sp=0" in chunk["replay"]
