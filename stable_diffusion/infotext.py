@@ -97,10 +97,11 @@ class FrameInfo:
 
     step: int  # steps done when the frame was taken: 0 is the noised start
     count: int  # the steps this run makes (the steps run)
-    t: float  # the timestep of the latent shown
+    t: float  # the step's timestep: its noisy latent's
     sigma: float
-    shows: str = "x_t"  # "x_t" (the noisy latent) or "x0_pred" (the denoised estimate)
+    shows: str = "x_t"  # "x_t" (the noisy latent), "x0_pred" (the denoised estimate) or both
     decoder: str = "vae"  # "vae", "taesd" or "approx"
+    x0_t: float | None = None  # where it shows x0_pred: the time that estimate was made at
 
 
 @dataclass(frozen=True)
@@ -149,8 +150,9 @@ def generation_parameters(prompt: str, negative_prompt: str = "", *, steps: int,
       `Cell size` the generated one, `Cells` the layout, and one `<field> per row` (or `per cell`)
       key per varying field; the single-valued keys hold the first cell's values, as A1111's grids
       carry their first picture's.
-    - A frame names itself: `Trajectory step: 5/15, Trajectory t: 200, Trajectory sigma: 0.5701`,
-      what it shows and which decoder drew it.
+    - A frame names itself: `Trajectory step: 5/15, Trajectory t: 200, Trajectory sigma: 0.5701`
+      (the step's: its x_t's), the time its denoised estimate was made at where it shows one
+      (`Trajectory x0 from t: 250`), what it shows and which decoder drew it.
     """
     fields: dict[str, Any] = {}
     if steps_run is not None:
@@ -161,6 +163,8 @@ def generation_parameters(prompt: str, negative_prompt: str = "", *, steps: int,
         fields["Trajectory step"] = f"{frame.step}/{frame.count}"
         fields["Trajectory t"] = _float_text(frame.t, 6)
         fields["Trajectory sigma"] = _float_text(frame.sigma, 4)
+        if frame.x0_t is not None:
+            fields["Trajectory x0 from t"] = _float_text(frame.x0_t, 6)
         fields["Trajectory shows"] = frame.shows
         fields["Decoder"] = frame.decoder
     size = (width, height)
@@ -286,7 +290,7 @@ def parse_parameters_text(text: str) -> dict[str, Any]:
 
 # The keys our own `generation_parameters` adds: they describe the picture, nothing to set.
 _OUR_KEYS = {"Steps run", "Start timestep", "Trajectory step", "Trajectory t", "Trajectory sigma",
-             "Trajectory shows", "Decoder", "Cell size", "Cells"}
+             "Trajectory x0 from t", "Trajectory shows", "Decoder", "Cell size", "Cells"}
 _OUR_SUFFIXES = (" per row", " per cell")
 
 

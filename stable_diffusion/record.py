@@ -218,10 +218,8 @@ def picture_texts(plan, record: dict, source: dict, info: dict, size: tuple) -> 
     if kind in ("step", "best"):
         shows = {"xt": "x_t", "x0": "x0_pred", "both": "x_t and x0_pred"}[info["shows"]]
         decoder = "vae" if kind == "best" else spec.capture.preview
-        t, sigma = info["t"], info["sigma"]
-        if shows == "x0_pred" and info.get("x0_t") is not None:  # the estimate's own time
-            t, sigma = info["x0_t"], info["x0_sigma"]
-        frame = infotext.FrameInfo(info["step"], info["count"], t, sigma, shows, decoder)
+        frame = infotext.FrameInfo(info["step"], info["count"], info["t"], info["sigma"], shows, decoder,
+                                   info.get("x0_t"))  # the step's time as the record's; the estimate's beside it
     elif kind == "noise":
         extra = {"Noising path": info["path"], "Noising t": f"{info['t']:g}"}
     if kind == "triangle":  # its rows as they lie, top first; its columns as drawn (time-aligned: per level)

@@ -87,7 +87,9 @@ def test_curve_best_step_and_keep_best(tmp_path, picture, sd2):
     assert best["x0_t"] == curve[best["step"] - 1]["t"] == curve[best["step"]]["x0_t"]
     assert f"step {best['step']} (x0_pred from t={best['x0_t']:g}, detail" in result.stdout
     parameters = Image.open(tmp_path / "c.best.png").text["parameters"]
-    assert f"Trajectory t: {best['x0_t']:g}," in parameters and "Trajectory shows: x0_pred" in parameters
+    # the step's t, as the record's, and the estimate's own beside it (t was the estimate's, sigma too)
+    assert f"Trajectory step: {best['step']}/8, Trajectory t: {curve[best['step']]['t']:g}," in parameters
+    assert f"Trajectory x0 from t: {best['x0_t']:g}, Trajectory shows: x0_pred" in parameters
     with Image.open(tmp_path / "c.curve.png") as plot:
         assert plot.size[0] >= 600 and plot.size[1] >= 300
     assert Image.open(tmp_path / "c.best.png").size == (64, 64)
