@@ -229,7 +229,7 @@ def picture_texts(plan, record: dict, source: dict, info: dict, size: tuple) -> 
             {"Denoising strength": [r.strength for r in shown]})
         if "partial" in info:
             extra = {"Partial": info["partial"]}
-    elif spec.n_images > 1 and kind in ("step", "final", "best"):
+    elif spec.n_images > 1 and kind in ("step", "final", "best", "noise"):
         composite = infotext.CompositeInfo("grid", size[1], size[0], spec.n_rows,
                                            spec.n_images // spec.n_rows)
     # As A1111 writes them: a LoRA by its file's stem and the hash of its tensors' bytes, an

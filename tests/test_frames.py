@@ -72,9 +72,11 @@ def test_readers_see_every_field_of_our_final_frames_and_triangle(tmp_path, pict
     assert tri.metadata["Size"] == f"{w}x{h}" and tri.metadata["Cell size"] == "64x64"
     assert tri.metadata["Denoising strength per row"] == "1.0 0.5"  # top row first
     said = run(picture, "x", "--model", sd2, "--steps", 2, "--n_images", 4, "--n_rows", 2, "--seed", 1,
-               "--output", tmp_path / "g.png").stdout
-    grid, _ = read_with_sd_parsers(tmp_path / "g.png")
-    assert grid.metadata["Size"] == "128x128" and grid.metadata["Cells"] == "grid 2 rows x 2 columns"
+               "--show_noising", 500, "--output", tmp_path / "g.png").stdout
+    for name in ("g.png", "g.noise-t0500.png"):  # the noising frames are grids too (they said 64x64)
+        grid, _ = read_with_sd_parsers(tmp_path / name)
+        assert Image.open(tmp_path / name).size == (128, 128)
+        assert grid.metadata["Size"] == "128x128" and grid.metadata["Cells"] == "grid 2 rows x 2 columns"
     # each picture of the grid measured against the input (the first alone was, said as the run's)
     from stable_diffusion.measures import psnr
 
