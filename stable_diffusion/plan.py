@@ -214,6 +214,7 @@ def make_plan(spec: RunSpec, config: PipelineConfig, tokenizers, image_size: tup
         path = inversion.times[::-1]
         if c.noising_every is not None:  # and every row's start, as the shared path shows them
             shown = tuple(sorted(set(crossings(path, c.noising_every)) | set(starts)))
+            _note_inversion_frames([path[k] for k in shown], c.noising_every, notice)
     elif c.noising_every is not None:
         points = [(t, None) for t in noising_times(rows[-1].timeline.start_time, c.noising_every)]
         if spec.triangle and c.noising_path == "shared":  # the rows' starts are on this path
@@ -484,6 +485,16 @@ def snapshot_indices(steps: int, every: int | None, last: int | None) -> dict[in
         for k in range(steps - min(last, steps) + 1, steps + 1):
             kept.setdefault(k, []).append("last")
     return {k: tuple(v) for k, v in sorted(kept.items())}
+
+
+def _note_inversion_frames(times: list, every: int, notice) -> None:
+    """The inversion's frames lie on its own steps: where they are not the times a forward path
+    would show (0, N, 2N, ... and the top), say which they are."""
+    if set(noising_times(times[-1], every)) <= set(times):
+        return
+    listed = ", ".join(f"{t:g}" for t in times[:12]) + (", ..." if len(times) > 12 else "")
+    notice(f"{{flag:noising_every}} with the inversion: its frames are the inversion's own steps, the first "
+           f"past each multiple of {every} (t={listed}); more steps ({{flag:steps}}) give finer ones")
 
 
 def crossings(times, every: int) -> list[int]:

@@ -102,6 +102,21 @@ def test_an_inversion_visits_every_rows_start_and_shows_a_frame_per_crossing():
     assert plan.describe()[-1].startswith(f"inversion: t=0 -> 1000 in {len(up) - 1} steps")
 
 
+@pytest.mark.parametrize("every, said", [(150, "t=0, 200, 300, 500"), (100, None)])
+def test_an_inversions_frames_off_the_asked_times_are_said(every, said):
+    """Its frames lie on its own steps (every 100 timesteps here): at --show_noising 150 they were
+    t=0, 200, 300, 500, unsaid."""
+    notes = []
+    spec = _spec(strengths=(0.5,), steps=10, capture=Capture(noising_path="inversion", noising_every=every),
+                 inversion=Inversion())
+    plan = make_plan(spec, _config("sd1"), (), (64, 64), notes.append)
+    if said is None:
+        assert not any("own steps" in n for n in notes), notes
+    else:
+        assert [plan.path[k] for k in plan.shown] == [0, 200, 300, 500]
+        assert f"the inversion's own steps, the first past each multiple of 150 ({said})" in " ".join(notes)
+
+
 def test_a_long_prompt_is_reported_with_the_tokens_it_loses():
     class Words:  # a stand-in tokenizer: one token per word
         max_length = 6
