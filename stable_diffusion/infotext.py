@@ -290,7 +290,7 @@ def parse_parameters_text(text: str) -> dict[str, Any]:
 
 # The keys our own `generation_parameters` adds: they describe the picture, nothing to set.
 _OUR_KEYS = {"Steps run", "Start timestep", "Trajectory step", "Trajectory t", "Trajectory sigma",
-             "Trajectory x0 from t", "Trajectory shows", "Decoder", "Cell size", "Cells"}
+             "Trajectory x0 from t", "Trajectory shows", "Decoder", "Cell size", "Cells", "Noising t"}
 _OUR_SUFFIXES = (" per row", " per cell")
 
 
@@ -315,7 +315,8 @@ def parse_parameters(text: str) -> tuple[dict[str, Any], list[str]]:
 
     Fields, present only where the text gives them: prompt, negative_prompt, steps (the requested
     count, as A1111 writes it and as our plans count), sampler and schedule (our names), cfg, seed,
-    width, height, strength, model (as written: a name, not a path). A composite of ours gives its
+    width, height, strength, model (as written: a name, not a path); from our own keys, the
+    schedule and noising_path, inversion_cfg, inversion_refine and inversion_prompt. A composite of ours gives its
     `Cell size` as width and height. Unknown samplers and schedule types, a hires fix (whose
     `Denoising strength` belongs to its second pass) and every unknown key give a warning each.
     The same seed does not give the other tool's noise: its generator is not ours.
@@ -347,6 +348,21 @@ def parse_parameters(text: str) -> tuple[dict[str, Any], list[str]]:
         elif value != "Automatic":  # the sampler's own default, which is ours too
             warnings.append(f"Schedule type: {value!r} is not available here (available: "
                             f"{', '.join(schedules)}); the sampler's default schedule is used")
+
+    if "Timestep schedule" in extra:  # ours: a schedule A1111's sampler names do not carry
+        value = extra.pop("Timestep schedule")
+        if value in SCHEDULE_TABLE:
+            fields["schedule"] = value
+        else:
+            warnings.append(f"Timestep schedule: {value!r} is not available here (available: "
+                            f"{', '.join(SCHEDULE_TABLE)}); the sampler's default schedule is used")
+    if extra.pop("Noising path", None) == "inversion":  # ours (a noise frame's other paths are traces)
+        fields["noising_path"] = "inversion"
+        for key, name, kind in (("Inversion cfg", "inversion_cfg", float), ("Inversion refine", "inversion_refine", int)):
+            if (value := _typed(extra, key, kind)) is not None:
+                fields[name] = value
+        if "Inversion prompt" in extra:
+            fields["inversion_prompt"] = extra.pop("Inversion prompt")
 
     hires = [key for key in extra if key.startswith("Hires")]
     if parsed["strength"] is not None:

@@ -17,6 +17,7 @@ import stat
 from pathlib import Path
 
 from . import infotext, privacy
+from .choices import SCHEDULE_TABLE
 from .errors import InputError, OutputError
 from .files import file_digest, parse_json, read_regular, to_json, write_text_atomic
 
@@ -222,6 +223,7 @@ def picture_texts(plan, record: dict, source: dict, info: dict, size: tuple) -> 
                                    info.get("x0_t"))  # the step's time as the record's; the estimate's beside it
     elif kind == "noise":
         extra = {"Noising path": info["path"], "Noising t": f"{info['t']:g}"}
+    extra.update(_settings_beyond_a1111(plan))
     if kind == "triangle":  # its rows as they lie, top first; its columns as drawn (time-aligned: per level)
         shown = rows[::-1] if info["order"] == "low_bottom" else rows
         composite = infotext.CompositeInfo(
@@ -255,6 +257,21 @@ def picture_texts(plan, record: dict, source: dict, info: dict, size: tuple) -> 
 
 
 _LIST_MARKS = str.maketrans("", "", ':,"')
+
+
+def _settings_beyond_a1111(plan) -> dict:
+    """The settings that change a picture and that A1111's fields cannot say, as keys of ours: a
+    timestep schedule its sampler names do not carry (linear, diffusers), the inversion's."""
+    extra = {}
+    if SCHEDULE_TABLE.get(plan.spec.schedule, "") is None:
+        extra["Timestep schedule"] = plan.spec.schedule
+    inversion = privacy.redacted(plan.spec).inversion  # its prompt as the record says it: a private run's hash
+    if inversion is not None:
+        extra.update({"Noising path": "inversion", "Inversion cfg": f"{inversion.cfg:g}",
+                      "Inversion refine": inversion.refine})
+        if inversion.prompt:
+            extra["Inversion prompt"] = inversion.prompt
+    return extra
 
 
 def adapter_record(info) -> dict:

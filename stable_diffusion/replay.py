@@ -233,7 +233,8 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
     flags = []
     for key, flag in (("negative_prompt", "--negative_prompt"), ("steps", "--steps"),
                       ("sampler", "--sampler"), ("schedule", "--schedule"), ("cfg", "--cfg"),
-                      ("seed", "--seed")):
+                      ("seed", "--seed"), ("noising_path", "--noising_path"), ("inversion_cfg", "--inversion_cfg"),
+                      ("inversion_refine", "--inversion_refine"), ("inversion_prompt", "--inversion_prompt")):
         if key in fields and fields[key] not in (None, ""):
             flags.append(f"{flag}={fields[key]}")
     if "model" in fields and not any(_dest(a, parser) == "model" for a in rest):

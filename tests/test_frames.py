@@ -237,6 +237,29 @@ def test_replay_of_another_tools_picture_maps_every_field(tmp_path, picture, sd2
     assert missing.returncode == 2 and "input picture" in missing.stderr
 
 
+@pytest.mark.parametrize("flags, words", [
+    (["--schedule", "diffusers", "--strength", 0.5], "Timestep schedule: diffusers"),
+    (["--noising_path", "inversion", "--inversion_prompt", "a barn, red", "--inversion_cfg", 1.5,
+      "--inversion_refine", 1, "--strength", 0.75],
+     'Noising path: inversion, Inversion cfg: 1.5, Inversion refine: 1, Inversion prompt: "a barn, red"'),
+])
+def test_our_picture_with_its_parameters_text_alone_replays_to_the_same_bytes(tmp_path, picture, sd2, flags, words):
+    """The parameters text (what image sites keep) says the settings A1111's fields cannot: the
+    inversion and a schedule its sampler names do not carry. Without them a replay of the text
+    made another picture, said nowhere (inversion: 19 dB from the run's; the diffusers schedule:
+    another start)."""
+    run(picture, "a barn", "--model", sd2, "--steps", 4, "--seed", 3, *flags, "--output", tmp_path / "o.png")
+    with Image.open(tmp_path / "o.png") as made:
+        parameters = made.text["parameters"]
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", parameters)
+        made.save(tmp_path / "text-only.png", pnginfo=info)
+    assert words in parameters
+    result = run(picture, "--replay", tmp_path / "text-only.png", "--model", sd2, "--output", tmp_path / "r.png")
+    assert "note: replay of" not in result.stderr, result.stderr
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "r.png")), np.asarray(Image.open(tmp_path / "o.png")))
+
+
 def test_a_row_starts_on_the_paths_frame_only_at_the_paths_level(tmp_path, picture, sd2):
     """A Karras row starts at its schedule's level of its start time (0.14713 at t=24), not the
     path's sigma(t) (0.14823): its first cell was the path's picture all the same. And a single
