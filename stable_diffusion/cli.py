@@ -540,7 +540,7 @@ def _os_refusal(error: Exception) -> str | None:
         return None
     if isinstance(error, PermissionError) and error.filename is not None:  # a model folder's, say
         return (f"{shortened(os.fsdecode(error.filename))!r}: permission denied; give this user access to it "
-                "and to the folders above it (chmod), or use another")
+                "and to the folders above it (chmod), or use another copy of it")
     if error.errno == errno.ENAMETOOLONG:
         path = os.fsdecode(error.filename or "")
         name = next((p for p in Path(path).parts if len(os.fsencode(p)) > 255), None)

@@ -510,7 +510,7 @@ TEXT_COMPONENTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_
 
 def load_json(path: Path) -> dict:
     """A JSON object from a config file; any other root (a list, a number, null) is refused."""
-    from .files import read_regular
+    from .files import advice_for, read_regular
 
     path = Path(path)
     if not os.path.lexists(path):
@@ -520,7 +520,7 @@ def load_json(path: Path) -> dict:
     try:  # a regular file of bounded size: not a pipe, not /dev/zero through a link
         data = json.loads(read_regular(path, "config", "config file").decode("utf-8"))
     except InputError as e:
-        raise ConfigError(f"{e}; download the model again") from None
+        raise ConfigError(f"{e}; {advice_for(e, 'download the model again')}") from None
     except (ValueError, UnicodeDecodeError) as e:  # ValueError: also a number of > 4300 digits, said so
         why = "a number of thousands of digits" if "int_max_str_digits" in str(e) else e  # not Python's advice
         raise ConfigError(f"config file {path} is not valid JSON ({why}); download the model again") from None

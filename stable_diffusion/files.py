@@ -474,6 +474,14 @@ def open_regular(path: str | os.PathLike, kind: str, what: str = "file") -> Bina
         raise
 
 
+def advice_for(error: InputError, otherwise: str) -> str:
+    """What to do about a file `open_regular` could not read: give read access where permission was
+    denied (fetching it again would not help), else `otherwise`."""
+    if isinstance(error.__cause__, PermissionError):
+        return "give this user read access to it and to the folders above it (chmod)"
+    return otherwise
+
+
 def read_regular(path: str | os.PathLike, kind: str, what: str = "file") -> bytes:
     """The bytes of a regular file within its kind's cap (see `open_regular`); a file that grows
     past the cap while being read is refused too."""

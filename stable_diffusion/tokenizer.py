@@ -421,7 +421,7 @@ def read_added_tokens(folder) -> dict:
 
 def _read_text(path: Path) -> str:
     """A tokenizer file's text: a regular file within the tokenizer cap (files.read_regular)."""
-    from .files import read_regular, special_file
+    from .files import advice_for, read_regular, special_file
 
     if not os.path.lexists(path):
         raise ModelError(f"missing tokenizer file {path}")
@@ -430,7 +430,7 @@ def _read_text(path: Path) -> str:
     try:
         return read_regular(path, "tokenizer", "tokenizer file").decode("utf-8")
     except InputError as e:
-        raise ModelError(f"{e}; download the tokenizer again") from None
+        raise ModelError(f"{e}; {advice_for(e, 'download the tokenizer again')}") from None
 
 
 def _read_json(path: Path) -> dict:
