@@ -671,13 +671,13 @@ def _check_components_meet(config: PipelineConfig, folder: Path) -> None:
         problems.append(f"unet in_channels {unet.in_channels} and out_channels {unet.out_channels} "
                         f"differ from the VAE's latent_channels {vae.latent_channels}")
     width = sum(e.hidden_size for e in config.text_encoders)
+    if config.is_xl and len(config.text_encoders) < 2:  # the cause of the width's mismatch below too
+        problems.append("the UNet takes SDXL's pooled text and sizes (addition_embed_type text_time), and only "
+                        "SDXL's two text encoders give them; the folder has one (text_encoder_2 is missing)")
     if unet.cross_attention_dim != width:
         problems.append(f"unet cross_attention_dim {unet.cross_attention_dim} differs from the text "
                         f"encoders' hidden_size {width}")
-    if config.is_xl and len(config.text_encoders) < 2:
-        problems.append("the UNet takes SDXL's pooled text and sizes (addition_embed_type text_time), and only "
-                        "SDXL's two text encoders give them; the folder has one (text_encoder_2 is missing)")
-    elif config.is_xl:
+    if config.is_xl and len(config.text_encoders) >= 2:
         last = config.text_encoders[-1]
         pooled = last.projection_dim if last.projection_dim is not None else last.hidden_size
         expected = 6 * unet.addition_time_embed_dim + pooled

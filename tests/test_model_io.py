@@ -893,3 +893,14 @@ def test_a_pickle_under_a_safetensors_name_is_called_a_pickle(tmp_path):
     cut = tmp_path / "cut.safetensors"  # a download cut short inside the header: truncated, as it was
     cut.write_bytes(real.read_bytes()[:200])
     expect_model_error(lambda: safetensors_io.read_safetensors_header(cut), "is truncated or not a safetensors file")
+
+
+def test_an_sdxl_folder_without_its_second_text_encoder_says_so(tiny_model, tmp_path):
+    """The cross-attention width's mismatch, which its absence causes, was said first ("download
+    the model again", with no word of text_encoder_2)."""
+    from stable_diffusion.config import ConfigError
+
+    model = shutil.copytree(tiny_model("sdxl"), tmp_path / "m")
+    edit_json(model / "model_index.json", lambda d: d.pop("text_encoder_2"))
+    with pytest.raises(ConfigError, match=r"the folder has one \(text_encoder_2 is missing\)"):
+        read_pipeline_config(model)
