@@ -163,7 +163,8 @@ class _Parser(argparse.ArgumentParser):
             theirs = {f for row in options.OPTIONS if row.parsers <= options.IMAGE for f in row.flags}
             for arg in unknown:
                 if arg.split("=", 1)[0] in theirs:
-                    return f"; {arg.split('=', 1)[0]} is image2image's: txt2image starts from pure noise"
+                    return (f"; {arg.split('=', 1)[0]} is image2image's: txt2image starts from pure noise, "
+                            "with no input picture, strength, noising path or triangle")
         for arg in unknown:
             if not arg.startswith("-") or arg == "--":
                 continue

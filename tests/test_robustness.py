@@ -251,12 +251,13 @@ def test_a_newcomers_slips_with_the_positionals_say_what_to_do(capsys, tmp_path,
 
 
 @pytest.mark.parametrize("extra, flag", [(["--strength", "0.5"], "--strength"), (["-gt"], "-gt"),
-                                         (["--show_noising", "100"], "--show_noising")])
+                                         (["--show_noising", "100"], "--show_noising"), (["--labels"], "--labels")])
 def test_image2image_flags_given_to_txt2image_are_named_so(capsys, tmp_path, unloadable, extra, flag):
     """They were "a prompt of several words goes in quotes", "did you mean --show_denoising?" (another
     feature), or nothing."""
     status, _, err = main(capsys, "txt2image", "a barn", *extra, "--model", unloadable, "--output", tmp_path / "o.png")
-    only_error(status, 2, err, f"; {flag} is image2image's: txt2image starts from pure noise")
+    only_error(status, 2, err, f"; {flag} is image2image's: txt2image starts from pure noise, with no input picture, "
+                               "strength, noising path or triangle")
 
 
 def test_a_picture_given_to_txt2image_or_a_sweep_command_misspelled_is_named(capsys, tmp_path, picture, unloadable):
