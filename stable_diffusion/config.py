@@ -770,7 +770,7 @@ def _checked(value, rule: tuple, name: str):
             raise ConfigError(f"field {name}: expected a whole number, got {_shown(value)}")
         if value < lo or (hi is not None and value > hi):
             bound = f"{lo} .. {hi}" if hi is not None else f"{lo} or more"
-            raise ConfigError(f"field {name}: {value} is outside {bound}")
+            raise ConfigError(f"field {name}: {value if abs(value) < 10**40 else 'a number of over 40 digits'} is outside {bound}")
         return value
     if kind is float:
         lo, hi = rule[1], rule[2]

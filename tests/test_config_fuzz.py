@@ -142,6 +142,7 @@ def test_config_fuzz_ends_in_config_error_or_success(families, family, tmp_path)
 
 @pytest.mark.parametrize("field, value, words", [
     ("layers_per_block", 1_000_000_000, ["layers_per_block", "outside 1 .. 16"]),
+    ("layers_per_block", 10**400, ["field layers_per_block: a number of over 40 digits is outside 1 .. 16"]),  # 400 digits
     ("norm_num_groups", 0, ["norm_num_groups", "outside 1 .. 1024"]),
     ("block_out_channels", [], ["block_out_channels", "0 entries"]),
     ("block_out_channels", [32, 60], ["60 is not divisible by norm_num_groups 8"]),
