@@ -904,3 +904,28 @@ def test_an_sdxl_folder_without_its_second_text_encoder_says_so(tiny_model, tmp_
     edit_json(model / "model_index.json", lambda d: d.pop("text_encoder_2"))
     with pytest.raises(ConfigError, match=r"the folder has one \(text_encoder_2 is missing\)"):
         read_pipeline_config(model)
+
+
+def test_a_hub_cache_file_this_user_cannot_read_asks_for_read_access(hub_cache, tmp_path):
+    """An unreadable refs/main was "cannot fetch owner/name from the hub (PermissionError ...);
+    download it on a connected machine", which cannot help."""
+    import subprocess
+    import sys
+
+    denied = []  # root reads everything: the run drops those powers, as an ordinary user has none
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: no way to be refused a read")
+        denied = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                  "--inh-caps=-dac_override,-dac_read_search"]
+    ref = hub_cache / "models--owner--name" / "refs" / "main"
+    ref.chmod(0)
+    code = "from stable_diffusion import model_io; model_io.resolve_model('owner/name')"
+    env = dict(os.environ, HF_HUB_CACHE=str(hub_cache), HF_HUB_OFFLINE="1",
+               PYTHONPATH=str(Path(model_io.__file__).parent.parent))
+    result = subprocess.run([*denied, sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                            timeout=120, cwd=tmp_path)
+    ref.chmod(0o644)
+    assert result.returncode != 0
+    assert (f"ModelError: cannot read {ref} in the hub cache of owner/name: permission denied; give this user "
+            "read access to it and to the folders above it (chmod)") in result.stderr, result.stderr
