@@ -37,6 +37,21 @@ def run(script: str, *args, env=None, timeout=300, check=False) -> subprocess.Co
     return result
 
 
+def without_read_powers() -> list:
+    """A command's prefix that runs it without the powers to read any file (root's): a file at mode
+    0 is then refused as it is to an ordinary user. Skips the test where root has no setpriv."""
+    import os
+    import shutil
+
+    import pytest
+
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: no way to be refused a read")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search"]
+
+
 def sidecar(path: Path) -> dict:
     """A run's sidecar (run.json), read."""
     return json.loads(Path(path).read_text())

@@ -26,6 +26,8 @@ from stable_diffusion.options import FLAGS
 from stable_diffusion.pipeline import StableDiffusion
 from stable_diffusion.unet import UNetModel
 
+from commands import without_read_powers
+
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
@@ -912,12 +914,7 @@ def test_a_hub_cache_file_this_user_cannot_read_asks_for_read_access(hub_cache, 
     import subprocess
     import sys
 
-    denied = []  # root reads everything: the run drops those powers, as an ordinary user has none
-    if os.geteuid() == 0:
-        if shutil.which("setpriv") is None:
-            pytest.skip("running as root without setpriv: no way to be refused a read")
-        denied = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
-                  "--inh-caps=-dac_override,-dac_read_search"]
+    denied = without_read_powers()
     ref = hub_cache / "models--owner--name" / "refs" / "main"
     ref.chmod(0)
     code = "from stable_diffusion import model_io; model_io.resolve_model('owner/name')"

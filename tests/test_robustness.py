@@ -31,7 +31,7 @@ from stable_diffusion.picture_meta import TRAJECTORY_KEY
 from stable_diffusion.pipeline import StableDiffusion
 from stable_diffusion.tokenizer import Tokenizer
 
-from commands import ROOT, command, default_signals, run, sidecar, start
+from commands import ROOT, command, default_signals, run, sidecar, start, without_read_powers
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
@@ -644,19 +644,24 @@ def test_a_stop_before_the_first_step_leaves_no_sidecar_unless_it_lists_an_earli
     assert list(record["earlier_files"]) == ["o.png"] and (tmp_path / "out" / "o.png").read_bytes() == before
 
 
-def test_a_triangle_stopped_keeps_its_whole_rows(capsys, tmp_path, picture, sd2, monkeypatch):
-    """The rows finished before a Ctrl-C are drawn as a triangle that says it is partial (it kept
-    nothing: a long triangle stopped near its end lost every row)."""
+def stop_after_row(monkeypatch, last: int) -> None:
+    """A Ctrl-C as a triangle's row `last` is done (its cells kept)."""
     from stable_diffusion import sinks
 
     original = sinks.TriangleCells.phase_done
 
-    def stop_after_row_2(self, row):
+    def stop(self, row):
         original(self, row)
-        if row == 2:
+        if row == last:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(sinks.TriangleCells, "phase_done", stop_after_row_2)
+    monkeypatch.setattr(sinks.TriangleCells, "phase_done", stop)
+
+
+def test_a_triangle_stopped_keeps_its_whole_rows(capsys, tmp_path, picture, sd2, monkeypatch):
+    """The rows finished before a Ctrl-C are drawn as a triangle that says it is partial (it kept
+    nothing: a long triangle stopped near its end lost every row)."""
+    stop_after_row(monkeypatch, 2)
     out = tmp_path / "t.png"
     status, said, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 4, "-gt",
                              "--triangle_strengths", "0.25,0.5,0.75,1", "--labels", "--seed", 0, "--output", out)
@@ -691,21 +696,12 @@ def test_a_stopped_rerun_keeps_the_earlier_runs_whole_triangle_and_curves(capsys
                                                                           monkeypatch):
     """A rerun stopped after two rows drew its partial triangle (and curves) over the earlier run's
     whole ones, which were lost: they stay, listed under earlier_files, as a single run's final does."""
-    from stable_diffusion import sinks
-
     out = tmp_path / "t.png"
     common = ["image2image", picture, "x", "--model", sd2, "--steps", 4, "-gt", "--curve",
               "--triangle_strengths", "0.25,0.5,0.75,1", "--output", out]
     assert main(capsys, *common, "--seed", 0)[0] == 0
     whole = {name: (tmp_path / name).read_bytes() for name in ("t.png", "t.curve.png")}
-    original = sinks.TriangleCells.phase_done
-
-    def stop_after_row_1(self, row):
-        original(self, row)
-        if row == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(sinks.TriangleCells, "phase_done", stop_after_row_1)
+    stop_after_row(monkeypatch, 1)
     status, _, err = main(capsys, *common, "--seed", 9)
     assert status == 130, err
     assert {name: (tmp_path / name).read_bytes() for name in whole} == whole
@@ -1257,12 +1253,7 @@ def test_malformed_configs_are_one_line_exit_2_before_loading(capsys, tmp_path, 
 
 def test_a_model_folder_this_user_cannot_read_is_one_line_exit_2(tmp_path, picture, sd2):
     """A PermissionError from the model folder's checks was "failed (PermissionError)", exit 1."""
-    denied = []  # root reads everything: the run drops those powers, as an ordinary user has none
-    if os.geteuid() == 0:
-        if shutil.which("setpriv") is None:
-            pytest.skip("running as root without setpriv: no way to be refused a read")
-        denied = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
-                  "--inh-caps=-dac_override,-dac_read_search"]
+    denied = without_read_powers()
     model = shutil.copytree(sd2, tmp_path / "model")
     # a file unreadable is said so, with what to do (it said "download the model again")
     for locked, said in ((model, "permission denied; give this user access to it and to the folders above it"),
