@@ -316,8 +316,8 @@ def parse_parameters(text: str) -> tuple[dict[str, Any], list[str]]:
     Fields, present only where the text gives them: prompt, negative_prompt, steps (the requested
     count, as A1111 writes it and as our plans count), sampler and schedule (our names), cfg, seed,
     width, height, strength, model (as written: a name, not a path); from our own keys, the
-    schedule and noising_path, inversion_cfg, inversion_refine and inversion_prompt. A composite of ours gives its
-    `Cell size` as width and height. Unknown samplers and schedule types, a hires fix (whose
+    schedule and noising_path, inversion_cfg, inversion_refine and inversion_prompt. A composite
+    of ours gives its `Cell size` as width and height. Unknown samplers and schedule types, a hires fix (whose
     `Denoising strength` belongs to its second pass) and every unknown key give a warning each.
     The same seed does not give the other tool's noise: its generator is not ours.
     """

@@ -230,7 +230,7 @@ def picture_texts(plan, record: dict, source: dict, info: dict, size: tuple) -> 
             "triangle", size[1], size[0], len(rows), info.get("columns", max(len(r.kept) for r in rows)),
             {"Denoising strength": [r.strength for r in shown]})
         if "partial" in info:
-            extra = {"Partial": info["partial"]}
+            extra["Partial"] = info["partial"]
     elif spec.n_images > 1 and kind in ("step", "final", "best", "noise"):
         composite = infotext.CompositeInfo("grid", size[1], size[0], spec.n_rows,
                                            spec.n_images // spec.n_rows)

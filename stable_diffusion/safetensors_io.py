@@ -43,8 +43,8 @@ def refuse_pickle(path: Path, head: bytes | None = None, conversion: str | None 
     """Pickle files are never opened; the message gives the one-line conversion (torch's
     weights-only loader, which refuses code, then safetensors; `conversion`, with {path} and {out},
     gives another, as an embedding's: the two file names go to the command as its arguments, quoted
-    for the shell, so that a name with a quote or a `$(...)` pastes as that name). `head`: a file's first bytes, which tell a pickle (torch's
-    zip, or a bare pickle) whatever its name."""
+    for the shell, so that a name with a quote or a `$(...)` pastes as that name). `head`: a file's
+    first bytes, which tell a pickle (torch's zip, or a bare pickle) whatever its name."""
     # torch.save's zip, or a pickle's PROTO opcode with protocol 2 to 5 (a header's length may start 0x80)
     by_content = head is not None and (head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and 2 <= head[1] <= 5))
     if not by_content and path.suffix.lower() in PICKLE_SUFFIXES:

@@ -681,6 +681,7 @@ def test_a_triangle_stopped_keeps_its_whole_rows(capsys, tmp_path, picture, sd2,
     parameters = Image.open(out).text["parameters"]  # what other tools show: the rows drawn, not the plan's
     assert "Cells: triangle 3 rows x 4 columns" in parameters and "per row: 0.75 0.5 0.25," in parameters
     assert "Steps run: 3," in parameters and 'Partial: "3 of 4 rows: the run was interrupted"' in parameters
+    assert f"Timestep schedule: {record['schedule']}," in parameters  # kept beside Partial (it replaced them)
     _, notes = cli.replay_arguments("image2image", ["--replay", str(out)])
     assert any("holds part of a triangle (3 of 4 rows: the run was interrupted)" in n for n in notes)
     # its curve plot too, as far as the curves were measured (none was written)
