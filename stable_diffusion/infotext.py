@@ -356,13 +356,17 @@ def parse_parameters(text: str) -> tuple[dict[str, Any], list[str]]:
         else:
             warnings.append(f"Timestep schedule: {value!r} is not available here (available: "
                             f"{', '.join(SCHEDULE_TABLE)}); the sampler's default schedule is used")
-    if extra.pop("Noising path", None) == "inversion":  # ours (a noise frame's other paths are traces)
+    path = extra.pop("Noising path", None)  # ours; a noise frame's forward paths are traces, nothing to set
+    if path == "inversion" and "Inversion cfg" in extra:  # (an older noise frame's came without its settings)
         fields["noising_path"] = "inversion"
         for key, name, kind in (("Inversion cfg", "inversion_cfg", float), ("Inversion refine", "inversion_refine", int)):
             if (value := _typed(extra, key, kind)) is not None:
                 fields[name] = value
         if "Inversion prompt" in extra:
             fields["inversion_prompt"] = extra.pop("Inversion prompt")
+    elif path == "inversion":
+        warnings.append("Noising path: 'inversion' comes without its settings (a picture of an older version): "
+                        "the run adds noise instead; give --noising_path inversion and its settings to invert")
 
     hires = [key for key in extra if key.startswith("Hires")]
     if parsed["strength"] is not None:

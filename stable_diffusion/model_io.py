@@ -275,9 +275,9 @@ def _download(repo_id: str, revision: str | None, variant: str | None,
     except RevisionNotFoundError:
         raise ModelError(f"revision {revision!r} does not exist in {repo_id}; "
                          "check the name after '@'") from None
-    except PermissionError as e:  # a file of the cache this user may not read: fetching it again would not help
-        raise ModelError(f"cannot read {e.filename or 'a file'} in the hub cache of {repo_id}: permission denied; "
-                         "give this user read access to it and to the folders above it (chmod)") from None
+    except PermissionError as e:  # a file of the cache this user may not use: fetching it again would not help
+        raise ModelError(f"cannot use {e.filename or 'a file'} in the hub cache of {repo_id}: permission denied; "
+                         "give this user access to it and to the folders above it (chmod)") from None
     except (OSError, ValueError) as e:  # connection lost mid-download, a damaged cache
         raise ModelError(f"cannot fetch {shown} from the hub ({type(e).__name__}: "
                          f"{_first_line(e)}); {local_help}") from None

@@ -267,9 +267,8 @@ def _settings_beyond_a1111(plan) -> dict:
         extra["Timestep schedule"] = plan.spec.schedule
     inversion = privacy.redacted(plan.spec).inversion  # its prompt as the record says it: a private run's hash
     if inversion is not None:
-        extra.update({"Noising path": "inversion", "Inversion cfg": f"{inversion.cfg:g}",
-                      "Inversion refine": inversion.refine})
-        if inversion.prompt:
+        extra.update({"Noising path": "inversion", "Inversion cfg": inversion.cfg, "Inversion refine": inversion.refine})
+        if inversion.prompt is not None:  # "" too: an empty prompt, where none is the run's own
             extra["Inversion prompt"] = inversion.prompt
     return extra
 

@@ -231,12 +231,14 @@ def expand(command: str, argv: list, parser) -> tuple[list, list, dict | None]:
                      "down): a new one is drawn, and the picture will differ")
         del fields["seed"]
     flags = []
-    for key, flag in (("negative_prompt", "--negative_prompt"), ("steps", "--steps"),
-                      ("sampler", "--sampler"), ("schedule", "--schedule"), ("cfg", "--cfg"),
-                      ("seed", "--seed"), ("noising_path", "--noising_path"), ("inversion_cfg", "--inversion_cfg"),
-                      ("inversion_refine", "--inversion_refine"), ("inversion_prompt", "--inversion_prompt")):
-        if key in fields and fields[key] not in (None, ""):
-            flags.append(f"{flag}={fields[key]}")
+    inversion = ("noising_path", "inversion_cfg", "inversion_refine", "inversion_prompt")
+    if command == "txt2image" and "noising_path" in fields:  # as its strength, image2image's alone
+        notes.append(f"replay of {path}: Noising path: inversion is image2image's (txt2image starts from pure "
+                     "noise); not used")
+        fields = {k: v for k, v in fields.items() if k not in inversion}
+    for key in ("negative_prompt", "steps", "sampler", "schedule", "cfg", "seed", *inversion):
+        if key in fields and (fields[key] not in (None, "") or key == "inversion_prompt"):  # "": an empty one
+            flags.append(f"--{key}={fields[key]}")
     if "model" in fields and not any(_dest(a, parser) == "model" for a in rest):
         notes.append(f"replay of {path}: Model {fields['model']!r} names another tool's checkpoint; "
                      "pass --model to choose ours")

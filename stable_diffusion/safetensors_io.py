@@ -271,15 +271,18 @@ def weight_files(component_folder: Path, variant: str | None = None) -> list[Pat
 
 
 def _check_index(index: Path, weight_map: dict, folder: Path) -> None:
-    """Every tensor the index places in a shard is in that shard (headers only): an index that is
-    not its shards' leaves tensors unread, which was then blamed on the config."""
-    for shard in sorted(set(weight_map.values())):
-        held = read_safetensors_header(folder / shard).keys()
-        absent = sorted(k for k, v in weight_map.items() if v == shard and k not in held)
-        if absent:
-            more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
-            raise ModelError(f"{index} places tensor {absent[0]}{more} in {shard}, which does not hold it: "
-                             f"the index is not the one saved with these shards; {refetch_advice(folder.parent)}")
+    """Every tensor the index names is in one of the shards it lists (headers only; the libraries
+    read each listed shard whole): an index that is not its shards' leaves tensors unread, which
+    was then blamed on the config."""
+    held = set()
+    for shard in set(weight_map.values()):
+        held.update(read_safetensors_header(folder / shard))
+    absent = sorted(set(weight_map) - held)
+    if absent:
+        more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
+        raise ModelError(f"{index} names tensor {absent[0]}{more}, which none of the shards it lists holds "
+                         f"({weight_map[absent[0]]} should): the index is not the one saved with these shards; "
+                         f"{refetch_advice(folder.parent)}")
 
 
 def _check_regular(path: Path) -> None:

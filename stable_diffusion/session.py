@@ -84,9 +84,8 @@ class Session:
         held = model_io.check_model_folder(self.folder, self.variant)
         fp16 = model_io.fp16_stand_ins(held) if self.variant is None else []
         if fp16:  # said, and in the record: the pictures differ a little from the float32 files'
-            places = sorted({str(held[c][0][0].parent) for c in fp16})  # a --vae's own folder, not a view's
-            self.warnings.append(f"{', '.join(fp16)}: no float32 weights in {', '.join(places)}; their fp16 files "
-                                 "are read, in float32")
+            places = ", ".join(f"{c} in {held[c][0][0].parent}" for c in fp16)  # a --vae's own, not a view's
+            self.warnings.append(f"no float32 weights for {places}; their fp16 files are read, in float32")
             source = dict(source, weights={c: "fp16" for c in fp16})
         config = read_pipeline_config(self.folder, self.notices, self.warnings)
         model_arg = f"{source['model']}@{source['commit']}" if source.get("source") == "hub" else source["model"]

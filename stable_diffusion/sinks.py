@@ -22,9 +22,9 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from . import measures, render
+from . import measures, picture_meta, render
 from .choices import NOISING_PATH_WORDS
-from .errors import NumericalError
+from .errors import InputError, NumericalError
 from .signals import deferred
 
 
@@ -191,9 +191,16 @@ class FrameWriter:
             render.save_picture(path, picture, self.format, parameters, record)
 
     def an_earlier_runs(self, path: Path) -> bool:
-        """Whether `path` holds a file an earlier run of this output left, as it left it: a stopped
-        run's partial summary (a triangle of the rows done, curves so far) does not replace a whole one."""
-        return path.name in self.ledger.earlier
+        """Whether `path` holds a whole file an earlier run of this output left, as it left it: a
+        stopped run's partial summary (a triangle of the rows done, curves so far) does not replace
+        it; an earlier partial one, whose record says so, it does."""
+        if path.name not in self.ledger.earlier:
+            return False
+        try:
+            frame = picture_meta.read_picture_metadata(path)[1].get("frame")
+        except InputError:  # unreadable now: kept, as what cannot be told whole or not
+            return True
+        return not (isinstance(frame, dict) and "partial" in frame)
 
     def save_animation(self, path: Path, frames: list, fmt: str) -> None:
         h = max(f.shape[0] for f in frames)

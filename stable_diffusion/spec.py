@@ -396,7 +396,7 @@ def _check_text(name: str, text: str | None) -> None:
         return
     if is_private_hash(text.strip()):
         raise SpecError(name, f"{{flag}} {text.strip()} is the hash a private run (-sp 0) keeps in place of its "
-                              "text, not the text: give the text itself (a replay of its picture asks for it)")
+                              "text, not the text: give the text itself")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:

@@ -242,6 +242,8 @@ def test_replay_of_another_tools_picture_maps_every_field(tmp_path, picture, sd2
     (["--noising_path", "inversion", "--inversion_prompt", "a barn, red", "--inversion_cfg", 1.5,
       "--inversion_refine", 1, "--strength", 0.75],
      'Noising path: inversion, Inversion cfg: 1.5, Inversion refine: 1, Inversion prompt: "a barn, red"'),
+    # an empty inversion prompt is no prompt given (the run's own): it came back as the run's
+    (["--noising_path", "inversion", "--inversion_prompt", "", "--strength", 0.75], "Inversion refine: 0, Inversion prompt: "),
 ])
 def test_our_picture_with_its_parameters_text_alone_replays_to_the_same_bytes(tmp_path, picture, sd2, flags, words):
     """The parameters text (what image sites keep) says the settings A1111's fields cannot: the
@@ -258,6 +260,24 @@ def test_our_picture_with_its_parameters_text_alone_replays_to_the_same_bytes(tm
     result = run(picture, "--replay", tmp_path / "text-only.png", "--model", sd2, "--output", tmp_path / "r.png")
     assert "note: replay of" not in result.stderr, result.stderr
     assert np.array_equal(np.asarray(Image.open(tmp_path / "r.png")), np.asarray(Image.open(tmp_path / "o.png")))
+
+
+def test_an_inversions_text_replayed_by_txt2image_or_without_its_settings_is_noted(tmp_path, picture, sd2):
+    """txt2image has no inversion: its flags, read from the text, were refused as unknown; a noise
+    frame of an older version says its path without the settings, which were taken as defaults."""
+    from stable_diffusion.infotext import parse_parameters
+
+    run(picture, "a barn", "--model", sd2, "--steps", 4, "--seed", 3, "--noising_path", "inversion",
+        "--inversion_cfg", 1.5, "--output", tmp_path / "o.png")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", Image.open(tmp_path / "o.png").text["parameters"])
+    Image.open(tmp_path / "o.png").save(tmp_path / "text-only.png", pnginfo=info)
+    result = run("--replay", tmp_path / "text-only.png", "--model", sd2, "--output", tmp_path / "t.png",
+                 script="txt2image.py")
+    assert "Noising path: inversion is image2image's (txt2image starts from pure noise); not used" in result.stderr
+    older = "a barn\nSteps: 4, Sampler: Euler, CFG scale: 7.5, Seed: 3, Noising path: inversion, Noising t: 300"
+    fields, notes = parse_parameters(older)
+    assert "noising_path" not in fields and any("comes without its settings" in n for n in notes)
 
 
 def test_a_row_starts_on_the_paths_frame_only_at_the_paths_level(tmp_path, picture, sd2):

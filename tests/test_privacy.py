@@ -76,7 +76,7 @@ def test_private_runs_write_no_byte_of_their_texts_and_replay_asks_for_them(tmp_
     given = commands.run("image2image.py", *record["replay"], "--output", tmp_path / "as-recorded" / "p.png")
     assert given.returncode == 2 and given.stderr == (
         f"error: prompt {hashed} is the hash a private run (-sp 0) keeps in place of its text, not the text: "
-        "give the text itself (a replay of its picture asks for it)\n"), given.stderr
+        "give the text itself\n"), given.stderr
     given = commands.run("image2image.py", picture, PROMPT, "--negative_prompt", negative, "--model", sd2,
                          "--output", tmp_path / "as-recorded" / "p.png")
     assert given.returncode == 2 and f"--negative_prompt {negative} is the hash" in given.stderr

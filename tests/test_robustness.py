@@ -166,7 +166,7 @@ def test_picture_notices_reach_stderr(tmp_path, sd2):
     (["--strength", "50%"], ["invalid float value: '50%'; a strength is a fraction of the way to noise: 0.5"]),
     (["--cfg", "7,5"], ["invalid float value: '7,5'; numbers take a decimal point: 7.5"]),
     (["--strength", ".5%"], ["'.5%'; a strength is a fraction of the way to noise: 0.005"]),
-    (["--strength", "50 %"], ["'50 %'; a strength is a fraction of the way to noise: 0.5"]),  # no hint with the space
+    (["--strength", "50 %"], ["'50 %'; a strength is a fraction of the way to noise: 0.5"]),  # it had no hint with the space
     (["--strength", "0,500"], ["numbers take a decimal point: 0.500"]),  # 1,000 gets no hint: thousands, perhaps
     (["--cfg", "1e308"], ["--cfg 1e+308 is outside 0 .. 100"]),
     # Python's numbers read the Arabic-Indic one as 1 and 1_0 as 10: a run at strength 1, or "10 is outside"
@@ -696,7 +696,8 @@ def test_a_triangle_stopped_keeps_its_whole_rows(capsys, tmp_path, picture, sd2,
 def test_a_stopped_rerun_keeps_the_earlier_runs_whole_triangle_and_curves(capsys, tmp_path, picture, sd2,
                                                                           monkeypatch):
     """A rerun stopped after two rows drew its partial triangle (and curves) over the earlier run's
-    whole ones, which were lost: they stay, listed under earlier_files, as a single run's final does."""
+    whole ones, which were lost: they stay, listed under earlier_files, as a single run's final does.
+    A partial triangle, of one row, is replaced by a later run's of three."""
     out = tmp_path / "t.png"
     common = ["image2image", picture, "x", "--model", sd2, "--steps", 4, "-gt", "--curve",
               "--triangle_strengths", "0.25,0.5,0.75,1", "--output", out]
@@ -710,6 +711,14 @@ def test_a_stopped_rerun_keeps_the_earlier_runs_whole_triangle_and_curves(capsys
     assert record["status"] == "interrupted" and set(whole) <= set(record["earlier_files"])
     assert not {"t.png", "t.curve.png"} & listed(record)
     assert "kept the 2 file(s) an earlier run wrote under the name t.* (t.curve.png, t.png)" in err, err
+    # An earlier partial triangle is no whole one: a later stop's, of more rows, replaces it
+    partial = [a if a != out else tmp_path / "p.png" for a in common]
+    for last, rows in ((0, "1 of 4 rows"), (2, "3 of 4 rows")):
+        monkeypatch.undo()
+        stop_after_row(monkeypatch, last)
+        assert main(capsys, *partial, "--seed", last)[0] == 130
+        entry = next(f for f in sidecar(tmp_path / "p.json")["files"] if f["kind"] == "triangle")
+        assert entry["partial"] == f"{rows}: the run was interrupted"
 
 
 def test_a_stop_while_the_finished_rows_are_measured_still_draws_the_triangle(capsys, tmp_path, picture, sd2,
