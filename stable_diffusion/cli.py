@@ -48,6 +48,10 @@ def _number_hint(message: str) -> str:
     return strength_hint(text) if "strength" in message.split(":")[0] else ""
 
 
+# Flags other tools give the picture and the prompt by; here they are positionals.
+_POSITIONAL_FLAGS = ("--prompt", "--image", "--input", "--init_image", "--init-image", "--init_img", "--img")
+
+
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -60,7 +64,11 @@ class _Parser(argparse.ArgumentParser):
             flags = message.removeprefix("argument ").split(":")[0].split("/")
             args = getattr(self, "parsing", [])
             after = [b for a, b in zip(args, args[1:]) if a in flags]
-            if any(b.startswith("-") for b in after):  # the value starts with '-': argparse took it for a flag
+            # A value that starts with '-', which argparse took for a flag; not, after a flag of a number,
+            # the next flag itself (-sd --output o.png: the number left out)
+            numeric = flags[0] in self._option_string_actions and self._option_string_actions[flags[0]].type is not None
+            if any(b.startswith("-") and not (numeric and b.split("=", 1)[0] in self._option_string_actions)
+                   for b in after):
                 message += f"; a value that starts with '-' is joined to its flag: {flags[0]}=-VALUE"
             else:
                 message += f"; give {flags[0]} its value"
@@ -171,6 +179,10 @@ class _Parser(argparse.ArgumentParser):
             typed = "--" + arg.split("=", 1)[0].lstrip("-")  # -steps and --steps=4 alike
             if typed in ("--width", "--height", "--W", "--H") and "--size" in flags:  # other tools' flags
                 return "; the working size is --size HEIGHTxWIDTH (e.g. --size 512x768)"
+            if typed in _POSITIONAL_FLAGS and typed not in flags:  # other tools' (it said "--save_prompt?")
+                picture = "PICTURE " if "image" in self._positional_names() else ""
+                what = "the picture and the prompt are" if picture else "the prompt is"
+                return f"; {what} given without a flag: {self.prog} {picture}\"PROMPT\" [flags]"
             close = difflib.get_close_matches(typed, flags, n=1, cutoff=0.75)
             if close:
                 return f"; did you mean {close[0]}?"
@@ -271,7 +283,8 @@ def build_specs(command: str, args) -> tuple:
         strengths = (args.strength,) if img2img else (1.0,)
     if args.output is not None and not str(args.output).strip():  # it wrote out.png here
         raise SpecError("output", "{flag} is empty; name the picture, e.g. {flag} out/cat.png")
-    if args.output is not None and str(args.output).endswith(("/", os.sep)):  # Path drops the slash
+    # (Path drops the slash; a folder there, named without it, is one too: "end the name in .png", it said)
+    if args.output is not None and (str(args.output).endswith(("/", os.sep)) or os.path.isdir(args.output)):
         raise SpecError("output", f"{{flag}} {args.output} names a folder; name the picture in it, "
                                   f"e.g. {{flag}} {Path(args.output) / 'out.png'}")
     output = Path(args.output or f"out{PICTURE_SUFFIXES[args.output_format or 'png'][0]}")

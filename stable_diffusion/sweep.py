@@ -500,10 +500,10 @@ class Sweep:
                            f"({', '.join('{flag:' + f + '}' for f in fields[:6])}{', ...' if len(fields) > 6 else ''}): "
                            "made again, their files replaced")
         if skipped:
-            console.say(f"sweep: {skipped} of {total} runs already finished and verified; "
+            console.say(f"sweep: {skipped} of {total} run{'s' if total != 1 else ''} already finished and verified; "
                         f"{len(todo)} to make{expected}")
         else:
-            console.say(f"sweep: {total} runs into {self.folder}{expected}")
+            console.say(f"sweep: {total} run{'s' if total != 1 else ''} into {self.folder}{expected}")
         ran = failed = 0
         status, signum = "finished", None
         started: dict = {}

@@ -161,6 +161,8 @@ def test_picture_notices_reach_stderr(tmp_path, sd2):
     (["--strength", "1.0000001"], ["--strength 1.0000001 is outside 0.001 .. 1"]),  # not "1 is outside"
     (["--output", ""], ["--output is empty"]),  # it wrote out.png in the current folder
     (["--output", "o.png/"], ["--output o.png/ names a folder; name the picture in it, e.g. --output o.png/out.png"]),  # it wrote o.png
+    # a folder named without its slash ("pictures are written as .png ...; end the name in one of them", it said)
+    (["--output", ROOT / "images"], [f"--output {ROOT / 'images'} names a folder; name the picture in it"]),
     (["--steps", 1_000_000_000], ["--steps 1000000000 is outside 1 .. 10000"]),
     (["--steps", "1e9"], ["--steps: invalid int value: '1e9'"]),
     (["--strength", "50%"], ["invalid float value: '50%'; a strength is a fraction of the way to noise: 0.5"]),
@@ -242,6 +244,12 @@ def test_a_lora_of_another_architecture_is_refused_before_the_weights_load(capsy
     (["PICTURE", "x", "--sampler", "EULERX"], ["invalid choice: 'EULERX' (choose from 'euler',"]),  # as typed
     # Only one positional: the picture is what is missing (it said "required: prompt")
     (["a yellow triangle"], ["one of the picture and the prompt is missing: give the input picture first, then the prompt"]),
+    # Other tools' flags for them ("did you mean --save_prompt?", "--n_images?")
+    (["PICTURE", "--prompt", "x"], ["unrecognized arguments: --prompt; the picture and the prompt are given without a "
+                                    'flag: image2image.py PICTURE "PROMPT" [flags]']),
+    (["--image", "PICTURE", "x"], ["unrecognized arguments: --image; the picture and the prompt are given without"]),
+    # A number left out before the next flag (it said to join a value that starts with '-' to the flag)
+    (["PICTURE", "x", "-sd", "--seed", "1"], ["argument -sd/--show_denoising: expected one argument; give -sd its value"]),
 ])
 def test_a_newcomers_slips_with_the_positionals_say_what_to_do(capsys, tmp_path, picture, unloadable,
                                                                positionals, words):
