@@ -316,6 +316,20 @@ def _check_format_sides(plan: RunPlan) -> None:
 
 
 # Passes over the weights' bytes in memory that loading costs (read, cast, pack), at the element-wise
+def _starts_on_shown_frames(plan: RunPlan, config: PipelineConfig) -> set:
+    """The triangle rows whose first cell is a noising frame already drawn, at the row's own level
+    (sinks.NoisingFrames.start_of): decoded once, for both."""
+    if not (plan.spec.triangle and plan.spec.capture.shows == "xt" and plan.shown):
+        return set()
+    if plan.inversion is not None:
+        sigmas = plan.inversion.sigmas[::-1]
+    else:
+        noise = samplers.NoiseSchedule(config.scheduler)
+        sigmas = [noise.sigma(t) for t in plan.path]
+    return {i for i, row in enumerate(plan.rows) if row.start is not None and row.start in plan.shown
+            and math.isclose(float(sigmas[row.start]), row.timeline.sigmas[0], rel_tol=1e-4)}
+
+
 # speed: the full-size SD 2.1-base (float32 files, bfloat16 in memory) took 6.4 s on a 2-core Xeon.
 _LOAD_PASSES = 6
 
@@ -344,12 +358,14 @@ def estimate_time(plan: RunPlan, config: PipelineConfig, machine: costs.Machine)
     elif plan.path:
         steps[None] = tuple(noise_frame if k in plan.shown else 0.0 for k in range(len(plan.path)))
     decodes += len(plan.shown) if decoded else 0
+    reused = _starts_on_shown_frames(plan, config)
     for i, row in enumerate(plan.rows):
         timeline = row.timeline
         per_step = [0] + samplers.network_calls(spec.sampler, timeline)
-        steps[i] = tuple(n * unet + (frame if k in row.kept else 0.0) for k, n in enumerate(per_step))
+        drawn = [k for k in row.kept if not (k == 0 and i in reused)]
+        steps[i] = tuple(n * unet + (frame if k in drawn else 0.0) for k, n in enumerate(per_step))
         calls += sum(per_step)
-        decodes += width * len(row.kept) if decoded else 0
+        decodes += width * len(drawn) if decoded else 0
     after = 0.0
     if spec.triangle:
         after += seconds(costs.Work(pixels=h * w * width * sum(len(r.kept) for r in plan.rows)))

@@ -729,6 +729,27 @@ def test_a_stopped_rerun_keeps_the_earlier_runs_whole_triangle_and_curves(capsys
         assert entry["partial"] == f"{rows}: the run was interrupted"
 
 
+@pytest.mark.parametrize("extra", [[], ["--schedule", "karras"], ["--noising_path", "inversion"],
+                                   ["--snapshot", "both"]])
+def test_a_triangles_plan_counts_the_decodes_it_makes(capsys, tmp_path, picture, sd2, monkeypatch, extra):
+    """A row's first cell is the noising frame at its start where the levels agree: the plan
+    counted it twice (76 decodes announced, 66 made, for the README's first command at 10 steps)."""
+    decoded = []
+    original = StableDiffusion.decode
+
+    def counted(self, x, *args, **kwargs):
+        decoded.append(x.shape[0])
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusion, "decode", counted)
+    status, said, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 10, "-gt",
+                             "--triangle_strengths", "0.3,0.6,1", "--show_noising", 100, "--seed", 0, *extra,
+                             "--output", tmp_path / "t.png")
+    assert status == 0, err
+    announced = int(re.search(r"(\d+) decodes", said)[1])
+    assert announced == sum(decoded) == sidecar(tmp_path / "t.json")["estimate"]["decodes"]
+
+
 def test_a_stop_while_the_finished_rows_are_measured_still_draws_the_triangle(capsys, tmp_path, picture, sd2,
                                                                              monkeypatch):
     """Every row done, a stop as their fidelity was decoded (the VAE's picture of each row, with
