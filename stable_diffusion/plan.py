@@ -98,8 +98,9 @@ class RunPlan:
         if self.inversion is not None:
             inv = self.spec.inversion
             n = self.inversion.steps
+            calls = n * (1 + inv.refine)
             lines.append(f"inversion: t=0 -> {self.inversion.times[0]:g} in {n} step{'s' if n != 1 else ''}, "
-                         f"{n * (1 + inv.refine)} UNet calls (refine {inv.refine}, cfg {inv.cfg:g})")
+                         f"{calls} UNet call{'s' if calls != 1 else ''} (refine {inv.refine}, cfg {inv.cfg:g})")
         if self.estimate is not None:
             lines.append(self.estimate.describe(self))
         return lines
@@ -129,9 +130,12 @@ class Estimate:
 
     def describe(self, plan: "RunPlan") -> str:
         h, w = plan.image_size
-        rows = plan.spec.n_images * (2 if plan.guided else 1)
+        spec = plan.spec
+        batch = f"batch {spec.n_images * (2 if plan.guided else 1)}"
+        if spec.inversion is not None and (spec.inversion.cfg > 1.0) != plan.guided:  # its own guidance
+            batch += f", the inversion's {spec.n_images * (2 if spec.inversion.cfg > 1.0 else 1)}"
         line = (f"{costs.describe_seconds(self.seconds)} on this machine: {self.unet_calls} UNet "
-                f"call{'s' if self.unet_calls != 1 else ''} at {w}x{h} (width x height, batch {rows}), {self.decodes} "
+                f"call{'s' if self.unet_calls != 1 else ''} at {w}x{h} (width x height, {batch}), {self.decodes} "
                 f"decode{'s' if self.decodes != 1 else ''}")
         return line + (", loading the model first" if self.load else "")
 
@@ -205,7 +209,7 @@ def make_plan(spec: RunSpec, config: PipelineConfig, tokenizers, image_size: tup
     if spec.inversion is not None:
         said = spec.inversion.prompt
         same = said is None or " ".join(said.lower().split()) == " ".join(spec.prompt.lower().split())
-        if same and spec.cfg <= 1:  # unguided, the round trip is exact: the picture comes back
+        if same and spec.cfg <= 1 and spec.inversion.cfg <= 1:  # unguided both ways: the picture comes back
             notice("the inversion sees the prompt itself: denoising under it brings back near the input (a "
                    "reconstruction); to edit instead, invert under a caption of the input "
                    "({flag:inversion_prompt}) and denoise under the new prompt")

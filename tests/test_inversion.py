@@ -55,6 +55,12 @@ def test_inversion_triangle_inverts_once_and_rows_start_on_its_path(tmp_path, pi
         other = run(picture, "a red barn", "--model", sd2, "--steps", 2, "--noising_path", "inversion", "--cfg", 1,
                     "--inversion_prompt", inverted_under, "--seed", 0, "--output", tmp_path / "e.png")
         assert ("the inversion sees the prompt itself" in other.stderr) == said
+    # a guided inversion does not retrace the unguided denoising (12 dB from the input at --inversion_cfg 7)
+    guided = run(picture, "a red barn", "--model", sd2, "--steps", 2, "--noising_path", "inversion", "--cfg", 1,
+                 "--inversion_cfg", 3, "--seed", 0, "--output", tmp_path / "g.png")
+    assert "the inversion sees the prompt itself" not in guided.stderr
+    assert "2 UNet calls at 64x64 (width x height, batch 1, the inversion's 2)" in guided.stdout  # said batch 1
+    assert "inversion: t=0 -> 900 in 1 step, 1 UNet call (refine 0, cfg 3)" in guided.stdout  # "1 UNet calls"
     record = sidecar(tmp_path / "t.json")
     # The path is inverted once, to the top; the rows cost their own steps: 4 + (2 + 4).
     assert record["inversion"]["unet_calls"] == 4 and record["unet_calls"] == 10
