@@ -124,6 +124,16 @@ class Console:
     # as `{flag:FIELD}` (errors.py), and the command line's console names them as its flags.
     names: dict = field(default_factory=dict)
     _noted: set = field(default_factory=set, repr=False)  # the notes said: a sweep's runs say theirs once
+    _bar: object = field(default=None, repr=False)  # the progress bar on the terminal, while one is drawn
+
+    def _line(self, stream, line: str) -> None:
+        """A line, above the progress bar where one is drawn (it was glued to the bar's own line)."""
+        if self._bar is None:
+            _write(stream, line)
+            return
+        self._bar.clear()
+        _write(stream, line)
+        self._bar.refresh()
 
     @property
     def bars(self) -> bool:
@@ -136,7 +146,7 @@ class Console:
 
     def say(self, line: str) -> None:
         if not self.quiet:
-            _write(sys.stdout, line)
+            self._line(sys.stdout, line)
 
     def arguments(self, args, replayed: str | None = None) -> None:
         """-pp: the parsed arguments, one a line; shown even with --quiet, as the user asked for them.
@@ -156,7 +166,7 @@ class Console:
         key = line if once_as is None else once_as
         if not self.quiet and key not in self._noted:
             self._noted.add(key)
-            _write(sys.stderr, f"note: {name_fields(line, self.names)}")
+            self._line(sys.stderr, f"note: {name_fields(line, self.names)}")
 
     def error(self, line: str) -> None:
         """Always shown, even with --quiet: how the run ended."""
@@ -165,7 +175,7 @@ class Console:
     def detail(self, line: str) -> None:
         """-v's lines; --quiet keeps only errors (with -v, their tracebacks)."""
         if self.verbose and not self.quiet:
-            _write(sys.stderr, name_fields(line, self.names))
+            self._line(sys.stderr, name_fields(line, self.names))
 
     def progress(self, steps, total: int, desc: str, time_left=None):
         """Iterate over `steps` (Steps: .index, .count, .t, .sigma), showing progress: a bar on a
@@ -182,8 +192,8 @@ class Console:
             from tqdm import tqdm
 
             # tqdm's own time left (of this phase) is left out: the postfix says the whole run's.
-            bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr,
-                       bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]")
+            bar = self._bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr,
+                                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]")
         last = time.perf_counter()
         try:
             for step in steps:
@@ -202,4 +212,5 @@ class Console:
                 last = now
         finally:
             if bar is not None:
+                self._bar = None
                 bar.close()

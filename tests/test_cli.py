@@ -375,3 +375,22 @@ def test_a_triangle_replayed_as_one_picture_asks_for_its_strength(tmp_path):
               check=True)
     assert json.loads((tmp_path / "one.json").read_text())["plans"][0]["strength"] == 0.5 and "-gt" not in \
         json.loads((tmp_path / "one.json").read_text())["replay"], one.stderr
+
+
+def test_a_note_during_a_progress_bar_starts_its_own_line(capsys, monkeypatch):
+    """On a terminal the bar's line is cleared before a note and drawn again after it: the slow-
+    machine note was glued onto the bar ("... about 10 s left]note: the steps take 5.0x ...")."""
+    from types import SimpleNamespace
+
+    from stable_diffusion.console import Console
+
+    console = Console()
+    monkeypatch.setattr(Console, "bars", property(lambda self: True))
+    steps = [SimpleNamespace(index=k, t=100.0 * (3 - k), sigma=1.0) for k in range(4)]
+    for step in console.progress(steps, 3, "s=1"):
+        if step.index == 2:
+            console.notice("the steps take 5.0x the time")
+    err = capsys.readouterr().err
+    before, _, _ = err.partition("note: the steps take 5.0x the time")
+    assert "2/3" not in before.rsplit("\n", 1)[-1].rsplit("\r", 1)[-1], repr(err)  # the bar's text is cleared first
+    assert before.endswith("\r") and console._bar is None
