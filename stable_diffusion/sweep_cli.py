@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import cli, options, signals
-from .console import Console
+from .console import Console, shortened
 from .errors import InputError
 from .spec import MAX_CFG, MAX_STEPS, PICTURE_SUFFIXES, SpecError
 from .sweep import Sweep, expand
@@ -231,9 +231,17 @@ def _sweep(argv: list, console: Console) -> int:
     checked = []
 
     def before(todo: list) -> None:
+        """The plans' notes of the runs to make: one of only some of them names them (it said "the 1
+        steps this run makes", then "the 2 steps", of no run named)."""
+        runs_of: dict = {}
         for run in todo:
             for line in notes[run.name]:
-                console.notice(line)
+                runs_of.setdefault(line, []).append(run.name)
+        for line, names in runs_of.items():
+            if len(names) < len(todo):
+                shown = ", ".join(map(shortened, names[:3])) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+                line = f"run{'s' if len(names) > 1 else ''} {shown}: {line}"
+            console.notice(line)
         check_adapters(todo)
 
     def check_adapters(todo: list) -> None:

@@ -358,6 +358,10 @@ def test_a_resumed_sweep_says_the_notes_of_the_runs_it_makes_alone(capsys, tmp_p
     assert status == 0 and "1 of 2 runs already finished" in said, said
     assert "more than the 3 steps" in err and "the 2 steps" not in err, err
 
+    # a note of only some of the runs names them (it said "the 1 steps this run makes", of no run)
+    status, _, err = in_process(capsys, *base[:-2], "--strengths", "0.25,0.5,0.75", "-o", tmp_path / "three")
+    assert status == 0 and "note: run s0.25: -sd 10 is more than the 1 steps this run makes" in err, err
+
 
 def test_a_grid_file_gives_the_runs_of_the_flags(tmp_path, picture, sd2):
     toml = tmp_path / "grid.toml"
