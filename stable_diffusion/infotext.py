@@ -359,7 +359,8 @@ def parse_parameters(text: str) -> tuple[dict[str, Any], list[str]]:
     path = extra.pop("Noising path", None)  # ours; a noise frame's forward paths are traces, nothing to set
     if path == "inversion" and "Inversion cfg" in extra:  # (an older noise frame's came without its settings)
         fields["noising_path"] = "inversion"
-        for key, name, kind in (("Inversion cfg", "inversion_cfg", float), ("Inversion refine", "inversion_refine", int)):
+        for key, name, kind in (("Inversion cfg", "inversion_cfg", float),
+                                ("Inversion refine", "inversion_refine", int)):
             if (value := _typed(extra, key, kind)) is not None:
                 fields[name] = value
         if "Inversion prompt" in extra:

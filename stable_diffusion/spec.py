@@ -385,8 +385,8 @@ PRIVATE_PREFIX, PRIVATE_DIGITS = "private:", 16  # 64 bits of the HMAC: no two p
 
 
 def is_private_hash(text) -> bool:
-    return (isinstance(text, str) and text.startswith(PRIVATE_PREFIX) and len(text) == len(PRIVATE_PREFIX) + PRIVATE_DIGITS
-            and all(c in "0123456789abcdef" for c in text[len(PRIVATE_PREFIX):]))
+    digits = text[len(PRIVATE_PREFIX):] if isinstance(text, str) and text.startswith(PRIVATE_PREFIX) else ""
+    return len(digits) == PRIVATE_DIGITS and all(c in "0123456789abcdef" for c in digits)
 
 
 def _check_text(name: str, text: str | None) -> None:
