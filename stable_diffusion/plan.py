@@ -319,7 +319,6 @@ def _check_format_sides(plan: RunPlan) -> None:
                                    "fewer pictures, or a smaller size")
 
 
-# Passes over the weights' bytes in memory that loading costs (read, cast, pack), at the element-wise
 def _starts_on_shown_frames(plan: RunPlan, config: PipelineConfig) -> set:
     """The triangle rows whose first cell is a noising frame already drawn, at the row's own level
     (sinks.NoisingFrames.start_of): decoded once, for both."""
@@ -334,6 +333,7 @@ def _starts_on_shown_frames(plan: RunPlan, config: PipelineConfig) -> set:
             and math.isclose(float(sigmas[row.start]), row.timeline.sigmas[0], rel_tol=1e-4)}
 
 
+# Passes over the weights' bytes in memory that loading costs (read, cast, pack), at the element-wise
 # speed: the full-size SD 2.1-base (float32 files, bfloat16 in memory) took 6.4 s on a 2-core Xeon.
 _LOAD_PASSES = 6
 
