@@ -543,7 +543,8 @@ def test_unwritable_output_fails_before_any_work(capsys, tmp_path, picture):
     (tmp_path / "taken.png").mkdir()
     status, _, err = main(capsys, "image2image", picture, "x", "--model", no_model,
                           "--output", tmp_path / "taken.png")
-    only_error(status, 2, err, "is a folder; name a .png file in it")
+    only_error(status, 2, err, f"--output {tmp_path / 'taken.png'} names a folder; name the picture in it, e.g. "
+                               f"--output {tmp_path / 'taken.png' / 'out.png'}")
 
 
 def test_read_only_output_folder(capsys, tmp_path, picture, mount_tmpfs):
