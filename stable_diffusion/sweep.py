@@ -384,7 +384,9 @@ class LocalPool:
 
 
 def _hms(seconds: float) -> str:
-    seconds = int(round(seconds))
+    """The time a sweep has left, as h:mm:ss or m:ss; runs left take a second at least ("0:00 left"
+    was said with a run to make)."""
+    seconds = max(1, int(round(seconds)))
     h, rest = divmod(seconds, 3600)
     return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 

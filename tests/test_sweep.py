@@ -865,3 +865,10 @@ def test_a_text_to_image_sweep_given_strengths_is_told_they_need_a_picture(capsy
                                     "-o", tmp_path / "o")
         assert (status, err) == (2, "error: --strengths needs an input picture: use image2image\n")
     assert not (tmp_path / "o").exists()
+
+
+def test_the_time_a_sweep_has_left_is_a_second_at_least_while_runs_are_left():
+    """Tiny runs left said "about 0:00 left" with one still to make."""
+    from stable_diffusion.sweep import _hms
+
+    assert [_hms(s) for s in (0.0, 0.4, 59.6, 3600 + 61)] == ["0:01", "0:01", "1:00", "1:01:01"]
