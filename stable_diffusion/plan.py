@@ -25,6 +25,7 @@ from . import costs
 from . import sampler as samplers
 from .config import PipelineConfig
 from .images import target_size
+from .schedule import same_level
 from .spec import RunSpec, SpecError
 
 
@@ -330,7 +331,7 @@ def _starts_on_shown_frames(plan: RunPlan, config: PipelineConfig) -> set:
         noise = samplers.NoiseSchedule(config.scheduler)
         sigmas = [noise.sigma(t) for t in plan.path]
     return {i for i, row in enumerate(plan.rows) if row.start is not None and row.start in plan.shown
-            and math.isclose(float(sigmas[row.start]), row.timeline.sigmas[0], rel_tol=1e-4)}
+            and same_level(float(sigmas[row.start]), row.timeline.sigmas[0])}
 
 
 # Passes over the weights' bytes in memory that loading costs (read, cast, pack), at the element-wise

@@ -478,6 +478,12 @@ def latents(x, name: str, channels: int | None = None, downscale: int = 0, finit
     return x  # without `finite`, NaN in, NaN out: a run says where its latents became NaN (run._evaluate)
 
 
+def same_level(a: float, b: float) -> bool:
+    """Two noise levels that are one, float32's rounding aside: a noising frame's and the start of
+    a row on it (the row then starts on that frame's picture)."""
+    return math.isclose(a, b, rel_tol=1e-4)
+
+
 def _item(value):
     """A one-element array's number; anything else as it is."""
     return value.item() if isinstance(value, (np.ndarray, mx.array)) and value.size == 1 else value

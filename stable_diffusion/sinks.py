@@ -25,6 +25,7 @@ import numpy as np
 from . import measures, picture_meta, render
 from .choices import NOISING_PATH_WORDS
 from .errors import InputError, NumericalError
+from .schedule import same_level
 from .signals import deferred
 
 
@@ -278,8 +279,7 @@ class NoisingFrames(Sink):
         which is not the path's sigma(t)); else None."""
         if row.start is None or row.start not in self.pictures:
             return None
-        same = math.isclose(self.infos[row.start]["sigma"], row.timeline.sigmas[0], rel_tol=1e-4)  # float32 aside
-        return self.pictures[row.start] if same else None
+        return self.pictures[row.start] if same_level(self.infos[row.start]["sigma"], row.timeline.sigmas[0]) else None
 
 
 class Snapshots(Sink):
