@@ -52,6 +52,20 @@ def without_read_powers() -> list:
     return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search"]
 
 
+def counted_batches(monkeypatch, owner, method: str) -> list:
+    """The batch (the first argument's first dimension) of every call of `owner.method` from now on,
+    the calls made as before."""
+    batches = []
+    original = getattr(owner, method)
+
+    def counting(self, x, *args, **kwargs):
+        batches.append(x.shape[0])
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(owner, method, counting)
+    return batches
+
+
 def sidecar(path: Path) -> dict:
     """A run's sidecar (run.json), read."""
     return json.loads(Path(path).read_text())

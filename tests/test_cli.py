@@ -176,14 +176,7 @@ def test_triangle_runs_each_step_once_and_cfg_0_runs_unguided(tmp_path, picture,
     from stable_diffusion import cli
     from stable_diffusion.unet import UNetModel
 
-    batches = []
-    original = UNetModel.__call__
-
-    def counting(self, sample, *args, **kwargs):
-        batches.append(sample.shape[0])
-        return original(self, sample, *args, **kwargs)
-
-    monkeypatch.setattr(UNetModel, "__call__", counting)
+    batches = commands.counted_batches(monkeypatch, UNetModel, "__call__")
     strengths = (0.25, 0.5, 0.75, 1.0)
     status = cli.main("image2image", [str(picture), "x", "--model", str(sd2), "--steps", "8", "-gt",
                                       "--triangle_strengths", ",".join(map(str, strengths)),

@@ -31,7 +31,7 @@ from stable_diffusion.picture_meta import TRAJECTORY_KEY
 from stable_diffusion.pipeline import StableDiffusion
 from stable_diffusion.tokenizer import Tokenizer
 
-from commands import ROOT, command, default_signals, run, sidecar, start, without_read_powers
+from commands import ROOT, command, counted_batches, default_signals, run, sidecar, start, without_read_powers
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
@@ -735,14 +735,7 @@ def test_a_stopped_rerun_keeps_the_earlier_runs_whole_triangle_and_curves(capsys
 def test_a_triangles_plan_counts_the_decodes_it_makes(capsys, tmp_path, picture, sd2, monkeypatch, extra):
     """A row's first cell is the noising frame at its start where the levels agree: the plan
     counted it twice (76 decodes announced, 66 made, for the README's first command at 10 steps)."""
-    decoded = []
-    original = StableDiffusion.decode
-
-    def counted(self, x, *args, **kwargs):
-        decoded.append(x.shape[0])
-        return original(self, x, *args, **kwargs)
-
-    monkeypatch.setattr(StableDiffusion, "decode", counted)
+    decoded = counted_batches(monkeypatch, StableDiffusion, "decode")
     status, said, err = main(capsys, "image2image", picture, "x", "--model", sd2, "--steps", 10, "-gt",
                              "--triangle_strengths", "0.3,0.6,1", "--show_noising", 100, "--seed", 0, *extra,
                              "--output", tmp_path / "t.png")
