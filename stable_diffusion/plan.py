@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 import secrets
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from . import costs
 from . import sampler as samplers
@@ -120,6 +120,7 @@ class Estimate:
     after: float
     unet_calls: int
     decodes: int
+    frames: dict = field(default_factory=dict)  # phase -> the share of each step's seconds that is its frame
 
     @property
     def walk(self) -> float:
@@ -353,22 +354,23 @@ def estimate_time(plan: RunPlan, config: PipelineConfig, machine: costs.Machine)
     frame, noise_frame = width * (seconds(nets.preview) + written), seconds(nets.preview) + written
     unet, decodes, calls = seconds(nets.unet), 0, 0
     decoded = c.preview != "approx"  # an approximate preview's frame is a product, no decode
-    steps: dict = {}
+    steps, frames = {}, {}
     if plan.inversion is not None:
         per_step = 1 + spec.inversion.refine
         call = per_step * seconds(nets.inversion_unet)
-        steps[None] = tuple((call if k else 0.0) + (noise_frame if k in plan.shown else 0.0)
-                            for k in range(plan.inversion.steps + 1))
+        frames[None] = tuple(noise_frame if k in plan.shown else 0.0 for k in range(plan.inversion.steps + 1))
+        steps[None] = tuple((call if k else 0.0) + f for k, f in enumerate(frames[None]))
         calls += per_step * plan.inversion.steps
     elif plan.path:
-        steps[None] = tuple(noise_frame if k in plan.shown else 0.0 for k in range(len(plan.path)))
+        frames[None] = steps[None] = tuple(noise_frame if k in plan.shown else 0.0 for k in range(len(plan.path)))
     decodes += len(plan.shown) if decoded else 0
     reused = _starts_on_shown_frames(plan, config)
     for i, row in enumerate(plan.rows):
         timeline = row.timeline
         per_step = [0] + samplers.network_calls(spec.sampler, timeline)
         drawn = [k for k in row.kept if not (k == 0 and i in reused)]
-        steps[i] = tuple(n * unet + (frame if k in drawn else 0.0) for k, n in enumerate(per_step))
+        frames[i] = tuple(frame if k in drawn else 0.0 for k in range(len(per_step)))
+        steps[i] = tuple(n * unet + f for n, f in zip(per_step, frames[i]))
         calls += sum(per_step)
         decodes += width * len(drawn) if decoded else 0
     after = 0.0
@@ -389,7 +391,7 @@ def estimate_time(plan: RunPlan, config: PipelineConfig, machine: costs.Machine)
         after += seconds(costs.Work(pixels=h * w * frames))
     before = seconds(nets.text) + (seconds(nets.encode) if spec.img2img else 0.0)
     load = _LOAD_PASSES * machine.unloaded_bytes / machine.speed.memory
-    return Estimate(load, before, steps, after, calls, decodes)
+    return Estimate(load, before, steps, after, calls, decodes, frames)
 
 
 # Both sides of a working size are multiples of this: the VAE's 8 times the UNet's three halvings.

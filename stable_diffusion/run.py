@@ -308,7 +308,7 @@ def _walk_and_keep(session, sd, plan, names, ledger, texts, picture, taesd, cons
                 for sink in kept:
                     sink.add(row, step)
                 if clock is not None:
-                    clock.step_done(row, step.index)
+                    clock.step_done(row, step.index, len(writer.pending))
                     _note_if_slow(clock.slow(), console)
             writer.flush()
             for sink in kept:
