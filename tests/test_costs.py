@@ -205,6 +205,20 @@ def test_the_time_left_follows_the_measured_steps(tiny_model, monkeypatch):
     assert clock.seconds() > 2.5 * left  # the measured rate has taken over
 
 
+def test_an_animation_is_costed_by_its_format_and_its_frames_pictures(tiny_model):
+    """A GIF quantises every frame to a palette: it was costed as a PNG of its pixels (0.28 s
+    estimated, 1.9 s written). Frames of both x_t and x0 are twice as wide, and of several
+    pictures a grid of them."""
+    capture = dict(every=2, shows="both")
+    still, _ = plan_of(tiny_model, steps=10, strengths=(0.5,), n_images=2, capture=Capture(**capture))
+    for fmt in ("gif", "webp"):
+        moving, _ = plan_of(tiny_model, steps=10, strengths=(0.5,), n_images=2,
+                            capture=Capture(animate=fmt, **capture))
+        pixels = 2 * 2 * 64 * 64 * len(moving.top.kept)  # pictures x parts x size x frames
+        expected = {"gif": 10.0, "webp": 1.0}[fmt] * pixels / SPEED.pixels
+        assert moving.estimate.after - still.estimate.after == pytest.approx(expected)
+
+
 def test_frames_waiting_for_their_decoding_batch_are_not_counted_as_done(tiny_model, monkeypatch):
     """On a machine that runs exactly at its estimate, with every step kept and its frames decoded
     four at a time (when the fourth is made), the time left is the time there is left at every
