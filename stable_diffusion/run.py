@@ -317,9 +317,11 @@ def _walk_and_keep(session, sd, plan, names, ledger, texts, picture, taesd, cons
         timings["steps_and_frames_s"] = elapsed(started)
 
         # 4. what is made of whole rows: the final picture or the triangle, fidelity, curves, animation
+        finishing = time.perf_counter()
         for sink in kept:
             sink.finish()
             finished.append(sink)
+        timings["finish_s"] = elapsed(finishing)
     except KeyboardInterrupt as e:
         # The frames made before the stop (waiting for their decoding batch, or in the batch it cut
         # short) are written, then what whole rows make (a partial triangle), by the sinks not yet

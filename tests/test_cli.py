@@ -35,6 +35,9 @@ def test_snapshot_and_last_n_counts(tmp_path, picture, sd2):
     timings = sidecar["timings"]
     assert 0 < timings["checks_s"] <= timings["first_step_s"] <= timings["total_s"]
     assert timings["load_s"] < timings["first_step_s"]
+    # the final picture, fidelity and curves, after the steps: its own entry
+    assert 0 < timings["final_decode_s"] <= timings["finish_s"] < timings["total_s"]
+    assert timings["steps_and_frames_s"] + timings["finish_s"] < timings["total_s"]
     steps = {f["file"]: f for f in sidecar["files"] if f["kind"] == "step"}
     assert steps["run.step-003.png"]["reasons"] == ["last"]
     assert steps["run.step-004.png"]["reasons"] == ["every", "last"]
