@@ -222,16 +222,28 @@ def _check_derived_names(runs: list, seen: dict, pattern: str) -> None:
                                     "choose names that do not end in .step-N, .curve, .best, ...")
 
 
-def sweep_estimates(runs: list, plans: list) -> dict | None:
-    """Run name -> its estimated seconds within the sweep: the first pays for loading the model and
-    encoding the picture, which the session then keeps; None without estimates."""
+@dataclass(frozen=True)
+class SweepEstimates:
+    """A sweep's time by the plans' estimates: loading the model and encoding the picture, which the
+    first run made pays for (whichever it is: a resumed sweep's first may be done), then each run's
+    own steps and finishing."""
+
+    once: float
+    runs: dict  # run name -> its seconds after the model is loaded
+
+    def of(self, names) -> float:
+        """The seconds of making the runs `names`, the first of a sweep's process among them."""
+        names = list(names)
+        return self.once + sum(self.runs[name] for name in names) if names else 0.0
+
+
+def sweep_estimates(runs: list, plans: list) -> SweepEstimates | None:
+    """The sweep's estimates (SweepEstimates); None without them."""
     if not plans or any(p.estimate is None for p in plans):
         return None
-    out = {}
-    for i, (run, plan) in enumerate(zip(runs, plans)):
-        e = plan.estimate
-        out[run.name] = e.walk + e.after + (e.load + e.before if i == 0 else 0.0)
-    return out
+    first = plans[0].estimate
+    return SweepEstimates(first.load + first.before,
+                          {run.name: p.estimate.walk + p.estimate.after for run, p in zip(runs, plans)})
 
 
 def _short(name: str) -> str:
@@ -422,13 +434,13 @@ class Sweep:
     """The runs of one grid in one folder, with their manifest, sheet and record."""
 
     def __init__(self, runs: list, grid: Grid, folder: Path, model: ModelSpec,
-                 sheet_every: int | None = 10, sheet_cell: int = 256, estimates: dict | None = None,
+                 sheet_every: int | None = 10, sheet_cell: int = 256, estimates: SweepEstimates | None = None,
                  identity: dict | None = None):
         self.runs, self.grid, self.folder, self.model = runs, grid, Path(folder), model
         self.sheet_every, self.sheet_cell = sheet_every, sheet_cell
         self.sheet = sheet_plan(grid, sheet_cell)
         self._drawn: set = set()  # names of the finished runs the sheet's pages show
-        self.estimates = estimates  # run name -> its estimated seconds in this sweep (sweep_estimates)
+        self.estimates = estimates  # SweepEstimates, or None
         self.manifest = Manifest(self.folder, runs, model, identity)
         self.private = bool(runs) and not runs[0].spec.capture.save_prompt
         self.sheet_error: str | None = None  # why the sheet could not be written, if it could not
@@ -491,7 +503,7 @@ class Sweep:
         total, skipped = len(self.runs), len(self.runs) - len(todo)
         expected = ""
         if self.estimates and todo:
-            expected = f"; {describe_seconds(sum(self.estimates[r.name] for r in todo))} in all"
+            expected = f"; {describe_seconds(self.estimates.of(r.name for r in todo))} in all"
         if self.manifest.remade:
             console.notice(f"{len(self.manifest.remade)} run(s) an earlier sweep finished here are made again: "
                            "the input picture or the model's files are not those it recorded (or it "
@@ -566,9 +578,9 @@ class Sweep:
         rest = [r for r in todo if r.name not in outcomes]
         if not self.estimates:
             return elapsed / max(1, len(outcomes)) * len(rest)
-        done = sum(self.estimates[name] for name in outcomes)
+        done = self.estimates.of(outcomes)
         factor = elapsed / done if done > 0 else 1.0
-        return factor * sum(self.estimates[r.name] for r in rest)
+        return factor * sum(self.estimates.runs[r.name] for r in rest)
 
     def _files(self, run: SweepRun) -> list:
         """The run's files, from its sidecar (every file the run wrote) and the sidecar itself."""
