@@ -313,6 +313,10 @@ def _pipeline_patterns(variant: str | None, listing: list | None = None) -> list
         else:
             listed = [v for v, files in sets.items() if any(fnmatch.fnmatchcase(f, p) for f in listing for p in files)]
             chosen = listed[:1] or [None]
+            single, shards, *indexes = sets[chosen[0]]
+            if any(i in listing for i in indexes):  # of a single file and shards, what its loader reads
+                text_encoder = stem == "model" and single in listing  # (weight_files)
+                sets[chosen[0]] = [single] if text_encoder else [shards, *indexes]
         patterns += [p for v in chosen for p in sets[v]]
     return patterns
 

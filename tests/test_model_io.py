@@ -379,6 +379,25 @@ def test_offline_a_snapshot_holding_one_of_two_weight_sets_is_whole(hub_cache, m
     assert model_io.resolve_model("owner/name")[0] == snapshot
 
 
+def test_a_repository_holding_a_single_file_and_shards_is_fetched_in_the_form_read():
+    """Where a component's folder lists both forms, the fetch asks for the one its loader reads
+    (weight_files: a UNet's or VAE's index and shards, a text encoder's single file): it took both."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    listing = ["model_index.json", "unet/config.json", "vae/diffusion_pytorch_model.safetensors"]
+    for component, stem in [("unet", "diffusion_pytorch_model"), ("text_encoder", "model")]:
+        listing += [f"{component}/{stem}.safetensors", f"{component}/{stem}.safetensors.index.json",
+                    f"{component}/{stem}-00001-of-00002.safetensors", f"{component}/{stem}-00002-of-00002.safetensors"]
+    asked = set(filter_repo_objects(listing, allow_patterns=model_io._pipeline_patterns(None, listing)))
+    assert asked == {"model_index.json", "unet/config.json", "vae/diffusion_pytorch_model.safetensors",
+                     "unet/diffusion_pytorch_model.safetensors.index.json",
+                     "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+                     "unet/diffusion_pytorch_model-00002-of-00002.safetensors", "text_encoder/model.safetensors"}
+    # without a listing (nothing known of the repository) every form is asked for
+    blind = set(filter_repo_objects(listing, allow_patterns=model_io._pipeline_patterns(None)))
+    assert blind == set(listing)
+
+
 def test_fp16_files_read_in_float32_are_said_and_recorded(tiny_model, tmp_path):
     """A half-precision fetch takes the fp16 files only: a float32 run then reads them, said so
     and in the record's model (it was silent, and a replay promised the float32 files' pixels)."""
