@@ -405,8 +405,12 @@ def run_command(body, argv: list, flags: dict = FLAGS, interrupted: str = NOTHIN
     verbose = "-v" in argv or "--verbose" in argv
     open_standard_streams()
     console = Console(quiet="--quiet" in argv, verbose=verbose, names=flags)
-    with signals.handled():
-        status = _reported(body, console, flags, interrupted, verbose)
+    try:
+        with signals.handled(ending=True):
+            status = _reported(body, console, flags, interrupted, verbose)
+    except KeyboardInterrupt as e:  # a stop as the handlers were put in place or taken away
+        console.error(interrupted)
+        status = 128 + getattr(e, "signum", signal.SIGINT)
     signals.ignored_from_now()  # the command has ended: a late Ctrl-C prints no traceback on the way out
     return status
 

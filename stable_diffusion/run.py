@@ -154,7 +154,8 @@ def execute(session, spec, console=None, argv=(), replay=None, picture=None, wai
     Ctrl-C (KeyboardInterrupt; SIGTERM and SIGHUP too inside `signals.handled()`, as the commands
     run it: elsewhere they end the process) stops the run and returns its result with status "interrupted",
     its files and sidecar kept (a stop before the first step's UNet call leaves no sidecar, unless
-    an earlier run's files are listed in it): a loop over runs checks `result.status` to stop too."""
+    an earlier run's files are listed in it): a loop over runs checks `result.status` to stop too.
+    A stop before the walk (the checks, the loading) has written nothing, and is raised as it came."""
     started = time.perf_counter()
     timings = {} if timings is None else timings
     if not isinstance(spec, RunSpec):

@@ -1,6 +1,6 @@
 """Stop signals, in one place: Ctrl-C, SIGTERM and SIGHUP stop a run and keep what it wrote.
 
-- `handled()`: while a command runs, the first stop signal raises KeyboardInterrupt (SIGINT) or
+- `handled()`: while a run goes, the first stop signal raises KeyboardInterrupt (SIGINT) or
   `Terminated` (SIGTERM, SIGHUP); later ones are ignored so that the shutdown runs to its end. A
   signal the process was started ignoring (nohup, a script's background job) stays ignored.
 - `deferred()`: a block that must not be cut (a file's rename and its entry in the sidecar) holds
@@ -108,8 +108,10 @@ def _arrivals_recorded():
 
 
 @contextlib.contextmanager
-def handled():
-    """Stop signals raise inside the block (see `stop`); off the main thread, nothing changes."""
+def handled(ending: bool = False):
+    """Stop signals raise inside the block (see `stop`); off the main thread, nothing changes. After
+    the block the handlers from before it are back (a script goes on, and may be stopped again),
+    unless `ending` (a command, whose process ends after it): after a stop, later ones stay ignored."""
     global _stopped_by
     if not _on_main_thread():
         yield
@@ -125,7 +127,7 @@ def handled():
             yield
     finally:
         _stopped_by = None  # outside the block a failed import is a missing module again
-        stopped = any(signal.getsignal(s) is ignore_signal for s in previous)
+        stopped = ending and any(signal.getsignal(s) is ignore_signal for s in previous)
         for signum, handler in previous.items():
             if not stopped:
                 signal.signal(signum, handler)
