@@ -465,7 +465,7 @@ def open_regular(path: str | os.PathLike, kind: str, what: str = "file") -> Bina
             raise InputError(f"{shown} is {_kind_of(st.st_mode)}; give a regular file")
         if st.st_size > limit:
             raise InputError(f"{shown} is {st.st_size} bytes, more than the {limit} this tool reads "
-                             f"from one {what}; is it the right file?")
+                             f"from one {what or 'file'}; is it the right file?")
         if fcntl is not None and flags & getattr(os, "O_NONBLOCK", 0):
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         return os.fdopen(fd, "rb")

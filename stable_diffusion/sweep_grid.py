@@ -103,6 +103,9 @@ def parse_values(key: str, text: str, kind: type) -> tuple:
     return tuple(float(v) for v in values)
 
 
+_KIND_NAMES = {int: "a whole number", float: "a number", str: "a text"}
+
+
 def _file_values(key: str, value, kind: type) -> tuple:
     """A grid file's value: the text syntax in a string, or a number, or a list of them."""
     if isinstance(value, str):
@@ -116,7 +119,7 @@ def _file_values(key: str, value, kind: type) -> tuple:
         ok = isinstance(v, str) if kind is str else (isinstance(v, (int, float)) and not isinstance(v, bool)
                                                      and (kind is float or float(v).is_integer()))
         if not ok:
-            raise SpecError(key, f"{{flag}} {v!r} in the grid file is not a {kind.__name__}")
+            raise SpecError(key, f"{{flag}} {v!r} in the grid file is not {_KIND_NAMES[kind]}")
     return tuple(kind(v) for v in items)
 
 
@@ -131,7 +134,7 @@ def read_prompts(path: str | os.PathLike) -> tuple:
     except InputError as e:
         said = str(e)  # "... is a named pipe; give a regular file", or "cannot read ...: why"
         advice = (" of UTF-8 text, one prompt per line" if said.endswith("give a regular file")
-                  else "; give a UTF-8 text file with one prompt per line")
+                  else "" if said.endswith("the right file?") else "; give a UTF-8 text file with one prompt per line")
         raise SpecError("prompts", f"{{flag}} {said}{advice}") from None
     except UnicodeDecodeError as e:
         raise SpecError("prompts", f"{{flag}} {path} cannot be read ({type(e).__name__}); give a "

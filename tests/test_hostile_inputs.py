@@ -575,6 +575,24 @@ def test_grids_refuse_unbounded_reads_and_numbers_before_any_work(tmp_path, flag
     assert not (tmp_path / "sw").exists()
 
 
+def test_a_grid_value_of_another_kind_and_a_prompts_file_too_large_are_said_plainly(tmp_path, monkeypatch):
+    """'is not a int'; 'reads from one ; is it the right file?; give a UTF-8 text file'."""
+    from stable_diffusion.sweep_grid import read_prompts
+
+    for value, kind in (('{"seeds": [2.5]}', "a whole number"), ('{"cfg": ["x"]}', "a number"),
+                        ('{"prompts": [1]}', "a text")):
+        (tmp_path / "g.json").write_text(value)
+        with pytest.raises(SpecError) as e:
+            read_grid_file(tmp_path / "g.json")
+        assert e.value.template.endswith(f"in the grid file is not {kind}"), e.value.template
+    (tmp_path / "p.txt").write_text("a barn\n")
+    monkeypatch.setitem(files.READ_LIMITS, "prompts", 3)
+    with pytest.raises(SpecError) as e:
+        read_prompts(tmp_path / "p.txt")
+    assert e.value.template.endswith("is 7 bytes, more than the 3 this tool reads from one file; is it the "
+                                     "right file?"), e.value.template
+
+
 def test_grid_files_that_are_pipes_or_nested_too_deeply_are_exit_2(tmp_path):
     os.mkfifo(tmp_path / "fifo.toml")
     (tmp_path / "deep.json").write_text('{"seeds": ' + "[" * 100_000 + "]" * 100_000 + "}")
