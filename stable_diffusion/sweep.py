@@ -169,6 +169,9 @@ def expand(base: RunSpec, grid: Grid, folder: Path, pattern: str | None = None) 
         except SpecError as e:
             if e.field in values:  # a grid value: name the grid's flag
                 raise SpecError(GRID_KEYS[e.field], e.template) from None
+            if e.field == "output" and "the input picture" in e.template:  # the folder and the name made it
+                raise SpecError("name", f"run {_short(name)} would write {spec.output}, over the input picture "
+                                        f"{spec.image}; choose another {{flag:output}} folder or {{flag}}") from None
             raise
         try:
             check_name_length(spec.output)

@@ -285,6 +285,23 @@ def test_bad_grids_are_refused_before_any_work_with_one_line(tmp_path, picture, 
     assert not (tmp_path / "out").exists()
 
 
+def test_a_run_named_as_the_input_picture_is_said_by_its_name_and_folder(tmp_path, picture, sd2):
+    """It said '--output out/s0.20.png would overwrite the input picture', of a -o that was 'out'."""
+    from stable_diffusion.spec import SpecError
+    from stable_diffusion.sweep_cli import SWEEP_FLAGS
+
+    (tmp_path / "out").mkdir()
+    shutil.copy(picture, tmp_path / "out" / "s0.20.png")
+    args = build_sweep_parser("image2image").parse_args(
+        [str(tmp_path / "out" / "s0.20.png"), "x", "--model", str(sd2), "--strengths", "0.2,0.4",
+         "-o", str(tmp_path / "out")])
+    with pytest.raises(SpecError) as e:
+        build_sweep("image2image", args)
+    assert e.value.named(SWEEP_FLAGS).startswith(f"run 's0.20' would write {tmp_path}/out/s0.20.png, over the input "
+                                             f"picture {tmp_path}/out/s0.20.png; choose another --output folder or "
+                                             "--name"), e.value.named(SWEEP_FLAGS)
+
+
 @pytest.mark.parametrize("pool", [[], ["--ray", "local"]])
 def test_an_adapter_refused_as_it_is_fused_stops_the_sweep_before_its_folder(tmp_path, picture, sd2, pool):
     """A LoRA whose values are not finite is refused as it is fused: the single command's one line
