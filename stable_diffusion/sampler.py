@@ -18,7 +18,8 @@ import numpy as np
 
 from .choices import SAMPLER_TABLE, SCHEDULES, display_name
 # The noise schedule and timelines, re-exported: `from .sampler import Timeline, Step, ...` keeps working.
-from .schedule import NoiseSchedule, Timeline, Step, _vp_scale, check_refine, check_timeline, timeline, seed_keys
+from .schedule import (NoiseSchedule, Timeline, Step, _check_key, _vp_scale, check_eta, check_lms_order, check_refine,
+                       check_timeline, seed_keys, timeline)
 
 __all__ = ["SCHEDULES", "SAMPLERS", "NoiseSchedule", "Timeline", "Step", "timeline",
            "seed_keys", "display_name", "default_sampler", "invert", "sample_euler", "sample_euler_a",
@@ -69,6 +70,8 @@ def _limited(x0: mx.array, timeline: Timeline) -> mx.array:
 def _noises(key, timeline: Timeline, noise):
     """Per-step noise source: the given list, or one key per step split from `key` (MLX's global
     generator without one)."""
+    check_timeline(timeline)
+    _check_key(key)
     if noise is not None:
         return lambda i, x: mx.array(noise[i]).astype(x.dtype)
     if key is None:
@@ -129,6 +132,7 @@ def sample_ddim(denoise: Denoise, x: mx.array, timeline: Timeline, key=None, eta
     + std z, with std = eta sqrt((1 - abar') / (1 - abar)) sqrt(1 - abar / abar'). eta 0 is
     deterministic; eta 1 is DDPM's ancestral sampling. The estimate x0 is bounded as the timeline says
     (clip_sample, thresholding), eps is not; a step lands on the timeline's landing where it has one."""
+    check_eta(eta)
     draw = _noises(key, timeline, noise)
     landings = timeline.landings or timeline.sigmas[1:]
     for i, t, s, t_next, s_next in _segments(timeline):
@@ -212,6 +216,8 @@ def sample_lms(denoise: Denoise, x: mx.array, timeline: Timeline, key=None, orde
     the whole schedule, as diffusers' LMSDiscreteScheduler does: its first steps integrate a
     higher-order basis over levels no derivative was taken at.
     """
+    check_timeline(timeline)
+    check_lms_order(order)
     levels = [float(v) for v in timeline.lead_sigmas + timeline.sigmas]
     lead = len(timeline.lead_sigmas)
     history: list = []
@@ -260,6 +266,7 @@ def sample_plms(denoise: Denoise, x: mx.array, timeline: Timeline, key=None) -> 
     combined as the network gives them (eps, or v for v-prediction), as PNDM does. The timeline's
     `warmup` and `landings` carry where diffusers' timesteps put the warm-up and each landing.
     """
+    check_timeline(timeline)
     v = timeline.prediction_type == "v_prediction"
     landings = timeline.landings or timeline.sigmas[1:]
     warmup = _plms_warmup(timeline)

@@ -128,6 +128,7 @@ def timeline(strength: float, num_steps: int, noise_schedule: "NoiseSchedule | i
         return noise_schedule.timeline(strength, num_steps, schedule, sampler)
     if schedule != "linear":
         raise ValueError("a schedule other than linear needs the noise schedule, not only T")
+    _whole("noise_schedule", noise_schedule, 1, 100_000, required=True)  # T, as a config may give it
     strength, num_steps = _run_numbers(strength, num_steps)
     steps, n_total = _steps_for(strength, num_steps)
     start = strength * noise_schedule
@@ -501,11 +502,23 @@ def check_refine(refine) -> None:
     _whole("refine", refine, 0, MAX_REFINE)
 
 
+def check_eta(eta) -> None:
+    """DDIM's eta: 0 (deterministic) to 1 (DDPM's ancestral noise); NaN made NaN latents."""
+    if not (isinstance(eta, numbers.Real) and not isinstance(eta, bool) and 0.0 <= eta <= 1.0):
+        raise InputError(f"eta {eta!r} is not a number from 0 (deterministic) to 1 (DDPM's noise)")
+
+
+def check_lms_order(order) -> None:
+    """LMS's order, 1 to 4 as k-diffusion's and diffusers': 0 made no step at all."""
+    _whole("order", order, 1, 4, required=True)
+
+
 def _check_key(key) -> None:
     """A random key as MLX makes them (mx.random.key(seed)), or None; else MLX's TypeError."""
     if key is not None and not (isinstance(key, mx.array) and key.dtype == mx.uint32 and key.shape == (2,)):
         shape = f" of shape {tuple(key.shape)}" if hasattr(key, "shape") else ""
-        raise InputError(f"key: a {type(key).__name__}{shape} is not a random key; give mx.random.key(seed), or None")
+        raise InputError(f"key: an object of type {type(key).__name__}{shape} is not a random key; give "
+                         "mx.random.key(seed), or None")
 
 
 class _Crowded(Exception):

@@ -380,7 +380,7 @@ def test_the_library_checks_what_a_script_gives_it(sd2):
         (lambda: RunSpec("x", "o.png", prompt_bytes="x").validate(), "prompt_bytes 'x': expected the bytes"),
         (lambda: RunSpec("x", "o.png", prompt_bytes=b"y").validate(), "prompt_bytes b'y': expected the bytes"),
         # the lower-level helpers: MLX's TypeErrors, an AttributeError, NaN times
-        (lambda: sd.noise_schedule.add_noise(x0, 300.0, key=5), "key: a int is not a random key; give mx.random.key"),
+        (lambda: sd.noise_schedule.add_noise(x0, 300.0, key=5), "key: an object of type int is not a random key; give mx.random.key"),
         (lambda: sd.noise_schedule.add_noise(x0, 300.0, key=mx.zeros((1, 2), mx.uint32)), r"of shape \(1, 2\)"),
         (lambda: list(sd.noise_schedule.noising_path(x0, 100, "markov")), "times 100: expected a list of times"),
         (lambda: sd.denoiser(None, 2.0), "the conditioning is NoneType; make it with sd.condition"),

@@ -109,8 +109,25 @@ def test_samplers_and_inversion_refuse_what_is_no_timeline_or_refinement():
     def den(x, t, s):
         return x, x
     x, line = mx.zeros((1, 8, 8, 4)), NoiseSchedule(SD).timeline(0.5, 4)
-    with pytest.raises(InputError, match="a sampler walks a Timeline, not NoneType"):
-        list(sample_euler(den, x, None))
+    from stable_diffusion import sampler
+    from stable_diffusion.choices import SAMPLER_NAMES
+
+    for name in SAMPLER_NAMES:  # DDIM, LMS and PLMS read the timeline first: an AttributeError
+        with pytest.raises(InputError, match="a sampler walks a Timeline, not NoneType"):
+            list(getattr(sampler, f"sample_{name}")(den, x, None))
+    for name in ("euler_a", "ddim", "dpmpp_2m_sde"):  # MLX's TypeError of split()
+        with pytest.raises(InputError, match="key: an object of type int is not a random key"):
+            list(getattr(sampler, f"sample_{name}")(den, x, line, key=5, **({"eta": 1.0} if name == "ddim" else {})))
+    # LMS of order 0 made no step (garbage, silently); DDIM's eta NaN made NaN latents
+    for order, words in ((0, "order 0 is outside 1 .. 4"), (2.5, "order 2.5 is not a whole number")):
+        with pytest.raises(InputError, match=words):
+            list(sampler.sample_lms(den, x, line, order=order))
+    for eta in (float("nan"), -1.0, 5.0, "1"):
+        with pytest.raises(InputError, match="is not a number from 0 .deterministic. to 1"):
+            list(sampler.sample_ddim(den, x, line, eta=eta))
+    for T, words in ((0, "noise_schedule 0 is outside 1 .. 100000"), (2.5, "is not a whole number")):
+        with pytest.raises(InputError, match=words):
+            sampler.timeline(0.5, 10, noise_schedule=T)
     with pytest.raises(InputError, match="walks a Timeline, not tuple"):
         list(invert(den, x, tuple(line.times)))
     for refine, words in ((-1, "refine -1 is outside 0 .. 50"), (1.5, "refine 1.5 is not a whole number")):
