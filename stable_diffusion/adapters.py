@@ -76,6 +76,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weig
 EMBEDDING_FILE = "learned_embeds.safetensors"  # diffusers' textual-inversion file name
 MAX_TOKEN_LENGTH = 100  # characters
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' JSON of the PEFT config per component
+PEFT_DEFAULT_ALPHA = 8  # LoraConfig's lora_alpha where the config leaves it out
 
 # Key suffix -> which factor it holds.
 _FACTORS = {"lora_A.weight": "down", "lora_B.weight": "up", "lora_down.weight": "down",
@@ -511,7 +512,8 @@ def _check_factors(path: Path, header: dict, keys: dict, target: Target) -> int:
 
 
 def _peft_metadata(path: Path, metadata: dict) -> dict:
-    """component -> {lora_alpha, alpha_pattern, use_rslora} from diffusers' LoRA metadata."""
+    """component -> {lora_alpha, alpha_pattern, use_rslora} from diffusers' LoRA metadata, which
+    diffusers makes each component's LoraConfig of: an alpha left out is PEFT's default, not the rank."""
     raw = metadata.get(METADATA_KEY)
     if raw is None:
         return {}
@@ -524,6 +526,8 @@ def _peft_metadata(path: Path, metadata: dict) -> dict:
     out: dict = {}
     for key, value in config.items():
         component, _, field = key.partition(".")
+        if field:  # a component the file describes: PEFT's LoraConfig, built from it, has alpha 8 unless given
+            out.setdefault(component, {"lora_alpha": PEFT_DEFAULT_ALPHA})
         if field == "use_dora" and value:
             raise ModelError(f"{path} is a DoRA file ({METADATA_KEY}: {key} true); only LoRA and LoCon "
                              "files are supported")
@@ -568,7 +572,7 @@ def _module_pattern(path: Path, field: str, pattern: str) -> re.Pattern:
 def _peft_alpha(settings: dict, names: tuple, rank: int) -> tuple[float, float]:
     """(alpha, divisor) of a PEFT module (`names`: its name in its component, in each form it may
     have): alpha from the first alpha_pattern matching the module, as PEFT takes it, else the
-    component's lora_alpha, else the rank; the divisor is the rank, or its square root under
+    component's lora_alpha (PEFT's default where its metadata has none), else (no metadata) the rank; the divisor is the rank, or its square root under
     rsLoRA."""
     alpha = settings.get("lora_alpha", rank)
     alpha = next((v for pattern, v in settings.get("alpha_pattern", ()) if any(map(pattern.match, names))), alpha)

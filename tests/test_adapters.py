@@ -315,6 +315,18 @@ def test_alpha_patterns_are_read_as_peft_reads_them(tiny_model, parity, referenc
                        "write the modules' names")
 
 
+@pytest.mark.reference
+def test_metadata_without_an_alpha_takes_peft_default_as_diffusers_does(tiny_model, parity, reference, tmp_path):
+    """diffusers builds each component's LoraConfig of its metadata: one without lora_alpha has PEFT's
+    default, 8, where the rank was taken (half the change at rank 4)."""
+    assert RANK != adapters.PEFT_DEFAULT_ALPHA
+    metadata = {"unet.r": RANK, "unet.target_modules": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
+                                                        "ff.net.0.proj", "ff.net.2"]}
+    path = peft_file(tmp_path / "peft.safetensors", "sd1", lambda c, n: c == "unet" and attention_layers(c, n),
+                     seed=8, metadata={"format": "pt", "lora_adapter_metadata": json.dumps(metadata)})
+    run_lora_case(tiny_model, parity, "peft-default-alpha", "sd1", [(path, 1.0)], ("unet",), tmp_path)
+
+
 def test_kohya_unet_only_and_stacked_loras_match_diffusers(tiny_model, parity, reference, tmp_path):
     """Two LoRAs on one SD 1.x model (a kohya UNet-only one at -0.5 and a PEFT one at 0.8), loaded one
     after the other; the text encoders that no LoRA touches stay as they were."""
