@@ -584,6 +584,8 @@ def numerical_advice(dtype_name: str, quantized: bool, loras: list = ()) -> str:
     """What to try when the latents stop being finite; `loras`: the names of the LoRA files fused."""
     if dtype_name != "float32":
         advice = "half precision overflowed: run again with {flag:dtype} float32"
+        if loras:  # or the LoRA's weights are too large for any dtype
+            advice += f"; if that fails too, run without {{flag:loras}} {', '.join(loras)}, or with a smaller weight"
     elif loras:
         advice = (f"float32 does not overflow here, so the weights are likely too large: run without "
                   f"{{flag:loras}} {', '.join(loras)}, or with a smaller weight; else check the model files")

@@ -324,3 +324,11 @@ def test_latents_a_lora_overflows_are_blamed_on_the_lora(tmp_path, picture, tiny
                   check=False)
     assert result.returncode == 1 and "the latents became NaN or Inf" in result.stderr, result.stderr
     assert "run without --lora huge.safetensors, or with a smaller weight" in result.stderr, result.stderr
+    # in half precision the dtype is said first, the LoRA after it (it was not said at all)
+    from stable_diffusion.cli import FLAGS
+    from stable_diffusion.errors import name_fields
+    from stable_diffusion.run import numerical_advice
+
+    assert name_fields(numerical_advice("float16", False, ["huge.safetensors"]), FLAGS) == (
+        "half precision overflowed: run again with --dtype float32; if that fails too, run without --lora "
+        "huge.safetensors, or with a smaller weight")
