@@ -572,8 +572,8 @@ def _module_pattern(path: Path, field: str, pattern: str) -> re.Pattern:
 def _peft_alpha(settings: dict, names: tuple, rank: int) -> tuple[float, float]:
     """(alpha, divisor) of a PEFT module (`names`: its name in its component, in each form it may
     have): alpha from the first alpha_pattern matching the module, as PEFT takes it, else the
-    component's lora_alpha (PEFT's default where its metadata has none), else (no metadata) the rank; the divisor is the rank, or its square root under
-    rsLoRA."""
+    component's lora_alpha (PEFT's default where its metadata has none), else (no metadata) the
+    rank; the divisor is the rank, or its square root under rsLoRA."""
     alpha = settings.get("lora_alpha", rank)
     alpha = next((v for pattern, v in settings.get("alpha_pattern", ()) if any(map(pattern.match, names))), alpha)
     return float(alpha), math.sqrt(rank) if settings.get("use_rslora") else float(rank)
