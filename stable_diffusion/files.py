@@ -175,6 +175,10 @@ def output_lock(output: str | os.PathLike, wait: bool = False,
                     same = os.path.samestat(os.fstat(fd), os.stat(path))
                 except FileNotFoundError:
                     same = False
+                if same and os.fstat(fd).st_size:  # ours stay empty: a file of the user's, kept
+                    raise InputError(f"{path} holds {os.fstat(fd).st_size} bytes, where the lock of {output.name} "
+                                     "goes (an empty file this tool makes and removes): move that file, or "
+                                     "choose another output name")
                 if same:
                     held = True
                     break

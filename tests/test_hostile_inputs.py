@@ -776,6 +776,23 @@ def test_the_output_lock_must_be_a_plain_file(tmp_path, make):
             pass
     assert lock.exists() and not lock.is_file()
 
+
+def test_a_file_of_the_users_at_the_locks_name_is_kept(tmp_path, picture):
+    """A user's `.x.lock` beside `x.png` was removed as the run ended, by a refused run too (the input
+    picture itself, so named, was lost). Ours stay empty: one that holds bytes is not ours."""
+    lock = files.lock_path(tmp_path / "x.png")
+    lock.write_text("user data")
+    with pytest.raises(InputError, match=r"\.x\.lock holds 9 bytes, where the lock of x\.png goes"):
+        with files.output_lock(tmp_path / "x.png"):
+            pass
+    result = probe("image2image.py", picture, "x", "--model", "shapes", "--steps", 2, "-o", tmp_path / "x.png")
+    assert_refused(result, "holds 9 bytes")
+    assert lock.read_text() == "user data" and not (tmp_path / "x.png").exists()
+    lock.write_bytes(b"")  # an empty one (a killed run's) is taken, and removed after
+    with files.output_lock(tmp_path / "x.png"):
+        pass
+    assert not lock.exists()
+
 # --- 6. the sidecar stays true when the folder changes under the run ---------------------------
 
 
