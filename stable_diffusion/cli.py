@@ -493,9 +493,11 @@ def _command(command: str, typed: list, console: Console) -> int:
         console.notice(f"--strength {args.strength:g} is not used: the triangle's rows run at "
                        "--triangle_strengths (default 0.1 .. 1.0)")
     spec = replace(spec, prompt_bytes=raw["prompt"], negative_prompt_bytes=raw["negative_prompt"])
-    from .outputs import check_name_length
+    from .outputs import check_default_output, check_name_length
 
     check_name_length(spec.output)  # the plan's names, once planned
+    if args.output is None:
+        check_default_output(spec.output)
     bounded = None if replayed is None or args.allow_long_replay else functools.partial(check_cost, replayed[0])
     return _run(spec, model, console, typed, args.wait, notes, bounded)
 

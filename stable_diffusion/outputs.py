@@ -265,6 +265,14 @@ def check_in_the_way(names: FileNames, paths: list, left: dict, output_named: bo
     return replaced
 
 
+def check_default_output(output: Path) -> None:
+    """An output the user did not name (out.png): a picture there that is not ours (the user's own,
+    another program's) is refused, where one they named is theirs to replace (check_in_the_way)."""
+    if os.path.lexists(output) and (why := _not_ours(output, left_by_us(FileNames(output, 1)))):
+        raise SpecError("output", f"no {{flag}} was given, and the default {output} is there and not ours to "
+                                  f"replace ({why}); give {{flag}} a name, or move {output}")
+
+
 def _not_ours(path: Path, left: dict) -> str | None:
     """Why the file at `path` is not ours to replace, or None where it is: a regular file (a link or
     a folder is the user's) listed by this output's sidecar and unchanged since; or, where no

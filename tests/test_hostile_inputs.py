@@ -777,6 +777,22 @@ def test_the_output_lock_must_be_a_plain_file(tmp_path, make):
     assert lock.exists() and not lock.is_file()
 
 
+def test_the_default_output_replaces_only_a_picture_of_ours(tmp_path, picture):
+    """Without --output a user's own out.png in the current folder was replaced (with a note): the
+    README keeps the replacing of a file not ours for the output the user named."""
+    Image.new("RGB", (30, 20), "purple").save(tmp_path / "out.png")
+    before = (tmp_path / "out.png").read_bytes()
+    for command in (["image2image.py", picture], ["txt2image.py"]):
+        result = probe(*command, "x", "--model", "shapes", "--steps", 2, cwd=tmp_path)
+        assert_refused(result, "no --output was given, and the default out.png is there and not ours to replace "
+                               "(it carries no record of ours); give --output a name, or move out.png")
+        assert (tmp_path / "out.png").read_bytes() == before and not (tmp_path / "out.json").exists()
+    (tmp_path / "out.png").unlink()
+    for _ in range(2):  # a picture of ours there is replaced, as before
+        result = probe("txt2image.py", "x", "--model", "shapes", "--steps", 2, "--seed", 1, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+
+
 def test_a_file_of_the_users_at_the_locks_name_is_kept(tmp_path, picture):
     """A user's `.x.lock` beside `x.png` was removed as the run ended, by a refused run too (the input
     picture itself, so named, was lost). Ours stay empty: one that holds bytes is not ours."""
