@@ -66,6 +66,7 @@ DEFAULT_MULTIPLE = 64  # VAE factor 8 times the UNet's three 2x downsamplings
 DEFAULT_MAX_PIXELS = 1024 * 1024  # 4x the native 512x512 of SD 2.1-base and SDXL-turbo
 DECODE_LIMIT_PIXELS = 8192 * 8192  # largest picture ever held in memory: at most ~256 MB as RGBA
 MAX_FILE_BYTES = 1 << 30
+MAX_JPEG_SCANS = 1000  # start-of-scan markers: libjpeg's own tools offer such a limit (-maxscans)
 _JPEG_SCALES = (1, 2, 4, 8)  # what libjpeg's DCT scaling offers through Image.draft
 _FIX_DAMAGED = "the file is damaged or truncated: re-export or re-download it"
 
@@ -193,13 +194,17 @@ def load_image(
     with f:
         before = os.fstat(f.fileno())
         try:
-            sha256 = _digest(f)
+            sha256, scans = _digest(f)
             f.seek(0)
         except OSError as e:
             raise _read_error(p, e) from e
         with _translated(p, "decode") as caught:
             im = _open(f)
             _check_header(im, p, min_side)
+            if im.format == "JPEG" and scans > MAX_JPEG_SCANS:  # each scan is a pass over the whole picture
+                raise InputError(f"input image {_shown(p)} is a JPEG of {scans} scans, where a progressive one "
+                                 f"has about 10 and this tool decodes at most {MAX_JPEG_SCANS} (each is a pass "
+                                 "over the whole picture: 20,000 took minutes); save it again, e.g. as PNG")
             stored_size, fmt, mode = im.size, im.format or "?", im.mode
             _note_frames(lambda: _reopen(p, before), notices)
             _draft_jpeg(im, p, multiple, max_pixels, notices)
@@ -328,16 +333,19 @@ def _open_checked(p: Path):
         raise
 
 
-def _digest(f) -> str:
-    """SHA-256 of an open file from its start, read in blocks (at most MAX_FILE_BYTES)."""
-    digest, size = hashlib.sha256(), 0
+def _digest(f) -> tuple[str, int]:
+    """SHA-256 of an open file from its start, read in blocks (at most MAX_FILE_BYTES), and the
+    count of JPEG start-of-scan markers (FF DA) in it: entropy-coded data never holds them."""
+    digest, size, scans, last = hashlib.sha256(), 0, 0, b""
     while block := f.read(1 << 20):
         size += len(block)
         if size > MAX_FILE_BYTES:
             raise InputError(f"input image grew past {MAX_FILE_BYTES} bytes while being read; run "
                              "again once it is written")
         digest.update(block)
-    return digest.hexdigest()
+        scans += (last + block[:1]).count(b"\xff\xda") + block.count(b"\xff\xda")
+        last = block[-1:]
+    return digest.hexdigest(), scans
 
 
 def _reopen(p: Path, first: os.stat_result):
