@@ -109,6 +109,17 @@ def exif_bytes(parameters: str) -> bytes:
     return exif.tobytes()
 
 
+# A JPEG holds each metadata block in one APP1 segment: 65,533 bytes after its marker and length,
+# less the block's signature (XMP's namespace, 29 bytes; EXIF's header, 6).
+JPEG_BLOCK_BYTES = 65_533 - 29
+
+
+def jpeg_block_bytes(parameters: str | None, record: Mapping[str, Any] | None) -> int:
+    """The larger of the two metadata blocks a JPEG of ours carries (save_picture)."""
+    return max(len(exif_bytes(parameters)) if parameters is not None else 0,
+               len(xmp_bytes(record)) if record is not None else 0)
+
+
 def xmp_bytes(record: Mapping[str, Any]) -> bytes:
     """An XMP packet holding the JSON record as one property of our own namespace."""
     body = _xml_escape(to_json(record))

@@ -21,7 +21,7 @@ import re
 import secrets
 from dataclasses import dataclass, field, replace
 
-from . import costs
+from . import costs, picture_meta
 from . import sampler as samplers
 from .config import PipelineConfig
 from .images import target_size
@@ -246,6 +246,7 @@ def make_plan(spec: RunSpec, config: PipelineConfig, tokenizers, image_size: tup
                                          f"strength {row.strength:g} comes back to t={again:g} ({plan.sampler_name}"
                                          "'s warm-up); use {flag} steps")
     _check_format_sides(plan)
+    _check_jpeg_texts(spec)
     return plan if machine is None else replace(plan, estimate=estimate_time(plan, config, machine))
 
 
@@ -286,6 +287,24 @@ def _schedule_notes(spec: RunSpec, timelines: list, T: int, notice) -> None:
 
 _FORMAT_SIDES = {"webp": 16383, "jpeg": 65500, "gif": 65535}
 _NETWORK_TAG = re.compile(r"<(?:lora|lyco|hypernet):[^<>]{1,200}>", re.IGNORECASE)  # A1111's extra networks
+
+
+# The bytes a JPEG's metadata blocks take besides the texts: 1.6 KB for a run without adapters on the
+# shipped model; a bound for long paths and several adapters.
+_JPEG_OTHER_BYTES = 8_000
+
+
+def _check_jpeg_texts(spec: RunSpec) -> None:
+    """A JPEG keeps its record (each text twice) and its parameters in blocks of 64 KB: prompts too
+    long for them failed as the first picture was written, after the work."""
+    if spec.capture.format != "jpeg" or not spec.capture.save_prompt:  # a private run's texts are hashes
+        return
+    texts = [t for t in (spec.prompt, spec.negative_prompt, spec.inversion and spec.inversion.prompt) if t]
+    taken = picture_meta.jpeg_block_bytes(", ".join(texts), {str(i): t for i, t in enumerate(texts + texts)})
+    if taken + _JPEG_OTHER_BYTES > picture_meta.JPEG_BLOCK_BYTES:
+        raise SpecError("prompt", f"the prompts take {taken} bytes of a JPEG's metadata, which holds "
+                                  f"{picture_meta.JPEG_BLOCK_BYTES} in a block with the rest of the record: write "
+                                  "png or webp (an {flag:output} ending in .png or .webp), or shorter prompts")
 
 
 def _cell_times(plan: RunPlan) -> list:

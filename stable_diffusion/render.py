@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from . import picture_meta
+from .errors import OutputError
 from .files import atomic_write
 from .measures import MEASURE_TITLES
 
@@ -660,6 +661,11 @@ def save_picture(path: str | os.PathLike, image: np.ndarray, output_format: str 
     options: dict[str, Any] = {"quality": quality}
     if output_format == "webp" and quality >= 100:
         options = {"lossless": True}
+    if output_format == "jpeg" and (size := picture_meta.jpeg_block_bytes(parameters, record)) > \
+            picture_meta.JPEG_BLOCK_BYTES:  # Pillow's ValueError ("XMP data is too long") said nothing of why
+        raise OutputError(f"the metadata of {Path(path).name} takes {size} bytes, more than the "
+                          f"{picture_meta.JPEG_BLOCK_BYTES} a JPEG holds in one block: write png or webp, or "
+                          "shorter prompts")
     if parameters is not None:
         options["exif"] = picture_meta.exif_bytes(parameters)
     if record is not None:

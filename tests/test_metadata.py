@@ -627,6 +627,26 @@ def test_picture_files_are_deterministic_and_atomic(tmp_path, fmt):
         assert im.size == (5, 6)
 
 
+def test_texts_too_long_for_a_jpeg_are_refused_before_the_work(tmp_path, picture, sd2):
+    """A JPEG holds its metadata in blocks of 64 KB: a prompt of 32,000 characters (or 9,000 '&', six
+    bytes each in XML) failed as the picture was written, after the work, with Pillow's words and
+    exit 1. The plan refuses it (exit 2, nothing written); one that gets past the plan's margin is
+    said as what it is when written."""
+    import commands
+    from stable_diffusion.picture_meta import JPEG_BLOCK_BYTES
+
+    for prompt in ("x" * 32_000, "&" * 9_000):
+        result = commands.run("image2image.py", picture, prompt, "--model", sd2, "--steps", 2, "-o",
+                              tmp_path / "l.jpg", check=False)
+        assert result.returncode == 2 and "bytes of a JPEG's metadata" in result.stderr, result.stderr[-300:]
+        assert "write png or webp" in result.stderr and not (tmp_path / "l.jpg").exists()
+    commands.run("image2image.py", picture, "x" * 20_000, "--model", sd2, "--steps", 2, "-o", tmp_path / "s.jpg",
+                 check=True)
+    with pytest.raises(OutputError, match=fr"takes \d+ bytes, more than the {JPEG_BLOCK_BYTES} a JPEG holds"):
+        save_picture(tmp_path / "big.jpg", image(), "jpeg", "p", {"prompt": "x" * JPEG_BLOCK_BYTES})
+    assert not (tmp_path / "big.jpg").exists()
+
+
 def test_lossless_webp_keeps_the_pixels(tmp_path):
     path = save_picture(tmp_path / "l.webp", image(), "webp", quality=100)
     with Image.open(path) as im:
