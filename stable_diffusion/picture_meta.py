@@ -131,12 +131,18 @@ def xmp_bytes(record: Mapping[str, Any]) -> bytes:
 
 
 def _user_comment(im: Image.Image) -> str | None:
-    raw = im.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+    """EXIF's UserComment. Its UNICODE text is UTF-16 in the byte order of the EXIF block's header
+    (ours and A1111's big-endian, `MM`; a little-endian `II` block's read as big-endian was another
+    text), unless a byte-order mark says otherwise."""
+    exif = im.getexif()
+    raw = exif.get_ifd(_EXIF_IFD).get(_USER_COMMENT)
     if not isinstance(raw, bytes) or len(raw) < 8:
         return None
     code, text = raw[:8], raw[8:]
     if code == _UNICODE_PREFIX:
-        return text.decode("utf-16-be", errors="replace")
+        if text[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            return text.decode("utf-16", errors="replace")  # the mark's order, the mark dropped
+        return text.decode("utf-16-le" if getattr(exif, "endian", ">") == "<" else "utf-16-be", errors="replace")
     return text.decode("utf-8" if code.startswith(b"\0") else "ascii", errors="replace")
 
 

@@ -647,6 +647,22 @@ def test_texts_too_long_for_a_jpeg_are_refused_before_the_work(tmp_path, picture
     assert not (tmp_path / "big.jpg").exists()
 
 
+@pytest.mark.parametrize("fmt", ["jpeg", "webp"])
+def test_a_little_endian_exif_user_comment_is_read_in_its_order(tmp_path, fmt):
+    """EXIF stores a UNICODE UserComment in its header's byte order: an `II` block's was read as
+    big-endian, a prompt of mojibake and no settings, and a replay ran anyway."""
+    from stable_diffusion.picture_meta import read_picture_texts
+
+    text = "a red circle\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 64x64"
+    for order, body in (("<", text.encode("utf-16-le")), (">", text.encode("utf-16-be")),
+                        ("<", text.encode("utf-16")), (">", b"\xff\xfe" + text.encode("utf-16-le"))):
+        exif = Image.Exif()
+        exif.endian = order
+        exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + body
+        Image.fromarray(image()).save(tmp_path / f"c.{fmt}", format=fmt.upper(), exif=exif.tobytes())
+        assert read_picture_texts(tmp_path / f"c.{fmt}")[0] == text, (order, body[:4])
+
+
 def test_lossless_webp_keeps_the_pixels(tmp_path):
     path = save_picture(tmp_path / "l.webp", image(), "webp", quality=100)
     with Image.open(path) as im:
