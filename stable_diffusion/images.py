@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from .errors import InputError
 from .spec import MAX_SIDE
@@ -427,6 +427,10 @@ def _translated(p: Path, verb: str):
         except MemoryError as e:
             raise InputError(f"ran out of memory decoding input image {_shown(p)}; downscale it first") from e
         except Exception as e:
+            if isinstance(e, ValueError) and "MAX_TEXT_CHUNK" in str(e):  # a whole file: its metadata is large
+                raise InputError(f"input image {_shown(p)} holds a compressed text of more than "
+                                 f"{PngImagePlugin.MAX_TEXT_CHUNK >> 20} MB (another tool's workflow?), which the PNG "
+                                 "reader does not expand; save the picture again without it") from e
             detail = _one_line(str(e)) or "no detail"
             raise InputError(
                 f"cannot {verb} input image {_shown(p)}: {detail} ({type(e).__name__}); {_FIX_DAMAGED}"

@@ -320,6 +320,18 @@ def test_a_jpeg_of_too_many_scans_is_refused_before_decoding(tmp_path, monkeypat
     assert_valid(load_image(tmp_path / "p.png"), (64, 64))
 
 
+def test_a_png_whose_compressed_text_expands_past_the_readers_cap_is_said_so(tmp_path):
+    """A whole picture carrying a 3.6 MB compressed workflow was called damaged or truncated."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("workflow", "x" * 3_600_000, zip=True)
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "wf.png", pnginfo=info)
+    message = expect_input_error(load_image, tmp_path / "wf.png", "holds a compressed text of more than 1 MB",
+                                 "save the picture again without it")
+    assert "damaged" not in message
+
+
 def test_large_image_downscaled_to_max_pixels(tmp_path):
     path = tmp_path / "photo.png"
     ramp = np.broadcast_to(np.linspace(0, 255, 3000).astype(np.uint8), (2000, 3000))
