@@ -97,9 +97,10 @@ def embedding_argument(text: str) -> tuple:
     path, _, token = text.rpartition(":")
     if not text:
         raise argparse.ArgumentTypeError("expected PATH[:TOKEN], got an empty path")
-    # A file's name ends in its suffix; a folder's (holding learned_embeds.safetensors) is any name.
+    # A file's name ends in its suffix; a folder's (holding learned_embeds.safetensors), or any other
+    # path that is there (a device, to be refused as such, not as "X:TOKEN does not exist"), any name.
     named = path.lower().endswith((".safetensors", ".pt", ".bin")) or (
-        os.path.isdir(path) and not os.path.lexists(text))
+        os.path.lexists(path) and not os.path.lexists(text))
     if named:
         if not token:
             raise argparse.ArgumentTypeError(f"{text!r} ends in ':'; give a TOKEN after it or leave the "
