@@ -341,8 +341,10 @@ def _offline_replay(parser, model: str, picture, expanded: list) -> None:
     so before it is imported (it reads HF_HUB_OFFLINE once, at import), and a model missing from
     the local cache is refused now, with the flag that allows it (`expanded`: the arguments the
     replay gave, which name the model, or leave the default: another tool's picture)."""
-    from . import replay
+    from . import model_io, replay
 
+    if os.environ.get("HF_HUB_OFFLINE") != "1":
+        model_io.OFFLINE_REASON = "a replay fetches nothing unless given --allow-download"
     os.environ["HF_HUB_OFFLINE"] = "1"
     flags = expanded[:expanded.index("--")] if "--" in expanded else expanded
     named = any(getattr(parser.action_of(a), "dest", None) == "model" for a in flags)

@@ -168,6 +168,11 @@ def _not_a_model(spec: str, name: str) -> str:
             "with a local folder")
 
 
+# Why this process is offline where the user did not set HF_HUB_OFFLINE (a replay sets it): said
+# in place of the variable's name.
+OFFLINE_REASON: str | None = None
+
+
 def hub_timeout() -> float:
     """Seconds to wait for the hub before falling back to the local cache.
 
@@ -216,7 +221,7 @@ def _download(repo_id: str, revision: str | None, variant: str | None,
     #    unreachable, down) the local cache decides.
     unreachable = None
     if constants.HF_HUB_OFFLINE:
-        unreachable = "HF_HUB_OFFLINE is set"
+        unreachable = OFFLINE_REASON or "HF_HUB_OFFLINE is set"
     else:
         timeout = hub_timeout()
         try:

@@ -200,6 +200,18 @@ def test_a_replay_fetches_nothing_unasked(tmp_path, model):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
 
 
+def test_a_replays_own_offline_is_said_as_the_replays_not_the_users(tmp_path):
+    """A replay whose preview decoder (TAESD) was not cached said "... and HF_HUB_OFFLINE is set", which
+    the user never set: the replay did, and --allow-download lifts it."""
+    recorded = [str(INPUT), "a", "--model=shapes", "--steps=2", "-sd", "1", "--preview", "taesd"]
+    picture = picture_with(tmp_path / "p.png", our_record(recorded))
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    result = probe("image2image.py", "--replay", picture, cwd=tmp_path, env=env)
+    assert_refused(result, "madebyollin/taesd is not in the local hub cache", "and a replay fetches nothing unless "
+                           "given --allow-download;")
+    assert "HF_HUB_OFFLINE" not in result.stderr
+
+
 def test_a_replay_of_another_tools_picture_says_the_default_model_is_ours_not_its(tmp_path):
     """It said "its model stabilityai/stable-diffusion-2-1-base is not in the local hub cache" of a
     picture whose Model is an SD 1.5 checkpoint of another tool: --allow-download fetched the wrong one."""
