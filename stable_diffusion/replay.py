@@ -137,10 +137,14 @@ def find(argv: list, parser) -> tuple[str, list] | None:
         if _dest(arg, parser) != "replay":
             continue
         if "=" in arg:
-            return arg.split("=", 1)[1], _no_other_replay(argv[:i] + argv[i + 1:], parser)
-        if i + 1 >= len(argv):
+            picture, rest = arg.split("=", 1)[1], argv[:i] + argv[i + 1:]
+        elif i + 1 < len(argv):
+            picture, rest = argv[i + 1], argv[:i] + argv[i + 2:]
+        else:
+            picture = rest = None
+        if not picture:  # an empty name was read as the folder '.'
             raise InputError("--replay needs a picture: --replay out.png")
-        return argv[i + 1], _no_other_replay(argv[:i] + argv[i + 2:], parser)
+        return picture, _no_other_replay(rest, parser)
     return None
 
 

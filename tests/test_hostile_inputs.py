@@ -342,6 +342,9 @@ def test_the_users_flag_replaces_a_recorded_one_of_another_name_and_one_replay_o
     for twice in (["--replay=other.png"], ["--rep", "other.png"]):  # argparse takes the start of a flag
         with pytest.raises(InputError, match="--replay is given twice"):
             cli.replay_arguments("image2image", ["--replay", str(picture), *twice])
+    for empty in (["--replay", ""], ["--replay="], ["--replay"]):  # "" was the folder '.'
+        with pytest.raises(InputError, match="^--replay needs a picture: --replay out.png$"):
+            cli.replay_arguments("image2image", empty)
 
 
 @pytest.mark.parametrize("command_line", [
