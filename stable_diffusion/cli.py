@@ -58,6 +58,13 @@ class _Parser(argparse.ArgumentParser):
         self._negative_number_matcher = options.NEGATIVE_NUMBER  # argparse's own: whole numbers only
 
     def error(self, message):  # one line and exit status 2, like every other input error
+        if message.startswith("the following arguments are required"):
+            # a file whose name starts with '-' reads as a flag (argparse's own words never say so)
+            dashed = next((a for a in getattr(self, "parsing", []) if a.startswith("-") and len(a) > 1
+                           and os.path.isfile(a)), None)
+            if dashed is not None:
+                raise UsageError(f"{message}: {dashed} is read as a flag; give the file as ./{dashed}, or put -- "
+                                 "before the picture and the prompt")
         if message == "the following arguments are required: prompt" and "image" in self._positional_names():
             message += "; one of the picture and the prompt is missing: give the input picture first, then the prompt"
         if message.endswith("expected one argument"):

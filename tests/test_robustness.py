@@ -258,6 +258,16 @@ def test_a_newcomers_slips_with_the_positionals_say_what_to_do(capsys, tmp_path,
     only_error(status, 2, err, *words)
 
 
+def test_a_picture_whose_name_starts_with_a_dash_is_said_to_read_as_a_flag(capsys, tmp_path, picture, unloadable,
+                                                                          monkeypatch):
+    """It said only "the following arguments are required: prompt", of `-x.png "a cat"`."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(picture, tmp_path / "-x.png")
+    status, _, err = main(capsys, "image2image", "-x.png", "a cat", "--model", unloadable)
+    only_error(status, 2, err, "-x.png is read as a flag; give the file as ./-x.png, or put -- before the picture "
+                               "and the prompt")
+
+
 @pytest.mark.parametrize("extra, flag", [(["--strength", "0.5"], "--strength"), (["-gt"], "-gt"),
                                          (["--show_noising", "100"], "--show_noising"), (["--labels"], "--labels")])
 def test_image2image_flags_given_to_txt2image_are_named_so(capsys, tmp_path, unloadable, extra, flag):
