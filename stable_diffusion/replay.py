@@ -81,7 +81,7 @@ def check_arguments(arguments, parser, path) -> list:
     try:
         parsed = parser.parse_args(list(arguments))
     except InputError as e:
-        raise _refuse(path, f"its record is not a command ({str(e)[:160]})") from None
+        raise _refuse(path, f"its record is not a command ({_clipped(str(e).removesuffix(' (see --help)'))})") from None
     except SystemExit:
         raise _refuse(path, "its record is not a command") from None
     for dest in REFUSED:  # belt and braces: whatever argparse made of it, these stay as they were
@@ -125,6 +125,11 @@ def check_record(record, command: str, path) -> dict:
             type(v) is int and 0 < v <= MAX_SIDE for v in size)):
         raise _refuse(path, "its record's input size is not two sizes in pixels")
     return record
+
+
+def _clipped(text: str, limit: int = 160) -> str:
+    """A message quoted inside another, cut at a word where long (it was cut mid-word: "see --h")."""
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def find(argv: list, parser) -> tuple[str, list] | None:
@@ -518,7 +523,7 @@ def input_changed(path, record: dict, picture: str | None = None) -> list:
     try:
         digest = file_digest(picture or source["path"], "hashed", "input picture")[1]
     except InputError as e:
-        return [f"replay of {path}: its input picture cannot be read ({str(e)[:160]})"]
+        return [f"replay of {path}: its input picture cannot be read ({_clipped(str(e))})"]
     if digest == source.get("sha256"):
         return []
     which = f"the picture given, {picture}, is not the one it was made from" if picture else \

@@ -200,6 +200,14 @@ def test_a_replay_fetches_nothing_unasked(tmp_path, model):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
 
 
+def test_a_refusal_quoted_in_a_replays_is_cut_at_a_word():
+    """It was cut at 160 characters mid-word: "(see --h)", "(a picture made with -sp 0 tak)"."""
+    from stable_diffusion.replay import _clipped
+
+    said = _clipped("word " * 40)
+    assert len(said) <= 164 and said.endswith("word ...") and _clipped("short (see --help)") == "short (see --help)"
+
+
 def test_a_replays_own_offline_is_said_as_the_replays_not_the_users(tmp_path):
     """A replay whose preview decoder (TAESD) was not cached said "... and HF_HUB_OFFLINE is set", which
     the user never set: the replay did, and --allow-download lifts it."""
