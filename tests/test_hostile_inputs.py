@@ -805,8 +805,8 @@ def test_the_default_output_replaces_only_a_picture_of_ours(tmp_path, picture):
     README keeps the replacing of a file not ours for the output the user named."""
     Image.new("RGB", (30, 20), "purple").save(tmp_path / "out.png")
     before = (tmp_path / "out.png").read_bytes()
-    for command in (["image2image.py", picture], ["txt2image.py"]):
-        result = probe(*command, "x", "--model", "shapes", "--steps", 2, cwd=tmp_path)
+    for program in (["image2image.py", picture], ["txt2image.py"]):
+        result = probe(*program, "x", "--model", "shapes", "--steps", 2, cwd=tmp_path)
         assert_refused(result, "no --output was given, and the default out.png is there and not ours to replace "
                                "(it carries no record of ours); give --output a name, or move out.png")
         assert (tmp_path / "out.png").read_bytes() == before and not (tmp_path / "out.json").exists()
