@@ -17,6 +17,7 @@ time left can be told as the run goes.
 from __future__ import annotations
 
 import math
+import os
 import re
 import secrets
 from dataclasses import dataclass, field, replace
@@ -289,18 +290,24 @@ _FORMAT_SIDES = {"webp": 16383, "jpeg": 65500, "gif": 65535}
 _NETWORK_TAG = re.compile(r"<(?:lora|lyco|hypernet):[^<>]{1,200}>", re.IGNORECASE)  # A1111's extra networks
 
 
-# The bytes a JPEG's metadata blocks take besides the texts: 1.6 KB for a run without adapters on the
-# shipped model; a bound for long paths and several adapters.
+# The bytes a JPEG's metadata blocks take besides the texts and the input's path: 1.6 KB for a run
+# without adapters on the shipped model; a bound for a long model path and several adapters.
 _JPEG_OTHER_BYTES = 8_000
 
 
 def _check_jpeg_texts(spec: RunSpec) -> None:
-    """A JPEG keeps its record (each text twice) and its parameters in blocks of 64 KB: prompts too
-    long for them failed as the first picture was written, after the work."""
-    if spec.capture.format != "jpeg" or not spec.capture.save_prompt:  # a private run's texts are hashes
+    """A JPEG keeps its record (each text twice, a text given as bytes not UTF-8 once more in hex,
+    the input's path twice) and its parameters in blocks of 64 KB: prompts too long for them failed
+    as the first picture was written, after the work."""
+    if spec.capture.format != "jpeg":
         return
     texts = [t for t in (spec.prompt, spec.negative_prompt, spec.inversion and spec.inversion.prompt) if t]
-    taken = picture_meta.jpeg_block_bytes(", ".join(texts), {str(i): t for i, t in enumerate(texts + texts)})
+    if not spec.capture.save_prompt:  # a private run's texts are hashes
+        texts = []
+    recorded = texts + texts + [raw.hex() for raw in (spec.prompt_bytes, spec.negative_prompt_bytes) if raw]
+    if spec.img2img:
+        recorded += 2 * [os.path.abspath(os.fsdecode(spec.image))]
+    taken = picture_meta.jpeg_block_bytes(", ".join(texts), {str(i): t for i, t in enumerate(recorded)})
     if taken + _JPEG_OTHER_BYTES > picture_meta.JPEG_BLOCK_BYTES:
         raise SpecError("prompt", f"the prompts take {taken} bytes of a JPEG's metadata, which holds "
                                   f"{picture_meta.JPEG_BLOCK_BYTES} in a block with the rest of the record: write "
@@ -378,23 +385,23 @@ def estimate_time(plan: RunPlan, config: PipelineConfig, machine: costs.Machine)
     frame, noise_frame = width * (seconds(nets.preview) + written), seconds(nets.preview) + written
     unet, decodes, calls = seconds(nets.unet), 0, 0
     decoded = c.preview != "approx"  # an approximate preview's frame is a product, no decode
-    steps, frames = {}, {}
+    steps, shares = {}, {}  # shares: each step's frame part of its seconds
     if plan.inversion is not None:
         per_step = 1 + spec.inversion.refine
         call = per_step * seconds(nets.inversion_unet)
-        frames[None] = tuple(noise_frame if k in plan.shown else 0.0 for k in range(plan.inversion.steps + 1))
-        steps[None] = tuple((call if k else 0.0) + f for k, f in enumerate(frames[None]))
+        shares[None] = tuple(noise_frame if k in plan.shown else 0.0 for k in range(plan.inversion.steps + 1))
+        steps[None] = tuple((call if k else 0.0) + f for k, f in enumerate(shares[None]))
         calls += per_step * plan.inversion.steps
     elif plan.path:
-        frames[None] = steps[None] = tuple(noise_frame if k in plan.shown else 0.0 for k in range(len(plan.path)))
+        shares[None] = steps[None] = tuple(noise_frame if k in plan.shown else 0.0 for k in range(len(plan.path)))
     decodes += len(plan.shown) if decoded else 0
     reused = _starts_on_shown_frames(plan, config)
     for i, row in enumerate(plan.rows):
         timeline = row.timeline
         per_step = [0] + samplers.network_calls(spec.sampler, timeline)
         drawn = [k for k in row.kept if not (k == 0 and i in reused)]
-        frames[i] = tuple(frame if k in drawn else 0.0 for k in range(len(per_step)))
-        steps[i] = tuple(n * unet + f for n, f in zip(per_step, frames[i]))
+        shares[i] = tuple(frame if k in drawn else 0.0 for k in range(len(per_step)))
+        steps[i] = tuple(n * unet + f for n, f in zip(per_step, shares[i]))
         calls += sum(per_step)
         decodes += width * len(drawn) if decoded else 0
     after = 0.0
@@ -410,12 +417,16 @@ def estimate_time(plan: RunPlan, config: PipelineConfig, machine: costs.Machine)
         decodes += finals
     if plan.shown:  # the noising strip
         after += seconds(costs.Work(pixels=h * w * len(plan.shown)))
-    if c.animate is not None:
-        pictures = width * sum(len(r.kept) for r in plan.rows) + len(plan.shown)
-        after += _ANIMATION_COST[c.animate] * seconds(costs.Work(pixels=spec.n_images * h * w * pictures))
+    if c.animate is not None:  # its frames, each on the widest frame's canvas
+        # a triangle's is the L-shaped path: down the first column (or the noising frames), then along the
+        # top row from its second cell
+        count = len(plan.shown or plan.rows) + len(plan.top.kept) - 1 if spec.triangle else \
+            len(plan.shown) + len(plan.top.kept)
+        pixels = spec.n_images * h * w * width * count
+        after += _ANIMATION_COST[c.animate] * seconds(costs.Work(pixels=pixels))
     before = seconds(nets.text) + (seconds(nets.encode) if spec.img2img else 0.0)
     load = _LOAD_PASSES * machine.unloaded_bytes / machine.speed.memory
-    return Estimate(load, before, steps, after, calls, decodes, frames)
+    return Estimate(load, before, steps, after, calls, decodes, shares)
 
 
 # Both sides of a working size are multiples of this: the VAE's 8 times the UNet's three halvings.

@@ -217,6 +217,14 @@ def test_an_animation_is_costed_by_its_format_and_its_frames_pictures(tiny_model
         pixels = 2 * 2 * 64 * 64 * len(moving.top.kept)  # pictures x parts x size x frames
         expected = {"gif": 10.0, "webp": 1.0}[fmt] * pixels / SPEED.pixels
         assert moving.estimate.after - still.estimate.after == pytest.approx(expected)
+        assert isinstance(moving.estimate.frames, dict)  # the frames' dict, not a count of them
+    # A triangle's animation is its L-shaped path, not every cell: up the first column, along the top row
+    triangle = dict(steps=10, triangle=True, strengths=(0.2, 0.4, 0.6, 0.8, 1.0))
+    still, _ = plan_of(tiny_model, **triangle, capture=Capture(every=2))
+    moving, _ = plan_of(tiny_model, **triangle, capture=Capture(every=2, animate="gif"))
+    frames = len(moving.rows) + len(moving.top.kept) - 1
+    assert frames < sum(len(r.kept) for r in moving.rows)
+    assert moving.estimate.after - still.estimate.after == pytest.approx(10.0 * frames * 64 * 64 / SPEED.pixels)
 
 
 def test_frames_waiting_for_their_decoding_batch_are_not_counted_as_done(tiny_model, monkeypatch):

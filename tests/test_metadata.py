@@ -642,6 +642,20 @@ def test_texts_too_long_for_a_jpeg_are_refused_before_the_work(tmp_path, picture
         assert "write png or webp" in result.stderr and not (tmp_path / "l.jpg").exists()
     commands.run("image2image.py", picture, "x" * 20_000, "--model", sd2, "--steps", 2, "-o", tmp_path / "s.jpg",
                  check=True)
+    # What else the record holds of the texts and the input: the hex of a prompt given as bytes that are
+    # not UTF-8, the input's absolute path twice (each failed after the work)
+    from dataclasses import replace
+
+    from stable_diffusion.plan import _check_jpeg_texts
+    from stable_diffusion.spec import Capture, RunSpec, SpecError
+
+    base = RunSpec("x" * 26_000, tmp_path / "o.jpg", image=picture, capture=Capture(format="jpeg")).validate()
+    _check_jpeg_texts(base)
+    for spec in (replace(base, prompt_bytes=b"\xff" + b"x" * 26_000),
+                 replace(base, image=tmp_path / (("d" * 200 + "/") * 16) / "in.png")):
+        with pytest.raises(SpecError, match="bytes of a JPEG's metadata"):
+            _check_jpeg_texts(spec)
+    _check_jpeg_texts(replace(base, prompt_bytes=b"\xff" + b"x" * 26_000, capture=Capture(format="png")))
     with pytest.raises(OutputError, match=fr"takes \d+ bytes, more than the {JPEG_BLOCK_BYTES} a JPEG holds"):
         save_picture(tmp_path / "big.jpg", image(), "jpeg", "p", {"prompt": "x" * JPEG_BLOCK_BYTES})
     assert not (tmp_path / "big.jpg").exists()
