@@ -534,7 +534,7 @@ def _peft_metadata(path: Path, metadata: dict) -> dict:
         if field == "lora_bias" and value:
             raise ModelError(f"{path} is a LoRA with bias terms ({METADATA_KEY}: {key} true); only LoRA "
                              "and LoCon files are supported")
-        ok = {"lora_alpha": _is_number(value) or value is None,
+        ok = {"lora_alpha": _is_number(value),  # null: PEFT's LoraConfig fails on it (None / r)
               "alpha_pattern": isinstance(value, dict) and len(value) <= MAX_ALPHA_PATTERNS and all(
                   isinstance(k, str) and len(k) <= 1000 and _is_number(v) for k, v in value.items()),
               "use_rslora": isinstance(value, bool)}.get(field, True)
@@ -543,7 +543,7 @@ def _peft_metadata(path: Path, metadata: dict) -> dict:
                              "is not a LoRA config value; remove the metadata or fix it")
         if field == "alpha_pattern":  # in the file's order: the first that matches a module counts
             value = [(_module_pattern(path, key, p), v) for p, v in value.items()]
-        if field in ("lora_alpha", "alpha_pattern", "use_rslora") and value is not None:
+        if field in ("lora_alpha", "alpha_pattern", "use_rslora"):
             out.setdefault(component, {})[field] = value
     return out
 

@@ -58,13 +58,9 @@ class _Parser(argparse.ArgumentParser):
         self._negative_number_matcher = options.NEGATIVE_NUMBER  # argparse's own: whole numbers only
 
     def error(self, message):  # one line and exit status 2, like every other input error
-        if message.startswith("the following arguments are required"):
-            # a file whose name starts with '-' reads as a flag (argparse's own words never say so)
-            dashed = next((a for a in getattr(self, "parsing", []) if a.startswith("-") and len(a) > 1
-                           and os.path.isfile(a)), None)
-            if dashed is not None:
-                raise UsageError(f"{message}: {dashed} is read as a flag; give the file as ./{dashed}, or put -- "
-                                 "before the picture and the prompt")
+        if message.startswith("the following arguments are required") and \
+                (hint := self._dashed_file(getattr(self, "parsing", []))):
+            raise UsageError(f"{message}{hint}")
         if message == "the following arguments are required: prompt" and "image" in self._positional_names():
             message += "; one of the picture and the prompt is missing: give the input picture first, then the prompt"
         if message.endswith("expected one argument"):
@@ -157,6 +153,15 @@ class _Parser(argparse.ArgumentParser):
         return not (word.startswith("-") or word in self.refused_values or options.NEGATIVE_NUMBER.match(word)
                     or word.replace(".", "", 1).replace(",", "").isdigit())
 
+    def _dashed_file(self, args: list) -> str:
+        """"; -x.png is read as a flag ..." for a file whose name starts with '-' among `args`, else ""
+        (argparse took it for a flag, and said only that the prompt was missing, or not a flag)."""
+        dashed = next((a for a in args if a.startswith("-") and len(a) > 1 and os.path.isfile(a)), None)
+        if dashed is None:
+            return ""
+        what = "the picture and the prompt" if "image" in self._positional_names() else "the prompt"
+        return f"; {dashed} is a file, read as a flag: give it as ./{dashed}, or put -- before {what}"
+
     def _suggestion(self, unknown: list, namespace=None) -> str:
         """"; did you mean --steps?" for the first unknown flag that is close to one of ours."""
         import difflib
@@ -164,6 +169,8 @@ class _Parser(argparse.ArgumentParser):
 
         if any(arg.startswith("-") and arg in getattr(self, "after_separator", ()) for arg in unknown):
             return "; every argument after -- is a picture or a prompt: put the flags before the --"
+        if hint := self._dashed_file(unknown):
+            return hint
         for arg in unknown:  # -s=2: argparse says "ambiguous" of -s 2 only
             name = arg.split("=", 1)[0]
             starting = options.flags_starting(name, self._option_string_actions)
@@ -350,7 +357,7 @@ def _offline_replay(parser, model: str, picture, expanded: list) -> None:
     replay gave, which name the model, or leave the default: another tool's picture)."""
     from . import model_io, replay
 
-    if os.environ.get("HF_HUB_OFFLINE") != "1":
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() not in ("1", "ON", "YES", "TRUE"):  # the hub's own spellings
         model_io.OFFLINE_REASON = "a replay fetches nothing unless given --allow-download"
     os.environ["HF_HUB_OFFLINE"] = "1"
     flags = expanded[:expanded.index("--")] if "--" in expanded else expanded
@@ -414,13 +421,14 @@ def run_command(body, argv: list, flags: dict = FLAGS, interrupted: str = NOTHIN
     verbose = "-v" in argv or "--verbose" in argv
     open_standard_streams()
     console = Console(quiet="--quiet" in argv, verbose=verbose, names=flags)
+    status = None
     try:
-        with signals.handled(ending=True):
+        with signals.handled(ending=True):  # after it, stop signals are ignored to the process's end
             status = _reported(body, console, flags, interrupted, verbose)
     except KeyboardInterrupt as e:  # a stop as the handlers were put in place or taken away
-        console.error(interrupted)
-        status = 128 + getattr(e, "signum", signal.SIGINT)
-    signals.ignored_from_now()  # the command has ended: a late Ctrl-C prints no traceback on the way out
+        if status is None:  # (the body's own status stands: it has said how it ended)
+            console.error(interrupted)
+            status = 128 + getattr(e, "signum", signal.SIGINT)
     return status
 
 

@@ -155,6 +155,10 @@ def output_lock(output: str | os.PathLike, wait: bool = False,
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
                 if not stat.S_ISREG(os.fstat(fd).st_mode):  # a pipe, a device: not ours to lock or remove
                     raise IsADirectoryError(errno.EISDIR, "not a plain file")
+                if os.fstat(fd).st_size:  # ours stay empty: a file of the user's, kept
+                    raise InputError(f"{path} holds {os.fstat(fd).st_size} bytes, where the lock of {output.name} "
+                                     "goes (an empty file this tool makes and removes): move that file, or "
+                                     "choose another output name")
                 if fcntl is None:
                     held = True
                     break
@@ -175,10 +179,6 @@ def output_lock(output: str | os.PathLike, wait: bool = False,
                     same = os.path.samestat(os.fstat(fd), os.stat(path))
                 except FileNotFoundError:
                     same = False
-                if same and os.fstat(fd).st_size:  # ours stay empty: a file of the user's, kept
-                    raise InputError(f"{path} holds {os.fstat(fd).st_size} bytes, where the lock of {output.name} "
-                                     "goes (an empty file this tool makes and removes): move that file, or "
-                                     "choose another output name")
                 if same:
                     held = True
                     break

@@ -111,7 +111,7 @@ def _arrivals_recorded():
 def handled(ending: bool = False):
     """Stop signals raise inside the block (see `stop`); off the main thread, nothing changes. After
     the block the handlers from before it are back (a script goes on, and may be stopped again),
-    unless `ending` (a command, whose process ends after it): after a stop, later ones stay ignored."""
+    unless `ending` (a command, whose process ends after it): then they are ignored from there on."""
     global _stopped_by
     if not _on_main_thread():
         yield
@@ -127,13 +127,13 @@ def handled(ending: bool = False):
             yield
     finally:
         _stopped_by = None  # outside the block a failed import is a missing module again
-        stopped = ending and any(signal.getsignal(s) is ignore_signal for s in previous)
         for signum, handler in previous.items():
-            if not stopped:
+            if not ending:
                 signal.signal(signum, handler)
                 continue
-            # After a stop signal, later ones stay ignored through the interpreter's exit too
-            # (which resets Python handlers to the default: a late SIGHUP would kill it).
+            # A command has ended: later signals are ignored through the interpreter's exit (which
+            # resets Python handlers to the default: a late SIGHUP would kill it, a Ctrl-C print a
+            # traceback).
             try:
                 signal.signal(signum, signal.SIG_IGN)
             except OSError:  # one arrived just now: it is ignored as well
@@ -145,14 +145,6 @@ def import_whole(name: str):
     module aborts the process (SIGABRT, "Critical nanobind error") when Ctrl-C lands in its init."""
     with deferred():
         return importlib.import_module(name)
-
-
-def ignored_from_now() -> None:
-    """Stop signals are ignored from now to the interpreter's exit: a command that has ended has
-    nothing left to stop, and a late Ctrl-C would raise in the shutdown (a traceback)."""
-    if _on_main_thread():
-        for s in STOP_SIGNALS:
-            signal.signal(s, signal.SIG_IGN)
 
 
 @contextlib.contextmanager

@@ -218,6 +218,9 @@ def test_a_replays_own_offline_is_said_as_the_replays_not_the_users(tmp_path):
     assert_refused(result, "madebyollin/taesd is not in the local hub cache", "and a replay fetches nothing unless "
                            "given --allow-download;")
     assert "HF_HUB_OFFLINE" not in result.stderr
+    for spelling in ("1", "true", "ON"):  # the user's own, in any of the hub's spellings, is said as theirs
+        result = probe("image2image.py", "--replay", picture, cwd=tmp_path, env=dict(env, HF_HUB_OFFLINE=spelling))
+        assert_refused(result, "and HF_HUB_OFFLINE is set;")
 
 
 def test_a_replay_of_another_tools_picture_says_the_default_model_is_ours_not_its(tmp_path):
@@ -816,7 +819,7 @@ def test_the_default_output_replaces_only_a_picture_of_ours(tmp_path, picture):
         assert result.returncode == 0, result.stderr
 
 
-def test_a_file_of_the_users_at_the_locks_name_is_kept(tmp_path, picture):
+def test_a_file_of_the_users_at_the_locks_name_is_kept(tmp_path, picture, monkeypatch):
     """A user's `.x.lock` beside `x.png` was removed as the run ended, by a refused run too (the input
     picture itself, so named, was lost). Ours stay empty: one that holds bytes is not ours."""
     lock = files.lock_path(tmp_path / "x.png")
@@ -827,6 +830,12 @@ def test_a_file_of_the_users_at_the_locks_name_is_kept(tmp_path, picture):
     result = probe("image2image.py", picture, "x", "--model", "shapes", "--steps", 2, "-o", tmp_path / "x.png")
     assert_refused(result, "holds 9 bytes")
     assert lock.read_text() == "user data" and not (tmp_path / "x.png").exists()
+    monkeypatch.setattr(files, "fcntl", None)  # where there is no flock (Windows): the same
+    with pytest.raises(InputError, match="holds 9 bytes"):
+        with files.output_lock(tmp_path / "x.png"):
+            pass
+    assert lock.read_text() == "user data"
+    monkeypatch.undo()
     lock.write_bytes(b"")  # an empty one (a killed run's) is taken, and removed after
     with files.output_lock(tmp_path / "x.png"):
         pass

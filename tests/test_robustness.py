@@ -264,8 +264,14 @@ def test_a_picture_whose_name_starts_with_a_dash_is_said_to_read_as_a_flag(capsy
     monkeypatch.chdir(tmp_path)
     shutil.copy(picture, tmp_path / "-x.png")
     status, _, err = main(capsys, "image2image", "-x.png", "a cat", "--model", unloadable)
-    only_error(status, 2, err, "-x.png is read as a flag; give the file as ./-x.png, or put -- before the picture "
-                               "and the prompt")
+    only_error(status, 2, err, "required: prompt; -x.png is a file, read as a flag: give it as ./-x.png, or put -- "
+                               "before the picture and the prompt")
+    status, _, err = main(capsys, "txt2image", "-x.png", "--model", unloadable)  # it takes no picture
+    only_error(status, 2, err, "-x.png is a file, read as a flag: give it as ./-x.png, or put -- before the prompt")
+    from stable_diffusion import sweep_cli
+
+    status = sweep_cli.main(["image2image", "-x.png", "a cat", "--seeds", "1,2", "--model", str(unloadable)])
+    only_error(status, 2, capsys.readouterr().err, "unrecognized arguments: -x.png; -x.png is a file, read as a flag")
 
 
 @pytest.mark.parametrize("extra, flag", [(["--strength", "0.5"], "--strength"), (["-gt"], "-gt"),
@@ -1810,10 +1816,14 @@ def test_a_script_can_be_stopped_again_after_a_handled_stop(default_stop_handler
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, attempt
     with pytest.raises(KeyboardInterrupt):  # outside any block, Ctrl-C works again
         signal.raise_signal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):
-        with signals.handled(ending=True):
-            signal.raise_signal(signal.SIGINT)
-    assert all(signal.getsignal(s) == signal.SIG_IGN for s in signals.STOP_SIGNALS)
+    for stop in (True, False):  # a command's block: ignored after it, stopped or not (a late Ctrl-C
+        # before the exit printed a traceback)
+        with contextlib.suppress(KeyboardInterrupt):
+            with signals.handled(ending=True):
+                if stop:
+                    signal.raise_signal(signal.SIGINT)
+        assert all(signal.getsignal(s) == signal.SIG_IGN for s in signals.STOP_SIGNALS), stop
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def test_a_stop_as_a_commands_handlers_are_put_in_place_is_an_interrupt(capsys, default_stop_handlers,
@@ -1833,6 +1843,17 @@ def test_a_stop_as_a_commands_handlers_are_put_in_place_is_an_interrupt(capsys, 
     monkeypatch.setattr(signals, "_arrivals_recorded", stopped_on_the_way_in)
     assert cli.run_command(lambda console: 0, []) == 128 + signal.SIGTERM
     assert "interrupted" in capsys.readouterr().err
+
+    @contextlib.contextmanager
+    def stopped_on_the_way_out():  # the body has ended and said so: its status stands
+        with real():
+            yield
+        signal.raise_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    monkeypatch.setattr(signals, "_arrivals_recorded", stopped_on_the_way_out)
+    assert cli.run_command(lambda console: 0, []) == 0
+    assert "interrupted" not in capsys.readouterr().err
 
 
 def test_a_ctrl_c_inside_a_modules_init_waits_for_the_import(tmp_path, monkeypatch, default_stop_handlers):

@@ -90,7 +90,7 @@ def test_sweep_makes_the_files_of_the_shell_loop_byte_for_byte(tmp_path, picture
     costs = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert costs["ran"] == 4 and costs["pictures_encoded"] == 1 and costs["prompts_encoded"] == 1
     assert costs["costs"]["load_s"] > 0 and costs["costs"]["encode_s"] > 0
-    assert costs["costs"]["steps_and_frames_s"] > 0
+    assert costs["costs"]["steps_and_frames_s"] > 0 and costs["costs"]["finish_s"] > 0
 
 
 def test_runs_that_differ_in_their_seeds_alone_are_planned_once(tmp_path, picture, sd2, monkeypatch, capsys):
