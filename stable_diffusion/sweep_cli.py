@@ -115,6 +115,8 @@ def _grid_values(args, command: str) -> tuple:
         if field in ("sampler", "schedule"):  # names in any case, as the single commands take them
             values[field] = tuple(v.lower() for v in values[field])
     if "prompt" in values and args.prompt is not None:
+        if args.prompts is None:  # the grid file's prompts (it named --prompts, which was not given)
+            raise SpecError("grid", f"a prompt and the prompts of {{flag}} {args.grid} were both given; give one of them")
         raise SpecError("prompts", "a prompt and {flag} were both given; give one of them")
     if "strength" in values and command != "image2image":
         raise SpecError("strengths", "{flag} needs an input picture: use image2image")

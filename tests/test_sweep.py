@@ -396,6 +396,15 @@ def test_a_grid_file_gives_the_runs_of_the_flags(tmp_path, picture, sd2):
            ["s0.50-seed0004", "s0.50-seed0005", "s1.00-seed0004", "s1.00-seed0005"]
     strip = lambda rs: [(r.spec.strength, r.spec.seed) for r in rs]  # noqa: E731
     assert strip(runs["toml"]) == strip(runs["json"]) == strip(runs["flags"])
+    # a grid file's prompts beside a prompt on the command line: said of the file (it named --prompts)
+    from stable_diffusion.spec import SpecError
+    from stable_diffusion.sweep_cli import SWEEP_FLAGS
+
+    grid_json.write_text(json.dumps({"prompts": ["a", "b"]}))
+    args = parser.parse_args([str(picture), "x", "--model", str(sd2), "--grid", str(grid_json), "-o", str(tmp_path)])
+    with pytest.raises(SpecError) as e:
+        build_sweep("image2image", args)
+    assert e.value.named(SWEEP_FLAGS) == f"a prompt and the prompts of --grid {grid_json} were both given; give one of them"
 
 
 def test_a_sweep_over_every_sampler_is_planned(tmp_path, picture, sd2):
