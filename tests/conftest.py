@@ -38,6 +38,16 @@ def stop_signal_handlers():
         signal.signal(signum, handler)
 
 
+@pytest.fixture(autouse=True)
+def offline_reason():
+    """Each test starts with no replay's offline said: a replay run in process sets it, as its
+    command's process does until it ends."""
+    from stable_diffusion import model_io
+
+    yield
+    model_io.OFFLINE_REASON = None
+
+
 @pytest.fixture
 def default_stop_handlers():
     """Stop signals at their defaults for a test that sends them to its own process, whatever the
