@@ -438,9 +438,10 @@ def _model_name(model) -> str:
 
 
 def _compute_dtype(dtype) -> mx.Dtype:
-    """mx.float32, mx.float16 or mx.bfloat16, given as such or by name; else an InputError."""
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return getattr(mx, dtype)
+    """mx.float32, mx.float16 or mx.bfloat16, given as such or by name (in any case, as the commands'
+    --dtype takes it); else an InputError."""
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return getattr(mx, dtype.lower())
     if isinstance(dtype, mx.Dtype) and dtype in [getattr(mx, name) for name in DTYPES]:
         return dtype
     raise InputError(f"dtype {dtype!r}: the networks compute in mx.float32, mx.float16 or mx.bfloat16")

@@ -208,7 +208,8 @@ def test_a_decoding_that_overflows_says_so():
     from stable_diffusion.errors import NumericalError
     from stable_diffusion.pipeline import StableDiffusion
 
-    sd = StableDiffusion.from_pretrained("shapes", dtype="float16")
+    sd = StableDiffusion.from_pretrained("shapes", dtype="Float16")  # a name in any case, as --dtype takes it
+    assert sd.dtype == mx.float16
     assert np.isfinite(np.array(sd.decode(mx.zeros((1, 16, 16, 4))))).all()
     with pytest.raises(NumericalError, match=r"^the VAE decoder gave NaN or Inf pixels \(dtype float16\)$"):
         sd.decode(mx.full((1, 16, 16, 4), 1e5))
