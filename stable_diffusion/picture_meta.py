@@ -114,10 +114,15 @@ def exif_bytes(parameters: str) -> bytes:
 JPEG_BLOCK_BYTES = 65_533 - 29
 
 
-def jpeg_block_bytes(parameters: str | None, record: Mapping[str, Any] | None) -> int:
-    """The larger of the two metadata blocks a JPEG of ours carries (save_picture)."""
-    return max(len(exif_bytes(parameters)) if parameters is not None else 0,
-               len(xmp_bytes(record)) if record is not None else 0)
+def metadata_blocks(parameters: str | None, record: Mapping[str, Any] | None) -> dict:
+    """The metadata blocks of a WebP or JPEG of ours, as Pillow's save takes them: `parameters` in
+    EXIF (`exif`), the JSON record in XMP (`xmp`); each only where given."""
+    blocks = {}
+    if parameters is not None:
+        blocks["exif"] = exif_bytes(parameters)
+    if record is not None:
+        blocks["xmp"] = xmp_bytes(record)
+    return blocks
 
 
 def xmp_bytes(record: Mapping[str, Any]) -> bytes:

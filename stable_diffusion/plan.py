@@ -301,13 +301,13 @@ def _check_jpeg_texts(spec: RunSpec) -> None:
     as the first picture was written, after the work."""
     if spec.capture.format != "jpeg":
         return
-    texts = [t for t in (spec.prompt, spec.negative_prompt, spec.inversion and spec.inversion.prompt) if t]
-    if not spec.capture.save_prompt:  # a private run's texts are hashes
-        texts = []
+    texts = [t for t in (spec.prompt, spec.negative_prompt, spec.inversion and spec.inversion.prompt) if t] \
+        if spec.capture.save_prompt else []  # a private run's texts are hashes
     recorded = texts + texts + [raw.hex() for raw in (spec.prompt_bytes, spec.negative_prompt_bytes) if raw]
     if spec.img2img:
         recorded += 2 * [os.path.abspath(os.fsdecode(spec.image))]
-    taken = picture_meta.jpeg_block_bytes(", ".join(texts), {str(i): t for i, t in enumerate(recorded)})
+    blocks = picture_meta.metadata_blocks(", ".join(texts), {str(i): t for i, t in enumerate(recorded)})
+    taken = max(map(len, blocks.values()))
     if taken + _JPEG_OTHER_BYTES > picture_meta.JPEG_BLOCK_BYTES:
         raise SpecError("prompt", f"the prompts take {taken} bytes of a JPEG's metadata, which holds "
                                   f"{picture_meta.JPEG_BLOCK_BYTES} in a block with the rest of the record: write "

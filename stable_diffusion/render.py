@@ -661,16 +661,13 @@ def save_picture(path: str | os.PathLike, image: np.ndarray, output_format: str 
     options: dict[str, Any] = {"quality": quality}
     if output_format == "webp" and quality >= 100:
         options = {"lossless": True}
-    if output_format == "jpeg" and (size := picture_meta.jpeg_block_bytes(parameters, record)) > \
-            picture_meta.JPEG_BLOCK_BYTES:  # Pillow's ValueError ("XMP data is too long") said nothing of why
+    blocks = picture_meta.metadata_blocks(parameters, record)
+    size = max(map(len, blocks.values()), default=0)
+    if output_format == "jpeg" and size > picture_meta.JPEG_BLOCK_BYTES:  # Pillow's "XMP data is too long" said not why
         raise OutputError(f"the metadata of {Path(path).name} takes {size} bytes, more than the "
                           f"{picture_meta.JPEG_BLOCK_BYTES} a JPEG holds in one block: write png or webp, or "
                           "shorter prompts")
-    if parameters is not None:
-        options["exif"] = picture_meta.exif_bytes(parameters)
-    if record is not None:
-        options["xmp"] = picture_meta.xmp_bytes(record)
-    return atomic_write(path, lambda f: picture.save(f, format=output_format.upper(), **options))
+    return atomic_write(path, lambda f: picture.save(f, format=output_format.upper(), **options, **blocks))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -699,11 +696,7 @@ def save_animation(path: str | os.PathLike, frames, duration_ms: int | Sequence[
     duration = duration_ms if isinstance(duration_ms, int) else list(duration_ms)
     options = {"save_all": True, "append_images": pictures[1:], "duration": duration, "loop": 0}
     if fmt == "webp":
-        options.update(lossless=lossless, quality=quality)
-        if parameters is not None:
-            options["exif"] = picture_meta.exif_bytes(parameters)
-        if record is not None:
-            options["xmp"] = picture_meta.xmp_bytes(record)
+        options.update(lossless=lossless, quality=quality, **picture_meta.metadata_blocks(parameters, record))
     elif parameters is not None:
         options["comment"] = parameters.encode("utf-8")
     return atomic_write(path, lambda f: pictures[0].save(f, format=fmt.upper(), **options))
