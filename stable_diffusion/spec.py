@@ -90,6 +90,10 @@ class SpecError(InputError):
         return name_fields(self.template.replace("{flag}", f"{{flag:{self.field}}}"), names)
 
 
+class OverwritesInput(SpecError):
+    """The output, or a file named after it, is the input picture (a sweep says it of its run's name)."""
+
+
 @dataclass(frozen=True)
 class Capture:
     """What a run keeps besides its final picture."""
@@ -267,8 +271,8 @@ class RunSpec:
                                       + ("{flag:every} N, {flag:last} N or {flag:noising_every} N" if spec.img2img
                                          else "{flag:every} N or {flag:last} N"))
         if spec.img2img and spec.output is not None and _same_or_ours(spec.image, spec.output):
-            raise SpecError("output", f"{{flag}} {spec.output} would overwrite the input picture "
-                                      f"{spec.image}; choose another {{flag}}")
+            raise OverwritesInput("output", f"{{flag}} {spec.output} would overwrite the input picture "
+                                            f"{spec.image}; choose another {{flag}}")
         _check_choice("align", c.align, ALIGNS)
         if c.align != "steps" and not spec.triangle:
             raise SpecError("align", "{flag} only applies to the triangle ({flag:triangle}); leave it out")

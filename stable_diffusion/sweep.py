@@ -32,7 +32,7 @@ from .outputs import check_name_length, derived_base
 from .picture_meta import save_png
 from .options import FLAGS
 from .record import NotOurs, read_own_sidecar, write_sidecar
-from .spec import MAX_SEED, ModelSpec, RunSpec, SpecError, decimals
+from .spec import MAX_SEED, ModelSpec, OverwritesInput, RunSpec, SpecError, decimals
 from .sweep_grid import GRID_KEYS, MAX_RUNS, Grid
 from .sweep_manifest import MANIFEST, Manifest, file_entry, model_record
 from .sweep_sheet import contact_sheet, pages_to_redraw, sheet_plan
@@ -169,7 +169,7 @@ def expand(base: RunSpec, grid: Grid, folder: Path, pattern: str | None = None) 
         except SpecError as e:
             if e.field in values:  # a grid value: name the grid's flag
                 raise SpecError(GRID_KEYS[e.field], e.template) from None
-            if e.field == "output" and "the input picture" in e.template:  # the folder and the name made it
+            if isinstance(e, OverwritesInput):  # the folder and the run's name made the path, not --output
                 raise SpecError("name", f"run {_short(name)} would write {spec.output}, over the input picture "
                                         f"{spec.image}; choose another {{flag:output}} folder or {{flag}}") from None
             raise
